@@ -1,0 +1,254 @@
+//! `/v1/clients`: create (with a first key), list, get, update, delete (with all its keys).
+
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::error::{AdminError, FieldError, JsonBody};
+use super::keys::{KeyView, audit, check_metadata, check_permissions, new_key};
+use super::{AdminState, Caller, PageQuery, PageView, all_keys_of, rfc3339};
+use crate::keys::{Client, now_millis, valid_client_id};
+
+/// Name of the key created together with a client.
+pub const FIRST_KEY_NAME: &str = "default";
+
+pub fn routes() -> Router<AdminState> {
+    Router::new()
+        .route("/v1/clients", get(list).post(create))
+        .route(
+            "/v1/clients/{client_id}",
+            get(show).patch(update).delete(remove),
+        )
+}
+
+#[derive(Debug, Serialize)]
+pub struct ClientView {
+    pub client_id: String,
+    pub license: String,
+    pub created_at: String,
+    pub metadata: Option<serde_json::Value>,
+}
+
+impl ClientView {
+    pub fn of(c: &Client) -> Self {
+        Self {
+            client_id: c.client_id.clone(),
+            license: c.license.clone(),
+            created_at: rfc3339(c.created_at),
+            metadata: c.metadata.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct CreatedClient {
+    #[serde(flatten)]
+    pub client: ClientView,
+    pub api_key: KeyView,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeletedClient {
+    #[serde(flatten)]
+    pub client: ClientView,
+    pub deleted_keys: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateClient {
+    pub client_id: Option<String>,
+    pub license: Option<String>,
+    pub metadata: Option<serde_json::Value>,
+    /// Permissions of the first key.
+    #[serde(alias = "roles")]
+    pub permissions: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateClient {
+    pub license: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub metadata: Option<Option<serde_json::Value>>,
+}
+
+fn nullable<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<serde_json::Value>>, D::Error> {
+    Option::<serde_json::Value>::deserialize(d).map(Some)
+}
+
+pub fn check_client_id(id: Option<&str>, errs: &mut Vec<FieldError>) -> String {
+    match id {
+        Some(id) if valid_client_id(id) => id.to_owned(),
+        Some(_) => {
+            errs.push(FieldError::new(
+                "client_id",
+                "must be 1–64 characters of [A-Za-z0-9._-]",
+            ));
+            String::new()
+        }
+        None => {
+            errs.push(FieldError::new("client_id", "required"));
+            String::new()
+        }
+    }
+}
+
+pub fn check_license(
+    state: &AdminState,
+    license: Option<&str>,
+    errs: &mut Vec<FieldError>,
+) -> String {
+    match license {
+        Some(l) if state.plans.contains(l) => l.to_owned(),
+        Some(_) => {
+            let mut known: Vec<&str> = state.plans.iter().map(String::as_str).collect();
+            known.sort_unstable();
+            errs.push(FieldError::new(
+                "license",
+                format!("unknown license; configured plans: {}", known.join(", ")),
+            ));
+            String::new()
+        }
+        None => {
+            errs.push(FieldError::new("license", "required"));
+            String::new()
+        }
+    }
+}
+
+fn admin_only(caller: &Caller) -> Result<(), AdminError> {
+    match caller {
+        Caller::Admin => Ok(()),
+    }
+}
+
+async fn create(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    JsonBody(body): JsonBody<CreateClient>,
+) -> Result<impl IntoResponse, AdminError> {
+    admin_only(&caller)?;
+    let now = now_millis();
+    let mut errs = Vec::new();
+    let client_id = check_client_id(body.client_id.as_deref(), &mut errs);
+    let license = check_license(&state, body.license.as_deref(), &mut errs);
+    check_metadata(&body.metadata, &mut errs);
+    let permissions = body.permissions.unwrap_or_default();
+    check_permissions(&permissions, &mut errs);
+    if !errs.is_empty() {
+        return Err(AdminError::Validation(errs));
+    }
+    let client = Client {
+        client_id: client_id.clone(),
+        license,
+        created_at: now,
+        metadata: body.metadata,
+    };
+    let (key, plaintext) = new_key(&state, &client_id, FIRST_KEY_NAME.into(), permissions, now);
+    state.store.insert_client(&client, &key).await?;
+    state.invalidate(std::slice::from_ref(&key));
+    audit("client.create", &caller, &key);
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedClient {
+            client: ClientView::of(&client),
+            api_key: KeyView::with_secret(&key, plaintext.expose()),
+        }),
+    ))
+}
+
+async fn list(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<PageView<ClientView>>, AdminError> {
+    admin_only(&caller)?;
+    let (page, per_page) = q.bounds()?;
+    let p = state.store.list_clients(page, per_page).await?;
+    Ok(Json(PageView {
+        data: p.items.iter().map(ClientView::of).collect(),
+        page,
+        per_page,
+        total: p.total,
+    }))
+}
+
+const NO_CLIENT: &str = "no client with this client_id";
+
+async fn show(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path(client_id): Path<String>,
+) -> Result<Json<ClientView>, AdminError> {
+    admin_only(&caller)?;
+    let c = state
+        .store
+        .get_client(&client_id)
+        .await?
+        .ok_or(AdminError::NotFound(NO_CLIENT))?;
+    Ok(Json(ClientView::of(&c)))
+}
+
+async fn update(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path(client_id): Path<String>,
+    JsonBody(body): JsonBody<UpdateClient>,
+) -> Result<Json<ClientView>, AdminError> {
+    admin_only(&caller)?;
+    let mut errs = Vec::new();
+    let license = body
+        .license
+        .as_deref()
+        .map(|l| check_license(&state, Some(l), &mut errs));
+    if let Some(m) = &body.metadata {
+        check_metadata(m, &mut errs);
+    }
+    if !errs.is_empty() {
+        return Err(AdminError::Validation(errs));
+    }
+    let mut c = state
+        .store
+        .get_client(&client_id)
+        .await?
+        .ok_or(AdminError::NotFound(NO_CLIENT))?;
+    if let Some(l) = license {
+        c.license = l;
+    }
+    if let Some(m) = body.metadata {
+        c.metadata = m;
+    }
+    if !state.store.update_client(&c).await? {
+        return Err(AdminError::NotFound(NO_CLIENT));
+    }
+    // The license is part of every cached principal of this client.
+    let keys = all_keys_of(state.store.as_ref(), &client_id).await?;
+    state.invalidate(&keys);
+    tracing::info!(target: "keygate::audit", action = "client.update", caller = ?caller, client_id = %client_id, outcome = "ok");
+    Ok(Json(ClientView::of(&c)))
+}
+
+async fn remove(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path(client_id): Path<String>,
+) -> Result<Json<DeletedClient>, AdminError> {
+    admin_only(&caller)?;
+    let deleted = state
+        .store
+        .delete_client(&client_id)
+        .await?
+        .ok_or(AdminError::NotFound(NO_CLIENT))?;
+    state.invalidate(&deleted.keys);
+    tracing::info!(target: "keygate::audit", action = "client.delete", caller = ?caller, client_id = %client_id, keys = deleted.keys.len(), outcome = "ok");
+    Ok(Json(DeletedClient {
+        client: ClientView::of(&deleted.client),
+        deleted_keys: deleted.keys.len(),
+    }))
+}

@@ -1,0 +1,177 @@
+//! Admin errors: one enum, one `IntoResponse`, problem+json bodies. Internal detail (store
+//! errors) is logged, never shown.
+
+use axum::extract::FromRequest;
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::StatusCode;
+use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::keys::store::StoreError;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum AdminError {
+    BadRequest(String),
+    Unauthorized,
+    NotFound(&'static str),
+    Conflict(String),
+    Validation(Vec<FieldError>),
+    PayloadTooLarge,
+    TooManyRequests { retry_after_secs: u64 },
+    StoreUnavailable,
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(detail) => {
+                tracing::error!(error = %detail, "store call failed");
+                AdminError::StoreUnavailable
+            }
+            StoreError::Conflict(c) => AdminError::Conflict(c.to_string()),
+            StoreError::NotFound => AdminError::NotFound("not found"),
+        }
+    }
+}
+
+impl AdminError {
+    fn parts(&self) -> (StatusCode, &'static str, String) {
+        match self {
+            Self::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m.clone()),
+            Self::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid admin key is required (X-ADMIN-KEY or Authorization: Bearer)".into(),
+            ),
+            Self::NotFound(what) => (StatusCode::NOT_FOUND, "not_found", (*what).into()),
+            Self::Conflict(m) => (StatusCode::CONFLICT, "conflict", m.clone()),
+            Self::Validation(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "validation_failed",
+                "one or more fields are invalid".into(),
+            ),
+            Self::PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the request body is too large".into(),
+            ),
+            Self::TooManyRequests { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many failed authentications from this address; retry later".into(),
+            ),
+            Self::StoreUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the key store is unavailable; nothing was changed; retry later".into(),
+            ),
+        }
+    }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let (status, code, detail) = self.parts();
+        let mut body = serde_json::json!({
+            "type": "about:blank",
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "code": code,
+            "detail": detail,
+        });
+        if let Self::Validation(errors) = &self {
+            body["errors"] = serde_json::to_value(errors).expect("serializable");
+        }
+        let mut res = (status, body.to_string()).into_response();
+        let h = res.headers_mut();
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        match self {
+            Self::Unauthorized => {
+                h.insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"keygate-admin\""),
+                );
+            }
+            Self::TooManyRequests { retry_after_secs } => {
+                h.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            Self::StoreUnavailable => {
+                h.insert(RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            _ => {}
+        }
+        res
+    }
+}
+
+/// A JSON body: malformed JSON → 400; a value that does not fit `T` → 422 naming the field.
+/// An empty body is read as `{}`.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = AdminError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                AdminError::PayloadTooLarge
+            } else {
+                AdminError::BadRequest("could not read the request body".into())
+            }
+        })?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdminError> {
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        bytes
+    };
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| AdminError::BadRequest(format!("malformed JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(AdminError::BadRequest(
+            "the body must be a JSON object".into(),
+        ));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { "body".to_owned() } else { path };
+        let msg = e.into_inner().to_string();
+        // serde reports a missing or unknown field at the parent; name it instead.
+        let field = extract_field(&msg).unwrap_or(field);
+        AdminError::Validation(vec![FieldError::new(field, msg)])
+    })
+}
+
+fn extract_field(msg: &str) -> Option<String> {
+    for lead in ["missing field `", "unknown field `", "duplicate field `"] {
+        if let Some(rest) = msg.strip_prefix(lead) {
+            return rest.split('`').next().map(str::to_owned);
+        }
+    }
+    None
+}

@@ -1,0 +1,466 @@
+//! `/v1/api-keys` (also under `/api/v1/api-keys`): create, list, get, update, delete, rotate.
+
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+use uuid::Uuid;
+
+use super::error::{AdminError, FieldError, JsonBody};
+use super::{AdminState, Caller, PageQuery, PageView, rfc3339};
+use crate::keys::{ApiKey, Millis, RateLimit, now_millis, valid_client_id};
+
+/// Longest rotation grace period: 7 days.
+pub const MAX_GRACE_SECONDS: u64 = 7 * 24 * 3600;
+const MAX_PERMISSIONS: usize = 100;
+const MAX_EXPIRES_DAYS: u32 = 36_500;
+
+pub fn routes() -> Router<AdminState> {
+    let keys = Router::new()
+        .route("/", get(list).post(create))
+        .route("/{id}", get(show).patch(update).delete(remove))
+        .route("/{id}/rotate", post(rotate));
+    Router::new()
+        .nest("/v1/api-keys", keys.clone())
+        .nest("/api/v1/api-keys", keys)
+}
+
+/// A key as the admin API shows it. `key` (the plaintext) is present only in the answers to
+/// create and rotate.
+#[derive(Debug, Serialize)]
+pub struct KeyView {
+    pub id: String,
+    pub client_id: String,
+    pub name: String,
+    pub prefix: String,
+    pub permissions: Vec<String>,
+    pub enabled: bool,
+    pub created_at: String,
+    pub updated_at: String,
+    pub expires_at: Option<String>,
+    pub last_used_at: Option<String>,
+    pub rate_limit: Option<RateLimit>,
+    pub metadata: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_key_valid_until: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl KeyView {
+    pub fn of(k: &ApiKey) -> Self {
+        let now = now_millis();
+        Self {
+            id: k.id.to_string(),
+            client_id: k.client_id.clone(),
+            name: k.name.clone(),
+            prefix: k.prefix.clone(),
+            permissions: k.permissions.clone(),
+            enabled: k.enabled,
+            created_at: rfc3339(k.created_at),
+            updated_at: rfc3339(k.updated_at),
+            expires_at: k.expires_at.map(rfc3339),
+            last_used_at: k.last_used_at.map(rfc3339),
+            rate_limit: k.rate_limit,
+            metadata: k.metadata.clone(),
+            previous_key_valid_until: k
+                .previous_valid_until
+                .filter(|&t| k.previous_hash.is_some() && t > now)
+                .map(rfc3339),
+            key: None,
+        }
+    }
+
+    pub fn with_secret(k: &ApiKey, plaintext: &str) -> Self {
+        Self {
+            key: Some(plaintext.to_owned()),
+            ..Self::of(k)
+        }
+    }
+}
+
+/// Distinguishes an absent field (`None`) from an explicit `null` (`Some(None)`).
+fn nullable<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    pub name: Option<String>,
+    pub client_id: Option<String>,
+    #[serde(alias = "roles")]
+    pub permissions: Option<Vec<String>>,
+    pub enabled: Option<bool>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub expires_days: Option<u32>,
+    pub never_expire: Option<bool>,
+    pub rate_limit: Option<RateLimit>,
+    pub metadata: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateKey {
+    pub name: Option<String>,
+    pub enabled: Option<bool>,
+    #[serde(alias = "roles")]
+    pub permissions: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub rate_limit: Option<Option<RateLimit>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub metadata: Option<Option<serde_json::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKey {
+    pub grace_period_seconds: Option<u64>,
+}
+
+pub fn check_name(name: &str, errs: &mut Vec<FieldError>) {
+    let n = name.chars().count();
+    if !(1..=100).contains(&n) || name.chars().any(char::is_control) {
+        errs.push(FieldError::new(
+            "name",
+            "must be 1–100 characters without control characters",
+        ));
+    }
+}
+
+pub fn check_permissions(perms: &[String], errs: &mut Vec<FieldError>) {
+    if perms.len() > MAX_PERMISSIONS {
+        errs.push(FieldError::new(
+            "permissions",
+            format!("at most {MAX_PERMISSIONS} permissions"),
+        ));
+    }
+    // Permissions travel comma-separated in a header: printable ASCII, no commas or spaces.
+    if perms.iter().any(|p| {
+        p.is_empty() || p.len() > 100 || !p.bytes().all(|c| c.is_ascii_graphic() && c != b',')
+    }) {
+        errs.push(FieldError::new(
+            "permissions",
+            "each permission must be 1–100 printable ASCII characters without commas or spaces",
+        ));
+    }
+}
+
+pub fn check_rate_limit(limit: &Option<RateLimit>, errs: &mut Vec<FieldError>) {
+    if let Some(why) = limit.as_ref().and_then(RateLimit::problem) {
+        errs.push(FieldError::new("rate_limit", why));
+    }
+}
+
+pub fn check_metadata(meta: &Option<serde_json::Value>, errs: &mut Vec<FieldError>) {
+    if meta.as_ref().is_some_and(|m| !m.is_object()) {
+        errs.push(FieldError::new("metadata", "must be a JSON object"));
+    }
+}
+
+fn future_millis(t: DateTime<Utc>, now: Millis, errs: &mut Vec<FieldError>) -> Option<Millis> {
+    let ms = t.timestamp_millis();
+    if ms <= now {
+        errs.push(FieldError::new("expires_at", "must be in the future"));
+    }
+    Some(ms)
+}
+
+/// Resolves `expires_at` / `expires_days` / `never_expire` (at most one may be given).
+fn expiry(body: &CreateKey, now: Millis, errs: &mut Vec<FieldError>) -> Option<Millis> {
+    let given = [
+        body.expires_at.is_some(),
+        body.expires_days.is_some(),
+        body.never_expire.is_some(),
+    ]
+    .iter()
+    .filter(|&&b| b)
+    .count();
+    if given > 1 {
+        errs.push(FieldError::new(
+            "expires_at",
+            "give at most one of expires_at, expires_days, never_expire",
+        ));
+        return None;
+    }
+    if let Some(t) = body.expires_at {
+        return future_millis(t, now, errs);
+    }
+    if let Some(days) = body.expires_days {
+        if !(1..=MAX_EXPIRES_DAYS).contains(&days) {
+            errs.push(FieldError::new(
+                "expires_days",
+                format!("must be from 1 to {MAX_EXPIRES_DAYS}"),
+            ));
+            return None;
+        }
+        return Some(now + i64::from(days) * 86_400_000);
+    }
+    if body.never_expire == Some(false) {
+        errs.push(FieldError::new(
+            "never_expire",
+            "only `true` is meaningful; give expires_at or expires_days instead",
+        ));
+    }
+    None
+}
+
+/// Builds a new key record for `client_id` and returns it with its plaintext.
+pub fn new_key(
+    state: &AdminState,
+    client_id: &str,
+    name: String,
+    permissions: Vec<String>,
+    now: Millis,
+) -> (ApiKey, crate::keys::Secret) {
+    let generated = state.format.generate();
+    let key = ApiKey {
+        id: Uuid::now_v7(),
+        client_id: client_id.to_owned(),
+        name,
+        prefix: generated.display_prefix,
+        key_hash: generated.hash,
+        previous_hash: None,
+        previous_valid_until: None,
+        permissions,
+        enabled: true,
+        created_at: now,
+        updated_at: now,
+        expires_at: None,
+        last_used_at: None,
+        rotated_at: None,
+        rate_limit: None,
+        metadata: None,
+    };
+    (key, generated.plaintext)
+}
+
+async fn create(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    JsonBody(body): JsonBody<CreateKey>,
+) -> Result<impl IntoResponse, AdminError> {
+    let now = now_millis();
+    let mut errs = Vec::new();
+    let name = body.name.clone().unwrap_or_default();
+    check_name(&name, &mut errs);
+    let client_id = match (&caller, body.client_id.as_deref()) {
+        (Caller::Admin, Some(id)) if valid_client_id(id) => id.to_owned(),
+        (Caller::Admin, Some(_)) => {
+            errs.push(FieldError::new(
+                "client_id",
+                "must be 1–64 characters of [A-Za-z0-9._-]",
+            ));
+            String::new()
+        }
+        (Caller::Admin, None) => {
+            errs.push(FieldError::new("client_id", "required for admin callers"));
+            String::new()
+        }
+    };
+    let permissions = body.permissions.clone().unwrap_or_default();
+    check_permissions(&permissions, &mut errs);
+    check_rate_limit(&body.rate_limit, &mut errs);
+    check_metadata(&body.metadata, &mut errs);
+    let expires_at = expiry(&body, now, &mut errs);
+    if !errs.is_empty() {
+        return Err(AdminError::Validation(errs));
+    }
+
+    let (mut key, plaintext) = new_key(&state, &client_id, name, permissions, now);
+    key.enabled = body.enabled.unwrap_or(true);
+    key.expires_at = expires_at;
+    key.rate_limit = body.rate_limit;
+    key.metadata = body.metadata;
+    state
+        .store
+        .insert_key(&key, state.max_keys_per_client)
+        .await
+        .map_err(|e| match e {
+            crate::keys::store::StoreError::NotFound => {
+                AdminError::Validation(vec![FieldError::new(
+                    "client_id",
+                    "no client with this client_id",
+                )])
+            }
+            e => e.into(),
+        })?;
+    // A hash is new by construction, but a negative entry could exist in theory: drop it.
+    state.invalidate(std::slice::from_ref(&key));
+    audit("key.create", &caller, &key);
+    Ok((
+        StatusCode::CREATED,
+        Json(KeyView::with_secret(&key, plaintext.expose())),
+    ))
+}
+
+async fn list(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<PageView<KeyView>>, AdminError> {
+    let (page, per_page) = q.bounds()?;
+    let client = match &caller {
+        Caller::Admin => q.client_id.as_deref(),
+    };
+    let p = state.store.list_keys(client, page, per_page).await?;
+    Ok(Json(PageView {
+        data: p.items.iter().map(KeyView::of).collect(),
+        page,
+        per_page,
+        total: p.total,
+    }))
+}
+
+/// Loads a key the caller may see; others answer 404 (not 403).
+async fn load(state: &AdminState, caller: &Caller, id: &str) -> Result<ApiKey, AdminError> {
+    const NOT_FOUND: &str = "no API key with this id";
+    let id = Uuid::parse_str(id).map_err(|_| AdminError::NotFound(NOT_FOUND))?;
+    let record = state
+        .store
+        .find_by_id(id)
+        .await?
+        .ok_or(AdminError::NotFound(NOT_FOUND))?;
+    match caller {
+        Caller::Admin => Ok(record.key),
+    }
+}
+
+async fn show(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<KeyView>, AdminError> {
+    let key = load(&state, &caller, &id).await?;
+    Ok(Json(KeyView::of(&key)))
+}
+
+async fn update(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<UpdateKey>,
+) -> Result<Json<KeyView>, AdminError> {
+    let now = now_millis();
+    let mut key = load(&state, &caller, &id).await?;
+    let mut errs = Vec::new();
+    if let Some(name) = &body.name {
+        check_name(name, &mut errs);
+    }
+    if let Some(p) = &body.permissions {
+        check_permissions(p, &mut errs);
+    }
+    if let Some(limit) = &body.rate_limit {
+        check_rate_limit(limit, &mut errs);
+    }
+    if let Some(meta) = &body.metadata {
+        check_metadata(meta, &mut errs);
+    }
+    let expires_at = match body.expires_at {
+        Some(Some(t)) => Some(future_millis(t, now, &mut errs)),
+        Some(None) => Some(None),
+        None => None,
+    };
+    if !errs.is_empty() {
+        return Err(AdminError::Validation(errs));
+    }
+    if let Some(name) = body.name {
+        key.name = name;
+    }
+    if let Some(enabled) = body.enabled {
+        key.enabled = enabled;
+    }
+    if let Some(p) = body.permissions {
+        key.permissions = p;
+    }
+    if let Some(e) = expires_at {
+        key.expires_at = e;
+    }
+    if let Some(l) = body.rate_limit {
+        key.rate_limit = l;
+    }
+    if let Some(m) = body.metadata {
+        key.metadata = m;
+    }
+    key.updated_at = now;
+    if !state.store.update_key(&key).await? {
+        return Err(AdminError::NotFound("no API key with this id"));
+    }
+    state.invalidate(std::slice::from_ref(&key));
+    audit("key.update", &caller, &key);
+    Ok(Json(KeyView::of(&key)))
+}
+
+async fn remove(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<KeyView>, AdminError> {
+    let key = load(&state, &caller, &id).await?;
+    let deleted = state
+        .store
+        .delete_key(key.id)
+        .await?
+        .ok_or(AdminError::NotFound("no API key with this id"))?;
+    state.invalidate(std::slice::from_ref(&deleted));
+    audit("key.delete", &caller, &deleted);
+    Ok(Json(KeyView::of(&deleted)))
+}
+
+async fn rotate(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<RotateKey>,
+) -> Result<Json<KeyView>, AdminError> {
+    let now = now_millis();
+    let grace = body.grace_period_seconds.unwrap_or(0);
+    if grace > MAX_GRACE_SECONDS {
+        return Err(AdminError::Validation(vec![FieldError::new(
+            "grace_period_seconds",
+            format!("must be from 0 to {MAX_GRACE_SECONDS} (7 days)"),
+        )]));
+    }
+    let mut key = load(&state, &caller, &id).await?;
+    let before = key.clone();
+    let generated = state.format.generate();
+    if grace > 0 {
+        key.previous_hash = Some(key.key_hash);
+        key.previous_valid_until = Some(now + grace as i64 * 1000);
+    } else {
+        key.previous_hash = None;
+        key.previous_valid_until = None;
+    }
+    key.key_hash = generated.hash;
+    key.prefix = generated.display_prefix;
+    key.rotated_at = Some(now);
+    key.updated_at = now;
+    if !state.store.update_key(&key).await? {
+        return Err(AdminError::NotFound("no API key with this id"));
+    }
+    // Both the old state (its current and previous hashes) and the new one.
+    state.invalidate(&[before, key.clone()]);
+    audit("key.rotate", &caller, &key);
+    Ok(Json(KeyView::with_secret(
+        &key,
+        generated.plaintext.expose(),
+    )))
+}
+
+pub fn audit(action: &'static str, caller: &Caller, key: &ApiKey) {
+    tracing::info!(
+        target: "keygate::audit",
+        action,
+        caller = ?caller,
+        key_id = %key.id,
+        client_id = %key.client_id,
+        outcome = "ok",
+    );
+}

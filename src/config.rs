@@ -1,0 +1,929 @@
+//! Configuration: a TOML file, then `KEYGATE_*` environment variables, then CLI flags; each
+//! later source overrides the earlier one. The file is parsed into raw serde structs that reject
+//! unknown fields, then [`RawConfig::validate`] checks everything at once and returns either a
+//! validated [`Config`] or the full list of problems, each naming the field and the fix.
+//!
+//! Admin keys are the exception to "override": `KEYGATE_ADMIN_KEY` and `--admin-key` each add a
+//! key to those listed in `[admin] keys`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use serde::Deserialize;
+
+use crate::keys::{KeyHash, MAX_PREFIX_LEN, RateLimit};
+
+/// The config file used when `--config` is not given and the file exists.
+pub const DEFAULT_CONFIG_PATH: &str = "config/keygate.toml";
+
+// Defaults, with the reason for each.
+/// Proxy on every interface: it is the public face.
+const DEFAULT_PROXY_LISTEN: &str = "0.0.0.0:8080";
+/// Admin on loopback only: it can mint keys, so exposing it is an explicit decision.
+const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
+const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:9000";
+const DEFAULT_STORE_URL: &str = "sqlite://data/keygate.db";
+/// Header name used by most API-key clients (Kong, Tyk, APISIX all accept it).
+const DEFAULT_API_KEY_HEADER: &str = "x-api-key";
+const DEFAULT_QUERY_PARAM: &str = "api_key";
+const DEFAULT_KEY_PREFIX: &str = "kg_";
+const DEFAULT_MAX_KEYS_PER_CLIENT: u32 = 5;
+/// Connect failures on loopback/LAN are immediate; 2 s covers a SYN retransmit.
+const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
+/// Matches nginx's `proxy_read_timeout` order of magnitude.
+const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 30_000;
+/// Between Envoy's 60 KiB and hyper's 408 KiB default; larger heads get 431.
+const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+const DEFAULT_MAX_HEADERS: usize = 100;
+/// Slowloris guard: a client has this long to send a complete request head.
+const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 10;
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+const DEFAULT_ADMIN_MAX_BODY_BYTES: usize = 1024 * 1024;
+const DEFAULT_SELF_SERVICE_PERMISSION: &str = "keys:manage";
+const DEFAULT_CACHE_TTL_SECS: u64 = 60;
+/// Short so a key created elsewhere is found quickly; long enough to absorb floods.
+const DEFAULT_NEGATIVE_TTL_SECS: u64 = 5;
+/// 1M entries of a few hundred bytes each: a few hundred MB at most, usually far less.
+const DEFAULT_CACHE_CAPACITY: u64 = 1_000_000;
+const DEFAULT_STALE_IF_ERROR_SECS: u64 = 300;
+const DEFAULT_LAST_USED_FLUSH_SECS: u64 = 10;
+const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+/// Admin keys shorter than this are refused unless the admin listener is on loopback.
+pub const MIN_ADMIN_KEY_LEN: usize = 16;
+
+fn d_proxy_listen() -> String {
+    DEFAULT_PROXY_LISTEN.into()
+}
+fn d_admin_listen() -> String {
+    DEFAULT_ADMIN_LISTEN.into()
+}
+fn d_upstream() -> String {
+    DEFAULT_UPSTREAM.into()
+}
+fn d_store_url() -> String {
+    DEFAULT_STORE_URL.into()
+}
+fn d_api_key_header() -> String {
+    DEFAULT_API_KEY_HEADER.into()
+}
+fn d_query_param() -> String {
+    DEFAULT_QUERY_PARAM.into()
+}
+fn d_key_prefix() -> String {
+    DEFAULT_KEY_PREFIX.into()
+}
+fn d_max_keys() -> u32 {
+    DEFAULT_MAX_KEYS_PER_CLIENT
+}
+fn d_connect_timeout() -> u64 {
+    DEFAULT_CONNECT_TIMEOUT_MS
+}
+fn d_upstream_timeout() -> u64 {
+    DEFAULT_UPSTREAM_TIMEOUT_MS
+}
+fn d_max_header_bytes() -> usize {
+    DEFAULT_MAX_HEADER_BYTES
+}
+fn d_max_headers() -> usize {
+    DEFAULT_MAX_HEADERS
+}
+fn d_header_read_timeout() -> u64 {
+    DEFAULT_HEADER_READ_TIMEOUT_SECS
+}
+fn d_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn d_admin_body() -> usize {
+    DEFAULT_ADMIN_MAX_BODY_BYTES
+}
+fn d_self_service() -> String {
+    DEFAULT_SELF_SERVICE_PERMISSION.into()
+}
+fn d_cache_ttl() -> u64 {
+    DEFAULT_CACHE_TTL_SECS
+}
+fn d_negative_ttl() -> u64 {
+    DEFAULT_NEGATIVE_TTL_SECS
+}
+fn d_cache_capacity() -> u64 {
+    DEFAULT_CACHE_CAPACITY
+}
+fn d_stale() -> u64 {
+    DEFAULT_STALE_IF_ERROR_SECS
+}
+fn d_flush() -> u64 {
+    DEFAULT_LAST_USED_FLUSH_SECS
+}
+fn d_grace() -> u64 {
+    DEFAULT_SHUTDOWN_GRACE_SECS
+}
+fn d_true() -> bool {
+    true
+}
+fn d_log_level() -> String {
+    "info".into()
+}
+fn d_default_limit() -> RateLimit {
+    RateLimit {
+        per_second: Some(100),
+        per_minute: None,
+        per_hour: None,
+        burst: 200,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub proxy: RawProxy,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub store: RawStore,
+    #[serde(default)]
+    pub keys: RawKeys,
+    #[serde(default)]
+    pub rate_limit: RawRateLimit,
+    #[serde(default)]
+    pub plans: BTreeMap<String, RawPlan>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxy {
+    #[serde(default = "d_proxy_listen")]
+    pub listen: String,
+    #[serde(default = "d_upstream")]
+    pub upstream: String,
+    #[serde(default = "d_api_key_header")]
+    pub api_key_header: String,
+    #[serde(default)]
+    pub allow_query_param: bool,
+    #[serde(default = "d_query_param")]
+    pub query_param: String,
+    #[serde(default = "d_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "d_upstream_timeout")]
+    pub upstream_timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    #[serde(default = "d_admin_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub keys: Vec<String>,
+    #[serde(default = "d_admin_body")]
+    pub max_body_bytes: usize,
+    #[serde(default = "d_self_service")]
+    pub self_service_permission: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    #[serde(default = "d_store_url")]
+    pub url: String,
+    #[serde(default = "d_cache_ttl")]
+    pub cache_ttl_secs: u64,
+    #[serde(default = "d_negative_ttl")]
+    pub negative_ttl_secs: u64,
+    #[serde(default = "d_cache_capacity")]
+    pub cache_capacity: u64,
+    #[serde(default = "d_stale")]
+    pub stale_if_error_secs: u64,
+    #[serde(default = "d_flush")]
+    pub last_used_flush_secs: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeys {
+    #[serde(default = "d_key_prefix")]
+    pub prefix: String,
+    #[serde(default = "d_max_keys")]
+    pub max_per_client: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    #[serde(default = "d_default_limit")]
+    pub default: RateLimit,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlan {
+    pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteAuth {
+    Required,
+    None,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub path: String,
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub permissions: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    pub auth: Option<RouteAuth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    #[serde(default = "d_max_header_bytes")]
+    pub max_header_bytes: usize,
+    #[serde(default = "d_max_headers")]
+    pub max_headers: usize,
+    #[serde(default = "d_header_read_timeout")]
+    pub header_read_timeout_secs: u64,
+    #[serde(default = "d_max_connections")]
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    #[serde(default = "d_grace")]
+    pub shutdown_grace_secs: u64,
+    /// 0 = one per CPU core.
+    #[serde(default)]
+    pub worker_threads: usize,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<LogFormat>,
+    #[serde(default = "d_log_level")]
+    pub level: String,
+    #[serde(default = "d_true")]
+    pub access_log: bool,
+}
+
+macro_rules! default_from_serde {
+    ($($t:ty),*) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                toml::from_str("").expect("every field has a default")
+            }
+        }
+    )*};
+}
+default_from_serde!(
+    RawProxy,
+    RawAdmin,
+    RawStore,
+    RawKeys,
+    RawRateLimit,
+    RawLimits,
+    RawServer,
+    RawLog
+);
+
+/// Values given on the command line; each overrides the file and the environment.
+#[derive(Debug, Default, Clone)]
+pub struct CliOverrides {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub upstream: Option<String>,
+    pub store: Option<String>,
+    pub admin_key: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated configuration.
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub store: StoreConfig,
+    pub keys: KeysConfig,
+    pub default_limit: RateLimit,
+    pub plans: HashMap<String, Option<RateLimit>>,
+    pub routes: Vec<Route>,
+    pub limits: Limits,
+    pub shutdown_grace: Duration,
+    pub worker_threads: usize,
+    pub log: LogConfig,
+    /// Things an operator should know but that do not stop startup.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    pub upstream: Uri,
+    pub api_key_header: http::HeaderName,
+    pub query_param: Option<String>,
+    pub connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// SHA-256 of each admin key; compared in constant time.
+    pub key_hashes: Vec<KeyHash>,
+    pub max_body_bytes: usize,
+    pub self_service_permission: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreUrl {
+    Sqlite(PathBuf),
+    Redis(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub url: StoreUrl,
+    pub cache_ttl: Duration,
+    pub negative_ttl: Duration,
+    pub cache_capacity: u64,
+    pub stale_if_error: Duration,
+    pub last_used_flush: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeysConfig {
+    pub prefix: String,
+    pub max_per_client: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub path: String,
+    pub upstream: Uri,
+    pub permissions: Vec<String>,
+    pub methods: Vec<http::Method>,
+    pub auth: RouteAuth,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+    pub access_log: bool,
+}
+
+/// Every problem found in a configuration, one per line.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "invalid configuration ({} problem(s)):", self.0.len())?;
+        for p in &self.0 {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Loads `path` (or [`DEFAULT_CONFIG_PATH`] when it exists, or built-in defaults), applies
+    /// `env` (normally `std::env::vars()`) and `cli`, and validates the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: &HashMap<String, String>,
+        cli: &CliOverrides,
+    ) -> Result<Config, ConfigErrors> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|e| {
+                ConfigErrors(vec![format!(
+                    "cannot read config file {}: {e}",
+                    p.display()
+                )])
+            })?,
+            None => std::fs::read_to_string(DEFAULT_CONFIG_PATH).unwrap_or_default(),
+        };
+        let origin = path.map_or(DEFAULT_CONFIG_PATH.into(), |p| p.display().to_string());
+        Self::from_toml(&text, &origin, env, cli)
+    }
+
+    pub fn from_toml(
+        text: &str,
+        origin: &str,
+        env: &HashMap<String, String>,
+        cli: &CliOverrides,
+    ) -> Result<Config, ConfigErrors> {
+        let mut raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigErrors(vec![format!("{origin}: {}", e.to_string().trim_end())]))?;
+        raw.apply_env(env);
+        raw.apply_cli(cli);
+        raw.validate()
+    }
+}
+
+impl RawConfig {
+    fn apply_env(&mut self, env: &HashMap<String, String>) {
+        let get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
+        if let Some(v) = get("KEYGATE_LISTEN") {
+            self.proxy.listen = v;
+        }
+        if let Some(v) = get("KEYGATE_ADMIN_LISTEN") {
+            self.admin.listen = v;
+        }
+        if let Some(v) = get("KEYGATE_UPSTREAM") {
+            self.proxy.upstream = v;
+        }
+        if let Some(v) = get("KEYGATE_STORE") {
+            self.store.url = v;
+        }
+        if let Some(v) = get("KEYGATE_ADMIN_KEY") {
+            self.admin.keys.push(v);
+        }
+        if let Some(v) = get("KEYGATE_LOG_LEVEL") {
+            self.log.level = v;
+        }
+        if let Some(v) = get("KEYGATE_LOG_FORMAT") {
+            match v.as_str() {
+                "json" => self.log.format = Some(LogFormat::Json),
+                _ => self.log.format = Some(LogFormat::Human),
+            }
+        }
+    }
+
+    fn apply_cli(&mut self, cli: &CliOverrides) {
+        if let Some(v) = &cli.listen {
+            self.proxy.listen = v.clone();
+        }
+        if let Some(v) = &cli.admin_listen {
+            self.admin.listen = v.clone();
+        }
+        if let Some(v) = &cli.upstream {
+            self.proxy.upstream = v.clone();
+        }
+        if let Some(v) = &cli.store {
+            self.store.url = v.clone();
+        }
+        if let Some(v) = &cli.admin_key {
+            self.admin.keys.push(v.clone());
+        }
+    }
+
+    /// Checks everything and reports every problem, not just the first.
+    pub fn validate(self) -> Result<Config, ConfigErrors> {
+        let mut errs = Vec::new();
+        let mut warnings = Vec::new();
+
+        let listen = parse_addr("proxy.listen", &self.proxy.listen, &mut errs);
+        let admin_listen = parse_addr("admin.listen", &self.admin.listen, &mut errs);
+        let upstream = parse_upstream("proxy.upstream", &self.proxy.upstream, &mut errs);
+
+        let api_key_header = match http::HeaderName::from_bytes(
+            self.proxy.api_key_header.as_bytes(),
+        ) {
+            Ok(h) if h != http::header::AUTHORIZATION => h,
+            _ => {
+                errs.push(format!(
+                    "proxy.api_key_header: {:?} is not a valid header name (other than Authorization); e.g. \"x-api-key\"",
+                    self.proxy.api_key_header
+                ));
+                http::HeaderName::from_static(DEFAULT_API_KEY_HEADER)
+            }
+        };
+        if self.proxy.allow_query_param
+            && (self.proxy.query_param.is_empty()
+                || !self
+                    .proxy
+                    .query_param
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-'))
+        {
+            errs.push(
+                "proxy.query_param: use letters, digits, '_' or '-' (e.g. \"api_key\")".into(),
+            );
+        }
+        for (field, v) in [
+            ("proxy.connect_timeout_ms", self.proxy.connect_timeout_ms),
+            ("proxy.upstream_timeout_ms", self.proxy.upstream_timeout_ms),
+        ] {
+            if v == 0 {
+                errs.push(format!("{field}: must be at least 1"));
+            }
+        }
+
+        // Admin keys.
+        let loopback_admin = admin_listen.is_some_and(|a| a.ip().is_loopback());
+        let mut key_hashes = Vec::new();
+        for (i, k) in self.admin.keys.iter().enumerate() {
+            if let Some(hexed) = k.strip_prefix("sha256:") {
+                match hex::decode(hexed).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()) {
+                    Some(h) => key_hashes.push(KeyHash(h)),
+                    None => errs.push(format!(
+                        "admin.keys[{i}]: a \"sha256:\" entry needs 64 hex characters (sha256sum of the key)"
+                    )),
+                }
+            } else if k.trim().is_empty() {
+                errs.push(format!("admin.keys[{i}]: empty admin key"));
+            } else {
+                if k.len() < MIN_ADMIN_KEY_LEN {
+                    if loopback_admin {
+                        warnings.push(format!(
+                            "admin.keys[{i}]: shorter than {MIN_ADMIN_KEY_LEN} characters; accepted only because the admin listener is on loopback"
+                        ));
+                    } else {
+                        errs.push(format!(
+                            "admin.keys[{i}]: shorter than {MIN_ADMIN_KEY_LEN} characters on a non-loopback admin listener; use a long random key (e.g. `openssl rand -hex 32`)"
+                        ));
+                    }
+                }
+                key_hashes.push(KeyHash::of(k));
+            }
+        }
+        if self.admin.max_body_bytes == 0 {
+            errs.push("admin.max_body_bytes: must be at least 1".into());
+        }
+        if self.admin.self_service_permission.is_empty() {
+            errs.push("admin.self_service_permission: must not be empty".into());
+        }
+
+        // Store.
+        let store_url = parse_store_url(&self.store.url, &mut errs);
+        if self.store.cache_ttl_secs == 0 {
+            errs.push("store.cache_ttl_secs: must be at least 1".into());
+        }
+        if self.store.cache_capacity == 0 {
+            errs.push("store.cache_capacity: must be at least 1".into());
+        }
+        if self.store.last_used_flush_secs == 0 {
+            errs.push("store.last_used_flush_secs: must be at least 1".into());
+        }
+
+        // Keys.
+        let p = &self.keys.prefix;
+        if p.is_empty()
+            || p.len() > MAX_PREFIX_LEN
+            || !p.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
+        {
+            errs.push(format!(
+                "keys.prefix: {p:?} must be 1–{MAX_PREFIX_LEN} characters of [A-Za-z0-9_] (e.g. \"kg_\")"
+            ));
+        }
+
+        // Limits.
+        if let Some(why) = self.rate_limit.default.problem() {
+            errs.push(format!("rate_limit.default: {why}"));
+        }
+        let mut plans = HashMap::new();
+        for (name, plan) in &self.plans {
+            if let Some(why) = plan.rate_limit.and_then(|l| l.problem()) {
+                errs.push(format!("plans.{name}.rate_limit: {why}"));
+            }
+            plans.insert(name.clone(), plan.rate_limit);
+        }
+
+        // Routes.
+        let mut routes = Vec::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let field = format!("routes[{i}]");
+            if !r.path.starts_with('/') || crate::proxy::route::check_path(&r.path).is_err() {
+                errs.push(format!(
+                    "{field}.path: {:?} must start with '/' and contain no dot-segments or encoded separators",
+                    r.path
+                ));
+            }
+            if routes.iter().any(|o: &Route| o.path == r.path) {
+                errs.push(format!("{field}.path: {:?} is defined twice", r.path));
+            }
+            let up = match &r.upstream {
+                Some(u) => parse_upstream(&format!("{field}.upstream"), u, &mut errs),
+                None => upstream.clone(),
+            };
+            let mut methods = Vec::new();
+            for m in &r.methods {
+                match http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                    Ok(m) => methods.push(m),
+                    Err(_) => errs.push(format!("{field}.methods: {m:?} is not an HTTP method")),
+                }
+            }
+            let auth = r.auth.unwrap_or(RouteAuth::Required);
+            if auth == RouteAuth::None && !r.permissions.is_empty() {
+                errs.push(format!(
+                    "{field}: auth = \"none\" cannot require permissions; remove one of them"
+                ));
+            }
+            if let Some(up) = up {
+                routes.push(Route {
+                    path: r.path.clone(),
+                    upstream: up,
+                    permissions: r.permissions.clone(),
+                    methods,
+                    auth,
+                });
+            }
+        }
+
+        if self.limits.max_header_bytes < 8192 {
+            errs.push("limits.max_header_bytes: must be at least 8192".into());
+        }
+        if self.limits.max_headers == 0 {
+            errs.push("limits.max_headers: must be at least 1".into());
+        }
+        if self.limits.header_read_timeout_secs == 0 {
+            errs.push("limits.header_read_timeout_secs: must be at least 1".into());
+        }
+        if self.limits.max_connections == 0 {
+            errs.push("limits.max_connections: must be at least 1".into());
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            errs.push(format!(
+                "log.level: {:?} is not a level or filter (e.g. \"info\" or \"keygate=debug\")",
+                self.log.level
+            ));
+        }
+
+        if !errs.is_empty() {
+            return Err(ConfigErrors(errs));
+        }
+        Ok(Config {
+            proxy: ProxyConfig {
+                listen: listen.expect("checked"),
+                upstream: upstream.expect("checked"),
+                api_key_header,
+                query_param: self
+                    .proxy
+                    .allow_query_param
+                    .then(|| self.proxy.query_param.clone()),
+                connect_timeout: Duration::from_millis(self.proxy.connect_timeout_ms),
+                upstream_timeout: Duration::from_millis(self.proxy.upstream_timeout_ms),
+            },
+            admin: AdminConfig {
+                listen: admin_listen.expect("checked"),
+                key_hashes,
+                max_body_bytes: self.admin.max_body_bytes,
+                self_service_permission: self.admin.self_service_permission,
+            },
+            store: StoreConfig {
+                url: store_url.expect("checked"),
+                cache_ttl: Duration::from_secs(self.store.cache_ttl_secs),
+                negative_ttl: Duration::from_secs(self.store.negative_ttl_secs),
+                cache_capacity: self.store.cache_capacity,
+                stale_if_error: Duration::from_secs(self.store.stale_if_error_secs),
+                last_used_flush: Duration::from_secs(self.store.last_used_flush_secs),
+            },
+            keys: KeysConfig {
+                prefix: self.keys.prefix,
+                max_per_client: self.keys.max_per_client,
+            },
+            default_limit: self.rate_limit.default,
+            plans,
+            routes,
+            limits: Limits {
+                max_header_bytes: self.limits.max_header_bytes,
+                max_headers: self.limits.max_headers,
+                header_read_timeout: Duration::from_secs(self.limits.header_read_timeout_secs),
+                max_connections: self.limits.max_connections,
+            },
+            shutdown_grace: Duration::from_secs(self.server.shutdown_grace_secs),
+            worker_threads: self.server.worker_threads,
+            log: LogConfig {
+                format: self.log.format.unwrap_or(LogFormat::Human),
+                level: self.log.level,
+                access_log: self.log.access_log,
+            },
+            warnings,
+        })
+    }
+}
+
+fn parse_addr(field: &str, v: &str, errs: &mut Vec<String>) -> Option<SocketAddr> {
+    match v.parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            errs.push(format!(
+                "{field}: {v:?} is not an address; use IP:PORT, e.g. \"127.0.0.1:8080\""
+            ));
+            None
+        }
+    }
+}
+
+fn parse_upstream(field: &str, v: &str, errs: &mut Vec<String>) -> Option<Uri> {
+    match v.parse::<Uri>() {
+        Ok(u)
+            if u.scheme_str() == Some("http")
+                && u.authority().is_some()
+                && u.query().is_none()
+                && matches!(u.path(), "" | "/") =>
+        {
+            Some(u)
+        }
+        _ => {
+            errs.push(format!(
+                "{field}: {v:?} must be an http:// URL with a host and no path, e.g. \"http://127.0.0.1:9000\""
+            ));
+            None
+        }
+    }
+}
+
+fn parse_store_url(v: &str, errs: &mut Vec<String>) -> Option<StoreUrl> {
+    if let Some(path) = v.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            errs.push(
+                "store.url: sqlite:// needs a file path, e.g. \"sqlite://data/keygate.db\"".into(),
+            );
+            return None;
+        }
+        return Some(StoreUrl::Sqlite(PathBuf::from(path)));
+    }
+    if ["redis://", "rediss://", "redis+unix://"]
+        .iter()
+        .any(|s| v.starts_with(s))
+    {
+        return Some(StoreUrl::Redis(v.to_owned()));
+    }
+    errs.push(format!(
+        "store.url: {:?} is not supported; use sqlite://PATH, redis://HOST:PORT/DB, rediss://… or redis+unix:///path.sock",
+        redact_url(v)
+    ));
+    None
+}
+
+/// Hides a password in a URL before it is shown in an error.
+fn redact_url(v: &str) -> String {
+    match (v.find("://"), v.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &v[..s], &v[at + 1..]),
+        _ => v.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)], cli: CliOverrides) -> Result<Config, ConfigErrors> {
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_toml(text, "test.toml", &env, &cli)
+    }
+
+    #[test]
+    fn defaults_apply_and_admin_key_comes_from_env() {
+        let c = load(
+            "",
+            &[("KEYGATE_ADMIN_KEY", "0123456789abcdef0123")],
+            CliOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.proxy.listen.to_string(), DEFAULT_PROXY_LISTEN);
+        assert_eq!(c.admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        assert_eq!(
+            c.admin.key_hashes,
+            vec![KeyHash::of("0123456789abcdef0123")]
+        );
+        assert_eq!(c.store.url, StoreUrl::Sqlite("data/keygate.db".into()));
+        assert_eq!(c.keys.max_per_client, 5);
+        assert!(c.proxy.query_param.is_none());
+    }
+
+    #[test]
+    fn precedence_is_file_then_env_then_cli() {
+        let text = "[proxy]\nupstream = \"http://file:1\"\nlisten = \"127.0.0.1:1\"\n";
+        let c = load(
+            text,
+            &[
+                ("KEYGATE_UPSTREAM", "http://env:2"),
+                ("KEYGATE_LISTEN", "127.0.0.1:2"),
+            ],
+            CliOverrides {
+                upstream: Some("http://cli:3".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.proxy.upstream.to_string(), "http://cli:3/");
+        assert_eq!(c.proxy.listen.to_string(), "127.0.0.1:2");
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_naming_the_field() {
+        let e = load(
+            "[proxy]\nlisten_addr = \"x\"\n",
+            &[],
+            CliOverrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("listen_addr"), "{e}");
+        let e = load("[nonsense]\n", &[], CliOverrides::default()).unwrap_err();
+        assert!(e.to_string().contains("nonsense"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let text = r#"
+[proxy]
+listen = "nowhere"
+upstream = "ftp://x"
+[admin]
+keys = ["sha256:zz", "short"]
+listen = "0.0.0.0:8081"
+[store]
+url = "mysql://u:secretpw@h/db"
+[keys]
+prefix = "bad prefix!"
+[rate_limit]
+default = { per_second = 1, per_minute = 1, burst = 1 }
+[[routes]]
+path = "/a/../b"
+"#;
+        let e = load(text, &[], CliOverrides::default()).unwrap_err();
+        let s = e.to_string();
+        for needle in [
+            "proxy.listen",
+            "proxy.upstream",
+            "admin.keys[0]",
+            "admin.keys[1]",
+            "store.url",
+            "keys.prefix",
+            "rate_limit.default",
+            "routes[0].path",
+        ] {
+            assert!(s.contains(needle), "missing {needle} in {s}");
+        }
+        assert!(!s.contains("secretpw"), "password leaked: {s}");
+    }
+
+    #[test]
+    fn short_admin_key_only_on_loopback() {
+        let c = load("[admin]\nkeys=[\"short\"]\n", &[], CliOverrides::default()).unwrap();
+        assert_eq!(c.warnings.len(), 1);
+        assert!(
+            load(
+                "[admin]\nkeys=[\"short\"]\nlisten=\"0.0.0.0:1\"\n",
+                &[],
+                CliOverrides::default()
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn sha256_admin_keys() {
+        let h = hex::encode(KeyHash::of("a-very-long-admin-key").0);
+        let c = load(
+            &format!("[admin]\nkeys=[\"sha256:{h}\"]\n"),
+            &[],
+            CliOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.admin.key_hashes,
+            vec![KeyHash::of("a-very-long-admin-key")]
+        );
+    }
+
+    #[test]
+    fn shipped_config_is_valid_and_has_the_plans() {
+        let text = include_str!("../config/keygate.toml");
+        let c = load(text, &[], CliOverrides::default()).unwrap();
+        for plan in ["free", "maker", "pro"] {
+            assert!(c.plans.contains_key(plan), "missing plan {plan}");
+        }
+    }
+}

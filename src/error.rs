@@ -1,0 +1,175 @@
+//! Errors of the proxy path, sorted by who caused them: the client (4xx), the upstream
+//! (502/504) or the store (503). [`ProxyError::response`] is the one place they become HTTP
+//! answers: `application/problem+json` (RFC 9457) with a stable `code`. Bodies are static
+//! strings: they never carry a key, a hash, a token or the reason a key was refused beyond
+//! its code.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{Response, StatusCode};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error("missing credentials")]
+    MissingCredentials,
+    #[error("invalid api key")]
+    InvalidApiKey,
+    #[error("expired api key")]
+    ExpiredApiKey,
+    #[error("disabled api key")]
+    DisabledApiKey,
+    #[error("invalid token")]
+    InvalidToken,
+    #[error("insufficient permissions")]
+    InsufficientPermissions,
+    #[error("rate limited")]
+    RateLimited { retry_after: Duration },
+    /// Too many failed authentications from one peer.
+    #[error("too many failed authentications")]
+    AuthThrottled { retry_after: Duration },
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("no route")]
+    RouteNotFound,
+    #[error("upstream unavailable")]
+    UpstreamUnavailable,
+    #[error("upstream timeout")]
+    UpstreamTimeout,
+    #[error("store unavailable")]
+    StoreUnavailable,
+}
+
+/// Seconds a client should wait before retrying when the store is down.
+const STORE_RETRY_AFTER_SECS: u64 = 5;
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MissingCredentials
+            | Self::InvalidApiKey
+            | Self::ExpiredApiKey
+            | Self::DisabledApiKey
+            | Self::InvalidToken => StatusCode::UNAUTHORIZED,
+            Self::InsufficientPermissions => StatusCode::FORBIDDEN,
+            Self::RateLimited { .. } | Self::AuthThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::RouteNotFound => StatusCode::NOT_FOUND,
+            Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The stable machine-readable code of SPEC §3.6.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingCredentials => "missing_credentials",
+            Self::InvalidApiKey => "invalid_api_key",
+            Self::ExpiredApiKey => "expired_api_key",
+            Self::DisabledApiKey => "disabled_api_key",
+            Self::InvalidToken => "invalid_token",
+            Self::InsufficientPermissions => "insufficient_permissions",
+            Self::RateLimited { .. } | Self::AuthThrottled { .. } => "rate_limited",
+            Self::BadRequest(_) => "bad_request",
+            Self::RouteNotFound => "route_not_found",
+            Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::StoreUnavailable => "store_unavailable",
+        }
+    }
+
+    fn detail(&self) -> &'static str {
+        match self {
+            Self::MissingCredentials => {
+                "send an API key in Authorization: Bearer, X-API-Key or Basic auth"
+            }
+            Self::InvalidApiKey => "the API key is not valid",
+            Self::ExpiredApiKey => "the API key has expired",
+            Self::DisabledApiKey => "the API key is disabled",
+            Self::InvalidToken => "the token is not valid",
+            Self::InsufficientPermissions => "the key lacks a permission this route requires",
+            Self::RateLimited { .. } => "rate limit exceeded; retry after the Retry-After delay",
+            Self::AuthThrottled { .. } => {
+                "too many failed authentications from this address; retry later"
+            }
+            Self::BadRequest(why) => why,
+            Self::RouteNotFound => "no route matches this path",
+            Self::UpstreamUnavailable => "the upstream could not be reached",
+            Self::UpstreamTimeout => "the upstream did not answer in time",
+            Self::StoreUnavailable => "the key store is unavailable; retry later",
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited { retry_after } | Self::AuthThrottled { retry_after } => {
+                Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
+            }
+            Self::StoreUnavailable => Some(STORE_RETRY_AFTER_SECS),
+            _ => None,
+        }
+    }
+
+    /// The problem+json response for this error.
+    pub fn response<B: From<Bytes>>(&self) -> Response<B> {
+        let status = self.status();
+        let body = serde_json::json!({
+            "type": "about:blank",
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "detail": self.detail(),
+            "code": self.code(),
+        });
+        let mut res = Response::new(B::from(Bytes::from(body.to_string())));
+        *res.status_mut() = status;
+        let h = res.headers_mut();
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if status == StatusCode::UNAUTHORIZED {
+            h.insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static(match self {
+                    Self::MissingCredentials => "Bearer realm=\"keygate\"",
+                    _ => "Bearer realm=\"keygate\", error=\"invalid_token\"",
+                }),
+            );
+        }
+        if let Some(secs) = self.retry_after() {
+            h.insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_headers() {
+        let r: Response<Bytes> = ProxyError::InvalidApiKey.response();
+        assert_eq!(r.status(), 401);
+        assert!(r.headers().contains_key(WWW_AUTHENTICATE));
+        assert_eq!(r.headers()[CONTENT_TYPE], "application/problem+json");
+        let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(v["code"], "invalid_api_key");
+        assert_eq!(v["status"], 401);
+
+        let r: Response<Bytes> = ProxyError::StoreUnavailable.response();
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()[RETRY_AFTER], "5");
+
+        let r: Response<Bytes> = ProxyError::RateLimited {
+            retry_after: Duration::from_millis(1200),
+        }
+        .response();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()[RETRY_AFTER], "2");
+        assert_eq!(ProxyError::UpstreamTimeout.status(), 504);
+        assert_eq!(ProxyError::UpstreamUnavailable.status(), 502);
+    }
+}

@@ -1,0 +1,443 @@
+//! Domain types shared by the proxy and the admin plane, and the API key format.
+//!
+//! A key string is `<prefix><43 base62 chars from a CSPRNG><6 base62 chars of CRC32>`. The
+//! 43-character body carries 43 · log2(62) ≈ 256 bits. The checksum covers everything before it,
+//! so a mistyped or truncated key is refused by [`KeyFormat::check`] before any cache or store
+//! work is done. At rest only [`KeyHash`] (SHA-256 of the whole string) is kept.
+
+pub mod cache;
+pub mod store;
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::HeaderValue;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+/// Number of random base62 characters in a key body (≥ 256 bits).
+pub const KEY_BODY_LEN: usize = 43;
+/// Number of base62 characters of the CRC32 checksum (62^6 > 2^32).
+pub const KEY_CHECKSUM_LEN: usize = 6;
+/// How many leading characters of a key are shown and logged as its `prefix`.
+pub const DISPLAY_PREFIX_LEN: usize = 12;
+/// Longest configurable key prefix; keeps every key within [`MAX_KEY_LEN`].
+pub const MAX_PREFIX_LEN: usize = 15;
+/// Longest key string the format can produce.
+pub const MAX_KEY_LEN: usize = MAX_PREFIX_LEN + KEY_BODY_LEN + KEY_CHECKSUM_LEN;
+
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+fn base62_value(c: u8) -> Option<u32> {
+    match c {
+        b'0'..=b'9' => Some(u32::from(c - b'0')),
+        b'A'..=b'Z' => Some(u32::from(c - b'A') + 10),
+        b'a'..=b'z' => Some(u32::from(c - b'a') + 36),
+        _ => None,
+    }
+}
+
+fn checksum_chars(data: &[u8]) -> [u8; KEY_CHECKSUM_LEN] {
+    let mut n = u64::from(crc32fast::hash(data));
+    let mut out = [b'0'; KEY_CHECKSUM_LEN];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    out
+}
+
+/// The configured key format: generates keys and checks their shape and checksum.
+#[derive(Clone, Debug)]
+pub struct KeyFormat {
+    prefix: String,
+}
+
+/// A freshly generated key: the plaintext (shown once) and what is stored.
+pub struct NewKey {
+    pub plaintext: Secret,
+    pub hash: KeyHash,
+    pub display_prefix: String,
+}
+
+impl KeyFormat {
+    /// `prefix` must be 1..=15 characters of `[A-Za-z0-9_]`; the config layer validates it.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn key_len(&self) -> usize {
+        self.prefix.len() + KEY_BODY_LEN + KEY_CHECKSUM_LEN
+    }
+
+    /// Generates a key from the operating system's CSPRNG.
+    pub fn generate(&self) -> NewKey {
+        // ThreadRng is a ChaCha-based CSPRNG seeded and periodically reseeded from the OS.
+        let mut rng = rand::rng();
+        let mut s = String::with_capacity(self.key_len());
+        s.push_str(&self.prefix);
+        for _ in 0..KEY_BODY_LEN {
+            // Rejection sampling inside `random_range` keeps the distribution uniform.
+            s.push(BASE62[rng.random_range(0..62)] as char);
+        }
+        let sum = checksum_chars(s.as_bytes());
+        s.push_str(std::str::from_utf8(&sum).expect("base62 is ascii"));
+        let hash = KeyHash::of(&s);
+        let display_prefix = s[..DISPLAY_PREFIX_LEN].to_owned();
+        NewKey {
+            plaintext: Secret(s),
+            hash,
+            display_prefix,
+        }
+    }
+
+    /// True when `key` has this format's prefix, length, alphabet and a matching checksum.
+    /// Pure: no allocation, no cache or store access.
+    pub fn check(&self, key: &str) -> bool {
+        let b = key.as_bytes();
+        if b.len() != self.key_len() || !b.starts_with(self.prefix.as_bytes()) {
+            return false;
+        }
+        let (head, sum) = b.split_at(b.len() - KEY_CHECKSUM_LEN);
+        if !head[self.prefix.len()..]
+            .iter()
+            .all(|&c| base62_value(c).is_some())
+        {
+            return false;
+        }
+        let mut n: u64 = 0;
+        for &c in sum {
+            match base62_value(c) {
+                Some(v) => n = n * 62 + u64::from(v),
+                None => return false,
+            }
+        }
+        n == u64::from(crc32fast::hash(head))
+    }
+}
+
+/// A plaintext secret (API key, admin key, JWT). `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// SHA-256 of a key string: the only form in which keys are stored or cached.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct KeyHash(pub [u8; 32]);
+
+impl KeyHash {
+    pub fn of(key: &str) -> Self {
+        Self(Sha256::digest(key.as_bytes()).into())
+    }
+
+    /// Constant-time equality, for every comparison of secret-derived bytes.
+    pub fn ct_eq(&self, other: &KeyHash) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyHash(***)")
+    }
+}
+
+/// A rate limit: one rate and a burst. Exactly one of the three rates is set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_second: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_minute: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_hour: Option<u32>,
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// Describes what is wrong with this limit, if anything.
+    pub fn problem(&self) -> Option<&'static str> {
+        let set = [self.per_second, self.per_minute, self.per_hour]
+            .iter()
+            .filter(|r| r.is_some())
+            .count();
+        if set != 1 {
+            return Some("exactly one of per_second, per_minute, per_hour must be set");
+        }
+        if [self.per_second, self.per_minute, self.per_hour]
+            .iter()
+            .flatten()
+            .any(|&r| r == 0)
+        {
+            return Some("the rate must be at least 1");
+        }
+        if self.burst == 0 {
+            return Some("burst must be at least 1");
+        }
+        None
+    }
+
+    /// The rate as (count, period in seconds).
+    pub fn rate(&self) -> (u32, u64) {
+        match (self.per_second, self.per_minute, self.per_hour) {
+            (Some(n), _, _) => (n, 1),
+            (_, Some(n), _) => (n, 60),
+            (_, _, Some(n)) => (n, 3600),
+            _ => (1, 1),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, UTC. Stores and caches keep time in this form.
+pub type Millis = i64;
+
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A client: the owner of keys. `license` names a plan in the config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Client {
+    pub client_id: String,
+    pub license: String,
+    pub created_at: Millis,
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// An API key record as stored. Never contains the plaintext.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiKey {
+    pub id: Uuid,
+    pub client_id: String,
+    pub name: String,
+    pub prefix: String,
+    pub key_hash: KeyHash,
+    /// The hash the key had before its last rotation, valid until `previous_valid_until`.
+    pub previous_hash: Option<KeyHash>,
+    pub previous_valid_until: Option<Millis>,
+    pub permissions: Vec<String>,
+    pub enabled: bool,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+    pub expires_at: Option<Millis>,
+    pub last_used_at: Option<Millis>,
+    /// When the key was last rotated (tokens minted before it are refused).
+    pub rotated_at: Option<Millis>,
+    pub rate_limit: Option<RateLimit>,
+    pub metadata: Option<serde_json::Value>,
+}
+
+impl ApiKey {
+    /// Every hash under which this key may currently be cached.
+    pub fn hashes(&self) -> impl Iterator<Item = KeyHash> + '_ {
+        std::iter::once(self.key_hash).chain(self.previous_hash)
+    }
+}
+
+/// What a key lookup by hash returns: the key and its client's license.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyRecord {
+    pub key: ApiKey,
+    pub license: String,
+}
+
+/// An authenticated caller, built once per cache fill and shared by every request that uses
+/// the key. Identity headers are pre-encoded so the request path only clones them.
+#[derive(Debug)]
+pub struct Principal {
+    pub key_id: Uuid,
+    pub client_id: String,
+    pub license: String,
+    pub permissions: Vec<String>,
+    pub enabled: bool,
+    pub expires_at: Option<Millis>,
+    /// Set when the principal was found under the key's previous hash: the end of the
+    /// rotation grace period.
+    pub grace_until: Option<Millis>,
+    pub rate_limit: Option<RateLimit>,
+    pub headers: IdentityHeaders,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentityHeaders {
+    pub client_id: HeaderValue,
+    pub key_id: HeaderValue,
+    pub permissions: HeaderValue,
+    pub license: HeaderValue,
+}
+
+impl Principal {
+    /// Builds the principal for a record found under `hash`.
+    pub fn from_record(record: &KeyRecord, hash: &KeyHash) -> Arc<Principal> {
+        let key = &record.key;
+        let grace_until =
+            (!key.key_hash.ct_eq(hash)).then(|| key.previous_valid_until.unwrap_or(i64::MIN));
+        let header = |s: &str| {
+            HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+        };
+        Arc::new(Principal {
+            key_id: key.id,
+            client_id: key.client_id.clone(),
+            license: record.license.clone(),
+            permissions: key.permissions.clone(),
+            enabled: key.enabled,
+            expires_at: key.expires_at,
+            grace_until,
+            rate_limit: key.rate_limit,
+            headers: IdentityHeaders {
+                client_id: header(&key.client_id),
+                key_id: header(&key.id.to_string()),
+                permissions: header(&key.permissions.join(",")),
+                license: header(&record.license),
+            },
+        })
+    }
+
+    /// The earliest moment this principal stops being valid, if any.
+    pub fn valid_until(&self) -> Option<Millis> {
+        match (self.expires_at, self.grace_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn has_all(&self, required: &[String]) -> bool {
+        required.iter().all(|p| self.permissions.contains(p))
+    }
+}
+
+/// Validates a client id: 1–64 characters of `[A-Za-z0-9._-]`.
+pub fn valid_client_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fmt() -> KeyFormat {
+        KeyFormat::new("kg_")
+    }
+
+    #[test]
+    fn generated_keys_have_the_documented_shape() {
+        let k = fmt().generate();
+        let s = k.plaintext.expose();
+        assert_eq!(s.len(), 3 + 43 + 6);
+        assert!(s.starts_with("kg_"));
+        assert!(s[3..].bytes().all(|c| c.is_ascii_alphanumeric()));
+        assert!(fmt().check(s));
+        assert_eq!(k.display_prefix, &s[..12]);
+        assert_eq!(k.hash, KeyHash::of(s));
+        assert_ne!(fmt().generate().plaintext, k.plaintext);
+    }
+
+    #[test]
+    fn checksum_rejects_every_single_character_change() {
+        for _ in 0..20 {
+            let key = fmt().generate().plaintext.0;
+            let bytes = key.as_bytes();
+            for i in 0..bytes.len() {
+                for &c in BASE62.iter().chain(b"_-.") {
+                    if c == bytes[i] {
+                        continue;
+                    }
+                    let mut m = bytes.to_vec();
+                    m[i] = c;
+                    let m = String::from_utf8(m).unwrap();
+                    assert!(!fmt().check(&m), "accepted {i}:{}", c as char);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn checksum_rejects_adjacent_swaps() {
+        for _ in 0..200 {
+            let key = fmt().generate().plaintext.0;
+            let bytes = key.as_bytes();
+            for i in 0..bytes.len() - 1 {
+                if bytes[i] == bytes[i + 1] {
+                    continue;
+                }
+                let mut m = bytes.to_vec();
+                m.swap(i, i + 1);
+                assert!(!fmt().check(std::str::from_utf8(&m).unwrap()));
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_shapes_are_rejected() {
+        let key = fmt().generate().plaintext.0;
+        assert!(!fmt().check(""));
+        assert!(!fmt().check(&key[..key.len() - 1]));
+        assert!(!fmt().check(&format!("{key}0")));
+        assert!(!fmt().check(&key.replacen("kg_", "xx_", 1)));
+        assert!(!KeyFormat::new("other_").check(&key));
+        assert!(!fmt().check(&"é".repeat(26)));
+    }
+
+    #[test]
+    fn secrets_and_hashes_never_print() {
+        let k = fmt().generate();
+        let dbg = format!("{:?} {:?}", k.plaintext, k.hash);
+        assert!(!dbg.contains(k.plaintext.expose()));
+        assert!(!dbg.contains(&hex::encode(k.hash.0)));
+    }
+
+    #[test]
+    fn rate_limit_validation() {
+        let ok = RateLimit {
+            per_second: Some(5),
+            per_minute: None,
+            per_hour: None,
+            burst: 5,
+        };
+        assert_eq!(ok.problem(), None);
+        assert_eq!(ok.rate(), (5, 1));
+        let both = RateLimit {
+            per_minute: Some(1),
+            ..ok
+        };
+        assert!(both.problem().is_some());
+        let zero = RateLimit { burst: 0, ..ok };
+        assert!(zero.problem().is_some());
+    }
+
+    #[test]
+    fn client_ids() {
+        assert!(valid_client_id("acme-corp_1.x"));
+        assert!(!valid_client_id(""));
+        assert!(!valid_client_id(&"a".repeat(65)));
+        assert!(!valid_client_id("a b"));
+        assert!(!valid_client_id("a/b"));
+    }
+}

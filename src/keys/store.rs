@@ -1,0 +1,114 @@
+//! The `Store` trait: durable clients and keys. The proxy calls it on cache misses only; the
+//! admin plane calls it for every read and write. Implementations must make each write atomic
+//! (a crash never leaves half a client or half a key) and acknowledge only what is durable.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use super::{ApiKey, Client, KeyHash, KeyRecord, Millis};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or failed; the caller answers 503.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A uniqueness rule was violated (client exists, too many keys…).
+    #[error("{0}")]
+    Conflict(Conflict),
+    /// A referenced record does not exist.
+    #[error("not found")]
+    NotFound,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conflict {
+    ClientExists,
+    TooManyKeys { max: u32 },
+}
+
+impl std::fmt::Display for Conflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Conflict::ClientExists => f.write_str("a client with this client_id already exists"),
+            Conflict::TooManyKeys { max } => write!(
+                f,
+                "the client already has the maximum of {max} keys; revoke (DELETE) a key first"
+            ),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub total: u64,
+}
+
+/// A client and the keys it owned, as returned by deletions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientWithKeys {
+    pub client: Client,
+    pub keys: Vec<ApiKey>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The key whose current hash, or whose previous hash still within its grace period at
+    /// `now`, equals `hash`, with its client's license. One round trip.
+    async fn find_by_hash(&self, hash: &KeyHash, now: Millis) -> StoreResult<Option<KeyRecord>>;
+
+    /// The key with this id and its client's license.
+    async fn find_by_id(&self, id: Uuid) -> StoreResult<Option<KeyRecord>>;
+
+    /// Keys ordered by creation, optionally of one client. `page` starts at 1.
+    async fn list_keys(
+        &self,
+        client_id: Option<&str>,
+        page: u32,
+        per_page: u32,
+    ) -> StoreResult<Page<ApiKey>>;
+
+    /// Inserts a key for an existing client. `max_keys` (0 = unlimited) is checked in the same
+    /// transaction. `NotFound` when the client does not exist.
+    async fn insert_key(&self, key: &ApiKey, max_keys: u32) -> StoreResult<()>;
+
+    /// Replaces a key's mutable fields (everything but `id`, `client_id`, `created_at`).
+    /// Returns false when the key does not exist.
+    async fn update_key(&self, key: &ApiKey) -> StoreResult<bool>;
+
+    /// Deletes a key and returns it.
+    async fn delete_key(&self, id: Uuid) -> StoreResult<Option<ApiKey>>;
+
+    /// Creates a client together with its first key, atomically.
+    async fn insert_client(&self, client: &Client, first_key: &ApiKey) -> StoreResult<()>;
+
+    async fn get_client(&self, client_id: &str) -> StoreResult<Option<Client>>;
+
+    async fn list_clients(&self, page: u32, per_page: u32) -> StoreResult<Page<Client>>;
+
+    /// Replaces a client's license and metadata. Returns false when it does not exist.
+    async fn update_client(&self, client: &Client) -> StoreResult<bool>;
+
+    /// Deletes a client and all its keys, atomically, returning what was deleted.
+    async fn delete_client(&self, client_id: &str) -> StoreResult<Option<ClientWithKeys>>;
+
+    /// Replaces all keys of a client by `new_keys` (disabling when `disable_only`), atomically;
+    /// used by the Kixote revoke/recreate calls. Returns the keys as they were before.
+    async fn replace_client_keys(
+        &self,
+        client_id: &str,
+        disable_only: bool,
+        new_key: Option<&ApiKey>,
+    ) -> StoreResult<Vec<ApiKey>>;
+
+    /// Records `last_used_at` for many keys in one write (batched off the request path).
+    async fn record_last_used(&self, used: &[(Uuid, Millis)]) -> StoreResult<()>;
+
+    /// Succeeds when the store can serve requests.
+    async fn ping(&self) -> StoreResult<()>;
+}

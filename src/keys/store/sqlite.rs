@@ -1,0 +1,552 @@
+//! Embedded store: one SQLite file in WAL mode with `synchronous=FULL`, so an acknowledged
+//! admin write survives a crash of the process or of the machine. Calls run on tokio's blocking
+//! pool against one connection; the proxy reaches here on cache misses only.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use uuid::Uuid;
+
+use super::{ClientWithKeys, Conflict, Page, Store, StoreError, StoreResult};
+use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE clients (
+    client_id  TEXT PRIMARY KEY NOT NULL,
+    license    TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    metadata   TEXT
+);
+CREATE TABLE api_keys (
+    id                   TEXT PRIMARY KEY NOT NULL,
+    client_id            TEXT NOT NULL REFERENCES clients(client_id) ON DELETE CASCADE,
+    name                 TEXT NOT NULL,
+    prefix               TEXT NOT NULL,
+    key_hash             BLOB NOT NULL UNIQUE,
+    previous_hash        BLOB,
+    previous_valid_until INTEGER,
+    permissions          TEXT NOT NULL,
+    enabled              INTEGER NOT NULL,
+    created_at           INTEGER NOT NULL,
+    updated_at           INTEGER NOT NULL,
+    expires_at           INTEGER,
+    last_used_at         INTEGER,
+    rotated_at           INTEGER,
+    rate_limit           TEXT,
+    metadata             TEXT
+);
+CREATE INDEX api_keys_by_client ON api_keys(client_id, created_at, id);
+CREATE INDEX api_keys_by_previous_hash ON api_keys(previous_hash) WHERE previous_hash IS NOT NULL;
+"#];
+
+const KEY_COLUMNS: &str = "k.id, k.client_id, k.name, k.prefix, k.key_hash, k.previous_hash, \
+     k.previous_valid_until, k.permissions, k.enabled, k.created_at, k.updated_at, k.expires_at, \
+     k.last_used_at, k.rotated_at, k.rate_limit, k.metadata";
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and applies pending migrations.
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                unavailable(format!("cannot create directory {}: {e}", dir.display()))
+            })?;
+        }
+        let mut conn = Connection::open(path)
+            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(unavailable)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(unavailable)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(unavailable)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(unavailable)?;
+        migrate(&mut conn).map_err(unavailable)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn run<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| unavailable("store connection poisoned"))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn db(e: rusqlite::Error) -> StoreError {
+    unavailable(e)
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(s: Option<String>) -> rusqlite::Result<Option<T>> {
+    s.map(|s| {
+        serde_json::from_str(&s).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        })
+    })
+    .transpose()
+}
+
+fn hash_col(v: Option<Vec<u8>>) -> rusqlite::Result<Option<KeyHash>> {
+    v.map(|b| {
+        <[u8; 32]>::try_from(b.as_slice())
+            .map(KeyHash)
+            .map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    0,
+                    rusqlite::types::Type::Blob,
+                    Box::new(e),
+                )
+            })
+    })
+    .transpose()
+}
+
+fn key_from_row(r: &Row<'_>) -> rusqlite::Result<ApiKey> {
+    let id: String = r.get(0)?;
+    let id = Uuid::parse_str(&id).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })?;
+    let key_hash = hash_col(Some(r.get(4)?))?.expect("non-null column");
+    Ok(ApiKey {
+        id,
+        client_id: r.get(1)?,
+        name: r.get(2)?,
+        prefix: r.get(3)?,
+        key_hash,
+        previous_hash: hash_col(r.get(5)?)?,
+        previous_valid_until: r.get(6)?,
+        permissions: json_col(Some(r.get(7)?))?.unwrap_or_default(),
+        enabled: r.get(8)?,
+        created_at: r.get(9)?,
+        updated_at: r.get(10)?,
+        expires_at: r.get(11)?,
+        last_used_at: r.get(12)?,
+        rotated_at: r.get(13)?,
+        rate_limit: json_col::<RateLimit>(r.get(14)?)?,
+        metadata: json_col(r.get(15)?)?,
+    })
+}
+
+fn client_from_row(r: &Row<'_>) -> rusqlite::Result<Client> {
+    Ok(Client {
+        client_id: r.get(0)?,
+        license: r.get(1)?,
+        created_at: r.get(2)?,
+        metadata: json_col(r.get(3)?)?,
+    })
+}
+
+fn to_json<T: serde::Serialize>(v: &Option<T>) -> Option<String> {
+    v.as_ref()
+        .map(|v| serde_json::to_string(v).expect("serializable"))
+}
+
+fn insert_key_row(conn: &Connection, k: &ApiKey) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO api_keys (id, client_id, name, prefix, key_hash, previous_hash, \
+         previous_valid_until, permissions, enabled, created_at, updated_at, expires_at, \
+         last_used_at, rotated_at, rate_limit, metadata) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        params![
+            k.id.to_string(),
+            k.client_id,
+            k.name,
+            k.prefix,
+            &k.key_hash.0[..],
+            k.previous_hash.as_ref().map(|h| h.0.to_vec()),
+            k.previous_valid_until,
+            serde_json::to_string(&k.permissions).expect("serializable"),
+            k.enabled,
+            k.created_at,
+            k.updated_at,
+            k.expires_at,
+            k.last_used_at,
+            k.rotated_at,
+            to_json(&k.rate_limit),
+            to_json(&k.metadata),
+        ],
+    )?;
+    Ok(())
+}
+
+fn keys_of(conn: &Connection, client_id: &str) -> rusqlite::Result<Vec<ApiKey>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.client_id = ?1 ORDER BY k.created_at, k.id"
+    ))?;
+    stmt.query_map([client_id], key_from_row)?.collect()
+}
+
+fn record_query(
+    conn: &Connection,
+    filter: &str,
+    p: &[&dyn rusqlite::ToSql],
+) -> StoreResult<Option<KeyRecord>> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {KEY_COLUMNS}, c.license FROM api_keys k \
+             JOIN clients c ON c.client_id = k.client_id WHERE {filter}"
+        ))
+        .map_err(db)?;
+    stmt.query_row(p, |r| {
+        Ok(KeyRecord {
+            key: key_from_row(r)?,
+            license: r.get(16)?,
+        })
+    })
+    .optional()
+    .map_err(db)
+}
+
+fn page_bounds(page: u32, per_page: u32) -> (i64, i64) {
+    let per = i64::from(per_page.max(1));
+    (per, (i64::from(page.max(1)) - 1) * per)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn find_by_hash(&self, hash: &KeyHash, now: Millis) -> StoreResult<Option<KeyRecord>> {
+        let h = hash.0;
+        self.run(move |c| {
+            if let Some(r) = record_query(c, "k.key_hash = ?1", &[&&h[..]])? {
+                return Ok(Some(r));
+            }
+            record_query(
+                c,
+                "k.previous_hash = ?1 AND k.previous_valid_until > ?2",
+                &[&&h[..], &now],
+            )
+        })
+        .await
+    }
+
+    async fn find_by_id(&self, id: Uuid) -> StoreResult<Option<KeyRecord>> {
+        self.run(move |c| record_query(c, "k.id = ?1", &[&id.to_string()]))
+            .await
+    }
+
+    async fn list_keys(
+        &self,
+        client_id: Option<&str>,
+        page: u32,
+        per_page: u32,
+    ) -> StoreResult<Page<ApiKey>> {
+        let client_id = client_id.map(str::to_owned);
+        let (limit, offset) = page_bounds(page, per_page);
+        self.run(move |c| {
+            let total: i64 = c
+                .query_row(
+                    "SELECT COUNT(*) FROM api_keys WHERE ?1 IS NULL OR client_id = ?1",
+                    [&client_id],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            let mut stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {KEY_COLUMNS} FROM api_keys k WHERE ?1 IS NULL OR k.client_id = ?1 \
+                     ORDER BY k.created_at, k.id LIMIT ?2 OFFSET ?3"
+                ))
+                .map_err(db)?;
+            let items = stmt
+                .query_map(params![client_id, limit, offset], key_from_row)
+                .map_err(db)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(db)?;
+            Ok(Page {
+                items,
+                total: total as u64,
+            })
+        })
+        .await
+    }
+
+    async fn insert_key(&self, key: &ApiKey, max_keys: u32) -> StoreResult<()> {
+        let key = key.clone();
+        self.run(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let exists: bool = tx
+                .query_row(
+                    "SELECT EXISTS(SELECT 1 FROM clients WHERE client_id = ?1)",
+                    [&key.client_id],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            if !exists {
+                return Err(StoreError::NotFound);
+            }
+            if max_keys > 0 {
+                let n: u32 = tx
+                    .query_row(
+                        "SELECT COUNT(*) FROM api_keys WHERE client_id = ?1",
+                        [&key.client_id],
+                        |r| r.get(0),
+                    )
+                    .map_err(db)?;
+                if n >= max_keys {
+                    return Err(StoreError::Conflict(Conflict::TooManyKeys {
+                        max: max_keys,
+                    }));
+                }
+            }
+            insert_key_row(&tx, &key).map_err(db)?;
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn update_key(&self, k: &ApiKey) -> StoreResult<bool> {
+        let k = k.clone();
+        self.run(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE api_keys SET name = ?2, prefix = ?3, key_hash = ?4, previous_hash = ?5, \
+                     previous_valid_until = ?6, permissions = ?7, enabled = ?8, updated_at = ?9, \
+                     expires_at = ?10, last_used_at = ?11, rotated_at = ?12, rate_limit = ?13, \
+                     metadata = ?14 WHERE id = ?1",
+                    params![
+                        k.id.to_string(),
+                        k.name,
+                        k.prefix,
+                        &k.key_hash.0[..],
+                        k.previous_hash.as_ref().map(|h| h.0.to_vec()),
+                        k.previous_valid_until,
+                        serde_json::to_string(&k.permissions).expect("serializable"),
+                        k.enabled,
+                        k.updated_at,
+                        k.expires_at,
+                        k.last_used_at,
+                        k.rotated_at,
+                        to_json(&k.rate_limit),
+                        to_json(&k.metadata),
+                    ],
+                )
+                .map_err(db)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn delete_key(&self, id: Uuid) -> StoreResult<Option<ApiKey>> {
+        self.run(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let key = tx
+                .query_row(
+                    &format!("SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.id = ?1"),
+                    [id.to_string()],
+                    key_from_row,
+                )
+                .optional()
+                .map_err(db)?;
+            if key.is_some() {
+                tx.execute("DELETE FROM api_keys WHERE id = ?1", [id.to_string()])
+                    .map_err(db)?;
+            }
+            tx.commit().map_err(db)?;
+            Ok(key)
+        })
+        .await
+    }
+
+    async fn insert_client(&self, client: &Client, first_key: &ApiKey) -> StoreResult<()> {
+        let client = client.clone();
+        let key = first_key.clone();
+        self.run(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let inserted = tx
+                .execute(
+                    "INSERT OR IGNORE INTO clients (client_id, license, created_at, metadata) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        client.client_id,
+                        client.license,
+                        client.created_at,
+                        to_json(&client.metadata)
+                    ],
+                )
+                .map_err(db)?;
+            if inserted == 0 {
+                return Err(StoreError::Conflict(Conflict::ClientExists));
+            }
+            insert_key_row(&tx, &key).map_err(db)?;
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn get_client(&self, client_id: &str) -> StoreResult<Option<Client>> {
+        let id = client_id.to_owned();
+        self.run(move |c| {
+            c.query_row(
+                "SELECT client_id, license, created_at, metadata FROM clients WHERE client_id = ?1",
+                [id],
+                client_from_row,
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn list_clients(&self, page: u32, per_page: u32) -> StoreResult<Page<Client>> {
+        let (limit, offset) = page_bounds(page, per_page);
+        self.run(move |c| {
+            let total: i64 = c
+                .query_row("SELECT COUNT(*) FROM clients", [], |r| r.get(0))
+                .map_err(db)?;
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT client_id, license, created_at, metadata FROM clients \
+                     ORDER BY created_at, client_id LIMIT ?1 OFFSET ?2",
+                )
+                .map_err(db)?;
+            let items = stmt
+                .query_map(params![limit, offset], client_from_row)
+                .map_err(db)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(db)?;
+            Ok(Page {
+                items,
+                total: total as u64,
+            })
+        })
+        .await
+    }
+
+    async fn update_client(&self, client: &Client) -> StoreResult<bool> {
+        let client = client.clone();
+        self.run(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE clients SET license = ?2, metadata = ?3 WHERE client_id = ?1",
+                    params![client.client_id, client.license, to_json(&client.metadata)],
+                )
+                .map_err(db)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn delete_client(&self, client_id: &str) -> StoreResult<Option<ClientWithKeys>> {
+        let id = client_id.to_owned();
+        self.run(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let client = tx
+                .query_row(
+                    "SELECT client_id, license, created_at, metadata FROM clients WHERE client_id = ?1",
+                    [&id],
+                    client_from_row,
+                )
+                .optional()
+                .map_err(db)?;
+            let Some(client) = client else {
+                return Ok(None);
+            };
+            let keys = keys_of(&tx, &id).map_err(db)?;
+            tx.execute("DELETE FROM api_keys WHERE client_id = ?1", [&id])
+                .map_err(db)?;
+            tx.execute("DELETE FROM clients WHERE client_id = ?1", [&id])
+                .map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(Some(ClientWithKeys { client, keys }))
+        })
+        .await
+    }
+
+    async fn replace_client_keys(
+        &self,
+        client_id: &str,
+        disable_only: bool,
+        new_key: Option<&ApiKey>,
+    ) -> StoreResult<Vec<ApiKey>> {
+        let id = client_id.to_owned();
+        let new_key = new_key.cloned();
+        self.run(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let exists: bool = tx
+                .query_row(
+                    "SELECT EXISTS(SELECT 1 FROM clients WHERE client_id = ?1)",
+                    [&id],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            if !exists {
+                return Err(StoreError::NotFound);
+            }
+            let before = keys_of(&tx, &id).map_err(db)?;
+            if disable_only {
+                tx.execute(
+                    "UPDATE api_keys SET enabled = 0, updated_at = ?2 WHERE client_id = ?1",
+                    params![id, crate::keys::now_millis()],
+                )
+                .map_err(db)?;
+            } else {
+                tx.execute("DELETE FROM api_keys WHERE client_id = ?1", [&id])
+                    .map_err(db)?;
+            }
+            if let Some(k) = &new_key {
+                insert_key_row(&tx, k).map_err(db)?;
+            }
+            tx.commit().map_err(db)?;
+            Ok(before)
+        })
+        .await
+    }
+
+    async fn record_last_used(&self, used: &[(Uuid, Millis)]) -> StoreResult<()> {
+        let used = used.to_vec();
+        self.run(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "UPDATE api_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?2) \
+                         WHERE id = ?1",
+                    )
+                    .map_err(db)?;
+                for (id, at) in &used {
+                    stmt.execute(params![id.to_string(), at]).map_err(db)?;
+                }
+            }
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.run(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db))
+            .await
+    }
+}

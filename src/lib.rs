@@ -1,0 +1,217 @@
+//! keygate: a reverse-proxy authentication gateway.
+//!
+//! # Bird's-eye view
+//! Two listeners in one process. The proxy listener takes every request, finds its credential,
+//! authenticates it against a cache in front of a store, checks the route's permissions and
+//! forwards the request upstream with identity headers. The admin listener manages clients and
+//! keys; every write lands in the store and invalidates the cache before it is acknowledged.
+//!
+//! # Code map
+//! - [`config`]: TOML → env → CLI, raw structs validated into [`config::Config`].
+//! - [`server`]: the accept loop both listeners share (limits, connection cap, drain).
+//! - [`proxy`]: [`proxy::Gateway`], credential extraction, routes, header rewriting, forwarding.
+//! - [`auth`]: credential → [`keys::Principal`]; principal + route → [`auth::Permit`].
+//! - [`keys`]: domain types and key format; [`keys::cache`] and [`keys::store`].
+//! - [`admin`]: the axum router of the admin plane.
+//! - [`error`]: proxy errors and their one conversion into responses.
+//!
+//! # Invariants
+//! - No plaintext key, key hash or token is stored, logged or returned, except the plaintext in
+//!   the one answer that creates it.
+//! - The proxy never calls the store on a cache hit, and never for a key with a bad checksum.
+//! - `proxy` and `admin` do not import each other; `keys` knows nothing about HTTP.
+//! - Only `proxy::forward` talks to upstreams, and it needs a [`auth::Permit`].
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod keys;
+pub mod proxy;
+pub mod server;
+pub mod telemetry;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::{Config, StoreUrl};
+use crate::keys::KeyFormat;
+use crate::keys::cache::{CacheSettings, KeyCache};
+use crate::keys::store::Store;
+use crate::keys::store::sqlite::SqliteStore;
+use crate::proxy::Gateway;
+use crate::proxy::credential::Extractor;
+use crate::proxy::forward::{ConnInfo, Forwarder};
+use crate::proxy::route::RouteTable;
+use crate::server::ServerOptions;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("no admin key is configured: set KEYGATE_ADMIN_KEY, --admin-key or [admin] keys")]
+    NoAdminKey,
+    #[error("cannot listen on {addr} ({which}): {source}")]
+    Bind {
+        which: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open the store: {0}")]
+    Store(String),
+}
+
+/// Opens the configured store.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+    match &config.store.url {
+        StoreUrl::Sqlite(path) => {
+            let store = SqliteStore::open(path).map_err(|e| StartError::Store(e.to_string()))?;
+            Ok(Arc::new(store))
+        }
+        StoreUrl::Redis(_) => Err(StartError::Store(
+            "redis:// stores are not supported by this build; use sqlite://PATH".into(),
+        )),
+    }
+}
+
+/// A gateway whose listeners are bound but not yet serving. Binding first lets callers (and
+/// tests on port 0) learn the addresses before traffic starts.
+pub struct App {
+    config: Config,
+    proxy_listener: TcpListener,
+    admin_listener: TcpListener,
+    gateway: Arc<Gateway>,
+    admin: axum::Router,
+}
+
+impl App {
+    pub async fn bind(config: Config) -> Result<App, StartError> {
+        if config.admin.key_hashes.is_empty() {
+            return Err(StartError::NoAdminKey);
+        }
+        let store = open_store(&config).await?;
+        Self::bind_with_store(config, store).await
+    }
+
+    pub async fn bind_with_store(config: Config, store: Arc<dyn Store>) -> Result<App, StartError> {
+        if config.admin.key_hashes.is_empty() {
+            return Err(StartError::NoAdminKey);
+        }
+        let format = KeyFormat::new(config.keys.prefix.clone());
+        let cache = KeyCache::new(&CacheSettings {
+            capacity: config.store.cache_capacity,
+            ttl: config.store.cache_ttl,
+            negative_ttl: config.store.negative_ttl,
+        });
+        let gateway = Arc::new(Gateway::new(
+            auth::Authenticator::new(format.clone(), cache.clone(), Arc::clone(&store)),
+            RouteTable::new(&config.routes, &config.proxy.upstream),
+            Extractor {
+                api_key_header: config.proxy.api_key_header.clone(),
+                query_param: config.proxy.query_param.clone(),
+            },
+            Forwarder::new(config.proxy.connect_timeout, config.proxy.upstream_timeout),
+            config.log.access_log,
+        ));
+        let admin_state = admin::AdminState(Arc::new(admin::AdminInner {
+            store,
+            cache,
+            format,
+            admin_keys: config.admin.key_hashes.clone(),
+            plans: config.plans.keys().cloned().collect(),
+            max_keys_per_client: config.keys.max_per_client,
+        }));
+        let admin = admin::router(admin_state, config.admin.max_body_bytes);
+
+        let bind = |which, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    which,
+                    addr,
+                    source,
+                })
+        };
+        let proxy_listener = bind("proxy", config.proxy.listen).await?;
+        let admin_listener = bind("admin", config.admin.listen).await?;
+        Ok(App {
+            config,
+            proxy_listener,
+            admin_listener,
+            gateway,
+            admin,
+        })
+    }
+
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_listener.local_addr().expect("bound listener")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener.local_addr().expect("bound listener")
+    }
+
+    /// Serves both listeners until `shutdown` resolves, then drains them.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let signal = move || {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+        };
+        let opts = |name| ServerOptions {
+            name,
+            limits: self.config.limits.clone(),
+            shutdown_grace: self.config.shutdown_grace,
+        };
+        tracing::info!(
+            proxy = %self.proxy_addr(),
+            admin = %self.admin_addr(),
+            "keygate listening"
+        );
+        let gateway = self.gateway;
+        let proxy = server::serve(
+            self.proxy_listener,
+            opts("proxy"),
+            move |peer| proxy::service(Arc::clone(&gateway), ConnInfo::new(peer, "http")),
+            signal(),
+        );
+        let admin_router = self.admin;
+        let admin = server::serve(
+            self.admin_listener,
+            opts("admin"),
+            move |_peer| hyper_util::service::TowerToHyperService::new(admin_router.clone()),
+            signal(),
+        );
+        let trigger = async move {
+            shutdown.await;
+            tracing::info!("shutdown requested");
+            let _ = tx.send(true);
+        };
+        tokio::join!(proxy, admin, trigger);
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

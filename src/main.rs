@@ -1,0 +1,106 @@
+//! The `keygate` binary: parse the command line, load the configuration, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use keygate::config::{CliOverrides, Config};
+
+#[derive(Parser)]
+#[command(name = "keygate", version, about = "API-key authentication gateway")]
+struct Cli {
+    /// Config file (default: config/keygate.toml when it exists).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Proxy listen address (overrides KEYGATE_LISTEN and the file).
+    #[arg(long, global = true)]
+    listen: Option<String>,
+    /// Admin listen address (overrides KEYGATE_ADMIN_LISTEN and the file).
+    #[arg(long, global = true)]
+    admin_listen: Option<String>,
+    /// Upstream of the catch-all route (overrides KEYGATE_UPSTREAM and the file).
+    #[arg(long, global = true)]
+    upstream: Option<String>,
+    /// Store URL: sqlite://PATH or redis://… (overrides KEYGATE_STORE and the file).
+    #[arg(long, global = true)]
+    store: Option<String>,
+    /// An additional admin key. Prefer KEYGATE_ADMIN_KEY: arguments are visible in `ps`.
+    #[arg(long, global = true)]
+    admin_key: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy and admin listeners.
+    Serve,
+    /// Validate the configuration and list every problem.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = CliOverrides {
+        listen: cli.listen,
+        admin_listen: cli.admin_listen,
+        upstream: cli.upstream,
+        store: cli.store,
+        admin_key: cli.admin_key,
+    };
+    let env = std::env::vars().collect();
+    let config = match Config::load(cli.config.as_deref(), &env, &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::CheckConfig => {
+            for w in &config.warnings {
+                eprintln!("warning: {w}");
+            }
+            if config.admin.key_hashes.is_empty() {
+                eprintln!(
+                    "warning: no admin key configured; `keygate serve` will refuse to start (set KEYGATE_ADMIN_KEY)"
+                );
+            }
+            println!("configuration OK");
+            ExitCode::SUCCESS
+        }
+        Command::Serve => serve(config),
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    keygate::telemetry::init(&config.log);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if config.worker_threads > 0 {
+        rt.worker_threads(config.worker_threads);
+    }
+    let rt = match rt.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        match keygate::App::bind(config).await {
+            Ok(app) => {
+                app.run(keygate::shutdown_signal()).await;
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("keygate: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

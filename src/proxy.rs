@@ -1,0 +1,184 @@
+//! The data plane. [`Gateway::handle`] owns the span, the access log line and the single
+//! conversion of errors into responses; [`Gateway::handle_inner`] is the chain of steps, each
+//! returning early with `?`.
+
+pub mod credential;
+pub mod forward;
+pub mod headers;
+pub mod route;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use crate::auth::{self, Authenticator};
+use crate::error::ProxyError;
+use crate::keys::Principal;
+use credential::{Extractor, Source};
+use forward::{ConnInfo, Forwarder};
+use route::RouteTable;
+
+/// Response body of the proxy: the upstream's stream, or a body the gateway wrote itself.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Path of the unauthenticated load-balancer health check on the proxy listener.
+pub const HEALTH_PATH: &str = "/_keygate/health";
+
+pub struct Gateway {
+    auth: Authenticator,
+    routes: RouteTable,
+    extractor: Extractor,
+    forwarder: Forwarder,
+    access_log: bool,
+}
+
+/// What the access log needs to know about a request once it is answered.
+#[derive(Default)]
+struct Outcome<'a> {
+    principal: Option<Arc<Principal>>,
+    route: Option<&'a str>,
+}
+
+impl Gateway {
+    pub fn new(
+        auth: Authenticator,
+        routes: RouteTable,
+        extractor: Extractor,
+        forwarder: Forwarder,
+        access_log: bool,
+    ) -> Self {
+        Self {
+            auth,
+            routes,
+            extractor,
+            forwarder,
+            access_log,
+        }
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let log_uri = self.access_log.then(|| req.uri().clone());
+        let mut outcome = Outcome::default();
+        let res = match self.handle_inner(req, conn, &mut outcome).await {
+            Ok(res) => res,
+            Err(e) => e.response::<Full<Bytes>>().map(Either::Right),
+        };
+        if let Some(uri) = log_uri {
+            let p = outcome.principal.as_deref();
+            tracing::info!(
+                target: "keygate::access",
+                method = %method,
+                path = uri.path(),
+                route = outcome.route.unwrap_or("-"),
+                status = res.status().as_u16(),
+                latency_us = start.elapsed().as_micros() as u64,
+                key_id = p.map(|p| tracing::field::display(p.key_id)),
+                client_id = p.map_or("", |p| p.client_id.as_str()),
+                peer = %conn.peer.ip(),
+            );
+        }
+        res
+    }
+
+    async fn handle_inner<'a>(
+        &'a self,
+        mut req: Request<Incoming>,
+        conn: &ConnInfo,
+        outcome: &mut Outcome<'a>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let path = req.uri().path();
+        if path == HEALTH_PATH {
+            return Ok(health(req.method()));
+        }
+        route::check_path(path).map_err(ProxyError::BadRequest)?;
+        let route = self
+            .routes
+            .find(path, req.method())
+            .ok_or(ProxyError::RouteNotFound)?;
+        outcome.route = Some(&route.name);
+
+        headers::remove_keygate_headers(req.headers_mut());
+        let (permit, new_pq) = match auth::public(route) {
+            Some(permit) => (permit, None),
+            None => {
+                let cred = self
+                    .extractor
+                    .extract(req.headers(), req.uri().query())
+                    .ok_or(ProxyError::MissingCredentials)?;
+                let principal = self.auth.authenticate(&cred).await?;
+                outcome.principal = Some(Arc::clone(&principal));
+                let source = cred.source;
+                let permit = auth::authorize(route, principal)?;
+                let new_pq = self.strip_credential(&mut req, source)?;
+                (permit, new_pq)
+            }
+        };
+        headers::remove_hop_by_hop(req.headers_mut());
+        let res = self.forwarder.forward(permit, req, conn, new_pq).await?;
+        Ok(res.map(Either::Left))
+    }
+
+    /// Removes the credential; returns a rewritten path-and-query when it was in the query.
+    fn strip_credential(
+        &self,
+        req: &mut Request<Incoming>,
+        source: Source,
+    ) -> Result<Option<PathAndQuery>, ProxyError> {
+        headers::remove_credential(req.headers_mut(), source, &self.extractor.api_key_header);
+        if source != Source::Query {
+            return Ok(None);
+        }
+        let param = self.extractor.query_param.as_deref().unwrap_or_default();
+        let query = credential::strip_query_param(req.uri().query().unwrap_or(""), param);
+        let pq = if query.is_empty() {
+            req.uri().path().to_owned()
+        } else {
+            format!("{}?{}", req.uri().path(), query)
+        };
+        pq.parse()
+            .map(Some)
+            .map_err(|_| ProxyError::BadRequest("invalid request target"))
+    }
+}
+
+fn health(method: &Method) -> Response<ProxyBody> {
+    let body = if method == Method::HEAD {
+        Bytes::new()
+    } else {
+        Bytes::from_static(b"{\"status\":\"ok\"}")
+    };
+    let mut res = Response::new(Either::Right(Full::new(body)));
+    *res.status_mut() = StatusCode::OK;
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+/// The hyper service for one proxy connection.
+pub fn service(
+    gateway: Arc<Gateway>,
+    conn: ConnInfo,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<ProxyBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send,
+> + Clone
++ Send {
+    let conn = Arc::new(conn);
+    hyper::service::service_fn(move |req| {
+        let gateway = Arc::clone(&gateway);
+        let conn = Arc::clone(&conn);
+        async move { Ok(gateway.handle(req, &conn).await) }
+    })
+}

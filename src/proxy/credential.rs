@@ -1,0 +1,262 @@
+//! Finding the credential in a request. Pure functions over headers and the query string.
+//!
+//! Order, first match wins: `Authorization: Bearer`, the API-key header, `Authorization: Basic`
+//! (`base64(key:)` or `base64(anything:key)`), then — only when enabled — the query parameter.
+//! A bearer value with exactly two dots is a JWT; anything else is an API key.
+
+use base64::Engine;
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName};
+
+use crate::keys::MAX_KEY_LEN;
+
+/// Where the credential was found, so it can be removed before forwarding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Bearer,
+    Header,
+    Basic,
+    Query,
+}
+
+/// The secret itself: borrowed from the request, or decoded from Basic auth into a buffer on
+/// the stack (no allocation either way).
+#[derive(Clone, Copy)]
+pub enum SecretRef<'a> {
+    Borrowed(&'a str),
+    Inline { buf: [u8; MAX_KEY_LEN], len: usize },
+}
+
+impl SecretRef<'_> {
+    pub fn as_str(&self) -> &str {
+        match self {
+            SecretRef::Borrowed(s) => s,
+            // Only valid UTF-8 is ever stored inline (checked in `basic`).
+            SecretRef::Inline { buf, len } => std::str::from_utf8(&buf[..*len]).unwrap_or(""),
+        }
+    }
+}
+
+impl std::fmt::Debug for SecretRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretRef(***)")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    ApiKey,
+    Jwt,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Credential<'a> {
+    pub kind: Kind,
+    pub source: Source,
+    pub secret: SecretRef<'a>,
+}
+
+/// How credentials are accepted; built once from the config.
+#[derive(Debug, Clone)]
+pub struct Extractor {
+    pub api_key_header: HeaderName,
+    pub query_param: Option<String>,
+}
+
+/// Longest Basic credential decoded: `anything:key`, bounded so decoding stays on the stack.
+const MAX_BASIC_DECODED: usize = 512;
+/// Longest token accepted as a JWT; anything longer is refused before decoding.
+pub const MAX_JWT_LEN: usize = 8 * 1024;
+
+fn is_jwt_shape(s: &str) -> bool {
+    s.len() <= MAX_JWT_LEN && s.bytes().filter(|&b| b == b'.').count() == 2
+}
+
+/// Case-insensitive scheme match: `Bearer xyz` → `xyz`.
+fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
+    let (s, rest) = value.split_at_checked(scheme.len())?;
+    if s.eq_ignore_ascii_case(scheme) && rest.starts_with(' ') {
+        Some(rest.trim_matches(' '))
+    } else {
+        None
+    }
+}
+
+fn basic(encoded: &str) -> Option<SecretRef<'static>> {
+    let mut decoded = [0u8; MAX_BASIC_DECODED];
+    if encoded.len() > MAX_BASIC_DECODED * 4 / 3 + 4 {
+        return None;
+    }
+    let n = base64::engine::general_purpose::STANDARD
+        .decode_slice(encoded, &mut decoded)
+        .ok()?;
+    let text = std::str::from_utf8(&decoded[..n]).ok()?;
+    let (user, pass) = text.split_once(':')?;
+    let key = if pass.is_empty() { user } else { pass };
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return None;
+    }
+    let mut buf = [0u8; MAX_KEY_LEN];
+    buf[..key.len()].copy_from_slice(key.as_bytes());
+    Some(SecretRef::Inline {
+        buf,
+        len: key.len(),
+    })
+}
+
+impl Extractor {
+    /// Finds the credential, or `None` when the request carries none we accept.
+    pub fn extract<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        query: Option<&'a str>,
+    ) -> Option<Credential<'a>> {
+        let auth = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if let Some(token) = auth
+            .and_then(|a| strip_scheme(a, "Bearer"))
+            .filter(|t| !t.is_empty())
+        {
+            let kind = if is_jwt_shape(token) {
+                Kind::Jwt
+            } else {
+                Kind::ApiKey
+            };
+            return Some(Credential {
+                kind,
+                source: Source::Bearer,
+                secret: SecretRef::Borrowed(token),
+            });
+        }
+        if let Some(v) = headers
+            .get(&self.api_key_header)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim_matches(' '))
+            .filter(|v| !v.is_empty())
+        {
+            return Some(Credential {
+                kind: Kind::ApiKey,
+                source: Source::Header,
+                secret: SecretRef::Borrowed(v),
+            });
+        }
+        if let Some(secret) = auth.and_then(|a| strip_scheme(a, "Basic")).and_then(basic) {
+            return Some(Credential {
+                kind: Kind::ApiKey,
+                source: Source::Basic,
+                secret,
+            });
+        }
+        let param = self.query_param.as_deref()?;
+        let v = query_value(query?, param)?;
+        Some(Credential {
+            kind: Kind::ApiKey,
+            source: Source::Query,
+            secret: SecretRef::Borrowed(v),
+        })
+    }
+}
+
+/// The raw value of `name` in a query string. Keys are base62 so no decoding is needed; a
+/// value containing escapes simply fails the key check later.
+fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name && !v.is_empty()).then_some(v)
+    })
+}
+
+/// The query string without `name` parameters (for stripping a query credential).
+pub fn strip_query_param(query: &str, name: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| pair.split_once('=').map_or(*pair, |(k, _)| k) != name)
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn ex(query: bool) -> Extractor {
+        Extractor {
+            api_key_header: HeaderName::from_static("x-api-key"),
+            query_param: query.then(|| "api_key".to_string()),
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn bearer_first_then_header_then_basic() {
+        let h = headers(&[
+            ("authorization", "Bearer kg_abc"),
+            ("x-api-key", "kg_other"),
+        ]);
+        let c = ex(false).extract(&h, None).unwrap();
+        assert_eq!(
+            (c.source, c.kind, c.secret.as_str()),
+            (Source::Bearer, Kind::ApiKey, "kg_abc")
+        );
+
+        let h = headers(&[("x-api-key", "kg_other")]);
+        let c = ex(false).extract(&h, None).unwrap();
+        assert_eq!((c.source, c.secret.as_str()), (Source::Header, "kg_other"));
+
+        let h = headers(&[("authorization", &format!("Basic {}", b64("kg_user:")))]);
+        let c = ex(false).extract(&h, None).unwrap();
+        assert_eq!((c.source, c.secret.as_str()), (Source::Basic, "kg_user"));
+
+        let h = headers(&[("authorization", &format!("basic {}", b64("anyone:kg_pass")))]);
+        assert_eq!(
+            ex(false).extract(&h, None).unwrap().secret.as_str(),
+            "kg_pass"
+        );
+    }
+
+    #[test]
+    fn jwt_shape_is_detected() {
+        let h = headers(&[("authorization", "bearer aaa.bbb.ccc")]);
+        assert_eq!(ex(false).extract(&h, None).unwrap().kind, Kind::Jwt);
+    }
+
+    #[test]
+    fn query_only_when_enabled() {
+        let h = HeaderMap::new();
+        assert!(ex(false).extract(&h, Some("api_key=kg_q")).is_none());
+        let c = ex(true).extract(&h, Some("a=1&api_key=kg_q")).unwrap();
+        assert_eq!((c.source, c.secret.as_str()), (Source::Query, "kg_q"));
+        assert_eq!(
+            strip_query_param("a=1&api_key=kg_q&b=2", "api_key"),
+            "a=1&b=2"
+        );
+    }
+
+    #[test]
+    fn nothing_usable() {
+        for h in [
+            headers(&[]),
+            headers(&[("authorization", "Bearer ")]),
+            headers(&[("authorization", "Digest x")]),
+            headers(&[("authorization", "Basic !!!")]),
+            headers(&[("authorization", &format!("Basic {}", b64("nocolon")))]),
+            headers(&[("x-api-key", "")]),
+        ] {
+            assert!(ex(false).extract(&h, None).is_none());
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Path checks and route matching.
+//!
+//! A path is checked before any route is matched, and refused (400) when an upstream could read
+//! it as a different path than the one matched here: dot-segments, empty segments (`//`),
+//! backslashes, `;` parameters, segments ending in `.`, encoded `.`, `/`, `\`, control bytes
+//! (also double-encoded), and malformed escapes. What passes is forwarded byte for byte, so the
+//! path that was authorised is the path the upstream sees.
+//!
+//! Matching is by prefix on whole segments (`/v1/a` matches `/v1/a` and `/v1/a/x`, not
+//! `/v1/ab`), ASCII case-insensitive (so `/V1/A` cannot dodge the checks of `/v1/a` on a
+//! case-insensitive upstream), longest prefix first.
+
+use http::{HeaderValue, Method, Uri};
+
+use crate::config::{self, RouteAuth};
+
+fn hex(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// True for bytes that must never appear percent-encoded in a path we forward.
+fn forbidden_encoded(b: u8) -> bool {
+    matches!(b, b'.' | b'/' | b'\\' | b';' | b'%') || b < 0x20 || b == 0x7f
+}
+
+/// Checks a request path. `Err` carries the reason for the 400 body.
+pub fn check_path(path: &str) -> Result<(), &'static str> {
+    let b = path.as_bytes();
+    if b.first() != Some(&b'/') {
+        return Err("the path must start with '/'");
+    }
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'\\' => return Err("backslashes are not allowed in paths"),
+            b';' => return Err("';' parameters are not allowed in paths"),
+            b'%' => {
+                let (Some(h), Some(l)) = (
+                    b.get(i + 1).copied().and_then(hex),
+                    b.get(i + 2).copied().and_then(hex),
+                ) else {
+                    return Err("malformed percent-encoding in path");
+                };
+                let decoded = h << 4 | l;
+                if forbidden_encoded(decoded) && decoded != b'%' {
+                    return Err(
+                        "encoded '.', '/', '\\', ';' or control characters are not allowed in paths",
+                    );
+                }
+                if decoded == b'%' {
+                    // Double encoding: `%25XX` where XX is itself forbidden.
+                    if let (Some(h2), Some(l2)) = (
+                        b.get(i + 3).copied().and_then(hex),
+                        b.get(i + 4).copied().and_then(hex),
+                    ) && forbidden_encoded(h2 << 4 | l2)
+                    {
+                        return Err("double-encoded separators are not allowed in paths");
+                    }
+                }
+                i += 3;
+                continue;
+            }
+            c if c < 0x20 || c == 0x7f => {
+                return Err("control characters are not allowed in paths");
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    // Segment rules (the leading '/' makes the first split element empty).
+    let mut segments = path[1..].split('/').peekable();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        if seg.is_empty() && !last {
+            return Err("empty path segments ('//') are not allowed");
+        }
+        if seg == "." || seg == ".." {
+            return Err("dot-segments are not allowed in paths");
+        }
+        if seg.ends_with('.') {
+            return Err("path segments ending in '.' are not allowed");
+        }
+    }
+    Ok(())
+}
+
+/// A configured route, ready for matching.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub path: String,
+    pub upstream: Uri,
+    pub permissions: Vec<String>,
+    pub methods: Vec<Method>,
+    pub auth: RouteAuth,
+    /// Stable label for logs and metrics (the configured path, never the request path).
+    pub name: String,
+    /// `Host` sent upstream: the upstream's authority, encoded once.
+    pub host: HeaderValue,
+}
+
+fn host_of(upstream: &Uri) -> HeaderValue {
+    upstream
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .unwrap_or_else(|| HeaderValue::from_static("localhost"))
+}
+
+impl Route {
+    fn matches(&self, path: &str, method: &Method) -> bool {
+        let p = self.path.trim_end_matches('/');
+        let hit = path.len() >= p.len()
+            && path.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            && (path.len() == p.len() || path.as_bytes()[p.len()] == b'/');
+        hit && (self.methods.is_empty() || self.methods.contains(method))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    /// Longest path first.
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// Builds the table; with no configured routes, one catch-all route to `default_upstream`
+    /// that requires a key.
+    pub fn new(routes: &[config::Route], default_upstream: &Uri) -> Self {
+        let mut routes: Vec<Route> = if routes.is_empty() {
+            vec![Route {
+                path: "/".into(),
+                upstream: default_upstream.clone(),
+                permissions: Vec::new(),
+                methods: Vec::new(),
+                auth: RouteAuth::Required,
+                name: "/".into(),
+                host: host_of(default_upstream),
+            }]
+        } else {
+            routes
+                .iter()
+                .map(|r| Route {
+                    path: r.path.clone(),
+                    upstream: r.upstream.clone(),
+                    permissions: r.permissions.clone(),
+                    methods: r.methods.clone(),
+                    auth: r.auth,
+                    name: r.path.clone(),
+                    host: host_of(&r.upstream),
+                })
+                .collect()
+        };
+        routes.sort_by_key(|r| std::cmp::Reverse(r.path.trim_end_matches('/').len()));
+        Self { routes }
+    }
+
+    /// The longest route matching `path` and `method`.
+    pub fn find(&self, path: &str, method: &Method) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(path, method))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_ambiguous_paths() {
+        for p in [
+            "//admin",
+            "/./admin",
+            "/x/../admin",
+            "/%2e%2e/admin",
+            "/.%2E/admin",
+            "/%2fadmin",
+            "/admin%2F",
+            "/\\admin",
+            "/%5cadmin",
+            "/%252e%252e/admin",
+            "/%252fadmin",
+            "/admin;x",
+            "/admin.",
+            "/admin%00",
+            "/admin%0a",
+            "/a/..",
+            "/a/.",
+            "/%zz",
+            "/%2",
+            "admin",
+            "",
+        ] {
+            assert!(check_path(p).is_err(), "accepted {p:?}");
+        }
+    }
+
+    #[test]
+    fn accepts_ordinary_paths() {
+        for p in [
+            "/",
+            "/v1/extract",
+            "/v1/extract/",
+            "/a.b/c",
+            "/a%20b",
+            "/%41",
+            "/a/.well-known",
+        ] {
+            assert!(check_path(p).is_ok(), "refused {p:?}");
+        }
+    }
+
+    fn table() -> RouteTable {
+        let up: Uri = "http://127.0.0.1:1".parse().unwrap();
+        let mk = |path: &str, perms: &[&str], methods: &[Method]| config::Route {
+            path: path.into(),
+            upstream: up.clone(),
+            permissions: perms.iter().map(|s| s.to_string()).collect(),
+            methods: methods.to_vec(),
+            auth: RouteAuth::Required,
+        };
+        RouteTable::new(
+            &[
+                mk("/", &[], &[]),
+                mk("/v1/extract", &["DATA_EXTRACTION"], &[]),
+                mk("/v1/extract/admin", &["ADMIN"], &[Method::POST]),
+            ],
+            &up,
+        )
+    }
+
+    #[test]
+    fn longest_whole_segment_prefix_wins() {
+        let t = table();
+        let name = |p: &str, m: Method| t.find(p, &m).map(|r| r.name.clone());
+        assert_eq!(name("/v1/extract", Method::GET).unwrap(), "/v1/extract");
+        assert_eq!(name("/v1/extract/x", Method::GET).unwrap(), "/v1/extract");
+        assert_eq!(name("/V1/EXTRACT/x", Method::GET).unwrap(), "/v1/extract");
+        assert_eq!(name("/v1/extractor", Method::GET).unwrap(), "/");
+        assert_eq!(
+            name("/v1/extract/admin", Method::POST).unwrap(),
+            "/v1/extract/admin"
+        );
+        assert_eq!(
+            name("/v1/extract/admin", Method::GET).unwrap(),
+            "/v1/extract"
+        );
+    }
+
+    #[test]
+    fn catch_all_when_no_routes() {
+        let up: Uri = "http://127.0.0.1:1".parse().unwrap();
+        let t = RouteTable::new(&[], &up);
+        let r = t.find("/anything", &Method::GET).unwrap();
+        assert_eq!(r.auth, RouteAuth::Required);
+        assert!(r.permissions.is_empty());
+    }
+}
