@@ -125,3 +125,163 @@ pub fn authorize(route: &Route, principal: Arc<Principal>) -> Result<Permit<'_>,
         Err(ProxyError::InsufficientPermissions)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::keys::cache::CacheSettings;
+    use crate::keys::store::sqlite::SqliteStore;
+    use crate::keys::store::{ClientWithKeys, Page, StoreResult};
+    use crate::keys::{ApiKey, Client, KeyRecord};
+
+    /// The real SQLite store, counting lookups by hash.
+    struct Counting {
+        inner: SqliteStore,
+        lookups: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Store for Counting {
+        async fn find_by_hash(&self, h: &KeyHash, now: Millis) -> StoreResult<Option<KeyRecord>> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            self.inner.find_by_hash(h, now).await
+        }
+        async fn find_by_id(&self, id: Uuid) -> StoreResult<Option<KeyRecord>> {
+            self.inner.find_by_id(id).await
+        }
+        async fn list_keys(&self, c: Option<&str>, p: u32, n: u32) -> StoreResult<Page<ApiKey>> {
+            self.inner.list_keys(c, p, n).await
+        }
+        async fn insert_key(&self, k: &ApiKey, max: u32) -> StoreResult<()> {
+            self.inner.insert_key(k, max).await
+        }
+        async fn update_key(&self, k: &ApiKey) -> StoreResult<bool> {
+            self.inner.update_key(k).await
+        }
+        async fn delete_key(&self, id: Uuid) -> StoreResult<Option<ApiKey>> {
+            self.inner.delete_key(id).await
+        }
+        async fn insert_client(&self, c: &Client, k: &ApiKey) -> StoreResult<()> {
+            self.inner.insert_client(c, k).await
+        }
+        async fn get_client(&self, id: &str) -> StoreResult<Option<Client>> {
+            self.inner.get_client(id).await
+        }
+        async fn list_clients(&self, p: u32, n: u32) -> StoreResult<Page<Client>> {
+            self.inner.list_clients(p, n).await
+        }
+        async fn update_client(&self, c: &Client) -> StoreResult<bool> {
+            self.inner.update_client(c).await
+        }
+        async fn delete_client(&self, id: &str) -> StoreResult<Option<ClientWithKeys>> {
+            self.inner.delete_client(id).await
+        }
+        async fn replace_client_keys(
+            &self,
+            id: &str,
+            disable_only: bool,
+            new_key: Option<&ApiKey>,
+        ) -> StoreResult<Vec<ApiKey>> {
+            self.inner
+                .replace_client_keys(id, disable_only, new_key)
+                .await
+        }
+        async fn record_last_used(&self, used: &[(Uuid, Millis)]) -> StoreResult<()> {
+            self.inner.record_last_used(used).await
+        }
+        async fn ping(&self) -> StoreResult<()> {
+            self.inner.ping().await
+        }
+    }
+
+    fn setup() -> (Authenticator, Arc<Counting>, KeyCache, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Counting {
+            inner: SqliteStore::open(&dir.path().join("k.db")).unwrap(),
+            lookups: AtomicUsize::new(0),
+        });
+        let cache = KeyCache::new(&CacheSettings {
+            capacity: 1000,
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(60),
+        });
+        let auth = Authenticator::new(KeyFormat::new("kg_"), cache.clone(), store.clone());
+        (auth, store, cache, dir)
+    }
+
+    #[tokio::test]
+    async fn bad_shapes_never_reach_cache_or_store() {
+        let (auth, store, cache, _dir) = setup();
+        let good = KeyFormat::new("kg_").generate().plaintext.0;
+        let mut wrong_sum = good.clone().into_bytes();
+        let last = wrong_sum.len() - 1;
+        wrong_sum[last] = if wrong_sum[last] == b'0' { b'1' } else { b'0' };
+        for bad in [
+            "".to_string(),
+            "kg_short".into(),
+            "x".repeat(52),
+            String::from_utf8(wrong_sum).unwrap(),
+            good.replacen("kg_", "kx_", 1),
+        ] {
+            assert_eq!(
+                auth.api_key(&bad).await.unwrap_err(),
+                ProxyError::InvalidApiKey
+            );
+        }
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 0, "store touched");
+        assert_eq!(cache.entry_count(), 0, "cache touched");
+
+        // A well-formed unknown key costs one lookup, then is answered from the negative cache.
+        for _ in 0..3 {
+            assert_eq!(
+                auth.api_key(&good).await.unwrap_err(),
+                ProxyError::InvalidApiKey
+            );
+        }
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn cache_hits_do_not_touch_the_store() {
+        let (auth, store, _cache, _dir) = setup();
+        let k = KeyFormat::new("kg_").generate();
+        let now = now_millis();
+        let client = Client {
+            client_id: "c".into(),
+            license: "pro".into(),
+            created_at: now,
+            metadata: None,
+        };
+        let key = ApiKey {
+            id: Uuid::now_v7(),
+            client_id: "c".into(),
+            name: "n".into(),
+            prefix: k.display_prefix.clone(),
+            key_hash: k.hash,
+            previous_hash: None,
+            previous_valid_until: None,
+            permissions: vec!["P".into()],
+            enabled: true,
+            created_at: now,
+            updated_at: now,
+            expires_at: None,
+            last_used_at: None,
+            rotated_at: None,
+            rate_limit: None,
+            metadata: None,
+        };
+        store.insert_client(&client, &key).await.unwrap();
+        for _ in 0..5 {
+            let p = auth.api_key(k.plaintext.expose()).await.unwrap();
+            assert_eq!(p.client_id, "c");
+            assert_eq!(p.license, "pro");
+        }
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+    }
+}

@@ -1,0 +1,321 @@
+//! The admin plane: authentication, keys, clients, validation and status codes.
+
+use serde_json::json;
+
+use crate::support::{ADMIN_KEY, Gateway};
+
+#[tokio::test]
+async fn admin_auth_is_required_and_uniform() {
+    let gw = Gateway::start().await;
+    let missing = gw.admin_as("GET", "/v1/api-keys", None, &[]).await;
+    let wrong = gw
+        .admin_as(
+            "GET",
+            "/v1/api-keys",
+            None,
+            &[("x-admin-key", "not-the-admin-key-000")],
+        )
+        .await;
+    assert_eq!(missing.status, 401);
+    assert_eq!(wrong.status, 401);
+    assert_eq!(
+        missing.body, wrong.body,
+        "missing and wrong keys answer alike"
+    );
+    let bearer = gw
+        .admin_as(
+            "GET",
+            "/v1/api-keys",
+            None,
+            &[("authorization", &format!("Bearer {ADMIN_KEY}"))],
+        )
+        .await;
+    assert_eq!(bearer.status, 200);
+    // Health and readiness need no key.
+    assert_eq!(gw.admin_as("GET", "/healthz", None, &[]).await.status, 200);
+    let r = gw.admin_as("GET", "/readyz", None, &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["status"], "ready");
+}
+
+#[tokio::test]
+async fn key_lifecycle_and_listing_never_shows_secrets() {
+    let gw = Gateway::start().await;
+    let (first, _) = gw.client("acme", "pro").await;
+    let v = gw
+        .key(
+            "acme",
+            json!({
+                "name": "ci",
+                "permissions": ["A", "B"],
+                "expires_days": 30,
+                "rate_limit": {"per_minute": 100, "burst": 10},
+                "metadata": {"team": "data"}
+            }),
+        )
+        .await;
+    let key = v["key"].as_str().unwrap().to_owned();
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert_eq!(v["prefix"], &key[..12]);
+    assert_eq!(v["client_id"], "acme");
+    assert_eq!(v["enabled"], true);
+    assert_eq!(v["permissions"], json!(["A", "B"]));
+    assert_eq!(v["rate_limit"], json!({"per_minute": 100, "burst": 10}));
+    assert_eq!(v["metadata"], json!({"team": "data"}));
+    assert!(v["expires_at"].as_str().unwrap().ends_with('Z'));
+    assert!(uuid::Uuid::parse_str(&id).unwrap().get_version_num() == 7);
+
+    let r = gw.admin("GET", &format!("/v1/api-keys/{id}"), None).await;
+    assert_eq!(r.status, 200);
+    assert!(r.json().get("key").is_none());
+    let r = gw
+        .admin("GET", &format!("/api/v1/api-keys/{id}"), None)
+        .await;
+    assert_eq!(r.status, 200, "alias path");
+
+    let r = gw
+        .admin("GET", "/v1/api-keys?client_id=acme&per_page=1&page=2", None)
+        .await;
+    assert_eq!(r.status, 200);
+    let page = r.json();
+    assert_eq!(page["total"], 2);
+    assert_eq!(page["page"], 2);
+    assert_eq!(page["per_page"], 1);
+    assert_eq!(page["data"].as_array().unwrap().len(), 1);
+    let listing = String::from_utf8_lossy(&r.body).to_string();
+    let all = gw.admin("GET", "/v1/api-keys", None).await;
+    let all_text = String::from_utf8_lossy(&all.body).to_string();
+    for secret in [&key, &first] {
+        assert!(!listing.contains(secret.as_str()) && !all_text.contains(secret.as_str()));
+        let hash = hex::encode(keygate::keys::KeyHash::of(secret).0);
+        assert!(!all_text.contains(&hash));
+    }
+
+    let r = gw
+        .admin(
+            "PATCH",
+            &format!("/v1/api-keys/{id}"),
+            Some(json!({"name": "renamed", "roles": ["C"], "expires_at": null, "metadata": null})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["name"], "renamed");
+    assert_eq!(v["permissions"], json!(["C"]));
+    assert_eq!(v["expires_at"], serde_json::Value::Null);
+    assert_eq!(v["metadata"], serde_json::Value::Null);
+    assert_eq!(
+        v["rate_limit"],
+        json!({"per_minute": 100, "burst": 10}),
+        "untouched"
+    );
+    assert_ne!(v["updated_at"], v["created_at"]);
+
+    let r = gw
+        .admin("DELETE", &format!("/v1/api-keys/{id}"), None)
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        gw.admin("GET", &format!("/v1/api-keys/{id}"), None)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        gw.admin("DELETE", &format!("/v1/api-keys/{id}"), None)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        gw.admin("GET", "/v1/api-keys/not-a-uuid", None)
+            .await
+            .status,
+        404
+    );
+}
+
+#[tokio::test]
+async fn max_keys_per_client_is_409_with_advice() {
+    let gw = Gateway::start().await;
+    gw.client("acme", "pro").await;
+    for _ in 0..4 {
+        gw.key("acme", json!({})).await;
+    }
+    let r = gw
+        .admin(
+            "POST",
+            "/v1/api-keys",
+            Some(json!({"name": "6th", "client_id": "acme"})),
+        )
+        .await;
+    assert_eq!(r.status, 409);
+    assert!(r.json()["detail"].as_str().unwrap().contains("revoke"));
+}
+
+#[tokio::test]
+async fn bad_input_is_400_or_422_naming_the_field() {
+    let gw = Gateway::start().await;
+    gw.client("acme", "pro").await;
+    let raw = |body: &'static str| {
+        let gw = &gw;
+        async move {
+            let req = http::Request::post(format!("http://{}/v1/api-keys", gw.admin))
+                .header("x-admin-key", ADMIN_KEY)
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    body.as_bytes(),
+                )))
+                .unwrap();
+            gw.send(req).await
+        }
+    };
+    assert_eq!(raw("{not json").await.status, 400);
+    assert_eq!(raw("[1,2]").await.status, 400);
+
+    let cases = [
+        (json!({"client_id": "acme"}), "name"),
+        (json!({"name": "", "client_id": "acme"}), "name"),
+        (json!({"name": "x"}), "client_id"),
+        (json!({"name": "x", "client_id": "bad id!"}), "client_id"),
+        (json!({"name": "x", "client_id": "nobody"}), "client_id"),
+        (json!({"name": 5, "client_id": "acme"}), "name"),
+        (
+            json!({"name": "x", "client_id": "acme", "colour": "red"}),
+            "colour",
+        ),
+        (
+            json!({"name": "x", "client_id": "acme", "expires_days": 0}),
+            "expires_days",
+        ),
+        (
+            json!({"name": "x", "client_id": "acme", "expires_at": "2001-01-01T00:00:00Z"}),
+            "expires_at",
+        ),
+        (
+            json!({"name": "x", "client_id": "acme", "expires_at": "tomorrow"}),
+            "expires_at",
+        ),
+        (
+            json!({"name": "x", "client_id": "acme", "expires_days": 1, "never_expire": true}),
+            "expires_at",
+        ),
+        (
+            json!({"name": "x", "client_id": "acme", "rate_limit": {"per_second": 1, "per_minute": 1, "burst": 1}}),
+            "rate_limit",
+        ),
+        (
+            json!({"name": "x", "client_id": "acme", "permissions": ["a,b"]}),
+            "permissions",
+        ),
+        (
+            json!({"name": "x", "client_id": "acme", "metadata": [1]}),
+            "metadata",
+        ),
+    ];
+    for (body, field) in cases {
+        let r = gw.admin("POST", "/v1/api-keys", Some(body.clone())).await;
+        assert_eq!(
+            r.status,
+            422,
+            "{body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let v = r.json();
+        let fields: Vec<&str> = v["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["field"].as_str().unwrap())
+            .collect();
+        assert!(
+            fields.iter().any(|f| f.starts_with(field)),
+            "{body}: expected {field} in {fields:?}"
+        );
+    }
+    let r = gw
+        .admin(
+            "POST",
+            "/v1/clients",
+            Some(json!({"client_id": "x", "license": "platinum"})),
+        )
+        .await;
+    assert_eq!(r.status, 422);
+    assert!(String::from_utf8_lossy(&r.body).contains("license"));
+    let r = gw.admin("GET", "/v1/api-keys?per_page=5000", None).await;
+    assert_eq!(r.status, 422);
+    let r = gw
+        .admin(
+            "POST",
+            "/v1/api-keys/00000000-0000-7000-8000-000000000000/rotate",
+            Some(json!({"grace_period_seconds": 700000})),
+        )
+        .await;
+    assert_eq!(r.status, 422);
+}
+
+#[tokio::test]
+async fn clients_crud() {
+    let gw = Gateway::start().await;
+    let r = gw
+        .admin(
+            "POST",
+            "/v1/clients",
+            Some(json!({"client_id": "acme", "license": "free", "metadata": {"tier": 1}})),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let v = r.json();
+    assert_eq!(v["client_id"], "acme");
+    assert_eq!(v["license"], "free");
+    let key = v["api_key"]["key"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("kg_"));
+
+    let r = gw
+        .admin(
+            "POST",
+            "/v1/clients",
+            Some(json!({"client_id": "acme", "license": "free"})),
+        )
+        .await;
+    assert_eq!(r.status, 409);
+
+    gw.client("beta", "pro").await;
+    let r = gw.admin("GET", "/v1/clients?per_page=1", None).await;
+    assert_eq!(r.json()["total"], 2);
+    assert_eq!(r.json()["data"][0]["client_id"], "acme");
+
+    // A license change reaches the proxy at once (cached principal invalidated).
+    assert_eq!(gw.get_with_key("/", &key).await.status, 200);
+    assert_eq!(gw.upstream.last().headers["x-keygate-license"], "free");
+    let r = gw
+        .admin("PATCH", "/v1/clients/acme", Some(json!({"license": "pro"})))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["metadata"], json!({"tier": 1}));
+    assert_eq!(gw.get_with_key("/", &key).await.status, 200);
+    assert_eq!(gw.upstream.last().headers["x-keygate-license"], "pro");
+
+    assert_eq!(gw.admin("GET", "/v1/clients/acme", None).await.status, 200);
+    let r = gw.admin("DELETE", "/v1/clients/acme", None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["deleted_keys"], 1);
+    assert_eq!(gw.admin("GET", "/v1/clients/acme", None).await.status, 404);
+    assert_eq!(
+        gw.admin("DELETE", "/v1/clients/acme", None).await.status,
+        404
+    );
+    assert_eq!(gw.get_with_key("/", &key).await.status, 401);
+}
+
+#[tokio::test]
+async fn writes_survive_a_restart() {
+    let gw = Gateway::start().await;
+    let (key, id) = gw.client("acme", "pro").await;
+    let (upstream, dir) = gw.stop().await;
+    let text = crate::support::config_text(&upstream.url(), &dir.path().join("keygate.db"), "");
+    let gw2 = Gateway::start_from(upstream, dir, &text).await;
+    assert_eq!(gw2.get_with_key("/", &key).await.status, 200);
+    let r = gw2.admin("GET", &format!("/v1/api-keys/{id}"), None).await;
+    assert_eq!(r.status, 200);
+}
