@@ -11,6 +11,7 @@ use crate::error::ProxyError;
 use crate::keys::cache::{Cached, KeyCache};
 use crate::keys::store::Store;
 use crate::keys::{KeyFormat, KeyHash, Millis, Principal, now_millis};
+use crate::limit::KeyLimits;
 use crate::proxy::credential::{Credential, Kind};
 use crate::proxy::route::Route;
 
@@ -19,14 +20,21 @@ pub struct Authenticator {
     format: KeyFormat,
     cache: KeyCache,
     store: Arc<dyn Store>,
+    limits: Arc<KeyLimits>,
 }
 
 impl Authenticator {
-    pub fn new(format: KeyFormat, cache: KeyCache, store: Arc<dyn Store>) -> Self {
+    pub fn new(
+        format: KeyFormat,
+        cache: KeyCache,
+        store: Arc<dyn Store>,
+        limits: Arc<KeyLimits>,
+    ) -> Self {
         Self {
             format,
             cache,
             store,
+            limits,
         }
     }
 
@@ -64,7 +72,9 @@ impl Authenticator {
         });
         match matching {
             Some(record) => {
-                let p = Principal::from_record(&record, &hash);
+                let limit = self.limits.resolve(record.key.rate_limit, &record.license);
+                let bucket = self.limits.bucket(record.key.id, limit);
+                let p = Principal::from_record(&record, &hash, bucket);
                 self.cache.insert(hash, Cached::Found(Arc::clone(&p)));
                 Ok(p)
             }
@@ -211,7 +221,17 @@ mod tests {
             ttl: Duration::from_secs(60),
             negative_ttl: Duration::from_secs(60),
         });
-        let auth = Authenticator::new(KeyFormat::new("kg_"), cache.clone(), store.clone());
+        let limits = Arc::new(KeyLimits::new(
+            crate::keys::RateLimit {
+                per_second: Some(100),
+                per_minute: None,
+                per_hour: None,
+                burst: 100,
+            },
+            Default::default(),
+            Duration::from_secs(60),
+        ));
+        let auth = Authenticator::new(KeyFormat::new("kg_"), cache.clone(), store.clone(), limits);
         (auth, store, cache, dir)
     }
 

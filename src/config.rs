@@ -126,6 +126,16 @@ fn d_true() -> bool {
 fn d_log_level() -> String {
     "info".into()
 }
+/// 20 failed authentications a minute per peer IP, then 429: slow enough to make guessing
+/// hopeless, loose enough for a human fixing a typo.
+fn d_failed_auth_limit() -> RateLimit {
+    RateLimit {
+        per_second: None,
+        per_minute: Some(20),
+        per_hour: None,
+        burst: 20,
+    }
+}
 fn d_default_limit() -> RateLimit {
     RateLimit {
         per_second: Some(100),
@@ -223,6 +233,8 @@ pub struct RawKeys {
 pub struct RawRateLimit {
     #[serde(default = "d_default_limit")]
     pub default: RateLimit,
+    #[serde(default = "d_failed_auth_limit")]
+    pub failed_auth: RateLimit,
 }
 
 #[derive(Debug, Deserialize)]
@@ -248,6 +260,8 @@ pub struct RawRoute {
     #[serde(default)]
     pub methods: Vec<String>,
     pub auth: Option<RouteAuth>,
+    /// Per-key limit on this route, on top of the key's own limit.
+    pub rate_limit: Option<RateLimit>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -330,6 +344,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub keys: KeysConfig,
     pub default_limit: RateLimit,
+    pub failed_auth_limit: RateLimit,
     pub plans: HashMap<String, Option<RateLimit>>,
     pub routes: Vec<Route>,
     pub limits: Limits,
@@ -388,6 +403,7 @@ pub struct Route {
     pub permissions: Vec<String>,
     pub methods: Vec<http::Method>,
     pub auth: RouteAuth,
+    pub rate_limit: Option<RateLimit>,
 }
 
 #[derive(Debug, Clone)]
@@ -607,6 +623,9 @@ impl RawConfig {
         if let Some(why) = self.rate_limit.default.problem() {
             errs.push(format!("rate_limit.default: {why}"));
         }
+        if let Some(why) = self.rate_limit.failed_auth.problem() {
+            errs.push(format!("rate_limit.failed_auth: {why}"));
+        }
         let mut plans = HashMap::new();
         for (name, plan) in &self.plans {
             if let Some(why) = plan.rate_limit.and_then(|l| l.problem()) {
@@ -640,9 +659,12 @@ impl RawConfig {
                 }
             }
             let auth = r.auth.unwrap_or(RouteAuth::Required);
-            if auth == RouteAuth::None && !r.permissions.is_empty() {
+            if let Some(why) = r.rate_limit.and_then(|l| l.problem()) {
+                errs.push(format!("{field}.rate_limit: {why}"));
+            }
+            if auth == RouteAuth::None && (!r.permissions.is_empty() || r.rate_limit.is_some()) {
                 errs.push(format!(
-                    "{field}: auth = \"none\" cannot require permissions; remove one of them"
+                    "{field}: auth = \"none\" cannot require permissions or a per-key rate_limit; remove them"
                 ));
             }
             if let Some(up) = up {
@@ -652,6 +674,7 @@ impl RawConfig {
                     permissions: r.permissions.clone(),
                     methods,
                     auth,
+                    rate_limit: r.rate_limit,
                 });
             }
         }
@@ -709,6 +732,7 @@ impl RawConfig {
                 max_per_client: self.keys.max_per_client,
             },
             default_limit: self.rate_limit.default,
+            failed_auth_limit: self.rate_limit.failed_auth,
             plans,
             routes,
             limits: Limits {

@@ -25,7 +25,7 @@ pub enum ProxyError {
     #[error("insufficient permissions")]
     InsufficientPermissions,
     #[error("rate limited")]
-    RateLimited { retry_after: Duration },
+    RateLimited { retry_after: Duration, limit: u32 },
     /// Too many failed authentications from one peer.
     #[error("too many failed authentications")]
     AuthThrottled { retry_after: Duration },
@@ -40,6 +40,11 @@ pub enum ProxyError {
     #[error("store unavailable")]
     StoreUnavailable,
 }
+
+pub const RATELIMIT_LIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit-limit");
+pub const RATELIMIT_REMAINING: http::HeaderName =
+    http::HeaderName::from_static("ratelimit-remaining");
+pub const RATELIMIT_RESET: http::HeaderName = http::HeaderName::from_static("ratelimit-reset");
 
 /// Seconds a client should wait before retrying when the store is down.
 const STORE_RETRY_AFTER_SECS: u64 = 5;
@@ -104,7 +109,7 @@ impl ProxyError {
 
     fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::RateLimited { retry_after } | Self::AuthThrottled { retry_after } => {
+            Self::RateLimited { retry_after, .. } | Self::AuthThrottled { retry_after } => {
                 Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
             }
             Self::StoreUnavailable => Some(STORE_RETRY_AFTER_SECS),
@@ -139,7 +144,15 @@ impl ProxyError {
             );
         }
         if let Some(secs) = self.retry_after() {
-            h.insert(RETRY_AFTER, HeaderValue::from(secs));
+            h.insert(RETRY_AFTER, crate::limit::number_header(secs));
+            if let Self::RateLimited { limit, .. } = self {
+                h.insert(
+                    RATELIMIT_LIMIT,
+                    crate::limit::number_header(u64::from(*limit)),
+                );
+                h.insert(RATELIMIT_REMAINING, crate::limit::number_header(0));
+                h.insert(RATELIMIT_RESET, crate::limit::number_header(secs));
+            }
         }
         res
     }
@@ -165,10 +178,13 @@ mod tests {
 
         let r: Response<Bytes> = ProxyError::RateLimited {
             retry_after: Duration::from_millis(1200),
+            limit: 5,
         }
         .response();
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()[RETRY_AFTER], "2");
+        assert_eq!(r.headers()[RATELIMIT_LIMIT], "5");
+        assert_eq!(r.headers()[RATELIMIT_REMAINING], "0");
         assert_eq!(ProxyError::UpstreamTimeout.status(), 504);
         assert_eq!(ProxyError::UpstreamUnavailable.status(), 502);
     }

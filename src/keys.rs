@@ -278,7 +278,8 @@ pub struct Principal {
     /// Set when the principal was found under the key's previous hash: the end of the
     /// rotation grace period.
     pub grace_until: Option<Millis>,
-    pub rate_limit: Option<RateLimit>,
+    /// The key's rate-limit bucket (shared by every credential form of the key).
+    pub limiter: Arc<crate::limit::KeyLimiter>,
     pub headers: IdentityHeaders,
 }
 
@@ -292,7 +293,11 @@ pub struct IdentityHeaders {
 
 impl Principal {
     /// Builds the principal for a record found under `hash`.
-    pub fn from_record(record: &KeyRecord, hash: &KeyHash) -> Arc<Principal> {
+    pub fn from_record(
+        record: &KeyRecord,
+        hash: &KeyHash,
+        limiter: Arc<crate::limit::KeyLimiter>,
+    ) -> Arc<Principal> {
         let key = &record.key;
         let grace_until =
             (!key.key_hash.ct_eq(hash)).then(|| key.previous_valid_until.unwrap_or(i64::MIN));
@@ -307,7 +312,7 @@ impl Principal {
             enabled: key.enabled,
             expires_at: key.expires_at,
             grace_until,
-            rate_limit: key.rate_limit,
+            limiter,
             headers: IdentityHeaders {
                 client_id: header(&key.client_id),
                 key_id: header(&key.id.to_string()),

@@ -27,6 +27,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod limit;
 pub mod proxy;
 pub mod server;
 pub mod telemetry;
@@ -47,6 +48,9 @@ use crate::proxy::credential::Extractor;
 use crate::proxy::forward::{ConnInfo, Forwarder};
 use crate::proxy::route::RouteTable;
 use crate::server::ServerOptions;
+
+/// How often idle limiter state (per-route, failed-auth) is dropped.
+const LIMITER_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -104,14 +108,20 @@ impl App {
             ttl: config.store.cache_ttl,
             negative_ttl: config.store.negative_ttl,
         });
+        let limits = Arc::new(limit::KeyLimits::new(
+            config.default_limit,
+            config.plans.clone(),
+            config.store.cache_ttl,
+        ));
         let gateway = Arc::new(Gateway::new(
-            auth::Authenticator::new(format.clone(), cache.clone(), Arc::clone(&store)),
+            auth::Authenticator::new(format.clone(), cache.clone(), Arc::clone(&store), limits),
             RouteTable::new(&config.routes, &config.proxy.upstream),
             Extractor {
                 api_key_header: config.proxy.api_key_header.clone(),
                 query_param: config.proxy.query_param.clone(),
             },
             Forwarder::new(config.proxy.connect_timeout, config.proxy.upstream_timeout),
+            Arc::new(limit::FailedAuth::new(config.failed_auth_limit)),
             config.log.access_log,
         ));
         let admin_state = admin::AdminState(Arc::new(admin::AdminInner {
@@ -172,6 +182,16 @@ impl App {
             "keygate listening"
         );
         let gateway = self.gateway;
+        let sweeper = {
+            let gateway = Arc::clone(&gateway);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(LIMITER_SWEEP_INTERVAL);
+                loop {
+                    tick.tick().await;
+                    gateway.sweep();
+                }
+            })
+        };
         let proxy = server::serve(
             self.proxy_listener,
             opts("proxy"),
@@ -191,6 +211,7 @@ impl App {
             let _ = tx.send(true);
         };
         tokio::join!(proxy, admin, trigger);
+        sweeper.abort();
     }
 }
 

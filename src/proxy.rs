@@ -18,8 +18,9 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::auth::{self, Authenticator};
-use crate::error::ProxyError;
+use crate::error::{ProxyError, RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
 use crate::keys::Principal;
+use crate::limit::{FailedAuth, Refusal, number_header};
 use credential::{Extractor, Source};
 use forward::{ConnInfo, Forwarder};
 use route::RouteTable;
@@ -35,6 +36,7 @@ pub struct Gateway {
     routes: RouteTable,
     extractor: Extractor,
     forwarder: Forwarder,
+    failed_auth: Arc<FailedAuth>,
     access_log: bool,
 }
 
@@ -51,6 +53,7 @@ impl Gateway {
         routes: RouteTable,
         extractor: Extractor,
         forwarder: Forwarder,
+        failed_auth: Arc<FailedAuth>,
         access_log: bool,
     ) -> Self {
         Self {
@@ -58,8 +61,15 @@ impl Gateway {
             routes,
             extractor,
             forwarder,
+            failed_auth,
             access_log,
         }
+    }
+
+    /// Drops idle limiter state (called periodically).
+    pub fn sweep(&self) {
+        self.routes.sweep();
+        self.failed_auth.sweep();
     }
 
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
@@ -106,24 +116,53 @@ impl Gateway {
         outcome.route = Some(&route.name);
 
         headers::remove_keygate_headers(req.headers_mut());
-        let (permit, new_pq) = match auth::public(route) {
-            Some(permit) => (permit, None),
+        let (permit, new_pq, rate) = match auth::public(route) {
+            Some(permit) => (permit, None, None),
             None => {
+                let ip = conn.peer.ip();
+                self.failed_auth
+                    .check(ip)
+                    .map_err(|retry_after| ProxyError::AuthThrottled { retry_after })?;
                 let cred = self
                     .extractor
                     .extract(req.headers(), req.uri().query())
                     .ok_or(ProxyError::MissingCredentials)?;
-                let principal = self.auth.authenticate(&cred).await?;
+                let principal = match self.auth.authenticate(&cred).await {
+                    Ok(p) => p,
+                    Err(e) => return Err(self.failed(e, ip)),
+                };
                 outcome.principal = Some(Arc::clone(&principal));
                 let source = cred.source;
+                let rate = principal.limiter.check().map_err(rate_limited)?;
+                if let Some(limiter) = &route.limiter {
+                    limiter.check(&principal.key_id).map_err(rate_limited)?;
+                }
                 let permit = auth::authorize(route, principal)?;
                 let new_pq = self.strip_credential(&mut req, source)?;
-                (permit, new_pq)
+                (permit, new_pq, Some(rate))
             }
         };
         headers::remove_hop_by_hop(req.headers_mut());
-        let res = self.forwarder.forward(permit, req, conn, new_pq).await?;
+        let mut res = self.forwarder.forward(permit, req, conn, new_pq).await?;
+        if let Some(rate) = rate {
+            let h = res.headers_mut();
+            h.insert(RATELIMIT_LIMIT, number_header(u64::from(rate.limit)));
+            h.insert(
+                RATELIMIT_REMAINING,
+                number_header(u64::from(rate.remaining)),
+            );
+            h.insert(RATELIMIT_RESET, number_header(rate.reset_secs));
+        }
         Ok(res.map(Either::Left))
+    }
+
+    /// Counts a failed authentication against the peer; past the allowance it becomes a 429.
+    fn failed(&self, e: ProxyError, ip: std::net::IpAddr) -> ProxyError {
+        let guess = matches!(e, ProxyError::InvalidApiKey | ProxyError::InvalidToken);
+        match guess.then(|| self.failed_auth.record_failure(ip)).flatten() {
+            Some(retry_after) => ProxyError::AuthThrottled { retry_after },
+            None => e,
+        }
     }
 
     /// Removes the credential; returns a rewritten path-and-query when it was in the query.
@@ -146,6 +185,13 @@ impl Gateway {
         pq.parse()
             .map(Some)
             .map_err(|_| ProxyError::BadRequest("invalid request target"))
+    }
+}
+
+fn rate_limited(r: Refusal) -> ProxyError {
+    ProxyError::RateLimited {
+        retry_after: r.retry_after,
+        limit: r.limit,
     }
 }
 

@@ -10,9 +10,13 @@
 //! `/v1/ab`), ASCII case-insensitive (so `/V1/A` cannot dodge the checks of `/v1/a` on a
 //! case-insensitive upstream), longest prefix first.
 
+use std::sync::Arc;
+
 use http::{HeaderValue, Method, Uri};
+use uuid::Uuid;
 
 use crate::config::{self, RouteAuth};
+use crate::limit::KeyedLimit;
 
 fn hex(c: u8) -> Option<u8> {
     match c {
@@ -102,6 +106,8 @@ pub struct Route {
     pub name: String,
     /// `Host` sent upstream: the upstream's authority, encoded once.
     pub host: HeaderValue,
+    /// Per-key limit on this route, on top of the key's own.
+    pub limiter: Option<Arc<KeyedLimit<Uuid>>>,
 }
 
 fn host_of(upstream: &Uri) -> HeaderValue {
@@ -140,6 +146,7 @@ impl RouteTable {
                 auth: RouteAuth::Required,
                 name: "/".into(),
                 host: host_of(default_upstream),
+                limiter: None,
             }]
         } else {
             routes
@@ -152,11 +159,21 @@ impl RouteTable {
                     auth: r.auth,
                     name: r.path.clone(),
                     host: host_of(&r.upstream),
+                    limiter: r.rate_limit.map(|l| Arc::new(KeyedLimit::new(l))),
                 })
                 .collect()
         };
         routes.sort_by_key(|r| std::cmp::Reverse(r.path.trim_end_matches('/').len()));
         Self { routes }
+    }
+
+    /// Drops idle per-route limiter state.
+    pub fn sweep(&self) {
+        for r in &self.routes {
+            if let Some(l) = &r.limiter {
+                l.sweep();
+            }
+        }
     }
 
     /// The longest route matching `path` and `method`.
@@ -221,6 +238,7 @@ mod tests {
             permissions: perms.iter().map(|s| s.to_string()).collect(),
             methods: methods.to_vec(),
             auth: RouteAuth::Required,
+            rate_limit: None,
         };
         RouteTable::new(
             &[

@@ -3,4 +3,5 @@
 mod admin_api;
 mod binary;
 mod proxy_path;
+mod rate_limits;
 mod support;
