@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::config::RouteAuth;
 use crate::error::ProxyError;
-use crate::keys::cache::{Cached, KeyCache};
+use crate::keys::cache::{Cached, Entry, KeyCache};
 use crate::keys::store::Store;
 use crate::keys::{KeyFormat, KeyHash, Millis, Principal, now_millis};
 use crate::limit::KeyLimits;
@@ -54,19 +54,41 @@ impl Authenticator {
         let hash = KeyHash::of(key);
         let now = now_millis();
         let principal = match self.cache.get(&hash) {
-            Some(Cached::Found(p)) => p,
-            Some(Cached::Unknown) => return Err(ProxyError::InvalidApiKey),
-            None => self.fill(hash, now).await?,
+            Some(Entry {
+                value: Cached::Found(p),
+                fresh_until,
+            }) if now < fresh_until => p,
+            Some(Entry {
+                value: Cached::Unknown,
+                ..
+            }) => return Err(ProxyError::InvalidApiKey),
+            Some(Entry {
+                value: Cached::Found(stale),
+                ..
+            }) => self.fill(hash, now, Some(stale)).await?,
+            None => self.fill(hash, now, None).await?,
         };
         check_status(&principal, now)?;
         Ok(principal)
     }
 
-    async fn fill(&self, hash: KeyHash, now: Millis) -> Result<Arc<Principal>, ProxyError> {
-        let found = self.store.find_by_hash(&hash, now).await.map_err(|e| {
-            tracing::warn!(error = %e, "key lookup failed");
-            ProxyError::StoreUnavailable
-        })?;
+    /// Looks `hash` up in the store and caches the answer. When the store fails, a stale
+    /// principal (still within `stale_if_error`) is served; without one the answer is 503,
+    /// never 401: an unverified key is neither accepted nor called invalid.
+    async fn fill(
+        &self,
+        hash: KeyHash,
+        now: Millis,
+        stale: Option<Arc<Principal>>,
+    ) -> Result<Arc<Principal>, ProxyError> {
+        let epoch = self.cache.epoch();
+        let found = match self.store.find_by_hash(&hash, now).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, serving_stale = stale.is_some(), "key lookup failed");
+                return stale.ok_or(ProxyError::StoreUnavailable);
+            }
+        };
         let matching = found.filter(|r| {
             r.key.key_hash.ct_eq(&hash) || r.key.previous_hash.is_some_and(|p| p.ct_eq(&hash))
         });
@@ -75,11 +97,12 @@ impl Authenticator {
                 let limit = self.limits.resolve(record.key.rate_limit, &record.license);
                 let bucket = self.limits.bucket(record.key.id, limit);
                 let p = Principal::from_record(&record, &hash, bucket);
-                self.cache.insert(hash, Cached::Found(Arc::clone(&p)));
+                self.cache
+                    .insert(hash, Cached::Found(Arc::clone(&p)), now, epoch);
                 Ok(p)
             }
             None => {
-                self.cache.insert(hash, Cached::Unknown);
+                self.cache.insert(hash, Cached::Unknown, now, epoch);
                 Err(ProxyError::InvalidApiKey)
             }
         }
@@ -154,12 +177,17 @@ mod tests {
     struct Counting {
         inner: SqliteStore,
         lookups: AtomicUsize,
+        /// When set, lookups fail as if the store were unreachable.
+        down: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait]
     impl Store for Counting {
         async fn find_by_hash(&self, h: &KeyHash, now: Millis) -> StoreResult<Option<KeyRecord>> {
             self.lookups.fetch_add(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst) {
+                return Err(crate::keys::store::StoreError::Unavailable("down".into()));
+            }
             self.inner.find_by_hash(h, now).await
         }
         async fn find_by_id(&self, id: Uuid) -> StoreResult<Option<KeyRecord>> {
@@ -211,15 +239,21 @@ mod tests {
     }
 
     fn setup() -> (Authenticator, Arc<Counting>, KeyCache, tempfile::TempDir) {
+        setup_ttl(Duration::from_secs(60))
+    }
+
+    fn setup_ttl(ttl: Duration) -> (Authenticator, Arc<Counting>, KeyCache, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Counting {
             inner: SqliteStore::open(&dir.path().join("k.db")).unwrap(),
             lookups: AtomicUsize::new(0),
+            down: Default::default(),
         });
         let cache = KeyCache::new(&CacheSettings {
             capacity: 1000,
-            ttl: Duration::from_secs(60),
+            ttl,
             negative_ttl: Duration::from_secs(60),
+            stale_if_error: Duration::from_secs(60),
         });
         let limits = Arc::new(KeyLimits::new(
             crate::keys::RateLimit {
@@ -267,9 +301,7 @@ mod tests {
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
     }
 
-    #[tokio::test]
-    async fn cache_hits_do_not_touch_the_store() {
-        let (auth, store, _cache, _dir) = setup();
+    async fn seed(store: &Counting) -> crate::keys::NewKey {
         let k = KeyFormat::new("kg_").generate();
         let now = now_millis();
         let client = Client {
@@ -297,11 +329,47 @@ mod tests {
             metadata: None,
         };
         store.insert_client(&client, &key).await.unwrap();
+        k
+    }
+
+    #[tokio::test]
+    async fn cache_hits_do_not_touch_the_store() {
+        let (auth, store, _cache, _dir) = setup();
+        let k = seed(&store).await;
         for _ in 0..5 {
             let p = auth.api_key(k.plaintext.expose()).await.unwrap();
             assert_eq!(p.client_id, "c");
             assert_eq!(p.license, "pro");
         }
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn store_outage_serves_stale_principals_and_503_for_the_rest() {
+        let (auth, store, _cache, _dir) = setup_ttl(Duration::from_millis(1));
+        let k = seed(&store).await;
+        auth.api_key(k.plaintext.expose()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        store.down.store(true, Ordering::SeqCst);
+        // Past its TTL, the key is revalidated; the store fails; the stale entry is served.
+        let before = store.lookups.load(Ordering::SeqCst);
+        let p = auth.api_key(k.plaintext.expose()).await.unwrap();
+        assert_eq!(p.client_id, "c");
+        assert_eq!(
+            store.lookups.load(Ordering::SeqCst),
+            before + 1,
+            "revalidation attempted"
+        );
+        // A key never seen: 503, not 401.
+        let unknown = KeyFormat::new("kg_").generate();
+        assert_eq!(
+            auth.api_key(unknown.plaintext.expose()).await.unwrap_err(),
+            ProxyError::StoreUnavailable
+        );
+        store.down.store(false, Ordering::SeqCst);
+        assert_eq!(
+            auth.api_key(unknown.plaintext.expose()).await.unwrap_err(),
+            ProxyError::InvalidApiKey
+        );
     }
 }

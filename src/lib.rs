@@ -107,7 +107,9 @@ impl App {
             capacity: config.store.cache_capacity,
             ttl: config.store.cache_ttl,
             negative_ttl: config.store.negative_ttl,
+            stale_if_error: config.store.stale_if_error,
         });
+        store.watch_invalidations(Arc::new(cache.clone()));
         let limits = Arc::new(limit::KeyLimits::new(
             config.default_limit,
             config.plans.clone(),

@@ -1,18 +1,22 @@
 //! The key cache: SHA-256 of a key → the principal it authenticates, or "unknown".
 //!
-//! Positive entries live for the configured TTL but never past the key's own expiry or the end
-//! of a rotation grace period; negative entries (unknown hashes) live for a short TTL so a flood
+//! Positive entries are fresh for the configured TTL, then kept for `stale_if_error` more in
+//! case the store is down, but never past the key's own expiry or the end of a rotation grace
+//! period; negative entries (unknown hashes) live for a short TTL so a flood
 //! of made-up keys costs one store lookup per distinct key per TTL. Every admin write
 //! invalidates the hashes it touched before it answers.
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use moka::Expiry;
 use moka::sync::Cache;
 
-use super::{KeyHash, Principal, now_millis};
+use uuid::Uuid;
+
+use super::{KeyHash, Millis, Principal, now_millis};
 
 /// What the cache knows about a hash.
 #[derive(Clone, Debug)]
@@ -57,22 +61,32 @@ impl std::hash::Hash for KeyHash {
     }
 }
 
+/// A cached answer and until when it is fresh. Past `fresh_until` a positive entry is
+/// revalidated against the store, and served stale only while the store is unreachable.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub value: Cached,
+    pub fresh_until: Millis,
+}
+
 struct EntryExpiry {
-    ttl: Duration,
+    stale_if_error: Duration,
     negative_ttl: Duration,
 }
 
-impl Expiry<KeyHash, Cached> for EntryExpiry {
-    fn expire_after_create(&self, _: &KeyHash, value: &Cached, _: Instant) -> Option<Duration> {
-        Some(match value {
+impl Expiry<KeyHash, Entry> for EntryExpiry {
+    fn expire_after_create(&self, _: &KeyHash, entry: &Entry, _: Instant) -> Option<Duration> {
+        let now = now_millis();
+        let until = |ms: Millis| Duration::from_millis(ms.saturating_sub(now).max(0) as u64);
+        Some(match &entry.value {
             Cached::Unknown => self.negative_ttl,
-            Cached::Found(p) => match p.valid_until() {
-                None => self.ttl,
-                Some(until) => {
-                    let left = until.saturating_sub(now_millis()).max(0) as u64;
-                    self.ttl.min(Duration::from_millis(left))
+            Cached::Found(p) => {
+                let keep = until(entry.fresh_until) + self.stale_if_error;
+                match p.valid_until() {
+                    None => keep,
+                    Some(v) => keep.min(until(v)),
                 }
-            },
+            }
         })
     }
 }
@@ -82,11 +96,30 @@ pub struct CacheSettings {
     pub capacity: u64,
     pub ttl: Duration,
     pub negative_ttl: Duration,
+    pub stale_if_error: Duration,
+}
+
+/// Invalidations published by another instance sharing the store.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Invalidation {
+    pub key_ids: Vec<Uuid>,
+    pub hashes: Vec<KeyHash>,
+}
+
+/// Where a shared store delivers invalidations made elsewhere.
+pub trait InvalidationSink: Send + Sync + 'static {
+    fn invalidate(&self, inv: &Invalidation);
+    /// Called when invalidations may have been missed (a broken subscription reconnected).
+    fn invalidate_all(&self);
 }
 
 #[derive(Clone)]
 pub struct KeyCache {
-    inner: Cache<KeyHash, Cached, DigestHasher>,
+    inner: Cache<KeyHash, Entry, DigestHasher>,
+    ttl: Duration,
+    /// Bumped by every invalidation, so a fill that read the store before an invalidation
+    /// cannot leave its (old) answer behind.
+    epoch: Arc<AtomicU64>,
 }
 
 impl KeyCache {
@@ -94,32 +127,61 @@ impl KeyCache {
         let inner = Cache::builder()
             .max_capacity(settings.capacity)
             .expire_after(EntryExpiry {
-                ttl: settings.ttl,
+                stale_if_error: settings.stale_if_error,
                 negative_ttl: settings.negative_ttl,
             })
             .build_with_hasher(DigestHasher(0));
-        Self { inner }
+        Self {
+            inner,
+            ttl: settings.ttl,
+            epoch: Arc::new(AtomicU64::new(0)),
+        }
     }
 
-    pub fn get(&self, hash: &KeyHash) -> Option<Cached> {
+    pub fn get(&self, hash: &KeyHash) -> Option<Entry> {
         self.inner.get(hash)
     }
 
-    pub fn insert(&self, hash: KeyHash, value: Cached) {
-        self.inner.insert(hash, value);
+    /// The current invalidation epoch; pass it to [`KeyCache::insert`] after a store read.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Caches `value`, fresh for the TTL from `now`, unless an invalidation happened since
+    /// `epoch` was read (then the value may be outdated and is dropped).
+    pub fn insert(&self, hash: KeyHash, value: Cached, now: Millis, epoch: u64) {
+        let fresh_until = now + self.ttl.as_millis() as i64;
+        self.inner.insert(hash, Entry { value, fresh_until });
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            self.inner.invalidate(&hash);
+        }
     }
 
     pub fn invalidate(&self, hash: &KeyHash) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         self.inner.invalidate(hash);
     }
 
     pub fn invalidate_all(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         self.inner.invalidate_all();
     }
 
-    /// Entries currently held (approximate until pending maintenance has run).
+    /// Entries currently held (runs pending maintenance first).
     pub fn entry_count(&self) -> u64 {
         self.inner.run_pending_tasks();
         self.inner.entry_count()
+    }
+}
+
+impl InvalidationSink for KeyCache {
+    fn invalidate(&self, inv: &Invalidation) {
+        for h in &inv.hashes {
+            KeyCache::invalidate(self, h);
+        }
+    }
+
+    fn invalidate_all(&self) {
+        KeyCache::invalidate_all(self);
     }
 }

@@ -4,9 +4,12 @@
 
 pub mod sqlite;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use uuid::Uuid;
 
+use super::cache::InvalidationSink;
 use super::{ApiKey, Client, KeyHash, KeyRecord, Millis};
 
 #[derive(Debug, thiserror::Error)]
@@ -111,4 +114,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Succeeds when the store can serve requests.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// Starts delivering invalidations made by other instances to `sink`, for as long as the
+    /// store lives; after a broken subscription is restored, calls `invalidate_all` (anything
+    /// may have been missed). Stores that are not shared between instances do nothing.
+    fn watch_invalidations(&self, _sink: Arc<dyn InvalidationSink>) {}
 }
