@@ -1,30 +1,46 @@
-//! The admin plane (axum): key and client management, health and readiness.
+//! The admin plane (axum): key and client management, Kixote-compatible client calls, login,
+//! health, readiness and the OpenAPI document.
 //!
-//! Every route except `/healthz` and `/readyz` requires a caller. An admin key (X-ADMIN-KEY or
-//! `Authorization: Bearer`) is compared by SHA-256 digest in constant time against every
-//! configured key. Every write goes to the store first and then invalidates the cache entries it
-//! affects, before the answer is sent: a revoked key is refused by the very next request.
+//! Callers: an admin key (X-ADMIN-KEY or `Authorization: Bearer`, compared by SHA-256 digest in
+//! constant time against every configured key) manages everything; a client's API key or token
+//! (any credential form of the proxy) whose permissions include the self-service permission
+//! manages that client's own keys. Failed authentications are limited per peer IP.
+//!
+//! Every route is registered through utoipa-axum's `routes!`, so the OpenAPI document is built
+//! from the same handlers and types that serve the requests. Every write goes to the store
+//! first and then invalidates the cache entries it affects, before the answer is sent.
 
 pub mod clients;
 pub mod error;
 pub mod keys;
+pub mod kixote;
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use http::StatusCode;
 use http::header::AUTHORIZATION;
+use hyper::body::Incoming;
 use serde::Serialize;
 use subtle::{Choice, ConstantTimeEq};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use crate::auth::Authenticator;
+use crate::auth::credential::Extractor;
+use crate::error::ProxyError;
 use crate::keys::cache::KeyCache;
 use crate::keys::store::Store;
-use crate::keys::{ApiKey, KeyFormat, KeyHash, Millis};
+use crate::keys::{ApiKey as StoredKey, KeyFormat, KeyHash, Millis};
+use crate::limit::FailedAuth;
 use error::AdminError;
 
 /// Who is calling the admin API.
@@ -32,6 +48,23 @@ use error::AdminError;
 pub enum Caller {
     /// An admin key: every client.
     Admin,
+    /// A client's own key or token holding the self-service permission: that client only.
+    Client {
+        client_id: String,
+        permissions: Vec<String>,
+    },
+}
+
+impl Caller {
+    /// Refuses client principals (for calls that only an operator may make).
+    pub fn admin_only(&self) -> Result<(), AdminError> {
+        match self {
+            Caller::Admin => Ok(()),
+            Caller::Client { .. } => {
+                Err(AdminError::Forbidden("this call needs an admin key".into()))
+            }
+        }
+    }
 }
 
 pub struct AdminInner {
@@ -41,6 +74,11 @@ pub struct AdminInner {
     pub admin_keys: Vec<KeyHash>,
     pub plans: HashSet<String>,
     pub max_keys_per_client: u32,
+    pub auth: Authenticator,
+    pub extractor: Extractor,
+    pub failed_auth: Arc<FailedAuth>,
+    pub self_service_permission: String,
+    pub openapi_json: OnceLock<String>,
 }
 
 #[derive(Clone)]
@@ -54,12 +92,13 @@ impl std::ops::Deref for AdminState {
 }
 
 impl AdminInner {
-    /// Drops every cache entry of `keys` (current and previous hashes).
-    pub fn invalidate(&self, keys: &[ApiKey]) {
+    /// Drops every cache entry of `keys` (current and previous hashes, and by id).
+    pub fn invalidate(&self, keys: &[StoredKey]) {
         for k in keys {
             for h in k.hashes() {
                 self.cache.invalidate(&h);
             }
+            self.cache.invalidate_id(&k.id);
         }
     }
 
@@ -73,31 +112,123 @@ impl AdminInner {
         }
         hit.into()
     }
+
+    /// Counts a failed authentication from `ip`; past the allowance the answer is 429.
+    pub fn failed(&self, ip: std::net::IpAddr, e: AdminError) -> AdminError {
+        match self.failed_auth.record_failure(ip) {
+            Some(wait) => AdminError::TooManyRequests {
+                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+            },
+            None => e,
+        }
+    }
 }
 
-pub fn router(state: AdminState, max_body_bytes: usize) -> Router {
-    let api = Router::new()
-        .merge(keys::routes())
-        .merge(clients::routes())
+struct SecurityAddon;
+
+impl Modify for SecurityAddon {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-ADMIN-KEY"))),
+        );
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "keygate admin API",
+        description = "Clients and API keys of a keygate gateway. Every /v1/api-keys route is also served under /api/v1/api-keys."
+    ),
+    modifiers(&SecurityAddon),
+    security(("admin_key" = []), ("bearer" = []))
+)]
+struct ApiDoc;
+
+/// Every admin route, with its OpenAPI operation.
+fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
+    let protected = OpenApiRouter::new()
+        .routes(routes!(keys::create, keys::list))
+        .routes(routes!(keys::show, keys::update, keys::remove))
+        .routes(routes!(keys::rotate))
+        .routes(routes!(clients::create, clients::list))
+        .routes(routes!(clients::show, clients::update, clients::remove))
+        .routes(routes!(kixote::create_client))
+        .routes(routes!(kixote::list_clients))
+        .routes(routes!(kixote::revoke_client_key))
+        .routes(routes!(kixote::create_client_key))
+        .routes(routes!(kixote::delete_client))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_caller,
         ));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .merge(api)
+    let open = OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(openapi_json))
+        .routes(routes!(kixote::login));
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(protected)
+        .merge(open)
+}
+
+/// The OpenAPI document of the admin API.
+pub fn openapi(state: &AdminState) -> utoipa::openapi::OpenApi {
+    api(state).into_openapi()
+}
+
+pub fn router(state: AdminState, max_body_bytes: usize) -> Router {
+    let (router, doc) = api(&state).split_for_parts();
+    let _ = state
+        .openapi_json
+        .set(doc.to_json().expect("the document serializes"));
+    router
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .fallback(|| async { AdminError::NotFound("no such admin endpoint") })
         .with_state(state)
 }
 
-fn presented_admin_key(req: &Request) -> Option<&str> {
-    let h = req.headers();
-    if let Some(v) = h.get("x-admin-key").and_then(|v| v.to_str().ok()) {
-        return Some(v.trim());
-    }
-    let auth = h.get(AUTHORIZATION)?.to_str().ok()?;
+/// Prefix under which the key routes are also served.
+const ALIAS_PREFIX: &str = "/api/v1/api-keys";
+
+/// The hyper service for one admin connection: records the peer and maps the
+/// `/api/v1/api-keys` alias onto `/v1/api-keys`.
+pub fn service(
+    router: Router,
+    peer: SocketAddr,
+) -> impl hyper::service::Service<
+    http::Request<Incoming>,
+    Response = Response,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response, Infallible>> + Send,
+> + Send {
+    use tower::ServiceExt;
+    hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        if req.uri().path().starts_with(ALIAS_PREFIX)
+            && let Some(pq) = req.uri().path_and_query()
+            && let Ok(rewritten) = pq.as_str()["/api".len()..].parse::<http::Uri>()
+        {
+            *req.uri_mut() = rewritten;
+        }
+        router.clone().oneshot(req.map(axum::body::Body::new))
+    })
+}
+
+fn peer_ip(req: &Request) -> std::net::IpAddr {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.0.ip())
+}
+
+fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    let auth = headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, rest) = auth.split_at_checked(7)?;
     scheme.eq_ignore_ascii_case("bearer ").then(|| rest.trim())
 }
@@ -107,30 +238,92 @@ async fn require_caller(
     mut req: Request,
     next: Next,
 ) -> Result<Response, AdminError> {
-    let ok = presented_admin_key(&req).is_some_and(|k| state.is_admin_key(k));
-    if !ok {
-        return Err(AdminError::Unauthorized);
-    }
-    req.extensions_mut().insert(Caller::Admin);
+    let ip = peer_ip(&req);
+    let caller = identify(&state, req.headers(), ip).await?;
+    req.extensions_mut().insert(caller);
     Ok(next.run(req).await)
 }
 
-async fn healthz() -> impl IntoResponse {
-    axum::Json(serde_json::json!({"status": "ok"}))
+async fn identify(
+    state: &AdminState,
+    headers: &http::HeaderMap,
+    ip: std::net::IpAddr,
+) -> Result<Caller, AdminError> {
+    if let Err(wait) = state.failed_auth.check(ip) {
+        return Err(AdminError::TooManyRequests {
+            retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+        });
+    }
+    if let Some(k) = headers.get("x-admin-key") {
+        let ok = k.to_str().is_ok_and(|k| state.is_admin_key(k.trim()));
+        return if ok {
+            Ok(Caller::Admin)
+        } else {
+            Err(state.failed(ip, AdminError::Unauthorized))
+        };
+    }
+    if bearer(headers).is_some_and(|k| state.is_admin_key(k)) {
+        return Ok(Caller::Admin);
+    }
+    let Some(cred) = state.extractor.extract(headers, None) else {
+        return Err(AdminError::Unauthorized);
+    };
+    match state.auth.authenticate(&cred).await {
+        Ok(p) if p.permissions.contains(&state.self_service_permission) => Ok(Caller::Client {
+            client_id: p.client_id.clone(),
+            permissions: p.permissions.clone(),
+        }),
+        Ok(_) => Err(AdminError::Forbidden(format!(
+            "the key lacks the {:?} permission",
+            state.self_service_permission
+        ))),
+        Err(ProxyError::StoreUnavailable) => Err(AdminError::StoreUnavailable),
+        Err(_) => Err(state.failed(ip, AdminError::Unauthorized)),
+    }
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct Status {
+    pub status: String,
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "service", security(()),
+    responses((status = 200, body = Status)))]
+async fn healthz() -> impl IntoResponse {
+    axum::Json(Status {
+        status: "ok".into(),
+    })
+}
+
+/// Readiness: the store answers.
+#[utoipa::path(get, path = "/readyz", tag = "service", security(()),
+    responses((status = 200, body = Status), (status = 503, body = Status)))]
 async fn readyz(State(state): State<AdminState>) -> Response {
     match state.store.ping().await {
-        Ok(()) => axum::Json(serde_json::json!({"status": "ready"})).into_response(),
+        Ok(()) => axum::Json(Status {
+            status: "ready".into(),
+        })
+        .into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check: store unreachable");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                axum::Json(serde_json::json!({"status": "store_unavailable"})),
+                axum::Json(Status {
+                    status: "store_unavailable".into(),
+                }),
             )
                 .into_response()
         }
     }
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "service", security(()),
+    responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json")))]
+async fn openapi_json(State(state): State<AdminState>) -> Response {
+    let body = state.openapi_json.get().cloned().unwrap_or_default();
+    ([(http::header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// RFC 3339 UTC with millisecond precision.
@@ -141,10 +334,14 @@ pub fn rfc3339(ms: Millis) -> String {
 }
 
 /// `page`/`per_page` query parameters.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    /// Page number, from 1 (default 1).
     page: Option<String>,
+    /// Items per page, 1–1000 (default 100).
     per_page: Option<String>,
+    /// Only this client's items (admin callers).
     pub client_id: Option<String>,
 }
 
@@ -181,7 +378,7 @@ impl PageQuery {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct PageView<T> {
     pub data: Vec<T>,
     pub page: u32,
@@ -190,7 +387,7 @@ pub struct PageView<T> {
 }
 
 /// Every key of a client, across pages.
-pub async fn all_keys_of(store: &dyn Store, client_id: &str) -> Result<Vec<ApiKey>, AdminError> {
+pub async fn all_keys_of(store: &dyn Store, client_id: &str) -> Result<Vec<StoredKey>, AdminError> {
     let mut out = Vec::new();
     for page in 1.. {
         let p = store.list_keys(Some(client_id), page, MAX_PER_PAGE).await?;

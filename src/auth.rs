@@ -4,7 +4,12 @@
 //! API key path: shape and checksum (no I/O) → SHA-256 → cache → store on miss. Unknown hashes
 //! are cached negatively. The store answer is compared to the computed hash in constant time.
 
+pub mod credential;
+pub mod jwt;
+
 use std::sync::Arc;
+
+use uuid::Uuid;
 
 use crate::config::RouteAuth;
 use crate::error::ProxyError;
@@ -12,8 +17,9 @@ use crate::keys::cache::{Cached, Entry, KeyCache};
 use crate::keys::store::Store;
 use crate::keys::{KeyFormat, KeyHash, Millis, Principal, now_millis};
 use crate::limit::KeyLimits;
-use crate::proxy::credential::{Credential, Kind};
 use crate::proxy::route::Route;
+use credential::{Credential, Kind};
+use jwt::{Jwt, Token};
 
 #[derive(Clone)]
 pub struct Authenticator {
@@ -21,6 +27,7 @@ pub struct Authenticator {
     cache: KeyCache,
     store: Arc<dyn Store>,
     limits: Arc<KeyLimits>,
+    jwt: Arc<Jwt>,
 }
 
 impl Authenticator {
@@ -29,21 +36,93 @@ impl Authenticator {
         cache: KeyCache,
         store: Arc<dyn Store>,
         limits: Arc<KeyLimits>,
+        jwt: Arc<Jwt>,
     ) -> Self {
         Self {
             format,
             cache,
             store,
             limits,
+            jwt,
         }
     }
 
     pub async fn authenticate(&self, cred: &Credential<'_>) -> Result<Arc<Principal>, ProxyError> {
         match cred.kind {
             Kind::ApiKey => self.api_key(cred.secret.as_str()).await,
-            // Tokens are accepted once a signing key is configured (JWT support).
-            Kind::Jwt => Err(ProxyError::InvalidToken),
+            Kind::Jwt => self.token(cred.secret.as_str()).await,
         }
+    }
+
+    /// Trades a valid API key for an access token.
+    pub async fn login(&self, api_key: &str) -> Result<Token, ProxyError> {
+        let p = self.api_key(api_key).await?;
+        Ok(self.jwt.issue(&p, p.rotated_at, now_millis()))
+    }
+
+    /// Authenticates an access token: signature and claims, then the key it was minted from
+    /// must still be valid and not rotated since (cached lookup by key id).
+    pub async fn token(&self, token: &str) -> Result<Arc<Principal>, ProxyError> {
+        let now = now_millis();
+        let claims = self
+            .jwt
+            .verify(token, now)
+            .map_err(|_| ProxyError::InvalidToken)?;
+        let id = Uuid::parse_str(&claims.kid).map_err(|_| ProxyError::InvalidToken)?;
+        let principal = match self.cache.get_id(&id) {
+            Some(Entry {
+                value: Cached::Found(p),
+                fresh_until,
+            }) if now < fresh_until => p,
+            Some(Entry {
+                value: Cached::Unknown,
+                ..
+            }) => return Err(ProxyError::InvalidToken),
+            Some(Entry {
+                value: Cached::Found(stale),
+                ..
+            }) => self.fill_id(id, now, Some(stale)).await?,
+            None => self.fill_id(id, now, None).await?,
+        };
+        let current = check_status(&principal, now).is_ok()
+            && principal.rotated_at.unwrap_or(0) == claims.rot
+            && principal.client_id == claims.sub;
+        if current {
+            Ok(principal)
+        } else {
+            Err(ProxyError::InvalidToken)
+        }
+    }
+
+    async fn fill_id(
+        &self,
+        id: Uuid,
+        now: Millis,
+        stale: Option<Arc<Principal>>,
+    ) -> Result<Arc<Principal>, ProxyError> {
+        let epoch = self.cache.epoch();
+        match self.store.find_by_id(id).await {
+            Ok(Some(record)) => {
+                let p = self.principal(&record, &record.key.key_hash);
+                self.cache
+                    .insert_id(id, Cached::Found(Arc::clone(&p)), now, epoch);
+                Ok(p)
+            }
+            Ok(None) => {
+                self.cache.insert_id(id, Cached::Unknown, now, epoch);
+                Err(ProxyError::InvalidToken)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, serving_stale = stale.is_some(), "key lookup by id failed");
+                stale.ok_or(ProxyError::StoreUnavailable)
+            }
+        }
+    }
+
+    fn principal(&self, record: &crate::keys::KeyRecord, hash: &KeyHash) -> Arc<Principal> {
+        let limit = self.limits.resolve(record.key.rate_limit, &record.license);
+        let bucket = self.limits.bucket(record.key.id, limit);
+        Principal::from_record(record, hash, bucket)
     }
 
     /// Authenticates a plaintext API key.
@@ -94,9 +173,7 @@ impl Authenticator {
         });
         match matching {
             Some(record) => {
-                let limit = self.limits.resolve(record.key.rate_limit, &record.license);
-                let bucket = self.limits.bucket(record.key.id, limit);
-                let p = Principal::from_record(&record, &hash, bucket);
+                let p = self.principal(&record, &hash);
                 self.cache
                     .insert(hash, Cached::Found(Arc::clone(&p)), now, epoch);
                 Ok(p)
@@ -265,7 +342,20 @@ mod tests {
             Default::default(),
             Duration::from_secs(60),
         ));
-        let auth = Authenticator::new(KeyFormat::new("kg_"), cache.clone(), store.clone(), limits);
+        let jwt = Arc::new(Jwt::new(&jwt::JwtSettings {
+            secret: Jwt::random_secret(),
+            issuer: "keygate".into(),
+            audience: None,
+            ttl: Duration::from_secs(900),
+            leeway: Duration::from_secs(30),
+        }));
+        let auth = Authenticator::new(
+            KeyFormat::new("kg_"),
+            cache.clone(),
+            store.clone(),
+            limits,
+            jwt,
+        );
         (auth, store, cache, dir)
     }
 

@@ -120,6 +120,20 @@ fn d_flush() -> u64 {
 fn d_grace() -> u64 {
     DEFAULT_SHUTDOWN_GRACE_SECS
 }
+fn d_issuer() -> String {
+    "keygate".into()
+}
+/// 15 minutes: short enough that a leaked token dies soon, long enough to be useful.
+fn d_jwt_ttl() -> u64 {
+    900
+}
+/// Clock skew tolerated on exp/nbf; RFC 8725 practice keeps it small.
+fn d_jwt_leeway() -> u64 {
+    30
+}
+/// Longest token lifetime accepted in the config.
+const MAX_JWT_TTL_SECS: u64 = 24 * 3600;
+const MAX_JWT_LEEWAY_SECS: u64 = 30;
 fn d_true() -> bool {
     true
 }
@@ -168,6 +182,22 @@ pub struct RawConfig {
     pub server: RawServer,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub jwt: RawJwt,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    /// HS256 signing secret (≥ 32 bytes); prefer KEYGATE_JWT_SECRET.
+    pub secret: Option<String>,
+    #[serde(default = "d_issuer")]
+    pub issuer: String,
+    pub audience: Option<String>,
+    #[serde(default = "d_jwt_ttl")]
+    pub ttl_secs: u64,
+    #[serde(default = "d_jwt_leeway")]
+    pub leeway_secs: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -314,6 +344,7 @@ macro_rules! default_from_serde {
     )*};
 }
 default_from_serde!(
+    RawJwt,
     RawProxy,
     RawAdmin,
     RawStore,
@@ -351,6 +382,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub worker_threads: usize,
     pub log: LogConfig,
+    pub jwt: JwtConfig,
     /// Things an operator should know but that do not stop startup.
     pub warnings: Vec<String>,
 }
@@ -412,6 +444,16 @@ pub struct Limits {
     pub max_headers: usize,
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    /// `None`: no secret configured; a random per-process secret is used (single node only).
+    pub secret: Option<crate::keys::Secret>,
+    pub issuer: String,
+    pub audience: Option<String>,
+    pub ttl: Duration,
+    pub leeway: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -489,6 +531,9 @@ impl RawConfig {
         }
         if let Some(v) = get("KEYGATE_ADMIN_KEY") {
             self.admin.keys.push(v);
+        }
+        if let Some(v) = get("KEYGATE_JWT_SECRET") {
+            self.jwt.secret = Some(v);
         }
         if let Some(v) = get("KEYGATE_LOG_LEVEL") {
             self.log.level = v;
@@ -698,10 +743,45 @@ impl RawConfig {
             ));
         }
 
+        // Tokens.
+        let jwt_secret = self.jwt.secret.filter(|s| !s.is_empty());
+        if jwt_secret
+            .as_ref()
+            .is_some_and(|s| s.len() < crate::auth::jwt::MIN_SECRET_LEN)
+        {
+            errs.push(format!(
+                "jwt.secret: must be at least {} bytes (e.g. `openssl rand -hex 32`)",
+                crate::auth::jwt::MIN_SECRET_LEN
+            ));
+        }
+        if jwt_secret.is_none() && matches!(store_url, Some(StoreUrl::Redis(_))) {
+            errs.push(
+                "jwt.secret: required with a shared (redis) store so tokens verify on every instance; set KEYGATE_JWT_SECRET".into(),
+            );
+        }
+        if !(1..=MAX_JWT_TTL_SECS).contains(&self.jwt.ttl_secs) {
+            errs.push(format!(
+                "jwt.ttl_secs: must be from 1 to {MAX_JWT_TTL_SECS}"
+            ));
+        }
+        if self.jwt.leeway_secs > MAX_JWT_LEEWAY_SECS {
+            errs.push(format!("jwt.leeway_secs: at most {MAX_JWT_LEEWAY_SECS}"));
+        }
+        if self.jwt.issuer.is_empty() {
+            errs.push("jwt.issuer: must not be empty".into());
+        }
+
         if !errs.is_empty() {
             return Err(ConfigErrors(errs));
         }
         Ok(Config {
+            jwt: JwtConfig {
+                secret: jwt_secret.map(crate::keys::Secret),
+                issuer: self.jwt.issuer,
+                audience: self.jwt.audience,
+                ttl: Duration::from_secs(self.jwt.ttl_secs),
+                leeway: Duration::from_secs(self.jwt.leeway_secs),
+            },
             proxy: ProxyConfig {
                 listen: listen.expect("checked"),
                 upstream: upstream.expect("checked"),

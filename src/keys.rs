@@ -163,7 +163,7 @@ impl fmt::Debug for KeyHash {
 }
 
 /// A rate limit: one rate and a burst. Exactly one of the three rates is set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -278,6 +278,8 @@ pub struct Principal {
     /// Set when the principal was found under the key's previous hash: the end of the
     /// rotation grace period.
     pub grace_until: Option<Millis>,
+    /// When the key was last rotated; tokens minted before it are refused.
+    pub rotated_at: Option<Millis>,
     /// The key's rate-limit bucket (shared by every credential form of the key).
     pub limiter: Arc<crate::limit::KeyLimiter>,
     pub headers: IdentityHeaders,
@@ -312,6 +314,7 @@ impl Principal {
             enabled: key.enabled,
             expires_at: key.expires_at,
             grace_until,
+            rotated_at: key.rotated_at,
             limiter,
             headers: IdentityHeaders {
                 client_id: header(&key.client_id),

@@ -38,13 +38,13 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use crate::auth::credential::Extractor;
 use crate::config::{Config, StoreUrl};
 use crate::keys::KeyFormat;
 use crate::keys::cache::{CacheSettings, KeyCache};
 use crate::keys::store::Store;
 use crate::keys::store::sqlite::SqliteStore;
 use crate::proxy::Gateway;
-use crate::proxy::credential::Extractor;
 use crate::proxy::forward::{ConnInfo, Forwarder};
 use crate::proxy::route::RouteTable;
 use crate::server::ServerOptions;
@@ -115,15 +115,37 @@ impl App {
             config.plans.clone(),
             config.store.cache_ttl,
         ));
+        let jwt_secret = config.jwt.secret.clone().unwrap_or_else(|| {
+            tracing::warn!(
+                "no jwt.secret configured (KEYGATE_JWT_SECRET): using a random per-process secret; tokens from /auth/login die on restart"
+            );
+            auth::jwt::Jwt::random_secret()
+        });
+        let jwt = Arc::new(auth::jwt::Jwt::new(&auth::jwt::JwtSettings {
+            secret: jwt_secret,
+            issuer: config.jwt.issuer.clone(),
+            audience: config.jwt.audience.clone(),
+            ttl: config.jwt.ttl,
+            leeway: config.jwt.leeway,
+        }));
+        let authenticator = auth::Authenticator::new(
+            format.clone(),
+            cache.clone(),
+            Arc::clone(&store),
+            limits,
+            jwt,
+        );
+        let extractor = Extractor {
+            api_key_header: config.proxy.api_key_header.clone(),
+            query_param: config.proxy.query_param.clone(),
+        };
+        let failed_auth = Arc::new(limit::FailedAuth::new(config.failed_auth_limit));
         let gateway = Arc::new(Gateway::new(
-            auth::Authenticator::new(format.clone(), cache.clone(), Arc::clone(&store), limits),
+            authenticator.clone(),
             RouteTable::new(&config.routes, &config.proxy.upstream),
-            Extractor {
-                api_key_header: config.proxy.api_key_header.clone(),
-                query_param: config.proxy.query_param.clone(),
-            },
+            extractor.clone(),
             Forwarder::new(config.proxy.connect_timeout, config.proxy.upstream_timeout),
-            Arc::new(limit::FailedAuth::new(config.failed_auth_limit)),
+            Arc::clone(&failed_auth),
             config.log.access_log,
         ));
         let admin_state = admin::AdminState(Arc::new(admin::AdminInner {
@@ -133,6 +155,11 @@ impl App {
             admin_keys: config.admin.key_hashes.clone(),
             plans: config.plans.keys().cloned().collect(),
             max_keys_per_client: config.keys.max_per_client,
+            auth: authenticator,
+            extractor,
+            failed_auth,
+            self_service_permission: config.admin.self_service_permission.clone(),
+            openapi_json: Default::default(),
         }));
         let admin = admin::router(admin_state, config.admin.max_body_bytes);
 
@@ -204,7 +231,7 @@ impl App {
         let admin = server::serve(
             self.admin_listener,
             opts("admin"),
-            move |_peer| hyper_util::service::TowerToHyperService::new(admin_router.clone()),
+            move |peer| admin::service(admin_router.clone(), peer),
             signal(),
         );
         let trigger = async move {

@@ -2,7 +2,6 @@
 //! conversion of errors into responses; [`Gateway::handle_inner`] is the chain of steps, each
 //! returning early with `?`.
 
-pub mod credential;
 pub mod forward;
 pub mod headers;
 pub mod route;
@@ -17,11 +16,12 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
+use crate::auth::credential::{self, Extractor, Source};
+use crate::auth::jwt::{LoginRequest, TokenResponse};
 use crate::auth::{self, Authenticator};
 use crate::error::{ProxyError, RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
 use crate::keys::Principal;
 use crate::limit::{FailedAuth, Refusal, number_header};
-use credential::{Extractor, Source};
 use forward::{ConnInfo, Forwarder};
 use route::RouteTable;
 
@@ -30,6 +30,10 @@ pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
 /// Path of the unauthenticated load-balancer health check on the proxy listener.
 pub const HEALTH_PATH: &str = "/_keygate/health";
+/// API key → access token, also served on the proxy listener.
+pub const LOGIN_PATH: &str = "/auth/login";
+/// Largest login body read.
+const LOGIN_MAX_BODY: usize = 16 * 1024;
 
 pub struct Gateway {
     auth: Authenticator,
@@ -108,6 +112,9 @@ impl Gateway {
         if path == HEALTH_PATH {
             return Ok(health(req.method()));
         }
+        if path == LOGIN_PATH && req.method() == Method::POST {
+            return self.login(req, conn).await;
+        }
         route::check_path(path).map_err(ProxyError::BadRequest)?;
         let route = self
             .routes
@@ -154,6 +161,41 @@ impl Gateway {
             h.insert(RATELIMIT_RESET, number_header(rate.reset_secs));
         }
         Ok(res.map(Either::Left))
+    }
+
+    /// `POST /auth/login`: an API key in, an access token out.
+    async fn login(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        use http_body_util::BodyExt;
+        let ip = conn.peer.ip();
+        self.failed_auth
+            .check(ip)
+            .map_err(|retry_after| ProxyError::AuthThrottled { retry_after })?;
+        let body = http_body_util::Limited::new(req.into_body(), LOGIN_MAX_BODY)
+            .collect()
+            .await
+            .map_err(|_| ProxyError::BadRequest("the body could not be read or is too large"))?
+            .to_bytes();
+        let login: LoginRequest = serde_json::from_slice(&body)
+            .map_err(|_| ProxyError::BadRequest("expected a JSON body {\"api_key\": \"…\"}"))?;
+        let token = match self.auth.login(&login.api_key).await {
+            Ok(t) => t,
+            Err(e) => return Err(self.failed(e, ip)),
+        };
+        let body = serde_json::to_vec(&TokenResponse::from(token)).expect("serializable");
+        let mut res = Response::new(Either::Right(Full::new(Bytes::from(body))));
+        res.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        res.headers_mut().insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
+        Ok(res)
     }
 
     /// Counts a failed authentication against the peer; past the allowance it becomes a 429.

@@ -1,13 +1,13 @@
 //! `/v1/clients`: create (with a first key), list, get, update, delete (with all its keys).
 
+use axum::Json;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::error::{AdminError, FieldError, JsonBody};
+use super::error::{AdminError, ErrorResponses, FieldError, JsonBody};
 use super::keys::{KeyView, audit, check_metadata, check_permissions, new_key};
 use super::{AdminState, Caller, PageQuery, PageView, all_keys_of, rfc3339};
 use crate::keys::{Client, now_millis, valid_client_id};
@@ -15,20 +15,12 @@ use crate::keys::{Client, now_millis, valid_client_id};
 /// Name of the key created together with a client.
 pub const FIRST_KEY_NAME: &str = "default";
 
-pub fn routes() -> Router<AdminState> {
-    Router::new()
-        .route("/v1/clients", get(list).post(create))
-        .route(
-            "/v1/clients/{client_id}",
-            get(show).patch(update).delete(remove),
-        )
-}
-
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ClientView {
     pub client_id: String,
     pub license: String,
     pub created_at: String,
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
 }
 
@@ -43,36 +35,38 @@ impl ClientView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct CreatedClient {
     #[serde(flatten)]
     pub client: ClientView,
     pub api_key: KeyView,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DeletedClient {
     #[serde(flatten)]
     pub client: ClientView,
     pub deleted_keys: usize,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateClient {
     pub client_id: Option<String>,
     pub license: Option<String>,
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
     /// Permissions of the first key.
     #[serde(alias = "roles")]
     pub permissions: Option<Vec<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateClient {
     pub license: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Option<serde_json::Value>>,
 }
 
@@ -122,18 +116,15 @@ pub fn check_license(
     }
 }
 
-fn admin_only(caller: &Caller) -> Result<(), AdminError> {
-    match caller {
-        Caller::Admin => Ok(()),
-    }
-}
-
-async fn create(
+/// Creates a client and its first key (plaintext in the answer, once).
+#[utoipa::path(post, path = "/v1/clients", tag = "clients", request_body = CreateClient,
+    responses((status = 201, body = CreatedClient), ErrorResponses))]
+pub async fn create(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     JsonBody(body): JsonBody<CreateClient>,
 ) -> Result<impl IntoResponse, AdminError> {
-    admin_only(&caller)?;
+    caller.admin_only()?;
     let now = now_millis();
     let mut errs = Vec::new();
     let client_id = check_client_id(body.client_id.as_deref(), &mut errs);
@@ -163,12 +154,15 @@ async fn create(
     ))
 }
 
-async fn list(
+/// Lists clients.
+#[utoipa::path(get, path = "/v1/clients", tag = "clients", params(PageQuery),
+    responses((status = 200, body = PageView<ClientView>), ErrorResponses))]
+pub async fn list(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     Query(q): Query<PageQuery>,
 ) -> Result<Json<PageView<ClientView>>, AdminError> {
-    admin_only(&caller)?;
+    caller.admin_only()?;
     let (page, per_page) = q.bounds()?;
     let p = state.store.list_clients(page, per_page).await?;
     Ok(Json(PageView {
@@ -181,12 +175,16 @@ async fn list(
 
 const NO_CLIENT: &str = "no client with this client_id";
 
-async fn show(
+/// One client.
+#[utoipa::path(get, path = "/v1/clients/{client_id}", tag = "clients",
+    params(("client_id" = String, Path)),
+    responses((status = 200, body = ClientView), ErrorResponses))]
+pub async fn show(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     Path(client_id): Path<String>,
 ) -> Result<Json<ClientView>, AdminError> {
-    admin_only(&caller)?;
+    caller.admin_only()?;
     let c = state
         .store
         .get_client(&client_id)
@@ -195,13 +193,17 @@ async fn show(
     Ok(Json(ClientView::of(&c)))
 }
 
-async fn update(
+/// Changes a client's license or metadata; its keys follow at once.
+#[utoipa::path(patch, path = "/v1/clients/{client_id}", tag = "clients", request_body = UpdateClient,
+    params(("client_id" = String, Path)),
+    responses((status = 200, body = ClientView), ErrorResponses))]
+pub async fn update(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     Path(client_id): Path<String>,
     JsonBody(body): JsonBody<UpdateClient>,
 ) -> Result<Json<ClientView>, AdminError> {
-    admin_only(&caller)?;
+    caller.admin_only()?;
     let mut errs = Vec::new();
     let license = body
         .license
@@ -234,12 +236,16 @@ async fn update(
     Ok(Json(ClientView::of(&c)))
 }
 
-async fn remove(
+/// Deletes a client and all its keys; they stop working at once.
+#[utoipa::path(delete, path = "/v1/clients/{client_id}", tag = "clients",
+    params(("client_id" = String, Path)),
+    responses((status = 200, body = DeletedClient), ErrorResponses))]
+pub async fn remove(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     Path(client_id): Path<String>,
 ) -> Result<Json<DeletedClient>, AdminError> {
-    admin_only(&caller)?;
+    caller.admin_only()?;
     let deleted = state
         .store
         .delete_client(&client_id)

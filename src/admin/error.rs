@@ -9,10 +9,12 @@ use http::StatusCode;
 use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use utoipa::{IntoResponses, ToSchema};
 
 use crate::keys::store::StoreError;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+/// A field that failed its check.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
 pub struct FieldError {
     pub field: String,
     pub message: String,
@@ -27,15 +29,67 @@ impl FieldError {
     }
 }
 
+/// An error body: RFC 9457 problem details with a stable `code`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub title: String,
+    pub status: u16,
+    pub code: String,
+    pub detail: String,
+    /// Present on 422: each field that failed and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<FieldError>>,
+}
+
+/// The error answers every protected admin call may give.
+#[allow(dead_code)]
+#[derive(IntoResponses)]
+pub enum ErrorResponses {
+    /// Malformed JSON or request.
+    #[response(status = 400, content_type = "application/problem+json")]
+    BadRequest(Problem),
+    /// Missing or wrong credentials.
+    #[response(status = 401, content_type = "application/problem+json")]
+    Unauthorized(Problem),
+    /// The caller may not make this call.
+    #[response(status = 403, content_type = "application/problem+json")]
+    Forbidden(Problem),
+    /// No such resource (or not the caller's).
+    #[response(status = 404, content_type = "application/problem+json")]
+    NotFound(Problem),
+    /// Conflicts with existing state.
+    #[response(status = 409, content_type = "application/problem+json")]
+    Conflict(Problem),
+    /// Body too large.
+    #[response(status = 413, content_type = "application/problem+json")]
+    TooLarge(Problem),
+    /// A field failed its check.
+    #[response(status = 422, content_type = "application/problem+json")]
+    Unprocessable(Problem),
+    /// Too many failed authentications from this address.
+    #[response(status = 429, content_type = "application/problem+json")]
+    TooMany(Problem),
+    /// The store is unavailable; nothing was changed.
+    #[response(status = 503, content_type = "application/problem+json")]
+    Unavailable(Problem),
+}
+
 #[derive(Debug)]
 pub enum AdminError {
     BadRequest(String),
     Unauthorized,
+    /// `/auth/login` with a key that does not authenticate.
+    InvalidApiKey,
+    Forbidden(String),
     NotFound(&'static str),
     Conflict(String),
     Validation(Vec<FieldError>),
     PayloadTooLarge,
-    TooManyRequests { retry_after_secs: u64 },
+    TooManyRequests {
+        retry_after_secs: u64,
+    },
     StoreUnavailable,
 }
 
@@ -61,6 +115,12 @@ impl AdminError {
                 "unauthorized",
                 "a valid admin key is required (X-ADMIN-KEY or Authorization: Bearer)".into(),
             ),
+            Self::InvalidApiKey => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "the API key is not valid".into(),
+            ),
+            Self::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden", m.clone()),
             Self::NotFound(what) => (StatusCode::NOT_FOUND, "not_found", (*what).into()),
             Self::Conflict(m) => (StatusCode::CONFLICT, "conflict", m.clone()),
             Self::Validation(_) => (
@@ -90,24 +150,26 @@ impl AdminError {
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
         let (status, code, detail) = self.parts();
-        let mut body = serde_json::json!({
-            "type": "about:blank",
-            "title": status.canonical_reason().unwrap_or("Error"),
-            "status": status.as_u16(),
-            "code": code,
-            "detail": detail,
-        });
-        if let Self::Validation(errors) = &self {
-            body["errors"] = serde_json::to_value(errors).expect("serializable");
-        }
-        let mut res = (status, body.to_string()).into_response();
+        let body = Problem {
+            type_: "about:blank".into(),
+            title: status.canonical_reason().unwrap_or("Error").into(),
+            status: status.as_u16(),
+            code: code.into(),
+            detail,
+            errors: match &self {
+                Self::Validation(errors) => Some(errors.clone()),
+                _ => None,
+            },
+        };
+        let body = serde_json::to_string(&body).expect("serializable");
+        let mut res = (status, body).into_response();
         let h = res.headers_mut();
         h.insert(
             CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
         match self {
-            Self::Unauthorized => {
+            Self::Unauthorized | Self::InvalidApiKey => {
                 h.insert(
                     WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"keygate-admin\""),

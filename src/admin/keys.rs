@@ -1,15 +1,15 @@
 //! `/v1/api-keys` (also under `/api/v1/api-keys`): create, list, get, update, delete, rotate.
 
+use axum::Json;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::error::{AdminError, FieldError, JsonBody};
+use super::error::{AdminError, ErrorResponses, FieldError, JsonBody};
 use super::{AdminState, Caller, PageQuery, PageView, rfc3339};
 use crate::keys::{ApiKey, Millis, RateLimit, now_millis, valid_client_id};
 
@@ -18,19 +18,9 @@ pub const MAX_GRACE_SECONDS: u64 = 7 * 24 * 3600;
 const MAX_PERMISSIONS: usize = 100;
 const MAX_EXPIRES_DAYS: u32 = 36_500;
 
-pub fn routes() -> Router<AdminState> {
-    let keys = Router::new()
-        .route("/", get(list).post(create))
-        .route("/{id}", get(show).patch(update).delete(remove))
-        .route("/{id}/rotate", post(rotate));
-    Router::new()
-        .nest("/v1/api-keys", keys.clone())
-        .nest("/api/v1/api-keys", keys)
-}
-
 /// A key as the admin API shows it. `key` (the plaintext) is present only in the answers to
 /// create and rotate.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct KeyView {
     pub id: String,
     pub client_id: String,
@@ -43,9 +33,12 @@ pub struct KeyView {
     pub expires_at: Option<String>,
     pub last_used_at: Option<String>,
     pub rate_limit: Option<RateLimit>,
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
+    /// After a rotation with a grace period: until when the previous key still works.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub previous_key_valid_until: Option<String>,
+    /// The plaintext key: only in the answers to create and rotate, never again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
 }
@@ -89,39 +82,56 @@ fn nullable<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
     Option::<T>::deserialize(d).map(Some)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
+    /// 1–100 characters (required).
     pub name: Option<String>,
+    /// Owner of the key (required for admin callers; a client principal's own id otherwise).
     pub client_id: Option<String>,
+    /// Permissions (alias `roles`).
     #[serde(alias = "roles")]
     pub permissions: Option<Vec<String>>,
     pub enabled: Option<bool>,
+    /// RFC 3339 time in the future.
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<DateTime<Utc>>,
+    /// Days from now, 1–36500.
     pub expires_days: Option<u32>,
+    /// `true`: the key never expires (the default).
     pub never_expire: Option<bool>,
     pub rate_limit: Option<RateLimit>,
+    /// A JSON object.
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateKey {
     pub name: Option<String>,
     pub enabled: Option<bool>,
+    /// Permissions (alias `roles`).
     #[serde(alias = "roles")]
     pub permissions: Option<Vec<String>>,
+    /// RFC 3339 time in the future, or null for never.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<Option<DateTime<Utc>>>,
+    /// A limit, or null to fall back to the plan.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<RateLimit>)]
     pub rate_limit: Option<Option<RateLimit>>,
+    /// A JSON object, or null.
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Option<serde_json::Value>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateKey {
+    /// How long the previous key keeps working, 0–604800 s (default 0).
     pub grace_period_seconds: Option<u64>,
 }
 
@@ -242,16 +252,59 @@ pub fn new_key(
     (key, generated.plaintext)
 }
 
-async fn create(
+/// What a client principal may not do to its own keys: grant permissions it does not hold
+/// itself, or change rate limits.
+fn check_client_limits(
+    caller: &Caller,
+    permissions: Option<&[String]>,
+    sets_rate_limit: bool,
+) -> Result<(), AdminError> {
+    let Caller::Client {
+        permissions: own, ..
+    } = caller
+    else {
+        return Ok(());
+    };
+    if sets_rate_limit {
+        return Err(AdminError::Forbidden(
+            "only an admin can set rate limits".into(),
+        ));
+    }
+    if permissions.is_some_and(|p| p.iter().any(|p| !own.contains(p))) {
+        return Err(AdminError::Forbidden(
+            "a key cannot grant permissions the caller does not hold".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Creates an API key; the plaintext is in the answer, once.
+#[utoipa::path(post, path = "/v1/api-keys", tag = "keys", request_body = CreateKey,
+    responses((status = 201, body = KeyView), ErrorResponses))]
+pub async fn create(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     JsonBody(body): JsonBody<CreateKey>,
 ) -> Result<impl IntoResponse, AdminError> {
     let now = now_millis();
+    check_client_limits(
+        &caller,
+        body.permissions.as_deref(),
+        body.rate_limit.is_some(),
+    )?;
     let mut errs = Vec::new();
     let name = body.name.clone().unwrap_or_default();
     check_name(&name, &mut errs);
     let client_id = match (&caller, body.client_id.as_deref()) {
+        (Caller::Client { client_id, .. }, None) => client_id.clone(),
+        (Caller::Client { client_id, .. }, Some(id)) if id == client_id => client_id.clone(),
+        (Caller::Client { .. }, Some(_)) => {
+            errs.push(FieldError::new(
+                "client_id",
+                "a client can only create keys for itself",
+            ));
+            String::new()
+        }
         (Caller::Admin, Some(id)) if valid_client_id(id) => id.to_owned(),
         (Caller::Admin, Some(_)) => {
             errs.push(FieldError::new(
@@ -301,7 +354,10 @@ async fn create(
     ))
 }
 
-async fn list(
+/// Lists keys (a client principal sees its own only). No secrets.
+#[utoipa::path(get, path = "/v1/api-keys", tag = "keys", params(PageQuery),
+    responses((status = 200, body = PageView<KeyView>), ErrorResponses))]
+pub async fn list(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     Query(q): Query<PageQuery>,
@@ -309,6 +365,7 @@ async fn list(
     let (page, per_page) = q.bounds()?;
     let client = match &caller {
         Caller::Admin => q.client_id.as_deref(),
+        Caller::Client { client_id, .. } => Some(client_id.as_str()),
     };
     let p = state.store.list_keys(client, page, per_page).await?;
     Ok(Json(PageView {
@@ -330,10 +387,16 @@ async fn load(state: &AdminState, caller: &Caller, id: &str) -> Result<ApiKey, A
         .ok_or(AdminError::NotFound(NOT_FOUND))?;
     match caller {
         Caller::Admin => Ok(record.key),
+        Caller::Client { client_id, .. } if *client_id == record.key.client_id => Ok(record.key),
+        Caller::Client { .. } => Err(AdminError::NotFound(NOT_FOUND)),
     }
 }
 
-async fn show(
+/// One key. No secret.
+#[utoipa::path(get, path = "/v1/api-keys/{id}", tag = "keys",
+    params(("id" = String, Path, description = "Key id")),
+    responses((status = 200, body = KeyView), ErrorResponses))]
+pub async fn show(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
@@ -342,7 +405,11 @@ async fn show(
     Ok(Json(KeyView::of(&key)))
 }
 
-async fn update(
+/// Changes a key; the proxy obeys the change from the next request on.
+#[utoipa::path(patch, path = "/v1/api-keys/{id}", tag = "keys", request_body = UpdateKey,
+    params(("id" = String, Path, description = "Key id")),
+    responses((status = 200, body = KeyView), ErrorResponses))]
+pub async fn update(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
@@ -350,6 +417,11 @@ async fn update(
 ) -> Result<Json<KeyView>, AdminError> {
     let now = now_millis();
     let mut key = load(&state, &caller, &id).await?;
+    check_client_limits(
+        &caller,
+        body.permissions.as_deref(),
+        body.rate_limit.is_some(),
+    )?;
     let mut errs = Vec::new();
     if let Some(name) = &body.name {
         check_name(name, &mut errs);
@@ -398,7 +470,11 @@ async fn update(
     Ok(Json(KeyView::of(&key)))
 }
 
-async fn remove(
+/// Deletes a key; it stops working at once. Answers the deleted key.
+#[utoipa::path(delete, path = "/v1/api-keys/{id}", tag = "keys",
+    params(("id" = String, Path, description = "Key id")),
+    responses((status = 200, body = KeyView), ErrorResponses))]
+pub async fn remove(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
@@ -414,7 +490,11 @@ async fn remove(
     Ok(Json(KeyView::of(&deleted)))
 }
 
-async fn rotate(
+/// Replaces a key's secret (same id); the old one stops at once or after the grace period.
+#[utoipa::path(post, path = "/v1/api-keys/{id}/rotate", tag = "keys", request_body(content = Option<RotateKey>),
+    params(("id" = String, Path, description = "Key id")),
+    responses((status = 200, body = KeyView), ErrorResponses))]
+pub async fn rotate(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,

@@ -74,8 +74,8 @@ struct EntryExpiry {
     negative_ttl: Duration,
 }
 
-impl Expiry<KeyHash, Entry> for EntryExpiry {
-    fn expire_after_create(&self, _: &KeyHash, entry: &Entry, _: Instant) -> Option<Duration> {
+impl<K> Expiry<K, Entry> for EntryExpiry {
+    fn expire_after_create(&self, _: &K, entry: &Entry, _: Instant) -> Option<Duration> {
         let now = now_millis();
         let until = |ms: Millis| Duration::from_millis(ms.saturating_sub(now).max(0) as u64);
         Some(match &entry.value {
@@ -116,6 +116,8 @@ pub trait InvalidationSink: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct KeyCache {
     inner: Cache<KeyHash, Entry, DigestHasher>,
+    /// The same principals by key id, for tokens (which name the key, not its hash).
+    by_id: Cache<Uuid, Entry>,
     ttl: Duration,
     /// Bumped by every invalidation, so a fill that read the store before an invalidation
     /// cannot leave its (old) answer behind.
@@ -131,8 +133,16 @@ impl KeyCache {
                 negative_ttl: settings.negative_ttl,
             })
             .build_with_hasher(DigestHasher(0));
+        let by_id = Cache::builder()
+            .max_capacity(settings.capacity)
+            .expire_after(EntryExpiry {
+                stale_if_error: settings.stale_if_error,
+                negative_ttl: settings.negative_ttl,
+            })
+            .build();
         Self {
             inner,
+            by_id,
             ttl: settings.ttl,
             epoch: Arc::new(AtomicU64::new(0)),
         }
@@ -162,9 +172,28 @@ impl KeyCache {
         self.inner.invalidate(hash);
     }
 
+    pub fn get_id(&self, id: &Uuid) -> Option<Entry> {
+        self.by_id.get(id)
+    }
+
+    /// Like [`KeyCache::insert`], by key id.
+    pub fn insert_id(&self, id: Uuid, value: Cached, now: Millis, epoch: u64) {
+        let fresh_until = now + self.ttl.as_millis() as i64;
+        self.by_id.insert(id, Entry { value, fresh_until });
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            self.by_id.invalidate(&id);
+        }
+    }
+
+    pub fn invalidate_id(&self, id: &Uuid) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.by_id.invalidate(id);
+    }
+
     pub fn invalidate_all(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.inner.invalidate_all();
+        self.by_id.invalidate_all();
     }
 
     /// Entries currently held (runs pending maintenance first).
@@ -178,6 +207,9 @@ impl InvalidationSink for KeyCache {
     fn invalidate(&self, inv: &Invalidation) {
         for h in &inv.hashes {
             KeyCache::invalidate(self, h);
+        }
+        for id in &inv.key_ids {
+            self.invalidate_id(id);
         }
     }
 

@@ -7,7 +7,7 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use super::credential::Source;
+use crate::auth::credential::Source;
 use crate::keys::IdentityHeaders;
 
 pub const X_KEYGATE_CLIENT_ID: HeaderName = HeaderName::from_static("x-keygate-client-id");

@@ -1,0 +1,257 @@
+//! Kixote-compatible client calls: the exact paths, bodies, field names, messages and date
+//! format of SPEC §4.3, so existing scripts run unchanged. Bodies accept extra fields (old
+//! scripts may send them); answers have exactly the documented fields, in the documented order.
+
+use axum::Json;
+use axum::extract::{ConnectInfo, Extension, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::clients::{FIRST_KEY_NAME, check_client_id, check_license};
+use super::error::{AdminError, ErrorResponses, JsonBody};
+use super::keys::{audit, new_key};
+use super::{AdminState, Caller, MAX_PER_PAGE};
+use crate::auth::jwt::{LoginRequest, TokenResponse};
+use crate::error::ProxyError;
+use crate::keys::store::StoreError;
+use crate::keys::{Client, now_millis};
+
+const NO_CLIENT: &str = "client not found";
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct KxCreateClient {
+    pub client_id: Option<String>,
+    pub license: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct KxClientRef {
+    pub client_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KxCreated {
+    pub api_key: String,
+    pub client_id: String,
+    pub license: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KxClient {
+    pub client_id: String,
+    /// `YYYY-MM-DD HH:MM:SS`, UTC.
+    pub created_at: String,
+    pub license: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KxRevoked {
+    pub client_id: String,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KxRecreated {
+    pub api_key: String,
+    pub client_id: String,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KxDeleted {
+    pub message: String,
+    pub client_id: String,
+}
+
+fn client_id_of(body: KxClientRef) -> Result<String, AdminError> {
+    let mut errs = Vec::new();
+    let id = check_client_id(body.client_id.as_deref(), &mut errs);
+    if errs.is_empty() {
+        Ok(id)
+    } else {
+        Err(AdminError::Validation(errs))
+    }
+}
+
+fn not_found(e: StoreError) -> AdminError {
+    match e {
+        StoreError::NotFound => AdminError::NotFound(NO_CLIENT),
+        e => e.into(),
+    }
+}
+
+/// Creates a client and its key.
+#[utoipa::path(post, path = "/auth/create_client", tag = "kixote", request_body = KxCreateClient,
+    responses((status = 201, body = KxCreated), ErrorResponses))]
+pub async fn create_client(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    JsonBody(body): JsonBody<KxCreateClient>,
+) -> Result<impl IntoResponse, AdminError> {
+    caller.admin_only()?;
+    let mut errs = Vec::new();
+    let client_id = check_client_id(body.client_id.as_deref(), &mut errs);
+    let license = check_license(&state, body.license.as_deref(), &mut errs);
+    if !errs.is_empty() {
+        return Err(AdminError::Validation(errs));
+    }
+    let now = now_millis();
+    let client = Client {
+        client_id: client_id.clone(),
+        license: license.clone(),
+        created_at: now,
+        metadata: None,
+    };
+    let (key, plaintext) = new_key(&state, &client_id, FIRST_KEY_NAME.into(), Vec::new(), now);
+    state.store.insert_client(&client, &key).await?;
+    state.invalidate(std::slice::from_ref(&key));
+    audit("client.create", &caller, &key);
+    Ok((
+        StatusCode::CREATED,
+        Json(KxCreated {
+            api_key: plaintext.expose().to_owned(),
+            client_id,
+            license,
+        }),
+    ))
+}
+
+/// Every client.
+#[utoipa::path(get, path = "/auth/list_clients", tag = "kixote",
+    responses((status = 200, body = Vec<KxClient>), ErrorResponses))]
+pub async fn list_clients(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<KxClient>>, AdminError> {
+    caller.admin_only()?;
+    let mut out = Vec::new();
+    for page in 1.. {
+        let p = state.store.list_clients(page, MAX_PER_PAGE).await?;
+        let n = p.items.len();
+        out.extend(p.items.into_iter().map(|c| {
+            KxClient {
+                created_at: chrono::DateTime::from_timestamp_millis(c.created_at)
+                    .unwrap_or_default()
+                    .format("%Y-%m-%d %H:%M:%S")
+                    .to_string(),
+                client_id: c.client_id,
+                license: c.license,
+            }
+        }));
+        if n < MAX_PER_PAGE as usize {
+            break;
+        }
+    }
+    Ok(Json(out))
+}
+
+/// Disables every key of the client.
+#[utoipa::path(post, path = "/auth/revoke_client_key", tag = "kixote", request_body = KxClientRef,
+    responses((status = 200, body = KxRevoked), ErrorResponses))]
+pub async fn revoke_client_key(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    JsonBody(body): JsonBody<KxClientRef>,
+) -> Result<Json<KxRevoked>, AdminError> {
+    caller.admin_only()?;
+    let client_id = client_id_of(body)?;
+    let before = state
+        .store
+        .replace_client_keys(&client_id, true, None)
+        .await
+        .map_err(not_found)?;
+    state.invalidate(&before);
+    tracing::info!(target: "keygate::audit", action = "client.revoke_keys", caller = ?caller, client_id = %client_id, keys = before.len(), outcome = "ok");
+    Ok(Json(KxRevoked {
+        client_id,
+        message: "Client key revoked".into(),
+    }))
+}
+
+/// Replaces every key of the client by one new key (with the permissions of the client's
+/// oldest key, if any).
+#[utoipa::path(post, path = "/auth/create_client_key", tag = "kixote", request_body = KxClientRef,
+    responses((status = 200, body = KxRecreated), ErrorResponses))]
+pub async fn create_client_key(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    JsonBody(body): JsonBody<KxClientRef>,
+) -> Result<Json<KxRecreated>, AdminError> {
+    caller.admin_only()?;
+    let client_id = client_id_of(body)?;
+    if state.store.get_client(&client_id).await?.is_none() {
+        return Err(AdminError::NotFound(NO_CLIENT));
+    }
+    let oldest = state.store.list_keys(Some(&client_id), 1, 1).await?;
+    let permissions = oldest
+        .items
+        .first()
+        .map(|k| k.permissions.clone())
+        .unwrap_or_default();
+    let (key, plaintext) = new_key(
+        &state,
+        &client_id,
+        FIRST_KEY_NAME.into(),
+        permissions,
+        now_millis(),
+    );
+    let mut before = state
+        .store
+        .replace_client_keys(&client_id, false, Some(&key))
+        .await
+        .map_err(not_found)?;
+    before.push(key.clone());
+    state.invalidate(&before);
+    audit("client.recreate_key", &caller, &key);
+    Ok(Json(KxRecreated {
+        api_key: plaintext.expose().to_owned(),
+        client_id,
+        message: "Client key recreated".into(),
+    }))
+}
+
+/// Deletes the client and its keys.
+#[utoipa::path(delete, path = "/auth/delete_client", tag = "kixote", request_body = KxClientRef,
+    responses((status = 200, body = KxDeleted), ErrorResponses))]
+pub async fn delete_client(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    JsonBody(body): JsonBody<KxClientRef>,
+) -> Result<Json<KxDeleted>, AdminError> {
+    caller.admin_only()?;
+    let client_id = client_id_of(body)?;
+    let deleted = state
+        .store
+        .delete_client(&client_id)
+        .await?
+        .ok_or(AdminError::NotFound(NO_CLIENT))?;
+    state.invalidate(&deleted.keys);
+    tracing::info!(target: "keygate::audit", action = "client.delete", caller = ?caller, client_id = %client_id, keys = deleted.keys.len(), outcome = "ok");
+    Ok(Json(KxDeleted {
+        message: "Client deleted".into(),
+        client_id,
+    }))
+}
+
+/// Trades an API key for a short-lived access token. No admin key needed.
+#[utoipa::path(post, path = "/auth/login", tag = "kixote", request_body = LoginRequest, security(()),
+    responses((status = 200, body = TokenResponse), ErrorResponses))]
+pub async fn login(
+    State(state): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    JsonBody(body): JsonBody<LoginRequest>,
+) -> Result<Json<TokenResponse>, AdminError> {
+    let ip = peer.ip();
+    if let Err(wait) = state.failed_auth.check(ip) {
+        return Err(AdminError::TooManyRequests {
+            retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+        });
+    }
+    match state.auth.login(&body.api_key).await {
+        Ok(token) => Ok(Json(TokenResponse::from(token))),
+        Err(ProxyError::StoreUnavailable) => Err(AdminError::StoreUnavailable),
+        Err(_) => Err(state.failed(ip, AdminError::InvalidApiKey)),
+    }
+}
