@@ -147,6 +147,7 @@ impl Modify for SecurityAddon {
         description = "Clients and API keys of a keygate gateway. Every /v1/api-keys route is also served under /api/v1/api-keys."
     ),
     modifiers(&SecurityAddon),
+    components(schemas(error::Problem, error::FieldError)),
     security(("admin_key" = []), ("bearer" = []))
 )]
 struct ApiDoc;
@@ -288,7 +289,7 @@ pub struct Status {
 }
 
 /// Liveness: the process answers.
-#[utoipa::path(get, path = "/healthz", tag = "service", security(()),
+#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "service", security(()),
     responses((status = 200, body = Status)))]
 async fn healthz() -> impl IntoResponse {
     axum::Json(Status {
@@ -297,7 +298,7 @@ async fn healthz() -> impl IntoResponse {
 }
 
 /// Readiness: the store answers.
-#[utoipa::path(get, path = "/readyz", tag = "service", security(()),
+#[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "service", security(()),
     responses((status = 200, body = Status), (status = 503, body = Status)))]
 async fn readyz(State(state): State<AdminState>) -> Response {
     match state.store.ping().await {
@@ -319,7 +320,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 }
 
 /// This document.
-#[utoipa::path(get, path = "/openapi.json", tag = "service", security(()),
+#[utoipa::path(get, path = "/openapi.json", operation_id = "openapi", tag = "service", security(()),
     responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json")))]
 async fn openapi_json(State(state): State<AdminState>) -> Response {
     let body = state.openapi_json.get().cloned().unwrap_or_default();

@@ -117,7 +117,7 @@ pub fn check_license(
 }
 
 /// Creates a client and its first key (plaintext in the answer, once).
-#[utoipa::path(post, path = "/v1/clients", tag = "clients", request_body = CreateClient,
+#[utoipa::path(post, path = "/v1/clients", operation_id = "create_client", tag = "clients", request_body = CreateClient,
     responses((status = 201, body = CreatedClient), ErrorResponses))]
 pub async fn create(
     State(state): State<AdminState>,
@@ -155,7 +155,7 @@ pub async fn create(
 }
 
 /// Lists clients.
-#[utoipa::path(get, path = "/v1/clients", tag = "clients", params(PageQuery),
+#[utoipa::path(get, path = "/v1/clients", operation_id = "list_clients", tag = "clients", params(PageQuery),
     responses((status = 200, body = PageView<ClientView>), ErrorResponses))]
 pub async fn list(
     State(state): State<AdminState>,
@@ -176,7 +176,7 @@ pub async fn list(
 const NO_CLIENT: &str = "no client with this client_id";
 
 /// One client.
-#[utoipa::path(get, path = "/v1/clients/{client_id}", tag = "clients",
+#[utoipa::path(get, path = "/v1/clients/{client_id}", operation_id = "get_client", tag = "clients",
     params(("client_id" = String, Path)),
     responses((status = 200, body = ClientView), ErrorResponses))]
 pub async fn show(
@@ -194,7 +194,7 @@ pub async fn show(
 }
 
 /// Changes a client's license or metadata; its keys follow at once.
-#[utoipa::path(patch, path = "/v1/clients/{client_id}", tag = "clients", request_body = UpdateClient,
+#[utoipa::path(patch, path = "/v1/clients/{client_id}", operation_id = "update_client", tag = "clients", request_body = UpdateClient,
     params(("client_id" = String, Path)),
     responses((status = 200, body = ClientView), ErrorResponses))]
 pub async fn update(
@@ -237,7 +237,7 @@ pub async fn update(
 }
 
 /// Deletes a client and all its keys; they stop working at once.
-#[utoipa::path(delete, path = "/v1/clients/{client_id}", tag = "clients",
+#[utoipa::path(delete, path = "/v1/clients/{client_id}", operation_id = "delete_client", tag = "clients",
     params(("client_id" = String, Path)),
     responses((status = 200, body = DeletedClient), ErrorResponses))]
 pub async fn remove(

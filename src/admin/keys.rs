@@ -279,7 +279,7 @@ fn check_client_limits(
 }
 
 /// Creates an API key; the plaintext is in the answer, once.
-#[utoipa::path(post, path = "/v1/api-keys", tag = "keys", request_body = CreateKey,
+#[utoipa::path(post, path = "/v1/api-keys", operation_id = "create_key", tag = "keys", request_body = CreateKey,
     responses((status = 201, body = KeyView), ErrorResponses))]
 pub async fn create(
     State(state): State<AdminState>,
@@ -355,7 +355,7 @@ pub async fn create(
 }
 
 /// Lists keys (a client principal sees its own only). No secrets.
-#[utoipa::path(get, path = "/v1/api-keys", tag = "keys", params(PageQuery),
+#[utoipa::path(get, path = "/v1/api-keys", operation_id = "list_keys", tag = "keys", params(PageQuery),
     responses((status = 200, body = PageView<KeyView>), ErrorResponses))]
 pub async fn list(
     State(state): State<AdminState>,
@@ -393,7 +393,7 @@ async fn load(state: &AdminState, caller: &Caller, id: &str) -> Result<ApiKey, A
 }
 
 /// One key. No secret.
-#[utoipa::path(get, path = "/v1/api-keys/{id}", tag = "keys",
+#[utoipa::path(get, path = "/v1/api-keys/{id}", operation_id = "get_key", tag = "keys",
     params(("id" = String, Path, description = "Key id")),
     responses((status = 200, body = KeyView), ErrorResponses))]
 pub async fn show(
@@ -406,7 +406,7 @@ pub async fn show(
 }
 
 /// Changes a key; the proxy obeys the change from the next request on.
-#[utoipa::path(patch, path = "/v1/api-keys/{id}", tag = "keys", request_body = UpdateKey,
+#[utoipa::path(patch, path = "/v1/api-keys/{id}", operation_id = "update_key", tag = "keys", request_body = UpdateKey,
     params(("id" = String, Path, description = "Key id")),
     responses((status = 200, body = KeyView), ErrorResponses))]
 pub async fn update(
@@ -471,7 +471,7 @@ pub async fn update(
 }
 
 /// Deletes a key; it stops working at once. Answers the deleted key.
-#[utoipa::path(delete, path = "/v1/api-keys/{id}", tag = "keys",
+#[utoipa::path(delete, path = "/v1/api-keys/{id}", operation_id = "delete_key", tag = "keys",
     params(("id" = String, Path, description = "Key id")),
     responses((status = 200, body = KeyView), ErrorResponses))]
 pub async fn remove(
@@ -491,7 +491,7 @@ pub async fn remove(
 }
 
 /// Replaces a key's secret (same id); the old one stops at once or after the grace period.
-#[utoipa::path(post, path = "/v1/api-keys/{id}/rotate", tag = "keys", request_body(content = Option<RotateKey>),
+#[utoipa::path(post, path = "/v1/api-keys/{id}/rotate", operation_id = "rotate_key", tag = "keys", request_body(content = Option<RotateKey>),
     params(("id" = String, Path, description = "Key id")),
     responses((status = 200, body = KeyView), ErrorResponses))]
 pub async fn rotate(

@@ -83,7 +83,7 @@ fn not_found(e: StoreError) -> AdminError {
 }
 
 /// Creates a client and its key.
-#[utoipa::path(post, path = "/auth/create_client", tag = "kixote", request_body = KxCreateClient,
+#[utoipa::path(post, path = "/auth/create_client", operation_id = "kixote_create_client", tag = "kixote", request_body = KxCreateClient,
     responses((status = 201, body = KxCreated), ErrorResponses))]
 pub async fn create_client(
     State(state): State<AdminState>,
@@ -119,7 +119,7 @@ pub async fn create_client(
 }
 
 /// Every client.
-#[utoipa::path(get, path = "/auth/list_clients", tag = "kixote",
+#[utoipa::path(get, path = "/auth/list_clients", operation_id = "kixote_list_clients", tag = "kixote",
     responses((status = 200, body = Vec<KxClient>), ErrorResponses))]
 pub async fn list_clients(
     State(state): State<AdminState>,
@@ -148,7 +148,7 @@ pub async fn list_clients(
 }
 
 /// Disables every key of the client.
-#[utoipa::path(post, path = "/auth/revoke_client_key", tag = "kixote", request_body = KxClientRef,
+#[utoipa::path(post, path = "/auth/revoke_client_key", operation_id = "kixote_revoke_client_key", tag = "kixote", request_body = KxClientRef,
     responses((status = 200, body = KxRevoked), ErrorResponses))]
 pub async fn revoke_client_key(
     State(state): State<AdminState>,
@@ -172,7 +172,7 @@ pub async fn revoke_client_key(
 
 /// Replaces every key of the client by one new key (with the permissions of the client's
 /// oldest key, if any).
-#[utoipa::path(post, path = "/auth/create_client_key", tag = "kixote", request_body = KxClientRef,
+#[utoipa::path(post, path = "/auth/create_client_key", operation_id = "kixote_create_client_key", tag = "kixote", request_body = KxClientRef,
     responses((status = 200, body = KxRecreated), ErrorResponses))]
 pub async fn create_client_key(
     State(state): State<AdminState>,
@@ -213,7 +213,7 @@ pub async fn create_client_key(
 }
 
 /// Deletes the client and its keys.
-#[utoipa::path(delete, path = "/auth/delete_client", tag = "kixote", request_body = KxClientRef,
+#[utoipa::path(delete, path = "/auth/delete_client", operation_id = "kixote_delete_client", tag = "kixote", request_body = KxClientRef,
     responses((status = 200, body = KxDeleted), ErrorResponses))]
 pub async fn delete_client(
     State(state): State<AdminState>,
@@ -236,7 +236,7 @@ pub async fn delete_client(
 }
 
 /// Trades an API key for a short-lived access token. No admin key needed.
-#[utoipa::path(post, path = "/auth/login", tag = "kixote", request_body = LoginRequest, security(()),
+#[utoipa::path(post, path = "/auth/login", operation_id = "login", tag = "kixote", request_body = LoginRequest, security(()),
     responses((status = 200, body = TokenResponse), ErrorResponses))]
 pub async fn login(
     State(state): State<AdminState>,

@@ -2,6 +2,8 @@
 
 mod admin_api;
 mod binary;
+mod kixote;
+mod openapi;
 mod proxy_path;
 mod rate_limits;
 mod support;
