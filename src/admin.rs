@@ -41,6 +41,7 @@ use crate::keys::cache::KeyCache;
 use crate::keys::store::Store;
 use crate::keys::{ApiKey as StoredKey, KeyFormat, KeyHash, Millis};
 use crate::limit::FailedAuth;
+use crate::telemetry::metrics::Metrics;
 use error::AdminError;
 
 /// Who is calling the admin API.
@@ -79,6 +80,7 @@ pub struct AdminInner {
     pub failed_auth: Arc<FailedAuth>,
     pub self_service_permission: String,
     pub openapi_json: OnceLock<String>,
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Clone)]
@@ -158,6 +160,7 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(keys::create, keys::list))
         .routes(routes!(keys::show, keys::update, keys::remove))
         .routes(routes!(keys::rotate))
+        .routes(routes!(keys::usage))
         .routes(routes!(clients::create, clients::list))
         .routes(routes!(clients::show, clients::update, clients::remove))
         .routes(routes!(kixote::create_client))
@@ -165,6 +168,7 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(kixote::revoke_client_key))
         .routes(routes!(kixote::create_client_key))
         .routes(routes!(kixote::delete_client))
+        .route_layer(middleware::from_fn(audit_failures))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_caller,
@@ -173,6 +177,7 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(openapi_json))
+        .routes(routes!(metrics))
         .routes(routes!(kixote::login));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(protected)
@@ -243,6 +248,28 @@ async fn require_caller(
     let caller = identify(&state, req.headers(), ip).await?;
     req.extensions_mut().insert(caller);
     Ok(next.run(req).await)
+}
+
+/// Admin mutations that fail are audited here (successful ones are audited by their handlers,
+/// with the ids they touched).
+async fn audit_failures(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    if method == http::Method::GET || method == http::Method::HEAD {
+        return next.run(req).await;
+    }
+    let caller = req.extensions().get::<Caller>().cloned();
+    let path = req.uri().path().to_owned();
+    let res = next.run(req).await;
+    if !res.status().is_success() {
+        tracing::info!(
+            target: "keygate::audit",
+            action = %method,
+            path = %path,
+            caller = ?caller,
+            outcome = res.status().as_u16(),
+        );
+    }
+    res
 }
 
 async fn identify(
@@ -325,6 +352,20 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 async fn openapi_json(State(state): State<AdminState>) -> Response {
     let body = state.openapi_json.get().cloned().unwrap_or_default();
     ([(http::header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// Prometheus metrics (text format).
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "service", security(()),
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+async fn metrics(State(state): State<AdminState>) -> Response {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 /// RFC 3339 UTC with millisecond precision.

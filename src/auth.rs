@@ -18,6 +18,7 @@ use crate::keys::store::Store;
 use crate::keys::{KeyFormat, KeyHash, Millis, Principal, now_millis};
 use crate::limit::KeyLimits;
 use crate::proxy::route::Route;
+use crate::telemetry::metrics::{CacheResult, Metrics};
 use credential::{Credential, Kind};
 use jwt::{Jwt, Token};
 
@@ -28,6 +29,7 @@ pub struct Authenticator {
     store: Arc<dyn Store>,
     limits: Arc<KeyLimits>,
     jwt: Arc<Jwt>,
+    metrics: Arc<Metrics>,
 }
 
 impl Authenticator {
@@ -37,6 +39,7 @@ impl Authenticator {
         store: Arc<dyn Store>,
         limits: Arc<KeyLimits>,
         jwt: Arc<Jwt>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             format,
@@ -44,6 +47,7 @@ impl Authenticator {
             store,
             limits,
             jwt,
+            metrics,
         }
     }
 
@@ -73,11 +77,17 @@ impl Authenticator {
             Some(Entry {
                 value: Cached::Found(p),
                 fresh_until,
-            }) if now < fresh_until => p,
+            }) if now < fresh_until => {
+                self.metrics.cache(CacheResult::Hit);
+                p
+            }
             Some(Entry {
                 value: Cached::Unknown,
                 ..
-            }) => return Err(ProxyError::InvalidToken),
+            }) => {
+                self.metrics.cache(CacheResult::NegativeHit);
+                return Err(ProxyError::InvalidToken);
+            }
             Some(Entry {
                 value: Cached::Found(stale),
                 ..
@@ -100,6 +110,7 @@ impl Authenticator {
         now: Millis,
         stale: Option<Arc<Principal>>,
     ) -> Result<Arc<Principal>, ProxyError> {
+        self.metrics.cache(CacheResult::Miss);
         let epoch = self.cache.epoch();
         match self.store.find_by_id(id).await {
             Ok(Some(record)) => {
@@ -114,8 +125,19 @@ impl Authenticator {
             }
             Err(e) => {
                 tracing::warn!(error = %e, serving_stale = stale.is_some(), "key lookup by id failed");
-                stale.ok_or(ProxyError::StoreUnavailable)
+                self.stale(stale)
             }
+        }
+    }
+
+    /// The answer when the store failed: the stale principal if there is one, else 503.
+    fn stale(&self, stale: Option<Arc<Principal>>) -> Result<Arc<Principal>, ProxyError> {
+        match stale {
+            Some(p) => {
+                self.metrics.cache(CacheResult::StaleServed);
+                Ok(p)
+            }
+            None => Err(ProxyError::StoreUnavailable),
         }
     }
 
@@ -136,11 +158,17 @@ impl Authenticator {
             Some(Entry {
                 value: Cached::Found(p),
                 fresh_until,
-            }) if now < fresh_until => p,
+            }) if now < fresh_until => {
+                self.metrics.cache(CacheResult::Hit);
+                p
+            }
             Some(Entry {
                 value: Cached::Unknown,
                 ..
-            }) => return Err(ProxyError::InvalidApiKey),
+            }) => {
+                self.metrics.cache(CacheResult::NegativeHit);
+                return Err(ProxyError::InvalidApiKey);
+            }
             Some(Entry {
                 value: Cached::Found(stale),
                 ..
@@ -160,12 +188,13 @@ impl Authenticator {
         now: Millis,
         stale: Option<Arc<Principal>>,
     ) -> Result<Arc<Principal>, ProxyError> {
+        self.metrics.cache(CacheResult::Miss);
         let epoch = self.cache.epoch();
         let found = match self.store.find_by_hash(&hash, now).await {
             Ok(found) => found,
             Err(e) => {
                 tracing::warn!(error = %e, serving_stale = stale.is_some(), "key lookup failed");
-                return stale.ok_or(ProxyError::StoreUnavailable);
+                return self.stale(stale);
             }
         };
         let matching = found.filter(|r| {
@@ -310,6 +339,12 @@ mod tests {
         async fn record_last_used(&self, used: &[(Uuid, Millis)]) -> StoreResult<()> {
             self.inner.record_last_used(used).await
         }
+        async fn record_usage(&self, u: &[crate::keys::store::Usage]) -> StoreResult<()> {
+            self.inner.record_usage(u).await
+        }
+        async fn usage(&self, id: Uuid, from: i64, to: i64) -> StoreResult<Vec<(i64, u64)>> {
+            self.inner.usage(id, from, to).await
+        }
         async fn ping(&self) -> StoreResult<()> {
             self.inner.ping().await
         }
@@ -355,6 +390,7 @@ mod tests {
             store.clone(),
             limits,
             jwt,
+            Arc::new(Metrics::new(vec![])),
         );
         (auth, store, cache, dir)
     }

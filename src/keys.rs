@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod store;
+pub mod usage;
 
 use std::fmt;
 use std::sync::Arc;
@@ -282,6 +283,8 @@ pub struct Principal {
     pub rotated_at: Option<Millis>,
     /// The key's rate-limit bucket (shared by every credential form of the key).
     pub limiter: Arc<crate::limit::KeyLimiter>,
+    /// Requests not yet written to the store.
+    pub usage: usage::KeyUsage,
     pub headers: IdentityHeaders,
 }
 
@@ -316,6 +319,7 @@ impl Principal {
             grace_until,
             rotated_at: key.rotated_at,
             limiter,
+            usage: Default::default(),
             headers: IdentityHeaders {
                 client_id: header(&key.client_id),
                 key_id: header(&key.id.to_string()),

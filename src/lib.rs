@@ -43,11 +43,14 @@ use crate::config::{Config, StoreUrl};
 use crate::keys::KeyFormat;
 use crate::keys::cache::{CacheSettings, KeyCache};
 use crate::keys::store::Store;
+use crate::keys::store::metered::Metered;
 use crate::keys::store::sqlite::SqliteStore;
+use crate::keys::usage::UsageRecorder;
 use crate::proxy::Gateway;
 use crate::proxy::forward::{ConnInfo, Forwarder};
 use crate::proxy::route::RouteTable;
 use crate::server::ServerOptions;
+use crate::telemetry::metrics::Metrics;
 
 /// How often idle limiter state (per-route, failed-auth) is dropped.
 const LIMITER_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
@@ -87,6 +90,8 @@ pub struct App {
     admin_listener: TcpListener,
     gateway: Arc<Gateway>,
     admin: axum::Router,
+    metrics: Arc<Metrics>,
+    usage: Arc<UsageRecorder>,
 }
 
 impl App {
@@ -102,6 +107,10 @@ impl App {
         if config.admin.key_hashes.is_empty() {
             return Err(StartError::NoAdminKey);
         }
+        let routes = RouteTable::new(&config.routes, &config.proxy.upstream);
+        let metrics = Arc::new(Metrics::new(routes.names()));
+        let store: Arc<dyn Store> = Arc::new(Metered::new(store, Arc::clone(&metrics)));
+        let usage = Arc::new(UsageRecorder::new(Arc::clone(&store), Arc::clone(&metrics)));
         let format = KeyFormat::new(config.keys.prefix.clone());
         let cache = KeyCache::new(&CacheSettings {
             capacity: config.store.cache_capacity,
@@ -134,6 +143,7 @@ impl App {
             Arc::clone(&store),
             limits,
             jwt,
+            Arc::clone(&metrics),
         );
         let extractor = Extractor {
             api_key_header: config.proxy.api_key_header.clone(),
@@ -142,10 +152,12 @@ impl App {
         let failed_auth = Arc::new(limit::FailedAuth::new(config.failed_auth_limit));
         let gateway = Arc::new(Gateway::new(
             authenticator.clone(),
-            RouteTable::new(&config.routes, &config.proxy.upstream),
+            routes,
             extractor.clone(),
             Forwarder::new(config.proxy.connect_timeout, config.proxy.upstream_timeout),
             Arc::clone(&failed_auth),
+            Arc::clone(&metrics),
+            Arc::clone(&usage),
             config.log.access_log,
         ));
         let admin_state = admin::AdminState(Arc::new(admin::AdminInner {
@@ -160,6 +172,7 @@ impl App {
             failed_auth,
             self_service_permission: config.admin.self_service_permission.clone(),
             openapi_json: Default::default(),
+            metrics: Arc::clone(&metrics),
         }));
         let admin = admin::router(admin_state, config.admin.max_body_bytes);
 
@@ -180,6 +193,8 @@ impl App {
             admin_listener,
             gateway,
             admin,
+            metrics,
+            usage,
         })
     }
 
@@ -204,6 +219,7 @@ impl App {
             name,
             limits: self.config.limits.clone(),
             shutdown_grace: self.config.shutdown_grace,
+            metrics: Arc::clone(&self.metrics),
         };
         tracing::info!(
             proxy = %self.proxy_addr(),
@@ -218,6 +234,18 @@ impl App {
                 loop {
                     tick.tick().await;
                     gateway.sweep();
+                }
+            })
+        };
+        let flusher = {
+            let usage = Arc::clone(&self.usage);
+            let every = self.config.store.last_used_flush;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    usage.flush().await;
                 }
             })
         };
@@ -241,6 +269,9 @@ impl App {
         };
         tokio::join!(proxy, admin, trigger);
         sweeper.abort();
+        flusher.abort();
+        let written = self.usage.flush().await;
+        tracing::info!(keys = written, "usage flushed");
     }
 }
 

@@ -18,12 +18,14 @@ use hyper::body::Incoming;
 
 use crate::auth::credential::{self, Extractor, Source};
 use crate::auth::jwt::{LoginRequest, TokenResponse};
-use crate::auth::{self, Authenticator};
+use crate::auth::{self, Authenticator, Permit};
 use crate::error::{ProxyError, RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
 use crate::keys::Principal;
-use crate::limit::{FailedAuth, Refusal, number_header};
+use crate::keys::usage::UsageRecorder;
+use crate::limit::{FailedAuth, RateInfo, Refusal, number_header};
+use crate::telemetry::metrics::Metrics;
 use forward::{ConnInfo, Forwarder};
-use route::RouteTable;
+use route::{Route, RouteTable};
 
 /// Response body of the proxy: the upstream's stream, or a body the gateway wrote itself.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -41,6 +43,8 @@ pub struct Gateway {
     extractor: Extractor,
     forwarder: Forwarder,
     failed_auth: Arc<FailedAuth>,
+    metrics: Arc<Metrics>,
+    usage: Arc<UsageRecorder>,
     access_log: bool,
 }
 
@@ -48,7 +52,8 @@ pub struct Gateway {
 #[derive(Default)]
 struct Outcome<'a> {
     principal: Option<Arc<Principal>>,
-    route: Option<&'a str>,
+    route: Option<&'a Route>,
+    upstream: Option<std::time::Duration>,
 }
 
 impl Gateway {
@@ -58,6 +63,8 @@ impl Gateway {
         extractor: Extractor,
         forwarder: Forwarder,
         failed_auth: Arc<FailedAuth>,
+        metrics: Arc<Metrics>,
+        usage: Arc<UsageRecorder>,
         access_log: bool,
     ) -> Self {
         Self {
@@ -66,6 +73,8 @@ impl Gateway {
             extractor,
             forwarder,
             failed_auth,
+            metrics,
+            usage,
             access_log,
         }
     }
@@ -85,17 +94,21 @@ impl Gateway {
             Ok(res) => res,
             Err(e) => e.response::<Full<Bytes>>().map(Either::Right),
         };
+        self.metrics
+            .route(outcome.route.map(|r| r.index))
+            .record(res.status().as_u16());
         if let Some(uri) = log_uri {
             let p = outcome.principal.as_deref();
             tracing::info!(
                 target: "keygate::access",
                 method = %method,
                 path = uri.path(),
-                route = outcome.route.unwrap_or("-"),
+                route = outcome.route.map_or("-", |r| r.name.as_str()),
                 status = res.status().as_u16(),
                 latency_us = start.elapsed().as_micros() as u64,
+                upstream_us = outcome.upstream.map(|d| d.as_micros() as u64),
                 key_id = p.map(|p| tracing::field::display(p.key_id)),
-                client_id = p.map_or("", |p| p.client_id.as_str()),
+                client_id = p.map(|p| p.client_id.as_str()),
                 peer = %conn.peer.ip(),
             );
         }
@@ -120,37 +133,39 @@ impl Gateway {
             .routes
             .find(path, req.method())
             .ok_or(ProxyError::RouteNotFound)?;
-        outcome.route = Some(&route.name);
+        outcome.route = Some(route);
 
         headers::remove_keygate_headers(req.headers_mut());
         let (permit, new_pq, rate) = match auth::public(route) {
-            Some(permit) => (permit, None, None),
+            Some(permit) => {
+                self.metrics.auth("public");
+                (permit, None, None)
+            }
             None => {
-                let ip = conn.peer.ip();
-                self.failed_auth
-                    .check(ip)
-                    .map_err(|retry_after| ProxyError::AuthThrottled { retry_after })?;
-                let cred = self
-                    .extractor
-                    .extract(req.headers(), req.uri().query())
-                    .ok_or(ProxyError::MissingCredentials)?;
-                let principal = match self.auth.authenticate(&cred).await {
-                    Ok(p) => p,
-                    Err(e) => return Err(self.failed(e, ip)),
-                };
-                outcome.principal = Some(Arc::clone(&principal));
-                let source = cred.source;
-                let rate = principal.limiter.check().map_err(rate_limited)?;
-                if let Some(limiter) = &route.limiter {
-                    limiter.check(&principal.key_id).map_err(rate_limited)?;
-                }
-                let permit = auth::authorize(route, principal)?;
-                let new_pq = self.strip_credential(&mut req, source)?;
+                let checked = self.check_caller(&mut req, route, conn, outcome).await;
+                self.metrics.auth(match &checked {
+                    Ok(_) => "valid",
+                    Err(e) => e.code(),
+                });
+                let (permit, new_pq, rate) = checked?;
                 (permit, new_pq, Some(rate))
             }
         };
         headers::remove_hop_by_hop(req.headers_mut());
-        let mut res = self.forwarder.forward(permit, req, conn, new_pq).await?;
+        let sent = Instant::now();
+        let forwarded = self.forwarder.forward(permit, req, conn, new_pq).await;
+        let upstream = sent.elapsed();
+        outcome.upstream = Some(upstream);
+        let mut res = match forwarded {
+            Ok(res) => {
+                self.metrics.upstream_latency.observe(upstream);
+                res
+            }
+            Err(e) => {
+                self.metrics.upstream_errors.inc();
+                return Err(e);
+            }
+        };
         if let Some(rate) = rate {
             let h = res.headers_mut();
             h.insert(RATELIMIT_LIMIT, number_header(u64::from(rate.limit)));
@@ -196,6 +211,38 @@ impl Gateway {
             HeaderValue::from_static("no-store"),
         );
         Ok(res)
+    }
+
+    /// Authentication, rate limits and authorization of a request on a protected route.
+    async fn check_caller<'a>(
+        &self,
+        req: &mut Request<Incoming>,
+        route: &'a Route,
+        conn: &ConnInfo,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<(Permit<'a>, Option<PathAndQuery>, RateInfo), ProxyError> {
+        let ip = conn.peer.ip();
+        self.failed_auth
+            .check(ip)
+            .map_err(|retry_after| ProxyError::AuthThrottled { retry_after })?;
+        let cred = self
+            .extractor
+            .extract(req.headers(), req.uri().query())
+            .ok_or(ProxyError::MissingCredentials)?;
+        let principal = match self.auth.authenticate(&cred).await {
+            Ok(p) => p,
+            Err(e) => return Err(self.failed(e, ip)),
+        };
+        outcome.principal = Some(Arc::clone(&principal));
+        let source = cred.source;
+        let rate = principal.limiter.check().map_err(rate_limited)?;
+        if let Some(limiter) = &route.limiter {
+            limiter.check(&principal.key_id).map_err(rate_limited)?;
+        }
+        self.usage.touch(&principal, crate::keys::now_millis());
+        let permit = auth::authorize(route, principal)?;
+        let new_pq = self.strip_credential(req, source)?;
+        Ok((permit, new_pq, rate))
     }
 
     /// Counts a failed authentication against the peer; past the allowance it becomes a 429.

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::config::Limits;
+use crate::telemetry::metrics::Metrics;
 
 /// Pause after a failed accept (typically EMFILE/ENFILE) before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
@@ -29,6 +30,7 @@ pub struct ServerOptions {
     pub name: &'static str,
     pub limits: Limits,
     pub shutdown_grace: Duration,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Serves connections from `listener` until `shutdown` resolves, then stops accepting and waits
@@ -89,10 +91,14 @@ pub async fn serve<F, S, B>(
             .serve_connection_with_upgrades(TokioIo::new(stream), make_service(peer))
             .into_owned();
         let conn = graceful.watch(conn);
+        let metrics = Arc::clone(&opts.metrics);
+        let name = opts.name;
+        metrics.connection_opened(name);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
             }
+            metrics.connection_closed(name);
             drop(slot);
         });
     }

@@ -534,6 +534,73 @@ pub async fn rotate(
     )))
 }
 
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UsageQuery {
+    /// How many days back, including today (1–366, default 30).
+    days: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DayUsage {
+    /// `YYYY-MM-DD` (UTC).
+    pub date: String,
+    pub requests: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageView {
+    pub key_id: String,
+    pub last_used_at: Option<String>,
+    /// Days with requests, oldest first. Counts reach the store in batches
+    /// (`[store] last_used_flush_secs`), so the last seconds may be missing.
+    pub days: Vec<DayUsage>,
+    pub total: u64,
+}
+
+const MAX_USAGE_DAYS: i64 = 366;
+
+/// Requests per day of one key.
+#[utoipa::path(get, path = "/v1/api-keys/{id}/usage", operation_id = "key_usage", tag = "keys",
+    params(("id" = String, Path, description = "Key id"), UsageQuery),
+    responses((status = 200, body = UsageView), ErrorResponses))]
+pub async fn usage(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Query(q): Query<UsageQuery>,
+) -> Result<Json<UsageView>, AdminError> {
+    let days = match q.days.as_deref().map(str::parse::<i64>) {
+        None => 30,
+        Some(Ok(d)) if (1..=MAX_USAGE_DAYS).contains(&d) => d,
+        Some(_) => {
+            return Err(AdminError::Validation(vec![FieldError::new(
+                "days",
+                format!("must be a whole number from 1 to {MAX_USAGE_DAYS}"),
+            )]));
+        }
+    };
+    let key = load(&state, &caller, &id).await?;
+    let today = crate::keys::usage::day_of(now_millis());
+    let rows = state.store.usage(key.id, today - days + 1, today).await?;
+    let total = rows.iter().map(|(_, n)| n).sum();
+    Ok(Json(UsageView {
+        key_id: key.id.to_string(),
+        last_used_at: key.last_used_at.map(rfc3339),
+        days: rows
+            .into_iter()
+            .map(|(day, requests)| DayUsage {
+                date: chrono::DateTime::from_timestamp(day * 86_400, 0)
+                    .unwrap_or_default()
+                    .format("%Y-%m-%d")
+                    .to_string(),
+                requests,
+            })
+            .collect(),
+        total,
+    }))
+}
+
 pub fn audit(action: &'static str, caller: &Caller, key: &ApiKey) {
     tracing::info!(
         target: "keygate::audit",

@@ -104,6 +104,8 @@ pub struct CacheSettings {
 pub struct Invalidation {
     pub key_ids: Vec<Uuid>,
     pub hashes: Vec<KeyHash>,
+    /// When the write was published (ms since the epoch), to measure propagation lag.
+    pub published_at: Option<Millis>,
 }
 
 /// Where a shared store delivers invalidations made elsewhere.

@@ -2,6 +2,7 @@
 //! admin plane calls it for every read and write. Implementations must make each write atomic
 //! (a crash never leaves half a client or half a key) and acknowledge only what is durable.
 
+pub mod metered;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -44,6 +45,16 @@ impl std::fmt::Display for Conflict {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Usage of one key since the last flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub key_id: Uuid,
+    pub last_used_at: Millis,
+    /// Days since the Unix epoch (UTC) the requests are counted on.
+    pub day: i64,
+    pub requests: u64,
+}
 
 /// One page of a listing.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,6 +122,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records `last_used_at` for many keys in one write (batched off the request path).
     async fn record_last_used(&self, used: &[(Uuid, Millis)]) -> StoreResult<()>;
+
+    /// Records a batch of usage in one atomic write: each entry raises the key's
+    /// `last_used_at` to at least `last_used_at` and adds `requests` to its count for `day`.
+    /// Entries of keys that no longer exist are ignored.
+    async fn record_usage(&self, usage: &[Usage]) -> StoreResult<()>;
+
+    /// Request counts of a key per day (days since the Unix epoch, UTC) in `from..=to`,
+    /// ascending, days without requests omitted.
+    async fn usage(&self, key_id: Uuid, from: i64, to: i64) -> StoreResult<Vec<(i64, u64)>>;
 
     /// Succeeds when the store can serve requests.
     async fn ping(&self) -> StoreResult<()>;

@@ -108,6 +108,8 @@ pub struct Route {
     pub host: HeaderValue,
     /// Per-key limit on this route, on top of the key's own.
     pub limiter: Option<Arc<KeyedLimit<Uuid>>>,
+    /// Position in the table (for per-route metrics).
+    pub index: usize,
 }
 
 fn host_of(upstream: &Uri) -> HeaderValue {
@@ -147,6 +149,7 @@ impl RouteTable {
                 name: "/".into(),
                 host: host_of(default_upstream),
                 limiter: None,
+                index: 0,
             }]
         } else {
             routes
@@ -160,11 +163,20 @@ impl RouteTable {
                     name: r.path.clone(),
                     host: host_of(&r.upstream),
                     limiter: r.rate_limit.map(|l| Arc::new(KeyedLimit::new(l))),
+                    index: 0,
                 })
                 .collect()
         };
         routes.sort_by_key(|r| std::cmp::Reverse(r.path.trim_end_matches('/').len()));
+        for (i, r) in routes.iter_mut().enumerate() {
+            r.index = i;
+        }
         Self { routes }
+    }
+
+    /// Route names in table order (the order of [`Route::index`]).
+    pub fn names(&self) -> Vec<String> {
+        self.routes.iter().map(|r| r.name.clone()).collect()
     }
 
     /// Drops idle per-route limiter state.

@@ -3,6 +3,7 @@
 mod admin_api;
 mod binary;
 mod kixote;
+mod observability;
 mod openapi;
 mod proxy_path;
 mod rate_limits;

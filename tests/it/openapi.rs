@@ -51,6 +51,8 @@ async fn the_document_is_valid_and_covers_every_route() {
         ("patch", "/v1/api-keys/{id}"),
         ("delete", "/v1/api-keys/{id}"),
         ("post", "/v1/api-keys/{id}/rotate"),
+        ("get", "/v1/api-keys/{id}/usage"),
+        ("get", "/metrics"),
         ("post", "/v1/clients"),
         ("get", "/v1/clients"),
         ("get", "/v1/clients/{client_id}"),

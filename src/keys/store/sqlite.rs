@@ -9,11 +9,12 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use uuid::Uuid;
 
-use super::{ClientWithKeys, Conflict, Page, Store, StoreError, StoreResult};
+use super::{ClientWithKeys, Conflict, Page, Store, StoreError, StoreResult, Usage};
 use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE clients (
     client_id  TEXT PRIMARY KEY NOT NULL,
     license    TEXT NOT NULL,
@@ -40,7 +41,16 @@ CREATE TABLE api_keys (
 );
 CREATE INDEX api_keys_by_client ON api_keys(client_id, created_at, id);
 CREATE INDEX api_keys_by_previous_hash ON api_keys(previous_hash) WHERE previous_hash IS NOT NULL;
-"#];
+"#,
+    r#"
+CREATE TABLE key_usage (
+    key_id   TEXT NOT NULL REFERENCES api_keys(id) ON DELETE CASCADE,
+    day      INTEGER NOT NULL,
+    requests INTEGER NOT NULL,
+    PRIMARY KEY (key_id, day)
+) WITHOUT ROWID;
+"#,
+];
 
 const KEY_COLUMNS: &str = "k.id, k.client_id, k.name, k.prefix, k.key_hash, k.previous_hash, \
      k.previous_valid_until, k.permissions, k.enabled, k.created_at, k.updated_at, k.expires_at, \
@@ -541,6 +551,55 @@ impl Store for SqliteStore {
                 }
             }
             tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn record_usage(&self, usage: &[Usage]) -> StoreResult<()> {
+        let usage = usage.to_vec();
+        self.run(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            {
+                let mut last = tx
+                    .prepare_cached(
+                        "UPDATE api_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?2) \
+                         WHERE id = ?1",
+                    )
+                    .map_err(db)?;
+                let mut count = tx
+                    .prepare_cached(
+                        "INSERT INTO key_usage (key_id, day, requests) SELECT ?1, ?2, ?3 \
+                         WHERE EXISTS (SELECT 1 FROM api_keys WHERE id = ?1) \
+                         ON CONFLICT (key_id, day) DO UPDATE SET requests = requests + excluded.requests",
+                    )
+                    .map_err(db)?;
+                for u in &usage {
+                    let id = u.key_id.to_string();
+                    last.execute(params![id, u.last_used_at]).map_err(db)?;
+                    count
+                        .execute(params![id, u.day, u.requests as i64])
+                        .map_err(db)?;
+                }
+            }
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn usage(&self, key_id: Uuid, from: i64, to: i64) -> StoreResult<Vec<(i64, u64)>> {
+        self.run(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT day, requests FROM key_usage WHERE key_id = ?1 AND day BETWEEN ?2 AND ?3 \
+                     ORDER BY day",
+                )
+                .map_err(db)?;
+            stmt.query_map(params![key_id.to_string(), from, to], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(db)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db)
         })
         .await
     }

@@ -1,0 +1,122 @@
+//! A `Store` wrapper that times every call and counts failures, and measures how long
+//! invalidations from other instances took to arrive. Delegates everything else.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use super::{ClientWithKeys, Page, Store, StoreResult, Usage};
+use crate::keys::cache::{Invalidation, InvalidationSink};
+use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, now_millis};
+use crate::telemetry::metrics::Metrics;
+
+pub struct Metered {
+    inner: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl Metered {
+    pub fn new(inner: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+        Self { inner, metrics }
+    }
+
+    async fn timed<T>(&self, f: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
+        let start = Instant::now();
+        let r = f.await;
+        self.metrics.store_latency.observe(start.elapsed());
+        if r.as_ref()
+            .is_err_and(|e| matches!(e, super::StoreError::Unavailable(_)))
+        {
+            self.metrics.store_errors.inc();
+        }
+        r
+    }
+}
+
+struct MeteredSink {
+    inner: Arc<dyn InvalidationSink>,
+    metrics: Arc<Metrics>,
+}
+
+impl InvalidationSink for MeteredSink {
+    fn invalidate(&self, inv: &Invalidation) {
+        self.inner.invalidate(inv);
+        self.metrics.invalidations_received.inc();
+        if let Some(at) = inv.published_at {
+            let lag = now_millis().saturating_sub(at).max(0) as u64;
+            self.metrics
+                .invalidation_lag
+                .observe(std::time::Duration::from_millis(lag));
+        }
+    }
+
+    fn invalidate_all(&self) {
+        self.inner.invalidate_all();
+    }
+}
+
+#[async_trait]
+impl Store for Metered {
+    async fn find_by_hash(&self, h: &KeyHash, now: Millis) -> StoreResult<Option<KeyRecord>> {
+        self.timed(self.inner.find_by_hash(h, now)).await
+    }
+    async fn find_by_id(&self, id: Uuid) -> StoreResult<Option<KeyRecord>> {
+        self.timed(self.inner.find_by_id(id)).await
+    }
+    async fn list_keys(&self, c: Option<&str>, p: u32, n: u32) -> StoreResult<Page<ApiKey>> {
+        self.timed(self.inner.list_keys(c, p, n)).await
+    }
+    async fn insert_key(&self, k: &ApiKey, max: u32) -> StoreResult<()> {
+        self.timed(self.inner.insert_key(k, max)).await
+    }
+    async fn update_key(&self, k: &ApiKey) -> StoreResult<bool> {
+        self.timed(self.inner.update_key(k)).await
+    }
+    async fn delete_key(&self, id: Uuid) -> StoreResult<Option<ApiKey>> {
+        self.timed(self.inner.delete_key(id)).await
+    }
+    async fn insert_client(&self, c: &Client, k: &ApiKey) -> StoreResult<()> {
+        self.timed(self.inner.insert_client(c, k)).await
+    }
+    async fn get_client(&self, id: &str) -> StoreResult<Option<Client>> {
+        self.timed(self.inner.get_client(id)).await
+    }
+    async fn list_clients(&self, p: u32, n: u32) -> StoreResult<Page<Client>> {
+        self.timed(self.inner.list_clients(p, n)).await
+    }
+    async fn update_client(&self, c: &Client) -> StoreResult<bool> {
+        self.timed(self.inner.update_client(c)).await
+    }
+    async fn delete_client(&self, id: &str) -> StoreResult<Option<ClientWithKeys>> {
+        self.timed(self.inner.delete_client(id)).await
+    }
+    async fn replace_client_keys(
+        &self,
+        id: &str,
+        disable_only: bool,
+        new_key: Option<&ApiKey>,
+    ) -> StoreResult<Vec<ApiKey>> {
+        self.timed(self.inner.replace_client_keys(id, disable_only, new_key))
+            .await
+    }
+    async fn record_last_used(&self, used: &[(Uuid, Millis)]) -> StoreResult<()> {
+        self.timed(self.inner.record_last_used(used)).await
+    }
+    async fn record_usage(&self, usage: &[Usage]) -> StoreResult<()> {
+        self.timed(self.inner.record_usage(usage)).await
+    }
+    async fn usage(&self, key_id: Uuid, from: i64, to: i64) -> StoreResult<Vec<(i64, u64)>> {
+        self.timed(self.inner.usage(key_id, from, to)).await
+    }
+    async fn ping(&self) -> StoreResult<()> {
+        self.timed(self.inner.ping()).await
+    }
+    fn watch_invalidations(&self, sink: Arc<dyn InvalidationSink>) {
+        self.inner.watch_invalidations(Arc::new(MeteredSink {
+            inner: sink,
+            metrics: Arc::clone(&self.metrics),
+        }));
+    }
+}

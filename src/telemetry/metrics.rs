@@ -1,0 +1,359 @@
+//! Prometheus metrics without locks on the request path: every series is created at startup
+//! (routes, outcomes and status classes are known then) and updated with relaxed atomics.
+//! Labels are route names from the config, outcome codes and listener names — never a key,
+//! a hash, a token or a raw request path.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+#[derive(Default, Debug)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Default, Debug)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Bucket upper bounds in seconds, for latencies from 100 µs to 10 s.
+const LATENCY_BOUNDS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0,
+];
+
+#[derive(Debug)]
+pub struct Histogram {
+    /// Non-cumulative counts per bound, plus one for +Inf.
+    buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BOUNDS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(
+            d.as_nanos().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Ordering::Relaxed);
+            let le = LATENCY_BOUNDS
+                .get(i)
+                .map_or("+Inf".to_string(), |b| b.to_string());
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+    }
+}
+
+/// Authentication outcomes, by their error code (plus `valid`).
+pub const AUTH_OUTCOMES: [&str; 10] = [
+    "valid",
+    "missing_credentials",
+    "invalid_api_key",
+    "expired_api_key",
+    "disabled_api_key",
+    "invalid_token",
+    "insufficient_permissions",
+    "rate_limited",
+    "store_unavailable",
+    "public",
+];
+
+pub const CACHE_RESULTS: [&str; 4] = ["hit", "miss", "negative_hit", "stale_served"];
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+pub const LISTENERS: [&str; 2] = ["proxy", "admin"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheResult {
+    Hit = 0,
+    Miss = 1,
+    NegativeHit = 2,
+    StaleServed = 3,
+}
+
+/// Requests of one route by status class.
+#[derive(Debug, Default)]
+pub struct RouteCounters {
+    by_class: [Counter; 5],
+}
+
+impl RouteCounters {
+    pub fn record(&self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.by_class[class].inc();
+    }
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    route_names: Vec<String>,
+    /// One per route, in route-table order, plus one last for requests that matched none.
+    routes: Vec<RouteCounters>,
+    auth: [Counter; AUTH_OUTCOMES.len()],
+    cache: [Counter; CACHE_RESULTS.len()],
+    pub store_latency: Histogram,
+    pub store_errors: Counter,
+    pub upstream_latency: Histogram,
+    pub upstream_errors: Counter,
+    connections: [Gauge; LISTENERS.len()],
+    pub invalidation_lag: Histogram,
+    pub invalidations_received: Counter,
+    pub usage_flushes: Counter,
+    pub usage_flush_errors: Counter,
+}
+
+impl Metrics {
+    /// `route_names` in route-table order.
+    pub fn new(route_names: Vec<String>) -> Self {
+        let routes = (0..=route_names.len())
+            .map(|_| RouteCounters::default())
+            .collect();
+        Self {
+            route_names,
+            routes,
+            auth: Default::default(),
+            cache: Default::default(),
+            store_latency: Histogram::default(),
+            store_errors: Counter::default(),
+            upstream_latency: Histogram::default(),
+            upstream_errors: Counter::default(),
+            connections: Default::default(),
+            invalidation_lag: Histogram::default(),
+            invalidations_received: Counter::default(),
+            usage_flushes: Counter::default(),
+            usage_flush_errors: Counter::default(),
+        }
+    }
+
+    /// Counters of route `index` (`None`: no route matched).
+    pub fn route(&self, index: Option<usize>) -> &RouteCounters {
+        let last = self.routes.len() - 1;
+        &self.routes[index.unwrap_or(last).min(last)]
+    }
+
+    /// Counts an authentication outcome by its code (unknown codes are ignored).
+    pub fn auth(&self, outcome: &str) {
+        if let Some(i) = AUTH_OUTCOMES.iter().position(|&o| o == outcome) {
+            self.auth[i].inc();
+        }
+    }
+
+    pub fn auth_count(&self, outcome: &str) -> u64 {
+        AUTH_OUTCOMES
+            .iter()
+            .position(|&o| o == outcome)
+            .map_or(0, |i| self.auth[i].get())
+    }
+
+    pub fn cache(&self, r: CacheResult) {
+        self.cache[r as usize].inc();
+    }
+
+    pub fn connection_opened(&self, listener: &str) {
+        if let Some(i) = LISTENERS.iter().position(|&l| l == listener) {
+            self.connections[i].inc();
+        }
+    }
+
+    pub fn connection_closed(&self, listener: &str) {
+        if let Some(i) = LISTENERS.iter().position(|&l| l == listener) {
+            self.connections[i].dec();
+        }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        out.push_str("# HELP keygate_requests_total Proxied requests by route and status class.\n");
+        out.push_str("# TYPE keygate_requests_total counter\n");
+        for (i, c) in self.routes.iter().enumerate() {
+            let route = self.route_names.get(i).map_or("(none)", String::as_str);
+            for (j, class) in STATUS_CLASSES.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "keygate_requests_total{{route=\"{}\",status=\"{class}\"}} {}",
+                    escape(route),
+                    c.by_class[j].get()
+                );
+            }
+        }
+        out.push_str("# HELP keygate_auth_total Authentication outcomes on the proxy.\n");
+        out.push_str("# TYPE keygate_auth_total counter\n");
+        for (i, o) in AUTH_OUTCOMES.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "keygate_auth_total{{outcome=\"{o}\"}} {}",
+                self.auth[i].get()
+            );
+        }
+        out.push_str("# HELP keygate_cache_total Key cache lookups by result.\n");
+        out.push_str("# TYPE keygate_cache_total counter\n");
+        for (i, r) in CACHE_RESULTS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "keygate_cache_total{{result=\"{r}\"}} {}",
+                self.cache[i].get()
+            );
+        }
+        out.push_str("# HELP keygate_store_duration_seconds Store round trips.\n");
+        out.push_str("# TYPE keygate_store_duration_seconds histogram\n");
+        self.store_latency
+            .render(&mut out, "keygate_store_duration_seconds", "");
+        counter(
+            &mut out,
+            "keygate_store_errors_total",
+            "Failed store calls.",
+            self.store_errors.get(),
+        );
+        out.push_str(
+            "# HELP keygate_upstream_duration_seconds Time to the upstream's response head.\n",
+        );
+        out.push_str("# TYPE keygate_upstream_duration_seconds histogram\n");
+        self.upstream_latency
+            .render(&mut out, "keygate_upstream_duration_seconds", "");
+        counter(
+            &mut out,
+            "keygate_upstream_errors_total",
+            "Upstream connect failures and timeouts.",
+            self.upstream_errors.get(),
+        );
+        out.push_str("# HELP keygate_connections Open connections by listener.\n");
+        out.push_str("# TYPE keygate_connections gauge\n");
+        for (i, l) in LISTENERS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "keygate_connections{{listener=\"{l}\"}} {}",
+                self.connections[i].get()
+            );
+        }
+        out.push_str("# HELP keygate_invalidation_lag_seconds Time from a write on another instance to its cache invalidation here.\n");
+        out.push_str("# TYPE keygate_invalidation_lag_seconds histogram\n");
+        self.invalidation_lag
+            .render(&mut out, "keygate_invalidation_lag_seconds", "");
+        counter(
+            &mut out,
+            "keygate_invalidations_received_total",
+            "Invalidations received from the shared store.",
+            self.invalidations_received.get(),
+        );
+        counter(
+            &mut out,
+            "keygate_usage_flushes_total",
+            "Batched writes of last_used_at and usage counts.",
+            self.usage_flushes.get(),
+        );
+        counter(
+            &mut out,
+            "keygate_usage_flush_errors_total",
+            "Failed batched usage writes (retried on the next flush).",
+            self.usage_flush_errors.get(),
+        );
+        out
+    }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+    );
+}
+
+/// Escapes a label value (route names come from the config).
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::new(vec!["/".into(), "/v1/extract".into()]);
+        m.route(Some(1)).record(200);
+        m.route(Some(1)).record(503);
+        m.route(None).record(404);
+        m.auth("valid");
+        m.auth("invalid_api_key");
+        m.auth("not-a-code");
+        m.cache(CacheResult::Hit);
+        m.store_latency.observe(Duration::from_micros(300));
+        m.upstream_latency.observe(Duration::from_secs(20));
+        m.connection_opened("proxy");
+        let text = m.render();
+        for line in [
+            "keygate_requests_total{route=\"/v1/extract\",status=\"2xx\"} 1",
+            "keygate_requests_total{route=\"/v1/extract\",status=\"5xx\"} 1",
+            "keygate_requests_total{route=\"(none)\",status=\"4xx\"} 1",
+            "keygate_auth_total{outcome=\"valid\"} 1",
+            "keygate_auth_total{outcome=\"invalid_api_key\"} 1",
+            "keygate_cache_total{result=\"hit\"} 1",
+            "keygate_store_duration_seconds_bucket{le=\"0.0005\"} 1",
+            "keygate_store_duration_seconds_bucket{le=\"0.00025\"} 0",
+            "keygate_store_duration_seconds_count 1",
+            "keygate_upstream_duration_seconds_bucket{le=\"10\"} 0",
+            "keygate_upstream_duration_seconds_bucket{le=\"+Inf\"} 1",
+            "keygate_connections{listener=\"proxy\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+}

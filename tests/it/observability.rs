@@ -1,0 +1,622 @@
+//! Metrics with exact values, batched last_used_at and usage counts (flushed on shutdown),
+//! access and audit logs, a full session at trace level that must not leak any secret, and a
+//! graceful shutdown of the real binary.
+
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{ADMIN_KEY, Gateway, Upstream, config_text};
+
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_move_exactly_as_the_requests_predict() {
+    let gw = Gateway::start_with(
+        "[[routes]]\npath = \"/\"\n[[routes]]\npath = \"/open\"\nauth = \"none\"\n",
+    )
+    .await;
+    let (key, _) = gw.client("acme", "pro").await;
+    let unknown = keygate::keys::KeyFormat::new("kg_").generate().plaintext.0;
+    for _ in 0..3 {
+        assert_eq!(gw.get_with_key("/a", &key).await.status, 200);
+    }
+    assert_eq!(gw.get_with_key("/a", "garbage").await.status, 401);
+    assert_eq!(gw.get_with_key("/a", &unknown).await.status, 401);
+    assert_eq!(gw.get_with_key("/a", &unknown).await.status, 401);
+    assert_eq!(gw.get("/a", &[]).await.status, 401);
+    assert_eq!(gw.get("/open/x", &[]).await.status, 200);
+    assert_eq!(gw.get_with_key("/a/../b", &key).await.status, 400);
+
+    let r = gw.admin_as("GET", "/metrics", None, &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let m = String::from_utf8(r.body.to_vec()).unwrap();
+    assert_eq!(
+        metric(&m, "keygate_requests_total{route=\"/\",status=\"2xx\"}"),
+        3
+    );
+    assert_eq!(
+        metric(&m, "keygate_requests_total{route=\"/\",status=\"4xx\"}"),
+        4
+    );
+    assert_eq!(
+        metric(&m, "keygate_requests_total{route=\"/open\",status=\"2xx\"}"),
+        1
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "keygate_requests_total{route=\"(none)\",status=\"4xx\"}"
+        ),
+        1
+    );
+    assert_eq!(metric(&m, "keygate_auth_total{outcome=\"valid\"}"), 3);
+    assert_eq!(
+        metric(&m, "keygate_auth_total{outcome=\"invalid_api_key\"}"),
+        3
+    );
+    assert_eq!(
+        metric(&m, "keygate_auth_total{outcome=\"missing_credentials\"}"),
+        1
+    );
+    assert_eq!(metric(&m, "keygate_auth_total{outcome=\"public\"}"), 1);
+    // First use of the key and of the unknown key miss; then hits and a negative hit. The
+    // garbage key never reaches the cache.
+    assert_eq!(metric(&m, "keygate_cache_total{result=\"miss\"}"), 2);
+    assert_eq!(metric(&m, "keygate_cache_total{result=\"hit\"}"), 2);
+    assert_eq!(
+        metric(&m, "keygate_cache_total{result=\"negative_hit\"}"),
+        1
+    );
+    assert_eq!(metric(&m, "keygate_upstream_duration_seconds_count"), 4);
+    assert!(metric(&m, "keygate_store_duration_seconds_count") >= 3);
+    assert!(metric(&m, "keygate_connections{listener=\"admin\"}") >= 1);
+    // No secret and no raw path in any label.
+    assert!(!m.contains(&key) && !m.contains(&unknown) && !m.contains("/a/../b"));
+}
+
+#[tokio::test]
+async fn last_used_and_usage_are_batched_and_flushed_on_shutdown() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&upstream.url(), &dir.path().join("k.db"), "")
+        .replace("[store]", "[store]\nlast_used_flush_secs = 3600");
+    let gw = Gateway::start_from(upstream, dir, &text).await;
+    let (key, id) = gw.client("acme", "pro").await;
+    let login = {
+        let req = http::Request::post(format!("http://{}/auth/login", gw.proxy))
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                json!({"api_key": key}).to_string(),
+            )))
+            .unwrap();
+        gw.send(req).await.json()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    for _ in 0..5 {
+        assert_eq!(gw.get_with_key("/", &key).await.status, 200);
+    }
+    for _ in 0..2 {
+        assert_eq!(gw.get_with_key("/", &login).await.status, 200);
+    }
+    // Nothing was written on the request path.
+    let r = gw.admin("GET", &format!("/v1/api-keys/{id}"), None).await;
+    assert_eq!(r.json()["last_used_at"], Value::Null);
+    let r = gw
+        .admin("GET", &format!("/v1/api-keys/{id}/usage"), None)
+        .await;
+    assert_eq!(r.json()["total"], 0);
+
+    // A graceful stop flushes; a new process over the same file sees everything.
+    let (upstream, dir) = gw.stop().await;
+    let gw = Gateway::start_from(upstream, dir, &text).await;
+    let r = gw.admin("GET", &format!("/v1/api-keys/{id}"), None).await;
+    let last = r.json()["last_used_at"]
+        .as_str()
+        .expect("last_used_at set")
+        .to_owned();
+    assert!(last.ends_with('Z'));
+    let listing = gw.admin("GET", "/v1/api-keys", None).await.json();
+    assert_eq!(listing["data"][0]["last_used_at"], last.as_str());
+    let r = gw
+        .admin("GET", &format!("/v1/api-keys/{id}/usage?days=7"), None)
+        .await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["total"], 7, "{v}");
+    assert_eq!(v["days"][0]["requests"], 7);
+    assert_eq!(
+        v["days"][0]["date"],
+        chrono::Utc::now().format("%Y-%m-%d").to_string()
+    );
+    assert_eq!(
+        gw.admin("GET", &format!("/v1/api-keys/{id}/usage?days=0"), None)
+            .await
+            .status,
+        422
+    );
+}
+
+#[tokio::test]
+async fn usage_is_flushed_periodically() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&upstream.url(), &dir.path().join("k.db"), "")
+        .replace("[store]", "[store]\nlast_used_flush_secs = 1");
+    let gw = Gateway::start_from(upstream, dir, &text).await;
+    let (key, id) = gw.client("acme", "pro").await;
+    for _ in 0..3 {
+        gw.get_with_key("/", &key).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = gw
+            .admin("GET", &format!("/v1/api-keys/{id}/usage"), None)
+            .await
+            .json();
+        if v["total"] == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "usage never flushed: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The real binary with a config file; stderr lines collected.
+struct Proc {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    proxy: String,
+    admin: String,
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_keygate");
+const JWT_SECRET: &str = "jwt-secret-for-the-log-test-0123456789";
+
+fn spawn(config: &str, dir: &std::path::Path, json_logs: bool) -> Proc {
+    let path = dir.join("keygate.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut cmd = Command::new(BIN);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KEYGATE_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(["serve", "--config"]).arg(&path);
+    cmd.env("RUST_LOG", "trace")
+        .env("KEYGATE_JWT_SECRET", JWT_SECRET)
+        .env(
+            "KEYGATE_LOG_FORMAT",
+            if json_logs { "json" } else { "human" },
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    for pipe in [
+        Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stdout.take().unwrap()),
+    ] {
+        let lines = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(l);
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (proxy, admin) = loop {
+        let found = lines.lock().unwrap().iter().find_map(|l| {
+            if !l.contains("keygate listening") {
+                return None;
+            }
+            let v: Value = serde_json::from_str(l).ok()?;
+            Some((
+                v["proxy"].as_str()?.to_owned(),
+                v["admin"].as_str()?.to_owned(),
+            ))
+        });
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "keygate did not start: {:?}",
+            lines.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Proc {
+        child,
+        lines,
+        proxy,
+        admin,
+    }
+}
+
+impl Proc {
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+async fn call(
+    method: &str,
+    url: String,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (u16, Value) {
+    use http_body_util::BodyExt;
+    let mut b = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let body = body
+        .map(|v| bytes::Bytes::from(v.to_string()))
+        .unwrap_or_default();
+    let res = client()
+        .request(b.body(http_body_util::Full::new(body)).unwrap())
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn a_full_session_at_trace_level_logs_no_secret() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("k.db");
+    let text =
+        config_text(&upstream.url(), &db, "").replace("access_log = false", "access_log = true");
+    let mut p = spawn(&text, dir.path(), true);
+    let admin = |path: &str| format!("http://{}{path}", p.admin);
+    let proxy = |path: &str| format!("http://{}{path}", p.proxy);
+    let ak = [("x-admin-key", ADMIN_KEY)];
+    let mut secrets: Vec<String> = vec![ADMIN_KEY.into(), JWT_SECRET.into()];
+
+    let (s, v) = call(
+        "POST",
+        admin("/v1/clients"),
+        &ak,
+        Some(json!({"client_id": "acme", "license": "pro", "permissions": ["keys:manage"]})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let k1 = v["api_key"]["key"].as_str().unwrap().to_owned();
+    let (_, v) = call(
+        "POST",
+        admin("/v1/api-keys"),
+        &ak,
+        Some(json!({"name": "two", "client_id": "acme"})),
+    )
+    .await;
+    let (k2, id2) = (
+        v["key"].as_str().unwrap().to_owned(),
+        v["id"].as_str().unwrap().to_owned(),
+    );
+    secrets.extend([k1.clone(), k2.clone()]);
+
+    use base64::Engine;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{k2}:"))
+    );
+    for h in [
+        ("authorization", format!("Bearer {k1}")),
+        ("x-api-key", k2.clone()),
+        ("authorization", basic),
+    ] {
+        assert_eq!(
+            call("GET", proxy("/hello?q=1"), &[(h.0, h.1.as_str())], None)
+                .await
+                .0,
+            200
+        );
+    }
+    let (s, v) = call(
+        "POST",
+        proxy("/auth/login"),
+        &[],
+        Some(json!({"api_key": k1})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let token = v["access_token"].as_str().unwrap().to_owned();
+    secrets.push(token.clone());
+    assert_eq!(
+        call(
+            "GET",
+            proxy("/t"),
+            &[("authorization", &format!("Bearer {token}"))],
+            None
+        )
+        .await
+        .0,
+        200
+    );
+    // Self-service with the key and the token.
+    assert_eq!(
+        call("GET", admin("/v1/api-keys"), &[("x-api-key", &k1)], None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(
+            "GET",
+            admin("/v1/api-keys"),
+            &[("authorization", &format!("Bearer {token}"))],
+            None
+        )
+        .await
+        .0,
+        200
+    );
+    // Failures of every kind.
+    let bad = keygate::keys::KeyFormat::new("kg_").generate().plaintext.0;
+    secrets.push(bad.clone());
+    assert_eq!(
+        call("GET", proxy("/x"), &[("x-api-key", &bad)], None)
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        call(
+            "GET",
+            admin("/v1/api-keys"),
+            &[("x-admin-key", "wrong-admin-key-wrong")],
+            None
+        )
+        .await
+        .0,
+        401
+    );
+    let (s, v) = call(
+        "POST",
+        admin(&format!("/v1/api-keys/{id2}/rotate")),
+        &ak,
+        Some(json!({"grace_period_seconds": 5})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let k3 = v["key"].as_str().unwrap().to_owned();
+    secrets.push(k3.clone());
+    assert_eq!(
+        call("GET", proxy("/r"), &[("x-api-key", &k3)], None)
+            .await
+            .0,
+        200
+    );
+    let (s, v) = call(
+        "POST",
+        admin("/auth/create_client"),
+        &ak,
+        Some(json!({"client_id": "kx", "license": "free"})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    secrets.push(v["api_key"].as_str().unwrap().to_owned());
+    let (_, v) = call(
+        "POST",
+        admin("/auth/create_client_key"),
+        &ak,
+        Some(json!({"client_id": "kx"})),
+    )
+    .await;
+    secrets.push(v["api_key"].as_str().unwrap().to_owned());
+    assert_eq!(
+        call("DELETE", admin(&format!("/v1/api-keys/{id2}")), &ak, None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(
+            "POST",
+            admin("/v1/api-keys"),
+            &ak,
+            Some(json!({"name": "x", "client_id": "nobody"}))
+        )
+        .await
+        .0,
+        422
+    );
+
+    assert!(p.terminate().success());
+    std::thread::sleep(Duration::from_millis(100));
+    let lines = p.lines.lock().unwrap().clone();
+    assert!(
+        lines.len() > 30,
+        "expected a logged session, got {} lines",
+        lines.len()
+    );
+
+    let mut needles = secrets.clone();
+    for s in &secrets {
+        needles.push(hex::encode(keygate::keys::KeyHash::of(s).0));
+    }
+    // The key body without its prefix, too (a log could cut the prefix off).
+    for s in &secrets {
+        if let Some(body) = s.strip_prefix("kg_") {
+            needles.push(body.to_owned());
+        }
+    }
+    for (i, line) in lines.iter().enumerate() {
+        for n in &needles {
+            assert!(
+                !line.contains(n.as_str()),
+                "line {i} leaks a secret: {line}"
+            );
+        }
+    }
+    // The store holds no plaintext key either (file and WAL).
+    for f in std::fs::read_dir(dir.path()).unwrap() {
+        let f = f.unwrap().path();
+        if f.to_string_lossy().contains("k.db") {
+            let bytes = std::fs::read(&f).unwrap();
+            let text = String::from_utf8_lossy(&bytes);
+            for s in &secrets {
+                assert!(!text.contains(s.as_str()), "{} holds a secret", f.display());
+            }
+        }
+    }
+
+    // Access lines carry the documented fields; audit lines name the action.
+    let access: Vec<Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "keygate::access")
+        .collect();
+    assert!(access.len() >= 6, "{} access lines", access.len());
+    let ok = access
+        .iter()
+        .find(|v| v["status"] == 200 && v["key_id"].is_string())
+        .expect("an access line with a key id");
+    for f in [
+        "method",
+        "path",
+        "route",
+        "status",
+        "latency_us",
+        "upstream_us",
+        "key_id",
+        "client_id",
+        "peer",
+    ] {
+        assert!(!ok[f].is_null(), "access line lacks {f}: {ok}");
+    }
+    assert_eq!(ok["path"], "/hello", "the query string is not logged");
+    let audits: Vec<Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "keygate::audit")
+        .collect();
+    for action in [
+        "client.create",
+        "key.create",
+        "key.rotate",
+        "key.delete",
+        "client.recreate_key",
+    ] {
+        assert!(
+            audits.iter().any(|v| v["action"] == action),
+            "no audit line for {action}"
+        );
+    }
+    assert!(
+        audits.iter().any(|v| v["outcome"] == 422),
+        "failed mutation not audited"
+    );
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&upstream.url(), &dir.path().join("k.db"), "")
+        .replace("[log]", "[server]\nshutdown_grace_secs = 10\n[log]");
+    let mut p = spawn(&text, dir.path(), true);
+    let (s, v) = call(
+        "POST",
+        format!("http://{}/v1/clients", p.admin),
+        &[("x-admin-key", ADMIN_KEY)],
+        Some(json!({"client_id": "acme", "license": "pro"})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let key = v["api_key"]["key"].as_str().unwrap().to_owned();
+    let url = format!("http://{}/slow/1500", p.proxy);
+    let auth = format!("Bearer {key}");
+    let slow = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = call("GET", url, &[("authorization", &auth)], None).await;
+        (r, started.elapsed())
+    });
+    // Let the slow request reach the upstream, then ask keygate to stop.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while upstream.count() == 0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pid = p.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // New connections are refused while the in-flight request drains.
+    let refused = tokio::net::TcpStream::connect(&p.proxy).await;
+    assert!(
+        refused.is_err(),
+        "a new connection was accepted during shutdown"
+    );
+    let ((status, _), took) = slow.await.unwrap();
+    assert_eq!(status, 200, "in-flight request did not complete");
+    assert!(took >= Duration::from_millis(1400));
+    let exit = p.terminate_wait();
+    assert!(exit.success(), "exit status {exit}");
+}
+
+impl Proc {
+    fn terminate_wait(&mut self) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(12),
+                "no exit within the grace period"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
