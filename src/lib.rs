@@ -150,16 +150,16 @@ impl App {
             query_param: config.proxy.query_param.clone(),
         };
         let failed_auth = Arc::new(limit::FailedAuth::new(config.failed_auth_limit));
-        let gateway = Arc::new(Gateway::new(
-            authenticator.clone(),
+        let gateway = Arc::new(Gateway {
+            auth: authenticator.clone(),
             routes,
-            extractor.clone(),
-            Forwarder::new(config.proxy.connect_timeout, config.proxy.upstream_timeout),
-            Arc::clone(&failed_auth),
-            Arc::clone(&metrics),
-            Arc::clone(&usage),
-            config.log.access_log,
-        ));
+            extractor: extractor.clone(),
+            forwarder: Forwarder::new(config.proxy.connect_timeout, config.proxy.upstream_timeout),
+            failed_auth: Arc::clone(&failed_auth),
+            metrics: Arc::clone(&metrics),
+            usage: Arc::clone(&usage),
+            access_log: config.log.access_log,
+        });
         let admin_state = admin::AdminState(Arc::new(admin::AdminInner {
             store,
             cache,

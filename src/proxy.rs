@@ -37,15 +37,17 @@ pub const LOGIN_PATH: &str = "/auth/login";
 /// Largest login body read.
 const LOGIN_MAX_BODY: usize = 16 * 1024;
 
+/// The proxy's request handler and everything it needs.
 pub struct Gateway {
-    auth: Authenticator,
-    routes: RouteTable,
-    extractor: Extractor,
-    forwarder: Forwarder,
-    failed_auth: Arc<FailedAuth>,
-    metrics: Arc<Metrics>,
-    usage: Arc<UsageRecorder>,
-    access_log: bool,
+    pub auth: Authenticator,
+    pub routes: RouteTable,
+    pub extractor: Extractor,
+    pub forwarder: Forwarder,
+    pub failed_auth: Arc<FailedAuth>,
+    pub metrics: Arc<Metrics>,
+    pub usage: Arc<UsageRecorder>,
+    /// Write one `keygate::access` line per request.
+    pub access_log: bool,
 }
 
 /// What the access log needs to know about a request once it is answered.
@@ -57,28 +59,6 @@ struct Outcome<'a> {
 }
 
 impl Gateway {
-    pub fn new(
-        auth: Authenticator,
-        routes: RouteTable,
-        extractor: Extractor,
-        forwarder: Forwarder,
-        failed_auth: Arc<FailedAuth>,
-        metrics: Arc<Metrics>,
-        usage: Arc<UsageRecorder>,
-        access_log: bool,
-    ) -> Self {
-        Self {
-            auth,
-            routes,
-            extractor,
-            forwarder,
-            failed_auth,
-            metrics,
-            usage,
-            access_log,
-        }
-    }
-
     /// Drops idle limiter state (called periodically).
     pub fn sweep(&self) {
         self.routes.sweep();
