@@ -217,6 +217,11 @@ pub struct RawProxy {
     pub connect_timeout_ms: u64,
     #[serde(default = "d_upstream_timeout")]
     pub upstream_timeout_ms: u64,
+    /// PEM certificate chain and key: serve the proxy over TLS.
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    /// PEM CA bundle for `https://` upstreams (default: the webpki root set).
+    pub upstream_ca: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -230,6 +235,8 @@ pub struct RawAdmin {
     pub max_body_bytes: usize,
     #[serde(default = "d_self_service")]
     pub self_service_permission: String,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -395,6 +402,15 @@ pub struct ProxyConfig {
     pub query_param: Option<String>,
     pub connect_timeout: Duration,
     pub upstream_timeout: Duration,
+    pub tls: Option<TlsFiles>,
+    pub upstream_ca: Option<PathBuf>,
+}
+
+/// A certificate chain and its key, as PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -404,6 +420,7 @@ pub struct AdminConfig {
     pub key_hashes: Vec<KeyHash>,
     pub max_body_bytes: usize,
     pub self_service_permission: String,
+    pub tls: Option<TlsFiles>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -531,6 +548,17 @@ impl RawConfig {
         }
         if let Some(v) = get("KEYGATE_ADMIN_KEY") {
             self.admin.keys.push(v);
+        }
+        for (var, slot) in [
+            ("KEYGATE_TLS_CERT", &mut self.proxy.tls_cert),
+            ("KEYGATE_TLS_KEY", &mut self.proxy.tls_key),
+            ("KEYGATE_UPSTREAM_CA", &mut self.proxy.upstream_ca),
+            ("KEYGATE_ADMIN_TLS_CERT", &mut self.admin.tls_cert),
+            ("KEYGATE_ADMIN_TLS_KEY", &mut self.admin.tls_key),
+        ] {
+            if let Some(v) = get(var) {
+                *slot = Some(v);
+            }
         }
         if let Some(v) = get("KEYGATE_JWT_SECRET") {
             self.jwt.secret = Some(v);
@@ -743,6 +771,33 @@ impl RawConfig {
             ));
         }
 
+        let proxy_tls = tls_files(
+            "proxy",
+            self.proxy.tls_cert.as_deref(),
+            self.proxy.tls_key.as_deref(),
+            &mut errs,
+        );
+        let admin_tls = tls_files(
+            "admin",
+            self.admin.tls_cert.as_deref(),
+            self.admin.tls_key.as_deref(),
+            &mut errs,
+        );
+        let upstream_ca = self
+            .proxy
+            .upstream_ca
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from);
+        if let Some(ca) = &upstream_ca
+            && !ca.is_file()
+        {
+            errs.push(format!(
+                "proxy.upstream_ca: {} is not a readable file",
+                ca.display()
+            ));
+        }
+
         // Tokens.
         let jwt_secret = self.jwt.secret.filter(|s| !s.is_empty());
         if jwt_secret
@@ -792,12 +847,15 @@ impl RawConfig {
                     .then(|| self.proxy.query_param.clone()),
                 connect_timeout: Duration::from_millis(self.proxy.connect_timeout_ms),
                 upstream_timeout: Duration::from_millis(self.proxy.upstream_timeout_ms),
+                tls: proxy_tls,
+                upstream_ca,
             },
             admin: AdminConfig {
                 listen: admin_listen.expect("checked"),
                 key_hashes,
                 max_body_bytes: self.admin.max_body_bytes,
                 self_service_permission: self.admin.self_service_permission,
+                tls: admin_tls,
             },
             store: StoreConfig {
                 url: store_url.expect("checked"),
@@ -845,10 +903,41 @@ fn parse_addr(field: &str, v: &str, errs: &mut Vec<String>) -> Option<SocketAddr
     }
 }
 
+/// Both files or neither; each must exist.
+fn tls_files(
+    section: &str,
+    cert: Option<&str>,
+    key: Option<&str>,
+    errs: &mut Vec<String>,
+) -> Option<TlsFiles> {
+    let cert = cert.filter(|s| !s.is_empty());
+    let key = key.filter(|s| !s.is_empty());
+    match (cert, key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => {
+            for (field, path) in [("tls_cert", cert), ("tls_key", key)] {
+                if !Path::new(path).is_file() {
+                    errs.push(format!("{section}.{field}: {path} is not a readable file"));
+                }
+            }
+            Some(TlsFiles {
+                cert: cert.into(),
+                key: key.into(),
+            })
+        }
+        _ => {
+            errs.push(format!(
+                "{section}: set both tls_cert and tls_key (PEM files), or neither"
+            ));
+            None
+        }
+    }
+}
+
 fn parse_upstream(field: &str, v: &str, errs: &mut Vec<String>) -> Option<Uri> {
     match v.parse::<Uri>() {
         Ok(u)
-            if u.scheme_str() == Some("http")
+            if matches!(u.scheme_str(), Some("http" | "https"))
                 && u.authority().is_some()
                 && u.query().is_none()
                 && matches!(u.path(), "" | "/") =>
@@ -857,7 +946,7 @@ fn parse_upstream(field: &str, v: &str, errs: &mut Vec<String>) -> Option<Uri> {
         }
         _ => {
             errs.push(format!(
-                "{field}: {v:?} must be an http:// URL with a host and no path, e.g. \"http://127.0.0.1:9000\""
+                "{field}: {v:?} must be an http:// or https:// URL with a host and no path, e.g. \"http://127.0.0.1:9000\""
             ));
             None
         }

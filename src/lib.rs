@@ -31,6 +31,7 @@ pub mod limit;
 pub mod proxy;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -67,6 +68,8 @@ pub enum StartError {
     },
     #[error("cannot open the store: {0}")]
     Store(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Opens the configured store.
@@ -92,6 +95,8 @@ pub struct App {
     admin: axum::Router,
     metrics: Arc<Metrics>,
     usage: Arc<UsageRecorder>,
+    proxy_cert: Option<Arc<tls::ReloadableCert>>,
+    admin_cert: Option<Arc<tls::ReloadableCert>>,
 }
 
 impl App {
@@ -150,11 +155,26 @@ impl App {
             query_param: config.proxy.query_param.clone(),
         };
         let failed_auth = Arc::new(limit::FailedAuth::new(config.failed_auth_limit));
+        let load_cert = |files: &Option<config::TlsFiles>| {
+            files
+                .as_ref()
+                .map(|f| tls::ReloadableCert::load(&f.cert, &f.key).map(Arc::new))
+                .transpose()
+                .map_err(StartError::Tls)
+        };
+        let proxy_cert = load_cert(&config.proxy.tls)?;
+        let admin_cert = load_cert(&config.admin.tls)?;
+        let forwarder = Forwarder::new(
+            config.proxy.connect_timeout,
+            config.proxy.upstream_timeout,
+            config.proxy.upstream_ca.as_deref(),
+        )
+        .map_err(StartError::Tls)?;
         let gateway = Arc::new(Gateway {
             auth: authenticator.clone(),
             routes,
             extractor: extractor.clone(),
-            forwarder: Forwarder::new(config.proxy.connect_timeout, config.proxy.upstream_timeout),
+            forwarder,
             failed_auth: Arc::clone(&failed_auth),
             metrics: Arc::clone(&metrics),
             usage: Arc::clone(&usage),
@@ -195,6 +215,8 @@ impl App {
             admin,
             metrics,
             usage,
+            proxy_cert,
+            admin_cert,
         })
     }
 
@@ -215,11 +237,23 @@ impl App {
                 let _ = rx.wait_for(|stop| *stop).await;
             }
         };
-        let opts = |name| ServerOptions {
+        let opts = |name, cert: &Option<Arc<tls::ReloadableCert>>| ServerOptions {
             name,
             limits: self.config.limits.clone(),
             shutdown_grace: self.config.shutdown_grace,
             metrics: Arc::clone(&self.metrics),
+            tls: cert.clone().map(tls::server_config),
+        };
+        let reloader = spawn_cert_reloader(
+            [("proxy", &self.proxy_cert), ("admin", &self.admin_cert)]
+                .into_iter()
+                .filter_map(|(n, c)| Some((n, Arc::clone(c.as_ref()?))))
+                .collect(),
+        );
+        let proxy_proto = if self.proxy_cert.is_some() {
+            "https"
+        } else {
+            "http"
         };
         tracing::info!(
             proxy = %self.proxy_addr(),
@@ -251,14 +285,14 @@ impl App {
         };
         let proxy = server::serve(
             self.proxy_listener,
-            opts("proxy"),
-            move |peer| proxy::service(Arc::clone(&gateway), ConnInfo::new(peer, "http")),
+            opts("proxy", &self.proxy_cert),
+            move |peer| proxy::service(Arc::clone(&gateway), ConnInfo::new(peer, proxy_proto)),
             signal(),
         );
         let admin_router = self.admin;
         let admin = server::serve(
             self.admin_listener,
-            opts("admin"),
+            opts("admin", &self.admin_cert),
             move |peer| admin::service(admin_router.clone(), peer),
             signal(),
         );
@@ -270,29 +304,67 @@ impl App {
         tokio::join!(proxy, admin, trigger);
         sweeper.abort();
         flusher.abort();
+        reloader.abort();
         let written = self.usage.flush().await;
         tracing::info!(keys = written, "usage flushed");
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Reloads the listeners' certificates on SIGHUP (open connections keep theirs; new handshakes
+/// get the new one; a file that fails to load leaves the current certificate in place).
+fn spawn_cert_reloader(
+    certs: Vec<(&'static str, Arc<tls::ReloadableCert>)>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if certs.is_empty() {
+            return;
         }
-    };
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                tracing::warn!("cannot listen for SIGHUP; certificates will not be reloaded");
+                return;
+            };
+            while hup.recv().await.is_some() {
+                for (name, cert) in &certs {
+                    match cert.reload() {
+                        Ok(()) => tracing::info!(listener = name, "certificate reloaded"),
+                        Err(e) => {
+                            tracing::error!(listener = name, error = %e, "certificate reload failed; keeping the current one")
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called (not when
+/// the future is first polled), so a signal that arrives right after startup is not lost.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {},
+                        _ = int.recv() => {},
+                    }
+                }
+                _ => {
+                    tracing::warn!("cannot install signal handlers; stop keygate with SIGKILL");
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

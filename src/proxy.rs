@@ -131,9 +131,13 @@ impl Gateway {
                 (permit, new_pq, Some(rate))
             }
         };
+        let websocket = headers::websocket_requested(req.headers(), req.version());
         headers::remove_hop_by_hop(req.headers_mut());
         let sent = Instant::now();
-        let forwarded = self.forwarder.forward(permit, req, conn, new_pq).await;
+        let forwarded = self
+            .forwarder
+            .forward(permit, req, conn, new_pq, websocket)
+            .await;
         let upstream = sent.elapsed();
         outcome.upstream = Some(upstream);
         let mut res = match forwarded {

@@ -31,6 +31,8 @@ pub struct ServerOptions {
     pub limits: Limits,
     pub shutdown_grace: Duration,
     pub metrics: Arc<Metrics>,
+    /// Serve TLS with this configuration (its certificate resolver may be reloaded).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Serves connections from `listener` until `shutdown` resolves, then stops accepting and waits
@@ -87,15 +89,40 @@ pub async fn serve<F, S, B>(
             },
         };
         let _ = stream.set_nodelay(true);
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), make_service(peer))
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let service = make_service(peer);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
         let metrics = Arc::clone(&opts.metrics);
         let name = opts.name;
+        let tls = opts.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+        let handshake_timeout = limits.header_read_timeout;
         metrics.connection_opened(name);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let result = match tls {
+                None => {
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let conn =
+                                builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(peer = %peer, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
             }
             metrics.connection_closed(name);

@@ -19,10 +19,12 @@ pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-p
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// Fields that are never end-to-end (RFC 9110 §7.6.1, plus `Proxy-Connection` seen in the
-/// wild and the proxy authentication pair, which addresses this hop).
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// wild, the proxy authentication pair, which addresses this hop, and `HTTP2-Settings` of the
+/// h2c upgrade, RFC 7540 §3.2.1, which is never forwarded).
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -31,7 +33,40 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
     header::PROXY_AUTHORIZATION,
     header::PROXY_AUTHENTICATE,
+    HTTP2_SETTINGS,
 ];
+
+/// True for an HTTP/1.1 request asking to switch to WebSocket (RFC 6455 §4.1): `Upgrade:
+/// websocket` and `Connection: upgrade`. Any other upgrade (h2c included) is not forwarded.
+pub fn websocket_requested(h: &HeaderMap, version: http::Version) -> bool {
+    if version != http::Version::HTTP_11 {
+        return false;
+    }
+    let upgrade = h
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+    let connection = h.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+    });
+    upgrade && connection && h.contains_key("sec-websocket-key")
+}
+
+/// The `Sec-WebSocket-Accept` an upstream must answer for this request's key (RFC 6455 §4.2.2).
+pub fn websocket_accept(h: &HeaderMap) -> Option<HeaderValue> {
+    use base64::Engine;
+    use sha1::{Digest, Sha1};
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let key = h.get("sec-websocket-key")?;
+    let mut sha = Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(GUID);
+    let accept = base64::engine::general_purpose::STANDARD.encode(sha.finalize());
+    HeaderValue::from_str(&accept).ok()
+}
 
 const KEYGATE_PREFIX: &[u8] = b"x-keygate-";
 
@@ -184,6 +219,31 @@ mod tests {
             assert!(!h.contains_key(gone), "{gone} survived");
         }
         assert_eq!(h["accept"], "*/*");
+    }
+
+    #[test]
+    fn websocket_detection_and_accept() {
+        let h = map(&[
+            ("upgrade", "websocket"),
+            ("connection", "keep-alive, Upgrade"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ]);
+        assert!(websocket_requested(&h, http::Version::HTTP_11));
+        assert!(!websocket_requested(&h, http::Version::HTTP_2));
+        // RFC 6455 §1.3's example.
+        assert_eq!(
+            websocket_accept(&h).unwrap(),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        let h2c = map(&[
+            ("upgrade", "h2c"),
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
+        ]);
+        assert!(!websocket_requested(&h2c, http::Version::HTTP_11));
+        let mut h2c = h2c;
+        remove_hop_by_hop(&mut h2c);
+        assert!(h2c.is_empty(), "{h2c:?}");
     }
 
     #[test]
