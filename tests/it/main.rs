@@ -8,3 +8,4 @@ mod openapi;
 mod proxy_path;
 mod rate_limits;
 mod support;
+mod tls_ws;

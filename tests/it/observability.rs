@@ -177,17 +177,17 @@ async fn usage_is_flushed_periodically() {
 }
 
 /// The real binary with a config file; stderr lines collected.
-struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    proxy: String,
-    admin: String,
+pub(crate) struct Proc {
+    pub(crate) child: Child,
+    pub(crate) lines: Arc<Mutex<Vec<String>>>,
+    pub(crate) proxy: String,
+    pub(crate) admin: String,
 }
 
 const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 const JWT_SECRET: &str = "jwt-secret-for-the-log-test-0123456789";
 
-fn spawn(config: &str, dir: &std::path::Path, json_logs: bool) -> Proc {
+pub(crate) fn spawn(config: &str, dir: &std::path::Path, json_logs: bool) -> Proc {
     let path = dir.join("keygate.toml");
     std::fs::write(&path, config).unwrap();
     let mut cmd = Command::new(BIN);
@@ -249,7 +249,7 @@ fn spawn(config: &str, dir: &std::path::Path, json_logs: bool) -> Proc {
 }
 
 impl Proc {
-    fn terminate(&mut self) -> std::process::ExitStatus {
+    pub(crate) fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         assert!(
             Command::new("kill")

@@ -26,6 +26,7 @@ pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef";
 pub struct Seen {
     pub uri: String,
     pub headers: HeaderMap,
+    pub version: http::Version,
 }
 
 /// An upstream that records every request. Paths:
@@ -37,6 +38,8 @@ pub struct Seen {
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Connections accepted so far.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 pub fn pattern(n: usize) -> Vec<u8> {
@@ -45,28 +48,59 @@ pub fn pattern(n: usize) -> Vec<u8> {
 
 impl Upstream {
     pub async fn start() -> Upstream {
+        Self::start_with_tls(None).await
+    }
+
+    /// An upstream serving TLS (HTTP/2 and HTTP/1.1 by ALPN) with `tls`.
+    pub async fn start_with_tls(tls: Option<Arc<rustls::ServerConfig>>) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let rec = Arc::clone(&seen);
+        let conns = Arc::clone(&connections);
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                conns.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let rec = Arc::clone(&rec);
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let rec = Arc::clone(&rec);
                         async move { Ok::<_, Infallible>(upstream_answer(req, &rec).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match acceptor {
+                        None => {
+                            let _ = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                                .await;
+                        }
+                        Some(a) => {
+                            if let Ok(tls) = a.accept(stream).await {
+                                let _ = builder
+                                    .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                                    .await;
+                            }
+                        }
+                    }
                 });
             }
         });
-        Upstream { addr, seen }
+        Upstream {
+            addr,
+            seen,
+            connections,
+        }
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn url(&self) -> String {
@@ -89,12 +123,54 @@ impl Upstream {
 
 type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
+/// WebSocket endpoint: version 13 → 101 with the right accept, then echoes bytes;
+/// anything else → 426.
+fn websocket_answer(mut req: Request<Incoming>) -> Response<UpBody> {
+    use base64::Engine;
+    use sha1::Digest;
+    let version_ok = req
+        .headers()
+        .get("sec-websocket-version")
+        .is_some_and(|v| v == "13");
+    let key = req.headers().get("sec-websocket-key").cloned();
+    let (true, Some(key)) = (version_ok, key) else {
+        let mut res = Response::new(Full::new(Bytes::from_static(b"upgrade required")).boxed());
+        *res.status_mut() = StatusCode::UPGRADE_REQUIRED;
+        res.headers_mut()
+            .insert("sec-websocket-version", "13".parse().unwrap());
+        return res;
+    };
+    let mut sha = sha1::Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    let accept = base64::engine::general_purpose::STANDARD.encode(sha.finalize());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(up) = on_upgrade.await {
+            let mut io = TokioIo::new(up);
+            let (mut r, mut w) = tokio::io::split(&mut io);
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    });
+    let mut res = Response::new(Full::new(Bytes::new()).boxed());
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = res.headers_mut();
+    h.insert("upgrade", "websocket".parse().unwrap());
+    h.insert("connection", "Upgrade".parse().unwrap());
+    h.insert("sec-websocket-accept", accept.parse().unwrap());
+    res
+}
+
 async fn upstream_answer(req: Request<Incoming>, rec: &Mutex<Vec<Seen>>) -> Response<UpBody> {
     rec.lock().unwrap().push(Seen {
         uri: req.uri().to_string(),
         headers: req.headers().clone(),
+        version: req.version(),
     });
     let path = req.uri().path().to_owned();
+    if path == "/ws" && req.headers().contains_key("upgrade") {
+        return websocket_answer(req);
+    }
     if let Some(n) = path.strip_prefix("/big/") {
         let n: usize = n.parse().unwrap();
         let data = Bytes::from(pattern(n));

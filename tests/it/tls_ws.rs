@@ -1,0 +1,458 @@
+//! TLS on the listeners (HTTP/2 by ALPN), https upstreams (HTTP/2 where offered, verified
+//! against a CA), certificate reload on SIGHUP, and WebSocket through the gateway.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::observability::spawn;
+use crate::support::{ADMIN_KEY, Gateway, Upstream, config_text};
+
+/// A CA and a certificate for localhost/127.0.0.1 signed by it, as PEM files in `dir`.
+struct Pki {
+    ca_pem: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    ca_der: Vec<u8>,
+}
+
+fn pki(dir: &Path, name: &str) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let p = |f: &str| dir.join(format!("{name}-{f}"));
+    std::fs::write(p("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(p("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(p("key.pem"), key.serialize_pem()).unwrap();
+    Pki {
+        ca_pem: p("ca.pem"),
+        cert: p("cert.pem"),
+        key: p("key.pem"),
+        ca_der: ca.der().to_vec(),
+    }
+}
+
+fn client_tls(ca_der: &[u8]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(ca_der.to_vec()))
+        .unwrap();
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+fn https_client(
+    ca_der: &[u8],
+) -> hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+> {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(client_tls(ca_der))
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https)
+}
+
+fn with_proxy_tls(text: String, pki: &Pki) -> String {
+    text.replace(
+        "[admin]",
+        &format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\n[admin]",
+            pki.cert.display(),
+            pki.key.display()
+        ),
+    )
+}
+
+#[tokio::test]
+async fn https_and_http2_through_the_proxy_with_a_key() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "proxy");
+    let text = with_proxy_tls(
+        config_text(&upstream.url(), &dir.path().join("k.db"), ""),
+        &pki,
+    );
+    let gw = Gateway::start_from(upstream, dir, &text).await;
+    let (key, _) = gw.client("acme", "pro").await;
+
+    let client = https_client(&pki.ca_der);
+    let port = gw.proxy.port();
+    let req = http::Request::get(format!("https://localhost:{port}/secure"))
+        .header("authorization", format!("Bearer {key}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = client.request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.version(), http::Version::HTTP_2, "ALPN should pick h2");
+    let seen = gw.upstream.last();
+    assert_eq!(seen.uri, "/secure");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert!(!seen.headers.contains_key("authorization"));
+
+    // No key over TLS: 401, nothing upstream.
+    let before = gw.upstream.count();
+    let req = http::Request::get(format!("https://localhost:{port}/secure"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(client.request(req).await.unwrap().status(), 401);
+    assert_eq!(gw.upstream.count(), before);
+}
+
+fn upstream_tls(pki: &Pki) -> Arc<rustls::ServerConfig> {
+    let cert = keygate::tls::ReloadableCert::load(&pki.cert, &pki.key).unwrap();
+    keygate::tls::server_config(Arc::new(cert))
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_and_spoken_to_in_http2() {
+    let dir = tempfile::tempdir().unwrap();
+    let up_pki = pki(dir.path(), "upstream");
+    let upstream = Upstream::start_with_tls(Some(upstream_tls(&up_pki))).await;
+    let url = format!("https://localhost:{}", upstream.addr.port());
+    let text = config_text(&url, &dir.path().join("k.db"), "").replace(
+        "[admin]",
+        &format!("upstream_ca = \"{}\"\n[admin]", up_pki.ca_pem.display()),
+    );
+    let gw = Gateway::start_from(upstream, dir, &text).await;
+    let (key, _) = gw.client("acme", "pro").await;
+    let r = gw.get_with_key("/over-tls", &key).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let seen = gw.upstream.last();
+    // HTTP/2 carries the target as :scheme/:authority/:path.
+    assert_eq!(seen.uri.parse::<http::Uri>().unwrap().path(), "/over-tls");
+    assert_eq!(
+        seen.version,
+        http::Version::HTTP_2,
+        "h2 to an upstream that offers it"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_signed_by_another_ca_is_a_502_with_a_clear_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let up_pki = pki(dir.path(), "upstream");
+    let other = pki(dir.path(), "other");
+    let upstream = Upstream::start_with_tls(Some(upstream_tls(&up_pki))).await;
+    let url = format!("https://localhost:{}", upstream.addr.port());
+    let text = config_text(&url, &dir.path().join("k.db"), "").replace(
+        "[admin]",
+        &format!("upstream_ca = \"{}\"\n[admin]", other.ca_pem.display()),
+    );
+    let mut p = spawn(&text, dir.path(), true);
+    let admin = format!("http://{}/v1/clients", p.admin);
+    let c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let req = http::Request::post(admin)
+        .header("x-admin-key", ADMIN_KEY)
+        .body(Full::new(Bytes::from(
+            json!({"client_id": "acme", "license": "pro"}).to_string(),
+        )))
+        .unwrap();
+    let res = c.request(req).await.unwrap();
+    let body: serde_json::Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let key = body["api_key"]["key"].as_str().unwrap().to_owned();
+    let req = http::Request::get(format!("http://{}/x", p.proxy))
+        .header("authorization", format!("Bearer {key}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = c.request(req).await.unwrap();
+    assert_eq!(res.status(), 502);
+    assert_eq!(upstream.count(), 0, "the untrusted upstream got a request");
+    assert!(p.terminate().success());
+    let lines = p.lines.lock().unwrap().clone();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("upstream request failed") && l.contains("certificate")),
+        "no log line naming the certificate problem: {lines:#?}"
+    );
+}
+
+/// One HTTP/1.1 request over an open TLS stream; returns the status line.
+async fn tls_get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    key: &str,
+) -> String {
+    s.write_all(
+        format!("GET /again HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(s).await;
+    // Drain the JSON body by its length.
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).await.unwrap();
+    head.lines().next().unwrap().to_owned()
+}
+
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n == 1,
+            "connection closed after {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+async fn tls_connect(
+    addr: &str,
+    ca_der: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut cfg = client_tls(ca_der);
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap()
+}
+
+fn peer_cert(s: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> Vec<u8> {
+    s.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate_without_dropping_connections() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = pki(dir.path(), "first");
+    let text = with_proxy_tls(
+        config_text(&upstream.url(), &dir.path().join("k.db"), ""),
+        &first,
+    );
+    let mut p = spawn(&text, dir.path(), true);
+    let c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let req = http::Request::post(format!("http://{}/v1/clients", p.admin))
+        .header("x-admin-key", ADMIN_KEY)
+        .body(Full::new(Bytes::from(
+            json!({"client_id": "acme", "license": "pro"}).to_string(),
+        )))
+        .unwrap();
+    let body = c
+        .request(req)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    let key = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["api_key"]["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let mut open = tls_connect(&p.proxy, &first.ca_der).await;
+    let old_cert = peer_cert(&open);
+    assert!(tls_get(&mut open, &key).await.contains("200"));
+
+    // New certificate from another CA, written over the same files, then SIGHUP.
+    let second = pki(dir.path(), "second");
+    std::fs::copy(&second.cert, &first.cert).unwrap();
+    std::fs::copy(&second.key, &first.key).unwrap();
+    let pid = p.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !p
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("certificate reloaded"))
+    {
+        assert!(Instant::now() < deadline, "no reload logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The open connection keeps working.
+    assert!(tls_get(&mut open, &key).await.contains("200"));
+    // A new connection gets the new certificate (and verifies against the new CA).
+    let mut fresh = tls_connect(&p.proxy, &second.ca_der).await;
+    assert_ne!(peer_cert(&fresh), old_cert);
+    assert!(tls_get(&mut fresh, &key).await.contains("200"));
+    assert!(p.terminate().success());
+}
+
+#[test]
+fn a_bad_certificate_file_is_a_startup_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("broken.pem");
+    std::fs::write(&cert, "not a certificate").unwrap();
+    let key = dir.path().join("key.pem");
+    std::fs::write(&key, "not a key").unwrap();
+    let err = keygate::tls::ReloadableCert::load(&cert, &key).unwrap_err();
+    assert!(err.contains("broken.pem"), "{err}");
+    let missing = dir.path().join("missing.pem");
+    let err = keygate::tls::ReloadableCert::load(&missing, &key).unwrap_err();
+    assert!(err.contains("missing.pem"), "{err}");
+}
+
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+fn ws_request(key: Option<&str>, version: &str, path: &str) -> String {
+    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: {version}\r\n\r\n"
+    )
+}
+
+#[tokio::test]
+async fn a_websocket_session_echoes_through_the_gateway() {
+    let gw = Gateway::start().await;
+    let (key, _) = gw.client("acme", "pro").await;
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(ws_request(Some(&key), "13", "/ws").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    let seen = gw.upstream.last();
+    assert!(!seen.headers.contains_key("authorization"));
+    assert_eq!(seen.headers["upgrade"], "websocket");
+    // A masked text frame "hello" (RFC 6455 §5.7), echoed byte for byte by the upstream.
+    let frame = [
+        0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+    ];
+    for _ in 0..3 {
+        s.write_all(&frame).await.unwrap();
+        let mut back = [0u8; 11];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, frame);
+    }
+}
+
+#[tokio::test]
+async fn websocket_without_a_key_is_401_and_never_reaches_the_upstream() {
+    let gw = Gateway::start().await;
+    let conns = gw.upstream.connection_count();
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(ws_request(None, "13", "/ws").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert_eq!(gw.upstream.count(), 0);
+    assert_eq!(
+        gw.upstream.connection_count(),
+        conns,
+        "an upstream connection was opened"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_426_opens_no_tunnel() {
+    let gw = Gateway::start().await;
+    let (key, _) = gw.client("acme", "pro").await;
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(ws_request(Some(&key), "8", "/ws").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 426"), "{head}");
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).await.unwrap();
+    // A raw request without a key on the same socket is parsed by the gateway, not tunnelled.
+    s.write_all(b"GET /internal HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    let uris: Vec<String> = gw
+        .upstream
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.uri.clone())
+        .collect();
+    assert!(!uris.iter().any(|u| u.contains("internal")), "{uris:?}");
+}
+
+#[tokio::test]
+async fn h2c_upgrades_are_not_forwarded() {
+    let gw = Gateway::start().await;
+    let (key, _) = gw.client("acme", "pro").await;
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(
+        format!(
+            "GET /plain HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let seen = gw.upstream.last();
+    for h in ["upgrade", "http2-settings", "connection"] {
+        assert!(!seen.headers.contains_key(h), "{h} forwarded");
+    }
+}
