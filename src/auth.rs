@@ -73,26 +73,10 @@ impl Authenticator {
             .verify(token, now)
             .map_err(|_| ProxyError::InvalidToken)?;
         let id = Uuid::parse_str(&claims.kid).map_err(|_| ProxyError::InvalidToken)?;
-        let principal = match self.cache.get_id(&id) {
-            Some(Entry {
-                value: Cached::Found(p),
-                fresh_until,
-            }) if now < fresh_until => {
-                self.metrics.cache(CacheResult::Hit);
-                p
-            }
-            Some(Entry {
-                value: Cached::Unknown,
-                ..
-            }) => {
-                self.metrics.cache(CacheResult::NegativeHit);
-                return Err(ProxyError::InvalidToken);
-            }
-            Some(Entry {
-                value: Cached::Found(stale),
-                ..
-            }) => self.fill_id(id, now, Some(stale)).await?,
-            None => self.fill_id(id, now, None).await?,
+        let principal = match self.classify(self.cache.get_id(&id), now) {
+            Lookup::Fresh(p) => p,
+            Lookup::Unknown => return Err(ProxyError::InvalidToken),
+            Lookup::Refill(stale) => self.fill_id(id, now, stale).await?,
         };
         let current = check_status(&principal, now).is_ok()
             && principal.rotated_at.unwrap_or(0) == claims.rot
@@ -154,29 +138,38 @@ impl Authenticator {
         }
         let hash = KeyHash::of(key);
         let now = now_millis();
-        let principal = match self.cache.get(&hash) {
+        let principal = match self.classify(self.cache.get(&hash), now) {
+            Lookup::Fresh(p) => p,
+            Lookup::Unknown => return Err(ProxyError::InvalidApiKey),
+            Lookup::Refill(stale) => self.fill(hash, now, stale).await?,
+        };
+        check_status(&principal, now)?;
+        Ok(principal)
+    }
+
+    /// What a cache entry means at `now` (and the hit metrics).
+    fn classify(&self, entry: Option<Entry>, now: Millis) -> Lookup {
+        match entry {
             Some(Entry {
                 value: Cached::Found(p),
                 fresh_until,
             }) if now < fresh_until => {
                 self.metrics.cache(CacheResult::Hit);
-                p
+                Lookup::Fresh(p)
             }
             Some(Entry {
                 value: Cached::Unknown,
                 ..
             }) => {
                 self.metrics.cache(CacheResult::NegativeHit);
-                return Err(ProxyError::InvalidApiKey);
+                Lookup::Unknown
             }
             Some(Entry {
                 value: Cached::Found(stale),
                 ..
-            }) => self.fill(hash, now, Some(stale)).await?,
-            None => self.fill(hash, now, None).await?,
-        };
-        check_status(&principal, now)?;
-        Ok(principal)
+            }) => Lookup::Refill(Some(stale)),
+            None => Lookup::Refill(None),
+        }
     }
 
     /// Looks `hash` up in the store and caches the answer. When the store fails, a stale
@@ -213,6 +206,15 @@ impl Authenticator {
             }
         }
     }
+}
+
+/// A cache entry, classified.
+enum Lookup {
+    Fresh(Arc<Principal>),
+    /// Known not to exist (negative entry).
+    Unknown,
+    /// Ask the store; the stale principal, if any, is served when the store fails.
+    Refill(Option<Arc<Principal>>),
 }
 
 fn check_status(p: &Principal, now: Millis) -> Result<(), ProxyError> {

@@ -116,21 +116,22 @@ pub fn check_license(
     }
 }
 
-/// Creates a client and its first key (plaintext in the answer, once).
-#[utoipa::path(post, path = "/v1/clients", operation_id = "create_client", tag = "clients", request_body = CreateClient,
-    responses((status = 201, body = CreatedClient), ErrorResponses))]
-pub async fn create(
-    State(state): State<AdminState>,
-    Extension(caller): Extension<Caller>,
-    JsonBody(body): JsonBody<CreateClient>,
-) -> Result<impl IntoResponse, AdminError> {
+/// Validates and creates a client with its first key; returns both and the key's plaintext.
+/// Shared by `/v1/clients` and the Kixote `create_client`.
+pub async fn create_with_first_key(
+    state: &AdminState,
+    caller: &Caller,
+    client_id: Option<&str>,
+    license: Option<&str>,
+    metadata: Option<serde_json::Value>,
+    permissions: Vec<String>,
+) -> Result<(Client, crate::keys::ApiKey, crate::keys::Secret), AdminError> {
     caller.admin_only()?;
     let now = now_millis();
     let mut errs = Vec::new();
-    let client_id = check_client_id(body.client_id.as_deref(), &mut errs);
-    let license = check_license(&state, body.license.as_deref(), &mut errs);
-    check_metadata(&body.metadata, &mut errs);
-    let permissions = body.permissions.unwrap_or_default();
+    let client_id = check_client_id(client_id, &mut errs);
+    let license = check_license(state, license, &mut errs);
+    check_metadata(&metadata, &mut errs);
     check_permissions(&permissions, &mut errs);
     if !errs.is_empty() {
         return Err(AdminError::Validation(errs));
@@ -139,12 +140,32 @@ pub async fn create(
         client_id: client_id.clone(),
         license,
         created_at: now,
-        metadata: body.metadata,
+        metadata,
     };
-    let (key, plaintext) = new_key(&state, &client_id, FIRST_KEY_NAME.into(), permissions, now);
+    let (key, plaintext) = new_key(state, &client_id, FIRST_KEY_NAME.into(), permissions, now);
     state.store.insert_client(&client, &key).await?;
     state.invalidate(std::slice::from_ref(&key));
-    audit("client.create", &caller, &key);
+    audit("client.create", caller, &key);
+    Ok((client, key, plaintext))
+}
+
+/// Creates a client and its first key (plaintext in the answer, once).
+#[utoipa::path(post, path = "/v1/clients", operation_id = "create_client", tag = "clients", request_body = CreateClient,
+    responses((status = 201, body = CreatedClient), ErrorResponses))]
+pub async fn create(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    JsonBody(body): JsonBody<CreateClient>,
+) -> Result<impl IntoResponse, AdminError> {
+    let (client, key, plaintext) = create_with_first_key(
+        &state,
+        &caller,
+        body.client_id.as_deref(),
+        body.license.as_deref(),
+        body.metadata,
+        body.permissions.unwrap_or_default(),
+    )
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(CreatedClient {

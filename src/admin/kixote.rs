@@ -9,14 +9,14 @@ use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::clients::{FIRST_KEY_NAME, check_client_id, check_license};
+use super::clients::{self, FIRST_KEY_NAME, check_client_id};
 use super::error::{AdminError, ErrorResponses, JsonBody};
 use super::keys::{audit, new_key};
 use super::{AdminState, Caller, MAX_PER_PAGE};
 use crate::auth::jwt::{LoginRequest, TokenResponse};
 use crate::error::ProxyError;
+use crate::keys::now_millis;
 use crate::keys::store::StoreError;
-use crate::keys::{Client, now_millis};
 
 const NO_CLIENT: &str = "client not found";
 
@@ -90,30 +90,21 @@ pub async fn create_client(
     Extension(caller): Extension<Caller>,
     JsonBody(body): JsonBody<KxCreateClient>,
 ) -> Result<impl IntoResponse, AdminError> {
-    caller.admin_only()?;
-    let mut errs = Vec::new();
-    let client_id = check_client_id(body.client_id.as_deref(), &mut errs);
-    let license = check_license(&state, body.license.as_deref(), &mut errs);
-    if !errs.is_empty() {
-        return Err(AdminError::Validation(errs));
-    }
-    let now = now_millis();
-    let client = Client {
-        client_id: client_id.clone(),
-        license: license.clone(),
-        created_at: now,
-        metadata: None,
-    };
-    let (key, plaintext) = new_key(&state, &client_id, FIRST_KEY_NAME.into(), Vec::new(), now);
-    state.store.insert_client(&client, &key).await?;
-    state.invalidate(std::slice::from_ref(&key));
-    audit("client.create", &caller, &key);
+    let (client, _, plaintext) = clients::create_with_first_key(
+        &state,
+        &caller,
+        body.client_id.as_deref(),
+        body.license.as_deref(),
+        None,
+        Vec::new(),
+    )
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(KxCreated {
             api_key: plaintext.expose().to_owned(),
-            client_id,
-            license,
+            client_id: client.client_id,
+            license: client.license,
         }),
     ))
 }
