@@ -2,6 +2,7 @@
 //! admin plane calls it for every read and write. Implementations must make each write atomic
 //! (a crash never leaves half a client or half a key) and acknowledge only what is durable.
 
+pub mod redis;
 pub mod sqlite;
 
 use std::sync::Arc;
