@@ -34,6 +34,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -102,7 +103,16 @@ struct Inner {
     target: String,
     /// Dropped with the store: background tasks watch it and stop.
     alive: tokio::sync::watch::Sender<()>,
+    /// State of the invalidation subscription (`SUB_*`).
+    subscription: Arc<AtomicU8>,
 }
+
+/// No subscription was asked for (a store used alone).
+const SUB_NONE: u8 = 0;
+/// Subscribed, and the local cache was cleared after subscribing.
+const SUB_UP: u8 = 1;
+/// Asked for, but not (yet, or no longer) subscribed: invalidations may be missed.
+const SUB_DOWN: u8 = 2;
 
 impl RedisStore {
     /// Prepares a store for `url` whose keys live under `prefix`. Does not wait for Redis: when
@@ -115,11 +125,13 @@ impl RedisStore {
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(CALL_TIMEOUT))
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            // Few, short retries per reconnection: a failed reconnection is started again by the
-            // next call, so a returning Redis is found within a fraction of a second.
-            .set_number_of_retries(2)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(250));
+            // One short retry per reconnection: a call made while Redis is down waits for that
+            // attempt (tens of ms), then fails; the next call starts a new attempt. So calls
+            // fail fast, connection attempts stay a few dozen per second at most, and a Redis
+            // that comes back is found by the next call.
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(25))
+            .set_max_delay(Duration::from_millis(100));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| unavailable("connection", e))?;
         let (alive, _) = tokio::sync::watch::channel(());
@@ -130,6 +142,7 @@ impl RedisStore {
                 prefix: prefix.to_owned(),
                 target,
                 alive,
+                subscription: Arc::new(AtomicU8::new(SUB_NONE)),
             }),
         };
         tracing::info!(redis = %store.inner.target, prefix = %store.inner.prefix, "using the Redis store");
@@ -973,13 +986,20 @@ impl Store for RedisStore {
             .map(|_| ())
     }
 
+    /// Redis answers, and — once invalidations are watched — the subscription is up (an
+    /// instance that may miss revocations is not ready).
     async fn ping(&self) -> StoreResult<()> {
         let mut conn = self.conn();
         self.bounded("ping", async move {
             ::redis::cmd("PING").query_async::<Value>(&mut conn).await
         })
-        .await
-        .map(|_| ())
+        .await?;
+        if self.inner.subscription.load(Ordering::Acquire) == SUB_DOWN {
+            return Err(StoreError::Unavailable(
+                "redis: the invalidation subscription is down".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn watch_invalidations(&self, sink: Arc<dyn InvalidationSink>) {
@@ -989,7 +1009,9 @@ impl Store for RedisStore {
             channel: format!("{}invalidate", self.prefix()),
             target: self.inner.target.clone(),
             sink,
+            state: Arc::clone(&self.inner.subscription),
         };
+        watcher.state.store(SUB_DOWN, Ordering::Release);
         let mut stopped = self.inner.alive.subscribe();
         tokio::spawn(async move {
             tokio::select! {
@@ -1007,6 +1029,7 @@ struct Watcher {
     channel: String,
     target: String,
     sink: Arc<dyn InvalidationSink>,
+    state: Arc<AtomicU8>,
 }
 
 /// An invalidation message as published by the write scripts.
@@ -1046,7 +1069,9 @@ impl Watcher {
                     was_down = false;
                     backoff = RESUBSCRIBE_BACKOFF.0;
                     self.resync().await;
+                    self.state.store(SUB_UP, Ordering::Release);
                     let why = self.listen(pubsub).await;
+                    self.state.store(SUB_DOWN, Ordering::Release);
                     tracing::warn!(
                         redis = %self.target,
                         "invalidation subscription lost ({why}); reconnecting, then the key cache is cleared"
