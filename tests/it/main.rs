@@ -3,6 +3,7 @@
 
 mod admin_api;
 mod binary;
+mod deploy_files;
 mod proxy_path;
 mod rate_limits;
 mod redis_cluster;

@@ -307,3 +307,173 @@ async fn a_broken_subscription_reconnects_and_clears_the_cache() {
     writer.insert_client(&client("acme"), &k).await.unwrap();
     assert_inv(&seen.next().await, &[k.id], &[k.key_hash]);
 }
+
+/// One HTTP/1.1 exchange on a fresh connection; returns the status and body.
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// True when `s` holds 64 hex digits in a row (what a logged key hash would look like).
+fn has_hex_run(s: &str) -> bool {
+    let mut run = 0;
+    for c in s.chars() {
+        run = if c.is_ascii_hexdigit() { run + 1 } else { 0 };
+        if run >= 64 {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn the_binary_on_redis_warns_without_aof_and_logs_no_password_key_or_hash() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    const PASSWORD: &str = "s3cr3t-redis-pw";
+    let redis = RedisServer::start();
+    let _: () = redis.query(
+        0,
+        ::redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("appendonly")
+            .arg("no"),
+    );
+    let _: () = redis.query(
+        0,
+        ::redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("requirepass")
+            .arg(PASSWORD),
+    );
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KEYGATE_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = cmd
+        .arg("--config")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/keygate.toml"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--upstream", "http://127.0.0.1:1"])
+        .arg("--store")
+        .arg(format!("redis://:{PASSWORD}@127.0.0.1:{}/0", redis.port()))
+        .env("KEYGATE_ADMIN_KEY", "an-admin-key-of-decent-length")
+        .env("KEYGATE_LOG_FORMAT", "json")
+        .env("KEYGATE_LOG_LEVEL", "debug")
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut logs = Vec::new();
+    let wait_for = |needle: &str, logs: &mut Vec<String>| -> serde_json::Value {
+        if let Some(seen) = logs.iter().find(|l| l.contains(needle)) {
+            return serde_json::from_str(seen).expect("JSON log line");
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("no log line with {needle:?} in {logs:#?}"));
+            logs.push(line.clone());
+            if line.contains(needle) {
+                return serde_json::from_str(&line).expect("JSON log line");
+            }
+        }
+    };
+    let listening = wait_for("keygate listening", &mut logs);
+    let admin = listening["admin"].as_str().unwrap().to_owned();
+    let proxy = listening["proxy"].as_str().unwrap().to_owned();
+    wait_for("appendonly", &mut logs);
+
+    // A client and its key, one lookup through the proxy (the upstream is down: 502), and the
+    // invalidation that the write published, received back by this instance.
+    let (status, body) = http(
+        &admin,
+        "POST",
+        "/v1/clients",
+        &[
+            ("x-admin-key", "an-admin-key-of-decent-length"),
+            ("content-type", "application/json"),
+        ],
+        r#"{"client_id":"acme","license":"pro"}"#,
+    );
+    assert_eq!(status, 201, "{body}");
+    let created: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let key = created["api_key"]["key"].as_str().unwrap().to_owned();
+    wait_for("invalidation received", &mut logs);
+    let (status, _) = http(
+        &proxy,
+        "GET",
+        "/",
+        &[("authorization", &format!("Bearer {key}"))],
+        "",
+    );
+    assert_eq!(status, 502);
+
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(child.wait().unwrap().success());
+    reader.join().unwrap();
+    logs.extend(rx.try_iter());
+
+    let all = logs.join("\n");
+    assert!(all.contains("using the Redis store"), "{all}");
+    assert!(all.contains("lag_ms"), "{all}");
+    assert!(
+        !all.contains(PASSWORD),
+        "the Redis password was logged:\n{all}"
+    );
+    assert!(!all.contains(&key), "a key was logged:\n{all}");
+    assert!(
+        !has_hex_run(&all),
+        "something like a key hash was logged:\n{all}"
+    );
+}

@@ -106,6 +106,10 @@ impl RedisServer {
         format!("redis+unix://{}", self.socket().display())
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// `redis://127.0.0.1:PORT/DB`.
     pub fn tcp_url(&self, db: u32) -> String {
         format!("redis://127.0.0.1:{}/{db}", self.port)
