@@ -128,7 +128,7 @@ fn compose_publishes_the_admin_port_on_loopback_only_and_its_config_checks_out()
             let mut parts = v.split(':');
             let host = parts.next()?;
             let container = parts.next()?;
-            container.ends_with(".toml").then(|| (host, container))
+            container.ends_with(".toml").then_some((host, container))
         })
         .expect("a config file mounted into the keygate service");
     assert!(
@@ -225,8 +225,8 @@ fn dockerfile_builds_in_stages_and_runs_unprivileged() {
     assert!(d.contains("cargo build --release --locked"));
     let user = d
         .lines()
-        .filter_map(|l| l.strip_prefix("USER "))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
         .expect("a USER line");
     assert!(
         !user.starts_with("root") && !user.starts_with('0'),
