@@ -335,3 +335,25 @@ async fn redis_outage_cached_keys_keep_working_the_rest_gets_503_and_service_com
     );
     assert!(took < PROPAGATION_BOUND, "took {took:?}");
 }
+
+#[tokio::test]
+async fn a_gateway_starts_while_redis_is_down_and_serves_once_it_is_up() {
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let gw = Gateway::start_on_store(
+        Upstream::start().await,
+        &format!("url = \"{}\"", redis.unix_url()),
+        "",
+    )
+    .await;
+    let r = gw.admin_as("GET", "/readyz", None, &[]).await;
+    assert_eq!(r.status, 503);
+    let unknown = KeyFormat::new("kg_").generate().plaintext.0;
+    assert_store_unavailable(&gw.get_with_key("/", &unknown).await, "unknown key");
+
+    redis.restart();
+    wait_ready(&gw, Duration::from_secs(10)).await;
+    let (key, _) = gw.client("acme", "pro").await;
+    assert_eq!(gw.get_with_key("/", &key).await.status, 200);
+    assert_eq!(gw.get_with_key("/", &unknown).await.status, 401);
+}
