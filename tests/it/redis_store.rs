@@ -348,12 +348,19 @@ fn has_hex_run(s: &str) -> bool {
 }
 
 #[test]
-fn the_binary_on_redis_warns_without_aof_and_logs_no_password_key_or_hash() {
+fn the_binary_on_redis_warns_about_aof_and_eviction_and_logs_no_password_key_or_hash() {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
 
     const PASSWORD: &str = "s3cr3t-redis-pw";
     let redis = RedisServer::start();
+    let _: () = redis.query(
+        0,
+        ::redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg("allkeys-lru"),
+    );
     let _: () = redis.query(
         0,
         ::redis::cmd("CONFIG")
@@ -427,6 +434,7 @@ fn the_binary_on_redis_warns_without_aof_and_logs_no_password_key_or_hash() {
     let admin = listening["admin"].as_str().unwrap().to_owned();
     let proxy = listening["proxy"].as_str().unwrap().to_owned();
     wait_for("appendonly", &mut logs);
+    wait_for("maxmemory-policy allkeys-lru", &mut logs);
 
     // A client and its key, one lookup through the proxy (the upstream is down: 502), and the
     // invalidation that the write published, received back by this instance.

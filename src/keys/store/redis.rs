@@ -189,8 +189,8 @@ impl RedisStore {
         .await
     }
 
-    /// Reads `CONFIG GET appendonly / appendfsync` once Redis answers and warns when
-    /// acknowledged admin writes could be lost by a Redis restart.
+    /// Reads `CONFIG GET appendonly / appendfsync / maxmemory-policy` once Redis answers and
+    /// warns when acknowledged admin writes could be lost by a Redis restart or evicted.
     fn spawn_persistence_check(&self) {
         let mut conn = self.conn();
         let target = self.inner.target.clone();
@@ -201,10 +201,14 @@ impl RedisStore {
                 let read = async {
                     let a = config_get(&mut conn, "appendonly").await?;
                     let f = config_get(&mut conn, "appendfsync").await?;
-                    Ok::<_, RedisError>((a, f))
+                    let p = config_get(&mut conn, "maxmemory-policy").await?;
+                    Ok::<_, RedisError>((a, f, p))
                 };
                 match tokio::time::timeout(CALL_TIMEOUT, read).await {
-                    Ok(Ok((appendonly, appendfsync))) => {
+                    Ok(Ok((appendonly, appendfsync, policy))) => {
+                        if let Some(w) = eviction_warning(policy.as_deref()) {
+                            tracing::warn!(redis = %target, "{w}");
+                        }
                         match persistence_warning(appendonly.as_deref(), appendfsync.as_deref()) {
                             Some(w) => tracing::warn!(redis = %target, "{w}"),
                             None => tracing::info!(
@@ -270,6 +274,18 @@ pub fn persistence_warning(appendonly: Option<&str>, appendfsync: Option<&str>) 
         );
     }
     None
+}
+
+/// The warning to log for this `maxmemory-policy`, if any: keygate's Redis keys have no TTL, so
+/// only the `allkeys-*` policies can evict them.
+pub fn eviction_warning(policy: Option<&str>) -> Option<String> {
+    let policy = policy?;
+    policy.starts_with("allkeys-").then(|| {
+        format!(
+            "Redis has maxmemory-policy {policy}: under memory pressure it may evict API keys and \
+             clients (they would stop working); use noeviction (or a volatile-* policy)"
+        )
+    })
 }
 
 fn text(v: &Value) -> Option<String> {
@@ -1190,6 +1206,10 @@ mod tests {
         assert!(persistence_warning(Some("yes"), Some("no")).is_some());
         assert!(persistence_warning(Some("yes"), Some("everysec")).is_none());
         assert!(persistence_warning(Some("yes"), Some("always")).is_none());
+        assert!(eviction_warning(Some("allkeys-lru")).is_some());
+        assert!(eviction_warning(Some("noeviction")).is_none());
+        assert!(eviction_warning(Some("volatile-lru")).is_none());
+        assert!(eviction_warning(None).is_none());
     }
 
     #[test]
