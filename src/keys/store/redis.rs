@@ -17,8 +17,8 @@
 //! Equal scores order by member bytes, which matches SQLite's `ORDER BY created_at, id`.
 //!
 //! # Atomicity and invalidation
-//! Every call is one Lua script (one round trip, executed atomically by Redis, written to the
-//! AOF as one MULTI/EXEC block). Write scripts check every precondition (client exists, key
+//! Every call is one round trip: a Lua script (executed atomically by Redis, written to the AOF
+//! as one MULTI/EXEC block), or a single command for `get_client` and `ping`. Write scripts check every precondition (client exists, key
 //! limit, unused id and hashes) before their first write, so a refused write changes nothing,
 //! and they publish one invalidation message naming the key ids and every hash (old and new,
 //! current and previous) they touched: `{"t": <ms>, "ids": [..], "hashes": [<hex>..]}`, where
