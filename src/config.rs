@@ -105,6 +105,9 @@ fn d_self_service() -> String {
 fn d_cache_ttl() -> u64 {
     DEFAULT_CACHE_TTL_SECS
 }
+fn d_redis_prefix() -> String {
+    crate::keys::store::redis::DEFAULT_PREFIX.into()
+}
 fn d_negative_ttl() -> u64 {
     DEFAULT_NEGATIVE_TTL_SECS
 }
@@ -254,6 +257,8 @@ pub struct RawStore {
     pub stale_if_error_secs: u64,
     #[serde(default = "d_flush")]
     pub last_used_flush_secs: u64,
+    #[serde(default = "d_redis_prefix")]
+    pub redis_prefix: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -437,6 +442,8 @@ pub struct StoreConfig {
     pub cache_capacity: u64,
     pub stale_if_error: Duration,
     pub last_used_flush: Duration,
+    /// Prefix of every Redis key keygate writes (Redis stores only).
+    pub redis_prefix: String,
 }
 
 #[derive(Debug, Clone)]
@@ -680,6 +687,12 @@ impl RawConfig {
         if self.store.last_used_flush_secs == 0 {
             errs.push("store.last_used_flush_secs: must be at least 1".into());
         }
+        let p = &self.store.redis_prefix;
+        if p.is_empty() || p.len() > 64 || !p.bytes().all(|c| c.is_ascii_graphic()) {
+            errs.push(format!(
+                "store.redis_prefix: {p:?} must be 1–64 printable characters without spaces (e.g. \"keygate:\")"
+            ));
+        }
 
         // Keys.
         let p = &self.keys.prefix;
@@ -864,6 +877,7 @@ impl RawConfig {
                 cache_capacity: self.store.cache_capacity,
                 stale_if_error: Duration::from_secs(self.store.stale_if_error_secs),
                 last_used_flush: Duration::from_secs(self.store.last_used_flush_secs),
+                redis_prefix: self.store.redis_prefix,
             },
             keys: KeysConfig {
                 prefix: self.keys.prefix,
@@ -967,7 +981,14 @@ fn parse_store_url(v: &str, errs: &mut Vec<String>) -> Option<StoreUrl> {
         .iter()
         .any(|s| v.starts_with(s))
     {
-        return Some(StoreUrl::Redis(v.to_owned()));
+        return match crate::keys::store::redis::parse_url(v) {
+            Ok(_) => Some(StoreUrl::Redis(v.to_owned())),
+            // The URL is not repeated: a password can hide in it (user:pass@ or ?pass=).
+            Err(why) => {
+                errs.push(format!("store.url: {why}"));
+                None
+            }
+        };
     }
     errs.push(format!(
         "store.url: {:?} is not supported; use sqlite://PATH, redis://HOST:PORT/DB, rediss://… or redis+unix:///path.sock",
@@ -1109,6 +1130,43 @@ path = "/a/../b"
             c.admin.key_hashes,
             vec![KeyHash::of("a-very-long-admin-key")]
         );
+    }
+
+    #[test]
+    fn redis_store_settings() {
+        let secret = [("KEYGATE_JWT_SECRET", "a-shared-secret-of-at-least-32-bytes")];
+        let ok = |text: &str| load(text, &secret, CliOverrides::default());
+        let c = ok("[store]\nurl = \"redis://127.0.0.1:6379/2\"\n").unwrap();
+        // Without a shared token secret a Redis store is refused.
+        let e = load(
+            "[store]\nurl = \"redis://127.0.0.1:6379/2\"\n",
+            &[],
+            CliOverrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("jwt.secret"), "{e}");
+        assert_eq!(
+            c.store.url,
+            StoreUrl::Redis("redis://127.0.0.1:6379/2".into())
+        );
+        assert_eq!(c.store.redis_prefix, "keygate:");
+        let c =
+            ok("[store]\nurl = \"redis+unix:///run/r.sock\"\nredis_prefix = \"kg1:\"\n").unwrap();
+        assert_eq!(c.store.redis_prefix, "kg1:");
+        let e = ok("[store]\nurl = \"rediss://u:secretpw@h:6380/0\"\nredis_prefix = \"a b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("store.url") && e.contains("not supported"),
+            "{e}"
+        );
+        assert!(e.contains("store.redis_prefix"), "{e}");
+        assert!(!e.contains("secretpw"), "password leaked: {e}");
+        let e = ok("[store]\nurl = \"redis+unix://relative.sock?pass=secretpw\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("store.url"), "{e}");
+        assert!(!e.contains("secretpw"), "password leaked: {e}");
     }
 
     #[test]

@@ -45,6 +45,7 @@ use crate::keys::KeyFormat;
 use crate::keys::cache::{CacheSettings, KeyCache};
 use crate::keys::store::Store;
 use crate::keys::store::metered::Metered;
+use crate::keys::store::redis::RedisStore;
 use crate::keys::store::sqlite::SqliteStore;
 use crate::keys::usage::UsageRecorder;
 use crate::proxy::Gateway;
@@ -79,9 +80,11 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
             let store = SqliteStore::open(path).map_err(|e| StartError::Store(e.to_string()))?;
             Ok(Arc::new(store))
         }
-        StoreUrl::Redis(_) => Err(StartError::Store(
-            "redis:// stores are not supported by this build; use sqlite://PATH".into(),
-        )),
+        StoreUrl::Redis(url) => {
+            let store = RedisStore::open(url, &config.store.redis_prefix)
+                .map_err(|e| StartError::Store(e.to_string()))?;
+            Ok(Arc::new(store))
+        }
     }
 }
 

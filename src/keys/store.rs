@@ -3,6 +3,7 @@
 //! (a crash never leaves half a client or half a key) and acknowledge only what is durable.
 
 pub mod metered;
+pub mod redis;
 pub mod sqlite;
 
 use std::sync::Arc;

@@ -281,8 +281,8 @@ async fn a_token_dies_with_its_key() {
 #[tokio::test]
 async fn forged_tokens_are_refused_by_the_proxy() {
     use base64::Engine;
-    let secret = "an-operator-secret-of-32-bytes-or-more";
-    let gw = Gateway::start_with(&format!("[jwt]\nsecret = \"{secret}\"\n")).await;
+    let secret = crate::support::JWT_SECRET;
+    let gw = Gateway::start().await;
     let (key, key_id) = gw.client("acme", "pro").await;
     let r = login(&gw, true, &key).await;
     let good = r.json()["access_token"].as_str().unwrap().to_owned();

@@ -1,11 +1,17 @@
-//! Integration tests: the real server in-process on port 0, a real SQLite file, a real upstream.
+//! Integration tests: the real server in-process on port 0, a real SQLite file or a real
+//! `redis-server` started by the test, a real upstream.
 
 mod admin_api;
 mod binary;
+mod deploy_files;
 mod kixote;
 mod observability;
 mod openapi;
 mod proxy_path;
 mod rate_limits;
+mod redis_cluster;
+mod redis_store;
+mod redis_support;
+mod store_conformance;
 mod support;
 mod tls_ws;

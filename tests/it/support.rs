@@ -20,6 +20,8 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef";
+/// The token secret of every test gateway (shared, as a Redis deployment needs).
+pub const JWT_SECRET: &str = "test-token-secret-shared-by-every-instance";
 
 /// A request as the upstream saw it.
 #[derive(Debug, Clone)]
@@ -254,6 +256,15 @@ impl Reply {
 
 /// Config text for a gateway: `extra` is appended (routes, plans…); `upstream` may be replaced.
 pub fn config_text(upstream: &str, db: &std::path::Path, extra: &str) -> String {
+    store_config_text(
+        upstream,
+        &format!("url = \"sqlite://{}\"", db.display()),
+        extra,
+    )
+}
+
+/// Config text for a gateway whose `[store]` section is `store` (`url = …` and more).
+pub fn store_config_text(upstream: &str, store: &str, extra: &str) -> String {
     format!(
         r#"
 [proxy]
@@ -263,16 +274,17 @@ upstream = "{upstream}"
 listen = "127.0.0.1:0"
 keys = ["{ADMIN_KEY}"]
 [store]
-url = "sqlite://{db}"
+{store}
 [plans.free]
 rate_limit = {{ per_minute = 60, burst = 10 }}
 [plans.pro]
 rate_limit = {{ per_second = 1000, burst = 1000 }}
 [log]
 access_log = false
+[jwt]
+secret = "{JWT_SECRET}"
 {extra}
-"#,
-        db = db.display()
+"#
     )
 }
 
@@ -297,6 +309,12 @@ impl Gateway {
         let db = dir.path().join("keygate.db");
         let text = config_text(&upstream_url(&upstream), &db, extra);
         Self::start_from(upstream, dir, &text).await
+    }
+
+    /// Starts a gateway whose `[store]` section is `store` (e.g. a Redis URL and cache settings).
+    pub async fn start_on_store(upstream: Upstream, store: &str, extra: &str) -> Gateway {
+        let text = store_config_text(&upstream.url(), store, extra);
+        Self::start_from(upstream, tempfile::tempdir().unwrap(), &text).await
     }
 
     pub async fn start_from(upstream: Upstream, dir: tempfile::TempDir, text: &str) -> Gateway {

@@ -344,7 +344,10 @@ impl Store for SqliteStore {
                 .execute(
                     "UPDATE api_keys SET name = ?2, prefix = ?3, key_hash = ?4, previous_hash = ?5, \
                      previous_valid_until = ?6, permissions = ?7, enabled = ?8, updated_at = ?9, \
-                     expires_at = ?10, last_used_at = ?11, rotated_at = ?12, rate_limit = ?13, \
+                     expires_at = ?10, \
+                     last_used_at = CASE WHEN ?11 IS NULL THEN last_used_at \
+                                         ELSE MAX(COALESCE(last_used_at, 0), ?11) END, \
+                     rotated_at = ?12, rate_limit = ?13, \
                      metadata = ?14 WHERE id = ?1",
                     params![
                         k.id.to_string(),

@@ -1,0 +1,488 @@
+//! What only the Redis store does, against a real `redis-server`: invalidation messages for
+//! every write (received by another store instance over pub/sub), prefix isolation, lookups in
+//! one round trip, bounded calls when Redis is dead or hung, and recovery without a restart.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keygate::keys::cache::{Invalidation, InvalidationSink};
+use keygate::keys::store::redis::RedisStore;
+use keygate::keys::store::{Store, StoreError};
+use keygate::keys::{ApiKey, Client, KeyHash, now_millis};
+use uuid::Uuid;
+
+use crate::redis_support::RedisServer;
+
+/// Records what a store's subscription delivers.
+#[derive(Default)]
+struct Recorder {
+    messages: Mutex<Vec<Invalidation>>,
+    resyncs: AtomicUsize,
+}
+
+impl InvalidationSink for Recorder {
+    fn invalidate(&self, inv: &Invalidation) {
+        self.messages.lock().unwrap().push(inv.clone());
+    }
+    fn invalidate_all(&self) {
+        self.resyncs.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Recorder {
+    /// Waits for the subscription to be (re)established `n` times in all.
+    async fn wait_resyncs(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.resyncs.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "no (re)subscription");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The next message, waiting up to two seconds.
+    async fn next(&self) -> Invalidation {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            {
+                let mut m = self.messages.lock().unwrap();
+                if !m.is_empty() {
+                    return m.remove(0);
+                }
+            }
+            assert!(Instant::now() < deadline, "no invalidation received");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.messages.lock().unwrap().len()
+    }
+}
+
+fn client(id: &str) -> Client {
+    Client {
+        client_id: id.into(),
+        license: "pro".into(),
+        created_at: now_millis(),
+        metadata: None,
+    }
+}
+
+fn key(client_id: &str) -> ApiKey {
+    let now = now_millis();
+    ApiKey {
+        id: Uuid::now_v7(),
+        client_id: client_id.into(),
+        name: "k".into(),
+        prefix: "kg_abcdefghi".into(),
+        key_hash: KeyHash::of(&Uuid::new_v4().to_string()),
+        previous_hash: None,
+        previous_valid_until: None,
+        permissions: vec![],
+        enabled: true,
+        created_at: now,
+        updated_at: now,
+        expires_at: None,
+        last_used_at: None,
+        rotated_at: None,
+        rate_limit: None,
+        metadata: None,
+    }
+}
+
+fn assert_inv(inv: &Invalidation, ids: &[Uuid], hashes: &[KeyHash]) {
+    let got_ids: HashSet<Uuid> = inv.key_ids.iter().copied().collect();
+    assert_eq!(got_ids, ids.iter().copied().collect(), "key ids");
+    let hex = |h: &KeyHash| hex::encode(h.0);
+    let got: HashSet<String> = inv.hashes.iter().map(hex).collect();
+    let want: HashSet<String> = hashes.iter().map(hex).collect();
+    assert_eq!(got, want, "hashes");
+}
+
+#[tokio::test]
+async fn every_write_publishes_the_ids_and_all_hashes_it_touched() {
+    let redis = RedisServer::start();
+    // Writer and watcher reach the same Redis by different URL forms.
+    let a = RedisStore::open(&redis.unix_url(), "shared:").unwrap();
+    let b = RedisStore::open(&redis.tcp_url(0), "shared:").unwrap();
+    let other = RedisStore::open(&redis.unix_url(), "other:").unwrap();
+    let seen = Arc::new(Recorder::default());
+    let seen_other = Arc::new(Recorder::default());
+    b.watch_invalidations(seen.clone());
+    other.watch_invalidations(seen_other.clone());
+    seen.wait_resyncs(1).await;
+    seen_other.wait_resyncs(1).await;
+
+    let mut k1 = key("acme");
+    let h1 = k1.key_hash;
+    a.insert_client(&client("acme"), &k1).await.unwrap();
+    assert_inv(&seen.next().await, &[k1.id], &[h1]);
+
+    let k2 = key("acme");
+    a.insert_key(&k2, 0).await.unwrap();
+    assert_inv(&seen.next().await, &[k2.id], &[k2.key_hash]);
+
+    // Rotation with grace: old and new hash.
+    let h1b = KeyHash::of("rotated once");
+    k1.previous_hash = Some(h1);
+    k1.previous_valid_until = Some(now_millis() + 60_000);
+    k1.key_hash = h1b;
+    a.update_key(&k1).await.unwrap();
+    assert_inv(&seen.next().await, &[k1.id], &[h1, h1b]);
+
+    // Rotation without grace: the old current and the old previous hash go too.
+    let h1c = KeyHash::of("rotated twice");
+    k1.previous_hash = None;
+    k1.previous_valid_until = None;
+    k1.key_hash = h1c;
+    a.update_key(&k1).await.unwrap();
+    assert_inv(&seen.next().await, &[k1.id], &[h1, h1b, h1c]);
+
+    // A client update reaches every key of the client (their license is cached).
+    let mut c = a.get_client("acme").await.unwrap().unwrap();
+    c.license = "free".into();
+    a.update_client(&c).await.unwrap();
+    assert_inv(&seen.next().await, &[k1.id, k2.id], &[h1c, k2.key_hash]);
+
+    a.replace_client_keys("acme", true, None).await.unwrap();
+    assert_inv(&seen.next().await, &[k1.id, k2.id], &[h1c, k2.key_hash]);
+
+    a.delete_key(k2.id).await.unwrap();
+    assert_inv(&seen.next().await, &[k2.id], &[k2.key_hash]);
+
+    let k3 = key("acme");
+    a.replace_client_keys("acme", false, Some(&k3))
+        .await
+        .unwrap();
+    assert_inv(&seen.next().await, &[k1.id, k3.id], &[h1c, k3.key_hash]);
+
+    // Refused and empty writes publish nothing.
+    assert!(
+        a.insert_client(&client("acme"), &key("acme"))
+            .await
+            .is_err()
+    );
+    assert!(a.insert_key(&key("acme"), 1).await.is_err());
+    assert!(a.insert_key(&key("nobody"), 0).await.is_err());
+    assert!(!a.update_key(&key("acme")).await.unwrap());
+    assert!(a.delete_key(Uuid::now_v7()).await.unwrap().is_none());
+    assert!(a.delete_client("nobody").await.unwrap().is_none());
+    a.record_last_used(&[(k3.id, now_millis())]).await.unwrap();
+
+    a.delete_client("acme").await.unwrap().unwrap();
+    assert_inv(&seen.next().await, &[k3.id], &[k3.key_hash]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(seen.pending(), 0, "unexpected extra messages");
+
+    // Another prefix is another database: no data, no messages.
+    assert_eq!(seen_other.pending(), 0);
+    a.insert_client(&client("acme"), &key("acme"))
+        .await
+        .unwrap();
+    seen.next().await;
+    assert_eq!(other.get_client("acme").await.unwrap(), None);
+    assert_eq!(other.list_clients(1, 10).await.unwrap().total, 0);
+    assert_eq!(other.list_keys(None, 1, 10).await.unwrap().total, 0);
+    assert_eq!(seen_other.pending(), 0);
+    redis.assert_no_keyspace_scans();
+}
+
+#[tokio::test]
+async fn a_lookup_by_hash_is_one_round_trip() {
+    let redis = RedisServer::start();
+    let s = RedisStore::open(&redis.unix_url(), "keygate:").unwrap();
+    let k = key("acme");
+    s.insert_client(&client("acme"), &k).await.unwrap();
+    // Loads the script once.
+    s.find_by_hash(&k.key_hash, now_millis()).await.unwrap();
+    let _: () = redis.query(0, ::redis::cmd("CONFIG").arg("RESETSTAT"));
+    assert!(
+        s.find_by_hash(&k.key_hash, now_millis())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        s.find_by_hash(&KeyHash::of("unknown"), now_millis())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let calls = redis.command_calls();
+    assert_eq!(calls.get("evalsha"), Some(&2), "{calls:?}");
+    for top_level in ["eval", "script|load", "multi", "exec"] {
+        assert_eq!(calls.get(top_level), None, "{calls:?}");
+    }
+}
+
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let t = Instant::now();
+    let v = f.await;
+    (v, t.elapsed())
+}
+
+fn assert_unavailable<T: std::fmt::Debug>(r: Result<T, StoreError>, took: Duration) {
+    assert!(
+        matches!(r, Err(StoreError::Unavailable(_))),
+        "expected Unavailable, got {r:?}"
+    );
+    // The call timeout is 500 ms; the rest is slack for a loaded machine.
+    assert!(took < Duration::from_millis(1000), "took {took:?}");
+}
+
+#[tokio::test]
+async fn dead_or_hung_redis_fails_fast_and_the_store_recovers_by_itself() {
+    let mut redis = RedisServer::start();
+    let s = RedisStore::open(&redis.unix_url(), "keygate:").unwrap();
+    let seen = Arc::new(Recorder::default());
+    s.watch_invalidations(seen.clone());
+    seen.wait_resyncs(1).await;
+    let k = key("acme");
+    s.insert_client(&client("acme"), &k).await.unwrap();
+    s.ping().await.unwrap();
+
+    // Hung: the process is stopped, connections stay open and nothing answers.
+    redis.pause();
+    let (r, took) = timed(s.find_by_hash(&k.key_hash, now_millis())).await;
+    assert_unavailable(r, took);
+    let (r, took) = timed(s.insert_key(&key("acme"), 0)).await;
+    assert_unavailable(r, took);
+    redis.resume();
+
+    // Dead.
+    redis.kill();
+    for _ in 0..3 {
+        let (r, took) = timed(s.find_by_hash(&k.key_hash, now_millis())).await;
+        assert_unavailable(r, took);
+        let (r, took) = timed(s.list_keys(None, 1, 10)).await;
+        assert_unavailable(r, took);
+        let (r, took) = timed(s.ping()).await;
+        assert_unavailable(r, took);
+        let (r, took) = timed(s.delete_key(k.id)).await;
+        assert_unavailable(r, took);
+    }
+
+    // Back, with its data (append-only file): the same store object works again.
+    let resyncs = seen.resyncs.load(Ordering::SeqCst);
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.ping().await.is_err() {
+        assert!(Instant::now() < deadline, "store did not recover");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        s.find_by_hash(&k.key_hash, now_millis())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // `ping` succeeding includes the resubscription, which cleared the cache.
+    assert!(seen.resyncs.load(Ordering::SeqCst) > resyncs);
+}
+
+#[tokio::test]
+async fn a_broken_subscription_reconnects_and_clears_the_cache() {
+    let redis = RedisServer::start();
+    let writer = RedisStore::open(&redis.unix_url(), "keygate:").unwrap();
+    let watcher = RedisStore::open(&redis.unix_url(), "keygate:").unwrap();
+    let seen = Arc::new(Recorder::default());
+    watcher.watch_invalidations(seen.clone());
+    seen.wait_resyncs(1).await;
+
+    // Redis drops the subscriber connection (as after a network blip); Redis itself stays up.
+    let killed: i64 = redis.query(
+        0,
+        ::redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"),
+    );
+    assert_eq!(killed, 1);
+    seen.wait_resyncs(2).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while watcher.ping().await.is_err() {
+        assert!(Instant::now() < deadline, "not ready after resubscribing");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let k = key("acme");
+    writer.insert_client(&client("acme"), &k).await.unwrap();
+    assert_inv(&seen.next().await, &[k.id], &[k.key_hash]);
+}
+
+/// One HTTP/1.1 exchange on a fresh connection; returns the status and body.
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// True when `s` holds 64 hex digits in a row (what a logged key hash would look like).
+fn has_hex_run(s: &str) -> bool {
+    let mut run = 0;
+    for c in s.chars() {
+        run = if c.is_ascii_hexdigit() { run + 1 } else { 0 };
+        if run >= 64 {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn the_binary_on_redis_warns_about_aof_and_eviction_and_logs_no_password_key_or_hash() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    const PASSWORD: &str = "s3cr3t-redis-pw";
+    let redis = RedisServer::start();
+    let _: () = redis.query(
+        0,
+        ::redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg("allkeys-lru"),
+    );
+    let _: () = redis.query(
+        0,
+        ::redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("appendonly")
+            .arg("no"),
+    );
+    let _: () = redis.query(
+        0,
+        ::redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("requirepass")
+            .arg(PASSWORD),
+    );
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KEYGATE_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = cmd
+        .arg("--config")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/keygate.toml"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--upstream", "http://127.0.0.1:1"])
+        .arg("--store")
+        .arg(format!("redis://:{PASSWORD}@127.0.0.1:{}/0", redis.port()))
+        .env("KEYGATE_ADMIN_KEY", "an-admin-key-of-decent-length")
+        .env("KEYGATE_JWT_SECRET", "a-token-secret-of-at-least-32-bytes")
+        .env("KEYGATE_LOG_FORMAT", "json")
+        .env("KEYGATE_LOG_LEVEL", "debug")
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut logs = Vec::new();
+    let wait_for = |needle: &str, logs: &mut Vec<String>| -> serde_json::Value {
+        if let Some(seen) = logs.iter().find(|l| l.contains(needle)) {
+            return serde_json::from_str(seen).expect("JSON log line");
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("no log line with {needle:?} in {logs:#?}"));
+            logs.push(line.clone());
+            if line.contains(needle) {
+                return serde_json::from_str(&line).expect("JSON log line");
+            }
+        }
+    };
+    let listening = wait_for("keygate listening", &mut logs);
+    let admin = listening["admin"].as_str().unwrap().to_owned();
+    let proxy = listening["proxy"].as_str().unwrap().to_owned();
+    wait_for("appendonly", &mut logs);
+    wait_for("maxmemory-policy allkeys-lru", &mut logs);
+
+    // A client and its key, one lookup through the proxy (the upstream is down: 502), and the
+    // invalidation that the write published, received back by this instance.
+    let (status, body) = http(
+        &admin,
+        "POST",
+        "/v1/clients",
+        &[
+            ("x-admin-key", "an-admin-key-of-decent-length"),
+            ("content-type", "application/json"),
+        ],
+        r#"{"client_id":"acme","license":"pro"}"#,
+    );
+    assert_eq!(status, 201, "{body}");
+    let created: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let key = created["api_key"]["key"].as_str().unwrap().to_owned();
+    wait_for("invalidation received", &mut logs);
+    let (status, _) = http(
+        &proxy,
+        "GET",
+        "/",
+        &[("authorization", &format!("Bearer {key}"))],
+        "",
+    );
+    assert_eq!(status, 502);
+
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(child.wait().unwrap().success());
+    reader.join().unwrap();
+    logs.extend(rx.try_iter());
+
+    let all = logs.join("\n");
+    assert!(all.contains("using the Redis store"), "{all}");
+    assert!(all.contains("lag_ms"), "{all}");
+    assert!(
+        !all.contains(PASSWORD),
+        "the Redis password was logged:\n{all}"
+    );
+    assert!(!all.contains(&key), "a key was logged:\n{all}");
+    assert!(
+        !has_hex_run(&all),
+        "something like a key hash was logged:\n{all}"
+    );
+}

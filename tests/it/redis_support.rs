@@ -1,0 +1,204 @@
+//! A real `redis-server` per test: its own temp dir, a free loopback port and a unix socket,
+//! no RDB snapshots, the append-only file on (so a restart finds the data again), killed on drop.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct RedisServer {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server; panics (failing the test) when `redis-server` is not installed.
+    pub fn start() -> RedisServer {
+        for _ in 0..5 {
+            let mut server = RedisServer {
+                dir: tempfile::tempdir().unwrap(),
+                port: free_port(),
+                child: None,
+            };
+            if server.spawn() {
+                return server;
+            }
+            // The port was taken between picking and binding it: try another one.
+        }
+        panic!("redis-server found no free loopback port in 5 tries");
+    }
+
+    fn spawn(&mut self) -> bool {
+        let dir = self.dir.path();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--unixsocket")
+            .arg(self.socket())
+            .args(["--unixsocketperm", "700"])
+            .arg("--dir")
+            .arg(dir)
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+            ])
+            .arg("--logfile")
+            .arg(dir.join("redis.log"))
+            .args(["--daemonize", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "redis-server is not installed (not found on PATH): run scripts/test.sh, which \
+                 installs it (apt-get install redis-server)"
+            ),
+            Err(e) => panic!("cannot start redis-server: {e}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut s) = child.stderr.take() {
+                    let _ = s.read_to_string(&mut err);
+                }
+                let log = log_of(dir);
+                if log.contains("Address already in use") {
+                    return false;
+                }
+                panic!("redis-server exited ({status}): {err}{log}");
+            }
+            if self.answers_ping() {
+                self.child = Some(child);
+                return true;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer within 10 s: {}",
+                log_of(dir)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn answers_ping(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.unix_url()) else {
+            return false;
+        };
+        let Ok(mut con) = client.get_connection_with_timeout(Duration::from_millis(200)) else {
+            return false;
+        };
+        redis::cmd("PING").query::<String>(&mut con).is_ok()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    /// `redis+unix:///…/redis.sock` (database 0).
+    pub fn unix_url(&self) -> String {
+        format!("redis+unix://{}", self.socket().display())
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PORT/DB`.
+    pub fn tcp_url(&self, db: u32) -> String {
+        format!("redis://127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the process (SIGSTOP): connections stay open and nothing answers, as with a hung
+    /// server. `resume` continues it.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("server running").id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid} failed");
+    }
+
+    /// Starts the server again on the same port, socket and data dir (its AOF is replayed).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "kill the server first");
+        assert!(self.spawn(), "port {} was taken meanwhile", self.port);
+    }
+
+    /// Runs one command on a fresh connection to database `db`.
+    pub fn query<T: redis::FromRedisValue>(&self, db: u32, cmd: &mut redis::Cmd) -> T {
+        let client = redis::Client::open(self.tcp_url(db)).unwrap();
+        let mut con = client
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .unwrap();
+        cmd.query(&mut con).unwrap()
+    }
+
+    /// How many times each command ran since the last `CONFIG RESETSTAT`, from
+    /// `INFO commandstats` (commands run by scripts included).
+    pub fn command_calls(&self) -> std::collections::HashMap<String, u64> {
+        let info: String = self.query(0, redis::cmd("INFO").arg("commandstats"));
+        info.lines()
+            .filter_map(|l| {
+                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = rest
+                    .strip_prefix("calls=")?
+                    .split(',')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                Some((name.to_owned(), calls))
+            })
+            .collect()
+    }
+
+    /// Fails when any command that walks the whole keyspace ran.
+    pub fn assert_no_keyspace_scans(&self) {
+        let calls = self.command_calls();
+        for cmd in ["keys", "scan", "flushdb", "flushall"] {
+            assert_eq!(calls.get(cmd), None, "{cmd} was called: {calls:?}");
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.signal("-CONT");
+        }
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+fn log_of(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default()
+}

@@ -1,0 +1,684 @@
+//! One conformance suite for the `Store` trait, run unchanged against every implementation:
+//! each behaviour is a generic `async fn(Arc<dyn Store>)`, and `conformance!` makes one test per
+//! behaviour and store (`store_conformance::sqlite::…`, `store_conformance::redis::…`).
+//! The Redis variant runs against a real `redis-server` (TCP, database 2, a non-default prefix)
+//! and afterwards checks that no command walked the keyspace (`KEYS`, `SCAN`).
+
+use std::sync::Arc;
+
+use keygate::keys::store::redis::RedisStore;
+use keygate::keys::store::sqlite::SqliteStore;
+use keygate::keys::store::{Conflict, Store, StoreError, Usage};
+use keygate::keys::{ApiKey, Client, KeyHash, Millis, RateLimit, now_millis};
+use uuid::Uuid;
+
+use crate::redis_support::RedisServer;
+
+/// A store under test and what keeps it alive.
+pub struct Subject {
+    pub store: Arc<dyn Store>,
+    _dir: Option<tempfile::TempDir>,
+    redis: Option<RedisServer>,
+}
+
+pub fn sqlite_store() -> Subject {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("k.db")).unwrap();
+    Subject {
+        store: Arc::new(store),
+        _dir: Some(dir),
+        redis: None,
+    }
+}
+
+pub fn redis_store() -> Subject {
+    let redis = RedisServer::start();
+    let store = RedisStore::open(&redis.tcp_url(2), "conformance:").unwrap();
+    Subject {
+        store: Arc::new(store),
+        _dir: None,
+        redis: Some(redis),
+    }
+}
+
+impl Subject {
+    fn finish(self) {
+        if let Some(r) = &self.redis {
+            r.assert_no_keyspace_scans();
+            // Everything lives under the prefix, in the configured database.
+            let keys: Vec<String> = r.query(2, ::redis::cmd("KEYS").arg("*"));
+            assert!(!keys.is_empty());
+            for k in &keys {
+                assert!(k.starts_with("conformance:"), "{k} outside the prefix");
+            }
+            let other: Vec<String> = r.query(0, ::redis::cmd("KEYS").arg("*"));
+            assert!(other.is_empty(), "{other:?} written to database 0");
+        }
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let s = super::sqlite_store();
+                    super::$name(Arc::clone(&s.store)).await;
+                    s.finish();
+                }
+            )*
+            use std::sync::Arc;
+        }
+        mod redis {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let s = super::redis_store();
+                    super::$name(Arc::clone(&s.store)).await;
+                    s.finish();
+                }
+            )*
+            use std::sync::Arc;
+        }
+    };
+}
+
+conformance!(
+    insert_then_find_by_hash_and_by_id,
+    unknown_hashes_and_ids_are_none,
+    previous_hash_works_only_within_its_grace_period,
+    list_keys_paginates_in_creation_order_with_client_filter,
+    max_keys_per_client_and_unknown_client,
+    update_key_replaces_mutable_fields_only,
+    delete_key_removes_it_everywhere,
+    insert_client_conflicts_write_nothing,
+    clients_get_list_update_delete,
+    replace_client_keys_disables_or_replaces,
+    record_last_used_keeps_the_latest,
+    usage_counts_add_up_per_day_and_die_with_the_key,
+    ping_answers,
+);
+
+fn client(id: &str, license: &str, created_at: Millis) -> Client {
+    Client {
+        client_id: id.into(),
+        license: license.into(),
+        created_at,
+        metadata: None,
+    }
+}
+
+/// A key for `client_id` with a fresh random hash; `n` makes ids distinct and ordered.
+fn key(client_id: &str, created_at: Millis) -> (ApiKey, KeyHash) {
+    let hash = KeyHash::of(&Uuid::new_v4().to_string());
+    let key = ApiKey {
+        id: Uuid::now_v7(),
+        client_id: client_id.into(),
+        name: "a key".into(),
+        prefix: "kg_abcdefghi".into(),
+        key_hash: hash,
+        previous_hash: None,
+        previous_valid_until: None,
+        permissions: vec!["READ".into(), "WRITE".into()],
+        enabled: true,
+        created_at,
+        updated_at: created_at,
+        expires_at: None,
+        last_used_at: None,
+        rotated_at: None,
+        rate_limit: None,
+        metadata: None,
+    };
+    (key, hash)
+}
+
+async fn insert_then_find_by_hash_and_by_id(s: Arc<dyn Store>) {
+    let now = now_millis();
+    let mut c = client("acme", "pro", now);
+    c.metadata = Some(serde_json::json!({"tier": "gold", "n": [1, 2]}));
+    let (mut k, h) = key("acme", now);
+    k.expires_at = Some(now + 86_400_000);
+    k.rate_limit = Some(RateLimit {
+        per_second: None,
+        per_minute: Some(600),
+        per_hour: None,
+        burst: 50,
+    });
+    k.metadata = Some(serde_json::json!({"team": "ci"}));
+    k.permissions = vec!["DATA_EXTRACTION".into(), "keys:manage".into()];
+    s.insert_client(&c, &k).await.unwrap();
+
+    let r = s
+        .find_by_hash(&h, now)
+        .await
+        .unwrap()
+        .expect("found by hash");
+    assert_eq!(r.key, k);
+    assert_eq!(r.license, "pro");
+    let r = s.find_by_id(k.id).await.unwrap().expect("found by id");
+    assert_eq!(r.key, k);
+    assert_eq!(r.license, "pro");
+    assert_eq!(s.get_client("acme").await.unwrap(), Some(c));
+
+    // A second key of the same client, without any optional field.
+    let (k2, h2) = key("acme", now + 1);
+    s.insert_key(&k2, 5).await.unwrap();
+    assert_eq!(s.find_by_hash(&h2, now).await.unwrap().unwrap().key, k2);
+    assert_eq!(s.find_by_hash(&h, now).await.unwrap().unwrap().key, k);
+}
+
+async fn unknown_hashes_and_ids_are_none(s: Arc<dyn Store>) {
+    let now = now_millis();
+    assert_eq!(
+        s.find_by_hash(&KeyHash::of("nothing"), now).await.unwrap(),
+        None
+    );
+    assert_eq!(s.find_by_id(Uuid::now_v7()).await.unwrap(), None);
+    let (k, _) = key("acme", now);
+    s.insert_client(&client("acme", "free", now), &k)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.find_by_hash(&KeyHash::of("still nothing"), now)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(s.find_by_id(Uuid::now_v7()).await.unwrap(), None);
+    assert_eq!(s.get_client("nobody").await.unwrap(), None);
+}
+
+async fn previous_hash_works_only_within_its_grace_period(s: Arc<dyn Store>) {
+    let now = now_millis();
+    let (mut k, h1) = key("acme", now);
+    s.insert_client(&client("acme", "pro", now), &k)
+        .await
+        .unwrap();
+
+    // Rotation with a one-hour grace period.
+    let until = now + 3_600_000;
+    let h2 = KeyHash::of("second");
+    k.previous_hash = Some(h1);
+    k.previous_valid_until = Some(until);
+    k.key_hash = h2;
+    k.rotated_at = Some(now);
+    assert!(s.update_key(&k).await.unwrap());
+
+    let r = s
+        .find_by_hash(&h1, now)
+        .await
+        .unwrap()
+        .expect("old key in grace");
+    assert_eq!(r.key, k);
+    assert!(s.find_by_hash(&h1, until - 1).await.unwrap().is_some());
+    assert_eq!(
+        s.find_by_hash(&h1, until).await.unwrap(),
+        None,
+        "grace over"
+    );
+    assert_eq!(s.find_by_hash(&h1, until + 1).await.unwrap(), None);
+    for t in [now, until, until + 1] {
+        assert_eq!(s.find_by_hash(&h2, t).await.unwrap().unwrap().key, k);
+    }
+
+    // Rotation without grace: only the newest hash works.
+    let h3 = KeyHash::of("third");
+    k.previous_hash = None;
+    k.previous_valid_until = None;
+    k.key_hash = h3;
+    assert!(s.update_key(&k).await.unwrap());
+    assert_eq!(s.find_by_hash(&h1, now).await.unwrap(), None);
+    assert_eq!(s.find_by_hash(&h2, now).await.unwrap(), None);
+    assert_eq!(s.find_by_hash(&h3, now).await.unwrap().unwrap().key, k);
+
+    // Rotation with grace again: the grace hash is the one just replaced, never an older one.
+    let h4 = KeyHash::of("fourth");
+    k.previous_hash = Some(h3);
+    k.previous_valid_until = Some(until);
+    k.key_hash = h4;
+    assert!(s.update_key(&k).await.unwrap());
+    assert!(s.find_by_hash(&h3, now).await.unwrap().is_some());
+    assert_eq!(s.find_by_hash(&h2, now).await.unwrap(), None);
+    assert_eq!(s.find_by_hash(&h1, now).await.unwrap(), None);
+}
+
+async fn list_keys_paginates_in_creation_order_with_client_filter(s: Arc<dyn Store>) {
+    let t = 1_700_000_000_000;
+    s.insert_client(&client("a", "pro", t), &key("a", t + 10).0)
+        .await
+        .unwrap();
+    s.insert_client(&client("b", "free", t), &key("b", t + 5).0)
+        .await
+        .unwrap();
+    // Two keys created in the same millisecond: ordered by id.
+    let (mut same1, _) = key("a", t + 20);
+    let (mut same2, _) = key("a", t + 20);
+    same1.id = Uuid::parse_str("00000000-0000-7000-8000-00000000000b").unwrap();
+    same2.id = Uuid::parse_str("00000000-0000-7000-8000-00000000000a").unwrap();
+    s.insert_key(&same1, 0).await.unwrap();
+    s.insert_key(&same2, 0).await.unwrap();
+    s.insert_key(&key("b", t + 1).0, 0).await.unwrap();
+
+    let all: Vec<(String, Millis)> = s
+        .list_keys(None, 1, 100)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|k| (k.client_id.clone(), k.created_at))
+        .collect();
+    assert_eq!(
+        all,
+        vec![
+            ("b".into(), t + 1),
+            ("b".into(), t + 5),
+            ("a".into(), t + 10),
+            ("a".into(), t + 20),
+            ("a".into(), t + 20),
+        ]
+    );
+    let p = s.list_keys(None, 2, 2).await.unwrap();
+    assert_eq!(p.total, 5);
+    assert_eq!(
+        p.items.iter().map(|k| k.created_at).collect::<Vec<_>>(),
+        vec![t + 10, t + 20]
+    );
+    assert_eq!(p.items[1].id, same2.id, "ties ordered by id");
+    let p = s.list_keys(None, 3, 2).await.unwrap();
+    assert_eq!((p.items.len(), p.total), (1, 5));
+    assert_eq!(p.items[0].id, same1.id);
+    let p = s.list_keys(None, 4, 2).await.unwrap();
+    assert_eq!((p.items.len(), p.total), (0, 5));
+
+    let a = s.list_keys(Some("a"), 1, 2).await.unwrap();
+    assert_eq!(a.total, 3);
+    assert_eq!(a.items.len(), 2);
+    assert!(a.items.iter().all(|k| k.client_id == "a"));
+    let a2 = s.list_keys(Some("a"), 2, 2).await.unwrap();
+    assert_eq!(a2.items, vec![same1.clone()]);
+    let none = s.list_keys(Some("nobody"), 1, 10).await.unwrap();
+    assert_eq!((none.items.len(), none.total), (0, 0));
+    // Full records, as stored.
+    let full = s.list_keys(Some("a"), 1, 10).await.unwrap();
+    assert_eq!(full.items[1], same2);
+}
+
+async fn max_keys_per_client_and_unknown_client(s: Arc<dyn Store>) {
+    let now = now_millis();
+    s.insert_client(&client("acme", "pro", now), &key("acme", now).0)
+        .await
+        .unwrap();
+    s.insert_key(&key("acme", now + 1).0, 2).await.unwrap();
+    let (third, third_hash) = key("acme", now + 2);
+    match s.insert_key(&third, 2).await {
+        Err(StoreError::Conflict(Conflict::TooManyKeys { max: 2 })) => {}
+        other => panic!("expected TooManyKeys, got {other:?}"),
+    }
+    assert_eq!(
+        s.find_by_id(third.id).await.unwrap(),
+        None,
+        "nothing written"
+    );
+    assert_eq!(s.find_by_hash(&third_hash, now).await.unwrap(), None);
+    assert_eq!(s.list_keys(Some("acme"), 1, 10).await.unwrap().total, 2);
+    // 0 = unlimited.
+    s.insert_key(&third, 0).await.unwrap();
+    assert_eq!(s.list_keys(Some("acme"), 1, 10).await.unwrap().total, 3);
+    // A higher limit leaves room.
+    s.insert_key(&key("acme", now + 3).0, 4).await.unwrap();
+
+    let (orphan, orphan_hash) = key("nobody", now);
+    match s.insert_key(&orphan, 5).await {
+        Err(StoreError::NotFound) => {}
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    assert_eq!(s.find_by_hash(&orphan_hash, now).await.unwrap(), None);
+    assert_eq!(s.list_keys(None, 1, 10).await.unwrap().total, 4);
+}
+
+async fn update_key_replaces_mutable_fields_only(s: Arc<dyn Store>) {
+    let now = now_millis();
+    let (mut k, h) = key("acme", now);
+    k.metadata = Some(serde_json::json!({"a": 1}));
+    k.expires_at = Some(now + 1000);
+    s.insert_client(&client("acme", "pro", now), &k)
+        .await
+        .unwrap();
+    s.insert_client(&client("other", "pro", now), &key("other", now).0)
+        .await
+        .unwrap();
+
+    let mut changed = k.clone();
+    changed.name = "renamed".into();
+    changed.enabled = false;
+    changed.permissions = vec!["ONLY".into()];
+    changed.expires_at = None;
+    changed.metadata = None;
+    changed.rate_limit = Some(RateLimit {
+        per_second: Some(5),
+        per_minute: None,
+        per_hour: None,
+        burst: 10,
+    });
+    changed.updated_at = now + 50;
+    changed.last_used_at = Some(now + 40);
+    // Not mutable: ignored by the store.
+    changed.client_id = "other".into();
+    changed.created_at = now - 99;
+    assert!(s.update_key(&changed).await.unwrap());
+
+    let expected = ApiKey {
+        client_id: k.client_id.clone(),
+        created_at: k.created_at,
+        ..changed.clone()
+    };
+    let r = s.find_by_id(k.id).await.unwrap().unwrap();
+    assert_eq!(r.key, expected);
+    assert_eq!(
+        s.find_by_hash(&h, now).await.unwrap().unwrap().key,
+        expected
+    );
+    assert_eq!(
+        s.list_keys(Some("acme"), 1, 10).await.unwrap().items,
+        vec![expected.clone()]
+    );
+    assert_eq!(s.list_keys(Some("other"), 1, 10).await.unwrap().total, 1);
+
+    // last_used_at only moves forward: an update carrying an older (or no) value, as an admin
+    // edit that read the key before a usage flush would, keeps the newer one.
+    s.record_last_used(&[(k.id, now + 60)]).await.unwrap();
+    let mut stale = changed.clone();
+    stale.last_used_at = Some(now + 40);
+    stale.name = "renamed again".into();
+    assert!(s.update_key(&stale).await.unwrap());
+    let r = s.find_by_id(k.id).await.unwrap().unwrap().key;
+    assert_eq!(
+        (r.name.as_str(), r.last_used_at),
+        ("renamed again", Some(now + 60))
+    );
+    stale.last_used_at = None;
+    assert!(s.update_key(&stale).await.unwrap());
+    assert_eq!(
+        s.find_by_id(k.id).await.unwrap().unwrap().key.last_used_at,
+        Some(now + 60)
+    );
+
+    let (ghost, _) = key("acme", now);
+    assert!(!s.update_key(&ghost).await.unwrap());
+    assert_eq!(s.find_by_id(ghost.id).await.unwrap(), None);
+}
+
+async fn delete_key_removes_it_everywhere(s: Arc<dyn Store>) {
+    let now = now_millis();
+    let (k1, h1) = key("acme", now);
+    let (mut k2, h2) = key("acme", now + 1);
+    s.insert_client(&client("acme", "pro", now), &k1)
+        .await
+        .unwrap();
+    s.insert_key(&k2, 2).await.unwrap();
+    // k2 rotated with grace: both of its hashes must go with it.
+    let h2b = KeyHash::of("rotated");
+    k2.previous_hash = Some(h2);
+    k2.previous_valid_until = Some(now + 60_000);
+    k2.key_hash = h2b;
+    assert!(s.update_key(&k2).await.unwrap());
+
+    assert_eq!(s.delete_key(k2.id).await.unwrap(), Some(k2.clone()));
+    assert_eq!(s.find_by_id(k2.id).await.unwrap(), None);
+    assert_eq!(s.find_by_hash(&h2, now).await.unwrap(), None);
+    assert_eq!(s.find_by_hash(&h2b, now).await.unwrap(), None);
+    assert_eq!(
+        s.list_keys(None, 1, 10).await.unwrap().items,
+        vec![k1.clone()]
+    );
+    assert_eq!(s.list_keys(Some("acme"), 1, 10).await.unwrap().total, 1);
+    assert_eq!(s.delete_key(k2.id).await.unwrap(), None, "already gone");
+    assert!(!s.update_key(&k2).await.unwrap());
+    // The slot is free again.
+    s.insert_key(&key("acme", now + 2).0, 2).await.unwrap();
+    assert!(s.find_by_hash(&h1, now).await.unwrap().is_some());
+    assert_eq!(s.delete_key(Uuid::now_v7()).await.unwrap(), None);
+}
+
+async fn insert_client_conflicts_write_nothing(s: Arc<dyn Store>) {
+    let now = now_millis();
+    let (k1, _) = key("acme", now);
+    s.insert_client(&client("acme", "pro", now), &k1)
+        .await
+        .unwrap();
+    let (k2, h2) = key("acme", now + 1);
+    match s.insert_client(&client("acme", "free", now + 1), &k2).await {
+        Err(StoreError::Conflict(Conflict::ClientExists)) => {}
+        other => panic!("expected ClientExists, got {other:?}"),
+    }
+    assert_eq!(s.find_by_hash(&h2, now).await.unwrap(), None);
+    assert_eq!(s.find_by_id(k2.id).await.unwrap(), None);
+    assert_eq!(s.get_client("acme").await.unwrap().unwrap().license, "pro");
+    assert_eq!(s.list_clients(1, 10).await.unwrap().total, 1);
+    assert_eq!(s.list_keys(None, 1, 10).await.unwrap().items, vec![k1]);
+}
+
+async fn clients_get_list_update_delete(s: Arc<dyn Store>) {
+    let t = 1_700_000_000_000;
+    let now = now_millis();
+    let (ka, ha) = key("a", t);
+    let (kb1, hb1) = key("b", t + 1);
+    let (kb2, hb2) = key("b", t + 2);
+    s.insert_client(&client("c", "free", t + 3), &key("c", t + 3).0)
+        .await
+        .unwrap();
+    s.insert_client(&client("a", "free", t + 1), &ka)
+        .await
+        .unwrap();
+    s.insert_client(&client("b", "pro", t + 2), &kb1)
+        .await
+        .unwrap();
+    s.insert_key(&kb2, 0).await.unwrap();
+
+    let ids = |p: &keygate::keys::store::Page<Client>| {
+        p.items
+            .iter()
+            .map(|c| c.client_id.clone())
+            .collect::<Vec<_>>()
+    };
+    let p = s.list_clients(1, 10).await.unwrap();
+    assert_eq!(
+        (ids(&p), p.total),
+        (vec!["a".into(), "b".into(), "c".into()], 3)
+    );
+    let p = s.list_clients(2, 2).await.unwrap();
+    assert_eq!((ids(&p), p.total), (vec!["c".to_string()], 3));
+    let p = s.list_clients(3, 2).await.unwrap();
+    assert_eq!((p.items.len(), p.total), (0, 3));
+
+    // Update: license and metadata; the license shows in key lookups at once.
+    let mut a = s.get_client("a").await.unwrap().unwrap();
+    a.license = "pro".into();
+    a.metadata = Some(serde_json::json!({"x": true}));
+    a.created_at = 0; // not mutable: ignored
+    assert!(s.update_client(&a).await.unwrap());
+    let stored = s.get_client("a").await.unwrap().unwrap();
+    assert_eq!(stored.license, "pro");
+    assert_eq!(stored.metadata, a.metadata);
+    assert_eq!(stored.created_at, t + 1);
+    assert_eq!(
+        s.find_by_hash(&ha, now).await.unwrap().unwrap().license,
+        "pro"
+    );
+    a.metadata = None;
+    assert!(s.update_client(&a).await.unwrap());
+    assert_eq!(s.get_client("a").await.unwrap().unwrap().metadata, None);
+    assert!(!s.update_client(&client("nobody", "pro", t)).await.unwrap());
+    assert_eq!(s.get_client("nobody").await.unwrap(), None);
+
+    // Delete: the client and its keys, returned in creation order.
+    let d = s.delete_client("b").await.unwrap().expect("deleted");
+    assert_eq!(d.client, client("b", "pro", t + 2));
+    assert_eq!(d.keys, vec![kb1.clone(), kb2.clone()]);
+    assert_eq!(s.get_client("b").await.unwrap(), None);
+    for h in [hb1, hb2] {
+        assert_eq!(s.find_by_hash(&h, now).await.unwrap(), None);
+    }
+    assert_eq!(s.find_by_id(kb1.id).await.unwrap(), None);
+    assert_eq!(s.list_keys(Some("b"), 1, 10).await.unwrap().total, 0);
+    assert_eq!(s.list_keys(None, 1, 10).await.unwrap().total, 2);
+    let p = s.list_clients(1, 10).await.unwrap();
+    assert_eq!((ids(&p), p.total), (vec!["a".into(), "c".into()], 2));
+    assert_eq!(s.delete_client("b").await.unwrap(), None);
+    // The id can be used again.
+    s.insert_client(&client("b", "free", t + 9), &key("b", t + 9).0)
+        .await
+        .unwrap();
+    assert_eq!(s.list_keys(Some("b"), 1, 10).await.unwrap().total, 1);
+}
+
+async fn replace_client_keys_disables_or_replaces(s: Arc<dyn Store>) {
+    let now = now_millis();
+    let (k1, h1) = key("acme", now);
+    let (k2, h2) = key("acme", now + 1);
+    s.insert_client(&client("acme", "pro", now), &k1)
+        .await
+        .unwrap();
+    s.insert_key(&k2, 0).await.unwrap();
+    let (other, other_hash) = key("other", now);
+    s.insert_client(&client("other", "pro", now), &other)
+        .await
+        .unwrap();
+
+    // Revoke: every key of the client disabled, returned as it was.
+    let before = s.replace_client_keys("acme", true, None).await.unwrap();
+    assert_eq!(before, vec![k1.clone(), k2.clone()]);
+    for (k, h) in [(&k1, h1), (&k2, h2)] {
+        let r = s
+            .find_by_hash(&h, now)
+            .await
+            .unwrap()
+            .expect("still stored");
+        assert!(!r.key.enabled);
+        assert!(r.key.updated_at >= k.updated_at);
+        assert_eq!(r.key.name, k.name);
+    }
+    assert!(
+        s.find_by_hash(&other_hash, now)
+            .await
+            .unwrap()
+            .unwrap()
+            .key
+            .enabled
+    );
+
+    // Recreate: every key of the client replaced by one new key.
+    let (k3, h3) = key("acme", now + 2);
+    let before = s
+        .replace_client_keys("acme", false, Some(&k3))
+        .await
+        .unwrap();
+    assert_eq!(before.len(), 2);
+    assert!(before.iter().all(|k| !k.enabled));
+    assert_eq!(s.find_by_hash(&h1, now).await.unwrap(), None);
+    assert_eq!(s.find_by_hash(&h2, now).await.unwrap(), None);
+    assert_eq!(s.find_by_hash(&h3, now).await.unwrap().unwrap().key, k3);
+    assert_eq!(
+        s.list_keys(Some("acme"), 1, 10).await.unwrap().items,
+        vec![k3.clone()]
+    );
+    assert_eq!(s.list_keys(None, 1, 10).await.unwrap().total, 2);
+
+    // Disable and add a key in one step.
+    let (k4, h4) = key("acme", now + 3);
+    let before = s
+        .replace_client_keys("acme", true, Some(&k4))
+        .await
+        .unwrap();
+    assert_eq!(before, vec![k3.clone()]);
+    assert!(!s.find_by_hash(&h3, now).await.unwrap().unwrap().key.enabled);
+    assert!(s.find_by_hash(&h4, now).await.unwrap().unwrap().key.enabled);
+
+    // Unknown client: NotFound, and the new key is not written.
+    let (k5, h5) = key("nobody", now);
+    match s.replace_client_keys("nobody", false, Some(&k5)).await {
+        Err(StoreError::NotFound) => {}
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    assert_eq!(s.find_by_hash(&h5, now).await.unwrap(), None);
+    assert!(matches!(
+        s.replace_client_keys("nobody", true, None).await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+async fn record_last_used_keeps_the_latest(s: Arc<dyn Store>) {
+    let now = now_millis();
+    let (k1, _) = key("acme", now);
+    let (k2, _) = key("acme", now);
+    s.insert_client(&client("acme", "pro", now), &k1)
+        .await
+        .unwrap();
+    s.insert_key(&k2, 0).await.unwrap();
+    let last = |id| {
+        let s = Arc::clone(&s);
+        async move { s.find_by_id(id).await.unwrap().unwrap().key.last_used_at }
+    };
+    s.record_last_used(&[]).await.unwrap();
+    s.record_last_used(&[(k1.id, now + 10), (Uuid::now_v7(), now + 10)])
+        .await
+        .unwrap();
+    assert_eq!(last(k1.id).await, Some(now + 10));
+    assert_eq!(last(k2.id).await, None);
+    s.record_last_used(&[(k1.id, now + 5), (k2.id, now + 7)])
+        .await
+        .unwrap();
+    assert_eq!(last(k1.id).await, Some(now + 10), "never goes back");
+    assert_eq!(last(k2.id).await, Some(now + 7));
+    s.record_last_used(&[(k1.id, now + 20)]).await.unwrap();
+    assert_eq!(last(k1.id).await, Some(now + 20));
+}
+
+async fn usage_counts_add_up_per_day_and_die_with_the_key(s: Arc<dyn Store>) {
+    let now = now_millis();
+    let (k1, _) = key("acme", now);
+    let (k2, _) = key("acme", now);
+    s.insert_client(&client("acme", "pro", now), &k1)
+        .await
+        .unwrap();
+    s.insert_key(&k2, 0).await.unwrap();
+    let day = now.div_euclid(86_400_000);
+    let u = |id, at, day, requests| Usage {
+        key_id: id,
+        last_used_at: at,
+        day,
+        requests,
+    };
+    s.record_usage(&[]).await.unwrap();
+    s.record_usage(&[
+        u(k1.id, now, day - 1, 4),
+        u(k2.id, now + 3, day, 1),
+        u(Uuid::now_v7(), now, day, 9),
+    ])
+    .await
+    .unwrap();
+    s.record_usage(&[u(k1.id, now + 5, day, 2), u(k1.id, now + 1, day, 3)])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.usage(k1.id, day - 7, day).await.unwrap(),
+        vec![(day - 1, 4), (day, 5)]
+    );
+    assert_eq!(s.usage(k1.id, day, day).await.unwrap(), vec![(day, 5)]);
+    assert_eq!(s.usage(k2.id, day - 7, day).await.unwrap(), vec![(day, 1)]);
+    let last = s.find_by_id(k1.id).await.unwrap().unwrap().key.last_used_at;
+    assert_eq!(last, Some(now + 5), "the latest time wins");
+    // Deleting a key deletes its usage.
+    s.delete_key(k1.id).await.unwrap();
+    assert!(s.usage(k1.id, day - 7, day).await.unwrap().is_empty());
+}
+
+async fn ping_answers(s: Arc<dyn Store>) {
+    s.ping().await.unwrap();
+    let now = now_millis();
+    s.insert_client(&client("acme", "pro", now), &key("acme", now).0)
+        .await
+        .unwrap();
+    s.ping().await.unwrap();
+}
