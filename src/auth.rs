@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::config::RouteAuth;
 use crate::error::ProxyError;
 use crate::keys::cache::{Cached, Entry, KeyCache};
-use crate::keys::store::Store;
+use crate::keys::store::{Store, StoreHealth};
 use crate::keys::{KeyFormat, KeyHash, Millis, Principal, now_millis};
 use crate::limit::KeyLimits;
 use crate::proxy::route::Route;
@@ -30,6 +30,7 @@ pub struct Authenticator {
     limits: Arc<KeyLimits>,
     jwt: Arc<Jwt>,
     metrics: Arc<Metrics>,
+    store_health: Arc<StoreHealth>,
 }
 
 impl Authenticator {
@@ -40,6 +41,7 @@ impl Authenticator {
         limits: Arc<KeyLimits>,
         jwt: Arc<Jwt>,
         metrics: Arc<Metrics>,
+        store_health: Arc<StoreHealth>,
     ) -> Self {
         Self {
             format,
@@ -48,7 +50,18 @@ impl Authenticator {
             limits,
             jwt,
             metrics,
+            store_health,
         }
+    }
+
+    fn store_failed(&self, now: Millis, e: &crate::keys::store::StoreError, stale: bool) {
+        self.store_health.failed(now);
+        tracing::warn!(
+            error = %e,
+            serving_stale = stale,
+            "key lookup failed; lookups skip the store for {} ms",
+            StoreHealth::BACKOFF_MS
+        );
     }
 
     pub async fn authenticate(&self, cred: &Credential<'_>) -> Result<Arc<Principal>, ProxyError> {
@@ -95,8 +108,15 @@ impl Authenticator {
         stale: Option<Arc<Principal>>,
     ) -> Result<Arc<Principal>, ProxyError> {
         self.metrics.cache(CacheResult::Miss);
+        if self.store_health.backing_off(now) {
+            return self.stale(stale);
+        }
         let epoch = self.cache.epoch();
-        match self.store.find_by_id(id).await {
+        let found = self.store.find_by_id(id).await;
+        if found.is_ok() {
+            self.store_health.succeeded();
+        }
+        match found {
             Ok(Some(record)) => {
                 let p = self.principal(&record, &record.key.key_hash);
                 self.cache
@@ -108,7 +128,7 @@ impl Authenticator {
                 Err(ProxyError::InvalidToken)
             }
             Err(e) => {
-                tracing::warn!(error = %e, serving_stale = stale.is_some(), "key lookup by id failed");
+                self.store_failed(now, &e, stale.is_some());
                 self.stale(stale)
             }
         }
@@ -182,11 +202,17 @@ impl Authenticator {
         stale: Option<Arc<Principal>>,
     ) -> Result<Arc<Principal>, ProxyError> {
         self.metrics.cache(CacheResult::Miss);
+        if self.store_health.backing_off(now) {
+            return self.stale(stale);
+        }
         let epoch = self.cache.epoch();
         let found = match self.store.find_by_hash(&hash, now).await {
-            Ok(found) => found,
+            Ok(found) => {
+                self.store_health.succeeded();
+                found
+            }
             Err(e) => {
-                tracing::warn!(error = %e, serving_stale = stale.is_some(), "key lookup failed");
+                self.store_failed(now, &e, stale.is_some());
                 return self.stale(stale);
             }
         };
@@ -393,6 +419,7 @@ mod tests {
             limits,
             jwt,
             Arc::new(Metrics::new(vec![])),
+            Arc::new(StoreHealth::default()),
         );
         (auth, store, cache, dir)
     }
@@ -494,7 +521,20 @@ mod tests {
             auth.api_key(unknown.plaintext.expose()).await.unwrap_err(),
             ProxyError::StoreUnavailable
         );
+        // Within the backoff the store is not asked again: stale served, unknown 503.
+        let asked = store.lookups.load(Ordering::SeqCst);
+        assert!(auth.api_key(k.plaintext.expose()).await.is_ok());
+        assert_eq!(
+            auth.api_key(unknown.plaintext.expose()).await.unwrap_err(),
+            ProxyError::StoreUnavailable
+        );
+        assert_eq!(
+            store.lookups.load(Ordering::SeqCst),
+            asked,
+            "store asked during backoff"
+        );
         store.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(StoreHealth::BACKOFF_MS as u64 + 50)).await;
         assert_eq!(
             auth.api_key(unknown.plaintext.expose()).await.unwrap_err(),
             ProxyError::InvalidApiKey

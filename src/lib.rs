@@ -117,7 +117,12 @@ impl App {
         }
         let routes = RouteTable::new(&config.routes, &config.proxy.upstream);
         let metrics = Arc::new(Metrics::new(routes.names()));
-        let store: Arc<dyn Store> = Arc::new(Metered::new(store, Arc::clone(&metrics)));
+        let store_health = Arc::new(keys::store::StoreHealth::default());
+        let store: Arc<dyn Store> = Arc::new(Metered::new(
+            store,
+            Arc::clone(&metrics),
+            Arc::clone(&store_health),
+        ));
         let usage = Arc::new(UsageRecorder::new(Arc::clone(&store), Arc::clone(&metrics)));
         let format = KeyFormat::new(config.keys.prefix.clone());
         let cache = KeyCache::new(&CacheSettings {
@@ -152,6 +157,7 @@ impl App {
             limits,
             jwt,
             Arc::clone(&metrics),
+            store_health,
         );
         let extractor = Extractor {
             api_key_header: config.proxy.api_key_header.clone(),

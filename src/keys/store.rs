@@ -47,6 +47,35 @@ impl std::fmt::Display for Conflict {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Whether the store failed recently, shared by everything that calls it: after a failure,
+/// key lookups skip the store for [`StoreHealth::BACKOFF_MS`] (stale principals are served,
+/// unknown keys get 503 at once) instead of every request waiting on a dead or hung store; any
+/// successful call (an admin call, a readiness probe, a lookup) ends the backoff.
+#[derive(Debug, Default)]
+pub struct StoreHealth {
+    down_until: std::sync::atomic::AtomicI64,
+}
+
+impl StoreHealth {
+    pub const BACKOFF_MS: i64 = 1_000;
+
+    pub fn failed(&self, now: Millis) {
+        self.down_until
+            .store(now + Self::BACKOFF_MS, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn succeeded(&self) {
+        if self.down_until.load(std::sync::atomic::Ordering::Relaxed) != 0 {
+            self.down_until
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    pub fn backing_off(&self, now: Millis) -> bool {
+        now < self.down_until.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Usage of one key since the last flush.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {

@@ -7,7 +7,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use super::{ClientWithKeys, Page, Store, StoreResult, Usage};
+use super::{ClientWithKeys, Page, Store, StoreHealth, StoreResult, Usage};
 use crate::keys::cache::{Invalidation, InvalidationSink};
 use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, now_millis};
 use crate::telemetry::metrics::Metrics;
@@ -15,21 +15,28 @@ use crate::telemetry::metrics::Metrics;
 pub struct Metered {
     inner: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    health: Arc<StoreHealth>,
 }
 
 impl Metered {
-    pub fn new(inner: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
-        Self { inner, metrics }
+    pub fn new(inner: Arc<dyn Store>, metrics: Arc<Metrics>, health: Arc<StoreHealth>) -> Self {
+        Self {
+            inner,
+            metrics,
+            health,
+        }
     }
 
     async fn timed<T>(&self, f: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
         let start = Instant::now();
         let r = f.await;
         self.metrics.store_latency.observe(start.elapsed());
-        if r.as_ref()
-            .is_err_and(|e| matches!(e, super::StoreError::Unavailable(_)))
-        {
-            self.metrics.store_errors.inc();
+        match &r {
+            Err(super::StoreError::Unavailable(_)) => {
+                self.metrics.store_errors.inc();
+                self.health.failed(now_millis());
+            }
+            _ => self.health.succeeded(),
         }
         r
     }
@@ -38,6 +45,7 @@ impl Metered {
 struct MeteredSink {
     inner: Arc<dyn InvalidationSink>,
     metrics: Arc<Metrics>,
+    health: Arc<StoreHealth>,
 }
 
 impl InvalidationSink for MeteredSink {
@@ -52,7 +60,10 @@ impl InvalidationSink for MeteredSink {
         }
     }
 
+    /// Called when the subscription is back, so the store is reachable again: lookups stop
+    /// skipping it at once (the cache was just emptied and must refill).
     fn invalidate_all(&self) {
+        self.health.succeeded();
         self.inner.invalidate_all();
     }
 }
@@ -117,6 +128,7 @@ impl Store for Metered {
         self.inner.watch_invalidations(Arc::new(MeteredSink {
             inner: sink,
             metrics: Arc::clone(&self.metrics),
+            health: Arc::clone(&self.health),
         }));
     }
 }
