@@ -95,6 +95,12 @@ impl Forwarder {
 
         let mut res = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
             Err(_) => return Err(ProxyError::UpstreamTimeout),
+            Ok(Err(e)) if client_body_failed(&e) => {
+                tracing::debug!(route = %route.name, error = %e, "the client's request body failed");
+                return Err(ProxyError::BadRequest(
+                    "the request body is malformed or was cut short",
+                ));
+            }
             Ok(Err(e)) => {
                 tracing::warn!(route = %route.name, error = %e, connect = e.is_connect(), "upstream request failed");
                 return Err(ProxyError::UpstreamUnavailable);
@@ -104,4 +110,20 @@ impl Forwarder {
         headers::remove_hop_by_hop(res.headers_mut());
         Ok(res)
     }
+}
+
+/// True when a forward failed because the client's own request body could not be read
+/// (malformed chunked framing, an upload cut short): the client's fault, answered 400, not
+/// the upstream's (502).
+fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_user)
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
