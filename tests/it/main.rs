@@ -2,6 +2,7 @@
 
 mod admin_api;
 mod binary;
+mod hostile;
 mod kixote;
 mod observability;
 mod openapi;
