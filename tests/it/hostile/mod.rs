@@ -3,4 +3,5 @@
 //! writes its figures to `target/tmp/hostile/<name>.txt` (printed by scripts/test.sh).
 
 mod harness;
+mod paths;
 mod smuggle;
