@@ -292,7 +292,6 @@ pub async fn make_key(admin: SocketAddr, client: &str, permissions: &[&str]) -> 
 pub struct RawSeen {
     /// Which upstream listener (route) received it.
     pub label: &'static str,
-    pub method: String,
     /// The request target, byte for byte.
     pub target: Vec<u8>,
     pub headers: Vec<(String, Vec<u8>)>,
@@ -491,7 +490,6 @@ async fn serve_raw(mut s: TcpStream, label: &'static str, rec: Recorder) -> std:
         let target = req.path.unwrap_or("").as_bytes().to_vec();
         let seen = RawSeen {
             label,
-            method: req.method.unwrap_or("").to_owned(),
             target: target.clone(),
             headers: headers.clone(),
             problems: problems.clone(),
@@ -617,7 +615,6 @@ pub struct Exchange {
     pub statuses: Vec<u16>,
     /// The server closed the connection (EOF or reset) before we stopped reading.
     pub closed: bool,
-    pub raw: Vec<u8>,
 }
 
 impl Exchange {
@@ -752,7 +749,6 @@ pub async fn exchange(
     Exchange {
         statuses: parse_statuses(&raw),
         closed,
-        raw,
     }
 }
 

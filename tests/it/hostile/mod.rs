@@ -3,5 +3,6 @@
 //! writes its figures to `target/tmp/hostile/<name>.txt` (printed by scripts/test.sh).
 
 mod harness;
+mod limits;
 mod paths;
 mod smuggle;

@@ -1020,7 +1020,8 @@ async fn smuggling_corpus_forwards_nothing_ambiguous_or_unauthenticated() {
     let mut extra = 0;
     for g in &garbage {
         failures.push(format!(
-            "upstream read garbage ({}): {:?}",
+            "upstream {} read garbage ({}): {:?}",
+            g.label,
             g.why,
             String::from_utf8_lossy(&g.bytes)
         ));
