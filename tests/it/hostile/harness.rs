@@ -172,6 +172,12 @@ impl Drop for Proc {
 /// The config every hostile test starts from: SQLite in `dir`, generous limits for the test's
 /// own traffic (failed authentications are part of the corpus), `extra` appended.
 pub fn config(upstream: &str, dir: &Path, extra: &str) -> String {
+    let store = format!("sqlite://{}", dir.join("keygate.db").display());
+    config_with_store(upstream, &store, extra)
+}
+
+/// [`config`] with any store URL (`sqlite://…`, `redis://…`).
+pub fn config_with_store(upstream: &str, store: &str, extra: &str) -> String {
     format!(
         r#"
 [proxy]
@@ -183,7 +189,7 @@ upstream_timeout_ms = 3000
 listen = "127.0.0.1:0"
 keys = ["{ADMIN_KEY}"]
 [store]
-url = "sqlite://{db}"
+url = "{store}"
 [keys]
 max_per_client = 0
 [rate_limit]
@@ -194,8 +200,7 @@ rate_limit = {{ per_second = 100000, burst = 100000 }}
 [log]
 access_log = false
 {extra}
-"#,
-        db = dir.join("keygate.db").display()
+"#
     )
 }
 

@@ -2,6 +2,7 @@
 //! exhaustion, crash safety of admin writes, and property tests of the pure checks. Each test
 //! writes its figures to `target/tmp/hostile/<name>.txt` (printed by scripts/test.sh).
 
+mod durability;
 mod harness;
 mod limits;
 mod paths;
