@@ -136,7 +136,7 @@ pub fn check_path(path: &str) -> Result<(), &'static str> {
             return Err("dot-segments are not allowed in paths");
         }
         // Windows servers trim both from the end of a segment.
-        if seg.ends_with('.') || seg.ends_with("%20") {
+        if seg.ends_with(['.', ' ']) || seg.ends_with("%20") {
             return Err("path segments ending in '.' or a space are not allowed");
         }
     }
@@ -285,6 +285,7 @@ mod tests {
             "/%25",
             "/admin%20",
             "/admin%20/x",
+            "/admin ",
             "/x/%c0%ae%c0%ae/admin",
             "/v1%c0%afextract",
             "/x/%ef%bc%8e%ef%bc%8e/admin",

@@ -6,4 +6,5 @@ mod durability;
 mod harness;
 mod limits;
 mod paths;
+mod props;
 mod smuggle;
