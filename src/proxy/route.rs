@@ -3,10 +3,10 @@
 //! A path is checked before any route is matched, and refused (400) when an upstream could read
 //! it as a different path than the one matched here: dot-segments, empty segments (`//`),
 //! backslashes, `;` parameters, segments ending in `.` or a space, encoded `.`, `/`, `\`, `;`,
-//! `%` (so nothing is double-encoded) or control bytes, malformed escapes, escapes that are not
-//! UTF-8 (overlong `%c0%ae`), and characters whose compatibility form holds `.`, `/`, `\`, `;`
-//! or `%` (full-width `．`, `／`…). What passes is forwarded byte for byte, so the path that was
-//! authorised is the path the upstream sees.
+//! `%` (so nothing is double-encoded), control characters (C0 and C1, raw or encoded),
+//! malformed escapes, escapes that are not UTF-8 (overlong `%c0%ae`), and characters whose
+//! compatibility form holds `.`, `/`, `\`, `;` or `%` (full-width `．`, `／`…). What passes is
+//! forwarded byte for byte, so the path that was authorised is the path the upstream sees.
 //!
 //! Matching is by prefix on whole segments (`/v1/a` matches `/v1/a` and `/v1/a/x`, not
 //! `/v1/ab`), on the percent-decoded path (`/%61dmin` is `/admin` to every upstream that
@@ -144,6 +144,9 @@ pub fn check_path(path: &str) -> Result<(), &'static str> {
         let bytes: Vec<u8> = decoded(b).collect();
         let text =
             std::str::from_utf8(&bytes).map_err(|_| "paths must be UTF-8 once percent-decoded")?;
+        if text.chars().any(char::is_control) {
+            return Err("control characters are not allowed in paths");
+        }
         if text.chars().any(lookalike) {
             return Err(
                 "characters that read as '.', '/', '\\', ';' or '%' are not allowed in paths",
@@ -293,6 +296,8 @@ mod tests {
             "/v1%ef%bc%8fextract",
             "/admin%e2%80%a4",
             "/%ff",
+            "/pv\u{9e}",
+            "/a%c2%85",
             "admin",
             "",
         ] {
