@@ -7,4 +7,5 @@ mod harness;
 mod limits;
 mod paths;
 mod props;
+mod signals;
 mod smuggle;
