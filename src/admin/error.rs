@@ -188,7 +188,8 @@ impl IntoResponse for AdminError {
 }
 
 /// A JSON body: malformed JSON → 400; a value that does not fit `T` → 422 naming the field.
-/// An empty body is read as `{}`.
+/// An empty body, or `null` (what an optional body looks like in the OpenAPI document), is read
+/// as `{}`.
 pub struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
@@ -207,7 +208,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 }
 
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdminError> {
-    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) || bytes.trim_ascii() == b"null"
+    {
         b"{}"
     } else {
         bytes
@@ -236,4 +238,34 @@ fn extract_field(msg: &str) -> Option<String> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        n: Option<u32>,
+    }
+
+    #[test]
+    fn empty_and_null_bodies_read_as_an_empty_object() {
+        for b in [&b""[..], b"  ", b"null", b" null\n"] {
+            assert!(parse_json::<Body>(b).unwrap().n.is_none());
+        }
+        assert!(matches!(
+            parse_json::<Body>(b"[]"),
+            Err(AdminError::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse_json::<Body>(b"{"),
+            Err(AdminError::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse_json::<Body>(b"{\"n\": -1}"),
+            Err(AdminError::Validation(_))
+        ));
+    }
 }

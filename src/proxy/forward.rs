@@ -137,6 +137,12 @@ impl Forwarder {
 
         let mut res = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
             Err(_) => return Err(ProxyError::UpstreamTimeout),
+            Ok(Err(e)) if client_body_failed(&e) => {
+                tracing::debug!(route = %route.name, error = %e, "the client's request body failed");
+                return Err(ProxyError::BadRequest(
+                    "the request body is malformed or was cut short",
+                ));
+            }
             Ok(Err(e)) => {
                 tracing::warn!(
                     route = %route.name,
@@ -183,4 +189,20 @@ async fn bridge(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
         }
         Err(e) => tracing::debug!(error = %e, "websocket upgrade did not complete"),
     }
+}
+
+/// True when a forward failed because the client's own request body could not be read
+/// (malformed chunked framing, an upload cut short): the client's fault, answered 400, not
+/// the upstream's (502).
+fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_user)
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }

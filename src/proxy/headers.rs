@@ -70,22 +70,43 @@ pub fn websocket_accept(h: &HeaderMap) -> Option<HeaderValue> {
 
 const KEYGATE_PREFIX: &[u8] = b"x-keygate-";
 
-/// Removes every header whose name starts with `x-keygate-` (case-insensitive by
-/// construction: header names are stored lowercase).
+/// Fields the client may not send: our own `x-keygate-*` (case-insensitive by construction:
+/// header names are stored lowercase), and any name with an underscore, which CGI-style
+/// upstreams (WSGI, PHP, Rack) read as the dashed name — `X_Keygate_Client_Id` would become
+/// `X-Keygate-Client-Id` there (nginx drops such fields by default for the same reason).
+fn forbidden_inbound(name: &[u8]) -> bool {
+    name.starts_with(KEYGATE_PREFIX) || name.contains(&b'_')
+}
+
+/// Removes every inbound field [`forbidden_inbound`] refuses, and drops such names from
+/// `Trailer`: hyper forwards exactly the trailer fields a request declares there, so a
+/// declared `X-Keygate-Key-Id` trailer would otherwise reach the upstream.
 pub fn remove_keygate_headers(h: &mut HeaderMap) {
-    if !h
-        .keys()
-        .any(|k| k.as_str().as_bytes().starts_with(KEYGATE_PREFIX))
-    {
-        return;
+    if h.keys().any(|k| forbidden_inbound(k.as_str().as_bytes())) {
+        let names: Vec<HeaderName> = h
+            .keys()
+            .filter(|k| forbidden_inbound(k.as_str().as_bytes()))
+            .cloned()
+            .collect();
+        for n in names {
+            h.remove(n);
+        }
     }
-    let names: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| k.as_str().as_bytes().starts_with(KEYGATE_PREFIX))
-        .cloned()
-        .collect();
-    for n in names {
-        h.remove(n);
+    if h.contains_key(header::TRAILER) {
+        let declared: Vec<String> = h
+            .get_all(header::TRAILER)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .filter(|t| !t.is_empty() && !forbidden_inbound(t.as_bytes()))
+            .collect();
+        h.remove(header::TRAILER);
+        if let Ok(v) = HeaderValue::from_str(&declared.join(", "))
+            && !declared.is_empty()
+        {
+            h.insert(header::TRAILER, v);
+        }
     }
 }
 
@@ -244,6 +265,29 @@ mod tests {
         let mut h2c = h2c;
         remove_hop_by_hop(&mut h2c);
         assert!(h2c.is_empty(), "{h2c:?}");
+    }
+
+    #[test]
+    fn underscored_names_and_keygate_trailers_are_dropped() {
+        let mut h = map(&[
+            ("x_keygate_client_id", "spoofed"),
+            ("transfer_encoding", "chunked"),
+            ("x_api_key", "kg_x"),
+            ("trailer", "X-Keygate-Key-Id, x-checksum, X_Keygate_License"),
+            ("trailer", "x-keygate-client-id"),
+            ("x-ok", "1"),
+        ]);
+        remove_keygate_headers(&mut h);
+        for gone in ["x_keygate_client_id", "transfer_encoding", "x_api_key"] {
+            assert!(!h.contains_key(gone), "{gone} survived");
+        }
+        assert_eq!(h.get_all("trailer").iter().count(), 1);
+        assert_eq!(h["trailer"], "x-checksum");
+        assert_eq!(h["x-ok"], "1");
+
+        let mut h = map(&[("trailer", "x-keygate-key-id")]);
+        remove_keygate_headers(&mut h);
+        assert!(!h.contains_key("trailer"));
     }
 
     #[test]

@@ -2,12 +2,15 @@
 //!
 //! A path is checked before any route is matched, and refused (400) when an upstream could read
 //! it as a different path than the one matched here: dot-segments, empty segments (`//`),
-//! backslashes, `;` parameters, segments ending in `.`, encoded `.`, `/`, `\`, control bytes
-//! (also double-encoded), and malformed escapes. What passes is forwarded byte for byte, so the
-//! path that was authorised is the path the upstream sees.
+//! backslashes, `;` parameters, segments ending in `.` or a space, encoded `.`, `/`, `\`, `;`,
+//! `%` (so nothing is double-encoded), control characters (C0 and C1, raw or encoded),
+//! malformed escapes, escapes that are not UTF-8 (overlong `%c0%ae`), and characters whose
+//! compatibility form holds `.`, `/`, `\`, `;` or `%` (full-width `．`, `／`…). What passes is
+//! forwarded byte for byte, so the path that was authorised is the path the upstream sees.
 //!
 //! Matching is by prefix on whole segments (`/v1/a` matches `/v1/a` and `/v1/a/x`, not
-//! `/v1/ab`), ASCII case-insensitive (so `/V1/A` cannot dodge the checks of `/v1/a` on a
+//! `/v1/ab`), on the percent-decoded path (`/%61dmin` is `/admin` to every upstream that
+//! decodes), ASCII case-insensitive (so `/V1/A` cannot dodge the checks of `/v1/a` on a
 //! case-insensitive upstream), longest prefix first.
 
 use std::sync::Arc;
@@ -32,12 +35,63 @@ fn forbidden_encoded(b: u8) -> bool {
     matches!(b, b'.' | b'/' | b'\\' | b';' | b'%') || b < 0x20 || b == 0x7f
 }
 
+/// Code points whose NFKC form contains `.`, `/`, `\`, `;` or `%` (the whole list, from the
+/// Unicode data): an upstream that normalises would read them as separators or dots.
+fn lookalike(c: char) -> bool {
+    matches!(
+        c as u32,
+        0x037E
+            | 0x2024..=0x2026
+            | 0x2100
+            | 0x2101
+            | 0x2105
+            | 0x2106
+            | 0x2488..=0x249B
+            | 0x33C2
+            | 0x33C7
+            | 0x33D8
+            | 0xFE14
+            | 0xFE19
+            | 0xFE30
+            | 0xFE52
+            | 0xFE54
+            | 0xFE68
+            | 0xFE6A
+            | 0xFF05
+            | 0xFF0E
+            | 0xFF0F
+            | 0xFF1B
+            | 0xFF3C
+            | 0x1F100
+    )
+}
+
+/// The bytes of `b` with well-formed percent-escapes decoded.
+fn decoded(b: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let c = *b.get(i)?;
+        if c == b'%'
+            && let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            )
+        {
+            i += 3;
+            return Some(h << 4 | l);
+        }
+        i += 1;
+        Some(c)
+    })
+}
+
 /// Checks a request path. `Err` carries the reason for the 400 body.
 pub fn check_path(path: &str) -> Result<(), &'static str> {
     let b = path.as_bytes();
     if b.first() != Some(&b'/') {
         return Err("the path must start with '/'");
     }
+    let mut non_ascii = false;
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
@@ -52,28 +106,22 @@ pub fn check_path(path: &str) -> Result<(), &'static str> {
                     return Err("malformed percent-encoding in path");
                 };
                 let decoded = h << 4 | l;
-                if forbidden_encoded(decoded) && decoded != b'%' {
+                if decoded == b'%' {
+                    return Err("an encoded '%' (double encoding) is not allowed in paths");
+                }
+                if forbidden_encoded(decoded) {
                     return Err(
                         "encoded '.', '/', '\\', ';' or control characters are not allowed in paths",
                     );
                 }
-                if decoded == b'%' {
-                    // Double encoding: `%25XX` where XX is itself forbidden.
-                    if let (Some(h2), Some(l2)) = (
-                        b.get(i + 3).copied().and_then(hex),
-                        b.get(i + 4).copied().and_then(hex),
-                    ) && forbidden_encoded(h2 << 4 | l2)
-                    {
-                        return Err("double-encoded separators are not allowed in paths");
-                    }
-                }
+                non_ascii |= decoded >= 0x80;
                 i += 3;
                 continue;
             }
             c if c < 0x20 || c == 0x7f => {
                 return Err("control characters are not allowed in paths");
             }
-            _ => {}
+            c => non_ascii |= c >= 0x80,
         }
         i += 1;
     }
@@ -87,8 +135,22 @@ pub fn check_path(path: &str) -> Result<(), &'static str> {
         if seg == "." || seg == ".." {
             return Err("dot-segments are not allowed in paths");
         }
-        if seg.ends_with('.') {
-            return Err("path segments ending in '.' are not allowed");
+        // Windows servers trim both from the end of a segment.
+        if seg.ends_with(['.', ' ']) || seg.ends_with("%20") {
+            return Err("path segments ending in '.' or a space are not allowed");
+        }
+    }
+    if non_ascii {
+        let bytes: Vec<u8> = decoded(b).collect();
+        let text =
+            std::str::from_utf8(&bytes).map_err(|_| "paths must be UTF-8 once percent-decoded")?;
+        if text.chars().any(char::is_control) {
+            return Err("control characters are not allowed in paths");
+        }
+        if text.chars().any(lookalike) {
+            return Err(
+                "characters that read as '.', '/', '\\', ';' or '%' are not allowed in paths",
+            );
         }
     }
     Ok(())
@@ -120,11 +182,13 @@ fn host_of(upstream: &Uri) -> HeaderValue {
 }
 
 impl Route {
+    /// Compares percent-decoded bytes: [`check_path`] has refused encoded separators and
+    /// `%`, so decoding cannot move a segment boundary.
     fn matches(&self, path: &str, method: &Method) -> bool {
-        let p = self.path.trim_end_matches('/');
-        let hit = path.len() >= p.len()
-            && path.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
-            && (path.len() == p.len() || path.as_bytes()[p.len()] == b'/');
+        let mut want = decoded(self.path.trim_end_matches('/').as_bytes());
+        let mut got = decoded(path.as_bytes());
+        let prefix = want.all(|w| got.next().is_some_and(|g| g.eq_ignore_ascii_case(&w)));
+        let hit = prefix && matches!(got.next(), None | Some(b'/'));
         hit && (self.methods.is_empty() || self.methods.contains(method))
     }
 }
@@ -220,6 +284,20 @@ mod tests {
             "/a/.",
             "/%zz",
             "/%2",
+            "/%2561dmin",
+            "/%25",
+            "/admin%20",
+            "/admin%20/x",
+            "/admin ",
+            "/x/%c0%ae%c0%ae/admin",
+            "/v1%c0%afextract",
+            "/x/%ef%bc%8e%ef%bc%8e/admin",
+            "/x/\u{ff0e}\u{ff0e}/admin",
+            "/v1%ef%bc%8fextract",
+            "/admin%e2%80%a4",
+            "/%ff",
+            "/pv\u{9e}",
+            "/a%c2%85",
             "admin",
             "",
         ] {
@@ -237,6 +315,10 @@ mod tests {
             "/a%20b",
             "/%41",
             "/a/.well-known",
+            "/%20a",
+            "/jos%C3%A9",
+            "/jos\u{e9}/caf%c3%a9",
+            "/%7Euser",
         ] {
             assert!(check_path(p).is_ok(), "refused {p:?}");
         }
@@ -270,6 +352,13 @@ mod tests {
         assert_eq!(name("/v1/extract/x", Method::GET).unwrap(), "/v1/extract");
         assert_eq!(name("/V1/EXTRACT/x", Method::GET).unwrap(), "/v1/extract");
         assert_eq!(name("/v1/extractor", Method::GET).unwrap(), "/");
+        // Decoded before matching: an encoded letter is the same path to an upstream.
+        assert_eq!(name("/v1/%65xtract", Method::GET).unwrap(), "/v1/extract");
+        assert_eq!(
+            name("/%56%31/EXTRACT/x", Method::GET).unwrap(),
+            "/v1/extract"
+        );
+        assert_eq!(name("/v1/extract%41", Method::GET).unwrap(), "/");
         assert_eq!(
             name("/v1/extract/admin", Method::POST).unwrap(),
             "/v1/extract/admin"

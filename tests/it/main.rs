@@ -4,6 +4,7 @@
 mod admin_api;
 mod binary;
 mod deploy_files;
+mod hostile;
 mod kixote;
 mod observability;
 mod openapi;
