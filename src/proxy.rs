@@ -22,11 +22,11 @@ use crate::auth::{self, Authenticator};
 use crate::error::{ProxyError, RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
 use crate::keys::Principal;
 use crate::limit::{FailedAuth, Refusal, number_header};
-use forward::{ConnInfo, Forwarder};
+use forward::{ConnInfo, Forwarder, UpstreamBody};
 use route::RouteTable;
 
 /// Response body of the proxy: the upstream's stream, or a body the gateway wrote itself.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// Path of the unauthenticated load-balancer health check on the proxy listener.
 pub const HEALTH_PATH: &str = "/_keygate/health";

@@ -1,14 +1,26 @@
-//! The only upstream I/O: a pooled keep-alive hyper client. Bodies stream both ways; nothing
-//! is buffered whole.
+//! The only upstream I/O: pooled keep-alive HTTP/1.1 connections to upstreams. Bodies stream
+//! both ways; nothing is buffered whole.
+//!
+//! The pool is ours rather than hyper-util's legacy client: a request takes an idle
+//! connection (LIFO, so few connections stay warm), and the response body hands it back when
+//! the upstream's answer has been read to its end. No task is spawned and no pool map is hashed
+//! per request. A request whose reused connection turned out to be closed before the request
+//! was written is retried once on another connection, as the legacy client did.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use http::uri::{PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, Uri, Version};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderValue, Request, Response, Version};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 use super::headers;
 use crate::auth::Permit;
@@ -21,8 +33,115 @@ const POOL_MAX_IDLE_PER_HOST: usize = 1024;
 
 #[derive(Clone)]
 pub struct Forwarder {
-    client: Client<HttpConnector, Incoming>,
+    pool: Arc<Pool>,
+    connect_timeout: Duration,
     timeout: Duration,
+}
+
+struct Idle {
+    send: SendRequest<Incoming>,
+    since: Instant,
+}
+
+/// Idle connections per upstream authority (a handful of upstreams: a list beats a map).
+#[derive(Default)]
+struct Pool {
+    hosts: Mutex<Vec<(Authority, VecDeque<Idle>)>>,
+}
+
+impl Pool {
+    fn take(&self, authority: &Authority) -> Option<SendRequest<Incoming>> {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let (_, idle) = hosts.iter_mut().find(|(a, _)| a == authority)?;
+        while let Some(c) = idle.pop_back() {
+            if !c.send.is_closed() {
+                return Some(c.send);
+            }
+        }
+        None
+    }
+
+    fn put(&self, authority: &Authority, send: SendRequest<Incoming>) {
+        if send.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = match hosts.iter().position(|(a, _)| a == authority) {
+            Some(i) => &mut hosts[i].1,
+            None => {
+                hosts.push((authority.clone(), VecDeque::new()));
+                &mut hosts.last_mut().expect("just pushed").1
+            }
+        };
+        // The oldest connections sit at the front: drop those idle for too long.
+        while idle
+            .front()
+            .is_some_and(|c| now.duration_since(c.since) > POOL_IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
+        if idle.len() < POOL_MAX_IDLE_PER_HOST {
+            idle.push_back(Idle { send, since: now });
+        }
+    }
+}
+
+/// A connection lent to one response, returned to the pool when the body has been read.
+struct Lease {
+    pool: Arc<Pool>,
+    authority: Authority,
+    send: SendRequest<Incoming>,
+}
+
+/// The upstream's response body. Returns its connection to the pool once the body is complete;
+/// a body dropped before its end closes the connection instead.
+pub struct UpstreamBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl UpstreamBody {
+    fn release(&mut self) {
+        if let Some(l) = self.lease.take() {
+            l.pool.put(&l.authority, l.send);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            None => this.release(),
+            Some(Err(_)) => this.lease = None,
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+    }
 }
 
 /// What the request path knows about the connection a request came on.
@@ -47,16 +166,11 @@ impl ConnInfo {
 
 impl Forwarder {
     pub fn new(connect_timeout: Duration, timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-            .build(connector);
-        Self { client, timeout }
+        Self {
+            pool: Arc::default(),
+            connect_timeout,
+            timeout,
+        }
     }
 
     /// Sends `req` to the permit's upstream. Headers must already be rewritten except for
@@ -67,7 +181,7 @@ impl Forwarder {
         mut req: Request<Incoming>,
         conn: &ConnInfo,
         path_and_query: Option<PathAndQuery>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let route = permit.route();
         let upstream = &route.upstream;
         let original_host = req.headers_mut().remove(http::header::HOST).or_else(|| {
@@ -75,17 +189,19 @@ impl Forwarder {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        let mut parts = std::mem::take(req.uri_mut()).into_parts();
-        parts.scheme = Some(upstream.scheme().cloned().unwrap_or(Scheme::HTTP));
-        parts.authority = upstream.authority().cloned();
-        if let Some(pq) = path_and_query {
-            parts.path_and_query = Some(pq);
-        } else if parts.path_and_query.is_none() {
-            parts.path_and_query = Some(PathAndQuery::from_static("/"));
-        }
-        *req.uri_mut() =
-            Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+        // HTTP/1.1 to the upstream in origin form: only the path and query go on the wire.
+        let pq = match path_and_query {
+            Some(pq) => pq,
+            None => std::mem::take(req.uri_mut())
+                .into_parts()
+                .path_and_query
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        };
+        *req.uri_mut() = pq.into();
         *req.version_mut() = Version::HTTP_11;
+        let Some(authority) = upstream.authority() else {
+            return Err(ProxyError::UpstreamUnavailable);
+        };
 
         let h = req.headers_mut();
         if let Some(p) = permit.principal() {
@@ -93,15 +209,105 @@ impl Forwarder {
         }
         headers::add_forwarded(h, &conn.peer_ip, conn.proto, original_host, &route.host);
 
-        let mut res = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+        let sent = tokio::time::timeout(self.timeout, self.send(authority, req)).await;
+        let (res, send) = match sent {
             Err(_) => return Err(ProxyError::UpstreamTimeout),
             Ok(Err(e)) => {
                 tracing::warn!(route = %route.name, error = %e, connect = e.is_connect(), "upstream request failed");
                 return Err(ProxyError::UpstreamUnavailable);
             }
-            Ok(Ok(res)) => res,
+            Ok(Ok(sent)) => sent,
         };
+        let lease = Lease {
+            pool: Arc::clone(&self.pool),
+            authority: authority.clone(),
+            send,
+        };
+        let mut res = res.map(|inner| UpstreamBody {
+            inner,
+            lease: Some(lease),
+        });
         headers::remove_hop_by_hop(res.headers_mut());
         Ok(res)
+    }
+
+    /// Sends on an idle connection, or a new one. A reused connection that closed before the
+    /// request was written gets the request back, and the next connection is tried.
+    async fn send(
+        &self,
+        authority: &Authority,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, SendRequest<Incoming>), UpstreamError> {
+        loop {
+            let (mut send, reused) = match self.pool.take(authority) {
+                Some(s) => (s, true),
+                None => (self.connect(authority).await?, false),
+            };
+            if send.ready().await.is_err() {
+                if reused {
+                    continue;
+                }
+                return Err(UpstreamError::Closed);
+            }
+            match send.try_send_request(req).await {
+                Ok(res) => return Ok((res, send)),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if reused => req = back,
+                    _ => return Err(UpstreamError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn connect(&self, authority: &Authority) -> Result<SendRequest<Incoming>, UpstreamError> {
+        let port = authority.port_u16().unwrap_or(80);
+        let connect = async {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((authority.host(), port))
+                .await
+                .map_err(UpstreamError::Connect)?
+                .collect();
+            let mut last = None;
+            for addr in addrs {
+                match TcpStream::connect(addr).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(UpstreamError::Connect(last.unwrap_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+            })))
+        };
+        let stream = tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout)??;
+        let _ = stream.set_nodelay(true);
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(send)
+    }
+}
+
+/// Why an upstream request failed (logged; the client sees 502).
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("connection closed")]
+    Closed,
+    #[error(transparent)]
+    Http(hyper::Error),
+}
+
+impl UpstreamError {
+    fn is_connect(&self) -> bool {
+        matches!(self, Self::Connect(_) | Self::ConnectTimeout)
     }
 }
