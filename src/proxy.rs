@@ -77,7 +77,7 @@ impl Gateway {
     }
 
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
-        let start = Instant::now();
+        let start = self.access_log.then(Instant::now);
         let method = req.method().clone();
         let log_uri = self.access_log.then(|| req.uri().clone());
         let mut outcome = Outcome::default();
@@ -93,7 +93,7 @@ impl Gateway {
                 path = uri.path(),
                 route = outcome.route.unwrap_or("-"),
                 status = res.status().as_u16(),
-                latency_us = start.elapsed().as_micros() as u64,
+                latency_us = start.map_or(0, |s| s.elapsed().as_micros() as u64),
                 key_id = p.map(|p| tracing::field::display(p.key_id)),
                 client_id = p.map_or("", |p| p.client_id.as_str()),
                 peer = %conn.peer.ip(),
