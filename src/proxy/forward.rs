@@ -241,7 +241,9 @@ impl Forwarder {
         loop {
             let (mut send, reused) = match self.pool.take(authority) {
                 Some(s) => (s, true),
-                None => (self.connect(authority).await?, false),
+                // Boxed: connecting is rare, and its large state would otherwise be part of
+                // (and be moved with) every request's future.
+                None => (Box::pin(self.connect(authority)).await?, false),
             };
             if send.ready().await.is_err() {
                 if reused {
