@@ -197,7 +197,7 @@ impl Authenticator {
         }
         let hash = KeyHash::of(key);
         let now = now_millis();
-        let principal = match self.cache.get(&hash) {
+        let principal = match self.cache.get_at(&hash, now) {
             Some(Entry {
                 value: Cached::Found(p),
                 fresh_until,
