@@ -195,7 +195,7 @@ nginx_conf nginx-plain "$UPSTREAM_BLOCK
   server { listen 127.0.0.1:$NG_PLAIN_PORT; location / { $PROXY_COMMON } }"
 nginx_conf nginx-keyauth "$UPSTREAM_BLOCK
   map_hash_max_size 262144;
-  map_hash_bucket_size 128;
+  map_hash_bucket_size 256;
   map \$http_x_api_key \$client_id { default \"\"; include $WORK/keys.map; }
   map \$client_id \$limit_key { default \$http_x_api_key; \"\" \"\"; }
   limit_req_zone \$limit_key zone=perkey:16m rate=100000000r/s;
