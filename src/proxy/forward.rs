@@ -204,6 +204,8 @@ impl Forwarder {
         };
 
         let h = req.headers_mut();
+        // Room for the (up to) eight fields added below, so the map grows once, not per field.
+        h.reserve(8);
         if let Some(p) = permit.principal() {
             headers::add_identity(h, &p.headers);
         }
