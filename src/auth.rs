@@ -3,17 +3,24 @@
 //!
 //! API key path: shape and checksum (no I/O) → SHA-256 → cache → store on miss. Unknown hashes
 //! are cached negatively. The store answer is compared to the computed hash in constant time.
+//!
+//! Token path: the signature and claims of a token are verified once; the result is cached by
+//! SHA-256 of the token string until the token's `exp` (plus the verifier's leeway). What is
+//! cached is only "this exact string is a genuine token for key `kid`, generation `rot`,
+//! client `sub`": the key itself is still looked up (cached by id) and checked on every
+//! request, so a token still dies with its key (revoked, disabled, rotated, deleted).
 
 pub mod credential;
 pub mod jwt;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
 use crate::config::RouteAuth;
 use crate::error::ProxyError;
-use crate::keys::cache::{Cached, Entry, KeyCache};
+use crate::keys::cache::{Cached, DigestHasher, Entry, KeyCache};
 use crate::keys::store::{Store, StoreHealth};
 use crate::keys::{KeyFormat, KeyHash, Millis, Principal, now_millis};
 use crate::limit::KeyLimits;
@@ -21,6 +28,32 @@ use crate::proxy::route::Route;
 use crate::telemetry::metrics::{CacheResult, Metrics};
 use credential::{Credential, Kind};
 use jwt::{Jwt, Token};
+
+/// Most verified tokens remembered (each about 200 bytes); past it moka evicts the least used.
+const TOKEN_CACHE_CAPACITY: u64 = 100_000;
+
+/// What a verified token says, as far as the request path needs it.
+struct VerifiedToken {
+    key_id: Uuid,
+    rot: Millis,
+    sub: Box<str>,
+    /// Unix seconds after which the verifier would refuse the token (`exp` + leeway).
+    usable_until_secs: i64,
+}
+
+struct TokenExpiry;
+
+impl moka::Expiry<KeyHash, Arc<VerifiedToken>> for TokenExpiry {
+    fn expire_after_create(
+        &self,
+        _: &KeyHash,
+        t: &Arc<VerifiedToken>,
+        _: Instant,
+    ) -> Option<Duration> {
+        let left_ms = (t.usable_until_secs + 1) * 1000 - now_millis();
+        Some(Duration::from_millis(left_ms.max(0) as u64))
+    }
+}
 
 #[derive(Clone)]
 pub struct Authenticator {
@@ -31,6 +64,8 @@ pub struct Authenticator {
     jwt: Arc<Jwt>,
     metrics: Arc<Metrics>,
     store_health: Arc<StoreHealth>,
+    /// Tokens already verified, by SHA-256 of the token string.
+    tokens: moka::sync::Cache<KeyHash, Arc<VerifiedToken>, DigestHasher>,
 }
 
 impl Authenticator {
@@ -43,6 +78,10 @@ impl Authenticator {
         metrics: Arc<Metrics>,
         store_health: Arc<StoreHealth>,
     ) -> Self {
+        let tokens = moka::sync::Cache::builder()
+            .max_capacity(TOKEN_CACHE_CAPACITY)
+            .expire_after(TokenExpiry)
+            .build_with_hasher(DigestHasher::default());
         Self {
             format,
             cache,
@@ -51,6 +90,7 @@ impl Authenticator {
             jwt,
             metrics,
             store_health,
+            tokens,
         }
     }
 
@@ -81,11 +121,8 @@ impl Authenticator {
     /// must still be valid and not rotated since (cached lookup by key id).
     pub async fn token(&self, token: &str) -> Result<Arc<Principal>, ProxyError> {
         let now = now_millis();
-        let claims = self
-            .jwt
-            .verify(token, now)
-            .map_err(|_| ProxyError::InvalidToken)?;
-        let id = Uuid::parse_str(&claims.kid).map_err(|_| ProxyError::InvalidToken)?;
+        let claims = self.verified(token, now)?;
+        let id = claims.key_id;
         let principal = match self.classify(self.cache.get_id(&id), now) {
             Lookup::Fresh(p) => p,
             Lookup::Unknown => return Err(ProxyError::InvalidToken),
@@ -93,12 +130,40 @@ impl Authenticator {
         };
         let current = check_status(&principal, now).is_ok()
             && principal.rotated_at.unwrap_or(0) == claims.rot
-            && principal.client_id == claims.sub;
+            && *principal.client_id == *claims.sub;
         if current {
             Ok(principal)
         } else {
             Err(ProxyError::InvalidToken)
         }
+    }
+
+    /// The verified claims of `token`: from the token cache, or by verifying it (and caching
+    /// the result until the token expires).
+    fn verified(&self, token: &str, now: Millis) -> Result<Arc<VerifiedToken>, ProxyError> {
+        // Bounded before hashing, as the verifier bounds it before decoding.
+        if token.len() > jwt::MAX_TOKEN_LEN {
+            return Err(ProxyError::InvalidToken);
+        }
+        let digest = KeyHash::of(token);
+        if let Some(t) = self.tokens.get(&digest)
+            && now / 1000 <= t.usable_until_secs
+        {
+            return Ok(t);
+        }
+        let claims = self
+            .jwt
+            .verify(token, now)
+            .map_err(|_| ProxyError::InvalidToken)?;
+        let key_id = Uuid::parse_str(&claims.kid).map_err(|_| ProxyError::InvalidToken)?;
+        let t = Arc::new(VerifiedToken {
+            key_id,
+            rot: claims.rot,
+            sub: claims.sub.into_boxed_str(),
+            usable_until_secs: claims.exp.saturating_add(self.jwt.leeway_secs()),
+        });
+        self.tokens.insert(digest, Arc::clone(&t));
+        Ok(t)
     }
 
     async fn fill_id(
@@ -158,7 +223,7 @@ impl Authenticator {
         }
         let hash = KeyHash::of(key);
         let now = now_millis();
-        let principal = match self.classify(self.cache.get(&hash), now) {
+        let principal = match self.classify(self.cache.get_at(&hash, now), now) {
             Lookup::Fresh(p) => p,
             Lookup::Unknown => return Err(ProxyError::InvalidApiKey),
             Lookup::Refill(stale) => self.fill(hash, now, stale).await?,
@@ -497,6 +562,45 @@ mod tests {
             assert_eq!(p.license, "pro");
         }
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn verified_tokens_are_cached_but_still_die_with_their_key() {
+        let (auth, store, cache, _dir) = setup();
+        let k = seed(&store).await;
+        let token = auth.login(k.plaintext.expose()).await.unwrap().access_token;
+        for _ in 0..3 {
+            let p = auth.token(token.expose()).await.unwrap();
+            assert_eq!(p.client_id, "c");
+        }
+        auth.tokens.run_pending_tasks();
+        assert_eq!(auth.tokens.entry_count(), 1, "verified once, then cached");
+
+        // Another string (one signature character changed) is not the cached token.
+        let mut forged = token.expose().as_bytes().to_vec();
+        let i = forged.len() - 10;
+        forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        assert_eq!(
+            auth.token(&forged).await.unwrap_err(),
+            ProxyError::InvalidToken
+        );
+
+        // Disable the key as the admin plane does: store first, then the cache.
+        let mut key = store
+            .find_by_hash(&k.hash, now_millis())
+            .await
+            .unwrap()
+            .unwrap()
+            .key;
+        key.enabled = false;
+        assert!(store.update_key(&key).await.unwrap());
+        cache.invalidate(&k.hash);
+        cache.invalidate_id(&key.id);
+        assert_eq!(
+            auth.token(token.expose()).await.unwrap_err(),
+            ProxyError::InvalidToken
+        );
     }
 
     #[tokio::test]

@@ -296,6 +296,37 @@ pub struct IdentityHeaders {
     pub license: HeaderValue,
 }
 
+impl IdentityHeaders {
+    /// Encodes the four values into one shared buffer: one allocation per principal, and a
+    /// request's clones touch one reference count instead of four. A value that is not a valid
+    /// header value (`HeaderValue::from_str` rules) becomes `invalid`.
+    pub fn new(client_id: &str, key_id: &str, permissions: &str, license: &str) -> Self {
+        let parts = [client_id, key_id, permissions, license];
+        let mut buf = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+        for p in parts {
+            buf.extend_from_slice(p.as_bytes());
+        }
+        let buf = bytes::Bytes::from(buf);
+        let mut at = 0;
+        let mut next = |p: &str| {
+            let v = buf.slice(at..at + p.len());
+            at += p.len();
+            // `from_str` accepts visible ASCII and tab only; `from_maybe_shared` would also take
+            // bytes >= 0x80, so check first to keep `from_str`'s rules.
+            let ok = p.bytes().all(|b| b == b'\t' || (32..127).contains(&b));
+            ok.then(|| HeaderValue::from_maybe_shared(v).ok())
+                .flatten()
+                .unwrap_or_else(|| HeaderValue::from_static("invalid"))
+        };
+        IdentityHeaders {
+            client_id: next(client_id),
+            key_id: next(key_id),
+            permissions: next(permissions),
+            license: next(license),
+        }
+    }
+}
+
 impl Principal {
     /// Builds the principal for a record found under `hash`.
     pub fn from_record(
@@ -306,9 +337,12 @@ impl Principal {
         let key = &record.key;
         let grace_until =
             (!key.key_hash.ct_eq(hash)).then(|| key.previous_valid_until.unwrap_or(i64::MIN));
-        let header = |s: &str| {
-            HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
-        };
+        let headers = IdentityHeaders::new(
+            &key.client_id,
+            &key.id.to_string(),
+            &key.permissions.join(","),
+            &record.license,
+        );
         Arc::new(Principal {
             key_id: key.id,
             client_id: key.client_id.clone(),
@@ -320,12 +354,7 @@ impl Principal {
             rotated_at: key.rotated_at,
             limiter,
             usage: Default::default(),
-            headers: IdentityHeaders {
-                client_id: header(&key.client_id),
-                key_id: header(&key.id.to_string()),
-                permissions: header(&key.permissions.join(",")),
-                license: header(&record.license),
-            },
+            headers,
         })
     }
 
@@ -442,6 +471,20 @@ mod tests {
         assert!(both.problem().is_some());
         let zero = RateLimit { burst: 0, ..ok };
         assert!(zero.problem().is_some());
+    }
+
+    #[test]
+    fn identity_headers_follow_from_str_rules() {
+        let h = IdentityHeaders::new("acme", "0190-id", "A,B", "pro");
+        assert_eq!(
+            [&h.client_id, &h.key_id, &h.permissions, &h.license],
+            ["acme", "0190-id", "A,B", "pro"]
+        );
+        let h = IdentityHeaders::new("caf\u{e9}", "id", "", "line\nbreak");
+        assert_eq!(h.client_id, "invalid");
+        assert_eq!(h.key_id, "id");
+        assert_eq!(h.permissions, "");
+        assert_eq!(h.license, "invalid");
     }
 
     #[test]

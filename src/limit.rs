@@ -64,6 +64,8 @@ type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddlew
 /// One key's bucket. Generic over the clock so tests can advance time by hand.
 pub struct KeyLimiter<C: Clock = DefaultClock> {
     limit: RateLimit,
+    /// `quota(&limit)`, computed once.
+    quota: Quota,
     limiter: Direct<C>,
     clock: C,
 }
@@ -78,10 +80,11 @@ impl<C: Clock> std::fmt::Debug for KeyLimiter<C> {
 
 impl<C: Clock + Clone> KeyLimiter<C> {
     pub fn with_clock(limit: RateLimit, clock: C) -> Self {
-        let limiter =
-            RateLimiter::direct_with_clock(quota(&limit), clock.clone()).with_middleware();
+        let quota = quota(&limit);
+        let limiter = RateLimiter::direct_with_clock(quota, clock.clone()).with_middleware();
         Self {
             limit,
+            quota,
             limiter,
             clock,
         }
@@ -93,7 +96,7 @@ impl<C: Clock + Clone> KeyLimiter<C> {
 
     /// Takes one cell, or says how long to wait.
     pub fn check(&self) -> Result<RateInfo, Refusal> {
-        let q = quota(&self.limit);
+        let q = &self.quota;
         match self.limiter.check() {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();

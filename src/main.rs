@@ -78,8 +78,14 @@ fn serve(config: Config) -> ExitCode {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if config.worker_threads > 0 {
+    // One worker: a current-thread runtime does the same work without the multi-thread
+    // scheduler's cross-thread bookkeeping (blocking store calls still run on their own pool).
+    let mut rt = if config.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if config.worker_threads > 1 {
         rt.worker_threads(config.worker_threads);
     }
     let rt = match rt.enable_all().build() {

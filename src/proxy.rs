@@ -24,11 +24,11 @@ use crate::keys::Principal;
 use crate::keys::usage::UsageRecorder;
 use crate::limit::{FailedAuth, RateInfo, Refusal, number_header};
 use crate::telemetry::metrics::Metrics;
-use forward::{ConnInfo, Forwarder};
+use forward::{ConnInfo, Forwarder, UpstreamBody};
 use route::{Route, RouteTable};
 
 /// Response body of the proxy: the upstream's stream, or a body the gateway wrote itself.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// Path of the unauthenticated load-balancer health check on the proxy listener.
 pub const HEALTH_PATH: &str = "/_keygate/health";
@@ -66,7 +66,7 @@ impl Gateway {
     }
 
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
-        let start = Instant::now();
+        let start = self.access_log.then(Instant::now);
         let method = req.method().clone();
         let log_uri = self.access_log.then(|| req.uri().clone());
         let mut outcome = Outcome::default();
@@ -85,7 +85,7 @@ impl Gateway {
                 path = uri.path(),
                 route = outcome.route.map_or("-", |r| r.name.as_str()),
                 status = res.status().as_u16(),
-                latency_us = start.elapsed().as_micros() as u64,
+                latency_us = start.map_or(0, |s| s.elapsed().as_micros() as u64),
                 upstream_us = outcome.upstream.map(|d| d.as_micros() as u64),
                 key_id = p.map(|p| tracing::field::display(p.key_id)),
                 client_id = p.map(|p| p.client_id.as_str()),

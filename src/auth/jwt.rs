@@ -158,6 +158,11 @@ impl Jwt {
         }
     }
 
+    /// Seconds past `exp` during which a token is still accepted.
+    pub fn leeway_secs(&self) -> i64 {
+        self.leeway.as_secs() as i64
+    }
+
     /// Verifies signature, algorithm, claims and our own bounds.
     pub fn verify(&self, token: &str, now: Millis) -> Result<Claims, InvalidToken> {
         if token.len() > MAX_TOKEN_LEN {

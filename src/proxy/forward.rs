@@ -1,23 +1,38 @@
-//! The only upstream I/O: a pooled keep-alive hyper client (HTTP/1.1, and HTTP/2 where an
-//! `https://` upstream offers it by ALPN; certificates verified against the webpki roots or the
-//! configured CA). Bodies stream both ways; nothing is buffered whole.
+//! The only upstream I/O. Bodies stream both ways; nothing is buffered whole.
+//!
+//! Plain `http://` requests go through our own pool of keep-alive HTTP/1.1 connections: a
+//! request takes an idle connection (LIFO, so few connections stay warm) and the response body
+//! hands it back when the upstream's answer has been read to its end. No task is spawned and no
+//! pool map is hashed per request. A request whose reused connection turned out to be closed
+//! before the request was written is retried once on another connection.
+//!
+//! `https://` upstreams (HTTP/2 where offered by ALPN; certificates verified against the webpki
+//! roots or the configured CA) and WebSocket upgrades go through hyper-util's pooled client.
 //!
 //! WebSocket: a request that asked for `Upgrade: websocket` is forwarded with its upgrade
 //! headers, and bytes are bridged only after the upstream answered 101 with the right
 //! `Sec-WebSocket-Accept`. Any other answer is relayed as a plain response and the client's
 //! connection stays HTTP, so bytes sent after it are parsed (and authenticated) as requests.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::StatusCode;
 use http::header::{CONNECTION, UPGRADE};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
 
 use super::headers;
 use crate::auth::Permit;
@@ -27,10 +42,16 @@ use crate::error::ProxyError;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per upstream host.
 const POOL_MAX_IDLE_PER_HOST: usize = 1024;
+/// How long a request waits for a pooled connection that is not ready yet before using another.
+const REUSE_WAIT: Duration = Duration::from_millis(20);
 
 #[derive(Clone)]
 pub struct Forwarder {
+    /// Plain http:// requests.
+    pool: Arc<Pool>,
+    /// https:// upstreams and WebSocket upgrades.
     client: Client<HttpsConnector<HttpConnector>, Incoming>,
+    connect_timeout: Duration,
     timeout: Duration,
 }
 
@@ -45,6 +66,117 @@ fn cause_chain(e: &dyn std::error::Error) -> String {
         next = s.source();
     }
     out
+}
+
+struct Idle {
+    send: SendRequest<Incoming>,
+    since: Instant,
+}
+
+/// Idle connections per upstream authority (a handful of upstreams: a list beats a map).
+#[derive(Default)]
+struct Pool {
+    hosts: Mutex<Vec<(Authority, VecDeque<Idle>)>>,
+}
+
+impl Pool {
+    fn take(&self, authority: &Authority) -> Option<SendRequest<Incoming>> {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let (_, idle) = hosts.iter_mut().find(|(a, _)| a == authority)?;
+        while let Some(c) = idle.pop_back() {
+            if !c.send.is_closed() {
+                return Some(c.send);
+            }
+        }
+        None
+    }
+
+    fn put(&self, authority: &Authority, send: SendRequest<Incoming>) {
+        if send.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = match hosts.iter().position(|(a, _)| a == authority) {
+            Some(i) => &mut hosts[i].1,
+            None => {
+                hosts.push((authority.clone(), VecDeque::new()));
+                &mut hosts.last_mut().expect("just pushed").1
+            }
+        };
+        // The oldest connections sit at the front: drop those idle for too long.
+        while idle
+            .front()
+            .is_some_and(|c| now.duration_since(c.since) > POOL_IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
+        if idle.len() < POOL_MAX_IDLE_PER_HOST {
+            idle.push_back(Idle { send, since: now });
+        }
+    }
+}
+
+/// A connection lent to one response, returned to the pool when the body has been read.
+struct Lease {
+    pool: Arc<Pool>,
+    authority: Authority,
+    send: SendRequest<Incoming>,
+}
+
+/// The upstream's response body. Returns its connection to the pool once the body is complete;
+/// a body dropped before its end closes the connection instead.
+pub struct UpstreamBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl UpstreamBody {
+    /// A body whose connection belongs to another pool.
+    fn unpooled(inner: Incoming) -> Self {
+        Self { inner, lease: None }
+    }
+
+    fn release(&mut self) {
+        if let Some(l) = self.lease.take() {
+            l.pool.put(&l.authority, l.send);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            None => this.release(),
+            Some(Err(_)) => this.lease = None,
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+    }
 }
 
 /// What the request path knows about the connection a request came on.
@@ -89,7 +221,12 @@ impl Forwarder {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
             .build(https);
-        Ok(Self { client, timeout })
+        Ok(Self {
+            pool: Arc::default(),
+            client,
+            connect_timeout,
+            timeout,
+        })
     }
 
     /// Sends `req` to the permit's upstream. Headers must already be rewritten except for
@@ -101,8 +238,11 @@ impl Forwarder {
         conn: &ConnInfo,
         path_and_query: Option<PathAndQuery>,
         websocket: bool,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let route = permit.route();
+        if !websocket && route.upstream.scheme() == Some(&Scheme::HTTP) {
+            return self.forward_pooled(permit, req, conn, path_and_query).await;
+        }
         let client_side = websocket.then(|| hyper::upgrade::on(&mut req));
         let expected_accept = websocket
             .then(|| headers::websocket_accept(req.headers()))
@@ -171,10 +311,152 @@ impl Forwarder {
             let h = res.headers_mut();
             h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             h.insert(UPGRADE, HeaderValue::from_static("websocket"));
-            return Ok(res);
+            return Ok(res.map(UpstreamBody::unpooled));
         }
         headers::remove_hop_by_hop(res.headers_mut());
+        Ok(res.map(UpstreamBody::unpooled))
+    }
+
+    /// The fast path: a plain http:// request on our own connection pool.
+    async fn forward_pooled(
+        &self,
+        permit: Permit<'_>,
+        mut req: Request<Incoming>,
+        conn: &ConnInfo,
+        path_and_query: Option<PathAndQuery>,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let route = permit.route();
+        let upstream = &route.upstream;
+        let original_host = req.headers_mut().remove(http::header::HOST).or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        // HTTP/1.1 to the upstream in origin form: only the path and query go on the wire.
+        let pq = match path_and_query {
+            Some(pq) => pq,
+            None => std::mem::take(req.uri_mut())
+                .into_parts()
+                .path_and_query
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        };
+        *req.uri_mut() = pq.into();
+        *req.version_mut() = Version::HTTP_11;
+        let Some(authority) = upstream.authority() else {
+            return Err(ProxyError::UpstreamUnavailable);
+        };
+
+        let h = req.headers_mut();
+        // Room for the (up to) eight fields added below, so the map grows once, not per field.
+        h.reserve(8);
+        if let Some(p) = permit.principal() {
+            headers::add_identity(h, &p.headers);
+        }
+        headers::add_forwarded(h, &conn.peer_ip, conn.proto, original_host, &route.host);
+
+        let sent = tokio::time::timeout(self.timeout, self.send(authority, req)).await;
+        let (res, send) = match sent {
+            Err(_) => return Err(ProxyError::UpstreamTimeout),
+            Ok(Err(e)) if e.client_body_failed() => {
+                tracing::debug!(route = %route.name, error = %e, "the client's request body failed");
+                return Err(ProxyError::BadRequest(
+                    "the request body is malformed or was cut short",
+                ));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    route = %route.name,
+                    upstream = %route.upstream,
+                    connect = e.is_connect(),
+                    error = %cause_chain(&e),
+                    "upstream request failed"
+                );
+                return Err(ProxyError::UpstreamUnavailable);
+            }
+            Ok(Ok(sent)) => sent,
+        };
+        let lease = Lease {
+            pool: Arc::clone(&self.pool),
+            authority: authority.clone(),
+            send,
+        };
+        let mut res = res.map(|inner| UpstreamBody {
+            inner,
+            lease: Some(lease),
+        });
+        headers::remove_hop_by_hop(res.headers_mut());
         Ok(res)
+    }
+
+    /// Sends on an idle connection, or a new one. A reused connection that closed before the
+    /// request was written gets the request back, and the next connection is tried.
+    async fn send(
+        &self,
+        authority: &Authority,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, SendRequest<Incoming>), UpstreamError> {
+        loop {
+            let (mut send, reused) = match self.pool.take(authority) {
+                Some(s) => (s, true),
+                // Boxed: connecting is rare, and its large state would otherwise be part of
+                // (and be moved with) every request's future.
+                None => (Box::pin(self.connect(authority)).await?, false),
+            };
+            if reused && !send.is_ready() {
+                // Usually ready within microseconds; a connection still writing a slow client's
+                // upload (the upstream answered early) is not waited for: it is let go and
+                // another connection is used.
+                match tokio::time::timeout(REUSE_WAIT, send.ready()).await {
+                    Ok(Ok(())) => {}
+                    _ => continue,
+                }
+            } else if send.ready().await.is_err() {
+                if reused {
+                    continue;
+                }
+                return Err(UpstreamError::Closed);
+            }
+            match send.try_send_request(req).await {
+                Ok(res) => return Ok((res, send)),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if reused => req = back,
+                    _ => return Err(UpstreamError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn connect(&self, authority: &Authority) -> Result<SendRequest<Incoming>, UpstreamError> {
+        let port = authority.port_u16().unwrap_or(80);
+        let connect = async {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((authority.host(), port))
+                .await
+                .map_err(UpstreamError::Connect)?
+                .collect();
+            let mut last = None;
+            for addr in addrs {
+                match TcpStream::connect(addr).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(UpstreamError::Connect(last.unwrap_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+            })))
+        };
+        let stream = tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout)??;
+        let _ = stream.set_nodelay(true);
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(send)
     }
 }
 
@@ -194,8 +476,8 @@ async fn bridge(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
 /// True when a forward failed because the client's own request body could not be read
 /// (malformed chunked framing, an upload cut short): the client's fault, answered 400, not
 /// the upstream's (502).
-fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = std::error::Error::source(e);
+fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
     while let Some(s) = source {
         if s.downcast_ref::<hyper::Error>()
             .is_some_and(hyper::Error::is_user)
@@ -205,4 +487,31 @@ fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
         source = s.source();
     }
     false
+}
+
+/// Why an upstream request failed (logged; the client sees 502).
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("connection closed")]
+    Closed,
+    #[error(transparent)]
+    Http(hyper::Error),
+}
+
+impl UpstreamError {
+    fn is_connect(&self) -> bool {
+        matches!(self, Self::Connect(_) | Self::ConnectTimeout)
+    }
+
+    /// The client's request body failed (see [`client_body_failed`]).
+    fn client_body_failed(&self) -> bool {
+        match self {
+            Self::Http(e) => e.is_user() || client_body_failed(e),
+            _ => false,
+        }
+    }
 }

@@ -112,6 +112,11 @@ pub fn remove_keygate_headers(h: &mut HeaderMap) {
 
 /// Removes hop-by-hop fields: those named in `Connection`, then the fixed list.
 pub fn remove_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none or only `Connection`: one walk over the (few) names finds out,
+    // instead of hashing and probing for each of the fixed names.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     if h.contains_key(header::CONNECTION) {
         let named: Vec<HeaderValue> = h.get_all(header::CONNECTION).iter().cloned().collect();
         for v in &named {

@@ -1,0 +1,172 @@
+//! The per-request auth work for a cached key, whole and piece by piece, and the token path.
+//!
+//! `auth_check_cache_hit/*` is what a proxied request pays between "headers parsed" and
+//! "allowed to forward": credential extraction from the `HeaderMap`, shape and checksum check,
+//! SHA-256, cache hit, status checks and the key's rate-limit bucket. Target ≤ 250 ns.
+//!
+//! Run: `cargo bench --bench auth` (pin with `taskset -c 0` on a quiet machine).
+
+mod common;
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use keygate::auth::credential::Extractor;
+use keygate::keys::cache::{Cached, Entry};
+use keygate::keys::{KeyFormat, KeyHash, now_millis};
+use keygate::limit::KeyLimiter;
+
+use common::{UNLIMITED, ready};
+
+/// Keys in the store and the cache, so lookups are not into a tiny table.
+const KEYS: usize = 10_000;
+
+fn extractor() -> Extractor {
+    Extractor {
+        api_key_header: HeaderName::from_static("x-api-key"),
+        query_param: None,
+    }
+}
+
+/// A request head like wrk's plus a credential header.
+fn headers(name: &'static str, value: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("host", HeaderValue::from_static("127.0.0.1:8080"));
+    h.insert("user-agent", HeaderValue::from_static("wrk"));
+    h.insert("accept", HeaderValue::from_static("*/*"));
+    h.insert(name, HeaderValue::from_str(value).unwrap());
+    h
+}
+
+fn benches(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, keys) = rt.block_on(common::seeded_store(dir.path(), KEYS));
+    let cache = common::cache(1_000_000);
+    let auth = common::authenticator(store, cache.clone());
+    // Warm the cache: every key is a hit from now on.
+    rt.block_on(async {
+        for k in &keys {
+            auth.api_key(k.expose()).await.expect("seeded key");
+        }
+    });
+    let key = keys[KEYS / 2].expose().to_owned();
+    let token = rt
+        .block_on(auth.login(&key))
+        .unwrap()
+        .access_token
+        .expose()
+        .to_owned();
+    // Fill the by-id cache the token path uses.
+    rt.block_on(auth.token(&token)).expect("token accepted");
+    let ex = extractor();
+    let h_header = headers("x-api-key", &key);
+    let h_bearer = headers("authorization", &format!("Bearer {key}"));
+    let h_token = headers("authorization", &format!("Bearer {token}"));
+
+    let mut g = c.benchmark_group("auth_check_cache_hit");
+    // The whole hot path: HeaderMap → credential → principal → bucket.
+    for (name, h) in [("x_api_key", &h_header), ("bearer", &h_bearer)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let cred = ex.extract(black_box(h), None).unwrap();
+                let p = ready(auth.authenticate(&cred)).unwrap();
+                black_box(p.limiter.check().unwrap())
+            })
+        });
+    }
+    // Rotating over all cached keys (the loadtest's rot64 case): cache lines are cold.
+    let rotating: Vec<HeaderMap> = keys
+        .iter()
+        .map(|k| headers("x-api-key", k.expose()))
+        .collect();
+    g.bench_function("x_api_key_rotating_10k", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % rotating.len();
+            let cred = ex.extract(black_box(&rotating[i]), None).unwrap();
+            let p = ready(auth.authenticate(&cred)).unwrap();
+            black_box(p.limiter.check().unwrap())
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("auth_piece");
+    g.bench_function("extract_x_api_key", |b| {
+        b.iter(|| black_box(ex.extract(black_box(&h_header), None).unwrap().kind))
+    });
+    g.bench_function("extract_bearer", |b| {
+        b.iter(|| black_box(ex.extract(black_box(&h_bearer), None).unwrap().kind))
+    });
+    let format = KeyFormat::new("kg_");
+    g.bench_function("key_format_check", |b| {
+        b.iter(|| format.check(black_box(&key)))
+    });
+    g.bench_function("key_hash_of", |b| b.iter(|| KeyHash::of(black_box(&key))));
+    let hash = KeyHash::of(&key);
+    g.bench_function("key_cache_get", |b| {
+        b.iter(|| match cache.get(black_box(&hash)) {
+            Some(Entry {
+                value: Cached::Found(p),
+                ..
+            }) => p,
+            _ => unreachable!("warm"),
+        })
+    });
+    let limiter = KeyLimiter::new(UNLIMITED);
+    g.bench_function("key_limiter_check", |b| {
+        b.iter(|| black_box(limiter.check().unwrap()))
+    });
+    g.bench_function("now_millis", |b| b.iter(now_millis));
+    g.bench_function("api_key_cached", |b| {
+        b.iter(|| ready(auth.api_key(black_box(&key))).unwrap())
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("token");
+    g.bench_function("authenticate_cached_key", |b| {
+        b.iter(|| ready(auth.token(black_box(&token))).unwrap())
+    });
+    g.bench_function("whole_hot_path", |b| {
+        b.iter(|| {
+            let cred = ex.extract(black_box(&h_token), None).unwrap();
+            let p = ready(auth.authenticate(&cred)).unwrap();
+            black_box(p.limiter.check().unwrap())
+        })
+    });
+    let jwt = common::jwt();
+    g.bench_function("jwt_verify_signature_and_claims", |b| {
+        b.iter(|| jwt.verify(black_box(&token), now_millis()).unwrap())
+    });
+    // A token never seen before (first request with a fresh token).
+    g.bench_function("authenticate_first_use", |b| {
+        b.iter_batched(
+            || {
+                rt.block_on(auth.login(&key))
+                    .unwrap()
+                    .access_token
+                    .expose()
+                    .to_owned()
+            },
+            |t| ready(auth.token(&t)).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+    drop(rt);
+}
+
+criterion_group! {
+    name = auth;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = benches
+}
+criterion_main!(auth);

@@ -1,0 +1,119 @@
+//! Fixtures shared by the benches: the real SQLite store in a temp dir, seeded with clients and
+//! keys, and an `Authenticator` built the way `App::bind` builds it.
+
+#![allow(dead_code)] // each bench uses a different part of this module
+
+use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use keygate::auth::Authenticator;
+use keygate::auth::jwt::{Jwt, JwtSettings};
+use keygate::keys::cache::{CacheSettings, KeyCache};
+use keygate::keys::store::Store;
+use keygate::keys::store::sqlite::SqliteStore;
+use keygate::keys::{ApiKey, Client, KeyFormat, NewKey, RateLimit, Secret, now_millis};
+use keygate::limit::KeyLimits;
+use uuid::Uuid;
+
+/// A limit no bench loop can reach: every check is allowed.
+pub const UNLIMITED: RateLimit = RateLimit {
+    per_second: Some(1_000_000_000),
+    per_minute: None,
+    per_hour: None,
+    burst: 1_000_000,
+};
+
+pub const JWT_SECRET: &str = "bench-secret-bench-secret-bench-secret-0123";
+
+/// Polls a future that must complete without waiting (a cache hit never awaits).
+pub fn ready<F: Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("the future waited: not a cache hit"),
+    }
+}
+
+/// A key as stored for `client_id`, with the given permissions.
+pub fn api_key(new: &NewKey, client_id: &str, permissions: &[&str]) -> ApiKey {
+    let now = now_millis();
+    ApiKey {
+        id: Uuid::now_v7(),
+        client_id: client_id.into(),
+        name: "bench".into(),
+        prefix: new.display_prefix.clone(),
+        key_hash: new.hash,
+        previous_hash: None,
+        previous_valid_until: None,
+        permissions: permissions.iter().map(|p| (*p).to_owned()).collect(),
+        enabled: true,
+        created_at: now,
+        updated_at: now,
+        expires_at: None,
+        last_used_at: None,
+        rotated_at: None,
+        rate_limit: None,
+        metadata: None,
+    }
+}
+
+/// The real SQLite store in `dir`, holding `n` clients with one key each (license `pro`).
+/// Returns the plaintext keys in insertion order.
+pub async fn seeded_store(dir: &std::path::Path, n: usize) -> (Arc<SqliteStore>, Vec<Secret>) {
+    let store = Arc::new(SqliteStore::open(&dir.join("bench.db")).expect("store opens"));
+    let format = KeyFormat::new("kg_");
+    let mut keys = Vec::with_capacity(n);
+    for i in 0..n {
+        let new = format.generate();
+        let client = Client {
+            client_id: format!("client-{i}"),
+            license: "pro".into(),
+            created_at: now_millis(),
+            metadata: None,
+        };
+        let key = api_key(&new, &client.client_id, &["read", "write"]);
+        store.insert_client(&client, &key).await.expect("insert");
+        keys.push(new.plaintext);
+    }
+    (store, keys)
+}
+
+pub fn cache(capacity: u64) -> KeyCache {
+    KeyCache::new(&CacheSettings {
+        capacity,
+        ttl: Duration::from_secs(600),
+        negative_ttl: Duration::from_secs(5),
+        stale_if_error: Duration::from_secs(300),
+    })
+}
+
+pub fn jwt() -> Arc<Jwt> {
+    Arc::new(Jwt::new(&JwtSettings {
+        secret: Secret(JWT_SECRET.into()),
+        issuer: "keygate".into(),
+        audience: None,
+        ttl: Duration::from_secs(900),
+        leeway: Duration::from_secs(30),
+    }))
+}
+
+/// An authenticator over `store` whose keys are never rate limited.
+pub fn authenticator(store: Arc<SqliteStore>, cache: KeyCache) -> Authenticator {
+    let limits = Arc::new(KeyLimits::new(
+        UNLIMITED,
+        [("pro".to_string(), Some(UNLIMITED))].into(),
+        Duration::from_secs(600),
+    ));
+    let store: Arc<dyn Store> = store;
+    Authenticator::new(
+        KeyFormat::new("kg_"),
+        cache,
+        store,
+        limits,
+        jwt(),
+        Arc::new(keygate::telemetry::metrics::Metrics::new(vec![])),
+        Arc::new(keygate::keys::store::StoreHealth::default()),
+    )
+}

@@ -1,0 +1,169 @@
+//! `Gateway::handle` end to end, in-process: a hyper client on one keep-alive connection →
+//! keygate (real SQLite store in a temp dir, warm cache) → an upstream answering `ok\n`, all on
+//! one current-thread runtime over loopback. The time per iteration is the CPU of the whole
+//! round trip (client + gateway + upstream + kernel); `direct_upstream` is the same client
+//! straight to the upstream, so the difference is what the gateway adds.
+//!
+//! Run: `cargo bench --bench proxy`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use keygate::config::{CliOverrides, Config};
+use tokio::net::{TcpListener, TcpStream};
+
+const ADMIN_KEY: &str = "bench-admin-key-0123456789abcdef";
+
+/// The upstream of the loadtest, in-process: `200 ok\n`, keep-alive.
+async fn upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok\n"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn connect(addr: SocketAddr) -> SendRequest<Empty<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+async fn round_trip(send: &mut SendRequest<Empty<Bytes>>, header: (&str, &str)) {
+    send.ready().await.unwrap();
+    let req = Request::builder()
+        .uri("/bench")
+        .header("host", "127.0.0.1")
+        .header(header.0, header.1)
+        .body(Empty::new())
+        .unwrap();
+    let res = send.send_request(req).await.unwrap();
+    assert!(res.status().is_success(), "status {}", res.status());
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ok\n");
+}
+
+/// `n` sequential round trips on one connection, timed inside the runtime.
+fn timed(
+    rt: &tokio::runtime::Runtime,
+    n: u64,
+    send: &mut SendRequest<Empty<Bytes>>,
+    header: (&str, &str),
+) -> Duration {
+    rt.block_on(async {
+        let start = Instant::now();
+        for _ in 0..n {
+            round_trip(send, header).await;
+        }
+        start.elapsed()
+    })
+}
+
+fn end_to_end(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (gateway, up, key) = rt.block_on(async {
+        let up = upstream().await;
+        let (store, keys) = common::seeded_store(dir.path(), 1).await;
+        let text = format!(
+            r#"
+[proxy]
+listen = "127.0.0.1:0"
+upstream = "http://{up}"
+[admin]
+listen = "127.0.0.1:0"
+keys = ["{ADMIN_KEY}"]
+[store]
+url = "sqlite://{db}"
+[rate_limit]
+default = {{ per_second = 1000000000, burst = 1000000 }}
+[plans.pro]
+rate_limit = {{ per_second = 1000000000, burst = 1000000 }}
+[jwt]
+secret = "{secret}"
+[log]
+access_log = false
+"#,
+            db = dir.path().join("bench.db").display(),
+            secret = common::JWT_SECRET,
+        );
+        let config = Config::from_toml(&text, "bench", &HashMap::new(), &CliOverrides::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let app = keygate::App::bind_with_store(config, store).await.unwrap();
+        let addr = app.proxy_addr();
+        tokio::spawn(app.run(std::future::pending()));
+        (addr, up, keys[0].expose().to_owned())
+    });
+    let token = rt.block_on(async {
+        let stream = TcpStream::connect(gateway).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::post("/auth/login")
+            .header("host", "127.0.0.1")
+            .body(Full::new(Bytes::from(format!(r#"{{"api_key":"{key}"}}"#))))
+            .unwrap();
+        let res = send.send_request(req).await.unwrap();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v["access_token"].as_str().unwrap().to_owned()
+    });
+    let bearer = format!("Bearer {token}");
+
+    let mut g = c.benchmark_group("end_to_end");
+    let mut direct = rt.block_on(connect(up));
+    g.bench_function("direct_upstream", |b| {
+        b.iter_custom(|n| timed(&rt, n, &mut direct, ("x-api-key", &key)))
+    });
+    let mut via = rt.block_on(connect(gateway));
+    // First request fills the cache.
+    rt.block_on(round_trip(&mut via, ("x-api-key", &key)));
+    g.bench_function("keygate_api_key", |b| {
+        b.iter_custom(|n| timed(&rt, n, &mut via, ("x-api-key", &key)))
+    });
+    rt.block_on(round_trip(&mut via, ("authorization", &bearer)));
+    g.bench_function("keygate_jwt", |b| {
+        b.iter_custom(|n| timed(&rt, n, &mut via, ("authorization", &bearer)))
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = proxy;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+    targets = end_to_end
+}
+criterion_main!(proxy);

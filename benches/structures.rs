@@ -1,0 +1,218 @@
+//! Structure choices on the request path, each beside the naive alternative:
+//! - the key cache's moka map hashed with `DigestHasher` (first 8 bytes of the SHA-256) vs moka
+//!   with its default SipHash hasher;
+//! - `number_header` (a table of pre-made `HeaderValue`s) vs `HeaderValue::from(u64)`;
+//! - in-place header rewriting with pre-encoded identity headers vs rebuilding the map and
+//!   encoding identity values per request.
+//!
+//! Run: `cargo bench --bench structures`.
+
+mod common;
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use keygate::auth::credential::Source;
+use keygate::keys::cache::{Cached, DigestHasher, Entry};
+use keygate::keys::{KeyFormat, KeyHash, KeyRecord, Principal, now_millis};
+use keygate::limit::{KeyLimiter, number_header};
+use keygate::proxy::headers;
+
+const KEYS: usize = 10_000;
+
+fn principal(i: usize) -> (KeyHash, Arc<Principal>) {
+    let new = KeyFormat::new("kg_").generate();
+    let record = KeyRecord {
+        key: common::api_key(&new, &format!("client-{i}"), &["read", "write"]),
+        license: "pro".into(),
+    };
+    let p = Principal::from_record(
+        &record,
+        &new.hash,
+        Arc::new(KeyLimiter::new(common::UNLIMITED)),
+    );
+    (new.hash, p)
+}
+
+fn moka_hashers(c: &mut Criterion) {
+    let entries: Vec<(KeyHash, Arc<Principal>)> = (0..KEYS).map(principal).collect();
+    let fresh_until = now_millis() + 600_000;
+    let digest: moka::sync::Cache<KeyHash, Entry, DigestHasher> = moka::sync::Cache::builder()
+        .max_capacity(1_000_000)
+        .build_with_hasher(DigestHasher::default());
+    let default: moka::sync::Cache<KeyHash, Entry> =
+        moka::sync::Cache::builder().max_capacity(1_000_000).build();
+    for (h, p) in &entries {
+        let e = Entry {
+            value: Cached::Found(Arc::clone(p)),
+            fresh_until,
+        };
+        digest.insert(*h, e.clone());
+        default.insert(*h, e);
+    }
+    digest.run_pending_tasks();
+    default.run_pending_tasks();
+    let probe = entries[KEYS / 2].0;
+    let mut g = c.benchmark_group("key_cache_hasher");
+    g.bench_function("moka_digest_hasher", |b| {
+        b.iter(|| digest.get(black_box(&probe)).unwrap())
+    });
+    g.bench_function("moka_default_siphash", |b| {
+        b.iter(|| default.get(black_box(&probe)).unwrap())
+    });
+    let mut i = 0;
+    g.bench_function("moka_digest_hasher_rotating_10k", |b| {
+        b.iter(|| {
+            i = (i + 7919) % KEYS;
+            digest.get(black_box(&entries[i].0)).unwrap()
+        })
+    });
+    g.bench_function("moka_default_siphash_rotating_10k", |b| {
+        b.iter(|| {
+            i = (i + 7919) % KEYS;
+            default.get(black_box(&entries[i].0)).unwrap()
+        })
+    });
+    g.finish();
+}
+
+fn number_headers(c: &mut Criterion) {
+    let mut g = c.benchmark_group("number_header");
+    g.bench_function("table", |b| {
+        b.iter(|| {
+            (
+                number_header(black_box(1_000)),
+                number_header(black_box(999)),
+                number_header(black_box(1)),
+            )
+        })
+    });
+    g.bench_function("header_value_from_u64", |b| {
+        b.iter(|| {
+            (
+                HeaderValue::from(black_box(1_000u64)),
+                HeaderValue::from(black_box(999u64)),
+                HeaderValue::from(black_box(1u64)),
+            )
+        })
+    });
+    g.finish();
+}
+
+/// The request head wrk sends through keygate, plus the credential.
+fn wrk_request(key: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8080"));
+    h.insert("x-api-key", HeaderValue::from_str(key).unwrap());
+    h
+}
+
+/// A browser-like request head (more fields to walk).
+fn browser_request(key: &str) -> HeaderMap {
+    let mut h = wrk_request(key);
+    for (k, v) in [
+        (
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64) Gecko/20100101 Firefox/128.0",
+        ),
+        ("accept", "application/json, text/plain, */*"),
+        ("accept-language", "en-US,en;q=0.5"),
+        ("accept-encoding", "gzip, deflate, br"),
+        ("connection", "keep-alive"),
+        ("cookie", "session=abcdef0123456789; theme=dark"),
+        ("x-request-id", "5d2c7f2e-9a1b-4c1e-8f00-0123456789ab"),
+    ] {
+        h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+    }
+    h
+}
+
+/// What keygate does: remove in place, insert pre-encoded values.
+fn rewrite_in_place(h: &mut HeaderMap, p: &Principal, peer: &HeaderValue, upstream: &HeaderValue) {
+    let api_key = HeaderName::from_static("x-api-key");
+    headers::remove_keygate_headers(h);
+    headers::remove_credential(h, Source::Header, &api_key);
+    headers::remove_hop_by_hop(h);
+    let host = h.remove(header::HOST);
+    headers::add_identity(h, &p.headers);
+    headers::add_forwarded(h, peer, "http", host, upstream);
+}
+
+/// The naive version: a new map, names and values made per request.
+fn rewrite_rebuild(h: &HeaderMap, p: &Principal, peer: &str, upstream: &str) -> HeaderMap {
+    const HOP: [&str; 8] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    ];
+    let mut out = HeaderMap::new();
+    for (k, v) in h {
+        let n = k.as_str();
+        if n.starts_with("x-keygate-") || n == "x-api-key" || n == "host" || HOP.contains(&n) {
+            continue;
+        }
+        out.append(k.clone(), v.clone());
+    }
+    let name = |s: &str| HeaderName::from_bytes(s.as_bytes()).unwrap();
+    let value = |s: &str| HeaderValue::from_str(s).unwrap();
+    out.insert(name("x-keygate-client-id"), value(&p.client_id));
+    out.insert(name("x-keygate-key-id"), value(&p.key_id.to_string()));
+    out.insert(
+        name("x-keygate-permissions"),
+        value(&p.permissions.join(",")),
+    );
+    out.insert(name("x-keygate-license"), value(&p.license));
+    out.insert(name("x-forwarded-for"), value(peer));
+    out.insert(name("x-forwarded-proto"), value("http"));
+    if let Some(host) = h.get(header::HOST) {
+        out.insert(name("x-forwarded-host"), host.clone());
+    }
+    out.insert(header::HOST, value(upstream));
+    out
+}
+
+fn header_rewriting(c: &mut Criterion) {
+    let (_, p) = principal(0);
+    let key = KeyFormat::new("kg_").generate().plaintext;
+    let peer = HeaderValue::from_static("127.0.0.1");
+    let upstream = HeaderValue::from_static("127.0.0.1:9000");
+    let mut g = c.benchmark_group("header_rewrite");
+    for (name, make) in [
+        ("wrk", wrk_request as fn(&str) -> HeaderMap),
+        ("browser", browser_request),
+    ] {
+        let base = make(key.expose());
+        g.bench_function(format!("{name}_in_place"), |b| {
+            b.iter_batched_ref(
+                || base.clone(),
+                |h| rewrite_in_place(h, &p, &peer, &upstream),
+                BatchSize::SmallInput,
+            )
+        });
+        g.bench_function(format!("{name}_rebuild"), |b| {
+            b.iter_batched_ref(
+                || base.clone(),
+                |h| rewrite_rebuild(h, &p, "127.0.0.1", "127.0.0.1:9000"),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = structures;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = moka_hashers, number_headers, header_rewriting
+}
+criterion_main!(structures);

@@ -1,0 +1,362 @@
+#!/usr/bin/env bash
+# Side-by-side load test: keygate against nginx on the same CPU layout, in one run.
+#
+#   scripts/loadtest.sh                       # 5 reps x 10 s at 64 connections
+#   REPS=3 DURATION=10 CONNS="64 256" scripts/loadtest.sh
+#
+# Layout (the one of shared/research/performance.md): the contender alone on CPU $PROXY_CPU
+# with one worker (keygate `[server] worker_threads = 1`, nginx `worker_processes 1`); wrk
+# (one thread) and the upstream (nginx, one worker, `return 200 "ok\n"`, keep-alive) on CPU
+# $LOAD_CPU. Everything on 127.0.0.1, free ports, bounded durations; every process started
+# here is stopped on exit. Repetitions are interleaved (rep 1 of every contender, then rep 2…)
+# so drift spreads over all of them. Output: a Markdown table on stdout (also written to
+# $OUT, default target/loadtest/latest.md). Not part of the test suite.
+#
+# Contenders:
+#   direct             wrk → upstream (the ceiling)
+#   nginx-plain        proxy_pass to the upstream with upstream keepalive
+#   nginx-keyauth      X-API-Key checked against a `map` of 10,000 keys, `limit_req` per key,
+#                      key header removed and the client id added, then proxy_pass
+#   nginx-keyauth-rot  the same, wrk rotating over the 10,000 keys
+#   keygate            X-API-Key, auth + per-key rate limiting (limits never reached), one key
+#   keygate-rot        the same, wrk rotating over 10,000 keys (cache warmed first)
+#   keygate-jwt        Authorization: Bearer <token from /auth/login>
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+REPS=${REPS:-5}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-64}
+KEYS=${KEYS:-10000}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+OUT=${OUT:-$ROOT/target/loadtest/latest.md}
+CONTENDERS=${CONTENDERS:-"direct nginx-plain nginx-keyauth nginx-keyauth-rot keygate keygate-rot keygate-jwt"}
+
+# ---- tools -------------------------------------------------------------------------------
+need=()
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v taskset >/dev/null 2>&1 || need+=(util-linux)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "loadtest: missing ${need[*]}; run as root or install them" >&2
+    exit 1
+  fi
+  echo "installing: ${need[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+if [ "$(nproc)" -lt 2 ]; then
+  echo "loadtest: needs at least 2 CPUs (contender and load on separate cores)" >&2
+  exit 1
+fi
+
+echo "building keygate (release)…" >&2
+cargo build --release --quiet --bin keygate
+KEYGATE=$ROOT/target/release/keygate
+
+# ---- scratch space and cleanup -----------------------------------------------------------
+BASE=/tmp
+[ -d /dev/shm ] && [ -w /dev/shm ] && BASE=/dev/shm # the SQLite file too: no fsync cost
+WORK=$(mktemp -d "$BASE/keygate-loadtest.XXXXXX")
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null || true
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+wait_port() { # port, what
+  for _ in $(seq 100); do
+    if python3 -c "import socket,sys; s=socket.socket(); s.settimeout(0.2); sys.exit(s.connect_ex(('127.0.0.1',$1)))" 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "loadtest: $2 did not start on port $1" >&2
+  exit 1
+}
+
+UP_PORT=$(free_port)
+NG_PLAIN_PORT=$(free_port)
+NG_AUTH_PORT=$(free_port)
+KG_PORT=$(free_port)
+KG_ADMIN_PORT=$(free_port)
+ADMIN_KEY=loadtest-admin-$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+JWT_SECRET=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
+
+nginx_conf() { # name, http-block body
+  mkdir -p "$WORK/$1"
+  cat >"$WORK/$1/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/$1/nginx.pid;
+error_log $WORK/$1/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/$1/body;
+  proxy_temp_path $WORK/$1/proxy;
+  fastcgi_temp_path $WORK/$1/fastcgi;
+  uwsgi_temp_path $WORK/$1/uwsgi;
+  scgi_temp_path $WORK/$1/scgi;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+$2
+}
+EOF
+}
+declare -A MASTER
+start_nginx() { # name, cpu
+  taskset -c "$2" "$NGINX" -p "$WORK/$1" -c "$WORK/$1/nginx.conf" -e "$WORK/$1/error.log" &
+  PIDS+=($!)
+  MASTER[$1]=$!
+}
+
+# ---- upstream ----------------------------------------------------------------------------
+nginx_conf upstream "  server { listen 127.0.0.1:$UP_PORT; location / { return 200 \"ok\\n\"; } }"
+start_nginx upstream "$LOAD_CPU"
+wait_port "$UP_PORT" upstream
+
+# ---- keygate and its keys ----------------------------------------------------------------
+cat >"$WORK/keygate.toml" <<EOF
+[proxy]
+listen = "127.0.0.1:$KG_PORT"
+upstream = "http://127.0.0.1:$UP_PORT"
+[admin]
+listen = "127.0.0.1:$KG_ADMIN_PORT"
+[keys]
+max_per_client = 0
+[store]
+url = "sqlite://$WORK/keygate.db"
+[rate_limit]
+default = { per_second = 1000000000, burst = 1000000 }
+[plans.bench]
+rate_limit = { per_second = 1000000000, burst = 1000000 }
+[server]
+worker_threads = 1
+[jwt]
+secret = "$JWT_SECRET"
+[log]
+level = "warn"
+access_log = false
+EOF
+KEYGATE_ADMIN_KEY=$ADMIN_KEY taskset -c "$PROXY_CPU" "$KEYGATE" serve --config "$WORK/keygate.toml" \
+  >"$WORK/keygate.log" 2>&1 &
+KG_PID=$!
+PIDS+=($KG_PID)
+wait_port "$KG_PORT" keygate
+
+echo "creating $KEYS keys through the admin API…" >&2
+python3 - "$KG_ADMIN_PORT" "$ADMIN_KEY" "$KEYS" "$WORK" <<'EOF'
+import http.client, json, sys
+port, admin, n, work = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+c = http.client.HTTPConnection("127.0.0.1", port)
+keys = []
+for i in range(n):
+    body = json.dumps({"client_id": f"bench-{i}", "license": "bench"})
+    c.request("POST", "/v1/clients", body, {"x-admin-key": admin, "content-type": "application/json"})
+    r = c.getresponse()
+    data = r.read()
+    if r.status != 201:
+        sys.exit(f"creating client {i}: {r.status} {data[:200]!r}")
+    keys.append((json.loads(data)["api_key"]["key"], f"bench-{i}"))
+with open(f"{work}/keys.txt", "w") as f:
+    f.write("".join(k + "\n" for k, _ in keys))
+# nginx map: key -> client id ("" = unknown)
+with open(f"{work}/keys.map", "w") as f:
+    f.write("".join(f"{k} {c};\n" for k, c in keys))
+c.request("POST", "/auth/login", json.dumps({"api_key": keys[0][0]}), {"content-type": "application/json"})
+r = c.getresponse()
+data = r.read()
+if r.status != 200:
+    sys.exit(f"login: {r.status} {data[:200]!r}")
+with open(f"{work}/token.txt", "w") as f:
+    f.write(json.loads(data)["access_token"])
+EOF
+KEY=$(head -n1 "$WORK/keys.txt")
+TOKEN=$(cat "$WORK/token.txt")
+
+# ---- nginx contenders --------------------------------------------------------------------
+UPSTREAM_BLOCK="  upstream up { server 127.0.0.1:$UP_PORT; keepalive 256; }"
+PROXY_COMMON="proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";"
+nginx_conf nginx-plain "$UPSTREAM_BLOCK
+  server { listen 127.0.0.1:$NG_PLAIN_PORT; location / { $PROXY_COMMON } }"
+nginx_conf nginx-keyauth "$UPSTREAM_BLOCK
+  map_hash_max_size 262144;
+  map_hash_bucket_size 256;
+  map \$http_x_api_key \$client_id { default \"\"; include $WORK/keys.map; }
+  map \$client_id \$limit_key { default \$http_x_api_key; \"\" \"\"; }
+  limit_req_zone \$limit_key zone=perkey:16m rate=100000000r/s;
+  limit_req_status 429;
+  server {
+    listen 127.0.0.1:$NG_AUTH_PORT;
+    location / {
+      if (\$client_id = \"\") { return 401; }
+      limit_req zone=perkey burst=1000000 nodelay;
+      proxy_set_header X-API-Key \"\";
+      proxy_set_header X-Keygate-Client-Id \$client_id;
+      $PROXY_COMMON
+    }
+  }"
+start_nginx nginx-plain "$PROXY_CPU"
+start_nginx nginx-keyauth "$PROXY_CPU"
+wait_port "$NG_PLAIN_PORT" nginx-plain
+wait_port "$NG_AUTH_PORT" nginx-keyauth
+
+# ---- wrk scripts -------------------------------------------------------------------------
+cat >"$WORK/rotate.lua" <<EOF
+-- Rotates through every key; requests are formatted once, up front.
+local reqs = {}
+local i = 0
+init = function(args)
+  for line in io.lines("$WORK/keys.txt") do
+    reqs[#reqs + 1] = wrk.format("GET", "/", { ["X-API-Key"] = line })
+  end
+end
+request = function()
+  i = i % #reqs + 1
+  return reqs[i]
+end
+EOF
+
+run_wrk() { # contender, conns, duration, out
+  local c=$1 n=$2 d=$3 out=$4
+  local port args=()
+  case $c in
+    direct) port=$UP_PORT ;;
+    nginx-plain) port=$NG_PLAIN_PORT ;;
+    nginx-keyauth) port=$NG_AUTH_PORT; args=(-H "X-API-Key: $KEY") ;;
+    nginx-keyauth-rot) port=$NG_AUTH_PORT; args=(-s "$WORK/rotate.lua") ;;
+    keygate) port=$KG_PORT; args=(-H "X-API-Key: $KEY") ;;
+    keygate-rot) port=$KG_PORT; args=(-s "$WORK/rotate.lua") ;;
+    keygate-jwt) port=$KG_PORT; args=(-H "Authorization: Bearer $TOKEN") ;;
+    *) echo "unknown contender $c" >&2; exit 1 ;;
+  esac
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$n" -d"${d}s" --latency "${args[@]}" \
+    "http://127.0.0.1:$port/" >"$out" 2>&1
+}
+
+# CPU seconds (user+sys) used so far by the processes serving a contender.
+contender_pids() {
+  case $1 in
+    direct) echo "" ;;
+    nginx-plain*) echo "${MASTER[nginx-plain]} $(pgrep -P "${MASTER[nginx-plain]}" | tr '\n' ' ')" ;;
+    nginx-keyauth*) echo "${MASTER[nginx-keyauth]} $(pgrep -P "${MASTER[nginx-keyauth]}" | tr '\n' ' ')" ;;
+    keygate*) echo "$KG_PID" ;;
+  esac
+}
+cpu_ticks() {
+  local t=0
+  for p in $1; do
+    [ -r "/proc/$p/stat" ] || continue
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$t"
+}
+
+echo "warming up (every contender, ${DURATION}s each at the first connection count)…" >&2
+for c in $CONTENDERS; do
+  run_wrk "$c" "${CONNS%% *}" 3 "$WORK/warm-$c.txt"
+done
+# Make sure every key is in keygate's cache.
+run_wrk keygate-rot "${CONNS%% *}" 3 "$WORK/warm-keygate-rot2.txt"
+
+mkdir -p "$(dirname "$OUT")"
+RAW=$WORK/raw.tsv
+: >"$RAW"
+for n in $CONNS; do
+  for r in $(seq "$REPS"); do
+    for c in $CONTENDERS; do
+      pids=$(contender_pids "$c")
+      t0=$(cpu_ticks "$pids")
+      run_wrk "$c" "$n" "$DURATION" "$WORK/run-$c-$n-$r.txt"
+      t1=$(cpu_ticks "$pids")
+      printf '%s\t%s\t%s\t%s\t%s\n' "$c" "$n" "$r" "$((t1 - t0))" "$WORK/run-$c-$n-$r.txt" >>"$RAW"
+      echo "  c$n rep $r $c: $(grep -m1 'Requests/sec' "$WORK/run-$c-$n-$r.txt" || echo failed)" >&2
+    done
+  done
+done
+PEAK_RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$KG_PID/status")
+RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$KG_PID/status")
+
+CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
+python3 - "$RAW" "$(getconf CLK_TCK)" "$PEAK_RSS_KB" "$RSS_KB" "$KEYS" "$REPS" "$DURATION" \
+  "$(nproc)" "$CPU_MODEL" "$(uname -r)" "$LOADAVG" "$CONTENDERS" >"$OUT" <<'EOF'
+import re, statistics, sys
+raw, hz, peak_kb, rss_kb, keys, reps, dur, nproc, cpu, kernel, load, order = sys.argv[1:13]
+hz = int(hz); order = order.split()
+
+def us(v):
+    m = re.match(r"([\d.]+)(us|ms|s)$", v)
+    x = float(m.group(1))
+    return x * {"us": 1, "ms": 1000, "s": 1e6}[m.group(2)]
+
+rows = {}
+for line in open(raw):
+    c, n, r, ticks, path = line.rstrip("\n").split("\t")
+    t = open(path).read()
+    m = re.search(r"Requests/sec:\s+([\d.]+)", t)
+    total = re.search(r"(\d+) requests in", t)
+    p50 = re.search(r"^\s+50%\s+(\S+)", t, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", t, re.M)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", t)
+    rec = rows.setdefault((c, int(n)), {"rps": [], "p50": [], "p99": [], "cpu": [], "bad": 0, "err": 0})
+    if not (m and total and p50 and p99):
+        rec["err"] += 1
+        continue
+    rec["rps"].append(float(m.group(1)))
+    rec["p50"].append(us(p50.group(1)))
+    rec["p99"].append(us(p99.group(1)))
+    reqs = int(total.group(1))
+    if int(ticks) > 0 and reqs:
+        rec["cpu"].append(int(ticks) / hz / reqs * 1e6)
+    rec["bad"] += int(non2xx.group(1)) if non2xx else 0
+    rec["err"] += sum(int(x) for x in errs.groups()) if errs else 0
+
+def med(xs): return statistics.median(xs) if xs else float("nan")
+def rng(xs, f): return f"{f(min(xs))}–{f(max(xs))}" if xs else "–"
+k = lambda x: f"{x:,.0f}"
+
+print(f"Machine: {nproc} CPUs, {cpu}, Linux {kernel}; load average at the end {load}.  ")
+print(f"{reps} × {dur} s per contender and connection count, interleaved; medians (min–max).  ")
+print(f"keygate peak RSS (VmHWM) {int(peak_kb)/1024:.1f} MiB, RSS at the end {int(rss_kb)/1024:.1f} MiB, with {keys} keys cached.")
+print()
+for n in sorted({n for _, n in rows}):
+    base_plain = med(rows.get(("nginx-plain", n), {}).get("rps", []))
+    base_auth = med(rows.get(("nginx-keyauth", n), {}).get("rps", []))
+    base_auth_p99 = med(rows.get(("nginx-keyauth", n), {}).get("p99", []))
+    print(f"### c{n}")
+    print()
+    print("| contender | req/s | p50 µs | p99 µs | CPU µs/req | vs nginx-plain | vs nginx-keyauth | p99 vs nginx-keyauth | non-2xx | socket errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for c in order:
+        r = rows.get((c, n))
+        if not r:
+            continue
+        rps = med(r["rps"])
+        cpu_us = f"{med(r['cpu']):.2f}" if r["cpu"] else "–"
+        print(f"| {c} | {k(rps)} ({rng(r['rps'], k)}) | {med(r['p50']):,.0f} | {med(r['p99']):,.0f} ({rng(r['p99'], k)}) | "
+              f"{cpu_us} | {rps / base_plain:.2f} | {rps / base_auth:.2f} | "
+              f"{med(r['p99']) / base_auth_p99:.2f} | {r['bad']} | {r['err']} |")
+    one = med(rows.get(("keygate", n), {}).get("rps", []))
+    rot = med(rows.get(("keygate-rot", n), {}).get("rps", []))
+    if one == one and rot == rot:
+        print()
+        print(f"keygate with {keys} rotating keys vs one key: {rot / one:.2f}×.")
+    print()
+EOF
+cat "$OUT"
