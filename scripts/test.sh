@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a clean checkout on a fresh machine. Installs what it needs,
 # starts its own servers on free loopback ports, and leaves nothing running.
-# FUZZ_SECONDS (default 20) sets the time per fuzz target.
+# FUZZ_SECONDS (default 10) sets the time per fuzz target, FUZZ_BUILD (default dev) its build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
@@ -25,7 +25,7 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets
 scripts/schemathesis.sh
-scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
+FUZZ_BUILD="${FUZZ_BUILD:-dev}" scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
 
 echo
 echo "=== hostile-input figures (target/tmp/hostile) ==="

@@ -998,7 +998,7 @@ async fn smuggling_corpus_forwards_nothing_ambiguous_or_unauthenticated() {
                 proxy,
                 &parts,
                 Duration::from_millis(50),
-                Duration::from_millis(600),
+                Duration::from_millis(1000),
                 Duration::from_secs(5),
             )
             .await
