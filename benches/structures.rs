@@ -2,8 +2,8 @@
 //! - the key cache's moka map hashed with `DigestHasher` (first 8 bytes of the SHA-256) vs moka
 //!   with its default SipHash hasher;
 //! - `number_header` (a table of pre-made `HeaderValue`s) vs `HeaderValue::from(u64)`;
-//! - in-place header rewriting with pre-encoded identity headers vs rebuilding the map and
-//!   encoding identity values per request.
+//! - in-place header rewriting with pre-encoded identity headers (with and without reserving
+//!   room first) vs rebuilding the map and encoding identity values per request.
 //!
 //! Run: `cargo bench --bench structures`.
 
@@ -130,13 +130,23 @@ fn browser_request(key: &str) -> HeaderMap {
     h
 }
 
-/// What keygate does: remove in place, insert pre-encoded values.
-fn rewrite_in_place(h: &mut HeaderMap, p: &Principal, peer: &HeaderValue, upstream: &HeaderValue) {
+/// What keygate does: remove in place, reserve room once (as `Forwarder::forward` does when
+/// `reserve` is set), insert pre-encoded values.
+fn rewrite_in_place(
+    h: &mut HeaderMap,
+    p: &Principal,
+    peer: &HeaderValue,
+    upstream: &HeaderValue,
+    reserve: bool,
+) {
     let api_key = HeaderName::from_static("x-api-key");
     headers::remove_keygate_headers(h);
     headers::remove_credential(h, Source::Header, &api_key);
     headers::remove_hop_by_hop(h);
     let host = h.remove(header::HOST);
+    if reserve {
+        h.reserve(8);
+    }
     headers::add_identity(h, &p.headers);
     headers::add_forwarded(h, peer, "http", host, upstream);
 }
@@ -193,7 +203,14 @@ fn header_rewriting(c: &mut Criterion) {
         g.bench_function(format!("{name}_in_place"), |b| {
             b.iter_batched_ref(
                 || base.clone(),
-                |h| rewrite_in_place(h, &p, &peer, &upstream),
+                |h| rewrite_in_place(h, &p, &peer, &upstream, true),
+                BatchSize::SmallInput,
+            )
+        });
+        g.bench_function(format!("{name}_in_place_growing"), |b| {
+            b.iter_batched_ref(
+                || base.clone(),
+                |h| rewrite_in_place(h, &p, &peer, &upstream, false),
                 BatchSize::SmallInput,
             )
         });
