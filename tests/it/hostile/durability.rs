@@ -426,3 +426,21 @@ async fn acknowledged_admin_writes_survive_kill_9_sqlite() {
     assert_eq!(f.lost, 0, "acknowledged writes lost");
     assert_eq!(f.torn, 0, "torn records");
 }
+
+/// The same against Redis with the append-only file on: the gateway is killed, Redis keeps
+/// running; every acknowledged write must be there and whole when the gateway comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_admin_writes_survive_kill_9_redis_aof() {
+    let redis = crate::redis_support::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = redis.tcp_url(3);
+    let f = crash_cycles(&store, dir.path(), 20, &|| None).await;
+    harness::report("crash-safety-redis", &f.text);
+    assert!(
+        f.acked >= 200,
+        "too few writes to mean anything: {}",
+        f.acked
+    );
+    assert_eq!(f.lost, 0, "acknowledged writes lost");
+    assert_eq!(f.torn, 0, "torn records");
+}
