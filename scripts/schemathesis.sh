@@ -63,7 +63,10 @@ done
 report_dir=target/tmp/hostile
 mkdir -p "$report_dir"
 set +e
-timeout --kill-after=10 "$max_seconds" "$venv/bin/st" run "http://$admin/openapi.json" \
+# From the temp dir, so schemathesis' cache (.schemathesis/) starts empty and stays out of the tree.
+report_abs="$(cd "$report_dir" && pwd)"
+st_bin="$(cd "$venv/bin" && pwd)/st"
+(cd "$tmp" && timeout --kill-after=10 "$max_seconds" "$st_bin" run "http://$admin/openapi.json" \
   -H "X-ADMIN-KEY: $admin_key" \
   --checks all \
   --exclude-checks positive_data_acceptance \
@@ -73,8 +76,8 @@ timeout --kill-after=10 "$max_seconds" "$venv/bin/st" run "http://$admin/openapi
   --seed 20261123 \
   --workers 1 \
   --no-color \
-  --report junit --report-dir "$report_dir/schemathesis" \
-  >"$tmp/st.out" 2>&1
+  --report junit --report-dir "$report_abs/schemathesis" \
+  >"$tmp/st.out" 2>&1)
 rc=$?
 set -e
 cat "$tmp/st.out"
