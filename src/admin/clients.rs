@@ -257,6 +257,24 @@ pub async fn update(
     Ok(Json(ClientView::of(&c)))
 }
 
+/// Deletes a client and its keys, drops them from the cache and audits it. Shared by
+/// `/v1/clients/{client_id}` and the Kixote `delete_client`.
+pub async fn delete_with_keys(
+    state: &AdminState,
+    caller: &Caller,
+    client_id: &str,
+) -> Result<crate::keys::store::ClientWithKeys, AdminError> {
+    caller.admin_only()?;
+    let deleted = state
+        .store
+        .delete_client(client_id)
+        .await?
+        .ok_or(AdminError::NotFound(NO_CLIENT))?;
+    state.invalidate(&deleted.keys);
+    tracing::info!(target: "keygate::audit", action = "client.delete", caller = ?caller, client_id = %client_id, keys = deleted.keys.len(), outcome = "ok");
+    Ok(deleted)
+}
+
 /// Deletes a client and all its keys; they stop working at once.
 #[utoipa::path(delete, path = "/v1/clients/{client_id}", operation_id = "delete_client", tag = "clients",
     params(("client_id" = String, Path)),
@@ -266,14 +284,7 @@ pub async fn remove(
     Extension(caller): Extension<Caller>,
     Path(client_id): Path<String>,
 ) -> Result<Json<DeletedClient>, AdminError> {
-    caller.admin_only()?;
-    let deleted = state
-        .store
-        .delete_client(&client_id)
-        .await?
-        .ok_or(AdminError::NotFound(NO_CLIENT))?;
-    state.invalidate(&deleted.keys);
-    tracing::info!(target: "keygate::audit", action = "client.delete", caller = ?caller, client_id = %client_id, keys = deleted.keys.len(), outcome = "ok");
+    let deleted = delete_with_keys(&state, &caller, &client_id).await?;
     Ok(Json(DeletedClient {
         client: ClientView::of(&deleted.client),
         deleted_keys: deleted.keys.len(),

@@ -213,13 +213,12 @@ pub async fn delete_client(
 ) -> Result<Json<KxDeleted>, AdminError> {
     caller.admin_only()?;
     let client_id = client_id_of(body)?;
-    let deleted = state
-        .store
-        .delete_client(&client_id)
-        .await?
-        .ok_or(AdminError::NotFound(NO_CLIENT))?;
-    state.invalidate(&deleted.keys);
-    tracing::info!(target: "keygate::audit", action = "client.delete", caller = ?caller, client_id = %client_id, keys = deleted.keys.len(), outcome = "ok");
+    clients::delete_with_keys(&state, &caller, &client_id)
+        .await
+        .map_err(|e| match e {
+            AdminError::NotFound(_) => AdminError::NotFound(NO_CLIENT),
+            e => e,
+        })?;
     Ok(Json(KxDeleted {
         message: "Client deleted".into(),
         client_id,
