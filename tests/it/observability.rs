@@ -258,15 +258,17 @@ impl Proc {
                 .unwrap()
                 .success()
         );
+        self.wait_exit(Duration::from_secs(15))
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub(crate) fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
         let start = Instant::now();
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "no exit after SIGTERM"
-            );
+            assert!(start.elapsed() < limit, "no exit within {limit:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -601,22 +603,7 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
     let ((status, _), took) = slow.await.unwrap();
     assert_eq!(status, 200, "in-flight request did not complete");
     assert!(took >= Duration::from_millis(1400));
-    let exit = p.terminate_wait();
+    // Within the grace period (10 s) plus slack.
+    let exit = p.wait_exit(Duration::from_secs(12));
     assert!(exit.success(), "exit status {exit}");
-}
-
-impl Proc {
-    fn terminate_wait(&mut self) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(12),
-                "no exit within the grace period"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
 }
