@@ -40,6 +40,9 @@ const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 const DEFAULT_MAX_HEADERS: usize = 100;
 /// Slowloris guard: a client has this long to send a complete request head.
 const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 10;
+/// A request body that stalls, or a client that stops taking its response, is dropped after
+/// this long (nginx's `client_body_timeout` / `send_timeout` are 60 s).
+const DEFAULT_BODY_TIMEOUT_SECS: u64 = 30;
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 const DEFAULT_ADMIN_MAX_BODY_BYTES: usize = 1024 * 1024;
 const DEFAULT_SELF_SERVICE_PERMISSION: &str = "keys:manage";
@@ -92,6 +95,9 @@ fn d_max_headers() -> usize {
 }
 fn d_header_read_timeout() -> u64 {
     DEFAULT_HEADER_READ_TIMEOUT_SECS
+}
+fn d_body_timeout() -> u64 {
+    DEFAULT_BODY_TIMEOUT_SECS
 }
 fn d_max_connections() -> usize {
     DEFAULT_MAX_CONNECTIONS
@@ -315,6 +321,8 @@ pub struct RawLimits {
     pub max_headers: usize,
     #[serde(default = "d_header_read_timeout")]
     pub header_read_timeout_secs: u64,
+    #[serde(default = "d_body_timeout")]
+    pub body_timeout_secs: u64,
     #[serde(default = "d_max_connections")]
     pub max_connections: usize,
 }
@@ -467,6 +475,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub header_read_timeout: Duration,
+    /// Longest pause while a request body is read or a response is written to a client.
+    pub body_timeout: Duration,
     pub max_connections: usize,
 }
 
@@ -774,6 +784,9 @@ impl RawConfig {
         if self.limits.header_read_timeout_secs == 0 {
             errs.push("limits.header_read_timeout_secs: must be at least 1".into());
         }
+        if self.limits.body_timeout_secs == 0 {
+            errs.push("limits.body_timeout_secs: must be at least 1".into());
+        }
         if self.limits.max_connections == 0 {
             errs.push("limits.max_connections: must be at least 1".into());
         }
@@ -891,6 +904,7 @@ impl RawConfig {
                 max_header_bytes: self.limits.max_header_bytes,
                 max_headers: self.limits.max_headers,
                 header_read_timeout: Duration::from_secs(self.limits.header_read_timeout_secs),
+                body_timeout: Duration::from_secs(self.limits.body_timeout_secs),
                 max_connections: self.limits.max_connections,
             },
             shutdown_grace: Duration::from_secs(self.server.shutdown_grace_secs),

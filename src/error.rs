@@ -33,6 +33,9 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("no route")]
     RouteNotFound,
+    /// The request body stalled for longer than `limits.body_timeout_secs`.
+    #[error("request body timed out")]
+    BodyTimeout,
     #[error("upstream unavailable")]
     UpstreamUnavailable,
     #[error("upstream timeout")]
@@ -61,6 +64,7 @@ impl ProxyError {
             Self::RateLimited { .. } | Self::AuthThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::RouteNotFound => StatusCode::NOT_FOUND,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -79,6 +83,7 @@ impl ProxyError {
             Self::RateLimited { .. } | Self::AuthThrottled { .. } => "rate_limited",
             Self::BadRequest(_) => "bad_request",
             Self::RouteNotFound => "route_not_found",
+            Self::BodyTimeout => "request_timeout",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::StoreUnavailable => "store_unavailable",
@@ -101,6 +106,7 @@ impl ProxyError {
             }
             Self::BadRequest(why) => why,
             Self::RouteNotFound => "no route matches this path",
+            Self::BodyTimeout => "the request body stopped arriving; send it again",
             Self::UpstreamUnavailable => "the upstream could not be reached",
             Self::UpstreamTimeout => "the upstream did not answer in time",
             Self::StoreUnavailable => "the key store is unavailable; retry later",

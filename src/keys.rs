@@ -294,35 +294,54 @@ pub struct IdentityHeaders {
     pub key_id: HeaderValue,
     pub permissions: HeaderValue,
     pub license: HeaderValue,
+    /// The four fields as they go on the wire (`x-keygate-client-id: …\r\n` and so on); the
+    /// values above are slices of this one buffer.
+    pub wire: bytes::Bytes,
 }
 
 impl IdentityHeaders {
-    /// Encodes the four values into one shared buffer: one allocation per principal, and a
+    /// Encodes the four fields into one shared buffer: one allocation per principal, and a
     /// request's clones touch one reference count instead of four. A value that is not a valid
     /// header value (`HeaderValue::from_str` rules) becomes `invalid`.
     pub fn new(client_id: &str, key_id: &str, permissions: &str, license: &str) -> Self {
-        let parts = [client_id, key_id, permissions, license];
-        let mut buf = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
-        for p in parts {
-            buf.extend_from_slice(p.as_bytes());
+        // `from_str` accepts visible ASCII and tab only.
+        let valid = |p: &'static str, v: &str| -> (&'static str, String) {
+            let ok = v.bytes().all(|b| b == b'\t' || (32..127).contains(&b));
+            (
+                p,
+                if ok {
+                    v.to_owned()
+                } else {
+                    "invalid".to_owned()
+                },
+            )
+        };
+        let parts = [
+            valid("x-keygate-client-id: ", client_id),
+            valid("x-keygate-key-id: ", key_id),
+            valid("x-keygate-permissions: ", permissions),
+            valid("x-keygate-license: ", license),
+        ];
+        let mut buf = Vec::with_capacity(parts.iter().map(|(n, v)| n.len() + v.len() + 2).sum());
+        let mut ranges = [(0, 0); 4];
+        for (i, (name, value)) in parts.iter().enumerate() {
+            buf.extend_from_slice(name.as_bytes());
+            ranges[i] = (buf.len(), buf.len() + value.len());
+            buf.extend_from_slice(value.as_bytes());
+            buf.extend_from_slice(b"\r\n");
         }
-        let buf = bytes::Bytes::from(buf);
-        let mut at = 0;
-        let mut next = |p: &str| {
-            let v = buf.slice(at..at + p.len());
-            at += p.len();
-            // `from_str` accepts visible ASCII and tab only; `from_maybe_shared` would also take
-            // bytes >= 0x80, so check first to keep `from_str`'s rules.
-            let ok = p.bytes().all(|b| b == b'\t' || (32..127).contains(&b));
-            ok.then(|| HeaderValue::from_maybe_shared(v).ok())
-                .flatten()
-                .unwrap_or_else(|| HeaderValue::from_static("invalid"))
+        let wire = bytes::Bytes::from(buf);
+        let value = |i: usize| {
+            let (a, b) = ranges[i];
+            HeaderValue::from_maybe_shared(wire.slice(a..b))
+                .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
         };
         IdentityHeaders {
-            client_id: next(client_id),
-            key_id: next(key_id),
-            permissions: next(permissions),
-            license: next(license),
+            client_id: value(0),
+            key_id: value(1),
+            permissions: value(2),
+            license: value(3),
+            wire,
         }
     }
 }
@@ -485,6 +504,11 @@ mod tests {
         assert_eq!(h.key_id, "id");
         assert_eq!(h.permissions, "");
         assert_eq!(h.license, "invalid");
+        assert_eq!(
+            &h.wire[..],
+            b"x-keygate-client-id: invalid\r\nx-keygate-key-id: id\r\n\
+              x-keygate-permissions: \r\nx-keygate-license: invalid\r\n"
+        );
     }
 
     #[test]

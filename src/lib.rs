@@ -252,6 +252,7 @@ impl App {
             shutdown_grace: self.config.shutdown_grace,
             metrics: Arc::clone(&self.metrics),
             tls: cert.clone().map(tls::server_config),
+            fast_path: None,
         };
         let reloader = spawn_cert_reloader(
             [("proxy", &self.proxy_cert), ("admin", &self.admin_cert)]
@@ -292,9 +293,16 @@ impl App {
                 }
             })
         };
+        let proxy_opts = ServerOptions {
+            fast_path: Some(server::FastPath {
+                gateway: Arc::clone(&gateway),
+                proto: proxy_proto,
+            }),
+            ..opts("proxy", &self.proxy_cert)
+        };
         let proxy = server::serve(
             self.proxy_listener,
-            opts("proxy", &self.proxy_cert),
+            proxy_opts,
             move |peer| proxy::service(Arc::clone(&gateway), ConnInfo::new(peer, proxy_proto)),
             signal(),
         );

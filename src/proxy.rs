@@ -3,6 +3,7 @@
 //! returning early with `?`.
 
 pub mod forward;
+pub mod h1;
 pub mod headers;
 pub mod route;
 
@@ -74,17 +75,32 @@ impl Gateway {
             Ok(res) => res,
             Err(e) => e.response::<Full<Bytes>>().map(Either::Right),
         };
+        let path = log_uri.as_ref().map_or("", |u| u.path());
+        self.finish(&method, path, &outcome, res.status().as_u16(), start, conn);
+        res
+    }
+
+    /// Records a finished request in the metrics and, when it is on, the access log.
+    fn finish(
+        &self,
+        method: &Method,
+        path: &str,
+        outcome: &Outcome<'_>,
+        status: u16,
+        start: Option<Instant>,
+        conn: &ConnInfo,
+    ) {
         self.metrics
             .route(outcome.route.map(|r| r.index))
-            .record(res.status().as_u16());
-        if let Some(uri) = log_uri {
+            .record(status);
+        if self.access_log {
             let p = outcome.principal.as_deref();
             tracing::info!(
                 target: "keygate::access",
                 method = %method,
-                path = uri.path(),
+                path,
                 route = outcome.route.map_or("-", |r| r.name.as_str()),
-                status = res.status().as_u16(),
+                status,
                 latency_us = start.map_or(0, |s| s.elapsed().as_micros() as u64),
                 upstream_us = outcome.upstream.map(|d| d.as_micros() as u64),
                 key_id = p.map(|p| tracing::field::display(p.key_id)),
@@ -92,7 +108,6 @@ impl Gateway {
                 peer = %conn.peer.ip(),
             );
         }
-        res
     }
 
     async fn handle_inner<'a>(
@@ -103,7 +118,7 @@ impl Gateway {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let path = req.uri().path();
         if path == HEALTH_PATH {
-            return Ok(health(req.method()));
+            return Ok(health::<Full<Bytes>>(req.method()).map(Either::Right));
         }
         if path == LOGIN_PATH && req.method() == Method::POST {
             return self.login(req, conn).await;
@@ -205,28 +220,42 @@ impl Gateway {
         conn: &ConnInfo,
         outcome: &mut Outcome<'_>,
     ) -> Result<(Permit<'a>, Option<PathAndQuery>, RateInfo), ProxyError> {
-        let ip = conn.peer.ip();
+        let cred = self.extractor.extract(req.headers(), req.uri().query());
+        let source = cred.map(|c| c.source);
+        let (permit, rate) = self.admit(route, cred, conn.peer.ip(), outcome).await?;
+        let new_pq = match source {
+            Some(source) => self.strip_credential(req, source)?,
+            None => None,
+        };
+        Ok((permit, new_pq, rate))
+    }
+
+    /// The steps every protected request takes, whichever HTTP implementation read it: the
+    /// failed-authentication throttle, the credential, the key's and the route's rate limits,
+    /// the usage count and the route's permissions.
+    async fn admit<'a>(
+        &self,
+        route: &'a Route,
+        cred: Option<credential::Credential<'_>>,
+        ip: std::net::IpAddr,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<(Permit<'a>, RateInfo), ProxyError> {
         self.failed_auth
             .check(ip)
             .map_err(|retry_after| ProxyError::AuthThrottled { retry_after })?;
-        let cred = self
-            .extractor
-            .extract(req.headers(), req.uri().query())
-            .ok_or(ProxyError::MissingCredentials)?;
+        let cred = cred.ok_or(ProxyError::MissingCredentials)?;
         let principal = match self.auth.authenticate(&cred).await {
             Ok(p) => p,
             Err(e) => return Err(self.failed(e, ip)),
         };
         outcome.principal = Some(Arc::clone(&principal));
-        let source = cred.source;
         let rate = principal.limiter.check().map_err(rate_limited)?;
         if let Some(limiter) = &route.limiter {
             limiter.check(&principal.key_id).map_err(rate_limited)?;
         }
         self.usage.touch(&principal, crate::keys::now_millis());
         let permit = auth::authorize(route, principal)?;
-        let new_pq = self.strip_credential(req, source)?;
-        Ok((permit, new_pq, rate))
+        Ok((permit, rate))
     }
 
     /// Counts a failed authentication against the peer; past the allowance it becomes a 429.
@@ -268,13 +297,14 @@ fn rate_limited(r: Refusal) -> ProxyError {
     }
 }
 
-fn health(method: &Method) -> Response<ProxyBody> {
+/// The answer of the load-balancer health check.
+fn health<B: From<Bytes>>(method: &Method) -> Response<B> {
     let body = if method == Method::HEAD {
         Bytes::new()
     } else {
         Bytes::from_static(b"{\"status\":\"ok\"}")
     };
-    let mut res = Response::new(Either::Right(Full::new(body)));
+    let mut res = Response::new(B::from(body));
     *res.status_mut() = StatusCode::OK;
     res.headers_mut().insert(
         http::header::CONTENT_TYPE,

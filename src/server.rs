@@ -1,12 +1,16 @@
-//! The accept loop shared by both listeners: HTTP/1.1 and HTTP/2 (h2c prior knowledge) through
-//! hyper-util's auto builder, a head size and count limit, a header read timeout (slowloris), a
-//! connection cap, accept errors logged and survived (EMFILE backs off instead of spinning or
-//! exiting), and a graceful drain on shutdown.
+//! The accept loop shared by both listeners: a connection cap, accept errors logged and
+//! survived (EMFILE backs off instead of spinning or exiting), TLS, and a graceful drain on
+//! shutdown. On the proxy listener every HTTP/1.1 connection is served by the fast path
+//! (`proxy::h1`) first; what it does not take — and every other connection (HTTP/2 by ALPN or
+//! h2c prior knowledge, the admin listener) — goes to hyper-util's auto builder, with a head
+//! size and count limit and a header read timeout (slowloris), given the bytes already read.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -14,15 +18,26 @@ use hyper::body::{Body, Incoming};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 use crate::config::Limits;
+use crate::proxy::Gateway;
+use crate::proxy::forward::ConnInfo;
+use crate::proxy::h1;
 use crate::telemetry::metrics::Metrics;
 
 /// Pause after a failed accept (typically EMFILE/ENFILE) before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The proxy's HTTP/1.1 fast path, tried on a connection before hyper.
+#[derive(Clone)]
+pub struct FastPath {
+    pub gateway: Arc<Gateway>,
+    /// `X-Forwarded-Proto` of the listener.
+    pub proto: &'static str,
+}
 
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
@@ -33,6 +48,15 @@ pub struct ServerOptions {
     pub metrics: Arc<Metrics>,
     /// Serve TLS with this configuration (its certificate resolver may be reloaded).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub fast_path: Option<FastPath>,
+}
+
+impl std::fmt::Debug for FastPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastPath")
+            .field("proto", &self.proto)
+            .finish()
+    }
 }
 
 /// Serves connections from `listener` until `shutdown` resolves, then stops accepting and waits
@@ -67,7 +91,13 @@ pub async fn serve<F, S, B>(
         .keep_alive_interval(Some(Duration::from_secs(30)));
 
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    let (drain, drained) = watch::channel(false);
+    let settings = Arc::new(h1::Settings {
+        max_header_bytes: limits.max_header_bytes,
+        max_headers: limits.max_headers,
+        header_read_timeout: limits.header_read_timeout,
+        body_timeout: limits.body_timeout,
+    });
     tokio::pin!(shutdown);
 
     loop {
@@ -89,41 +119,40 @@ pub async fn serve<F, S, B>(
             },
         };
         let _ = stream.set_nodelay(true);
+        let conn = Connection {
+            peer,
+            builder: builder.clone(),
+            fast: opts.fast_path.clone(),
+            settings: Arc::clone(&settings),
+            drain: drained.clone(),
+        };
         let service = make_service(peer);
-        let watcher = graceful.watcher();
-        let builder = builder.clone();
         let metrics = Arc::clone(&opts.metrics);
         let name = opts.name;
         let tls = opts.tls.clone().map(tokio_rustls::TlsAcceptor::from);
         let handshake_timeout = limits.header_read_timeout;
         metrics.connection_opened(name);
         tokio::spawn(async move {
-            let result = match tls {
-                None => {
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
-                }
+            match tls {
+                None => conn.serve(stream, service).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
-                            let conn =
-                                builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                            watcher.watch(conn.into_owned()).await
+                            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                            let conn = Connection {
+                                fast: if h2 { None } else { conn.fast },
+                                ..conn
+                            };
+                            conn.serve(tls, service).await;
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
-                            Ok(())
                         }
                         Err(_) => {
                             tracing::debug!(peer = %peer, "TLS handshake timed out");
-                            Ok(())
                         }
                     }
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
             }
             metrics.connection_closed(name);
             drop(slot);
@@ -131,16 +160,135 @@ pub async fn serve<F, S, B>(
     }
 
     drop(listener);
-    let open = graceful.count();
+    drop(drained);
+    let open = drain.receiver_count();
     tracing::info!(
         listener = opts.name,
         open,
         "stopped accepting; draining connections"
     );
+    drain.send_replace(true);
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!(listener = opts.name, "all connections closed"),
+        () = drain.closed() => tracing::info!(listener = opts.name, "all connections closed"),
         () = tokio::time::sleep(opts.shutdown_grace) => {
             tracing::warn!(listener = opts.name, "grace period over; closing remaining connections");
         }
+    }
+}
+
+/// One accepted connection and what serving it needs.
+struct Connection {
+    peer: SocketAddr,
+    builder: auto::Builder<TokioExecutor>,
+    fast: Option<FastPath>,
+    settings: Arc<h1::Settings>,
+    /// Changes to `true` when the listener drains.
+    drain: watch::Receiver<bool>,
+}
+
+impl Connection {
+    async fn serve<I, S, B>(mut self, mut io: I, service: S)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+        S::Future: Send + 'static,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut read = Vec::new();
+        let mut builder = self.builder;
+        if let Some(fast) = &self.fast {
+            let conn = ConnInfo::new(self.peer, fast.proto);
+            match h1::serve(
+                &mut io,
+                &fast.gateway,
+                &conn,
+                &self.settings,
+                &mut self.drain,
+            )
+            .await
+            {
+                h1::End::Closed => return,
+                h1::End::Handover { read: r, served } => {
+                    read = r;
+                    // Past the first request an HTTP/2 preface is not a connection preface.
+                    if served > 0 {
+                        builder = builder.http1_only();
+                    }
+                }
+            }
+        }
+        let io = TokioIo::new(Rewind { read, at: 0, io });
+        let conn = builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = self.drain.changed() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+struct Rewind<I> {
+    read: Vec<u8>,
+    at: usize,
+    io: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.read.len() {
+            let n = (this.read.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.read[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.read.len() {
+                this.read = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

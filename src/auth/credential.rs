@@ -110,6 +110,20 @@ impl Extractor {
         query: Option<&'a str>,
     ) -> Option<Credential<'a>> {
         let auth = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let api_key = headers
+            .get(&self.api_key_header)
+            .and_then(|v| v.to_str().ok());
+        self.extract_from(auth, api_key, query)
+    }
+
+    /// [`Extractor::extract`] given the first `Authorization` value and the first API-key
+    /// header value (each only when it is visible ASCII, as `HeaderValue::to_str` decides).
+    pub fn extract_from<'a>(
+        &self,
+        auth: Option<&'a str>,
+        api_key: Option<&'a str>,
+        query: Option<&'a str>,
+    ) -> Option<Credential<'a>> {
         if let Some(token) = auth
             .and_then(|a| strip_scheme(a, "Bearer"))
             .filter(|t| !t.is_empty())
@@ -125,9 +139,7 @@ impl Extractor {
                 secret: SecretRef::Borrowed(token),
             });
         }
-        if let Some(v) = headers
-            .get(&self.api_key_header)
-            .and_then(|v| v.to_str().ok())
+        if let Some(v) = api_key
             .map(|v| v.trim_matches(' '))
             .filter(|v| !v.is_empty())
         {
@@ -151,6 +163,15 @@ impl Extractor {
             source: Source::Query,
             secret: SecretRef::Borrowed(v),
         })
+    }
+}
+
+/// A header value as text, by the rules of `HeaderValue::to_str`: visible ASCII and tab only.
+pub fn header_text(v: &[u8]) -> Option<&str> {
+    if v.iter().all(|&b| b == b'\t' || (32..127).contains(&b)) {
+        std::str::from_utf8(v).ok()
+    } else {
+        None
     }
 }
 

@@ -47,7 +47,9 @@ const REUSE_WAIT: Duration = Duration::from_millis(20);
 
 #[derive(Clone)]
 pub struct Forwarder {
-    /// Plain http:// requests.
+    /// Plain http:// requests of the HTTP/1.1 fast path (`proxy::h1`).
+    pub(crate) h1: Arc<super::h1::upstream::Pool>,
+    /// Plain http:// requests served through hyper (HTTP/2 clients, chunked uploads…).
     pool: Arc<Pool>,
     /// https:// upstreams and WebSocket upgrades.
     client: Client<HttpsConnector<HttpConnector>, Incoming>,
@@ -57,7 +59,7 @@ pub struct Forwarder {
 
 /// The full cause chain of an error, for log lines that say what actually failed
 /// (e.g. "invalid peer certificate: UnknownIssuer").
-fn cause_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn cause_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
     while let Some(s) = next {
@@ -222,11 +224,17 @@ impl Forwarder {
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
             .build(https);
         Ok(Self {
+            h1: Arc::new(super::h1::upstream::Pool::new(connect_timeout)),
             pool: Arc::default(),
             client,
             connect_timeout,
             timeout,
         })
+    }
+
+    /// Time allowed from sending a request until the upstream's response head has arrived.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Sends `req` to the permit's upstream. Headers must already be rewritten except for

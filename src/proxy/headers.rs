@@ -201,12 +201,7 @@ mod tests {
     }
 
     fn ids() -> IdentityHeaders {
-        IdentityHeaders {
-            client_id: HeaderValue::from_static("acme"),
-            key_id: HeaderValue::from_static("k1"),
-            permissions: HeaderValue::from_static("A,B"),
-            license: HeaderValue::from_static("pro"),
-        }
+        IdentityHeaders::new("acme", "k1", "A,B", "pro")
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod admin_api;
 mod binary;
 mod deploy_files;
+mod fast_path;
 mod hostile;
 mod kixote;
 mod observability;

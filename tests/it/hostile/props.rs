@@ -261,12 +261,7 @@ proptest! {
                 prop_assert!(h.contains_key(k.as_str()), "{} was removed", k);
             }
         }
-        let id = keygate::keys::IdentityHeaders {
-            client_id: HeaderValue::from_static("acme"),
-            key_id: HeaderValue::from_static("k1"),
-            permissions: HeaderValue::from_static("A"),
-            license: HeaderValue::from_static("pro"),
-        };
+        let id = keygate::keys::IdentityHeaders::new("acme", "k1", "A", "pro");
         add_identity(&mut h, &id);
         for (k, v) in [("x-keygate-client-id", "acme"), ("x-keygate-key-id", "k1")] {
             prop_assert_eq!(h.get_all(k).iter().count(), 1);

@@ -1,0 +1,392 @@
+//! Writing heads and chunk framing into reusable buffers: no allocation, no formatting
+//! machinery, nothing but byte copies.
+
+use std::cell::RefCell;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+
+use super::head::{Field, Kind, RequestHead, ResponseHead};
+use crate::limit::RateInfo;
+
+/// Appends `n` in decimal.
+pub fn decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// Appends `n` in lowercase hex (a chunk size).
+fn hex(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[(n & 15) as usize];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The end of a chunk's data.
+pub const CHUNK_END: &[u8] = b"\r\n";
+/// The last chunk and the end of a chunked body (no trailers).
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// The size line of a chunk of `len` bytes.
+pub fn chunk_start(out: &mut Vec<u8>, len: usize) {
+    hex(out, len as u64);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How the credential is removed from the forwarded request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strip {
+    Nothing,
+    /// Drop every `Authorization` field.
+    Authorization,
+    /// Drop every field of the API-key header.
+    ApiKey,
+}
+
+/// What the gateway adds to a forwarded request.
+pub struct Upstream<'a> {
+    /// Target to send instead of the client's (a query credential removed).
+    pub target: Option<&'a [u8]>,
+    pub strip: Strip,
+    /// The principal's `x-keygate-*` fields, wire-encoded.
+    pub identity: Option<&'a [u8]>,
+    pub peer_ip: &'a [u8],
+    pub proto: &'a [u8],
+    /// `Host` of the upstream.
+    pub host: &'a [u8],
+}
+
+/// Writes the head of the request sent upstream: the client's fields that are end-to-end and
+/// not the credential, then the gateway's own (RFC 9110 §7.6: identity, forwarding, `Host`,
+/// the length). The client's own spellings and order are kept.
+pub fn request_head(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &RequestHead,
+    fields: &[Field],
+    up: &Upstream<'_>,
+) {
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(up.target.unwrap_or_else(|| head.target.get(buf)));
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for f in fields {
+        let keep = match f.kind {
+            Kind::Forward => true,
+            Kind::Authorization => up.strip != Strip::Authorization,
+            Kind::ApiKey => up.strip != Strip::ApiKey,
+            _ => false,
+        };
+        if keep {
+            field(out, f.name.get(buf), f.value.get(buf));
+        }
+    }
+    if let Some(id) = up.identity {
+        out.extend_from_slice(id);
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if let Some(prev) = head.xff {
+        out.extend_from_slice(prev.get(buf));
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(up.peer_ip);
+    out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+    out.extend_from_slice(up.proto);
+    out.extend_from_slice(b"\r\n");
+    if let Some(host) = head.host {
+        field(out, b"x-forwarded-host", host.get(buf));
+    }
+    field(out, b"host", up.host);
+    if let Some(n) = head.content_length {
+        out.extend_from_slice(b"content-length: ");
+        decimal(out, n);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How the gateway frames a relayed body to its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Out {
+    /// The upstream's `Content-Length` is forwarded (or there is no body).
+    AsIs,
+    /// Re-chunked (the upstream's body was chunked or close-delimited).
+    Chunked,
+}
+
+fn status_line(out: &mut Vec<u8>, status: u16, reason: &[u8]) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    decimal(out, u64::from(status));
+    out.push(b' ');
+    let canonical = StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason());
+    out.extend_from_slice(canonical.map_or(reason, str::as_bytes));
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes the head relayed to the client: the upstream's end-to-end fields, the gateway's
+/// `RateLimit-*` (replacing the upstream's), the framing, `Date` when missing and
+/// `Connection: close` when the connection ends after this response.
+pub fn response_head(
+    out: &mut Vec<u8>,
+    ubuf: &[u8],
+    head: &ResponseHead,
+    fields: &[Field],
+    rate: Option<&RateInfo>,
+    framing: Out,
+    close: bool,
+) {
+    status_line(out, head.status, head.reason.get(ubuf));
+    for f in fields {
+        let keep = match f.kind {
+            Kind::Forward | Kind::Date | Kind::ContentLength => true,
+            Kind::RateLimit => rate.is_none(),
+            _ => false,
+        };
+        if keep {
+            field(out, f.name.get(ubuf), f.value.get(ubuf));
+        }
+    }
+    if let Some(r) = rate {
+        rate_fields(
+            out,
+            u64::from(r.limit),
+            u64::from(r.remaining),
+            r.reset_secs,
+        );
+    }
+    if framing == Out::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !head.has_date {
+        date_field(out);
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn rate_fields(out: &mut Vec<u8>, limit: u64, remaining: u64, reset: u64) {
+    out.extend_from_slice(b"ratelimit-limit: ");
+    decimal(out, limit);
+    out.extend_from_slice(b"\r\nratelimit-remaining: ");
+    decimal(out, remaining);
+    out.extend_from_slice(b"\r\nratelimit-reset: ");
+    decimal(out, reset);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes a response the gateway made itself (an error, the health check), whole.
+pub fn own_response(out: &mut Vec<u8>, res: &Response<Bytes>, head_request: bool, close: bool) {
+    status_line(out, res.status().as_u16(), b"");
+    for (name, value) in res.headers() {
+        field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    out.extend_from_slice(b"content-length: ");
+    decimal(out, res.body().len() as u64);
+    out.extend_from_slice(b"\r\n");
+    date_field(out);
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !head_request {
+        out.extend_from_slice(res.body());
+    }
+}
+
+thread_local! {
+    /// The `Date` field of the current second (RFC 9110 §5.6.7 IMF-fixdate).
+    static DATE: RefCell<(u64, [u8; 37])> = const { RefCell::new((u64::MAX, [0; 37])) };
+}
+
+/// Appends `date: <IMF-fixdate>\r\n` for the current second (formatted once per second).
+pub fn date_field(out: &mut Vec<u8>) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.0 != now {
+            *cell = (now, imf_fixdate(now));
+        }
+        out.extend_from_slice(&cell.1);
+    });
+}
+
+fn imf_fixdate(secs: u64) -> [u8; 37] {
+    let text = chrono::DateTime::from_timestamp(secs as i64, 0)
+        .unwrap_or_default()
+        .format("date: %a, %d %b %Y %H:%M:%S GMT\r\n")
+        .to_string();
+    let mut out = [b' '; 37];
+    let n = text.len().min(37);
+    out[..n].copy_from_slice(&text.as_bytes()[..n]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers() {
+        let mut out = Vec::new();
+        for n in [0, 7, 10, 255, 1_000_000, u64::MAX] {
+            out.clear();
+            decimal(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+            out.clear();
+            hex(&mut out, n);
+            assert_eq!(out, format!("{n:x}").as_bytes());
+        }
+    }
+
+    fn parsed(raw: &[u8]) -> (RequestHead, Vec<Field>) {
+        let mut fields = Vec::new();
+        match super::super::head::parse_request(raw, "x-api-key", 100, &mut fields) {
+            super::super::head::Parsed::Complete(h) => (h, fields),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn forwarded_request_head() {
+        let raw = b"POST /v1/x?a=1 HTTP/1.1\r\nHost: api.example\r\nX-API-Key: kg_secret\r\n\
+                    Authorization: Basic abc\r\nContent-Length: 3\r\nConnection: X-Secret\r\n\
+                    X-Secret: s\r\nX-Forwarded-For: 10.0.0.1\r\nX-Keygate-Key-Id: spoof\r\n\
+                    Accept: */*\r\n\r\nabc";
+        let (head, fields) = parsed(raw);
+        let mut out = Vec::new();
+        request_head(
+            &mut out,
+            raw,
+            &head,
+            &fields,
+            &Upstream {
+                target: None,
+                strip: Strip::ApiKey,
+                identity: Some(b"x-keygate-client-id: acme\r\n"),
+                peer_ip: b"127.0.0.1",
+                proto: b"http",
+                host: b"127.0.0.1:9000",
+            },
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /v1/x?a=1 HTTP/1.1\r\nAuthorization: Basic abc\r\nAccept: */*\r\n\
+             x-keygate-client-id: acme\r\nx-forwarded-for: 10.0.0.1, 127.0.0.1\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: api.example\r\n\
+             host: 127.0.0.1:9000\r\ncontent-length: 3\r\n\r\n"
+        );
+
+        let raw = b"GET /p HTTP/1.1\r\nAuthorization: Bearer x\r\nX-API-Key: other\r\n\r\n";
+        let (head, fields) = parsed(raw);
+        let mut out = Vec::new();
+        request_head(
+            &mut out,
+            raw,
+            &head,
+            &fields,
+            &Upstream {
+                target: Some(b"/p?b=2"),
+                strip: Strip::Authorization,
+                identity: None,
+                peer_ip: b"::1",
+                proto: b"https",
+                host: b"up",
+            },
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /p?b=2 HTTP/1.1\r\nX-API-Key: other\r\nx-forwarded-for: ::1\r\n\
+             x-forwarded-proto: https\r\nhost: up\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn relayed_response_head() {
+        let raw = b"HTTP/1.1 201 Whatever\r\nConnection: x-secret\r\nX-Secret: 1\r\n\
+                    RateLimit-Limit: 9\r\nTransfer-Encoding: chunked\r\nX-Ok: 1\r\n\r\n";
+        let mut fields = Vec::new();
+        let head = super::super::head::parse_response(raw, false, &mut fields)
+            .unwrap()
+            .unwrap();
+        let rate = RateInfo {
+            limit: 100,
+            remaining: 99,
+            reset_secs: 1,
+        };
+        let mut out = Vec::new();
+        response_head(&mut out, raw, &head, &fields, Some(&rate), Out::Chunked, true);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with(
+                "HTTP/1.1 201 Created\r\nX-Ok: 1\r\nratelimit-limit: 100\r\n\
+                 ratelimit-remaining: 99\r\nratelimit-reset: 1\r\ntransfer-encoding: chunked\r\ndate: "
+            ),
+            "{text}"
+        );
+        assert!(text.ends_with(" GMT\r\nconnection: close\r\n\r\n"), "{text}");
+        // Without a rate (a public route) the upstream's RateLimit fields pass.
+        let mut out = Vec::new();
+        response_head(&mut out, raw, &head, &fields, None, Out::Chunked, false);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("RateLimit-Limit: 9\r\n") && !text.contains("connection"));
+    }
+
+    #[test]
+    fn own_responses_are_whole() {
+        let res: Response<Bytes> = crate::error::ProxyError::MissingCredentials.response();
+        let mut out = Vec::new();
+        own_response(&mut out, &res, false, false);
+        let text = String::from_utf8(out).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 401 Unauthorized\r\n"));
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        assert!(head.contains("www-authenticate: Bearer realm=\"keygate\""));
+        let mut out = Vec::new();
+        own_response(&mut out, &res, true, true);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.ends_with("connection: close\r\n\r\n"));
+    }
+
+    #[test]
+    fn date_is_imf_fixdate() {
+        assert_eq!(
+            &imf_fixdate(784_111_777),
+            b"date: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
+        );
+        let mut out = Vec::new();
+        date_field(&mut out);
+        assert_eq!(out.len(), 37);
+        assert!(out.starts_with(b"date: ") && out.ends_with(b" GMT\r\n"));
+    }
+}

@@ -1,0 +1,569 @@
+//! The HTTP/1.1 fast path on the wire: a raw client against the real gateway in-process, and a
+//! scripted raw upstream whose answer is chosen by the request path, so every response framing,
+//! interim answers, misbehaving upstreams, connection reuse, pipelining, the handover to hyper
+//! in the middle of a connection and the body timeouts are seen byte for byte.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::{Gateway, Upstream};
+
+/// A request as the scripted upstream read it.
+#[derive(Debug, Clone)]
+struct Seen {
+    /// Which upstream connection it came on (numbered from 0).
+    conn: usize,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    }
+}
+
+#[derive(Clone, Default)]
+struct Script {
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A pattern body of `n` bytes.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| b"abcdefghijklmnopqrstuvwxyz0123456789"[i % 36]).collect()
+}
+
+impl Script {
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Answers by path:
+    /// `/ok` 200 "ok" · `/chunked` a chunked body with an extension and a trailer ·
+    /// `/eof` a body delimited by closing · `/interim` 103 then 200 · `/head` 200 with a length
+    /// and no body (for HEAD) · `/notmod` 304 · `/hop` hop-by-hop fields and a RateLimit field ·
+    /// `/big` 1 MiB · `/echo` the request body back · `/drip` a body sent in two parts ·
+    /// `/switch` an unasked 101 · `/conflict` two lengths · `/garbage` no HTTP at all ·
+    /// `/nothing` closes without answering · `/bye` 200, then closes the connection silently.
+    async fn start(&self) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let me = self.clone();
+        tokio::spawn(async move {
+            for conn in 0.. {
+                let Ok((s, _)) = listener.accept().await else {
+                    return;
+                };
+                let me = me.clone();
+                tokio::spawn(async move {
+                    let _ = me.serve(s, conn).await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn serve(&self, mut s: TcpStream, conn: usize) -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            let end = loop {
+                if let Some(i) = find(&buf, b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let n = s.read(&mut chunk).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            buf.drain(..end);
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            while buf.len() < len {
+                let n = s.read(&mut chunk).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body: Vec<u8> = buf.drain(..len).collect();
+            let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+            self.seen.lock().unwrap().push(Seen {
+                conn,
+                head,
+                body: body.clone(),
+            });
+            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec();
+            let answer: Vec<u8> = match path.split('?').next().unwrap_or("") {
+                "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Up: 1\r\n\r\n\
+                    5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+                    .to_vec(),
+                "/eof" => {
+                    s.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil ").await?;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    s.write_all(b"the end").await?;
+                    return Ok(());
+                }
+                "/interim" => b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+                    HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                    .to_vec(),
+                "/head" => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n".to_vec(),
+                "/notmod" => b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n".to_vec(),
+                "/hop" => b"HTTP/1.1 200 OK\r\nConnection: X-Secret\r\nX-Secret: 1\r\n\
+                    Keep-Alive: timeout=5\r\nRateLimit-Limit: 999999\r\nUpgrade: h2c\r\n\
+                    Proxy-Authenticate: Basic\r\nX-Kept: 1\r\ncontent-length: 2\r\n\r\nok"
+                    .to_vec(),
+                "/big" => {
+                    let mut a = b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n".to_vec();
+                    a.extend(pattern(1 << 20));
+                    a
+                }
+                "/echo" => {
+                    let mut a = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n")
+                        .into_bytes();
+                    a.extend_from_slice(&body);
+                    a
+                }
+                "/drip" => {
+                    s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello")
+                        .await?;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    b"world".to_vec()
+                }
+                "/switch" => b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                    Connection: Upgrade\r\n\r\n"
+                    .to_vec(),
+                "/conflict" => {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok".to_vec()
+                }
+                "/garbage" => b"SSH-2.0-OpenSSH\r\n\r\n".to_vec(),
+                "/nothing" => return Ok(()),
+                "/bye" => {
+                    s.write_all(&ok).await?;
+                    return Ok(());
+                }
+                _ => ok,
+            };
+            s.write_all(&answer).await?;
+        }
+    }
+}
+
+/// One response as a client reads it.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    }
+}
+
+/// A raw keep-alive client connection.
+struct Raw {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    async fn connect(addr: SocketAddr) -> Raw {
+        Raw {
+            s: TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).await.unwrap();
+    }
+
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 64 * 1024];
+        match tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Reads one final response (interim ones are skipped) to the request method `method`.
+    async fn read(&mut self, method: &str) -> Answer {
+        loop {
+            let end = loop {
+                if let Some(i) = find(&self.buf, b"\r\n\r\n") {
+                    break i + 4;
+                }
+                assert!(self.fill().await, "connection closed before a response head");
+            };
+            let head = String::from_utf8(self.buf[..end].to_vec()).unwrap();
+            self.buf.drain(..end);
+            let status: u16 = head[9..12].parse().unwrap();
+            if status < 200 {
+                continue;
+            }
+            let mut a = Answer {
+                status,
+                head,
+                body: Vec::new(),
+            };
+            if method == "HEAD" || status == 204 || status == 304 {
+                return a;
+            }
+            if let Some(n) = a.header("content-length") {
+                let n: usize = n.parse().unwrap();
+                while self.buf.len() < n {
+                    assert!(self.fill().await, "body cut short");
+                }
+                a.body = self.buf.drain(..n).collect();
+                return a;
+            }
+            assert_eq!(a.header("transfer-encoding").as_deref(), Some("chunked"));
+            loop {
+                let line = loop {
+                    if let Some(i) = find(&self.buf, b"\r\n") {
+                        break i;
+                    }
+                    assert!(self.fill().await, "chunked body cut short");
+                };
+                let size = usize::from_str_radix(
+                    std::str::from_utf8(&self.buf[..line]).unwrap(),
+                    16,
+                )
+                .expect("the gateway writes bare chunk sizes");
+                self.buf.drain(..line + 2);
+                while self.buf.len() < size + 2 {
+                    assert!(self.fill().await, "chunk cut short");
+                }
+                a.body.extend(self.buf.drain(..size));
+                assert_eq!(self.buf.drain(..2).collect::<Vec<_>>(), b"\r\n");
+                if size == 0 {
+                    return a;
+                }
+            }
+        }
+    }
+
+    /// True when the server closes the connection within `within`.
+    async fn closes(&mut self, within: Duration) -> bool {
+        let mut chunk = [0u8; 1024];
+        let deadline = Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline.into(), self.s.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+async fn setup(extra: &str) -> (Gateway, Script, String) {
+    let script = Script::default();
+    let up = script.start().await;
+    let gw = Gateway::start_custom(Upstream::start().await, |_| format!("http://{up}"), extra).await;
+    let (key, _) = gw.client("fast", "pro").await;
+    (gw, script, key)
+}
+
+fn get(path: &str, key: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: gw.example\r\nX-API-Key: {key}\r\n\r\n").into_bytes()
+}
+
+#[tokio::test]
+async fn every_response_framing_is_relayed_on_one_kept_alive_connection() {
+    let (gw, script, key) = setup("").await;
+    let mut c = Raw::connect(gw.proxy).await;
+
+    c.send(&get("/chunked", &key)).await;
+    let a = c.read("GET").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body, b"hello world");
+    assert_eq!(a.header("x-up").as_deref(), Some("1"));
+    assert!(a.header("x-trailer").is_none() && a.header("content-length").is_none());
+    assert!(a.header("ratelimit-limit").is_some());
+
+    c.send(&get("/interim", &key)).await;
+    let a = c.read("GET").await;
+    assert_eq!((a.status, &a.body[..]), (200, &b"ok"[..]));
+
+    c.send(format!("HEAD /head HTTP/1.1\r\nHost: g\r\nX-API-Key: {key}\r\n\r\n").as_bytes())
+        .await;
+    let a = c.read("HEAD").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("content-length").as_deref(), Some("100"));
+
+    c.send(&get("/notmod", &key)).await;
+    let a = c.read("GET").await;
+    assert_eq!(a.status, 304);
+    assert_eq!(a.header("etag").as_deref(), Some("\"v1\""));
+
+    c.send(&get("/hop", &key)).await;
+    let a = c.read("GET").await;
+    assert_eq!(a.status, 200);
+    for gone in ["x-secret", "keep-alive", "upgrade", "proxy-authenticate"] {
+        assert!(a.header(gone).is_none(), "{gone} relayed:\n{}", a.head);
+    }
+    assert_eq!(a.header("x-kept").as_deref(), Some("1"));
+    assert_eq!(a.header("ratelimit-limit").as_deref(), Some("1000"));
+    assert_eq!(a.head.matches("atelimit-limit").count(), 1);
+    assert!(a.header("date").is_some());
+
+    c.send(&get("/drip", &key)).await;
+    let a = c.read("GET").await;
+    assert_eq!(a.body, b"helloworld");
+
+    c.send(&get("/big", &key)).await;
+    let a = c.read("GET").await;
+    assert_eq!(a.body, pattern(1 << 20));
+
+    // A body delimited by the upstream's close is re-chunked; the client connection stays.
+    c.send(&get("/eof", &key)).await;
+    let a = c.read("GET").await;
+    assert_eq!(a.header("transfer-encoding").as_deref(), Some("chunked"));
+    assert_eq!(a.body, b"until the end");
+
+    c.send(&get("/ok", &key)).await;
+    assert_eq!(c.read("GET").await.body, b"ok");
+
+    // Everything before /eof went over one upstream connection; /eof's was closed after it.
+    let seen = script.seen();
+    let conns: Vec<usize> = seen.iter().map(|s| s.conn).collect();
+    assert_eq!(seen.len(), 9, "{conns:?}");
+    assert!(conns[..8].iter().all(|&c| c == conns[0]), "{conns:?}");
+    assert_ne!(conns[8], conns[7], "{conns:?}");
+}
+
+#[tokio::test]
+async fn uploads_stream_whole_and_pipelined_requests_are_answered_in_order() {
+    let (gw, script, key) = setup("").await;
+    let mut c = Raw::connect(gw.proxy).await;
+    // 1 MiB in 64 KiB pieces, sent while the gateway is already forwarding.
+    let body = pattern(1 << 20);
+    c.send(
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: g\r\nX-API-Key: {key}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    for piece in body.chunks(64 * 1024) {
+        c.send(piece).await;
+    }
+    let a = c.read("POST").await;
+    assert_eq!(a.status, 200);
+    assert!(a.body == body, "echoed body differs");
+
+    // Three requests in one write, one with a small body.
+    let mut three = get("/ok?n=1", &key);
+    three.extend(
+        format!(
+            "POST /echo?n=2 HTTP/1.1\r\nHost: g\r\nX-API-Key: {key}\r\nContent-Length: 5\r\n\r\nabcde"
+        )
+        .into_bytes(),
+    );
+    three.extend(get("/ok?n=3", &key));
+    c.send(&three).await;
+    assert_eq!(c.read("GET").await.body, b"ok");
+    assert_eq!(c.read("POST").await.body, b"abcde");
+    assert_eq!(c.read("GET").await.body, b"ok");
+    let targets: Vec<String> = script
+        .seen()
+        .iter()
+        .map(|s| s.head.split(' ').nth(1).unwrap().to_owned())
+        .collect();
+    assert_eq!(targets, ["/echo", "/ok?n=1", "/echo?n=2", "/ok?n=3"]);
+    let up = script.seen();
+    assert_eq!(up[0].body.len(), 1 << 20);
+    assert_eq!(up[0].header("content-length").as_deref(), Some("1048576"));
+    assert!(up[0].header("x-api-key").is_none());
+    assert_eq!(up[0].header("x-keygate-client-id").as_deref(), Some("fast"));
+}
+
+#[tokio::test]
+async fn a_chunked_upload_mid_connection_is_served_by_hyper_and_so_is_the_rest() {
+    let (gw, script, key) = setup("").await;
+    let mut c = Raw::connect(gw.proxy).await;
+    c.send(&get("/ok?first", &key)).await;
+    assert_eq!(c.read("GET").await.status, 200);
+    c.send(
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: g\r\nX-API-Key: {key}\r\nTransfer-Encoding: chunked\r\n\r\n\
+             3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let a = c.read("POST").await;
+    assert_eq!((a.status, &a.body[..]), (200, &b"abcde"[..]));
+    c.send(&get("/chunked?after", &key)).await;
+    assert_eq!(c.read("GET").await.body, b"hello world");
+    // An HTTP/2 preface after HTTP/1.1 requests is not taken for a new connection's.
+    c.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    assert_eq!(c.read("GET").await.status, 400);
+    let seen = script.seen();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[1].body, b"abcde");
+    assert!(seen[1].header("x-api-key").is_none());
+}
+
+#[tokio::test]
+async fn misbehaving_upstreams_get_502_and_their_connections_are_not_reused() {
+    let (gw, script, key) = setup("").await;
+    let mut c = Raw::connect(gw.proxy).await;
+    for path in ["/switch", "/conflict", "/garbage", "/nothing"] {
+        c.send(&get(path, &key)).await;
+        let a = c.read("GET").await;
+        assert_eq!(a.status, 502, "{path}");
+        assert!(String::from_utf8_lossy(&a.body).contains("upstream_unavailable"));
+        // The client's connection survives the upstream's failure.
+        c.send(&get("/ok", &key)).await;
+        assert_eq!(c.read("GET").await.body, b"ok", "after {path}");
+    }
+    let seen = script.seen();
+    let path = |s: &Seen| s.head.split(' ').nth(1).unwrap().to_owned();
+    let paths: Vec<String> = seen.iter().map(path).collect();
+    // `/nothing` on a reused connection is sent once more on a fresh one (nothing was answered
+    // and GET is idempotent); every other request went upstream once.
+    assert_eq!(
+        paths,
+        ["/switch", "/ok", "/conflict", "/ok", "/garbage", "/ok", "/nothing", "/nothing", "/ok"]
+    );
+    // Each failed exchange's connection was dropped: the request after it came on a new one.
+    for pair in seen.windows(2).filter(|p| path(&p[0]) != "/ok") {
+        assert_ne!(pair[0].conn, pair[1].conn, "{:?}", pair[1].head);
+    }
+}
+
+#[tokio::test]
+async fn connections_the_upstream_drops_between_requests_are_replaced_unseen() {
+    let (gw, script, key) = setup("").await;
+    let mut c = Raw::connect(gw.proxy).await;
+    // The upstream answers, then closes without saying so: the next request must not fail,
+    // whether the gateway notices the close before or only after sending on that connection.
+    for i in 0..30 {
+        c.send(&get(&format!("/bye?{i}"), &key)).await;
+        let a = c.read("GET").await;
+        assert_eq!((a.status, &a.body[..]), (200, &b"ok"[..]), "request {i}");
+        if i % 3 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let conns: std::collections::HashSet<usize> = script.seen().iter().map(|s| s.conn).collect();
+    assert!(conns.len() >= 30, "{} upstream connections", conns.len());
+}
+
+#[tokio::test]
+async fn gateway_answers_keep_the_connection_unless_a_body_is_left_unread() {
+    let (gw, script, key) = setup("").await;
+    let mut c = Raw::connect(gw.proxy).await;
+    c.send(b"GET /ok HTTP/1.1\r\nHost: g\r\n\r\n").await;
+    let a = c.read("GET").await;
+    assert_eq!(a.status, 401);
+    assert!(a.header("www-authenticate").is_some());
+    assert!(a.header("connection").is_none());
+    // A refused request whose body arrived whole: the body is skipped, the connection stays.
+    c.send(b"POST /ok HTTP/1.1\r\nHost: g\r\nX-API-Key: kg_nope\r\nContent-Length: 4\r\n\r\nbody")
+        .await;
+    assert_eq!(c.read("POST").await.status, 401);
+    c.send(&get("/_keygate/health", "x")).await;
+    assert_eq!(c.read("GET").await.body, b"{\"status\":\"ok\"}");
+    c.send(&get("/ok", &key)).await;
+    assert_eq!(c.read("GET").await.status, 200);
+    // A refused request with most of its body still to come ends the connection.
+    c.send(b"POST /ok HTTP/1.1\r\nHost: g\r\nContent-Length: 100000\r\n\r\nabc")
+        .await;
+    let a = c.read("POST").await;
+    assert_eq!(a.status, 401);
+    assert_eq!(a.header("connection").as_deref(), Some("close"));
+    assert!(c.closes(Duration::from_secs(3)).await);
+    assert_eq!(script.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn a_stalled_body_is_answered_408_and_an_early_answer_ends_the_connection() {
+    let (gw, script, key) = setup("[limits]\nbody_timeout_secs = 1\n").await;
+    let mut c = Raw::connect(gw.proxy).await;
+    let started = Instant::now();
+    c.send(
+        format!("POST /ok HTTP/1.1\r\nHost: g\r\nX-API-Key: {key}\r\nContent-Length: 100\r\n\r\n0123456789")
+            .as_bytes(),
+    )
+    .await;
+    let a = c.read("POST").await;
+    let took = started.elapsed();
+    assert_eq!(a.status, 408);
+    assert!(String::from_utf8_lossy(&a.body).contains("request_timeout"));
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "{took:?}");
+    assert!(c.closes(Duration::from_secs(3)).await);
+
+    // The upstream answers before the body is complete (it reads only the head): the answer is
+    // relayed and the connection ends instead of waiting for the rest of the body.
+    let up = early_upstream().await;
+    let gw2 = Gateway::start_custom(Upstream::start().await, |_| format!("http://{up}"), "").await;
+    let (key2, _) = gw2.client("early", "pro").await;
+    let mut c = Raw::connect(gw2.proxy).await;
+    c.send(
+        format!("POST /x HTTP/1.1\r\nHost: g\r\nX-API-Key: {key2}\r\nContent-Length: 1000000\r\n\r\nabc")
+            .as_bytes(),
+    )
+    .await;
+    let a = c.read("POST").await;
+    assert_eq!((a.status, &a.body[..]), (413, &b"no"[..]));
+    assert_eq!(a.header("connection").as_deref(), Some("close"));
+    assert!(c.closes(Duration::from_secs(3)).await);
+    assert_eq!(script.seen().len(), 1);
+}
+
+/// An upstream that answers 413 as soon as it has a request head, without reading the body.
+async fn early_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while find(&buf, b"\r\n\r\n").is_none() {
+                    match s.read(&mut chunk).await {
+                        Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 2\r\n\r\nno")
+                    .await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            });
+        }
+    });
+    addr
+}
