@@ -31,6 +31,9 @@ use jwt::{Jwt, Token};
 
 /// Most verified tokens remembered (each about 200 bytes); past it moka evicts the least used.
 const TOKEN_CACHE_CAPACITY: u64 = 100_000;
+/// How long past its TTL a cached key is still served while one background lookup refreshes
+/// it (never longer than the TTL itself). Past it, requests wait for the store.
+const REVALIDATE_WINDOW_MS: Millis = 10_000;
 
 /// What a verified token says, as far as the request path needs it.
 struct VerifiedToken {
@@ -123,7 +126,13 @@ impl Authenticator {
         let now = now_millis();
         let claims = self.verified(token, now)?;
         let id = claims.key_id;
-        let principal = match self.classify(self.cache.get_id(&id), now) {
+        let refresh = |stale| {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _ = me.fill_id(id, now_millis(), Some(stale)).await;
+            });
+        };
+        let principal = match self.classify(self.cache.get_id(&id), now, refresh) {
             Lookup::Fresh(p) => p,
             Lookup::Unknown => return Err(ProxyError::InvalidToken),
             Lookup::Refill(stale) => self.fill_id(id, now, stale).await?,
@@ -223,7 +232,13 @@ impl Authenticator {
         }
         let hash = KeyHash::of(key);
         let now = now_millis();
-        let principal = match self.classify(self.cache.get_at(&hash, now), now) {
+        let refresh = |stale| {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _ = me.fill(hash, now_millis(), Some(stale)).await;
+            });
+        };
+        let principal = match self.classify(self.cache.get_at(&hash, now), now, refresh) {
             Lookup::Fresh(p) => p,
             Lookup::Unknown => return Err(ProxyError::InvalidApiKey),
             Lookup::Refill(stale) => self.fill(hash, now, stale).await?,
@@ -232,8 +247,15 @@ impl Authenticator {
         Ok(principal)
     }
 
-    /// What a cache entry means at `now` (and the hit metrics).
-    fn classify(&self, entry: Option<Entry>, now: Millis) -> Lookup {
+    /// What a cache entry means at `now` (and the hit metrics). A key just past its TTL is
+    /// served while it is revalidated in the background (`refresh` starts that, once per
+    /// cached principal), so a hot key never makes a request wait for the store.
+    fn classify(
+        &self,
+        entry: Option<Entry>,
+        now: Millis,
+        refresh: impl FnOnce(Arc<Principal>),
+    ) -> Lookup {
         match entry {
             Some(Entry {
                 value: Cached::Found(p),
@@ -251,8 +273,21 @@ impl Authenticator {
             }
             Some(Entry {
                 value: Cached::Found(stale),
-                ..
-            }) => Lookup::Refill(Some(stale)),
+                fresh_until,
+            }) => {
+                let window = REVALIDATE_WINDOW_MS.min(self.cache.ttl_millis());
+                if now < fresh_until + window && !self.store_health.backing_off(now) {
+                    self.metrics.cache(CacheResult::Hit);
+                    if !stale
+                        .refreshing
+                        .swap(true, std::sync::atomic::Ordering::AcqRel)
+                    {
+                        refresh(Arc::clone(&stale));
+                    }
+                    return Lookup::Fresh(stale);
+                }
+                Lookup::Refill(Some(stale))
+            }
             None => Lookup::Refill(None),
         }
     }
@@ -643,5 +678,54 @@ mod tests {
             auth.api_key(unknown.plaintext.expose()).await.unwrap_err(),
             ProxyError::InvalidApiKey
         );
+    }
+    #[tokio::test]
+    async fn a_key_past_its_ttl_is_served_while_one_background_lookup_refreshes_it() {
+        let (auth, store, _cache, _dir) = setup_ttl(Duration::from_millis(300));
+        let k = seed(&store).await;
+        auth.api_key(k.plaintext.expose()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(320)).await;
+        // Disabled in the store behind the cache's back (no invalidation reaches it).
+        let mut key = store
+            .inner
+            .find_by_hash(&k.hash, now_millis())
+            .await
+            .unwrap()
+            .unwrap()
+            .key;
+        key.enabled = false;
+        assert!(store.inner.update_key(&key).await.unwrap());
+        let before = store.lookups.load(Ordering::SeqCst);
+        // Past the TTL: every request is still answered from the cache at once, and exactly
+        // one lookup goes to the store in the background.
+        for _ in 0..20 {
+            let served = common_ready(auth.api_key(k.plaintext.expose()));
+            assert!(served.is_ok());
+        }
+        let waited = std::time::Instant::now();
+        while store.lookups.load(Ordering::SeqCst) == before {
+            assert!(waited.elapsed() < Duration::from_secs(5), "no revalidation");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut refreshed = false;
+        for _ in 0..200 {
+            if auth.api_key(k.plaintext.expose()).await.err() == Some(ProxyError::DisabledApiKey) {
+                refreshed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(refreshed, "the refreshed entry was not used");
+        assert_eq!(store.lookups.load(Ordering::SeqCst), before + 1);
+    }
+
+    /// Polls a future once: it must be ready (a cache hit never waits).
+    fn common_ready<F: std::future::Future>(f: F) -> F::Output {
+        let mut f = std::pin::pin!(f);
+        let waker = std::task::Waker::noop();
+        match f.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
+            std::task::Poll::Ready(v) => v,
+            std::task::Poll::Pending => panic!("the request waited for the store"),
+        }
     }
 }

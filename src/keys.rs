@@ -286,6 +286,9 @@ pub struct Principal {
     /// Requests not yet written to the store.
     pub usage: usage::KeyUsage,
     pub headers: IdentityHeaders,
+    /// Set by the first request that found this principal past its cache TTL and started the
+    /// background lookup that replaces it.
+    pub refreshing: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone)]
@@ -374,6 +377,7 @@ impl Principal {
             limiter,
             usage: Default::default(),
             headers,
+            refreshing: Default::default(),
         })
     }
 

@@ -284,10 +284,25 @@ impl KeyCache {
         self.epoch.load(Ordering::Acquire)
     }
 
+    pub fn ttl_millis(&self) -> Millis {
+        self.ttl.as_millis() as Millis
+    }
+
+    /// Until when a key cached at `now` is fresh: the TTL less up to a tenth of it, by the
+    /// key's `spread` byte, so keys cached together (at startup, after a flush) are not all
+    /// revalidated in the same moment.
+    fn fresh_until(&self, now: Millis, value: &Cached, spread: u8) -> Millis {
+        let ttl = self.ttl_millis();
+        match value {
+            Cached::Found(_) => now + ttl - ttl * Millis::from(spread) / 2560,
+            Cached::Unknown => now + ttl,
+        }
+    }
+
     /// Caches `value`, fresh for the TTL from `now`, unless an invalidation happened since
     /// `epoch` was read (then the value may be outdated and is dropped).
     pub fn insert(&self, hash: KeyHash, value: Cached, now: Millis, epoch: u64) {
-        let fresh_until = now + self.ttl.as_millis() as i64;
+        let fresh_until = self.fresh_until(now, &value, hash.0[9]);
         self.inner.insert(hash, Entry { value, fresh_until });
         if self.epoch.load(Ordering::Acquire) != epoch {
             self.inner.invalidate(&hash);
@@ -307,7 +322,7 @@ impl KeyCache {
 
     /// Like [`KeyCache::insert`], by key id.
     pub fn insert_id(&self, id: Uuid, value: Cached, now: Millis, epoch: u64) {
-        let fresh_until = now + self.ttl.as_millis() as i64;
+        let fresh_until = self.fresh_until(now, &value, id.as_bytes()[15]);
         self.by_id.insert(id, Entry { value, fresh_until });
         if self.epoch.load(Ordering::Acquire) != epoch {
             self.by_id.invalidate(&id);

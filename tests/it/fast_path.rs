@@ -41,7 +41,9 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// A pattern body of `n` bytes.
 fn pattern(n: usize) -> Vec<u8> {
-    (0..n).map(|i| b"abcdefghijklmnopqrstuvwxyz0123456789"[i % 36]).collect()
+    (0..n)
+        .map(|i| b"abcdefghijklmnopqrstuvwxyz0123456789"[i % 36])
+        .collect()
 }
 
 impl Script {
@@ -98,14 +100,50 @@ impl Script {
                         .then(|| v.trim().parse().ok())?
                 })
                 .unwrap_or(0);
-            while buf.len() < len {
-                let n = s.read(&mut chunk).await?;
-                if n == 0 {
-                    return Ok(());
+            let chunked = head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked");
+            let mut body = Vec::new();
+            if chunked {
+                // Sizes, data, and the final empty line (no trailers are sent here).
+                loop {
+                    while find(&buf, b"\r\n").is_none() {
+                        let n = s.read(&mut chunk).await?;
+                        if n == 0 {
+                            return Ok(());
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    let line = find(&buf, b"\r\n").unwrap();
+                    let size = usize::from_str_radix(
+                        std::str::from_utf8(&buf[..line]).unwrap_or("").trim(),
+                        16,
+                    )
+                    .unwrap_or(0);
+                    while buf.len() < line + 2 + size + 2 {
+                        let n = s.read(&mut chunk).await?;
+                        if n == 0 {
+                            return Ok(());
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    body.extend_from_slice(&buf[line + 2..line + 2 + size]);
+                    buf.drain(..line + 2 + size + 2);
+                    if size == 0 {
+                        break;
+                    }
                 }
-                buf.extend_from_slice(&chunk[..n]);
+            } else {
+                while buf.len() < len {
+                    let n = s.read(&mut chunk).await?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                body = buf.drain(..len).collect();
             }
-            let body: Vec<u8> = buf.drain(..len).collect();
+            let len = body.len();
             let path = head.split(' ').nth(1).unwrap_or("").to_owned();
             self.seen.lock().unwrap().push(Seen {
                 conn,
@@ -138,8 +176,8 @@ impl Script {
                     a
                 }
                 "/echo" => {
-                    let mut a = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n")
-                        .into_bytes();
+                    let mut a =
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n").into_bytes();
                     a.extend_from_slice(&body);
                     a
                 }
@@ -221,7 +259,10 @@ impl Raw {
                 if let Some(i) = find(&self.buf, b"\r\n\r\n") {
                     break i + 4;
                 }
-                assert!(self.fill().await, "connection closed before a response head");
+                assert!(
+                    self.fill().await,
+                    "connection closed before a response head"
+                );
             };
             let head = String::from_utf8(self.buf[..end].to_vec()).unwrap();
             self.buf.drain(..end);
@@ -253,11 +294,9 @@ impl Raw {
                     }
                     assert!(self.fill().await, "chunked body cut short");
                 };
-                let size = usize::from_str_radix(
-                    std::str::from_utf8(&self.buf[..line]).unwrap(),
-                    16,
-                )
-                .expect("the gateway writes bare chunk sizes");
+                let size =
+                    usize::from_str_radix(std::str::from_utf8(&self.buf[..line]).unwrap(), 16)
+                        .expect("the gateway writes bare chunk sizes");
                 self.buf.drain(..line + 2);
                 while self.buf.len() < size + 2 {
                     assert!(self.fill().await, "chunk cut short");
@@ -288,7 +327,8 @@ impl Raw {
 async fn setup(extra: &str) -> (Gateway, Script, String) {
     let script = Script::default();
     let up = script.start().await;
-    let gw = Gateway::start_custom(Upstream::start().await, |_| format!("http://{up}"), extra).await;
+    let gw =
+        Gateway::start_custom(Upstream::start().await, |_| format!("http://{up}"), extra).await;
     let (key, _) = gw.client("fast", "pro").await;
     (gw, script, key)
 }
@@ -426,9 +466,10 @@ async fn a_chunked_upload_mid_connection_is_served_by_hyper_and_so_is_the_rest()
     assert_eq!((a.status, &a.body[..]), (200, &b"abcde"[..]));
     c.send(&get("/chunked?after", &key)).await;
     assert_eq!(c.read("GET").await.body, b"hello world");
-    // An HTTP/2 preface after HTTP/1.1 requests is not taken for a new connection's.
+    // An HTTP/2 preface after HTTP/1.1 requests is not taken for a new connection's: hyper
+    // (HTTP/1 only from here on) refuses it and closes.
     c.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
-    assert_eq!(c.read("GET").await.status, 400);
+    assert!(c.closes(Duration::from_secs(3)).await);
     let seen = script.seen();
     assert_eq!(seen.len(), 3);
     assert_eq!(seen[1].body, b"abcde");
@@ -455,7 +496,17 @@ async fn misbehaving_upstreams_get_502_and_their_connections_are_not_reused() {
     // and GET is idempotent); every other request went upstream once.
     assert_eq!(
         paths,
-        ["/switch", "/ok", "/conflict", "/ok", "/garbage", "/ok", "/nothing", "/nothing", "/ok"]
+        [
+            "/switch",
+            "/ok",
+            "/conflict",
+            "/ok",
+            "/garbage",
+            "/ok",
+            "/nothing",
+            "/nothing",
+            "/ok"
+        ]
     );
     // Each failed exchange's connection was dropped: the request after it came on a new one.
     for pair in seen.windows(2).filter(|p| path(&p[0]) != "/ok") {
@@ -522,7 +573,10 @@ async fn a_stalled_body_is_answered_408_and_an_early_answer_ends_the_connection(
     let took = started.elapsed();
     assert_eq!(a.status, 408);
     assert!(String::from_utf8_lossy(&a.body).contains("request_timeout"));
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
     assert!(c.closes(Duration::from_secs(3)).await);
 
     // The upstream answers before the body is complete (it reads only the head): the answer is
@@ -532,15 +586,18 @@ async fn a_stalled_body_is_answered_408_and_an_early_answer_ends_the_connection(
     let (key2, _) = gw2.client("early", "pro").await;
     let mut c = Raw::connect(gw2.proxy).await;
     c.send(
-        format!("POST /x HTTP/1.1\r\nHost: g\r\nX-API-Key: {key2}\r\nContent-Length: 1000000\r\n\r\nabc")
-            .as_bytes(),
+        format!(
+            "POST /x HTTP/1.1\r\nHost: g\r\nX-API-Key: {key2}\r\nContent-Length: 1000000\r\n\r\nabc"
+        )
+        .as_bytes(),
     )
     .await;
     let a = c.read("POST").await;
     assert_eq!((a.status, &a.body[..]), (413, &b"no"[..]));
     assert_eq!(a.header("connection").as_deref(), Some("close"));
     assert!(c.closes(Duration::from_secs(3)).await);
-    assert_eq!(script.seen().len(), 1);
+    // The stalled request of the first part never reached its end upstream.
+    assert!(script.seen().is_empty());
 }
 
 /// An upstream that answers 413 as soon as it has a request head, without reading the body.

@@ -637,7 +637,9 @@ mod tests {
             let (p, _) = parse(raw);
             assert!(matches!(p, Parsed::Handover), "taken: {raw:?}");
         }
-        let too_many: String = (0..MAX_FIELDS + 1).map(|i| format!("X-{i}: v\r\n")).collect();
+        let too_many: String = (0..MAX_FIELDS + 1)
+            .map(|i| format!("X-{i}: v\r\n"))
+            .collect();
         let (p, _) = parse(&format!("GET / HTTP/1.1\r\n{too_many}\r\n"));
         assert!(matches!(p, Parsed::Handover));
         let mut fields = Vec::new();
@@ -684,17 +686,27 @@ mod tests {
         assert!(old.keep_alive);
         for (raw, status) in [
             ("HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n", 204),
-            ("HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n", 304),
+            (
+                "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+                304,
+            ),
             ("HTTP/1.1 103 Early Hints\r\n\r\n", 103),
         ] {
             let h = r(raw);
-            assert_eq!((h.status, h.framing, h.keep_alive), (status, Framing::Empty, true));
+            assert_eq!(
+                (h.status, h.framing, h.keep_alive),
+                (status, Framing::Empty, true)
+            );
         }
         let head = response("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", true)
             .unwrap()
             .unwrap();
         assert_eq!(head.framing, Framing::Empty);
-        assert!(response("HTTP/1.1 200 OK\r\nContent-Le", false).unwrap().is_none());
+        assert!(
+            response("HTTP/1.1 200 OK\r\nContent-Le", false)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -726,7 +738,16 @@ mod tests {
         use Kind::*;
         assert_eq!(
             kinds,
-            [Drop, Drop, Drop, RateLimit, Date, ContentLength, Drop, Forward]
+            [
+                Drop,
+                Drop,
+                Drop,
+                RateLimit,
+                Date,
+                ContentLength,
+                Drop,
+                Forward
+            ]
         );
     }
 }

@@ -345,7 +345,15 @@ mod tests {
             reset_secs: 1,
         };
         let mut out = Vec::new();
-        response_head(&mut out, raw, &head, &fields, Some(&rate), Out::Chunked, true);
+        response_head(
+            &mut out,
+            raw,
+            &head,
+            &fields,
+            Some(&rate),
+            Out::Chunked,
+            true,
+        );
         let text = String::from_utf8(out).unwrap();
         assert!(
             text.starts_with(
@@ -354,7 +362,10 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.ends_with(" GMT\r\nconnection: close\r\n\r\n"), "{text}");
+        assert!(
+            text.ends_with(" GMT\r\nconnection: close\r\n\r\n"),
+            "{text}"
+        );
         // Without a rate (a public route) the upstream's RateLimit fields pass.
         let mut out = Vec::new();
         response_head(&mut out, raw, &head, &fields, None, Out::Chunked, false);
