@@ -216,32 +216,41 @@ wait_port "$NG_PLAIN_PORT" nginx-plain
 wait_port "$NG_AUTH_PORT" nginx-keyauth
 
 # ---- wrk scripts -------------------------------------------------------------------------
-cat >"$WORK/rotate.lua" <<EOF
--- Rotates through every key; requests are formatted once, up front.
+# Every contender is driven by the same kind of script: requests formatted once, up front, from
+# a file of credentials, and handed out in turn by request(). The load generator then does the
+# same work per request whatever the contender, one key or 10,000.
+head -n1 "$WORK/keys.txt" >"$WORK/key1.txt"
+printf 'Bearer %s\n' "$TOKEN" >"$WORK/bearer.txt"
+wrk_script() { # name, header, credentials file
+  cat >"$WORK/$1.lua" <<LUA
 local reqs = {}
 local i = 0
 init = function(args)
-  for line in io.lines("$WORK/keys.txt") do
-    reqs[#reqs + 1] = wrk.format("GET", "/", { ["X-API-Key"] = line })
+  for line in io.lines("$3") do
+    reqs[#reqs + 1] = wrk.format("GET", "/", { ["$2"] = line })
   end
 end
 request = function()
   i = i % #reqs + 1
   return reqs[i]
 end
-EOF
+LUA
+}
+wrk_script one X-API-Key "$WORK/key1.txt"
+wrk_script rotate X-API-Key "$WORK/keys.txt"
+wrk_script jwt Authorization "$WORK/bearer.txt"
 
 run_wrk() { # contender, conns, duration, out
   local c=$1 n=$2 d=$3 out=$4
   local port args=()
   case $c in
-    direct) port=$UP_PORT ;;
-    nginx-plain) port=$NG_PLAIN_PORT ;;
-    nginx-keyauth) port=$NG_AUTH_PORT; args=(-H "X-API-Key: $KEY") ;;
+    direct) port=$UP_PORT; args=(-s "$WORK/one.lua") ;;
+    nginx-plain) port=$NG_PLAIN_PORT; args=(-s "$WORK/one.lua") ;;
+    nginx-keyauth) port=$NG_AUTH_PORT; args=(-s "$WORK/one.lua") ;;
     nginx-keyauth-rot) port=$NG_AUTH_PORT; args=(-s "$WORK/rotate.lua") ;;
-    keygate) port=$KG_PORT; args=(-H "X-API-Key: $KEY") ;;
+    keygate) port=$KG_PORT; args=(-s "$WORK/one.lua") ;;
     keygate-rot) port=$KG_PORT; args=(-s "$WORK/rotate.lua") ;;
-    keygate-jwt) port=$KG_PORT; args=(-H "Authorization: Bearer $TOKEN") ;;
+    keygate-jwt) port=$KG_PORT; args=(-s "$WORK/jwt.lua") ;;
     *) echo "unknown contender $c" >&2; exit 1 ;;
   esac
   taskset -c "$LOAD_CPU" wrk -t1 -c"$n" -d"${d}s" --latency "${args[@]}" \

@@ -176,6 +176,7 @@ impl App {
         let forwarder = Forwarder::new(
             config.proxy.connect_timeout,
             config.proxy.upstream_timeout,
+            config.limits.body_timeout,
             config.proxy.upstream_ca.as_deref(),
         )
         .map_err(StartError::Tls)?;

@@ -52,9 +52,11 @@ pub struct Forwarder {
     /// Plain http:// requests served through hyper (HTTP/2 clients, chunked uploads…).
     pool: Arc<Pool>,
     /// https:// upstreams and WebSocket upgrades.
-    client: Client<HttpsConnector<HttpConnector>, Incoming>,
+    client: Client<HttpsConnector<HttpConnector>, ClientBody>,
     connect_timeout: Duration,
     timeout: Duration,
+    /// Longest pause of a request body on the hyper path.
+    body_timeout: Duration,
 }
 
 /// The full cause chain of an error, for log lines that say what actually failed
@@ -71,7 +73,7 @@ pub(crate) fn cause_chain(e: &dyn std::error::Error) -> String {
 }
 
 struct Idle {
-    send: SendRequest<Incoming>,
+    send: SendRequest<ClientBody>,
     since: Instant,
 }
 
@@ -82,7 +84,7 @@ struct Pool {
 }
 
 impl Pool {
-    fn take(&self, authority: &Authority) -> Option<SendRequest<Incoming>> {
+    fn take(&self, authority: &Authority) -> Option<SendRequest<ClientBody>> {
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
         let (_, idle) = hosts.iter_mut().find(|(a, _)| a == authority)?;
         while let Some(c) = idle.pop_back() {
@@ -93,7 +95,7 @@ impl Pool {
         None
     }
 
-    fn put(&self, authority: &Authority, send: SendRequest<Incoming>) {
+    fn put(&self, authority: &Authority, send: SendRequest<ClientBody>) {
         if send.is_closed() {
             return;
         }
@@ -123,23 +125,30 @@ impl Pool {
 struct Lease {
     pool: Arc<Pool>,
     authority: Authority,
-    send: SendRequest<Incoming>,
+    send: SendRequest<ClientBody>,
 }
 
 /// The upstream's response body. Returns its connection to the pool once the body is complete;
-/// a body dropped before its end closes the connection instead.
+/// a body dropped before its end closes the connection instead. Either way the request body
+/// still being sent (the upstream answered early) is cut off: nobody waits for it any more.
 pub struct UpstreamBody {
     inner: Incoming,
     lease: Option<Lease>,
+    request_done: Arc<Answered>,
 }
 
 impl UpstreamBody {
     /// A body whose connection belongs to another pool.
-    fn unpooled(inner: Incoming) -> Self {
-        Self { inner, lease: None }
+    fn unpooled(inner: Incoming, request_done: Arc<Answered>) -> Self {
+        Self {
+            inner,
+            lease: None,
+            request_done,
+        }
     }
 
     fn release(&mut self) {
+        self.request_done.fire();
         if let Some(l) = self.lease.take() {
             l.pool.put(&l.authority, l.send);
         }
@@ -178,6 +187,81 @@ impl Drop for UpstreamBody {
         if self.inner.is_end_stream() {
             self.release();
         }
+        self.request_done.fire();
+    }
+}
+
+/// Set once the response to a request has been relayed (or abandoned).
+#[derive(Default)]
+pub struct Answered {
+    done: std::sync::atomic::AtomicBool,
+    waker: futures_util::task::AtomicWaker,
+}
+
+impl Answered {
+    fn fire(&self) {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+        self.waker.wake();
+    }
+}
+
+/// Why a client's request body stopped on its way upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error("the request body paused for longer than the body timeout")]
+    Timeout,
+    #[error("the response was relayed before the request body ended")]
+    Unneeded,
+    #[error(transparent)]
+    Read(hyper::Error),
+}
+
+/// The client's request body on its way upstream (the hyper path): an error when it pauses
+/// longer than `limits.body_timeout`, and cut off once the response to it has been relayed.
+pub struct ClientBody {
+    inner: Incoming,
+    idle: Duration,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    answered: Arc<Answered>,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        let this = &mut *self;
+        this.answered.waker.register(cx.waker());
+        if this
+            .answered
+            .done
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Poll::Ready(Some(Err(ClientBodyError::Unneeded)));
+        }
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.pause = None;
+            return Poll::Ready(frame.map(|f| f.map_err(ClientBodyError::Read)));
+        }
+        let idle = this.idle;
+        let pause = this
+            .pause
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        if pause.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(ClientBodyError::Timeout)));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -206,6 +290,7 @@ impl Forwarder {
     pub fn new(
         connect_timeout: Duration,
         timeout: Duration,
+        body_timeout: Duration,
         ca: Option<&std::path::Path>,
     ) -> Result<Self, String> {
         let mut http = HttpConnector::new();
@@ -229,6 +314,7 @@ impl Forwarder {
             client,
             connect_timeout,
             timeout,
+            body_timeout,
         })
     }
 
@@ -242,14 +328,23 @@ impl Forwarder {
     pub async fn forward(
         &self,
         permit: Permit<'_>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         conn: &ConnInfo,
         path_and_query: Option<PathAndQuery>,
         websocket: bool,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let route = permit.route();
+        let answered = Arc::new(Answered::default());
+        let mut req = req.map(|inner| ClientBody {
+            inner,
+            idle: self.body_timeout,
+            pause: None,
+            answered: Arc::clone(&answered),
+        });
         if !websocket && route.upstream.scheme() == Some(&Scheme::HTTP) {
-            return self.forward_pooled(permit, req, conn, path_and_query).await;
+            return self
+                .forward_pooled(permit, req, conn, path_and_query, answered)
+                .await;
         }
         let client_side = websocket.then(|| hyper::upgrade::on(&mut req));
         let expected_accept = websocket
@@ -285,11 +380,9 @@ impl Forwarder {
 
         let mut res = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
             Err(_) => return Err(ProxyError::UpstreamTimeout),
-            Ok(Err(e)) if client_body_failed(&e) => {
+            Ok(Err(e)) if let Some(refused) = client_body_failed(&e) => {
                 tracing::debug!(route = %route.name, error = %e, "the client's request body failed");
-                return Err(ProxyError::BadRequest(
-                    "the request body is malformed or was cut short",
-                ));
+                return Err(refused);
             }
             Ok(Err(e)) => {
                 tracing::warn!(
@@ -319,19 +412,20 @@ impl Forwarder {
             let h = res.headers_mut();
             h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             h.insert(UPGRADE, HeaderValue::from_static("websocket"));
-            return Ok(res.map(UpstreamBody::unpooled));
+            return Ok(res.map(|b| UpstreamBody::unpooled(b, answered)));
         }
         headers::remove_hop_by_hop(res.headers_mut());
-        Ok(res.map(UpstreamBody::unpooled))
+        Ok(res.map(|b| UpstreamBody::unpooled(b, answered)))
     }
 
     /// The fast path: a plain http:// request on our own connection pool.
     async fn forward_pooled(
         &self,
         permit: Permit<'_>,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         conn: &ConnInfo,
         path_and_query: Option<PathAndQuery>,
+        answered: Arc<Answered>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let route = permit.route();
         let upstream = &route.upstream;
@@ -365,11 +459,9 @@ impl Forwarder {
         let sent = tokio::time::timeout(self.timeout, self.send(authority, req)).await;
         let (res, send) = match sent {
             Err(_) => return Err(ProxyError::UpstreamTimeout),
-            Ok(Err(e)) if e.client_body_failed() => {
+            Ok(Err(e)) if let Some(refused) = e.client_body_failed() => {
                 tracing::debug!(route = %route.name, error = %e, "the client's request body failed");
-                return Err(ProxyError::BadRequest(
-                    "the request body is malformed or was cut short",
-                ));
+                return Err(refused);
             }
             Ok(Err(e)) => {
                 tracing::warn!(
@@ -391,6 +483,7 @@ impl Forwarder {
         let mut res = res.map(|inner| UpstreamBody {
             inner,
             lease: Some(lease),
+            request_done: answered,
         });
         headers::remove_hop_by_hop(res.headers_mut());
         Ok(res)
@@ -401,8 +494,8 @@ impl Forwarder {
     async fn send(
         &self,
         authority: &Authority,
-        mut req: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, SendRequest<Incoming>), UpstreamError> {
+        mut req: Request<ClientBody>,
+    ) -> Result<(Response<Incoming>, SendRequest<ClientBody>), UpstreamError> {
         loop {
             let (mut send, reused) = match self.pool.take(authority) {
                 Some(s) => (s, true),
@@ -434,7 +527,10 @@ impl Forwarder {
         }
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<SendRequest<Incoming>, UpstreamError> {
+    async fn connect(
+        &self,
+        authority: &Authority,
+    ) -> Result<SendRequest<ClientBody>, UpstreamError> {
         let port = authority.port_u16().unwrap_or(80);
         let connect = async {
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((authority.host(), port))
@@ -481,20 +577,27 @@ async fn bridge(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     }
 }
 
-/// True when a forward failed because the client's own request body could not be read
-/// (malformed chunked framing, an upload cut short): the client's fault, answered 400, not
-/// the upstream's (502).
-fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+/// The answer when a forward failed because of the client's own request body: malformed
+/// chunked framing or an upload cut short is the client's fault (400, not the upstream's 502);
+/// a body that paused too long is 408.
+fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
+    let mut user = false;
     let mut source = Some(e);
     while let Some(s) = source {
-        if s.downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_user)
-        {
-            return true;
+        if let Some(b) = s.downcast_ref::<ClientBodyError>() {
+            return Some(match b {
+                ClientBodyError::Timeout => ProxyError::BodyTimeout,
+                _ => ProxyError::BadRequest("the request body is malformed or was cut short"),
+            });
         }
+        user |= s
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_user);
         source = s.source();
     }
-    false
+    user.then_some(ProxyError::BadRequest(
+        "the request body is malformed or was cut short",
+    ))
 }
 
 /// Why an upstream request failed (logged; the client sees 502).
@@ -516,10 +619,10 @@ impl UpstreamError {
     }
 
     /// The client's request body failed (see [`client_body_failed`]).
-    fn client_body_failed(&self) -> bool {
+    fn client_body_failed(&self) -> Option<ProxyError> {
         match self {
-            Self::Http(e) => e.is_user() || client_body_failed(e),
-            _ => false,
+            Self::Http(e) => client_body_failed(e),
+            _ => None,
         }
     }
 }
