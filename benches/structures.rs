@@ -3,7 +3,11 @@
 //!   with its default SipHash hasher;
 //! - `number_header` (a table of pre-made `HeaderValue`s) vs `HeaderValue::from(u64)`;
 //! - in-place header rewriting with pre-encoded identity headers (with and without reserving
-//!   room first) vs rebuilding the map and encoding identity values per request.
+//!   room first) vs rebuilding the map and encoding identity values per request;
+//! - from the client's head bytes to the upstream's head bytes: the fast path (fields parsed in
+//!   place and classified in one walk, the forwarded head written into one reused buffer) vs
+//!   what the hyper path does (a `HeaderMap` built from the parsed head, rewritten in place,
+//!   then serialised).
 //!
 //! Run: `cargo bench --bench structures`.
 
@@ -225,11 +229,116 @@ fn header_rewriting(c: &mut Criterion) {
     g.finish();
 }
 
+/// The raw head of a request: wrk's, or a browser's with the same credential.
+fn raw_head(key: &str, browser: bool) -> Vec<u8> {
+    let mut h =
+        format!("GET /v1/items?limit=10 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nX-API-Key: {key}\r\n");
+    if browser {
+        h.push_str(
+            "User-Agent: Mozilla/5.0 (X11; Linux x86_64) Gecko/20100101 Firefox/128.0\r\n\
+             Accept: application/json, text/plain, */*\r\nAccept-Language: en-US,en;q=0.5\r\n\
+             Accept-Encoding: gzip, deflate, br\r\nConnection: keep-alive\r\n\
+             Cookie: session=abcdef0123456789; theme=dark\r\n\
+             X-Request-Id: 5d2c7f2e-9a1b-4c1e-8f00-0123456789ab\r\n",
+        );
+    }
+    h.push_str("\r\n");
+    h.into_bytes()
+}
+
+/// Client head bytes → upstream head bytes, the fast path's way.
+fn fast_path_head(
+    raw: &[u8],
+    p: &Principal,
+    fields: &mut Vec<keygate::proxy::h1::head::Field>,
+    out: &mut Vec<u8>,
+) {
+    use keygate::proxy::h1::head::{Parsed, parse_request};
+    use keygate::proxy::h1::wire::{Strip, Upstream, request_head};
+    let Parsed::Complete(head) = parse_request(raw, "x-api-key", 100, fields) else {
+        panic!("not taken");
+    };
+    out.clear();
+    request_head(
+        out,
+        raw,
+        &head,
+        fields,
+        &Upstream {
+            target: None,
+            strip: Strip::ApiKey,
+            identity: Some(&p.headers.wire),
+            peer_ip: b"127.0.0.1",
+            proto: b"http",
+            host: b"127.0.0.1:9000",
+        },
+    );
+}
+
+/// Client head bytes → upstream head bytes the way the hyper path goes: parse, build a
+/// `HeaderMap` (one `HeaderName` and one `HeaderValue` per field, as hyper does), rewrite it in
+/// place, serialise it.
+fn header_map_head(
+    raw: &[u8],
+    p: &Principal,
+    peer: &HeaderValue,
+    upstream: &HeaderValue,
+    out: &mut Vec<u8>,
+) {
+    let raw = bytes::Bytes::copy_from_slice(raw);
+    let mut hs = [httparse::EMPTY_HEADER; 100];
+    let mut req = httparse::Request::new(&mut hs);
+    let httparse::Status::Complete(_) = req.parse(&raw).unwrap() else {
+        panic!("partial");
+    };
+    let mut h = HeaderMap::with_capacity(req.headers.len());
+    for f in req.headers.iter() {
+        let name = HeaderName::from_bytes(f.name.as_bytes()).unwrap();
+        let start = f.value.as_ptr() as usize - raw.as_ptr() as usize;
+        let value =
+            HeaderValue::from_maybe_shared(raw.slice(start..start + f.value.len())).unwrap();
+        h.append(name, value);
+    }
+    let path = req.path.unwrap().to_owned();
+    rewrite_in_place(&mut h, p, peer, upstream, true);
+    out.clear();
+    out.extend_from_slice(b"GET ");
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (k, v) in &h {
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn head_to_upstream(c: &mut Criterion) {
+    let (_, p) = principal(0);
+    let key = KeyFormat::new("kg_").generate().plaintext;
+    let peer = HeaderValue::from_static("127.0.0.1");
+    let upstream = HeaderValue::from_static("127.0.0.1:9000");
+    let mut g = c.benchmark_group("head_to_upstream");
+    for (name, browser) in [("wrk", false), ("browser", true)] {
+        let raw = raw_head(key.expose(), browser);
+        let mut fields = Vec::with_capacity(16);
+        let mut out = Vec::with_capacity(4096);
+        g.bench_function(format!("{name}_fast_path"), |b| {
+            b.iter(|| fast_path_head(black_box(&raw), &p, &mut fields, &mut out))
+        });
+        g.bench_function(format!("{name}_header_map"), |b| {
+            b.iter(|| header_map_head(black_box(&raw), &p, &peer, &upstream, &mut out))
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = structures;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = moka_hashers, number_headers, header_rewriting
+    targets = moka_hashers, number_headers, header_rewriting, head_to_upstream
 }
 criterion_main!(structures);

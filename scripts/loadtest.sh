@@ -9,7 +9,8 @@
 # (one thread) and the upstream (nginx, one worker, `return 200 "ok\n"`, keep-alive) on CPU
 # $LOAD_CPU. Everything on 127.0.0.1, free ports, bounded durations; every process started
 # here is stopped on exit. Repetitions are interleaved (rep 1 of every contender, then rep 2…)
-# so drift spreads over all of them. Output: a Markdown table on stdout (also written to
+# so drift spreads over all of them; each measured run follows $WARM s (default 2) of the same
+# load, unmeasured. Output: a Markdown table on stdout (also written to
 # $OUT, default target/loadtest/latest.md). Not part of the test suite.
 #
 # Contenders:
@@ -29,6 +30,9 @@ REPS=${REPS:-5}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 KEYS=${KEYS:-10000}
+# Seconds of the same load, not measured, right before each measured run (steady state: warm
+# caches and connection pools whatever ran before).
+WARM=${WARM:-2}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 OUT=${OUT:-$ROOT/target/loadtest/latest.md}
@@ -288,6 +292,7 @@ RAW=$WORK/raw.tsv
 for n in $CONNS; do
   for r in $(seq "$REPS"); do
     for c in $CONTENDERS; do
+      run_wrk "$c" "$n" "$WARM" "$WORK/warm-$c-$n-$r.txt"
       pids=$(contender_pids "$c")
       t0=$(cpu_ticks "$pids")
       run_wrk "$c" "$n" "$DURATION" "$WORK/run-$c-$n-$r.txt"
@@ -297,6 +302,7 @@ for n in $CONNS; do
     done
   done
 done
+export WARM
 PEAK_RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$KG_PID/status")
 RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$KG_PID/status")
 
@@ -341,7 +347,8 @@ def rng(xs, f): return f"{f(min(xs))}–{f(max(xs))}" if xs else "–"
 k = lambda x: f"{x:,.0f}"
 
 print(f"Machine: {nproc} CPUs, {cpu}, Linux {kernel}; load average at the end {load}.  ")
-print(f"{reps} × {dur} s per contender and connection count, interleaved; medians (min–max).  ")
+import os
+print(f"{reps} × {dur} s per contender and connection count (each after {os.environ.get('WARM', '2')} s of the same load, unmeasured), interleaved; medians (min–max).  ")
 print(f"keygate peak RSS (VmHWM) {int(peak_kb)/1024:.1f} MiB, RSS at the end {int(rss_kb)/1024:.1f} MiB, with {keys} keys cached.")
 print()
 for n in sorted({n for _, n in rows}):

@@ -395,88 +395,16 @@ pub fn authorize(route: &Route, principal: Arc<Principal>) -> Result<Permit<'_>,
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     use std::time::Duration;
 
-    use async_trait::async_trait;
     use uuid::Uuid;
 
     use super::*;
     use crate::keys::cache::CacheSettings;
     use crate::keys::store::sqlite::SqliteStore;
-    use crate::keys::store::{ClientWithKeys, Page, StoreResult};
-    use crate::keys::{ApiKey, Client, KeyRecord};
-
-    /// The real SQLite store, counting lookups by hash.
-    struct Counting {
-        inner: SqliteStore,
-        lookups: AtomicUsize,
-        /// When set, lookups fail as if the store were unreachable.
-        down: std::sync::atomic::AtomicBool,
-    }
-
-    #[async_trait]
-    impl Store for Counting {
-        async fn find_by_hash(&self, h: &KeyHash, now: Millis) -> StoreResult<Option<KeyRecord>> {
-            self.lookups.fetch_add(1, Ordering::SeqCst);
-            if self.down.load(Ordering::SeqCst) {
-                return Err(crate::keys::store::StoreError::Unavailable("down".into()));
-            }
-            self.inner.find_by_hash(h, now).await
-        }
-        async fn find_by_id(&self, id: Uuid) -> StoreResult<Option<KeyRecord>> {
-            self.inner.find_by_id(id).await
-        }
-        async fn list_keys(&self, c: Option<&str>, p: u32, n: u32) -> StoreResult<Page<ApiKey>> {
-            self.inner.list_keys(c, p, n).await
-        }
-        async fn insert_key(&self, k: &ApiKey, max: u32) -> StoreResult<()> {
-            self.inner.insert_key(k, max).await
-        }
-        async fn update_key(&self, k: &ApiKey) -> StoreResult<bool> {
-            self.inner.update_key(k).await
-        }
-        async fn delete_key(&self, id: Uuid) -> StoreResult<Option<ApiKey>> {
-            self.inner.delete_key(id).await
-        }
-        async fn insert_client(&self, c: &Client, k: &ApiKey) -> StoreResult<()> {
-            self.inner.insert_client(c, k).await
-        }
-        async fn get_client(&self, id: &str) -> StoreResult<Option<Client>> {
-            self.inner.get_client(id).await
-        }
-        async fn list_clients(&self, p: u32, n: u32) -> StoreResult<Page<Client>> {
-            self.inner.list_clients(p, n).await
-        }
-        async fn update_client(&self, c: &Client) -> StoreResult<bool> {
-            self.inner.update_client(c).await
-        }
-        async fn delete_client(&self, id: &str) -> StoreResult<Option<ClientWithKeys>> {
-            self.inner.delete_client(id).await
-        }
-        async fn replace_client_keys(
-            &self,
-            id: &str,
-            disable_only: bool,
-            new_key: Option<&ApiKey>,
-        ) -> StoreResult<Vec<ApiKey>> {
-            self.inner
-                .replace_client_keys(id, disable_only, new_key)
-                .await
-        }
-        async fn record_last_used(&self, used: &[(Uuid, Millis)]) -> StoreResult<()> {
-            self.inner.record_last_used(used).await
-        }
-        async fn record_usage(&self, u: &[crate::keys::store::Usage]) -> StoreResult<()> {
-            self.inner.record_usage(u).await
-        }
-        async fn usage(&self, id: Uuid, from: i64, to: i64) -> StoreResult<Vec<(i64, u64)>> {
-            self.inner.usage(id, from, to).await
-        }
-        async fn ping(&self) -> StoreResult<()> {
-            self.inner.ping().await
-        }
-    }
+    use crate::keys::store::testing::Counting;
+    use crate::keys::{ApiKey, Client};
 
     fn setup() -> (Authenticator, Arc<Counting>, KeyCache, tempfile::TempDir) {
         setup_ttl(Duration::from_secs(60))
@@ -484,11 +412,9 @@ mod tests {
 
     fn setup_ttl(ttl: Duration) -> (Authenticator, Arc<Counting>, KeyCache, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Counting {
-            inner: SqliteStore::open(&dir.path().join("k.db")).unwrap(),
-            lookups: AtomicUsize::new(0),
-            down: Default::default(),
-        });
+        let store = Arc::new(Counting::new(
+            SqliteStore::open(&dir.path().join("k.db")).unwrap(),
+        ));
         let cache = KeyCache::new(&CacheSettings {
             capacity: 1000,
             ttl,

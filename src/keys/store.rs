@@ -5,6 +5,8 @@
 pub mod metered;
 pub mod redis;
 pub mod sqlite;
+#[cfg(test)]
+pub mod testing;
 
 use std::sync::Arc;
 

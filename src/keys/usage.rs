@@ -14,6 +14,8 @@ use super::{Millis, Principal};
 use crate::telemetry::metrics::Metrics;
 
 const DAY_MS: i64 = 86_400_000;
+/// Keys written per store call when usage is flushed.
+const FLUSH_CHUNK: usize = 500;
 
 /// Usage not yet written, kept on each cached principal.
 #[derive(Debug, Default)]
@@ -61,45 +63,162 @@ impl UsageRecorder {
         if batch.is_empty() {
             return 0;
         }
-        let mut taken = Vec::with_capacity(batch.len());
-        let mut by_key: HashMap<Uuid, Usage> = HashMap::new();
+        // Per key: what goes to the store, and the principals whose counts it holds (to give
+        // them back if the write fails).
+        let mut by_key: HashMap<Uuid, (Usage, Vec<(Arc<Principal>, u64)>)> = HashMap::new();
         for p in batch {
             p.usage.queued.store(false, Ordering::Release);
             let last = p.usage.last_used.load(Ordering::Relaxed);
             let n = p.usage.requests.swap(0, Ordering::AcqRel);
-            let e = by_key.entry(p.key_id).or_insert(Usage {
-                key_id: p.key_id,
-                last_used_at: last,
-                day: last.div_euclid(DAY_MS),
-                requests: 0,
+            let (e, taken) = by_key.entry(p.key_id).or_insert_with(|| {
+                (
+                    Usage {
+                        key_id: p.key_id,
+                        last_used_at: last,
+                        day: last.div_euclid(DAY_MS),
+                        requests: 0,
+                    },
+                    Vec::new(),
+                )
             });
             e.last_used_at = e.last_used_at.max(last);
             e.day = e.last_used_at.div_euclid(DAY_MS);
             e.requests += n;
             taken.push((p, n));
         }
-        let entries: Vec<Usage> = by_key.into_values().collect();
-        match self.store.record_usage(&entries).await {
-            Ok(()) => {
-                self.metrics.usage_flushes.inc();
-                entries.len()
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, keys = entries.len(), "usage flush failed; will retry");
+        let groups: Vec<(Usage, Vec<(Arc<Principal>, u64)>)> = by_key.into_values().collect();
+        // In chunks, yielding between them: a flush of many keys does not hold up requests for
+        // the whole write.
+        let mut written = 0;
+        for (i, chunk) in groups.chunks(FLUSH_CHUNK).enumerate() {
+            let entries: Vec<Usage> = chunk.iter().map(|(u, _)| *u).collect();
+            if let Err(e) = self.store.record_usage(&entries).await {
+                let left = groups.len() - i * FLUSH_CHUNK;
+                tracing::warn!(error = %e, keys = left, "usage flush failed; will retry");
                 self.metrics.usage_flush_errors.inc();
-                for (p, n) in taken {
-                    p.usage.requests.fetch_add(n, Ordering::AcqRel);
-                    if !p.usage.queued.swap(true, Ordering::AcqRel) {
-                        self.queue(&p);
+                for (_, taken) in &groups[i * FLUSH_CHUNK..] {
+                    for (p, n) in taken {
+                        p.usage.requests.fetch_add(*n, Ordering::AcqRel);
+                        if !p.usage.queued.swap(true, Ordering::AcqRel) {
+                            self.queue(p);
+                        }
                     }
                 }
-                0
+                return written;
             }
+            written += entries.len();
+            tokio::task::yield_now().await;
         }
+        self.metrics.usage_flushes.inc();
+        written
     }
 }
 
 /// Days since the Unix epoch (UTC) of `ms`.
 pub fn day_of(ms: Millis) -> i64 {
     ms.div_euclid(DAY_MS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::keys::store::sqlite::SqliteStore;
+    use crate::keys::store::testing::Counting;
+    use crate::keys::{ApiKey, Client, KeyFormat, KeyRecord, now_millis};
+    use crate::limit::KeyLimiter;
+
+    fn key(client: &str) -> (ApiKey, crate::keys::NewKey) {
+        let k = KeyFormat::new("kg_").generate();
+        let now = now_millis();
+        let key = ApiKey {
+            id: Uuid::now_v7(),
+            client_id: client.into(),
+            name: "n".into(),
+            prefix: k.display_prefix.clone(),
+            key_hash: k.hash,
+            previous_hash: None,
+            previous_valid_until: None,
+            permissions: vec![],
+            enabled: true,
+            created_at: now,
+            updated_at: now,
+            expires_at: None,
+            last_used_at: None,
+            rotated_at: None,
+            rate_limit: None,
+            metadata: None,
+        };
+        (key, k)
+    }
+
+    /// A flush of more keys than one chunk writes them all; a chunk that fails gives its
+    /// counts, and those of the chunks after it, back for the next flush, and nothing that was
+    /// written is counted twice.
+    #[tokio::test]
+    async fn flushes_go_out_in_chunks_and_a_failed_chunk_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Counting::new(
+            SqliteStore::open(&dir.path().join("u.db")).unwrap(),
+        ));
+        let client = Client {
+            client_id: "c".into(),
+            license: "pro".into(),
+            created_at: now_millis(),
+            metadata: None,
+        };
+        let n = FLUSH_CHUNK * 2 + 100;
+        let mut principals = Vec::new();
+        for i in 0..n {
+            let (k, new) = key("c");
+            if i == 0 {
+                store.insert_client(&client, &k).await.unwrap();
+            } else {
+                store.insert_key(&k, 0).await.unwrap();
+            }
+            let record = KeyRecord {
+                key: k,
+                license: "pro".into(),
+            };
+            let limiter = Arc::new(KeyLimiter::new(record.key.rate_limit.unwrap_or(
+                crate::keys::RateLimit {
+                    per_second: Some(10),
+                    per_minute: None,
+                    per_hour: None,
+                    burst: 10,
+                },
+            )));
+            principals.push(Principal::from_record(&record, &new.hash, limiter));
+        }
+        let metrics = Arc::new(Metrics::new(vec!["/".into()]));
+        let usage = UsageRecorder::new(store.clone() as Arc<dyn Store>, metrics);
+        let now = now_millis();
+        for p in &principals {
+            usage.touch(p, now);
+            usage.touch(p, now);
+        }
+        // The second chunk fails: the first is written, the second and third are kept.
+        store.usage_writes_left.store(1, Ordering::SeqCst);
+        assert_eq!(usage.flush().await, FLUSH_CHUNK);
+        store.usage_writes_left.store(usize::MAX, Ordering::SeqCst);
+        for p in &principals {
+            usage.touch(p, now);
+        }
+        assert_eq!(usage.flush().await, n);
+        let day = day_of(now);
+        let count = |p: &Principal| {
+            let store = store.clone();
+            let id = p.key_id;
+            async move {
+                let days = store.usage(id, day, day).await.unwrap();
+                days.iter().map(|(_, r)| r).sum::<u64>()
+            }
+        };
+        let mut totals = Vec::new();
+        for p in &principals {
+            totals.push(count(p).await);
+        }
+        assert!(totals.iter().all(|&t| t == 3), "{:?}", &totals[..10]);
+    }
 }

@@ -37,7 +37,7 @@ use super::forward::{ConnInfo, cause_chain};
 use super::route::{self, Route};
 use super::{Gateway, HEALTH_PATH, LOGIN_PATH, Outcome};
 use crate::auth::credential::{self, Source};
-use crate::auth::{self};
+use crate::auth::{self, Permit};
 use crate::error::ProxyError;
 use chunked::{Decoder, Step};
 use head::{Field, Framing, Parsed, RequestHead, ResponseHead, Span};
@@ -372,7 +372,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         let sent = Instant::now();
         let deadline = tokio::time::Instant::from_std(sent + gw.forwarder.timeout());
         let (mut uc, res, body_sent) = match self
-            .send(gw, route, authority, head, body_at, deadline, st)
+            .send(gw, &permit, authority, head, body_at, deadline, st)
             .await
         {
             Ok(r) => r,
@@ -429,13 +429,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
     async fn send(
         &mut self,
         gw: &Gateway,
-        route: &Route,
+        permit: &Permit<'_>,
         authority: &Authority,
         head: &RequestHead,
         body_at: usize,
         deadline: tokio::time::Instant,
         st: &Settings,
     ) -> Result<(Conn, ResponseHead, bool), Stop> {
+        let route = permit.route();
         let pool = &gw.forwarder.h1;
         let mut retried = false;
         loop {

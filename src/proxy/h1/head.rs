@@ -492,10 +492,12 @@ pub fn parse_response(
             (None, Some(n)) => Framing::Length(n),
         }
     };
-    // Content-Length is forwarded as sent only when it describes the body we relay.
-    if framing == Framing::Chunked || framing == Framing::Close {
-        for f in fields.iter_mut() {
-            if f.kind == Kind::ContentLength {
+    // The gateway writes the length of a body it relays itself, once; a bodiless answer keeps
+    // the upstream's first length (what a GET would have returned), nothing else.
+    let mut keep = framing == Framing::Empty;
+    for f in fields.iter_mut() {
+        if f.kind == Kind::ContentLength {
+            if !std::mem::take(&mut keep) {
                 f.kind = Kind::Drop;
             }
         }
@@ -736,18 +738,16 @@ mod tests {
         assert!(h.has_date);
         let kinds: Vec<Kind> = fields.iter().map(|f| f.kind).collect();
         use Kind::*;
+        // The length of a relayed body is written by the gateway itself.
         assert_eq!(
             kinds,
-            [
-                Drop,
-                Drop,
-                Drop,
-                RateLimit,
-                Date,
-                ContentLength,
-                Drop,
-                Forward
-            ]
+            [Drop, Drop, Drop, RateLimit, Date, Drop, Drop, Forward]
         );
+        let head = "HTTP/1.1 200 OK\r\nContent-Length: 7\r\nContent-Length: 7\r\n\r\n";
+        parse_response(head.as_bytes(), true, &mut fields)
+            .unwrap()
+            .unwrap();
+        let kinds: Vec<Kind> = fields.iter().map(|f| f.kind).collect();
+        assert_eq!(kinds, [ContentLength, Drop]);
     }
 }

@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{Response, StatusCode};
 
-use super::head::{Field, Kind, RequestHead, ResponseHead};
+use super::head::{Field, Framing, Kind, RequestHead, ResponseHead};
 use crate::limit::RateInfo;
 
 /// Appends `n` in decimal.
@@ -133,7 +133,7 @@ pub fn request_head(
 /// How the gateway frames a relayed body to its client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Out {
-    /// The upstream's `Content-Length` is forwarded (or there is no body).
+    /// With the upstream's length (or no body).
     AsIs,
     /// Re-chunked (the upstream's body was chunked or close-delimited).
     Chunked,
@@ -181,8 +181,14 @@ pub fn response_head(
             r.reset_secs,
         );
     }
-    if framing == Out::Chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    match (framing, head.framing) {
+        (Out::Chunked, _) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        (Out::AsIs, Framing::Length(n)) => {
+            out.extend_from_slice(b"content-length: ");
+            decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        (Out::AsIs, _) => {}
     }
     if !head.has_date {
         date_field(out);

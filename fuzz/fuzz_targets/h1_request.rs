@@ -1,0 +1,80 @@
+//! The fast path's request heads: whatever the bytes, parsing never panics, and a head it
+//! takes is forwarded as a head that parses back whole, with exactly one `Host`, the length
+//! exactly when the request had one, no hop-by-hop, `x-keygate-*`, underscored or credential
+//! field, and the target that was routed.
+#![no_main]
+use keygate::proxy::h1::head::{Parsed, parse_request};
+use keygate::proxy::h1::wire::{Strip, Upstream, request_head};
+use libfuzzer_sys::fuzz_target;
+
+const NEVER: [&str; 12] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "http2-settings",
+    "trailer",
+    "expect",
+    "x-forwarded-proto",
+];
+
+fuzz_target!(|data: &[u8]| {
+    let mut fields = Vec::new();
+    let Parsed::Complete(head) = parse_request(data, "x-api-key", 100, &mut fields) else {
+        return;
+    };
+    assert!(head.len <= data.len());
+    let path = head.path(data);
+    assert!(path.starts_with('/'));
+    for strip in [Strip::Nothing, Strip::Authorization, Strip::ApiKey] {
+        let mut out = Vec::new();
+        request_head(
+            &mut out,
+            data,
+            &head,
+            &fields,
+            &Upstream {
+                target: None,
+                strip,
+                identity: Some(b"x-keygate-client-id: c\r\n"),
+                peer_ip: b"127.0.0.1",
+                proto: b"http",
+                host: b"up:80",
+            },
+        );
+        let mut hs = [httparse::EMPTY_HEADER; 256];
+        let mut req = httparse::Request::new(&mut hs);
+        let n = match req.parse(&out) {
+            Ok(httparse::Status::Complete(n)) => n,
+            other => panic!("forwarded head does not parse: {other:?}"),
+        };
+        assert_eq!(n, out.len(), "bytes after the forwarded head");
+        assert_eq!(req.path.unwrap().as_bytes(), head.target.get(data));
+        let mut hosts = 0;
+        let mut lengths = Vec::new();
+        for h in req.headers.iter() {
+            let name = h.name.to_ascii_lowercase();
+            assert!(!NEVER.contains(&name.as_str()), "{name} forwarded");
+            assert!(!name.contains('_'), "{name} forwarded");
+            if name.starts_with("x-keygate-") {
+                assert_eq!((name.as_str(), h.value), ("x-keygate-client-id", &b"c"[..]));
+            }
+            match name.as_str() {
+                "host" => hosts += 1,
+                "content-length" => lengths.push(h.value.to_vec()),
+                "authorization" => assert_ne!(strip, Strip::Authorization),
+                "x-api-key" => assert_ne!(strip, Strip::ApiKey),
+                _ => {}
+            }
+        }
+        assert_eq!(hosts, 1);
+        match head.content_length {
+            Some(len) => assert_eq!(lengths, [len.to_string().into_bytes()]),
+            None => assert!(lengths.is_empty()),
+        }
+    }
+});

@@ -1,0 +1,105 @@
+//! Test support: the real SQLite store behind a wrapper that counts lookups and fails on
+//! demand (for the cache, authentication and usage tests).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use super::sqlite::SqliteStore;
+use super::{ClientWithKeys, Page, Store, StoreError, StoreResult};
+use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis};
+
+/// The real SQLite store, counting lookups by hash, with failures on demand.
+pub struct Counting {
+    pub inner: SqliteStore,
+    pub lookups: AtomicUsize,
+    /// When set, lookups fail as if the store were unreachable.
+    pub down: AtomicBool,
+    /// `record_usage` calls that succeed before every further one fails.
+    pub usage_writes_left: AtomicUsize,
+}
+
+impl Counting {
+    pub fn new(inner: SqliteStore) -> Self {
+        Counting {
+            inner,
+            lookups: AtomicUsize::new(0),
+            down: AtomicBool::new(false),
+            usage_writes_left: AtomicUsize::new(usize::MAX),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for Counting {
+    async fn find_by_hash(&self, h: &KeyHash, now: Millis) -> StoreResult<Option<KeyRecord>> {
+        self.lookups.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        self.inner.find_by_hash(h, now).await
+    }
+    async fn find_by_id(&self, id: Uuid) -> StoreResult<Option<KeyRecord>> {
+        self.inner.find_by_id(id).await
+    }
+    async fn list_keys(&self, c: Option<&str>, p: u32, n: u32) -> StoreResult<Page<ApiKey>> {
+        self.inner.list_keys(c, p, n).await
+    }
+    async fn insert_key(&self, k: &ApiKey, max: u32) -> StoreResult<()> {
+        self.inner.insert_key(k, max).await
+    }
+    async fn update_key(&self, k: &ApiKey) -> StoreResult<bool> {
+        self.inner.update_key(k).await
+    }
+    async fn delete_key(&self, id: Uuid) -> StoreResult<Option<ApiKey>> {
+        self.inner.delete_key(id).await
+    }
+    async fn insert_client(&self, c: &Client, k: &ApiKey) -> StoreResult<()> {
+        self.inner.insert_client(c, k).await
+    }
+    async fn get_client(&self, id: &str) -> StoreResult<Option<Client>> {
+        self.inner.get_client(id).await
+    }
+    async fn list_clients(&self, p: u32, n: u32) -> StoreResult<Page<Client>> {
+        self.inner.list_clients(p, n).await
+    }
+    async fn update_client(&self, c: &Client) -> StoreResult<bool> {
+        self.inner.update_client(c).await
+    }
+    async fn delete_client(&self, id: &str) -> StoreResult<Option<ClientWithKeys>> {
+        self.inner.delete_client(id).await
+    }
+    async fn replace_client_keys(
+        &self,
+        id: &str,
+        disable_only: bool,
+        new_key: Option<&ApiKey>,
+    ) -> StoreResult<Vec<ApiKey>> {
+        self.inner
+            .replace_client_keys(id, disable_only, new_key)
+            .await
+    }
+    async fn record_last_used(&self, used: &[(Uuid, Millis)]) -> StoreResult<()> {
+        self.inner.record_last_used(used).await
+    }
+    async fn record_usage(&self, u: &[crate::keys::store::Usage]) -> StoreResult<()> {
+        let allowed =
+            self.usage_writes_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
+                    0 => None,
+                    usize::MAX => Some(usize::MAX),
+                    n => Some(n - 1),
+                });
+        if allowed.is_err() {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        self.inner.record_usage(u).await
+    }
+    async fn usage(&self, id: Uuid, from: i64, to: i64) -> StoreResult<Vec<(i64, u64)>> {
+        self.inner.usage(id, from, to).await
+    }
+    async fn ping(&self) -> StoreResult<()> {
+        self.inner.ping().await
+    }
+}
