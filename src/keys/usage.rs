@@ -14,6 +14,9 @@ use super::{Millis, Principal};
 use crate::telemetry::metrics::Metrics;
 
 const DAY_MS: i64 = 86_400_000;
+/// The principals whose counts one key's flushed usage holds, and how many each gave.
+type Taken = Vec<(Arc<Principal>, u64)>;
+
 /// Keys written per store call when usage is flushed.
 const FLUSH_CHUNK: usize = 500;
 
@@ -65,7 +68,7 @@ impl UsageRecorder {
         }
         // Per key: what goes to the store, and the principals whose counts it holds (to give
         // them back if the write fails).
-        let mut by_key: HashMap<Uuid, (Usage, Vec<(Arc<Principal>, u64)>)> = HashMap::new();
+        let mut by_key: HashMap<Uuid, (Usage, Taken)> = HashMap::new();
         for p in batch {
             p.usage.queued.store(false, Ordering::Release);
             let last = p.usage.last_used.load(Ordering::Relaxed);
@@ -86,7 +89,7 @@ impl UsageRecorder {
             e.requests += n;
             taken.push((p, n));
         }
-        let groups: Vec<(Usage, Vec<(Arc<Principal>, u64)>)> = by_key.into_values().collect();
+        let groups: Vec<(Usage, Taken)> = by_key.into_values().collect();
         // In chunks, yielding between them: a flush of many keys does not hold up requests for
         // the whole write.
         let mut written = 0;

@@ -496,10 +496,8 @@ pub fn parse_response(
     // the upstream's first length (what a GET would have returned), nothing else.
     let mut keep = framing == Framing::Empty;
     for f in fields.iter_mut() {
-        if f.kind == Kind::ContentLength {
-            if !std::mem::take(&mut keep) {
-                f.kind = Kind::Drop;
-            }
+        if f.kind == Kind::ContentLength && !std::mem::take(&mut keep) {
+            f.kind = Kind::Drop;
         }
     }
     Ok(Some(ResponseHead {
