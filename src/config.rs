@@ -621,10 +621,18 @@ impl RawConfig {
         let api_key_header = match http::HeaderName::from_bytes(
             self.proxy.api_key_header.as_bytes(),
         ) {
-            Ok(h) if h != http::header::AUTHORIZATION => h,
+            // Fields with `_` and `x-keygate-*` are refused inbound (see proxy::headers): such a
+            // name could never carry a key.
+            Ok(h)
+                if h != http::header::AUTHORIZATION
+                    && !h.as_str().contains('_')
+                    && !h.as_str().starts_with("x-keygate-") =>
+            {
+                h
+            }
             _ => {
                 errs.push(format!(
-                    "proxy.api_key_header: {:?} is not a valid header name (other than Authorization); e.g. \"x-api-key\"",
+                    "proxy.api_key_header: {:?} is not a valid header name (other than Authorization, without '_', not x-keygate-*); e.g. \"x-api-key\"",
                     self.proxy.api_key_header
                 ));
                 http::HeaderName::from_static(DEFAULT_API_KEY_HEADER)
@@ -1080,6 +1088,18 @@ mod tests {
         assert!(e.to_string().contains("listen_addr"), "{e}");
         let e = load("[nonsense]\n", &[], CliOverrides::default()).unwrap_err();
         assert!(e.to_string().contains("nonsense"), "{e}");
+    }
+
+    #[test]
+    fn an_api_key_header_that_is_refused_inbound_is_an_error() {
+        for name in ["x_api_key", "X-Keygate-Key", "authorization", "bad header"] {
+            let text = format!("[proxy]\napi_key_header = \"{name}\"\n");
+            let e = load(&text, &[], CliOverrides::default()).unwrap_err();
+            assert!(
+                e.to_string().contains("proxy.api_key_header"),
+                "{name}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -64,6 +64,7 @@ impl Gateway {
     pub fn sweep(&self) {
         self.routes.sweep();
         self.failed_auth.sweep();
+        self.forwarder.h1.sweep();
     }
 
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {

@@ -219,14 +219,25 @@ impl Connection {
                 }
             }
         }
+        // Handed over while draining: the request already read is answered, then the
+        // connection closes (a graceful shutdown now would drop it unanswered).
+        let draining = self.drain.has_changed().unwrap_or(true);
+        if draining {
+            builder.http1().keep_alive(false);
+        }
         let io = TokioIo::new(Rewind { read, at: 0, io });
         let conn = builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = self.drain.changed() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
+        let result = if draining {
+            conn.await
+        } else {
+            tokio::select! {
+                biased;
+                r = conn.as_mut() => r,
+                _ = self.drain.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
             }
         };
         if let Err(e) = result {

@@ -396,6 +396,10 @@ impl Forwarder {
             }
             Ok(Ok(res)) => res,
         };
+        if unrelayable_coding(res.headers()) {
+            tracing::warn!(route = %route.name, "upstream answered with a transfer coding other than chunked");
+            return Err(ProxyError::UpstreamUnavailable);
+        }
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_side) = client_side else {
                 tracing::warn!(route = %route.name, "upstream switched protocols unasked");
@@ -475,6 +479,10 @@ impl Forwarder {
             }
             Ok(Ok(sent)) => sent,
         };
+        if unrelayable_coding(res.headers()) {
+            tracing::warn!(route = %route.name, "upstream answered with a transfer coding other than chunked");
+            return Err(ProxyError::UpstreamUnavailable);
+        }
         let lease = Lease {
             pool: Arc::clone(&self.pool),
             authority: authority.clone(),
@@ -598,6 +606,18 @@ fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> Option<ProxyErro
     user.then_some(ProxyError::BadRequest(
         "the request body is malformed or was cut short",
     ))
+}
+
+/// True when a response's body is under a transfer coding other than one `chunked` (gzip…):
+/// hyper removes the chunked framing, and the other coding cannot be relayed without its
+/// `Transfer-Encoding`, which is hop-by-hop; such a response is refused (502).
+fn unrelayable_coding(h: &http::HeaderMap) -> bool {
+    let mut codings = h.get_all(http::header::TRANSFER_ENCODING).iter();
+    match (codings.next(), codings.next()) {
+        (None, _) => false,
+        (Some(v), None) => !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"),
+        (Some(_), Some(_)) => true,
+    }
 }
 
 /// Why an upstream request failed (logged; the client sees 502).

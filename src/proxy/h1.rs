@@ -201,6 +201,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
                 let msg = &self.buf[self.start..self.end];
                 let key_header = gw.extractor.api_key_header.as_str();
                 match head::parse_request(msg, key_header, st.max_headers, &mut self.fields) {
+                    // Hyper answers 431.
+                    Parsed::Complete(h) if h.len > st.max_header_bytes => {
+                        return HeadRead::Handover;
+                    }
                     Parsed::Complete(h) => return HeadRead::Head(h),
                     Parsed::Handover => return HeadRead::Handover,
                     Parsed::Partial => {}
@@ -405,7 +409,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         let idle = gw.forwarder.timeout();
         match self.relay_body(&mut uc, &res, st, idle).await {
             Ok(at_boundary) => {
-                if at_boundary && body_sent && res.keep_alive {
+                // After a bodiless answer (HEAD, 204, 304) the connection is not reused: an
+                // upstream that wrongly sends a body there cannot make it the next answer.
+                let bodiless = res.framing == Framing::Empty;
+                if at_boundary && body_sent && res.keep_alive && !bodiless {
                     uc.end = 0;
                     gw.forwarder.h1.put(authority, uc);
                 }
@@ -440,7 +447,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         let pool = &gw.forwarder.h1;
         let mut retried = false;
         loop {
-            let mut uc = match pool.take(authority) {
+            let pooled = if retried { None } else { pool.take(authority) };
+            let mut uc = match pooled {
                 Some(c) => c,
                 None => match tokio::time::timeout_at(deadline, pool.connect(authority)).await {
                     Err(_) => return Err(ProxyError::UpstreamTimeout.into()),
@@ -675,19 +683,33 @@ enum Probe {
     Closed,
 }
 
-/// Reads what the upstream sent while the request body was still being copied.
+/// Reads what the upstream sent while the request body was still being copied. Interim
+/// answers (`100 Continue`, `103 Early Hints`) are dropped and the upload goes on; anything
+/// else — a final answer, or bytes that are no answer at all — ends the upload.
 fn probe(r: &tokio::net::tcp::ReadHalf<'_>, buf: &mut [u8], end: &mut usize) -> Probe {
     if *end == buf.len() {
         return Probe::Answer;
     }
     match r.try_read(&mut buf[*end..]) {
-        Ok(0) => Probe::Closed,
-        Ok(n) => {
-            *end += n;
-            Probe::Answer
+        Ok(0) => return Probe::Closed,
+        Ok(n) => *end += n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Probe::Nothing,
+        Err(_) => return Probe::Closed,
+    }
+    let mut fields = Vec::new();
+    loop {
+        match head::parse_response(&buf[..*end], false, &mut fields) {
+            Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
+                buf.copy_within(h.len..*end, 0);
+                *end -= h.len;
+            }
+            // Not complete yet: keep copying the body until it is.
+            Ok(None) if *end < buf.len() => return Probe::Nothing,
+            _ => return Probe::Answer,
         }
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Probe::Nothing,
-        Err(_) => Probe::Closed,
+        if *end == 0 {
+            return Probe::Nothing;
+        }
     }
 }
 
@@ -701,16 +723,22 @@ fn upstream_failed(route: &Route, error: &dyn std::error::Error) {
     );
 }
 
+/// Writes `data` to the client; `timeout` bounds each pause (a client that takes no bytes for
+/// that long), not the whole write.
 async fn write_client<I: AsyncWrite + Unpin>(
     io: &mut I,
     data: &[u8],
     timeout: Duration,
 ) -> Result<(), &'static str> {
-    let write = async {
-        io.write_all(data).await?;
-        io.flush().await
-    };
-    match tokio::time::timeout(timeout, write).await {
+    let mut written = 0;
+    while written < data.len() {
+        match tokio::time::timeout(timeout, io.write(&data[written..])).await {
+            Ok(Ok(n)) if n > 0 => written += n,
+            Ok(_) => return Err("client write failed"),
+            Err(_) => return Err("client stopped reading"),
+        }
+    }
+    match tokio::time::timeout(timeout, io.flush()).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err("client write failed"),
         Err(_) => Err("client stopped reading"),
@@ -778,6 +806,8 @@ enum ReadError {
     TooLarge,
     #[error("upstream switched protocols unasked")]
     Switched,
+    #[error("status {0} is no HTTP status")]
+    Status(u16),
 }
 
 /// Reads the response head, skipping interim (1xx) responses.
@@ -791,6 +821,7 @@ async fn read_response(
     loop {
         if uc.end > 0 {
             match head::parse_response(&uc.buf[..uc.end], head_request, fields)? {
+                Some(h) if h.status < 100 => return Err(ReadError::Status(h.status)),
                 Some(h) if h.status == 101 => return Err(ReadError::Switched),
                 Some(h) if h.status < 200 => {
                     uc.buf.copy_within(h.len..uc.end, 0);

@@ -389,7 +389,7 @@ pub enum BadResponse {
     Parse(httparse::Error),
     #[error("conflicting Content-Length values")]
     Length,
-    #[error("Transfer-Encoding on an HTTP/1.0 response")]
+    #[error("a transfer coding other than chunked, or on an HTTP/1.0 response")]
     Encoding,
 }
 
@@ -429,16 +429,13 @@ pub fn parse_response(
             }
             Kind::ContentLength
         } else if eq(name, "transfer-encoding") {
-            if !http11 {
+            // Only `chunked`, once: a body under another transfer coding (gzip…) cannot be
+            // relayed without it, and relaying the coding is not supported.
+            let only_chunked = h.value.trim_ascii().eq_ignore_ascii_case(b"chunked");
+            if !http11 || chunked.is_some() || !only_chunked {
                 return Err(BadResponse::Encoding);
             }
-            // Chunked only when it is the final coding (RFC 9112 §6.3).
-            let last = h
-                .value
-                .rsplit(|&b| b == b',')
-                .map(<[u8]>::trim_ascii)
-                .find(|t| !t.is_empty());
-            chunked = Some(last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")));
+            chunked = Some(true);
             Kind::Drop
         } else if eq(name, "connection") {
             conn.add(buf, h.value);
@@ -478,14 +475,14 @@ pub fn parse_response(
         Framing::Empty
     } else {
         match (chunked, length) {
-            (Some(true), l) => {
+            (Some(_), l) => {
                 // Transfer-Encoding overrides Content-Length; such a connection is not reused.
                 if l.is_some() {
                     keep_alive = false;
                 }
                 Framing::Chunked
             }
-            (Some(false), _) | (None, None) => {
+            (None, None) => {
                 keep_alive = false;
                 Framing::Close
             }
@@ -670,12 +667,10 @@ mod tests {
         assert_eq!((ok.framing, ok.keep_alive), (Framing::Length(2), true));
         let ok = r("HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\nContent-Length: 2\r\n\r\n");
         assert_eq!(ok.framing, Framing::Length(2));
-        let c = r("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n");
+        let c = r("HTTP/1.1 200 OK\r\nTransfer-Encoding:  Chunked \r\n\r\n");
         assert_eq!((c.framing, c.keep_alive), (Framing::Chunked, true));
         let both = r("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n");
         assert_eq!((both.framing, both.keep_alive), (Framing::Chunked, false));
-        let other = r("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n");
-        assert_eq!((other.framing, other.keep_alive), (Framing::Close, false));
         let eof = r("HTTP/1.1 200 OK\r\n\r\n");
         assert_eq!((eof.framing, eof.keep_alive), (Framing::Close, false));
         let close = r("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
@@ -716,6 +711,10 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
             "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n",
             "HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n",
             "HTTP/1.1 2000 OK\r\n\r\n",
             "NOT HTTP\r\n\r\n",

@@ -77,17 +77,42 @@ impl Pool {
         }
     }
 
-    /// The most recently returned idle connection that is still usable.
+    /// The most recently returned idle connection that is still usable (checked outside the
+    /// lock; dead ones are dropped outside it too).
     pub fn take(&self, authority: &Authority) -> Option<Conn> {
-        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        let (_, idle) = hosts.iter_mut().find(|(a, _)| a == authority)?;
-        while let Some(mut c) = idle.pop() {
+        loop {
+            let mut c = {
+                let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+                let (_, idle) = hosts.iter_mut().find(|(a, _)| a == authority)?;
+                idle.pop()?
+            };
             if c.since.elapsed() <= IDLE_TIMEOUT && c.still_idle() {
                 c.reused = true;
                 return Some(c);
             }
         }
-        None
+    }
+
+    /// Drops connections idle for too long or closed by their upstream (called periodically,
+    /// so sockets do not linger in CLOSE_WAIT once traffic stops).
+    pub fn sweep(&self) {
+        let dead: Vec<Conn> = {
+            let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+            let mut dead = Vec::new();
+            for (_, idle) in hosts.iter_mut() {
+                let mut keep = Vec::with_capacity(idle.len());
+                for c in idle.drain(..) {
+                    if c.since.elapsed() <= IDLE_TIMEOUT && c.still_idle() {
+                        keep.push(c);
+                    } else {
+                        dead.push(c);
+                    }
+                }
+                *idle = keep;
+            }
+            dead
+        };
+        drop(dead);
     }
 
     /// Gives a connection back after an exchange that ended at a message boundary.
