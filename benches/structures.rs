@@ -177,13 +177,13 @@ fn rewrite_rebuild(h: &HeaderMap, p: &Principal, peer: &str, upstream: &str) -> 
     }
     let name = |s: &str| HeaderName::from_bytes(s.as_bytes()).unwrap();
     let value = |s: &str| HeaderValue::from_str(s).unwrap();
-    out.insert(name("x-keygate-client-id"), value(&p.client_id));
+    out.insert(name("x-keygate-client-id"), value(p.client_id()));
     out.insert(name("x-keygate-key-id"), value(&p.key_id.to_string()));
     out.insert(
         name("x-keygate-permissions"),
-        value(&p.permissions.join(",")),
+        value(&p.permission_list().join(",")),
     );
-    out.insert(name("x-keygate-license"), value(&p.license));
+    out.insert(name("x-keygate-license"), value(p.license()));
     out.insert(name("x-forwarded-for"), value(peer));
     out.insert(name("x-forwarded-proto"), value("http"));
     if let Some(host) = h.get(header::HOST) {
@@ -267,7 +267,7 @@ fn fast_path_head(
         &Upstream {
             target: None,
             strip: Strip::ApiKey,
-            identity: Some(&p.headers.wire),
+            identity: Some(&p.headers),
             peer_ip: b"127.0.0.1",
             proto: b"http",
             host: b"127.0.0.1:9000",

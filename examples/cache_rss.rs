@@ -69,7 +69,8 @@ enum Part {
 
 fn measure(n: usize, part: Part) {
     let cache = KeyCache::new(&CacheSettings {
-        capacity: n as u64,
+        // Room to spare: nothing is evicted while the table fills.
+        capacity: 2 * n as u64,
         ttl: Duration::from_secs(3600),
         negative_ttl: Duration::from_secs(3600),
         stale_if_error: Duration::from_secs(300),
@@ -80,7 +81,7 @@ fn measure(n: usize, part: Part) {
         per_hour: None,
         burst: 200,
     };
-    let limits = KeyLimits::new(limit, Default::default(), Duration::from_secs(3600));
+    let limits = KeyLimits::new(limit, Default::default());
     let shared = limits.bucket(Uuid::now_v7(), limit);
     let mut principals = Vec::new();
     let now = now_millis();
@@ -112,7 +113,7 @@ fn measure(n: usize, part: Part) {
         Part::All => "per cached key (cache entry + principal + limiter bucket)",
         Part::Buckets => "of it in the limiter registry and bucket",
         Part::Principals => "of it in the principal",
-        Part::Entries => "of it in the moka entry itself",
+        Part::Entries => "of it in the cache entry itself",
     };
     println!(
         "{n:>9} keys: VmRSS {before} KiB -> {after} KiB: {per_key:>5.0} bytes {what} \

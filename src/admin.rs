@@ -297,9 +297,9 @@ async fn identify(
         return Err(AdminError::Unauthorized);
     };
     match state.auth.authenticate(&cred).await {
-        Ok(p) if p.permissions.contains(&state.self_service_permission) => Ok(Caller::Client {
-            client_id: p.client_id.clone(),
-            permissions: p.permissions.clone(),
+        Ok(p) if p.has(&state.self_service_permission) => Ok(Caller::Client {
+            client_id: p.client_id().to_owned(),
+            permissions: p.permission_list(),
         }),
         Ok(_) => Err(AdminError::Forbidden(format!(
             "the key lacks the {:?} permission",

@@ -97,6 +97,17 @@ impl Authenticator {
         }
     }
 
+    /// Parts of the periodic sweep of idle state (key buckets, expired cache entries).
+    pub fn sweep_shards(&self) -> usize {
+        self.limits.shards().max(self.cache.shards())
+    }
+
+    /// Sweeps one part (see [`Authenticator::sweep_shards`]).
+    pub fn sweep_shard(&self, shard: usize) {
+        self.limits.sweep_shard(shard);
+        self.cache.sweep_shard(shard, now_millis());
+    }
+
     fn store_failed(&self, now: Millis, e: &crate::keys::store::StoreError, stale: bool) {
         self.store_health.failed(now);
         tracing::warn!(
@@ -117,7 +128,7 @@ impl Authenticator {
     /// Trades a valid API key for an access token.
     pub async fn login(&self, api_key: &str) -> Result<Token, ProxyError> {
         let p = self.api_key(api_key).await?;
-        Ok(self.jwt.issue(&p, p.rotated_at, now_millis()))
+        Ok(self.jwt.issue(&p, p.rotated_at(), now_millis()))
     }
 
     /// Authenticates an access token: signature and claims, then the key it was minted from
@@ -138,8 +149,8 @@ impl Authenticator {
             Lookup::Refill(stale) => self.fill_id(id, now, stale).await?,
         };
         let current = check_status(&principal, now).is_ok()
-            && principal.rotated_at.unwrap_or(0) == claims.rot
-            && *principal.client_id == *claims.sub;
+            && principal.rotated_at().unwrap_or(0) == claims.rot
+            && *principal.client_id() == *claims.sub;
         if current {
             Ok(principal)
         } else {
@@ -344,13 +355,13 @@ enum Lookup {
 }
 
 fn check_status(p: &Principal, now: Millis) -> Result<(), ProxyError> {
-    if p.grace_until.is_some_and(|g| g <= now) {
+    if p.grace_until().is_some_and(|g| g <= now) {
         return Err(ProxyError::InvalidApiKey);
     }
     if !p.enabled {
         return Err(ProxyError::DisabledApiKey);
     }
-    if p.expires_at.is_some_and(|e| e <= now) {
+    if p.expires_at().is_some_and(|e| e <= now) {
         return Err(ProxyError::ExpiredApiKey);
     }
     Ok(())
@@ -429,7 +440,6 @@ mod tests {
                 burst: 100,
             },
             Default::default(),
-            Duration::from_secs(60),
         ));
         let jwt = Arc::new(Jwt::new(&jwt::JwtSettings {
             secret: Jwt::random_secret(),
@@ -519,8 +529,8 @@ mod tests {
         let k = seed(&store).await;
         for _ in 0..5 {
             let p = auth.api_key(k.plaintext.expose()).await.unwrap();
-            assert_eq!(p.client_id, "c");
-            assert_eq!(p.license, "pro");
+            assert_eq!(p.client_id(), "c");
+            assert_eq!(p.license(), "pro");
         }
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
     }
@@ -532,7 +542,7 @@ mod tests {
         let token = auth.login(k.plaintext.expose()).await.unwrap().access_token;
         for _ in 0..3 {
             let p = auth.token(token.expose()).await.unwrap();
-            assert_eq!(p.client_id, "c");
+            assert_eq!(p.client_id(), "c");
         }
         auth.tokens.run_pending_tasks();
         assert_eq!(auth.tokens.entry_count(), 1, "verified once, then cached");
@@ -574,7 +584,7 @@ mod tests {
         // Past its TTL, the key is revalidated; the store fails; the stale entry is served.
         let before = store.lookups.load(Ordering::SeqCst);
         let p = auth.api_key(k.plaintext.expose()).await.unwrap();
-        assert_eq!(p.client_id, "c");
+        assert_eq!(p.client_id(), "c");
         assert_eq!(
             store.lookups.load(Ordering::SeqCst),
             before + 1,

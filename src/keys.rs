@@ -267,20 +267,19 @@ pub struct KeyRecord {
 }
 
 /// An authenticated caller, built once per cache fill and shared by every request that uses
-/// the key. Identity headers are pre-encoded so the request path only clones them.
+/// the key. Its client id, permissions and license live in one buffer with the key id, which
+/// is also where the identity headers are written from, so the request path copies bytes and
+/// clones nothing.
 #[derive(Debug)]
 pub struct Principal {
     pub key_id: Uuid,
-    pub client_id: String,
-    pub license: String,
-    pub permissions: Vec<String>,
     pub enabled: bool,
-    pub expires_at: Option<Millis>,
-    /// Set when the principal was found under the key's previous hash: the end of the
-    /// rotation grace period.
-    pub grace_until: Option<Millis>,
-    /// When the key was last rotated; tokens minted before it are refused.
-    pub rotated_at: Option<Millis>,
+    /// `Millis::MAX`: none (see [`Principal::expires_at`]).
+    expires_at: Millis,
+    /// `Millis::MAX`: none (see [`Principal::grace_until`]).
+    grace_until: Millis,
+    /// `Millis::MIN`: never (see [`Principal::rotated_at`]).
+    rotated_at: Millis,
     /// The key's rate-limit bucket (shared by every credential form of the key).
     pub limiter: Arc<crate::limit::KeyLimiter>,
     /// Requests not yet written to the store.
@@ -291,61 +290,85 @@ pub struct Principal {
     pub refreshing: std::sync::atomic::AtomicBool,
 }
 
+/// The identity sent upstream: client id, key id, permissions (comma-separated; permissions
+/// never hold a comma) and license, back to back in one buffer.
 #[derive(Debug, Clone)]
 pub struct IdentityHeaders {
-    pub client_id: HeaderValue,
-    pub key_id: HeaderValue,
-    pub permissions: HeaderValue,
-    pub license: HeaderValue,
-    /// The four fields as they go on the wire (`x-keygate-client-id: …\r\n` and so on); the
-    /// values above are slices of this one buffer.
-    pub wire: bytes::Bytes,
+    text: bytes::Bytes,
+    /// End of each of the four values in `text`.
+    ends: [u32; 4],
+    /// Bit `i` set: value `i` is not a valid header value (`HeaderValue::from_str` rules) and
+    /// goes out as `invalid`.
+    invalid: u8,
 }
 
+/// The identity fields, in the order of [`IdentityHeaders`]'s values.
+pub const IDENTITY_FIELDS: [&str; 4] = [
+    "x-keygate-client-id",
+    "x-keygate-key-id",
+    "x-keygate-permissions",
+    "x-keygate-license",
+];
+
 impl IdentityHeaders {
-    /// Encodes the four fields into one shared buffer: one allocation per principal, and a
-    /// request's clones touch one reference count instead of four. A value that is not a valid
-    /// header value (`HeaderValue::from_str` rules) becomes `invalid`.
     pub fn new(client_id: &str, key_id: &str, permissions: &str, license: &str) -> Self {
-        // `from_str` accepts visible ASCII and tab only.
-        let valid = |p: &'static str, v: &str| -> (&'static str, String) {
-            let ok = v.bytes().all(|b| b == b'\t' || (32..127).contains(&b));
-            (
-                p,
-                if ok {
-                    v.to_owned()
-                } else {
-                    "invalid".to_owned()
-                },
-            )
-        };
-        let parts = [
-            valid("x-keygate-client-id: ", client_id),
-            valid("x-keygate-key-id: ", key_id),
-            valid("x-keygate-permissions: ", permissions),
-            valid("x-keygate-license: ", license),
-        ];
-        let mut buf = Vec::with_capacity(parts.iter().map(|(n, v)| n.len() + v.len() + 2).sum());
-        let mut ranges = [(0, 0); 4];
-        for (i, (name, value)) in parts.iter().enumerate() {
-            buf.extend_from_slice(name.as_bytes());
-            ranges[i] = (buf.len(), buf.len() + value.len());
-            buf.extend_from_slice(value.as_bytes());
-            buf.extend_from_slice(b"\r\n");
+        let parts = [client_id, key_id, permissions, license];
+        let mut text = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+        let mut ends = [0u32; 4];
+        let mut invalid = 0u8;
+        for (i, p) in parts.iter().enumerate() {
+            text.extend_from_slice(p.as_bytes());
+            ends[i] = text.len() as u32;
+            // `from_str` accepts visible ASCII and tab only.
+            if !p.bytes().all(|b| b == b'\t' || (32..127).contains(&b)) {
+                invalid |= 1 << i;
+            }
         }
-        let wire = bytes::Bytes::from(buf);
-        let value = |i: usize| {
-            let (a, b) = ranges[i];
-            HeaderValue::from_maybe_shared(wire.slice(a..b))
-                .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
-        };
         IdentityHeaders {
-            client_id: value(0),
-            key_id: value(1),
-            permissions: value(2),
-            license: value(3),
-            wire,
+            text: bytes::Bytes::from(text),
+            ends,
+            invalid,
         }
+    }
+
+    fn range(&self, i: usize) -> std::ops::Range<usize> {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        start..self.ends[i] as usize
+    }
+
+    /// Value `i` as given (not as sent).
+    fn text(&self, i: usize) -> &str {
+        std::str::from_utf8(&self.text[self.range(i)]).unwrap_or("")
+    }
+
+    /// Value `i` as it goes out in a header.
+    pub fn value(&self, i: usize) -> &[u8] {
+        if self.invalid & (1 << i) != 0 {
+            b"invalid"
+        } else {
+            &self.text[self.range(i)]
+        }
+    }
+
+    /// Appends the four fields as they go on the wire.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        for (i, name) in IDENTITY_FIELDS.iter().enumerate() {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(self.value(i));
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// The four values as header values: slices of the one buffer, no copy.
+    pub fn header_values(&self) -> [HeaderValue; 4] {
+        std::array::from_fn(|i| {
+            if self.invalid & (1 << i) != 0 {
+                return HeaderValue::from_static("invalid");
+            }
+            HeaderValue::from_maybe_shared(self.text.slice(self.range(i)))
+                .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+        })
     }
 }
 
@@ -367,13 +390,10 @@ impl Principal {
         );
         Arc::new(Principal {
             key_id: key.id,
-            client_id: key.client_id.clone(),
-            license: record.license.clone(),
-            permissions: key.permissions.clone(),
             enabled: key.enabled,
-            expires_at: key.expires_at,
-            grace_until,
-            rotated_at: key.rotated_at,
+            expires_at: key.expires_at.unwrap_or(Millis::MAX),
+            grace_until: grace_until.unwrap_or(Millis::MAX),
+            rotated_at: key.rotated_at.unwrap_or(Millis::MIN),
             limiter,
             usage: Default::default(),
             headers,
@@ -381,16 +401,49 @@ impl Principal {
         })
     }
 
+    pub fn client_id(&self) -> &str {
+        self.headers.text(0)
+    }
+
+    pub fn license(&self) -> &str {
+        self.headers.text(3)
+    }
+
+    pub fn permissions(&self) -> impl Iterator<Item = &str> {
+        self.headers.text(2).split(',').filter(|p| !p.is_empty())
+    }
+
+    pub fn permission_list(&self) -> Vec<String> {
+        self.permissions().map(str::to_owned).collect()
+    }
+
+    pub fn expires_at(&self) -> Option<Millis> {
+        (self.expires_at != Millis::MAX).then_some(self.expires_at)
+    }
+
+    /// Set when the principal was found under the key's previous hash: the end of the
+    /// rotation grace period.
+    pub fn grace_until(&self) -> Option<Millis> {
+        (self.grace_until != Millis::MAX).then_some(self.grace_until)
+    }
+
+    /// When the key was last rotated; tokens minted before it are refused.
+    pub fn rotated_at(&self) -> Option<Millis> {
+        (self.rotated_at != Millis::MIN).then_some(self.rotated_at)
+    }
+
     /// The earliest moment this principal stops being valid, if any.
     pub fn valid_until(&self) -> Option<Millis> {
-        match (self.expires_at, self.grace_until) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let end = self.expires_at.min(self.grace_until);
+        (end != Millis::MAX).then_some(end)
     }
 
     pub fn has_all(&self, required: &[String]) -> bool {
-        required.iter().all(|p| self.permissions.contains(p))
+        required.iter().all(|r| self.permissions().any(|p| p == r))
+    }
+
+    pub fn has(&self, permission: &str) -> bool {
+        self.permissions().any(|p| p == permission)
     }
 }
 
@@ -499,20 +552,23 @@ mod tests {
     #[test]
     fn identity_headers_follow_from_str_rules() {
         let h = IdentityHeaders::new("acme", "0190-id", "A,B", "pro");
-        assert_eq!(
-            [&h.client_id, &h.key_id, &h.permissions, &h.license],
-            ["acme", "0190-id", "A,B", "pro"]
-        );
+        let values = h.header_values();
+        assert_eq!(values, ["acme", "0190-id", "A,B", "pro"]);
         let h = IdentityHeaders::new("caf\u{e9}", "id", "", "line\nbreak");
-        assert_eq!(h.client_id, "invalid");
-        assert_eq!(h.key_id, "id");
-        assert_eq!(h.permissions, "");
-        assert_eq!(h.license, "invalid");
         assert_eq!(
-            &h.wire[..],
+            h.header_values(),
+            ["invalid", "id", "", "invalid"].map(HeaderValue::from_static)
+        );
+        let mut wire = Vec::new();
+        h.write(&mut wire);
+        assert_eq!(
+            wire,
             b"x-keygate-client-id: invalid\r\nx-keygate-key-id: id\r\n\
               x-keygate-permissions: \r\nx-keygate-license: invalid\r\n"
         );
+        // The values as given are kept for the gateway's own use.
+        assert_eq!(h.text(0), "caf\u{e9}");
+        assert_eq!(h.text(3), "line\nbreak");
     }
 
     #[test]

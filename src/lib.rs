@@ -135,7 +135,6 @@ impl App {
         let limits = Arc::new(limit::KeyLimits::new(
             config.default_limit,
             config.plans.clone(),
-            config.store.cache_ttl,
         ));
         let jwt_secret = config.jwt.secret.clone().unwrap_or_else(|| {
             tracing::warn!(
@@ -279,6 +278,12 @@ impl App {
                 loop {
                     tick.tick().await;
                     gateway.sweep();
+                    // Shard by shard, yielding between them, so a sweep of many keys does not
+                    // hold up requests.
+                    for shard in 0..gateway.auth.sweep_shards() {
+                        gateway.auth.sweep_shard(shard);
+                        tokio::task::yield_now().await;
+                    }
                 }
             })
         };

@@ -1,26 +1,26 @@
-//! Rate limits: GCRA (governor), one bucket per API key id, whichever credential form is used.
+//! Rate limits: GCRA, one bucket per API key id, whichever credential form is used.
 //!
 //! A key's limit is its own override, else its client's plan, else the default. The bucket is
 //! looked up in a registry only when the key cache is filled (a miss); the principal then holds
-//! it, so a request touches no map and takes no lock. A registry entry is dropped after it has
-//! been idle for long enough that its bucket is full again (or twice the key-cache TTL, if
-//! longer): dropping a full bucket loses nothing, so memory does not grow with keys that went
-//! idle. Limits are per instance.
+//! it, so a request touches no map and takes no lock. A key's bucket is one atomic word (the
+//! theoretical arrival time of GCRA) and its two constants, about 60 bytes. The registry drops
+//! a bucket once no cached principal holds it and it is full again: a full bucket and a new one
+//! are the same, so nothing is lost and memory does not grow with keys that went idle. Limits
+//! are per instance.
 //!
-//! Failed authentications are limited per peer IP: past the allowance every request from that
-//! IP gets 429 until the bucket allows another attempt, so keys cannot be guessed at line rate.
+//! Failed authentications and per-route limits use governor's keyed limiters; failed
+//! authentications are limited per peer IP: past the allowance every request from that IP gets
+//! 429 until the bucket allows another attempt, so keys cannot be guessed at line rate.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use governor::clock::{Clock, DefaultClock};
-use governor::middleware::StateInformationMiddleware;
+use governor::clock::{Clock as _, DefaultClock};
 use governor::state::keyed::DefaultKeyedStateStore;
-use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use http::HeaderValue;
 use uuid::Uuid;
@@ -35,12 +35,6 @@ pub fn quota(limit: &RateLimit) -> Quota {
     Quota::with_period(per_one)
         .expect("non-zero period")
         .allow_burst(burst)
-}
-
-/// Time for an empty bucket to become full again.
-fn refill_time(limit: &RateLimit) -> Duration {
-    let q = quota(limit);
-    q.replenish_interval() * q.burst_size().get()
 }
 
 /// What a request learns from its key's bucket, for the `RateLimit-*` headers.
@@ -59,120 +53,153 @@ pub struct Refusal {
     pub retry_after: Duration,
 }
 
-type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
+/// Nanoseconds on a monotonic clock, never 0 (0 marks a bucket never used).
+pub trait Clock: Send + Sync + 'static {
+    fn now_ns(&self) -> u64;
+}
 
-/// One key's bucket. Generic over the clock so tests can advance time by hand.
-pub struct KeyLimiter<C: Clock = DefaultClock> {
-    limit: RateLimit,
-    /// `quota(&limit)`, computed once.
-    quota: Quota,
-    limiter: Direct<C>,
+/// The process's monotonic clock (the TSC where it is usable, via quanta), in nanoseconds
+/// since keygate started, plus one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Monotonic;
+
+impl Clock for Monotonic {
+    fn now_ns(&self) -> u64 {
+        static BASE: std::sync::OnceLock<quanta::Instant> = std::sync::OnceLock::new();
+        let base = *BASE.get_or_init(quanta::Instant::now);
+        quanta::Instant::now().duration_since(base).as_nanos() as u64 + 1
+    }
+}
+
+/// A clock moved by hand (tests).
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock(Arc<AtomicU64>);
+
+impl ManualClock {
+    pub fn advance(&self, d: Duration) {
+        self.0.fetch_add(d.as_nanos() as u64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ns(&self) -> u64 {
+        self.0.load(Ordering::SeqCst) + 1
+    }
+}
+
+/// The GCRA constants of a limit: the emission interval `t` and the tolerance
+/// `tau = t × (burst − 1)`, in nanoseconds.
+fn gcra(limit: &RateLimit) -> (u64, u64) {
+    let q = quota(limit);
+    let t = (q.replenish_interval().as_nanos() as u64).max(1);
+    (t, t.saturating_mul(u64::from(q.burst_size().get() - 1)))
+}
+
+/// One key's bucket (GCRA, the same arithmetic as governor's): `t` is the emission interval,
+/// `tau` the tolerance, `tat` the theoretical arrival time of the next cell (0: never used, a
+/// full bucket). Generic over the clock so tests can advance time.
+pub struct KeyLimiter<C: Clock = Monotonic> {
+    t: u64,
+    tau: u64,
+    tat: AtomicU64,
+    /// The limit's burst, reported as `RateLimit-Limit`.
+    burst: u32,
     clock: C,
 }
 
 impl<C: Clock> std::fmt::Debug for KeyLimiter<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyLimiter")
-            .field("limit", &self.limit)
+            .field("t_ns", &self.t)
+            .field("burst", &self.burst)
             .finish()
     }
 }
 
-impl<C: Clock + Clone> KeyLimiter<C> {
+impl<C: Clock> KeyLimiter<C> {
     pub fn with_clock(limit: RateLimit, clock: C) -> Self {
-        let quota = quota(&limit);
-        let limiter = RateLimiter::direct_with_clock(quota, clock.clone()).with_middleware();
+        let (t, tau) = gcra(&limit);
         Self {
-            limit,
-            quota,
-            limiter,
+            t,
+            tau,
+            tat: AtomicU64::new(0),
+            burst: limit.burst,
             clock,
         }
     }
 
-    pub fn limit(&self) -> &RateLimit {
-        &self.limit
+    /// True when this bucket enforces `limit`.
+    pub fn enforces(&self, limit: &RateLimit) -> bool {
+        (self.t, self.tau, self.burst) == {
+            let (t, tau) = gcra(limit);
+            (t, tau, limit.burst)
+        }
     }
 
     /// Takes one cell, or says how long to wait.
     pub fn check(&self) -> Result<RateInfo, Refusal> {
-        let q = &self.quota;
-        match self.limiter.check() {
-            Ok(snapshot) => {
-                let remaining = snapshot.remaining_burst_capacity();
-                let missing = q.burst_size().get() - remaining;
-                let reset = q.replenish_interval() * missing;
-                Ok(RateInfo {
-                    limit: self.limit.burst,
-                    remaining,
-                    reset_secs: reset.as_secs_f64().ceil() as u64,
-                })
+        let now = self.clock.now_ns();
+        let (t, tau) = (self.t, self.tau);
+        let mut prev = self.tat.load(Ordering::Acquire);
+        loop {
+            let tat = if prev == 0 { now } else { prev };
+            let earliest = tat.saturating_sub(tau);
+            if now < earliest {
+                return Err(Refusal {
+                    limit: self.burst,
+                    retry_after: Duration::from_nanos(earliest - now),
+                });
             }
-            Err(not_until) => Err(Refusal {
-                limit: self.limit.burst,
-                retry_after: not_until.wait_time_from(self.clock.now()),
-            }),
+            let next = tat.max(now).saturating_add(t);
+            match self
+                .tat
+                .compare_exchange_weak(prev, next, Ordering::Release, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    let room = (now + tau + t).saturating_sub(next).min(tau + t);
+                    let remaining = (room / t) as u32;
+                    let missing = u64::from(self.burst.max(1)).saturating_sub(u64::from(remaining));
+                    let reset = Duration::from_nanos(t.saturating_mul(missing));
+                    return Ok(RateInfo {
+                        limit: self.burst,
+                        remaining,
+                        reset_secs: reset.as_secs_f64().ceil() as u64,
+                    });
+                }
+                Err(actual) => prev = actual,
+            }
         }
+    }
+
+    /// True when the bucket holds its whole burst (it is then the same as a new one).
+    fn is_full(&self) -> bool {
+        let tat = self.tat.load(Ordering::Acquire);
+        tat == 0 || tat <= self.clock.now_ns()
     }
 }
 
 impl KeyLimiter {
     pub fn new(limit: RateLimit) -> Self {
-        Self::with_clock(limit, DefaultClock::default())
+        Self::with_clock(limit, Monotonic)
     }
 }
 
-struct IdleExpiry {
-    min_idle: Duration,
-}
+/// Shards of the bucket registry (a fill locks one).
+const REGISTRY_SHARDS: usize = 64;
 
-impl moka::Expiry<Uuid, Arc<KeyLimiter>> for IdleExpiry {
-    fn expire_after_create(&self, _: &Uuid, v: &Arc<KeyLimiter>, _: Instant) -> Option<Duration> {
-        Some(refill_time(v.limit()).max(self.min_idle))
-    }
-    fn expire_after_read(
-        &self,
-        _: &Uuid,
-        v: &Arc<KeyLimiter>,
-        _: Instant,
-        _: Option<Duration>,
-        _: Instant,
-    ) -> Option<Duration> {
-        Some(refill_time(v.limit()).max(self.min_idle))
-    }
-    fn expire_after_update(
-        &self,
-        _: &Uuid,
-        v: &Arc<KeyLimiter>,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(refill_time(v.limit()).max(self.min_idle))
-    }
-}
+type RegistryShard = Mutex<HashMap<Uuid, Arc<KeyLimiter>>>;
 
 /// Key buckets by key id, and the limit each key gets.
 pub struct KeyLimits {
-    registry: moka::sync::Cache<Uuid, Arc<KeyLimiter>>,
+    registry: Box<[RegistryShard]>,
     plans: HashMap<String, Option<RateLimit>>,
     default: RateLimit,
 }
 
 impl KeyLimits {
-    /// `cache_ttl` is the key cache's TTL: a bucket is kept at least twice that long after its
-    /// last use so a cache refill finds it.
-    pub fn new(
-        default: RateLimit,
-        plans: HashMap<String, Option<RateLimit>>,
-        cache_ttl: Duration,
-    ) -> Self {
-        let registry = moka::sync::Cache::builder()
-            .expire_after(IdleExpiry {
-                min_idle: cache_ttl * 2,
-            })
-            .build();
+    pub fn new(default: RateLimit, plans: HashMap<String, Option<RateLimit>>) -> Self {
         Self {
-            registry,
+            registry: (0..REGISTRY_SHARDS).map(|_| Mutex::default()).collect(),
             plans,
             default,
         }
@@ -185,21 +212,50 @@ impl KeyLimits {
             .unwrap_or(self.default)
     }
 
+    fn shard(&self, key_id: &Uuid) -> &RegistryShard {
+        // The last bytes of a v7 id are random.
+        &self.registry[usize::from(key_id.as_bytes()[15]) % REGISTRY_SHARDS]
+    }
+
     /// The bucket for `key_id` with `limit`; an existing bucket is kept when its limit is the
     /// same, replaced (full) when the limit changed. Called on key-cache fills only.
     pub fn bucket(&self, key_id: Uuid, limit: RateLimit) -> Arc<KeyLimiter> {
-        if let Some(b) = self.registry.get(&key_id).filter(|b| *b.limit() == limit) {
-            return b;
+        let mut shard = self
+            .shard(&key_id)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match shard.get(&key_id) {
+            Some(b) if b.enforces(&limit) => Arc::clone(b),
+            _ => {
+                let b = Arc::new(KeyLimiter::new(limit));
+                shard.insert(key_id, Arc::clone(&b));
+                b
+            }
         }
-        let b = Arc::new(KeyLimiter::new(limit));
-        self.registry.insert(key_id, Arc::clone(&b));
-        b
+    }
+
+    /// Drops the buckets of one shard that no principal holds and that are full again.
+    pub fn sweep_shard(&self, shard: usize) {
+        let Some(shard) = self.registry.get(shard) else {
+            return;
+        };
+        let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+        shard.retain(|_, b| Arc::strong_count(b) > 1 || !b.is_full());
+        if shard.capacity() > 4 * shard.len().max(16) {
+            shard.shrink_to_fit();
+        }
+    }
+
+    pub fn shards(&self) -> usize {
+        REGISTRY_SHARDS
     }
 
     /// Buckets currently held.
-    pub fn len(&self) -> u64 {
-        self.registry.run_pending_tasks();
-        self.registry.entry_count()
+    pub fn len(&self) -> usize {
+        self.registry
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -333,7 +389,6 @@ pub fn number_header(n: u64) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use governor::clock::FakeRelativeClock;
 
     fn per_second(n: u32, burst: u32) -> RateLimit {
         RateLimit {
@@ -346,7 +401,7 @@ mod tests {
 
     #[test]
     fn burst_is_exact_and_refills_on_schedule() {
-        let clock = FakeRelativeClock::default();
+        let clock = ManualClock::default();
         let l = KeyLimiter::with_clock(per_second(5, 5), clock.clone());
         let allowed = (0..30).filter(|_| l.check().is_ok()).count();
         assert_eq!(allowed, 5);
@@ -363,7 +418,7 @@ mod tests {
 
     #[test]
     fn headers_info_counts_down() {
-        let clock = FakeRelativeClock::default();
+        let clock = ManualClock::default();
         let l = KeyLimiter::with_clock(per_second(10, 3), clock);
         let a = l.check().unwrap();
         assert_eq!((a.limit, a.remaining), (3, 2));
@@ -377,7 +432,7 @@ mod tests {
 
     #[test]
     fn per_minute_and_per_hour() {
-        let clock = FakeRelativeClock::default();
+        let clock = ManualClock::default();
         let l = KeyLimiter::with_clock(
             RateLimit {
                 per_second: None,
@@ -405,7 +460,7 @@ mod tests {
             ("pro".to_string(), Some(per_second(50, 50))),
             ("bare".to_string(), None),
         ]);
-        let limits = KeyLimits::new(per_second(1, 1), plans, Duration::from_secs(60));
+        let limits = KeyLimits::new(per_second(1, 1), plans);
         let own = per_second(7, 7);
         assert_eq!(limits.resolve(Some(own), "pro"), own);
         assert_eq!(limits.resolve(None, "pro"), per_second(50, 50));
@@ -424,19 +479,47 @@ mod tests {
     }
 
     #[test]
-    fn idle_buckets_are_dropped() {
-        // moka's timer wheel works in ~1 s steps, so idle time is measured in seconds here.
-        let limits = KeyLimits::new(
-            per_second(1000, 10),
-            HashMap::new(),
-            Duration::from_millis(500),
-        );
+    fn only_buckets_nobody_holds_and_that_are_full_are_dropped() {
+        let limits = KeyLimits::new(per_second(1000, 10), HashMap::new());
         for _ in 0..2000 {
             limits.bucket(Uuid::now_v7(), per_second(1000, 10));
         }
-        assert_eq!(limits.len(), 2000);
-        std::thread::sleep(Duration::from_millis(2600));
-        assert_eq!(limits.len(), 0, "idle buckets still held");
+        // Held by a principal, or still refilling: kept.
+        let held_id = Uuid::now_v7();
+        let held = limits.bucket(held_id, per_second(1000, 10));
+        let busy_id = Uuid::now_v7();
+        let busy = limits.bucket(busy_id, per_second(1, 10));
+        busy.check().unwrap();
+        drop(busy);
+        assert_eq!(limits.len(), 2002);
+        for i in 0..limits.shards() {
+            limits.sweep_shard(i);
+        }
+        assert_eq!(limits.len(), 2, "idle full buckets still held");
+        // The one still refilling keeps its state: the same bucket comes back.
+        let again = limits.bucket(busy_id, per_second(1, 10));
+        assert_eq!(again.check().unwrap().remaining, 8);
+        assert!(Arc::ptr_eq(
+            &held,
+            &limits.bucket(held_id, per_second(1000, 10))
+        ));
+    }
+
+    #[test]
+    fn the_bucket_is_governors_gcra() {
+        // Same decisions as governor's direct limiter, request by request, over an uneven
+        // schedule.
+        let clock = ManualClock::default();
+        let limit = per_second(7, 4);
+        let ours = KeyLimiter::with_clock(limit, clock.clone());
+        let fake = governor::clock::FakeRelativeClock::default();
+        let theirs = RateLimiter::direct_with_clock(quota(&limit), fake.clone());
+        for step in 0..2000u64 {
+            let gap = Duration::from_millis((step * 37) % 211);
+            clock.advance(gap);
+            fake.advance(gap);
+            assert_eq!(ours.check().is_ok(), theirs.check().is_ok(), "step {step}");
+        }
     }
 
     #[test]

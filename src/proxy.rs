@@ -105,7 +105,7 @@ impl Gateway {
                 latency_us = start.map_or(0, |s| s.elapsed().as_micros() as u64),
                 upstream_us = outcome.upstream.map(|d| d.as_micros() as u64),
                 key_id = p.map(|p| tracing::field::display(p.key_id)),
-                client_id = p.map(|p| p.client_id.as_str()),
+                client_id = p.map(|p| p.client_id()),
                 peer = %conn.peer.ip(),
             );
         }

@@ -104,7 +104,6 @@ pub fn authenticator(store: Arc<SqliteStore>, cache: KeyCache) -> Authenticator 
     let limits = Arc::new(KeyLimits::new(
         UNLIMITED,
         [("pro".to_string(), Some(UNLIMITED))].into(),
-        Duration::from_secs(600),
     ));
     let store: Arc<dyn Store> = store;
     Authenticator::new(

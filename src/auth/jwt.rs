@@ -140,7 +140,7 @@ impl Jwt {
         }
         let claims = Claims {
             iss: self.issuer.clone(),
-            sub: p.client_id.clone(),
+            sub: p.client_id().to_owned(),
             aud: self.audience.clone(),
             iat: now_s,
             nbf: now_s,
@@ -148,7 +148,7 @@ impl Jwt {
             jti: Uuid::now_v7().to_string(),
             kid: p.key_id.to_string(),
             rot: rotated_at.unwrap_or(0),
-            permissions: p.permissions.clone(),
+            permissions: p.permission_list(),
         };
         let token = jsonwebtoken::encode(&self.header, &claims, &self.encoding)
             .expect("HS256 signing cannot fail");

@@ -1,26 +1,24 @@
-//! The key cache: SHA-256 of a key → the principal it authenticates, or "unknown".
+//! The key cache: SHA-256 of a key → the principal it authenticates, or "unknown"; and the same
+//! principals by key id, for tokens.
 //!
-//! Positive entries are fresh for the configured TTL, then kept for `stale_if_error` more in
-//! case the store is down, but never past the key's own expiry or the end of a rotation grace
-//! period; negative entries (unknown hashes) live for a short TTL so a flood
-//! of made-up keys costs one store lookup per distinct key per TTL. Every admin write
+//! Positive entries are fresh for the configured TTL (less up to a tenth, by key, so keys
+//! cached together are not all revalidated in the same moment), then kept for
+//! `stale_if_error` more in case the store is down, but never past the key's own expiry or the
+//! end of a rotation grace period; negative entries (unknown hashes) live for a short TTL so a
+//! flood of made-up keys costs one store lookup per distinct key per TTL. Every admin write
 //! invalidates the hashes it touched before it answers.
 //!
-//! In front of the moka map sits a small lookaside table (2-way set-associative, indexed by the
-//! digest's first bytes, at most 32,768 slots whatever the capacity). A moka `get` records the
-//! read for its eviction policy and touches several scattered allocations: about 120 ns for a
-//! hot key and about 1 µs when 10,000 keys rotate. A slot hit is one lock-free-for-readers
-//! read of one set. Moka stays the owner of every entry (capacity, expiry); a slot only
-//! mirrors an entry moka returned, never outlives moka's own expiry for it, and is dropped by
-//! every insert and invalidation of its hash (see [`KeyCache::get_at`] for the ordering).
+//! The table is a set of hash maps behind reader-writer locks, sharded by digest bits: a hit is
+//! one shared lock, one probe and one reference-count increment, and an entry costs its key
+//! and 16 bytes (the principal pointer and its freshness) in the map. Capacity is enforced per
+//! shard: a full shard first drops what has expired, then the least recently used tenth of its
+//! entries (by the principal's last use). Expired entries are also swept periodically.
 
-use std::hash::{BuildHasher, Hasher};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, Instant};
-
-use moka::Expiry;
-use moka::sync::Cache;
+use std::time::Duration;
 
 use uuid::Uuid;
 
@@ -77,28 +75,6 @@ pub struct Entry {
     pub fresh_until: Millis,
 }
 
-struct EntryExpiry {
-    stale_if_error: Duration,
-    negative_ttl: Duration,
-}
-
-impl<K> Expiry<K, Entry> for EntryExpiry {
-    fn expire_after_create(&self, _: &K, entry: &Entry, _: Instant) -> Option<Duration> {
-        let now = now_millis();
-        let until = |ms: Millis| Duration::from_millis(ms.saturating_sub(now).max(0) as u64);
-        Some(match &entry.value {
-            Cached::Unknown => self.negative_ttl,
-            Cached::Found(p) => {
-                let keep = until(entry.fresh_until) + self.stale_if_error;
-                match p.valid_until() {
-                    None => keep,
-                    Some(v) => keep.min(until(v)),
-                }
-            }
-        })
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct CacheSettings {
     pub capacity: u64,
@@ -123,76 +99,164 @@ pub trait InvalidationSink: Send + Sync + 'static {
     fn invalidate_all(&self);
 }
 
-/// One lookaside slot: a copy of what moka returned for `hash`, usable until `until`.
-#[derive(Clone)]
-struct Slot {
-    hash: KeyHash,
-    entry: Entry,
-    /// When moka drops the entry (its expiry, computed the same way): never served past it.
-    until: Millis,
+/// How long entries live, in milliseconds.
+#[derive(Clone, Copy, Debug)]
+struct Lifetimes {
+    ttl: Millis,
+    negative_ttl: Millis,
+    stale_if_error: Millis,
 }
 
-/// Most sets in the lookaside table (two slots each).
-const LOOKASIDE_MAX_SETS: usize = 16_384;
-
-struct Lookaside {
-    sets: Box<[RwLock<[Option<Slot>; 2]>]>,
-    mask: usize,
-    /// Bumped after moka dropped or replaced an entry and before the slots are cleared, so a
-    /// concurrent `get_at` that read the old entry from moka does not store it.
-    epoch: AtomicU64,
-}
-
-impl Lookaside {
-    fn new(capacity: u64) -> Self {
-        let sets = usize::try_from(capacity / 2)
-            .unwrap_or(usize::MAX)
-            .clamp(64, LOOKASIDE_MAX_SETS)
-            .next_power_of_two();
-        Self {
-            sets: (0..sets).map(|_| RwLock::new([None, None])).collect(),
-            mask: sets - 1,
-            epoch: AtomicU64::new(0),
-        }
-    }
-
-    fn set(&self, hash: &KeyHash) -> &RwLock<[Option<Slot>; 2]> {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&hash.0[..8]);
-        &self.sets[u64::from_le_bytes(b) as usize & self.mask]
-    }
-
-    /// Forgets `hash` (call after moka has dropped or replaced it).
-    fn forget(&self, hash: &KeyHash) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        let mut set = self
-            .set(hash)
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        for slot in set.iter_mut() {
-            if slot.as_ref().is_some_and(|s| s.hash == *hash) {
-                *slot = None;
+impl Lifetimes {
+    /// When `entry` is dropped: a negative entry after the negative TTL, a positive one after
+    /// `stale_if_error` past its freshness, never past the key's own end.
+    fn expires_at(&self, entry: &Entry) -> Millis {
+        match &entry.value {
+            Cached::Unknown => entry.fresh_until - self.ttl + self.negative_ttl,
+            Cached::Found(p) => {
+                let keep = entry.fresh_until + self.stale_if_error;
+                p.valid_until().map_or(keep, |v| keep.min(v))
             }
         }
     }
 
-    fn forget_all(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        for set in &self.sets {
-            *set.write().unwrap_or_else(PoisonError::into_inner) = [None, None];
+    /// How recently `entry` was used (for eviction): its principal's last use, else when it
+    /// was cached.
+    fn recency(&self, entry: &Entry) -> Millis {
+        let cached = entry.fresh_until - self.ttl;
+        match &entry.value {
+            Cached::Found(p) => p.usage.last_used().max(cached),
+            Cached::Unknown => cached,
         }
+    }
+}
+
+/// Which shard a key belongs to (bits its map's hash does not use).
+trait ShardKey: Eq + Hash + Copy {
+    fn shard_bits(&self) -> usize;
+}
+
+impl ShardKey for KeyHash {
+    fn shard_bits(&self) -> usize {
+        usize::from(u16::from_le_bytes([self.0[8], self.0[9]]))
+    }
+}
+
+impl ShardKey for Uuid {
+    fn shard_bits(&self) -> usize {
+        // The last bytes of a v7 id are random.
+        let b = self.as_bytes();
+        usize::from(u16::from_le_bytes([b[14], b[15]]))
+    }
+}
+
+/// One map of the cache, in shards.
+struct Table<K, S> {
+    shards: Box<[RwLock<HashMap<K, Entry, S>>]>,
+    per_shard: usize,
+    lifetimes: Lifetimes,
+}
+
+impl<K: ShardKey, S: BuildHasher + Default> Table<K, S> {
+    fn new(capacity: u64, lifetimes: Lifetimes) -> Self {
+        let capacity = usize::try_from(capacity).unwrap_or(usize::MAX).max(1);
+        let shards = (capacity / 4096).clamp(1, 64).next_power_of_two();
+        Self {
+            shards: (0..shards)
+                .map(|_| RwLock::new(HashMap::default()))
+                .collect(),
+            per_shard: capacity.div_ceil(shards),
+            lifetimes,
+        }
+    }
+
+    fn shard(&self, k: &K) -> &RwLock<HashMap<K, Entry, S>> {
+        &self.shards[k.shard_bits() & (self.shards.len() - 1)]
+    }
+
+    fn get(&self, k: &K, now: Millis) -> Option<Entry> {
+        let shard = self.shard(k).read().unwrap_or_else(PoisonError::into_inner);
+        let e = shard.get(k)?;
+        (now < self.lifetimes.expires_at(e)).then(|| e.clone())
+    }
+
+    fn insert(&self, k: K, entry: Entry, now: Millis) {
+        let mut shard = self
+            .shard(&k)
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if shard.len() >= self.per_shard && !shard.contains_key(&k) {
+            self.make_room(&mut shard, now);
+        }
+        shard.insert(k, entry);
+    }
+
+    /// Drops what has expired; if that is not enough, the least recently used tenth.
+    fn make_room(&self, shard: &mut HashMap<K, Entry, S>, now: Millis) {
+        let l = self.lifetimes;
+        shard.retain(|_, e| now < l.expires_at(e));
+        if shard.len() < self.per_shard {
+            return;
+        }
+        let mut recency: Vec<Millis> = shard.values().map(|e| l.recency(e)).collect();
+        let drop = (recency.len() / 10).max(1);
+        let (_, &mut threshold, _) = recency.select_nth_unstable(drop - 1);
+        // Everything older than the threshold goes, and of those as old, just enough.
+        let older = recency.iter().filter(|&&r| r < threshold).count();
+        let mut ties = drop - older;
+        shard.retain(|_, e| {
+            let r = l.recency(e);
+            if r < threshold {
+                return false;
+            }
+            if r == threshold && ties > 0 {
+                ties -= 1;
+                return false;
+            }
+            true
+        });
+    }
+
+    fn remove(&self, k: &K) {
+        self.shard(k)
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(k);
+    }
+
+    fn clear(&self) {
+        for s in self.shards.iter() {
+            s.write().unwrap_or_else(PoisonError::into_inner).clear();
+        }
+    }
+
+    /// Drops the expired entries of shard `i` (a no-op past the last shard).
+    fn sweep(&self, i: usize, now: Millis) {
+        let Some(shard) = self.shards.get(i) else {
+            return;
+        };
+        let l = self.lifetimes;
+        let mut shard = shard.write().unwrap_or_else(PoisonError::into_inner);
+        shard.retain(|_, e| now < l.expires_at(e));
+        if shard.capacity() > 4 * shard.len().max(64) {
+            shard.shrink_to_fit();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
     }
 }
 
 #[derive(Clone)]
 pub struct KeyCache {
-    inner: Cache<KeyHash, Entry, DigestHasher>,
-    lookaside: Arc<Lookaside>,
+    inner: Arc<Table<KeyHash, DigestHasher>>,
     /// The same principals by key id, for tokens (which name the key, not its hash).
-    by_id: Cache<Uuid, Entry>,
-    ttl: Duration,
-    negative_ttl: Duration,
-    stale_if_error: Duration,
+    by_id: Arc<Table<Uuid, std::hash::RandomState>>,
+    lifetimes: Lifetimes,
     /// Bumped by every invalidation, so a fill that read the store before an invalidation
     /// cannot leave its (old) answer behind.
     epoch: Arc<AtomicU64>,
@@ -200,27 +264,16 @@ pub struct KeyCache {
 
 impl KeyCache {
     pub fn new(settings: &CacheSettings) -> Self {
-        let inner = Cache::builder()
-            .max_capacity(settings.capacity)
-            .expire_after(EntryExpiry {
-                stale_if_error: settings.stale_if_error,
-                negative_ttl: settings.negative_ttl,
-            })
-            .build_with_hasher(DigestHasher(0));
-        let by_id = Cache::builder()
-            .max_capacity(settings.capacity)
-            .expire_after(EntryExpiry {
-                stale_if_error: settings.stale_if_error,
-                negative_ttl: settings.negative_ttl,
-            })
-            .build();
+        let ms = |d: Duration| d.as_millis() as Millis;
+        let lifetimes = Lifetimes {
+            ttl: ms(settings.ttl),
+            negative_ttl: ms(settings.negative_ttl),
+            stale_if_error: ms(settings.stale_if_error),
+        };
         Self {
-            inner,
-            lookaside: Arc::new(Lookaside::new(settings.capacity)),
-            by_id,
-            ttl: settings.ttl,
-            negative_ttl: settings.negative_ttl,
-            stale_if_error: settings.stale_if_error,
+            inner: Arc::new(Table::new(settings.capacity, lifetimes)),
+            by_id: Arc::new(Table::new(settings.capacity, lifetimes)),
+            lifetimes,
             epoch: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -229,54 +282,9 @@ impl KeyCache {
         self.get_at(hash, now_millis())
     }
 
-    /// The entry for `hash` at time `now`: from the lookaside table, else from moka (and then
-    /// remembered in the table).
-    ///
-    /// Ordering against [`KeyCache::invalidate`], which drops the moka entry, then bumps the
-    /// lookaside epoch, then clears the slot under the set's write lock: the epoch is read
-    /// before moka and checked again under that lock before storing. Either the check sees the
-    /// bump (nothing is stored), or the invalidation takes the lock afterwards and clears it.
+    /// The entry for `hash` at time `now`, unless it has expired.
     pub fn get_at(&self, hash: &KeyHash, now: Millis) -> Option<Entry> {
-        let set = self.lookaside.set(hash);
-        {
-            let slots = set.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(s) = slots.iter().flatten().find(|s| s.hash == *hash)
-                && now < s.until
-            {
-                return Some(s.entry.clone());
-            }
-        }
-        let epoch = self.lookaside.epoch.load(Ordering::SeqCst);
-        let entry = self.inner.get(hash)?;
-        let until = self.expires_at(&entry);
-        if now < until {
-            let mut slots = set.write().unwrap_or_else(PoisonError::into_inner);
-            if self.lookaside.epoch.load(Ordering::SeqCst) == epoch {
-                let way = slots
-                    .iter()
-                    .position(|s| s.as_ref().is_some_and(|s| s.hash == *hash))
-                    .or_else(|| slots.iter().position(Option::is_none))
-                    .unwrap_or(usize::from(hash.0[8] & 1));
-                slots[way] = Some(Slot {
-                    hash: *hash,
-                    entry: entry.clone(),
-                    until,
-                });
-            }
-        }
-        Some(entry)
-    }
-
-    /// When moka drops `entry` ([`EntryExpiry`] from its insertion time `fresh_until - ttl`).
-    fn expires_at(&self, entry: &Entry) -> Millis {
-        let ms = |d: Duration| d.as_millis() as Millis;
-        match &entry.value {
-            Cached::Unknown => entry.fresh_until - ms(self.ttl) + ms(self.negative_ttl),
-            Cached::Found(p) => {
-                let keep = entry.fresh_until + ms(self.stale_if_error);
-                p.valid_until().map_or(keep, |v| keep.min(v))
-            }
-        }
+        self.inner.get(hash, now)
     }
 
     /// The current invalidation epoch; pass it to [`KeyCache::insert`] after a store read.
@@ -285,14 +293,14 @@ impl KeyCache {
     }
 
     pub fn ttl_millis(&self) -> Millis {
-        self.ttl.as_millis() as Millis
+        self.lifetimes.ttl
     }
 
     /// Until when a key cached at `now` is fresh: the TTL less up to a tenth of it, by the
     /// key's `spread` byte, so keys cached together (at startup, after a flush) are not all
     /// revalidated in the same moment.
     fn fresh_until(&self, now: Millis, value: &Cached, spread: u8) -> Millis {
-        let ttl = self.ttl_millis();
+        let ttl = self.lifetimes.ttl;
         match value {
             Cached::Found(_) => now + ttl - ttl * Millis::from(spread) / 2560,
             Cached::Unknown => now + ttl,
@@ -302,49 +310,56 @@ impl KeyCache {
     /// Caches `value`, fresh for the TTL from `now`, unless an invalidation happened since
     /// `epoch` was read (then the value may be outdated and is dropped).
     pub fn insert(&self, hash: KeyHash, value: Cached, now: Millis, epoch: u64) {
-        let fresh_until = self.fresh_until(now, &value, hash.0[9]);
-        self.inner.insert(hash, Entry { value, fresh_until });
+        let fresh_until = self.fresh_until(now, &value, hash.0[10]);
+        self.inner.insert(hash, Entry { value, fresh_until }, now);
         if self.epoch.load(Ordering::Acquire) != epoch {
-            self.inner.invalidate(&hash);
+            self.inner.remove(&hash);
         }
-        self.lookaside.forget(&hash);
     }
 
     pub fn invalidate(&self, hash: &KeyHash) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        self.inner.invalidate(hash);
-        self.lookaside.forget(hash);
+        self.inner.remove(hash);
     }
 
     pub fn get_id(&self, id: &Uuid) -> Option<Entry> {
-        self.by_id.get(id)
+        self.by_id.get(id, now_millis())
     }
 
     /// Like [`KeyCache::insert`], by key id.
     pub fn insert_id(&self, id: Uuid, value: Cached, now: Millis, epoch: u64) {
-        let fresh_until = self.fresh_until(now, &value, id.as_bytes()[15]);
-        self.by_id.insert(id, Entry { value, fresh_until });
+        let fresh_until = self.fresh_until(now, &value, id.as_bytes()[13]);
+        self.by_id.insert(id, Entry { value, fresh_until }, now);
         if self.epoch.load(Ordering::Acquire) != epoch {
-            self.by_id.invalidate(&id);
+            self.by_id.remove(&id);
         }
     }
 
     pub fn invalidate_id(&self, id: &Uuid) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        self.by_id.invalidate(id);
+        self.by_id.remove(id);
     }
 
     pub fn invalidate_all(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        self.inner.invalidate_all();
-        self.by_id.invalidate_all();
-        self.lookaside.forget_all();
+        self.inner.clear();
+        self.by_id.clear();
     }
 
-    /// Entries currently held (runs pending maintenance first).
+    /// Parts of [`KeyCache::sweep_shard`].
+    pub fn shards(&self) -> usize {
+        self.inner.shards.len().max(self.by_id.shards.len())
+    }
+
+    /// Drops the expired entries of one part of the cache.
+    pub fn sweep_shard(&self, shard: usize, now: Millis) {
+        self.inner.sweep(shard, now);
+        self.by_id.sweep(shard, now);
+    }
+
+    /// Entries currently held by hash.
     pub fn entry_count(&self) -> u64 {
-        self.inner.run_pending_tasks();
-        self.inner.entry_count()
+        self.inner.len() as u64
     }
 }
 
@@ -367,26 +382,24 @@ impl InvalidationSink for KeyCache {
 mod tests {
     use super::*;
 
-    fn cache(negative_ttl: Duration) -> KeyCache {
+    fn cache(negative_ttl: Duration, capacity: u64) -> KeyCache {
         KeyCache::new(&CacheSettings {
-            capacity: 1000,
+            capacity,
             ttl: Duration::from_secs(60),
             negative_ttl,
             stale_if_error: Duration::from_secs(60),
         })
     }
 
-    fn hash(i: u8) -> KeyHash {
-        KeyHash([i; 32])
+    fn hash(i: u32) -> KeyHash {
+        KeyHash::of(&format!("key-{i}"))
     }
 
     #[test]
-    fn invalidation_and_replacement_reach_the_lookaside_table() {
-        let c = cache(Duration::from_secs(60));
+    fn invalidation_and_replacement() {
+        let c = cache(Duration::from_secs(60), 1000);
         let h = hash(1);
         c.insert(h, Cached::Unknown, now_millis(), c.epoch());
-        // Twice: the first fills the lookaside slot, the second is served from it.
-        assert!(c.get(&h).is_some());
         assert!(c.get(&h).is_some());
         c.invalidate(&h);
         assert!(c.get(&h).is_none(), "served after invalidation");
@@ -405,12 +418,51 @@ mod tests {
     }
 
     #[test]
-    fn a_slot_never_outlives_the_moka_entry() {
-        let c = cache(Duration::from_millis(100));
+    fn a_fill_that_raced_an_invalidation_leaves_nothing() {
+        let c = cache(Duration::from_secs(60), 1000);
+        let h = hash(3);
+        let epoch = c.epoch();
+        c.invalidate(&hash(4));
+        c.insert(h, Cached::Unknown, now_millis(), epoch);
+        assert!(c.get(&h).is_none());
+    }
+
+    #[test]
+    fn entries_expire() {
+        let c = cache(Duration::from_millis(100), 1000);
         let h = hash(2);
         c.insert(h, Cached::Unknown, now_millis(), c.epoch());
         assert!(c.get(&h).is_some());
         std::thread::sleep(Duration::from_millis(150));
         assert!(c.get(&h).is_none(), "negative entry served past its TTL");
+        assert_eq!(c.entry_count(), 1);
+        for s in 0..c.shards() {
+            c.sweep_shard(s, now_millis());
+        }
+        assert_eq!(c.entry_count(), 0, "expired entry not swept");
+    }
+
+    #[test]
+    fn a_full_shard_of_equals_loses_a_tenth() {
+        let c = cache(Duration::from_secs(600), 1000);
+        let now = now_millis();
+        for i in 0..1001u32 {
+            c.insert(hash(i), Cached::Unknown, now, c.epoch());
+        }
+        assert_eq!(c.entry_count(), 901);
+    }
+
+    #[test]
+    fn capacity_holds_and_the_least_recently_cached_go_first() {
+        let c = cache(Duration::from_secs(600), 10_000);
+        let now = now_millis();
+        for i in 0..30_000u32 {
+            c.insert(hash(i), Cached::Unknown, now + i64::from(i), c.epoch());
+        }
+        let held = c.entry_count();
+        assert!((8_000..=10_000).contains(&held), "{held} held");
+        // The newest are all there; the oldest are gone.
+        assert!((29_000..30_000).all(|i| c.get_at(&hash(i), now + 30_000).is_some()));
+        assert!((0..1_000).all(|i| c.get_at(&hash(i), now + 30_000).is_none()));
     }
 }

@@ -28,6 +28,13 @@ pub struct KeyUsage {
     queued: AtomicBool,
 }
 
+impl KeyUsage {
+    /// When the key was last used through this principal (0: not yet).
+    pub fn last_used(&self) -> Millis {
+        self.last_used.load(Ordering::Relaxed)
+    }
+}
+
 pub struct UsageRecorder {
     pending: Mutex<Vec<Arc<Principal>>>,
     store: Arc<dyn Store>,

@@ -363,7 +363,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             &wire::Upstream {
                 target: target.as_deref().map(str::as_bytes),
                 strip,
-                identity: permit.principal().map(|p| &p.headers.wire[..]),
+                identity: permit.principal().map(|p| &p.headers),
                 peer_ip: conn.peer_ip.as_bytes(),
                 proto: conn.proto.as_bytes(),
                 host: route.host.as_bytes(),

@@ -147,10 +147,11 @@ pub fn remove_credential(h: &mut HeaderMap, source: Source, api_key_header: &Hea
 
 /// Adds the caller's identity.
 pub fn add_identity(h: &mut HeaderMap, id: &IdentityHeaders) {
-    h.insert(X_KEYGATE_CLIENT_ID, id.client_id.clone());
-    h.insert(X_KEYGATE_KEY_ID, id.key_id.clone());
-    h.insert(X_KEYGATE_PERMISSIONS, id.permissions.clone());
-    h.insert(X_KEYGATE_LICENSE, id.license.clone());
+    let [client_id, key_id, permissions, license] = id.header_values();
+    h.insert(X_KEYGATE_CLIENT_ID, client_id);
+    h.insert(X_KEYGATE_KEY_ID, key_id);
+    h.insert(X_KEYGATE_PERMISSIONS, permissions);
+    h.insert(X_KEYGATE_LICENSE, license);
 }
 
 /// Appends the peer to `X-Forwarded-For`, sets `X-Forwarded-Proto` and `X-Forwarded-Host`

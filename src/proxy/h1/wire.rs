@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 
 use super::head::{Field, Framing, Kind, RequestHead, ResponseHead};
+use crate::keys::IdentityHeaders;
 use crate::limit::RateInfo;
 
 /// Appends `n` in decimal.
@@ -73,8 +74,8 @@ pub struct Upstream<'a> {
     /// Target to send instead of the client's (a query credential removed).
     pub target: Option<&'a [u8]>,
     pub strip: Strip,
-    /// The principal's `x-keygate-*` fields, wire-encoded.
-    pub identity: Option<&'a [u8]>,
+    /// The principal's `x-keygate-*` fields.
+    pub identity: Option<&'a IdentityHeaders>,
     pub peer_ip: &'a [u8],
     pub proto: &'a [u8],
     /// `Host` of the upstream.
@@ -107,7 +108,7 @@ pub fn request_head(
         }
     }
     if let Some(id) = up.identity {
-        out.extend_from_slice(id);
+        id.write(out);
     }
     out.extend_from_slice(b"x-forwarded-for: ");
     if let Some(prev) = head.xff {
@@ -299,7 +300,7 @@ mod tests {
             &Upstream {
                 target: None,
                 strip: Strip::ApiKey,
-                identity: Some(b"x-keygate-client-id: acme\r\n"),
+                identity: Some(&IdentityHeaders::new("acme", "k1", "A", "pro")),
                 peer_ip: b"127.0.0.1",
                 proto: b"http",
                 host: b"127.0.0.1:9000",
@@ -308,7 +309,8 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /v1/x?a=1 HTTP/1.1\r\nAuthorization: Basic abc\r\nAccept: */*\r\n\
-             x-keygate-client-id: acme\r\nx-forwarded-for: 10.0.0.1, 127.0.0.1\r\n\
+             x-keygate-client-id: acme\r\nx-keygate-key-id: k1\r\nx-keygate-permissions: A\r\n\
+             x-keygate-license: pro\r\nx-forwarded-for: 10.0.0.1, 127.0.0.1\r\n\
              x-forwarded-proto: http\r\nx-forwarded-host: api.example\r\n\
              host: 127.0.0.1:9000\r\ncontent-length: 3\r\n\r\n"
         );
