@@ -1,6 +1,7 @@
 //! Structure choices on the request path, each beside the naive alternative:
-//! - the key cache's moka map hashed with `DigestHasher` (first 8 bytes of the SHA-256) vs moka
-//!   with its default SipHash hasher;
+//! - the key cache (sharded hash maps) vs a moka cache hashed with `DigestHasher` (first 8
+//!   bytes of the SHA-256) vs moka with its default SipHash hasher;
+//! - the key bucket (own GCRA) vs governor's direct limiter;
 //! - `number_header` (a table of pre-made `HeaderValue`s) vs `HeaderValue::from(u64)`;
 //! - in-place header rewriting with pre-encoded identity headers (with and without reserving
 //!   room first) vs rebuilding the map and encoding identity values per request;
@@ -59,8 +60,28 @@ fn moka_hashers(c: &mut Criterion) {
     }
     digest.run_pending_tasks();
     default.run_pending_tasks();
+    let ours = keygate::keys::cache::KeyCache::new(&keygate::keys::cache::CacheSettings {
+        capacity: 1_000_000,
+        ttl: Duration::from_secs(600),
+        negative_ttl: Duration::from_secs(600),
+        stale_if_error: Duration::from_secs(600),
+    });
+    for (h, p) in &entries {
+        ours.insert(*h, Cached::Found(Arc::clone(p)), now_millis(), ours.epoch());
+    }
+    let now = now_millis();
     let probe = entries[KEYS / 2].0;
-    let mut g = c.benchmark_group("key_cache_hasher");
+    let mut g = c.benchmark_group("key_cache_structure");
+    g.bench_function("sharded_maps", |b| {
+        b.iter(|| ours.get_at(black_box(&probe), now).unwrap())
+    });
+    let mut i = 0;
+    g.bench_function("sharded_maps_rotating_10k", |b| {
+        b.iter(|| {
+            i = (i + 7919) % KEYS;
+            ours.get_at(black_box(&entries[i].0), now).unwrap()
+        })
+    });
     g.bench_function("moka_digest_hasher", |b| {
         b.iter(|| digest.get(black_box(&probe)).unwrap())
     });
@@ -79,6 +100,20 @@ fn moka_hashers(c: &mut Criterion) {
             i = (i + 7919) % KEYS;
             default.get(black_box(&entries[i].0)).unwrap()
         })
+    });
+    g.finish();
+}
+
+/// The key bucket: our GCRA (three words) vs governor's direct limiter with the state
+/// middleware (what the bucket was before), both never refusing.
+fn limiters(c: &mut Criterion) {
+    let ours = KeyLimiter::new(common::UNLIMITED);
+    let theirs = governor::RateLimiter::direct(keygate::limit::quota(&common::UNLIMITED))
+        .with_middleware::<governor::middleware::StateInformationMiddleware>();
+    let mut g = c.benchmark_group("key_limiter");
+    g.bench_function("own_gcra", |b| b.iter(|| ours.check().unwrap()));
+    g.bench_function("governor_direct", |b| {
+        b.iter(|| theirs.check().unwrap().remaining_burst_capacity())
     });
     g.finish();
 }
@@ -339,6 +374,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = moka_hashers, number_headers, header_rewriting, head_to_upstream
+    targets = moka_hashers, limiters, number_headers, header_rewriting, head_to_upstream
 }
 criterion_main!(structures);
