@@ -295,7 +295,7 @@ impl App {
                 tick.tick().await;
                 loop {
                     tick.tick().await;
-                    usage.flush().await;
+                    usage.flush_spread(every / 2).await;
                 }
             })
         };

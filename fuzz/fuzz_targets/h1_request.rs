@@ -3,6 +3,7 @@
 //! exactly when the request had one, no hop-by-hop, `x-keygate-*`, underscored or credential
 //! field, and the target that was routed.
 #![no_main]
+use keygate::keys::IdentityHeaders;
 use keygate::proxy::h1::head::{Parsed, parse_request};
 use keygate::proxy::h1::wire::{Strip, Upstream, request_head};
 use libfuzzer_sys::fuzz_target;
@@ -30,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
     assert!(head.len <= data.len());
     let path = head.path(data);
     assert!(path.starts_with('/'));
+    let identity = IdentityHeaders::new("c", "k", "p", "l");
     for strip in [Strip::Nothing, Strip::Authorization, Strip::ApiKey] {
         let mut out = Vec::new();
         request_head(
@@ -40,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
             &Upstream {
                 target: None,
                 strip,
-                identity: Some(b"x-keygate-client-id: c\r\n"),
+                identity: Some(&identity),
                 peer_ip: b"127.0.0.1",
                 proto: b"http",
                 host: b"up:80",
@@ -55,13 +57,21 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(n, out.len(), "bytes after the forwarded head");
         assert_eq!(req.path.unwrap().as_bytes(), head.target.get(data));
         let mut hosts = 0;
+        let mut identity_fields = 0;
         let mut lengths = Vec::new();
         for h in req.headers.iter() {
             let name = h.name.to_ascii_lowercase();
             assert!(!NEVER.contains(&name.as_str()), "{name} forwarded");
             assert!(!name.contains('_'), "{name} forwarded");
             if name.starts_with("x-keygate-") {
-                assert_eq!((name.as_str(), h.value), ("x-keygate-client-id", &b"c"[..]));
+                let ours = [
+                    ("x-keygate-client-id", &b"c"[..]),
+                    ("x-keygate-key-id", b"k"),
+                    ("x-keygate-permissions", b"p"),
+                    ("x-keygate-license", b"l"),
+                ];
+                assert!(ours.contains(&(name.as_str(), h.value)), "{name} forwarded");
+                identity_fields += 1;
             }
             match name.as_str() {
                 "host" => hosts += 1,
@@ -72,6 +82,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         assert_eq!(hosts, 1);
+        assert_eq!(identity_fields, 4);
         match head.content_length {
             Some(len) => assert_eq!(lengths, [len.to_string().into_bytes()]),
             None => assert!(lengths.is_empty()),

@@ -1,7 +1,8 @@
 //! `last_used_at` and per-day request counts, recorded in memory on the request path (atomics
 //! on the cached principal, no lock except once per key per flush interval) and written to the
-//! store in one batch every `last_used_flush_secs`, and once more on graceful shutdown. A failed
-//! write keeps the counts for the next flush: nothing is lost while the process lives.
+//! store every `last_used_flush_secs` — in small chunks spread over up to half that interval, so
+//! a flush of many keys never holds up requests — and once more, at once, on graceful shutdown.
+//! A failed write keeps the counts for the next flush: nothing is lost while the process lives.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -18,7 +19,11 @@ const DAY_MS: i64 = 86_400_000;
 type Taken = Vec<(Arc<Principal>, u64)>;
 
 /// Keys written per store call when usage is flushed.
-const FLUSH_CHUNK: usize = 500;
+const FLUSH_CHUNK: usize = 25;
+/// Longest pause between the chunks of a periodic flush. The store's work (SQLite runs on a
+/// blocking thread that may share the request path's core) goes out in small pieces instead of
+/// holding up requests for milliseconds at a time.
+const FLUSH_PACE: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Usage not yet written, kept on each cached principal.
 #[derive(Debug, Default)]
@@ -67,8 +72,14 @@ impl UsageRecorder {
             .push(Arc::clone(p));
     }
 
-    /// Writes everything recorded so far in one store call. Returns how many keys it wrote.
+    /// Writes everything recorded so far, at once (shutdown). Returns how many keys it wrote.
     pub async fn flush(&self) -> usize {
+        self.flush_spread(std::time::Duration::ZERO).await
+    }
+
+    /// Writes everything recorded so far in chunks, paused so the whole write takes up to
+    /// `spread` (pauses of at most [`FLUSH_PACE`]).
+    pub async fn flush_spread(&self, spread: std::time::Duration) -> usize {
         let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
         if batch.is_empty() {
             return 0;
@@ -97,6 +108,8 @@ impl UsageRecorder {
             taken.push((p, n));
         }
         let groups: Vec<(Usage, Taken)> = by_key.into_values().collect();
+        let chunks = groups.len().div_ceil(FLUSH_CHUNK).max(1) as u32;
+        let pace = (spread / chunks).min(FLUSH_PACE);
         // In chunks, yielding between them: a flush of many keys does not hold up requests for
         // the whole write.
         let mut written = 0;
@@ -117,7 +130,11 @@ impl UsageRecorder {
                 return written;
             }
             written += entries.len();
-            tokio::task::yield_now().await;
+            if pace.is_zero() || written == groups.len() {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(pace).await;
+            }
         }
         self.metrics.usage_flushes.inc();
         written
