@@ -53,7 +53,10 @@ fuzz_target!(|data: &[u8]| {
             _ => {}
         }
     }
-    assert!(chunked <= 1 && !(chunked == 1 && lengths > 0), "two framings");
+    assert!(
+        chunked <= 1 && !(chunked == 1 && lengths > 0),
+        "two framings"
+    );
     assert!(lengths <= 1, "two lengths");
     if let Framing::Length(_) = res.framing {
         assert_eq!(lengths, 1);
