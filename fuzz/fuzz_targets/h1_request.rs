@@ -1,14 +1,15 @@
 //! The fast path's request heads: whatever the bytes, parsing never panics, and a head it
 //! takes is forwarded as a head that parses back whole, with exactly one `Host`, the length
 //! exactly when the request had one, no hop-by-hop, `x-keygate-*`, underscored or credential
-//! field, and the target that was routed.
+//! field, the gateway's own `X-Forwarded-For`/`-Proto`/`-Host` once each, and the target that
+//! was routed.
 #![no_main]
 use keygate::keys::IdentityHeaders;
 use keygate::proxy::h1::head::{Parsed, parse_request};
 use keygate::proxy::h1::wire::{Strip, Upstream, request_head};
 use libfuzzer_sys::fuzz_target;
 
-const NEVER: [&str; 12] = [
+const NEVER: [&str; 11] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -20,7 +21,6 @@ const NEVER: [&str; 12] = [
     "http2-settings",
     "trailer",
     "expect",
-    "x-forwarded-proto",
 ];
 
 fuzz_target!(|data: &[u8]| {
@@ -58,6 +58,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(req.path.unwrap().as_bytes(), head.target.get(data));
         let mut hosts = 0;
         let mut identity_fields = 0;
+        let mut forwarded = [0; 3];
         let mut lengths = Vec::new();
         for h in req.headers.iter() {
             let name = h.name.to_ascii_lowercase();
@@ -76,6 +77,15 @@ fuzz_target!(|data: &[u8]| {
             match name.as_str() {
                 "host" => hosts += 1,
                 "content-length" => lengths.push(h.value.to_vec()),
+                "x-forwarded-for" => {
+                    assert!(h.value.ends_with(b"127.0.0.1"));
+                    forwarded[0] += 1;
+                }
+                "x-forwarded-proto" => {
+                    assert_eq!(h.value, b"http");
+                    forwarded[1] += 1;
+                }
+                "x-forwarded-host" => forwarded[2] += 1,
                 "authorization" => assert_ne!(strip, Strip::Authorization),
                 "x-api-key" => assert_ne!(strip, Strip::ApiKey),
                 _ => {}
@@ -83,6 +93,8 @@ fuzz_target!(|data: &[u8]| {
         }
         assert_eq!(hosts, 1);
         assert_eq!(identity_fields, 4);
+        assert_eq!(forwarded[..2], [1, 1], "x-forwarded-for/-proto once each");
+        assert!(forwarded[2] <= 1, "x-forwarded-host twice");
         match head.content_length {
             Some(len) => assert_eq!(lengths, [len.to_string().into_bytes()]),
             None => assert!(lengths.is_empty()),

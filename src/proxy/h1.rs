@@ -806,8 +806,6 @@ enum ReadError {
     TooLarge,
     #[error("upstream switched protocols unasked")]
     Switched,
-    #[error("status {0} is no HTTP status")]
-    Status(u16),
 }
 
 /// Reads the response head, skipping interim (1xx) responses.
@@ -821,7 +819,6 @@ async fn read_response(
     loop {
         if uc.end > 0 {
             match head::parse_response(&uc.buf[..uc.end], head_request, fields)? {
-                Some(h) if h.status < 100 => return Err(ReadError::Status(h.status)),
                 Some(h) if h.status == 101 => return Err(ReadError::Switched),
                 Some(h) if h.status < 200 => {
                     uc.buf.copy_within(h.len..uc.end, 0);

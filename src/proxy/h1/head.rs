@@ -391,6 +391,8 @@ pub enum BadResponse {
     Length,
     #[error("a transfer coding other than chunked, or on an HTTP/1.0 response")]
     Encoding,
+    #[error("status {0} is no HTTP status")]
+    Status(u16),
 }
 
 /// Parses the response head at the start of `buf` (`Ok(None)`: more bytes needed). `head`
@@ -411,6 +413,9 @@ pub fn parse_response(
         Err(e) => return Err(BadResponse::Parse(e)),
     };
     let status = res.code.unwrap_or(0);
+    if status < 100 {
+        return Err(BadResponse::Status(status));
+    }
     let http11 = res.version == Some(1);
     let mut length: Option<u64> = None;
     let mut chunked = None;
@@ -717,6 +722,8 @@ mod tests {
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n",
             "HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n",
             "HTTP/1.1 2000 OK\r\n\r\n",
+            "HTTP/1.1 060 OK\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 000 OK\r\n\r\n",
             "NOT HTTP\r\n\r\n",
             "HTTP/1.1 200 OK\r\nConnection: a,b,c,d,e,f,g,h,i\r\n\r\n",
         ] {
