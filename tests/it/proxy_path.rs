@@ -334,7 +334,7 @@ async fn five_megabytes_stream_through_both_ways() {
 #[tokio::test]
 async fn upstream_down_is_502_and_slow_upstream_is_504() {
     let upstream = Upstream::start().await;
-    let dead = closed_port().await;
+    let (dead, _held) = closed_port();
     let gw = Gateway::start_custom(upstream, |_| format!("http://{dead}"), "").await;
     let (key, _) = gw.client("acme", "pro").await;
     let r = gw.get_with_key("/", &key).await;

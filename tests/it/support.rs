@@ -433,9 +433,11 @@ impl Gateway {
 }
 
 /// A loopback address where nothing listens.
-pub async fn closed_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    drop(l);
-    addr
+pub fn closed_port() -> (SocketAddr, tokio::net::TcpSocket) {
+    // Bound but never listening: connections are refused, and no other test can take the port
+    // while the socket is held.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (addr, socket)
 }
