@@ -1,8 +1,13 @@
-//! `Gateway::handle` end to end, in-process: a hyper client on one keep-alive connection →
+//! The request path end to end, in-process: a hyper client on one keep-alive connection →
 //! keygate (real SQLite store in a temp dir, warm cache) → an upstream answering `ok\n`, all on
 //! one current-thread runtime over loopback. The time per iteration is the CPU of the whole
 //! round trip (client + gateway + upstream + kernel); `direct_upstream` is the same client
 //! straight to the upstream, so the difference is what the gateway adds.
+//!
+//! `keygate_api_key` and `keygate_jwt` take the HTTP/1.1 fast path (`proxy::h1`);
+//! `keygate_api_key_hyper_path` is the same request on a connection that was handed to hyper
+//! (its first request was HTTP/1.0 with keep-alive), so it runs `Gateway::handle` with hyper on
+//! both legs: the structure the fast path replaced.
 //!
 //! Run: `cargo bench --bench proxy`.
 
@@ -57,13 +62,24 @@ async fn connect(addr: SocketAddr) -> SendRequest<Empty<Bytes>> {
 }
 
 async fn round_trip(send: &mut SendRequest<Empty<Bytes>>, header: (&str, &str)) {
+    round_trip_as(send, header, http::Version::HTTP_11).await;
+}
+
+async fn round_trip_as(
+    send: &mut SendRequest<Empty<Bytes>>,
+    header: (&str, &str),
+    version: http::Version,
+) {
     send.ready().await.unwrap();
-    let req = Request::builder()
+    let mut req = Request::builder()
+        .version(version)
         .uri("/bench")
         .header("host", "127.0.0.1")
-        .header(header.0, header.1)
-        .body(Empty::new())
-        .unwrap();
+        .header(header.0, header.1);
+    if version == http::Version::HTTP_10 {
+        req = req.header("connection", "keep-alive");
+    }
+    let req = req.body(Empty::new()).unwrap();
     let res = send.send_request(req).await.unwrap();
     assert!(res.status().is_success(), "status {}", res.status());
     let body = res.into_body().collect().await.unwrap().to_bytes();
@@ -155,6 +171,16 @@ access_log = false
     rt.block_on(round_trip(&mut via, ("authorization", &bearer)));
     g.bench_function("keygate_jwt", |b| {
         b.iter_custom(|n| timed(&rt, n, &mut via, ("authorization", &bearer)))
+    });
+    let mut handed_over = rt.block_on(connect(gateway));
+    // HTTP/1.0 is not the fast path's: the connection goes to hyper and stays there.
+    rt.block_on(round_trip_as(
+        &mut handed_over,
+        ("x-api-key", &key),
+        http::Version::HTTP_10,
+    ));
+    g.bench_function("keygate_api_key_hyper_path", |b| {
+        b.iter_custom(|n| timed(&rt, n, &mut handed_over, ("x-api-key", &key)))
     });
     g.finish();
 }

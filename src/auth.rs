@@ -238,18 +238,25 @@ impl Authenticator {
 
     /// Authenticates a plaintext API key.
     pub async fn api_key(&self, key: &str) -> Result<Arc<Principal>, ProxyError> {
-        if !self.format.check(key) {
+        if !self.format.shape(key) {
             return Err(ProxyError::InvalidApiKey);
         }
         let hash = KeyHash::of(key);
         let now = now_millis();
+        let entry = self.cache.get_at(&hash, now);
+        // Only keys that passed the whole check are ever cached, and an entry is found only
+        // for the same SHA-256, so a cached key's alphabet and checksum need no second look;
+        // anything else is checked before it can cost a store lookup.
+        if entry.is_none() && !self.format.check(key) {
+            return Err(ProxyError::InvalidApiKey);
+        }
         let refresh = |stale| {
             let me = self.clone();
             tokio::spawn(async move {
                 let _ = me.fill(hash, now_millis(), Some(stale)).await;
             });
         };
-        let principal = match self.classify(self.cache.get_at(&hash, now), now, refresh) {
+        let principal = match self.classify(entry, now, refresh) {
             Lookup::Fresh(p) => p,
             Lookup::Unknown => return Err(ProxyError::InvalidApiKey),
             Lookup::Refill(stale) => self.fill(hash, now, stale).await?,

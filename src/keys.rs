@@ -101,13 +101,19 @@ impl KeyFormat {
         }
     }
 
+    /// True when `key` has this format's prefix and length (the first half of
+    /// [`KeyFormat::check`]).
+    pub fn shape(&self, key: &str) -> bool {
+        key.len() == self.key_len() && key.as_bytes().starts_with(self.prefix.as_bytes())
+    }
+
     /// True when `key` has this format's prefix, length, alphabet and a matching checksum.
     /// Pure: no allocation, no cache or store access.
     pub fn check(&self, key: &str) -> bool {
-        let b = key.as_bytes();
-        if b.len() != self.key_len() || !b.starts_with(self.prefix.as_bytes()) {
+        if !self.shape(key) {
             return false;
         }
+        let b = key.as_bytes();
         let (head, sum) = b.split_at(b.len() - KEY_CHECKSUM_LEN);
         if !head[self.prefix.len()..]
             .iter()
@@ -213,12 +219,7 @@ impl RateLimit {
 /// Milliseconds since the Unix epoch, UTC. Stores and caches keep time in this form.
 pub type Millis = i64;
 
-pub fn now_millis() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use crate::clock::now_millis;
 
 /// A client: the owner of keys. `license` names a plan in the config.
 #[derive(Clone, Debug, PartialEq)]

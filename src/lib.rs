@@ -24,6 +24,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod keys;
@@ -112,6 +113,7 @@ impl App {
     }
 
     pub async fn bind_with_store(config: Config, store: Arc<dyn Store>) -> Result<App, StartError> {
+        clock::init();
         if config.admin.key_hashes.is_empty() {
             return Err(StartError::NoAdminKey);
         }

@@ -59,15 +59,13 @@ pub trait Clock: Send + Sync + 'static {
 }
 
 /// The process's monotonic clock (the TSC where it is usable, via quanta), in nanoseconds
-/// since keygate started, plus one.
+/// since the clocks were first read (`crate::clock`), plus one.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Monotonic;
 
 impl Clock for Monotonic {
     fn now_ns(&self) -> u64 {
-        static BASE: std::sync::OnceLock<quanta::Instant> = std::sync::OnceLock::new();
-        let base = *BASE.get_or_init(quanta::Instant::now);
-        quanta::Instant::now().duration_since(base).as_nanos() as u64 + 1
+        crate::clock::mono_nanos() + 1
     }
 }
 
@@ -159,11 +157,11 @@ impl<C: Clock> KeyLimiter<C> {
                     let room = (now + tau + t).saturating_sub(next).min(tau + t);
                     let remaining = (room / t) as u32;
                     let missing = u64::from(self.burst.max(1)).saturating_sub(u64::from(remaining));
-                    let reset = Duration::from_nanos(t.saturating_mul(missing));
+                    let reset_ns = t.saturating_mul(missing);
                     return Ok(RateInfo {
                         limit: self.burst,
                         remaining,
-                        reset_secs: reset.as_secs_f64().ceil() as u64,
+                        reset_secs: reset_ns.div_ceil(1_000_000_000),
                     });
                 }
                 Err(actual) => prev = actual,
