@@ -416,13 +416,10 @@ mod tests {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
 
-    use uuid::Uuid;
-
     use super::*;
     use crate::keys::cache::CacheSettings;
     use crate::keys::store::sqlite::SqliteStore;
-    use crate::keys::store::testing::Counting;
-    use crate::keys::{ApiKey, Client};
+    use crate::keys::store::testing::{Counting, client, new_key};
 
     fn setup() -> (Authenticator, Arc<Counting>, KeyCache, tempfile::TempDir) {
         setup_ttl(Duration::from_secs(60))
@@ -500,33 +497,8 @@ mod tests {
     }
 
     async fn seed(store: &Counting) -> crate::keys::NewKey {
-        let k = KeyFormat::new("kg_").generate();
-        let now = now_millis();
-        let client = Client {
-            client_id: "c".into(),
-            license: "pro".into(),
-            created_at: now,
-            metadata: None,
-        };
-        let key = ApiKey {
-            id: Uuid::now_v7(),
-            client_id: "c".into(),
-            name: "n".into(),
-            prefix: k.display_prefix.clone(),
-            key_hash: k.hash,
-            previous_hash: None,
-            previous_valid_until: None,
-            permissions: vec!["P".into()],
-            enabled: true,
-            created_at: now,
-            updated_at: now,
-            expires_at: None,
-            last_used_at: None,
-            rotated_at: None,
-            rate_limit: None,
-            metadata: None,
-        };
-        store.insert_client(&client, &key).await.unwrap();
+        let (key, k) = new_key("c", &["P"]);
+        store.insert_client(&client("c"), &key).await.unwrap();
         k
     }
 

@@ -311,6 +311,15 @@ pub const IDENTITY_FIELDS: [&str; 4] = [
     "x-keygate-license",
 ];
 
+/// True when `v` is a header value as text by the rules of `HeaderValue::from_str` and
+/// `HeaderValue::to_str`: visible ASCII and tab only.
+pub fn header_text(v: &[u8]) -> bool {
+    // A fold without early exit: the compiler checks many bytes at a time.
+    v.iter().fold(true, |ok, &b| {
+        ok & ((b == b'\t') | (b.wrapping_sub(32) < 95))
+    })
+}
+
 impl IdentityHeaders {
     pub fn new(client_id: &str, key_id: &str, permissions: &str, license: &str) -> Self {
         let parts = [client_id, key_id, permissions, license];
@@ -320,8 +329,7 @@ impl IdentityHeaders {
         for (i, p) in parts.iter().enumerate() {
             text.extend_from_slice(p.as_bytes());
             ends[i] = text.len() as u32;
-            // `from_str` accepts visible ASCII and tab only.
-            if !p.bytes().all(|b| b == b'\t' || (32..127).contains(&b)) {
+            if !header_text(p.as_bytes()) {
                 invalid |= 1 << i;
             }
         }
@@ -440,7 +448,7 @@ impl Principal {
     }
 
     pub fn has_all(&self, required: &[String]) -> bool {
-        required.iter().all(|r| self.permissions().any(|p| p == r))
+        required.iter().all(|r| self.has(r))
     }
 
     pub fn has(&self, permission: &str) -> bool {

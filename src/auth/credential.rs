@@ -168,11 +168,7 @@ impl Extractor {
 
 /// A header value as text, by the rules of `HeaderValue::to_str`: visible ASCII and tab only.
 pub fn header_text(v: &[u8]) -> Option<&str> {
-    // A fold without early exit: the compiler checks many bytes at a time.
-    let visible = v.iter().fold(true, |ok, &b| {
-        ok & ((b == b'\t') | (b.wrapping_sub(32) < 95))
-    });
-    if visible {
+    if crate::keys::header_text(v) {
         std::str::from_utf8(v).ok()
     } else {
         None

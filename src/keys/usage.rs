@@ -152,33 +152,9 @@ mod tests {
 
     use super::*;
     use crate::keys::store::sqlite::SqliteStore;
-    use crate::keys::store::testing::Counting;
-    use crate::keys::{ApiKey, Client, KeyFormat, KeyRecord, now_millis};
+    use crate::keys::store::testing::{Counting, client, new_key};
+    use crate::keys::{KeyRecord, now_millis};
     use crate::limit::KeyLimiter;
-
-    fn key(client: &str) -> (ApiKey, crate::keys::NewKey) {
-        let k = KeyFormat::new("kg_").generate();
-        let now = now_millis();
-        let key = ApiKey {
-            id: Uuid::now_v7(),
-            client_id: client.into(),
-            name: "n".into(),
-            prefix: k.display_prefix.clone(),
-            key_hash: k.hash,
-            previous_hash: None,
-            previous_valid_until: None,
-            permissions: vec![],
-            enabled: true,
-            created_at: now,
-            updated_at: now,
-            expires_at: None,
-            last_used_at: None,
-            rotated_at: None,
-            rate_limit: None,
-            metadata: None,
-        };
-        (key, k)
-    }
 
     /// A flush of more keys than one chunk writes them all; a chunk that fails gives its
     /// counts, and those of the chunks after it, back for the next flush, and nothing that was
@@ -189,16 +165,11 @@ mod tests {
         let store = Arc::new(Counting::new(
             SqliteStore::open(&dir.path().join("u.db")).unwrap(),
         ));
-        let client = Client {
-            client_id: "c".into(),
-            license: "pro".into(),
-            created_at: now_millis(),
-            metadata: None,
-        };
+        let client = client("c");
         let n = FLUSH_CHUNK * 2 + 100;
         let mut principals = Vec::new();
         for i in 0..n {
-            let (k, new) = key("c");
+            let (k, new) = new_key("c", &[]);
             if i == 0 {
                 store.insert_client(&client, &k).await.unwrap();
             } else {
@@ -208,14 +179,12 @@ mod tests {
                 key: k,
                 license: "pro".into(),
             };
-            let limiter = Arc::new(KeyLimiter::new(record.key.rate_limit.unwrap_or(
-                crate::keys::RateLimit {
-                    per_second: Some(10),
-                    per_minute: None,
-                    per_hour: None,
-                    burst: 10,
-                },
-            )));
+            let limiter = Arc::new(KeyLimiter::new(crate::keys::RateLimit {
+                per_second: Some(10),
+                per_minute: None,
+                per_hour: None,
+                burst: 10,
+            }));
             principals.push(Principal::from_record(&record, &new.hash, limiter));
         }
         let metrics = Arc::new(Metrics::new(vec!["/".into()]));

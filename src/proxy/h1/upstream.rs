@@ -39,6 +39,11 @@ impl Conn {
         }
     }
 
+    /// Not idle for too long and not closed (nor written to) by its upstream since.
+    fn usable(&self) -> bool {
+        self.since.elapsed() <= IDLE_TIMEOUT && self.still_idle()
+    }
+
     /// True when the upstream has neither closed the idle connection nor sent anything on it.
     /// Costs a system call only when the reactor saw the socket become readable.
     fn still_idle(&self) -> bool {
@@ -86,7 +91,7 @@ impl Pool {
                 let (_, idle) = hosts.iter_mut().find(|(a, _)| a == authority)?;
                 idle.pop()?
             };
-            if c.since.elapsed() <= IDLE_TIMEOUT && c.still_idle() {
+            if c.usable() {
                 c.reused = true;
                 return Some(c);
             }
@@ -96,22 +101,14 @@ impl Pool {
     /// Drops connections idle for too long or closed by their upstream (called periodically,
     /// so sockets do not linger in CLOSE_WAIT once traffic stops).
     pub fn sweep(&self) {
-        let dead: Vec<Conn> = {
+        let mut dead = Vec::new();
+        {
             let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-            let mut dead = Vec::new();
             for (_, idle) in hosts.iter_mut() {
-                let mut keep = Vec::with_capacity(idle.len());
-                for c in idle.drain(..) {
-                    if c.since.elapsed() <= IDLE_TIMEOUT && c.still_idle() {
-                        keep.push(c);
-                    } else {
-                        dead.push(c);
-                    }
-                }
-                *idle = keep;
+                dead.extend(idle.extract_if(.., |c| !c.usable()));
             }
-            dead
-        };
+        }
+        // Closed here, outside the lock.
         drop(dead);
     }
 
