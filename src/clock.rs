@@ -2,10 +2,10 @@
 //! wall-clock milliseconds for expiry, cache TTLs and usage, both read from the TSC through
 //! `quanta` (about 14 ns here against about 48 ns for `SystemTime::now()` in this VM).
 //!
-//! The wall clock is the monotonic count plus an offset taken from `SystemTime` at most one
-//! second earlier: the first read after a second has passed re-takes it, so a step of the
-//! system clock (NTP, an operator) is followed within a second, and the TSC's drift between two
-//! calibrations is a few microseconds at most.
+//! The wall clock is the monotonic count plus an offset (in nanoseconds, so no rounding adds
+//! up) taken from `SystemTime` at most one second earlier: the first read after a second has
+//! passed re-takes it, so a step of the system clock (NTP, an operator) is followed within a
+//! second, and the TSC's drift between two calibrations is a few microseconds at most.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -19,24 +19,54 @@ struct Clocks {
     clock: quanta::Clock,
     /// The raw reading that monotonic time is counted from.
     base: u64,
-    /// Wall-clock milliseconds at monotonic zero.
-    offset_ms: AtomicI64,
+    /// Wall-clock nanoseconds at monotonic zero.
+    offset_ns: AtomicI64,
     /// Monotonic time at which the offset is taken again.
     recalibrate_at: AtomicU64,
+    /// How long an offset is used.
+    every_ns: u64,
 }
 
-fn clocks() -> &'static Clocks {
-    static CLOCKS: OnceLock<Clocks> = OnceLock::new();
-    CLOCKS.get_or_init(|| {
+impl Clocks {
+    fn new(offset_ns: i64, every_ns: u64) -> Self {
         let clock = quanta::Clock::new();
         let base = clock.raw();
         Clocks {
             clock,
             base,
-            offset_ms: AtomicI64::new(system_millis()),
-            recalibrate_at: AtomicU64::new(RECALIBRATE_NS),
+            offset_ns: AtomicI64::new(offset_ns),
+            recalibrate_at: AtomicU64::new(every_ns),
+            every_ns,
         }
-    })
+    }
+
+    #[inline]
+    fn mono_nanos(&self) -> u64 {
+        self.clock.delta_as_nanos(self.base, self.clock.raw())
+    }
+
+    #[inline]
+    fn now_millis(&self) -> Millis {
+        let ns = self.mono_nanos();
+        if ns >= self.recalibrate_at.load(Ordering::Relaxed) {
+            return self.recalibrate(ns);
+        }
+        (ns as i64 + self.offset_ns.load(Ordering::Relaxed)) / 1_000_000
+    }
+
+    #[cold]
+    fn recalibrate(&self, ns: u64) -> Millis {
+        let wall = system_nanos();
+        self.offset_ns.store(wall - ns as i64, Ordering::Relaxed);
+        self.recalibrate_at
+            .store(ns + self.every_ns, Ordering::Relaxed);
+        wall / 1_000_000
+    }
+}
+
+fn clocks() -> &'static Clocks {
+    static CLOCKS: OnceLock<Clocks> = OnceLock::new();
+    CLOCKS.get_or_init(|| Clocks::new(system_nanos(), RECALIBRATE_NS))
 }
 
 /// Calibrates the clocks now (it takes a few milliseconds once) rather than on the first
@@ -48,29 +78,22 @@ pub fn init() {
 /// Nanoseconds since the clocks were first read; never decreases.
 #[inline]
 pub fn mono_nanos() -> u64 {
-    let c = clocks();
-    c.clock.delta_as_nanos(c.base, c.clock.raw())
+    clocks().mono_nanos()
 }
 
 /// Milliseconds since the Unix epoch.
 #[inline]
 pub fn now_millis() -> Millis {
-    let c = clocks();
-    let ns = c.clock.delta_as_nanos(c.base, c.clock.raw());
-    if ns >= c.recalibrate_at.load(Ordering::Relaxed) {
-        return recalibrate(c, ns);
-    }
-    (ns / 1_000_000) as Millis + c.offset_ms.load(Ordering::Relaxed)
+    clocks().now_millis()
 }
 
-#[cold]
-fn recalibrate(c: &Clocks, ns: u64) -> Millis {
-    let wall = system_millis();
-    c.offset_ms
-        .store(wall - (ns / 1_000_000) as Millis, Ordering::Relaxed);
-    c.recalibrate_at
-        .store(ns + RECALIBRATE_NS, Ordering::Relaxed);
-    wall
+/// `SystemTime::now()` in nanoseconds since the Unix epoch (0 before it; `i64` lasts until
+/// 2262).
+fn system_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 /// `SystemTime::now()` in milliseconds since the Unix epoch (0 before it).
@@ -98,6 +121,22 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(300));
         }
+    }
+
+    /// A step of the system clock (here: an offset an hour off) is followed at the next
+    /// re-basing, and not before.
+    #[test]
+    fn a_system_clock_step_is_followed_at_the_next_rebase() {
+        let hour = 3_600_000;
+        let c = Clocks::new(system_nanos() - hour * 1_000_000, 50_000_000);
+        let early = c.now_millis();
+        assert!(
+            (system_millis() - hour - early).abs() <= 2,
+            "not re-based yet"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        let late = c.now_millis();
+        assert!((system_millis() - late).abs() <= 2, "re-based: {late}");
     }
 
     #[test]
