@@ -352,6 +352,12 @@ fn get(path: &str, key: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: gw.example\r\nX-API-Key: {key}\r\n\r\n").into_bytes()
 }
 
+/// The head of a POST whose body of `len` bytes follows.
+fn post(path: &str, key: &str, len: usize) -> Vec<u8> {
+    format!("POST {path} HTTP/1.1\r\nHost: g\r\nX-API-Key: {key}\r\nContent-Length: {len}\r\n\r\n")
+        .into_bytes()
+}
+
 #[tokio::test]
 async fn every_response_framing_is_relayed_on_one_kept_alive_connection() {
     let (gw, script, key) = setup("").await;
@@ -428,14 +434,7 @@ async fn uploads_stream_whole_and_pipelined_requests_are_answered_in_order() {
     let mut c = Raw::connect(gw.proxy).await;
     // 1 MiB in 64 KiB pieces, sent while the gateway is already forwarding.
     let body = pattern(1 << 20);
-    c.send(
-        format!(
-            "POST /echo HTTP/1.1\r\nHost: g\r\nX-API-Key: {key}\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await;
+    c.send(&post("/echo", &key, body.len())).await;
     for piece in body.chunks(64 * 1024) {
         c.send(piece).await;
     }
@@ -662,14 +661,7 @@ async fn an_interim_answer_during_an_upload_does_not_cut_it_short() {
     let (gw, script, key) = setup("").await;
     let mut c = Raw::connect(gw.proxy).await;
     let body = pattern(200_000);
-    c.send(
-        format!(
-            "POST /continue HTTP/1.1\r\nHost: g\r\nX-API-Key: {key}\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await;
+    c.send(&post("/continue", &key, body.len())).await;
     // The upstream says 100 Continue as soon as it has the head; the rest comes later.
     tokio::time::sleep(Duration::from_millis(50)).await;
     for piece in body.chunks(50_000) {
@@ -693,14 +685,7 @@ async fn a_head_over_the_limit_is_431_even_when_it_arrives_whole() {
     let mut c = Raw::connect(gw.proxy).await;
     // A request with a body first, so the connection's buffer has grown past the limit.
     let body = pattern(40_000);
-    c.send(
-        format!(
-            "POST /echo HTTP/1.1\r\nHost: g\r\nX-API-Key: {key}\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await;
+    c.send(&post("/echo", &key, body.len())).await;
     c.send(&body).await;
     assert_eq!(c.read("POST").await.status, 200);
     let mut head = get("/ok", &key);
