@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use keygate::auth::credential::Source;
 use keygate::keys::cache::{Cached, DigestHasher, Entry};
 use keygate::keys::{KeyFormat, KeyHash, KeyRecord, Principal, now_millis};
 use keygate::limit::{KeyLimiter, number_header};
 use keygate::proxy::headers;
+use keygate::proxy::policy::Strip;
 
 const KEYS: usize = 10_000;
 
@@ -169,8 +169,8 @@ fn browser_request(key: &str) -> HeaderMap {
     h
 }
 
-/// What keygate does: remove in place, reserve room once (as `Forwarder::forward` does when
-/// `reserve` is set), insert pre-encoded values.
+/// What keygate does for hyper-util's client: keep the forwarded fields by the policy's rules,
+/// reserve room once when `reserve` is set, insert pre-encoded values.
 fn rewrite_in_place(
     h: &mut HeaderMap,
     p: &Principal,
@@ -179,15 +179,12 @@ fn rewrite_in_place(
     reserve: bool,
 ) {
     let api_key = HeaderName::from_static("x-api-key");
-    headers::remove_keygate_headers(h);
-    headers::remove_credential(h, Source::Header, &api_key);
-    headers::remove_hop_by_hop(h);
-    let host = h.remove(header::HOST);
+    let inbound = headers::retain_forwarded(h, Strip::ApiKey, &api_key);
     if reserve {
         h.reserve(8);
     }
     headers::add_identity(h, &p.headers);
-    headers::add_forwarded(h, peer, "http", host, upstream);
+    headers::add_forwarded(h, inbound, peer, "http", upstream);
 }
 
 /// The naive version: a new map, names and values made per request.
@@ -285,27 +282,29 @@ fn raw_head(key: &str, browser: bool) -> Vec<u8> {
 fn fast_path_head(
     raw: &[u8],
     p: &Principal,
-    fields: &mut Vec<keygate::proxy::h1::head::Field>,
+    fields: &mut Vec<keygate::proxy::codec::head::Field>,
     out: &mut Vec<u8>,
 ) {
-    use keygate::proxy::h1::head::{Parsed, parse_request};
-    use keygate::proxy::h1::wire::{Strip, Upstream, request_head};
+    use keygate::proxy::codec::head::{Parsed, parse_request};
+    use keygate::proxy::codec::wire::{BodyOut, Upstream, request_head, spans};
     let Parsed::Complete(head) = parse_request(raw, "x-api-key", 100, fields) else {
         panic!("not taken");
     };
     out.clear();
     request_head(
         out,
-        raw,
-        &head,
-        fields,
+        spans(raw, fields),
         &Upstream {
-            target: None,
+            method: head.method.as_str().as_bytes(),
+            target: head.target.get(raw),
             strip: Strip::ApiKey,
             identity: Some(&p.headers),
+            xff: head.xff.map(|s| s.get(raw)),
+            client_host: head.host.map(|s| s.get(raw)),
             peer_ip: b"127.0.0.1",
             proto: b"http",
             host: b"127.0.0.1:9000",
+            body: head.content_length.map_or(BodyOut::None, BodyOut::Length),
         },
     );
 }

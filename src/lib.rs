@@ -50,8 +50,8 @@ use crate::keys::store::redis::RedisStore;
 use crate::keys::store::sqlite::SqliteStore;
 use crate::keys::usage::UsageRecorder;
 use crate::proxy::Gateway;
-use crate::proxy::forward::{ConnInfo, Forwarder};
 use crate::proxy::route::RouteTable;
+use crate::proxy::{ConnInfo, Upstreams};
 use crate::server::ServerOptions;
 use crate::telemetry::metrics::Metrics;
 
@@ -174,7 +174,7 @@ impl App {
         };
         let proxy_cert = load_cert(&config.proxy.tls)?;
         let admin_cert = load_cert(&config.admin.tls)?;
-        let forwarder = Forwarder::new(
+        let upstreams = Upstreams::new(
             config.proxy.connect_timeout,
             config.proxy.upstream_timeout,
             config.limits.body_timeout,
@@ -185,7 +185,7 @@ impl App {
             auth: authenticator.clone(),
             routes,
             extractor: extractor.clone(),
-            forwarder,
+            upstreams,
             failed_auth: Arc::clone(&failed_auth),
             metrics: Arc::clone(&metrics),
             usage: Arc::clone(&usage),

@@ -23,8 +23,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::config::Limits;
+use crate::proxy::ConnInfo;
 use crate::proxy::Gateway;
-use crate::proxy::forward::ConnInfo;
 use crate::proxy::h1;
 use crate::telemetry::metrics::Metrics;
 

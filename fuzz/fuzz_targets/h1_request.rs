@@ -5,8 +5,9 @@
 //! was routed.
 #![no_main]
 use keygate::keys::IdentityHeaders;
-use keygate::proxy::h1::head::{Parsed, parse_request};
-use keygate::proxy::h1::wire::{Strip, Upstream, request_head};
+use keygate::proxy::codec::head::{Parsed, parse_request};
+use keygate::proxy::codec::wire::{BodyOut, Upstream, request_head, spans};
+use keygate::proxy::policy::Strip;
 use libfuzzer_sys::fuzz_target;
 
 const NEVER: [&str; 11] = [
@@ -36,16 +37,18 @@ fuzz_target!(|data: &[u8]| {
         let mut out = Vec::new();
         request_head(
             &mut out,
-            data,
-            &head,
-            &fields,
+            spans(data, &fields),
             &Upstream {
-                target: None,
+                method: head.method.as_str().as_bytes(),
+                target: head.target.get(data),
                 strip,
                 identity: Some(&identity),
+                xff: head.xff.map(|s| s.get(data)),
+                client_host: head.host.map(|s| s.get(data)),
                 peer_ip: b"127.0.0.1",
                 proto: b"http",
                 host: b"up:80",
+                body: head.content_length.map_or(BodyOut::None, BodyOut::Length),
             },
         );
         let mut hs = [httparse::EMPTY_HEADER; 256];

@@ -3,9 +3,9 @@
 //! unambiguous framing (a single length, or chunked, or nothing for a bodiless answer) and no
 //! hop-by-hop field but the gateway's own `Connection: close` when it closes; the chunked decoder only ever points inside its input.
 #![no_main]
-use keygate::proxy::h1::chunked::{Decoder, Step};
-use keygate::proxy::h1::head::{Framing, parse_response};
-use keygate::proxy::h1::wire::{Out, response_head};
+use keygate::proxy::codec::chunked::{Decoder, Step};
+use keygate::proxy::codec::head::{Framing, parse_response};
+use keygate::proxy::codec::wire::{Out, response_head};
 use libfuzzer_sys::fuzz_target;
 
 const NEVER: [&str; 7] = [

@@ -1,8 +1,9 @@
-//! Header sanitising: after remove_keygate_headers and remove_hop_by_hop no hop-by-hop field,
-//! no field named in Connection, no x-keygate-* or underscored name survives, and Trailer
-//! declares none of them.
+//! Header sanitising: after retain_forwarded no hop-by-hop field, no field named in Connection,
+//! no x-keygate-* or underscored name survives, and Trailer declares none of them.
 #![no_main]
-use keygate::proxy::headers::{remove_hop_by_hop, remove_keygate_headers};
+use http::HeaderName;
+use keygate::proxy::headers::retain_forwarded;
+use keygate::proxy::policy::Strip;
 use libfuzzer_sys::fuzz_target;
 
 #[path = "common.rs"]
@@ -29,8 +30,11 @@ fuzz_target!(|data: &[u8]| {
         .map(|t| t.trim().to_ascii_lowercase())
         .filter(|t| !t.is_empty())
         .collect();
-    remove_keygate_headers(&mut h);
-    remove_hop_by_hop(&mut h);
+    retain_forwarded(
+        &mut h,
+        Strip::Nothing,
+        &HeaderName::from_static("x-api-key"),
+    );
     for k in h.keys() {
         let k = k.as_str();
         assert!(!HOP_BY_HOP.contains(&k), "{k} survived");

@@ -1,8 +1,9 @@
 //! The HTTP/1.1 fast path of the proxy listener. One task per client connection reads request
-//! heads into a reused buffer, admits them with the same steps as the hyper path
-//! ([`Gateway::admit`]), writes each request upstream as one buffer on a pooled connection it
-//! owns for the exchange, and relays the response: no header map, no channel or task between
-//! the two connections, no allocation per request.
+//! heads into a reused buffer, shows them to the policy core ([`Gateway::route`],
+//! [`Gateway::admit`]), writes each request upstream as one buffer through the one upstream
+//! client ([`super::upstream`]) on a connection it owns for the exchange, and relays the
+//! response: no header map, no channel or task between the two connections, no allocation per
+//! request.
 //!
 //! It takes only plain requests (see [`head`]). Anything else — HTTP/1.0, chunked or `Expect`
 //! uploads, upgrades, unusual targets, malformed or oversized heads, `POST /auth/login`,
@@ -19,30 +20,21 @@
 //! ends its connection: the answer says `Connection: close`, the write side is shut, and what
 //! the client still sends is read and dropped for a moment so the answer is not lost to a reset.
 
-pub mod chunked;
-pub mod head;
-pub mod upstream;
-pub mod wire;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::uri::{Authority, Scheme};
+use http::uri::Scheme;
 use http::{Method, Response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::forward::{ConnInfo, cause_chain};
-use super::route::{self, Route};
-use super::{Gateway, HEALTH_PATH, LOGIN_PATH, Outcome};
-use crate::auth::credential::{self, Source};
-use crate::auth::{self, Permit};
+use super::codec::head::{self, Field, Framing, Parsed, RequestHead, ResponseHead};
+use super::codec::wire::{self, BodyOut, Out};
+use super::policy::{self, RequestView, Routed};
+use super::upstream::{BodyReader, BodySource, Conn, Exchange, Step};
+use super::{ConnInfo, Gateway, Outcome};
+use crate::auth::credential;
 use crate::error::ProxyError;
-use chunked::{Decoder, Step};
-use head::{Field, Framing, Parsed, RequestHead, ResponseHead, Span};
-use upstream::Conn;
-use wire::{Out, Strip};
 
 /// Initial read buffer of a client connection; it grows up to `limits.max_header_bytes` for a
 /// large head.
@@ -51,8 +43,6 @@ const READ_BUFFER: usize = 8 * 1024;
 const BODY_CHUNK: usize = 16 * 1024;
 /// Relayed response bytes gathered before they are written to the client.
 const FLUSH_AT: usize = 16 * 1024;
-/// Largest response head accepted from an upstream (502 beyond it).
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// How long a closing connection's remaining input is read and dropped.
 const LINGER: Duration = Duration::from_secs(2);
 /// Most bytes read and dropped while lingering.
@@ -177,13 +167,6 @@ struct Client<'c, I> {
     ufields: Vec<Field>,
 }
 
-fn idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
-    )
-}
-
 fn draining(drain: &watch::Receiver<bool>) -> bool {
     drain.has_changed().unwrap_or(true)
 }
@@ -296,18 +279,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         drain: &watch::Receiver<bool>,
     ) -> Result<Relayed, Stop> {
         let msg = &self.buf[self.start..self.end];
-        let path = head.path(msg);
-        if path == HEALTH_PATH {
-            return Err(Stop::Answer(super::health(&head.method)));
-        }
-        if path == LOGIN_PATH && head.method == Method::POST {
-            return Err(Stop::Handover);
-        }
-        route::check_path(path).map_err(ProxyError::BadRequest)?;
-        let route = gw
-            .routes
-            .find(path, &head.method)
-            .ok_or(ProxyError::RouteNotFound)?;
+        let view = View { head, buf: msg };
+        let route = match gw.route(&view)? {
+            Routed::Health => return Err(Stop::Answer(policy::health(&head.method))),
+            // Hyper reads the body; the core answers.
+            Routed::Login => return Err(Stop::Handover),
+            Routed::Route(route) => route,
+        };
         outcome.route = Some(route);
         if route.upstream.scheme() != Some(&Scheme::HTTP) {
             return Err(Stop::Handover);
@@ -315,58 +293,26 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         let Some(authority) = route.upstream.authority() else {
             return Err(ProxyError::UpstreamUnavailable.into());
         };
-
-        let mut target = None;
-        let mut strip = Strip::Nothing;
-        let (permit, rate) = match auth::public(route) {
-            Some(permit) => {
-                gw.metrics.auth("public");
-                (permit, None)
-            }
-            None => {
-                let text = |s: Option<Span>| s.and_then(|s| credential::header_text(s.get(msg)));
-                let query = head.query(msg);
-                let cred =
-                    gw.extractor
-                        .extract_from(text(head.authorization), text(head.api_key), query);
-                let source = cred.map(|c| c.source);
-                let checked = gw.admit(route, cred, conn.peer.ip(), outcome).await;
-                gw.metrics.auth(match &checked {
-                    Ok(_) => "valid",
-                    Err(e) => e.code(),
-                });
-                let (permit, rate) = checked?;
-                match source {
-                    Some(Source::Bearer | Source::Basic) => strip = Strip::Authorization,
-                    Some(Source::Header) => strip = Strip::ApiKey,
-                    Some(Source::Query) => {
-                        let param = gw.extractor.query_param.as_deref().unwrap_or_default();
-                        let rest = credential::strip_query_param(query.unwrap_or(""), param);
-                        target = Some(if rest.is_empty() {
-                            path.to_owned()
-                        } else {
-                            format!("{path}?{rest}")
-                        });
-                    }
-                    None => {}
-                }
-                (permit, Some(rate))
-            }
-        };
+        let admitted = gw.admit(route, &view, conn.peer.ip(), outcome).await?;
 
         self.out.clear();
         wire::request_head(
             &mut self.out,
-            msg,
-            head,
-            &self.fields,
+            wire::spans(msg, &self.fields),
             &wire::Upstream {
-                target: target.as_deref().map(str::as_bytes),
-                strip,
-                identity: permit.principal().map(|p| &p.headers),
+                method: head.method.as_str().as_bytes(),
+                target: admitted
+                    .target
+                    .as_deref()
+                    .map_or_else(|| head.target.get(msg), str::as_bytes),
+                strip: admitted.strip,
+                identity: admitted.permit.principal().map(|p| &p.headers),
+                xff: head.xff.map(|s| s.get(msg)),
+                client_host: head.host.map(|s| s.get(msg)),
                 peer_ip: conn.peer_ip.as_bytes(),
                 proto: conn.proto.as_bytes(),
                 host: route.host.as_bytes(),
+                body: head.content_length.map_or(BodyOut::None, BodyOut::Length),
             },
         );
         let body_at = self.start + head.len;
@@ -374,17 +320,44 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             .extend_from_slice(&self.buf[body_at..body_at + self.body_in_buf]);
 
         let sent = Instant::now();
-        let deadline = tokio::time::Instant::from_std(sent + gw.forwarder.timeout());
-        let (mut uc, res, body_sent) = match self
-            .send(gw, &permit, authority, head, body_at, deadline, st)
-            .await
-        {
-            Ok(r) => r,
+        let deadline = tokio::time::Instant::from_std(sent + gw.upstreams.timeout);
+        let pumped = self.unread > 0;
+        let mut body = FastBody {
+            io: &mut *self.io,
+            buf: &mut self.buf,
+            body_at,
+            unread: &mut self.unread,
+            timeout: st.body_timeout,
+        };
+        let exchanged = gw
+            .upstreams
+            .pool
+            .exchange(
+                route,
+                authority,
+                &self.out,
+                &mut body,
+                &head.method,
+                deadline,
+                &mut self.ufields,
+            )
+            .await;
+        if pumped {
+            // The buffer past the head carried the body: nothing of it is left there.
+            self.body_in_buf = 0;
+            self.end = body_at;
+        }
+        let Exchange {
+            conn: mut uc,
+            head: res,
+            body_sent,
+        } = match exchanged {
+            Ok(x) => x,
             Err(e) => {
-                if matches!(&e, Stop::Answer(r) if r.status().is_server_error()) {
+                if e.status().is_server_error() {
                     gw.metrics.upstream_errors.inc();
                 }
-                return Err(e);
+                return Err(e.into());
             }
         };
         let upstream_time = sent.elapsed();
@@ -402,19 +375,21 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             &uc.buf[..uc.end],
             &res,
             &self.ufields,
-            rate.as_ref(),
+            admitted.rate.as_ref(),
             framing,
             close,
         );
-        let idle = gw.forwarder.timeout();
-        match self.relay_body(&mut uc, &res, st, idle).await {
+        match self
+            .relay_body(&mut uc, &res, framing, st, gw.upstreams.timeout)
+            .await
+        {
             Ok(at_boundary) => {
                 // After a bodiless answer (HEAD, 204, 304) the connection is not reused: an
                 // upstream that wrongly sends a body there cannot make it the next answer.
                 let bodiless = res.framing == Framing::Empty;
                 if at_boundary && body_sent && res.keep_alive && !bodiless {
                     uc.end = 0;
-                    gw.forwarder.h1.put(authority, uc);
+                    gw.upstreams.pool.put(authority, uc);
                 }
                 Ok(Relayed {
                     status: res.status,
@@ -428,230 +403,57 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         }
     }
 
-    /// Sends the request (head and body) on a pooled or new connection and reads the
-    /// response head. A reused connection that turns out to be closed before it took the
-    /// request, or (for an idempotent request sent whole) before it answered anything, is
-    /// replaced once by a fresh one.
-    #[allow(clippy::too_many_arguments)]
-    async fn send(
-        &mut self,
-        gw: &Gateway,
-        permit: &Permit<'_>,
-        authority: &Authority,
-        head: &RequestHead,
-        body_at: usize,
-        deadline: tokio::time::Instant,
-        st: &Settings,
-    ) -> Result<(Conn, ResponseHead, bool), Stop> {
-        let route = permit.route();
-        let pool = &gw.forwarder.h1;
-        let mut retried = false;
-        loop {
-            let pooled = if retried { None } else { pool.take(authority) };
-            let mut uc = match pooled {
-                Some(c) => c,
-                None => match tokio::time::timeout_at(deadline, pool.connect(authority)).await {
-                    Err(_) => return Err(ProxyError::UpstreamTimeout.into()),
-                    Ok(Ok(c)) => c,
-                    Ok(Err(e)) => {
-                        tracing::warn!(
-                            route = %route.name,
-                            upstream = %route.upstream,
-                            connect = true,
-                            error = %cause_chain(&e),
-                            "upstream request failed"
-                        );
-                        return Err(ProxyError::UpstreamUnavailable.into());
-                    }
-                },
-            };
-            match write_upstream(&mut uc.io, &self.out, deadline).await {
-                Ok(()) => {}
-                Err(WriteError::Timeout) => return Err(ProxyError::UpstreamTimeout.into()),
-                Err(WriteError::Io { written: 0, .. }) if uc.reused => continue,
-                Err(WriteError::Io { error, .. }) => {
-                    upstream_failed(route, &error);
-                    return Err(ProxyError::UpstreamUnavailable.into());
-                }
-            }
-            let pumped = self.unread > 0;
-            let body_sent = !pumped || self.pump(&mut uc, body_at, deadline, st).await?;
-            let head_request = head.method == Method::HEAD;
-            match read_response(&mut uc, head_request, deadline, &mut self.ufields).await {
-                Ok(res) => return Ok((uc, res, body_sent)),
-                Err(ReadError::Closed)
-                    if uc.reused && !retried && !pumped && idempotent(&head.method) =>
-                {
-                    retried = true;
-                }
-                Err(ReadError::Timeout) => return Err(ProxyError::UpstreamTimeout.into()),
-                Err(e) => {
-                    upstream_failed(route, &e);
-                    return Err(ProxyError::UpstreamUnavailable.into());
-                }
-            }
-        }
-    }
-
-    /// Copies the rest of the request body (`self.unread` bytes) from the client to the
-    /// upstream. `Ok(false)`: the upstream began to answer before the body was complete.
-    async fn pump(
-        &mut self,
-        uc: &mut Conn,
-        body_at: usize,
-        deadline: tokio::time::Instant,
-        st: &Settings,
-    ) -> Result<bool, Stop> {
-        // What was buffered has been sent with the head.
-        self.body_in_buf = 0;
-        self.end = body_at;
-        if self.buf.len() < body_at + BODY_CHUNK {
-            self.buf.resize(body_at + BODY_CHUNK, 0);
-        }
-        let (ur, mut uw) = uc.io.split();
-        let (ubuf, uend) = (&mut uc.buf, &mut uc.end);
-        while self.unread > 0 {
-            let room = self.unread.min(BODY_CHUNK as u64) as usize;
-            let n = tokio::select! {
-                biased;
-                _ = ur.readable() => match probe(&ur, ubuf, uend) {
-                    Probe::Nothing => continue,
-                    Probe::Answer => return Ok(false),
-                    Probe::Closed => return Err(ProxyError::UpstreamUnavailable.into()),
-                },
-                r = tokio::time::timeout(
-                    st.body_timeout,
-                    self.io.read(&mut self.buf[body_at..body_at + room]),
-                ) => match r {
-                    Err(_) => return Err(ProxyError::BodyTimeout.into()),
-                    Ok(Ok(n)) if n > 0 => n,
-                    Ok(_) => {
-                        return Err(ProxyError::BadRequest(
-                            "the request body is malformed or was cut short",
-                        )
-                        .into());
-                    }
-                },
-                () = tokio::time::sleep_until(deadline) => {
-                    return Err(ProxyError::UpstreamTimeout.into());
-                }
-            };
-            self.unread -= n as u64;
-            let mut w = 0;
-            while w < n {
-                tokio::select! {
-                    biased;
-                    _ = ur.readable() => match probe(&ur, ubuf, uend) {
-                        Probe::Nothing => {}
-                        Probe::Answer => return Ok(false),
-                        Probe::Closed => return Err(ProxyError::UpstreamUnavailable.into()),
-                    },
-                    r = uw.write(&self.buf[body_at + w..body_at + n]) => match r {
-                        Ok(k) if k > 0 => w += k,
-                        _ => return Err(ProxyError::UpstreamUnavailable.into()),
-                    },
-                    () = tokio::time::sleep_until(deadline) => {
-                        return Err(ProxyError::UpstreamTimeout.into());
-                    }
-                }
-            }
-        }
-        Ok(true)
-    }
-
     /// Writes `self.out` (the response head) and the response body to the client.
     /// `Ok(true)`: the upstream connection ended exactly at the end of the response.
     async fn relay_body(
         &mut self,
         uc: &mut Conn,
         res: &ResponseHead,
+        framing: Out,
         st: &Settings,
         idle: Duration,
     ) -> Result<bool, &'static str> {
-        let mut pos = res.len;
         let to_client = st.body_timeout;
-        match res.framing {
-            Framing::Empty => {
-                write_client(self.io, &self.out, to_client).await?;
-                Ok(pos == uc.end)
-            }
-            Framing::Length(n) => {
-                let first = n.min((uc.end - pos) as u64) as usize;
-                self.out.extend_from_slice(&uc.buf[pos..pos + first]);
-                pos += first;
-                let mut left = n - first as u64;
-                write_client(self.io, &self.out, to_client).await?;
-                while left > 0 {
-                    let want = left.min(uc.buf.len() as u64) as usize;
-                    let k = read_upstream(&mut uc.io, &mut uc.buf[..want], idle).await?;
-                    write_client(self.io, &uc.buf[..k], to_client).await?;
-                    left -= k as u64;
-                    pos = k;
-                    uc.end = k;
-                }
-                Ok(pos == uc.end)
-            }
-            Framing::Chunked => {
-                let mut decoder = Decoder::new();
-                loop {
-                    match decoder.decode(&uc.buf[pos..uc.end]) {
-                        Ok(Step::Data {
-                            start,
-                            len,
-                            consumed,
-                        }) => {
-                            let data = pos + start;
-                            wire::chunk_start(&mut self.out, len);
-                            self.out.extend_from_slice(&uc.buf[data..data + len]);
-                            self.out.extend_from_slice(wire::CHUNK_END);
-                            pos += consumed;
-                            if self.out.len() >= FLUSH_AT {
-                                write_client(self.io, &self.out, to_client).await?;
-                                self.out.clear();
-                            }
-                        }
-                        Ok(Step::NeedMore) => {
-                            if !self.out.is_empty() {
-                                write_client(self.io, &self.out, to_client).await?;
-                                self.out.clear();
-                            }
-                            uc.end = read_upstream(&mut uc.io, &mut uc.buf[..], idle).await?;
-                            pos = 0;
-                        }
-                        Ok(Step::Done { consumed }) => {
-                            pos += consumed;
-                            self.out.extend_from_slice(wire::LAST_CHUNK);
-                            write_client(self.io, &self.out, to_client).await?;
-                            return Ok(pos == uc.end);
-                        }
-                        Err(_) => return Err("malformed chunked body from the upstream"),
+        let mut reader = BodyReader::new(res);
+        loop {
+            match reader.step(uc)? {
+                Step::Data(data) if framing == Out::AsIs => {
+                    // The head goes out with the first bytes; the rest straight from the
+                    // upstream's buffer.
+                    if self.out.is_empty() {
+                        write_client(self.io, &uc.buf[data], to_client).await?;
+                    } else {
+                        self.out.extend_from_slice(&uc.buf[data]);
+                        write_client(self.io, &self.out, to_client).await?;
+                        self.out.clear();
                     }
                 }
-            }
-            Framing::Close => {
-                let mut have = uc.end - pos;
-                let mut from = pos;
-                loop {
-                    if have > 0 {
-                        wire::chunk_start(&mut self.out, have);
-                        self.out.extend_from_slice(&uc.buf[from..from + have]);
-                        self.out.extend_from_slice(wire::CHUNK_END);
-                    }
-                    write_client(self.io, &self.out, to_client).await?;
-                    self.out.clear();
-                    match tokio::time::timeout(idle, uc.io.read(&mut uc.buf[..])).await {
-                        Ok(Ok(0)) => break,
-                        Ok(Ok(k)) => {
-                            have = k;
-                            from = 0;
-                        }
-                        Ok(Err(_)) => return Err("upstream read failed"),
-                        Err(_) => return Err("upstream body stalled"),
+                Step::Data(data) => {
+                    wire::chunk_start(&mut self.out, data.len());
+                    self.out.extend_from_slice(&uc.buf[data]);
+                    self.out.extend_from_slice(wire::CHUNK_END);
+                    if self.out.len() >= FLUSH_AT {
+                        write_client(self.io, &self.out, to_client).await?;
+                        self.out.clear();
                     }
                 }
-                self.out.extend_from_slice(wire::LAST_CHUNK);
-                write_client(self.io, &self.out, to_client).await?;
-                Ok(false)
+                Step::NeedRead => {
+                    if !self.out.is_empty() {
+                        write_client(self.io, &self.out, to_client).await?;
+                        self.out.clear();
+                    }
+                    reader.fill(uc, idle).await?;
+                }
+                Step::End => {
+                    if framing == Out::Chunked {
+                        self.out.extend_from_slice(wire::LAST_CHUNK);
+                    }
+                    if !self.out.is_empty() {
+                        write_client(self.io, &self.out, to_client).await?;
+                        self.out.clear();
+                    }
+                    return Ok(reader.at_boundary(uc));
+                }
             }
         }
     }
@@ -675,53 +477,89 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
     }
 }
 
-enum Probe {
-    /// The readiness was stale: nothing to read.
-    Nothing,
-    /// The upstream began its response (the bytes are in the buffer).
-    Answer,
-    Closed,
+/// The fast path's request as the policy core sees it.
+struct View<'a> {
+    head: &'a RequestHead,
+    buf: &'a [u8],
 }
 
-/// Reads what the upstream sent while the request body was still being copied. Interim
-/// answers (`100 Continue`, `103 Early Hints`) are dropped and the upload goes on; anything
-/// else — a final answer, or bytes that are no answer at all — ends the upload.
-fn probe(r: &tokio::net::tcp::ReadHalf<'_>, buf: &mut [u8], end: &mut usize) -> Probe {
-    if *end == buf.len() {
-        return Probe::Answer;
+impl RequestView for View<'_> {
+    fn method(&self) -> &Method {
+        &self.head.method
     }
-    match r.try_read(&mut buf[*end..]) {
-        Ok(0) => return Probe::Closed,
-        Ok(n) => *end += n,
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Probe::Nothing,
-        Err(_) => return Probe::Closed,
+
+    fn path(&self) -> &str {
+        self.head.path(self.buf)
     }
-    let mut fields = Vec::new();
-    loop {
-        match head::parse_response(&buf[..*end], false, &mut fields) {
-            Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
-                buf.copy_within(h.len..*end, 0);
-                *end -= h.len;
+
+    fn query(&self) -> Option<&str> {
+        self.head.query(self.buf)
+    }
+
+    fn authorization(&self) -> Option<&str> {
+        self.head
+            .authorization
+            .and_then(|s| credential::header_text(s.get(self.buf)))
+    }
+
+    fn api_key(&self, _: &http::HeaderName) -> Option<&str> {
+        self.head
+            .api_key
+            .and_then(|s| credential::header_text(s.get(self.buf)))
+    }
+}
+
+/// The rest of a `Content-Length` request body, copied from the client to the upstream.
+struct FastBody<'a, I> {
+    io: &'a mut I,
+    /// The client connection's buffer; the body passes through `buf[body_at..]`.
+    buf: &'a mut Vec<u8>,
+    body_at: usize,
+    /// Body bytes the client has not sent yet.
+    unread: &'a mut u64,
+    timeout: Duration,
+}
+
+impl<I: AsyncRead + Unpin> BodySource for FastBody<'_, I> {
+    fn pending(&self) -> bool {
+        *self.unread > 0
+    }
+
+    async fn pump(
+        &mut self,
+        uc: &mut Conn,
+        deadline: tokio::time::Instant,
+    ) -> Result<bool, ProxyError> {
+        let at = self.body_at;
+        if self.buf.len() < at + BODY_CHUNK {
+            self.buf.resize(at + BODY_CHUNK, 0);
+        }
+        let mut up = uc.watch();
+        while *self.unread > 0 {
+            let room = (*self.unread).min(BODY_CHUNK as u64) as usize;
+            let n = tokio::select! {
+                biased;
+                a = up.answered() => return a.map(|()| false),
+                r = tokio::time::timeout(self.timeout, self.io.read(&mut self.buf[at..at + room])) => {
+                    match r {
+                        Err(_) => return Err(ProxyError::BodyTimeout),
+                        Ok(Ok(n)) if n > 0 => n,
+                        Ok(_) => return Err(ProxyError::BadRequest(CUT_SHORT)),
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => return Err(ProxyError::UpstreamTimeout),
+            };
+            *self.unread -= n as u64;
+            if !up.write(&self.buf[at..at + n], deadline).await? {
+                return Ok(false);
             }
-            // Not complete yet: keep copying the body until it is.
-            Ok(None) if *end < buf.len() => return Probe::Nothing,
-            _ => return Probe::Answer,
         }
-        if *end == 0 {
-            return Probe::Nothing;
-        }
+        Ok(true)
     }
 }
 
-fn upstream_failed(route: &Route, error: &dyn std::error::Error) {
-    tracing::warn!(
-        route = %route.name,
-        upstream = %route.upstream,
-        connect = false,
-        error = %cause_chain(error),
-        "upstream request failed"
-    );
-}
+/// The answer to a request body that is malformed or ends early.
+pub const CUT_SHORT: &str = "the request body is malformed or was cut short";
 
 /// Writes `data` to the client; `timeout` bounds each pause (a client that takes no bytes for
 /// that long), not the whole write.
@@ -742,118 +580,5 @@ async fn write_client<I: AsyncWrite + Unpin>(
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err("client write failed"),
         Err(_) => Err("client stopped reading"),
-    }
-}
-
-async fn read_upstream(
-    io: &mut TcpStream,
-    buf: &mut [u8],
-    idle: Duration,
-) -> Result<usize, &'static str> {
-    match tokio::time::timeout(idle, io.read(buf)).await {
-        Ok(Ok(n)) if n > 0 => Ok(n),
-        Ok(Ok(_)) => Err("upstream closed before the end of the body"),
-        Ok(Err(_)) => Err("upstream read failed"),
-        Err(_) => Err("upstream body stalled"),
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-enum WriteError {
-    #[error("timed out")]
-    Timeout,
-    #[error("write failed after {written} bytes: {error}")]
-    Io {
-        error: std::io::Error,
-        written: usize,
-    },
-}
-
-async fn write_upstream(
-    io: &mut TcpStream,
-    data: &[u8],
-    deadline: tokio::time::Instant,
-) -> Result<(), WriteError> {
-    let mut written = 0;
-    while written < data.len() {
-        match tokio::time::timeout_at(deadline, io.write(&data[written..])).await {
-            Err(_) => return Err(WriteError::Timeout),
-            Ok(Ok(0)) => {
-                return Err(WriteError::Io {
-                    error: std::io::ErrorKind::WriteZero.into(),
-                    written,
-                });
-            }
-            Ok(Ok(n)) => written += n,
-            Ok(Err(error)) => return Err(WriteError::Io { error, written }),
-        }
-    }
-    Ok(())
-}
-
-#[derive(Debug, thiserror::Error)]
-enum ReadError {
-    #[error("timed out")]
-    Timeout,
-    /// Closed before a single byte of the response arrived.
-    #[error("connection closed before any response")]
-    Closed,
-    #[error("{0}")]
-    Io(std::io::Error),
-    #[error(transparent)]
-    Bad(#[from] head::BadResponse),
-    #[error("response head larger than {MAX_RESPONSE_HEAD} bytes")]
-    TooLarge,
-    #[error("upstream switched protocols unasked")]
-    Switched,
-}
-
-/// Reads the response head, skipping interim (1xx) responses.
-async fn read_response(
-    uc: &mut Conn,
-    head_request: bool,
-    deadline: tokio::time::Instant,
-    fields: &mut Vec<Field>,
-) -> Result<ResponseHead, ReadError> {
-    let mut received = false;
-    loop {
-        if uc.end > 0 {
-            match head::parse_response(&uc.buf[..uc.end], head_request, fields)? {
-                Some(h) if h.status == 101 => return Err(ReadError::Switched),
-                Some(h) if h.status < 200 => {
-                    uc.buf.copy_within(h.len..uc.end, 0);
-                    uc.end -= h.len;
-                    continue;
-                }
-                Some(h) => return Ok(h),
-                None => {}
-            }
-            if uc.end == uc.buf.len() {
-                if uc.buf.len() >= MAX_RESPONSE_HEAD {
-                    return Err(ReadError::TooLarge);
-                }
-                let len = (uc.buf.len() * 2).min(MAX_RESPONSE_HEAD);
-                uc.buf.resize(len, 0);
-            }
-        }
-        match tokio::time::timeout_at(deadline, uc.io.read(&mut uc.buf[uc.end..])).await {
-            Err(_) => return Err(ReadError::Timeout),
-            Ok(Ok(0)) if !received => return Err(ReadError::Closed),
-            Ok(Ok(0)) => return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into())),
-            Ok(Ok(n)) => {
-                uc.end += n;
-                received = true;
-            }
-            Ok(Err(e))
-                if !received
-                    && matches!(
-                        e.kind(),
-                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-                    ) =>
-            {
-                return Err(ReadError::Closed);
-            }
-            Ok(Err(e)) => return Err(ReadError::Io(e)),
-        }
     }
 }

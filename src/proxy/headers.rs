@@ -1,14 +1,18 @@
-//! Header rewriting for forwarded requests and relayed responses. Small pure functions.
+//! Header rewriting on header maps, for the requests hyper's client sends (`https://` upstreams
+//! and WebSocket upgrades) and the responses it returns. Every decision comes from the policy
+//! core's field rules ([`policy::request_rule`], [`policy::forwarded`],
+//! [`policy::response_rule`], [`policy::relayed`]); the byte-level twin for the one HTTP/1.1
+//! client is `codec::wire`.
 //!
-//! Order matters for requests: inbound `X-Keygate-*` are removed first, then hop-by-hop fields
-//! (RFC 9110 §7.6.1: `Connection` and every field it names, plus the fixed list), then the
-//! credential, and only then are the gateway's own headers added — so no `Connection` token
-//! sent by a client can delete an identity header.
+//! Order matters for requests: the client's fields are filtered first (fields named in
+//! `Connection` included), and only then are the gateway's own fields added — so no
+//! `Connection` token sent by a client can delete an identity header.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::auth::credential::Source;
+use super::policy::{self, Rule, Strip};
 use crate::keys::IdentityHeaders;
+use crate::limit::RateInfo;
 
 pub const X_KEYGATE_CLIENT_ID: HeaderName = HeaderName::from_static("x-keygate-client-id");
 pub const X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
@@ -17,24 +21,133 @@ pub const X_KEYGATE_LICENSE: HeaderName = HeaderName::from_static("x-keygate-lic
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+pub const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+pub const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
-/// Fields that are never end-to-end (RFC 9110 §7.6.1, plus `Proxy-Connection` seen in the
-/// wild, the proxy authentication pair, which addresses this hop, and `HTTP2-Settings` of the
-/// h2c upgrade, RFC 7540 §3.2.1, which is never forwarded).
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    KEEP_ALIVE,
-    PROXY_CONNECTION,
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-    HTTP2_SETTINGS,
-];
+/// The names a message's `Connection` fields make hop-by-hop (lowercase).
+pub fn connection_names(h: &HeaderMap) -> Vec<Vec<u8>> {
+    let mut names = Vec::new();
+    for v in h.get_all(header::CONNECTION) {
+        for t in policy::connection_tokens(v.as_bytes()) {
+            if let policy::ConnectionToken::Names(n) = t {
+                names.push(n.to_ascii_lowercase());
+            }
+        }
+    }
+    names
+}
+
+/// The rule of a field of a message whose `Connection` fields named `named`.
+pub fn rule_of(name: &HeaderName, named: &[Vec<u8>], rule: impl Fn(&[u8]) -> Rule) -> Rule {
+    let n = name.as_str().as_bytes();
+    if named.iter().any(|c| c == n) {
+        Rule::Drop
+    } else {
+        rule(n)
+    }
+}
+
+/// What a client's request carried that the gateway rewrites itself.
+#[derive(Debug, Default)]
+pub struct Inbound {
+    /// The first `X-Forwarded-For`.
+    pub xff: Option<HeaderValue>,
+    /// `Host` (or the request's authority), sent as `X-Forwarded-Host`.
+    pub host: Option<HeaderValue>,
+}
+
+/// Keeps only the request fields [`policy::forwarded`] keeps (a `Trailer` declaration loses
+/// the names that may not be sent), and returns what the gateway rewrites itself.
+pub fn retain_forwarded(h: &mut HeaderMap, strip: Strip, api_key_header: &HeaderName) -> Inbound {
+    let named = connection_names(h);
+    let key = api_key_header.as_str().as_bytes();
+    let mut inbound = Inbound::default();
+    let mut trailers = Vec::new();
+    let old = std::mem::take(h);
+    let mut last: Option<HeaderName> = None;
+    for (name, value) in old {
+        let name = match name {
+            Some(n) => {
+                last = Some(n.clone());
+                n
+            }
+            None => match &last {
+                Some(n) => n.clone(),
+                None => continue,
+            },
+        };
+        match rule_of(&name, &named, |n| policy::request_rule(n, key)) {
+            Rule::XForwardedFor => {
+                inbound.xff.get_or_insert(value);
+            }
+            Rule::Host => inbound.host = Some(value),
+            Rule::Trailer => {
+                if let Ok(v) = value.to_str() {
+                    trailers.extend(v.split(',').map(|t| t.trim().to_ascii_lowercase()).filter(
+                        |t| {
+                            !t.is_empty()
+                                && policy::request_rule(t.as_bytes(), key) == Rule::Forward
+                        },
+                    ));
+                }
+            }
+            rule if policy::forwarded(rule, strip) => {
+                h.append(name, value);
+            }
+            _ => {}
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&trailers.join(", "))
+        && !trailers.is_empty()
+    {
+        h.insert(header::TRAILER, v);
+    }
+    inbound
+}
+
+/// Keeps only the trailer fields a client may send upstream (the same rule as its head).
+pub fn retain_trailers(h: &mut HeaderMap, api_key_header: &HeaderName) {
+    let key = api_key_header.as_str().as_bytes();
+    let old = std::mem::take(h);
+    let mut last: Option<HeaderName> = None;
+    for (name, value) in old {
+        if let Some(n) = name {
+            last = Some(n);
+        }
+        if let Some(n) = &last
+            && policy::request_rule(n.as_str().as_bytes(), key) == Rule::Forward
+        {
+            h.append(n.clone(), value);
+        }
+    }
+}
+
+/// Keeps only the response fields [`policy::relayed`] relays.
+pub fn retain_relayed(h: &mut HeaderMap, own_rate: bool) {
+    let named = connection_names(h);
+    let mut drop: Vec<HeaderName> = Vec::new();
+    for name in h.keys() {
+        if !policy::relayed(rule_of(name, &named, policy::response_rule), own_rate) {
+            drop.push(name.clone());
+        }
+    }
+    for name in drop {
+        h.remove(name);
+    }
+}
+
+/// Sets the gateway's `RateLimit-*` fields.
+pub fn add_rate(h: &mut HeaderMap, rate: &RateInfo) {
+    h.insert(RATELIMIT_LIMIT, number(u64::from(rate.limit)));
+    h.insert(RATELIMIT_REMAINING, number(u64::from(rate.remaining)));
+    h.insert(RATELIMIT_RESET, number(rate.reset_secs));
+}
+
+/// A decimal number as a field value.
+pub fn number(n: u64) -> HeaderValue {
+    HeaderValue::from(n)
+}
 
 /// True for an HTTP/1.1 request asking to switch to WebSocket (RFC 6455 §4.1): `Upgrade:
 /// websocket` and `Connection: upgrade`. Any other upgrade (h2c included) is not forwarded.
@@ -68,83 +181,6 @@ pub fn websocket_accept(h: &HeaderMap) -> Option<HeaderValue> {
     HeaderValue::from_str(&accept).ok()
 }
 
-const KEYGATE_PREFIX: &[u8] = b"x-keygate-";
-
-/// Fields the client may not send: our own `x-keygate-*` (case-insensitive by construction:
-/// header names are stored lowercase), and any name with an underscore, which CGI-style
-/// upstreams (WSGI, PHP, Rack) read as the dashed name — `X_Keygate_Client_Id` would become
-/// `X-Keygate-Client-Id` there (nginx drops such fields by default for the same reason).
-fn forbidden_inbound(name: &[u8]) -> bool {
-    name.starts_with(KEYGATE_PREFIX) || name.contains(&b'_')
-}
-
-/// Removes every inbound field [`forbidden_inbound`] refuses, and drops such names from
-/// `Trailer`: hyper forwards exactly the trailer fields a request declares there, so a
-/// declared `X-Keygate-Key-Id` trailer would otherwise reach the upstream.
-pub fn remove_keygate_headers(h: &mut HeaderMap) {
-    if h.keys().any(|k| forbidden_inbound(k.as_str().as_bytes())) {
-        let names: Vec<HeaderName> = h
-            .keys()
-            .filter(|k| forbidden_inbound(k.as_str().as_bytes()))
-            .cloned()
-            .collect();
-        for n in names {
-            h.remove(n);
-        }
-    }
-    if h.contains_key(header::TRAILER) {
-        let declared: Vec<String> = h
-            .get_all(header::TRAILER)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|t| t.trim().to_ascii_lowercase())
-            .filter(|t| !t.is_empty() && !forbidden_inbound(t.as_bytes()))
-            .collect();
-        h.remove(header::TRAILER);
-        if let Ok(v) = HeaderValue::from_str(&declared.join(", "))
-            && !declared.is_empty()
-        {
-            h.insert(header::TRAILER, v);
-        }
-    }
-}
-
-/// Removes hop-by-hop fields: those named in `Connection`, then the fixed list.
-pub fn remove_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none or only `Connection`: one walk over the (few) names finds out,
-    // instead of hashing and probing for each of the fixed names.
-    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
-        return;
-    }
-    if h.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderValue> = h.get_all(header::CONNECTION).iter().cloned().collect();
-        for v in &named {
-            let Ok(v) = v.to_str() else { continue };
-            for token in v.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-                h.remove(token);
-            }
-        }
-    }
-    for name in &HOP_BY_HOP {
-        h.remove(name);
-    }
-}
-
-/// Removes the credential that authenticated the request (query credentials are removed from
-/// the URI by the caller).
-pub fn remove_credential(h: &mut HeaderMap, source: Source, api_key_header: &HeaderName) {
-    match source {
-        Source::Bearer | Source::Basic => {
-            h.remove(header::AUTHORIZATION);
-        }
-        Source::Header => {
-            h.remove(api_key_header);
-        }
-        Source::Query => {}
-    }
-}
-
 /// Adds the caller's identity.
 pub fn add_identity(h: &mut HeaderMap, id: &IdentityHeaders) {
     let [client_id, key_id, permissions, license] = id.header_values();
@@ -154,16 +190,16 @@ pub fn add_identity(h: &mut HeaderMap, id: &IdentityHeaders) {
     h.insert(X_KEYGATE_LICENSE, license);
 }
 
-/// Appends the peer to `X-Forwarded-For`, sets `X-Forwarded-Proto` and `X-Forwarded-Host`
-/// (from `Host`, which is then replaced by the upstream's authority).
+/// Appends the peer to the client's `X-Forwarded-For`, sets `X-Forwarded-Proto` and
+/// `X-Forwarded-Host` (the client's `Host`), and `Host` (the upstream's authority).
 pub fn add_forwarded(
     h: &mut HeaderMap,
+    inbound: Inbound,
     peer_ip: &HeaderValue,
     proto: &'static str,
-    original_host: Option<HeaderValue>,
     upstream_host: &HeaderValue,
 ) {
-    let xff = match h.get(&X_FORWARDED_FOR) {
+    let xff = match inbound.xff {
         Some(prev) => {
             let mut v = Vec::with_capacity(prev.len() + 2 + peer_ip.len());
             v.extend_from_slice(prev.as_bytes());
@@ -175,13 +211,8 @@ pub fn add_forwarded(
     };
     h.insert(X_FORWARDED_FOR, xff);
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    match original_host {
-        Some(host) => {
-            h.insert(X_FORWARDED_HOST, host);
-        }
-        None => {
-            h.remove(X_FORWARDED_HOST);
-        }
+    if let Some(host) = inbound.host {
+        h.insert(X_FORWARDED_HOST, host);
     }
     h.insert(header::HOST, upstream_host.clone());
 }
@@ -205,6 +236,8 @@ mod tests {
         IdentityHeaders::new("acme", "k1", "A,B", "pro")
     }
 
+    const KEY: HeaderName = HeaderName::from_static("x-api-key");
+
     #[test]
     fn connection_cannot_delete_identity_headers() {
         let mut h = map(&[
@@ -218,14 +251,9 @@ mod tests {
             ("proxy-authorization", "Basic x"),
             ("x-api-key", "kg_x"),
             ("accept", "*/*"),
+            ("accept", "text/plain"),
         ]);
-        remove_keygate_headers(&mut h);
-        remove_hop_by_hop(&mut h);
-        remove_credential(
-            &mut h,
-            Source::Header,
-            &HeaderName::from_static("x-api-key"),
-        );
+        retain_forwarded(&mut h, Strip::ApiKey, &KEY);
         add_identity(&mut h, &ids());
         assert_eq!(h["x-keygate-client-id"], "acme");
         assert!(!h.contains_key("x-keygate-anything"));
@@ -240,7 +268,7 @@ mod tests {
         ] {
             assert!(!h.contains_key(gone), "{gone} survived");
         }
-        assert_eq!(h["accept"], "*/*");
+        assert_eq!(h.get_all("accept").iter().count(), 2);
     }
 
     #[test]
@@ -264,7 +292,7 @@ mod tests {
         ]);
         assert!(!websocket_requested(&h2c, http::Version::HTTP_11));
         let mut h2c = h2c;
-        remove_hop_by_hop(&mut h2c);
+        retain_forwarded(&mut h2c, Strip::Nothing, &KEY);
         assert!(h2c.is_empty(), "{h2c:?}");
     }
 
@@ -278,7 +306,7 @@ mod tests {
             ("trailer", "x-keygate-client-id"),
             ("x-ok", "1"),
         ]);
-        remove_keygate_headers(&mut h);
+        retain_forwarded(&mut h, Strip::Nothing, &KEY);
         for gone in ["x_keygate_client_id", "transfer_encoding", "x_api_key"] {
             assert!(!h.contains_key(gone), "{gone} survived");
         }
@@ -287,24 +315,55 @@ mod tests {
         assert_eq!(h["x-ok"], "1");
 
         let mut h = map(&[("trailer", "x-keygate-key-id")]);
-        remove_keygate_headers(&mut h);
+        retain_forwarded(&mut h, Strip::Nothing, &KEY);
         assert!(!h.contains_key("trailer"));
+
+        let mut t = map(&[
+            ("x-keygate-client-id", "evil"),
+            ("x_keygate_key_id", "evil"),
+            ("authorization", "Bearer x"),
+            ("x-checksum", "1"),
+        ]);
+        retain_trailers(&mut t, &KEY);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t["x-checksum"], "1");
     }
 
     #[test]
     fn forwarded_headers() {
-        let mut h = map(&[("x-forwarded-for", "10.0.0.1"), ("host", "api.example.com")]);
-        let host = h.get(header::HOST).cloned();
+        let mut h = map(&[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.9"),
+            ("host", "api.example.com"),
+            ("x-forwarded-host", "evil"),
+        ]);
+        let inbound = retain_forwarded(&mut h, Strip::Nothing, &KEY);
         add_forwarded(
             &mut h,
+            inbound,
             &HeaderValue::from_static("127.0.0.1"),
             "http",
-            host,
             &HeaderValue::from_static("127.0.0.1:9000"),
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example.com");
         assert_eq!(h["host"], "127.0.0.1:9000");
+    }
+
+    #[test]
+    fn relayed_response_fields() {
+        let mut h = map(&[
+            ("connection", "x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "5"),
+            ("transfer-encoding", "chunked"),
+            ("ratelimit-limit", "9"),
+            ("x-ok", "1"),
+        ]);
+        retain_relayed(&mut h, true);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-ok"], "1");
     }
 }

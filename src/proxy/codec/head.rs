@@ -1,5 +1,7 @@
-//! Request and response heads of the HTTP/1.1 fast path: parsed with `httparse`, every field
-//! classified in one walk, kept as offsets into the connection's buffer (nothing copied).
+//! HTTP/1.1 request and response heads: parsed with `httparse`, every field classified in one
+//! walk by the policy core's rules ([`Rule`]), kept as offsets into the connection's buffer
+//! (nothing copied). The fast path parses client requests with it; the one upstream client
+//! parses every upstream response with it.
 //!
 //! A request head is either taken by the fast path or handed to hyper ([`Parsed::Handover`]);
 //! the fast path takes only the plain case and hands over everything else, so every unusual
@@ -19,6 +21,8 @@
 use std::mem::MaybeUninit;
 
 use http::Method;
+
+use crate::proxy::policy::{self, ConnectionToken, Rule};
 
 /// Longest request target the fast path takes (longer ones go to hyper).
 pub const MAX_TARGET: usize = 8 * 1024;
@@ -49,35 +53,11 @@ impl Span {
     }
 }
 
-/// What a request field is to the gateway.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// Forwarded byte for byte.
-    Forward,
-    /// Never forwarded: hop-by-hop (RFC 9110 §7.6.1), named by `Connection`, owned by the
-    /// gateway (`X-Forwarded-Proto`, `X-Forwarded-Host`), or refused inbound (`x-keygate-*`,
-    /// names with `_`).
-    Drop,
-    Host,
-    /// The first `X-Forwarded-For` (later ones are dropped, as the gateway replaces the field).
-    XForwardedFor,
-    /// Forwarded unless it carried the credential.
-    Authorization,
-    /// The configured API-key header: forwarded unless it carried the credential.
-    ApiKey,
-    /// Re-written by the gateway from the parsed length.
-    ContentLength,
-    /// `RateLimit-*` of a response: replaced when the gateway adds its own.
-    RateLimit,
-    /// `Date` of a response (the gateway adds one when it is missing).
-    Date,
-}
-
 #[derive(Debug, Clone, Copy)]
 pub struct Field {
     pub name: Span,
     pub value: Span,
-    pub kind: Kind,
+    pub kind: Rule,
 }
 
 /// A request head the fast path takes.
@@ -163,30 +143,6 @@ pub fn parse_length(v: &[u8]) -> Option<u64> {
     Some(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
-fn eq(name: &str, lower: &str) -> bool {
-    name.len() == lower.len() && name.eq_ignore_ascii_case(lower)
-}
-
-/// Fields that are never forwarded in either direction (RFC 9110 §7.6.1, plus
-/// `Proxy-Connection` seen in the wild, the proxy authentication pair and `HTTP2-Settings`).
-fn hop_by_hop(name: &str) -> bool {
-    eq(name, "keep-alive")
-        || eq(name, "proxy-connection")
-        || eq(name, "te")
-        || eq(name, "proxy-authorization")
-        || eq(name, "proxy-authenticate")
-        || eq(name, "http2-settings")
-}
-
-/// `x-keygate-*` and names with `_` (read as `-` by CGI-style upstreams) are refused inbound.
-fn forbidden_inbound(name: &str) -> bool {
-    const PREFIX: &str = "x-keygate-";
-    name.contains('_')
-        || name
-            .get(..PREFIX.len())
-            .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
-}
-
 /// The `Connection` options of a message: `close`, and the names it lists.
 #[derive(Default)]
 struct ConnectionOptions {
@@ -200,22 +156,16 @@ struct ConnectionOptions {
 
 impl ConnectionOptions {
     fn add(&mut self, base: &[u8], value: &[u8]) {
-        for token in value.split(|&b| b == b',') {
-            let token = token.trim_ascii();
-            if token.is_empty() {
-                continue;
-            }
-            if token.eq_ignore_ascii_case(b"close") {
-                self.close = true;
-            } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                self.keep_alive = true;
-            } else if token.eq_ignore_ascii_case(b"upgrade") {
-                self.upgrade = true;
-            } else if self.count < MAX_CONNECTION_TOKENS {
-                self.names[self.count] = Span::of(base, token);
-                self.count += 1;
-            } else {
-                self.too_many = true;
+        for token in policy::connection_tokens(value) {
+            match token {
+                ConnectionToken::Close => self.close = true,
+                ConnectionToken::KeepAlive => self.keep_alive = true,
+                ConnectionToken::Upgrade => self.upgrade = true,
+                ConnectionToken::Names(name) if self.count < MAX_CONNECTION_TOKENS => {
+                    self.names[self.count] = Span::of(base, name);
+                    self.count += 1;
+                }
+                ConnectionToken::Names(_) => self.too_many = true,
             }
         }
     }
@@ -227,7 +177,7 @@ impl ConnectionOptions {
             return;
         }
         for f in fields.iter_mut() {
-            if f.kind == Kind::Drop || f.kind == Kind::ContentLength {
+            if f.kind == Rule::Drop || f.kind == Rule::ContentLength {
                 continue;
             }
             let name = f.name.get(buf);
@@ -235,7 +185,7 @@ impl ConnectionOptions {
                 .iter()
                 .any(|t| t.get(buf).eq_ignore_ascii_case(name))
             {
-                f.kind = Kind::Drop;
+                f.kind = Rule::Drop;
             }
         }
     }
@@ -288,56 +238,51 @@ pub fn parse_request(
         api_key: None,
     };
     let mut conn = ConnectionOptions::default();
+    let key_header = api_key_header.as_bytes();
     for h in req.headers.iter() {
-        let name = h.name;
-        let kind = if eq(name, "host") {
-            if head.host.is_some() {
+        let name = h.name.as_bytes();
+        let kind = match policy::request_rule(name, key_header) {
+            Rule::Host => {
+                if head.host.is_some() {
+                    return Parsed::Handover;
+                }
+                head.host = Some(Span::of(buf, h.value));
+                Rule::Host
+            }
+            Rule::ContentLength => {
+                if head.content_length.is_some() {
+                    return Parsed::Handover;
+                }
+                match parse_length(h.value) {
+                    Some(n) => head.content_length = Some(n),
+                    None => return Parsed::Handover,
+                }
+                Rule::ContentLength
+            }
+            Rule::TransferEncoding | Rule::Expect | Rule::Upgrade | Rule::Trailer => {
                 return Parsed::Handover;
             }
-            head.host = Some(Span::of(buf, h.value));
-            Kind::Host
-        } else if eq(name, "content-length") {
-            if head.content_length.is_some() {
-                return Parsed::Handover;
+            Rule::Connection => {
+                conn.add(buf, h.value);
+                Rule::Drop
             }
-            match parse_length(h.value) {
-                Some(n) => head.content_length = Some(n),
-                None => return Parsed::Handover,
+            Rule::Authorization => {
+                head.authorization.get_or_insert(Span::of(buf, h.value));
+                Rule::Authorization
             }
-            Kind::ContentLength
-        } else if eq(name, "transfer-encoding")
-            || eq(name, "expect")
-            || eq(name, "upgrade")
-            || eq(name, "trailer")
-        {
-            return Parsed::Handover;
-        } else if eq(name, "connection") {
-            conn.add(buf, h.value);
-            Kind::Drop
-        } else if eq(name, "authorization") {
-            head.authorization.get_or_insert(Span::of(buf, h.value));
-            Kind::Authorization
-        } else if eq(name, api_key_header) {
-            head.api_key.get_or_insert(Span::of(buf, h.value));
-            Kind::ApiKey
-        } else if eq(name, "x-forwarded-for") {
-            if head.xff.is_some() {
-                Kind::Drop
-            } else {
+            Rule::ApiKey => {
+                head.api_key.get_or_insert(Span::of(buf, h.value));
+                Rule::ApiKey
+            }
+            Rule::XForwardedFor if head.xff.is_some() => Rule::Drop,
+            Rule::XForwardedFor => {
                 head.xff = Some(Span::of(buf, h.value));
-                Kind::XForwardedFor
+                Rule::XForwardedFor
             }
-        } else if eq(name, "x-forwarded-proto")
-            || eq(name, "x-forwarded-host")
-            || hop_by_hop(name)
-            || forbidden_inbound(name)
-        {
-            Kind::Drop
-        } else {
-            Kind::Forward
+            other => other,
         };
         fields.push(Field {
-            name: Span::of(buf, name.as_bytes()),
+            name: Span::of(buf, name),
             value: Span::of(buf, h.value),
             kind,
         });
@@ -348,8 +293,8 @@ pub fn parse_request(
     conn.apply(buf, fields);
     // A field named by `Connection` is not this request's to forward, nor to read from.
     for (slot, kind) in [
-        (&mut head.host, Kind::Host),
-        (&mut head.xff, Kind::XForwardedFor),
+        (&mut head.host, Rule::Host),
+        (&mut head.xff, Rule::XForwardedFor),
     ] {
         if slot.is_some() && !fields.iter().any(|f| f.kind == kind) {
             *slot = None;
@@ -422,44 +367,41 @@ pub fn parse_response(
     let mut has_date = false;
     let mut conn = ConnectionOptions::default();
     for h in res.headers.iter() {
-        let name = h.name;
-        let kind = if eq(name, "content-length") {
-            // Repeated or listed values must all agree (RFC 9110 §8.6).
-            for v in h.value.split(|&b| b == b',') {
-                let n = parse_length(v.trim_ascii()).ok_or(BadResponse::Length)?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(BadResponse::Length);
+        let name = h.name.as_bytes();
+        let kind = match policy::response_rule(name) {
+            Rule::ContentLength => {
+                // Repeated or listed values must all agree (RFC 9110 §8.6).
+                for v in h.value.split(|&b| b == b',') {
+                    let n = parse_length(v.trim_ascii()).ok_or(BadResponse::Length)?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(BadResponse::Length);
+                    }
+                    length = Some(n);
                 }
-                length = Some(n);
+                Rule::ContentLength
             }
-            Kind::ContentLength
-        } else if eq(name, "transfer-encoding") {
-            // Only `chunked`, once: a body under another transfer coding (gzip…) cannot be
-            // relayed without it, and relaying the coding is not supported.
-            let only_chunked = h.value.trim_ascii().eq_ignore_ascii_case(b"chunked");
-            if !http11 || chunked.is_some() || !only_chunked {
-                return Err(BadResponse::Encoding);
+            Rule::TransferEncoding => {
+                // Only `chunked`, once: a body under another transfer coding (gzip…) cannot be
+                // relayed without it, and relaying the coding is not supported.
+                let only_chunked = h.value.trim_ascii().eq_ignore_ascii_case(b"chunked");
+                if !http11 || chunked.is_some() || !only_chunked {
+                    return Err(BadResponse::Encoding);
+                }
+                chunked = Some(true);
+                Rule::Drop
             }
-            chunked = Some(true);
-            Kind::Drop
-        } else if eq(name, "connection") {
-            conn.add(buf, h.value);
-            Kind::Drop
-        } else if eq(name, "upgrade") || hop_by_hop(name) {
-            Kind::Drop
-        } else if eq(name, "ratelimit-limit")
-            || eq(name, "ratelimit-remaining")
-            || eq(name, "ratelimit-reset")
-        {
-            Kind::RateLimit
-        } else if eq(name, "date") {
-            has_date = true;
-            Kind::Date
-        } else {
-            Kind::Forward
+            Rule::Connection => {
+                conn.add(buf, h.value);
+                Rule::Drop
+            }
+            Rule::Date => {
+                has_date = true;
+                Rule::Date
+            }
+            other => other,
         };
         fields.push(Field {
-            name: Span::of(buf, name.as_bytes()),
+            name: Span::of(buf, name),
             value: Span::of(buf, h.value),
             kind,
         });
@@ -498,8 +440,8 @@ pub fn parse_response(
     // the upstream's first length (what a GET would have returned), nothing else.
     let mut keep = framing == Framing::Empty;
     for f in fields.iter_mut() {
-        if f.kind == Kind::ContentLength && !std::mem::take(&mut keep) {
-            f.kind = Kind::Drop;
+        if f.kind == Rule::ContentLength && !std::mem::take(&mut keep) {
+            f.kind = Rule::Drop;
         }
     }
     Ok(Some(ResponseHead {
@@ -525,7 +467,7 @@ mod tests {
         (p, fields)
     }
 
-    fn complete(raw: &str) -> (RequestHead, Vec<(String, Kind)>) {
+    fn complete(raw: &str) -> (RequestHead, Vec<(String, Rule)>) {
         let (p, fields) = parse(raw);
         let Parsed::Complete(h) = p else {
             panic!("not taken: {raw:?} → {p:?}")
@@ -559,7 +501,7 @@ mod tests {
         assert_eq!(h.xff.unwrap().get(b), b"10.0.0.1");
         assert_eq!(h.api_key.unwrap().get(b), b"kg_1");
         assert_eq!(h.authorization.unwrap().get(b), b"Bearer t");
-        use Kind::*;
+        use Rule::*;
         let want = [
             ("Host", Host),
             ("X-API-Key", ApiKey),
@@ -577,7 +519,7 @@ mod tests {
             ("Proxy-Authorization", Drop),
             ("Accept", Forward),
         ];
-        let want: Vec<(String, Kind)> = want.iter().map(|(n, k)| (n.to_string(), *k)).collect();
+        let want: Vec<(String, Rule)> = want.iter().map(|(n, k)| (n.to_string(), *k)).collect();
         assert_eq!(kinds, want);
     }
 
@@ -591,9 +533,9 @@ mod tests {
         // Named fields are neither forwarded nor read; the length is the gateway's own.
         assert!(h.host.is_none() && h.xff.is_none());
         assert_eq!(h.content_length, Some(0));
-        assert_eq!(kinds[1].1, Kind::Drop);
-        assert_eq!(kinds[2].1, Kind::Drop);
-        assert_eq!(kinds[3].1, Kind::ContentLength);
+        assert_eq!(kinds[1].1, Rule::Drop);
+        assert_eq!(kinds[2].1, Rule::Drop);
+        assert_eq!(kinds[3].1, Rule::ContentLength);
         let (h, _) = complete("GET / HTTP/1.1\r\n\r\n");
         assert_eq!(h.query(b"GET / HTTP/1.1\r\n\r\n"), None);
         let raw = "GET /p? HTTP/1.1\r\n\r\n";
@@ -740,8 +682,8 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(h.has_date);
-        let kinds: Vec<Kind> = fields.iter().map(|f| f.kind).collect();
-        use Kind::*;
+        let kinds: Vec<Rule> = fields.iter().map(|f| f.kind).collect();
+        use Rule::*;
         // The length of a relayed body is written by the gateway itself.
         assert_eq!(
             kinds,
@@ -751,7 +693,7 @@ mod tests {
         parse_response(head.as_bytes(), true, &mut fields)
             .unwrap()
             .unwrap();
-        let kinds: Vec<Kind> = fields.iter().map(|f| f.kind).collect();
+        let kinds: Vec<Rule> = fields.iter().map(|f| f.kind).collect();
         assert_eq!(kinds, [ContentLength, Drop]);
     }
 }

@@ -7,9 +7,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{Response, StatusCode};
 
-use super::head::{Field, Framing, Kind, RequestHead, ResponseHead};
+use super::head::{Field, Framing, ResponseHead};
 use crate::keys::IdentityHeaders;
 use crate::limit::RateInfo;
+use crate::proxy::policy::{self, Rule, Strip};
 
 /// Appends `n` in decimal.
 pub fn decimal(out: &mut Vec<u8>, mut n: u64) {
@@ -59,76 +60,87 @@ pub fn chunk_start(out: &mut Vec<u8>, len: usize) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// How the credential is removed from the forwarded request.
+/// How a forwarded request's body is framed to the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strip {
-    Nothing,
-    /// Drop every `Authorization` field.
-    Authorization,
-    /// Drop every field of the API-key header.
-    ApiKey,
+pub enum BodyOut {
+    /// No body (and no length field).
+    None,
+    Length(u64),
+    Chunked,
 }
 
-/// What the gateway adds to a forwarded request.
+/// What the gateway writes into a forwarded request besides the client's own fields.
 pub struct Upstream<'a> {
-    /// Target to send instead of the client's (a query credential removed).
-    pub target: Option<&'a [u8]>,
+    pub method: &'a [u8],
+    /// `/path?query` sent upstream (a query credential already removed).
+    pub target: &'a [u8],
     pub strip: Strip,
     /// The principal's `x-keygate-*` fields.
     pub identity: Option<&'a IdentityHeaders>,
+    /// The client's first `X-Forwarded-For`, extended with the peer.
+    pub xff: Option<&'a [u8]>,
+    /// The client's `Host` (or authority), sent as `X-Forwarded-Host`.
+    pub client_host: Option<&'a [u8]>,
     pub peer_ip: &'a [u8],
     pub proto: &'a [u8],
     /// `Host` of the upstream.
     pub host: &'a [u8],
+    pub body: BodyOut,
 }
 
-/// Writes the head of the request sent upstream: the client's fields that are end-to-end and
-/// not the credential, then the gateway's own (RFC 9110 §7.6: identity, forwarding, `Host`,
-/// the length). The client's own spellings and order are kept.
-pub fn request_head(
+/// Writes the head of the request sent upstream, whichever engine read it: the client's fields
+/// that [`policy::forwarded`] keeps, in the client's own spellings and order, then the
+/// gateway's own (RFC 9110 §7.6: identity, forwarding, `Host`, the framing).
+pub fn request_head<'f>(
     out: &mut Vec<u8>,
-    buf: &[u8],
-    head: &RequestHead,
-    fields: &[Field],
+    fields: impl IntoIterator<Item = (&'f [u8], &'f [u8], Rule)>,
     up: &Upstream<'_>,
 ) {
-    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.extend_from_slice(up.method);
     out.push(b' ');
-    out.extend_from_slice(up.target.unwrap_or_else(|| head.target.get(buf)));
+    out.extend_from_slice(up.target);
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for f in fields {
-        let keep = match f.kind {
-            Kind::Forward => true,
-            Kind::Authorization => up.strip != Strip::Authorization,
-            Kind::ApiKey => up.strip != Strip::ApiKey,
-            _ => false,
-        };
-        if keep {
-            field(out, f.name.get(buf), f.value.get(buf));
+    for (name, value, rule) in fields {
+        if policy::forwarded(rule, up.strip) {
+            field(out, name, value);
         }
     }
     if let Some(id) = up.identity {
         id.write(out);
     }
     out.extend_from_slice(b"x-forwarded-for: ");
-    if let Some(prev) = head.xff {
-        out.extend_from_slice(prev.get(buf));
+    if let Some(prev) = up.xff {
+        out.extend_from_slice(prev);
         out.extend_from_slice(b", ");
     }
     out.extend_from_slice(up.peer_ip);
     out.extend_from_slice(b"\r\nx-forwarded-proto: ");
     out.extend_from_slice(up.proto);
     out.extend_from_slice(b"\r\n");
-    if let Some(host) = head.host {
-        field(out, b"x-forwarded-host", host.get(buf));
+    if let Some(host) = up.client_host {
+        field(out, b"x-forwarded-host", host);
     }
     field(out, b"host", up.host);
-    if let Some(n) = head.content_length {
-        out.extend_from_slice(b"content-length: ");
-        decimal(out, n);
-        out.extend_from_slice(b"\r\n");
+    match up.body {
+        BodyOut::None => {}
+        BodyOut::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        BodyOut::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// The fields of a parsed head, as [`request_head`] takes them.
+pub fn spans<'b>(
+    buf: &'b [u8],
+    fields: &'b [Field],
+) -> impl Iterator<Item = (&'b [u8], &'b [u8], Rule)> + 'b {
+    fields
+        .iter()
+        .map(move |f| (f.name.get(buf), f.value.get(buf), f.kind))
 }
 
 /// How the gateway frames a relayed body to its client.
@@ -165,12 +177,7 @@ pub fn response_head(
 ) {
     status_line(out, head.status, head.reason.get(ubuf));
     for f in fields {
-        let keep = match f.kind {
-            Kind::Forward | Kind::Date | Kind::ContentLength => true,
-            Kind::RateLimit => rate.is_none(),
-            _ => false,
-        };
-        if keep {
+        if policy::relayed(f.kind, rate.is_some()) {
             field(out, f.name.get(ubuf), f.value.get(ubuf));
         }
     }
@@ -276,7 +283,7 @@ mod tests {
         }
     }
 
-    fn parsed(raw: &[u8]) -> (RequestHead, Vec<Field>) {
+    fn parsed(raw: &[u8]) -> (super::super::head::RequestHead, Vec<Field>) {
         let mut fields = Vec::new();
         match super::super::head::parse_request(raw, "x-api-key", 100, &mut fields) {
             super::super::head::Parsed::Complete(h) => (h, fields),
@@ -294,16 +301,18 @@ mod tests {
         let mut out = Vec::new();
         request_head(
             &mut out,
-            raw,
-            &head,
-            &fields,
+            spans(raw, &fields),
             &Upstream {
-                target: None,
+                method: b"POST",
+                target: head.target.get(raw),
                 strip: Strip::ApiKey,
                 identity: Some(&IdentityHeaders::new("acme", "k1", "A", "pro")),
+                xff: head.xff.map(|s| s.get(raw)),
+                client_host: head.host.map(|s| s.get(raw)),
                 peer_ip: b"127.0.0.1",
                 proto: b"http",
                 host: b"127.0.0.1:9000",
+                body: BodyOut::Length(3),
             },
         );
         assert_eq!(
@@ -316,26 +325,28 @@ mod tests {
         );
 
         let raw = b"GET /p HTTP/1.1\r\nAuthorization: Bearer x\r\nX-API-Key: other\r\n\r\n";
-        let (head, fields) = parsed(raw);
+        let (_, fields) = parsed(raw);
         let mut out = Vec::new();
         request_head(
             &mut out,
-            raw,
-            &head,
-            &fields,
+            spans(raw, &fields),
             &Upstream {
-                target: Some(b"/p?b=2"),
+                method: b"GET",
+                target: b"/p?b=2",
                 strip: Strip::Authorization,
                 identity: None,
+                xff: None,
+                client_host: None,
                 peer_ip: b"::1",
                 proto: b"https",
                 host: b"up",
+                body: BodyOut::Chunked,
             },
         );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET /p?b=2 HTTP/1.1\r\nX-API-Key: other\r\nx-forwarded-for: ::1\r\n\
-             x-forwarded-proto: https\r\nhost: up\r\n\r\n"
+             x-forwarded-proto: https\r\nhost: up\r\ntransfer-encoding: chunked\r\n\r\n"
         );
     }
 

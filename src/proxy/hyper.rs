@@ -1,0 +1,774 @@
+//! The hyper engine: HTTP/2 (h2c and TLS) and every HTTP/1.1 request the fast path hands over
+//! (chunked or `Expect` uploads, HTTP/1.0, upgrades, unusual targets, `POST /auth/login`,
+//! `https://` routes). It shows the policy core a view of `http::request::Parts` and carries
+//! out the same decisions as the fast path:
+//!
+//! - plain `http://` upstreams go through the one HTTP/1.1 client ([`super::upstream`]): the
+//!   head is written by the same writer as the fast path's, the body streamed (chunked when its
+//!   length is not known; trailer fields filtered by the request field rules), the response
+//!   head parsed by the same parser and its body read by the same reader, with the same
+//!   timeouts and retry rule;
+//! - `https://` upstreams (HTTP/2 where offered by ALPN; certificates verified against the
+//!   webpki roots or the configured CA) and WebSocket upgrades go through hyper-util's client.
+//!
+//! WebSocket: a request that asked for `Upgrade: websocket` is forwarded with its upgrade
+//! headers, and bytes are bridged only after the upstream answered 101 with the right
+//! `Sec-WebSocket-Accept`. Any other answer is relayed as a plain response and the client's
+//! connection stays HTTP, so bytes sent after it are parsed (and authenticated) as requests.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use http::header::{CONNECTION, UPGRADE};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::codec::head::Framing;
+use super::codec::wire::{self, BodyOut};
+use super::h1::CUT_SHORT;
+use super::headers;
+use super::policy::{self, Admitted, Routed, Rule};
+use super::route::Route;
+use super::upstream::{self, BodyReader, BodySource, Conn, Exchange, Pool, Step};
+use super::{ConnInfo, Gateway, Outcome};
+use crate::error::ProxyError;
+
+/// Response body of the proxy: the upstream's stream, or a body the gateway wrote itself.
+pub type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
+
+/// Idle upstream connections of hyper-util's client are kept this long.
+const POOL_IDLE_TIMEOUT: Duration = upstream::IDLE_TIMEOUT;
+/// Largest login body read.
+const LOGIN_MAX_BODY: usize = 16 * 1024;
+
+/// hyper-util's client, for `https://` upstreams and WebSocket upgrades.
+#[derive(Clone)]
+pub struct HyperClient {
+    client: Client<HttpsConnector<HttpConnector>, ClientBody>,
+}
+
+impl HyperClient {
+    /// `ca`: PEM bundle for `https://` upstreams (default: the webpki roots).
+    pub fn new(connect_timeout: Duration, ca: Option<&std::path::Path>) -> Result<Self, String> {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        http.enforce_http(false);
+        let https = HttpsConnectorBuilder::new()
+            .with_tls_config(crate::tls::client_config(ca)?)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(upstream::MAX_IDLE_PER_HOST)
+            .build(https);
+        Ok(Self { client })
+    }
+}
+
+impl Gateway {
+    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+        let start = self.access_log.then(Instant::now);
+        let (parts, body) = req.into_parts();
+        let mut outcome = Outcome::default();
+        let res = match self.serve_hyper(&parts, body, conn, &mut outcome).await {
+            Ok(res) => res,
+            Err(e) => e.response::<Full<Bytes>>().map(Either::Right),
+        };
+        self.finish(
+            &parts.method,
+            parts.uri.path(),
+            &outcome,
+            res.status().as_u16(),
+            start,
+            conn,
+        );
+        res
+    }
+
+    async fn serve_hyper<'g>(
+        &'g self,
+        parts: &http::request::Parts,
+        body: Incoming,
+        conn: &ConnInfo,
+        outcome: &mut Outcome<'g>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let route = match self.route(parts)? {
+            Routed::Health => return Ok(own(policy::health(&parts.method))),
+            Routed::Login => {
+                let body = self.read_small(body, LOGIN_MAX_BODY).await?;
+                return Ok(own(self.login(&body, conn.peer.ip()).await?));
+            }
+            Routed::Route(route) => route,
+        };
+        outcome.route = Some(route);
+        let admitted = self.admit(route, parts, conn.peer.ip(), outcome).await?;
+        let websocket = headers::websocket_requested(&parts.headers, parts.version);
+        let sent = Instant::now();
+        let plain = route.upstream.scheme() == Some(&Scheme::HTTP);
+        let forwarded = if plain && !websocket {
+            self.relay(route, &admitted, parts, body, conn).await
+        } else {
+            self.forward_hyper(route, &admitted, parts, body, conn, websocket)
+                .await
+        };
+        let upstream_time = sent.elapsed();
+        outcome.upstream = Some(upstream_time);
+        let mut res = match forwarded {
+            Ok(res) => {
+                self.metrics.upstream_latency.observe(upstream_time);
+                res
+            }
+            Err(e) => {
+                if e.status().is_server_error() {
+                    self.metrics.upstream_errors.inc();
+                }
+                return Err(e);
+            }
+        };
+        if let Some(rate) = &admitted.rate {
+            headers::add_rate(res.headers_mut(), rate);
+        }
+        Ok(res.map(Either::Left))
+    }
+
+    /// Reads a small body whole, within `limits.body_timeout` per pause.
+    async fn read_small(&self, body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
+        let mut body = http_body_util::Limited::new(body, limit);
+        let mut out = bytes::BytesMut::new();
+        loop {
+            match tokio::time::timeout(self.upstreams.body_timeout, body.frame()).await {
+                Err(_) => return Err(ProxyError::BodyTimeout),
+                Ok(None) => return Ok(out.freeze()),
+                Ok(Some(Ok(frame))) => {
+                    if let Some(d) = frame.data_ref() {
+                        out.extend_from_slice(d);
+                    }
+                }
+                Ok(Some(Err(_))) => {
+                    return Err(ProxyError::BadRequest(
+                        "the body could not be read or is too large",
+                    ));
+                }
+            }
+        }
+    }
+
+    /// A plain `http://` request through the one HTTP/1.1 client.
+    async fn relay(
+        &self,
+        route: &Route,
+        admitted: &Admitted<'_>,
+        parts: &http::request::Parts,
+        body: Incoming,
+        conn: &ConnInfo,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let Some(authority) = route.upstream.authority() else {
+            return Err(ProxyError::UpstreamUnavailable);
+        };
+        let key = self.extractor.api_key_header.as_str().as_bytes();
+        let named = headers::connection_names(&parts.headers);
+        let rule =
+            |name: &HeaderName| headers::rule_of(name, &named, |n| policy::request_rule(n, key));
+        let first = |r: Rule| {
+            parts
+                .headers
+                .iter()
+                .find(|(n, _)| rule(n) == r)
+                .map(|(_, v)| v.as_bytes())
+        };
+        let has_length = first(Rule::ContentLength).is_some();
+        let body_out = match body.size_hint().exact() {
+            Some(n) if has_length => BodyOut::Length(n),
+            _ if body.is_end_stream() => BodyOut::None,
+            _ => BodyOut::Chunked,
+        };
+        let target = match &admitted.target {
+            Some(t) => t.as_str(),
+            None => parts.uri.path_and_query().map_or("/", PathAndQuery::as_str),
+        };
+        let mut out = Vec::with_capacity(1024);
+        wire::request_head(
+            &mut out,
+            parts
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes(), rule(n))),
+            &wire::Upstream {
+                method: parts.method.as_str().as_bytes(),
+                target: target.as_bytes(),
+                strip: admitted.strip,
+                identity: admitted.permit.principal().map(|p| &p.headers),
+                xff: first(Rule::XForwardedFor),
+                client_host: first(Rule::Host)
+                    .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes())),
+                peer_ip: conn.peer_ip.as_bytes(),
+                proto: conn.proto.as_bytes(),
+                host: route.host.as_bytes(),
+                body: body_out,
+            },
+        );
+        let deadline = tokio::time::Instant::now() + self.upstreams.timeout;
+        let mut source = StreamedBody {
+            body,
+            chunked: body_out == BodyOut::Chunked,
+            timeout: self.upstreams.body_timeout,
+            api_key_header: &self.extractor.api_key_header,
+            out: Vec::new(),
+        };
+        let mut fields = Vec::with_capacity(16);
+        let Exchange {
+            conn: uc,
+            head: res,
+            body_sent,
+        } = self
+            .upstreams
+            .pool
+            .exchange(
+                route,
+                authority,
+                &out,
+                &mut source,
+                &parts.method,
+                deadline,
+                &mut fields,
+            )
+            .await?;
+        let own_rate = admitted.rate.is_some();
+        let mut answer = Response::new(());
+        *answer.status_mut() =
+            StatusCode::from_u16(res.status).map_err(|_| ProxyError::UpstreamUnavailable)?;
+        let h = answer.headers_mut();
+        h.reserve(fields.len() + 4);
+        for f in &fields {
+            if policy::relayed(f.kind, own_rate)
+                && let (Ok(n), Ok(v)) = (
+                    HeaderName::from_bytes(f.name.get(&uc.buf)),
+                    HeaderValue::from_bytes(f.value.get(&uc.buf)),
+                )
+            {
+                h.append(n, v);
+            }
+        }
+        let size = match res.framing {
+            Framing::Empty => Some(0),
+            Framing::Length(n) => Some(n),
+            _ => None,
+        };
+        let relay = Relay {
+            reader: BodyReader::new(&res),
+            conn: Some(uc),
+            pool: Arc::clone(&self.upstreams.pool),
+            authority: authority.clone(),
+            reusable: body_sent && res.keep_alive && res.framing != Framing::Empty,
+            idle: self.upstreams.timeout,
+            route: route.name.clone(),
+        };
+        Ok(answer.map(|()| UpstreamBody::relayed(relay, size)))
+    }
+
+    /// An `https://` request or a WebSocket upgrade through hyper-util's client.
+    async fn forward_hyper(
+        &self,
+        route: &Route,
+        admitted: &Admitted<'_>,
+        parts: &http::request::Parts,
+        body: Incoming,
+        conn: &ConnInfo,
+        websocket: bool,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let answered = Arc::new(Answered::default());
+        let mut req = Request::new(ClientBody {
+            inner: body,
+            idle: self.upstreams.body_timeout,
+            pause: None,
+            answered: Arc::clone(&answered),
+            api_key_header: self.extractor.api_key_header.clone(),
+        });
+        *req.method_mut() = parts.method.clone();
+        *req.headers_mut() = parts.headers.clone();
+        *req.extensions_mut() = parts.extensions.clone();
+        let client_side = websocket.then(|| hyper::upgrade::on(&mut req));
+        let expected_accept = websocket
+            .then(|| headers::websocket_accept(&parts.headers))
+            .flatten();
+        let upstream = &route.upstream;
+        let pq = match &admitted.target {
+            Some(t) => t
+                .parse()
+                .map_err(|_| ProxyError::BadRequest("invalid request target"))?,
+            None => parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(upstream.scheme().cloned().unwrap_or(Scheme::HTTP));
+        uri.authority = upstream.authority().cloned();
+        uri.path_and_query = Some(pq);
+        *req.uri_mut() =
+            Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+        *req.version_mut() = Version::HTTP_11;
+
+        let h = req.headers_mut();
+        let mut inbound =
+            headers::retain_forwarded(h, admitted.strip, &self.extractor.api_key_header);
+        if inbound.host.is_none() {
+            inbound.host = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        }
+        if let Some(p) = admitted.permit.principal() {
+            headers::add_identity(h, &p.headers);
+        }
+        headers::add_forwarded(h, inbound, &conn.peer_ip, conn.proto, &route.host);
+        if websocket {
+            h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        }
+
+        let sent = tokio::time::timeout(
+            self.upstreams.timeout,
+            self.upstreams.https.client.request(req),
+        );
+        let mut res = match sent.await {
+            Err(_) => return Err(ProxyError::UpstreamTimeout),
+            Ok(Err(e)) if let Some(refused) = client_body_failed(&e) => {
+                tracing::debug!(route = %route.name, error = %e, "the client's request body failed");
+                return Err(refused);
+            }
+            Ok(Err(e)) => {
+                upstream::failed(route, e.is_connect(), &e);
+                return Err(ProxyError::UpstreamUnavailable);
+            }
+            Ok(Ok(res)) => res,
+        };
+        if unrelayable_coding(res.headers()) {
+            tracing::warn!(route = %route.name, "upstream answered with a transfer coding other than chunked");
+            return Err(ProxyError::UpstreamUnavailable);
+        }
+        let own_rate = admitted.rate.is_some();
+        if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_side) = client_side else {
+                tracing::warn!(route = %route.name, "upstream switched protocols unasked");
+                return Err(ProxyError::UpstreamUnavailable);
+            };
+            let accept = res.headers().get("sec-websocket-accept");
+            if expected_accept.is_none() || accept != expected_accept.as_ref() {
+                tracing::warn!(route = %route.name, "upstream 101 without a valid Sec-WebSocket-Accept");
+                return Err(ProxyError::UpstreamUnavailable);
+            }
+            let upstream_side = hyper::upgrade::on(&mut res);
+            tokio::spawn(bridge(client_side, upstream_side));
+            headers::retain_relayed(res.headers_mut(), own_rate);
+            let h = res.headers_mut();
+            h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+            return Ok(res.map(|b| UpstreamBody::hyper(b, answered, self.upstreams.timeout)));
+        }
+        headers::retain_relayed(res.headers_mut(), own_rate);
+        Ok(res.map(|b| UpstreamBody::hyper(b, answered, self.upstreams.timeout)))
+    }
+}
+
+/// A response the gateway wrote itself.
+fn own(res: Response<Bytes>) -> Response<ProxyBody> {
+    res.map(|b| Either::Right(Full::new(b)))
+}
+
+/// A request body read by hyper, on its way through the one HTTP/1.1 client.
+struct StreamedBody<'a> {
+    body: Incoming,
+    /// Framed as chunks (its length was not known).
+    chunked: bool,
+    /// Longest pause of the body.
+    timeout: Duration,
+    api_key_header: &'a HeaderName,
+    out: Vec<u8>,
+}
+
+impl BodySource for StreamedBody<'_> {
+    fn pending(&self) -> bool {
+        !self.body.is_end_stream()
+    }
+
+    async fn pump(
+        &mut self,
+        uc: &mut Conn,
+        deadline: tokio::time::Instant,
+    ) -> Result<bool, ProxyError> {
+        let mut up = uc.watch();
+        loop {
+            let frame = tokio::select! {
+                biased;
+                a = up.answered() => return a.map(|()| false),
+                f = tokio::time::timeout(self.timeout, self.body.frame()) => f,
+                () = tokio::time::sleep_until(deadline) => return Err(ProxyError::UpstreamTimeout),
+            };
+            let frame = match frame {
+                Err(_) => return Err(ProxyError::BodyTimeout),
+                Ok(None) => {
+                    return if self.chunked {
+                        up.write(wire::LAST_CHUNK, deadline).await
+                    } else {
+                        Ok(true)
+                    };
+                }
+                Ok(Some(Err(_))) => return Err(ProxyError::BadRequest(CUT_SHORT)),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            self.out.clear();
+            let frame = match frame.into_data() {
+                Ok(data) if !self.chunked => {
+                    if !up.write(&data, deadline).await? {
+                        return Ok(false);
+                    }
+                    continue;
+                }
+                Ok(data) if data.is_empty() => continue,
+                Ok(data) => {
+                    wire::chunk_start(&mut self.out, data.len());
+                    self.out.extend_from_slice(&data);
+                    self.out.extend_from_slice(wire::CHUNK_END);
+                    if !up.write(&self.out, deadline).await? {
+                        return Ok(false);
+                    }
+                    continue;
+                }
+                Err(frame) => frame,
+            };
+            // Trailer fields end a chunked body, filtered by the rules of the head's fields.
+            if let Ok(mut trailers) = frame.into_trailers()
+                && self.chunked
+            {
+                headers::retain_trailers(&mut trailers, self.api_key_header);
+                self.out.extend_from_slice(b"0\r\n");
+                for (name, value) in &trailers {
+                    self.out.extend_from_slice(name.as_str().as_bytes());
+                    self.out.extend_from_slice(b": ");
+                    self.out.extend_from_slice(value.as_bytes());
+                    self.out.extend_from_slice(b"\r\n");
+                }
+                self.out.extend_from_slice(b"\r\n");
+                return up.write(&self.out, deadline).await;
+            }
+        }
+    }
+}
+
+/// A response body on its way from the one HTTP/1.1 client to hyper: its connection goes back
+/// to the pool when the body was read exactly to its end.
+struct Relay {
+    reader: BodyReader,
+    conn: Option<Conn>,
+    pool: Arc<Pool>,
+    authority: Authority,
+    reusable: bool,
+    idle: Duration,
+    route: String,
+}
+
+/// Why a relayed response body was cut off.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RelayError(&'static str);
+
+type RelayStream = Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, RelayError>> + Send>>;
+
+fn relay_stream(relay: Relay) -> RelayStream {
+    Box::pin(futures_util::stream::unfold(relay, |mut r| async move {
+        let uc = r.conn.as_mut()?;
+        loop {
+            match r.reader.step(uc) {
+                Ok(Step::Data(data)) => {
+                    let frame = Frame::data(Bytes::copy_from_slice(&uc.buf[data]));
+                    return Some((Ok(frame), r));
+                }
+                Ok(Step::NeedRead) => {
+                    if let Err(why) = r.reader.fill(uc, r.idle).await {
+                        tracing::debug!(route = %r.route, why, "response relay broken off");
+                        r.conn = None;
+                        return Some((Err(RelayError(why)), r));
+                    }
+                }
+                Ok(Step::End) => {
+                    if r.reusable && r.reader.at_boundary(uc) {
+                        let mut uc = r.conn.take()?;
+                        uc.end = 0;
+                        r.pool.put(&r.authority, uc);
+                    }
+                    return None;
+                }
+                Err(why) => {
+                    tracing::debug!(route = %r.route, why, "response relay broken off");
+                    r.conn = None;
+                    return Some((Err(RelayError(why)), r));
+                }
+            }
+        }
+    }))
+}
+
+/// The upstream's response body, whichever client fetched it. A body that pauses for longer
+/// than `proxy.upstream_timeout` ends with an error (the client's connection or stream is
+/// cut off).
+pub struct UpstreamBody {
+    inner: Inner,
+    size: SizeHint,
+}
+
+enum Inner {
+    Relayed(RelayStream),
+    Hyper {
+        body: Incoming,
+        answered: Arc<Answered>,
+        idle: Duration,
+        pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    },
+}
+
+impl UpstreamBody {
+    fn relayed(relay: Relay, size: Option<u64>) -> Self {
+        UpstreamBody {
+            inner: Inner::Relayed(relay_stream(relay)),
+            size: size.map_or_else(SizeHint::new, SizeHint::with_exact),
+        }
+    }
+
+    fn hyper(body: Incoming, answered: Arc<Answered>, idle: Duration) -> Self {
+        let size = body.size_hint();
+        UpstreamBody {
+            inner: Inner::Hyper {
+                body,
+                answered,
+                idle,
+                pause: None,
+            },
+            size,
+        }
+    }
+}
+
+/// Why a response body from hyper-util's client was cut off.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamBodyError {
+    #[error(transparent)]
+    Relay(#[from] RelayError),
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error("upstream body stalled")]
+    Stalled,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = UpstreamBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
+        let this = &mut *self;
+        match &mut this.inner {
+            Inner::Relayed(s) => {
+                let item = std::task::ready!(s.as_mut().poll_next(cx));
+                if let Some(Ok(f)) = &item
+                    && let Some(d) = f.data_ref()
+                    && let Some(left) = this.size.exact()
+                {
+                    this.size = SizeHint::with_exact(left.saturating_sub(d.len() as u64));
+                }
+                Poll::Ready(item.map(|r| r.map_err(UpstreamBodyError::from)))
+            }
+            Inner::Hyper {
+                body,
+                answered,
+                idle,
+                pause,
+            } => {
+                if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
+                    *pause = None;
+                    if frame.is_none() {
+                        answered.fire();
+                    }
+                    return Poll::Ready(frame.map(|f| f.map_err(UpstreamBodyError::from)));
+                }
+                let idle = *idle;
+                let timer = pause.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(UpstreamBodyError::Stalled)));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Relayed(_) => self.size.exact() == Some(0),
+            Inner::Hyper { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Relayed(_) => self.size,
+            Inner::Hyper { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let Inner::Hyper { answered, .. } = &self.inner {
+            answered.fire();
+        }
+    }
+}
+
+/// Set once the response to a request has been relayed (or abandoned).
+#[derive(Default)]
+pub struct Answered {
+    done: std::sync::atomic::AtomicBool,
+    waker: futures_util::task::AtomicWaker,
+}
+
+impl Answered {
+    fn fire(&self) {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+        self.waker.wake();
+    }
+}
+
+/// Why a client's request body stopped on its way upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error("the request body paused for longer than the body timeout")]
+    Timeout,
+    #[error("the response was relayed before the request body ended")]
+    Unneeded,
+    #[error(transparent)]
+    Read(hyper::Error),
+}
+
+/// The client's request body on its way to hyper-util's client: an error when it pauses longer
+/// than `limits.body_timeout`, cut off once the response to it has been relayed, and its
+/// trailer fields filtered by the rules of the head's fields.
+pub struct ClientBody {
+    inner: Incoming,
+    idle: Duration,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    answered: Arc<Answered>,
+    api_key_header: HeaderName,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        let this = &mut *self;
+        this.answered.waker.register(cx.waker());
+        if this
+            .answered
+            .done
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Poll::Ready(Some(Err(ClientBodyError::Unneeded)));
+        }
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.pause = None;
+            let key = &this.api_key_header;
+            return Poll::Ready(frame.map(|f| {
+                f.map_err(ClientBodyError::Read)
+                    .map(|f| match f.into_trailers() {
+                        Ok(mut t) => {
+                            headers::retain_trailers(&mut t, key);
+                            Frame::trailers(t)
+                        }
+                        Err(f) => f,
+                    })
+            }));
+        }
+        let idle = this.idle;
+        let pause = this
+            .pause
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        if pause.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(ClientBodyError::Timeout)));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Copies bytes both ways between the upgraded client and upstream connections.
+async fn bridge(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(client, upstream) {
+        Ok((c, u)) => {
+            let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                tracing::debug!(error = %e, "websocket tunnel closed with an error");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "websocket upgrade did not complete"),
+    }
+}
+
+/// The answer when a forward failed because of the client's own request body: malformed
+/// chunked framing or an upload cut short is the client's fault (400, not the upstream's 502);
+/// a body that paused too long is 408.
+fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
+    let mut user = false;
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if let Some(b) = s.downcast_ref::<ClientBodyError>() {
+            return Some(match b {
+                ClientBodyError::Timeout => ProxyError::BodyTimeout,
+                _ => ProxyError::BadRequest(CUT_SHORT),
+            });
+        }
+        user |= s
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_user);
+        source = s.source();
+    }
+    user.then_some(ProxyError::BadRequest(CUT_SHORT))
+}
+
+/// True when a response's body is under a transfer coding other than one `chunked` (gzip…):
+/// hyper removes the chunked framing, and the other coding cannot be relayed without its
+/// `Transfer-Encoding`, which is hop-by-hop; such a response is refused (502).
+fn unrelayable_coding(h: &http::HeaderMap) -> bool {
+    let mut codings = h.get_all(http::header::TRANSFER_ENCODING).iter();
+    match (codings.next(), codings.next()) {
+        (None, _) => false,
+        (Some(v), None) => !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"),
+        (Some(_), Some(_)) => true,
+    }
+}

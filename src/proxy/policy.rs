@@ -1,0 +1,494 @@
+//! The data plane's one policy core. Every engine (the HTTP/1.1 fast path, hyper for HTTP/1.1
+//! and HTTP/2) is an adapter that shows the core a [`RequestView`] and carries out what the core
+//! decides; no rule below is written a second time in an engine.
+//!
+//! - [`Gateway::route`]: the health check, the login path, the path checks and the route.
+//! - [`Gateway::admit`]: failed-authentication throttle, credential, key and route limits,
+//!   usage, permissions → an [`Admitted`] request holding the [`Permit`], the rate answer and
+//!   what to strip.
+//! - Field rules: [`request_rule`] and [`response_rule`] say what each field is to the gateway
+//!   (forwarded, dropped, owned by the gateway); [`forwarded`] says whether a request field
+//!   reaches the upstream; [`relayed`] whether a response field reaches the client.
+//! - [`Gateway::login`]: `POST /auth/login` on the proxy listener.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Response, StatusCode};
+
+use super::route::{self, Route};
+use super::{Gateway, HEALTH_PATH, LOGIN_PATH, Outcome};
+use crate::auth::credential::{Credential, Source};
+use crate::auth::jwt::{LoginRequest, TokenResponse};
+use crate::auth::{self, Permit};
+use crate::error::ProxyError;
+use crate::limit::{RateInfo, Refusal};
+
+/// A request as the core sees it, whichever engine read it.
+pub trait RequestView {
+    fn method(&self) -> &Method;
+    /// The path as sent (not decoded).
+    fn path(&self) -> &str;
+    /// The query, when the target has a `?`.
+    fn query(&self) -> Option<&str>;
+    /// The first `Authorization` value, when it is header text.
+    fn authorization(&self) -> Option<&str>;
+    /// The first value of the API-key header (`name`), when it is header text.
+    fn api_key(&self, name: &HeaderName) -> Option<&str>;
+}
+
+impl RequestView for http::request::Parts {
+    fn method(&self) -> &Method {
+        &self.method
+    }
+
+    fn path(&self) -> &str {
+        self.uri.path()
+    }
+
+    fn query(&self) -> Option<&str> {
+        self.uri.query()
+    }
+
+    fn authorization(&self) -> Option<&str> {
+        self.headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+    }
+
+    fn api_key(&self, name: &HeaderName) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// What a request is, before any credential is looked at.
+pub enum Routed<'g> {
+    /// `GET /_keygate/health`: answered by the gateway, no key needed.
+    Health,
+    /// `POST /auth/login`: the engine reads the body and calls [`Gateway::login`].
+    Login,
+    Route(&'g Route),
+}
+
+/// Which credential fields are removed before forwarding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strip {
+    Nothing,
+    /// Every `Authorization` field.
+    Authorization,
+    /// Every field of the API-key header.
+    ApiKey,
+}
+
+/// A request the gateway will forward: the permit, the rate answer of an authenticated route,
+/// the credential fields to strip and, for a query credential, the target without it.
+pub struct Admitted<'g> {
+    pub permit: Permit<'g>,
+    pub rate: Option<RateInfo>,
+    pub strip: Strip,
+    pub target: Option<String>,
+}
+
+impl Gateway {
+    /// The first steps of every request: the health check, the login path, the path checks
+    /// (400) and the route (404).
+    pub fn route<'g>(&'g self, req: &impl RequestView) -> Result<Routed<'g>, ProxyError> {
+        let path = req.path();
+        if path == HEALTH_PATH {
+            return Ok(Routed::Health);
+        }
+        if path == LOGIN_PATH && *req.method() == Method::POST {
+            return Ok(Routed::Login);
+        }
+        route::check_path(path).map_err(ProxyError::BadRequest)?;
+        self.routes
+            .find(path, req.method())
+            .map(Routed::Route)
+            .ok_or(ProxyError::RouteNotFound)
+    }
+
+    /// Admits a request on `route`: public routes at once; otherwise the failed-authentication
+    /// throttle, the credential, the key's and the route's rate limits, the usage count and
+    /// the route's permissions, in that order.
+    pub async fn admit<'g>(
+        &self,
+        route: &'g Route,
+        req: &impl RequestView,
+        ip: IpAddr,
+        outcome: &mut Outcome<'g>,
+    ) -> Result<Admitted<'g>, ProxyError> {
+        if let Some(permit) = auth::public(route) {
+            self.metrics.auth("public");
+            return Ok(Admitted {
+                permit,
+                rate: None,
+                strip: Strip::Nothing,
+                target: None,
+            });
+        }
+        let cred = self.extractor.extract_from(
+            req.authorization(),
+            req.api_key(&self.extractor.api_key_header),
+            req.query(),
+        );
+        let checked = self.check(route, cred, ip, outcome).await;
+        self.metrics.auth(match &checked {
+            Ok(_) => "valid",
+            Err(e) => e.code(),
+        });
+        let (permit, rate) = checked?;
+        let (strip, target) = match cred.map(|c| c.source) {
+            Some(Source::Bearer | Source::Basic) => (Strip::Authorization, None),
+            Some(Source::Header) => (Strip::ApiKey, None),
+            Some(Source::Query) => (Strip::Nothing, Some(self.target_without_credential(req))),
+            None => (Strip::Nothing, None),
+        };
+        Ok(Admitted {
+            permit,
+            rate: Some(rate),
+            strip,
+            target,
+        })
+    }
+
+    async fn check<'g>(
+        &self,
+        route: &'g Route,
+        cred: Option<Credential<'_>>,
+        ip: IpAddr,
+        outcome: &mut Outcome<'g>,
+    ) -> Result<(Permit<'g>, RateInfo), ProxyError> {
+        self.failed_auth
+            .check(ip)
+            .map_err(|retry_after| ProxyError::AuthThrottled { retry_after })?;
+        let cred = cred.ok_or(ProxyError::MissingCredentials)?;
+        let principal = match self.auth.authenticate(&cred).await {
+            Ok(p) => p,
+            Err(e) => return Err(self.failed(e, ip)),
+        };
+        outcome.principal = Some(Arc::clone(&principal));
+        let rate = principal.limiter.check().map_err(rate_limited)?;
+        if let Some(limiter) = &route.limiter {
+            limiter.check(&principal.key_id).map_err(rate_limited)?;
+        }
+        self.usage.touch(&principal, crate::keys::now_millis());
+        let permit = auth::authorize(route, principal)?;
+        Ok((permit, rate))
+    }
+
+    /// Counts a failed authentication against the peer; past the allowance it becomes a 429.
+    /// Only guesses count (an unknown key or token), not a real key that is disabled or
+    /// expired.
+    fn failed(&self, e: ProxyError, ip: IpAddr) -> ProxyError {
+        let guess = matches!(e, ProxyError::InvalidApiKey | ProxyError::InvalidToken);
+        match guess.then(|| self.failed_auth.record_failure(ip)).flatten() {
+            Some(retry_after) => ProxyError::AuthThrottled { retry_after },
+            None => e,
+        }
+    }
+
+    /// `path?query` with the query credential removed.
+    fn target_without_credential(&self, req: &impl RequestView) -> String {
+        let param = self.extractor.query_param.as_deref().unwrap_or_default();
+        let rest = crate::auth::credential::strip_query_param(req.query().unwrap_or(""), param);
+        if rest.is_empty() {
+            req.path().to_owned()
+        } else {
+            format!("{}?{rest}", req.path())
+        }
+    }
+
+    /// `POST /auth/login` on the proxy listener: an API key in (`body`, JSON), an access token
+    /// out. Throttled per peer like every other authentication.
+    pub async fn login(&self, body: &[u8], ip: IpAddr) -> Result<Response<Bytes>, ProxyError> {
+        self.failed_auth
+            .check(ip)
+            .map_err(|retry_after| ProxyError::AuthThrottled { retry_after })?;
+        let login: LoginRequest = serde_json::from_slice(body)
+            .map_err(|_| ProxyError::BadRequest("expected a JSON body {\"api_key\": \"…\"}"))?;
+        let token = match self.auth.login(&login.api_key).await {
+            Ok(t) => t,
+            Err(e) => return Err(self.failed(e, ip)),
+        };
+        let body = serde_json::to_vec(&TokenResponse::from(token)).expect("serializable");
+        let mut res = Response::new(Bytes::from(body));
+        let h = res.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
+        Ok(res)
+    }
+}
+
+fn rate_limited(r: Refusal) -> ProxyError {
+    ProxyError::RateLimited {
+        retry_after: r.retry_after,
+        limit: r.limit,
+    }
+}
+
+/// The answer of the load-balancer health check.
+pub fn health(method: &Method) -> Response<Bytes> {
+    let body = if method == Method::HEAD {
+        Bytes::new()
+    } else {
+        Bytes::from_static(b"{\"status\":\"ok\"}")
+    };
+    let mut res = Response::new(body);
+    *res.status_mut() = StatusCode::OK;
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+/// What a header field is to the gateway, in either direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// Forwarded (relayed) byte for byte.
+    Forward,
+    /// Never forwarded: hop-by-hop (RFC 9110 §7.6.1), named by `Connection`, owned by the
+    /// gateway (`X-Forwarded-Proto`, `X-Forwarded-Host`), or refused inbound (`x-keygate-*`,
+    /// names with `_`).
+    Drop,
+    Host,
+    /// `X-Forwarded-For`: the first one is extended, later ones dropped.
+    XForwardedFor,
+    /// Forwarded unless it carried the credential.
+    Authorization,
+    /// The configured API-key header: forwarded unless it carried the credential.
+    ApiKey,
+    /// Framing, written by the gateway itself.
+    ContentLength,
+    TransferEncoding,
+    /// Read for its options, never forwarded.
+    Connection,
+    Expect,
+    Upgrade,
+    /// A request's `Trailer` declaration.
+    Trailer,
+    /// `RateLimit-*` of a response: replaced when the gateway adds its own.
+    RateLimit,
+    /// `Date` of a response (the gateway adds one when it is missing).
+    Date,
+}
+
+fn eq(name: &[u8], lower: &[u8]) -> bool {
+    name.len() == lower.len() && name.eq_ignore_ascii_case(lower)
+}
+
+/// Never end-to-end, in either direction (RFC 9110 §7.6.1, plus `Proxy-Connection` seen in the
+/// wild, the proxy authentication pair, which addresses this hop, and `HTTP2-Settings` of the
+/// h2c upgrade, RFC 9113 §3.1, which is never forwarded).
+fn hop_by_hop(name: &[u8]) -> bool {
+    eq(name, b"keep-alive")
+        || eq(name, b"proxy-connection")
+        || eq(name, b"te")
+        || eq(name, b"proxy-authorization")
+        || eq(name, b"proxy-authenticate")
+        || eq(name, b"http2-settings")
+}
+
+/// Fields a client may not send: the gateway's own `x-keygate-*`, and any name with an
+/// underscore, which CGI-style upstreams (WSGI, PHP, Rack) read as the dashed name —
+/// `X_Keygate_Client_Id` would become `X-Keygate-Client-Id` there (nginx drops such fields by
+/// default for the same reason).
+pub fn forbidden_inbound(name: &[u8]) -> bool {
+    const PREFIX: &[u8] = b"x-keygate-";
+    name.contains(&b'_')
+        || name
+            .get(..PREFIX.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
+}
+
+/// The rule for a request field. `api_key_header` is the configured key header (lowercase).
+pub fn request_rule(name: &[u8], api_key_header: &[u8]) -> Rule {
+    if eq(name, b"host") {
+        Rule::Host
+    } else if eq(name, b"content-length") {
+        Rule::ContentLength
+    } else if eq(name, b"transfer-encoding") {
+        Rule::TransferEncoding
+    } else if eq(name, b"connection") {
+        Rule::Connection
+    } else if eq(name, b"expect") {
+        Rule::Expect
+    } else if eq(name, b"upgrade") {
+        Rule::Upgrade
+    } else if eq(name, b"trailer") {
+        Rule::Trailer
+    } else if eq(name, b"authorization") {
+        Rule::Authorization
+    } else if eq(name, api_key_header) {
+        Rule::ApiKey
+    } else if eq(name, b"x-forwarded-for") {
+        Rule::XForwardedFor
+    } else if eq(name, b"x-forwarded-proto")
+        || eq(name, b"x-forwarded-host")
+        || hop_by_hop(name)
+        || forbidden_inbound(name)
+    {
+        Rule::Drop
+    } else {
+        Rule::Forward
+    }
+}
+
+/// The rule for a response field from an upstream.
+pub fn response_rule(name: &[u8]) -> Rule {
+    if eq(name, b"content-length") {
+        Rule::ContentLength
+    } else if eq(name, b"transfer-encoding") {
+        Rule::TransferEncoding
+    } else if eq(name, b"connection") {
+        Rule::Connection
+    } else if eq(name, b"upgrade") || hop_by_hop(name) {
+        Rule::Drop
+    } else if eq(name, b"ratelimit-limit")
+        || eq(name, b"ratelimit-remaining")
+        || eq(name, b"ratelimit-reset")
+    {
+        Rule::RateLimit
+    } else if eq(name, b"date") {
+        Rule::Date
+    } else {
+        Rule::Forward
+    }
+}
+
+/// Whether a client's request field of rule `rule` is copied to the upstream as it is. The
+/// gateway writes `Host`, `X-Forwarded-For` and the framing itself.
+pub fn forwarded(rule: Rule, strip: Strip) -> bool {
+    match rule {
+        Rule::Forward => true,
+        Rule::Authorization => strip != Strip::Authorization,
+        Rule::ApiKey => strip != Strip::ApiKey,
+        _ => false,
+    }
+}
+
+/// Whether an upstream's response field of rule `rule` is relayed to the client as it is.
+/// `own_rate`: the gateway adds its own `RateLimit-*` (authenticated routes). A length left as
+/// [`Rule::ContentLength`] is the one of a bodiless answer (see `h1::head::parse_response`).
+pub fn relayed(rule: Rule, own_rate: bool) -> bool {
+    match rule {
+        Rule::Forward | Rule::Date | Rule::ContentLength => true,
+        Rule::RateLimit => !own_rate,
+        _ => false,
+    }
+}
+
+/// The options of a `Connection` field value: `close`, `keep-alive`, `upgrade`, and the names
+/// of the fields it makes hop-by-hop.
+pub enum ConnectionToken<'a> {
+    Close,
+    KeepAlive,
+    Upgrade,
+    Names(&'a [u8]),
+}
+
+/// The tokens of one `Connection` value.
+pub fn connection_tokens(value: &[u8]) -> impl Iterator<Item = ConnectionToken<'_>> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            if t.eq_ignore_ascii_case(b"close") {
+                ConnectionToken::Close
+            } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                ConnectionToken::KeepAlive
+            } else if t.eq_ignore_ascii_case(b"upgrade") {
+                ConnectionToken::Upgrade
+            } else {
+                ConnectionToken::Names(t)
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_rules() {
+        let k = b"x-api-key";
+        for (name, rule) in [
+            ("Host", Rule::Host),
+            ("X-API-Key", Rule::ApiKey),
+            ("authorization", Rule::Authorization),
+            ("Content-Length", Rule::ContentLength),
+            ("Transfer-Encoding", Rule::TransferEncoding),
+            ("Connection", Rule::Connection),
+            ("TE", Rule::Drop),
+            ("Keep-Alive", Rule::Drop),
+            ("Proxy-Connection", Rule::Drop),
+            ("Proxy-Authorization", Rule::Drop),
+            ("HTTP2-Settings", Rule::Drop),
+            ("X-Forwarded-For", Rule::XForwardedFor),
+            ("X-Forwarded-Host", Rule::Drop),
+            ("X-Forwarded-Proto", Rule::Drop),
+            ("X-Keygate-Client-Id", Rule::Drop),
+            ("x-keygate-anything", Rule::Drop),
+            ("X_Custom", Rule::Drop),
+            ("Upgrade", Rule::Upgrade),
+            ("Expect", Rule::Expect),
+            ("Trailer", Rule::Trailer),
+            ("Accept", Rule::Forward),
+            ("X-Forwarded", Rule::Forward),
+        ] {
+            assert_eq!(request_rule(name.as_bytes(), k), rule, "{name}");
+        }
+        assert!(forwarded(Rule::Forward, Strip::ApiKey));
+        assert!(!forwarded(Rule::ApiKey, Strip::ApiKey));
+        assert!(forwarded(Rule::Authorization, Strip::ApiKey));
+        assert!(!forwarded(Rule::Authorization, Strip::Authorization));
+        for r in [
+            Rule::Drop,
+            Rule::Host,
+            Rule::Connection,
+            Rule::ContentLength,
+        ] {
+            assert!(!forwarded(r, Strip::Nothing));
+        }
+    }
+
+    #[test]
+    fn response_rules() {
+        for (name, rule) in [
+            ("Content-Length", Rule::ContentLength),
+            ("Transfer-Encoding", Rule::TransferEncoding),
+            ("Connection", Rule::Connection),
+            ("Upgrade", Rule::Drop),
+            ("Keep-Alive", Rule::Drop),
+            ("Proxy-Authenticate", Rule::Drop),
+            ("RateLimit-Limit", Rule::RateLimit),
+            ("Date", Rule::Date),
+            ("X-Keygate-Whatever", Rule::Forward),
+        ] {
+            assert_eq!(response_rule(name.as_bytes()), rule, "{name}");
+        }
+        assert!(relayed(Rule::RateLimit, false) && !relayed(Rule::RateLimit, true));
+        assert!(!relayed(Rule::Drop, false) && !relayed(Rule::Connection, false));
+    }
+
+    #[test]
+    fn connection_options() {
+        let t: Vec<String> = connection_tokens(b" close ,, X-Secret,keep-alive, Upgrade")
+            .map(|t| match t {
+                ConnectionToken::Close => "close".into(),
+                ConnectionToken::KeepAlive => "keep-alive".into(),
+                ConnectionToken::Upgrade => "upgrade".into(),
+                ConnectionToken::Names(n) => String::from_utf8(n.to_vec()).unwrap(),
+            })
+            .collect();
+        assert_eq!(t, ["close", "X-Secret", "keep-alive", "upgrade"]);
+    }
+}

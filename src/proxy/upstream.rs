@@ -1,0 +1,637 @@
+//! The one client for plain `http://` upstreams, used by every engine: keep-alive HTTP/1.1
+//! connections (raw TCP streams with their read buffers) lent to one exchange at a time (LIFO,
+//! so few connections stay warm) and given back only when the exchange ended exactly at a
+//! message boundary; the exchange itself (head, body, response head) with the one retry rule;
+//! the response body read by its framing, with the one stall timeout; and the one log line of a
+//! failed upstream request.
+//!
+//! Timeouts (the upstream policy): connecting within `proxy.connect_timeout`; the response head
+//! within `proxy.upstream_timeout` of sending (504); a response body may not pause longer than
+//! that either. A request body is copied while the upstream is watched: an upstream that
+//! answers before the body is complete ends the upload (the connection is not reused).
+//!
+//! Retry rule: a reused connection that turns out to be closed before it took the request, or
+//! (for an idempotent request sent whole from memory) before it answered anything, is replaced
+//! once by a new one.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use http::Method;
+use http::uri::Authority;
+use tokio::net::TcpStream;
+
+use super::codec::chunked::{self, Decoder};
+use super::codec::head::{self, Field, Framing, ResponseHead};
+use super::route::Route;
+use crate::error::ProxyError;
+
+/// Idle upstream connections are kept this long for reuse.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per upstream host.
+pub const MAX_IDLE_PER_HOST: usize = 1024;
+/// Read buffer of an upstream connection (response heads must fit in it).
+pub const BUFFER: usize = 16 * 1024;
+/// Largest response head accepted from an upstream (502 beyond it).
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// One upstream connection and what has been read from it.
+pub struct Conn {
+    pub io: TcpStream,
+    pub buf: Vec<u8>,
+    /// Bytes `buf[..end]` were read and not yet consumed.
+    pub end: usize,
+    /// Taken from the pool (it may have been closed by the upstream since).
+    pub reused: bool,
+    since: Instant,
+}
+
+impl Conn {
+    fn new(io: TcpStream) -> Self {
+        Conn {
+            io,
+            buf: vec![0; BUFFER],
+            end: 0,
+            reused: false,
+            since: Instant::now(),
+        }
+    }
+
+    /// Not idle for too long and not closed (nor written to) by its upstream since.
+    fn usable(&self) -> bool {
+        self.since.elapsed() <= IDLE_TIMEOUT && self.still_idle()
+    }
+
+    /// True when the upstream has neither closed the idle connection nor sent anything on it.
+    /// Costs a system call only when the reactor saw the socket become readable.
+    fn still_idle(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
+/// Idle connections per upstream authority (a handful of upstreams: a list beats a map).
+pub struct Pool {
+    hosts: Mutex<Vec<(Authority, Vec<Conn>)>>,
+    connect_timeout: Duration,
+}
+
+/// Why no connection to the upstream could be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect: {0}")]
+    Io(std::io::Error),
+    #[error("connect timed out")]
+    Timeout,
+}
+
+impl Pool {
+    pub fn new(connect_timeout: Duration) -> Self {
+        Pool {
+            hosts: Mutex::new(Vec::new()),
+            connect_timeout,
+        }
+    }
+
+    /// The most recently returned idle connection that is still usable (checked outside the
+    /// lock; dead ones are dropped outside it too).
+    pub fn take(&self, authority: &Authority) -> Option<Conn> {
+        loop {
+            let mut c = {
+                let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+                let (_, idle) = hosts.iter_mut().find(|(a, _)| a == authority)?;
+                idle.pop()?
+            };
+            if c.usable() {
+                c.reused = true;
+                return Some(c);
+            }
+        }
+    }
+
+    /// Drops connections idle for too long or closed by their upstream (called periodically,
+    /// so sockets do not linger in CLOSE_WAIT once traffic stops).
+    pub fn sweep(&self) {
+        let mut dead = Vec::new();
+        {
+            let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+            for (_, idle) in hosts.iter_mut() {
+                dead.extend(idle.extract_if(.., |c| !c.usable()));
+            }
+        }
+        // Closed here, outside the lock.
+        drop(dead);
+    }
+
+    /// Gives a connection back after an exchange that ended at a message boundary.
+    pub fn put(&self, authority: &Authority, mut conn: Conn) {
+        debug_assert_eq!(conn.end, 0);
+        let now = Instant::now();
+        conn.since = now;
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = match hosts.iter().position(|(a, _)| a == authority) {
+            Some(i) => &mut hosts[i].1,
+            None => {
+                hosts.push((authority.clone(), Vec::new()));
+                &mut hosts.last_mut().expect("just pushed").1
+            }
+        };
+        // The oldest connections sit at the front: drop those idle for too long.
+        let stale = idle
+            .iter()
+            .take_while(|c| now.duration_since(c.since) > IDLE_TIMEOUT)
+            .count();
+        if stale > 0 {
+            idle.drain(..stale);
+        }
+        if idle.len() < MAX_IDLE_PER_HOST {
+            idle.push(conn);
+        }
+    }
+
+    /// Opens a new connection (every address of the host in turn, within the connect timeout).
+    pub async fn connect(&self, authority: &Authority) -> Result<Conn, ConnectError> {
+        let port = authority.port_u16().unwrap_or(80);
+        let connect = async {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((authority.host(), port))
+                .await
+                .map_err(ConnectError::Io)?
+                .collect();
+            let mut last = None;
+            for addr in addrs {
+                match TcpStream::connect(addr).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(ConnectError::Io(last.unwrap_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+            })))
+        };
+        let stream = tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| ConnectError::Timeout)??;
+        let _ = stream.set_nodelay(true);
+        Ok(Conn::new(stream))
+    }
+}
+
+/// The full cause chain of an error, for log lines that say what actually failed
+/// (e.g. "invalid peer certificate: UnknownIssuer").
+pub fn cause_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
+/// The one log line of an upstream request that failed (the client sees 502).
+pub fn failed(route: &Route, connect: bool, error: &dyn std::error::Error) {
+    tracing::warn!(
+        route = %route.name,
+        upstream = %route.upstream,
+        connect,
+        error = %cause_chain(error),
+        "upstream request failed"
+    );
+}
+
+/// Methods whose request may be sent again on a new connection (RFC 9110 §9.2.2).
+pub fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
+}
+
+/// What was found on an upstream connection while a request body was being copied to it.
+enum Probe {
+    /// The readiness was stale: nothing to read.
+    Nothing,
+    /// The upstream began its final response (the bytes are in the buffer).
+    Answer,
+    Closed,
+}
+
+/// An upstream connection being written to while it is watched for an early answer.
+pub struct Watched<'c> {
+    r: tokio::net::tcp::ReadHalf<'c>,
+    w: tokio::net::tcp::WriteHalf<'c>,
+    buf: &'c mut Vec<u8>,
+    end: &'c mut usize,
+}
+
+impl Conn {
+    pub fn watch(&mut self) -> Watched<'_> {
+        let (r, w) = self.io.split();
+        Watched {
+            r,
+            w,
+            buf: &mut self.buf,
+            end: &mut self.end,
+        }
+    }
+}
+
+impl Watched<'_> {
+    /// Resolves when the upstream began its final answer (`Ok`) or closed (`Err`). Interim
+    /// answers (`100 Continue`, `103 Early Hints`) are dropped and the upload goes on.
+    pub async fn answered(&mut self) -> Result<(), ProxyError> {
+        loop {
+            if self.r.readable().await.is_err() {
+                return Err(ProxyError::UpstreamUnavailable);
+            }
+            match probe(&self.r, self.buf, self.end) {
+                Probe::Nothing => {}
+                Probe::Answer => return Ok(()),
+                Probe::Closed => return Err(ProxyError::UpstreamUnavailable),
+            }
+        }
+    }
+
+    /// Writes `data`. `Ok(false)`: the upstream answered before it was all written.
+    pub async fn write(
+        &mut self,
+        data: &[u8],
+        deadline: tokio::time::Instant,
+    ) -> Result<bool, ProxyError> {
+        use tokio::io::AsyncWriteExt;
+        let Watched { r, w, buf, end } = self;
+        let mut at = 0;
+        while at < data.len() {
+            tokio::select! {
+                biased;
+                ready = r.readable() => match ready.map(|()| probe(r, buf, end)) {
+                    Ok(Probe::Nothing) => {}
+                    Ok(Probe::Answer) => return Ok(false),
+                    Ok(Probe::Closed) | Err(_) => return Err(ProxyError::UpstreamUnavailable),
+                },
+                n = w.write(&data[at..]) => match n {
+                    Ok(k) if k > 0 => at += k,
+                    _ => return Err(ProxyError::UpstreamUnavailable),
+                },
+                () = tokio::time::sleep_until(deadline) => return Err(ProxyError::UpstreamTimeout),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Reads what the upstream sent while a request body was still being copied. Interim answers
+/// are dropped; anything else — a final answer, or bytes that are no answer at all — ends the
+/// upload.
+fn probe(r: &tokio::net::tcp::ReadHalf<'_>, buf: &mut [u8], end: &mut usize) -> Probe {
+    if *end == buf.len() {
+        return Probe::Answer;
+    }
+    match r.try_read(&mut buf[*end..]) {
+        Ok(0) => return Probe::Closed,
+        Ok(n) => *end += n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Probe::Nothing,
+        Err(_) => return Probe::Closed,
+    }
+    let mut fields = Vec::new();
+    loop {
+        match head::parse_response(&buf[..*end], false, &mut fields) {
+            Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
+                buf.copy_within(h.len..*end, 0);
+                *end -= h.len;
+            }
+            // Not complete yet: keep copying the body until it is.
+            Ok(None) if *end < buf.len() => return Probe::Nothing,
+            _ => return Probe::Answer,
+        }
+        if *end == 0 {
+            return Probe::Nothing;
+        }
+    }
+}
+
+/// The body of a request on its way upstream, as an engine holds it.
+pub(crate) trait BodySource {
+    /// True when body bytes remain to be copied after the head (and what was sent with it).
+    fn pending(&self) -> bool;
+    /// Copies the rest of the body. `Ok(false)`: the upstream began to answer before it was
+    /// complete.
+    async fn pump(
+        &mut self,
+        uc: &mut Conn,
+        deadline: tokio::time::Instant,
+    ) -> Result<bool, ProxyError>;
+}
+
+/// A request whose whole body (if any) went with its head.
+pub struct Whole;
+
+impl BodySource for Whole {
+    fn pending(&self) -> bool {
+        false
+    }
+
+    async fn pump(&mut self, _: &mut Conn, _: tokio::time::Instant) -> Result<bool, ProxyError> {
+        Ok(true)
+    }
+}
+
+/// A finished exchange: the connection, the response head read from it, and whether the
+/// request body was sent to its end.
+pub struct Exchange {
+    pub conn: Conn,
+    pub head: ResponseHead,
+    pub body_sent: bool,
+}
+
+impl Pool {
+    /// Sends `head` (the request head and whatever body bytes are in memory) and the rest of
+    /// `body` on a pooled or new connection, and reads the response head (its fields into
+    /// `fields`), with the retry rule of this module.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn exchange(
+        &self,
+        route: &Route,
+        authority: &Authority,
+        head: &[u8],
+        body: &mut impl BodySource,
+        method: &Method,
+        deadline: tokio::time::Instant,
+        fields: &mut Vec<Field>,
+    ) -> Result<Exchange, ProxyError> {
+        let mut retried = false;
+        loop {
+            let pooled = if retried { None } else { self.take(authority) };
+            let mut uc = match pooled {
+                Some(c) => c,
+                None => match tokio::time::timeout_at(deadline, self.connect(authority)).await {
+                    Err(_) => return Err(ProxyError::UpstreamTimeout),
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        failed(route, true, &e);
+                        return Err(ProxyError::UpstreamUnavailable);
+                    }
+                },
+            };
+            match write_all(&mut uc.io, head, deadline).await {
+                Ok(()) => {}
+                Err(WriteError::Timeout) => return Err(ProxyError::UpstreamTimeout),
+                Err(WriteError::Io { written: 0, .. }) if uc.reused => continue,
+                Err(WriteError::Io { error, .. }) => {
+                    failed(route, false, &error);
+                    return Err(ProxyError::UpstreamUnavailable);
+                }
+            }
+            let pumped = body.pending();
+            let body_sent = !pumped || body.pump(&mut uc, deadline).await?;
+            match read_response(&mut uc, *method == Method::HEAD, deadline, fields).await {
+                Ok(res) => {
+                    return Ok(Exchange {
+                        conn: uc,
+                        head: res,
+                        body_sent,
+                    });
+                }
+                Err(ReadError::Closed)
+                    if uc.reused && !retried && !pumped && idempotent(method) =>
+                {
+                    retried = true;
+                }
+                Err(ReadError::Timeout) => return Err(ProxyError::UpstreamTimeout),
+                Err(e) => {
+                    failed(route, false, &e);
+                    return Err(ProxyError::UpstreamUnavailable);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error("timed out")]
+    Timeout,
+    #[error("write failed after {written} bytes: {error}")]
+    Io {
+        error: std::io::Error,
+        written: usize,
+    },
+}
+
+async fn write_all(
+    io: &mut TcpStream,
+    data: &[u8],
+    deadline: tokio::time::Instant,
+) -> Result<(), WriteError> {
+    use tokio::io::AsyncWriteExt;
+    let mut written = 0;
+    while written < data.len() {
+        match tokio::time::timeout_at(deadline, io.write(&data[written..])).await {
+            Err(_) => return Err(WriteError::Timeout),
+            Ok(Ok(0)) => {
+                return Err(WriteError::Io {
+                    error: std::io::ErrorKind::WriteZero.into(),
+                    written,
+                });
+            }
+            Ok(Ok(n)) => written += n,
+            Ok(Err(error)) => return Err(WriteError::Io { error, written }),
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("timed out")]
+    Timeout,
+    /// Closed before a single byte of the response arrived.
+    #[error("connection closed before any response")]
+    Closed,
+    #[error("{0}")]
+    Io(std::io::Error),
+    #[error(transparent)]
+    Bad(#[from] head::BadResponse),
+    #[error("response head larger than {MAX_RESPONSE_HEAD} bytes")]
+    TooLarge,
+    #[error("upstream switched protocols unasked")]
+    Switched,
+}
+
+/// Reads the response head, skipping interim (1xx) responses.
+async fn read_response(
+    uc: &mut Conn,
+    head_request: bool,
+    deadline: tokio::time::Instant,
+    fields: &mut Vec<Field>,
+) -> Result<ResponseHead, ReadError> {
+    use tokio::io::AsyncReadExt;
+    let mut received = false;
+    loop {
+        if uc.end > 0 {
+            match head::parse_response(&uc.buf[..uc.end], head_request, fields)? {
+                Some(h) if h.status == 101 => return Err(ReadError::Switched),
+                Some(h) if h.status < 200 => {
+                    uc.buf.copy_within(h.len..uc.end, 0);
+                    uc.end -= h.len;
+                    continue;
+                }
+                Some(h) => return Ok(h),
+                None => {}
+            }
+            if uc.end == uc.buf.len() {
+                if uc.buf.len() >= MAX_RESPONSE_HEAD {
+                    return Err(ReadError::TooLarge);
+                }
+                let len = (uc.buf.len() * 2).min(MAX_RESPONSE_HEAD);
+                uc.buf.resize(len, 0);
+            }
+        }
+        match tokio::time::timeout_at(deadline, uc.io.read(&mut uc.buf[uc.end..])).await {
+            Err(_) => return Err(ReadError::Timeout),
+            Ok(Ok(0)) if !received => return Err(ReadError::Closed),
+            Ok(Ok(0)) => return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+            Ok(Ok(n)) => {
+                uc.end += n;
+                received = true;
+            }
+            Ok(Err(e))
+                if !received
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                    ) =>
+            {
+                return Err(ReadError::Closed);
+            }
+            Ok(Err(e)) => return Err(ReadError::Io(e)),
+        }
+    }
+}
+
+/// What the next look at a response body found.
+pub enum Step {
+    /// `conn.buf[range]` is body data.
+    Data(std::ops::Range<usize>),
+    /// Nothing more is buffered: call [`BodyReader::fill`].
+    NeedRead,
+    /// The body is complete.
+    End,
+}
+
+/// Reads a response body from its connection by the head's framing (RFC 9112 §6.3). Chunk
+/// extensions and trailer fields are dropped.
+pub struct BodyReader {
+    framing: Framing,
+    pos: usize,
+    left: u64,
+    decoder: Decoder,
+    done: bool,
+}
+
+impl BodyReader {
+    pub fn new(head: &ResponseHead) -> Self {
+        BodyReader {
+            framing: head.framing,
+            pos: head.len,
+            left: match head.framing {
+                Framing::Length(n) => n,
+                _ => 0,
+            },
+            decoder: Decoder::new(),
+            done: false,
+        }
+    }
+
+    /// The next data in the buffer, or what has to happen first; no I/O.
+    pub fn step(&mut self, uc: &Conn) -> Result<Step, &'static str> {
+        if self.done {
+            return Ok(Step::End);
+        }
+        match self.framing {
+            Framing::Empty => self.done = true,
+            Framing::Length(_) if self.left == 0 => self.done = true,
+            Framing::Length(_) => {
+                if self.pos == uc.end {
+                    return Ok(Step::NeedRead);
+                }
+                let n = self.left.min((uc.end - self.pos) as u64) as usize;
+                let data = self.pos..self.pos + n;
+                self.pos += n;
+                self.left -= n as u64;
+                return Ok(Step::Data(data));
+            }
+            Framing::Chunked => match self.decoder.decode(&uc.buf[self.pos..uc.end]) {
+                Ok(chunked::Step::Data {
+                    start,
+                    len,
+                    consumed,
+                }) => {
+                    let data = self.pos + start..self.pos + start + len;
+                    self.pos += consumed;
+                    return Ok(Step::Data(data));
+                }
+                Ok(chunked::Step::NeedMore) => {
+                    self.pos = uc.end;
+                    return Ok(Step::NeedRead);
+                }
+                Ok(chunked::Step::Done { consumed }) => {
+                    self.pos += consumed;
+                    self.done = true;
+                }
+                Err(_) => return Err("malformed chunked body from the upstream"),
+            },
+            Framing::Close => {
+                if self.pos == uc.end {
+                    return Ok(Step::NeedRead);
+                }
+                let data = self.pos..uc.end;
+                self.pos = uc.end;
+                return Ok(Step::Data(data));
+            }
+        }
+        Ok(Step::End)
+    }
+
+    /// Reads more of the body; a pause longer than `idle` is an error ("stalled").
+    pub async fn fill(&mut self, uc: &mut Conn, idle: Duration) -> Result<(), &'static str> {
+        use tokio::io::AsyncReadExt;
+        // A length-delimited body is read no further than its end, so the connection stays at
+        // a message boundary.
+        let want = match self.framing {
+            Framing::Length(_) => self.left.min(uc.buf.len() as u64) as usize,
+            _ => uc.buf.len(),
+        };
+        match tokio::time::timeout(idle, uc.io.read(&mut uc.buf[..want])).await {
+            Ok(Ok(0)) if self.framing == Framing::Close => {
+                // Ended by closing (the connection is not reusable).
+                self.done = true;
+                Ok(())
+            }
+            Ok(Ok(0)) => Err("upstream closed before the end of the body"),
+            Ok(Ok(n)) => {
+                uc.end = n;
+                self.pos = 0;
+                Ok(())
+            }
+            Ok(Err(_)) => Err("upstream read failed"),
+            Err(_) => Err("upstream body stalled"),
+        }
+    }
+
+    /// After [`Step::End`]: the connection ended exactly at the end of the response and can
+    /// carry another (given the head allowed keep-alive).
+    pub fn at_boundary(&self, uc: &Conn) -> bool {
+        self.done && self.framing != Framing::Close && self.pos == uc.end
+    }
+}
