@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use keygate::keys::cache::{Invalidation, InvalidationSink};
 use keygate::keys::store::redis::RedisStore;
 use keygate::keys::store::{Store, StoreError};
-use keygate::keys::{ApiKey, Client, KeyHash, now_millis};
+use keygate::keys::testing::client;
+use keygate::keys::{ApiKey, KeyHash, now_millis};
 use uuid::Uuid;
 
 use crate::redis_support::RedisServer;
@@ -61,35 +62,9 @@ impl Recorder {
     }
 }
 
-fn client(id: &str) -> Client {
-    Client {
-        client_id: id.into(),
-        license: "pro".into(),
-        created_at: now_millis(),
-        metadata: None,
-    }
-}
-
+/// A new key of `client_id` (the plaintext is not needed here).
 fn key(client_id: &str) -> ApiKey {
-    let now = now_millis();
-    ApiKey {
-        id: Uuid::now_v7(),
-        client_id: client_id.into(),
-        name: "k".into(),
-        prefix: "kg_abcdefghi".into(),
-        key_hash: KeyHash::of(&Uuid::new_v4().to_string()),
-        previous_hash: None,
-        previous_valid_until: None,
-        permissions: vec![],
-        enabled: true,
-        created_at: now,
-        updated_at: now,
-        expires_at: None,
-        last_used_at: None,
-        rotated_at: None,
-        rate_limit: None,
-        metadata: None,
-    }
+    ApiKey::builder().client(client_id).build().0
 }
 
 fn assert_inv(inv: &Invalidation, ids: &[Uuid], hashes: &[KeyHash]) {
