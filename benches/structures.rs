@@ -21,7 +21,7 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use keygate::keys::cache::{Cached, DigestHasher, Entry};
-use keygate::keys::{KeyFormat, KeyHash, KeyRecord, Principal, now_millis};
+use keygate::keys::{ApiKey, KeyFormat, KeyHash, Principal, now_millis};
 use keygate::limit::{KeyLimiter, number_header};
 use keygate::proxy::headers;
 use keygate::proxy::policy::Strip;
@@ -29,11 +29,11 @@ use keygate::proxy::policy::Strip;
 const KEYS: usize = 10_000;
 
 fn principal(i: usize) -> (KeyHash, Arc<Principal>) {
-    let new = KeyFormat::new("kg_").generate();
-    let record = KeyRecord {
-        key: common::api_key(&new, &format!("client-{i}"), &["read", "write"]),
-        license: "pro".into(),
-    };
+    let (record, new) = ApiKey::builder()
+        .client(format!("client-{i}"))
+        .name("bench")
+        .permissions(&["read", "write"])
+        .record("pro");
     let p = Principal::from_record(
         &record,
         &new.hash,

@@ -11,7 +11,6 @@ use std::time::Duration;
 use keygate::keys::cache::{CacheSettings, Cached, KeyCache};
 use keygate::keys::{ApiKey, KeyHash, KeyRecord, Principal, RateLimit, now_millis};
 use keygate::limit::KeyLimits;
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 fn vm_rss_kib() -> u64 {
@@ -27,32 +26,13 @@ fn vm_rss_kib() -> u64 {
 }
 
 fn record(i: usize, now: i64) -> (KeyHash, KeyRecord) {
-    let hash = KeyHash(Sha256::digest(format!("key-{i}")).into());
-    let key = ApiKey {
-        id: Uuid::now_v7(),
-        client_id: format!("client-{i:07}"),
-        name: "default".into(),
-        prefix: "kg_000000000".into(),
-        key_hash: hash,
-        previous_hash: None,
-        previous_valid_until: None,
-        permissions: vec!["read".into(), "write".into()],
-        enabled: true,
-        created_at: now,
-        updated_at: now,
-        expires_at: None,
-        last_used_at: None,
-        rotated_at: None,
-        rate_limit: None,
-        metadata: None,
-    };
-    (
-        hash,
-        KeyRecord {
-            key,
-            license: "pro".into(),
-        },
-    )
+    let (record, new) = ApiKey::builder()
+        .client(format!("client-{i:07}"))
+        .name("default")
+        .permissions(&["read", "write"])
+        .created_at(now)
+        .record("pro");
+    (new.hash, record)
 }
 
 /// What to hold per key: everything (`all`), or one part, for the breakdown.

@@ -419,7 +419,8 @@ mod tests {
     use super::*;
     use crate::keys::cache::CacheSettings;
     use crate::keys::store::sqlite::SqliteStore;
-    use crate::keys::store::testing::{Counting, client, new_key};
+    use crate::keys::store::testing::Counting;
+    use crate::keys::testing::client;
 
     fn setup() -> (Authenticator, Arc<Counting>, KeyCache, tempfile::TempDir) {
         setup_ttl(Duration::from_secs(60))
@@ -497,7 +498,10 @@ mod tests {
     }
 
     async fn seed(store: &Counting) -> crate::keys::NewKey {
-        let (key, k) = new_key("c", &["P"]);
+        let (key, k) = crate::keys::ApiKey::builder()
+            .client("c")
+            .permissions(&["P"])
+            .build();
         store.insert_client(&client("c"), &key).await.unwrap();
         k
     }

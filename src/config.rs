@@ -1,7 +1,8 @@
 //! Configuration: a TOML file, then `KEYGATE_*` environment variables, then CLI flags; each
 //! later source overrides the earlier one. The file is parsed into raw serde structs that reject
 //! unknown fields, then [`RawConfig::validate`] checks everything at once and returns either a
-//! validated [`Config`] or the full list of problems, each naming the field and the fix.
+//! validated [`Config`] or the full list of problems, each naming the field and the fix (one
+//! function per section, in `config/validate.rs`).
 //!
 //! Admin keys are the exception to "override": `KEYGATE_ADMIN_KEY` and `--admin-key` each add a
 //! key to those listed in `[admin] keys`.
@@ -14,7 +15,9 @@ use std::time::Duration;
 use http::Uri;
 use serde::Deserialize;
 
-use crate::keys::{KeyHash, MAX_PREFIX_LEN, RateLimit};
+use crate::keys::{KeyHash, RateLimit};
+
+mod validate;
 
 /// The config file used when `--config` is not given and the file exists.
 pub const DEFAULT_CONFIG_PATH: &str = "config/keygate.toml";
@@ -608,423 +611,6 @@ impl RawConfig {
             self.admin.keys.push(v.clone());
         }
     }
-
-    /// Checks everything and reports every problem, not just the first.
-    pub fn validate(self) -> Result<Config, ConfigErrors> {
-        let mut errs = Vec::new();
-        let mut warnings = Vec::new();
-
-        let listen = parse_addr("proxy.listen", &self.proxy.listen, &mut errs);
-        let admin_listen = parse_addr("admin.listen", &self.admin.listen, &mut errs);
-        let upstream = parse_upstream("proxy.upstream", &self.proxy.upstream, &mut errs);
-
-        let api_key_header = match http::HeaderName::from_bytes(
-            self.proxy.api_key_header.as_bytes(),
-        ) {
-            // Fields with `_` and `x-keygate-*` are refused inbound (see proxy::headers): such a
-            // name could never carry a key.
-            Ok(h)
-                if h != http::header::AUTHORIZATION
-                    && !h.as_str().contains('_')
-                    && !h.as_str().starts_with("x-keygate-") =>
-            {
-                h
-            }
-            _ => {
-                errs.push(format!(
-                    "proxy.api_key_header: {:?} is not a valid header name (other than Authorization, without '_', not x-keygate-*); e.g. \"x-api-key\"",
-                    self.proxy.api_key_header
-                ));
-                http::HeaderName::from_static(DEFAULT_API_KEY_HEADER)
-            }
-        };
-        if self.proxy.allow_query_param
-            && (self.proxy.query_param.is_empty()
-                || !self
-                    .proxy
-                    .query_param
-                    .bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-'))
-        {
-            errs.push(
-                "proxy.query_param: use letters, digits, '_' or '-' (e.g. \"api_key\")".into(),
-            );
-        }
-        for (field, v) in [
-            ("proxy.connect_timeout_ms", self.proxy.connect_timeout_ms),
-            ("proxy.upstream_timeout_ms", self.proxy.upstream_timeout_ms),
-        ] {
-            if v == 0 {
-                errs.push(format!("{field}: must be at least 1"));
-            }
-        }
-
-        // Admin keys.
-        let loopback_admin = admin_listen.is_some_and(|a| a.ip().is_loopback());
-        let mut key_hashes = Vec::new();
-        for (i, k) in self.admin.keys.iter().enumerate() {
-            if let Some(hexed) = k.strip_prefix("sha256:") {
-                match hex::decode(hexed).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()) {
-                    Some(h) => key_hashes.push(KeyHash(h)),
-                    None => errs.push(format!(
-                        "admin.keys[{i}]: a \"sha256:\" entry needs 64 hex characters (sha256sum of the key)"
-                    )),
-                }
-            } else if k.trim().is_empty() {
-                errs.push(format!("admin.keys[{i}]: empty admin key"));
-            } else {
-                if k.len() < MIN_ADMIN_KEY_LEN {
-                    if loopback_admin {
-                        warnings.push(format!(
-                            "admin.keys[{i}]: shorter than {MIN_ADMIN_KEY_LEN} characters; accepted only because the admin listener is on loopback"
-                        ));
-                    } else {
-                        errs.push(format!(
-                            "admin.keys[{i}]: shorter than {MIN_ADMIN_KEY_LEN} characters on a non-loopback admin listener; use a long random key (e.g. `openssl rand -hex 32`)"
-                        ));
-                    }
-                }
-                key_hashes.push(KeyHash::of(k));
-            }
-        }
-        if self.admin.max_body_bytes == 0 {
-            errs.push("admin.max_body_bytes: must be at least 1".into());
-        }
-        if self.admin.self_service_permission.is_empty() {
-            errs.push("admin.self_service_permission: must not be empty".into());
-        }
-
-        // Store.
-        let store_url = parse_store_url(&self.store.url, &mut errs);
-        if self.store.cache_ttl_secs == 0 {
-            errs.push("store.cache_ttl_secs: must be at least 1".into());
-        }
-        if self.store.cache_capacity == 0 {
-            errs.push("store.cache_capacity: must be at least 1".into());
-        }
-        if self.store.last_used_flush_secs == 0 {
-            errs.push("store.last_used_flush_secs: must be at least 1".into());
-        }
-        let p = &self.store.redis_prefix;
-        if p.is_empty() || p.len() > 64 || !p.bytes().all(|c| c.is_ascii_graphic()) {
-            errs.push(format!(
-                "store.redis_prefix: {p:?} must be 1–64 printable characters without spaces (e.g. \"keygate:\")"
-            ));
-        }
-
-        // Keys.
-        let p = &self.keys.prefix;
-        if p.is_empty()
-            || p.len() > MAX_PREFIX_LEN
-            || !p.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
-        {
-            errs.push(format!(
-                "keys.prefix: {p:?} must be 1–{MAX_PREFIX_LEN} characters of [A-Za-z0-9_] (e.g. \"kg_\")"
-            ));
-        }
-
-        // Limits.
-        if let Some(why) = self.rate_limit.default.problem() {
-            errs.push(format!("rate_limit.default: {why}"));
-        }
-        if let Some(why) = self.rate_limit.failed_auth.problem() {
-            errs.push(format!("rate_limit.failed_auth: {why}"));
-        }
-        let mut plans = HashMap::new();
-        for (name, plan) in &self.plans {
-            if let Some(why) = plan.rate_limit.and_then(|l| l.problem()) {
-                errs.push(format!("plans.{name}.rate_limit: {why}"));
-            }
-            plans.insert(name.clone(), plan.rate_limit);
-        }
-
-        // Routes.
-        let mut routes = Vec::new();
-        for (i, r) in self.routes.iter().enumerate() {
-            let field = format!("routes[{i}]");
-            if !r.path.starts_with('/') || crate::proxy::route::check_path(&r.path).is_err() {
-                errs.push(format!(
-                    "{field}.path: {:?} must start with '/' and contain no dot-segments or encoded separators",
-                    r.path
-                ));
-            }
-            if routes.iter().any(|o: &Route| o.path == r.path) {
-                errs.push(format!("{field}.path: {:?} is defined twice", r.path));
-            }
-            let up = match &r.upstream {
-                Some(u) => parse_upstream(&format!("{field}.upstream"), u, &mut errs),
-                None => upstream.clone(),
-            };
-            let mut methods = Vec::new();
-            for m in &r.methods {
-                match http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
-                    Ok(m) => methods.push(m),
-                    Err(_) => errs.push(format!("{field}.methods: {m:?} is not an HTTP method")),
-                }
-            }
-            let auth = r.auth.unwrap_or(RouteAuth::Required);
-            if let Some(why) = r.rate_limit.and_then(|l| l.problem()) {
-                errs.push(format!("{field}.rate_limit: {why}"));
-            }
-            if auth == RouteAuth::None && (!r.permissions.is_empty() || r.rate_limit.is_some()) {
-                errs.push(format!(
-                    "{field}: auth = \"none\" cannot require permissions or a per-key rate_limit; remove them"
-                ));
-            }
-            if let Some(up) = up {
-                routes.push(Route {
-                    path: r.path.clone(),
-                    upstream: up,
-                    permissions: r.permissions.clone(),
-                    methods,
-                    auth,
-                    rate_limit: r.rate_limit,
-                });
-            }
-        }
-
-        if self.limits.max_header_bytes < 8192 {
-            errs.push("limits.max_header_bytes: must be at least 8192".into());
-        }
-        if self.limits.max_headers == 0 {
-            errs.push("limits.max_headers: must be at least 1".into());
-        }
-        if self.limits.header_read_timeout_secs == 0 {
-            errs.push("limits.header_read_timeout_secs: must be at least 1".into());
-        }
-        if self.limits.body_timeout_secs == 0 {
-            errs.push("limits.body_timeout_secs: must be at least 1".into());
-        }
-        if self.limits.max_connections == 0 {
-            errs.push("limits.max_connections: must be at least 1".into());
-        }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            errs.push(format!(
-                "log.level: {:?} is not a level or filter (e.g. \"info\" or \"keygate=debug\")",
-                self.log.level
-            ));
-        }
-
-        let proxy_tls = tls_files(
-            "proxy",
-            self.proxy.tls_cert.as_deref(),
-            self.proxy.tls_key.as_deref(),
-            &mut errs,
-        );
-        let admin_tls = tls_files(
-            "admin",
-            self.admin.tls_cert.as_deref(),
-            self.admin.tls_key.as_deref(),
-            &mut errs,
-        );
-        let upstream_ca = self
-            .proxy
-            .upstream_ca
-            .as_deref()
-            .filter(|s| !s.is_empty())
-            .map(PathBuf::from);
-        if let Some(ca) = &upstream_ca
-            && !ca.is_file()
-        {
-            errs.push(format!(
-                "proxy.upstream_ca: {} is not a readable file",
-                ca.display()
-            ));
-        }
-
-        // Tokens.
-        let jwt_secret = self.jwt.secret.filter(|s| !s.is_empty());
-        if jwt_secret
-            .as_ref()
-            .is_some_and(|s| s.len() < crate::auth::jwt::MIN_SECRET_LEN)
-        {
-            errs.push(format!(
-                "jwt.secret: must be at least {} bytes (e.g. `openssl rand -hex 32`)",
-                crate::auth::jwt::MIN_SECRET_LEN
-            ));
-        }
-        if jwt_secret.is_none() && matches!(store_url, Some(StoreUrl::Redis(_))) {
-            errs.push(
-                "jwt.secret: required with a shared (redis) store so tokens verify on every instance; set KEYGATE_JWT_SECRET".into(),
-            );
-        }
-        if !(1..=MAX_JWT_TTL_SECS).contains(&self.jwt.ttl_secs) {
-            errs.push(format!(
-                "jwt.ttl_secs: must be from 1 to {MAX_JWT_TTL_SECS}"
-            ));
-        }
-        if self.jwt.leeway_secs > MAX_JWT_LEEWAY_SECS {
-            errs.push(format!("jwt.leeway_secs: at most {MAX_JWT_LEEWAY_SECS}"));
-        }
-        if self.jwt.issuer.is_empty() {
-            errs.push("jwt.issuer: must not be empty".into());
-        }
-
-        if !errs.is_empty() {
-            return Err(ConfigErrors(errs));
-        }
-        Ok(Config {
-            jwt: JwtConfig {
-                secret: jwt_secret.map(crate::keys::Secret),
-                issuer: self.jwt.issuer,
-                audience: self.jwt.audience,
-                ttl: Duration::from_secs(self.jwt.ttl_secs),
-                leeway: Duration::from_secs(self.jwt.leeway_secs),
-            },
-            proxy: ProxyConfig {
-                listen: listen.expect("checked"),
-                upstream: upstream.expect("checked"),
-                api_key_header,
-                query_param: self
-                    .proxy
-                    .allow_query_param
-                    .then(|| self.proxy.query_param.clone()),
-                connect_timeout: Duration::from_millis(self.proxy.connect_timeout_ms),
-                upstream_timeout: Duration::from_millis(self.proxy.upstream_timeout_ms),
-                tls: proxy_tls,
-                upstream_ca,
-            },
-            admin: AdminConfig {
-                listen: admin_listen.expect("checked"),
-                key_hashes,
-                max_body_bytes: self.admin.max_body_bytes,
-                self_service_permission: self.admin.self_service_permission,
-                tls: admin_tls,
-            },
-            store: StoreConfig {
-                url: store_url.expect("checked"),
-                cache_ttl: Duration::from_secs(self.store.cache_ttl_secs),
-                negative_ttl: Duration::from_secs(self.store.negative_ttl_secs),
-                cache_capacity: self.store.cache_capacity,
-                stale_if_error: Duration::from_secs(self.store.stale_if_error_secs),
-                last_used_flush: Duration::from_secs(self.store.last_used_flush_secs),
-                redis_prefix: self.store.redis_prefix,
-            },
-            keys: KeysConfig {
-                prefix: self.keys.prefix,
-                max_per_client: self.keys.max_per_client,
-            },
-            default_limit: self.rate_limit.default,
-            failed_auth_limit: self.rate_limit.failed_auth,
-            plans,
-            routes,
-            limits: Limits {
-                max_header_bytes: self.limits.max_header_bytes,
-                max_headers: self.limits.max_headers,
-                header_read_timeout: Duration::from_secs(self.limits.header_read_timeout_secs),
-                body_timeout: Duration::from_secs(self.limits.body_timeout_secs),
-                max_connections: self.limits.max_connections,
-            },
-            shutdown_grace: Duration::from_secs(self.server.shutdown_grace_secs),
-            worker_threads: self.server.worker_threads,
-            log: LogConfig {
-                format: self.log.format.unwrap_or(LogFormat::Human),
-                level: self.log.level,
-                access_log: self.log.access_log,
-            },
-            warnings,
-        })
-    }
-}
-
-fn parse_addr(field: &str, v: &str, errs: &mut Vec<String>) -> Option<SocketAddr> {
-    match v.parse() {
-        Ok(a) => Some(a),
-        Err(_) => {
-            errs.push(format!(
-                "{field}: {v:?} is not an address; use IP:PORT, e.g. \"127.0.0.1:8080\""
-            ));
-            None
-        }
-    }
-}
-
-/// Both files or neither; each must exist.
-fn tls_files(
-    section: &str,
-    cert: Option<&str>,
-    key: Option<&str>,
-    errs: &mut Vec<String>,
-) -> Option<TlsFiles> {
-    let cert = cert.filter(|s| !s.is_empty());
-    let key = key.filter(|s| !s.is_empty());
-    match (cert, key) {
-        (None, None) => None,
-        (Some(cert), Some(key)) => {
-            for (field, path) in [("tls_cert", cert), ("tls_key", key)] {
-                if !Path::new(path).is_file() {
-                    errs.push(format!("{section}.{field}: {path} is not a readable file"));
-                }
-            }
-            Some(TlsFiles {
-                cert: cert.into(),
-                key: key.into(),
-            })
-        }
-        _ => {
-            errs.push(format!(
-                "{section}: set both tls_cert and tls_key (PEM files), or neither"
-            ));
-            None
-        }
-    }
-}
-
-fn parse_upstream(field: &str, v: &str, errs: &mut Vec<String>) -> Option<Uri> {
-    match v.parse::<Uri>() {
-        Ok(u)
-            if matches!(u.scheme_str(), Some("http" | "https"))
-                && u.authority().is_some()
-                && u.query().is_none()
-                && matches!(u.path(), "" | "/") =>
-        {
-            Some(u)
-        }
-        _ => {
-            errs.push(format!(
-                "{field}: {v:?} must be an http:// or https:// URL with a host and no path, e.g. \"http://127.0.0.1:9000\""
-            ));
-            None
-        }
-    }
-}
-
-fn parse_store_url(v: &str, errs: &mut Vec<String>) -> Option<StoreUrl> {
-    if let Some(path) = v.strip_prefix("sqlite://") {
-        if path.is_empty() {
-            errs.push(
-                "store.url: sqlite:// needs a file path, e.g. \"sqlite://data/keygate.db\"".into(),
-            );
-            return None;
-        }
-        return Some(StoreUrl::Sqlite(PathBuf::from(path)));
-    }
-    if ["redis://", "rediss://", "redis+unix://"]
-        .iter()
-        .any(|s| v.starts_with(s))
-    {
-        return match crate::keys::store::redis::parse_url(v) {
-            Ok(_) => Some(StoreUrl::Redis(v.to_owned())),
-            // The URL is not repeated: a password can hide in it (user:pass@ or ?pass=).
-            Err(why) => {
-                errs.push(format!("store.url: {why}"));
-                None
-            }
-        };
-    }
-    errs.push(format!(
-        "store.url: {:?} is not supported; use sqlite://PATH, redis://HOST:PORT/DB, rediss://… or redis+unix:///path.sock",
-        redact_url(v)
-    ));
-    None
-}
-
-/// Hides a password in a URL before it is shown in an error.
-fn redact_url(v: &str) -> String {
-    match (v.find("://"), v.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &v[..s], &v[at + 1..]),
-        _ => v.to_owned(),
-    }
 }
 
 #[cfg(test)]
@@ -1135,6 +721,79 @@ path = "/a/../b"
             assert!(s.contains(needle), "missing {needle} in {s}");
         }
         assert!(!s.contains("secretpw"), "password leaked: {s}");
+    }
+
+    #[test]
+    fn problems_are_listed_section_by_section_in_file_order() {
+        let text = r#"
+[proxy]
+connect_timeout_ms = 0
+[admin]
+max_body_bytes = 0
+keys = ["0123456789abcdef0123"]
+[store]
+cache_ttl_secs = 0
+[keys]
+prefix = ""
+[rate_limit]
+default = { per_second = 0, burst = 1 }
+[plans.x]
+rate_limit = { per_second = 1, burst = 0 }
+[[routes]]
+path = "x"
+[limits]
+max_headers = 0
+[log]
+level = "=&&"
+[jwt]
+issuer = ""
+"#;
+        let e = load(text, &[], CliOverrides::default()).unwrap_err();
+        let fields: Vec<&str> =
+            e.0.iter()
+                .map(|p| p.split([':', '.', '[']).next().unwrap())
+                .collect();
+        assert_eq!(
+            fields,
+            [
+                "proxy",
+                "admin",
+                "store",
+                "keys",
+                "rate_limit",
+                "plans",
+                "routes",
+                "limits",
+                "log",
+                "jwt"
+            ],
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_duplicate_route_is_reported_whatever_the_upstreams() {
+        let routes = "[[routes]]\npath = \"/x\"\n[[routes]]\npath = \"/x\"\n";
+        for proxy in [
+            "[proxy]\nupstream = \"nope\"\n",
+            "[proxy]\nlisten = \"nope\"\n",
+            "[proxy]\n",
+        ] {
+            let e = load(&format!("{proxy}{routes}"), &[], CliOverrides::default()).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("routes[1].path: \"/x\" is defined twice"),
+                "{proxy}: {e}"
+            );
+        }
+        let bad_upstream = "[[routes]]\npath = \"/x\"\nupstream = \"ftp://h\"\n";
+        let e = load(
+            &format!("{bad_upstream}{bad_upstream}"),
+            &[],
+            CliOverrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("defined twice"), "{e}");
     }
 
     #[test]

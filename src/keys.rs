@@ -7,6 +7,8 @@
 
 pub mod cache;
 pub mod store;
+#[doc(hidden)]
+pub mod testing;
 pub mod usage;
 
 use std::fmt;

@@ -13,9 +13,9 @@ use keygate::auth::jwt::{Jwt, JwtSettings};
 use keygate::keys::cache::{CacheSettings, KeyCache};
 use keygate::keys::store::Store;
 use keygate::keys::store::sqlite::SqliteStore;
-use keygate::keys::{ApiKey, Client, KeyFormat, NewKey, RateLimit, Secret, now_millis};
+use keygate::keys::testing::client;
+use keygate::keys::{ApiKey, KeyFormat, RateLimit, Secret};
 use keygate::limit::KeyLimits;
-use uuid::Uuid;
 
 /// A limit no bench loop can reach: every check is allowed.
 pub const UNLIMITED: RateLimit = RateLimit {
@@ -36,44 +36,18 @@ pub fn ready<F: Future>(f: F) -> F::Output {
     }
 }
 
-/// A key as stored for `client_id`, with the given permissions.
-pub fn api_key(new: &NewKey, client_id: &str, permissions: &[&str]) -> ApiKey {
-    let now = now_millis();
-    ApiKey {
-        id: Uuid::now_v7(),
-        client_id: client_id.into(),
-        name: "bench".into(),
-        prefix: new.display_prefix.clone(),
-        key_hash: new.hash,
-        previous_hash: None,
-        previous_valid_until: None,
-        permissions: permissions.iter().map(|p| (*p).to_owned()).collect(),
-        enabled: true,
-        created_at: now,
-        updated_at: now,
-        expires_at: None,
-        last_used_at: None,
-        rotated_at: None,
-        rate_limit: None,
-        metadata: None,
-    }
-}
-
 /// The real SQLite store in `dir`, holding `n` clients with one key each (license `pro`).
 /// Returns the plaintext keys in insertion order.
 pub async fn seeded_store(dir: &std::path::Path, n: usize) -> (Arc<SqliteStore>, Vec<Secret>) {
     let store = Arc::new(SqliteStore::open(&dir.join("bench.db")).expect("store opens"));
-    let format = KeyFormat::new("kg_");
     let mut keys = Vec::with_capacity(n);
     for i in 0..n {
-        let new = format.generate();
-        let client = Client {
-            client_id: format!("client-{i}"),
-            license: "pro".into(),
-            created_at: now_millis(),
-            metadata: None,
-        };
-        let key = api_key(&new, &client.client_id, &["read", "write"]);
+        let client = client(&format!("client-{i}"));
+        let (key, new) = ApiKey::builder()
+            .client(&client.client_id)
+            .name("bench")
+            .permissions(&["read", "write"])
+            .build();
         store.insert_client(&client, &key).await.expect("insert");
         keys.push(new.plaintext);
     }

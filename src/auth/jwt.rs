@@ -199,28 +199,10 @@ mod tests {
     }
 
     fn principal() -> Arc<Principal> {
-        let now = crate::keys::now_millis();
-        let record = crate::keys::KeyRecord {
-            key: crate::keys::ApiKey {
-                id: Uuid::now_v7(),
-                client_id: "acme".into(),
-                name: "n".into(),
-                prefix: "kg_x".into(),
-                key_hash: crate::keys::KeyHash([7; 32]),
-                previous_hash: None,
-                previous_valid_until: None,
-                permissions: vec!["A".into()],
-                enabled: true,
-                created_at: now,
-                updated_at: now,
-                expires_at: None,
-                last_used_at: None,
-                rotated_at: None,
-                rate_limit: None,
-                metadata: None,
-            },
-            license: "pro".into(),
-        };
+        let (record, new) = crate::keys::ApiKey::builder()
+            .client("acme")
+            .permissions(&["A"])
+            .record("pro");
         let limit = crate::keys::RateLimit {
             per_second: Some(1),
             per_minute: None,
@@ -229,7 +211,7 @@ mod tests {
         };
         Principal::from_record(
             &record,
-            &crate::keys::KeyHash([7; 32]),
+            &new.hash,
             Arc::new(crate::limit::KeyLimiter::new(limit)),
         )
     }

@@ -152,8 +152,9 @@ mod tests {
 
     use super::*;
     use crate::keys::store::sqlite::SqliteStore;
-    use crate::keys::store::testing::{Counting, client, new_key};
-    use crate::keys::{KeyRecord, now_millis};
+    use crate::keys::store::testing::Counting;
+    use crate::keys::testing::client;
+    use crate::keys::{ApiKey, now_millis};
     use crate::limit::KeyLimiter;
 
     /// A flush of more keys than one chunk writes them all; a chunk that fails gives its
@@ -169,16 +170,12 @@ mod tests {
         let n = FLUSH_CHUNK * 2 + 100;
         let mut principals = Vec::new();
         for i in 0..n {
-            let (k, new) = new_key("c", &[]);
+            let (record, new) = ApiKey::builder().client("c").record("pro");
             if i == 0 {
-                store.insert_client(&client, &k).await.unwrap();
+                store.insert_client(&client, &record.key).await.unwrap();
             } else {
-                store.insert_key(&k, 0).await.unwrap();
+                store.insert_key(&record.key, 0).await.unwrap();
             }
-            let record = KeyRecord {
-                key: k,
-                license: "pro".into(),
-            };
             let limiter = Arc::new(KeyLimiter::new(crate::keys::RateLimit {
                 per_second: Some(10),
                 per_minute: None,

@@ -5,12 +5,12 @@
 //! `keygate check-config` with the environment compose gives it.
 
 use std::collections::HashMap;
-use std::process::Command;
 
 use keygate::config::{CliOverrides, Config, StoreUrl};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_keygate");
+use crate::support::binary::Binary;
+
 /// What the tests put in for `${VAR…}` references of the compose file.
 const SAMPLE_ADMIN_KEY: &str = "compose-sample-admin-key-0123456789";
 
@@ -158,17 +158,9 @@ fn compose_publishes_the_admin_port_on_loopback_only_and_its_config_checks_out()
         env.contains_key("KEYGATE_JWT_SECRET"),
         "a Redis store needs a shared token secret"
     );
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("KEYGATE_") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    let out = cmd
-        .args(["check-config", "--config", host_path])
+    let out = Binary::command(["check-config", "--config", host_path])
         .envs(&env)
-        .output()
-        .unwrap();
+        .output();
     assert!(
         out.status.success(),
         "check-config failed: {}",

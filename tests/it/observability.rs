@@ -2,13 +2,11 @@
 //! access and audit logs, a full session at trace level that must not leak any secret, and a
 //! graceful shutdown of the real binary.
 
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::support::binary::Binary;
 use crate::support::{ADMIN_KEY, Gateway, Upstream, config_text};
 
 fn metric(text: &str, series: &str) -> u64 {
@@ -176,102 +174,15 @@ async fn usage_is_flushed_periodically() {
     }
 }
 
-/// The real binary with a config file; stderr lines collected.
-pub(crate) struct Proc {
-    pub(crate) child: Child,
-    pub(crate) lines: Arc<Mutex<Vec<String>>>,
-    pub(crate) proxy: String,
-    pub(crate) admin: String,
-}
-
-const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 const JWT_SECRET: &str = "jwt-secret-for-the-log-test-0123456789";
 
-pub(crate) fn spawn(config: &str, dir: &std::path::Path, json_logs: bool) -> Proc {
-    let path = dir.join("keygate.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("KEYGATE_") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.args(["serve", "--config"]).arg(&path);
-    cmd.env("RUST_LOG", "trace")
+/// The real binary serving `config` from `dir`, logging JSON at trace level.
+pub(crate) fn spawn(config: &str, dir: &std::path::Path) -> Binary {
+    Binary::serve(config, dir)
+        .env("RUST_LOG", "trace")
         .env("KEYGATE_JWT_SECRET", JWT_SECRET)
-        .env(
-            "KEYGATE_LOG_FORMAT",
-            if json_logs { "json" } else { "human" },
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    for pipe in [
-        Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stdout.take().unwrap()),
-    ] {
-        let lines = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(l);
-            }
-        });
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (proxy, admin) = loop {
-        let found = lines.lock().unwrap().iter().find_map(|l| {
-            if !l.contains("keygate listening") {
-                return None;
-            }
-            let v: Value = serde_json::from_str(l).ok()?;
-            Some((
-                v["proxy"].as_str()?.to_owned(),
-                v["admin"].as_str()?.to_owned(),
-            ))
-        });
-        if let Some(f) = found {
-            break f;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "keygate did not start: {:?}",
-            lines.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Proc {
-        child,
-        lines,
-        proxy,
-        admin,
-    }
-}
-
-impl Proc {
-    pub(crate) fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        self.wait_exit(Duration::from_secs(15))
-    }
-
-    /// Waits for the process to exit, at most `limit`.
-    pub(crate) fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(start.elapsed() < limit, "no exit within {limit:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+        .json_logs()
+        .spawn()
 }
 
 fn client() -> hyper_util::client::legacy::Client<
@@ -314,7 +225,7 @@ async fn a_full_session_at_trace_level_logs_no_secret() {
     let db = dir.path().join("k.db");
     let text =
         config_text(&upstream.url(), &db, "").replace("access_log = false", "access_log = true");
-    let mut p = spawn(&text, dir.path(), true);
+    let mut p = spawn(&text, dir.path());
     let admin = |path: &str| format!("http://{}{path}", p.admin);
     let proxy = |path: &str| format!("http://{}{path}", p.proxy);
     let ak = [("x-admin-key", ADMIN_KEY)];
@@ -470,8 +381,7 @@ async fn a_full_session_at_trace_level_logs_no_secret() {
     );
 
     assert!(p.terminate().success());
-    std::thread::sleep(Duration::from_millis(100));
-    let lines = p.lines.lock().unwrap().clone();
+    let lines = p.lines();
     assert!(
         lines.len() > 15,
         "expected a logged session, got {} lines",
@@ -562,7 +472,7 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
     let dir = tempfile::tempdir().unwrap();
     let text = config_text(&upstream.url(), &dir.path().join("k.db"), "")
         .replace("[log]", "[server]\nshutdown_grace_secs = 10\n[log]");
-    let mut p = spawn(&text, dir.path(), true);
+    let mut p = spawn(&text, dir.path());
     let (s, v) = call(
         "POST",
         format!("http://{}/v1/clients", p.admin),
@@ -585,14 +495,7 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let pid = p.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    p.signal("TERM");
     tokio::time::sleep(Duration::from_millis(200)).await;
     // New connections are refused while the in-flight request drains.
     let refused = tokio::net::TcpStream::connect(&p.proxy).await;

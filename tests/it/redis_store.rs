@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 use keygate::keys::cache::{Invalidation, InvalidationSink};
 use keygate::keys::store::redis::RedisStore;
 use keygate::keys::store::{Store, StoreError};
-use keygate::keys::{ApiKey, Client, KeyHash, now_millis};
+use keygate::keys::testing::client;
+use keygate::keys::{ApiKey, KeyHash, now_millis};
 use uuid::Uuid;
 
 use crate::redis_support::RedisServer;
+use crate::support::binary::Binary;
 
 /// Records what a store's subscription delivers.
 #[derive(Default)]
@@ -61,35 +63,9 @@ impl Recorder {
     }
 }
 
-fn client(id: &str) -> Client {
-    Client {
-        client_id: id.into(),
-        license: "pro".into(),
-        created_at: now_millis(),
-        metadata: None,
-    }
-}
-
+/// A new key of `client_id` (the plaintext is not needed here).
 fn key(client_id: &str) -> ApiKey {
-    let now = now_millis();
-    ApiKey {
-        id: Uuid::now_v7(),
-        client_id: client_id.into(),
-        name: "k".into(),
-        prefix: "kg_abcdefghi".into(),
-        key_hash: KeyHash::of(&Uuid::new_v4().to_string()),
-        previous_hash: None,
-        previous_valid_until: None,
-        permissions: vec![],
-        enabled: true,
-        created_at: now,
-        updated_at: now,
-        expires_at: None,
-        last_used_at: None,
-        rotated_at: None,
-        rate_limit: None,
-        metadata: None,
-    }
+    ApiKey::builder().client(client_id).build().0
 }
 
 fn assert_inv(inv: &Invalidation, ids: &[Uuid], hashes: &[KeyHash]) {
@@ -349,9 +325,6 @@ fn has_hex_run(s: &str) -> bool {
 
 #[test]
 fn the_binary_on_redis_warns_about_aof_and_eviction_and_logs_no_password_key_or_hash() {
-    use std::io::BufRead;
-    use std::process::{Command, Stdio};
-
     const PASSWORD: &str = "s3cr3t-redis-pw";
     let redis = RedisServer::start();
     let _: () = redis.query(
@@ -376,66 +349,35 @@ fn the_binary_on_redis_warns_about_aof_and_eviction_and_logs_no_password_key_or_
             .arg(PASSWORD),
     );
 
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("KEYGATE_") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
-    let mut child = cmd
-        .arg("--config")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/keygate.toml"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--upstream", "http://127.0.0.1:1"])
-        .arg("--store")
-        .arg(format!("redis://:{PASSWORD}@127.0.0.1:{}/0", redis.port()))
-        .env("KEYGATE_ADMIN_KEY", "an-admin-key-of-decent-length")
-        .env("KEYGATE_JWT_SECRET", "a-token-secret-of-at-least-32-bytes")
-        .env("KEYGATE_LOG_FORMAT", "json")
-        .env("KEYGATE_LOG_LEVEL", "debug")
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let mut logs = Vec::new();
-    let wait_for = |needle: &str, logs: &mut Vec<String>| -> serde_json::Value {
-        if let Some(seen) = logs.iter().find(|l| l.contains(needle)) {
-            return serde_json::from_str(seen).expect("JSON log line");
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("no log line with {needle:?} in {logs:#?}"));
-            logs.push(line.clone());
-            if line.contains(needle) {
-                return serde_json::from_str(&line).expect("JSON log line");
-            }
-        }
+    let mut p = Binary::command([
+        "--config",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/keygate.toml"),
+    ])
+    .args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ])
+    .args(["--upstream", "http://127.0.0.1:1"])
+    .arg("--store")
+    .arg(format!("redis://:{PASSWORD}@127.0.0.1:{}/0", redis.port()))
+    .env("KEYGATE_ADMIN_KEY", "an-admin-key-of-decent-length")
+    .env("KEYGATE_JWT_SECRET", "a-token-secret-of-at-least-32-bytes")
+    .json_logs()
+    .env("KEYGATE_LOG_LEVEL", "debug")
+    .current_dir(dir.path())
+    .spawn();
+    let (admin, proxy) = (p.admin.to_string(), p.proxy.to_string());
+    // Each line waited for is a JSON log line.
+    let wait_for = |needle: &str| -> serde_json::Value {
+        let line = p.wait_for_line(needle, Duration::from_secs(20));
+        serde_json::from_str(&line).expect("JSON log line")
     };
-    let listening = wait_for("keygate listening", &mut logs);
-    let admin = listening["admin"].as_str().unwrap().to_owned();
-    let proxy = listening["proxy"].as_str().unwrap().to_owned();
-    wait_for("appendonly", &mut logs);
-    wait_for("maxmemory-policy allkeys-lru", &mut logs);
+    wait_for("appendonly");
+    wait_for("maxmemory-policy allkeys-lru");
 
     // A client and its key, one lookup through the proxy (the upstream is down: 502), and the
     // invalidation that the write published, received back by this instance.
@@ -452,7 +394,7 @@ fn the_binary_on_redis_warns_about_aof_and_eviction_and_logs_no_password_key_or_
     assert_eq!(status, 201, "{body}");
     let created: serde_json::Value = serde_json::from_str(&body).unwrap();
     let key = created["api_key"]["key"].as_str().unwrap().to_owned();
-    wait_for("invalidation received", &mut logs);
+    wait_for("invalidation received");
     let (status, _) = http(
         &proxy,
         "GET",
@@ -462,18 +404,9 @@ fn the_binary_on_redis_warns_about_aof_and_eviction_and_logs_no_password_key_or_
     );
     assert_eq!(status, 502);
 
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(child.wait().unwrap().success());
-    reader.join().unwrap();
-    logs.extend(rx.try_iter());
+    assert!(p.terminate().success());
 
-    let all = logs.join("\n");
+    let all = p.lines().join("\n");
     assert!(all.contains("using the Redis store"), "{all}");
     assert!(all.contains("lag_ms"), "{all}");
     assert!(

@@ -109,28 +109,15 @@ fn client(id: &str, license: &str, created_at: Millis) -> Client {
     }
 }
 
-/// A key for `client_id` with a fresh random hash; `n` makes ids distinct and ordered.
+/// A new key of `client_id` created at `created_at`, and its hash.
 fn key(client_id: &str, created_at: Millis) -> (ApiKey, KeyHash) {
-    let hash = KeyHash::of(&Uuid::new_v4().to_string());
-    let key = ApiKey {
-        id: Uuid::now_v7(),
-        client_id: client_id.into(),
-        name: "a key".into(),
-        prefix: "kg_abcdefghi".into(),
-        key_hash: hash,
-        previous_hash: None,
-        previous_valid_until: None,
-        permissions: vec!["READ".into(), "WRITE".into()],
-        enabled: true,
-        created_at,
-        updated_at: created_at,
-        expires_at: None,
-        last_used_at: None,
-        rotated_at: None,
-        rate_limit: None,
-        metadata: None,
-    };
-    (key, hash)
+    let (key, new) = ApiKey::builder()
+        .client(client_id)
+        .name("a key")
+        .permissions(&["READ", "WRITE"])
+        .created_at(created_at)
+        .build();
+    (key, new.hash)
 }
 
 async fn insert_then_find_by_hash_and_by_id(s: Arc<dyn Store>) {

@@ -1,5 +1,8 @@
 //! Test fixtures: a recording upstream, a gateway on port 0 with a SQLite file in a temp dir,
-//! and small HTTP helpers. Everything runs in-process on loopback.
+//! and small HTTP helpers. Everything runs in-process on loopback, except the real binary,
+//! which [`binary::Binary`] runs in a child process.
+
+pub mod binary;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -160,7 +160,7 @@ async fn an_upstream_signed_by_another_ca_is_a_502_with_a_clear_log_line() {
         "[admin]",
         &format!("upstream_ca = \"{}\"\n[admin]", other.ca_pem.display()),
     );
-    let mut p = spawn(&text, dir.path(), true);
+    let mut p = spawn(&text, dir.path());
     let admin = format!("http://{}/v1/clients", p.admin);
     let c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
@@ -182,7 +182,7 @@ async fn an_upstream_signed_by_another_ca_is_a_502_with_a_clear_log_line() {
     assert_eq!(res.status(), 502);
     assert_eq!(upstream.count(), 0, "the untrusted upstream got a request");
     assert!(p.terminate().success());
-    let lines = p.lines.lock().unwrap().clone();
+    let lines = p.lines();
     assert!(
         lines
             .iter()
@@ -236,7 +236,7 @@ async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
 }
 
 async fn tls_connect(
-    addr: &str,
+    addr: &std::net::SocketAddr,
     ca_der: &[u8],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut cfg = client_tls(ca_der);
@@ -264,7 +264,7 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
         config_text(&upstream.url(), &dir.path().join("k.db"), ""),
         &first,
     );
-    let mut p = spawn(&text, dir.path(), true);
+    let mut p = spawn(&text, dir.path());
     let c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
     let req = http::Request::post(format!("http://{}/v1/clients", p.admin))
@@ -295,22 +295,9 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     let second = pki(dir.path(), "second");
     std::fs::copy(&second.cert, &first.cert).unwrap();
     std::fs::copy(&second.key, &first.key).unwrap();
-    let pid = p.child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    p.signal("HUP");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !p
-        .lines
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains("certificate reloaded"))
-    {
+    while !p.log_contains("certificate reloaded") {
         assert!(Instant::now() < deadline, "no reload logged");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -1314,29 +1314,25 @@ mod tests {
     #[test]
     fn key_fields_round_trip() {
         let now = now_millis();
-        let k = ApiKey {
-            id: Uuid::now_v7(),
-            client_id: "c".into(),
-            name: "n".into(),
-            prefix: "kg_abcdefghi".into(),
-            key_hash: KeyHash::of("a"),
-            previous_hash: Some(KeyHash::of("b")),
-            previous_valid_until: Some(now + 5),
-            permissions: vec!["A".into(), "B".into()],
-            enabled: false,
-            created_at: now,
-            updated_at: now + 1,
-            expires_at: Some(now + 2),
-            last_used_at: Some(now + 3),
-            rotated_at: Some(now + 4),
-            rate_limit: Some(RateLimit {
+        let (k, _) = ApiKey::builder()
+            .client("c")
+            .name("n")
+            .previous_hash(KeyHash::of("b"), now + 5)
+            .permissions(&["A", "B"])
+            .enabled(false)
+            .created_at(now)
+            .updated_at(now + 1)
+            .expires_at(now + 2)
+            .last_used_at(now + 3)
+            .rotated_at(now + 4)
+            .rate_limit(RateLimit {
                 per_second: Some(3),
                 per_minute: None,
                 per_hour: None,
                 burst: 4,
-            }),
-            metadata: Some(serde_json::json!({"a": [1, 2]})),
-        };
+            })
+            .metadata(serde_json::json!({"a": [1, 2]}))
+            .build();
         let mut flat = vec![
             Value::BulkString(b"id".to_vec()),
             Value::BulkString(k.id.to_string().into_bytes()),

@@ -1,5 +1,6 @@
 //! Test support: the real SQLite store behind a wrapper that counts lookups and fails on
-//! demand (for the cache, authentication and usage tests).
+//! demand (for the cache, authentication and usage tests). Keys and clients to put in it come
+//! from [`crate::keys::testing`].
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -8,43 +9,7 @@ use uuid::Uuid;
 
 use super::sqlite::SqliteStore;
 use super::{ClientWithKeys, Page, Store, StoreError, StoreResult};
-use crate::keys::{ApiKey, Client, KeyFormat, KeyHash, KeyRecord, Millis, NewKey, now_millis};
-
-/// A freshly generated key of `client` with `permissions` (enabled, no expiry, no override),
-/// as the store keeps it, and its plaintext.
-pub fn new_key(client: &str, permissions: &[&str]) -> (ApiKey, NewKey) {
-    let k = KeyFormat::new("kg_").generate();
-    let now = now_millis();
-    let key = ApiKey {
-        id: Uuid::now_v7(),
-        client_id: client.into(),
-        name: "n".into(),
-        prefix: k.display_prefix.clone(),
-        key_hash: k.hash,
-        previous_hash: None,
-        previous_valid_until: None,
-        permissions: permissions.iter().map(|p| p.to_string()).collect(),
-        enabled: true,
-        created_at: now,
-        updated_at: now,
-        expires_at: None,
-        last_used_at: None,
-        rotated_at: None,
-        rate_limit: None,
-        metadata: None,
-    };
-    (key, k)
-}
-
-/// A client `client_id` on plan `pro`.
-pub fn client(client_id: &str) -> Client {
-    Client {
-        client_id: client_id.into(),
-        license: "pro".into(),
-        created_at: now_millis(),
-        metadata: None,
-    }
-}
+use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis};
 
 /// The real SQLite store, counting lookups by hash, with failures on demand.
 pub struct Counting {

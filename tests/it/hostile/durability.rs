@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::harness::{self, Proc, Recorder, Spawn};
+use super::harness::{self, Recorder};
+use crate::support::binary::Binary;
 
 const CLIENT: &str = "durable";
 
@@ -186,7 +187,7 @@ async fn proxied(proxy: SocketAddr, key: &str) -> u16 {
 /// Every acknowledged write is present and whole. Authenticates every key when `all`, else
 /// the keys in `recent` plus every 10th other one. Returns (lost, torn) descriptions.
 async fn verify(
-    gw: &Proc,
+    gw: &Binary,
     ledger: &Ledger,
     recent: &[String],
     all: bool,
@@ -326,7 +327,7 @@ pub async fn crash_cycles(
     let mut recent: Vec<String> = Vec::new();
     let started = Instant::now();
     for cycle in 0..=kills {
-        let mut gw = Proc::spawn(&text, dir, &Spawn::default());
+        let mut gw = harness::keygate(&text, dir).spawn();
         if cycle == 0 {
             let (s, v) = harness::admin_call(
                 gw.admin,

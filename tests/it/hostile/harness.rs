@@ -1,11 +1,10 @@
-//! Shared fixtures of the hostile-input tests: the real `keygate` binary in a child process, a
-//! raw recording upstream that parses every byte the gateway sends it (and flags anything an
+//! Shared fixtures of the hostile-input tests: the real `keygate` binary in a child process
+//! (through [`crate::support::binary`]), a raw recording upstream that parses every byte the gateway sends it (and flags anything an
 //! upstream could read two ways), a raw-socket client, and the figures report.
 
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,160 +12,17 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_keygate");
+use crate::support::binary::{Binary, Launch};
+
 pub const ADMIN_KEY: &str = crate::support::ADMIN_KEY;
+const JWT_SECRET: &str = "hostile-tests-jwt-secret-0123456789abcdef";
 
-/// The real binary, serving one config from a temp dir. Killed (SIGKILL) on drop.
-pub struct Proc {
-    pub child: Child,
-    pub lines: Arc<Mutex<Vec<String>>>,
-    pub proxy: SocketAddr,
-    pub admin: SocketAddr,
-}
-
-/// Options for [`Proc::spawn`].
-#[derive(Default, Clone)]
-pub struct Spawn {
-    /// Run under `prlimit --nofile=N:N` (soft and hard open-file limit).
-    pub nofile: Option<u64>,
-    /// Extra environment.
-    pub env: Vec<(String, String)>,
-}
-
-impl Proc {
-    /// Writes `config` to `dir/keygate.toml` and starts `keygate serve` on it; waits for the
-    /// "keygate listening" line (JSON logs) and reads both addresses from it.
-    pub fn spawn(config: &str, dir: &Path, opts: &Spawn) -> Proc {
-        let path = dir.join("keygate.toml");
-        std::fs::write(&path, config).unwrap();
-        let mut cmd = match opts.nofile {
-            Some(n) => {
-                let mut c = Command::new("prlimit");
-                c.arg(format!("--nofile={n}:{n}")).arg(BIN);
-                c
-            }
-            None => Command::new(BIN),
-        };
-        for (k, _) in std::env::vars() {
-            if k.starts_with("KEYGATE_") || k == "RUST_LOG" {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.args(["serve", "--config"])
-            .arg(&path)
-            .env("KEYGATE_LOG_FORMAT", "json")
-            .env(
-                "KEYGATE_JWT_SECRET",
-                "hostile-tests-jwt-secret-0123456789abcdef",
-            )
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in &opts.env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start keygate (or prlimit): {e}"));
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        for pipe in [
-            Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stdout.take().unwrap()),
-        ] {
-            let lines = Arc::clone(&lines);
-            std::thread::spawn(move || {
-                for l in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
-                    lines.lock().unwrap().push(l);
-                }
-            });
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let (proxy, admin) = loop {
-            let found = lines.lock().unwrap().iter().find_map(|l| {
-                if !l.contains("keygate listening") {
-                    return None;
-                }
-                let v: Value = serde_json::from_str(l).ok()?;
-                Some((
-                    v["proxy"].as_str()?.parse().ok()?,
-                    v["admin"].as_str()?.parse().ok()?,
-                ))
-            });
-            if let Some(f) = found {
-                break f;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "keygate exited at start ({status}): {:?}",
-                    lines.lock().unwrap()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "keygate did not start: {:?}",
-                lines.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        Proc {
-            child,
-            lines,
-            proxy,
-            admin,
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// True while the process has not exited.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Log lines that report a panic (the default hook writes "panicked at" to stderr).
-    pub fn panics(&self) -> Vec<String> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains("panicked"))
-            .cloned()
-            .collect()
-    }
-
-    pub fn log_contains(&self, needle: &str) -> bool {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(needle))
-    }
-
-    /// SIGKILL and reap.
-    pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// CPU time (user + system) of the process so far, from /proc.
-    pub fn cpu_time(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
-        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<&str> = rest.split(' ').collect();
-        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-        // USER_HZ is 100 on Linux.
-        Duration::from_millis(ticks * 10)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
+/// The real binary serving `config` from `dir` as every hostile test runs it (JSON logs, a
+/// fixed token secret); `.spawn()` starts it.
+pub fn keygate(config: &str, dir: &Path) -> Launch {
+    Binary::serve(config, dir)
+        .json_logs()
+        .env("KEYGATE_JWT_SECRET", JWT_SECRET)
 }
 
 /// The config every hostile test starts from: SQLite in `dir`, generous limits for the test's

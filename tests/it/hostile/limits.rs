@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::harness::{self, Proc, Recorder, Spawn};
+use super::harness::{self, Recorder};
 
 fn get(path: &str, key: &str, extra: &str) -> Vec<u8> {
     format!(
@@ -39,7 +39,7 @@ async fn heads_over_the_limits_get_431() {
         dir.path(),
         "[limits]\nmax_header_bytes = 16384\nmax_headers = 32\n",
     );
-    let gw = Proc::spawn(&text, dir.path(), &Spawn::default());
+    let gw = harness::keygate(&text, dir.path()).spawn();
     let (key, _) = harness::make_key(gw.admin, "limits", &[]).await;
     let pad = |n: usize| format!("X-Pad: {}\r\n", "a".repeat(n));
     let fields = |n: usize| (0..n).map(|i| format!("X-H{i}: v\r\n")).collect::<String>();
@@ -208,7 +208,7 @@ async fn slow_clients_are_closed_while_legit_traffic_is_served() {
         dir.path(),
         "[limits]\nheader_read_timeout_secs = 2\n",
     );
-    let mut gw = Proc::spawn(&text, dir.path(), &Spawn::default());
+    let mut gw = harness::keygate(&text, dir.path()).spawn();
     let (key, _) = harness::make_key(gw.admin, "slow", &[]).await;
     let key = Arc::new(key);
     let proxy = gw.proxy;
@@ -351,14 +351,7 @@ async fn descriptor_exhaustion_is_survived_and_recovered() {
         dir.path(),
         "[limits]\nheader_read_timeout_secs = 30\n",
     );
-    let mut gw = Proc::spawn(
-        &text,
-        dir.path(),
-        &Spawn {
-            nofile: Some(64),
-            ..Default::default()
-        },
-    );
+    let mut gw = harness::keygate(&text, dir.path()).nofile(64).spawn();
     let (key, _) = harness::make_key(gw.admin, "fds", &[]).await;
     assert!(
         legit(gw.proxy, &key).await.is_some(),

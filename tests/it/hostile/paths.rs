@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::harness::{self, Proc, Recorder, Spawn};
+use super::harness::{self, Recorder};
 
 /// (configured path, upstream label, permission)
 const PROTECTED: [(&str, &str, &str); 3] = [
@@ -236,7 +236,7 @@ async fn every_spelling_is_refused_or_forwarded_as_checked() {
     ));
     let dir = tempfile::tempdir().unwrap();
     let text = harness::config(&format!("http://{root}"), dir.path(), &routes);
-    let mut gw = Proc::spawn(&text, dir.path(), &Spawn::default());
+    let mut gw = harness::keygate(&text, dir.path()).spawn();
     let (weak, _) = harness::make_key(gw.admin, "paths", &[]).await;
     let perms: Vec<&str> = PROTECTED.iter().map(|p| p.2).collect();
     let (strong, _) = harness::make_key(gw.admin, "paths", &perms).await;

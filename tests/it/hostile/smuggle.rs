@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::harness::{self, Exchange, Proc, Recorder, Spawn};
+use super::harness::{self, Exchange, Recorder};
 
 const UNAUTH_TAGS: [&str; 4] = ["u", "x", "smuggled", "inner"];
 
@@ -975,7 +975,7 @@ async fn smuggling_corpus_forwards_nothing_ambiguous_or_unauthenticated() {
         dir.path(),
         "[limits]\nheader_read_timeout_secs = 2\n",
     );
-    let mut gw = Proc::spawn(&text, dir.path(), &Spawn::default());
+    let mut gw = harness::keygate(&text, dir.path()).spawn();
     let (key, key_id) = harness::make_key(gw.admin, "smuggler", &[]).await;
 
     let mut corpus = build_corpus(&key);

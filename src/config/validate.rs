@@ -1,0 +1,519 @@
+//! Validation of the raw config, one function per section. Each section function appends every
+//! problem it finds to [`Problems`] (naming the field and the fix) and returns that section's
+//! validated value; a section whose value cannot be built at all (an address or URL that does
+//! not parse) returns `None`, and has always said why in [`Problems`]. [`RawConfig::validate`]
+//! runs every section, so one call reports the problems of all of them, and builds a
+//! [`Config`] only when there are none.
+//!
+//! Sections depend on each other in two places only: routes without an upstream of their own
+//! use the proxy's, and the token secret is required with a shared (Redis) store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+
+use super::{
+    AdminConfig, Config, ConfigErrors, DEFAULT_API_KEY_HEADER, JwtConfig, KeysConfig, Limits,
+    LogConfig, LogFormat, MAX_JWT_LEEWAY_SECS, MAX_JWT_TTL_SECS, MIN_ADMIN_KEY_LEN, ProxyConfig,
+    RawAdmin, RawConfig, RawJwt, RawKeys, RawLimits, RawLog, RawPlan, RawProxy, RawRateLimit,
+    RawRoute, RawServer, RawStore, Route, RouteAuth, StoreConfig, StoreUrl, TlsFiles,
+};
+use crate::keys::{KeyHash, MAX_PREFIX_LEN, RateLimit};
+
+/// What validation found: errors stop startup, warnings are only reported.
+#[derive(Default)]
+struct Problems {
+    errors: Vec<String>,
+    warnings: Vec<String>,
+}
+
+impl Problems {
+    fn error(&mut self, message: impl Into<String>) {
+        self.errors.push(message.into());
+    }
+
+    fn warning(&mut self, message: impl Into<String>) {
+        self.warnings.push(message.into());
+    }
+}
+
+impl RawConfig {
+    /// Checks everything and reports every problem, not just the first.
+    pub fn validate(self) -> Result<Config, ConfigErrors> {
+        let mut p = Problems::default();
+        let proxy = proxy(self.proxy, &mut p);
+        let admin = admin(self.admin, &mut p);
+        let store = store(self.store, &mut p);
+        let keys = keys(self.keys, &mut p);
+        let (default_limit, failed_auth_limit) = rate_limit(self.rate_limit, &mut p);
+        let plans = plans(&self.plans, &mut p);
+        let routes = routes(
+            &self.routes,
+            proxy.as_ref().map(|proxy| &proxy.upstream),
+            &mut p,
+        );
+        let limits = limits(&self.limits, &mut p);
+        let (shutdown_grace, worker_threads) = server(&self.server);
+        let log = log(self.log, &mut p);
+        let shared_store = store
+            .as_ref()
+            .is_some_and(|s| matches!(s.url, StoreUrl::Redis(_)));
+        let jwt = jwt(self.jwt, shared_store, &mut p);
+
+        match (proxy, admin, store) {
+            (Some(proxy), Some(admin), Some(store)) if p.errors.is_empty() => Ok(Config {
+                proxy,
+                admin,
+                store,
+                keys,
+                default_limit,
+                failed_auth_limit,
+                plans,
+                routes,
+                limits,
+                shutdown_grace,
+                worker_threads,
+                log,
+                jwt,
+                warnings: p.warnings,
+            }),
+            _ => Err(ConfigErrors(p.errors)),
+        }
+    }
+}
+
+/// `[proxy]`: listener, catch-all upstream, credential sources, upstream timeouts, TLS.
+/// `None` when the listen address or the upstream does not parse.
+fn proxy(raw: RawProxy, p: &mut Problems) -> Option<ProxyConfig> {
+    let listen = parse_addr("proxy.listen", &raw.listen, p);
+    let upstream = parse_upstream("proxy.upstream", &raw.upstream, p);
+
+    let api_key_header = match http::HeaderName::from_bytes(raw.api_key_header.as_bytes()) {
+        // Fields with `_` and `x-keygate-*` are refused inbound (see proxy::headers): such a
+        // name could never carry a key.
+        Ok(h)
+            if h != http::header::AUTHORIZATION
+                && !h.as_str().contains('_')
+                && !h.as_str().starts_with("x-keygate-") =>
+        {
+            h
+        }
+        _ => {
+            p.error(format!(
+                "proxy.api_key_header: {:?} is not a valid header name (other than Authorization, without '_', not x-keygate-*); e.g. \"x-api-key\"",
+                raw.api_key_header
+            ));
+            http::HeaderName::from_static(DEFAULT_API_KEY_HEADER)
+        }
+    };
+    if raw.allow_query_param
+        && (raw.query_param.is_empty()
+            || !raw
+                .query_param
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-'))
+    {
+        p.error("proxy.query_param: use letters, digits, '_' or '-' (e.g. \"api_key\")");
+    }
+    for (field, v) in [
+        ("proxy.connect_timeout_ms", raw.connect_timeout_ms),
+        ("proxy.upstream_timeout_ms", raw.upstream_timeout_ms),
+    ] {
+        if v == 0 {
+            p.error(format!("{field}: must be at least 1"));
+        }
+    }
+
+    let tls = tls_files("proxy", raw.tls_cert.as_deref(), raw.tls_key.as_deref(), p);
+    let upstream_ca = raw
+        .upstream_ca
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from);
+    if let Some(ca) = &upstream_ca
+        && !ca.is_file()
+    {
+        p.error(format!(
+            "proxy.upstream_ca: {} is not a readable file",
+            ca.display()
+        ));
+    }
+
+    Some(ProxyConfig {
+        listen: listen?,
+        upstream: upstream?,
+        api_key_header,
+        query_param: raw.allow_query_param.then_some(raw.query_param),
+        connect_timeout: Duration::from_millis(raw.connect_timeout_ms),
+        upstream_timeout: Duration::from_millis(raw.upstream_timeout_ms),
+        tls,
+        upstream_ca,
+    })
+}
+
+/// `[admin]`: listener, admin keys (short ones only on loopback, with a warning), request
+/// limits, TLS. `None` when the listen address does not parse.
+fn admin(raw: RawAdmin, p: &mut Problems) -> Option<AdminConfig> {
+    let listen = parse_addr("admin.listen", &raw.listen, p);
+    let loopback = listen.is_some_and(|a| a.ip().is_loopback());
+    let key_hashes = admin_keys(&raw.keys, loopback, p);
+    if raw.max_body_bytes == 0 {
+        p.error("admin.max_body_bytes: must be at least 1");
+    }
+    if raw.self_service_permission.is_empty() {
+        p.error("admin.self_service_permission: must not be empty");
+    }
+    let tls = tls_files("admin", raw.tls_cert.as_deref(), raw.tls_key.as_deref(), p);
+    Some(AdminConfig {
+        listen: listen?,
+        key_hashes,
+        max_body_bytes: raw.max_body_bytes,
+        self_service_permission: raw.self_service_permission,
+        tls,
+    })
+}
+
+/// `admin.keys`: plaintext or `sha256:<hex>` entries, as hashes.
+fn admin_keys(keys: &[String], loopback: bool, p: &mut Problems) -> Vec<KeyHash> {
+    let mut hashes = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        if let Some(hexed) = k.strip_prefix("sha256:") {
+            match hex::decode(hexed)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            {
+                Some(h) => hashes.push(KeyHash(h)),
+                None => p.error(format!(
+                    "admin.keys[{i}]: a \"sha256:\" entry needs 64 hex characters (sha256sum of the key)"
+                )),
+            }
+        } else if k.trim().is_empty() {
+            p.error(format!("admin.keys[{i}]: empty admin key"));
+        } else {
+            if k.len() < MIN_ADMIN_KEY_LEN {
+                if loopback {
+                    p.warning(format!(
+                        "admin.keys[{i}]: shorter than {MIN_ADMIN_KEY_LEN} characters; accepted only because the admin listener is on loopback"
+                    ));
+                } else {
+                    p.error(format!(
+                        "admin.keys[{i}]: shorter than {MIN_ADMIN_KEY_LEN} characters on a non-loopback admin listener; use a long random key (e.g. `openssl rand -hex 32`)"
+                    ));
+                }
+            }
+            hashes.push(KeyHash::of(k));
+        }
+    }
+    hashes
+}
+
+/// `[store]`: the store URL and the cache in front of it. `None` when the URL is not usable.
+fn store(raw: RawStore, p: &mut Problems) -> Option<StoreConfig> {
+    let url = parse_store_url(&raw.url, p);
+    if raw.cache_ttl_secs == 0 {
+        p.error("store.cache_ttl_secs: must be at least 1");
+    }
+    if raw.cache_capacity == 0 {
+        p.error("store.cache_capacity: must be at least 1");
+    }
+    if raw.last_used_flush_secs == 0 {
+        p.error("store.last_used_flush_secs: must be at least 1");
+    }
+    let prefix = &raw.redis_prefix;
+    if prefix.is_empty() || prefix.len() > 64 || !prefix.bytes().all(|c| c.is_ascii_graphic()) {
+        p.error(format!(
+            "store.redis_prefix: {prefix:?} must be 1–64 printable characters without spaces (e.g. \"keygate:\")"
+        ));
+    }
+    Some(StoreConfig {
+        url: url?,
+        cache_ttl: Duration::from_secs(raw.cache_ttl_secs),
+        negative_ttl: Duration::from_secs(raw.negative_ttl_secs),
+        cache_capacity: raw.cache_capacity,
+        stale_if_error: Duration::from_secs(raw.stale_if_error_secs),
+        last_used_flush: Duration::from_secs(raw.last_used_flush_secs),
+        redis_prefix: raw.redis_prefix,
+    })
+}
+
+/// `[keys]`: the key prefix and the per-client cap.
+fn keys(raw: RawKeys, p: &mut Problems) -> KeysConfig {
+    let prefix = &raw.prefix;
+    if prefix.is_empty()
+        || prefix.len() > MAX_PREFIX_LEN
+        || !prefix
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_')
+    {
+        p.error(format!(
+            "keys.prefix: {prefix:?} must be 1–{MAX_PREFIX_LEN} characters of [A-Za-z0-9_] (e.g. \"kg_\")"
+        ));
+    }
+    KeysConfig {
+        prefix: raw.prefix,
+        max_per_client: raw.max_per_client,
+    }
+}
+
+/// `[rate_limit]`: the default limit of a key and the failed-authentication limit of a peer,
+/// in that order.
+fn rate_limit(raw: RawRateLimit, p: &mut Problems) -> (RateLimit, RateLimit) {
+    if let Some(why) = raw.default.problem() {
+        p.error(format!("rate_limit.default: {why}"));
+    }
+    if let Some(why) = raw.failed_auth.problem() {
+        p.error(format!("rate_limit.failed_auth: {why}"));
+    }
+    (raw.default, raw.failed_auth)
+}
+
+/// `[plans.NAME]`: each plan's limit (`None`: the default limit).
+fn plans(raw: &BTreeMap<String, RawPlan>, p: &mut Problems) -> HashMap<String, Option<RateLimit>> {
+    let mut plans = HashMap::new();
+    for (name, plan) in raw {
+        if let Some(why) = plan.rate_limit.and_then(|l| l.problem()) {
+            p.error(format!("plans.{name}.rate_limit: {why}"));
+        }
+        plans.insert(name.clone(), plan.rate_limit);
+    }
+    plans
+}
+
+/// `[[routes]]`: paths, upstreams (`default_upstream` when a route names none; `None` when the
+/// proxy's own did not parse), methods, auth and per-route limits. A route whose upstream is
+/// unusable is left out (its problem is reported).
+fn routes(raw: &[RawRoute], default_upstream: Option<&Uri>, p: &mut Problems) -> Vec<Route> {
+    let mut routes = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        let field = format!("routes[{i}]");
+        if !r.path.starts_with('/') || crate::proxy::route::check_path(&r.path).is_err() {
+            p.error(format!(
+                "{field}.path: {:?} must start with '/' and contain no dot-segments or encoded separators",
+                r.path
+            ));
+        }
+        if raw[..i].iter().any(|o| o.path == r.path) {
+            p.error(format!("{field}.path: {:?} is defined twice", r.path));
+        }
+        let upstream = match &r.upstream {
+            Some(u) => parse_upstream(&format!("{field}.upstream"), u, p),
+            None => default_upstream.cloned(),
+        };
+        let mut methods = Vec::new();
+        for m in &r.methods {
+            match http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                Ok(m) => methods.push(m),
+                Err(_) => p.error(format!("{field}.methods: {m:?} is not an HTTP method")),
+            }
+        }
+        let auth = r.auth.unwrap_or(RouteAuth::Required);
+        if let Some(why) = r.rate_limit.and_then(|l| l.problem()) {
+            p.error(format!("{field}.rate_limit: {why}"));
+        }
+        if auth == RouteAuth::None && (!r.permissions.is_empty() || r.rate_limit.is_some()) {
+            p.error(format!(
+                "{field}: auth = \"none\" cannot require permissions or a per-key rate_limit; remove them"
+            ));
+        }
+        if let Some(upstream) = upstream {
+            routes.push(Route {
+                path: r.path.clone(),
+                upstream,
+                permissions: r.permissions.clone(),
+                methods,
+                auth,
+                rate_limit: r.rate_limit,
+            });
+        }
+    }
+    routes
+}
+
+/// `[limits]`: request-head limits, timeouts on slow clients, the connection cap.
+fn limits(raw: &RawLimits, p: &mut Problems) -> Limits {
+    if raw.max_header_bytes < 8192 {
+        p.error("limits.max_header_bytes: must be at least 8192");
+    }
+    if raw.max_headers == 0 {
+        p.error("limits.max_headers: must be at least 1");
+    }
+    if raw.header_read_timeout_secs == 0 {
+        p.error("limits.header_read_timeout_secs: must be at least 1");
+    }
+    if raw.body_timeout_secs == 0 {
+        p.error("limits.body_timeout_secs: must be at least 1");
+    }
+    if raw.max_connections == 0 {
+        p.error("limits.max_connections: must be at least 1");
+    }
+    Limits {
+        max_header_bytes: raw.max_header_bytes,
+        max_headers: raw.max_headers,
+        header_read_timeout: Duration::from_secs(raw.header_read_timeout_secs),
+        body_timeout: Duration::from_secs(raw.body_timeout_secs),
+        max_connections: raw.max_connections,
+    }
+}
+
+/// `[server]`: the shutdown grace period and the number of worker threads (0: one per core),
+/// in that order. Every value is valid.
+fn server(raw: &RawServer) -> (Duration, usize) {
+    (
+        Duration::from_secs(raw.shutdown_grace_secs),
+        raw.worker_threads,
+    )
+}
+
+/// `[log]`: format, level (or filter) and the access log switch.
+fn log(raw: RawLog, p: &mut Problems) -> LogConfig {
+    if tracing_subscriber::EnvFilter::try_new(&raw.level).is_err() {
+        p.error(format!(
+            "log.level: {:?} is not a level or filter (e.g. \"info\" or \"keygate=debug\")",
+            raw.level
+        ));
+    }
+    LogConfig {
+        format: raw.format.unwrap_or(LogFormat::Human),
+        level: raw.level,
+        access_log: raw.access_log,
+    }
+}
+
+/// `[jwt]`: the token secret (required when `shared_store`: every instance must verify the
+/// tokens of the others), issuer, audience, lifetime and leeway.
+fn jwt(raw: RawJwt, shared_store: bool, p: &mut Problems) -> JwtConfig {
+    let secret = raw.secret.filter(|s| !s.is_empty());
+    if secret
+        .as_ref()
+        .is_some_and(|s| s.len() < crate::auth::jwt::MIN_SECRET_LEN)
+    {
+        p.error(format!(
+            "jwt.secret: must be at least {} bytes (e.g. `openssl rand -hex 32`)",
+            crate::auth::jwt::MIN_SECRET_LEN
+        ));
+    }
+    if secret.is_none() && shared_store {
+        p.error(
+            "jwt.secret: required with a shared (redis) store so tokens verify on every instance; set KEYGATE_JWT_SECRET",
+        );
+    }
+    if !(1..=MAX_JWT_TTL_SECS).contains(&raw.ttl_secs) {
+        p.error(format!(
+            "jwt.ttl_secs: must be from 1 to {MAX_JWT_TTL_SECS}"
+        ));
+    }
+    if raw.leeway_secs > MAX_JWT_LEEWAY_SECS {
+        p.error(format!("jwt.leeway_secs: at most {MAX_JWT_LEEWAY_SECS}"));
+    }
+    if raw.issuer.is_empty() {
+        p.error("jwt.issuer: must not be empty");
+    }
+    JwtConfig {
+        secret: secret.map(crate::keys::Secret),
+        issuer: raw.issuer,
+        audience: raw.audience,
+        ttl: Duration::from_secs(raw.ttl_secs),
+        leeway: Duration::from_secs(raw.leeway_secs),
+    }
+}
+
+fn parse_addr(field: &str, v: &str, p: &mut Problems) -> Option<SocketAddr> {
+    match v.parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            p.error(format!(
+                "{field}: {v:?} is not an address; use IP:PORT, e.g. \"127.0.0.1:8080\""
+            ));
+            None
+        }
+    }
+}
+
+/// Both files or neither; each must exist.
+fn tls_files(
+    section: &str,
+    cert: Option<&str>,
+    key: Option<&str>,
+    p: &mut Problems,
+) -> Option<TlsFiles> {
+    let cert = cert.filter(|s| !s.is_empty());
+    let key = key.filter(|s| !s.is_empty());
+    match (cert, key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => {
+            for (field, path) in [("tls_cert", cert), ("tls_key", key)] {
+                if !Path::new(path).is_file() {
+                    p.error(format!("{section}.{field}: {path} is not a readable file"));
+                }
+            }
+            Some(TlsFiles {
+                cert: cert.into(),
+                key: key.into(),
+            })
+        }
+        _ => {
+            p.error(format!(
+                "{section}: set both tls_cert and tls_key (PEM files), or neither"
+            ));
+            None
+        }
+    }
+}
+
+fn parse_upstream(field: &str, v: &str, p: &mut Problems) -> Option<Uri> {
+    match v.parse::<Uri>() {
+        Ok(u)
+            if matches!(u.scheme_str(), Some("http" | "https"))
+                && u.authority().is_some()
+                && u.query().is_none()
+                && matches!(u.path(), "" | "/") =>
+        {
+            Some(u)
+        }
+        _ => {
+            p.error(format!(
+                "{field}: {v:?} must be an http:// or https:// URL with a host and no path, e.g. \"http://127.0.0.1:9000\""
+            ));
+            None
+        }
+    }
+}
+
+fn parse_store_url(v: &str, p: &mut Problems) -> Option<StoreUrl> {
+    if let Some(path) = v.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            p.error("store.url: sqlite:// needs a file path, e.g. \"sqlite://data/keygate.db\"");
+            return None;
+        }
+        return Some(StoreUrl::Sqlite(PathBuf::from(path)));
+    }
+    if ["redis://", "rediss://", "redis+unix://"]
+        .iter()
+        .any(|s| v.starts_with(s))
+    {
+        return match crate::keys::store::redis::parse_url(v) {
+            Ok(_) => Some(StoreUrl::Redis(v.to_owned())),
+            // The URL is not repeated: a password can hide in it (user:pass@ or ?pass=).
+            Err(why) => {
+                p.error(format!("store.url: {why}"));
+                None
+            }
+        };
+    }
+    p.error(format!(
+        "store.url: {:?} is not supported; use sqlite://PATH, redis://HOST:PORT/DB, rediss://… or redis+unix:///path.sock",
+        redact_url(v)
+    ));
+    None
+}
+
+/// Hides a password in a URL before it is shown in an error.
+fn redact_url(v: &str) -> String {
+    match (v.find("://"), v.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &v[..s], &v[at + 1..]),
+        _ => v.to_owned(),
+    }
+}
