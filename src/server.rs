@@ -3,7 +3,10 @@
 //! shutdown. On the proxy listener every HTTP/1.1 connection is served by the fast path
 //! (`proxy::h1`) first; what it does not take — and every other connection (HTTP/2 by ALPN or
 //! h2c prior knowledge, the admin listener) — goes to hyper-util's auto builder, with a head
-//! size and count limit and a header read timeout (slowloris), given the bytes already read.
+//! size and count limit and a header read timeout (slowloris), given the bytes already read,
+//! and the idle and write-stall timeouts of [`activity`] on HTTP/1.1 and HTTP/2 alike.
+
+mod activity;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -27,6 +30,11 @@ use crate::proxy::ConnInfo;
 use crate::proxy::Gateway;
 use crate::proxy::h1;
 use crate::telemetry::metrics::Metrics;
+
+/// HTTP/2 connections are pinged this often; one that does not answer a ping within
+/// [`H2_PING_TIMEOUT`] is closed (a peer gone without a FIN).
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Pause after a failed accept (typically EMFILE/ENFILE) before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
@@ -70,7 +78,7 @@ pub async fn serve<F, S, B>(
     F: Fn(SocketAddr) -> S,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
-    B: Body + Send + 'static,
+    B: Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -88,7 +96,8 @@ pub async fn serve<F, S, B>(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT);
 
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let (drain, drained) = watch::channel(false);
@@ -192,7 +201,7 @@ impl Connection {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
         S::Future: Send + 'static,
-        B: Body + Send + 'static,
+        B: Body + Send + Unpin + 'static,
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
@@ -225,8 +234,15 @@ impl Connection {
         if draining {
             builder.http1().keep_alive(false);
         }
-        let io = TokioIo::new(Rewind { read, at: 0, io });
-        let conn = builder.serve_connection_with_upgrades(io, service);
+        let activity = Arc::new(activity::Activity::default());
+        let io = activity::Watched::new(
+            Rewind { read, at: 0, io },
+            Arc::clone(&activity),
+            self.settings.header_read_timeout,
+            self.settings.body_timeout,
+        );
+        let service = activity::Counted::new(service, activity);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
         let result = if draining {
             conn.await

@@ -1,0 +1,233 @@
+//! Timeouts of a connection served by hyper, the same for HTTP/1.1 and HTTP/2 (and the same
+//! bounds as the fast path's):
+//!
+//! - **idle**: while no request is in progress (none yet, or the last one's response body
+//!   ended), the client has `limits.header_read_timeout` to start the next request — an h2c
+//!   client that sends only the preface, or a keep-alive connection left open, loses its slot;
+//! - **write stall**: a client that takes no response bytes for `limits.body_timeout` is
+//!   dropped.
+//!
+//! [`Watched`] wraps the connection's I/O and enforces both; [`Counted`] wraps the service and
+//! keeps the count of requests in progress (until their response bodies end or are dropped).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
+use http::Response;
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::service::Service;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+/// Requests in progress on one connection, and the reader to wake when the last one ends.
+#[derive(Default)]
+pub struct Activity {
+    in_flight: AtomicUsize,
+    reader: AtomicWaker,
+}
+
+impl Activity {
+    fn start(self: &Arc<Self>) -> Guard {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Guard(Arc::clone(self))
+    }
+
+    fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+}
+
+/// One request in progress; dropped when its response body ends or is dropped.
+pub struct Guard(Arc<Activity>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.reader.wake();
+        }
+    }
+}
+
+/// The connection's I/O with the idle and write-stall timeouts.
+pub struct Watched<I> {
+    io: I,
+    activity: Arc<Activity>,
+    idle: Duration,
+    write_stall: Duration,
+    idle_timer: Option<Pin<Box<Sleep>>>,
+    write_timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<I> Watched<I> {
+    pub fn new(io: I, activity: Arc<Activity>, idle: Duration, write_stall: Duration) -> Self {
+        Watched {
+            io,
+            activity,
+            idle,
+            write_stall,
+            idle_timer: None,
+            write_timer: None,
+        }
+    }
+}
+
+fn timed_out(what: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, what.to_owned())
+}
+
+/// Polls `timer` (armed for `after` when missing): `true` when it has fired.
+fn expired(timer: &mut Option<Pin<Box<Sleep>>>, after: Duration, cx: &mut Context<'_>) -> bool {
+    timer
+        .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)))
+        .as_mut()
+        .poll(cx)
+        .is_ready()
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let filled = buf.filled().len();
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > filled {
+            // Bytes of a (next) request: the idle time starts again from here.
+            this.idle_timer = None;
+            return read;
+        }
+        if read.is_ready() {
+            return read;
+        }
+        this.activity.reader.register(cx.waker());
+        if this.activity.busy() {
+            this.idle_timer = None;
+        } else if expired(&mut this.idle_timer, this.idle, cx) {
+            return Poll::Ready(Err(timed_out("connection idle")));
+        }
+        Poll::Pending
+    }
+}
+
+impl<I: AsyncWrite + Unpin> Watched<I> {
+    fn progress<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        p: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if p.is_ready() {
+            self.write_timer = None;
+            return p;
+        }
+        if expired(&mut self.write_timer, self.write_stall, cx) {
+            return Poll::Ready(Err(timed_out("client stopped reading")));
+        }
+        Poll::Pending
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let p = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.progress(cx, p)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let p = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.progress(cx, p)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let p = Pin::new(&mut self.io).poll_flush(cx);
+        self.progress(cx, p)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// A service whose requests count as activity until their response bodies end.
+#[derive(Clone)]
+pub struct Counted<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Counted<S> {
+    pub fn new(inner: S, activity: Arc<Activity>) -> Self {
+        Counted { inner, activity }
+    }
+}
+
+impl<S, B, R> Service<R> for Counted<S>
+where
+    S: Service<R, Response = Response<B>>,
+    S::Future: Send + 'static,
+    B: Body,
+{
+    type Response = Response<CountedBody<B>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn call(&self, req: R) -> Self::Future {
+        let guard = self.activity.start();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let res = fut.await?;
+            Ok(res.map(|inner| CountedBody {
+                inner,
+                guard: Some(guard),
+            }))
+        })
+    }
+}
+
+/// A response body that ends its request's activity when it ends (or is dropped).
+pub struct CountedBody<B> {
+    inner: B,
+    guard: Option<Guard>,
+}
+
+impl<B: Body + Unpin> Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if frame.is_none() {
+            self.guard = None;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
