@@ -152,9 +152,6 @@ pub trait Store: Send + Sync + 'static {
         new_key: Option<&ApiKey>,
     ) -> StoreResult<Vec<ApiKey>>;
 
-    /// Records `last_used_at` for many keys in one write (batched off the request path).
-    async fn record_last_used(&self, used: &[(Uuid, Millis)]) -> StoreResult<()>;
-
     /// Records a batch of usage in one atomic write: each entry raises the key's
     /// `last_used_at` to at least `last_used_at` and adds `requests` to its count for `day`.
     /// Entries of keys that no longer exist are ignored.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use keygate::keys::cache::{Invalidation, InvalidationSink};
 use keygate::keys::store::redis::RedisStore;
-use keygate::keys::store::{Store, StoreError};
+use keygate::keys::store::{Store, StoreError, Usage};
 use keygate::keys::{ApiKey, Client, KeyHash, now_millis};
 use uuid::Uuid;
 
@@ -169,7 +169,14 @@ async fn every_write_publishes_the_ids_and_all_hashes_it_touched() {
     assert!(!a.update_key(&key("acme")).await.unwrap());
     assert!(a.delete_key(Uuid::now_v7()).await.unwrap().is_none());
     assert!(a.delete_client("nobody").await.unwrap().is_none());
-    a.record_last_used(&[(k3.id, now_millis())]).await.unwrap();
+    a.record_usage(&[Usage {
+        key_id: k3.id,
+        last_used_at: now_millis(),
+        day: 1,
+        requests: 1,
+    }])
+    .await
+    .unwrap();
 
     a.delete_client("acme").await.unwrap().unwrap();
     assert_inv(&seen.next().await, &[k3.id], &[k3.key_hash]);

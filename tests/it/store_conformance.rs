@@ -95,7 +95,6 @@ conformance!(
     insert_client_conflicts_write_nothing,
     clients_get_list_update_delete,
     replace_client_keys_disables_or_replaces,
-    record_last_used_keeps_the_latest,
     usage_counts_add_up_per_day_and_die_with_the_key,
     ping_answers,
 );
@@ -387,7 +386,14 @@ async fn update_key_replaces_mutable_fields_only(s: Arc<dyn Store>) {
 
     // last_used_at only moves forward: an update carrying an older (or no) value, as an admin
     // edit that read the key before a usage flush would, keeps the newer one.
-    s.record_last_used(&[(k.id, now + 60)]).await.unwrap();
+    s.record_usage(&[Usage {
+        key_id: k.id,
+        last_used_at: now + 60,
+        day: 1,
+        requests: 1,
+    }])
+    .await
+    .unwrap();
     let mut stale = changed.clone();
     stale.last_used_at = Some(now + 40);
     stale.name = "renamed again".into();
@@ -606,33 +612,6 @@ async fn replace_client_keys_disables_or_replaces(s: Arc<dyn Store>) {
         s.replace_client_keys("nobody", true, None).await,
         Err(StoreError::NotFound)
     ));
-}
-
-async fn record_last_used_keeps_the_latest(s: Arc<dyn Store>) {
-    let now = now_millis();
-    let (k1, _) = key("acme", now);
-    let (k2, _) = key("acme", now);
-    s.insert_client(&client("acme", "pro", now), &k1)
-        .await
-        .unwrap();
-    s.insert_key(&k2, 0).await.unwrap();
-    let last = |id| {
-        let s = Arc::clone(&s);
-        async move { s.find_by_id(id).await.unwrap().unwrap().key.last_used_at }
-    };
-    s.record_last_used(&[]).await.unwrap();
-    s.record_last_used(&[(k1.id, now + 10), (Uuid::now_v7(), now + 10)])
-        .await
-        .unwrap();
-    assert_eq!(last(k1.id).await, Some(now + 10));
-    assert_eq!(last(k2.id).await, None);
-    s.record_last_used(&[(k1.id, now + 5), (k2.id, now + 7)])
-        .await
-        .unwrap();
-    assert_eq!(last(k1.id).await, Some(now + 10), "never goes back");
-    assert_eq!(last(k2.id).await, Some(now + 7));
-    s.record_last_used(&[(k1.id, now + 20)]).await.unwrap();
-    assert_eq!(last(k1.id).await, Some(now + 20));
 }
 
 async fn usage_counts_add_up_per_day_and_die_with_the_key(s: Arc<dyn Store>) {

@@ -112,9 +112,6 @@ impl Store for Metered {
         self.timed(self.inner.replace_client_keys(id, disable_only, new_key))
             .await
     }
-    async fn record_last_used(&self, used: &[(Uuid, Millis)]) -> StoreResult<()> {
-        self.timed(self.inner.record_last_used(used)).await
-    }
     async fn record_usage(&self, usage: &[Usage]) -> StoreResult<()> {
         self.timed(self.inner.record_usage(usage)).await
     }

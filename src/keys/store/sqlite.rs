@@ -538,26 +538,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn record_last_used(&self, used: &[(Uuid, Millis)]) -> StoreResult<()> {
-        let used = used.to_vec();
-        self.run(move |c| {
-            let tx = c.transaction().map_err(db)?;
-            {
-                let mut stmt = tx
-                    .prepare_cached(
-                        "UPDATE api_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?2) \
-                         WHERE id = ?1",
-                    )
-                    .map_err(db)?;
-                for (id, at) in &used {
-                    stmt.execute(params![id.to_string(), at]).map_err(db)?;
-                }
-            }
-            tx.commit().map_err(db)
-        })
-        .await
-    }
-
     async fn record_usage(&self, usage: &[Usage]) -> StoreResult<()> {
         let usage = usage.to_vec();
         self.run(move |c| {

@@ -116,9 +116,6 @@ impl Store for Counting {
             .replace_client_keys(id, disable_only, new_key)
             .await
     }
-    async fn record_last_used(&self, used: &[(Uuid, Millis)]) -> StoreResult<()> {
-        self.inner.record_last_used(used).await
-    }
     async fn record_usage(&self, u: &[crate::keys::store::Usage]) -> StoreResult<()> {
         let allowed =
             self.usage_writes_left

@@ -301,7 +301,6 @@ struct Scripts {
     update_client: Script,
     delete_client: Script,
     replace_client_keys: Script,
-    record_last_used: Script,
     record_usage: Script,
     usage: Script,
 }
@@ -324,7 +323,6 @@ fn scripts() -> &'static Scripts {
             update_client: s(include_str!("scripts/update_client.lua")),
             delete_client: s(include_str!("scripts/delete_client.lua")),
             replace_client_keys: s(include_str!("scripts/replace_client_keys.lua")),
-            record_last_used: s(include_str!("scripts/record_last_used.lua")),
             record_usage: s(include_str!("scripts/record_usage.lua")),
             usage: s(include_str!("scripts/usage.lua")),
         }
@@ -498,19 +496,6 @@ impl Store for RedisStore {
         status(code)?;
         let before = parts.get(1).cloned().unwrap_or(Value::Nil);
         array(before)?.iter().map(key_from).collect()
-    }
-
-    async fn record_last_used(&self, used: &[(Uuid, Millis)]) -> StoreResult<()> {
-        if used.is_empty() {
-            return Ok(());
-        }
-        let mut a = Args::default();
-        for (id, at) in used {
-            a.push(id).push(at);
-        }
-        self.script("record last use", &scripts().record_last_used, a)
-            .await
-            .map(|_| ())
     }
 
     async fn record_usage(&self, usage: &[Usage]) -> StoreResult<()> {
