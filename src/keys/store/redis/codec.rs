@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use ::redis::Value;
 use uuid::Uuid;
 
-use crate::keys::store::{Conflict, Page, StoreError, StoreResult};
+use crate::keys::store::{Conflict, KeyPatch, Page, StoreError, StoreResult};
 use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit};
 
 pub(super) fn corrupt(what: &str) -> StoreError {
@@ -58,14 +58,15 @@ pub(super) fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("serializable")
 }
 
-/// The fields of a key that `update_key` may replace; absent optional values are left out.
+/// The fields of a key besides id, client_id and created_at, as a new key is written; absent
+/// optional values are left out.
 pub(super) fn key_fields(k: &ApiKey) -> Vec<(&'static str, String)> {
     let mut f = vec![
         ("name", k.name.clone()),
         ("prefix", k.prefix.clone()),
         ("key_hash", hex::encode(k.key_hash.0)),
         ("permissions", json(&k.permissions)),
-        ("enabled", if k.enabled { "1" } else { "0" }.to_owned()),
+        ("enabled", flag(k.enabled)),
         ("updated_at", k.updated_at.to_string()),
     ];
     let mut opt = |name, v: Option<String>| {
@@ -84,6 +85,38 @@ pub(super) fn key_fields(k: &ApiKey) -> Vec<(&'static str, String)> {
     opt("rate_limit", k.rate_limit.as_ref().map(json));
     opt("metadata", k.metadata.as_ref().map(json));
     f
+}
+
+/// What a patch does to a key's hash: the fields it sets (encoded as [`key_fields`] encodes
+/// them) and the fields it removes (attributes set to none).
+pub(super) fn patch_fields(p: &KeyPatch) -> (Vec<(&'static str, String)>, Vec<&'static str>) {
+    let mut set = Vec::new();
+    let mut clear = Vec::new();
+    if let Some(name) = &p.name {
+        set.push(("name", name.clone()));
+    }
+    if let Some(enabled) = p.enabled {
+        set.push(("enabled", flag(enabled)));
+    }
+    if let Some(permissions) = &p.permissions {
+        set.push(("permissions", json(permissions)));
+    }
+    let mut opt = |name, v: Option<Option<String>>| match v {
+        Some(Some(v)) => set.push((name, v)),
+        Some(None) => clear.push(name),
+        None => {}
+    };
+    opt("expires_at", p.expires_at.map(|v| v.map(|t| t.to_string())));
+    opt("rate_limit", p.rate_limit.map(|v| v.as_ref().map(json)));
+    opt(
+        "metadata",
+        p.metadata.as_ref().map(|v| v.as_ref().map(json)),
+    );
+    (set, clear)
+}
+
+fn flag(b: bool) -> String {
+    if b { "1" } else { "0" }.to_owned()
 }
 
 pub(super) fn client_fields(c: &Client) -> Vec<String> {
@@ -289,5 +322,83 @@ mod tests {
             flat.push(Value::BulkString(v.into_bytes()));
         }
         assert_eq!(key_from(&Value::Array(flat)).unwrap(), k);
+    }
+
+    /// A key's hash as `HGETALL` answers it, after `patch` was applied to the hash of `k`.
+    fn patched(k: &ApiKey, patch: &KeyPatch) -> ApiKey {
+        let mut f: Vec<(String, String)> = vec![
+            ("id".into(), k.id.to_string()),
+            ("client_id".into(), k.client_id.clone()),
+            ("created_at".into(), k.created_at.to_string()),
+        ];
+        f.extend(key_fields(k).into_iter().map(|(n, v)| (n.to_owned(), v)));
+        let (set, clear) = patch_fields(patch);
+        for (name, v) in set {
+            f.retain(|(n, _)| n != name);
+            f.push((name.to_owned(), v));
+        }
+        f.retain(|(n, _)| !clear.contains(&n.as_str()));
+        let flat = f
+            .into_iter()
+            .flat_map(|(n, v)| [n, v])
+            .map(|s| Value::BulkString(s.into_bytes()))
+            .collect();
+        key_from(&Value::Array(flat)).unwrap()
+    }
+
+    #[test]
+    fn patches_set_and_clear_only_what_they_name() {
+        let now = now_millis();
+        let k = ApiKey {
+            id: Uuid::now_v7(),
+            client_id: "c".into(),
+            name: "n".into(),
+            prefix: "kg_abcdefghi".into(),
+            key_hash: KeyHash::of("a"),
+            previous_hash: None,
+            previous_valid_until: None,
+            permissions: vec!["A".into()],
+            enabled: true,
+            created_at: now,
+            updated_at: now,
+            expires_at: Some(now + 2),
+            last_used_at: None,
+            rotated_at: None,
+            rate_limit: None,
+            metadata: Some(serde_json::json!({"a": 1})),
+        };
+        assert_eq!(patched(&k, &KeyPatch::default()), k);
+        let limit = RateLimit {
+            per_second: None,
+            per_minute: Some(60),
+            per_hour: None,
+            burst: 5,
+        };
+        let p = KeyPatch {
+            name: Some("m".into()),
+            enabled: Some(false),
+            permissions: Some(vec![]),
+            expires_at: Some(None),
+            rate_limit: Some(Some(limit)),
+            metadata: Some(None),
+        };
+        let want = ApiKey {
+            name: "m".into(),
+            enabled: false,
+            permissions: vec![],
+            expires_at: None,
+            rate_limit: Some(limit),
+            metadata: None,
+            ..k.clone()
+        };
+        assert_eq!(patched(&k, &p), want);
+        let only_enabled = KeyPatch {
+            enabled: Some(false),
+            ..KeyPatch::default()
+        };
+        assert_eq!(
+            patch_fields(&only_enabled),
+            (vec![("enabled", "0".into())], vec![])
+        );
     }
 }

@@ -52,12 +52,15 @@ use ::redis::{ConnectionInfo, IntoConnectionInfo, RedisError, Script, Value};
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use super::{ClientWithKeys, Conflict, Page, Store, StoreError, StoreResult, Usage};
+use super::{
+    ClientPatch, ClientWithKeys, Conflict, KeyPatch, Page, Rotated, Rotation, Store, StoreError,
+    StoreResult, Usage,
+};
 use crate::keys::cache::InvalidationSink;
 use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, now_millis};
 use codec::{
     Args, CODE_TOO_MANY, array, client_fields, client_from, corrupt, int, json, key_from,
-    page_from, page_range, record_from, status, text,
+    page_from, page_range, patch_fields, record_from, status, text,
 };
 pub use watch::decode_invalidation;
 use watch::{SUB_DOWN, SUB_NONE, Watcher};
@@ -294,12 +297,14 @@ struct Scripts {
     find_by_id: Script,
     list_keys: Script,
     insert_key: Script,
-    update_key: Script,
+    patch_key: Script,
+    rotate_key: Script,
     delete_key: Script,
     insert_client: Script,
     list_clients: Script,
-    update_client: Script,
+    patch_client: Script,
     delete_client: Script,
+    disable_client_keys: Script,
     replace_client_keys: Script,
     record_usage: Script,
     usage: Script,
@@ -316,17 +321,31 @@ fn scripts() -> &'static Scripts {
             find_by_id: s(include_str!("scripts/find_by_id.lua")),
             list_keys: s(include_str!("scripts/list_keys.lua")),
             insert_key: s(include_str!("scripts/insert_key.lua")),
-            update_key: s(include_str!("scripts/update_key.lua")),
+            patch_key: s(include_str!("scripts/patch_key.lua")),
+            rotate_key: s(include_str!("scripts/rotate_key.lua")),
             delete_key: s(include_str!("scripts/delete_key.lua")),
             insert_client: s(include_str!("scripts/insert_client.lua")),
             list_clients: s(include_str!("scripts/list_clients.lua")),
-            update_client: s(include_str!("scripts/update_client.lua")),
+            patch_client: s(include_str!("scripts/patch_client.lua")),
             delete_client: s(include_str!("scripts/delete_client.lua")),
+            disable_client_keys: s(include_str!("scripts/disable_client_keys.lua")),
             replace_client_keys: s(include_str!("scripts/replace_client_keys.lua")),
             record_usage: s(include_str!("scripts/record_usage.lua")),
             usage: s(include_str!("scripts/usage.lua")),
         }
     })
+}
+
+/// `{status}` or `{1, {key fields…}}`, as answered by the scripts that replace or disable a
+/// client's keys.
+fn keys_before(v: Value) -> StoreResult<Vec<ApiKey>> {
+    let parts = array(v)?;
+    let code = int(parts.first().ok_or_else(|| corrupt("replacement"))?)?;
+    if !status(code)? {
+        return Err(StoreError::NotFound);
+    }
+    let before = parts.get(1).cloned().unwrap_or(Value::Nil);
+    array(before)?.iter().map(key_from).collect()
 }
 
 #[async_trait]
@@ -371,12 +390,51 @@ impl Store for RedisStore {
         }
     }
 
-    async fn update_key(&self, key: &ApiKey) -> StoreResult<bool> {
+    async fn patch_key(
+        &self,
+        id: Uuid,
+        patch: &KeyPatch,
+        now: Millis,
+    ) -> StoreResult<Option<ApiKey>> {
+        let (set, clear) = patch_fields(patch);
         let mut a = Args::default();
-        a.push(now_millis()).key(key);
-        status(int(&self
-            .script("update key", &scripts().update_key, a)
-            .await?)?)
+        a.push(now_millis()).push(id).push(now).push(set.len() * 2);
+        for (name, value) in set {
+            a.push(name).push(value);
+        }
+        for name in clear {
+            a.push(name);
+        }
+        match self.script("patch key", &scripts().patch_key, a).await? {
+            Value::Nil => Ok(None),
+            v => key_from(&v).map(Some),
+        }
+    }
+
+    async fn rotate_key(&self, id: Uuid, r: &Rotation) -> StoreResult<Option<Rotated>> {
+        let mut a = Args::default();
+        a.push(now_millis())
+            .push(id)
+            .push(hex::encode(r.key_hash.0))
+            .push(&r.prefix)
+            .push(
+                r.previous_valid_until
+                    .map(|t| t.to_string())
+                    .unwrap_or_default(),
+            )
+            .push(r.at);
+        let parts = array(self.script("rotate key", &scripts().rotate_key, a).await?)?;
+        let code = int(parts.first().ok_or_else(|| corrupt("rotation"))?)?;
+        if !status(code)? {
+            return Ok(None);
+        }
+        let [_, before, after] = parts.as_slice() else {
+            return Err(corrupt("rotation"));
+        };
+        Ok(Some(Rotated {
+            before: key_from(before)?,
+            after: key_from(after)?,
+        }))
     }
 
     async fn delete_key(&self, id: Uuid) -> StoreResult<Option<ApiKey>> {
@@ -435,18 +493,29 @@ impl Store for RedisStore {
         )
     }
 
-    async fn update_client(&self, client: &Client) -> StoreResult<bool> {
+    async fn patch_client(
+        &self,
+        client_id: &str,
+        patch: &ClientPatch,
+    ) -> StoreResult<Option<Client>> {
         let mut a = Args::default();
-        a.push(now_millis())
-            .push(&client.client_id)
-            .push(&client.license);
-        match &client.metadata {
-            Some(m) => a.push("1").push(json(m)),
+        a.push(now_millis()).push(client_id);
+        match &patch.license {
+            Some(l) => a.push("1").push(l),
             None => a.push("0").push(""),
         };
-        status(int(&self
-            .script("update client", &scripts().update_client, a)
-            .await?)?)
+        match &patch.metadata {
+            None => a.push("keep").push(""),
+            Some(Some(m)) => a.push("set").push(json(m)),
+            Some(None) => a.push("clear").push(""),
+        };
+        match self
+            .script("patch client", &scripts().patch_client, a)
+            .await?
+        {
+            Value::Nil => Ok(None),
+            v => client_from(&v).map(Some),
+        }
     }
 
     async fn delete_client(&self, client_id: &str) -> StoreResult<Option<ClientWithKeys>> {
@@ -471,31 +540,26 @@ impl Store for RedisStore {
         }))
     }
 
+    async fn disable_client_keys(&self, client_id: &str) -> StoreResult<Vec<ApiKey>> {
+        let mut a = Args::default();
+        a.push(now_millis()).push(client_id);
+        keys_before(
+            self.script("disable keys", &scripts().disable_client_keys, a)
+                .await?,
+        )
+    }
+
     async fn replace_client_keys(
         &self,
         client_id: &str,
-        disable_only: bool,
-        new_key: Option<&ApiKey>,
+        new_key: &ApiKey,
     ) -> StoreResult<Vec<ApiKey>> {
         let mut a = Args::default();
-        a.push(now_millis())
-            .push(client_id)
-            .push(if disable_only { "1" } else { "0" });
-        match new_key {
-            Some(k) => a.push("1").key(k),
-            None => a.push("0"),
-        };
-        let v = self
-            .script("replace keys", &scripts().replace_client_keys, a)
-            .await?;
-        let parts = array(v)?;
-        let code = int(parts.first().ok_or_else(|| corrupt("replacement"))?)?;
-        if code == 0 {
-            return Err(StoreError::NotFound);
-        }
-        status(code)?;
-        let before = parts.get(1).cloned().unwrap_or(Value::Nil);
-        array(before)?.iter().map(key_from).collect()
+        a.push(now_millis()).push(client_id).key(new_key);
+        keys_before(
+            self.script("replace keys", &scripts().replace_client_keys, a)
+                .await?,
+        )
     }
 
     async fn record_usage(&self, usage: &[Usage]) -> StoreResult<()> {

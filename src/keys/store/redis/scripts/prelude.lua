@@ -29,6 +29,12 @@ local function read_key(i)
   return k, i + 6 + n
 end
 
+-- Raises a stored key's updated_at to t; it never moves back (instances' clocks differ a little).
+local function touch(id, t)
+  local cur = redis.call('HGET', kkey(id), 'updated_at')
+  if not cur or tonumber(cur) < tonumber(t) then redis.call('HSET', kkey(id), 'updated_at', t) end
+end
+
 local function key_hashes(k)
   local out = {k.h}
   if k.ph ~= '' then out[2] = k.ph end
