@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 use super::error::{AdminError, ErrorResponses, FieldError, JsonBody};
 use super::keys::{KeyView, audit, check_metadata, check_permissions, new_key};
 use super::{AdminState, Caller, PageQuery, PageView, all_keys_of, rfc3339};
+use crate::keys::store::ClientPatch;
 use crate::keys::{Client, now_millis, valid_client_id};
 
 /// Name of the key created together with a client.
@@ -236,20 +237,16 @@ pub async fn update(
     if !errs.is_empty() {
         return Err(AdminError::Validation(errs));
     }
-    let mut c = state
+    // Only what the body names is written, on the client as it is at that moment.
+    let patch = ClientPatch {
+        license,
+        metadata: body.metadata,
+    };
+    let c = state
         .store
-        .get_client(&client_id)
+        .patch_client(&client_id, &patch)
         .await?
         .ok_or(AdminError::NotFound(NO_CLIENT))?;
-    if let Some(l) = license {
-        c.license = l;
-    }
-    if let Some(m) = body.metadata {
-        c.metadata = m;
-    }
-    if !state.store.update_client(&c).await? {
-        return Err(AdminError::NotFound(NO_CLIENT));
-    }
     // The license is part of every cached principal of this client.
     let keys = all_keys_of(state.store.as_ref(), &client_id).await?;
     state.invalidate(&keys);

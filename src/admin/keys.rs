@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use super::error::{AdminError, ErrorResponses, FieldError, JsonBody};
 use super::{AdminState, Caller, PageQuery, PageView, rfc3339};
+use crate::keys::store::{KeyPatch, Rotated, Rotation};
 use crate::keys::{ApiKey, Millis, RateLimit, now_millis, valid_client_id};
 
 /// Longest rotation grace period: 7 days.
@@ -416,7 +417,7 @@ pub async fn update(
     JsonBody(body): JsonBody<UpdateKey>,
 ) -> Result<Json<KeyView>, AdminError> {
     let now = now_millis();
-    let mut key = load(&state, &caller, &id).await?;
+    let key = load(&state, &caller, &id).await?;
     check_client_limits(
         &caller,
         body.permissions.as_deref(),
@@ -443,28 +444,21 @@ pub async fn update(
     if !errs.is_empty() {
         return Err(AdminError::Validation(errs));
     }
-    if let Some(name) = body.name {
-        key.name = name;
-    }
-    if let Some(enabled) = body.enabled {
-        key.enabled = enabled;
-    }
-    if let Some(p) = body.permissions {
-        key.permissions = p;
-    }
-    if let Some(e) = expires_at {
-        key.expires_at = e;
-    }
-    if let Some(l) = body.rate_limit {
-        key.rate_limit = l;
-    }
-    if let Some(m) = body.metadata {
-        key.metadata = m;
-    }
-    key.updated_at = now;
-    if !state.store.update_key(&key).await? {
-        return Err(AdminError::NotFound("no API key with this id"));
-    }
+    // Only the attributes the body names are written, on the key as it is at that moment: a
+    // concurrent disable, rotation or other PATCH is never undone by this one.
+    let patch = KeyPatch {
+        name: body.name,
+        enabled: body.enabled,
+        permissions: body.permissions,
+        expires_at,
+        rate_limit: body.rate_limit,
+        metadata: body.metadata,
+    };
+    let key = state
+        .store
+        .patch_key(key.id, &patch, now)
+        .await?
+        .ok_or(AdminError::NotFound("no API key with this id"))?;
     state.invalidate(std::slice::from_ref(&key));
     audit("key.update", &caller, &key);
     Ok(Json(KeyView::of(&key)))
@@ -508,28 +502,26 @@ pub async fn rotate(
             format!("must be from 0 to {MAX_GRACE_SECONDS} (7 days)"),
         )]));
     }
-    let mut key = load(&state, &caller, &id).await?;
-    let before = key.clone();
+    let key = load(&state, &caller, &id).await?;
     let generated = state.format.generate();
-    if grace > 0 {
-        key.previous_hash = Some(key.key_hash);
-        key.previous_valid_until = Some(now + grace as i64 * 1000);
-    } else {
-        key.previous_hash = None;
-        key.previous_valid_until = None;
-    }
-    key.key_hash = generated.hash;
-    key.prefix = generated.display_prefix;
-    key.rotated_at = Some(now);
-    key.updated_at = now;
-    if !state.store.update_key(&key).await? {
-        return Err(AdminError::NotFound("no API key with this id"));
-    }
+    // The store swaps the secret on the key as it is at that moment and changes nothing else:
+    // a concurrent PATCH neither undoes this rotation nor is undone by it.
+    let rotation = Rotation {
+        key_hash: generated.hash,
+        prefix: generated.display_prefix,
+        previous_valid_until: (grace > 0).then(|| now + grace as i64 * 1000),
+        at: now,
+    };
+    let Rotated { before, after } = state
+        .store
+        .rotate_key(key.id, &rotation)
+        .await?
+        .ok_or(AdminError::NotFound("no API key with this id"))?;
     // Both the old state (its current and previous hashes) and the new one.
-    state.invalidate(&[before, key.clone()]);
-    audit("key.rotate", &caller, &key);
+    state.invalidate(&[before, after.clone()]);
+    audit("key.rotate", &caller, &after);
     Ok(Json(KeyView::with_secret(
-        &key,
+        &after,
         generated.plaintext.expose(),
     )))
 }

@@ -150,7 +150,7 @@ pub async fn revoke_client_key(
     let client_id = client_id_of(body)?;
     let before = state
         .store
-        .replace_client_keys(&client_id, true, None)
+        .disable_client_keys(&client_id)
         .await
         .map_err(not_found)?;
     state.invalidate(&before);
@@ -190,7 +190,7 @@ pub async fn create_client_key(
     );
     let mut before = state
         .store
-        .replace_client_keys(&client_id, false, Some(&key))
+        .replace_client_keys(&client_id, &key)
         .await
         .map_err(not_found)?;
     before.push(key.clone());

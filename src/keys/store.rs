@@ -1,6 +1,16 @@
 //! The `Store` trait: durable clients and keys. The proxy calls it on cache misses only; the
 //! admin plane calls it for every read and write. Implementations must make each write atomic
 //! (a crash never leaves half a client or half a key) and acknowledge only what is durable.
+//!
+//! # Changes never undo each other
+//! A change to an existing record names what it changes ([`KeyPatch`], [`Rotation`],
+//! [`ClientPatch`]) and is applied by the store to the record as it is at the moment of the
+//! write, in one atomic step; nothing is read by the caller, edited and written back whole. So
+//! two changes made at the same time both hold where they touch different attributes, and the
+//! later one wins where they touch the same: a PATCH that does not name `enabled` cannot
+//! re-enable a disabled key, a PATCH cannot restore a rotated-away secret, and a rotation
+//! cannot undo a PATCH. Such writes never fail because of a concurrent write (there is nothing
+//! to retry), and each answers the record as its own write left it.
 
 pub mod metered;
 pub mod redis;
@@ -14,7 +24,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::cache::InvalidationSink;
-use super::{ApiKey, Client, KeyHash, KeyRecord, Millis};
+use super::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -102,6 +112,47 @@ pub struct ClientWithKeys {
     pub keys: Vec<ApiKey>,
 }
 
+/// A change to some attributes of a key: `None` leaves an attribute as it is. The secret is
+/// changed by a [`Rotation`] only.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeyPatch {
+    pub name: Option<String>,
+    pub enabled: Option<bool>,
+    pub permissions: Option<Vec<String>>,
+    /// `Some(None)`: the key never expires.
+    pub expires_at: Option<Option<Millis>>,
+    /// `Some(None)`: the key falls back to its client's plan.
+    pub rate_limit: Option<Option<RateLimit>>,
+    /// `Some(None)`: no metadata.
+    pub metadata: Option<Option<serde_json::Value>>,
+}
+
+/// A new secret for a key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rotation {
+    pub key_hash: KeyHash,
+    /// The display prefix of the new secret.
+    pub prefix: String,
+    /// Until when the secret being replaced keeps working; `None`: it stops at once.
+    pub previous_valid_until: Option<Millis>,
+    pub at: Millis,
+}
+
+/// A key just before and just after a rotation, both as the rotation's own write saw them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rotated {
+    pub before: ApiKey,
+    pub after: ApiKey,
+}
+
+/// A change to some attributes of a client: `None` leaves an attribute as it is.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClientPatch {
+    pub license: Option<String>,
+    /// `Some(None)`: no metadata.
+    pub metadata: Option<Option<serde_json::Value>>,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// The key whose current hash, or whose previous hash still within its grace period at
@@ -123,9 +174,22 @@ pub trait Store: Send + Sync + 'static {
     /// transaction. `NotFound` when the client does not exist.
     async fn insert_key(&self, key: &ApiKey, max_keys: u32) -> StoreResult<()>;
 
-    /// Replaces a key's mutable fields (everything but `id`, `client_id`, `created_at`).
-    /// Returns false when the key does not exist.
-    async fn update_key(&self, key: &ApiKey) -> StoreResult<bool>;
+    /// Sets the attributes `patch` names, and `updated_at` to `now` unless it is already later,
+    /// in one atomic write on the key as it is then: its secret and every attribute the patch
+    /// does not name stay as they are. Returns the key as this write left it, `None` when it
+    /// does not exist.
+    async fn patch_key(
+        &self,
+        id: Uuid,
+        patch: &KeyPatch,
+        now: Millis,
+    ) -> StoreResult<Option<ApiKey>>;
+
+    /// Gives the key a new secret in one atomic write. The hash that is current at the moment of
+    /// the write becomes the previous hash, valid until `previous_valid_until`, or stops at once
+    /// when that is `None`; an older previous hash always stops. Only the hashes, `prefix`,
+    /// `rotated_at` and `updated_at` change. `None` when the key does not exist.
+    async fn rotate_key(&self, id: Uuid, rotation: &Rotation) -> StoreResult<Option<Rotated>>;
 
     /// Deletes a key and returns it.
     async fn delete_key(&self, id: Uuid) -> StoreResult<Option<ApiKey>>;
@@ -137,23 +201,30 @@ pub trait Store: Send + Sync + 'static {
 
     async fn list_clients(&self, page: u32, per_page: u32) -> StoreResult<Page<Client>>;
 
-    /// Replaces a client's license and metadata. Returns false when it does not exist.
-    async fn update_client(&self, client: &Client) -> StoreResult<bool>;
+    /// Sets the attributes `patch` names in one atomic write. Returns the client as this write
+    /// left it, `None` when it does not exist.
+    async fn patch_client(
+        &self,
+        client_id: &str,
+        patch: &ClientPatch,
+    ) -> StoreResult<Option<Client>>;
 
     /// Deletes a client and all its keys, atomically, returning what was deleted.
     async fn delete_client(&self, client_id: &str) -> StoreResult<Option<ClientWithKeys>>;
 
-    /// Replaces all keys of a client by `new_keys` (disabling when `disable_only`), atomically;
-    /// used by the Kixote revoke/recreate calls. Returns the keys as they were before.
+    /// Disables every key of the client (only `enabled` and `updated_at` change), atomically;
+    /// the Kixote revoke call. Returns the keys as they were before. `NotFound` when the client
+    /// does not exist.
+    async fn disable_client_keys(&self, client_id: &str) -> StoreResult<Vec<ApiKey>>;
+
+    /// Deletes every key of the client and inserts `new_key` in their place, atomically; the
+    /// Kixote recreate call. Returns the deleted keys. `NotFound` when the client does not
+    /// exist (and nothing is written).
     async fn replace_client_keys(
         &self,
         client_id: &str,
-        disable_only: bool,
-        new_key: Option<&ApiKey>,
+        new_key: &ApiKey,
     ) -> StoreResult<Vec<ApiKey>>;
-
-    /// Records `last_used_at` for many keys in one write (batched off the request path).
-    async fn record_last_used(&self, used: &[(Uuid, Millis)]) -> StoreResult<()>;
 
     /// Records a batch of usage in one atomic write: each entry raises the key's
     /// `last_used_at` to at least `last_used_at` and adds `requests` to its count for `day`.

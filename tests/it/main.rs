@@ -2,6 +2,7 @@
 //! `redis-server` started by the test, a real upstream.
 
 mod admin_api;
+mod admin_races;
 mod binary;
 mod deploy_files;
 mod fast_path;

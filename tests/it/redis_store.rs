@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use keygate::keys::cache::{Invalidation, InvalidationSink};
 use keygate::keys::store::redis::RedisStore;
-use keygate::keys::store::{Store, StoreError};
+use keygate::keys::store::{ClientPatch, KeyPatch, Rotation, Store, StoreError, Usage};
 use keygate::keys::testing::client;
 use keygate::keys::{ApiKey, KeyHash, now_millis};
 use uuid::Uuid;
@@ -91,7 +91,7 @@ async fn every_write_publishes_the_ids_and_all_hashes_it_touched() {
     seen.wait_resyncs(1).await;
     seen_other.wait_resyncs(1).await;
 
-    let mut k1 = key("acme");
+    let k1 = key("acme");
     let h1 = k1.key_hash;
     a.insert_client(&client("acme"), &k1).await.unwrap();
     assert_inv(&seen.next().await, &[k1.id], &[h1]);
@@ -100,38 +100,48 @@ async fn every_write_publishes_the_ids_and_all_hashes_it_touched() {
     a.insert_key(&k2, 0).await.unwrap();
     assert_inv(&seen.next().await, &[k2.id], &[k2.key_hash]);
 
+    // A patch: the key and its hash.
+    let disable = KeyPatch {
+        enabled: Some(false),
+        ..KeyPatch::default()
+    };
+    a.patch_key(k1.id, &disable, now_millis()).await.unwrap();
+    assert_inv(&seen.next().await, &[k1.id], &[h1]);
+
     // Rotation with grace: old and new hash.
+    let rotation = |h, until| Rotation {
+        key_hash: h,
+        prefix: "kg_rotatedAB".into(),
+        previous_valid_until: until,
+        at: now_millis(),
+    };
     let h1b = KeyHash::of("rotated once");
-    k1.previous_hash = Some(h1);
-    k1.previous_valid_until = Some(now_millis() + 60_000);
-    k1.key_hash = h1b;
-    a.update_key(&k1).await.unwrap();
+    a.rotate_key(k1.id, &rotation(h1b, Some(now_millis() + 60_000)))
+        .await
+        .unwrap();
     assert_inv(&seen.next().await, &[k1.id], &[h1, h1b]);
 
     // Rotation without grace: the old current and the old previous hash go too.
     let h1c = KeyHash::of("rotated twice");
-    k1.previous_hash = None;
-    k1.previous_valid_until = None;
-    k1.key_hash = h1c;
-    a.update_key(&k1).await.unwrap();
+    a.rotate_key(k1.id, &rotation(h1c, None)).await.unwrap();
     assert_inv(&seen.next().await, &[k1.id], &[h1, h1b, h1c]);
 
-    // A client update reaches every key of the client (their license is cached).
-    let mut c = a.get_client("acme").await.unwrap().unwrap();
-    c.license = "free".into();
-    a.update_client(&c).await.unwrap();
+    // A client patch reaches every key of the client (their license is cached).
+    let free = ClientPatch {
+        license: Some("free".into()),
+        metadata: None,
+    };
+    a.patch_client("acme", &free).await.unwrap();
     assert_inv(&seen.next().await, &[k1.id, k2.id], &[h1c, k2.key_hash]);
 
-    a.replace_client_keys("acme", true, None).await.unwrap();
+    a.disable_client_keys("acme").await.unwrap();
     assert_inv(&seen.next().await, &[k1.id, k2.id], &[h1c, k2.key_hash]);
 
     a.delete_key(k2.id).await.unwrap();
     assert_inv(&seen.next().await, &[k2.id], &[k2.key_hash]);
 
     let k3 = key("acme");
-    a.replace_client_keys("acme", false, Some(&k3))
-        .await
-        .unwrap();
+    a.replace_client_keys("acme", &k3).await.unwrap();
     assert_inv(&seen.next().await, &[k1.id, k3.id], &[h1c, k3.key_hash]);
 
     // Refused and empty writes publish nothing.
@@ -142,10 +152,37 @@ async fn every_write_publishes_the_ids_and_all_hashes_it_touched() {
     );
     assert!(a.insert_key(&key("acme"), 1).await.is_err());
     assert!(a.insert_key(&key("nobody"), 0).await.is_err());
-    assert!(!a.update_key(&key("acme")).await.unwrap());
+    let ghost = key("acme");
+    assert!(
+        a.patch_key(ghost.id, &disable, now_millis())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let unused = KeyHash::of("never used");
+    assert!(
+        a.rotate_key(ghost.id, &rotation(unused, None))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(a.patch_client("nobody", &free).await.unwrap().is_none());
+    assert!(a.disable_client_keys("nobody").await.is_err());
+    assert!(
+        a.replace_client_keys("nobody", &key("nobody"))
+            .await
+            .is_err()
+    );
     assert!(a.delete_key(Uuid::now_v7()).await.unwrap().is_none());
     assert!(a.delete_client("nobody").await.unwrap().is_none());
-    a.record_last_used(&[(k3.id, now_millis())]).await.unwrap();
+    a.record_usage(&[Usage {
+        key_id: k3.id,
+        last_used_at: now_millis(),
+        day: 1,
+        requests: 1,
+    }])
+    .await
+    .unwrap();
 
     a.delete_client("acme").await.unwrap().unwrap();
     assert_inv(&seen.next().await, &[k3.id], &[k3.key_hash]);

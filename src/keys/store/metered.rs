@@ -7,7 +7,10 @@ use std::time::Instant;
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use super::{ClientWithKeys, Page, Store, StoreHealth, StoreResult, Usage};
+use super::{
+    ClientPatch, ClientWithKeys, KeyPatch, Page, Rotated, Rotation, Store, StoreHealth,
+    StoreResult, Usage,
+};
 use crate::keys::cache::{Invalidation, InvalidationSink};
 use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, now_millis};
 use crate::telemetry::metrics::Metrics;
@@ -82,8 +85,11 @@ impl Store for Metered {
     async fn insert_key(&self, k: &ApiKey, max: u32) -> StoreResult<()> {
         self.timed(self.inner.insert_key(k, max)).await
     }
-    async fn update_key(&self, k: &ApiKey) -> StoreResult<bool> {
-        self.timed(self.inner.update_key(k)).await
+    async fn patch_key(&self, id: Uuid, p: &KeyPatch, now: Millis) -> StoreResult<Option<ApiKey>> {
+        self.timed(self.inner.patch_key(id, p, now)).await
+    }
+    async fn rotate_key(&self, id: Uuid, r: &Rotation) -> StoreResult<Option<Rotated>> {
+        self.timed(self.inner.rotate_key(id, r)).await
     }
     async fn delete_key(&self, id: Uuid) -> StoreResult<Option<ApiKey>> {
         self.timed(self.inner.delete_key(id)).await
@@ -97,23 +103,18 @@ impl Store for Metered {
     async fn list_clients(&self, p: u32, n: u32) -> StoreResult<Page<Client>> {
         self.timed(self.inner.list_clients(p, n)).await
     }
-    async fn update_client(&self, c: &Client) -> StoreResult<bool> {
-        self.timed(self.inner.update_client(c)).await
+    async fn patch_client(&self, id: &str, p: &ClientPatch) -> StoreResult<Option<Client>> {
+        self.timed(self.inner.patch_client(id, p)).await
     }
     async fn delete_client(&self, id: &str) -> StoreResult<Option<ClientWithKeys>> {
         self.timed(self.inner.delete_client(id)).await
     }
-    async fn replace_client_keys(
-        &self,
-        id: &str,
-        disable_only: bool,
-        new_key: Option<&ApiKey>,
-    ) -> StoreResult<Vec<ApiKey>> {
-        self.timed(self.inner.replace_client_keys(id, disable_only, new_key))
-            .await
+    async fn disable_client_keys(&self, id: &str) -> StoreResult<Vec<ApiKey>> {
+        self.timed(self.inner.disable_client_keys(id)).await
     }
-    async fn record_last_used(&self, used: &[(Uuid, Millis)]) -> StoreResult<()> {
-        self.timed(self.inner.record_last_used(used)).await
+    async fn replace_client_keys(&self, id: &str, new_key: &ApiKey) -> StoreResult<Vec<ApiKey>> {
+        self.timed(self.inner.replace_client_keys(id, new_key))
+            .await
     }
     async fn record_usage(&self, usage: &[Usage]) -> StoreResult<()> {
         self.timed(self.inner.record_usage(usage)).await

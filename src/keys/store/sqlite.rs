@@ -9,7 +9,10 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use uuid::Uuid;
 
-use super::{ClientWithKeys, Conflict, Page, Store, StoreError, StoreResult, Usage};
+use super::{
+    ClientPatch, ClientWithKeys, Conflict, KeyPatch, Page, Rotated, Rotation, Store, StoreError,
+    StoreResult, Usage,
+};
 use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -220,6 +223,30 @@ fn keys_of(conn: &Connection, client_id: &str) -> rusqlite::Result<Vec<ApiKey>> 
     stmt.query_map([client_id], key_from_row)?.collect()
 }
 
+fn key_by_id(conn: &Connection, id: Uuid) -> rusqlite::Result<Option<ApiKey>> {
+    conn.prepare_cached(&format!(
+        "SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.id = ?1"
+    ))?
+    .query_row([id.to_string()], key_from_row)
+    .optional()
+}
+
+fn client_by_id(conn: &Connection, client_id: &str) -> rusqlite::Result<Option<Client>> {
+    conn.prepare_cached(
+        "SELECT client_id, license, created_at, metadata FROM clients WHERE client_id = ?1",
+    )?
+    .query_row([client_id], client_from_row)
+    .optional()
+}
+
+fn client_exists(conn: &Connection, client_id: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM clients WHERE client_id = ?1)",
+        [client_id],
+        |r| r.get(0),
+    )
+}
+
 fn record_query(
     conn: &Connection,
     filter: &str,
@@ -307,14 +334,7 @@ impl Store for SqliteStore {
         let key = key.clone();
         self.run(move |c| {
             let tx = c.transaction().map_err(db)?;
-            let exists: bool = tx
-                .query_row(
-                    "SELECT EXISTS(SELECT 1 FROM clients WHERE client_id = ?1)",
-                    [&key.client_id],
-                    |r| r.get(0),
-                )
-                .map_err(db)?;
-            if !exists {
+            if !client_exists(&tx, &key.client_id).map_err(db)? {
                 return Err(StoreError::NotFound);
             }
             if max_keys > 0 {
@@ -337,37 +357,87 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn update_key(&self, k: &ApiKey) -> StoreResult<bool> {
-        let k = k.clone();
+    async fn patch_key(
+        &self,
+        id: Uuid,
+        patch: &KeyPatch,
+        now: Millis,
+    ) -> StoreResult<Option<ApiKey>> {
+        let p = patch.clone();
         self.run(move |c| {
-            let n = c
-                .execute(
-                    "UPDATE api_keys SET name = ?2, prefix = ?3, key_hash = ?4, previous_hash = ?5, \
-                     previous_valid_until = ?6, permissions = ?7, enabled = ?8, updated_at = ?9, \
-                     expires_at = ?10, \
-                     last_used_at = CASE WHEN ?11 IS NULL THEN last_used_at \
-                                         ELSE MAX(COALESCE(last_used_at, 0), ?11) END, \
-                     rotated_at = ?12, rate_limit = ?13, \
-                     metadata = ?14 WHERE id = ?1",
-                    params![
-                        k.id.to_string(),
-                        k.name,
-                        k.prefix,
-                        &k.key_hash.0[..],
-                        k.previous_hash.as_ref().map(|h| h.0.to_vec()),
-                        k.previous_valid_until,
-                        serde_json::to_string(&k.permissions).expect("serializable"),
-                        k.enabled,
-                        k.updated_at,
-                        k.expires_at,
-                        k.last_used_at,
-                        k.rotated_at,
-                        to_json(&k.rate_limit),
-                        to_json(&k.metadata),
-                    ],
+            let tx = c.transaction().map_err(db)?;
+            // One statement: each attribute is set only when the patch names it (`?n` true),
+            // from the row as it is at this moment.
+            let n = tx
+                .prepare_cached(
+                    "UPDATE api_keys SET \
+                     name = CASE WHEN ?2 THEN ?3 ELSE name END, \
+                     enabled = CASE WHEN ?4 THEN ?5 ELSE enabled END, \
+                     permissions = CASE WHEN ?6 THEN ?7 ELSE permissions END, \
+                     expires_at = CASE WHEN ?8 THEN ?9 ELSE expires_at END, \
+                     rate_limit = CASE WHEN ?10 THEN ?11 ELSE rate_limit END, \
+                     metadata = CASE WHEN ?12 THEN ?13 ELSE metadata END, \
+                     updated_at = MAX(updated_at, ?14) \
+                     WHERE id = ?1",
                 )
+                .map_err(db)?
+                .execute(params![
+                    id.to_string(),
+                    p.name.is_some(),
+                    p.name,
+                    p.enabled.is_some(),
+                    p.enabled,
+                    p.permissions.is_some(),
+                    p.permissions
+                        .as_ref()
+                        .map(|v| serde_json::to_string(v).expect("serializable")),
+                    p.expires_at.is_some(),
+                    p.expires_at.flatten(),
+                    p.rate_limit.is_some(),
+                    to_json(&p.rate_limit.flatten()),
+                    p.metadata.is_some(),
+                    to_json(&p.metadata.clone().flatten()),
+                    now,
+                ])
                 .map_err(db)?;
-            Ok(n == 1)
+            if n == 0 {
+                return Ok(None);
+            }
+            let key = key_by_id(&tx, id).map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(key)
+        })
+        .await
+    }
+
+    async fn rotate_key(&self, id: Uuid, r: &Rotation) -> StoreResult<Option<Rotated>> {
+        let r = r.clone();
+        self.run(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let Some(before) = key_by_id(&tx, id).map_err(db)? else {
+                return Ok(None);
+            };
+            // SQLite evaluates every right-hand side on the row before the update: the hash
+            // kept for the grace period is the one current at this moment.
+            tx.execute(
+                "UPDATE api_keys SET \
+                 previous_hash = CASE WHEN ?2 IS NULL THEN NULL ELSE key_hash END, \
+                 previous_valid_until = ?2, key_hash = ?3, prefix = ?4, rotated_at = ?5, \
+                 updated_at = MAX(updated_at, ?5) WHERE id = ?1",
+                params![
+                    id.to_string(),
+                    r.previous_valid_until,
+                    &r.key_hash.0[..],
+                    r.prefix,
+                    r.at
+                ],
+            )
+            .map_err(db)?;
+            let after = key_by_id(&tx, id)
+                .map_err(db)?
+                .ok_or(StoreError::NotFound)?;
+            tx.commit().map_err(db)?;
+            Ok(Some(Rotated { before, after }))
         })
         .await
     }
@@ -375,14 +445,7 @@ impl Store for SqliteStore {
     async fn delete_key(&self, id: Uuid) -> StoreResult<Option<ApiKey>> {
         self.run(move |c| {
             let tx = c.transaction().map_err(db)?;
-            let key = tx
-                .query_row(
-                    &format!("SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.id = ?1"),
-                    [id.to_string()],
-                    key_from_row,
-                )
-                .optional()
-                .map_err(db)?;
+            let key = key_by_id(&tx, id).map_err(db)?;
             if key.is_some() {
                 tx.execute("DELETE FROM api_keys WHERE id = ?1", [id.to_string()])
                     .map_err(db)?;
@@ -421,16 +484,7 @@ impl Store for SqliteStore {
 
     async fn get_client(&self, client_id: &str) -> StoreResult<Option<Client>> {
         let id = client_id.to_owned();
-        self.run(move |c| {
-            c.query_row(
-                "SELECT client_id, license, created_at, metadata FROM clients WHERE client_id = ?1",
-                [id],
-                client_from_row,
-            )
-            .optional()
-            .map_err(db)
-        })
-        .await
+        self.run(move |c| client_by_id(c, &id).map_err(db)).await
     }
 
     async fn list_clients(&self, page: u32, per_page: u32) -> StoreResult<Page<Client>> {
@@ -458,16 +512,33 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn update_client(&self, client: &Client) -> StoreResult<bool> {
-        let client = client.clone();
+    async fn patch_client(
+        &self,
+        client_id: &str,
+        patch: &ClientPatch,
+    ) -> StoreResult<Option<Client>> {
+        let id = client_id.to_owned();
+        let p = patch.clone();
         self.run(move |c| {
-            let n = c
+            let tx = c.transaction().map_err(db)?;
+            let n = tx
                 .execute(
-                    "UPDATE clients SET license = ?2, metadata = ?3 WHERE client_id = ?1",
-                    params![client.client_id, client.license, to_json(&client.metadata)],
+                    "UPDATE clients SET license = COALESCE(?2, license), \
+                     metadata = CASE WHEN ?3 THEN ?4 ELSE metadata END WHERE client_id = ?1",
+                    params![
+                        id,
+                        p.license,
+                        p.metadata.is_some(),
+                        to_json(&p.metadata.clone().flatten())
+                    ],
                 )
                 .map_err(db)?;
-            Ok(n == 1)
+            if n == 0 {
+                return Ok(None);
+            }
+            let client = client_by_id(&tx, &id).map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(client)
         })
         .await
     }
@@ -476,15 +547,7 @@ impl Store for SqliteStore {
         let id = client_id.to_owned();
         self.run(move |c| {
             let tx = c.transaction().map_err(db)?;
-            let client = tx
-                .query_row(
-                    "SELECT client_id, license, created_at, metadata FROM clients WHERE client_id = ?1",
-                    [&id],
-                    client_from_row,
-                )
-                .optional()
-                .map_err(db)?;
-            let Some(client) = client else {
+            let Some(client) = client_by_id(&tx, &id).map_err(db)? else {
                 return Ok(None);
             };
             let keys = keys_of(&tx, &id).map_err(db)?;
@@ -498,62 +561,44 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn replace_client_keys(
-        &self,
-        client_id: &str,
-        disable_only: bool,
-        new_key: Option<&ApiKey>,
-    ) -> StoreResult<Vec<ApiKey>> {
+    async fn disable_client_keys(&self, client_id: &str) -> StoreResult<Vec<ApiKey>> {
         let id = client_id.to_owned();
-        let new_key = new_key.cloned();
         self.run(move |c| {
             let tx = c.transaction().map_err(db)?;
-            let exists: bool = tx
-                .query_row(
-                    "SELECT EXISTS(SELECT 1 FROM clients WHERE client_id = ?1)",
-                    [&id],
-                    |r| r.get(0),
-                )
-                .map_err(db)?;
-            if !exists {
+            if !client_exists(&tx, &id).map_err(db)? {
                 return Err(StoreError::NotFound);
             }
             let before = keys_of(&tx, &id).map_err(db)?;
-            if disable_only {
-                tx.execute(
-                    "UPDATE api_keys SET enabled = 0, updated_at = ?2 WHERE client_id = ?1",
-                    params![id, crate::keys::now_millis()],
-                )
-                .map_err(db)?;
-            } else {
-                tx.execute("DELETE FROM api_keys WHERE client_id = ?1", [&id])
-                    .map_err(db)?;
-            }
-            if let Some(k) = &new_key {
-                insert_key_row(&tx, k).map_err(db)?;
-            }
+            tx.execute(
+                "UPDATE api_keys SET enabled = 0, updated_at = MAX(updated_at, ?2) \
+                 WHERE client_id = ?1",
+                params![id, crate::keys::now_millis()],
+            )
+            .map_err(db)?;
             tx.commit().map_err(db)?;
             Ok(before)
         })
         .await
     }
 
-    async fn record_last_used(&self, used: &[(Uuid, Millis)]) -> StoreResult<()> {
-        let used = used.to_vec();
+    async fn replace_client_keys(
+        &self,
+        client_id: &str,
+        new_key: &ApiKey,
+    ) -> StoreResult<Vec<ApiKey>> {
+        let id = client_id.to_owned();
+        let new_key = new_key.clone();
         self.run(move |c| {
             let tx = c.transaction().map_err(db)?;
-            {
-                let mut stmt = tx
-                    .prepare_cached(
-                        "UPDATE api_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?2) \
-                         WHERE id = ?1",
-                    )
-                    .map_err(db)?;
-                for (id, at) in &used {
-                    stmt.execute(params![id.to_string(), at]).map_err(db)?;
-                }
+            if !client_exists(&tx, &id).map_err(db)? {
+                return Err(StoreError::NotFound);
             }
-            tx.commit().map_err(db)
+            let before = keys_of(&tx, &id).map_err(db)?;
+            tx.execute("DELETE FROM api_keys WHERE client_id = ?1", [&id])
+                .map_err(db)?;
+            insert_key_row(&tx, &new_key).map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(before)
         })
         .await
     }

@@ -8,8 +8,31 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::sqlite::SqliteStore;
-use super::{ClientWithKeys, Page, Store, StoreError, StoreResult};
-use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis};
+use super::{
+    ClientPatch, ClientWithKeys, KeyPatch, Page, Rotated, Rotation, Store, StoreError, StoreResult,
+};
+use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, now_millis};
+
+/// A patch naming every attribute a patch can change, with the values of `key`.
+pub fn patch_of(key: &ApiKey) -> KeyPatch {
+    KeyPatch {
+        name: Some(key.name.clone()),
+        enabled: Some(key.enabled),
+        permissions: Some(key.permissions.clone()),
+        expires_at: Some(key.expires_at),
+        rate_limit: Some(key.rate_limit),
+        metadata: Some(key.metadata.clone()),
+    }
+}
+
+impl SqliteStore {
+    /// For tests that change a key by editing a copy of it: writes the copy's patchable
+    /// attributes with [`Store::patch_key`]. True when the key exists.
+    pub async fn update_key(&self, key: &ApiKey) -> StoreResult<bool> {
+        let patched = self.patch_key(key.id, &patch_of(key), now_millis()).await?;
+        Ok(patched.is_some())
+    }
+}
 
 /// The real SQLite store, counting lookups by hash, with failures on demand.
 pub struct Counting {
@@ -22,6 +45,11 @@ pub struct Counting {
 }
 
 impl Counting {
+    /// As [`SqliteStore::update_key`].
+    pub async fn update_key(&self, key: &ApiKey) -> StoreResult<bool> {
+        self.inner.update_key(key).await
+    }
+
     pub fn new(inner: SqliteStore) -> Self {
         Counting {
             inner,
@@ -50,8 +78,11 @@ impl Store for Counting {
     async fn insert_key(&self, k: &ApiKey, max: u32) -> StoreResult<()> {
         self.inner.insert_key(k, max).await
     }
-    async fn update_key(&self, k: &ApiKey) -> StoreResult<bool> {
-        self.inner.update_key(k).await
+    async fn patch_key(&self, id: Uuid, p: &KeyPatch, now: Millis) -> StoreResult<Option<ApiKey>> {
+        self.inner.patch_key(id, p, now).await
+    }
+    async fn rotate_key(&self, id: Uuid, r: &Rotation) -> StoreResult<Option<Rotated>> {
+        self.inner.rotate_key(id, r).await
     }
     async fn delete_key(&self, id: Uuid) -> StoreResult<Option<ApiKey>> {
         self.inner.delete_key(id).await
@@ -65,24 +96,17 @@ impl Store for Counting {
     async fn list_clients(&self, p: u32, n: u32) -> StoreResult<Page<Client>> {
         self.inner.list_clients(p, n).await
     }
-    async fn update_client(&self, c: &Client) -> StoreResult<bool> {
-        self.inner.update_client(c).await
+    async fn patch_client(&self, id: &str, p: &ClientPatch) -> StoreResult<Option<Client>> {
+        self.inner.patch_client(id, p).await
     }
     async fn delete_client(&self, id: &str) -> StoreResult<Option<ClientWithKeys>> {
         self.inner.delete_client(id).await
     }
-    async fn replace_client_keys(
-        &self,
-        id: &str,
-        disable_only: bool,
-        new_key: Option<&ApiKey>,
-    ) -> StoreResult<Vec<ApiKey>> {
-        self.inner
-            .replace_client_keys(id, disable_only, new_key)
-            .await
+    async fn disable_client_keys(&self, id: &str) -> StoreResult<Vec<ApiKey>> {
+        self.inner.disable_client_keys(id).await
     }
-    async fn record_last_used(&self, used: &[(Uuid, Millis)]) -> StoreResult<()> {
-        self.inner.record_last_used(used).await
+    async fn replace_client_keys(&self, id: &str, new_key: &ApiKey) -> StoreResult<Vec<ApiKey>> {
+        self.inner.replace_client_keys(id, new_key).await
     }
     async fn record_usage(&self, u: &[crate::keys::store::Usage]) -> StoreResult<()> {
         let allowed =

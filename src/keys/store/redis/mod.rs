@@ -1,0 +1,654 @@
+//! Shared store: Redis, for many gateways in front of one key database.
+//!
+//! # Layout
+//! Every Redis key lives under a configurable prefix `P` (default `keygate:`):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P key:<id>` | hash | one API key, one field per attribute (absent field = none) |
+//! | `P h:<sha256 hex>` | string | the id of the key whose current or previous hash this is |
+//! | `P client:<client_id>` | hash | one client |
+//! | `P client_keys:<client_id>` | sorted set | the client's key ids, scored by `created_at` |
+//! | `P keys` | sorted set | every key id, scored by `created_at` |
+//! | `P clients` | sorted set | every client id, scored by `created_at` |
+//! | `P usage:<id>` | hash | requests of a key per day (field: days since the epoch) |
+//! | `P invalidate` | pub/sub channel | one message per write (see below) |
+//!
+//! Listings page through the sorted sets (`ZRANGE` by rank); nothing ever runs `KEYS` or `SCAN`.
+//! Equal scores order by member bytes, which matches SQLite's `ORDER BY created_at, id`.
+//!
+//! # Atomicity and invalidation
+//! Every call is one round trip: a Lua script (executed atomically by Redis, written to the AOF
+//! as one MULTI/EXEC block), or a single command for `get_client` and `ping`. Write scripts
+//! check every precondition (client exists, key limit, unused id and hashes) before their first
+//! write, so a refused write changes nothing, and they publish one invalidation message naming
+//! the key ids and every hash (old and new, current and previous) they touched:
+//! `{"t": <ms>, "ids": [..], "hashes": [<hex>..]}`, where `t` is the writer's clock when it sent
+//! the write (for measuring propagation lag).
+//!
+//! # Failure
+//! Every call is bounded by [`CALL_TIMEOUT`]; a dead or hung Redis turns into
+//! [`StoreError::Unavailable`] within it. The command connection is a redis-rs
+//! `ConnectionManager` that reconnects in the background; the invalidation subscription has its
+//! own connection and task, which reconnects with backoff and clears the local cache after every
+//! (re)subscription, since messages may have been missed while it was down.
+//!
+//! # Files
+//! This file holds [`RedisStore`] and its [`Store`] implementation; `codec.rs` turns records
+//! into script arguments and replies back into records; `watch.rs` is the invalidation
+//! subscription; `scripts/*.lua` are the scripts, each run after `scripts/prelude.lua` and each
+//! starting with a comment that says what ARGV holds and what it answers.
+
+mod codec;
+mod watch;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{ConnectionInfo, IntoConnectionInfo, RedisError, Script, Value};
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use super::{
+    ClientPatch, ClientWithKeys, Conflict, KeyPatch, Page, Rotated, Rotation, Store, StoreError,
+    StoreResult, Usage,
+};
+use crate::keys::cache::InvalidationSink;
+use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, now_millis};
+use codec::{
+    Args, CODE_TOO_MANY, array, client_fields, client_from, corrupt, int, json, key_from,
+    page_from, page_range, patch_fields, record_from, status, text,
+};
+pub use watch::decode_invalidation;
+use watch::{SUB_DOWN, SUB_NONE, Watcher};
+
+/// Longest a store call may take, including waiting for a reconnection, before it fails with
+/// [`StoreError::Unavailable`].
+pub const CALL_TIMEOUT: Duration = Duration::from_millis(500);
+/// Longest a connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The prefix used when the configuration names none.
+pub const DEFAULT_PREFIX: &str = "keygate:";
+
+/// Parses a store URL into what the redis client needs. `redis://HOST:PORT/DB` and
+/// `redis+unix:///path.sock` (`?db=N`, `?pass=…`) are supported; `rediss://` is refused because
+/// this build has no TLS client for Redis. Errors never repeat the URL (it may hold a password).
+pub fn parse_url(url: &str) -> Result<ConnectionInfo, String> {
+    if url.starts_with("rediss://") {
+        return Err(
+            "rediss:// (Redis over TLS) is not supported by this build; use redis:// on a \
+             private network, or a TLS tunnel (e.g. stunnel) to a local redis:// address"
+                .into(),
+        );
+    }
+    if !(url.starts_with("redis://") || url.starts_with("redis+unix://")) {
+        return Err("a Redis store URL starts with redis:// or redis+unix://".into());
+    }
+    url.into_connection_info()
+        .map_err(|e| format!("not a usable Redis URL ({e}); e.g. redis://127.0.0.1:6379/0"))
+}
+
+/// Where a connection goes, for logs: address and database, never credentials.
+fn describe(info: &ConnectionInfo) -> String {
+    format!("{} (db {})", info.addr(), info.redis_settings().db())
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("redis {what}: {e}"))
+}
+
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: ::redis::Client,
+    conn: ConnectionManager,
+    prefix: String,
+    target: String,
+    /// Dropped with the store: background tasks watch it and stop.
+    alive: tokio::sync::watch::Sender<()>,
+    /// State of the invalidation subscription (`SUB_*`).
+    subscription: Arc<AtomicU8>,
+}
+
+impl RedisStore {
+    /// Prepares a store for `url` whose keys live under `prefix`. Does not wait for Redis: when
+    /// it is unreachable, calls fail with [`StoreError::Unavailable`] until it answers, and a
+    /// background check logs the persistence settings once it does.
+    pub fn open(url: &str, prefix: &str) -> StoreResult<Self> {
+        let info = parse_url(url).map_err(StoreError::Unavailable)?;
+        let target = describe(&info);
+        let client = ::redis::Client::open(info).map_err(|e| unavailable("client", e))?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(CALL_TIMEOUT))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            // One short retry per reconnection: a call made while Redis is down waits for that
+            // attempt (tens of ms), then fails; the next call starts a new attempt. So calls
+            // fail fast, connection attempts stay a few dozen per second at most, and a Redis
+            // that comes back is found by the next call.
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(25))
+            .set_max_delay(Duration::from_millis(100));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| unavailable("connection", e))?;
+        let (alive, _) = tokio::sync::watch::channel(());
+        let store = Self {
+            inner: Arc::new(Inner {
+                client,
+                conn,
+                prefix: prefix.to_owned(),
+                target,
+                alive,
+                subscription: Arc::new(AtomicU8::new(SUB_NONE)),
+            }),
+        };
+        tracing::info!(redis = %store.inner.target, prefix = %store.inner.prefix, "using the Redis store");
+        store.spawn_persistence_check();
+        Ok(store)
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// Runs `fut` within [`CALL_TIMEOUT`].
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = Result<T, RedisError>>,
+    ) -> StoreResult<T> {
+        match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(unavailable(what, e)),
+            Err(_) => Err(unavailable(
+                what,
+                format_args!("no answer within {} ms", CALL_TIMEOUT.as_millis()),
+            )),
+        }
+    }
+
+    /// Runs one script with `args` (the prefix is prepended).
+    async fn script(&self, what: &str, script: &Script, args: Args) -> StoreResult<Value> {
+        let mut inv = script.prepare_invoke();
+        inv.arg(self.prefix());
+        for a in args.0 {
+            inv.arg(a);
+        }
+        let mut conn = self.conn();
+        self.bounded(
+            what,
+            async move { inv.invoke_async::<Value>(&mut conn).await },
+        )
+        .await
+    }
+
+    /// Reads `CONFIG GET appendonly / appendfsync / maxmemory-policy` once Redis answers and
+    /// warns when acknowledged admin writes could be lost by a Redis restart or evicted.
+    fn spawn_persistence_check(&self) {
+        let mut conn = self.conn();
+        let target = self.inner.target.clone();
+        let mut stopped = self.inner.alive.subscribe();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            loop {
+                let read = async {
+                    let a = config_get(&mut conn, "appendonly").await?;
+                    let f = config_get(&mut conn, "appendfsync").await?;
+                    let p = config_get(&mut conn, "maxmemory-policy").await?;
+                    Ok::<_, RedisError>((a, f, p))
+                };
+                match tokio::time::timeout(CALL_TIMEOUT, read).await {
+                    Ok(Ok((appendonly, appendfsync, policy))) => {
+                        if let Some(w) = eviction_warning(policy.as_deref()) {
+                            tracing::warn!(redis = %target, "{w}");
+                        }
+                        match persistence_warning(appendonly.as_deref(), appendfsync.as_deref()) {
+                            Some(w) => tracing::warn!(redis = %target, "{w}"),
+                            None => tracing::info!(
+                                redis = %target,
+                                appendfsync = appendfsync.as_deref().unwrap_or("?"),
+                                "Redis persistence: append-only file on"
+                            ),
+                        }
+                        return;
+                    }
+                    Ok(Err(e)) if e.kind() != ::redis::ErrorKind::Io => {
+                        tracing::info!(
+                            redis = %target,
+                            "cannot read Redis persistence settings (CONFIG may be disabled): {e}; \
+                             make sure Redis runs with appendonly yes"
+                        );
+                        return;
+                    }
+                    _ => {}
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stopped.changed() => return,
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        });
+    }
+}
+
+async fn config_get(
+    conn: &mut ConnectionManager,
+    name: &str,
+) -> Result<Option<String>, RedisError> {
+    let v: Value = ::redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(name)
+        .query_async(conn)
+        .await?;
+    let pairs: Vec<Value> = match v {
+        Value::Array(a) => a,
+        Value::Map(m) => m.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+        _ => Vec::new(),
+    };
+    Ok(pairs.get(1).and_then(text))
+}
+
+/// The warning to log for these persistence settings, if any.
+pub fn persistence_warning(appendonly: Option<&str>, appendfsync: Option<&str>) -> Option<String> {
+    if appendonly != Some("yes") {
+        return Some(
+            "Redis runs without the append-only file (appendonly is not \"yes\"): keys created and \
+             revocations acknowledged shortly before a Redis restart can be lost; set \
+             `appendonly yes` (with `appendfsync everysec` or `always`)"
+                .into(),
+        );
+    }
+    if appendfsync == Some("no") {
+        return Some(
+            "Redis has appendfsync no: writes reach the disk when the OS decides, so a machine \
+             crash can lose many seconds of admin writes; use everysec or always"
+                .into(),
+        );
+    }
+    None
+}
+
+/// The warning to log for this `maxmemory-policy`, if any: keygate's Redis keys have no TTL, so
+/// only the `allkeys-*` policies can evict them.
+pub fn eviction_warning(policy: Option<&str>) -> Option<String> {
+    let policy = policy?;
+    policy.starts_with("allkeys-").then(|| {
+        format!(
+            "Redis has maxmemory-policy {policy}: under memory pressure it may evict API keys and \
+             clients (they would stop working); use noeviction (or a volatile-* policy)"
+        )
+    })
+}
+
+/// The Lua scripts (`scripts/*.lua`), each run after the shared prelude. The first lines of
+/// every script say what ARGV holds and what it answers.
+struct Scripts {
+    find_by_hash: Script,
+    find_by_id: Script,
+    list_keys: Script,
+    insert_key: Script,
+    patch_key: Script,
+    rotate_key: Script,
+    delete_key: Script,
+    insert_client: Script,
+    list_clients: Script,
+    patch_client: Script,
+    delete_client: Script,
+    disable_client_keys: Script,
+    replace_client_keys: Script,
+    record_usage: Script,
+    usage: Script,
+}
+
+const PRELUDE: &str = include_str!("scripts/prelude.lua");
+
+fn scripts() -> &'static Scripts {
+    static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
+    SCRIPTS.get_or_init(|| {
+        let s = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
+        Scripts {
+            find_by_hash: s(include_str!("scripts/find_by_hash.lua")),
+            find_by_id: s(include_str!("scripts/find_by_id.lua")),
+            list_keys: s(include_str!("scripts/list_keys.lua")),
+            insert_key: s(include_str!("scripts/insert_key.lua")),
+            patch_key: s(include_str!("scripts/patch_key.lua")),
+            rotate_key: s(include_str!("scripts/rotate_key.lua")),
+            delete_key: s(include_str!("scripts/delete_key.lua")),
+            insert_client: s(include_str!("scripts/insert_client.lua")),
+            list_clients: s(include_str!("scripts/list_clients.lua")),
+            patch_client: s(include_str!("scripts/patch_client.lua")),
+            delete_client: s(include_str!("scripts/delete_client.lua")),
+            disable_client_keys: s(include_str!("scripts/disable_client_keys.lua")),
+            replace_client_keys: s(include_str!("scripts/replace_client_keys.lua")),
+            record_usage: s(include_str!("scripts/record_usage.lua")),
+            usage: s(include_str!("scripts/usage.lua")),
+        }
+    })
+}
+
+/// `{status}` or `{1, {key fields…}}`, as answered by the scripts that replace or disable a
+/// client's keys.
+fn keys_before(v: Value) -> StoreResult<Vec<ApiKey>> {
+    let parts = array(v)?;
+    let code = int(parts.first().ok_or_else(|| corrupt("replacement"))?)?;
+    if !status(code)? {
+        return Err(StoreError::NotFound);
+    }
+    let before = parts.get(1).cloned().unwrap_or(Value::Nil);
+    array(before)?.iter().map(key_from).collect()
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn find_by_hash(&self, hash: &KeyHash, now: Millis) -> StoreResult<Option<KeyRecord>> {
+        let mut a = Args::default();
+        a.push(hex::encode(hash.0)).push(now);
+        record_from(self.script("lookup", &scripts().find_by_hash, a).await?)
+    }
+
+    async fn find_by_id(&self, id: Uuid) -> StoreResult<Option<KeyRecord>> {
+        let mut a = Args::default();
+        a.push(id);
+        record_from(self.script("lookup", &scripts().find_by_id, a).await?)
+    }
+
+    async fn list_keys(
+        &self,
+        client_id: Option<&str>,
+        page: u32,
+        per_page: u32,
+    ) -> StoreResult<Page<ApiKey>> {
+        let (first, last) = page_range(page, per_page);
+        let mut a = Args::default();
+        a.push(client_id.unwrap_or("")).push(first).push(last);
+        page_from(
+            self.script("list keys", &scripts().list_keys, a).await?,
+            key_from,
+        )
+    }
+
+    async fn insert_key(&self, key: &ApiKey, max_keys: u32) -> StoreResult<()> {
+        let mut a = Args::default();
+        a.push(now_millis()).push(max_keys).key(key);
+        let v = self.script("insert key", &scripts().insert_key, a).await?;
+        match int(&v)? {
+            0 => Err(StoreError::NotFound),
+            CODE_TOO_MANY => Err(StoreError::Conflict(Conflict::TooManyKeys {
+                max: max_keys,
+            })),
+            code => status(code).map(|_| ()),
+        }
+    }
+
+    async fn patch_key(
+        &self,
+        id: Uuid,
+        patch: &KeyPatch,
+        now: Millis,
+    ) -> StoreResult<Option<ApiKey>> {
+        let (set, clear) = patch_fields(patch);
+        let mut a = Args::default();
+        a.push(now_millis()).push(id).push(now).push(set.len() * 2);
+        for (name, value) in set {
+            a.push(name).push(value);
+        }
+        for name in clear {
+            a.push(name);
+        }
+        match self.script("patch key", &scripts().patch_key, a).await? {
+            Value::Nil => Ok(None),
+            v => key_from(&v).map(Some),
+        }
+    }
+
+    async fn rotate_key(&self, id: Uuid, r: &Rotation) -> StoreResult<Option<Rotated>> {
+        let mut a = Args::default();
+        a.push(now_millis())
+            .push(id)
+            .push(hex::encode(r.key_hash.0))
+            .push(&r.prefix)
+            .push(
+                r.previous_valid_until
+                    .map(|t| t.to_string())
+                    .unwrap_or_default(),
+            )
+            .push(r.at);
+        let parts = array(self.script("rotate key", &scripts().rotate_key, a).await?)?;
+        let code = int(parts.first().ok_or_else(|| corrupt("rotation"))?)?;
+        if !status(code)? {
+            return Ok(None);
+        }
+        let [_, before, after] = parts.as_slice() else {
+            return Err(corrupt("rotation"));
+        };
+        Ok(Some(Rotated {
+            before: key_from(before)?,
+            after: key_from(after)?,
+        }))
+    }
+
+    async fn delete_key(&self, id: Uuid) -> StoreResult<Option<ApiKey>> {
+        let mut a = Args::default();
+        a.push(now_millis()).push(id);
+        match self.script("delete key", &scripts().delete_key, a).await? {
+            Value::Nil => Ok(None),
+            v => key_from(&v).map(Some),
+        }
+    }
+
+    async fn insert_client(&self, client: &Client, first_key: &ApiKey) -> StoreResult<()> {
+        let cf = client_fields(client);
+        let mut a = Args::default();
+        a.push(now_millis())
+            .push(&client.client_id)
+            .push(client.created_at)
+            .push(cf.len());
+        for f in cf {
+            a.push(f);
+        }
+        a.key(first_key);
+        let v = self
+            .script("insert client", &scripts().insert_client, a)
+            .await?;
+        status(int(&v)?).map(|_| ())
+    }
+
+    async fn get_client(&self, client_id: &str) -> StoreResult<Option<Client>> {
+        let mut conn = self.conn();
+        let key = format!("{}client:{client_id}", self.prefix());
+        let v = self
+            .bounded("get client", async move {
+                ::redis::cmd("HGETALL")
+                    .arg(key)
+                    .query_async::<Value>(&mut conn)
+                    .await
+            })
+            .await?;
+        match &v {
+            Value::Array(a) if a.is_empty() => Ok(None),
+            Value::Map(m) if m.is_empty() => Ok(None),
+            Value::Nil => Ok(None),
+            v => client_from(v).map(Some),
+        }
+    }
+
+    async fn list_clients(&self, page: u32, per_page: u32) -> StoreResult<Page<Client>> {
+        let (first, last) = page_range(page, per_page);
+        let mut a = Args::default();
+        a.push(first).push(last);
+        page_from(
+            self.script("list clients", &scripts().list_clients, a)
+                .await?,
+            client_from,
+        )
+    }
+
+    async fn patch_client(
+        &self,
+        client_id: &str,
+        patch: &ClientPatch,
+    ) -> StoreResult<Option<Client>> {
+        let mut a = Args::default();
+        a.push(now_millis()).push(client_id);
+        match &patch.license {
+            Some(l) => a.push("1").push(l),
+            None => a.push("0").push(""),
+        };
+        match &patch.metadata {
+            None => a.push("keep").push(""),
+            Some(Some(m)) => a.push("set").push(json(m)),
+            Some(None) => a.push("clear").push(""),
+        };
+        match self
+            .script("patch client", &scripts().patch_client, a)
+            .await?
+        {
+            Value::Nil => Ok(None),
+            v => client_from(&v).map(Some),
+        }
+    }
+
+    async fn delete_client(&self, client_id: &str) -> StoreResult<Option<ClientWithKeys>> {
+        let mut a = Args::default();
+        a.push(now_millis()).push(client_id);
+        let v = self
+            .script("delete client", &scripts().delete_client, a)
+            .await?;
+        if v == Value::Nil {
+            return Ok(None);
+        }
+        let parts = array(v)?;
+        let [client, keys] = parts.as_slice() else {
+            return Err(corrupt("deletion"));
+        };
+        Ok(Some(ClientWithKeys {
+            client: client_from(client)?,
+            keys: array(keys.clone())?
+                .iter()
+                .map(key_from)
+                .collect::<StoreResult<_>>()?,
+        }))
+    }
+
+    async fn disable_client_keys(&self, client_id: &str) -> StoreResult<Vec<ApiKey>> {
+        let mut a = Args::default();
+        a.push(now_millis()).push(client_id);
+        keys_before(
+            self.script("disable keys", &scripts().disable_client_keys, a)
+                .await?,
+        )
+    }
+
+    async fn replace_client_keys(
+        &self,
+        client_id: &str,
+        new_key: &ApiKey,
+    ) -> StoreResult<Vec<ApiKey>> {
+        let mut a = Args::default();
+        a.push(now_millis()).push(client_id).key(new_key);
+        keys_before(
+            self.script("replace keys", &scripts().replace_client_keys, a)
+                .await?,
+        )
+    }
+
+    async fn record_usage(&self, usage: &[Usage]) -> StoreResult<()> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        let mut a = Args::default();
+        for u in usage {
+            a.push(u.key_id)
+                .push(u.last_used_at)
+                .push(u.day)
+                .push(u.requests);
+        }
+        self.script("record usage", &scripts().record_usage, a)
+            .await
+            .map(|_| ())
+    }
+
+    async fn usage(&self, key_id: Uuid, from: i64, to: i64) -> StoreResult<Vec<(i64, u64)>> {
+        let mut a = Args::default();
+        a.push(key_id).push(from).push(to);
+        let v = self.script("usage", &scripts().usage, a).await?;
+        let items: Vec<String> = ::redis::from_redis_value(v)
+            .map_err(|e| StoreError::Unavailable(format!("redis: unexpected usage reply: {e}")))?;
+        let mut out: Vec<(i64, u64)> = items
+            .chunks_exact(2)
+            .filter_map(|c| Some((c[0].parse().ok()?, c[1].parse().ok()?)))
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Redis answers, and — once invalidations are watched — the subscription is up (an
+    /// instance that may miss revocations is not ready).
+    async fn ping(&self) -> StoreResult<()> {
+        let mut conn = self.conn();
+        self.bounded("ping", async move {
+            ::redis::cmd("PING").query_async::<Value>(&mut conn).await
+        })
+        .await?;
+        if self.inner.subscription.load(Ordering::Acquire) == SUB_DOWN {
+            return Err(StoreError::Unavailable(
+                "redis: the invalidation subscription is down".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn watch_invalidations(&self, sink: Arc<dyn InvalidationSink>) {
+        Watcher {
+            client: self.inner.client.clone(),
+            conn: self.conn(),
+            channel: format!("{}invalidate", self.prefix()),
+            target: self.inner.target.clone(),
+            sink,
+            state: Arc::clone(&self.inner.subscription),
+        }
+        .spawn(self.inner.alive.subscribe());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert!(parse_url("redis://127.0.0.1:6379/2").is_ok());
+        assert!(parse_url("redis+unix:///tmp/r.sock").is_ok());
+        let e = parse_url("rediss://u:hunter2@example.com:6380/0").unwrap_err();
+        assert!(e.contains("not supported"), "{e}");
+        assert!(!e.contains("hunter2"));
+        let e = parse_url("redis://u:hunter2@host:6379/notanumber").unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+        let info = parse_url("redis://:hunter2@10.0.0.1:6380/3").unwrap();
+        let d = describe(&info);
+        assert_eq!(d, "10.0.0.1:6380 (db 3)");
+    }
+
+    #[test]
+    fn persistence_warnings() {
+        assert!(persistence_warning(Some("no"), Some("everysec")).is_some());
+        assert!(persistence_warning(None, None).is_some());
+        assert!(persistence_warning(Some("yes"), Some("no")).is_some());
+        assert!(persistence_warning(Some("yes"), Some("everysec")).is_none());
+        assert!(persistence_warning(Some("yes"), Some("always")).is_none());
+        assert!(eviction_warning(Some("allkeys-lru")).is_some());
+        assert!(eviction_warning(Some("noeviction")).is_none());
+        assert!(eviction_warning(Some("volatile-lru")).is_none());
+        assert!(eviction_warning(None).is_none());
+    }
+}

@@ -1,0 +1,16 @@
+-- ARGV: P, t, client_id. Disables every key of the client (only enabled and updated_at change).
+-- Answers {0} when there is no such client, or {1, {key fields before…}}.
+local cid = ARGV[3]
+if redis.call('EXISTS', ckey(cid)) == 0 then return {0} end
+local ids = redis.call('ZRANGE', ckeys(cid), 0, -1)
+local before, hashes = {}, {}
+for _, id in ipairs(ids) do
+  before[#before + 1] = redis.call('HGETALL', kkey(id))
+  append(hashes, hashes_of(id))
+end
+for _, id in ipairs(ids) do
+  redis.call('HSET', kkey(id), 'enabled', '0')
+  touch(id, ARGV[2])
+end
+publish(ARGV[2], ids, hashes)
+return {1, before}

@@ -1,0 +1,2 @@
+-- ARGV: P, id.
+return record(ARGV[2])

@@ -1,0 +1,89 @@
+-- Shared by every script: key names, reading a key from ARGV, index maintenance, publishing.
+local P = ARGV[1]
+local function kkey(id) return P .. 'key:' .. id end
+local function ukey(id) return P .. 'usage:' .. id end
+local function hkey(h) return P .. 'h:' .. h end
+local function ckey(c) return P .. 'client:' .. c end
+local function ckeys(c) return P .. 'client_keys:' .. c end
+local ALL_KEYS = P .. 'keys'
+local ALL_CLIENTS = P .. 'clients'
+
+local function append(t, items) for _, v in ipairs(items) do t[#t + 1] = v end return t end
+
+-- The current and previous hash of a stored key.
+local function hashes_of(id)
+  local v = redis.call('HMGET', kkey(id), 'key_hash', 'previous_hash')
+  local out = {}
+  if v[1] then out[#out + 1] = v[1] end
+  if v[2] then out[#out + 1] = v[2] end
+  return out
+end
+
+-- A key sent by the gateway at ARGV[i]: id, client_id, created_at, key_hash, previous_hash
+-- ('' = none), n, then n strings of field/value pairs. Returns it and the next index.
+local function read_key(i)
+  local k = {id = ARGV[i], client = ARGV[i + 1], created = ARGV[i + 2], h = ARGV[i + 3],
+             ph = ARGV[i + 4], fields = {}}
+  local n = tonumber(ARGV[i + 5])
+  for j = 1, n do k.fields[j] = ARGV[i + 5 + j] end
+  return k, i + 6 + n
+end
+
+-- Raises a stored key's updated_at to t; it never moves back (instances' clocks differ a little).
+local function touch(id, t)
+  local cur = redis.call('HGET', kkey(id), 'updated_at')
+  if not cur or tonumber(cur) < tonumber(t) then redis.call('HSET', kkey(id), 'updated_at', t) end
+end
+
+local function key_hashes(k)
+  local out = {k.h}
+  if k.ph ~= '' then out[2] = k.ph end
+  return out
+end
+
+-- -3 when the new key's id or one of its hashes is taken; checked before any write.
+local function check_new(k)
+  if redis.call('EXISTS', kkey(k.id)) == 1 then return -3 end
+  for _, h in ipairs(key_hashes(k)) do
+    if redis.call('EXISTS', hkey(h)) == 1 then return -3 end
+  end
+  return nil
+end
+
+local function insert_key(k)
+  redis.call('HSET', kkey(k.id), 'id', k.id, 'client_id', k.client, 'created_at', k.created,
+             unpack(k.fields))
+  for _, h in ipairs(key_hashes(k)) do redis.call('SET', hkey(h), k.id) end
+  redis.call('ZADD', ckeys(k.client), k.created, k.id)
+  redis.call('ZADD', ALL_KEYS, k.created, k.id)
+end
+
+local function remove_key(id, client)
+  for _, h in ipairs(hashes_of(id)) do
+    if redis.call('GET', hkey(h)) == id then redis.call('DEL', hkey(h)) end
+  end
+  redis.call('DEL', kkey(id))
+  redis.call('DEL', ukey(id))
+  redis.call('ZREM', ckeys(client), id)
+  redis.call('ZREM', ALL_KEYS, id)
+end
+
+local function quoted(items)
+  if #items == 0 then return '' end
+  return '"' .. table.concat(items, '","') .. '"'
+end
+
+-- One invalidation message: the writer's timestamp, key ids and hashes (hex).
+local function publish(t, ids, hashes)
+  redis.call('PUBLISH', P .. 'invalidate',
+    '{"t":' .. t .. ',"ids":[' .. quoted(ids) .. '],"hashes":[' .. quoted(hashes) .. ']}')
+end
+
+local function record(id)
+  local rec = redis.call('HGETALL', kkey(id))
+  if #rec == 0 then return nil end
+  local client = redis.call('HGET', kkey(id), 'client_id')
+  local license = redis.call('HGET', ckey(client), 'license')
+  if not license then return nil end
+  return {license, rec}
+end

@@ -1,0 +1,217 @@
+//! The invalidation subscription: one task per store that listens on the `invalidate` channel,
+//! hands every message to the local cache, and after each (re)subscription clears the cache
+//! (messages may have been missed while it was down).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use ::redis::aio::ConnectionManager;
+use ::redis::{RedisError, Value};
+use futures_util::StreamExt;
+use uuid::Uuid;
+
+use super::codec::parse_hash;
+use super::{CALL_TIMEOUT, CONNECT_TIMEOUT};
+use crate::keys::cache::{Invalidation, InvalidationSink};
+use crate::keys::{Millis, now_millis};
+
+/// How often the subscription connection is pinged to detect a silently dead connection.
+const SUBSCRIPTION_PING: Duration = Duration::from_secs(5);
+/// Reconnection backoff of the subscription: doubles from the first value up to the second.
+const RESUBSCRIBE_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(50), Duration::from_secs(1));
+
+/// No subscription was asked for (a store used alone).
+pub(super) const SUB_NONE: u8 = 0;
+/// Subscribed, and the local cache was cleared after subscribing.
+pub(super) const SUB_UP: u8 = 1;
+/// Asked for, but not (yet, or no longer) subscribed: invalidations may be missed.
+pub(super) const SUB_DOWN: u8 = 2;
+
+/// The subscription task: delivers invalidations published by every instance to `sink`.
+pub(super) struct Watcher {
+    pub(super) client: ::redis::Client,
+    /// The store's command connection, to know when Redis answers again.
+    pub(super) conn: ConnectionManager,
+    pub(super) channel: String,
+    /// Where Redis is, for logs (no credentials).
+    pub(super) target: String,
+    pub(super) sink: Arc<dyn InvalidationSink>,
+    /// The store's view of the subscription (`SUB_*`), read by its readiness check.
+    pub(super) state: Arc<AtomicU8>,
+}
+
+/// An invalidation message as published by the write scripts.
+#[derive(serde::Deserialize)]
+struct Message {
+    t: Millis,
+    ids: Vec<String>,
+    hashes: Vec<String>,
+}
+
+/// Decodes a message; `None` when it is malformed.
+pub fn decode_invalidation(payload: &[u8]) -> Option<(Invalidation, Millis)> {
+    let m: Message = serde_json::from_slice(payload).ok()?;
+    let key_ids = m
+        .ids
+        .iter()
+        .map(|s| Uuid::parse_str(s).ok())
+        .collect::<Option<Vec<_>>>()?;
+    let hashes = m
+        .hashes
+        .iter()
+        .map(|s| parse_hash(s))
+        .collect::<Option<Vec<_>>>()?;
+    Some((
+        Invalidation {
+            key_ids,
+            hashes,
+            published_at: Some(m.t),
+        },
+        m.t,
+    ))
+}
+
+impl Watcher {
+    /// Starts the subscription task; it ends when `stopped` changes (the store was dropped).
+    pub(super) fn spawn(self, mut stopped: tokio::sync::watch::Receiver<()>) {
+        self.state.store(SUB_DOWN, Ordering::Release);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = self.run() => {}
+                _ = stopped.changed() => {}
+            }
+        });
+    }
+
+    async fn run(self) {
+        let mut backoff = RESUBSCRIBE_BACKOFF.0;
+        let mut was_down = false;
+        loop {
+            match self.subscribe().await {
+                Ok(pubsub) => {
+                    if was_down {
+                        tracing::info!(redis = %self.target, "invalidation subscription restored");
+                    }
+                    was_down = false;
+                    backoff = RESUBSCRIBE_BACKOFF.0;
+                    self.resync().await;
+                    self.state.store(SUB_UP, Ordering::Release);
+                    let why = self.listen(pubsub).await;
+                    self.state.store(SUB_DOWN, Ordering::Release);
+                    tracing::warn!(
+                        redis = %self.target,
+                        "invalidation subscription lost ({why}); reconnecting, then the key cache is cleared"
+                    );
+                }
+                Err(e) => {
+                    if was_down {
+                        tracing::debug!(redis = %self.target, "cannot subscribe to invalidations: {e}");
+                    } else {
+                        tracing::warn!(redis = %self.target, "cannot subscribe to invalidations: {e}; retrying");
+                    }
+                    was_down = true;
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RESUBSCRIBE_BACKOFF.1);
+        }
+    }
+
+    async fn subscribe(&self) -> Result<::redis::aio::PubSub, String> {
+        let connect = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(&self.channel).await?;
+            Ok::<_, RedisError>(pubsub)
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "no answer within {} ms",
+                CONNECT_TIMEOUT.as_millis()
+            )),
+        }
+    }
+
+    /// After (re)subscribing: anything published while the subscription was down was missed,
+    /// so every cached entry is dropped. Waits (briefly) until the command connection answers
+    /// too, so that stale entries are not dropped while they would still be needed.
+    async fn resync(&self) {
+        for _ in 0..20 {
+            let mut conn = self.conn.clone();
+            let ping = async move { ::redis::cmd("PING").query_async::<Value>(&mut conn).await };
+            if matches!(tokio::time::timeout(CALL_TIMEOUT, ping).await, Ok(Ok(_))) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.sink.invalidate_all();
+    }
+
+    /// Delivers messages until the connection breaks; returns why it ended.
+    async fn listen(&self, pubsub: ::redis::aio::PubSub) -> String {
+        let (mut sink, mut stream) = pubsub.split();
+        let mut tick = tokio::time::interval(SUBSCRIPTION_PING);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                msg = stream.next() => {
+                    let Some(msg) = msg else {
+                        return "connection closed".into();
+                    };
+                    self.deliver(msg.get_payload_bytes());
+                }
+                _ = tick.tick() => {
+                    match tokio::time::timeout(CALL_TIMEOUT, sink.ping::<Value>()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return e.to_string(),
+                        Err(_) => return "no answer to a ping".into(),
+                    }
+                }
+            }
+        }
+    }
+
+    fn deliver(&self, payload: &[u8]) {
+        match decode_invalidation(payload) {
+            Some((inv, t)) => {
+                tracing::debug!(
+                    keys = inv.key_ids.len(),
+                    hashes = inv.hashes.len(),
+                    lag_ms = now_millis() - t,
+                    "invalidation received"
+                );
+                self.sink.invalidate(&inv);
+            }
+            None => {
+                tracing::warn!("malformed invalidation message; clearing the key cache");
+                self.sink.invalidate_all();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::KeyHash;
+
+    #[test]
+    fn invalidation_messages() {
+        let id = Uuid::now_v7();
+        let h = KeyHash::of("x");
+        let msg = format!(
+            r#"{{"t":1763899146123,"ids":["{id}"],"hashes":["{}"]}}"#,
+            hex::encode(h.0)
+        );
+        let (inv, t) = decode_invalidation(msg.as_bytes()).unwrap();
+        assert_eq!(t, 1763899146123);
+        assert_eq!(inv.key_ids, vec![id]);
+        assert_eq!(inv.hashes, vec![h]);
+        assert!(decode_invalidation(br#"{"t":1,"ids":[],"hashes":[]}"#).is_some());
+        assert!(decode_invalidation(br#"{"t":1,"ids":["nope"],"hashes":[]}"#).is_none());
+        assert!(decode_invalidation(b"garbage").is_none());
+    }
+}
