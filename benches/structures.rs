@@ -22,8 +22,9 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use keygate::keys::cache::{Cached, DigestHasher, Entry};
 use keygate::keys::{ApiKey, KeyFormat, KeyHash, Principal, now_millis};
-use keygate::limit::{KeyLimiter, number_header};
+use keygate::limit::KeyLimiter;
 use keygate::proxy::headers;
+use keygate::proxy::headers::number as number_header;
 use keygate::proxy::policy::Strip;
 
 const KEYS: usize = 10_000;

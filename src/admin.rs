@@ -36,11 +36,11 @@ use utoipa_axum::routes;
 
 use crate::auth::Authenticator;
 use crate::auth::credential::Extractor;
-use crate::error::ProxyError;
 use crate::keys::cache::KeyCache;
 use crate::keys::store::Store;
 use crate::keys::{ApiKey as StoredKey, KeyFormat, KeyHash, Millis};
 use crate::limit::FailedAuth;
+use crate::proxy::error::ProxyError;
 use crate::telemetry::metrics::Metrics;
 use error::AdminError;
 

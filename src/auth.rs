@@ -18,13 +18,12 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::config::RouteAuth;
-use crate::error::ProxyError;
 use crate::keys::cache::{Cached, DigestHasher, Entry, KeyCache};
 use crate::keys::store::{Store, StoreHealth};
 use crate::keys::{KeyFormat, KeyHash, Millis, Principal, now_millis};
 use crate::limit::KeyLimits;
-use crate::proxy::route::Route;
+use crate::proxy::error::ProxyError;
+use crate::route::Route;
 use crate::telemetry::metrics::{CacheResult, Metrics};
 use credential::{Credential, Kind};
 use jwt::{Jwt, Token};
@@ -393,7 +392,7 @@ impl<'r> Permit<'r> {
 
 /// A permit for a route with `auth = "none"`; `None` when the route requires a key.
 pub fn public(route: &Route) -> Option<Permit<'_>> {
-    (route.auth == RouteAuth::None).then_some(Permit {
+    route.is_public().then_some(Permit {
         route,
         principal: None,
     })

@@ -144,6 +144,8 @@ fn d_jwt_leeway() -> u64 {
     30
 }
 /// Longest token lifetime accepted in the config.
+/// Shortest JWT signing secret accepted (bytes).
+pub const MIN_JWT_SECRET_LEN: usize = 32;
 const MAX_JWT_TTL_SECS: u64 = 24 * 3600;
 const MAX_JWT_LEEWAY_SECS: u64 = 30;
 fn d_true() -> bool {

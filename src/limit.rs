@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use governor::clock::{Clock as _, DefaultClock};
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
-use http::HeaderValue;
 use uuid::Uuid;
 
 use crate::keys::RateLimit;
@@ -374,16 +373,6 @@ impl FailedAuth {
     }
 }
 
-/// `HeaderValue`s for small numbers, made once, so rate-limit headers cost no allocation.
-pub fn number_header(n: u64) -> HeaderValue {
-    static TABLE: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| (0..4096u64).map(HeaderValue::from).collect());
-    match table.get(n as usize) {
-        Some(v) => v.clone(),
-        None => HeaderValue::from(n),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,12 +529,5 @@ mod tests {
         assert!(wait > Duration::from_secs(15) && wait <= Duration::from_secs(20));
         assert!(fa.check(ip).is_err());
         assert!(fa.check(other).is_ok());
-    }
-
-    #[test]
-    fn number_headers() {
-        assert_eq!(number_header(0), "0");
-        assert_eq!(number_header(4095), "4095");
-        assert_eq!(number_header(100_000), "100000");
     }
 }

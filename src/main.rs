@@ -74,7 +74,10 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
-    keygate::telemetry::init(&config.log);
+    keygate::telemetry::init(
+        &config.log.level,
+        config.log.format == keygate::config::LogFormat::Json,
+    );
     for w in &config.warnings {
         tracing::warn!("{w}");
     }

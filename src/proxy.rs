@@ -4,14 +4,14 @@
 //! engine read the request; `https://` upstreams and WebSocket upgrades through hyper-util.
 //! Each engine owns the span of a request, and [`Gateway::finish`] records it (metrics, the
 //! access log line); errors become responses in one place
-//! ([`crate::error::ProxyError::response`]).
+//! ([`error::ProxyError::response`]).
 
 pub mod codec;
+pub mod error;
 pub mod h1;
 pub mod headers;
 pub mod hyper;
 pub mod policy;
-pub mod route;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -26,9 +26,9 @@ use crate::auth::credential::Extractor;
 use crate::keys::Principal;
 use crate::keys::usage::UsageRecorder;
 use crate::limit::FailedAuth;
+use crate::route::{Route, RouteTable};
 use crate::telemetry::metrics::Metrics;
 pub use hyper::ProxyBody;
-use route::{Route, RouteTable};
 
 /// Path of the unauthenticated load-balancer health check on the proxy listener.
 pub const HEALTH_PATH: &str = "/_keygate/health";

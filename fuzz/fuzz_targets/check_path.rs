@@ -2,7 +2,7 @@
 //! dot-segment, no empty segment, no encoded separator or '%', UTF-8 once decoded, and decoding
 //! is idempotent and moves no separator.
 #![no_main]
-use keygate::proxy::route::check_path;
+use keygate::paths::check_path;
 use libfuzzer_sys::fuzz_target;
 
 fn decode(b: &[u8]) -> Vec<u8> {

@@ -14,9 +14,9 @@ use super::error::{AdminError, ErrorResponses, JsonBody};
 use super::keys::{audit, new_key};
 use super::{AdminState, Caller, MAX_PER_PAGE};
 use crate::auth::jwt::{LoginRequest, TokenResponse};
-use crate::error::ProxyError;
 use crate::keys::now_millis;
 use crate::keys::store::StoreError;
+use crate::proxy::error::ProxyError;
 
 const NO_CLIENT: &str = "client not found";
 

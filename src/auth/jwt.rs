@@ -17,7 +17,7 @@ use crate::keys::{Millis, Principal, Secret};
 /// Longest token accepted; anything longer is refused before it is decoded.
 pub const MAX_TOKEN_LEN: usize = 4 * 1024;
 /// Shortest signing secret accepted (bytes).
-pub const MIN_SECRET_LEN: usize = 32;
+pub const MIN_SECRET_LEN: usize = crate::config::MIN_JWT_SECRET_LEN;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Claims {

@@ -289,7 +289,7 @@ fn routes(raw: &[RawRoute], default_upstream: Option<&Uri>, p: &mut Problems) ->
     let mut routes = Vec::new();
     for (i, r) in raw.iter().enumerate() {
         let field = format!("routes[{i}]");
-        if !r.path.starts_with('/') || crate::proxy::route::check_path(&r.path).is_err() {
+        if !r.path.starts_with('/') || crate::paths::check_path(&r.path).is_err() {
             p.error(format!(
                 "{field}.path: {:?} must start with '/' and contain no dot-segments or encoded separators",
                 r.path
@@ -388,11 +388,11 @@ fn jwt(raw: RawJwt, shared_store: bool, p: &mut Problems) -> JwtConfig {
     let secret = raw.secret.filter(|s| !s.is_empty());
     if secret
         .as_ref()
-        .is_some_and(|s| s.len() < crate::auth::jwt::MIN_SECRET_LEN)
+        .is_some_and(|s| s.len() < super::MIN_JWT_SECRET_LEN)
     {
         p.error(format!(
             "jwt.secret: must be at least {} bytes (e.g. `openssl rand -hex 32`)",
-            crate::auth::jwt::MIN_SECRET_LEN
+            super::MIN_JWT_SECRET_LEN
         ));
     }
     if secret.is_none() && shared_store {

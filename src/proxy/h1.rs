@@ -34,7 +34,7 @@ use super::policy::{self, RequestView, Routed};
 use super::upstream::{BodyReader, BodySource, Conn, Exchange, Step};
 use super::{ConnInfo, Gateway, Outcome};
 use crate::auth::credential;
-use crate::error::ProxyError;
+use crate::proxy::error::ProxyError;
 
 /// Initial read buffer of a client connection; it grows up to `limits.max_header_bytes` for a
 /// large head.

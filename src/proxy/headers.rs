@@ -144,9 +144,14 @@ pub fn add_rate(h: &mut HeaderMap, rate: &RateInfo) {
     h.insert(RATELIMIT_RESET, number(rate.reset_secs));
 }
 
-/// A decimal number as a field value.
+/// `HeaderValue`s for small numbers, made once, so rate-limit headers cost no allocation.
 pub fn number(n: u64) -> HeaderValue {
-    HeaderValue::from(n)
+    static TABLE: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| (0..4096u64).map(HeaderValue::from).collect());
+    match table.get(n as usize) {
+        Some(v) => v.clone(),
+        None => HeaderValue::from(n),
+    }
 }
 
 /// True for an HTTP/1.1 request asking to switch to WebSocket (RFC 6455 §4.1): `Upgrade:
@@ -183,7 +188,10 @@ pub fn websocket_accept(h: &HeaderMap) -> Option<HeaderValue> {
 
 /// Adds the caller's identity.
 pub fn add_identity(h: &mut HeaderMap, id: &IdentityHeaders) {
-    let [client_id, key_id, permissions, license] = id.header_values();
+    // Every value was checked to be header text (or replaced) when the principal was built.
+    let [client_id, key_id, permissions, license] = id.shared_values().map(|v| {
+        HeaderValue::from_maybe_shared(v).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    });
     h.insert(X_KEYGATE_CLIENT_ID, client_id);
     h.insert(X_KEYGATE_KEY_ID, key_id);
     h.insert(X_KEYGATE_PERMISSIONS, permissions);
@@ -350,6 +358,13 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example.com");
         assert_eq!(h["host"], "127.0.0.1:9000");
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(number(0), "0");
+        assert_eq!(number(4095), "4095");
+        assert_eq!(number(100_000), "100000");
     }
 
     #[test]

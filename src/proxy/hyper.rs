@@ -38,10 +38,10 @@ use super::codec::wire::{self, BodyOut};
 use super::h1::CUT_SHORT;
 use super::headers;
 use super::policy::{self, Admitted, Routed, Rule};
-use super::route::Route;
 use super::upstream::{self, BodyReader, BodySource, Conn, Exchange, Pool, Step};
 use super::{ConnInfo, Gateway, Outcome};
-use crate::error::ProxyError;
+use crate::proxy::error::ProxyError;
+use crate::route::Route;
 
 /// Response body of the proxy: the upstream's stream, or a body the gateway wrote itself.
 pub type ProxyBody = Either<UpstreamBody, Full<Bytes>>;

@@ -17,13 +17,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Response, StatusCode};
 
-use super::route::{self, Route};
 use super::{Gateway, HEALTH_PATH, LOGIN_PATH, Outcome};
 use crate::auth::credential::{Credential, Source};
 use crate::auth::jwt::{LoginRequest, TokenResponse};
 use crate::auth::{self, Permit};
-use crate::error::ProxyError;
 use crate::limit::{RateInfo, Refusal};
+use crate::paths;
+use crate::proxy::error::ProxyError;
+use crate::route::Route;
 
 /// A request as the core sees it, whichever engine read it.
 pub trait RequestView {
@@ -101,7 +102,7 @@ impl Gateway {
         if path == LOGIN_PATH && *req.method() == Method::POST {
             return Ok(Routed::Login);
         }
-        route::check_path(path).map_err(ProxyError::BadRequest)?;
+        paths::check_path(path).map_err(ProxyError::BadRequest)?;
         self.routes
             .find(path, req.method())
             .map(Routed::Route)

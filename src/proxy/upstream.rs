@@ -25,8 +25,8 @@ use tokio::net::TcpStream;
 
 use super::codec::chunked::{self, Decoder};
 use super::codec::head::{self, Field, Framing, ResponseHead};
-use super::route::Route;
-use crate::error::ProxyError;
+use crate::proxy::error::ProxyError;
+use crate::route::Route;
 
 /// Idle upstream connections are kept this long for reuse.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);

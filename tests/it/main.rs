@@ -8,6 +8,7 @@ mod deploy_files;
 mod fast_path;
 mod hostile;
 mod kixote;
+mod layers;
 mod observability;
 mod openapi;
 mod proxy_path;

@@ -394,7 +394,7 @@ mod tests {
 
     #[test]
     fn own_responses_are_whole() {
-        let res: Response<Bytes> = crate::error::ProxyError::MissingCredentials.response();
+        let res: Response<Bytes> = crate::proxy::error::ProxyError::MissingCredentials.response();
         let mut out = Vec::new();
         own_response(&mut out, &res, false, false);
         let text = String::from_utf8(out).unwrap();

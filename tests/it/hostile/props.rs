@@ -2,9 +2,9 @@
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use keygate::keys::KeyFormat;
+use keygate::paths::check_path;
 use keygate::proxy::headers::{add_identity, retain_forwarded};
 use keygate::proxy::policy::Strip;
-use keygate::proxy::route::check_path;
 use proptest::prelude::*;
 
 fn config(cases: u32) -> ProptestConfig {

@@ -10,6 +10,8 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 
+use super::headers::{RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET, number};
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
     #[error("missing credentials")]
@@ -43,11 +45,6 @@ pub enum ProxyError {
     #[error("store unavailable")]
     StoreUnavailable,
 }
-
-pub const RATELIMIT_LIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit-limit");
-pub const RATELIMIT_REMAINING: http::HeaderName =
-    http::HeaderName::from_static("ratelimit-remaining");
-pub const RATELIMIT_RESET: http::HeaderName = http::HeaderName::from_static("ratelimit-reset");
 
 /// Seconds a client should wait before retrying when the store is down.
 const STORE_RETRY_AFTER_SECS: u64 = 5;
@@ -150,14 +147,11 @@ impl ProxyError {
             );
         }
         if let Some(secs) = self.retry_after() {
-            h.insert(RETRY_AFTER, crate::limit::number_header(secs));
+            h.insert(RETRY_AFTER, number(secs));
             if let Self::RateLimited { limit, .. } = self {
-                h.insert(
-                    RATELIMIT_LIMIT,
-                    crate::limit::number_header(u64::from(*limit)),
-                );
-                h.insert(RATELIMIT_REMAINING, crate::limit::number_header(0));
-                h.insert(RATELIMIT_RESET, crate::limit::number_header(secs));
+                h.insert(RATELIMIT_LIMIT, number(u64::from(*limit)));
+                h.insert(RATELIMIT_REMAINING, number(0));
+                h.insert(RATELIMIT_RESET, number(secs));
             }
         }
         res

@@ -1,0 +1,179 @@
+//! Routes: matching by prefix on whole segments (`/v1/a` matches `/v1/a` and `/v1/a/x`, not
+//! `/v1/ab`), on the percent-decoded path (`/%61dmin` is `/admin` to every upstream that
+//! decodes), ASCII case-insensitive (so `/V1/A` cannot dodge the checks of `/v1/a` on a
+//! case-insensitive upstream), longest prefix first. Paths are checked first ([`crate::paths`]).
+
+use std::sync::Arc;
+
+use http::{HeaderValue, Method, Uri};
+use uuid::Uuid;
+
+use crate::config::{self, RouteAuth};
+use crate::limit::KeyedLimit;
+use crate::paths::decoded;
+
+/// A configured route, ready for matching.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub path: String,
+    pub upstream: Uri,
+    pub permissions: Vec<String>,
+    pub methods: Vec<Method>,
+    pub auth: RouteAuth,
+    /// Stable label for logs and metrics (the configured path, never the request path).
+    pub name: String,
+    /// `Host` sent upstream: the upstream's authority, encoded once.
+    pub host: HeaderValue,
+    /// Per-key limit on this route, on top of the key's own.
+    pub limiter: Option<Arc<KeyedLimit<Uuid>>>,
+    /// Position in the table (for per-route metrics).
+    pub index: usize,
+}
+
+fn host_of(upstream: &Uri) -> HeaderValue {
+    upstream
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .unwrap_or_else(|| HeaderValue::from_static("localhost"))
+}
+
+impl Route {
+    /// `auth = "none"`: no key needed.
+    pub fn is_public(&self) -> bool {
+        self.auth == RouteAuth::None
+    }
+
+    /// Compares percent-decoded bytes: [`crate::paths::check_path`] has refused encoded separators and
+    /// `%`, so decoding cannot move a segment boundary.
+    fn matches(&self, path: &str, method: &Method) -> bool {
+        let mut want = decoded(self.path.trim_end_matches('/').as_bytes());
+        let mut got = decoded(path.as_bytes());
+        let prefix = want.all(|w| got.next().is_some_and(|g| g.eq_ignore_ascii_case(&w)));
+        let hit = prefix && matches!(got.next(), None | Some(b'/'));
+        hit && (self.methods.is_empty() || self.methods.contains(method))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    /// Longest path first.
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// Builds the table; with no configured routes, one catch-all route to `default_upstream`
+    /// that requires a key.
+    pub fn new(routes: &[config::Route], default_upstream: &Uri) -> Self {
+        let mut routes: Vec<Route> = if routes.is_empty() {
+            vec![Route {
+                path: "/".into(),
+                upstream: default_upstream.clone(),
+                permissions: Vec::new(),
+                methods: Vec::new(),
+                auth: RouteAuth::Required,
+                name: "/".into(),
+                host: host_of(default_upstream),
+                limiter: None,
+                index: 0,
+            }]
+        } else {
+            routes
+                .iter()
+                .map(|r| Route {
+                    path: r.path.clone(),
+                    upstream: r.upstream.clone(),
+                    permissions: r.permissions.clone(),
+                    methods: r.methods.clone(),
+                    auth: r.auth,
+                    name: r.path.clone(),
+                    host: host_of(&r.upstream),
+                    limiter: r.rate_limit.map(|l| Arc::new(KeyedLimit::new(l))),
+                    index: 0,
+                })
+                .collect()
+        };
+        routes.sort_by_key(|r| std::cmp::Reverse(r.path.trim_end_matches('/').len()));
+        for (i, r) in routes.iter_mut().enumerate() {
+            r.index = i;
+        }
+        Self { routes }
+    }
+
+    /// Route names in table order (the order of [`Route::index`]).
+    pub fn names(&self) -> Vec<String> {
+        self.routes.iter().map(|r| r.name.clone()).collect()
+    }
+
+    /// Drops idle per-route limiter state.
+    pub fn sweep(&self) {
+        for r in &self.routes {
+            if let Some(l) = &r.limiter {
+                l.sweep();
+            }
+        }
+    }
+
+    /// The longest route matching `path` and `method`.
+    pub fn find(&self, path: &str, method: &Method) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(path, method))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RouteTable {
+        let up: Uri = "http://127.0.0.1:1".parse().unwrap();
+        let mk = |path: &str, perms: &[&str], methods: &[Method]| config::Route {
+            path: path.into(),
+            upstream: up.clone(),
+            permissions: perms.iter().map(|s| s.to_string()).collect(),
+            methods: methods.to_vec(),
+            auth: RouteAuth::Required,
+            rate_limit: None,
+        };
+        RouteTable::new(
+            &[
+                mk("/", &[], &[]),
+                mk("/v1/extract", &["DATA_EXTRACTION"], &[]),
+                mk("/v1/extract/admin", &["ADMIN"], &[Method::POST]),
+            ],
+            &up,
+        )
+    }
+
+    #[test]
+    fn longest_whole_segment_prefix_wins() {
+        let t = table();
+        let name = |p: &str, m: Method| t.find(p, &m).map(|r| r.name.clone());
+        assert_eq!(name("/v1/extract", Method::GET).unwrap(), "/v1/extract");
+        assert_eq!(name("/v1/extract/x", Method::GET).unwrap(), "/v1/extract");
+        assert_eq!(name("/V1/EXTRACT/x", Method::GET).unwrap(), "/v1/extract");
+        assert_eq!(name("/v1/extractor", Method::GET).unwrap(), "/");
+        // Decoded before matching: an encoded letter is the same path to an upstream.
+        assert_eq!(name("/v1/%65xtract", Method::GET).unwrap(), "/v1/extract");
+        assert_eq!(
+            name("/%56%31/EXTRACT/x", Method::GET).unwrap(),
+            "/v1/extract"
+        );
+        assert_eq!(name("/v1/extract%41", Method::GET).unwrap(), "/");
+        assert_eq!(
+            name("/v1/extract/admin", Method::POST).unwrap(),
+            "/v1/extract/admin"
+        );
+        assert_eq!(
+            name("/v1/extract/admin", Method::GET).unwrap(),
+            "/v1/extract"
+        );
+    }
+
+    #[test]
+    fn catch_all_when_no_routes() {
+        let up: Uri = "http://127.0.0.1:1".parse().unwrap();
+        let t = RouteTable::new(&[], &up);
+        let r = t.find("/anything", &Method::GET).unwrap();
+        assert_eq!(r.auth, RouteAuth::Required);
+        assert!(r.permissions.is_empty());
+    }
+}
