@@ -25,7 +25,7 @@ use keygate::keys::{ApiKey, KeyFormat, KeyHash, Principal, now_millis};
 use keygate::limit::KeyLimiter;
 use keygate::proxy::headers;
 use keygate::proxy::headers::number as number_header;
-use keygate::proxy::policy::Strip;
+use keygate::proxy::policy::{FieldRules, Strip};
 
 const KEYS: usize = 10_000;
 
@@ -180,7 +180,7 @@ fn rewrite_in_place(
     reserve: bool,
 ) {
     let api_key = HeaderName::from_static("x-api-key");
-    let inbound = headers::retain_forwarded(h, Strip::ApiKey, &api_key);
+    let inbound = headers::retain_forwarded(h, Strip::API_KEY, &FieldRules::new(api_key, false));
     if reserve {
         h.reserve(8);
     }
@@ -288,7 +288,12 @@ fn fast_path_head(
 ) {
     use keygate::proxy::codec::head::{Parsed, parse_request};
     use keygate::proxy::codec::wire::{BodyOut, Upstream, request_head, spans};
-    let Parsed::Complete(head) = parse_request(raw, "x-api-key", 100, fields) else {
+    let Parsed::Complete(head) = parse_request(
+        raw,
+        &keygate::proxy::policy::FieldRules::default(),
+        100,
+        fields,
+    ) else {
         panic!("not taken");
     };
     out.clear();
@@ -298,7 +303,7 @@ fn fast_path_head(
         &Upstream {
             method: head.method.as_str().as_bytes(),
             target: head.target.get(raw),
-            strip: Strip::ApiKey,
+            strip: Strip::API_KEY,
             identity: Some(&p.headers),
             xff: head.xff.map(|s| s.get(raw)),
             client_host: head.host.map(|s| s.get(raw)),

@@ -236,6 +236,22 @@ pub struct RawProxy {
     pub tls_key: Option<String>,
     /// PEM CA bundle for `https://` upstreams (default: the webpki root set).
     pub upstream_ca: Option<String>,
+    /// Forward `X-HTTP-Method-Override`, `X-HTTP-Method` and `X-Method-Override`.
+    #[serde(default)]
+    pub allow_method_override: bool,
+    /// Accept paths that are not ASCII once percent-decoded.
+    #[serde(default)]
+    pub allow_non_ascii_paths: bool,
+    /// Peers (CIDRs) whose `X-Forwarded-For` / `Forwarded` names the client.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Add `Vary` naming the credential fields to authenticated answers.
+    #[serde(default = "d_true")]
+    pub vary_credentials: bool,
+    /// Add `Cache-Control: private` to authenticated answers the upstream did not mark
+    /// `public` or `s-maxage`.
+    #[serde(default = "d_true")]
+    pub cache_private: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -422,6 +438,54 @@ pub struct ProxyConfig {
     pub upstream_timeout: Duration,
     pub tls: Option<TlsFiles>,
     pub upstream_ca: Option<PathBuf>,
+    pub allow_method_override: bool,
+    pub allow_non_ascii_paths: bool,
+    pub trusted_proxies: Vec<Cidr>,
+    pub vary_credentials: bool,
+    pub cache_private: bool,
+}
+
+/// An address block, `addr/prefix` (a bare address is the block of that address alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a.parse().ok()?, Some(p.parse::<u8>().ok()?)),
+            None => (s.trim().parse().ok()?, None),
+        };
+        let addr: std::net::IpAddr = addr;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(Cidr {
+            addr: addr.to_canonical(),
+            prefix: if addr.to_canonical().is_ipv4() && !addr.is_ipv4() {
+                prefix.saturating_sub(96)
+            } else {
+                prefix
+            },
+        })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let bits = |n: u32, p: u8| if p == 0 { 0 } else { n >> (32 - p) };
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                bits(u32::from(a), self.prefix) == bits(u32::from(b), self.prefix)
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let (a, b) = (u128::from(a), u128::from(b));
+                self.prefix == 0
+                    || a >> (128 - u32::from(self.prefix)) == b >> (128 - u32::from(self.prefix))
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A certificate chain and its key, as PEM files.

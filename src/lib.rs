@@ -97,6 +97,7 @@ pub struct App {
     proxy_listener: TcpListener,
     admin_listener: TcpListener,
     gateway: Arc<Gateway>,
+    admin_failed_auth: Arc<limit::FailedAuth>,
     admin: axum::Router,
     metrics: Arc<Metrics>,
     usage: Arc<UsageRecorder>,
@@ -165,7 +166,9 @@ impl App {
             api_key_header: config.proxy.api_key_header.clone(),
             query_param: config.proxy.query_param.clone(),
         };
-        let failed_auth = Arc::new(limit::FailedAuth::new(config.failed_auth_limit));
+        // Separate budgets: a flood of bad keys on the proxy cannot lock the admin out.
+        let proxy_failed_auth = Arc::new(limit::FailedAuth::new(config.failed_auth_limit));
+        let admin_failed_auth = Arc::new(limit::FailedAuth::new(config.failed_auth_limit));
         let load_cert = |files: &Option<config::TlsFiles>| {
             files
                 .as_ref()
@@ -186,8 +189,21 @@ impl App {
             auth: authenticator.clone(),
             routes,
             extractor: extractor.clone(),
+            policy: proxy::policy::Policy {
+                fields: proxy::policy::FieldRules::new(
+                    config.proxy.api_key_header.clone(),
+                    config.proxy.allow_method_override,
+                ),
+                non_ascii_paths: config.proxy.allow_non_ascii_paths,
+                trusted_proxies: config.proxy.trusted_proxies.clone(),
+                cache: proxy::policy::CachePolicy::new(
+                    &config.proxy.api_key_header,
+                    config.proxy.vary_credentials,
+                    config.proxy.cache_private,
+                ),
+            },
             upstreams,
-            failed_auth: Arc::clone(&failed_auth),
+            failed_auth: proxy_failed_auth,
             metrics: Arc::clone(&metrics),
             usage: Arc::clone(&usage),
             access_log: config.log.access_log,
@@ -201,7 +217,7 @@ impl App {
             max_keys_per_client: config.keys.max_per_client,
             auth: authenticator,
             extractor,
-            failed_auth,
+            failed_auth: Arc::clone(&admin_failed_auth),
             self_service_permission: config.admin.self_service_permission.clone(),
             openapi_json: Default::default(),
             metrics: Arc::clone(&metrics),
@@ -224,6 +240,7 @@ impl App {
             proxy_listener,
             admin_listener,
             gateway,
+            admin_failed_auth,
             admin,
             metrics,
             usage,
@@ -276,11 +293,13 @@ impl App {
         let gateway = self.gateway;
         let sweeper = {
             let gateway = Arc::clone(&gateway);
+            let admin_failed_auth = Arc::clone(&self.admin_failed_auth);
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(LIMITER_SWEEP_INTERVAL);
                 loop {
                     tick.tick().await;
                     gateway.sweep();
+                    admin_failed_auth.sweep();
                     // Shard by shard, yielding between them, so a sweep of many keys does not
                     // hold up requests.
                     for shard in 0..gateway.auth.sweep_shards() {

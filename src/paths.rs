@@ -72,8 +72,10 @@ pub fn decoded(b: &[u8]) -> impl Iterator<Item = u8> + '_ {
     })
 }
 
-/// Checks a request path. `Err` carries the reason for the 400 body.
-pub fn check_path(path: &str) -> Result<(), &'static str> {
+/// Checks a request path. `Err` carries the reason for the 400 body. Unless `non_ascii` is
+/// allowed, a path that is not ASCII once percent-decoded is refused too: an upstream that
+/// folds Unicode (compatibility forms, case) could read `/ａdmin` or `/admın` as `/admin`.
+pub fn check_path(path: &str, non_ascii_allowed: bool) -> Result<(), &'static str> {
     let b = path.as_bytes();
     if b.first() != Some(&b'/') {
         return Err("the path must start with '/'");
@@ -101,6 +103,11 @@ pub fn check_path(path: &str) -> Result<(), &'static str> {
                         "encoded '.', '/', '\\', ';' or control characters are not allowed in paths",
                     );
                 }
+                // A decoding upstream would end the path there and read the rest as a query or
+                // fragment, past the route that matched the whole.
+                if decoded == b'?' || decoded == b'#' {
+                    return Err("an encoded '?' or '#' is not allowed in paths");
+                }
                 non_ascii |= decoded >= 0x80;
                 i += 3;
                 continue;
@@ -126,6 +133,11 @@ pub fn check_path(path: &str) -> Result<(), &'static str> {
         if seg.ends_with(['.', ' ']) || seg.ends_with("%20") {
             return Err("path segments ending in '.' or a space are not allowed");
         }
+    }
+    if non_ascii && !non_ascii_allowed {
+        return Err(
+            "non-ASCII characters are not allowed in paths (set proxy.allow_non_ascii_paths to accept them)",
+        );
     }
     if non_ascii {
         let bytes: Vec<u8> = decoded(b).collect();
@@ -185,8 +197,27 @@ mod tests {
             "/a%c2%85",
             "admin",
             "",
+            "/admin%3f",
+            "/admin%3Fx=1",
+            "/admin%23frag",
         ] {
-            assert!(check_path(p).is_err(), "accepted {p:?}");
+            assert!(check_path(p, true).is_err(), "accepted {p:?}");
+        }
+    }
+
+    #[test]
+    fn look_alike_letters_are_refused_unless_non_ascii_is_allowed() {
+        // Full-width a, dotless i, Kelvin sign: read as /admin, /admin, /k by upstreams that
+        // fold compatibility forms or case.
+        for p in ["/%EF%BD%81dmin", "/adm\u{131}n", "/adm%C4%B1n", "/\u{212a}"] {
+            assert!(check_path(p, false).is_err(), "accepted {p:?}");
+            assert!(
+                check_path(p, true).is_ok(),
+                "refused {p:?} with non-ASCII allowed"
+            );
+        }
+        for p in ["/admin", "/a%20b", "/%41dmin", "/v1/x.json"] {
+            assert!(check_path(p, false).is_ok(), "refused {p:?}");
         }
     }
 
@@ -205,7 +236,7 @@ mod tests {
             "/jos\u{e9}/caf%c3%a9",
             "/%7Euser",
         ] {
-            assert!(check_path(p).is_ok(), "refused {p:?}");
+            assert!(check_path(p, true).is_ok(), "refused {p:?}");
         }
     }
 }

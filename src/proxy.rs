@@ -40,6 +40,7 @@ pub struct Gateway {
     pub auth: Authenticator,
     pub routes: RouteTable,
     pub extractor: Extractor,
+    pub policy: policy::Policy,
     pub upstreams: Upstreams,
     pub failed_auth: Arc<FailedAuth>,
     pub metrics: Arc<Metrics>,
@@ -82,6 +83,8 @@ impl Upstreams {
 #[derive(Default)]
 pub struct Outcome<'a> {
     principal: Option<Arc<Principal>>,
+    /// The client's address when it is not the peer's (a trusted proxy named it).
+    client: Option<std::net::IpAddr>,
     route: Option<&'a Route>,
     upstream: Option<Duration>,
 }
@@ -139,7 +142,7 @@ impl Gateway {
                 upstream_us = outcome.upstream.map(|d| d.as_micros() as u64),
                 key_id = p.map(|p| tracing::field::display(p.key_id)),
                 client_id = p.map(|p| p.client_id()),
-                peer = %conn.peer.ip(),
+                peer = %outcome.client.unwrap_or(conn.peer.ip()),
             );
         }
     }

@@ -24,6 +24,8 @@ pub struct Route {
     pub name: String,
     /// `Host` sent upstream: the upstream's authority, encoded once.
     pub host: HeaderValue,
+    /// The methods it answers (`Allow` of a 405), when it restricts them.
+    pub allow: Option<HeaderValue>,
     /// Per-key limit on this route, on top of the key's own.
     pub limiter: Option<Arc<KeyedLimit<Uuid>>>,
     /// Position in the table (for per-route metrics).
@@ -37,6 +39,18 @@ fn host_of(upstream: &Uri) -> HeaderValue {
         .unwrap_or_else(|| HeaderValue::from_static("localhost"))
 }
 
+/// `Allow` for a route restricted to `methods` (HEAD added where GET is).
+fn allow_of(methods: &[Method]) -> Option<HeaderValue> {
+    if methods.is_empty() {
+        return None;
+    }
+    let mut names: Vec<&str> = methods.iter().map(Method::as_str).collect();
+    if methods.contains(&Method::GET) && !methods.contains(&Method::HEAD) {
+        names.push("HEAD");
+    }
+    HeaderValue::from_str(&names.join(", ")).ok()
+}
+
 impl Route {
     /// `auth = "none"`: no key needed.
     pub fn is_public(&self) -> bool {
@@ -45,12 +59,19 @@ impl Route {
 
     /// Compares percent-decoded bytes: [`crate::paths::check_path`] has refused encoded separators and
     /// `%`, so decoding cannot move a segment boundary.
-    fn matches(&self, path: &str, method: &Method) -> bool {
+    fn matches(&self, path: &str) -> bool {
         let mut want = decoded(self.path.trim_end_matches('/').as_bytes());
         let mut got = decoded(path.as_bytes());
         let prefix = want.all(|w| got.next().is_some_and(|g| g.eq_ignore_ascii_case(&w)));
-        let hit = prefix && matches!(got.next(), None | Some(b'/'));
-        hit && (self.methods.is_empty() || self.methods.contains(method))
+        prefix && matches!(got.next(), None | Some(b'/'))
+    }
+
+    /// Whether the route answers `method`; HEAD is judged as GET (frameworks run the GET
+    /// handler for HEAD).
+    pub fn allows(&self, method: &Method) -> bool {
+        self.methods.is_empty()
+            || self.methods.contains(method)
+            || (*method == Method::HEAD && self.methods.contains(&Method::GET))
     }
 }
 
@@ -73,6 +94,7 @@ impl RouteTable {
                 auth: RouteAuth::Required,
                 name: "/".into(),
                 host: host_of(default_upstream),
+                allow: None,
                 limiter: None,
                 index: 0,
             }]
@@ -87,6 +109,7 @@ impl RouteTable {
                     auth: r.auth,
                     name: r.path.clone(),
                     host: host_of(&r.upstream),
+                    allow: allow_of(&r.methods),
                     limiter: r.rate_limit.map(|l| Arc::new(KeyedLimit::new(l))),
                     index: 0,
                 })
@@ -113,15 +136,27 @@ impl RouteTable {
         }
     }
 
-    /// The longest route matching `path` and `method`.
-    pub fn find(&self, path: &str, method: &Method) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matches(path, method))
+    /// The longest route matching `path`. A route owns its paths for every method: one that
+    /// does not allow the request's method answers 405, never a shorter route.
+    pub fn find(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(path))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn table_route(path: &str) -> config::Route {
+        config::Route {
+            path: path.into(),
+            upstream: "http://127.0.0.1:1".parse().unwrap(),
+            permissions: Vec::new(),
+            methods: Vec::new(),
+            auth: RouteAuth::Required,
+            rate_limit: None,
+        }
+    }
 
     fn table() -> RouteTable {
         let up: Uri = "http://127.0.0.1:1".parse().unwrap();
@@ -146,7 +181,7 @@ mod tests {
     #[test]
     fn longest_whole_segment_prefix_wins() {
         let t = table();
-        let name = |p: &str, m: Method| t.find(p, &m).map(|r| r.name.clone());
+        let name = |p: &str, m: Method| t.find(p).filter(|r| r.allows(&m)).map(|r| r.name.clone());
         assert_eq!(name("/v1/extract", Method::GET).unwrap(), "/v1/extract");
         assert_eq!(name("/v1/extract/x", Method::GET).unwrap(), "/v1/extract");
         assert_eq!(name("/V1/EXTRACT/x", Method::GET).unwrap(), "/v1/extract");
@@ -162,17 +197,29 @@ mod tests {
             name("/v1/extract/admin", Method::POST).unwrap(),
             "/v1/extract/admin"
         );
-        assert_eq!(
-            name("/v1/extract/admin", Method::GET).unwrap(),
-            "/v1/extract"
+        // A route owns its path for every method: GET does not fall through to a shorter
+        // route; HEAD is judged as GET.
+        assert_eq!(name("/v1/extract/admin", Method::GET), None);
+        let admin = t.find("/v1/extract/admin").unwrap();
+        assert_eq!(admin.allow.as_ref().unwrap(), "POST");
+        let get_only = RouteTable::new(
+            &[config::Route {
+                methods: vec![Method::GET],
+                ..table_route("/admin")
+            }],
+            &"http://u:1".parse().unwrap(),
         );
+        let r = get_only.find("/admin/x").unwrap();
+        assert!(r.allows(&Method::GET) && r.allows(&Method::HEAD));
+        assert!(!r.allows(&Method::POST) && !r.allows(&Method::OPTIONS));
+        assert_eq!(r.allow.as_ref().unwrap(), "GET, HEAD");
     }
 
     #[test]
     fn catch_all_when_no_routes() {
         let up: Uri = "http://127.0.0.1:1".parse().unwrap();
         let t = RouteTable::new(&[], &up);
-        let r = t.find("/anything", &Method::GET).unwrap();
+        let r = t.find("/anything").unwrap();
         assert_eq!(r.auth, RouteAuth::Required);
         assert!(r.permissions.is_empty());
     }

@@ -225,6 +225,11 @@ impl Connection {
                     if served > 0 {
                         builder = builder.http1_only();
                     }
+                    // Hyper answers the HTTP/1.1 request it was handed, then the connection
+                    // closes: every request head on a connection is read by the fast path's
+                    // parser first, with its refusals (Content-Length with
+                    // Transfer-Encoding…), before hyper sees it.
+                    builder.http1().keep_alive(false);
                 }
             }
         }

@@ -234,11 +234,6 @@ pub async fn login(
     JsonBody(body): JsonBody<LoginRequest>,
 ) -> Result<Json<TokenResponse>, AdminError> {
     let ip = peer.ip();
-    if let Err(wait) = state.failed_auth.check(ip) {
-        return Err(AdminError::TooManyRequests {
-            retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
-        });
-    }
     match state.auth.login(&body.api_key).await {
         Ok(token) => Ok(Json(TokenResponse::from(token))),
         Err(ProxyError::StoreUnavailable) => Err(AdminError::StoreUnavailable),

@@ -124,46 +124,80 @@ impl Extractor {
         api_key: Option<&'a str>,
         query: Option<&'a str>,
     ) -> Option<Credential<'a>> {
-        if let Some(token) = auth
+        self.find(auth, api_key, query).chosen
+    }
+
+    /// Every credential the request carries: the one used (first match wins), whether two
+    /// differ, and which fields hold one (all of them are removed before forwarding).
+    pub fn find<'a>(
+        &self,
+        auth: Option<&'a str>,
+        api_key: Option<&'a str>,
+        query: Option<&'a str>,
+    ) -> Found<'a> {
+        let bearer = auth
             .and_then(|a| strip_scheme(a, "Bearer"))
             .filter(|t| !t.is_empty())
-        {
-            let kind = if is_jwt_shape(token) {
-                Kind::Jwt
-            } else {
-                Kind::ApiKey
-            };
-            return Some(Credential {
-                kind,
+            .map(|token| Credential {
+                kind: if is_jwt_shape(token) {
+                    Kind::Jwt
+                } else {
+                    Kind::ApiKey
+                },
                 source: Source::Bearer,
                 secret: SecretRef::Borrowed(token),
             });
-        }
-        if let Some(v) = api_key
+        let header = api_key
             .map(|v| v.trim_matches(' '))
             .filter(|v| !v.is_empty())
-        {
-            return Some(Credential {
+            .map(|v| Credential {
                 kind: Kind::ApiKey,
                 source: Source::Header,
                 secret: SecretRef::Borrowed(v),
             });
-        }
-        if let Some(secret) = auth.and_then(|a| strip_scheme(a, "Basic")).and_then(basic) {
-            return Some(Credential {
-                kind: Kind::ApiKey,
-                source: Source::Basic,
-                secret,
-            });
-        }
-        let param = self.query_param.as_deref()?;
-        let v = query_value(query?, param)?;
-        Some(Credential {
+        let basic_scheme = auth.and_then(|a| strip_scheme(a, "Basic"));
+        let basic = basic_scheme.and_then(basic).map(|secret| Credential {
             kind: Kind::ApiKey,
-            source: Source::Query,
-            secret: SecretRef::Borrowed(v),
-        })
+            source: Source::Basic,
+            secret,
+        });
+        let query = self
+            .query_param
+            .as_deref()
+            .zip(query)
+            .and_then(|(param, q)| query_value(q, param))
+            .map(|v| Credential {
+                kind: Kind::ApiKey,
+                source: Source::Query,
+                secret: SecretRef::Borrowed(v),
+            });
+        let all = [bearer, header, basic, query];
+        let chosen = all.iter().flatten().next().copied();
+        let conflict = chosen.is_some_and(|c| {
+            all.iter()
+                .flatten()
+                .any(|o| o.secret.as_str() != c.secret.as_str())
+        });
+        Found {
+            chosen,
+            conflict,
+            in_authorization: bearer.is_some() || basic_scheme.is_some(),
+            in_query: query.is_some(),
+        }
     }
+}
+
+/// What [`Extractor::find`] saw.
+#[derive(Debug, Clone, Copy)]
+pub struct Found<'a> {
+    /// The credential used: the first of Bearer, the API-key header, Basic, the query.
+    pub chosen: Option<Credential<'a>>,
+    /// Two of them differ.
+    pub conflict: bool,
+    /// `Authorization` holds a Bearer or Basic credential.
+    pub in_authorization: bool,
+    /// The query holds the credential parameter (when it is accepted).
+    pub in_query: bool,
 }
 
 /// A header value as text, by the rules of `HeaderValue::to_str`: visible ASCII and tab only.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use http::Uri;
 
 use super::{
-    AdminConfig, Config, ConfigErrors, DEFAULT_API_KEY_HEADER, JwtConfig, KeysConfig, Limits,
+    AdminConfig, Cidr, Config, ConfigErrors, DEFAULT_API_KEY_HEADER, JwtConfig, KeysConfig, Limits,
     LogConfig, LogFormat, MAX_JWT_LEEWAY_SECS, MAX_JWT_TTL_SECS, MIN_ADMIN_KEY_LEN, ProxyConfig,
     RawAdmin, RawConfig, RawJwt, RawKeys, RawLimits, RawLog, RawPlan, RawProxy, RawRateLimit,
     RawRoute, RawServer, RawStore, Route, RouteAuth, StoreConfig, StoreUrl, TlsFiles,
@@ -142,7 +142,26 @@ fn proxy(raw: RawProxy, p: &mut Problems) -> Option<ProxyConfig> {
         ));
     }
 
+    let trusted_proxies = raw
+        .trusted_proxies
+        .iter()
+        .filter_map(|c| {
+            let cidr = Cidr::parse(c);
+            if cidr.is_none() {
+                p.error(format!(
+                    "proxy.trusted_proxies: {c:?} is not an address or CIDR block (e.g. \"10.0.0.0/8\", \"::1\")"
+                ));
+            }
+            cidr
+        })
+        .collect();
+
     Some(ProxyConfig {
+        allow_method_override: raw.allow_method_override,
+        allow_non_ascii_paths: raw.allow_non_ascii_paths,
+        trusted_proxies,
+        vary_credentials: raw.vary_credentials,
+        cache_private: raw.cache_private,
         listen: listen?,
         upstream: upstream?,
         api_key_header,
@@ -289,7 +308,7 @@ fn routes(raw: &[RawRoute], default_upstream: Option<&Uri>, p: &mut Problems) ->
     let mut routes = Vec::new();
     for (i, r) in raw.iter().enumerate() {
         let field = format!("routes[{i}]");
-        if !r.path.starts_with('/') || crate::paths::check_path(&r.path).is_err() {
+        if !r.path.starts_with('/') || crate::paths::check_path(&r.path, true).is_err() {
             p.error(format!(
                 "{field}.path: {:?} must start with '/' and contain no dot-segments or encoded separators",
                 r.path

@@ -35,6 +35,9 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("no route")]
     RouteNotFound,
+    /// The route owning the path does not answer this method; `Allow` lists those it does.
+    #[error("method not allowed")]
+    MethodNotAllowed(HeaderValue),
     /// The request body stalled for longer than `limits.body_timeout_secs`.
     #[error("request body timed out")]
     BodyTimeout,
@@ -61,6 +64,7 @@ impl ProxyError {
             Self::RateLimited { .. } | Self::AuthThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::RouteNotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -80,6 +84,7 @@ impl ProxyError {
             Self::RateLimited { .. } | Self::AuthThrottled { .. } => "rate_limited",
             Self::BadRequest(_) => "bad_request",
             Self::RouteNotFound => "route_not_found",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::BodyTimeout => "request_timeout",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
@@ -103,6 +108,7 @@ impl ProxyError {
             }
             Self::BadRequest(why) => why,
             Self::RouteNotFound => "no route matches this path",
+            Self::MethodNotAllowed(_) => "this path does not answer this method; see Allow",
             Self::BodyTimeout => "the request body stopped arriving; send it again",
             Self::UpstreamUnavailable => "the upstream could not be reached",
             Self::UpstreamTimeout => "the upstream did not answer in time",
@@ -145,6 +151,9 @@ impl ProxyError {
                     _ => "Bearer realm=\"keygate\", error=\"invalid_token\"",
                 }),
             );
+        }
+        if let Self::MethodNotAllowed(allow) = self {
+            h.insert(http::header::ALLOW, allow.clone());
         }
         if let Some(secs) = self.retry_after() {
             h.insert(RETRY_AFTER, number(secs));

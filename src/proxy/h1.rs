@@ -128,6 +128,15 @@ where
                     served,
                 };
             }
+            HeadRead::Refuse(why) => {
+                let res: Response<Bytes> = ProxyError::BadRequest(why).response();
+                gw.metrics.route(None).record(res.status().as_u16());
+                c.out.clear();
+                wire::own_response(&mut c.out, &res, false, true);
+                let _ = write_client(c.io, &c.out, st.body_timeout).await;
+                c.linger().await;
+                return End::Closed;
+            }
         };
         match c.exchange(gw, conn, st, &head, drain).await {
             Next::KeepAlive => served += 1,
@@ -149,6 +158,8 @@ enum HeadRead {
     Head(RequestHead),
     Closed,
     Handover,
+    /// Answered 400, then the connection closes.
+    Refuse(&'static str),
 }
 
 struct Client<'c, I> {
@@ -182,14 +193,15 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         loop {
             if self.end > self.start {
                 let msg = &self.buf[self.start..self.end];
-                let key_header = gw.extractor.api_key_header.as_str();
-                match head::parse_request(msg, key_header, st.max_headers, &mut self.fields) {
+                let rules = &gw.policy.fields;
+                match head::parse_request(msg, rules, st.max_headers, &mut self.fields) {
                     // Hyper answers 431.
                     Parsed::Complete(h) if h.len > st.max_header_bytes => {
                         return HeadRead::Handover;
                     }
                     Parsed::Complete(h) => return HeadRead::Head(h),
                     Parsed::Handover => return HeadRead::Handover,
+                    Parsed::Refuse(why) => return HeadRead::Refuse(why),
                     Parsed::Partial => {}
                 }
                 // Hyper reads on and answers 431.
@@ -279,7 +291,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         drain: &watch::Receiver<bool>,
     ) -> Result<Relayed, Stop> {
         let msg = &self.buf[self.start..self.end];
-        let view = View { head, buf: msg };
+        let view = View {
+            head,
+            buf: msg,
+            fields: &self.fields,
+        };
         let route = match gw.route(&view)? {
             Routed::Health => return Err(Stop::Answer(policy::health(&head.method))),
             // Hyper reads the body; the core answers.
@@ -293,7 +309,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         let Some(authority) = route.upstream.authority() else {
             return Err(ProxyError::UpstreamUnavailable.into());
         };
-        let admitted = gw.admit(route, &view, conn.peer.ip(), outcome).await?;
+        let admitted = gw.admit(route, &view, conn, outcome).await?;
 
         self.out.clear();
         wire::request_head(
@@ -375,7 +391,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             &uc.buf[..uc.end],
             &res,
             &self.ufields,
-            admitted.rate.as_ref(),
+            admitted.rate.as_ref().map(|r| (r, &gw.policy.cache)),
             framing,
             close,
         );
@@ -481,6 +497,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
 struct View<'a> {
     head: &'a RequestHead,
     buf: &'a [u8],
+    fields: &'a [Field],
 }
 
 impl RequestView for View<'_> {
@@ -506,6 +523,20 @@ impl RequestView for View<'_> {
         self.head
             .api_key
             .and_then(|s| credential::header_text(s.get(self.buf)))
+    }
+
+    fn forwarded_for(&self) -> Option<&str> {
+        self.head
+            .xff
+            .and_then(|s| credential::header_text(s.get(self.buf)))
+    }
+
+    fn forwarded(&self) -> Option<&str> {
+        // Read only when the peer is a trusted proxy.
+        self.fields
+            .iter()
+            .find(|f| f.name.get(self.buf).eq_ignore_ascii_case(b"forwarded"))
+            .and_then(|f| credential::header_text(f.value.get(self.buf)))
     }
 }
 

@@ -10,7 +10,7 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use super::policy::{self, Rule, Strip};
+use super::policy::{self, FieldRules, Rule, Strip};
 use crate::keys::IdentityHeaders;
 use crate::limit::RateInfo;
 
@@ -59,9 +59,8 @@ pub struct Inbound {
 
 /// Keeps only the request fields [`policy::forwarded`] keeps (a `Trailer` declaration loses
 /// the names that may not be sent), and returns what the gateway rewrites itself.
-pub fn retain_forwarded(h: &mut HeaderMap, strip: Strip, api_key_header: &HeaderName) -> Inbound {
+pub fn retain_forwarded(h: &mut HeaderMap, strip: Strip, rules: &FieldRules) -> Inbound {
     let named = connection_names(h);
-    let key = api_key_header.as_str().as_bytes();
     let mut inbound = Inbound::default();
     let mut trailers = Vec::new();
     let old = std::mem::take(h);
@@ -77,19 +76,20 @@ pub fn retain_forwarded(h: &mut HeaderMap, strip: Strip, api_key_header: &Header
                 None => continue,
             },
         };
-        match rule_of(&name, &named, |n| policy::request_rule(n, key)) {
+        match rule_of(&name, &named, |n| rules.request(n)) {
             Rule::XForwardedFor => {
                 inbound.xff.get_or_insert(value);
             }
             Rule::Host => inbound.host = Some(value),
             Rule::Trailer => {
                 if let Ok(v) = value.to_str() {
-                    trailers.extend(v.split(',').map(|t| t.trim().to_ascii_lowercase()).filter(
-                        |t| {
-                            !t.is_empty()
-                                && policy::request_rule(t.as_bytes(), key) == Rule::Forward
-                        },
-                    ));
+                    trailers.extend(
+                        v.split(',')
+                            .map(|t| t.trim().to_ascii_lowercase())
+                            .filter(|t| {
+                                !t.is_empty() && rules.request(t.as_bytes()) == Rule::Forward
+                            }),
+                    );
                 }
             }
             rule if policy::forwarded(rule, strip) => {
@@ -107,8 +107,7 @@ pub fn retain_forwarded(h: &mut HeaderMap, strip: Strip, api_key_header: &Header
 }
 
 /// Keeps only the trailer fields a client may send upstream (the same rule as its head).
-pub fn retain_trailers(h: &mut HeaderMap, api_key_header: &HeaderName) {
-    let key = api_key_header.as_str().as_bytes();
+pub fn retain_trailers(h: &mut HeaderMap, rules: &FieldRules) {
     let old = std::mem::take(h);
     let mut last: Option<HeaderName> = None;
     for (name, value) in old {
@@ -116,7 +115,7 @@ pub fn retain_trailers(h: &mut HeaderMap, api_key_header: &HeaderName) {
             last = Some(n);
         }
         if let Some(n) = &last
-            && policy::request_rule(n.as_str().as_bytes(), key) == Rule::Forward
+            && rules.request(n.as_str().as_bytes()) == Rule::Forward
         {
             h.append(n.clone(), value);
         }
@@ -142,6 +141,29 @@ pub fn add_rate(h: &mut HeaderMap, rate: &RateInfo) {
     h.insert(RATELIMIT_LIMIT, number(u64::from(rate.limit)));
     h.insert(RATELIMIT_REMAINING, number(u64::from(rate.remaining)));
     h.insert(RATELIMIT_RESET, number(rate.reset_secs));
+}
+
+/// Adds what [`policy::CachePolicy`] asks of an authenticated answer: `Cache-Control:
+/// private` and a `Vary` naming the credential fields.
+pub fn add_cache(h: &mut HeaderMap, cache: &policy::CachePolicy) {
+    let (private, vary) = {
+        let fields = h
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .map(|v| (Rule::CacheControl, v.as_bytes()))
+            .chain(
+                h.get_all(header::VARY)
+                    .iter()
+                    .map(|v| (Rule::Vary, v.as_bytes())),
+            );
+        cache.additions(fields)
+    };
+    if private {
+        h.append(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+    }
+    if vary && let Some(v) = &cache.vary {
+        h.append(header::VARY, v.clone());
+    }
 }
 
 /// `HeaderValue`s for small numbers, made once, so rate-limit headers cost no allocation.
@@ -244,7 +266,9 @@ mod tests {
         IdentityHeaders::new("acme", "k1", "A,B", "pro")
     }
 
-    const KEY: HeaderName = HeaderName::from_static("x-api-key");
+    fn rules() -> FieldRules {
+        FieldRules::default()
+    }
 
     #[test]
     fn connection_cannot_delete_identity_headers() {
@@ -261,7 +285,7 @@ mod tests {
             ("accept", "*/*"),
             ("accept", "text/plain"),
         ]);
-        retain_forwarded(&mut h, Strip::ApiKey, &KEY);
+        retain_forwarded(&mut h, Strip::API_KEY, &rules());
         add_identity(&mut h, &ids());
         assert_eq!(h["x-keygate-client-id"], "acme");
         assert!(!h.contains_key("x-keygate-anything"));
@@ -300,7 +324,7 @@ mod tests {
         ]);
         assert!(!websocket_requested(&h2c, http::Version::HTTP_11));
         let mut h2c = h2c;
-        retain_forwarded(&mut h2c, Strip::Nothing, &KEY);
+        retain_forwarded(&mut h2c, Strip::NOTHING, &rules());
         assert!(h2c.is_empty(), "{h2c:?}");
     }
 
@@ -314,7 +338,7 @@ mod tests {
             ("trailer", "x-keygate-client-id"),
             ("x-ok", "1"),
         ]);
-        retain_forwarded(&mut h, Strip::Nothing, &KEY);
+        retain_forwarded(&mut h, Strip::NOTHING, &rules());
         for gone in ["x_keygate_client_id", "transfer_encoding", "x_api_key"] {
             assert!(!h.contains_key(gone), "{gone} survived");
         }
@@ -323,7 +347,7 @@ mod tests {
         assert_eq!(h["x-ok"], "1");
 
         let mut h = map(&[("trailer", "x-keygate-key-id")]);
-        retain_forwarded(&mut h, Strip::Nothing, &KEY);
+        retain_forwarded(&mut h, Strip::NOTHING, &rules());
         assert!(!h.contains_key("trailer"));
 
         let mut t = map(&[
@@ -332,7 +356,7 @@ mod tests {
             ("authorization", "Bearer x"),
             ("x-checksum", "1"),
         ]);
-        retain_trailers(&mut t, &KEY);
+        retain_trailers(&mut t, &rules());
         assert_eq!(t.len(), 1);
         assert_eq!(t["x-checksum"], "1");
     }
@@ -345,7 +369,7 @@ mod tests {
             ("host", "api.example.com"),
             ("x-forwarded-host", "evil"),
         ]);
-        let inbound = retain_forwarded(&mut h, Strip::Nothing, &KEY);
+        let inbound = retain_forwarded(&mut h, Strip::NOTHING, &rules());
         add_forwarded(
             &mut h,
             inbound,

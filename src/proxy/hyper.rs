@@ -37,7 +37,7 @@ use super::codec::head::Framing;
 use super::codec::wire::{self, BodyOut};
 use super::h1::CUT_SHORT;
 use super::headers;
-use super::policy::{self, Admitted, Routed, Rule};
+use super::policy::{self, Admitted, FieldRules, Routed, Rule};
 use super::upstream::{self, BodyReader, BodySource, Conn, Exchange, Pool, Step};
 use super::{ConnInfo, Gateway, Outcome};
 use crate::proxy::error::ProxyError;
@@ -110,12 +110,13 @@ impl Gateway {
             Routed::Health => return Ok(own(policy::health(&parts.method))),
             Routed::Login => {
                 let body = self.read_small(body, LOGIN_MAX_BODY).await?;
-                return Ok(own(self.login(&body, conn.peer.ip()).await?));
+                let ip = self.policy.client_ip(parts, conn.peer.ip());
+                return Ok(own(self.login(&body, ip).await?));
             }
             Routed::Route(route) => route,
         };
         outcome.route = Some(route);
-        let admitted = self.admit(route, parts, conn.peer.ip(), outcome).await?;
+        let admitted = self.admit(route, parts, conn, outcome).await?;
         let websocket = headers::websocket_requested(&parts.headers, parts.version);
         let sent = Instant::now();
         let plain = route.upstream.scheme() == Some(&Scheme::HTTP);
@@ -141,6 +142,7 @@ impl Gateway {
         };
         if let Some(rate) = &admitted.rate {
             headers::add_rate(res.headers_mut(), rate);
+            headers::add_cache(res.headers_mut(), &self.policy.cache);
         }
         Ok(res.map(Either::Left))
     }
@@ -226,7 +228,7 @@ impl Gateway {
             body,
             chunked: body_out == BodyOut::Chunked,
             timeout: self.upstreams.body_timeout,
-            api_key_header: &self.extractor.api_key_header,
+            rules: &self.policy.fields,
             out: Vec::new(),
         };
         let mut fields = Vec::with_capacity(16);
@@ -296,7 +298,7 @@ impl Gateway {
             idle: self.upstreams.body_timeout,
             pause: None,
             answered: Arc::clone(&answered),
-            api_key_header: self.extractor.api_key_header.clone(),
+            rules: self.policy.fields.clone(),
         });
         *req.method_mut() = parts.method.clone();
         *req.headers_mut() = parts.headers.clone();
@@ -325,8 +327,7 @@ impl Gateway {
         *req.version_mut() = Version::HTTP_11;
 
         let h = req.headers_mut();
-        let mut inbound =
-            headers::retain_forwarded(h, admitted.strip, &self.extractor.api_key_header);
+        let mut inbound = headers::retain_forwarded(h, admitted.strip, &self.policy.fields);
         if inbound.host.is_none() {
             inbound.host = parts
                 .uri
@@ -398,7 +399,7 @@ struct StreamedBody<'a> {
     chunked: bool,
     /// Longest pause of the body.
     timeout: Duration,
-    api_key_header: &'a HeaderName,
+    rules: &'a FieldRules,
     out: Vec<u8>,
 }
 
@@ -456,7 +457,7 @@ impl BodySource for StreamedBody<'_> {
             if let Ok(mut trailers) = frame.into_trailers()
                 && self.chunked
             {
-                headers::retain_trailers(&mut trailers, self.api_key_header);
+                headers::retain_trailers(&mut trailers, self.rules);
                 self.out.extend_from_slice(b"0\r\n");
                 for (name, value) in &trailers {
                     self.out.extend_from_slice(name.as_str().as_bytes());
@@ -674,7 +675,7 @@ pub struct ClientBody {
     idle: Duration,
     pause: Option<Pin<Box<tokio::time::Sleep>>>,
     answered: Arc<Answered>,
-    api_key_header: HeaderName,
+    rules: FieldRules,
 }
 
 impl Body for ClientBody {
@@ -696,12 +697,12 @@ impl Body for ClientBody {
         }
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
             this.pause = None;
-            let key = &this.api_key_header;
+            let rules = &this.rules;
             return Poll::Ready(frame.map(|f| {
                 f.map_err(ClientBodyError::Read)
                     .map(|f| match f.into_trailers() {
                         Ok(mut t) => {
-                            headers::retain_trailers(&mut t, key);
+                            headers::retain_trailers(&mut t, rules);
                             Frame::trailers(t)
                         }
                         Err(f) => f,

@@ -17,10 +17,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Response, StatusCode};
 
-use super::{Gateway, HEALTH_PATH, LOGIN_PATH, Outcome};
-use crate::auth::credential::{Credential, Source};
+use super::{ConnInfo, Gateway, HEALTH_PATH, LOGIN_PATH, Outcome};
+use crate::auth::credential::Credential;
 use crate::auth::jwt::{LoginRequest, TokenResponse};
 use crate::auth::{self, Permit};
+use crate::config::Cidr;
 use crate::limit::{RateInfo, Refusal};
 use crate::paths;
 use crate::proxy::error::ProxyError;
@@ -37,6 +38,10 @@ pub trait RequestView {
     fn authorization(&self) -> Option<&str>;
     /// The first value of the API-key header (`name`), when it is header text.
     fn api_key(&self, name: &HeaderName) -> Option<&str>;
+    /// The first `X-Forwarded-For` value, when it is header text.
+    fn forwarded_for(&self) -> Option<&str>;
+    /// The first `Forwarded` value, when it is header text.
+    fn forwarded(&self) -> Option<&str>;
 }
 
 impl RequestView for http::request::Parts {
@@ -61,6 +66,164 @@ impl RequestView for http::request::Parts {
     fn api_key(&self, name: &HeaderName) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+
+    fn forwarded_for(&self) -> Option<&str> {
+        self.headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+    }
+
+    fn forwarded(&self) -> Option<&str> {
+        self.headers
+            .get(http::header::FORWARDED)
+            .and_then(|v| v.to_str().ok())
+    }
+}
+
+/// The rules of the data plane that come from the configuration.
+pub struct Policy {
+    pub fields: FieldRules,
+    /// Accept paths that are not ASCII once decoded.
+    pub non_ascii_paths: bool,
+    /// Peers whose `X-Forwarded-For` / `Forwarded` names the client.
+    pub trusted_proxies: Vec<Cidr>,
+    pub cache: CachePolicy,
+}
+
+impl Policy {
+    /// The client's address: the peer's, or — when the peer is a trusted proxy — the
+    /// right-most address of `X-Forwarded-For` (else `Forwarded`) that is not itself a trusted
+    /// proxy. An address that does not parse there is not trusted: the peer's is used.
+    pub fn client_ip(&self, req: &impl RequestView, peer: IpAddr) -> IpAddr {
+        let trusted = |ip: IpAddr| self.trusted_proxies.iter().any(|c| c.contains(ip));
+        if !trusted(peer) {
+            return peer;
+        }
+        let hops: Vec<&str> = match (req.forwarded_for(), req.forwarded()) {
+            (Some(xff), _) => xff.split(',').collect(),
+            (None, Some(fwd)) => fwd
+                .split(',')
+                .filter_map(|element| {
+                    element.split(';').find_map(|pair| {
+                        let (k, v) = pair.split_once('=')?;
+                        k.trim().eq_ignore_ascii_case("for").then_some(v)
+                    })
+                })
+                .collect(),
+            (None, None) => return peer,
+        };
+        for hop in hops.iter().rev() {
+            match parse_hop(hop) {
+                Some(ip) if trusted(ip) => continue,
+                Some(ip) => return ip,
+                None => return peer,
+            }
+        }
+        peer
+    }
+}
+
+/// An address as proxies write it: `1.2.3.4`, `1.2.3.4:80`, `"[2001:db8::1]:4711"`, `::1`.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim().trim_matches('"');
+    if let Ok(ip) = hop.parse() {
+        return Some(ip);
+    }
+    if let Ok(sa) = hop.parse::<std::net::SocketAddr>() {
+        return Some(sa.ip());
+    }
+    hop.strip_prefix('[')
+        .and_then(|h| h.split_once(']'))
+        .and_then(|(ip, _)| ip.parse().ok())
+}
+
+/// What the gateway adds to authenticated answers so that no shared cache (a CDN in front of
+/// keygate) serves one caller's answer to another: RFC 9111 §3.5 protects only requests that
+/// carry `Authorization`, and a key may come in another field.
+pub struct CachePolicy {
+    /// `Vary` naming the credential fields (None: off).
+    pub vary: Option<HeaderValue>,
+    /// `Cache-Control: private` unless the upstream allowed shared caching (`public`,
+    /// `s-maxage`).
+    pub private: bool,
+}
+
+impl CachePolicy {
+    pub fn new(api_key_header: &HeaderName, vary: bool, private: bool) -> Self {
+        CachePolicy {
+            vary: vary
+                .then(|| HeaderValue::from_str(&format!("authorization, {api_key_header}")).ok())
+                .flatten(),
+            private,
+        }
+    }
+
+    /// What to add, given the upstream's `Cache-Control` and `Vary` values: (`private`,
+    /// `Vary`).
+    pub fn additions<'a>(&self, fields: impl Iterator<Item = (Rule, &'a [u8])>) -> (bool, bool) {
+        let (mut shared, mut any_vary) = (false, false);
+        for (rule, value) in fields {
+            match rule {
+                Rule::CacheControl => {
+                    shared |= value.split(|&b| b == b',').any(|d| {
+                        let name = d.split(|&b| b == b'=').next().unwrap_or(b"").trim_ascii();
+                        name.eq_ignore_ascii_case(b"public")
+                            || name.eq_ignore_ascii_case(b"s-maxage")
+                    });
+                }
+                Rule::Vary => {
+                    any_vary |= value.split(|&b| b == b',').any(|v| v.trim_ascii() == b"*")
+                }
+                _ => {}
+            }
+        }
+        (self.private && !shared, self.vary.is_some() && !any_vary)
+    }
+}
+
+/// The request field rules that depend on the configuration.
+#[derive(Debug, Clone)]
+pub struct FieldRules {
+    api_key_header: HeaderName,
+    /// Forward the method-override fields.
+    method_override: bool,
+}
+
+impl Default for FieldRules {
+    fn default() -> Self {
+        FieldRules::new(HeaderName::from_static("x-api-key"), false)
+    }
+}
+
+impl FieldRules {
+    pub fn new(api_key_header: HeaderName, method_override: bool) -> Self {
+        FieldRules {
+            api_key_header,
+            method_override,
+        }
+    }
+
+    pub fn api_key_header(&self) -> &HeaderName {
+        &self.api_key_header
+    }
+
+    /// The rule for a request field: [`request_rule`], and the method-override fields
+    /// (`X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`) dropped unless they are
+    /// allowed — Rails- or Laravel-style upstreams would run another method than the one the
+    /// route's method rules judged.
+    pub fn request(&self, name: &[u8]) -> Rule {
+        let rule = request_rule(name, self.api_key_header.as_str().as_bytes());
+        if rule == Rule::Forward
+            && !self.method_override
+            && (eq(name, b"x-http-method-override")
+                || eq(name, b"x-http-method")
+                || eq(name, b"x-method-override"))
+        {
+            Rule::Drop
+        } else {
+            rule
+        }
+    }
 }
 
 /// What a request is, before any credential is looked at.
@@ -73,13 +236,31 @@ pub enum Routed<'g> {
 }
 
 /// Which credential fields are removed before forwarding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strip {
-    Nothing,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Strip {
     /// Every `Authorization` field.
-    Authorization,
+    pub authorization: bool,
     /// Every field of the API-key header.
-    ApiKey,
+    pub api_key: bool,
+}
+
+impl Strip {
+    pub const NOTHING: Strip = Strip {
+        authorization: false,
+        api_key: false,
+    };
+    pub const AUTHORIZATION: Strip = Strip {
+        authorization: true,
+        api_key: false,
+    };
+    pub const API_KEY: Strip = Strip {
+        authorization: false,
+        api_key: true,
+    };
+    pub const BOTH: Strip = Strip {
+        authorization: true,
+        api_key: true,
+    };
 }
 
 /// A request the gateway will forward: the permit, the rate answer of an authenticated route,
@@ -95,28 +276,37 @@ impl Gateway {
     /// The first steps of every request: the health check, the login path, the path checks
     /// (400) and the route (404).
     pub fn route<'g>(&'g self, req: &impl RequestView) -> Result<Routed<'g>, ProxyError> {
+        let method = req.method();
+        if !upper_token(method.as_str()) {
+            return Err(ProxyError::BadRequest(
+                "the method must be an uppercase token (RFC 9110 §9.1)",
+            ));
+        }
         let path = req.path();
         if path == HEALTH_PATH {
             return Ok(Routed::Health);
         }
-        if path == LOGIN_PATH && *req.method() == Method::POST {
+        if path == LOGIN_PATH && *method == Method::POST {
             return Ok(Routed::Login);
         }
-        paths::check_path(path).map_err(ProxyError::BadRequest)?;
-        self.routes
-            .find(path, req.method())
-            .map(Routed::Route)
-            .ok_or(ProxyError::RouteNotFound)
+        paths::check_path(path, self.policy.non_ascii_paths).map_err(ProxyError::BadRequest)?;
+        let route = self.routes.find(path).ok_or(ProxyError::RouteNotFound)?;
+        if !route.allows(method) {
+            let allow = route.allow.clone().unwrap_or(HeaderValue::from_static(""));
+            return Err(ProxyError::MethodNotAllowed(allow));
+        }
+        Ok(Routed::Route(route))
     }
 
-    /// Admits a request on `route`: public routes at once; otherwise the failed-authentication
-    /// throttle, the credential, the key's and the route's rate limits, the usage count and
-    /// the route's permissions, in that order.
+    /// Admits a request on `route`: public routes at once; otherwise the credential (two
+    /// different ones are refused), the key's and the route's rate limits, the usage count and
+    /// the route's permissions, in that order. Every credential field keygate reads is stripped,
+    /// used or not.
     pub async fn admit<'g>(
         &self,
         route: &'g Route,
         req: &impl RequestView,
-        ip: IpAddr,
+        conn: &ConnInfo,
         outcome: &mut Outcome<'g>,
     ) -> Result<Admitted<'g>, ProxyError> {
         if let Some(permit) = auth::public(route) {
@@ -124,32 +314,37 @@ impl Gateway {
             return Ok(Admitted {
                 permit,
                 rate: None,
-                strip: Strip::Nothing,
+                strip: Strip::NOTHING,
                 target: None,
             });
         }
-        let cred = self.extractor.extract_from(
+        let found = self.extractor.find(
             req.authorization(),
             req.api_key(&self.extractor.api_key_header),
             req.query(),
         );
-        let checked = self.check(route, cred, ip, outcome).await;
+        let checked = if found.conflict {
+            Err(ProxyError::BadRequest(
+                "the request carries two different credentials",
+            ))
+        } else {
+            let ip = self.policy.client_ip(req, conn.peer.ip());
+            outcome.client = Some(ip);
+            self.check(route, found.chosen, ip, outcome).await
+        };
         self.metrics.auth(match &checked {
             Ok(_) => "valid",
             Err(e) => e.code(),
         });
         let (permit, rate) = checked?;
-        let (strip, target) = match cred.map(|c| c.source) {
-            Some(Source::Bearer | Source::Basic) => (Strip::Authorization, None),
-            Some(Source::Header) => (Strip::ApiKey, None),
-            Some(Source::Query) => (Strip::Nothing, Some(self.target_without_credential(req))),
-            None => (Strip::Nothing, None),
-        };
         Ok(Admitted {
             permit,
             rate: Some(rate),
-            strip,
-            target,
+            strip: Strip {
+                authorization: found.in_authorization,
+                api_key: true,
+            },
+            target: found.in_query.then(|| self.target_without_credential(req)),
         })
     }
 
@@ -160,9 +355,6 @@ impl Gateway {
         ip: IpAddr,
         outcome: &mut Outcome<'g>,
     ) -> Result<(Permit<'g>, RateInfo), ProxyError> {
-        self.failed_auth
-            .check(ip)
-            .map_err(|retry_after| ProxyError::AuthThrottled { retry_after })?;
         let cred = cred.ok_or(ProxyError::MissingCredentials)?;
         let principal = match self.auth.authenticate(&cred).await {
             Ok(p) => p,
@@ -178,9 +370,10 @@ impl Gateway {
         Ok((permit, rate))
     }
 
-    /// Counts a failed authentication against the peer; past the allowance it becomes a 429.
-    /// Only guesses count (an unknown key or token), not a real key that is disabled or
-    /// expired.
+    /// Counts a failed authentication against the client; past the allowance it becomes a
+    /// 429. Only guesses count (an unknown key or token), not a real key that is disabled or
+    /// expired; and only failing attempts are ever refused: a valid credential is never
+    /// throttled, however many guesses came from its address.
     fn failed(&self, e: ProxyError, ip: IpAddr) -> ProxyError {
         let guess = matches!(e, ProxyError::InvalidApiKey | ProxyError::InvalidToken);
         match guess.then(|| self.failed_auth.record_failure(ip)).flatten() {
@@ -201,11 +394,8 @@ impl Gateway {
     }
 
     /// `POST /auth/login` on the proxy listener: an API key in (`body`, JSON), an access token
-    /// out. Throttled per peer like every other authentication.
+    /// out. Failures are throttled per client like every other authentication.
     pub async fn login(&self, body: &[u8], ip: IpAddr) -> Result<Response<Bytes>, ProxyError> {
-        self.failed_auth
-            .check(ip)
-            .map_err(|retry_after| ProxyError::AuthThrottled { retry_after })?;
         let login: LoginRequest = serde_json::from_slice(body)
             .map_err(|_| ProxyError::BadRequest("expected a JSON body {\"api_key\": \"…\"}"))?;
         let token = match self.auth.login(&login.api_key).await {
@@ -225,6 +415,15 @@ impl Gateway {
         );
         Ok(res)
     }
+}
+
+/// An uppercase token (RFC 9110 §9.1; Django and Werkzeug uppercase methods, so `get` would
+/// run the GET handler on a route judged for another method).
+fn upper_token(m: &str) -> bool {
+    !m.is_empty()
+        && m.bytes().all(|b| {
+            b.is_ascii_uppercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
+        })
 }
 
 fn rate_limited(r: Refusal) -> ProxyError {
@@ -279,6 +478,10 @@ pub enum Rule {
     RateLimit,
     /// `Date` of a response (the gateway adds one when it is missing).
     Date,
+    /// `Cache-Control` of a response (relayed; read by [`CachePolicy`]).
+    CacheControl,
+    /// `Vary` of a response (relayed; read by [`CachePolicy`]).
+    Vary,
 }
 
 fn eq(name: &[u8], lower: &[u8]) -> bool {
@@ -359,6 +562,10 @@ pub fn response_rule(name: &[u8]) -> Rule {
         Rule::RateLimit
     } else if eq(name, b"date") {
         Rule::Date
+    } else if eq(name, b"cache-control") {
+        Rule::CacheControl
+    } else if eq(name, b"vary") {
+        Rule::Vary
     } else {
         Rule::Forward
     }
@@ -369,8 +576,8 @@ pub fn response_rule(name: &[u8]) -> Rule {
 pub fn forwarded(rule: Rule, strip: Strip) -> bool {
     match rule {
         Rule::Forward => true,
-        Rule::Authorization => strip != Strip::Authorization,
-        Rule::ApiKey => strip != Strip::ApiKey,
+        Rule::Authorization => !strip.authorization,
+        Rule::ApiKey => !strip.api_key,
         _ => false,
     }
 }
@@ -380,7 +587,7 @@ pub fn forwarded(rule: Rule, strip: Strip) -> bool {
 /// [`Rule::ContentLength`] is the one of a bodiless answer (see `h1::head::parse_response`).
 pub fn relayed(rule: Rule, own_rate: bool) -> bool {
     match rule {
-        Rule::Forward | Rule::Date | Rule::ContentLength => true,
+        Rule::Forward | Rule::Date | Rule::ContentLength | Rule::CacheControl | Rule::Vary => true,
         Rule::RateLimit => !own_rate,
         _ => false,
     }
@@ -447,18 +654,35 @@ mod tests {
         ] {
             assert_eq!(request_rule(name.as_bytes(), k), rule, "{name}");
         }
-        assert!(forwarded(Rule::Forward, Strip::ApiKey));
-        assert!(!forwarded(Rule::ApiKey, Strip::ApiKey));
-        assert!(forwarded(Rule::Authorization, Strip::ApiKey));
-        assert!(!forwarded(Rule::Authorization, Strip::Authorization));
+        assert!(forwarded(Rule::Forward, Strip::API_KEY));
+        assert!(!forwarded(Rule::ApiKey, Strip::API_KEY));
+        assert!(forwarded(Rule::Authorization, Strip::API_KEY));
+        assert!(!forwarded(Rule::Authorization, Strip::AUTHORIZATION));
         for r in [
             Rule::Drop,
             Rule::Host,
             Rule::Connection,
             Rule::ContentLength,
         ] {
-            assert!(!forwarded(r, Strip::Nothing));
+            assert!(!forwarded(r, Strip::NOTHING));
         }
+        assert!(
+            !forwarded(Rule::Authorization, Strip::BOTH) && !forwarded(Rule::ApiKey, Strip::BOTH)
+        );
+        let rules = FieldRules::default();
+        let allowed = FieldRules::new(HeaderName::from_static("x-api-key"), true);
+        for name in [
+            "X-HTTP-Method-Override",
+            "x-http-method",
+            "X-Method-Override",
+        ] {
+            assert_eq!(rules.request(name.as_bytes()), Rule::Drop, "{name}");
+            assert_eq!(allowed.request(name.as_bytes()), Rule::Forward, "{name}");
+        }
+        assert!(upper_token("GET") && upper_token("M-SEARCH") && upper_token("PURGE"));
+        assert!(
+            !upper_token("get") && !upper_token("Get") && !upper_token("") && !upper_token("G T")
+        );
     }
 
     #[test]
@@ -478,6 +702,71 @@ mod tests {
         }
         assert!(relayed(Rule::RateLimit, false) && !relayed(Rule::RateLimit, true));
         assert!(!relayed(Rule::Drop, false) && !relayed(Rule::Connection, false));
+    }
+
+    #[test]
+    fn the_client_address_comes_from_trusted_proxies_only() {
+        let policy = |trusted: &[&str]| Policy {
+            fields: FieldRules::default(),
+            non_ascii_paths: false,
+            trusted_proxies: trusted.iter().map(|c| Cidr::parse(c).unwrap()).collect(),
+            cache: CachePolicy::new(&HeaderName::from_static("x-api-key"), true, true),
+        };
+        let req = |xff: Option<&str>, fwd: Option<&str>| {
+            let mut b = http::Request::builder();
+            if let Some(v) = xff {
+                b = b.header("x-forwarded-for", v);
+            }
+            if let Some(v) = fwd {
+                b = b.header("forwarded", v);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        let lb: IpAddr = "10.0.0.5".parse().unwrap();
+        let stranger: IpAddr = "198.51.100.7".parse().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let p = policy(&["10.0.0.0/8"]);
+        // Untrusted peers are who they are, whatever they claim.
+        assert_eq!(p.client_ip(&req(Some("1.2.3.4"), None), stranger), stranger);
+        // The right-most address that is not a trusted proxy.
+        let spoofed = req(Some("6.6.6.6, 1.2.3.4, 10.1.1.1"), None);
+        assert_eq!(p.client_ip(&spoofed, lb), ip("1.2.3.4"));
+        assert_eq!(
+            p.client_ip(
+                &req(
+                    None,
+                    Some("for=6.6.6.6, for=\"[2001:db8::1]:4711\";proto=https")
+                ),
+                lb
+            ),
+            ip("2001:db8::1")
+        );
+        assert_eq!(
+            p.client_ip(&req(Some("1.2.3.4:5555"), None), lb),
+            ip("1.2.3.4")
+        );
+        // Garbage where an address belongs: the peer.
+        assert_eq!(p.client_ip(&req(Some("evil, unknown"), None), lb), lb);
+        assert_eq!(p.client_ip(&req(None, None), lb), lb);
+        // Nothing trusted by default.
+        assert_eq!(policy(&[]).client_ip(&spoofed, lb), lb);
+    }
+
+    #[test]
+    fn cache_additions() {
+        let c = CachePolicy::new(&HeaderName::from_static("x-api-key"), true, true);
+        assert_eq!(c.vary.as_ref().unwrap(), "authorization, x-api-key");
+        let add = |f: &[(Rule, &str)]| c.additions(f.iter().map(|(r, v)| (*r, v.as_bytes())));
+        assert_eq!(add(&[]), (true, true));
+        assert_eq!(add(&[(Rule::CacheControl, "max-age=60")]), (true, true));
+        assert_eq!(
+            add(&[(Rule::CacheControl, "no-cache, Public")]),
+            (false, true)
+        );
+        assert_eq!(add(&[(Rule::CacheControl, "s-maxage=10")]), (false, true));
+        assert_eq!(add(&[(Rule::Vary, "accept, *")]), (true, false));
+        let off = CachePolicy::new(&HeaderName::from_static("x-api-key"), false, false);
+        assert_eq!(off.additions(std::iter::empty()), (false, false));
     }
 
     #[test]

@@ -509,7 +509,8 @@ async fn failed_admin_authentications_and_logins_are_throttled() {
         .await;
     assert_eq!(r.status, 429);
     assert!(r.headers.contains_key("retry-after"));
-    // Logins from the same address are held back too, even with the right admin key later.
+    // Failing logins from the same address are held back too; the right admin key is never
+    // refused for what others sent from its address.
     assert_eq!(login(&gw, false, "kg_whatever").await.status, 429);
-    assert_eq!(gw.admin("GET", "/v1/api-keys", None).await.status, 429);
+    assert_eq!(gw.admin("GET", "/v1/api-keys", None).await.status, 200);
 }

@@ -290,11 +290,15 @@ async fn routes_enforce_permissions_and_path_tricks_cannot_dodge_them() {
         "a refused path reached the upstream"
     );
 
-    // Public route needs no key; the method filter makes POST-only routes 404 for GET.
+    // Public route needs no key; a POST-only route answers 405 to GET (it owns its path for
+    // every method: nothing falls through to the catch-all "/").
     assert_eq!(gw.get("/public/x", &[]).await.status, 200);
+    let before = gw.upstream.count();
     let r = gw.get_with_key("/v1/write", &plain).await;
-    // GET /v1/write falls back to the catch-all "/" route (which needs only a key).
-    assert_eq!(r.status, 200);
+    assert_eq!(r.status, 405);
+    assert_eq!(r.code(), "method_not_allowed");
+    assert_eq!(r.headers["allow"], "POST");
+    assert_eq!(gw.upstream.count(), before);
     assert_eq!(gw.get("/_keygate/health", &[]).await.status, 200);
 }
 

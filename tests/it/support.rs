@@ -190,6 +190,16 @@ async fn upstream_answer(req: Request<Incoming>, rec: &Mutex<Vec<Seen>>) -> Resp
         let body = http_body_util::StreamBody::new(futures_stream(chunks));
         return Response::new(BodyExt::boxed(body));
     }
+    if path == "/trailers" {
+        let collected = req.into_body().collect().await.unwrap();
+        let names: Vec<String> = collected
+            .trailers()
+            .map(|t| t.keys().map(|k| k.to_string()).collect())
+            .unwrap_or_default();
+        let len = collected.to_bytes().len();
+        let v = serde_json::json!({"trailers": names, "len": len});
+        return Response::new(Full::new(Bytes::from(v.to_string())).boxed());
+    }
     if path == "/echo-body" {
         let body = req.into_body().collect().await.unwrap().to_bytes();
         let v =

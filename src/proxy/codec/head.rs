@@ -22,7 +22,7 @@ use std::mem::MaybeUninit;
 
 use http::Method;
 
-use crate::proxy::policy::{self, ConnectionToken, Rule};
+use crate::proxy::policy::{self, ConnectionToken, FieldRules, Rule};
 
 /// Longest request target the fast path takes (longer ones go to hyper).
 pub const MAX_TARGET: usize = 8 * 1024;
@@ -108,6 +108,23 @@ pub enum Parsed {
     Partial,
     /// Hyper takes it from here (see the module documentation).
     Handover,
+    /// Refused (400, and the connection closes): `Content-Length` with `Transfer-Encoding`,
+    /// a framing two parsers may read two ways (RFC 9112 §6.1; nginx refuses it too).
+    Refuse(&'static str),
+}
+
+/// What an unusual head becomes: hyper's, unless its framing is ambiguous.
+fn hand_over(headers: &[httparse::Header<'_>]) -> Parsed {
+    let has = |name: &[u8]| {
+        headers
+            .iter()
+            .any(|h| h.name.len() == name.len() && h.name.as_bytes().eq_ignore_ascii_case(name))
+    };
+    if has(b"transfer-encoding") && has(b"content-length") {
+        Parsed::Refuse("Content-Length and Transfer-Encoding in one request")
+    } else {
+        Parsed::Handover
+    }
 }
 
 /// Bytes allowed in a path on the fast path (a subset of what `http::Uri` accepts).
@@ -191,12 +208,11 @@ impl ConnectionOptions {
     }
 }
 
-/// Parses and classifies the request head at the start of `buf`. `api_key_header` is the
-/// configured API-key header name in lowercase; a head with more than `max_fields` fields (at
+/// Parses and classifies the request head at the start of `buf` by `rules`; a head with more than `max_fields` fields (at
 /// most [`MAX_FIELDS`]) goes to hyper. `fields` is cleared and receives every field.
 pub fn parse_request(
     buf: &[u8],
-    api_key_header: &str,
+    rules: &FieldRules,
     max_fields: usize,
     fields: &mut Vec<Field>,
 ) -> Parsed {
@@ -210,20 +226,20 @@ pub fn parse_request(
         Err(_) => return Parsed::Handover,
     };
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
-        return Parsed::Handover;
+        return hand_over(req.headers);
     };
     let Some(method) = method_of(method) else {
-        return Parsed::Handover;
+        return hand_over(req.headers);
     };
     let t = target.as_bytes();
     if t.first() != Some(&b'/') || t.len() > MAX_TARGET {
-        return Parsed::Handover;
+        return hand_over(req.headers);
     }
     let path_len = t.iter().position(|&b| b == b'?').unwrap_or(t.len());
     if !t[..path_len].iter().all(|&b| path_byte(b))
         || !t[path_len..].iter().skip(1).all(|&b| query_byte(b))
     {
-        return Parsed::Handover;
+        return hand_over(req.headers);
     }
     let mut head = RequestHead {
         len,
@@ -238,29 +254,28 @@ pub fn parse_request(
         api_key: None,
     };
     let mut conn = ConnectionOptions::default();
-    let key_header = api_key_header.as_bytes();
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
-        let kind = match policy::request_rule(name, key_header) {
+        let kind = match rules.request(name) {
             Rule::Host => {
                 if head.host.is_some() {
-                    return Parsed::Handover;
+                    return hand_over(req.headers);
                 }
                 head.host = Some(Span::of(buf, h.value));
                 Rule::Host
             }
             Rule::ContentLength => {
                 if head.content_length.is_some() {
-                    return Parsed::Handover;
+                    return hand_over(req.headers);
                 }
                 match parse_length(h.value) {
                     Some(n) => head.content_length = Some(n),
-                    None => return Parsed::Handover,
+                    None => return hand_over(req.headers),
                 }
                 Rule::ContentLength
             }
             Rule::TransferEncoding | Rule::Expect | Rule::Upgrade | Rule::Trailer => {
-                return Parsed::Handover;
+                return hand_over(req.headers);
             }
             Rule::Connection => {
                 conn.add(buf, h.value);
@@ -288,7 +303,7 @@ pub fn parse_request(
         });
     }
     if conn.upgrade || conn.too_many {
-        return Parsed::Handover;
+        return hand_over(req.headers);
     }
     conn.apply(buf, fields);
     // A field named by `Connection` is not this request's to forward, nor to read from.
@@ -463,7 +478,12 @@ mod tests {
 
     fn parse(raw: &str) -> (Parsed, Vec<Field>) {
         let mut fields = Vec::new();
-        let p = parse_request(raw.as_bytes(), "x-api-key", MAX_FIELDS, &mut fields);
+        let p = parse_request(
+            raw.as_bytes(),
+            &FieldRules::default(),
+            MAX_FIELDS,
+            &mut fields,
+        );
         (p, fields)
     }
 
@@ -589,7 +609,7 @@ mod tests {
         let mut fields = Vec::new();
         let few = "GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n";
         assert!(matches!(
-            parse_request(few.as_bytes(), "x-api-key", 2, &mut fields),
+            parse_request(few.as_bytes(), &FieldRules::default(), 2, &mut fields),
             Parsed::Handover
         ));
     }

@@ -10,7 +10,7 @@ use http::{Response, StatusCode};
 use super::head::{Field, Framing, ResponseHead};
 use crate::keys::IdentityHeaders;
 use crate::limit::RateInfo;
-use crate::proxy::policy::{self, Rule, Strip};
+use crate::proxy::policy::{self, CachePolicy, Rule, Strip};
 
 /// Appends `n` in decimal.
 pub fn decimal(out: &mut Vec<u8>, mut n: u64) {
@@ -171,14 +171,24 @@ pub fn response_head(
     ubuf: &[u8],
     head: &ResponseHead,
     fields: &[Field],
-    rate: Option<&RateInfo>,
+    own: Option<(&RateInfo, &CachePolicy)>,
     framing: Out,
     close: bool,
 ) {
+    let rate = own.map(|(r, _)| r);
     status_line(out, head.status, head.reason.get(ubuf));
     for f in fields {
         if policy::relayed(f.kind, rate.is_some()) {
             field(out, f.name.get(ubuf), f.value.get(ubuf));
+        }
+    }
+    if let Some((_, cache)) = own {
+        let (private, vary) = cache.additions(fields.iter().map(|f| (f.kind, f.value.get(ubuf))));
+        if private {
+            out.extend_from_slice(b"cache-control: private\r\n");
+        }
+        if vary && let Some(v) = &cache.vary {
+            field(out, b"vary", v.as_bytes());
         }
     }
     if let Some(r) = rate {
@@ -285,7 +295,12 @@ mod tests {
 
     fn parsed(raw: &[u8]) -> (super::super::head::RequestHead, Vec<Field>) {
         let mut fields = Vec::new();
-        match super::super::head::parse_request(raw, "x-api-key", 100, &mut fields) {
+        match super::super::head::parse_request(
+            raw,
+            &crate::proxy::policy::FieldRules::default(),
+            100,
+            &mut fields,
+        ) {
             super::super::head::Parsed::Complete(h) => (h, fields),
             other => panic!("{other:?}"),
         }
@@ -305,7 +320,7 @@ mod tests {
             &Upstream {
                 method: b"POST",
                 target: head.target.get(raw),
-                strip: Strip::ApiKey,
+                strip: Strip::API_KEY,
                 identity: Some(&IdentityHeaders::new("acme", "k1", "A", "pro")),
                 xff: head.xff.map(|s| s.get(raw)),
                 client_host: head.host.map(|s| s.get(raw)),
@@ -333,7 +348,7 @@ mod tests {
             &Upstream {
                 method: b"GET",
                 target: b"/p?b=2",
-                strip: Strip::Authorization,
+                strip: Strip::AUTHORIZATION,
                 identity: None,
                 xff: None,
                 client_host: None,
@@ -363,20 +378,22 @@ mod tests {
             remaining: 99,
             reset_secs: 1,
         };
+        let cache = CachePolicy::new(&http::HeaderName::from_static("x-api-key"), true, true);
         let mut out = Vec::new();
         response_head(
             &mut out,
             raw,
             &head,
             &fields,
-            Some(&rate),
+            Some((&rate, &cache)),
             Out::Chunked,
             true,
         );
         let text = String::from_utf8(out).unwrap();
         assert!(
             text.starts_with(
-                "HTTP/1.1 201 Created\r\nX-Ok: 1\r\nratelimit-limit: 100\r\n\
+                "HTTP/1.1 201 Created\r\nX-Ok: 1\r\ncache-control: private\r\n\
+                 vary: authorization, x-api-key\r\nratelimit-limit: 100\r\n\
                  ratelimit-remaining: 99\r\nratelimit-reset: 1\r\ntransfer-encoding: chunked\r\ndate: "
             ),
             "{text}"
@@ -390,6 +407,30 @@ mod tests {
         response_head(&mut out, raw, &head, &fields, None, Out::Chunked, false);
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("RateLimit-Limit: 9\r\n") && !text.contains("connection"));
+        assert!(!text.contains("cache-control") && !text.contains("vary"));
+
+        // An upstream that allows shared caching keeps it; `Vary: *` is left alone.
+        let raw = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60, s-maxage=30\r\n\
+                    Vary: *\r\nContent-Length: 0\r\n\r\n";
+        let head = super::super::head::parse_response(raw, false, &mut fields)
+            .unwrap()
+            .unwrap();
+        let mut out = Vec::new();
+        response_head(
+            &mut out,
+            raw,
+            &head,
+            &fields,
+            Some((&rate, &cache)),
+            Out::AsIs,
+            false,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            !text.contains("private") && !text.contains("authorization"),
+            "{text}"
+        );
+        assert!(text.contains("Cache-Control: max-age=60, s-maxage=30\r\nVary: *\r\n"));
     }
 
     #[test]
