@@ -490,6 +490,21 @@ pub struct RelayError(&'static str);
 
 type RelayStream = Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, RelayError>> + Send>>;
 
+impl Relay {
+    /// Gives the connection back to the pool when the body was read exactly to its end (and
+    /// the exchange allows reuse); drops it otherwise.
+    fn release(&mut self) {
+        if let Some(mut uc) = self.conn.take()
+            && self.reusable
+            && matches!(self.reader.step(&uc), Ok(Step::End))
+            && self.reader.at_boundary(&uc)
+        {
+            uc.end = 0;
+            self.pool.put(&self.authority, uc);
+        }
+    }
+}
+
 fn relay_stream(relay: Relay) -> RelayStream {
     Box::pin(futures_util::stream::unfold(relay, |mut r| async move {
         let uc = r.conn.as_mut()?;
@@ -497,6 +512,11 @@ fn relay_stream(relay: Relay) -> RelayStream {
             match r.reader.step(uc) {
                 Ok(Step::Data(data)) => {
                     let frame = Frame::data(Bytes::copy_from_slice(&uc.buf[data]));
+                    // Hyper does not poll a body again once its exact size has been yielded:
+                    // the connection of a length-delimited body goes back with its last bytes.
+                    if r.reader.complete() {
+                        r.release();
+                    }
                     return Some((Ok(frame), r));
                 }
                 Ok(Step::NeedRead) => {
@@ -507,11 +527,7 @@ fn relay_stream(relay: Relay) -> RelayStream {
                     }
                 }
                 Ok(Step::End) => {
-                    if r.reusable && r.reader.at_boundary(uc) {
-                        let mut uc = r.conn.take()?;
-                        uc.end = 0;
-                        r.pool.put(&r.authority, uc);
-                    }
+                    r.release();
                     return None;
                 }
                 Err(why) => {

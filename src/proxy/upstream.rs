@@ -629,6 +629,12 @@ impl BodyReader {
         }
     }
 
+    /// True when every byte of a length-delimited body has been stepped over: the next step
+    /// is [`Step::End`], without reading.
+    pub fn complete(&self) -> bool {
+        self.done || matches!(self.framing, Framing::Length(_)) && self.left == 0
+    }
+
     /// After [`Step::End`]: the connection ended exactly at the end of the response and can
     /// carry another (given the head allowed keep-alive).
     pub fn at_boundary(&self, uc: &Conn) -> bool {
