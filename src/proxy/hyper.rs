@@ -225,6 +225,8 @@ impl Gateway {
         let mut source = StreamedBody {
             body,
             chunked: body_out == BodyOut::Chunked,
+            ended: false,
+            copied: false,
             timeout: self.upstreams.body_timeout,
             api_key_header: &self.extractor.api_key_header,
             out: Vec::new(),
@@ -396,6 +398,10 @@ struct StreamedBody<'a> {
     body: Incoming,
     /// Framed as chunks (its length was not known).
     chunked: bool,
+    /// The client's body has ended (on a retry only its end is written again).
+    ended: bool,
+    /// Bytes of the body (or its trailer fields) were copied: they cannot be sent again.
+    copied: bool,
     /// Longest pause of the body.
     timeout: Duration,
     api_key_header: &'a HeaderName,
@@ -404,7 +410,12 @@ struct StreamedBody<'a> {
 
 impl BodySource for StreamedBody<'_> {
     fn pending(&self) -> bool {
-        !self.body.is_end_stream()
+        // A chunked body always ends with its last chunk, written by the pump.
+        self.chunked || !self.ended && !self.body.is_end_stream()
+    }
+
+    fn replayable(&self) -> bool {
+        !self.copied
     }
 
     async fn pump(
@@ -414,6 +425,13 @@ impl BodySource for StreamedBody<'_> {
     ) -> Result<bool, ProxyError> {
         let mut up = uc.watch();
         loop {
+            if self.ended {
+                return if self.chunked {
+                    up.write(wire::LAST_CHUNK, deadline).await
+                } else {
+                    Ok(true)
+                };
+            }
             let frame = tokio::select! {
                 biased;
                 a = up.answered() => return a.map(|()| false),
@@ -423,25 +441,24 @@ impl BodySource for StreamedBody<'_> {
             let frame = match frame {
                 Err(_) => return Err(ProxyError::BodyTimeout),
                 Ok(None) => {
-                    return if self.chunked {
-                        up.write(wire::LAST_CHUNK, deadline).await
-                    } else {
-                        Ok(true)
-                    };
+                    self.ended = true;
+                    continue;
                 }
                 Ok(Some(Err(_))) => return Err(ProxyError::BadRequest(CUT_SHORT)),
                 Ok(Some(Ok(frame))) => frame,
             };
             self.out.clear();
             let frame = match frame.into_data() {
+                Ok(data) if data.is_empty() => continue,
                 Ok(data) if !self.chunked => {
+                    self.copied = true;
                     if !up.write(&data, deadline).await? {
                         return Ok(false);
                     }
                     continue;
                 }
-                Ok(data) if data.is_empty() => continue,
                 Ok(data) => {
+                    self.copied = true;
                     wire::chunk_start(&mut self.out, data.len());
                     self.out.extend_from_slice(&data);
                     self.out.extend_from_slice(wire::CHUNK_END);
@@ -456,6 +473,8 @@ impl BodySource for StreamedBody<'_> {
             if let Ok(mut trailers) = frame.into_trailers()
                 && self.chunked
             {
+                self.copied = true;
+                self.ended = true;
                 headers::retain_trailers(&mut trailers, self.api_key_header);
                 self.out.extend_from_slice(b"0\r\n");
                 for (name, value) in &trailers {
