@@ -344,6 +344,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             body_at,
             unread: &mut self.unread,
             timeout: st.body_timeout,
+            copied: false,
         };
         let exchanged = gw
             .upstreams
@@ -549,11 +550,17 @@ struct FastBody<'a, I> {
     /// Body bytes the client has not sent yet.
     unread: &'a mut u64,
     timeout: Duration,
+    /// Bytes read from the client were copied upstream: they cannot be sent again.
+    copied: bool,
 }
 
 impl<I: AsyncRead + Unpin> BodySource for FastBody<'_, I> {
     fn pending(&self) -> bool {
         *self.unread > 0
+    }
+
+    fn replayable(&self) -> bool {
+        !self.copied
     }
 
     async fn pump(
@@ -581,6 +588,7 @@ impl<I: AsyncRead + Unpin> BodySource for FastBody<'_, I> {
                 () = tokio::time::sleep_until(deadline) => return Err(ProxyError::UpstreamTimeout),
             };
             *self.unread -= n as u64;
+            self.copied = true;
             if !up.write(&self.buf[at..at + n], deadline).await? {
                 return Ok(false);
             }

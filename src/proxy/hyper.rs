@@ -227,6 +227,8 @@ impl Gateway {
         let mut source = StreamedBody {
             body,
             chunked: body_out == BodyOut::Chunked,
+            ended: false,
+            copied: false,
             timeout: self.upstreams.body_timeout,
             rules: &self.policy.fields,
             out: Vec::new(),
@@ -397,6 +399,10 @@ struct StreamedBody<'a> {
     body: Incoming,
     /// Framed as chunks (its length was not known).
     chunked: bool,
+    /// The client's body has ended (on a retry only its end is written again).
+    ended: bool,
+    /// Bytes of the body (or its trailer fields) were copied: they cannot be sent again.
+    copied: bool,
     /// Longest pause of the body.
     timeout: Duration,
     rules: &'a FieldRules,
@@ -405,7 +411,12 @@ struct StreamedBody<'a> {
 
 impl BodySource for StreamedBody<'_> {
     fn pending(&self) -> bool {
-        !self.body.is_end_stream()
+        // A chunked body always ends with its last chunk, written by the pump.
+        self.chunked || !self.ended && !self.body.is_end_stream()
+    }
+
+    fn replayable(&self) -> bool {
+        !self.copied
     }
 
     async fn pump(
@@ -415,6 +426,13 @@ impl BodySource for StreamedBody<'_> {
     ) -> Result<bool, ProxyError> {
         let mut up = uc.watch();
         loop {
+            if self.ended {
+                return if self.chunked {
+                    up.write(wire::LAST_CHUNK, deadline).await
+                } else {
+                    Ok(true)
+                };
+            }
             let frame = tokio::select! {
                 biased;
                 a = up.answered() => return a.map(|()| false),
@@ -424,25 +442,24 @@ impl BodySource for StreamedBody<'_> {
             let frame = match frame {
                 Err(_) => return Err(ProxyError::BodyTimeout),
                 Ok(None) => {
-                    return if self.chunked {
-                        up.write(wire::LAST_CHUNK, deadline).await
-                    } else {
-                        Ok(true)
-                    };
+                    self.ended = true;
+                    continue;
                 }
                 Ok(Some(Err(_))) => return Err(ProxyError::BadRequest(CUT_SHORT)),
                 Ok(Some(Ok(frame))) => frame,
             };
             self.out.clear();
             let frame = match frame.into_data() {
+                Ok(data) if data.is_empty() => continue,
                 Ok(data) if !self.chunked => {
+                    self.copied = true;
                     if !up.write(&data, deadline).await? {
                         return Ok(false);
                     }
                     continue;
                 }
-                Ok(data) if data.is_empty() => continue,
                 Ok(data) => {
+                    self.copied = true;
                     wire::chunk_start(&mut self.out, data.len());
                     self.out.extend_from_slice(&data);
                     self.out.extend_from_slice(wire::CHUNK_END);
@@ -457,6 +474,8 @@ impl BodySource for StreamedBody<'_> {
             if let Ok(mut trailers) = frame.into_trailers()
                 && self.chunked
             {
+                self.copied = true;
+                self.ended = true;
                 headers::retain_trailers(&mut trailers, self.rules);
                 self.out.extend_from_slice(b"0\r\n");
                 for (name, value) in &trailers {
@@ -491,6 +510,21 @@ pub struct RelayError(&'static str);
 
 type RelayStream = Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, RelayError>> + Send>>;
 
+impl Relay {
+    /// Gives the connection back to the pool when the body was read exactly to its end (and
+    /// the exchange allows reuse); drops it otherwise.
+    fn release(&mut self) {
+        if let Some(mut uc) = self.conn.take()
+            && self.reusable
+            && matches!(self.reader.step(&uc), Ok(Step::End))
+            && self.reader.at_boundary(&uc)
+        {
+            uc.end = 0;
+            self.pool.put(&self.authority, uc);
+        }
+    }
+}
+
 fn relay_stream(relay: Relay) -> RelayStream {
     Box::pin(futures_util::stream::unfold(relay, |mut r| async move {
         let uc = r.conn.as_mut()?;
@@ -498,6 +532,11 @@ fn relay_stream(relay: Relay) -> RelayStream {
             match r.reader.step(uc) {
                 Ok(Step::Data(data)) => {
                     let frame = Frame::data(Bytes::copy_from_slice(&uc.buf[data]));
+                    // Hyper does not poll a body again once its exact size has been yielded:
+                    // the connection of a length-delimited body goes back with its last bytes.
+                    if r.reader.complete() {
+                        r.release();
+                    }
                     return Some((Ok(frame), r));
                 }
                 Ok(Step::NeedRead) => {
@@ -508,11 +547,7 @@ fn relay_stream(relay: Relay) -> RelayStream {
                     }
                 }
                 Ok(Step::End) => {
-                    if r.reusable && r.reader.at_boundary(uc) {
-                        let mut uc = r.conn.take()?;
-                        uc.end = 0;
-                        r.pool.put(&r.authority, uc);
-                    }
+                    r.release();
                     return None;
                 }
                 Err(why) => {

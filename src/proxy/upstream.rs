@@ -11,8 +11,10 @@
 //! answers before the body is complete ends the upload (the connection is not reused).
 //!
 //! Retry rule: a reused connection that turns out to be closed before it took the request, or
-//! (for an idempotent request sent whole from memory) before it answered anything, is replaced
-//! once by a new one.
+//! (for an idempotent request none of whose body is lost: sent whole from memory, or not a byte
+//! of it copied from the client yet) before it answered anything, is replaced once by a new one.
+//! How the body is framed does not matter: an empty chunked or streamed body is as retryable as
+//! none.
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -324,6 +326,10 @@ fn probe(r: &tokio::net::tcp::ReadHalf<'_>, buf: &mut [u8], end: &mut usize) -> 
 pub(crate) trait BodySource {
     /// True when body bytes remain to be copied after the head (and what was sent with it).
     fn pending(&self) -> bool;
+    /// True while nothing has been taken from the client that could not be sent again: the
+    /// exchange may be retried on another connection (the head, and what went with it, sent
+    /// again, and the rest of the body pumped from where it is).
+    fn replayable(&self) -> bool;
     /// Copies the rest of the body. `Ok(false)`: the upstream began to answer before it was
     /// complete.
     async fn pump(
@@ -339,6 +345,10 @@ pub struct Whole;
 impl BodySource for Whole {
     fn pending(&self) -> bool {
         false
+    }
+
+    fn replayable(&self) -> bool {
+        true
     }
 
     async fn pump(&mut self, _: &mut Conn, _: tokio::time::Instant) -> Result<bool, ProxyError> {
@@ -392,8 +402,23 @@ impl Pool {
                     return Err(ProxyError::UpstreamUnavailable);
                 }
             }
-            let pumped = body.pending();
-            let body_sent = !pumped || body.pump(&mut uc, deadline).await?;
+            // A reused connection closed before it answered anything, with nothing of the
+            // request lost: once more on a new one (which is not reused, so only once).
+            let retry = |uc: &Conn, replayable: bool| uc.reused && replayable && idempotent(method);
+            let body_sent = if body.pending() {
+                match body.pump(&mut uc, deadline).await {
+                    Ok(sent) => sent,
+                    Err(ProxyError::UpstreamUnavailable)
+                        if uc.end == 0 && retry(&uc, body.replayable()) =>
+                    {
+                        retried = true;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else {
+                true
+            };
             match read_response(&mut uc, *method == Method::HEAD, deadline, fields).await {
                 Ok(res) => {
                     return Ok(Exchange {
@@ -402,9 +427,7 @@ impl Pool {
                         body_sent,
                     });
                 }
-                Err(ReadError::Closed)
-                    if uc.reused && !retried && !pumped && idempotent(method) =>
-                {
+                Err(ReadError::Closed) if retry(&uc, body.replayable()) => {
                     retried = true;
                 }
                 Err(ReadError::Timeout) => return Err(ProxyError::UpstreamTimeout),
@@ -627,6 +650,12 @@ impl BodyReader {
             Ok(Err(_)) => Err("upstream read failed"),
             Err(_) => Err("upstream body stalled"),
         }
+    }
+
+    /// True when every byte of a length-delimited body has been stepped over: the next step
+    /// is [`Step::End`], without reading.
+    pub fn complete(&self) -> bool {
+        self.done || matches!(self.framing, Framing::Length(_)) && self.left == 0
     }
 
     /// After [`Step::End`]: the connection ended exactly at the end of the response and can

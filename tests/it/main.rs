@@ -17,6 +17,7 @@ mod rate_limits;
 mod redis_cluster;
 mod redis_store;
 mod redis_support;
+mod scripted;
 mod store_conformance;
 mod support;
 mod tls_ws;
