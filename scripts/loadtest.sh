@@ -22,6 +22,9 @@
 #   keygate            X-API-Key, auth + per-key rate limiting (limits never reached), one key
 #   keygate-rot        the same, wrk rotating over 10,000 keys (cache warmed first)
 #   keygate-jwt        Authorization: Bearer <token from /auth/login>
+#   base, base-rot     with BASELINE=/path/to/an/earlier/keygate: that binary, configured and
+#                      driven exactly like keygate and keygate-rot (before/after a change, in one
+#                      run); add them to CONTENDERS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -97,6 +100,8 @@ NG_PLAIN_PORT=$(free_port)
 NG_AUTH_PORT=$(free_port)
 KG_PORT=$(free_port)
 KG_ADMIN_PORT=$(free_port)
+KGB_PORT=$(free_port)
+KGB_ADMIN_PORT=$(free_port)
 ADMIN_KEY=loadtest-admin-$(python3 -c 'import secrets; print(secrets.token_hex(16))')
 JWT_SECRET=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
 
@@ -134,16 +139,21 @@ start_nginx upstream "$LOAD_CPU"
 wait_port "$UP_PORT" upstream
 
 # ---- keygate and its keys ----------------------------------------------------------------
-cat >"$WORK/keygate.toml" <<EOF
+# Starts a keygate (binary $1) on ports $2/$3 with its files in $4, and creates $KEYS keys
+# through its admin API ($4/keys.txt, keys.map, token.txt). Sets STARTED_PID.
+start_keygate() {
+local bin=$1 port=$2 admin_port=$3 dir=$4
+mkdir -p "$dir"
+cat >"$dir/keygate.toml" <<EOF
 [proxy]
-listen = "127.0.0.1:$KG_PORT"
+listen = "127.0.0.1:$port"
 upstream = "http://127.0.0.1:$UP_PORT"
 [admin]
-listen = "127.0.0.1:$KG_ADMIN_PORT"
+listen = "127.0.0.1:$admin_port"
 [keys]
 max_per_client = 0
 [store]
-url = "sqlite://$WORK/keygate.db"
+url = "sqlite://$dir/keygate.db"
 [rate_limit]
 default = { per_second = 1000000000, burst = 1000000 }
 [plans.bench]
@@ -156,14 +166,14 @@ secret = "$JWT_SECRET"
 level = "warn"
 access_log = false
 EOF
-KEYGATE_ADMIN_KEY=$ADMIN_KEY taskset -c "$PROXY_CPU" "$KEYGATE" serve --config "$WORK/keygate.toml" \
-  >"$WORK/keygate.log" 2>&1 &
-KG_PID=$!
-PIDS+=($KG_PID)
-wait_port "$KG_PORT" keygate
+KEYGATE_ADMIN_KEY=$ADMIN_KEY taskset -c "$PROXY_CPU" "$bin" serve --config "$dir/keygate.toml" \
+  >"$dir/keygate.log" 2>&1 &
+STARTED_PID=$!
+PIDS+=($STARTED_PID)
+wait_port "$port" "$bin"
 
 echo "creating $KEYS keys through the admin API…" >&2
-python3 - "$KG_ADMIN_PORT" "$ADMIN_KEY" "$KEYS" "$WORK" <<'EOF'
+python3 - "$admin_port" "$ADMIN_KEY" "$KEYS" "$dir" <<'EOF'
 import http.client, json, sys
 port, admin, n, work = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 c = http.client.HTTPConnection("127.0.0.1", port)
@@ -189,6 +199,14 @@ if r.status != 200:
 with open(f"{work}/token.txt", "w") as f:
     f.write(json.loads(data)["access_token"])
 EOF
+}
+start_keygate "$KEYGATE" "$KG_PORT" "$KG_ADMIN_PORT" "$WORK"
+KG_PID=$STARTED_PID
+KGB_PID=
+if [ -n "${BASELINE:-}" ]; then
+  start_keygate "$BASELINE" "$KGB_PORT" "$KGB_ADMIN_PORT" "$WORK/base"
+  KGB_PID=$STARTED_PID
+fi
 KEY=$(head -n1 "$WORK/keys.txt")
 TOKEN=$(cat "$WORK/token.txt")
 
@@ -241,6 +259,11 @@ end
 LUA
 }
 wrk_script one X-API-Key "$WORK/key1.txt"
+if [ -n "$KGB_PID" ]; then
+  head -n1 "$WORK/base/keys.txt" >"$WORK/base-key1.txt"
+  wrk_script base-one X-API-Key "$WORK/base-key1.txt"
+  wrk_script base-rotate X-API-Key "$WORK/base/keys.txt"
+fi
 wrk_script rotate X-API-Key "$WORK/keys.txt"
 wrk_script jwt Authorization "$WORK/bearer.txt"
 
@@ -255,6 +278,8 @@ run_wrk() { # contender, conns, duration, out
     keygate) port=$KG_PORT; args=(-s "$WORK/one.lua") ;;
     keygate-rot) port=$KG_PORT; args=(-s "$WORK/rotate.lua") ;;
     keygate-jwt) port=$KG_PORT; args=(-s "$WORK/jwt.lua") ;;
+    base) port=$KGB_PORT; args=(-s "$WORK/base-one.lua") ;;
+    base-rot) port=$KGB_PORT; args=(-s "$WORK/base-rotate.lua") ;;
     *) echo "unknown contender $c" >&2; exit 1 ;;
   esac
   taskset -c "$LOAD_CPU" wrk -t1 -c"$n" -d"${d}s" --latency "${args[@]}" \
@@ -268,6 +293,7 @@ contender_pids() {
     nginx-plain*) echo "${MASTER[nginx-plain]} $(pgrep -P "${MASTER[nginx-plain]}" | tr '\n' ' ')" ;;
     nginx-keyauth*) echo "${MASTER[nginx-keyauth]} $(pgrep -P "${MASTER[nginx-keyauth]}" | tr '\n' ' ')" ;;
     keygate*) echo "$KG_PID" ;;
+    base*) echo "$KGB_PID" ;;
   esac
 }
 cpu_ticks() {
@@ -285,6 +311,7 @@ for c in $CONTENDERS; do
 done
 # Make sure every key is in keygate's cache.
 run_wrk keygate-rot "${CONNS%% *}" 3 "$WORK/warm-keygate-rot2.txt"
+if [ -n "$KGB_PID" ]; then run_wrk base-rot "${CONNS%% *}" 3 "$WORK/warm-base-rot2.txt"; fi
 
 mkdir -p "$(dirname "$OUT")"
 RAW=$WORK/raw.tsv
@@ -373,6 +400,12 @@ for n in sorted({n for _, n in rows}):
     if one == one and rot == rot:
         print()
         print(f"keygate with {keys} rotating keys vs one key: {rot / one:.2f}×.")
+    for now, before in (("keygate", "base"), ("keygate-rot", "base-rot")):
+        a, b = rows.get((now, n)), rows.get((before, n))
+        if a and b and a["rps"] and b["rps"]:
+            print()
+            print(f"{now} vs {before} (the baseline binary): req/s {med(a['rps']) / med(b['rps']):.3f}×, "
+                  f"p99 {med(a['p99']) / med(b['p99']):.3f}×.")
     print()
 EOF
 cat "$OUT"
