@@ -34,13 +34,12 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::Authenticator;
 use crate::auth::credential::Extractor;
+use crate::auth::{AuthError, Authenticator};
 use crate::keys::cache::KeyCache;
 use crate::keys::store::Store;
 use crate::keys::{ApiKey as StoredKey, KeyFormat, KeyHash, Millis};
 use crate::limit::FailedAuth;
-use crate::proxy::error::ProxyError;
 use crate::telemetry::metrics::Metrics;
 use error::AdminError;
 
@@ -302,8 +301,10 @@ async fn identify(
             "the key lacks the {:?} permission",
             state.self_service_permission
         ))),
-        Err(ProxyError::StoreUnavailable) => Err(AdminError::StoreUnavailable),
-        Err(_) => Err(state.failed(ip, AdminError::Unauthorized)),
+        Err(AuthError::StoreUnavailable) => Err(AdminError::StoreUnavailable),
+        // Only guesses count; a real key that is disabled or expired is not one.
+        Err(e) if e.is_guess() => Err(state.failed(ip, AdminError::Unauthorized)),
+        Err(_) => Err(AdminError::Unauthorized),
     }
 }
 

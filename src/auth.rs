@@ -22,7 +22,6 @@ use crate::keys::cache::{Cached, DigestHasher, Entry, KeyCache};
 use crate::keys::store::{Store, StoreHealth};
 use crate::keys::{KeyFormat, KeyHash, Millis, Principal, now_millis};
 use crate::limit::KeyLimits;
-use crate::proxy::error::ProxyError;
 use crate::route::Route;
 use crate::telemetry::metrics::{CacheResult, Metrics};
 use credential::{Credential, Kind};
@@ -33,6 +32,33 @@ const TOKEN_CACHE_CAPACITY: u64 = 100_000;
 /// How long past its TTL a cached key is still served while one background lookup refreshes
 /// it (never longer than the TTL itself). Past it, requests wait for the store.
 const REVALIDATE_WINDOW_MS: Millis = 10_000;
+
+/// Why a credential was not accepted. The proxy and the admin listener each turn it into
+/// their own answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("invalid api key")]
+    InvalidApiKey,
+    #[error("expired api key")]
+    ExpiredApiKey,
+    #[error("disabled api key")]
+    DisabledApiKey,
+    #[error("invalid token")]
+    InvalidToken,
+    #[error("insufficient permissions")]
+    InsufficientPermissions,
+    /// The store could not be asked and no stale answer was at hand.
+    #[error("store unavailable")]
+    StoreUnavailable,
+}
+
+impl AuthError {
+    /// A guess: an unknown key or token (not a real key that is disabled or expired). Only
+    /// guesses count against a client's failed-authentication allowance.
+    pub fn is_guess(self) -> bool {
+        matches!(self, Self::InvalidApiKey | Self::InvalidToken)
+    }
+}
 
 /// What a verified token says, as far as the request path needs it.
 struct VerifiedToken {
@@ -117,7 +143,7 @@ impl Authenticator {
         );
     }
 
-    pub async fn authenticate(&self, cred: &Credential<'_>) -> Result<Arc<Principal>, ProxyError> {
+    pub async fn authenticate(&self, cred: &Credential<'_>) -> Result<Arc<Principal>, AuthError> {
         match cred.kind {
             Kind::ApiKey => self.api_key(cred.secret.as_str()).await,
             Kind::Jwt => self.token(cred.secret.as_str()).await,
@@ -125,14 +151,14 @@ impl Authenticator {
     }
 
     /// Trades a valid API key for an access token.
-    pub async fn login(&self, api_key: &str) -> Result<Token, ProxyError> {
+    pub async fn login(&self, api_key: &str) -> Result<Token, AuthError> {
         let p = self.api_key(api_key).await?;
         Ok(self.jwt.issue(&p, p.rotated_at(), now_millis()))
     }
 
     /// Authenticates an access token: signature and claims, then the key it was minted from
     /// must still be valid and not rotated since (cached lookup by key id).
-    pub async fn token(&self, token: &str) -> Result<Arc<Principal>, ProxyError> {
+    pub async fn token(&self, token: &str) -> Result<Arc<Principal>, AuthError> {
         let now = now_millis();
         let claims = self.verified(token, now)?;
         let id = claims.key_id;
@@ -144,7 +170,7 @@ impl Authenticator {
         };
         let principal = match self.classify(self.cache.get_id(&id), now, refresh) {
             Lookup::Fresh(p) => p,
-            Lookup::Unknown => return Err(ProxyError::InvalidToken),
+            Lookup::Unknown => return Err(AuthError::InvalidToken),
             Lookup::Refill(stale) => self.fill_id(id, now, stale).await?,
         };
         let current = check_status(&principal, now).is_ok()
@@ -153,16 +179,16 @@ impl Authenticator {
         if current {
             Ok(principal)
         } else {
-            Err(ProxyError::InvalidToken)
+            Err(AuthError::InvalidToken)
         }
     }
 
     /// The verified claims of `token`: from the token cache, or by verifying it (and caching
     /// the result until the token expires).
-    fn verified(&self, token: &str, now: Millis) -> Result<Arc<VerifiedToken>, ProxyError> {
+    fn verified(&self, token: &str, now: Millis) -> Result<Arc<VerifiedToken>, AuthError> {
         // Bounded before hashing, as the verifier bounds it before decoding.
         if token.len() > jwt::MAX_TOKEN_LEN {
-            return Err(ProxyError::InvalidToken);
+            return Err(AuthError::InvalidToken);
         }
         let digest = KeyHash::of(token);
         if let Some(t) = self.tokens.get(&digest)
@@ -173,8 +199,8 @@ impl Authenticator {
         let claims = self
             .jwt
             .verify(token, now)
-            .map_err(|_| ProxyError::InvalidToken)?;
-        let key_id = Uuid::parse_str(&claims.kid).map_err(|_| ProxyError::InvalidToken)?;
+            .map_err(|_| AuthError::InvalidToken)?;
+        let key_id = Uuid::parse_str(&claims.kid).map_err(|_| AuthError::InvalidToken)?;
         let t = Arc::new(VerifiedToken {
             key_id,
             rot: claims.rot,
@@ -190,7 +216,7 @@ impl Authenticator {
         id: Uuid,
         now: Millis,
         stale: Option<Arc<Principal>>,
-    ) -> Result<Arc<Principal>, ProxyError> {
+    ) -> Result<Arc<Principal>, AuthError> {
         self.metrics.cache(CacheResult::Miss);
         if self.store_health.backing_off(now) {
             return self.stale(stale);
@@ -209,7 +235,7 @@ impl Authenticator {
             }
             Ok(None) => {
                 self.cache.insert_id(id, Cached::Unknown, now, epoch);
-                Err(ProxyError::InvalidToken)
+                Err(AuthError::InvalidToken)
             }
             Err(e) => {
                 self.store_failed(now, &e, stale.is_some());
@@ -219,13 +245,13 @@ impl Authenticator {
     }
 
     /// The answer when the store failed: the stale principal if there is one, else 503.
-    fn stale(&self, stale: Option<Arc<Principal>>) -> Result<Arc<Principal>, ProxyError> {
+    fn stale(&self, stale: Option<Arc<Principal>>) -> Result<Arc<Principal>, AuthError> {
         match stale {
             Some(p) => {
                 self.metrics.cache(CacheResult::StaleServed);
                 Ok(p)
             }
-            None => Err(ProxyError::StoreUnavailable),
+            None => Err(AuthError::StoreUnavailable),
         }
     }
 
@@ -236,9 +262,9 @@ impl Authenticator {
     }
 
     /// Authenticates a plaintext API key.
-    pub async fn api_key(&self, key: &str) -> Result<Arc<Principal>, ProxyError> {
+    pub async fn api_key(&self, key: &str) -> Result<Arc<Principal>, AuthError> {
         if !self.format.shape(key) {
-            return Err(ProxyError::InvalidApiKey);
+            return Err(AuthError::InvalidApiKey);
         }
         let hash = KeyHash::of(key);
         let now = now_millis();
@@ -247,7 +273,7 @@ impl Authenticator {
         // for the same SHA-256, so a cached key's alphabet and checksum need no second look;
         // anything else is checked before it can cost a store lookup.
         if entry.is_none() && !self.format.check(key) {
-            return Err(ProxyError::InvalidApiKey);
+            return Err(AuthError::InvalidApiKey);
         }
         let refresh = |stale| {
             let me = self.clone();
@@ -257,7 +283,7 @@ impl Authenticator {
         };
         let principal = match self.classify(entry, now, refresh) {
             Lookup::Fresh(p) => p,
-            Lookup::Unknown => return Err(ProxyError::InvalidApiKey),
+            Lookup::Unknown => return Err(AuthError::InvalidApiKey),
             Lookup::Refill(stale) => self.fill(hash, now, stale).await?,
         };
         check_status(&principal, now)?;
@@ -317,7 +343,7 @@ impl Authenticator {
         hash: KeyHash,
         now: Millis,
         stale: Option<Arc<Principal>>,
-    ) -> Result<Arc<Principal>, ProxyError> {
+    ) -> Result<Arc<Principal>, AuthError> {
         self.metrics.cache(CacheResult::Miss);
         if self.store_health.backing_off(now) {
             return self.stale(stale);
@@ -345,7 +371,7 @@ impl Authenticator {
             }
             None => {
                 self.cache.insert(hash, Cached::Unknown, now, epoch);
-                Err(ProxyError::InvalidApiKey)
+                Err(AuthError::InvalidApiKey)
             }
         }
     }
@@ -360,15 +386,15 @@ enum Lookup {
     Refill(Option<Arc<Principal>>),
 }
 
-fn check_status(p: &Principal, now: Millis) -> Result<(), ProxyError> {
+fn check_status(p: &Principal, now: Millis) -> Result<(), AuthError> {
     if p.grace_until().is_some_and(|g| g <= now) {
-        return Err(ProxyError::InvalidApiKey);
+        return Err(AuthError::InvalidApiKey);
     }
     if !p.enabled {
-        return Err(ProxyError::DisabledApiKey);
+        return Err(AuthError::DisabledApiKey);
     }
     if p.expires_at().is_some_and(|e| e <= now) {
-        return Err(ProxyError::ExpiredApiKey);
+        return Err(AuthError::ExpiredApiKey);
     }
     Ok(())
 }
@@ -399,14 +425,14 @@ pub fn public(route: &Route) -> Option<Permit<'_>> {
 }
 
 /// A permit when `principal` holds all of the route's permissions.
-pub fn authorize(route: &Route, principal: Arc<Principal>) -> Result<Permit<'_>, ProxyError> {
+pub fn authorize(route: &Route, principal: Arc<Principal>) -> Result<Permit<'_>, AuthError> {
     if principal.has_all(&route.permissions) {
         Ok(Permit {
             route,
             principal: Some(principal),
         })
     } else {
-        Err(ProxyError::InsufficientPermissions)
+        Err(AuthError::InsufficientPermissions)
     }
 }
 
@@ -480,7 +506,7 @@ mod tests {
         ] {
             assert_eq!(
                 auth.api_key(&bad).await.unwrap_err(),
-                ProxyError::InvalidApiKey
+                AuthError::InvalidApiKey
             );
         }
         assert_eq!(store.lookups.load(Ordering::SeqCst), 0, "store touched");
@@ -490,7 +516,7 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(
                 auth.api_key(&good).await.unwrap_err(),
-                ProxyError::InvalidApiKey
+                AuthError::InvalidApiKey
             );
         }
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
@@ -536,7 +562,7 @@ mod tests {
         let forged = String::from_utf8(forged).unwrap();
         assert_eq!(
             auth.token(&forged).await.unwrap_err(),
-            ProxyError::InvalidToken
+            AuthError::InvalidToken
         );
 
         // Disable the key as the admin plane does: store first, then the cache.
@@ -552,7 +578,7 @@ mod tests {
         cache.invalidate_id(&key.id);
         assert_eq!(
             auth.token(token.expose()).await.unwrap_err(),
-            ProxyError::InvalidToken
+            AuthError::InvalidToken
         );
     }
 
@@ -576,14 +602,14 @@ mod tests {
         let unknown = KeyFormat::new("kg_").generate();
         assert_eq!(
             auth.api_key(unknown.plaintext.expose()).await.unwrap_err(),
-            ProxyError::StoreUnavailable
+            AuthError::StoreUnavailable
         );
         // Within the backoff the store is not asked again: stale served, unknown 503.
         let asked = store.lookups.load(Ordering::SeqCst);
         assert!(auth.api_key(k.plaintext.expose()).await.is_ok());
         assert_eq!(
             auth.api_key(unknown.plaintext.expose()).await.unwrap_err(),
-            ProxyError::StoreUnavailable
+            AuthError::StoreUnavailable
         );
         assert_eq!(
             store.lookups.load(Ordering::SeqCst),
@@ -594,7 +620,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(StoreHealth::BACKOFF_MS as u64 + 50)).await;
         assert_eq!(
             auth.api_key(unknown.plaintext.expose()).await.unwrap_err(),
-            ProxyError::InvalidApiKey
+            AuthError::InvalidApiKey
         );
     }
     #[tokio::test]
@@ -627,7 +653,7 @@ mod tests {
         }
         let mut refreshed = false;
         for _ in 0..200 {
-            if auth.api_key(k.plaintext.expose()).await.err() == Some(ProxyError::DisabledApiKey) {
+            if auth.api_key(k.plaintext.expose()).await.err() == Some(AuthError::DisabledApiKey) {
                 refreshed = true;
                 break;
             }

@@ -13,10 +13,10 @@ use super::clients::{self, FIRST_KEY_NAME, check_client_id};
 use super::error::{AdminError, ErrorResponses, JsonBody};
 use super::keys::{audit, new_key};
 use super::{AdminState, Caller, MAX_PER_PAGE};
+use crate::auth::AuthError;
 use crate::auth::jwt::{LoginRequest, TokenResponse};
 use crate::keys::now_millis;
 use crate::keys::store::StoreError;
-use crate::proxy::error::ProxyError;
 
 const NO_CLIENT: &str = "client not found";
 
@@ -236,7 +236,8 @@ pub async fn login(
     let ip = peer.ip();
     match state.auth.login(&body.api_key).await {
         Ok(token) => Ok(Json(TokenResponse::from(token))),
-        Err(ProxyError::StoreUnavailable) => Err(AdminError::StoreUnavailable),
-        Err(_) => Err(state.failed(ip, AdminError::InvalidApiKey)),
+        Err(AuthError::StoreUnavailable) => Err(AdminError::StoreUnavailable),
+        Err(e) if e.is_guess() => Err(state.failed(ip, AdminError::InvalidApiKey)),
+        Err(_) => Err(AdminError::InvalidApiKey),
     }
 }

@@ -52,6 +52,20 @@ pub enum ProxyError {
 /// Seconds a client should wait before retrying when the store is down.
 const STORE_RETRY_AFTER_SECS: u64 = 5;
 
+impl From<crate::auth::AuthError> for ProxyError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        use crate::auth::AuthError as A;
+        match e {
+            A::InvalidApiKey => Self::InvalidApiKey,
+            A::ExpiredApiKey => Self::ExpiredApiKey,
+            A::DisabledApiKey => Self::DisabledApiKey,
+            A::InvalidToken => Self::InvalidToken,
+            A::InsufficientPermissions => Self::InsufficientPermissions,
+            A::StoreUnavailable => Self::StoreUnavailable,
+        }
+    }
+}
+
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {

@@ -20,7 +20,7 @@ use http::{HeaderName, HeaderValue, Method, Response, StatusCode};
 use super::{ConnInfo, Gateway, HEALTH_PATH, LOGIN_PATH, Outcome};
 use crate::auth::credential::Credential;
 use crate::auth::jwt::{LoginRequest, TokenResponse};
-use crate::auth::{self, Permit};
+use crate::auth::{self, AuthError, Permit};
 use crate::config::Cidr;
 use crate::limit::{RateInfo, Refusal};
 use crate::paths;
@@ -366,7 +366,7 @@ impl Gateway {
             limiter.check(&principal.key_id).map_err(rate_limited)?;
         }
         self.usage.touch(&principal, crate::keys::now_millis());
-        let permit = auth::authorize(route, principal)?;
+        let permit = auth::authorize(route, principal).map_err(ProxyError::from)?;
         Ok((permit, rate))
     }
 
@@ -374,11 +374,14 @@ impl Gateway {
     /// 429. Only guesses count (an unknown key or token), not a real key that is disabled or
     /// expired; and only failing attempts are ever refused: a valid credential is never
     /// throttled, however many guesses came from its address.
-    fn failed(&self, e: ProxyError, ip: IpAddr) -> ProxyError {
-        let guess = matches!(e, ProxyError::InvalidApiKey | ProxyError::InvalidToken);
-        match guess.then(|| self.failed_auth.record_failure(ip)).flatten() {
+    fn failed(&self, e: AuthError, ip: IpAddr) -> ProxyError {
+        match e
+            .is_guess()
+            .then(|| self.failed_auth.record_failure(ip))
+            .flatten()
+        {
             Some(retry_after) => ProxyError::AuthThrottled { retry_after },
-            None => e,
+            None => e.into(),
         }
     }
 
