@@ -19,7 +19,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper::service::Service;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
@@ -83,7 +83,7 @@ pub async fn serve<F, S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let limits = &opts.limits;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(activity::Exec::new(limits.body_timeout));
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -188,7 +188,7 @@ pub async fn serve<F, S, B>(
 /// One accepted connection and what serving it needs.
 struct Connection {
     peer: SocketAddr,
-    builder: auto::Builder<TokioExecutor>,
+    builder: auto::Builder<activity::Exec>,
     fast: Option<FastPath>,
     settings: Arc<h1::Settings>,
     /// Changes to `true` when the listener drains.

@@ -5,10 +5,14 @@
 //!   ended), the client has `limits.header_read_timeout` to start the next request — an h2c
 //!   client that sends only the preface, or a keep-alive connection left open, loses its slot;
 //! - **write stall**: a client that takes no response bytes for `limits.body_timeout` is
-//!   dropped.
+//!   dropped — on HTTP/1.1 and HTTP/2 when it stops reading the connection, and on HTTP/2 also
+//!   when it reads the connection but grants a stream no window: that stream is reset.
 //!
-//! [`Watched`] wraps the connection's I/O and enforces both; [`Counted`] wraps the service and
-//! keeps the count of requests in progress (until their response bodies end or are dropped).
+//! [`Watched`] wraps the connection's I/O and enforces both on the connection; [`Counted`] wraps
+//! the service and keeps the count of requests in progress (until their response bodies end or
+//! are dropped); [`Exec`] runs each HTTP/2 stream with the stall timeout of its response body
+//! (hyper stops polling a body while the stream has no window, so a stalled stream shows only
+//! from outside it: its response body was last polled for a frame, not waiting for one).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,6 +20,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use std::cell::Cell;
 
 use futures_util::task::AtomicWaker;
 use http::Response;
@@ -216,7 +222,17 @@ impl<B: Body + Unpin> Body for CountedBody<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        // Inside an HTTP/2 stream's task: say whether the body waits for its source or has
+        // handed over a frame (and the stream now waits for the client).
+        let _ = LAST_POLL.try_with(|last| {
+            last.set(Some(if frame.is_pending() {
+                Polled::Waiting
+            } else {
+                Polled::Yielded
+            }))
+        });
+        let frame = std::task::ready!(frame);
         if frame.is_none() {
             self.guard = None;
         }
@@ -229,5 +245,71 @@ impl<B: Body + Unpin> Body for CountedBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// How a response body's last poll in an HTTP/2 stream's task ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Polled {
+    /// Pending: the body waits for its source (the upstream, whose pauses have their own
+    /// timeout).
+    Waiting,
+    /// A frame (or the end): what comes next is up to the stream, i.e. the client's window.
+    Yielded,
+}
+
+tokio::task_local! {
+    /// Set by [`CountedBody`] while an HTTP/2 stream's task is polled by [`Exec`].
+    static LAST_POLL: Cell<Option<Polled>>;
+}
+
+/// The executor of hyper's connections: it runs each HTTP/2 stream (the only futures hyper
+/// spawns for a served connection) with a write-stall timeout of its own. A stream whose
+/// response body handed over a frame and has not been asked for the next one for
+/// `write_stall` (the client grants no window) is dropped, which resets it; a body waiting for
+/// its upstream does not count.
+#[derive(Clone, Debug)]
+pub struct Exec {
+    write_stall: Duration,
+}
+
+impl Exec {
+    pub fn new(write_stall: Duration) -> Self {
+        Exec { write_stall }
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for Exec
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let write_stall = self.write_stall;
+        tokio::spawn(async move {
+            let mut fut = std::pin::pin!(fut);
+            let mut stalled = false;
+            let mut timer: Option<Pin<Box<Sleep>>> = None;
+            std::future::poll_fn(|cx| {
+                let (done, last) = LAST_POLL.sync_scope(Cell::new(None), || {
+                    let done = fut.as_mut().poll(cx);
+                    (done, LAST_POLL.with(Cell::get))
+                });
+                if done.is_ready() {
+                    return Poll::Ready(());
+                }
+                // Progress, or waiting for the upstream: the stall (if any) starts again. No
+                // poll of the body at all: it still waits as it did.
+                if let Some(p) = last {
+                    stalled = p == Polled::Yielded;
+                    timer = None;
+                }
+                if stalled && expired(&mut timer, write_stall, cx) {
+                    tracing::debug!("HTTP/2 stream reset: the client took no data");
+                    return Poll::Ready(());
+                }
+                Poll::Pending
+            })
+            .await;
+        });
     }
 }

@@ -12,6 +12,7 @@ mod kixote;
 mod layers;
 mod observability;
 mod openapi;
+mod parity;
 mod proxy_path;
 mod rate_limits;
 mod redis_cluster;
