@@ -11,21 +11,15 @@ use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 
 use super::headers::{RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET, number};
+use crate::auth::AuthError;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
     #[error("missing credentials")]
     MissingCredentials,
-    #[error("invalid api key")]
-    InvalidApiKey,
-    #[error("expired api key")]
-    ExpiredApiKey,
-    #[error("disabled api key")]
-    DisabledApiKey,
-    #[error("invalid token")]
-    InvalidToken,
-    #[error("insufficient permissions")]
-    InsufficientPermissions,
+    /// A credential that was not accepted (401, 403, or 503 when the store could not say).
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     #[error("rate limited")]
     RateLimited { retry_after: Duration, limit: u32 },
     /// Too many failed authentications from one peer.
@@ -45,36 +39,22 @@ pub enum ProxyError {
     UpstreamUnavailable,
     #[error("upstream timeout")]
     UpstreamTimeout,
-    #[error("store unavailable")]
-    StoreUnavailable,
 }
 
 /// Seconds a client should wait before retrying when the store is down.
 const STORE_RETRY_AFTER_SECS: u64 = 5;
 
-impl From<crate::auth::AuthError> for ProxyError {
-    fn from(e: crate::auth::AuthError) -> Self {
-        use crate::auth::AuthError as A;
-        match e {
-            A::InvalidApiKey => Self::InvalidApiKey,
-            A::ExpiredApiKey => Self::ExpiredApiKey,
-            A::DisabledApiKey => Self::DisabledApiKey,
-            A::InvalidToken => Self::InvalidToken,
-            A::InsufficientPermissions => Self::InsufficientPermissions,
-            A::StoreUnavailable => Self::StoreUnavailable,
-        }
-    }
-}
-
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::MissingCredentials
-            | Self::InvalidApiKey
-            | Self::ExpiredApiKey
-            | Self::DisabledApiKey
-            | Self::InvalidToken => StatusCode::UNAUTHORIZED,
-            Self::InsufficientPermissions => StatusCode::FORBIDDEN,
+            | Self::Auth(
+                AuthError::InvalidApiKey
+                | AuthError::ExpiredApiKey
+                | AuthError::DisabledApiKey
+                | AuthError::InvalidToken,
+            ) => StatusCode::UNAUTHORIZED,
+            Self::Auth(AuthError::InsufficientPermissions) => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } | Self::AuthThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::RouteNotFound => StatusCode::NOT_FOUND,
@@ -82,7 +62,7 @@ impl ProxyError {
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Auth(AuthError::StoreUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -90,11 +70,11 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::MissingCredentials => "missing_credentials",
-            Self::InvalidApiKey => "invalid_api_key",
-            Self::ExpiredApiKey => "expired_api_key",
-            Self::DisabledApiKey => "disabled_api_key",
-            Self::InvalidToken => "invalid_token",
-            Self::InsufficientPermissions => "insufficient_permissions",
+            Self::Auth(AuthError::InvalidApiKey) => "invalid_api_key",
+            Self::Auth(AuthError::ExpiredApiKey) => "expired_api_key",
+            Self::Auth(AuthError::DisabledApiKey) => "disabled_api_key",
+            Self::Auth(AuthError::InvalidToken) => "invalid_token",
+            Self::Auth(AuthError::InsufficientPermissions) => "insufficient_permissions",
             Self::RateLimited { .. } | Self::AuthThrottled { .. } => "rate_limited",
             Self::BadRequest(_) => "bad_request",
             Self::RouteNotFound => "route_not_found",
@@ -102,7 +82,7 @@ impl ProxyError {
             Self::BodyTimeout => "request_timeout",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
-            Self::StoreUnavailable => "store_unavailable",
+            Self::Auth(AuthError::StoreUnavailable) => "store_unavailable",
         }
     }
 
@@ -111,11 +91,13 @@ impl ProxyError {
             Self::MissingCredentials => {
                 "send an API key in Authorization: Bearer, X-API-Key or Basic auth"
             }
-            Self::InvalidApiKey => "the API key is not valid",
-            Self::ExpiredApiKey => "the API key has expired",
-            Self::DisabledApiKey => "the API key is disabled",
-            Self::InvalidToken => "the token is not valid",
-            Self::InsufficientPermissions => "the key lacks a permission this route requires",
+            Self::Auth(AuthError::InvalidApiKey) => "the API key is not valid",
+            Self::Auth(AuthError::ExpiredApiKey) => "the API key has expired",
+            Self::Auth(AuthError::DisabledApiKey) => "the API key is disabled",
+            Self::Auth(AuthError::InvalidToken) => "the token is not valid",
+            Self::Auth(AuthError::InsufficientPermissions) => {
+                "the key lacks a permission this route requires"
+            }
             Self::RateLimited { .. } => "rate limit exceeded; retry after the Retry-After delay",
             Self::AuthThrottled { .. } => {
                 "too many failed authentications from this address; retry later"
@@ -126,7 +108,7 @@ impl ProxyError {
             Self::BodyTimeout => "the request body stopped arriving; send it again",
             Self::UpstreamUnavailable => "the upstream could not be reached",
             Self::UpstreamTimeout => "the upstream did not answer in time",
-            Self::StoreUnavailable => "the key store is unavailable; retry later",
+            Self::Auth(AuthError::StoreUnavailable) => "the key store is unavailable; retry later",
         }
     }
 
@@ -135,7 +117,7 @@ impl ProxyError {
             Self::RateLimited { retry_after, .. } | Self::AuthThrottled { retry_after } => {
                 Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
             }
-            Self::StoreUnavailable => Some(STORE_RETRY_AFTER_SECS),
+            Self::Auth(AuthError::StoreUnavailable) => Some(STORE_RETRY_AFTER_SECS),
             _ => None,
         }
     }
@@ -187,7 +169,7 @@ mod tests {
 
     #[test]
     fn statuses_and_headers() {
-        let r: Response<Bytes> = ProxyError::InvalidApiKey.response();
+        let r: Response<Bytes> = ProxyError::Auth(AuthError::InvalidApiKey).response();
         assert_eq!(r.status(), 401);
         assert!(r.headers().contains_key(WWW_AUTHENTICATE));
         assert_eq!(r.headers()[CONTENT_TYPE], "application/problem+json");
@@ -195,7 +177,7 @@ mod tests {
         assert_eq!(v["code"], "invalid_api_key");
         assert_eq!(v["status"], 401);
 
-        let r: Response<Bytes> = ProxyError::StoreUnavailable.response();
+        let r: Response<Bytes> = ProxyError::Auth(AuthError::StoreUnavailable).response();
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()[RETRY_AFTER], "5");
 

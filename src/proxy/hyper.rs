@@ -410,15 +410,6 @@ struct StreamedBody<'a> {
 }
 
 impl BodySource for StreamedBody<'_> {
-    fn pending(&self) -> bool {
-        // A chunked body always ends with its last chunk, written by the pump.
-        self.chunked || !self.ended && !self.body.is_end_stream()
-    }
-
-    fn replayable(&self) -> bool {
-        !self.copied
-    }
-
     async fn pump(
         &mut self,
         uc: &mut Conn,
@@ -488,6 +479,15 @@ impl BodySource for StreamedBody<'_> {
                 return up.write(&self.out, deadline).await;
             }
         }
+    }
+
+    fn pending(&self) -> bool {
+        // A chunked body always ends with its last chunk, written by the pump.
+        self.chunked || !self.ended && !self.body.is_end_stream()
+    }
+
+    fn replayable(&self) -> bool {
+        !self.copied
     }
 }
 
