@@ -216,10 +216,7 @@ impl RateLimit {
     }
 }
 
-/// Milliseconds since the Unix epoch, UTC. Stores and caches keep time in this form.
-pub type Millis = i64;
-
-pub use crate::clock::now_millis;
+pub use crate::clock::{Millis, now_millis};
 
 /// A client: the owner of keys. `license` names a plan in the config.
 #[derive(Clone, Debug, PartialEq)]

@@ -113,7 +113,8 @@ impl App {
     }
 
     pub async fn bind_with_store(config: Config, store: Arc<dyn Store>) -> Result<App, StartError> {
-        clock::init();
+        // Calibrates the machine's clock now rather than on the first request.
+        clock::Clock::real();
         if config.admin.key_hashes.is_empty() {
             return Err(StartError::NoAdminKey);
         }
