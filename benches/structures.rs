@@ -21,6 +21,7 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use keygate::auth::credential::Source;
+use keygate::clock::Clock;
 use keygate::keys::cache::{Cached, DigestHasher, Entry};
 use keygate::keys::{KeyFormat, KeyHash, KeyRecord, Principal, now_millis};
 use keygate::limit::{KeyLimiter, number_header};
@@ -60,16 +61,24 @@ fn moka_hashers(c: &mut Criterion) {
     }
     digest.run_pending_tasks();
     default.run_pending_tasks();
-    let ours = keygate::keys::cache::KeyCache::new(&keygate::keys::cache::CacheSettings {
-        capacity: 1_000_000,
-        ttl: Duration::from_secs(600),
-        negative_ttl: Duration::from_secs(600),
-        stale_if_error: Duration::from_secs(600),
-    });
+    let ours = keygate::keys::cache::KeyCache::new(
+        &keygate::keys::cache::CacheSettings {
+            capacity: 1_000_000,
+            ttl: Duration::from_secs(600),
+            negative_ttl: Duration::from_secs(600),
+            stale_if_error: Duration::from_secs(600),
+        },
+        Clock::real(),
+    );
     for (h, p) in &entries {
-        ours.insert(*h, Cached::Found(Arc::clone(p)), now_millis(), ours.epoch());
+        ours.insert(
+            *h,
+            Cached::Found(Arc::clone(p)),
+            ours.clock().now_millis(),
+            ours.epoch(),
+        );
     }
-    let now = now_millis();
+    let now = ours.clock().now_millis();
     let probe = entries[KEYS / 2].0;
     let mut g = c.benchmark_group("key_cache_structure");
     g.bench_function("sharded_maps", |b| {

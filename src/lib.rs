@@ -41,6 +41,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::auth::credential::Extractor;
+use crate::clock::Clock;
 use crate::config::{Config, StoreUrl};
 use crate::keys::KeyFormat;
 use crate::keys::cache::{CacheSettings, KeyCache};
@@ -113,8 +114,8 @@ impl App {
     }
 
     pub async fn bind_with_store(config: Config, store: Arc<dyn Store>) -> Result<App, StartError> {
-        // Calibrates the machine's clock now rather than on the first request.
-        clock::Clock::real();
+        // The one clock of the request path (calibrated here rather than on the first request).
+        let clock = Clock::real();
         if config.admin.key_hashes.is_empty() {
             return Err(StartError::NoAdminKey);
         }
@@ -128,12 +129,15 @@ impl App {
         ));
         let usage = Arc::new(UsageRecorder::new(Arc::clone(&store), Arc::clone(&metrics)));
         let format = KeyFormat::new(config.keys.prefix.clone());
-        let cache = KeyCache::new(&CacheSettings {
-            capacity: config.store.cache_capacity,
-            ttl: config.store.cache_ttl,
-            negative_ttl: config.store.negative_ttl,
-            stale_if_error: config.store.stale_if_error,
-        });
+        let cache = KeyCache::new(
+            &CacheSettings {
+                capacity: config.store.cache_capacity,
+                ttl: config.store.cache_ttl,
+                negative_ttl: config.store.negative_ttl,
+                stale_if_error: config.store.stale_if_error,
+            },
+            clock,
+        );
         store.watch_invalidations(Arc::new(cache.clone()));
         let limits = Arc::new(limit::KeyLimits::new(
             config.default_limit,

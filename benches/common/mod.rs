@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use keygate::auth::Authenticator;
 use keygate::auth::jwt::{Jwt, JwtSettings};
+use keygate::clock::Clock;
 use keygate::keys::cache::{CacheSettings, KeyCache};
 use keygate::keys::store::Store;
 use keygate::keys::store::sqlite::SqliteStore;
@@ -80,13 +81,17 @@ pub async fn seeded_store(dir: &std::path::Path, n: usize) -> (Arc<SqliteStore>,
     (store, keys)
 }
 
+/// A key cache on the real clock, as `App::bind` makes it.
 pub fn cache(capacity: u64) -> KeyCache {
-    KeyCache::new(&CacheSettings {
-        capacity,
-        ttl: Duration::from_secs(600),
-        negative_ttl: Duration::from_secs(5),
-        stale_if_error: Duration::from_secs(300),
-    })
+    KeyCache::new(
+        &CacheSettings {
+            capacity,
+            ttl: Duration::from_secs(600),
+            negative_ttl: Duration::from_secs(5),
+            stale_if_error: Duration::from_secs(300),
+        },
+        Clock::real(),
+    )
 }
 
 pub fn jwt() -> Arc<Jwt> {
