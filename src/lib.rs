@@ -127,7 +127,11 @@ impl App {
             Arc::clone(&metrics),
             Arc::clone(&store_health),
         ));
-        let usage = Arc::new(UsageRecorder::new(Arc::clone(&store), Arc::clone(&metrics)));
+        let usage = Arc::new(UsageRecorder::new(
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+            clock.clone(),
+        ));
         let format = KeyFormat::new(config.keys.prefix.clone());
         let cache = KeyCache::new(
             &CacheSettings {
