@@ -267,7 +267,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             Err(Stop::Answer(res)) => {
                 let close = self.unread > 0 || head.close || draining(drain);
                 self.out.clear();
-                wire::own_response(&mut self.out, &res, head.method == Method::HEAD, close);
+                let head_request = head.method == Method::HEAD;
+                wire::own_response(&mut self.out, &res, head_request, close, gw.auth.clock());
                 let written = write_client(self.io, &self.out, st.body_timeout).await;
                 (res.status().as_u16(), close || written.is_err())
             }
@@ -405,6 +406,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             rate.as_ref(),
             framing,
             close,
+            gw.auth.clock(),
         );
         let idle = gw.forwarder.timeout();
         match self.relay_body(&mut uc, &res, st, idle).await {
