@@ -132,7 +132,7 @@ fn benches(c: &mut Criterion) {
             _ => unreachable!("warm"),
         })
     });
-    let limiter = KeyLimiter::new(UNLIMITED);
+    let limiter = KeyLimiter::new(UNLIMITED, cache.clock().clone());
     g.bench_function("key_limiter_check", |b| {
         b.iter(|| black_box(limiter.check().unwrap()))
     });

@@ -38,7 +38,7 @@ fn principal(i: usize) -> (KeyHash, Arc<Principal>) {
     let p = Principal::from_record(
         &record,
         &new.hash,
-        Arc::new(KeyLimiter::new(common::UNLIMITED)),
+        Arc::new(KeyLimiter::new(common::UNLIMITED, Clock::real())),
     );
     (new.hash, p)
 }
@@ -116,7 +116,7 @@ fn moka_hashers(c: &mut Criterion) {
 /// The key bucket: our GCRA (three words) vs governor's direct limiter with the state
 /// middleware (what the bucket was before), both never refusing.
 fn limiters(c: &mut Criterion) {
-    let ours = KeyLimiter::new(common::UNLIMITED);
+    let ours = KeyLimiter::new(common::UNLIMITED, Clock::real());
     let theirs = governor::RateLimiter::direct(keygate::limit::quota(&common::UNLIMITED))
         .with_middleware::<governor::middleware::StateInformationMiddleware>();
     let mut g = c.benchmark_group("key_limiter");

@@ -86,7 +86,7 @@ fn measure(n: usize, part: Part) {
         per_hour: None,
         burst: 200,
     };
-    let limits = KeyLimits::new(limit, Default::default());
+    let limits = KeyLimits::new(limit, Default::default(), clock.clone());
     let shared = limits.bucket(Uuid::now_v7(), limit);
     let mut principals = Vec::new();
     let now = clock.now_millis();

@@ -471,6 +471,7 @@ mod tests {
                 burst: 100,
             },
             Default::default(),
+            clock.clock(),
         ));
         let jwt = Arc::new(Jwt::new(&jwt::JwtSettings {
             secret: Jwt::random_secret(),

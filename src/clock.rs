@@ -1,5 +1,7 @@
-//! Time, as the request path reads it: a [`Clock`], the machine's or a [`FakeClock`] that tests
-//! move instead of sleeping.
+//! Time, as the request path reads it: one [`Clock`], made once at startup and handed to every
+//! component that asks what time it is (the key cache, the authenticator and its token cache,
+//! the rate limiters, the usage recorder, the `Date` field of the fast path), so tests move a
+//! [`FakeClock`] instead of sleeping.
 //!
 //! A clock gives wall-clock milliseconds (expiry, cache TTLs, usage) and monotonic nanoseconds
 //! (rate-limit buckets). The real one reads both from the TSC through `quanta` (about 14 ns here
@@ -61,19 +63,6 @@ impl Clock {
             Some(f) => f.mono_nanos(),
         }
     }
-}
-
-/// Milliseconds since the Unix epoch on the machine's clock, for the components not given a
-/// [`Clock`] yet.
-#[inline]
-pub fn now_millis() -> Millis {
-    tsc().now_millis()
-}
-
-/// Monotonic nanoseconds on the machine's clock, for the components not given a [`Clock`] yet.
-#[inline]
-pub fn mono_nanos() -> u64 {
-    tsc().mono_nanos()
 }
 
 impl std::fmt::Debug for Clock {

@@ -12,6 +12,8 @@
 //! - [`proxy`]: [`proxy::Gateway`], credential extraction, routes, header rewriting, forwarding.
 //! - [`auth`]: credential → [`keys::Principal`]; principal + route → [`auth::Permit`].
 //! - [`keys`]: domain types and key format; [`keys::cache`] and [`keys::store`].
+//! - [`limit`]: the key buckets' registry, route and failed-authentication limits.
+//! - [`clock`]: the one [`clock::Clock`] every component of the request path reads.
 //! - [`admin`]: the axum router of the admin plane.
 //! - [`error`]: proxy errors and their one conversion into responses.
 //!
@@ -21,6 +23,7 @@
 //! - The proxy never calls the store on a cache hit, and never for a key with a bad checksum.
 //! - `proxy` and `admin` do not import each other; `keys` knows nothing about HTTP.
 //! - Only `proxy::forward` talks to upstreams, and it needs a [`auth::Permit`].
+//! - The request path reads time only from the [`clock::Clock`] made in [`App::bind_with_store`].
 
 pub mod admin;
 pub mod auth;
@@ -114,12 +117,12 @@ impl App {
     }
 
     pub async fn bind_with_store(config: Config, store: Arc<dyn Store>) -> Result<App, StartError> {
-        // The one clock of the request path (calibrated here rather than on the first request).
-        let clock = Clock::real();
         if config.admin.key_hashes.is_empty() {
             return Err(StartError::NoAdminKey);
         }
-        let routes = RouteTable::new(&config.routes, &config.proxy.upstream);
+        // The one clock of the request path (calibrated here rather than on the first request).
+        let clock = Clock::real();
+        let routes = RouteTable::new(&config.routes, &config.proxy.upstream, &clock);
         let metrics = Arc::new(Metrics::new(routes.names()));
         let store_health = Arc::new(keys::store::StoreHealth::default());
         let store: Arc<dyn Store> = Arc::new(Metered::new(
@@ -140,12 +143,13 @@ impl App {
                 negative_ttl: config.store.negative_ttl,
                 stale_if_error: config.store.stale_if_error,
             },
-            clock,
+            clock.clone(),
         );
         store.watch_invalidations(Arc::new(cache.clone()));
         let limits = Arc::new(limit::KeyLimits::new(
             config.default_limit,
             config.plans.clone(),
+            clock.clone(),
         ));
         let jwt_secret = config.jwt.secret.clone().unwrap_or_else(|| {
             tracing::warn!(
@@ -173,7 +177,7 @@ impl App {
             api_key_header: config.proxy.api_key_header.clone(),
             query_param: config.proxy.query_param.clone(),
         };
-        let failed_auth = Arc::new(limit::FailedAuth::new(config.failed_auth_limit));
+        let failed_auth = Arc::new(limit::FailedAuth::new(config.failed_auth_limit, clock));
         let load_cert = |files: &Option<config::TlsFiles>| {
             files
                 .as_ref()

@@ -104,11 +104,12 @@ pub fn jwt() -> Arc<Jwt> {
     }))
 }
 
-/// An authenticator over `store` whose keys are never rate limited.
+/// An authenticator over `store` whose keys are never rate limited, on the cache's clock.
 pub fn authenticator(store: Arc<SqliteStore>, cache: KeyCache) -> Authenticator {
     let limits = Arc::new(KeyLimits::new(
         UNLIMITED,
         [("pro".to_string(), Some(UNLIMITED))].into(),
+        cache.clock().clone(),
     ));
     let store: Arc<dyn Store> = store;
     Authenticator::new(

@@ -237,7 +237,10 @@ mod tests {
         Principal::from_record(
             &record,
             &crate::keys::KeyHash([7; 32]),
-            Arc::new(crate::limit::KeyLimiter::new(limit)),
+            Arc::new(crate::keys::bucket::KeyLimiter::new(
+                limit,
+                FakeClock::new().clock(),
+            )),
         )
     }
 

@@ -158,9 +158,9 @@ mod tests {
     use super::*;
     use crate::clock::FakeClock;
     use crate::keys::KeyRecord;
+    use crate::keys::bucket::KeyLimiter;
     use crate::keys::store::sqlite::SqliteStore;
     use crate::keys::store::testing::{Counting, client, new_key};
-    use crate::limit::KeyLimiter;
 
     /// `n` keys of one client in a fresh store, and their principals.
     async fn keys(n: usize) -> (Arc<Counting>, Vec<Arc<Principal>>, tempfile::TempDir) {
@@ -181,12 +181,15 @@ mod tests {
                 key: k,
                 license: "pro".into(),
             };
-            let limiter = Arc::new(KeyLimiter::new(crate::keys::RateLimit {
-                per_second: Some(10),
-                per_minute: None,
-                per_hour: None,
-                burst: 10,
-            }));
+            let limiter = Arc::new(KeyLimiter::new(
+                crate::keys::RateLimit {
+                    per_second: Some(10),
+                    per_minute: None,
+                    per_hour: None,
+                    burst: 10,
+                },
+                FakeClock::new().clock(),
+            ));
             principals.push(Principal::from_record(&record, &new.hash, limiter));
         }
         (store, principals, dir)

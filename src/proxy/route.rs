@@ -18,6 +18,7 @@ use std::sync::Arc;
 use http::{HeaderValue, Method, Uri};
 use uuid::Uuid;
 
+use crate::clock::Clock;
 use crate::config::{self, RouteAuth};
 use crate::limit::KeyedLimit;
 
@@ -201,8 +202,8 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Builds the table; with no configured routes, one catch-all route to `default_upstream`
-    /// that requires a key.
-    pub fn new(routes: &[config::Route], default_upstream: &Uri) -> Self {
+    /// that requires a key. Route limits read `clock`.
+    pub fn new(routes: &[config::Route], default_upstream: &Uri, clock: &Clock) -> Self {
         let mut routes: Vec<Route> = if routes.is_empty() {
             vec![Route {
                 path: "/".into(),
@@ -226,7 +227,9 @@ impl RouteTable {
                     auth: r.auth,
                     name: r.path.clone(),
                     host: host_of(&r.upstream),
-                    limiter: r.rate_limit.map(|l| Arc::new(KeyedLimit::new(l))),
+                    limiter: r
+                        .rate_limit
+                        .map(|l| Arc::new(KeyedLimit::new(l, clock.clone()))),
                     index: 0,
                 })
                 .collect()
@@ -341,6 +344,7 @@ mod tests {
                 mk("/v1/extract/admin", &["ADMIN"], &[Method::POST]),
             ],
             &up,
+            &crate::clock::FakeClock::new().clock(),
         )
     }
 
@@ -372,7 +376,7 @@ mod tests {
     #[test]
     fn catch_all_when_no_routes() {
         let up: Uri = "http://127.0.0.1:1".parse().unwrap();
-        let t = RouteTable::new(&[], &up);
+        let t = RouteTable::new(&[], &up, &crate::clock::FakeClock::new().clock());
         let r = t.find("/anything", &Method::GET).unwrap();
         assert_eq!(r.auth, RouteAuth::Required);
         assert!(r.permissions.is_empty());
