@@ -17,8 +17,9 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use keygate::auth::credential::{Extractor, header_text};
+use keygate::clock::Clock;
 use keygate::keys::cache::{Cached, Entry};
-use keygate::keys::{KeyFormat, KeyHash, now_millis};
+use keygate::keys::{KeyFormat, KeyHash};
 use keygate::limit::KeyLimiter;
 
 use common::{UNLIMITED, ready};
@@ -131,11 +132,13 @@ fn benches(c: &mut Criterion) {
             _ => unreachable!("warm"),
         })
     });
-    let limiter = KeyLimiter::new(UNLIMITED);
+    let limiter = KeyLimiter::new(UNLIMITED, cache.clock().clone());
     g.bench_function("key_limiter_check", |b| {
         b.iter(|| black_box(limiter.check().unwrap()))
     });
-    g.bench_function("now_millis", |b| b.iter(now_millis));
+    let clock = Clock::real();
+    g.bench_function("now_millis", |b| b.iter(|| clock.now_millis()));
+    g.bench_function("mono_nanos", |b| b.iter(|| clock.mono_nanos()));
     g.bench_function("now_millis_system_time", |b| {
         b.iter(keygate::clock::system_millis)
     });
@@ -157,7 +160,7 @@ fn benches(c: &mut Criterion) {
     });
     let jwt = common::jwt();
     g.bench_function("jwt_verify_signature_and_claims", |b| {
-        b.iter(|| jwt.verify(black_box(&token), now_millis()).unwrap())
+        b.iter(|| jwt.verify(black_box(&token), clock.now_millis()).unwrap())
     });
     // A token never seen before (first request with a fresh token).
     g.bench_function("authenticate_first_use", |b| {

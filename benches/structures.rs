@@ -20,11 +20,12 @@ use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use keygate::clock::Clock;
 use keygate::keys::cache::{Cached, DigestHasher, Entry};
 use keygate::keys::{ApiKey, KeyFormat, KeyHash, Principal, now_millis};
 use keygate::limit::KeyLimiter;
+use keygate::proxy::error::number as number_header;
 use keygate::proxy::headers;
-use keygate::proxy::headers::number as number_header;
 use keygate::proxy::policy::{FieldRules, Strip};
 
 const KEYS: usize = 10_000;
@@ -38,7 +39,7 @@ fn principal(i: usize) -> (KeyHash, Arc<Principal>) {
     let p = Principal::from_record(
         &record,
         &new.hash,
-        Arc::new(KeyLimiter::new(common::UNLIMITED)),
+        Arc::new(KeyLimiter::new(common::UNLIMITED, Clock::real())),
     );
     (new.hash, p)
 }
@@ -61,16 +62,24 @@ fn moka_hashers(c: &mut Criterion) {
     }
     digest.run_pending_tasks();
     default.run_pending_tasks();
-    let ours = keygate::keys::cache::KeyCache::new(&keygate::keys::cache::CacheSettings {
-        capacity: 1_000_000,
-        ttl: Duration::from_secs(600),
-        negative_ttl: Duration::from_secs(600),
-        stale_if_error: Duration::from_secs(600),
-    });
+    let ours = keygate::keys::cache::KeyCache::new(
+        &keygate::keys::cache::CacheSettings {
+            capacity: 1_000_000,
+            ttl: Duration::from_secs(600),
+            negative_ttl: Duration::from_secs(600),
+            stale_if_error: Duration::from_secs(600),
+        },
+        Clock::real(),
+    );
     for (h, p) in &entries {
-        ours.insert(*h, Cached::Found(Arc::clone(p)), now_millis(), ours.epoch());
+        ours.insert(
+            *h,
+            Cached::Found(Arc::clone(p)),
+            ours.clock().now_millis(),
+            ours.epoch(),
+        );
     }
-    let now = now_millis();
+    let now = ours.clock().now_millis();
     let probe = entries[KEYS / 2].0;
     let mut g = c.benchmark_group("key_cache_structure");
     g.bench_function("sharded_maps", |b| {
@@ -108,7 +117,7 @@ fn moka_hashers(c: &mut Criterion) {
 /// The key bucket: our GCRA (three words) vs governor's direct limiter with the state
 /// middleware (what the bucket was before), both never refusing.
 fn limiters(c: &mut Criterion) {
-    let ours = KeyLimiter::new(common::UNLIMITED);
+    let ours = KeyLimiter::new(common::UNLIMITED, Clock::real());
     let theirs = governor::RateLimiter::direct(keygate::limit::quota(&common::UNLIMITED))
         .with_middleware::<governor::middleware::StateInformationMiddleware>();
     let mut g = c.benchmark_group("key_limiter");

@@ -8,8 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use keygate::clock::Clock;
 use keygate::keys::cache::{CacheSettings, Cached, KeyCache};
-use keygate::keys::{ApiKey, KeyHash, KeyRecord, Principal, RateLimit, now_millis};
+use keygate::keys::{ApiKey, KeyHash, KeyRecord, Principal, RateLimit};
 use keygate::limit::KeyLimits;
 use uuid::Uuid;
 
@@ -48,23 +49,27 @@ enum Part {
 }
 
 fn measure(n: usize, part: Part) {
-    let cache = KeyCache::new(&CacheSettings {
-        // Room to spare: nothing is evicted while the table fills.
-        capacity: 2 * n as u64,
-        ttl: Duration::from_secs(3600),
-        negative_ttl: Duration::from_secs(3600),
-        stale_if_error: Duration::from_secs(300),
-    });
+    let clock = Clock::real();
+    let cache = KeyCache::new(
+        &CacheSettings {
+            // Room to spare: nothing is evicted while the table fills.
+            capacity: 2 * n as u64,
+            ttl: Duration::from_secs(3600),
+            negative_ttl: Duration::from_secs(3600),
+            stale_if_error: Duration::from_secs(300),
+        },
+        clock.clone(),
+    );
     let limit = RateLimit {
         per_second: Some(100),
         per_minute: None,
         per_hour: None,
         burst: 200,
     };
-    let limits = KeyLimits::new(limit, Default::default());
+    let limits = KeyLimits::new(limit, Default::default(), clock.clone());
     let shared = limits.bucket(Uuid::now_v7(), limit);
     let mut principals = Vec::new();
-    let now = now_millis();
+    let now = clock.now_millis();
     let records: Vec<(KeyHash, KeyRecord)> = (0..n).map(|i| record(i, now)).collect();
     let before = vm_rss_kib();
     for (hash, rec) in &records {

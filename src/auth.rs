@@ -9,6 +9,9 @@
 //! cached is only "this exact string is a genuine token for key `kid`, generation `rot`,
 //! client `sub`": the key itself is still looked up (cached by id) and checked on every
 //! request, so a token still dies with its key (revoked, disabled, rotated, deleted).
+//!
+//! Time is the key cache's [`Clock`]: freshness, expiry, the store's backoff and the token
+//! cache are all judged on it.
 
 pub mod credential;
 pub mod jwt;
@@ -18,9 +21,10 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use crate::clock::Clock;
 use crate::keys::cache::{Cached, DigestHasher, Entry, KeyCache};
 use crate::keys::store::{Store, StoreHealth};
-use crate::keys::{KeyFormat, KeyHash, Millis, Principal, now_millis};
+use crate::keys::{KeyFormat, KeyHash, Millis, Principal};
 use crate::limit::KeyLimits;
 use crate::route::Route;
 use crate::telemetry::metrics::{CacheResult, Metrics};
@@ -69,7 +73,9 @@ struct VerifiedToken {
     usable_until_secs: i64,
 }
 
-struct TokenExpiry;
+/// How long a verified token stays in the token cache: until the verifier would refuse it, by
+/// the authenticator's clock. (The request path also checks that time itself on every hit.)
+struct TokenExpiry(Clock);
 
 impl moka::Expiry<KeyHash, Arc<VerifiedToken>> for TokenExpiry {
     fn expire_after_create(
@@ -78,7 +84,7 @@ impl moka::Expiry<KeyHash, Arc<VerifiedToken>> for TokenExpiry {
         t: &Arc<VerifiedToken>,
         _: Instant,
     ) -> Option<Duration> {
-        let left_ms = (t.usable_until_secs + 1) * 1000 - now_millis();
+        let left_ms = (t.usable_until_secs + 1) * 1000 - self.0.now_millis();
         Some(Duration::from_millis(left_ms.max(0) as u64))
     }
 }
@@ -108,7 +114,7 @@ impl Authenticator {
     ) -> Self {
         let tokens = moka::sync::Cache::builder()
             .max_capacity(TOKEN_CACHE_CAPACITY)
-            .expire_after(TokenExpiry)
+            .expire_after(TokenExpiry(cache.clock().clone()))
             .build_with_hasher(DigestHasher::default());
         Self {
             format,
@@ -122,6 +128,11 @@ impl Authenticator {
         }
     }
 
+    /// The clock authentication is judged on (the key cache's).
+    pub fn clock(&self) -> &Clock {
+        self.cache.clock()
+    }
+
     /// Parts of the periodic sweep of idle state (key buckets, expired cache entries).
     pub fn sweep_shards(&self) -> usize {
         self.limits.shards().max(self.cache.shards())
@@ -130,7 +141,7 @@ impl Authenticator {
     /// Sweeps one part (see [`Authenticator::sweep_shards`]).
     pub fn sweep_shard(&self, shard: usize) {
         self.limits.sweep_shard(shard);
-        self.cache.sweep_shard(shard, now_millis());
+        self.cache.sweep_shard(shard, self.clock().now_millis());
     }
 
     fn store_failed(&self, now: Millis, e: &crate::keys::store::StoreError, stale: bool) {
@@ -153,19 +164,21 @@ impl Authenticator {
     /// Trades a valid API key for an access token.
     pub async fn login(&self, api_key: &str) -> Result<Token, AuthError> {
         let p = self.api_key(api_key).await?;
-        Ok(self.jwt.issue(&p, p.rotated_at(), now_millis()))
+        Ok(self
+            .jwt
+            .issue(&p, p.rotated_at(), self.clock().now_millis()))
     }
 
     /// Authenticates an access token: signature and claims, then the key it was minted from
     /// must still be valid and not rotated since (cached lookup by key id).
     pub async fn token(&self, token: &str) -> Result<Arc<Principal>, AuthError> {
-        let now = now_millis();
+        let now = self.clock().now_millis();
         let claims = self.verified(token, now)?;
         let id = claims.key_id;
         let refresh = |stale| {
             let me = self.clone();
             tokio::spawn(async move {
-                let _ = me.fill_id(id, now_millis(), Some(stale)).await;
+                let _ = me.fill_id(id, me.clock().now_millis(), Some(stale)).await;
             });
         };
         let principal = match self.classify(self.cache.get_id(&id), now, refresh) {
@@ -267,7 +280,7 @@ impl Authenticator {
             return Err(AuthError::InvalidApiKey);
         }
         let hash = KeyHash::of(key);
-        let now = now_millis();
+        let now = self.clock().now_millis();
         let entry = self.cache.get_at(&hash, now);
         // Only keys that passed the whole check are ever cached, and an entry is found only
         // for the same SHA-256, so a cached key's alphabet and checksum need no second look;
@@ -278,7 +291,7 @@ impl Authenticator {
         let refresh = |stale| {
             let me = self.clone();
             tokio::spawn(async move {
-                let _ = me.fill(hash, now_millis(), Some(stale)).await;
+                let _ = me.fill(hash, me.clock().now_millis(), Some(stale)).await;
             });
         };
         let principal = match self.classify(entry, now, refresh) {
@@ -442,26 +455,40 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::clock::FakeClock;
     use crate::keys::cache::CacheSettings;
     use crate::keys::store::sqlite::SqliteStore;
     use crate::keys::store::testing::Counting;
     use crate::keys::testing::client;
 
-    fn setup() -> (Authenticator, Arc<Counting>, KeyCache, tempfile::TempDir) {
+    /// An authenticator over the real SQLite store (counting lookups), on a fake clock.
+    struct Setup {
+        auth: Authenticator,
+        store: Arc<Counting>,
+        cache: KeyCache,
+        clock: FakeClock,
+        _dir: tempfile::TempDir,
+    }
+
+    fn setup() -> Setup {
         setup_ttl(Duration::from_secs(60))
     }
 
-    fn setup_ttl(ttl: Duration) -> (Authenticator, Arc<Counting>, KeyCache, tempfile::TempDir) {
+    fn setup_ttl(ttl: Duration) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Counting::new(
             SqliteStore::open(&dir.path().join("k.db")).unwrap(),
         ));
-        let cache = KeyCache::new(&CacheSettings {
-            capacity: 1000,
-            ttl,
-            negative_ttl: Duration::from_secs(60),
-            stale_if_error: Duration::from_secs(60),
-        });
+        let clock = FakeClock::new();
+        let cache = KeyCache::new(
+            &CacheSettings {
+                capacity: 1000,
+                ttl,
+                negative_ttl: Duration::from_secs(60),
+                stale_if_error: Duration::from_secs(60),
+            },
+            clock.clock(),
+        );
         let limits = Arc::new(KeyLimits::new(
             crate::keys::RateLimit {
                 per_second: Some(100),
@@ -470,6 +497,7 @@ mod tests {
                 burst: 100,
             },
             Default::default(),
+            clock.clock(),
         ));
         let jwt = Arc::new(Jwt::new(&jwt::JwtSettings {
             secret: Jwt::random_secret(),
@@ -487,12 +515,20 @@ mod tests {
             Arc::new(Metrics::new(vec![])),
             Arc::new(StoreHealth::default()),
         );
-        (auth, store, cache, dir)
+        Setup {
+            auth,
+            store,
+            cache,
+            clock,
+            _dir: dir,
+        }
     }
 
     #[tokio::test]
     async fn bad_shapes_never_reach_cache_or_store() {
-        let (auth, store, cache, _dir) = setup();
+        let Setup {
+            auth, store, cache, ..
+        } = setup();
         let good = KeyFormat::new("kg_").generate().plaintext.0;
         let mut wrong_sum = good.clone().into_bytes();
         let last = wrong_sum.len() - 1;
@@ -533,7 +569,7 @@ mod tests {
 
     #[tokio::test]
     async fn cache_hits_do_not_touch_the_store() {
-        let (auth, store, _cache, _dir) = setup();
+        let Setup { auth, store, .. } = setup();
         let k = seed(&store).await;
         for _ in 0..5 {
             let p = auth.api_key(k.plaintext.expose()).await.unwrap();
@@ -545,7 +581,9 @@ mod tests {
 
     #[tokio::test]
     async fn verified_tokens_are_cached_but_still_die_with_their_key() {
-        let (auth, store, cache, _dir) = setup();
+        let Setup {
+            auth, store, cache, ..
+        } = setup();
         let k = seed(&store).await;
         let token = auth.login(k.plaintext.expose()).await.unwrap().access_token;
         for _ in 0..3 {
@@ -567,7 +605,7 @@ mod tests {
 
         // Disable the key as the admin plane does: store first, then the cache.
         let mut key = store
-            .find_by_hash(&k.hash, now_millis())
+            .find_by_hash(&k.hash, crate::keys::now_millis())
             .await
             .unwrap()
             .unwrap()
@@ -582,12 +620,37 @@ mod tests {
         );
     }
 
+    /// A verified token is answered from the token cache until the verifier would refuse it
+    /// (`exp` plus the leeway, on the authenticator's clock), and refused from then on.
+    #[tokio::test]
+    async fn a_cached_token_is_refused_once_past_its_exp_and_leeway() {
+        let Setup {
+            auth, store, clock, ..
+        } = setup();
+        let k = seed(&store).await;
+        let token = auth.login(k.plaintext.expose()).await.unwrap().access_token;
+        auth.token(token.expose()).await.unwrap();
+        // The token's `exp` is 900 s after it was issued; the leeway is 30 s.
+        clock.advance(Duration::from_secs(900 + 30));
+        assert!(
+            auth.token(token.expose()).await.is_ok(),
+            "refused within the leeway"
+        );
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(
+            auth.token(token.expose()).await.unwrap_err(),
+            AuthError::InvalidToken
+        );
+    }
+
     #[tokio::test]
     async fn store_outage_serves_stale_principals_and_503_for_the_rest() {
-        let (auth, store, _cache, _dir) = setup_ttl(Duration::from_millis(1));
+        let Setup {
+            auth, store, clock, ..
+        } = setup_ttl(Duration::from_millis(1));
         let k = seed(&store).await;
         auth.api_key(k.plaintext.expose()).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        clock.advance(Duration::from_millis(5));
         store.down.store(true, Ordering::SeqCst);
         // Past its TTL, the key is revalidated; the store fails; the stale entry is served.
         let before = store.lookups.load(Ordering::SeqCst);
@@ -617,7 +680,14 @@ mod tests {
             "store asked during backoff"
         );
         store.down.store(false, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(StoreHealth::BACKOFF_MS as u64 + 50)).await;
+        // The backoff holds until its last millisecond, then the store is asked again.
+        clock.advance(Duration::from_millis(StoreHealth::BACKOFF_MS as u64 - 1));
+        assert_eq!(
+            auth.api_key(unknown.plaintext.expose()).await.unwrap_err(),
+            AuthError::StoreUnavailable
+        );
+        assert_eq!(store.lookups.load(Ordering::SeqCst), asked);
+        clock.advance(Duration::from_millis(1));
         assert_eq!(
             auth.api_key(unknown.plaintext.expose()).await.unwrap_err(),
             AuthError::InvalidApiKey
@@ -625,14 +695,16 @@ mod tests {
     }
     #[tokio::test]
     async fn a_key_past_its_ttl_is_served_while_one_background_lookup_refreshes_it() {
-        let (auth, store, _cache, _dir) = setup_ttl(Duration::from_millis(300));
+        let Setup {
+            auth, store, clock, ..
+        } = setup_ttl(Duration::from_millis(300));
         let k = seed(&store).await;
         auth.api_key(k.plaintext.expose()).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(320)).await;
+        clock.advance(Duration::from_millis(320));
         // Disabled in the store behind the cache's back (no invalidation reaches it).
         let mut key = store
             .inner
-            .find_by_hash(&k.hash, now_millis())
+            .find_by_hash(&k.hash, crate::keys::now_millis())
             .await
             .unwrap()
             .unwrap()
@@ -646,18 +718,20 @@ mod tests {
             let served = common_ready(auth.api_key(k.plaintext.expose()));
             assert!(served.is_ok());
         }
+        // The clock stands still from here on: the background lookup is given turns to run
+        // (its store call finishes on a blocking thread), nothing waits for time to pass.
         let waited = std::time::Instant::now();
         while store.lookups.load(Ordering::SeqCst) == before {
             assert!(waited.elapsed() < Duration::from_secs(5), "no revalidation");
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::task::yield_now().await;
         }
         let mut refreshed = false;
-        for _ in 0..200 {
+        while waited.elapsed() < Duration::from_secs(5) {
             if auth.api_key(k.plaintext.expose()).await.err() == Some(AuthError::DisabledApiKey) {
                 refreshed = true;
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::task::yield_now().await;
         }
         assert!(refreshed, "the refreshed entry was not used");
         assert_eq!(store.lookups.load(Ordering::SeqCst), before + 1);

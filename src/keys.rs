@@ -5,6 +5,7 @@
 //! so a mistyped or truncated key is refused by [`KeyFormat::check`] before any cache or store
 //! work is done. At rest only [`KeyHash`] (SHA-256 of the whole string) is kept.
 
+pub mod bucket;
 pub mod cache;
 pub mod store;
 #[doc(hidden)]
@@ -217,10 +218,10 @@ impl RateLimit {
     }
 }
 
-/// Milliseconds since the Unix epoch, UTC. Stores and caches keep time in this form.
-pub type Millis = i64;
-
-pub use crate::clock::now_millis;
+pub use crate::clock::Millis;
+/// The system's wall clock, for code that takes no [`Clock`](crate::clock::Clock): the admin
+/// plane and the stores. The request path reads the clock it was given.
+pub use crate::clock::system_millis as now_millis;
 
 /// A client: the owner of keys. `license` names a plan in the config.
 #[derive(Clone, Debug, PartialEq)]
@@ -283,7 +284,7 @@ pub struct Principal {
     /// `Millis::MIN`: never (see [`Principal::rotated_at`]).
     rotated_at: Millis,
     /// The key's rate-limit bucket (shared by every credential form of the key).
-    pub limiter: Arc<crate::limit::KeyLimiter>,
+    pub limiter: Arc<bucket::KeyLimiter>,
     /// Requests not yet written to the store.
     pub usage: usage::KeyUsage,
     pub headers: IdentityHeaders,
@@ -387,7 +388,7 @@ impl Principal {
     pub fn from_record(
         record: &KeyRecord,
         hash: &KeyHash,
-        limiter: Arc<crate::limit::KeyLimiter>,
+        limiter: Arc<bucket::KeyLimiter>,
     ) -> Arc<Principal> {
         let key = &record.key;
         let grace_until =

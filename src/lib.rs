@@ -12,6 +12,8 @@
 //! - [`proxy`]: [`proxy::Gateway`], credential extraction, routes, header rewriting, forwarding.
 //! - [`auth`]: credential → [`keys::Principal`]; principal + route → [`auth::Permit`].
 //! - [`keys`]: domain types and key format; [`keys::cache`] and [`keys::store`].
+//! - [`limit`]: the key buckets' registry, route and failed-authentication limits.
+//! - [`clock`]: the one [`clock::Clock`] every component of the request path reads.
 //! - [`admin`]: the axum router of the admin plane.
 //! - [`error`]: proxy errors and their one conversion into responses.
 //!
@@ -21,6 +23,7 @@
 //! - The proxy never calls the store on a cache hit, and never for a key with a bad checksum.
 //! - `proxy` and `admin` do not import each other; `keys` knows nothing about HTTP.
 //! - Only `proxy::forward` talks to upstreams, and it needs a [`auth::Permit`].
+//! - The request path reads time only from the [`clock::Clock`] made in [`App::bind_with_store`].
 
 pub mod admin;
 pub mod auth;
@@ -42,6 +45,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::auth::credential::Extractor;
+use crate::clock::Clock;
 use crate::config::{Config, StoreUrl};
 use crate::keys::KeyFormat;
 use crate::keys::cache::{CacheSettings, KeyCache};
@@ -115,11 +119,12 @@ impl App {
     }
 
     pub async fn bind_with_store(config: Config, store: Arc<dyn Store>) -> Result<App, StartError> {
-        clock::init();
         if config.admin.key_hashes.is_empty() {
             return Err(StartError::NoAdminKey);
         }
-        let routes = RouteTable::new(&config.routes, &config.proxy.upstream);
+        // The one clock of the request path (calibrated here rather than on the first request).
+        let clock = Clock::real();
+        let routes = RouteTable::new(&config.routes, &config.proxy.upstream, &clock);
         let metrics = Arc::new(Metrics::new(routes.names()));
         let store_health = Arc::new(keys::store::StoreHealth::default());
         let store: Arc<dyn Store> = Arc::new(Metered::new(
@@ -127,18 +132,26 @@ impl App {
             Arc::clone(&metrics),
             Arc::clone(&store_health),
         ));
-        let usage = Arc::new(UsageRecorder::new(Arc::clone(&store), Arc::clone(&metrics)));
+        let usage = Arc::new(UsageRecorder::new(
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+            clock.clone(),
+        ));
         let format = KeyFormat::new(config.keys.prefix.clone());
-        let cache = KeyCache::new(&CacheSettings {
-            capacity: config.store.cache_capacity,
-            ttl: config.store.cache_ttl,
-            negative_ttl: config.store.negative_ttl,
-            stale_if_error: config.store.stale_if_error,
-        });
+        let cache = KeyCache::new(
+            &CacheSettings {
+                capacity: config.store.cache_capacity,
+                ttl: config.store.cache_ttl,
+                negative_ttl: config.store.negative_ttl,
+                stale_if_error: config.store.stale_if_error,
+            },
+            clock.clone(),
+        );
         store.watch_invalidations(Arc::new(cache.clone()));
         let limits = Arc::new(limit::KeyLimits::new(
             config.default_limit,
             config.plans.clone(),
+            clock.clone(),
         ));
         let jwt_secret = config.jwt.secret.clone().unwrap_or_else(|| {
             tracing::warn!(
@@ -167,8 +180,11 @@ impl App {
             query_param: config.proxy.query_param.clone(),
         };
         // Separate budgets: a flood of bad keys on the proxy cannot lock the admin out.
-        let proxy_failed_auth = Arc::new(limit::FailedAuth::new(config.failed_auth_limit));
-        let admin_failed_auth = Arc::new(limit::FailedAuth::new(config.failed_auth_limit));
+        let proxy_failed_auth = Arc::new(limit::FailedAuth::new(
+            config.failed_auth_limit,
+            clock.clone(),
+        ));
+        let admin_failed_auth = Arc::new(limit::FailedAuth::new(config.failed_auth_limit, clock));
         let load_cert = |files: &Option<config::TlsFiles>| {
             files
                 .as_ref()

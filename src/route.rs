@@ -8,6 +8,7 @@ use std::sync::Arc;
 use http::{HeaderValue, Method, Uri};
 use uuid::Uuid;
 
+use crate::clock::Clock;
 use crate::config::{self, RouteAuth};
 use crate::limit::KeyedLimit;
 use crate::paths::decoded;
@@ -83,8 +84,8 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Builds the table; with no configured routes, one catch-all route to `default_upstream`
-    /// that requires a key.
-    pub fn new(routes: &[config::Route], default_upstream: &Uri) -> Self {
+    /// that requires a key. Route limits read `clock`.
+    pub fn new(routes: &[config::Route], default_upstream: &Uri, clock: &Clock) -> Self {
         let mut routes: Vec<Route> = if routes.is_empty() {
             vec![Route {
                 path: "/".into(),
@@ -110,7 +111,9 @@ impl RouteTable {
                     name: r.path.clone(),
                     host: host_of(&r.upstream),
                     allow: allow_of(&r.methods),
-                    limiter: r.rate_limit.map(|l| Arc::new(KeyedLimit::new(l))),
+                    limiter: r
+                        .rate_limit
+                        .map(|l| Arc::new(KeyedLimit::new(l, clock.clone()))),
                     index: 0,
                 })
                 .collect()
@@ -175,6 +178,7 @@ mod tests {
                 mk("/v1/extract/admin", &["ADMIN"], &[Method::POST]),
             ],
             &up,
+            &crate::clock::FakeClock::new().clock(),
         )
     }
 
@@ -208,6 +212,7 @@ mod tests {
                 ..table_route("/admin")
             }],
             &"http://u:1".parse().unwrap(),
+            &crate::clock::FakeClock::new().clock(),
         );
         let r = get_only.find("/admin/x").unwrap();
         assert!(r.allows(&Method::GET) && r.allows(&Method::HEAD));
@@ -218,7 +223,7 @@ mod tests {
     #[test]
     fn catch_all_when_no_routes() {
         let up: Uri = "http://127.0.0.1:1".parse().unwrap();
-        let t = RouteTable::new(&[], &up);
+        let t = RouteTable::new(&[], &up, &crate::clock::FakeClock::new().clock());
         let r = t.find("/anything").unwrap();
         assert_eq!(r.auth, RouteAuth::Required);
         assert!(r.permissions.is_empty());

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use keygate::auth::Authenticator;
 use keygate::auth::jwt::{Jwt, JwtSettings};
+use keygate::clock::Clock;
 use keygate::keys::cache::{CacheSettings, KeyCache};
 use keygate::keys::store::Store;
 use keygate::keys::store::sqlite::SqliteStore;
@@ -54,13 +55,17 @@ pub async fn seeded_store(dir: &std::path::Path, n: usize) -> (Arc<SqliteStore>,
     (store, keys)
 }
 
+/// A key cache on the real clock, as `App::bind` makes it.
 pub fn cache(capacity: u64) -> KeyCache {
-    KeyCache::new(&CacheSettings {
-        capacity,
-        ttl: Duration::from_secs(600),
-        negative_ttl: Duration::from_secs(5),
-        stale_if_error: Duration::from_secs(300),
-    })
+    KeyCache::new(
+        &CacheSettings {
+            capacity,
+            ttl: Duration::from_secs(600),
+            negative_ttl: Duration::from_secs(5),
+            stale_if_error: Duration::from_secs(300),
+        },
+        Clock::real(),
+    )
 }
 
 pub fn jwt() -> Arc<Jwt> {
@@ -73,11 +78,12 @@ pub fn jwt() -> Arc<Jwt> {
     }))
 }
 
-/// An authenticator over `store` whose keys are never rate limited.
+/// An authenticator over `store` whose keys are never rate limited, on the cache's clock.
 pub fn authenticator(store: Arc<SqliteStore>, cache: KeyCache) -> Authenticator {
     let limits = Arc::new(KeyLimits::new(
         UNLIMITED,
         [("pro".to_string(), Some(UNLIMITED))].into(),
+        cache.clock().clone(),
     ));
     let store: Arc<dyn Store> = store;
     Authenticator::new(

@@ -3,6 +3,7 @@
 //! unambiguous framing (a single length, or chunked, or nothing for a bodiless answer) and no
 //! hop-by-hop field but the gateway's own `Connection: close` when it closes; the chunked decoder only ever points inside its input.
 #![no_main]
+use keygate::clock::FakeClock;
 use keygate::proxy::codec::chunked::{Decoder, Step};
 use keygate::proxy::codec::head::{Framing, parse_response};
 use keygate::proxy::codec::wire::{Out, response_head};
@@ -32,8 +33,9 @@ fuzz_target!(|data: &[u8]| {
         Framing::Empty | Framing::Length(_) => Out::AsIs,
         Framing::Chunked | Framing::Close => Out::Chunked,
     };
+    let clock = FakeClock::new().clock();
     let mut out = Vec::new();
-    response_head(&mut out, data, &res, &fields, None, framing, close);
+    response_head(&mut out, data, &res, &fields, None, framing, close, &clock);
     let mut hs = [httparse::EMPTY_HEADER; 256];
     let mut parsed = httparse::Response::new(&mut hs);
     let n = match parsed.parse(&out) {

@@ -1,7 +1,9 @@
 //! Access tokens minted from API keys (`POST /auth/login`): HS256, one pinned algorithm,
 //! verified with a strict `jsonwebtoken::Validation` (required claims, issuer, audience when
-//! configured, `nbf`, bounded leeway), plus checks of our own: a bounded size before any
-//! decoding, `iat` not in the future, a lifetime no longer than the configured one.
+//! configured), plus checks of our own: a bounded size before any decoding, `exp` and `nbf`
+//! with a bounded leeway, `iat` not in the future, a lifetime no longer than the configured one.
+//! Time is the caller's `now` (the authenticator's clock), never the library's own reading of
+//! the system clock.
 //!
 //! A token names the key it was minted from (`kid`) and that key's rotation generation
 //! (`rot`); the proxy refuses it once the key is revoked, disabled, deleted or rotated.
@@ -96,9 +98,10 @@ impl Jwt {
     pub fn new(s: &JwtSettings) -> Self {
         let secret = s.secret.expose().as_bytes();
         let mut validation = Validation::new(Algorithm::HS256);
+        // `exp` and `nbf` are checked in `verify`, against the caller's clock.
         validation.leeway = s.leeway.as_secs();
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         validation.set_issuer(&[s.issuer.as_str()]);
         let mut required = vec!["exp", "iat", "nbf", "iss", "sub"];
         match &s.audience {
@@ -173,8 +176,10 @@ impl Jwt {
                 .map_err(|_| InvalidToken)?;
         let c = data.claims;
         let now_s = now / 1000;
-        let leeway = self.leeway.as_secs() as i64;
-        if c.iat > now_s + leeway || c.exp - c.iat > self.ttl.as_secs() as i64 {
+        let leeway = self.leeway_secs();
+        let expired = c.exp < now_s - leeway;
+        let not_yet = c.nbf > now_s + leeway || c.iat > now_s + leeway;
+        if expired || not_yet || c.exp - c.iat > self.ttl.as_secs() as i64 {
             return Err(InvalidToken);
         }
         Ok(c)
@@ -187,6 +192,8 @@ mod tests {
     use base64::Engine;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
     use std::sync::Arc;
+
+    use crate::clock::FakeClock;
 
     fn settings(secret: &str, aud: Option<&str>) -> JwtSettings {
         JwtSettings {
@@ -202,6 +209,7 @@ mod tests {
         let (record, new) = crate::keys::ApiKey::builder()
             .client("acme")
             .permissions(&["A"])
+            .created_at(FakeClock::START)
             .record("pro");
         let limit = crate::keys::RateLimit {
             per_second: Some(1),
@@ -212,7 +220,10 @@ mod tests {
         Principal::from_record(
             &record,
             &new.hash,
-            Arc::new(crate::limit::KeyLimiter::new(limit)),
+            Arc::new(crate::keys::bucket::KeyLimiter::new(
+                limit,
+                FakeClock::new().clock(),
+            )),
         )
     }
 
@@ -238,7 +249,7 @@ mod tests {
     fn round_trip() {
         let jwt = Jwt::new(&settings(SECRET, Some("api")));
         let p = principal();
-        let now = crate::keys::now_millis();
+        let now = FakeClock::new().now_millis();
         let t = jwt.issue(&p, None, now);
         assert_eq!(t.expires_in, 900);
         let c = jwt.verify(t.access_token.expose(), now).unwrap();
@@ -257,7 +268,7 @@ mod tests {
     #[test]
     fn forged_and_malformed_tokens_are_refused() {
         let jwt = Jwt::new(&settings(SECRET, Some("api")));
-        let now_ms = crate::keys::now_millis();
+        let now_ms = FakeClock::new().now_millis();
         let now = now_ms / 1000;
         let mut good = good_claims(now);
         good["aud"] = "api".into();
@@ -354,5 +365,36 @@ mod tests {
         for (name, token) in &corpus {
             assert!(jwt.verify(token, now_ms).is_err(), "accepted: {name}");
         }
+    }
+
+    /// `exp`, `nbf` and `iat` are judged at the `now` the caller passes (its clock), with the
+    /// leeway, to the second.
+    #[test]
+    fn expiry_and_not_before_follow_the_callers_clock() {
+        let jwt = Jwt::new(&settings(SECRET, None));
+        let clock = FakeClock::new();
+        let issued = clock.now_millis();
+        let t = jwt.issue(&principal(), None, issued);
+        let token = t.access_token.expose();
+        assert!(jwt.verify(token, clock.now_millis()).is_ok());
+        // Valid until `exp` plus the leeway, refused a second later.
+        clock.advance(Duration::from_secs(900 + 30));
+        assert!(
+            jwt.verify(token, clock.now_millis()).is_ok(),
+            "refused within the leeway"
+        );
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(
+            jwt.verify(token, clock.now_millis()),
+            Err(InvalidToken),
+            "expired"
+        );
+        // Seen by a clock behind the issuer's: accepted within the leeway, refused before it.
+        assert!(jwt.verify(token, issued - 30_000).is_ok());
+        assert_eq!(
+            jwt.verify(token, issued - 31_000),
+            Err(InvalidToken),
+            "not yet valid"
+        );
     }
 }

@@ -13,6 +13,9 @@
 //! and 16 bytes (the principal pointer and its freshness) in the map. Capacity is enforced per
 //! shard: a full shard first drops what has expired, then the least recently used tenth of its
 //! entries (by the principal's last use). Expired entries are also swept periodically.
+//!
+//! Freshness is judged on the [`Clock`] the cache is given; the authenticator reads the same
+//! one ([`KeyCache::clock`]).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -22,7 +25,8 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::{KeyHash, Millis, Principal, now_millis};
+use super::{KeyHash, Millis, Principal};
+use crate::clock::Clock;
 
 /// What the cache knows about a hash.
 #[derive(Clone, Debug)]
@@ -260,10 +264,11 @@ pub struct KeyCache {
     /// Bumped by every invalidation, so a fill that read the store before an invalidation
     /// cannot leave its (old) answer behind.
     epoch: Arc<AtomicU64>,
+    clock: Clock,
 }
 
 impl KeyCache {
-    pub fn new(settings: &CacheSettings) -> Self {
+    pub fn new(settings: &CacheSettings, clock: Clock) -> Self {
         let ms = |d: Duration| d.as_millis() as Millis;
         let lifetimes = Lifetimes {
             ttl: ms(settings.ttl),
@@ -275,11 +280,17 @@ impl KeyCache {
             by_id: Arc::new(Table::new(settings.capacity, lifetimes)),
             lifetimes,
             epoch: Arc::new(AtomicU64::new(0)),
+            clock,
         }
     }
 
+    /// The clock entries are judged by.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     pub fn get(&self, hash: &KeyHash) -> Option<Entry> {
-        self.get_at(hash, now_millis())
+        self.get_at(hash, self.clock.now_millis())
     }
 
     /// The entry for `hash` at time `now`, unless it has expired.
@@ -323,7 +334,7 @@ impl KeyCache {
     }
 
     pub fn get_id(&self, id: &Uuid) -> Option<Entry> {
-        self.by_id.get(id, now_millis())
+        self.by_id.get(id, self.clock.now_millis())
     }
 
     /// Like [`KeyCache::insert`], by key id.
@@ -381,14 +392,20 @@ impl InvalidationSink for KeyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::FakeClock;
 
-    fn cache(negative_ttl: Duration, capacity: u64) -> KeyCache {
-        KeyCache::new(&CacheSettings {
-            capacity,
-            ttl: Duration::from_secs(60),
-            negative_ttl,
-            stale_if_error: Duration::from_secs(60),
-        })
+    fn cache(negative_ttl: Duration, capacity: u64) -> (KeyCache, FakeClock) {
+        let clock = FakeClock::new();
+        let c = KeyCache::new(
+            &CacheSettings {
+                capacity,
+                ttl: Duration::from_secs(60),
+                negative_ttl,
+                stale_if_error: Duration::from_secs(60),
+            },
+            clock.clock(),
+        );
+        (c, clock)
     }
 
     fn hash(i: u32) -> KeyHash {
@@ -397,20 +414,20 @@ mod tests {
 
     #[test]
     fn invalidation_and_replacement() {
-        let c = cache(Duration::from_secs(60), 1000);
+        let (c, clock) = cache(Duration::from_secs(60), 1000);
         let h = hash(1);
-        c.insert(h, Cached::Unknown, now_millis(), c.epoch());
+        c.insert(h, Cached::Unknown, clock.now_millis(), c.epoch());
         assert!(c.get(&h).is_some());
         c.invalidate(&h);
         assert!(c.get(&h).is_none(), "served after invalidation");
 
-        c.insert(h, Cached::Unknown, now_millis(), c.epoch());
+        c.insert(h, Cached::Unknown, clock.now_millis(), c.epoch());
         let first = c.get(&h).unwrap().fresh_until;
         c.insert(h, Cached::Unknown, first + 5_000, c.epoch());
         assert_eq!(c.get(&h).unwrap().fresh_until, first + 5_000 + 60_000);
 
         for i in 0..10 {
-            c.insert(hash(i), Cached::Unknown, now_millis(), c.epoch());
+            c.insert(hash(i), Cached::Unknown, clock.now_millis(), c.epoch());
             assert!(c.get(&hash(i)).is_some());
         }
         c.invalidate_all();
@@ -419,33 +436,39 @@ mod tests {
 
     #[test]
     fn a_fill_that_raced_an_invalidation_leaves_nothing() {
-        let c = cache(Duration::from_secs(60), 1000);
+        let (c, clock) = cache(Duration::from_secs(60), 1000);
         let h = hash(3);
         let epoch = c.epoch();
         c.invalidate(&hash(4));
-        c.insert(h, Cached::Unknown, now_millis(), epoch);
+        c.insert(h, Cached::Unknown, clock.now_millis(), epoch);
         assert!(c.get(&h).is_none());
     }
 
     #[test]
     fn entries_expire() {
-        let c = cache(Duration::from_millis(100), 1000);
+        let (c, clock) = cache(Duration::from_millis(100), 1000);
         let h = hash(2);
-        c.insert(h, Cached::Unknown, now_millis(), c.epoch());
+        c.insert(h, Cached::Unknown, clock.now_millis(), c.epoch());
         assert!(c.get(&h).is_some());
-        std::thread::sleep(Duration::from_millis(150));
+        clock.advance(Duration::from_millis(99));
+        assert!(c.get(&h).is_some(), "negative entry dropped before its TTL");
+        for s in 0..c.shards() {
+            c.sweep_shard(s, clock.now_millis());
+        }
+        assert_eq!(c.entry_count(), 1, "live entry swept");
+        clock.advance(Duration::from_millis(1));
         assert!(c.get(&h).is_none(), "negative entry served past its TTL");
         assert_eq!(c.entry_count(), 1);
         for s in 0..c.shards() {
-            c.sweep_shard(s, now_millis());
+            c.sweep_shard(s, clock.now_millis());
         }
         assert_eq!(c.entry_count(), 0, "expired entry not swept");
     }
 
     #[test]
     fn a_full_shard_of_equals_loses_a_tenth() {
-        let c = cache(Duration::from_secs(600), 1000);
-        let now = now_millis();
+        let (c, clock) = cache(Duration::from_secs(600), 1000);
+        let now = clock.now_millis();
         for i in 0..1001u32 {
             c.insert(hash(i), Cached::Unknown, now, c.epoch());
         }
@@ -454,8 +477,8 @@ mod tests {
 
     #[test]
     fn capacity_holds_and_the_least_recently_cached_go_first() {
-        let c = cache(Duration::from_secs(600), 10_000);
-        let now = now_millis();
+        let (c, clock) = cache(Duration::from_secs(600), 10_000);
+        let now = clock.now_millis();
         for i in 0..30_000u32 {
             c.insert(hash(i), Cached::Unknown, now + i64::from(i), c.epoch());
         }

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use super::store::{Store, Usage};
 use super::{Millis, Principal};
+use crate::clock::Clock;
 use crate::telemetry::metrics::Metrics;
 
 const DAY_MS: i64 = 86_400_000;
@@ -44,19 +45,23 @@ pub struct UsageRecorder {
     pending: Mutex<Vec<Arc<Principal>>>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    /// When a request was made (`last_used_at`, the day it is counted on).
+    clock: Clock,
 }
 
 impl UsageRecorder {
-    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, clock: Clock) -> Self {
         Self {
             pending: Mutex::new(Vec::new()),
             store,
             metrics,
+            clock,
         }
     }
 
-    /// Records one request of `p` at `now`.
-    pub fn touch(&self, p: &Arc<Principal>, now: Millis) {
+    /// Records one request of `p`, now.
+    pub fn touch(&self, p: &Arc<Principal>) {
+        let now = self.clock.now_millis();
         let u = &p.usage;
         u.last_used.fetch_max(now, Ordering::Relaxed);
         u.requests.fetch_add(1, Ordering::Relaxed);
@@ -151,23 +156,20 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
+    use crate::clock::FakeClock;
+    use crate::keys::ApiKey;
+    use crate::keys::bucket::KeyLimiter;
     use crate::keys::store::sqlite::SqliteStore;
     use crate::keys::store::testing::Counting;
     use crate::keys::testing::client;
-    use crate::keys::{ApiKey, now_millis};
-    use crate::limit::KeyLimiter;
 
-    /// A flush of more keys than one chunk writes them all; a chunk that fails gives its
-    /// counts, and those of the chunks after it, back for the next flush, and nothing that was
-    /// written is counted twice.
-    #[tokio::test]
-    async fn flushes_go_out_in_chunks_and_a_failed_chunk_is_kept() {
+    /// `n` keys of one client in a fresh store, and their principals.
+    async fn keys(n: usize) -> (Arc<Counting>, Vec<Arc<Principal>>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Counting::new(
             SqliteStore::open(&dir.path().join("u.db")).unwrap(),
         ));
         let client = client("c");
-        let n = FLUSH_CHUNK * 2 + 100;
         let mut principals = Vec::new();
         for i in 0..n {
             let (record, new) = ApiKey::builder().client("c").record("pro");
@@ -176,27 +178,46 @@ mod tests {
             } else {
                 store.insert_key(&record.key, 0).await.unwrap();
             }
-            let limiter = Arc::new(KeyLimiter::new(crate::keys::RateLimit {
-                per_second: Some(10),
-                per_minute: None,
-                per_hour: None,
-                burst: 10,
-            }));
+            let limiter = Arc::new(KeyLimiter::new(
+                crate::keys::RateLimit {
+                    per_second: Some(10),
+                    per_minute: None,
+                    per_hour: None,
+                    burst: 10,
+                },
+                FakeClock::new().clock(),
+            ));
             principals.push(Principal::from_record(&record, &new.hash, limiter));
         }
+        (store, principals, dir)
+    }
+
+    /// Requests counted per day, `from..=to`, for `p`.
+    async fn days(store: &Counting, p: &Principal, from: i64, to: i64) -> Vec<(i64, u64)> {
+        store.usage(p.key_id, from, to).await.unwrap()
+    }
+
+    /// A flush of more keys than one chunk writes them all; a chunk that fails gives its
+    /// counts, and those of the chunks after it, back for the next flush, and nothing that was
+    /// written is counted twice.
+    #[tokio::test]
+    async fn flushes_go_out_in_chunks_and_a_failed_chunk_is_kept() {
+        let n = FLUSH_CHUNK * 2 + 100;
+        let (store, principals, _dir) = keys(n).await;
         let metrics = Arc::new(Metrics::new(vec!["/".into()]));
-        let usage = UsageRecorder::new(store.clone() as Arc<dyn Store>, metrics);
-        let now = now_millis();
+        let clock = FakeClock::new();
+        let usage = UsageRecorder::new(store.clone() as Arc<dyn Store>, metrics, clock.clock());
+        let now = clock.now_millis();
         for p in &principals {
-            usage.touch(p, now);
-            usage.touch(p, now);
+            usage.touch(p);
+            usage.touch(p);
         }
         // The second chunk fails: the first is written, the second and third are kept.
         store.usage_writes_left.store(1, Ordering::SeqCst);
         assert_eq!(usage.flush().await, FLUSH_CHUNK);
         store.usage_writes_left.store(usize::MAX, Ordering::SeqCst);
         for p in &principals {
-            usage.touch(p, now);
+            usage.touch(p);
         }
         assert_eq!(usage.flush().await, n);
         let day = day_of(now);
@@ -213,5 +234,33 @@ mod tests {
             totals.push(count(p).await);
         }
         assert!(totals.iter().all(|&t| t == 3), "{:?}", &totals[..10]);
+    }
+
+    /// A request is recorded at the recorder's clock: `last_used_at` is that instant and the
+    /// request counts on its day; the next day's requests count on the next day.
+    #[tokio::test]
+    async fn requests_are_recorded_at_the_clocks_time() {
+        let (store, principals, _dir) = keys(1).await;
+        let p = &principals[0];
+        let metrics = Arc::new(Metrics::new(vec!["/".into()]));
+        // A minute before midnight.
+        let clock = FakeClock::at(FakeClock::START + DAY_MS - 60_000);
+        let usage = UsageRecorder::new(store.clone() as Arc<dyn Store>, metrics, clock.clock());
+        let day = day_of(FakeClock::START);
+        usage.touch(p);
+        assert_eq!(p.usage.last_used(), clock.now_millis());
+        assert_eq!(usage.flush().await, 1);
+        let record = store.find_by_id(p.key_id).await.unwrap().unwrap();
+        assert_eq!(record.key.last_used_at, Some(clock.now_millis()));
+        clock.advance(std::time::Duration::from_secs(61));
+        usage.touch(p);
+        usage.touch(p);
+        assert_eq!(usage.flush().await, 1);
+        assert_eq!(
+            days(&store, p, day - 1, day + 2).await,
+            [(day, 1), (day + 1, 2)]
+        );
+        let record = store.find_by_id(p.key_id).await.unwrap().unwrap();
+        assert_eq!(record.key.last_used_at, Some(clock.now_millis()));
     }
 }

@@ -10,7 +10,6 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 
-use super::headers::{RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET, number};
 use crate::auth::AuthError;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,6 +38,21 @@ pub enum ProxyError {
     UpstreamUnavailable,
     #[error("upstream timeout")]
     UpstreamTimeout,
+}
+
+pub const RATELIMIT_LIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit-limit");
+pub const RATELIMIT_REMAINING: http::HeaderName =
+    http::HeaderName::from_static("ratelimit-remaining");
+pub const RATELIMIT_RESET: http::HeaderName = http::HeaderName::from_static("ratelimit-reset");
+
+/// `HeaderValue`s for small numbers, made once, so rate-limit headers cost no allocation.
+pub fn number(n: u64) -> HeaderValue {
+    static TABLE: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| (0..4096u64).map(HeaderValue::from).collect());
+    match table.get(n as usize) {
+        Some(v) => v.clone(),
+        None => HeaderValue::from(n),
+    }
 }
 
 /// Seconds a client should wait before retrying when the store is down.
@@ -166,6 +180,13 @@ impl ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers() {
+        assert_eq!(number(0), "0");
+        assert_eq!(number(4095), "4095");
+        assert_eq!(number(100_000), "100000");
+    }
 
     #[test]
     fn statuses_and_headers() {

@@ -132,7 +132,7 @@ where
                 let res: Response<Bytes> = ProxyError::BadRequest(why).response();
                 gw.metrics.route(None).record(res.status().as_u16());
                 c.out.clear();
-                wire::own_response(&mut c.out, &res, false, true);
+                wire::own_response(&mut c.out, &res, false, true, gw.auth.clock());
                 let _ = write_client(c.io, &c.out, st.body_timeout).await;
                 c.linger().await;
                 return End::Closed;
@@ -262,7 +262,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             Err(Stop::Answer(res)) => {
                 let close = self.unread > 0 || head.close || draining(drain);
                 self.out.clear();
-                wire::own_response(&mut self.out, &res, head.method == Method::HEAD, close);
+                let head_request = head.method == Method::HEAD;
+                wire::own_response(&mut self.out, &res, head_request, close, gw.auth.clock());
                 let written = write_client(self.io, &self.out, st.body_timeout).await;
                 (res.status().as_u16(), close || written.is_err())
             }
@@ -395,6 +396,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             admitted.rate.as_ref().map(|r| (r, &gw.policy.cache)),
             framing,
             close,
+            gw.auth.clock(),
         );
         match self
             .relay_body(&mut uc, &res, framing, st, gw.upstreams.timeout)

@@ -10,6 +10,7 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use super::error::{RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET, number};
 use super::policy::{self, FieldRules, Rule, Strip};
 use crate::keys::IdentityHeaders;
 use crate::limit::RateInfo;
@@ -21,9 +22,6 @@ pub const X_KEYGATE_LICENSE: HeaderName = HeaderName::from_static("x-keygate-lic
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
-pub const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
-pub const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
 /// The names a message's `Connection` fields make hop-by-hop (lowercase).
 pub fn connection_names(h: &HeaderMap) -> Vec<Vec<u8>> {
@@ -163,16 +161,6 @@ pub fn add_cache(h: &mut HeaderMap, cache: &policy::CachePolicy) {
     }
     if vary && let Some(v) = &cache.vary {
         h.append(header::VARY, v.clone());
-    }
-}
-
-/// `HeaderValue`s for small numbers, made once, so rate-limit headers cost no allocation.
-pub fn number(n: u64) -> HeaderValue {
-    static TABLE: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| (0..4096u64).map(HeaderValue::from).collect());
-    match table.get(n as usize) {
-        Some(v) => v.clone(),
-        None => HeaderValue::from(n),
     }
 }
 
@@ -382,13 +370,6 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example.com");
         assert_eq!(h["host"], "127.0.0.1:9000");
-    }
-
-    #[test]
-    fn numbers() {
-        assert_eq!(number(0), "0");
-        assert_eq!(number(4095), "4095");
-        assert_eq!(number(100_000), "100000");
     }
 
     #[test]

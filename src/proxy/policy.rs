@@ -365,7 +365,7 @@ impl Gateway {
         if let Some(limiter) = &route.limiter {
             limiter.check(&principal.key_id).map_err(rate_limited)?;
         }
-        self.usage.touch(&principal, crate::keys::now_millis());
+        self.usage.touch(&principal);
         let permit = auth::authorize(route, principal).map_err(ProxyError::from)?;
         Ok((permit, rate))
     }

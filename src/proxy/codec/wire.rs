@@ -2,12 +2,12 @@
 //! machinery, nothing but byte copies.
 
 use std::cell::RefCell;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
 
 use super::head::{Field, Framing, ResponseHead};
+use crate::clock::Clock;
 use crate::keys::IdentityHeaders;
 use crate::limit::RateInfo;
 use crate::proxy::policy::{self, CachePolicy, Rule, Strip};
@@ -166,6 +166,7 @@ fn status_line(out: &mut Vec<u8>, status: u16, reason: &[u8]) {
 /// Writes the head relayed to the client: the upstream's end-to-end fields, the gateway's
 /// `RateLimit-*` (replacing the upstream's), the framing, `Date` when missing and
 /// `Connection: close` when the connection ends after this response.
+#[allow(clippy::too_many_arguments)]
 pub fn response_head(
     out: &mut Vec<u8>,
     ubuf: &[u8],
@@ -174,6 +175,7 @@ pub fn response_head(
     own: Option<(&RateInfo, &CachePolicy)>,
     framing: Out,
     close: bool,
+    clock: &Clock,
 ) {
     let rate = own.map(|(r, _)| r);
     status_line(out, head.status, head.reason.get(ubuf));
@@ -209,7 +211,7 @@ pub fn response_head(
         (Out::AsIs, _) => {}
     }
     if !head.has_date {
-        date_field(out);
+        date_field(out, clock);
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
@@ -228,7 +230,13 @@ fn rate_fields(out: &mut Vec<u8>, limit: u64, remaining: u64, reset: u64) {
 }
 
 /// Writes a response the gateway made itself (an error, the health check), whole.
-pub fn own_response(out: &mut Vec<u8>, res: &Response<Bytes>, head_request: bool, close: bool) {
+pub fn own_response(
+    out: &mut Vec<u8>,
+    res: &Response<Bytes>,
+    head_request: bool,
+    close: bool,
+    clock: &Clock,
+) {
     status_line(out, res.status().as_u16(), b"");
     for (name, value) in res.headers() {
         field(out, name.as_str().as_bytes(), value.as_bytes());
@@ -236,7 +244,7 @@ pub fn own_response(out: &mut Vec<u8>, res: &Response<Bytes>, head_request: bool
     out.extend_from_slice(b"content-length: ");
     decimal(out, res.body().len() as u64);
     out.extend_from_slice(b"\r\n");
-    date_field(out);
+    date_field(out, clock);
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -251,11 +259,10 @@ thread_local! {
     static DATE: RefCell<(u64, [u8; 37])> = const { RefCell::new((u64::MAX, [0; 37])) };
 }
 
-/// Appends `date: <IMF-fixdate>\r\n` for the current second (formatted once per second).
-pub fn date_field(out: &mut Vec<u8>) {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+/// Appends `date: <IMF-fixdate>\r\n` for the clock's current second (formatted once per
+/// second).
+pub fn date_field(out: &mut Vec<u8>, clock: &Clock) {
+    let now = (clock.now_millis() / 1000).max(0) as u64;
     DATE.with(|cell| {
         let mut cell = cell.borrow_mut();
         if cell.0 != now {
@@ -279,6 +286,7 @@ fn imf_fixdate(secs: u64) -> [u8; 37] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::FakeClock;
 
     #[test]
     fn numbers() {
@@ -388,6 +396,7 @@ mod tests {
             Some((&rate, &cache)),
             Out::Chunked,
             true,
+            &FakeClock::new().clock(),
         );
         let text = String::from_utf8(out).unwrap();
         assert!(
@@ -404,7 +413,17 @@ mod tests {
         );
         // Without a rate (a public route) the upstream's RateLimit fields pass.
         let mut out = Vec::new();
-        response_head(&mut out, raw, &head, &fields, None, Out::Chunked, false);
+        let clock = FakeClock::new().clock();
+        response_head(
+            &mut out,
+            raw,
+            &head,
+            &fields,
+            None,
+            Out::Chunked,
+            false,
+            &clock,
+        );
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("RateLimit-Limit: 9\r\n") && !text.contains("connection"));
         assert!(!text.contains("cache-control") && !text.contains("vary"));
@@ -424,6 +443,7 @@ mod tests {
             Some((&rate, &cache)),
             Out::AsIs,
             false,
+            &FakeClock::new().clock(),
         );
         let text = String::from_utf8(out).unwrap();
         assert!(
@@ -436,15 +456,16 @@ mod tests {
     #[test]
     fn own_responses_are_whole() {
         let res: Response<Bytes> = crate::proxy::error::ProxyError::MissingCredentials.response();
+        let clock = FakeClock::new().clock();
         let mut out = Vec::new();
-        own_response(&mut out, &res, false, false);
+        own_response(&mut out, &res, false, false, &clock);
         let text = String::from_utf8(out).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("HTTP/1.1 401 Unauthorized\r\n"));
         assert!(head.contains(&format!("content-length: {}", body.len())));
         assert!(head.contains("www-authenticate: Bearer realm=\"keygate\""));
         let mut out = Vec::new();
-        own_response(&mut out, &res, true, true);
+        own_response(&mut out, &res, true, true, &clock);
         let text = String::from_utf8(out).unwrap();
         assert!(text.ends_with("connection: close\r\n\r\n"));
     }
@@ -456,8 +477,56 @@ mod tests {
             b"date: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
         );
         let mut out = Vec::new();
-        date_field(&mut out);
+        date_field(&mut out, &Clock::real());
         assert_eq!(out.len(), 37);
         assert!(out.starts_with(b"date: ") && out.ends_with(b" GMT\r\n"));
+    }
+
+    /// The `Date` field is the clock's: it follows the clock second by second (the text
+    /// formatted once per second is not served past its second).
+    #[test]
+    fn date_follows_the_clock() {
+        let fake = FakeClock::at(784_111_777_000);
+        let clock = fake.clock();
+        let date = |clock: &Clock| {
+            let mut out = Vec::new();
+            date_field(&mut out, clock);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(date(&clock), "date: Sun, 06 Nov 1994 08:49:37 GMT\r\n");
+        fake.advance(std::time::Duration::from_millis(999));
+        assert_eq!(date(&clock), "date: Sun, 06 Nov 1994 08:49:37 GMT\r\n");
+        fake.advance(std::time::Duration::from_millis(1));
+        assert_eq!(date(&clock), "date: Sun, 06 Nov 1994 08:49:38 GMT\r\n");
+        // A gateway answer and a relayed head carry it too.
+        let res: Response<Bytes> = crate::proxy::error::ProxyError::MissingCredentials.response();
+        let mut out = Vec::new();
+        own_response(&mut out, &res, false, false, &clock);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("\r\ndate: Sun, 06 Nov 1994 08:49:38 GMT\r\n"),
+            "{text}"
+        );
+        let raw = b"HTTP/1.1 204 No Content\r\n\r\n";
+        let mut fields = Vec::new();
+        let head = super::super::head::parse_response(raw, false, &mut fields)
+            .unwrap()
+            .unwrap();
+        let mut out = Vec::new();
+        response_head(
+            &mut out,
+            raw,
+            &head,
+            &fields,
+            None,
+            Out::AsIs,
+            false,
+            &clock,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("\r\ndate: Sun, 06 Nov 1994 08:49:38 GMT\r\n"),
+            "{text}"
+        );
     }
 }
