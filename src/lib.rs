@@ -9,20 +9,25 @@
 //! # Code map
 //! - [`config`]: TOML → env → CLI, raw structs validated into [`config::Config`].
 //! - [`server`]: the accept loop both listeners share (limits, connection cap, drain).
-//! - [`proxy`]: [`proxy::Gateway`], credential extraction, routes, header rewriting, forwarding.
+//! - [`proxy`]: the data plane: one policy core ([`proxy::policy`]) behind two engines (the
+//!   HTTP/1.1 fast path [`proxy::h1`] and [`proxy::hyper`]), one `http://` client
+//!   ([`proxy::upstream`]), proxy errors and their one conversion into responses.
+//! - [`route`] and [`paths`]: the route table; path checks.
 //! - [`auth`]: credential → [`keys::Principal`]; principal + route → [`auth::Permit`].
 //! - [`keys`]: domain types and key format; [`keys::cache`] and [`keys::store`].
 //! - [`limit`]: the key buckets' registry, route and failed-authentication limits.
 //! - [`clock`]: the one [`clock::Clock`] every component of the request path reads.
 //! - [`admin`]: the axum router of the admin plane.
-//! - [`error`]: proxy errors and their one conversion into responses.
 //!
 //! # Invariants
 //! - No plaintext key, key hash or token is stored, logged or returned, except the plaintext in
 //!   the one answer that creates it.
 //! - The proxy never calls the store on a cache hit, and never for a key with a bad checksum.
-//! - `proxy` and `admin` do not import each other; `keys` knows nothing about HTTP.
-//! - Only `proxy::forward` talks to upstreams, and it needs a [`auth::Permit`].
+//! - Every data-plane rule exists once, in [`proxy::policy`] (upstreams: [`proxy::upstream`]).
+//! - No import circles; `proxy` and `admin` do not import each other; `keys` knows nothing
+//!   about HTTP (`tests/it/layers.rs` enforces the layering).
+//! - Only [`proxy::upstream`] and hyper-util's client talk to upstreams, reached with a
+//!   [`auth::Permit`].
 //! - The request path reads time only from the [`clock::Clock`] made in [`App::bind_with_store`].
 
 pub mod admin;
