@@ -1,5 +1,6 @@
 //! Connection slots: a client that sends an admin request head and never its body must not
-//! hold a slot for longer than `limits.body_timeout_secs`.
+//! hold a slot for longer than `limits.body_timeout_secs`, and one address must not take more
+//! than `limits.max_connections_per_ip` connections of a listener.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -110,7 +111,8 @@ async fn stalled_admin_bodies_are_answered_408_and_free_their_slots() {
     let text = harness::config(
         &format!("http://{up}"),
         dir.path(),
-        "[limits]\nmax_connections = 5\nbody_timeout_secs = 2\n",
+        // No cap per address: the body timeout alone must free the slots.
+        "[limits]\nmax_connections = 5\nbody_timeout_secs = 2\nmax_connections_per_ip = 0\n",
     );
     let mut gw = harness::keygate(&text, dir.path()).spawn();
     let (key, _) = harness::make_key(gw.admin, "stall", &[]).await;
@@ -217,4 +219,122 @@ async fn stalled_admin_bodies_are_answered_408_and_free_their_slots() {
     assert_eq!(write_answer, [408], "{text}");
     assert!(write_closed.is_some_and(|d| d <= bound), "{text}");
     assert!(gw.alive() && gw.panics().is_empty(), "keygate crashed");
+}
+
+fn keyed_get(key: &str) -> Vec<u8> {
+    format!("GET /a HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n\r\n").into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_per_ip_cap_are_refused_on_both_listeners() {
+    let rec = harness::Recorder::default();
+    let up = harness::raw_upstream(&rec, "root").await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = harness::config(
+        &format!("http://{up}"),
+        dir.path(),
+        "[limits]\nmax_connections_per_ip = 2\n",
+    );
+    let mut gw = harness::keygate(&text, dir.path()).spawn();
+    let (key, _) = harness::make_key(gw.admin, "per-ip", &[]).await;
+    let cap = Duration::from_secs(3);
+    let mut report = String::from("max_connections_per_ip 2\n");
+    for (listener, addr, request) in [
+        ("proxy", gw.proxy, keyed_get(&key)),
+        (
+            "admin",
+            gw.admin,
+            b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n".to_vec(),
+        ),
+    ] {
+        // Two connections from 127.0.0.1 are served, and stay open.
+        let mut first = connect_from("127.0.0.1", addr).await;
+        let mut second = connect_from("127.0.0.1", addr).await;
+        assert_eq!(
+            ask(&mut first, &request, cap).await,
+            Some(200),
+            "{listener}"
+        );
+        assert_eq!(
+            ask(&mut second, &request, cap).await,
+            Some(200),
+            "{listener}"
+        );
+
+        // A third from the same address is closed at once, unanswered.
+        let started = Instant::now();
+        let mut third = connect_from("127.0.0.1", addr).await;
+        let refused = ask(&mut third, &request, cap).await;
+        let (_, closed) = read_to_close(&mut third, cap).await;
+        let refused_in = started.elapsed();
+        assert_eq!(refused, None, "{listener}: third connection answered");
+        assert!(closed.is_some(), "{listener}: third connection left open");
+
+        // The first two still work; another address is served.
+        assert_eq!(
+            ask(&mut first, &request, cap).await,
+            Some(200),
+            "{listener}"
+        );
+        assert_eq!(
+            ask(&mut second, &request, cap).await,
+            Some(200),
+            "{listener}"
+        );
+        let mut other = connect_from("127.0.0.2", addr).await;
+        assert_eq!(
+            ask(&mut other, &request, cap).await,
+            Some(200),
+            "{listener}"
+        );
+
+        // Once one of the two closes, 127.0.0.1 may connect again.
+        drop(first);
+        let freed = Instant::now();
+        let mut again = None;
+        while freed.elapsed() < Duration::from_secs(5) {
+            let mut s = connect_from("127.0.0.1", addr).await;
+            if ask(&mut s, &request, Duration::from_secs(1)).await == Some(200) {
+                again = Some(freed.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let again = again.unwrap_or_else(|| panic!("{listener}: slot never came back"));
+        report.push_str(&format!(
+            "{listener}: 2 connections from 127.0.0.1 served, the 3rd closed unanswered in {:.0} ms, \
+             127.0.0.2 served, a new connection served {:.0} ms after one of the two closed\n",
+            refused_in.as_secs_f64() * 1000.0,
+            again.as_secs_f64() * 1000.0,
+        ));
+        drop(second);
+    }
+    let (status, metrics) = metrics_text(gw.admin).await;
+    assert_eq!(status, 200);
+    for listener in ["proxy", "admin"] {
+        let line = format!("keygate_connections_refused_total{{listener=\"{listener}\"}} ");
+        let n: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .unwrap_or_else(|| panic!("no {line} in\n{metrics}"))
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(n >= 1, "{line}{n}");
+        report.push_str(&format!("{line}{n}\n"));
+    }
+    harness::report("per-ip-connections", &report);
+    assert!(gw.alive() && gw.panics().is_empty(), "keygate crashed");
+}
+
+async fn metrics_text(admin: SocketAddr) -> (u16, String) {
+    let mut s = TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (raw, _) = read_to_close(&mut s, Duration::from_secs(5)).await;
+    let status = harness::parse_statuses(&raw).first().copied().unwrap_or(0);
+    let text = String::from_utf8_lossy(&raw);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body.to_owned())
 }
