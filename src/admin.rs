@@ -60,6 +60,14 @@ pub enum Caller {
 }
 
 impl Caller {
+    /// Who this caller is as the setter of a key's constraints.
+    pub fn set_by(&self) -> crate::keys::SetBy {
+        match self {
+            Caller::Admin => crate::keys::SetBy::Admin,
+            Caller::Client { .. } => crate::keys::SetBy::Client,
+        }
+    }
+
     /// Refuses client principals (for calls that only an operator may make).
     pub fn admin_only(&self) -> Result<(), AdminError> {
         match self {

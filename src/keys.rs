@@ -217,6 +217,37 @@ impl RateLimit {
     }
 }
 
+/// Who set a constraint on a key (disabled it, gave it an expiry or a rate limit). A client
+/// (self-service) may tighten a constraint an admin set — disable the key, shorten the expiry —
+/// but never loosen it; an admin may do anything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SetBy {
+    /// An admin key (or a Kixote call).
+    #[default]
+    Admin,
+    /// The client itself, with a key or token holding the self-service permission.
+    Client,
+}
+
+impl SetBy {
+    /// `"admin"` or `"client"`, as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SetBy::Admin => "admin",
+            SetBy::Client => "client",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SetBy> {
+        match s {
+            "admin" => Some(SetBy::Admin),
+            "client" => Some(SetBy::Client),
+            _ => None,
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch, UTC. Stores and caches keep time in this form.
 pub type Millis = i64;
 
@@ -252,12 +283,35 @@ pub struct ApiKey {
     pub rotated_at: Option<Millis>,
     pub rate_limit: Option<RateLimit>,
     pub metadata: Option<serde_json::Value>,
+    /// Who disabled the key; `None` while it is enabled.
+    pub disabled_by: Option<SetBy>,
+    /// Who set `expires_at`; `None` while there is none.
+    pub expires_set_by: Option<SetBy>,
+    /// Who set `rate_limit`; `None` while there is none.
+    pub rate_limit_set_by: Option<SetBy>,
 }
 
 impl ApiKey {
     /// Every hash under which this key may currently be cached.
     pub fn hashes(&self) -> impl Iterator<Item = KeyHash> + '_ {
         std::iter::once(self.key_hash).chain(self.previous_hash)
+    }
+
+    /// Records `by` as the setter of every constraint the key has (a new key).
+    pub fn set_by(&mut self, by: SetBy) {
+        self.disabled_by = (!self.enabled).then_some(by);
+        self.expires_set_by = self.expires_at.map(|_| by);
+        self.rate_limit_set_by = self.rate_limit.map(|_| by);
+    }
+
+    /// Fills in the setter of a constraint that has none recorded (a record written before
+    /// setters were recorded) as an admin, the safe reading: only an admin may loosen it.
+    pub fn with_setters_known(mut self) -> Self {
+        let known = |has: bool, by: Option<SetBy>| has.then(|| by.unwrap_or(SetBy::Admin));
+        self.disabled_by = known(!self.enabled, self.disabled_by);
+        self.expires_set_by = known(self.expires_at.is_some(), self.expires_set_by);
+        self.rate_limit_set_by = known(self.rate_limit.is_some(), self.rate_limit_set_by);
+        self
     }
 }
 

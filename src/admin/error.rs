@@ -107,6 +107,7 @@ impl From<StoreError> for AdminError {
             }
             StoreError::Conflict(c) => AdminError::Conflict(c.to_string()),
             StoreError::NotFound => AdminError::NotFound("not found"),
+            StoreError::Refused(c) => AdminError::Forbidden(c.to_string()),
         }
     }
 }

@@ -16,6 +16,7 @@ mod rate_limits;
 mod redis_cluster;
 mod redis_store;
 mod redis_support;
+mod self_service;
 mod store_conformance;
 mod support;
 mod tls_ws;
