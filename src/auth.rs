@@ -38,6 +38,8 @@ const REVALIDATE_WINDOW_MS: Millis = 10_000;
 struct VerifiedToken {
     key_id: Uuid,
     rot: Millis,
+    /// Minted with a previous secret: the end of its grace period (`Millis::MAX`: not).
+    grace_until: Millis,
     sub: Box<str>,
     /// Unix seconds after which the verifier would refuse the token (`exp` + leeway).
     usable_until_secs: i64,
@@ -127,11 +129,11 @@ impl Authenticator {
     /// Trades a valid API key for an access token.
     pub async fn login(&self, api_key: &str) -> Result<Token, ProxyError> {
         let p = self.api_key(api_key).await?;
-        Ok(self.jwt.issue(&p, p.rotated_at(), now_millis()))
+        Ok(self.jwt.issue(&p, p.token_generation(), now_millis()))
     }
 
     /// Authenticates an access token: signature and claims, then the key it was minted from
-    /// must still be valid and not rotated since (cached lookup by key id).
+    /// must still be valid and not disabled, rotated or revoked since (cached lookup by key id).
     pub async fn token(&self, token: &str) -> Result<Arc<Principal>, ProxyError> {
         let now = now_millis();
         let claims = self.verified(token, now)?;
@@ -148,7 +150,8 @@ impl Authenticator {
             Lookup::Refill(stale) => self.fill_id(id, now, stale).await?,
         };
         let current = check_status(&principal, now).is_ok()
-            && principal.rotated_at().unwrap_or(0) == claims.rot
+            && principal.token_generation().unwrap_or(0) == claims.rot
+            && now < claims.grace_until
             && *principal.client_id() == *claims.sub;
         if current {
             Ok(principal)
@@ -178,6 +181,7 @@ impl Authenticator {
         let t = Arc::new(VerifiedToken {
             key_id,
             rot: claims.rot,
+            grace_until: claims.grace_until.unwrap_or(Millis::MAX),
             sub: claims.sub.into_boxed_str(),
             usable_until_secs: claims.exp.saturating_add(self.jwt.leeway_secs()),
         });

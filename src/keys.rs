@@ -279,7 +279,7 @@ pub struct ApiKey {
     pub updated_at: Millis,
     pub expires_at: Option<Millis>,
     pub last_used_at: Option<Millis>,
-    /// When the key was last rotated (tokens minted before it are refused).
+    /// When the key was last rotated.
     pub rotated_at: Option<Millis>,
     pub rate_limit: Option<RateLimit>,
     pub metadata: Option<serde_json::Value>,
@@ -289,6 +289,11 @@ pub struct ApiKey {
     pub expires_set_by: Option<SetBy>,
     /// Who set `rate_limit`; `None` while there is none.
     pub rate_limit_set_by: Option<SetBy>,
+    /// The key's token generation: tokens minted from the key carry it (`rot`) and are refused
+    /// once it has changed. Every disable, rotation and Kixote revoke moves it on, to the
+    /// write's time and always past its last value, so no token minted before one of them ever
+    /// works again (re-enabling the key does not bring them back). `None`: never moved on.
+    pub tokens_valid_after: Option<Millis>,
 }
 
 impl ApiKey {
@@ -334,8 +339,8 @@ pub struct Principal {
     expires_at: Millis,
     /// `Millis::MAX`: none (see [`Principal::grace_until`]).
     grace_until: Millis,
-    /// `Millis::MIN`: never (see [`Principal::rotated_at`]).
-    rotated_at: Millis,
+    /// `Millis::MIN`: none (see [`Principal::token_generation`]).
+    token_generation: Millis,
     /// The key's rate-limit bucket (shared by every credential form of the key).
     pub limiter: Arc<crate::limit::KeyLimiter>,
     /// Requests not yet written to the store.
@@ -457,7 +462,7 @@ impl Principal {
             enabled: key.enabled,
             expires_at: key.expires_at.unwrap_or(Millis::MAX),
             grace_until: grace_until.unwrap_or(Millis::MAX),
-            rotated_at: key.rotated_at.unwrap_or(Millis::MIN),
+            token_generation: key.tokens_valid_after.unwrap_or(Millis::MIN),
             limiter,
             usage: Default::default(),
             headers,
@@ -491,9 +496,10 @@ impl Principal {
         (self.grace_until != Millis::MAX).then_some(self.grace_until)
     }
 
-    /// When the key was last rotated; tokens minted before it are refused.
-    pub fn rotated_at(&self) -> Option<Millis> {
-        (self.rotated_at != Millis::MIN).then_some(self.rotated_at)
+    /// The key's token generation ([`ApiKey::tokens_valid_after`]); a token minted under
+    /// another one is refused.
+    pub fn token_generation(&self) -> Option<Millis> {
+        (self.token_generation != Millis::MIN).then_some(self.token_generation)
     }
 
     /// The earliest moment this principal stops being valid, if any.

@@ -263,6 +263,7 @@ pub fn new_key(
         disabled_by: None,
         expires_set_by: None,
         rate_limit_set_by: None,
+        tokens_valid_after: None,
     };
     (key, generated.plaintext)
 }

@@ -273,7 +273,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Sets the attributes `patch` names, and `updated_at` to `now` unless it is already later,
     /// in one atomic write on the key as it is then: its secret and every attribute the patch
-    /// does not name stay as they are; who set each constraint follows [`KeyPatch::setters`],
+    /// does not name stay as they are; a patch that disables the key also moves its
+    /// `tokens_valid_after` on past its current value, to at least `now` (every token minted
+    /// before is refused for good); who set each constraint follows [`KeyPatch::setters`],
     /// judged on the key as it is then, and a patch those rules refuse changes nothing
     /// ([`StoreError::Refused`]). Returns the key as this write left it, `None` when it does
     /// not exist.
@@ -287,7 +289,8 @@ pub trait Store: Send + Sync + 'static {
     /// Gives the key a new secret in one atomic write. The hash that is current at the moment of
     /// the write becomes the previous hash, valid until `previous_valid_until`, or stops at once
     /// when that is `None`; an older previous hash always stops. Only the hashes, `prefix`,
-    /// `rotated_at` and `updated_at` change. `None` when the key does not exist.
+    /// `rotated_at`, `tokens_valid_after` (moved on past its current value, to at least `at`)
+    /// and `updated_at` change. `None` when the key does not exist.
     async fn rotate_key(&self, id: Uuid, rotation: &Rotation) -> StoreResult<Option<Rotated>>;
 
     /// Deletes a key and returns it.
@@ -311,8 +314,9 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes a client and all its keys, atomically, returning what was deleted.
     async fn delete_client(&self, client_id: &str) -> StoreResult<Option<ClientWithKeys>>;
 
-    /// Disables every key of the client, as an admin (only `enabled`, `disabled_by` and
-    /// `updated_at` change), atomically; the Kixote revoke call. Returns the keys as they were before. `NotFound` when the client
+    /// Disables every key of the client, as an admin (only `enabled`, `disabled_by`,
+    /// `tokens_valid_after`, moved on, and `updated_at` change), atomically; the Kixote revoke
+    /// call. Returns the keys as they were before. `NotFound` when the client
     /// does not exist.
     async fn disable_client_keys(&self, client_id: &str) -> StoreResult<Vec<ApiKey>>;
 

@@ -102,6 +102,7 @@ conformance!(
     replace_client_keys_replaces_them_all,
     racing_disable_rotate_and_patch_never_undo_an_acknowledged_write,
     client_patches_never_loosen_what_an_admin_set,
+    disables_rotations_and_revokes_move_the_token_generation_on,
     usage_counts_add_up_per_day_and_die_with_the_key,
     ping_answers,
 );
@@ -406,6 +407,8 @@ async fn patch_key_changes_only_what_it_names(s: Arc<dyn Store>) {
         disabled_by: Some(SetBy::Admin),
         expires_set_by: None,
         rate_limit_set_by: Some(SetBy::Admin),
+        // A disable moves the token generation on to the write's time.
+        tokens_valid_after: Some(now + 50),
         ..k.clone()
     };
     let patched = s.patch_key(k.id, &all, now + 50).await.unwrap();
@@ -515,6 +518,7 @@ async fn rotate_key_changes_only_the_secret(s: Arc<dyn Store>) {
             previous_valid_until: Some(now + 60_000),
             rotated_at: Some(now + 20),
             updated_at: now + 20,
+            tokens_valid_after: Some(now + 20),
             ..disabled.clone()
         },
         "disabled and renamed still"
@@ -533,8 +537,8 @@ async fn rotate_key_changes_only_the_secret(s: Arc<dyn Store>) {
         .unwrap()
         .after;
     assert_eq!(
-        (later.updated_at, later.rotated_at),
-        (now + 20, Some(now + 15))
+        (later.updated_at, later.rotated_at, later.tokens_valid_after),
+        (now + 20, Some(now + 15), Some(now + 21))
     );
 
     let (ghost, _) = key("acme", now);
@@ -718,12 +722,14 @@ async fn disable_client_keys_disables_them_all(s: Arc<dyn Store>) {
             .unwrap()
             .expect("still stored");
         assert!(r.key.updated_at >= k.updated_at);
+        assert!(r.key.tokens_valid_after.is_some());
         assert_eq!(
             r.key,
             ApiKey {
                 enabled: false,
                 disabled_by: Some(SetBy::Admin),
                 updated_at: r.key.updated_at,
+                tokens_valid_after: r.key.tokens_valid_after,
                 ..k.clone()
             }
         );
@@ -1204,4 +1210,91 @@ async fn client_patches_never_loosen_what_an_admin_set(s: Arc<dyn Store>) {
             "round {round}: the admin's disable was undone: {after:?}"
         );
     }
+}
+
+async fn disables_rotations_and_revokes_move_the_token_generation_on(s: Arc<dyn Store>) {
+    let now = now_millis();
+    let (k, _) = key("acme", now);
+    s.insert_client(&client("acme", "pro", now), &k)
+        .await
+        .unwrap();
+    assert_eq!(k.tokens_valid_after, None);
+    let generation = |s: Arc<dyn Store>| async move {
+        s.find_by_id(k.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .key
+            .tokens_valid_after
+            .expect("a generation")
+    };
+    let patch = |p: KeyPatch, at: Millis| {
+        let s = Arc::clone(&s);
+        async move { s.patch_key(k.id, &p, at).await.unwrap().unwrap() }
+    };
+    let disable = KeyPatch {
+        enabled: Some(false),
+        ..KeyPatch::default()
+    };
+
+    // A disable: the write's time.
+    let g1 = patch(disable.clone(), now + 10).await.tokens_valid_after;
+    assert_eq!(g1, Some(now + 10));
+    // Enabling, renaming, changing the expiry: unchanged.
+    for p in [
+        KeyPatch {
+            enabled: Some(true),
+            ..KeyPatch::default()
+        },
+        KeyPatch {
+            name: Some("n".into()),
+            expires_at: Some(Some(now + 99_000)),
+            ..KeyPatch::default()
+        },
+    ] {
+        assert_eq!(patch(p, now + 20).await.tokens_valid_after, g1);
+    }
+    // Always past the current generation, even for a write stamped earlier (another
+    // instance's clock) or in the same millisecond.
+    let g2 = patch(disable.clone(), now + 5).await.tokens_valid_after;
+    assert_eq!(g2, Some(now + 11));
+    let g3 = patch(disable, now + 5).await.tokens_valid_after;
+    assert_eq!(g3, Some(now + 12));
+
+    // A rotation, with a grace period or not.
+    let r = s
+        .rotate_key(
+            k.id,
+            &rotation(KeyHash::of("r1"), now + 30, Some(now + 60_000)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.after.tokens_valid_after, Some(now + 30));
+    let r = s
+        .rotate_key(k.id, &rotation(KeyHash::of("r2"), now + 30, None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.after.tokens_valid_after, Some(now + 31));
+    assert_eq!(generation(Arc::clone(&s)).await, now + 31);
+
+    // The Kixote revoke (every key of the client), at the store's own time.
+    s.disable_client_keys("acme").await.unwrap();
+    let g = generation(Arc::clone(&s)).await;
+    assert!(g >= now + 32, "{g}");
+
+    // A key inserted with a generation keeps it.
+    let (mut k2, _) = key("acme", now + 1);
+    k2.tokens_valid_after = Some(now - 7);
+    s.insert_key(&k2, 0).await.unwrap();
+    assert_eq!(
+        s.find_by_id(k2.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .key
+            .tokens_valid_after,
+        Some(now - 7)
+    );
 }

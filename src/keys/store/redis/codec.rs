@@ -93,6 +93,10 @@ pub(super) fn key_fields(k: &ApiKey) -> Vec<(&'static str, String)> {
         "rate_limit_set_by",
         k.rate_limit_set_by.map(|b| b.as_str().to_owned()),
     );
+    opt(
+        "tokens_valid_after",
+        k.tokens_valid_after.map(|v| v.to_string()),
+    );
     f
 }
 
@@ -212,6 +216,8 @@ pub(super) fn key_from(v: &Value) -> StoreResult<ApiKey> {
         disabled_by: setter("disabled_by")?,
         expires_set_by: setter("expires_set_by")?,
         rate_limit_set_by: setter("rate_limit_set_by")?,
+        // A key written before token generations were kept: its tokens carry its rotated_at.
+        tokens_valid_after: int("tokens_valid_after")?.or(int("rotated_at")?),
     }
     // A record written before setters were recorded: as the scripts read it.
     .with_setters_known())
@@ -350,6 +356,26 @@ mod tests {
         assert_eq!(key_from(&Value::Array(flat)).unwrap(), k);
     }
 
+    #[test]
+    fn a_key_stored_before_token_generations_has_its_rotated_at() {
+        let (mut k, _) = ApiKey::builder().rotated_at(1234).build();
+        k.tokens_valid_after = None;
+        let mut flat = vec![
+            Value::BulkString(b"id".to_vec()),
+            Value::BulkString(k.id.to_string().into_bytes()),
+            Value::BulkString(b"client_id".to_vec()),
+            Value::BulkString(k.client_id.clone().into_bytes()),
+            Value::BulkString(b"created_at".to_vec()),
+            Value::BulkString(k.created_at.to_string().into_bytes()),
+        ];
+        for (name, v) in key_fields(&k) {
+            flat.push(Value::BulkString(name.as_bytes().to_vec()));
+            flat.push(Value::BulkString(v.into_bytes()));
+        }
+        let read = key_from(&Value::Array(flat)).unwrap();
+        assert_eq!(read.tokens_valid_after, Some(1234));
+    }
+
     /// A key's hash as `HGETALL` answers it, after `patch` was applied to the hash of `k`.
     fn patched(k: &ApiKey, patch: &KeyPatch) -> ApiKey {
         let mut f: Vec<(String, String)> = vec![
@@ -395,6 +421,7 @@ mod tests {
             disabled_by: None,
             expires_set_by: Some(SetBy::Client),
             rate_limit_set_by: None,
+            tokens_valid_after: Some(now - 5),
         };
         assert_eq!(patched(&k, &KeyPatch::default()), k);
         let limit = RateLimit {

@@ -3,7 +3,8 @@
 -- on the key as it is now, and raises updated_at; the hashes and every field not named stay as
 -- they are. Who set each constraint (disabled_by, expires_set_by, rate_limit_set_by) follows
 -- the rules of KeyPatch::setters (src/keys/store.rs), judged on the key as it is now: a
--- client's patch that would loosen an admin's constraint writes nothing. Answers {1, the key's
+-- client's patch that would loosen an admin's constraint writes nothing. A disable moves the
+-- token generation on (next_generation). Answers {1, the key's
 -- fields after the write}, {-4, constraint} when refused, or nil when there is no such key.
 local PATCHABLE = {name = true, enabled = true, permissions = true, expires_at = true,
                    rate_limit = true, metadata = true}
@@ -73,6 +74,7 @@ if #clear > 0 then redis.call('HDEL', k, unpack(clear)) end
 for name, who in pairs(setters) do
   if who then redis.call('HSET', k, name, who) else redis.call('HDEL', k, name) end
 end
+if new.enabled == '0' then next_generation(id, ARGV[4]) end
 touch(id, ARGV[4])
 publish(ARGV[2], {id}, hashes_of(id))
 return {1, redis.call('HGETALL', k)}
