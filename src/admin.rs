@@ -18,7 +18,10 @@ pub mod kixote;
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
@@ -56,6 +59,14 @@ pub enum Caller {
 }
 
 impl Caller {
+    /// Who this caller is as the setter of a key's constraints.
+    pub fn set_by(&self) -> crate::keys::SetBy {
+        match self {
+            Caller::Admin => crate::keys::SetBy::Admin,
+            Caller::Client { .. } => crate::keys::SetBy::Client,
+        }
+    }
+
     /// Refuses client principals (for calls that only an operator may make).
     pub fn admin_only(&self) -> Result<(), AdminError> {
         match self {
@@ -202,11 +213,15 @@ pub fn router(state: AdminState, max_body_bytes: usize) -> Router {
 /// Prefix under which the key routes are also served.
 const ALIAS_PREFIX: &str = "/api/v1/api-keys";
 
-/// The hyper service for one admin connection: records the peer and maps the
-/// `/api/v1/api-keys` alias onto `/v1/api-keys`.
+/// The hyper service for one admin connection: records the peer, maps the
+/// `/api/v1/api-keys` alias onto `/v1/api-keys`, and gives every request body
+/// `body_timeout` from the arrival of its head to arrive whole (then reading it fails with
+/// [`error::BodyTimedOut`], answered 408): a client that sends a head and holds back the body
+/// gives its connection slot back within that time.
 pub fn service(
     router: Router,
     peer: SocketAddr,
+    body_timeout: Duration,
 ) -> impl hyper::service::Service<
     http::Request<Incoming>,
     Response = Response,
@@ -222,8 +237,59 @@ pub fn service(
         {
             *req.uri_mut() = rewritten;
         }
-        router.clone().oneshot(req.map(axum::body::Body::new))
+        let deadline = tokio::time::Instant::now() + body_timeout;
+        router.clone().oneshot(req.map(|body| {
+            axum::body::Body::new(DeadlineBody {
+                inner: body,
+                deadline,
+                timer: None,
+            })
+        }))
     })
+}
+
+/// A request body that fails with [`error::BodyTimedOut`] once `deadline` has passed
+/// before it ended.
+struct DeadlineBody<B> {
+    inner: B,
+    deadline: tokio::time::Instant,
+    /// Armed on the first read that has to wait.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> hyper::body::Body for DeadlineBody<B>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, axum::BoxError>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let deadline = this.deadline;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(Box::new(error::BodyTimedOut))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn peer_ip(req: &Request) -> std::net::IpAddr {
@@ -438,4 +504,48 @@ pub async fn all_keys_of(store: &dyn Store, client_id: &str) -> Result<Vec<Store
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body that never sends anything.
+    struct Stalled;
+
+    impl hyper::body::Body for Stalled {
+        type Data = bytes::Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Infallible>>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_past_its_deadline_is_answered_408_and_closes_the_connection() {
+        use tower::ServiceExt;
+        // One handler reading a JSON body, behind the body limit, as the admin router has it.
+        let router: axum::routing::MethodRouter<(), Infallible> = axum::routing::post(
+            |error::JsonBody(v): error::JsonBody<serde_json::Value>| async move { v.to_string() },
+        )
+        .layer(DefaultBodyLimit::max(1024));
+        let body = axum::body::Body::new(DeadlineBody {
+            inner: Stalled,
+            deadline: tokio::time::Instant::now() + Duration::from_millis(50),
+            timer: None,
+        });
+        let req = http::Request::post("/").body(body).unwrap();
+        let started = std::time::Instant::now();
+        let res = router.oneshot(req).await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert_eq!(res.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(res.headers()[http::header::CONNECTION], "close");
+        let body = axum::body::to_bytes(res.into_body(), 4096).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["code"], "request_timeout");
+    }
 }

@@ -68,6 +68,8 @@ impl AuthError {
 struct VerifiedToken {
     key_id: Uuid,
     rot: Millis,
+    /// Minted with a previous secret: the end of its grace period (`Millis::MAX`: not).
+    grace_until: Millis,
     sub: Box<str>,
     /// Unix seconds after which the verifier would refuse the token (`exp` + leeway).
     usable_until_secs: i64,
@@ -166,11 +168,11 @@ impl Authenticator {
         let p = self.api_key(api_key).await?;
         Ok(self
             .jwt
-            .issue(&p, p.rotated_at(), self.clock().now_millis()))
+            .issue(&p, p.token_generation(), self.clock().now_millis()))
     }
 
     /// Authenticates an access token: signature and claims, then the key it was minted from
-    /// must still be valid and not rotated since (cached lookup by key id).
+    /// must still be valid and not disabled, rotated or revoked since (cached lookup by key id).
     pub async fn token(&self, token: &str) -> Result<Arc<Principal>, AuthError> {
         let now = self.clock().now_millis();
         let claims = self.verified(token, now)?;
@@ -187,7 +189,8 @@ impl Authenticator {
             Lookup::Refill(stale) => self.fill_id(id, now, stale).await?,
         };
         let current = check_status(&principal, now).is_ok()
-            && principal.rotated_at().unwrap_or(0) == claims.rot
+            && principal.token_generation().unwrap_or(0) == claims.rot
+            && now < claims.grace_until
             && *principal.client_id() == *claims.sub;
         if current {
             Ok(principal)
@@ -217,6 +220,7 @@ impl Authenticator {
         let t = Arc::new(VerifiedToken {
             key_id,
             rot: claims.rot,
+            grace_until: claims.grace_until.unwrap_or(Millis::MAX),
             sub: claims.sub.into_boxed_str(),
             usable_until_secs: claims.exp.saturating_add(self.jwt.leeway_secs()),
         });

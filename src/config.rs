@@ -346,6 +346,9 @@ pub struct RawLimits {
     pub body_timeout_secs: u64,
     #[serde(default = "d_max_connections")]
     pub max_connections: usize,
+    /// Unset: half of `max_connections`; 0: no cap.
+    #[serde(default)]
+    pub max_connections_per_ip: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -547,6 +550,8 @@ pub struct Limits {
     /// Longest pause while a request body is read or a response is written to a client.
     pub body_timeout: Duration,
     pub max_connections: usize,
+    /// Most open connections of one client address per listener (IPv6: per /64); 0 = no cap.
+    pub max_connections_per_ip: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -689,6 +694,22 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_toml(text, "test.toml", &env, &cli)
+    }
+
+    #[test]
+    fn the_per_address_connection_cap_defaults_to_half_of_the_connection_cap() {
+        let key = [("KEYGATE_ADMIN_KEY", "0123456789abcdef0123")];
+        let cap = |limits: &str| {
+            load(limits, &key, CliOverrides::default())
+                .unwrap()
+                .limits
+                .max_connections_per_ip
+        };
+        assert_eq!(cap(""), 5000);
+        assert_eq!(cap("[limits]\nmax_connections = 5\n"), 2);
+        assert_eq!(cap("[limits]\nmax_connections = 1\n"), 1);
+        assert_eq!(cap("[limits]\nmax_connections_per_ip = 0\n"), 0);
+        assert_eq!(cap("[limits]\nmax_connections_per_ip = 7\n"), 7);
     }
 
     #[test]

@@ -218,6 +218,37 @@ impl RateLimit {
     }
 }
 
+/// Who set a constraint on a key (disabled it, gave it an expiry or a rate limit). A client
+/// (self-service) may tighten a constraint an admin set — disable the key, shorten the expiry —
+/// but never loosen it; an admin may do anything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SetBy {
+    /// An admin key (or a Kixote call).
+    #[default]
+    Admin,
+    /// The client itself, with a key or token holding the self-service permission.
+    Client,
+}
+
+impl SetBy {
+    /// `"admin"` or `"client"`, as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SetBy::Admin => "admin",
+            SetBy::Client => "client",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SetBy> {
+        match s {
+            "admin" => Some(SetBy::Admin),
+            "client" => Some(SetBy::Client),
+            _ => None,
+        }
+    }
+}
+
 pub use crate::clock::Millis;
 /// The system's wall clock, for code that takes no [`Clock`](crate::clock::Clock): the admin
 /// plane and the stores. The request path reads the clock it was given.
@@ -249,16 +280,44 @@ pub struct ApiKey {
     pub updated_at: Millis,
     pub expires_at: Option<Millis>,
     pub last_used_at: Option<Millis>,
-    /// When the key was last rotated (tokens minted before it are refused).
+    /// When the key was last rotated.
     pub rotated_at: Option<Millis>,
     pub rate_limit: Option<RateLimit>,
     pub metadata: Option<serde_json::Value>,
+    /// Who disabled the key; `None` while it is enabled.
+    pub disabled_by: Option<SetBy>,
+    /// Who set `expires_at`; `None` while there is none.
+    pub expires_set_by: Option<SetBy>,
+    /// Who set `rate_limit`; `None` while there is none.
+    pub rate_limit_set_by: Option<SetBy>,
+    /// The key's token generation: tokens minted from the key carry it (`rot`) and are refused
+    /// once it has changed. Every disable, rotation and Kixote revoke moves it on, to the
+    /// write's time and always past its last value, so no token minted before one of them ever
+    /// works again (re-enabling the key does not bring them back). `None`: never moved on.
+    pub tokens_valid_after: Option<Millis>,
 }
 
 impl ApiKey {
     /// Every hash under which this key may currently be cached.
     pub fn hashes(&self) -> impl Iterator<Item = KeyHash> + '_ {
         std::iter::once(self.key_hash).chain(self.previous_hash)
+    }
+
+    /// Records `by` as the setter of every constraint the key has (a new key).
+    pub fn set_by(&mut self, by: SetBy) {
+        self.disabled_by = (!self.enabled).then_some(by);
+        self.expires_set_by = self.expires_at.map(|_| by);
+        self.rate_limit_set_by = self.rate_limit.map(|_| by);
+    }
+
+    /// Fills in the setter of a constraint that has none recorded (a record written before
+    /// setters were recorded) as an admin, the safe reading: only an admin may loosen it.
+    pub fn with_setters_known(mut self) -> Self {
+        let known = |has: bool, by: Option<SetBy>| has.then(|| by.unwrap_or(SetBy::Admin));
+        self.disabled_by = known(!self.enabled, self.disabled_by);
+        self.expires_set_by = known(self.expires_at.is_some(), self.expires_set_by);
+        self.rate_limit_set_by = known(self.rate_limit.is_some(), self.rate_limit_set_by);
+        self
     }
 }
 
@@ -281,8 +340,8 @@ pub struct Principal {
     expires_at: Millis,
     /// `Millis::MAX`: none (see [`Principal::grace_until`]).
     grace_until: Millis,
-    /// `Millis::MIN`: never (see [`Principal::rotated_at`]).
-    rotated_at: Millis,
+    /// `Millis::MIN`: none (see [`Principal::token_generation`]).
+    token_generation: Millis,
     /// The key's rate-limit bucket (shared by every credential form of the key).
     pub limiter: Arc<bucket::KeyLimiter>,
     /// Requests not yet written to the store.
@@ -404,7 +463,7 @@ impl Principal {
             enabled: key.enabled,
             expires_at: key.expires_at.unwrap_or(Millis::MAX),
             grace_until: grace_until.unwrap_or(Millis::MAX),
-            rotated_at: key.rotated_at.unwrap_or(Millis::MIN),
+            token_generation: key.tokens_valid_after.unwrap_or(Millis::MIN),
             limiter,
             usage: Default::default(),
             headers,
@@ -438,9 +497,10 @@ impl Principal {
         (self.grace_until != Millis::MAX).then_some(self.grace_until)
     }
 
-    /// When the key was last rotated; tokens minted before it are refused.
-    pub fn rotated_at(&self) -> Option<Millis> {
-        (self.rotated_at != Millis::MIN).then_some(self.rotated_at)
+    /// The key's token generation ([`ApiKey::tokens_valid_after`]); a token minted under
+    /// another one is refused.
+    pub fn token_generation(&self) -> Option<Millis> {
+        (self.token_generation != Millis::MIN).then_some(self.token_generation)
     }
 
     /// The earliest moment this principal stops being valid, if any.

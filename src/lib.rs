@@ -356,10 +356,11 @@ impl App {
             signal(),
         );
         let admin_router = self.admin;
+        let admin_body_timeout = self.config.limits.body_timeout;
         let admin = server::serve(
             self.admin_listener,
             opts("admin", &self.admin_cert),
-            move |peer| admin::service(admin_router.clone(), peer),
+            move |peer| admin::service(admin_router.clone(), peer, admin_body_timeout),
             signal(),
         );
         let trigger = async move {

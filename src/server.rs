@@ -1,6 +1,6 @@
-//! The accept loop shared by both listeners: a connection cap, accept errors logged and
-//! survived (EMFILE backs off instead of spinning or exiting), TLS, and a graceful drain on
-//! shutdown. On the proxy listener every HTTP/1.1 connection is served by the fast path
+//! The accept loop shared by both listeners: a connection cap, a cap per client address
+//! (over it a connection is closed at once), accept errors logged and survived (EMFILE backs
+//! off instead of spinning or exiting), TLS, and a graceful drain on shutdown. On the proxy listener every HTTP/1.1 connection is served by the fast path
 //! (`proxy::h1`) first; what it does not take — and every other connection (HTTP/2 by ALPN or
 //! h2c prior knowledge, the admin listener) — goes to hyper-util's auto builder, with a head
 //! size and count limit and a header read timeout (slowloris), given the bytes already read,
@@ -8,11 +8,12 @@
 
 mod activity;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -100,6 +101,8 @@ pub async fn serve<F, S, B>(
         .keep_alive_timeout(H2_PING_TIMEOUT);
 
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let per_ip =
+        (limits.max_connections_per_ip > 0).then(|| PerIp::new(limits.max_connections_per_ip));
     let (drain, drained) = watch::channel(false);
     let settings = Arc::new(h1::Settings {
         max_header_bytes: limits.max_header_bytes,
@@ -123,6 +126,21 @@ pub async fn serve<F, S, B>(
                 Err(e) => {
                     tracing::warn!(listener = opts.name, error = %e, "accept failed; backing off");
                     tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let ip_slot = match &per_ip {
+            None => None,
+            Some(table) => match table.admit(peer.ip()) {
+                Some(held) => Some(held),
+                None => {
+                    tracing::debug!(
+                        listener = opts.name,
+                        peer = %peer.ip(),
+                        "connection closed at once: its address has limits.max_connections_per_ip open already"
+                    );
+                    opts.metrics.connection_refused(opts.name);
                     continue;
                 }
             },
@@ -164,6 +182,7 @@ pub async fn serve<F, S, B>(
                 }
             }
             metrics.connection_closed(name);
+            drop(ip_slot);
             drop(slot);
         });
     }
@@ -181,6 +200,73 @@ pub async fn serve<F, S, B>(
         () = drain.closed() => tracing::info!(listener = opts.name, "all connections closed"),
         () = tokio::time::sleep(opts.shutdown_grace) => {
             tracing::warn!(listener = opts.name, "grace period over; closing remaining connections");
+        }
+    }
+}
+
+/// Open connections per client address, for `limits.max_connections_per_ip`. IPv6 addresses
+/// count per /64 (one host usually holds a whole /64), IPv4-mapped IPv6 as IPv4. Only the
+/// accept loop adds; a connection's task removes its own when it ends (an address with no
+/// open connection has no entry, so the table never outgrows the open connections).
+struct PerIp {
+    cap: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection counted for its address; dropped when the connection ends.
+struct IpSlot {
+    table: Arc<PerIp>,
+    key: IpAddr,
+}
+
+impl PerIp {
+    fn new(cap: usize) -> Arc<Self> {
+        Arc::new(PerIp {
+            cap,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+            },
+        }
+    }
+
+    /// A slot for one more connection from `ip`, or `None` when it has `cap` open already.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        let key = Self::key(ip);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(key).or_insert(0);
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            table: Arc::clone(self),
+            key,
+        })
+    }
+
+    #[cfg(test)]
+    fn open(&self, ip: IpAddr) -> usize {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.get(&Self::key(ip)).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
         }
     }
 }
@@ -322,5 +408,48 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_per_address_cap_counts_open_connections_and_forgets_closed_ones() {
+        let table = PerIp::new(2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let first = table.admit(a).unwrap();
+        let second = table.admit(a).unwrap();
+        assert!(table.admit(a).is_none(), "a third from the same address");
+        let other = table.admit(b).unwrap();
+        drop(first);
+        let again = table.admit(a).expect("a slot came back");
+        assert_eq!(table.open(a), 2);
+        drop((second, again, other));
+        assert!(
+            table.open.lock().unwrap().is_empty(),
+            "entries of closed addresses stay"
+        );
+    }
+
+    #[test]
+    fn ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() {
+        let table = PerIp::new(1);
+        let _held = table.admit("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        assert!(
+            table
+                .admit("2001:db8:1:2:ffff::9".parse().unwrap())
+                .is_none(),
+            "same /64"
+        );
+        assert!(table.admit("2001:db8:1:3::1".parse().unwrap()).is_some());
+        let _v4 = table.admit("198.51.100.7".parse().unwrap()).unwrap();
+        assert!(
+            table
+                .admit("::ffff:198.51.100.7".parse().unwrap())
+                .is_none()
+        );
     }
 }

@@ -6,7 +6,7 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::StatusCode;
-use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use utoipa::{IntoResponses, ToSchema};
@@ -62,6 +62,9 @@ pub enum ErrorResponses {
     /// Conflicts with existing state.
     #[response(status = 409, content_type = "application/problem+json")]
     Conflict(Problem),
+    /// The request body did not arrive in time (the connection is closed).
+    #[response(status = 408, content_type = "application/problem+json")]
+    RequestTimeout(Problem),
     /// Body too large.
     #[response(status = 413, content_type = "application/problem+json")]
     TooLarge(Problem),
@@ -86,6 +89,8 @@ pub enum AdminError {
     NotFound(&'static str),
     Conflict(String),
     Validation(Vec<FieldError>),
+    /// The request body did not arrive whole within `limits.body_timeout_secs`.
+    RequestTimeout,
     PayloadTooLarge,
     TooManyRequests {
         retry_after_secs: u64,
@@ -102,6 +107,7 @@ impl From<StoreError> for AdminError {
             }
             StoreError::Conflict(c) => AdminError::Conflict(c.to_string()),
             StoreError::NotFound => AdminError::NotFound("not found"),
+            StoreError::Refused(c) => AdminError::Forbidden(c.to_string()),
         }
     }
 }
@@ -127,6 +133,11 @@ impl AdminError {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "validation_failed",
                 "one or more fields are invalid".into(),
+            ),
+            Self::RequestTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body did not arrive in time; send it again".into(),
             ),
             Self::PayloadTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -181,15 +192,30 @@ impl IntoResponse for AdminError {
             Self::StoreUnavailable => {
                 h.insert(RETRY_AFTER, HeaderValue::from_static("5"));
             }
+            // The rest of the body may still come: the connection is not reused.
+            Self::RequestTimeout => {
+                h.insert(CONNECTION, HeaderValue::from_static("close"));
+            }
             _ => {}
         }
         res
     }
 }
 
-/// A JSON body: malformed JSON → 400; a value that does not fit `T` → 422 naming the field.
-/// An empty body, or `null` (what an optional body looks like in the OpenAPI document), is read
-/// as `{}`.
+/// The error of an admin request body that did not arrive whole within
+/// `limits.body_timeout_secs` of its head (see `admin::service`).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the request body did not arrive in time")]
+pub struct BodyTimedOut;
+
+/// True when `e` (or an error it wraps) is [`BodyTimedOut`].
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).any(|e| e.is::<BodyTimedOut>())
+}
+
+/// A JSON body: malformed JSON → 400; a value that does not fit `T` → 422 naming the field;
+/// a body that does not arrive in time → 408. An empty body, or `null` (what an optional body
+/// looks like in the OpenAPI document), is read as `{}`.
 pub struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
@@ -197,7 +223,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            if timed_out(&e) {
+                AdminError::RequestTimeout
+            } else if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 AdminError::PayloadTooLarge
             } else {
                 AdminError::BadRequest("could not read the request body".into())

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::error::{AdminError, ErrorResponses, FieldError, JsonBody};
 use super::{AdminState, Caller, PageQuery, PageView, rfc3339};
 use crate::keys::store::{KeyPatch, Rotated, Rotation};
-use crate::keys::{ApiKey, Millis, RateLimit, now_millis, valid_client_id};
+use crate::keys::{ApiKey, Millis, RateLimit, SetBy, now_millis, valid_client_id};
 
 /// Longest rotation grace period: 7 days.
 pub const MAX_GRACE_SECONDS: u64 = 7 * 24 * 3600;
@@ -36,6 +36,14 @@ pub struct KeyView {
     pub rate_limit: Option<RateLimit>,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
+    /// Who disabled the key (null while it is enabled). A key an admin disabled can be enabled
+    /// by an admin only.
+    pub disabled_by: Option<SetBy>,
+    /// Who set `expires_at` (null when there is none). An expiry an admin set can be brought
+    /// closer by the client, but removed or postponed by an admin only.
+    pub expires_set_by: Option<SetBy>,
+    /// Who set `rate_limit` (null when there is none); only an admin sets rate limits.
+    pub rate_limit_set_by: Option<SetBy>,
     /// After a rotation with a grace period: until when the previous key still works.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub previous_key_valid_until: Option<String>,
@@ -60,6 +68,9 @@ impl KeyView {
             last_used_at: k.last_used_at.map(rfc3339),
             rate_limit: k.rate_limit,
             metadata: k.metadata.clone(),
+            disabled_by: k.disabled_by,
+            expires_set_by: k.expires_set_by,
+            rate_limit_set_by: k.rate_limit_set_by,
             previous_key_valid_until: k
                 .previous_valid_until
                 .filter(|&t| k.previous_hash.is_some() && t > now)
@@ -249,6 +260,10 @@ pub fn new_key(
         rotated_at: None,
         rate_limit: None,
         metadata: None,
+        disabled_by: None,
+        expires_set_by: None,
+        rate_limit_set_by: None,
+        tokens_valid_after: None,
     };
     (key, generated.plaintext)
 }
@@ -333,6 +348,7 @@ pub async fn create(
     key.expires_at = expires_at;
     key.rate_limit = body.rate_limit;
     key.metadata = body.metadata;
+    key.set_by(caller.set_by());
     state
         .store
         .insert_key(&key, state.max_keys_per_client)
@@ -453,6 +469,9 @@ pub async fn update(
         expires_at,
         rate_limit: body.rate_limit,
         metadata: body.metadata,
+        // A client may tighten what an admin set but not loosen it: the store judges that on
+        // the key as it is at the moment of the write, and refuses the whole patch (403).
+        by: caller.set_by(),
     };
     let key = state
         .store

@@ -5,8 +5,8 @@
 //! Time is the caller's `now` (the authenticator's clock), never the library's own reading of
 //! the system clock.
 //!
-//! A token names the key it was minted from (`kid`) and that key's rotation generation
-//! (`rot`); the proxy refuses it once the key is revoked, disabled, deleted or rotated.
+//! A token names the key it was minted from (`kid`) and that key's token generation (`rot`);
+//! the proxy refuses it once the key is revoked, disabled, deleted or rotated, for good.
 
 use std::time::Duration;
 
@@ -33,8 +33,14 @@ pub struct Claims {
     pub jti: String,
     /// Id of the API key the token was minted from.
     pub kid: String,
-    /// The key's `rotated_at` (ms, 0 = never) when the token was minted.
+    /// The key's token generation (`tokens_valid_after`, ms; 0 = none) when the token was
+    /// minted: moved on by every disable, rotation and revoke, so the token is refused after
+    /// any of them, for good.
     pub rot: i64,
+    /// Minted with a key's previous secret during a rotation's grace period: the end of that
+    /// period (ms). The token is refused from then on, whatever its `exp` and the leeway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_until: Option<i64>,
     pub permissions: Vec<String>,
 }
 
@@ -135,7 +141,7 @@ impl Jwt {
 
     /// Mints a token for `p`, expiring after the TTL or when the key stops being valid,
     /// whichever comes first.
-    pub fn issue(&self, p: &Principal, rotated_at: Option<Millis>, now: Millis) -> Token {
+    pub fn issue(&self, p: &Principal, generation: Option<Millis>, now: Millis) -> Token {
         let now_s = now / 1000;
         let mut exp = now_s + self.ttl.as_secs() as i64;
         if let Some(until) = p.valid_until() {
@@ -150,7 +156,8 @@ impl Jwt {
             exp,
             jti: Uuid::now_v7().to_string(),
             kid: p.key_id.to_string(),
-            rot: rotated_at.unwrap_or(0),
+            rot: generation.unwrap_or(0),
+            grace_until: p.grace_until(),
             permissions: p.permission_list(),
         };
         let token = jsonwebtoken::encode(&self.header, &claims, &self.encoding)

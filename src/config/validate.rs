@@ -351,7 +351,10 @@ fn routes(raw: &[RawRoute], default_upstream: Option<&Uri>, p: &mut Problems) ->
     routes
 }
 
-/// `[limits]`: request-head limits, timeouts on slow clients, the connection cap.
+/// `[limits]`: request-head limits, timeouts on slow clients, the connection caps. The cap per
+/// client address defaults to half of `max_connections`, so that one address can never take
+/// every slot of a listener while a load balancer (whose address every connection it forwards
+/// shares) still gets half of them.
 fn limits(raw: &RawLimits, p: &mut Problems) -> Limits {
     if raw.max_header_bytes < 8192 {
         p.error("limits.max_header_bytes: must be at least 8192");
@@ -374,6 +377,9 @@ fn limits(raw: &RawLimits, p: &mut Problems) -> Limits {
         header_read_timeout: Duration::from_secs(raw.header_read_timeout_secs),
         body_timeout: Duration::from_secs(raw.body_timeout_secs),
         max_connections: raw.max_connections,
+        max_connections_per_ip: raw
+            .max_connections_per_ip
+            .unwrap_or((raw.max_connections / 2).max(1)),
     }
 }
 

@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::cache::InvalidationSink;
-use super::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit};
+use super::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit, SetBy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -37,6 +37,38 @@ pub enum StoreError {
     /// A referenced record does not exist.
     #[error("not found")]
     NotFound,
+    /// A client's change would have loosened a constraint an admin set; nothing was written.
+    #[error("{0}")]
+    Refused(Constraint),
+}
+
+/// A constraint on a key that only an admin may loosen (see [`KeyPatch::setters`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Constraint {
+    /// The key was disabled by an admin: a client may not enable it.
+    Disabled,
+    /// The expiry was set by an admin: a client may shorten it, not remove or extend it.
+    Expiry,
+    /// The rate limit was set by an admin: a client may not change it.
+    RateLimit,
+}
+
+impl std::fmt::Display for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Constraint::Disabled => {
+                "an admin disabled this key; only an admin can enable it (nothing was changed)"
+            }
+            Constraint::Expiry => {
+                "an admin set this key's expiry; a client can only bring it closer, not remove \
+                 or postpone it (nothing was changed)"
+            }
+            Constraint::RateLimit => {
+                "an admin set this key's rate limit; only an admin can change it (nothing was \
+                 changed)"
+            }
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +157,71 @@ pub struct KeyPatch {
     pub rate_limit: Option<Option<RateLimit>>,
     /// `Some(None)`: no metadata.
     pub metadata: Option<Option<serde_json::Value>>,
+    /// Who makes the change: a client's change may not loosen what an admin set
+    /// ([`KeyPatch::setters`]).
+    pub by: SetBy,
+}
+
+/// Who set each constraint of a key once a patch is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setters {
+    pub disabled_by: Option<SetBy>,
+    pub expires_set_by: Option<SetBy>,
+    pub rate_limit_set_by: Option<SetBy>,
+}
+
+impl KeyPatch {
+    /// Who set each constraint of `current` once this patch is applied to it, or the
+    /// constraint it may not loosen. The rules, for a patch by a client on a constraint an
+    /// admin set: enabling a disabled key, removing or postponing the expiry, or changing the
+    /// rate limit is refused (the whole patch); disabling it again or bringing the expiry
+    /// closer is allowed and leaves the constraint the admin's (so a client cannot turn an
+    /// admin's constraint into its own and then lift it). A constraint a client set is the
+    /// client's to lift; anything an admin writes is the admin's. Every store applies these
+    /// rules in the same atomic step as the write.
+    pub fn setters(&self, current: &ApiKey) -> Result<Setters, Constraint> {
+        let current = current.clone().with_setters_known();
+        let client = self.by == SetBy::Client;
+        // The setter of a constraint this patch sets: an admin's stays the admin's.
+        let setter = |was: Option<SetBy>| {
+            if was == Some(SetBy::Admin) {
+                SetBy::Admin
+            } else {
+                self.by
+            }
+        };
+        let disabled_by = match self.enabled {
+            None => current.disabled_by,
+            Some(true) if client && current.disabled_by == Some(SetBy::Admin) => {
+                return Err(Constraint::Disabled);
+            }
+            Some(true) => None,
+            Some(false) => Some(setter(current.disabled_by)),
+        };
+        let admin_expiry = client && current.expires_set_by == Some(SetBy::Admin);
+        let expires_set_by = match self.expires_at {
+            None => current.expires_set_by,
+            Some(None) if admin_expiry => return Err(Constraint::Expiry),
+            Some(None) => None,
+            Some(Some(t)) if admin_expiry && current.expires_at.is_some_and(|e| t > e) => {
+                return Err(Constraint::Expiry);
+            }
+            Some(Some(_)) => Some(setter(current.expires_set_by)),
+        };
+        let rate_limit_set_by = match self.rate_limit {
+            None => current.rate_limit_set_by,
+            Some(_) if client && current.rate_limit_set_by == Some(SetBy::Admin) => {
+                return Err(Constraint::RateLimit);
+            }
+            Some(None) => None,
+            Some(Some(_)) => Some(setter(current.rate_limit_set_by)),
+        };
+        Ok(Setters {
+            disabled_by,
+            expires_set_by,
+            rate_limit_set_by,
+        })
+    }
 }
 
 /// A new secret for a key.
@@ -176,8 +273,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Sets the attributes `patch` names, and `updated_at` to `now` unless it is already later,
     /// in one atomic write on the key as it is then: its secret and every attribute the patch
-    /// does not name stay as they are. Returns the key as this write left it, `None` when it
-    /// does not exist.
+    /// does not name stay as they are; a patch that disables the key also moves its
+    /// `tokens_valid_after` on past its current value, to at least `now` (every token minted
+    /// before is refused for good); who set each constraint follows [`KeyPatch::setters`],
+    /// judged on the key as it is then, and a patch those rules refuse changes nothing
+    /// ([`StoreError::Refused`]). Returns the key as this write left it, `None` when it does
+    /// not exist.
     async fn patch_key(
         &self,
         id: Uuid,
@@ -188,7 +289,8 @@ pub trait Store: Send + Sync + 'static {
     /// Gives the key a new secret in one atomic write. The hash that is current at the moment of
     /// the write becomes the previous hash, valid until `previous_valid_until`, or stops at once
     /// when that is `None`; an older previous hash always stops. Only the hashes, `prefix`,
-    /// `rotated_at` and `updated_at` change. `None` when the key does not exist.
+    /// `rotated_at`, `tokens_valid_after` (moved on past its current value, to at least `at`)
+    /// and `updated_at` change. `None` when the key does not exist.
     async fn rotate_key(&self, id: Uuid, rotation: &Rotation) -> StoreResult<Option<Rotated>>;
 
     /// Deletes a key and returns it.
@@ -212,8 +314,9 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes a client and all its keys, atomically, returning what was deleted.
     async fn delete_client(&self, client_id: &str) -> StoreResult<Option<ClientWithKeys>>;
 
-    /// Disables every key of the client (only `enabled` and `updated_at` change), atomically;
-    /// the Kixote revoke call. Returns the keys as they were before. `NotFound` when the client
+    /// Disables every key of the client, as an admin (only `enabled`, `disabled_by`,
+    /// `tokens_valid_after`, moved on, and `updated_at` change), atomically; the Kixote revoke
+    /// call. Returns the keys as they were before. `NotFound` when the client
     /// does not exist.
     async fn disable_client_keys(&self, client_id: &str) -> StoreResult<Vec<ApiKey>>;
 
@@ -242,4 +345,127 @@ pub trait Store: Send + Sync + 'static {
     /// store lives; after a broken subscription is restored, calls `invalidate_all` (anything
     /// may have been missed). Stores that are not shared between instances do nothing.
     fn watch_invalidations(&self, _sink: Arc<dyn InvalidationSink>) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::SetBy::{Admin, Client};
+
+    fn key(enabled: bool, expires_at: Option<Millis>, by: SetBy) -> ApiKey {
+        let mut b = ApiKey::builder().enabled(enabled).rate_limit(RateLimit {
+            per_second: Some(1),
+            per_minute: None,
+            per_hour: None,
+            burst: 1,
+        });
+        if let Some(t) = expires_at {
+            b = b.expires_at(t);
+        }
+        let (mut k, _) = b.build();
+        k.set_by(by);
+        k
+    }
+
+    fn patch(by: SetBy) -> KeyPatch {
+        KeyPatch {
+            by,
+            ..KeyPatch::default()
+        }
+    }
+
+    #[test]
+    fn a_client_may_tighten_an_admins_constraints_but_never_loosen_them() {
+        let admins = key(false, Some(1_000), Admin);
+        let enable = KeyPatch {
+            enabled: Some(true),
+            ..patch(Client)
+        };
+        assert_eq!(enable.setters(&admins), Err(Constraint::Disabled));
+        let never = KeyPatch {
+            expires_at: Some(None),
+            ..patch(Client)
+        };
+        assert_eq!(never.setters(&admins), Err(Constraint::Expiry));
+        let later = KeyPatch {
+            expires_at: Some(Some(1_001)),
+            ..patch(Client)
+        };
+        assert_eq!(later.setters(&admins), Err(Constraint::Expiry));
+        let no_limit = KeyPatch {
+            rate_limit: Some(None),
+            ..patch(Client)
+        };
+        assert_eq!(no_limit.setters(&admins), Err(Constraint::RateLimit));
+
+        // Tightening is allowed, and what it tightens stays the admin's.
+        let sooner = KeyPatch {
+            enabled: Some(false),
+            expires_at: Some(Some(999)),
+            ..patch(Client)
+        };
+        let s = sooner.setters(&admins).unwrap();
+        assert_eq!(
+            (s.disabled_by, s.expires_set_by, s.rate_limit_set_by),
+            (Some(Admin), Some(Admin), Some(Admin))
+        );
+        // So is a patch that names nothing of them.
+        assert!(patch(Client).setters(&admins).is_ok());
+        // An admin may loosen anything.
+        let lift = KeyPatch {
+            enabled: Some(true),
+            expires_at: Some(None),
+            rate_limit: Some(None),
+            ..patch(Admin)
+        };
+        let s = lift.setters(&admins).unwrap();
+        assert_eq!(
+            (s.disabled_by, s.expires_set_by, s.rate_limit_set_by),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn what_a_client_set_the_client_may_lift() {
+        let mut own = key(false, Some(1_000), Client);
+        own.rate_limit = None;
+        own.rate_limit_set_by = None;
+        let lift = KeyPatch {
+            enabled: Some(true),
+            expires_at: Some(Some(5_000)),
+            ..patch(Client)
+        };
+        let s = lift.setters(&own).unwrap();
+        assert_eq!((s.disabled_by, s.expires_set_by), (None, Some(Client)));
+        // An admin's disable of a key the client disabled makes it the admin's.
+        let disable = KeyPatch {
+            enabled: Some(false),
+            ..patch(Admin)
+        };
+        assert_eq!(disable.setters(&own).unwrap().disabled_by, Some(Admin));
+        // A client's disable of an enabled key is the client's.
+        let enabled = key(true, None, Admin);
+        let disable = KeyPatch {
+            enabled: Some(false),
+            ..patch(Client)
+        };
+        assert_eq!(disable.setters(&enabled).unwrap().disabled_by, Some(Client));
+    }
+
+    #[test]
+    fn constraints_without_a_recorded_setter_are_an_admins() {
+        let mut legacy = key(false, Some(1_000), Admin);
+        legacy.disabled_by = None;
+        legacy.expires_set_by = None;
+        let enable = KeyPatch {
+            enabled: Some(true),
+            ..patch(Client)
+        };
+        assert_eq!(enable.setters(&legacy), Err(Constraint::Disabled));
+        let later = KeyPatch {
+            expires_at: Some(Some(2_000)),
+            ..patch(Client)
+        };
+        assert_eq!(later.setters(&legacy), Err(Constraint::Expiry));
+    }
 }

@@ -34,7 +34,8 @@ impl ApiKey {
 /// Builds a key with a freshly generated plaintext (prefix [`KEY_PREFIX`]) and the record a
 /// store keeps for it. Unless set: client [`CLIENT`], name `"test key"`, no permissions,
 /// enabled, created and updated now, no expiry, never used, never rotated, no rate-limit
-/// override, no metadata.
+/// override, no metadata. Its constraints (disabled, expiry, rate limit) are an admin's; its
+/// token generation is its `rotated_at`.
 #[derive(Clone, Debug)]
 pub struct KeyBuilder {
     id: Uuid,
@@ -161,7 +162,12 @@ impl KeyBuilder {
             rotated_at: self.rotated_at,
             rate_limit: self.rate_limit,
             metadata: self.metadata,
-        };
+            disabled_by: None,
+            expires_set_by: None,
+            rate_limit_set_by: None,
+            tokens_valid_after: self.rotated_at,
+        }
+        .with_setters_known();
         (key, new)
     }
 

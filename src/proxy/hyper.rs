@@ -147,12 +147,14 @@ impl Gateway {
         Ok(res.map(Either::Left))
     }
 
-    /// Reads a small body whole, within `limits.body_timeout` per pause.
+    /// Reads a small body whole, within `limits.body_timeout` in all (not per pause: a client
+    /// sending a byte now and then cannot hold its connection).
     async fn read_small(&self, body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
         let mut body = http_body_util::Limited::new(body, limit);
         let mut out = bytes::BytesMut::new();
+        let deadline = tokio::time::Instant::now() + self.upstreams.body_timeout;
         loop {
-            match tokio::time::timeout(self.upstreams.body_timeout, body.frame()).await {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
                 Err(_) => return Err(ProxyError::BodyTimeout),
                 Ok(None) => return Ok(out.freeze()),
                 Ok(Some(Ok(frame))) => {

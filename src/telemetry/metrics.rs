@@ -151,6 +151,7 @@ pub struct Metrics {
     pub upstream_latency: Histogram,
     pub upstream_errors: Counter,
     connections: [Gauge; LISTENERS.len()],
+    connections_refused: [Counter; LISTENERS.len()],
     pub invalidation_lag: Histogram,
     pub invalidations_received: Counter,
     pub usage_flushes: Counter,
@@ -173,6 +174,7 @@ impl Metrics {
             upstream_latency: Histogram::default(),
             upstream_errors: Counter::default(),
             connections: Default::default(),
+            connections_refused: Default::default(),
             invalidation_lag: Histogram::default(),
             invalidations_received: Counter::default(),
             usage_flushes: Counter::default(),
@@ -213,6 +215,14 @@ impl Metrics {
     pub fn connection_closed(&self, listener: &str) {
         if let Some(i) = LISTENERS.iter().position(|&l| l == listener) {
             self.connections[i].dec();
+        }
+    }
+
+    /// Counts a connection closed at once because its address had too many open already
+    /// (`limits.max_connections_per_ip`).
+    pub fn connection_refused(&self, listener: &str) {
+        if let Some(i) = LISTENERS.iter().position(|&l| l == listener) {
+            self.connections_refused[i].inc();
         }
     }
 
@@ -281,6 +291,15 @@ impl Metrics {
                 self.connections[i].get()
             );
         }
+        out.push_str("# HELP keygate_connections_refused_total Connections closed at once: their client address had limits.max_connections_per_ip open already.\n");
+        out.push_str("# TYPE keygate_connections_refused_total counter\n");
+        for (i, l) in LISTENERS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "keygate_connections_refused_total{{listener=\"{l}\"}} {}",
+                self.connections_refused[i].get()
+            );
+        }
         out.push_str("# HELP keygate_invalidation_lag_seconds Time from a write on another instance to its cache invalidation here.\n");
         out.push_str("# TYPE keygate_invalidation_lag_seconds histogram\n");
         self.invalidation_lag
@@ -338,6 +357,7 @@ mod tests {
         m.store_latency.observe(Duration::from_micros(300));
         m.upstream_latency.observe(Duration::from_secs(20));
         m.connection_opened("proxy");
+        m.connection_refused("admin");
         let text = m.render();
         for line in [
             "keygate_requests_total{route=\"/v1/extract\",status=\"2xx\"} 1",
@@ -352,6 +372,8 @@ mod tests {
             "keygate_upstream_duration_seconds_bucket{le=\"10\"} 0",
             "keygate_upstream_duration_seconds_bucket{le=\"+Inf\"} 1",
             "keygate_connections{listener=\"proxy\"} 1",
+            "keygate_connections_refused_total{listener=\"admin\"} 1",
+            "keygate_connections_refused_total{listener=\"proxy\"} 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -514,3 +514,32 @@ async fn cache_upstream() -> SocketAddr {
     });
     addr
 }
+
+#[tokio::test]
+async fn a_login_body_dripped_a_byte_at_a_time_is_cut_off_in_all() {
+    let gw = Gateway::start_with("[limits]\nbody_timeout_secs = 1\n").await;
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(b"POST /auth/login HTTP/1.1\r\nHost: g\r\nContent-Length: 100\r\n\r\n{")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    // One byte every 300 ms: never a pause as long as the body timeout.
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 1024];
+    for _ in 0..20 {
+        let _ = s.write_all(b" ").await;
+        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => {
+                answer.extend_from_slice(&chunk[..n]);
+                break;
+            }
+            Ok(_) => break,
+            Err(_) => {}
+        }
+    }
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request_timeout"), "{text}");
+    assert!(took < Duration::from_secs(4), "answered after {took:?}");
+}

@@ -19,6 +19,7 @@ mod redis_cluster;
 mod redis_store;
 mod redis_support;
 mod scripted;
+mod self_service;
 mod store_conformance;
 mod support;
 mod tls_ws;

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use keygate::keys::store::redis::RedisStore;
 use keygate::keys::store::sqlite::SqliteStore;
 use keygate::keys::store::{
-    ClientPatch, Conflict, KeyPatch, Rotated, Rotation, Store, StoreError, Usage,
+    ClientPatch, Conflict, Constraint, KeyPatch, Rotated, Rotation, Store, StoreError, Usage,
 };
-use keygate::keys::{ApiKey, Client, KeyHash, Millis, RateLimit, now_millis};
+use keygate::keys::{ApiKey, Client, KeyHash, Millis, RateLimit, SetBy, now_millis};
 use uuid::Uuid;
 
 use crate::redis_support::RedisServer;
@@ -101,6 +101,8 @@ conformance!(
     disable_client_keys_disables_them_all,
     replace_client_keys_replaces_them_all,
     racing_disable_rotate_and_patch_never_undo_an_acknowledged_write,
+    client_patches_never_loosen_what_an_admin_set,
+    disables_rotations_and_revokes_move_the_token_generation_on,
     usage_counts_add_up_per_day_and_die_with_the_key,
     ping_answers,
 );
@@ -138,6 +140,9 @@ async fn insert_then_find_by_hash_and_by_id(s: Arc<dyn Store>) {
         burst: 50,
     });
     k.metadata = Some(serde_json::json!({"team": "ci"}));
+    // Who set each constraint is kept as written.
+    k.expires_set_by = Some(SetBy::Client);
+    k.rate_limit_set_by = Some(SetBy::Admin);
     k.permissions = vec!["DATA_EXTRACTION".into(), "keys:manage".into()];
     s.insert_client(&c, &k).await.unwrap();
 
@@ -389,6 +394,7 @@ async fn patch_key_changes_only_what_it_names(s: Arc<dyn Store>) {
         expires_at: Some(None),
         rate_limit: Some(Some(limit)),
         metadata: Some(None),
+        by: SetBy::Admin,
     };
     let expected = ApiKey {
         name: "renamed".into(),
@@ -398,6 +404,11 @@ async fn patch_key_changes_only_what_it_names(s: Arc<dyn Store>) {
         rate_limit: Some(limit),
         metadata: None,
         updated_at: now + 50,
+        disabled_by: Some(SetBy::Admin),
+        expires_set_by: None,
+        rate_limit_set_by: Some(SetBy::Admin),
+        // A disable moves the token generation on to the write's time.
+        tokens_valid_after: Some(now + 50),
         ..k.clone()
     };
     let patched = s.patch_key(k.id, &all, now + 50).await.unwrap();
@@ -429,6 +440,7 @@ async fn patch_key_changes_only_what_it_names(s: Arc<dyn Store>) {
         ApiKey {
             enabled: true,
             updated_at: now + 60,
+            disabled_by: None,
             ..expected.clone()
         }
     );
@@ -451,6 +463,7 @@ async fn patch_key_changes_only_what_it_names(s: Arc<dyn Store>) {
             expires_at: Some(now + 5000),
             metadata: Some(serde_json::json!({"b": [2]})),
             updated_at: now + 70,
+            expires_set_by: Some(SetBy::Admin),
             ..k2.clone()
         }
     );
@@ -505,6 +518,7 @@ async fn rotate_key_changes_only_the_secret(s: Arc<dyn Store>) {
             previous_valid_until: Some(now + 60_000),
             rotated_at: Some(now + 20),
             updated_at: now + 20,
+            tokens_valid_after: Some(now + 20),
             ..disabled.clone()
         },
         "disabled and renamed still"
@@ -523,8 +537,8 @@ async fn rotate_key_changes_only_the_secret(s: Arc<dyn Store>) {
         .unwrap()
         .after;
     assert_eq!(
-        (later.updated_at, later.rotated_at),
-        (now + 20, Some(now + 15))
+        (later.updated_at, later.rotated_at, later.tokens_valid_after),
+        (now + 20, Some(now + 15), Some(now + 21))
     );
 
     let (ghost, _) = key("acme", now);
@@ -708,11 +722,14 @@ async fn disable_client_keys_disables_them_all(s: Arc<dyn Store>) {
             .unwrap()
             .expect("still stored");
         assert!(r.key.updated_at >= k.updated_at);
+        assert!(r.key.tokens_valid_after.is_some());
         assert_eq!(
             r.key,
             ApiKey {
                 enabled: false,
+                disabled_by: Some(SetBy::Admin),
                 updated_at: r.key.updated_at,
+                tokens_valid_after: r.key.tokens_valid_after,
                 ..k.clone()
             }
         );
@@ -945,4 +962,339 @@ async fn ping_answers(s: Arc<dyn Store>) {
         .await
         .unwrap();
     s.ping().await.unwrap();
+}
+
+async fn client_patches_never_loosen_what_an_admin_set(s: Arc<dyn Store>) {
+    let now = now_millis();
+    let (k, _) = key("acme", now);
+    s.insert_client(&client("acme", "pro", now), &k)
+        .await
+        .unwrap();
+    let by = |by: SetBy, p: KeyPatch| KeyPatch { by, ..p };
+    let admin = |p: KeyPatch| by(SetBy::Admin, p);
+    let client = |p: KeyPatch| by(SetBy::Client, p);
+    let limit = RateLimit {
+        per_second: Some(2),
+        per_minute: None,
+        per_hour: None,
+        burst: 2,
+    };
+    let constrained = s
+        .patch_key(
+            k.id,
+            &admin(KeyPatch {
+                enabled: Some(false),
+                expires_at: Some(Some(now + 10_000)),
+                rate_limit: Some(Some(limit)),
+                ..KeyPatch::default()
+            }),
+            now + 1,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            constrained.disabled_by,
+            constrained.expires_set_by,
+            constrained.rate_limit_set_by
+        ),
+        (Some(SetBy::Admin), Some(SetBy::Admin), Some(SetBy::Admin))
+    );
+
+    // Each loosening is refused whole: the name in the same patch is not written either.
+    for (patch, constraint) in [
+        (
+            KeyPatch {
+                enabled: Some(true),
+                ..KeyPatch::default()
+            },
+            Constraint::Disabled,
+        ),
+        (
+            KeyPatch {
+                expires_at: Some(None),
+                ..KeyPatch::default()
+            },
+            Constraint::Expiry,
+        ),
+        (
+            KeyPatch {
+                expires_at: Some(Some(now + 20_000)),
+                ..KeyPatch::default()
+            },
+            Constraint::Expiry,
+        ),
+        (
+            KeyPatch {
+                rate_limit: Some(None),
+                ..KeyPatch::default()
+            },
+            Constraint::RateLimit,
+        ),
+    ] {
+        let patch = client(KeyPatch {
+            name: Some("loosened".into()),
+            ..patch
+        });
+        match s.patch_key(k.id, &patch, now + 2).await {
+            Err(StoreError::Refused(c)) => assert_eq!(c, constraint, "{patch:?}"),
+            other => panic!("{patch:?}: expected a refusal, got {other:?}"),
+        }
+        assert_eq!(
+            s.find_by_id(k.id).await.unwrap().unwrap().key,
+            constrained,
+            "{patch:?} changed the key"
+        );
+    }
+
+    // Tightening is allowed, and what it tightens stays the admin's: the client cannot then
+    // lift its own tightening past what the admin set, nor at all.
+    let tighter = s
+        .patch_key(
+            k.id,
+            &client(KeyPatch {
+                enabled: Some(false),
+                expires_at: Some(Some(now + 5_000)),
+                ..KeyPatch::default()
+            }),
+            now + 3,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(tighter.expires_at, Some(now + 5_000));
+    assert_eq!(
+        (tighter.disabled_by, tighter.expires_set_by),
+        (Some(SetBy::Admin), Some(SetBy::Admin))
+    );
+    let back = client(KeyPatch {
+        expires_at: Some(Some(now + 8_000)),
+        ..KeyPatch::default()
+    });
+    assert!(matches!(
+        s.patch_key(k.id, &back, now + 4).await,
+        Err(StoreError::Refused(Constraint::Expiry))
+    ));
+
+    // What the admin lifts, and what the client then sets, the client may lift.
+    let lifted = s
+        .patch_key(
+            k.id,
+            &admin(KeyPatch {
+                enabled: Some(true),
+                expires_at: Some(None),
+                rate_limit: Some(None),
+                ..KeyPatch::default()
+            }),
+            now + 5,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            lifted.disabled_by,
+            lifted.expires_set_by,
+            lifted.rate_limit_set_by
+        ),
+        (None, None, None)
+    );
+    let own = s
+        .patch_key(
+            k.id,
+            &client(KeyPatch {
+                enabled: Some(false),
+                expires_at: Some(Some(now + 3_000)),
+                ..KeyPatch::default()
+            }),
+            now + 6,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (own.disabled_by, own.expires_set_by),
+        (Some(SetBy::Client), Some(SetBy::Client))
+    );
+    let freed = s
+        .patch_key(
+            k.id,
+            &client(KeyPatch {
+                enabled: Some(true),
+                expires_at: Some(None),
+                ..KeyPatch::default()
+            }),
+            now + 7,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(freed.enabled && freed.expires_at.is_none());
+
+    // The Kixote revoke disables as an admin.
+    s.disable_client_keys("acme").await.unwrap();
+    let revoked = s.find_by_id(k.id).await.unwrap().unwrap().key;
+    assert_eq!(revoked.disabled_by, Some(SetBy::Admin));
+    let enable = client(KeyPatch {
+        enabled: Some(true),
+        ..KeyPatch::default()
+    });
+    assert!(matches!(
+        s.patch_key(k.id, &enable, now + 8).await,
+        Err(StoreError::Refused(Constraint::Disabled))
+    ));
+
+    // A key stored disabled with no setter recorded (as before setters were recorded) is an
+    // admin's.
+    let (mut old, _) = key("acme", now + 9);
+    old.enabled = false;
+    old.disabled_by = None;
+    s.insert_key(&old, 0).await.unwrap();
+    let read = s.find_by_id(old.id).await.unwrap().unwrap().key;
+    assert_eq!(read.disabled_by, Some(SetBy::Admin));
+    assert!(matches!(
+        s.patch_key(old.id, &enable, now + 10).await,
+        Err(StoreError::Refused(Constraint::Disabled))
+    ));
+
+    // An admin's disable racing a client's enable: whichever lands first, the key ends
+    // disabled by the admin (an enable judged after the disable is refused).
+    let (raced, _) = key("acme", now + 11);
+    s.insert_key(&raced, 0).await.unwrap();
+    let id = raced.id;
+    for round in 0..200 {
+        let setup = client(KeyPatch {
+            enabled: Some(false),
+            ..KeyPatch::default()
+        });
+        let reset = s
+            .patch_key(
+                id,
+                &admin(KeyPatch {
+                    enabled: Some(true),
+                    ..KeyPatch::default()
+                }),
+                now_millis(),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(reset.enabled);
+        s.patch_key(id, &setup, now_millis()).await.unwrap();
+        let (a, c) = (Arc::clone(&s), Arc::clone(&s));
+        let disable = tokio::spawn(async move {
+            let p = KeyPatch {
+                enabled: Some(false),
+                by: SetBy::Admin,
+                ..KeyPatch::default()
+            };
+            a.patch_key(id, &p, now_millis()).await
+        });
+        let enable = tokio::spawn(async move {
+            let p = KeyPatch {
+                enabled: Some(true),
+                by: SetBy::Client,
+                ..KeyPatch::default()
+            };
+            c.patch_key(id, &p, now_millis()).await
+        });
+        disable.await.unwrap().unwrap().unwrap();
+        match enable.await.unwrap() {
+            Ok(_) | Err(StoreError::Refused(Constraint::Disabled)) => {}
+            other => panic!("round {round}: {other:?}"),
+        }
+        let after = s.find_by_id(id).await.unwrap().unwrap().key;
+        assert!(
+            !after.enabled && after.disabled_by == Some(SetBy::Admin),
+            "round {round}: the admin's disable was undone: {after:?}"
+        );
+    }
+}
+
+async fn disables_rotations_and_revokes_move_the_token_generation_on(s: Arc<dyn Store>) {
+    let now = now_millis();
+    let (k, _) = key("acme", now);
+    s.insert_client(&client("acme", "pro", now), &k)
+        .await
+        .unwrap();
+    assert_eq!(k.tokens_valid_after, None);
+    let generation = |s: Arc<dyn Store>| async move {
+        s.find_by_id(k.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .key
+            .tokens_valid_after
+            .expect("a generation")
+    };
+    let patch = |p: KeyPatch, at: Millis| {
+        let s = Arc::clone(&s);
+        async move { s.patch_key(k.id, &p, at).await.unwrap().unwrap() }
+    };
+    let disable = KeyPatch {
+        enabled: Some(false),
+        ..KeyPatch::default()
+    };
+
+    // A disable: the write's time.
+    let g1 = patch(disable.clone(), now + 10).await.tokens_valid_after;
+    assert_eq!(g1, Some(now + 10));
+    // Enabling, renaming, changing the expiry: unchanged.
+    for p in [
+        KeyPatch {
+            enabled: Some(true),
+            ..KeyPatch::default()
+        },
+        KeyPatch {
+            name: Some("n".into()),
+            expires_at: Some(Some(now + 99_000)),
+            ..KeyPatch::default()
+        },
+    ] {
+        assert_eq!(patch(p, now + 20).await.tokens_valid_after, g1);
+    }
+    // Always past the current generation, even for a write stamped earlier (another
+    // instance's clock) or in the same millisecond.
+    let g2 = patch(disable.clone(), now + 5).await.tokens_valid_after;
+    assert_eq!(g2, Some(now + 11));
+    let g3 = patch(disable, now + 5).await.tokens_valid_after;
+    assert_eq!(g3, Some(now + 12));
+
+    // A rotation, with a grace period or not.
+    let r = s
+        .rotate_key(
+            k.id,
+            &rotation(KeyHash::of("r1"), now + 30, Some(now + 60_000)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.after.tokens_valid_after, Some(now + 30));
+    let r = s
+        .rotate_key(k.id, &rotation(KeyHash::of("r2"), now + 30, None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.after.tokens_valid_after, Some(now + 31));
+    assert_eq!(generation(Arc::clone(&s)).await, now + 31);
+
+    // The Kixote revoke (every key of the client), at the store's own time.
+    s.disable_client_keys("acme").await.unwrap();
+    let g = generation(Arc::clone(&s)).await;
+    assert!(g >= now + 32, "{g}");
+
+    // A key inserted with a generation keeps it.
+    let (mut k2, _) = key("acme", now + 1);
+    k2.tokens_valid_after = Some(now - 7);
+    s.insert_key(&k2, 0).await.unwrap();
+    assert_eq!(
+        s.find_by_id(k2.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .key
+            .tokens_valid_after,
+        Some(now - 7)
+    );
 }

@@ -13,7 +13,7 @@ use super::{
     ClientPatch, ClientWithKeys, Conflict, KeyPatch, Page, Rotated, Rotation, Store, StoreError,
     StoreResult, Usage,
 };
-use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit};
+use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit, SetBy};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -53,11 +53,34 @@ CREATE TABLE key_usage (
     PRIMARY KEY (key_id, day)
 ) WITHOUT ROWID;
 "#,
+    // Who set each constraint; what was set before this was recorded counts as an admin's.
+    r#"
+ALTER TABLE api_keys ADD COLUMN disabled_by TEXT;
+ALTER TABLE api_keys ADD COLUMN expires_set_by TEXT;
+ALTER TABLE api_keys ADD COLUMN rate_limit_set_by TEXT;
+UPDATE api_keys SET
+    disabled_by = CASE WHEN enabled = 0 THEN 'admin' END,
+    expires_set_by = CASE WHEN expires_at IS NOT NULL THEN 'admin' END,
+    rate_limit_set_by = CASE WHEN rate_limit IS NOT NULL THEN 'admin' END;
+"#,
+    // The token generation; until now tokens carried the key's rotated_at.
+    r#"
+ALTER TABLE api_keys ADD COLUMN tokens_valid_after INTEGER;
+UPDATE api_keys SET tokens_valid_after = rotated_at;
+"#,
 ];
 
 const KEY_COLUMNS: &str = "k.id, k.client_id, k.name, k.prefix, k.key_hash, k.previous_hash, \
      k.previous_valid_until, k.permissions, k.enabled, k.created_at, k.updated_at, k.expires_at, \
-     k.last_used_at, k.rotated_at, k.rate_limit, k.metadata";
+     k.last_used_at, k.rotated_at, k.rate_limit, k.metadata, k.disabled_by, k.expires_set_by, \
+     k.rate_limit_set_by, k.tokens_valid_after";
+/// How many columns [`KEY_COLUMNS`] names.
+const KEY_COLUMN_COUNT: usize = 20;
+/// The next token generation of a key, as SQL: the write's time (`?{n}`), and always past the
+/// current one.
+fn next_generation(now: &str) -> String {
+    format!("MAX(COALESCE(tokens_valid_after, 0) + 1, {now})")
+}
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -171,7 +194,26 @@ fn key_from_row(r: &Row<'_>) -> rusqlite::Result<ApiKey> {
         rotated_at: r.get(13)?,
         rate_limit: json_col::<RateLimit>(r.get(14)?)?,
         metadata: json_col(r.get(15)?)?,
+        disabled_by: setter_col(r.get(16)?)?,
+        expires_set_by: setter_col(r.get(17)?)?,
+        rate_limit_set_by: setter_col(r.get(18)?)?,
+        tokens_valid_after: r.get(19)?,
+    }
+    // Read as the Redis store reads it (a constraint with no setter is an admin's).
+    .with_setters_known())
+}
+
+fn setter_col(v: Option<String>) -> rusqlite::Result<Option<SetBy>> {
+    v.map(|s| {
+        SetBy::parse(&s).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                0,
+                rusqlite::types::Type::Text,
+                format!("not a setter: {s:?}").into(),
+            )
+        })
     })
+    .transpose()
 }
 
 fn client_from_row(r: &Row<'_>) -> rusqlite::Result<Client> {
@@ -192,8 +234,10 @@ fn insert_key_row(conn: &Connection, k: &ApiKey) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO api_keys (id, client_id, name, prefix, key_hash, previous_hash, \
          previous_valid_until, permissions, enabled, created_at, updated_at, expires_at, \
-         last_used_at, rotated_at, rate_limit, metadata) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+         last_used_at, rotated_at, rate_limit, metadata, disabled_by, expires_set_by, \
+         rate_limit_set_by, tokens_valid_after) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+         ?19, ?20)",
         params![
             k.id.to_string(),
             k.client_id,
@@ -211,6 +255,10 @@ fn insert_key_row(conn: &Connection, k: &ApiKey) -> rusqlite::Result<()> {
             k.rotated_at,
             to_json(&k.rate_limit),
             to_json(&k.metadata),
+            k.disabled_by.map(SetBy::as_str),
+            k.expires_set_by.map(SetBy::as_str),
+            k.rate_limit_set_by.map(SetBy::as_str),
+            k.tokens_valid_after,
         ],
     )?;
     Ok(())
@@ -261,7 +309,7 @@ fn record_query(
     stmt.query_row(p, |r| {
         Ok(KeyRecord {
             key: key_from_row(r)?,
-            license: r.get(16)?,
+            license: r.get(KEY_COLUMN_COUNT)?,
         })
     })
     .optional()
@@ -365,11 +413,19 @@ impl Store for SqliteStore {
     ) -> StoreResult<Option<ApiKey>> {
         let p = patch.clone();
         self.run(move |c| {
-            let tx = c.transaction().map_err(db)?;
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db)?;
+            // Who may change what is judged on the row as it is inside this transaction, which
+            // holds the write lock from its start: nothing changes the row in between.
+            let Some(current) = key_by_id(&tx, id).map_err(db)? else {
+                return Ok(None);
+            };
+            let setters = p.setters(&current).map_err(StoreError::Refused)?;
             // One statement: each attribute is set only when the patch names it (`?n` true),
             // from the row as it is at this moment.
             let n = tx
-                .prepare_cached(
+                .prepare_cached(&format!(
                     "UPDATE api_keys SET \
                      name = CASE WHEN ?2 THEN ?3 ELSE name END, \
                      enabled = CASE WHEN ?4 THEN ?5 ELSE enabled END, \
@@ -377,9 +433,12 @@ impl Store for SqliteStore {
                      expires_at = CASE WHEN ?8 THEN ?9 ELSE expires_at END, \
                      rate_limit = CASE WHEN ?10 THEN ?11 ELSE rate_limit END, \
                      metadata = CASE WHEN ?12 THEN ?13 ELSE metadata END, \
-                     updated_at = MAX(updated_at, ?14) \
+                     updated_at = MAX(updated_at, ?14), \
+                     disabled_by = ?15, expires_set_by = ?16, rate_limit_set_by = ?17, \
+                     tokens_valid_after = CASE WHEN ?18 THEN {} ELSE tokens_valid_after END \
                      WHERE id = ?1",
-                )
+                    next_generation("?14")
+                ))
                 .map_err(db)?
                 .execute(params![
                     id.to_string(),
@@ -398,6 +457,11 @@ impl Store for SqliteStore {
                     p.metadata.is_some(),
                     to_json(&p.metadata.clone().flatten()),
                     now,
+                    setters.disabled_by.map(SetBy::as_str),
+                    setters.expires_set_by.map(SetBy::as_str),
+                    setters.rate_limit_set_by.map(SetBy::as_str),
+                    // A disable kills every token minted before it.
+                    p.enabled == Some(false),
                 ])
                 .map_err(db)?;
             if n == 0 {
@@ -420,10 +484,13 @@ impl Store for SqliteStore {
             // SQLite evaluates every right-hand side on the row before the update: the hash
             // kept for the grace period is the one current at this moment.
             tx.execute(
-                "UPDATE api_keys SET \
-                 previous_hash = CASE WHEN ?2 IS NULL THEN NULL ELSE key_hash END, \
-                 previous_valid_until = ?2, key_hash = ?3, prefix = ?4, rotated_at = ?5, \
-                 updated_at = MAX(updated_at, ?5) WHERE id = ?1",
+                &format!(
+                    "UPDATE api_keys SET \
+                     previous_hash = CASE WHEN ?2 IS NULL THEN NULL ELSE key_hash END, \
+                     previous_valid_until = ?2, key_hash = ?3, prefix = ?4, rotated_at = ?5, \
+                     tokens_valid_after = {}, updated_at = MAX(updated_at, ?5) WHERE id = ?1",
+                    next_generation("?5")
+                ),
                 params![
                     id.to_string(),
                     r.previous_valid_until,
@@ -570,8 +637,12 @@ impl Store for SqliteStore {
             }
             let before = keys_of(&tx, &id).map_err(db)?;
             tx.execute(
-                "UPDATE api_keys SET enabled = 0, updated_at = MAX(updated_at, ?2) \
-                 WHERE client_id = ?1",
+                &format!(
+                    "UPDATE api_keys SET enabled = 0, disabled_by = 'admin', \
+                     tokens_valid_after = {}, updated_at = MAX(updated_at, ?2) \
+                     WHERE client_id = ?1",
+                    next_generation("?2")
+                ),
                 params![id, crate::keys::now_millis()],
             )
             .map_err(db)?;
@@ -655,5 +726,69 @@ impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
         self.run(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keys_stored_before_setters_and_token_generations_are_read_safely() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            // A database as the first two migrations left it, with one disabled key that
+            // expires, has its own rate limit and was rotated.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(MIGRATIONS[1]).unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute(
+                "INSERT INTO clients (client_id, license, created_at) VALUES ('c', 'pro', 1)",
+                [],
+            )
+            .unwrap();
+            for (id, enabled, expires, limit) in [
+                (
+                    "0190e0f2-0000-7000-8000-000000000001",
+                    0,
+                    Some(5),
+                    Some("{\"per_second\":1,\"burst\":1}"),
+                ),
+                ("0190e0f2-0000-7000-8000-000000000002", 1, None, None),
+            ] {
+                conn.execute(
+                    "INSERT INTO api_keys (id, client_id, name, prefix, key_hash, permissions, \
+                     enabled, created_at, updated_at, expires_at, rate_limit, rotated_at) \
+                     VALUES (?1, 'c', 'n', 'kg_x', ?2, '[]', ?3, 1, 1, ?4, ?5, ?4)",
+                    params![id, KeyHash::of(id).0.to_vec(), enabled, expires, limit],
+                )
+                .unwrap();
+            }
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let page = store.list_keys(Some("c"), 1, 10).await.unwrap();
+        let [old, plain] = page.items.as_slice() else {
+            panic!("{page:?}")
+        };
+        assert_eq!(
+            (old.disabled_by, old.expires_set_by, old.rate_limit_set_by),
+            (Some(SetBy::Admin), Some(SetBy::Admin), Some(SetBy::Admin))
+        );
+        assert_eq!(
+            (
+                plain.disabled_by,
+                plain.expires_set_by,
+                plain.rate_limit_set_by
+            ),
+            (None, None, None)
+        );
+        // Tokens minted before carry the key's rotated_at as their generation: they still
+        // work after the upgrade.
+        assert_eq!(
+            (old.tokens_valid_after, plain.tokens_valid_after),
+            (Some(5), None)
+        );
     }
 }

@@ -22,6 +22,7 @@ pub fn patch_of(key: &ApiKey) -> KeyPatch {
         expires_at: Some(key.expires_at),
         rate_limit: Some(key.rate_limit),
         metadata: Some(key.metadata.clone()),
+        by: crate::keys::SetBy::Admin,
     }
 }
 

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use ::redis::Value;
 use uuid::Uuid;
 
-use crate::keys::store::{Conflict, KeyPatch, Page, StoreError, StoreResult};
-use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit};
+use crate::keys::store::{Conflict, Constraint, KeyPatch, Page, StoreError, StoreResult};
+use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit, SetBy};
 
 pub(super) fn corrupt(what: &str) -> StoreError {
     StoreError::Unavailable(format!("redis: malformed {what} record"))
@@ -84,6 +84,19 @@ pub(super) fn key_fields(k: &ApiKey) -> Vec<(&'static str, String)> {
     opt("rotated_at", k.rotated_at.map(|v| v.to_string()));
     opt("rate_limit", k.rate_limit.as_ref().map(json));
     opt("metadata", k.metadata.as_ref().map(json));
+    opt("disabled_by", k.disabled_by.map(|b| b.as_str().to_owned()));
+    opt(
+        "expires_set_by",
+        k.expires_set_by.map(|b| b.as_str().to_owned()),
+    );
+    opt(
+        "rate_limit_set_by",
+        k.rate_limit_set_by.map(|b| b.as_str().to_owned()),
+    );
+    opt(
+        "tokens_valid_after",
+        k.tokens_valid_after.map(|v| v.to_string()),
+    );
     f
 }
 
@@ -169,6 +182,11 @@ pub(super) fn key_from(v: &Value) -> StoreResult<ApiKey> {
             .map(|s| s.parse::<Millis>().map_err(|_| corrupt("key")))
             .transpose()
     };
+    let setter = |name: &str| -> StoreResult<Option<SetBy>> {
+        get(name)
+            .map(|s| SetBy::parse(s).ok_or_else(|| corrupt("key")))
+            .transpose()
+    };
     let json_opt = |name: &str| -> StoreResult<Option<serde_json::Value>> {
         get(name)
             .map(|s| serde_json::from_str(s).map_err(|_| corrupt("key")))
@@ -195,7 +213,14 @@ pub(super) fn key_from(v: &Value) -> StoreResult<ApiKey> {
             .map(|s| serde_json::from_str::<RateLimit>(s).map_err(|_| corrupt("key")))
             .transpose()?,
         metadata: json_opt("metadata")?,
-    })
+        disabled_by: setter("disabled_by")?,
+        expires_set_by: setter("expires_set_by")?,
+        rate_limit_set_by: setter("rate_limit_set_by")?,
+        // A key written before token generations were kept: its tokens carry its rotated_at.
+        tokens_valid_after: int("tokens_valid_after")?.or(int("rotated_at")?),
+    }
+    // A record written before setters were recorded: as the scripts read it.
+    .with_setters_known())
 }
 
 pub(super) fn client_from(v: &Value) -> StoreResult<Client> {
@@ -255,6 +280,16 @@ pub(super) fn page_from<T>(
     })
 }
 
+/// The constraint a refused patch named (`{-4, name}` from `patch_key.lua`).
+pub(super) fn refused(name: &Value) -> StoreError {
+    match text(name).as_deref() {
+        Some("disabled") => StoreError::Refused(Constraint::Disabled),
+        Some("expiry") => StoreError::Refused(Constraint::Expiry),
+        Some("rate_limit") => StoreError::Refused(Constraint::RateLimit),
+        _ => corrupt("refusal"),
+    }
+}
+
 /// Maps a write script's status code.
 pub(super) fn status(code: i64) -> StoreResult<bool> {
     match code {
@@ -271,6 +306,7 @@ pub(super) fn status(code: i64) -> StoreResult<bool> {
 pub(super) const CODE_TOO_MANY: i64 = -1;
 pub(super) const CODE_CLIENT_EXISTS: i64 = -2;
 pub(super) const CODE_IN_USE: i64 = -3;
+pub(super) const CODE_REFUSED: i64 = -4;
 
 pub(super) fn page_range(page: u32, per_page: u32) -> (i64, i64) {
     let per = i64::from(per_page.max(1));
@@ -320,6 +356,26 @@ mod tests {
         assert_eq!(key_from(&Value::Array(flat)).unwrap(), k);
     }
 
+    #[test]
+    fn a_key_stored_before_token_generations_has_its_rotated_at() {
+        let (mut k, _) = ApiKey::builder().rotated_at(1234).build();
+        k.tokens_valid_after = None;
+        let mut flat = vec![
+            Value::BulkString(b"id".to_vec()),
+            Value::BulkString(k.id.to_string().into_bytes()),
+            Value::BulkString(b"client_id".to_vec()),
+            Value::BulkString(k.client_id.clone().into_bytes()),
+            Value::BulkString(b"created_at".to_vec()),
+            Value::BulkString(k.created_at.to_string().into_bytes()),
+        ];
+        for (name, v) in key_fields(&k) {
+            flat.push(Value::BulkString(name.as_bytes().to_vec()));
+            flat.push(Value::BulkString(v.into_bytes()));
+        }
+        let read = key_from(&Value::Array(flat)).unwrap();
+        assert_eq!(read.tokens_valid_after, Some(1234));
+    }
+
     /// A key's hash as `HGETALL` answers it, after `patch` was applied to the hash of `k`.
     fn patched(k: &ApiKey, patch: &KeyPatch) -> ApiKey {
         let mut f: Vec<(String, String)> = vec![
@@ -362,6 +418,10 @@ mod tests {
             rotated_at: None,
             rate_limit: None,
             metadata: Some(serde_json::json!({"a": 1})),
+            disabled_by: None,
+            expires_set_by: Some(SetBy::Client),
+            rate_limit_set_by: None,
+            tokens_valid_after: Some(now - 5),
         };
         assert_eq!(patched(&k, &KeyPatch::default()), k);
         let limit = RateLimit {
@@ -377,6 +437,7 @@ mod tests {
             expires_at: Some(None),
             rate_limit: Some(Some(limit)),
             metadata: Some(None),
+            by: SetBy::Admin,
         };
         let want = ApiKey {
             name: "m".into(),
@@ -385,6 +446,10 @@ mod tests {
             expires_at: None,
             rate_limit: Some(limit),
             metadata: None,
+            // What the script writes for an admin's patch (here: read back from the fields).
+            disabled_by: Some(SetBy::Admin),
+            expires_set_by: None,
+            rate_limit_set_by: Some(SetBy::Admin),
             ..k.clone()
         };
         assert_eq!(patched(&k, &p), want);

@@ -59,8 +59,8 @@ use super::{
 use crate::keys::cache::InvalidationSink;
 use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, now_millis};
 use codec::{
-    Args, CODE_TOO_MANY, array, client_fields, client_from, corrupt, int, json, key_from,
-    page_from, page_range, patch_fields, record_from, status, text,
+    Args, CODE_REFUSED, CODE_TOO_MANY, array, client_fields, client_from, corrupt, int, json,
+    key_from, page_from, page_range, patch_fields, record_from, refused, status, text,
 };
 pub use watch::decode_invalidation;
 use watch::{SUB_DOWN, SUB_NONE, Watcher};
@@ -398,16 +398,25 @@ impl Store for RedisStore {
     ) -> StoreResult<Option<ApiKey>> {
         let (set, clear) = patch_fields(patch);
         let mut a = Args::default();
-        a.push(now_millis()).push(id).push(now).push(set.len() * 2);
+        a.push(now_millis())
+            .push(id)
+            .push(now)
+            .push(patch.by.as_str())
+            .push(set.len() * 2);
         for (name, value) in set {
             a.push(name).push(value);
         }
         for name in clear {
             a.push(name);
         }
-        match self.script("patch key", &scripts().patch_key, a).await? {
-            Value::Nil => Ok(None),
-            v => key_from(&v).map(Some),
+        let v = self.script("patch key", &scripts().patch_key, a).await?;
+        if v == Value::Nil {
+            return Ok(None);
+        }
+        match array(v)?.as_slice() {
+            [code, fields] if int(code)? == 1 => key_from(fields).map(Some),
+            [code, what] if int(code)? == CODE_REFUSED => Err(refused(what)),
+            _ => Err(corrupt("patch")),
         }
     }
 

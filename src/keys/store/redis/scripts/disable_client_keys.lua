@@ -1,4 +1,5 @@
--- ARGV: P, t, client_id. Disables every key of the client (only enabled and updated_at change).
+-- ARGV: P, t, client_id. Disables every key of the client, as an admin (only enabled, disabled_by,
+-- the token generation, moved on, and updated_at change).
 -- Answers {0} when there is no such client, or {1, {key fields before…}}.
 local cid = ARGV[3]
 if redis.call('EXISTS', ckey(cid)) == 0 then return {0} end
@@ -9,7 +10,8 @@ for _, id in ipairs(ids) do
   append(hashes, hashes_of(id))
 end
 for _, id in ipairs(ids) do
-  redis.call('HSET', kkey(id), 'enabled', '0')
+  redis.call('HSET', kkey(id), 'enabled', '0', 'disabled_by', 'admin')
+  next_generation(id, ARGV[2])
   touch(id, ARGV[2])
 end
 publish(ARGV[2], ids, hashes)

@@ -35,6 +35,16 @@ local function touch(id, t)
   if not cur or tonumber(cur) < tonumber(t) then redis.call('HSET', kkey(id), 'updated_at', t) end
 end
 
+-- Moves a stored key's token generation on, so that every token minted from it before is
+-- refused for good: to t, and always past the current one (a key written before generations
+-- were kept starts from its rotated_at, which its tokens carry).
+local function next_generation(id, t)
+  local cur = redis.call('HGET', kkey(id), 'tokens_valid_after')
+    or redis.call('HGET', kkey(id), 'rotated_at') or '0'
+  local nxt = math.max(tonumber(cur) + 1, tonumber(t))
+  redis.call('HSET', kkey(id), 'tokens_valid_after', string.format('%.0f', nxt))
+end
+
 local function key_hashes(k)
   local out = {k.h}
   if k.ph ~= '' then out[2] = k.ph end

@@ -1,7 +1,7 @@
 -- ARGV: P, t, id, new hash, new prefix, previous valid until ('' = the replaced secret stops at
 -- once), rotated at. The hash current at this moment becomes the previous hash (for the grace
 -- period) or stops at once; an older previous hash always stops. Only the hashes, prefix,
--- rotated_at and updated_at change. Answers {1, fields before, fields after}, {0} when there is
+-- rotated_at, the token generation (moved on) and updated_at change. Answers {1, fields before, fields after}, {0} when there is
 -- no such key, {-3} when the new hash is in use.
 local id, h, until_ts, at = ARGV[3], ARGV[4], ARGV[6], ARGV[7]
 local before = redis.call('HGETALL', kkey(id))
@@ -20,6 +20,7 @@ if until_ts ~= '' then
 else
   redis.call('HDEL', kkey(id), 'previous_hash', 'previous_valid_until')
 end
+next_generation(id, at)
 touch(id, at)
 publish(ARGV[2], {id}, append(old, {h}))
 return {1, before, redis.call('HGETALL', kkey(id))}
