@@ -2,7 +2,7 @@
 //! carry it out: the HTTP/1.1 fast path ([`h1`]) and hyper ([`hyper`], HTTP/1.1 and HTTP/2).
 //! Plain `http://` upstreams are reached through one HTTP/1.1 client ([`upstream`]) whichever
 //! engine read the request; `https://` upstreams and WebSocket upgrades through hyper-util.
-//! Each engine owns the span of a request, and [`Gateway::finish`] records it (metrics, the
+//! Each engine owns the span of a request, and `Gateway::finish` records it (metrics, the
 //! access log line); errors become responses in one place
 //! ([`error::ProxyError::response`]).
 

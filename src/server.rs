@@ -4,7 +4,7 @@
 //! (`proxy::h1`) first; what it does not take — and every other connection (HTTP/2 by ALPN or
 //! h2c prior knowledge, the admin listener) — goes to hyper-util's auto builder, with a head
 //! size and count limit and a header read timeout (slowloris), given the bytes already read,
-//! and the idle and write-stall timeouts of [`activity`] on HTTP/1.1 and HTTP/2 alike.
+//! and the idle and write-stall timeouts of `activity` on HTTP/1.1 and HTTP/2 alike.
 
 mod activity;
 

@@ -83,7 +83,7 @@ impl UsageRecorder {
     }
 
     /// Writes everything recorded so far in chunks, paused so the whole write takes up to
-    /// `spread` (pauses of at most [`FLUSH_PACE`]).
+    /// `spread` (pauses of at most `FLUSH_PACE`).
     pub async fn flush_spread(&self, spread: std::time::Duration) -> usize {
         let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
         if batch.is_empty() {
