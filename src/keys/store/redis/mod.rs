@@ -219,19 +219,27 @@ impl RedisTls {
 /// The TLS cause of a failed connection, if TLS is why it failed (e.g. the server's certificate
 /// did not verify).
 fn tls_cause(e: &RedisError) -> Option<String> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
+    type Shared = Arc<dyn std::error::Error + Send + Sync>;
+    fn find(err: &(dyn std::error::Error + 'static), depth: u8) -> Option<String> {
+        if depth == 0 {
+            return None;
+        }
         if let Some(t) = err.downcast_ref::<rustls::Error>() {
             return Some(t.to_string());
         }
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && let Some(t) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
-        {
-            return Some(t.to_string());
+        // redis-rs keeps the error it wraps behind an `Arc`, and an `io::Error` keeps its
+        // payload out of `source()`: both are opened here.
+        if let Some(inner) = err.downcast_ref::<Shared>() {
+            return find(inner.as_ref(), depth - 1);
         }
-        source = err.source();
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+        {
+            return find(inner, depth - 1);
+        }
+        find(err.source()?, depth - 1)
     }
-    None
+    find(e, 8)
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
