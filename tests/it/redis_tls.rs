@@ -294,3 +294,66 @@ fn a_server_certificate_for_another_name_is_an_unavailable_store_with_the_tls_ca
         "not valid for name",
     );
 }
+
+#[test]
+fn check_config_accepts_rediss_and_names_an_unreadable_or_invalid_tls_file() {
+    let pki = Pki::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.toml");
+    let check = |extra: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "[store]\nurl = \"rediss://keygate:{PASSWORD}@redis.internal:6380/0\"\n{extra}"
+            ),
+        )
+        .unwrap();
+        let out = Binary::command(["check-config", "--config"])
+            .arg(&path)
+            .env("KEYGATE_ADMIN_KEY", ADMIN_KEY)
+            .env("KEYGATE_JWT_SECRET", "a-token-secret-of-at-least-32-bytes")
+            .output();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains(PASSWORD), "password shown: {text}");
+        assert!(!text.contains("PRIVATE KEY"), "key shown: {text}");
+        (out.status.success(), text)
+    };
+    let files = format!(
+        "redis_ca = \"{}\"\nredis_client_cert = \"{}\"\nredis_client_key = \"{}\"\n",
+        pki.ca.display(),
+        pki.client_cert.display(),
+        pki.client_key.display()
+    );
+    let (ok, text) = check(&files);
+    assert!(ok, "{text}");
+    let (ok, text) = check("");
+    assert!(ok, "{text}");
+
+    let missing = dir.path().join("no-such-ca.pem");
+    let (ok, text) = check(&format!("redis_ca = \"{}\"\n", missing.display()));
+    assert!(!ok);
+    assert!(
+        text.contains("store.redis_ca") && text.contains("no-such-ca.pem"),
+        "{text}"
+    );
+    let (ok, text) = check(&format!("redis_ca = \"{}\"\n", pki.client_key.display()));
+    assert!(!ok);
+    assert!(
+        text.contains("store.redis_ca") && text.contains("client.key"),
+        "{text}"
+    );
+    let (ok, text) = check(&format!(
+        "redis_client_cert = \"{}\"\nredis_client_key = \"{}\"\n",
+        pki.client_cert.display(),
+        pki.server_key.display()
+    ));
+    assert!(!ok);
+    assert!(
+        text.contains("store.redis_client_key") && text.contains("server.key"),
+        "{text}"
+    );
+}
