@@ -267,6 +267,12 @@ fn refused_certificate(
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The invalidation subscription (its own connection) says the same.
+    let line = p.wait_for_line(
+        "cannot subscribe to invalidations: TLS",
+        Duration::from_secs(5),
+    );
+    assert!(line.contains(cause), "{cause} not in {line}");
     assert!(p.alive());
     assert!(p.terminate().success());
     assert_nothing_secret_logged(&p);

@@ -33,6 +33,13 @@
 //! own connection and task, which reconnects with backoff and clears the local cache after every
 //! (re)subscription, since messages may have been missed while it was down.
 //!
+//! # TLS
+//! `rediss://` connects through rustls; the server's certificate is always verified, against the
+//! webpki roots or only the CAs of `store.redis_ca` ([`RedisTls`]), and a client certificate is
+//! sent when one is configured. Both connections (commands and subscription) use the same
+//! settings. A certificate that does not verify is an unreachable store, plus an error log that
+//! names the TLS cause on each attempt.
+//!
 //! # Files
 //! This file holds [`RedisStore`] and its [`Store`] implementation; `codec.rs` turns records
 //! into script arguments and replies back into records; `watch.rs` is the invalidation
