@@ -654,6 +654,12 @@ impl RawConfig {
             ("KEYGATE_UPSTREAM_CA", &mut self.proxy.upstream_ca),
             ("KEYGATE_ADMIN_TLS_CERT", &mut self.admin.tls_cert),
             ("KEYGATE_ADMIN_TLS_KEY", &mut self.admin.tls_key),
+            ("KEYGATE_REDIS_CA", &mut self.store.redis_ca),
+            (
+                "KEYGATE_REDIS_CLIENT_CERT",
+                &mut self.store.redis_client_cert,
+            ),
+            ("KEYGATE_REDIS_CLIENT_KEY", &mut self.store.redis_client_key),
         ] {
             if let Some(v) = get(var) {
                 *slot = Some(v);
@@ -1023,6 +1029,19 @@ issuer = ""
             &other_key,
         );
         refused(&ca_pem, &cert, "", "redis_client_key", "set both");
+        // The environment names them too.
+        let text = format!("[store]\nurl = \"{url}\"\n");
+        let env = [
+            secret[0],
+            ("KEYGATE_REDIS_CA", ca_pem.as_str()),
+            ("KEYGATE_REDIS_CLIENT_CERT", cert.as_str()),
+            ("KEYGATE_REDIS_CLIENT_KEY", key.as_str()),
+        ];
+        let c = self::load(&text, &env, CliOverrides::default()).unwrap();
+        assert_eq!(
+            c.store.redis_tls.client_key.as_deref(),
+            Some(std::path::Path::new(&key))
+        );
         // The files belong to a rediss:// store.
         let e = load("redis://h:6379/0", &ca_pem, "", "").unwrap_err();
         assert!(e.contains("rediss://"), "{e}");
