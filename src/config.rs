@@ -286,6 +286,12 @@ pub struct RawStore {
     pub last_used_flush_secs: u64,
     #[serde(default = "d_redis_prefix")]
     pub redis_prefix: String,
+    #[serde(default)]
+    pub redis_ca: Option<String>,
+    #[serde(default)]
+    pub redis_client_cert: Option<String>,
+    #[serde(default)]
+    pub redis_client_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -524,6 +530,8 @@ pub struct StoreConfig {
     pub last_used_flush: Duration,
     /// Prefix of every Redis key keygate writes (Redis stores only).
     pub redis_prefix: String,
+    /// CA and client certificate of a `rediss://` store.
+    pub redis_tls: crate::keys::store::redis::RedisTls,
 }
 
 #[derive(Debug, Clone)]
@@ -646,6 +654,12 @@ impl RawConfig {
             ("KEYGATE_UPSTREAM_CA", &mut self.proxy.upstream_ca),
             ("KEYGATE_ADMIN_TLS_CERT", &mut self.admin.tls_cert),
             ("KEYGATE_ADMIN_TLS_KEY", &mut self.admin.tls_key),
+            ("KEYGATE_REDIS_CA", &mut self.store.redis_ca),
+            (
+                "KEYGATE_REDIS_CLIENT_CERT",
+                &mut self.store.redis_client_cert,
+            ),
+            ("KEYGATE_REDIS_CLIENT_KEY", &mut self.store.redis_client_key),
         ] {
             if let Some(v) = get(var) {
                 *slot = Some(v);
@@ -933,20 +947,104 @@ issuer = ""
         let c =
             ok("[store]\nurl = \"redis+unix:///run/r.sock\"\nredis_prefix = \"kg1:\"\n").unwrap();
         assert_eq!(c.store.redis_prefix, "kg1:");
-        let e = ok("[store]\nurl = \"rediss://u:secretpw@h:6380/0\"\nredis_prefix = \"a b\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = ok(
+            "[store]\nurl = \"rediss://u:secretpw@h:6380/0#insecure\"\nredis_prefix = \"a b\"\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
-            e.contains("store.url") && e.contains("not supported"),
+            e.contains("store.url") && e.contains("always verified"),
             "{e}"
         );
         assert!(e.contains("store.redis_prefix"), "{e}");
         assert!(!e.contains("secretpw"), "password leaked: {e}");
+        // TLS and an ACL user are accepted.
+        let c = ok("[store]\nurl = \"rediss://kg:secretpw@h:6380/0\"\n").unwrap();
+        assert_eq!(
+            c.store.url,
+            StoreUrl::Redis("rediss://kg:secretpw@h:6380/0".into())
+        );
+        assert!(c.store.redis_tls.is_empty());
         let e = ok("[store]\nurl = \"redis+unix://relative.sock?pass=secretpw\"\n")
             .unwrap_err()
             .to_string();
         assert!(e.contains("store.url"), "{e}");
         assert!(!e.contains("secretpw"), "password leaked: {e}");
+    }
+
+    #[test]
+    fn redis_tls_files() {
+        let secret = [("KEYGATE_JWT_SECRET", "a-shared-secret-of-at-least-32-bytes")];
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let client = rcgen::generate_simple_self_signed(vec!["kg".to_string()]).unwrap();
+        let f = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let ca_pem = f("ca.pem", &ca.cert.pem());
+        let cert = f("client.pem", &client.cert.pem());
+        let key = f("client.key", &client.signing_key.serialize_pem());
+        let other_key = f("other.key", &ca.signing_key.serialize_pem());
+        let garbage = f("garbage.pem", "not a certificate\n");
+        let missing = dir.path().join("missing.pem").display().to_string();
+        let load = |url: &str, ca: &str, cert: &str, key: &str| {
+            let mut text = format!("[store]\nurl = \"{url}\"\n");
+            for (k, v) in [
+                ("redis_ca", ca),
+                ("redis_client_cert", cert),
+                ("redis_client_key", key),
+            ] {
+                if !v.is_empty() {
+                    text += &format!("{k} = \"{v}\"\n");
+                }
+            }
+            load(&text, &secret, CliOverrides::default()).map_err(|e| e.to_string())
+        };
+        let url = "rediss://kg:secretpw@h:6380/0";
+        let c = load(url, &ca_pem, &cert, &key).unwrap();
+        assert_eq!(
+            c.store.redis_tls.ca.as_deref(),
+            Some(std::path::Path::new(&ca_pem))
+        );
+        assert!(load(url, &ca_pem, "", "").is_ok());
+        assert!(load(url, "", &cert, &key).is_ok());
+        let refused = |ca: &str, cert: &str, key: &str, field: &str, file: &str| {
+            let e = load(url, ca, cert, key).unwrap_err();
+            assert!(e.contains(field) && e.contains(file), "{field} {file}: {e}");
+            assert!(!e.contains("secretpw"), "password leaked: {e}");
+            assert!(!e.contains("PRIVATE KEY"), "key leaked: {e}");
+        };
+        refused(&missing, "", "", "store.redis_ca", &missing);
+        refused(&garbage, "", "", "store.redis_ca", &garbage);
+        refused(&key, "", "", "store.redis_ca", &key);
+        refused(&ca_pem, &garbage, &key, "store.redis_client_cert", &garbage);
+        refused(&ca_pem, &cert, &garbage, "store.redis_client_key", &garbage);
+        refused(
+            &ca_pem,
+            &cert,
+            &other_key,
+            "store.redis_client_key",
+            &other_key,
+        );
+        refused(&ca_pem, &cert, "", "redis_client_key", "set both");
+        // The environment names them too.
+        let text = format!("[store]\nurl = \"{url}\"\n");
+        let env = [
+            secret[0],
+            ("KEYGATE_REDIS_CA", ca_pem.as_str()),
+            ("KEYGATE_REDIS_CLIENT_CERT", cert.as_str()),
+            ("KEYGATE_REDIS_CLIENT_KEY", key.as_str()),
+        ];
+        let c = self::load(&text, &env, CliOverrides::default()).unwrap();
+        assert_eq!(
+            c.store.redis_tls.client_key.as_deref(),
+            Some(std::path::Path::new(&key))
+        );
+        // The files belong to a rediss:// store.
+        let e = load("redis://h:6379/0", &ca_pem, "", "").unwrap_err();
+        assert!(e.contains("rediss://"), "{e}");
     }
 
     #[test]

@@ -92,8 +92,9 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
             Ok(Arc::new(store))
         }
         StoreUrl::Redis(url) => {
-            let store = RedisStore::open(url, &config.store.redis_prefix)
-                .map_err(|e| StartError::Store(e.to_string()))?;
+            let store =
+                RedisStore::open_with_tls(url, &config.store.redis_prefix, &config.store.redis_tls)
+                    .map_err(|e| StartError::Store(e.to_string()))?;
             Ok(Arc::new(store))
         }
     }

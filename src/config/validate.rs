@@ -247,6 +247,23 @@ fn store(raw: RawStore, p: &mut Problems) -> Option<StoreConfig> {
             "store.redis_prefix: {prefix:?} must be 1–64 printable characters without spaces (e.g. \"keygate:\")"
         ));
     }
+    let path = |v: &Option<String>| v.as_deref().filter(|s| !s.is_empty()).map(PathBuf::from);
+    let redis_tls = crate::keys::store::redis::RedisTls {
+        ca: path(&raw.redis_ca),
+        client_cert: path(&raw.redis_client_cert),
+        client_key: path(&raw.redis_client_key),
+    };
+    if !redis_tls.is_empty() {
+        if raw.url.starts_with("rediss://") {
+            if let Err(why) = redis_tls.load() {
+                p.error(format!("store.{why}"));
+            }
+        } else {
+            p.error(
+                "store.redis_ca / redis_client_cert / redis_client_key: only used with a rediss:// store URL",
+            );
+        }
+    }
     Some(StoreConfig {
         url: url?,
         cache_ttl: Duration::from_secs(raw.cache_ttl_secs),
@@ -255,6 +272,7 @@ fn store(raw: RawStore, p: &mut Problems) -> Option<StoreConfig> {
         stale_if_error: Duration::from_secs(raw.stale_if_error_secs),
         last_used_flush: Duration::from_secs(raw.last_used_flush_secs),
         redis_prefix: raw.redis_prefix,
+        redis_tls,
     })
 }
 

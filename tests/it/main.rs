@@ -18,6 +18,7 @@ mod rate_limits;
 mod redis_cluster;
 mod redis_store;
 mod redis_support;
+mod redis_tls;
 mod scripted;
 mod self_service;
 mod store_conformance;

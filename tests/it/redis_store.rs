@@ -322,7 +322,7 @@ async fn a_broken_subscription_reconnects_and_clears_the_cache() {
 }
 
 /// One HTTP/1.1 exchange on a fresh connection; returns the status and body.
-fn http(
+pub(crate) fn http(
     addr: &str,
     method: &str,
     path: &str,
@@ -349,7 +349,7 @@ fn http(
 }
 
 /// True when `s` holds 64 hex digits in a row (what a logged key hash would look like).
-fn has_hex_run(s: &str) -> bool {
+pub(crate) fn has_hex_run(s: &str) -> bool {
     let mut run = 0;
     for c in s.chars() {
         run = if c.is_ascii_hexdigit() { run + 1 } else { 0 };

@@ -9,16 +9,110 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     dir: tempfile::TempDir,
     port: u16,
+    /// The TLS port and its settings, when the server also speaks TLS.
+    tls: Option<(u16, TlsSetup)>,
     child: Option<Child>,
+}
+
+/// The TLS side of a server: its certificate and key, the CA that client certificates must
+/// chain to, and whether a client certificate is required (mutual TLS).
+#[derive(Clone)]
+pub struct TlsSetup {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    pub require_client_cert: bool,
+}
+
+/// Certificates for TLS tests, generated in a temp dir: a CA, a server certificate for
+/// `127.0.0.1` / `localhost` and a client certificate (both issued by that CA), a server
+/// certificate for another name (issued by the same CA), and an unrelated CA.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub other_name_cert: PathBuf,
+    pub other_name_key: PathBuf,
+    pub other_ca: PathBuf,
+}
+
+impl Pki {
+    pub fn generate() -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: String| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let ca = |cn: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+            let cert = params.self_signed(&key).unwrap();
+            (cert, rcgen::Issuer::new(params, key))
+        };
+        let leaf = |names: &[&str], issuer: &rcgen::Issuer<'_, KeyPair>| {
+            let key = KeyPair::generate().unwrap();
+            let names = names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            let cert = CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, issuer)
+                .unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (ca_cert, issuer) = ca("keygate redis test CA");
+        let (other_ca_cert, _) = ca("some other CA");
+        let (server_cert, server_key) = leaf(&["127.0.0.1", "localhost"], &issuer);
+        let (client_cert, client_key) = leaf(&["keygate-client"], &issuer);
+        let (other_name_cert, other_name_key) = leaf(&["redis.example.com"], &issuer);
+        Pki {
+            ca: write("ca.pem", ca_cert.pem()),
+            server_cert: write("server.pem", server_cert),
+            server_key: write("server.key", server_key),
+            client_cert: write("client.pem", client_cert),
+            client_key: write("client.key", client_key),
+            other_name_cert: write("other-name.pem", other_name_cert),
+            other_name_key: write("other-name.key", other_name_key),
+            other_ca: write("other-ca.pem", other_ca_cert.pem()),
+            dir,
+        }
+    }
+
+    /// The server side with this PKI's server certificate.
+    pub fn server(&self, require_client_cert: bool) -> TlsSetup {
+        TlsSetup {
+            cert: self.server_cert.clone(),
+            key: self.server_key.clone(),
+            client_ca: self.ca.clone(),
+            require_client_cert,
+        }
+    }
 }
 
 impl RedisServer {
     /// Starts a server; panics (failing the test) when `redis-server` is not installed.
     pub fn start() -> RedisServer {
+        Self::start_with(None)
+    }
+
+    /// Starts a server that also listens with TLS (on [`RedisServer::tls_port`]).
+    pub fn start_tls(tls: TlsSetup) -> RedisServer {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<TlsSetup>) -> RedisServer {
         for _ in 0..5 {
             let mut server = RedisServer {
                 dir: tempfile::tempdir().unwrap(),
                 port: free_port(),
+                tls: tls.clone().map(|t| (free_port(), t)),
                 child: None,
             };
             if server.spawn() {
@@ -31,7 +125,21 @@ impl RedisServer {
 
     fn spawn(&mut self) -> bool {
         let dir = self.dir.path();
-        let child = Command::new("redis-server")
+        let mut cmd = Command::new("redis-server");
+        if let Some((port, t)) = &self.tls {
+            cmd.args(["--tls-port", &port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&t.cert)
+                .arg("--tls-key-file")
+                .arg(&t.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&t.client_ca)
+                .args([
+                    "--tls-auth-clients",
+                    if t.require_client_cert { "yes" } else { "no" },
+                ]);
+        }
+        let child = cmd
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .arg("--unixsocket")
             .arg(self.socket())
@@ -108,6 +216,16 @@ impl RedisServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The TLS port (servers started with [`RedisServer::start_tls`]).
+    pub fn tls_port(&self) -> u16 {
+        self.tls.as_ref().expect("a TLS server").0
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT/DB`.
+    pub fn tls_url(&self, db: u32) -> String {
+        format!("rediss://127.0.0.1:{}/{db}", self.tls_port())
     }
 
     /// `redis://127.0.0.1:PORT/DB`.

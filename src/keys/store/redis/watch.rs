@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ::redis::aio::ConnectionManager;
 use ::redis::{RedisError, Value};
@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use uuid::Uuid;
 
 use super::codec::parse_hash;
-use super::{CALL_TIMEOUT, CONNECT_TIMEOUT};
+use super::{CALL_TIMEOUT, CONNECT_TIMEOUT, tls_cause};
 use crate::keys::cache::{Invalidation, InvalidationSink};
 use crate::keys::{Millis, now_millis};
 
@@ -21,6 +21,9 @@ const SUBSCRIPTION_PING: Duration = Duration::from_secs(5);
 /// Reconnection backoff of the subscription: doubles from the first value up to the second.
 const RESUBSCRIBE_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(50), Duration::from_secs(1));
+
+/// How often a subscription that keeps failing on TLS logs its error again.
+const TLS_ERROR_EVERY: Duration = Duration::from_secs(10);
 
 /// No subscription was asked for (a store used alone).
 pub(super) const SUB_NONE: u8 = 0;
@@ -40,6 +43,12 @@ pub(super) struct Watcher {
     pub(super) sink: Arc<dyn InvalidationSink>,
     /// The store's view of the subscription (`SUB_*`), read by its readiness check.
     pub(super) state: Arc<AtomicU8>,
+}
+
+/// Why a subscription attempt failed; `tls` when TLS is the cause (`text` is then that cause).
+struct Failed {
+    text: String,
+    tls: bool,
 }
 
 /// An invalidation message as published by the write scripts.
@@ -88,9 +97,11 @@ impl Watcher {
     async fn run(self) {
         let mut backoff = RESUBSCRIBE_BACKOFF.0;
         let mut was_down = false;
+        let mut last_tls_error = None;
         loop {
             match self.subscribe().await {
                 Ok(pubsub) => {
+                    last_tls_error = None;
                     if was_down {
                         tracing::info!(redis = %self.target, "invalidation subscription restored");
                     }
@@ -105,11 +116,18 @@ impl Watcher {
                         "invalidation subscription lost ({why}); reconnecting, then the key cache is cleared"
                     );
                 }
-                Err(e) => {
-                    if was_down {
-                        tracing::debug!(redis = %self.target, "cannot subscribe to invalidations: {e}");
+                Err(Failed { text, tls }) => {
+                    if tls {
+                        // A certificate that does not verify needs a person: said as an error,
+                        // again every TLS_ERROR_EVERY while it lasts.
+                        if last_tls_error.is_none_or(|t: Instant| t.elapsed() >= TLS_ERROR_EVERY) {
+                            tracing::error!(redis = %self.target, "cannot subscribe to invalidations: TLS: {text}; retrying");
+                            last_tls_error = Some(Instant::now());
+                        }
+                    } else if was_down {
+                        tracing::debug!(redis = %self.target, "cannot subscribe to invalidations: {text}");
                     } else {
-                        tracing::warn!(redis = %self.target, "cannot subscribe to invalidations: {e}; retrying");
+                        tracing::warn!(redis = %self.target, "cannot subscribe to invalidations: {text}; retrying");
                     }
                     was_down = true;
                 }
@@ -119,7 +137,7 @@ impl Watcher {
         }
     }
 
-    async fn subscribe(&self) -> Result<::redis::aio::PubSub, String> {
+    async fn subscribe(&self) -> Result<::redis::aio::PubSub, Failed> {
         let connect = async {
             let mut pubsub = self.client.get_async_pubsub().await?;
             pubsub.subscribe(&self.channel).await?;
@@ -127,11 +145,20 @@ impl Watcher {
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok(p)) => Ok(p),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!(
-                "no answer within {} ms",
-                CONNECT_TIMEOUT.as_millis()
-            )),
+            Ok(Err(e)) => Err(match tls_cause(&e) {
+                Some(cause) => Failed {
+                    text: cause,
+                    tls: true,
+                },
+                None => Failed {
+                    text: e.to_string(),
+                    tls: false,
+                },
+            }),
+            Err(_) => Err(Failed {
+                text: format!("no answer within {} ms", CONNECT_TIMEOUT.as_millis()),
+                tls: false,
+            }),
         }
     }
 
