@@ -1,0 +1,436 @@
+//! Forward-auth: the verify endpoint, asked the way each edge proxy asks it (Traefik and Caddy
+//! `X-Forwarded-*`, nginx `X-Original-*`, Envoy's path prefix), judged by the same core as a
+//! proxied request. Nothing reaches the upstream.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use serde_json::json;
+
+use crate::support::{Gateway, Reply, Upstream, config_text};
+
+const CONFIG: &str = r#"
+[forward_auth]
+enabled = true
+[[routes]]
+path = "/"
+[[routes]]
+path = "/reports"
+permissions = ["REPORTS"]
+[[routes]]
+path = "/public"
+auth = "none"
+[[routes]]
+path = "/write"
+methods = ["POST"]
+"#;
+
+#[derive(Debug, Clone, Copy)]
+enum Convention {
+    /// Traefik `forwardAuth`, Caddy `forward_auth`.
+    Forwarded,
+    /// nginx `auth_request` with `proxy_set_header X-Original-*`.
+    Original,
+    /// Envoy HTTP `ext_authz` with `path_prefix`.
+    Envoy,
+}
+
+const ALL: [Convention; 3] = [
+    Convention::Forwarded,
+    Convention::Original,
+    Convention::Envoy,
+];
+
+/// Asks the verify endpoint about `method uri`, the way `c` asks, with `fields` added.
+async fn verify(
+    gw: &Gateway,
+    c: Convention,
+    method: &str,
+    uri: &str,
+    fields: &[(&str, &str)],
+) -> Reply {
+    let mut f: Vec<(&str, &str)> = fields.to_vec();
+    let (verify_method, path) = match c {
+        Convention::Forwarded => {
+            f.extend([
+                ("x-forwarded-method", method),
+                ("x-forwarded-uri", uri),
+                ("x-forwarded-host", "api.example.com"),
+                ("x-forwarded-proto", "https"),
+            ]);
+            ("GET", "/_keygate/verify".to_owned())
+        }
+        Convention::Original => {
+            f.extend([("x-original-method", method), ("x-original-uri", uri)]);
+            ("GET", "/_keygate/verify".to_owned())
+        }
+        Convention::Envoy => (method, format!("/_keygate/verify{uri}")),
+    };
+    let mut b = hyper::Request::builder()
+        .method(verify_method)
+        .uri(format!("http://{}{path}", gw.proxy));
+    for (k, v) in f {
+        b = b.header(k, v);
+    }
+    gw.send(
+        b.body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await
+}
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+#[tokio::test]
+async fn each_convention_gets_the_proxy_decisions_and_nothing_is_forwarded() {
+    let gw = Gateway::start_with(CONFIG).await;
+    let (plain, plain_id) = gw.client("acme", "pro").await;
+    let v = gw.key("acme", json!({"roles": ["REPORTS"]})).await;
+    let reports = v["key"].as_str().unwrap().to_owned();
+    let auth = bearer(&plain);
+    for c in ALL {
+        // No key: 401 with WWW-Authenticate and problem+json.
+        let r = verify(&gw, c, "GET", "/things", &[]).await;
+        assert_eq!(r.status, 401, "{c:?}");
+        assert_eq!(r.code(), "missing_credentials", "{c:?}");
+        assert!(r.headers.contains_key("www-authenticate"), "{c:?}");
+        assert_eq!(r.headers["content-type"], "application/problem+json");
+
+        // A valid key: 200, empty body, the identity and the rate headers.
+        let r = verify(&gw, c, "GET", "/things?x=1", &[("authorization", &auth)]).await;
+        assert_eq!(r.status, 200, "{c:?}: {:?}", r.body);
+        assert!(r.body.is_empty(), "{c:?}");
+        assert_eq!(r.headers["x-keygate-client-id"], "acme", "{c:?}");
+        assert_eq!(r.headers["x-keygate-key-id"], plain_id.as_str(), "{c:?}");
+        assert_eq!(r.headers["x-keygate-license"], "pro", "{c:?}");
+        assert_eq!(r.headers["x-keygate-permissions"], "", "{c:?}");
+        assert!(r.headers.contains_key("ratelimit-limit"), "{c:?}");
+        assert!(r.headers.contains_key("ratelimit-remaining"), "{c:?}");
+        // The key header works as well as Authorization.
+        let r = verify(&gw, c, "GET", "/things", &[("x-api-key", &plain)]).await;
+        assert_eq!(r.status, 200, "{c:?}");
+
+        // Permissions, methods and routes of the original request.
+        let r = verify(&gw, c, "GET", "/reports/q1", &[("authorization", &auth)]).await;
+        assert_eq!(
+            (r.status.as_u16(), r.code().as_str()),
+            (403, "insufficient_permissions"),
+            "{c:?}"
+        );
+        let r = verify(
+            &gw,
+            c,
+            "GET",
+            "/reports/q1",
+            &[("authorization", &bearer(&reports))],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{c:?}");
+        assert_eq!(r.headers["x-keygate-permissions"], "REPORTS", "{c:?}");
+        let r = verify(&gw, c, "GET", "/write", &[("authorization", &auth)]).await;
+        assert_eq!(r.status, 405, "{c:?}");
+        assert_eq!(r.headers["allow"], "POST", "{c:?}");
+        let r = verify(&gw, c, "POST", "/write", &[("authorization", &auth)]).await;
+        assert_eq!(r.status, 200, "{c:?}");
+        // A public route: allowed without a key, no identity.
+        let r = verify(&gw, c, "GET", "/public/x", &[]).await;
+        assert_eq!(r.status, 200, "{c:?}");
+        assert!(!r.headers.contains_key("x-keygate-client-id"), "{c:?}");
+
+        // Dot-segments in the original path: 400 before any route is looked at.
+        let r = verify(
+            &gw,
+            c,
+            "GET",
+            "/public/../reports/q1",
+            &[("authorization", &auth)],
+        )
+        .await;
+        assert_eq!(r.status, 400, "{c:?}");
+        let r = verify(&gw, c, "GET", "/public/%2e%2e/reports", &[]).await;
+        assert_eq!(r.status, 400, "{c:?}");
+    }
+    assert_eq!(
+        gw.upstream.count(),
+        0,
+        "a verify request reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn spoofed_identity_fields_are_never_echoed() {
+    let gw = Gateway::start_with(CONFIG).await;
+    let (key, _) = gw.client("acme", "pro").await;
+    let spoof = [
+        ("x-keygate-client-id", "root"),
+        ("x-keygate-license", "enterprise"),
+        ("x-keygate-permissions", "ADMIN"),
+        ("x-keygate-status", "200"),
+        ("x-keygate-assertion", "forged"),
+    ];
+    for c in ALL {
+        let mut fields = spoof.to_vec();
+        let auth = bearer(&key);
+        fields.push(("authorization", &auth));
+        let r = verify(&gw, c, "GET", "/things", &fields).await;
+        assert_eq!(r.status, 200, "{c:?}");
+        assert_eq!(r.headers["x-keygate-client-id"], "acme");
+        assert_eq!(r.headers["x-keygate-license"], "pro");
+        assert_eq!(r.headers["x-keygate-permissions"], "");
+        assert!(!r.headers.contains_key("x-keygate-status"));
+        assert!(!r.headers.contains_key("x-keygate-assertion"));
+        // Without a key the spoofed fields are no identity either.
+        let r = verify(&gw, c, "GET", "/things", &spoof).await;
+        assert_eq!(r.status, 401, "{c:?}");
+        assert!(!r.headers.contains_key("x-keygate-client-id"));
+        // A public route echoes none of them.
+        let r = verify(&gw, c, "GET", "/public", &spoof).await;
+        assert_eq!(r.status, 200, "{c:?}");
+        assert!(
+            r.headers
+                .keys()
+                .all(|k| !k.as_str().starts_with("x-keygate-"))
+        );
+    }
+}
+
+#[tokio::test]
+async fn limits_and_revocation_hold_for_verify_requests() {
+    let gw = Gateway::start_with(CONFIG).await;
+    gw.client("acme", "pro").await;
+    for c in ALL {
+        let v = gw
+            .key("acme", json!({"rate_limit": {"per_minute": 1, "burst": 2}}))
+            .await;
+        let (key, id) = (v["key"].as_str().unwrap(), v["id"].as_str().unwrap());
+        let auth = bearer(key);
+        let fields = [("authorization", auth.as_str())];
+        for _ in 0..2 {
+            let r = verify(&gw, c, "GET", "/things", &fields).await;
+            assert_eq!(r.status, 200, "{c:?}");
+        }
+        let r = verify(&gw, c, "GET", "/things", &fields).await;
+        assert_eq!(
+            (r.status.as_u16(), r.code().as_str()),
+            (429, "rate_limited"),
+            "{c:?}"
+        );
+        let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!(retry >= 1, "{c:?}");
+        assert_eq!(r.headers["ratelimit-remaining"], "0");
+
+        // Revoked on the admin API: 401 on the next request.
+        let v = gw.key("acme", json!({})).await;
+        let (key, id2) = (v["key"].as_str().unwrap(), v["id"].as_str().unwrap());
+        let auth = bearer(key);
+        let fields = [("authorization", auth.as_str())];
+        assert_eq!(verify(&gw, c, "GET", "/things", &fields).await.status, 200);
+        let r = gw
+            .admin("DELETE", &format!("/v1/api-keys/{id2}"), None)
+            .await;
+        assert_eq!(r.status, 200);
+        let r = verify(&gw, c, "GET", "/things", &fields).await;
+        assert_eq!(r.status, 401, "{c:?}");
+        assert_eq!(r.code(), "invalid_api_key");
+        let _ = id;
+    }
+}
+
+#[tokio::test]
+async fn the_nginx_deny_mode_answers_403_with_the_real_status() {
+    let config = CONFIG.replace("enabled = true", "enabled = true\ndeny = \"nginx\"");
+    let gw = Gateway::start_with(&config).await;
+    gw.client("acme", "pro").await;
+    let v = gw
+        .key("acme", json!({"rate_limit": {"per_minute": 1, "burst": 1}}))
+        .await;
+    let auth = bearer(v["key"].as_str().unwrap());
+    let c = Convention::Original;
+    let fields = [("authorization", auth.as_str())];
+    assert_eq!(verify(&gw, c, "GET", "/things", &fields).await.status, 200);
+    let r = verify(&gw, c, "GET", "/things", &fields).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.headers["x-keygate-status"], "429");
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(r.code(), "rate_limited");
+    // 401 stays 401 (nginx relays it with WWW-Authenticate).
+    let r = verify(&gw, c, "GET", "/things", &[]).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.headers["x-keygate-status"], "401");
+    assert!(r.headers.contains_key("www-authenticate"));
+    // A real 403, with a key whose limit is not spent.
+    let v = gw.key("acme", json!({})).await;
+    let other = bearer(v["key"].as_str().unwrap());
+    let r = verify(&gw, c, "GET", "/reports", &[("authorization", &other)]).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.headers["x-keygate-status"], "403");
+    assert_eq!(r.code(), "insufficient_permissions");
+    let r = verify(&gw, c, "GET", "/a/../b", &fields).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.headers["x-keygate-status"], "400");
+}
+
+#[tokio::test]
+async fn hostile_verify_requests_are_refused() {
+    let gw = Gateway::start_with(CONFIG).await;
+    let (key, _) = gw.client("acme", "pro").await;
+    let auth = bearer(&key);
+    let get = |fields: Vec<(&'static str, String)>| {
+        let gw = &gw;
+        let auth = auth.clone();
+        async move {
+            let mut f: Vec<(&str, &str)> = vec![("authorization", auth.as_str())];
+            f.extend(fields.iter().map(|(k, v)| (*k, v.as_str())));
+            gw.get("/_keygate/verify", &f).await
+        }
+    };
+    let s = |v: &str| v.to_owned();
+    for (why, fields) in [
+        ("no original request", vec![]),
+        (
+            "no original method",
+            vec![("x-forwarded-uri", s("/things"))],
+        ),
+        ("no original URI", vec![("x-original-method", s("GET"))]),
+        (
+            "not origin-form",
+            vec![
+                ("x-forwarded-method", s("GET")),
+                ("x-forwarded-uri", s("things")),
+            ],
+        ),
+        (
+            "absolute-form",
+            vec![
+                ("x-forwarded-method", s("GET")),
+                ("x-forwarded-uri", s("http://evil/things")),
+            ],
+        ),
+        (
+            "a fragment",
+            vec![
+                ("x-forwarded-method", s("GET")),
+                ("x-forwarded-uri", s("/things#x")),
+            ],
+        ),
+        (
+            "a lowercase method",
+            vec![
+                ("x-forwarded-method", s("get")),
+                ("x-forwarded-uri", s("/things")),
+            ],
+        ),
+        (
+            "dot-segments",
+            vec![
+                ("x-original-method", s("GET")),
+                ("x-original-uri", s("/public/../x")),
+            ],
+        ),
+        (
+            "two conventions that disagree",
+            vec![
+                ("x-original-method", s("GET")),
+                ("x-original-uri", s("/reports")),
+                ("x-forwarded-method", s("GET")),
+                ("x-forwarded-uri", s("/public")),
+            ],
+        ),
+    ] {
+        let r = get(fields).await;
+        assert_eq!(r.status, 400, "{why}");
+        assert_eq!(r.code(), "bad_request", "{why}");
+    }
+    // Envoy's path prefix against a client's own field that names another request.
+    let r = gw
+        .get(
+            "/_keygate/verify/reports",
+            &[
+                ("authorization", &auth),
+                ("x-forwarded-method", "GET"),
+                ("x-forwarded-uri", "/public"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 400);
+
+    // A field of bytes that are not header text.
+    let raw = raw_request(
+        &gw,
+        b"GET /_keygate/verify HTTP/1.1\r\nHost: x\r\nX-Forwarded-Method: GET\r\nX-Forwarded-Uri: /caf\xe9\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+
+    // An oversized head: 431.
+    let long = format!("/things?{}", "a".repeat(70_000));
+    let r = get(vec![
+        ("x-forwarded-method", s("GET")),
+        ("x-forwarded-uri", long),
+    ])
+    .await;
+    assert_eq!(r.status, 431);
+
+    // HTTP/1.0 (served by the hyper engine): the same decisions.
+    let raw = raw_request(
+        &gw,
+        format!(
+            "GET /_keygate/verify HTTP/1.0\r\nX-Original-Method: GET\r\nX-Original-URI: /things\r\nAuthorization: {auth}\r\nX-Keygate-Client-Id: root\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(
+        raw.starts_with("HTTP/1.0 200") || raw.starts_with("HTTP/1.1 200"),
+        "{raw}"
+    );
+    assert!(
+        raw.to_ascii_lowercase()
+            .contains("x-keygate-client-id: acme"),
+        "{raw}"
+    );
+    assert!(!raw.contains("root"), "{raw}");
+    let raw = raw_request(
+        &gw,
+        b"GET /_keygate/verify HTTP/1.0\r\nX-Original-Method: GET\r\nX-Original-URI: /things\r\n\r\n",
+    )
+    .await;
+    assert!(raw.contains(" 401 "), "{raw}");
+    assert_eq!(gw.upstream.count(), 0);
+}
+
+#[tokio::test]
+async fn the_query_credential_is_read_from_the_original_uri_when_allowed() {
+    let gw = Gateway::start_with(CONFIG).await;
+    let (key, _) = gw.client("acme", "pro").await;
+    let uri = format!("/things?api_key={key}");
+    // Off by default: the query parameter is no credential.
+    let r = verify(&gw, Convention::Forwarded, "GET", &uri, &[]).await;
+    assert_eq!(r.status, 401);
+
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&upstream.url(), &dir.path().join("k.db"), CONFIG)
+        .replace("[proxy]\n", "[proxy]\nallow_query_param = true\n");
+    let gw = Gateway::start_from(upstream, dir, &text).await;
+    let (key, _) = gw.client("acme", "pro").await;
+    let uri = format!("/things?a=1&api_key={key}");
+    for c in ALL {
+        let r = verify(&gw, c, "GET", &uri, &[]).await;
+        assert_eq!(r.status, 200, "{c:?}");
+        assert_eq!(r.headers["x-keygate-client-id"], "acme");
+    }
+}
+
+/// Sends `bytes` on a fresh connection and reads the answer until the server closes.
+async fn raw_request(gw: &Gateway, bytes: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "no answer in time");
+    String::from_utf8_lossy(&out).into_owned()
+}
