@@ -434,3 +434,302 @@ async fn raw_request(gw: &Gateway, bytes: &[u8]) -> String {
     assert!(read.is_ok(), "no answer in time");
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Real edge proxies in front of the test upstream, with keygate as their auth service.
+mod edge {
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use serde_json::json;
+
+    use super::CONFIG;
+    use crate::support::{Gateway, Reply, Upstream, config_text};
+
+    /// A process killed (by its id) when the test ends, however it ends.
+    struct Running {
+        child: Child,
+        addr: std::net::SocketAddr,
+        dir: PathBuf,
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Running {
+        fn log(&self, name: &str) -> String {
+            std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+        }
+    }
+
+    /// `program` on PATH, else installed from the Debian package `package` (root only); a
+    /// failure fails the test with the reason.
+    fn ensure(program: &str, package: &str) {
+        let found = || {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {program}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if found() {
+            return;
+        }
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+        assert!(
+            root,
+            "{program} is not installed and this user cannot install it: apt-get install {package} (scripts/test.sh does)"
+        );
+        let out = Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {package}"
+                ),
+            ])
+            .output()
+            .expect("sh runs");
+        assert!(
+            out.status.success() && found(),
+            "installing {package} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn free_port() -> std::net::SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    async fn wait_listening(addr: std::net::SocketAddr, p: &mut Running, what: &str) {
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return;
+            }
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!("{what} exited ({status}): {}", p.log("error.log"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{what} did not listen on {addr}: {}", p.log("error.log"));
+    }
+
+    fn template(example: &str, fill: &[(&str, String)]) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples/forward-auth")
+            .join(example);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        for (k, v) in fill {
+            text = text.replace(k, v);
+        }
+        assert!(!text.contains("@KEYGATE@") && !text.contains("@UPSTREAM@"));
+        text
+    }
+
+    /// keygate with forward-auth on, `deny` mode, loopback trusted (the edge proxy names the
+    /// client in `X-Forwarded-For`).
+    async fn keygate(deny: &str) -> Gateway {
+        let upstream = Upstream::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let extra = CONFIG.replace(
+            "enabled = true",
+            &format!("enabled = true\ndeny = \"{deny}\""),
+        );
+        let text = config_text(&upstream.url(), &dir.path().join("k.db"), &extra).replace(
+            "[proxy]\n",
+            "[proxy]\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+        );
+        Gateway::start_from(upstream, dir, &text).await
+    }
+
+    async fn start_nginx(gw: &Gateway, dir: &Path) -> Running {
+        ensure("nginx", "nginx-light");
+        let v = Command::new("nginx").arg("-V").output().unwrap();
+        assert!(
+            String::from_utf8_lossy(&v.stderr).contains("http_auth_request_module"),
+            "this nginx lacks ngx_http_auth_request_module: install nginx-light or nginx-full"
+        );
+        let addr = free_port();
+        let site = template(
+            "nginx.conf",
+            &[
+                ("@KEYGATE@", gw.proxy.to_string()),
+                ("@UPSTREAM@", gw.upstream.addr.to_string()),
+                ("@LISTEN@", addr.to_string()),
+            ],
+        );
+        std::fs::write(dir.join("keygate.conf"), site).unwrap();
+        let d = dir.display();
+        let main = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\nevents {{ worker_connections 256; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  include {d}/keygate.conf;\n}}\n"
+        );
+        std::fs::write(dir.join("nginx.conf"), main).unwrap();
+        let child = Command::new("nginx")
+            .args(["-p", &d.to_string(), "-c", &format!("{d}/nginx.conf")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nginx starts");
+        let mut p = Running {
+            child,
+            addr,
+            dir: dir.to_owned(),
+        };
+        wait_listening(addr, &mut p, "nginx").await;
+        p
+    }
+
+    async fn through(gw: &Gateway, edge: &Running, path: &str, fields: &[(&str, &str)]) -> Reply {
+        let mut b = hyper::Request::builder().uri(format!("http://{}{path}", edge.addr));
+        for (k, v) in fields {
+            b = b.header(*k, *v);
+        }
+        gw.send(b.body(Full::new(Bytes::new())).unwrap()).await
+    }
+
+    /// The scenarios of issue 16 through one edge proxy.
+    async fn scenarios(gw: &Gateway, edge: &Running) {
+        let (plain, plain_id) = gw.client("acme", "pro").await;
+        let auth = format!("Bearer {plain}");
+        // No key: 401, nothing reaches the upstream.
+        let r = through(gw, edge, "/things", &[]).await;
+        assert_eq!(r.status, 401, "{}", edge.log("error.log"));
+        assert_eq!(gw.upstream.count(), 0);
+
+        // A valid key: 200, and the upstream sees the identity the edge proxy copied — not
+        // the client's spoofed fields.
+        let r = through(
+            gw,
+            edge,
+            "/things?x=1",
+            &[
+                ("authorization", &auth),
+                ("x-keygate-client-id", "root"),
+                ("x-keygate-license", "enterprise"),
+                ("x-keygate-permissions", "ADMIN"),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", edge.log("error.log"));
+        let seen = gw.upstream.last();
+        assert_eq!(seen.uri, "/things?x=1");
+        assert_eq!(seen.headers["x-keygate-client-id"], "acme");
+        assert_eq!(seen.headers["x-keygate-key-id"], plain_id.as_str());
+        assert_eq!(seen.headers["x-keygate-license"], "pro");
+        assert_eq!(
+            seen.headers
+                .get_all("x-keygate-permissions")
+                .iter()
+                .collect::<Vec<_>>(),
+            Vec::<&http::HeaderValue>::new(),
+            "an empty permission list is no field"
+        );
+        assert_eq!(
+            seen.headers.get_all("x-keygate-client-id").iter().count(),
+            1
+        );
+
+        // Spoofed identity without a key: refused.
+        let r = through(gw, edge, "/things", &[("x-keygate-client-id", "acme")]).await;
+        assert_eq!(r.status, 401);
+
+        // Wrong permission: 403.
+        let r = through(gw, edge, "/reports/q1", &[("authorization", &auth)]).await;
+        assert_eq!(r.status, 403);
+        let v = gw.key("acme", json!({"roles": ["REPORTS"]})).await;
+        let reports = format!("Bearer {}", v["key"].as_str().unwrap());
+        let r = through(gw, edge, "/reports/q1", &[("authorization", &reports)]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            gw.upstream.last().headers["x-keygate-permissions"],
+            "REPORTS"
+        );
+
+        // Over the limit: 429 with Retry-After at the client.
+        let v = gw
+            .key("acme", json!({"rate_limit": {"per_minute": 1, "burst": 1}}))
+            .await;
+        let limited = format!("Bearer {}", v["key"].as_str().unwrap());
+        let r = through(gw, edge, "/things", &[("authorization", &limited)]).await;
+        assert_eq!(r.status, 200);
+        let before = gw.upstream.count();
+        let r = through(gw, edge, "/things", &[("authorization", &limited)]).await;
+        assert_eq!(r.status, 429, "{}", edge.log("error.log"));
+        let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!(retry >= 1);
+        assert_eq!(
+            gw.upstream.count(),
+            before,
+            "a limited request reached the upstream"
+        );
+
+        // The other refusals keep their status at the client: dot-segments 400, a route's
+        // methods 405 with Allow.
+        let r = through(gw, edge, "/public/../reports", &[("authorization", &auth)]).await;
+        assert_eq!(r.status, 400);
+        let r = through(gw, edge, "/write", &[("authorization", &auth)]).await;
+        assert_eq!(r.status, 405);
+        assert_eq!(r.headers["allow"], "POST");
+
+        // Revoked on the admin API: 401 on the next request.
+        let v = gw.key("acme", json!({})).await;
+        let (key, id) = (v["key"].as_str().unwrap(), v["id"].as_str().unwrap());
+        let bearer = format!("Bearer {key}");
+        assert_eq!(
+            through(gw, edge, "/things", &[("authorization", &bearer)])
+                .await
+                .status,
+            200
+        );
+        let r = gw
+            .admin("DELETE", &format!("/v1/api-keys/{id}"), None)
+            .await;
+        assert_eq!(r.status, 200);
+        let r = through(gw, edge, "/things", &[("authorization", &bearer)]).await;
+        assert_eq!(r.status, 401);
+
+        // A public route: no key needed, no identity at the upstream.
+        let r = through(gw, edge, "/public/x", &[("x-keygate-client-id", "root")]).await;
+        assert_eq!(r.status, 200);
+        assert!(
+            !gw.upstream
+                .last()
+                .headers
+                .contains_key("x-keygate-client-id")
+        );
+    }
+
+    #[tokio::test]
+    async fn nginx_auth_request() {
+        let gw = keygate("nginx").await;
+        let dir = tempfile::tempdir().unwrap();
+        let nginx = start_nginx(&gw, dir.path()).await;
+        scenarios(&gw, &nginx).await;
+        // A client's own X-Forwarded-Uri naming another request does not pass.
+        let (key, _) = gw.client("other", "pro").await;
+        let r = through(
+            &gw,
+            &nginx,
+            "/reports/q1",
+            &[
+                ("authorization", &format!("Bearer {key}")),
+                ("x-forwarded-method", "GET"),
+                ("x-forwarded-uri", "/public"),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, 403);
+    }
+}
