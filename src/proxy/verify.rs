@@ -146,7 +146,7 @@ impl<V: RequestView> RequestView for Original<'_, V> {
 impl Gateway {
     /// Answers a verify request: the original request it names goes through the route table
     /// and admission exactly as a proxied request would. Allowed: 200, empty body, the
-    /// caller's `X-Keygate-*` identity and `RateLimit-*`. Refused: the proxy's own answer, or
+    /// caller's `X-Keygate-*` identity (empty on a public route) and `RateLimit-*`. Refused: the proxy's own answer, or
     /// in the nginx deny mode 403 with the real status in `X-Keygate-Status` (401 stays 401).
     pub async fn verify<'g>(
         &'g self,
@@ -166,8 +166,12 @@ impl Gateway {
             Ok(admitted) => {
                 let mut res = Response::new(Bytes::new());
                 let h = res.headers_mut();
-                if let Some(p) = admitted.permit.principal() {
-                    headers::add_identity(h, &p.headers);
+                // A public route has no caller: the identity fields are sent empty, so an edge
+                // proxy that copies them overwrites whatever the client sent (Caddy 2.6 would
+                // otherwise copy its unreplaced placeholder).
+                match admitted.permit.principal() {
+                    Some(p) => headers::add_identity(h, &p.headers),
+                    None => headers::add_no_identity(h),
                 }
                 if let Some(rate) = &admitted.rate {
                     headers::add_rate(h, rate);
