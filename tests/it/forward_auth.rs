@@ -427,6 +427,94 @@ async fn the_query_credential_is_read_from_the_original_uri_when_allowed() {
     }
 }
 
+#[tokio::test]
+async fn http2_verify_requests_get_the_same_decisions() {
+    let gw = Gateway::start_with(CONFIG).await;
+    let (key, _) = gw.client("acme", "pro").await;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let ask = |path: &str, fields: &[(&str, String)]| {
+        let mut b = hyper::Request::get(format!("http://{}{path}", gw.proxy));
+        for (k, v) in fields {
+            b = b.header(*k, v);
+        }
+        client.request(
+            b.body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+    };
+    let auth = ("authorization", bearer(&key));
+    let traefik = |uri: &str| {
+        vec![
+            ("x-forwarded-method", "GET".to_owned()),
+            ("x-forwarded-uri", uri.to_owned()),
+        ]
+    };
+    let mut f = traefik("/things");
+    f.push(auth.clone());
+    f.push(("x-keygate-client-id", "root".into()));
+    let r = ask("/_keygate/verify", &f).await.unwrap();
+    assert_eq!(r.version(), http::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-keygate-client-id"], "acme");
+    let r = ask("/_keygate/verify", &traefik("/things")).await.unwrap();
+    assert_eq!(r.status(), 401);
+    let mut f = traefik("/reports");
+    f.push(auth.clone());
+    assert_eq!(ask("/_keygate/verify", &f).await.unwrap().status(), 403);
+    let r = ask("/_keygate/verify/reports/x", std::slice::from_ref(&auth))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(gw.upstream.count(), 0);
+}
+
+/// The request Envoy's HTTP ext_authz sends: the original method, the original path and query
+/// after `path_prefix`, only the allowed fields (and Envoy's own), no body.
+#[tokio::test]
+async fn envoy_ext_authz_requests_as_envoy_sends_them() {
+    let gw = Gateway::start_with(CONFIG).await;
+    let (key, key_id) = gw.client("acme", "pro").await;
+    let envoy = |method: &str, original: &str, key: Option<&str>| {
+        let mut head = format!(
+            "{method} /_keygate/verify{original} HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 0\r\nx-envoy-expected-rq-timeout-ms: 250\r\nx-forwarded-for: 203.0.113.9\r\nx-envoy-internal: true\r\nConnection: close\r\n"
+        );
+        if let Some(k) = key {
+            head.push_str(&format!("authorization: Bearer {k}\r\n"));
+        }
+        head.push_str("\r\n");
+        head
+    };
+    let raw = raw_request(&gw, envoy("POST", "/write?x=1", Some(&key)).as_bytes()).await;
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    let lower = raw.to_ascii_lowercase();
+    assert!(
+        lower.contains(&format!("x-keygate-key-id: {key_id}")),
+        "{raw}"
+    );
+    assert!(lower.contains("ratelimit-remaining: "), "{raw}");
+    assert!(lower.contains("content-length: 0"), "{raw}");
+    let raw = raw_request(&gw, envoy("GET", "/write", Some(&key)).as_bytes()).await;
+    assert!(raw.starts_with("HTTP/1.1 405"), "{raw}");
+    assert!(raw.to_ascii_lowercase().contains("allow: post"), "{raw}");
+    let raw = raw_request(&gw, envoy("DELETE", "/things", None).as_bytes()).await;
+    assert!(raw.starts_with("HTTP/1.1 401"), "{raw}");
+    assert!(
+        raw.to_ascii_lowercase()
+            .contains("www-authenticate: bearer"),
+        "{raw}"
+    );
+    assert!(raw.contains("\"code\":\"missing_credentials\""), "{raw}");
+    let raw = raw_request(&gw, envoy("HEAD", "/things", Some(&key)).as_bytes()).await;
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    // The bare verify path names nothing.
+    let raw = raw_request(&gw, envoy("GET", "", Some(&key)).as_bytes()).await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    assert_eq!(gw.upstream.count(), 0);
+}
+
 /// Sends `bytes` on a fresh connection and reads the answer until the server closes.
 async fn raw_request(gw: &Gateway, bytes: &[u8]) -> String {
     let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
