@@ -14,7 +14,7 @@ const CONFIG: &str = r#"
 [forward_auth]
 enabled = true
 [[routes]]
-path = "/"
+path = "/things"
 [[routes]]
 path = "/reports"
 permissions = ["REPORTS"]
@@ -140,6 +140,14 @@ async fn each_convention_gets_the_proxy_decisions_and_nothing_is_forwarded() {
         assert_eq!(r.status, 200, "{c:?}");
         assert_eq!(r.headers["x-keygate-client-id"], "", "{c:?}");
         assert_eq!(r.headers["x-keygate-key-id"], "", "{c:?}");
+
+        // No route: 404.
+        let r = verify(&gw, c, "GET", "/nowhere", &[("authorization", &auth)]).await;
+        assert_eq!(
+            (r.status.as_u16(), r.code().as_str()),
+            (404, "route_not_found"),
+            "{c:?}"
+        );
 
         // Dot-segments in the original path: 400 before any route is looked at.
         let r = verify(
@@ -270,6 +278,10 @@ async fn the_nginx_deny_mode_answers_403_with_the_real_status() {
     assert_eq!(r.status, 403);
     assert_eq!(r.headers["x-keygate-status"], "403");
     assert_eq!(r.code(), "insufficient_permissions");
+    let r = verify(&gw, c, "GET", "/nowhere", &[("authorization", &other)]).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.headers["x-keygate-status"], "404");
+    assert_eq!(r.code(), "route_not_found");
     let r = verify(&gw, c, "GET", "/a/../b", &fields).await;
     assert_eq!(r.status, 403);
     assert_eq!(r.headers["x-keygate-status"], "400");
@@ -769,8 +781,10 @@ mod edge {
             "a limited request reached the upstream"
         );
 
-        // The other refusals keep their status at the client: dot-segments 400, a route's
-        // methods 405 with Allow.
+        // The other refusals keep their status at the client: no route 404, dot-segments
+        // 400, a route's methods 405 with Allow.
+        let r = through(gw, edge, "/nowhere", &[("authorization", &auth)]).await;
+        assert_eq!(r.status, 404);
         let r = through(gw, edge, "/public/../reports", &[("authorization", &auth)]).await;
         assert_eq!(r.status, dot);
         let r = through(gw, edge, "/write", &[("authorization", &auth)]).await;
