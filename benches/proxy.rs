@@ -10,6 +10,10 @@
 //! (a connection handed over from HTTP/1.1 serves one request only, so h2c is how one connection
 //! stays on hyper).
 //!
+//! `keygate_verify` is a forward-auth verify request on the fast path (`X-Original-Method` /
+//! `-URI` and the key, answered 200 with the identity; no upstream exchange): the round trip an
+//! edge proxy's subrequest costs, client included.
+//!
 //! Run: `cargo bench --bench proxy`.
 
 mod common;
@@ -105,6 +109,22 @@ async fn round_trip_h2(send: &mut H2Send, header: (&str, &str)) {
     check(send.send_request(request(header)).await.unwrap()).await;
 }
 
+async fn verify_round_trip(send: &mut SendRequest<Empty<Bytes>>, key: &str) {
+    send.ready().await.unwrap();
+    let req = Request::get("/_keygate/verify")
+        .header("host", "127.0.0.1")
+        .header("x-original-method", "GET")
+        .header("x-original-uri", "/bench")
+        .header("x-api-key", key)
+        .body(Empty::new())
+        .unwrap();
+    let res = send.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().contains_key("x-keygate-client-id"));
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.is_empty());
+}
+
 /// `n` sequential round trips on one connection, timed inside the runtime.
 fn timed(
     rt: &tokio::runtime::Runtime,
@@ -148,6 +168,8 @@ rate_limit = {{ per_second = 1000000000, burst = 1000000 }}
 secret = "{secret}"
 [log]
 access_log = false
+[forward_auth]
+enabled = true
 "#,
             db = dir.path().join("bench.db").display(),
             secret = common::JWT_SECRET,
@@ -190,6 +212,18 @@ access_log = false
     rt.block_on(round_trip(&mut via, ("authorization", &bearer)));
     g.bench_function("keygate_jwt", |b| {
         b.iter_custom(|n| timed(&rt, n, &mut via, ("authorization", &bearer)))
+    });
+    rt.block_on(verify_round_trip(&mut via, &key));
+    g.bench_function("keygate_verify", |b| {
+        b.iter_custom(|n| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..n {
+                    verify_round_trip(&mut via, &key).await;
+                }
+                start.elapsed()
+            })
+        })
     });
     let mut h2 = rt.block_on(connect_h2(gateway));
     rt.block_on(round_trip_h2(&mut h2, ("x-api-key", &key)));

@@ -22,6 +22,12 @@
 #   keygate            X-API-Key, auth + per-key rate limiting (limits never reached), one key
 #   keygate-rot        the same, wrk rotating over 10,000 keys (cache warmed first)
 #   keygate-jwt        Authorization: Bearer <token from /auth/login>
+#   nginx-fwdauth      nginx `auth_request` → keygate's verify endpoint (`deny = "nginx"`,
+#                      X-Original-Method/-URI) → upstream, the identity copied with
+#                      auth_request_set; nginx and keygate both on CPU $PROXY_CPU
+#   nginx-fwdauth-rot  the same, wrk rotating over the 10,000 keys
+#   keygate-verify     wrk → keygate's verify endpoint directly (verify checks per second on
+#                      one core, warm cache)
 #   base, base-rot     with BASELINE=/path/to/an/earlier/keygate: that binary, configured and
 #                      driven exactly like keygate and keygate-rot (before/after a change, in one
 #                      run); add them to CONTENDERS
@@ -39,7 +45,7 @@ WARM=${WARM:-2}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 OUT=${OUT:-$ROOT/target/loadtest/latest.md}
-CONTENDERS=${CONTENDERS:-"direct nginx-plain nginx-keyauth nginx-keyauth-rot keygate keygate-rot keygate-jwt"}
+CONTENDERS=${CONTENDERS:-"direct nginx-plain nginx-keyauth nginx-keyauth-rot keygate keygate-rot keygate-jwt nginx-fwdauth nginx-fwdauth-rot keygate-verify"}
 
 # ---- tools -------------------------------------------------------------------------------
 need=()
@@ -98,6 +104,7 @@ wait_port() { # port, what
 UP_PORT=$(free_port)
 NG_PLAIN_PORT=$(free_port)
 NG_AUTH_PORT=$(free_port)
+NG_FA_PORT=$(free_port)
 KG_PORT=$(free_port)
 KG_ADMIN_PORT=$(free_port)
 KGB_PORT=$(free_port)
@@ -140,9 +147,10 @@ wait_port "$UP_PORT" upstream
 
 # ---- keygate and its keys ----------------------------------------------------------------
 # Starts a keygate (binary $1) on ports $2/$3 with its files in $4, and creates $KEYS keys
-# through its admin API ($4/keys.txt, keys.map, token.txt). Sets STARTED_PID.
+# through its admin API ($4/keys.txt, keys.map, token.txt); $5 is appended to its config.
+# Sets STARTED_PID.
 start_keygate() {
-local bin=$1 port=$2 admin_port=$3 dir=$4
+local bin=$1 port=$2 admin_port=$3 dir=$4 extra=${5:-}
 mkdir -p "$dir"
 cat >"$dir/keygate.toml" <<EOF
 [proxy]
@@ -165,6 +173,7 @@ secret = "$JWT_SECRET"
 [log]
 level = "warn"
 access_log = false
+$extra
 EOF
 KEYGATE_ADMIN_KEY=$ADMIN_KEY taskset -c "$PROXY_CPU" "$bin" serve --config "$dir/keygate.toml" \
   >"$dir/keygate.log" 2>&1 &
@@ -200,7 +209,9 @@ with open(f"{work}/token.txt", "w") as f:
     f.write(json.loads(data)["access_token"])
 EOF
 }
-start_keygate "$KEYGATE" "$KG_PORT" "$KG_ADMIN_PORT" "$WORK"
+start_keygate "$KEYGATE" "$KG_PORT" "$KG_ADMIN_PORT" "$WORK" '[forward_auth]
+enabled = true
+deny = "nginx"'
 KG_PID=$STARTED_PID
 KGB_PID=
 if [ -n "${BASELINE:-}" ]; then
@@ -232,10 +243,42 @@ nginx_conf nginx-keyauth "$UPSTREAM_BLOCK
       $PROXY_COMMON
     }
   }"
+# The recipe of examples/forward-auth/nginx.conf, without the refusal mapping (nothing is
+# refused here).
+nginx_conf nginx-fwdauth "$UPSTREAM_BLOCK
+  upstream keygate { server 127.0.0.1:$KG_PORT; keepalive 256; }
+  server {
+    listen 127.0.0.1:$NG_FA_PORT;
+    location / {
+      auth_request /_keygate_verify;
+      auth_request_set \$keygate_client_id \$upstream_http_x_keygate_client_id;
+      auth_request_set \$keygate_key_id \$upstream_http_x_keygate_key_id;
+      auth_request_set \$keygate_permissions \$upstream_http_x_keygate_permissions;
+      auth_request_set \$keygate_license \$upstream_http_x_keygate_license;
+      proxy_set_header X-API-Key \"\";
+      proxy_set_header X-Keygate-Client-Id \$keygate_client_id;
+      proxy_set_header X-Keygate-Key-Id \$keygate_key_id;
+      proxy_set_header X-Keygate-Permissions \$keygate_permissions;
+      proxy_set_header X-Keygate-License \$keygate_license;
+      $PROXY_COMMON
+    }
+    location = /_keygate_verify {
+      internal;
+      proxy_pass http://keygate/_keygate/verify;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length \"\";
+      proxy_set_header X-Original-Method \$request_method;
+      proxy_set_header X-Original-URI \$request_uri;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+    }
+  }"
 start_nginx nginx-plain "$PROXY_CPU"
 start_nginx nginx-keyauth "$PROXY_CPU"
+start_nginx nginx-fwdauth "$PROXY_CPU"
 wait_port "$NG_PLAIN_PORT" nginx-plain
 wait_port "$NG_AUTH_PORT" nginx-keyauth
+wait_port "$NG_FA_PORT" nginx-fwdauth
 
 # ---- wrk scripts -------------------------------------------------------------------------
 # Every contender is driven by the same kind of script: requests formatted once, up front, from
@@ -243,13 +286,13 @@ wait_port "$NG_AUTH_PORT" nginx-keyauth
 # same work per request whatever the contender, one key or 10,000.
 head -n1 "$WORK/keys.txt" >"$WORK/key1.txt"
 printf 'Bearer %s\n' "$TOKEN" >"$WORK/bearer.txt"
-wrk_script() { # name, header, credentials file
+wrk_script() { # name, header, credentials file[, path, extra Lua header entries]
   cat >"$WORK/$1.lua" <<LUA
 local reqs = {}
 local i = 0
 init = function(args)
   for line in io.lines("$3") do
-    reqs[#reqs + 1] = wrk.format("GET", "/", { ["$2"] = line })
+    reqs[#reqs + 1] = wrk.format("GET", "${4:-/}", { ["$2"] = line${5:+, $5} })
   end
 end
 request = function()
@@ -266,6 +309,8 @@ if [ -n "$KGB_PID" ]; then
 fi
 wrk_script rotate X-API-Key "$WORK/keys.txt"
 wrk_script jwt Authorization "$WORK/bearer.txt"
+wrk_script verify X-API-Key "$WORK/key1.txt" /_keygate/verify \
+  '["X-Original-Method"] = "GET", ["X-Original-URI"] = "/"'
 
 run_wrk() { # contender, conns, duration, out
   local c=$1 n=$2 d=$3 out=$4
@@ -278,6 +323,9 @@ run_wrk() { # contender, conns, duration, out
     keygate) port=$KG_PORT; args=(-s "$WORK/one.lua") ;;
     keygate-rot) port=$KG_PORT; args=(-s "$WORK/rotate.lua") ;;
     keygate-jwt) port=$KG_PORT; args=(-s "$WORK/jwt.lua") ;;
+    nginx-fwdauth) port=$NG_FA_PORT; args=(-s "$WORK/one.lua") ;;
+    nginx-fwdauth-rot) port=$NG_FA_PORT; args=(-s "$WORK/rotate.lua") ;;
+    keygate-verify) port=$KG_PORT; args=(-s "$WORK/verify.lua") ;;
     base) port=$KGB_PORT; args=(-s "$WORK/base-one.lua") ;;
     base-rot) port=$KGB_PORT; args=(-s "$WORK/base-rotate.lua") ;;
     *) echo "unknown contender $c" >&2; exit 1 ;;
@@ -292,6 +340,8 @@ contender_pids() {
     direct) echo "" ;;
     nginx-plain*) echo "${MASTER[nginx-plain]} $(pgrep -P "${MASTER[nginx-plain]}" | tr '\n' ' ')" ;;
     nginx-keyauth*) echo "${MASTER[nginx-keyauth]} $(pgrep -P "${MASTER[nginx-keyauth]}" | tr '\n' ' ')" ;;
+    # Both serve each request: nginx and the keygate it asks.
+    nginx-fwdauth*) echo "${MASTER[nginx-fwdauth]} $(pgrep -P "${MASTER[nginx-fwdauth]}" | tr '\n' ' ') $KG_PID" ;;
     keygate*) echo "$KG_PID" ;;
     base*) echo "$KGB_PID" ;;
   esac
@@ -395,6 +445,11 @@ for n in sorted({n for _, n in rows}):
         print(f"| {c} | {k(rps)} ({rng(r['rps'], k)}) | {med(r['p50']):,.0f} | {med(r['p99']):,.0f} ({rng(r['p99'], k)}) | "
               f"{cpu_us} | {rps / base_plain:.2f} | {rps / base_auth:.2f} | "
               f"{med(r['p99']) / base_auth_p99:.2f} | {r['bad']} | {r['err']} |")
+    fa = med(rows.get(("nginx-fwdauth", n), {}).get("rps", []))
+    if fa == fa and base_auth == base_auth:
+        print()
+        print(f"nginx + auth_request → keygate verify vs nginx-keyauth: {fa / base_auth:.2f}× req/s "
+              f"(target ≥ 0.5×).")
     one = med(rows.get(("keygate", n), {}).get("rps", []))
     rot = med(rows.get(("keygate-rot", n), {}).get("rps", []))
     if one == one and rot == rot:

@@ -9,6 +9,8 @@ started=$SECONDS
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v prlimit >/dev/null 2>&1 || need_apt+=(util-linux)
+command -v nginx >/dev/null 2>&1 || need_apt+=(nginx-light)
+command -v caddy >/dev/null 2>&1 || need_apt+=(caddy)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"

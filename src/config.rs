@@ -148,6 +148,10 @@ fn d_jwt_leeway() -> u64 {
 pub const MIN_JWT_SECRET_LEN: usize = 32;
 const MAX_JWT_TTL_SECS: u64 = 24 * 3600;
 const MAX_JWT_LEEWAY_SECS: u64 = 30;
+fn d_verify_path() -> String {
+    "/_keygate/verify".into()
+}
+
 fn d_true() -> bool {
     true
 }
@@ -198,6 +202,41 @@ pub struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub jwt: RawJwt,
+    #[serde(default)]
+    pub forward_auth: RawForwardAuth,
+}
+
+/// `[forward_auth]`: the verify endpoint edge proxies (nginx `auth_request`, Traefik
+/// `forwardAuth`, Caddy `forward_auth`, Envoy HTTP `ext_authz`) ask before they pass a request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawForwardAuth {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "d_verify_path")]
+    pub path: String,
+    #[serde(default)]
+    pub deny: DenyMode,
+}
+
+/// How the verify endpoint answers a refusal.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DenyMode {
+    /// The proxy's own status and problem+json (Traefik, Caddy, Envoy relay them as they are).
+    #[default]
+    Status,
+    /// 403 for every refusal but 401, the real status in `X-Keygate-Status` (nginx
+    /// `auth_request` turns anything but 2xx, 401 and 403 into a 500).
+    Nginx,
+}
+
+/// The validated `[forward_auth]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardAuth {
+    /// `None`: off.
+    pub path: Option<String>,
+    pub deny: DenyMode,
 }
 
 #[derive(Debug, Deserialize)]
@@ -402,7 +441,8 @@ default_from_serde!(
     RawRateLimit,
     RawLimits,
     RawServer,
-    RawLog
+    RawLog,
+    RawForwardAuth
 );
 
 /// Values given on the command line; each overrides the file and the environment.
@@ -433,6 +473,7 @@ pub struct Config {
     pub worker_threads: usize,
     pub log: LogConfig,
     pub jwt: JwtConfig,
+    pub forward_auth: ForwardAuth,
     /// Things an operator should know but that do not stop startup.
     pub warnings: Vec<String>,
 }
@@ -787,6 +828,55 @@ mod tests {
                 "{name}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn forward_auth_is_off_by_default_and_its_path_is_checked() {
+        let c = load("", &[], CliOverrides::default()).unwrap();
+        assert_eq!(c.forward_auth.path, None);
+        assert_eq!(c.forward_auth.deny, DenyMode::Status);
+        let c = load(
+            "[forward_auth]\nenabled = true\ndeny = \"nginx\"\n",
+            &[],
+            CliOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.forward_auth.path.as_deref(), Some("/_keygate/verify"));
+        assert_eq!(c.forward_auth.deny, DenyMode::Nginx);
+        // A disabled section is not judged.
+        assert!(
+            load(
+                "[forward_auth]\npath = \"x\"\n",
+                &[],
+                CliOverrides::default()
+            )
+            .is_ok()
+        );
+        for (path, routes) in [
+            ("verify", ""),
+            ("/", ""),
+            ("/v/", ""),
+            ("/v?x", ""),
+            ("/a/../v", ""),
+            ("/_keygate/health", ""),
+            ("/auth", ""),
+            ("/api", "[[routes]]\npath = \"/api/v1\"\n"),
+            ("/api", "[[routes]]\npath = \"/api\"\n"),
+        ] {
+            let text = format!("[forward_auth]\nenabled = true\npath = \"{path}\"\n{routes}");
+            let e = load(&text, &[], CliOverrides::default()).unwrap_err();
+            assert!(e.to_string().contains("forward_auth.path"), "{path}: {e}");
+        }
+        // A catch-all route is no clash: the verify path is more specific.
+        let text = "[forward_auth]\nenabled = true\n[[routes]]\npath = \"/\"\n[[routes]]\npath = \"/_keygate/verifyx\"\n";
+        assert!(load(text, &[], CliOverrides::default()).is_ok());
+        let e = load(
+            "[forward_auth]\nenabled = true\ndeny = \"500\"\n",
+            &[],
+            CliOverrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("deny"), "{e}");
     }
 
     #[test]

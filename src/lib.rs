@@ -223,6 +223,7 @@ impl App {
                     config.proxy.vary_credentials,
                     config.proxy.cache_private,
                 ),
+                forward_auth: config.forward_auth.clone(),
             },
             upstreams,
             failed_auth: proxy_failed_auth,

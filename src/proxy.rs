@@ -13,6 +13,7 @@ pub mod headers;
 pub mod hyper;
 pub mod policy;
 pub mod upstream;
+pub mod verify;
 
 use std::convert::Infallible;
 use std::sync::Arc;

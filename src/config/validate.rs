@@ -16,10 +16,11 @@ use std::time::Duration;
 use http::Uri;
 
 use super::{
-    AdminConfig, Cidr, Config, ConfigErrors, DEFAULT_API_KEY_HEADER, JwtConfig, KeysConfig, Limits,
-    LogConfig, LogFormat, MAX_JWT_LEEWAY_SECS, MAX_JWT_TTL_SECS, MIN_ADMIN_KEY_LEN, ProxyConfig,
-    RawAdmin, RawConfig, RawJwt, RawKeys, RawLimits, RawLog, RawPlan, RawProxy, RawRateLimit,
-    RawRoute, RawServer, RawStore, Route, RouteAuth, StoreConfig, StoreUrl, TlsFiles,
+    AdminConfig, Cidr, Config, ConfigErrors, DEFAULT_API_KEY_HEADER, ForwardAuth, JwtConfig,
+    KeysConfig, Limits, LogConfig, LogFormat, MAX_JWT_LEEWAY_SECS, MAX_JWT_TTL_SECS,
+    MIN_ADMIN_KEY_LEN, ProxyConfig, RawAdmin, RawConfig, RawForwardAuth, RawJwt, RawKeys,
+    RawLimits, RawLog, RawPlan, RawProxy, RawRateLimit, RawRoute, RawServer, RawStore, Route,
+    RouteAuth, StoreConfig, StoreUrl, TlsFiles,
 };
 use crate::keys::{KeyHash, MAX_PREFIX_LEN, RateLimit};
 
@@ -62,6 +63,7 @@ impl RawConfig {
             .as_ref()
             .is_some_and(|s| matches!(s.url, StoreUrl::Redis(_)));
         let jwt = jwt(self.jwt, shared_store, &mut p);
+        let forward_auth = forward_auth(self.forward_auth, &self.routes, &mut p);
 
         match (proxy, admin, store) {
             (Some(proxy), Some(admin), Some(store)) if p.errors.is_empty() => Ok(Config {
@@ -78,6 +80,7 @@ impl RawConfig {
                 worker_threads,
                 log,
                 jwt,
+                forward_auth,
                 warnings: p.warnings,
             }),
             _ => Err(ConfigErrors(p.errors)),
@@ -423,6 +426,51 @@ fn log(raw: RawLog, p: &mut Problems) -> LogConfig {
         level: raw.level,
         access_log: raw.access_log,
     }
+}
+
+/// `[forward_auth]`: the verify path must be a plain absolute path of its own: not the health
+/// or login path, and not a route's path or above one (requests for that route would be
+/// answered by the verify endpoint instead).
+fn forward_auth(raw: RawForwardAuth, routes: &[RawRoute], p: &mut Problems) -> ForwardAuth {
+    let path = raw.path.as_str();
+    if raw.enabled {
+        let plain = path.len() > 1
+            && path.starts_with('/')
+            && !path.ends_with('/')
+            && !path.contains(['?', '#'])
+            && crate::paths::check_path(path, false).is_ok();
+        if !plain {
+            p.error(format!(
+                "forward_auth.path: {path:?} must start with '/', not be \"/\" or end with '/', and hold no query, dot-segments or encoded separators; e.g. \"/_keygate/verify\""
+            ));
+        }
+        // The proxy listener's own paths (proxy::HEALTH_PATH, proxy::LOGIN_PATH).
+        for own in ["/_keygate/health", "/auth/login"] {
+            if under(own, path) {
+                p.error(format!(
+                    "forward_auth.path: {path:?} would take the place of {own}; choose another path"
+                ));
+            }
+        }
+        for (i, r) in routes.iter().enumerate() {
+            if under(&r.path, path) {
+                p.error(format!(
+                    "forward_auth.path: {path:?} would answer the requests of routes[{i}] (path {:?}); choose another path",
+                    r.path
+                ));
+            }
+        }
+    }
+    ForwardAuth {
+        path: raw.enabled.then_some(raw.path),
+        deny: raw.deny,
+    }
+}
+
+/// `path` is `prefix` or below it (whole segments).
+fn under(path: &str, prefix: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// `[jwt]`: the token secret (required when `shared_store`: every instance must verify the

@@ -301,6 +301,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             Routed::Health => return Err(Stop::Answer(policy::health(&head.method))),
             // Hyper reads the body; the core answers.
             Routed::Login => return Err(Stop::Handover),
+            // The core decides; nothing is forwarded.
+            Routed::Verify => return Err(Stop::Answer(gw.verify(&view, conn, outcome).await)),
             Routed::Route(route) => route,
         };
         outcome.route = Some(route);
@@ -540,6 +542,13 @@ impl RequestView for View<'_> {
             .iter()
             .find(|f| f.name.get(self.buf).eq_ignore_ascii_case(b"forwarded"))
             .and_then(|f| credential::header_text(f.value.get(self.buf)))
+    }
+
+    fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|f| f.name.get(self.buf).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|f| f.value.get(self.buf))
     }
 }
 

@@ -208,6 +208,18 @@ pub fn add_identity(h: &mut HeaderMap, id: &IdentityHeaders) {
     h.insert(X_KEYGATE_LICENSE, license);
 }
 
+/// The identity fields, present and empty: no caller (the verify answer for a public route).
+pub fn add_no_identity(h: &mut HeaderMap) {
+    for name in [
+        X_KEYGATE_CLIENT_ID,
+        X_KEYGATE_KEY_ID,
+        X_KEYGATE_PERMISSIONS,
+        X_KEYGATE_LICENSE,
+    ] {
+        h.insert(name, HeaderValue::from_static(""));
+    }
+}
+
 /// Appends the peer to the client's `X-Forwarded-For`, sets `X-Forwarded-Proto` and
 /// `X-Forwarded-Host` (the client's `Host`), and `Host` (the upstream's authority).
 pub fn add_forwarded(

@@ -113,6 +113,7 @@ impl Gateway {
                 let ip = self.policy.client_ip(parts, conn.peer.ip());
                 return Ok(own(self.login(&body, ip).await?));
             }
+            Routed::Verify => return Ok(own(self.verify(parts, conn, outcome).await)),
             Routed::Route(route) => route,
         };
         outcome.route = Some(route);

@@ -10,6 +10,8 @@
 //!   (forwarded, dropped, owned by the gateway); [`forwarded`] says whether a request field
 //!   reaches the upstream; [`relayed`] whether a response field reaches the client.
 //! - [`Gateway::login`]: `POST /auth/login` on the proxy listener.
+//! - The verify endpoint of forward-auth ([`super::verify`]) shows the same two steps a view
+//!   of the original request it names.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use super::{ConnInfo, Gateway, HEALTH_PATH, LOGIN_PATH, Outcome};
 use crate::auth::credential::Credential;
 use crate::auth::jwt::{LoginRequest, TokenResponse};
 use crate::auth::{self, AuthError, Permit};
-use crate::config::Cidr;
+use crate::config::{Cidr, ForwardAuth};
 use crate::limit::{RateInfo, Refusal};
 use crate::paths;
 use crate::proxy::error::ProxyError;
@@ -42,6 +44,9 @@ pub trait RequestView {
     fn forwarded_for(&self) -> Option<&str>;
     /// The first `Forwarded` value, when it is header text.
     fn forwarded(&self) -> Option<&str>;
+    /// The first value of any field (`name` lowercase), as sent. Read only by the verify
+    /// endpoint.
+    fn field(&self, name: &str) -> Option<&[u8]>;
 }
 
 impl RequestView for http::request::Parts {
@@ -78,6 +83,10 @@ impl RequestView for http::request::Parts {
             .get(http::header::FORWARDED)
             .and_then(|v| v.to_str().ok())
     }
+
+    fn field(&self, name: &str) -> Option<&[u8]> {
+        self.headers.get(name).map(HeaderValue::as_bytes)
+    }
 }
 
 /// The rules of the data plane that come from the configuration.
@@ -88,6 +97,8 @@ pub struct Policy {
     /// Peers whose `X-Forwarded-For` / `Forwarded` names the client.
     pub trusted_proxies: Vec<Cidr>,
     pub cache: CachePolicy,
+    /// The verify endpoint (`path: None`: off).
+    pub forward_auth: ForwardAuth,
 }
 
 impl Policy {
@@ -232,6 +243,8 @@ pub enum Routed<'g> {
     Health,
     /// `POST /auth/login`: the engine reads the body and calls [`Gateway::login`].
     Login,
+    /// The forward-auth verify path (or below it): the engine calls [`Gateway::verify`].
+    Verify,
     Route(&'g Route),
 }
 
@@ -273,29 +286,45 @@ pub struct Admitted<'g> {
 }
 
 impl Gateway {
-    /// The first steps of every request: the health check, the login path, the path checks
-    /// (400) and the route (404).
+    /// The first steps of every request: the health check, the login path, the verify path,
+    /// then [`Gateway::route_table`].
     pub fn route<'g>(&'g self, req: &impl RequestView) -> Result<Routed<'g>, ProxyError> {
-        let method = req.method();
-        if !upper_token(method.as_str()) {
-            return Err(ProxyError::BadRequest(
-                "the method must be an uppercase token (RFC 9110 §9.1)",
-            ));
-        }
+        upper_method(req.method())?;
         let path = req.path();
         if path == HEALTH_PATH {
             return Ok(Routed::Health);
         }
-        if path == LOGIN_PATH && *method == Method::POST {
+        if path == LOGIN_PATH && *req.method() == Method::POST {
             return Ok(Routed::Login);
         }
+        if let Some(verify) = &self.policy.forward_auth.path
+            && path
+                .strip_prefix(verify.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        {
+            return Ok(Routed::Verify);
+        }
+        self.table(req).map(Routed::Route)
+    }
+
+    /// The method check, the path checks (400), the route (404) and its methods (405): what
+    /// the original request of a verify request goes through, as a proxied request does in
+    /// [`Gateway::route`].
+    pub fn route_table<'g>(&'g self, req: &impl RequestView) -> Result<&'g Route, ProxyError> {
+        upper_method(req.method())?;
+        self.table(req)
+    }
+
+    fn table<'g>(&'g self, req: &impl RequestView) -> Result<&'g Route, ProxyError> {
+        let method = req.method();
+        let path = req.path();
         paths::check_path(path, self.policy.non_ascii_paths).map_err(ProxyError::BadRequest)?;
         let route = self.routes.find(path).ok_or(ProxyError::RouteNotFound)?;
         if !route.allows(method) {
             let allow = route.allow.clone().unwrap_or(HeaderValue::from_static(""));
             return Err(ProxyError::MethodNotAllowed(allow));
         }
-        Ok(Routed::Route(route))
+        Ok(route)
     }
 
     /// Admits a request on `route`: public routes at once; otherwise the credential (two
@@ -417,6 +446,16 @@ impl Gateway {
             HeaderValue::from_static("no-store"),
         );
         Ok(res)
+    }
+}
+
+fn upper_method(method: &Method) -> Result<(), ProxyError> {
+    if upper_token(method.as_str()) {
+        Ok(())
+    } else {
+        Err(ProxyError::BadRequest(
+            "the method must be an uppercase token (RFC 9110 §9.1)",
+        ))
     }
 }
 
@@ -714,6 +753,10 @@ mod tests {
             non_ascii_paths: false,
             trusted_proxies: trusted.iter().map(|c| Cidr::parse(c).unwrap()).collect(),
             cache: CachePolicy::new(&HeaderName::from_static("x-api-key"), true, true),
+            forward_auth: ForwardAuth {
+                path: None,
+                deny: crate::config::DenyMode::Status,
+            },
         };
         let req = |xff: Option<&str>, fwd: Option<&str>| {
             let mut b = http::Request::builder();

@@ -6,6 +6,7 @@ mod admin_races;
 mod binary;
 mod deploy_files;
 mod fast_path;
+mod forward_auth;
 mod hardening;
 mod hostile;
 mod kixote;
