@@ -134,14 +134,7 @@ mod tests {
     use super::*;
     use crate::clock::FakeClock;
 
-    fn per_second(n: u32, burst: u32) -> RateLimit {
-        RateLimit {
-            per_second: Some(n),
-            per_minute: None,
-            per_hour: None,
-            burst,
-        }
-    }
+    use crate::keys::testing::per_second;
 
     #[test]
     fn burst_is_exact_and_refills_on_schedule() {

@@ -182,6 +182,16 @@ impl KeyBuilder {
     }
 }
 
+/// `n` a second with a burst of `burst`.
+pub fn per_second(n: u32, burst: u32) -> crate::keys::RateLimit {
+    crate::keys::RateLimit {
+        per_second: Some(n),
+        per_minute: None,
+        per_hour: None,
+        burst,
+    }
+}
+
 /// A client `client_id` on plan `pro`, created now, without metadata.
 pub fn client(client_id: &str) -> Client {
     Client {
