@@ -38,12 +38,12 @@ fn gcra(limit: &RateLimit) -> (u64, u64) {
     (t, t.saturating_mul(u64::from(limit.burst.max(1) - 1)))
 }
 
-/// One key's bucket: `t` is the emission interval, `tau` the tolerance, `tat` the theoretical
-/// arrival time of the next cell on the clock's monotonic time plus one (0: never used, a full
-/// bucket).
+/// One key's bucket: `t` is the emission interval, `tat` the theoretical arrival time of the
+/// next cell on the clock's monotonic time plus one (0: never used, a full bucket). The
+/// tolerance `tau = t × (burst − 1)` is computed when it is needed (one multiplication), so a
+/// bucket with its clock fits in 32 bytes, half a cache line.
 pub struct KeyLimiter {
     t: u64,
-    tau: u64,
     tat: AtomicU64,
     /// The limit's burst, reported as `RateLimit-Limit`.
     burst: u32,
@@ -61,10 +61,9 @@ impl std::fmt::Debug for KeyLimiter {
 
 impl KeyLimiter {
     pub fn new(limit: RateLimit, clock: Clock) -> Self {
-        let (t, tau) = gcra(&limit);
+        let (t, _) = gcra(&limit);
         Self {
             t,
-            tau,
             tat: AtomicU64::new(0),
             burst: limit.burst,
             clock,
@@ -77,9 +76,15 @@ impl KeyLimiter {
         self.clock.mono_nanos() + 1
     }
 
+    /// The tolerance `tau = t × (burst − 1)`, in nanoseconds (as [`gcra`] computes it).
+    #[inline(always)]
+    fn tau(&self) -> u64 {
+        self.t.saturating_mul(u64::from(self.burst.max(1) - 1))
+    }
+
     /// True when this bucket enforces `limit`.
     pub fn enforces(&self, limit: &RateLimit) -> bool {
-        (self.t, self.tau, self.burst) == {
+        (self.t, self.tau(), self.burst) == {
             let (t, tau) = gcra(limit);
             (t, tau, limit.burst)
         }
@@ -90,7 +95,7 @@ impl KeyLimiter {
     #[inline(always)]
     pub fn check(&self) -> Result<RateInfo, Refusal> {
         let now = self.now_ns();
-        let (t, tau) = (self.t, self.tau);
+        let (t, tau) = (self.t, self.tau());
         let mut prev = self.tat.load(Ordering::Acquire);
         loop {
             let tat = if prev == 0 { now } else { prev };
@@ -135,6 +140,15 @@ mod tests {
     use crate::clock::FakeClock;
 
     use crate::keys::testing::per_second;
+
+    #[test]
+    fn a_bucket_with_its_clock_fits_in_32_bytes() {
+        assert!(std::mem::size_of::<KeyLimiter>() <= 32);
+        let l = KeyLimiter::new(per_second(5, 7), FakeClock::new().clock());
+        assert_eq!(l.tau(), gcra(&per_second(5, 7)).1);
+        assert!(l.enforces(&per_second(5, 7)));
+        assert!(!l.enforces(&per_second(5, 8)) && !l.enforces(&per_second(6, 7)));
+    }
 
     #[test]
     fn burst_is_exact_and_refills_on_schedule() {
