@@ -18,7 +18,6 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -187,59 +186,27 @@ impl<K: std::hash::Hash + Eq + Clone> KeyedLimit<K> {
     }
 }
 
-/// Failed authentications per peer IP. The request path pays one atomic load unless some IP
-/// is currently blocked.
+/// Failed authentications per client address. Only failing attempts are ever counted or
+/// refused: nothing is looked up for a request that authenticates.
 pub struct FailedAuth {
     attempts: KeyedLimit<IpAddr>,
-    /// Until when (the clock's monotonic nanoseconds) each blocked IP is blocked.
-    blocked: Mutex<HashMap<IpAddr, u64>>,
-    /// Monotonic nanoseconds until which at least one IP may be blocked.
-    horizon_ns: AtomicU64,
-    clock: Clock,
 }
 
 impl FailedAuth {
     pub fn new(limit: RateLimit, clock: Clock) -> Self {
         Self {
-            attempts: KeyedLimit::new(limit, clock.clone()),
-            blocked: Mutex::new(HashMap::new()),
-            horizon_ns: AtomicU64::new(0),
-            clock,
+            attempts: KeyedLimit::new(limit, clock),
         }
     }
 
-    /// `Err(wait)` while `ip` is blocked.
-    pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
-        let now = self.clock.mono_nanos();
-        if self.horizon_ns.load(Ordering::Relaxed) <= now {
-            return Ok(());
-        }
-        let blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
-        match blocked.get(&ip) {
-            Some(&until) if until > now => Err(Duration::from_nanos(until - now)),
-            _ => Ok(()),
-        }
-    }
-
-    /// Records a failed attempt; `Some(wait)` when `ip` is now over its allowance.
+    /// Records a failed attempt; `Some(wait)` when `ip` is over its allowance (the attempt is
+    /// then refused with 429 and `Retry-After: wait`).
     pub fn record_failure(&self, ip: IpAddr) -> Option<Duration> {
-        let refusal = self.attempts.check(&ip).err()?;
-        let now = self.clock.mono_nanos();
-        let until = now.saturating_add(refusal.retry_after.as_nanos() as u64);
-        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
-        blocked.retain(|_, t| *t > now);
-        blocked.insert(ip, until);
-        self.horizon_ns.fetch_max(until, Ordering::Relaxed);
-        Some(refusal.retry_after)
+        self.attempts.check(&ip).err().map(|r| r.retry_after)
     }
 
     pub fn sweep(&self) {
         self.attempts.sweep();
-        let now = self.clock.mono_nanos();
-        self.blocked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, t| *t > now);
     }
 
     pub fn tracked_ips(&self) -> usize {
@@ -372,7 +339,6 @@ mod tests {
         );
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let other: IpAddr = "10.0.0.2".parse().unwrap();
-        assert!(fa.check(ip).is_ok());
         for _ in 0..3 {
             assert!(fa.record_failure(ip).is_none());
         }
@@ -380,17 +346,15 @@ mod tests {
             .record_failure(ip)
             .expect("fourth failure is over the limit");
         assert!(wait > Duration::from_secs(15) && wait <= Duration::from_secs(20));
-        assert!(fa.check(ip).is_err());
-        assert!(fa.check(other).is_ok());
-        // Blocked for exactly the wait it was told, then let through again.
+        // Refused again while the wait lasts; another address has its own allowance.
+        assert!(fa.record_failure(ip).is_some());
+        assert!(fa.record_failure(other).is_none());
+        // Exactly the wait it was told: one more failure is allowed after it, the next one is
+        // refused again (the allowance comes back one attempt at a time).
         clock.advance(wait - Duration::from_millis(1));
-        assert_eq!(fa.check(ip), Err(Duration::from_millis(1)));
+        assert_eq!(fa.record_failure(ip), Some(Duration::from_millis(1)));
         clock.advance(Duration::from_millis(1));
-        assert!(fa.check(ip).is_ok());
-        // The allowance came back one attempt at a time: one more failure is allowed, the
-        // next one is refused again.
         assert!(fa.record_failure(ip).is_none());
         assert!(fa.record_failure(ip).is_some());
-        assert!(fa.check(ip).is_err());
     }
 }
