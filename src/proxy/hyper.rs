@@ -647,9 +647,7 @@ impl Body for UpstreamBody {
                     }
                     return Poll::Ready(frame.map(|f| f.map_err(UpstreamBodyError::from)));
                 }
-                let idle = *idle;
-                let timer = pause.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                if timer.as_mut().poll(cx).is_ready() {
+                if paused_for(pause, *idle, cx) {
                     return Poll::Ready(Some(Err(UpstreamBodyError::Stalled)));
                 }
                 Poll::Pending
@@ -747,11 +745,7 @@ impl Body for ClientBody {
                     })
             }));
         }
-        let idle = this.idle;
-        let pause = this
-            .pause
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-        if pause.as_mut().poll(cx).is_ready() {
+        if paused_for(&mut this.pause, this.idle, cx) {
             return Poll::Ready(Some(Err(ClientBodyError::Timeout)));
         }
         Poll::Pending
@@ -764,6 +758,20 @@ impl Body for ClientBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The pause timer of a body that has nothing to give: armed for `idle` at the first pause
+/// (reset by the caller when a frame comes), `true` once it has run out.
+fn paused_for(
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    idle: Duration,
+    cx: &mut Context<'_>,
+) -> bool {
+    timer
+        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)))
+        .as_mut()
+        .poll(cx)
+        .is_ready()
 }
 
 /// Copies bytes both ways between the upgraded client and upstream connections.
