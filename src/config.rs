@@ -291,6 +291,31 @@ pub struct RawProxy {
     /// `public` or `s-maxage`.
     #[serde(default = "d_true")]
     pub cache_private: bool,
+    /// CORS of every route without its own `cors` (see [`RawCors`]).
+    pub cors: Option<RawCors>,
+}
+
+/// `cors = { origins, methods, headers, expose_headers, max_age, credentials }`, in `[proxy]`
+/// (the default) or in a `[[routes]]` entry (replacing the default there).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawCors {
+    /// `scheme://host[:port]`, `scheme://*.domain[:port]` (whole labels) or `*`; empty: off.
+    #[serde(default)]
+    pub origins: Vec<String>,
+    /// Default: GET, HEAD, POST, PUT, PATCH, DELETE; `["*"]`: any.
+    pub methods: Option<Vec<String>>,
+    /// Request fields a script may send. Default: authorization, content-type and the API-key
+    /// header; `["*"]`: any.
+    pub headers: Option<Vec<String>>,
+    /// Answer fields a script may read besides keygate's own (always exposed).
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    /// `Access-Control-Max-Age` in seconds (0 to 86400; default 600).
+    pub max_age: Option<u64>,
+    /// Allow credentialed requests (cookies, TLS client certificates, browser-managed auth).
+    #[serde(default)]
+    pub credentials: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -376,6 +401,8 @@ pub struct RawRoute {
     pub auth: Option<RouteAuth>,
     /// Per-key limit on this route, on top of the key's own limit.
     pub rate_limit: Option<RateLimit>,
+    /// This route's CORS, replacing `[proxy] cors`.
+    pub cors: Option<RawCors>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -493,6 +520,8 @@ pub struct ProxyConfig {
     pub trusted_proxies: Vec<Cidr>,
     pub vary_credentials: bool,
     pub cache_private: bool,
+    /// The default CORS rules (`None`: none).
+    pub cors: Option<std::sync::Arc<crate::cors::Cors>>,
 }
 
 /// An address block, `addr/prefix` (a bare address is the block of that address alone).
@@ -589,6 +618,8 @@ pub struct Route {
     pub methods: Vec<http::Method>,
     pub auth: RouteAuth,
     pub rate_limit: Option<RateLimit>,
+    /// The route's own CORS rules (`None`: the default's).
+    pub cors: Option<std::sync::Arc<crate::cors::Cors>>,
 }
 
 #[derive(Debug, Clone)]

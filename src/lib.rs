@@ -34,6 +34,7 @@ pub mod admin;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod cors;
 pub mod keys;
 pub mod limit;
 pub mod paths;
@@ -224,6 +225,7 @@ impl App {
                     config.proxy.cache_private,
                 ),
                 forward_auth: config.forward_auth.clone(),
+                cors: config.proxy.cors.clone(),
             },
             upstreams,
             failed_auth: proxy_failed_auth,

@@ -31,6 +31,8 @@ pub struct Route {
     pub limiter: Option<Arc<KeyedLimit<Uuid>>>,
     /// Position in the table (for per-route metrics).
     pub index: usize,
+    /// The route's own CORS rules (`None`: the default's, see `proxy::policy`).
+    pub cors: Option<Arc<crate::cors::Cors>>,
 }
 
 fn host_of(upstream: &Uri) -> HeaderValue {
@@ -98,6 +100,7 @@ impl RouteTable {
                 allow: None,
                 limiter: None,
                 index: 0,
+                cors: None,
             }]
         } else {
             routes
@@ -115,6 +118,7 @@ impl RouteTable {
                         .rate_limit
                         .map(|l| Arc::new(KeyedLimit::new(l, clock.clone()))),
                     index: 0,
+                    cors: r.cors.clone(),
                 })
                 .collect()
         };
@@ -158,6 +162,7 @@ mod tests {
             methods: Vec::new(),
             auth: RouteAuth::Required,
             rate_limit: None,
+            cors: None,
         }
     }
 
@@ -170,6 +175,7 @@ mod tests {
             methods: methods.to_vec(),
             auth: RouteAuth::Required,
             rate_limit: None,
+            cors: None,
         };
         RouteTable::new(
             &[

@@ -24,6 +24,8 @@ use super::{
 };
 use crate::keys::{KeyHash, MAX_PREFIX_LEN, RateLimit};
 
+mod cors;
+
 /// What validation found: errors stop startup, warnings are only reported.
 #[derive(Default)]
 struct Problems {
@@ -54,6 +56,12 @@ impl RawConfig {
         let routes = routes(
             &self.routes,
             proxy.as_ref().map(|proxy| &proxy.upstream),
+            &mut p,
+        );
+        let routes = route_cors(
+            routes,
+            &self.routes,
+            proxy.as_ref().map(|proxy| &proxy.api_key_header),
             &mut p,
         );
         let limits = limits(&self.limits, &mut p);
@@ -159,7 +167,12 @@ fn proxy(raw: RawProxy, p: &mut Problems) -> Option<ProxyConfig> {
         })
         .collect();
 
+    let cors = raw
+        .cors
+        .as_ref()
+        .and_then(|c| cors::cors("proxy.cors", c, &api_key_header, p));
     Some(ProxyConfig {
+        cors,
         allow_method_override: raw.allow_method_override,
         allow_non_ascii_paths: raw.allow_non_ascii_paths,
         trusted_proxies,
@@ -366,7 +379,29 @@ fn routes(raw: &[RawRoute], default_upstream: Option<&Uri>, p: &mut Problems) ->
                 methods,
                 auth,
                 rate_limit: r.rate_limit,
+                cors: None,
             });
+        }
+    }
+    routes
+}
+
+/// The `cors` table of each route (see [`cors::cors`]); `routes` holds the routes of `raw`
+/// that were built, in order.
+fn route_cors(
+    mut routes: Vec<Route>,
+    raw: &[RawRoute],
+    api_key_header: Option<&http::HeaderName>,
+    p: &mut Problems,
+) -> Vec<Route> {
+    let key = api_key_header
+        .cloned()
+        .unwrap_or(http::HeaderName::from_static(DEFAULT_API_KEY_HEADER));
+    for (i, r) in raw.iter().enumerate() {
+        let Some(c) = &r.cors else { continue };
+        let cors = cors::cors(&format!("routes[{i}].cors"), c, &key, p);
+        if let Some(route) = routes.iter_mut().find(|route| route.path == r.path) {
+            route.cors = cors;
         }
     }
     routes

@@ -38,6 +38,9 @@ pub enum ProxyError {
     UpstreamUnavailable,
     #[error("upstream timeout")]
     UpstreamTimeout,
+    /// A CORS preflight the route's CORS rules refuse (why).
+    #[error("CORS preflight refused: {0}")]
+    CorsRefused(&'static str),
 }
 
 pub const RATELIMIT_LIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit-limit");
@@ -68,7 +71,9 @@ impl ProxyError {
                 | AuthError::DisabledApiKey
                 | AuthError::InvalidToken,
             ) => StatusCode::UNAUTHORIZED,
-            Self::Auth(AuthError::InsufficientPermissions) => StatusCode::FORBIDDEN,
+            Self::Auth(AuthError::InsufficientPermissions) | Self::CorsRefused(_) => {
+                StatusCode::FORBIDDEN
+            }
             Self::RateLimited { .. } | Self::AuthThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::RouteNotFound => StatusCode::NOT_FOUND,
@@ -97,6 +102,7 @@ impl ProxyError {
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::Auth(AuthError::StoreUnavailable) => "store_unavailable",
+            Self::CorsRefused(_) => "cors_refused",
         }
     }
 
@@ -123,6 +129,7 @@ impl ProxyError {
             Self::UpstreamUnavailable => "the upstream could not be reached",
             Self::UpstreamTimeout => "the upstream did not answer in time",
             Self::Auth(AuthError::StoreUnavailable) => "the key store is unavailable; retry later",
+            Self::CorsRefused(why) => why,
         }
     }
 

@@ -259,7 +259,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             Ok(r) => (r.status, r.close),
             Err(Stop::Handover) => return Next::Handover,
             Err(Stop::Abort(status)) => (status, true),
-            Err(Stop::Answer(res)) => {
+            Err(Stop::Answer(mut res)) => {
+                let view = View {
+                    head,
+                    buf: &self.buf[self.start..self.end],
+                    fields: &self.fields,
+                };
+                gw.cors_own(outcome.route, &view, &mut res);
                 let close = self.unread > 0 || head.close || draining(drain);
                 self.out.clear();
                 let head_request = head.method == Method::HEAD;
@@ -303,6 +309,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             Routed::Login => return Err(Stop::Handover),
             // The core decides; nothing is forwarded.
             Routed::Verify => return Err(Stop::Answer(gw.verify(&view, conn, outcome).await)),
+            // Answered by the core; nothing is forwarded.
+            Routed::Preflight(route, answer) => {
+                outcome.route = Some(route);
+                return Err(Stop::Answer(answer.unwrap_or_else(|e| e.response())));
+            }
             Routed::Route(route) => route,
         };
         outcome.route = Some(route);
@@ -313,6 +324,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             return Err(ProxyError::UpstreamUnavailable.into());
         };
         let admitted = gw.admit(route, &view, conn, outcome).await?;
+        let cors = gw.cors(Some(route)).map(|c| {
+            let origin = self
+                .fields
+                .iter()
+                .find(|f| f.name.get(msg).eq_ignore_ascii_case(b"origin"))
+                .map(|f| f.value);
+            (c, c.grant(origin.map(|o| o.get(msg))), origin)
+        });
 
         self.out.clear();
         wire::request_head(
@@ -399,6 +418,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             framing,
             close,
             gw.auth.clock(),
+            cors.map(|(c, grant, origin)| {
+                let msg = &self.buf[self.start..];
+                (c, grant, origin.map_or(&b""[..], |o| o.get(msg)))
+            }),
         );
         match self
             .relay_body(&mut uc, &res, framing, st, gw.upstreams.timeout)

@@ -86,7 +86,11 @@ impl Gateway {
         let mut outcome = Outcome::default();
         let res = match self.serve_hyper(&parts, body, conn, &mut outcome).await {
             Ok(res) => res,
-            Err(e) => e.response::<Full<Bytes>>().map(Either::Right),
+            Err(e) => {
+                let mut res = e.response::<Bytes>();
+                self.cors_own(outcome.route, &parts, &mut res);
+                own(res)
+            }
         };
         self.finish(
             &parts.method,
@@ -107,13 +111,30 @@ impl Gateway {
         outcome: &mut Outcome<'g>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let route = match self.route(parts)? {
-            Routed::Health => return Ok(own(policy::health(&parts.method))),
+            Routed::Health => {
+                let mut res = policy::health(&parts.method);
+                self.cors_own(None, parts, &mut res);
+                return Ok(own(res));
+            }
             Routed::Login => {
                 let body = self.read_small(body, LOGIN_MAX_BODY).await?;
                 let ip = self.policy.client_ip(parts, conn.peer.ip());
-                return Ok(own(self.login(&body, ip).await?));
+                let mut res = self.login(&body, ip).await?;
+                self.cors_own(None, parts, &mut res);
+                return Ok(own(res));
             }
-            Routed::Verify => return Ok(own(self.verify(parts, conn, outcome).await)),
+            Routed::Verify => {
+                let mut res = self.verify(parts, conn, outcome).await;
+                self.cors_own(outcome.route, parts, &mut res);
+                return Ok(own(res));
+            }
+            // Answered by the core; nothing is forwarded.
+            Routed::Preflight(route, answer) => {
+                outcome.route = Some(route);
+                let mut res = answer?;
+                self.cors_own(Some(route), parts, &mut res);
+                return Ok(own(res));
+            }
             Routed::Route(route) => route,
         };
         outcome.route = Some(route);
@@ -144,6 +165,11 @@ impl Gateway {
         if let Some(rate) = &admitted.rate {
             headers::add_rate(res.headers_mut(), rate);
             headers::add_cache(res.headers_mut(), &self.policy.cache);
+        }
+        if let Some(cors) = self.cors(Some(route)) {
+            let origin = parts.headers.get(http::header::ORIGIN);
+            let grant = cors.grant(origin.map(HeaderValue::as_bytes));
+            cors.replace(res.headers_mut(), grant, origin.cloned());
         }
         Ok(res.map(Either::Left))
     }

@@ -24,6 +24,7 @@ use crate::auth::credential::Credential;
 use crate::auth::jwt::{LoginRequest, TokenResponse};
 use crate::auth::{self, AuthError, Permit};
 use crate::config::{Cidr, ForwardAuth};
+use crate::cors::Cors;
 use crate::limit::{RateInfo, Refusal};
 use crate::paths;
 use crate::proxy::error::ProxyError;
@@ -99,6 +100,8 @@ pub struct Policy {
     pub cache: CachePolicy,
     /// The verify endpoint (`path: None`: off).
     pub forward_auth: ForwardAuth,
+    /// The CORS rules of routes without their own (`None`: no CORS).
+    pub cors: Option<Arc<Cors>>,
 }
 
 impl Policy {
@@ -245,6 +248,9 @@ pub enum Routed<'g> {
     Login,
     /// The forward-auth verify path (or below it): the engine calls [`Gateway::verify`].
     Verify,
+    /// A CORS preflight on a route with CORS: the core's answer (204, or 403), to send as it
+    /// is, through [`Gateway::cors_own`] like every answer of the gateway's own.
+    Preflight(&'g Route, Result<Response<Bytes>, ProxyError>),
     Route(&'g Route),
 }
 
@@ -304,7 +310,57 @@ impl Gateway {
         {
             return Ok(Routed::Verify);
         }
+        if let Some((route, answer)) = self.preflight(req) {
+            return Ok(Routed::Preflight(route, answer));
+        }
         self.table(req).map(Routed::Route)
+    }
+
+    /// The CORS rules of an answer on `route` (`None`: no route was found): the route's own,
+    /// else the default; none when they allow no origin.
+    pub fn cors<'a>(&'a self, route: Option<&'a Route>) -> Option<&'a Cors> {
+        route
+            .and_then(|r| r.cors.as_deref())
+            .or(self.policy.cors.as_deref())
+            .filter(|c| !c.is_off())
+    }
+
+    /// A CORS preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) on a
+    /// route with CORS: the route and the answer. Before the route's method rules: a route
+    /// that does not answer `OPTIONS` still has its preflights answered. A preflight on a route
+    /// without CORS is an ordinary request.
+    pub fn preflight<'g>(
+        &'g self,
+        req: &impl RequestView,
+    ) -> Option<(&'g Route, Result<Response<Bytes>, ProxyError>)> {
+        if *req.method() != Method::OPTIONS {
+            return None;
+        }
+        let method = req.field("access-control-request-method")?;
+        let origin = req.field("origin")?;
+        paths::check_path(req.path(), self.policy.non_ascii_paths).ok()?;
+        let route = self.routes.find(req.path())?;
+        let cors = self.cors(Some(route))?;
+        let answer = cors
+            .preflight(origin, method, req.field("access-control-request-headers"))
+            .map_err(ProxyError::CorsRefused);
+        Some((route, answer))
+    }
+
+    /// Adds the CORS fields to an answer the gateway made itself (an error, a preflight, a
+    /// verify answer) to `req` on `route` (`None`: before a route was found).
+    pub fn cors_own<B>(
+        &self,
+        route: Option<&Route>,
+        req: &impl RequestView,
+        res: &mut Response<B>,
+    ) {
+        if let Some(cors) = self.cors(route) {
+            let origin = req.field("origin");
+            let grant = cors.grant(origin);
+            let value = origin.and_then(|o| HeaderValue::from_bytes(o).ok());
+            cors.add(res.headers_mut(), grant, value);
+        }
     }
 
     /// The method check, the path checks (400), the route (404) and its methods (405): what
@@ -757,6 +813,7 @@ mod tests {
                 path: None,
                 deny: crate::config::DenyMode::Status,
             },
+            cors: None,
         };
         let req = |xff: Option<&str>, fwd: Option<&str>| {
             let mut b = http::Request::builder();

@@ -143,11 +143,21 @@ impl<V: RequestView> RequestView for Original<'_, V> {
     }
 }
 
+/// What the core decided on the original request.
+enum Decided<'g> {
+    Admitted(super::policy::Admitted<'g>),
+    /// A CORS preflight, allowed: its answer.
+    Preflight(Response<Bytes>),
+}
+
 impl Gateway {
     /// Answers a verify request: the original request it names goes through the route table
     /// and admission exactly as a proxied request would. Allowed: 200, empty body, the
     /// caller's `X-Keygate-*` identity (empty on a public route) and `RateLimit-*`. Refused: the proxy's own answer, or
     /// in the nginx deny mode 403 with the real status in `X-Keygate-Status` (401 stays 401).
+    /// A CORS preflight of the original request on a route with CORS gets the proxy's answer
+    /// (204 with the `Access-Control-*` fields, or 403): 2xx lets the edge proxy pass it on.
+    /// The engine adds the CORS fields of the original's route (see [`Gateway::cors_own`]).
     pub async fn verify<'g>(
         &'g self,
         req: &impl RequestView,
@@ -157,13 +167,21 @@ impl Gateway {
         let fa = &self.policy.forward_auth;
         let decided = async {
             let original = Original::read(req, fa.path.as_deref().unwrap_or_default())?;
+            // A preflight of the original request is answered as the proxy answers it.
+            if let Some((route, answer)) = self.preflight(&original) {
+                outcome.route = Some(route);
+                return answer.map(Decided::Preflight);
+            }
             let route = self.route_table(&original)?;
             outcome.route = Some(route);
-            self.admit(route, &original, conn, outcome).await
+            self.admit(route, &original, conn, outcome)
+                .await
+                .map(Decided::Admitted)
         }
         .await;
         match decided {
-            Ok(admitted) => {
+            Ok(Decided::Preflight(res)) => res,
+            Ok(Decided::Admitted(admitted)) => {
                 let mut res = Response::new(Bytes::new());
                 let h = res.headers_mut();
                 // A public route has no caller: the identity fields are sent empty, so an edge

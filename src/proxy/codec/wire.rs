@@ -8,6 +8,7 @@ use http::{Response, StatusCode};
 
 use super::head::{Field, Framing, ResponseHead};
 use crate::clock::Clock;
+use crate::cors::{Cors, Grant};
 use crate::keys::IdentityHeaders;
 use crate::limit::RateInfo;
 use crate::proxy::policy::{self, CachePolicy, Rule, Strip};
@@ -164,8 +165,9 @@ fn status_line(out: &mut Vec<u8>, status: u16, reason: &[u8]) {
 }
 
 /// Writes the head relayed to the client: the upstream's end-to-end fields, the gateway's
-/// `RateLimit-*` (replacing the upstream's), the framing, `Date` when missing and
-/// `Connection: close` when the connection ends after this response.
+/// `RateLimit-*` (replacing the upstream's), the CORS fields of a route with CORS (replacing
+/// the upstream's; `cors`: the rules, what they grant, the request's `Origin`), the framing,
+/// `Date` when missing and `Connection: close` when the connection ends after this response.
 #[allow(clippy::too_many_arguments)]
 pub fn response_head(
     out: &mut Vec<u8>,
@@ -176,11 +178,14 @@ pub fn response_head(
     framing: Out,
     close: bool,
     clock: &Clock,
+    cors: Option<(&Cors, Grant, &[u8])>,
 ) {
     let rate = own.map(|(r, _)| r);
     status_line(out, head.status, head.reason.get(ubuf));
     for f in fields {
-        if policy::relayed(f.kind, rate.is_some()) {
+        if policy::relayed(f.kind, rate.is_some())
+            && !(cors.is_some() && crate::cors::upstream_owned(f.name.get(ubuf)))
+        {
             field(out, f.name.get(ubuf), f.value.get(ubuf));
         }
     }
@@ -200,6 +205,9 @@ pub fn response_head(
             u64::from(r.remaining),
             r.reset_secs,
         );
+    }
+    if let Some((cors, grant, origin)) = cors {
+        cors.write(out, grant, origin);
     }
     match (framing, head.framing) {
         (Out::Chunked, _) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -241,9 +249,12 @@ pub fn own_response(
     for (name, value) in res.headers() {
         field(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    out.extend_from_slice(b"content-length: ");
-    decimal(out, res.body().len() as u64);
-    out.extend_from_slice(b"\r\n");
+    // A 204 (a CORS preflight's answer) has no length field (RFC 9110 §8.6).
+    if res.status() != StatusCode::NO_CONTENT {
+        out.extend_from_slice(b"content-length: ");
+        decimal(out, res.body().len() as u64);
+        out.extend_from_slice(b"\r\n");
+    }
     date_field(out, clock);
     if close {
         out.extend_from_slice(b"connection: close\r\n");
@@ -397,6 +408,7 @@ mod tests {
             Out::Chunked,
             true,
             &FakeClock::new().clock(),
+            None,
         );
         let text = String::from_utf8(out).unwrap();
         assert!(
@@ -423,6 +435,7 @@ mod tests {
             Out::Chunked,
             false,
             &clock,
+            None,
         );
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("RateLimit-Limit: 9\r\n") && !text.contains("connection"));
@@ -444,6 +457,7 @@ mod tests {
             Out::AsIs,
             false,
             &FakeClock::new().clock(),
+            None,
         );
         let text = String::from_utf8(out).unwrap();
         assert!(
@@ -522,6 +536,7 @@ mod tests {
             Out::AsIs,
             false,
             &clock,
+            None,
         );
         let text = String::from_utf8(out).unwrap();
         assert!(
