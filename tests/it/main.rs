@@ -4,6 +4,7 @@
 mod admin_api;
 mod admin_races;
 mod binary;
+mod cors;
 mod deploy_files;
 mod fast_path;
 mod forward_auth;
