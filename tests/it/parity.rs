@@ -1478,3 +1478,172 @@ async fn idle_connections_are_closed_alike() {
     .await;
     m.check();
 }
+
+// ---------------------------------------------------------------------------------------------
+// 9. CORS: preflights answered by the core, the CORS fields of relayed and own answers, and
+// the verify endpoint's view of the same requests.
+
+#[tokio::test]
+async fn cors_answers_are_identical() {
+    const APP: &str = "https://app.example.com";
+    const EVIL: &str = "https://evil.example.net";
+    let s = setup(
+        "[[routes]]\npath = \"/cors\"\nupstream = \"http://{up}\"\nmethods = [\"GET\"]\n\
+         cors = { origins = [\"https://app.example.com\"], credentials = true, expose_headers = [\"x-request-id\"] }\n\
+         [forward_auth]\nenabled = true\n",
+    )
+    .await;
+    let mut m = Matrix::new("cors answers");
+    let results = m
+        .run(&s, |s, engine| async move {
+            let addr = s.gw.proxy;
+            let key = s.key.as_str();
+            let preflight = |origin: &'static str| {
+                vec![
+                    ("origin", origin),
+                    ("access-control-request-method", "PUT"),
+                    ("access-control-request-headers", "x-api-key"),
+                ]
+            };
+            let verify = |method: &'static str, origin: &'static str| {
+                vec![
+                    ("x-forwarded-method", method),
+                    ("x-forwarded-uri", "/cors"),
+                    ("origin", origin),
+                    ("access-control-request-method", "PUT"),
+                ]
+            };
+            /// Name, method, path, fields, status, the origin granted.
+            type Case<'a> = (
+                &'static str,
+                &'static str,
+                &'static str,
+                Vec<(&'static str, &'a str)>,
+                u16,
+                Option<&'static str>,
+            );
+            let with_key = vec![("origin", APP), ("x-api-key", key)];
+            let cases: Vec<Case> = vec![
+                (
+                    "preflight",
+                    "OPTIONS",
+                    "/cors",
+                    preflight(APP),
+                    204,
+                    Some(APP),
+                ),
+                (
+                    "preflight refused",
+                    "OPTIONS",
+                    "/cors",
+                    preflight(EVIL),
+                    403,
+                    None,
+                ),
+                ("allowed", "GET", "/cors", with_key, 200, Some(APP)),
+                (
+                    "other origin",
+                    "GET",
+                    "/cors",
+                    vec![("origin", EVIL), ("x-api-key", key)],
+                    200,
+                    None,
+                ),
+                (
+                    "no key",
+                    "GET",
+                    "/cors",
+                    vec![("origin", APP)],
+                    401,
+                    Some(APP),
+                ),
+                (
+                    "verify preflight",
+                    "GET",
+                    "/_keygate/verify",
+                    verify("OPTIONS", APP),
+                    204,
+                    Some(APP),
+                ),
+                (
+                    "verify preflight refused",
+                    "GET",
+                    "/_keygate/verify",
+                    verify("OPTIONS", EVIL),
+                    403,
+                    None,
+                ),
+                (
+                    "verify without a key",
+                    "GET",
+                    "/_keygate/verify",
+                    verify("GET", APP),
+                    401,
+                    Some(APP),
+                ),
+            ];
+            let mut views = Vec::new();
+            for (name, method, path, headers, status, granted) in cases {
+                let a = expect_ok(
+                    send(engine, addr, method, path, &headers, Body::Empty).await,
+                    name,
+                );
+                let what = format!("{engine:?} {name}:\n{}", a.head);
+                assert_eq!(a.status, status, "{what}");
+                let acao: Vec<&str> = a
+                    .headers
+                    .iter()
+                    .filter(|(k, _)| k == "access-control-allow-origin")
+                    .map(|(_, v)| v.as_str())
+                    .collect();
+                assert_eq!(acao, granted.into_iter().collect::<Vec<_>>(), "{what}");
+                assert_eq!(
+                    a.header("access-control-allow-credentials").is_some(),
+                    granted.is_some(),
+                    "{what}"
+                );
+                assert!(
+                    a.headers.iter().any(|(k, v)| k == "vary" && v == "origin"),
+                    "{what}"
+                );
+                if granted.is_none() {
+                    assert!(
+                        !a.headers
+                            .iter()
+                            .any(|(k, _)| k.starts_with("access-control-")),
+                        "{what}"
+                    );
+                }
+                if status == 204 {
+                    assert_eq!(
+                        a.header("access-control-allow-headers").as_deref(),
+                        Some("authorization, content-type, x-api-key"),
+                        "{what}"
+                    );
+                }
+                if name == "allowed" {
+                    // The upstream's own CORS fields are replaced; its other fields pass.
+                    assert_eq!(a.header("access-control-max-age"), None, "{what}");
+                    assert_eq!(a.header("x-request-id").as_deref(), Some("r-1"), "{what}");
+                    assert!(
+                        a.header("access-control-expose-headers").is_some_and(|v| v
+                            .contains("retry-after")
+                            && v.contains("x-request-id")),
+                        "{what}"
+                    );
+                }
+                views.push((name, view(&a)));
+            }
+            views
+        })
+        .await;
+    m.agree("the CORS answers", &results);
+    assert!(
+        s.script
+            .seen()
+            .iter()
+            .all(|x| !x.head.starts_with("OPTIONS")),
+        "a preflight reached the upstream"
+    );
+    m.check();
+}

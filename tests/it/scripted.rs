@@ -104,6 +104,7 @@ impl Script {
     /// `/ok` 200 "ok" · `/chunked` a chunked body with an extension and a trailer ·
     /// `/eof` a body delimited by closing · `/interim` 103 then 200 · `/head` 200 with a length
     /// and no body (for HEAD) · `/notmod` 304 · `/hop` hop-by-hop fields and a RateLimit field ·
+    /// `/cors` 200 with the upstream's own `Access-Control-*` fields ·
     /// `/big` 1 MiB · `/huge` [`HUGE`] bytes, written as fast as they are taken (a write that
     /// fails is recorded as a [`Cut`]) · `/echo` the request body back · `/drip` a body sent in
     /// two parts · `/switch` an unasked 101 · `/conflict` two lengths · `/garbage` no HTTP at
@@ -249,6 +250,9 @@ impl Script {
                     .to_vec(),
                 "/head" => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n".to_vec(),
                 "/notmod" => b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n".to_vec(),
+                "/cors" => b"HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: https://from-upstream.example\r\n\
+                    Access-Control-Max-Age: 99999\r\nX-Request-Id: r-1\r\ncontent-length: 2\r\n\r\nok"
+                    .to_vec(),
                 "/hop" => b"HTTP/1.1 200 OK\r\nConnection: X-Secret\r\nX-Secret: 1\r\n\
                     Keep-Alive: timeout=5\r\nRateLimit-Limit: 999999\r\nUpgrade: h2c\r\n\
                     Proxy-Authenticate: Basic\r\nX-Kept: 1\r\ncontent-length: 2\r\n\r\nok"
