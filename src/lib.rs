@@ -13,6 +13,8 @@
 //!   HTTP/1.1 fast path [`proxy::h1`] and [`proxy::hyper`]), one `http://` client
 //!   ([`proxy::upstream`]), proxy errors and their one conversion into responses.
 //! - [`route`] and [`paths`]: the route table; path checks.
+//! - [`cors`]: CORS rules (origin patterns, preflight decision, answer fields), applied by the
+//!   policy core.
 //! - [`auth`]: credential → [`keys::Principal`]; principal + route → [`auth::Permit`].
 //! - [`keys`]: domain types and key format; [`keys::cache`] and [`keys::store`].
 //! - [`limit`]: the key buckets' registry, route and failed-authentication limits.
