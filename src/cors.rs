@@ -7,7 +7,7 @@
 //!   allowed, else 403. No key is needed and nothing reaches the upstream.
 //! - Every other answer on such a route — relayed or keygate's own 401, 403, 429… — carries
 //!   `Vary: Origin` and, for an allowed origin, `Access-Control-Allow-Origin` (the request's own
-//!   origin, or `*` when every origin is allowed without credentials),
+//!   origin, or `*` when every origin is allowed — never an arbitrary origin reflected),
 //!   `Access-Control-Allow-Credentials` when configured and `Access-Control-Expose-Headers`
 //!   ([`Cors::grant`], [`Cors::write`], [`Cors::add`]). A disallowed origin gets no
 //!   `Access-Control-*` field.
@@ -312,8 +312,10 @@ impl Cors {
     /// What an answer to a request with `origin` carries.
     pub fn grant(&self, origin: Option<&[u8]>) -> Grant {
         match origin {
+            // `*` never echoes: an arbitrary origin is never reflected (check-config refuses
+            // `*` with credentials, where browsers would ignore this answer).
             Some(o) if self.allows(o) => {
-                if self.any && !self.credentials {
+                if self.any {
                     Grant::Any
                 } else {
                     Grant::Origin
