@@ -567,6 +567,40 @@ mod tests {
         assert!(!ported.allows(b"https://a.example.com:84433"));
     }
 
+    /// Whole lowercase labels: the oracle of the property below, written apart from `hostname`.
+    fn whole_labels(s: &str) -> bool {
+        !s.is_empty()
+            && s.split('.').all(|l| {
+                !l.is_empty()
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            })
+    }
+
+    proptest::proptest! {
+        /// Whatever a client puts around the configured domain, a wildcard allows exactly
+        /// `https://` + whole lowercase labels + `.example.org`, and nothing else is allowed
+        /// but the exact origin.
+        #[test]
+        fn only_whole_labels_of_the_domain_match(
+            scheme in "(https|http|HTTPS|https:/)",
+            prefix in "[a-zA-Z0-9._:/@-]{0,12}",
+            suffix in "(\\.example\\.org|example\\.org|-example\\.org|\\.example\\.org\\.evil\\.io|\\.example\\.orgx|\\.EXAMPLE\\.org)",
+            port in "(|:443|:8443|:)",
+        ) {
+            let c = cors(&["https://*.example.org", "https://app.example.com"], false);
+            let origin = format!("{scheme}://{prefix}{suffix}{port}");
+            let expected =
+                scheme == "https" && suffix == ".example.org" && port.is_empty() && whole_labels(&prefix);
+            proptest::prop_assert_eq!(c.allows(origin.as_bytes()), expected, "{}", origin);
+            // Without the domain (the prefix is too short to hold a label and the domain).
+            let bare = format!("{scheme}://{prefix}{port}");
+            proptest::prop_assert!(!c.allows(bare.as_bytes()), "{}", bare);
+        }
+    }
+
     #[test]
     fn grants() {
         let any = cors(&["*"], false);
