@@ -622,3 +622,44 @@ fn check_config_refuses_bad_cors_settings_and_says_why() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("allow_all"));
 }
+
+#[tokio::test]
+async fn preflights_change_nothing_whatever_credential_they_carry() {
+    let s = setup().await;
+    let p = s.gw.proxy;
+    let key = s.key.as_str();
+    let bad = format!("kg_{}", "A".repeat(49));
+    let forged = "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl";
+    // More preflights than the route's limit (1 a minute) and the failed-authentication
+    // allowance (20 a minute), with the right key, a wrong one, a forged token or none.
+    for i in 0..30 {
+        let mut h = vec![
+            ("origin", APP),
+            ("access-control-request-method", "GET"),
+            ("access-control-request-headers", "x-api-key"),
+        ];
+        match i % 4 {
+            0 => h.push(("x-api-key", key)),
+            1 => h.push(("x-api-key", bad.as_str())),
+            2 => h.push(("authorization", forged)),
+            _ => {}
+        }
+        let a = raw(p, "OPTIONS", "/limited", &h).await;
+        assert_eq!(a.status, 204, "preflight {i}: {}", a.head);
+    }
+    assert_eq!(s.up.count(), 0, "a preflight reached the upstream");
+    // Nothing was counted: the route's one request a minute is still there, and a missing
+    // key is still a 401, not a throttled 429.
+    let a = raw(p, "GET", "/limited", &[("origin", APP), ("x-api-key", key)]).await;
+    assert_eq!(a.status, 200, "{}", a.head);
+    let a = raw(
+        p,
+        "GET",
+        "/api",
+        &[("origin", APP), ("x-api-key", bad.as_str())],
+    )
+    .await;
+    assert_eq!(a.status, 401, "{}", a.head);
+    granted(&a, APP);
+    assert_eq!(s.up.count(), 1);
+}
