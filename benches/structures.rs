@@ -10,6 +10,10 @@
 //!   what the hyper path does (a `HeaderMap` built from the parsed head, rewritten in place,
 //!   then serialised).
 //!
+//! - the CORS fields of an answer: the origin matched against pre-made patterns and written as
+//!   bytes into the head (the fast path) vs added to a `HeaderMap` (hyper), and the cost of a
+//!   route without CORS (nothing to do).
+//!
 //! Run: `cargo bench --bench structures`.
 
 mod common;
@@ -383,11 +387,58 @@ fn head_to_upstream(c: &mut Criterion) {
     g.finish();
 }
 
+fn cors_fields(c: &mut Criterion) {
+    use keygate::cors::{Allowed, Cors, OriginPattern, Settings};
+    let cors = Cors::new(&Settings {
+        origins: ["https://app.example.com", "https://*.example.org"]
+            .iter()
+            .map(|o| OriginPattern::parse(o).unwrap())
+            .collect(),
+        methods: Allowed::Any,
+        headers: Allowed::Any,
+        expose_headers: Vec::new(),
+        max_age: 600,
+        credentials: true,
+    });
+    let none: Option<&Cors> = None;
+    let mut g = c.benchmark_group("cors_fields");
+    for (name, origin) in [
+        ("exact", "https://app.example.com"),
+        ("wildcard", "https://a.b.example.org"),
+        ("refused", "https://evil.example.net"),
+    ] {
+        let mut out = Vec::with_capacity(1024);
+        g.bench_function(format!("{name}_head_bytes"), |b| {
+            b.iter(|| {
+                out.clear();
+                let grant = cors.grant(Some(black_box(origin.as_bytes())));
+                cors.write(&mut out, grant, origin.as_bytes());
+                out.len()
+            })
+        });
+        let value = HeaderValue::from_static(origin);
+        g.bench_function(format!("{name}_header_map"), |b| {
+            b.iter_batched_ref(
+                HeaderMap::new,
+                |h| {
+                    let grant = cors.grant(Some(black_box(value.as_bytes())));
+                    cors.replace(h, grant, Some(value.clone()));
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.bench_function("route_without_cors", |b| {
+        b.iter(|| black_box(none).map(|c| c.grant(Some(b"https://app.example.com"))))
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = structures;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = moka_hashers, limiters, number_headers, header_rewriting, head_to_upstream
+    targets = moka_hashers, limiters, number_headers, header_rewriting, head_to_upstream, cors_fields
 }
 criterion_main!(structures);
