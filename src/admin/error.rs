@@ -15,8 +15,11 @@ use crate::keys::store::StoreError;
 
 /// A field that failed its check.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
+#[schema(examples(json!({"field": "name", "message": "must be 1–100 characters without control characters"})))]
 pub struct FieldError {
+    /// The field, as named in the request (a query parameter, or a body field's JSON path).
     pub field: String,
+    /// Why it was refused.
     pub message: String,
 }
 
@@ -29,53 +32,114 @@ impl FieldError {
     }
 }
 
+/// The stable, machine-readable `code` of an error answer; each belongs to one status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemCode {
+    /// 400: malformed JSON, a body that is not an object, an unreadable body.
+    BadRequest,
+    /// 401: missing or wrong admin key or client credential.
+    Unauthorized,
+    /// 401 (`/auth/login`): the API key does not authenticate.
+    InvalidApiKey,
+    /// 403: the caller may not make this call.
+    Forbidden,
+    /// 404: no such resource, or not the caller's.
+    NotFound,
+    /// 409: conflicts with existing state.
+    Conflict,
+    /// 422: one or more fields failed their check (see `errors`).
+    ValidationFailed,
+    /// 408: the body did not arrive in time.
+    RequestTimeout,
+    /// 413: the body is larger than `limits.max_body_bytes`.
+    PayloadTooLarge,
+    /// 429: too many failed authentications from this address.
+    RateLimited,
+    /// 503: the store is unavailable; nothing was changed.
+    StoreUnavailable,
+}
+
 /// An error body: RFC 9457 problem details with a stable `code`.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({
+    "type": "about:blank",
+    "title": "Unprocessable Entity",
+    "status": 422,
+    "code": "validation_failed",
+    "detail": "one or more fields are invalid",
+    "errors": [{"field": "name", "message": "must be 1–100 characters without control characters"}]
+})))]
 pub struct Problem {
+    /// Always `about:blank`: `code` says what happened.
     #[serde(rename = "type")]
+    #[schema(examples("about:blank"))]
     pub type_: String,
+    /// The status's reason phrase.
     pub title: String,
+    /// The HTTP status of the answer.
+    #[schema(minimum = 400, maximum = 599)]
     pub status: u16,
-    pub code: String,
+    pub code: ProblemCode,
+    /// What went wrong, for a person.
     pub detail: String,
     /// Present on 422: each field that failed and why.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Vec<FieldError>)]
     pub errors: Option<Vec<FieldError>>,
 }
 
-/// The error answers every protected admin call may give.
+/// The error answers every admin call may give, each a problem+json body whose `code` is
+/// the one (or, for 401, one of the two) named in its description.
 #[allow(dead_code)]
 #[derive(IntoResponses)]
 pub enum ErrorResponses {
-    /// Malformed JSON or request.
-    #[response(status = 400, content_type = "application/problem+json")]
+    /// `bad_request`: malformed JSON, a body that is not a JSON object, or an unreadable body.
+    #[response(status = 400, content_type = "application/problem+json",
+        example = json!({"type": "about:blank", "title": "Bad Request", "status": 400, "code": "bad_request", "detail": "malformed JSON: EOF while parsing an object at line 1 column 1"}))]
     BadRequest(Problem),
-    /// Missing or wrong credentials.
-    #[response(status = 401, content_type = "application/problem+json")]
+    /// `unauthorized`: missing or wrong admin key or client credential; `invalid_api_key`:
+    /// the API key given to `/auth/login` does not authenticate.
+    #[response(status = 401, content_type = "application/problem+json",
+        headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"keygate-admin\"`")),
+        example = json!({"type": "about:blank", "title": "Unauthorized", "status": 401, "code": "unauthorized", "detail": "a valid admin key is required (X-ADMIN-KEY or Authorization: Bearer)"}))]
     Unauthorized(Problem),
-    /// The caller may not make this call.
-    #[response(status = 403, content_type = "application/problem+json")]
+    /// `forbidden`: the caller may not make this call (a client principal calling an
+    /// admin-only operation, granting permissions it does not hold, setting a rate limit, or
+    /// loosening a constraint an admin set).
+    #[response(status = 403, content_type = "application/problem+json",
+        example = json!({"type": "about:blank", "title": "Forbidden", "status": 403, "code": "forbidden", "detail": "this call needs an admin key"}))]
     Forbidden(Problem),
-    /// No such resource (or not the caller's).
-    #[response(status = 404, content_type = "application/problem+json")]
+    /// `not_found`: no such resource, or not the caller's.
+    #[response(status = 404, content_type = "application/problem+json",
+        example = json!({"type": "about:blank", "title": "Not Found", "status": 404, "code": "not_found", "detail": "no API key with this id"}))]
     NotFound(Problem),
-    /// Conflicts with existing state.
-    #[response(status = 409, content_type = "application/problem+json")]
-    Conflict(Problem),
-    /// The request body did not arrive in time (the connection is closed).
-    #[response(status = 408, content_type = "application/problem+json")]
+    /// `request_timeout`: the request body did not arrive in time (the connection is closed).
+    #[response(status = 408, content_type = "application/problem+json",
+        example = json!({"type": "about:blank", "title": "Request Timeout", "status": 408, "code": "request_timeout", "detail": "the request body did not arrive in time; send it again"}))]
     RequestTimeout(Problem),
-    /// Body too large.
-    #[response(status = 413, content_type = "application/problem+json")]
+    /// `conflict`: conflicts with existing state (the client exists, the client has as many
+    /// keys as allowed).
+    #[response(status = 409, content_type = "application/problem+json",
+        example = json!({"type": "about:blank", "title": "Conflict", "status": 409, "code": "conflict", "detail": "a client with this client_id already exists"}))]
+    Conflict(Problem),
+    /// `payload_too_large`: the body is larger than `limits.max_body_bytes`.
+    #[response(status = 413, content_type = "application/problem+json",
+        example = json!({"type": "about:blank", "title": "Payload Too Large", "status": 413, "code": "payload_too_large", "detail": "the request body is too large"}))]
     TooLarge(Problem),
-    /// A field failed its check.
-    #[response(status = 422, content_type = "application/problem+json")]
+    /// `validation_failed`: one or more fields failed their check; `errors` names each.
+    #[response(status = 422, content_type = "application/problem+json",
+        example = json!({"type": "about:blank", "title": "Unprocessable Entity", "status": 422, "code": "validation_failed", "detail": "one or more fields are invalid", "errors": [{"field": "name", "message": "must be 1–100 characters without control characters"}]}))]
     Unprocessable(Problem),
-    /// Too many failed authentications from this address.
-    #[response(status = 429, content_type = "application/problem+json")]
+    /// `rate_limited`: too many failed authentications from this address.
+    #[response(status = 429, content_type = "application/problem+json",
+        headers(("Retry-After" = u64, description = "Seconds to wait")),
+        example = json!({"type": "about:blank", "title": "Too Many Requests", "status": 429, "code": "rate_limited", "detail": "too many failed authentications from this address; retry later"}))]
     TooMany(Problem),
-    /// The store is unavailable; nothing was changed.
-    #[response(status = 503, content_type = "application/problem+json")]
+    /// `store_unavailable`: the store is unavailable; nothing was changed.
+    #[response(status = 503, content_type = "application/problem+json",
+        headers(("Retry-After" = u64, description = "Seconds to wait")),
+        example = json!({"type": "about:blank", "title": "Service Unavailable", "status": 503, "code": "store_unavailable", "detail": "the key store is unavailable; nothing was changed; retry later"}))]
     Unavailable(Problem),
 }
 
@@ -113,45 +177,45 @@ impl From<StoreError> for AdminError {
 }
 
 impl AdminError {
-    fn parts(&self) -> (StatusCode, &'static str, String) {
+    fn parts(&self) -> (StatusCode, ProblemCode, String) {
         match self {
-            Self::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m.clone()),
+            Self::BadRequest(m) => (StatusCode::BAD_REQUEST, ProblemCode::BadRequest, m.clone()),
             Self::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
-                "unauthorized",
+                ProblemCode::Unauthorized,
                 "a valid admin key is required (X-ADMIN-KEY or Authorization: Bearer)".into(),
             ),
             Self::InvalidApiKey => (
                 StatusCode::UNAUTHORIZED,
-                "invalid_api_key",
+                ProblemCode::InvalidApiKey,
                 "the API key is not valid".into(),
             ),
-            Self::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden", m.clone()),
-            Self::NotFound(what) => (StatusCode::NOT_FOUND, "not_found", (*what).into()),
-            Self::Conflict(m) => (StatusCode::CONFLICT, "conflict", m.clone()),
+            Self::Forbidden(m) => (StatusCode::FORBIDDEN, ProblemCode::Forbidden, m.clone()),
+            Self::NotFound(what) => (StatusCode::NOT_FOUND, ProblemCode::NotFound, (*what).into()),
+            Self::Conflict(m) => (StatusCode::CONFLICT, ProblemCode::Conflict, m.clone()),
             Self::Validation(_) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "validation_failed",
+                ProblemCode::ValidationFailed,
                 "one or more fields are invalid".into(),
             ),
             Self::RequestTimeout => (
                 StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
+                ProblemCode::RequestTimeout,
                 "the request body did not arrive in time; send it again".into(),
             ),
             Self::PayloadTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
+                ProblemCode::PayloadTooLarge,
                 "the request body is too large".into(),
             ),
             Self::TooManyRequests { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
+                ProblemCode::RateLimited,
                 "too many failed authentications from this address; retry later".into(),
             ),
             Self::StoreUnavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
+                ProblemCode::StoreUnavailable,
                 "the key store is unavailable; nothing was changed; retry later".into(),
             ),
         }
@@ -165,7 +229,7 @@ impl IntoResponse for AdminError {
             type_: "about:blank".into(),
             title: status.canonical_reason().unwrap_or("Error").into(),
             status: status.as_u16(),
-            code: code.into(),
+            code,
             detail,
             errors: match &self {
                 Self::Validation(errors) => Some(errors.clone()),
