@@ -1,13 +1,13 @@
 //! `/v1/clients`: create (with a first key), list, get, update, delete (with all its keys).
 
 use axum::Json;
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::error::{AdminError, ErrorResponses, FieldError, JsonBody};
+use super::error::{AdminError, ErrorResponses, FieldError, JsonBody, Query};
 use super::keys::{KeyView, audit, check_metadata, check_permissions, new_key};
 use super::{AdminState, Caller, PageQuery, PageView, all_keys_of, rfc3339};
 use crate::keys::store::ClientPatch;
@@ -279,7 +279,7 @@ pub async fn show(
 }
 
 /// Changes a client's license or metadata; its keys follow at once.
-#[utoipa::path(patch, path = "/v1/clients/{client_id}", operation_id = "update_client", tag = "clients", request_body = UpdateClient,
+#[utoipa::path(patch, path = "/v1/clients/{client_id}", operation_id = "update_client", tag = "clients", request_body(content = Option<UpdateClient>, description = "Optional: an empty body changes nothing"),
     params(("client_id" = String, Path, pattern = "^[A-Za-z0-9._-]{1,64}$", example = "acme")),
     responses((status = 200, description = "The updated client", body = ClientView), ErrorResponses))]
 pub async fn update(

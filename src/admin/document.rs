@@ -1,7 +1,7 @@
 //! What the OpenAPI document states beyond what the types' own annotations can: rules that
 //! depend on the configuration (the licenses are the configured plans; the header a client's
 //! API key travels in), rules that join several fields (at most one way to set an expiry;
-//! `roles` is an alias of `permissions`), and the credentials each operation accepts.
+//! `roles` is an alias of `permissions`), stated with `dependentSchemas`, and the credentials each operation accepts.
 //!
 //! Each field's own constraints (lengths, ranges, patterns, formats, examples) are on the types
 //! in `admin/*.rs`; this module only completes the document built from them, once, when the
@@ -29,31 +29,39 @@ const LICENSE_FIELDS: &[&str] = &["CreateClient", "UpdateClient", "KxCreateClien
 /// Request bodies whose `permissions` may also be sent as `roles` (never both).
 const ROLES_ALIAS: &[&str] = &["CreateKey", "UpdateKey", "CreateClient"];
 
-/// Completes the document built from the handlers' annotations (see the module doc).
-pub fn complete(doc: utoipa::openapi::OpenApi, state: &AdminState) -> utoipa::openapi::OpenApi {
-    let mut v = serde_json::to_value(&doc).expect("the document serializes");
+/// Completes the document built from the handlers' annotations (see the module doc). The
+/// result stays JSON: utoipa's types would drop the keywords they do not model.
+pub fn complete(doc: &utoipa::openapi::OpenApi, state: &AdminState) -> Value {
+    let mut v = serde_json::to_value(doc).expect("the document serializes");
     let mut plans: Vec<&str> = state.plans.iter().map(String::as_str).collect();
     plans.sort_unstable();
     complete_value(&mut v, &plans, state.extractor.api_key_header.as_str());
-    serde_json::from_value(v).expect("the completed document is an OpenAPI document")
+    v
 }
 
 fn complete_value(doc: &mut Value, plans: &[&str], api_key_header: &str) {
     let schemas = &mut doc["components"]["schemas"];
+    let list = plans.join(", ");
+    schemas["License"] = json!({
+        "type": "string",
+        "enum": plans,
+        "description": format!("A configured plan (`[plans.<license>]`): {list}."),
+    });
     for name in LICENSE_FIELDS {
         let license = &mut schemas[*name]["properties"]["license"];
         let nullable = license["type"]
             .as_array()
             .is_some_and(|t| t.contains(&json!("null")));
-        let mut values: Vec<Value> = plans.iter().map(|p| json!(p)).collect();
-        if nullable {
-            values.push(Value::Null);
+        let description = license["description"].clone();
+        let one = json!({"$ref": "#/components/schemas/License"});
+        *license = if nullable {
+            json!({"oneOf": [one, {"type": "null"}]})
+        } else {
+            one
+        };
+        if description.is_string() {
+            license["description"] = description;
         }
-        license["enum"] = Value::Array(values);
-        let list = plans.join(", ");
-        license["description"] = json!(format!(
-            "One of the configured plans (`[plans.<license>]`): {list}."
-        ));
     }
     for name in ROLES_ALIAS {
         let body = &mut schemas[*name];
@@ -61,17 +69,22 @@ fn complete_value(doc: &mut Value, plans: &[&str], api_key_header: &str) {
         roles["description"] = json!("Alias of `permissions` (give one of the two).");
         roles["deprecated"] = json!(true);
         body["properties"]["roles"] = roles;
-        push_not(body, both_given("permissions", "roles"));
+        // Both keys present (even one null) is a duplicate field.
+        body["dependentSchemas"]["roles"] = json!({"not": {"required": ["permissions"]}});
     }
     // At most one of expires_at / expires_days / never_expire, each counted when not null.
     let create_key = &mut schemas["CreateKey"];
     create_key["properties"]["never_expire"]["not"] = json!({"const": false});
-    for (a, b) in [
-        ("expires_at", "expires_days"),
-        ("expires_at", "never_expire"),
-        ("expires_days", "never_expire"),
+    for (field, others) in [
+        ("expires_at", ["expires_days", "never_expire"]),
+        ("expires_days", ["expires_at", "never_expire"]),
+        ("never_expire", ["expires_at", "expires_days"]),
     ] {
-        push_not(create_key, both_given(a, b));
+        // When `field` is given and not null, the others are absent or null.
+        create_key["dependentSchemas"][field] = json!({"anyOf": [
+            {"properties": {field: {"type": "null"}}},
+            {"properties": {others[0]: {"type": "null"}, others[1]: {"type": "null"}}}
+        ]});
     }
 
     let components = &mut doc["components"]["securitySchemes"];
@@ -133,25 +146,6 @@ fn free_form_objects(v: &mut Value) {
     }
 }
 
-/// A schema that matches when both `a` and `b` are given and not null.
-fn both_given(a: &str, b: &str) -> Value {
-    json!({
-        "required": [a, b],
-        "properties": { a: {"not": {"type": "null"}}, b: {"not": {"type": "null"}} }
-    })
-}
-
-/// Adds `rule` to the schemas `body` must not match.
-fn push_not(body: &mut Value, rule: Value) {
-    let not = &mut body["not"];
-    if not.is_null() {
-        *not = json!({"anyOf": []});
-    }
-    if let Some(any) = not["anyOf"].as_array_mut() {
-        any.push(rule);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,8 +188,14 @@ mod tests {
         let mut d = doc();
         complete_value(&mut d, &["pro"], "x-api-key");
         let create_key = &d["components"]["schemas"]["CreateKey"];
-        // roles/permissions and the three expiry pairs.
-        assert_eq!(create_key["not"]["anyOf"].as_array().unwrap().len(), 4);
+        // roles/permissions and the three ways to set an expiry.
+        let dependent = create_key["dependentSchemas"].as_object().unwrap();
+        let mut keys: Vec<&str> = dependent.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            ["expires_at", "expires_days", "never_expire", "roles"]
+        );
         assert_eq!(create_key["properties"]["roles"]["deprecated"], json!(true));
         assert_eq!(
             create_key["properties"]["never_expire"]["not"],

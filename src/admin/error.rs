@@ -299,6 +299,46 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
+/// Query parameters: a query string that does not fit `T` (a parameter given twice) → 400
+/// problem+json, like every other admin error.
+pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for Query<T> {
+    type Rejection = AdminError;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| Query(q.0))
+            .map_err(|e| AdminError::BadRequest(e.body_text()))
+    }
+}
+
+/// JSON Schema's `integer` includes numbers written with a zero fraction (`3600.0`): such
+/// numbers are read as the integer they are, everywhere but inside free-form `metadata`
+/// (stored as sent).
+fn whole_numbers(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|_| n.is_f64())
+                && f.fract() == 0.0
+                && f.abs() < 9.0e15
+            {
+                *v = serde_json::Value::from(f as i64);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(whole_numbers),
+        serde_json::Value::Object(m) => m
+            .iter_mut()
+            .filter(|(k, _)| k.as_str() != "metadata")
+            .for_each(|(_, v)| whole_numbers(v)),
+        _ => {}
+    }
+}
+
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdminError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) || bytes.trim_ascii() == b"null"
     {
@@ -306,13 +346,14 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdminError> {
     } else {
         bytes
     };
-    let value: serde_json::Value = serde_json::from_slice(bytes)
+    let mut value: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| AdminError::BadRequest(format!("malformed JSON: {e}")))?;
     if !value.is_object() {
         return Err(AdminError::BadRequest(
             "the body must be a JSON object".into(),
         ));
     }
+    whole_numbers(&mut value);
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { "body".to_owned() } else { path };
@@ -357,6 +398,25 @@ mod tests {
         ));
         assert!(matches!(
             parse_json::<Body>(b"{\"n\": -1}"),
+            Err(AdminError::Validation(_))
+        ));
+    }
+
+    #[test]
+    fn numbers_with_a_zero_fraction_are_integers_but_metadata_is_kept_as_sent() {
+        #[derive(Debug, serde::Deserialize)]
+        struct Nested {
+            n: u32,
+            list: Vec<u64>,
+            metadata: serde_json::Value,
+        }
+        let v: Nested =
+            parse_json(br#"{"n": 3600.0, "list": [1.0, 2], "metadata": {"x": 1.0}}"#).unwrap();
+        assert_eq!((v.n, v.list), (3600, vec![1, 2]));
+        assert_eq!(v.metadata["x"].as_f64(), Some(1.0));
+        assert!(v.metadata["x"].is_f64());
+        assert!(matches!(
+            parse_json::<Body>(br#"{"n": 1.5}"#),
             Err(AdminError::Validation(_))
         ));
     }

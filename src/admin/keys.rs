@@ -1,7 +1,7 @@
 //! `/v1/api-keys` (also under `/api/v1/api-keys`): create, list, get, update, delete, rotate.
 
 use axum::Json;
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::error::{AdminError, ErrorResponses, FieldError, JsonBody};
+use super::error::{AdminError, ErrorResponses, FieldError, JsonBody, Query};
 use super::{AdminState, Caller, PageQuery, PageView, rfc3339};
 use crate::keys::store::{KeyPatch, Rotated, Rotation};
 use crate::keys::{ApiKey, Millis, RateLimit, SetBy, now_millis, valid_client_id};
@@ -506,7 +506,7 @@ pub async fn show(
 }
 
 /// Changes a key; the proxy obeys the change from the next request on.
-#[utoipa::path(patch, path = "/v1/api-keys/{id}", operation_id = "update_key", tag = "keys", request_body = UpdateKey,
+#[utoipa::path(patch, path = "/v1/api-keys/{id}", operation_id = "update_key", tag = "keys", request_body(content = Option<UpdateKey>, description = "Optional: an empty body changes nothing"),
     params(("id" = String, Path, format = Uuid, description = "Key id (a key of another client answers 404)", example = "0193a4c2-5e1f-7b3a-9c4d-2f6e8a0b1c3d")),
     responses((status = 200, description = "The updated key", body = KeyView), ErrorResponses))]
 pub async fn update(
