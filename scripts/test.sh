@@ -12,6 +12,8 @@ command -v prlimit >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v nginx >/dev/null 2>&1 || need_apt+=(nginx-light)
 command -v caddy >/dev/null 2>&1 || need_apt+=(caddy)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
@@ -27,6 +29,7 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets
 scripts/schemathesis.sh
+scripts/generated-clients.sh
 FUZZ_BUILD="${FUZZ_BUILD:-dev}" scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
 
 echo
