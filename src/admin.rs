@@ -417,7 +417,8 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", operation_id = "openapi", tag = "service", security(()),
-    responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json")))]
+    responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json",
+        example = json!({"openapi": "3.1.0", "info": {"title": "keygate admin API", "version": "0.1.0"}, "paths": {}}))))]
 async fn openapi_json(State(state): State<AdminState>) -> Response {
     let body = state.openapi_json.get().cloned().unwrap_or_default();
     ([(http::header::CONTENT_TYPE, "application/json")], body).into_response()
