@@ -105,6 +105,20 @@ fn complete_value(doc: &mut Value, plans: &[&str], api_key_header: &str) {
         "description": "An access token from `POST /auth/login` for a key holding the self-service permission: that client's own keys only."
     });
 
+    // A page of `X` (`PageView_X`) lists `X` by reference, so a generated client has one `X`
+    // type, not a copy per page type.
+    if let Some(all) = doc["components"]["schemas"].as_object_mut() {
+        let names: Vec<String> = all.keys().cloned().collect();
+        for name in &names {
+            if let Some(item) = name.strip_prefix("PageView_")
+                && names.iter().any(|n| n == item)
+            {
+                all[name]["properties"]["data"]["items"] =
+                    json!({"$ref": format!("#/components/schemas/{item}")});
+            }
+        }
+    }
+
     // A free-form object (`metadata`) says so, or generators read it as "no properties".
     free_form_objects(doc);
 
@@ -157,7 +171,9 @@ mod tests {
                 "UpdateClient": {"properties": {"license": {"type": ["string", "null"]}}},
                 "KxCreateClient": {"properties": {"license": {"type": "string"}}},
                 "CreateKey": {"properties": {"permissions": {"type": ["array", "null"]}, "never_expire": {"type": ["boolean", "null"]}}},
-                "UpdateKey": {"properties": {"permissions": {"type": ["array", "null"]}}}
+                "UpdateKey": {"properties": {"permissions": {"type": ["array", "null"]}}},
+                "KeyView": {"properties": {"id": {"type": "string"}}},
+                "PageView_KeyView": {"properties": {"data": {"type": "array", "items": {"properties": {"id": {"type": "string"}}}}}}
             }},
             "paths": {"/v1/api-keys": {"post": {"operationId": "create_key"}},
                       "/v1/clients": {"post": {"operationId": "create_client"}}}
@@ -207,6 +223,11 @@ mod tests {
                 .as_array()
                 .unwrap()
                 .contains(&json!({"client_token": []}))
+        );
+        // A page of keys lists `KeyView`s by reference.
+        assert_eq!(
+            d["components"]["schemas"]["PageView_KeyView"]["properties"]["data"]["items"],
+            json!({"$ref": "#/components/schemas/KeyView"})
         );
         // Admin-only operations keep the document's default (admin credentials only).
         assert!(d["paths"]["/v1/clients"]["post"]["security"].is_null());

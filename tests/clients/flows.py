@@ -241,6 +241,11 @@ problem(
     ProblemCode.FORBIDDEN,
 )
 problem(list_clients.sync_detailed(client=me), 403, ProblemCode.FORBIDDEN)
+# The same client principal with its API key in the configured header (`client_key`).
+by_key = AuthenticatedClient(base_url=base, token=first.key, prefix="", auth_header_name="x-api-key")
+assert list_keys.sync_detailed(client=by_key, per_page=1).parsed.total == total + 1
+problem(list_clients.sync_detailed(client=by_key), 403, ProblemCode.FORBIDDEN)
+assert isinstance(mine.data[0], KeyView), "a page lists KeyView objects"
 
 # --- delete ---
 d = ok(delete_key.sync_detailed(own.id, client=admin), 200, KeyView)
