@@ -171,9 +171,10 @@ impl fmt::Debug for KeyHash {
     }
 }
 
-/// A rate limit: one rate and a burst. Exactly one of the three rates is set (a rate is a
-/// number or absent, never null: the schema's `maxProperties: 2` with `burst` required says
-/// "exactly one rate" only because of that).
+/// A rate limit: `burst` and exactly one of `per_second`, `per_minute`, `per_hour` (a rate is a
+/// number or absent, never null).
+// Never null: that is what lets the schema's `maxProperties: 2`, with `burst` required, say
+// "exactly one rate".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(min_properties = 2, max_properties = 2, examples(json!({"per_second": 50, "burst": 100})))]
