@@ -421,3 +421,66 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod documented {
+    use super::*;
+
+    /// One of each error, so that a new variant must be added here (the match is exhaustive).
+    fn one_of_each() -> Vec<AdminError> {
+        let all = vec![
+            AdminError::BadRequest("x".into()),
+            AdminError::Unauthorized,
+            AdminError::InvalidApiKey,
+            AdminError::Forbidden("x".into()),
+            AdminError::NotFound("x"),
+            AdminError::Conflict("x".into()),
+            AdminError::Validation(vec![FieldError::new("f", "m")]),
+            AdminError::RequestTimeout,
+            AdminError::PayloadTooLarge,
+            AdminError::TooManyRequests {
+                retry_after_secs: 1,
+            },
+            AdminError::StoreUnavailable,
+        ];
+        for e in &all {
+            match e {
+                AdminError::BadRequest(_)
+                | AdminError::Unauthorized
+                | AdminError::InvalidApiKey
+                | AdminError::Forbidden(_)
+                | AdminError::NotFound(_)
+                | AdminError::Conflict(_)
+                | AdminError::Validation(_)
+                | AdminError::RequestTimeout
+                | AdminError::PayloadTooLarge
+                | AdminError::TooManyRequests { .. }
+                | AdminError::StoreUnavailable => {}
+            }
+        }
+        all
+    }
+
+    /// Every error the admin API answers is documented: its status is one of the error
+    /// responses, whose description names its `code`.
+    #[test]
+    fn every_error_is_documented_with_its_status_and_code() {
+        let documented = ErrorResponses::responses();
+        for e in one_of_each() {
+            let (status, code, _) = e.parts();
+            let code = serde_json::to_value(code).unwrap();
+            let code = code.as_str().unwrap();
+            let response = documented
+                .get(status.as_str())
+                .unwrap_or_else(|| panic!("{status} is not documented"));
+            let response = serde_json::to_value(response).unwrap();
+            let description = response["description"].as_str().unwrap();
+            assert!(
+                description.contains(&format!("`{code}`")),
+                "{status}: the description does not name `{code}`"
+            );
+            let example = &response["content"]["application/problem+json"]["example"];
+            assert_eq!(example["status"], status.as_u16(), "{status}");
+        }
+    }
+}
