@@ -14,6 +14,8 @@ command -v caddy >/dev/null 2>&1 || need_apt+=(caddy)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
+command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
@@ -30,6 +32,7 @@ cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets
 scripts/schemathesis.sh
 scripts/browser-cors.sh
+scripts/generated-clients.sh
 FUZZ_BUILD="${FUZZ_BUILD:-dev}" scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
 
 echo

@@ -11,6 +11,7 @@
 //! first and then invalidates the cache entries it affects, before the answer is sent.
 
 pub mod clients;
+pub mod document;
 pub mod error;
 pub mod keys;
 pub mod kixote;
@@ -194,16 +195,16 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .merge(open)
 }
 
-/// The OpenAPI document of the admin API.
-pub fn openapi(state: &AdminState) -> utoipa::openapi::OpenApi {
-    api(state).into_openapi()
+/// The OpenAPI document of the admin API, as served (JSON: it holds JSON Schema keywords
+/// utoipa's types do not model, such as `dependentSchemas`).
+pub fn openapi(state: &AdminState) -> serde_json::Value {
+    document::complete(&api(state).into_openapi(), state)
 }
 
 pub fn router(state: AdminState, max_body_bytes: usize) -> Router {
     let (router, doc) = api(&state).split_for_parts();
-    let _ = state
-        .openapi_json
-        .set(doc.to_json().expect("the document serializes"));
+    let doc = document::complete(&doc, &state);
+    let _ = state.openapi_json.set(doc.to_string());
     router
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .fallback(|| async { AdminError::NotFound("no such admin endpoint") })
@@ -375,13 +376,16 @@ async fn identify(
 }
 
 #[derive(Serialize, ToSchema)]
+#[schema(examples(json!({"status": "ok"})))]
 pub struct Status {
+    /// `ok` (healthz), `ready` or `store_unavailable` (readyz).
+    #[schema(pattern = "^(ok|ready|store_unavailable)$")]
     pub status: String,
 }
 
 /// Liveness: the process answers.
 #[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "service", security(()),
-    responses((status = 200, body = Status)))]
+    responses((status = 200, description = "The process answers", body = Status)))]
 async fn healthz() -> impl IntoResponse {
     axum::Json(Status {
         status: "ok".into(),
@@ -390,7 +394,8 @@ async fn healthz() -> impl IntoResponse {
 
 /// Readiness: the store answers.
 #[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "service", security(()),
-    responses((status = 200, body = Status), (status = 503, body = Status)))]
+    responses((status = 200, description = "The store answers", body = Status),
+        (status = 503, description = "The store does not answer", body = Status, example = json!({"status": "store_unavailable"}))))]
 async fn readyz(State(state): State<AdminState>) -> Response {
     match state.store.ping().await {
         Ok(()) => axum::Json(Status {
@@ -412,7 +417,8 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", operation_id = "openapi", tag = "service", security(()),
-    responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json")))]
+    responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json",
+        example = json!({"openapi": "3.1.0", "info": {"title": "keygate admin API", "version": "0.1.0"}, "paths": {}}))))]
 async fn openapi_json(State(state): State<AdminState>) -> Response {
     let body = state.openapi_json.get().cloned().unwrap_or_default();
     ([(http::header::CONTENT_TYPE, "application/json")], body).into_response()
@@ -444,8 +450,10 @@ pub fn rfc3339(ms: Millis) -> String {
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// Page number, from 1 (default 1).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 4294967295_u64, example = 1)]
     page: Option<String>,
     /// Items per page, 1–1000 (default 100).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000, example = 100)]
     per_page: Option<String>,
     /// Only this client's items (admin callers).
     pub client_id: Option<String>,
@@ -484,6 +492,7 @@ impl PageQuery {
     }
 }
 
+/// One page of items, oldest first.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PageView<T> {
     pub data: Vec<T>,

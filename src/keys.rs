@@ -171,17 +171,46 @@ impl fmt::Debug for KeyHash {
     }
 }
 
-/// A rate limit: one rate and a burst. Exactly one of the three rates is set.
+/// A rate limit: `burst` and exactly one of `per_second`, `per_minute`, `per_hour` (a rate is a
+/// number or absent, never null).
+// Never null: that is what lets the schema's `maxProperties: 2`, with `burst` required, say
+// "exactly one rate".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(min_properties = 2, max_properties = 2, examples(json!({"per_second": 50, "burst": 100})))]
 pub struct RateLimit {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Requests per second, at least 1.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = u32, minimum = 1, maximum = 4294967295_u64)]
     pub per_second: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Requests per minute, at least 1.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = u32, minimum = 1, maximum = 4294967295_u64)]
     pub per_minute: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Requests per hour, at least 1.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = u32, minimum = 1, maximum = 4294967295_u64)]
     pub per_hour: Option<u32>,
+    /// Requests allowed at once, at least 1.
+    #[schema(minimum = 1, maximum = 4294967295_u64)]
     pub burst: u32,
+}
+
+/// A field that is a value when present (absent is `None`; null is refused).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    u32::deserialize(d).map(Some)
 }
 
 impl RateLimit {

@@ -1,13 +1,13 @@
 //! `/v1/clients`: create (with a first key), list, get, update, delete (with all its keys).
 
 use axum::Json;
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::error::{AdminError, ErrorResponses, FieldError, JsonBody};
+use super::error::{AdminError, ErrorResponses, FieldError, JsonBody, Query};
 use super::keys::{KeyView, audit, check_metadata, check_permissions, new_key};
 use super::{AdminState, Caller, PageQuery, PageView, all_keys_of, rfc3339};
 use crate::keys::store::ClientPatch;
@@ -16,12 +16,22 @@ use crate::keys::{Client, now_millis, valid_client_id};
 /// Name of the key created together with a client.
 pub const FIRST_KEY_NAME: &str = "default";
 
+/// A client as the admin API shows it.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({
+    "client_id": "acme",
+    "license": "pro",
+    "created_at": "2026-11-30T09:15:00.000Z",
+    "metadata": {"billing_account": "ba-1042"}
+})))]
 pub struct ClientView {
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub client_id: String,
+    /// One of the configured plans (`[plans.<license>]`).
     pub license: String,
+    #[schema(format = DateTime)]
     pub created_at: String,
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Object>, additional_properties)]
     pub metadata: Option<serde_json::Value>,
 }
 
@@ -36,38 +46,90 @@ impl ClientView {
     }
 }
 
+/// A new client and its first key (with the plaintext, shown once).
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({
+    "client_id": "acme",
+    "license": "pro",
+    "created_at": "2026-11-30T09:15:00.000Z",
+    "metadata": {"billing_account": "ba-1042"},
+    "api_key": {
+        "id": "0193a4c2-5e1f-7b3a-9c4d-2f6e8a0b1c3d",
+        "client_id": "acme",
+        "name": "default",
+        "prefix": "kg_3xQ9vLm2a",
+        "permissions": ["invoices:read"],
+        "enabled": true,
+        "created_at": "2026-11-30T09:15:00.000Z",
+        "updated_at": "2026-11-30T09:15:00.000Z",
+        "expires_at": null,
+        "last_used_at": null,
+        "rate_limit": null,
+        "metadata": null,
+        "disabled_by": null,
+        "expires_set_by": null,
+        "rate_limit_set_by": null,
+        "key": "kg_3xQ9vLm2aR7tYp0sWk4eHd8uJc6nBf1gZ5"
+    }
+})))]
 pub struct CreatedClient {
     #[serde(flatten)]
     pub client: ClientView,
     pub api_key: KeyView,
 }
 
+/// A deleted client and how many keys went with it.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({
+    "client_id": "acme",
+    "license": "pro",
+    "created_at": "2026-11-30T09:15:00.000Z",
+    "metadata": null,
+    "deleted_keys": 3
+})))]
 pub struct DeletedClient {
     #[serde(flatten)]
     pub client: ClientView,
     pub deleted_keys: usize,
 }
 
+/// The body of `POST /v1/clients`. `roles` is an alias of `permissions` (not both).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({
+    "client_id": "acme",
+    "license": "pro",
+    "metadata": {"billing_account": "ba-1042"},
+    "permissions": ["invoices:read"]
+})))]
 pub struct CreateClient {
+    /// 1–64 characters of `[A-Za-z0-9._-]`, unique (409 when it exists).
+    #[schema(value_type = String, required = true, pattern = "^[A-Za-z0-9._-]{1,64}$", examples("acme"))]
     pub client_id: Option<String>,
+    /// One of the configured plans (`[plans.<license>]`).
+    #[schema(value_type = String, required = true, examples("pro"))]
     pub license: Option<String>,
-    #[schema(value_type = Option<Object>)]
+    /// Any JSON object.
+    #[schema(value_type = Option<Object>, additional_properties)]
     pub metadata: Option<serde_json::Value>,
-    /// Permissions of the first key.
+    /// Permissions of the first key: up to 100, each 1–100 printable ASCII characters
+    /// without commas or spaces (alias `roles`).
     #[serde(alias = "roles")]
+    #[schema(value_type = Option<Vec<super::keys::Permission>>, max_items = 100)]
     pub permissions: Option<Vec<String>>,
 }
 
+/// The body of `PATCH /v1/clients/{client_id}`: only the fields given change (a null
+/// `license` changes nothing).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"license": "pro", "metadata": {"billing_account": "ba-2077"}})))]
 pub struct UpdateClient {
+    /// One of the configured plans (`[plans.<license>]`).
     pub license: Option<String>,
+    /// Any JSON object, or null to remove it.
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Object>, additional_properties)]
     pub metadata: Option<Option<serde_json::Value>>,
 }
 
@@ -152,7 +214,7 @@ pub async fn create_with_first_key(
 
 /// Creates a client and its first key (plaintext in the answer, once).
 #[utoipa::path(post, path = "/v1/clients", operation_id = "create_client", tag = "clients", request_body = CreateClient,
-    responses((status = 201, body = CreatedClient), ErrorResponses))]
+    responses((status = 201, description = "The client and its first key (plaintext shown once)", body = CreatedClient), ErrorResponses))]
 pub async fn create(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -178,7 +240,8 @@ pub async fn create(
 
 /// Lists clients.
 #[utoipa::path(get, path = "/v1/clients", operation_id = "list_clients", tag = "clients", params(PageQuery),
-    responses((status = 200, body = PageView<ClientView>), ErrorResponses))]
+    responses((status = 200, description = "One page of clients", body = PageView<ClientView>,
+        example = json!({"data": [{"client_id": "acme", "license": "pro", "created_at": "2026-11-30T09:15:00.000Z", "metadata": null}], "page": 1, "per_page": 100, "total": 1})), ErrorResponses))]
 pub async fn list(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -199,8 +262,8 @@ const NO_CLIENT: &str = "no client with this client_id";
 
 /// One client.
 #[utoipa::path(get, path = "/v1/clients/{client_id}", operation_id = "get_client", tag = "clients",
-    params(("client_id" = String, Path)),
-    responses((status = 200, body = ClientView), ErrorResponses))]
+    params(("client_id" = String, Path, pattern = "^[A-Za-z0-9._-]{1,64}$", example = "acme")),
+    responses((status = 200, description = "The client", body = ClientView), ErrorResponses))]
 pub async fn show(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -216,9 +279,9 @@ pub async fn show(
 }
 
 /// Changes a client's license or metadata; its keys follow at once.
-#[utoipa::path(patch, path = "/v1/clients/{client_id}", operation_id = "update_client", tag = "clients", request_body = UpdateClient,
-    params(("client_id" = String, Path)),
-    responses((status = 200, body = ClientView), ErrorResponses))]
+#[utoipa::path(patch, path = "/v1/clients/{client_id}", operation_id = "update_client", tag = "clients", request_body(content = Option<UpdateClient>, description = "Optional: an empty body changes nothing"),
+    params(("client_id" = String, Path, pattern = "^[A-Za-z0-9._-]{1,64}$", example = "acme")),
+    responses((status = 200, description = "The updated client", body = ClientView), ErrorResponses))]
 pub async fn update(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -274,8 +337,8 @@ pub async fn delete_with_keys(
 
 /// Deletes a client and all its keys; they stop working at once.
 #[utoipa::path(delete, path = "/v1/clients/{client_id}", operation_id = "delete_client", tag = "clients",
-    params(("client_id" = String, Path)),
-    responses((status = 200, body = DeletedClient), ErrorResponses))]
+    params(("client_id" = String, Path, pattern = "^[A-Za-z0-9._-]{1,64}$", example = "acme")),
+    responses((status = 200, description = "The deleted client", body = DeletedClient), ErrorResponses))]
 pub async fn remove(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,

@@ -15,8 +15,11 @@ use crate::keys::store::StoreError;
 
 /// A field that failed its check.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
+#[schema(examples(json!({"field": "name", "message": "must be 1–100 characters without control characters"})))]
 pub struct FieldError {
+    /// The field, as named in the request (a query parameter, or a body field's JSON path).
     pub field: String,
+    /// Why it was refused.
     pub message: String,
 }
 
@@ -29,53 +32,114 @@ impl FieldError {
     }
 }
 
+/// The stable, machine-readable `code` of an error answer; each belongs to one status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemCode {
+    /// 400: malformed JSON, a body that is not an object, an unreadable body.
+    BadRequest,
+    /// 401: missing or wrong admin key or client credential.
+    Unauthorized,
+    /// 401 (`/auth/login`): the API key does not authenticate.
+    InvalidApiKey,
+    /// 403: the caller may not make this call.
+    Forbidden,
+    /// 404: no such resource, or not the caller's.
+    NotFound,
+    /// 409: conflicts with existing state.
+    Conflict,
+    /// 422: one or more fields failed their check (see `errors`).
+    ValidationFailed,
+    /// 408: the body did not arrive in time.
+    RequestTimeout,
+    /// 413: the body is larger than `limits.max_body_bytes`.
+    PayloadTooLarge,
+    /// 429: too many failed authentications from this address.
+    RateLimited,
+    /// 503: the store is unavailable; nothing was changed.
+    StoreUnavailable,
+}
+
 /// An error body: RFC 9457 problem details with a stable `code`.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({
+    "type": "about:blank",
+    "title": "Unprocessable Entity",
+    "status": 422,
+    "code": "validation_failed",
+    "detail": "one or more fields are invalid",
+    "errors": [{"field": "name", "message": "must be 1–100 characters without control characters"}]
+})))]
 pub struct Problem {
+    /// Always `about:blank`: `code` says what happened.
     #[serde(rename = "type")]
+    #[schema(examples("about:blank"))]
     pub type_: String,
+    /// The status's reason phrase.
     pub title: String,
+    /// The HTTP status of the answer.
+    #[schema(minimum = 400, maximum = 599)]
     pub status: u16,
-    pub code: String,
+    pub code: ProblemCode,
+    /// What went wrong, for a person.
     pub detail: String,
     /// Present on 422: each field that failed and why.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Vec<FieldError>)]
     pub errors: Option<Vec<FieldError>>,
 }
 
-/// The error answers every protected admin call may give.
+/// The error answers every admin call may give, each a problem+json body whose `code` is
+/// the one (or, for 401, one of the two) named in its description.
 #[allow(dead_code)]
 #[derive(IntoResponses)]
 pub enum ErrorResponses {
-    /// Malformed JSON or request.
-    #[response(status = 400, content_type = "application/problem+json")]
+    /// `bad_request`: malformed JSON, a body that is not a JSON object, or an unreadable body.
+    #[response(status = 400, content_type = "application/problem+json",
+        example = json!({"type": "about:blank", "title": "Bad Request", "status": 400, "code": "bad_request", "detail": "malformed JSON: EOF while parsing an object at line 1 column 1"}))]
     BadRequest(Problem),
-    /// Missing or wrong credentials.
-    #[response(status = 401, content_type = "application/problem+json")]
+    /// `unauthorized`: missing or wrong admin key or client credential; `invalid_api_key`:
+    /// the API key given to `/auth/login` does not authenticate.
+    #[response(status = 401, content_type = "application/problem+json",
+        headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"keygate-admin\"`")),
+        example = json!({"type": "about:blank", "title": "Unauthorized", "status": 401, "code": "unauthorized", "detail": "a valid admin key is required (X-ADMIN-KEY or Authorization: Bearer)"}))]
     Unauthorized(Problem),
-    /// The caller may not make this call.
-    #[response(status = 403, content_type = "application/problem+json")]
+    /// `forbidden`: the caller may not make this call (a client principal calling an
+    /// admin-only operation, granting permissions it does not hold, setting a rate limit, or
+    /// loosening a constraint an admin set).
+    #[response(status = 403, content_type = "application/problem+json",
+        example = json!({"type": "about:blank", "title": "Forbidden", "status": 403, "code": "forbidden", "detail": "this call needs an admin key"}))]
     Forbidden(Problem),
-    /// No such resource (or not the caller's).
-    #[response(status = 404, content_type = "application/problem+json")]
+    /// `not_found`: no such resource, or not the caller's.
+    #[response(status = 404, content_type = "application/problem+json",
+        example = json!({"type": "about:blank", "title": "Not Found", "status": 404, "code": "not_found", "detail": "no API key with this id"}))]
     NotFound(Problem),
-    /// Conflicts with existing state.
-    #[response(status = 409, content_type = "application/problem+json")]
-    Conflict(Problem),
-    /// The request body did not arrive in time (the connection is closed).
-    #[response(status = 408, content_type = "application/problem+json")]
+    /// `request_timeout`: the request body did not arrive in time (the connection is closed).
+    #[response(status = 408, content_type = "application/problem+json",
+        example = json!({"type": "about:blank", "title": "Request Timeout", "status": 408, "code": "request_timeout", "detail": "the request body did not arrive in time; send it again"}))]
     RequestTimeout(Problem),
-    /// Body too large.
-    #[response(status = 413, content_type = "application/problem+json")]
+    /// `conflict`: conflicts with existing state (the client exists, the client has as many
+    /// keys as allowed).
+    #[response(status = 409, content_type = "application/problem+json",
+        example = json!({"type": "about:blank", "title": "Conflict", "status": 409, "code": "conflict", "detail": "a client with this client_id already exists"}))]
+    Conflict(Problem),
+    /// `payload_too_large`: the body is larger than `limits.max_body_bytes`.
+    #[response(status = 413, content_type = "application/problem+json",
+        example = json!({"type": "about:blank", "title": "Payload Too Large", "status": 413, "code": "payload_too_large", "detail": "the request body is too large"}))]
     TooLarge(Problem),
-    /// A field failed its check.
-    #[response(status = 422, content_type = "application/problem+json")]
+    /// `validation_failed`: one or more fields failed their check; `errors` names each.
+    #[response(status = 422, content_type = "application/problem+json",
+        example = json!({"type": "about:blank", "title": "Unprocessable Entity", "status": 422, "code": "validation_failed", "detail": "one or more fields are invalid", "errors": [{"field": "name", "message": "must be 1–100 characters without control characters"}]}))]
     Unprocessable(Problem),
-    /// Too many failed authentications from this address.
-    #[response(status = 429, content_type = "application/problem+json")]
+    /// `rate_limited`: too many failed authentications from this address.
+    #[response(status = 429, content_type = "application/problem+json",
+        headers(("Retry-After" = u64, description = "Seconds to wait")),
+        example = json!({"type": "about:blank", "title": "Too Many Requests", "status": 429, "code": "rate_limited", "detail": "too many failed authentications from this address; retry later"}))]
     TooMany(Problem),
-    /// The store is unavailable; nothing was changed.
-    #[response(status = 503, content_type = "application/problem+json")]
+    /// `store_unavailable`: the store is unavailable; nothing was changed.
+    #[response(status = 503, content_type = "application/problem+json",
+        headers(("Retry-After" = u64, description = "Seconds to wait")),
+        example = json!({"type": "about:blank", "title": "Service Unavailable", "status": 503, "code": "store_unavailable", "detail": "the key store is unavailable; nothing was changed; retry later"}))]
     Unavailable(Problem),
 }
 
@@ -113,45 +177,45 @@ impl From<StoreError> for AdminError {
 }
 
 impl AdminError {
-    fn parts(&self) -> (StatusCode, &'static str, String) {
+    fn parts(&self) -> (StatusCode, ProblemCode, String) {
         match self {
-            Self::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m.clone()),
+            Self::BadRequest(m) => (StatusCode::BAD_REQUEST, ProblemCode::BadRequest, m.clone()),
             Self::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
-                "unauthorized",
+                ProblemCode::Unauthorized,
                 "a valid admin key is required (X-ADMIN-KEY or Authorization: Bearer)".into(),
             ),
             Self::InvalidApiKey => (
                 StatusCode::UNAUTHORIZED,
-                "invalid_api_key",
+                ProblemCode::InvalidApiKey,
                 "the API key is not valid".into(),
             ),
-            Self::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden", m.clone()),
-            Self::NotFound(what) => (StatusCode::NOT_FOUND, "not_found", (*what).into()),
-            Self::Conflict(m) => (StatusCode::CONFLICT, "conflict", m.clone()),
+            Self::Forbidden(m) => (StatusCode::FORBIDDEN, ProblemCode::Forbidden, m.clone()),
+            Self::NotFound(what) => (StatusCode::NOT_FOUND, ProblemCode::NotFound, (*what).into()),
+            Self::Conflict(m) => (StatusCode::CONFLICT, ProblemCode::Conflict, m.clone()),
             Self::Validation(_) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "validation_failed",
+                ProblemCode::ValidationFailed,
                 "one or more fields are invalid".into(),
             ),
             Self::RequestTimeout => (
                 StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
+                ProblemCode::RequestTimeout,
                 "the request body did not arrive in time; send it again".into(),
             ),
             Self::PayloadTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
+                ProblemCode::PayloadTooLarge,
                 "the request body is too large".into(),
             ),
             Self::TooManyRequests { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
+                ProblemCode::RateLimited,
                 "too many failed authentications from this address; retry later".into(),
             ),
             Self::StoreUnavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
+                ProblemCode::StoreUnavailable,
                 "the key store is unavailable; nothing was changed; retry later".into(),
             ),
         }
@@ -165,7 +229,7 @@ impl IntoResponse for AdminError {
             type_: "about:blank".into(),
             title: status.canonical_reason().unwrap_or("Error").into(),
             status: status.as_u16(),
-            code: code.into(),
+            code,
             detail,
             errors: match &self {
                 Self::Validation(errors) => Some(errors.clone()),
@@ -235,6 +299,46 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
+/// Query parameters: a query string that does not fit `T` (a parameter given twice) → 400
+/// problem+json, like every other admin error.
+pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for Query<T> {
+    type Rejection = AdminError;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| Query(q.0))
+            .map_err(|e| AdminError::BadRequest(e.body_text()))
+    }
+}
+
+/// JSON Schema's `integer` includes numbers written with a zero fraction (`3600.0`): such
+/// numbers are read as the integer they are, everywhere but inside free-form `metadata`
+/// (stored as sent).
+fn whole_numbers(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|_| n.is_f64())
+                && f.fract() == 0.0
+                && f.abs() < 9.0e15
+            {
+                *v = serde_json::Value::from(f as i64);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(whole_numbers),
+        serde_json::Value::Object(m) => m
+            .iter_mut()
+            .filter(|(k, _)| k.as_str() != "metadata")
+            .for_each(|(_, v)| whole_numbers(v)),
+        _ => {}
+    }
+}
+
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdminError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) || bytes.trim_ascii() == b"null"
     {
@@ -242,13 +346,14 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdminError> {
     } else {
         bytes
     };
-    let value: serde_json::Value = serde_json::from_slice(bytes)
+    let mut value: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| AdminError::BadRequest(format!("malformed JSON: {e}")))?;
     if !value.is_object() {
         return Err(AdminError::BadRequest(
             "the body must be a JSON object".into(),
         ));
     }
+    whole_numbers(&mut value);
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { "body".to_owned() } else { path };
@@ -295,5 +400,87 @@ mod tests {
             parse_json::<Body>(b"{\"n\": -1}"),
             Err(AdminError::Validation(_))
         ));
+    }
+
+    #[test]
+    fn numbers_with_a_zero_fraction_are_integers_but_metadata_is_kept_as_sent() {
+        #[derive(Debug, serde::Deserialize)]
+        struct Nested {
+            n: u32,
+            list: Vec<u64>,
+            metadata: serde_json::Value,
+        }
+        let v: Nested =
+            parse_json(br#"{"n": 3600.0, "list": [1.0, 2], "metadata": {"x": 1.0}}"#).unwrap();
+        assert_eq!((v.n, v.list), (3600, vec![1, 2]));
+        assert_eq!(v.metadata["x"].as_f64(), Some(1.0));
+        assert!(v.metadata["x"].is_f64());
+        assert!(matches!(
+            parse_json::<Body>(br#"{"n": 1.5}"#),
+            Err(AdminError::Validation(_))
+        ));
+    }
+}
+
+#[cfg(test)]
+mod documented {
+    use super::*;
+
+    /// One of each error, so that a new variant must be added here (the match is exhaustive).
+    fn one_of_each() -> Vec<AdminError> {
+        let all = vec![
+            AdminError::BadRequest("x".into()),
+            AdminError::Unauthorized,
+            AdminError::InvalidApiKey,
+            AdminError::Forbidden("x".into()),
+            AdminError::NotFound("x"),
+            AdminError::Conflict("x".into()),
+            AdminError::Validation(vec![FieldError::new("f", "m")]),
+            AdminError::RequestTimeout,
+            AdminError::PayloadTooLarge,
+            AdminError::TooManyRequests {
+                retry_after_secs: 1,
+            },
+            AdminError::StoreUnavailable,
+        ];
+        for e in &all {
+            match e {
+                AdminError::BadRequest(_)
+                | AdminError::Unauthorized
+                | AdminError::InvalidApiKey
+                | AdminError::Forbidden(_)
+                | AdminError::NotFound(_)
+                | AdminError::Conflict(_)
+                | AdminError::Validation(_)
+                | AdminError::RequestTimeout
+                | AdminError::PayloadTooLarge
+                | AdminError::TooManyRequests { .. }
+                | AdminError::StoreUnavailable => {}
+            }
+        }
+        all
+    }
+
+    /// Every error the admin API answers is documented: its status is one of the error
+    /// responses, whose description names its `code`.
+    #[test]
+    fn every_error_is_documented_with_its_status_and_code() {
+        let documented = ErrorResponses::responses();
+        for e in one_of_each() {
+            let (status, code, _) = e.parts();
+            let code = serde_json::to_value(code).unwrap();
+            let code = code.as_str().unwrap();
+            let response = documented
+                .get(status.as_str())
+                .unwrap_or_else(|| panic!("{status} is not documented"));
+            let response = serde_json::to_value(response).unwrap();
+            let description = response["description"].as_str().unwrap();
+            assert!(
+                description.contains(&format!("`{code}`")),
+                "{status}: the description does not name `{code}`"
+            );
+            let example = &response["content"]["application/problem+json"]["example"];
+            assert_eq!(example["status"], status.as_u16(), "{status}");
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! `/v1/api-keys` (also under `/api/v1/api-keys`): create, list, get, update, delete, rotate.
 
 use axum::Json;
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::error::{AdminError, ErrorResponses, FieldError, JsonBody};
+use super::error::{AdminError, ErrorResponses, FieldError, JsonBody, Query};
 use super::{AdminState, Caller, PageQuery, PageView, rfc3339};
 use crate::keys::store::{KeyPatch, Rotated, Rotation};
 use crate::keys::{ApiKey, Millis, RateLimit, SetBy, now_millis, valid_client_id};
@@ -22,19 +22,48 @@ const MAX_EXPIRES_DAYS: u32 = 36_500;
 /// A key as the admin API shows it. `key` (the plaintext) is present only in the answers to
 /// create and rotate.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({
+    "id": "0193a4c2-5e1f-7b3a-9c4d-2f6e8a0b1c3d",
+    "client_id": "acme",
+    "name": "billing backend",
+    "prefix": "kg_3xQ9vLm2a",
+    "permissions": ["invoices:read", "invoices:write"],
+    "enabled": true,
+    "created_at": "2026-11-30T09:15:00.000Z",
+    "updated_at": "2026-11-30T09:15:00.000Z",
+    "expires_at": "2027-11-30T09:15:00.000Z",
+    "last_used_at": null,
+    "rate_limit": {"per_second": 50, "burst": 100},
+    "metadata": {"team": "billing"},
+    "disabled_by": null,
+    "expires_set_by": "admin",
+    "rate_limit_set_by": "admin",
+    "key": "kg_3xQ9vLm2aR7tYp0sWk4eHd8uJc6nBf1gZ5"
+})))]
 pub struct KeyView {
+    #[schema(format = Uuid)]
     pub id: String,
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub client_id: String,
+    #[schema(min_length = 1, max_length = 100)]
     pub name: String,
+    /// The key's first characters, to recognise it (not a secret).
     pub prefix: String,
     pub permissions: Vec<String>,
     pub enabled: bool,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(format = DateTime)]
     pub updated_at: String,
+    /// When the key stops working (null: never).
+    #[schema(format = DateTime)]
     pub expires_at: Option<String>,
+    /// Last request seen with the key (written in batches; null: never used).
+    #[schema(format = DateTime)]
     pub last_used_at: Option<String>,
+    /// The key's own limit (null: its client's plan, else the default).
     pub rate_limit: Option<RateLimit>,
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Object>, additional_properties)]
     pub metadata: Option<serde_json::Value>,
     /// Who disabled the key (null while it is enabled). A key an admin disabled can be enabled
     /// by an admin only.
@@ -46,9 +75,11 @@ pub struct KeyView {
     pub rate_limit_set_by: Option<SetBy>,
     /// After a rotation with a grace period: until when the previous key still works.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String, format = DateTime)]
     pub previous_key_valid_until: Option<String>,
     /// The plaintext key: only in the answers to create and rotate, never again.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String)]
     pub key: Option<String>,
 }
 
@@ -94,56 +125,108 @@ fn nullable<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
     Option::<T>::deserialize(d).map(Some)
 }
 
+/// The body of `POST /v1/api-keys`. At most one of `expires_at`, `expires_days` and
+/// `never_expire` may be given (not null); `roles` is an alias of `permissions` (not both).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({
+    "name": "billing backend",
+    "client_id": "acme",
+    "permissions": ["invoices:read", "invoices:write"],
+    "expires_days": 365,
+    "rate_limit": {"per_second": 50, "burst": 100},
+    "metadata": {"team": "billing"}
+})))]
 pub struct CreateKey {
-    /// 1–100 characters (required).
+    /// 1–100 characters, no control characters.
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 100,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$", examples("billing backend"))]
     pub name: Option<String>,
-    /// Owner of the key (required for admin callers; a client principal's own id otherwise).
+    /// Owner of the key: an existing client (404 otherwise). Required for admin callers; a
+    /// client principal may omit it or give its own id only.
+    #[schema(value_type = String, required = true, pattern = "^[A-Za-z0-9._-]{1,64}$", examples("acme"))]
     pub client_id: Option<String>,
-    /// Permissions (alias `roles`).
+    /// Up to 100 permissions, each 1–100 printable ASCII characters without commas or spaces
+    /// (alias `roles`). A client principal may grant only permissions it holds (403 otherwise).
     #[serde(alias = "roles")]
+    #[schema(value_type = Option<Vec<Permission>>, max_items = 100)]
     pub permissions: Option<Vec<String>>,
+    /// Default true.
     pub enabled: Option<bool>,
-    /// RFC 3339 time in the future.
-    #[schema(value_type = Option<String>, format = DateTime)]
+    /// RFC 3339 time, which must be in the future (a rule no schema keyword can state).
+    #[schema(value_type = Option<String>, format = DateTime, examples("2027-12-31T23:59:59Z"))]
     pub expires_at: Option<DateTime<Utc>>,
     /// Days from now, 1–36500.
+    #[schema(minimum = 1, maximum = 36500)]
     pub expires_days: Option<u32>,
-    /// `true`: the key never expires (the default).
+    /// `true`: the key never expires (the default). `false` is refused.
+    // The document states that with `not: {const: false}` (added in `admin::document`).
     pub never_expire: Option<bool>,
+    /// Admin callers only (403 for a client principal).
     pub rate_limit: Option<RateLimit>,
-    /// A JSON object.
-    #[schema(value_type = Option<Object>)]
+    /// Any JSON object.
+    #[schema(value_type = Option<Object>, additional_properties)]
     pub metadata: Option<serde_json::Value>,
 }
 
+/// The body of `PATCH /v1/api-keys/{id}`: only the fields given change (a null `name`,
+/// `enabled` or `permissions` changes nothing). `roles` is an alias of `permissions` (not both).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({
+    "name": "billing backend (2027)",
+    "enabled": false,
+    "permissions": ["invoices:read"],
+    "expires_at": "2027-12-31T23:59:59Z",
+    "rate_limit": null,
+    "metadata": {"team": "billing", "ticket": "OPS-1234"}
+})))]
 pub struct UpdateKey {
+    /// 1–100 characters, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub name: Option<String>,
+    /// A client principal may not enable a key an admin disabled (403).
     pub enabled: Option<bool>,
-    /// Permissions (alias `roles`).
+    /// Up to 100 permissions, each 1–100 printable ASCII characters without commas or spaces
+    /// (alias `roles`). A client principal may grant only permissions it holds (403 otherwise).
     #[serde(alias = "roles")]
+    #[schema(value_type = Option<Vec<Permission>>, max_items = 100)]
     pub permissions: Option<Vec<String>>,
-    /// RFC 3339 time in the future, or null for never.
+    /// RFC 3339 time, which must be in the future (a rule no schema keyword can state), or
+    /// null for never. A client principal may bring an admin's expiry closer, not remove or
+    /// postpone it (403).
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>, format = DateTime)]
+    #[schema(value_type = Option<String>, format = DateTime, examples("2027-12-31T23:59:59Z"))]
     pub expires_at: Option<Option<DateTime<Utc>>>,
-    /// A limit, or null to fall back to the plan.
+    /// A limit, or null to fall back to the plan. Admin callers only (403 for a client
+    /// principal).
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<RateLimit>)]
     pub rate_limit: Option<Option<RateLimit>>,
-    /// A JSON object, or null.
+    /// Any JSON object, or null.
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Object>, additional_properties)]
     pub metadata: Option<Option<serde_json::Value>>,
 }
 
+/// One permission: 1–100 printable ASCII characters without commas or spaces (permissions
+/// travel comma-separated in a header).
+#[derive(ToSchema)]
+#[schema(value_type = String, min_length = 1, max_length = 100, pattern = "^[\\x21-\\x2B\\x2D-\\x7E]+$", examples("invoices:read"))]
+pub struct Permission(pub String);
+
+/// The body of `POST /v1/api-keys/{id}/rotate` (optional).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"grace_period_seconds": 3600})))]
 pub struct RotateKey {
-    /// How long the previous key keeps working, 0–604800 s (default 0).
+    /// How long the previous key keeps working, 0–604800 s (7 days; default 0: it stops at
+    /// once).
+    #[schema(minimum = 0, maximum = 604800)]
     pub grace_period_seconds: Option<u64>,
 }
 
@@ -296,7 +379,7 @@ fn check_client_limits(
 
 /// Creates an API key; the plaintext is in the answer, once.
 #[utoipa::path(post, path = "/v1/api-keys", operation_id = "create_key", tag = "keys", request_body = CreateKey,
-    responses((status = 201, body = KeyView), ErrorResponses))]
+    responses((status = 201, description = "The new key, with its plaintext `key` (shown once)", body = KeyView), ErrorResponses))]
 pub async fn create(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -354,11 +437,10 @@ pub async fn create(
         .insert_key(&key, state.max_keys_per_client)
         .await
         .map_err(|e| match e {
+            // The body is well formed; what it names does not exist (as on every other call
+            // that names a missing client).
             crate::keys::store::StoreError::NotFound => {
-                AdminError::Validation(vec![FieldError::new(
-                    "client_id",
-                    "no client with this client_id",
-                )])
+                AdminError::NotFound("no client with this client_id")
             }
             e => e.into(),
         })?;
@@ -373,7 +455,8 @@ pub async fn create(
 
 /// Lists keys (a client principal sees its own only). No secrets.
 #[utoipa::path(get, path = "/v1/api-keys", operation_id = "list_keys", tag = "keys", params(PageQuery),
-    responses((status = 200, body = PageView<KeyView>), ErrorResponses))]
+    responses((status = 200, description = "One page of keys (no secrets)", body = PageView<KeyView>,
+        example = json!({"data": [{"id": "0193a4c2-5e1f-7b3a-9c4d-2f6e8a0b1c3d", "client_id": "acme", "name": "billing backend", "prefix": "kg_3xQ9vLm2a", "permissions": ["invoices:read"], "enabled": true, "created_at": "2026-11-30T09:15:00.000Z", "updated_at": "2026-11-30T09:15:00.000Z", "expires_at": null, "last_used_at": "2026-12-01T17:42:08.120Z", "rate_limit": null, "metadata": null, "disabled_by": null, "expires_set_by": null, "rate_limit_set_by": null}], "page": 1, "per_page": 100, "total": 1})), ErrorResponses))]
 pub async fn list(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -411,8 +494,8 @@ async fn load(state: &AdminState, caller: &Caller, id: &str) -> Result<ApiKey, A
 
 /// One key. No secret.
 #[utoipa::path(get, path = "/v1/api-keys/{id}", operation_id = "get_key", tag = "keys",
-    params(("id" = String, Path, description = "Key id")),
-    responses((status = 200, body = KeyView), ErrorResponses))]
+    params(("id" = String, Path, format = Uuid, description = "Key id (a key of another client answers 404)", example = "0193a4c2-5e1f-7b3a-9c4d-2f6e8a0b1c3d")),
+    responses((status = 200, description = "The key (no secret)", body = KeyView), ErrorResponses))]
 pub async fn show(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -423,9 +506,9 @@ pub async fn show(
 }
 
 /// Changes a key; the proxy obeys the change from the next request on.
-#[utoipa::path(patch, path = "/v1/api-keys/{id}", operation_id = "update_key", tag = "keys", request_body = UpdateKey,
-    params(("id" = String, Path, description = "Key id")),
-    responses((status = 200, body = KeyView), ErrorResponses))]
+#[utoipa::path(patch, path = "/v1/api-keys/{id}", operation_id = "update_key", tag = "keys", request_body(content = Option<UpdateKey>, description = "Optional: an empty body changes nothing"),
+    params(("id" = String, Path, format = Uuid, description = "Key id (a key of another client answers 404)", example = "0193a4c2-5e1f-7b3a-9c4d-2f6e8a0b1c3d")),
+    responses((status = 200, description = "The updated key", body = KeyView), ErrorResponses))]
 pub async fn update(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -485,8 +568,8 @@ pub async fn update(
 
 /// Deletes a key; it stops working at once. Answers the deleted key.
 #[utoipa::path(delete, path = "/v1/api-keys/{id}", operation_id = "delete_key", tag = "keys",
-    params(("id" = String, Path, description = "Key id")),
-    responses((status = 200, body = KeyView), ErrorResponses))]
+    params(("id" = String, Path, format = Uuid, description = "Key id (a key of another client answers 404)", example = "0193a4c2-5e1f-7b3a-9c4d-2f6e8a0b1c3d")),
+    responses((status = 200, description = "The deleted key", body = KeyView), ErrorResponses))]
 pub async fn remove(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -505,8 +588,8 @@ pub async fn remove(
 
 /// Replaces a key's secret (same id); the old one stops at once or after the grace period.
 #[utoipa::path(post, path = "/v1/api-keys/{id}/rotate", operation_id = "rotate_key", tag = "keys", request_body(content = Option<RotateKey>),
-    params(("id" = String, Path, description = "Key id")),
-    responses((status = 200, body = KeyView), ErrorResponses))]
+    params(("id" = String, Path, format = Uuid, description = "Key id (a key of another client answers 404)", example = "0193a4c2-5e1f-7b3a-9c4d-2f6e8a0b1c3d")),
+    responses((status = 200, description = "The key with its new plaintext `key` (shown once)", body = KeyView), ErrorResponses))]
 pub async fn rotate(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -549,19 +632,29 @@ pub async fn rotate(
 #[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     /// How many days back, including today (1–366, default 30).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 366, example = 30)]
     days: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DayUsage {
     /// `YYYY-MM-DD` (UTC).
+    #[schema(format = Date)]
     pub date: String,
     pub requests: u64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({
+    "key_id": "0193a4c2-5e1f-7b3a-9c4d-2f6e8a0b1c3d",
+    "last_used_at": "2026-12-01T17:42:08.120Z",
+    "days": [{"date": "2026-11-30", "requests": 1520}, {"date": "2026-12-01", "requests": 1733}],
+    "total": 3253
+})))]
 pub struct UsageView {
+    #[schema(format = Uuid)]
     pub key_id: String,
+    #[schema(format = DateTime)]
     pub last_used_at: Option<String>,
     /// Days with requests, oldest first. Counts reach the store in batches
     /// (`[store] last_used_flush_secs`), so the last seconds may be missing.
@@ -573,8 +666,8 @@ const MAX_USAGE_DAYS: i64 = 366;
 
 /// Requests per day of one key.
 #[utoipa::path(get, path = "/v1/api-keys/{id}/usage", operation_id = "key_usage", tag = "keys",
-    params(("id" = String, Path, description = "Key id"), UsageQuery),
-    responses((status = 200, body = UsageView), ErrorResponses))]
+    params(("id" = String, Path, format = Uuid, description = "Key id (a key of another client answers 404)", example = "0193a4c2-5e1f-7b3a-9c4d-2f6e8a0b1c3d"), UsageQuery),
+    responses((status = 200, description = "Requests per day", body = UsageView), ErrorResponses))]
 pub async fn usage(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,

@@ -20,48 +20,76 @@ use crate::keys::store::StoreError;
 
 const NO_CLIENT: &str = "client not found";
 
+/// The body of `POST /auth/create_client` (other fields are ignored).
 #[derive(Debug, Deserialize, ToSchema)]
+#[schema(examples(json!({"client_id": "acme", "license": "pro"})))]
 pub struct KxCreateClient {
+    /// 1–64 characters of `[A-Za-z0-9._-]`, unique (409 when it exists).
+    #[schema(value_type = String, required = true, pattern = "^[A-Za-z0-9._-]{1,64}$", examples("acme"))]
     pub client_id: Option<String>,
+    /// One of the configured plans (`[plans.<license>]`).
+    #[schema(value_type = String, required = true, examples("pro"))]
     pub license: Option<String>,
 }
 
+/// A body naming one client (other fields are ignored); an unknown client answers 404.
 #[derive(Debug, Deserialize, ToSchema)]
+#[schema(examples(json!({"client_id": "acme"})))]
 pub struct KxClientRef {
+    #[schema(value_type = String, required = true, pattern = "^[A-Za-z0-9._-]{1,64}$", examples("acme"))]
     pub client_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({"api_key": "kg_3xQ9vLm2aR7tYp0sWk4eHd8uJc6nBf1gZ5", "client_id": "acme", "license": "pro"})))]
 pub struct KxCreated {
+    /// The client's key, shown once.
     pub api_key: String,
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub client_id: String,
     pub license: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({"client_id": "acme", "created_at": "2026-11-30 09:15:00", "license": "pro"})))]
 pub struct KxClient {
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub client_id: String,
     /// `YYYY-MM-DD HH:MM:SS`, UTC.
+    #[schema(pattern = "^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}$")]
     pub created_at: String,
     pub license: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({"client_id": "acme", "message": "Client key revoked"})))]
 pub struct KxRevoked {
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub client_id: String,
+    /// Always `Client key revoked`.
+    #[schema(examples("Client key revoked"))]
     pub message: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({"api_key": "kg_3xQ9vLm2aR7tYp0sWk4eHd8uJc6nBf1gZ5", "client_id": "acme", "message": "Client key recreated"})))]
 pub struct KxRecreated {
+    /// The client's new key, shown once.
     pub api_key: String,
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub client_id: String,
+    /// Always `Client key recreated`.
+    #[schema(examples("Client key recreated"))]
     pub message: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({"message": "Client deleted", "client_id": "acme"})))]
 pub struct KxDeleted {
+    /// Always `Client deleted`.
+    #[schema(examples("Client deleted"))]
     pub message: String,
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub client_id: String,
 }
 
@@ -84,7 +112,7 @@ fn not_found(e: StoreError) -> AdminError {
 
 /// Creates a client and its key.
 #[utoipa::path(post, path = "/auth/create_client", operation_id = "kixote_create_client", tag = "kixote", request_body = KxCreateClient,
-    responses((status = 201, body = KxCreated), ErrorResponses))]
+    responses((status = 201, description = "The client and its key (shown once)", body = KxCreated), ErrorResponses))]
 pub async fn create_client(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -111,7 +139,8 @@ pub async fn create_client(
 
 /// Every client.
 #[utoipa::path(get, path = "/auth/list_clients", operation_id = "kixote_list_clients", tag = "kixote",
-    responses((status = 200, body = Vec<KxClient>), ErrorResponses))]
+    responses((status = 200, description = "Every client", body = Vec<KxClient>,
+        example = json!([{"client_id": "acme", "created_at": "2026-11-30 09:15:00", "license": "pro"}])), ErrorResponses))]
 pub async fn list_clients(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -140,7 +169,7 @@ pub async fn list_clients(
 
 /// Disables every key of the client.
 #[utoipa::path(post, path = "/auth/revoke_client_key", operation_id = "kixote_revoke_client_key", tag = "kixote", request_body = KxClientRef,
-    responses((status = 200, body = KxRevoked), ErrorResponses))]
+    responses((status = 200, description = "Every key of the client is disabled", body = KxRevoked), ErrorResponses))]
 pub async fn revoke_client_key(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -164,7 +193,7 @@ pub async fn revoke_client_key(
 /// Replaces every key of the client by one new key (with the permissions of the client's
 /// oldest key, if any).
 #[utoipa::path(post, path = "/auth/create_client_key", operation_id = "kixote_create_client_key", tag = "kixote", request_body = KxClientRef,
-    responses((status = 200, body = KxRecreated), ErrorResponses))]
+    responses((status = 200, description = "The client's only key now (shown once)", body = KxRecreated), ErrorResponses))]
 pub async fn create_client_key(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -205,7 +234,7 @@ pub async fn create_client_key(
 
 /// Deletes the client and its keys.
 #[utoipa::path(delete, path = "/auth/delete_client", operation_id = "kixote_delete_client", tag = "kixote", request_body = KxClientRef,
-    responses((status = 200, body = KxDeleted), ErrorResponses))]
+    responses((status = 200, description = "The client and its keys are deleted", body = KxDeleted), ErrorResponses))]
 pub async fn delete_client(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -227,7 +256,7 @@ pub async fn delete_client(
 
 /// Trades an API key for a short-lived access token. No admin key needed.
 #[utoipa::path(post, path = "/auth/login", operation_id = "login", tag = "kixote", request_body = LoginRequest, security(()),
-    responses((status = 200, body = TokenResponse), ErrorResponses))]
+    responses((status = 200, description = "An access token", body = TokenResponse), ErrorResponses))]
 pub async fn login(
     State(state): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,

@@ -74,17 +74,22 @@ pub struct Token {
 #[error("invalid token")]
 pub struct InvalidToken;
 
-/// Body of `POST /auth/login` (no `Debug`: it holds a key).
+/// Body of `POST /auth/login` (no `Debug`: it holds a key). Other fields are ignored.
 #[derive(Deserialize, utoipa::ToSchema)]
+#[schema(examples(json!({"api_key": "kg_3xQ9vLm2aR7tYp0sWk4eHd8uJc6nBf1gZ5"})))]
 pub struct LoginRequest {
+    /// An API key; one that does not authenticate answers 401 `invalid_api_key`.
     pub api_key: String,
 }
 
 /// Answer of `POST /auth/login`.
 #[derive(Serialize, utoipa::ToSchema)]
+#[schema(examples(json!({"access_token": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhY21lIn0.c2lnbmF0dXJl", "token_type": "Bearer", "expires_in": 900})))]
 pub struct TokenResponse {
+    /// A JWT to send as `Authorization: Bearer <token>`.
     pub access_token: String,
     /// Always `Bearer`.
+    #[schema(pattern = "^Bearer$")]
     pub token_type: String,
     /// Seconds until the token expires.
     pub expires_in: u64,

@@ -178,7 +178,6 @@ async fn bad_input_is_400_or_422_naming_the_field() {
         (json!({"name": "", "client_id": "acme"}), "name"),
         (json!({"name": "x"}), "client_id"),
         (json!({"name": "x", "client_id": "bad id!"}), "client_id"),
-        (json!({"name": "x", "client_id": "nobody"}), "client_id"),
         (json!({"name": 5, "client_id": "acme"}), "name"),
         (
             json!({"name": "x", "client_id": "acme", "colour": "red"}),
@@ -233,6 +232,17 @@ async fn bad_input_is_400_or_422_naming_the_field() {
             "{body}: expected {field} in {fields:?}"
         );
     }
+    // A well-formed body naming a client that does not exist: 404, as everywhere else.
+    let r = gw
+        .admin(
+            "POST",
+            "/v1/api-keys",
+            Some(json!({"name": "x", "client_id": "nobody"})),
+        )
+        .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["code"], "not_found");
+    assert!(r.json()["detail"].as_str().unwrap().contains("client"));
     let r = gw
         .admin(
             "POST",

@@ -373,7 +373,7 @@ async fn a_full_session_at_trace_level_logs_no_secret() {
             "POST",
             admin("/v1/api-keys"),
             &ak,
-            Some(json!({"name": "x", "client_id": "nobody"}))
+            Some(json!({"name": "", "client_id": "nobody"}))
         )
         .await
         .0,
