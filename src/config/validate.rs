@@ -256,14 +256,22 @@ fn store(raw: RawStore, p: &mut Problems) -> Option<StoreConfig> {
         client_cert: path(&raw.redis_client_cert),
         client_key: path(&raw.redis_client_key),
     };
+    if raw.url.starts_with("redis+cluster://") || raw.url.starts_with("rediss+cluster://") {
+        if let Some(problem) = crate::keys::store::redis::cluster_prefix_problem(prefix) {
+            p.error(problem);
+        }
+    }
     if !redis_tls.is_empty() {
-        if raw.url.starts_with("rediss://") {
+        if ["rediss://", "rediss+sentinel://", "rediss+cluster://"]
+            .iter()
+            .any(|s| raw.url.starts_with(s))
+        {
             if let Err(why) = redis_tls.load() {
                 p.error(format!("store.{why}"));
             }
         } else {
             p.error(
-                "store.redis_ca / redis_client_cert / redis_client_key: only used with a rediss:// store URL",
+                "store.redis_ca / redis_client_cert / redis_client_key: only used with a rediss://, rediss+sentinel:// or rediss+cluster:// store URL",
             );
         }
     }
@@ -581,11 +589,19 @@ fn parse_store_url(v: &str, p: &mut Problems) -> Option<StoreUrl> {
         }
         return Some(StoreUrl::Sqlite(PathBuf::from(path)));
     }
-    if ["redis://", "rediss://", "redis+unix://"]
-        .iter()
-        .any(|s| v.starts_with(s))
+    if [
+        "redis://",
+        "rediss://",
+        "redis+unix://",
+        "redis+sentinel://",
+        "rediss+sentinel://",
+        "redis+cluster://",
+        "rediss+cluster://",
+    ]
+    .iter()
+    .any(|s| v.starts_with(s))
     {
-        return match crate::keys::store::redis::parse_url(v) {
+        return match crate::keys::store::redis::endpoint::parse(v) {
             Ok(_) => Some(StoreUrl::Redis(v.to_owned())),
             // The URL is not repeated: a password can hide in it (user:pass@ or ?pass=).
             Err(why) => {
@@ -595,7 +611,7 @@ fn parse_store_url(v: &str, p: &mut Problems) -> Option<StoreUrl> {
         };
     }
     p.error(format!(
-        "store.url: {:?} is not supported; use sqlite://PATH, redis://HOST:PORT/DB, rediss://… or redis+unix:///path.sock",
+        "store.url: {:?} is not supported; use sqlite://PATH, redis://HOST:PORT/DB, rediss://…, redis+unix:///path.sock, redis+sentinel://H1:P1,H2:P2/SERVICE/DB or redis+cluster://H1:P1,H2:P2,… (rediss+… for TLS)",
         redact_url(v)
     ));
     None

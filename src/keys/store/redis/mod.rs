@@ -47,6 +47,9 @@
 //! starting with a comment that says what ARGV holds and what it answers.
 
 mod codec;
+pub mod endpoint;
+mod link;
+mod sentinel;
 mod watch;
 
 use std::future::Future;
@@ -55,7 +58,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster::ClusterClientBuilder;
 use ::redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError, Script, Value};
 use async_trait::async_trait;
 use uuid::Uuid;
@@ -70,6 +74,8 @@ use codec::{
     Args, CODE_REFUSED, CODE_TOO_MANY, array, client_fields, client_from, corrupt, int, json,
     key_from, page_from, page_range, patch_fields, record_from, refused, status, text,
 };
+pub use endpoint::{Endpoint, cluster_prefix_problem, hash_tag};
+use link::{Conn, Link};
 pub use watch::decode_invalidation;
 use watch::{SUB_DOWN, SUB_NONE, Watcher};
 
@@ -103,6 +109,21 @@ pub fn parse_url(url: &str) -> Result<ConnectionInfo, String> {
         );
     }
     Ok(info)
+}
+
+/// How a command connection to one server behaves: every call bounded, reconnection in the
+/// background.
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_response_timeout(Some(CALL_TIMEOUT))
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        // One short retry per reconnection: a call made while Redis is down waits for that
+        // attempt (tens of ms), then fails; the next call starts a new attempt. So calls
+        // fail fast, connection attempts stay a few dozen per second at most, and a Redis
+        // that comes back is found by the next call.
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(25))
+        .set_max_delay(Duration::from_millis(100))
 }
 
 /// Where a connection goes, for logs: address, database and whether it is TLS, never
@@ -259,8 +280,7 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    client: ::redis::Client,
-    conn: ConnectionManager,
+    link: Arc<Link>,
     prefix: String,
     target: String,
     /// Dropped with the store: background tasks watch it and stop.
@@ -279,37 +299,94 @@ impl RedisStore {
 
     /// [`RedisStore::open`], with the CA and client certificate of a `rediss://` URL.
     pub fn open_with_tls(url: &str, prefix: &str, tls: &RedisTls) -> StoreResult<Self> {
-        let info = parse_url(url).map_err(StoreError::Unavailable)?;
-        let target = describe(&info);
-        let is_tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
-        let client = if tls.is_empty() {
-            ::redis::Client::open(info)
+        let endpoint = endpoint::parse(url).map_err(StoreError::Unavailable)?;
+        let is_tls = match &endpoint {
+            Endpoint::Single(info) => matches!(info.addr(), ConnectionAddr::TcpTls { .. }),
+            Endpoint::Sentinel(s) => s.tls,
+            Endpoint::Cluster(c) => c.tls,
+        };
+        let certs = if tls.is_empty() {
+            None
         } else if !is_tls {
             return Err(StoreError::Unavailable(
-                "redis_ca / redis_client_cert / redis_client_key need a rediss:// store URL".into(),
+                "redis_ca / redis_client_cert / redis_client_key need a rediss:// (or \
+                 rediss+sentinel://, rediss+cluster://) store URL"
+                    .into(),
             ));
         } else {
-            let certs = tls.load().map_err(StoreError::Unavailable)?;
-            ::redis::Client::build_with_tls(info, certs)
-        }
-        .map_err(|e| unavailable("client", e))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(CALL_TIMEOUT))
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            // One short retry per reconnection: a call made while Redis is down waits for that
-            // attempt (tens of ms), then fails; the next call starts a new attempt. So calls
-            // fail fast, connection attempts stay a few dozen per second at most, and a Redis
-            // that comes back is found by the next call.
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(25))
-            .set_max_delay(Duration::from_millis(100));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| unavailable("connection", e))?;
+            Some(tls.load().map_err(StoreError::Unavailable)?)
+        };
+        let (link, target) = match endpoint {
+            Endpoint::Single(info) => {
+                let target = describe(&info);
+                let client = match certs {
+                    None => ::redis::Client::open(info),
+                    Some(certs) => ::redis::Client::build_with_tls(info, certs),
+                }
+                .map_err(|e| unavailable("client", e))?;
+                let conn =
+                    ConnectionManager::new_lazy_with_config(client.clone(), manager_config())
+                        .map_err(|e| unavailable("connection", e))?;
+                (Link::Single { client, conn }, target)
+            }
+            Endpoint::Sentinel(s) => {
+                let primary = sentinel::Primary::new(s, certs);
+                let target = primary.describe();
+                (Link::Sentinel(primary), target)
+            }
+            Endpoint::Cluster(c) => {
+                if let Some(problem) = cluster_prefix_problem(prefix) {
+                    return Err(StoreError::Unavailable(problem));
+                }
+                let infos: Vec<ConnectionInfo> = c
+                    .nodes
+                    .iter()
+                    .map(|(h, p)| endpoint::node_info(h, *p, c.tls, &c.auth, 0))
+                    .collect();
+                let nodes = infos
+                    .iter()
+                    .map(|i| match &certs {
+                        None => ::redis::Client::open(i.clone()),
+                        Some(certs) => ::redis::Client::build_with_tls(i.clone(), certs.clone()),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| unavailable("client", e))?;
+                let mut builder = ClusterClientBuilder::new(infos)
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(CALL_TIMEOUT);
+                if let Some(u) = &c.auth.username {
+                    builder = builder.username(u);
+                }
+                if let Some(p) = &c.auth.password {
+                    builder = builder.password(p);
+                }
+                if let Some(certs) = certs {
+                    builder = builder.certs(certs);
+                }
+                let client = builder
+                    .build()
+                    .map_err(|e| unavailable("cluster client", e))?;
+                let config = ::redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(CONNECT_TIMEOUT)
+                    .set_response_timeout(CALL_TIMEOUT);
+                let conn = client.get_pending_async_connection_with_config(config);
+                let list = c
+                    .nodes
+                    .iter()
+                    .map(|(h, p)| format!("{h}:{p}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let tls = if c.tls { " (TLS)" } else { "" };
+                (
+                    Link::Cluster { conn, nodes },
+                    format!("cluster via {list}{tls}"),
+                )
+            }
+        };
         let (alive, _) = tokio::sync::watch::channel(());
         let store = Self {
             inner: Arc::new(Inner {
-                client,
-                conn,
+                link: Arc::new(link),
                 prefix: prefix.to_owned(),
                 target,
                 alive,
@@ -317,12 +394,15 @@ impl RedisStore {
             }),
         };
         tracing::info!(redis = %store.inner.target, prefix = %store.inner.prefix, "using the Redis store");
+        if let Link::Sentinel(p) = store.inner.link.as_ref() {
+            p.spawn(store.inner.alive.subscribe());
+        }
         store.spawn_persistence_check();
         Ok(store)
     }
 
-    fn conn(&self) -> ConnectionManager {
-        self.inner.conn.clone()
+    fn conn(&self) -> Conn {
+        self.inner.link.conn()
     }
 
     fn prefix(&self) -> &str {
@@ -337,17 +417,26 @@ impl RedisStore {
     ) -> StoreResult<T> {
         match tokio::time::timeout(CALL_TIMEOUT, fut).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(unavailable(what, e)),
-            Err(_) => Err(unavailable(
-                what,
-                format_args!("no answer within {} ms", CALL_TIMEOUT.as_millis()),
-            )),
+            Ok(Err(e)) => {
+                self.inner.link.failed(Some(&e));
+                Err(unavailable(what, e))
+            }
+            Err(_) => Err({
+                self.inner.link.failed(None);
+                unavailable(
+                    what,
+                    format_args!("no answer within {} ms", CALL_TIMEOUT.as_millis()),
+                )
+            }),
         }
     }
 
     /// Runs one script with `args` (the prefix is prepended).
     async fn script(&self, what: &str, script: &Script, args: Args) -> StoreResult<Value> {
         let mut inv = script.prepare_invoke();
+        // The scripts name their keys from the prefix (ARGV[1]); KEYS[1] is one of them, so
+        // that a cluster connection sends the script to the node that holds the prefix's slot.
+        inv.key(format!("{}keys", self.prefix()));
         inv.arg(self.prefix());
         for a in args.0 {
             inv.arg(a);
@@ -363,12 +452,13 @@ impl RedisStore {
     /// Reads `CONFIG GET appendonly / appendfsync / maxmemory-policy` once Redis answers and
     /// warns when acknowledged admin writes could be lost by a Redis restart or evicted.
     fn spawn_persistence_check(&self) {
-        let mut conn = self.conn();
+        let link = Arc::clone(&self.inner.link);
         let target = self.inner.target.clone();
         let mut stopped = self.inner.alive.subscribe();
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(200);
             loop {
+                let mut conn = link.conn();
                 let read = async {
                     let a = config_get(&mut conn, "appendonly").await?;
                     let f = config_get(&mut conn, "appendfsync").await?;
@@ -419,7 +509,7 @@ impl RedisStore {
 }
 
 async fn config_get(
-    conn: &mut ConnectionManager,
+    conn: &mut impl ConnectionLike,
     name: &str,
 ) -> Result<Option<String>, RedisError> {
     let v: Value = ::redis::cmd("CONFIG")
@@ -796,8 +886,7 @@ impl Store for RedisStore {
 
     fn watch_invalidations(&self, sink: Arc<dyn InvalidationSink>) {
         Watcher {
-            client: self.inner.client.clone(),
-            conn: self.conn(),
+            link: Arc::clone(&self.inner.link),
             channel: format!("{}invalidate", self.prefix()),
             target: self.inner.target.clone(),
             sink,

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use ::redis::aio::ConnectionManager;
 use ::redis::{RedisError, Value};
 use futures_util::StreamExt;
 use uuid::Uuid;
 
 use super::codec::parse_hash;
+use super::link::Link;
 use super::{CALL_TIMEOUT, CONNECT_TIMEOUT, tls_cause};
 use crate::keys::cache::{Invalidation, InvalidationSink};
 use crate::keys::{Millis, now_millis};
@@ -34,9 +34,9 @@ pub(super) const SUB_DOWN: u8 = 2;
 
 /// The subscription task: delivers invalidations published by every instance to `sink`.
 pub(super) struct Watcher {
-    pub(super) client: ::redis::Client,
-    /// The store's command connection, to know when Redis answers again.
-    pub(super) conn: ConnectionManager,
+    /// The store's way to Redis: where to subscribe, and its command connection (to know when
+    /// Redis answers again).
+    pub(super) link: Arc<Link>,
     pub(super) channel: String,
     /// Where Redis is, for logs (no credentials).
     pub(super) target: String,
@@ -98,8 +98,9 @@ impl Watcher {
         let mut backoff = RESUBSCRIBE_BACKOFF.0;
         let mut was_down = false;
         let mut last_tls_error = None;
+        let mut attempt = 0usize;
         loop {
-            match self.subscribe().await {
+            match self.subscribe(attempt).await {
                 Ok(pubsub) => {
                     last_tls_error = None;
                     if was_down {
@@ -130,6 +131,7 @@ impl Watcher {
                         tracing::warn!(redis = %self.target, "cannot subscribe to invalidations: {text}; retrying");
                     }
                     was_down = true;
+                    attempt = attempt.wrapping_add(1);
                 }
             }
             tokio::time::sleep(backoff).await;
@@ -137,9 +139,15 @@ impl Watcher {
         }
     }
 
-    async fn subscribe(&self) -> Result<::redis::aio::PubSub, Failed> {
+    async fn subscribe(&self, attempt: usize) -> Result<::redis::aio::PubSub, Failed> {
+        let Some(client) = self.link.pubsub_client(attempt) else {
+            return Err(Failed {
+                text: "no primary known yet".into(),
+                tls: false,
+            });
+        };
         let connect = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
+            let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&self.channel).await?;
             Ok::<_, RedisError>(pubsub)
         };
@@ -167,7 +175,7 @@ impl Watcher {
     /// too, so that stale entries are not dropped while they would still be needed.
     async fn resync(&self) {
         for _ in 0..20 {
-            let mut conn = self.conn.clone();
+            let mut conn = self.link.conn();
             let ping = async move { ::redis::cmd("PING").query_async::<Value>(&mut conn).await };
             if matches!(tokio::time::timeout(CALL_TIMEOUT, ping).await, Ok(Ok(_))) {
                 break;
@@ -182,8 +190,23 @@ impl Watcher {
         let (mut sink, mut stream) = pubsub.split();
         let mut tick = tokio::time::interval(SUBSCRIPTION_PING);
         tick.tick().await;
+        let mut moved = self.link.generation();
+        let primary_moved = async {
+            match moved.as_mut() {
+                Some(g) => {
+                    g.borrow_and_update();
+                    // Ends when another primary is taken into use (or the store is gone).
+                    let _ = g.changed().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(primary_moved);
         loop {
             tokio::select! {
+                () = &mut primary_moved => {
+                    return "the Redis primary changed".into();
+                }
                 msg = stream.next() => {
                     let Some(msg) = msg else {
                         return "connection closed".into();
