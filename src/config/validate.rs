@@ -256,10 +256,21 @@ fn store(raw: RawStore, p: &mut Problems) -> Option<StoreConfig> {
         client_cert: path(&raw.redis_client_cert),
         client_key: path(&raw.redis_client_key),
     };
-    if raw.url.starts_with("redis+cluster://") || raw.url.starts_with("rediss+cluster://") {
+    let is_cluster =
+        raw.url.starts_with("redis+cluster://") || raw.url.starts_with("rediss+cluster://");
+    if is_cluster {
         if let Some(problem) = crate::keys::store::redis::cluster_prefix_problem(prefix) {
             p.error(problem);
         }
+        if raw.redis_wait_replicas > 0 {
+            p.error(crate::keys::store::redis::WAIT_ON_CLUSTER);
+        }
+    }
+    if raw.redis_wait_replicas > 16 {
+        p.error("store.redis_wait_replicas: at most 16 (the replicas that must confirm each admin write)");
+    }
+    if raw.redis_wait_replicas > 0 && raw.url.starts_with("sqlite://") {
+        p.error("store.redis_wait_replicas: only used with a Redis store");
     }
     if !redis_tls.is_empty() {
         if ["rediss://", "rediss+sentinel://", "rediss+cluster://"]
@@ -284,6 +295,7 @@ fn store(raw: RawStore, p: &mut Problems) -> Option<StoreConfig> {
         last_used_flush: Duration::from_secs(raw.last_used_flush_secs),
         redis_prefix: raw.redis_prefix,
         redis_tls,
+        redis_wait_replicas: raw.redis_wait_replicas,
     })
 }
 

@@ -18,6 +18,7 @@ mod proxy_path;
 mod rate_limits;
 mod redis_cluster;
 mod redis_ha_support;
+mod redis_sentinel;
 mod redis_store;
 mod redis_support;
 mod redis_tls;

@@ -84,6 +84,12 @@ use watch::{SUB_DOWN, SUB_NONE, Watcher};
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 /// Longest a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest a write waits for its replicas (`store.redis_wait_replicas`).
+pub const WAIT_TIMEOUT: Duration = Duration::from_millis(400);
+/// Why `store.redis_wait_replicas` is refused with a cluster endpoint.
+pub const WAIT_ON_CLUSTER: &str = "store.redis_wait_replicas: not supported with a \
+    redis+cluster:// endpoint (WAIT would reach an arbitrary node); a cluster's replication \
+    is the managed service's own";
 /// The prefix used when the configuration names none.
 pub const DEFAULT_PREFIX: &str = "keygate:";
 
@@ -287,6 +293,8 @@ struct Inner {
     alive: tokio::sync::watch::Sender<()>,
     /// State of the invalidation subscription (`SUB_*`).
     subscription: Arc<AtomicU8>,
+    /// Replicas that must confirm each write (`WAIT`); 0: none.
+    wait_replicas: u32,
 }
 
 impl RedisStore {
@@ -299,6 +307,17 @@ impl RedisStore {
 
     /// [`RedisStore::open`], with the CA and client certificate of a `rediss://` URL.
     pub fn open_with_tls(url: &str, prefix: &str, tls: &RedisTls) -> StoreResult<Self> {
+        Self::open_with(url, prefix, tls, 0)
+    }
+
+    /// [`RedisStore::open_with_tls`], where every write is answered only once `wait_replicas`
+    /// replicas confirm it (`store.redis_wait_replicas`; not with a cluster endpoint).
+    pub fn open_with(
+        url: &str,
+        prefix: &str,
+        tls: &RedisTls,
+        wait_replicas: u32,
+    ) -> StoreResult<Self> {
         let endpoint = endpoint::parse(url).map_err(StoreError::Unavailable)?;
         let is_tls = match &endpoint {
             Endpoint::Single(info) => matches!(info.addr(), ConnectionAddr::TcpTls { .. }),
@@ -337,6 +356,9 @@ impl RedisStore {
             Endpoint::Cluster(c) => {
                 if let Some(problem) = cluster_prefix_problem(prefix) {
                     return Err(StoreError::Unavailable(problem));
+                }
+                if wait_replicas > 0 {
+                    return Err(StoreError::Unavailable(WAIT_ON_CLUSTER.into()));
                 }
                 let infos: Vec<ConnectionInfo> = c
                     .nodes
@@ -391,6 +413,7 @@ impl RedisStore {
                 target,
                 alive,
                 subscription: Arc::new(AtomicU8::new(SUB_NONE)),
+                wait_replicas,
             }),
         };
         tracing::info!(redis = %store.inner.target, prefix = %store.inner.prefix, "using the Redis store");
@@ -447,6 +470,33 @@ impl RedisStore {
             async move { inv.invoke_async::<Value>(&mut conn).await },
         )
         .await
+    }
+
+    /// Runs a write script; with [`RedisStore::wait_for_replicas`] set, answers only once that
+    /// many replicas hold the write (`WAIT`), else [`StoreError::Unavailable`] (the write may
+    /// then stand on the primary alone, as when an answer is lost: it is not acknowledged).
+    async fn write(&self, what: &str, script: &Script, args: Args) -> StoreResult<Value> {
+        let v = self.script(what, script, args).await?;
+        let n = self.inner.wait_replicas;
+        if n > 0 {
+            let mut conn = self.conn();
+            let acked: i64 = self
+                .bounded(what, async move {
+                    ::redis::cmd("WAIT")
+                        .arg(n)
+                        .arg(WAIT_TIMEOUT.as_millis() as u64)
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await?;
+            if acked < i64::from(n) {
+                return Err(StoreError::Unavailable(format!(
+                    "redis {what}: {acked} of {n} replicas confirmed the write within {} ms",
+                    WAIT_TIMEOUT.as_millis()
+                )));
+            }
+        }
+        Ok(v)
     }
 
     /// Reads `CONFIG GET appendonly / appendfsync / maxmemory-policy` once Redis answers and
@@ -647,7 +697,7 @@ impl Store for RedisStore {
     async fn insert_key(&self, key: &ApiKey, max_keys: u32) -> StoreResult<()> {
         let mut a = Args::default();
         a.push(now_millis()).push(max_keys).key(key);
-        let v = self.script("insert key", &scripts().insert_key, a).await?;
+        let v = self.write("insert key", &scripts().insert_key, a).await?;
         match int(&v)? {
             0 => Err(StoreError::NotFound),
             CODE_TOO_MANY => Err(StoreError::Conflict(Conflict::TooManyKeys {
@@ -676,7 +726,7 @@ impl Store for RedisStore {
         for name in clear {
             a.push(name);
         }
-        let v = self.script("patch key", &scripts().patch_key, a).await?;
+        let v = self.write("patch key", &scripts().patch_key, a).await?;
         if v == Value::Nil {
             return Ok(None);
         }
@@ -699,7 +749,7 @@ impl Store for RedisStore {
                     .unwrap_or_default(),
             )
             .push(r.at);
-        let parts = array(self.script("rotate key", &scripts().rotate_key, a).await?)?;
+        let parts = array(self.write("rotate key", &scripts().rotate_key, a).await?)?;
         let code = int(parts.first().ok_or_else(|| corrupt("rotation"))?)?;
         if !status(code)? {
             return Ok(None);
@@ -716,7 +766,7 @@ impl Store for RedisStore {
     async fn delete_key(&self, id: Uuid) -> StoreResult<Option<ApiKey>> {
         let mut a = Args::default();
         a.push(now_millis()).push(id);
-        match self.script("delete key", &scripts().delete_key, a).await? {
+        match self.write("delete key", &scripts().delete_key, a).await? {
             Value::Nil => Ok(None),
             v => key_from(&v).map(Some),
         }
@@ -734,7 +784,7 @@ impl Store for RedisStore {
         }
         a.key(first_key);
         let v = self
-            .script("insert client", &scripts().insert_client, a)
+            .write("insert client", &scripts().insert_client, a)
             .await?;
         status(int(&v)?).map(|_| ())
     }
@@ -786,7 +836,7 @@ impl Store for RedisStore {
             Some(None) => a.push("clear").push(""),
         };
         match self
-            .script("patch client", &scripts().patch_client, a)
+            .write("patch client", &scripts().patch_client, a)
             .await?
         {
             Value::Nil => Ok(None),
@@ -798,7 +848,7 @@ impl Store for RedisStore {
         let mut a = Args::default();
         a.push(now_millis()).push(client_id);
         let v = self
-            .script("delete client", &scripts().delete_client, a)
+            .write("delete client", &scripts().delete_client, a)
             .await?;
         if v == Value::Nil {
             return Ok(None);
@@ -820,7 +870,7 @@ impl Store for RedisStore {
         let mut a = Args::default();
         a.push(now_millis()).push(client_id);
         keys_before(
-            self.script("disable keys", &scripts().disable_client_keys, a)
+            self.write("disable keys", &scripts().disable_client_keys, a)
                 .await?,
         )
     }
@@ -833,7 +883,7 @@ impl Store for RedisStore {
         let mut a = Args::default();
         a.push(now_millis()).push(client_id).key(new_key);
         keys_before(
-            self.script("replace keys", &scripts().replace_client_keys, a)
+            self.write("replace keys", &scripts().replace_client_keys, a)
                 .await?,
         )
     }

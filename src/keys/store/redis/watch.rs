@@ -134,7 +134,17 @@ impl Watcher {
                     attempt = attempt.wrapping_add(1);
                 }
             }
-            tokio::time::sleep(backoff).await;
+            // A new Sentinel primary is tried at once rather than after the backoff.
+            let mut moved = self.link.generation();
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = async {
+                    match moved.as_mut() {
+                        Some(g) => { let _ = g.changed().await; }
+                        None => std::future::pending().await,
+                    }
+                } => { backoff = RESUBSCRIBE_BACKOFF.0; }
+            }
             backoff = (backoff * 2).min(RESUBSCRIBE_BACKOFF.1);
         }
     }

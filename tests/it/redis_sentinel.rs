@@ -1,0 +1,274 @@
+//! Redis behind Sentinel, with real processes: a primary, two replicas and three sentinels
+//! (quorum 2, down after 1 s). The primary is killed (SIGKILL) while two gateways serve traffic:
+//! cached keys keep working throughout, unknown keys and admin writes get 503 while there is no
+//! primary, the gateways follow the promotion, admin writes succeed again within 5 s of it, an
+//! admin write acknowledged before the kill (with `redis_wait_replicas = 1`) is still there,
+//! and invalidations flow again on the new primary.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keygate::keys::KeyFormat;
+use serde_json::json;
+
+use crate::redis_ha_support::{SERVICE, Sentinel, sentinel_url};
+use crate::redis_support::RedisServer;
+use crate::support::{Gateway, Upstream};
+
+/// The bound SPEC §6 sets for a revocation on one instance to be enforced by every other.
+const PROPAGATION_BOUND: Duration = Duration::from_millis(100);
+
+/// A primary, its replicas and the sentinels watching them.
+struct Ha {
+    primary: RedisServer,
+    _replicas: Vec<RedisServer>,
+    sentinels: Vec<Sentinel>,
+}
+
+/// `min-replicas-to-write 1` on every server: a primary without a connected replica refuses
+/// writes (the replicas only use it once promoted). Replicas sync without the default 5 s
+/// delay of diskless replication.
+const DURABLE: [&str; 6] = [
+    "--min-replicas-to-write",
+    "1",
+    "--min-replicas-max-lag",
+    "10",
+    "--repl-diskless-sync-delay",
+    "0",
+];
+
+fn info(server: &RedisServer, section: &str) -> String {
+    server.query(0, redis::cmd("INFO").arg(section))
+}
+
+fn sentinel_view(s: &Sentinel) -> HashMap<String, String> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", s.port())).unwrap();
+    let mut con = client
+        .get_connection_with_timeout(Duration::from_secs(1))
+        .unwrap();
+    let flat: Vec<String> = redis::cmd("SENTINEL")
+        .arg("master")
+        .arg(SERVICE)
+        .query(&mut con)
+        .unwrap();
+    flat.chunks_exact(2)
+        .map(|c| (c[0].clone(), c[1].clone()))
+        .collect()
+}
+
+fn start_ha() -> Ha {
+    let primary = RedisServer::start_args(&DURABLE);
+    let port = primary.port().to_string();
+    let replicas: Vec<RedisServer> = (0..2)
+        .map(|_| {
+            let mut args = vec!["--replicaof", "127.0.0.1", &port];
+            args.extend(DURABLE);
+            RedisServer::start_args(&args)
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !info(&primary, "replication").contains("min_slaves_good_slaves:2") {
+        assert!(Instant::now() < deadline, "replicas did not connect");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(primary.port(), 2)).collect();
+    // Every sentinel knows both replicas and the two other sentinels (hello messages go out
+    // every 2 s), so that a failover can be agreed.
+    for s in &sentinels {
+        loop {
+            let v = sentinel_view(s);
+            if v.get("num-slaves").map(String::as_str) == Some("2")
+                && v.get("num-other-sentinels").map(String::as_str) == Some("2")
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "sentinels not settled: {v:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ha {
+        primary,
+        _replicas: replicas,
+        sentinels,
+    }
+}
+
+async fn wait_ready(gw: &Gateway, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        if gw.admin_as("GET", "/readyz", None, &[]).await.status == 200 {
+            return;
+        }
+        assert!(start.elapsed() < limit, "/readyz not 200 after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_killed_during_traffic_cached_keys_keep_working_and_writes_resume_on_the_promoted_replica()
+ {
+    let mut ha = start_ha();
+    let store = format!(
+        "url = \"{}\"\nredis_wait_replicas = 1",
+        sentinel_url(&ha.sentinels, 0)
+    );
+    let a = Gateway::start_on_store(Upstream::start().await, &store, "").await;
+    let b = Gateway::start_on_store(Upstream::start().await, &store, "").await;
+    for gw in [&a, &b] {
+        wait_ready(gw, Duration::from_secs(10)).await;
+    }
+    let (key, _) = a.client("acme", "pro").await;
+    for gw in [&a, &b] {
+        assert_eq!(gw.get_with_key("/warm", &key).await.status, 200);
+    }
+    // Acknowledged just before the crash: a replica confirmed it (WAIT 1).
+    let durable = a
+        .admin(
+            "POST",
+            "/v1/clients",
+            Some(json!({"client_id": "durable", "license": "pro"})),
+        )
+        .await;
+    assert_eq!(durable.status, 201);
+    let unknown = KeyFormat::new("kg_").generate().plaintext.0;
+
+    // Traffic with the cached key on both gateways, through the failover.
+    let a = Arc::new(a);
+    let b = Arc::new(b);
+    let stop = Arc::new(AtomicBool::new(false));
+    let statuses = Arc::new(Mutex::new(Vec::new()));
+    let mut traffic = Vec::new();
+    for gw in [a.clone(), b.clone()] {
+        let (stop, statuses, key) = (stop.clone(), statuses.clone(), key.clone());
+        traffic.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let s = gw.get_with_key("/traffic", &key).await.status.as_u16();
+                statuses.lock().unwrap().push(s);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let old = ha.primary.port();
+    ha.primary.kill();
+    let killed = Instant::now();
+
+    // No primary yet (the sentinels wait 1 s before they call it down): the outage rules.
+    let r = a.get_with_key("/unknown", &unknown).await;
+    assert_eq!(r.status, 503, "unknown key without a primary");
+    assert_eq!(r.code(), "store_unavailable");
+    let r = a
+        .admin(
+            "POST",
+            "/v1/clients",
+            Some(json!({"client_id": "during", "license": "pro"})),
+        )
+        .await;
+    assert_eq!(r.status, 503, "admin write without a primary");
+    assert!(
+        killed.elapsed() < Duration::from_millis(900),
+        "the checks without a primary took {:?}: the sentinels may have promoted meanwhile",
+        killed.elapsed()
+    );
+
+    // Admin writes until one succeeds; meanwhile, watch the sentinels promote a replica.
+    let mut promoted = None;
+    let mut n = 0;
+    let written = loop {
+        if promoted.is_none() && ha.sentinels[0].primary().is_some_and(|p| p != old) {
+            promoted = Some(killed.elapsed());
+        }
+        n += 1;
+        let r = b
+            .admin(
+                "POST",
+                "/v1/clients",
+                Some(json!({"client_id": format!("after-{n}"), "license": "pro"})),
+            )
+            .await;
+        if r.status == 201 {
+            break killed.elapsed();
+        }
+        assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "no admin write succeeded within 30 s of the kill (promoted: {promoted:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let promoted = promoted.unwrap_or_else(|| {
+        assert!(ha.sentinels[0].primary().is_some_and(|p| p != old));
+        written
+    });
+    eprintln!(
+        "sentinel failover: replica promoted {:.0} ms after the kill; first admin write accepted \
+         {:.0} ms after the kill ({:.0} ms after the promotion)",
+        ms(promoted),
+        ms(written),
+        ms(written.saturating_sub(promoted))
+    );
+    assert!(
+        written.saturating_sub(promoted) < Duration::from_secs(5),
+        "admin writes resumed {written:?} after the kill, promotion at {promoted:?}"
+    );
+
+    for gw in [&*a, &*b] {
+        wait_ready(gw, Duration::from_secs(5)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in traffic {
+        t.await.unwrap();
+    }
+    let statuses = statuses.lock().unwrap().clone();
+    assert!(statuses.len() > 100, "only {} requests", statuses.len());
+    let failed: Vec<_> = statuses.iter().filter(|&&s| s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests with a cached key failed: {failed:?}",
+        failed.len(),
+        statuses.len()
+    );
+
+    // The acknowledged write survived; the refused one left nothing.
+    assert_eq!(
+        a.admin("GET", "/v1/clients/durable", None).await.status,
+        200
+    );
+    assert_eq!(a.admin("GET", "/v1/clients/during", None).await.status, 404);
+    assert_eq!(a.get_with_key("/after", &key).await.status, 200);
+    let r = a.get_with_key("/after", &unknown).await;
+    assert_eq!(r.status, 401);
+
+    // Both gateways subscribed again on the new primary: a revocation on A reaches B at once.
+    let created = a.key("acme", json!({})).await;
+    let (fresh, fresh_id) = (
+        created["key"].as_str().unwrap().to_owned(),
+        created["id"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(b.get_with_key("/warm", &fresh).await.status, 200);
+    let r = a
+        .admin("DELETE", &format!("/v1/api-keys/{fresh_id}"), None)
+        .await;
+    assert_eq!(r.status, 200);
+    let start = Instant::now();
+    while b.get_with_key("/revoked", &fresh).await.status != 401 {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "revocation did not reach B"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let took = start.elapsed();
+    eprintln!(
+        "after the failover, revocation propagated A→B in {:.1} ms",
+        ms(took)
+    );
+    assert!(took < PROPAGATION_BOUND, "took {took:?}");
+}
