@@ -17,6 +17,7 @@ mod parity;
 mod proxy_path;
 mod rate_limits;
 mod redis_cluster;
+mod redis_endpoints;
 mod redis_ha_support;
 mod redis_sentinel;
 mod redis_store;

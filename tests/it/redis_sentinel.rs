@@ -39,10 +39,6 @@ const DURABLE: [&str; 6] = [
     "0",
 ];
 
-fn info(server: &RedisServer, section: &str) -> String {
-    server.query(0, redis::cmd("INFO").arg(section))
-}
-
 fn sentinel_view(s: &Sentinel) -> HashMap<String, String> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{}", s.port())).unwrap();
     let mut con = client
@@ -58,6 +54,31 @@ fn sentinel_view(s: &Sentinel) -> HashMap<String, String> {
         .collect()
 }
 
+/// Waits until `n` replicas acknowledge a write made on `primary` (they are connected, synced
+/// and streaming).
+fn replicas_acknowledge(primary: &RedisServer, n: i64, deadline: Instant) {
+    let client = redis::Client::open(primary.tcp_url(0)).unwrap();
+    let mut con = client
+        .get_connection_with_timeout(Duration::from_secs(1))
+        .unwrap();
+    loop {
+        // Refused (NOREPLICAS) while min-replicas-to-write is not met yet.
+        let written: redis::RedisResult<()> = redis::cmd("SET").arg("probe").arg(1).query(&mut con);
+        if written.is_ok() {
+            let _: () = redis::cmd("DEL").arg("probe").query(&mut con).unwrap();
+            let acked: i64 = redis::cmd("WAIT").arg(n).arg(200).query(&mut con).unwrap();
+            if acked >= n {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} replicas do not acknowledge writes: {written:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn start_ha() -> Ha {
     let primary = RedisServer::start_args(&DURABLE);
     let port = primary.port().to_string();
@@ -69,10 +90,7 @@ fn start_ha() -> Ha {
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !info(&primary, "replication").contains("min_slaves_good_slaves:2") {
-        assert!(Instant::now() < deadline, "replicas did not connect");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    replicas_acknowledge(&primary, 2, deadline);
     let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(primary.port(), 2)).collect();
     // Every sentinel knows both replicas and the two other sentinels (hello messages go out
     // every 2 s), so that a failover can be agreed.
@@ -271,4 +289,67 @@ async fn primary_killed_during_traffic_cached_keys_keep_working_and_writes_resum
         ms(took)
     );
     assert!(took < PROPAGATION_BOUND, "took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_wait_replicas_an_admin_write_is_acknowledged_only_once_a_replica_holds_it() {
+    let primary = RedisServer::start_args(&["--repl-diskless-sync-delay", "0"]);
+    let port = primary.port().to_string();
+    let replica = RedisServer::start_args(&[
+        "--replicaof",
+        "127.0.0.1",
+        &port,
+        "--repl-diskless-sync-delay",
+        "0",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    replicas_acknowledge(&primary, 1, deadline);
+    let store = |wait: u32| {
+        format!(
+            "url = \"{}\"\nredis_wait_replicas = {wait}",
+            primary.tcp_url(0)
+        )
+    };
+    let waiting = Gateway::start_on_store(Upstream::start().await, &store(1), "").await;
+    let plain = Gateway::start_on_store(Upstream::start().await, &store(0), "").await;
+    for gw in [&waiting, &plain] {
+        wait_ready(gw, Duration::from_secs(10)).await;
+    }
+    let create = |id: &str| json!({"client_id": id, "license": "pro"});
+    let r = waiting
+        .admin("POST", "/v1/clients", Some(create("replicated")))
+        .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let on_replica: i64 = replica.query(0, redis::cmd("EXISTS").arg("keygate:client:replicated"));
+    assert_eq!(on_replica, 1, "acknowledged, yet not on the replica");
+
+    // The replica hangs: the write is made on the primary, but not acknowledged.
+    replica.pause();
+    let t = Instant::now();
+    let r = waiting
+        .admin("POST", "/v1/clients", Some(create("unconfirmed")))
+        .await;
+    let took = t.elapsed();
+    replica.resume();
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.code(), "store_unavailable");
+    assert!(r.headers.contains_key("retry-after"));
+    let detail = r.json()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("did not confirm"), "{detail}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    // Without redis_wait_replicas the same situation is acknowledged at once.
+    replica.pause();
+    let r = plain
+        .admin("POST", "/v1/clients", Some(create("unwaited")))
+        .await;
+    replica.resume();
+    assert_eq!(r.status, 201);
+    // What the 503 said: the unconfirmed write stands on the primary.
+    assert_eq!(
+        waiting
+            .admin("GET", "/v1/clients/unconfirmed", None)
+            .await
+            .status,
+        200
+    );
 }

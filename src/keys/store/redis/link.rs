@@ -12,6 +12,8 @@ use tokio::sync::watch;
 
 use super::sentinel::Primary;
 
+// One per store, made once and kept behind an `Arc`: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Link {
     Single {
         client: Client,

@@ -85,7 +85,8 @@ pub const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 /// Longest a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest a write waits for its replicas (`store.redis_wait_replicas`).
-pub const WAIT_TIMEOUT: Duration = Duration::from_millis(400);
+/// It stays well within [`CALL_TIMEOUT`], which bounds the `WAIT` command itself.
+pub const WAIT_TIMEOUT: Duration = Duration::from_millis(300);
 /// Why `store.redis_wait_replicas` is refused with a cluster endpoint.
 pub const WAIT_ON_CLUSTER: &str = "store.redis_wait_replicas: not supported with a \
     redis+cluster:// endpoint (WAIT would reach an arbitrary node); a cluster's replication \
@@ -480,6 +481,7 @@ impl RedisStore {
         let n = self.inner.wait_replicas;
         if n > 0 {
             let mut conn = self.conn();
+            // Whatever goes wrong now, the write was made: it is unconfirmed, not undone.
             let acked: i64 = self
                 .bounded(what, async move {
                     ::redis::cmd("WAIT")
@@ -488,9 +490,10 @@ impl RedisStore {
                         .query_async(&mut conn)
                         .await
                 })
-                .await?;
+                .await
+                .map_err(|e| StoreError::Unconfirmed(e.to_string()))?;
             if acked < i64::from(n) {
-                return Err(StoreError::Unavailable(format!(
+                return Err(StoreError::Unconfirmed(format!(
                     "redis {what}: {acked} of {n} replicas confirmed the write within {} ms",
                     WAIT_TIMEOUT.as_millis()
                 )));
