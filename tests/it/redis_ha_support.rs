@@ -5,7 +5,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::redis_support::{RedisServer, free_port, log_of};
+use crate::redis_support::{RedisServer, TlsSetup, free_port, log_of};
 
 /// The service name the sentinels of these tests monitor.
 pub const SERVICE: &str = "kgsvc";
@@ -14,29 +14,59 @@ pub const SERVICE: &str = "kgsvc";
 pub struct Sentinel {
     dir: tempfile::TempDir,
     port: u16,
+    /// The TLS port, for sentinels started with TLS.
+    tls_port: Option<u16>,
     child: Option<Child>,
+}
+
+/// How a sentinel reaches the primary and its clients reach it.
+#[derive(Default)]
+pub struct SentinelOptions<'a> {
+    /// Also listen with TLS and reach the primary (given by its TLS port) over TLS.
+    pub tls: Option<&'a TlsSetup>,
+    /// The primary's ACL user (None: `default`) and password.
+    pub auth: Option<(Option<&'a str>, &'a str)>,
 }
 
 impl Sentinel {
     /// Starts a sentinel monitoring the primary on `primary_port` as [`SERVICE`], with `quorum`
     /// and short timeouts (down after 1 s, failover timeout 3 s) so that failover tests are quick.
     pub fn start(primary_port: u16, quorum: u32) -> Sentinel {
+        Self::start_with(primary_port, quorum, &SentinelOptions::default())
+    }
+
+    pub fn start_with(primary_port: u16, quorum: u32, o: &SentinelOptions<'_>) -> Sentinel {
         for _ in 0..5 {
             let dir = tempfile::tempdir().unwrap();
             let port = free_port();
+            let tls_port = o.tls.map(|_| free_port());
             let conf = dir.path().join("sentinel.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {dir}\nlogfile {dir}/redis.log\n\
-                     sentinel monitor {SERVICE} 127.0.0.1 {primary_port} {quorum}\n\
-                     sentinel down-after-milliseconds {SERVICE} 1000\n\
-                     sentinel failover-timeout {SERVICE} 3000\n\
-                     sentinel parallel-syncs {SERVICE} 2\n",
-                    dir = dir.path().display()
-                ),
-            )
-            .unwrap();
+            let mut extra = String::new();
+            if let (Some(t), Some(tp)) = (o.tls, tls_port) {
+                extra += &format!(
+                    "tls-port {tp}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+                     tls-auth-clients no\ntls-replication yes\n",
+                    t.cert.display(),
+                    t.key.display(),
+                    t.client_ca.display()
+                );
+            }
+            if let Some((user, pass)) = o.auth {
+                if let Some(u) = user {
+                    extra += &format!("sentinel auth-user {SERVICE} {u}\n");
+                }
+                extra += &format!("sentinel auth-pass {SERVICE} {pass}\n");
+            }
+            let base = format!(
+                "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {dir}\nlogfile {dir}/redis.log\n\
+                 sentinel monitor {SERVICE} 127.0.0.1 {primary_port} {quorum}\n\
+                 sentinel down-after-milliseconds {SERVICE} 1000\n\
+                 sentinel failover-timeout {SERVICE} 3000\n\
+                 sentinel parallel-syncs {SERVICE} 2\n",
+                dir = dir.path().display()
+            );
+            // Settings of the monitored service come after the line that defines it.
+            std::fs::write(&conf, base + &extra).unwrap();
             let child = match Command::new("redis-sentinel")
                 .arg(&conf)
                 .stdin(Stdio::null())
@@ -54,6 +84,7 @@ impl Sentinel {
             let mut s = Sentinel {
                 dir,
                 port,
+                tls_port,
                 child: Some(child),
             };
             if s.wait_up() {
@@ -88,6 +119,10 @@ impl Sentinel {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    pub fn tls_port(&self) -> u16 {
+        self.tls_port.expect("a sentinel started with TLS")
     }
 
     /// The port of the primary this sentinel names now.

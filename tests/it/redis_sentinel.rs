@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use keygate::keys::KeyFormat;
 use serde_json::json;
 
-use crate::redis_ha_support::{SERVICE, Sentinel, sentinel_url};
-use crate::redis_support::RedisServer;
+use crate::redis_ha_support::{SERVICE, Sentinel, SentinelOptions, sentinel_url};
+use crate::redis_support::{Pki, RedisServer};
 use crate::support::{Gateway, Upstream};
 
 /// The bound SPEC §6 sets for a revocation on one instance to be enforced by every other.
@@ -352,4 +352,76 @@ async fn with_redis_wait_replicas_an_admin_write_is_acknowledged_only_once_a_rep
             .status,
         200
     );
+}
+
+const ACL_PASSWORD: &str = "acl-Pa55word";
+
+/// A TLS primary with an ACL user `keygate`, and a sentinel that reaches it over TLS with that
+/// user and listens with TLS itself.
+fn tls_primary_and_sentinel(pki: &Pki) -> (RedisServer, Sentinel) {
+    let primary = RedisServer::start_tls(pki.server(false));
+    let _: () = primary.query(
+        0,
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("keygate")
+            .arg("on")
+            .arg(format!(">{ACL_PASSWORD}"))
+            .arg("~*")
+            .arg("&*")
+            .arg("+@all"),
+    );
+    let tls = pki.server(false);
+    let sentinel = Sentinel::start_with(
+        primary.tls_port(),
+        1,
+        &SentinelOptions {
+            tls: Some(&tls),
+            auth: Some((Some("keygate"), ACL_PASSWORD)),
+        },
+    );
+    (primary, sentinel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_sentinel_with_an_acl_user_serves_and_a_wrong_password_changes_nothing() {
+    let pki = Pki::generate();
+    let (_primary, sentinel) = tls_primary_and_sentinel(&pki);
+    let store = |password: &str| {
+        format!(
+            "url = \"rediss+sentinel://keygate:{password}@127.0.0.1:{}/{SERVICE}/0\"\nredis_ca = \"{}\"",
+            sentinel.tls_port(),
+            pki.ca.display()
+        )
+    };
+    let gw = Gateway::start_on_store(Upstream::start().await, &store(ACL_PASSWORD), "").await;
+    wait_ready(&gw, Duration::from_secs(10)).await;
+    let (key, _) = gw.client("acme", "pro").await;
+    assert_eq!(gw.get_with_key("/tls", &key).await.status, 200);
+
+    // The wrong password: never ready, lookups and writes 503, nothing written.
+    let wrong =
+        Gateway::start_on_store(Upstream::start().await, &store("wrong-password"), "").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        wrong.admin_as("GET", "/readyz", None, &[]).await.status,
+        503
+    );
+    let r = wrong
+        .admin(
+            "POST",
+            "/v1/clients",
+            Some(json!({"client_id": "intruder", "license": "pro"})),
+        )
+        .await;
+    assert_eq!(r.status, 503);
+    assert!(!String::from_utf8_lossy(&r.body).contains("wrong-password"));
+    let fresh = KeyFormat::new("kg_").generate().plaintext.0;
+    assert_eq!(wrong.get_with_key("/x", &fresh).await.status, 503);
+    assert_eq!(
+        gw.admin("GET", "/v1/clients/intruder", None).await.status,
+        404
+    );
+    // The right one still works, over TLS to both the sentinel and the primary.
+    assert_eq!(gw.admin("GET", "/v1/clients/acme", None).await.status, 200);
 }

@@ -18,6 +18,9 @@ pub const SENTINEL_PORT: u16 = 26379;
 /// The default port of a Redis server.
 pub const REDIS_PORT: u16 = 6379;
 
+/// Most addresses a sentinel or cluster URL may list.
+pub const MAX_HOSTS: usize = 32;
+
 /// A parsed store URL.
 #[derive(Debug, Clone)]
 pub enum Endpoint {
@@ -192,6 +195,11 @@ fn hosts(
     if list.is_empty() {
         return Err(format!(
             "{scheme}: no {what} address; list them as host:port,host:port,… after {scheme}"
+        ));
+    }
+    if list.split(',').count() > MAX_HOSTS {
+        return Err(format!(
+            "{scheme}: more than {MAX_HOSTS} {what} addresses; list a few of them (the rest are found from those)"
         ));
     }
     let mut out: Vec<(String, u16)> = Vec::new();
@@ -399,6 +407,9 @@ mod tests {
             ("redis+sentinel://u:secretpw@h1/svc?x=1", "query strings"),
             ("redis+sentinel://u:secret%zz@h1/svc", "percent-encoding"),
             ("redis+sentinel://h*st/svc", "not a host name"),
+            ("redis+sentinel://h%41/svc", "not a host name"),
+            ("redis+sentinel://h1:99999/svc", "no valid port"),
+            ("redis+sentinel://[::1/svc", "unclosed ["),
         ] {
             let e = parse(url).unwrap_err();
             assert!(e.contains(why), "{url}: {e}");
@@ -429,6 +440,14 @@ mod tests {
             let e = parse(url).unwrap_err();
             assert!(e.contains(why), "{url}: {e}");
         }
+        let many = (0..=MAX_HOSTS)
+            .map(|i| format!("h{i}:7000"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let e = parse(&format!("redis+cluster://{many}")).unwrap_err();
+        assert!(e.contains("more than 32"), "{e}");
+        let e = parse(&format!("redis+sentinel://{}/svc", "h,".repeat(100_000))).unwrap_err();
+        assert!(e.contains("more than 32"), "{e}");
         let e = parse("memcached://x").unwrap_err();
         assert!(e.contains("redis+sentinel://"), "{e}");
     }

@@ -24,6 +24,8 @@ use super::{CALL_TIMEOUT, CONNECT_TIMEOUT, manager_config};
 
 /// How often the sentinels are asked even when nothing suggests a change.
 const RECHECK: Duration = Duration::from_secs(1);
+/// The shortest time between two rounds of questions to the sentinels.
+const MIN_ASK_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The primary in use: where it is, and a connection to it.
 pub(super) struct Current {
@@ -126,6 +128,8 @@ impl Primary {
         let mut events: Option<::redis::aio::PubSub> = None;
         let mut last_problem: Option<String> = None;
         loop {
+            // However many calls fail, the sentinels are asked at most every MIN_ASK_INTERVAL.
+            let asked = tokio::time::Instant::now();
             match self.ask(&mut first).await {
                 Ok(addr) => {
                     let known = self.current().is_some_and(|c| c.addr == addr);
@@ -158,6 +162,7 @@ impl Primary {
                 () = self.recheck.notified() => {}
                 () = tokio::time::sleep(RECHECK) => {}
             }
+            tokio::time::sleep_until(asked + MIN_ASK_INTERVAL).await;
         }
     }
 
