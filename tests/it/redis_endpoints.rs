@@ -250,3 +250,67 @@ fn check_config_accepts_sentinel_and_cluster_urls_and_explains_each_refusal() {
         assert!(text.contains("store."), "{store}: names no field: {text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_node_of_the_slot_down_cached_keys_work_the_rest_503_and_service_comes_back() {
+    let mut cluster = Cluster::start();
+    let gw = on_cluster(&cluster, 0).await;
+    let (key, _) = gw.client("acme", "pro").await;
+    assert_eq!(gw.get_with_key("/warm", &key).await.status, 200);
+    let slot: i64 = cluster.nodes[0].query(0, redis::cmd("CLUSTER").arg("KEYSLOT").arg(PREFIX));
+    let owner = (0..3)
+        .find(|&i| slot_count(&cluster.nodes[i], slot) > 0)
+        .unwrap();
+    let unknown = keygate::keys::KeyFormat::new("kg_").generate().plaintext.0;
+
+    cluster.nodes[owner].kill();
+    for _ in 0..3 {
+        assert_eq!(gw.get_with_key("/cached", &key).await.status, 200);
+        let t = Instant::now();
+        let r = gw.get_with_key("/unknown", &unknown).await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.code(), "store_unavailable");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        let r = gw
+            .admin(
+                "POST",
+                "/v1/clients",
+                Some(json!({"client_id": "during", "license": "pro"})),
+            )
+            .await;
+        assert_eq!(r.status, 503);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // The node comes back (same port, data and cluster config); the gateway was not restarted.
+    cluster.nodes[owner].restart();
+    let start = Instant::now();
+    loop {
+        let r = gw
+            .admin(
+                "POST",
+                "/v1/clients",
+                Some(json!({"client_id": "after", "license": "pro"})),
+            )
+            .await;
+        if r.status == 201 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "still {} after the node came back",
+            r.status
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "cluster node restarted: admin writes back after {:.0} ms",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
+    assert_eq!(gw.get_with_key("/back", &unknown).await.status, 401);
+    assert_eq!(
+        gw.admin("GET", "/v1/clients/during", None).await.status,
+        404
+    );
+    assert_eq!(gw.get_with_key("/back", &key).await.status, 200);
+}

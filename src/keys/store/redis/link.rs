@@ -67,6 +67,20 @@ impl Link {
         }
     }
 
+    /// The command that tells whether the store answers: `PING`, or on a cluster a read of a
+    /// key under `prefix`, which goes to the node of keygate's slot (a cluster `PING` would
+    /// ask every node).
+    pub(super) fn probe(&self, prefix: &str) -> Cmd {
+        match self {
+            Link::Cluster { .. } => {
+                let mut c = ::redis::cmd("EXISTS");
+                c.arg(format!("{prefix}keys"));
+                c
+            }
+            _ => ::redis::cmd("PING"),
+        }
+    }
+
     /// A call failed with `e` (`None`: no answer in time).
     pub(super) fn failed(&self, e: Option<&RedisError>) {
         if let Link::Sentinel(p) = self {

@@ -925,8 +925,9 @@ impl Store for RedisStore {
     /// instance that may miss revocations is not ready).
     async fn ping(&self) -> StoreResult<()> {
         let mut conn = self.conn();
+        let probe = self.inner.link.probe(self.prefix());
         self.bounded("ping", async move {
-            ::redis::cmd("PING").query_async::<Value>(&mut conn).await
+            probe.query_async::<Value>(&mut conn).await
         })
         .await?;
         if self.inner.subscription.load(Ordering::Acquire) == SUB_DOWN {
@@ -941,6 +942,7 @@ impl Store for RedisStore {
         Watcher {
             link: Arc::clone(&self.inner.link),
             channel: format!("{}invalidate", self.prefix()),
+            prefix: self.prefix().to_owned(),
             target: self.inner.target.clone(),
             sink,
             state: Arc::clone(&self.inner.subscription),

@@ -38,6 +38,8 @@ pub(super) struct Watcher {
     /// Redis answers again).
     pub(super) link: Arc<Link>,
     pub(super) channel: String,
+    /// The store's key prefix (for [`Link::probe`]).
+    pub(super) prefix: String,
     /// Where Redis is, for logs (no credentials).
     pub(super) target: String,
     pub(super) sink: Arc<dyn InvalidationSink>,
@@ -181,12 +183,15 @@ impl Watcher {
     }
 
     /// After (re)subscribing: anything published while the subscription was down was missed,
-    /// so every cached entry is dropped. Waits (briefly) until the command connection answers
-    /// too, so that stale entries are not dropped while they would still be needed.
+    /// so every cached entry is dropped. Waits until the store answers too (on a cluster, the
+    /// node of keygate's slot, which may be down while the subscription moved to another
+    /// node), so that stale entries are not dropped while they are still needed: nothing can
+    /// be written while the store does not answer.
     async fn resync(&self) {
-        for _ in 0..20 {
+        loop {
             let mut conn = self.link.conn();
-            let ping = async move { ::redis::cmd("PING").query_async::<Value>(&mut conn).await };
+            let probe = self.link.probe(&self.prefix);
+            let ping = async move { probe.query_async::<Value>(&mut conn).await };
             if matches!(tokio::time::timeout(CALL_TIMEOUT, ping).await, Ok(Ok(_))) {
                 break;
             }
