@@ -425,3 +425,113 @@ async fn rediss_sentinel_with_an_acl_user_serves_and_a_wrong_password_changes_no
     // The right one still works, over TLS to both the sentinel and the primary.
     assert_eq!(gw.admin("GET", "/v1/clients/acme", None).await.status, 200);
 }
+
+#[test]
+fn the_binary_via_sentinel_skips_a_dead_sentinel_and_logs_no_password_key_or_hash() {
+    use crate::redis_store::{has_hex_run, http};
+    use crate::support::binary::Binary;
+    const PASSWORD: &str = "s3nt1nel-redis-pw";
+    let primary = RedisServer::start();
+    let _: () = primary.query(
+        0,
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("requirepass")
+            .arg(PASSWORD),
+    );
+    let sentinel = Sentinel::start_with(
+        primary.port(),
+        1,
+        &SentinelOptions {
+            tls: None,
+            auth: Some((None, PASSWORD)),
+        },
+    );
+    // The first sentinel of the list is not there.
+    let (dead, _held) = crate::support::closed_port();
+    let url = format!(
+        "redis+sentinel://:{PASSWORD}@{dead},127.0.0.1:{}/{SERVICE}/0",
+        sentinel.port()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Binary::command([
+        "--config",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/keygate.toml"),
+    ])
+    .args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ])
+    .args(["--upstream", "http://127.0.0.1:1"])
+    .arg("--store")
+    .arg(&url)
+    .env("KEYGATE_ADMIN_KEY", "an-admin-key-of-decent-length")
+    .env("KEYGATE_JWT_SECRET", "a-token-secret-of-at-least-32-bytes")
+    .json_logs()
+    .env("KEYGATE_LOG_LEVEL", "debug")
+    .current_dir(dir.path())
+    .spawn();
+    let (admin, proxy) = (p.admin.to_string(), p.proxy.to_string());
+    p.wait_for_line("Redis primary at", Duration::from_secs(20));
+    let (status, body) = http(
+        &admin,
+        "POST",
+        "/v1/clients",
+        &[
+            ("x-admin-key", "an-admin-key-of-decent-length"),
+            ("content-type", "application/json"),
+        ],
+        r#"{"client_id":"acme","license":"pro"}"#,
+    );
+    assert_eq!(status, 201, "{body}");
+    let created: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let key = created["api_key"]["key"].as_str().unwrap().to_owned();
+    p.wait_for_line("invalidation received", Duration::from_secs(10));
+    let (status, _) = http(
+        &proxy,
+        "GET",
+        "/",
+        &[("authorization", &format!("Bearer {key}"))],
+        "",
+    );
+    assert_eq!(status, 502, "the key works (the upstream is down)");
+    assert!(p.terminate().success());
+
+    let all = p.lines().join("\n");
+    assert!(all.contains("via sentinels"), "{all}");
+    assert!(!all.contains(PASSWORD), "the password was logged:\n{all}");
+    assert!(!all.contains(&key), "a key was logged:\n{all}");
+    assert!(
+        !has_hex_run(&all),
+        "something like a key hash was logged:\n{all}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_the_sentinels_do_not_monitor_is_never_ready_and_changes_nothing() {
+    let primary = RedisServer::start();
+    let sentinel = Sentinel::start(primary.port(), 1);
+    let url = format!(
+        "redis+sentinel://127.0.0.1:{}/not-{SERVICE}/0",
+        sentinel.port()
+    );
+    let gw =
+        Gateway::start_on_store(Upstream::start().await, &format!("url = \"{url}\""), "").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(gw.admin_as("GET", "/readyz", None, &[]).await.status, 503);
+    let r = gw
+        .admin(
+            "POST",
+            "/v1/clients",
+            Some(json!({"client_id": "nowhere", "license": "pro"})),
+        )
+        .await;
+    assert_eq!(r.status, 503);
+    let fresh = KeyFormat::new("kg_").generate().plaintext.0;
+    assert_eq!(gw.get_with_key("/x", &fresh).await.status, 503);
+    let keys: Vec<String> = primary.query(0, redis::cmd("KEYS").arg("*"));
+    assert!(keys.is_empty(), "{keys:?}");
+}
