@@ -535,3 +535,89 @@ async fn a_service_the_sentinels_do_not_monitor_is_never_ready_and_changes_nothi
     let keys: Vec<String> = primary.query(0, redis::cmd("KEYS").arg("*"));
     assert!(keys.is_empty(), "{keys:?}");
 }
+
+/// A stand-in for a sentinel that names whatever port `primary` holds (as `127.0.0.1`): for
+/// the cases a real sentinel does not produce on demand.
+async fn fake_sentinel(primary: Arc<std::sync::atomic::AtomicU16>) -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                return;
+            };
+            let primary = primary.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = sock.into_split();
+                let mut r = BufReader::new(r);
+                loop {
+                    // One command: *N then N bulk strings.
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let n: usize = line.trim().trim_start_matches('*').parse().unwrap_or(0);
+                    let mut args = Vec::new();
+                    for _ in 0..n {
+                        line.clear();
+                        r.read_line(&mut line).await.unwrap();
+                        let len: usize = line.trim().trim_start_matches('$').parse().unwrap();
+                        let mut buf = vec![0; len + 2];
+                        r.read_exact(&mut buf).await.unwrap();
+                        args.push(String::from_utf8_lossy(&buf[..len]).to_uppercase());
+                    }
+                    let reply = match args.first().map(String::as_str) {
+                        Some("SENTINEL") => {
+                            let p = primary.load(Ordering::SeqCst).to_string();
+                            format!("*2\r\n$9\r\n127.0.0.1\r\n${}\r\n{p}\r\n", p.len())
+                        }
+                        Some("SUBSCRIBE") => {
+                            "*3\r\n$9\r\nsubscribe\r\n$14\r\n+switch-master\r\n:1\r\n".into()
+                        }
+                        Some("PING") => "+PONG\r\n".into(),
+                        _ => "+OK\r\n".into(),
+                    };
+                    if w.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_named_as_primary_is_not_used_and_the_real_primary_is_taken_once_named() {
+    let primary = RedisServer::start_args(&["--repl-diskless-sync-delay", "0"]);
+    let port = primary.port().to_string();
+    let replica = RedisServer::start_args(&["--replicaof", "127.0.0.1", &port]);
+    replicas_acknowledge(&primary, 1, Instant::now() + Duration::from_secs(20));
+    // A key written to the primary through a gateway that uses it directly; the replica holds it too.
+    let named = Arc::new(std::sync::atomic::AtomicU16::new(replica.port()));
+    let sentinel = fake_sentinel(named.clone()).await;
+    let url = format!("redis+sentinel://127.0.0.1:{sentinel}/{SERVICE}/0");
+    let direct = Gateway::start_on_store(
+        Upstream::start().await,
+        &format!("url = \"{}\"", primary.tcp_url(0)),
+        "",
+    )
+    .await;
+    wait_ready(&direct, Duration::from_secs(10)).await;
+    let (key, _) = direct.client("acme", "pro").await;
+    replicas_acknowledge(&primary, 1, Instant::now() + Duration::from_secs(5));
+
+    let gw =
+        Gateway::start_on_store(Upstream::start().await, &format!("url = \"{url}\""), "").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The replica holds the key, but a gateway must not serve from a replica.
+    assert_eq!(gw.admin_as("GET", "/readyz", None, &[]).await.status, 503);
+    let r = gw.get_with_key("/from-replica", &key).await;
+    assert_eq!(r.status, 503, "served from a replica");
+
+    // The sentinel names the real primary: the gateway takes it by itself.
+    named.store(primary.port(), Ordering::SeqCst);
+    wait_ready(&gw, Duration::from_secs(5)).await;
+    assert_eq!(gw.get_with_key("/from-primary", &key).await.status, 200);
+}
