@@ -1,6 +1,6 @@
 //! Cluster endpoints with a real 3-primary cluster (`redis-cli --cluster create`): gateways
 //! share keys and revocations through it (invalidations over the cluster's pub/sub), and a slot
-//! moved to another node is followed (`MOVED`). And `check-config` on every new URL form.
+//! moved to another node is followed (`ASK` during the migration, `MOVED` after it). And `check-config` on every new URL form.
 
 use std::time::{Duration, Instant};
 
@@ -112,6 +112,23 @@ async fn gateways_on_a_cluster_endpoint_share_keys_and_revocations_and_follow_a_
             .arg("KEYS")
             .arg(&keys),
     );
+    // Mid-migration the old node answers ASK for the keys it no longer holds: followed, for
+    // reads and for a write script.
+    for (name, gw) in [("A", &a), ("B", &b)] {
+        let r = gw.admin("GET", "/v1/clients/acme", None).await;
+        assert_eq!(
+            r.status,
+            200,
+            "{name} (ASK): {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let created = gw
+            .key("acme", json!({"name": format!("mid-move {name}")}))
+            .await;
+        let fresh = created["key"].as_str().unwrap();
+        assert_eq!(gw.get_with_key("/asked", fresh).await.status, 200, "{name}");
+    }
+    assert_eq!(slot_count(src, slot), 0, "a write landed on the old node");
     for n in &cluster.nodes {
         let _: () = n.query(
             0,
