@@ -40,8 +40,17 @@
 //! settings. A certificate that does not verify is an unreachable store, plus an error log that
 //! names the TLS cause on each attempt.
 //!
+//! # Endpoints
+//! One server (`redis://`, `rediss://`, `redis+unix://`); the primary of a Sentinel service
+//! (`redis+sentinel://`, followed across failovers by `sentinel.rs`; the subscription moves
+//! with it); or a cluster endpoint (`redis+cluster://`, redis-rs' cluster connection, which
+//! follows `MOVED` / `ASK`). On a cluster every key lives in the slot of the prefix's `{…}` hash
+//! tag, and each script names `<prefix>keys` as `KEYS[1]` so that it is sent to that slot's
+//! node. With `wait_replicas`, each write is followed by `WAIT` (see [`RedisStore::open_with`]).
+//!
 //! # Files
-//! This file holds [`RedisStore`] and its [`Store`] implementation; `codec.rs` turns records
+//! This file holds [`RedisStore`] and its [`Store`] implementation; `endpoint.rs` parses store
+//! URLs; `link.rs` is the command connection of each kind of endpoint; `codec.rs` turns records
 //! into script arguments and replies back into records; `watch.rs` is the invalidation
 //! subscription; `scripts/*.lua` are the scripts, each run after `scripts/prelude.lua` and each
 //! starting with a comment that says what ARGV holds and what it answers.
@@ -473,9 +482,9 @@ impl RedisStore {
         .await
     }
 
-    /// Runs a write script; with [`RedisStore::wait_for_replicas`] set, answers only once that
-    /// many replicas hold the write (`WAIT`), else [`StoreError::Unavailable`] (the write may
-    /// then stand on the primary alone, as when an answer is lost: it is not acknowledged).
+    /// Runs a write script; with `wait_replicas` set ([`RedisStore::open_with`]), answers only
+    /// once that many replicas hold the write (`WAIT`), else [`StoreError::Unconfirmed`] (the
+    /// write stands on the primary but is not acknowledged).
     async fn write(&self, what: &str, script: &Script, args: Args) -> StoreResult<Value> {
         let v = self.script(what, script, args).await?;
         let n = self.inner.wait_replicas;
