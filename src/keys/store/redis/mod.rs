@@ -30,8 +30,9 @@
 //! Every call is bounded by [`CALL_TIMEOUT`]; a dead or hung Redis turns into
 //! [`StoreError::Unavailable`] within it. The command connection is a redis-rs
 //! `ConnectionManager` that reconnects in the background; the invalidation subscription has its
-//! own connection and task, which reconnects with backoff and clears the local cache after every
-//! (re)subscription, since messages may have been missed while it was down.
+//! own connection and task, which reconnects with backoff and invalidates the whole local cache
+//! after every (re)subscription (`invalidate_all`: every cached key is asked of Redis again),
+//! since messages may have been missed while it was down.
 //!
 //! # TLS
 //! `rediss://` connects through rustls; the server's certificate is always verified, against the

@@ -1,6 +1,6 @@
 //! The invalidation subscription: one task per store that listens on the `invalidate` channel,
-//! hands every message to the local cache, and after each (re)subscription clears the cache
-//! (messages may have been missed while it was down).
+//! hands every message to the local cache, and after each (re)subscription invalidates the whole
+//! cache (messages may have been missed while it was down).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -116,7 +116,7 @@ impl Watcher {
                     self.state.store(SUB_DOWN, Ordering::Release);
                     tracing::warn!(
                         redis = %self.target,
-                        "invalidation subscription lost ({why}); reconnecting, then the key cache is cleared"
+                        "invalidation subscription lost ({why}); reconnecting, then every cached key is revalidated"
                     );
                 }
                 Err(Failed { text, tls }) => {
