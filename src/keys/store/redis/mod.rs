@@ -484,30 +484,47 @@ impl RedisStore {
     }
 
     /// Runs a write script; with `wait_replicas` set ([`RedisStore::open_with`]), answers only
-    /// once that many replicas hold the write (`WAIT`), else [`StoreError::Unconfirmed`] (the
-    /// write stands on the primary but is not acknowledged).
+    /// once that many replicas hold the write, else [`StoreError::Unconfirmed`] (the write
+    /// stands on the primary but is not acknowledged). The script and `WAIT` go out as one
+    /// pipeline on one connection, so `WAIT` waits for exactly this connection's writes.
     async fn write(&self, what: &str, script: &Script, args: Args) -> StoreResult<Value> {
-        let v = self.script(what, script, args).await?;
         let n = self.inner.wait_replicas;
-        if n > 0 {
-            let mut conn = self.conn();
-            // Whatever goes wrong now, the write was made: it is unconfirmed, not undone.
-            let acked: i64 = self
-                .bounded(what, async move {
-                    ::redis::cmd("WAIT")
-                        .arg(n)
-                        .arg(WAIT_TIMEOUT.as_millis() as u64)
-                        .query_async(&mut conn)
-                        .await
-                })
-                .await
-                .map_err(|e| StoreError::Unconfirmed(e.to_string()))?;
-            if acked < i64::from(n) {
-                return Err(StoreError::Unconfirmed(format!(
-                    "redis {what}: {acked} of {n} replicas confirmed the write within {} ms",
-                    WAIT_TIMEOUT.as_millis()
-                )));
+        if n == 0 {
+            return self.script(what, script, args).await;
+        }
+        let mut eval = ::redis::cmd("EVALSHA");
+        eval.arg(script.get_hash())
+            .arg(1)
+            .arg(format!("{}keys", self.prefix()))
+            .arg(self.prefix());
+        for a in args.0 {
+            eval.arg(a);
+        }
+        let mut pipe = ::redis::pipe();
+        pipe.add_command(eval)
+            .cmd("WAIT")
+            .arg(n)
+            .arg(WAIT_TIMEOUT.as_millis() as u64);
+        let mut conn = self.conn();
+        let run = async move {
+            match pipe.query_async::<(Value, i64)>(&mut conn).await {
+                // Not loaded on this server yet: nothing ran; load it and send both again.
+                Err(e)
+                    if e.kind()
+                        == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
+                {
+                    script.prepare_invoke().load_async(&mut conn).await?;
+                    pipe.query_async::<(Value, i64)>(&mut conn).await
+                }
+                other => other,
             }
+        };
+        let (v, acked) = self.bounded(what, run).await?;
+        if acked < i64::from(n) {
+            return Err(StoreError::Unconfirmed(format!(
+                "redis {what}: {acked} of {n} replicas confirmed the write within {} ms",
+                WAIT_TIMEOUT.as_millis()
+            )));
         }
         Ok(v)
     }
