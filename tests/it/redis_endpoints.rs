@@ -339,3 +339,38 @@ async fn cluster_node_of_the_slot_down_cached_keys_work_the_rest_503_and_service
     );
     assert_eq!(gw.get_with_key("/back", &key).await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_starts_while_the_cluster_is_down_and_serves_once_it_is_up() {
+    let mut cluster = Cluster::start();
+    for n in cluster.nodes.iter_mut() {
+        n.kill();
+    }
+    let store = format!(
+        "url = \"{}\"\nredis_prefix = \"{PREFIX}\"",
+        url_from(&cluster, 0)
+    );
+    let gw = Gateway::start_on_store(Upstream::start().await, &store, "").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(gw.admin_as("GET", "/readyz", None, &[]).await.status, 503);
+    let r = gw
+        .admin(
+            "POST",
+            "/v1/clients",
+            Some(json!({"client_id": "early", "license": "pro"})),
+        )
+        .await;
+    assert_eq!(r.status, 503);
+
+    for n in cluster.nodes.iter_mut() {
+        n.restart();
+    }
+    let start = Instant::now();
+    while gw.admin_as("GET", "/readyz", None, &[]).await.status != 200 {
+        assert!(start.elapsed() < Duration::from_secs(20), "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (key, _) = gw.client("acme", "pro").await;
+    assert_eq!(gw.get_with_key("/up", &key).await.status, 200);
+    assert_eq!(gw.admin("GET", "/v1/clients/early", None).await.status, 404);
+}
