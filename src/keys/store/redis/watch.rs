@@ -183,10 +183,10 @@ impl Watcher {
     }
 
     /// After (re)subscribing: anything published while the subscription was down was missed,
-    /// so every cached entry is dropped. Waits until the store answers too (on a cluster, the
-    /// node of keygate's slot, which may be down while the subscription moved to another
-    /// node), so that stale entries are not dropped while they are still needed: nothing can
-    /// be written while the store does not answer.
+    /// so the whole cache is invalidated (every cached key is asked of the store again on its
+    /// next use). Waits until the store answers first (on a cluster, the node of keygate's
+    /// slot, which may be down while the subscription moved to another node): while it does
+    /// not, nothing can be written, and revalidating would only fail.
     async fn resync(&self) {
         loop {
             let mut conn = self.link.conn();
