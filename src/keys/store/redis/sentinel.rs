@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::redis::aio::ConnectionManager;
+use ::redis::aio::{ConnectionManager, MultiplexedConnection};
 use ::redis::{Client, RedisError, TlsCertificates, Value};
 use arc_swap::ArcSwapOption;
 use futures_util::StreamExt;
@@ -127,10 +127,12 @@ impl Primary {
         let mut first = 0usize;
         let mut events: Option<::redis::aio::PubSub> = None;
         let mut last_problem: Option<String> = None;
+        let mut conns: Vec<Option<MultiplexedConnection>> =
+            vec![None; self.endpoint.sentinels.len()];
         loop {
             // However many calls fail, the sentinels are asked at most every MIN_ASK_INTERVAL.
             let asked = tokio::time::Instant::now();
-            match self.ask(&mut first).await {
+            match self.ask(&mut first, &mut conns).await {
                 Ok(addr) => {
                     let known = self.current().is_some_and(|c| c.addr == addr);
                     if !known {
@@ -177,13 +179,18 @@ impl Primary {
     }
 
     /// Asks the sentinels, starting with `first`, where the primary is.
-    async fn ask(&self, first: &mut usize) -> Result<(String, u16), String> {
+    /// `conns` holds a connection per sentinel, kept while it works.
+    async fn ask(
+        &self,
+        first: &mut usize,
+        conns: &mut [Option<MultiplexedConnection>],
+    ) -> Result<(String, u16), String> {
         let list = &self.endpoint.sentinels;
         let mut why = Vec::new();
         for i in 0..list.len() {
             let n = (*first + i) % list.len();
             let (host, port) = &list[n];
-            match self.ask_one(host, *port).await {
+            match self.ask_one(host, *port, &mut conns[n]).await {
                 Ok(Some(addr)) => {
                     *first = n;
                     return Ok(addr);
@@ -198,18 +205,36 @@ impl Primary {
         Err(format!("no sentinel names a primary ({})", why.join("; ")))
     }
 
-    async fn ask_one(&self, host: &str, port: u16) -> Result<Option<(String, u16)>, String> {
-        let client = self.client(host, port, false).map_err(|e| e.to_string())?;
+    async fn ask_one(
+        &self,
+        host: &str,
+        port: u16,
+        slot: &mut Option<MultiplexedConnection>,
+    ) -> Result<Option<(String, u16)>, String> {
+        let kept = slot.take();
         let query = async {
-            let mut c = client.get_multiplexed_async_connection().await?;
-            ::redis::cmd("SENTINEL")
+            let mut c = match kept {
+                Some(c) => c,
+                None => {
+                    self.client(host, port, false)?
+                        .get_multiplexed_async_connection()
+                        .await?
+                }
+            };
+            let answer = ::redis::cmd("SENTINEL")
                 .arg("get-master-addr-by-name")
                 .arg(&self.endpoint.service)
                 .query_async::<Option<(String, u16)>>(&mut c)
-                .await
+                .await?;
+            Ok::<_, RedisError>((answer, c))
         };
+        // A connection that failed or hung is dropped; the next round connects again.
         match tokio::time::timeout(CONNECT_TIMEOUT + CALL_TIMEOUT, query).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
+            Ok(Ok((answer, c))) => {
+                *slot = Some(c);
+                Ok(answer)
+            }
+            Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("no answer".into()),
         }
     }
