@@ -8,6 +8,7 @@ started=$SECONDS
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v redis-sentinel >/dev/null 2>&1 || need_apt+=(redis-sentinel)
 command -v prlimit >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v nginx >/dev/null 2>&1 || need_apt+=(nginx-light)
 command -v caddy >/dev/null 2>&1 || need_apt+=(caddy)

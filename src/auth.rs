@@ -34,8 +34,9 @@ use jwt::{Jwt, Token};
 /// Most verified tokens remembered (each about 200 bytes); past it moka evicts the least used.
 const TOKEN_CACHE_CAPACITY: u64 = 100_000;
 /// How long past its TTL a cached key is still served while one background lookup refreshes
-/// it (never longer than the TTL itself). Past it, requests wait for the store.
-const REVALIDATE_WINDOW_MS: Millis = 10_000;
+/// it (never longer than the TTL itself). Past it, requests wait for the store. The cache
+/// knows it too: after missed invalidations it makes keys stale past it.
+const REVALIDATE_WINDOW_MS: Millis = crate::keys::cache::REVALIDATE_WINDOW_MS;
 
 /// Why a credential was not accepted. The proxy and the admin listener each turn it into
 /// their own answer.
@@ -739,6 +740,61 @@ mod tests {
         }
         assert!(refreshed, "the refreshed entry was not used");
         assert_eq!(store.lookups.load(Ordering::SeqCst), before + 1);
+    }
+
+    /// After a subscription came back (invalidations may have been missed), a cached key is
+    /// asked of the store again before it is served: a key disabled meanwhile is refused at
+    /// once, and while the store does not answer the cached key is served stale, not 503.
+    #[tokio::test]
+    async fn after_missed_invalidations_keys_are_asked_again_and_served_stale_only_while_the_store_is_down()
+     {
+        let Setup {
+            auth,
+            store,
+            cache,
+            clock,
+            ..
+        } = setup();
+        let k = seed(&store).await;
+        let unknown = KeyFormat::new("kg_").generate().plaintext.0;
+        auth.api_key(k.plaintext.expose()).await.unwrap();
+        assert!(auth.api_key(&unknown).await.is_err());
+        let lookups = store.lookups.load(Ordering::SeqCst);
+
+        cache.invalidate_all();
+        store.down.store(true, Ordering::SeqCst);
+        assert!(
+            auth.api_key(k.plaintext.expose()).await.is_ok(),
+            "a cached key is served stale while the store is down"
+        );
+        assert_eq!(
+            store.lookups.load(Ordering::SeqCst),
+            lookups + 1,
+            "it was asked of the store first"
+        );
+        // The unknown key's entry is gone: without the store it is neither accepted nor refused.
+        assert_eq!(
+            auth.api_key(&unknown).await.unwrap_err(),
+            AuthError::StoreUnavailable
+        );
+
+        store.down.store(false, Ordering::SeqCst);
+        clock.advance(Duration::from_secs(2)); // past the store back-off
+        let mut key = store
+            .inner
+            .find_by_hash(&k.hash, crate::keys::now_millis())
+            .await
+            .unwrap()
+            .unwrap()
+            .key;
+        key.enabled = false;
+        assert!(store.inner.update_key(&key).await.unwrap());
+        // The store answers: the stale entry is not served (not even while revalidated).
+        cache.invalidate_all();
+        assert_eq!(
+            auth.api_key(k.plaintext.expose()).await.unwrap_err(),
+            AuthError::DisabledApiKey
+        );
     }
 
     /// Polls a future once: it must be ready (a cache hit never waits).

@@ -356,6 +356,9 @@ pub struct RawStore {
     pub redis_client_cert: Option<String>,
     #[serde(default)]
     pub redis_client_key: Option<String>,
+    /// Replicas that must confirm each admin write (Redis `WAIT`); 0 = none.
+    #[serde(default)]
+    pub redis_wait_replicas: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -602,6 +605,8 @@ pub struct StoreConfig {
     pub redis_prefix: String,
     /// CA and client certificate of a `rediss://` store.
     pub redis_tls: crate::keys::store::redis::RedisTls,
+    /// Replicas that must confirm each admin write (Redis stores only; 0 = none).
+    pub redis_wait_replicas: u32,
 }
 
 #[derive(Debug, Clone)]

@@ -95,9 +95,13 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
             Ok(Arc::new(store))
         }
         StoreUrl::Redis(url) => {
-            let store =
-                RedisStore::open_with_tls(url, &config.store.redis_prefix, &config.store.redis_tls)
-                    .map_err(|e| StartError::Store(e.to_string()))?;
+            let store = RedisStore::open_with(
+                url,
+                &config.store.redis_prefix,
+                &config.store.redis_tls,
+                config.store.redis_wait_replicas,
+            )
+            .map_err(|e| StartError::Store(e.to_string()))?;
             Ok(Arc::new(store))
         }
     }

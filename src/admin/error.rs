@@ -160,6 +160,8 @@ pub enum AdminError {
         retry_after_secs: u64,
     },
     StoreUnavailable,
+    /// Written on the Redis primary, not confirmed by its replicas (`redis_wait_replicas`).
+    StoreUnconfirmed,
 }
 
 impl From<StoreError> for AdminError {
@@ -172,6 +174,10 @@ impl From<StoreError> for AdminError {
             StoreError::Conflict(c) => AdminError::Conflict(c.to_string()),
             StoreError::NotFound => AdminError::NotFound("not found"),
             StoreError::Refused(c) => AdminError::Forbidden(c.to_string()),
+            StoreError::Unconfirmed(detail) => {
+                tracing::error!(error = %detail, "store write not confirmed by replicas");
+                AdminError::StoreUnconfirmed
+            }
         }
     }
 }
@@ -218,6 +224,13 @@ impl AdminError {
                 ProblemCode::StoreUnavailable,
                 "the key store is unavailable; nothing was changed; retry later".into(),
             ),
+            Self::StoreUnconfirmed => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the change was made but its replicas did not confirm it in time; a failover may \
+                 lose it: read it back before retrying"
+                    .into(),
+            ),
         }
     }
 }
@@ -253,7 +266,7 @@ impl IntoResponse for AdminError {
             Self::TooManyRequests { retry_after_secs } => {
                 h.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
             }
-            Self::StoreUnavailable => {
+            Self::StoreUnavailable | Self::StoreUnconfirmed => {
                 h.insert(RETRY_AFTER, HeaderValue::from_static("5"));
             }
             // The rest of the body may still come: the connection is not reused.

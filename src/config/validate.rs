@@ -269,14 +269,33 @@ fn store(raw: RawStore, p: &mut Problems) -> Option<StoreConfig> {
         client_cert: path(&raw.redis_client_cert),
         client_key: path(&raw.redis_client_key),
     };
+    let is_cluster =
+        raw.url.starts_with("redis+cluster://") || raw.url.starts_with("rediss+cluster://");
+    if is_cluster {
+        if let Some(problem) = crate::keys::store::redis::cluster_prefix_problem(prefix) {
+            p.error(problem);
+        }
+        if raw.redis_wait_replicas > 0 {
+            p.error(crate::keys::store::redis::WAIT_ON_CLUSTER);
+        }
+    }
+    if raw.redis_wait_replicas > 16 {
+        p.error("store.redis_wait_replicas: at most 16 (the replicas that must confirm each admin write)");
+    }
+    if raw.redis_wait_replicas > 0 && raw.url.starts_with("sqlite://") {
+        p.error("store.redis_wait_replicas: only used with a Redis store");
+    }
     if !redis_tls.is_empty() {
-        if raw.url.starts_with("rediss://") {
+        if ["rediss://", "rediss+sentinel://", "rediss+cluster://"]
+            .iter()
+            .any(|s| raw.url.starts_with(s))
+        {
             if let Err(why) = redis_tls.load() {
                 p.error(format!("store.{why}"));
             }
         } else {
             p.error(
-                "store.redis_ca / redis_client_cert / redis_client_key: only used with a rediss:// store URL",
+                "store.redis_ca / redis_client_cert / redis_client_key: only used with a rediss://, rediss+sentinel:// or rediss+cluster:// store URL",
             );
         }
     }
@@ -289,6 +308,7 @@ fn store(raw: RawStore, p: &mut Problems) -> Option<StoreConfig> {
         last_used_flush: Duration::from_secs(raw.last_used_flush_secs),
         redis_prefix: raw.redis_prefix,
         redis_tls,
+        redis_wait_replicas: raw.redis_wait_replicas,
     })
 }
 
@@ -616,11 +636,19 @@ fn parse_store_url(v: &str, p: &mut Problems) -> Option<StoreUrl> {
         }
         return Some(StoreUrl::Sqlite(PathBuf::from(path)));
     }
-    if ["redis://", "rediss://", "redis+unix://"]
-        .iter()
-        .any(|s| v.starts_with(s))
+    if [
+        "redis://",
+        "rediss://",
+        "redis+unix://",
+        "redis+sentinel://",
+        "rediss+sentinel://",
+        "redis+cluster://",
+        "rediss+cluster://",
+    ]
+    .iter()
+    .any(|s| v.starts_with(s))
     {
-        return match crate::keys::store::redis::parse_url(v) {
+        return match crate::keys::store::redis::endpoint::parse(v) {
             Ok(_) => Some(StoreUrl::Redis(v.to_owned())),
             // The URL is not repeated: a password can hide in it (user:pass@ or ?pass=).
             Err(why) => {
@@ -630,7 +658,7 @@ fn parse_store_url(v: &str, p: &mut Problems) -> Option<StoreUrl> {
         };
     }
     p.error(format!(
-        "store.url: {:?} is not supported; use sqlite://PATH, redis://HOST:PORT/DB, rediss://… or redis+unix:///path.sock",
+        "store.url: {:?} is not supported; use sqlite://PATH, redis://HOST:PORT/DB, rediss://…, redis+unix:///path.sock, redis+sentinel://H1:P1,H2:P2/SERVICE/DB or redis+cluster://H1:P1,H2:P2,… (rediss+… for TLS)",
         redact_url(v)
     ));
     None

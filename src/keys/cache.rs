@@ -103,6 +103,10 @@ pub trait InvalidationSink: Send + Sync + 'static {
     fn invalidate_all(&self);
 }
 
+/// How long past its TTL a key is still served at once while one background lookup
+/// revalidates it (never longer than the TTL itself).
+pub const REVALIDATE_WINDOW_MS: Millis = 10_000;
+
 /// How long entries live, in milliseconds.
 #[derive(Clone, Copy, Debug)]
 struct Lifetimes {
@@ -228,9 +232,18 @@ impl<K: ShardKey, S: BuildHasher + Default> Table<K, S> {
             .remove(k);
     }
 
-    fn clear(&self) {
+    /// Drops the negative entries and makes every positive one stale as of `before` at the
+    /// latest.
+    fn expire_all(&self, before: Millis) {
         for s in self.shards.iter() {
-            s.write().unwrap_or_else(PoisonError::into_inner).clear();
+            let mut shard = s.write().unwrap_or_else(PoisonError::into_inner);
+            shard.retain(|_, e| match e.value {
+                Cached::Found(_) => {
+                    e.fresh_until = e.fresh_until.min(before);
+                    true
+                }
+                Cached::Unknown => false,
+            });
         }
     }
 
@@ -351,10 +364,19 @@ impl KeyCache {
         self.by_id.remove(id);
     }
 
+    /// Invalidations may have been missed (a broken subscription came back): no cached answer
+    /// is served again before the store confirms it. Unknown-key entries are dropped; a known
+    /// key is made stale past the window in which a key is served while it is revalidated
+    /// ([`REVALIDATE_WINDOW_MS`]), so the next request with it asks the store, and a key revoked
+    /// meanwhile is refused. It stays as the stale fallback only for when the store does not
+    /// answer (within `stale_if_error`), as after its TTL: a failover of the store right after
+    /// a reconnection does not turn every cached key into a 503.
     pub fn invalidate_all(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        self.inner.clear();
-        self.by_id.clear();
+        let window = REVALIDATE_WINDOW_MS.min(self.lifetimes.ttl);
+        let before = self.clock.now_millis() - window;
+        self.inner.expire_all(before);
+        self.by_id.expire_all(before);
     }
 
     /// Parts of [`KeyCache::sweep_shard`].

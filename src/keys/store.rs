@@ -40,6 +40,11 @@ pub enum StoreError {
     /// A client's change would have loosened a constraint an admin set; nothing was written.
     #[error("{0}")]
     Refused(Constraint),
+    /// The write was made on the Redis primary but not confirmed by as many replicas as
+    /// `store.redis_wait_replicas` asks for: it stands, yet a failover may lose it. The caller
+    /// answers 503 and says so.
+    #[error("write not confirmed by replicas: {0}")]
+    Unconfirmed(String),
 }
 
 /// A constraint on a key that only an admin may loosen (see [`KeyPatch::setters`]).

@@ -241,3 +241,71 @@ fn dockerfile_builds_in_stages_and_runs_unprivileged() {
         }
     }
 }
+
+/// The commented Sentinel variant at the end of docker-compose.yml, as the override file the
+/// comment tells the reader to save.
+fn sentinel_variant() -> Value {
+    let text = std::fs::read_to_string("docker-compose.yml").unwrap();
+    let block: Vec<&str> = text
+        .lines()
+        .skip_while(|l| *l != "# BEGIN SENTINEL VARIANT")
+        .skip(1)
+        .take_while(|l| *l != "# END SENTINEL VARIANT")
+        .collect();
+    assert!(
+        !block.is_empty(),
+        "no Sentinel variant in docker-compose.yml"
+    );
+    let yaml = block
+        .iter()
+        .map(|l| {
+            l.strip_prefix("# ")
+                .or_else(|| l.strip_prefix('#'))
+                .unwrap_or_else(|| panic!("an uncommented line in the variant: {l}"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    serde_norway::from_str(&yaml).expect("the Sentinel variant is valid YAML")
+}
+
+#[test]
+fn compose_sentinel_variant_adds_a_replica_and_three_sentinels_and_its_store_url_checks_out() {
+    let base = compose();
+    let v = sentinel_variant();
+    let services = &v["services"];
+    // The replica follows the base file's `redis` service, with the append-only file on.
+    let replica = strings(&services["redis-replica"]["command"]).join(" ");
+    assert!(replica.contains("--replicaof redis 6379"), "{replica}");
+    assert!(replica.contains("--appendonly yes"), "{replica}");
+    assert!(base["services"]["redis"].is_object());
+    let primary = strings(&services["redis"]["command"]).join(" ");
+    assert!(primary.contains("--appendonly yes"), "{primary}");
+    // Three sentinels watching `redis` as service "keygate", quorum 2.
+    for name in ["sentinel-1", "sentinel-2", "sentinel-3"] {
+        let script = strings(&services[name]["command"]).join(" ");
+        assert!(
+            script.contains("sentinel monitor keygate redis 6379 2")
+                && script.contains("exec redis-sentinel"),
+            "{name}: {script}"
+        );
+    }
+    // keygate asks those three sentinels; with the base environment, check-config passes.
+    let overrides = environment(&services["keygate"]);
+    let url = &overrides["KEYGATE_STORE"];
+    assert_eq!(
+        url,
+        "redis+sentinel://sentinel-1:26379,sentinel-2:26379,sentinel-3:26379/keygate/0"
+    );
+    let mut env = environment(&base["services"]["keygate"]);
+    env.extend(overrides);
+    let out = Binary::command(["check-config", "--config", "config/docker.toml"])
+        .envs(&env)
+        .output();
+    assert!(
+        out.status.success(),
+        "check-config failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The variant is commented out: the base file alone has none of its services.
+    assert!(base["services"]["sentinel-1"].is_null());
+}

@@ -11,6 +11,8 @@ pub struct RedisServer {
     port: u16,
     /// The TLS port and its settings, when the server also speaks TLS.
     tls: Option<(u16, TlsSetup)>,
+    /// More `redis-server` arguments (replication, cluster mode).
+    args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -108,11 +110,22 @@ impl RedisServer {
     }
 
     fn start_with(tls: Option<TlsSetup>) -> RedisServer {
+        Self::start_full(tls, &[])
+    }
+
+    /// Starts a server with more `redis-server` arguments, e.g. `["--replicaof", "127.0.0.1",
+    /// "6379"]` or `["--cluster-enabled", "yes"]`.
+    pub fn start_args(args: &[&str]) -> RedisServer {
+        Self::start_full(None, args)
+    }
+
+    fn start_full(tls: Option<TlsSetup>, args: &[&str]) -> RedisServer {
         for _ in 0..5 {
             let mut server = RedisServer {
                 dir: tempfile::tempdir().unwrap(),
                 port: free_port(),
                 tls: tls.clone().map(|t| (free_port(), t)),
+                args: args.iter().map(|a| a.to_string()).collect(),
                 child: None,
             };
             if server.spawn() {
@@ -157,6 +170,7 @@ impl RedisServer {
             .arg("--logfile")
             .arg(dir.join("redis.log"))
             .args(["--daemonize", "no"])
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -312,11 +326,11 @@ impl Drop for RedisServer {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }
 
-fn log_of(dir: &Path) -> String {
+pub fn log_of(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default()
 }

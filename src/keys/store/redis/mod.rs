@@ -30,8 +30,9 @@
 //! Every call is bounded by [`CALL_TIMEOUT`]; a dead or hung Redis turns into
 //! [`StoreError::Unavailable`] within it. The command connection is a redis-rs
 //! `ConnectionManager` that reconnects in the background; the invalidation subscription has its
-//! own connection and task, which reconnects with backoff and clears the local cache after every
-//! (re)subscription, since messages may have been missed while it was down.
+//! own connection and task, which reconnects with backoff and invalidates the whole local cache
+//! after every (re)subscription (`invalidate_all`: every cached key is asked of Redis again),
+//! since messages may have been missed while it was down.
 //!
 //! # TLS
 //! `rediss://` connects through rustls; the server's certificate is always verified, against the
@@ -40,13 +41,25 @@
 //! settings. A certificate that does not verify is an unreachable store, plus an error log that
 //! names the TLS cause on each attempt.
 //!
+//! # Endpoints
+//! One server (`redis://`, `rediss://`, `redis+unix://`); the primary of a Sentinel service
+//! (`redis+sentinel://`, followed across failovers by `sentinel.rs`; the subscription moves
+//! with it); or a cluster endpoint (`redis+cluster://`, redis-rs' cluster connection, which
+//! follows `MOVED` / `ASK`). On a cluster every key lives in the slot of the prefix's `{…}` hash
+//! tag, and each script names `<prefix>keys` as `KEYS[1]` so that it is sent to that slot's
+//! node. With `wait_replicas`, each write is followed by `WAIT` (see [`RedisStore::open_with`]).
+//!
 //! # Files
-//! This file holds [`RedisStore`] and its [`Store`] implementation; `codec.rs` turns records
+//! This file holds [`RedisStore`] and its [`Store`] implementation; `endpoint.rs` parses store
+//! URLs; `link.rs` is the command connection of each kind of endpoint; `codec.rs` turns records
 //! into script arguments and replies back into records; `watch.rs` is the invalidation
 //! subscription; `scripts/*.lua` are the scripts, each run after `scripts/prelude.lua` and each
 //! starting with a comment that says what ARGV holds and what it answers.
 
 mod codec;
+pub mod endpoint;
+mod link;
+mod sentinel;
 mod watch;
 
 use std::future::Future;
@@ -55,7 +68,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster::ClusterClientBuilder;
 use ::redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError, Script, Value};
 use async_trait::async_trait;
 use uuid::Uuid;
@@ -70,6 +84,8 @@ use codec::{
     Args, CODE_REFUSED, CODE_TOO_MANY, array, client_fields, client_from, corrupt, int, json,
     key_from, page_from, page_range, patch_fields, record_from, refused, status, text,
 };
+pub use endpoint::{Endpoint, cluster_prefix_problem, hash_tag};
+use link::{Conn, Link};
 pub use watch::decode_invalidation;
 use watch::{SUB_DOWN, SUB_NONE, Watcher};
 
@@ -78,6 +94,13 @@ use watch::{SUB_DOWN, SUB_NONE, Watcher};
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 /// Longest a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest a write waits for its replicas (`store.redis_wait_replicas`).
+/// It stays well within [`CALL_TIMEOUT`], which bounds the `WAIT` command itself.
+pub const WAIT_TIMEOUT: Duration = Duration::from_millis(300);
+/// Why `store.redis_wait_replicas` is refused with a cluster endpoint.
+pub const WAIT_ON_CLUSTER: &str = "store.redis_wait_replicas: not supported with a \
+    redis+cluster:// endpoint (WAIT would reach an arbitrary node); a cluster's replication \
+    is the managed service's own";
 /// The prefix used when the configuration names none.
 pub const DEFAULT_PREFIX: &str = "keygate:";
 
@@ -103,6 +126,21 @@ pub fn parse_url(url: &str) -> Result<ConnectionInfo, String> {
         );
     }
     Ok(info)
+}
+
+/// How a command connection to one server behaves: every call bounded, reconnection in the
+/// background.
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_response_timeout(Some(CALL_TIMEOUT))
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        // One short retry per reconnection: a call made while Redis is down waits for that
+        // attempt (tens of ms), then fails; the next call starts a new attempt. So calls
+        // fail fast, connection attempts stay a few dozen per second at most, and a Redis
+        // that comes back is found by the next call.
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(25))
+        .set_max_delay(Duration::from_millis(100))
 }
 
 /// Where a connection goes, for logs: address, database and whether it is TLS, never
@@ -259,14 +297,15 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    client: ::redis::Client,
-    conn: ConnectionManager,
+    link: Arc<Link>,
     prefix: String,
     target: String,
     /// Dropped with the store: background tasks watch it and stop.
     alive: tokio::sync::watch::Sender<()>,
     /// State of the invalidation subscription (`SUB_*`).
     subscription: Arc<AtomicU8>,
+    /// Replicas that must confirm each write (`WAIT`); 0: none.
+    wait_replicas: u32,
 }
 
 impl RedisStore {
@@ -279,50 +318,125 @@ impl RedisStore {
 
     /// [`RedisStore::open`], with the CA and client certificate of a `rediss://` URL.
     pub fn open_with_tls(url: &str, prefix: &str, tls: &RedisTls) -> StoreResult<Self> {
-        let info = parse_url(url).map_err(StoreError::Unavailable)?;
-        let target = describe(&info);
-        let is_tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
-        let client = if tls.is_empty() {
-            ::redis::Client::open(info)
+        Self::open_with(url, prefix, tls, 0)
+    }
+
+    /// [`RedisStore::open_with_tls`], where every write is answered only once `wait_replicas`
+    /// replicas confirm it (`store.redis_wait_replicas`; not with a cluster endpoint).
+    pub fn open_with(
+        url: &str,
+        prefix: &str,
+        tls: &RedisTls,
+        wait_replicas: u32,
+    ) -> StoreResult<Self> {
+        let endpoint = endpoint::parse(url).map_err(StoreError::Unavailable)?;
+        let is_tls = match &endpoint {
+            Endpoint::Single(info) => matches!(info.addr(), ConnectionAddr::TcpTls { .. }),
+            Endpoint::Sentinel(s) => s.tls,
+            Endpoint::Cluster(c) => c.tls,
+        };
+        let certs = if tls.is_empty() {
+            None
         } else if !is_tls {
             return Err(StoreError::Unavailable(
-                "redis_ca / redis_client_cert / redis_client_key need a rediss:// store URL".into(),
+                "redis_ca / redis_client_cert / redis_client_key need a rediss:// (or \
+                 rediss+sentinel://, rediss+cluster://) store URL"
+                    .into(),
             ));
         } else {
-            let certs = tls.load().map_err(StoreError::Unavailable)?;
-            ::redis::Client::build_with_tls(info, certs)
-        }
-        .map_err(|e| unavailable("client", e))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(CALL_TIMEOUT))
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            // One short retry per reconnection: a call made while Redis is down waits for that
-            // attempt (tens of ms), then fails; the next call starts a new attempt. So calls
-            // fail fast, connection attempts stay a few dozen per second at most, and a Redis
-            // that comes back is found by the next call.
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(25))
-            .set_max_delay(Duration::from_millis(100));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| unavailable("connection", e))?;
+            Some(tls.load().map_err(StoreError::Unavailable)?)
+        };
+        let (link, target) = match endpoint {
+            Endpoint::Single(info) => {
+                let target = describe(&info);
+                let client = match certs {
+                    None => ::redis::Client::open(info),
+                    Some(certs) => ::redis::Client::build_with_tls(info, certs),
+                }
+                .map_err(|e| unavailable("client", e))?;
+                let conn =
+                    ConnectionManager::new_lazy_with_config(client.clone(), manager_config())
+                        .map_err(|e| unavailable("connection", e))?;
+                (Link::Single { client, conn }, target)
+            }
+            Endpoint::Sentinel(s) => {
+                let primary = sentinel::Primary::new(s, certs);
+                let target = primary.describe();
+                (Link::Sentinel(primary), target)
+            }
+            Endpoint::Cluster(c) => {
+                if let Some(problem) = cluster_prefix_problem(prefix) {
+                    return Err(StoreError::Unavailable(problem));
+                }
+                if wait_replicas > 0 {
+                    return Err(StoreError::Unavailable(WAIT_ON_CLUSTER.into()));
+                }
+                let infos: Vec<ConnectionInfo> = c
+                    .nodes
+                    .iter()
+                    .map(|(h, p)| endpoint::node_info(h, *p, c.tls, &c.auth, 0))
+                    .collect();
+                let nodes = infos
+                    .iter()
+                    .map(|i| match &certs {
+                        None => ::redis::Client::open(i.clone()),
+                        Some(certs) => ::redis::Client::build_with_tls(i.clone(), certs.clone()),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| unavailable("client", e))?;
+                let mut builder = ClusterClientBuilder::new(infos)
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(CALL_TIMEOUT);
+                if let Some(u) = &c.auth.username {
+                    builder = builder.username(u);
+                }
+                if let Some(p) = &c.auth.password {
+                    builder = builder.password(p);
+                }
+                if let Some(certs) = certs {
+                    builder = builder.certs(certs);
+                }
+                let client = builder
+                    .build()
+                    .map_err(|e| unavailable("cluster client", e))?;
+                let config = ::redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(CONNECT_TIMEOUT)
+                    .set_response_timeout(CALL_TIMEOUT);
+                let conn = client.get_pending_async_connection_with_config(config);
+                let list = c
+                    .nodes
+                    .iter()
+                    .map(|(h, p)| format!("{h}:{p}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let tls = if c.tls { " (TLS)" } else { "" };
+                (
+                    Link::Cluster { conn, nodes },
+                    format!("cluster via {list}{tls}"),
+                )
+            }
+        };
         let (alive, _) = tokio::sync::watch::channel(());
         let store = Self {
             inner: Arc::new(Inner {
-                client,
-                conn,
+                link: Arc::new(link),
                 prefix: prefix.to_owned(),
                 target,
                 alive,
                 subscription: Arc::new(AtomicU8::new(SUB_NONE)),
+                wait_replicas,
             }),
         };
         tracing::info!(redis = %store.inner.target, prefix = %store.inner.prefix, "using the Redis store");
+        if let Link::Sentinel(p) = store.inner.link.as_ref() {
+            p.spawn(store.inner.alive.subscribe());
+        }
         store.spawn_persistence_check();
         Ok(store)
     }
 
-    fn conn(&self) -> ConnectionManager {
-        self.inner.conn.clone()
+    fn conn(&self) -> Conn {
+        self.inner.link.conn()
     }
 
     fn prefix(&self) -> &str {
@@ -337,17 +451,26 @@ impl RedisStore {
     ) -> StoreResult<T> {
         match tokio::time::timeout(CALL_TIMEOUT, fut).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(unavailable(what, e)),
-            Err(_) => Err(unavailable(
-                what,
-                format_args!("no answer within {} ms", CALL_TIMEOUT.as_millis()),
-            )),
+            Ok(Err(e)) => {
+                self.inner.link.failed(Some(&e));
+                Err(unavailable(what, e))
+            }
+            Err(_) => Err({
+                self.inner.link.failed(None);
+                unavailable(
+                    what,
+                    format_args!("no answer within {} ms", CALL_TIMEOUT.as_millis()),
+                )
+            }),
         }
     }
 
     /// Runs one script with `args` (the prefix is prepended).
     async fn script(&self, what: &str, script: &Script, args: Args) -> StoreResult<Value> {
         let mut inv = script.prepare_invoke();
+        // The scripts name their keys from the prefix (ARGV[1]); KEYS[1] is one of them, so
+        // that a cluster connection sends the script to the node that holds the prefix's slot.
+        inv.key(format!("{}keys", self.prefix()));
         inv.arg(self.prefix());
         for a in args.0 {
             inv.arg(a);
@@ -360,15 +483,62 @@ impl RedisStore {
         .await
     }
 
+    /// Runs a write script; with `wait_replicas` set ([`RedisStore::open_with`]), answers only
+    /// once that many replicas hold the write, else [`StoreError::Unconfirmed`] (the write
+    /// stands on the primary but is not acknowledged). The script and `WAIT` go out as one
+    /// pipeline on one connection, so `WAIT` waits for exactly this connection's writes.
+    async fn write(&self, what: &str, script: &Script, args: Args) -> StoreResult<Value> {
+        let n = self.inner.wait_replicas;
+        if n == 0 {
+            return self.script(what, script, args).await;
+        }
+        let mut eval = ::redis::cmd("EVALSHA");
+        eval.arg(script.get_hash())
+            .arg(1)
+            .arg(format!("{}keys", self.prefix()))
+            .arg(self.prefix());
+        for a in args.0 {
+            eval.arg(a);
+        }
+        let mut pipe = ::redis::pipe();
+        pipe.add_command(eval)
+            .cmd("WAIT")
+            .arg(n)
+            .arg(WAIT_TIMEOUT.as_millis() as u64);
+        let mut conn = self.conn();
+        let run = async move {
+            match pipe.query_async::<(Value, i64)>(&mut conn).await {
+                // Not loaded on this server yet: nothing ran; load it and send both again.
+                Err(e)
+                    if e.kind()
+                        == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
+                {
+                    script.prepare_invoke().load_async(&mut conn).await?;
+                    pipe.query_async::<(Value, i64)>(&mut conn).await
+                }
+                other => other,
+            }
+        };
+        let (v, acked) = self.bounded(what, run).await?;
+        if acked < i64::from(n) {
+            return Err(StoreError::Unconfirmed(format!(
+                "redis {what}: {acked} of {n} replicas confirmed the write within {} ms",
+                WAIT_TIMEOUT.as_millis()
+            )));
+        }
+        Ok(v)
+    }
+
     /// Reads `CONFIG GET appendonly / appendfsync / maxmemory-policy` once Redis answers and
     /// warns when acknowledged admin writes could be lost by a Redis restart or evicted.
     fn spawn_persistence_check(&self) {
-        let mut conn = self.conn();
+        let link = Arc::clone(&self.inner.link);
         let target = self.inner.target.clone();
         let mut stopped = self.inner.alive.subscribe();
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(200);
             loop {
+                let mut conn = link.conn();
                 let read = async {
                     let a = config_get(&mut conn, "appendonly").await?;
                     let f = config_get(&mut conn, "appendfsync").await?;
@@ -419,7 +589,7 @@ impl RedisStore {
 }
 
 async fn config_get(
-    conn: &mut ConnectionManager,
+    conn: &mut impl ConnectionLike,
     name: &str,
 ) -> Result<Option<String>, RedisError> {
     let v: Value = ::redis::cmd("CONFIG")
@@ -557,7 +727,7 @@ impl Store for RedisStore {
     async fn insert_key(&self, key: &ApiKey, max_keys: u32) -> StoreResult<()> {
         let mut a = Args::default();
         a.push(now_millis()).push(max_keys).key(key);
-        let v = self.script("insert key", &scripts().insert_key, a).await?;
+        let v = self.write("insert key", &scripts().insert_key, a).await?;
         match int(&v)? {
             0 => Err(StoreError::NotFound),
             CODE_TOO_MANY => Err(StoreError::Conflict(Conflict::TooManyKeys {
@@ -586,7 +756,7 @@ impl Store for RedisStore {
         for name in clear {
             a.push(name);
         }
-        let v = self.script("patch key", &scripts().patch_key, a).await?;
+        let v = self.write("patch key", &scripts().patch_key, a).await?;
         if v == Value::Nil {
             return Ok(None);
         }
@@ -609,7 +779,7 @@ impl Store for RedisStore {
                     .unwrap_or_default(),
             )
             .push(r.at);
-        let parts = array(self.script("rotate key", &scripts().rotate_key, a).await?)?;
+        let parts = array(self.write("rotate key", &scripts().rotate_key, a).await?)?;
         let code = int(parts.first().ok_or_else(|| corrupt("rotation"))?)?;
         if !status(code)? {
             return Ok(None);
@@ -626,7 +796,7 @@ impl Store for RedisStore {
     async fn delete_key(&self, id: Uuid) -> StoreResult<Option<ApiKey>> {
         let mut a = Args::default();
         a.push(now_millis()).push(id);
-        match self.script("delete key", &scripts().delete_key, a).await? {
+        match self.write("delete key", &scripts().delete_key, a).await? {
             Value::Nil => Ok(None),
             v => key_from(&v).map(Some),
         }
@@ -644,7 +814,7 @@ impl Store for RedisStore {
         }
         a.key(first_key);
         let v = self
-            .script("insert client", &scripts().insert_client, a)
+            .write("insert client", &scripts().insert_client, a)
             .await?;
         status(int(&v)?).map(|_| ())
     }
@@ -696,7 +866,7 @@ impl Store for RedisStore {
             Some(None) => a.push("clear").push(""),
         };
         match self
-            .script("patch client", &scripts().patch_client, a)
+            .write("patch client", &scripts().patch_client, a)
             .await?
         {
             Value::Nil => Ok(None),
@@ -708,7 +878,7 @@ impl Store for RedisStore {
         let mut a = Args::default();
         a.push(now_millis()).push(client_id);
         let v = self
-            .script("delete client", &scripts().delete_client, a)
+            .write("delete client", &scripts().delete_client, a)
             .await?;
         if v == Value::Nil {
             return Ok(None);
@@ -730,7 +900,7 @@ impl Store for RedisStore {
         let mut a = Args::default();
         a.push(now_millis()).push(client_id);
         keys_before(
-            self.script("disable keys", &scripts().disable_client_keys, a)
+            self.write("disable keys", &scripts().disable_client_keys, a)
                 .await?,
         )
     }
@@ -743,7 +913,7 @@ impl Store for RedisStore {
         let mut a = Args::default();
         a.push(now_millis()).push(client_id).key(new_key);
         keys_before(
-            self.script("replace keys", &scripts().replace_client_keys, a)
+            self.write("replace keys", &scripts().replace_client_keys, a)
                 .await?,
         )
     }
@@ -782,8 +952,9 @@ impl Store for RedisStore {
     /// instance that may miss revocations is not ready).
     async fn ping(&self) -> StoreResult<()> {
         let mut conn = self.conn();
+        let probe = self.inner.link.probe(self.prefix());
         self.bounded("ping", async move {
-            ::redis::cmd("PING").query_async::<Value>(&mut conn).await
+            probe.query_async::<Value>(&mut conn).await
         })
         .await?;
         if self.inner.subscription.load(Ordering::Acquire) == SUB_DOWN {
@@ -796,9 +967,9 @@ impl Store for RedisStore {
 
     fn watch_invalidations(&self, sink: Arc<dyn InvalidationSink>) {
         Watcher {
-            client: self.inner.client.clone(),
-            conn: self.conn(),
+            link: Arc::clone(&self.inner.link),
             channel: format!("{}invalidate", self.prefix()),
+            prefix: self.prefix().to_owned(),
             target: self.inner.target.clone(),
             sink,
             state: Arc::clone(&self.inner.subscription),

@@ -1,17 +1,17 @@
 //! The invalidation subscription: one task per store that listens on the `invalidate` channel,
-//! hands every message to the local cache, and after each (re)subscription clears the cache
-//! (messages may have been missed while it was down).
+//! hands every message to the local cache, and after each (re)subscription invalidates the whole
+//! cache (messages may have been missed while it was down).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use ::redis::aio::ConnectionManager;
 use ::redis::{RedisError, Value};
 use futures_util::StreamExt;
 use uuid::Uuid;
 
 use super::codec::parse_hash;
+use super::link::Link;
 use super::{CALL_TIMEOUT, CONNECT_TIMEOUT, tls_cause};
 use crate::keys::cache::{Invalidation, InvalidationSink};
 use crate::keys::{Millis, now_millis};
@@ -34,10 +34,12 @@ pub(super) const SUB_DOWN: u8 = 2;
 
 /// The subscription task: delivers invalidations published by every instance to `sink`.
 pub(super) struct Watcher {
-    pub(super) client: ::redis::Client,
-    /// The store's command connection, to know when Redis answers again.
-    pub(super) conn: ConnectionManager,
+    /// The store's way to Redis: where to subscribe, and its command connection (to know when
+    /// Redis answers again).
+    pub(super) link: Arc<Link>,
     pub(super) channel: String,
+    /// The store's key prefix (for [`Link::probe`]).
+    pub(super) prefix: String,
     /// Where Redis is, for logs (no credentials).
     pub(super) target: String,
     pub(super) sink: Arc<dyn InvalidationSink>,
@@ -98,8 +100,9 @@ impl Watcher {
         let mut backoff = RESUBSCRIBE_BACKOFF.0;
         let mut was_down = false;
         let mut last_tls_error = None;
+        let mut attempt = 0usize;
         loop {
-            match self.subscribe().await {
+            match self.subscribe(attempt).await {
                 Ok(pubsub) => {
                     last_tls_error = None;
                     if was_down {
@@ -113,7 +116,7 @@ impl Watcher {
                     self.state.store(SUB_DOWN, Ordering::Release);
                     tracing::warn!(
                         redis = %self.target,
-                        "invalidation subscription lost ({why}); reconnecting, then the key cache is cleared"
+                        "invalidation subscription lost ({why}); reconnecting, then every cached key is revalidated"
                     );
                 }
                 Err(Failed { text, tls }) => {
@@ -130,16 +133,33 @@ impl Watcher {
                         tracing::warn!(redis = %self.target, "cannot subscribe to invalidations: {text}; retrying");
                     }
                     was_down = true;
+                    attempt = attempt.wrapping_add(1);
                 }
             }
-            tokio::time::sleep(backoff).await;
+            // A new Sentinel primary is tried at once rather than after the backoff.
+            let mut moved = self.link.generation();
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = async {
+                    match moved.as_mut() {
+                        Some(g) => { let _ = g.changed().await; }
+                        None => std::future::pending().await,
+                    }
+                } => { backoff = RESUBSCRIBE_BACKOFF.0; }
+            }
             backoff = (backoff * 2).min(RESUBSCRIBE_BACKOFF.1);
         }
     }
 
-    async fn subscribe(&self) -> Result<::redis::aio::PubSub, Failed> {
+    async fn subscribe(&self, attempt: usize) -> Result<::redis::aio::PubSub, Failed> {
+        let Some(client) = self.link.pubsub_client(attempt) else {
+            return Err(Failed {
+                text: "no primary known yet".into(),
+                tls: false,
+            });
+        };
         let connect = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
+            let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&self.channel).await?;
             Ok::<_, RedisError>(pubsub)
         };
@@ -163,12 +183,15 @@ impl Watcher {
     }
 
     /// After (re)subscribing: anything published while the subscription was down was missed,
-    /// so every cached entry is dropped. Waits (briefly) until the command connection answers
-    /// too, so that stale entries are not dropped while they would still be needed.
+    /// so the whole cache is invalidated (every cached key is asked of the store again on its
+    /// next use). Waits until the store answers first (on a cluster, the node of keygate's
+    /// slot, which may be down while the subscription moved to another node): while it does
+    /// not, nothing can be written, and revalidating would only fail.
     async fn resync(&self) {
-        for _ in 0..20 {
-            let mut conn = self.conn.clone();
-            let ping = async move { ::redis::cmd("PING").query_async::<Value>(&mut conn).await };
+        loop {
+            let mut conn = self.link.conn();
+            let probe = self.link.probe(&self.prefix);
+            let ping = async move { probe.query_async::<Value>(&mut conn).await };
             if matches!(tokio::time::timeout(CALL_TIMEOUT, ping).await, Ok(Ok(_))) {
                 break;
             }
@@ -182,8 +205,23 @@ impl Watcher {
         let (mut sink, mut stream) = pubsub.split();
         let mut tick = tokio::time::interval(SUBSCRIPTION_PING);
         tick.tick().await;
+        let mut moved = self.link.generation();
+        let primary_moved = async {
+            match moved.as_mut() {
+                Some(g) => {
+                    g.borrow_and_update();
+                    // Ends when another primary is taken into use (or the store is gone).
+                    let _ = g.changed().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(primary_moved);
         loop {
             tokio::select! {
+                () = &mut primary_moved => {
+                    return "the Redis primary changed".into();
+                }
                 msg = stream.next() => {
                     let Some(msg) = msg else {
                         return "connection closed".into();
