@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use crate::keys::{KeyHash, RateLimit};
 
+pub mod identity;
 mod validate;
 
 /// The config file used when `--config` is not given and the file exists.
@@ -204,6 +205,8 @@ pub struct RawConfig {
     pub jwt: RawJwt,
     #[serde(default)]
     pub forward_auth: RawForwardAuth,
+    #[serde(default)]
+    pub identity: identity::RawIdentity,
 }
 
 /// `[forward_auth]`: the verify endpoint edge proxies (nginx `auth_request`, Traefik
@@ -376,6 +379,8 @@ pub struct RawRoute {
     pub auth: Option<RouteAuth>,
     /// Per-key limit on this route, on top of the key's own limit.
     pub rate_limit: Option<RateLimit>,
+    /// `aud` of the signed identity on this route (default: the upstream's origin).
+    pub audience: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -474,6 +479,7 @@ pub struct Config {
     pub log: LogConfig,
     pub jwt: JwtConfig,
     pub forward_auth: ForwardAuth,
+    pub identity: identity::IdentityConfig,
     /// Things an operator should know but that do not stop startup.
     pub warnings: Vec<String>,
 }
@@ -589,6 +595,7 @@ pub struct Route {
     pub methods: Vec<http::Method>,
     pub auth: RouteAuth,
     pub rate_limit: Option<RateLimit>,
+    pub audience: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -34,6 +34,7 @@ pub mod admin;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod identity;
 pub mod keys;
 pub mod limit;
 pub mod paths;
@@ -82,6 +83,8 @@ pub enum StartError {
     Store(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Identity(String),
 }
 
 /// Opens the configured store.
@@ -190,7 +193,10 @@ impl App {
             config.failed_auth_limit,
             clock.clone(),
         ));
-        let admin_failed_auth = Arc::new(limit::FailedAuth::new(config.failed_auth_limit, clock));
+        let admin_failed_auth = Arc::new(limit::FailedAuth::new(
+            config.failed_auth_limit,
+            clock.clone(),
+        ));
         let load_cert = |files: &Option<config::TlsFiles>| {
             files
                 .as_ref()
@@ -207,6 +213,16 @@ impl App {
             config.proxy.upstream_ca.as_deref(),
         )
         .map_err(StartError::Tls)?;
+        // Signed identity: the keys are read now; an unreachable store is retried by the
+        // refresh task, and until then authenticated requests are answered 503.
+        let identity = identity::Identity::new(&config, &routes, Arc::clone(&store), clock.clone())
+            .map_err(StartError::Identity)?;
+        if let Some(id) = &identity {
+            if let Err(e) = id.load().await {
+                tracing::error!(error = %e, "cannot read the signing keys; retrying");
+            }
+            id.spawn_refresh();
+        }
         let gateway = Arc::new(Gateway {
             auth: authenticator.clone(),
             routes,
@@ -230,6 +246,7 @@ impl App {
             metrics: Arc::clone(&metrics),
             usage: Arc::clone(&usage),
             access_log: config.log.access_log,
+            identity: identity.clone(),
         });
         let admin_state = admin::AdminState(Arc::new(admin::AdminInner {
             store,
@@ -244,6 +261,7 @@ impl App {
             self_service_permission: config.admin.self_service_permission.clone(),
             openapi_json: Default::default(),
             metrics: Arc::clone(&metrics),
+            identity,
         }));
         let admin = admin::router(admin_state, config.admin.max_body_bytes);
 

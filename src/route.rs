@@ -158,6 +158,7 @@ mod tests {
             methods: Vec::new(),
             auth: RouteAuth::Required,
             rate_limit: None,
+            audience: None,
         }
     }
 
@@ -170,6 +171,7 @@ mod tests {
             methods: methods.to_vec(),
             auth: RouteAuth::Required,
             rate_limit: None,
+            audience: None,
         };
         RouteTable::new(
             &[

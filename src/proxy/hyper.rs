@@ -114,6 +114,7 @@ impl Gateway {
                 return Ok(own(self.login(&body, ip).await?));
             }
             Routed::Verify => return Ok(own(self.verify(parts, conn, outcome).await)),
+            Routed::Jwks => return Ok(own(self.jwks(&parts.method))),
             Routed::Route(route) => route,
         };
         outcome.route = Some(route);
@@ -217,6 +218,7 @@ impl Gateway {
                 target: target.as_bytes(),
                 strip: admitted.strip,
                 identity: admitted.permit.principal().map(|p| &p.headers),
+                assertion: admitted.assertion.as_ref().map(HeaderValue::as_bytes),
                 xff: first(Rule::XForwardedFor),
                 client_host: first(Rule::Host)
                     .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes())),
@@ -341,6 +343,9 @@ impl Gateway {
         }
         if let Some(p) = admitted.permit.principal() {
             headers::add_identity(h, &p.headers);
+        }
+        if let Some(a) = &admitted.assertion {
+            h.insert(crate::identity::X_KEYGATE_ASSERTION, a.clone());
         }
         headers::add_forwarded(h, inbound, &conn.peer_ip, conn.proto, &route.host);
         if websocket {

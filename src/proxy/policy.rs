@@ -245,6 +245,9 @@ pub enum Routed<'g> {
     Login,
     /// The forward-auth verify path (or below it): the engine calls [`Gateway::verify`].
     Verify,
+    /// `GET /.well-known/jwks.json` while signed identity is on: the engine answers
+    /// [`Gateway::jwks`].
+    Jwks,
     Route(&'g Route),
 }
 
@@ -283,6 +286,8 @@ pub struct Admitted<'g> {
     pub rate: Option<RateInfo>,
     pub strip: Strip,
     pub target: Option<String>,
+    /// `X-Keygate-Assertion` (signed identity on, a caller): added after the identity fields.
+    pub assertion: Option<HeaderValue>,
 }
 
 impl Gateway {
@@ -303,6 +308,12 @@ impl Gateway {
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
         {
             return Ok(Routed::Verify);
+        }
+        if path == crate::identity::JWKS_PATH
+            && self.identity.is_some()
+            && matches!(*req.method(), Method::GET | Method::HEAD)
+        {
+            return Ok(Routed::Jwks);
         }
         self.table(req).map(Routed::Route)
     }
@@ -345,6 +356,7 @@ impl Gateway {
                 rate: None,
                 strip: Strip::NOTHING,
                 target: None,
+                assertion: None,
             });
         }
         let found = self.extractor.find(
@@ -366,6 +378,7 @@ impl Gateway {
             Err(e) => e.code(),
         });
         let (permit, rate) = checked?;
+        let assertion = self.assertion(&permit)?;
         Ok(Admitted {
             permit,
             rate: Some(rate),
@@ -374,7 +387,29 @@ impl Gateway {
                 api_key: true,
             },
             target: found.in_query.then(|| self.target_without_credential(req)),
+            assertion,
         })
+    }
+
+    /// The signed identity of an admitted caller (signing on). Without a signing key (the
+    /// store was unreachable since the start) the request is refused 503, never forwarded
+    /// unsigned.
+    fn assertion(&self, permit: &Permit<'_>) -> Result<Option<HeaderValue>, ProxyError> {
+        let (Some(identity), Some(principal)) = (&self.identity, permit.principal()) else {
+            return Ok(None);
+        };
+        identity
+            .assertion(permit.route(), principal)
+            .map(Some)
+            .ok_or(ProxyError::Auth(AuthError::StoreUnavailable))
+    }
+
+    /// The answer of `GET /.well-known/jwks.json` (or HEAD): the public signing keys.
+    pub fn jwks(&self, method: &Method) -> Response<Bytes> {
+        match &self.identity {
+            Some(id) => id.jwks_response(method == Method::HEAD),
+            None => ProxyError::RouteNotFound.response(),
+        }
     }
 
     async fn check<'g>(

@@ -47,6 +47,7 @@
 //! starting with a comment that says what ARGV holds and what it answers.
 
 mod codec;
+mod signing;
 mod watch;
 
 use std::future::Future;
@@ -60,6 +61,7 @@ use ::redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError, Sc
 use async_trait::async_trait;
 use uuid::Uuid;
 
+use super::signing::{AddKey, SigningKeyRecord};
 use super::{
     ClientPatch, ClientWithKeys, Conflict, KeyPatch, Page, Rotated, Rotation, Store, StoreError,
     StoreResult, Usage,
@@ -792,6 +794,19 @@ impl Store for RedisStore {
             ));
         }
         Ok(())
+    }
+
+    async fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>> {
+        self.read_signing_keys().await
+    }
+
+    async fn add_signing_key(
+        &self,
+        key: &SigningKeyRecord,
+        how: AddKey,
+        prune: &[String],
+    ) -> StoreResult<Vec<SigningKeyRecord>> {
+        self.write_signing_key(key, how, prune).await
     }
 
     fn watch_invalidations(&self, sink: Arc<dyn InvalidationSink>) {
