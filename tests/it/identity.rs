@@ -1,0 +1,530 @@
+//! Signed identity (`[identity]`): the real binary signs `X-Keygate-Assertion` with keys kept in
+//! a real SQLite file or a real redis-server, and the upstream verifies it against the live
+//! `/.well-known/jwks.json` with stock libraries: PyJWT's `PyJWKClient` (the README's example,
+//! `examples/verify-upstream/verify.py`, run as it is) and Rust `jsonwebtoken`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Value, json};
+
+use crate::redis_support::RedisServer;
+use crate::support::binary::Binary;
+use crate::support::{ADMIN_KEY, Reply, Upstream, config_text, store_config_text};
+
+const ASSERTION: &str = "x-keygate-assertion";
+
+/// Routes of every test gateway: the catch-all (default audience: the upstream's origin), one
+/// with its own audience, one public.
+const ROUTES: &str = r#"
+[[routes]]
+path = "/"
+[[routes]]
+path = "/billing"
+audience = "https://billing.internal"
+[[routes]]
+path = "/public"
+auth = "none"
+"#;
+
+async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> Reply {
+    call_with(addr, method, path, headers, body, false).await
+}
+
+/// One request; `h2`: HTTP/2 with prior knowledge (the hyper engine).
+async fn call_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+    h2: bool,
+) -> Reply {
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(h2)
+        .build_http::<Full<Bytes>>();
+    let mut b = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let body = body.map(|v| Bytes::from(v.to_string())).unwrap_or_default();
+    if !body.is_empty() {
+        b = b.header("content-type", "application/json");
+    }
+    let res = client
+        .request(b.body(Full::new(body)).unwrap())
+        .await
+        .expect("request sent");
+    let (parts, body) = res.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+async fn admin(bin: &Binary, method: &str, path: &str, body: Option<Value>) -> Reply {
+    call(bin.admin, method, path, &[("x-admin-key", ADMIN_KEY)], body).await
+}
+
+/// A client of license `pro` with a key holding READ and WRITE; answers the key.
+async fn client(bin: &Binary, id: &str) -> String {
+    let r = admin(
+        bin,
+        "POST",
+        "/v1/clients",
+        Some(json!({"client_id": id, "license": "pro"})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let r = admin(
+        bin,
+        "POST",
+        "/v1/api-keys",
+        Some(json!({"name": "k", "client_id": id, "permissions": ["READ", "WRITE"]})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["key"].as_str().unwrap().to_owned()
+}
+
+/// A proxied GET with `key`; answers the assertion the upstream received.
+async fn assertion_for(bin: &Binary, up: &Upstream, path: &str, key: &str) -> String {
+    let r = call(
+        bin.proxy,
+        "GET",
+        path,
+        &[("authorization", &format!("Bearer {key}"))],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let seen = up.last();
+    let all: Vec<_> = seen.headers.get_all(ASSERTION).iter().collect();
+    assert_eq!(all.len(), 1, "one assertion: {:?}", seen.headers);
+    all[0].to_str().unwrap().to_owned()
+}
+
+fn jwks_url(bin: &Binary) -> String {
+    format!("http://{}/.well-known/jwks.json", bin.proxy)
+}
+
+async fn jwks(addr: SocketAddr) -> Value {
+    let r = call(addr, "GET", "/.well-known/jwks.json", &[], None).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()
+}
+
+fn kids(jwks: &Value) -> Vec<String> {
+    jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The Python of `scripts/test.sh`'s PyJWT environment (made here on first use when the
+/// tests run on their own).
+fn python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyjwt-venv");
+    let py = venv.join("bin/python");
+    let ready = |py: &Path| {
+        Command::new(py)
+            .args(["-c", "import jwt, cryptography"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !ready(&py) {
+        let out = Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "python3 -m venv {v} && {v}/bin/pip install -q --disable-pip-version-check 'pyjwt[crypto]>=2.8,<3'",
+                    v = venv.display()
+                ),
+            ])
+            .output()
+            .expect("sh runs");
+        assert!(
+            out.status.success() && ready(&py),
+            "installing pyjwt[crypto] (PyPI) failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    py
+}
+
+/// The README's Python example: `Ok(claims)` or `Err(why)`.
+fn py_verify(jwks_url: &str, audience: &str, token: &str) -> Result<Value, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/verify-upstream/verify.py");
+    let mut child = Command::new(python())
+        .arg(script)
+        .args([jwks_url, audience])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(token.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Rust `jsonwebtoken`: the key named by `kid` in `jwks`, the algorithm pinned to `alg`.
+fn rust_verify(jwks: &Value, alg: Algorithm, audience: &str, token: &str) -> Result<Value, String> {
+    let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
+    let set: JwkSet = serde_json::from_value(jwks.clone()).unwrap();
+    let kid = header.kid.ok_or("no kid")?;
+    let jwk = set.find(&kid).ok_or("no such key in the set")?;
+    let key = DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
+    let mut v = Validation::new(alg);
+    v.leeway = 0;
+    v.set_audience(&[audience]);
+    v.set_issuer(&["keygate"]);
+    v.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
+    jsonwebtoken::decode::<Value>(token, &key, &v)
+        .map(|d| d.claims)
+        .map_err(|e| e.to_string())
+}
+
+fn header_of(token: &str) -> Value {
+    let h = token.split('.').next().unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(h).unwrap()).unwrap()
+}
+
+fn claims_of(token: &str) -> Value {
+    let p = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(p).unwrap()).unwrap()
+}
+
+/// `token` with its payload replaced by `edit(claims)`, signature kept.
+fn tampered(token: &str, edit: impl FnOnce(&mut Value)) -> String {
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut claims = claims_of(token);
+    edit(&mut claims);
+    let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
+    format!("{}.{payload}.{}", parts[0], parts[2])
+}
+
+fn start(dir: &Path, text: &str) -> Binary {
+    Binary::serve(text, dir)
+        .json_logs()
+        .env("RUST_LOG", "keygate=debug,info")
+        .spawn()
+}
+
+/// A gateway on a SQLite file in `dir`, signing with `identity` (the body of `[identity]`).
+fn sqlite_gateway(up: &Upstream, dir: &Path, identity: &str, extra: &str) -> Binary {
+    let text = config_text(
+        &up.url(),
+        &dir.join("k.db"),
+        &format!("[identity]\nsign = true\n{identity}\n{extra}\n{ROUTES}"),
+    );
+    start(dir, &text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upstream_verifies_the_assertion_against_the_live_jwks_with_stock_libraries() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = sqlite_gateway(&up, dir.path(), "", "");
+    let key = client(&gw, "acme").await;
+    let origin = up.url();
+
+    // A spoofed assertion from the client is dropped; the gateway's own one arrives.
+    let r = call(
+        gw.proxy,
+        "GET",
+        "/things",
+        &[
+            ("authorization", &format!("Bearer {key}")),
+            (ASSERTION, "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhZG1pbiJ9."),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let token = up.last().headers[ASSERTION].to_str().unwrap().to_owned();
+    assert_ne!(token, "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhZG1pbiJ9.");
+
+    // PyJWT's PyJWKClient against the proxy listener's key set (the README example).
+    let claims = py_verify(&jwks_url(&gw), &origin, &token).unwrap();
+    assert_eq!(claims["iss"], "keygate");
+    assert_eq!(claims["sub"], "acme");
+    assert_eq!(claims["aud"], origin);
+    assert_eq!(claims["permissions"], json!(["READ", "WRITE"]));
+    assert_eq!(claims["license"], "pro");
+    assert_eq!(
+        claims["key_id"],
+        up.last().headers["x-keygate-key-id"].to_str().unwrap()
+    );
+    let (iat, exp) = (
+        claims["iat"].as_i64().unwrap(),
+        claims["exp"].as_i64().unwrap(),
+    );
+    assert_eq!(exp - iat, 60, "default ttl_secs");
+    assert!(claims["jti"].as_str().is_some_and(|j| !j.is_empty()));
+    let header = header_of(&token);
+    assert_eq!(header["alg"], "EdDSA");
+
+    // Rust jsonwebtoken, against the admin listener's key set (the same keys, no credential).
+    let set = jwks(gw.admin).await;
+    assert_eq!(set, jwks(gw.proxy).await);
+    assert_eq!(kids(&set), [header["kid"].as_str().unwrap()]);
+    assert_eq!(set["keys"][0]["kty"], "OKP");
+    assert_eq!(
+        rust_verify(&set, Algorithm::EdDSA, &origin, &token).unwrap(),
+        claims
+    );
+
+    // The assertion is reused (same jti) until it nears its expiry; HTTP/2 (the hyper engine)
+    // carries the same one.
+    assert_eq!(assertion_for(&gw, &up, "/things", &key).await, token);
+    let r = call_with(
+        gw.proxy,
+        "GET",
+        "/h2",
+        &[("authorization", &format!("Bearer {key}"))],
+        None,
+        true,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.last().version, http::Version::HTTP_11);
+    assert_eq!(up.last().headers[ASSERTION], token.as_str());
+
+    // Another route has its own audience: an assertion for one upstream does not verify at
+    // another (no replay across upstreams).
+    let billing = assertion_for(&gw, &up, "/billing/x", &key).await;
+    assert_eq!(
+        py_verify(&jwks_url(&gw), "https://billing.internal", &billing).unwrap()["aud"],
+        "https://billing.internal"
+    );
+    let err = py_verify(&jwks_url(&gw), &origin, &billing).unwrap_err();
+    assert!(err.contains("InvalidAudience"), "{err}");
+    assert!(py_verify(&jwks_url(&gw), "https://billing.internal", &token).is_err());
+
+    // A change of the key's permissions gives a new assertion at once.
+    let key_id = claims["key_id"].as_str().unwrap();
+    let r = admin(
+        &gw,
+        "PATCH",
+        &format!("/v1/api-keys/{key_id}"),
+        Some(json!({"permissions": ["READ"]})),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let after = assertion_for(&gw, &up, "/things", &key).await;
+    assert_eq!(
+        py_verify(&jwks_url(&gw), &origin, &after).unwrap()["permissions"],
+        json!(["READ"])
+    );
+
+    // A public route has no caller: nothing to assert.
+    let r = call(gw.proxy, "GET", "/public/x", &[(ASSERTION, "forged")], None).await;
+    assert_eq!(r.status, 200);
+    assert!(!up.last().headers.contains_key(ASSERTION));
+    // The key set is served to anyone, on GET and HEAD only.
+    let r = call(gw.proxy, "HEAD", "/.well-known/jwks.json", &[], None).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    assert!(
+        r.headers["cache-control"]
+            .to_str()
+            .unwrap()
+            .contains("max-age=")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tampered_forged_and_expired_assertions_fail() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = sqlite_gateway(&up, dir.path(), "ttl_secs = 2\noverlap_secs = 60", "");
+    let key = client(&gw, "acme").await;
+    let origin = up.url();
+    let token = assertion_for(&gw, &up, "/things", &key).await;
+    let url = jwks_url(&gw);
+    let set = jwks(gw.proxy).await;
+    assert!(py_verify(&url, &origin, &token).is_ok());
+
+    let edits: Vec<(&str, Box<dyn FnOnce(&mut Value)>)> = vec![
+        ("sub", Box::new(|c| c["sub"] = json!("admin"))),
+        ("aud", Box::new(|c| c["aud"] = json!("http://elsewhere:1"))),
+        ("iss", Box::new(|c| c["iss"] = json!("keygate-evil"))),
+        (
+            "key_id",
+            Box::new(|c| c["key_id"] = json!("00000000-0000-7000-8000-000000000000")),
+        ),
+        (
+            "permissions",
+            Box::new(|c| c["permissions"] = json!(["READ", "WRITE", "ADMIN"])),
+        ),
+        ("license", Box::new(|c| c["license"] = json!("enterprise"))),
+        (
+            "exp",
+            Box::new(|c| c["exp"] = json!(c["exp"].as_i64().unwrap() + 3600)),
+        ),
+        (
+            "iat",
+            Box::new(|c| c["iat"] = json!(c["iat"].as_i64().unwrap() - 1)),
+        ),
+        ("jti", Box::new(|c| c["jti"] = json!("replayed"))),
+    ];
+    for (claim, edit) in edits {
+        let forged = tampered(&token, edit);
+        let py = py_verify(&url, &origin, &forged);
+        assert!(py.is_err(), "{claim} tampered: PyJWT accepted it");
+        let rs = rust_verify(&set, Algorithm::EdDSA, &origin, &forged);
+        assert!(rs.is_err(), "{claim} tampered: jsonwebtoken accepted it");
+    }
+    // A flipped signature byte, a signature of another key, `alg: none`.
+    let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+    let mut sig = URL_SAFE_NO_PAD.decode(&parts[2]).unwrap();
+    sig[0] ^= 1;
+    parts[2] = URL_SAFE_NO_PAD.encode(sig);
+    assert!(py_verify(&url, &origin, &parts.join(".")).is_err());
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let mut h = jsonwebtoken::Header::new(Algorithm::EdDSA);
+    h.kid = header_of(&token)["kid"].as_str().map(str::to_owned);
+    let forged = jsonwebtoken::encode(
+        &h,
+        &claims_of(&token),
+        &jsonwebtoken::EncodingKey::from_ed_der(&other.serialize_der()),
+    )
+    .unwrap();
+    assert!(py_verify(&url, &origin, &forged).is_err());
+    assert!(rust_verify(&set, Algorithm::EdDSA, &origin, &forged).is_err());
+    let none = format!(
+        "{}.{}.",
+        URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#),
+        token.split('.').nth(1).unwrap()
+    );
+    assert!(py_verify(&url, &origin, &none).is_err());
+    assert!(rust_verify(&set, Algorithm::EdDSA, &origin, &none).is_err());
+
+    // Expired: ttl_secs = 2.
+    let exp = claims_of(&token)["exp"].as_i64().unwrap();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    while now() <= exp {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = py_verify(&url, &origin, &token).unwrap_err();
+    assert!(err.contains("ExpiredSignature"), "{err}");
+    let err = rust_verify(&set, Algorithm::EdDSA, &origin, &token).unwrap_err();
+    assert!(err.contains("ExpiredSignature"), "{err}");
+    // The gateway itself never forwards one past its refresh point: a new request gets a
+    // fresh, valid assertion.
+    let fresh = assertion_for(&gw, &up, "/things", &key).await;
+    assert_ne!(fresh, token);
+    assert!(py_verify(&url, &origin, &fresh).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_publishes_the_new_key_ahead_and_keeps_the_old_one_for_its_overlap() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = sqlite_gateway(
+        &up,
+        dir.path(),
+        "ttl_secs = 4\npublish_ahead_secs = 1\noverlap_secs = 4",
+        "",
+    );
+    let key = client(&gw, "acme").await;
+    let origin = up.url();
+    let url = jwks_url(&gw);
+    let old = assertion_for(&gw, &up, "/things", &key).await;
+    let old_kid = header_of(&old)["kid"].as_str().unwrap().to_owned();
+
+    let r = admin(&gw, "POST", "/v1/identity/rotate", None).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let rotated_at = Instant::now();
+    let answer = r.json();
+    let new_kid = answer["next"]["kid"].as_str().unwrap().to_owned();
+    assert_ne!(new_kid, old_kid);
+    let states: Vec<(&str, &str)> = answer["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| (k["kid"].as_str().unwrap(), k["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        [(old_kid.as_str(), "current"), (new_kid.as_str(), "next")]
+    );
+    // Published at once, on both listeners; not signing yet.
+    assert_eq!(
+        kids(&jwks(gw.proxy).await),
+        [old_kid.clone(), new_kid.clone()]
+    );
+    assert_eq!(
+        kids(&jwks(gw.admin).await),
+        [old_kid.clone(), new_kid.clone()]
+    );
+    // A second rotation while one is pending is refused and changes nothing.
+    let r = admin(&gw, "POST", "/v1/identity/rotate", None).await;
+    assert_eq!(r.status, 409);
+    assert_eq!(
+        kids(&jwks(gw.proxy).await),
+        [old_kid.clone(), new_kid.clone()]
+    );
+
+    // After publish_ahead the new key signs; old assertions still verify.
+    tokio::time::sleep(Duration::from_millis(1200).saturating_sub(rotated_at.elapsed())).await;
+    let new = assertion_for(&gw, &up, "/things", &key).await;
+    assert_eq!(header_of(&new)["kid"], new_kid.as_str());
+    assert!(py_verify(&url, &origin, &new).is_ok());
+    assert!(py_verify(&url, &origin, &old).is_ok());
+    let set = jwks(gw.proxy).await;
+    assert_eq!(kids(&set), [old_kid.clone(), new_kid.clone()]);
+    assert!(rust_verify(&set, Algorithm::EdDSA, &origin, &old).is_ok());
+
+    // After the overlap the old key leaves the set: its assertions no longer verify, for
+    // want of the key (not only of time).
+    tokio::time::sleep(Duration::from_millis(5300).saturating_sub(rotated_at.elapsed())).await;
+    let set = jwks(gw.proxy).await;
+    assert!(!kids(&set).contains(&old_kid), "{set}");
+    assert_eq!(kids(&set), [new_kid.clone()]);
+    let err = py_verify(&url, &origin, &old).unwrap_err();
+    assert!(err.contains("Unable to find a signing key"), "{err}");
+    let err = rust_verify(&set, Algorithm::EdDSA, &origin, &old).unwrap_err();
+    assert!(err.contains("no such key"), "{err}");
+    let now = assertion_for(&gw, &up, "/things", &key).await;
+    assert_eq!(header_of(&now)["kid"], new_kid.as_str());
+    assert!(py_verify(&url, &origin, &now).is_ok());
+}
