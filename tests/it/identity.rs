@@ -378,7 +378,8 @@ async fn tampered_forged_and_expired_assertions_fail() {
     let set = jwks(gw.proxy).await;
     assert!(py_verify(&url, &origin, &token).is_ok());
 
-    let edits: Vec<(&str, Box<dyn FnOnce(&mut Value)>)> = vec![
+    type Edit = Box<dyn FnOnce(&mut Value)>;
+    let edits: Vec<(&str, Edit)> = vec![
         ("sub", Box::new(|c| c["sub"] = json!("admin"))),
         ("aud", Box::new(|c| c["aud"] = json!("http://elsewhere:1"))),
         ("iss", Box::new(|c| c["iss"] = json!("keygate-evil"))),
@@ -519,7 +520,7 @@ async fn a_rotation_publishes_the_new_key_ahead_and_keeps_the_old_one_for_its_ov
     tokio::time::sleep(Duration::from_millis(5300).saturating_sub(rotated_at.elapsed())).await;
     let set = jwks(gw.proxy).await;
     assert!(!kids(&set).contains(&old_kid), "{set}");
-    assert_eq!(kids(&set), [new_kid.clone()]);
+    assert_eq!(kids(&set), [new_kid.as_str()]);
     let err = py_verify(&url, &origin, &old).unwrap_err();
     assert!(err.contains("Unable to find a signing key"), "{err}");
     let err = rust_verify(&set, Algorithm::EdDSA, &origin, &old).unwrap_err();
@@ -527,4 +528,391 @@ async fn a_rotation_publishes_the_new_key_ahead_and_keeps_the_old_one_for_its_ov
     let now = assertion_for(&gw, &up, "/things", &key).await;
     assert_eq!(header_of(&now)["kid"], new_kid.as_str());
     assert!(py_verify(&url, &origin, &now).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_on_one_redis_publish_one_key_set_and_verify_each_other() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let text = store_config_text(
+        &up.url(),
+        &format!("url = \"{}\"", redis.tcp_url(0)),
+        &format!("[identity]\nsign = true\npublish_ahead_secs = 2\noverlap_secs = 60\n{ROUTES}"),
+    );
+    // Started together: the first key of the fleet is made once.
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| start(da.path(), &text));
+        let b = s.spawn(|| start(db.path(), &text));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let stored = |redis: &RedisServer| -> u64 {
+        redis.query(0, redis::cmd("HLEN").arg("keygate:signing_keys"))
+    };
+    assert_eq!(stored(&redis), 1);
+    let set = jwks(a.proxy).await;
+    assert_eq!(kids(&set).len(), 1);
+    assert_eq!(jwks(b.proxy).await, set);
+    assert_eq!(jwks(b.admin).await, set);
+
+    let key = client(&a, "acme").await;
+    let origin = up.url();
+    let from_a = assertion_for(&a, &up, "/things", &key).await;
+    let from_b = assertion_for(&b, &up, "/things", &key).await;
+    for (token, jwks_of) in [(&from_a, &b), (&from_b, &a), (&from_a, &a), (&from_b, &b)] {
+        assert_eq!(
+            py_verify(&jwks_url(jwks_of), &origin, token).unwrap()["sub"],
+            "acme"
+        );
+    }
+
+    // A rotation made on A is published by B within its poll interval (publish_ahead / 4
+    // here), before the new key signs.
+    let r = admin(&a, "POST", "/v1/identity/rotate", None).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let rotated = Instant::now();
+    let new_kid = r.json()["next"]["kid"].as_str().unwrap().to_owned();
+    assert_eq!(stored(&redis), 2);
+    let seen_by_b = loop {
+        if kids(&jwks(b.proxy).await).contains(&new_kid) {
+            break rotated.elapsed();
+        }
+        assert!(
+            rotated.elapsed() < Duration::from_secs(2),
+            "B never published the new key"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(seen_by_b < Duration::from_secs(2), "{seen_by_b:?}");
+    assert_eq!(jwks(a.proxy).await, jwks(b.proxy).await);
+    // After publish_ahead both sign with it, and each verifies against the other.
+    tokio::time::sleep(Duration::from_millis(2200).saturating_sub(rotated.elapsed())).await;
+    let from_a = assertion_for(&a, &up, "/things", &key).await;
+    let from_b = assertion_for(&b, &up, "/things", &key).await;
+    for token in [&from_a, &from_b] {
+        assert_eq!(header_of(token)["kid"], new_kid.as_str());
+        assert!(py_verify(&jwks_url(&a), &origin, token).is_ok());
+        assert!(py_verify(&jwks_url(&b), &origin, token).is_ok());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forward_auth_allow_carries_the_assertion_signed_with_es256() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = sqlite_gateway(
+        &up,
+        dir.path(),
+        "algorithm = \"ES256\"",
+        "[forward_auth]\nenabled = true",
+    );
+    let key = client(&gw, "acme").await;
+    let origin = up.url();
+    let verify = |auth: Option<String>, uri: &'static str| {
+        let proxy = gw.proxy;
+        async move {
+            let mut h = vec![
+                ("x-forwarded-method", "GET".to_owned()),
+                ("x-forwarded-uri", uri.to_owned()),
+                // A client's own copy, which an edge proxy would pass along.
+                (ASSERTION, "forged".to_owned()),
+            ];
+            if let Some(a) = auth {
+                h.push(("authorization", a));
+            }
+            let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            call(proxy, "GET", "/_keygate/verify", &h, None).await
+        }
+    };
+    let r = verify(Some(format!("Bearer {key}")), "/things").await;
+    assert_eq!(r.status, 200);
+    let token = r.headers[ASSERTION].to_str().unwrap().to_owned();
+    assert_eq!(header_of(&token)["alg"], "ES256");
+    let set = jwks(gw.proxy).await;
+    assert_eq!(set["keys"][0]["kty"], "EC");
+    assert_eq!(set["keys"][0]["crv"], "P-256");
+    assert_eq!(set["keys"][0]["alg"], "ES256");
+    let claims = py_verify(&jwks_url(&gw), &origin, &token).unwrap();
+    assert_eq!(
+        (claims["sub"].as_str(), claims["license"].as_str()),
+        (Some("acme"), Some("pro"))
+    );
+    assert_eq!(
+        rust_verify(&set, Algorithm::ES256, &origin, &token).unwrap(),
+        claims
+    );
+    // Pinned to ES256: the same token is refused as EdDSA.
+    assert!(rust_verify(&set, Algorithm::EdDSA, &origin, &token).is_err());
+    // The audience of the route the original request names.
+    let billing = verify(Some(format!("Bearer {key}")), "/billing/1").await;
+    let billing = billing.headers[ASSERTION].to_str().unwrap();
+    assert_eq!(claims_of(billing)["aud"], "https://billing.internal");
+    // A public route: present and empty (an edge proxy copying it overwrites the client's).
+    let r = verify(None, "/public/x").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers[ASSERTION], "");
+    // A refusal carries none.
+    let r = verify(None, "/things").await;
+    assert_eq!(r.status, 401);
+    assert!(!r.headers.contains_key(ASSERTION));
+    let r = verify(Some("Bearer kg_wrong".into()), "/things").await;
+    assert_eq!(r.status, 401);
+    assert!(!r.headers.contains_key(ASSERTION));
+}
+
+/// Every spelling of a secret a log or an answer could carry.
+fn spellings(secret: &[u8]) -> Vec<String> {
+    vec![
+        STANDARD.encode(secret),
+        URL_SAFE_NO_PAD.encode(secret),
+        hex::encode(secret),
+    ]
+}
+
+fn stored_private_keys(db: &Path) -> Vec<Vec<u8>> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = c.prepare("SELECT private_pkcs8 FROM signing_keys").unwrap();
+    stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_private_key_material_in_any_log_listing_or_answer() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = sqlite_gateway(&up, dir.path(), "publish_ahead_secs = 1", "");
+    let key = client(&gw, "acme").await;
+    let mut answers: Vec<Bytes> = Vec::new();
+    let token = assertion_for(&gw, &up, "/things", &key).await;
+    answers.push(Bytes::from(token));
+    for r in [
+        admin(&gw, "POST", "/v1/identity/rotate", None).await,
+        admin(&gw, "POST", "/v1/identity/rotate", None).await, // 409: pending
+        call(gw.admin, "POST", "/v1/identity/rotate", &[], None).await, // 401
+        call(gw.proxy, "GET", "/.well-known/jwks.json", &[], None).await,
+        call(gw.admin, "GET", "/.well-known/jwks.json", &[], None).await,
+        call(gw.admin, "GET", "/metrics", &[], None).await,
+        call(gw.admin, "GET", "/openapi.json", &[], None).await,
+    ] {
+        answers.push(r.body);
+        answers.push(Bytes::from(format!("{:?}", r.headers)));
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    answers.push(Bytes::from(assertion_for(&gw, &up, "/things", &key).await));
+    assert!(gw.terminate().success());
+    let keys = stored_private_keys(&dir.path().join("k.db"));
+    assert_eq!(keys.len(), 2);
+    let logs = gw.lines().join("\n");
+    assert!(logs.contains("signing key rotation started"), "{logs}");
+    for der in &keys {
+        // PKCS#8 of Ed25519 (RFC 8410): the 32-byte seed follows `04 22 04 20`.
+        let at = der
+            .windows(4)
+            .position(|w| w == [0x04, 0x22, 0x04, 0x20])
+            .expect("an Ed25519 PKCS#8 key")
+            + 4;
+        for secret in [&der[..], &der[at..at + 32]] {
+            for s in spellings(secret) {
+                assert!(!logs.contains(&s), "a private key in the logs");
+                for a in &answers {
+                    assert!(
+                        !String::from_utf8_lossy(a).contains(&s),
+                        "a private key in an answer"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signing_key_file_signs_is_published_and_never_shown() {
+    for (alg, rc) in [
+        (Algorithm::EdDSA, &rcgen::PKCS_ED25519),
+        (Algorithm::ES256, &rcgen::PKCS_ECDSA_P256_SHA256),
+    ] {
+        let up = Upstream::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let pair = rcgen::KeyPair::generate_for(rc).unwrap();
+        let pem = pair.serialize_pem();
+        let file = dir.path().join("signing.pem");
+        std::fs::write(&file, &pem).unwrap();
+        let name = if alg == Algorithm::EdDSA {
+            "EdDSA"
+        } else {
+            "ES256"
+        };
+        let mut gw = sqlite_gateway(
+            &up,
+            dir.path(),
+            &format!(
+                "algorithm = \"{name}\"\nsigning_key_file = \"{}\"",
+                file.display()
+            ),
+            "",
+        );
+        let key = client(&gw, "acme").await;
+        let token = assertion_for(&gw, &up, "/things", &key).await;
+        let set = jwks(gw.proxy).await;
+        assert_eq!(kids(&set).len(), 1);
+        assert!(rust_verify(&set, alg, &up.url(), &token).is_ok());
+        assert!(py_verify(&jwks_url(&gw), &up.url(), &token).is_ok());
+        // The public key of the file is the one published.
+        let public = pair.public_key_raw();
+        let x = URL_SAFE_NO_PAD
+            .decode(set["keys"][0]["x"].as_str().unwrap())
+            .unwrap();
+        assert!(public.windows(x.len()).any(|w| w == x.as_slice()));
+        // The operator rotates the file, not keygate.
+        let r = admin(&gw, "POST", "/v1/identity/rotate", None).await;
+        assert_eq!(r.status, 409);
+        assert!(
+            r.json()["detail"]
+                .as_str()
+                .unwrap()
+                .contains("signing_key_file")
+        );
+        assert_eq!(jwks(gw.proxy).await, set);
+        assert!(gw.terminate().success());
+        let logs = gw.lines().join("\n");
+        let der = pair.serialize_der();
+        for s in spellings(&der).into_iter().chain(
+            pem.lines()
+                .filter(|l| !l.starts_with("-----"))
+                .map(str::to_owned),
+        ) {
+            assert!(!logs.contains(&s), "the key file's key in the logs");
+            assert!(!r.body.windows(s.len()).any(|w| w == s.as_bytes()));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotation_needs_the_admin_key_and_a_refusal_changes_nothing() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = sqlite_gateway(&up, dir.path(), "", "");
+    // A client allowed to manage its own keys is still no admin.
+    let r = admin(
+        &gw,
+        "POST",
+        "/v1/clients",
+        Some(json!({"client_id": "acme", "license": "pro"})),
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    let r = admin(
+        &gw,
+        "POST",
+        "/v1/api-keys",
+        Some(json!({"name": "self", "client_id": "acme", "permissions": ["keys:manage"]})),
+    )
+    .await;
+    let own = r.json()["key"].as_str().unwrap().to_owned();
+    let before = jwks(gw.admin).await;
+    let db = dir.path().join("k.db");
+    let stored = stored_private_keys(&db);
+    for (headers, status) in [
+        (vec![], 401),
+        (vec![("x-admin-key", "wrong-admin-key-0123456789")], 401),
+        (
+            vec![("authorization", "Bearer wrong-admin-key-0123456789")],
+            401,
+        ),
+        (vec![("x-admin-key", "")], 401),
+        (
+            vec![("authorization", format!("Bearer {own}").leak() as &str)],
+            403,
+        ),
+        (vec![("x-api-key", own.as_str())], 403),
+    ] {
+        let r = call(gw.admin, "POST", "/v1/identity/rotate", &headers, None).await;
+        assert_eq!(
+            r.status,
+            status,
+            "{headers:?}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(
+            r.headers["content-type"], "application/problem+json",
+            "{headers:?}"
+        );
+        assert_eq!(jwks(gw.admin).await, before);
+        assert_eq!(stored_private_keys(&db), stored);
+    }
+    // The key set is read-only: other methods do not reach it.
+    for method in ["POST", "PUT", "DELETE"] {
+        let r = call(gw.admin, method, "/.well-known/jwks.json", &[], None).await;
+        assert_eq!(r.status, 405, "{method}");
+        let r = call(gw.proxy, method, "/.well-known/jwks.json", &[], None).await;
+        assert_eq!(r.status, 401, "{method}: judged as a proxied request");
+    }
+    assert_eq!(stored_private_keys(&db), stored);
+}
+
+#[test]
+fn check_config_explains_a_bad_identity_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |identity: &str| {
+        let path = dir.path().join("k.toml");
+        let text = config_text(
+            "http://127.0.0.1:9",
+            &dir.path().join("k.db"),
+            &format!("[identity]\nsign = true\n{identity}"),
+        );
+        std::fs::write(&path, text).unwrap();
+        let out = Binary::command(["check-config", "--config"])
+            .arg(&path)
+            .output();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let missing = dir.path().join("missing.pem");
+    let (ok, err) = check(&format!("signing_key_file = \"{}\"", missing.display()));
+    assert!(!ok);
+    assert!(
+        err.contains("identity.signing_key_file") && err.contains("cannot be read"),
+        "{err}"
+    );
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let (ok, err) = check(&format!("signing_key_file = \"{}\"", garbage.display()));
+    assert!(!ok);
+    assert!(err.contains("not a PEM private key"), "{err}");
+    assert!(
+        !err.contains("bm90IGEga2V5"),
+        "the file's content is not quoted"
+    );
+    let p256 = dir.path().join("p256.pem");
+    std::fs::write(
+        &p256,
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .serialize_pem(),
+    )
+    .unwrap();
+    let (ok, err) = check(&format!("signing_key_file = \"{}\"", p256.display()));
+    assert!(!ok);
+    assert!(err.contains("holds a key for ES256"), "{err}");
+    let (ok, err) = check(&format!(
+        "algorithm = \"ES256\"\nsigning_key_file = \"{}\"",
+        p256.display()
+    ));
+    assert!(ok, "{err}");
+    let (ok, err) = check("algorithm = \"RS256\"");
+    assert!(!ok && err.contains("RS256"), "{err}");
+    let (ok, err) = check("ttl_secs = 0");
+    assert!(!ok && err.contains("identity.ttl_secs"), "{err}");
+    let (ok, err) = check("ttl_secs = 120\noverlap_secs = 60");
+    assert!(!ok && err.contains("identity.overlap_secs"), "{err}");
+    let (ok, err) = check("issuer = \"\"");
+    assert!(!ok && err.contains("identity.issuer"), "{err}");
 }
