@@ -1380,7 +1380,7 @@ async fn signing_keys_are_made_once_added_and_pruned_atomically(s: Arc<dyn Store
         .add_signing_key(
             &signing_key("third", 30),
             AddKey::Always,
-            &[first.kid.clone()],
+            std::slice::from_ref(&first.kid),
         )
         .await
         .unwrap();
