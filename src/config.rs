@@ -479,7 +479,7 @@ pub struct Config {
     pub log: LogConfig,
     pub jwt: JwtConfig,
     pub forward_auth: ForwardAuth,
-    pub identity: identity::IdentityConfig,
+    pub identity: crate::identity::IdentityConfig,
     /// Things an operator should know but that do not stop startup.
     pub warnings: Vec<String>,
 }

@@ -215,8 +215,23 @@ impl App {
         .map_err(StartError::Tls)?;
         // Signed identity: the keys are read now; an unreachable store is retried by the
         // refresh task, and until then authenticated requests are answered 503.
-        let identity = identity::Identity::new(&config, &routes, Arc::clone(&store), clock.clone())
-            .map_err(StartError::Identity)?;
+        let audiences = routes
+            .names()
+            .iter()
+            .map(
+                |name| match config.routes.iter().find(|r| &r.path == name) {
+                    Some(r) => identity::audience(r.audience.as_deref(), &r.upstream),
+                    None => identity::audience(None, &config.proxy.upstream),
+                },
+            )
+            .collect();
+        let identity = identity::Identity::new(
+            config.identity.clone(),
+            audiences,
+            Arc::clone(&store),
+            clock.clone(),
+        )
+        .map_err(StartError::Identity)?;
         if let Some(id) = &identity {
             if let Err(e) = id.load().await {
                 tracing::error!(error = %e, "cannot read the signing keys; retrying");

@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use http::Uri;
 use serde::Deserialize;
 
+use crate::identity::IdentityConfig;
 use crate::identity::material::{Alg, Material};
 
 fn d_ttl() -> u64 {
@@ -48,24 +48,6 @@ pub struct RawIdentity {
 impl Default for RawIdentity {
     fn default() -> Self {
         toml::from_str("").expect("every field has a default")
-    }
-}
-
-/// The validated `[identity]` section.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdentityConfig {
-    pub sign: bool,
-    pub algorithm: Alg,
-    pub ttl: Duration,
-    pub issuer: String,
-    pub publish_ahead: Duration,
-    pub overlap: Duration,
-    pub signing_key_file: Option<PathBuf>,
-}
-
-impl Default for IdentityConfig {
-    fn default() -> Self {
-        validate(RawIdentity::default(), &mut Vec::new())
     }
 }
 
@@ -116,19 +98,6 @@ pub fn validate(raw: RawIdentity, errors: &mut Vec<String>) -> IdentityConfig {
         publish_ahead: Duration::from_secs(raw.publish_ahead_secs),
         overlap: Duration::from_secs(raw.overlap_secs),
         signing_key_file: raw.signing_key_file,
-    }
-}
-
-/// The audience of a route: its `audience`, else its upstream's origin as configured
-/// (`scheme://host:port`, the port as written).
-pub fn audience(configured: Option<&str>, upstream: &Uri) -> String {
-    match configured {
-        Some(a) => a.to_owned(),
-        None => format!(
-            "{}://{}",
-            upstream.scheme_str().unwrap_or("http"),
-            upstream.authority().map_or("", |a| a.as_str())
-        ),
     }
 }
 

@@ -23,21 +23,20 @@
 
 pub mod material;
 
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::Uri;
 use http::{HeaderName, HeaderValue};
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::clock::Clock;
-use crate::config::identity::{IdentityConfig, audience};
-use crate::config::{Config, Route as RouteConfig};
 use crate::keys::store::signing::{AddKey, SigningKeyRecord};
 use crate::keys::store::{Store, StoreError};
 use crate::keys::{IdentityHeaders, Millis, Principal};
-use crate::route::{Route, RouteTable};
 use material::{Alg, Material};
 
 /// The path of the key set on both listeners.
@@ -47,6 +46,31 @@ pub const X_KEYGATE_ASSERTION: HeaderName = HeaderName::from_static("x-keygate-a
 
 /// Most cached assertions (one per API key and route in use).
 pub const CACHE_CAPACITY: u64 = 100_000;
+
+/// The validated `[identity]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityConfig {
+    pub sign: bool,
+    pub algorithm: Alg,
+    pub ttl: Duration,
+    pub issuer: String,
+    pub publish_ahead: Duration,
+    pub overlap: Duration,
+    pub signing_key_file: Option<PathBuf>,
+}
+
+/// The audience of a route: its `audience`, else its upstream's origin as configured
+/// (`scheme://host:port`, the port as written).
+pub fn audience(configured: Option<&str>, upstream: &Uri) -> String {
+    match configured {
+        Some(a) => a.to_owned(),
+        None => format!(
+            "{}://{}",
+            upstream.scheme_str().unwrap_or("http"),
+            upstream.authority().map_or("", |a| a.as_str())
+        ),
+    }
+}
 
 /// A key of the set and when it starts signing.
 struct Loaded {
@@ -188,7 +212,7 @@ pub struct Identity {
     source: Source,
     keys: RwLock<Arc<KeySet>>,
     cache: moka::sync::Cache<(Uuid, usize), Arc<Cached>>,
-    /// By [`Route::index`].
+    /// By [`crate::route::Route::index`].
     audiences: Vec<String>,
     clock: Clock,
 }
@@ -217,29 +241,17 @@ struct Claims<'a> {
 }
 
 impl Identity {
-    /// The service for `config` (None when `[identity] sign` is off). Keys from the store are
-    /// read by [`Identity::load`].
+    /// The service for `cfg` (None when `sign` is off); `audiences` by [`crate::route::Route`]
+    /// index. Keys from the store are read by [`Identity::load`].
     pub fn new(
-        config: &Config,
-        routes: &RouteTable,
+        cfg: IdentityConfig,
+        audiences: Vec<String>,
         store: Arc<dyn Store>,
         clock: Clock,
     ) -> Result<Option<Arc<Identity>>, String> {
-        let cfg = config.identity.clone();
         if !cfg.sign {
             return Ok(None);
         }
-        let audiences = routes
-            .names()
-            .iter()
-            .map(|name| {
-                let r: Option<&RouteConfig> = config.routes.iter().find(|r| &r.path == name);
-                match r {
-                    Some(r) => audience(r.audience.as_deref(), &r.upstream),
-                    None => audience(None, &config.proxy.upstream),
-                }
-            })
-            .collect();
         let (source, keys) = match &cfg.signing_key_file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
@@ -377,16 +389,16 @@ impl Identity {
 
     /// The assertion for `principal` on `route`: the cached one while it has more than a
     /// quarter of its lifetime left, else a new one. `None`: no signing key is loaded.
-    pub fn assertion(&self, route: &Route, principal: &Principal) -> Option<HeaderValue> {
+    pub fn assertion(&self, route: usize, principal: &Principal) -> Option<HeaderValue> {
         let now = self.clock.now_millis();
-        let slot = (principal.key_id, route.index);
+        let slot = (principal.key_id, route);
         if let Some(c) = self.cache.get(&slot)
             && now < c.refresh_at
             && same_identity(&c.identity, &principal.headers)
         {
             return Some(c.value.clone());
         }
-        let fresh = Arc::new(self.sign(route.index, principal, now)?);
+        let fresh = Arc::new(self.sign(route, principal, now)?);
         let value = fresh.value.clone();
         self.cache.insert(slot, fresh);
         Some(value)

@@ -399,7 +399,7 @@ impl Gateway {
             return Ok(None);
         };
         identity
-            .assertion(permit.route(), principal)
+            .assertion(permit.route().index, principal)
             .map(Some)
             .ok_or(ProxyError::Auth(AuthError::StoreUnavailable))
     }

@@ -453,7 +453,7 @@ async fn tampered_forged_and_expired_assertions_fail() {
     // fresh, valid assertion.
     let fresh = assertion_for(&gw, &up, "/things", &key).await;
     assert_ne!(fresh, token);
-    assert!(py_verify(&url, &origin, &fresh).is_ok());
+    rust_verify(&set, Algorithm::EdDSA, &origin, &fresh).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -463,7 +463,7 @@ async fn a_rotation_publishes_the_new_key_ahead_and_keeps_the_old_one_for_its_ov
     let gw = sqlite_gateway(
         &up,
         dir.path(),
-        "ttl_secs = 4\npublish_ahead_secs = 1\noverlap_secs = 4",
+        "ttl_secs = 8\npublish_ahead_secs = 1\noverlap_secs = 8",
         "",
     );
     let key = client(&gw, "acme").await;
@@ -509,15 +509,15 @@ async fn a_rotation_publishes_the_new_key_ahead_and_keeps_the_old_one_for_its_ov
     tokio::time::sleep(Duration::from_millis(1200).saturating_sub(rotated_at.elapsed())).await;
     let new = assertion_for(&gw, &up, "/things", &key).await;
     assert_eq!(header_of(&new)["kid"], new_kid.as_str());
-    assert!(py_verify(&url, &origin, &new).is_ok());
-    assert!(py_verify(&url, &origin, &old).is_ok());
+    py_verify(&url, &origin, &new).unwrap();
+    py_verify(&url, &origin, &old).unwrap();
     let set = jwks(gw.proxy).await;
     assert_eq!(kids(&set), [old_kid.clone(), new_kid.clone()]);
     assert!(rust_verify(&set, Algorithm::EdDSA, &origin, &old).is_ok());
 
     // After the overlap the old key leaves the set: its assertions no longer verify, for
     // want of the key (not only of time).
-    tokio::time::sleep(Duration::from_millis(5300).saturating_sub(rotated_at.elapsed())).await;
+    tokio::time::sleep(Duration::from_millis(9300).saturating_sub(rotated_at.elapsed())).await;
     let set = jwks(gw.proxy).await;
     assert!(!kids(&set).contains(&old_kid), "{set}");
     assert_eq!(kids(&set), [new_kid.as_str()]);
