@@ -217,6 +217,25 @@ fn rust_verify(jwks: &Value, alg: Algorithm, audience: &str, token: &str) -> Res
         .map_err(|e| e.to_string())
 }
 
+/// The README's Rust example (its audience a parameter here).
+fn readme_verify(
+    jwks: &JwkSet,
+    assertion: &str,
+    audience: &str,
+) -> jsonwebtoken::errors::Result<Value> {
+    use jsonwebtoken::errors::ErrorKind;
+    use jsonwebtoken::{decode, decode_header};
+    let kid = decode_header(assertion)?
+        .kid
+        .ok_or(ErrorKind::InvalidToken)?;
+    let jwk = jwks.find(&kid).ok_or(ErrorKind::InvalidToken)?;
+    let mut v = Validation::new(Algorithm::EdDSA);
+    v.set_audience(&[audience]);
+    v.set_issuer(&["keygate"]);
+    v.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
+    Ok(decode(assertion, &DecodingKey::from_jwk(jwk)?, &v)?.claims)
+}
+
 fn header_of(token: &str) -> Value {
     let h = token.split('.').next().unwrap();
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(h).unwrap()).unwrap()
@@ -305,6 +324,16 @@ async fn the_upstream_verifies_the_assertion_against_the_live_jwks_with_stock_li
     assert_eq!(
         rust_verify(&set, Algorithm::EdDSA, &origin, &token).unwrap(),
         claims
+    );
+    let parsed: JwkSet = serde_json::from_value(set.clone()).unwrap();
+    assert_eq!(readme_verify(&parsed, &token, &origin).unwrap(), claims);
+    assert!(
+        readme_verify(
+            &parsed,
+            &tampered(&token, |c| c["sub"] = json!("x")),
+            &origin
+        )
+        .is_err()
     );
 
     // The assertion is reused (same jti) until it nears its expiry; HTTP/2 (the hyper engine)
