@@ -4,14 +4,20 @@
 use axum::Json;
 use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::error::{AdminError, ErrorResponses};
+use super::error::{AdminError, ErrorResponses, JsonBody};
 use super::{AdminState, Caller};
 use crate::identity::{KeyInfo, RotateError};
 
 const OFF: &str = "signed identity is off ([identity] sign = false)";
+
+/// The body of a rotation: none, or an empty object (the call takes no fields; anything else
+/// is refused and changes nothing).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateSigningKey {}
 
 /// The signing keys after a rotation started.
 #[derive(Debug, Serialize, ToSchema)]
@@ -27,10 +33,12 @@ pub struct Rotation {
 /// that. Refused (409) while a rotation is pending or when the key comes from
 /// `signing_key_file`.
 #[utoipa::path(post, path = "/v1/identity/rotate", operation_id = "rotate_signing_key", tag = "identity",
+    request_body(content = Option<RotateSigningKey>),
     responses((status = 200, body = Rotation), ErrorResponses))]
 pub async fn rotate(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
+    JsonBody(_): JsonBody<RotateSigningKey>,
 ) -> Result<Json<Rotation>, AdminError> {
     caller.admin_only()?;
     let identity = state.identity.as_ref().ok_or(AdminError::NotFound(OFF))?;

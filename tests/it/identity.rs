@@ -68,6 +68,15 @@ async fn call_with(
         b = b.header(*k, *v);
     }
     let body = body.map(|v| Bytes::from(v.to_string())).unwrap_or_default();
+    send(client, b, body).await
+}
+
+/// Sends `body` as JSON with the request `b` built.
+async fn send(
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    mut b: http::request::Builder,
+    body: Bytes,
+) -> Reply {
     if !body.is_empty() {
         b = b.header("content-type", "application/json");
     }
@@ -871,6 +880,27 @@ async fn rotation_needs_the_admin_key_and_a_refusal_changes_nothing() {
         assert_eq!(jwks(gw.admin).await, before);
         assert_eq!(stored_private_keys(&db), stored);
     }
+    // Bodies other than none or `{}`: refused with a clear error, nothing changed.
+    let oversized = format!("{{\"x\": \"{}\"}}", "a".repeat(2 << 20));
+    for (body, status) in [
+        ("{", 400),
+        ("[]", 400),
+        ("\"rotate\"", 400),
+        ("{\"algorithm\": \"RS256\"}", 422),
+        ("{\"kid\": null}", 422),
+        (oversized.as_str(), 413),
+    ] {
+        let b = Request::builder()
+            .method("POST")
+            .uri(format!("http://{}/v1/identity/rotate", gw.admin))
+            .header("x-admin-key", ADMIN_KEY);
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        let r = send(client, b, Bytes::from(body.to_owned())).await;
+        assert_eq!(r.status, status, "{}", &body[..body.len().min(40)]);
+        assert_eq!(r.headers["content-type"], "application/problem+json");
+        assert_eq!(jwks(gw.admin).await, before);
+        assert_eq!(stored_private_keys(&db), stored);
+    }
     // The key set is read-only: other methods do not reach it.
     for method in ["POST", "PUT", "DELETE"] {
         let r = call(gw.admin, method, "/.well-known/jwks.json", &[], None).await;
@@ -879,6 +909,11 @@ async fn rotation_needs_the_admin_key_and_a_refusal_changes_nothing() {
         assert_eq!(r.status, 401, "{method}: judged as a proxied request");
     }
     assert_eq!(stored_private_keys(&db), stored);
+    // The admin key with no body, or `{}`, does rotate (so the refusals above were refusals).
+    let r = admin(&gw, "POST", "/v1/identity/rotate", Some(json!({}))).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(kids(&jwks(gw.admin).await).len(), 2);
+    assert_eq!(stored_private_keys(&db).len(), 2);
 }
 
 #[test]
