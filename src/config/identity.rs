@@ -111,3 +111,43 @@ pub fn check_audience(field: &str, audience: Option<&str>, errors: &mut Vec<Stri
         ));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let mut errors = Vec::new();
+        let c = validate(RawIdentity::default(), &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(!c.sign);
+        assert_eq!(c.algorithm, Alg::EdDSA);
+        assert_eq!(c.ttl, Duration::from_secs(60));
+        assert_eq!(c.issuer, "keygate");
+        assert_eq!(c.publish_ahead, Duration::from_secs(3600));
+        assert_eq!(c.overlap, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(c.signing_key_file, None);
+        let raw: RawIdentity = toml::from_str("algorithm = \"ES256\"\nsign = true").unwrap();
+        assert_eq!(validate(raw, &mut errors).algorithm, Alg::ES256);
+        assert!(toml::from_str::<RawIdentity>("algorithm = \"HS256\"").is_err());
+        assert!(toml::from_str::<RawIdentity>("signe = true").is_err());
+    }
+
+    #[test]
+    fn audiences_default_to_the_upstream_origin_as_configured() {
+        let up: http::Uri = "http://127.0.0.1:9000/base".parse().unwrap();
+        assert_eq!(
+            crate::identity::audience(None, &up),
+            "http://127.0.0.1:9000"
+        );
+        let up: http::Uri = "https://api.internal".parse().unwrap();
+        assert_eq!(crate::identity::audience(None, &up), "https://api.internal");
+        assert_eq!(crate::identity::audience(Some("urn:x"), &up), "urn:x");
+        let mut errors = Vec::new();
+        check_audience("routes[0]", Some(""), &mut errors);
+        check_audience("routes[1]", Some("ok"), &mut errors);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].starts_with("routes[0].audience"));
+    }
+}
