@@ -631,6 +631,19 @@ async fn two_instances_on_one_redis_publish_one_key_set_and_verify_each_other() 
         assert!(py_verify(&jwks_url(&a), &origin, token).is_ok());
         assert!(py_verify(&jwks_url(&b), &origin, token).is_ok());
     }
+    // The private keys Redis holds appear in neither instance's logs.
+    let records: Vec<String> = redis.query(0, redis::cmd("HVALS").arg("keygate:signing_keys"));
+    assert_eq!(records.len(), 2);
+    let logs = format!("{}\n{}", a.lines().join("\n"), b.lines().join("\n"));
+    for r in records {
+        let v: Value = serde_json::from_str(&r).unwrap();
+        let der = STANDARD
+            .decode(v["private_pkcs8"].as_str().unwrap())
+            .unwrap();
+        for s in spellings(&der) {
+            assert!(!logs.contains(&s), "a private key in the logs");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -978,4 +991,91 @@ fn check_config_explains_a_bad_identity_section() {
     assert!(!ok && err.contains("identity.overlap_secs"), "{err}");
     let (ok, err) = check("issuer = \"\"");
     assert!(!ok && err.contains("identity.issuer"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_upstream_gets_the_assertion_with_its_origin_as_audience() {
+    use crate::tls_ws::{pki, upstream_tls};
+    let dir = tempfile::tempdir().unwrap();
+    let up_pki = pki(dir.path(), "upstream");
+    let upstream = Upstream::start_with_tls(Some(upstream_tls(&up_pki))).await;
+    let origin = format!("https://localhost:{}", upstream.addr.port());
+    let text = config_text(&origin, &dir.path().join("k.db"), "[identity]\nsign = true").replace(
+        "[admin]",
+        &format!("upstream_ca = \"{}\"\n[admin]", up_pki.ca_pem.display()),
+    );
+    let gw = crate::support::Gateway::start_from(upstream, dir, &text).await;
+    let (key, _) = gw.client("acme", "pro").await;
+    let r = gw
+        .get(
+            "/over-tls",
+            &[
+                ("authorization", &format!("Bearer {key}")),
+                (ASSERTION, "forged"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let seen = gw.upstream.last();
+    assert_eq!(seen.version, http::Version::HTTP_2);
+    let all: Vec<_> = seen.headers.get_all(ASSERTION).iter().collect();
+    assert_eq!(all.len(), 1);
+    let token = all[0].to_str().unwrap();
+    let set = jwks(gw.proxy).await;
+    let claims = rust_verify(&set, Algorithm::EdDSA, &origin, token).unwrap();
+    assert_eq!(claims["sub"], "acme");
+    let jwks_url = format!("http://{}/.well-known/jwks.json", gw.proxy);
+    assert_eq!(py_verify(&jwks_url, &origin, token).unwrap()["aud"], origin);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_signing_key_requests_are_refused_not_forwarded_unsigned() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // publish_ahead 40 s: the key set is read again every 10 s.
+    let text = store_config_text(
+        &up.url(),
+        &format!("url = \"{}\"", redis.tcp_url(0)),
+        "[identity]\nsign = true\npublish_ahead_secs = 40",
+    );
+    // The store hangs while the gateway starts: no signing key is loaded.
+    redis.pause();
+    let gw = start(dir.path(), &text);
+    redis.resume();
+    assert!(gw.log_contains("cannot read the signing keys"));
+    let key = client(&gw, "acme").await;
+    let before = up.count();
+    let r = call(
+        gw.proxy,
+        "GET",
+        "/things",
+        &[("authorization", &format!("Bearer {key}"))],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.code(), "store_unavailable");
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(up.count(), before, "nothing forwarded unsigned");
+    // The next read of the key set (within 10 s) makes the first key; requests pass, signed.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = call(
+            gw.proxy,
+            "GET",
+            "/things",
+            &[("authorization", &format!("Bearer {key}"))],
+            None,
+        )
+        .await;
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503);
+        assert!(Instant::now() < deadline, "no signing key after 15 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let token = up.last().headers[ASSERTION].to_str().unwrap().to_owned();
+    assert!(py_verify(&jwks_url(&gw), &up.url(), &token).is_ok());
 }
