@@ -14,7 +14,7 @@
 //!   same set; the private key never leaves the process but to the store. Exported as public
 //!   JWKs only. A rotation adds a key that is published at once and signs from
 //!   `publish_ahead` on; the key it replaces stays published for `overlap` after that, then
-//!   leaves the set (and the store). Instances read the set from the store every
+//!   leaves the set (and the store, at the next rotation). Instances read the set from the store every
 //!   [`Identity::poll_interval`] (at most 10 s, at most a quarter of `publish_ahead`), so a
 //!   rotation made on one instance is published by all within that bound and long before the
 //!   new key signs. Or `signing_key_file`: one key the operator manages (no rotation here).

@@ -4,8 +4,8 @@
 //!
 //! - [`Gateway::route`]: the health check, the login path, the path checks and the route.
 //! - [`Gateway::admit`]: failed-authentication throttle, credential, key and route limits,
-//!   usage, permissions → an [`Admitted`] request holding the [`Permit`], the rate answer and
-//!   what to strip.
+//!   usage, permissions → an [`Admitted`] request holding the [`Permit`], the rate answer,
+//!   what to strip and the signed identity (`X-Keygate-Assertion`, [`crate::identity`]).
 //! - Field rules: [`request_rule`] and [`response_rule`] say what each field is to the gateway
 //!   (forwarded, dropped, owned by the gateway); [`forwarded`] says whether a request field
 //!   reaches the upstream; [`relayed`] whether a response field reaches the client.
