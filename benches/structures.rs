@@ -318,6 +318,7 @@ fn fast_path_head(
             target: head.target.get(raw),
             strip: Strip::API_KEY,
             identity: Some(&p.headers),
+            assertion: None,
             xff: head.xff.map(|s| s.get(raw)),
             client_host: head.host.map(|s| s.get(raw)),
             peer_ip: b"127.0.0.1",

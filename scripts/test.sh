@@ -23,6 +23,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+# PyJWT for the signed-identity tests, which run examples/verify-upstream/verify.py as it is.
+pyjwt=target/pyjwt-venv
+if ! "$pyjwt/bin/python" -c 'import jwt, cryptography' >/dev/null 2>&1; then
+  echo "installing pyjwt[crypto] into $pyjwt"
+  rm -rf "$pyjwt"
+  python3 -m venv "$pyjwt"
+  "$pyjwt/bin/pip" install --quiet --disable-pip-version-check 'pyjwt[crypto]>=2.8,<3'
+fi
 # The slow-client test holds 1 000 connections; it raises its own limit, this helps too.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 

@@ -13,6 +13,7 @@
 pub mod clients;
 pub mod document;
 pub mod error;
+pub mod identity;
 pub mod keys;
 pub mod kixote;
 
@@ -92,6 +93,8 @@ pub struct AdminInner {
     pub self_service_permission: String,
     pub openapi_json: OnceLock<String>,
     pub metrics: Arc<Metrics>,
+    /// Signed identity (`[identity] sign`); `None`: off.
+    pub identity: Option<Arc<crate::identity::Identity>>,
 }
 
 #[derive(Clone)]
@@ -179,6 +182,7 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(kixote::revoke_client_key))
         .routes(routes!(kixote::create_client_key))
         .routes(routes!(kixote::delete_client))
+        .routes(routes!(identity::rotate))
         .route_layer(middleware::from_fn(audit_failures))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -189,7 +193,8 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(readyz))
         .routes(routes!(openapi_json))
         .routes(routes!(metrics))
-        .routes(routes!(kixote::login));
+        .routes(routes!(kixote::login))
+        .routes(routes!(identity::jwks));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(protected)
         .merge(open)

@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use crate::keys::{KeyHash, RateLimit};
 
+pub mod identity;
 mod validate;
 
 /// The config file used when `--config` is not given and the file exists.
@@ -204,6 +205,8 @@ pub struct RawConfig {
     pub jwt: RawJwt,
     #[serde(default)]
     pub forward_auth: RawForwardAuth,
+    #[serde(default)]
+    pub identity: identity::RawIdentity,
 }
 
 /// `[forward_auth]`: the verify endpoint edge proxies (nginx `auth_request`, Traefik
@@ -406,6 +409,8 @@ pub struct RawRoute {
     pub rate_limit: Option<RateLimit>,
     /// This route's CORS, replacing `[proxy] cors`.
     pub cors: Option<RawCors>,
+    /// `aud` of the signed identity on this route (default: the upstream's origin).
+    pub audience: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -504,6 +509,7 @@ pub struct Config {
     pub log: LogConfig,
     pub jwt: JwtConfig,
     pub forward_auth: ForwardAuth,
+    pub identity: crate::identity::IdentityConfig,
     /// Things an operator should know but that do not stop startup.
     pub warnings: Vec<String>,
 }
@@ -625,6 +631,7 @@ pub struct Route {
     pub rate_limit: Option<RateLimit>,
     /// The route's own CORS rules (`None`: the default's).
     pub cors: Option<std::sync::Arc<crate::cors::Cors>>,
+    pub audience: Option<String>,
 }
 
 #[derive(Debug, Clone)]

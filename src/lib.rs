@@ -37,6 +37,7 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod cors;
+pub mod identity;
 pub mod keys;
 pub mod limit;
 pub mod paths;
@@ -85,6 +86,8 @@ pub enum StartError {
     Store(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Identity(String),
 }
 
 /// Opens the configured store.
@@ -197,7 +200,10 @@ impl App {
             config.failed_auth_limit,
             clock.clone(),
         ));
-        let admin_failed_auth = Arc::new(limit::FailedAuth::new(config.failed_auth_limit, clock));
+        let admin_failed_auth = Arc::new(limit::FailedAuth::new(
+            config.failed_auth_limit,
+            clock.clone(),
+        ));
         let load_cert = |files: &Option<config::TlsFiles>| {
             files
                 .as_ref()
@@ -214,6 +220,31 @@ impl App {
             config.proxy.upstream_ca.as_deref(),
         )
         .map_err(StartError::Tls)?;
+        // Signed identity: the keys are read now; an unreachable store is retried by the
+        // refresh task, and until then authenticated requests are answered 503.
+        let audiences = routes
+            .names()
+            .iter()
+            .map(
+                |name| match config.routes.iter().find(|r| &r.path == name) {
+                    Some(r) => identity::audience(r.audience.as_deref(), &r.upstream),
+                    None => identity::audience(None, &config.proxy.upstream),
+                },
+            )
+            .collect();
+        let identity = identity::Identity::new(
+            config.identity.clone(),
+            audiences,
+            Arc::clone(&store),
+            clock.clone(),
+        )
+        .map_err(StartError::Identity)?;
+        if let Some(id) = &identity {
+            if let Err(e) = id.load().await {
+                tracing::error!(error = %e, "cannot read the signing keys; retrying");
+            }
+            id.spawn_refresh();
+        }
         let gateway = Arc::new(Gateway {
             auth: authenticator.clone(),
             routes,
@@ -238,6 +269,7 @@ impl App {
             metrics: Arc::clone(&metrics),
             usage: Arc::clone(&usage),
             access_log: config.log.access_log,
+            identity: identity.clone(),
         });
         let admin_state = admin::AdminState(Arc::new(admin::AdminInner {
             store,
@@ -252,6 +284,7 @@ impl App {
             self_service_permission: config.admin.self_service_permission.clone(),
             openapi_json: Default::default(),
             metrics: Arc::clone(&metrics),
+            identity,
         }));
         let admin = admin::router(admin_state, config.admin.max_body_bytes);
 

@@ -48,6 +48,8 @@ pub struct Gateway {
     pub usage: Arc<UsageRecorder>,
     /// Write one `keygate::access` line per request.
     pub access_log: bool,
+    /// Signs the caller's identity (`[identity] sign`); `None`: off.
+    pub identity: Option<Arc<crate::identity::Identity>>,
 }
 
 /// The upstream clients and the upstream policy's timeouts.

@@ -163,6 +163,7 @@ mod tests {
             auth: RouteAuth::Required,
             rate_limit: None,
             cors: None,
+            audience: None,
         }
     }
 
@@ -176,6 +177,7 @@ mod tests {
             auth: RouteAuth::Required,
             rate_limit: None,
             cors: None,
+            audience: None,
         };
         RouteTable::new(
             &[

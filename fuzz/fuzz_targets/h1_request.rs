@@ -49,6 +49,7 @@ fuzz_target!(|data: &[u8]| {
                 target: head.target.get(data),
                 strip,
                 identity: Some(&identity),
+                assertion: Some(b"a.b.c"),
                 xff: head.xff.map(|s| s.get(data)),
                 client_host: head.host.map(|s| s.get(data)),
                 peer_ip: b"127.0.0.1",
@@ -79,6 +80,7 @@ fuzz_target!(|data: &[u8]| {
                     ("x-keygate-key-id", b"k"),
                     ("x-keygate-permissions", b"p"),
                     ("x-keygate-license", b"l"),
+                    ("x-keygate-assertion", b"a.b.c"),
                 ];
                 assert!(ours.contains(&(name.as_str(), h.value)), "{name} forwarded");
                 identity_fields += 1;
@@ -101,7 +103,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         assert_eq!(hosts, 1);
-        assert_eq!(identity_fields, 4);
+        assert_eq!(identity_fields, 5);
         assert_eq!(forwarded[..2], [1, 1], "x-forwarded-for/-proto once each");
         assert!(forwarded[2] <= 1, "x-forwarded-host twice");
         match head.content_length {

@@ -136,7 +136,9 @@ pub enum ErrorResponses {
         headers(("Retry-After" = u64, description = "Seconds to wait")),
         example = json!({"type": "about:blank", "title": "Too Many Requests", "status": 429, "code": "rate_limited", "detail": "too many failed authentications from this address; retry later"}))]
     TooMany(Problem),
-    /// `store_unavailable`: the store is unavailable; nothing was changed.
+    /// `store_unavailable`: the store is unavailable and nothing was changed; or, with
+    /// `[store] redis_wait_replicas`, the change was made but its replicas did not confirm it
+    /// (the `detail` says which).
     #[response(status = 503, content_type = "application/problem+json",
         headers(("Retry-After" = u64, description = "Seconds to wait")),
         example = json!({"type": "about:blank", "title": "Service Unavailable", "status": 503, "code": "store_unavailable", "detail": "the key store is unavailable; nothing was changed; retry later"}))]
@@ -226,7 +228,7 @@ impl AdminError {
             ),
             Self::StoreUnconfirmed => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
+                ProblemCode::StoreUnavailable,
                 "the change was made but its replicas did not confirm it in time; a failover may \
                  lose it: read it back before retrying"
                     .into(),
@@ -455,6 +457,7 @@ mod documented {
                 retry_after_secs: 1,
             },
             AdminError::StoreUnavailable,
+            AdminError::StoreUnconfirmed,
         ];
         for e in &all {
             match e {
@@ -468,7 +471,8 @@ mod documented {
                 | AdminError::RequestTimeout
                 | AdminError::PayloadTooLarge
                 | AdminError::TooManyRequests { .. }
-                | AdminError::StoreUnavailable => {}
+                | AdminError::StoreUnavailable
+                | AdminError::StoreUnconfirmed => {}
             }
         }
         all

@@ -72,6 +72,7 @@ impl RawConfig {
             .is_some_and(|s| matches!(s.url, StoreUrl::Redis(_)));
         let jwt = jwt(self.jwt, shared_store, &mut p);
         let forward_auth = forward_auth(self.forward_auth, &self.routes, &mut p);
+        let identity = super::identity::validate(self.identity, &mut p.errors);
 
         match (proxy, admin, store) {
             (Some(proxy), Some(admin), Some(store)) if p.errors.is_empty() => Ok(Config {
@@ -89,6 +90,7 @@ impl RawConfig {
                 log,
                 jwt,
                 forward_auth,
+                identity,
                 warnings: p.warnings,
             }),
             _ => Err(ConfigErrors(p.errors)),
@@ -391,6 +393,7 @@ fn routes(raw: &[RawRoute], default_upstream: Option<&Uri>, p: &mut Problems) ->
                 "{field}: auth = \"none\" cannot require permissions or a per-key rate_limit; remove them"
             ));
         }
+        super::identity::check_audience(&field, r.audience.as_deref(), &mut p.errors);
         if let Some(upstream) = upstream {
             routes.push(Route {
                 path: r.path.clone(),
@@ -400,6 +403,7 @@ fn routes(raw: &[RawRoute], default_upstream: Option<&Uri>, p: &mut Problems) ->
                 auth,
                 rate_limit: r.rate_limit,
                 cors: None,
+                audience: r.audience.clone(),
             });
         }
     }

@@ -14,6 +14,7 @@
 
 pub mod metered;
 pub mod redis;
+pub mod signing;
 pub mod sqlite;
 #[cfg(test)]
 pub mod testing;
@@ -350,6 +351,26 @@ pub trait Store: Send + Sync + 'static {
     /// store lives; after a broken subscription is restored, calls `invalidate_all` (anything
     /// may have been missed). Stores that are not shared between instances do nothing.
     fn watch_invalidations(&self, _sink: Arc<dyn InvalidationSink>) {}
+
+    /// The signing keys of signed identity (`[identity]`), in no particular order.
+    async fn signing_keys(&self) -> StoreResult<Vec<signing::SigningKeyRecord>> {
+        Err(StoreError::Unavailable(
+            "this store keeps no signing keys".into(),
+        ))
+    }
+
+    /// Adds `key` (see [`signing::AddKey`]) and removes the keys named in `prune`, in one
+    /// atomic step; answers the set as the write left it.
+    async fn add_signing_key(
+        &self,
+        _key: &signing::SigningKeyRecord,
+        _how: signing::AddKey,
+        _prune: &[String],
+    ) -> StoreResult<Vec<signing::SigningKeyRecord>> {
+        Err(StoreError::Unavailable(
+            "this store keeps no signing keys".into(),
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -314,6 +314,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
                 outcome.route = Some(route);
                 return Err(Stop::Answer(answer.unwrap_or_else(|e| e.response())));
             }
+            Routed::Jwks => return Err(Stop::Answer(gw.jwks(&head.method))),
             Routed::Route(route) => route,
         };
         outcome.route = Some(route);
@@ -345,6 +346,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
                     .map_or_else(|| head.target.get(msg), str::as_bytes),
                 strip: admitted.strip,
                 identity: admitted.permit.principal().map(|p| &p.headers),
+                assertion: admitted.assertion.as_ref().map(http::HeaderValue::as_bytes),
                 xff: head.xff.map(|s| s.get(msg)),
                 client_host: head.host.map(|s| s.get(msg)),
                 peer_ip: conn.peer_ip.as_bytes(),

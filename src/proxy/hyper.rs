@@ -135,6 +135,7 @@ impl Gateway {
                 self.cors_own(Some(route), parts, &mut res);
                 return Ok(own(res));
             }
+            Routed::Jwks => return Ok(own(self.jwks(&parts.method))),
             Routed::Route(route) => route,
         };
         outcome.route = Some(route);
@@ -243,6 +244,7 @@ impl Gateway {
                 target: target.as_bytes(),
                 strip: admitted.strip,
                 identity: admitted.permit.principal().map(|p| &p.headers),
+                assertion: admitted.assertion.as_ref().map(HeaderValue::as_bytes),
                 xff: first(Rule::XForwardedFor),
                 client_host: first(Rule::Host)
                     .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes())),
@@ -367,6 +369,9 @@ impl Gateway {
         }
         if let Some(p) = admitted.permit.principal() {
             headers::add_identity(h, &p.headers);
+        }
+        if let Some(a) = &admitted.assertion {
+            h.insert(crate::identity::X_KEYGATE_ASSERTION, a.clone());
         }
         headers::add_forwarded(h, inbound, &conn.peer_ip, conn.proto, &route.host);
         if websocket {

@@ -4,8 +4,8 @@
 //!
 //! - [`Gateway::route`]: the health check, the login path, the path checks and the route.
 //! - [`Gateway::admit`]: failed-authentication throttle, credential, key and route limits,
-//!   usage, permissions → an [`Admitted`] request holding the [`Permit`], the rate answer and
-//!   what to strip.
+//!   usage, permissions → an [`Admitted`] request holding the [`Permit`], the rate answer,
+//!   what to strip and the signed identity (`X-Keygate-Assertion`, [`crate::identity`]).
 //! - Field rules: [`request_rule`] and [`response_rule`] say what each field is to the gateway
 //!   (forwarded, dropped, owned by the gateway); [`forwarded`] says whether a request field
 //!   reaches the upstream; [`relayed`] whether a response field reaches the client.
@@ -251,6 +251,9 @@ pub enum Routed<'g> {
     /// A CORS preflight on a route with CORS: the core's answer (204, or 403), to send as it
     /// is, through [`Gateway::cors_own`] like every answer of the gateway's own.
     Preflight(&'g Route, Result<Response<Bytes>, ProxyError>),
+    /// `GET /.well-known/jwks.json` while signed identity is on: the engine answers
+    /// [`Gateway::jwks`].
+    Jwks,
     Route(&'g Route),
 }
 
@@ -289,6 +292,8 @@ pub struct Admitted<'g> {
     pub rate: Option<RateInfo>,
     pub strip: Strip,
     pub target: Option<String>,
+    /// `X-Keygate-Assertion` (signed identity on, a caller): added after the identity fields.
+    pub assertion: Option<HeaderValue>,
 }
 
 impl Gateway {
@@ -309,6 +314,12 @@ impl Gateway {
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
         {
             return Ok(Routed::Verify);
+        }
+        if path == crate::identity::JWKS_PATH
+            && self.identity.is_some()
+            && matches!(*req.method(), Method::GET | Method::HEAD)
+        {
+            return Ok(Routed::Jwks);
         }
         if let Some((route, answer)) = self.preflight(req) {
             return Ok(Routed::Preflight(route, answer));
@@ -401,6 +412,7 @@ impl Gateway {
                 rate: None,
                 strip: Strip::NOTHING,
                 target: None,
+                assertion: None,
             });
         }
         let found = self.extractor.find(
@@ -422,6 +434,7 @@ impl Gateway {
             Err(e) => e.code(),
         });
         let (permit, rate) = checked?;
+        let assertion = self.assertion(&permit)?;
         Ok(Admitted {
             permit,
             rate: Some(rate),
@@ -430,7 +443,29 @@ impl Gateway {
                 api_key: true,
             },
             target: found.in_query.then(|| self.target_without_credential(req)),
+            assertion,
         })
+    }
+
+    /// The signed identity of an admitted caller (signing on). Without a signing key (the
+    /// store was unreachable since the start) the request is refused 503, never forwarded
+    /// unsigned.
+    fn assertion(&self, permit: &Permit<'_>) -> Result<Option<HeaderValue>, ProxyError> {
+        let (Some(identity), Some(principal)) = (&self.identity, permit.principal()) else {
+            return Ok(None);
+        };
+        identity
+            .assertion(permit.route().index, principal)
+            .map(Some)
+            .ok_or(ProxyError::Auth(AuthError::StoreUnavailable))
+    }
+
+    /// The answer of `GET /.well-known/jwks.json` (or HEAD): the public signing keys.
+    pub fn jwks(&self, method: &Method) -> Response<Bytes> {
+        match &self.identity {
+            Some(id) => id.jwks_response(method == Method::HEAD),
+            None => ProxyError::RouteNotFound.response(),
+        }
     }
 
     async fn check<'g>(

@@ -191,6 +191,15 @@ impl Gateway {
                     Some(p) => headers::add_identity(h, &p.headers),
                     None => headers::add_no_identity(h),
                 }
+                // Signed identity: the assertion, or (a public route) an empty field.
+                if self.identity.is_some() {
+                    h.insert(
+                        crate::identity::X_KEYGATE_ASSERTION,
+                        admitted
+                            .assertion
+                            .unwrap_or_else(|| http::HeaderValue::from_static("")),
+                    );
+                }
                 if let Some(rate) = &admitted.rate {
                     headers::add_rate(h, rate);
                 }

@@ -10,6 +10,7 @@ mod fast_path;
 mod forward_auth;
 mod hardening;
 mod hostile;
+mod identity;
 mod kixote;
 mod layers;
 mod observability;

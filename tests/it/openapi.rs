@@ -67,6 +67,8 @@ async fn the_document_is_valid_and_covers_every_route() {
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/openapi.json"),
+        ("post", "/v1/identity/rotate"),
+        ("get", "/.well-known/jwks.json"),
     ]
     .into_iter()
     .collect();

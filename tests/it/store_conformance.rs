@@ -230,6 +230,7 @@ conformance!(
     disables_rotations_and_revokes_move_the_token_generation_on,
     usage_counts_add_up_per_day_and_die_with_the_key,
     ping_answers,
+    signing_keys_are_made_once_added_and_pruned_atomically,
 );
 
 fn client(id: &str, license: &str, created_at: Millis) -> Client {
@@ -1422,4 +1423,67 @@ async fn disables_rotations_and_revokes_move_the_token_generation_on(s: Arc<dyn 
             .tokens_valid_after,
         Some(now - 7)
     );
+}
+
+fn signing_key(kid: &str, active_from: Millis) -> keygate::keys::store::signing::SigningKeyRecord {
+    keygate::keys::store::signing::SigningKeyRecord {
+        kid: kid.into(),
+        algorithm: "EdDSA".into(),
+        // Every byte value, so that no encoding on the way loses any.
+        private_pkcs8: (0..=255u8).chain([0, 0, 255]).collect(),
+        active_from,
+        created_at: 1,
+    }
+}
+
+async fn signing_keys_are_made_once_added_and_pruned_atomically(s: Arc<dyn Store>) {
+    use keygate::keys::store::signing::AddKey;
+    let sorted = |mut v: Vec<keygate::keys::store::signing::SigningKeyRecord>| {
+        v.sort_by(|a, b| a.kid.cmp(&b.kid));
+        v
+    };
+    assert!(s.signing_keys().await.unwrap().is_empty());
+    // Instances starting together each propose a first key: one is kept, all see it.
+    let proposals = (0..8).map(|i| {
+        let s = Arc::clone(&s);
+        tokio::spawn(async move {
+            s.add_signing_key(&signing_key(&format!("first-{i}"), 10), AddKey::IfNone, &[])
+                .await
+                .unwrap()
+        })
+    });
+    let answers: Vec<_> = futures_util::future::join_all(proposals)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let kept = s.signing_keys().await.unwrap();
+    assert_eq!(kept.len(), 1);
+    for a in &answers {
+        assert_eq!(a, &kept);
+    }
+    let first = kept[0].clone();
+    assert_eq!(first, signing_key(&first.kid, 10));
+    // A rotation adds; a later one prunes what it names, in the same write.
+    let after = s
+        .add_signing_key(&signing_key("second", 20), AddKey::Always, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        sorted(after),
+        sorted(vec![first.clone(), signing_key("second", 20)])
+    );
+    let after = s
+        .add_signing_key(
+            &signing_key("third", 30),
+            AddKey::Always,
+            std::slice::from_ref(&first.kid),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        sorted(after.clone()),
+        sorted(vec![signing_key("second", 20), signing_key("third", 30)])
+    );
+    assert_eq!(sorted(s.signing_keys().await.unwrap()), sorted(after));
 }

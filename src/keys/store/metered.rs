@@ -125,6 +125,18 @@ impl Store for Metered {
     async fn ping(&self) -> StoreResult<()> {
         self.timed(self.inner.ping()).await
     }
+    async fn signing_keys(&self) -> StoreResult<Vec<super::signing::SigningKeyRecord>> {
+        self.timed(self.inner.signing_keys()).await
+    }
+    async fn add_signing_key(
+        &self,
+        key: &super::signing::SigningKeyRecord,
+        how: super::signing::AddKey,
+        prune: &[String],
+    ) -> StoreResult<Vec<super::signing::SigningKeyRecord>> {
+        self.timed(self.inner.add_signing_key(key, how, prune))
+            .await
+    }
     fn watch_invalidations(&self, sink: Arc<dyn InvalidationSink>) {
         self.inner.watch_invalidations(Arc::new(MeteredSink {
             inner: sink,

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use uuid::Uuid;
 
+use super::signing::{AddKey, SigningKeyRecord};
 use super::{
     ClientPatch, ClientWithKeys, Conflict, KeyPatch, Page, Rotated, Rotation, Store, StoreError,
     StoreResult, Usage,
@@ -727,6 +728,80 @@ impl Store for SqliteStore {
         self.run(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db))
             .await
     }
+
+    async fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>> {
+        self.run(|c| {
+            c.execute_batch(SIGNING_KEYS_TABLE).map_err(db)?;
+            signing_keys(c).map_err(db)
+        })
+        .await
+    }
+
+    async fn add_signing_key(
+        &self,
+        key: &SigningKeyRecord,
+        how: AddKey,
+        prune: &[String],
+    ) -> StoreResult<Vec<SigningKeyRecord>> {
+        let key = key.clone();
+        let prune = prune.to_vec();
+        self.run(move |c| {
+            c.execute_batch(SIGNING_KEYS_TABLE).map_err(db)?;
+            let tx = c.transaction().map_err(db)?;
+            let empty: bool = tx
+                .query_row("SELECT COUNT(*) = 0 FROM signing_keys", [], |r| r.get(0))
+                .map_err(db)?;
+            if how == AddKey::Always || empty {
+                tx.execute(
+                    "INSERT OR REPLACE INTO signing_keys \
+                     (kid, algorithm, private_pkcs8, active_from, created_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        key.kid,
+                        key.algorithm,
+                        key.private_pkcs8,
+                        key.active_from,
+                        key.created_at
+                    ],
+                )
+                .map_err(db)?;
+                for kid in &prune {
+                    tx.execute("DELETE FROM signing_keys WHERE kid = ?1", params![kid])
+                        .map_err(db)?;
+                }
+            }
+            let keys = signing_keys(&tx).map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(keys)
+        })
+        .await
+    }
+}
+
+/// The signing keys' table, made when first used (it is not among [`MIGRATIONS`]: a database
+/// of a gateway that never signs does not get it).
+const SIGNING_KEYS_TABLE: &str = "CREATE TABLE IF NOT EXISTS signing_keys (
+    kid           TEXT PRIMARY KEY NOT NULL,
+    algorithm     TEXT NOT NULL,
+    private_pkcs8 BLOB NOT NULL,
+    active_from   INTEGER NOT NULL,
+    created_at    INTEGER NOT NULL
+)";
+
+fn signing_keys(c: &Connection) -> rusqlite::Result<Vec<SigningKeyRecord>> {
+    let mut stmt = c.prepare(
+        "SELECT kid, algorithm, private_pkcs8, active_from, created_at FROM signing_keys",
+    )?;
+    stmt.query_map([], |r| {
+        Ok(SigningKeyRecord {
+            kid: r.get(0)?,
+            algorithm: r.get(1)?,
+            private_pkcs8: r.get(2)?,
+            active_from: r.get(3)?,
+            created_at: r.get(4)?,
+        })
+    })?
+    .collect()
 }
 
 #[cfg(test)]

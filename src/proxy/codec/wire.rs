@@ -78,6 +78,8 @@ pub struct Upstream<'a> {
     pub strip: Strip,
     /// The principal's `x-keygate-*` fields.
     pub identity: Option<&'a IdentityHeaders>,
+    /// `X-Keygate-Assertion` (signed identity).
+    pub assertion: Option<&'a [u8]>,
     /// The client's first `X-Forwarded-For`, extended with the peer.
     pub xff: Option<&'a [u8]>,
     /// The client's `Host` (or authority), sent as `X-Forwarded-Host`.
@@ -108,6 +110,9 @@ pub fn request_head<'f>(
     }
     if let Some(id) = up.identity {
         id.write(out);
+    }
+    if let Some(a) = up.assertion {
+        field(out, b"x-keygate-assertion", a);
     }
     out.extend_from_slice(b"x-forwarded-for: ");
     if let Some(prev) = up.xff {
@@ -341,6 +346,7 @@ mod tests {
                 target: head.target.get(raw),
                 strip: Strip::API_KEY,
                 identity: Some(&IdentityHeaders::new("acme", "k1", "A", "pro")),
+                assertion: None,
                 xff: head.xff.map(|s| s.get(raw)),
                 client_host: head.host.map(|s| s.get(raw)),
                 peer_ip: b"127.0.0.1",
@@ -369,6 +375,7 @@ mod tests {
                 target: b"/p?b=2",
                 strip: Strip::AUTHORIZATION,
                 identity: None,
+                assertion: None,
                 xff: None,
                 client_host: None,
                 peer_ip: b"::1",

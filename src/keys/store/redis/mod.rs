@@ -60,6 +60,7 @@ mod codec;
 pub mod endpoint;
 mod link;
 mod sentinel;
+mod signing;
 mod watch;
 
 use std::future::Future;
@@ -74,6 +75,7 @@ use ::redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError, Sc
 use async_trait::async_trait;
 use uuid::Uuid;
 
+use super::signing::{AddKey, SigningKeyRecord};
 use super::{
     ClientPatch, ClientWithKeys, Conflict, KeyPatch, Page, Rotated, Rotation, Store, StoreError,
     StoreResult, Usage,
@@ -963,6 +965,19 @@ impl Store for RedisStore {
             ));
         }
         Ok(())
+    }
+
+    async fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>> {
+        self.read_signing_keys().await
+    }
+
+    async fn add_signing_key(
+        &self,
+        key: &SigningKeyRecord,
+        how: AddKey,
+        prune: &[String],
+    ) -> StoreResult<Vec<SigningKeyRecord>> {
+        self.write_signing_key(key, how, prune).await
     }
 
     fn watch_invalidations(&self, sink: Arc<dyn InvalidationSink>) {
