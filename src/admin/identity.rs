@@ -5,6 +5,7 @@ use axum::Json;
 use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use utoipa::ToSchema;
 
 use super::error::{AdminError, ErrorResponses, JsonBody};
@@ -17,10 +18,21 @@ const OFF: &str = "signed identity is off ([identity] sign = false)";
 /// is refused and changes nothing).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({})))]
 pub struct RotateSigningKey {}
 
 /// The signing keys after a rotation started.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({
+    "next": {"kid": "q4yKx0yQ4w6mJ3bI0mRrjv3f8uVq6fYJ3l2bxnPYz0M", "alg": "EdDSA", "state": "next",
+             "active_from": "2026-01-01T01:00:00Z"},
+    "keys": [
+        {"kid": "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k", "alg": "EdDSA", "state": "current",
+         "active_from": "2025-12-01T00:00:00Z"},
+        {"kid": "q4yKx0yQ4w6mJ3bI0mRrjv3f8uVq6fYJ3l2bxnPYz0M", "alg": "EdDSA", "state": "next",
+         "active_from": "2026-01-01T01:00:00Z"}
+    ]
+})))]
 pub struct Rotation {
     /// The new key (state `next`): published now, signing from its `active_from`.
     pub next: Option<KeyInfo>,
@@ -34,7 +46,7 @@ pub struct Rotation {
 /// `signing_key_file`.
 #[utoipa::path(post, path = "/v1/identity/rotate", operation_id = "rotate_signing_key", tag = "identity",
     request_body(content = Option<RotateSigningKey>),
-    responses((status = 200, body = Rotation), ErrorResponses))]
+    responses((status = 200, description = "The rotation started: the new key and every published key", body = Rotation), ErrorResponses))]
 pub async fn rotate(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -58,8 +70,11 @@ pub async fn rotate(
 /// The public signing keys (RFC 7517) that verify `X-Keygate-Assertion`: the current key, the
 /// next one during a rotation and the previous one until its overlap ends. No credential.
 #[utoipa::path(get, path = "/.well-known/jwks.json", operation_id = "jwks", tag = "identity", security(()),
-    responses((status = 200, description = "The JWK set", content_type = "application/json"),
-        (status = 404, description = "Signed identity is off", body = super::error::Problem, content_type = "application/problem+json")))]
+    responses((status = 200, description = "The JWK set", content_type = "application/json", body = Object,
+            example = json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo",
+                "kid": "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k", "use": "sig", "alg": "EdDSA"}]})),
+        (status = 404, description = "`not_found`: signed identity is off", body = super::error::Problem, content_type = "application/problem+json",
+            example = json!({"type": "about:blank", "title": "Not Found", "status": 404, "code": "not_found", "detail": "signed identity is off ([identity] sign = false)"}))))]
 pub async fn jwks(State(state): State<AdminState>) -> Result<Response, AdminError> {
     let identity = state.identity.as_ref().ok_or(AdminError::NotFound(OFF))?;
     Ok(identity

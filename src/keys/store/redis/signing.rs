@@ -85,7 +85,10 @@ impl RedisStore {
         })
         .map_err(|_| corrupt())?;
         let mut inv = add_script().prepare_invoke();
-        inv.arg(self.prefix())
+        // KEYS[1] names the hash the script writes, so that a cluster connection sends the
+        // script to the node that holds the prefix's slot.
+        inv.key(format!("{}signing_keys", self.prefix()))
+            .arg(self.prefix())
             .arg(match how {
                 AddKey::Always => "always",
                 AddKey::IfNone => "if_none",
