@@ -14,6 +14,7 @@ pub mod clients;
 pub mod error;
 pub mod keys;
 pub mod kixote;
+pub mod webhooks;
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -91,6 +92,8 @@ pub struct AdminInner {
     pub self_service_permission: String,
     pub openapi_json: OnceLock<String>,
     pub metrics: Arc<Metrics>,
+    /// Webhooks and their outbox (`None`: the store keeps no events).
+    pub events: Option<Arc<crate::events::Events>>,
 }
 
 #[derive(Clone)]
@@ -178,6 +181,9 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(kixote::revoke_client_key))
         .routes(routes!(kixote::create_client_key))
         .routes(routes!(kixote::delete_client))
+        .routes(routes!(webhooks::create, webhooks::list))
+        .routes(routes!(webhooks::show, webhooks::remove))
+        .routes(routes!(webhooks::deliveries))
         .route_layer(middleware::from_fn(audit_failures))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

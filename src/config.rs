@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use crate::keys::{KeyHash, RateLimit};
 
+pub mod events;
 mod validate;
 
 /// The config file used when `--config` is not given and the file exists.
@@ -204,6 +205,12 @@ pub struct RawConfig {
     pub jwt: RawJwt,
     #[serde(default)]
     pub forward_auth: RawForwardAuth,
+    #[serde(default)]
+    pub webhooks: Vec<events::RawWebhook>,
+    #[serde(default)]
+    pub events: events::RawEvents,
+    #[serde(default)]
+    pub secret_scanning: events::RawSecretScanning,
 }
 
 /// `[forward_auth]`: the verify endpoint edge proxies (nginx `auth_request`, Traefik
@@ -474,6 +481,9 @@ pub struct Config {
     pub log: LogConfig,
     pub jwt: JwtConfig,
     pub forward_auth: ForwardAuth,
+    pub webhooks: Vec<events::WebhookConfig>,
+    pub events: events::EventsConfig,
+    pub secret_scanning: events::SecretScanning,
     /// Things an operator should know but that do not stop startup.
     pub warnings: Vec<String>,
 }

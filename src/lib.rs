@@ -34,6 +34,7 @@ pub mod admin;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod events;
 pub mod keys;
 pub mod limit;
 pub mod paths;
@@ -82,6 +83,8 @@ pub enum StartError {
     Store(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Events(String),
 }
 
 /// Opens the configured store.
@@ -113,6 +116,7 @@ pub struct App {
     usage: Arc<UsageRecorder>,
     proxy_cert: Option<Arc<tls::ReloadableCert>>,
     admin_cert: Option<Arc<tls::ReloadableCert>>,
+    events: Option<Arc<events::Events>>,
 }
 
 impl App {
@@ -207,6 +211,38 @@ impl App {
             config.proxy.upstream_ca.as_deref(),
         )
         .map_err(StartError::Tls)?;
+        // Events: the outbox of the store, when it keeps one.
+        let events = match store.outbox() {
+            Some(outbox) => Some(
+                events::Events::new(
+                    outbox,
+                    &config.webhooks,
+                    config.events.clone(),
+                    Arc::clone(&metrics),
+                )
+                .map_err(StartError::Events)?,
+            ),
+            None => {
+                if !config.webhooks.is_empty() {
+                    tracing::warn!("this store keeps no event outbox: [[webhooks]] get no events");
+                }
+                None
+            }
+        };
+        let leaks = match &config.secret_scanning.github_keys_file {
+            Some(file) => Some(Arc::new(
+                events::leaks::LeakReports::load(
+                    file,
+                    config.secret_scanning.action,
+                    format.clone(),
+                    Arc::clone(&store),
+                    cache.clone(),
+                    events.clone(),
+                )
+                .map_err(StartError::Events)?,
+            )),
+            None => None,
+        };
         let gateway = Arc::new(Gateway {
             auth: authenticator.clone(),
             routes,
@@ -230,6 +266,7 @@ impl App {
             metrics: Arc::clone(&metrics),
             usage: Arc::clone(&usage),
             access_log: config.log.access_log,
+            leaks,
         });
         let admin_state = admin::AdminState(Arc::new(admin::AdminInner {
             store,
@@ -244,6 +281,7 @@ impl App {
             self_service_permission: config.admin.self_service_permission.clone(),
             openapi_json: Default::default(),
             metrics: Arc::clone(&metrics),
+            events: events.clone(),
         }));
         let admin = admin::router(admin_state, config.admin.max_body_bytes);
 
@@ -269,6 +307,7 @@ impl App {
             usage,
             proxy_cert,
             admin_cert,
+            events,
         })
     }
 
@@ -344,6 +383,11 @@ impl App {
                 }
             })
         };
+        let event_tasks = self
+            .events
+            .as_ref()
+            .map(events::Events::spawn)
+            .unwrap_or_default();
         let proxy_opts = ServerOptions {
             fast_path: Some(server::FastPath {
                 gateway: Arc::clone(&gateway),
@@ -374,6 +418,9 @@ impl App {
         sweeper.abort();
         flusher.abort();
         reloader.abort();
+        for t in event_tasks {
+            t.abort();
+        }
         let written = self.usage.flush().await;
         tracing::info!(keys = written, "usage flushed");
     }

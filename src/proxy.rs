@@ -48,6 +48,8 @@ pub struct Gateway {
     pub usage: Arc<UsageRecorder>,
     /// Write one `keygate::access` line per request.
     pub access_log: bool,
+    /// Leaked-key reports (`[secret_scanning]`); `None`: off.
+    pub leaks: Option<Arc<crate::events::leaks::LeakReports>>,
 }
 
 /// The upstream clients and the upstream policy's timeouts.

@@ -64,6 +64,9 @@ impl RawConfig {
             .is_some_and(|s| matches!(s.url, StoreUrl::Redis(_)));
         let jwt = jwt(self.jwt, shared_store, &mut p);
         let forward_auth = forward_auth(self.forward_auth, &self.routes, &mut p);
+        let webhooks = super::events::webhooks(self.webhooks, &mut p.errors);
+        let events = super::events::events(&self.events, &mut p.errors);
+        let secret_scanning = super::events::secret_scanning(self.secret_scanning, &mut p.errors);
 
         match (proxy, admin, store) {
             (Some(proxy), Some(admin), Some(store)) if p.errors.is_empty() => Ok(Config {
@@ -81,6 +84,9 @@ impl RawConfig {
                 log,
                 jwt,
                 forward_auth,
+                webhooks,
+                events,
+                secret_scanning,
                 warnings: p.warnings,
             }),
             _ => Err(ConfigErrors(p.errors)),

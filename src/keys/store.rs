@@ -15,6 +15,7 @@
 pub mod metered;
 pub mod redis;
 pub mod sqlite;
+pub mod sqlite_outbox;
 #[cfg(test)]
 pub mod testing;
 
@@ -345,6 +346,12 @@ pub trait Store: Send + Sync + 'static {
     /// store lives; after a broken subscription is restored, calls `invalidate_all` (anything
     /// may have been missed). Stores that are not shared between instances do nothing.
     fn watch_invalidations(&self, _sink: Arc<dyn InvalidationSink>) {}
+
+    /// The store's event outbox and webhooks ([`super::outbox`]); `None` when this store
+    /// keeps no events.
+    fn outbox(&self) -> Option<Arc<dyn super::outbox::Outbox>> {
+        None
+    }
 }
 
 #[cfg(test)]

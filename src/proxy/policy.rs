@@ -245,6 +245,9 @@ pub enum Routed<'g> {
     Login,
     /// The forward-auth verify path (or below it): the engine calls [`Gateway::verify`].
     Verify,
+    /// `POST /_keygate/secret-scanning/github` when `[secret_scanning]` is on: the engine reads
+    /// the body (at most [`crate::events::leaks::MAX_BODY`]) and calls the leak reports.
+    SecretScanning,
     Route(&'g Route),
 }
 
@@ -296,6 +299,12 @@ impl Gateway {
         }
         if path == LOGIN_PATH && *req.method() == Method::POST {
             return Ok(Routed::Login);
+        }
+        if self.leaks.is_some()
+            && path == crate::config::events::SECRET_SCANNING_PATH
+            && *req.method() == Method::POST
+        {
+            return Ok(Routed::SecretScanning);
         }
         if let Some(verify) = &self.policy.forward_auth.path
             && path

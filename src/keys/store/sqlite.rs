@@ -9,11 +9,13 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use uuid::Uuid;
 
+use super::sqlite_outbox::write_events;
 use super::{
     ClientPatch, ClientWithKeys, Conflict, KeyPatch, Page, Rotated, Rotation, Store, StoreError,
     StoreResult, Usage,
 };
-use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit, SetBy};
+use crate::keys::outbox::{self, EventType, NewEvent};
+use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit, SetBy, now_millis};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -68,9 +70,10 @@ UPDATE api_keys SET
 ALTER TABLE api_keys ADD COLUMN tokens_valid_after INTEGER;
 UPDATE api_keys SET tokens_valid_after = rotated_at;
 "#,
+    super::sqlite_outbox::MIGRATION,
 ];
 
-const KEY_COLUMNS: &str = "k.id, k.client_id, k.name, k.prefix, k.key_hash, k.previous_hash, \
+pub(super) const KEY_COLUMNS: &str = "k.id, k.client_id, k.name, k.prefix, k.key_hash, k.previous_hash, \
      k.previous_valid_until, k.permissions, k.enabled, k.created_at, k.updated_at, k.expires_at, \
      k.last_used_at, k.rotated_at, k.rate_limit, k.metadata, k.disabled_by, k.expires_set_by, \
      k.rate_limit_set_by, k.tokens_valid_after";
@@ -115,7 +118,7 @@ impl SqliteStore {
         })
     }
 
-    async fn run<T, F>(&self, f: F) -> StoreResult<T>
+    pub(super) async fn run<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
@@ -143,7 +146,7 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn db(e: rusqlite::Error) -> StoreError {
+pub(super) fn db(e: rusqlite::Error) -> StoreError {
     unavailable(e)
 }
 
@@ -171,7 +174,7 @@ fn hash_col(v: Option<Vec<u8>>) -> rusqlite::Result<Option<KeyHash>> {
     .transpose()
 }
 
-fn key_from_row(r: &Row<'_>) -> rusqlite::Result<ApiKey> {
+pub(super) fn key_from_row(r: &Row<'_>) -> rusqlite::Result<ApiKey> {
     let id: String = r.get(0)?;
     let id = Uuid::parse_str(&id).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
@@ -316,6 +319,16 @@ fn record_query(
     .map_err(db)
 }
 
+/// `key.created` of a key just inserted.
+fn created(key: &ApiKey) -> NewEvent {
+    NewEvent::key(
+        EventType::KeyCreated,
+        key,
+        now_millis(),
+        serde_json::json!({}),
+    )
+}
+
 fn page_bounds(page: u32, per_page: u32) -> (i64, i64) {
     let per = i64::from(per_page.max(1));
     (per, (i64::from(page.max(1)) - 1) * per)
@@ -400,6 +413,7 @@ impl Store for SqliteStore {
                 }
             }
             insert_key_row(&tx, &key).map_err(db)?;
+            write_events(&tx, &[created(&key)]).map_err(db)?;
             tx.commit().map_err(db)
         })
         .await
@@ -468,6 +482,10 @@ impl Store for SqliteStore {
                 return Ok(None);
             }
             let key = key_by_id(&tx, id).map_err(db)?;
+            if let Some(after) = &key {
+                write_events(&tx, &outbox::patch_events(&current, after, now_millis()))
+                    .map_err(db)?;
+            }
             tx.commit().map_err(db)?;
             Ok(key)
         })
@@ -503,6 +521,15 @@ impl Store for SqliteStore {
             let after = key_by_id(&tx, id)
                 .map_err(db)?
                 .ok_or(StoreError::NotFound)?;
+            let rotated = NewEvent::key(
+                EventType::KeyRotated,
+                &after,
+                now_millis(),
+                serde_json::json!({"previous_valid_until": r.previous_valid_until
+                    .map(|t| chrono::DateTime::from_timestamp_millis(t).unwrap_or_default()
+                        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true))}),
+            );
+            write_events(&tx, &[rotated]).map_err(db)?;
             tx.commit().map_err(db)?;
             Ok(Some(Rotated { before, after }))
         })
@@ -513,9 +540,10 @@ impl Store for SqliteStore {
         self.run(move |c| {
             let tx = c.transaction().map_err(db)?;
             let key = key_by_id(&tx, id).map_err(db)?;
-            if key.is_some() {
+            if let Some(k) = &key {
                 tx.execute("DELETE FROM api_keys WHERE id = ?1", [id.to_string()])
                     .map_err(db)?;
+                write_events(&tx, &[outbox::revoked(k, "deleted", now_millis())]).map_err(db)?;
             }
             tx.commit().map_err(db)?;
             Ok(key)
@@ -544,6 +572,15 @@ impl Store for SqliteStore {
                 return Err(StoreError::Conflict(Conflict::ClientExists));
             }
             insert_key_row(&tx, &key).map_err(db)?;
+            let at = now_millis();
+            write_events(
+                &tx,
+                &[
+                    NewEvent::client(EventType::ClientCreated, &client, at, serde_json::json!({})),
+                    created(&key),
+                ],
+            )
+            .map_err(db)?;
             tx.commit().map_err(db)
         })
         .await
@@ -622,6 +659,18 @@ impl Store for SqliteStore {
                 .map_err(db)?;
             tx.execute("DELETE FROM clients WHERE client_id = ?1", [&id])
                 .map_err(db)?;
+            let at = now_millis();
+            let mut events: Vec<NewEvent> = keys
+                .iter()
+                .map(|k| outbox::revoked(k, "deleted", at))
+                .collect();
+            events.push(NewEvent::client(
+                EventType::ClientDeleted,
+                &client,
+                at,
+                serde_json::json!({"keys_deleted": keys.len()}),
+            ));
+            write_events(&tx, &events).map_err(db)?;
             tx.commit().map_err(db)?;
             Ok(Some(ClientWithKeys { client, keys }))
         })
@@ -646,6 +695,14 @@ impl Store for SqliteStore {
                 params![id, crate::keys::now_millis()],
             )
             .map_err(db)?;
+            let at = now_millis();
+            let events: Vec<NewEvent> = keys_of(&tx, &id)
+                .map_err(db)?
+                .iter()
+                .filter(|k| before.iter().any(|b| b.id == k.id && b.enabled))
+                .map(|k| outbox::revoked(k, "disabled", at))
+                .collect();
+            write_events(&tx, &events).map_err(db)?;
             tx.commit().map_err(db)?;
             Ok(before)
         })
@@ -668,6 +725,13 @@ impl Store for SqliteStore {
             tx.execute("DELETE FROM api_keys WHERE client_id = ?1", [&id])
                 .map_err(db)?;
             insert_key_row(&tx, &new_key).map_err(db)?;
+            let at = now_millis();
+            let mut events: Vec<NewEvent> = before
+                .iter()
+                .map(|k| outbox::revoked(k, "deleted", at))
+                .collect();
+            events.push(created(&new_key));
+            write_events(&tx, &events).map_err(db)?;
             tx.commit().map_err(db)?;
             Ok(before)
         })
@@ -726,6 +790,12 @@ impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
         self.run(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db))
             .await
+    }
+
+    fn outbox(&self) -> Option<Arc<dyn outbox::Outbox>> {
+        Some(Arc::new(super::sqlite_outbox::SqliteOutbox::new(
+            self.clone(),
+        )))
     }
 }
 
