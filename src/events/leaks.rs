@@ -276,7 +276,7 @@ impl LeakReports {
         if repeat {
             return Ok(true);
         }
-        let key = record.key;
+        let mut key = record.key;
         let taken = match self.action {
             LeakAction::Revoke if key.enabled => {
                 let patch = KeyPatch {
@@ -284,12 +284,19 @@ impl LeakReports {
                     by: SetBy::Admin,
                     ..KeyPatch::default()
                 };
-                self.store.patch_key(key.id, &patch, now).await?;
+                let after = self.store.patch_key(key.id, &patch, now).await?;
                 for h in key.hashes() {
                     self.cache.invalidate(&h);
                 }
                 self.cache.invalidate_id(&key.id);
-                "revoked"
+                match after {
+                    Some(after) => {
+                        key = after;
+                        "revoked"
+                    }
+                    // Deleted in the meantime: nothing left to revoke.
+                    None => "already_deleted",
+                }
             }
             LeakAction::Revoke => "already_disabled",
             LeakAction::Notify => "notified",
