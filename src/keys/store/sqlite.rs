@@ -73,7 +73,7 @@ UPDATE api_keys SET tokens_valid_after = rotated_at;
     super::sqlite_outbox::MIGRATION,
 ];
 
-pub(super) const KEY_COLUMNS: &str = "k.id, k.client_id, k.name, k.prefix, k.key_hash, k.previous_hash, \
+const KEY_COLUMNS: &str = "k.id, k.client_id, k.name, k.prefix, k.key_hash, k.previous_hash, \
      k.previous_valid_until, k.permissions, k.enabled, k.created_at, k.updated_at, k.expires_at, \
      k.last_used_at, k.rotated_at, k.rate_limit, k.metadata, k.disabled_by, k.expires_set_by, \
      k.rate_limit_set_by, k.tokens_valid_after";
@@ -118,7 +118,7 @@ impl SqliteStore {
         })
     }
 
-    pub(super) async fn run<T, F>(&self, f: F) -> StoreResult<T>
+    async fn run<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
@@ -146,7 +146,7 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-pub(super) fn db(e: rusqlite::Error) -> StoreError {
+fn db(e: rusqlite::Error) -> StoreError {
     unavailable(e)
 }
 
@@ -174,7 +174,7 @@ fn hash_col(v: Option<Vec<u8>>) -> rusqlite::Result<Option<KeyHash>> {
     .transpose()
 }
 
-pub(super) fn key_from_row(r: &Row<'_>) -> rusqlite::Result<ApiKey> {
+fn key_from_row(r: &Row<'_>) -> rusqlite::Result<ApiKey> {
     let id: String = r.get(0)?;
     let id = Uuid::parse_str(&id).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
@@ -794,7 +794,11 @@ impl Store for SqliteStore {
 
     fn outbox(&self) -> Option<Arc<dyn outbox::Outbox>> {
         Some(Arc::new(super::sqlite_outbox::SqliteOutbox::new(
-            self.clone(),
+            Arc::clone(&self.conn),
+            super::sqlite_outbox::KeyRows {
+                columns: KEY_COLUMNS,
+                read: key_from_row,
+            },
         )))
     }
 }

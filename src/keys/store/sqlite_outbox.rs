@@ -7,19 +7,18 @@
 //! from a process that is gone (killed mid-delivery): they are released at once and those
 //! deliveries are made again, under the same `webhook-id`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::sqlite::{KEY_COLUMNS, SqliteStore, db, key_from_row};
 use super::{StoreError, StoreResult};
-use crate::keys::Millis;
 use crate::keys::outbox::{
     Attempt, Claimed, DAY_MS, EXPIRING_DAYS, EventType, NewEvent, Outbox, OutboxCounts, Outcome,
     Subscription, Webhook, expiring_window,
 };
+use crate::keys::{ApiKey, Millis};
 
 /// Delivered and failed deliveries, their events and attempts are kept this long.
 const RETENTION_MS: Millis = 7 * DAY_MS;
@@ -96,16 +95,51 @@ pub fn write_events(conn: &Connection, events: &[NewEvent]) -> rusqlite::Result<
     Ok(())
 }
 
+/// How the store reads a key row: its column list (`k.` aliased) and the row decoder.
+#[derive(Clone, Copy)]
+pub struct KeyRows {
+    pub columns: &'static str,
+    pub read: fn(&Row<'_>) -> rusqlite::Result<ApiKey>,
+}
+
 pub struct SqliteOutbox {
-    store: SqliteStore,
+    store: Conn,
+    keys: KeyRows,
     /// Leases left by an earlier process are released at the first claim.
     released: Arc<AtomicBool>,
 }
 
+/// The store's one connection, used the way the store uses it: on tokio's blocking pool.
+#[derive(Clone)]
+struct Conn(Arc<Mutex<Connection>>);
+
+impl Conn {
+    async fn run<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.0);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| StoreError::Unavailable("store connection poisoned".into()))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+    }
+}
+
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
 impl SqliteOutbox {
-    pub fn new(store: SqliteStore) -> Self {
+    pub fn new(conn: Arc<Mutex<Connection>>, keys: KeyRows) -> Self {
         Self {
-            store,
+            store: Conn(conn),
+            keys,
             released: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -136,6 +170,7 @@ impl Outbox for SqliteOutbox {
     }
 
     async fn emit_expiring(&self, now: Millis) -> StoreResult<usize> {
+        let KeyRows { columns, read } = self.keys;
         self.store
             .run(move |c| {
                 let tx = c
@@ -144,11 +179,11 @@ impl Outbox for SqliteOutbox {
                 let widest = EXPIRING_DAYS[0] * DAY_MS;
                 let keys = tx
                     .prepare_cached(&format!(
-                        "SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.enabled = 1 \
+                        "SELECT {columns} FROM api_keys k WHERE k.enabled = 1 \
                          AND k.expires_at > ?1 AND k.expires_at <= ?2"
                     ))
                     .map_err(db)?
-                    .query_map(params![now, now + widest], key_from_row)
+                    .query_map(params![now, now + widest], read)
                     .map_err(db)?
                     .collect::<rusqlite::Result<Vec<_>>>()
                     .map_err(db)?;
