@@ -839,3 +839,99 @@ enabled = true
     }
     assert!(!text.contains("hunter2"), "a secret in check-config output");
 }
+
+#[tokio::test]
+async fn two_instances_on_one_redis_deliver_each_event_once_in_order_per_key() {
+    let redis = crate::redis_support::RedisServer::start();
+    let rx = Receiver::start().await;
+    rx.status.store(503, Ordering::SeqCst);
+    let upstream = Upstream::start().await;
+    let extra = events_config(&rx.url("/hook"));
+    let a = Gateway::start_on_store(
+        upstream.clone(),
+        &format!("url = \"{}\"", redis.unix_url()),
+        &extra,
+    )
+    .await;
+    let b =
+        Gateway::start_on_store(upstream, &format!("url = \"{}\"", redis.tcp_url(0)), &extra).await;
+    // A webhook made on one instance is served by both.
+    let r = a
+        .admin(
+            "POST",
+            "/v1/webhooks",
+            Some(json!({"url": rx.url("/api"), "events": ["key.updated"]})),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let api_secret = r.json()["secret"].as_str().unwrap().to_owned();
+    let listed = b.admin("GET", "/v1/webhooks", None).await;
+    assert_eq!(listed.json()["data"].as_array().unwrap().len(), 2);
+    assert!(!String::from_utf8_lossy(&listed.body).contains("whsec_"));
+
+    a.client("shared", "free").await;
+    let mut ids = Vec::new();
+    for (i, gw) in [&a, &b, &a].iter().enumerate() {
+        let k = gw.key("shared", json!({"name": format!("k{i}")})).await;
+        ids.push(k["id"].as_str().unwrap().to_owned());
+    }
+    // Renames made on both instances, alternating.
+    for n in 1..=4 {
+        for (i, id) in ids.iter().enumerate() {
+            let gw = if (n + i) % 2 == 0 { &a } else { &b };
+            let r = gw
+                .admin(
+                    "PATCH",
+                    &format!("/v1/api-keys/{id}"),
+                    Some(json!({"name": format!("{id}-{n}")})),
+                )
+                .await;
+            assert_eq!(r.status, 200);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rx.all().iter().filter(|g| g.answered == 503).count() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "no attempts while the receiver is down"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rx.status.store(200, Ordering::SeqCst);
+    // 1 client.created + 4 key.created (the client's first key too) + 12 key.updated.
+    rx.wait_for("/hook", Duration::from_secs(15), |d| d.len() >= 17)
+        .await;
+    rx.wait_for("/api", Duration::from_secs(15), |d| d.len() >= 12)
+        .await;
+    // Let any duplicate arrive before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let delivered = rx.delivered("/hook");
+    let mut per_id: HashMap<String, usize> = HashMap::new();
+    for g in &delivered {
+        *per_id.entry(g.id()).or_default() += 1;
+    }
+    assert_eq!(per_id.len(), 17);
+    assert!(
+        per_id.values().all(|&n| n == 1),
+        "an event delivered twice: {per_id:?}"
+    );
+    for (i, id) in ids.iter().enumerate() {
+        let names: Vec<String> = delivered
+            .iter()
+            .map(|g| verify(SECRET, g).unwrap())
+            .filter(|v| v["data"]["id"] == id.as_str())
+            .map(|v| v["data"]["name"].as_str().unwrap().to_owned())
+            .collect();
+        let mut want = vec![format!("k{i}")];
+        want.extend((1..=4).map(|n| format!("{id}-{n}")));
+        assert_eq!(names, want, "events of key {id} out of order or missing");
+    }
+    let api = rx.delivered("/api");
+    assert_eq!(api.len(), 12);
+    for g in &api {
+        assert_eq!(verify(&api_secret, g).unwrap()["type"], "key.updated");
+    }
+    verify_with_python(&api_secret, &api[0]).unwrap();
+    a.stop().await;
+    b.stop().await;
+}

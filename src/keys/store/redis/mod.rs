@@ -47,6 +47,7 @@
 //! starting with a comment that says what ARGV holds and what it answers.
 
 mod codec;
+pub mod outbox;
 mod watch;
 
 use std::future::Future;
@@ -804,6 +805,12 @@ impl Store for RedisStore {
             state: Arc::clone(&self.inner.subscription),
         }
         .spawn(self.inner.alive.subscribe());
+    }
+
+    fn outbox(&self) -> Option<Arc<dyn crate::keys::outbox::Outbox>> {
+        Some(Arc::new(outbox::RedisOutbox {
+            store: self.clone(),
+        }))
     }
 }
 

@@ -97,3 +97,15 @@ local function record(id)
   if not license then return nil end
   return {license, rec}
 end
+
+-- The event outbox (webhooks): a stream written by the script that makes the change, so an
+-- event exists exactly when its change does. Each entry: type, okey (what orders it: a key id or
+-- a client id), t (the writer's clock), what ('key' or 'client'), rec (the record's fields as
+-- a JSON array, after the change; before it for deletions) and extra (a JSON object of members
+-- added to the event's data). The gateway builds the body from these (src/keys/store/redis).
+local EVENTS = P .. 'events'
+local function emit(kind, okey, what, rec, extra)
+  if #rec == 0 then return end
+  redis.call('XADD', EVENTS, '*', 'type', kind, 'okey', okey, 't', ARGV[2], 'what', what,
+             'rec', cjson.encode(rec), 'extra', extra or '{}')
+end
