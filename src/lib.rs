@@ -18,6 +18,8 @@
 //! - [`limit`]: the key buckets' registry, route and failed-authentication limits.
 //! - [`clock`]: the one [`clock::Clock`] every component of the request path reads.
 //! - [`admin`]: the axum router of the admin plane.
+//! - [`events`]: webhook delivery from the store's outbox ([`keys::outbox`]), the
+//!   `key.expiring` check, leaked-key reports.
 //!
 //! # Invariants
 //! - No plaintext key, key hash or token is stored, logged or returned, except the plaintext in

@@ -32,8 +32,89 @@ pub struct CreateWebhook {
     /// Event types (`key.created`, `key.updated`, `key.rotated`, `key.revoked`,
     /// `key.expiring`, `key.leaked`, `client.created`, `client.deleted`, `quota.threshold`), or
     /// `"*"` for all (the default).
-    #[schema(value_type = Option<Vec<String>>, example = json!(["key.created", "key.revoked"]))]
-    pub events: Option<RawEventList>,
+    #[schema(example = json!(["key.created", "key.revoked"]))]
+    pub events: Option<EventsInput>,
+}
+
+/// `"*"` or a list of event types.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum EventsInput {
+    /// `"*"`: every event type.
+    All(Every),
+    /// Some event types (at least one).
+    Some(Vec<EventName>),
+}
+
+/// `"*"`.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+pub enum Every {
+    #[serde(rename = "*")]
+    #[schema(rename = "*")]
+    Every,
+}
+
+/// An event type (or `*`, every type).
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+pub enum EventName {
+    #[serde(rename = "key.created")]
+    #[schema(rename = "key.created")]
+    KeyCreated,
+    #[serde(rename = "key.updated")]
+    #[schema(rename = "key.updated")]
+    KeyUpdated,
+    #[serde(rename = "key.rotated")]
+    #[schema(rename = "key.rotated")]
+    KeyRotated,
+    #[serde(rename = "key.revoked")]
+    #[schema(rename = "key.revoked")]
+    KeyRevoked,
+    #[serde(rename = "key.expiring")]
+    #[schema(rename = "key.expiring")]
+    KeyExpiring,
+    #[serde(rename = "key.leaked")]
+    #[schema(rename = "key.leaked")]
+    KeyLeaked,
+    #[serde(rename = "client.created")]
+    #[schema(rename = "client.created")]
+    ClientCreated,
+    #[serde(rename = "client.deleted")]
+    #[schema(rename = "client.deleted")]
+    ClientDeleted,
+    #[serde(rename = "quota.threshold")]
+    #[schema(rename = "quota.threshold")]
+    QuotaThreshold,
+    #[serde(rename = "*")]
+    #[schema(rename = "*")]
+    All,
+}
+
+impl EventName {
+    fn as_str(self) -> &'static str {
+        match self {
+            EventName::KeyCreated => "key.created",
+            EventName::KeyUpdated => "key.updated",
+            EventName::KeyRotated => "key.rotated",
+            EventName::KeyRevoked => "key.revoked",
+            EventName::KeyExpiring => "key.expiring",
+            EventName::KeyLeaked => "key.leaked",
+            EventName::ClientCreated => "client.created",
+            EventName::ClientDeleted => "client.deleted",
+            EventName::QuotaThreshold => "quota.threshold",
+            EventName::All => "*",
+        }
+    }
+}
+
+impl EventsInput {
+    fn raw(&self) -> RawEventList {
+        match self {
+            EventsInput::All(_) => RawEventList::One("*".into()),
+            EventsInput::Some(l) => {
+                RawEventList::List(l.iter().map(|e| e.as_str().to_owned()).collect())
+            }
+        }
+    }
 }
 
 /// A webhook as the API shows it. `secret` is present only in the answer that creates it.
@@ -130,11 +211,11 @@ pub async fn create(
     if let Some(why) = url_problem(&body.url) {
         errs.push(FieldError::new("url", why));
     }
-    let list = match event_list(
-        body.events
-            .as_ref()
-            .unwrap_or(&RawEventList::One("*".into())),
-    ) {
+    let raw = body
+        .events
+        .as_ref()
+        .map_or(RawEventList::One("*".into()), EventsInput::raw);
+    let list = match event_list(&raw) {
         Ok(l) => l,
         Err(why) => {
             errs.push(FieldError::new("events", why));
