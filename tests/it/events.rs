@@ -935,3 +935,56 @@ async fn two_instances_on_one_redis_deliver_each_event_once_in_order_per_key() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn events_pending_at_a_kill_9_on_redis_are_delivered_by_another_instance() {
+    let redis = crate::redis_support::RedisServer::start();
+    let rx = Receiver::start().await;
+    rx.status.store(503, Ordering::SeqCst);
+    let upstream = Upstream::start().await;
+    let extra = events_config(&rx.url("/hook"))
+        .replace("retry_base_ms = 50", "retry_base_ms = 1000")
+        .replace("retry_max_ms = 200", "retry_max_ms = 1000");
+    let store = format!("url = \"{}\"", redis.tcp_url(0));
+    let dir = tempfile::tempdir().unwrap();
+    let text = crate::support::store_config_text(&upstream.url(), &store, &extra);
+    let mut a = Binary::serve(&text, dir.path()).json_logs().spawn();
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let req = Request::post(format!("http://{}/v1/clients", a.admin))
+        .header("x-admin-key", ADMIN_KEY)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            json!({"client_id": "gone", "license": "free"}).to_string(),
+        )))
+        .unwrap();
+    assert_eq!(client.request(req).await.unwrap().status(), 201);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rx.all().len() < 2 {
+        assert!(Instant::now() < deadline, "no attempt before the kill");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tried: Vec<String> = rx.all().iter().map(Got::id).collect();
+    a.kill9();
+    rx.status.store(200, Ordering::SeqCst);
+    // Another instance on the same Redis takes the deliveries over.
+    let b = Gateway::start_on_store(upstream, &store, &extra).await;
+    rx.wait_for("/hook", Duration::from_secs(15), |d| d.len() >= 2)
+        .await;
+    let delivered = rx.delivered("/hook");
+    let mut types: Vec<String> = delivered
+        .iter()
+        .map(|g| {
+            verify(SECRET, g).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    types.sort();
+    assert_eq!(types, ["client.created", "key.created"]);
+    for g in &delivered {
+        assert!(tried.contains(&g.id()), "a redelivery keeps its webhook-id");
+    }
+    b.stop().await;
+}
