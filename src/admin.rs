@@ -182,7 +182,7 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(kixote::create_client_key))
         .routes(routes!(kixote::delete_client))
         .routes(routes!(webhooks::create, webhooks::list))
-        .routes(routes!(webhooks::show, webhooks::remove))
+        .routes(routes!(webhooks::show, webhooks::update, webhooks::remove))
         .routes(routes!(webhooks::deliveries))
         .route_layer(middleware::from_fn(audit_failures))
         .route_layer(middleware::from_fn_with_state(

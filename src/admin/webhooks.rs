@@ -117,6 +117,18 @@ impl EventsInput {
     }
 }
 
+/// A change to a webhook: what is given is set.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateWebhook {
+    /// `http://` or `https://` URL (at most 2048 characters).
+    #[schema(example = "https://hooks.example.com/keygate", max_length = 2048)]
+    pub url: Option<String>,
+    /// Event types, or `"*"` for all.
+    #[schema(example = json!(["key.revoked"]))]
+    pub events: Option<EventsInput>,
+}
+
 /// A webhook as the API shows it. `secret` is present only in the answer that creates it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct WebhookView {
@@ -291,6 +303,49 @@ pub async fn show(
     caller.admin_only()?;
     let (w, configured) = find(events_of(&state)?, &id).await?;
     Ok(Json(WebhookView::of(&w, configured)))
+}
+
+/// Changes the URL and/or the event types of a webhook made through the API (its secret and id
+/// stay). Deliveries already queued go to the new URL; later events follow the new list.
+#[utoipa::path(patch, path = "/v1/webhooks/{id}", operation_id = "update_webhook", tag = "webhooks", request_body = UpdateWebhook,
+    params(("id" = String, Path)),
+    responses((status = 200, body = WebhookView), ErrorResponses))]
+pub async fn update(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<UpdateWebhook>,
+) -> Result<Json<WebhookView>, AdminError> {
+    caller.admin_only()?;
+    let events = events_of(&state)?;
+    let mut errs = Vec::new();
+    if let Some(why) = body.url.as_deref().and_then(url_problem) {
+        errs.push(FieldError::new("url", why));
+    }
+    let list = match body.events.as_ref().map(|e| event_list(&e.raw())) {
+        None => None,
+        Some(Ok(l)) => Some(l),
+        Some(Err(why)) => {
+            errs.push(FieldError::new("events", why));
+            None
+        }
+    };
+    if !errs.is_empty() {
+        return Err(AdminError::Validation(errs));
+    }
+    if events.configured().iter().any(|w| w.id == id) {
+        return Err(AdminError::Conflict(
+            "this webhook is defined in the configuration file; change it there".into(),
+        ));
+    }
+    let w = events
+        .outbox()
+        .update_webhook(&id, body.url.as_deref(), list.as_deref())
+        .await?
+        .ok_or(AdminError::NotFound("no webhook with this id"))?;
+    tracing::info!(target: "keygate::audit", action = "webhook.update", webhook_id = %w.id,
+        url = %w.url, caller = ?caller);
+    Ok(Json(WebhookView::of(&w, false)))
 }
 
 /// Deletes a webhook made through the API; its pending deliveries are dropped. A webhook of

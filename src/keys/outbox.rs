@@ -354,6 +354,16 @@ pub trait Outbox: Send + Sync + 'static {
 
     async fn list_webhooks(&self) -> StoreResult<Vec<Webhook>>;
 
+    /// Sets a webhook's `url` and/or `events` (`None`: unchanged). Deliveries already fanned out
+    /// stay (and go to the new URL); later events are fanned out by the new list. `None` when
+    /// there is no such webhook.
+    async fn update_webhook(
+        &self,
+        id: &str,
+        url: Option<&str>,
+        events: Option<&[String]>,
+    ) -> StoreResult<Option<Webhook>>;
+
     /// Deletes a webhook; its pending deliveries are dropped.
     async fn delete_webhook(&self, id: &str) -> StoreResult<Option<Webhook>>;
 

@@ -774,6 +774,41 @@ async fn the_webhook_api_refuses_hostile_input_and_shows_a_secret_once() {
             "{path}"
         );
     }
+    // Changed: hostile changes refused, a good one kept (no secret shown).
+    let path = format!("/v1/webhooks/{id}");
+    let patch = json!({"url": rx.url("/moved"), "events": ["key.revoked"]});
+    let r = gw.admin_as("PATCH", &path, Some(patch.clone()), &[]).await;
+    assert_eq!(r.status, 401);
+    for bad in [
+        json!({"url": "gopher://example.com/"}),
+        json!({"events": ["key.stolen"]}),
+        json!({"events": []}),
+        json!({"secret": "whsec_mine"}),
+    ] {
+        let r = gw.admin("PATCH", &path, Some(bad.clone())).await;
+        assert_eq!(r.status, 422, "{bad}");
+    }
+    let r = gw
+        .admin(
+            "PATCH",
+            &format!("/v1/webhooks/{configured}"),
+            Some(patch.clone()),
+        )
+        .await;
+    assert_eq!(r.status, 409);
+    let r = gw
+        .admin("PATCH", "/v1/webhooks/wh_nothing", Some(patch.clone()))
+        .await;
+    assert_eq!(r.status, 404);
+    let r = gw.admin("GET", &path, None).await;
+    assert_eq!(r.json()["url"], rx.url("/x").as_str());
+    let r = gw.admin("PATCH", &path, Some(patch)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["url"], rx.url("/moved").as_str());
+    assert_eq!(r.json()["events"], json!(["key.revoked"]));
+    assert!(!String::from_utf8_lossy(&r.body).contains("whsec_"));
+    let r = gw.admin("GET", &path, None).await;
+    assert_eq!(r.json()["events"], json!(["key.revoked"]));
     let r = gw
         .admin(
             "GET",
@@ -932,6 +967,27 @@ async fn two_instances_on_one_redis_deliver_each_event_once_in_order_per_key() {
         assert_eq!(verify(&api_secret, g).unwrap()["type"], "key.updated");
     }
     verify_with_python(&api_secret, &api[0]).unwrap();
+    // A change made on one instance is seen by the other.
+    let hook = listed.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["source"] == "api")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = b
+        .admin(
+            "PATCH",
+            &format!("/v1/webhooks/{hook}"),
+            Some(json!({"events": "*"})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = a.admin("GET", &format!("/v1/webhooks/{hook}"), None).await;
+    assert_eq!(r.json()["events"], json!(["*"]));
+    assert_eq!(r.json()["url"], rx.url("/api").as_str());
     a.stop().await;
     b.stop().await;
 }

@@ -70,6 +70,7 @@ async fn the_document_is_valid_and_covers_every_route() {
         ("post", "/v1/webhooks"),
         ("get", "/v1/webhooks"),
         ("get", "/v1/webhooks/{id}"),
+        ("patch", "/v1/webhooks/{id}"),
         ("delete", "/v1/webhooks/{id}"),
         ("get", "/v1/webhooks/{id}/deliveries"),
     ]

@@ -460,6 +460,38 @@ impl Outbox for SqliteOutbox {
             .await
     }
 
+    async fn update_webhook(
+        &self,
+        id: &str,
+        url: Option<&str>,
+        events: Option<&[String]>,
+    ) -> StoreResult<Option<Webhook>> {
+        let id = id.to_owned();
+        let url = url.map(str::to_owned);
+        let events = events.map(|e| serde_json::to_string(e).expect("serializable"));
+        self.store
+            .run(move |c| {
+                let tx = c.transaction().map_err(db)?;
+                tx.execute(
+                    "UPDATE webhooks SET url = COALESCE(?2, url), events = COALESCE(?3, events) \
+                     WHERE id = ?1",
+                    params![id, url, events],
+                )
+                .map_err(db)?;
+                let w = tx
+                    .query_row(
+                        "SELECT id, url, events, secret, created_at FROM webhooks WHERE id = ?1",
+                        [&id],
+                        webhook_from_row,
+                    )
+                    .optional()
+                    .map_err(db)?;
+                tx.commit().map_err(db)?;
+                Ok(w)
+            })
+            .await
+    }
+
     async fn delete_webhook(&self, id: &str) -> StoreResult<Option<Webhook>> {
         let id = id.to_owned();
         self.store

@@ -37,6 +37,7 @@ struct Scripts {
     claim: Script,
     complete: Script,
     delete_webhook: Script,
+    update_webhook: Script,
     emit: Script,
 }
 
@@ -48,6 +49,7 @@ fn scripts() -> &'static Scripts {
             claim: s(include_str!("scripts/outbox_claim.lua")),
             complete: s(include_str!("scripts/outbox_complete.lua")),
             delete_webhook: s(include_str!("scripts/outbox_delete_webhook.lua")),
+            update_webhook: s(include_str!("scripts/outbox_update_webhook.lua")),
             emit: s(include_str!("scripts/outbox_emit.lua")),
         }
     })
@@ -256,6 +258,27 @@ impl Outbox for RedisOutbox {
             .collect();
         out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         Ok(out)
+    }
+
+    async fn update_webhook(
+        &self,
+        id: &str,
+        url: Option<&str>,
+        events: Option<&[String]>,
+    ) -> StoreResult<Option<Webhook>> {
+        let mut a = Args::default();
+        a.push(crate::keys::now_millis())
+            .push(id)
+            .push(url.unwrap_or(""))
+            .push(events.map(|e| json!(e).to_string()).unwrap_or_default());
+        match self
+            .store
+            .script("update webhook", &scripts().update_webhook, a)
+            .await?
+        {
+            Value::Nil => Ok(None),
+            v => Ok(text(&v).and_then(|s| webhook_from(&s))),
+        }
     }
 
     async fn delete_webhook(&self, id: &str) -> StoreResult<Option<Webhook>> {
