@@ -235,6 +235,16 @@ pub(super) fn webhooks(raw: Vec<RawWebhook>, errors: &mut Vec<String>) -> Vec<We
             ));
             ok = false;
         }
+        if ok
+            && out
+                .iter()
+                .any(|o: &WebhookConfig| o.url == w.url && o.events == events)
+        {
+            errors.push(format!(
+                "webhooks[{i}] repeats an earlier webhook (same url and events); remove one"
+            ));
+            ok = false;
+        }
         if ok {
             out.push(WebhookConfig {
                 url: w.url,

@@ -1044,3 +1044,86 @@ async fn events_pending_at_a_kill_9_on_redis_are_delivered_by_another_instance()
     }
     b.stop().await;
 }
+
+#[tokio::test]
+async fn key_expiring_on_redis_is_sent_once_per_key_and_window_by_either_instance() {
+    let redis = crate::redis_support::RedisServer::start();
+    let rx = Receiver::start().await;
+    let upstream = Upstream::start().await;
+    let extra =
+        events_config(&rx.url("/hook")).replace("events = \"*\"", "events = [\"key.expiring\"]");
+    let a = Gateway::start_on_store(
+        upstream.clone(),
+        &format!("url = \"{}\"", redis.unix_url()),
+        &extra,
+    )
+    .await;
+    let b =
+        Gateway::start_on_store(upstream, &format!("url = \"{}\"", redis.tcp_url(0)), &extra).await;
+    a.client("soon", "free").await;
+    let week = a
+        .key(
+            "soon",
+            json!({"expires_at": rfc3339_in(chrono::Duration::days(3))}),
+        )
+        .await;
+    let day = b
+        .key(
+            "soon",
+            json!({"expires_at": rfc3339_in(chrono::Duration::hours(12))}),
+        )
+        .await;
+    let disabled = a
+        .key(
+            "soon",
+            json!({"expires_at": rfc3339_in(chrono::Duration::hours(12)), "enabled": false}),
+        )
+        .await;
+    let later = b
+        .key(
+            "soon",
+            json!({"expires_at": rfc3339_in(chrono::Duration::days(30))}),
+        )
+        .await;
+    rx.wait_for("/hook", Duration::from_secs(10), |d| d.len() >= 2)
+        .await;
+    // Several checks on both instances later: still one notice per key and window.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let got: Vec<Value> = rx
+        .delivered("/hook")
+        .iter()
+        .map(|g| verify(SECRET, g).unwrap())
+        .collect();
+    assert_eq!(got.len(), 2, "{got:?}");
+    let days: HashMap<String, i64> = got
+        .iter()
+        .map(|v| {
+            assert_eq!(v["type"], "key.expiring");
+            (
+                v["data"]["id"].as_str().unwrap().to_owned(),
+                v["data"]["days"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(days[week["id"].as_str().unwrap()], 7);
+    assert_eq!(days[day["id"].as_str().unwrap()], 1);
+    for k in [&disabled, &later] {
+        assert!(!days.contains_key(k["id"].as_str().unwrap()));
+    }
+    // Moving the week key's expiry within a day is a new expiry: one more notice.
+    let r = a
+        .admin(
+            "PATCH",
+            &format!("/v1/api-keys/{}", week["id"].as_str().unwrap()),
+            Some(json!({"expires_at": rfc3339_in(chrono::Duration::hours(6))})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    rx.wait_for("/hook", Duration::from_secs(10), |d| d.len() >= 3)
+        .await;
+    let last = verify(SECRET, rx.delivered("/hook").last().unwrap()).unwrap();
+    assert_eq!(last["data"]["id"], week["id"]);
+    assert_eq!(last["data"]["days"], 1);
+    a.stop().await;
+    b.stop().await;
+}

@@ -15,10 +15,14 @@
 //! | `P webhooks` | hash | webhooks made through the API (JSON) |
 //! | `P attempts:<webhook>` | list | the webhook's latest 1,000 attempts (JSON), newest first |
 //! | `P events:pending`, `events:delivered`, `events:failed` | strings | counters |
+//! | `P expiries` | sorted set | enabled keys with an expiry, scored by it |
+//! | `P expiry_notices:<id>` | set | `key.expiring` notices sent (`days:expires_at`) |
 //!
 //! Instances sharing a Redis should list the same `[[webhooks]]`: events are fanned out by
-//! whichever instance claims first, with the webhooks it knows. `key.expiring` needs an index
-//! of keys by expiry the Redis layout does not have yet: the Redis store writes no such events.
+//! whichever instance claims first, with the webhooks it knows. `key.expiring` reads the index
+//! `P expiries` (enabled keys by `expires_at`, kept by the write scripts) and records what it
+//! sent in `P expiry_notices:<id>`; keys written before the index existed are not in it until
+//! their next change.
 
 use ::redis::{Script, Value};
 use async_trait::async_trait;
@@ -28,8 +32,8 @@ use super::codec::{Args, array, client_from, corrupt, fields, int, key_from, tex
 use super::{PRELUDE, RedisStore};
 use crate::keys::Millis;
 use crate::keys::outbox::{
-    Attempt, Claimed, EventType, NewEvent, Outbox, OutboxCounts, Outcome, Subscription, Webhook,
-    key_data,
+    Attempt, Claimed, EXPIRING_DAYS, EventType, NewEvent, Outbox, OutboxCounts, Outcome,
+    Subscription, Webhook, key_data,
 };
 use crate::keys::store::{StoreError, StoreResult};
 
@@ -39,6 +43,7 @@ struct Scripts {
     delete_webhook: Script,
     update_webhook: Script,
     emit: Script,
+    expiring: Script,
 }
 
 fn scripts() -> &'static Scripts {
@@ -51,6 +56,7 @@ fn scripts() -> &'static Scripts {
             delete_webhook: s(include_str!("scripts/outbox_delete_webhook.lua")),
             update_webhook: s(include_str!("scripts/outbox_update_webhook.lua")),
             emit: s(include_str!("scripts/outbox_emit.lua")),
+            expiring: s(include_str!("scripts/outbox_expiring.lua")),
         }
     })
 }
@@ -118,8 +124,17 @@ impl Outbox for RedisOutbox {
             .map(|_| ())
     }
 
-    async fn emit_expiring(&self, _now: Millis) -> StoreResult<usize> {
-        Ok(0)
+    async fn emit_expiring(&self, now: Millis) -> StoreResult<usize> {
+        let mut a = Args::default();
+        a.push(now);
+        for d in EXPIRING_DAYS {
+            a.push(d);
+        }
+        let v = self
+            .store
+            .script("expiry check", &scripts().expiring, a)
+            .await?;
+        Ok(int(&v)?.max(0) as usize)
     }
 
     async fn claim(

@@ -14,6 +14,7 @@ for _, id in ipairs(ids) do
   redis.call('HSET', kkey(id), 'enabled', '0', 'disabled_by', 'admin')
   next_generation(id, ARGV[2])
   touch(id, ARGV[2])
+  index_expiry(id)
   if was ~= '0' then
     emit('key.revoked', id, 'key', redis.call('HGETALL', kkey(id)), '{"reason":"disabled"}')
   end

@@ -76,6 +76,7 @@ for name, who in pairs(setters) do
 end
 if new.enabled == '0' then next_generation(id, ARGV[4]) end
 touch(id, ARGV[4])
+index_expiry(id)
 local after = redis.call('HGETALL', k)
 emit('key.updated', id, 'key', after)
 if new.enabled == '0' and cur[1] ~= '0' then
