@@ -14,6 +14,7 @@ mod kixote;
 mod layers;
 mod observability;
 mod openapi;
+mod outbox_conformance;
 mod parity;
 mod proxy_path;
 mod rate_limits;
