@@ -35,6 +35,8 @@ use crate::telemetry::metrics::Metrics;
 
 /// Deliveries claimed per round.
 const CLAIM_BATCH: usize = 64;
+/// How often the pending gauge is read from the store when nothing is being delivered.
+const GAUGE_EVERY: Duration = Duration::from_secs(5);
 /// Longest error text kept with an attempt.
 const MAX_ERROR_LEN: usize = 200;
 
@@ -48,6 +50,8 @@ pub struct Events {
     metrics: Arc<Metrics>,
     client: HttpClient,
     wake: Notify,
+    /// When the pending gauge was last read (ms).
+    gauge_read: std::sync::atomic::AtomicI64,
 }
 
 /// The id of a webhook from the configuration file: stable across restarts (so its pending
@@ -96,6 +100,7 @@ impl Events {
             metrics,
             client,
             wake: Notify::new(),
+            gauge_read: std::sync::atomic::AtomicI64::new(0),
         }))
     }
 
@@ -217,8 +222,14 @@ impl Events {
             });
         }
         while tasks.join_next().await.is_some() {}
-        if let Ok(counts) = self.outbox.counts().await {
-            self.metrics.webhook_pending.set(counts.pending as i64);
+        let now = now_millis();
+        let last = self.gauge_read.load(std::sync::atomic::Ordering::Relaxed);
+        if n > 0 || now - last >= GAUGE_EVERY.as_millis() as i64 {
+            self.gauge_read
+                .store(now, std::sync::atomic::Ordering::Relaxed);
+            if let Ok(counts) = self.outbox.counts().await {
+                self.metrics.webhook_pending.set(counts.pending as i64);
+            }
         }
         Ok(n)
     }

@@ -294,7 +294,10 @@ async fn webhooks_are_created_changed_and_deleted_with_their_deliveries(s: &Subj
         s.outbox.insert_webhook(&w).await.is_err(),
         "an id is unique"
     );
-    assert_eq!(s.outbox.list_webhooks().await.unwrap(), std::slice::from_ref(&w));
+    assert_eq!(
+        s.outbox.list_webhooks().await.unwrap(),
+        std::slice::from_ref(&w)
+    );
     let changed = s
         .outbox
         .update_webhook("wh_1", Some("http://127.0.0.1:9/b"), None)

@@ -24,6 +24,8 @@ use crate::keys::{ApiKey, Millis};
 const RETENTION_MS: Millis = 7 * DAY_MS;
 /// Events fanned out per claim.
 const FANOUT_BATCH: i64 = 1_000;
+/// How often a claim also drops what is past [`RETENTION_MS`].
+const PRUNE_EVERY_MS: Millis = 60_000;
 
 pub const MIGRATION: &str = r#"
 CREATE TABLE webhook_events (
@@ -107,6 +109,8 @@ pub struct SqliteOutbox {
     keys: KeyRows,
     /// Leases left by an earlier process are released at the first claim.
     released: Arc<AtomicBool>,
+    /// When the last claim pruned old rows.
+    pruned_at: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// The store's one connection, used the way the store uses it: on tokio's blocking pool.
@@ -141,6 +145,7 @@ impl SqliteOutbox {
             store: Conn(conn),
             keys,
             released: Arc::new(AtomicBool::new(false)),
+            pruned_at: Arc::new(std::sync::atomic::AtomicI64::new(0)),
         }
     }
 }
@@ -238,6 +243,10 @@ impl Outbox for SqliteOutbox {
     ) -> StoreResult<Vec<Claimed>> {
         let subs = subscriptions.to_vec();
         let release = !self.released.swap(true, Ordering::AcqRel);
+        let prune = now - self.pruned_at.load(Ordering::Relaxed) >= PRUNE_EVERY_MS;
+        if prune {
+            self.pruned_at.store(now, Ordering::Relaxed);
+        }
         self.store
             .run(move |c| {
                 let tx = c
@@ -340,17 +349,19 @@ impl Outbox for SqliteOutbox {
                             .map_err(db)?;
                     }
                 }
-                // What is done and old goes.
-                let horizon = now - RETENTION_MS;
-                tx.execute(
-                    "DELETE FROM webhook_events WHERE seq <= ?1 AND created_at < ?2 \
-                     AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d \
-                         WHERE d.event_seq = webhook_events.seq AND d.state = 'pending')",
-                    params![cursor, horizon],
-                )
-                .map_err(db)?;
-                tx.execute("DELETE FROM webhook_attempts WHERE at < ?1", [horizon])
+                // What is done and old goes (now and then: it reads old rows).
+                if prune {
+                    let horizon = now - RETENTION_MS;
+                    tx.execute(
+                        "DELETE FROM webhook_events WHERE seq <= ?1 AND created_at < ?2 \
+                         AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d \
+                             WHERE d.event_seq = webhook_events.seq AND d.state = 'pending')",
+                        params![cursor, horizon],
+                    )
                     .map_err(db)?;
+                    tx.execute("DELETE FROM webhook_attempts WHERE at < ?1", [horizon])
+                        .map_err(db)?;
+                }
                 tx.commit().map_err(db)?;
                 Ok(due)
             })
@@ -397,24 +408,19 @@ impl Outbox for SqliteOutbox {
     async fn counts(&self) -> StoreResult<OutboxCounts> {
         self.store
             .run(|c| {
-                let mut out = OutboxCounts::default();
-                let mut stmt = c
-                    .prepare_cached("SELECT state, COUNT(*) FROM webhook_deliveries GROUP BY state")
-                    .map_err(db)?;
-                let rows = stmt
-                    .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-                    .map_err(db)?;
-                for row in rows {
-                    let (state, n) = row.map_err(db)?;
-                    let n = n as u64;
-                    match state.as_str() {
-                        "pending" => out.pending = n,
-                        "delivered" => out.delivered = n,
-                        "failed" => out.failed = n,
-                        _ => {}
-                    }
-                }
-                Ok(out)
+                // Each a range of the (state, next_at) index.
+                let count = |state: &str| -> StoreResult<u64> {
+                    c.prepare_cached("SELECT COUNT(*) FROM webhook_deliveries WHERE state = ?1")
+                        .map_err(db)?
+                        .query_row([state], |r| r.get::<_, i64>(0))
+                        .map(|n| n as u64)
+                        .map_err(db)
+                };
+                Ok(OutboxCounts {
+                    pending: count("pending")?,
+                    delivered: count("delivered")?,
+                    failed: count("failed")?,
+                })
             })
             .await
     }
