@@ -107,8 +107,13 @@ impl std::ops::Deref for AdminState {
 }
 
 impl AdminInner {
-    /// Drops every cache entry of `keys` (current and previous hashes, and by id).
+    /// Drops every cache entry of `keys` (current and previous hashes, and by id). Every admin
+    /// write calls this after the store's write, which also wrote its events: the delivery loop
+    /// is woken for them.
     pub fn invalidate(&self, keys: &[StoredKey]) {
+        if let Some(events) = &self.events {
+            events.wake();
+        }
         for k in keys {
             for h in k.hashes() {
                 self.cache.invalidate(&h);
