@@ -77,6 +77,7 @@ conformance!(
     retries_wait_and_outcomes_are_recorded,
     webhooks_are_created_changed_and_deleted_with_their_deliveries,
     emitted_and_expiring_events_are_delivered,
+    client_wide_writes_write_an_event_per_key,
 );
 
 fn all() -> Vec<Subscription> {
@@ -383,4 +384,88 @@ async fn emitted_and_expiring_events_are_delivered(s: &Subject) {
             "quota.threshold"
         ]
     );
+}
+
+/// Every delivery's (type, data.reason, data.id), claimed and delivered until none is left.
+async fn drain(s: &Subject) -> Vec<(String, Option<String>, String)> {
+    let mut out = Vec::new();
+    loop {
+        let claimed = s
+            .outbox
+            .claim(&all(), now_millis(), 60_000, 100)
+            .await
+            .unwrap();
+        if claimed.is_empty() {
+            return out;
+        }
+        for c in claimed {
+            let v: Value = serde_json::from_str(&c.body).unwrap();
+            out.push((
+                c.event_type.clone(),
+                v["data"]["reason"].as_str().map(str::to_owned),
+                v["data"]["id"]
+                    .as_str()
+                    .or(v["data"]["client_id"].as_str())
+                    .unwrap()
+                    .to_owned(),
+            ));
+            s.outbox
+                .complete(&c, &Outcome::Delivered { status: 200 }, now_millis())
+                .await
+                .unwrap();
+        }
+    }
+}
+
+async fn client_wide_writes_write_an_event_per_key(s: &Subject) {
+    let first = new_client(s).await;
+    let (second, _) = ApiKey::builder().build();
+    s.store.insert_key(&second, 0).await.unwrap();
+    let (off, _) = ApiKey::builder().enabled(false).build();
+    s.store.insert_key(&off, 0).await.unwrap();
+    drain(s).await;
+    // Disabling every key: key.revoked for each key that was enabled.
+    s.store.disable_client_keys(&first.client_id).await.unwrap();
+    let mut got = drain(s).await;
+    got.sort();
+    let mut want = vec![
+        (
+            "key.revoked".to_owned(),
+            Some("disabled".to_owned()),
+            first.id.to_string(),
+        ),
+        (
+            "key.revoked".to_owned(),
+            Some("disabled".to_owned()),
+            second.id.to_string(),
+        ),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    // Replacing the keys: key.revoked (deleted) for each, key.created for the new one.
+    let (new, _) = ApiKey::builder().build();
+    s.store
+        .replace_client_keys(&first.client_id, &new)
+        .await
+        .unwrap();
+    let got = drain(s).await;
+    assert_eq!(got.len(), 4, "{got:?}");
+    for k in [&first, &second, &off] {
+        assert!(got.contains(&(
+            "key.revoked".to_owned(),
+            Some("deleted".to_owned()),
+            k.id.to_string()
+        )));
+    }
+    assert!(got.contains(&("key.created".to_owned(), None, new.id.to_string())));
+    // Deleting the client: key.revoked (deleted) for its key, then client.deleted.
+    s.store.delete_client(&first.client_id).await.unwrap();
+    let got = drain(s).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got.contains(&(
+        "key.revoked".to_owned(),
+        Some("deleted".to_owned()),
+        new.id.to_string()
+    )));
+    assert!(got.contains(&("client.deleted".to_owned(), None, first.client_id.clone())));
 }

@@ -13,6 +13,7 @@
 //! | `P clients` | sorted set | every client id, scored by `created_at` |
 //! | `P usage:<id>` | hash | requests of a key per day (field: days since the epoch) |
 //! | `P invalidate` | pub/sub channel | one message per write (see below) |
+//! | `P events`, `P q:…`, `P d:…`, `P webhooks`, … | | the event outbox and webhooks (`outbox.rs`) |
 //!
 //! Listings page through the sorted sets (`ZRANGE` by rank); nothing ever runs `KEYS` or `SCAN`.
 //! Equal scores order by member bytes, which matches SQLite's `ORDER BY created_at, id`.
