@@ -407,3 +407,62 @@ async fn a_leak_reported_to_one_instance_is_enforced_by_every_instance_within_10
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn the_audit_line_names_the_key_never_the_token_or_its_hash() {
+    use crate::support::binary::Binary;
+    let (text, signer) = Signer::config("revoke");
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        crate::support::config_text(&upstream.url(), &dir.path().join("keygate.db"), &text);
+    let gw = Binary::serve(&config, dir.path()).json_logs().spawn();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let send = |req: Request<Full<Bytes>>| {
+        let client = client.clone();
+        async move {
+            use http_body_util::BodyExt;
+            let res = client.request(req).await.unwrap();
+            let status = res.status();
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            (status, serde_json::from_slice::<Value>(&body).unwrap())
+        }
+    };
+    let (status, v) = send(
+        Request::post(format!("http://{}/v1/clients", gw.admin))
+            .header("x-admin-key", crate::support::ADMIN_KEY)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(
+                json!({"client_id": "audited", "license": "pro"}).to_string(),
+            )))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let key = v["api_key"]["key"].as_str().unwrap().to_owned();
+    let id = v["api_key"]["id"].as_str().unwrap().to_owned();
+    let body = report(&[&key]);
+    let sig = signer.sign(body.as_bytes());
+    let (status, v) = send(
+        Request::post(format!("http://{}{PATH}", gw.proxy))
+            .header("github-public-key-identifier", KEY_ID)
+            .header("github-public-key-signature", sig)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(v[0]["label"], "true_positive");
+    let line = gw.wait_for_line("key.leaked", Duration::from_secs(5));
+    assert!(line.contains(&id), "{line}");
+    assert!(
+        line.contains("https://github.com/octo/leaky/blob/main/config.yml"),
+        "{line}"
+    );
+    assert!(!gw.log_contains(&key), "the token in the log");
+    assert!(
+        !gw.log_contains(&sha256_hex(&key)),
+        "the token's hash in the log"
+    );
+}
