@@ -66,6 +66,9 @@ pub struct RawEvents {
     /// How often keys are checked for an expiry 7 days or 1 day away.
     #[serde(default = "d_expiry_check")]
     pub expiry_check_interval_ms: u64,
+    /// PEM CA bundle that replaces the webpki roots for `https://` webhooks.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn d_poll() -> u64 {
@@ -158,6 +161,8 @@ pub struct EventsConfig {
     pub give_up_after: Duration,
     pub request_timeout: Duration,
     pub expiry_check_interval: Duration,
+    /// `None`: webhooks are verified against the webpki roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,7 +277,13 @@ pub(super) fn events(raw: &RawEvents, errors: &mut Vec<String>) -> EventsConfig 
     if raw.retry_max_ms < raw.retry_base_ms {
         errors.push("events.retry_max_ms must not be below events.retry_base_ms".into());
     }
+    if let Some(path) = &raw.ca_file
+        && let Err(e) = std::fs::metadata(path)
+    {
+        errors.push(format!("events.ca_file {}: {e}", path.display()));
+    }
     EventsConfig {
+        ca_file: raw.ca_file.clone(),
         poll_interval: Duration::from_millis(raw.poll_interval_ms.max(1)),
         retry_base: Duration::from_millis(raw.retry_base_ms.max(1)),
         retry_max: Duration::from_millis(raw.retry_max_ms.max(1)),

@@ -75,7 +75,7 @@ impl Events {
         http.set_connect_timeout(Some(settings.request_timeout));
         http.enforce_http(false);
         let https = HttpsConnectorBuilder::new()
-            .with_tls_config(crate::tls::client_config(None)?)
+            .with_tls_config(crate::tls::client_config(settings.ca_file.as_deref())?)
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
@@ -323,6 +323,7 @@ mod tests {
             give_up_after: Duration::from_secs(86_400),
             request_timeout: Duration::from_secs(10),
             expiry_check_interval: Duration::from_secs(3600),
+            ca_file: None,
         };
         assert_eq!(backoff(&s, 0), Duration::from_secs(5));
         assert_eq!(backoff(&s, 1), Duration::from_secs(10));

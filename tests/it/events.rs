@@ -54,6 +54,12 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start() -> Receiver {
+        Self::start_with_tls(None).await
+    }
+
+    /// A receiver speaking TLS with `tls` when given.
+    pub async fn start_with_tls(tls: Option<Arc<rustls::ServerConfig>>) -> Receiver {
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let got = Arc::new(Mutex::new(Vec::new()));
@@ -65,6 +71,7 @@ impl Receiver {
                     continue;
                 };
                 let (g, s) = (Arc::clone(&g), Arc::clone(&s));
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let (g, s) = (Arc::clone(&g), Arc::clone(&s));
@@ -84,9 +91,18 @@ impl Receiver {
                             Ok::<_, Infallible>(res)
                         }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match acceptor {
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(a) => {
+                            if let Ok(tls) = a.accept(stream).await {
+                                let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -242,6 +258,11 @@ pub fn verify_with_python(secret: &str, g: &Got) -> Result<(), String> {
 
 /// `[events]` with small intervals, and one webhook for every event type at `url`.
 pub fn events_config(url: &str) -> String {
+    events_config_with(url, "")
+}
+
+/// [`events_config`] with `more` lines in `[events]`.
+pub fn events_config_with(url: &str, more: &str) -> String {
     format!(
         r#"
 [events]
@@ -250,6 +271,7 @@ retry_base_ms = 50
 retry_max_ms = 200
 expiry_check_interval_ms = 100
 request_timeout_ms = 2000
+{more}
 [[webhooks]]
 url = "{url}"
 events = "*"
@@ -1126,4 +1148,51 @@ async fn key_expiring_on_redis_is_sent_once_per_key_and_window_by_either_instanc
     assert_eq!(last["data"]["days"], 1);
     a.stop().await;
     b.stop().await;
+}
+
+#[tokio::test]
+async fn https_webhooks_are_verified_against_the_configured_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = crate::tls_ws::pki(dir.path(), "hooks");
+    let rx = Receiver::start_with_tls(Some(crate::tls_ws::upstream_tls(&pki))).await;
+    let url = format!("https://localhost:{}/hook", rx.addr.port());
+    let trusted = events_config_with(&url, &format!("ca_file = \"{}\"\n", pki.ca_pem.display()));
+    let gw = Gateway::start_with(&trusted).await;
+    gw.client("tls", "free").await;
+    rx.wait_for("/hook", Duration::from_secs(10), |d| d.len() >= 2)
+        .await;
+    for g in rx.delivered("/hook") {
+        verify(SECRET, &g).unwrap();
+    }
+    gw.stop().await;
+
+    // Without the CA (webpki roots only) the receiver's certificate is refused: nothing is sent.
+    let before = rx.all().len();
+    let gw = Gateway::start_with(&events_config(&url)).await;
+    gw.client("untrusted", "free").await;
+    let hook = gw.admin("GET", "/v1/webhooks", None).await.json()["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let attempts = loop {
+        let r = gw
+            .admin("GET", &format!("/v1/webhooks/{hook}/deliveries"), None)
+            .await;
+        let a = r.json()["data"].as_array().unwrap().clone();
+        if !a.is_empty() {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "no attempt");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(attempts[0]["status"].is_null());
+    assert_eq!(attempts[0]["outcome"], "retrying");
+    let error = attempts[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("certificate") || error.contains("Certificate"),
+        "{error}"
+    );
+    assert_eq!(rx.all().len(), before, "a request reached the receiver");
+    gw.stop().await;
 }
