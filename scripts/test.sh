@@ -34,6 +34,13 @@ fi
 # The slow-client test holds 1 000 connections; it raises its own limit, this helps too.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
+# The official Standard Webhooks verifier the webhook tests run (tests/it/events.rs).
+if ! target/webhooks-venv/bin/python -c 'import standardwebhooks' >/dev/null 2>&1; then
+  echo "installing standardwebhooks into target/webhooks-venv"
+  rm -rf target/webhooks-venv
+  python3 -m venv target/webhooks-venv
+  target/webhooks-venv/bin/pip install --quiet --disable-pip-version-check standardwebhooks
+fi
 rm -rf target/tmp/hostile
 cargo fmt --all -- --check
 (cd fuzz && cargo fmt --all -- --check)

@@ -16,6 +16,7 @@ pub mod error;
 pub mod identity;
 pub mod keys;
 pub mod kixote;
+pub mod webhooks;
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -95,6 +96,8 @@ pub struct AdminInner {
     pub metrics: Arc<Metrics>,
     /// Signed identity (`[identity] sign`); `None`: off.
     pub identity: Option<Arc<crate::identity::Identity>>,
+    /// Webhooks and their outbox (`None`: the store keeps no events).
+    pub events: Option<Arc<crate::events::Events>>,
 }
 
 #[derive(Clone)]
@@ -108,8 +111,13 @@ impl std::ops::Deref for AdminState {
 }
 
 impl AdminInner {
-    /// Drops every cache entry of `keys` (current and previous hashes, and by id).
+    /// Drops every cache entry of `keys` (current and previous hashes, and by id). Every admin
+    /// write calls this after the store's write, which also wrote its events: the delivery loop
+    /// is woken for them.
     pub fn invalidate(&self, keys: &[StoredKey]) {
+        if let Some(events) = &self.events {
+            events.wake();
+        }
         for k in keys {
             for h in k.hashes() {
                 self.cache.invalidate(&h);
@@ -183,6 +191,9 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(kixote::create_client_key))
         .routes(routes!(kixote::delete_client))
         .routes(routes!(identity::rotate))
+        .routes(routes!(webhooks::create, webhooks::list))
+        .routes(routes!(webhooks::show, webhooks::update, webhooks::remove))
+        .routes(routes!(webhooks::deliveries))
         .route_layer(middleware::from_fn(audit_failures))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

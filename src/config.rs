@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use crate::keys::{KeyHash, RateLimit};
 
+pub mod events;
 pub mod identity;
 mod validate;
 
@@ -207,6 +208,12 @@ pub struct RawConfig {
     pub forward_auth: RawForwardAuth,
     #[serde(default)]
     pub identity: identity::RawIdentity,
+    #[serde(default)]
+    pub webhooks: Vec<events::RawWebhook>,
+    #[serde(default)]
+    pub events: events::RawEvents,
+    #[serde(default)]
+    pub secret_scanning: events::RawSecretScanning,
 }
 
 /// `[forward_auth]`: the verify endpoint edge proxies (nginx `auth_request`, Traefik
@@ -510,6 +517,9 @@ pub struct Config {
     pub jwt: JwtConfig,
     pub forward_auth: ForwardAuth,
     pub identity: crate::identity::IdentityConfig,
+    pub webhooks: Vec<events::WebhookConfig>,
+    pub events: events::EventsConfig,
+    pub secret_scanning: events::SecretScanning,
     /// Things an operator should know but that do not stop startup.
     pub warnings: Vec<String>,
 }

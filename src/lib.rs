@@ -20,6 +20,8 @@
 //! - [`limit`]: the key buckets' registry, route and failed-authentication limits.
 //! - [`clock`]: the one [`clock::Clock`] every component of the request path reads.
 //! - [`admin`]: the axum router of the admin plane.
+//! - [`events`]: webhook delivery from the store's outbox ([`keys::outbox`]), the
+//!   `key.expiring` check, leaked-key reports.
 //!
 //! # Invariants
 //! - No plaintext key, key hash or token is stored, logged or returned, except the plaintext in
@@ -37,6 +39,7 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod cors;
+pub mod events;
 pub mod identity;
 pub mod keys;
 pub mod limit;
@@ -88,6 +91,8 @@ pub enum StartError {
     Tls(String),
     #[error("{0}")]
     Identity(String),
+    #[error("{0}")]
+    Events(String),
 }
 
 /// Opens the configured store.
@@ -123,6 +128,7 @@ pub struct App {
     usage: Arc<UsageRecorder>,
     proxy_cert: Option<Arc<tls::ReloadableCert>>,
     admin_cert: Option<Arc<tls::ReloadableCert>>,
+    events: Option<Arc<events::Events>>,
 }
 
 impl App {
@@ -245,6 +251,38 @@ impl App {
             }
             id.spawn_refresh();
         }
+        // Events: the outbox of the store, when it keeps one.
+        let events = match store.outbox() {
+            Some(outbox) => Some(
+                events::Events::new(
+                    outbox,
+                    &config.webhooks,
+                    config.events.clone(),
+                    Arc::clone(&metrics),
+                )
+                .map_err(StartError::Events)?,
+            ),
+            None => {
+                if !config.webhooks.is_empty() {
+                    tracing::warn!("this store keeps no event outbox: [[webhooks]] get no events");
+                }
+                None
+            }
+        };
+        let leaks = match &config.secret_scanning.github_keys_file {
+            Some(file) => Some(Arc::new(
+                events::leaks::LeakReports::load(
+                    file,
+                    config.secret_scanning.action,
+                    format.clone(),
+                    Arc::clone(&store),
+                    cache.clone(),
+                    events.clone(),
+                )
+                .map_err(StartError::Events)?,
+            )),
+            None => None,
+        };
         let gateway = Arc::new(Gateway {
             auth: authenticator.clone(),
             routes,
@@ -270,6 +308,7 @@ impl App {
             usage: Arc::clone(&usage),
             access_log: config.log.access_log,
             identity: identity.clone(),
+            leaks,
         });
         let admin_state = admin::AdminState(Arc::new(admin::AdminInner {
             store,
@@ -285,6 +324,7 @@ impl App {
             openapi_json: Default::default(),
             metrics: Arc::clone(&metrics),
             identity,
+            events: events.clone(),
         }));
         let admin = admin::router(admin_state, config.admin.max_body_bytes);
 
@@ -310,6 +350,7 @@ impl App {
             usage,
             proxy_cert,
             admin_cert,
+            events,
         })
     }
 
@@ -385,6 +426,11 @@ impl App {
                 }
             })
         };
+        let event_tasks = self
+            .events
+            .as_ref()
+            .map(events::Events::spawn)
+            .unwrap_or_default();
         let proxy_opts = ServerOptions {
             fast_path: Some(server::FastPath {
                 gateway: Arc::clone(&gateway),
@@ -415,6 +461,9 @@ impl App {
         sweeper.abort();
         flusher.abort();
         reloader.abort();
+        for t in event_tasks {
+            t.abort();
+        }
         let written = self.usage.flush().await;
         tracing::info!(keys = written, "usage flushed");
     }

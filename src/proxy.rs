@@ -50,6 +50,8 @@ pub struct Gateway {
     pub access_log: bool,
     /// Signs the caller's identity (`[identity] sign`); `None`: off.
     pub identity: Option<Arc<crate::identity::Identity>>,
+    /// Leaked-key reports (`[secret_scanning]`); `None`: off.
+    pub leaks: Option<Arc<crate::events::leaks::LeakReports>>,
 }
 
 /// The upstream clients and the upstream policy's timeouts.

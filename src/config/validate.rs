@@ -73,6 +73,9 @@ impl RawConfig {
         let jwt = jwt(self.jwt, shared_store, &mut p);
         let forward_auth = forward_auth(self.forward_auth, &self.routes, &mut p);
         let identity = super::identity::validate(self.identity, &mut p.errors);
+        let webhooks = super::events::webhooks(self.webhooks, &mut p.errors);
+        let events = super::events::events(&self.events, &mut p.errors);
+        let secret_scanning = super::events::secret_scanning(self.secret_scanning, &mut p.errors);
 
         match (proxy, admin, store) {
             (Some(proxy), Some(admin), Some(store)) if p.errors.is_empty() => Ok(Config {
@@ -91,6 +94,9 @@ impl RawConfig {
                 jwt,
                 forward_auth,
                 identity,
+                webhooks,
+                events,
+                secret_scanning,
                 warnings: p.warnings,
             }),
             _ => Err(ConfigErrors(p.errors)),

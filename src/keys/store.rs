@@ -16,6 +16,7 @@ pub mod metered;
 pub mod redis;
 pub mod signing;
 pub mod sqlite;
+pub mod sqlite_outbox;
 #[cfg(test)]
 pub mod testing;
 
@@ -370,6 +371,12 @@ pub trait Store: Send + Sync + 'static {
         Err(StoreError::Unavailable(
             "this store keeps no signing keys".into(),
         ))
+    }
+
+    /// The store's event outbox and webhooks ([`super::outbox`]); `None` when this store
+    /// keeps no events.
+    fn outbox(&self) -> Option<Arc<dyn super::outbox::Outbox>> {
+        None
     }
 }
 

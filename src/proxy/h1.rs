@@ -306,7 +306,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         let route = match gw.route(&view)? {
             Routed::Health => return Err(Stop::Answer(policy::health(&head.method))),
             // Hyper reads the body; the core answers.
-            Routed::Login => return Err(Stop::Handover),
+            Routed::Login | Routed::SecretScanning => return Err(Stop::Handover),
             // The core decides; nothing is forwarded.
             Routed::Verify => return Err(Stop::Answer(gw.verify(&view, conn, outcome).await)),
             // Answered by the core; nothing is forwarded.

@@ -136,6 +136,7 @@ impl Gateway {
                 return Ok(own(res));
             }
             Routed::Jwks => return Ok(own(self.jwks(&parts.method))),
+            Routed::SecretScanning => return Ok(own(self.leak_report(parts, body).await)),
             Routed::Route(route) => route,
         };
         outcome.route = Some(route);
@@ -177,6 +178,29 @@ impl Gateway {
 
     /// Reads a small body whole, within `limits.body_timeout` in all (not per pause: a client
     /// sending a byte now and then cannot hold its connection).
+    /// A leaked-key report: the body, bounded (413 above), to the leak reports.
+    async fn leak_report(&self, parts: &http::request::Parts, body: Incoming) -> Response<Bytes> {
+        use crate::events::leaks::{MAX_BODY, too_large};
+        let Some(leaks) = &self.leaks else {
+            return ProxyError::RouteNotFound.response::<Bytes>();
+        };
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_BODY as u64) {
+            return too_large();
+        }
+        // One byte over the limit tells a large body from one exactly at it.
+        match self.read_small(body, MAX_BODY + 1).await {
+            Ok(b) if b.len() > MAX_BODY => too_large(),
+            Ok(b) => leaks.handle(&parts.headers, &b).await,
+            Err(ProxyError::BadRequest(_)) => too_large(),
+            Err(e) => e.response::<Bytes>(),
+        }
+    }
+
     async fn read_small(&self, body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
         let mut body = http_body_util::Limited::new(body, limit);
         let mut out = bytes::BytesMut::new();

@@ -254,6 +254,9 @@ pub enum Routed<'g> {
     /// `GET /.well-known/jwks.json` while signed identity is on: the engine answers
     /// [`Gateway::jwks`].
     Jwks,
+    /// `POST /_keygate/secret-scanning/github` when `[secret_scanning]` is on: the engine reads
+    /// the body (at most [`crate::events::leaks::MAX_BODY`]) and calls the leak reports.
+    SecretScanning,
     Route(&'g Route),
 }
 
@@ -307,6 +310,12 @@ impl Gateway {
         }
         if path == LOGIN_PATH && *req.method() == Method::POST {
             return Ok(Routed::Login);
+        }
+        if self.leaks.is_some()
+            && path == crate::config::events::SECRET_SCANNING_PATH
+            && *req.method() == Method::POST
+        {
+            return Ok(Routed::SecretScanning);
         }
         if let Some(verify) = &self.policy.forward_auth.path
             && path

@@ -35,6 +35,9 @@ impl Gauge {
     pub fn get(&self) -> i64 {
         self.0.load(Ordering::Relaxed)
     }
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
 }
 
 /// Bucket upper bounds in seconds, for latencies from 100 µs to 10 s.
@@ -156,6 +159,13 @@ pub struct Metrics {
     pub invalidations_received: Counter,
     pub usage_flushes: Counter,
     pub usage_flush_errors: Counter,
+    /// Webhook deliveries waiting in the outbox (as last read from the store).
+    pub webhook_pending: Gauge,
+    pub webhook_delivered: Counter,
+    /// Deliveries given up after retrying for `events.give_up_after_secs`.
+    pub webhook_failed: Counter,
+    /// Attempts that did not get a 2xx (each is retried unless given up).
+    pub webhook_attempt_errors: Counter,
 }
 
 impl Metrics {
@@ -179,6 +189,10 @@ impl Metrics {
             invalidations_received: Counter::default(),
             usage_flushes: Counter::default(),
             usage_flush_errors: Counter::default(),
+            webhook_pending: Gauge::default(),
+            webhook_delivered: Counter::default(),
+            webhook_failed: Counter::default(),
+            webhook_attempt_errors: Counter::default(),
         }
     }
 
@@ -321,6 +335,29 @@ impl Metrics {
             "keygate_usage_flush_errors_total",
             "Failed batched usage writes (retried on the next flush).",
             self.usage_flush_errors.get(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP keygate_webhook_events_pending Webhook deliveries waiting in the outbox.\n# TYPE keygate_webhook_events_pending gauge\nkeygate_webhook_events_pending {}",
+            self.webhook_pending.get()
+        );
+        counter(
+            &mut out,
+            "keygate_webhook_events_delivered_total",
+            "Webhook deliveries answered 2xx by their receiver.",
+            self.webhook_delivered.get(),
+        );
+        counter(
+            &mut out,
+            "keygate_webhook_events_failed_total",
+            "Webhook deliveries given up after retrying for events.give_up_after_secs.",
+            self.webhook_failed.get(),
+        );
+        counter(
+            &mut out,
+            "keygate_webhook_attempt_errors_total",
+            "Webhook delivery attempts that got no 2xx answer (retried with backoff).",
+            self.webhook_attempt_errors.get(),
         );
         out
     }

@@ -69,6 +69,12 @@ async fn the_document_is_valid_and_covers_every_route() {
         ("get", "/openapi.json"),
         ("post", "/v1/identity/rotate"),
         ("get", "/.well-known/jwks.json"),
+        ("post", "/v1/webhooks"),
+        ("get", "/v1/webhooks"),
+        ("get", "/v1/webhooks/{id}"),
+        ("patch", "/v1/webhooks/{id}"),
+        ("delete", "/v1/webhooks/{id}"),
+        ("get", "/v1/webhooks/{id}/deliveries"),
     ]
     .into_iter()
     .collect();

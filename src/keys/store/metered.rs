@@ -144,4 +144,8 @@ impl Store for Metered {
             health: Arc::clone(&self.health),
         }));
     }
+
+    fn outbox(&self) -> Option<Arc<dyn crate::keys::outbox::Outbox>> {
+        self.inner.outbox()
+    }
 }

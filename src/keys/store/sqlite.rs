@@ -10,11 +10,13 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use uuid::Uuid;
 
 use super::signing::{AddKey, SigningKeyRecord};
+use super::sqlite_outbox::write_events;
 use super::{
     ClientPatch, ClientWithKeys, Conflict, KeyPatch, Page, Rotated, Rotation, Store, StoreError,
     StoreResult, Usage,
 };
-use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit, SetBy};
+use crate::keys::outbox::{self, EventType, NewEvent};
+use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit, SetBy, now_millis};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -69,6 +71,7 @@ UPDATE api_keys SET
 ALTER TABLE api_keys ADD COLUMN tokens_valid_after INTEGER;
 UPDATE api_keys SET tokens_valid_after = rotated_at;
 "#,
+    super::sqlite_outbox::MIGRATION,
 ];
 
 const KEY_COLUMNS: &str = "k.id, k.client_id, k.name, k.prefix, k.key_hash, k.previous_hash, \
@@ -317,6 +320,16 @@ fn record_query(
     .map_err(db)
 }
 
+/// `key.created` of a key just inserted.
+fn created(key: &ApiKey) -> NewEvent {
+    NewEvent::key(
+        EventType::KeyCreated,
+        key,
+        now_millis(),
+        serde_json::json!({}),
+    )
+}
+
 fn page_bounds(page: u32, per_page: u32) -> (i64, i64) {
     let per = i64::from(per_page.max(1));
     (per, (i64::from(page.max(1)) - 1) * per)
@@ -401,6 +414,7 @@ impl Store for SqliteStore {
                 }
             }
             insert_key_row(&tx, &key).map_err(db)?;
+            write_events(&tx, &[created(&key)]).map_err(db)?;
             tx.commit().map_err(db)
         })
         .await
@@ -469,6 +483,10 @@ impl Store for SqliteStore {
                 return Ok(None);
             }
             let key = key_by_id(&tx, id).map_err(db)?;
+            if let Some(after) = &key {
+                write_events(&tx, &outbox::patch_events(&current, after, now_millis()))
+                    .map_err(db)?;
+            }
             tx.commit().map_err(db)?;
             Ok(key)
         })
@@ -504,6 +522,15 @@ impl Store for SqliteStore {
             let after = key_by_id(&tx, id)
                 .map_err(db)?
                 .ok_or(StoreError::NotFound)?;
+            let rotated = NewEvent::key(
+                EventType::KeyRotated,
+                &after,
+                now_millis(),
+                serde_json::json!({"previous_valid_until": r.previous_valid_until
+                    .map(|t| chrono::DateTime::from_timestamp_millis(t).unwrap_or_default()
+                        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true))}),
+            );
+            write_events(&tx, &[rotated]).map_err(db)?;
             tx.commit().map_err(db)?;
             Ok(Some(Rotated { before, after }))
         })
@@ -514,9 +541,10 @@ impl Store for SqliteStore {
         self.run(move |c| {
             let tx = c.transaction().map_err(db)?;
             let key = key_by_id(&tx, id).map_err(db)?;
-            if key.is_some() {
+            if let Some(k) = &key {
                 tx.execute("DELETE FROM api_keys WHERE id = ?1", [id.to_string()])
                     .map_err(db)?;
+                write_events(&tx, &[outbox::revoked(k, "deleted", now_millis())]).map_err(db)?;
             }
             tx.commit().map_err(db)?;
             Ok(key)
@@ -545,6 +573,15 @@ impl Store for SqliteStore {
                 return Err(StoreError::Conflict(Conflict::ClientExists));
             }
             insert_key_row(&tx, &key).map_err(db)?;
+            let at = now_millis();
+            write_events(
+                &tx,
+                &[
+                    NewEvent::client(EventType::ClientCreated, &client, at, serde_json::json!({})),
+                    created(&key),
+                ],
+            )
+            .map_err(db)?;
             tx.commit().map_err(db)
         })
         .await
@@ -623,6 +660,18 @@ impl Store for SqliteStore {
                 .map_err(db)?;
             tx.execute("DELETE FROM clients WHERE client_id = ?1", [&id])
                 .map_err(db)?;
+            let at = now_millis();
+            let mut events: Vec<NewEvent> = keys
+                .iter()
+                .map(|k| outbox::revoked(k, "deleted", at))
+                .collect();
+            events.push(NewEvent::client(
+                EventType::ClientDeleted,
+                &client,
+                at,
+                serde_json::json!({"keys_deleted": keys.len()}),
+            ));
+            write_events(&tx, &events).map_err(db)?;
             tx.commit().map_err(db)?;
             Ok(Some(ClientWithKeys { client, keys }))
         })
@@ -647,6 +696,14 @@ impl Store for SqliteStore {
                 params![id, crate::keys::now_millis()],
             )
             .map_err(db)?;
+            let at = now_millis();
+            let events: Vec<NewEvent> = keys_of(&tx, &id)
+                .map_err(db)?
+                .iter()
+                .filter(|k| before.iter().any(|b| b.id == k.id && b.enabled))
+                .map(|k| outbox::revoked(k, "disabled", at))
+                .collect();
+            write_events(&tx, &events).map_err(db)?;
             tx.commit().map_err(db)?;
             Ok(before)
         })
@@ -669,6 +726,13 @@ impl Store for SqliteStore {
             tx.execute("DELETE FROM api_keys WHERE client_id = ?1", [&id])
                 .map_err(db)?;
             insert_key_row(&tx, &new_key).map_err(db)?;
+            let at = now_millis();
+            let mut events: Vec<NewEvent> = before
+                .iter()
+                .map(|k| outbox::revoked(k, "deleted", at))
+                .collect();
+            events.push(created(&new_key));
+            write_events(&tx, &events).map_err(db)?;
             tx.commit().map_err(db)?;
             Ok(before)
         })
@@ -775,6 +839,16 @@ impl Store for SqliteStore {
             Ok(keys)
         })
         .await
+    }
+
+    fn outbox(&self) -> Option<Arc<dyn outbox::Outbox>> {
+        Some(Arc::new(super::sqlite_outbox::SqliteOutbox::new(
+            Arc::clone(&self.conn),
+            super::sqlite_outbox::KeyRows {
+                columns: KEY_COLUMNS,
+                read: key_from_row,
+            },
+        )))
     }
 }
 

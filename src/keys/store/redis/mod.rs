@@ -13,6 +13,7 @@
 //! | `P clients` | sorted set | every client id, scored by `created_at` |
 //! | `P usage:<id>` | hash | requests of a key per day (field: days since the epoch) |
 //! | `P invalidate` | pub/sub channel | one message per write (see below) |
+//! | `P events`, `P q:…`, `P d:…`, `P webhooks`, … | | the event outbox and webhooks (`outbox.rs`) |
 //!
 //! Listings page through the sorted sets (`ZRANGE` by rank); nothing ever runs `KEYS` or `SCAN`.
 //! Equal scores order by member bytes, which matches SQLite's `ORDER BY created_at, id`.
@@ -59,6 +60,7 @@
 mod codec;
 pub mod endpoint;
 mod link;
+pub mod outbox;
 mod sentinel;
 mod signing;
 mod watch;
@@ -990,6 +992,12 @@ impl Store for RedisStore {
             state: Arc::clone(&self.inner.subscription),
         }
         .spawn(self.inner.alive.subscribe());
+    }
+
+    fn outbox(&self) -> Option<Arc<dyn crate::keys::outbox::Outbox>> {
+        Some(Arc::new(outbox::RedisOutbox {
+            store: self.clone(),
+        }))
     }
 }
 

@@ -8,7 +8,9 @@ for _, id in ipairs(ids) do
   keys[#keys + 1] = redis.call('HGETALL', kkey(id))
   append(hashes, hashes_of(id))
   remove_key(id, cid)
+  emit('key.revoked', id, 'key', keys[#keys], '{"reason":"deleted"}')
 end
+emit('client.deleted', cid, 'client', c, '{"keys_deleted":' .. #ids .. '}')
 redis.call('DEL', ckey(cid), ckeys(cid))
 redis.call('ZREM', ALL_CLIENTS, cid)
 publish(ARGV[2], ids, hashes)

@@ -10,9 +10,14 @@ for _, id in ipairs(ids) do
   append(hashes, hashes_of(id))
 end
 for _, id in ipairs(ids) do
+  local was = redis.call('HGET', kkey(id), 'enabled')
   redis.call('HSET', kkey(id), 'enabled', '0', 'disabled_by', 'admin')
   next_generation(id, ARGV[2])
   touch(id, ARGV[2])
+  index_expiry(id)
+  if was ~= '0' then
+    emit('key.revoked', id, 'key', redis.call('HGETALL', kkey(id)), '{"reason":"disabled"}')
+  end
 end
 publish(ARGV[2], ids, hashes)
 return {1, before}

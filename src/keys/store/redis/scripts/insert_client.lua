@@ -10,5 +10,7 @@ for j = 1, n do cf[j] = ARGV[5 + j] end
 redis.call('HSET', ckey(cid), unpack(cf))
 redis.call('ZADD', ALL_CLIENTS, ARGV[4], cid)
 insert_key(k)
+emit('client.created', cid, 'client', redis.call('HGETALL', ckey(cid)))
+emit('key.created', k.id, 'key', redis.call('HGETALL', kkey(k.id)))
 publish(ARGV[2], {k.id}, key_hashes(k))
 return 1

@@ -76,5 +76,11 @@ for name, who in pairs(setters) do
 end
 if new.enabled == '0' then next_generation(id, ARGV[4]) end
 touch(id, ARGV[4])
+index_expiry(id)
+local after = redis.call('HGETALL', k)
+emit('key.updated', id, 'key', after)
+if new.enabled == '0' and cur[1] ~= '0' then
+  emit('key.revoked', id, 'key', after, '{"reason":"disabled"}')
+end
 publish(ARGV[2], {id}, hashes_of(id))
-return {1, redis.call('HGETALL', k)}
+return {1, after}

@@ -7,6 +7,18 @@ local function ckey(c) return P .. 'client:' .. c end
 local function ckeys(c) return P .. 'client_keys:' .. c end
 local ALL_KEYS = P .. 'keys'
 local ALL_CLIENTS = P .. 'clients'
+-- Enabled keys with an expiry, scored by it (for key.expiring).
+local EXPIRIES = P .. 'expiries'
+
+-- Keeps a key's place in EXPIRIES in step with its expires_at and enabled.
+local function index_expiry(id)
+  local v = redis.call('HMGET', P .. 'key:' .. id, 'expires_at', 'enabled')
+  if v[1] and v[2] ~= '0' then
+    redis.call('ZADD', EXPIRIES, v[1], id)
+  else
+    redis.call('ZREM', EXPIRIES, id)
+  end
+end
 
 local function append(t, items) for _, v in ipairs(items) do t[#t + 1] = v end return t end
 
@@ -66,6 +78,7 @@ local function insert_key(k)
   for _, h in ipairs(key_hashes(k)) do redis.call('SET', hkey(h), k.id) end
   redis.call('ZADD', ckeys(k.client), k.created, k.id)
   redis.call('ZADD', ALL_KEYS, k.created, k.id)
+  index_expiry(k.id)
 end
 
 local function remove_key(id, client)
@@ -76,6 +89,8 @@ local function remove_key(id, client)
   redis.call('DEL', ukey(id))
   redis.call('ZREM', ckeys(client), id)
   redis.call('ZREM', ALL_KEYS, id)
+  redis.call('ZREM', EXPIRIES, id)
+  redis.call('DEL', P .. 'expiry_notices:' .. id)
 end
 
 local function quoted(items)
@@ -96,4 +111,16 @@ local function record(id)
   local license = redis.call('HGET', ckey(client), 'license')
   if not license then return nil end
   return {license, rec}
+end
+
+-- The event outbox (webhooks): a stream written by the script that makes the change, so an
+-- event exists exactly when its change does. Each entry: type, okey (what orders it: a key id or
+-- a client id), t (the writer's clock), what ('key' or 'client'), rec (the record's fields as
+-- a JSON array, after the change; before it for deletions) and extra (a JSON object of members
+-- added to the event's data). The gateway builds the body from these (src/keys/store/redis).
+local EVENTS = P .. 'events'
+local function emit(kind, okey, what, rec, extra)
+  if #rec == 0 then return end
+  redis.call('XADD', EVENTS, '*', 'type', kind, 'okey', okey, 't', ARGV[2], 'what', what,
+             'rec', cjson.encode(rec), 'extra', extra or '{}')
 end

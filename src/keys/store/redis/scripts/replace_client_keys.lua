@@ -12,8 +12,12 @@ for _, id in ipairs(ids) do
   before[#before + 1] = redis.call('HGETALL', kkey(id))
   append(hashes, hashes_of(id))
 end
-for _, id in ipairs(ids) do remove_key(id, cid) end
+for i, id in ipairs(ids) do
+  remove_key(id, cid)
+  emit('key.revoked', id, 'key', before[i], '{"reason":"deleted"}')
+end
 insert_key(k)
+emit('key.created', k.id, 'key', redis.call('HGETALL', kkey(k.id)))
 ids[#ids + 1] = k.id
 append(hashes, key_hashes(k))
 publish(ARGV[2], ids, hashes)

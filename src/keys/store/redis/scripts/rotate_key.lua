@@ -22,5 +22,9 @@ else
 end
 next_generation(id, at)
 touch(id, at)
+local after = redis.call('HGETALL', kkey(id))
+local pvu = 'null'
+if until_ts ~= '' then pvu = until_ts end
+emit('key.rotated', id, 'key', after, '{"previous_valid_until":' .. pvu .. '}')
 publish(ARGV[2], {id}, append(old, {h}))
-return {1, before, redis.call('HGETALL', kkey(id))}
+return {1, before, after}

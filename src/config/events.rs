@@ -1,0 +1,327 @@
+//! `[[webhooks]]`, `[events]` and `[secret_scanning]`: where events are delivered, how
+//! deliveries are retried, and how leaked-key reports are handled.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use base64::Engine;
+use serde::Deserialize;
+
+/// Event type names a webhook may subscribe to (`"*"`: all of them).
+pub const EVENT_TYPES: [&str; 9] = [
+    "key.created",
+    "key.updated",
+    "key.rotated",
+    "key.revoked",
+    "key.expiring",
+    "key.leaked",
+    "client.created",
+    "client.deleted",
+    "quota.threshold",
+];
+
+/// The path of the leaked-key report endpoint on the proxy listener.
+pub const SECRET_SCANNING_PATH: &str = "/_keygate/secret-scanning/github";
+
+/// `events = "*"` or a list of names.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum RawEventList {
+    One(String),
+    List(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub url: String,
+    #[serde(default = "d_all")]
+    pub events: RawEventList,
+    /// `whsec_` + base64 of 24 to 64 bytes.
+    pub secret: String,
+}
+
+fn d_all() -> RawEventList {
+    RawEventList::One("*".into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEvents {
+    /// How often the outbox is looked at for due deliveries.
+    #[serde(default = "d_poll")]
+    pub poll_interval_ms: u64,
+    /// The first retry waits this long; each next one twice as long as the one before.
+    #[serde(default = "d_retry_base")]
+    pub retry_base_ms: u64,
+    /// The longest wait between two attempts.
+    #[serde(default = "d_retry_max")]
+    pub retry_max_ms: u64,
+    /// An event not delivered this long after it happened is given up (marked failed).
+    #[serde(default = "d_give_up")]
+    pub give_up_after_secs: u64,
+    /// Time allowed for one attempt (connect, send, response head).
+    #[serde(default = "d_timeout")]
+    pub request_timeout_ms: u64,
+    /// How often keys are checked for an expiry 7 days or 1 day away.
+    #[serde(default = "d_expiry_check")]
+    pub expiry_check_interval_ms: u64,
+    /// PEM CA bundle that replaces the webpki roots for `https://` webhooks.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn d_poll() -> u64 {
+    1_000
+}
+fn d_retry_base() -> u64 {
+    5_000
+}
+fn d_retry_max() -> u64 {
+    3_600_000
+}
+fn d_give_up() -> u64 {
+    86_400
+}
+fn d_timeout() -> u64 {
+    10_000
+}
+fn d_expiry_check() -> u64 {
+    3_600_000
+}
+
+impl Default for RawEvents {
+    fn default() -> Self {
+        toml::from_str("").expect("every field has a default")
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecretScanning {
+    #[serde(default)]
+    pub enabled: bool,
+    /// GitHub's public keys, in the JSON format of
+    /// `https://api.github.com/meta/public_keys/secret_scanning`.
+    #[serde(default)]
+    pub github_keys_file: Option<PathBuf>,
+    #[serde(default)]
+    pub action: LeakAction,
+}
+
+impl Default for RawSecretScanning {
+    fn default() -> Self {
+        toml::from_str("").expect("every field has a default")
+    }
+}
+
+/// What a report of a live key does.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LeakAction {
+    /// Disable the key at once (as an admin would), then notify.
+    #[default]
+    Revoke,
+    /// Notify only (`key.leaked`, the audit line); the key keeps working.
+    Notify,
+}
+
+impl LeakAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeakAction::Revoke => "revoke",
+            LeakAction::Notify => "notify",
+        }
+    }
+}
+
+/// A webhook from the configuration file.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    pub url: String,
+    pub events: Vec<String>,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &self.url)
+            .field("events", &self.events)
+            .field("secret", &"***")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventsConfig {
+    pub poll_interval: Duration,
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    pub give_up_after: Duration,
+    pub request_timeout: Duration,
+    pub expiry_check_interval: Duration,
+    /// `None`: webhooks are verified against the webpki roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretScanning {
+    /// `None`: the endpoint is off.
+    pub github_keys_file: Option<PathBuf>,
+    pub action: LeakAction,
+}
+
+/// Why `url` cannot receive webhooks, if it cannot.
+pub fn url_problem(url: &str) -> Option<&'static str> {
+    if url.len() > 2048 {
+        return Some("is longer than 2048 characters");
+    }
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return Some("is not a URL");
+    };
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Some("must be an http:// or https:// URL"),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Some("has no host");
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Some("must not carry credentials (user:password@)");
+    }
+    None
+}
+
+/// The event list, or why it is not one.
+pub fn event_list(raw: &RawEventList) -> Result<Vec<String>, String> {
+    let list = match raw {
+        RawEventList::One(s) => vec![s.clone()],
+        RawEventList::List(l) => l.clone(),
+    };
+    if list.is_empty() {
+        return Err("must name at least one event type, or be \"*\"".into());
+    }
+    for e in &list {
+        if e != "*" && !EVENT_TYPES.contains(&e.as_str()) {
+            return Err(format!(
+                "{e:?} is not an event type; use \"*\" or some of {}",
+                EVENT_TYPES.join(", ")
+            ));
+        }
+    }
+    Ok(list)
+}
+
+pub(super) fn webhooks(raw: Vec<RawWebhook>, errors: &mut Vec<String>) -> Vec<WebhookConfig> {
+    let mut out = Vec::new();
+    for (i, w) in raw.into_iter().enumerate() {
+        let mut ok = true;
+        if let Some(why) = url_problem(&w.url) {
+            errors.push(format!("webhooks[{i}].url {why}"));
+            ok = false;
+        }
+        let events = match event_list(&w.events) {
+            Ok(e) => e,
+            Err(why) => {
+                errors.push(format!("webhooks[{i}].events {why}"));
+                ok = false;
+                Vec::new()
+            }
+        };
+        let key_len = w
+            .secret
+            .strip_prefix("whsec_")
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .map(|k| k.len());
+        if !key_len.is_some_and(|n| (24..=64).contains(&n)) {
+            errors.push(format!(
+                "webhooks[{i}].secret must be \"whsec_\" + standard base64 of 24 to 64 random bytes (e.g. `echo whsec_$(openssl rand -base64 32)`)"
+            ));
+            ok = false;
+        }
+        if ok
+            && out
+                .iter()
+                .any(|o: &WebhookConfig| o.url == w.url && o.events == events)
+        {
+            errors.push(format!(
+                "webhooks[{i}] repeats an earlier webhook (same url and events); remove one"
+            ));
+            ok = false;
+        }
+        if ok {
+            out.push(WebhookConfig {
+                url: w.url,
+                events,
+                secret: w.secret,
+            });
+        }
+    }
+    out
+}
+
+pub(super) fn events(raw: &RawEvents, errors: &mut Vec<String>) -> EventsConfig {
+    for (name, v) in [
+        ("poll_interval_ms", raw.poll_interval_ms),
+        ("retry_base_ms", raw.retry_base_ms),
+        ("retry_max_ms", raw.retry_max_ms),
+        ("request_timeout_ms", raw.request_timeout_ms),
+        ("expiry_check_interval_ms", raw.expiry_check_interval_ms),
+        ("give_up_after_secs", raw.give_up_after_secs),
+    ] {
+        if v == 0 {
+            errors.push(format!("events.{name} must be greater than 0"));
+        }
+    }
+    if raw.retry_max_ms < raw.retry_base_ms {
+        errors.push("events.retry_max_ms must not be below events.retry_base_ms".into());
+    }
+    if let Some(path) = &raw.ca_file
+        && let Err(e) = std::fs::metadata(path)
+    {
+        errors.push(format!("events.ca_file {}: {e}", path.display()));
+    }
+    EventsConfig {
+        ca_file: raw.ca_file.clone(),
+        poll_interval: Duration::from_millis(raw.poll_interval_ms.max(1)),
+        retry_base: Duration::from_millis(raw.retry_base_ms.max(1)),
+        retry_max: Duration::from_millis(raw.retry_max_ms.max(1)),
+        give_up_after: Duration::from_secs(raw.give_up_after_secs.max(1)),
+        request_timeout: Duration::from_millis(raw.request_timeout_ms.max(1)),
+        expiry_check_interval: Duration::from_millis(raw.expiry_check_interval_ms.max(1)),
+    }
+}
+
+pub(super) fn secret_scanning(raw: RawSecretScanning, errors: &mut Vec<String>) -> SecretScanning {
+    if !raw.enabled {
+        return SecretScanning {
+            github_keys_file: None,
+            action: raw.action,
+        };
+    }
+    match raw.github_keys_file {
+        None => {
+            errors.push(
+                "secret_scanning.github_keys_file is required when secret_scanning.enabled = true (GitHub's public keys, saved from https://api.github.com/meta/public_keys/secret_scanning)"
+                    .into(),
+            );
+            SecretScanning {
+                github_keys_file: None,
+                action: raw.action,
+            }
+        }
+        Some(path) => {
+            if let Err(e) = std::fs::metadata(&path) {
+                errors.push(format!(
+                    "secret_scanning.github_keys_file {}: {e}",
+                    path.display()
+                ));
+            }
+            SecretScanning {
+                github_keys_file: Some(path),
+                action: raw.action,
+            }
+        }
+    }
+}

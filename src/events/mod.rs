@@ -1,0 +1,334 @@
+//! Events: signed webhooks fed from the store's durable outbox ([`crate::keys::outbox`]), the
+//! `key.expiring` check, and leaked-key reports ([`leaks`]).
+//!
+//! # Delivery
+//! One loop per process claims due deliveries from the outbox with a lease (so with several
+//! instances on one store each delivery is made by one of them), sends each as an HTTP POST
+//! signed per Standard Webhooks ([`signing`]) and records the outcome. A 2xx answer delivers;
+//! anything else (another status, a connection error, a timeout) is retried after
+//! `retry_base × 2^(attempts-1)`, at most `retry_max`, until `give_up_after` has passed since the
+//! event happened; then the delivery is marked failed. A webhook gets the events of one key (or
+//! client) in the order they happened: the next one waits until the one before is delivered or
+//! given up. A process killed mid-delivery loses nothing: the delivery is made again, with the
+//! same `webhook-id`, once its lease has ended (at once on restart for the embedded store).
+
+pub mod leaks;
+pub mod signing;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+
+use crate::config::events::{EventsConfig, WebhookConfig};
+use crate::keys::now_millis;
+use crate::keys::outbox::{Claimed, NewEvent, Outbox, Outcome, Subscription, Webhook};
+use crate::keys::store::StoreResult;
+use crate::telemetry::metrics::Metrics;
+
+/// Deliveries claimed per round.
+const CLAIM_BATCH: usize = 64;
+/// How often the pending gauge is read from the store when nothing is being delivered.
+const GAUGE_EVERY: Duration = Duration::from_secs(5);
+/// Longest error text kept with an attempt.
+const MAX_ERROR_LEN: usize = 200;
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The webhooks of this process and the loop that delivers to them.
+pub struct Events {
+    outbox: Arc<dyn Outbox>,
+    configured: Vec<Webhook>,
+    settings: EventsConfig,
+    metrics: Arc<Metrics>,
+    client: HttpClient,
+    wake: Notify,
+    /// When the pending gauge was last read (ms).
+    gauge_read: std::sync::atomic::AtomicI64,
+}
+
+/// The id of a webhook from the configuration file: stable across restarts (so its pending
+/// deliveries still find it) as long as its `url` and `events` stay the same.
+pub fn configured_id(w: &WebhookConfig) -> String {
+    let mut h = Sha256::new();
+    h.update(w.url.as_bytes());
+    h.update(b"\n");
+    h.update(w.events.join(",").as_bytes());
+    format!("wh_cfg_{}", &hex::encode(h.finalize())[..16])
+}
+
+impl Events {
+    pub fn new(
+        outbox: Arc<dyn Outbox>,
+        webhooks: &[WebhookConfig],
+        settings: EventsConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, String> {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(settings.request_timeout));
+        http.enforce_http(false);
+        let https = HttpsConnectorBuilder::new()
+            .with_tls_config(crate::tls::client_config(settings.ca_file.as_deref())?)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(https);
+        let configured = webhooks
+            .iter()
+            .map(|w| Webhook {
+                id: configured_id(w),
+                url: w.url.clone(),
+                events: w.events.clone(),
+                secret: w.secret.clone(),
+                created_at: 0,
+            })
+            .collect();
+        Ok(Arc::new(Self {
+            outbox,
+            configured,
+            settings,
+            metrics,
+            client,
+            wake: Notify::new(),
+            gauge_read: std::sync::atomic::AtomicI64::new(0),
+        }))
+    }
+
+    pub fn outbox(&self) -> &Arc<dyn Outbox> {
+        &self.outbox
+    }
+
+    /// The webhooks of the configuration file (not managed through the admin API).
+    pub fn configured(&self) -> &[Webhook] {
+        &self.configured
+    }
+
+    /// Writes events no other write causes and starts delivering them at once.
+    pub async fn emit(&self, events: &[NewEvent]) -> StoreResult<()> {
+        self.outbox.emit(events).await?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Looks at the outbox now rather than at the next poll.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Every webhook: the configured ones, then those of the store.
+    pub async fn webhooks(&self) -> StoreResult<Vec<Webhook>> {
+        let mut all = self.configured.clone();
+        all.extend(self.outbox.list_webhooks().await?);
+        Ok(all)
+    }
+
+    /// Starts the delivery loop and the expiry check; both run until aborted.
+    pub fn spawn(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        let deliver = {
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                loop {
+                    let busy = match this.round().await {
+                        Ok(n) => n > 0,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "webhook outbox unavailable; retrying");
+                            false
+                        }
+                    };
+                    if !busy {
+                        tokio::select! {
+                            _ = tokio::time::sleep(this.settings.poll_interval) => {}
+                            _ = this.wake.notified() => {}
+                        }
+                    }
+                }
+            })
+        };
+        let expiry = {
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(this.settings.expiry_check_interval);
+                loop {
+                    tick.tick().await;
+                    match this.outbox.emit_expiring(now_millis()).await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(events = n, "key.expiring events written");
+                            this.wake();
+                        }
+                        Err(e) => tracing::warn!(error = %e, "expiry check failed; retrying"),
+                    }
+                }
+            })
+        };
+        vec![deliver, expiry]
+    }
+
+    /// One claim and the attempts it gives; returns how many deliveries were claimed.
+    async fn round(self: &Arc<Self>) -> StoreResult<usize> {
+        let hooks = Arc::new(self.webhooks().await?);
+        let subs: Vec<Subscription> = hooks
+            .iter()
+            .map(|h| Subscription {
+                webhook_id: h.id.clone(),
+                events: h.events.clone(),
+            })
+            .collect();
+        let lease = (self.settings.request_timeout * 2 + Duration::from_secs(1)).as_millis() as i64;
+        let claimed = self
+            .outbox
+            .claim(&subs, now_millis(), lease, CLAIM_BATCH)
+            .await?;
+        let n = claimed.len();
+        let mut tasks = tokio::task::JoinSet::new();
+        for c in claimed {
+            let this = Arc::clone(self);
+            let hooks = Arc::clone(&hooks);
+            tasks.spawn(async move {
+                let outcome = match hooks.iter().find(|h| h.id == c.webhook_id) {
+                    Some(h) => this.attempt(h, &c).await,
+                    None => Outcome::Failed {
+                        status: None,
+                        error: Some("the webhook no longer exists".into()),
+                    },
+                };
+                match &outcome {
+                    Outcome::Delivered { .. } => this.metrics.webhook_delivered.inc(),
+                    Outcome::Retry { status, error, .. } => {
+                        this.metrics.webhook_attempt_errors.inc();
+                        tracing::warn!(webhook = %c.webhook_id, event = %c.event_id,
+                            status = ?status, error = ?error, "webhook delivery failed; will retry");
+                    }
+                    Outcome::Failed { status, error } => {
+                        this.metrics.webhook_failed.inc();
+                        tracing::error!(webhook = %c.webhook_id, event = %c.event_id,
+                            status = ?status, error = ?error, "webhook delivery given up");
+                    }
+                }
+                if let Err(e) = this.outbox.complete(&c, &outcome, now_millis()).await {
+                    // The lease ends and the delivery is made again: at least once.
+                    tracing::warn!(error = %e, event = %c.event_id, "cannot record a webhook delivery");
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        let now = now_millis();
+        let last = self.gauge_read.load(std::sync::atomic::Ordering::Relaxed);
+        if n > 0 || now - last >= GAUGE_EVERY.as_millis() as i64 {
+            self.gauge_read
+                .store(now, std::sync::atomic::Ordering::Relaxed);
+            if let Ok(counts) = self.outbox.counts().await {
+                self.metrics.webhook_pending.set(counts.pending as i64);
+            }
+        }
+        Ok(n)
+    }
+
+    /// One signed POST of `c` to `hook`.
+    async fn attempt(&self, hook: &Webhook, c: &Claimed) -> Outcome {
+        let Ok(key) = signing::decode_secret(&hook.secret) else {
+            return Outcome::Failed {
+                status: None,
+                error: Some("the webhook's secret is not a whsec_ secret".into()),
+            };
+        };
+        let ts = now_millis() / 1000;
+        let req = http::Request::post(&hook.url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::USER_AGENT, "keygate-webhooks")
+            .header("webhook-id", &c.event_id)
+            .header("webhook-timestamp", ts.to_string())
+            .header(
+                "webhook-signature",
+                signing::sign(&key, &c.event_id, ts, &c.body),
+            )
+            .body(Full::new(Bytes::from(c.body.clone())));
+        let req = match req {
+            Ok(r) => r,
+            Err(e) => {
+                return Outcome::Failed {
+                    status: None,
+                    error: Some(format!("cannot build the request: {e}")),
+                };
+            }
+        };
+        let (status, error) =
+            match tokio::time::timeout(self.settings.request_timeout, self.client.request(req))
+                .await
+            {
+                Ok(Ok(res)) if res.status().is_success() => {
+                    return Outcome::Delivered {
+                        status: res.status().as_u16(),
+                    };
+                }
+                Ok(Ok(res)) => (Some(res.status().as_u16()), None),
+                Ok(Err(e)) => (None, Some(error_text(&e))),
+                Err(_) => (None, Some("timed out".to_owned())),
+            };
+        self.retry_or_give_up(c, status, error)
+    }
+
+    fn retry_or_give_up(&self, c: &Claimed, status: Option<u16>, error: Option<String>) -> Outcome {
+        let now = now_millis();
+        let next = now + backoff(&self.settings, c.attempts).as_millis() as i64;
+        if next - c.created_at > self.settings.give_up_after.as_millis() as i64 {
+            Outcome::Failed { status, error }
+        } else {
+            Outcome::Retry {
+                at: next,
+                status,
+                error,
+            }
+        }
+    }
+}
+
+/// The wait after the attempt that followed `attempts` earlier ones.
+pub fn backoff(s: &EventsConfig, attempts: u32) -> Duration {
+    let factor = 1u32.checked_shl(attempts.min(30)).unwrap_or(u32::MAX);
+    s.retry_base.saturating_mul(factor).min(s.retry_max)
+}
+
+fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text.chars().take(MAX_ERROR_LEN).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let s = EventsConfig {
+            poll_interval: Duration::from_secs(1),
+            retry_base: Duration::from_secs(5),
+            retry_max: Duration::from_secs(3600),
+            give_up_after: Duration::from_secs(86_400),
+            request_timeout: Duration::from_secs(10),
+            expiry_check_interval: Duration::from_secs(3600),
+            ca_file: None,
+        };
+        assert_eq!(backoff(&s, 0), Duration::from_secs(5));
+        assert_eq!(backoff(&s, 1), Duration::from_secs(10));
+        assert_eq!(backoff(&s, 3), Duration::from_secs(40));
+        assert_eq!(backoff(&s, 20), Duration::from_secs(3600));
+        assert_eq!(backoff(&s, 1000), Duration::from_secs(3600));
+    }
+}

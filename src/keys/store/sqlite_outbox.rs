@@ -1,0 +1,556 @@
+//! The outbox of the embedded store: events are rows of `webhook_events`, written inside the
+//! transaction of the change that caused them ([`write_events`]); each (event, webhook) pair
+//! becomes a row of `webhook_deliveries` when it is fanned out, and each attempt a row of
+//! `webhook_attempts`.
+//!
+//! One process owns a SQLite file, so the leases of deliveries found at the first claim are
+//! from a process that is gone (killed mid-delivery): they are released at once and those
+//! deliveries are made again, under the same `webhook-id`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::{StoreError, StoreResult};
+use crate::keys::outbox::{
+    Attempt, Claimed, DAY_MS, EXPIRING_DAYS, EventType, NewEvent, Outbox, OutboxCounts, Outcome,
+    Subscription, Webhook, expiring_window,
+};
+use crate::keys::{ApiKey, Millis};
+
+/// Delivered and failed deliveries, their events and attempts are kept this long.
+const RETENTION_MS: Millis = 7 * DAY_MS;
+/// Events fanned out per claim.
+const FANOUT_BATCH: i64 = 1_000;
+/// How often a claim also drops what is past [`RETENTION_MS`].
+const PRUNE_EVERY_MS: Millis = 60_000;
+
+pub const MIGRATION: &str = r#"
+CREATE TABLE webhook_events (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id           TEXT NOT NULL UNIQUE,
+    type         TEXT NOT NULL,
+    ordering_key TEXT NOT NULL,
+    created_at   INTEGER NOT NULL,
+    body         TEXT NOT NULL
+);
+CREATE TABLE webhooks (
+    id         TEXT PRIMARY KEY NOT NULL,
+    url        TEXT NOT NULL,
+    events     TEXT NOT NULL,
+    secret     TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE webhook_deliveries (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_seq    INTEGER NOT NULL REFERENCES webhook_events(seq) ON DELETE CASCADE,
+    webhook_id   TEXT NOT NULL,
+    ordering_key TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL,
+    next_at      INTEGER NOT NULL,
+    lease_until  INTEGER,
+    updated_at   INTEGER NOT NULL,
+    UNIQUE (event_seq, webhook_id)
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries(state, next_at);
+CREATE INDEX webhook_deliveries_order
+    ON webhook_deliveries(webhook_id, ordering_key, state, event_seq);
+CREATE TABLE webhook_attempts (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    webhook_id TEXT NOT NULL,
+    event_id   TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    attempt    INTEGER NOT NULL,
+    at         INTEGER NOT NULL,
+    status     INTEGER,
+    error      TEXT,
+    outcome    TEXT NOT NULL
+);
+CREATE INDEX webhook_attempts_by_webhook ON webhook_attempts(webhook_id, id);
+CREATE TABLE expiry_notices (
+    key_id     TEXT NOT NULL REFERENCES api_keys(id) ON DELETE CASCADE,
+    days       INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (key_id, days, expires_at)
+) WITHOUT ROWID;
+CREATE TABLE outbox_cursor (
+    name TEXT PRIMARY KEY NOT NULL,
+    seq  INTEGER NOT NULL
+) WITHOUT ROWID;
+"#;
+
+/// Appends events to the outbox, inside the caller's transaction.
+pub fn write_events(conn: &Connection, events: &[NewEvent]) -> rusqlite::Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO webhook_events (id, type, ordering_key, created_at, body) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for e in events {
+        stmt.execute(params![e.id, e.kind.as_str(), e.ordering_key, e.at, e.body])?;
+    }
+    Ok(())
+}
+
+/// How the store reads a key row: its column list (`k.` aliased) and the row decoder.
+#[derive(Clone, Copy)]
+pub struct KeyRows {
+    pub columns: &'static str,
+    pub read: fn(&Row<'_>) -> rusqlite::Result<ApiKey>,
+}
+
+pub struct SqliteOutbox {
+    store: Conn,
+    keys: KeyRows,
+    /// Leases left by an earlier process are released at the first claim.
+    released: Arc<AtomicBool>,
+    /// When the last claim pruned old rows.
+    pruned_at: Arc<std::sync::atomic::AtomicI64>,
+}
+
+/// The store's one connection, used the way the store uses it: on tokio's blocking pool.
+#[derive(Clone)]
+struct Conn(Arc<Mutex<Connection>>);
+
+impl Conn {
+    async fn run<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.0);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| StoreError::Unavailable("store connection poisoned".into()))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+    }
+}
+
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqliteOutbox {
+    pub fn new(conn: Arc<Mutex<Connection>>, keys: KeyRows) -> Self {
+        Self {
+            store: Conn(conn),
+            keys,
+            released: Arc::new(AtomicBool::new(false)),
+            pruned_at: Arc::new(std::sync::atomic::AtomicI64::new(0)),
+        }
+    }
+}
+
+fn webhook_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Webhook> {
+    let events: String = r.get(2)?;
+    Ok(Webhook {
+        id: r.get(0)?,
+        url: r.get(1)?,
+        events: serde_json::from_str(&events).unwrap_or_default(),
+        secret: r.get(3)?,
+        created_at: r.get(4)?,
+    })
+}
+
+#[async_trait]
+impl Outbox for SqliteOutbox {
+    async fn emit(&self, events: &[NewEvent]) -> StoreResult<()> {
+        let events = events.to_vec();
+        self.store
+            .run(move |c| {
+                let tx = c.transaction().map_err(db)?;
+                write_events(&tx, &events).map_err(db)?;
+                tx.commit().map_err(db)
+            })
+            .await
+    }
+
+    async fn emit_expiring(&self, now: Millis) -> StoreResult<usize> {
+        let KeyRows { columns, read } = self.keys;
+        self.store
+            .run(move |c| {
+                let tx = c
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(db)?;
+                let widest = EXPIRING_DAYS[0] * DAY_MS;
+                let keys = tx
+                    .prepare_cached(&format!(
+                        "SELECT {columns} FROM api_keys k WHERE k.enabled = 1 \
+                         AND k.expires_at > ?1 AND k.expires_at <= ?2"
+                    ))
+                    .map_err(db)?
+                    .query_map(params![now, now + widest], read)
+                    .map_err(db)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .map_err(db)?;
+                let mut events = Vec::new();
+                for k in keys {
+                    let Some(exp) = k.expires_at else { continue };
+                    let Some(days) = expiring_window(exp, now) else {
+                        continue;
+                    };
+                    let id = k.id.to_string();
+                    let noticed: bool = tx
+                        .query_row(
+                            "SELECT EXISTS(SELECT 1 FROM expiry_notices WHERE key_id = ?1 \
+                             AND days = ?2 AND expires_at = ?3)",
+                            params![id, days, exp],
+                            |r| r.get(0),
+                        )
+                        .map_err(db)?;
+                    if noticed {
+                        continue;
+                    }
+                    // This window and every wider one: a key that is already within a day of
+                    // its expiry gets one notice, not two.
+                    for d in EXPIRING_DAYS.iter().filter(|&&d| d >= days) {
+                        tx.execute(
+                            "INSERT OR IGNORE INTO expiry_notices (key_id, days, expires_at) \
+                             VALUES (?1, ?2, ?3)",
+                            params![id, d, exp],
+                        )
+                        .map_err(db)?;
+                    }
+                    events.push(NewEvent::key(
+                        EventType::KeyExpiring,
+                        &k,
+                        now,
+                        serde_json::json!({"days": days}),
+                    ));
+                }
+                write_events(&tx, &events).map_err(db)?;
+                tx.commit().map_err(db)?;
+                Ok(events.len())
+            })
+            .await
+    }
+
+    async fn claim(
+        &self,
+        subscriptions: &[Subscription],
+        now: Millis,
+        lease_ms: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<Claimed>> {
+        let subs = subscriptions.to_vec();
+        let release = !self.released.swap(true, Ordering::AcqRel);
+        let prune = now - self.pruned_at.load(Ordering::Relaxed) >= PRUNE_EVERY_MS;
+        if prune {
+            self.pruned_at.store(now, Ordering::Relaxed);
+        }
+        self.store
+            .run(move |c| {
+                let tx = c
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(db)?;
+                if release {
+                    tx.execute(
+                        "UPDATE webhook_deliveries SET lease_until = NULL \
+                         WHERE lease_until IS NOT NULL",
+                        [],
+                    )
+                    .map_err(db)?;
+                }
+                // Fan out what was written since the last claim.
+                let cursor: i64 = tx
+                    .query_row(
+                        "SELECT seq FROM outbox_cursor WHERE name = 'fanout'",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(db)?
+                    .unwrap_or(0);
+                let fresh = tx
+                    .prepare_cached(
+                        "SELECT seq, type, ordering_key, created_at FROM webhook_events \
+                         WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                    )
+                    .map_err(db)?
+                    .query_map(params![cursor, FANOUT_BATCH], |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, i64>(3)?,
+                        ))
+                    })
+                    .map_err(db)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .map_err(db)?;
+                if let Some(last) = fresh.last().map(|f| f.0) {
+                    let mut ins = tx
+                        .prepare_cached(
+                            "INSERT OR IGNORE INTO webhook_deliveries (event_seq, webhook_id, \
+                             ordering_key, state, attempts, next_at, updated_at) \
+                             VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5)",
+                        )
+                        .map_err(db)?;
+                    for (seq, kind, key, at) in &fresh {
+                        for s in subs.iter().filter(|s| s.wants(kind)) {
+                            ins.execute(params![seq, s.webhook_id, key, at, now])
+                                .map_err(db)?;
+                        }
+                    }
+                    tx.execute(
+                        "INSERT INTO outbox_cursor (name, seq) VALUES ('fanout', ?1) \
+                         ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
+                        [last],
+                    )
+                    .map_err(db)?;
+                }
+                // Due deliveries, each the oldest undelivered one of its webhook and key.
+                let due = tx
+                    .prepare_cached(
+                        "SELECT d.id, d.webhook_id, e.id, e.type, e.body, d.attempts, \
+                         e.created_at FROM webhook_deliveries d \
+                         JOIN webhook_events e ON e.seq = d.event_seq \
+                         WHERE d.state = 'pending' AND d.next_at <= ?1 \
+                         AND (d.lease_until IS NULL OR d.lease_until <= ?1) \
+                         AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p \
+                             WHERE p.webhook_id = d.webhook_id \
+                             AND p.ordering_key = d.ordering_key \
+                             AND p.state = 'pending' AND p.event_seq < d.event_seq) \
+                         ORDER BY d.event_seq LIMIT ?2",
+                    )
+                    .map_err(db)?
+                    .query_map(params![now, limit as i64], |r| {
+                        Ok(Claimed {
+                            delivery: r.get::<_, i64>(0)?.to_string(),
+                            webhook_id: r.get(1)?,
+                            event_id: r.get(2)?,
+                            event_type: r.get(3)?,
+                            body: r.get(4)?,
+                            attempts: r.get(5)?,
+                            created_at: r.get(6)?,
+                        })
+                    })
+                    .map_err(db)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .map_err(db)?;
+                {
+                    let mut lease = tx
+                        .prepare_cached(
+                            "UPDATE webhook_deliveries SET lease_until = ?2 WHERE id = ?1",
+                        )
+                        .map_err(db)?;
+                    for d in &due {
+                        lease
+                            .execute(params![d.delivery, now + lease_ms])
+                            .map_err(db)?;
+                    }
+                }
+                // What is done and old goes (now and then: it reads old rows).
+                if prune {
+                    let horizon = now - RETENTION_MS;
+                    tx.execute(
+                        "DELETE FROM webhook_events WHERE seq <= ?1 AND created_at < ?2 \
+                         AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d \
+                             WHERE d.event_seq = webhook_events.seq AND d.state = 'pending')",
+                        params![cursor, horizon],
+                    )
+                    .map_err(db)?;
+                    tx.execute("DELETE FROM webhook_attempts WHERE at < ?1", [horizon])
+                        .map_err(db)?;
+                }
+                tx.commit().map_err(db)?;
+                Ok(due)
+            })
+            .await
+    }
+
+    async fn complete(&self, claimed: &Claimed, outcome: &Outcome, now: Millis) -> StoreResult<()> {
+        let claimed = claimed.clone();
+        let outcome = outcome.clone();
+        self.store
+            .run(move |c| {
+                let tx = c.transaction().map_err(db)?;
+                let (state, next_at) = match &outcome {
+                    Outcome::Delivered { .. } => ("delivered", now),
+                    Outcome::Retry { at, .. } => ("pending", *at),
+                    Outcome::Failed { .. } => ("failed", now),
+                };
+                tx.execute(
+                    "UPDATE webhook_deliveries SET state = ?2, attempts = attempts + 1, \
+                     next_at = ?3, lease_until = NULL, updated_at = ?4 WHERE id = ?1",
+                    params![claimed.delivery, state, next_at, now],
+                )
+                .map_err(db)?;
+                tx.execute(
+                    "INSERT INTO webhook_attempts (webhook_id, event_id, event_type, attempt, \
+                     at, status, error, outcome) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![
+                        claimed.webhook_id,
+                        claimed.event_id,
+                        claimed.event_type,
+                        claimed.attempts + 1,
+                        now,
+                        outcome.status(),
+                        outcome.error(),
+                        outcome.name(),
+                    ],
+                )
+                .map_err(db)?;
+                tx.commit().map_err(db)
+            })
+            .await
+    }
+
+    async fn counts(&self) -> StoreResult<OutboxCounts> {
+        self.store
+            .run(|c| {
+                // Each a range of the (state, next_at) index.
+                let count = |state: &str| -> StoreResult<u64> {
+                    c.prepare_cached("SELECT COUNT(*) FROM webhook_deliveries WHERE state = ?1")
+                        .map_err(db)?
+                        .query_row([state], |r| r.get::<_, i64>(0))
+                        .map(|n| n as u64)
+                        .map_err(db)
+                };
+                Ok(OutboxCounts {
+                    pending: count("pending")?,
+                    delivered: count("delivered")?,
+                    failed: count("failed")?,
+                })
+            })
+            .await
+    }
+
+    async fn insert_webhook(&self, w: &Webhook) -> StoreResult<()> {
+        let w = w.clone();
+        self.store
+            .run(move |c| {
+                let n = c
+                    .execute(
+                        "INSERT OR IGNORE INTO webhooks (id, url, events, secret, created_at) \
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![
+                            w.id,
+                            w.url,
+                            serde_json::to_string(&w.events).expect("serializable"),
+                            w.secret,
+                            w.created_at
+                        ],
+                    )
+                    .map_err(db)?;
+                if n == 0 {
+                    return Err(StoreError::Unavailable("webhook id collision".into()));
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn list_webhooks(&self) -> StoreResult<Vec<Webhook>> {
+        self.store
+            .run(|c| {
+                c.prepare_cached(
+                    "SELECT id, url, events, secret, created_at FROM webhooks \
+                     ORDER BY created_at, id",
+                )
+                .map_err(db)?
+                .query_map([], webhook_from_row)
+                .map_err(db)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(db)
+            })
+            .await
+    }
+
+    async fn update_webhook(
+        &self,
+        id: &str,
+        url: Option<&str>,
+        events: Option<&[String]>,
+    ) -> StoreResult<Option<Webhook>> {
+        let id = id.to_owned();
+        let url = url.map(str::to_owned);
+        let events = events.map(|e| serde_json::to_string(e).expect("serializable"));
+        self.store
+            .run(move |c| {
+                let tx = c.transaction().map_err(db)?;
+                tx.execute(
+                    "UPDATE webhooks SET url = COALESCE(?2, url), events = COALESCE(?3, events) \
+                     WHERE id = ?1",
+                    params![id, url, events],
+                )
+                .map_err(db)?;
+                let w = tx
+                    .query_row(
+                        "SELECT id, url, events, secret, created_at FROM webhooks WHERE id = ?1",
+                        [&id],
+                        webhook_from_row,
+                    )
+                    .optional()
+                    .map_err(db)?;
+                tx.commit().map_err(db)?;
+                Ok(w)
+            })
+            .await
+    }
+
+    async fn delete_webhook(&self, id: &str) -> StoreResult<Option<Webhook>> {
+        let id = id.to_owned();
+        self.store
+            .run(move |c| {
+                let tx = c.transaction().map_err(db)?;
+                let w = tx
+                    .query_row(
+                        "SELECT id, url, events, secret, created_at FROM webhooks WHERE id = ?1",
+                        [&id],
+                        webhook_from_row,
+                    )
+                    .optional()
+                    .map_err(db)?;
+                if w.is_some() {
+                    tx.execute("DELETE FROM webhooks WHERE id = ?1", [&id])
+                        .map_err(db)?;
+                    tx.execute(
+                        "DELETE FROM webhook_deliveries WHERE webhook_id = ?1 \
+                         AND state = 'pending'",
+                        [&id],
+                    )
+                    .map_err(db)?;
+                }
+                tx.commit().map_err(db)?;
+                Ok(w)
+            })
+            .await
+    }
+
+    async fn attempts(&self, webhook_id: &str, limit: u32) -> StoreResult<Vec<Attempt>> {
+        let id = webhook_id.to_owned();
+        self.store
+            .run(move |c| {
+                c.prepare_cached(
+                    "SELECT event_id, event_type, attempt, at, status, error, outcome \
+                     FROM webhook_attempts WHERE webhook_id = ?1 ORDER BY id DESC LIMIT ?2",
+                )
+                .map_err(db)?
+                .query_map(params![id, limit], |r| {
+                    Ok(Attempt {
+                        event_id: r.get(0)?,
+                        event_type: r.get(1)?,
+                        attempt: r.get(2)?,
+                        at: r.get(3)?,
+                        status: r.get(4)?,
+                        error: r.get(5)?,
+                        outcome: r.get(6)?,
+                    })
+                })
+                .map_err(db)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(db)
+            })
+            .await
+    }
+}

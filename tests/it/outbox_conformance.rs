@@ -1,0 +1,471 @@
+//! One conformance suite for the event outbox (`Store::outbox`), run unchanged against the
+//! SQLite store and a real `redis-server`: events are written with the change that causes
+//! them, each (webhook, key) queue hands out its oldest delivery only, leases keep a delivery
+//! from a second caller until they end, retries wait for their time, outcomes are recorded, and
+//! webhooks are created, changed and deleted with their pending deliveries.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keygate::keys::outbox::{Claimed, NewEvent, Outbox, Outcome, Subscription, Webhook};
+use keygate::keys::store::redis::RedisStore;
+use keygate::keys::store::sqlite::SqliteStore;
+use keygate::keys::store::{KeyPatch, Store};
+use keygate::keys::{ApiKey, SetBy, now_millis, testing};
+use serde_json::Value;
+
+use crate::redis_support::RedisServer;
+
+struct Subject {
+    store: Arc<dyn Store>,
+    outbox: Arc<dyn Outbox>,
+    _dir: Option<tempfile::TempDir>,
+    redis: Option<RedisServer>,
+}
+
+fn sqlite() -> Subject {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("k.db")).unwrap());
+    Subject {
+        outbox: store.outbox().unwrap(),
+        store,
+        _dir: Some(dir),
+        redis: None,
+    }
+}
+
+fn redis() -> Subject {
+    let redis = RedisServer::start();
+    let store: Arc<dyn Store> = Arc::new(RedisStore::open(&redis.tcp_url(3), "outbox:").unwrap());
+    Subject {
+        outbox: store.outbox().unwrap(),
+        store,
+        _dir: None,
+        redis: Some(redis),
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let s = super::sqlite();
+                    super::$name(&s).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let s = super::redis();
+                    super::$name(&s).await;
+                    if let Some(r) = &s.redis {
+                        r.assert_no_keyspace_scans();
+                    }
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    a_change_and_its_events_are_written_together,
+    each_queue_hands_out_its_oldest_delivery_under_a_lease,
+    retries_wait_and_outcomes_are_recorded,
+    webhooks_are_created_changed_and_deleted_with_their_deliveries,
+    emitted_and_expiring_events_are_delivered,
+    client_wide_writes_write_an_event_per_key,
+);
+
+fn all() -> Vec<Subscription> {
+    vec![Subscription {
+        webhook_id: "wh_all".into(),
+        events: vec!["*".into()],
+    }]
+}
+
+fn kind(c: &Claimed) -> String {
+    let v: Value = serde_json::from_str(&c.body).unwrap();
+    assert_eq!(v["type"], c.event_type.as_str());
+    c.event_type.clone()
+}
+
+async fn new_client(s: &Subject) -> ApiKey {
+    let (key, _) = ApiKey::builder().build();
+    s.store
+        .insert_client(&testing::client(&key.client_id), &key)
+        .await
+        .unwrap();
+    key
+}
+
+async fn a_change_and_its_events_are_written_together(s: &Subject) {
+    let (key, secret) = ApiKey::builder().build();
+    s.store
+        .insert_client(&testing::client(&key.client_id), &key)
+        .await
+        .unwrap();
+    let claimed = s
+        .outbox
+        .claim(&all(), now_millis(), 60_000, 10)
+        .await
+        .unwrap();
+    let mut kinds: Vec<String> = claimed.iter().map(kind).collect();
+    kinds.sort();
+    assert_eq!(kinds, ["client.created", "key.created"]);
+    for c in &claimed {
+        assert!(c.event_id.starts_with("msg_"));
+        assert!(!c.body.contains(secret.plaintext.expose()));
+        assert!(!c.body.contains(&hex::encode(key.key_hash.0)));
+        assert_eq!(c.attempts, 0);
+    }
+    // A refused write writes no event.
+    assert!(
+        s.store
+            .insert_client(
+                &testing::client(&key.client_id),
+                &ApiKey::builder().build().0
+            )
+            .await
+            .is_err()
+    );
+    for c in &claimed {
+        s.outbox
+            .complete(c, &Outcome::Delivered { status: 200 }, now_millis())
+            .await
+            .unwrap();
+    }
+    let more = s
+        .outbox
+        .claim(&all(), now_millis(), 60_000, 10)
+        .await
+        .unwrap();
+    assert!(more.is_empty(), "{more:?}");
+    assert_eq!(s.outbox.counts().await.unwrap().pending, 0);
+}
+
+async fn each_queue_hands_out_its_oldest_delivery_under_a_lease(s: &Subject) {
+    let key = new_client(s).await;
+    for n in 1..=3 {
+        let patch = KeyPatch {
+            name: Some(format!("n{n}")),
+            by: SetBy::Admin,
+            ..KeyPatch::default()
+        };
+        s.store
+            .patch_key(key.id, &patch, now_millis())
+            .await
+            .unwrap();
+    }
+    let now = now_millis();
+    let first = s.outbox.claim(&all(), now, 60_000, 10).await.unwrap();
+    // One per queue: the client's client.created and the key's key.created.
+    assert_eq!(first.len(), 2, "{first:?}");
+    let created = first
+        .iter()
+        .find(|c| c.event_type == "key.created")
+        .unwrap()
+        .clone();
+    // Leased: nobody else gets them, nor what queues behind them.
+    assert!(
+        s.outbox
+            .claim(&all(), now, 60_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    s.outbox
+        .complete(&created, &Outcome::Delivered { status: 204 }, now)
+        .await
+        .unwrap();
+    let mut names = Vec::new();
+    loop {
+        let next = s
+            .outbox
+            .claim(&all(), now_millis(), 60_000, 10)
+            .await
+            .unwrap();
+        let Some(c) = next.iter().find(|c| c.event_type == "key.updated") else {
+            break;
+        };
+        let v: Value = serde_json::from_str(&c.body).unwrap();
+        names.push(v["data"]["name"].as_str().unwrap().to_owned());
+        s.outbox
+            .complete(c, &Outcome::Delivered { status: 200 }, now_millis())
+            .await
+            .unwrap();
+    }
+    assert_eq!(names, ["n1", "n2", "n3"]);
+    // A lease that ends gives the delivery to the next caller, under the same event id.
+    let client = first
+        .iter()
+        .find(|c| c.event_type == "client.created")
+        .unwrap();
+    let again = s
+        .outbox
+        .claim(&all(), now + 60_001, 60_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].event_id, client.event_id);
+    assert_eq!(again[0].body, client.body);
+}
+
+async fn retries_wait_and_outcomes_are_recorded(s: &Subject) {
+    new_client(s).await;
+    let now = now_millis();
+    let claimed = s.outbox.claim(&all(), now, 60_000, 10).await.unwrap();
+    let c = claimed
+        .iter()
+        .find(|c| c.event_type == "key.created")
+        .unwrap();
+    s.outbox
+        .complete(
+            c,
+            &Outcome::Retry {
+                at: now + 5_000,
+                status: Some(503),
+                error: None,
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    let early = s
+        .outbox
+        .claim(&all(), now + 4_000, 60_000, 10)
+        .await
+        .unwrap();
+    assert!(!early.iter().any(|x| x.event_id == c.event_id));
+    let due = s
+        .outbox
+        .claim(&all(), now + 5_000, 60_000, 10)
+        .await
+        .unwrap();
+    let retry = due.iter().find(|x| x.event_id == c.event_id).unwrap();
+    assert_eq!(retry.attempts, 1);
+    assert_eq!(retry.body, c.body);
+    s.outbox
+        .complete(
+            retry,
+            &Outcome::Failed {
+                status: None,
+                error: Some("timed out".into()),
+            },
+            now + 5_000,
+        )
+        .await
+        .unwrap();
+    let attempts = s.outbox.attempts("wh_all", 10).await.unwrap();
+    let mine: Vec<_> = attempts
+        .iter()
+        .filter(|a| a.event_id == c.event_id)
+        .collect();
+    assert_eq!(mine.len(), 2);
+    assert_eq!(
+        (mine[0].attempt, mine[0].outcome.as_str(), mine[0].status),
+        (2, "failed", None)
+    );
+    assert_eq!(mine[0].error.as_deref(), Some("timed out"));
+    assert_eq!(
+        (mine[1].attempt, mine[1].outcome.as_str(), mine[1].status),
+        (1, "retrying", Some(503))
+    );
+    assert_eq!(s.outbox.attempts("wh_all", 1).await.unwrap().len(), 1);
+    assert_eq!(
+        s.outbox.counts().await.unwrap().pending,
+        1,
+        "client.created is left"
+    );
+}
+
+async fn webhooks_are_created_changed_and_deleted_with_their_deliveries(s: &Subject) {
+    let w = Webhook {
+        id: "wh_1".into(),
+        url: "http://127.0.0.1:9/a".into(),
+        events: vec!["key.created".into()],
+        secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+        created_at: 1_000,
+    };
+    s.outbox.insert_webhook(&w).await.unwrap();
+    assert!(
+        s.outbox.insert_webhook(&w).await.is_err(),
+        "an id is unique"
+    );
+    assert_eq!(
+        s.outbox.list_webhooks().await.unwrap(),
+        std::slice::from_ref(&w)
+    );
+    let changed = s
+        .outbox
+        .update_webhook("wh_1", Some("http://127.0.0.1:9/b"), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(changed.url, "http://127.0.0.1:9/b");
+    assert_eq!(changed.events, w.events);
+    assert_eq!(changed.secret, w.secret);
+    assert!(
+        s.outbox
+            .update_webhook("wh_none", Some("http://x/"), None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    new_client(s).await;
+    let subs = [Subscription {
+        webhook_id: "wh_1".into(),
+        events: changed.events.clone(),
+    }];
+    let claimed = s
+        .outbox
+        .claim(&subs, now_millis(), 60_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1, "key.created only");
+    assert_eq!(claimed[0].event_type, "key.created");
+    assert_eq!(s.outbox.counts().await.unwrap().pending, 1);
+    let gone = s.outbox.delete_webhook("wh_1").await.unwrap().unwrap();
+    assert_eq!(gone.id, "wh_1");
+    assert_eq!(s.outbox.counts().await.unwrap().pending, 0);
+    assert!(s.outbox.list_webhooks().await.unwrap().is_empty());
+    assert!(s.outbox.delete_webhook("wh_1").await.unwrap().is_none());
+}
+
+async fn emitted_and_expiring_events_are_delivered(s: &Subject) {
+    let key = new_client(s).await;
+    let quota = NewEvent::quota_threshold(&key, now_millis(), "quota", 80, 1000, 800, Some(0));
+    s.outbox.emit(std::slice::from_ref(&quota)).await.unwrap();
+    let (soon, _) = ApiKey::builder()
+        .expires_at(now_millis() + 3_600_000)
+        .build();
+    s.store.insert_key(&soon, 0).await.unwrap();
+    assert_eq!(s.outbox.emit_expiring(now_millis()).await.unwrap(), 1);
+    assert_eq!(s.outbox.emit_expiring(now_millis()).await.unwrap(), 0);
+    let mut kinds = Vec::new();
+    for _ in 0..10 {
+        let claimed = s
+            .outbox
+            .claim(&all(), now_millis(), 60_000, 10)
+            .await
+            .unwrap();
+        if claimed.is_empty() {
+            break;
+        }
+        for c in claimed {
+            let v: Value = serde_json::from_str(&c.body).unwrap();
+            if c.event_type == "quota.threshold" {
+                assert_eq!(c.body, quota.body);
+                assert_eq!(v["data"]["percent"], 80);
+            }
+            if c.event_type == "key.expiring" {
+                assert_eq!(v["data"]["id"], soon.id.to_string());
+                assert_eq!(v["data"]["days"], 1);
+            }
+            kinds.push(c.event_type.clone());
+            s.outbox
+                .complete(&c, &Outcome::Delivered { status: 200 }, now_millis())
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "client.created",
+            "key.created",
+            "key.created",
+            "key.expiring",
+            "quota.threshold"
+        ]
+    );
+}
+
+/// Every delivery's (type, data.reason, data.id), claimed and delivered until none is left.
+async fn drain(s: &Subject) -> Vec<(String, Option<String>, String)> {
+    let mut out = Vec::new();
+    loop {
+        let claimed = s
+            .outbox
+            .claim(&all(), now_millis(), 60_000, 100)
+            .await
+            .unwrap();
+        if claimed.is_empty() {
+            return out;
+        }
+        for c in claimed {
+            let v: Value = serde_json::from_str(&c.body).unwrap();
+            out.push((
+                c.event_type.clone(),
+                v["data"]["reason"].as_str().map(str::to_owned),
+                v["data"]["id"]
+                    .as_str()
+                    .or(v["data"]["client_id"].as_str())
+                    .unwrap()
+                    .to_owned(),
+            ));
+            s.outbox
+                .complete(&c, &Outcome::Delivered { status: 200 }, now_millis())
+                .await
+                .unwrap();
+        }
+    }
+}
+
+async fn client_wide_writes_write_an_event_per_key(s: &Subject) {
+    let first = new_client(s).await;
+    let (second, _) = ApiKey::builder().build();
+    s.store.insert_key(&second, 0).await.unwrap();
+    let (off, _) = ApiKey::builder().enabled(false).build();
+    s.store.insert_key(&off, 0).await.unwrap();
+    drain(s).await;
+    // Disabling every key: key.revoked for each key that was enabled.
+    s.store.disable_client_keys(&first.client_id).await.unwrap();
+    let mut got = drain(s).await;
+    got.sort();
+    let mut want = vec![
+        (
+            "key.revoked".to_owned(),
+            Some("disabled".to_owned()),
+            first.id.to_string(),
+        ),
+        (
+            "key.revoked".to_owned(),
+            Some("disabled".to_owned()),
+            second.id.to_string(),
+        ),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    // Replacing the keys: key.revoked (deleted) for each, key.created for the new one.
+    let (new, _) = ApiKey::builder().build();
+    s.store
+        .replace_client_keys(&first.client_id, &new)
+        .await
+        .unwrap();
+    let got = drain(s).await;
+    assert_eq!(got.len(), 4, "{got:?}");
+    for k in [&first, &second, &off] {
+        assert!(got.contains(&(
+            "key.revoked".to_owned(),
+            Some("deleted".to_owned()),
+            k.id.to_string()
+        )));
+    }
+    assert!(got.contains(&("key.created".to_owned(), None, new.id.to_string())));
+    // Deleting the client: key.revoked (deleted) for its key, then client.deleted.
+    s.store.delete_client(&first.client_id).await.unwrap();
+    let got = drain(s).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got.contains(&(
+        "key.revoked".to_owned(),
+        Some("deleted".to_owned()),
+        new.id.to_string()
+    )));
+    assert!(got.contains(&("client.deleted".to_owned(), None, first.client_id.clone())));
+}
