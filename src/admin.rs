@@ -14,6 +14,7 @@ pub mod clients;
 pub mod error;
 pub mod keys;
 pub mod kixote;
+pub mod limits;
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -171,6 +172,8 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(keys::show, keys::update, keys::remove))
         .routes(routes!(keys::rotate))
         .routes(routes!(keys::usage))
+        .routes(routes!(limits::change))
+        .routes(routes!(limits::client_usage))
         .routes(routes!(clients::create, clients::list))
         .routes(routes!(clients::show, clients::update, clients::remove))
         .routes(routes!(kixote::create_client))

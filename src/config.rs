@@ -349,12 +349,29 @@ pub struct RawRateLimit {
     pub default: RateLimit,
     #[serde(default = "d_failed_auth_limit")]
     pub failed_auth: RateLimit,
+    /// `local` (each instance counts on its own) or `cluster`.
+    #[serde(default)]
+    pub mode: RateMode,
+}
+
+/// How instances share rate limits.
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RateMode {
+    #[default]
+    Local,
+    Cluster,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPlan {
     pub rate_limit: Option<RateLimit>,
+    /// Who shares the plan's rate limit (default: the client as a whole).
+    #[serde(default)]
+    pub scope: crate::keys::allowance::Scope,
+    /// Requests per UTC calendar period, per client.
+    pub quota: Option<crate::keys::allowance::Quota>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -376,6 +393,8 @@ pub struct RawRoute {
     pub auth: Option<RouteAuth>,
     /// Per-key limit on this route, on top of the key's own limit.
     pub rate_limit: Option<RateLimit>,
+    /// Credits a request on this route takes from a key that has credits (default 1).
+    pub cost: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -476,6 +495,15 @@ pub struct Config {
     pub forward_auth: ForwardAuth,
     /// Things an operator should know but that do not stop startup.
     pub warnings: Vec<String>,
+    /// Scopes and quotas of the plans (`[plans.X] scope`, `quota`).
+    pub plan_terms: HashMap<String, PlanTerms>,
+}
+
+/// What a plan sets besides its rate limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanTerms {
+    pub scope: crate::keys::allowance::Scope,
+    pub quota: Option<crate::keys::allowance::Quota>,
 }
 
 #[derive(Debug, Clone)]
@@ -589,6 +617,8 @@ pub struct Route {
     pub methods: Vec<http::Method>,
     pub auth: RouteAuth,
     pub rate_limit: Option<RateLimit>,
+    /// Credits a request takes (keys with credits only).
+    pub cost: u64,
 }
 
 #[derive(Debug, Clone)]

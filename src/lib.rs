@@ -154,11 +154,15 @@ impl App {
             clock.clone(),
         );
         store.watch_invalidations(Arc::new(cache.clone()));
-        let limits = Arc::new(limit::KeyLimits::new(
-            config.default_limit,
-            config.plans.clone(),
-            clock.clone(),
-        ));
+        let limits = Arc::new(
+            limit::KeyLimits::new(config.default_limit, config.plans.clone(), clock.clone())
+                .with_plan_terms(
+                    config
+                        .plan_terms
+                        .iter()
+                        .map(|(name, t)| (name.clone(), t.scope, t.quota)),
+                ),
+        );
         let jwt_secret = config.jwt.secret.clone().unwrap_or_else(|| {
             tracing::warn!(
                 "no jwt.secret configured (KEYGATE_JWT_SECRET): using a random per-process secret; tokens from /auth/login die on restart"

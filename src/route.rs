@@ -29,6 +29,8 @@ pub struct Route {
     pub allow: Option<HeaderValue>,
     /// Per-key limit on this route, on top of the key's own.
     pub limiter: Option<Arc<KeyedLimit<Uuid>>>,
+    /// Credits a request takes from a key that has credits.
+    pub cost: u64,
     /// Position in the table (for per-route metrics).
     pub index: usize,
 }
@@ -97,6 +99,7 @@ impl RouteTable {
                 host: host_of(default_upstream),
                 allow: None,
                 limiter: None,
+                cost: 1,
                 index: 0,
             }]
         } else {
@@ -114,6 +117,7 @@ impl RouteTable {
                     limiter: r
                         .rate_limit
                         .map(|l| Arc::new(KeyedLimit::new(l, clock.clone()))),
+                    cost: r.cost,
                     index: 0,
                 })
                 .collect()
@@ -158,6 +162,7 @@ mod tests {
             methods: Vec::new(),
             auth: RouteAuth::Required,
             rate_limit: None,
+            cost: 1,
         }
     }
 
@@ -170,6 +175,7 @@ mod tests {
             methods: methods.to_vec(),
             auth: RouteAuth::Required,
             rate_limit: None,
+            cost: 1,
         };
         RouteTable::new(
             &[

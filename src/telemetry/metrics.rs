@@ -118,6 +118,17 @@ pub const CACHE_RESULTS: [&str; 4] = ["hit", "miss", "negative_hit", "stale_serv
 pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 pub const LISTENERS: [&str; 2] = ["proxy", "admin"];
 
+/// Requests refused by a limit, by the kind of limit.
+pub const LIMIT_KINDS: [&str; 2] = ["rate_limited", "quota_exhausted"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitKind {
+    /// A rate limit (the key's, its client's, or a route's).
+    RateLimited = 0,
+    /// Credits or a quota used up.
+    QuotaExhausted = 1,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CacheResult {
     Hit = 0,
@@ -156,6 +167,7 @@ pub struct Metrics {
     pub invalidations_received: Counter,
     pub usage_flushes: Counter,
     pub usage_flush_errors: Counter,
+    limit_refusals: [Counter; LIMIT_KINDS.len()],
 }
 
 impl Metrics {
@@ -179,6 +191,7 @@ impl Metrics {
             invalidations_received: Counter::default(),
             usage_flushes: Counter::default(),
             usage_flush_errors: Counter::default(),
+            limit_refusals: Default::default(),
         }
     }
 
@@ -200,6 +213,14 @@ impl Metrics {
             .iter()
             .position(|&o| o == outcome)
             .map_or(0, |i| self.auth[i].get())
+    }
+
+    pub fn limit_refused(&self, kind: LimitKind) {
+        self.limit_refusals[kind as usize].inc();
+    }
+
+    pub fn limit_refusals(&self, kind: LimitKind) -> u64 {
+        self.limit_refusals[kind as usize].get()
     }
 
     pub fn cache(&self, r: CacheResult) {
@@ -322,6 +343,15 @@ impl Metrics {
             "Failed batched usage writes (retried on the next flush).",
             self.usage_flush_errors.get(),
         );
+        out.push_str("# HELP keygate_limit_refusals_total Requests refused by a limit, by kind.\n");
+        out.push_str("# TYPE keygate_limit_refusals_total counter\n");
+        for (i, k) in LIMIT_KINDS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "keygate_limit_refusals_total{{kind=\"{k}\"}} {}",
+                self.limit_refusals[i].get()
+            );
+        }
         out
     }
 }

@@ -11,6 +11,7 @@ mod hardening;
 mod hostile;
 mod kixote;
 mod layers;
+mod limits;
 mod observability;
 mod openapi;
 mod parity;

@@ -67,6 +67,8 @@ async fn the_document_is_valid_and_covers_every_route() {
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/openapi.json"),
+        ("post", "/v1/api-keys/{id}/credits"),
+        ("get", "/v1/clients/{client_id}/usage"),
     ]
     .into_iter()
     .collect();

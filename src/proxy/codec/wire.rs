@@ -200,6 +200,16 @@ pub fn response_head(
             u64::from(r.remaining),
             r.reset_secs,
         );
+        if let Some(n) = r.credits {
+            out.extend_from_slice(b"keygate-credits-remaining: ");
+            decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        if let Some(n) = r.quota {
+            out.extend_from_slice(b"keygate-quota-remaining: ");
+            decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
     }
     match (framing, head.framing) {
         (Out::Chunked, _) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -385,6 +395,8 @@ mod tests {
             limit: 100,
             remaining: 99,
             reset_secs: 1,
+            credits: None,
+            quota: None,
         };
         let cache = CachePolicy::new(&http::HeaderName::from_static("x-api-key"), true, true);
         let mut out = Vec::new();
