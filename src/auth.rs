@@ -293,6 +293,7 @@ impl Authenticator {
             b.first,
             b.client,
             self.limits.quota(&record.license),
+            b.cluster,
         )
     }
 

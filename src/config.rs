@@ -497,6 +497,8 @@ pub struct Config {
     pub warnings: Vec<String>,
     /// Scopes and quotas of the plans (`[plans.X] scope`, `quota`).
     pub plan_terms: HashMap<String, PlanTerms>,
+    /// `[rate_limit] mode`.
+    pub rate_mode: RateMode,
 }
 
 /// What a plan sets besides its rate limit.

@@ -8,6 +8,7 @@
 pub mod allowance;
 pub mod bucket;
 pub mod cache;
+pub mod cluster;
 pub mod store;
 #[doc(hidden)]
 pub mod testing;
@@ -354,6 +355,9 @@ pub struct Principal {
     /// Both `None` (most keys): no store call.
     pub credits: Option<allowance::CreditTerms>,
     pub quota: Option<allowance::Quota>,
+    /// The plan's bucket shared by every instance (`[rate_limit] mode = "cluster"`); `limiter`
+    /// is then the key's own limit, or none.
+    pub cluster: Option<Arc<cluster::ClusterBucket>>,
     /// Requests not yet written to the store.
     pub usage: usage::KeyUsage,
     pub headers: IdentityHeaders,
@@ -459,7 +463,7 @@ impl Principal {
         hash: &KeyHash,
         limiter: Arc<bucket::KeyLimiter>,
     ) -> Arc<Principal> {
-        Self::with_limits(record, hash, limiter, None, None)
+        Self::with_limits(record, hash, limiter, None, None, None)
     }
 
     /// Builds the principal with its client's bucket (client-wide plan limit under a key's
@@ -470,6 +474,7 @@ impl Principal {
         limiter: Arc<bucket::KeyLimiter>,
         client_limiter: Option<Arc<bucket::KeyLimiter>>,
         quota: Option<allowance::Quota>,
+        cluster: Option<Arc<cluster::ClusterBucket>>,
     ) -> Arc<Principal> {
         let key = &record.key;
         let grace_until =
@@ -490,6 +495,7 @@ impl Principal {
             client_limiter,
             credits: record.credits,
             quota,
+            cluster,
             usage: Default::default(),
             headers,
             refreshing: Default::default(),

@@ -33,6 +33,7 @@ pub use crate::keys::allowance::Quota as PlanQuota;
 pub use crate::keys::allowance::Scope;
 use crate::keys::bucket::emission_interval;
 pub use crate::keys::bucket::{KeyLimiter, RateInfo, Refusal};
+use crate::keys::cluster::{ClusterBucket, ClusterShared};
 
 /// The governor quota for a limit (the same emission interval and burst as a key's bucket).
 pub fn quota(limit: &RateLimit) -> Quota {
@@ -70,6 +71,11 @@ pub struct KeyLimits {
     /// Plans whose limit is per key ([`Scope::Key`]); every other license is client-wide.
     key_scoped: HashSet<String>,
     quotas: HashMap<String, PlanQuota>,
+    /// `[rate_limit] mode = "cluster"`: plan buckets are shared through Redis.
+    cluster: Option<Arc<ClusterShared>>,
+    /// Stands in for a key's own bucket when the key has none and the plan's bucket is the
+    /// cluster's (it never refuses).
+    unlimited: Arc<KeyLimiter>,
     default: RateLimit,
     /// The clock every bucket reads.
     clock: Clock,
@@ -81,6 +87,9 @@ pub struct Buckets {
     pub first: Arc<KeyLimiter>,
     /// The client's bucket under a key's own limit (client-wide plans only).
     pub client: Option<Arc<KeyLimiter>>,
+    /// The plan's bucket shared by the cluster (cluster mode; `first` is then the key's own
+    /// limit or a bucket that never refuses, and `client` is none).
+    pub cluster: Option<Arc<ClusterBucket>>,
 }
 
 impl KeyLimits {
@@ -95,9 +104,25 @@ impl KeyLimits {
             plans,
             key_scoped: HashSet::new(),
             quotas: HashMap::new(),
+            cluster: None,
+            unlimited: Arc::new(KeyLimiter::new(
+                RateLimit {
+                    per_second: Some(u32::MAX),
+                    per_minute: None,
+                    per_hour: None,
+                    burst: u32::MAX,
+                },
+                clock.clone(),
+            )),
             default,
             clock,
         }
+    }
+
+    /// Shares the plans' buckets across instances through `shared` (cluster mode).
+    pub fn with_cluster(mut self, shared: Arc<ClusterShared>) -> Self {
+        self.cluster = Some(shared);
+        self
     }
 
     /// Sets each plan's scope and quota (plans not named: client-wide, no quota).
@@ -141,10 +166,32 @@ impl KeyLimits {
         key_override: Option<RateLimit>,
         license: &str,
     ) -> Buckets {
+        if let Some(shared) = &self.cluster {
+            return match self.scope(license) {
+                Scope::Key => Buckets {
+                    first: Arc::clone(&self.unlimited),
+                    client: None,
+                    cluster: Some(
+                        shared.bucket(&format!("k:{key_id}"), self.resolve(key_override, license)),
+                    ),
+                },
+                Scope::Client => Buckets {
+                    first: match key_override {
+                        Some(own) => self.bucket(key_id, own),
+                        None => Arc::clone(&self.unlimited),
+                    },
+                    client: None,
+                    cluster: Some(
+                        shared.bucket(&format!("c:{client_id}"), self.resolve(None, license)),
+                    ),
+                },
+            };
+        }
         match self.scope(license) {
             Scope::Key => Buckets {
                 first: self.bucket(key_id, self.resolve(key_override, license)),
                 client: None,
+                cluster: None,
             },
             Scope::Client => {
                 let client = self.client_bucket(client_id, self.resolve(None, license));
@@ -152,10 +199,12 @@ impl KeyLimits {
                     Some(own) => Buckets {
                         first: self.bucket(key_id, own),
                         client: Some(client),
+                        cluster: None,
                     },
                     None => Buckets {
                         first: client,
                         client: None,
+                        cluster: None,
                     },
                 }
             }

@@ -87,6 +87,7 @@ impl RawConfig {
                 forward_auth,
                 warnings: p.warnings,
                 plan_terms,
+                rate_mode: cluster,
             }),
             _ => Err(ConfigErrors(p.errors)),
         }
@@ -349,21 +350,14 @@ fn plan_terms(raw: &BTreeMap<String, RawPlan>, p: &mut Problems) -> HashMap<Stri
     terms
 }
 
-/// `[rate_limit] mode`: `cluster` is not available in this version (each instance enforces
-/// its limits on its own); refused rather than silently ignored.
+/// `[rate_limit] mode`: `cluster` shares the plans' buckets through Redis, so it needs the
+/// Redis store.
 fn rate_mode(mode: RateMode, shared_store: bool, p: &mut Problems) {
-    if mode == RateMode::Cluster {
-        if shared_store {
-            p.error(
-                "rate_limit.mode: \"cluster\" is not available in this version; use \"local\" \
-                 (each instance enforces the limits on its own)",
-            );
-        } else {
-            p.error(
-                "rate_limit.mode: \"cluster\" needs the Redis store (store.url = \"redis://…\"); \
-                 with SQLite there is one instance: use \"local\"",
-            );
-        }
+    if mode == RateMode::Cluster && !shared_store {
+        p.error(
+            "rate_limit.mode: \"cluster\" needs the Redis store (store.url = \"redis://…\"); \
+             with SQLite there is one instance: use \"local\"",
+        );
     }
 }
 

@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use super::allowance::{Charge, Charged, Credits, CreditsWrite, CreditsWritten, Period};
 use super::cache::InvalidationSink;
+use super::cluster::{BucketSync, SyncReply};
 use super::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit, SetBy};
 
 #[derive(Debug, thiserror::Error)]
@@ -362,6 +363,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Requests counted against a client's quota in period `index` of `per`.
     async fn quota_used(&self, client_id: &str, per: Period, index: i64) -> StoreResult<u64>;
+
+    /// One sync round of cluster rate limits ([`super::cluster`]) for instance `instance`:
+    /// gives back unused leases and reserves new ones, atomically. Only the Redis store shares
+    /// buckets; the others answer that they cannot.
+    async fn sync_rates(&self, _instance: &str, _buckets: &[BucketSync]) -> StoreResult<SyncReply> {
+        Err(StoreError::Unavailable(
+            "cluster rate limits need the Redis store".into(),
+        ))
+    }
 
     /// Starts delivering invalidations made by other instances to `sink`, for as long as the
     /// store lives; after a broken subscription is restored, calls `invalidate_all` (anything

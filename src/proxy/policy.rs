@@ -405,6 +405,12 @@ impl Gateway {
                 rate = c;
             }
         }
+        if let Some(shared) = &principal.cluster {
+            let c = shared.check().await.map_err(|r| self.rate_limited(r))?;
+            if c.remaining < rate.remaining {
+                rate = c;
+            }
+        }
         if let Some(limiter) = &route.limiter {
             limiter
                 .check(&principal.key_id)

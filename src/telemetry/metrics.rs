@@ -26,6 +26,10 @@ impl Counter {
 pub struct Gauge(AtomicI64);
 
 impl Gauge {
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
     pub fn inc(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
@@ -168,6 +172,12 @@ pub struct Metrics {
     pub usage_flushes: Counter,
     pub usage_flush_errors: Counter,
     limit_refusals: [Counter; LIMIT_KINDS.len()],
+    /// Cluster rate limits: one sync round trip (lease given back and taken) per observation.
+    pub cluster_sync: Histogram,
+    /// 1 while Redis is unreachable and each instance enforces its share on its own.
+    pub cluster_degraded: Gauge,
+    /// Instances seen alive at the last successful sync.
+    pub cluster_live: Gauge,
 }
 
 impl Metrics {
@@ -192,6 +202,9 @@ impl Metrics {
             usage_flushes: Counter::default(),
             usage_flush_errors: Counter::default(),
             limit_refusals: Default::default(),
+            cluster_sync: Histogram::default(),
+            cluster_degraded: Gauge::default(),
+            cluster_live: Gauge::default(),
         }
     }
 
@@ -352,6 +365,22 @@ impl Metrics {
                 self.limit_refusals[i].get()
             );
         }
+        out.push_str("# HELP keygate_cluster_sync_seconds Cluster rate limits: round trip of one lease sync with Redis (the lag of the shared buckets).\n");
+        out.push_str("# TYPE keygate_cluster_sync_seconds histogram\n");
+        self.cluster_sync
+            .render(&mut out, "keygate_cluster_sync_seconds", "");
+        out.push_str("# HELP keygate_cluster_degraded 1 while Redis is unreachable and this instance enforces limit / live instances on its own.\n");
+        out.push_str("# TYPE keygate_cluster_degraded gauge\n");
+        let _ = writeln!(
+            out,
+            "keygate_cluster_degraded {}",
+            self.cluster_degraded.get()
+        );
+        out.push_str(
+            "# HELP keygate_cluster_instances Instances seen alive at the last cluster sync.\n",
+        );
+        out.push_str("# TYPE keygate_cluster_instances gauge\n");
+        let _ = writeln!(out, "keygate_cluster_instances {}", self.cluster_live.get());
         out
     }
 }

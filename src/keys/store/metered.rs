@@ -142,6 +142,13 @@ impl Store for Metered {
         self.timed(self.inner.quota_used(client_id, per, index))
             .await
     }
+    async fn sync_rates(
+        &self,
+        instance: &str,
+        buckets: &[crate::keys::cluster::BucketSync],
+    ) -> StoreResult<crate::keys::cluster::SyncReply> {
+        self.timed(self.inner.sync_rates(instance, buckets)).await
+    }
     async fn ping(&self) -> StoreResult<()> {
         self.timed(self.inner.ping()).await
     }

@@ -493,6 +493,7 @@ struct Scripts {
     write_credits: Script,
     credits: Script,
     quota_used: Script,
+    sync_rates: Script,
 }
 
 const PRELUDE: &str = include_str!("scripts/prelude.lua");
@@ -521,6 +522,7 @@ fn scripts() -> &'static Scripts {
             write_credits: s(include_str!("scripts/write_credits.lua")),
             credits: s(include_str!("scripts/credits.lua")),
             quota_used: s(include_str!("scripts/quota_used.lua")),
+            sync_rates: s(include_str!("scripts/sync_rates.lua")),
         }
     })
 }
@@ -916,6 +918,38 @@ impl Store for RedisStore {
         a.push(quota_key(client_id, per, index));
         let v = self.script("quota", &scripts().quota_used, a).await?;
         Ok(int(&v)?.max(0) as u64)
+    }
+
+    async fn sync_rates(
+        &self,
+        instance: &str,
+        buckets: &[crate::keys::cluster::BucketSync],
+    ) -> StoreResult<crate::keys::cluster::SyncReply> {
+        let mut a = Args::default();
+        a.push(instance).push(buckets.len());
+        for b in buckets {
+            a.push(&b.name)
+                .push(b.t_us)
+                .push(b.tau_us)
+                .push(b.unused)
+                .push(b.demand)
+                .push(if b.want { "1" } else { "0" });
+        }
+        let v = self.script("sync rates", &scripts().sync_rates, a).await?;
+        let parts: Vec<i64> = ::redis::from_redis_value(v).map_err(|e| {
+            StoreError::Unavailable(format!("redis: unexpected rate sync reply: {e}"))
+        })?;
+        let (live, rest) = parts.split_first().ok_or_else(|| corrupt("rate sync"))?;
+        Ok(crate::keys::cluster::SyncReply {
+            live: (*live).clamp(1, i64::from(u32::MAX)) as u32,
+            leases: rest
+                .chunks_exact(2)
+                .map(|c| crate::keys::cluster::Lease {
+                    cells: c[0].max(0) as u64,
+                    until_full_us: c[1].max(0) as u64,
+                })
+                .collect(),
+        })
     }
 
     /// Redis answers, and — once invalidations are watched — the subscription is up (an
