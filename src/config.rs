@@ -995,6 +995,63 @@ issuer = ""
     }
 
     #[test]
+    fn limits_settings_are_checked() {
+        let base = "[admin]\nkeys = [\"0123456789abcdef0123456789abcdef\"]\n";
+        let redis = "[store]\nurl = \"redis://127.0.0.1:6379/0\"\n[jwt]\nsecret = \"0123456789abcdef0123456789abcdef\"\n";
+        let cluster = "[rate_limit]\nmode = \"cluster\"\n";
+        let e = load(&format!("{base}{cluster}"), &[], CliOverrides::default()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("rate_limit.mode: \"cluster\" needs the Redis store"),
+            "{e}"
+        );
+        let c = load(
+            &format!("{base}{redis}{cluster}"),
+            &[],
+            CliOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.rate_mode, RateMode::Cluster);
+        let e = load(
+            &format!("{base}[rate_limit]\nmode = \"global\"\n"),
+            &[],
+            CliOverrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("mode"), "{e}");
+
+        let plans = "[plans.p]\nscope = \"key\"\nquota = { requests = 10, per = \"month\" }\n[plans.q]\nrate_limit = { per_second = 1, burst = 1 }\n[[routes]]\npath = \"/x\"\ncost = 5\n";
+        let c = load(&format!("{base}{plans}"), &[], CliOverrides::default()).unwrap();
+        let p = c.plan_terms["p"];
+        assert_eq!(p.scope, crate::keys::allowance::Scope::Key);
+        assert_eq!(p.quota.unwrap().requests, 10);
+        assert_eq!(
+            c.plan_terms["q"].scope,
+            crate::keys::allowance::Scope::Client
+        );
+        assert_eq!(c.routes[0].cost, 5);
+        for (bad, field) in [
+            (
+                "[plans.p]\nquota = { requests = 0, per = \"day\" }\n",
+                "plans.p.quota.requests",
+            ),
+            (
+                "[plans.p]\nquota = { requests = 1, per = \"week\" }\n",
+                "per",
+            ),
+            ("[plans.p]\nscope = \"team\"\n", "scope"),
+            ("[[routes]]\npath = \"/x\"\ncost = 0\n", "routes[0].cost"),
+            (
+                "[[routes]]\npath = \"/x\"\nauth = \"none\"\ncost = 2\n",
+                "cannot have a cost",
+            ),
+        ] {
+            let e = load(&format!("{base}{bad}"), &[], CliOverrides::default()).unwrap_err();
+            assert!(e.to_string().contains(field), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn a_duplicate_route_is_reported_whatever_the_upstreams() {
         let routes = "[[routes]]\npath = \"/x\"\n[[routes]]\npath = \"/x\"\n";
         for proxy in [

@@ -52,6 +52,13 @@ impl RawConfig {
         let keys = keys(self.keys, &mut p);
         let cluster = self.rate_limit.mode;
         let (default_limit, failed_auth_limit) = rate_limit(self.rate_limit, &mut p);
+        rate_mode(
+            cluster,
+            store
+                .as_ref()
+                .is_some_and(|s| matches!(s.url, StoreUrl::Redis(_))),
+            &mut p,
+        );
         let plans = plans(&self.plans, &mut p);
         let plan_terms = plan_terms(&self.plans, &mut p);
         let routes = routes(
@@ -67,7 +74,6 @@ impl RawConfig {
             .is_some_and(|s| matches!(s.url, StoreUrl::Redis(_)));
         let jwt = jwt(self.jwt, shared_store, &mut p);
         let forward_auth = forward_auth(self.forward_auth, &self.routes, &mut p);
-        rate_mode(cluster, shared_store, &mut p);
 
         match (proxy, admin, store) {
             (Some(proxy), Some(admin), Some(store)) if p.errors.is_empty() => Ok(Config {
