@@ -757,7 +757,7 @@ async fn refusals_are_counted_per_limit_kind() {
 
 #[tokio::test]
 async fn credits_and_quotas_are_exact_across_three_gateway_processes_on_redis() {
-    let redis = RedisServer::start();
+    let mut redis = RedisServer::start();
     let upstream = Upstream::start().await;
     let store = format!("url = \"{}\"", redis.tcp_url(0));
     let config = store_config_text(&upstream.url(), &store, PLANS);
@@ -814,6 +814,62 @@ async fn credits_and_quotas_are_exact_across_three_gateway_processes_on_redis() 
     assert_eq!(s, 200);
     let (ok, _, other) = storm(&proxies[1..], &key, 300, 30).await;
     assert_eq!((ok, other), (30, 0));
+
+    // Redis crashes (SIGKILL) and comes back from its AOF: the count is where it was.
+
+    redis.kill();
+    redis.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let (s, v) = call(
+            gws[0].admin,
+            "GET",
+            format!("/v1/api-keys/{id}"),
+            None,
+            &admin,
+        )
+        .await;
+        if s == 200 {
+            assert_eq!(v["credits"]["remaining"], 0, "{v}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "store never came back: {s}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (s, _) = call(
+        gws[0].admin,
+        "POST",
+        format!("/v1/api-keys/{id}/credits"),
+        Some(json!({"set": 7})),
+        &admin,
+    )
+    .await;
+    assert_eq!(s, 200);
+    redis.kill();
+    redis.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let (s, v) = call(
+            gws[1].admin,
+            "GET",
+            format!("/v1/api-keys/{id}"),
+            None,
+            &admin,
+        )
+        .await;
+        if s == 200 {
+            assert_eq!(v["credits"]["remaining"], 7, "{v}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "store never came back: {s}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 
     // A quota of 5 a day for a client, spread over the three.
     let (s, v) = call(
@@ -1053,4 +1109,83 @@ async fn cluster_limits_hold_across_three_processes_and_survive_a_redis_crash() 
         }
         assert!(g.log_contains("Redis answers again"));
     }
+}
+
+/// The store round trips the gateway counts (`keygate_store_duration_seconds_count`).
+async fn store_calls(gw: &Gateway) -> u64 {
+    let m = gw.admin("GET", "/metrics", None).await;
+    text(&m)
+        .lines()
+        .find_map(|l| l.strip_prefix("keygate_store_duration_seconds_count "))
+        .expect("store histogram")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The fast path stays free of the store: a cached key without credits on a plan without a
+/// quota makes no store call at all, a key with credits one per request.
+#[tokio::test]
+async fn only_counted_keys_pay_a_store_call() {
+    let gw = Gateway::start_with(PLANS).await;
+    let (plain, _) = gw.client("plain", "bulk").await;
+    let (credited, _) = key_with(&gw, "plain", json!({"credits": {"remaining": 1000}})).await;
+    for k in [&plain, &credited] {
+        assert_eq!(gw.get_with_key("/", k).await.status, 200);
+    }
+    let before = store_calls(&gw).await;
+    for _ in 0..50 {
+        assert_eq!(gw.get_with_key("/", &plain).await.status, 200);
+    }
+    // The metrics call itself is not a store call.
+    assert_eq!(
+        store_calls(&gw).await,
+        before,
+        "an uncredited key touched the store"
+    );
+    for _ in 0..50 {
+        assert_eq!(gw.get_with_key("/", &credited).await.status, 200);
+    }
+    assert_eq!(store_calls(&gw).await, before + 50);
+}
+
+/// The verify endpoint of forward-auth is judged by the same core: it charges credits and
+/// answers what is left, and refuses once they are gone.
+#[tokio::test]
+async fn forward_auth_verify_charges_credits_too() {
+    let gw = Gateway::start_with(&format!("[forward_auth]\nenabled = true\n{PLANS}")).await;
+    gw.client("edge", "bulk").await;
+    let (key, _) = key_with(&gw, "edge", json!({"credits": {"remaining": 4}})).await;
+    let ask = |uri: &'static str| {
+        let key = key.clone();
+        let gw = &gw;
+        async move {
+            gw.get(
+                "/_keygate/verify",
+                &[
+                    ("x-forwarded-method", "GET"),
+                    ("x-forwarded-uri", uri),
+                    ("x-forwarded-host", "api.example"),
+                    ("x-forwarded-proto", "https"),
+                    ("x-api-key", key.as_str()),
+                ],
+            )
+            .await
+        }
+    };
+    let r = ask("/expensive/x").await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(
+        header(&r, "keygate-credits-remaining").as_deref(),
+        Some("1")
+    );
+    let r = ask("/expensive/x").await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.code(), "quota_exhausted");
+    let r = ask("/x").await;
+    assert_eq!(
+        header(&r, "keygate-credits-remaining").as_deref(),
+        Some("0")
+    );
+    assert_eq!(gw.upstream.count(), 0, "verify forwarded something");
 }
