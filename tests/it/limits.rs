@@ -689,6 +689,30 @@ async fn a_client_reads_its_own_credits_and_quota_but_never_raises_them() {
         .admin_as("GET", "/v1/clients/neighbour/usage", None, &as_client)
         .await;
     assert_eq!(r.status, 404, "another client's usage");
+    // No credential, a wrong one, a guessed key, ids that are no client's.
+    assert_eq!(
+        gw.admin_as("GET", "/v1/clients/self/usage", None, &[])
+            .await
+            .status,
+        401
+    );
+    let fake = keygate::keys::KeyFormat::new("kg_").generate().plaintext.0;
+    for creds in [
+        [("x-admin-key", "wrong-admin-key-0123456789abcdef")],
+        [("x-api-key", fake.as_str())],
+    ] {
+        let r = gw
+            .admin_as("GET", "/v1/clients/self/usage", None, &creds)
+            .await;
+        assert_eq!(r.status, 401, "{}", text(&r));
+    }
+    for id in ["x".repeat(65), "a%2F..%2Fb".to_owned(), "%00".to_owned()] {
+        let r = gw
+            .admin("GET", &format!("/v1/clients/{id}/usage"), None)
+            .await;
+        assert!(r.status.is_client_error(), "{id}: {}", r.status);
+        assert!(!text(&r).contains(&own), "a key in an error body");
+    }
 
     for (m, path, body) in [
         (
