@@ -412,6 +412,52 @@ mod tests {
     }
 
     #[test]
+    fn a_client_wide_plan_shares_one_bucket_and_a_per_key_plan_does_not() {
+        let plans = HashMap::from([
+            ("team".to_string(), Some(per_second(10, 10))),
+            ("solo".to_string(), Some(per_second(10, 10))),
+        ]);
+        let limits = KeyLimits::new(per_second(1, 1), plans, FakeClock::new().clock())
+            .with_plan_terms([("solo".to_string(), Scope::Key, None)]);
+        assert_eq!(limits.scope("team"), Scope::Client);
+        assert_eq!(limits.scope("unknown"), Scope::Client);
+        assert_eq!(limits.scope("solo"), Scope::Key);
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let ba = limits.buckets(a, "c", None, "team");
+        let bb = limits.buckets(b, "c", None, "team");
+        assert!(
+            Arc::ptr_eq(&ba.first, &bb.first),
+            "two keys, one client bucket"
+        );
+        assert!(ba.client.is_none());
+        let other = limits.buckets(Uuid::now_v7(), "d", None, "team");
+        assert!(!Arc::ptr_eq(&ba.first, &other.first));
+        // A key's own limit: its own bucket, with the client's on top.
+        let own = limits.buckets(Uuid::now_v7(), "c", Some(per_second(2, 2)), "team");
+        assert!(own.first.enforces(&per_second(2, 2)));
+        assert!(Arc::ptr_eq(own.client.as_ref().unwrap(), &ba.first));
+        // Per key: separate buckets, the override replacing the plan's limit.
+        let sa = limits.buckets(a, "c", None, "solo");
+        let sb = limits.buckets(b, "c", None, "solo");
+        assert!(!Arc::ptr_eq(&sa.first, &sb.first) && sa.client.is_none());
+        let so = limits.buckets(Uuid::now_v7(), "c", Some(per_second(2, 2)), "solo");
+        assert!(so.first.enforces(&per_second(2, 2)) && so.client.is_none());
+        // The client's bucket is kept while it refills, whoever holds it.
+        for _ in 0..10 {
+            ba.first.check().unwrap();
+        }
+        drop((ba, bb, own));
+        for i in 0..limits.shards() {
+            limits.sweep_shard(i);
+        }
+        let again = limits.buckets(Uuid::now_v7(), "c", None, "team");
+        assert!(
+            again.first.check().is_err(),
+            "a new key found a fresh client bucket"
+        );
+    }
+
+    #[test]
     fn only_buckets_nobody_holds_and_that_are_full_are_dropped() {
         let clock = FakeClock::new();
         let limits = KeyLimits::new(per_second(1000, 10), HashMap::new(), clock.clock());
