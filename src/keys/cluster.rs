@@ -142,7 +142,7 @@ impl ClusterShared {
             ))),
             fallback_live: AtomicU32::new(self.live()),
             clock: self.clock.clone(),
-            shared: Arc::downgrade(self),
+            shared: Arc::clone(self),
             name: name.clone(),
         });
         map.insert(name, Arc::downgrade(&b));
@@ -271,7 +271,9 @@ pub struct ClusterBucket {
     fallback: Mutex<Arc<KeyLimiter>>,
     fallback_live: AtomicU32,
     clock: Clock,
-    shared: Weak<ClusterShared>,
+    /// Held strongly (the registry holds buckets weakly, so there is no cycle): the request
+    /// path reads it without an upgrade.
+    shared: Arc<ClusterShared>,
 }
 
 impl std::fmt::Debug for ClusterBucket {
@@ -331,9 +333,7 @@ impl ClusterBucket {
 
     /// Admits one request against the shared bucket.
     pub async fn check(&self) -> Result<RateInfo, Refusal> {
-        let Some(shared) = self.shared.upgrade() else {
-            return self.fallback_check(1);
-        };
+        let shared = &self.shared;
         let now = shared.clock.mono_nanos();
         self.last_seen.store(now, Ordering::Relaxed);
         self.demand.fetch_add(1, Ordering::Relaxed);
@@ -363,7 +363,7 @@ impl ClusterBucket {
             demand: self.demand.load(Ordering::Relaxed).max(1),
             want: true,
         };
-        match acquire(&shared, ask).await {
+        match acquire(shared, ask).await {
             Ok(reply) => {
                 shared.recovered(reply.live);
                 let lease = reply.leases.first().copied().unwrap_or(Lease {
