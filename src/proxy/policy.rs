@@ -3,9 +3,9 @@
 //! decides; no rule below is written a second time in an engine.
 //!
 //! - [`Gateway::route`]: the health check, the login path, the path checks and the route.
-//! - [`Gateway::admit`]: failed-authentication throttle, credential, key and route limits,
-//!   usage, permissions → an [`Admitted`] request holding the [`Permit`], the rate answer and
-//!   what to strip.
+//! - [`Gateway::admit`]: failed-authentication throttle, credential, key, client and route
+//!   limits, usage, permissions, credits and quota → an [`Admitted`] request holding the
+//!   [`Permit`], the rate answer (with what credits and quota are left) and what to strip.
 //! - Field rules: [`request_rule`] and [`response_rule`] say what each field is to the gateway
 //!   (forwarded, dropped, owned by the gateway); [`forwarded`] says whether a request field
 //!   reaches the upstream; [`relayed`] whether a response field reaches the client.
@@ -332,8 +332,9 @@ impl Gateway {
     }
 
     /// Admits a request on `route`: public routes at once; otherwise the credential (two
-    /// different ones are refused), the key's and the route's rate limits, the usage count and
-    /// the route's permissions, in that order. Every credential field keygate reads is stripped,
+    /// different ones are refused), the key's, its client's (or the cluster's) and the route's
+    /// rate limits, the usage count, the route's permissions and — for a key with credits or a
+    /// plan with a quota only — the charge in the store, in that order. Every credential field keygate reads is stripped,
     /// used or not.
     pub async fn admit<'g>(
         &self,
