@@ -16,6 +16,7 @@ pub mod error;
 pub mod identity;
 pub mod keys;
 pub mod kixote;
+pub mod limits;
 pub mod webhooks;
 
 use std::collections::HashSet;
@@ -183,6 +184,8 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(keys::show, keys::update, keys::remove))
         .routes(routes!(keys::rotate))
         .routes(routes!(keys::usage))
+        .routes(routes!(limits::change))
+        .routes(routes!(limits::client_usage))
         .routes(routes!(clients::create, clients::list))
         .routes(routes!(clients::show, clients::update, clients::remove))
         .routes(routes!(kixote::create_client))

@@ -131,6 +131,16 @@ impl Authenticator {
         }
     }
 
+    /// The rate limits, scopes and quotas of the plans.
+    pub fn limits(&self) -> &KeyLimits {
+        &self.limits
+    }
+
+    /// The store keys are looked up in (the request path charges credits and quotas there).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
     /// The clock authentication is judged on (the key cache's).
     pub fn clock(&self) -> &Clock {
         self.cache.clock()
@@ -274,9 +284,18 @@ impl Authenticator {
     }
 
     fn principal(&self, record: &crate::keys::KeyRecord, hash: &KeyHash) -> Arc<Principal> {
-        let limit = self.limits.resolve(record.key.rate_limit, &record.license);
-        let bucket = self.limits.bucket(record.key.id, limit);
-        Principal::from_record(record, hash, bucket)
+        let key = &record.key;
+        let b = self
+            .limits
+            .buckets(key.id, &key.client_id, key.rate_limit, &record.license);
+        Principal::with_limits(
+            record,
+            hash,
+            b.first,
+            b.client,
+            self.limits.quota(&record.license),
+            b.cluster,
+        )
     }
 
     /// Authenticates a plaintext API key.

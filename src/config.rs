@@ -387,12 +387,29 @@ pub struct RawRateLimit {
     pub default: RateLimit,
     #[serde(default = "d_failed_auth_limit")]
     pub failed_auth: RateLimit,
+    /// `local` (each instance counts on its own) or `cluster`.
+    #[serde(default)]
+    pub mode: RateMode,
+}
+
+/// How instances share rate limits.
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RateMode {
+    #[default]
+    Local,
+    Cluster,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPlan {
     pub rate_limit: Option<RateLimit>,
+    /// Who shares the plan's rate limit (default: the client as a whole).
+    #[serde(default)]
+    pub scope: crate::keys::allowance::Scope,
+    /// Requests per UTC calendar period, per client.
+    pub quota: Option<crate::keys::allowance::Quota>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -418,6 +435,8 @@ pub struct RawRoute {
     pub cors: Option<RawCors>,
     /// `aud` of the signed identity on this route (default: the upstream's origin).
     pub audience: Option<String>,
+    /// Credits a request on this route takes from a key that has credits (default 1).
+    pub cost: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -522,6 +541,17 @@ pub struct Config {
     pub secret_scanning: events::SecretScanning,
     /// Things an operator should know but that do not stop startup.
     pub warnings: Vec<String>,
+    /// Scopes and quotas of the plans (`[plans.X] scope`, `quota`).
+    pub plan_terms: HashMap<String, PlanTerms>,
+    /// `[rate_limit] mode`.
+    pub rate_mode: RateMode,
+}
+
+/// What a plan sets besides its rate limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanTerms {
+    pub scope: crate::keys::allowance::Scope,
+    pub quota: Option<crate::keys::allowance::Quota>,
 }
 
 #[derive(Debug, Clone)]
@@ -642,6 +672,8 @@ pub struct Route {
     /// The route's own CORS rules (`None`: the default's).
     pub cors: Option<std::sync::Arc<crate::cors::Cors>>,
     pub audience: Option<String>,
+    /// Credits a request takes (keys with credits only).
+    pub cost: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -1013,6 +1045,63 @@ issuer = ""
             ],
             "{e}"
         );
+    }
+
+    #[test]
+    fn limits_settings_are_checked() {
+        let base = "[admin]\nkeys = [\"0123456789abcdef0123456789abcdef\"]\n";
+        let redis = "[store]\nurl = \"redis://127.0.0.1:6379/0\"\n[jwt]\nsecret = \"0123456789abcdef0123456789abcdef\"\n";
+        let cluster = "[rate_limit]\nmode = \"cluster\"\n";
+        let e = load(&format!("{base}{cluster}"), &[], CliOverrides::default()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("rate_limit.mode: \"cluster\" needs the Redis store"),
+            "{e}"
+        );
+        let c = load(
+            &format!("{base}{redis}{cluster}"),
+            &[],
+            CliOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.rate_mode, RateMode::Cluster);
+        let e = load(
+            &format!("{base}[rate_limit]\nmode = \"global\"\n"),
+            &[],
+            CliOverrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("mode"), "{e}");
+
+        let plans = "[plans.p]\nscope = \"key\"\nquota = { requests = 10, per = \"month\" }\n[plans.q]\nrate_limit = { per_second = 1, burst = 1 }\n[[routes]]\npath = \"/x\"\ncost = 5\n";
+        let c = load(&format!("{base}{plans}"), &[], CliOverrides::default()).unwrap();
+        let p = c.plan_terms["p"];
+        assert_eq!(p.scope, crate::keys::allowance::Scope::Key);
+        assert_eq!(p.quota.unwrap().requests, 10);
+        assert_eq!(
+            c.plan_terms["q"].scope,
+            crate::keys::allowance::Scope::Client
+        );
+        assert_eq!(c.routes[0].cost, 5);
+        for (bad, field) in [
+            (
+                "[plans.p]\nquota = { requests = 0, per = \"day\" }\n",
+                "plans.p.quota.requests",
+            ),
+            (
+                "[plans.p]\nquota = { requests = 1, per = \"week\" }\n",
+                "per",
+            ),
+            ("[plans.p]\nscope = \"team\"\n", "scope"),
+            ("[[routes]]\npath = \"/x\"\ncost = 0\n", "routes[0].cost"),
+            (
+                "[[routes]]\npath = \"/x\"\nauth = \"none\"\ncost = 2\n",
+                "cannot have a cost",
+            ),
+        ] {
+            let e = load(&format!("{base}{bad}"), &[], CliOverrides::default()).unwrap_err();
+            assert!(e.to_string().contains(field), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! so a mistyped or truncated key is refused by [`KeyFormat::check`] before any cache or store
 //! work is done. At rest only [`KeyHash`] (SHA-256 of the whole string) is kept.
 
+pub mod allowance;
 pub mod bucket;
 pub mod cache;
+pub mod cluster;
 pub mod outbox;
 pub mod store;
 #[doc(hidden)]
@@ -356,6 +358,8 @@ impl ApiKey {
 pub struct KeyRecord {
     pub key: ApiKey,
     pub license: String,
+    /// The key's credit terms, when it has credits (the count itself stays in the store).
+    pub credits: Option<allowance::CreditTerms>,
 }
 
 /// An authenticated caller, built once per cache fill and shared by every request that uses
@@ -374,6 +378,16 @@ pub struct Principal {
     token_generation: Millis,
     /// The key's rate-limit bucket (shared by every credential form of the key).
     pub limiter: Arc<bucket::KeyLimiter>,
+    /// The client's bucket, when the plan's limit is client-wide and the key has its own
+    /// (tighter) limit in `limiter`: a request draws from both.
+    pub client_limiter: Option<Arc<bucket::KeyLimiter>>,
+    /// What the request path charges in the store: the key's credits, the plan's quota.
+    /// Both `None` (most keys): no store call.
+    pub credits: Option<allowance::CreditTerms>,
+    pub quota: Option<allowance::Quota>,
+    /// The plan's bucket shared by every instance (`[rate_limit] mode = "cluster"`); `limiter`
+    /// is then the key's own limit, or none.
+    pub cluster: Option<Arc<cluster::ClusterBucket>>,
     /// Requests not yet written to the store.
     pub usage: usage::KeyUsage,
     pub headers: IdentityHeaders,
@@ -479,6 +493,19 @@ impl Principal {
         hash: &KeyHash,
         limiter: Arc<bucket::KeyLimiter>,
     ) -> Arc<Principal> {
+        Self::with_limits(record, hash, limiter, None, None, None)
+    }
+
+    /// Builds the principal with its client's bucket (client-wide plan limit under a key's
+    /// own) and its plan's quota.
+    pub fn with_limits(
+        record: &KeyRecord,
+        hash: &KeyHash,
+        limiter: Arc<bucket::KeyLimiter>,
+        client_limiter: Option<Arc<bucket::KeyLimiter>>,
+        quota: Option<allowance::Quota>,
+        cluster: Option<Arc<cluster::ClusterBucket>>,
+    ) -> Arc<Principal> {
         let key = &record.key;
         let grace_until =
             (!key.key_hash.ct_eq(hash)).then(|| key.previous_valid_until.unwrap_or(i64::MIN));
@@ -495,6 +522,10 @@ impl Principal {
             grace_until: grace_until.unwrap_or(Millis::MAX),
             token_generation: key.tokens_valid_after.unwrap_or(Millis::MIN),
             limiter,
+            client_limiter,
+            credits: record.credits,
+            quota,
+            cluster,
             usage: Default::default(),
             headers,
             refreshing: Default::default(),

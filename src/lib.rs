@@ -129,6 +129,8 @@ pub struct App {
     proxy_cert: Option<Arc<tls::ReloadableCert>>,
     admin_cert: Option<Arc<tls::ReloadableCert>>,
     events: Option<Arc<events::Events>>,
+    /// Cluster rate limits (`[rate_limit] mode = "cluster"`), synced in the background.
+    cluster: Option<Arc<keys::cluster::ClusterShared>>,
 }
 
 impl App {
@@ -170,11 +172,20 @@ impl App {
             clock.clone(),
         );
         store.watch_invalidations(Arc::new(cache.clone()));
-        let limits = Arc::new(limit::KeyLimits::new(
-            config.default_limit,
-            config.plans.clone(),
-            clock.clone(),
-        ));
+        let cluster = (config.rate_mode == config::RateMode::Cluster)
+            .then(|| keys::cluster::ClusterShared::new(Arc::clone(&store), clock.clone()));
+        let mut limits =
+            limit::KeyLimits::new(config.default_limit, config.plans.clone(), clock.clone())
+                .with_plan_terms(
+                    config
+                        .plan_terms
+                        .iter()
+                        .map(|(name, t)| (name.clone(), t.scope, t.quota)),
+                );
+        if let Some(shared) = &cluster {
+            limits = limits.with_cluster(Arc::clone(shared));
+        }
+        let limits = Arc::new(limits);
         let jwt_secret = config.jwt.secret.clone().unwrap_or_else(|| {
             tracing::warn!(
                 "no jwt.secret configured (KEYGATE_JWT_SECRET): using a random per-process secret; tokens from /auth/login die on restart"
@@ -351,6 +362,7 @@ impl App {
             proxy_cert,
             admin_cert,
             events,
+            cluster,
         })
     }
 
@@ -431,6 +443,22 @@ impl App {
             .as_ref()
             .map(events::Events::spawn)
             .unwrap_or_default();
+        let cluster_sync = self.cluster.clone().map(|shared| {
+            let metrics = Arc::clone(&self.metrics);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(keys::cluster::SYNC_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let synced = shared.sync().await;
+                    if synced.buckets > 0 {
+                        metrics.cluster_sync.observe(synced.took);
+                    }
+                    metrics.cluster_degraded.set(i64::from(shared.degraded()));
+                    metrics.cluster_live.set(i64::from(shared.live()));
+                }
+            })
+        });
         let proxy_opts = ServerOptions {
             fast_path: Some(server::FastPath {
                 gateway: Arc::clone(&gateway),
@@ -463,6 +491,9 @@ impl App {
         reloader.abort();
         for t in event_tasks {
             t.abort();
+        }
+        if let Some(task) = cluster_sync {
+            task.abort();
         }
         let written = self.usage.flush().await;
         tracing::info!(keys = written, "usage flushed");

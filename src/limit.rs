@@ -15,7 +15,7 @@
 //! Every limit reads the [`Clock`] it is given (governor's limiters through it as well), so
 //! tests move a fake clock instead of waiting.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -29,8 +29,11 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::keys::RateLimit;
+pub use crate::keys::allowance::Quota as PlanQuota;
+pub use crate::keys::allowance::Scope;
 use crate::keys::bucket::emission_interval;
 pub use crate::keys::bucket::{KeyLimiter, RateInfo, Refusal};
+use crate::keys::cluster::{ClusterBucket, ClusterShared};
 
 /// The governor quota for a limit (the same emission interval and burst as a key's bucket).
 pub fn quota(limit: &RateLimit) -> Quota {
@@ -57,13 +60,36 @@ const REGISTRY_SHARDS: usize = 64;
 
 type RegistryShard = Mutex<HashMap<Uuid, Arc<KeyLimiter>>>;
 
-/// Key buckets by key id, and the limit each key gets.
+type ClientShard = Mutex<HashMap<Box<str>, Arc<KeyLimiter>>>;
+
+/// Key buckets by key id, client buckets by client id, and the limit each gets.
 pub struct KeyLimits {
     registry: Box<[RegistryShard]>,
+    /// Buckets of plans whose limit is client-wide ([`Scope::Client`]).
+    clients: Box<[ClientShard]>,
     plans: HashMap<String, Option<RateLimit>>,
+    /// Plans whose limit is per key ([`Scope::Key`]); every other license is client-wide.
+    key_scoped: HashSet<String>,
+    quotas: HashMap<String, PlanQuota>,
+    /// `[rate_limit] mode = "cluster"`: plan buckets are shared through Redis.
+    cluster: Option<Arc<ClusterShared>>,
+    /// Stands in for a key's own bucket when the key has none and the plan's bucket is the
+    /// cluster's (it never refuses).
+    unlimited: Arc<KeyLimiter>,
     default: RateLimit,
     /// The clock every bucket reads.
     clock: Clock,
+}
+
+/// The buckets a key's requests draw from.
+pub struct Buckets {
+    /// The key's own bucket, or its client's when the key has no limit of its own.
+    pub first: Arc<KeyLimiter>,
+    /// The client's bucket under a key's own limit (client-wide plans only).
+    pub client: Option<Arc<KeyLimiter>>,
+    /// The plan's bucket shared by the cluster (cluster mode; `first` is then the key's own
+    /// limit or a bucket that never refuses, and `client` is none).
+    pub cluster: Option<Arc<ClusterBucket>>,
 }
 
 impl KeyLimits {
@@ -74,9 +100,128 @@ impl KeyLimits {
     ) -> Self {
         Self {
             registry: (0..REGISTRY_SHARDS).map(|_| Mutex::default()).collect(),
+            clients: (0..REGISTRY_SHARDS).map(|_| Mutex::default()).collect(),
             plans,
+            key_scoped: HashSet::new(),
+            quotas: HashMap::new(),
+            cluster: None,
+            unlimited: Arc::new(KeyLimiter::new(
+                RateLimit {
+                    per_second: Some(u32::MAX),
+                    per_minute: None,
+                    per_hour: None,
+                    burst: u32::MAX,
+                },
+                clock.clone(),
+            )),
             default,
             clock,
+        }
+    }
+
+    /// Shares the plans' buckets across instances through `shared` (cluster mode).
+    pub fn with_cluster(mut self, shared: Arc<ClusterShared>) -> Self {
+        self.cluster = Some(shared);
+        self
+    }
+
+    /// Sets each plan's scope and quota (plans not named: client-wide, no quota).
+    pub fn with_plan_terms(
+        mut self,
+        terms: impl IntoIterator<Item = (String, Scope, Option<PlanQuota>)>,
+    ) -> Self {
+        for (plan, scope, quota) in terms {
+            if scope == Scope::Key {
+                self.key_scoped.insert(plan.clone());
+            }
+            if let Some(q) = quota {
+                self.quotas.insert(plan, q);
+            }
+        }
+        self
+    }
+
+    /// The scope of `license`'s rate limit.
+    pub fn scope(&self, license: &str) -> Scope {
+        if self.key_scoped.contains(license) {
+            Scope::Key
+        } else {
+            Scope::Client
+        }
+    }
+
+    /// The quota of `license`, if its plan has one.
+    pub fn quota(&self, license: &str) -> Option<PlanQuota> {
+        self.quotas.get(license).copied()
+    }
+
+    /// The buckets of a key (called on key-cache fills only). Per-key plans: the key's
+    /// override, else the plan's limit, in the key's bucket. Client-wide plans: the plan's
+    /// limit in the client's bucket, shared by all its keys (a key deleted and created again
+    /// finds it as it was), and a key's own override in the key's bucket on top of it.
+    pub fn buckets(
+        &self,
+        key_id: Uuid,
+        client_id: &str,
+        key_override: Option<RateLimit>,
+        license: &str,
+    ) -> Buckets {
+        if let Some(shared) = &self.cluster {
+            return match self.scope(license) {
+                Scope::Key => Buckets {
+                    first: Arc::clone(&self.unlimited),
+                    client: None,
+                    cluster: Some(
+                        shared.bucket(&format!("k:{key_id}"), self.resolve(key_override, license)),
+                    ),
+                },
+                Scope::Client => Buckets {
+                    first: match key_override {
+                        Some(own) => self.bucket(key_id, own),
+                        None => Arc::clone(&self.unlimited),
+                    },
+                    client: None,
+                    cluster: Some(
+                        shared.bucket(&format!("c:{client_id}"), self.resolve(None, license)),
+                    ),
+                },
+            };
+        }
+        match self.scope(license) {
+            Scope::Key => Buckets {
+                first: self.bucket(key_id, self.resolve(key_override, license)),
+                client: None,
+                cluster: None,
+            },
+            Scope::Client => {
+                let client = self.client_bucket(client_id, self.resolve(None, license));
+                match key_override {
+                    Some(own) => Buckets {
+                        first: self.bucket(key_id, own),
+                        client: Some(client),
+                        cluster: None,
+                    },
+                    None => Buckets {
+                        first: client,
+                        client: None,
+                        cluster: None,
+                    },
+                }
+            }
+        }
+    }
+
+    /// The bucket of client `client_id` with `limit` (kept when the limit is the same).
+    pub fn client_bucket(&self, client_id: &str, limit: RateLimit) -> Arc<KeyLimiter> {
+        let shard = &self.clients[shard_of_name(client_id)];
+        let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+        match shard.get(client_id) {
+            Some(b) if b.enforces(&limit) => Arc::clone(b),
+            _ => {
+                let b = Arc::new(KeyLimiter::new(limit, self.clock.clone()));
+                shard.insert(client_id.into(), Arc::clone(&b));
+                b
+            }
         }
     }
 
@@ -110,14 +255,22 @@ impl KeyLimits {
     }
 
     /// Drops the buckets of one shard that no principal holds and that are full again.
-    pub fn sweep_shard(&self, shard: usize) {
-        let Some(shard) = self.registry.get(shard) else {
+    pub fn sweep_shard(&self, i: usize) {
+        let Some(shard) = self.registry.get(i) else {
             return;
         };
         let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
         shard.retain(|_, b| Arc::strong_count(b) > 1 || !b.is_full());
         if shard.capacity() > 4 * shard.len().max(16) {
             shard.shrink_to_fit();
+        }
+        drop(shard);
+        let mut clients = self.clients[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        clients.retain(|_, b| Arc::strong_count(b) > 1 || !b.is_full());
+        if clients.capacity() > 4 * clients.len().max(16) {
+            clients.shrink_to_fit();
         }
     }
 
@@ -130,12 +283,25 @@ impl KeyLimits {
         self.registry
             .iter()
             .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
-            .sum()
+            .sum::<usize>()
+            + self
+                .clients
+                .iter()
+                .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+                .sum::<usize>()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The shard of a client id (FNV-1a: stable, cheap, good enough to spread names).
+fn shard_of_name(name: &str) -> usize {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (h % REGISTRY_SHARDS as u64) as usize
 }
 
 type Keyed<K> = RateLimiter<K, DefaultKeyedStateStore<K>, GovernorClock, NoOpMiddleware<Nanos>>;
@@ -243,6 +409,52 @@ mod tests {
         );
         let c = limits.bucket(id, per_second(8, 8));
         assert!(!Arc::ptr_eq(&a, &c), "a changed limit gets a new bucket");
+    }
+
+    #[test]
+    fn a_client_wide_plan_shares_one_bucket_and_a_per_key_plan_does_not() {
+        let plans = HashMap::from([
+            ("team".to_string(), Some(per_second(10, 10))),
+            ("solo".to_string(), Some(per_second(10, 10))),
+        ]);
+        let limits = KeyLimits::new(per_second(1, 1), plans, FakeClock::new().clock())
+            .with_plan_terms([("solo".to_string(), Scope::Key, None)]);
+        assert_eq!(limits.scope("team"), Scope::Client);
+        assert_eq!(limits.scope("unknown"), Scope::Client);
+        assert_eq!(limits.scope("solo"), Scope::Key);
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let ba = limits.buckets(a, "c", None, "team");
+        let bb = limits.buckets(b, "c", None, "team");
+        assert!(
+            Arc::ptr_eq(&ba.first, &bb.first),
+            "two keys, one client bucket"
+        );
+        assert!(ba.client.is_none());
+        let other = limits.buckets(Uuid::now_v7(), "d", None, "team");
+        assert!(!Arc::ptr_eq(&ba.first, &other.first));
+        // A key's own limit: its own bucket, with the client's on top.
+        let own = limits.buckets(Uuid::now_v7(), "c", Some(per_second(2, 2)), "team");
+        assert!(own.first.enforces(&per_second(2, 2)));
+        assert!(Arc::ptr_eq(own.client.as_ref().unwrap(), &ba.first));
+        // Per key: separate buckets, the override replacing the plan's limit.
+        let sa = limits.buckets(a, "c", None, "solo");
+        let sb = limits.buckets(b, "c", None, "solo");
+        assert!(!Arc::ptr_eq(&sa.first, &sb.first) && sa.client.is_none());
+        let so = limits.buckets(Uuid::now_v7(), "c", Some(per_second(2, 2)), "solo");
+        assert!(so.first.enforces(&per_second(2, 2)) && so.client.is_none());
+        // The client's bucket is kept while it refills, whoever holds it.
+        for _ in 0..10 {
+            ba.first.check().unwrap();
+        }
+        drop((ba, bb, own));
+        for i in 0..limits.shards() {
+            limits.sweep_shard(i);
+        }
+        let again = limits.buckets(Uuid::now_v7(), "c", None, "team");
+        assert!(
+            again.first.check().is_err(),
+            "a new key found a fresh client bucket"
+        );
     }
 
     #[test]

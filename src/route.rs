@@ -29,6 +29,8 @@ pub struct Route {
     pub allow: Option<HeaderValue>,
     /// Per-key limit on this route, on top of the key's own.
     pub limiter: Option<Arc<KeyedLimit<Uuid>>>,
+    /// Credits a request takes from a key that has credits.
+    pub cost: u64,
     /// Position in the table (for per-route metrics).
     pub index: usize,
     /// The route's own CORS rules (`None`: the default's, see `proxy::policy`).
@@ -99,6 +101,7 @@ impl RouteTable {
                 host: host_of(default_upstream),
                 allow: None,
                 limiter: None,
+                cost: 1,
                 index: 0,
                 cors: None,
             }]
@@ -117,6 +120,7 @@ impl RouteTable {
                     limiter: r
                         .rate_limit
                         .map(|l| Arc::new(KeyedLimit::new(l, clock.clone()))),
+                    cost: r.cost,
                     index: 0,
                     cors: r.cors.clone(),
                 })
@@ -164,6 +168,7 @@ mod tests {
             rate_limit: None,
             cors: None,
             audience: None,
+            cost: 1,
         }
     }
 
@@ -178,6 +183,7 @@ mod tests {
             rate_limit: None,
             cors: None,
             audience: None,
+            cost: 1,
         };
         RouteTable::new(
             &[

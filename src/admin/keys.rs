@@ -81,6 +81,9 @@ pub struct KeyView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = String)]
     pub key: Option<String>,
+    /// The key's credits, when it has credits (absent: the key is not limited by credits).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<super::limits::CreditsView>,
 }
 
 impl KeyView {
@@ -107,6 +110,7 @@ impl KeyView {
                 .filter(|&t| k.previous_hash.is_some() && t > now)
                 .map(rfc3339),
             key: None,
+            credits: None,
         }
     }
 
@@ -167,6 +171,8 @@ pub struct CreateKey {
     /// Any JSON object.
     #[schema(value_type = Option<Object>, additional_properties)]
     pub metadata: Option<serde_json::Value>,
+    /// Credits the key starts with, and their refill (admins only).
+    pub credits: Option<super::limits::CreditsBody>,
 }
 
 /// The body of `PATCH /v1/api-keys/{id}`: only the fields given change (a null `name`,
@@ -211,6 +217,10 @@ pub struct UpdateKey {
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<Object>, additional_properties)]
     pub metadata: Option<Option<serde_json::Value>>,
+    /// New credit terms, or null: the key is no longer limited by credits (admins only).
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<super::limits::CreditsBody>)]
+    pub credits: Option<Option<super::limits::CreditsBody>>,
 }
 
 /// One permission: 1–100 printable ASCII characters without commas or spaces (permissions
@@ -391,7 +401,11 @@ pub async fn create(
         body.permissions.as_deref(),
         body.rate_limit.is_some(),
     )?;
+    if body.credits.is_some() {
+        super::limits::admin_sets_credits(&caller)?;
+    }
     let mut errs = Vec::new();
+    let credits = body.credits.map(|c| c.write(&mut errs));
     let name = body.name.clone().unwrap_or_default();
     check_name(&name, &mut errs);
     let client_id = match (&caller, body.client_id.as_deref()) {
@@ -446,11 +460,23 @@ pub async fn create(
         })?;
     // A hash is new by construction, but a negative entry could exist in theory: drop it.
     state.invalidate(std::slice::from_ref(&key));
+    let mut view = KeyView::with_secret(&key, plaintext.expose());
+    if let Some(w) = credits {
+        // Nobody holds the plaintext yet: if the credits cannot be written, the key is
+        // deleted again and the create fails (a key must never work without its credits).
+        match super::limits::write(&state, &key, w).await {
+            Ok(c) => view.credits = c,
+            Err(e) => {
+                if let Err(d) = state.store.delete_key(key.id).await {
+                    tracing::error!(error = %d, key_id = %key.id, "could not delete a key whose credits were not written");
+                }
+                state.invalidate(std::slice::from_ref(&key));
+                return Err(e);
+            }
+        }
+    }
     audit("key.create", &caller, &key);
-    Ok((
-        StatusCode::CREATED,
-        Json(KeyView::with_secret(&key, plaintext.expose())),
-    ))
+    Ok((StatusCode::CREATED, Json(view)))
 }
 
 /// Lists keys (a client principal sees its own only). No secrets.
@@ -468,8 +494,14 @@ pub async fn list(
         Caller::Client { client_id, .. } => Some(client_id.as_str()),
     };
     let p = state.store.list_keys(client, page, per_page).await?;
+    let mut data = Vec::with_capacity(p.items.len());
+    for k in &p.items {
+        let mut v = KeyView::of(k);
+        v.credits = super::limits::view(&state, k.id).await?;
+        data.push(v);
+    }
     Ok(Json(PageView {
-        data: p.items.iter().map(KeyView::of).collect(),
+        data,
         page,
         per_page,
         total: p.total,
@@ -477,7 +509,11 @@ pub async fn list(
 }
 
 /// Loads a key the caller may see; others answer 404 (not 403).
-async fn load(state: &AdminState, caller: &Caller, id: &str) -> Result<ApiKey, AdminError> {
+pub(super) async fn load(
+    state: &AdminState,
+    caller: &Caller,
+    id: &str,
+) -> Result<ApiKey, AdminError> {
     const NOT_FOUND: &str = "no API key with this id";
     let id = Uuid::parse_str(id).map_err(|_| AdminError::NotFound(NOT_FOUND))?;
     let record = state
@@ -502,7 +538,9 @@ pub async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<KeyView>, AdminError> {
     let key = load(&state, &caller, &id).await?;
-    Ok(Json(KeyView::of(&key)))
+    let mut view = KeyView::of(&key);
+    view.credits = super::limits::view(&state, key.id).await?;
+    Ok(Json(view))
 }
 
 /// Changes a key; the proxy obeys the change from the next request on.
@@ -522,7 +560,14 @@ pub async fn update(
         body.permissions.as_deref(),
         body.rate_limit.is_some(),
     )?;
+    if body.credits.is_some() {
+        super::limits::admin_sets_credits(&caller)?;
+    }
     let mut errs = Vec::new();
+    let credits = body.credits.map(|c| match c {
+        Some(c) => c.write(&mut errs),
+        None => crate::keys::allowance::CreditsWrite::Remove,
+    });
     if let Some(name) = &body.name {
         check_name(name, &mut errs);
     }
@@ -562,8 +607,13 @@ pub async fn update(
         .await?
         .ok_or(AdminError::NotFound("no API key with this id"))?;
     state.invalidate(std::slice::from_ref(&key));
+    let mut view = KeyView::of(&key);
+    view.credits = match credits {
+        Some(w) => super::limits::write(&state, &key, w).await?,
+        None => super::limits::view(&state, key.id).await?,
+    };
     audit("key.update", &caller, &key);
-    Ok(Json(KeyView::of(&key)))
+    Ok(Json(view))
 }
 
 /// Deletes a key; it stops working at once. Answers the deleted key.
@@ -660,6 +710,9 @@ pub struct UsageView {
     /// (`[store] last_used_flush_secs`), so the last seconds may be missing.
     pub days: Vec<DayUsage>,
     pub total: u64,
+    /// The key's credits, when it has credits (exact: charged as requests are admitted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<super::limits::CreditsView>,
 }
 
 const MAX_USAGE_DAYS: i64 = 366;
@@ -688,7 +741,9 @@ pub async fn usage(
     let today = crate::keys::usage::day_of(now_millis());
     let rows = state.store.usage(key.id, today - days + 1, today).await?;
     let total = rows.iter().map(|(_, n)| n).sum();
+    let credits = super::limits::view(&state, key.id).await?;
     Ok(Json(UsageView {
+        credits,
         key_id: key.id.to_string(),
         last_used_at: key.last_used_at.map(rfc3339),
         days: rows

@@ -22,6 +22,7 @@ use super::{
     RawLimits, RawLog, RawPlan, RawProxy, RawRateLimit, RawRoute, RawServer, RawStore, Route,
     RouteAuth, StoreConfig, StoreUrl, TlsFiles,
 };
+use super::{PlanTerms, RateMode};
 use crate::keys::{KeyHash, MAX_PREFIX_LEN, RateLimit};
 
 mod cors;
@@ -51,8 +52,17 @@ impl RawConfig {
         let admin = admin(self.admin, &mut p);
         let store = store(self.store, &mut p);
         let keys = keys(self.keys, &mut p);
+        let cluster = self.rate_limit.mode;
         let (default_limit, failed_auth_limit) = rate_limit(self.rate_limit, &mut p);
+        rate_mode(
+            cluster,
+            store
+                .as_ref()
+                .is_some_and(|s| matches!(s.url, StoreUrl::Redis(_))),
+            &mut p,
+        );
         let plans = plans(&self.plans, &mut p);
+        let plan_terms = plan_terms(&self.plans, &mut p);
         let routes = routes(
             &self.routes,
             proxy.as_ref().map(|proxy| &proxy.upstream),
@@ -98,6 +108,8 @@ impl RawConfig {
                 events,
                 secret_scanning,
                 warnings: p.warnings,
+                plan_terms,
+                rate_mode: cluster,
             }),
             _ => Err(ConfigErrors(p.errors)),
         }
@@ -363,6 +375,39 @@ fn plans(raw: &BTreeMap<String, RawPlan>, p: &mut Problems) -> HashMap<String, O
     plans
 }
 
+/// `[plans.NAME]`: each plan's scope and quota.
+fn plan_terms(raw: &BTreeMap<String, RawPlan>, p: &mut Problems) -> HashMap<String, PlanTerms> {
+    let mut terms = HashMap::new();
+    for (name, plan) in raw {
+        if let Some(q) = plan.quota
+            && (q.requests == 0 || q.requests > crate::keys::allowance::MAX_CREDITS)
+        {
+            p.error(format!(
+                "plans.{name}.quota.requests: must be between 1 and 10^15"
+            ));
+        }
+        terms.insert(
+            name.clone(),
+            PlanTerms {
+                scope: plan.scope,
+                quota: plan.quota,
+            },
+        );
+    }
+    terms
+}
+
+/// `[rate_limit] mode`: `cluster` shares the plans' buckets through Redis, so it needs the
+/// Redis store.
+fn rate_mode(mode: RateMode, shared_store: bool, p: &mut Problems) {
+    if mode == RateMode::Cluster && !shared_store {
+        p.error(
+            "rate_limit.mode: \"cluster\" needs the Redis store (store.url = \"redis://…\"); \
+             with SQLite there is one instance: use \"local\"",
+        );
+    }
+}
+
 /// `[[routes]]`: paths, upstreams (`default_upstream` when a route names none; `None` when the
 /// proxy's own did not parse), methods, auth and per-route limits. A route whose upstream is
 /// unusable is left out (its problem is reported).
@@ -394,6 +439,17 @@ fn routes(raw: &[RawRoute], default_upstream: Option<&Uri>, p: &mut Problems) ->
         if let Some(why) = r.rate_limit.and_then(|l| l.problem()) {
             p.error(format!("{field}.rate_limit: {why}"));
         }
+        if r.cost == Some(0)
+            || r.cost
+                .is_some_and(|c| c > crate::keys::allowance::MAX_CREDITS)
+        {
+            p.error(format!("{field}.cost: must be between 1 and 10^15"));
+        }
+        if auth == RouteAuth::None && r.cost.is_some() {
+            p.error(format!(
+                "{field}: auth = \"none\" cannot have a cost (no key is charged); remove it"
+            ));
+        }
         if auth == RouteAuth::None && (!r.permissions.is_empty() || r.rate_limit.is_some()) {
             p.error(format!(
                 "{field}: auth = \"none\" cannot require permissions or a per-key rate_limit; remove them"
@@ -410,6 +466,7 @@ fn routes(raw: &[RawRoute], default_upstream: Option<&Uri>, p: &mut Problems) ->
                 rate_limit: r.rate_limit,
                 cors: None,
                 audience: r.audience.clone(),
+                cost: r.cost.unwrap_or(1),
             });
         }
     }

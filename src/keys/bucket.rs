@@ -16,6 +16,12 @@ pub struct RateInfo {
     pub remaining: u32,
     /// Seconds until the bucket is full again.
     pub reset_secs: u64,
+    /// Credits the key has left after this request (keys with credits only):
+    /// `Keygate-Credits-Remaining`.
+    pub credits: Option<u64>,
+    /// Requests left in the client's quota period (plans with a quota only):
+    /// `Keygate-Quota-Remaining`.
+    pub quota: Option<u64>,
 }
 
 /// A refusal: when the next request would be allowed.
@@ -120,6 +126,8 @@ impl KeyLimiter {
                         limit: self.burst,
                         remaining,
                         reset_secs: reset_ns.div_ceil(1_000_000_000),
+                        credits: None,
+                        quota: None,
                     });
                 }
                 Err(actual) => prev = actual,

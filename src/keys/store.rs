@@ -25,7 +25,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use uuid::Uuid;
 
+use super::allowance::{Charge, Charged, Credits, CreditsWrite, CreditsWritten, Period};
 use super::cache::InvalidationSink;
+use super::cluster::{BucketSync, SyncReply};
 use super::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit, SetBy};
 
 #[derive(Debug, thiserror::Error)]
@@ -347,6 +349,36 @@ pub trait Store: Send + Sync + 'static {
 
     /// Succeeds when the store can serve requests.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// Charges one request atomically: the key's credits (`cost`, after a refill that is due)
+    /// and its client's quota for the current period; nothing at all when either is short.
+    /// Called on the request path only for keys with credits or a plan with a quota.
+    async fn charge(&self, charge: &Charge<'_>) -> StoreResult<Charged>;
+
+    /// A key's credits as stored (a refill that is due is not yet applied; see
+    /// [`Credits::at`]). `None`: no credits.
+    async fn credits(&self, key_id: Uuid) -> StoreResult<Option<Credits>>;
+
+    /// Changes a key's credits in one atomic step; a change of terms (credits given or taken
+    /// away, another refill) invalidates the key's cache entries on every instance.
+    async fn write_credits(
+        &self,
+        key_id: Uuid,
+        write: &CreditsWrite,
+        now: Millis,
+    ) -> StoreResult<CreditsWritten>;
+
+    /// Requests counted against a client's quota in period `index` of `per`.
+    async fn quota_used(&self, client_id: &str, per: Period, index: i64) -> StoreResult<u64>;
+
+    /// One sync round of cluster rate limits ([`super::cluster`]) for instance `instance`:
+    /// gives back unused leases and reserves new ones, atomically. Only the Redis store shares
+    /// buckets; the others answer that they cannot.
+    async fn sync_rates(&self, _instance: &str, _buckets: &[BucketSync]) -> StoreResult<SyncReply> {
+        Err(StoreError::Unavailable(
+            "cluster rate limits need the Redis store".into(),
+        ))
+    }
 
     /// Starts delivering invalidations made by other instances to `sink`, for as long as the
     /// store lives; after a broken subscription is restored, calls `invalidate_all` (anything

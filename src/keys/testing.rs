@@ -177,6 +177,7 @@ impl KeyBuilder {
         let record = KeyRecord {
             key,
             license: license.into(),
+            credits: None,
         };
         (record, new)
     }

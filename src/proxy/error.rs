@@ -21,6 +21,14 @@ pub enum ProxyError {
     Auth(#[from] AuthError),
     #[error("rate limited")]
     RateLimited { retry_after: Duration, limit: u32 },
+    /// The key's credits or its client's quota are used up; `retry_after` until the next
+    /// refill or quota period, when there is one.
+    #[error("quota exhausted")]
+    QuotaExhausted {
+        retry_after: Option<Duration>,
+        credits: Option<u64>,
+        quota: Option<u64>,
+    },
     /// Too many failed authentications from one peer.
     #[error("too many failed authentications")]
     AuthThrottled { retry_after: Duration },
@@ -47,6 +55,12 @@ pub const RATELIMIT_LIMIT: http::HeaderName = http::HeaderName::from_static("rat
 pub const RATELIMIT_REMAINING: http::HeaderName =
     http::HeaderName::from_static("ratelimit-remaining");
 pub const RATELIMIT_RESET: http::HeaderName = http::HeaderName::from_static("ratelimit-reset");
+/// What a key with credits has left (answers on counted routes, and a `quota_exhausted` 429).
+pub const KEYGATE_CREDITS_REMAINING: http::HeaderName =
+    http::HeaderName::from_static("keygate-credits-remaining");
+/// What the client's plan quota has left in the current period.
+pub const KEYGATE_QUOTA_REMAINING: http::HeaderName =
+    http::HeaderName::from_static("keygate-quota-remaining");
 
 /// `HeaderValue`s for small numbers, made once, so rate-limit headers cost no allocation.
 pub fn number(n: u64) -> HeaderValue {
@@ -74,7 +88,9 @@ impl ProxyError {
             Self::Auth(AuthError::InsufficientPermissions) | Self::CorsRefused(_) => {
                 StatusCode::FORBIDDEN
             }
-            Self::RateLimited { .. } | Self::AuthThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::AuthThrottled { .. } | Self::QuotaExhausted { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -95,6 +111,7 @@ impl ProxyError {
             Self::Auth(AuthError::InvalidToken) => "invalid_token",
             Self::Auth(AuthError::InsufficientPermissions) => "insufficient_permissions",
             Self::RateLimited { .. } | Self::AuthThrottled { .. } => "rate_limited",
+            Self::QuotaExhausted { .. } => "quota_exhausted",
             Self::BadRequest(_) => "bad_request",
             Self::RouteNotFound => "route_not_found",
             Self::MethodNotAllowed(_) => "method_not_allowed",
@@ -119,6 +136,9 @@ impl ProxyError {
                 "the key lacks a permission this route requires"
             }
             Self::RateLimited { .. } => "rate limit exceeded; retry after the Retry-After delay",
+            Self::QuotaExhausted { .. } => {
+                "the key's credits or the plan's quota are used up; nothing was forwarded"
+            }
             Self::AuthThrottled { .. } => {
                 "too many failed authentications from this address; retry later"
             }
@@ -139,6 +159,9 @@ impl ProxyError {
                 Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
             }
             Self::Auth(AuthError::StoreUnavailable) => Some(STORE_RETRY_AFTER_SECS),
+            Self::QuotaExhausted { retry_after, .. } => {
+                retry_after.map(|d| d.as_secs_f64().ceil().max(1.0) as u64)
+            }
             _ => None,
         }
     }
@@ -171,6 +194,14 @@ impl ProxyError {
         }
         if let Self::MethodNotAllowed(allow) = self {
             h.insert(http::header::ALLOW, allow.clone());
+        }
+        if let Self::QuotaExhausted { credits, quota, .. } = self {
+            if let Some(n) = credits {
+                h.insert(KEYGATE_CREDITS_REMAINING, number(*n));
+            }
+            if let Some(n) = quota {
+                h.insert(KEYGATE_QUOTA_REMAINING, number(*n));
+            }
         }
         if let Some(secs) = self.retry_after() {
             h.insert(RETRY_AFTER, number(secs));

@@ -10,7 +10,10 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use super::error::{RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET, number};
+use super::error::{
+    KEYGATE_CREDITS_REMAINING, KEYGATE_QUOTA_REMAINING, RATELIMIT_LIMIT, RATELIMIT_REMAINING,
+    RATELIMIT_RESET, number,
+};
 use super::policy::{self, FieldRules, Rule, Strip};
 use crate::keys::IdentityHeaders;
 use crate::limit::RateInfo;
@@ -139,6 +142,17 @@ pub fn add_rate(h: &mut HeaderMap, rate: &RateInfo) {
     h.insert(RATELIMIT_LIMIT, number(u64::from(rate.limit)));
     h.insert(RATELIMIT_REMAINING, number(u64::from(rate.remaining)));
     h.insert(RATELIMIT_RESET, number(rate.reset_secs));
+    add_allowance(h, rate.credits, rate.quota);
+}
+
+/// Sets `Keygate-Credits-Remaining` and `Keygate-Quota-Remaining` for what is counted.
+pub fn add_allowance(h: &mut HeaderMap, credits: Option<u64>, quota: Option<u64>) {
+    if let Some(n) = credits {
+        h.insert(KEYGATE_CREDITS_REMAINING, number(n));
+    }
+    if let Some(n) = quota {
+        h.insert(KEYGATE_QUOTA_REMAINING, number(n));
+    }
 }
 
 /// Adds what [`policy::CachePolicy`] asks of an authenticated answer: `Cache-Control:

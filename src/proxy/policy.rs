@@ -3,9 +3,10 @@
 //! decides; no rule below is written a second time in an engine.
 //!
 //! - [`Gateway::route`]: the health check, the login path, the path checks and the route.
-//! - [`Gateway::admit`]: failed-authentication throttle, credential, key and route limits,
-//!   usage, permissions → an [`Admitted`] request holding the [`Permit`], the rate answer,
-//!   what to strip and the signed identity (`X-Keygate-Assertion`, [`crate::identity`]).
+//! - [`Gateway::admit`]: failed-authentication throttle, credential, key, client and route
+//!   limits, usage, permissions, credits and quota → an [`Admitted`] request holding the
+//!   [`Permit`], the rate answer (with what credits and quota are left), what to strip and the
+//!   signed identity (`X-Keygate-Assertion`, [`crate::identity`]).
 //! - Field rules: [`request_rule`] and [`response_rule`] say what each field is to the gateway
 //!   (forwarded, dropped, owned by the gateway); [`forwarded`] says whether a request field
 //!   reaches the upstream; [`relayed`] whether a response field reaches the client.
@@ -15,6 +16,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Response, StatusCode};
@@ -25,10 +27,13 @@ use crate::auth::jwt::{LoginRequest, TokenResponse};
 use crate::auth::{self, AuthError, Permit};
 use crate::config::{Cidr, ForwardAuth};
 use crate::cors::Cors;
+use crate::keys::Principal;
+use crate::keys::allowance::{Charge, Exhausted, QuotaCharge};
 use crate::limit::{RateInfo, Refusal};
 use crate::paths;
 use crate::proxy::error::ProxyError;
 use crate::route::Route;
+use crate::telemetry::metrics::LimitKind;
 
 /// A request as the core sees it, whichever engine read it.
 pub trait RequestView {
@@ -404,8 +409,9 @@ impl Gateway {
     }
 
     /// Admits a request on `route`: public routes at once; otherwise the credential (two
-    /// different ones are refused), the key's and the route's rate limits, the usage count and
-    /// the route's permissions, in that order. Every credential field keygate reads is stripped,
+    /// different ones are refused), the key's, its client's (or the cluster's) and the route's
+    /// rate limits, the usage count, the route's permissions and — for a key with credits or a
+    /// plan with a quota only — the charge in the store, in that order. Every credential field keygate reads is stripped,
     /// used or not.
     pub async fn admit<'g>(
         &self,
@@ -490,13 +496,81 @@ impl Gateway {
             Err(e) => return Err(self.failed(e, ip)),
         };
         outcome.principal = Some(Arc::clone(&principal));
-        let rate = principal.limiter.check().map_err(rate_limited)?;
+        let mut rate = principal
+            .limiter
+            .check()
+            .map_err(|r| self.rate_limited(r))?;
+        if let Some(client) = &principal.client_limiter {
+            // The client's bucket under the key's own: the answer shows the tighter one.
+            let c = client.check().map_err(|r| self.rate_limited(r))?;
+            if c.remaining < rate.remaining {
+                rate = c;
+            }
+        }
+        if let Some(shared) = &principal.cluster {
+            let c = shared.check().await.map_err(|r| self.rate_limited(r))?;
+            if c.remaining < rate.remaining {
+                rate = c;
+            }
+        }
         if let Some(limiter) = &route.limiter {
-            limiter.check(&principal.key_id).map_err(rate_limited)?;
+            limiter
+                .check(&principal.key_id)
+                .map_err(|r| self.rate_limited(r))?;
         }
         self.usage.touch(&principal);
         let permit = auth::authorize(route, principal).map_err(ProxyError::from)?;
+        if let Some(p) = permit.principal()
+            && (p.credits.is_some() || p.quota.is_some())
+        {
+            let (credits, quota) = self.charge(p, route.cost).await?;
+            rate.credits = credits;
+            rate.quota = quota;
+        }
         Ok((permit, rate))
+    }
+
+    fn rate_limited(&self, r: Refusal) -> ProxyError {
+        self.metrics.limit_refused(LimitKind::RateLimited);
+        rate_limited(r)
+    }
+
+    /// Charges a principal with credits or a quota in the store (the only store call of the
+    /// request path for a cached key; principals without either never get here): the route's
+    /// cost in credits and one request of the quota, both or neither. The remaining amounts
+    /// are returned for the answer's fields.
+    async fn charge(
+        &self,
+        p: &Principal,
+        cost: u64,
+    ) -> Result<(Option<u64>, Option<u64>), ProxyError> {
+        let now = self.auth.clock().now_millis();
+        let charge = Charge {
+            key_id: p.key_id,
+            cost: p.credits.map(|_| cost),
+            quota: p.quota.map(|quota| QuotaCharge {
+                client_id: p.client_id(),
+                quota,
+            }),
+            now,
+        };
+        let charged = self.auth.store().charge(&charge).await.map_err(|e| {
+            tracing::warn!(error = %e, "credits/quota charge failed; refusing the request");
+            ProxyError::Auth(AuthError::StoreUnavailable)
+        })?;
+        let Some(why) = charged.refused else {
+            return Ok((charged.credits, charged.quota));
+        };
+        self.metrics.limit_refused(LimitKind::QuotaExhausted);
+        let next = match why {
+            Exhausted::Credits => p.credits.and_then(|t| t.refill).map(|r| r.next_at(now)),
+            Exhausted::Quota => p.quota.map(|q| q.per.start(q.per.index(now) + 1)),
+        };
+        Err(ProxyError::QuotaExhausted {
+            retry_after: next.map(|t| Duration::from_millis((t - now).max(1) as u64)),
+            credits: charged.credits,
+            quota: charged.quota,
+        })
     }
 
     /// Counts a failed authentication against the client; past the allowance it becomes a
@@ -700,6 +774,8 @@ pub fn response_rule(name: &[u8]) -> Rule {
     } else if eq(name, b"ratelimit-limit")
         || eq(name, b"ratelimit-remaining")
         || eq(name, b"ratelimit-reset")
+        || eq(name, b"keygate-credits-remaining")
+        || eq(name, b"keygate-quota-remaining")
     {
         Rule::RateLimit
     } else if eq(name, b"date") {

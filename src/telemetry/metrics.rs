@@ -26,6 +26,10 @@ impl Counter {
 pub struct Gauge(AtomicI64);
 
 impl Gauge {
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
     pub fn inc(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
@@ -34,9 +38,6 @@ impl Gauge {
     }
     pub fn get(&self) -> i64 {
         self.0.load(Ordering::Relaxed)
-    }
-    pub fn set(&self, v: i64) {
-        self.0.store(v, Ordering::Relaxed);
     }
 }
 
@@ -121,6 +122,17 @@ pub const CACHE_RESULTS: [&str; 4] = ["hit", "miss", "negative_hit", "stale_serv
 pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 pub const LISTENERS: [&str; 2] = ["proxy", "admin"];
 
+/// Requests refused by a limit, by the kind of limit.
+pub const LIMIT_KINDS: [&str; 2] = ["rate_limited", "quota_exhausted"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitKind {
+    /// A rate limit (the key's, its client's, or a route's).
+    RateLimited = 0,
+    /// Credits or a quota used up.
+    QuotaExhausted = 1,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CacheResult {
     Hit = 0,
@@ -166,6 +178,13 @@ pub struct Metrics {
     pub webhook_failed: Counter,
     /// Attempts that did not get a 2xx (each is retried unless given up).
     pub webhook_attempt_errors: Counter,
+    limit_refusals: [Counter; LIMIT_KINDS.len()],
+    /// Cluster rate limits: one sync round trip (lease given back and taken) per observation.
+    pub cluster_sync: Histogram,
+    /// 1 while Redis is unreachable and each instance enforces its share on its own.
+    pub cluster_degraded: Gauge,
+    /// Instances seen alive at the last successful sync.
+    pub cluster_live: Gauge,
 }
 
 impl Metrics {
@@ -193,6 +212,10 @@ impl Metrics {
             webhook_delivered: Counter::default(),
             webhook_failed: Counter::default(),
             webhook_attempt_errors: Counter::default(),
+            limit_refusals: Default::default(),
+            cluster_sync: Histogram::default(),
+            cluster_degraded: Gauge::default(),
+            cluster_live: Gauge::default(),
         }
     }
 
@@ -214,6 +237,14 @@ impl Metrics {
             .iter()
             .position(|&o| o == outcome)
             .map_or(0, |i| self.auth[i].get())
+    }
+
+    pub fn limit_refused(&self, kind: LimitKind) {
+        self.limit_refusals[kind as usize].inc();
+    }
+
+    pub fn limit_refusals(&self, kind: LimitKind) -> u64 {
+        self.limit_refusals[kind as usize].get()
     }
 
     pub fn cache(&self, r: CacheResult) {
@@ -359,6 +390,31 @@ impl Metrics {
             "Webhook delivery attempts that got no 2xx answer (retried with backoff).",
             self.webhook_attempt_errors.get(),
         );
+        out.push_str("# HELP keygate_limit_refusals_total Requests refused by a limit, by kind.\n");
+        out.push_str("# TYPE keygate_limit_refusals_total counter\n");
+        for (i, k) in LIMIT_KINDS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "keygate_limit_refusals_total{{kind=\"{k}\"}} {}",
+                self.limit_refusals[i].get()
+            );
+        }
+        out.push_str("# HELP keygate_cluster_sync_seconds Cluster rate limits: round trip of one lease sync with Redis (the lag of the shared buckets).\n");
+        out.push_str("# TYPE keygate_cluster_sync_seconds histogram\n");
+        self.cluster_sync
+            .render(&mut out, "keygate_cluster_sync_seconds", "");
+        out.push_str("# HELP keygate_cluster_degraded 1 while Redis is unreachable and this instance enforces limit / live instances on its own.\n");
+        out.push_str("# TYPE keygate_cluster_degraded gauge\n");
+        let _ = writeln!(
+            out,
+            "keygate_cluster_degraded {}",
+            self.cluster_degraded.get()
+        );
+        out.push_str(
+            "# HELP keygate_cluster_instances Instances seen alive at the last cluster sync.\n",
+        );
+        out.push_str("# TYPE keygate_cluster_instances gauge\n");
+        let _ = writeln!(out, "keygate_cluster_instances {}", self.cluster_live.get());
         out
     }
 }

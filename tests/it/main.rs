@@ -14,6 +14,7 @@ mod hostile;
 mod identity;
 mod kixote;
 mod layers;
+mod limits;
 mod observability;
 mod openapi;
 mod outbox_conformance;

@@ -75,6 +75,8 @@ async fn the_document_is_valid_and_covers_every_route() {
         ("patch", "/v1/webhooks/{id}"),
         ("delete", "/v1/webhooks/{id}"),
         ("get", "/v1/webhooks/{id}/deliveries"),
+        ("post", "/v1/api-keys/{id}/credits"),
+        ("get", "/v1/clients/{client_id}/usage"),
     ]
     .into_iter()
     .collect();

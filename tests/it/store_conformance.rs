@@ -231,6 +231,8 @@ conformance!(
     usage_counts_add_up_per_day_and_die_with_the_key,
     ping_answers,
     signing_keys_are_made_once_added_and_pruned_atomically,
+    credits_are_charged_whole_or_not_at_all_and_refilled_lazily,
+    quotas_count_per_client_and_calendar_period,
 );
 
 fn client(id: &str, license: &str, created_at: Millis) -> Client {
@@ -1486,4 +1488,265 @@ async fn signing_keys_are_made_once_added_and_pruned_atomically(s: Arc<dyn Store
         sorted(vec![signing_key("second", 20), signing_key("third", 30)])
     );
     assert_eq!(sorted(s.signing_keys().await.unwrap()), sorted(after));
+}
+
+mod allowance {
+    pub use keygate::keys::allowance::*;
+}
+use allowance::{
+    Charge, Charged, CreditsWrite, CreditsWritten, Exhausted, Interval, Period, Quota, QuotaCharge,
+    Refill,
+};
+
+const DAY_MS: Millis = 86_400_000;
+
+fn charge(
+    key_id: Uuid,
+    cost: Option<u64>,
+    quota: Option<QuotaCharge<'_>>,
+    now: Millis,
+) -> Charge<'_> {
+    Charge {
+        key_id,
+        cost,
+        quota,
+        now,
+    }
+}
+
+async fn credits_are_charged_whole_or_not_at_all_and_refilled_lazily(s: Arc<dyn Store>) {
+    let now = now_millis();
+    let (k, h) = key("acme", now);
+    s.insert_client(&client("acme", "pro", now), &k)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.find_by_hash(&h, now).await.unwrap().unwrap().credits,
+        None
+    );
+    let daily = Refill {
+        amount: 10,
+        interval: Interval::Daily,
+        day: None,
+    };
+    let w = CreditsWrite::Set {
+        remaining: 5,
+        refill: Some(daily),
+    };
+    let CreditsWritten::Done(Some(c)) = s.write_credits(k.id, &w, now).await.unwrap() else {
+        panic!("credits not written");
+    };
+    assert_eq!((c.remaining, c.refill), (5, Some(daily)));
+    let rec = s.find_by_hash(&h, now).await.unwrap().unwrap();
+    assert_eq!(rec.credits.unwrap().refill, Some(daily));
+    assert_eq!(
+        s.find_by_id(k.id).await.unwrap().unwrap().credits,
+        rec.credits
+    );
+
+    let left = |c: Charged| (c.credits, c.refused);
+    assert_eq!(
+        left(s.charge(&charge(k.id, Some(3), None, now)).await.unwrap()),
+        (Some(2), None)
+    );
+    assert_eq!(
+        left(s.charge(&charge(k.id, Some(3), None, now)).await.unwrap()),
+        (Some(2), Some(Exhausted::Credits)),
+        "a charge larger than what is left takes nothing"
+    );
+    assert_eq!(
+        left(s.charge(&charge(k.id, Some(2), None, now)).await.unwrap()),
+        (Some(0), None)
+    );
+    // The next UTC day: refilled to the amount (not added), then charged.
+    let tomorrow = (now.div_euclid(DAY_MS) + 1) * DAY_MS + 5;
+    assert_eq!(
+        left(
+            s.charge(&charge(k.id, Some(1), None, tomorrow))
+                .await
+                .unwrap()
+        ),
+        (Some(9), None)
+    );
+    assert_eq!(s.credits(k.id).await.unwrap().unwrap().remaining, 9);
+
+    // Admin writes: over the ceiling refused whole; add, set, remove.
+    assert_eq!(
+        s.write_credits(k.id, &CreditsWrite::Add(allowance::MAX_CREDITS), tomorrow)
+            .await
+            .unwrap(),
+        CreditsWritten::TooMany
+    );
+    assert_eq!(s.credits(k.id).await.unwrap().unwrap().remaining, 9);
+    let CreditsWritten::Done(Some(c)) = s
+        .write_credits(k.id, &CreditsWrite::Add(1), tomorrow)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!((c.remaining, c.refill), (10, Some(daily)));
+    let CreditsWritten::Done(Some(c)) = s
+        .write_credits(k.id, &CreditsWrite::SetRemaining(4), tomorrow)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (c.remaining, c.refill),
+        (4, Some(daily)),
+        "set keeps the refill"
+    );
+    assert_eq!(
+        s.write_credits(Uuid::now_v7(), &CreditsWrite::Add(1), now)
+            .await
+            .unwrap(),
+        CreditsWritten::NoKey
+    );
+
+    // Concurrent charges never take more than there is.
+    s.write_credits(k.id, &CreditsWrite::SetRemaining(20), tomorrow)
+        .await
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..60 {
+        let s = Arc::clone(&s);
+        let id = k.id;
+        tasks.spawn(async move {
+            s.charge(&charge(id, Some(1), None, tomorrow))
+                .await
+                .unwrap()
+                .refused
+                .is_none()
+        });
+    }
+    let mut ok = 0;
+    while let Some(r) = tasks.join_next().await {
+        ok += usize::from(r.unwrap());
+    }
+    assert_eq!(ok, 20);
+
+    // A key without credits any more is not charged; a deleted key's credits are gone.
+    assert_eq!(
+        s.write_credits(k.id, &CreditsWrite::Remove, tomorrow)
+            .await
+            .unwrap(),
+        CreditsWritten::Done(None)
+    );
+    assert_eq!(
+        s.find_by_hash(&h, now).await.unwrap().unwrap().credits,
+        None
+    );
+    let c = s
+        .charge(&charge(k.id, Some(5), None, tomorrow))
+        .await
+        .unwrap();
+    assert_eq!((c.credits, c.refused), (None, None));
+    let (k2, _) = key("acme", now);
+    s.insert_key(&k2, 0).await.unwrap();
+    s.write_credits(k2.id, &CreditsWrite::SetRemaining(3), now)
+        .await
+        .unwrap();
+    s.delete_key(k2.id).await.unwrap();
+    assert_eq!(s.credits(k2.id).await.unwrap(), None);
+    // A monthly refill on day 15.
+    let (k3, _) = key("acme", now);
+    s.insert_key(&k3, 0).await.unwrap();
+    let monthly = Refill {
+        amount: 7,
+        interval: Interval::Monthly,
+        day: Some(15),
+    };
+    let t = chrono::DateTime::parse_from_rfc3339("2026-05-10T12:00:00Z")
+        .unwrap()
+        .timestamp_millis();
+    s.write_credits(
+        k3.id,
+        &CreditsWrite::Set {
+            remaining: 1,
+            refill: Some(monthly),
+        },
+        t,
+    )
+    .await
+    .unwrap();
+    let before_15 = t + 4 * DAY_MS;
+    let on_15 = t + 5 * DAY_MS;
+    assert_eq!(
+        left(
+            s.charge(&charge(k3.id, Some(2), None, before_15))
+                .await
+                .unwrap()
+        ),
+        (Some(1), Some(Exhausted::Credits))
+    );
+    assert_eq!(
+        left(
+            s.charge(&charge(k3.id, Some(2), None, on_15))
+                .await
+                .unwrap()
+        ),
+        (Some(5), None)
+    );
+}
+
+async fn quotas_count_per_client_and_calendar_period(s: Arc<dyn Store>) {
+    let now = now_millis();
+    let (k, _) = key("acme", now);
+    s.insert_client(&client("acme", "pro", now), &k)
+        .await
+        .unwrap();
+    let q = Quota {
+        requests: 3,
+        per: Period::Day,
+    };
+    let qc = |client| QuotaCharge {
+        client_id: client,
+        quota: q,
+    };
+    let mut left = Vec::new();
+    for _ in 0..3 {
+        let c = s
+            .charge(&charge(k.id, None, Some(qc("acme")), now))
+            .await
+            .unwrap();
+        assert_eq!(c.refused, None);
+        left.push(c.quota.unwrap());
+    }
+    assert_eq!(left, [2, 1, 0]);
+    let c = s
+        .charge(&charge(k.id, None, Some(qc("acme")), now))
+        .await
+        .unwrap();
+    assert_eq!((c.quota, c.refused), (Some(0), Some(Exhausted::Quota)));
+    let index = Period::Day.index(now);
+    assert_eq!(s.quota_used("acme", Period::Day, index).await.unwrap(), 3);
+    assert_eq!(s.quota_used("other", Period::Day, index).await.unwrap(), 0);
+    // Another client, and the next day, start from nothing.
+    let c = s
+        .charge(&charge(k.id, None, Some(qc("other")), now))
+        .await
+        .unwrap();
+    assert_eq!(c.quota, Some(2));
+    let tomorrow = (now.div_euclid(DAY_MS) + 1) * DAY_MS;
+    let c = s
+        .charge(&charge(k.id, None, Some(qc("acme")), tomorrow))
+        .await
+        .unwrap();
+    assert_eq!((c.quota, c.refused), (Some(2), None));
+    // Credits short: the quota is not counted either.
+    s.write_credits(k.id, &CreditsWrite::SetRemaining(0), tomorrow)
+        .await
+        .unwrap();
+    let c = s
+        .charge(&charge(k.id, Some(1), Some(qc("acme")), tomorrow))
+        .await
+        .unwrap();
+    assert_eq!(c.refused, Some(Exhausted::Credits));
+    assert_eq!(
+        s.quota_used("acme", Period::Day, index + 1).await.unwrap(),
+        1,
+        "a refused request was counted"
+    );
 }

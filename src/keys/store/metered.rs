@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+
+use crate::keys::allowance::{Charge, Charged, Credits, CreditsWrite, CreditsWritten, Period};
 use uuid::Uuid;
 
 use super::{
@@ -121,6 +123,31 @@ impl Store for Metered {
     }
     async fn usage(&self, key_id: Uuid, from: i64, to: i64) -> StoreResult<Vec<(i64, u64)>> {
         self.timed(self.inner.usage(key_id, from, to)).await
+    }
+    async fn charge(&self, c: &Charge<'_>) -> StoreResult<Charged> {
+        self.timed(self.inner.charge(c)).await
+    }
+    async fn credits(&self, key_id: Uuid) -> StoreResult<Option<Credits>> {
+        self.timed(self.inner.credits(key_id)).await
+    }
+    async fn write_credits(
+        &self,
+        key_id: Uuid,
+        w: &CreditsWrite,
+        now: Millis,
+    ) -> StoreResult<CreditsWritten> {
+        self.timed(self.inner.write_credits(key_id, w, now)).await
+    }
+    async fn quota_used(&self, client_id: &str, per: Period, index: i64) -> StoreResult<u64> {
+        self.timed(self.inner.quota_used(client_id, per, index))
+            .await
+    }
+    async fn sync_rates(
+        &self,
+        instance: &str,
+        buckets: &[crate::keys::cluster::BucketSync],
+    ) -> StoreResult<crate::keys::cluster::SyncReply> {
+        self.timed(self.inner.sync_rates(instance, buckets)).await
     }
     async fn ping(&self) -> StoreResult<()> {
         self.timed(self.inner.ping()).await

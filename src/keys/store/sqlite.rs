@@ -15,6 +15,10 @@ use super::{
     ClientPatch, ClientWithKeys, Conflict, KeyPatch, Page, Rotated, Rotation, Store, StoreError,
     StoreResult, Usage,
 };
+use crate::keys::allowance::{
+    Charge, Charged, CreditTerms, Credits, CreditsWrite, CreditsWritten, Exhausted, Interval,
+    Period, Refill, credits_after,
+};
 use crate::keys::outbox::{self, EventType, NewEvent};
 use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit, SetBy, now_millis};
 
@@ -72,6 +76,25 @@ ALTER TABLE api_keys ADD COLUMN tokens_valid_after INTEGER;
 UPDATE api_keys SET tokens_valid_after = rotated_at;
 "#,
     super::sqlite_outbox::MIGRATION,
+    // Credits per key; quota use per client and calendar period (no foreign key: a client
+    // deleted and created again starts from what its name already used in the period).
+    r#"
+CREATE TABLE key_credits (
+    key_id          TEXT PRIMARY KEY NOT NULL REFERENCES api_keys(id) ON DELETE CASCADE,
+    remaining       INTEGER NOT NULL,
+    refill_amount   INTEGER,
+    refill_interval TEXT,
+    refill_day      INTEGER,
+    period          INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE quota_use (
+    client_id TEXT NOT NULL,
+    per       TEXT NOT NULL,
+    period    INTEGER NOT NULL,
+    used      INTEGER NOT NULL,
+    PRIMARY KEY (client_id, per, period)
+) WITHOUT ROWID;
+"#,
 ];
 
 const KEY_COLUMNS: &str = "k.id, k.client_id, k.name, k.prefix, k.key_hash, k.previous_hash, \
@@ -89,6 +112,11 @@ fn next_generation(now: &str) -> String {
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    /// A second connection for the charges of the request path (credits, quotas), with
+    /// `synchronous=NORMAL`: in WAL mode a commit survives a crash of the process (kill -9)
+    /// without an fsync per request; only a power loss can lose the last charges, which then
+    /// count as not spent (in the client's favour).
+    charges: Arc<Mutex<Connection>>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -114,9 +142,34 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(unavailable)?;
         migrate(&mut conn).map_err(unavailable)?;
+        let charges = Connection::open(path)
+            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+        charges
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(unavailable)?;
+        charges
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(unavailable)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            charges: Arc::new(Mutex::new(charges)),
         })
+    }
+
+    async fn run_charge<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.charges);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| unavailable("store connection poisoned"))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(unavailable)?
     }
 
     async fn run<T, F>(&self, f: F) -> StoreResult<T>
@@ -306,14 +359,24 @@ fn record_query(
 ) -> StoreResult<Option<KeyRecord>> {
     let mut stmt = conn
         .prepare_cached(&format!(
-            "SELECT {KEY_COLUMNS}, c.license FROM api_keys k \
-             JOIN clients c ON c.client_id = k.client_id WHERE {filter}"
+            "SELECT {KEY_COLUMNS}, c.license, cr.key_id IS NOT NULL, cr.refill_amount, \
+             cr.refill_interval, cr.refill_day FROM api_keys k \
+             JOIN clients c ON c.client_id = k.client_id \
+             LEFT JOIN key_credits cr ON cr.key_id = k.id WHERE {filter}"
         ))
         .map_err(db)?;
     stmt.query_row(p, |r| {
+        let has_credits: bool = r.get(KEY_COLUMN_COUNT + 1)?;
         Ok(KeyRecord {
             key: key_from_row(r)?,
             license: r.get(KEY_COLUMN_COUNT)?,
+            credits: has_credits
+                .then(|| {
+                    Ok::<_, rusqlite::Error>(CreditTerms {
+                        refill: refill_cols(r, KEY_COLUMN_COUNT + 2)?,
+                    })
+                })
+                .transpose()?,
         })
     })
     .optional()
@@ -328,6 +391,58 @@ fn created(key: &ApiKey) -> NewEvent {
         now_millis(),
         serde_json::json!({}),
     )
+}
+
+/// A refill from its three columns at `i` (amount, interval, day).
+fn refill_cols(r: &Row<'_>, i: usize) -> rusqlite::Result<Option<Refill>> {
+    let amount: Option<i64> = r.get(i)?;
+    let interval: Option<String> = r.get(i + 1)?;
+    let day: Option<i64> = r.get(i + 2)?;
+    Ok(
+        match (amount, interval.as_deref().and_then(Interval::parse)) {
+            (Some(amount), Some(interval)) => Some(Refill {
+                amount: amount.max(0) as u64,
+                interval,
+                day: day.map(|d| d as u8),
+            }),
+            _ => None,
+        },
+    )
+}
+
+fn credits_of(conn: &Connection, key_id: &str) -> rusqlite::Result<Option<Credits>> {
+    conn.prepare_cached(
+        "SELECT remaining, period, refill_amount, refill_interval, refill_day FROM key_credits \
+         WHERE key_id = ?1",
+    )?
+    .query_row([key_id], |r| {
+        let remaining: i64 = r.get(0)?;
+        Ok(Credits {
+            remaining: remaining.max(0) as u64,
+            period: r.get(1)?,
+            refill: refill_cols(r, 2)?,
+        })
+    })
+    .optional()
+}
+
+fn write_credits_row(conn: &Connection, key_id: &str, c: &Credits) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO key_credits (key_id, remaining, refill_amount, refill_interval, refill_day, \
+         period) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(key_id) DO UPDATE SET \
+         remaining = excluded.remaining, refill_amount = excluded.refill_amount, \
+         refill_interval = excluded.refill_interval, refill_day = excluded.refill_day, \
+         period = excluded.period",
+    )?
+    .execute(params![
+        key_id,
+        c.remaining as i64,
+        c.refill.map(|r| r.amount as i64),
+        c.refill.map(|r| r.interval.as_str()),
+        c.refill.and_then(|r| r.day).map(i64::from),
+        c.period,
+    ])?;
+    Ok(())
 }
 
 fn page_bounds(page: u32, per_page: u32) -> (i64, i64) {
@@ -849,6 +964,136 @@ impl Store for SqliteStore {
                 read: key_from_row,
             },
         )))
+    }
+
+    async fn charge(&self, charge: &Charge<'_>) -> StoreResult<Charged> {
+        let key_id = charge.key_id.to_string();
+        let cost = charge.cost;
+        let now = charge.now;
+        let quota = charge
+            .quota
+            .map(|q| (q.client_id.to_owned(), q.quota, q.quota.per.index(now)));
+        self.run_charge(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let credits = match cost {
+                Some(_) => credits_of(&tx, &key_id).map_err(db)?.map(|c| c.at(now)),
+                None => None,
+            };
+            let used = match &quota {
+                Some((client, q, index)) => Some(
+                    tx.prepare_cached(
+                        "SELECT used FROM quota_use WHERE client_id = ?1 AND per = ?2 \
+                         AND period = ?3",
+                    )
+                    .map_err(db)?
+                    .query_row(params![client, q.per.as_str(), index], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                    .optional()
+                    .map_err(db)?
+                    .unwrap_or(0)
+                    .max(0) as u64,
+                ),
+                None => None,
+            };
+            let cost = cost.unwrap_or(0);
+            let limit = quota.as_ref().map(|(_, q, _)| q.requests);
+            let refused = if credits.is_some_and(|c| c.remaining < cost) {
+                Some(Exhausted::Credits)
+            } else if let (Some(used), Some(limit)) = (used, limit)
+                && used >= limit
+            {
+                Some(Exhausted::Quota)
+            } else {
+                None
+            };
+            let left = |used: u64| limit.map(|l| l.saturating_sub(used));
+            if refused.is_some() {
+                return Ok(Charged {
+                    credits: credits.map(|c| c.remaining),
+                    quota: used.and_then(left),
+                    refused,
+                });
+            }
+            let credits = credits.map(|mut c| {
+                c.remaining -= cost;
+                c
+            });
+            if let Some(c) = &credits {
+                write_credits_row(&tx, &key_id, c).map_err(db)?;
+            }
+            if let Some((client, q, index)) = &quota {
+                tx.prepare_cached(
+                    "INSERT INTO quota_use (client_id, per, period, used) VALUES (?1, ?2, ?3, 1) \
+                     ON CONFLICT(client_id, per, period) DO UPDATE SET used = used + 1",
+                )
+                .map_err(db)?
+                .execute(params![client, q.per.as_str(), index])
+                .map_err(db)?;
+            }
+            tx.commit().map_err(db)?;
+            Ok(Charged {
+                credits: credits.map(|c| c.remaining),
+                quota: used.map(|u| u + 1).and_then(left),
+                refused: None,
+            })
+        })
+        .await
+    }
+
+    async fn credits(&self, key_id: Uuid) -> StoreResult<Option<Credits>> {
+        let key_id = key_id.to_string();
+        self.run_charge(move |c| credits_of(c, &key_id).map_err(db))
+            .await
+    }
+
+    async fn write_credits(
+        &self,
+        key_id: Uuid,
+        write: &CreditsWrite,
+        now: Millis,
+    ) -> StoreResult<CreditsWritten> {
+        let write = *write;
+        self.run_charge(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db)?;
+            if key_by_id(&tx, key_id).map_err(db)?.is_none() {
+                return Ok(CreditsWritten::NoKey);
+            }
+            let id = key_id.to_string();
+            let current = credits_of(&tx, &id).map_err(db)?.map(|c| c.at(now));
+            let Some(next) = credits_after(current, write, now) else {
+                return Ok(CreditsWritten::TooMany);
+            };
+            match &next {
+                Some(credits) => write_credits_row(&tx, &id, credits).map_err(db)?,
+                None => {
+                    tx.execute("DELETE FROM key_credits WHERE key_id = ?1", [&id])
+                        .map_err(db)?;
+                }
+            }
+            tx.commit().map_err(db)?;
+            Ok(CreditsWritten::Done(next))
+        })
+        .await
+    }
+
+    async fn quota_used(&self, client_id: &str, per: Period, index: i64) -> StoreResult<u64> {
+        let client = client_id.to_owned();
+        self.run_charge(move |c| {
+            c.query_row(
+                "SELECT used FROM quota_use WHERE client_id = ?1 AND per = ?2 AND period = ?3",
+                params![client, per.as_str(), index],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|u| u.unwrap_or(0).max(0) as u64)
+            .map_err(db)
+        })
+        .await
     }
 }
 

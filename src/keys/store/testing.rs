@@ -5,6 +5,8 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
+
+use crate::keys::allowance::{Charge, Charged, Credits, CreditsWrite, CreditsWritten, Period};
 use uuid::Uuid;
 
 use super::sqlite::SqliteStore;
@@ -124,6 +126,23 @@ impl Store for Counting {
     }
     async fn usage(&self, id: Uuid, from: i64, to: i64) -> StoreResult<Vec<(i64, u64)>> {
         self.inner.usage(id, from, to).await
+    }
+    async fn charge(&self, c: &Charge<'_>) -> StoreResult<Charged> {
+        self.inner.charge(c).await
+    }
+    async fn credits(&self, key_id: Uuid) -> StoreResult<Option<Credits>> {
+        self.inner.credits(key_id).await
+    }
+    async fn write_credits(
+        &self,
+        key_id: Uuid,
+        w: &CreditsWrite,
+        now: Millis,
+    ) -> StoreResult<CreditsWritten> {
+        self.inner.write_credits(key_id, w, now).await
+    }
+    async fn quota_used(&self, client_id: &str, per: Period, index: i64) -> StoreResult<u64> {
+        self.inner.quota_used(client_id, per, index).await
     }
     async fn ping(&self) -> StoreResult<()> {
         self.inner.ping().await

@@ -210,6 +210,16 @@ pub fn response_head(
             u64::from(r.remaining),
             r.reset_secs,
         );
+        if let Some(n) = r.credits {
+            out.extend_from_slice(b"keygate-credits-remaining: ");
+            decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        if let Some(n) = r.quota {
+            out.extend_from_slice(b"keygate-quota-remaining: ");
+            decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
     }
     if let Some((cors, grant, origin)) = cors {
         cors.write(out, grant, origin);
@@ -403,6 +413,8 @@ mod tests {
             limit: 100,
             remaining: 99,
             reset_secs: 1,
+            credits: None,
+            quota: None,
         };
         let cache = CachePolicy::new(&http::HeaderName::from_static("x-api-key"), true, true);
         let mut out = Vec::new();

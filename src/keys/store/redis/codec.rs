@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use ::redis::Value;
 use uuid::Uuid;
 
+use crate::keys::allowance::{CreditTerms, Interval, Refill};
 use crate::keys::store::{Conflict, Constraint, KeyPatch, Page, StoreError, StoreResult};
 use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit, SetBy};
 
@@ -258,12 +259,31 @@ pub(super) fn record_from(v: Value) -> StoreResult<Option<KeyRecord>> {
         return Ok(None);
     }
     let a = array(v)?;
-    let [license, key] = a.as_slice() else {
-        return Err(corrupt("lookup"));
+    let (license, key, credits) = match a.as_slice() {
+        [license, key] => (license, key, None),
+        [license, key, terms] => (license, key, Some(terms)),
+        _ => return Err(corrupt("lookup")),
+    };
+    let credits = match credits {
+        None => None,
+        Some(terms) => {
+            let t = array(terms.clone())?;
+            let f = |i: usize| t.get(i).and_then(text).unwrap_or_default();
+            let refill = match (f(0).parse::<u64>(), Interval::parse(&f(1))) {
+                (Ok(amount), Some(interval)) => Some(Refill {
+                    amount,
+                    interval,
+                    day: f(2).parse().ok(),
+                }),
+                _ => None,
+            };
+            Some(CreditTerms { refill })
+        }
     };
     Ok(Some(KeyRecord {
         license: text(license).ok_or_else(|| corrupt("lookup"))?,
         key: key_from(key)?,
+        credits,
     }))
 }
 

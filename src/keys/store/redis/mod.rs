@@ -82,6 +82,10 @@ use super::{
     ClientPatch, ClientWithKeys, Conflict, KeyPatch, Page, Rotated, Rotation, Store, StoreError,
     StoreResult, Usage,
 };
+use crate::keys::allowance::{
+    Calendar, Charge, Charged, Credits, CreditsWrite, CreditsWritten, Exhausted, Interval,
+    MAX_CREDITS, Period, Refill,
+};
 use crate::keys::cache::InvalidationSink;
 use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, now_millis};
 use codec::{
@@ -659,6 +663,11 @@ struct Scripts {
     replace_client_keys: Script,
     record_usage: Script,
     usage: Script,
+    charge: Script,
+    write_credits: Script,
+    credits: Script,
+    quota_used: Script,
+    sync_rates: Script,
 }
 
 const PRELUDE: &str = include_str!("scripts/prelude.lua");
@@ -683,7 +692,46 @@ fn scripts() -> &'static Scripts {
             replace_client_keys: s(include_str!("scripts/replace_client_keys.lua")),
             record_usage: s(include_str!("scripts/record_usage.lua")),
             usage: s(include_str!("scripts/usage.lua")),
+            charge: s(include_str!("scripts/charge.lua")),
+            write_credits: s(include_str!("scripts/write_credits.lua")),
+            credits: s(include_str!("scripts/credits.lua")),
+            quota_used: s(include_str!("scripts/quota_used.lua")),
+            sync_rates: s(include_str!("scripts/sync_rates.lua")),
         }
+    })
+}
+
+/// The Redis key suffix of a client's quota count in one period (under `P quota:`).
+fn quota_key(client_id: &str, per: Period, index: i64) -> String {
+    format!("{}:{index}:{client_id}", per.as_str())
+}
+
+/// How long a period's quota count is kept: the period and as long again (so reads of the
+/// period just ended still answer), then Redis drops it.
+fn quota_ttl_secs(per: Period) -> u64 {
+    match per {
+        Period::Hour => 2 * 3600,
+        Period::Day => 2 * 86_400,
+        Period::Month => 62 * 86_400,
+    }
+}
+
+/// `{remaining, amount, interval, day, period}` as the credit scripts answer them.
+fn credits_from(v: &[Value]) -> StoreResult<Credits> {
+    let t = |i: usize| v.get(i).and_then(text).unwrap_or_default();
+    let remaining: u64 = t(0).parse().map_err(|_| corrupt("credits"))?;
+    let refill = match (t(1).parse::<u64>(), Interval::parse(&t(2))) {
+        (Ok(amount), Some(interval)) => Some(Refill {
+            amount,
+            interval,
+            day: t(3).parse().ok(),
+        }),
+        _ => None,
+    };
+    Ok(Credits {
+        remaining,
+        refill,
+        period: t(4).parse().unwrap_or(0),
     })
 }
 
@@ -950,6 +998,132 @@ impl Store for RedisStore {
             .collect();
         out.sort_unstable();
         Ok(out)
+    }
+
+    async fn charge(&self, c: &Charge<'_>) -> StoreResult<Charged> {
+        let cal = Calendar::at(c.now);
+        let mut a = Args::default();
+        a.push(c.key_id)
+            .push(c.cost.map(|n| n.to_string()).unwrap_or_default())
+            .push(cal.day)
+            .push(cal.month)
+            .push(cal.day_of_month);
+        match &c.quota {
+            Some(q) => a
+                .push(quota_key(
+                    q.client_id,
+                    q.quota.per,
+                    q.quota.per.index(c.now),
+                ))
+                .push(q.quota.requests)
+                .push(quota_ttl_secs(q.quota.per)),
+            None => a.push("").push(0).push(0),
+        };
+        let v = self.script("charge", &scripts().charge, a).await?;
+        let parts: Vec<i64> = ::redis::from_redis_value(v)
+            .map_err(|e| StoreError::Unavailable(format!("redis: unexpected charge reply: {e}")))?;
+        let [status, credits, quota] = parts[..] else {
+            return Err(corrupt("charge"));
+        };
+        let amount = |n: i64| (n >= 0).then_some(n as u64);
+        Ok(Charged {
+            credits: amount(credits),
+            quota: amount(quota),
+            refused: match status {
+                0 => None,
+                1 => Some(Exhausted::Credits),
+                _ => Some(Exhausted::Quota),
+            },
+        })
+    }
+
+    async fn credits(&self, key_id: Uuid) -> StoreResult<Option<Credits>> {
+        let mut a = Args::default();
+        a.push(key_id);
+        let v = self.script("credits", &scripts().credits, a).await?;
+        if v == Value::Nil {
+            return Ok(None);
+        }
+        credits_from(&array(v)?).map(Some)
+    }
+
+    async fn write_credits(
+        &self,
+        key_id: Uuid,
+        write: &CreditsWrite,
+        now: Millis,
+    ) -> StoreResult<CreditsWritten> {
+        let cal = Calendar::at(now);
+        let (op, n, refill) = match *write {
+            CreditsWrite::Set { remaining, refill } => ("set", remaining, refill),
+            CreditsWrite::SetRemaining(n) => ("set_remaining", n, None),
+            CreditsWrite::Add(n) => ("add", n, None),
+            CreditsWrite::Remove => ("remove", 0, None),
+        };
+        let mut a = Args::default();
+        a.push(now).push(key_id).push(op).push(n);
+        match refill {
+            Some(r) => a
+                .push(r.amount)
+                .push(r.interval.as_str())
+                .push(r.day.map(|d| d.to_string()).unwrap_or_default())
+                .push(r.period(now)),
+            None => a.push("").push("").push("").push(0),
+        };
+        a.push(cal.day)
+            .push(cal.month)
+            .push(cal.day_of_month)
+            .push(MAX_CREDITS);
+        let v = array(
+            self.script("write credits", &scripts().write_credits, a)
+                .await?,
+        )?;
+        let code = int(v.first().ok_or_else(|| corrupt("credits"))?)?;
+        Ok(match code {
+            0 => CreditsWritten::NoKey,
+            1 => CreditsWritten::TooMany,
+            2 => CreditsWritten::Done(Some(credits_from(&v[1..])?)),
+            _ => CreditsWritten::Done(None),
+        })
+    }
+
+    async fn quota_used(&self, client_id: &str, per: Period, index: i64) -> StoreResult<u64> {
+        let mut a = Args::default();
+        a.push(quota_key(client_id, per, index));
+        let v = self.script("quota", &scripts().quota_used, a).await?;
+        Ok(int(&v)?.max(0) as u64)
+    }
+
+    async fn sync_rates(
+        &self,
+        instance: &str,
+        buckets: &[crate::keys::cluster::BucketSync],
+    ) -> StoreResult<crate::keys::cluster::SyncReply> {
+        let mut a = Args::default();
+        a.push(instance).push(buckets.len());
+        for b in buckets {
+            a.push(&b.name)
+                .push(b.t_us)
+                .push(b.tau_us)
+                .push(b.unused)
+                .push(b.demand)
+                .push(if b.want { "1" } else { "0" });
+        }
+        let v = self.script("sync rates", &scripts().sync_rates, a).await?;
+        let parts: Vec<i64> = ::redis::from_redis_value(v).map_err(|e| {
+            StoreError::Unavailable(format!("redis: unexpected rate sync reply: {e}"))
+        })?;
+        let (live, rest) = parts.split_first().ok_or_else(|| corrupt("rate sync"))?;
+        Ok(crate::keys::cluster::SyncReply {
+            live: (*live).clamp(1, i64::from(u32::MAX)) as u32,
+            leases: rest
+                .chunks_exact(2)
+                .map(|c| crate::keys::cluster::Lease {
+                    cells: c[0].max(0) as u64,
+                    until_full_us: c[1].max(0) as u64,
+                })
+                .collect(),
+        })
     }
 
     /// Redis answers, and — once invalidations are watched — the subscription is up (an

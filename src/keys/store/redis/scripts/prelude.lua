@@ -2,6 +2,7 @@
 local P = ARGV[1]
 local function kkey(id) return P .. 'key:' .. id end
 local function ukey(id) return P .. 'usage:' .. id end
+local function crkey(id) return P .. 'credits:' .. id end
 local function hkey(h) return P .. 'h:' .. h end
 local function ckey(c) return P .. 'client:' .. c end
 local function ckeys(c) return P .. 'client_keys:' .. c end
@@ -87,6 +88,7 @@ local function remove_key(id, client)
   end
   redis.call('DEL', kkey(id))
   redis.call('DEL', ukey(id))
+  redis.call('DEL', crkey(id))
   redis.call('ZREM', ckeys(client), id)
   redis.call('ZREM', ALL_KEYS, id)
   redis.call('ZREM', EXPIRIES, id)
@@ -110,7 +112,38 @@ local function record(id)
   local client = redis.call('HGET', kkey(id), 'client_id')
   local license = redis.call('HGET', ckey(client), 'license')
   if not license then return nil end
-  return {license, rec}
+  -- The credit terms, when the key has credits: {amount|'', interval|'', day|''}.
+  local cr = redis.call('HMGET', crkey(id), 'remaining', 'amount', 'interval', 'day')
+  if not cr[1] then return {license, rec} end
+  return {license, rec, {cr[2] or '', cr[3] or '', cr[4] or ''}}
+end
+
+-- The refill period of credits with `interval`/`day` given the calendar (ARGV-style strings:
+-- days since the epoch, months since year 0, day of the month); nil without a refill.
+local function refill_period(interval, day, cal_day, cal_month, dom)
+  if interval == 'daily' then return tonumber(cal_day) end
+  if interval == 'monthly' then
+    local d = tonumber(day) or 1
+    if tonumber(dom) < d then return tonumber(cal_month) - 1 end
+    return tonumber(cal_month)
+  end
+  return nil
+end
+
+local function num(n) return string.format('%.0f', n) end
+
+-- A key's credits, refilled when a refill period started since they were written (the
+-- write is made): remaining (number) or nil when the key has no credits.
+local function current_credits(id, cal_day, cal_month, dom)
+  local v = redis.call('HMGET', crkey(id), 'remaining', 'amount', 'interval', 'day', 'period')
+  if not v[1] then return nil end
+  local remaining = tonumber(v[1])
+  local p = refill_period(v[3], v[4], cal_day, cal_month, dom)
+  if p and p > tonumber(v[5] or '0') then
+    remaining = tonumber(v[2])
+    redis.call('HSET', crkey(id), 'remaining', num(remaining), 'period', num(p))
+  end
+  return remaining
 end
 
 -- The event outbox (webhooks): a stream written by the script that makes the change, so an

@@ -1,0 +1,433 @@
+//! Cluster-wide rate limits (`[rate_limit] mode = "cluster"`, Redis store): one GCRA bucket
+//! per plan bucket (a client's, or a key's under a per-key plan) held in Redis, shared by every
+//! instance, and spent through leases so that the request path makes no Redis round trip in the
+//! common case.
+//!
+//! # Design
+//! - Redis holds each bucket's theoretical arrival time (`tat`, on Redis's own clock, `TIME`).
+//! - Every [`SYNC_INTERVAL`] each instance sends, in one script call for all its active
+//!   buckets, the cells of its lease it did not use (given back: `tat` moves back) and how many
+//!   requests it saw (its demand); the script reserves for it a new lease of
+//!   `floor(room × share)` cells, at most `room ÷ live instances` (at least one cell while there
+//!   is room) — `room`: the cells the bucket allows right now, `share`: this instance's part of
+//!   the demand of the instances seen in the last second — by moving `tat` forward, and answers
+//!   the lease.
+//! - A request takes one cell of the local lease (one atomic decrement). With none left it asks
+//!   Redis for a lease itself (one round trip, one request at a time per bucket); when Redis has
+//!   none to give either, requests are refused locally until the next sync.
+//! - Every admitted request therefore spent a cell reserved in Redis's GCRA: across the fleet the
+//!   accepted traffic never exceeds the limit (burst included) while Redis answers. A lease not
+//!   used is held back for at most one sync interval (traffic below the limit, never above).
+//! - Redis unreachable: each instance enforces the limit ÷ the live instances it last saw, on a
+//!   local bucket, says so in the log and in `keygate_cluster_degraded`, and goes back to the
+//!   shared bucket once a sync succeeds. What instances admit during the outage is not known to
+//!   Redis afterwards.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use super::RateLimit;
+use super::bucket::{KeyLimiter, RateInfo, Refusal, emission_interval};
+use super::store::{Store, StoreResult};
+use crate::clock::Clock;
+
+/// How often an instance gives back unused leases and takes new ones.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
+/// A bucket without requests for this long is given back and forgotten by the instance.
+const IDLE_AFTER_NS: u64 = 2_000_000_000;
+
+/// One bucket in a sync call.
+#[derive(Debug, Clone)]
+pub struct BucketSync {
+    /// The bucket's name, the same on every instance (its owner and its limit).
+    pub name: String,
+    /// Emission interval and tolerance, in microseconds.
+    pub t_us: f64,
+    pub tau_us: f64,
+    /// Cells of the lease given back.
+    pub unused: u64,
+    /// Requests seen since the last sync.
+    pub demand: u64,
+    /// Ask for a lease (false: only give back).
+    pub want: bool,
+}
+
+/// What Redis answered for one bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub cells: u64,
+    /// Microseconds until the bucket is full again (after this lease).
+    pub until_full_us: u64,
+}
+
+/// The answer of a sync: the live instances and one lease per bucket, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncReply {
+    pub live: u32,
+    pub leases: Vec<Lease>,
+}
+
+/// The state every cluster bucket of one instance shares, and the sync loop's registry.
+pub struct ClusterShared {
+    store: Arc<dyn Store>,
+    instance: String,
+    clock: Clock,
+    buckets: Mutex<HashMap<String, Weak<ClusterBucket>>>,
+    degraded: AtomicBool,
+    /// Instances seen alive at the last successful sync (at least 1).
+    live: AtomicU32,
+}
+
+impl std::fmt::Debug for ClusterShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterShared")
+            .field("instance", &self.instance)
+            .finish()
+    }
+}
+
+/// What one sync round did, for the metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Synced {
+    pub ok: bool,
+    pub took: Duration,
+    pub buckets: usize,
+}
+
+impl ClusterShared {
+    pub fn new(store: Arc<dyn Store>, clock: Clock) -> Arc<Self> {
+        Arc::new(ClusterShared {
+            store,
+            instance: uuid::Uuid::now_v7().simple().to_string(),
+            clock,
+            buckets: Mutex::default(),
+            degraded: AtomicBool::new(false),
+            live: AtomicU32::new(1),
+        })
+    }
+
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    pub fn live(&self) -> u32 {
+        self.live.load(Ordering::Relaxed).max(1)
+    }
+
+    /// The bucket `name` with `limit` (one per name and limit on this instance).
+    pub fn bucket(self: &Arc<Self>, owner: &str, limit: RateLimit) -> Arc<ClusterBucket> {
+        let t = emission_interval(&limit);
+        let name = format!("{owner}:{}:{}", t.as_nanos(), limit.burst.max(1));
+        let mut map = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(b) = map.get(&name).and_then(Weak::upgrade) {
+            return b;
+        }
+        let t_us = t.as_nanos() as f64 / 1000.0;
+        let b = Arc::new(ClusterBucket {
+            t_us,
+            tau_us: t_us * f64::from(limit.burst.max(1) - 1),
+            burst: limit.burst.max(1),
+            limit,
+            lease: AtomicI64::new(0),
+            demand: AtomicU64::new(0),
+            refuse_until: AtomicU64::new(0),
+            until_full_us: AtomicU64::new(0),
+            last_seen: AtomicU64::new(self.clock.mono_nanos()),
+            acquiring: tokio::sync::Mutex::new(()),
+            fallback: Mutex::new(Arc::new(KeyLimiter::new(
+                share_of(limit, self.live()),
+                self.clock.clone(),
+            ))),
+            fallback_live: AtomicU32::new(self.live()),
+            clock: self.clock.clone(),
+            shared: Arc::clone(self),
+            name: name.clone(),
+        });
+        map.insert(name, Arc::downgrade(&b));
+        b
+    }
+
+    /// One sync round: gives back what active buckets did not use and takes new leases.
+    pub async fn sync(&self) -> Synced {
+        let now = self.clock.mono_nanos();
+        let mut active = Vec::new();
+        {
+            let mut map = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+            map.retain(|_, w| w.strong_count() > 0);
+            for b in map.values().filter_map(Weak::upgrade) {
+                let idle = now.saturating_sub(b.last_seen.load(Ordering::Relaxed)) > IDLE_AFTER_NS;
+                if !idle || b.lease.load(Ordering::Relaxed) > 0 {
+                    active.push((b, idle));
+                }
+            }
+        }
+        if active.is_empty() {
+            return Synced {
+                ok: true,
+                took: Duration::ZERO,
+                buckets: 0,
+            };
+        }
+        let request: Vec<BucketSync> = active
+            .iter()
+            .map(|(b, idle)| BucketSync {
+                name: b.name.clone(),
+                t_us: b.t_us,
+                tau_us: b.tau_us,
+                unused: b.lease.swap(0, Ordering::AcqRel).max(0) as u64,
+                demand: b.demand.swap(0, Ordering::AcqRel),
+                want: !idle,
+            })
+            .collect();
+        let start = std::time::Instant::now();
+        let reply = self.store.sync_rates(&self.instance, &request).await;
+        let took = start.elapsed();
+        match reply {
+            Ok(reply) if reply.leases.len() == active.len() => {
+                self.recovered(reply.live);
+                for ((b, _), lease) in active.iter().zip(&reply.leases) {
+                    b.granted(*lease);
+                }
+                Synced {
+                    ok: true,
+                    took,
+                    buckets: active.len(),
+                }
+            }
+            other => {
+                // The leases given back are lost with the call (held back, never over-spent);
+                // the demand is counted again.
+                for ((b, _), r) in active.iter().zip(&request) {
+                    b.demand.fetch_add(r.demand, Ordering::Relaxed);
+                }
+                let why = match other {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "a reply of the wrong length".to_owned(),
+                };
+                self.failed(&why);
+                Synced {
+                    ok: false,
+                    took,
+                    buckets: active.len(),
+                }
+            }
+        }
+    }
+
+    fn recovered(&self, live: u32) {
+        self.live.store(live.max(1), Ordering::Relaxed);
+        if self.degraded.swap(false, Ordering::AcqRel) {
+            tracing::warn!(
+                live_instances = live,
+                "cluster rate limits: Redis answers again; back to the shared buckets"
+            );
+        }
+    }
+
+    fn failed(&self, why: &str) {
+        if !self.degraded.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                error = why,
+                live_instances = self.live(),
+                "cluster rate limits: Redis unreachable; each instance now enforces limit ÷ {} (the live instances last seen) on its own",
+                self.live()
+            );
+        }
+    }
+}
+
+/// `limit` ÷ `n`: the rate and the burst divided (at least 1 each).
+fn share_of(limit: RateLimit, n: u32) -> RateLimit {
+    let n = n.max(1);
+    let part = |v: Option<u32>| v.map(|v| (v / n).max(1));
+    RateLimit {
+        per_second: part(limit.per_second),
+        per_minute: part(limit.per_minute),
+        per_hour: part(limit.per_hour),
+        burst: (limit.burst / n).max(1),
+    }
+}
+
+/// One plan bucket of the cluster, as this instance holds it.
+pub struct ClusterBucket {
+    name: String,
+    t_us: f64,
+    tau_us: f64,
+    burst: u32,
+    limit: RateLimit,
+    /// Cells reserved for this instance and not yet used.
+    lease: AtomicI64,
+    /// Requests seen since the last sync.
+    demand: AtomicU64,
+    /// Monotonic nanoseconds before which requests are refused without asking Redis.
+    refuse_until: AtomicU64,
+    until_full_us: AtomicU64,
+    last_seen: AtomicU64,
+    /// One lease request to Redis at a time from the request path.
+    acquiring: tokio::sync::Mutex<()>,
+    /// The limit ÷ live instances, enforced while Redis is unreachable.
+    fallback: Mutex<Arc<KeyLimiter>>,
+    fallback_live: AtomicU32,
+    clock: Clock,
+    /// Held strongly (the registry holds buckets weakly, so there is no cycle): the request
+    /// path reads it without an upgrade.
+    shared: Arc<ClusterShared>,
+}
+
+impl std::fmt::Debug for ClusterBucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterBucket")
+            .field("burst", &self.burst)
+            .finish()
+    }
+}
+
+impl ClusterBucket {
+    fn info(&self, remaining: u64) -> RateInfo {
+        RateInfo {
+            limit: self.burst,
+            remaining: remaining.min(u64::from(self.burst)) as u32,
+            reset_secs: self
+                .until_full_us
+                .load(Ordering::Relaxed)
+                .div_ceil(1_000_000),
+            credits: None,
+            quota: None,
+        }
+    }
+
+    /// Takes one cell of the lease.
+    fn take(&self) -> Option<RateInfo> {
+        let mut l = self.lease.load(Ordering::Acquire);
+        while l > 0 {
+            match self
+                .lease
+                .compare_exchange_weak(l, l - 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(self.info((l - 1) as u64)),
+                Err(now) => l = now,
+            }
+        }
+        None
+    }
+
+    fn granted(&self, lease: Lease) {
+        self.until_full_us
+            .store(lease.until_full_us, Ordering::Relaxed);
+        if lease.cells > 0 {
+            self.lease.fetch_add(lease.cells as i64, Ordering::AcqRel);
+            self.refuse_until.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn refusal(&self, now: u64) -> Refusal {
+        let until = self.refuse_until.load(Ordering::Relaxed);
+        Refusal {
+            limit: self.burst,
+            retry_after: Duration::from_nanos(until.saturating_sub(now))
+                .max(Duration::from_micros(self.t_us as u64).min(Duration::from_secs(1))),
+        }
+    }
+
+    /// Admits one request against the shared bucket.
+    pub async fn check(&self) -> Result<RateInfo, Refusal> {
+        let shared = &self.shared;
+        let now = shared.clock.mono_nanos();
+        self.last_seen.store(now, Ordering::Relaxed);
+        self.demand.fetch_add(1, Ordering::Relaxed);
+        if shared.degraded() {
+            return self.fallback_check(shared.live());
+        }
+        if let Some(info) = self.take() {
+            return Ok(info);
+        }
+        if now < self.refuse_until.load(Ordering::Relaxed) {
+            return Err(self.refusal(now));
+        }
+        // No lease: ask Redis, one request at a time; the others find the lease it brought.
+        let _one = self.acquiring.lock().await;
+        if let Some(info) = self.take() {
+            return Ok(info);
+        }
+        let now = shared.clock.mono_nanos();
+        if now < self.refuse_until.load(Ordering::Relaxed) {
+            return Err(self.refusal(now));
+        }
+        let ask = BucketSync {
+            name: self.name.clone(),
+            t_us: self.t_us,
+            tau_us: self.tau_us,
+            unused: 0,
+            demand: self.demand.load(Ordering::Relaxed).max(1),
+            want: true,
+        };
+        match acquire(shared, ask).await {
+            Ok(reply) => {
+                shared.recovered(reply.live);
+                let lease = reply.leases.first().copied().unwrap_or(Lease {
+                    cells: 0,
+                    until_full_us: 0,
+                });
+                self.granted(lease);
+                match self.take() {
+                    Some(info) => Ok(info),
+                    None => {
+                        // Nothing to give: wait for the next sync (or the next cell).
+                        let wait = SYNC_INTERVAL.max(Duration::from_micros(
+                            (lease.until_full_us as f64 - self.tau_us).max(0.0) as u64,
+                        ));
+                        self.refuse_until
+                            .store(now + wait.as_nanos() as u64, Ordering::Relaxed);
+                        Err(self.refusal(now))
+                    }
+                }
+            }
+            Err(e) => {
+                shared.failed(&e.to_string());
+                self.fallback_check(shared.live())
+            }
+        }
+    }
+
+    fn fallback_check(&self, live: u32) -> Result<RateInfo, Refusal> {
+        let b = {
+            let mut f = self.fallback.lock().unwrap_or_else(PoisonError::into_inner);
+            if self.fallback_live.swap(live, Ordering::Relaxed) != live {
+                *f = Arc::new(KeyLimiter::new(
+                    share_of(self.limit, live),
+                    self.clock.clone(),
+                ));
+            }
+            Arc::clone(&f)
+        };
+        b.check()
+    }
+}
+
+async fn acquire(shared: &ClusterShared, ask: BucketSync) -> StoreResult<SyncReply> {
+    shared
+        .store
+        .sync_rates(&shared.instance, std::slice::from_ref(&ask))
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_share_divides_rate_and_burst() {
+        let l = RateLimit {
+            per_second: None,
+            per_minute: Some(100),
+            per_hour: None,
+            burst: 100,
+        };
+        let s = share_of(l, 3);
+        assert_eq!((s.per_minute, s.burst), (Some(33), 33));
+        assert_eq!(share_of(l, 1), l);
+        assert_eq!(share_of(l, 1000).burst, 1);
+    }
+}

@@ -1,0 +1,55 @@
+-- ARGV: P, instance, n, then n times: bucket name, t (µs), tau (µs), cells given back, demand,
+-- want ('1' | '0'). Cluster rate limits (see keys/cluster.rs): one GCRA `tat` per bucket on
+-- Redis's clock; unused cells go back, and a lease of floor(room × share) cells is reserved
+-- by moving `tat` on (at most room ÷ live instances at a time). Answers {live instances, lease, µs until full, lease, …}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local me = ARGV[2]
+local inst = P .. 'rl_instances'
+redis.call('ZADD', inst, now, me)
+redis.call('ZREMRANGEBYSCORE', inst, '-inf', now - 10000000)
+redis.call('PEXPIRE', inst, 60000)
+local live = redis.call('ZCOUNT', inst, now - 1000000, '+inf')
+local out = {live}
+local n = tonumber(ARGV[3])
+for i = 0, n - 1 do
+  local b = 4 + i * 6
+  local name, T, tau = ARGV[b], tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
+  local unused, demand, want = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]), ARGV[b + 5] == '1'
+  local k, dk = P .. 'rl:' .. name, P .. 'rld:' .. name
+  local tat = tonumber(redis.call('GET', k) or '0')
+  if tat < now then tat = now end
+  tat = math.max(now, tat - unused * T)
+  local lease = 0
+  if want then
+    redis.call('HSET', dk, me, string.format('%.0f', demand) .. ':' .. string.format('%.0f', now))
+    local all = redis.call('HGETALL', dk)
+    local total = 0
+    for j = 1, #all, 2 do
+      local d, at = string.match(all[j + 1], '([^:]+):([^:]+)')
+      if tonumber(at) >= now - 1000000 then
+        total = total + tonumber(d)
+      else
+        redis.call('HDEL', dk, all[j])
+      end
+    end
+    redis.call('PEXPIRE', dk, 10000)
+    local share
+    if total > 0 then share = demand / total else share = 1 / math.max(live, 1) end
+    local room = math.floor((now + tau + T - tat) / T)
+    if room > 0 then
+      -- At most an even part of the room at a time, so that an instance asking first does
+      -- not take what the others are about to ask for (it asks again at its next sync).
+      lease = math.min(math.floor(room * share), math.max(1, math.floor(room / math.max(live, 1))))
+      -- A lone cell goes to whoever asks while others have none to ask for.
+      if lease == 0 and demand > 0 and room >= 1 then lease = 1 end
+      tat = tat + lease * T
+    end
+  else
+    redis.call('HDEL', dk, me)
+  end
+  redis.call('SET', k, string.format('%.0f', tat), 'PX', math.ceil((tat - now + tau + T) / 1000) + 1000)
+  out[#out + 1] = lease
+  out[#out + 1] = math.floor(tat - now)
+end
+return out
