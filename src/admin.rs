@@ -12,6 +12,7 @@
 
 pub mod clients;
 pub mod error;
+pub mod import;
 pub mod keys;
 pub mod kixote;
 
@@ -171,6 +172,7 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(keys::show, keys::update, keys::remove))
         .routes(routes!(keys::rotate))
         .routes(routes!(keys::usage))
+        .routes(routes!(import::import))
         .routes(routes!(clients::create, clients::list))
         .routes(routes!(clients::show, clients::update, clients::remove))
         .routes(routes!(kixote::create_client))

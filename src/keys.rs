@@ -7,6 +7,7 @@
 
 pub mod bucket;
 pub mod cache;
+pub mod foreign;
 pub mod store;
 #[doc(hidden)]
 pub mod testing;

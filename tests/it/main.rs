@@ -9,6 +9,7 @@ mod fast_path;
 mod forward_auth;
 mod hardening;
 mod hostile;
+mod import;
 mod kixote;
 mod layers;
 mod observability;

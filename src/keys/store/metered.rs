@@ -122,6 +122,14 @@ impl Store for Metered {
     async fn usage(&self, key_id: Uuid, from: i64, to: i64) -> StoreResult<Vec<(i64, u64)>> {
         self.timed(self.inner.usage(key_id, from, to)).await
     }
+    async fn import_keys(
+        &self,
+        keys: Vec<ApiKey>,
+        max: u32,
+        atomic: bool,
+    ) -> StoreResult<Vec<(usize, super::import::Refusal)>> {
+        self.timed(self.inner.import_keys(keys, max, atomic)).await
+    }
     async fn ping(&self) -> StoreResult<()> {
         self.timed(self.inner.ping()).await
     }

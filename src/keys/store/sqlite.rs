@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{
     ClientPatch, ClientWithKeys, Conflict, KeyPatch, Page, Rotated, Rotation, Store, StoreError,
-    StoreResult, Usage,
+    StoreResult, Usage, import,
 };
 use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, RateLimit, SetBy};
 
@@ -231,36 +231,36 @@ fn to_json<T: serde::Serialize>(v: &Option<T>) -> Option<String> {
 }
 
 fn insert_key_row(conn: &Connection, k: &ApiKey) -> rusqlite::Result<()> {
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO api_keys (id, client_id, name, prefix, key_hash, previous_hash, \
          previous_valid_until, permissions, enabled, created_at, updated_at, expires_at, \
          last_used_at, rotated_at, rate_limit, metadata, disabled_by, expires_set_by, \
          rate_limit_set_by, tokens_valid_after) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
          ?19, ?20)",
-        params![
-            k.id.to_string(),
-            k.client_id,
-            k.name,
-            k.prefix,
-            &k.key_hash.0[..],
-            k.previous_hash.as_ref().map(|h| h.0.to_vec()),
-            k.previous_valid_until,
-            serde_json::to_string(&k.permissions).expect("serializable"),
-            k.enabled,
-            k.created_at,
-            k.updated_at,
-            k.expires_at,
-            k.last_used_at,
-            k.rotated_at,
-            to_json(&k.rate_limit),
-            to_json(&k.metadata),
-            k.disabled_by.map(SetBy::as_str),
-            k.expires_set_by.map(SetBy::as_str),
-            k.rate_limit_set_by.map(SetBy::as_str),
-            k.tokens_valid_after,
-        ],
-    )?;
+    )?
+    .execute(params![
+        k.id.to_string(),
+        k.client_id,
+        k.name,
+        k.prefix,
+        &k.key_hash.0[..],
+        k.previous_hash.as_ref().map(|h| h.0.to_vec()),
+        k.previous_valid_until,
+        serde_json::to_string(&k.permissions).expect("serializable"),
+        k.enabled,
+        k.created_at,
+        k.updated_at,
+        k.expires_at,
+        k.last_used_at,
+        k.rotated_at,
+        to_json(&k.rate_limit),
+        to_json(&k.metadata),
+        k.disabled_by.map(SetBy::as_str),
+        k.expires_set_by.map(SetBy::as_str),
+        k.rate_limit_set_by.map(SetBy::as_str),
+        k.tokens_valid_after,
+    ])?;
     Ok(())
 }
 
@@ -319,6 +319,60 @@ fn record_query(
 fn page_bounds(page: u32, per_page: u32) -> (i64, i64) {
     let per = i64::from(per_page.max(1));
     (per, (i64::from(page.max(1)) - 1) * per)
+}
+
+/// The rows of [`Store::import_keys`], judged and (unless an atomic import saw a refusal)
+/// inserted inside the caller's transaction.
+fn import_rows(
+    tx: &Connection,
+    keys: &[ApiKey],
+    max_keys: u32,
+    atomic: bool,
+) -> rusqlite::Result<Vec<(usize, import::Refusal)>> {
+    let mut refused = Vec::new();
+    // Per client: exists, and how many keys it has (counted only when there is a maximum).
+    let mut clients: std::collections::HashMap<&str, Option<u32>> = Default::default();
+    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+    let mut stored = tx.prepare_cached(
+        "SELECT EXISTS(SELECT 1 FROM api_keys WHERE key_hash = ?1) \
+         OR EXISTS(SELECT 1 FROM api_keys WHERE previous_hash = ?1)",
+    )?;
+    for (i, k) in keys.iter().enumerate() {
+        if !clients.contains_key(k.client_id.as_str()) {
+            let c = if !client_exists(tx, &k.client_id)? {
+                None
+            } else if max_keys > 0 {
+                Some(tx.query_row(
+                    "SELECT COUNT(*) FROM api_keys WHERE client_id = ?1",
+                    [&k.client_id],
+                    |r| r.get(0),
+                )?)
+            } else {
+                Some(0)
+            };
+            clients.insert(k.client_id.as_str(), c);
+        }
+        let count = clients
+            .get_mut(k.client_id.as_str())
+            .expect("inserted above");
+        let Some(n) = count else {
+            refused.push((i, import::Refusal::UnknownClient));
+            continue;
+        };
+        if !seen.insert(k.key_hash.0) || stored.query_row([&k.key_hash.0[..]], |r| r.get(0))? {
+            refused.push((i, import::Refusal::Duplicate));
+            continue;
+        }
+        if max_keys > 0 && *n >= max_keys {
+            refused.push((i, import::Refusal::TooManyKeys { max: max_keys }));
+            continue;
+        }
+        *n += 1;
+        if !atomic || refused.is_empty() {
+            insert_key_row(tx, k)?;
+        }
+    }
+    Ok(refused)
 }
 
 #[async_trait]
@@ -719,6 +773,24 @@ impl Store for SqliteStore {
             .map_err(db)?
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(db)
+        })
+        .await
+    }
+
+    async fn import_keys(
+        &self,
+        keys: Vec<ApiKey>,
+        max_keys: u32,
+        atomic: bool,
+    ) -> StoreResult<Vec<(usize, import::Refusal)>> {
+        self.run(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let refused = import_rows(&tx, &keys, max_keys, atomic).map_err(db)?;
+            if atomic && !refused.is_empty() {
+                return Ok(refused);
+            }
+            tx.commit().map_err(db)?;
+            Ok(refused)
         })
         .await
     }
