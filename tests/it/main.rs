@@ -4,6 +4,7 @@
 mod admin_api;
 mod admin_races;
 mod binary;
+mod cli;
 mod deploy_files;
 mod fast_path;
 mod forward_auth;
