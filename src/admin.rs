@@ -12,6 +12,7 @@
 
 pub mod clients;
 pub mod error;
+pub mod gateway_config;
 pub mod import;
 pub mod keys;
 pub mod kixote;
@@ -92,6 +93,8 @@ pub struct AdminInner {
     pub self_service_permission: String,
     pub openapi_json: OnceLock<String>,
     pub metrics: Arc<Metrics>,
+    /// Plans and routes as `GET /v1/config` shows them.
+    pub gateway_config: serde_json::Value,
 }
 
 #[derive(Clone)]
@@ -173,6 +176,7 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(keys::rotate))
         .routes(routes!(keys::usage))
         .routes(routes!(import::import))
+        .routes(routes!(gateway_config::show))
         .routes(routes!(clients::create, clients::list))
         .routes(routes!(clients::show, clients::update, clients::remove))
         .routes(routes!(kixote::create_client))

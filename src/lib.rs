@@ -245,6 +245,7 @@ impl App {
             self_service_permission: config.admin.self_service_permission.clone(),
             openapi_json: Default::default(),
             metrics: Arc::clone(&metrics),
+            gateway_config: admin::gateway_config::describe(&config),
         }));
         let admin = admin::router(admin_state, config.admin.max_body_bytes);
 

@@ -45,11 +45,17 @@ enum Command {
     /// Manage API keys through the admin API.
     #[command(subcommand)]
     Key(keygate::cli::KeyCmd),
+    /// Print clients, keys (never secrets), plans in use and routes as TOML.
+    Export,
+    /// Show what `apply FILE` would change (exit 0: nothing, 3: changes).
+    Diff { file: PathBuf },
+    /// Make the gateway's clients and keys what FILE says.
+    Apply { file: PathBuf },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Client(_) | Command::Key(_)) {
+    if !matches!(cli.command, Command::Serve | Command::CheckConfig) {
         return admin_api(cli);
     }
     let overrides = CliOverrides {
@@ -81,7 +87,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve => serve(config),
-        Command::Client(_) | Command::Key(_) => unreachable!("admin-API commands return above"),
+        _ => unreachable!("admin-API commands return above"),
     }
 }
 
@@ -159,11 +165,22 @@ fn admin_api(cli: Cli) -> ExitCode {
         Ok(a) => a,
         Err(e) => return e.exit(),
     };
-    keygate::cli::block_on(async {
+    let mut changes = false;
+    let code = keygate::cli::block_on(async {
         match &cli.command {
             Command::Client(cmd) => keygate::cli::client(g, &admin, cmd).await,
             Command::Key(cmd) => keygate::cli::key(g, &admin, cmd).await,
-            _ => Ok(()),
+            Command::Export => keygate::cli::state::export(&admin).await,
+            Command::Diff { file } => {
+                changes = !keygate::cli::state::diff(&admin, file).await?;
+                Ok(())
+            }
+            Command::Apply { file } => keygate::cli::state::apply(g, &admin, file).await,
+            Command::Serve | Command::CheckConfig => Ok(()),
         }
-    })
+    });
+    if changes && code == ExitCode::SUCCESS {
+        return ExitCode::from(3);
+    }
+    code
 }

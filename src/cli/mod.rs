@@ -18,6 +18,7 @@
 
 pub mod http;
 pub mod import;
+pub mod state;
 
 use std::io::Write;
 use std::path::PathBuf;

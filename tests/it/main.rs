@@ -5,6 +5,7 @@ mod admin_api;
 mod admin_races;
 mod binary;
 mod cli;
+mod cli_state;
 mod deploy_files;
 mod fast_path;
 mod forward_auth;
