@@ -11,6 +11,7 @@
 //! first and then invalidates the cache entries it affects, before the answer is sent.
 
 pub mod clients;
+pub mod console;
 pub mod error;
 pub mod gateway_config;
 pub mod import;
@@ -194,7 +195,10 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(readyz))
         .routes(routes!(openapi_json))
         .routes(routes!(metrics))
-        .routes(routes!(kixote::login));
+        .routes(routes!(kixote::login))
+        .routes(routes!(console::page))
+        .routes(routes!(console::css))
+        .routes(routes!(console::js));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(protected)
         .merge(open)

@@ -6,6 +6,7 @@ mod admin_races;
 mod binary;
 mod cli;
 mod cli_state;
+mod console;
 mod deploy_files;
 mod fast_path;
 mod forward_auth;
