@@ -27,6 +27,8 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets
 scripts/schemathesis.sh
+# The web console in headless Chromium (installs chromium, chromium-driver, selenium itself).
+scripts/browser-test.sh
 FUZZ_BUILD="${FUZZ_BUILD:-dev}" scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
 
 echo
