@@ -75,18 +75,20 @@ async fn kong_plaintext_and_unkey_hashes_authenticate_through_every_credential_f
     let tyk = "org-5f2a/custom.key_with+punctuation~!";
     let unkey = "uk_3ZkT9p8QxW2mN5vB7cR4yH6jL1dF0sA";
     let before = key_count(&gw).await;
-    let r = import(
-        &gw,
-        json!({"keys": [
-            {"client_id": "acme", "name": "kong", "key": kong, "permissions": ["read"]},
-            {"client_id": "acme", "name": "tyk", "key": tyk},
-            {"client_id": "globex", "name": "unkey", "sha256": sha256_hex(unkey).to_uppercase(),
-             "roles": ["read", "write"], "expires_at": "2999-01-01T00:00:00Z"},
-        ]}),
-    )
-    .await;
+    let body = json!({"keys": [
+        {"client_id": "acme", "name": "kong", "key": kong, "permissions": ["read"]},
+        {"client_id": "acme", "name": "tyk", "key": tyk},
+        {"client_id": "globex", "name": "unkey", "sha256": sha256_hex(unkey).to_uppercase(),
+         "roles": ["read", "write"], "expires_at": "2999-01-01T00:00:00Z"},
+    ]});
+    let r = import(&gw, body.clone()).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json(), json!({"imported": 3, "errors": []}));
+    assert_eq!(key_count(&gw).await, before + 3);
+    // Replayed: every key is a duplicate, nothing changes.
+    let r = import(&gw, body).await;
+    assert_eq!(r.json()["imported"], 0);
+    assert_eq!(r.json()["errors"].as_array().unwrap().len(), 3);
     assert_eq!(key_count(&gw).await, before + 3);
 
     for key in [kong, tyk, unkey] {
