@@ -33,7 +33,7 @@ use crate::keys::foreign;
 /// Longest line read; a longer one is reported and skipped without being held whole.
 pub const MAX_LINE: usize = 64 * 1024;
 /// Largest request body sent (below the admin listener's default 1 MiB limit).
-const MAX_BATCH_BYTES: usize = 512 * 1024;
+const MAX_BATCH_BYTES: usize = 768 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OnError {
@@ -50,7 +50,7 @@ pub struct ImportArgs {
     #[arg(long, value_enum, default_value_t = OnError::Skip)]
     pub on_error: OnError,
     /// Keys per request (1–10000).
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub batch: u32,
 }
 

@@ -107,6 +107,12 @@ impl SqliteStore {
             .map_err(unavailable)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(unavailable)?;
+        // Up to 64 MiB of page cache (SQLite's default is 2 MiB), allocated as pages are used:
+        // the key-hash index of a million keys (about 50 MB) then stays in memory, and a bulk
+        // import does not spill pages to the WAL in mid-transaction or re-read them through the
+        // kernel (BENCHMARKS.md, key import).
+        conn.pragma_update(None, "cache_size", -65_536)
+            .map_err(unavailable)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(unavailable)?;
         migrate(&mut conn).map_err(unavailable)?;
