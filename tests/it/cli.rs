@@ -476,3 +476,46 @@ async fn key_import_abort_checks_every_line_first_and_stops_before_a_refused_bat
         assert_eq!(status(&gw, &key(i)).await, want, "line {i}");
     }
 }
+
+#[tokio::test]
+async fn key_import_draws_a_progress_bar_with_rate_and_eta_on_a_terminal() {
+    let gw = Gateway::start().await;
+    gw.client("acme", "pro").await;
+    let file = gw.dir.path().join("keys.jsonl");
+    let lines: Vec<String> = (0..3)
+        .map(|i| {
+            json!({"client_id": "acme", "name": format!("k{i}"), "key": format!("terminal-key-{i:04}-padding")})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    // `script` (util-linux) runs the command on a pseudo-terminal and copies what it drew.
+    let cmd = format!(
+        "{} key import {} --admin-url http://{}",
+        crate::support::binary::BIN,
+        file.display(),
+        gw.admin
+    );
+    let o = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .env("KEYGATE_ADMIN_KEY", ADMIN_KEY)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let drawn = stdout(&o);
+    assert!(
+        drawn.contains("\r[##############################] 100% 3 keys"),
+        "{drawn:?}"
+    );
+    assert!(drawn.contains("/s ETA 0:00"), "{drawn:?}");
+    assert!(
+        !drawn.contains("progress:"),
+        "no plain lines on a terminal: {drawn:?}"
+    );
+    assert!(drawn.contains("imported 3 keys; 0 lines refused"));
+}
