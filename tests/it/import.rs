@@ -394,3 +394,26 @@ async fn a_flood_of_unknown_foreign_keys_reaches_the_store_once_per_distinct_key
     }
     assert_eq!(store_calls(&gw).await - start, distinct.len() as u64);
 }
+
+#[tokio::test]
+async fn the_longest_and_shortest_imported_keys_work_in_every_form() {
+    let gw = Gateway::start_with(EXTRA).await;
+    gw.client("acme", "pro").await;
+    let visible: String = (0x21u8..=0x7e).map(char::from).collect();
+    let longest: String = visible.chars().cycle().skip(3).take(256).collect();
+    // Basic credentials split at the first ':', so a key holding one needs the `user:` form.
+    let longest = longest.replace(':', "_");
+    let shortest = "exactly16chars!!";
+    let r = import(
+        &gw,
+        json!({"keys": [
+            {"client_id": "acme", "name": "long", "key": longest},
+            {"client_id": "acme", "name": "short", "key": shortest},
+        ]}),
+    )
+    .await;
+    assert_eq!(r.json(), json!({"imported": 2, "errors": []}));
+    for key in [longest.as_str(), shortest] {
+        assert_eq!(statuses(&gw, key).await, [200; 5], "{key}");
+    }
+}
