@@ -164,7 +164,7 @@ impl Modify for SecurityAddon {
         description = "Clients and API keys of a keygate gateway. Every /v1/api-keys route is also served under /api/v1/api-keys."
     ),
     modifiers(&SecurityAddon),
-    components(schemas(error::Problem, error::FieldError)),
+    components(schemas(error::Problem, error::FieldError, import::ImportKey)),
     security(("admin_key" = []), ("bearer" = []))
 )]
 struct ApiDoc;

@@ -53,7 +53,11 @@ pub struct ImportKey {
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)] // Documents the body; the handler reads it field by field.
 pub struct ImportRequest {
-    /// At most 10000 keys.
+    /// At most 10000 keys, each an `ImportKey` object (`client_id`, `name`, `key` | `sha256`,
+    /// `permissions`?, `expires_at`?). Each is judged on its own: one that does not fit (a
+    /// missing or unknown field, a bad key or hash, an unknown client, a duplicate…) is
+    /// reported in `errors` by its index, not refused with the request.
+    #[schema(value_type = Vec<Value>, max_items = 10000)]
     pub keys: Vec<ImportKey>,
     /// `true`: when any key is refused, nothing is written (default false: the others are).
     pub atomic: Option<bool>,
