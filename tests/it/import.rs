@@ -417,3 +417,45 @@ async fn the_longest_and_shortest_imported_keys_work_in_every_form() {
         assert_eq!(statuses(&gw, key).await, [200; 5], "{key}");
     }
 }
+
+#[tokio::test]
+async fn imported_keys_work_on_every_instance_sharing_a_redis_store() {
+    let redis = crate::redis_support::RedisServer::start();
+    let upstream = Upstream::start().await;
+    let store = format!("url = \"{}\"\nnegative_ttl_secs = 3600", redis.tcp_url(0));
+    let a = Gateway::start_on_store(upstream.clone(), &store, EXTRA).await;
+    let b = Gateway::start_on_store(upstream, &store, EXTRA).await;
+    a.client("acme", "pro").await;
+    let kong = "shared-store-kong-key-0123456789";
+    let unkey = "shared-store-unkey-key-0123456789";
+    // B has seen both as unknown (cached negatively for an hour).
+    for k in [kong, unkey] {
+        assert_eq!(b.get_with_key("/x", k).await.status, 401);
+    }
+    let r = import(
+        &a,
+        json!({"keys": [
+            {"client_id": "acme", "name": "kong", "key": kong},
+            {"client_id": "acme", "name": "unkey", "sha256": sha256_hex(unkey)},
+            {"client_id": "acme", "name": "dup", "key": kong},
+        ]}),
+    )
+    .await;
+    assert_eq!(r.json()["imported"], 2, "{}", r.json());
+    assert_eq!(r.json()["errors"][0]["index"], 2);
+    // The writes' invalidations reach B: its negative entries go well before their TTL.
+    let start = std::time::Instant::now();
+    for k in [kong, unkey] {
+        loop {
+            if b.get_with_key("/x", k).await.status == 200 {
+                break;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(5),
+                "B still refuses an imported key"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(a.get_with_key("/x", k).await.status, 200);
+    }
+}
