@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -57,6 +58,7 @@ upstream = "http://127.0.0.1:{upstream_port}"
 listen = "127.0.0.1:0"
 [store]
 url = "sqlite://{tmp}/keygate.db"
+last_used_flush_secs = 1
 [plans.free]
 rate_limit = {{ per_minute = 600, burst = 50 }}
 [plans.pro]
@@ -122,7 +124,8 @@ def main():
     for a in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"]:
         opts.add_argument(a)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
-    wait = WebDriverWait(driver, 15)
+    # Tables are redrawn after each change: an element may go stale while the test reads it.
+    wait = WebDriverWait(driver, 15, ignored_exceptions=[StaleElementReferenceException, IndexError])
     by_id = lambda i: driver.find_element(By.ID, i)
     visible = lambda i: wait.until(EC.visibility_of_element_located((By.ID, i)))
 
@@ -199,11 +202,93 @@ def main():
         status, _ = http_call("GET", f"http://{proxy}/hello", key)
         check(status == 401, "the revoked key is refused by the proxy")
 
+        # Create a key with permissions and an expiry; disable and enable it; rotate it with a
+        # grace period (both secrets work); the proxy obeys each change at once.
+        def row_of(name):
+            return [r for r in driver.find_elements(By.CSS_SELECTOR, "#key-table tbody tr")
+                    if r.find_elements(By.TAG_NAME, "td")[0].text == name][0]
+
+        def press(name, label):
+            def click(_):
+                [b for b in row_of(name).find_elements(By.TAG_NAME, "button") if b.text == label][0].click()
+                return True
+            wait.until(click)
+
+        by_id("new-key-name").send_keys("ci")
+        by_id("new-key-perms").send_keys("read, write")
+        by_id("new-key-days").send_keys("30")
+        by_id("new-key-go").click()
+        visible("newkey")
+        ci = by_id("newkey-value").text
+        by_id("newkey-done").click()
+        cells = wait.until(lambda d: [c.text for c in row_of("ci").find_elements(By.TAG_NAME, "td")])
+        check(cells[2] == "read, write" and cells[4] != "never", "a key with permissions and an expiry")
+        check(http_call("GET", f"http://{proxy}/hello", ci)[0] == 200, "it works on the proxy")
+        press("ci", "Disable")
+        wait.until(lambda d: row_of("ci").find_elements(By.TAG_NAME, "td")[3].text == "no")
+        check(http_call("GET", f"http://{proxy}/hello", ci)[0] == 401, "disabled: refused")
+        press("ci", "Enable")
+        wait.until(lambda d: row_of("ci").find_elements(By.TAG_NAME, "td")[3].text == "yes")
+        check(http_call("GET", f"http://{proxy}/hello", ci)[0] == 200, "enabled again: accepted")
+        press("ci", "Rotate")
+        prompt = wait.until(EC.alert_is_present())
+        prompt.send_keys("3600")
+        prompt.accept()
+        visible("newkey")
+        rotated = by_id("newkey-value").text
+        check(rotated != ci and rotated.startswith("kg_"), "rotation shows the new key once")
+        by_id("newkey-done").click()
+        check(http_call("GET", f"http://{proxy}/hello", rotated)[0] == 200
+              and http_call("GET", f"http://{proxy}/hello", ci)[0] == 200,
+              "both secrets work during the grace period")
+
+        # Usage: the 7 accepted requests of this key (4 above, 3 here; the refused one while it
+        # was disabled is not counted) reach the store within the flush interval (1 s here); the
+        # client's chart and the key's chart show them.
+        for _ in range(3):
+            http_call("GET", f"http://{proxy}/hello", rotated)
+        time.sleep(2.5)
+        driver.find_element(By.ID, "nav-clients").click()
+        visible("clients")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#client-table tbody tr button")[0].click() or True)
+        visible("client")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#client-usage svg rect"))
+        press("ci", "Usage")
+        bars = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#key-usage svg rect"))
+        title = by_id("key-usage").find_element(By.TAG_NAME, "h3").text
+        check(len(bars) == 1 and "total 7" in title, f"usage charts per client and per key ({title})")
+        driver.save_screenshot(os.path.join(DOCS, "console-usage.png"))
+
+        # Change the license; search; delete a client after confirming.
+        by_id("client-license").clear()
+        by_id("client-license").send_keys("free")
+        by_id("client-license-go").click()
+        wait.until(lambda d: by_id("client-license").get_attribute("value") == "free")
+        s, c = http_call("GET", f"http://{admin}/v1/clients/acme", ADMIN_KEY, admin=True)
+        check(json.loads(c)["license"] == "free", "the license changed")
+        http_call("POST", f"http://{admin}/v1/clients", ADMIN_KEY,
+                  {"client_id": "doomed", "license": "free"}, admin=True)
+        driver.find_element(By.ID, "nav-clients").click()
+        visible("clients")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#client-table tbody tr")) == 2)
+        by_id("client-search").send_keys("doo")
+        rows = driver.find_elements(By.CSS_SELECTOR, "#client-table tbody tr")
+        check(len(rows) == 1 and "doomed" in rows[0].text, "search narrows the list")
+        rows[0].find_element(By.CSS_SELECTOR, "button.danger").click()
+        wait.until(EC.alert_is_present()).dismiss()
+        check(http_call("GET", f"http://{admin}/v1/clients/doomed", ADMIN_KEY, admin=True)[0] == 200,
+              "a dismissed confirmation deletes nothing")
+        driver.find_element(By.CSS_SELECTOR, "#client-table tbody tr button.danger").click()
+        wait.until(EC.alert_is_present()).accept()
+        wait.until(lambda d: http_call("GET", f"http://{admin}/v1/clients/doomed", ADMIN_KEY, admin=True)[0] == 404)
+        check(True, "a confirmed delete removes the client")
+
         # After a reload: signed out, the key nowhere in the page or the browser's storage.
         driver.refresh()
         visible("signin")
         check(not by_id("clients").is_displayed(), "a reload signs out")
-        check(key not in driver.page_source, "the key is not in the page after a reload")
+        check(all(k not in driver.page_source for k in (key, ci, rotated)),
+              "no key shown earlier is in the page after a reload")
         check(ADMIN_KEY not in driver.page_source, "nor the admin key")
         stored = driver.execute_script(
             "return localStorage.length + sessionStorage.length + document.cookie.length")

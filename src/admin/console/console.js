@@ -309,7 +309,9 @@ async function createKey() {
   const rps = $('new-key-rps').value;
   if (rps) body.rate_limit = { per_second: Number(rps), burst: Number($('new-key-burst').value || rps) };
   const v = await api('POST', '/v1/api-keys', body);
-  $('new-key-name').value = '';
+  for (const f of ['new-key-name', 'new-key-perms', 'new-key-days', 'new-key-rps', 'new-key-burst']) {
+    $(f).value = '';
+  }
   await renderKeys();
   showNewKey(v.key);
 }
