@@ -236,37 +236,47 @@ fn to_json<T: serde::Serialize>(v: &Option<T>) -> Option<String> {
         .map(|v| serde_json::to_string(v).expect("serializable"))
 }
 
+/// `execute` through the connection's statement cache: the statement is prepared once, not
+/// on every row (a bulk import inserts many).
+struct Cached<'a>(&'a Connection);
+
+impl Cached<'_> {
+    fn execute<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.0.prepare_cached(sql)?.execute(params)
+    }
+}
+
 fn insert_key_row(conn: &Connection, k: &ApiKey) -> rusqlite::Result<()> {
-    conn.prepare_cached(
+    Cached(conn).execute(
         "INSERT INTO api_keys (id, client_id, name, prefix, key_hash, previous_hash, \
          previous_valid_until, permissions, enabled, created_at, updated_at, expires_at, \
          last_used_at, rotated_at, rate_limit, metadata, disabled_by, expires_set_by, \
          rate_limit_set_by, tokens_valid_after) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
          ?19, ?20)",
-    )?
-    .execute(params![
-        k.id.to_string(),
-        k.client_id,
-        k.name,
-        k.prefix,
-        &k.key_hash.0[..],
-        k.previous_hash.as_ref().map(|h| h.0.to_vec()),
-        k.previous_valid_until,
-        serde_json::to_string(&k.permissions).expect("serializable"),
-        k.enabled,
-        k.created_at,
-        k.updated_at,
-        k.expires_at,
-        k.last_used_at,
-        k.rotated_at,
-        to_json(&k.rate_limit),
-        to_json(&k.metadata),
-        k.disabled_by.map(SetBy::as_str),
-        k.expires_set_by.map(SetBy::as_str),
-        k.rate_limit_set_by.map(SetBy::as_str),
-        k.tokens_valid_after,
-    ])?;
+        params![
+            k.id.to_string(),
+            k.client_id,
+            k.name,
+            k.prefix,
+            &k.key_hash.0[..],
+            k.previous_hash.as_ref().map(|h| h.0.to_vec()),
+            k.previous_valid_until,
+            serde_json::to_string(&k.permissions).expect("serializable"),
+            k.enabled,
+            k.created_at,
+            k.updated_at,
+            k.expires_at,
+            k.last_used_at,
+            k.rotated_at,
+            to_json(&k.rate_limit),
+            to_json(&k.metadata),
+            k.disabled_by.map(SetBy::as_str),
+            k.expires_set_by.map(SetBy::as_str),
+            k.rate_limit_set_by.map(SetBy::as_str),
+            k.tokens_valid_after,
+        ],
+    )?;
     Ok(())
 }
 
