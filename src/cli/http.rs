@@ -156,3 +156,17 @@ fn refused(status: StatusCode, problem: &Value) -> CliError {
         detail,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::segment;
+
+    #[test]
+    fn a_segment_cannot_leave_its_place_in_the_path() {
+        assert_eq!(segment("acme.prod_1-x~"), "acme.prod_1-x~");
+        assert_eq!(segment("../v1/clients"), "..%2Fv1%2Fclients");
+        assert_eq!(segment(".."), "%2E%2E");
+        assert_eq!(segment("."), "%2E");
+        assert_eq!(segment("a b?c#d%"), "a%20b%3Fc%23d%25");
+    }
+}

@@ -395,6 +395,15 @@ pub async fn run(g: &Global, admin: &Admin, args: &ImportArgs) -> Result<(), Cli
             Msg::Bad { line, message } => {
                 refused += 1;
                 report(line, &message);
+                if abort {
+                    // Checked in the first pass: the file changed since.
+                    eprintln!(
+                        "import stopped: line {line} changed since it was checked; {imported} \
+                         keys were imported, all from lines before it"
+                    );
+                    outcome = Err(CliError::Failed);
+                    break;
+                }
             }
             Msg::Batch {
                 lines,
