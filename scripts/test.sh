@@ -49,6 +49,8 @@ cargo test --all-targets
 scripts/schemathesis.sh
 scripts/browser-cors.sh
 scripts/generated-clients.sh
+# The web console in headless Chromium (installs chromium, chromium-driver, selenium itself).
+scripts/browser-test.sh
 FUZZ_BUILD="${FUZZ_BUILD:-dev}" scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
 
 echo

@@ -11,9 +11,12 @@
 //! first and then invalidates the cache entries it affects, before the answer is sent.
 
 pub mod clients;
+pub mod console;
 pub mod document;
 pub mod error;
+pub mod gateway_config;
 pub mod identity;
+pub mod import;
 pub mod keys;
 pub mod kixote;
 pub mod limits;
@@ -99,6 +102,8 @@ pub struct AdminInner {
     pub identity: Option<Arc<crate::identity::Identity>>,
     /// Webhooks and their outbox (`None`: the store keeps no events).
     pub events: Option<Arc<crate::events::Events>>,
+    /// Plans and routes as `GET /v1/config` shows them.
+    pub gateway_config: serde_json::Value,
 }
 
 #[derive(Clone)]
@@ -172,7 +177,7 @@ impl Modify for SecurityAddon {
         description = "Clients and API keys of a keygate gateway. Every /v1/api-keys route is also served under /api/v1/api-keys."
     ),
     modifiers(&SecurityAddon),
-    components(schemas(error::Problem, error::FieldError)),
+    components(schemas(error::Problem, error::FieldError, import::ImportKey)),
     security(("admin_key" = []), ("bearer" = []))
 )]
 struct ApiDoc;
@@ -186,6 +191,8 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(keys::usage))
         .routes(routes!(limits::change))
         .routes(routes!(limits::client_usage))
+        .routes(routes!(import::import))
+        .routes(routes!(gateway_config::show))
         .routes(routes!(clients::create, clients::list))
         .routes(routes!(clients::show, clients::update, clients::remove))
         .routes(routes!(kixote::create_client))
@@ -208,7 +215,10 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(openapi_json))
         .routes(routes!(metrics))
         .routes(routes!(kixote::login))
-        .routes(routes!(identity::jwks));
+        .routes(routes!(identity::jwks))
+        .routes(routes!(console::page))
+        .routes(routes!(console::css))
+        .routes(routes!(console::js));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(protected)
         .merge(open)

@@ -299,8 +299,12 @@ impl Authenticator {
     }
 
     /// Authenticates a plaintext API key.
+    /// A string with keygate's prefix must be a keygate key (shape and checksum); any other
+    /// must have the shape of an imported key ([`crate::keys::foreign`]). Either way only
+    /// SHA-256 of it is looked up, in the cache and then the store.
     pub async fn api_key(&self, key: &str) -> Result<Arc<Principal>, AuthError> {
-        if !self.format.shape(key) {
+        let keygate = key.as_bytes().starts_with(self.format.prefix().as_bytes());
+        if keygate && !self.format.shape(key) || !keygate && !crate::keys::foreign::shape(key) {
             return Err(AuthError::InvalidApiKey);
         }
         let hash = KeyHash::of(key);
@@ -309,7 +313,7 @@ impl Authenticator {
         // Only keys that passed the whole check are ever cached, and an entry is found only
         // for the same SHA-256, so a cached key's alphabet and checksum need no second look;
         // anything else is checked before it can cost a store lookup.
-        if entry.is_none() && !self.format.check(key) {
+        if entry.is_none() && keygate && !self.format.check(key) {
             return Err(AuthError::InvalidApiKey);
         }
         let refresh = |stale| {
@@ -549,7 +553,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bad_shapes_never_reach_cache_or_store() {
+    async fn bad_shapes_never_reach_cache_or_store_and_unknown_keys_cost_one_lookup() {
         let Setup {
             auth, store, cache, ..
         } = setup();
@@ -560,9 +564,14 @@ mod tests {
         for bad in [
             "".to_string(),
             "kg_short".into(),
-            "x".repeat(52),
+            // Keygate's prefix claims a keygate key: shape and checksum must hold.
             String::from_utf8(wrong_sum).unwrap(),
-            good.replacen("kg_", "kx_", 1),
+            format!("kg_{}", "x".repeat(60)),
+            // Not of the imported-key shape: too short, too long, not visible ASCII.
+            "x".repeat(15),
+            "x".repeat(257),
+            "sixteen chars ok".into(),
+            "tab\tin-the-middle-of-it".into(),
         ] {
             assert_eq!(
                 auth.api_key(&bad).await.unwrap_err(),
@@ -580,6 +589,16 @@ mod tests {
             );
         }
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+
+        // Strings of the imported-key shape go through the cache and the negative cache: one
+        // lookup per distinct string, however often it is presented.
+        let foreign = ["x".repeat(52), good.replacen("kg_", "kx_", 1)];
+        for _ in 0..5 {
+            for f in &foreign {
+                assert_eq!(auth.api_key(f).await.unwrap_err(), AuthError::InvalidApiKey);
+            }
+        }
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 3);
     }
 
     async fn seed(store: &Counting) -> crate::keys::NewKey {

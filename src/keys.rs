@@ -9,6 +9,7 @@ pub mod allowance;
 pub mod bucket;
 pub mod cache;
 pub mod cluster;
+pub mod foreign;
 pub mod outbox;
 pub mod store;
 #[doc(hidden)]

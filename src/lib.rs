@@ -36,6 +36,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod cors;
@@ -336,6 +337,7 @@ impl App {
             metrics: Arc::clone(&metrics),
             identity,
             events: events.clone(),
+            gateway_config: admin::gateway_config::describe(&config),
         }));
         let admin = admin::router(admin_state, config.admin.max_body_bytes);
 

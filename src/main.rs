@@ -27,6 +27,8 @@ struct Cli {
     /// An additional admin key. Prefer KEYGATE_ADMIN_KEY: arguments are visible in `ps`.
     #[arg(long, global = true)]
     admin_key: Option<String>,
+    #[command(flatten)]
+    admin_api: keygate::cli::Global,
     #[command(subcommand)]
     command: Command,
 }
@@ -37,10 +39,25 @@ enum Command {
     Serve,
     /// Validate the configuration and list every problem.
     CheckConfig,
+    /// Manage clients through the admin API.
+    #[command(subcommand)]
+    Client(keygate::cli::ClientCmd),
+    /// Manage API keys through the admin API.
+    #[command(subcommand)]
+    Key(keygate::cli::KeyCmd),
+    /// Print clients, keys (never secrets), plans in use and routes as TOML.
+    Export,
+    /// Show what `apply FILE` would change (exit 0: nothing, 3: changes).
+    Diff { file: PathBuf },
+    /// Make the gateway's clients and keys what FILE says.
+    Apply { file: PathBuf },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve | Command::CheckConfig) {
+        return admin_api(cli);
+    }
     let overrides = CliOverrides {
         listen: cli.listen,
         admin_listen: cli.admin_listen,
@@ -70,6 +87,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve => serve(config),
+        _ => unreachable!("admin-API commands return above"),
     }
 }
 
@@ -112,4 +130,57 @@ fn serve(config: Config) -> ExitCode {
             }
         }
     })
+}
+
+/// The admin-API commands: where the admin API is (flag, environment, else the config file's
+/// admin listener) and which key to present.
+fn admin_api(cli: Cli) -> ExitCode {
+    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let configured = if cli.admin_api.admin_url.is_some() {
+        None
+    } else {
+        let overrides = CliOverrides {
+            admin_listen: cli.admin_listen.clone(),
+            ..CliOverrides::default()
+        };
+        match Config::load(cli.config.as_deref(), &env, &overrides) {
+            Ok(c) => Some((c.admin.listen, c.admin.tls.is_some())),
+            Err(e) => {
+                eprint!("{e}");
+                eprintln!("keygate: no admin URL: give --admin-url or KEYGATE_ADMIN_URL");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let target = keygate::cli::Target {
+        url: cli.admin_api.admin_url.clone(),
+        configured,
+        key: cli
+            .admin_key
+            .clone()
+            .or_else(|| env.get("KEYGATE_ADMIN_KEY").cloned()),
+    };
+    let g = &cli.admin_api;
+    let admin = match keygate::cli::connect(g, target) {
+        Ok(a) => a,
+        Err(e) => return e.exit(),
+    };
+    let mut changes = false;
+    let code = keygate::cli::block_on(async {
+        match &cli.command {
+            Command::Client(cmd) => keygate::cli::client(g, &admin, cmd).await,
+            Command::Key(cmd) => keygate::cli::key(g, &admin, cmd).await,
+            Command::Export => keygate::cli::state::export(&admin).await,
+            Command::Diff { file } => {
+                changes = !keygate::cli::state::diff(&admin, file).await?;
+                Ok(())
+            }
+            Command::Apply { file } => keygate::cli::state::apply(g, &admin, file).await,
+            Command::Serve | Command::CheckConfig => Ok(()),
+        }
+    });
+    if changes && code == ExitCode::SUCCESS {
+        return ExitCode::from(3);
+    }
+    code
 }

@@ -3,7 +3,7 @@
 #![no_main]
 use http::HeaderName;
 use keygate::auth::credential::{Extractor, Kind, Source};
-use keygate::keys::MAX_KEY_LEN;
+use keygate::keys::foreign::MAX_FOREIGN_KEY_LEN;
 use libfuzzer_sys::fuzz_target;
 
 #[path = "common.rs"]
@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
         Source::Bearer => assert!(h.contains_key("authorization")),
         Source::Basic => {
             assert!(h.contains_key("authorization"));
-            assert!(secret.len() <= MAX_KEY_LEN);
+            assert!(secret.len() <= MAX_FOREIGN_KEY_LEN);
         }
         Source::Header => assert!(h.contains_key("x-api-key")),
         Source::Query => assert!(query.is_some_and(|q| q.contains(secret))),

@@ -8,7 +8,7 @@ use base64::Engine;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName};
 
-use crate::keys::MAX_KEY_LEN;
+use crate::keys::foreign::MAX_FOREIGN_KEY_LEN;
 
 /// Where the credential was found, so it can be removed before forwarding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,10 +21,16 @@ pub enum Source {
 
 /// The secret itself: borrowed from the request, or decoded from Basic auth into a buffer on
 /// the stack (no allocation either way).
+// The inline variant is large (an imported key may be 256 bytes) on purpose: it lives on the
+// stack for one request, which is cheaper than a heap allocation per Basic credential.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy)]
 pub enum SecretRef<'a> {
     Borrowed(&'a str),
-    Inline { buf: [u8; MAX_KEY_LEN], len: usize },
+    Inline {
+        buf: [u8; MAX_FOREIGN_KEY_LEN],
+        len: usize,
+    },
 }
 
 impl SecretRef<'_> {
@@ -91,10 +97,10 @@ fn basic(encoded: &str) -> Option<SecretRef<'static>> {
     let text = std::str::from_utf8(&decoded[..n]).ok()?;
     let (user, pass) = text.split_once(':')?;
     let key = if pass.is_empty() { user } else { pass };
-    if key.is_empty() || key.len() > MAX_KEY_LEN {
+    if key.is_empty() || key.len() > MAX_FOREIGN_KEY_LEN {
         return None;
     }
-    let mut buf = [0u8; MAX_KEY_LEN];
+    let mut buf = [0u8; MAX_FOREIGN_KEY_LEN];
     buf[..key.len()].copy_from_slice(key.as_bytes());
     Some(SecretRef::Inline {
         buf,

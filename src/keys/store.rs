@@ -12,6 +12,7 @@
 //! cannot undo a PATCH. Such writes never fail because of a concurrent write (there is nothing
 //! to retry), and each answers the record as its own write left it.
 
+pub mod import;
 pub mod metered;
 pub mod redis;
 pub mod signing;
@@ -378,6 +379,25 @@ pub trait Store: Send + Sync + 'static {
         Err(StoreError::Unavailable(
             "cluster rate limits need the Redis store".into(),
         ))
+    }
+
+    /// Writes keys migrated from another system (see [`import`]). Each key is judged in
+    /// order: its client must exist, its hash must not be any stored key's current or previous
+    /// hash nor an earlier key's of the same call, and its client must stay within `max_keys`
+    /// (0 = unlimited). The answer lists every refused key by its index in `keys`.
+    /// `atomic`: when any key is refused, nothing at all is written; otherwise the accepted
+    /// keys are written, each atomically (SQLite writes the whole call in one transaction).
+    ///
+    /// The default works through the other calls: it checks first, then inserts key by key,
+    /// and in `atomic` mode deletes what it inserted when a later key is refused or the store
+    /// fails. Stores with transactions override it.
+    async fn import_keys(
+        &self,
+        keys: Vec<ApiKey>,
+        max_keys: u32,
+        atomic: bool,
+    ) -> StoreResult<Vec<(usize, import::Refusal)>> {
+        import::one_by_one(self, keys, max_keys, atomic).await
     }
 
     /// Starts delivering invalidations made by other instances to `sink`, for as long as the

@@ -43,6 +43,12 @@ const FORBIDDEN: &[(&str, &str)] = &[
     ("telemetry", "keys"),
     ("telemetry", "config"),
     ("telemetry", "auth"),
+    // The command line is an admin-API client: no store, no data plane, no server internals.
+    ("cli", "admin"),
+    ("cli", "proxy"),
+    ("cli", "server"),
+    ("cli", "auth"),
+    ("cli", "limit"),
 ];
 
 /// Modules with no crate imports at all.

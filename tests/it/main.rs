@@ -4,6 +4,9 @@
 mod admin_api;
 mod admin_races;
 mod binary;
+mod cli;
+mod cli_state;
+mod console;
 mod cors;
 mod deploy_files;
 mod events;
@@ -12,6 +15,7 @@ mod forward_auth;
 mod hardening;
 mod hostile;
 mod identity;
+mod import;
 mod kixote;
 mod layers;
 mod limits;

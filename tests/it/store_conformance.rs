@@ -233,6 +233,7 @@ conformance!(
     signing_keys_are_made_once_added_and_pruned_atomically,
     credits_are_charged_whole_or_not_at_all_and_refilled_lazily,
     quotas_count_per_client_and_calendar_period,
+    import_keys_judges_each_key_and_atomic_imports_write_all_or_nothing,
 );
 
 fn client(id: &str, license: &str, created_at: Millis) -> Client {
@@ -1749,4 +1750,61 @@ async fn quotas_count_per_client_and_calendar_period(s: Arc<dyn Store>) {
         1,
         "a refused request was counted"
     );
+}
+
+async fn import_keys_judges_each_key_and_atomic_imports_write_all_or_nothing(s: Arc<dyn Store>) {
+    use keygate::keys::store::import::Refusal;
+    let now = now_millis();
+    let (first, first_hash) = key("acme", now);
+    s.insert_client(&client("acme", "pro", now), &first)
+        .await
+        .unwrap();
+    // A rotated-away secret within its grace period counts as stored too.
+    let (_, rotated_to) = key("acme", now);
+    s.rotate_key(first.id, &rotation(rotated_to, now, Some(now + 60_000)))
+        .await
+        .unwrap();
+    let (a, a_hash) = key("acme", now + 1);
+    let (b, _) = key("acme", now + 2);
+    let mut twin = key("acme", now + 3).0;
+    twin.key_hash = a_hash;
+    let mut old = key("acme", now + 4).0;
+    old.key_hash = first_hash;
+    let (orphan, _) = key("nobody", now + 5);
+    let batch = vec![a.clone(), twin, old, orphan, b.clone()];
+
+    // Atomic: one refusal and nothing is written.
+    let refused = s.import_keys(batch.clone(), 0, true).await.unwrap();
+    assert!(!refused.is_empty());
+    assert_eq!(s.find_by_id(a.id).await.unwrap(), None);
+    assert_eq!(s.find_by_id(b.id).await.unwrap(), None);
+    assert_eq!(s.list_keys(Some("acme"), 1, 10).await.unwrap().total, 1);
+
+    // Not atomic: the refused are listed, the others written.
+    let refused = s.import_keys(batch, 0, false).await.unwrap();
+    assert_eq!(
+        refused,
+        vec![
+            (1, Refusal::Duplicate),
+            (2, Refusal::Duplicate),
+            (3, Refusal::UnknownClient)
+        ]
+    );
+    assert_eq!(
+        s.find_by_hash(&a_hash, now).await.unwrap().unwrap().key.id,
+        a.id
+    );
+    assert!(s.find_by_id(b.id).await.unwrap().is_some());
+    assert_eq!(s.list_keys(Some("acme"), 1, 10).await.unwrap().total, 3);
+
+    // The maximum per client holds, counting what is already stored.
+    let (c, _) = key("acme", now + 6);
+    let (d, _) = key("acme", now + 7);
+    let refused = s
+        .import_keys(vec![c.clone(), d.clone()], 4, false)
+        .await
+        .unwrap();
+    assert_eq!(refused, vec![(1, Refusal::TooManyKeys { max: 4 })]);
+    assert!(s.find_by_id(c.id).await.unwrap().is_some());
+    assert_eq!(s.find_by_id(d.id).await.unwrap(), None);
 }

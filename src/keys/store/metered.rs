@@ -149,6 +149,14 @@ impl Store for Metered {
     ) -> StoreResult<crate::keys::cluster::SyncReply> {
         self.timed(self.inner.sync_rates(instance, buckets)).await
     }
+    async fn import_keys(
+        &self,
+        keys: Vec<ApiKey>,
+        max: u32,
+        atomic: bool,
+    ) -> StoreResult<Vec<(usize, super::import::Refusal)>> {
+        self.timed(self.inner.import_keys(keys, max, atomic)).await
+    }
     async fn ping(&self) -> StoreResult<()> {
         self.timed(self.inner.ping()).await
     }

@@ -13,7 +13,7 @@ use super::signing::{AddKey, SigningKeyRecord};
 use super::sqlite_outbox::write_events;
 use super::{
     ClientPatch, ClientWithKeys, Conflict, KeyPatch, Page, Rotated, Rotation, Store, StoreError,
-    StoreResult, Usage,
+    StoreResult, Usage, import,
 };
 use crate::keys::allowance::{
     Charge, Charged, CreditTerms, Credits, CreditsWrite, CreditsWritten, Exhausted, Interval,
@@ -138,6 +138,12 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(unavailable)?;
         conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(unavailable)?;
+        // Up to 64 MiB of page cache (SQLite's default is 2 MiB), allocated as pages are used:
+        // the key-hash index of a million keys (about 50 MB) then stays in memory, and a bulk
+        // import does not spill pages to the WAL in mid-transaction or re-read them through the
+        // kernel (BENCHMARKS.md, key import).
+        conn.pragma_update(None, "cache_size", -65_536)
             .map_err(unavailable)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(unavailable)?;
@@ -287,8 +293,18 @@ fn to_json<T: serde::Serialize>(v: &Option<T>) -> Option<String> {
         .map(|v| serde_json::to_string(v).expect("serializable"))
 }
 
+/// `execute` through the connection's statement cache: the statement is prepared once, not
+/// on every row (a bulk import inserts many).
+struct Cached<'a>(&'a Connection);
+
+impl Cached<'_> {
+    fn execute<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.0.prepare_cached(sql)?.execute(params)
+    }
+}
+
 fn insert_key_row(conn: &Connection, k: &ApiKey) -> rusqlite::Result<()> {
-    conn.execute(
+    Cached(conn).execute(
         "INSERT INTO api_keys (id, client_id, name, prefix, key_hash, previous_hash, \
          previous_valid_until, permissions, enabled, created_at, updated_at, expires_at, \
          last_used_at, rotated_at, rate_limit, metadata, disabled_by, expires_set_by, \
@@ -448,6 +464,60 @@ fn write_credits_row(conn: &Connection, key_id: &str, c: &Credits) -> rusqlite::
 fn page_bounds(page: u32, per_page: u32) -> (i64, i64) {
     let per = i64::from(per_page.max(1));
     (per, (i64::from(page.max(1)) - 1) * per)
+}
+
+/// The rows of [`Store::import_keys`], judged and (unless an atomic import saw a refusal)
+/// inserted inside the caller's transaction.
+fn import_rows(
+    tx: &Connection,
+    keys: &[ApiKey],
+    max_keys: u32,
+    atomic: bool,
+) -> rusqlite::Result<Vec<(usize, import::Refusal)>> {
+    let mut refused = Vec::new();
+    // Per client: exists, and how many keys it has (counted only when there is a maximum).
+    let mut clients: std::collections::HashMap<&str, Option<u32>> = Default::default();
+    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+    let mut stored = tx.prepare_cached(
+        "SELECT EXISTS(SELECT 1 FROM api_keys WHERE key_hash = ?1) \
+         OR EXISTS(SELECT 1 FROM api_keys WHERE previous_hash = ?1)",
+    )?;
+    for (i, k) in keys.iter().enumerate() {
+        if !clients.contains_key(k.client_id.as_str()) {
+            let c = if !client_exists(tx, &k.client_id)? {
+                None
+            } else if max_keys > 0 {
+                Some(tx.query_row(
+                    "SELECT COUNT(*) FROM api_keys WHERE client_id = ?1",
+                    [&k.client_id],
+                    |r| r.get(0),
+                )?)
+            } else {
+                Some(0)
+            };
+            clients.insert(k.client_id.as_str(), c);
+        }
+        let count = clients
+            .get_mut(k.client_id.as_str())
+            .expect("inserted above");
+        let Some(n) = count else {
+            refused.push((i, import::Refusal::UnknownClient));
+            continue;
+        };
+        if !seen.insert(k.key_hash.0) || stored.query_row([&k.key_hash.0[..]], |r| r.get(0))? {
+            refused.push((i, import::Refusal::Duplicate));
+            continue;
+        }
+        if max_keys > 0 && *n >= max_keys {
+            refused.push((i, import::Refusal::TooManyKeys { max: max_keys }));
+            continue;
+        }
+        *n += 1;
+        if !atomic || refused.is_empty() {
+            insert_key_row(tx, k)?;
+        }
+    }
+    Ok(refused)
 }
 
 #[async_trait]
@@ -899,6 +969,24 @@ impl Store for SqliteStore {
             .map_err(db)?
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(db)
+        })
+        .await
+    }
+
+    async fn import_keys(
+        &self,
+        keys: Vec<ApiKey>,
+        max_keys: u32,
+        atomic: bool,
+    ) -> StoreResult<Vec<(usize, import::Refusal)>> {
+        self.run(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let refused = import_rows(&tx, &keys, max_keys, atomic).map_err(db)?;
+            if atomic && !refused.is_empty() {
+                return Ok(refused);
+            }
+            tx.commit().map_err(db)?;
+            Ok(refused)
         })
         .await
     }

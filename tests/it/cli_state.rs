@@ -1,0 +1,298 @@
+//! `keygate export | diff | apply` with the real binary: export → diff is empty; an edited
+//! file is listed by diff (exit 3) and applied; a second apply changes nothing; a state
+//! exported from one gateway converges another; no secret ever appears in an export; bad
+//! files are usage errors that change nothing.
+
+use std::path::Path;
+use std::process::Output;
+
+use serde_json::{Value, json};
+
+use crate::support::binary::Binary;
+use crate::support::{ADMIN_KEY, Gateway};
+
+const ROUTES: &str =
+    "[[routes]]\npath = \"/v1\"\npermissions = [\"read\"]\n[[routes]]\npath = \"/\"\n";
+
+async fn kg(gw: &Gateway, args: &[&str]) -> Output {
+    let launch = Binary::command(args)
+        .arg("--admin-url")
+        .arg(format!("http://{}", gw.admin))
+        .env("KEYGATE_ADMIN_KEY", ADMIN_KEY);
+    tokio::task::spawn_blocking(move || launch.output())
+        .await
+        .unwrap()
+}
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+async fn export(gw: &Gateway, to: &Path) -> String {
+    let o = kg(gw, &["export"]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    std::fs::write(to, &o.stdout).unwrap();
+    out(&o)
+}
+
+async fn diff(gw: &Gateway, file: &Path) -> (i32, String) {
+    let o = kg(gw, &["diff", file.to_str().unwrap()]).await;
+    (o.status.code().unwrap(), out(&o) + &err(&o))
+}
+
+async fn apply(gw: &Gateway, file: &Path) -> Output {
+    let o = kg(gw, &["apply", file.to_str().unwrap()]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    o
+}
+
+/// Every client and key as the admin API shows them (with `updated_at`, so a write shows).
+async fn snapshot(gw: &Gateway) -> (Value, Value) {
+    let c = gw
+        .admin("GET", "/v1/clients?per_page=1000", None)
+        .await
+        .json();
+    let k = gw
+        .admin("GET", "/v1/api-keys?per_page=1000", None)
+        .await
+        .json();
+    (c["data"].clone(), k["data"].clone())
+}
+
+async fn seed(gw: &Gateway) -> Vec<String> {
+    let (a, _) = gw.client("acme", "pro").await;
+    let (b, _) = gw.client("globex", "free").await;
+    let r = gw
+        .admin(
+            "PATCH",
+            "/v1/clients/globex",
+            Some(json!({"metadata": {"tier": 2, "note": null, "tags": ["x"]}})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let k = gw
+        .key(
+            "acme",
+            json!({"name": "ci", "permissions": ["read", "write"], "expires_days": 30,
+                   "rate_limit": {"per_second": 5, "burst": 10}, "metadata": {"team": "ops"}}),
+        )
+        .await;
+    let d = gw
+        .key("acme", json!({"name": "off", "enabled": false}))
+        .await;
+    vec![
+        a,
+        b,
+        k["key"].as_str().unwrap().into(),
+        d["key"].as_str().unwrap().into(),
+    ]
+}
+
+#[tokio::test]
+async fn export_then_diff_is_empty_and_edits_converge_idempotently() {
+    let gw = Gateway::start_with(ROUTES).await;
+    let secrets = seed(&gw).await;
+    let file = gw.dir.path().join("state.toml");
+    let text = export(&gw, &file).await;
+    for s in &secrets {
+        assert!(!text.contains(s.as_str()), "a secret in the export");
+        assert!(!text.contains(&hex::encode(sha2::Digest::finalize(
+            <sha2::Sha256 as sha2::Digest>::new_with_prefix(s.as_bytes())
+        ))));
+    }
+    for want in [
+        "[[clients]]",
+        "[[keys]]",
+        "[plans.pro",
+        "[plans.free",
+        "[[routes]]",
+        "path = \"/v1\"",
+    ] {
+        assert!(text.contains(want), "{want} missing from:\n{text}");
+    }
+    assert_eq!(diff(&gw, &file).await, (0, String::new()));
+
+    // Edit: globex's license, disable ci, remove "off", add a key by name, add a client with
+    // two keys, remove nothing else.
+    let mut state: toml::Table = toml::from_str(&text).unwrap();
+    let clients = state["clients"].as_array_mut().unwrap();
+    for c in clients.iter_mut() {
+        if c["client_id"].as_str() == Some("globex") {
+            c.as_table_mut().unwrap()["license"] = "pro".into();
+        }
+    }
+    clients.push(toml::Value::Table(
+        toml::toml! { client_id = "initech" license = "free" },
+    ));
+    let keys = state["keys"].as_array_mut().unwrap();
+    keys.retain(|k| k["name"].as_str() != Some("off"));
+    for k in keys.iter_mut() {
+        if k["name"].as_str() == Some("ci") {
+            k.as_table_mut().unwrap()["enabled"] = false.into();
+        }
+    }
+    keys.push(toml::Value::Table(
+        toml::toml! { client_id = "acme" name = "new-one" permissions = ["read"] },
+    ));
+    keys.push(toml::Value::Table(
+        toml::toml! { client_id = "initech" name = "first" },
+    ));
+    keys.push(toml::Value::Table(
+        toml::toml! { client_id = "initech" name = "second" metadata = "{\"a\":1}" },
+    ));
+    std::fs::write(&file, toml::to_string(&state).unwrap()).unwrap();
+
+    let (code, listed) = diff(&gw, &file).await;
+    assert_eq!(code, 3, "{listed}");
+    for want in [
+        "~ client globex: license free → pro",
+        "+ client initech (license free)",
+        "- key acme/off",
+        "~ key acme/ci",
+        "enabled true → false",
+        "+ key acme/new-one",
+        "+ key initech/first",
+        "+ key initech/second",
+    ] {
+        assert!(listed.contains(want), "{want:?} missing from:\n{listed}");
+    }
+    let before = snapshot(&gw).await;
+    assert_eq!(diff(&gw, &file).await.0, 3, "diff changes nothing");
+    assert_eq!(snapshot(&gw).await, before);
+
+    let o = apply(&gw, &file).await;
+    // New secrets are printed once: they work on the proxy.
+    let created: Vec<String> = out(&o)
+        .lines()
+        .filter_map(|l| l.split_once(": kg_").map(|(_, k)| format!("kg_{k}")))
+        .collect();
+    assert_eq!(created.len(), 3, "{}", out(&o));
+    for k in &created {
+        assert_eq!(gw.get_with_key("/x", k).await.status, 200);
+    }
+    assert_eq!(
+        gw.get_with_key("/x", &secrets[2]).await.status,
+        401,
+        "ci disabled"
+    );
+    assert_eq!(
+        gw.get_with_key("/x", &secrets[3]).await.status,
+        401,
+        "off deleted"
+    );
+    assert_eq!(diff(&gw, &file).await, (0, String::new()));
+    let (_, keys) = snapshot(&gw).await;
+    let initech: Vec<&Value> = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["client_id"] == "initech")
+        .collect();
+    assert_eq!(
+        initech.len(),
+        2,
+        "the client's automatic first key became `first`"
+    );
+
+    // A second apply changes nothing at all.
+    let before = snapshot(&gw).await;
+    let o = apply(&gw, &file).await;
+    assert_eq!(out(&o), "");
+    assert_eq!(snapshot(&gw).await, before);
+}
+
+#[tokio::test]
+async fn a_state_exported_from_one_gateway_converges_another() {
+    let a = Gateway::start_with(ROUTES).await;
+    seed(&a).await;
+    let file = a.dir.path().join("state.toml");
+    export(&a, &file).await;
+
+    // The same routes, to the same upstream: the state's [[routes]] match.
+    let url = a.upstream.url();
+    let b = Gateway::start_custom(
+        crate::support::Upstream::start().await,
+        |_| url.clone(),
+        ROUTES,
+    )
+    .await;
+    b.client("stale", "free").await;
+    let (code, listed) = diff(&b, &file).await;
+    assert_eq!(code, 3);
+    assert!(listed.contains("- client stale"), "{listed}");
+    apply(&b, &file).await;
+    assert_eq!(diff(&b, &file).await, (0, String::new()));
+    // Same clients and keys, by everything but ids, times and secrets.
+    let strip = |v: Value| -> Vec<Value> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|k| {
+                json!([
+                    k["client_id"],
+                    k["name"],
+                    k["license"],
+                    k["permissions"],
+                    k["enabled"],
+                    k["rate_limit"],
+                    k["metadata"],
+                    k["expires_at"].is_string()
+                ])
+            })
+            .collect()
+    };
+    let (ca, ka) = snapshot(&a).await;
+    let (cb, kb) = snapshot(&b).await;
+    assert_eq!(strip(ca), strip(cb));
+    assert_eq!(strip(ka), strip(kb));
+    let before = snapshot(&b).await;
+    assert_eq!(out(&apply(&b, &file).await), "");
+    assert_eq!(snapshot(&b).await, before);
+}
+
+#[tokio::test]
+async fn bad_state_files_are_usage_errors_and_change_nothing() {
+    let gw = Gateway::start_with(ROUTES).await;
+    seed(&gw).await;
+    let file = gw.dir.path().join("state.toml");
+    let good = export(&gw, &file).await;
+    let before = snapshot(&gw).await;
+    let bad_files = [
+        "this is [not toml".to_string(),
+        format!("unknown = 1\n{good}"),
+        good.replace(
+            "client_id = \"acme\"\nlicense",
+            "client_id = \"acme\"\nlicence",
+        ),
+        // A key of a client not in the file.
+        format!("{good}\n[[keys]]\nclient_id = \"nobody\"\nname = \"x\"\n"),
+        // Two keys of one client with one name and no ids.
+        format!(
+            "{good}\n[[keys]]\nclient_id = \"acme\"\nname = \"twin\"\n[[keys]]\nclient_id = \"acme\"\nname = \"twin\"\n"
+        ),
+        format!("{good}\n[[keys]]\nclient_id = \"acme\"\nname = \"m\"\nmetadata = \"[1]\"\n"),
+    ];
+    for text in &bad_files {
+        std::fs::write(&file, text).unwrap();
+        for cmd in ["diff", "apply"] {
+            let o = kg(&gw, &[cmd, file.to_str().unwrap()]).await;
+            assert_eq!(o.status.code(), Some(2), "{cmd} {text}: {}", err(&o));
+        }
+    }
+    // Routes that differ from the running configuration: diff says so, apply refuses whole.
+    std::fs::write(&file, good.replace("path = \"/v1\"", "path = \"/v2\"")).unwrap();
+    let (code, listed) = diff(&gw, &file).await;
+    assert_eq!(code, 3);
+    assert!(listed.contains("[[routes]] differ"), "{listed}");
+    let o = kg(&gw, &["apply", file.to_str().unwrap()]).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(err(&o).contains("nothing was changed"));
+    assert_eq!(snapshot(&gw).await, before);
+    // GET /v1/config is for admins only.
+    let r = gw.admin_as("GET", "/v1/config", None, &[]).await;
+    assert_eq!(r.status, 401);
+}
