@@ -537,7 +537,8 @@ async fn credit_changes_refuse_bad_input_and_change_nothing() {
         (r#"{"add": 1.5}"#, 400),
         (r#"{"add": "3"}"#, 400),
         (r#"{"add": 18446744073709551616}"#, 400),
-        (r#"{"add": 1e3}"#, 400),
+        // 1e3 is the integer 1000 (JSON Schema: a zero fraction is an integer); 2.5e0 is not.
+        (r#"{"add": 2.5e0}"#, 400),
         (r#"{"set": 1000000000000001}"#, 422),
         (r#"{"add": 1, "set": 2}"#, 422),
         (r#"{}"#, 422),
