@@ -87,6 +87,20 @@ fn complete_value(doc: &mut Value, plans: &[&str], api_key_header: &str) {
         ]});
     }
 
+    // A refill's `day` is for a monthly refill only.
+    schemas["Refill"]["anyOf"] = json!([
+        {"properties": {"interval": {"const": "monthly"}}},
+        {"properties": {"day": {"type": "null"}}}
+    ]);
+
+    // A webhook's list of event types: 1–10 of them.
+    if let Some(one) = schemas["EventsInput"]["oneOf"].as_array_mut() {
+        for s in one.iter_mut().filter(|s| s["type"] == "array") {
+            s["minItems"] = json!(1);
+            s["maxItems"] = json!(super::webhooks::MAX_EVENT_TYPES);
+        }
+    }
+
     let components = &mut doc["components"]["securitySchemes"];
     components["admin_key"] = json!({
         "type": "apiKey", "in": "header", "name": "X-ADMIN-KEY",

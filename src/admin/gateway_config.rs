@@ -55,7 +55,11 @@ fn redacted(uri: &http::Uri) -> String {
 
 /// Plans and routes of the running configuration; admin only.
 #[utoipa::path(get, path = "/v1/config", operation_id = "gateway_config", tag = "service",
-    responses((status = 200, description = "`{plans: {name: {rate_limit?}}, routes: [{path, upstream, permissions, methods, auth, rate_limit?}]}`", content_type = "application/json"), ErrorResponses))]
+    responses((status = 200, description = "`{plans: {name: {rate_limit?}}, routes: [{path, upstream, permissions, methods, auth, rate_limit?}]}`",
+        content_type = "application/json", body = Object,
+        example = json!({"plans": {"free": {"rate_limit": {"per_minute": 60, "burst": 10}}, "pro": {}},
+            "routes": [{"path": "/api", "upstream": "http://127.0.0.1:8080/api", "permissions": ["invoices:read"],
+                "methods": ["GET", "POST"], "auth": "required"}]})), ErrorResponses))]
 pub async fn show(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,

@@ -52,6 +52,10 @@ pub struct ImportKey {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)] // Documents the body; the handler reads it field by field.
+#[schema(examples(json!({"keys": [
+    {"client_id": "acme", "name": "migrated from Kong", "key": "kong-3xQ9vLm2aR7tYp0sWk4e", "permissions": ["invoices:read"]},
+    {"client_id": "acme", "name": "migrated from Unkey", "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}
+], "atomic": false})))]
 pub struct ImportRequest {
     /// At most 10000 keys, each an `ImportKey` object (`client_id`, `name`, `key` | `sha256`,
     /// `permissions`?, `expires_at`?). Each is judged on its own: one that does not fit (a
@@ -71,6 +75,7 @@ pub struct ImportError {
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(examples(json!({"imported": 1, "errors": [{"index": 1, "message": "client_id: no such client"}]})))]
 pub struct ImportResult {
     /// Keys written.
     pub imported: usize,
@@ -80,7 +85,7 @@ pub struct ImportResult {
 
 /// Imports keys from another system (plaintext or SHA-256); admin only.
 #[utoipa::path(post, path = "/v1/api-keys/import", operation_id = "import_keys", tag = "keys", request_body = ImportRequest,
-    responses((status = 200, body = ImportResult), ErrorResponses))]
+    responses((status = 200, description = "How many keys were written, and each refused key by index with why", body = ImportResult), ErrorResponses))]
 pub async fn import(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,

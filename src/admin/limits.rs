@@ -18,11 +18,17 @@ use crate::keys::{ApiKey, Millis, now_millis};
 
 /// A key's credits as shown: what is left now (a refill that is due counted), and the refill.
 #[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(examples(json!({
+    "remaining": 9500,
+    "refill": {"amount": 10000, "interval": "monthly", "day": 1},
+    "next_refill_at": "2027-01-01T00:00:00.000Z"
+})))]
 pub struct CreditsView {
     #[schema(minimum = 0, maximum = 1_000_000_000_000_000_i64)]
     pub remaining: u64,
     pub refill: Option<Refill>,
     /// When the next refill sets `remaining` to `refill.amount` (RFC 3339, UTC).
+    #[schema(format = DateTime)]
     pub next_refill_at: Option<String>,
 }
 
@@ -66,16 +72,24 @@ impl CreditsBody {
     }
 }
 
-/// `{"add": n}` or `{"set": n}` (exactly one).
+/// `{"add": n}` or `{"set": n}`: exactly one of the two, a number (never null).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(min_properties = 1, max_properties = 1, examples(json!({"add": 5000})))]
 pub struct CreditsChange {
     /// Credits to add to what is left (after any refill that is due), 0–10^15.
-    #[schema(minimum = 0, maximum = 1_000_000_000_000_000_i64)]
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = u64, minimum = 0, maximum = 1_000_000_000_000_000_i64, examples(5000))]
     pub add: Option<u64>,
     /// What is left from now on, 0–10^15 (the refill, if any, is kept).
-    #[schema(minimum = 0, maximum = 1_000_000_000_000_000_i64)]
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = u64, minimum = 0, maximum = 1_000_000_000_000_000_i64, examples(10000))]
     pub set: Option<u64>,
+}
+
+/// A field that may be absent but, when given, is a number: `null` is refused.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    u64::deserialize(d).map(Some)
 }
 
 /// Only an admin changes credits (a client principal gets 403, whatever the change).
@@ -123,8 +137,8 @@ pub async fn view(state: &AdminState, key_id: Uuid) -> Result<Option<CreditsView
 /// without refill.
 #[utoipa::path(post, path = "/v1/api-keys/{id}/credits", operation_id = "change_credits", tag = "keys",
     request_body = CreditsChange,
-    params(("id" = String, Path, description = "Key id")),
-    responses((status = 200, body = CreditsView), ErrorResponses))]
+    params(("id" = String, Path, format = Uuid, description = "Key id (a key of another client answers 404)", example = "0193a4c2-5e1f-7b3a-9c4d-2f6e8a0b1c3d")),
+    responses((status = 200, description = "The key's credits after the change", body = CreditsView), ErrorResponses))]
 pub async fn change(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -160,24 +174,37 @@ pub async fn change(
 
 /// A quota's use in the current period.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({"requests": 100000, "per": "month", "used": 4200, "remaining": 95800,
+    "period_start": "2026-12-01T00:00:00.000Z", "resets_at": "2027-01-01T00:00:00.000Z"})))]
 pub struct QuotaView {
     pub requests: u64,
     pub per: Period,
     pub used: u64,
     pub remaining: u64,
     /// When the current period started and when the next one starts (RFC 3339, UTC).
+    #[schema(format = DateTime)]
     pub period_start: String,
+    #[schema(format = DateTime)]
     pub resets_at: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct KeyCredits {
+    #[schema(format = Uuid)]
     pub id: String,
     pub name: String,
     pub credits: CreditsView,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({
+    "client_id": "acme",
+    "license": "pro",
+    "quota": {"requests": 100000, "per": "month", "used": 4200, "remaining": 95800,
+        "period_start": "2026-12-01T00:00:00.000Z", "resets_at": "2027-01-01T00:00:00.000Z"},
+    "credits": [{"id": "0193a4c2-5e1f-7b3a-9c4d-2f6e8a0b1c3d", "name": "billing backend",
+        "credits": {"remaining": 9500, "refill": null, "next_refill_at": null}}]
+})))]
 pub struct ClientUsage {
     pub client_id: String,
     pub license: String,
@@ -190,8 +217,8 @@ pub struct ClientUsage {
 /// A client's quota use in the current period and the credits of its keys. A client
 /// principal may read its own.
 #[utoipa::path(get, path = "/v1/clients/{client_id}/usage", operation_id = "client_usage", tag = "clients",
-    params(("client_id" = String, Path)),
-    responses((status = 200, body = ClientUsage), ErrorResponses))]
+    params(("client_id" = String, Path, pattern = "^[A-Za-z0-9._-]{1,64}$", example = "acme")),
+    responses((status = 200, description = "The client's quota in the current period and the credits of its keys", body = ClientUsage), ErrorResponses))]
 pub async fn client_usage(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,

@@ -3,13 +3,13 @@
 //! answer to the create call; no listing, log line or error shows it again.
 
 use axum::Json;
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::error::{AdminError, ErrorResponses, FieldError, JsonBody};
+use super::error::{AdminError, ErrorResponses, FieldError, JsonBody, Query};
 use super::{AdminState, Caller, rfc3339};
 use crate::config::events::{RawEventList, event_list, url_problem};
 use crate::events::Events;
@@ -20,14 +20,42 @@ use crate::keys::outbox::{Attempt, Webhook};
 /// Webhooks managed through the API, at most.
 const MAX_WEBHOOKS: usize = 100;
 const DEFAULT_DELIVERIES: u32 = 100;
+
+/// What a webhook URL given through the API must look like, stated in the document as is:
+/// `http(s)://host[:port][/path[?query]]`, the host a name or IPv4 address, the port 0–65535,
+/// the path and query of URL characters (`%` only as an escape). No credentials (`@` only
+/// after the host), no fragment, no IPv6 literal.
+pub const URL_PATTERN: &str = "^https?://[A-Za-z0-9.-]+(:([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?(/([A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?$";
+
+static URL_RE: std::sync::LazyLock<regex::Regex> =
+    std::sync::LazyLock::new(|| regex::Regex::new(URL_PATTERN).expect("URL_PATTERN compiles"));
+
+/// Why a webhook URL is refused: the document's pattern first, then the rules the
+/// configuration file applies too.
+fn url_refused(url: &str) -> Option<&'static str> {
+    if url.len() > 2048 {
+        return Some("is longer than 2048 characters");
+    }
+    if !URL_RE.is_match(url) {
+        return Some(
+            "must be http(s)://host[:port][/path], the host a name or IPv4 address, without credentials or fragment",
+        );
+    }
+    url_problem(url)
+}
 const MAX_DELIVERIES: u32 = 1000;
 
 /// A new webhook.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"url": "https://hooks.example.com/keygate", "events": ["key.created", "key.revoked"]})))]
 pub struct CreateWebhook {
-    /// `http://` or `https://` URL receiving a POST per event (at most 2048 characters).
-    #[schema(example = "https://hooks.example.com/keygate", max_length = 2048)]
+    /// `http://` or `https://` URL receiving a POST per event (see [`URL_PATTERN`]).
+    #[schema(
+        example = "https://hooks.example.com/keygate",
+        max_length = 2048,
+        pattern = "^https?://[A-Za-z0-9.-]+(:([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?(/([A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?$"
+    )]
     pub url: String,
     /// Event types (`key.created`, `key.updated`, `key.rotated`, `key.revoked`,
     /// `key.expiring`, `key.leaked`, `client.created`, `client.deleted`, `quota.threshold`), or
@@ -42,7 +70,7 @@ pub struct CreateWebhook {
 pub enum EventsInput {
     /// `"*"`: every event type.
     All(Every),
-    /// Some event types (at least one).
+    /// Some event types (1–10 of them; the bounds are stated in `admin::document`).
     Some(Vec<EventName>),
 }
 
@@ -106,7 +134,20 @@ impl EventName {
     }
 }
 
+/// Most event types one list may name.
+pub const MAX_EVENT_TYPES: usize = 10;
+
 impl EventsInput {
+    /// The event types, or why not.
+    fn list(&self) -> Result<Vec<String>, String> {
+        if let EventsInput::Some(l) = self
+            && l.len() > MAX_EVENT_TYPES
+        {
+            return Err(format!("names at most {MAX_EVENT_TYPES} event types"));
+        }
+        event_list(&self.raw())
+    }
+
     fn raw(&self) -> RawEventList {
         match self {
             EventsInput::All(_) => RawEventList::One("*".into()),
@@ -120,9 +161,14 @@ impl EventsInput {
 /// A change to a webhook: what is given is set.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"events": ["key.revoked"]})))]
 pub struct UpdateWebhook {
-    /// `http://` or `https://` URL (at most 2048 characters).
-    #[schema(example = "https://hooks.example.com/keygate", max_length = 2048)]
+    /// `http://` or `https://` URL (see [`URL_PATTERN`]).
+    #[schema(
+        example = "https://hooks.example.com/keygate",
+        max_length = 2048,
+        pattern = "^https?://[A-Za-z0-9.-]+(:([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?(/([A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?$"
+    )]
     pub url: Option<String>,
     /// Event types, or `"*"` for all.
     #[schema(example = json!(["key.revoked"]))]
@@ -131,12 +177,24 @@ pub struct UpdateWebhook {
 
 /// A webhook as the API shows it. `secret` is present only in the answer that creates it.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({
+    "id": "wh_0193a4c25e1f7b3a9c4d2f6e8a0b1c3d",
+    "url": "https://hooks.example.com/keygate",
+    "events": ["key.created", "key.revoked"],
+    "source": "api",
+    "created_at": "2026-11-30T09:15:00.000Z",
+    "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+})))]
 pub struct WebhookView {
+    #[schema(pattern = "^wh_(cfg_[0-9a-f]{16}|[0-9a-f]{32})$")]
     pub id: String,
     pub url: String,
     pub events: Vec<String>,
     /// `config`: from the configuration file (changed there, not here); `api`: made here.
+    #[schema(examples("api"))]
     pub source: String,
+    /// When it was made through the API (null for a webhook of the configuration file).
+    #[schema(format = DateTime)]
     pub created_at: Option<String>,
     /// The Standard Webhooks signing secret (`whsec_` + base64): only in the create answer.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -157,6 +215,13 @@ impl WebhookView {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({"data": [{
+    "id": "wh_0193a4c25e1f7b3a9c4d2f6e8a0b1c3d",
+    "url": "https://hooks.example.com/keygate",
+    "events": ["key.created", "key.revoked"],
+    "source": "api",
+    "created_at": "2026-11-30T09:15:00.000Z"
+}]})))]
 pub struct WebhookList {
     pub data: Vec<WebhookView>,
 }
@@ -169,6 +234,7 @@ pub struct AttemptView {
     pub event_type: String,
     /// 1 for the first attempt.
     pub attempt: u32,
+    #[schema(format = DateTime)]
     pub at: String,
     /// The receiver's status code (null: no answer, see `error`).
     pub status: Option<u16>,
@@ -192,6 +258,15 @@ impl From<Attempt> for AttemptView {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(examples(json!({"data": [{
+    "event_id": "evt_0193a4c25e1f7b3a9c4d2f6e8a0b1c3d",
+    "event_type": "key.created",
+    "attempt": 1,
+    "at": "2026-11-30T09:15:01.250Z",
+    "status": 200,
+    "error": null,
+    "outcome": "delivered"
+}]})))]
 pub struct AttemptList {
     pub data: Vec<AttemptView>,
 }
@@ -200,6 +275,7 @@ pub struct AttemptList {
 #[into_params(parameter_in = Query)]
 pub struct DeliveriesQuery {
     /// Most recent attempts listed, 1–1000 (default 100).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000, example = 100)]
     limit: Option<String>,
 }
 
@@ -211,7 +287,7 @@ fn events_of(state: &AdminState) -> Result<&Events, AdminError> {
 
 /// Creates a webhook. The answer carries its signing secret, shown this once.
 #[utoipa::path(post, path = "/v1/webhooks", operation_id = "create_webhook", tag = "webhooks", request_body = CreateWebhook,
-    responses((status = 201, body = WebhookView), ErrorResponses))]
+    responses((status = 201, description = "The webhook, with its signing secret (shown this once)", body = WebhookView), ErrorResponses))]
 pub async fn create(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -220,14 +296,13 @@ pub async fn create(
     caller.admin_only()?;
     let events = events_of(&state)?;
     let mut errs = Vec::new();
-    if let Some(why) = url_problem(&body.url) {
+    if let Some(why) = url_refused(&body.url) {
         errs.push(FieldError::new("url", why));
     }
-    let raw = body
-        .events
-        .as_ref()
-        .map_or(RawEventList::One("*".into()), EventsInput::raw);
-    let list = match event_list(&raw) {
+    let list = match body.events.as_ref().map_or_else(
+        || event_list(&RawEventList::One("*".into())),
+        EventsInput::list,
+    ) {
         Ok(l) => l,
         Err(why) => {
             errs.push(FieldError::new("events", why));
@@ -259,7 +334,7 @@ pub async fn create(
 
 /// Lists every webhook (configured ones first). No secrets.
 #[utoipa::path(get, path = "/v1/webhooks", operation_id = "list_webhooks", tag = "webhooks",
-    responses((status = 200, body = WebhookList), ErrorResponses))]
+    responses((status = 200, description = "Every webhook, without secrets", body = WebhookList), ErrorResponses))]
 pub async fn list(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -293,8 +368,8 @@ async fn find(events: &Events, id: &str) -> Result<(Webhook, bool), AdminError> 
 
 /// One webhook. No secret.
 #[utoipa::path(get, path = "/v1/webhooks/{id}", operation_id = "get_webhook", tag = "webhooks",
-    params(("id" = String, Path)),
-    responses((status = 200, body = WebhookView), ErrorResponses))]
+    params(("id" = String, Path, pattern = "^wh_(cfg_[0-9a-f]{16}|[0-9a-f]{32})$", description = "Webhook id", example = "wh_0193a4c25e1f7b3a9c4d2f6e8a0b1c3d")),
+    responses((status = 200, description = "The webhook, without its secret", body = WebhookView), ErrorResponses))]
 pub async fn show(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -308,8 +383,8 @@ pub async fn show(
 /// Changes the URL and/or the event types of a webhook made through the API (its secret and id
 /// stay). Deliveries already queued go to the new URL; later events follow the new list.
 #[utoipa::path(patch, path = "/v1/webhooks/{id}", operation_id = "update_webhook", tag = "webhooks", request_body = UpdateWebhook,
-    params(("id" = String, Path)),
-    responses((status = 200, body = WebhookView), ErrorResponses))]
+    params(("id" = String, Path, pattern = "^wh_(cfg_[0-9a-f]{16}|[0-9a-f]{32})$", description = "Webhook id", example = "wh_0193a4c25e1f7b3a9c4d2f6e8a0b1c3d")),
+    responses((status = 200, description = "The webhook after the change, without its secret", body = WebhookView), ErrorResponses))]
 pub async fn update(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -319,10 +394,10 @@ pub async fn update(
     caller.admin_only()?;
     let events = events_of(&state)?;
     let mut errs = Vec::new();
-    if let Some(why) = body.url.as_deref().and_then(url_problem) {
+    if let Some(why) = body.url.as_deref().and_then(url_refused) {
         errs.push(FieldError::new("url", why));
     }
-    let list = match body.events.as_ref().map(|e| event_list(&e.raw())) {
+    let list = match body.events.as_ref().map(EventsInput::list) {
         None => None,
         Some(Ok(l)) => Some(l),
         Some(Err(why)) => {
@@ -351,8 +426,8 @@ pub async fn update(
 /// Deletes a webhook made through the API; its pending deliveries are dropped. A webhook of
 /// the configuration file is removed there (409 here).
 #[utoipa::path(delete, path = "/v1/webhooks/{id}", operation_id = "delete_webhook", tag = "webhooks",
-    params(("id" = String, Path)),
-    responses((status = 200, body = WebhookView), ErrorResponses))]
+    params(("id" = String, Path, pattern = "^wh_(cfg_[0-9a-f]{16}|[0-9a-f]{32})$", description = "Webhook id", example = "wh_0193a4c25e1f7b3a9c4d2f6e8a0b1c3d")),
+    responses((status = 200, description = "The webhook that was deleted, without its secret", body = WebhookView), ErrorResponses))]
 pub async fn remove(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -377,8 +452,8 @@ pub async fn remove(
 
 /// The most recent delivery attempts of a webhook, newest first, with status codes.
 #[utoipa::path(get, path = "/v1/webhooks/{id}/deliveries", operation_id = "webhook_deliveries", tag = "webhooks",
-    params(("id" = String, Path), DeliveriesQuery),
-    responses((status = 200, body = AttemptList), ErrorResponses))]
+    params(("id" = String, Path, pattern = "^wh_(cfg_[0-9a-f]{16}|[0-9a-f]{32})$", description = "Webhook id", example = "wh_0193a4c25e1f7b3a9c4d2f6e8a0b1c3d"), DeliveriesQuery),
+    responses((status = 200, description = "Delivery attempts, newest first", body = AttemptList), ErrorResponses))]
 pub async fn deliveries(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,

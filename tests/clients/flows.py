@@ -8,10 +8,12 @@ Usage: python flows.py BASE_URL ADMIN_KEY (the package `keygate_admin_client` on
 
 import datetime
 import re
+import secrets
 import sys
 
 from keygate_admin_client import AuthenticatedClient, Client
 from keygate_admin_client.api.clients import (
+    client_usage,
     create_client,
     delete_client,
     get_client,
@@ -19,9 +21,11 @@ from keygate_admin_client.api.clients import (
     update_client,
 )
 from keygate_admin_client.api.keys import (
+    change_credits,
     create_key,
     delete_key,
     get_key,
+    import_keys,
     key_usage,
     list_keys,
     rotate_key,
@@ -36,13 +40,23 @@ from keygate_admin_client.api.kixote import (
     login,
 )
 from keygate_admin_client.api.service import healthz, readyz
+from keygate_admin_client.api.webhooks import create_webhook, delete_webhook, get_webhook, list_webhooks
 from keygate_admin_client.models import (
+    ClientUsage,
     ClientView,
     CreateClient,
     CreatedClient,
     CreateKey,
     CreateKeyMetadataType0,
+    CreateWebhook,
+    CreditsBody,
+    CreditsChange,
+    CreditsView,
     DeletedClient,
+    EventName,
+    ImportRequest,
+    ImportResult,
+    Interval,
     KeyView,
     KxClientRef,
     KxCreateClient,
@@ -55,6 +69,7 @@ from keygate_admin_client.models import (
     Problem,
     ProblemCode,
     RateLimit,
+    Refill,
     RotateKey,
     SetBy,
     Status,
@@ -62,6 +77,8 @@ from keygate_admin_client.models import (
     UpdateClient,
     UpdateKey,
     UsageView,
+    WebhookList,
+    WebhookView,
 )
 from keygate_admin_client.types import Unset
 
@@ -283,6 +300,65 @@ assert rc.message == "Client key recreated" and logs_in(rc.api_key) and not logs
 dl = ok(kixote_delete_client.sync_detailed(client=admin, body=KxClientRef(client_id="kx-1")), 200, KxDeleted)
 assert dl.message == "Client deleted" and dl.client_id == "kx-1" and not logs_in(rc.api_key)
 problem(kixote_delete_client.sync_detailed(client=admin, body=KxClientRef(client_id="kx-1")), 404, ProblemCode.NOT_FOUND)
+
+# --- credits: given on create, added, set, changed by PATCH; read on the key and the usage ---
+metered = ok(
+    create_key.sync_detailed(
+        client=admin,
+        body=CreateKey(
+            name="metered",
+            client_id="acme",
+            credits=CreditsBody(remaining=100, refill=Refill(amount=1000, interval=Interval.MONTHLY, day=1)),
+        ),
+    ),
+    201,
+    KeyView,
+)
+assert metered.credits.remaining == 100 and metered.credits.refill.amount == 1000
+assert isinstance(metered.credits.next_refill_at, datetime.datetime)
+cr = ok(change_credits.sync_detailed(metered.id, client=admin, body=CreditsChange(add=50)), 200, CreditsView)
+assert cr.remaining == 150 and cr.refill.interval == Interval.MONTHLY
+cr = ok(change_credits.sync_detailed(metered.id, client=admin, body=CreditsChange(set_=7)), 200, CreditsView)
+assert cr.remaining == 7
+assert ok(get_key.sync_detailed(metered.id, client=admin), 200, KeyView).credits.remaining == 7
+problem(
+    change_credits.sync_detailed(metered.id, client=admin, body=CreditsChange(add=10**15 + 1)),
+    422,
+    ProblemCode.VALIDATION_FAILED,
+)
+cu = ok(client_usage.sync_detailed("acme", client=admin), 200, ClientUsage)
+assert cu.client_id == "acme" and [c.id for c in cu.credits] == [metered.id] and cu.credits[0].credits.remaining == 7
+pm = ok(update_key.sync_detailed(metered.id, client=admin, body=UpdateKey(credits=CreditsBody(remaining=3))), 200, KeyView)
+assert pm.credits.remaining == 3 and pm.credits.refill is None
+assert ok(client_usage.sync_detailed("acme", client=admin), 200, ClientUsage).credits[0].credits.remaining == 3
+
+# --- a webhook: created (its secret shown this once), listed and read without it, deleted ---
+wh = ok(
+    create_webhook.sync_detailed(
+        client=admin,
+        body=CreateWebhook(url="https://hooks.example.com/keygate", events=[EventName.KEY_CREATED, EventName.KEY_REVOKED]),
+    ),
+    201,
+    WebhookView,
+)
+assert wh.secret.startswith("whsec_") and wh.source == "api" and wh.events == ["key.created", "key.revoked"]
+hooks = ok(list_webhooks.sync_detailed(client=admin), 200, WebhookList)
+mine_hooks = [h for h in hooks.data if h.id == wh.id]
+assert len(mine_hooks) == 1 and isinstance(mine_hooks[0].secret, Unset), "a listing never shows a secret"
+assert isinstance(ok(get_webhook.sync_detailed(wh.id, client=admin), 200, WebhookView).secret, Unset)
+ok(delete_webhook.sync_detailed(wh.id, client=admin), 200, WebhookView)
+problem(get_webhook.sync_detailed(wh.id, client=admin), 404, ProblemCode.NOT_FOUND)
+assert wh.id not in [h.id for h in ok(list_webhooks.sync_detailed(client=admin), 200, WebhookList).data]
+
+# --- import one plaintext key from another system; it then logs in ---
+plain = "kong-" + secrets.token_urlsafe(24)
+imp = ok(
+    import_keys.sync_detailed(client=admin, body=ImportRequest(keys=[{"client_id": "acme", "name": "from kong", "key": plain}])),
+    200,
+    ImportResult,
+)
+assert imp.imported == 1 and imp.errors == [], (imp.imported, imp.errors)
+assert logs_in(plain)
 
 # Deleting a client takes its keys: the remaining acme keys stop at once.
 ok(delete_client.sync_detailed("acme", client=admin), 200, DeletedClient)

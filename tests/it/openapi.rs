@@ -165,6 +165,9 @@ async fn served_document() -> Value {
     r.json()
 }
 
+/// `admin::webhooks::URL_PATTERN`, as the document must state it.
+const WEBHOOK_URL_PATTERN: &str = "^https?://[A-Za-z0-9.-]+(:([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?(/([A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?$";
+
 /// Follows `$ref`s (to components) until a schema that is not a reference.
 fn deref<'a>(doc: &'a Value, mut v: &'a Value) -> &'a Value {
     while let Some(r) = v.get("$ref").and_then(Value::as_str) {
@@ -347,6 +350,107 @@ async fn every_rule_the_handlers_enforce_is_stated_in_the_document() {
         param("/v1/clients/{client_id}", "get", "client_id")["pattern"],
         client_id_pattern
     );
+
+    // Webhooks: the URL rule (the handler's own regular expression), 1–10 event types.
+    for body in [
+        "CreateWebhook",
+        "UpdateWebhook",
+        "CreditsChange",
+        "CreditsBody",
+        "Refill",
+        "ImportRequest",
+        "RotateSigningKey",
+    ] {
+        assert_eq!(s[body]["additionalProperties"], json!(false), "{body}");
+    }
+    assert_eq!(s["CreateWebhook"]["required"], json!(["url"]));
+    for body in ["CreateWebhook", "UpdateWebhook"] {
+        let url = prop(body, "url");
+        assert_eq!(url["maxLength"], 2048, "{body}.url");
+        assert_eq!(url["pattern"], WEBHOOK_URL_PATTERN, "{body}.url");
+        assert_eq!(
+            prop(body, "events")["oneOf"][0]["$ref"],
+            "#/components/schemas/EventsInput",
+            "{body}.events"
+        );
+    }
+    let lists: Vec<&Value> = s["EventsInput"]["oneOf"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["type"] == "array")
+        .collect();
+    assert_eq!(lists.len(), 1, "{}", s["EventsInput"]);
+    assert_eq!(
+        (&lists[0]["minItems"], &lists[0]["maxItems"]),
+        (&json!(1), &json!(10))
+    );
+    let names = deref(&doc, &lists[0]["items"])["enum"].clone();
+    assert_eq!(names.as_array().unwrap().len(), 10, "{names}");
+    let webhook_id = json!("^wh_(cfg_[0-9a-f]{16}|[0-9a-f]{32})$");
+    for (path, method) in [
+        ("/v1/webhooks/{id}", "get"),
+        ("/v1/webhooks/{id}", "patch"),
+        ("/v1/webhooks/{id}", "delete"),
+        ("/v1/webhooks/{id}/deliveries", "get"),
+    ] {
+        assert_eq!(
+            param(path, method, "id")["pattern"],
+            webhook_id,
+            "{method} {path}"
+        );
+    }
+    let limit = param("/v1/webhooks/{id}/deliveries", "get", "limit");
+    assert_eq!(
+        (&limit["minimum"], &limit["maximum"]),
+        (&json!(1), &json!(1000))
+    );
+    assert_eq!(prop("WebhookView", "created_at")["format"], "date-time");
+
+    // Credits: exactly one of add / set, each a number 0–10^15 (never null); a refill's day
+    // only for a monthly refill.
+    let change = &s["CreditsChange"];
+    assert_eq!(
+        (&change["minProperties"], &change["maxProperties"]),
+        (&json!(1), &json!(1))
+    );
+    for field in ["add", "set"] {
+        let p = prop("CreditsChange", field);
+        assert_eq!(p["type"], "integer", "{field}: never null");
+        assert_eq!(
+            (&p["minimum"], &p["maximum"]),
+            (&json!(0), &json!(1_000_000_000_000_000_u64))
+        );
+    }
+    let remaining = prop("CreditsBody", "remaining");
+    assert_eq!(
+        (&remaining["minimum"], &remaining["maximum"]),
+        (&json!(0), &json!(1_000_000_000_000_000_u64))
+    );
+    assert_eq!(s["CreditsBody"]["required"], json!(["remaining"]));
+    let amount = prop("Refill", "amount");
+    assert_eq!(
+        (&amount["minimum"], &amount["maximum"]),
+        (&json!(0), &json!(1_000_000_000_000_000_u64))
+    );
+    let day = prop("Refill", "day");
+    assert_eq!((&day["minimum"], &day["maximum"]), (&json!(1), &json!(28)));
+    assert_eq!(
+        s["Refill"]["anyOf"],
+        json!([{"properties": {"interval": {"const": "monthly"}}}, {"properties": {"day": {"type": "null"}}}])
+    );
+    assert_eq!(
+        param("/v1/api-keys/{id}/credits", "post", "id")["format"],
+        "uuid"
+    );
+    assert_eq!(
+        param("/v1/clients/{client_id}/usage", "get", "client_id")["pattern"],
+        client_id_pattern
+    );
+
+    // Import: at most 10000 keys; each item is judged on its own (any JSON value).
+    assert_eq!(prop("ImportRequest", "keys")["maxItems"], 10000);
+    assert_eq!(s["ImportRequest"]["required"], json!(["keys"]));
 
     // Problem codes: every code the admin API answers.
     let codes = deref(&doc, &s["Problem"]["properties"]["code"])["enum"].clone();
@@ -588,4 +692,117 @@ async fn inputs_are_read_as_the_document_states_them() {
     let r = gw.send(req).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["rate_limit"], json!({"per_minute": 5, "burst": 2}));
+}
+
+/// The webhook URL rule the document states is the one the handler applies: URLs the pattern
+/// refuses are refused (422, nothing made), URLs it allows are made; a list of more than ten
+/// event types and a null credit change are refused as the document says.
+#[tokio::test]
+async fn webhook_urls_and_credit_changes_are_judged_as_the_document_states() {
+    let rx = crate::events::Receiver::start().await;
+    let gw = Gateway::start_with(&crate::events::events_config(&rx.url("/hook"))).await;
+    let pattern = pattern_matches;
+    for bad in [
+        "http://127.0.0.1:65536/x",
+        "http://[::1]:8080/x",
+        "http://hooks.example.com?x=1",
+        "http://user:pw@hooks.example.com/x",
+        "http://hooks.example.com/a%zz",
+        "http://hooks.example.com/a b",
+        "http://hooks.example.com/x#frag",
+        "ftp://hooks.example.com/x",
+        "HTTP://hooks.example.com/x",
+    ] {
+        assert!(!pattern(bad), "{bad}");
+        let r = gw
+            .admin("POST", "/v1/webhooks", Some(json!({"url": bad})))
+            .await;
+        assert_eq!(r.status, 422, "{bad}");
+        assert_eq!(r.code(), "validation_failed");
+    }
+    let before = gw.admin("GET", "/v1/webhooks", None).await.json()["data"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(before, 1, "only the configured webhook");
+    for good in [
+        "http://127.0.0.1:65535/x?a=b&c=%2F",
+        "https://hooks.example.com",
+        "https://hooks.example.com/k/@v1;x=(1)*~",
+    ] {
+        assert!(pattern(good), "{good}");
+        let r = gw
+            .admin(
+                "POST",
+                "/v1/webhooks",
+                Some(json!({"url": good, "events": ["key.created"]})),
+            )
+            .await;
+        assert_eq!(
+            r.status,
+            201,
+            "{good}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let id = r.json()["id"].as_str().unwrap().to_owned();
+        let r = gw
+            .admin("DELETE", &format!("/v1/webhooks/{id}"), None)
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let eleven: Vec<&str> = std::iter::repeat_n("key.created", 11).collect();
+    let r = gw
+        .admin(
+            "POST",
+            "/v1/webhooks",
+            Some(json!({"url": "https://h.example.com/x", "events": eleven})),
+        )
+        .await;
+    assert_eq!(r.status, 422);
+    let ten: Vec<&str> = std::iter::repeat_n("key.created", 10).collect();
+    let r = gw
+        .admin(
+            "POST",
+            "/v1/webhooks",
+            Some(json!({"url": "https://h.example.com/x", "events": ten})),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+
+    gw.client("acme", "pro").await;
+    let key = gw.key("acme", json!({"credits": {"remaining": 10}})).await;
+    let id = key["id"].as_str().unwrap();
+    for body in [
+        json!({"add": null, "set": 5}),
+        json!({"add": null}),
+        json!({}),
+        json!({"add": 1, "set": 1}),
+    ] {
+        let r = gw
+            .admin(
+                "POST",
+                &format!("/v1/api-keys/{id}/credits"),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(r.status, 422, "{body}");
+    }
+    let r = gw.admin("GET", &format!("/v1/api-keys/{id}"), None).await;
+    assert_eq!(r.json()["credits"]["remaining"], 10, "nothing changed");
+    let r = gw
+        .admin(
+            "POST",
+            &format!("/v1/api-keys/{id}/credits"),
+            Some(json!({"set": 5})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["remaining"], 5);
+}
+
+/// The document's webhook URL pattern, read by the same engine as the handler's.
+fn pattern_matches(url: &str) -> bool {
+    regex::Regex::new(WEBHOOK_URL_PATTERN)
+        .unwrap()
+        .is_match(url)
 }
