@@ -87,11 +87,11 @@ fn complete_value(doc: &mut Value, plans: &[&str], api_key_header: &str) {
         ]});
     }
 
-    // A refill's `day` is for a monthly refill only.
-    schemas["Refill"]["anyOf"] = json!([
-        {"properties": {"interval": {"const": "monthly"}}},
-        {"properties": {"day": {"type": "null"}}}
-    ]);
+    // A refill's `day` (when not null) is for a monthly refill only.
+    schemas["Refill"]["dependentSchemas"]["day"] = json!({"anyOf": [
+        {"properties": {"day": {"type": "null"}}},
+        {"properties": {"interval": {"const": "monthly"}}}
+    ]});
 
     // A webhook's list of event types: 1–10 of them.
     if let Some(one) = schemas["EventsInput"]["oneOf"].as_array_mut() {

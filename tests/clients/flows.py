@@ -308,29 +308,29 @@ metered = ok(
         body=CreateKey(
             name="metered",
             client_id="acme",
-            credits=CreditsBody(remaining=100, refill=Refill(amount=1000, interval=Interval.MONTHLY, day=1)),
+            credits_=CreditsBody(remaining=100, refill=Refill(amount=1000, interval=Interval.MONTHLY, day=1)),
         ),
     ),
     201,
     KeyView,
 )
-assert metered.credits.remaining == 100 and metered.credits.refill.amount == 1000
-assert isinstance(metered.credits.next_refill_at, datetime.datetime)
+assert metered.credits_.remaining == 100 and metered.credits_.refill.amount == 1000
+assert isinstance(metered.credits_.next_refill_at, datetime.datetime)
 cr = ok(change_credits.sync_detailed(metered.id, client=admin, body=CreditsChange(add=50)), 200, CreditsView)
 assert cr.remaining == 150 and cr.refill.interval == Interval.MONTHLY
 cr = ok(change_credits.sync_detailed(metered.id, client=admin, body=CreditsChange(set_=7)), 200, CreditsView)
 assert cr.remaining == 7
-assert ok(get_key.sync_detailed(metered.id, client=admin), 200, KeyView).credits.remaining == 7
+assert ok(get_key.sync_detailed(metered.id, client=admin), 200, KeyView).credits_.remaining == 7
 problem(
     change_credits.sync_detailed(metered.id, client=admin, body=CreditsChange(add=10**15 + 1)),
     422,
     ProblemCode.VALIDATION_FAILED,
 )
 cu = ok(client_usage.sync_detailed("acme", client=admin), 200, ClientUsage)
-assert cu.client_id == "acme" and [c.id for c in cu.credits] == [metered.id] and cu.credits[0].credits.remaining == 7
-pm = ok(update_key.sync_detailed(metered.id, client=admin, body=UpdateKey(credits=CreditsBody(remaining=3))), 200, KeyView)
-assert pm.credits.remaining == 3 and pm.credits.refill is None
-assert ok(client_usage.sync_detailed("acme", client=admin), 200, ClientUsage).credits[0].credits.remaining == 3
+assert cu.client_id == "acme" and [c.id for c in cu.credits_] == [metered.id] and cu.credits_[0].credits_.remaining == 7
+pm = ok(update_key.sync_detailed(metered.id, client=admin, body=UpdateKey(credits_=CreditsBody(remaining=3))), 200, KeyView)
+assert pm.credits_.remaining == 3 and pm.credits_.refill is None
+assert ok(client_usage.sync_detailed("acme", client=admin), 200, ClientUsage).credits_[0].credits_.remaining == 3
 
 # --- a webhook: created (its secret shown this once), listed and read without it, deleted ---
 wh = ok(

@@ -436,8 +436,8 @@ async fn every_rule_the_handlers_enforce_is_stated_in_the_document() {
     let day = prop("Refill", "day");
     assert_eq!((&day["minimum"], &day["maximum"]), (&json!(1), &json!(28)));
     assert_eq!(
-        s["Refill"]["anyOf"],
-        json!([{"properties": {"interval": {"const": "monthly"}}}, {"properties": {"day": {"type": "null"}}}])
+        s["Refill"]["dependentSchemas"]["day"]["anyOf"],
+        json!([{"properties": {"day": {"type": "null"}}}, {"properties": {"interval": {"const": "monthly"}}}])
     );
     assert_eq!(
         param("/v1/api-keys/{id}/credits", "post", "id")["format"],
