@@ -198,6 +198,7 @@ pub struct WebhookView {
     pub created_at: Option<String>,
     /// The Standard Webhooks signing secret (`whsec_` + base64): only in the create answer.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String)]
     pub secret: Option<String>,
 }
 
@@ -382,7 +383,7 @@ pub async fn show(
 
 /// Changes the URL and/or the event types of a webhook made through the API (its secret and id
 /// stay). Deliveries already queued go to the new URL; later events follow the new list.
-#[utoipa::path(patch, path = "/v1/webhooks/{id}", operation_id = "update_webhook", tag = "webhooks", request_body = UpdateWebhook,
+#[utoipa::path(patch, path = "/v1/webhooks/{id}", operation_id = "update_webhook", tag = "webhooks", request_body(content = Option<UpdateWebhook>, description = "Optional: an empty body changes nothing"),
     params(("id" = String, Path, pattern = "^wh_(cfg_[0-9a-f]{16}|[0-9a-f]{32})$", description = "Webhook id", example = "wh_0193a4c25e1f7b3a9c4d2f6e8a0b1c3d")),
     responses((status = 200, description = "The webhook after the change, without its secret", body = WebhookView), ErrorResponses))]
 pub async fn update(

@@ -53,7 +53,26 @@ const badCode: Schemas["ProblemCode"] = "teapot";
 type ListQuery = NonNullable<operations["list_keys"]["parameters"]["query"]>;
 const q: ListQuery = { page: 2, per_page: 100, client_id: "acme" };
 
+// Credits, webhooks and import: one credit change is one number; events are the known types.
+const addCredits: Schemas["CreditsChange"] = { add: 5000 };
+const setCredits: Schemas["CreditsChange"] = { set: 0 };
+// @ts-expect-error a credit change is a number, never null
+const nullCredits: Schemas["CreditsChange"] = { add: null };
+const terms: Schemas["CreditsBody"] = { remaining: 100, refill: { amount: 1000, interval: "monthly", day: 1 } };
+const hook: Schemas["CreateWebhook"] = { url: "https://hooks.example.com/keygate", events: ["key.created", "key.revoked"] };
+const allEvents: Schemas["CreateWebhook"] = { url: "https://hooks.example.com/keygate", events: "*" };
+// @ts-expect-error not an event type
+const badEvent: Schemas["CreateWebhook"] = { url: "https://hooks.example.com/x", events: ["key.eaten"] };
+const importing: Schemas["ImportRequest"] = { keys: [{ client_id: "acme", name: "from kong", key: "kong-0123456789abcdef" }], atomic: true };
+type Usage = operations["client_usage"]["responses"][200]["content"]["application/json"];
+type Hooks = operations["list_webhooks"]["responses"][200]["content"]["application/json"];
+function remaining(u: Usage, h: Hooks): number {
+  const secrets: (string | undefined)[] = h.data.map((w) => w.secret);
+  return u.credits.reduce((n, k) => n + k.credits.remaining, secrets.length);
+}
+
 export {
+  addCredits, setCredits, nullCredits, terms, hook, allEvents, badEvent, importing, remaining,
   createKey, createClient, patchClient, patchKey, rotate, kixote, login, describe, codes, q,
   noName, noClient, badLicense, extra, badCode,
 };
