@@ -77,7 +77,8 @@ impl CreditsBody {
 #[serde(deny_unknown_fields)]
 #[schema(min_properties = 1, max_properties = 1, examples(json!({"add": 5000})))]
 pub struct CreditsChange {
-    /// Credits to add to what is left (after any refill that is due), 0–10^15.
+    /// Credits to add to what is left (after any refill that is due), 0–10^15. The sum may not
+    /// pass 10^15 (422, nothing changed): a rule on the stored value no schema keyword can state.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = u64, minimum = 0, maximum = 1_000_000_000_000_000_i64, examples(5000))]
     pub add: Option<u64>,
