@@ -1019,6 +1019,15 @@ impl Store for RedisStore {
                 .push(quota_ttl_secs(q.quota.per)),
             None => a.push("").push(0).push(0),
         };
+        // For the quota.threshold events the script may write.
+        a.push(c.now);
+        match &c.quota {
+            Some(q) => a
+                .push(q.client_id)
+                .push(q.quota.per.as_str())
+                .push(q.quota.per.index(c.now)),
+            None => a.push("").push("").push(0),
+        };
         let v = self.script("charge", &scripts().charge, a).await?;
         let parts: Vec<i64> = ::redis::from_redis_value(v)
             .map_err(|e| StoreError::Unavailable(format!("redis: unexpected charge reply: {e}")))?;
