@@ -21,6 +21,19 @@ struct Subject {
     outbox: Arc<dyn Outbox>,
     _dir: Option<tempfile::TempDir>,
     redis: Option<RedisServer>,
+    /// The servers of the Sentinel and cluster flavours (the store conformance harness).
+    ha: Option<crate::store_conformance::Subject>,
+}
+
+/// A flavour of the store conformance harness (`redis_sentinel`, `redis_cluster`).
+fn from_store(s: crate::store_conformance::Subject) -> Subject {
+    Subject {
+        store: Arc::clone(&s.store),
+        outbox: s.store.outbox().unwrap(),
+        _dir: None,
+        redis: None,
+        ha: Some(s),
+    }
 }
 
 fn sqlite() -> Subject {
@@ -31,6 +44,7 @@ fn sqlite() -> Subject {
         store,
         _dir: Some(dir),
         redis: None,
+        ha: None,
     }
 }
 
@@ -42,6 +56,7 @@ fn redis() -> Subject {
         store,
         _dir: None,
         redis: Some(redis),
+        ha: None,
     }
 }
 
@@ -65,6 +80,31 @@ macro_rules! conformance {
                     if let Some(r) = &s.redis {
                         r.assert_no_keyspace_scans();
                     }
+                }
+            )*
+        }
+        mod redis_sentinel {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let mut s = super::from_store(
+                        crate::store_conformance::redis_sentinel_store().await,
+                    );
+                    super::$name(&s).await;
+                    s.ha.take().unwrap().finish();
+                }
+            )*
+        }
+        mod redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let mut s = super::from_store(
+                        crate::store_conformance::redis_cluster_store().await,
+                    );
+                    super::$name(&s).await;
+                    // Every key in the prefix's slot, on one node; no keyspace walks.
+                    s.ha.take().unwrap().finish();
                 }
             )*
         }

@@ -123,7 +123,7 @@ pub async fn redis_cluster_store() -> Subject {
 const CLUSTER_PREFIX: &str = "{conformance}:";
 
 impl Subject {
-    fn finish(self) {
+    pub fn finish(self) {
         let _ = &self.sentinel;
         if let Some(c) = &self.cluster {
             // Every key under the prefix, and all of them on one node: one hash slot.
@@ -235,6 +235,7 @@ conformance!(
     quotas_count_per_client_and_calendar_period,
     import_keys_judges_each_key_and_atomic_imports_write_all_or_nothing,
     charges_write_quota_threshold_events_once_per_period,
+    cluster_rate_syncs_lease_from_one_shared_bucket,
 );
 
 fn client(id: &str, license: &str, created_at: Millis) -> Client {
@@ -2006,4 +2007,54 @@ async fn charges_write_quota_threshold_events_once_per_period(s: Arc<dyn Store>)
         crossings(&ev(Arc::clone(&s)).await),
         [crossing("credits", 80, 10, 9)]
     );
+}
+
+/// `sync_rates` (cluster rate limits): instances lease cells of one bucket shared through the
+/// store, never more than its room between them, and cells given back go to the others. Only
+/// the Redis store shares buckets; the others refuse.
+async fn cluster_rate_syncs_lease_from_one_shared_bucket(s: Arc<dyn Store>) {
+    use keygate::keys::cluster::BucketSync;
+    // 10 a second (a cell every 100 ms), burst 10: the room of a fresh bucket is 10 cells.
+    let bucket = |unused: u64, demand: u64, want: bool| BucketSync {
+        name: "client:acme:10/s".into(),
+        t_us: 100_000.0,
+        tau_us: 900_000.0,
+        unused,
+        demand,
+        want,
+    };
+    let a = match s.sync_rates("instance-a", &[bucket(0, 5, true)]).await {
+        Err(StoreError::Unavailable(_)) => {
+            // A store that cannot share buckets says so, and that is all.
+            return;
+        }
+        other => other.unwrap(),
+    };
+    assert_eq!(a.leases.len(), 1);
+    assert_eq!(
+        a.leases[0].cells, 10,
+        "a lone instance leases the whole room"
+    );
+    let b = s
+        .sync_rates("instance-b", &[bucket(0, 5, true)])
+        .await
+        .unwrap();
+    assert_eq!(b.live, 2, "both instances are live");
+    // The room was leased to a: b gets at most what refilled in between.
+    assert!(b.leases[0].cells <= 1, "{b:?}: more than the bucket holds");
+    // a gives its lease back; b's next lease comes out of it.
+    let back = s
+        .sync_rates("instance-a", &[bucket(10, 0, false)])
+        .await
+        .unwrap();
+    assert_eq!(back.leases[0].cells, 0);
+    let b2 = s
+        .sync_rates("instance-b", &[bucket(0, 5, true)])
+        .await
+        .unwrap();
+    assert!(
+        b2.leases[0].cells >= 4,
+        "{b2:?}: cells given back were not leased again"
+    );
+    assert!(b.leases[0].cells + b2.leases[0].cells <= 11, "{b:?} {b2:?}");
 }
