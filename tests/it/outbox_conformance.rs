@@ -118,6 +118,7 @@ conformance!(
     webhooks_are_created_changed_and_deleted_with_their_deliveries,
     emitted_and_expiring_events_are_delivered,
     client_wide_writes_write_an_event_per_key,
+    imported_keys_write_key_created_marked_imported,
 );
 
 fn all() -> Vec<Subscription> {
@@ -508,4 +509,93 @@ async fn client_wide_writes_write_an_event_per_key(s: &Subject) {
         new.id.to_string()
     )));
     assert!(got.contains(&("client.deleted".to_owned(), None, first.client_id.clone())));
+}
+
+/// Every delivery body, claimed and delivered until none is left.
+async fn drain_bodies(s: &Subject) -> Vec<Value> {
+    let mut out = Vec::new();
+    loop {
+        let claimed = s
+            .outbox
+            .claim(&all(), now_millis(), 60_000, 100)
+            .await
+            .unwrap();
+        if claimed.is_empty() {
+            return out;
+        }
+        for c in claimed {
+            out.push(serde_json::from_str(&c.body).unwrap());
+            s.outbox
+                .complete(&c, &Outcome::Delivered { status: 200 }, now_millis())
+                .await
+                .unwrap();
+        }
+    }
+}
+
+async fn imported_keys_write_key_created_marked_imported(s: &Subject) {
+    use keygate::keys::store::import::Refusal;
+    let first = new_client(s).await;
+    let before = drain_bodies(s).await;
+    assert!(
+        before.iter().all(|v| v["data"].get("imported").is_none()),
+        "{before:?}"
+    );
+    let imported = |name: &str| {
+        let (k, _) = ApiKey::builder()
+            .client(&first.client_id)
+            .name(name)
+            .build();
+        k
+    };
+    let (a, b) = (imported("a"), imported("b"));
+    let mut dup = imported("dup");
+    dup.key_hash = a.key_hash;
+    let (orphan, _) = ApiKey::builder().client("nobody").build();
+    // An atomic import with a refusal writes nothing: no key, no event.
+    let refused = s
+        .store
+        .import_keys(vec![a.clone(), orphan.clone()], 0, true)
+        .await
+        .unwrap();
+    assert_eq!(refused, [(1, Refusal::UnknownClient)]);
+    assert!(s.store.find_by_id(a.id).await.unwrap().is_none());
+    assert!(
+        drain_bodies(s).await.is_empty(),
+        "events of an import undone"
+    );
+    // A non-atomic import: one key.created per written key, marked imported.
+    let refused = s
+        .store
+        .import_keys(vec![a.clone(), dup, b.clone(), orphan], 0, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        refused,
+        [(1, Refusal::Duplicate), (3, Refusal::UnknownClient)]
+    );
+    let got = drain_bodies(s).await;
+    let mut created: Vec<(String, String)> = got
+        .iter()
+        .map(|v| {
+            assert_eq!(v["type"], "key.created", "{v}");
+            assert_eq!(v["data"]["imported"], true, "{v}");
+            assert_eq!(v["data"]["client_id"], first.client_id.as_str());
+            (
+                v["data"]["id"].as_str().unwrap().to_owned(),
+                v["data"]["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    created.sort();
+    let mut want = vec![
+        (a.id.to_string(), "a".to_owned()),
+        (b.id.to_string(), "b".to_owned()),
+    ];
+    want.sort();
+    assert_eq!(created, want);
+    for v in &got {
+        let text = v.to_string();
+        assert!(!text.contains("hash"), "{text}");
+    }
 }

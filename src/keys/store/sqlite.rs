@@ -406,6 +406,16 @@ fn record_query(
 }
 
 /// `key.created` of a key just inserted.
+/// `key.created` of a key written by an import (`data.imported: true`).
+fn imported(key: &ApiKey) -> NewEvent {
+    NewEvent::key(
+        EventType::KeyCreated,
+        key,
+        now_millis(),
+        serde_json::json!({"imported": true}),
+    )
+}
+
 fn created(key: &ApiKey) -> NewEvent {
     NewEvent::key(
         EventType::KeyCreated,
@@ -549,6 +559,7 @@ fn import_rows(
         *n += 1;
         if !atomic || refused.is_empty() {
             insert_key_row(tx, k)?;
+            write_events(tx, &[imported(k)])?;
         }
     }
     Ok(refused)

@@ -668,6 +668,7 @@ struct Scripts {
     credits: Script,
     quota_used: Script,
     sync_rates: Script,
+    import_keys: Script,
 }
 
 const PRELUDE: &str = include_str!("scripts/prelude.lua");
@@ -697,6 +698,7 @@ fn scripts() -> &'static Scripts {
             credits: s(include_str!("scripts/credits.lua")),
             quota_used: s(include_str!("scripts/quota_used.lua")),
             sync_rates: s(include_str!("scripts/sync_rates.lua")),
+            import_keys: s(include_str!("scripts/import_keys.lua")),
         }
     })
 }
@@ -1137,6 +1139,43 @@ impl Store for RedisStore {
 
     /// Redis answers, and — once invalidations are watched — the subscription is up (an
     /// instance that may miss revocations is not ready).
+    /// One script: judged and written (with each key's `key.created`, `imported: true`)
+    /// in one atomic step, so an atomic import never writes and undoes.
+    async fn import_keys(
+        &self,
+        keys: Vec<ApiKey>,
+        max_keys: u32,
+        atomic: bool,
+    ) -> StoreResult<Vec<(usize, super::import::Refusal)>> {
+        use super::import::Refusal;
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut a = Args::default();
+        a.push(now_millis())
+            .push(max_keys)
+            .push(if atomic { "1" } else { "0" })
+            .push(keys.len());
+        for k in &keys {
+            a.key(k);
+        }
+        let v = self.write("import keys", &scripts().import_keys, a).await?;
+        let parts: Vec<i64> = ::redis::from_redis_value(v)
+            .map_err(|e| StoreError::Unavailable(format!("redis: unexpected import reply: {e}")))?;
+        parts
+            .chunks_exact(2)
+            .map(|c| {
+                let refusal = match c[1] {
+                    1 => Refusal::UnknownClient,
+                    2 => Refusal::Duplicate,
+                    3 => Refusal::TooManyKeys { max: max_keys },
+                    _ => return Err(corrupt("import")),
+                };
+                Ok((c[0].max(0) as usize, refusal))
+            })
+            .collect()
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         let mut conn = self.conn();
         let probe = self.inner.link.probe(self.prefix());
