@@ -119,6 +119,7 @@ conformance!(
     emitted_and_expiring_events_are_delivered,
     client_wide_writes_write_an_event_per_key,
     imported_keys_write_key_created_marked_imported,
+    an_import_of_ten_thousand_keys_is_written_whole_with_its_events,
 );
 
 fn all() -> Vec<Subscription> {
@@ -598,4 +599,51 @@ async fn imported_keys_write_key_created_marked_imported(s: &Subject) {
         let text = v.to_string();
         assert!(!text.contains("hash"), "{text}");
     }
+}
+
+/// The most keys one admin import takes (10,000) go through in one call, each with its event.
+async fn an_import_of_ten_thousand_keys_is_written_whole_with_its_events(s: &Subject) {
+    let first = new_client(s).await;
+    drain_bodies(s).await;
+    let keys: Vec<ApiKey> = (0..10_000)
+        .map(|i| {
+            ApiKey::builder()
+                .client(&first.client_id)
+                .name(format!("k{i}"))
+                .build()
+                .0
+        })
+        .collect();
+    // Atomic: a refusal in the last key, or a maximum reached across chunks, writes nothing.
+    let mut bad = keys.clone();
+    bad[9_999].client_id = "nobody".into();
+    let refused = s.store.import_keys(bad, 0, true).await.unwrap();
+    assert_eq!(
+        refused,
+        [(9_999, keygate::keys::store::import::Refusal::UnknownClient)]
+    );
+    let refused = s
+        .store
+        .import_keys(keys[..1_000].to_vec(), 600, true)
+        .await
+        .unwrap();
+    // The client has its first key: the 600th imported (index 599) is one too many.
+    assert_eq!(refused.first().map(|r| r.0), Some(599));
+    assert_eq!(refused.len(), 401);
+    assert!(s.store.find_by_id(keys[0].id).await.unwrap().is_none());
+    assert!(
+        drain_bodies(s).await.is_empty(),
+        "events of an import refused"
+    );
+    let refused = s.store.import_keys(keys.clone(), 0, true).await.unwrap();
+    assert!(refused.is_empty());
+    for k in [&keys[0], &keys[9_999]] {
+        assert_eq!(
+            s.store.find_by_id(k.id).await.unwrap().unwrap().key.id,
+            k.id
+        );
+    }
+    let got = drain_bodies(s).await;
+    assert_eq!(got.len(), 10_000);
+    assert!(got.iter().all(|v| v["data"]["imported"] == true));
 }
