@@ -1203,14 +1203,37 @@ async fn https_webhooks_are_verified_against_the_configured_ca() {
 #[tokio::test]
 async fn quota_and_credit_thresholds_are_delivered_once_each_and_signed() {
     let rx = Receiver::start().await;
-    let plans = r#"
+    let gw = Gateway::start_with(&format!(
+        "{}{THRESHOLD_PLANS}",
+        events_config(&rx.url("/all"))
+    ))
+    .await;
+    thresholds_end_to_end(gw, rx).await;
+}
+
+/// The same on the Redis store (the events written by the charge script).
+#[tokio::test]
+async fn quota_and_credit_thresholds_on_redis_are_delivered_once_each_and_signed() {
+    let redis = crate::redis_support::RedisServer::start();
+    let rx = Receiver::start().await;
+    let gw = Gateway::start_on_store(
+        Upstream::start().await,
+        &format!("url = \"{}\"", redis.tcp_url(0)),
+        &format!("{}{THRESHOLD_PLANS}", events_config(&rx.url("/all"))),
+    )
+    .await;
+    thresholds_end_to_end(gw, rx).await;
+}
+
+const THRESHOLD_PLANS: &str = r#"
 [plans.bulk]
 rate_limit = { per_second = 100000, burst = 100000 }
 [plans.metered]
 rate_limit = { per_second = 100000, burst = 100000 }
 quota = { requests = 5, per = "day" }
 "#;
-    let gw = Gateway::start_with(&format!("{}{plans}", events_config(&rx.url("/all")))).await;
+
+async fn thresholds_end_to_end(gw: Gateway, rx: Receiver) {
     let (metered, _) = gw.client("metered-co", "metered").await;
     let (_, _) = gw.client("payg-co", "bulk").await;
     let k = gw
