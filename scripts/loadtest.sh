@@ -35,6 +35,19 @@
 #   base, base-rot     with BASELINE=/path/to/an/earlier/keygate: that binary, configured and
 #                      driven exactly like keygate and keygate-rot (before/after a change, in one
 #                      run); add them to CONTENDERS
+#   keygate-redis      keygate on the Redis store (`[rate_limit] mode = "local"`), one key; a
+#                      redis-server started here on a free loopback port on CPU $LOAD_CPU
+#                      (no persistence), database 1
+#   keygate-cluster    the same with `mode = "cluster"` (cluster rate limits synchronised
+#                      through that Redis, database 2): against keygate-redis, the cost of
+#                      cluster limits (target: >= 0.95x the req/s, p99 within 10 %)
+#   keygate-credits    keygate on SQLite, one key holding 10^12 credits (every request charges
+#                      one credit in the store): against keygate, the cost of credits
+#                      These three start their own instances with $SMALL_KEYS keys (default 100)
+#                      on CPU $PROXY_CPU, only when named in CONTENDERS (not by default).
+#
+# KEYGATE_BIN=path runs that binary instead of building the release one (e.g. a quick check of
+# the script with a debug build; figures from a debug build mean nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -49,6 +62,7 @@ WARM=${WARM:-2}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 OUT=${OUT:-$ROOT/target/loadtest/latest.md}
+SMALL_KEYS=${SMALL_KEYS:-100}
 CONTENDERS=${CONTENDERS:-"direct nginx-plain nginx-keyauth nginx-keyauth-rot keygate keygate-rot keygate-jwt nginx-fwdauth nginx-fwdauth-rot keygate-verify keygate-signed keygate-signed-rot"}
 
 # ---- tools -------------------------------------------------------------------------------
@@ -72,9 +86,13 @@ if [ "$(nproc)" -lt 2 ]; then
   exit 1
 fi
 
-echo "building keygate (release)…" >&2
-cargo build --release --quiet --bin keygate
-KEYGATE=$ROOT/target/release/keygate
+if [ -n "${KEYGATE_BIN:-}" ]; then
+  KEYGATE=$KEYGATE_BIN
+else
+  echo "building keygate (release)…" >&2
+  cargo build --release --quiet --bin keygate
+  KEYGATE=$ROOT/target/release/keygate
+fi
 
 # ---- scratch space and cleanup -----------------------------------------------------------
 BASE=/tmp
@@ -115,6 +133,13 @@ KGB_PORT=$(free_port)
 KGB_ADMIN_PORT=$(free_port)
 KGS_PORT=$(free_port)
 KGS_ADMIN_PORT=$(free_port)
+KGR_PORT=$(free_port)
+KGR_ADMIN_PORT=$(free_port)
+KGC_PORT=$(free_port)
+KGC_ADMIN_PORT=$(free_port)
+KGCR_PORT=$(free_port)
+KGCR_ADMIN_PORT=$(free_port)
+REDIS_PORT=$(free_port)
 ADMIN_KEY=loadtest-admin-$(python3 -c 'import secrets; print(secrets.token_hex(16))')
 JWT_SECRET=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
 
@@ -153,10 +178,12 @@ wait_port "$UP_PORT" upstream
 
 # ---- keygate and its keys ----------------------------------------------------------------
 # Starts a keygate (binary $1) on ports $2/$3 with its files in $4, and creates $KEYS keys
-# through its admin API ($4/keys.txt, keys.map, token.txt); $5 is appended to its config.
+# (or $8) through its admin API ($4/keys.txt, ids.txt, keys.map, token.txt); $5 is appended to
+# its config, $6 is its store URL (default SQLite in $4), $7 extra `[rate_limit]` lines.
 # Sets STARTED_PID.
 start_keygate() {
-local bin=$1 port=$2 admin_port=$3 dir=$4 extra=${5:-}
+local bin=$1 port=$2 admin_port=$3 dir=$4 extra=${5:-} store=${6:-sqlite://$4/keygate.db}
+local rate_extra=${7:-} nkeys=${8:-$KEYS}
 mkdir -p "$dir"
 cat >"$dir/keygate.toml" <<EOF
 [proxy]
@@ -167,9 +194,10 @@ listen = "127.0.0.1:$admin_port"
 [keys]
 max_per_client = 0
 [store]
-url = "sqlite://$dir/keygate.db"
+url = "$store"
 [rate_limit]
 default = { per_second = 1000000000, burst = 1000000 }
+$rate_extra
 [plans.bench]
 rate_limit = { per_second = 1000000000, burst = 1000000 }
 [server]
@@ -187,8 +215,8 @@ STARTED_PID=$!
 PIDS+=($STARTED_PID)
 wait_port "$port" "$bin"
 
-echo "creating $KEYS keys through the admin API…" >&2
-python3 - "$admin_port" "$ADMIN_KEY" "$KEYS" "$dir" <<'EOF'
+echo "creating $nkeys keys through the admin API…" >&2
+python3 - "$admin_port" "$ADMIN_KEY" "$nkeys" "$dir" <<'EOF'
 import http.client, json, sys
 port, admin, n, work = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 c = http.client.HTTPConnection("127.0.0.1", port)
@@ -200,12 +228,15 @@ for i in range(n):
     data = r.read()
     if r.status != 201:
         sys.exit(f"creating client {i}: {r.status} {data[:200]!r}")
-    keys.append((json.loads(data)["api_key"]["key"], f"bench-{i}"))
+    made = json.loads(data)["api_key"]
+    keys.append((made["key"], f"bench-{i}", made["id"]))
 with open(f"{work}/keys.txt", "w") as f:
-    f.write("".join(k + "\n" for k, _ in keys))
+    f.write("".join(k[0] + "\n" for k in keys))
+with open(f"{work}/ids.txt", "w") as f:
+    f.write("".join(k[2] + "\n" for k in keys))
 # nginx map: key -> client id ("" = unknown)
 with open(f"{work}/keys.map", "w") as f:
-    f.write("".join(f"{k} {c};\n" for k, c in keys))
+    f.write("".join(f"{k} {c};\n" for k, c, _ in keys))
 c.request("POST", "/auth/login", json.dumps({"api_key": keys[0][0]}), {"content-type": "application/json"})
 r = c.getresponse()
 data = r.read()
@@ -230,6 +261,55 @@ case " $CONTENDERS " in
     start_keygate "$KEYGATE" "$KGS_PORT" "$KGS_ADMIN_PORT" "$WORK/signed" '[identity]
 sign = true'
     KGS_PID=$STARTED_PID
+    ;;
+esac
+# The contenders of cluster limits and credits: Redis store with local or cluster rate limits,
+# credits on SQLite.
+KGR_PID=
+KGC_PID=
+KGCR_PID=
+case " $CONTENDERS " in
+  *" keygate-redis "* | *" keygate-cluster "*)
+    command -v redis-server >/dev/null 2>&1 || {
+      echo "loadtest: keygate-redis/keygate-cluster need redis-server (apt-get install redis-server)" >&2
+      exit 1
+    }
+    mkdir -p "$WORK/redis"
+    taskset -c "$LOAD_CPU" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' \
+      --appendonly no --dir "$WORK/redis" --logfile "$WORK/redis/redis.log" &
+    PIDS+=($!)
+    wait_port "$REDIS_PORT" redis-server
+    ;;
+esac
+case " $CONTENDERS " in
+  *" keygate-redis "*)
+    start_keygate "$KEYGATE" "$KGR_PORT" "$KGR_ADMIN_PORT" "$WORK/redis-local" '' \
+      "redis://127.0.0.1:$REDIS_PORT/1" 'mode = "local"' "$SMALL_KEYS"
+    KGR_PID=$STARTED_PID
+    ;;
+esac
+case " $CONTENDERS " in
+  *" keygate-cluster "*)
+    start_keygate "$KEYGATE" "$KGC_PORT" "$KGC_ADMIN_PORT" "$WORK/redis-cluster" '' \
+      "redis://127.0.0.1:$REDIS_PORT/2" 'mode = "cluster"' "$SMALL_KEYS"
+    KGC_PID=$STARTED_PID
+    ;;
+esac
+case " $CONTENDERS " in
+  *" keygate-credits "*)
+    start_keygate "$KEYGATE" "$KGCR_PORT" "$KGCR_ADMIN_PORT" "$WORK/credits" '' '' '' "$SMALL_KEYS"
+    KGCR_PID=$STARTED_PID
+    python3 - "$KGCR_ADMIN_PORT" "$ADMIN_KEY" "$(head -n1 "$WORK/credits/ids.txt")" <<'EOF'
+import http.client, json, sys
+port, admin, key_id = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+c = http.client.HTTPConnection("127.0.0.1", port)
+c.request("POST", f"/v1/api-keys/{key_id}/credits", json.dumps({"set": 10**12}),
+          {"x-admin-key": admin, "content-type": "application/json"})
+r = c.getresponse()
+data = r.read()
+if r.status != 200:
+    sys.exit(f"setting credits: {r.status} {data[:200]!r}")
+EOF
     ;;
 esac
 KEY=$(head -n1 "$WORK/keys.txt")
@@ -327,6 +407,12 @@ if [ -n "$KGS_PID" ]; then
   wrk_script signed-one X-API-Key "$WORK/signed-key1.txt"
   wrk_script signed-rotate X-API-Key "$WORK/signed/keys.txt"
 fi
+for d in redis-local redis-cluster credits; do
+  if [ -s "$WORK/$d/keys.txt" ]; then
+    head -n1 "$WORK/$d/keys.txt" >"$WORK/$d-key1.txt"
+    wrk_script "$d-one" X-API-Key "$WORK/$d-key1.txt"
+  fi
+done
 wrk_script jwt Authorization "$WORK/bearer.txt"
 wrk_script verify X-API-Key "$WORK/key1.txt" /_keygate/verify \
   '["X-Original-Method"] = "GET", ["X-Original-URI"] = "/"'
@@ -349,6 +435,9 @@ run_wrk() { # contender, conns, duration, out
     keygate-signed-rot) port=$KGS_PORT; args=(-s "$WORK/signed-rotate.lua") ;;
     base) port=$KGB_PORT; args=(-s "$WORK/base-one.lua") ;;
     base-rot) port=$KGB_PORT; args=(-s "$WORK/base-rotate.lua") ;;
+    keygate-redis) port=$KGR_PORT; args=(-s "$WORK/redis-local-one.lua") ;;
+    keygate-cluster) port=$KGC_PORT; args=(-s "$WORK/redis-cluster-one.lua") ;;
+    keygate-credits) port=$KGCR_PORT; args=(-s "$WORK/credits-one.lua") ;;
     *) echo "unknown contender $c" >&2; exit 1 ;;
   esac
   taskset -c "$LOAD_CPU" wrk -t1 -c"$n" -d"${d}s" --latency "${args[@]}" \
@@ -364,6 +453,9 @@ contender_pids() {
     # Both serve each request: nginx and the keygate it asks.
     nginx-fwdauth*) echo "${MASTER[nginx-fwdauth]} $(pgrep -P "${MASTER[nginx-fwdauth]}" | tr '\n' ' ') $KG_PID" ;;
     keygate-signed*) echo "$KGS_PID" ;;
+    keygate-redis) echo "$KGR_PID" ;;
+    keygate-cluster) echo "$KGC_PID" ;;
+    keygate-credits) echo "$KGCR_PID" ;;
     keygate*) echo "$KG_PID" ;;
     base*) echo "$KGB_PID" ;;
   esac

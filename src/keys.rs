@@ -14,6 +14,7 @@ pub mod outbox;
 pub mod store;
 #[doc(hidden)]
 pub mod testing;
+pub mod threshold;
 pub mod usage;
 
 use std::fmt;

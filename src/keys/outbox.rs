@@ -118,8 +118,8 @@ impl NewEvent {
     }
 
     /// `quota.threshold`: `percent` (80 or 100) of a quota or of credits of `key` used in the
-    /// period starting at `period_start`. The limits module emits it once per period through
-    /// [`Outbox::emit`].
+    /// period starting at `period_start`, written through [`Outbox::emit`]. Charges write their
+    /// own in the charge's transaction ([`crate::keys::threshold::Crossing::event`]).
     pub fn quota_threshold(
         key: &ApiKey,
         at: Millis,

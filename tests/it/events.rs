@@ -1196,3 +1196,131 @@ async fn https_webhooks_are_verified_against_the_configured_ca() {
     assert_eq!(rx.all().len(), before, "a request reached the receiver");
     gw.stop().await;
 }
+
+/// `quota.threshold` through the real gateway: a client's daily quota and a key's credits,
+/// each crossing 80 % and 100 % once, delivered signed (verified with the Standard Webhooks
+/// verifier) with ids and numbers only.
+#[tokio::test]
+async fn quota_and_credit_thresholds_are_delivered_once_each_and_signed() {
+    let rx = Receiver::start().await;
+    let gw = Gateway::start_with(&format!(
+        "{}{THRESHOLD_PLANS}",
+        events_config(&rx.url("/all"))
+    ))
+    .await;
+    thresholds_end_to_end(gw, rx).await;
+}
+
+/// The same on the Redis store (the events written by the charge script).
+#[tokio::test]
+async fn quota_and_credit_thresholds_on_redis_are_delivered_once_each_and_signed() {
+    let redis = crate::redis_support::RedisServer::start();
+    let rx = Receiver::start().await;
+    let gw = Gateway::start_on_store(
+        Upstream::start().await,
+        &format!("url = \"{}\"", redis.tcp_url(0)),
+        &format!("{}{THRESHOLD_PLANS}", events_config(&rx.url("/all"))),
+    )
+    .await;
+    thresholds_end_to_end(gw, rx).await;
+}
+
+const THRESHOLD_PLANS: &str = r#"
+[plans.bulk]
+rate_limit = { per_second = 100000, burst = 100000 }
+[plans.metered]
+rate_limit = { per_second = 100000, burst = 100000 }
+quota = { requests = 5, per = "day" }
+"#;
+
+async fn thresholds_end_to_end(gw: Gateway, rx: Receiver) {
+    let (metered, _) = gw.client("metered-co", "metered").await;
+    let (_, _) = gw.client("payg-co", "bulk").await;
+    let k = gw
+        .key("payg-co", json!({"credits": {"remaining": 10}}))
+        .await;
+    let (payg, payg_id) = (
+        k["key"].as_str().unwrap().to_owned(),
+        k["id"].as_str().unwrap().to_owned(),
+    );
+    let thresholds = |rx: &Receiver| -> Vec<Value> {
+        rx.delivered("/all")
+            .iter()
+            .filter(|g| g.json()["type"] == "quota.threshold")
+            .map(|g| verify(SECRET, g).unwrap_or_else(|e| panic!("{e}: {g:?}"))["data"].clone())
+            .collect()
+    };
+    // Quota of 5: the 4th request crosses 80 %, the 5th 100 %, the refused 6th and 7th nothing.
+    for i in 1..=7 {
+        let r = gw.get_with_key("/", &metered).await;
+        assert_eq!(r.status, if i <= 5 { 200 } else { 429 }, "request {i}");
+    }
+    // Credits of 10: the 8th request crosses 80 %, the 10th 100 %.
+    for i in 1..=11 {
+        let r = gw.get_with_key("/", &payg).await;
+        assert_eq!(r.status, if i <= 10 { 200 } else { 429 }, "request {i}");
+    }
+    rx.wait_for("/all", Duration::from_secs(10), |d| {
+        d.iter()
+            .filter(|g| g.json()["type"] == "quota.threshold")
+            .count()
+            >= 4
+    })
+    .await;
+    // Nothing more comes: each threshold fired once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = thresholds(&rx);
+    let mut seen: Vec<(String, u64, u64, u64, u64)> = got
+        .iter()
+        .map(|d| {
+            (
+                d["kind"].as_str().unwrap().to_owned(),
+                d["threshold"].as_u64().unwrap(),
+                d["limit"].as_u64().unwrap(),
+                d["used"].as_u64().unwrap(),
+                d["remaining"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("credits".to_owned(), 80, 10, 8, 2),
+            ("credits".to_owned(), 100, 10, 10, 0),
+            ("quota".to_owned(), 80, 5, 4, 1),
+            ("quota".to_owned(), 100, 5, 5, 0),
+        ]
+    );
+    for d in &got {
+        match d["kind"].as_str().unwrap() {
+            "quota" => {
+                assert_eq!(d["client_id"], "metered-co");
+                assert_eq!(d["key_id"], Value::Null);
+                assert_eq!(d["period"], "day");
+            }
+            _ => {
+                assert_eq!(d["client_id"], "payg-co");
+                assert_eq!(d["key_id"], payg_id.as_str());
+                assert_eq!(d["period"], Value::Null);
+            }
+        }
+    }
+    for g in rx.delivered("/all") {
+        let body = String::from_utf8_lossy(&g.body);
+        for secret in [&metered, &payg] {
+            assert!(
+                !body.contains(secret.as_str()),
+                "a key in a webhook: {body}"
+            );
+        }
+        assert!(!body.contains("hash"), "{body}");
+    }
+    let one = rx
+        .delivered("/all")
+        .into_iter()
+        .find(|g| g.json()["type"] == "quota.threshold")
+        .unwrap();
+    verify_with_python(SECRET, &one).unwrap();
+    gw.stop().await;
+}

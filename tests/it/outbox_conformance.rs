@@ -21,6 +21,19 @@ struct Subject {
     outbox: Arc<dyn Outbox>,
     _dir: Option<tempfile::TempDir>,
     redis: Option<RedisServer>,
+    /// The servers of the Sentinel and cluster flavours (the store conformance harness).
+    ha: Option<crate::store_conformance::Subject>,
+}
+
+/// A flavour of the store conformance harness (`redis_sentinel`, `redis_cluster`).
+fn from_store(s: crate::store_conformance::Subject) -> Subject {
+    Subject {
+        store: Arc::clone(&s.store),
+        outbox: s.store.outbox().unwrap(),
+        _dir: None,
+        redis: None,
+        ha: Some(s),
+    }
 }
 
 fn sqlite() -> Subject {
@@ -31,6 +44,7 @@ fn sqlite() -> Subject {
         store,
         _dir: Some(dir),
         redis: None,
+        ha: None,
     }
 }
 
@@ -42,6 +56,7 @@ fn redis() -> Subject {
         store,
         _dir: None,
         redis: Some(redis),
+        ha: None,
     }
 }
 
@@ -68,6 +83,31 @@ macro_rules! conformance {
                 }
             )*
         }
+        mod redis_sentinel {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let mut s = super::from_store(
+                        crate::store_conformance::redis_sentinel_store().await,
+                    );
+                    super::$name(&s).await;
+                    s.ha.take().unwrap().finish();
+                }
+            )*
+        }
+        mod redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let mut s = super::from_store(
+                        crate::store_conformance::redis_cluster_store().await,
+                    );
+                    super::$name(&s).await;
+                    // Every key in the prefix's slot, on one node; no keyspace walks.
+                    s.ha.take().unwrap().finish();
+                }
+            )*
+        }
     };
 }
 
@@ -78,6 +118,8 @@ conformance!(
     webhooks_are_created_changed_and_deleted_with_their_deliveries,
     emitted_and_expiring_events_are_delivered,
     client_wide_writes_write_an_event_per_key,
+    imported_keys_write_key_created_marked_imported,
+    an_import_of_ten_thousand_keys_is_written_whole_with_its_events,
 );
 
 fn all() -> Vec<Subscription> {
@@ -468,4 +510,140 @@ async fn client_wide_writes_write_an_event_per_key(s: &Subject) {
         new.id.to_string()
     )));
     assert!(got.contains(&("client.deleted".to_owned(), None, first.client_id.clone())));
+}
+
+/// Every delivery body, claimed and delivered until none is left.
+async fn drain_bodies(s: &Subject) -> Vec<Value> {
+    let mut out = Vec::new();
+    loop {
+        let claimed = s
+            .outbox
+            .claim(&all(), now_millis(), 60_000, 100)
+            .await
+            .unwrap();
+        if claimed.is_empty() {
+            return out;
+        }
+        for c in claimed {
+            out.push(serde_json::from_str(&c.body).unwrap());
+            s.outbox
+                .complete(&c, &Outcome::Delivered { status: 200 }, now_millis())
+                .await
+                .unwrap();
+        }
+    }
+}
+
+async fn imported_keys_write_key_created_marked_imported(s: &Subject) {
+    use keygate::keys::store::import::Refusal;
+    let first = new_client(s).await;
+    let before = drain_bodies(s).await;
+    assert!(
+        before.iter().all(|v| v["data"].get("imported").is_none()),
+        "{before:?}"
+    );
+    let imported = |name: &str| {
+        let (k, _) = ApiKey::builder()
+            .client(&first.client_id)
+            .name(name)
+            .build();
+        k
+    };
+    let (a, b) = (imported("a"), imported("b"));
+    let mut dup = imported("dup");
+    dup.key_hash = a.key_hash;
+    let (orphan, _) = ApiKey::builder().client("nobody").build();
+    // An atomic import with a refusal writes nothing: no key, no event.
+    let refused = s
+        .store
+        .import_keys(vec![a.clone(), orphan.clone()], 0, true)
+        .await
+        .unwrap();
+    assert_eq!(refused, [(1, Refusal::UnknownClient)]);
+    assert!(s.store.find_by_id(a.id).await.unwrap().is_none());
+    assert!(
+        drain_bodies(s).await.is_empty(),
+        "events of an import undone"
+    );
+    // A non-atomic import: one key.created per written key, marked imported.
+    let refused = s
+        .store
+        .import_keys(vec![a.clone(), dup, b.clone(), orphan], 0, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        refused,
+        [(1, Refusal::Duplicate), (3, Refusal::UnknownClient)]
+    );
+    let got = drain_bodies(s).await;
+    let mut created: Vec<(String, String)> = got
+        .iter()
+        .map(|v| {
+            assert_eq!(v["type"], "key.created", "{v}");
+            assert_eq!(v["data"]["imported"], true, "{v}");
+            assert_eq!(v["data"]["client_id"], first.client_id.as_str());
+            (
+                v["data"]["id"].as_str().unwrap().to_owned(),
+                v["data"]["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    created.sort();
+    let mut want = vec![
+        (a.id.to_string(), "a".to_owned()),
+        (b.id.to_string(), "b".to_owned()),
+    ];
+    want.sort();
+    assert_eq!(created, want);
+    for v in &got {
+        let text = v.to_string();
+        assert!(!text.contains("hash"), "{text}");
+    }
+}
+
+/// The most keys one admin import takes (10,000) go through in one call, each with its event.
+async fn an_import_of_ten_thousand_keys_is_written_whole_with_its_events(s: &Subject) {
+    let first = new_client(s).await;
+    drain_bodies(s).await;
+    let keys: Vec<ApiKey> = (0..10_000)
+        .map(|i| {
+            ApiKey::builder()
+                .client(&first.client_id)
+                .name(format!("k{i}"))
+                .build()
+                .0
+        })
+        .collect();
+    // Atomic: a refusal in the last key, or a maximum reached across chunks, writes nothing.
+    let mut bad = keys.clone();
+    bad[9_999].client_id = "nobody".into();
+    let refused = s.store.import_keys(bad, 0, true).await.unwrap();
+    assert_eq!(
+        refused,
+        [(9_999, keygate::keys::store::import::Refusal::UnknownClient)]
+    );
+    let refused = s
+        .store
+        .import_keys(keys[..1_000].to_vec(), 600, true)
+        .await
+        .unwrap();
+    // The client has its first key: the 600th imported (index 599) is one too many.
+    assert_eq!(refused.first().map(|r| r.0), Some(599));
+    assert_eq!(refused.len(), 401);
+    assert!(s.store.find_by_id(keys[0].id).await.unwrap().is_none());
+    assert!(
+        drain_bodies(s).await.is_empty(),
+        "events of an import refused"
+    );
+    let refused = s.store.import_keys(keys.clone(), 0, true).await.unwrap();
+    assert!(refused.is_empty());
+    for k in [&keys[0], &keys[9_999]] {
+        assert_eq!(
+            s.store.find_by_id(k.id).await.unwrap().unwrap().key.id,
+            k.id
+        );
+    }
+    let got = drain_bodies(s).await;
+    assert_eq!(got.len(), 10_000);
+    assert!(got.iter().all(|v| v["data"]["imported"] == true));
 }

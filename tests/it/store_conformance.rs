@@ -123,7 +123,7 @@ pub async fn redis_cluster_store() -> Subject {
 const CLUSTER_PREFIX: &str = "{conformance}:";
 
 impl Subject {
-    fn finish(self) {
+    pub fn finish(self) {
         let _ = &self.sentinel;
         if let Some(c) = &self.cluster {
             // Every key under the prefix, and all of them on one node: one hash slot.
@@ -234,6 +234,8 @@ conformance!(
     credits_are_charged_whole_or_not_at_all_and_refilled_lazily,
     quotas_count_per_client_and_calendar_period,
     import_keys_judges_each_key_and_atomic_imports_write_all_or_nothing,
+    charges_write_quota_threshold_events_once_per_period,
+    cluster_rate_syncs_lease_from_one_shared_bucket,
 );
 
 fn client(id: &str, license: &str, created_at: Millis) -> Client {
@@ -1807,4 +1809,252 @@ async fn import_keys_judges_each_key_and_atomic_imports_write_all_or_nothing(s: 
     assert_eq!(refused, vec![(1, Refusal::TooManyKeys { max: 4 })]);
     assert!(s.find_by_id(c.id).await.unwrap().is_some());
     assert_eq!(s.find_by_id(d.id).await.unwrap(), None);
+}
+
+/// The `data` of every `quota.threshold` event in the outbox, oldest first per ordering key,
+/// each delivered so that the next call sees only newer ones; the raw bodies are checked to
+/// carry no key material (`secrets`).
+async fn threshold_events(s: &dyn Store, secrets: &[String]) -> Vec<serde_json::Value> {
+    use keygate::keys::outbox::{Outcome, Subscription};
+    let outbox = s.outbox().expect("the store has an outbox");
+    let subs = [Subscription {
+        webhook_id: "wh_thresholds".into(),
+        events: vec!["*".into()],
+    }];
+    // Charges below are made up to two days ahead: claim as of later still.
+    let later = now_millis() + 10 * DAY_MS;
+    let mut out = Vec::new();
+    loop {
+        let claimed = outbox.claim(&subs, later, 60_000, 100).await.unwrap();
+        if claimed.is_empty() {
+            return out;
+        }
+        for c in claimed {
+            for secret in secrets {
+                assert!(
+                    !c.body.contains(secret.as_str()),
+                    "{} leaks key material",
+                    c.body
+                );
+            }
+            let v: serde_json::Value = serde_json::from_str(&c.body).unwrap();
+            if c.event_type == "quota.threshold" {
+                assert_eq!(v["type"], "quota.threshold");
+                out.push(v["data"].clone());
+            }
+            outbox
+                .complete(&c, &Outcome::Delivered { status: 200 }, later)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// (kind, threshold, limit, used) of threshold events.
+fn crossings(events: &[serde_json::Value]) -> Vec<(String, u64, u64, u64)> {
+    events
+        .iter()
+        .map(|d| {
+            assert_eq!(
+                d["remaining"].as_u64().unwrap(),
+                d["limit"].as_u64().unwrap() - d["used"].as_u64().unwrap()
+            );
+            (
+                d["kind"].as_str().unwrap().to_owned(),
+                d["threshold"].as_u64().unwrap(),
+                d["limit"].as_u64().unwrap(),
+                d["used"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn crossing(kind: &str, threshold: u64, limit: u64, used: u64) -> (String, u64, u64, u64) {
+    (kind.to_owned(), threshold, limit, used)
+}
+
+async fn charges_write_quota_threshold_events_once_per_period(s: Arc<dyn Store>) {
+    let now = now_millis();
+    let (k, h) = key("acme", now);
+    s.insert_client(&client("acme", "pro", now), &k)
+        .await
+        .unwrap();
+    let hex: String = h.0.iter().map(|b| format!("{b:02x}")).collect();
+    let secrets = [hex];
+    let ev = |s: Arc<dyn Store>| {
+        let secrets = secrets.clone();
+        async move { threshold_events(s.as_ref(), &secrets).await }
+    };
+    assert!(ev(Arc::clone(&s)).await.is_empty(), "nothing charged yet");
+
+    // A quota of 10 a day: the 8th request crosses 80 %, the 10th 100 %, refusals nothing.
+    let q = Quota {
+        requests: 10,
+        per: Period::Day,
+    };
+    let qc = QuotaCharge {
+        client_id: "acme",
+        quota: q,
+    };
+    for i in 1..=12 {
+        let c = s.charge(&charge(k.id, None, Some(qc), now)).await.unwrap();
+        assert_eq!(c.refused.is_some(), i > 10);
+        if i == 7 {
+            assert!(ev(Arc::clone(&s)).await.is_empty(), "fired before 80 %");
+        }
+    }
+    let got = ev(Arc::clone(&s)).await;
+    assert_eq!(
+        crossings(&got),
+        [crossing("quota", 80, 10, 8), crossing("quota", 100, 10, 10)]
+    );
+    let index = Period::Day.index(now);
+    assert_eq!(got[0]["client_id"], "acme");
+    assert_eq!(got[0]["key_id"], serde_json::Value::Null);
+    assert_eq!(got[0]["period"], "day");
+    let start = |i: i64| {
+        chrono::DateTime::from_timestamp_millis(Period::Day.start(i))
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    };
+    assert_eq!(got[0]["period_start"], start(index));
+    assert_eq!(got[0]["resets_at"], start(index + 1));
+    // The next period fires again.
+    let tomorrow = (now.div_euclid(DAY_MS) + 1) * DAY_MS;
+    for _ in 0..8 {
+        s.charge(&charge(k.id, None, Some(qc), tomorrow))
+            .await
+            .unwrap();
+    }
+    let got = ev(Arc::clone(&s)).await;
+    assert_eq!(crossings(&got), [crossing("quota", 80, 10, 8)]);
+    assert_eq!(got[0]["period_start"], start(index + 1));
+
+    // Credits without refill: the amount is the balance set; once each per set/add.
+    s.write_credits(k.id, &CreditsWrite::SetRemaining(10), now)
+        .await
+        .unwrap();
+    for _ in 0..7 {
+        s.charge(&charge(k.id, Some(1), None, now)).await.unwrap();
+    }
+    assert!(ev(Arc::clone(&s)).await.is_empty(), "fired before 80 %");
+    s.charge(&charge(k.id, Some(1), None, now)).await.unwrap();
+    s.charge(&charge(k.id, Some(1), None, now)).await.unwrap();
+    let got = ev(Arc::clone(&s)).await;
+    assert_eq!(crossings(&got), [crossing("credits", 80, 10, 8)]);
+    assert_eq!(got[0]["key_id"], k.id.to_string());
+    assert_eq!(got[0]["client_id"], "acme");
+    assert_eq!(got[0]["period"], serde_json::Value::Null);
+    assert_eq!(got[0]["resets_at"], serde_json::Value::Null);
+    // A charge larger than what is left is refused and fires nothing.
+    let c = s.charge(&charge(k.id, Some(5), None, now)).await.unwrap();
+    assert_eq!(c.refused, Some(Exhausted::Credits));
+    assert!(ev(Arc::clone(&s)).await.is_empty());
+    s.charge(&charge(k.id, Some(1), None, now)).await.unwrap();
+    assert_eq!(
+        crossings(&ev(Arc::clone(&s)).await),
+        [crossing("credits", 100, 10, 10)]
+    );
+    // An add is a fresh amount (the balance after it: 5); one charge may cross both.
+    s.write_credits(k.id, &CreditsWrite::Add(5), now)
+        .await
+        .unwrap();
+    s.charge(&charge(k.id, Some(5), None, now)).await.unwrap();
+    assert_eq!(
+        crossings(&ev(Arc::clone(&s)).await),
+        [
+            crossing("credits", 80, 5, 5),
+            crossing("credits", 100, 5, 5)
+        ]
+    );
+
+    // Credits with a daily refill of 10: once per refill period, an add does not fire again.
+    let daily = Refill {
+        amount: 10,
+        interval: Interval::Daily,
+        day: None,
+    };
+    s.write_credits(
+        k.id,
+        &CreditsWrite::Set {
+            remaining: 10,
+            refill: Some(daily),
+        },
+        now,
+    )
+    .await
+    .unwrap();
+    s.charge(&charge(k.id, Some(8), None, now)).await.unwrap();
+    let got = ev(Arc::clone(&s)).await;
+    assert_eq!(crossings(&got), [crossing("credits", 80, 10, 8)]);
+    assert_eq!(got[0]["period"], "daily");
+    assert_eq!(got[0]["resets_at"], start(index + 1));
+    s.write_credits(k.id, &CreditsWrite::Add(5), now)
+        .await
+        .unwrap();
+    s.charge(&charge(k.id, Some(5), None, now)).await.unwrap();
+    assert!(ev(Arc::clone(&s)).await.is_empty(), "80 % fired twice");
+    s.charge(&charge(k.id, Some(2), None, now)).await.unwrap();
+    assert_eq!(
+        crossings(&ev(Arc::clone(&s)).await),
+        [crossing("credits", 100, 10, 10)]
+    );
+    // The refill starts the thresholds again.
+    s.charge(&charge(k.id, Some(9), None, tomorrow))
+        .await
+        .unwrap();
+    assert_eq!(
+        crossings(&ev(Arc::clone(&s)).await),
+        [crossing("credits", 80, 10, 9)]
+    );
+}
+
+/// `sync_rates` (cluster rate limits): instances lease cells of one bucket shared through the
+/// store, never more than its room between them, and cells given back go to the others. Only
+/// the Redis store shares buckets; the others refuse.
+async fn cluster_rate_syncs_lease_from_one_shared_bucket(s: Arc<dyn Store>) {
+    use keygate::keys::cluster::BucketSync;
+    // 10 a second (a cell every 100 ms), burst 10: the room of a fresh bucket is 10 cells.
+    let bucket = |unused: u64, demand: u64, want: bool| BucketSync {
+        name: "client:acme:10/s".into(),
+        t_us: 100_000.0,
+        tau_us: 900_000.0,
+        unused,
+        demand,
+        want,
+    };
+    let a = match s.sync_rates("instance-a", &[bucket(0, 5, true)]).await {
+        Err(StoreError::Unavailable(_)) => {
+            // A store that cannot share buckets says so, and that is all.
+            return;
+        }
+        other => other.unwrap(),
+    };
+    assert_eq!(a.leases.len(), 1);
+    assert_eq!(
+        a.leases[0].cells, 10,
+        "a lone instance leases the whole room"
+    );
+    let b = s
+        .sync_rates("instance-b", &[bucket(0, 5, true)])
+        .await
+        .unwrap();
+    assert_eq!(b.live, 2, "both instances are live");
+    // The room was leased to a: b gets at most what refilled in between.
+    assert!(b.leases[0].cells <= 1, "{b:?}: more than the bucket holds");
+    // a gives its lease back; b's next lease comes out of it.
+    let back = s
+        .sync_rates("instance-a", &[bucket(10, 0, false)])
+        .await
+        .unwrap();
+    assert_eq!(back.leases[0].cells, 0);
+    let b2 = s
+        .sync_rates("instance-b", &[bucket(0, 5, true)])
+        .await
+        .unwrap();
+    assert!(
+        b2.leases[0].cells >= 4,
+        "{b2:?}: cells given back were not leased again"
+    );
+    assert!(b.leases[0].cells + b2.leases[0].cells <= 11, "{b:?} {b2:?}");
 }

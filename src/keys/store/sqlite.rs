@@ -95,6 +95,12 @@ CREATE TABLE quota_use (
     PRIMARY KEY (client_id, per, period)
 ) WITHOUT ROWID;
 "#,
+    // quota.threshold for credits: the amount of credits without refill (the balance after the
+    // last set/add) and the highest threshold fired since the last refill or set/add.
+    r#"
+ALTER TABLE key_credits ADD COLUMN alert_base INTEGER;
+ALTER TABLE key_credits ADD COLUMN alerted INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 const KEY_COLUMNS: &str = "k.id, k.client_id, k.name, k.prefix, k.key_hash, k.previous_hash, \
@@ -400,6 +406,16 @@ fn record_query(
 }
 
 /// `key.created` of a key just inserted.
+/// `key.created` of a key written by an import (`data.imported: true`).
+fn imported(key: &ApiKey) -> NewEvent {
+    NewEvent::key(
+        EventType::KeyCreated,
+        key,
+        now_millis(),
+        serde_json::json!({"imported": true}),
+    )
+}
+
 fn created(key: &ApiKey) -> NewEvent {
     NewEvent::key(
         EventType::KeyCreated,
@@ -438,6 +454,34 @@ fn credits_of(conn: &Connection, key_id: &str) -> rusqlite::Result<Option<Credit
             period: r.get(1)?,
             refill: refill_cols(r, 2)?,
         })
+    })
+    .optional()
+}
+
+/// A key's credits as stored and their `quota.threshold` state: the amount of credits without
+/// refill (`alert_base`) and the highest threshold fired (`alerted`). One read, as the charge
+/// made before the state was kept.
+fn credits_alert_of(
+    conn: &Connection,
+    key_id: &str,
+) -> rusqlite::Result<Option<(Credits, Option<u64>, u8)>> {
+    conn.prepare_cached(
+        "SELECT remaining, period, refill_amount, refill_interval, refill_day, alert_base, \
+         alerted FROM key_credits WHERE key_id = ?1",
+    )?
+    .query_row([key_id], |r| {
+        let remaining: i64 = r.get(0)?;
+        let base: Option<i64> = r.get(5)?;
+        let alerted: i64 = r.get(6)?;
+        Ok((
+            Credits {
+                remaining: remaining.max(0) as u64,
+                period: r.get(1)?,
+                refill: refill_cols(r, 2)?,
+            },
+            base.map(|b| b.max(0) as u64),
+            alerted.clamp(0, 100) as u8,
+        ))
     })
     .optional()
 }
@@ -515,6 +559,7 @@ fn import_rows(
         *n += 1;
         if !atomic || refused.is_empty() {
             insert_key_row(tx, k)?;
+            write_events(tx, &[imported(k)])?;
         }
     }
     Ok(refused)
@@ -1065,10 +1110,11 @@ impl Store for SqliteStore {
             let tx = c
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(db)?;
-            let credits = match cost {
-                Some(_) => credits_of(&tx, &key_id).map_err(db)?.map(|c| c.at(now)),
+            let stored = match cost {
+                Some(_) => credits_alert_of(&tx, &key_id).map_err(db)?,
                 None => None,
             };
+            let credits = stored.map(|(c, _, _)| c.at(now));
             let used = match &quota {
                 Some((client, q, index)) => Some(
                     tx.prepare_cached(
@@ -1121,6 +1167,7 @@ impl Store for SqliteStore {
                 .execute(params![client, q.per.as_str(), index])
                 .map_err(db)?;
             }
+            charge_thresholds(&tx, &key_id, stored, credits, &quota, used, now).map_err(db)?;
             tx.commit().map_err(db)?;
             Ok(Charged {
                 credits: credits.map(|c| c.remaining),
@@ -1152,12 +1199,32 @@ impl Store for SqliteStore {
                 return Ok(CreditsWritten::NoKey);
             }
             let id = key_id.to_string();
-            let current = credits_of(&tx, &id).map_err(db)?.map(|c| c.at(now));
+            let stored = credits_of(&tx, &id).map_err(db)?;
+            let current = stored.map(|c| c.at(now));
             let Some(next) = credits_after(current, write, now) else {
                 return Ok(CreditsWritten::TooMany);
             };
             match &next {
-                Some(credits) => write_credits_row(&tx, &id, credits).map_err(db)?,
+                Some(credits) => {
+                    write_credits_row(&tx, &id, credits).map_err(db)?;
+                    // Credits without refill: a fresh amount at each set/add. With a refill:
+                    // thresholds fire again after new terms or a refill.
+                    let reset = credits.refill.is_none()
+                        || matches!(write, CreditsWrite::Set { .. })
+                        || stored.map(|c| c.period) != current.map(|c| c.period);
+                    tx.prepare_cached(
+                        "UPDATE key_credits SET alert_base = ?2, \
+                         alerted = CASE WHEN ?3 THEN 0 ELSE alerted END WHERE key_id = ?1",
+                    )
+                    .and_then(|mut st| {
+                        st.execute(params![
+                            id,
+                            credits.refill.is_none().then_some(credits.remaining as i64),
+                            reset
+                        ])
+                    })
+                    .map_err(db)?;
+                }
                 None => {
                     tx.execute("DELETE FROM key_credits WHERE key_id = ?1", [&id])
                         .map_err(db)?;
@@ -1209,6 +1276,85 @@ fn signing_keys(c: &Connection) -> rusqlite::Result<Vec<SigningKeyRecord>> {
         })
     })?
     .collect()
+}
+
+/// Writes the `quota.threshold` events of a charge in its transaction ([`crate::keys::threshold`]):
+/// `stored` the key's credits and threshold state before the charge, `credits` after it, `used`
+/// the quota count before it. Writes nothing unless a threshold is crossed (or a refill reset
+/// the credits' state).
+fn charge_thresholds(
+    tx: &Connection,
+    key_id: &str,
+    stored: Option<(Credits, Option<u64>, u8)>,
+    credits: Option<Credits>,
+    quota: &Option<(String, crate::keys::allowance::Quota, i64)>,
+    used: Option<u64>,
+    now: Millis,
+) -> rusqlite::Result<()> {
+    use crate::keys::threshold::{Crossing, Of, credits_crossed, quota_crossed};
+    let mut events = Vec::new();
+    if let (Some((client, q, index)), Some(u)) = (quota, used) {
+        for t in quota_crossed(q.requests, u, u + 1) {
+            let of = Of::Quota {
+                per: q.per,
+                index: *index,
+            };
+            events.push(
+                Crossing {
+                    of,
+                    client_id: client,
+                    threshold: t,
+                    limit: q.requests,
+                    used: u + 1,
+                }
+                .event(now),
+            );
+        }
+    }
+    if let (Some((before, base, alerted)), Some(c)) = (stored, credits) {
+        let from = if c.period != before.period {
+            0
+        } else {
+            alerted
+        };
+        let limit = c.refill.map(|r| r.amount).or(base).unwrap_or(0);
+        let used = limit.saturating_sub(c.remaining);
+        let mut to = from;
+        let mut client: Option<String> = None;
+        for t in credits_crossed(limit, used, from) {
+            to = t;
+            if client.is_none() {
+                client = tx
+                    .prepare_cached("SELECT client_id FROM api_keys WHERE id = ?1")?
+                    .query_row([key_id], |r| r.get(0))
+                    .optional()?;
+            }
+            let Some(client_id) = client.as_deref() else {
+                break;
+            };
+            events.push(
+                Crossing {
+                    of: Of::Credits {
+                        key_id,
+                        refill: c.refill,
+                    },
+                    client_id,
+                    threshold: t,
+                    limit,
+                    used,
+                }
+                .event(now),
+            );
+        }
+        if to != alerted {
+            tx.prepare_cached("UPDATE key_credits SET alerted = ?2 WHERE key_id = ?1")?
+                .execute(params![key_id, i64::from(to)])?;
+        }
+    }
+    if !events.is_empty() {
+        write_events(tx, &events)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

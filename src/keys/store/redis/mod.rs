@@ -100,6 +100,9 @@ use watch::{SUB_DOWN, SUB_NONE, Watcher};
 /// Longest a store call may take, including waiting for a reconnection, before it fails with
 /// [`StoreError::Unavailable`].
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Keys per script of an import ([`Store::import_keys`]).
+const IMPORT_CHUNK: usize = 250;
 /// Longest a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest a write waits for its replicas (`store.redis_wait_replicas`).
@@ -668,6 +671,7 @@ struct Scripts {
     credits: Script,
     quota_used: Script,
     sync_rates: Script,
+    import_keys: Script,
 }
 
 const PRELUDE: &str = include_str!("scripts/prelude.lua");
@@ -697,6 +701,7 @@ fn scripts() -> &'static Scripts {
             credits: s(include_str!("scripts/credits.lua")),
             quota_used: s(include_str!("scripts/quota_used.lua")),
             sync_rates: s(include_str!("scripts/sync_rates.lua")),
+            import_keys: s(include_str!("scripts/import_keys.lua")),
         }
     })
 }
@@ -1019,6 +1024,15 @@ impl Store for RedisStore {
                 .push(quota_ttl_secs(q.quota.per)),
             None => a.push("").push(0).push(0),
         };
+        // For the quota.threshold events the script may write.
+        a.push(c.now);
+        match &c.quota {
+            Some(q) => a
+                .push(q.client_id)
+                .push(q.quota.per.as_str())
+                .push(q.quota.per.index(c.now)),
+            None => a.push("").push("").push(0),
+        };
         let v = self.script("charge", &scripts().charge, a).await?;
         let parts: Vec<i64> = ::redis::from_redis_value(v)
             .map_err(|e| StoreError::Unavailable(format!("redis: unexpected charge reply: {e}")))?;
@@ -1128,6 +1142,66 @@ impl Store for RedisStore {
 
     /// Redis answers, and — once invalidations are watched — the subscription is up (an
     /// instance that may miss revocations is not ready).
+    /// Scripts of at most [`IMPORT_CHUNK`] keys (each well within [`CALL_TIMEOUT`], so Redis
+    /// is never held long): every key written with its `key.created` (`imported: true`) in
+    /// the same script. An atomic import is first judged whole, chunk by chunk, without
+    /// writing; only when nothing is refused are the chunks written (a key another writer
+    /// takes between the two passes is then refused with its chunk unwritten).
+    async fn import_keys(
+        &self,
+        keys: Vec<ApiKey>,
+        max_keys: u32,
+        atomic: bool,
+    ) -> StoreResult<Vec<(usize, super::import::Refusal)>> {
+        use super::import::Refusal;
+        use std::collections::{HashMap, HashSet};
+        let mut refused = Vec::new();
+        let mut seen = HashSet::with_capacity(keys.len());
+        let mut candidates = Vec::with_capacity(keys.len());
+        for (i, k) in keys.iter().enumerate() {
+            let fresh = seen.insert(k.key_hash.0);
+            let prev = k.previous_hash.is_none_or(|h| seen.insert(h.0));
+            if fresh && prev {
+                candidates.push(i);
+            } else {
+                refused.push((i, Refusal::Duplicate));
+            }
+        }
+        // An atomic import judged whole before anything is written (one chunk judges itself).
+        if atomic && (!refused.is_empty() || candidates.len() > IMPORT_CHUNK) {
+            let mut earlier: HashMap<&str, u32> = HashMap::new();
+            for chunk in candidates.chunks(IMPORT_CHUNK) {
+                let mut before = HashMap::new();
+                for &i in chunk {
+                    let c = keys[i].client_id.as_str();
+                    before.insert(c, earlier.get(c).copied().unwrap_or(0));
+                }
+                let out = self
+                    .import_chunk(&keys, chunk, max_keys, atomic, true, &before)
+                    .await?;
+                for &i in chunk {
+                    if !out.iter().any(|r| r.0 == i) {
+                        *earlier.entry(keys[i].client_id.as_str()).or_default() += 1;
+                    }
+                }
+                refused.extend(out);
+            }
+            if !refused.is_empty() {
+                refused.sort_by_key(|(i, _)| *i);
+                return Ok(refused);
+            }
+        }
+        let none = HashMap::new();
+        for chunk in candidates.chunks(IMPORT_CHUNK) {
+            let out = self
+                .import_chunk(&keys, chunk, max_keys, atomic, false, &none)
+                .await?;
+            refused.extend(out);
+        }
+        refused.sort_by_key(|(i, _)| *i);
+        Ok(refused)
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         let mut conn = self.conn();
         let probe = self.inner.link.probe(self.prefix());
@@ -1172,6 +1246,50 @@ impl Store for RedisStore {
         Some(Arc::new(outbox::RedisOutbox {
             store: self.clone(),
         }))
+    }
+}
+
+impl RedisStore {
+    /// One chunk of an import (import_keys.lua): the refusals, by index in `keys`.
+    async fn import_chunk(
+        &self,
+        keys: &[ApiKey],
+        chunk: &[usize],
+        max_keys: u32,
+        atomic: bool,
+        judge: bool,
+        earlier: &std::collections::HashMap<&str, u32>,
+    ) -> StoreResult<Vec<(usize, super::import::Refusal)>> {
+        use super::import::Refusal;
+        let mut a = Args::default();
+        a.push(now_millis())
+            .push(max_keys)
+            .push(if atomic { "1" } else { "0" })
+            .push(if judge { "1" } else { "0" })
+            .push(earlier.len());
+        for (c, n) in earlier {
+            a.push(c).push(n);
+        }
+        a.push(chunk.len());
+        for &i in chunk {
+            a.key(&keys[i]);
+        }
+        let v = self.write("import keys", &scripts().import_keys, a).await?;
+        let parts: Vec<i64> = ::redis::from_redis_value(v)
+            .map_err(|e| StoreError::Unavailable(format!("redis: unexpected import reply: {e}")))?;
+        parts
+            .chunks_exact(2)
+            .map(|c| {
+                let refusal = match c[1] {
+                    1 => Refusal::UnknownClient,
+                    2 => Refusal::Duplicate,
+                    3 => Refusal::TooManyKeys { max: max_keys },
+                    _ => return Err(corrupt("import")),
+                };
+                let at = usize::try_from(c[0]).map_err(|_| corrupt("import"))?;
+                Ok((*chunk.get(at).ok_or_else(|| corrupt("import"))?, refusal))
+            })
+            .collect()
     }
 }
 

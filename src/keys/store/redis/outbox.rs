@@ -80,6 +80,9 @@ fn body_of(f: &std::collections::HashMap<String, String>) -> StoreResult<String>
     let get = |n: &str| f.get(n).ok_or_else(|| corrupt("event"));
     let kind = EventType::parse(get("type")?).ok_or_else(|| corrupt("event"))?;
     let at: Millis = get("t")?.parse().map_err(|_| corrupt("event"))?;
+    if get("what")? == "threshold" {
+        return threshold_body(f, at);
+    }
     let rec: Vec<String> = serde_json::from_str(get("rec")?).unwrap_or_default();
     let rec = Value::Array(
         rec.into_iter()
@@ -354,4 +357,50 @@ fn webhook_from(s: &str) -> Option<Webhook> {
         secret: v["secret"].as_str()?.to_owned(),
         created_at: v["created_at"].as_i64()?,
     })
+}
+
+/// The body of a `quota.threshold` event charge.lua wrote: its numbers, built by the same code
+/// as the SQLite store's ([`crate::keys::threshold`]).
+fn threshold_body(
+    f: &std::collections::HashMap<String, String>,
+    at: Millis,
+) -> StoreResult<String> {
+    use crate::keys::allowance::{Interval, Period, Refill};
+    use crate::keys::threshold::{Crossing, Of};
+    let get = |n: &str| f.get(n).map(String::as_str).ok_or_else(|| corrupt("event"));
+    let number = |n: &str| -> StoreResult<u64> {
+        get(n)?
+            .parse::<f64>()
+            .map(|v| v as u64)
+            .map_err(|_| corrupt("event"))
+    };
+    let key_id = f.get("key").map(String::as_str).unwrap_or_default();
+    let of = match get("kind")? {
+        "quota" => Of::Quota {
+            per: match get("per")? {
+                "hour" => Period::Hour,
+                "day" => Period::Day,
+                _ => Period::Month,
+            },
+            index: get("index")?.parse().map_err(|_| corrupt("event"))?,
+        },
+        _ => Of::Credits {
+            key_id,
+            refill: Interval::parse(get("interval")?).map(|interval| Refill {
+                amount: 0,
+                interval,
+                day: f.get("day").and_then(|d| d.parse().ok()),
+            }),
+        },
+    };
+    let threshold = number("threshold")?.min(100) as u8;
+    Ok(Crossing {
+        of,
+        client_id: get("client")?,
+        threshold,
+        limit: number("limit")?,
+        used: number("used")?,
+    }
+    .event(at)
+    .body)
 }

@@ -133,17 +133,21 @@ end
 local function num(n) return string.format('%.0f', n) end
 
 -- A key's credits, refilled when a refill period started since they were written (the
--- write is made): remaining (number) or nil when the key has no credits.
+-- write is made, and the quota.threshold state starts again): remaining (number) or nil when
+-- the key has no credits; then the stored fields {remaining, amount, interval, day, period,
+-- base, alerted} (alerted already reset by a refill).
 local function current_credits(id, cal_day, cal_month, dom)
-  local v = redis.call('HMGET', crkey(id), 'remaining', 'amount', 'interval', 'day', 'period')
+  local v = redis.call('HMGET', crkey(id), 'remaining', 'amount', 'interval', 'day', 'period',
+                       'base', 'alerted')
   if not v[1] then return nil end
   local remaining = tonumber(v[1])
   local p = refill_period(v[3], v[4], cal_day, cal_month, dom)
   if p and p > tonumber(v[5] or '0') then
     remaining = tonumber(v[2])
-    redis.call('HSET', crkey(id), 'remaining', num(remaining), 'period', num(p))
+    redis.call('HSET', crkey(id), 'remaining', num(remaining), 'period', num(p), 'alerted', '0')
+    v[7] = '0'
   end
-  return remaining
+  return remaining, v
 end
 
 -- The event outbox (webhooks): a stream written by the script that makes the change, so an
@@ -156,4 +160,16 @@ local function emit(kind, okey, what, rec, extra)
   if #rec == 0 then return end
   redis.call('XADD', EVENTS, '*', 'type', kind, 'okey', okey, 't', ARGV[2], 'what', what,
              'rec', cjson.encode(rec), 'extra', extra or '{}')
+end
+
+-- quota.threshold (src/keys/threshold.rs): the used count at which `pct` percent of `limit`
+-- is reached, ceil(limit * pct / 100), exact in doubles for every amount keygate allows.
+local function mark(limit, pct)
+  return pct * math.floor(limit / 100) + math.ceil(pct * (limit % 100) / 100)
+end
+
+-- Writes a quota.threshold event; the gateway builds its body from these fields.
+local function emit_threshold(okey, t, fields)
+  redis.call('XADD', EVENTS, '*', 'type', 'quota.threshold', 'okey', okey, 't', t,
+             'what', 'threshold', unpack(fields))
 end

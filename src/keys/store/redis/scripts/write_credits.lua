@@ -33,4 +33,9 @@ else
   redis.call('HSET', crkey(id), 'remaining', num(remaining))
   if not had then publish(ARGV[2], {id}, hashes_of(id)) end
 end
+-- quota.threshold: credits without refill start a fresh amount at each set/add ('set' cleared
+-- the state with the hash).
+if not redis.call('HGET', crkey(id), 'amount') then
+  redis.call('HSET', crkey(id), 'base', num(remaining), 'alerted', '0')
+end
 return answer()
