@@ -207,6 +207,9 @@ pub fn verify_with_python(secret: &str, g: &Got) -> Result<(), String> {
             .output()
             .is_ok_and(|o| o.status.success())
     };
+    // Tests run in parallel: one installs, the others wait for it instead of racing it.
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _installing = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     if !ready(&python) {
         let _ = std::fs::remove_dir_all(&venv);
         let ok = std::process::Command::new("python3")
