@@ -279,9 +279,20 @@ def main():
 
         left, used = quota()
         check(used > 0 and left + used == 1000, f"quota remaining is 1000 less the use ({left}, {used})")
+        # A refill amount without an interval, or a negative number: an error, no key made.
+        keys_before = len(driver.find_elements(By.CSS_SELECTOR, "#key-table tbody tr"))
         by_id("new-key-name").send_keys("metered")
-        by_id("new-key-credits").send_keys("5")
         by_id("new-key-refill").send_keys("10")
+        by_id("new-key-go").click()
+        wait.until(lambda d: "refill needs both" in by_id("error").text)
+        by_id("new-key-credits").send_keys("-1")
+        Select(by_id("new-key-refill-interval")).select_by_value("daily")
+        by_id("new-key-go").click()
+        wait.until(lambda d: "credits" in by_id("error").text)
+        check(len(driver.find_elements(By.CSS_SELECTOR, "#key-table tbody tr")) == keys_before
+              and not by_id("newkey").is_displayed(), f"bad credits are refused ({by_id('error').text!r})")
+        by_id("new-key-credits").clear()
+        by_id("new-key-credits").send_keys("5")
         Select(by_id("new-key-refill-interval")).select_by_value("daily")
         by_id("new-key-go").click()
         visible("newkey")
@@ -306,6 +317,7 @@ def main():
         press("metered", "Usage")
         wait.until(lambda d: "Credits: 3 left" in by_id("key-usage").text)
         check(True, "the key's usage view shows its credits")
+        driver.execute_script("arguments[0].scrollIntoView()", row_of("metered"))
         driver.save_screenshot(os.path.join(DOCS, "console-credits.png"))
 
         # Change the license; search; delete a client after confirming.
