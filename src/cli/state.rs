@@ -23,6 +23,15 @@
 //! from the state file). Metadata is written as a JSON string (`metadata = '{"tier":2}'`), so
 //! every JSON value survives the trip through TOML.
 //!
+//! Webhooks made through `/v1/webhooks` are written as `[[webhooks]]` (`id`, `url`, `events`;
+//! never the signing secret). When the file has a `webhooks` list (an export always writes
+//! one), apply makes the API's webhooks exactly that list: a webhook is matched by `id`, else
+//! by `url`; an unmatched one in the file is created and its new signing secret printed once,
+//! as `webhook URL ID: whsec_…` (it cannot be read again: give it to the receiver then); an
+//! unmatched one on the gateway is deleted; a matched one gets the file's URL and events.
+//! A file without `webhooks` leaves them alone. The configuration file's `[[webhooks]]` are
+//! not the API's: they are neither exported nor changed.
+//!
 //! `diff` prints nothing and exits 0 when nothing would change, else lists the changes and
 //! exits 3. `apply` prints each change it makes (nothing with `--quiet`, except new secrets).
 
@@ -47,6 +56,20 @@ pub struct State {
     pub plans: Option<BTreeMap<String, toml::Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes: Option<Vec<toml::Value>>,
+    /// The webhooks made through `/v1/webhooks` (never their secrets). Absent: apply leaves
+    /// webhooks alone; present (even empty): apply makes them exactly this list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<Vec<WebhookState>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub url: String,
+    /// Event types, or `["*"]` for all.
+    pub events: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -89,14 +112,37 @@ struct Live {
     clients: Vec<Value>,
     keys: Vec<Value>,
     config: Value,
+    /// The webhooks made through the API (`source = "api"`); `None` when the gateway's store
+    /// keeps no event outbox (no webhooks at all).
+    webhooks: Option<Vec<Value>>,
 }
 
 async fn live(admin: &Admin) -> Result<Live, CliError> {
+    let webhooks = match admin.get("/v1/webhooks").await {
+        Ok(v) => Some(
+            v["data"]
+                .as_array()
+                .map(|a| a.iter().filter(|w| w["source"] == "api").cloned().collect())
+                .unwrap_or_default(),
+        ),
+        Err(CliError::Refused { status: 404, .. }) => None,
+        Err(e) => return Err(e),
+    };
     Ok(Live {
         clients: admin.all("/v1/clients").await?,
         keys: admin.all("/v1/api-keys").await?,
         config: admin.get("/v1/config").await?,
+        webhooks,
     })
+}
+
+/// Event types as a set, so order and repeats do not count as a change.
+fn event_set(v: &[String]) -> std::collections::BTreeSet<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn live_events(w: &Value) -> Vec<String> {
+    serde_json::from_value(w["events"].clone()).unwrap_or_default()
 }
 
 fn json_to_toml(v: &Value) -> Option<toml::Value> {
@@ -187,10 +233,20 @@ pub async fn export(admin: &Admin) -> Result<(), CliError> {
             .map(|a| a.iter().filter_map(json_to_toml).collect())
             .unwrap_or_default(),
     );
+    state.webhooks = live.webhooks.as_ref().map(|ws| {
+        ws.iter()
+            .map(|w| WebhookState {
+                id: w["id"].as_str().map(str::to_owned),
+                url: s(&w["url"]),
+                events: live_events(w),
+            })
+            .collect()
+    });
     let text = toml::to_string(&state)
         .map_err(|e| CliError::Transport(format!("cannot write the state as TOML: {e}")))?;
     println!(
-        "# keygate state: clients, keys (attributes only, never secrets), plans in use, routes.\n\
+        "# keygate state: clients, keys (attributes only, never secrets), plans in use, routes,\n\
+         # webhooks made through the admin API (never their secrets).\n\
          # `keygate diff FILE` shows what `keygate apply FILE` would change.\n\n{text}"
     );
     Ok(())
@@ -231,6 +287,20 @@ pub enum Change {
         id: String,
         label: String,
     },
+    CreateWebhook {
+        url: String,
+        events: Vec<String>,
+    },
+    UpdateWebhook {
+        id: String,
+        url: String,
+        body: Value,
+        what: Vec<String>,
+    },
+    DeleteWebhook {
+        id: String,
+        url: String,
+    },
     /// Plans or routes differ from the running configuration (apply cannot change them).
     Config {
         what: String,
@@ -254,6 +324,13 @@ impl std::fmt::Display for Change {
                 id, label, what, ..
             } => write!(f, "~ key {label} ({id}): {}", what.join(", ")),
             Change::DeleteKey { id, label } => write!(f, "- key {label} ({id})"),
+            Change::CreateWebhook { url, events } => {
+                write!(f, "+ webhook {url} ({})", events.join(", "))
+            }
+            Change::UpdateWebhook { id, url, what, .. } => {
+                write!(f, "~ webhook {url} ({id}): {}", what.join(", "))
+            }
+            Change::DeleteWebhook { id, url } => write!(f, "- webhook {url} ({id})"),
             Change::Config { what } => write!(
                 f,
                 "! {what} differ from the running configuration (change the config file; \
@@ -494,12 +571,123 @@ fn plan(want: &State, live: &Live) -> Result<Vec<Change>, CliError> {
             out.push(Change::CreateKey { key: k.clone() });
         }
     }
+    if let Some(hooks) = &want.webhooks {
+        plan_webhooks(hooks, live, &mut out)?;
+    }
     let mut deleted: Vec<&str> = deleted;
     deleted.sort();
     out.extend(deleted.into_iter().map(|c| Change::DeleteClient {
         client_id: c.into(),
     }));
     Ok(out)
+}
+
+/// Webhooks: matched by `id` when the file gives one that exists on the gateway, else by URL;
+/// an unmatched one in the file is created, an unmatched one on the gateway deleted, a matched
+/// one gets the file's URL and events. Webhooks of the configuration file are not touched.
+fn plan_webhooks(
+    want: &[WebhookState],
+    live: &Live,
+    out: &mut Vec<Change>,
+) -> Result<(), CliError> {
+    let Some(hooks) = &live.webhooks else {
+        if want.is_empty() {
+            return Ok(());
+        }
+        return Err(CliError::Usage(
+            "the file lists webhooks, but this gateway's store keeps no event outbox (no \
+             webhooks)"
+                .into(),
+        ));
+    };
+    for w in want {
+        if w.events.is_empty() {
+            return Err(CliError::Usage(format!(
+                "webhook {}: events must name at least one event type, or be [\"*\"]",
+                w.url
+            )));
+        }
+    }
+    let mut matched: HashMap<usize, &Value> = HashMap::new();
+    let mut taken: HashSet<&str> = HashSet::new();
+    for (i, w) in want.iter().enumerate() {
+        let Some(id) = &w.id else { continue };
+        let Some(l) = hooks.iter().find(|l| l["id"] == id.as_str()) else {
+            continue;
+        };
+        if !taken.insert(id.as_str()) {
+            return Err(CliError::Usage(format!("webhook {id} is listed twice")));
+        }
+        matched.insert(i, l);
+    }
+    for (i, w) in want.iter().enumerate() {
+        if matched.contains_key(&i) {
+            continue;
+        }
+        let candidates: Vec<&Value> = hooks
+            .iter()
+            .filter(|l| {
+                l["url"] == w.url.as_str() && !taken.contains(l["id"].as_str().unwrap_or_default())
+            })
+            .collect();
+        let twins = want
+            .iter()
+            .enumerate()
+            .filter(|(j, o)| !matched.contains_key(j) && o.url == w.url)
+            .count();
+        if candidates.len() > 1 || twins > 1 {
+            return Err(CliError::Usage(format!(
+                "webhook {}: more than one webhook has this URL; give each its id",
+                w.url
+            )));
+        }
+        if let Some(l) = candidates.first() {
+            taken.insert(l["id"].as_str().unwrap_or_default());
+            matched.insert(i, l);
+        }
+    }
+    for l in hooks {
+        let id = l["id"].as_str().unwrap_or_default();
+        if !taken.contains(id) {
+            out.push(Change::DeleteWebhook {
+                id: id.into(),
+                url: s(&l["url"]),
+            });
+        }
+    }
+    for (i, w) in want.iter().enumerate() {
+        let Some(l) = matched.get(&i) else {
+            out.push(Change::CreateWebhook {
+                url: w.url.clone(),
+                events: w.events.clone(),
+            });
+            continue;
+        };
+        let mut body = json!({});
+        let mut what = Vec::new();
+        if l["url"] != w.url.as_str() {
+            what.push(format!("url {} → {}", s(&l["url"]), w.url));
+            body["url"] = json!(w.url);
+        }
+        let have = live_events(l);
+        if event_set(&have) != event_set(&w.events) {
+            what.push(format!(
+                "events {} → {}",
+                have.join(", "),
+                w.events.join(", ")
+            ));
+            body["events"] = json!(w.events);
+        }
+        if !what.is_empty() {
+            out.push(Change::UpdateWebhook {
+                id: s(&l["id"]),
+                url: w.url.clone(),
+                body,
+                what,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `keygate diff FILE`: exit 0 and nothing printed when nothing would change; else the
@@ -633,6 +821,37 @@ pub async fn apply(g: &Global, admin: &Admin, path: &Path) -> Result<(), CliErro
                     .call(
                         Method::DELETE,
                         &format!("/v1/api-keys/{}", segment(id)),
+                        None,
+                    )
+                    .await?;
+            }
+            Change::CreateWebhook { url, events } => {
+                let v = admin
+                    .send(
+                        Method::POST,
+                        "/v1/webhooks",
+                        &json!({"url": url, "events": events}),
+                    )
+                    .await?;
+                say(c);
+                // The new signing secret, once (like a new key's secret): the receiver needs it.
+                println!("webhook {url} {}: {}", s(&v["id"]), s(&v["secret"]));
+                continue;
+            }
+            Change::UpdateWebhook { id, body, .. } => {
+                admin
+                    .send(
+                        Method::PATCH,
+                        &format!("/v1/webhooks/{}", segment(id)),
+                        body,
+                    )
+                    .await?;
+            }
+            Change::DeleteWebhook { id, .. } => {
+                admin
+                    .call(
+                        Method::DELETE,
+                        &format!("/v1/webhooks/{}", segment(id)),
                         None,
                     )
                     .await?;

@@ -14,6 +14,7 @@ Usage: console_test.py KEYGATE_BINARY DOCS_DIR
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 BIN, DOCS = sys.argv[1], sys.argv[2]
 ADMIN_KEY = "console-admin-key-0123456789abcdef"
@@ -63,6 +64,7 @@ last_used_flush_secs = 1
 rate_limit = {{ per_minute = 600, burst = 50 }}
 [plans.pro]
 rate_limit = {{ per_second = 100, burst = 200 }}
+quota = {{ requests = 1000, per = "month" }}
 [log]
 format = "json"
 access_log = false
@@ -259,6 +261,65 @@ def main():
         check(len(bars) == 1 and "total 7" in title, f"usage charts per client and per key ({title})")
         driver.save_screenshot(os.path.join(DOCS, "console-usage.png"))
 
+        # A key with credits (5 now, refilled to 10 every day): the key table shows what is
+        # left, and each accepted request on the proxy takes one; the client's quota (1000 a
+        # month on plan pro) shows what is left of it, from GET /v1/clients/{id}/usage.
+        def quota():
+            text = by_id("client-quota").text
+            m = re.search(r"Quota: (\d+) of 1000 requests left this month \(used (\d+),", text)
+            check(m is not None, f"the client's quota is shown ({text!r})")
+            return int(m.group(1)), int(m.group(2))
+
+        def reopen():
+            driver.find_element(By.ID, "nav-clients").click()
+            visible("clients")
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#client-table tbody tr button")[0].click() or True)
+            visible("client")
+            wait.until(lambda d: "Quota:" in by_id("client-quota").text)
+
+        left, used = quota()
+        check(used > 0 and left + used == 1000, f"quota remaining is 1000 less the use ({left}, {used})")
+        # A refill amount without an interval, or a negative number: an error, no key made.
+        keys_before = len(driver.find_elements(By.CSS_SELECTOR, "#key-table tbody tr"))
+        by_id("new-key-name").send_keys("metered")
+        by_id("new-key-refill").send_keys("10")
+        by_id("new-key-go").click()
+        wait.until(lambda d: "refill needs both" in by_id("error").text)
+        by_id("new-key-credits").send_keys("-1")
+        Select(by_id("new-key-refill-interval")).select_by_value("daily")
+        by_id("new-key-go").click()
+        wait.until(lambda d: "credits" in by_id("error").text)
+        check(len(driver.find_elements(By.CSS_SELECTOR, "#key-table tbody tr")) == keys_before
+              and not by_id("newkey").is_displayed(), f"bad credits are refused ({by_id('error').text!r})")
+        by_id("new-key-credits").clear()
+        by_id("new-key-credits").send_keys("5")
+        Select(by_id("new-key-refill-interval")).select_by_value("daily")
+        by_id("new-key-go").click()
+        visible("newkey")
+        metered = by_id("newkey-value").text
+        by_id("newkey-done").click()
+        cell = wait.until(lambda d: row_of("metered").find_elements(By.TAG_NAME, "td")[6].text)
+        check(cell.startswith("5 left (refill to 10 every day"), f"the new key's credits ({cell!r})")
+        check(row_of("ci").find_elements(By.TAG_NAME, "td")[6].text == "unlimited",
+              "a key without credits says so")
+        s, body = http_call("GET", f"http://{admin}/v1/clients/acme/usage", ADMIN_KEY, admin=True)
+        credits = json.loads(body)["credits"]
+        check([c["credits"]["remaining"] for c in credits if c["name"] == "metered"] == [5],
+              "the server holds the credits the console set")
+        for _ in range(2):
+            check(http_call("GET", f"http://{proxy}/hello", metered)[0] == 200, "a metered request")
+        reopen()
+        wait.until(lambda d: row_of("metered").find_elements(By.TAG_NAME, "td")[6].text.startswith("3 left"))
+        check(True, "each request took a credit: 3 left")
+        wait.until(lambda d: reopen() or quota()[1] >= used + 2)
+        left2, used2 = quota()
+        check(left2 == 1000 - used2 and left2 <= left - 2, f"the quota shrank ({left} -> {left2})")
+        press("metered", "Usage")
+        wait.until(lambda d: "Credits: 3 left" in by_id("key-usage").text)
+        check(True, "the key's usage view shows its credits")
+        driver.execute_script("arguments[0].scrollIntoView()", row_of("metered"))
+        driver.save_screenshot(os.path.join(DOCS, "console-credits.png"))
+
         # Change the license; search; delete a client after confirming.
         by_id("client-license").clear()
         by_id("client-license").send_keys("free")
@@ -303,6 +364,9 @@ def main():
         sign_in(own)
         visible("client")
         check(not by_id("nav-clients").is_displayed(), "a client sees no client list")
+        check(not by_id("new-key-credits-row").is_displayed(), "only an admin sets credits")
+        wait.until(lambda d: "Quota: none" in by_id("client-quota").text)
+        check(True, "a client sees its own quota (none on plan free)")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#key-table tbody tr")) == 1)
         check("globex" in by_id("client-title").text, "a client sees its own keys only")
         names = [r.find_elements(By.TAG_NAME, "td")[0].text

@@ -296,3 +296,154 @@ async fn bad_state_files_are_usage_errors_and_change_nothing() {
     let r = gw.admin_as("GET", "/v1/config", None, &[]).await;
     assert_eq!(r.status, 401);
 }
+
+async fn webhooks(gw: &Gateway) -> Vec<Value> {
+    let r = gw.admin("GET", "/v1/webhooks", None).await;
+    assert_eq!(r.status, 200);
+    r.json()["data"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn webhooks_are_exported_without_secrets_and_converge() {
+    let gw = Gateway::start_with(ROUTES).await;
+    seed(&gw).await;
+    let mut secrets = Vec::new();
+    for (url, events) in [
+        ("https://hooks.example.com/a", json!(["key.created"])),
+        ("https://hooks.example.com/b", json!("*")),
+    ] {
+        let r = gw
+            .admin(
+                "POST",
+                "/v1/webhooks",
+                Some(json!({"url": url, "events": events})),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        secrets.push(r.json()["secret"].as_str().unwrap().to_owned());
+    }
+    let file = gw.dir.path().join("state.toml");
+    let text = export(&gw, &file).await;
+    for s in &secrets {
+        assert!(!text.contains(s.as_str()), "a webhook secret in the export");
+    }
+    assert!(!text.contains("whsec_"), "{text}");
+    assert!(!text.contains("secret ="), "{text}");
+    let state: toml::Table = toml::from_str(&text).unwrap();
+    let hooks = state["webhooks"].as_array().unwrap();
+    assert_eq!(hooks.len(), 2, "{text}");
+    assert_eq!(
+        hooks[0]["url"].as_str(),
+        Some("https://hooks.example.com/a")
+    );
+    assert!(hooks[0]["id"].as_str().unwrap().starts_with("wh_"));
+    assert_eq!(diff(&gw, &file).await, (0, String::new()));
+
+    // Edit one webhook's events, drop the other, add one without an id.
+    let mut state = state;
+    let hooks = state["webhooks"].as_array_mut().unwrap();
+    hooks[0].as_table_mut().unwrap()["events"] =
+        toml::Value::Array(vec!["key.created".into(), "key.revoked".into()]);
+    hooks.remove(1);
+    hooks.push(toml::Value::Table(toml::toml! {
+        url = "https://hooks.example.com/new" events = ["client.created"]
+    }));
+    std::fs::write(&file, toml::to_string(&state).unwrap()).unwrap();
+
+    let before = webhooks(&gw).await;
+    let (code, listed) = diff(&gw, &file).await;
+    assert_eq!(code, 3, "{listed}");
+    for want in [
+        "~ webhook https://hooks.example.com/a",
+        "events key.created → key.created, key.revoked",
+        "- webhook https://hooks.example.com/b",
+        "+ webhook https://hooks.example.com/new (client.created)",
+    ] {
+        assert!(listed.contains(want), "{want:?} missing from:\n{listed}");
+    }
+    assert_eq!(webhooks(&gw).await, before, "diff changes nothing");
+
+    let o = apply(&gw, &file).await;
+    let printed = out(&o);
+    // The new webhook's secret is printed once, and is the one the gateway signs with: it is
+    // not one of the earlier secrets, and it appears nowhere else.
+    let new_secret: Vec<&str> = printed
+        .lines()
+        .filter_map(|l| l.split_once(": whsec_").map(|(_, s)| s))
+        .collect();
+    assert_eq!(new_secret.len(), 1, "{printed}");
+    assert!(!secrets.iter().any(|s| s.ends_with(new_secret[0])));
+    let after = webhooks(&gw).await;
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert_eq!(after[0]["url"], "https://hooks.example.com/a");
+    assert_eq!(after[0]["id"], before[0]["id"], "updated in place");
+    assert_eq!(after[0]["events"], json!(["key.created", "key.revoked"]));
+    assert_eq!(after[1]["url"], "https://hooks.example.com/new");
+    assert_eq!(after[1]["events"], json!(["client.created"]));
+    assert!(
+        printed.contains(after[1]["id"].as_str().unwrap()),
+        "{printed}"
+    );
+    assert_eq!(diff(&gw, &file).await, (0, String::new()));
+
+    // A second apply changes nothing at all.
+    let o = apply(&gw, &file).await;
+    assert_eq!(out(&o), "");
+    assert_eq!(webhooks(&gw).await, after);
+
+    // A state file without webhooks leaves them alone; an empty list removes them.
+    let mut state: toml::Table = toml::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    state.remove("webhooks");
+    std::fs::write(&file, toml::to_string(&state).unwrap()).unwrap();
+    assert_eq!(diff(&gw, &file).await, (0, String::new()));
+    state.insert("webhooks".into(), toml::Value::Array(vec![]));
+    std::fs::write(&file, toml::to_string(&state).unwrap()).unwrap();
+    assert_eq!(diff(&gw, &file).await.0, 3);
+    apply(&gw, &file).await;
+    assert!(webhooks(&gw).await.is_empty());
+
+    // A webhook in the file that the server does not have is created there (as on a fresh
+    // gateway given an export): matched by URL from then on.
+    std::fs::write(
+        &file,
+        format!(
+            "{}\n[[webhooks]]\nid = \"wh_00000000000000000000000000000000\"\nurl = \"https://hooks.example.com/c\"\nevents = [\"*\"]\n",
+            toml::to_string(&{
+                let mut s = state.clone();
+                s.remove("webhooks");
+                s
+            })
+            .unwrap()
+        ),
+    )
+    .unwrap();
+    let (code, listed) = diff(&gw, &file).await;
+    assert_eq!(code, 3);
+    assert!(
+        listed.contains("+ webhook https://hooks.example.com/c (*)"),
+        "{listed}"
+    );
+    let o = apply(&gw, &file).await;
+    assert!(out(&o).contains(": whsec_"), "{}", out(&o));
+    let hooks = webhooks(&gw).await;
+    assert_eq!(hooks.len(), 1);
+    assert_eq!(hooks[0]["url"], "https://hooks.example.com/c");
+    assert_eq!(diff(&gw, &file).await, (0, String::new()));
+    assert_eq!(out(&apply(&gw, &file).await), "");
+
+    // Hostile files: empty events, one URL twice without ids; usage errors, nothing changed.
+    for extra in [
+        "[[webhooks]]\nurl = \"https://hooks.example.com/d\"\nevents = []\n",
+        "[[webhooks]]\nurl = \"https://hooks.example.com/d\"\nevents = [\"*\"]\n[[webhooks]]\nurl = \"https://hooks.example.com/d\"\nevents = [\"*\"]\n",
+        "[[webhooks]]\nurl = \"https://hooks.example.com/d\"\nevents = [\"*\"]\nsecret = \"whsec_x\"\n",
+    ] {
+        let bad = format!("{}\n{extra}", std::fs::read_to_string(&file).unwrap());
+        let bad_file = gw.dir.path().join("bad.toml");
+        std::fs::write(&bad_file, bad).unwrap();
+        for cmd in ["diff", "apply"] {
+            let o = kg(&gw, &[cmd, bad_file.to_str().unwrap()]).await;
+            assert_eq!(o.status.code(), Some(2), "{cmd} {extra}: {}", err(&o));
+        }
+    }
+    assert_eq!(webhooks(&gw).await, hooks);
+}

@@ -221,7 +221,10 @@ async function openClient(id) {
   show('client');
   hideNewKey();
   $('client-title').textContent = id;
-  for (const e of ['client-license', 'client-license-go', 'client-delete']) $(e).hidden = !admin;
+  // Only an admin sets credits; a client principal sees them.
+  for (const e of ['client-license', 'client-license-go', 'client-delete', 'new-key-credits-row']) {
+    $(e).hidden = !admin;
+  }
   if (admin) {
     const c = await api('GET', '/v1/clients/' + encodeURIComponent(id));
     $('client-license').value = c.license;
@@ -255,6 +258,7 @@ async function renderKeys() {
       el('td', k.enabled ? 'yes' : 'no'),
       el('td', k.expires_at || 'never'),
       el('td', k.last_used_at || '—'),
+      el('td', creditsText(k.credits)),
     );
     const act = el('td');
     act.append(
@@ -263,13 +267,23 @@ async function renderKeys() {
       button(k.enabled ? 'Disable' : 'Enable', guard(() => setEnabled(k, !k.enabled))),
       button('Revoke', guard(() => revoke(k)), 'danger'),
     );
-    if (k.credits) {
-      act.append(el('span', ' credits: ' + JSON.stringify(k.credits.remaining ?? k.credits)));
-    }
     tr.append(act);
     body.append(tr);
   }
   await clientUsage(keys);
+}
+
+// A key's credits as one line: what is left and the refill ('unlimited' without credits).
+function creditsText(c) {
+  if (!c) return 'unlimited';
+  let t = `${c.remaining} left`;
+  if (c.refill) {
+    const every = c.refill.interval === 'daily' ? 'day' : 'month';
+    t += ` (refill to ${c.refill.amount} every ${every}`;
+    if (c.next_refill_at) t += `, next ${c.next_refill_at}`;
+    t += ')';
+  }
+  return t;
 }
 
 function showNewKey(secret) {
@@ -308,8 +322,28 @@ async function createKey() {
   if (days) body.expires_days = Number(days);
   const rps = $('new-key-rps').value;
   if (rps) body.rate_limit = { per_second: Number(rps), burst: Number($('new-key-burst').value || rps) };
+  const credits = $('new-key-credits').value;
+  const refill = $('new-key-refill').value;
+  const interval = $('new-key-refill-interval').value;
+  if (credits !== '' || refill !== '' || interval) {
+    if ((refill === '') !== !interval) {
+      throw new Error('A refill needs both an amount and an interval.');
+    }
+    // Credits with only a refill start full.
+    body.credits = { remaining: Number(credits !== '' ? credits : refill) };
+    if (interval) body.credits.refill = { amount: Number(refill), interval };
+  }
   const v = await api('POST', '/v1/api-keys', body);
-  for (const f of ['new-key-name', 'new-key-perms', 'new-key-days', 'new-key-rps', 'new-key-burst']) {
+  for (const f of [
+    'new-key-name',
+    'new-key-perms',
+    'new-key-days',
+    'new-key-rps',
+    'new-key-burst',
+    'new-key-credits',
+    'new-key-refill',
+    'new-key-refill-interval',
+  ]) {
     $(f).value = '';
   }
   await renderKeys();
@@ -376,9 +410,19 @@ function chart(target, title, days) {
 async function keyUsage(k) {
   const u = await api('GET', `/v1/api-keys/${encodeURIComponent(k.id)}/usage?days=30`);
   chart('key-usage', `Requests per day: ${k.name} (last used ${u.last_used_at || 'never'}, total ${u.total})`, u.days);
+  $('key-usage').append(el('p', `Credits: ${creditsText(u.credits || k.credits)}`, { class: 'credits' }));
+}
+
+async function clientQuota() {
+  const u = await api('GET', `/v1/clients/${encodeURIComponent(current)}/usage`);
+  const q = u.quota;
+  $('client-quota').textContent = q
+    ? `Quota: ${q.remaining} of ${q.requests} requests left this ${q.per} (used ${q.used}, resets ${q.resets_at})`
+    : 'Quota: none (the plan sets no quota)';
 }
 
 async function clientUsage(keys) {
+  await clientQuota();
   const perDay = new Map();
   for (const k of keys) {
     const u = await api('GET', `/v1/api-keys/${encodeURIComponent(k.id)}/usage?days=30`);
