@@ -35,7 +35,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let clock = FakeClock::new().clock();
     let mut out = Vec::new();
-    response_head(&mut out, data, &res, &fields, None, framing, close, &clock, None);
+    response_head(
+        &mut out, data, &res, &fields, None, framing, close, &clock, None,
+    );
     let mut hs = [httparse::EMPTY_HEADER; 256];
     let mut parsed = httparse::Response::new(&mut hs);
     let n = match parsed.parse(&out) {
