@@ -168,37 +168,39 @@ impl SqliteStore {
         })
     }
 
+    /// Runs `f` on the connection of credit and quota charges.
     async fn run_charge<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
     {
-        let conn = Arc::clone(&self.charges);
-        tokio::task::spawn_blocking(move || {
-            let mut guard = conn
-                .lock()
-                .map_err(|_| unavailable("store connection poisoned"))?;
-            f(&mut guard)
-        })
-        .await
-        .map_err(unavailable)?
+        run_on(Arc::clone(&self.charges), f).await
     }
 
+    /// Runs `f` on the main connection.
     async fn run<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
     {
-        let conn = Arc::clone(&self.conn);
-        tokio::task::spawn_blocking(move || {
-            let mut guard = conn
-                .lock()
-                .map_err(|_| unavailable("store connection poisoned"))?;
-            f(&mut guard)
-        })
-        .await
-        .map_err(unavailable)?
+        run_on(Arc::clone(&self.conn), f).await
     }
+}
+
+/// Runs `f` on a blocking thread with `conn` held.
+async fn run_on<T, F>(conn: Arc<Mutex<Connection>>, f: F) -> StoreResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        let mut guard = conn
+            .lock()
+            .map_err(|_| unavailable("store connection poisoned"))?;
+        f(&mut guard)
+    })
+    .await
+    .map_err(unavailable)?
 }
 
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
