@@ -34,7 +34,9 @@
 #   keygate-signed-rot the same, wrk rotating over its 10,000 keys (an assertion per key)
 #   base, base-rot     with BASELINE=/path/to/an/earlier/keygate: that binary, configured and
 #                      driven exactly like keygate and keygate-rot (before/after a change, in one
-#                      run); add them to CONTENDERS
+#                      run); add them to CONTENDERS. BASE_FLUSH_SECS=N gives it another
+#                      `[store] last_used_flush_secs` (e.g. 86400 with BASELINE=the same binary:
+#                      the usage flush on against off)
 #   keygate-redis      keygate on the Redis store (`[rate_limit] mode = "local"`), one key; a
 #                      redis-server started here on a free loopback port on CPU $LOAD_CPU
 #                      (no persistence), database 1
@@ -45,6 +47,25 @@
 #                      one credit in the store): against keygate, the cost of credits
 #                      These three start their own instances with $SMALL_KEYS keys (default 100)
 #                      on CPU $PROXY_CPU, only when named in CONTENDERS (not by default).
+#   keygate-tls        keygate serving TLS 1.3 (a second instance with the same keys' setup,
+#                      `[proxy] tls_cert/tls_key`), wrk over https, keep-alive, one key
+#   keygate-tls-new    the same with a new connection per request (`Connection: close`; wrk
+#                      keeps the session of the previous connection: TLS resumption)
+#   nginx-keyauth-tls, nginx-keyauth-tls-new
+#                      nginx-keyauth on its TLS listener (`ssl`, TLSv1.3, session cache and
+#                      tickets), the same certificate and key; both sides take the client's
+#                      cipher order (TLS_AES_256_GCM_SHA384, X25519 with OpenSSL's defaults)
+#   keygate-h2c, nginx-keyauth-h2c
+#                      h2load over HTTP/2 prior knowledge (nginx `listen … http2`), the
+#                      connection count × $STREAMS (default 10) concurrent streams, one key
+#   keygate-h2, nginx-keyauth-h2
+#                      h2load over TLS 1.3 with ALPN h2
+#                      (h2load: Debian nghttp2-client; p50/p99 from its per-request log)
+#
+# IDLE=10000 adds a last phase: keygate and nginx-keyauth each hold $IDLE idle keep-alive
+# client connections (one request answered on each, then silent), opened by a Python client on
+# CPU $LOAD_CPU; RSS (every process of the contender) before and with them held, and wrk at the
+# first connection count while they are held against right before, in one table.
 #
 # KEYGATE_BIN=path runs that binary instead of building the release one (e.g. a quick check of
 # the script with a debug build; figures from a debug build mean nothing).
@@ -63,6 +84,10 @@ PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 OUT=${OUT:-$ROOT/target/loadtest/latest.md}
 SMALL_KEYS=${SMALL_KEYS:-100}
+STREAMS=${STREAMS:-10}
+IDLE=${IDLE:-0}
+# Runs with more of the contender's core stolen by the hypervisor than this (%) are run again.
+STEAL_MAX=${STEAL_MAX:-5}
 CONTENDERS=${CONTENDERS:-"direct nginx-plain nginx-keyauth nginx-keyauth-rot keygate keygate-rot keygate-jwt nginx-fwdauth nginx-fwdauth-rot keygate-verify keygate-signed keygate-signed-rot"}
 
 # ---- tools -------------------------------------------------------------------------------
@@ -71,6 +96,10 @@ command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+case " $CONTENDERS " in
+  *"-h2c "* | *"-h2 "*) command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client) ;;
+esac
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "loadtest: missing ${need[*]}; run as root or install them" >&2
@@ -108,6 +137,13 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
+# Room for the idle connections of IDLE (both ends are on this machine).
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+# One certificate and key (ECDSA P-256, for 127.0.0.1) for every TLS listener.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+  -keyout "$WORK/tls.key" -out "$WORK/tls.crt" 2>/dev/null
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
@@ -139,6 +175,10 @@ KGC_PORT=$(free_port)
 KGC_ADMIN_PORT=$(free_port)
 KGCR_PORT=$(free_port)
 KGCR_ADMIN_PORT=$(free_port)
+KGT_PORT=$(free_port)
+KGT_ADMIN_PORT=$(free_port)
+NG_AUTH_TLS_PORT=$(free_port)
+NG_AUTH_H2C_PORT=$(free_port)
 REDIS_PORT=$(free_port)
 ADMIN_KEY=loadtest-admin-$(python3 -c 'import secrets; print(secrets.token_hex(16))')
 JWT_SECRET=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
@@ -150,7 +190,8 @@ worker_processes 1;
 daemon off;
 pid $WORK/$1/nginx.pid;
 error_log $WORK/$1/error.log warn;
-events { worker_connections 4096; }
+worker_rlimit_nofile 65536;
+events { worker_connections 32768; }
 http {
   access_log off;
   client_body_temp_path $WORK/$1/body;
@@ -195,6 +236,7 @@ listen = "127.0.0.1:$admin_port"
 max_per_client = 0
 [store]
 url = "$store"
+last_used_flush_secs = ${KG_FLUSH:-10}
 [rate_limit]
 default = { per_second = 1000000000, burst = 1000000 }
 $rate_extra
@@ -207,9 +249,13 @@ secret = "$JWT_SECRET"
 [log]
 level = "warn"
 access_log = false
+[limits]
+max_connections = 30000
+max_connections_per_ip = 0
+header_read_timeout_secs = 300
 $extra
 EOF
-KEYGATE_ADMIN_KEY=$ADMIN_KEY taskset -c "$PROXY_CPU" "$bin" serve --config "$dir/keygate.toml" \
+env ${KG_ENV:-} KEYGATE_ADMIN_KEY=$ADMIN_KEY taskset -c "$PROXY_CPU" "$bin" serve --config "$dir/keygate.toml" \
   >"$dir/keygate.log" 2>&1 &
 STARTED_PID=$!
 PIDS+=($STARTED_PID)
@@ -252,9 +298,17 @@ deny = "nginx"'
 KG_PID=$STARTED_PID
 KGB_PID=
 if [ -n "${BASELINE:-}" ]; then
-  start_keygate "$BASELINE" "$KGB_PORT" "$KGB_ADMIN_PORT" "$WORK/base"
+  KG_FLUSH=${BASE_FLUSH_SECS:-10} start_keygate "$BASELINE" "$KGB_PORT" "$KGB_ADMIN_PORT" "$WORK/base"
   KGB_PID=$STARTED_PID
 fi
+KGT_PID=
+case " $CONTENDERS " in
+  *" keygate-tls"* | *" keygate-h2 "*)
+    KG_ENV="KEYGATE_TLS_CERT=$WORK/tls.crt KEYGATE_TLS_KEY=$WORK/tls.key" \
+      start_keygate "$KEYGATE" "$KGT_PORT" "$KGT_ADMIN_PORT" "$WORK/tls"
+    KGT_PID=$STARTED_PID
+    ;;
+esac
 KGS_PID=
 case " $CONTENDERS " in
   *" keygate-signed"*)
@@ -329,6 +383,14 @@ nginx_conf nginx-keyauth "$UPSTREAM_BLOCK
   limit_req_status 429;
   server {
     listen 127.0.0.1:$NG_AUTH_PORT;
+    listen 127.0.0.1:$NG_AUTH_TLS_PORT ssl http2;
+    listen 127.0.0.1:$NG_AUTH_H2C_PORT http2;
+    ssl_certificate $WORK/tls.crt;
+    ssl_certificate_key $WORK/tls.key;
+    ssl_protocols TLSv1.3;
+    ssl_session_cache shared:TLS:10m;
+    ssl_session_tickets on;
+    http2_max_concurrent_streams 128;
     location / {
       if (\$client_id = \"\") { return 401; }
       limit_req zone=perkey burst=1000000 nodelay;
@@ -372,6 +434,7 @@ start_nginx nginx-keyauth "$PROXY_CPU"
 start_nginx nginx-fwdauth "$PROXY_CPU"
 wait_port "$NG_PLAIN_PORT" nginx-plain
 wait_port "$NG_AUTH_PORT" nginx-keyauth
+wait_port "$NG_AUTH_TLS_PORT" nginx-keyauth-tls
 wait_port "$NG_FA_PORT" nginx-fwdauth
 
 # ---- wrk scripts -------------------------------------------------------------------------
@@ -402,6 +465,12 @@ if [ -n "$KGB_PID" ]; then
   wrk_script base-rotate X-API-Key "$WORK/base/keys.txt"
 fi
 wrk_script rotate X-API-Key "$WORK/keys.txt"
+wrk_script one-close X-API-Key "$WORK/key1.txt" / '["Connection"] = "close"'
+if [ -n "$KGT_PID" ]; then
+  head -n1 "$WORK/tls/keys.txt" >"$WORK/tls-key1.txt"
+  wrk_script tls-one X-API-Key "$WORK/tls-key1.txt"
+  wrk_script tls-one-close X-API-Key "$WORK/tls-key1.txt" / '["Connection"] = "close"'
+fi
 if [ -n "$KGS_PID" ]; then
   head -n1 "$WORK/signed/keys.txt" >"$WORK/signed-key1.txt"
   wrk_script signed-one X-API-Key "$WORK/signed-key1.txt"
@@ -417,10 +486,54 @@ wrk_script jwt Authorization "$WORK/bearer.txt"
 wrk_script verify X-API-Key "$WORK/key1.txt" /_keygate/verify \
   '["X-Original-Method"] = "GET", ["X-Original-URI"] = "/"'
 
+# h2load at $2 connections × $STREAMS streams for $3 s against URL $5 with key $6; its summary
+# is written to $4 in wrk's words (the lines the report reads), p50/p99 from its request log.
+run_h2load() {
+  local n=$1 d=$2 out=$3 url=$4 key=$5
+  taskset -c "$LOAD_CPU" h2load -t1 -c"$n" -m"$STREAMS" -D"$d" --log-file="$out.log" \
+    -H "x-api-key: $key" "$url" >"$out.h2load" 2>&1 || true
+  python3 - "$out.h2load" "$out.log" "$d" >"$out" <<'PY'
+import re, sys
+text, log, d = open(sys.argv[1]).read(), sys.argv[2], float(sys.argv[3])
+lat = []
+for line in open(log):
+    f = line.split()
+    if len(f) >= 3:
+        lat.append(int(f[2]))
+lat.sort()
+m = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", text)
+req = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", text)
+codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+if not (m and req and codes and lat):
+    print(text)
+    sys.exit(0)
+q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))]
+print(f"  {req.group(3)} requests in {d:.2f}s")
+print(f"Requests/sec: {m.group(3)}")
+print(f"     50%  {q(0.50)}us")
+print(f"     99%  {q(0.99)}us")
+bad = int(codes.group(2)) + int(codes.group(3)) + int(codes.group(4))
+if bad:
+    print(f"  Non-2xx or 3xx responses: {bad}")
+errs = int(req.group(5)) + int(req.group(6)) + int(req.group(7))
+if errs:
+    print(f"  Socket errors: connect 0, read {int(req.group(5))}, write {int(req.group(6))}, timeout {int(req.group(7))}")
+PY
+  rm -f "$out.log"
+}
+
 run_wrk() { # contender, conns, duration, out
   local c=$1 n=$2 d=$3 out=$4
-  local port args=()
+  local port args=() scheme=http
   case $c in
+    keygate-h2c) run_h2load "$n" "$d" "$out" "http://127.0.0.1:$KG_PORT/" "$KEY"; return ;;
+    nginx-keyauth-h2c) run_h2load "$n" "$d" "$out" "http://127.0.0.1:$NG_AUTH_H2C_PORT/" "$KEY"; return ;;
+    keygate-h2) run_h2load "$n" "$d" "$out" "https://127.0.0.1:$KGT_PORT/" "$(cat "$WORK/tls-key1.txt")"; return ;;
+    nginx-keyauth-h2) run_h2load "$n" "$d" "$out" "https://127.0.0.1:$NG_AUTH_TLS_PORT/" "$KEY"; return ;;
+    keygate-tls) port=$KGT_PORT; scheme=https; args=(-s "$WORK/tls-one.lua") ;;
+    keygate-tls-new) port=$KGT_PORT; scheme=https; args=(-s "$WORK/tls-one-close.lua") ;;
+    nginx-keyauth-tls) port=$NG_AUTH_TLS_PORT; scheme=https; args=(-s "$WORK/one.lua") ;;
+    nginx-keyauth-tls-new) port=$NG_AUTH_TLS_PORT; scheme=https; args=(-s "$WORK/one-close.lua") ;;
     direct) port=$UP_PORT; args=(-s "$WORK/one.lua") ;;
     nginx-plain) port=$NG_PLAIN_PORT; args=(-s "$WORK/one.lua") ;;
     nginx-keyauth) port=$NG_AUTH_PORT; args=(-s "$WORK/one.lua") ;;
@@ -441,7 +554,7 @@ run_wrk() { # contender, conns, duration, out
     *) echo "unknown contender $c" >&2; exit 1 ;;
   esac
   taskset -c "$LOAD_CPU" wrk -t1 -c"$n" -d"${d}s" --latency "${args[@]}" \
-    "http://127.0.0.1:$port/" >"$out" 2>&1
+    "$scheme://127.0.0.1:$port/" >"$out" 2>&1
 }
 
 # CPU seconds (user+sys) used so far by the processes serving a contender.
@@ -456,9 +569,14 @@ contender_pids() {
     keygate-redis) echo "$KGR_PID" ;;
     keygate-cluster) echo "$KGC_PID" ;;
     keygate-credits) echo "$KGCR_PID" ;;
+    keygate-tls* | keygate-h2) echo "$KGT_PID" ;;
     keygate*) echo "$KG_PID" ;;
     base*) echo "$KGB_PID" ;;
   esac
+}
+# Ticks of CPU $PROXY_CPU so far: busy (user+nice+system+irq+softirq), then steal.
+core_ticks() {
+  awk -v c="cpu$PROXY_CPU" '$1 == c {print $2 + $3 + $4 + $7 + $8, $9}' /proc/stat
 }
 cpu_ticks() {
   local t=0
@@ -481,20 +599,102 @@ if [ -n "$KGS_PID" ]; then run_wrk keygate-signed-rot "${CONNS%% *}" 3 "$WORK/wa
 mkdir -p "$(dirname "$OUT")"
 RAW=$WORK/raw.tsv
 : >"$RAW"
+: >"$WORK/stolen.tsv"
 for n in $CONNS; do
   for r in $(seq "$REPS"); do
     for c in $CONTENDERS; do
-      run_wrk "$c" "$n" "$WARM" "$WORK/warm-$c-$n-$r.txt"
       pids=$(contender_pids "$c")
-      t0=$(cpu_ticks "$pids")
-      run_wrk "$c" "$n" "$DURATION" "$WORK/run-$c-$n-$r.txt"
-      t1=$(cpu_ticks "$pids")
-      printf '%s\t%s\t%s\t%s\t%s\n' "$c" "$n" "$r" "$((t1 - t0))" "$WORK/run-$c-$n-$r.txt" >>"$RAW"
+      for attempt in 1 2 3; do
+        run_wrk "$c" "$n" "$WARM" "$WORK/warm-$c-$n-$r.txt"
+        t0=$(cpu_ticks "$pids")
+        s0=$(core_ticks)
+        run_wrk "$c" "$n" "$DURATION" "$WORK/run-$c-$n-$r.txt"
+        t1=$(cpu_ticks "$pids")
+        s1=$(core_ticks)
+        core=$(python3 -c "import sys; a, b = [list(map(int, x.split())) for x in sys.argv[1:]]; print(' '.join(str(y - x) for x, y in zip(a, b)))" "$s0" "$s1")
+        # A run during which the hypervisor took more than STEAL_MAX % of the contender's
+        # core measured the machine, not the contender: it is run again (twice at most), and
+        # the report counts it.
+        stolen=$(( ${core#* } * 100 / (DURATION * $(getconf CLK_TCK)) ))
+        if [ "$stolen" -le "$STEAL_MAX" ] || [ "$attempt" = 3 ]; then break; fi
+        echo "  c$n rep $r $c: ${stolen} % stolen, run again" >&2
+        printf '%s\t%s\n' "$c" "$n" >>"$WORK/stolen.tsv"
+      done
+      printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$n" "$r" "$((t1 - t0))" "$WORK/run-$c-$n-$r.txt" "$core" >>"$RAW"
       echo "  c$n rep $r $c: $(grep -m1 'Requests/sec' "$WORK/run-$c-$n-$r.txt" || echo failed)" >&2
     done
   done
 done
-export WARM
+export WARM STEAL_MAX
+# ---- idle connections --------------------------------------------------------------------
+# keygate and nginx-keyauth in turn: wrk at the first connection count ($REPS runs), then
+# $IDLE keep-alive connections opened (one request answered on each, then silent) and held
+# while wrk runs again ($REPS runs), RSS of every process of the contender before and while
+# held; then the connections are closed. One table appended to the report.
+rss_kb() {
+  local t=0
+  for p in $1; do
+    [ -r "/proc/$p/status" ] || continue
+    t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status")))
+  done
+  echo "$t"
+}
+IDLE_RAW=$WORK/idle.tsv
+: >"$IDLE_RAW"
+cat >"$WORK/idle.py" <<'PY'
+import socket, sys
+port, n, key, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+req = f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {key}\r\n\r\n".encode()
+conns, bad = [], 0
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(req)
+    got = s.recv(65536)
+    if not got.startswith(b"HTTP/1.1 200"):
+        bad += 1
+    conns.append(s)
+open(ready, "w").write(f"{len(conns)} {bad}\n")
+sys.stdin.read()  # held until the script closes our stdin
+closed = 0
+for s in conns:
+    s.setblocking(False)
+    try:
+        closed += s.recv(1) == b""
+    except BlockingIOError:
+        pass
+print(f"held {len(conns)}, refused {bad}, closed by the server while held {closed}")
+PY
+if [ "$IDLE" -gt 0 ]; then
+  n=${CONNS%% *}
+  for c in keygate nginx-keyauth; do
+    case $c in keygate) port=$KG_PORT ;; nginx-keyauth) port=$NG_AUTH_PORT ;; esac
+    pids=$(contender_pids "$c")
+    for r in $(seq "$REPS"); do
+      run_wrk "$c" "$n" "$WARM" /dev/null
+      run_wrk "$c" "$n" "$DURATION" "$WORK/idle-$c-without-$r.txt"
+    done
+    before=$(rss_kb "$pids")
+    rm -f "$WORK/idle-ready"
+    mkfifo "$WORK/idle-hold"
+    taskset -c "$LOAD_CPU" python3 "$WORK/idle.py" "$port" "$IDLE" "$KEY" "$WORK/idle-ready" \
+      <"$WORK/idle-hold" >"$WORK/idle-$c-client.txt" 2>&1 &
+    holder=$!
+    PIDS+=($holder)
+    exec {hold}>"$WORK/idle-hold"
+    for _ in $(seq 900); do [ -s "$WORK/idle-ready" ] && break; sleep 0.1; done
+    sleep 1
+    held=$(rss_kb "$pids")
+    for r in $(seq "$REPS"); do
+      run_wrk "$c" "$n" "$WARM" /dev/null
+      run_wrk "$c" "$n" "$DURATION" "$WORK/idle-$c-with-$r.txt"
+    done
+    exec {hold}>&-
+    wait "$holder" || true
+    rm -f "$WORK/idle-hold"
+    printf '%s\t%s\t%s\t%s\n' "$c" "$before" "$held" "$(cat "$WORK/idle-$c-client.txt")" >>"$IDLE_RAW"
+    echo "  idle $c: RSS $before kB -> $held kB; $(cat "$WORK/idle-$c-client.txt")" >&2
+  done
+fi
 PEAK_RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$KG_PID/status")
 RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$KG_PID/status")
 
@@ -502,7 +702,7 @@ CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
 python3 - "$RAW" "$(getconf CLK_TCK)" "$PEAK_RSS_KB" "$RSS_KB" "$KEYS" "$REPS" "$DURATION" \
   "$(nproc)" "$CPU_MODEL" "$(uname -r)" "$LOADAVG" "$CONTENDERS" >"$OUT" <<'EOF'
-import re, statistics, sys
+import os, re, statistics, sys
 raw, hz, peak_kb, rss_kb, keys, reps, dur, nproc, cpu, kernel, load, order = sys.argv[1:13]
 hz = int(hz); order = order.split()
 
@@ -511,9 +711,12 @@ def us(v):
     x = float(m.group(1))
     return x * {"us": 1, "ms": 1000, "s": 1e6}[m.group(2)]
 
+def pids_known(c): return c != "direct"
+
 rows = {}
 for line in open(raw):
-    c, n, r, ticks, path = line.rstrip("\n").split("\t")
+    c, n, r, ticks, path, core = line.rstrip("\n").split("\t")
+    busy, steal = map(int, core.split())
     t = open(path).read()
     m = re.search(r"Requests/sec:\s+([\d.]+)", t)
     total = re.search(r"(\d+) requests in", t)
@@ -521,7 +724,7 @@ for line in open(raw):
     p99 = re.search(r"^\s+99%\s+(\S+)", t, re.M)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
     errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", t)
-    rec = rows.setdefault((c, int(n)), {"rps": [], "p50": [], "p99": [], "cpu": [], "bad": 0, "err": 0})
+    rec = rows.setdefault((c, int(n)), {"rps": [], "p50": [], "p99": [], "cpu": [], "bad": 0, "err": 0, "reps": []})
     if not (m and total and p50 and p99):
         rec["err"] += 1
         continue
@@ -531,6 +734,8 @@ for line in open(raw):
     reqs = int(total.group(1))
     if int(ticks) > 0 and reqs:
         rec["cpu"].append(int(ticks) / hz / reqs * 1e6)
+    # Per repetition: CPU time on the contender's core outside its processes, and steal.
+    rec["reps"].append((int(r), float(m.group(1)), us(p99.group(1)), (busy - int(ticks)) / hz / float(dur) * 100 if pids_known(c) else None, steal / hz / float(dur) * 100))
     rec["bad"] += int(non2xx.group(1)) if non2xx else 0
     rec["err"] += sum(int(x) for x in errs.groups()) if errs else 0
 
@@ -541,7 +746,10 @@ k = lambda x: f"{x:,.0f}"
 print(f"Machine: {nproc} CPUs, {cpu}, Linux {kernel}; load average at the end {load}.  ")
 import os
 print(f"{reps} × {dur} s per contender and connection count (each after {os.environ.get('WARM', '2')} s of the same load, unmeasured), interleaved; medians (min–max).  ")
-print(f"keygate peak RSS (VmHWM) {int(peak_kb)/1024:.1f} MiB, RSS at the end {int(rss_kb)/1024:.1f} MiB, with {keys} keys cached.")
+print(f"keygate peak RSS (VmHWM) {int(peak_kb)/1024:.1f} MiB, RSS at the end {int(rss_kb)/1024:.1f} MiB, with {keys} keys cached.  ")
+stolen = [l.split() for l in open(raw.replace("raw.tsv", "stolen.tsv"))]
+print(f"Runs repeated because over {os.environ.get('STEAL_MAX', '5')} % of the contender's core was stolen by the hypervisor: "
+      + (", ".join(f"{c} c{n}" for c, n in stolen) if stolen else "none") + ".")
 print()
 for n in sorted({n for _, n in rows}):
     base_plain = med(rows.get(("nginx-plain", n), {}).get("rps", []))
@@ -570,6 +778,16 @@ for n in sorted({n for _, n in rows}):
     if one == one and rot == rot:
         print()
         print(f"keygate with {keys} rotating keys vs one key: {rot / one:.2f}×.")
+    print()
+    print("Every repetition (req/s, p99 µs; % of the contender's core busy outside it, % stolen by the hypervisor):")
+    print()
+    for c in order:
+        r = rows.get((c, n))
+        if not r:
+            continue
+        cells = [f"{q:,.0f} / {p:,.0f}" + (f" ({o:.0f} % other, {st:.0f} % steal)" if o is not None else f" ({st:.0f} % steal)")
+                 for _, q, p, o, st in sorted(r["reps"])]
+        print(f"- {c}: " + "; ".join(cells))
     for now, before in (("keygate", "base"), ("keygate-rot", "base-rot")):
         a, b = rows.get((now, n)), rows.get((before, n))
         if a and b and a["rps"] and b["rps"]:
@@ -578,4 +796,40 @@ for n in sorted({n for _, n in rows}):
                   f"p99 {med(a['p99']) / med(b['p99']):.3f}×.")
     print()
 EOF
+if [ -s "$IDLE_RAW" ]; then
+  python3 - "$IDLE_RAW" "$WORK" "$IDLE" "${CONNS%% *}" >>"$OUT" <<'PY'
+import glob, re, statistics, sys
+raw, work, idle, n = sys.argv[1:5]
+def p99(path):
+    t = open(path).read()
+    m = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)$", t, re.M)
+    return float(m.group(1)) * {"us": 1, "ms": 1000, "s": 1e6}[m.group(2)] if m else float("nan")
+def rps(path):
+    m = re.search(r"Requests/sec:\s+([\d.]+)", open(path).read())
+    return float(m.group(1)) if m else float("nan")
+rows = [l.rstrip("\n").split("\t") for l in open(raw)]
+print(f"### {int(idle):,} idle keep-alive connections held")
+print()
+print(f"wrk at c{n} (medians of the runs) without and while the idle connections are held; RSS of every process of the contender.")
+print()
+print("| contender | RSS before | RSS with idle | added per idle connection | req/s without → with | p99 µs without → with | idle clients |")
+print("|---|---|---|---|---|---|---|")
+rss = {}
+for c, before, held, client in rows:
+    w = sorted(glob.glob(f"{work}/idle-{c}-without-*.txt"))
+    h = sorted(glob.glob(f"{work}/idle-{c}-with-*.txt"))
+    rss[c] = int(held)
+    print(f"| {c} | {int(before)/1024:.1f} MiB | {int(held)/1024:.1f} MiB | {(int(held)-int(before))*1024/int(idle):,.0f} B | "
+          f"{statistics.median(map(rps, w)):,.0f} → {statistics.median(map(rps, h)):,.0f} | "
+          f"{statistics.median(map(p99, w)):,.0f} → {statistics.median(map(p99, h)):,.0f} | {client} |")
+if "keygate" in rss and "nginx-keyauth" in rss:
+    print()
+    print(f"keygate RSS with the idle connections vs nginx-keyauth's: {rss['keygate'] / rss['nginx-keyauth']:.2f}× (target ≤ 2×).")
+print()
+PY
+fi
+# The raw wrk/h2load outputs beside the report.
+mkdir -p "$OUT.raw"
+cp "$RAW" "$WORK"/run-*.txt "$OUT.raw/" 2>/dev/null || true
+cp "$WORK"/idle-* "$OUT.raw/" 2>/dev/null || true
 cat "$OUT"

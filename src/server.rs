@@ -162,23 +162,28 @@ pub async fn serve<F, S, B>(
         tokio::spawn(async move {
             match tls {
                 None => conn.serve(stream, service).await,
+                // On the heap: the TLS state (and its handshake) is only in TLS connections.
                 Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                            let conn = Connection {
-                                fast: if h2 { None } else { conn.fast },
-                                ..conn
-                            };
-                            conn.serve(tls, service).await;
+                    Box::pin(async move {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                        {
+                            Ok(Ok(tls)) => {
+                                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                                let conn = Connection {
+                                    fast: if h2 { None } else { conn.fast },
+                                    ..conn
+                                };
+                                conn.serve(tls, service).await;
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                            }
+                            Err(_) => {
+                                tracing::debug!(peer = %peer, "TLS handshake timed out");
+                            }
                         }
-                        Ok(Err(e)) => {
-                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
-                        }
-                        Err(_) => {
-                            tracing::debug!(peer = %peer, "TLS handshake timed out");
-                        }
-                    }
+                    })
+                    .await
                 }
             }
             metrics.connection_closed(name);
@@ -333,8 +338,8 @@ impl Connection {
             self.settings.body_timeout,
         );
         let service = activity::Counted::new(service, activity);
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        tokio::pin!(conn);
+        // On the heap: only connections hyper serves pay for its state.
+        let mut conn = Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
         let result = if draining {
             conn.await
         } else {

@@ -108,12 +108,12 @@ where
 {
     let mut c = Client {
         io,
-        buf: vec![0; READ_BUFFER],
+        buf: Vec::new(),
         start: 0,
         end: 0,
         body_in_buf: 0,
         unread: 0,
-        out: Vec::with_capacity(4096),
+        out: Vec::new(),
         fields: Vec::with_capacity(16),
         ufields: Vec::with_capacity(16),
     };
@@ -138,8 +138,14 @@ where
                 return End::Closed;
             }
         };
-        match c.exchange(gw, conn, st, &head, drain).await {
-            Next::KeepAlive => served += 1,
+        // On the heap for the exchange only (about 6 KiB, freed at its end and reused by the
+        // allocator for the next): between requests a connection's state is a few hundred
+        // bytes, so thousands of idle keep-alive connections stay cheap.
+        match Box::pin(c.exchange(gw, conn, st, &head, drain)).await {
+            Next::KeepAlive => {
+                served += 1;
+                c.rest();
+            }
             Next::Close => {
                 c.linger().await;
                 return End::Closed;
@@ -211,7 +217,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             } else if draining(drain) {
                 return HeadRead::Closed;
             }
-            if self.end == self.buf.len() {
+            if !self.buf.is_empty() && self.end == self.buf.len() {
                 if self.start > 0 {
                     self.buf.copy_within(self.start..self.end, 0);
                     self.end -= self.start;
@@ -224,7 +230,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             let deadline = *deadline
                 .get_or_insert_with(|| tokio::time::Instant::now() + st.header_read_timeout);
             let idle = self.start == self.end;
-            let read = tokio::time::timeout_at(deadline, self.io.read(&mut self.buf[self.end..]));
+            let read =
+                tokio::time::timeout_at(deadline, read_into(self.io, &mut self.buf, self.end));
             let got = if idle {
                 tokio::select! {
                     biased;
@@ -251,6 +258,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         drain: &watch::Receiver<bool>,
     ) -> Next {
         let started = gw.access_log.then(Instant::now);
+        if self.out.capacity() == 0 {
+            self.out = spare::take_out();
+        }
         let body_at = self.start + head.len;
         self.body_in_buf = ((self.end - body_at) as u64).min(head.body_len()) as usize;
         self.unread = head.body_len() - self.body_in_buf as u64;
@@ -510,7 +520,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         let io = &mut *self.io;
         let _ = tokio::time::timeout(LINGER, async {
             let _ = io.shutdown().await;
-            let mut sink = [0u8; 4096];
+            // On the heap: it is needed only now, at the end.
+            let mut sink = vec![0u8; 4096];
             let mut total = 0;
             while total < LINGER_BYTES {
                 match io.read(&mut sink).await {
@@ -520,6 +531,111 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             }
         })
         .await;
+    }
+}
+
+impl<I> Client<'_, I> {
+    /// Between requests: with nothing of the next one read yet, the buffers go back to the
+    /// thread's spares, so an idle keep-alive connection holds none.
+    fn rest(&mut self) {
+        if self.start == self.end {
+            spare::give_read(std::mem::take(&mut self.buf));
+            spare::give_out(std::mem::take(&mut self.out));
+        }
+    }
+}
+
+/// Reads from `io` into `buf[end..]`. A connection without a buffer (idle, see
+/// [`Client::rest`]) takes one from the spares only when bytes arrive: while it waits it holds
+/// none.
+async fn read_into<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut Vec<u8>,
+    end: usize,
+) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        if buf.is_empty() {
+            let mut fresh = spare::take_read();
+            let mut rb = tokio::io::ReadBuf::new(&mut fresh);
+            let polled = std::pin::Pin::new(&mut *io).poll_read(cx, &mut rb);
+            let n = rb.filled().len();
+            match polled {
+                std::task::Poll::Ready(Ok(())) => {
+                    *buf = fresh;
+                    std::task::Poll::Ready(Ok(n))
+                }
+                other => {
+                    spare::give_read(fresh);
+                    other.map_ok(|()| 0)
+                }
+            }
+        } else {
+            let mut rb = tokio::io::ReadBuf::new(&mut buf[end..]);
+            std::pin::Pin::new(&mut *io)
+                .poll_read(cx, &mut rb)
+                .map_ok(|()| rb.filled().len())
+        }
+    })
+    .await
+}
+
+/// The buffers of connections between requests, kept per thread for the next request of any
+/// connection: under load a request takes and gives back the same few buffers (no allocation),
+/// and thousands of idle keep-alive connections cost no buffer memory.
+mod spare {
+    use std::cell::RefCell;
+
+    use super::READ_BUFFER;
+
+    /// Most spare buffers of each kind kept per thread; past it they are freed.
+    const MAX_SPARE: usize = 512;
+    /// Capacity of a new response/upstream-request buffer.
+    const OUT_BUFFER: usize = 4096;
+    /// Buffers that grew past this (large heads, request bodies) are freed, not kept.
+    const MAX_KEPT: usize = 32 * 1024;
+
+    thread_local! {
+        static READS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+        static OUTS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A read buffer: `READ_BUFFER` bytes long (its content is not meaningful).
+    pub(super) fn take_read() -> Vec<u8> {
+        READS
+            .with(|s| s.borrow_mut().pop())
+            .unwrap_or_else(|| vec![0; READ_BUFFER])
+    }
+
+    pub(super) fn give_read(mut b: Vec<u8>) {
+        if b.len() < READ_BUFFER || b.capacity() > MAX_KEPT {
+            return;
+        }
+        b.truncate(READ_BUFFER);
+        keep(&READS, b);
+    }
+
+    /// An empty output buffer.
+    pub(super) fn take_out() -> Vec<u8> {
+        OUTS.with(|s| s.borrow_mut().pop())
+            .unwrap_or_else(|| Vec::with_capacity(OUT_BUFFER))
+    }
+
+    pub(super) fn give_out(mut b: Vec<u8>) {
+        if b.capacity() == 0 || b.capacity() > MAX_KEPT {
+            return;
+        }
+        b.clear();
+        keep(&OUTS, b);
+    }
+
+    fn keep(pool: &'static std::thread::LocalKey<RefCell<Vec<Vec<u8>>>>, b: Vec<u8>) {
+        // A thread being torn down drops the buffer instead.
+        let _ = pool.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < MAX_SPARE {
+                s.push(b);
+            }
+        });
     }
 }
 
