@@ -1,6 +1,8 @@
 //! Embedded store: one SQLite file in WAL mode with `synchronous=FULL`, so an acknowledged
 //! admin write survives a crash of the process or of the machine. Calls run on tokio's blocking
-//! pool against one connection; the proxy reaches here on cache misses only.
+//! pool against one connection; the proxy reaches here on cache misses only. Credit and quota
+//! charges and the usage flush use a second connection with `synchronous=NORMAL` (no fsync per
+//! commit; durable across a crash of the process).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -118,8 +120,8 @@ fn next_generation(now: &str) -> String {
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
-    /// A second connection for the charges of the request path (credits, quotas), with
-    /// `synchronous=NORMAL`: in WAL mode a commit survives a crash of the process (kill -9)
+    /// A second connection for the charges of the request path (credits, quotas) and the
+    /// usage flush, with `synchronous=NORMAL`: in WAL mode a commit survives a crash of the process (kill -9)
     /// without an fsync per request; only a power loss can lose the last charges, which then
     /// count as not spent (in the client's favour).
     charges: Arc<Mutex<Connection>>,
@@ -971,9 +973,11 @@ impl Store for SqliteStore {
         .await
     }
 
+    /// On the connection with `synchronous=NORMAL`: no fsync per flush (a crash of the process
+    /// loses none of it; a power loss can lose the last flushes, as it can the last charges).
     async fn record_usage(&self, usage: &[Usage]) -> StoreResult<()> {
         let usage = usage.to_vec();
-        self.run(move |c| {
+        self.run_charge(move |c| {
             let tx = c.transaction().map_err(db)?;
             {
                 let mut last = tx
