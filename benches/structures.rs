@@ -14,6 +14,11 @@
 //!   bytes into the head (the fast path) vs added to a `HeaderMap` (hyper), and the cost of a
 //!   route without CORS (nothing to do).
 //!
+//! - a connection's buffers between requests: taken from and given back to the thread's spares
+//!   (what the fast path does per request, so idle connections hold none) vs allocated per
+//!   connection as before; and the one block the exchange's state is now allocated in per
+//!   request.
+//!
 //! Run: `cargo bench --bench structures`.
 
 mod common;
@@ -435,11 +440,46 @@ fn cors_fields(c: &mut Criterion) {
     g.finish();
 }
 
+/// Size of the fast path's exchange state, allocated once per request since idle connections
+/// keep no state beyond a few hundred bytes (`size_of_val` of the future in a release build).
+const EXCHANGE_STATE: usize = 6464;
+
+fn connection_buffers(c: &mut Criterion) {
+    use keygate::proxy::h1::spare;
+    let mut g = c.benchmark_group("connection_buffers");
+    // Warm the spares as a loaded server has them.
+    spare::give_read(spare::take_read());
+    spare::give_out(spare::take_out());
+    g.bench_function("spares_take_and_give_back", |b| {
+        b.iter(|| {
+            let r = black_box(spare::take_read());
+            let o = black_box(spare::take_out());
+            spare::give_read(r);
+            spare::give_out(o);
+        })
+    });
+    g.bench_function("allocated_and_freed", |b| {
+        b.iter(|| {
+            let r: Vec<u8> = black_box(vec![0; 8 * 1024]);
+            let o: Vec<u8> = black_box(Vec::with_capacity(4096));
+            drop((r, o));
+        })
+    });
+    g.bench_function("exchange_state_block", |b| {
+        b.iter(|| {
+            let block = black_box(Box::<[u8; EXCHANGE_STATE]>::new_uninit());
+            drop(block);
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = structures;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = moka_hashers, limiters, number_headers, header_rewriting, head_to_upstream, cors_fields
+    targets = moka_hashers, limiters, number_headers, header_rewriting, head_to_upstream, cors_fields,
+        connection_buffers
 }
 criterion_main!(structures);

@@ -248,6 +248,8 @@ rate_limit = { per_second = 1000000000, burst = 1000000 }
 worker_threads = 1
 [jwt]
 secret = "$JWT_SECRET"
+# The token of keygate-jwt is minted once, before every run: it must outlive them all.
+ttl_secs = 86400
 [log]
 level = "warn"
 access_log = false

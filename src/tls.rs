@@ -85,6 +85,15 @@ pub fn server_config(cert: Arc<ReloadableCert>) -> Arc<ServerConfig> {
         .with_no_client_auth()
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Stateless resumption: session tickets sealed with keys that rotate every 6 hours. The
+    // in-memory session cache alone (256 sessions, two per connection) forgets sessions as soon
+    // as more than about 128 clients reconnect, and each of them then pays a full handshake.
+    match rustls::crypto::ring::Ticketer::new() {
+        Ok(ticketer) => config.ticketer = ticketer,
+        Err(e) => {
+            tracing::warn!(error = %e, "TLS session tickets unavailable; sessions resume from the in-memory cache only")
+        }
+    }
     Arc::new(config)
 }
 

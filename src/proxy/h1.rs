@@ -581,8 +581,8 @@ async fn read_into<I: AsyncRead + Unpin>(
 
 /// The buffers of connections between requests, kept per thread for the next request of any
 /// connection: under load a request takes and gives back the same few buffers (no allocation),
-/// and thousands of idle keep-alive connections cost no buffer memory.
-mod spare {
+/// and thousands of idle keep-alive connections cost no buffer memory. Public for the benches.
+pub mod spare {
     use std::cell::RefCell;
 
     use super::READ_BUFFER;
@@ -600,13 +600,13 @@ mod spare {
     }
 
     /// A read buffer: `READ_BUFFER` bytes long (its content is not meaningful).
-    pub(super) fn take_read() -> Vec<u8> {
+    pub fn take_read() -> Vec<u8> {
         READS
             .with(|s| s.borrow_mut().pop())
             .unwrap_or_else(|| vec![0; READ_BUFFER])
     }
 
-    pub(super) fn give_read(mut b: Vec<u8>) {
+    pub fn give_read(mut b: Vec<u8>) {
         if b.len() < READ_BUFFER || b.capacity() > MAX_KEPT {
             return;
         }
@@ -615,12 +615,12 @@ mod spare {
     }
 
     /// An empty output buffer.
-    pub(super) fn take_out() -> Vec<u8> {
+    pub fn take_out() -> Vec<u8> {
         OUTS.with(|s| s.borrow_mut().pop())
             .unwrap_or_else(|| Vec::with_capacity(OUT_BUFFER))
     }
 
-    pub(super) fn give_out(mut b: Vec<u8>) {
+    pub fn give_out(mut b: Vec<u8>) {
         if b.capacity() == 0 || b.capacity() > MAX_KEPT {
             return;
         }

@@ -241,8 +241,16 @@ async fn tls_connect(
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut cfg = client_tls(ca_der);
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls_connect_with(addr, Arc::new(cfg)).await
+}
+
+/// A TLS connection with `cfg` (its session cache: a second connection may resume).
+async fn tls_connect_with(
+    addr: &std::net::SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    tokio_rustls::TlsConnector::from(cfg)
         .connect(
             rustls_pki_types::ServerName::try_from("localhost").unwrap(),
             tcp,
@@ -253,6 +261,73 @@ async fn tls_connect(
 
 fn peer_cert(s: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> Vec<u8> {
     s.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// A client that reconnects resumes its TLS session however many other clients connected in
+/// between: the session cache alone (256 sessions, two per connection) would have forgotten
+/// the first client's after 200 others, and every reconnection past that many clients would
+/// cost a full handshake.
+#[tokio::test]
+async fn tls_sessions_resume_past_the_session_cache() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "proxy");
+    let text = with_proxy_tls(
+        config_text(&upstream.url(), &dir.path().join("k.db"), ""),
+        &pki,
+    );
+    let p = spawn(&text, dir.path());
+    let key = admin_client_key(&p.admin).await;
+    let client = |_| {
+        let mut cfg = client_tls(&pki.ca_der);
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(cfg)
+    };
+    let first = client(0);
+    let mut s = tls_connect_with(&p.proxy, Arc::clone(&first)).await;
+    assert!(tls_get(&mut s, &key).await.contains("200"));
+    assert_eq!(
+        s.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Full)
+    );
+    drop(s);
+    // 200 other clients, one connection and one request each (their tickets read).
+    for i in 1..=200 {
+        let mut other = tls_connect_with(&p.proxy, client(i)).await;
+        assert!(tls_get(&mut other, &key).await.contains("200"));
+    }
+    let mut again = tls_connect_with(&p.proxy, first).await;
+    assert_eq!(
+        again.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "the first client's session should resume"
+    );
+    assert!(tls_get(&mut again, &key).await.contains("200"));
+}
+
+/// A client and its key, created through the admin API at `admin`.
+async fn admin_client_key(admin: &std::net::SocketAddr) -> String {
+    let c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let req = http::Request::post(format!("http://{admin}/v1/clients"))
+        .header("x-admin-key", ADMIN_KEY)
+        .body(Full::new(Bytes::from(
+            json!({"client_id": "acme", "license": "pro"}).to_string(),
+        )))
+        .unwrap();
+    let body = c
+        .request(req)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    serde_json::from_slice::<serde_json::Value>(&body).unwrap()["api_key"]["key"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 #[tokio::test]
