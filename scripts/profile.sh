@@ -5,6 +5,7 @@
 #   MODE=rot scripts/profile.sh        # wrk rotating over $KEYS keys
 #   MODE=jwt scripts/profile.sh        # Authorization: Bearer <token>
 #   MODE=h2c scripts/profile.sh        # h2load, 64 connections x 10 streams, HTTP/2 prior knowledge
+#   TARGET=nginx-keyauth scripts/profile.sh   # the same measurements of nginx-keyauth
 #
 # Layout as in loadtest.sh: keygate alone on CPU $PROXY_CPU with one worker, wrk and the
 # upstream (nginx `return 200`) on CPU $LOAD_CPU. Three measurements of $DURATION s each, every
@@ -14,7 +15,7 @@
 #      mean anything, not its timings);
 #   3. a CPU profile (`perf record -g`, software clock: no hardware counters needed), its top
 #      entries by self time and by caller, user space against kernel.
-# Output: target/profile/<mode>/{summary.md,perf.data,perf-*.txt,strace.txt}. Not a test.
+# Output: target/profile/<target>-<mode>/{summary.md,perf.data,perf-*.txt,strace.txt}. Not a test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -25,7 +26,7 @@ CONNS=${CONNS:-64}
 KEYS=${KEYS:-10000}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
-OUTDIR=${OUTDIR:-$ROOT/target/profile/$MODE}
+OUTDIR=${OUTDIR:-$ROOT/target/profile/${TARGET:-keygate}-$MODE}
 
 need=()
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
@@ -143,6 +144,57 @@ c.request("POST", "/auth/login", json.dumps({"api_key": keys[0]}), {"content-typ
 r = c.getresponse()
 open(f"{work}/bearer.txt", "w").write("Bearer " + json.loads(r.read())["access_token"] + "\n")
 EOF
+# TARGET=nginx-keyauth profiles nginx instead (one worker on CPU $PROXY_CPU, the 10,000-key
+# `map` and `limit_req` of loadtest.sh, the keys just created), for the same split of its time.
+if [ "${TARGET:-keygate}" = nginx-keyauth ]; then
+  kill "$KG_PID"
+  python3 -c "
+import sys
+keys = [l.strip() for l in open('$WORK/keys.txt')]
+open('$WORK/keys.map', 'w').write(''.join(f'{k} c{i};\n' for i, k in enumerate(keys)))"
+  NG_PORT=$(free_port)
+  mkdir -p "$WORK/ng"
+  cat >"$WORK/ng/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/ng/nginx.pid;
+error_log $WORK/ng/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/ng/body;
+  proxy_temp_path $WORK/ng/proxy;
+  fastcgi_temp_path $WORK/ng/fastcgi;
+  uwsgi_temp_path $WORK/ng/uwsgi;
+  scgi_temp_path $WORK/ng/scgi;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+  upstream up { server 127.0.0.1:$UP_PORT; keepalive 256; }
+  map_hash_max_size 262144;
+  map_hash_bucket_size 256;
+  map \$http_x_api_key \$client_id { default ""; include $WORK/keys.map; }
+  map \$client_id \$limit_key { default \$http_x_api_key; "" ""; }
+  limit_req_zone \$limit_key zone=perkey:16m rate=100000000r/s;
+  limit_req_status 429;
+  server {
+    listen 127.0.0.1:$NG_PORT;
+    location / {
+      if (\$client_id = "") { return 401; }
+      limit_req zone=perkey burst=1000000 nodelay;
+      proxy_set_header X-API-Key "";
+      proxy_set_header X-Keygate-Client-Id \$client_id;
+      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
+    }
+  }
+}
+EOF
+  taskset -c "$PROXY_CPU" "$NGINX" -p "$WORK/ng" -c "$WORK/ng/nginx.conf" -e "$WORK/ng/error.log" &
+  PIDS+=($!)
+  wait_port "$NG_PORT"
+  KG_PID=$(pgrep -P "$!" | head -n1)
+  KG_PORT=$NG_PORT
+  [ "$MODE" != jwt ] || { echo "profile: nginx-keyauth takes no tokens" >&2; exit 1; }
+fi
 case $MODE in
   one | h2c) creds=$WORK/key1.txt header=X-API-Key ;;
   rot) creds=$WORK/keys.txt header=X-API-Key ;;
@@ -215,9 +267,9 @@ perf record -F 4999 -g -p "$KG_PID" -o "$OUTDIR/perf.data" -- sleep "$DURATION" 
 PR=$!
 load "$DURATION" /dev/null >/dev/null
 wait "$PR" || true
-perf report -i "$OUTDIR/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -12 >"$OUTDIR/perf-dso.txt"
-perf report -i "$OUTDIR/perf.data" --no-children --sort sym --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -60 >"$OUTDIR/perf-self.txt"
-perf report -i "$OUTDIR/perf.data" --children --sort sym --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -80 >"$OUTDIR/perf-children.txt"
+perf report -i "$OUTDIR/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -12 >"$OUTDIR/perf-dso.txt" || true
+perf report -i "$OUTDIR/perf.data" --no-children --sort sym --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -60 >"$OUTDIR/perf-self.txt" || true
+perf report -i "$OUTDIR/perf.data" --children --sort sym --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -80 >"$OUTDIR/perf-children.txt" || true
 {
   echo
   echo "CPU profile by object (self time):"
