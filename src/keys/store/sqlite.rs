@@ -1,8 +1,8 @@
 //! Embedded store: one SQLite file in WAL mode with `synchronous=FULL`, so an acknowledged
 //! admin write survives a crash of the process or of the machine. Calls run on tokio's blocking
 //! pool against one connection; the proxy reaches here on cache misses only. Credit and quota
-//! charges and the usage flush use a second connection with `synchronous=NORMAL` (no fsync per
-//! commit; durable across a crash of the process).
+//! charges use a second connection with `synchronous=NORMAL`, and the usage flush commits with
+//! `synchronous=NORMAL` (no fsync per commit; durable across a crash of the process).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -120,8 +120,8 @@ fn next_generation(now: &str) -> String {
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
-    /// A second connection for the charges of the request path (credits, quotas) and the
-    /// usage flush, with `synchronous=NORMAL`: in WAL mode a commit survives a crash of the process (kill -9)
+    /// A second connection for the charges of the request path (credits, quotas), with
+    /// `synchronous=NORMAL`: in WAL mode a commit survives a crash of the process (kill -9)
     /// without an fsync per request; only a power loss can lose the last charges, which then
     /// count as not spent (in the client's favour).
     charges: Arc<Mutex<Connection>>,
@@ -973,35 +973,18 @@ impl Store for SqliteStore {
         .await
     }
 
-    /// On the connection with `synchronous=NORMAL`: no fsync per flush (a crash of the process
-    /// loses none of it; a power loss can lose the last flushes, as it can the last charges).
+    /// Committed with `synchronous=NORMAL`: no fsync per flush (a crash of the process loses
+    /// none of it; a power loss can lose the last flushes, as it can the last charges). On the
+    /// main connection, serialised with the admin writes: a write on the other connection
+    /// between an admin transaction's read and its write would make that transaction fail.
     async fn record_usage(&self, usage: &[Usage]) -> StoreResult<()> {
         let usage = usage.to_vec();
-        self.run_charge(move |c| {
-            let tx = c.transaction().map_err(db)?;
-            {
-                let mut last = tx
-                    .prepare_cached(
-                        "UPDATE api_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?2) \
-                         WHERE id = ?1",
-                    )
-                    .map_err(db)?;
-                let mut count = tx
-                    .prepare_cached(
-                        "INSERT INTO key_usage (key_id, day, requests) SELECT ?1, ?2, ?3 \
-                         WHERE EXISTS (SELECT 1 FROM api_keys WHERE id = ?1) \
-                         ON CONFLICT (key_id, day) DO UPDATE SET requests = requests + excluded.requests",
-                    )
-                    .map_err(db)?;
-                for u in &usage {
-                    let id = u.key_id.to_string();
-                    last.execute(params![id, u.last_used_at]).map_err(db)?;
-                    count
-                        .execute(params![id, u.day, u.requests as i64])
-                        .map_err(db)?;
-                }
-            }
-            tx.commit().map_err(db)
+        self.run(move |c| {
+            c.pragma_update(None, "synchronous", "NORMAL").map_err(db)?;
+            let written = write_usage(c, &usage);
+            // Admin writes go on with an fsync per commit, whatever happened above.
+            c.pragma_update(None, "synchronous", "FULL").map_err(db)?;
+            written
         })
         .await
     }
@@ -1361,6 +1344,34 @@ fn charge_thresholds(
         write_events(tx, &events)?;
     }
     Ok(())
+}
+
+/// Writes one chunk of usage in one transaction.
+fn write_usage(c: &mut Connection, usage: &[Usage]) -> StoreResult<()> {
+    let tx = c.transaction().map_err(db)?;
+    {
+        let mut last = tx
+            .prepare_cached(
+                "UPDATE api_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?2) \
+                 WHERE id = ?1",
+            )
+            .map_err(db)?;
+        let mut count = tx
+            .prepare_cached(
+                "INSERT INTO key_usage (key_id, day, requests) SELECT ?1, ?2, ?3 \
+                 WHERE EXISTS (SELECT 1 FROM api_keys WHERE id = ?1) \
+                 ON CONFLICT (key_id, day) DO UPDATE SET requests = requests + excluded.requests",
+            )
+            .map_err(db)?;
+        for u in usage {
+            let id = u.key_id.to_string();
+            last.execute(params![id, u.last_used_at]).map_err(db)?;
+            count
+                .execute(params![id, u.day, u.requests as i64])
+                .map_err(db)?;
+        }
+    }
+    tx.commit().map_err(db)
 }
 
 #[cfg(test)]
