@@ -340,27 +340,7 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
         &first,
     );
     let mut p = spawn(&text, dir.path());
-    let c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let req = http::Request::post(format!("http://{}/v1/clients", p.admin))
-        .header("x-admin-key", ADMIN_KEY)
-        .body(Full::new(Bytes::from(
-            json!({"client_id": "acme", "license": "pro"}).to_string(),
-        )))
-        .unwrap();
-    let body = c
-        .request(req)
-        .await
-        .unwrap()
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes();
-    let key = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["api_key"]["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let key = admin_client_key(&p.admin).await;
 
     let mut open = tls_connect(&p.proxy, &first.ca_der).await;
     let old_cert = peer_cert(&open);
