@@ -74,25 +74,30 @@ KG_PORT=$(free_port)
 ADMIN_PORT=$(free_port)
 ADMIN_KEY=profile-admin-$(python3 -c 'import secrets; print(secrets.token_hex(16))')
 
-mkdir -p "$WORK/up" "$OUTDIR"
-cat >"$WORK/up/nginx.conf" <<EOF
+# An nginx configuration in $WORK/$1 with the http-block body $2 (one worker, no access log).
+nginx_conf() {
+  mkdir -p "$WORK/$1"
+  cat >"$WORK/$1/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;
-pid $WORK/up/nginx.pid;
-error_log $WORK/up/error.log warn;
+pid $WORK/$1/nginx.pid;
+error_log $WORK/$1/error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
-  client_body_temp_path $WORK/up/body;
-  proxy_temp_path $WORK/up/proxy;
-  fastcgi_temp_path $WORK/up/fastcgi;
-  uwsgi_temp_path $WORK/up/uwsgi;
-  scgi_temp_path $WORK/up/scgi;
+  client_body_temp_path $WORK/$1/body;
+  proxy_temp_path $WORK/$1/proxy;
+  fastcgi_temp_path $WORK/$1/fastcgi;
+  uwsgi_temp_path $WORK/$1/uwsgi;
+  scgi_temp_path $WORK/$1/scgi;
   keepalive_requests 100000000;
   keepalive_timeout 300s;
-  server { listen 127.0.0.1:$UP_PORT; location / { return 200 "ok\n"; } }
+$2
 }
 EOF
+}
+mkdir -p "$OUTDIR"
+nginx_conf up "  server { listen 127.0.0.1:$UP_PORT; location / { return 200 \"ok\\n\"; } }"
 taskset -c "$LOAD_CPU" "$NGINX" -p "$WORK/up" -c "$WORK/up/nginx.conf" -e "$WORK/up/error.log" &
 PIDS+=($!)
 wait_port "$UP_PORT"
@@ -153,41 +158,23 @@ import sys
 keys = [l.strip() for l in open('$WORK/keys.txt')]
 open('$WORK/keys.map', 'w').write(''.join(f'{k} c{i};\n' for i, k in enumerate(keys)))"
   NG_PORT=$(free_port)
-  mkdir -p "$WORK/ng"
-  cat >"$WORK/ng/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/ng/nginx.pid;
-error_log $WORK/ng/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/ng/body;
-  proxy_temp_path $WORK/ng/proxy;
-  fastcgi_temp_path $WORK/ng/fastcgi;
-  uwsgi_temp_path $WORK/ng/uwsgi;
-  scgi_temp_path $WORK/ng/scgi;
-  keepalive_requests 100000000;
-  keepalive_timeout 300s;
-  upstream up { server 127.0.0.1:$UP_PORT; keepalive 256; }
+  nginx_conf ng "  upstream up { server 127.0.0.1:$UP_PORT; keepalive 256; }
   map_hash_max_size 262144;
   map_hash_bucket_size 256;
-  map \$http_x_api_key \$client_id { default ""; include $WORK/keys.map; }
-  map \$client_id \$limit_key { default \$http_x_api_key; "" ""; }
+  map \$http_x_api_key \$client_id { default \"\"; include $WORK/keys.map; }
+  map \$client_id \$limit_key { default \$http_x_api_key; \"\" \"\"; }
   limit_req_zone \$limit_key zone=perkey:16m rate=100000000r/s;
   limit_req_status 429;
   server {
     listen 127.0.0.1:$NG_PORT;
     location / {
-      if (\$client_id = "") { return 401; }
+      if (\$client_id = \"\") { return 401; }
       limit_req zone=perkey burst=1000000 nodelay;
-      proxy_set_header X-API-Key "";
+      proxy_set_header X-API-Key \"\";
       proxy_set_header X-Keygate-Client-Id \$client_id;
-      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";
     }
-  }
-}
-EOF
+  }"
   taskset -c "$PROXY_CPU" "$NGINX" -p "$WORK/ng" -c "$WORK/ng/nginx.conf" -e "$WORK/ng/error.log" &
   PIDS+=($!)
   wait_port "$NG_PORT"
