@@ -226,6 +226,7 @@ conformance!(
     disable_client_keys_disables_them_all,
     replace_client_keys_replaces_them_all,
     racing_disable_rotate_and_patch_never_undo_an_acknowledged_write,
+    charges_racing_admin_writes_fail_neither,
     client_patches_never_loosen_what_an_admin_set,
     disables_rotations_and_revokes_move_the_token_generation_on,
     usage_counts_add_up_per_day_and_die_with_the_key,
@@ -1691,6 +1692,84 @@ async fn credits_are_charged_whole_or_not_at_all_and_refilled_lazily(s: Arc<dyn 
                 .unwrap()
         ),
         (Some(5), None)
+    );
+}
+
+/// The request path's charges (credits and quota, SQLite's second connection) commit while
+/// admin writes that read before they write (a key inserted under the per-client cap, a key
+/// patched) are in flight: every call of either kind succeeds, and every charge counts.
+async fn charges_racing_admin_writes_fail_neither(s: Arc<dyn Store>) {
+    const ROUNDS: usize = 300;
+    let now = now_millis();
+    let (charged, _) = key("acme", now);
+    s.insert_client(&client("acme", "pro", now), &charged)
+        .await
+        .unwrap();
+    let w = CreditsWrite::Set {
+        remaining: 1_000_000,
+        refill: None,
+    };
+    s.write_credits(charged.id, &w, now).await.unwrap();
+    let (patched, _) = key("other", now);
+    s.insert_client(&client("other", "pro", now), &patched)
+        .await
+        .unwrap();
+    let q = Quota {
+        requests: 1_000_000,
+        per: Period::Day,
+    };
+    let mut tasks = Vec::new();
+    for i in 0..ROUNDS {
+        let st = Arc::clone(&s);
+        let id = charged.id;
+        tasks.push(tokio::spawn(async move {
+            let qc = QuotaCharge {
+                client_id: "acme",
+                quota: q,
+            };
+            st.charge(&charge(id, Some(1), Some(qc), now))
+                .await
+                .map(|c| assert_eq!(c.refused, None))
+                .map_err(|e| format!("charge {i}: {e}"))
+        }));
+        let st = Arc::clone(&s);
+        tasks.push(tokio::spawn(async move {
+            let (k, _) = key("other", now_millis());
+            st.insert_key(&k, 10_000)
+                .await
+                .map_err(|e| format!("insert {i}: {e}"))
+        }));
+        let st = Arc::clone(&s);
+        let id = patched.id;
+        tasks.push(tokio::spawn(async move {
+            let p = KeyPatch {
+                name: Some(format!("renamed {i}")),
+                ..KeyPatch::default()
+            };
+            st.patch_key(id, &p, now_millis())
+                .await
+                .map(|k| assert!(k.is_some()))
+                .map_err(|e| format!("patch {i}: {e}"))
+        }));
+    }
+    let mut failed = Vec::new();
+    for t in tasks {
+        if let Err(e) = t.await.unwrap() {
+            failed.push(e);
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} calls failed: {failed:?}",
+        failed.len()
+    );
+    let left = s.credits(charged.id).await.unwrap().unwrap().remaining;
+    assert_eq!(left, 1_000_000 - ROUNDS as u64, "every charge counted");
+    assert_eq!(
+        s.quota_used("acme", Period::Day, Period::Day.index(now))
+            .await
+            .unwrap(),
+        ROUNDS as u64
     );
 }
 

@@ -156,7 +156,12 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(unavailable)?;
         migrate(&mut conn).map_err(unavailable)?;
-        let charges = Connection::open(path)
+        // Every transaction takes the write lock when it begins and waits for it (busy
+        // timeout). A deferred one that read first could not wait: a charge committed on the
+        // other connection between its read and its write would fail it ("database is
+        // locked"). Read-only transactions queue behind writers too; they are admin calls.
+        conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
+        let mut charges = Connection::open(path)
             .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
         charges
             .pragma_update(None, "synchronous", "NORMAL")
@@ -164,6 +169,7 @@ impl SqliteStore {
         charges
             .busy_timeout(std::time::Duration::from_secs(5))
             .map_err(unavailable)?;
+        charges.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             charges: Arc::new(Mutex::new(charges)),
