@@ -5,10 +5,12 @@
 //! are cached negatively. The store answer is compared to the computed hash in constant time.
 //!
 //! Token path: the signature and claims of a token are verified once; the result is cached by
-//! SHA-256 of the token string until the token's `exp` (plus the verifier's leeway). What is
-//! cached is only "this exact string is a genuine token for key `kid`, generation `rot`,
-//! client `sub`": the key itself is still looked up (cached by id) and checked on every
-//! request, so a token still dies with its key (revoked, disabled, rotated, deleted).
+//! SHA-256 of the token's signature segment (one block, whatever the token's length) until the
+//! token's `exp` (plus the verifier's leeway), with the signed part (header and claims, which
+//! are not secret) kept in the entry and compared whole on every hit. What is cached is only
+//! "this exact string is a genuine token for key `kid`, generation `rot`, client `sub`": the
+//! key itself is still looked up (cached by id) and checked on every request, so a token still
+//! dies with its key (revoked, disabled, rotated, deleted).
 //!
 //! Time is the key cache's [`Clock`]: freshness, expiry, the store's backoff and the token
 //! cache are all judged on it.
@@ -31,7 +33,8 @@ use crate::telemetry::metrics::{CacheResult, Metrics};
 use credential::{Credential, Kind};
 use jwt::{Jwt, Token};
 
-/// Most verified tokens remembered (each about 200 bytes); past it moka evicts the least used.
+/// Most verified tokens remembered (each about 400 bytes with its signed part); past it moka
+/// evicts the least used.
 const TOKEN_CACHE_CAPACITY: u64 = 100_000;
 /// How long past its TTL a cached key is still served while one background lookup refreshes
 /// it (never longer than the TTL itself). Past it, requests wait for the store. The cache
@@ -67,6 +70,9 @@ impl AuthError {
 
 /// What a verified token says, as far as the request path needs it.
 struct VerifiedToken {
+    /// The signed part of the token (`header.claims`, without the signature): a hit must
+    /// present exactly this string with the signature whose digest found the entry.
+    signed: Box<str>,
     key_id: Uuid,
     rot: Millis,
     /// Minted with a previous secret: the end of its grace period (`Millis::MAX`: not).
@@ -101,7 +107,7 @@ pub struct Authenticator {
     jwt: Arc<Jwt>,
     metrics: Arc<Metrics>,
     store_health: Arc<StoreHealth>,
-    /// Tokens already verified, by SHA-256 of the token string.
+    /// Tokens already verified, by SHA-256 of their signature segment.
     tokens: moka::sync::Cache<KeyHash, Arc<VerifiedToken>, DigestHasher>,
 }
 
@@ -217,9 +223,16 @@ impl Authenticator {
         if token.len() > jwt::MAX_TOKEN_LEN {
             return Err(AuthError::InvalidToken);
         }
-        let digest = KeyHash::of(token);
+        let Some((signed, signature)) = token.rsplit_once('.') else {
+            return Err(AuthError::InvalidToken);
+        };
+        // Only a genuine token's signature finds an entry; the rest of the string must then be
+        // the one that signature was verified with (a changed header or claim with a copied
+        // signature is verified, and refused, like any other new string).
+        let digest = KeyHash::of(signature);
         if let Some(t) = self.tokens.get(&digest)
             && now / 1000 <= t.usable_until_secs
+            && *t.signed == *signed
         {
             return Ok(t);
         }
@@ -229,6 +242,7 @@ impl Authenticator {
             .map_err(|_| AuthError::InvalidToken)?;
         let key_id = Uuid::parse_str(&claims.kid).map_err(|_| AuthError::InvalidToken)?;
         let t = Arc::new(VerifiedToken {
+            signed: signed.into(),
             key_id,
             rot: claims.rot,
             grace_until: claims.grace_until.unwrap_or(Millis::MAX),
@@ -645,6 +659,21 @@ mod tests {
             auth.token(&forged).await.unwrap_err(),
             AuthError::InvalidToken
         );
+
+        // The cached token's signature under another signed part (a claim changed, the
+        // signature copied) is verified as a new string, and refused; the genuine entry stays.
+        let (signed, signature) = token.expose().rsplit_once('.').unwrap();
+        let (header, claims) = signed.split_once('.').unwrap();
+        let mut other = claims.as_bytes().to_vec();
+        other[5] = if other[5] == b'A' { b'B' } else { b'A' };
+        let copied = format!("{header}.{}.{signature}", String::from_utf8(other).unwrap());
+        assert_eq!(
+            auth.token(&copied).await.unwrap_err(),
+            AuthError::InvalidToken
+        );
+        assert_eq!(auth.token(token.expose()).await.unwrap().client_id(), "c");
+        auth.tokens.run_pending_tasks();
+        assert_eq!(auth.tokens.entry_count(), 1);
 
         // Disable the key as the admin plane does: store first, then the cache.
         let mut key = store
