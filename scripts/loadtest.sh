@@ -67,6 +67,13 @@
 # CPU $LOAD_CPU; RSS (every process of the contender) before and with them held, and wrk at the
 # first connection count while they are held against right before, in one table.
 #
+# The *-tls-new variants are bounded by the client on this layout when wrk's TLS handshakes fill
+# CPU $LOAD_CPU: every repetition also prints how busy the load core was. CAPTURE=1 (the default
+# when the report has a *-tls-new contender; tcpdump is installed if missing) records 1 s of
+# each *-tls-new contender's loopback traffic in the first repetition and reports, per
+# connection, what the server did on the wire (ClientHello → its handshake flight, request →
+# response) apart from what the client took (response → the client's close_notify).
+#
 # KEYGATE_BIN=path runs that binary instead of building the release one (e.g. a quick check of
 # the script with a debug build; figures from a debug build mean nothing).
 set -euo pipefail
@@ -88,6 +95,8 @@ STREAMS=${STREAMS:-10}
 IDLE=${IDLE:-0}
 # Runs with more of the contender's core stolen by the hypervisor than this (%) are run again.
 STEAL_MAX=${STEAL_MAX:-2}
+case " ${CONTENDERS:-} " in *"-tls-new "*) CAPTURE=${CAPTURE:-1} ;; esac
+CAPTURE=${CAPTURE:-0}
 CONTENDERS=${CONTENDERS:-"direct nginx-plain nginx-keyauth nginx-keyauth-rot keygate keygate-rot keygate-jwt nginx-fwdauth nginx-fwdauth-rot keygate-verify keygate-signed keygate-signed-rot"}
 
 # ---- tools -------------------------------------------------------------------------------
@@ -100,6 +109,7 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 case " $CONTENDERS " in
   *"-h2c "* | *"-h2 "*) command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client) ;;
 esac
+if [ "$CAPTURE" = 1 ]; then command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump); fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "loadtest: missing ${need[*]}; run as root or install them" >&2
@@ -607,9 +617,16 @@ contender_pids() {
     base*) echo "$KGB_PID" ;;
   esac
 }
-# Ticks of CPU $PROXY_CPU so far: busy (user+nice+system+irq+softirq), then steal.
+# Ticks of CPU $1 (default $PROXY_CPU) so far: busy (user+nice+system+irq+softirq), then steal.
 core_ticks() {
-  awk -v c="cpu$PROXY_CPU" '$1 == c {print $2 + $3 + $4 + $7 + $8, $9}' /proc/stat
+  awk -v c="cpu${1:-$PROXY_CPU}" '$1 == c {print $2 + $3 + $4 + $7 + $8, $9}' /proc/stat
+}
+# The listening port of a contender (for the capture).
+contender_port() {
+  case $1 in
+    keygate-tls-new) echo "$KGT_PORT" ;;
+    nginx-keyauth-tls-new) echo "$NG_AUTH_TLS_PORT" ;;
+  esac
 }
 cpu_ticks() {
   local t=0
@@ -639,12 +656,25 @@ for n in $CONNS; do
       pids=$(contender_pids "$c")
       for attempt in 1 2 3; do
         run_wrk "$c" "$n" "$WARM" "$WORK/warm-$c-$n-$r.txt"
+        cap=
+        if [ "$CAPTURE" = 1 ] && [ "$r" = 1 ] && [ -n "$(contender_port "$c")" ]; then
+          cap=$WORK/capture-$c-$n.pcap
+          # 1 s in the middle of the run, on the load core (as the client's cost).
+          (sleep "$(( (DURATION - 1) / 2 ))"
+           timeout 1 taskset -c "$LOAD_CPU" tcpdump -i lo -n -s 96 -w "$cap" \
+             tcp port "$(contender_port "$c")" 2>/dev/null || true) &
+          cap_pid=$!
+        fi
         t0=$(cpu_ticks "$pids")
         s0=$(core_ticks)
+        l0=$(core_ticks "$LOAD_CPU")
         run_wrk "$c" "$n" "$DURATION" "$WORK/run-$c-$n-$r.txt"
         t1=$(cpu_ticks "$pids")
         s1=$(core_ticks)
+        l1=$(core_ticks "$LOAD_CPU")
+        if [ -n "$cap" ]; then wait "$cap_pid"; fi
         core=$(python3 -c "import sys; a, b = [list(map(int, x.split())) for x in sys.argv[1:]]; print(' '.join(str(y - x) for x, y in zip(a, b)))" "$s0" "$s1")
+        load=$(python3 -c "import sys; a, b = [list(map(int, x.split())) for x in sys.argv[1:]]; print(b[0] - a[0])" "$l0" "$l1")
         # A run during which the hypervisor took more than STEAL_MAX % of the contender's
         # core measured the machine, not the contender: it is run again (twice at most), and
         # the report counts it.
@@ -653,7 +683,7 @@ for n in $CONNS; do
         echo "  c$n rep $r $c: ${stolen} % stolen, run again" >&2
         printf '%s\t%s\n' "$c" "$n" >>"$WORK/stolen.tsv"
       done
-      printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$n" "$r" "$((t1 - t0))" "$WORK/run-$c-$n-$r.txt" "$core" >>"$RAW"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$n" "$r" "$((t1 - t0))" "$WORK/run-$c-$n-$r.txt" "$core" "$load" >>"$RAW"
       echo "  c$n rep $r $c: $(grep -m1 'Requests/sec' "$WORK/run-$c-$n-$r.txt" || echo failed)" >&2
     done
   done
@@ -748,7 +778,7 @@ def pids_known(c): return c != "direct"
 
 rows = {}
 for line in open(raw):
-    c, n, r, ticks, path, core = line.rstrip("\n").split("\t")
+    c, n, r, ticks, path, core, load = line.rstrip("\n").split("\t")
     busy, steal = map(int, core.split())
     t = open(path).read()
     m = re.search(r"Requests/sec:\s+([\d.]+)", t)
@@ -768,7 +798,7 @@ for line in open(raw):
     if int(ticks) > 0 and reqs:
         rec["cpu"].append(int(ticks) / hz / reqs * 1e6)
     # Per repetition: CPU time on the contender's core outside its processes, and steal.
-    rec["reps"].append((int(r), float(m.group(1)), us(p99.group(1)), (busy - int(ticks)) / hz / float(dur) * 100 if pids_known(c) else None, steal / hz / float(dur) * 100))
+    rec["reps"].append((int(r), float(m.group(1)), us(p99.group(1)), (busy - int(ticks)) / hz / float(dur) * 100 if pids_known(c) else None, steal / hz / float(dur) * 100, int(load) / hz / float(dur) * 100))
     rec["bad"] += int(non2xx.group(1)) if non2xx else 0
     rec["err"] += sum(int(x) for x in errs.groups()) if errs else 0
 
@@ -814,14 +844,15 @@ for n in sorted({n for _, n in rows}):
         print()
         print(f"keygate with {keys} rotating keys vs one key: {rot / one:.2f}×.")
     print()
-    print("Every repetition (req/s, p99 µs; % of the contender's core busy outside it, % stolen by the hypervisor):")
+    print("Every repetition (req/s, p99 µs; % of the contender's core busy outside it, % stolen by the hypervisor; % of the load core (wrk, upstream) busy):")
     print()
     for c in order:
         r = rows.get((c, n))
         if not r:
             continue
-        cells = [f"{q:,.0f} / {p:,.0f}" + (f" ({o:.0f} % other, {st:.0f} % steal)" if o is not None else f" ({st:.0f} % steal)")
-                 for _, q, p, o, st in sorted(r["reps"])]
+        cells = [f"{q:,.0f} / {p:,.0f}" + (f" ({o:.0f} % other, {st:.0f} % steal" if o is not None else f" ({st:.0f} % steal")
+                 + f"; load {ld:.0f} %)"
+                 for _, q, p, o, st, ld in sorted(r["reps"])]
         print(f"- {c}: " + "; ".join(cells))
     for now, before in (("keygate", "base"), ("keygate-rot", "base-rot")):
         a, b = rows.get((now, n)), rows.get((before, n))
@@ -831,6 +862,74 @@ for n in sorted({n for _, n in rows}):
                   f"p99 {med(a['p99']) / med(b['p99']):.3f}×.")
     print()
 EOF
+if ls "$WORK"/capture-*.pcap >/dev/null 2>&1; then
+  for f in "$WORK"/capture-*.pcap; do
+    tcpdump -r "$f" -n -tt -S 2>/dev/null >"${f%.pcap}.txt" || true
+  done
+  python3 - "$WORK" "$CONTENDERS" >>"$OUT" <<'PY'
+import glob, os, re, statistics, sys
+from collections import Counter
+work, order = sys.argv[1], sys.argv[2].split()
+pat = re.compile(r"^(\d+\.\d+) IP 127\.0\.0\.1\.(\d+) > 127\.0\.0\.1\.(\d+): Flags \[([^\]]*)\].*length (\d+)")
+def q(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000 if xs else float("nan")
+print("### TLS, a new connection per request: on the wire")
+print()
+print("1 s of loopback traffic per contender (tcpdump, first repetition), per connection: the "
+      "server's handshake flight after the ClientHello, its response after the request, and the "
+      "client's close_notify after that response (the time the client took to read it). "
+      "p50 / p99 in ms; connections seen whole in the capture.")
+print()
+print("| connections | contender | SYN → ClientHello (client) | ClientHello → flight (server) | request → response (server) | response → client's close_notify (client) | whole |")
+print("|---|---|---|---|---|---|---|")
+for n in sorted({int(re.search(r"-(\d+)\.txt$", f).group(1)) for f in glob.glob(f"{work}/capture-*.txt")}):
+    for c in order:
+        path = f"{work}/capture-{c}-{n}.txt"
+        if not os.path.exists(path):
+            continue
+        rows = [m.groups() for m in map(pat.match, open(path)) if m]
+        ports = Counter(x for r in rows for x in r[1:3])
+        if not ports:
+            continue
+        srv = ports.most_common(1)[0][0]
+        # One list per connection: a client port's SYN starts a new one (ports are reused).
+        current, flows = {}, []
+        for t, a, b, fl, ln in rows:
+            side, peer = ("S", b) if a == srv else ("C", a)
+            if side == "C" and fl == "S":
+                current[peer] = []
+                flows.append(current[peer])
+            if peer in current:
+                current[peer].append((float(t), side, fl, int(ln)))
+        syn_ch, hs, rr, pick, whole = [], [], [], [], 0
+        for ev in flows:
+            if not ev or ev[0][1] != "C" or "S" not in ev[0][2]:
+                continue
+            cd = [e for e in ev if e[1] == "C" and e[3] > 0]
+            sd = [e for e in ev if e[1] == "S" and e[3] > 0]
+            if len(cd) < 3 or len(sd) < 2:
+                continue
+            req = cd[2]
+            after = [e for e in sd if e[0] >= req[0]]
+            if not after:
+                continue
+            resp = after[-2] if len(after) >= 2 and after[-1][3] == 24 else after[-1]
+            flight = next((e for e in sd if e[0] >= cd[0][0]), None)
+            if flight is None:
+                continue
+            whole += 1
+            syn_ch.append(cd[0][0] - ev[0][0])
+            hs.append(flight[0] - cd[0][0])
+            rr.append(resp[0] - req[0])
+            closing = [e for e in cd if e[0] > resp[0]]
+            if closing:
+                pick.append(closing[0][0] - resp[0])
+        f = lambda xs: f"{q(xs, 0.5):.2f} / {q(xs, 0.99):.2f}"
+        print(f"| c{n} | {c} | {f(syn_ch)} | {f(hs)} | {f(rr)} | {f(pick)} | {whole:,} |")
+print()
+PY
+fi
 if [ -s "$IDLE_RAW" ]; then
   python3 - "$IDLE_RAW" "$WORK" "$IDLE" "${CONNS%% *}" >>"$OUT" <<'PY'
 import glob, re, statistics, sys
@@ -867,4 +966,5 @@ fi
 mkdir -p "$OUT.raw"
 cp "$RAW" "$WORK"/run-*.txt "$OUT.raw/" 2>/dev/null || true
 cp "$WORK"/idle-* "$OUT.raw/" 2>/dev/null || true
+cp "$WORK"/capture-*.txt "$OUT.raw/" 2>/dev/null || true
 cat "$OUT"
