@@ -17,14 +17,14 @@
 
 pub mod credential;
 pub mod jwt;
+mod tokens;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
 use crate::clock::Clock;
-use crate::keys::cache::{Cached, DigestHasher, Entry, KeyCache};
+use crate::keys::cache::{Cached, Entry, KeyCache};
 use crate::keys::store::{Store, StoreHealth};
 use crate::keys::{KeyFormat, KeyHash, Millis, Principal};
 use crate::limit::KeyLimits;
@@ -32,10 +32,11 @@ use crate::route::Route;
 use crate::telemetry::metrics::{CacheResult, Metrics};
 use credential::{Credential, Kind};
 use jwt::{Jwt, Token};
+use tokens::{TokenCache, VerifiedToken};
 
-/// Most verified tokens remembered (each about 400 bytes with its signed part); past it moka
-/// evicts the least used.
-const TOKEN_CACHE_CAPACITY: u64 = 100_000;
+/// Most verified tokens remembered (each about 400 bytes with its signed part); past it the
+/// expired and then the soonest to expire make room ([`tokens::TokenCache`]).
+const TOKEN_CACHE_CAPACITY: usize = 100_000;
 /// How long past its TTL a cached key is still served while one background lookup refreshes
 /// it (never longer than the TTL itself). Past it, requests wait for the store. The cache
 /// knows it too: after missed invalidations it makes keys stale past it.
@@ -68,36 +69,6 @@ impl AuthError {
     }
 }
 
-/// What a verified token says, as far as the request path needs it.
-struct VerifiedToken {
-    /// The signed part of the token (`header.claims`, without the signature): a hit must
-    /// present exactly this string with the signature whose digest found the entry.
-    signed: Box<str>,
-    key_id: Uuid,
-    rot: Millis,
-    /// Minted with a previous secret: the end of its grace period (`Millis::MAX`: not).
-    grace_until: Millis,
-    sub: Box<str>,
-    /// Unix seconds after which the verifier would refuse the token (`exp` + leeway).
-    usable_until_secs: i64,
-}
-
-/// How long a verified token stays in the token cache: until the verifier would refuse it, by
-/// the authenticator's clock. (The request path also checks that time itself on every hit.)
-struct TokenExpiry(Clock);
-
-impl moka::Expiry<KeyHash, Arc<VerifiedToken>> for TokenExpiry {
-    fn expire_after_create(
-        &self,
-        _: &KeyHash,
-        t: &Arc<VerifiedToken>,
-        _: Instant,
-    ) -> Option<Duration> {
-        let left_ms = (t.usable_until_secs + 1) * 1000 - self.0.now_millis();
-        Some(Duration::from_millis(left_ms.max(0) as u64))
-    }
-}
-
 #[derive(Clone)]
 pub struct Authenticator {
     format: KeyFormat,
@@ -108,7 +79,7 @@ pub struct Authenticator {
     metrics: Arc<Metrics>,
     store_health: Arc<StoreHealth>,
     /// Tokens already verified, by SHA-256 of their signature segment.
-    tokens: moka::sync::Cache<KeyHash, Arc<VerifiedToken>, DigestHasher>,
+    tokens: Arc<TokenCache>,
 }
 
 impl Authenticator {
@@ -121,10 +92,7 @@ impl Authenticator {
         metrics: Arc<Metrics>,
         store_health: Arc<StoreHealth>,
     ) -> Self {
-        let tokens = moka::sync::Cache::builder()
-            .max_capacity(TOKEN_CACHE_CAPACITY)
-            .expire_after(TokenExpiry(cache.clock().clone()))
-            .build_with_hasher(DigestHasher::default());
+        let tokens = Arc::new(TokenCache::new(TOKEN_CACHE_CAPACITY));
         Self {
             format,
             cache,
@@ -249,7 +217,7 @@ impl Authenticator {
             sub: claims.sub.into_boxed_str(),
             usable_until_secs: claims.exp.saturating_add(self.jwt.leeway_secs()),
         });
-        self.tokens.insert(digest, Arc::clone(&t));
+        self.tokens.insert(digest, Arc::clone(&t), now / 1000);
         Ok(t)
     }
 
@@ -647,8 +615,7 @@ mod tests {
             let p = auth.token(token.expose()).await.unwrap();
             assert_eq!(p.client_id(), "c");
         }
-        auth.tokens.run_pending_tasks();
-        assert_eq!(auth.tokens.entry_count(), 1, "verified once, then cached");
+        assert_eq!(auth.tokens.len(), 1, "verified once, then cached");
 
         // Another string (one signature character changed) is not the cached token.
         let mut forged = token.expose().as_bytes().to_vec();
@@ -672,8 +639,7 @@ mod tests {
             AuthError::InvalidToken
         );
         assert_eq!(auth.token(token.expose()).await.unwrap().client_id(), "c");
-        auth.tokens.run_pending_tasks();
-        assert_eq!(auth.tokens.entry_count(), 1);
+        assert_eq!(auth.tokens.len(), 1);
 
         // Disable the key as the admin plane does: store first, then the cache.
         let mut key = store
