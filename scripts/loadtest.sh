@@ -32,9 +32,10 @@
 #                      second instance on CPU $PROXY_CPU driven exactly like keygate: signing on
 #                      against off in one run (target: ≥ 0.95× the req/s, p99 within 10 %)
 #   keygate-signed-rot the same, wrk rotating over its 10,000 keys (an assertion per key)
-#   base, base-rot     with BASELINE=/path/to/an/earlier/keygate: that binary, configured and
-#                      driven exactly like keygate and keygate-rot (before/after a change, in one
-#                      run); add them to CONTENDERS. BASE_FLUSH_SECS=N gives it another
+#   base, base-rot,    with BASELINE=/path/to/an/earlier/keygate: that binary, configured and
+#   base-jwt           driven exactly like keygate, keygate-rot and keygate-jwt (its own
+#                      token): before/after a change, in one run; add them to CONTENDERS.
+#                      BASE_FLUSH_SECS=N gives it another
 #                      `[store] last_used_flush_secs` (e.g. 86400 with BASELINE=the same binary:
 #                      the usage flush on against off)
 #   keygate-redis      keygate on the Redis store (`[rate_limit] mode = "local"`), one key; a
@@ -506,6 +507,8 @@ if [ -n "$KGB_PID" ]; then
   head -n1 "$WORK/base/keys.txt" >"$WORK/base-key1.txt"
   wrk_script base-one X-API-Key "$WORK/base-key1.txt"
   wrk_script base-rotate X-API-Key "$WORK/base/keys.txt"
+  printf 'Bearer %s\n' "$(cat "$WORK/base/token.txt")" >"$WORK/base-bearer.txt"
+  wrk_script base-jwt Authorization "$WORK/base-bearer.txt"
 fi
 wrk_script rotate X-API-Key "$WORK/keys.txt"
 wrk_script one-close X-API-Key "$WORK/key1.txt" / '["Connection"] = "close"'
@@ -591,6 +594,7 @@ run_wrk() { # contender, conns, duration, out
     keygate-signed-rot) port=$KGS_PORT; args=(-s "$WORK/signed-rotate.lua") ;;
     base) port=$KGB_PORT; args=(-s "$WORK/base-one.lua") ;;
     base-rot) port=$KGB_PORT; args=(-s "$WORK/base-rotate.lua") ;;
+    base-jwt) port=$KGB_PORT; args=(-s "$WORK/base-jwt.lua") ;;
     keygate-redis) port=$KGR_PORT; args=(-s "$WORK/redis-local-one.lua") ;;
     keygate-cluster) port=$KGC_PORT; args=(-s "$WORK/redis-cluster-one.lua") ;;
     keygate-credits) port=$KGCR_PORT; args=(-s "$WORK/credits-one.lua") ;;
@@ -854,7 +858,7 @@ for n in sorted({n for _, n in rows}):
                  + f"; load {ld:.0f} %)"
                  for _, q, p, o, st, ld in sorted(r["reps"])]
         print(f"- {c}: " + "; ".join(cells))
-    for now, before in (("keygate", "base"), ("keygate-rot", "base-rot")):
+    for now, before in (("keygate", "base"), ("keygate-rot", "base-rot"), ("keygate-jwt", "base-jwt")):
         a, b = rows.get((now, n)), rows.get((before, n))
         if a and b and a["rps"] and b["rps"]:
             print()
