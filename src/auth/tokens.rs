@@ -1,7 +1,7 @@
 //! The verified-token cache: SHA-256 of a token's signature segment → what the verified token
-//! says. Like the key cache, shards of hash maps behind reader-writer locks: a hit is one
-//! shared lock, one probe and one reference-count increment (no clock read, no bookkeeping of
-//! the access). Capacity is enforced per shard when a token is added: a full shard first drops
+//! says. Like the key cache (and sharded as it is: [`shard_count`], [`ShardKey`]), shards of
+//! hash maps behind reader-writer locks: a hit is one shared lock, one probe and one
+//! reference-count increment (no clock read, no bookkeeping of the access). Capacity is enforced per shard when a token is added: a full shard first drops
 //! the tokens the verifier would refuse by now, then the tenth of them that expires soonest.
 //! The caller judges expiry on every hit ([`VerifiedToken::usable_until_secs`]).
 
@@ -10,7 +10,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use uuid::Uuid;
 
-use crate::keys::cache::DigestHasher;
+use crate::keys::cache::{DigestHasher, ShardKey, shard_count};
 use crate::keys::{KeyHash, Millis};
 
 /// What a verified token says, as far as the request path needs it.
@@ -37,7 +37,7 @@ pub(super) struct TokenCache {
 impl TokenCache {
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
-        let shards = (capacity / 4096).clamp(1, 64).next_power_of_two();
+        let shards = shard_count(capacity);
         Self {
             shards: (0..shards).map(|_| RwLock::new(Shard::default())).collect(),
             per_shard: capacity.div_ceil(shards),
@@ -45,9 +45,7 @@ impl TokenCache {
     }
 
     fn shard(&self, k: &KeyHash) -> &RwLock<Shard> {
-        // Bits the map's hash (the first eight bytes) does not use.
-        let bits = usize::from(u16::from_le_bytes([k.0[8], k.0[9]]));
-        &self.shards[bits & (self.shards.len() - 1)]
+        &self.shards[k.shard_bits() & (self.shards.len() - 1)]
     }
 
     pub fn get(&self, k: &KeyHash) -> Option<Arc<VerifiedToken>> {

@@ -139,8 +139,14 @@ impl Lifetimes {
     }
 }
 
+/// How many shards a table of `capacity` entries gets: one per 4,096 entries, 1 to 64, a power
+/// of two (a shard is then picked by a mask).
+pub(crate) fn shard_count(capacity: usize) -> usize {
+    (capacity / 4096).clamp(1, 64).next_power_of_two()
+}
+
 /// Which shard a key belongs to (bits its map's hash does not use).
-trait ShardKey: Eq + Hash + Copy {
+pub(crate) trait ShardKey: Eq + Hash + Copy {
     fn shard_bits(&self) -> usize;
 }
 
@@ -168,7 +174,7 @@ struct Table<K, S> {
 impl<K: ShardKey, S: BuildHasher + Default> Table<K, S> {
     fn new(capacity: u64, lifetimes: Lifetimes) -> Self {
         let capacity = usize::try_from(capacity).unwrap_or(usize::MAX).max(1);
-        let shards = (capacity / 4096).clamp(1, 64).next_power_of_two();
+        let shards = shard_count(capacity);
         Self {
             shards: (0..shards)
                 .map(|_| RwLock::new(HashMap::default()))
