@@ -668,11 +668,10 @@ impl Store for SqliteStore {
     ) -> StoreResult<Option<ApiKey>> {
         let p = patch.clone();
         self.run(move |c| {
-            let tx = c
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(db)?;
+            let tx = c.transaction().map_err(db)?;
             // Who may change what is judged on the row as it is inside this transaction, which
-            // holds the write lock from its start: nothing changes the row in between.
+            // holds the write lock from its start (IMMEDIATE, as every transaction here):
+            // nothing changes the row in between.
             let Some(current) = key_by_id(&tx, id).map_err(db)? else {
                 return Ok(None);
             };
@@ -988,8 +987,12 @@ impl Store for SqliteStore {
         self.run(move |c| {
             c.pragma_update(None, "synchronous", "NORMAL").map_err(db)?;
             let written = write_usage(c, &usage);
-            // Admin writes go on with an fsync per commit, whatever happened above.
-            c.pragma_update(None, "synchronous", "FULL").map_err(db)?;
+            // Admin writes go on with an fsync per commit, whatever happened above. The chunk's
+            // own outcome is the answer: a chunk committed and then reported as failed would be
+            // given back to the next flush and counted twice.
+            if let Err(e) = c.pragma_update(None, "synchronous", "FULL") {
+                tracing::error!(error = %e, "SQLite: synchronous=FULL not restored after a usage flush");
+            }
             written
         })
         .await
@@ -1102,9 +1105,7 @@ impl Store for SqliteStore {
             .quota
             .map(|q| (q.client_id.to_owned(), q.quota, q.quota.per.index(now)));
         self.run_charge(move |c| {
-            let tx = c
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(db)?;
+            let tx = c.transaction().map_err(db)?;
             let stored = match cost {
                 Some(_) => credits_alert_of(&tx, &key_id).map_err(db)?,
                 None => None,
@@ -1187,9 +1188,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<CreditsWritten> {
         let write = *write;
         self.run_charge(move |c| {
-            let tx = c
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(db)?;
+            let tx = c.transaction().map_err(db)?;
             if key_by_id(&tx, key_id).map_err(db)?.is_none() {
                 return Ok(CreditsWritten::NoKey);
             }

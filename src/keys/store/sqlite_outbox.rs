@@ -113,7 +113,8 @@ pub struct SqliteOutbox {
     pruned_at: Arc<std::sync::atomic::AtomicI64>,
 }
 
-/// The store's one connection, used the way the store uses it: on tokio's blocking pool.
+/// The store's one connection, used the way the store uses it: on tokio's blocking pool. Its
+/// transactions begin IMMEDIATE (the store sets that when it opens it).
 #[derive(Clone)]
 struct Conn(Arc<Mutex<Connection>>);
 
@@ -178,9 +179,7 @@ impl Outbox for SqliteOutbox {
         let KeyRows { columns, read } = self.keys;
         self.store
             .run(move |c| {
-                let tx = c
-                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                    .map_err(db)?;
+                let tx = c.transaction().map_err(db)?;
                 let widest = EXPIRING_DAYS[0] * DAY_MS;
                 let keys = tx
                     .prepare_cached(&format!(
@@ -249,9 +248,7 @@ impl Outbox for SqliteOutbox {
         }
         self.store
             .run(move |c| {
-                let tx = c
-                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                    .map_err(db)?;
+                let tx = c.transaction().map_err(db)?;
                 if release {
                     tx.execute(
                         "UPDATE webhook_deliveries SET lease_until = NULL \
