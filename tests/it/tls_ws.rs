@@ -161,19 +161,9 @@ async fn an_upstream_signed_by_another_ca_is_a_502_with_a_clear_log_line() {
         &format!("upstream_ca = \"{}\"\n[admin]", other.ca_pem.display()),
     );
     let mut p = spawn(&text, dir.path());
-    let admin = format!("http://{}/v1/clients", p.admin);
+    let key = admin_client_key(&p.admin).await;
     let c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
-    let req = http::Request::post(admin)
-        .header("x-admin-key", ADMIN_KEY)
-        .body(Full::new(Bytes::from(
-            json!({"client_id": "acme", "license": "pro"}).to_string(),
-        )))
-        .unwrap();
-    let res = c.request(req).await.unwrap();
-    let body: serde_json::Value =
-        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
-    let key = body["api_key"]["key"].as_str().unwrap().to_owned();
     let req = http::Request::get(format!("http://{}/x", p.proxy))
         .header("authorization", format!("Bearer {key}"))
         .body(Full::new(Bytes::new()))
@@ -235,13 +225,19 @@ async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
     String::from_utf8(head).unwrap()
 }
 
+/// A client configuration offering HTTP/1.1 only; connections made with the same one share
+/// its session cache (a reconnection may resume).
+fn h1_client_tls(ca_der: &[u8]) -> Arc<rustls::ClientConfig> {
+    let mut cfg = client_tls(ca_der);
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(cfg)
+}
+
 async fn tls_connect(
     addr: &std::net::SocketAddr,
     ca_der: &[u8],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let mut cfg = client_tls(ca_der);
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tls_connect_with(addr, Arc::new(cfg)).await
+    tls_connect_with(addr, h1_client_tls(ca_der)).await
 }
 
 /// A TLS connection with `cfg` (its session cache: a second connection may resume).
@@ -276,15 +272,10 @@ async fn tls_sessions_resume_past_the_session_cache() {
         config_text(&upstream.url(), &dir.path().join("k.db"), ""),
         &pki,
     );
-    let p = spawn(&text, dir.path());
-    let key = admin_client_key(&p.admin).await;
-    let client = |_| {
-        let mut cfg = client_tls(&pki.ca_der);
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Arc::new(cfg)
-    };
-    let first = client(0);
-    let mut s = tls_connect_with(&p.proxy, Arc::clone(&first)).await;
+    let gw = Gateway::start_from(upstream, dir, &text).await;
+    let (key, _) = gw.client("acme", "pro").await;
+    let first = h1_client_tls(&pki.ca_der);
+    let mut s = tls_connect_with(&gw.proxy, Arc::clone(&first)).await;
     assert!(tls_get(&mut s, &key).await.contains("200"));
     assert_eq!(
         s.get_ref().1.handshake_kind(),
@@ -292,11 +283,11 @@ async fn tls_sessions_resume_past_the_session_cache() {
     );
     drop(s);
     // 200 other clients, one connection and one request each (their tickets read).
-    for i in 1..=200 {
-        let mut other = tls_connect_with(&p.proxy, client(i)).await;
+    for _ in 0..200 {
+        let mut other = tls_connect_with(&gw.proxy, h1_client_tls(&pki.ca_der)).await;
         assert!(tls_get(&mut other, &key).await.contains("200"));
     }
-    let mut again = tls_connect_with(&p.proxy, first).await;
+    let mut again = tls_connect_with(&gw.proxy, first).await;
     assert_eq!(
         again.get_ref().1.handshake_kind(),
         Some(rustls::HandshakeKind::Resumed),
