@@ -80,6 +80,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+# free_port, wait_port, nginx_conf, keyauth_maps, keyauth_location
+. scripts/lib/bench.sh
 
 REPS=${REPS:-5}
 DURATION=${DURATION:-10}
@@ -158,19 +160,6 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
   -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
   -keyout "$WORK/tls.key" -out "$WORK/tls.crt" 2>/dev/null
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
-wait_port() { # port, what
-  for _ in $(seq 100); do
-    if python3 -c "import socket,sys; s=socket.socket(); s.settimeout(0.2); sys.exit(s.connect_ex(('127.0.0.1',$1)))" 2>/dev/null; then
-      return 0
-    fi
-    sleep 0.1
-  done
-  echo "loadtest: $2 did not start on port $1" >&2
-  exit 1
-}
 
 UP_PORT=$(free_port)
 NG_PLAIN_PORT=$(free_port)
@@ -196,28 +185,6 @@ REDIS_PORT=$(free_port)
 ADMIN_KEY=loadtest-admin-$(python3 -c 'import secrets; print(secrets.token_hex(16))')
 JWT_SECRET=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
 
-nginx_conf() { # name, http-block body
-  mkdir -p "$WORK/$1"
-  cat >"$WORK/$1/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/$1/nginx.pid;
-error_log $WORK/$1/error.log warn;
-worker_rlimit_nofile 65536;
-events { worker_connections 32768; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/$1/body;
-  proxy_temp_path $WORK/$1/proxy;
-  fastcgi_temp_path $WORK/$1/fastcgi;
-  uwsgi_temp_path $WORK/$1/uwsgi;
-  scgi_temp_path $WORK/$1/scgi;
-  keepalive_requests 100000000;
-  keepalive_timeout 300s;
-$2
-}
-EOF
-}
 declare -A MASTER
 start_nginx() { # name, cpu
   taskset -c "$2" "$NGINX" -p "$WORK/$1" -c "$WORK/$1/nginx.conf" -e "$WORK/$1/error.log" &
@@ -390,12 +357,7 @@ PROXY_COMMON="proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Con
 nginx_conf nginx-plain "$UPSTREAM_BLOCK
   server { listen 127.0.0.1:$NG_PLAIN_PORT; location / { $PROXY_COMMON } }"
 nginx_conf nginx-keyauth "$UPSTREAM_BLOCK
-  map_hash_max_size 262144;
-  map_hash_bucket_size 256;
-  map \$http_x_api_key \$client_id { default \"\"; include $WORK/keys.map; }
-  map \$client_id \$limit_key { default \$http_x_api_key; \"\" \"\"; }
-  limit_req_zone \$limit_key zone=perkey:16m rate=100000000r/s;
-  limit_req_status 429;
+$(keyauth_maps "$WORK/keys.map")
   server {
     listen 127.0.0.1:$NG_AUTH_PORT;
     listen 127.0.0.1:$NG_AUTH_TLS_PORT ssl http2;
@@ -406,13 +368,7 @@ nginx_conf nginx-keyauth "$UPSTREAM_BLOCK
     ssl_session_cache shared:TLS:10m;
     ssl_session_tickets on;
     http2_max_concurrent_streams 128;
-    location / {
-      if (\$client_id = \"\") { return 401; }
-      limit_req zone=perkey burst=1000000 nodelay;
-      proxy_set_header X-API-Key \"\";
-      proxy_set_header X-Keygate-Client-Id \$client_id;
-      $PROXY_COMMON
-    }
+$(keyauth_location)
   }"
 # The recipe of examples/forward-auth/nginx.conf, without the refusal mapping (nothing is
 # refused here).

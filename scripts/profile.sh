@@ -19,6 +19,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+# free_port, wait_port, nginx_conf, keyauth_maps, keyauth_location
+. scripts/lib/bench.sh
 MODE=${MODE:-one}
 DURATION=${DURATION:-10}
 WARM=${WARM:-2}
@@ -58,44 +60,12 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
-wait_port() {
-  for _ in $(seq 100); do
-    python3 -c "import socket,sys; s=socket.socket(); s.settimeout(0.2); sys.exit(s.connect_ex(('127.0.0.1',$1)))" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "profile: nothing listens on port $1" >&2
-  exit 1
-}
 UP_PORT=$(free_port)
 KG_PORT=$(free_port)
 ADMIN_PORT=$(free_port)
 ADMIN_KEY=profile-admin-$(python3 -c 'import secrets; print(secrets.token_hex(16))')
 
 # An nginx configuration in $WORK/$1 with the http-block body $2 (one worker, no access log).
-nginx_conf() {
-  mkdir -p "$WORK/$1"
-  cat >"$WORK/$1/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/$1/nginx.pid;
-error_log $WORK/$1/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/$1/body;
-  proxy_temp_path $WORK/$1/proxy;
-  fastcgi_temp_path $WORK/$1/fastcgi;
-  uwsgi_temp_path $WORK/$1/uwsgi;
-  scgi_temp_path $WORK/$1/scgi;
-  keepalive_requests 100000000;
-  keepalive_timeout 300s;
-$2
-}
-EOF
-}
 mkdir -p "$OUTDIR"
 nginx_conf up "  server { listen 127.0.0.1:$UP_PORT; location / { return 200 \"ok\\n\"; } }"
 taskset -c "$LOAD_CPU" "$NGINX" -p "$WORK/up" -c "$WORK/up/nginx.conf" -e "$WORK/up/error.log" &
@@ -159,21 +129,10 @@ keys = [l.strip() for l in open('$WORK/keys.txt')]
 open('$WORK/keys.map', 'w').write(''.join(f'{k} c{i};\n' for i, k in enumerate(keys)))"
   NG_PORT=$(free_port)
   nginx_conf ng "  upstream up { server 127.0.0.1:$UP_PORT; keepalive 256; }
-  map_hash_max_size 262144;
-  map_hash_bucket_size 256;
-  map \$http_x_api_key \$client_id { default \"\"; include $WORK/keys.map; }
-  map \$client_id \$limit_key { default \$http_x_api_key; \"\" \"\"; }
-  limit_req_zone \$limit_key zone=perkey:16m rate=100000000r/s;
-  limit_req_status 429;
+$(keyauth_maps "$WORK/keys.map")
   server {
     listen 127.0.0.1:$NG_PORT;
-    location / {
-      if (\$client_id = \"\") { return 401; }
-      limit_req zone=perkey burst=1000000 nodelay;
-      proxy_set_header X-API-Key \"\";
-      proxy_set_header X-Keygate-Client-Id \$client_id;
-      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";
-    }
+$(keyauth_location)
   }"
   taskset -c "$PROXY_CPU" "$NGINX" -p "$WORK/ng" -c "$WORK/ng/nginx.conf" -e "$WORK/ng/error.log" &
   PIDS+=($!)

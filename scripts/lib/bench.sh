@@ -1,0 +1,70 @@
+# Shared by scripts/loadtest.sh and scripts/profile.sh (sourced, not run): free loopback ports,
+# waiting for a listener, and the nginx configurations both measure keygate against, so that
+# "nginx-keyauth" is the same nginx in both. Needs $WORK (the scratch directory) when called.
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_port() { # port[, what]
+  for _ in $(seq 100); do
+    if python3 -c "import socket,sys; s=socket.socket(); s.settimeout(0.2); sys.exit(s.connect_ex(('127.0.0.1',$1)))" 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "$(basename "$0"): ${2:-nothing} did not start on port $1" >&2
+  exit 1
+}
+
+# $WORK/<name>/nginx.conf: one worker, no logs, keep-alive without limits; $2 is the body of
+# the http block.
+nginx_conf() { # name, http-block body
+  mkdir -p "$WORK/$1"
+  cat >"$WORK/$1/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $WORK/$1/nginx.pid;
+error_log $WORK/$1/error.log warn;
+worker_rlimit_nofile 65536;
+events { worker_connections 32768; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/$1/body;
+  proxy_temp_path $WORK/$1/proxy;
+  fastcgi_temp_path $WORK/$1/fastcgi;
+  uwsgi_temp_path $WORK/$1/uwsgi;
+  scgi_temp_path $WORK/$1/scgi;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+$2
+}
+NGINX
+}
+
+# nginx-keyauth's http-block lines: X-API-Key looked up in a `map` of the keys in $1 (lines
+# "key client-id;"), a `limit_req` zone per key (never reached).
+keyauth_maps() { # keys.map
+  cat <<NGINX
+  map_hash_max_size 262144;
+  map_hash_bucket_size 256;
+  map \$http_x_api_key \$client_id { default ""; include $1; }
+  map \$client_id \$limit_key { default \$http_x_api_key; "" ""; }
+  limit_req_zone \$limit_key zone=perkey:16m rate=100000000r/s;
+  limit_req_status 429;
+NGINX
+}
+
+# nginx-keyauth's location: unknown key 401, the limit, the key removed and the client id
+# added, proxied to the upstream block `up` over keep-alive.
+keyauth_location() {
+  cat <<'NGINX'
+    location / {
+      if ($client_id = "") { return 401; }
+      limit_req zone=perkey burst=1000000 nodelay;
+      proxy_set_header X-API-Key "";
+      proxy_set_header X-Keygate-Client-Id $client_id;
+      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
+    }
+NGINX
+}
