@@ -7,6 +7,7 @@
 //! ([`error::ProxyError::response`]).
 
 pub mod codec;
+pub mod deadline;
 pub mod error;
 pub mod h1;
 pub mod headers;

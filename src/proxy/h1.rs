@@ -20,6 +20,7 @@
 //! ends its connection: the answer says `Connection: close`, the write side is shut, and what
 //! the client still sends is read and dropped for a moment so the answer is not lost to a reset.
 
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,9 +28,11 @@ use http::uri::Scheme;
 use http::{Method, Response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
+use tokio::time::Sleep;
 
 use super::codec::head::{self, Field, Framing, Parsed, RequestHead, ResponseHead};
 use super::codec::wire::{self, BodyOut, Out};
+use super::deadline;
 use super::policy::{self, RequestView, Routed};
 use super::upstream::{BodyReader, BodySource, Conn, Exchange, Step};
 use super::{ConnInfo, Gateway, Outcome};
@@ -106,8 +109,10 @@ pub async fn serve<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
+    let timer = std::pin::pin!(deadline::timer());
     let mut c = Client {
         io,
+        timer,
         buf: Vec::new(),
         start: 0,
         end: 0,
@@ -170,6 +175,8 @@ enum HeadRead {
 
 struct Client<'c, I> {
     io: &'c mut I,
+    /// The connection's timer: the wait for each request head.
+    timer: Pin<&'c mut Sleep>,
     /// `buf[start..end]`: read from the client and not yet consumed.
     buf: Vec<u8>,
     start: usize,
@@ -227,11 +234,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
                     self.buf.resize(len.max(self.buf.len() + 1), 0);
                 }
             }
-            let deadline = *deadline
-                .get_or_insert_with(|| tokio::time::Instant::now() + st.header_read_timeout);
             let idle = self.start == self.end;
-            let read =
-                tokio::time::timeout_at(deadline, read_into(self.io, &mut self.buf, self.end));
+            let limit = st.header_read_timeout;
+            let read = deadline::on_timer(
+                self.timer.as_mut(),
+                || *deadline.get_or_insert_with(|| tokio::time::Instant::now() + limit),
+                read_into(self.io, &mut self.buf, self.end),
+            );
             let got = if idle {
                 tokio::select! {
                     biased;
@@ -389,6 +398,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
                 &self.out,
                 &mut body,
                 &head.method,
+                sent,
                 deadline,
                 &mut self.ufields,
             )
@@ -411,7 +421,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
                 return Err(e.into());
             }
         };
-        let upstream_time = sent.elapsed();
+        let answered = Instant::now();
+        let upstream_time = answered - sent;
         outcome.upstream = Some(upstream_time);
         gw.metrics.upstream_latency.observe(upstream_time);
 
@@ -445,7 +456,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
                 let bodiless = res.framing == Framing::Empty;
                 if at_boundary && body_sent && res.keep_alive && !bodiless {
                     uc.end = 0;
-                    gw.upstreams.pool.put(authority, uc);
+                    gw.upstreams.pool.put(authority, uc, answered);
                 }
                 Ok(Relayed {
                     status: res.status,
@@ -761,13 +772,13 @@ async fn write_client<I: AsyncWrite + Unpin>(
 ) -> Result<(), &'static str> {
     let mut written = 0;
     while written < data.len() {
-        match tokio::time::timeout(timeout, io.write(&data[written..])).await {
+        match deadline::within(timeout, io.write(&data[written..])).await {
             Ok(Ok(n)) if n > 0 => written += n,
             Ok(_) => return Err("client write failed"),
             Err(_) => return Err("client stopped reading"),
         }
     }
-    match tokio::time::timeout(timeout, io.flush()).await {
+    match deadline::within(timeout, io.flush()).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err("client write failed"),
         Err(_) => Err("client stopped reading"),

@@ -278,7 +278,8 @@ impl Gateway {
                 body: body_out,
             },
         );
-        let deadline = tokio::time::Instant::now() + self.upstreams.timeout;
+        let sent = Instant::now();
+        let deadline = tokio::time::Instant::from_std(sent + self.upstreams.timeout);
         let mut source = StreamedBody {
             body,
             chunked: body_out == BodyOut::Chunked,
@@ -302,6 +303,7 @@ impl Gateway {
                 &out,
                 &mut source,
                 &parts.method,
+                sent,
                 deadline,
                 &mut fields,
             )
@@ -578,7 +580,7 @@ impl Relay {
             && self.reader.at_boundary(&uc)
         {
             uc.end = 0;
-            self.pool.put(&self.authority, uc);
+            self.pool.put(&self.authority, uc, Instant::now());
         }
     }
 }

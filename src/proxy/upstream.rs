@@ -17,6 +17,7 @@
 //! none.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -24,9 +25,11 @@ use std::time::{Duration, Instant};
 use http::Method;
 use http::uri::Authority;
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 use super::codec::chunked::{self, Decoder};
 use super::codec::head::{self, Field, Framing, ResponseHead};
+use super::deadline;
 use crate::proxy::error::ProxyError;
 use crate::route::Route;
 
@@ -48,6 +51,9 @@ pub struct Conn {
     /// Taken from the pool (it may have been closed by the upstream since).
     pub reused: bool,
     since: Instant,
+    /// The connection's timer: the wait for each response head (on the heap: the connection
+    /// moves in and out of the pool, the timer may not move).
+    timer: Pin<Box<Sleep>>,
 }
 
 impl Conn {
@@ -58,12 +64,13 @@ impl Conn {
             end: 0,
             reused: false,
             since: Instant::now(),
+            timer: Box::pin(deadline::timer()),
         }
     }
 
-    /// Not idle for too long and not closed (nor written to) by its upstream since.
-    fn usable(&self) -> bool {
-        self.since.elapsed() <= IDLE_TIMEOUT && self.still_idle()
+    /// Not idle for too long at `now` and not closed (nor written to) by its upstream since.
+    fn usable(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.since) <= IDLE_TIMEOUT && self.still_idle()
     }
 
     /// True when the upstream has neither closed the idle connection nor sent anything on it.
@@ -104,16 +111,16 @@ impl Pool {
         }
     }
 
-    /// The most recently returned idle connection that is still usable (checked outside the
-    /// lock; dead ones are dropped outside it too).
-    pub fn take(&self, authority: &Authority) -> Option<Conn> {
+    /// The most recently returned idle connection that is still usable at `now` (checked
+    /// outside the lock; dead ones are dropped outside it too).
+    pub fn take(&self, authority: &Authority, now: Instant) -> Option<Conn> {
         loop {
             let mut c = {
                 let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
                 let (_, idle) = hosts.iter_mut().find(|(a, _)| a == authority)?;
                 idle.pop()?
             };
-            if c.usable() {
+            if c.usable(now) {
                 c.reused = true;
                 return Some(c);
             }
@@ -123,21 +130,23 @@ impl Pool {
     /// Drops connections idle for too long or closed by their upstream (called periodically,
     /// so sockets do not linger in CLOSE_WAIT once traffic stops).
     pub fn sweep(&self) {
+        let now = Instant::now();
         let mut dead = Vec::new();
         {
             let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
             for (_, idle) in hosts.iter_mut() {
-                dead.extend(idle.extract_if(.., |c| !c.usable()));
+                dead.extend(idle.extract_if(.., |c| !c.usable(now)));
             }
         }
         // Closed here, outside the lock.
         drop(dead);
     }
 
-    /// Gives a connection back after an exchange that ended at a message boundary.
-    pub fn put(&self, authority: &Authority, mut conn: Conn) {
+    /// Gives a connection back after an exchange that ended at a message boundary; it is
+    /// idle from `now` (the end of the exchange or, as the fast path passes it, the arrival of
+    /// the response: a little earlier, so it is dropped a little sooner, never later).
+    pub fn put(&self, authority: &Authority, mut conn: Conn, now: Instant) {
         debug_assert_eq!(conn.end, 0);
-        let now = Instant::now();
         conn.since = now;
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
         let idle = match hosts.iter().position(|(a, _)| a == authority) {
@@ -367,7 +376,7 @@ pub struct Exchange {
 impl Pool {
     /// Sends `head` (the request head and whatever body bytes are in memory) and the rest of
     /// `body` on a pooled or new connection, and reads the response head (its fields into
-    /// `fields`), with the retry rule of this module.
+    /// `fields`), with the retry rule of this module. `sent`: now, as the caller read it.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn exchange(
         &self,
@@ -376,12 +385,17 @@ impl Pool {
         head: &[u8],
         body: &mut impl BodySource,
         method: &Method,
+        sent: Instant,
         deadline: tokio::time::Instant,
         fields: &mut Vec<Field>,
     ) -> Result<Exchange, ProxyError> {
         let mut retried = false;
         loop {
-            let pooled = if retried { None } else { self.take(authority) };
+            let pooled = if retried {
+                None
+            } else {
+                self.take(authority, sent)
+            };
             let mut uc = match pooled {
                 Some(c) => c,
                 None => match tokio::time::timeout_at(deadline, self.connect(authority)).await {
@@ -459,7 +473,7 @@ async fn write_all(
     use tokio::io::AsyncWriteExt;
     let mut written = 0;
     while written < data.len() {
-        match tokio::time::timeout_at(deadline, io.write(&data[written..])).await {
+        match deadline::until(deadline, io.write(&data[written..])).await {
             Err(_) => return Err(WriteError::Timeout),
             Ok(Ok(0)) => {
                 return Err(WriteError::Io {
@@ -520,7 +534,8 @@ async fn read_response(
                 uc.buf.resize(len, 0);
             }
         }
-        match tokio::time::timeout_at(deadline, uc.io.read(&mut uc.buf[uc.end..])).await {
+        let read = uc.io.read(&mut uc.buf[uc.end..]);
+        match deadline::on_timer(uc.timer.as_mut(), || deadline, read).await {
             Err(_) => return Err(ReadError::Timeout),
             Ok(Ok(0)) if !received => return Err(ReadError::Closed),
             Ok(Ok(0)) => return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into())),
@@ -635,7 +650,7 @@ impl BodyReader {
             Framing::Length(_) => self.left.min(uc.buf.len() as u64) as usize,
             _ => uc.buf.len(),
         };
-        match tokio::time::timeout(idle, uc.io.read(&mut uc.buf[..want])).await {
+        match deadline::within(idle, uc.io.read(&mut uc.buf[..want])).await {
             Ok(Ok(0)) if self.framing == Framing::Close => {
                 // Ended by closing (the connection is not reusable).
                 self.done = true;

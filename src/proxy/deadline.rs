@@ -1,0 +1,157 @@
+//! Timeouts on the data plane without a timer per operation.
+//!
+//! Most reads and writes of an exchange finish on their first poll: the bytes are there, the
+//! socket has room. `tokio::time::timeout` around each would still read the clock and build a
+//! timer for it, and every wait that arms one registers it in the runtime's timer wheel and
+//! takes it out again, each under the wheel's lock. Here the operation is polled once first and
+//! only a wait arms a timer ([`within`], [`until`]); and the waits of one connection reuse one
+//! timer of that connection ([`on_timer`]): moving a registered timer's deadline later is a
+//! store, not a new registration.
+
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
+
+/// The deadline passed before the operation finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimedOut;
+
+/// Polls `fut` once: its output if it finished, `None` if it has to wait (its waker is then
+/// registered like any poll's).
+async fn first_poll<F: Future>(mut fut: Pin<&mut F>) -> Option<F::Output> {
+    poll_fn(|cx| match fut.as_mut().poll(cx) {
+        Poll::Ready(out) => Poll::Ready(Some(out)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+/// `fut`, bounded by `limit` from the moment it first has to wait.
+pub async fn within<F: Future>(limit: Duration, fut: F) -> Result<F::Output, TimedOut> {
+    let mut fut = pin!(fut);
+    if let Some(out) = first_poll(fut.as_mut()).await {
+        return Ok(out);
+    }
+    tokio::time::timeout(limit, fut).await.map_err(|_| TimedOut)
+}
+
+/// `fut`, bounded by `deadline`.
+pub async fn until<F: Future>(deadline: Instant, fut: F) -> Result<F::Output, TimedOut> {
+    let mut fut = pin!(fut);
+    if let Some(out) = first_poll(fut.as_mut()).await {
+        return Ok(out);
+    }
+    tokio::time::timeout_at(deadline, fut)
+        .await
+        .map_err(|_| TimedOut)
+}
+
+/// `fut`, bounded by the deadline `deadline()` gives (asked only if `fut` has to wait), on the
+/// connection's own `timer`.
+pub async fn on_timer<F: Future>(
+    mut timer: Pin<&mut Sleep>,
+    deadline: impl FnOnce() -> Instant,
+    fut: F,
+) -> Result<F::Output, TimedOut> {
+    let mut fut = pin!(fut);
+    if let Some(out) = first_poll(fut.as_mut()).await {
+        return Ok(out);
+    }
+    let deadline = deadline();
+    if timer.deadline() != deadline {
+        timer.as_mut().reset(deadline);
+    }
+    tokio::select! {
+        biased;
+        out = fut => Ok(out),
+        () = timer => Err(TimedOut),
+    }
+}
+
+/// A connection's timer, not armed until [`on_timer`] first waits on it.
+pub fn timer() -> Sleep {
+    tokio::time::sleep_until(Instant::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ready on the `n`th poll (waking itself each time before that).
+    struct ReadyAfter(u32);
+
+    impl Future for ReadyAfter {
+        type Output = u32;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<u32> {
+            if self.0 <= 1 {
+                return Poll::Ready(7);
+            }
+            self.0 -= 1;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_finished_operation_needs_no_timer_and_a_waiting_one_times_out() {
+        assert_eq!(within(Duration::ZERO, ReadyAfter(1)).await, Ok(7));
+        assert_eq!(within(Duration::from_secs(1), ReadyAfter(3)).await, Ok(7));
+        let never = std::future::pending::<()>();
+        let started = Instant::now();
+        assert_eq!(within(Duration::from_secs(5), never).await, Err(TimedOut));
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        let at = Instant::now() + Duration::from_secs(2);
+        assert_eq!(until(at, std::future::pending::<()>()).await, Err(TimedOut));
+        assert_eq!(Instant::now(), at);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_timer_serves_many_waits_with_their_own_deadlines() {
+        let mut timer = pin!(timer());
+        // A later deadline each time (the keep-alive case), then an earlier one.
+        for secs in [3, 10, 4, 1] {
+            let started = Instant::now();
+            let waited = on_timer(
+                timer.as_mut(),
+                || started + Duration::from_secs(secs),
+                std::future::pending::<()>(),
+            )
+            .await;
+            assert_eq!(waited, Err(TimedOut));
+            assert_eq!(started.elapsed(), Duration::from_secs(secs));
+        }
+        // A wait that ends before its deadline leaves the timer armed; the next wait, with a
+        // later deadline, still times out at its own.
+        let started = Instant::now();
+        let got = on_timer(
+            timer.as_mut(),
+            || started + Duration::from_secs(60),
+            tokio::time::sleep(Duration::from_secs(1)),
+        )
+        .await;
+        assert_eq!(got, Ok(()));
+        let again = Instant::now();
+        let waited = on_timer(
+            timer.as_mut(),
+            || again + Duration::from_secs(90),
+            std::future::pending::<()>(),
+        )
+        .await;
+        assert_eq!(waited, Err(TimedOut));
+        assert_eq!(again.elapsed(), Duration::from_secs(90));
+        // The deadline function is not asked when the operation finishes at once.
+        let got = on_timer(timer.as_mut(), || panic!("no wait, no deadline"), async {
+            1
+        })
+        .await;
+        assert_eq!(got, Ok(1));
+        // A deadline already past: the wait times out at once.
+        let past = Instant::now();
+        tokio::time::advance(Duration::from_millis(5)).await;
+        let waited = on_timer(timer.as_mut(), || past, std::future::pending::<()>()).await;
+        assert_eq!(waited, Err(TimedOut));
+    }
+}
