@@ -19,10 +19,17 @@
 //!   connection as before; and the one block the exchange's state is now allocated in per
 //!   request.
 //!
+//! - a timeout around a read or write of the data plane: `tokio::time::timeout` (a clock read
+//!   and a timer per operation, registered in the timer wheel and taken out again when the
+//!   operation waits) vs `deadline::within` (polled once before any timer) and, for the head
+//!   waits of a keep-alive connection, `deadline::on_timer` (one timer per connection, its
+//!   deadline moved).
+//!
 //! Run: `cargo bench --bench structures`.
 
 mod common;
 
+use std::future::Future;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
@@ -474,12 +481,68 @@ fn connection_buffers(c: &mut Criterion) {
     g.finish();
 }
 
+/// `n` awaits of `op()` on a current-thread runtime, timed inside it.
+fn awaited<F: std::future::Future>(
+    rt: &tokio::runtime::Runtime,
+    n: u64,
+    mut op: impl FnMut() -> F,
+) -> Duration {
+    rt.block_on(async {
+        let started = std::time::Instant::now();
+        for _ in 0..n {
+            black_box(op().await);
+        }
+        started.elapsed()
+    })
+}
+
+fn timeouts(c: &mut Criterion) {
+    use keygate::proxy::deadline;
+    const LIMIT: Duration = Duration::from_secs(30);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut g = c.benchmark_group("timeouts");
+    // An operation that finishes on its first poll (a write with room, a read with bytes).
+    g.bench_function("ready_tokio_timeout", |b| {
+        b.iter_custom(|n| {
+            awaited(&rt, n, || {
+                tokio::time::timeout(LIMIT, std::future::ready(1u8))
+            })
+        })
+    });
+    g.bench_function("ready_within", |b| {
+        b.iter_custom(|n| awaited(&rt, n, || deadline::within(LIMIT, std::future::ready(1u8))))
+    });
+    // The timer of an operation that waits (a read before its bytes arrive): a new timer
+    // armed (registered in the wheel on its first poll) and dropped (taken out) per wait, vs the
+    // connection's one timer, its deadline moved later and polled.
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    g.bench_function("waiting_timer_per_wait", |b| {
+        let _rt = rt.enter();
+        b.iter(|| {
+            let mut sleep = std::pin::pin!(tokio::time::sleep(LIMIT));
+            black_box(sleep.as_mut().poll(&mut cx).is_pending());
+        })
+    });
+    g.bench_function("waiting_one_timer_moved", |b| {
+        let _rt = rt.enter();
+        let mut timer = std::pin::pin!(deadline::timer());
+        b.iter(|| {
+            timer.as_mut().reset(tokio::time::Instant::now() + LIMIT);
+            black_box(timer.as_mut().poll(&mut cx).is_pending());
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = structures;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
     targets = moka_hashers, limiters, number_headers, header_rewriting, head_to_upstream, cors_fields,
-        connection_buffers
+        connection_buffers, timeouts
 }
 criterion_main!(structures);
