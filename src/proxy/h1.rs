@@ -19,6 +19,11 @@
 //! A request whose body was not read to its end (refused, or answered early by the upstream)
 //! ends its connection: the answer says `Connection: close`, the write side is shut, and what
 //! the client still sends is read and dropped for a moment so the answer is not lost to a reset.
+//! So does any close the client did not ask for (the listener draining, a broken exchange) or
+//! that leaves bytes of its unread. A connection the client asked to close (`Connection: close`)
+//! whose input was read to the end of that request is closed as soon as its answer is written:
+//! what could still arrive (a TLS client's close_notify) comes after the client read the
+//! answer, and waiting for it would cost a wakeup and hold the connection for nothing.
 
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -72,7 +77,10 @@ pub enum End {
 
 enum Next {
     KeepAlive,
-    Close,
+    /// `linger`: the client may still be sending (see the module's notes).
+    Close {
+        linger: bool,
+    },
     Handover,
 }
 
@@ -151,8 +159,12 @@ where
                 served += 1;
                 c.rest();
             }
-            Next::Close => {
+            Next::Close { linger: true } => {
                 c.linger().await;
+                return End::Closed;
+            }
+            Next::Close { linger: false } => {
+                let _ = tokio::time::timeout(LINGER, c.io.shutdown()).await;
                 return End::Closed;
             }
             Next::Handover => {
@@ -296,7 +308,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         let path = head.path(&self.buf[self.start..self.end]);
         gw.finish(&head.method, path, &outcome, status, started, conn);
         if close {
-            return Next::Close;
+            let all_read = self.unread == 0 && self.end == body_at + self.body_in_buf;
+            return Next::Close {
+                linger: !(head.close && all_read),
+            };
         }
         self.start = body_at + self.body_in_buf;
         if self.start == self.end {

@@ -289,6 +289,69 @@ async fn gateway_answers_keep_the_connection_unless_a_body_is_left_unread() {
     assert_eq!(script.seen().len(), 1);
 }
 
+/// What a client that keeps writing after the gateway ended the connection sees once the
+/// answer and the end of the stream are read: `true` when its bytes were answered with a reset
+/// (the gateway's socket is closed), `false` when they were read and dropped (it lingers).
+async fn reset_after_close(c: &mut crate::scripted::Raw) -> bool {
+    assert!(
+        c.closes(Duration::from_secs(3)).await,
+        "the gateway ends the connection"
+    );
+    for _ in 0..20 {
+        if c.s.write_all(b"more").await.is_err() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut one = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(20), c.s.read(&mut one)).await {
+            Ok(Err(e)) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(Ok(_)) | Err(_) => {}
+        }
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_close_the_client_asked_for_is_immediate_and_unread_input_still_lingers() {
+    let (gw, _script, key) = setup("").await;
+    // Connection: close, the request read whole: the socket is closed right after the answer
+    // (no wakeup for the client's last bytes, a TLS close_notify: they get a reset).
+    let mut c = Raw::connect(gw.proxy).await;
+    c.send(
+        format!("GET /ok HTTP/1.1\r\nHost: g\r\nX-API-Key: {key}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    let a = c.read("GET").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("connection").as_deref(), Some("close"));
+    assert!(reset_after_close(&mut c).await, "closed at once");
+    // A refused Connection: close request whose body arrived whole: the same.
+    let mut c = Raw::connect(gw.proxy).await;
+    c.send(b"POST /ok HTTP/1.1\r\nHost: g\r\nConnection: close\r\nContent-Length: 4\r\n\r\nbody")
+        .await;
+    assert_eq!(c.read("POST").await.status, 401);
+    assert!(reset_after_close(&mut c).await, "closed at once");
+    // The body still to come: the gateway reads and drops what follows for a moment, so the
+    // answer is not lost to a reset.
+    let mut c = Raw::connect(gw.proxy).await;
+    c.send(
+        b"POST /ok HTTP/1.1\r\nHost: g\r\nConnection: close\r\nContent-Length: 100000\r\n\r\nabc",
+    )
+    .await;
+    assert_eq!(c.read("POST").await.status, 401);
+    assert!(!reset_after_close(&mut c).await, "lingers");
+    // Another request sent behind the one asking to close: lingers too.
+    let mut c = Raw::connect(gw.proxy).await;
+    let mut two =
+        format!("GET /ok HTTP/1.1\r\nHost: g\r\nX-API-Key: {key}\r\nConnection: close\r\n\r\n")
+            .into_bytes();
+    two.extend_from_slice(&get("/ok", &key));
+    c.send(&two).await;
+    assert_eq!(c.read("GET").await.status, 200);
+    assert!(!reset_after_close(&mut c).await, "lingers");
+}
+
 #[tokio::test]
 async fn a_stalled_body_is_answered_408_and_an_early_answer_ends_the_connection() {
     let (gw, script, key) = setup("[limits]\nbody_timeout_secs = 1\n").await;
