@@ -303,9 +303,9 @@ async fn reset_after_close(c: &mut crate::scripted::Raw) -> bool {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
         let mut one = [0u8; 1];
-        match tokio::time::timeout(Duration::from_millis(20), c.s.read(&mut one)).await {
-            Ok(Err(e)) => return e.kind() == std::io::ErrorKind::ConnectionReset,
-            Ok(Ok(_)) | Err(_) => {}
+        let read = tokio::time::timeout(Duration::from_millis(20), c.s.read(&mut one)).await;
+        if let Ok(Err(e)) = read {
+            return e.kind() == std::io::ErrorKind::ConnectionReset;
         }
     }
     false
