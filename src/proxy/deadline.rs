@@ -31,20 +31,25 @@ async fn first_poll<F: Future>(mut fut: Pin<&mut F>) -> Option<F::Output> {
 
 /// `fut`, bounded by `limit` from the moment it first has to wait.
 pub async fn within<F: Future>(limit: Duration, fut: F) -> Result<F::Output, TimedOut> {
-    let mut fut = pin!(fut);
-    if let Some(out) = first_poll(fut.as_mut()).await {
-        return Ok(out);
-    }
-    tokio::time::timeout(limit, fut).await.map_err(|_| TimedOut)
+    bounded(|| Instant::now() + limit, fut).await
 }
 
 /// `fut`, bounded by `deadline`.
 pub async fn until<F: Future>(deadline: Instant, fut: F) -> Result<F::Output, TimedOut> {
+    bounded(|| deadline, fut).await
+}
+
+/// `fut`, bounded by the deadline `deadline()` gives, asked (and a timer made) only if `fut`
+/// has to wait.
+async fn bounded<F: Future>(
+    deadline: impl FnOnce() -> Instant,
+    fut: F,
+) -> Result<F::Output, TimedOut> {
     let mut fut = pin!(fut);
     if let Some(out) = first_poll(fut.as_mut()).await {
         return Ok(out);
     }
-    tokio::time::timeout_at(deadline, fut)
+    tokio::time::timeout_at(deadline(), fut)
         .await
         .map_err(|_| TimedOut)
 }
@@ -96,7 +101,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_finished_operation_needs_no_timer_and_a_waiting_one_times_out() {
+    async fn an_operation_finishes_or_times_out_at_its_limit() {
         assert_eq!(within(Duration::ZERO, ReadyAfter(1)).await, Ok(7));
         assert_eq!(within(Duration::from_secs(1), ReadyAfter(3)).await, Ok(7));
         let never = std::future::pending::<()>();
