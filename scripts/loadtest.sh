@@ -52,6 +52,11 @@
 #                      `[proxy] tls_cert/tls_key`), wrk over https, keep-alive, one key
 #   keygate-tls-new    the same with a new connection per request (`Connection: close`; wrk
 #                      keeps the session of the previous connection: TLS resumption)
+#   keygate-tls-new-busy
+#                      keygate-tls-new against a third instance with `[server] busy_polling =
+#                      true` (its event loop never sleeps, so no packet has to wake it). It is
+#                      kept stopped (SIGSTOP) except while it is measured: a loop that never
+#                      sleeps would otherwise take the proxy core from every other contender.
 #   nginx-keyauth-tls, nginx-keyauth-tls-new
 #                      nginx-keyauth on its TLS listener (`ssl`, TLSv1.3, session cache and
 #                      tickets), the same certificate and key; both sides take the client's
@@ -144,7 +149,8 @@ BASE=${SCRATCH:-$BASE}
 WORK=$(mktemp -d "$BASE/keygate-loadtest.XXXXXX")
 PIDS=()
 cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  # CONT: a stopped process (keygate-tls-new-busy) takes the TERM only once it runs again.
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; kill -CONT "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do
     for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$p" 2>/dev/null || true
@@ -179,6 +185,8 @@ KGCR_PORT=$(free_port)
 KGCR_ADMIN_PORT=$(free_port)
 KGT_PORT=$(free_port)
 KGT_ADMIN_PORT=$(free_port)
+KGTB_PORT=$(free_port)
+KGTB_ADMIN_PORT=$(free_port)
 NG_AUTH_TLS_PORT=$(free_port)
 NG_AUTH_H2C_PORT=$(free_port)
 REDIS_PORT=$(free_port)
@@ -224,6 +232,7 @@ $rate_extra
 rate_limit = { per_second = 1000000000, burst = 1000000 }
 [server]
 worker_threads = 1
+busy_polling = ${KG_BUSY:-false}
 [jwt]
 secret = "$JWT_SECRET"
 # The token of keygate-jwt is minted once, before every run: it must outlive them all.
@@ -289,6 +298,15 @@ case " $CONTENDERS " in
     KG_ENV="KEYGATE_TLS_CERT=$WORK/tls.crt KEYGATE_TLS_KEY=$WORK/tls.key" \
       start_keygate "$KEYGATE" "$KGT_PORT" "$KGT_ADMIN_PORT" "$WORK/tls"
     KGT_PID=$STARTED_PID
+    ;;
+esac
+KGTB_PID=
+case " $CONTENDERS " in
+  *" keygate-tls-new-busy "*)
+    KG_BUSY=true KG_ENV="KEYGATE_TLS_CERT=$WORK/tls.crt KEYGATE_TLS_KEY=$WORK/tls.key" \
+      start_keygate "$KEYGATE" "$KGTB_PORT" "$KGTB_ADMIN_PORT" "$WORK/tls-busy"
+    KGTB_PID=$STARTED_PID
+    kill -STOP "$KGTB_PID"
     ;;
 esac
 KGS_PID=
@@ -473,6 +491,10 @@ if [ -n "$KGT_PID" ]; then
   wrk_script tls-one X-API-Key "$WORK/tls-key1.txt"
   wrk_script tls-one-close X-API-Key "$WORK/tls-key1.txt" / '["Connection"] = "close"'
 fi
+if [ -n "$KGTB_PID" ]; then
+  head -n1 "$WORK/tls-busy/keys.txt" >"$WORK/tls-busy-key1.txt"
+  wrk_script tls-busy-one-close X-API-Key "$WORK/tls-busy-key1.txt" / '["Connection"] = "close"'
+fi
 if [ -n "$KGS_PID" ]; then
   head -n1 "$WORK/signed/keys.txt" >"$WORK/signed-key1.txt"
   wrk_script signed-one X-API-Key "$WORK/signed-key1.txt"
@@ -534,6 +556,7 @@ run_wrk() { # contender, conns, duration, out
     nginx-keyauth-h2) run_h2load "$n" "$d" "$out" "https://127.0.0.1:$NG_AUTH_TLS_PORT/" "$KEY"; return ;;
     keygate-tls) port=$KGT_PORT; scheme=https; args=(-s "$WORK/tls-one.lua") ;;
     keygate-tls-new) port=$KGT_PORT; scheme=https; args=(-s "$WORK/tls-one-close.lua") ;;
+    keygate-tls-new-busy) port=$KGTB_PORT; scheme=https; args=(-s "$WORK/tls-busy-one-close.lua") ;;
     nginx-keyauth-tls) port=$NG_AUTH_TLS_PORT; scheme=https; args=(-s "$WORK/one.lua") ;;
     nginx-keyauth-tls-new) port=$NG_AUTH_TLS_PORT; scheme=https; args=(-s "$WORK/one-close.lua") ;;
     direct) port=$UP_PORT; args=(-s "$WORK/one.lua") ;;
@@ -556,8 +579,12 @@ run_wrk() { # contender, conns, duration, out
     keygate-credits) port=$KGCR_PORT; args=(-s "$WORK/credits-one.lua") ;;
     *) echo "unknown contender $c" >&2; exit 1 ;;
   esac
+  local rc=0
+  if [ "$c" = keygate-tls-new-busy ]; then kill -CONT "$KGTB_PID"; fi
   taskset -c "$LOAD_CPU" wrk -t1 -c"$n" -d"${d}s" --latency "${args[@]}" \
-    "$scheme://127.0.0.1:$port/" >"$out" 2>&1
+    "$scheme://127.0.0.1:$port/" >"$out" 2>&1 || rc=$?
+  if [ "$c" = keygate-tls-new-busy ]; then kill -STOP "$KGTB_PID"; fi
+  return "$rc"
 }
 
 # CPU seconds (user+sys) used so far by the processes serving a contender.
@@ -572,6 +599,7 @@ contender_pids() {
     keygate-redis) echo "$KGR_PID" ;;
     keygate-cluster) echo "$KGC_PID" ;;
     keygate-credits) echo "$KGCR_PID" ;;
+    keygate-tls-new-busy) echo "$KGTB_PID" ;;
     keygate-tls* | keygate-h2) echo "$KGT_PID" ;;
     keygate*) echo "$KG_PID" ;;
     base*) echo "$KGB_PID" ;;
@@ -585,6 +613,7 @@ core_ticks() {
 contender_port() {
   case $1 in
     keygate-tls-new) echo "$KGT_PORT" ;;
+    keygate-tls-new-busy) echo "$KGTB_PORT" ;;
     nginx-keyauth-tls-new) echo "$NG_AUTH_TLS_PORT" ;;
   esac
 }

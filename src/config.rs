@@ -465,6 +465,10 @@ pub struct RawServer {
     /// 0 = one per CPU core.
     #[serde(default)]
     pub worker_threads: usize,
+    /// The event loop never sleeps: it polls for I/O with a zero timeout instead of waiting
+    /// (needs `worker_threads = 1`).
+    #[serde(default)]
+    pub busy_polling: bool,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -532,6 +536,7 @@ pub struct Config {
     pub limits: Limits,
     pub shutdown_grace: Duration,
     pub worker_threads: usize,
+    pub busy_polling: bool,
     pub log: LogConfig,
     pub jwt: JwtConfig,
     pub forward_auth: ForwardAuth,

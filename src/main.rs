@@ -117,6 +117,9 @@ fn serve(config: Config) -> ExitCode {
         }
     };
     rt.block_on(async move {
+        if config.busy_polling {
+            tokio::spawn(busy_poll());
+        }
         match keygate::App::bind(config).await {
             Ok(app) => {
                 app.run(keygate::shutdown_signal()).await;
@@ -130,6 +133,17 @@ fn serve(config: Config) -> ExitCode {
             }
         }
     })
+}
+
+/// `[server] busy_polling`: a task that is always ready again. It yields after every poll, and
+/// a current-thread runtime with a task waiting to run again polls for I/O with a zero timeout
+/// instead of waiting in `epoll_wait`: the event loop never sleeps. A thread that never sleeps
+/// needs no wakeup, so the peer whose packet arrives does not pay for one (on a VM an
+/// inter-processor interrupt and an exit to the hypervisor); the price is a core always busy.
+async fn busy_poll() {
+    loop {
+        tokio::task::yield_now().await;
+    }
 }
 
 /// The admin-API commands: where the admin API is (flag, environment, else the config file's

@@ -75,7 +75,7 @@ impl RawConfig {
             &mut p,
         );
         let limits = limits(&self.limits, &mut p);
-        let (shutdown_grace, worker_threads) = server(&self.server);
+        let (shutdown_grace, worker_threads, busy_polling) = server(&self.server, &mut p);
         let log = log(self.log, &mut p);
         let shared_store = store
             .as_ref()
@@ -100,6 +100,7 @@ impl RawConfig {
                 limits,
                 shutdown_grace,
                 worker_threads,
+                busy_polling,
                 log,
                 jwt,
                 forward_auth,
@@ -526,12 +527,21 @@ fn limits(raw: &RawLimits, p: &mut Problems) -> Limits {
     }
 }
 
-/// `[server]`: the shutdown grace period and the number of worker threads (0: one per core),
-/// in that order. Every value is valid.
-fn server(raw: &RawServer) -> (Duration, usize) {
+/// `[server]`: the shutdown grace period, the number of worker threads (0: one per core) and
+/// busy polling, in that order. Busy polling keeps one event loop from sleeping, so it needs
+/// exactly one worker thread: with several, the runtime could not promise that each spins.
+fn server(raw: &RawServer, p: &mut Problems) -> (Duration, usize, bool) {
+    if raw.busy_polling && raw.worker_threads != 1 {
+        p.error(format!(
+            "server.busy_polling: needs worker_threads = 1 (is {}); run one keygate per core \
+             to busy-poll on several",
+            raw.worker_threads
+        ));
+    }
     (
         Duration::from_secs(raw.shutdown_grace_secs),
         raw.worker_threads,
+        raw.busy_polling,
     )
 }
 

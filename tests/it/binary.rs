@@ -79,3 +79,91 @@ fn serve_exits_zero_on_sigterm() {
     let status = p.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "exit status {status}");
 }
+
+/// How the main thread (the current-thread runtime's event loop) was found in `samples` looks
+/// at `/proc/PID/task/PID/stat`, 5 ms apart: how many times runnable (`R`).
+fn runnable_samples(pid: u32, samples: usize) -> usize {
+    (0..samples)
+        .filter(|_| {
+            std::thread::sleep(Duration::from_millis(5));
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).unwrap();
+            // The state is the first field after the parenthesised command name.
+            stat[stat.rfind(')').unwrap() + 2..].starts_with('R')
+        })
+        .count()
+}
+
+/// One request to the health path over a fresh connection: the status line.
+fn health(proxy: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /_keygate/health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn busy_polling_keeps_the_event_loop_runnable_while_idle_and_serves_and_stops_as_usual() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |busy: bool| {
+        crate::support::config_text(
+            "http://127.0.0.1:9",
+            &dir.path().join(format!("k-{busy}.db")),
+            &format!("[server]\nworker_threads = 1\nbusy_polling = {busy}\n"),
+        )
+    };
+    let busy_dir = tempfile::tempdir().unwrap();
+    let mut busy = Binary::serve(&config(true), busy_dir.path()).spawn();
+    let idle_dir = tempfile::tempdir().unwrap();
+    let mut idle = Binary::serve(&config(false), idle_dir.path()).spawn();
+    assert_eq!(health(busy.proxy), "HTTP/1.1 200 OK");
+    assert_eq!(health(idle.proxy), "HTTP/1.1 200 OK");
+
+    // Nothing to do: the busy-polling loop is still runnable (on a CPU or waiting for one,
+    // however loaded the machine), the other one sleeps in epoll_wait.
+    let samples = 40;
+    let spinning = runnable_samples(busy.pid(), samples);
+    let sleeping = runnable_samples(idle.pid(), samples);
+    assert!(
+        spinning >= samples * 3 / 4,
+        "busy polling: runnable in {spinning} of {samples} samples"
+    );
+    assert!(
+        sleeping <= samples / 4,
+        "without busy polling: runnable in {sleeping} of {samples} samples"
+    );
+
+    // Still serving, and SIGTERM still ends it cleanly.
+    assert_eq!(health(busy.proxy), "HTTP/1.1 200 OK");
+    assert!(busy.terminate().success());
+    assert!(idle.terminate().success());
+}
+
+#[test]
+fn busy_polling_with_more_than_one_worker_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for workers in [0, 2] {
+        let path = dir.path().join("busy.toml");
+        std::fs::write(
+            &path,
+            crate::support::config_text(
+                "http://127.0.0.1:9",
+                &dir.path().join("k.db"),
+                &format!("[server]\nworker_threads = {workers}\nbusy_polling = true\n"),
+            ),
+        )
+        .unwrap();
+        let out = Binary::command(["check-config", "--config"])
+            .arg(&path)
+            .output();
+        assert!(!out.status.success(), "worker_threads = {workers} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("server.busy_polling") && err.contains("worker_threads = 1"),
+            "{err}"
+        );
+    }
+}
