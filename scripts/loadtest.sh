@@ -792,6 +792,18 @@ for line in open(raw):
     rec["err"] += sum(int(x) for x in errs.groups()) if errs else 0
 
 def med(xs): return statistics.median(xs) if xs else float("nan")
+
+# The nginx-keyauth of a contender's variant: rotating keys against nginx-keyauth-rot, TLS and
+# HTTP/2 against nginx-keyauth's listener of the same kind, everything else nginx-keyauth.
+VARIANT_OF = {
+    "keygate-rot": "nginx-keyauth-rot", "base-rot": "nginx-keyauth-rot",
+    "keygate-signed-rot": "nginx-keyauth-rot", "nginx-fwdauth-rot": "nginx-keyauth-rot",
+    "keygate-tls": "nginx-keyauth-tls", "keygate-tls-new": "nginx-keyauth-tls-new",
+    "keygate-tls-new-busy": "nginx-keyauth-tls-new", "keygate-h2c": "nginx-keyauth-h2c",
+    "keygate-h2": "nginx-keyauth-h2",
+}
+def counterpart(c):
+    return c if c.startswith("nginx-keyauth") else VARIANT_OF.get(c, "nginx-keyauth")
 def rng(xs, f): return f"{f(min(xs))}–{f(max(xs))}" if xs else "–"
 k = lambda x: f"{x:,.0f}"
 
@@ -808,20 +820,23 @@ print()
 for n in sorted({n for _, n in rows}):
     base_plain = med(rows.get(("nginx-plain", n), {}).get("rps", []))
     base_auth = med(rows.get(("nginx-keyauth", n), {}).get("rps", []))
-    base_auth_p99 = med(rows.get(("nginx-keyauth", n), {}).get("p99", []))
     print(f"### c{n}")
     print()
-    print("| contender | req/s | p50 µs | p99 µs | CPU µs/req | vs nginx-plain | vs nginx-keyauth | p99 vs nginx-keyauth | non-2xx | socket errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\"vs nginx-keyauth\": against the nginx-keyauth of the same variant (-rot, -tls, -tls-new, -h2c, -h2).")
+    print()
+    print("| contender | req/s | p50 µs | p99 µs | CPU µs/req | vs nginx-plain | vs nginx-keyauth | p99 vs nginx-keyauth | CPU vs nginx-keyauth | non-2xx | socket errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in order:
         r = rows.get((c, n))
         if not r:
             continue
         rps = med(r["rps"])
+        ref = rows.get((counterpart(c), n), {})
         cpu_us = f"{med(r['cpu']):.2f}" if r["cpu"] else "–"
+        cpu_vs = f"{med(r['cpu']) / med(ref['cpu']):.2f}" if r["cpu"] and ref.get("cpu") else "–"
         print(f"| {c} | {k(rps)} ({rng(r['rps'], k)}) | {med(r['p50']):,.0f} | {med(r['p99']):,.0f} ({rng(r['p99'], k)}) | "
-              f"{cpu_us} | {rps / base_plain:.2f} | {rps / base_auth:.2f} | "
-              f"{med(r['p99']) / base_auth_p99:.2f} | {r['bad']} | {r['err']} |")
+              f"{cpu_us} | {rps / base_plain:.2f} | {rps / med(ref.get('rps', [])):.2f} | "
+              f"{med(r['p99']) / med(ref.get('p99', [])):.2f} | {cpu_vs} | {r['bad']} | {r['err']} |")
     fa = med(rows.get(("nginx-fwdauth", n), {}).get("rps", []))
     if fa == fa and base_auth == base_auth:
         print()
@@ -843,6 +858,24 @@ for n in sorted({n for _, n in rows}):
                  + f"; load {ld:.0f} %)"
                  for _, q, p, o, st, ld in sorted(r["reps"])]
         print(f"- {c}: " + "; ".join(cells))
+    # p99 against the variant's nginx-keyauth in each round (repetition r of both).
+    lines = []
+    for c in order:
+        ref = counterpart(c)
+        r, q = rows.get((c, n)), rows.get((ref, n))
+        if c == ref or not r or not q:
+            continue
+        theirs = {rep: p for rep, _, p, *_ in q["reps"]}
+        pairs = [(p, theirs[rep]) for rep, _, p, *_ in sorted(r["reps"]) if rep in theirs]
+        if pairs:
+            ok = sum(1 for a, b in pairs if a <= b)
+            lines.append(f"- {c} against {ref}: " + ", ".join(f"{a:,.0f}/{b:,.0f}" for a, b in pairs)
+                         + f" ({ok} of {len(pairs)} at or below)")
+    if lines:
+        print()
+        print("p99 µs in each round, against the variant's nginx-keyauth:")
+        print()
+        print("\n".join(lines))
     for now, before in (("keygate", "base"), ("keygate-rot", "base-rot"), ("keygate-jwt", "base-jwt")):
         a, b = rows.get((now, n)), rows.get((before, n))
         if a and b and a["rps"] and b["rps"]:
