@@ -292,10 +292,12 @@ if [ -n "${BASELINE:-}" ]; then
   KG_FLUSH=${BASE_FLUSH_SECS:-10} start_keygate "$BASELINE" "$KGB_PORT" "$KGB_ADMIN_PORT" "$WORK/base"
   KGB_PID=$STARTED_PID
 fi
+# The certificate and key of both TLS instances (keygate-tls…, keygate-tls-new-busy).
+TLS_ENV="KEYGATE_TLS_CERT=$WORK/tls.crt KEYGATE_TLS_KEY=$WORK/tls.key"
 KGT_PID=
 case " $CONTENDERS " in
   *" keygate-tls"* | *" keygate-h2 "*)
-    KG_ENV="KEYGATE_TLS_CERT=$WORK/tls.crt KEYGATE_TLS_KEY=$WORK/tls.key" \
+    KG_ENV=$TLS_ENV \
       start_keygate "$KEYGATE" "$KGT_PORT" "$KGT_ADMIN_PORT" "$WORK/tls"
     KGT_PID=$STARTED_PID
     ;;
@@ -303,7 +305,7 @@ esac
 KGTB_PID=
 case " $CONTENDERS " in
   *" keygate-tls-new-busy "*)
-    KG_BUSY=true KG_ENV="KEYGATE_TLS_CERT=$WORK/tls.crt KEYGATE_TLS_KEY=$WORK/tls.key" \
+    KG_BUSY=true KG_ENV=$TLS_ENV \
       start_keygate "$KEYGATE" "$KGTB_PORT" "$KGTB_ADMIN_PORT" "$WORK/tls-busy"
     KGTB_PID=$STARTED_PID
     kill -STOP "$KGTB_PID"

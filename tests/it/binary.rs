@@ -80,15 +80,13 @@ fn serve_exits_zero_on_sigterm() {
     assert!(status.success(), "exit status {status}");
 }
 
-/// How the main thread (the current-thread runtime's event loop) was found in `samples` looks
-/// at `/proc/PID/task/PID/stat`, 5 ms apart: how many times runnable (`R`).
-fn runnable_samples(pid: u32, samples: usize) -> usize {
+/// In how many of `samples` looks, 5 ms apart, the main thread (the current-thread runtime's
+/// event loop) was runnable.
+fn runnable_samples(gw: &Binary, samples: usize) -> usize {
     (0..samples)
         .filter(|_| {
             std::thread::sleep(Duration::from_millis(5));
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).unwrap();
-            // The state is the first field after the parenthesised command name.
-            stat[stat.rfind(')').unwrap() + 2..].starts_with('R')
+            gw.main_thread_state() == 'R'
         })
         .count()
 }
@@ -125,8 +123,8 @@ fn busy_polling_keeps_the_event_loop_runnable_while_idle_and_serves_and_stops_as
     // Nothing to do: the busy-polling loop is still runnable (on a CPU or waiting for one,
     // however loaded the machine), the other one sleeps in epoll_wait.
     let samples = 40;
-    let spinning = runnable_samples(busy.pid(), samples);
-    let sleeping = runnable_samples(idle.pid(), samples);
+    let spinning = runnable_samples(&busy, samples);
+    let sleeping = runnable_samples(&idle, samples);
     assert!(
         spinning >= samples * 3 / 4,
         "busy polling: runnable in {spinning} of {samples} samples"

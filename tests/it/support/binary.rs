@@ -318,14 +318,29 @@ impl Binary {
 
     /// CPU time (user + system) of the process so far, from /proc.
     pub fn cpu_time(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
-        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<&str> = rest.split(' ').collect();
+        let f = stat_fields(&format!("/proc/{}/stat", self.pid()));
+        // utime and stime are fields 14 and 15 of stat(5).
         let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
         // USER_HZ is 100 on Linux.
         Duration::from_millis(ticks * 10)
     }
+
+    /// The scheduler state of the process's main thread (`R` runnable, `S` sleeping, …): the
+    /// thread that runs a current-thread runtime's event loop.
+    pub fn main_thread_state(&self) -> char {
+        let pid = self.pid();
+        let f = stat_fields(&format!("/proc/{pid}/task/{pid}/stat"));
+        f[0].chars().next().unwrap()
+    }
+}
+
+/// The fields of a `/proc/…/stat` file after the parenthesised command name (field 3 on).
+fn stat_fields(path: &str) -> Vec<String> {
+    let stat = std::fs::read_to_string(path).unwrap();
+    stat[stat.rfind(')').unwrap() + 2..]
+        .split(' ')
+        .map(str::to_owned)
+        .collect()
 }
 
 impl Drop for Binary {
