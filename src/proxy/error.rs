@@ -62,14 +62,27 @@ pub const KEYGATE_CREDITS_REMAINING: http::HeaderName =
 pub const KEYGATE_QUOTA_REMAINING: http::HeaderName =
     http::HeaderName::from_static("keygate-quota-remaining");
 
-/// `HeaderValue`s for small numbers, made once, so rate-limit headers cost no allocation.
+/// `HeaderValue`s for small numbers, made once, so rate-limit headers cost no allocation; a
+/// larger number costs one (its digits are written on the stack and copied once, where
+/// `HeaderValue::from(u64)` allocates twice).
 pub fn number(n: u64) -> HeaderValue {
     static TABLE: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
     let table = TABLE.get_or_init(|| (0..4096u64).map(HeaderValue::from).collect());
-    match table.get(n as usize) {
-        Some(v) => v.clone(),
-        None => HeaderValue::from(n),
+    if let Some(v) = table.get(n as usize) {
+        return v.clone();
     }
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut rest = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    HeaderValue::from_bytes(&digits[i..]).unwrap_or_else(|_| HeaderValue::from(n))
 }
 
 /// Seconds a client should wait before retrying when the store is down.
@@ -223,7 +236,9 @@ mod tests {
     fn numbers() {
         assert_eq!(number(0), "0");
         assert_eq!(number(4095), "4095");
+        assert_eq!(number(4096), "4096");
         assert_eq!(number(100_000), "100000");
+        assert_eq!(number(u64::MAX), u64::MAX.to_string().as_str());
     }
 
     #[test]

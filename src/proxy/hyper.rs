@@ -22,7 +22,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::Stream;
 use http::header::{CONNECTION, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
@@ -314,11 +313,13 @@ impl Gateway {
             StatusCode::from_u16(res.status).map_err(|_| ProxyError::UpstreamUnavailable)?;
         let h = answer.headers_mut();
         h.reserve(fields.len() + 4);
+        // The values share one copy of the head (two allocations however many there are).
+        let block = Bytes::copy_from_slice(&uc.buf[..res.len]);
         for f in &fields {
             if policy::relayed(f.kind, own_rate)
                 && let (Ok(n), Ok(v)) = (
                     HeaderName::from_bytes(f.name.get(&uc.buf)),
-                    HeaderValue::from_bytes(f.value.get(&uc.buf)),
+                    HeaderValue::from_maybe_shared(block.slice(f.value.range())),
                 )
             {
                 h.append(n, v);
@@ -326,7 +327,12 @@ impl Gateway {
         }
         let size = match res.framing {
             Framing::Empty => Some(0),
-            Framing::Length(n) => Some(n),
+            Framing::Length(n) => {
+                // The length the gateway relays, set here from the table of small numbers
+                // (hyper would otherwise format it into two allocations of its own).
+                h.insert(http::header::CONTENT_LENGTH, super::error::number(n));
+                Some(n)
+            }
             _ => None,
         };
         let relay = Relay {
@@ -568,9 +574,16 @@ struct Relay {
 #[error("{0}")]
 pub struct RelayError(&'static str);
 
-type RelayStream = Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, RelayError>> + Send>>;
+/// The read of more response body bytes, with the relay it reads for.
+type Filling = Pin<Box<dyn Future<Output = (Relay, Result<(), &'static str>)> + Send>>;
 
 impl Relay {
+    /// The relay cut off: its connection is dropped.
+    fn broken(self, why: &'static str) -> RelayError {
+        tracing::debug!(route = %self.route, why, "response relay broken off");
+        RelayError(why)
+    }
+
     /// Gives the connection back to the pool when the body was read exactly to its end (and
     /// the exchange allows reuse); drops it otherwise.
     fn release(&mut self) {
@@ -585,39 +598,67 @@ impl Relay {
     }
 }
 
-fn relay_stream(relay: Relay) -> RelayStream {
-    Box::pin(futures_util::stream::unfold(relay, |mut r| async move {
-        let uc = r.conn.as_mut()?;
+/// A relayed response body: the bytes already buffered are handed over with no allocation
+/// but their copy; only a body that needs another read allocates that read's future. (`Ready`
+/// is the large variant and the usual one: boxing it would be the allocation this type saves.)
+#[allow(clippy::large_enum_variant)]
+enum Relaying {
+    Ready(Relay),
+    Filling(Filling),
+    Done,
+}
+
+impl Relaying {
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, RelayError>>> {
         loop {
-            match r.reader.step(uc) {
-                Ok(Step::Data(data)) => {
-                    let frame = Frame::data(Bytes::copy_from_slice(&uc.buf[data]));
-                    // Hyper does not poll a body again once its exact size has been yielded:
-                    // the connection of a length-delimited body goes back with its last bytes.
-                    if r.reader.complete() {
-                        r.release();
+            match std::mem::replace(self, Relaying::Done) {
+                Relaying::Done => return Poll::Ready(None),
+                Relaying::Filling(mut fill) => match fill.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        *self = Relaying::Filling(fill);
+                        return Poll::Pending;
                     }
-                    return Some((Ok(frame), r));
-                }
-                Ok(Step::NeedRead) => {
-                    if let Err(why) = r.reader.fill(uc, r.idle).await {
-                        tracing::debug!(route = %r.route, why, "response relay broken off");
-                        r.conn = None;
-                        return Some((Err(RelayError(why)), r));
+                    Poll::Ready((r, Ok(()))) => *self = Relaying::Ready(r),
+                    Poll::Ready((r, Err(why))) => return Poll::Ready(Some(Err(r.broken(why)))),
+                },
+                Relaying::Ready(mut r) => {
+                    let Some(mut uc) = r.conn.take() else {
+                        return Poll::Ready(None);
+                    };
+                    match r.reader.step(&uc) {
+                        Ok(Step::Data(data)) => {
+                            let frame = Frame::data(Bytes::copy_from_slice(&uc.buf[data]));
+                            r.conn = Some(uc);
+                            // Hyper does not poll a body again once its exact size has been
+                            // yielded: the connection of a length-delimited body goes back
+                            // with its last bytes.
+                            if r.reader.complete() {
+                                r.release();
+                            }
+                            *self = Relaying::Ready(r);
+                            return Poll::Ready(Some(Ok(frame)));
+                        }
+                        Ok(Step::NeedRead) => {
+                            *self = Relaying::Filling(Box::pin(async move {
+                                let read = r.reader.fill(&mut uc, r.idle).await;
+                                r.conn = Some(uc);
+                                (r, read)
+                            }));
+                        }
+                        Ok(Step::End) => {
+                            r.conn = Some(uc);
+                            r.release();
+                            return Poll::Ready(None);
+                        }
+                        Err(why) => return Poll::Ready(Some(Err(r.broken(why)))),
                     }
-                }
-                Ok(Step::End) => {
-                    r.release();
-                    return None;
-                }
-                Err(why) => {
-                    tracing::debug!(route = %r.route, why, "response relay broken off");
-                    r.conn = None;
-                    return Some((Err(RelayError(why)), r));
                 }
             }
         }
-    }))
+    }
 }
 
 /// The upstream's response body, whichever client fetched it. A body that pauses for longer
@@ -629,7 +670,7 @@ pub struct UpstreamBody {
 }
 
 enum Inner {
-    Relayed(RelayStream),
+    Relayed(Relaying),
     Hyper {
         body: Incoming,
         answered: Arc<Answered>,
@@ -641,7 +682,7 @@ enum Inner {
 impl UpstreamBody {
     fn relayed(relay: Relay, size: Option<u64>) -> Self {
         UpstreamBody {
-            inner: Inner::Relayed(relay_stream(relay)),
+            inner: Inner::Relayed(Relaying::Ready(relay)),
             size: size.map_or_else(SizeHint::new, SizeHint::with_exact),
         }
     }
@@ -682,7 +723,7 @@ impl Body for UpstreamBody {
         let this = &mut *self;
         match &mut this.inner {
             Inner::Relayed(s) => {
-                let item = std::task::ready!(s.as_mut().poll_next(cx));
+                let item = std::task::ready!(s.poll_next(cx));
                 if let Some(Ok(f)) = &item
                     && let Some(d) = f.data_ref()
                     && let Some(left) = this.size.exact()

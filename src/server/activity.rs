@@ -188,23 +188,43 @@ impl<S> Counted<S> {
 impl<S, B, R> Service<R> for Counted<S>
 where
     S: Service<R, Response = Response<B>>,
-    S::Future: Send + 'static,
     B: Body,
 {
     type Response = Response<CountedBody<B>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future = CountedFuture<S::Future>;
 
     fn call(&self, req: R) -> Self::Future {
-        let guard = self.activity.start();
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let res = fut.await?;
-            Ok(res.map(|inner| CountedBody {
-                inner,
-                guard: Some(guard),
-            }))
-        })
+        CountedFuture {
+            guard: Some(self.activity.start()),
+            fut: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The service's future, with its request's activity handed to the response body.
+    /// Written out rather than an `async` block: such a block keeps the inner future twice
+    /// (as its capture and as the value awaited), and hyper allocates every HTTP/2 stream's
+    /// future on the heap, so the block doubled each stream's allocation.
+    pub struct CountedFuture<F> {
+        #[pin]
+        fut: F,
+        guard: Option<Guard>,
+    }
+}
+
+impl<F, B, E> Future for CountedFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<CountedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = std::task::ready!(this.fut.poll(cx))?;
+        let guard = this.guard.take();
+        Poll::Ready(Ok(res.map(|inner| CountedBody { inner, guard })))
     }
 }
 
@@ -284,32 +304,49 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
-        let write_stall = self.write_stall;
-        tokio::spawn(async move {
-            let mut fut = std::pin::pin!(fut);
-            let mut stalled = false;
-            let mut timer: Option<Pin<Box<Sleep>>> = None;
-            std::future::poll_fn(|cx| {
-                let (done, last) = LAST_POLL.sync_scope(Cell::new(None), || {
-                    let done = fut.as_mut().poll(cx);
-                    (done, LAST_POLL.with(Cell::get))
-                });
-                if done.is_ready() {
-                    return Poll::Ready(());
-                }
-                // Progress, or waiting for the upstream: the stall (if any) starts again. No
-                // poll of the body at all: it still waits as it did.
-                if let Some(p) = last {
-                    stalled = p == Polled::Yielded;
-                    timer = None;
-                }
-                if stalled && expired(&mut timer, write_stall, cx) {
-                    tracing::debug!("HTTP/2 stream reset: the client took no data");
-                    return Poll::Ready(());
-                }
-                Poll::Pending
-            })
-            .await;
+        tokio::spawn(Stalling {
+            fut,
+            write_stall: self.write_stall,
+            stalled: false,
+            timer: None,
         });
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An HTTP/2 stream's task under its write-stall timeout. Written out rather than an
+    /// `async` block, which would keep the stream's future twice in the task's allocation.
+    struct Stalling<F> {
+        #[pin]
+        fut: F,
+        write_stall: Duration,
+        stalled: bool,
+        timer: Option<Pin<Box<Sleep>>>,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Stalling<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        let (done, last) = LAST_POLL.sync_scope(Cell::new(None), || {
+            let done = this.fut.as_mut().poll(cx);
+            (done, LAST_POLL.with(Cell::get))
+        });
+        if done.is_ready() {
+            return Poll::Ready(());
+        }
+        // Progress, or waiting for the upstream: the stall (if any) starts again. No poll of
+        // the body at all: it still waits as it did.
+        if let Some(p) = last {
+            *this.stalled = p == Polled::Yielded;
+            *this.timer = None;
+        }
+        if *this.stalled && expired(this.timer, *this.write_stall, cx) {
+            tracing::debug!("HTTP/2 stream reset: the client took no data");
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
 }

@@ -49,7 +49,11 @@ impl Span {
     }
 
     pub fn get<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
-        &buf[self.start as usize..(self.start + self.len) as usize]
+        &buf[self.range()]
+    }
+
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.start as usize..(self.start + self.len) as usize
     }
 }
 
