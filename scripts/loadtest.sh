@@ -33,8 +33,9 @@
 #                      against off in one run (target: ≥ 0.95× the req/s, p99 within 10 %)
 #   keygate-signed-rot the same, wrk rotating over its 10,000 keys (an assertion per key)
 #   base, base-rot,    with BASELINE=/path/to/an/earlier/keygate: that binary, configured and
-#   base-jwt           driven exactly like keygate, keygate-rot and keygate-jwt (its own
-#                      token): before/after a change, in one run; add them to CONTENDERS.
+#   base-jwt,          driven exactly like keygate, keygate-rot, keygate-jwt and keygate-h2c
+#   base-h2c           (its own key and token): before/after a change, in one run; add them
+#                      to CONTENDERS.
 #                      BASE_FLUSH_SECS=N gives it another
 #                      `[store] last_used_flush_secs` (e.g. 86400 with BASELINE=the same binary:
 #                      the usage flush on against off)
@@ -554,6 +555,7 @@ run_wrk() { # contender, conns, duration, out
   case $c in
     keygate-h2c) run_h2load "$n" "$d" "$out" "http://127.0.0.1:$KG_PORT/" "$KEY"; return ;;
     nginx-keyauth-h2c) run_h2load "$n" "$d" "$out" "http://127.0.0.1:$NG_AUTH_H2C_PORT/" "$KEY"; return ;;
+    base-h2c) run_h2load "$n" "$d" "$out" "http://127.0.0.1:$KGB_PORT/" "$(cat "$WORK/base-key1.txt")"; return ;;
     keygate-h2) run_h2load "$n" "$d" "$out" "https://127.0.0.1:$KGT_PORT/" "$(cat "$WORK/tls-key1.txt")"; return ;;
     nginx-keyauth-h2) run_h2load "$n" "$d" "$out" "https://127.0.0.1:$NG_AUTH_TLS_PORT/" "$KEY"; return ;;
     keygate-tls) port=$KGT_PORT; scheme=https; args=(-s "$WORK/tls-one.lua") ;;
@@ -769,7 +771,7 @@ def pids_known(c): return c != "direct"
 
 rows = {}
 for line in open(raw):
-    c, n, r, ticks, path, core, load = line.rstrip("\n").split("\t")
+    c, n, r, ticks, path, core, load_ticks = line.rstrip("\n").split("\t")
     busy, steal = map(int, core.split())
     t = open(path).read()
     m = re.search(r"Requests/sec:\s+([\d.]+)", t)
@@ -789,7 +791,7 @@ for line in open(raw):
     if int(ticks) > 0 and reqs:
         rec["cpu"].append(int(ticks) / hz / reqs * 1e6)
     # Per repetition: CPU time on the contender's core outside its processes, and steal.
-    rec["reps"].append((int(r), float(m.group(1)), us(p99.group(1)), (busy - int(ticks)) / hz / float(dur) * 100 if pids_known(c) else None, steal / hz / float(dur) * 100, int(load) / hz / float(dur) * 100))
+    rec["reps"].append((int(r), float(m.group(1)), us(p99.group(1)), (busy - int(ticks)) / hz / float(dur) * 100 if pids_known(c) else None, steal / hz / float(dur) * 100, int(load_ticks) / hz / float(dur) * 100))
     rec["bad"] += int(non2xx.group(1)) if non2xx else 0
     rec["err"] += sum(int(x) for x in errs.groups()) if errs else 0
 
@@ -802,7 +804,7 @@ VARIANT_OF = {
     "keygate-signed-rot": "nginx-keyauth-rot", "nginx-fwdauth-rot": "nginx-keyauth-rot",
     "keygate-tls": "nginx-keyauth-tls", "keygate-tls-new": "nginx-keyauth-tls-new",
     "keygate-tls-new-busy": "nginx-keyauth-tls-new", "keygate-h2c": "nginx-keyauth-h2c",
-    "keygate-h2": "nginx-keyauth-h2",
+    "keygate-h2": "nginx-keyauth-h2", "base-h2c": "nginx-keyauth-h2c",
 }
 def counterpart(c):
     return c if c.startswith("nginx-keyauth") else VARIANT_OF.get(c, "nginx-keyauth")
@@ -878,7 +880,8 @@ for n in sorted({n for _, n in rows}):
         print("p99 µs in each round, against the variant's nginx-keyauth:")
         print()
         print("\n".join(lines))
-    for now, before in (("keygate", "base"), ("keygate-rot", "base-rot"), ("keygate-jwt", "base-jwt")):
+    for now, before in (("keygate", "base"), ("keygate-rot", "base-rot"), ("keygate-jwt", "base-jwt"),
+                        ("keygate-h2c", "base-h2c")):
         a, b = rows.get((now, n)), rows.get((before, n))
         if a and b and a["rps"] and b["rps"]:
             print()
