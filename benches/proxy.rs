@@ -10,6 +10,10 @@
 //! (a connection handed over from HTTP/1.1 serves one request only, so h2c is how one connection
 //! stays on hyper).
 //!
+//! `keygate_h2_10_streams` is ten such requests at once on that connection (an iteration ends
+//! when all ten are answered): the shape of the h2load runs of `scripts/loadtest.sh`, where many
+//! streams are in flight and their allocations overflow the allocator's per-size caches.
+//!
 //! `keygate_verify` is a forward-auth verify request on the fast path (`X-Original-Method` /
 //! `-URI` and the key, answered 200 with the identity; no upstream exchange): the round trip an
 //! edge proxy's subrequest costs, client included.
@@ -233,6 +237,22 @@ enabled = true
                 let start = Instant::now();
                 for _ in 0..n {
                     round_trip_h2(&mut h2, ("x-api-key", &key)).await;
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.bench_function("keygate_h2_10_streams", |b| {
+        b.iter_custom(|n| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..n {
+                    h2.ready().await.unwrap();
+                    let sent = (0..10).map(|_| {
+                        let answer = h2.send_request(request(("x-api-key", &key)));
+                        async move { check(answer.await.unwrap()).await }
+                    });
+                    futures_util::future::join_all(sent).await;
                 }
                 start.elapsed()
             })
