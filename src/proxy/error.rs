@@ -71,18 +71,22 @@ pub fn number(n: u64) -> HeaderValue {
     if let Some(v) = table.get(n as usize) {
         return v.clone();
     }
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut rest = n;
+    let mut buf = [0u8; 20];
+    HeaderValue::from_bytes(digits(n, &mut buf)).unwrap_or_else(|_| HeaderValue::from(n))
+}
+
+/// `n` in decimal, written at the end of `buf`.
+pub fn digits(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
     loop {
         i -= 1;
-        digits[i] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
             break;
         }
     }
-    HeaderValue::from_bytes(&digits[i..]).unwrap_or_else(|_| HeaderValue::from(n))
+    &buf[i..]
 }
 
 /// Seconds a client should wait before retrying when the store is down.

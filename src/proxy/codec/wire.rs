@@ -14,18 +14,8 @@ use crate::limit::RateInfo;
 use crate::proxy::policy::{self, CachePolicy, Rule, Strip};
 
 /// Appends `n` in decimal.
-pub fn decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
+pub fn decimal(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(crate::proxy::error::digits(n, &mut [0u8; 20]));
 }
 
 /// Appends `n` in lowercase hex (a chunk size).
