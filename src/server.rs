@@ -99,6 +99,7 @@ pub async fn serve<F, S, B>(
         .max_header_list_size(limits.max_header_bytes as u32)
         .keep_alive_interval(Some(H2_PING_INTERVAL))
         .keep_alive_timeout(H2_PING_TIMEOUT);
+    let builder = Arc::new(builder);
 
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let per_ip =
@@ -148,48 +149,51 @@ pub async fn serve<F, S, B>(
         let _ = stream.set_nodelay(true);
         let conn = Connection {
             peer,
-            builder: builder.clone(),
+            builder: Arc::clone(&builder),
             fast: opts.fast_path.clone(),
             settings: Arc::clone(&settings),
             drain: drained.clone(),
         };
         let service = make_service(peer);
-        let metrics = Arc::clone(&opts.metrics);
-        let name = opts.name;
-        let tls = opts.tls.clone().map(tokio_rustls::TlsAcceptor::from);
-        let handshake_timeout = limits.header_read_timeout;
-        metrics.connection_opened(name);
-        tokio::spawn(async move {
-            match tls {
-                None => conn.serve(stream, service).await,
-                // On the heap: the TLS state (and its handshake) is only in TLS connections.
-                Some(acceptor) => {
-                    Box::pin(async move {
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
-                        {
-                            Ok(Ok(tls)) => {
-                                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                                let conn = Connection {
-                                    fast: if h2 { None } else { conn.fast },
-                                    ..conn
-                                };
-                                conn.serve(tls, service).await;
-                            }
-                            Ok(Err(e)) => {
-                                tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
-                            }
-                            Err(_) => {
-                                tracing::debug!(peer = %peer, "TLS handshake timed out");
-                            }
-                        }
-                    })
-                    .await
-                }
+        opts.metrics.connection_opened(opts.name);
+        let opened = Opened {
+            metrics: Arc::clone(&opts.metrics),
+            name: opts.name,
+            _ip_slot: ip_slot,
+            _slot: slot,
+        };
+        // The task is the connection's future and its guard, nothing captured beside them: an
+        // idle keep-alive connection costs its task's size.
+        match opts.tls.clone().map(tokio_rustls::TlsAcceptor::from) {
+            None => {
+                tokio::spawn(Guarded {
+                    serving: conn.serve(stream, service),
+                    opened,
+                });
             }
-            metrics.connection_closed(name);
-            drop(ip_slot);
-            drop(slot);
-        });
+            Some(acceptor) => {
+                let handshake_timeout = limits.header_read_timeout;
+                let serving = async move {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                            let conn = Connection {
+                                fast: if h2 { None } else { conn.fast },
+                                ..conn
+                            };
+                            conn.serve(tls, service).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            tracing::debug!(peer = %peer, "TLS handshake timed out");
+                        }
+                    }
+                };
+                tokio::spawn(Guarded { serving, opened });
+            }
+        }
     }
 
     drop(listener);
@@ -276,10 +280,45 @@ impl Drop for IpSlot {
     }
 }
 
+/// An open connection counted: in the metrics, its address's slot, its listener's slot. Dropped
+/// after the connection is (it is the second field of [`Guarded`]), even when its task is
+/// cancelled.
+struct Opened {
+    metrics: Arc<Metrics>,
+    name: &'static str,
+    _ip_slot: Option<IpSlot>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        // The slots are fields: released right after this, in their order.
+        self.metrics.connection_closed(self.name);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's task: serving it, then (fields drop in order) its count and slots.
+    struct Guarded<F> {
+        #[pin]
+        serving: F,
+        opened: Opened,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Guarded<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.project().serving.poll(cx)
+    }
+}
+
 /// One accepted connection and what serving it needs.
 struct Connection {
     peer: SocketAddr,
-    builder: auto::Builder<activity::Exec>,
+    /// The listener's; cloned only for a connection hyper serves.
+    builder: Arc<auto::Builder<activity::Exec>>,
     fast: Option<FastPath>,
     settings: Arc<h1::Settings>,
     /// Changes to `true` when the listener drains.
@@ -287,7 +326,13 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve<I, S, B>(mut self, mut io: I, service: S)
+    // Not an `async fn`: its arguments would be kept twice in the future (as passed, and moved
+    // into the body); the block below keeps them once.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn's future holds its arguments twice"
+    )]
+    fn serve<I, S, B>(mut self, mut io: I, service: S) -> impl Future<Output = ()> + Send + 'static
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
@@ -296,64 +341,71 @@ impl Connection {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let mut read = Vec::new();
-        let mut builder = self.builder;
-        if let Some(fast) = &self.fast {
-            let conn = ConnInfo::new(self.peer, fast.proto);
-            match h1::serve(
-                &mut io,
-                &fast.gateway,
-                &conn,
-                &self.settings,
-                &mut self.drain,
-            )
-            .await
-            {
-                h1::End::Closed => return,
-                h1::End::Handover { read: r, served } => {
-                    read = r;
-                    // Past the first request an HTTP/2 preface is not a connection preface.
-                    if served > 0 {
-                        builder = builder.http1_only();
+        async move {
+            let mut read = Vec::new();
+            // What the fast path says of the connection it hands over.
+            let mut handed_over = None;
+            if let Some(fast) = &self.fast {
+                let conn = ConnInfo::new(self.peer, fast.proto);
+                match h1::serve(
+                    &mut io,
+                    &fast.gateway,
+                    &conn,
+                    &self.settings,
+                    &mut self.drain,
+                )
+                .await
+                {
+                    h1::End::Closed => return,
+                    h1::End::Handover { read: r, served } => {
+                        read = r;
+                        handed_over = Some(served);
                     }
-                    // Hyper answers the HTTP/1.1 request it was handed, then the connection
-                    // closes: every request head on a connection is read by the fast path's
-                    // parser first, with its refusals (Content-Length with
-                    // Transfer-Encoding…), before hyper sees it.
-                    builder.http1().keep_alive(false);
                 }
             }
-        }
-        // Handed over while draining: the request already read is answered, then the
-        // connection closes (a graceful shutdown now would drop it unanswered).
-        let draining = self.drain.has_changed().unwrap_or(true);
-        if draining {
-            builder.http1().keep_alive(false);
-        }
-        let activity = Arc::new(activity::Activity::default());
-        let io = activity::Watched::new(
-            Rewind { read, at: 0, io },
-            Arc::clone(&activity),
-            self.settings.header_read_timeout,
-            self.settings.body_timeout,
-        );
-        let service = activity::Counted::new(service, activity);
-        // On the heap: only connections hyper serves pay for its state.
-        let mut conn = Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
-        let result = if draining {
-            conn.await
-        } else {
-            tokio::select! {
-                biased;
-                r = conn.as_mut() => r,
-                _ = self.drain.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            let mut builder = (*self.builder).clone();
+            if let Some(served) = handed_over {
+                // Past the first request an HTTP/2 preface is not a connection preface.
+                if served > 0 {
+                    builder = builder.http1_only();
                 }
+                // Hyper answers the HTTP/1.1 request it was handed, then the connection closes:
+                // every request head on a connection is read by the fast path's parser first, with
+                // its refusals (Content-Length with Transfer-Encoding…), before hyper sees it.
+                builder.http1().keep_alive(false);
             }
-        };
-        if let Err(e) = result {
-            tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
+            // Handed over while draining: the request already read is answered, then the
+            // connection closes (a graceful shutdown now would drop it unanswered).
+            let draining = self.drain.has_changed().unwrap_or(true);
+            if draining {
+                builder.http1().keep_alive(false);
+            }
+            let activity = Arc::new(activity::Activity::default());
+            let io = activity::Watched::new(
+                Rewind { read, at: 0, io },
+                Arc::clone(&activity),
+                self.settings.header_read_timeout,
+                self.settings.body_timeout,
+            );
+            let service = activity::Counted::new(service, activity);
+            // On the heap: only connections hyper serves pay for its state.
+            let mut conn =
+                Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
+            let result = if draining {
+                conn.await
+            } else {
+                tokio::select! {
+                    biased;
+                    r = conn.as_mut() => r,
+                    _ = self.drain.changed() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
+            }
         }
     }
 }

@@ -127,8 +127,8 @@ where
         body_in_buf: 0,
         unread: 0,
         out: Vec::new(),
-        fields: Vec::with_capacity(16),
-        ufields: Vec::with_capacity(16),
+        fields: Vec::new(),
+        ufields: Vec::new(),
     };
     let mut served = 0;
     loop {
@@ -219,6 +219,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             if self.end > self.start {
                 let msg = &self.buf[self.start..self.end];
                 let rules = &gw.policy.fields;
+                if self.fields.capacity() == 0 {
+                    self.fields = spare::take_fields();
+                }
                 match head::parse_request(msg, rules, st.max_headers, &mut self.fields) {
                     // Hyper answers 431.
                     Parsed::Complete(h) if h.len > st.max_header_bytes => {
@@ -404,6 +407,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             timeout: st.body_timeout,
             copied: false,
         };
+        if self.ufields.capacity() == 0 {
+            self.ufields = spare::take_fields();
+        }
         let exchanged = gw
             .upstreams
             .pool
@@ -561,12 +567,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
 }
 
 impl<I> Client<'_, I> {
-    /// Between requests: with nothing of the next one read yet, the buffers go back to the
-    /// thread's spares, so an idle keep-alive connection holds none.
+    /// Between requests: with nothing of the next one read yet, the buffers and field lists go
+    /// back to the thread's spares, so an idle keep-alive connection holds none.
     fn rest(&mut self) {
         if self.start == self.end {
             spare::give_read(std::mem::take(&mut self.buf));
             spare::give_out(std::mem::take(&mut self.out));
+            spare::give_fields(std::mem::take(&mut self.fields));
+            spare::give_fields(std::mem::take(&mut self.ufields));
         }
     }
 }
@@ -611,7 +619,7 @@ async fn read_into<I: AsyncRead + Unpin>(
 pub mod spare {
     use std::cell::RefCell;
 
-    use super::READ_BUFFER;
+    use super::{Field, READ_BUFFER};
 
     /// Most spare buffers of each kind kept per thread; past it they are freed.
     const MAX_SPARE: usize = 512;
@@ -619,10 +627,15 @@ pub mod spare {
     const OUT_BUFFER: usize = 4096;
     /// Buffers that grew past this (large heads, request bodies) are freed, not kept.
     const MAX_KEPT: usize = 32 * 1024;
+    /// Capacity of a new field list (a head's fields; more grow it).
+    const FIELDS: usize = 16;
+    /// Field lists that grew past this are freed, not kept.
+    const MAX_KEPT_FIELDS: usize = 128;
 
     thread_local! {
         static READS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
         static OUTS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+        static FIELD_LISTS: RefCell<Vec<Vec<Field>>> = const { RefCell::new(Vec::new()) };
     }
 
     /// A read buffer: `READ_BUFFER` bytes long (its content is not meaningful).
@@ -654,7 +667,22 @@ pub mod spare {
         keep(&OUTS, b);
     }
 
-    fn keep(pool: &'static std::thread::LocalKey<RefCell<Vec<Vec<u8>>>>, b: Vec<u8>) {
+    /// An empty field list.
+    pub fn take_fields() -> Vec<Field> {
+        FIELD_LISTS
+            .with(|s| s.borrow_mut().pop())
+            .unwrap_or_else(|| Vec::with_capacity(FIELDS))
+    }
+
+    pub fn give_fields(mut f: Vec<Field>) {
+        if f.capacity() == 0 || f.capacity() > MAX_KEPT_FIELDS {
+            return;
+        }
+        f.clear();
+        keep(&FIELD_LISTS, f);
+    }
+
+    fn keep<T: 'static>(pool: &'static std::thread::LocalKey<RefCell<Vec<Vec<T>>>>, b: Vec<T>) {
         // A thread being torn down drops the buffer instead.
         let _ = pool.try_with(|s| {
             let mut s = s.borrow_mut();
