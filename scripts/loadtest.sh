@@ -686,7 +686,8 @@ export WARM STEAL_MAX TLS_NOTE
 # keygate and nginx-keyauth in turn: wrk at the first connection count ($REPS runs), then
 # $IDLE keep-alive connections opened (one request answered on each, then silent) and held
 # while wrk runs again ($REPS runs), RSS of every process of the contender before and while
-# held; then the connections are closed. One table appended to the report.
+# held; then the connections are closed and wrk runs a third time ($REPS runs). One table
+# appended to the report.
 rss_kb() {
   local t=0
   for p in $1; do
@@ -747,6 +748,13 @@ if [ "$IDLE" -gt 0 ]; then
     exec {hold}>&-
     wait "$holder" || true
     rm -f "$WORK/idle-hold"
+    # And again once they are closed: a p99 that stays up after them came with the time, not
+    # with the idle connections.
+    sleep 1
+    for r in $(seq "$REPS"); do
+      run_wrk "$c" "$n" "$WARM" /dev/null
+      run_wrk "$c" "$n" "$DURATION" "$WORK/idle-$c-after-$r.txt"
+    done
     printf '%s\t%s\t%s\t%s\n' "$c" "$before" "$held" "$(cat "$WORK/idle-$c-client.txt")" >>"$IDLE_RAW"
     echo "  idle $c: RSS $before kB -> $held kB; $(cat "$WORK/idle-$c-client.txt")" >&2
   done
@@ -971,18 +979,25 @@ def rps(path):
 rows = [l.rstrip("\n").split("\t") for l in open(raw)]
 print(f"### {int(idle):,} idle keep-alive connections held")
 print()
-print(f"wrk at c{n} (medians of the runs) without and while the idle connections are held; RSS of every process of the contender.")
+print(f"wrk at c{n} (medians of the runs) without, while the idle connections are held, and after they are closed; RSS of every process of the contender.")
 print()
-print("| contender | RSS before | RSS with idle | added per idle connection | req/s without → with | p99 µs without → with | idle clients |")
+print("| contender | RSS before | RSS with idle | added per idle connection | req/s without → with → after | p99 µs without → with → after | idle clients |")
 print("|---|---|---|---|---|---|---|")
-rss = {}
+rss, runs = {}, []
 for c, before, held, client in rows:
     w = sorted(glob.glob(f"{work}/idle-{c}-without-*.txt"))
     h = sorted(glob.glob(f"{work}/idle-{c}-with-*.txt"))
+    a = sorted(glob.glob(f"{work}/idle-{c}-after-*.txt"))
     rss[c] = int(held)
+    med = lambda f, xs: f"{statistics.median(map(f, xs)):,.0f}" if xs else "–"
     print(f"| {c} | {int(before)/1024:.1f} MiB | {int(held)/1024:.1f} MiB | {(int(held)-int(before))*1024/int(idle):,.0f} B | "
-          f"{statistics.median(map(rps, w)):,.0f} → {statistics.median(map(rps, h)):,.0f} | "
-          f"{statistics.median(map(p99, w)):,.0f} → {statistics.median(map(p99, h)):,.0f} | {client} |")
+          f"{med(rps, w)} → {med(rps, h)} → {med(rps, a)} | "
+          f"{med(p99, w)} → {med(p99, h)} → {med(p99, a)} | {client} |")
+    runs.append(f"{c} p99 per run, µs: without {', '.join(f'{p99(x):,.0f}' for x in w)}; "
+                f"with {', '.join(f'{p99(x):,.0f}' for x in h)}; after {', '.join(f'{p99(x):,.0f}' for x in a)}.")
+print()
+for line in runs:
+    print(line)
 if "keygate" in rss and "nginx-keyauth" in rss:
     print()
     print(f"keygate RSS with the idle connections vs nginx-keyauth's: {rss['keygate'] / rss['nginx-keyauth']:.2f}× (target ≤ 2×).")
