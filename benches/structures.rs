@@ -15,9 +15,9 @@
 //!   route without CORS (nothing to do).
 //!
 //! - a connection's buffers between requests: taken from and given back to the thread's spares
-//!   (what the fast path does per request, so idle connections hold none) vs allocated per
-//!   connection as before; and the one block the exchange's state is now allocated in per
-//!   request.
+//!   (what the fast path does per request, so idle connections hold none; the output buffer
+//!   with the two field lists) vs allocated per connection as before; and the one block the
+//!   exchange's state is now allocated in per request.
 //!
 //! - a timeout around a read or write of the data plane: `tokio::time::timeout` (a clock read
 //!   and a timer per operation, registered in the timer wheel and taken out again when the
@@ -456,13 +456,15 @@ fn connection_buffers(c: &mut Criterion) {
     let mut g = c.benchmark_group("connection_buffers");
     // Warm the spares as a loaded server has them.
     spare::give_read(spare::take_read());
-    spare::give_out(spare::take_out());
+    spare::give_work(spare::take_work());
+    // The read buffer, and the output buffer with the two field lists (the request head's,
+    // the upstream response's).
     g.bench_function("spares_take_and_give_back", |b| {
         b.iter(|| {
             let r = black_box(spare::take_read());
-            let o = black_box(spare::take_out());
+            let w = black_box(spare::take_work());
             spare::give_read(r);
-            spare::give_out(o);
+            spare::give_work(w);
         })
     });
     g.bench_function("allocated_and_freed", |b| {

@@ -220,7 +220,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
                 let msg = &self.buf[self.start..self.end];
                 let rules = &gw.policy.fields;
                 if self.fields.capacity() == 0 {
-                    self.fields = spare::take_fields();
+                    let w = spare::take_work();
+                    (self.out, self.fields, self.ufields) = (w.out, w.fields, w.upstream_fields);
                 }
                 match head::parse_request(msg, rules, st.max_headers, &mut self.fields) {
                     // Hyper answers 431.
@@ -282,9 +283,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         drain: &watch::Receiver<bool>,
     ) -> Next {
         let started = gw.access_log.then(Instant::now);
-        if self.out.capacity() == 0 {
-            self.out = spare::take_out();
-        }
         let body_at = self.start + head.len;
         self.body_in_buf = ((self.end - body_at) as u64).min(head.body_len()) as usize;
         self.unread = head.body_len() - self.body_in_buf as u64;
@@ -407,9 +405,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             timeout: st.body_timeout,
             copied: false,
         };
-        if self.ufields.capacity() == 0 {
-            self.ufields = spare::take_fields();
-        }
         let exchanged = gw
             .upstreams
             .pool
@@ -572,9 +567,11 @@ impl<I> Client<'_, I> {
     fn rest(&mut self) {
         if self.start == self.end {
             spare::give_read(std::mem::take(&mut self.buf));
-            spare::give_out(std::mem::take(&mut self.out));
-            spare::give_fields(std::mem::take(&mut self.fields));
-            spare::give_fields(std::mem::take(&mut self.ufields));
+            spare::give_work(spare::Work {
+                out: std::mem::take(&mut self.out),
+                fields: std::mem::take(&mut self.fields),
+                upstream_fields: std::mem::take(&mut self.ufields),
+            });
         }
     }
 }
@@ -634,8 +631,7 @@ pub mod spare {
 
     thread_local! {
         static READS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-        static OUTS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-        static FIELD_LISTS: RefCell<Vec<Vec<Field>>> = const { RefCell::new(Vec::new()) };
+        static WORK: RefCell<Vec<Work>> = const { RefCell::new(Vec::new()) };
     }
 
     /// A read buffer: `READ_BUFFER` bytes long (its content is not meaningful).
@@ -653,36 +649,40 @@ pub mod spare {
         keep(&READS, b);
     }
 
-    /// An empty output buffer.
-    pub fn take_out() -> Vec<u8> {
-        OUTS.with(|s| s.borrow_mut().pop())
-            .unwrap_or_else(|| Vec::with_capacity(OUT_BUFFER))
+    /// What an exchange writes and parses into, taken when a request head has arrived and given
+    /// back together when the connection is idle again.
+    pub struct Work {
+        /// The upstream request, then the client's response.
+        pub out: Vec<u8>,
+        /// The request head's fields.
+        pub fields: Vec<Field>,
+        /// The upstream response head's fields.
+        pub upstream_fields: Vec<Field>,
     }
 
-    pub fn give_out(mut b: Vec<u8>) {
-        if b.capacity() == 0 || b.capacity() > MAX_KEPT {
+    /// An empty output buffer and field lists.
+    pub fn take_work() -> Work {
+        WORK.with(|s| s.borrow_mut().pop()).unwrap_or_else(|| Work {
+            out: Vec::with_capacity(OUT_BUFFER),
+            fields: Vec::with_capacity(FIELDS),
+            upstream_fields: Vec::with_capacity(FIELDS),
+        })
+    }
+
+    pub fn give_work(mut w: Work) {
+        let fits = (1..=MAX_KEPT).contains(&w.out.capacity())
+            && (1..=MAX_KEPT_FIELDS).contains(&w.fields.capacity())
+            && (1..=MAX_KEPT_FIELDS).contains(&w.upstream_fields.capacity());
+        if !fits {
             return;
         }
-        b.clear();
-        keep(&OUTS, b);
+        w.out.clear();
+        w.fields.clear();
+        w.upstream_fields.clear();
+        keep(&WORK, w);
     }
 
-    /// An empty field list.
-    pub fn take_fields() -> Vec<Field> {
-        FIELD_LISTS
-            .with(|s| s.borrow_mut().pop())
-            .unwrap_or_else(|| Vec::with_capacity(FIELDS))
-    }
-
-    pub fn give_fields(mut f: Vec<Field>) {
-        if f.capacity() == 0 || f.capacity() > MAX_KEPT_FIELDS {
-            return;
-        }
-        f.clear();
-        keep(&FIELD_LISTS, f);
-    }
-
-    fn keep<T: 'static>(pool: &'static std::thread::LocalKey<RefCell<Vec<Vec<T>>>>, b: Vec<T>) {
+    fn keep<T: 'static>(pool: &'static std::thread::LocalKey<RefCell<Vec<T>>>, b: T) {
         // A thread being torn down drops the buffer instead.
         let _ = pool.try_with(|s| {
             let mut s = s.borrow_mut();
