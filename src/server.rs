@@ -326,11 +326,9 @@ struct Connection {
 }
 
 impl Connection {
-    // Not an `async fn`: its arguments would be kept twice in the future (as passed, and moved
-    // into the body); the block below keeps them once.
     #[allow(
         clippy::manual_async_fn,
-        reason = "an async fn's future holds its arguments twice"
+        reason = "an async fn's future holds its arguments twice (as passed, and moved into its body); this block holds them once"
     )]
     fn serve<I, S, B>(mut self, mut io: I, service: S) -> impl Future<Output = ()> + Send + 'static
     where

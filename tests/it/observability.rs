@@ -86,6 +86,42 @@ async fn metrics_move_exactly_as_the_requests_predict() {
     assert!(!m.contains(&key) && !m.contains(&unknown) && !m.contains("/a/../b"));
 }
 
+/// The open-connections gauge of the proxy listener, read from the admin listener.
+async fn proxy_connections(gw: &Gateway) -> u64 {
+    let r = gw.admin_as("GET", "/metrics", None, &[]).await;
+    let m = String::from_utf8(r.body.to_vec()).unwrap();
+    metric(&m, "keygate_connections{listener=\"proxy\"}")
+}
+
+#[tokio::test]
+async fn open_connections_are_counted_while_open_and_uncounted_once_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start().await;
+    let (key, _) = gw.client("acme", "pro").await;
+    let before = proxy_connections(&gw).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+        let req = format!("GET /a HTTP/1.1\r\nHost: x\r\nX-API-Key: {key}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+        held.push(s);
+    }
+    // Idle keep-alive connections are open connections.
+    assert_eq!(proxy_connections(&gw).await, before + 3);
+    drop(held);
+    // Closed by the client: each is uncounted once the server reads its end.
+    let asked = Instant::now();
+    let mut now = proxy_connections(&gw).await;
+    while now != before && asked.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        now = proxy_connections(&gw).await;
+    }
+    assert_eq!(now, before, "connections still counted after they closed");
+}
+
 #[tokio::test]
 async fn last_used_and_usage_are_batched_and_flushed_on_shutdown() {
     let upstream = Upstream::start().await;
