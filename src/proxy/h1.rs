@@ -219,6 +219,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             if self.end > self.start {
                 let msg = &self.buf[self.start..self.end];
                 let rules = &gw.policy.fields;
+                // Taken and given back together (`rest`): no field list, none of them held.
                 if self.fields.capacity() == 0 {
                     let w = spare::take_work();
                     (self.out, self.fields, self.ufields) = (w.out, w.fields, w.upstream_fields);
