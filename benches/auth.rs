@@ -12,6 +12,7 @@
 mod common;
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
@@ -19,8 +20,11 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use keygate::auth::credential::{Extractor, header_text};
 use keygate::clock::Clock;
 use keygate::keys::cache::{Cached, Entry};
+use keygate::keys::store::Store;
+use keygate::keys::usage::UsageRecorder;
 use keygate::keys::{KeyFormat, KeyHash};
 use keygate::limit::KeyLimiter;
+use keygate::telemetry::metrics::Metrics;
 
 use common::{UNLIMITED, ready};
 
@@ -53,7 +57,7 @@ fn benches(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let (store, keys) = rt.block_on(common::seeded_store(dir.path(), KEYS));
     let cache = common::cache(1_000_000);
-    let auth = common::authenticator(store, cache.clone());
+    let auth = common::authenticator(Arc::clone(&store), cache.clone());
     // Warm the cache: every key is a hit from now on.
     rt.block_on(async {
         for k in &keys {
@@ -148,6 +152,17 @@ fn benches(c: &mut Criterion) {
     });
     g.bench_function("api_key_cached", |b| {
         b.iter(|| ready(auth.api_key(black_box(&key))).unwrap())
+    });
+    // A request's usage count and last use (on the cached principal), for one key used many
+    // times a millisecond.
+    let usage = UsageRecorder::new(
+        Arc::clone(&store) as Arc<dyn Store>,
+        Arc::new(Metrics::new(vec![])),
+        cache.clock().clone(),
+    );
+    let principal = ready(auth.api_key(&key)).unwrap();
+    g.bench_function("usage_touch", |b| {
+        b.iter(|| usage.touch(black_box(&principal)))
     });
     g.finish();
 

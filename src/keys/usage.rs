@@ -63,7 +63,10 @@ impl UsageRecorder {
     pub fn touch(&self, p: &Arc<Principal>) {
         let now = self.clock.now_millis();
         let u = &p.usage;
-        u.last_used.fetch_max(now, Ordering::Relaxed);
+        // Requests of a key within one millisecond: a read, not a locked write, after the first.
+        if u.last_used.load(Ordering::Relaxed) < now {
+            u.last_used.fetch_max(now, Ordering::Relaxed);
+        }
         u.requests.fetch_add(1, Ordering::Relaxed);
         if !u.queued.load(Ordering::Relaxed) && !u.queued.swap(true, Ordering::AcqRel) {
             self.queue(p);

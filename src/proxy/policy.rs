@@ -495,7 +495,10 @@ impl Gateway {
             Ok(p) => p,
             Err(e) => return Err(self.failed(e, ip)),
         };
-        outcome.principal = Some(Arc::clone(&principal));
+        if self.access_log {
+            // Only the access log names the key after the answer.
+            outcome.principal = Some(Arc::clone(&principal));
+        }
         let mut rate = principal
             .limiter
             .check()
