@@ -166,6 +166,23 @@ fn benches(c: &mut Criterion) {
     });
     g.finish();
 
+    // The periodic usage flush after every one of the 10,000 keys was used: what it costs the
+    // store (SQLite, in chunks one after another, unpaced), which shares the proxy's core.
+    let principals: Vec<_> = keys
+        .iter()
+        .map(|k| ready(auth.api_key(k.expose())).unwrap())
+        .collect();
+    let mut g = c.benchmark_group("usage_flush");
+    g.sample_size(10);
+    g.bench_function("keys_10k", |b| {
+        b.iter_batched(
+            || principals.iter().for_each(|p| usage.touch(p)),
+            |()| assert_eq!(rt.block_on(usage.flush()), KEYS),
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+
     let mut g = c.benchmark_group("token");
     g.bench_function("authenticate_cached_key", |b| {
         b.iter(|| ready(auth.token(black_box(&token))).unwrap())

@@ -115,7 +115,11 @@ impl UsageRecorder {
             e.requests += n;
             taken.push((p, n));
         }
-        let groups: Vec<(Usage, Taken)> = by_key.into_values().collect();
+        // In key order: a chunk's keys are neighbours in the store's tables and indexes, so a
+        // chunk rewrites a few pages rather than one or more per key (SQLite: several times
+        // less written per flush, see bench usage_flush).
+        let mut groups: Vec<(Usage, Taken)> = by_key.into_values().collect();
+        groups.sort_unstable_by_key(|(u, _)| u.key_id);
         let chunks = groups.len().div_ceil(FLUSH_CHUNK).max(1) as u32;
         let pace = (spread / chunks).min(FLUSH_PACE);
         // In chunks, yielding between them: a flush of many keys does not hold up requests for
@@ -237,6 +241,25 @@ mod tests {
             totals.push(count(p).await);
         }
         assert!(totals.iter().all(|&t| t == 3), "{:?}", &totals[..10]);
+    }
+
+    /// A flush gives the store its keys in key order, whatever the order they were used in
+    /// (neighbours in the store's tables: fewer pages written per chunk).
+    #[tokio::test]
+    async fn a_flush_writes_keys_in_key_order() {
+        let n = FLUSH_CHUNK * 2 + 10;
+        let (store, principals, _dir) = keys(n).await;
+        let metrics = Arc::new(Metrics::new(vec!["/".into()]));
+        let clock = FakeClock::new();
+        let usage = UsageRecorder::new(store.clone() as Arc<dyn Store>, metrics, clock.clock());
+        for p in principals.iter().rev() {
+            usage.touch(p);
+        }
+        assert_eq!(usage.flush().await, n);
+        let written = store.usage_written.lock().unwrap().clone();
+        let mut ids: Vec<Uuid> = principals.iter().map(|p| p.key_id).collect();
+        ids.sort();
+        assert_eq!(written, ids);
     }
 
     /// A request is recorded at the recorder's clock: `last_used_at` is that instant and the

@@ -45,6 +45,8 @@ pub struct Counting {
     pub down: AtomicBool,
     /// `record_usage` calls that succeed before every further one fails.
     pub usage_writes_left: AtomicUsize,
+    /// The keys of the usage written, in the order the store was given them.
+    pub usage_written: std::sync::Mutex<Vec<Uuid>>,
 }
 
 impl Counting {
@@ -59,6 +61,7 @@ impl Counting {
             lookups: AtomicUsize::new(0),
             down: AtomicBool::new(false),
             usage_writes_left: AtomicUsize::new(usize::MAX),
+            usage_written: Default::default(),
         }
     }
 }
@@ -122,7 +125,10 @@ impl Store for Counting {
         if allowed.is_err() {
             return Err(StoreError::Unavailable("down".into()));
         }
-        self.inner.record_usage(u).await
+        self.inner.record_usage(u).await?;
+        let mut written = self.usage_written.lock().unwrap();
+        written.extend(u.iter().map(|u| u.key_id));
+        Ok(())
     }
     async fn usage(&self, id: Uuid, from: i64, to: i64) -> StoreResult<Vec<(i64, u64)>> {
         self.inner.usage(id, from, to).await
