@@ -80,6 +80,11 @@
 # each *-tls-new contender's loopback traffic in the first repetition and reports, per
 # connection, what the server did on the wire (ClientHello → its handshake flight, request →
 # response) apart from what the client took (response → the client's close_notify).
+# CAPTURE_PLAIN=1 (with CAPTURE=1) records keygate, keygate-rot, base, base-rot, nginx-keyauth
+# and nginx-keyauth-rot the same way and reports, per keep-alive request, the server's time from
+# the request's first packet to the response's, beside wrk's latency: how much of a p99 is the
+# server's and how much the client's own queue (tcpdump shares the load core; that repetition
+# is slower). CAPTURE_SECS=N captures N s instead of 1 (at most DURATION).
 #
 # KEYGATE_BIN=path runs that binary instead of building the release one (e.g. a quick check of
 # the script with a debug build; figures from a debug build mean nothing).
@@ -106,6 +111,8 @@ IDLE=${IDLE:-0}
 STEAL_MAX=${STEAL_MAX:-2}
 case " ${CONTENDERS:-} " in *"-tls-new "*) CAPTURE=${CAPTURE:-1} ;; esac
 CAPTURE=${CAPTURE:-0}
+CAPTURE_PLAIN=${CAPTURE_PLAIN:-0}
+CAPTURE_SECS=${CAPTURE_SECS:-1}
 CONTENDERS=${CONTENDERS:-"direct nginx-plain nginx-keyauth nginx-keyauth-rot keygate keygate-rot keygate-jwt nginx-fwdauth nginx-fwdauth-rot keygate-verify keygate-signed keygate-signed-rot"}
 
 # ---- tools -------------------------------------------------------------------------------
@@ -619,6 +626,9 @@ contender_port() {
     keygate-tls-new) echo "$KGT_PORT" ;;
     keygate-tls-new-busy) echo "$KGTB_PORT" ;;
     nginx-keyauth-tls-new) echo "$NG_AUTH_TLS_PORT" ;;
+    keygate | keygate-rot) [ "$CAPTURE_PLAIN" != 1 ] || echo "$KG_PORT" ;;
+    base | base-rot) [ "$CAPTURE_PLAIN" != 1 ] || echo "$KGB_PORT" ;;
+    nginx-keyauth | nginx-keyauth-rot) [ "$CAPTURE_PLAIN" != 1 ] || echo "$NG_AUTH_PORT" ;;
   esac
 }
 cpu_ticks() {
@@ -652,9 +662,9 @@ for n in $CONNS; do
         cap=
         if [ "$CAPTURE" = 1 ] && [ "$r" = 1 ] && [ -n "$(contender_port "$c")" ]; then
           cap=$WORK/capture-$c-$n.pcap
-          # 1 s in the middle of the run, on the load core (as the client's cost).
-          (sleep "$(( (DURATION - 1) / 2 ))"
-           timeout 1 taskset -c "$LOAD_CPU" tcpdump -i lo -n -s 96 -w "$cap" \
+          # $CAPTURE_SECS s in the middle of the run, on the load core (as the client's cost).
+          (sleep "$(( (DURATION - CAPTURE_SECS) / 2 ))"
+           timeout "$CAPTURE_SECS" taskset -c "$LOAD_CPU" tcpdump -i lo -n -s 96 -w "$cap" \
              tcp port "$(contender_port "$c")" 2>/dev/null || true) &
           cap_pid=$!
         fi
@@ -681,7 +691,7 @@ for n in $CONNS; do
     done
   done
 done
-export WARM STEAL_MAX TLS_NOTE
+export WARM STEAL_MAX TLS_NOTE CAPTURE_SECS
 # ---- idle connections --------------------------------------------------------------------
 # keygate and nginx-keyauth in turn: wrk at the first connection count ($REPS runs), then
 # $IDLE keep-alive connections opened (one request answered on each, then silent) and held
@@ -909,59 +919,100 @@ pat = re.compile(r"^(\d+\.\d+) IP 127\.0\.0\.1\.(\d+) > 127\.0\.0\.1\.(\d+): Fla
 def q(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000 if xs else float("nan")
-print("### TLS, a new connection per request: on the wire")
+tls = any("-tls-new" in os.path.basename(f) for f in glob.glob(f"{work}/capture-*.txt"))
+if tls:
+    print("### TLS, a new connection per request: on the wire")
+    print()
+    print(f"{os.environ.get('CAPTURE_SECS', '1')} s of loopback traffic per contender (tcpdump, first repetition), per connection: the "
+          "server's handshake flight after the ClientHello, its response after the request, and the "
+          "client's close_notify after that response (the time the client took to read it). "
+          "p50 / p99 in ms; connections seen whole in the capture.")
+    print()
+    print("| connections | contender | SYN → ClientHello (client) | ClientHello → flight (server) | request → response (server) | response → client's close_notify (client) | whole |")
+    print("|---|---|---|---|---|---|---|")
+    for n in sorted({int(re.search(r"-(\d+)\.txt$", f).group(1)) for f in glob.glob(f"{work}/capture-*.txt")}):
+        for c in order:
+            path = f"{work}/capture-{c}-{n}.txt"
+            if "-tls-new" not in c or not os.path.exists(path):
+                continue
+            rows = [m.groups() for m in map(pat.match, open(path)) if m]
+            ports = Counter(x for r in rows for x in r[1:3])
+            if not ports:
+                continue
+            srv = ports.most_common(1)[0][0]
+            # One list per connection: a client port's SYN starts a new one (ports are reused).
+            current, flows = {}, []
+            for t, a, b, fl, ln in rows:
+                side, peer = ("S", b) if a == srv else ("C", a)
+                if side == "C" and fl == "S":
+                    current[peer] = []
+                    flows.append(current[peer])
+                if peer in current:
+                    current[peer].append((float(t), side, fl, int(ln)))
+            syn_ch, hs, rr, pick, whole = [], [], [], [], 0
+            for ev in flows:
+                if not ev or ev[0][1] != "C" or "S" not in ev[0][2]:
+                    continue
+                cd = [e for e in ev if e[1] == "C" and e[3] > 0]
+                sd = [e for e in ev if e[1] == "S" and e[3] > 0]
+                if len(cd) < 3 or len(sd) < 2:
+                    continue
+                req = cd[2]
+                after = [e for e in sd if e[0] >= req[0]]
+                if not after:
+                    continue
+                resp = after[-2] if len(after) >= 2 and after[-1][3] == 24 else after[-1]
+                flight = next((e for e in sd if e[0] >= cd[0][0]), None)
+                if flight is None:
+                    continue
+                whole += 1
+                syn_ch.append(cd[0][0] - ev[0][0])
+                hs.append(flight[0] - cd[0][0])
+                rr.append(resp[0] - req[0])
+                closing = [e for e in cd if e[0] > resp[0]]
+                if closing:
+                    pick.append(closing[0][0] - resp[0])
+            f = lambda xs: f"{q(xs, 0.5):.2f} / {q(xs, 0.99):.2f}"
+            print(f"| c{n} | {c} | {f(syn_ch)} | {f(hs)} | {f(rr)} | {f(pick)} | {whole:,} |")
+    print()
+if not any("-tls-new" not in os.path.basename(f) for f in glob.glob(f"{work}/capture-*.txt")):
+    sys.exit()
+print("### Keep-alive requests on the wire")
 print()
-print("1 s of loopback traffic per contender (tcpdump, first repetition), per connection: the "
-      "server's handshake flight after the ClientHello, its response after the request, and the "
-      "client's close_notify after that response (the time the client took to read it). "
-      "p50 / p99 in ms; connections seen whole in the capture.")
+print(f"{os.environ.get('CAPTURE_SECS', '1')} s of loopback traffic per contender (tcpdump, first repetition; its packets, not wrk's "
+      "timer): per request, the server's time from the request's first packet to the "
+      "response's (µs), and wrk's latency of that repetition.")
 print()
-print("| connections | contender | SYN → ClientHello (client) | ClientHello → flight (server) | request → response (server) | response → client's close_notify (client) | whole |")
-print("|---|---|---|---|---|---|---|")
+print("| connections | contender | requests seen | server p50 | server p90 | server p99 | server p99.9 | wrk p50 | wrk p99 |")
+print("|---|---|---|---|---|---|---|---|---|")
+def wrk_q(c, n, label):
+    try:
+        t = open(f"{work}/run-{c}-{n}-1.txt").read()
+    except OSError:
+        return "–"
+    m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)$", t, re.M)
+    return f"{float(m.group(1)) * {'us': 1, 'ms': 1000, 's': 1e6}[m.group(2)]:,.0f}" if m else "–"
 for n in sorted({int(re.search(r"-(\d+)\.txt$", f).group(1)) for f in glob.glob(f"{work}/capture-*.txt")}):
     for c in order:
         path = f"{work}/capture-{c}-{n}.txt"
-        if not os.path.exists(path):
+        if "-tls-new" in c or not os.path.exists(path):
             continue
         rows = [m.groups() for m in map(pat.match, open(path)) if m]
         ports = Counter(x for r in rows for x in r[1:3])
         if not ports:
             continue
         srv = ports.most_common(1)[0][0]
-        # One list per connection: a client port's SYN starts a new one (ports are reused).
-        current, flows = {}, []
+        asked, lat = {}, []
         for t, a, b, fl, ln in rows:
-            side, peer = ("S", b) if a == srv else ("C", a)
-            if side == "C" and fl == "S":
-                current[peer] = []
-                flows.append(current[peer])
-            if peer in current:
-                current[peer].append((float(t), side, fl, int(ln)))
-        syn_ch, hs, rr, pick, whole = [], [], [], [], 0
-        for ev in flows:
-            if not ev or ev[0][1] != "C" or "S" not in ev[0][2]:
+            if int(ln) == 0:
                 continue
-            cd = [e for e in ev if e[1] == "C" and e[3] > 0]
-            sd = [e for e in ev if e[1] == "S" and e[3] > 0]
-            if len(cd) < 3 or len(sd) < 2:
-                continue
-            req = cd[2]
-            after = [e for e in sd if e[0] >= req[0]]
-            if not after:
-                continue
-            resp = after[-2] if len(after) >= 2 and after[-1][3] == 24 else after[-1]
-            flight = next((e for e in sd if e[0] >= cd[0][0]), None)
-            if flight is None:
-                continue
-            whole += 1
-            syn_ch.append(cd[0][0] - ev[0][0])
-            hs.append(flight[0] - cd[0][0])
-            rr.append(resp[0] - req[0])
-            closing = [e for e in cd if e[0] > resp[0]]
-            if closing:
-                pick.append(closing[0][0] - resp[0])
-        f = lambda xs: f"{q(xs, 0.5):.2f} / {q(xs, 0.99):.2f}"
-        print(f"| c{n} | {c} | {f(syn_ch)} | {f(hs)} | {f(rr)} | {f(pick)} | {whole:,} |")
+            if b == srv:
+                asked.setdefault(a, float(t))
+            elif b in asked:
+                lat.append(float(t) - asked.pop(b))
+        us = lambda p: f"{q(lat, p) * 1000:,.0f}"
+        print(f"| c{n} | {c} | {len(lat):,} | {us(0.5)} | {us(0.9)} | {us(0.99)} | {us(0.999)} | "
+              f"{wrk_q(c, n, 50)} | {wrk_q(c, n, 99)} |")
 print()
 PY
 fi
