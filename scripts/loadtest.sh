@@ -919,6 +919,19 @@ pat = re.compile(r"^(\d+\.\d+) IP 127\.0\.0\.1\.(\d+) > 127\.0\.0\.1\.(\d+): Fla
 def q(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000 if xs else float("nan")
+def captures(tls):
+    """(connections, contender, packets, server port) of every capture of the -tls-new
+    contenders (tls) or of the others, in the report's order."""
+    files = glob.glob(f"{work}/capture-*.txt")
+    for n in sorted({int(re.search(r"-(\d+)\.txt$", f).group(1)) for f in files}):
+        for c in order:
+            path = f"{work}/capture-{c}-{n}.txt"
+            if ("-tls-new" in c) != tls or not os.path.exists(path):
+                continue
+            rows = [m.groups() for m in map(pat.match, open(path)) if m]
+            ports = Counter(x for r in rows for x in r[1:3])
+            if ports:
+                yield n, c, rows, ports.most_common(1)[0][0]
 tls = any("-tls-new" in os.path.basename(f) for f in glob.glob(f"{work}/capture-*.txt"))
 if tls:
     print("### TLS, a new connection per request: on the wire")
@@ -930,50 +943,41 @@ if tls:
     print()
     print("| connections | contender | SYN → ClientHello (client) | ClientHello → flight (server) | request → response (server) | response → client's close_notify (client) | whole |")
     print("|---|---|---|---|---|---|---|")
-    for n in sorted({int(re.search(r"-(\d+)\.txt$", f).group(1)) for f in glob.glob(f"{work}/capture-*.txt")}):
-        for c in order:
-            path = f"{work}/capture-{c}-{n}.txt"
-            if "-tls-new" not in c or not os.path.exists(path):
+    for n, c, rows, srv in captures(tls=True):
+        # One list per connection: a client port's SYN starts a new one (ports are reused).
+        current, flows = {}, []
+        for t, a, b, fl, ln in rows:
+            side, peer = ("S", b) if a == srv else ("C", a)
+            if side == "C" and fl == "S":
+                current[peer] = []
+                flows.append(current[peer])
+            if peer in current:
+                current[peer].append((float(t), side, fl, int(ln)))
+        syn_ch, hs, rr, pick, whole = [], [], [], [], 0
+        for ev in flows:
+            if not ev or ev[0][1] != "C" or "S" not in ev[0][2]:
                 continue
-            rows = [m.groups() for m in map(pat.match, open(path)) if m]
-            ports = Counter(x for r in rows for x in r[1:3])
-            if not ports:
+            cd = [e for e in ev if e[1] == "C" and e[3] > 0]
+            sd = [e for e in ev if e[1] == "S" and e[3] > 0]
+            if len(cd) < 3 or len(sd) < 2:
                 continue
-            srv = ports.most_common(1)[0][0]
-            # One list per connection: a client port's SYN starts a new one (ports are reused).
-            current, flows = {}, []
-            for t, a, b, fl, ln in rows:
-                side, peer = ("S", b) if a == srv else ("C", a)
-                if side == "C" and fl == "S":
-                    current[peer] = []
-                    flows.append(current[peer])
-                if peer in current:
-                    current[peer].append((float(t), side, fl, int(ln)))
-            syn_ch, hs, rr, pick, whole = [], [], [], [], 0
-            for ev in flows:
-                if not ev or ev[0][1] != "C" or "S" not in ev[0][2]:
-                    continue
-                cd = [e for e in ev if e[1] == "C" and e[3] > 0]
-                sd = [e for e in ev if e[1] == "S" and e[3] > 0]
-                if len(cd) < 3 or len(sd) < 2:
-                    continue
-                req = cd[2]
-                after = [e for e in sd if e[0] >= req[0]]
-                if not after:
-                    continue
-                resp = after[-2] if len(after) >= 2 and after[-1][3] == 24 else after[-1]
-                flight = next((e for e in sd if e[0] >= cd[0][0]), None)
-                if flight is None:
-                    continue
-                whole += 1
-                syn_ch.append(cd[0][0] - ev[0][0])
-                hs.append(flight[0] - cd[0][0])
-                rr.append(resp[0] - req[0])
-                closing = [e for e in cd if e[0] > resp[0]]
-                if closing:
-                    pick.append(closing[0][0] - resp[0])
-            f = lambda xs: f"{q(xs, 0.5):.2f} / {q(xs, 0.99):.2f}"
-            print(f"| c{n} | {c} | {f(syn_ch)} | {f(hs)} | {f(rr)} | {f(pick)} | {whole:,} |")
+            req = cd[2]
+            after = [e for e in sd if e[0] >= req[0]]
+            if not after:
+                continue
+            resp = after[-2] if len(after) >= 2 and after[-1][3] == 24 else after[-1]
+            flight = next((e for e in sd if e[0] >= cd[0][0]), None)
+            if flight is None:
+                continue
+            whole += 1
+            syn_ch.append(cd[0][0] - ev[0][0])
+            hs.append(flight[0] - cd[0][0])
+            rr.append(resp[0] - req[0])
+            closing = [e for e in cd if e[0] > resp[0]]
+            if closing:
+                pick.append(closing[0][0] - resp[0])
+        f = lambda xs: f"{q(xs, 0.5):.2f} / {q(xs, 0.99):.2f}"
+        print(f"| c{n} | {c} | {f(syn_ch)} | {f(hs)} | {f(rr)} | {f(pick)} | {whole:,} |")
     print()
 if not any("-tls-new" not in os.path.basename(f) for f in glob.glob(f"{work}/capture-*.txt")):
     sys.exit()
@@ -992,27 +996,18 @@ def wrk_q(c, n, label):
         return "–"
     m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)$", t, re.M)
     return f"{float(m.group(1)) * {'us': 1, 'ms': 1000, 's': 1e6}[m.group(2)]:,.0f}" if m else "–"
-for n in sorted({int(re.search(r"-(\d+)\.txt$", f).group(1)) for f in glob.glob(f"{work}/capture-*.txt")}):
-    for c in order:
-        path = f"{work}/capture-{c}-{n}.txt"
-        if "-tls-new" in c or not os.path.exists(path):
+for n, c, rows, srv in captures(tls=False):
+    asked, lat = {}, []
+    for t, a, b, fl, ln in rows:
+        if int(ln) == 0:
             continue
-        rows = [m.groups() for m in map(pat.match, open(path)) if m]
-        ports = Counter(x for r in rows for x in r[1:3])
-        if not ports:
-            continue
-        srv = ports.most_common(1)[0][0]
-        asked, lat = {}, []
-        for t, a, b, fl, ln in rows:
-            if int(ln) == 0:
-                continue
-            if b == srv:
-                asked.setdefault(a, float(t))
-            elif b in asked:
-                lat.append(float(t) - asked.pop(b))
-        us = lambda p: f"{q(lat, p) * 1000:,.0f}"
-        print(f"| c{n} | {c} | {len(lat):,} | {us(0.5)} | {us(0.9)} | {us(0.99)} | {us(0.999)} | "
-              f"{wrk_q(c, n, 50)} | {wrk_q(c, n, 99)} |")
+        if b == srv:
+            asked.setdefault(a, float(t))
+        elif b in asked:
+            lat.append(float(t) - asked.pop(b))
+    us = lambda p: f"{q(lat, p) * 1000:,.0f}"
+    print(f"| c{n} | {c} | {len(lat):,} | {us(0.5)} | {us(0.9)} | {us(0.99)} | {us(0.999)} | "
+          f"{wrk_q(c, n, 50)} | {wrk_q(c, n, 99)} |")
 print()
 PY
 fi

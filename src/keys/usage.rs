@@ -199,6 +199,12 @@ mod tests {
         (store, principals, dir)
     }
 
+    /// A recorder writing to `store`, on `clock`.
+    fn recorder(store: &Arc<Counting>, clock: &FakeClock) -> UsageRecorder {
+        let metrics = Arc::new(Metrics::new(vec!["/".into()]));
+        UsageRecorder::new(store.clone() as Arc<dyn Store>, metrics, clock.clock())
+    }
+
     /// Requests counted per day, `from..=to`, for `p`.
     async fn days(store: &Counting, p: &Principal, from: i64, to: i64) -> Vec<(i64, u64)> {
         store.usage(p.key_id, from, to).await.unwrap()
@@ -211,9 +217,8 @@ mod tests {
     async fn flushes_go_out_in_chunks_and_a_failed_chunk_is_kept() {
         let n = FLUSH_CHUNK * 2 + 100;
         let (store, principals, _dir) = keys(n).await;
-        let metrics = Arc::new(Metrics::new(vec!["/".into()]));
         let clock = FakeClock::new();
-        let usage = UsageRecorder::new(store.clone() as Arc<dyn Store>, metrics, clock.clock());
+        let usage = recorder(&store, &clock);
         let now = clock.now_millis();
         for p in &principals {
             usage.touch(p);
@@ -249,9 +254,8 @@ mod tests {
     async fn a_flush_writes_keys_in_key_order() {
         let n = FLUSH_CHUNK * 2 + 10;
         let (store, principals, _dir) = keys(n).await;
-        let metrics = Arc::new(Metrics::new(vec!["/".into()]));
         let clock = FakeClock::new();
-        let usage = UsageRecorder::new(store.clone() as Arc<dyn Store>, metrics, clock.clock());
+        let usage = recorder(&store, &clock);
         for p in principals.iter().rev() {
             usage.touch(p);
         }
@@ -268,10 +272,9 @@ mod tests {
     async fn requests_are_recorded_at_the_clocks_time() {
         let (store, principals, _dir) = keys(1).await;
         let p = &principals[0];
-        let metrics = Arc::new(Metrics::new(vec!["/".into()]));
         // A minute before midnight.
         let clock = FakeClock::at(FakeClock::START + DAY_MS - 60_000);
-        let usage = UsageRecorder::new(store.clone() as Arc<dyn Store>, metrics, clock.clock());
+        let usage = recorder(&store, &clock);
         let day = day_of(FakeClock::START);
         usage.touch(p);
         assert_eq!(p.usage.last_used(), clock.now_millis());
