@@ -84,7 +84,8 @@
 # and nginx-keyauth-rot the same way and reports, per keep-alive request, the server's time from
 # the request's first packet to the response's, beside wrk's latency: how much of a p99 is the
 # server's and how much the client's own queue (tcpdump shares the load core; that repetition
-# is slower). CAPTURE_SECS=N captures N s instead of 1 (at most DURATION).
+# is slower), and with IDLE the first run without and with the idle connections held.
+# CAPTURE_SECS=N captures N s instead of 1 (at most DURATION).
 #
 # KEYGATE_BIN=path runs that binary instead of building the release one (e.g. a quick check of
 # the script with a debug build; figures from a debug build mean nothing).
@@ -631,6 +632,14 @@ contender_port() {
     nginx-keyauth | nginx-keyauth-rot) [ "$CAPTURE_PLAIN" != 1 ] || echo "$NG_AUTH_PORT" ;;
   esac
 }
+# Records $CAPTURE_SECS s in the middle of the next $DURATION s run of contender $1 into $2, on
+# the load core (as the client's cost); `wait "$cap_pid"` after the run.
+start_capture() {
+  (sleep "$(( (DURATION - CAPTURE_SECS) / 2 ))"
+   timeout "$CAPTURE_SECS" taskset -c "$LOAD_CPU" tcpdump -i lo -n -s 96 -w "$2" \
+     tcp port "$(contender_port "$1")" 2>/dev/null || true) &
+  cap_pid=$!
+}
 cpu_ticks() {
   local t=0
   for p in $1; do
@@ -662,11 +671,7 @@ for n in $CONNS; do
         cap=
         if [ "$CAPTURE" = 1 ] && [ "$r" = 1 ] && [ -n "$(contender_port "$c")" ]; then
           cap=$WORK/capture-$c-$n.pcap
-          # $CAPTURE_SECS s in the middle of the run, on the load core (as the client's cost).
-          (sleep "$(( (DURATION - CAPTURE_SECS) / 2 ))"
-           timeout "$CAPTURE_SECS" taskset -c "$LOAD_CPU" tcpdump -i lo -n -s 96 -w "$cap" \
-             tcp port "$(contender_port "$c")" 2>/dev/null || true) &
-          cap_pid=$!
+          start_capture "$c" "$cap"
         fi
         t0=$(cpu_ticks "$pids")
         s0=$(core_ticks)
@@ -731,6 +736,17 @@ for s in conns:
         pass
 print(f"held {len(conns)}, refused {bad}, closed by the server while held {closed}")
 PY
+# With CAPTURE_PLAIN=1: the first run without and the first with the idle connections, on the
+# wire (the server's time per request, as for the keep-alive contenders).
+idle_capture() { # contender, phase, repetition
+  cap_pid=
+  if [ "$CAPTURE" = 1 ] && [ "$CAPTURE_PLAIN" = 1 ] && [ "$3" = 1 ]; then
+    start_capture "$1" "$WORK/capture-idle-$2-$1-${CONNS%% *}.pcap"
+  fi
+}
+idle_captured() {
+  if [ -n "$cap_pid" ]; then wait "$cap_pid"; fi
+}
 if [ "$IDLE" -gt 0 ]; then
   n=${CONNS%% *}
   for c in keygate nginx-keyauth; do
@@ -738,7 +754,9 @@ if [ "$IDLE" -gt 0 ]; then
     pids=$(contender_pids "$c")
     for r in $(seq "$REPS"); do
       run_wrk "$c" "$n" "$WARM" /dev/null
+      idle_capture "$c" without "$r"
       run_wrk "$c" "$n" "$DURATION" "$WORK/idle-$c-without-$r.txt"
+      idle_captured
     done
     before=$(rss_kb "$pids")
     rm -f "$WORK/idle-ready"
@@ -753,7 +771,9 @@ if [ "$IDLE" -gt 0 ]; then
     held=$(rss_kb "$pids")
     for r in $(seq "$REPS"); do
       run_wrk "$c" "$n" "$WARM" /dev/null
+      idle_capture "$c" with "$r"
       run_wrk "$c" "$n" "$DURATION" "$WORK/idle-$c-with-$r.txt"
+      idle_captured
     done
     exec {hold}>&-
     wait "$holder" || true
@@ -923,8 +943,10 @@ def captures(tls):
     """(connections, contender, packets, server port) of every capture of the -tls-new
     contenders (tls) or of the others, in the report's order."""
     files = glob.glob(f"{work}/capture-*.txt")
+    # The idle phase's: its first run without and with the idle connections held.
+    idle = [f"idle-{ph}-{c}" for c in ("keygate", "nginx-keyauth") for ph in ("without", "with")]
     for n in sorted({int(re.search(r"-(\d+)\.txt$", f).group(1)) for f in files}):
-        for c in order:
+        for c in order + idle:
             path = f"{work}/capture-{c}-{n}.txt"
             if ("-tls-new" in c) != tls or not os.path.exists(path):
                 continue
@@ -985,13 +1007,16 @@ print("### Keep-alive requests on the wire")
 print()
 print(f"{os.environ.get('CAPTURE_SECS', '1')} s of loopback traffic per contender (tcpdump, first repetition; its packets, not wrk's "
       "timer): per request, the server's time from the request's first packet to the "
-      "response's (µs), and wrk's latency of that repetition.")
+      "response's (µs), and wrk's latency of that repetition. idle-without-X / idle-with-X: "
+      "X's first run of the idle phase without and with the idle connections held.")
 print()
 print("| connections | contender | requests seen | server p50 | server p90 | server p99 | server p99.9 | wrk p50 | wrk p99 |")
 print("|---|---|---|---|---|---|---|---|---|")
 def wrk_q(c, n, label):
+    m = re.match(r"idle-(without|with)-(.+)$", c)
+    path = f"{work}/idle-{m.group(2)}-{m.group(1)}-1.txt" if m else f"{work}/run-{c}-{n}-1.txt"
     try:
-        t = open(f"{work}/run-{c}-{n}-1.txt").read()
+        t = open(path).read()
     except OSError:
         return "–"
     m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)$", t, re.M)
