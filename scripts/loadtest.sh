@@ -85,7 +85,8 @@
 # the request's first packet to the response's, beside wrk's latency: how much of a p99 is the
 # server's and how much the client's own queue (tcpdump shares the load core; that repetition
 # is slower), and with IDLE the first run without and with the idle connections held.
-# CAPTURE_SECS=N captures N s instead of 1 (at most DURATION).
+# CAPTURE_SECS=N captures N s instead of 1 (at most DURATION); CAPTURE_WINDOW_MS=M also cuts
+# each keep-alive capture into windows of M ms (requests, server p50 and p99 in each).
 #
 # KEYGATE_BIN=path runs that binary instead of building the release one (e.g. a quick check of
 # the script with a debug build; figures from a debug build mean nothing).
@@ -696,7 +697,7 @@ for n in $CONNS; do
     done
   done
 done
-export WARM STEAL_MAX TLS_NOTE CAPTURE_SECS
+export WARM STEAL_MAX TLS_NOTE CAPTURE_SECS CAPTURE_WINDOW_MS
 # ---- idle connections --------------------------------------------------------------------
 # keygate and nginx-keyauth in turn: wrk at the first connection count ($REPS runs), then
 # $IDLE keep-alive connections opened (one request answered on each, then silent) and held
@@ -1021,19 +1022,37 @@ def wrk_q(c, n, label):
         return "–"
     m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)$", t, re.M)
     return f"{float(m.group(1)) * {'us': 1, 'ms': 1000, 's': 1e6}[m.group(2)]:,.0f}" if m else "–"
+window = float(os.environ.get("CAPTURE_WINDOW_MS") or 0) / 1000
+windows = []
 for n, c, rows, srv in captures(tls=False):
-    asked, lat = {}, []
+    asked, lat, at = {}, [], []
     for t, a, b, fl, ln in rows:
         if int(ln) == 0:
             continue
         if b == srv:
             asked.setdefault(a, float(t))
         elif b in asked:
-            lat.append(float(t) - asked.pop(b))
+            sent = asked.pop(b)
+            lat.append(float(t) - sent)
+            at.append(sent)
     us = lambda p: f"{q(lat, p) * 1000:,.0f}"
     print(f"| c{n} | {c} | {len(lat):,} | {us(0.5)} | {us(0.9)} | {us(0.99)} | {us(0.999)} | "
           f"{wrk_q(c, n, 50)} | {wrk_q(c, n, 99)} |")
+    if window and at:
+        start, by = min(at), {}
+        for t0, l in zip(at, lat):
+            by.setdefault(int((t0 - start) // window), []).append(l)
+        cells = (f"{k * window:.1f} s: {len(v):,} / {q(v, 0.5) * 1000:,.0f} / {q(v, 0.99) * 1000:,.0f}"
+                 for k, v in sorted(by.items()))
+        windows.append(f"- c{n} {c}: " + "; ".join(cells))
 print()
+if windows:
+    print(f"The same requests in windows of {window * 1000:,.0f} ms (from the capture's first "
+          "request): requests / server p50 / server p99 (µs).")
+    print()
+    for line in windows:
+        print(line)
+    print()
 PY
 fi
 if [ -s "$IDLE_RAW" ]; then
