@@ -21,9 +21,9 @@ type Taken = Vec<(Arc<Principal>, u64)>;
 
 /// Keys written per store call when usage is flushed.
 const FLUSH_CHUNK: usize = 25;
-/// Longest pause between the chunks of a periodic flush. The store's work (SQLite runs on a
-/// blocking thread that may share the request path's core) goes out in small pieces instead of
-/// holding up requests for milliseconds at a time.
+/// Longest pause between the chunks of a periodic flush. The store's work (SQLite's usage
+/// writer runs at the lowest CPU priority, but may share the request path's core) goes out in
+/// small pieces instead of holding up requests for milliseconds at a time.
 const FLUSH_PACE: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Usage not yet written, kept on each cached principal.

@@ -1,8 +1,9 @@
 //! Embedded store: one SQLite file in WAL mode with `synchronous=FULL`, so an acknowledged
 //! admin write survives a crash of the process or of the machine. Calls run on tokio's blocking
 //! pool against one connection; the proxy reaches here on cache misses only. Credit and quota
-//! charges use a second connection with `synchronous=NORMAL`, and the usage flush commits with
-//! `synchronous=NORMAL` (no fsync per commit; durable across a crash of the process).
+//! charges use a second connection with `synchronous=NORMAL`, and the usage flush a third, on its
+//! own thread at the lowest CPU priority, also with `synchronous=NORMAL` (no fsync per commit;
+//! durable across a crash of the process).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -125,7 +126,12 @@ pub struct SqliteStore {
     /// without an fsync per request; only a power loss can lose the last charges, which then
     /// count as not spent (in the client's favour).
     charges: Arc<Mutex<Connection>>,
+    /// The usage flush's writes, to [`usage_writer`]'s thread and connection.
+    usage: std::sync::mpsc::Sender<UsageJob>,
 }
+
+/// One chunk of a usage flush, and where its outcome goes.
+type UsageJob = (Vec<Usage>, tokio::sync::oneshot::Sender<StoreResult<()>>);
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -170,9 +176,19 @@ impl SqliteStore {
             .busy_timeout(std::time::Duration::from_secs(5))
             .map_err(unavailable)?;
         charges.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
+        let usage = Connection::open(path)
+            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+        usage
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(unavailable)?;
+        usage
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(unavailable)?;
+        let usage = usage_writer(usage)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             charges: Arc::new(Mutex::new(charges)),
+            usage,
         })
     }
 
@@ -193,6 +209,28 @@ impl SqliteStore {
     {
         run_on(Arc::clone(&self.conn), f).await
     }
+}
+
+/// Starts the thread that writes the usage flush's chunks on `conn`, and answers the way to it.
+/// The thread runs at the lowest CPU priority (nice 19): on a core shared with the request
+/// path, a flush then takes the time the requests leave over instead of delaying them. It ends
+/// when the store (every clone) is dropped.
+fn usage_writer(mut conn: Connection) -> StoreResult<std::sync::mpsc::Sender<UsageJob>> {
+    conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
+    let (tx, rx) = std::sync::mpsc::channel::<UsageJob>();
+    std::thread::Builder::new()
+        .name("keygate-usage".into())
+        .spawn(move || {
+            // On Linux this names the calling thread only.
+            if let Err(e) = rustix::process::setpriority_process(None, 19) {
+                tracing::debug!(error = %e, "usage writer: CPU priority not lowered");
+            }
+            while let Ok((usage, done)) = rx.recv() {
+                let _ = done.send(write_usage(&mut conn, &usage));
+            }
+        })
+        .map_err(|e| unavailable(format!("cannot start the usage writer: {e}")))?;
+    Ok(tx)
 }
 
 /// Runs `f` on a blocking thread with `conn` held.
@@ -980,22 +1018,17 @@ impl Store for SqliteStore {
 
     /// Committed with `synchronous=NORMAL`: no fsync per flush (a crash of the process loses
     /// none of it; a power loss can lose the last flushes, as it can the last charges). On the
-    /// main connection, serialised with the admin writes: a write on the other connection
-    /// between an admin transaction's read and its write would make that transaction fail.
+    /// usage writer's own connection and thread ([`usage_writer`]): lookups never wait for it
+    /// (WAL readers do not wait for a writer), and writes on the other connections take the
+    /// write lock when they begin, so they wait for a chunk's commit instead of failing.
     async fn record_usage(&self, usage: &[Usage]) -> StoreResult<()> {
-        let usage = usage.to_vec();
-        self.run(move |c| {
-            c.pragma_update(None, "synchronous", "NORMAL").map_err(db)?;
-            let written = write_usage(c, &usage);
-            // Admin writes go on with an fsync per commit, whatever happened above. The chunk's
-            // own outcome is the answer: a chunk committed and then reported as failed would be
-            // given back to the next flush and counted twice.
-            if let Err(e) = c.pragma_update(None, "synchronous", "FULL") {
-                tracing::error!(error = %e, "SQLite: synchronous=FULL not restored after a usage flush");
-            }
-            written
-        })
-        .await
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        self.usage
+            .send((usage.to_vec(), done))
+            .map_err(|_| unavailable("the usage writer has stopped"))?;
+        outcome
+            .await
+            .map_err(|_| unavailable("the usage writer has stopped"))?
     }
 
     async fn usage(&self, key_id: Uuid, from: i64, to: i64) -> StoreResult<Vec<(i64, u64)>> {
@@ -1382,6 +1415,57 @@ fn write_usage(c: &mut Connection, usage: &[Usage]) -> StoreResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The nice values of this process's threads named `name`, from `/proc`.
+    #[cfg(target_os = "linux")]
+    fn nice_of_threads(name: &str) -> Vec<i64> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| {
+                let dir = t.ok()?.path();
+                let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+                (comm.trim_end() == name).then_some(())?;
+                let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+                // Field 19 is the nice value; fields are counted after the command's ')'.
+                let rest = &stat[stat.rfind(')')? + 2..];
+                rest.split(' ').nth(16)?.parse().ok()
+            })
+            .collect()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn usage_is_written_by_a_thread_of_lowest_priority_on_its_own_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("u.db")).unwrap();
+        let (key, _) = ApiKey::builder().client("c").build();
+        store
+            .insert_client(&crate::keys::testing::client("c"), &key)
+            .await
+            .unwrap();
+        let usage = Usage {
+            key_id: key.id,
+            last_used_at: 1_000,
+            day: 0,
+            requests: 3,
+        };
+        store.record_usage(&[usage]).await.unwrap();
+        let nice = nice_of_threads("keygate-usage");
+        assert!(!nice.is_empty(), "no usage writer thread");
+        assert!(nice.iter().all(|n| *n == 19), "{nice:?}");
+        // Its own connection: the main one holds no transaction open, and it was not given the
+        // flush's synchronous=NORMAL.
+        let sync: i64 = store
+            .conn
+            .lock()
+            .unwrap()
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "the main connection stays synchronous=FULL");
+        assert_eq!(store.usage(key.id, 0, 0).await.unwrap(), vec![(0, 3)]);
+        let found = store.find_by_id(key.id).await.unwrap().unwrap();
+        assert_eq!(found.key.last_used_at, Some(1_000));
+    }
 
     #[tokio::test]
     async fn keys_stored_before_setters_and_token_generations_are_read_safely() {
