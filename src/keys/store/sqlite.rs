@@ -167,29 +167,25 @@ impl SqliteStore {
         // other connection between its read and its write would fail it ("database is
         // locked"). Read-only transactions queue behind writers too; they are admin calls.
         conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
-        let mut charges = Connection::open(path)
-            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
-        charges
-            .pragma_update(None, "synchronous", "NORMAL")
-            .map_err(unavailable)?;
-        charges
-            .busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(unavailable)?;
-        charges.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
-        let usage = Connection::open(path)
-            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
-        usage
-            .pragma_update(None, "synchronous", "NORMAL")
-            .map_err(unavailable)?;
-        usage
-            .busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(unavailable)?;
-        let usage = usage_writer(usage)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
-            charges: Arc::new(Mutex::new(charges)),
-            usage,
+            charges: Arc::new(Mutex::new(Self::open_normal(path)?)),
+            usage: usage_writer(Self::open_normal(path)?)?,
         })
+    }
+
+    /// A further connection to the (migrated) database at `path` with `synchronous=NORMAL`,
+    /// for the writes that need no fsync per commit (charges, usage); its transactions take the
+    /// write lock when they begin, as the main connection's do.
+    fn open_normal(path: &Path) -> StoreResult<Connection> {
+        let mut c = Connection::open(path)
+            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+        c.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(unavailable)?;
+        c.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(unavailable)?;
+        c.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
+        Ok(c)
     }
 
     /// Runs `f` on the connection of credit and quota charges.
@@ -216,7 +212,6 @@ impl SqliteStore {
 /// path, a flush then takes the time the requests leave over instead of delaying them. It ends
 /// when the store (every clone) is dropped.
 fn usage_writer(mut conn: Connection) -> StoreResult<std::sync::mpsc::Sender<UsageJob>> {
-    conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
     let (tx, rx) = std::sync::mpsc::channel::<UsageJob>();
     std::thread::Builder::new()
         .name("keygate-usage".into())
