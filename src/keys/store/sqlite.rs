@@ -1444,12 +1444,29 @@ mod tests {
             day: 0,
             requests: 3,
         };
-        store.record_usage(&[usage]).await.unwrap();
+        // Its own connection: a chunk is written while the main connection is held (by a
+        // thread standing in for a long admin call or lookup); on the main connection it would
+        // wait for the whole hold.
+        let main = Arc::clone(&store.conn);
+        let (held, holding) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            let _guard = main.lock().unwrap();
+            held.send(()).unwrap();
+            std::thread::sleep(std::time::Duration::from_secs(3));
+        });
+        holding.recv().unwrap();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            store.record_usage(&[usage]),
+        )
+        .await
+        .expect("the chunk waited for the main connection")
+        .unwrap();
+        holder.join().unwrap();
         let nice = nice_of_threads("keygate-usage");
         assert!(!nice.is_empty(), "no usage writer thread");
         assert!(nice.iter().all(|n| *n == 19), "{nice:?}");
-        // Its own connection: the main one holds no transaction open, and it was not given the
-        // flush's synchronous=NORMAL.
+        // The flush's synchronous=NORMAL is its connection's own: admin writes keep FULL.
         let sync: i64 = store
             .conn
             .lock()
