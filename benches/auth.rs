@@ -7,6 +7,9 @@
 //! work as the HTTP/1.1 fast path does it: the credential from the value the head parser
 //! located (no `HeaderMap`).
 //!
+//! `cache_refresh/keys_10k` is the work of the background refreshes when every cached key
+//! goes stale at once.
+//!
 //! Run: `cargo bench --bench auth` (pin with `taskset -c 0` on a quiet machine).
 
 mod common;
@@ -178,6 +181,50 @@ fn benches(c: &mut Criterion) {
         b.iter_batched(
             || principals.iter().for_each(|p| usage.touch(p)),
             |()| assert_eq!(rt.block_on(usage.flush()), KEYS),
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+
+    // The background refreshes when all 10,000 cached keys go stale at once (keys cached
+    // together go stale together): from the first stale request to the last answer cached.
+    // Every request is served stale at once; what is measured is the work the refreshes put on
+    // the cores (the store on its threads, the runtime's tasks).
+    let clock = keygate::clock::FakeClock::new();
+    let stale_cache = keygate::keys::cache::KeyCache::new(
+        &keygate::keys::cache::CacheSettings {
+            capacity: 1_000_000,
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(5),
+            stale_if_error: Duration::from_secs(300),
+        },
+        clock.clock(),
+    );
+    let stale_auth = common::authenticator(Arc::clone(&store), stale_cache.clone());
+    let hashes: Vec<KeyHash> = keys.iter().map(|k| KeyHash::of(k.expose())).collect();
+    rt.block_on(async {
+        for k in &keys {
+            stale_auth.api_key(k.expose()).await.expect("seeded key");
+        }
+    });
+    let mut g = c.benchmark_group("cache_refresh");
+    g.sample_size(10);
+    g.bench_function("keys_10k", |b| {
+        b.iter_batched(
+            // Past every key's TTL (60 s, less up to a tenth), within the revalidate window.
+            || clock.advance(Duration::from_millis(60_001)),
+            |()| {
+                let _runtime = rt.enter();
+                for k in &keys {
+                    ready(stale_auth.api_key(k.expose())).expect("served stale");
+                }
+                let now = clock.now_millis();
+                for h in &hashes {
+                    while stale_cache.get(h).is_none_or(|e| e.fresh_until <= now) {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            },
             BatchSize::PerIteration,
         )
     });

@@ -41,6 +41,16 @@ const TOKEN_CACHE_CAPACITY: usize = 100_000;
 /// it (never longer than the TTL itself). Past it, requests wait for the store. The cache
 /// knows it too: after missed invalidations it makes keys stale past it.
 const REVALIDATE_WINDOW_MS: Millis = crate::keys::cache::REVALIDATE_WINDOW_MS;
+/// Most stale keys one background refresh asks the store about at once.
+const REFRESH_BATCH: usize = 256;
+
+/// A cached principal past its TTL, to be asked of the store again in the background.
+enum Stale {
+    /// Cached by key hash (API keys).
+    Hash(KeyHash),
+    /// Cached by key id (tokens).
+    Id(Uuid),
+}
 
 /// Why a credential was not accepted. The proxy and the admin listener each turn it into
 /// their own answer.
@@ -80,6 +90,9 @@ pub struct Authenticator {
     store_health: Arc<StoreHealth>,
     /// Tokens already verified, by SHA-256 of their signature segment.
     tokens: Arc<TokenCache>,
+    /// The queue of background refreshes, to the task that works it ([`Authenticator::refresh`]);
+    /// started with the first refresh.
+    refreshes: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Stale>>>,
 }
 
 impl Authenticator {
@@ -102,6 +115,7 @@ impl Authenticator {
             metrics,
             store_health,
             tokens,
+            refreshes: Default::default(),
         }
     }
 
@@ -162,17 +176,12 @@ impl Authenticator {
         let now = self.clock().now_millis();
         let claims = self.verified(token, now)?;
         let id = claims.key_id;
-        let refresh = |stale| {
-            let me = self.clone();
-            tokio::spawn(async move {
-                let _ = me.fill_id(id, me.clock().now_millis(), Some(stale)).await;
-            });
-        };
-        let principal = match self.classify(self.cache.get_id(&id), now, refresh) {
-            Lookup::Fresh(p) => p,
-            Lookup::Unknown => return Err(AuthError::InvalidToken),
-            Lookup::Refill(stale) => self.fill_id(id, now, stale).await?,
-        };
+        let principal =
+            match self.classify(self.cache.get_id(&id), now, || self.refresh(Stale::Id(id))) {
+                Lookup::Fresh(p) => p,
+                Lookup::Unknown => return Err(AuthError::InvalidToken),
+                Lookup::Refill(stale) => self.fill_id(id, now, stale).await?,
+            };
         let current = check_status(&principal, now).is_ok()
             && principal.token_generation().unwrap_or(0) == claims.rot
             && now < claims.grace_until
@@ -232,24 +241,36 @@ impl Authenticator {
             return self.stale(stale);
         }
         let epoch = self.cache.epoch();
-        let found = self.store.find_by_id(id).await;
-        if found.is_ok() {
-            self.store_health.succeeded();
+        match self.store.find_by_id(id).await {
+            Ok(found) => {
+                self.store_health.succeeded();
+                self.cache_id_answer(id, found, now, epoch)
+            }
+            Err(e) => {
+                self.store_failed(now, &e, stale.is_some());
+                self.stale(stale)
+            }
         }
+    }
+
+    /// Caches the store's answer for key `id` (asked at `now`, when the cache was at `epoch`).
+    fn cache_id_answer(
+        &self,
+        id: Uuid,
+        found: Option<crate::keys::KeyRecord>,
+        now: Millis,
+        epoch: u64,
+    ) -> Result<Arc<Principal>, AuthError> {
         match found {
-            Ok(Some(record)) => {
+            Some(record) => {
                 let p = self.principal(&record, &record.key.key_hash);
                 self.cache
                     .insert_id(id, Cached::Found(Arc::clone(&p)), now, epoch);
                 Ok(p)
             }
-            Ok(None) => {
+            None => {
                 self.cache.insert_id(id, Cached::Unknown, now, epoch);
                 Err(AuthError::InvalidToken)
-            }
-            Err(e) => {
-                self.store_failed(now, &e, stale.is_some());
-                self.stale(stale)
             }
         }
     }
@@ -298,13 +319,7 @@ impl Authenticator {
         if entry.is_none() && keygate && !self.format.check(key) {
             return Err(AuthError::InvalidApiKey);
         }
-        let refresh = |stale| {
-            let me = self.clone();
-            tokio::spawn(async move {
-                let _ = me.fill(hash, me.clock().now_millis(), Some(stale)).await;
-            });
-        };
-        let principal = match self.classify(entry, now, refresh) {
+        let principal = match self.classify(entry, now, || self.refresh(Stale::Hash(hash))) {
             Lookup::Fresh(p) => p,
             Lookup::Unknown => return Err(AuthError::InvalidApiKey),
             Lookup::Refill(stale) => self.fill(hash, now, stale).await?,
@@ -316,12 +331,7 @@ impl Authenticator {
     /// What a cache entry means at `now` (and the hit metrics). A key just past its TTL is
     /// served while it is revalidated in the background (`refresh` starts that, once per
     /// cached principal), so a hot key never makes a request wait for the store.
-    fn classify(
-        &self,
-        entry: Option<Entry>,
-        now: Millis,
-        refresh: impl FnOnce(Arc<Principal>),
-    ) -> Lookup {
+    fn classify(&self, entry: Option<Entry>, now: Millis, refresh: impl FnOnce()) -> Lookup {
         match entry {
             Some(Entry {
                 value: Cached::Found(p),
@@ -348,7 +358,7 @@ impl Authenticator {
                         .refreshing
                         .swap(true, std::sync::atomic::Ordering::AcqRel)
                     {
-                        refresh(Arc::clone(&stale));
+                        refresh();
                     }
                     return Lookup::Fresh(stale);
                 }
@@ -372,16 +382,26 @@ impl Authenticator {
             return self.stale(stale);
         }
         let epoch = self.cache.epoch();
-        let found = match self.store.find_by_hash(&hash, now).await {
+        match self.store.find_by_hash(&hash, now).await {
             Ok(found) => {
                 self.store_health.succeeded();
-                found
+                self.cache_answer(hash, found, now, epoch)
             }
             Err(e) => {
                 self.store_failed(now, &e, stale.is_some());
-                return self.stale(stale);
+                self.stale(stale)
             }
-        };
+        }
+    }
+
+    /// Caches the store's answer for `hash` (asked at `now`, when the cache was at `epoch`).
+    fn cache_answer(
+        &self,
+        hash: KeyHash,
+        found: Option<crate::keys::KeyRecord>,
+        now: Millis,
+        epoch: u64,
+    ) -> Result<Arc<Principal>, AuthError> {
         let matching = found.filter(|r| {
             r.key.key_hash.ct_eq(&hash) || r.key.previous_hash.is_some_and(|p| p.ct_eq(&hash))
         });
@@ -396,6 +416,74 @@ impl Authenticator {
                 self.cache.insert(hash, Cached::Unknown, now, epoch);
                 Err(AuthError::InvalidApiKey)
             }
+        }
+    }
+
+    /// Starts the background refresh of a stale cached principal. Refreshes queue for one task
+    /// that asks the store about up to [`REFRESH_BATCH`] keys at once
+    /// ([`Store::find_many_by_hash`]): keys cached together go stale together (a burst of new
+    /// callers, a restart, a load test), and the store then sees a few batched lookups instead
+    /// of a task, a store call and a blocking thread per key, on the cores requests run on.
+    fn refresh(&self, stale: Stale) {
+        let queue = self.refreshes.get_or_init(|| {
+            let (queue, work) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(self.clone().refresh_all(work));
+            queue
+        });
+        if let Err(unsent) = queue.send(stale) {
+            // The task ended with the runtime it ran on (only tests run several): alone then.
+            let me = self.clone();
+            tokio::spawn(async move { me.refresh_batch(&mut vec![unsent.0]).await });
+        }
+    }
+
+    /// The refresh task: batches of what is queued, one after the other.
+    async fn refresh_all(self, mut work: tokio::sync::mpsc::UnboundedReceiver<Stale>) {
+        let mut batch = Vec::with_capacity(REFRESH_BATCH);
+        while work.recv_many(&mut batch, REFRESH_BATCH).await > 0 {
+            self.refresh_batch(&mut batch).await;
+        }
+    }
+
+    /// Asks the store about the stale principals in `batch` (emptied) and caches the answers.
+    /// While the store backs off, or when it fails, the entries stay as they are: served stale
+    /// until the revalidate window ends, then asked again by the requests themselves.
+    async fn refresh_batch(&self, batch: &mut Vec<Stale>) {
+        let now = self.clock().now_millis();
+        self.metrics.cache_n(CacheResult::Miss, batch.len() as u64);
+        if self.store_health.backing_off(now) {
+            batch.clear();
+            return;
+        }
+        let mut hashes = Vec::with_capacity(batch.len());
+        for stale in batch.drain(..) {
+            match stale {
+                Stale::Hash(h) => hashes.push(h),
+                // Tokens' keys, by id: one lookup each.
+                Stale::Id(id) => {
+                    let epoch = self.cache.epoch();
+                    match self.store.find_by_id(id).await {
+                        Ok(found) => {
+                            self.store_health.succeeded();
+                            let _ = self.cache_id_answer(id, found, now, epoch);
+                        }
+                        Err(e) => return self.store_failed(now, &e, true),
+                    }
+                }
+            }
+        }
+        if hashes.is_empty() {
+            return;
+        }
+        let epoch = self.cache.epoch();
+        match self.store.find_many_by_hash(&hashes, now).await {
+            Ok(found) => {
+                self.store_health.succeeded();
+                for (hash, found) in hashes.into_iter().zip(found) {
+                    let _ = self.cache_answer(hash, found, now, epoch);
+                }
+            }
+            Err(e) => self.store_failed(now, &e, true),
         }
     }
 }
@@ -773,6 +861,94 @@ mod tests {
         }
         assert!(refreshed, "the refreshed entry was not used");
         assert_eq!(store.lookups.load(Ordering::SeqCst), before + 1);
+    }
+
+    /// Keys cached together go stale together: their refreshes reach the store as one batched
+    /// lookup (not a lookup per key), every request is still answered from the cache at once,
+    /// and what the batch found replaces each entry (a key disabled behind the cache's back is
+    /// refused, the others are served fresh without another lookup).
+    #[tokio::test]
+    async fn keys_gone_stale_together_are_refreshed_in_one_batched_lookup() {
+        let Setup {
+            auth, store, clock, ..
+        } = setup_ttl(Duration::from_millis(300));
+        let first = seed(&store).await;
+        let mut keys = vec![first];
+        for _ in 1..40 {
+            let (key, k) = crate::keys::ApiKey::builder()
+                .client("c")
+                .permissions(&["P"])
+                .build();
+            store.insert_key(&key, 0).await.unwrap();
+            keys.push(k);
+        }
+        for k in &keys {
+            auth.api_key(k.plaintext.expose()).await.unwrap();
+        }
+        let before = store.lookups.load(Ordering::SeqCst);
+        clock.advance(Duration::from_millis(320));
+        let disabled = &keys[7];
+        let mut key = store
+            .inner
+            .find_by_hash(&disabled.hash, crate::keys::now_millis())
+            .await
+            .unwrap()
+            .unwrap()
+            .key;
+        key.enabled = false;
+        assert!(store.inner.update_key(&key).await.unwrap());
+        for k in &keys {
+            assert!(common_ready(auth.api_key(k.plaintext.expose())).is_ok());
+        }
+        let waited = std::time::Instant::now();
+        while auth.api_key(disabled.plaintext.expose()).await.is_ok() {
+            assert!(waited.elapsed() < Duration::from_secs(5), "not refreshed");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(*store.batches.lock().unwrap(), vec![40]);
+        assert_eq!(store.lookups.load(Ordering::SeqCst), before + 40);
+        for (i, k) in keys.iter().enumerate() {
+            let answer = common_ready(auth.api_key(k.plaintext.expose()));
+            if i == 7 {
+                assert_eq!(answer.unwrap_err(), AuthError::DisabledApiKey);
+            } else {
+                assert!(answer.is_ok());
+            }
+        }
+        assert_eq!(store.lookups.load(Ordering::SeqCst), before + 40);
+    }
+
+    /// A refresh that finds the store down leaves the entries as they are: served stale within
+    /// the revalidate window, without a lookup per request, and asked again by the requests
+    /// once the window has passed.
+    #[tokio::test]
+    async fn a_failed_batched_refresh_serves_stale_and_leaves_the_rest_to_the_requests() {
+        let Setup {
+            auth, store, clock, ..
+        } = setup_ttl(Duration::from_millis(300));
+        let k = seed(&store).await;
+        auth.api_key(k.plaintext.expose()).await.unwrap();
+        clock.advance(Duration::from_millis(320));
+        store.down.store(true, Ordering::SeqCst);
+        let before = store.lookups.load(Ordering::SeqCst);
+        assert!(common_ready(auth.api_key(k.plaintext.expose())).is_ok());
+        let waited = std::time::Instant::now();
+        while store.batches.lock().unwrap().is_empty() {
+            assert!(waited.elapsed() < Duration::from_secs(5), "no refresh");
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..10 {
+            assert!(common_ready(auth.api_key(k.plaintext.expose())).is_ok());
+        }
+        assert_eq!(store.lookups.load(Ordering::SeqCst), before + 1);
+        // Past the window (and the back-off), the request asks the store itself.
+        store.down.store(false, Ordering::SeqCst);
+        clock.advance(Duration::from_millis(
+            REVALIDATE_WINDOW_MS.min(300) as u64 + StoreHealth::BACKOFF_MS as u64,
+        ));
+        assert!(auth.api_key(k.plaintext.expose()).await.is_ok());
+        assert_eq!(store.lookups.load(Ordering::SeqCst), before + 2);
+        assert_eq!(store.batches.lock().unwrap().len(), 1);
     }
 
     /// After a subscription came back (invalidations may have been missed), a cached key is

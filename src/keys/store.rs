@@ -266,6 +266,21 @@ pub trait Store: Send + Sync + 'static {
     /// `now`, equals `hash`, with its client's license. One round trip.
     async fn find_by_hash(&self, hash: &KeyHash, now: Millis) -> StoreResult<Option<KeyRecord>>;
 
+    /// [`Store::find_by_hash`] for each of `hashes`, answered in their order: the background
+    /// refreshes of cached keys past their TTL come in batches. A store may run them apart from
+    /// the lookups requests wait for; an error fails the whole batch.
+    async fn find_many_by_hash(
+        &self,
+        hashes: &[KeyHash],
+        now: Millis,
+    ) -> StoreResult<Vec<Option<KeyRecord>>> {
+        let mut found = Vec::with_capacity(hashes.len());
+        for h in hashes {
+            found.push(self.find_by_hash(h, now).await?);
+        }
+        Ok(found)
+    }
+
     /// The key with this id and its client's license.
     async fn find_by_id(&self, id: Uuid) -> StoreResult<Option<KeyRecord>>;
 

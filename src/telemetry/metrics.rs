@@ -251,6 +251,11 @@ impl Metrics {
         self.cache[r as usize].inc();
     }
 
+    /// `n` results of one kind at once.
+    pub fn cache_n(&self, r: CacheResult, n: u64) {
+        self.cache[r as usize].add(n);
+    }
+
     pub fn connection_opened(&self, listener: &str) {
         if let Some(i) = LISTENERS.iter().position(|&l| l == listener) {
             self.connections[i].inc();

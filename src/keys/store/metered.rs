@@ -78,6 +78,13 @@ impl Store for Metered {
     async fn find_by_hash(&self, h: &KeyHash, now: Millis) -> StoreResult<Option<KeyRecord>> {
         self.timed(self.inner.find_by_hash(h, now)).await
     }
+    async fn find_many_by_hash(
+        &self,
+        h: &[KeyHash],
+        now: Millis,
+    ) -> StoreResult<Vec<Option<KeyRecord>>> {
+        self.timed(self.inner.find_many_by_hash(h, now)).await
+    }
     async fn find_by_id(&self, id: Uuid) -> StoreResult<Option<KeyRecord>> {
         self.timed(self.inner.find_by_id(id)).await
     }

@@ -3,7 +3,8 @@
 //! pool against one connection; the proxy reaches here on cache misses only. Credit and quota
 //! charges use a second connection with `synchronous=NORMAL`, and the usage flush a third, on its
 //! own thread at the lowest CPU priority, also with `synchronous=NORMAL` (no fsync per commit;
-//! durable across a crash of the process).
+//! durable across a crash of the process). The background refreshes of cached keys read in
+//! batches on a fourth, read-only connection on a thread of its own at a lowered priority.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -126,12 +127,23 @@ pub struct SqliteStore {
     /// without an fsync per request; only a power loss can lose the last charges, which then
     /// count as not spent (in the client's favour).
     charges: Arc<Mutex<Connection>>,
-    /// The usage flush's writes, to [`usage_writer`]'s thread and connection.
-    usage: std::sync::mpsc::Sender<UsageJob>,
+    /// The usage flush's writes, to a thread and connection of their own at the lowest CPU
+    /// priority ([`USAGE_NICE`]).
+    usage: std::sync::mpsc::Sender<Job>,
+    /// The batched lookups of background cache refreshes ([`Store::find_many_by_hash`]), to a
+    /// thread and read connection of their own at a lowered CPU priority ([`REFRESH_NICE`]):
+    /// the lookups requests wait for never queue behind them.
+    refresh: std::sync::mpsc::Sender<Job>,
 }
 
-/// One chunk of a usage flush, and where its outcome goes.
-type UsageJob = (Vec<Usage>, tokio::sync::oneshot::Sender<StoreResult<()>>);
+/// The usage writer's CPU priority: the lowest. A flush that falls behind only delays when
+/// usage shows (and the next flush carries what is left).
+const USAGE_NICE: i32 = 19;
+/// The refresh thread's CPU priority. Lowered, not the lowest: a key served stale must be
+/// refreshed within the revalidate window (10 s), or requests wait for the store; at nice 10 a
+/// core kept busy by requests still leaves it about a tenth, enough for tens of thousands of
+/// lookups a second.
+const REFRESH_NICE: i32 = 10;
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -170,8 +182,24 @@ impl SqliteStore {
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             charges: Arc::new(Mutex::new(Self::open_normal(path)?)),
-            usage: usage_writer(Self::open_normal(path)?)?,
+            usage: connection_thread("keygate-usage", USAGE_NICE, Self::open_normal(path)?)?,
+            refresh: connection_thread("keygate-refresh", REFRESH_NICE, Self::open_reader(path)?)?,
         })
+    }
+
+    /// A read connection to the (migrated) database at `path` for the background refreshes:
+    /// it reads what was committed when each batch began (WAL), and never writes.
+    fn open_reader(path: &Path) -> StoreResult<Connection> {
+        let c = Connection::open(path)
+            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+        c.pragma_update(None, "query_only", "ON")
+            .map_err(unavailable)?;
+        // Up to 16 MiB of page cache, allocated as pages are used (the main connection's is 64).
+        c.pragma_update(None, "cache_size", -16_384)
+            .map_err(unavailable)?;
+        c.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(unavailable)?;
+        Ok(c)
     }
 
     /// A further connection to the (migrated) database at `path` with `synchronous=NORMAL`,
@@ -207,25 +235,47 @@ impl SqliteStore {
     }
 }
 
-/// Starts the thread that writes the usage flush's chunks on `conn`, and answers the way to it.
-/// The thread runs at the lowest CPU priority (nice 19): on a core shared with the request
-/// path, a flush then takes the time the requests leave over instead of delaying them. It ends
-/// when the store (every clone) is dropped.
-fn usage_writer(mut conn: Connection) -> StoreResult<std::sync::mpsc::Sender<UsageJob>> {
-    let (tx, rx) = std::sync::mpsc::channel::<UsageJob>();
+/// Work for a connection on a thread of its own ([`connection_thread`]).
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// Starts a thread named `name` that runs the jobs sent to it, one after the other, on `conn`
+/// at CPU priority `nice` (Linux; 19 is the lowest): on a core shared with the request path,
+/// its work then takes the time the requests leave over instead of delaying them. The thread
+/// ends when the store (every clone) is dropped.
+fn connection_thread(
+    name: &str,
+    nice: i32,
+    mut conn: Connection,
+) -> StoreResult<std::sync::mpsc::Sender<Job>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
     std::thread::Builder::new()
-        .name("keygate-usage".into())
+        .name(name.into())
         .spawn(move || {
             // On Linux this names the calling thread only.
-            if let Err(e) = rustix::process::setpriority_process(None, 19) {
-                tracing::debug!(error = %e, "usage writer: CPU priority not lowered");
+            if let Err(e) = rustix::process::setpriority_process(None, nice) {
+                tracing::debug!(error = %e, "store thread: CPU priority not lowered");
             }
-            while let Ok((usage, done)) = rx.recv() {
-                let _ = done.send(write_usage(&mut conn, &usage));
+            while let Ok(job) = rx.recv() {
+                job(&mut conn);
             }
         })
-        .map_err(|e| unavailable(format!("cannot start the usage writer: {e}")))?;
+        .map_err(|e| unavailable(format!("cannot start the store thread {name}: {e}")))?;
     Ok(tx)
+}
+
+/// Runs `f` on the thread behind `jobs` ([`connection_thread`]) and answers its outcome.
+async fn run_there<T, F>(jobs: &std::sync::mpsc::Sender<Job>, f: F) -> StoreResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+{
+    let (done, outcome) = tokio::sync::oneshot::channel();
+    let job: Job = Box::new(move |c| {
+        let _ = done.send(f(c));
+    });
+    let stopped = || unavailable("a store thread has stopped");
+    jobs.send(job).map_err(|_| stopped())?;
+    outcome.await.map_err(|_| stopped())?
 }
 
 /// Runs `f` on a blocking thread with `conn` held.
@@ -414,6 +464,18 @@ fn client_exists(conn: &Connection, client_id: &str) -> rusqlite::Result<bool> {
         "SELECT EXISTS(SELECT 1 FROM clients WHERE client_id = ?1)",
         [client_id],
         |r| r.get(0),
+    )
+}
+
+/// The key whose current hash, or previous hash still valid at `now`, is `h`.
+fn record_by_hash(c: &Connection, h: &KeyHash, now: Millis) -> StoreResult<Option<KeyRecord>> {
+    if let Some(r) = record_query(c, "k.key_hash = ?1", &[&&h.0[..]])? {
+        return Ok(Some(r));
+    }
+    record_query(
+        c,
+        "k.previous_hash = ?1 AND k.previous_valid_until > ?2",
+        &[&&h.0[..], &now],
     )
 }
 
@@ -611,16 +673,25 @@ fn import_rows(
 #[async_trait]
 impl Store for SqliteStore {
     async fn find_by_hash(&self, hash: &KeyHash, now: Millis) -> StoreResult<Option<KeyRecord>> {
-        let h = hash.0;
-        self.run(move |c| {
-            if let Some(r) = record_query(c, "k.key_hash = ?1", &[&&h[..]])? {
-                return Ok(Some(r));
-            }
-            record_query(
-                c,
-                "k.previous_hash = ?1 AND k.previous_valid_until > ?2",
-                &[&&h[..], &now],
-            )
+        let h = *hash;
+        self.run(move |c| record_by_hash(c, &h, now)).await
+    }
+
+    /// On the refresh thread's own connection, in one read transaction (one snapshot).
+    async fn find_many_by_hash(
+        &self,
+        hashes: &[KeyHash],
+        now: Millis,
+    ) -> StoreResult<Vec<Option<KeyRecord>>> {
+        let hashes = hashes.to_vec();
+        run_there(&self.refresh, move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let found = hashes
+                .iter()
+                .map(|h| record_by_hash(&tx, h, now))
+                .collect::<StoreResult<Vec<_>>>()?;
+            tx.finish().map_err(db)?;
+            Ok(found)
         })
         .await
     }
@@ -1013,17 +1084,12 @@ impl Store for SqliteStore {
 
     /// Committed with `synchronous=NORMAL`: no fsync per flush (a crash of the process loses
     /// none of it; a power loss can lose the last flushes, as it can the last charges). On the
-    /// usage writer's own connection and thread ([`usage_writer`]): lookups never wait for it
+    /// usage writer's own connection and thread ([`USAGE_NICE`]): lookups never wait for it
     /// (WAL readers do not wait for a writer), and writes on the other connections take the
     /// write lock when they begin, so they wait for a chunk's commit instead of failing.
     async fn record_usage(&self, usage: &[Usage]) -> StoreResult<()> {
-        let (done, outcome) = tokio::sync::oneshot::channel();
-        self.usage
-            .send((usage.to_vec(), done))
-            .map_err(|_| unavailable("the usage writer has stopped"))?;
-        outcome
-            .await
-            .map_err(|_| unavailable("the usage writer has stopped"))?
+        let usage = usage.to_vec();
+        run_there(&self.usage, move |c| write_usage(c, &usage)).await
     }
 
     async fn usage(&self, key_id: Uuid, from: i64, to: i64) -> StoreResult<Vec<(i64, u64)>> {
@@ -1426,6 +1492,74 @@ mod tests {
                 rest.split(' ').nth(16)?.parse().ok()
             })
             .collect()
+    }
+
+    /// Background refreshes: a batch answers what one lookup per hash answers (current hash,
+    /// previous hash only within its grace, unknown), in order, on a thread of lowered priority
+    /// with a connection of its own (it does not wait for the main connection).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn batched_lookups_answer_as_single_ones_on_a_thread_and_connection_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("r.db")).unwrap();
+        let (a, ka) = ApiKey::builder().client("c").build();
+        let (b, kb) = ApiKey::builder().client("c").build();
+        store
+            .insert_client(&crate::keys::testing::client("c"), &a)
+            .await
+            .unwrap();
+        store.insert_key(&b, 0).await.unwrap();
+        let b_new = KeyHash::of("kg_the_new_secret");
+        store
+            .rotate_key(
+                b.id,
+                &Rotation {
+                    key_hash: b_new,
+                    prefix: "kg_the".into(),
+                    previous_valid_until: Some(now_millis() + 60_000),
+                    at: now_millis(),
+                },
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let hashes = [ka.hash, kb.hash, b_new, KeyHash::of("kg_unknown")];
+        for now in [now_millis(), now_millis() + 120_000] {
+            let mut one_by_one = Vec::new();
+            for h in &hashes {
+                one_by_one.push(store.find_by_hash(h, now).await.unwrap());
+            }
+            let main = Arc::clone(&store.conn);
+            let (held, holding) = std::sync::mpsc::channel();
+            let holder = std::thread::spawn(move || {
+                let _guard = main.lock().unwrap();
+                held.send(()).unwrap();
+                std::thread::sleep(std::time::Duration::from_secs(2));
+            });
+            holding.recv().unwrap();
+            let batch = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                store.find_many_by_hash(&hashes, now),
+            )
+            .await
+            .expect("the batch waited for the main connection")
+            .unwrap();
+            holder.join().unwrap();
+            let ids = |v: &[Option<KeyRecord>]| {
+                v.iter()
+                    .map(|r| r.as_ref().map(|r| (r.key.id, r.license.clone())))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(ids(&batch), ids(&one_by_one));
+            assert_eq!(batch[0].as_ref().unwrap().key.id, a.id);
+            assert_eq!(batch[2].as_ref().unwrap().key.id, b.id);
+            assert!(batch[3].is_none());
+            // The previous hash within its grace, then not.
+            assert_eq!(batch[1].is_some(), now < now_millis() + 60_000);
+        }
+        let nice = nice_of_threads("keygate-refresh");
+        assert!(!nice.is_empty(), "no refresh thread");
+        assert!(nice.iter().all(|n| *n == REFRESH_NICE as i64), "{nice:?}");
     }
 
     #[cfg(target_os = "linux")]

@@ -41,6 +41,8 @@ impl SqliteStore {
 pub struct Counting {
     pub inner: SqliteStore,
     pub lookups: AtomicUsize,
+    /// The size of each batched lookup ([`Store::find_many_by_hash`]), in order.
+    pub batches: std::sync::Mutex<Vec<usize>>,
     /// When set, lookups fail as if the store were unreachable.
     pub down: AtomicBool,
     /// `record_usage` calls that succeed before every further one fails.
@@ -59,6 +61,7 @@ impl Counting {
         Counting {
             inner,
             lookups: AtomicUsize::new(0),
+            batches: Default::default(),
             down: AtomicBool::new(false),
             usage_writes_left: AtomicUsize::new(usize::MAX),
             usage_written: Default::default(),
@@ -74,6 +77,18 @@ impl Store for Counting {
             return Err(StoreError::Unavailable("down".into()));
         }
         self.inner.find_by_hash(h, now).await
+    }
+    async fn find_many_by_hash(
+        &self,
+        h: &[KeyHash],
+        now: Millis,
+    ) -> StoreResult<Vec<Option<KeyRecord>>> {
+        self.lookups.fetch_add(h.len(), Ordering::SeqCst);
+        self.batches.lock().unwrap().push(h.len());
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        self.inner.find_many_by_hash(h, now).await
     }
     async fn find_by_id(&self, id: Uuid) -> StoreResult<Option<KeyRecord>> {
         self.inner.find_by_id(id).await
