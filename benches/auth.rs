@@ -190,7 +190,7 @@ fn benches(c: &mut Criterion) {
     // together go stale together): from the first stale request to the last answer cached.
     // Every request is served stale at once; what is measured is the work the refreshes put on
     // the cores (the store on its threads, the runtime's tasks).
-    let clock = keygate::clock::FakeClock::new();
+    let stale_clock = keygate::clock::FakeClock::new();
     let stale_cache = keygate::keys::cache::KeyCache::new(
         &keygate::keys::cache::CacheSettings {
             capacity: 1_000_000,
@@ -198,7 +198,7 @@ fn benches(c: &mut Criterion) {
             negative_ttl: Duration::from_secs(5),
             stale_if_error: Duration::from_secs(300),
         },
-        clock.clock(),
+        stale_clock.clock(),
     );
     let stale_auth = common::authenticator(Arc::clone(&store), stale_cache.clone());
     let hashes: Vec<KeyHash> = keys.iter().map(|k| KeyHash::of(k.expose())).collect();
@@ -212,13 +212,13 @@ fn benches(c: &mut Criterion) {
     g.bench_function("keys_10k", |b| {
         b.iter_batched(
             // Past every key's TTL (60 s, less up to a tenth), within the revalidate window.
-            || clock.advance(Duration::from_millis(60_001)),
+            || stale_clock.advance(Duration::from_millis(60_001)),
             |()| {
                 let _runtime = rt.enter();
                 for k in &keys {
                     ready(stale_auth.api_key(k.expose())).expect("served stale");
                 }
-                let now = clock.now_millis();
+                let now = stale_clock.now_millis();
                 for h in &hashes {
                     while stale_cache.get(h).is_none_or(|e| e.fresh_until <= now) {
                         std::thread::sleep(Duration::from_micros(200));

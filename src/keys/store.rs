@@ -268,17 +268,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// [`Store::find_by_hash`] for each of `hashes`, answered in their order: the background
     /// refreshes of cached keys past their TTL come in batches. A store may run them apart from
-    /// the lookups requests wait for; an error fails the whole batch.
+    /// the lookups requests wait for; an error fails the whole batch. By default the lookups
+    /// are made all at once (a networked store then pays one round trip for the batch, not
+    /// one per key).
     async fn find_many_by_hash(
         &self,
         hashes: &[KeyHash],
         now: Millis,
     ) -> StoreResult<Vec<Option<KeyRecord>>> {
-        let mut found = Vec::with_capacity(hashes.len());
-        for h in hashes {
-            found.push(self.find_by_hash(h, now).await?);
-        }
-        Ok(found)
+        futures_util::future::try_join_all(hashes.iter().map(|h| self.find_by_hash(h, now))).await
     }
 
     /// The key with this id and its client's license.

@@ -216,6 +216,7 @@ conformance!(
     insert_then_find_by_hash_and_by_id,
     unknown_hashes_and_ids_are_none,
     previous_hash_works_only_within_its_grace_period,
+    batched_lookups_answer_as_single_ones_in_order,
     list_keys_paginates_in_creation_order_with_client_filter,
     max_keys_per_client_and_unknown_client,
     patch_key_changes_only_what_it_names,
@@ -395,6 +396,48 @@ async fn previous_hash_works_only_within_its_grace_period(s: Arc<dyn Store>) {
     assert_eq!(s.find_by_hash(&h3, now).await.unwrap(), None);
     assert!(s.find_by_hash(&h4, now).await.unwrap().is_some());
     assert!(s.find_by_hash(&h5, now).await.unwrap().is_some());
+}
+
+/// The background refreshes' batched lookup answers, hash by hash and in the order asked,
+/// what one lookup each answers: current hashes, a previous hash only within its grace,
+/// unknown hashes, the same hash twice, and a batch larger than the refresher's.
+async fn batched_lookups_answer_as_single_ones_in_order(s: Arc<dyn Store>) {
+    let now = now_millis();
+    let (a, ha) = key("acme", now);
+    s.insert_client(&client("acme", "pro", now), &a)
+        .await
+        .unwrap();
+    let (b, hb) = key("acme", now + 1);
+    s.insert_key(&b, 0).await.unwrap();
+    let (c, hc) = key("other", now + 2);
+    s.insert_client(&client("other", "free", now), &c)
+        .await
+        .unwrap();
+    let until = now + 3_600_000;
+    let hb2 = KeyHash::of("b's new secret");
+    s.rotate_key(b.id, &rotation(hb2, now, Some(until)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(s.find_many_by_hash(&[], now).await.unwrap().is_empty());
+    let mut hashes = vec![ha, hb, hb2, KeyHash::of("unknown"), hc, ha];
+    for i in 0..300 {
+        hashes.push([ha, hb, hc, KeyHash::of(&format!("unknown {i}"))][i % 4]);
+    }
+    for t in [now, until + 1] {
+        let batch = s.find_many_by_hash(&hashes, t).await.unwrap();
+        assert_eq!(batch.len(), hashes.len());
+        for (h, found) in hashes.iter().zip(&batch) {
+            assert_eq!(*found, s.find_by_hash(h, t).await.unwrap());
+        }
+        let id = |i: usize| batch[i].as_ref().map(|r| (r.key.id, r.license.as_str()));
+        assert_eq!(id(0), Some((a.id, "pro")));
+        assert_eq!(id(1), (t < until).then_some((b.id, "pro")));
+        assert_eq!(id(2), Some((b.id, "pro")));
+        assert_eq!(id(3), None);
+        assert_eq!(id(4), Some((c.id, "free")));
+        assert_eq!(id(5), id(0));
+    }
 }
 
 async fn list_keys_paginates_in_creation_order_with_client_filter(s: Arc<dyn Store>) {
