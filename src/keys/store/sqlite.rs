@@ -4,7 +4,9 @@
 //! charges use a second connection with `synchronous=NORMAL`, and the usage flush a third, on its
 //! own thread at the lowest CPU priority, also with `synchronous=NORMAL` (no fsync per commit;
 //! durable across a crash of the process). The background refreshes of cached keys read in
-//! batches on a fourth, read-only connection on a thread of its own at a lowered priority.
+//! batches on a fourth, read-only connection on a thread of its own at a lowered priority, and
+//! the event outbox works on a fifth (`synchronous=FULL`, as admin writes), also on a thread of
+//! its own at a lowered priority.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -134,6 +136,11 @@ pub struct SqliteStore {
     /// thread and read connection of their own at a lowered CPU priority ([`REFRESH_NICE`]):
     /// the lookups requests wait for never queue behind them.
     refresh: std::sync::mpsc::Sender<Job>,
+    /// The event outbox's work (fan-out, claims, delivery records, webhooks), to a thread and
+    /// connection of their own at a lowered CPU priority ([`EVENTS_NICE`]): the delivery loop
+    /// claims once a second, and on a core shared with the request path each claim then runs
+    /// in short turns instead of holding the core for its whole length.
+    events: std::sync::mpsc::Sender<Job>,
 }
 
 /// The usage writer's CPU priority: the lowest. A flush that falls behind only delays when
@@ -144,6 +151,8 @@ const USAGE_NICE: i32 = 19;
 /// core kept busy by requests still leaves it about a tenth, enough for tens of thousands of
 /// lookups a second.
 const REFRESH_NICE: i32 = 10;
+/// The event outbox thread's CPU priority (see [`SqliteStore`]'s `events`).
+const EVENTS_NICE: i32 = 10;
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -184,7 +193,24 @@ impl SqliteStore {
             charges: Arc::new(Mutex::new(Self::open_normal(path)?)),
             usage: connection_thread("keygate-usage", USAGE_NICE, Self::open_normal(path)?)?,
             refresh: connection_thread("keygate-refresh", REFRESH_NICE, Self::open_reader(path)?)?,
+            events: connection_thread("keygate-events", EVENTS_NICE, Self::open_events(path)?)?,
         })
+    }
+
+    /// The event outbox's connection to the (migrated) database at `path`: settings as the
+    /// main connection's (`synchronous=FULL`, foreign keys, transactions that take the write
+    /// lock when they begin).
+    fn open_events(path: &Path) -> StoreResult<Connection> {
+        let mut c = Connection::open(path)
+            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+        c.pragma_update(None, "synchronous", "FULL")
+            .map_err(unavailable)?;
+        c.pragma_update(None, "foreign_keys", "ON")
+            .map_err(unavailable)?;
+        c.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(unavailable)?;
+        c.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
+        Ok(c)
     }
 
     /// A read connection to the (migrated) database at `path` for the background refreshes:
@@ -236,7 +262,7 @@ impl SqliteStore {
 }
 
 /// Work for a connection on a thread of its own ([`connection_thread`]).
-type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+pub(super) type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// Starts a thread named `name` that runs the jobs sent to it, one after the other, on `conn`
 /// at CPU priority `nice` (Linux; 19 is the lowest): on a core shared with the request path,
@@ -264,7 +290,7 @@ fn connection_thread(
 }
 
 /// Runs `f` on the thread behind `jobs` ([`connection_thread`]) and answers its outcome.
-async fn run_there<T, F>(jobs: &std::sync::mpsc::Sender<Job>, f: F) -> StoreResult<T>
+pub(super) async fn run_there<T, F>(jobs: &std::sync::mpsc::Sender<Job>, f: F) -> StoreResult<T>
 where
     T: Send + 'static,
     F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
@@ -1183,7 +1209,7 @@ impl Store for SqliteStore {
 
     fn outbox(&self) -> Option<Arc<dyn outbox::Outbox>> {
         Some(Arc::new(super::sqlite_outbox::SqliteOutbox::new(
-            Arc::clone(&self.conn),
+            self.events.clone(),
             super::sqlite_outbox::KeyRows {
                 columns: KEY_COLUMNS,
                 read: key_from_row,
@@ -1560,6 +1586,47 @@ mod tests {
         let nice = nice_of_threads("keygate-refresh");
         assert!(!nice.is_empty(), "no refresh thread");
         assert!(nice.iter().all(|n| *n == REFRESH_NICE as i64), "{nice:?}");
+    }
+
+    /// The event outbox works on a thread of lowered priority with a connection of its own:
+    /// a claim does not wait for the main connection.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_outbox_works_on_a_thread_and_connection_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("e.db")).unwrap();
+        let (key, _) = ApiKey::builder().client("c").build();
+        store
+            .insert_client(&crate::keys::testing::client("c"), &key)
+            .await
+            .unwrap();
+        let outbox = store.outbox().unwrap();
+        let main = Arc::clone(&store.conn);
+        let (held, holding) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            let _guard = main.lock().unwrap();
+            held.send(()).unwrap();
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        });
+        holding.recv().unwrap();
+        let subs = [outbox::Subscription {
+            webhook_id: "w".into(),
+            events: vec!["*".into()],
+        }];
+        let claimed = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            outbox.claim(&subs, now_millis(), 30_000, 10),
+        )
+        .await
+        .expect("the claim waited for the main connection")
+        .unwrap();
+        holder.join().unwrap();
+        // The client's and its key's creation, fanned out to the webhook that wants every event.
+        assert_eq!(claimed.len(), 2, "{claimed:?}");
+        assert!(claimed.iter().all(|c| c.webhook_id == "w"));
+        let nice = nice_of_threads("keygate-events");
+        assert!(!nice.is_empty(), "no outbox thread");
+        assert!(nice.iter().all(|n| *n == EVENTS_NICE as i64), "{nice:?}");
     }
 
     #[cfg(target_os = "linux")]

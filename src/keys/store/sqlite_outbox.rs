@@ -7,8 +7,8 @@
 //! from a process that is gone (killed mid-delivery): they are released at once and those
 //! deliveries are made again, under the same `webhook-id`.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -113,10 +113,11 @@ pub struct SqliteOutbox {
     pruned_at: Arc<std::sync::atomic::AtomicI64>,
 }
 
-/// The store's one connection, used the way the store uses it: on tokio's blocking pool. Its
-/// transactions begin IMMEDIATE (the store sets that when it opens it).
+/// The store's connection for the outbox, on a thread of its own
+/// ([`super::sqlite::run_there`]). Its transactions begin IMMEDIATE (the store sets that when
+/// it opens it).
 #[derive(Clone)]
-struct Conn(Arc<Mutex<Connection>>);
+struct Conn(std::sync::mpsc::Sender<super::sqlite::Job>);
 
 impl Conn {
     async fn run<T, F>(&self, f: F) -> StoreResult<T>
@@ -124,15 +125,7 @@ impl Conn {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
     {
-        let conn = Arc::clone(&self.0);
-        tokio::task::spawn_blocking(move || {
-            let mut guard = conn
-                .lock()
-                .map_err(|_| StoreError::Unavailable("store connection poisoned".into()))?;
-            f(&mut guard)
-        })
-        .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        super::sqlite::run_there(&self.0, f).await
     }
 }
 
@@ -141,7 +134,7 @@ fn db(e: rusqlite::Error) -> StoreError {
 }
 
 impl SqliteOutbox {
-    pub fn new(conn: Arc<Mutex<Connection>>, keys: KeyRows) -> Self {
+    pub fn new(conn: std::sync::mpsc::Sender<super::sqlite::Job>, keys: KeyRows) -> Self {
         Self {
             store: Conn(conn),
             keys,
