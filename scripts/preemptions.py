@@ -56,14 +56,14 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         data = os.path.join(d, "perf.data")
         subprocess.run(
-            ["perf", "record", "-q", "-e", "sched:sched_switch", "-C", cpu, "-o", data,
+            ["perf", "record", "-q", "-m", "4096", "-e", "sched:sched_switch", "-C", cpu, "-o", data,
              "--", "sleep", seconds],
             check=True, stderr=subprocess.DEVNULL,
         )
         out = subprocess.run(
             ["perf", "script", "-i", data], check=True, capture_output=True, text=True
         ).stdout
-    gaps, by, long = [], {}, []
+    gaps, by, long, dropped = [], {}, [], 0
     start, first, ran, since = None, None, {}, None
     for line in out.splitlines():
         m = SWITCH.search(line)
@@ -75,8 +75,10 @@ def main():
             # Who had the core in the gap, and for how long.
             ran[prev_comm] = ran.get(prev_comm, 0) + (t - since) * 1e6
         since = t
-        if int(prev_pid) == main_pid and state.startswith("R"):
-            start, first, ran = t, next_comm, {}
+        if int(prev_pid) == main_pid:
+            # A gap still open means its end went unrecorded (perf lost events): dropped.
+            dropped += start is not None
+            start, first, ran = (t, next_comm, {}) if state.startswith("R") else (None, None, {})
         elif int(next_pid) == main_pid and start is not None:
             gap = (t - start) * 1e6
             gaps.append(gap)
@@ -97,6 +99,8 @@ def main():
         )
 
     line("all", gaps)
+    if dropped:
+        print(f"  ({dropped} gaps dropped: their end was not recorded)")
     for name, v in sorted(by.items(), key=lambda kv: -sum(kv[1])):
         line(f"  first {name}", v)
     print(f"preemptions of {LONG_US} µs or more, and who ran in them (µs):")
