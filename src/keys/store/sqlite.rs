@@ -1519,6 +1519,20 @@ fn write_usage(c: &mut Connection, usage: &[Usage]) -> StoreResult<()> {
 mod tests {
     use super::*;
 
+    /// Holds the store's main connection from another thread for `secs` seconds (standing in
+    /// for a long admin call or lookup); answers once it is held.
+    fn hold_main_connection(store: &SqliteStore, secs: u64) -> std::thread::JoinHandle<()> {
+        let main = Arc::clone(&store.conn);
+        let (held, holding) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            let _guard = main.lock().unwrap();
+            held.send(()).unwrap();
+            std::thread::sleep(std::time::Duration::from_secs(secs));
+        });
+        holding.recv().unwrap();
+        holder
+    }
+
     /// The nice values of this process's threads named `name`, from `/proc`.
     #[cfg(target_os = "linux")]
     fn nice_of_threads(name: &str) -> Vec<i64> {
@@ -1571,14 +1585,7 @@ mod tests {
             for h in &hashes {
                 one_by_one.push(store.find_by_hash(h, now).await.unwrap());
             }
-            let main = Arc::clone(&store.conn);
-            let (held, holding) = std::sync::mpsc::channel();
-            let holder = std::thread::spawn(move || {
-                let _guard = main.lock().unwrap();
-                held.send(()).unwrap();
-                std::thread::sleep(std::time::Duration::from_secs(2));
-            });
-            holding.recv().unwrap();
+            let holder = hold_main_connection(&store, 2);
             let batch = tokio::time::timeout(
                 std::time::Duration::from_secs(1),
                 store.find_many_by_hash(&hashes, now),
@@ -1617,14 +1624,7 @@ mod tests {
             .await
             .unwrap();
         let outbox = store.outbox().unwrap();
-        let main = Arc::clone(&store.conn);
-        let (held, holding) = std::sync::mpsc::channel();
-        let holder = std::thread::spawn(move || {
-            let _guard = main.lock().unwrap();
-            held.send(()).unwrap();
-            std::thread::sleep(std::time::Duration::from_secs(2));
-        });
-        holding.recv().unwrap();
+        let holder = hold_main_connection(&store, 2);
         let subs = [outbox::Subscription {
             webhook_id: "w".into(),
             events: vec!["*".into()],
@@ -1664,14 +1664,7 @@ mod tests {
         // Its own connection: a chunk is written while the main connection is held (by a
         // thread standing in for a long admin call or lookup); on the main connection it would
         // wait for the whole hold.
-        let main = Arc::clone(&store.conn);
-        let (held, holding) = std::sync::mpsc::channel();
-        let holder = std::thread::spawn(move || {
-            let _guard = main.lock().unwrap();
-            held.send(()).unwrap();
-            std::thread::sleep(std::time::Duration::from_secs(3));
-        });
-        holding.recv().unwrap();
+        let holder = hold_main_connection(&store, 3);
         tokio::time::timeout(
             std::time::Duration::from_secs(1),
             store.record_usage(&[usage]),
