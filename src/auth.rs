@@ -236,21 +236,11 @@ impl Authenticator {
         now: Millis,
         stale: Option<Arc<Principal>>,
     ) -> Result<Arc<Principal>, AuthError> {
-        self.metrics.cache(CacheResult::Miss);
-        if self.store_health.backing_off(now) {
-            return self.stale(stale);
-        }
-        let epoch = self.cache.epoch();
-        match self.store.find_by_id(id).await {
-            Ok(found) => {
-                self.store_health.succeeded();
-                self.cache_id_answer(id, found, now, epoch)
-            }
-            Err(e) => {
-                self.store_failed(now, &e, stale.is_some());
-                self.stale(stale)
-            }
-        }
+        let lookup = || self.store.find_by_id(id);
+        self.fill_from(lookup, now, stale, |found, epoch| {
+            self.cache_id_answer(id, found, now, epoch)
+        })
+        .await
     }
 
     /// Caches the store's answer for key `id` (asked at `now`, when the cache was at `epoch`).
@@ -377,15 +367,35 @@ impl Authenticator {
         now: Millis,
         stale: Option<Arc<Principal>>,
     ) -> Result<Arc<Principal>, AuthError> {
+        let lookup = || self.store.find_by_hash(&hash, now);
+        self.fill_from(lookup, now, stale, |found, epoch| {
+            self.cache_answer(hash, found, now, epoch)
+        })
+        .await
+    }
+
+    /// Asks the store (`lookup`, called only past the back-off and after the cache's epoch is
+    /// read) and caches its answer with `answer`, given that epoch. A failed lookup serves
+    /// `stale` if there is one, else 503.
+    async fn fill_from<F>(
+        &self,
+        lookup: impl FnOnce() -> F,
+        now: Millis,
+        stale: Option<Arc<Principal>>,
+        answer: impl FnOnce(Option<crate::keys::KeyRecord>, u64) -> Result<Arc<Principal>, AuthError>,
+    ) -> Result<Arc<Principal>, AuthError>
+    where
+        F: Future<Output = crate::keys::store::StoreResult<Option<crate::keys::KeyRecord>>>,
+    {
         self.metrics.cache(CacheResult::Miss);
         if self.store_health.backing_off(now) {
             return self.stale(stale);
         }
         let epoch = self.cache.epoch();
-        match self.store.find_by_hash(&hash, now).await {
+        match lookup().await {
             Ok(found) => {
                 self.store_health.succeeded();
-                self.cache_answer(hash, found, now, epoch)
+                answer(found, epoch)
             }
             Err(e) => {
                 self.store_failed(now, &e, stale.is_some());
