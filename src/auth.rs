@@ -681,6 +681,19 @@ mod tests {
         assert_eq!(store.lookups.load(Ordering::SeqCst), 3);
     }
 
+    /// Disables the key of `hash` in the store behind the cache's back (no invalidation).
+    async fn disable_behind_the_cache(store: &Counting, hash: &KeyHash) {
+        let mut key = store
+            .inner
+            .find_by_hash(hash, crate::keys::now_millis())
+            .await
+            .unwrap()
+            .unwrap()
+            .key;
+        key.enabled = false;
+        assert!(store.inner.update_key(&key).await.unwrap());
+    }
+
     async fn seed(store: &Counting) -> crate::keys::NewKey {
         let (key, k) = crate::keys::ApiKey::builder()
             .client("c")
@@ -838,15 +851,7 @@ mod tests {
         auth.api_key(k.plaintext.expose()).await.unwrap();
         clock.advance(Duration::from_millis(320));
         // Disabled in the store behind the cache's back (no invalidation reaches it).
-        let mut key = store
-            .inner
-            .find_by_hash(&k.hash, crate::keys::now_millis())
-            .await
-            .unwrap()
-            .unwrap()
-            .key;
-        key.enabled = false;
-        assert!(store.inner.update_key(&key).await.unwrap());
+        disable_behind_the_cache(&store, &k.hash).await;
         let before = store.lookups.load(Ordering::SeqCst);
         // Past the TTL: every request is still answered from the cache at once, and exactly
         // one lookup goes to the store in the background.
@@ -898,15 +903,7 @@ mod tests {
         let before = store.lookups.load(Ordering::SeqCst);
         clock.advance(Duration::from_millis(320));
         let disabled = &keys[7];
-        let mut key = store
-            .inner
-            .find_by_hash(&disabled.hash, crate::keys::now_millis())
-            .await
-            .unwrap()
-            .unwrap()
-            .key;
-        key.enabled = false;
-        assert!(store.inner.update_key(&key).await.unwrap());
+        disable_behind_the_cache(&store, &disabled.hash).await;
         for k in &keys {
             assert!(common_ready(auth.api_key(k.plaintext.expose())).is_ok());
         }
@@ -999,15 +996,7 @@ mod tests {
 
         store.down.store(false, Ordering::SeqCst);
         clock.advance(Duration::from_secs(2)); // past the store back-off
-        let mut key = store
-            .inner
-            .find_by_hash(&k.hash, crate::keys::now_millis())
-            .await
-            .unwrap()
-            .unwrap()
-            .key;
-        key.enabled = false;
-        assert!(store.inner.update_key(&key).await.unwrap());
+        disable_behind_the_cache(&store, &k.hash).await;
         // The store answers: the stale entry is not served (not even while revalidated).
         cache.invalidate_all();
         assert_eq!(
