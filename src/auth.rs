@@ -392,14 +392,28 @@ impl Authenticator {
             return self.stale(stale);
         }
         let epoch = self.cache.epoch();
-        match lookup().await {
-            Ok(found) => {
+        match self.recorded(now, stale.is_some(), lookup().await) {
+            Some(found) => answer(found, epoch),
+            None => self.stale(stale),
+        }
+    }
+
+    /// A store call's outcome with the store's health recorded: the answer, or `None` (logged)
+    /// when it failed.
+    fn recorded<T>(
+        &self,
+        now: Millis,
+        serving_stale: bool,
+        outcome: crate::keys::store::StoreResult<T>,
+    ) -> Option<T> {
+        match outcome {
+            Ok(answer) => {
                 self.store_health.succeeded();
-                answer(found, epoch)
+                Some(answer)
             }
             Err(e) => {
-                self.store_failed(now, &e, stale.is_some());
-                self.stale(stale)
+                self.store_failed(now, &e, serving_stale);
+                None
             }
         }
     }
@@ -472,13 +486,11 @@ impl Authenticator {
                 // Tokens' keys, by id: one lookup each.
                 Stale::Id(id) => {
                     let epoch = self.cache.epoch();
-                    match self.store.find_by_id(id).await {
-                        Ok(found) => {
-                            self.store_health.succeeded();
-                            let _ = self.cache_id_answer(id, found, now, epoch);
-                        }
-                        Err(e) => return self.store_failed(now, &e, true),
-                    }
+                    let Some(found) = self.recorded(now, true, self.store.find_by_id(id).await)
+                    else {
+                        return;
+                    };
+                    let _ = self.cache_id_answer(id, found, now, epoch);
                 }
             }
         }
@@ -486,14 +498,12 @@ impl Authenticator {
             return;
         }
         let epoch = self.cache.epoch();
-        match self.store.find_many_by_hash(&hashes, now).await {
-            Ok(found) => {
-                self.store_health.succeeded();
-                for (hash, found) in hashes.into_iter().zip(found) {
-                    let _ = self.cache_answer(hash, found, now, epoch);
-                }
-            }
-            Err(e) => self.store_failed(now, &e, true),
+        let found = self.store.find_many_by_hash(&hashes, now).await;
+        for (hash, found) in hashes
+            .into_iter()
+            .zip(self.recorded(now, true, found).unwrap_or_default())
+        {
+            let _ = self.cache_answer(hash, found, now, epoch);
         }
     }
 }
@@ -923,6 +933,30 @@ mod tests {
             }
         }
         assert_eq!(store.lookups.load(Ordering::SeqCst), before + 40);
+    }
+
+    /// A token's key past its TTL is refreshed through the same queue (by key id): the token is
+    /// served at once meanwhile, and refused once the refresh found its key disabled.
+    #[tokio::test]
+    async fn a_tokens_key_past_its_ttl_is_refreshed_in_the_background() {
+        let Setup {
+            auth, store, clock, ..
+        } = setup_ttl(Duration::from_millis(300));
+        let k = seed(&store).await;
+        let token = auth.login(k.plaintext.expose()).await.unwrap().access_token;
+        auth.token(token.expose()).await.unwrap();
+        clock.advance(Duration::from_millis(320));
+        disable_behind_the_cache(&store, &k.hash).await;
+        assert!(common_ready(auth.token(token.expose())).is_ok());
+        let waited = std::time::Instant::now();
+        while auth.token(token.expose()).await.is_ok() {
+            assert!(waited.elapsed() < Duration::from_secs(5), "not refreshed");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            auth.token(token.expose()).await.unwrap_err(),
+            AuthError::InvalidToken
+        );
     }
 
     /// A refresh that finds the store down leaves the entries as they are: served stale within

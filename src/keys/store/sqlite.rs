@@ -169,8 +169,7 @@ impl SqliteStore {
                 unavailable(format!("cannot create directory {}: {e}", dir.display()))
             })?;
         }
-        let mut conn = Connection::open(path)
-            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+        let mut conn = connect(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(unavailable)?;
         conn.pragma_update(None, "synchronous", "FULL")
@@ -182,8 +181,6 @@ impl SqliteStore {
         // import does not spill pages to the WAL in mid-transaction or re-read them through the
         // kernel (BENCHMARKS.md, key import).
         conn.pragma_update(None, "cache_size", -65_536)
-            .map_err(unavailable)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(unavailable)?;
         migrate(&mut conn).map_err(unavailable)?;
         // Every transaction takes the write lock when it begins and waits for it (busy
@@ -204,15 +201,9 @@ impl SqliteStore {
     /// main connection's (`synchronous=FULL`, foreign keys, transactions that take the write
     /// lock when they begin).
     fn open_events(path: &Path) -> StoreResult<Connection> {
-        let mut c = Connection::open(path)
-            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
-        c.pragma_update(None, "synchronous", "FULL")
-            .map_err(unavailable)?;
+        let c = Self::open_writer(path, "FULL")?;
         c.pragma_update(None, "foreign_keys", "ON")
             .map_err(unavailable)?;
-        c.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(unavailable)?;
-        c.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         Ok(c)
     }
 
@@ -232,27 +223,27 @@ impl SqliteStore {
     /// A read connection to the (migrated) database at `path` for the background refreshes:
     /// it reads what was committed when each batch began (WAL), and never writes.
     fn open_reader(path: &Path) -> StoreResult<Connection> {
-        let c = Connection::open(path)
-            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+        let c = connect(path)?;
         c.pragma_update(None, "query_only", "ON")
             .map_err(unavailable)?;
         // Up to 16 MiB of page cache, allocated as pages are used (the main connection's is 64).
         c.pragma_update(None, "cache_size", -16_384)
             .map_err(unavailable)?;
-        c.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(unavailable)?;
         Ok(c)
     }
 
     /// A further connection to the (migrated) database at `path` with `synchronous=NORMAL`,
-    /// for the writes that need no fsync per commit (charges, usage); its transactions take the
-    /// write lock when they begin, as the main connection's do.
+    /// for the writes that need no fsync per commit (charges, usage).
     fn open_normal(path: &Path) -> StoreResult<Connection> {
-        let mut c = Connection::open(path)
-            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
-        c.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(unavailable)?;
-        c.busy_timeout(std::time::Duration::from_secs(5))
+        Self::open_writer(path, "NORMAL")
+    }
+
+    /// A further connection to the (migrated) database at `path` that writes with
+    /// `synchronous` at `sync`; its transactions take the write lock when they begin, as the
+    /// main connection's do.
+    fn open_writer(path: &Path, sync: &str) -> StoreResult<Connection> {
+        let mut c = connect(path)?;
+        c.pragma_update(None, "synchronous", sync)
             .map_err(unavailable)?;
         c.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         Ok(c)
@@ -275,6 +266,15 @@ impl SqliteStore {
     {
         run_on(Arc::clone(&self.conn), f).await
     }
+}
+
+/// A connection to the database at `path` that waits up to 5 s for a lock held by another.
+fn connect(path: &Path) -> StoreResult<Connection> {
+    let c = Connection::open(path)
+        .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+    c.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(unavailable)?;
+    Ok(c)
 }
 
 /// Work for a connection on a thread of its own ([`connection_thread`]).
