@@ -11,9 +11,10 @@
 //!
 //! Needs `redis-server` on the PATH. Run: `cargo bench --bench limits`.
 
+mod common;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -96,40 +97,6 @@ async fn round_trip(send: &mut SendRequest<Empty<Bytes>>, key: &str) {
     let _ = res.into_body().collect().await.unwrap();
 }
 
-/// A redis-server on a free loopback port, killed on drop.
-struct Redis(Child, u16);
-
-impl Redis {
-    fn start(dir: &std::path::Path) -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server on the PATH");
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(10), "redis-server");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Redis(child, port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A gateway on `store` (a `[store]` url) with `extra` config; answers its proxy address and
 /// two keys of one client: without credits, and with more credits than any run spends.
 async fn gateway(up: SocketAddr, store: &str, extra: &str) -> (SocketAddr, String, String) {
@@ -189,8 +156,8 @@ fn limits(c: &mut Criterion) {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(dir.path());
-    let redis_url = format!("redis://127.0.0.1:{}/0", redis.1);
+    let redis = common::Redis::start(dir.path());
+    let redis_url = format!("redis://127.0.0.1:{}/0", redis.port());
     let sqlite_url = format!("sqlite://{}", dir.path().join("bench.db").display());
     let cases = rt.block_on(async {
         let up = upstream().await;

@@ -1,12 +1,13 @@
 //! Fixtures shared by the benches: the real SQLite store in a temp dir, seeded with clients and
-//! keys, and an `Authenticator` built the way `App::bind` builds it.
+//! keys, an `Authenticator` built the way `App::bind` builds it, and a real `redis-server`.
 
 #![allow(dead_code)] // each bench uses a different part of this module
 
 use std::future::Future;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keygate::auth::Authenticator;
 use keygate::auth::jwt::{Jwt, JwtSettings};
@@ -95,4 +96,42 @@ pub fn authenticator(store: Arc<SqliteStore>, cache: KeyCache) -> Authenticator 
         Arc::new(keygate::telemetry::metrics::Metrics::new(vec![])),
         Arc::new(keygate::keys::store::StoreHealth::default()),
     )
+}
+
+/// A redis-server on a free loopback port (no persistence), killed on drop.
+pub struct Redis(Child, u16);
+
+impl Redis {
+    pub fn start(dir: &std::path::Path) -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on the PATH");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "redis-server");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis(child, port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.1
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

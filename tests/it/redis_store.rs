@@ -1,6 +1,6 @@
 //! What only the Redis store does, against a real `redis-server`: invalidation messages for
 //! every write (received by another store instance over pub/sub), prefix isolation, lookups in
-//! one round trip, bounded calls when Redis is dead or hung, and recovery without a restart.
+//! one round trip (and batches of them in one script call per 64 keys), bounded calls when Redis is dead or hung, and recovery without a restart.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -225,6 +225,41 @@ async fn a_lookup_by_hash_is_one_round_trip() {
     );
     let calls = redis.command_calls();
     assert_eq!(calls.get("evalsha"), Some(&2), "{calls:?}");
+    for top_level in ["eval", "script|load", "multi", "exec"] {
+        assert_eq!(calls.get(top_level), None, "{calls:?}");
+    }
+}
+
+/// The cache's background refreshes look keys up in batches: a batch is one script call per
+/// 64 hashes (the calls sent together), not one call per key.
+#[tokio::test]
+async fn a_batched_lookup_is_one_script_call_per_64_hashes() {
+    let redis = RedisServer::start();
+    let s = RedisStore::open(&redis.unix_url(), "keygate:").unwrap();
+    let k = key("acme");
+    s.insert_client(&client("acme"), &k).await.unwrap();
+    let mut hashes: Vec<KeyHash> = (0..150)
+        .map(|i| KeyHash::of(&format!("unknown {i}")))
+        .collect();
+    hashes[70] = k.key_hash;
+    // Loads the script once.
+    s.find_many_by_hash(&hashes[..1], now_millis())
+        .await
+        .unwrap();
+    let _: () = redis.query(0, ::redis::cmd("CONFIG").arg("RESETSTAT"));
+    let found = s.find_many_by_hash(&hashes, now_millis()).await.unwrap();
+    assert_eq!(found.len(), 150);
+    for (i, f) in found.iter().enumerate() {
+        assert_eq!(
+            f.as_ref().map(|r| r.key.id),
+            (i == 70).then_some(k.id),
+            "{i}"
+        );
+    }
+    let calls = redis.command_calls();
+    // 150 hashes: calls of 64, 64 and 22; each looks every one of its hashes up.
+    assert_eq!(calls.get("evalsha"), Some(&3), "{calls:?}");
+    assert_eq!(calls.get("get"), Some(&150), "{calls:?}");
     for top_level in ["eval", "script|load", "multi", "exec"] {
         assert_eq!(calls.get(top_level), None, "{calls:?}");
     }

@@ -103,6 +103,10 @@ pub const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Keys per script of an import ([`Store::import_keys`]).
 const IMPORT_CHUNK: usize = 250;
+/// Hashes per script of a batched lookup ([`Store::find_many_by_hash`]): a script holds Redis
+/// for every other client while it runs, so a batch of the cache's background refreshes is
+/// looked up a bounded number of keys at a time, in a few calls sent together.
+const LOOKUP_BATCH: usize = 64;
 /// Longest a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest a write waits for its replicas (`store.redis_wait_replicas`).
@@ -652,6 +656,7 @@ pub fn eviction_warning(policy: Option<&str>) -> Option<String> {
 /// every script say what ARGV holds and what it answers.
 struct Scripts {
     find_by_hash: Script,
+    find_many_by_hash: Script,
     find_by_id: Script,
     list_keys: Script,
     insert_key: Script,
@@ -682,6 +687,7 @@ fn scripts() -> &'static Scripts {
         let s = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
         Scripts {
             find_by_hash: s(include_str!("scripts/find_by_hash.lua")),
+            find_many_by_hash: s(include_str!("scripts/find_many_by_hash.lua")),
             find_by_id: s(include_str!("scripts/find_by_id.lua")),
             list_keys: s(include_str!("scripts/list_keys.lua")),
             insert_key: s(include_str!("scripts/insert_key.lua")),
@@ -758,6 +764,34 @@ impl Store for RedisStore {
         let mut a = Args::default();
         a.push(hex::encode(hash.0)).push(now);
         record_from(self.script("lookup", &scripts().find_by_hash, a).await?)
+    }
+
+    /// One script call per [`LOOKUP_BATCH`] hashes, the calls at once.
+    async fn find_many_by_hash(
+        &self,
+        hashes: &[KeyHash],
+        now: Millis,
+    ) -> StoreResult<Vec<Option<KeyRecord>>> {
+        let calls = hashes.chunks(LOOKUP_BATCH).map(|chunk| async move {
+            let mut a = Args::default();
+            a.push(now);
+            for h in chunk {
+                a.push(hex::encode(h.0));
+            }
+            let found = array(
+                self.script("lookup", &scripts().find_many_by_hash, a)
+                    .await?,
+            )?;
+            if found.len() != chunk.len() {
+                return Err(corrupt("lookup"));
+            }
+            found
+                .into_iter()
+                .map(record_from)
+                .collect::<StoreResult<Vec<_>>>()
+        });
+        let chunks = futures_util::future::try_join_all(calls).await?;
+        Ok(chunks.into_iter().flatten().collect())
     }
 
     async fn find_by_id(&self, id: Uuid) -> StoreResult<Option<KeyRecord>> {

@@ -118,6 +118,18 @@ local function record(id)
   return {license, rec, {cr[2] or '', cr[3] or '', cr[4] or ''}}
 end
 
+-- The record of the key whose current hash, or previous hash within its grace period at `now`,
+-- is `h` (hex); nil when there is none.
+local function by_hash(h, now)
+  local id = redis.call('GET', hkey(h))
+  if not id then return nil end
+  local v = redis.call('HMGET', kkey(id), 'key_hash', 'previous_hash', 'previous_valid_until')
+  if v[1] ~= h then
+    if v[2] ~= h or not v[3] or tonumber(v[3]) <= tonumber(now) then return nil end
+  end
+  return record(id)
+end
+
 -- The refill period of credits with `interval`/`day` given the calendar (ARGV-style strings:
 -- days since the epoch, months since year 0, day of the month); nil without a refill.
 local function refill_period(interval, day, cal_day, cal_month, dom)
