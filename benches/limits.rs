@@ -157,7 +157,7 @@ fn limits(c: &mut Criterion) {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let redis = common::Redis::start(dir.path());
-    let redis_url = format!("redis://127.0.0.1:{}/0", redis.port());
+    let redis_url = redis.url(0);
     let sqlite_url = format!("sqlite://{}", dir.path().join("bench.db").display());
     let cases = rt.block_on(async {
         let up = upstream().await;

@@ -27,7 +27,7 @@ fn benches(c: &mut Criterion) {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let redis = common::Redis::start(dir.path());
-    let url = format!("redis://127.0.0.1:{}/0", redis.port());
+    let url = redis.url(0);
     let store = rt.block_on(async {
         let store = RedisStore::open(&url, "bench:").expect("store opens");
         for i in 0..BATCH {

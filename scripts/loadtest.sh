@@ -106,6 +106,12 @@ WARM=${WARM:-2}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 OUT=${OUT:-$ROOT/target/loadtest/latest.md}
+# OUT is the report's file (the raw figures go to "$OUT.raw/" beside it): refused at once when it
+# names a directory, which would fail only at the end of a long run and lose it.
+if [ -d "$OUT" ]; then
+  echo "OUT=$OUT is a directory; give the report's file name (e.g. $OUT/latest.md)" >&2
+  exit 2
+fi
 SMALL_KEYS=${SMALL_KEYS:-100}
 STREAMS=${STREAMS:-10}
 IDLE=${IDLE:-0}

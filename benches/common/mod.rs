@@ -124,8 +124,9 @@ impl Redis {
         Redis(child, port)
     }
 
-    pub fn port(&self) -> u16 {
-        self.1
+    /// `redis://` for database `db`.
+    pub fn url(&self, db: u32) -> String {
+        format!("redis://127.0.0.1:{}/{db}", self.1)
     }
 }
 
