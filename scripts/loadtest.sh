@@ -73,6 +73,9 @@
 # client connections (one request answered on each, then silent), opened by a Python client on
 # CPU $LOAD_CPU; RSS (every process of the contender) before and with them held, and wrk at the
 # first connection count while they are held against right before, in one table.
+# IDLE_ELSEWHERE=1 (with IDLE) runs wrk a fourth time per contender while as many idle
+# connections (at most half of `ulimit -n`) are held by scripts/idle_pairs.py, a process that is
+# neither contender: the slowdown the machine puts on any server while idle sockets exist.
 #
 # The *-tls-new variants are bounded by the client on this layout when wrk's TLS handshakes fill
 # CPU $LOAD_CPU: every repetition also prints how busy the load core was. CAPTURE=1 (the default
@@ -115,6 +118,7 @@ fi
 SMALL_KEYS=${SMALL_KEYS:-100}
 STREAMS=${STREAMS:-10}
 IDLE=${IDLE:-0}
+IDLE_ELSEWHERE=${IDLE_ELSEWHERE:-0}
 # Runs with more of the contender's core stolen by the hypervisor than this (%) are run again.
 STEAL_MAX=${STEAL_MAX:-2}
 case " ${CONTENDERS:-} " in *"-tls-new "*) CAPTURE=${CAPTURE:-1} ;; esac
@@ -792,6 +796,27 @@ if [ "$IDLE" -gt 0 ]; then
       run_wrk "$c" "$n" "$WARM" /dev/null
       run_wrk "$c" "$n" "$DURATION" "$WORK/idle-$c-after-$r.txt"
     done
+    # IDLE_ELSEWHERE=1: a fourth time while as many idle connections are held by a process
+    # that is neither contender (scripts/idle_pairs.py, both ends its own): how much of the
+    # slowdown while held the machine puts on any server.
+    if [ "$IDLE_ELSEWHERE" = 1 ]; then
+      pairs=$(( ($(ulimit -n) - 64) / 2 ))
+      [ "$pairs" -gt "$IDLE" ] && pairs=$IDLE
+      rm -f "$WORK/idle-pairs"
+      taskset -c "$LOAD_CPU" python3 scripts/idle_pairs.py "$pairs" "$WORK/idle-pairs" &
+      pairs_pid=$!
+      PIDS+=($pairs_pid)
+      for _ in $(seq 900); do [ -s "$WORK/idle-pairs" ] && break; sleep 0.1; done
+      sleep 1
+      for r in $(seq "$REPS"); do
+        run_wrk "$c" "$n" "$WARM" /dev/null
+        run_wrk "$c" "$n" "$DURATION" "$WORK/idle-$c-elsewhere-$r.txt"
+      done
+      echo "$pairs" >"$WORK/idle-elsewhere-pairs"
+      rm -f "$WORK/idle-pairs"
+      wait "$pairs_pid" || true
+      sleep 1
+    fi
     printf '%s\t%s\t%s\t%s\n' "$c" "$before" "$held" "$(cat "$WORK/idle-$c-client.txt")" >>"$IDLE_RAW"
     echo "  idle $c: RSS $before kB -> $held kB; $(cat "$WORK/idle-$c-client.txt")" >&2
   done
@@ -1094,6 +1119,22 @@ for c, before, held, client in rows:
 print()
 for line in runs:
     print(line)
+try:
+    pairs = int(open(f"{work}/idle-elsewhere-pairs").read())
+except OSError:
+    pairs = 0
+if pairs:
+    print()
+    print(f"While {pairs:,} idle connections are held by another process (scripts/idle_pairs.py; "
+          f"{2 * pairs:,} idle sockets, neither contender's), after the runs above:")
+    print()
+    for c, *_ in rows:
+        e = sorted(glob.glob(f"{work}/idle-{c}-elsewhere-*.txt"))
+        w = sorted(glob.glob(f"{work}/idle-{c}-without-*.txt"))
+        if e and w:
+            pe, pw = statistics.median(map(p99, e)), statistics.median(map(p99, w))
+            print(f"- {c}: p99 {pe:,.0f} µs ({pe / pw:.2f}× its p99 without; runs "
+                  f"{', '.join(f'{p99(x):,.0f}' for x in e)}), req/s {statistics.median(map(rps, e)):,.0f}")
 if "keygate" in rss and "nginx-keyauth" in rss:
     print()
     print(f"keygate RSS with the idle connections vs nginx-keyauth's: {rss['keygate'] / rss['nginx-keyauth']:.2f}× (target ≤ 2×).")
