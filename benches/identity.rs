@@ -54,12 +54,7 @@ fn identity(alg: Alg, dir: &std::path::Path) -> Arc<Identity> {
     )
     .unwrap()
     .unwrap();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(id.load())
-        .unwrap();
+    common::runtime().block_on(id.load()).unwrap();
     id
 }
 

@@ -151,10 +151,7 @@ access_log = false
 }
 
 fn limits(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let dir = tempfile::tempdir().unwrap();
     let redis = common::Redis::start(dir.path());
     let redis_url = redis.url(0);

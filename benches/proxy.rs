@@ -146,10 +146,7 @@ fn timed(
 }
 
 fn end_to_end(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let dir = tempfile::tempdir().unwrap();
     let (gateway, up, key) = rt.block_on(async {
         let up = upstream().await;

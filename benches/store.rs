@@ -21,10 +21,7 @@ use keygate::keys::{ApiKey, KeyHash, now_millis};
 const BATCH: usize = 256;
 
 fn benches(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let dir = tempfile::tempdir().unwrap();
     let redis = common::Redis::start(dir.path());
     let url = redis.url(0);

@@ -501,10 +501,7 @@ fn awaited<F: std::future::Future>(
 fn timeouts(c: &mut Criterion) {
     use keygate::proxy::deadline;
     const LIMIT: Duration = Duration::from_secs(30);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     let mut g = c.benchmark_group("timeouts");
     // An operation that finishes on its first poll (a write with room, a read with bytes).
     g.bench_function("ready_tokio_timeout", |b| {

@@ -29,6 +29,14 @@ pub const UNLIMITED: RateLimit = RateLimit {
 
 pub const JWT_SECRET: &str = "bench-secret-bench-secret-bench-secret-0123";
 
+/// A current-thread runtime with I/O and timers, as keygate runs with one worker.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// Polls a future that must complete without waiting (a cache hit never awaits).
 pub fn ready<F: Future>(f: F) -> F::Output {
     let mut f = std::pin::pin!(f);

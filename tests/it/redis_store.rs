@@ -1,6 +1,7 @@
 //! What only the Redis store does, against a real `redis-server`: invalidation messages for
 //! every write (received by another store instance over pub/sub), prefix isolation, lookups in
-//! one round trip (and batches of them in one script call per 64 keys), bounded calls when Redis is dead or hung, and recovery without a restart.
+//! one round trip (and batches of them in one script call per 64 keys), bounded calls when Redis
+//! is dead or hung, and recovery without a restart.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
