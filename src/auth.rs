@@ -43,6 +43,13 @@ const TOKEN_CACHE_CAPACITY: usize = 100_000;
 const REVALIDATE_WINDOW_MS: Millis = crate::keys::cache::REVALIDATE_WINDOW_MS;
 /// Most stale keys one background refresh asks the store about at once.
 const REFRESH_BATCH: usize = 256;
+/// How long the refresh task waits for more stale keys before it asks the store about a batch
+/// that is not full. Keys cached together go stale over a few seconds, one request at a time:
+/// without the wait each would be a batch of its own, a store call and (SQLite) a wakeup of
+/// the refresh thread on the request path's core per key; with it, every key that went stale
+/// in the window shares one. A stale key is served meanwhile, so the wait delays only how soon
+/// a change made behind the cache's back is seen, by this much at most.
+const REFRESH_GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A cached principal past its TTL, to be asked of the store again in the background.
 enum Stale {
@@ -93,6 +100,8 @@ pub struct Authenticator {
     /// The queue of background refreshes, to the task that works it ([`Authenticator::refresh`]);
     /// started with the first refresh.
     refreshes: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Stale>>>,
+    /// [`REFRESH_GATHER`] (tests set another).
+    refresh_gather: std::time::Duration,
 }
 
 impl Authenticator {
@@ -116,6 +125,7 @@ impl Authenticator {
             store_health,
             tokens,
             refreshes: Default::default(),
+            refresh_gather: REFRESH_GATHER,
         }
     }
 
@@ -461,10 +471,20 @@ impl Authenticator {
         }
     }
 
-    /// The refresh task: batches of what is queued, one after the other.
+    /// The refresh task: batches of what is queued, one after the other. A batch that is not
+    /// full waits [`REFRESH_GATHER`] for more keys first.
     async fn refresh_all(self, mut work: tokio::sync::mpsc::UnboundedReceiver<Stale>) {
         let mut batch = Vec::with_capacity(REFRESH_BATCH);
         while work.recv_many(&mut batch, REFRESH_BATCH).await > 0 {
+            if batch.len() < REFRESH_BATCH && !self.refresh_gather.is_zero() {
+                tokio::time::sleep(self.refresh_gather).await;
+                while batch.len() < REFRESH_BATCH {
+                    match work.try_recv() {
+                        Ok(stale) => batch.push(stale),
+                        Err(_) => break,
+                    }
+                }
+            }
             self.refresh_batch(&mut batch).await;
         }
     }
@@ -898,18 +918,9 @@ mod tests {
             auth, store, clock, ..
         } = setup_ttl(Duration::from_millis(300));
         let first = seed(&store).await;
+        auth.api_key(first.plaintext.expose()).await.unwrap();
         let mut keys = vec![first];
-        for _ in 1..40 {
-            let (key, k) = crate::keys::ApiKey::builder()
-                .client("c")
-                .permissions(&["P"])
-                .build();
-            store.insert_key(&key, 0).await.unwrap();
-            keys.push(k);
-        }
-        for k in &keys {
-            auth.api_key(k.plaintext.expose()).await.unwrap();
-        }
+        keys.extend(cached_keys(&auth, &store, 39).await);
         let before = store.lookups.load(Ordering::SeqCst);
         clock.advance(Duration::from_millis(320));
         let disabled = &keys[7];
@@ -933,6 +944,87 @@ mod tests {
             }
         }
         assert_eq!(store.lookups.load(Ordering::SeqCst), before + 40);
+    }
+
+    /// `n` keys of one client in `store` besides the seeded one, each looked up once (cached).
+    async fn cached_keys(
+        auth: &Authenticator,
+        store: &Counting,
+        n: usize,
+    ) -> Vec<crate::keys::NewKey> {
+        let mut keys = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (key, k) = crate::keys::ApiKey::builder()
+                .client("c")
+                .permissions(&["P"])
+                .build();
+            store.insert_key(&key, 0).await.unwrap();
+            auth.api_key(k.plaintext.expose()).await.unwrap();
+            keys.push(k);
+        }
+        keys
+    }
+
+    /// Keys that go stale one after the other, within the gather window, share one batched
+    /// lookup: a batch that is not full waits for more keys before the store is asked, and
+    /// each key is served from the cache meanwhile.
+    #[tokio::test]
+    async fn keys_gone_stale_one_after_the_other_wait_to_share_a_batch() {
+        let Setup {
+            mut auth,
+            store,
+            clock,
+            ..
+        } = setup_ttl(Duration::from_millis(300));
+        auth.refresh_gather = Duration::from_millis(500);
+        seed(&store).await;
+        let keys = cached_keys(&auth, &store, 5).await;
+        let before = store.lookups.load(Ordering::SeqCst);
+        clock.advance(Duration::from_millis(320));
+        assert!(common_ready(auth.api_key(keys[0].plaintext.expose())).is_ok());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            store.batches.lock().unwrap().is_empty(),
+            "the store was asked about one key without waiting for more"
+        );
+        for k in &keys[1..] {
+            assert!(common_ready(auth.api_key(k.plaintext.expose())).is_ok());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let waited = std::time::Instant::now();
+        while store.lookups.load(Ordering::SeqCst) < before + 5 {
+            assert!(waited.elapsed() < Duration::from_secs(5), "not refreshed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(*store.batches.lock().unwrap(), vec![5]);
+        assert_eq!(store.lookups.load(Ordering::SeqCst), before + 5);
+    }
+
+    /// A full batch of stale keys goes to the store at once, without the gather window's wait.
+    #[tokio::test]
+    async fn a_full_batch_of_stale_keys_is_asked_about_without_waiting() {
+        let Setup {
+            mut auth,
+            store,
+            clock,
+            ..
+        } = setup_ttl(Duration::from_millis(300));
+        auth.refresh_gather = Duration::from_secs(600);
+        seed(&store).await;
+        let keys = cached_keys(&auth, &store, REFRESH_BATCH + 4).await;
+        clock.advance(Duration::from_millis(320));
+        for k in &keys {
+            assert!(common_ready(auth.api_key(k.plaintext.expose())).is_ok());
+        }
+        let waited = std::time::Instant::now();
+        while store.batches.lock().unwrap().is_empty() {
+            assert!(
+                waited.elapsed() < Duration::from_secs(5),
+                "a full batch waited for more keys"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(*store.batches.lock().unwrap(), vec![REFRESH_BATCH]);
     }
 
     /// A token's key past its TTL is refreshed through the same queue (by key id): the token is
