@@ -91,6 +91,14 @@
 # CAPTURE_SECS=N captures N s instead of 1 (at most DURATION); CAPTURE_WINDOW_MS=M also cuts
 # each keep-alive capture into windows of M ms (requests, server p50 and p99 in each).
 #
+# SHIELD=1 keeps the contender's core to the contenders while the script runs (as `cset shield`
+# would): every task allowed on CPU $PROXY_CPU and on others (other processes, this script and
+# the tools it starts, movable kernel threads such as kdamond.0) is moved to CPU $LOAD_CPU once
+# the servers are up, and given its CPU list back at exit. Tasks pinned to CPU $PROXY_CPU alone
+# stay: the contenders, and the per-CPU kernel threads (ksoftirqd, kworkers), which cannot be
+# moved. Processes started meanwhile by a moved one keep CPU $LOAD_CPU. Off by default: it
+# changes the machine for the run's length; the report says when it was on.
+#
 # KEYGATE_BIN=path runs that binary instead of building the release one (e.g. a quick check of
 # the script with a debug build; figures from a debug build mean nothing).
 set -euo pipefail
@@ -119,6 +127,7 @@ SMALL_KEYS=${SMALL_KEYS:-100}
 STREAMS=${STREAMS:-10}
 IDLE=${IDLE:-0}
 IDLE_ELSEWHERE=${IDLE_ELSEWHERE:-0}
+SHIELD=${SHIELD:-0}
 # Runs with more of the contender's core stolen by the hypervisor than this (%) are run again.
 STEAL_MAX=${STEAL_MAX:-2}
 case " ${CONTENDERS:-} " in *"-tls-new "*) CAPTURE=${CAPTURE:-1} ;; esac
@@ -169,6 +178,7 @@ BASE=${SCRATCH:-$BASE}
 WORK=$(mktemp -d "$BASE/keygate-loadtest.XXXXXX")
 PIDS=()
 cleanup() {
+  unshield
   # CONT: a stopped process (keygate-tls-new-busy) takes the TERM only once it runs again.
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; kill -CONT "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do
@@ -176,6 +186,31 @@ cleanup() {
     kill -9 "$p" 2>/dev/null || true
   done
   rm -rf "$WORK"
+}
+# SHIELD=1: the tasks moved off CPU $PROXY_CPU, with the CPU list each had ("tid list" lines).
+SHIELDED=$WORK/shielded
+: >"$SHIELDED"
+shield() {
+  local t tid list n=0
+  for t in /proc/[0-9]*/task/[0-9]*; do
+    tid=${t##*/}
+    list=$(awk '/^Cpus_allowed_list/ {print $2}' "$t/status" 2>/dev/null) || continue
+    case "$list" in "" | "$PROXY_CPU") continue ;; esac
+    # Only tasks that may run on the contender's core.
+    python3 -c "import sys; c, l = int(sys.argv[1]), sys.argv[2]; sys.exit(0 if any(c == int(a) if '-' not in a else int(a.split('-')[0]) <= c <= int(a.split('-')[1]) for a in l.split(',')) else 1)" \
+      "$PROXY_CPU" "$list" 2>/dev/null || continue
+    if taskset -pc "$LOAD_CPU" "$tid" >/dev/null 2>&1; then
+      printf '%s %s\n' "$tid" "$list" >>"$SHIELDED"
+      n=$((n + 1))
+    fi
+  done
+  echo "SHIELD=1: $n tasks moved off CPU $PROXY_CPU for the run" >&2
+}
+unshield() {
+  local tid list
+  [ -s "${SHIELDED:-}" ] || return 0
+  while read -r tid list; do taskset -pc "$list" "$tid" >/dev/null 2>&1 || true; done <"$SHIELDED"
+  : >"$SHIELDED"
 }
 trap cleanup EXIT INT TERM
 # Room for the idle connections of IDLE (both ends are on this machine).
@@ -660,6 +695,7 @@ cpu_ticks() {
   echo "$t"
 }
 
+if [ "$SHIELD" = 1 ]; then shield; fi
 echo "warming up (every contender, ${DURATION}s each at the first connection count)…" >&2
 for c in $CONTENDERS; do
   run_wrk "$c" "${CONNS%% *}" 3 "$WORK/warm-$c.txt"
@@ -707,7 +743,11 @@ for n in $CONNS; do
     done
   done
 done
-export WARM STEAL_MAX TLS_NOTE CAPTURE_SECS CAPTURE_WINDOW_MS
+SHIELD_NOTE=
+if [ "$SHIELD" = 1 ]; then
+  SHIELD_NOTE="SHIELD=1: every other task that could run on CPU $PROXY_CPU was moved to CPU $LOAD_CPU for the run ($(wc -l <"$SHIELDED") tasks)."
+fi
+export WARM STEAL_MAX TLS_NOTE CAPTURE_SECS CAPTURE_WINDOW_MS SHIELD_NOTE
 # ---- idle connections --------------------------------------------------------------------
 # keygate and nginx-keyauth in turn: wrk at the first connection count ($REPS runs), then
 # $IDLE keep-alive connections opened (one request answered on each, then silent) and held
@@ -827,7 +867,7 @@ RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$KG_PID/status")
 CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
 python3 - "$RAW" "$(getconf CLK_TCK)" "$PEAK_RSS_KB" "$RSS_KB" "$KEYS" "$REPS" "$DURATION" \
-  "$(nproc)" "$CPU_MODEL" "$(uname -r)" "$LOADAVG" "$CONTENDERS" >"$OUT" <<'EOF'
+  "$(nproc --all)" "$CPU_MODEL" "$(uname -r)" "$LOADAVG" "$CONTENDERS" >"$OUT" <<'EOF'
 import os, re, statistics, sys
 raw, hz, peak_kb, rss_kb, keys, reps, dur, nproc, cpu, kernel, load, order = sys.argv[1:13]
 hz = int(hz); order = order.split()
@@ -888,6 +928,8 @@ print(f"keygate peak RSS (VmHWM) {int(peak_kb)/1024:.1f} MiB, RSS at the end {in
 stolen = [l.split() for l in open(raw.replace("raw.tsv", "stolen.tsv"))]
 if os.environ.get("TLS_NOTE"):
     print(os.environ["TLS_NOTE"] + "  ")
+if os.environ.get("SHIELD_NOTE"):
+    print(os.environ["SHIELD_NOTE"] + "  ")
 print(f"Runs repeated because over {os.environ.get('STEAL_MAX', '2')} % of the contender's core was stolen by the hypervisor: "
       + (", ".join(f"{c} c{n}" for c, n in stolen) if stolen else "none") + ".")
 print()
