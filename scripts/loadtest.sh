@@ -190,15 +190,21 @@ cleanup() {
 # SHIELD=1: the tasks moved off CPU $PROXY_CPU, with the CPU list each had ("tid list" lines).
 SHIELDED=$WORK/shielded
 : >"$SHIELDED"
+# Whether CPU $1 is in the CPU list $2 ("0-3,6" as in /proc/*/status).
+cpu_in_list() {
+  local item
+  for item in ${2//,/ }; do
+    if [ "$1" -ge "${item%-*}" ] && [ "$1" -le "${item#*-}" ]; then return 0; fi
+  done
+  return 1
+}
 shield() {
   local t tid list n=0
   for t in /proc/[0-9]*/task/[0-9]*; do
     tid=${t##*/}
     list=$(awk '/^Cpus_allowed_list/ {print $2}' "$t/status" 2>/dev/null) || continue
     case "$list" in "" | "$PROXY_CPU") continue ;; esac
-    # Only tasks that may run on the contender's core.
-    python3 -c "import sys; c, l = int(sys.argv[1]), sys.argv[2]; sys.exit(0 if any(c == int(a) if '-' not in a else int(a.split('-')[0]) <= c <= int(a.split('-')[1]) for a in l.split(',')) else 1)" \
-      "$PROXY_CPU" "$list" 2>/dev/null || continue
+    cpu_in_list "$PROXY_CPU" "$list" || continue
     if taskset -pc "$LOAD_CPU" "$tid" >/dev/null 2>&1; then
       printf '%s %s\n' "$tid" "$list" >>"$SHIELDED"
       n=$((n + 1))
