@@ -96,8 +96,9 @@
 # the tools it starts, movable kernel threads such as kdamond.0) is moved to CPU $LOAD_CPU once
 # the servers are up, and given its CPU list back at exit. Tasks pinned to CPU $PROXY_CPU alone
 # stay: the contenders, and the per-CPU kernel threads (ksoftirqd, kworkers), which cannot be
-# moved. Processes started meanwhile by a moved one keep CPU $LOAD_CPU. Off by default: it
-# changes the machine for the run's length; the report says when it was on.
+# moved. Processes started meanwhile by a moved one keep CPU $LOAD_CPU, and a run killed with
+# SIGKILL gives nothing back (`taskset -pc 0-N TID` does). Off by default: it changes the
+# machine for the run's length; the report says when it was on.
 #
 # KEYGATE_BIN=path runs that binary instead of building the release one (e.g. a quick check of
 # the script with a debug build; figures from a debug build mean nothing).
