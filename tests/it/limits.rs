@@ -426,6 +426,27 @@ async fn sqlite_charges_survive_kill_9() {
     assert_eq!(u["quota"]["used"], 4, "{u}");
 }
 
+/// Asks each admin listener in `admins` for key `id` until it answers from the store again (15 s
+/// at most in all), and checks the credits the key then has.
+async fn credits_once_back(admins: &[std::net::SocketAddr], id: &str, remaining: i64) {
+    let admin = [("x-admin-key", ADMIN_KEY)];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    for &a in admins {
+        loop {
+            let (s, v) = call(a, "GET", format!("/v1/api-keys/{id}"), None, &admin).await;
+            if s == 200 {
+                assert_eq!(v["credits"]["remaining"], remaining, "{v}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "store never came back: {s}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
 async fn call(
     addr: std::net::SocketAddr,
     method: &str,
@@ -844,26 +865,7 @@ async fn credits_and_quotas_are_exact_across_three_gateway_processes_on_redis() 
 
     redis.kill();
     redis.restart();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    loop {
-        let (s, v) = call(
-            gws[0].admin,
-            "GET",
-            format!("/v1/api-keys/{id}"),
-            None,
-            &admin,
-        )
-        .await;
-        if s == 200 {
-            assert_eq!(v["credits"]["remaining"], 0, "{v}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "store never came back: {s}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    credits_once_back(&[gws[0].admin], &id, 0).await;
     let (s, _) = call(
         gws[0].admin,
         "POST",
@@ -878,21 +880,8 @@ async fn credits_and_quotas_are_exact_across_three_gateway_processes_on_redis() 
     // Every instance's store connection back before the quota storm: an instance's first call
     // on its broken connection fails (its connection is re-made in the background), and
     // for a second after that it answers keys it does not know with 503.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    for gw in &gws {
-        loop {
-            let (s, v) = call(gw.admin, "GET", format!("/v1/api-keys/{id}"), None, &admin).await;
-            if s == 200 {
-                assert_eq!(v["credits"]["remaining"], 7, "{v}");
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "store never came back: {s}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-    }
+    let admins: Vec<_> = gws.iter().map(|g| g.admin).collect();
+    credits_once_back(&admins, &id, 7).await;
     // The back-off of an instance whose first call failed ends within a second.
     tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
 
