@@ -476,7 +476,7 @@ impl Authenticator {
     async fn refresh_all(self, mut work: tokio::sync::mpsc::UnboundedReceiver<Stale>) {
         let mut batch = Vec::with_capacity(REFRESH_BATCH);
         while work.recv_many(&mut batch, REFRESH_BATCH).await > 0 {
-            if batch.len() < REFRESH_BATCH && !self.refresh_gather.is_zero() {
+            if batch.len() < REFRESH_BATCH {
                 tokio::time::sleep(self.refresh_gather).await;
                 while batch.len() < REFRESH_BATCH {
                     match work.try_recv() {
@@ -965,22 +965,24 @@ mod tests {
         keys
     }
 
+    /// A TTL of 300 ms, the refresh task's gather window set to `gather`, `n` keys cached
+    /// besides the seeded one, and the clock moved past their TTL: every one of them is stale.
+    async fn stale_keys(gather: Duration, n: usize) -> (Setup, Vec<crate::keys::NewKey>) {
+        let mut setup = setup_ttl(Duration::from_millis(300));
+        setup.auth.refresh_gather = gather;
+        seed(&setup.store).await;
+        let keys = cached_keys(&setup.auth, &setup.store, n).await;
+        setup.clock.advance(Duration::from_millis(320));
+        (setup, keys)
+    }
+
     /// Keys that go stale one after the other, within the gather window, share one batched
     /// lookup: a batch that is not full waits for more keys before the store is asked, and
     /// each key is served from the cache meanwhile.
     #[tokio::test]
     async fn keys_gone_stale_one_after_the_other_wait_to_share_a_batch() {
-        let Setup {
-            mut auth,
-            store,
-            clock,
-            ..
-        } = setup_ttl(Duration::from_millis(300));
-        auth.refresh_gather = Duration::from_millis(500);
-        seed(&store).await;
-        let keys = cached_keys(&auth, &store, 5).await;
+        let (Setup { auth, store, .. }, keys) = stale_keys(Duration::from_millis(500), 5).await;
         let before = store.lookups.load(Ordering::SeqCst);
-        clock.advance(Duration::from_millis(320));
         assert!(common_ready(auth.api_key(keys[0].plaintext.expose())).is_ok());
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
@@ -1003,16 +1005,8 @@ mod tests {
     /// A full batch of stale keys goes to the store at once, without the gather window's wait.
     #[tokio::test]
     async fn a_full_batch_of_stale_keys_is_asked_about_without_waiting() {
-        let Setup {
-            mut auth,
-            store,
-            clock,
-            ..
-        } = setup_ttl(Duration::from_millis(300));
-        auth.refresh_gather = Duration::from_secs(600);
-        seed(&store).await;
-        let keys = cached_keys(&auth, &store, REFRESH_BATCH + 4).await;
-        clock.advance(Duration::from_millis(320));
+        let (Setup { auth, store, .. }, keys) =
+            stale_keys(Duration::from_secs(600), REFRESH_BATCH + 4).await;
         for k in &keys {
             assert!(common_ready(auth.api_key(k.plaintext.expose())).is_ok());
         }
