@@ -331,6 +331,57 @@ async fn dead_or_hung_redis_fails_fast_and_the_store_recovers_by_itself() {
     assert!(seen.resyncs.load(Ordering::SeqCst) > resyncs);
 }
 
+/// A Redis restarted between two calls leaves the store's connection dead; the first read
+/// after it is answered all the same (asked again on the new connection), a write is not
+/// asked again (it may have run) and fails, and the next call works.
+#[tokio::test]
+async fn the_first_read_after_a_redis_restart_is_answered() {
+    let mut redis = RedisServer::start();
+    let s = RedisStore::open(&redis.tcp_url(0), "keygate:").unwrap();
+    let k = key("acme");
+    s.insert_client(&client("acme"), &k).await.unwrap();
+    let mut restart = || {
+        redis.kill();
+        redis.restart();
+    };
+
+    restart();
+    let found = s.find_by_hash(&k.key_hash, now_millis()).await.unwrap();
+    assert_eq!(found.map(|r| r.key.id), Some(k.id), "lookup by hash");
+
+    restart();
+    let found = s
+        .find_many_by_hash(std::slice::from_ref(&k.key_hash), now_millis())
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        found[0].as_ref().map(|r| r.key.id),
+        Some(k.id),
+        "batched lookup"
+    );
+
+    restart();
+    let found = s.find_by_id(k.id).await.unwrap();
+    assert_eq!(found.map(|r| r.key.id), Some(k.id), "lookup by id");
+
+    restart();
+    let listed = s.list_keys(Some("acme"), 1, 10).await.unwrap();
+    assert_eq!(listed.items.len(), 1, "admin listing");
+
+    // A write is sent once: on the dead connection it fails, and nothing was stored.
+    restart();
+    let second = key("acme");
+    let r = s.insert_key(&second, 0).await;
+    assert!(
+        matches!(r, Err(StoreError::Unavailable(_))),
+        "a write on a dropped connection is not sent again: {r:?}"
+    );
+    assert!(s.find_by_id(second.id).await.unwrap().is_none());
+    s.insert_key(&second, 0).await.unwrap();
+    assert!(s.find_by_id(second.id).await.unwrap().is_some());
+}
+
 #[tokio::test]
 async fn a_broken_subscription_reconnects_and_clears_the_cache() {
     let redis = RedisServer::start();

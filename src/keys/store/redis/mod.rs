@@ -482,6 +482,25 @@ impl RedisStore {
 
     /// Runs one script with `args` (the prefix is prepended).
     async fn script(&self, what: &str, script: &Script, args: Args) -> StoreResult<Value> {
+        self.run_script(what, script, args, false).await
+    }
+
+    /// Runs one read-only script with `args`, as [`Self::script`], once more when it fails on
+    /// a connection found dropped: a Redis restarted since the last call leaves each idle
+    /// connection dead, and the first call on it fails while the connection manager makes a
+    /// new one; the second goes out on that one, within the same [`CALL_TIMEOUT`]. Only reads
+    /// are asked again: a write whose connection dropped may have run.
+    async fn read(&self, what: &str, script: &Script, args: Args) -> StoreResult<Value> {
+        self.run_script(what, script, args, true).await
+    }
+
+    async fn run_script(
+        &self,
+        what: &str,
+        script: &Script,
+        args: Args,
+        again_if_dropped: bool,
+    ) -> StoreResult<Value> {
         let mut inv = script.prepare_invoke();
         // The scripts name their keys from the prefix (ARGV[1]); KEYS[1] is one of them, so
         // that a cluster connection sends the script to the node that holds the prefix's slot.
@@ -490,11 +509,15 @@ impl RedisStore {
         for a in args.0 {
             inv.arg(a);
         }
-        let mut conn = self.conn();
-        self.bounded(
-            what,
-            async move { inv.invoke_async::<Value>(&mut conn).await },
-        )
+        let link = &self.inner.link;
+        self.bounded(what, async move {
+            match inv.invoke_async::<Value>(&mut link.conn()).await {
+                Err(e) if again_if_dropped && e.is_unrecoverable_error() => {
+                    inv.invoke_async::<Value>(&mut link.conn()).await
+                }
+                other => other,
+            }
+        })
         .await
     }
 
@@ -763,7 +786,7 @@ impl Store for RedisStore {
     async fn find_by_hash(&self, hash: &KeyHash, now: Millis) -> StoreResult<Option<KeyRecord>> {
         let mut a = Args::default();
         a.push(hex::encode(hash.0)).push(now);
-        record_from(self.script("lookup", &scripts().find_by_hash, a).await?)
+        record_from(self.read("lookup", &scripts().find_by_hash, a).await?)
     }
 
     /// One script call per [`LOOKUP_BATCH`] hashes, the calls at once.
@@ -778,10 +801,7 @@ impl Store for RedisStore {
             for h in chunk {
                 a.push(hex::encode(h.0));
             }
-            let found = array(
-                self.script("lookup", &scripts().find_many_by_hash, a)
-                    .await?,
-            )?;
+            let found = array(self.read("lookup", &scripts().find_many_by_hash, a).await?)?;
             if found.len() != chunk.len() {
                 return Err(corrupt("lookup"));
             }
@@ -797,7 +817,7 @@ impl Store for RedisStore {
     async fn find_by_id(&self, id: Uuid) -> StoreResult<Option<KeyRecord>> {
         let mut a = Args::default();
         a.push(id);
-        record_from(self.script("lookup", &scripts().find_by_id, a).await?)
+        record_from(self.read("lookup", &scripts().find_by_id, a).await?)
     }
 
     async fn list_keys(
@@ -810,7 +830,7 @@ impl Store for RedisStore {
         let mut a = Args::default();
         a.push(client_id.unwrap_or("")).push(first).push(last);
         page_from(
-            self.script("list keys", &scripts().list_keys, a).await?,
+            self.read("list keys", &scripts().list_keys, a).await?,
             key_from,
         )
     }
@@ -934,7 +954,7 @@ impl Store for RedisStore {
         let mut a = Args::default();
         a.push(first).push(last);
         page_from(
-            self.script("list clients", &scripts().list_clients, a)
+            self.read("list clients", &scripts().list_clients, a)
                 .await?,
             client_from,
         )
@@ -1028,7 +1048,7 @@ impl Store for RedisStore {
     async fn usage(&self, key_id: Uuid, from: i64, to: i64) -> StoreResult<Vec<(i64, u64)>> {
         let mut a = Args::default();
         a.push(key_id).push(from).push(to);
-        let v = self.script("usage", &scripts().usage, a).await?;
+        let v = self.read("usage", &scripts().usage, a).await?;
         let items: Vec<String> = ::redis::from_redis_value(v)
             .map_err(|e| StoreError::Unavailable(format!("redis: unexpected usage reply: {e}")))?;
         let mut out: Vec<(i64, u64)> = items
@@ -1088,7 +1108,7 @@ impl Store for RedisStore {
     async fn credits(&self, key_id: Uuid) -> StoreResult<Option<Credits>> {
         let mut a = Args::default();
         a.push(key_id);
-        let v = self.script("credits", &scripts().credits, a).await?;
+        let v = self.read("credits", &scripts().credits, a).await?;
         if v == Value::Nil {
             return Ok(None);
         }
@@ -1138,7 +1158,7 @@ impl Store for RedisStore {
     async fn quota_used(&self, client_id: &str, per: Period, index: i64) -> StoreResult<u64> {
         let mut a = Args::default();
         a.push(quota_key(client_id, per, index));
-        let v = self.script("quota", &scripts().quota_used, a).await?;
+        let v = self.read("quota", &scripts().quota_used, a).await?;
         Ok(int(&v)?.max(0) as u64)
     }
 
