@@ -151,9 +151,9 @@ where
                 return End::Closed;
             }
         };
-        // On the heap for the exchange only (about 6 KiB, freed at its end and reused by the
-        // allocator for the next): between requests a connection's state is a few hundred
-        // bytes, so thousands of idle keep-alive connections stay cheap.
+        // On the heap for the exchange only (2,832 bytes in a release build, freed at its end
+        // and reused by the allocator for the next): between requests a connection's state is
+        // a few hundred bytes, so thousands of idle keep-alive connections stay cheap.
         match Box::pin(c.exchange(gw, conn, st, &head, drain)).await {
             Next::KeepAlive => {
                 served += 1;
