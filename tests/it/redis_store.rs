@@ -340,37 +340,56 @@ async fn the_first_read_after_a_redis_restart_is_answered() {
     let s = RedisStore::open(&redis.tcp_url(0), "keygate:").unwrap();
     let k = key("acme");
     s.insert_client(&client("acme"), &k).await.unwrap();
-    let mut restart = || {
+    // The store's connection is up (a ping answered on it), then Redis restarts under it.
+    async fn restart(redis: &mut RedisServer, s: &RedisStore) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.ping().await.is_err() {
+            assert!(Instant::now() < deadline, "the store did not reconnect");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         redis.kill();
         redis.restart();
-    };
+    }
 
-    restart();
-    let found = s.find_by_hash(&k.key_hash, now_millis()).await.unwrap();
-    assert_eq!(found.map(|r| r.key.id), Some(k.id), "lookup by hash");
-
-    restart();
-    let found = s
+    // Each read after a restart of its own; every one is checked, then all are reported.
+    let mut answered: Vec<(&str, Result<bool, StoreError>)> = Vec::new();
+    restart(&mut redis, &s).await;
+    let r = s.find_by_hash(&k.key_hash, now_millis()).await;
+    answered.push((
+        "lookup by hash",
+        r.map(|f| f.map(|r| r.key.id) == Some(k.id)),
+    ));
+    restart(&mut redis, &s).await;
+    let r = s
         .find_many_by_hash(std::slice::from_ref(&k.key_hash), now_millis())
-        .await
-        .unwrap();
-    assert_eq!(found.len(), 1);
-    assert_eq!(
-        found[0].as_ref().map(|r| r.key.id),
-        Some(k.id),
-        "batched lookup"
-    );
-
-    restart();
-    let found = s.find_by_id(k.id).await.unwrap();
-    assert_eq!(found.map(|r| r.key.id), Some(k.id), "lookup by id");
-
-    restart();
-    let listed = s.list_keys(Some("acme"), 1, 10).await.unwrap();
-    assert_eq!(listed.items.len(), 1, "admin listing");
+        .await;
+    answered.push((
+        "batched lookup",
+        r.map(|f| f.len() == 1 && f[0].as_ref().map(|r| r.key.id) == Some(k.id)),
+    ));
+    restart(&mut redis, &s).await;
+    let r = s.find_by_id(k.id).await;
+    answered.push(("lookup by id", r.map(|f| f.map(|r| r.key.id) == Some(k.id))));
+    restart(&mut redis, &s).await;
+    let r = s.list_keys(Some("acme"), 1, 10).await;
+    answered.push(("key listing", r.map(|p| p.items.len() == 1)));
+    restart(&mut redis, &s).await;
+    let r = s.get_client("acme").await;
+    answered.push((
+        "client",
+        r.map(|c| c.is_some_and(|c| c.client_id == "acme")),
+    ));
+    restart(&mut redis, &s).await;
+    let r = s.signing_keys().await;
+    answered.push(("signing keys", r.map(|_| true)));
+    let wrong: Vec<_> = answered
+        .iter()
+        .filter(|(_, r)| !matches!(r, Ok(true)))
+        .collect();
+    assert!(wrong.is_empty(), "reads after a restart: {wrong:?}");
 
     // A write is sent once: on the dead connection it fails, and nothing was stored.
-    restart();
+    restart(&mut redis, &s).await;
     let second = key("acme");
     let r = s.insert_key(&second, 0).await;
     assert!(

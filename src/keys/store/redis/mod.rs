@@ -73,7 +73,9 @@ use std::time::Duration;
 
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClientBuilder;
-use ::redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError, Script, Value};
+use ::redis::{
+    ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError, Script, ScriptInvocation, Value,
+};
 use async_trait::async_trait;
 use uuid::Uuid;
 
@@ -480,27 +482,27 @@ impl RedisStore {
         }
     }
 
-    /// Runs one script with `args` (the prefix is prepended).
-    async fn script(&self, what: &str, script: &Script, args: Args) -> StoreResult<Value> {
-        self.run_script(what, script, args, false).await
-    }
-
-    /// Runs one read-only script with `args`, as [`Self::script`], once more when it fails on
-    /// a connection found dropped: a Redis restarted since the last call leaves each idle
+    /// Runs `call` within [`CALL_TIMEOUT`] as [`Self::bounded`] does, once more when it fails
+    /// on a connection found dropped: a Redis restarted since the last call leaves each idle
     /// connection dead, and the first call on it fails while the connection manager makes a
-    /// new one; the second goes out on that one, within the same [`CALL_TIMEOUT`]. Only reads
-    /// are asked again: a write whose connection dropped may have run.
-    async fn read(&self, what: &str, script: &Script, args: Args) -> StoreResult<Value> {
-        self.run_script(what, script, args, true).await
+    /// new one; the second goes out on that one, within the same timeout. For reads only: a
+    /// write whose connection dropped may have run.
+    async fn bounded_read<T, F>(&self, what: &str, call: impl Fn(Conn) -> F) -> StoreResult<T>
+    where
+        F: Future<Output = Result<T, RedisError>>,
+    {
+        let link = &self.inner.link;
+        self.bounded(what, async {
+            match call(link.conn()).await {
+                Err(e) if e.is_unrecoverable_error() => call(link.conn()).await,
+                other => other,
+            }
+        })
+        .await
     }
 
-    async fn run_script(
-        &self,
-        what: &str,
-        script: &Script,
-        args: Args,
-        again_if_dropped: bool,
-    ) -> StoreResult<Value> {
+    /// `script` with `args`, the prefix prepended.
+    fn invocation<'s>(&self, script: &'s Script, args: Args) -> ScriptInvocation<'s> {
         let mut inv = script.prepare_invoke();
         // The scripts name their keys from the prefix (ARGV[1]); KEYS[1] is one of them, so
         // that a cluster connection sends the script to the node that holds the prefix's slot.
@@ -509,14 +511,26 @@ impl RedisStore {
         for a in args.0 {
             inv.arg(a);
         }
-        let link = &self.inner.link;
-        self.bounded(what, async move {
-            match inv.invoke_async::<Value>(&mut link.conn()).await {
-                Err(e) if again_if_dropped && e.is_unrecoverable_error() => {
-                    inv.invoke_async::<Value>(&mut link.conn()).await
-                }
-                other => other,
-            }
+        inv
+    }
+
+    /// Runs one script with `args` (the prefix is prepended).
+    async fn script(&self, what: &str, script: &Script, args: Args) -> StoreResult<Value> {
+        let inv = self.invocation(script, args);
+        let mut conn = self.conn();
+        self.bounded(
+            what,
+            async move { inv.invoke_async::<Value>(&mut conn).await },
+        )
+        .await
+    }
+
+    /// Runs one read-only script with `args`, as [`Self::script`], sent once more on a new
+    /// connection when the first was found dropped ([`Self::bounded_read`]).
+    async fn read(&self, what: &str, script: &Script, args: Args) -> StoreResult<Value> {
+        let inv = &self.invocation(script, args);
+        self.bounded_read(what, |mut conn| async move {
+            inv.invoke_async::<Value>(&mut conn).await
         })
         .await
     }
@@ -931,10 +945,9 @@ impl Store for RedisStore {
     }
 
     async fn get_client(&self, client_id: &str) -> StoreResult<Option<Client>> {
-        let mut conn = self.conn();
-        let key = format!("{}client:{client_id}", self.prefix());
+        let key = &format!("{}client:{client_id}", self.prefix());
         let v = self
-            .bounded("get client", async move {
+            .bounded_read("get client", |mut conn| async move {
                 ::redis::cmd("HGETALL")
                     .arg(key)
                     .query_async::<Value>(&mut conn)

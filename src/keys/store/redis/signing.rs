@@ -57,10 +57,9 @@ fn add_script() -> &'static Script {
 
 impl RedisStore {
     pub(super) async fn read_signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>> {
-        let key = format!("{}signing_keys", self.prefix());
-        let mut conn = self.conn();
+        let key = &format!("{}signing_keys", self.prefix());
         let v = self
-            .bounded("signing keys", async move {
+            .bounded_read("signing keys", |mut conn| async move {
                 ::redis::cmd("HVALS")
                     .arg(key)
                     .query_async::<Value>(&mut conn)
