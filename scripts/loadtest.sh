@@ -78,7 +78,10 @@
 # neither contender: the slowdown the machine puts on any server while idle sockets exist.
 #
 # The *-tls-new variants are bounded by the client on this layout when wrk's TLS handshakes fill
-# CPU $LOAD_CPU: every repetition also prints how busy the load core was. CAPTURE=1 (the default
+# CPU $LOAD_CPU: every repetition also prints how busy the load core was, and the report how
+# often per request the load core was woken from the other (function-call and rescheduling
+# interrupts it received) and the machine switched tasks: the fewer, the more requests the
+# load core's wrk and upstream get through (BENCHMARKS "Run N"). CAPTURE=1 (the default
 # when the report has a *-tls-new contender; tcpdump is installed if missing) records 1 s of
 # each *-tls-new contender's loopback traffic in the first repetition and reports, per
 # connection, what the server did on the wire (ClientHello → its handshake flight, request →
@@ -674,6 +677,13 @@ contender_pids() {
 core_ticks() {
   awk -v c="cpu${1:-$PROXY_CPU}" '$1 == c {print $2 + $3 + $4 + $7 + $8, $9}' /proc/stat
 }
+# The machine's context switches so far, then the function-call and rescheduling interrupts
+# CPU $LOAD_CPU has received (a task there woken from the other core): how often the load
+# core's processes were woken and switched (see scripts/wakeups.py).
+switches() {
+  echo "$(awk '$1 == "ctxt" {print $2}' /proc/stat)" \
+    "$(awk -v col=$((LOAD_CPU + 2)) '$1 == "CAL:" || $1 == "RES:" {s += $col} END {print s}' /proc/interrupts)"
+}
 # The listening port of a contender (for the capture).
 contender_port() {
   case $1 in
@@ -730,7 +740,9 @@ for n in $CONNS; do
         t0=$(cpu_ticks "$pids")
         s0=$(core_ticks)
         l0=$(core_ticks "$LOAD_CPU")
+        w0=$(switches)
         run_wrk "$c" "$n" "$DURATION" "$WORK/run-$c-$n-$r.txt"
+        w1=$(switches)
         t1=$(cpu_ticks "$pids")
         s1=$(core_ticks)
         l1=$(core_ticks "$LOAD_CPU")
@@ -745,7 +757,8 @@ for n in $CONNS; do
         echo "  c$n rep $r $c: ${stolen} % stolen, run again" >&2
         printf '%s\t%s\n' "$c" "$n" >>"$WORK/stolen.tsv"
       done
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$n" "$r" "$((t1 - t0))" "$WORK/run-$c-$n-$r.txt" "$core" "$load" >>"$RAW"
+      woken="$((${w1% *} - ${w0% *})) $((${w1#* } - ${w0#* }))"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$n" "$r" "$((t1 - t0))" "$WORK/run-$c-$n-$r.txt" "$core" "$load" "$woken" >>"$RAW"
       echo "  c$n rep $r $c: $(grep -m1 'Requests/sec' "$WORK/run-$c-$n-$r.txt" || echo failed)" >&2
     done
   done
@@ -754,7 +767,7 @@ SHIELD_NOTE=
 if [ "$SHIELD" = 1 ]; then
   SHIELD_NOTE="SHIELD=1: every other task that could run on CPU $PROXY_CPU was moved to CPU $LOAD_CPU for the run ($(wc -l <"$SHIELDED") tasks)."
 fi
-export WARM STEAL_MAX TLS_NOTE CAPTURE_SECS CAPTURE_WINDOW_MS SHIELD_NOTE
+export WARM STEAL_MAX TLS_NOTE CAPTURE_SECS CAPTURE_WINDOW_MS SHIELD_NOTE LOAD_CPU
 # ---- idle connections --------------------------------------------------------------------
 # keygate and nginx-keyauth in turn: wrk at the first connection count ($REPS runs), then
 # $IDLE keep-alive connections opened (one request answered on each, then silent) and held
@@ -878,6 +891,7 @@ python3 - "$RAW" "$(getconf CLK_TCK)" "$PEAK_RSS_KB" "$RSS_KB" "$KEYS" "$REPS" "
 import os, re, statistics, sys
 raw, hz, peak_kb, rss_kb, keys, reps, dur, nproc, cpu, kernel, load, order = sys.argv[1:13]
 hz = int(hz); order = order.split()
+load_cpu = os.environ.get("LOAD_CPU", "1")
 
 def us(v):
     m = re.match(r"([\d.]+)(us|ms|s)$", v)
@@ -888,7 +902,8 @@ def pids_known(c): return c != "direct"
 
 rows = {}
 for line in open(raw):
-    c, n, r, ticks, path, core, load_ticks = line.rstrip("\n").split("\t")
+    c, n, r, ticks, path, core, load_ticks, woken = line.rstrip("\n").split("\t")
+    switched, ipis = map(int, woken.split())
     busy, steal = map(int, core.split())
     t = open(path).read()
     m = re.search(r"Requests/sec:\s+([\d.]+)", t)
@@ -897,7 +912,7 @@ for line in open(raw):
     p99 = re.search(r"^\s+99%\s+(\S+)", t, re.M)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
     errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", t)
-    rec = rows.setdefault((c, int(n)), {"rps": [], "p50": [], "p99": [], "cpu": [], "bad": 0, "err": 0, "reps": []})
+    rec = rows.setdefault((c, int(n)), {"rps": [], "p50": [], "p99": [], "cpu": [], "bad": 0, "err": 0, "reps": [], "switched": [], "ipis": []})
     if not (m and total and p50 and p99):
         rec["err"] += 1
         continue
@@ -907,6 +922,9 @@ for line in open(raw):
     reqs = int(total.group(1))
     if int(ticks) > 0 and reqs:
         rec["cpu"].append(int(ticks) / hz / reqs * 1e6)
+    if reqs:
+        rec["switched"].append(switched / reqs)
+        rec["ipis"].append(ipis / reqs)
     # Per repetition: CPU time on the contender's core outside its processes, and steal.
     rec["reps"].append((int(r), float(m.group(1)), us(p99.group(1)), (busy - int(ticks)) / hz / float(dur) * 100 if pids_known(c) else None, steal / hz / float(dur) * 100, int(load_ticks) / hz / float(dur) * 100))
     rec["bad"] += int(non2xx.group(1)) if non2xx else 0
@@ -981,6 +999,13 @@ for n in sorted({n for _, n in rows}):
                  + f"; load {ld:.0f} %)"
                  for _, q, p, o, st, ld in sorted(r["reps"])]
         print(f"- {c}: " + "; ".join(cells))
+    print()
+    print("The load core woken from the other and the machine's context switches, per request (median of the repetitions; scripts/wakeups.py):")
+    print()
+    for c in order:
+        r = rows.get((c, n))
+        if r and r["switched"]:
+            print(f"- {c}: {med(r['ipis']):.3f} interrupts received by CPU {load_cpu}, {med(r['switched']):.3f} context switches")
     # p99 against the variant's nginx-keyauth in each round (repetition r of both).
     lines = []
     for c in order:
