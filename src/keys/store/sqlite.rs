@@ -107,6 +107,7 @@ CREATE TABLE quota_use (
 ALTER TABLE key_credits ADD COLUMN alert_base INTEGER;
 ALTER TABLE key_credits ADD COLUMN alerted INTEGER NOT NULL DEFAULT 0;
 "#,
+    super::sqlite_outbox::PRUNE_INDEXES,
 ];
 
 const KEY_COLUMNS: &str = "k.id, k.client_id, k.name, k.prefix, k.key_hash, k.previous_hash, \
@@ -1518,6 +1519,34 @@ fn write_usage(c: &mut Connection, usage: &[Usage]) -> StoreResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The outbox's minutely prune finds what it drops through an index, so its cost follows
+    /// what it drops, not every event and attempt kept (`PRUNE_INDEXES`).
+    #[test]
+    fn a_prune_reads_only_what_it_drops() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let plan = |sql: &str, params: usize| -> String {
+            let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            st.query_map(rusqlite::params_from_iter(vec![0_i64; params]), |r| {
+                r.get::<_, String>(3)
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>()
+            .join("; ")
+        };
+        let events = plan(super::super::sqlite_outbox::PRUNE_EVENTS, 2);
+        assert!(
+            events.contains("INDEX webhook_events_by_created_at (created_at<?)"),
+            "{events}"
+        );
+        let attempts = plan(super::super::sqlite_outbox::PRUNE_ATTEMPTS, 1);
+        assert!(
+            attempts.contains("INDEX webhook_attempts_by_at (at<?)"),
+            "{attempts}"
+        );
+    }
 
     /// Holds the store's main connection from another thread for `secs` seconds (standing in
     /// for a long admin call or lookup); answers once it is held.

@@ -26,6 +26,20 @@ const RETENTION_MS: Millis = 7 * DAY_MS;
 const FANOUT_BATCH: i64 = 1_000;
 /// How often a claim also drops what is past [`RETENTION_MS`].
 const PRUNE_EVERY_MS: Millis = 60_000;
+/// The indexes that let a prune read only what it drops: without them each prune read every
+/// event and attempt kept (about 9 ms for 40,000 events, on the outbox thread beside the
+/// request path, once a minute).
+pub const PRUNE_INDEXES: &str = r#"
+CREATE INDEX webhook_events_by_created_at ON webhook_events(created_at);
+CREATE INDEX webhook_attempts_by_at ON webhook_attempts(at);
+"#;
+/// Drops the events fanned out (`?1`: the cursor) and older than `?2` that no delivery still
+/// waits for.
+pub(super) const PRUNE_EVENTS: &str = "DELETE FROM webhook_events WHERE seq <= ?1 AND created_at < ?2 \
+     AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d \
+         WHERE d.event_seq = webhook_events.seq AND d.state = 'pending')";
+/// Drops the delivery attempts older than `?1`.
+pub(super) const PRUNE_ATTEMPTS: &str = "DELETE FROM webhook_attempts WHERE at < ?1";
 
 pub const MIGRATION: &str = r#"
 CREATE TABLE webhook_events (
@@ -342,15 +356,9 @@ impl Outbox for SqliteOutbox {
                 // What is done and old goes (now and then: it reads old rows).
                 if prune {
                     let horizon = now - RETENTION_MS;
-                    tx.execute(
-                        "DELETE FROM webhook_events WHERE seq <= ?1 AND created_at < ?2 \
-                         AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d \
-                             WHERE d.event_seq = webhook_events.seq AND d.state = 'pending')",
-                        params![cursor, horizon],
-                    )
-                    .map_err(db)?;
-                    tx.execute("DELETE FROM webhook_attempts WHERE at < ?1", [horizon])
+                    tx.execute(PRUNE_EVENTS, params![cursor, horizon])
                         .map_err(db)?;
+                    tx.execute(PRUNE_ATTEMPTS, [horizon]).map_err(db)?;
                 }
                 tx.commit().map_err(db)?;
                 Ok(due)
