@@ -1548,6 +1548,56 @@ mod tests {
         );
     }
 
+    /// The prune's statements drop what is past the horizon and fanned out, and keep an old
+    /// event a delivery still waits for, a recent one and one not fanned out yet.
+    #[test]
+    fn a_prune_drops_only_old_settled_rows() {
+        use super::super::sqlite_outbox::{PRUNE_ATTEMPTS, PRUNE_EVENTS};
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let (old, horizon, recent) = (1_000_i64, 5_000_i64, 9_000_i64);
+        // seq 1 old and delivered, 2 old with a pending delivery, 3 recent, 4 old but past
+        // the fan-out cursor (3).
+        for (id, at) in [("e1", old), ("e2", old), ("e3", recent), ("e4", old)] {
+            conn.execute(
+                "INSERT INTO webhook_events (id, type, ordering_key, created_at, body) \
+                 VALUES (?1, 'key.created', 'k', ?2, '{}')",
+                params![id, at],
+            )
+            .unwrap();
+        }
+        for (seq, state) in [(1, "delivered"), (2, "pending")] {
+            conn.execute(
+                "INSERT INTO webhook_deliveries (event_seq, webhook_id, ordering_key, state, \
+                 attempts, next_at, updated_at) VALUES (?1, 'w', 'k', ?2, 1, 0, 0)",
+                params![seq, state],
+            )
+            .unwrap();
+        }
+        for (event, at) in [("e1", old), ("e3", recent)] {
+            conn.execute(
+                "INSERT INTO webhook_attempts (webhook_id, event_id, event_type, attempt, at, \
+                 outcome) VALUES ('w', ?1, 'key.created', 1, ?2, 'delivered')",
+                params![event, at],
+            )
+            .unwrap();
+        }
+        conn.execute(PRUNE_EVENTS, params![3, horizon]).unwrap();
+        conn.execute(PRUNE_ATTEMPTS, [horizon]).unwrap();
+        let ids = |sql: &str| -> Vec<String> {
+            let mut st = conn.prepare(sql).unwrap();
+            st.query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        assert_eq!(
+            ids("SELECT id FROM webhook_events ORDER BY seq"),
+            ["e2", "e3", "e4"]
+        );
+        assert_eq!(ids("SELECT event_id FROM webhook_attempts"), ["e3"]);
+    }
+
     /// Holds the store's main connection from another thread for `secs` seconds (standing in
     /// for a long admin call or lookup); answers once it is held.
     fn hold_main_connection(store: &SqliteStore, secs: u64) -> std::thread::JoinHandle<()> {
