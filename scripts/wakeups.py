@@ -15,7 +15,9 @@ both sides (on a VM an exit to the hypervisor).
 One line per wrk run, in the order of the load test's runs (the warm-ups are the short ones):
 duration, target URL, CPU busy % [cpu0, cpu1], and each count as [cpu0, cpu1] per second;
 `ctxt` is the machine's context switches per second. Divide by the run's req/s (the load
-test's log, same order) for the count per request.
+test's log, same order) for the count per request. The load test's report prints the
+per-request counts of the load core's interrupts and the context switches itself; this adds
+the per-CPU breakdown (each kind of interrupt, both CPUs, timer ticks, busy shares).
 """
 
 import os

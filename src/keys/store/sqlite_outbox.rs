@@ -28,7 +28,7 @@ const FANOUT_BATCH: i64 = 1_000;
 const PRUNE_EVERY_MS: Millis = 60_000;
 /// The indexes that let a prune read only what it drops: without them each prune read every
 /// event and attempt kept (about 9 ms for 40,000 events, on the outbox thread beside the
-/// request path, once a minute).
+/// request path, once a minute; BENCHMARKS.md "The outbox prune, timed").
 pub const PRUNE_INDEXES: &str = r#"
 CREATE INDEX webhook_events_by_created_at ON webhook_events(created_at);
 CREATE INDEX webhook_attempts_by_at ON webhook_attempts(at);
