@@ -108,6 +108,7 @@ ALTER TABLE key_credits ADD COLUMN alert_base INTEGER;
 ALTER TABLE key_credits ADD COLUMN alerted INTEGER NOT NULL DEFAULT 0;
 "#,
     super::sqlite_outbox::PRUNE_INDEXES,
+    super::sqlite_outbox::EXPIRY_INDEX,
 ];
 
 const KEY_COLUMNS: &str = "k.id, k.client_id, k.name, k.prefix, k.key_hash, k.previous_hash, \
@@ -1545,6 +1546,29 @@ mod tests {
         assert!(
             attempts.contains("INDEX webhook_attempts_by_at (at<?)"),
             "{attempts}"
+        );
+    }
+
+    /// The hourly `key.expiring` check finds the keys in its window through the expiry index,
+    /// not by reading every key (`EXPIRY_INDEX`).
+    #[test]
+    fn the_expiry_check_reads_only_keys_that_can_expire() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let sql = format!(
+            "EXPLAIN QUERY PLAN SELECT {KEY_COLUMNS} FROM api_keys k WHERE {}",
+            super::super::sqlite_outbox::EXPIRING_KEYS
+        );
+        let mut st = conn.prepare(&sql).unwrap();
+        let plan = st
+            .query_map(params![0_i64, 1_i64], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>()
+            .join("; ");
+        assert!(
+            plan.contains("INDEX api_keys_by_expiry (expires_at>? AND expires_at<?)"),
+            "{plan}"
         );
     }
 

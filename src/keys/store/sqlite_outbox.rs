@@ -33,6 +33,16 @@ pub const PRUNE_INDEXES: &str = r#"
 CREATE INDEX webhook_events_by_created_at ON webhook_events(created_at);
 CREATE INDEX webhook_attempts_by_at ON webhook_attempts(at);
 "#;
+/// The index of the keys that can expire, by when: the hourly `key.expiring` check reads the
+/// keys expiring within its widest window through it instead of every key (on the outbox's
+/// connection, whose transaction holds the write lock while it reads; BENCHMARKS.md "The
+/// expiry check, timed").
+pub const EXPIRY_INDEX: &str = r#"
+CREATE INDEX api_keys_by_expiry ON api_keys(expires_at) WHERE enabled = 1 AND expires_at IS NOT NULL;
+"#;
+/// The keys the `key.expiring` check looks at: enabled, expiring after `?1` and by `?2`. Its
+/// terms imply [`EXPIRY_INDEX`]'s condition, so that index serves it.
+pub(super) const EXPIRING_KEYS: &str = "k.enabled = 1 AND k.expires_at > ?1 AND k.expires_at <= ?2";
 /// Drops the events fanned out (`?1`: the cursor) and older than `?2` that no delivery still
 /// waits for.
 pub(super) const PRUNE_EVENTS: &str = "DELETE FROM webhook_events WHERE seq <= ?1 AND created_at < ?2 \
@@ -190,8 +200,7 @@ impl Outbox for SqliteOutbox {
                 let widest = EXPIRING_DAYS[0] * DAY_MS;
                 let keys = tx
                     .prepare_cached(&format!(
-                        "SELECT {columns} FROM api_keys k WHERE k.enabled = 1 \
-                         AND k.expires_at > ?1 AND k.expires_at <= ?2"
+                        "SELECT {columns} FROM api_keys k WHERE {EXPIRING_KEYS}"
                     ))
                     .map_err(db)?
                     .query_map(params![now, now + widest], read)
