@@ -10,7 +10,8 @@
 # Layout as in loadtest.sh: keygate alone on CPU $PROXY_CPU with one worker, wrk and the
 # upstream (nginx `return 200`) on CPU $LOAD_CPU. Three measurements of $DURATION s each, every
 # one after $WARM s of the same load:
-#   1. user and system CPU µs per request (/proc/<pid>/stat), context switches per request;
+#   1. user and system CPU µs per request (/proc/<pid>/stat), context switches per request,
+#      TCP segments per request on the machine (`nstat`: sent, received, pure ACKs, delayed ACKs);
 #   2. system calls per request (`strace -c -f`; strace slows keygate down, so only the counts
 #      mean anything, not its timings);
 #   3. a CPU profile (`perf record -g`, software clock: no hardware counters needed), its top
@@ -35,6 +36,7 @@ command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v perf >/dev/null 2>&1 || need+=(linux-perf)
 command -v strace >/dev/null 2>&1 || need+=(strace)
+command -v nstat >/dev/null 2>&1 || need+=(iproute2)
 [ "$MODE" != h2c ] || command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
@@ -172,16 +174,24 @@ load 3 /dev/null >/dev/null # the cache warm (every key once at least)
 load "$WARM" /dev/null >/dev/null
 read -r u0 s0 < <(stat_of)
 c0=$(switches)
+nstat -n >/dev/null 2>&1 # resets nstat's history: the next call prints what changed since
 n=$(load "$DURATION" "$OUTDIR/wrk.txt")
+nstat >"$OUTDIR/nstat.txt" 2>/dev/null
 read -r u1 s1 < <(stat_of)
 c1=$(switches)
-python3 - "$n" "$((u1 - u0))" "$((s1 - s0))" "$((c1 - c0))" "$hz" "$DURATION" >"$OUTDIR/summary.md" <<'EOF'
+python3 - "$n" "$((u1 - u0))" "$((s1 - s0))" "$((c1 - c0))" "$hz" "$DURATION" "$OUTDIR/nstat.txt" \
+  >"$OUTDIR/summary.md" <<'EOF'
 import sys
-n, u, s, cs, hz, d = map(float, sys.argv[1:])
+n, u, s, cs, hz, d = map(float, sys.argv[1:7])
+seen = dict(l.split()[:2] for l in open(sys.argv[7]) if not l.startswith("#"))
+seg = {k: int(seen.get(k, 0)) / n for k in ("TcpOutSegs", "TcpInSegs", "TcpExtTCPPureAcks", "TcpExtDelayedACKs")}
 print(f"requests: {n:,.0f} in {d:.0f} s ({n / d:,.0f}/s)")
 print(f"CPU per request: {(u + s) / hz / n * 1e6:.2f} µs = user {u / hz / n * 1e6:.2f} + system {s / hz / n * 1e6:.2f} "
       f"({s / (u + s) * 100:.0f} % in the kernel)")
 print(f"context switches per request: {cs / n:.3f}")
+print(f"TCP segments per request (the machine's, loopback): {seg['TcpOutSegs']:.3f} sent, "
+      f"{seg['TcpInSegs']:.3f} received; pure ACKs received {seg['TcpExtTCPPureAcks']:.3f}, "
+      f"delayed ACKs sent {seg['TcpExtDelayedACKs']:.3f}")
 EOF
 
 # System calls per request.
