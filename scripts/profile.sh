@@ -6,6 +6,8 @@
 #   MODE=jwt scripts/profile.sh        # Authorization: Bearer <token>
 #   MODE=h2c scripts/profile.sh        # h2load, 64 connections x 10 streams, HTTP/2 prior knowledge
 #   TARGET=nginx-keyauth scripts/profile.sh   # the same measurements of nginx-keyauth
+#   REPEAT=8 CONNS=256 scripts/profile.sh      # measurement 1 eight times back to back in one
+#                                              # process: how far the host moves it
 #
 # Layout as in loadtest.sh: keygate alone on CPU $PROXY_CPU with one worker, wrk and the
 # upstream (nginx `return 200`) on CPU $LOAD_CPU. Three measurements of $DURATION s each, every
@@ -25,6 +27,7 @@ ROOT=$PWD
 MODE=${MODE:-one}
 DURATION=${DURATION:-10}
 WARM=${WARM:-2}
+REPEAT=${REPEAT:-1}
 CONNS=${CONNS:-64}
 KEYS=${KEYS:-10000}
 PROXY_CPU=${PROXY_CPU:-0}
@@ -171,6 +174,9 @@ switches() { awk '/ctxt_switches/ {s += $2} END {print s}' "/proc/$KG_PID/status
 hz=$(getconf CLK_TCK)
 
 load 3 /dev/null >/dev/null # the cache warm (every key once at least)
+: >"$OUTDIR/summary.md"
+for rep in $(seq "$REPEAT"); do
+[ "$REPEAT" = 1 ] || echo "measurement $rep of $REPEAT:" >>"$OUTDIR/summary.md"
 load "$WARM" /dev/null >/dev/null
 read -r u0 s0 < <(stat_of)
 c0=$(switches)
@@ -180,7 +186,7 @@ nstat >"$OUTDIR/nstat.txt" 2>/dev/null
 read -r u1 s1 < <(stat_of)
 c1=$(switches)
 python3 - "$n" "$((u1 - u0))" "$((s1 - s0))" "$((c1 - c0))" "$hz" "$DURATION" "$OUTDIR/nstat.txt" \
-  >"$OUTDIR/summary.md" <<'EOF'
+  >>"$OUTDIR/summary.md" <<'EOF'
 import sys
 n, u, s, cs, hz, d = map(float, sys.argv[1:7])
 seen = dict(l.split()[:2] for l in open(sys.argv[7]) if not l.startswith("#"))
@@ -193,6 +199,7 @@ print(f"TCP segments per request (the machine's, loopback): {seg['TcpOutSegs']:.
       f"{seg['TcpInSegs']:.3f} received; pure ACKs received {seg['TcpExtTCPPureAcks']:.3f}, "
       f"delayed ACKs sent {seg['TcpExtDelayedACKs']:.3f}")
 EOF
+done
 
 # System calls per request.
 load "$WARM" /dev/null >/dev/null
