@@ -1521,28 +1521,31 @@ fn write_usage(c: &mut Connection, usage: &[Usage]) -> StoreResult<()> {
 mod tests {
     use super::*;
 
+    /// SQLite's plan for `sql` on a migrated database (its `params` parameters all 0), its
+    /// steps joined by "; ".
+    fn query_plan(sql: &str, params: usize) -> String {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        st.query_map(rusqlite::params_from_iter(vec![0_i64; params]), |r| {
+            r.get::<_, String>(3)
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect::<Vec<_>>()
+        .join("; ")
+    }
+
     /// The outbox's minutely prune finds what it drops through an index, so its cost follows
     /// what it drops, not every event and attempt kept (`PRUNE_INDEXES`).
     #[test]
     fn a_prune_reads_only_what_it_drops() {
-        let mut conn = Connection::open_in_memory().unwrap();
-        migrate(&mut conn).unwrap();
-        let plan = |sql: &str, params: usize| -> String {
-            let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-            st.query_map(rusqlite::params_from_iter(vec![0_i64; params]), |r| {
-                r.get::<_, String>(3)
-            })
-            .unwrap()
-            .map(Result::unwrap)
-            .collect::<Vec<_>>()
-            .join("; ")
-        };
-        let events = plan(super::super::sqlite_outbox::PRUNE_EVENTS, 2);
+        let events = query_plan(super::super::sqlite_outbox::PRUNE_EVENTS, 2);
         assert!(
             events.contains("INDEX webhook_events_by_created_at (created_at<?)"),
             "{events}"
         );
-        let attempts = plan(super::super::sqlite_outbox::PRUNE_ATTEMPTS, 1);
+        let attempts = query_plan(super::super::sqlite_outbox::PRUNE_ATTEMPTS, 1);
         assert!(
             attempts.contains("INDEX webhook_attempts_by_at (at<?)"),
             "{attempts}"
@@ -1553,19 +1556,11 @@ mod tests {
     /// not by reading every key (`EXPIRY_INDEX`).
     #[test]
     fn the_expiry_check_reads_only_keys_that_can_expire() {
-        let mut conn = Connection::open_in_memory().unwrap();
-        migrate(&mut conn).unwrap();
         let sql = format!(
-            "EXPLAIN QUERY PLAN SELECT {KEY_COLUMNS} FROM api_keys k WHERE {}",
+            "SELECT {KEY_COLUMNS} FROM api_keys k WHERE {}",
             super::super::sqlite_outbox::EXPIRING_KEYS
         );
-        let mut st = conn.prepare(&sql).unwrap();
-        let plan = st
-            .query_map(params![0_i64, 1_i64], |r| r.get::<_, String>(3))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect::<Vec<_>>()
-            .join("; ");
+        let plan = query_plan(&sql, 2);
         assert!(
             plan.contains("INDEX api_keys_by_expiry (expires_at>? AND expires_at<?)"),
             "{plan}"
