@@ -18,7 +18,8 @@
 #      mean anything, not its timings);
 #   3. a CPU profile (`perf record -g`, software clock: no hardware counters needed), its top
 #      entries by self time and by caller, user space against kernel.
-# Output: target/profile/<target>-<mode>/{summary.md,perf.data,perf-*.txt,strace.txt}. Not a test.
+# Output: target/profile/<target>-<mode>/{summary.md,perf.data,perf-*.txt,strace.txt,nstat.txt}
+# (nstat.txt: the counters of the last measurement 1). Not a test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
