@@ -708,10 +708,12 @@ fn eq(name: &[u8], lower: &[u8]) -> bool {
 }
 
 /// Never end-to-end, in either direction (RFC 9110 §7.6.1, plus `Proxy-Connection` seen in the
-/// wild, the proxy authentication pair, which addresses this hop, and `HTTP2-Settings` of the
-/// h2c upgrade, RFC 9113 §3.1, which is never forwarded).
+/// wild, the proxy authentication pair, which addresses this hop, `HTTP2-Settings` of the
+/// h2c upgrade, RFC 9113 §3.1, which is never forwarded, and `Close`, a reserved name
+/// (RFC 9110 §18.4) that `Connection: close` names although it is read as an option).
 fn hop_by_hop(name: &[u8]) -> bool {
     eq(name, b"keep-alive")
+        || eq(name, b"close")
         || eq(name, b"proxy-connection")
         || eq(name, b"te")
         || eq(name, b"proxy-authorization")
@@ -858,6 +860,7 @@ mod tests {
             ("Connection", Rule::Connection),
             ("TE", Rule::Drop),
             ("Keep-Alive", Rule::Drop),
+            ("Close", Rule::Drop),
             ("Proxy-Connection", Rule::Drop),
             ("Proxy-Authorization", Rule::Drop),
             ("HTTP2-Settings", Rule::Drop),
@@ -914,6 +917,7 @@ mod tests {
             ("Connection", Rule::Connection),
             ("Upgrade", Rule::Drop),
             ("Keep-Alive", Rule::Drop),
+            ("Close", Rule::Drop),
             ("Proxy-Authenticate", Rule::Drop),
             ("RateLimit-Limit", Rule::RateLimit),
             ("Date", Rule::Date),

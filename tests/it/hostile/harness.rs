@@ -221,8 +221,9 @@ pub async fn raw_upstream(rec: &Recorder, label: &'static str) -> SocketAddr {
 
 const FRAMING: [&str; 2] = ["content-length", "transfer-encoding"];
 /// Request headers a gateway must never forward (hop-by-hop, RFC 9110 §7.6.1).
-const NEVER_FORWARDED: [&str; 6] = [
+const NEVER_FORWARDED: [&str; 7] = [
     "connection",
+    "close",
     "keep-alive",
     "proxy-connection",
     "te",

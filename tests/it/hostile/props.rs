@@ -182,6 +182,7 @@ fn name_strategy() -> impl Strategy<Value = String> {
         "upgrade",
         "proxy-authorization",
         "proxy-authenticate",
+        "close",
         "x-keygate-client-id",
         "x-keygate-key-id",
         "x-keygate-anything",

@@ -594,6 +594,10 @@ fn build_corpus(key: &str) -> Corpus {
             "underscored credential",
             "X_Api_Key: kg_spoof\r\nAuthorization_: x\r\n",
         ),
+        (
+            "a field named by Connection: close",
+            "Connection: close, x-secret\r\nClose: x-keygate-key-id\r\nX-Secret: 1\r\n",
+        ),
     ] {
         c.two("identity-spoof", name, &["a"], |cx, base| {
             req("GET", base, "a", &cat(&[&cx.auth(), h.as_bytes()]), b"")
