@@ -105,6 +105,8 @@
 #
 # KEYGATE_BIN=path runs that binary instead of building the release one (e.g. a quick check of
 # the script with a debug build; figures from a debug build mean nothing).
+# INSTANCE_ENV="NAME=value …" is added to the environment of every keygate instance (the TLS
+# ones too), e.g. a setting read by a scratch build; nginx, wrk and the upstream do not get it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -311,7 +313,7 @@ max_connections_per_ip = 0
 header_read_timeout_secs = 300
 $extra
 EOF
-env ${KG_ENV:-} KEYGATE_ADMIN_KEY=$ADMIN_KEY taskset -c "$PROXY_CPU" "$bin" serve --config "$dir/keygate.toml" \
+env ${KG_ENV:-} ${INSTANCE_ENV:-} KEYGATE_ADMIN_KEY=$ADMIN_KEY taskset -c "$PROXY_CPU" "$bin" serve --config "$dir/keygate.toml" \
   >"$dir/keygate.log" 2>&1 &
 STARTED_PID=$!
 PIDS+=($STARTED_PID)
@@ -767,7 +769,11 @@ SHIELD_NOTE=
 if [ "$SHIELD" = 1 ]; then
   SHIELD_NOTE="SHIELD=1: every other task that could run on CPU $PROXY_CPU was moved to CPU $LOAD_CPU for the run ($(wc -l <"$SHIELDED") tasks)."
 fi
-export WARM STEAL_MAX TLS_NOTE CAPTURE_SECS CAPTURE_WINDOW_MS SHIELD_NOTE LOAD_CPU
+INSTANCE_ENV_NOTE=
+if [ -n "${INSTANCE_ENV:-}" ]; then
+  INSTANCE_ENV_NOTE="Every keygate instance ran with \`$INSTANCE_ENV\` added to its environment (INSTANCE_ENV)."
+fi
+export WARM STEAL_MAX TLS_NOTE CAPTURE_SECS CAPTURE_WINDOW_MS SHIELD_NOTE INSTANCE_ENV_NOTE LOAD_CPU
 # ---- idle connections --------------------------------------------------------------------
 # keygate and nginx-keyauth in turn: wrk at the first connection count ($REPS runs), then
 # $IDLE keep-alive connections opened (one request answered on each, then silent) and held
@@ -955,6 +961,8 @@ if os.environ.get("TLS_NOTE"):
     print(os.environ["TLS_NOTE"] + "  ")
 if os.environ.get("SHIELD_NOTE"):
     print(os.environ["SHIELD_NOTE"] + "  ")
+if os.environ.get("INSTANCE_ENV_NOTE"):
+    print(os.environ["INSTANCE_ENV_NOTE"] + "  ")
 print(f"Runs repeated because over {os.environ.get('STEAL_MAX', '2')} % of the contender's core was stolen by the hypervisor: "
       + (", ".join(f"{c} c{n}" for c, n in stolen) if stolen else "none") + ".")
 print()
