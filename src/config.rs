@@ -38,6 +38,10 @@ const DEFAULT_KEY_PREFIX: &str = "kg_";
 const DEFAULT_MAX_KEYS_PER_CLIENT: u32 = 5;
 /// Connect failures on loopback/LAN are immediate; 2 s covers a SYN retransmit.
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
+/// TLS 1.3 session tickets sent after each handshake (`[proxy] tls_session_tickets`).
+pub const DEFAULT_TLS_SESSION_TICKETS: usize = 1;
+/// The most `[proxy] tls_session_tickets` accepts.
+pub const MAX_TLS_SESSION_TICKETS: usize = 16;
 /// Matches nginx's `proxy_read_timeout` order of magnitude.
 const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 30_000;
 /// Between Envoy's 60 KiB and hyper's 408 KiB default; larger heads get 431.
@@ -88,6 +92,9 @@ fn d_max_keys() -> u32 {
 }
 fn d_connect_timeout() -> u64 {
     DEFAULT_CONNECT_TIMEOUT_MS
+}
+fn d_tls_session_tickets() -> usize {
+    DEFAULT_TLS_SESSION_TICKETS
 }
 fn d_upstream_timeout() -> u64 {
     DEFAULT_UPSTREAM_TIMEOUT_MS
@@ -283,6 +290,9 @@ pub struct RawProxy {
     /// PEM certificate chain and key: serve the proxy over TLS.
     pub tls_cert: Option<String>,
     pub tls_key: Option<String>,
+    /// TLS 1.3 session tickets sent after each handshake (0: no resumption by ticket).
+    #[serde(default = "d_tls_session_tickets")]
+    pub tls_session_tickets: usize,
     /// PEM CA bundle for `https://` upstreams (default: the webpki root set).
     pub upstream_ca: Option<String>,
     /// Forward `X-HTTP-Method-Override`, `X-HTTP-Method` and `X-Method-Override`.
@@ -568,6 +578,8 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     pub upstream_timeout: Duration,
     pub tls: Option<TlsFiles>,
+    /// TLS 1.3 session tickets sent after each handshake.
+    pub tls_session_tickets: usize,
     pub upstream_ca: Option<PathBuf>,
     pub allow_method_override: bool,
     pub allow_non_ascii_paths: bool,
@@ -906,6 +918,28 @@ mod tests {
         assert!(e.to_string().contains("listen_addr"), "{e}");
         let e = load("[nonsense]\n", &[], CliOverrides::default()).unwrap_err();
         assert!(e.to_string().contains("nonsense"), "{e}");
+    }
+
+    #[test]
+    fn tls_session_tickets_default_to_one_and_are_bounded() {
+        let key = [("KEYGATE_ADMIN_KEY", "0123456789abcdef0123")];
+        let tickets = |text: &str| load(text, &key, CliOverrides::default());
+        assert_eq!(tickets("").unwrap().proxy.tls_session_tickets, 1);
+        for n in [0, 2, MAX_TLS_SESSION_TICKETS] {
+            let text = format!("[proxy]\ntls_session_tickets = {n}\n");
+            assert_eq!(tickets(&text).unwrap().proxy.tls_session_tickets, n);
+        }
+        let text = format!(
+            "[proxy]\ntls_session_tickets = {}\n",
+            MAX_TLS_SESSION_TICKETS + 1
+        );
+        let e = tickets(&text).unwrap_err().to_string();
+        assert!(e.contains("proxy.tls_session_tickets: at most 16"), "{e}");
+        for bad in ["-1", "\"two\"", "1.5"] {
+            let text = format!("[proxy]\ntls_session_tickets = {bad}\n");
+            let e = tickets(&text).unwrap_err().to_string();
+            assert!(e.contains("tls_session_tickets"), "{bad}: {e}");
+        }
     }
 
     #[test]

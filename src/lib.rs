@@ -385,12 +385,12 @@ impl App {
                 let _ = rx.wait_for(|stop| *stop).await;
             }
         };
-        let opts = |name, cert: &Option<Arc<tls::ReloadableCert>>| ServerOptions {
+        let opts = |name, cert: &Option<Arc<tls::ReloadableCert>>, tickets| ServerOptions {
             name,
             limits: self.config.limits.clone(),
             shutdown_grace: self.config.shutdown_grace,
             metrics: Arc::clone(&self.metrics),
-            tls: cert.clone().map(tls::server_config),
+            tls: cert.clone().map(|c| tls::server_config(c, tickets)),
             fast_path: None,
         };
         let reloader = spawn_cert_reloader(
@@ -466,7 +466,11 @@ impl App {
                 gateway: Arc::clone(&gateway),
                 proto: proxy_proto,
             }),
-            ..opts("proxy", &self.proxy_cert)
+            ..opts(
+                "proxy",
+                &self.proxy_cert,
+                self.config.proxy.tls_session_tickets,
+            )
         };
         let proxy = server::serve(
             self.proxy_listener,
@@ -478,7 +482,11 @@ impl App {
         let admin_body_timeout = self.config.limits.body_timeout;
         let admin = server::serve(
             self.admin_listener,
-            opts("admin", &self.admin_cert),
+            opts(
+                "admin",
+                &self.admin_cert,
+                config::DEFAULT_TLS_SESSION_TICKETS,
+            ),
             move |peer| admin::service(admin_router.clone(), peer, admin_body_timeout),
             signal(),
         );

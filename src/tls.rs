@@ -77,17 +77,26 @@ impl ResolvesServerCert for ReloadableCert {
     }
 }
 
-/// Server configuration offering HTTP/2 and HTTP/1.1 by ALPN.
-pub fn server_config(cert: Arc<ReloadableCert>) -> Arc<ServerConfig> {
+/// Server configuration offering HTTP/2 and HTTP/1.1 by ALPN, sending `tickets` TLS 1.3
+/// session tickets after each handshake.
+///
+/// One ticket is enough for a client whose connections follow one another: each resumed
+/// connection brings the ticket of the next (OpenSSL servers also send one after a
+/// resumption). rustls' default of two makes every new connection cost the client a second
+/// ticket to decrypt and store, which it measurably pays for when it opens many (see
+/// BENCHMARKS.md); a client that opens connections in parallel and uses each ticket once
+/// (rustls' client) needs as many tickets as parallel connections to resume them all.
+pub fn server_config(cert: Arc<ReloadableCert>, tickets: usize) -> Arc<ServerConfig> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("the ring provider supports the default versions")
         .with_no_client_auth()
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.send_tls13_tickets = tickets;
     // Stateless resumption: session tickets sealed with keys that rotate every 6 hours. The
-    // in-memory session cache alone (256 sessions, two per connection) forgets sessions as soon
-    // as more than about 128 clients reconnect, and each of them then pays a full handshake.
+    // in-memory session cache alone (256 sessions) forgets sessions as soon as more clients
+    // than it holds reconnect, and each of them then pays a full handshake.
     match rustls::crypto::ring::Ticketer::new() {
         Ok(ticketer) => config.ticketer = ticketer,
         Err(e) => {

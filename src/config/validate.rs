@@ -18,9 +18,9 @@ use http::Uri;
 use super::{
     AdminConfig, Cidr, Config, ConfigErrors, DEFAULT_API_KEY_HEADER, ForwardAuth, JwtConfig,
     KeysConfig, Limits, LogConfig, LogFormat, MAX_JWT_LEEWAY_SECS, MAX_JWT_TTL_SECS,
-    MIN_ADMIN_KEY_LEN, ProxyConfig, RawAdmin, RawConfig, RawForwardAuth, RawJwt, RawKeys,
-    RawLimits, RawLog, RawPlan, RawProxy, RawRateLimit, RawRoute, RawServer, RawStore, Route,
-    RouteAuth, StoreConfig, StoreUrl, TlsFiles,
+    MAX_TLS_SESSION_TICKETS, MIN_ADMIN_KEY_LEN, ProxyConfig, RawAdmin, RawConfig, RawForwardAuth,
+    RawJwt, RawKeys, RawLimits, RawLog, RawPlan, RawProxy, RawRateLimit, RawRoute, RawServer,
+    RawStore, Route, RouteAuth, StoreConfig, StoreUrl, TlsFiles,
 };
 use super::{PlanTerms, RateMode};
 use crate::keys::{KeyHash, MAX_PREFIX_LEN, RateLimit};
@@ -160,6 +160,13 @@ fn proxy(raw: RawProxy, p: &mut Problems) -> Option<ProxyConfig> {
     }
 
     let tls = tls_files("proxy", raw.tls_cert.as_deref(), raw.tls_key.as_deref(), p);
+    if raw.tls_session_tickets > MAX_TLS_SESSION_TICKETS {
+        p.error(format!(
+            "proxy.tls_session_tickets: at most {MAX_TLS_SESSION_TICKETS} (is {}); 1 lets every \
+             client resume its next connection, 0 turns resumption by ticket off",
+            raw.tls_session_tickets
+        ));
+    }
     let upstream_ca = raw
         .upstream_ca
         .as_deref()
@@ -206,6 +213,7 @@ fn proxy(raw: RawProxy, p: &mut Problems) -> Option<ProxyConfig> {
         connect_timeout: Duration::from_millis(raw.connect_timeout_ms),
         upstream_timeout: Duration::from_millis(raw.upstream_timeout_ms),
         tls,
+        tls_session_tickets: raw.tls_session_tickets,
         upstream_ca,
     })
 }

@@ -122,7 +122,7 @@ async fn https_and_http2_through_the_proxy_with_a_key() {
 
 pub(crate) fn upstream_tls(pki: &Pki) -> Arc<rustls::ServerConfig> {
     let cert = keygate::tls::ReloadableCert::load(&pki.cert, &pki.key).unwrap();
-    keygate::tls::server_config(Arc::new(cert))
+    keygate::tls::server_config(Arc::new(cert), keygate::config::DEFAULT_TLS_SESSION_TICKETS)
 }
 
 #[tokio::test]
@@ -260,8 +260,8 @@ fn peer_cert(s: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> Vec<
 }
 
 /// A client that reconnects resumes its TLS session however many other clients connected in
-/// between: the session cache alone (256 sessions, two per connection) would have forgotten
-/// the first client's after 200 others, and every reconnection past that many clients would
+/// between: the session cache alone (256 sessions, one per connection) would have forgotten
+/// the first client's after 300 others, and every reconnection past that many clients would
 /// cost a full handshake.
 #[tokio::test]
 async fn tls_sessions_resume_past_the_session_cache() {
@@ -282,8 +282,8 @@ async fn tls_sessions_resume_past_the_session_cache() {
         Some(rustls::HandshakeKind::Full)
     );
     drop(s);
-    // 200 other clients, one connection and one request each (their tickets read).
-    for _ in 0..200 {
+    // 300 other clients, one connection and one request each (their tickets read).
+    for _ in 0..300 {
         let mut other = tls_connect_with(&gw.proxy, h1_client_tls(&pki.ca_der)).await;
         assert!(tls_get(&mut other, &key).await.contains("200"));
     }
@@ -294,6 +294,118 @@ async fn tls_sessions_resume_past_the_session_cache() {
         "the first client's session should resume"
     );
     assert!(tls_get(&mut again, &key).await.contains("200"));
+}
+
+/// A client's session store that counts the TLS 1.3 tickets it is given (kept in rustls'
+/// own memory cache, so they resume as they would without the count).
+#[derive(Debug)]
+struct CountingStore {
+    inner: rustls::client::ClientSessionMemoryCache,
+    tickets: std::sync::atomic::AtomicUsize,
+}
+
+impl CountingStore {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            inner: rustls::client::ClientSessionMemoryCache::new(64),
+            tickets: Default::default(),
+        })
+    }
+
+    fn tickets(&self) -> usize {
+        self.tickets.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl rustls::client::ClientSessionStore for CountingStore {
+    fn set_kx_hint(&self, name: rustls_pki_types::ServerName<'static>, group: rustls::NamedGroup) {
+        self.inner.set_kx_hint(name, group)
+    }
+    fn kx_hint(&self, name: &rustls_pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.inner.kx_hint(name)
+    }
+    fn set_tls12_session(
+        &self,
+        name: rustls_pki_types::ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.inner.set_tls12_session(name, value)
+    }
+    fn tls12_session(
+        &self,
+        name: &rustls_pki_types::ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.inner.tls12_session(name)
+    }
+    fn remove_tls12_session(&self, name: &rustls_pki_types::ServerName<'static>) {
+        self.inner.remove_tls12_session(name)
+    }
+    fn insert_tls13_ticket(
+        &self,
+        name: rustls_pki_types::ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.tickets
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.insert_tls13_ticket(name, value)
+    }
+    fn take_tls13_ticket(
+        &self,
+        name: &rustls_pki_types::ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.inner.take_tls13_ticket(name)
+    }
+}
+
+/// `[proxy] tls_session_tickets`: every handshake, full or resumed, gives the client that
+/// many tickets (one by default), and a client that got one resumes its next connection; with
+/// 0 it gets none and its next connection is a full handshake again.
+#[tokio::test]
+async fn tls_session_tickets_per_handshake_follow_the_setting() {
+    for (setting, tickets) in [
+        ("", 1),
+        ("tls_session_tickets = 3\n", 3),
+        ("tls_session_tickets = 0\n", 0),
+    ] {
+        let upstream = Upstream::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki(dir.path(), "proxy");
+        let text = with_proxy_tls(
+            config_text(&upstream.url(), &dir.path().join("k.db"), ""),
+            &pki,
+        )
+        .replace("[admin]", &format!("{setting}[admin]"));
+        let gw = Gateway::start_from(upstream, dir, &text).await;
+        let (key, _) = gw.client("acme", "pro").await;
+        let store = CountingStore::new();
+        let mut cfg = client_tls(&pki.ca_der);
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        cfg.resumption = rustls::client::Resumption::store(store.clone());
+        let cfg = Arc::new(cfg);
+        let expected_kind = if tickets > 0 {
+            rustls::HandshakeKind::Resumed
+        } else {
+            rustls::HandshakeKind::Full
+        };
+        for (round, kind) in [rustls::HandshakeKind::Full, expected_kind, expected_kind]
+            .into_iter()
+            .enumerate()
+        {
+            let mut s = tls_connect_with(&gw.proxy, Arc::clone(&cfg)).await;
+            assert_eq!(
+                s.get_ref().1.handshake_kind(),
+                Some(kind),
+                "{setting:?} round {round}"
+            );
+            // The tickets come before the answer; reading it reads them.
+            assert!(tls_get(&mut s, &key).await.contains("200"));
+            assert_eq!(
+                store.tickets(),
+                tickets * (round + 1),
+                "{setting:?} round {round}"
+            );
+        }
+    }
 }
 
 /// A client and its key, created through the admin API at `admin`.
