@@ -85,17 +85,25 @@ fn with_proxy_tls(text: String, pki: &Pki) -> String {
     )
 }
 
-#[tokio::test]
-async fn https_and_http2_through_the_proxy_with_a_key() {
+/// A gateway serving its proxy over TLS, with `proxy_lines` added to `[proxy]`; its PKI and
+/// the key of a client "acme".
+async fn tls_gateway(proxy_lines: &str) -> (Gateway, Pki, String) {
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path(), "proxy");
     let text = with_proxy_tls(
         config_text(&upstream.url(), &dir.path().join("k.db"), ""),
         &pki,
-    );
+    )
+    .replace("[admin]", &format!("{proxy_lines}[admin]"));
     let gw = Gateway::start_from(upstream, dir, &text).await;
     let (key, _) = gw.client("acme", "pro").await;
+    (gw, pki, key)
+}
+
+#[tokio::test]
+async fn https_and_http2_through_the_proxy_with_a_key() {
+    let (gw, pki, key) = tls_gateway("").await;
 
     let client = https_client(&pki.ca_der);
     let port = gw.proxy.port();
@@ -265,15 +273,7 @@ fn peer_cert(s: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> Vec<
 /// cost a full handshake.
 #[tokio::test]
 async fn tls_sessions_resume_past_the_session_cache() {
-    let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let pki = pki(dir.path(), "proxy");
-    let text = with_proxy_tls(
-        config_text(&upstream.url(), &dir.path().join("k.db"), ""),
-        &pki,
-    );
-    let gw = Gateway::start_from(upstream, dir, &text).await;
-    let (key, _) = gw.client("acme", "pro").await;
+    let (gw, pki, key) = tls_gateway("").await;
     let first = h1_client_tls(&pki.ca_der);
     let mut s = tls_connect_with(&gw.proxy, Arc::clone(&first)).await;
     assert!(tls_get(&mut s, &key).await.contains("200"));
@@ -298,62 +298,58 @@ async fn tls_sessions_resume_past_the_session_cache() {
 
 /// A client's session store that counts the TLS 1.3 tickets it is given (kept in rustls'
 /// own memory cache, so they resume as they would without the count).
-#[derive(Debug)]
-struct CountingStore {
-    inner: rustls::client::ClientSessionMemoryCache,
-    tickets: std::sync::atomic::AtomicUsize,
-}
+mod counting {
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
-impl CountingStore {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            inner: rustls::client::ClientSessionMemoryCache::new(64),
-            tickets: Default::default(),
-        })
+    use rustls::NamedGroup;
+    use rustls::client::{
+        ClientSessionMemoryCache, ClientSessionStore, Tls12ClientSessionValue,
+        Tls13ClientSessionValue,
+    };
+    use rustls_pki_types::ServerName;
+
+    #[derive(Debug)]
+    pub struct CountingStore {
+        inner: ClientSessionMemoryCache,
+        tickets: AtomicUsize,
     }
 
-    fn tickets(&self) -> usize {
-        self.tickets.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
+    impl CountingStore {
+        pub fn new() -> std::sync::Arc<Self> {
+            std::sync::Arc::new(Self {
+                inner: ClientSessionMemoryCache::new(64),
+                tickets: AtomicUsize::new(0),
+            })
+        }
 
-impl rustls::client::ClientSessionStore for CountingStore {
-    fn set_kx_hint(&self, name: rustls_pki_types::ServerName<'static>, group: rustls::NamedGroup) {
-        self.inner.set_kx_hint(name, group)
+        pub fn tickets(&self) -> usize {
+            self.tickets.load(Ordering::SeqCst)
+        }
     }
-    fn kx_hint(&self, name: &rustls_pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
-        self.inner.kx_hint(name)
-    }
-    fn set_tls12_session(
-        &self,
-        name: rustls_pki_types::ServerName<'static>,
-        value: rustls::client::Tls12ClientSessionValue,
-    ) {
-        self.inner.set_tls12_session(name, value)
-    }
-    fn tls12_session(
-        &self,
-        name: &rustls_pki_types::ServerName<'_>,
-    ) -> Option<rustls::client::Tls12ClientSessionValue> {
-        self.inner.tls12_session(name)
-    }
-    fn remove_tls12_session(&self, name: &rustls_pki_types::ServerName<'static>) {
-        self.inner.remove_tls12_session(name)
-    }
-    fn insert_tls13_ticket(
-        &self,
-        name: rustls_pki_types::ServerName<'static>,
-        value: rustls::client::Tls13ClientSessionValue,
-    ) {
-        self.tickets
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner.insert_tls13_ticket(name, value)
-    }
-    fn take_tls13_ticket(
-        &self,
-        name: &rustls_pki_types::ServerName<'static>,
-    ) -> Option<rustls::client::Tls13ClientSessionValue> {
-        self.inner.take_tls13_ticket(name)
+
+    impl ClientSessionStore for CountingStore {
+        fn insert_tls13_ticket(&self, name: ServerName<'static>, value: Tls13ClientSessionValue) {
+            self.tickets.fetch_add(1, Ordering::SeqCst);
+            self.inner.insert_tls13_ticket(name, value)
+        }
+        fn take_tls13_ticket(&self, name: &ServerName<'static>) -> Option<Tls13ClientSessionValue> {
+            self.inner.take_tls13_ticket(name)
+        }
+        fn set_kx_hint(&self, name: ServerName<'static>, group: NamedGroup) {
+            self.inner.set_kx_hint(name, group)
+        }
+        fn kx_hint(&self, name: &ServerName<'_>) -> Option<NamedGroup> {
+            self.inner.kx_hint(name)
+        }
+        fn set_tls12_session(&self, name: ServerName<'static>, value: Tls12ClientSessionValue) {
+            self.inner.set_tls12_session(name, value)
+        }
+        fn tls12_session(&self, name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+            self.inner.tls12_session(name)
+        }
+        fn remove_tls12_session(&self, name: &ServerName<'static>) {
+            self.inner.remove_tls12_session(name)
+        }
     }
 }
 
@@ -367,17 +363,8 @@ async fn tls_session_tickets_per_handshake_follow_the_setting() {
         ("tls_session_tickets = 3\n", 3),
         ("tls_session_tickets = 0\n", 0),
     ] {
-        let upstream = Upstream::start().await;
-        let dir = tempfile::tempdir().unwrap();
-        let pki = pki(dir.path(), "proxy");
-        let text = with_proxy_tls(
-            config_text(&upstream.url(), &dir.path().join("k.db"), ""),
-            &pki,
-        )
-        .replace("[admin]", &format!("{setting}[admin]"));
-        let gw = Gateway::start_from(upstream, dir, &text).await;
-        let (key, _) = gw.client("acme", "pro").await;
-        let store = CountingStore::new();
+        let (gw, pki, key) = tls_gateway(setting).await;
+        let store = counting::CountingStore::new();
         let mut cfg = client_tls(&pki.ca_der);
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         cfg.resumption = rustls::client::Resumption::store(store.clone());
