@@ -107,6 +107,8 @@
 # the script with a debug build; figures from a debug build mean nothing).
 # INSTANCE_ENV="NAME=value …" is added to the environment of every keygate instance (the TLS
 # ones too), e.g. a setting read by a scratch build; nginx, wrk and the upstream do not get it.
+# COALESCE_US=N sets `[server] event_coalesce_us = N` in every keygate instance but the
+# busy-polling one (unset: keygate's default); the report names it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -277,6 +279,7 @@ wait_port "$UP_PORT" upstream
 # (or $8) through its admin API ($4/keys.txt, ids.txt, keys.map, token.txt); $5 is appended to
 # its config, $6 is its store URL (default SQLite in $4), $7 extra `[rate_limit]` lines.
 # Sets STARTED_PID.
+KG_COALESCE_LINE=${COALESCE_US:+event_coalesce_us = $COALESCE_US}
 start_keygate() {
 local bin=$1 port=$2 admin_port=$3 dir=$4 extra=${5:-} store=${6:-sqlite://$4/keygate.db}
 local rate_extra=${7:-} nkeys=${8:-$KEYS}
@@ -300,6 +303,7 @@ rate_limit = { per_second = 1000000000, burst = 1000000 }
 [server]
 worker_threads = 1
 busy_polling = ${KG_BUSY:-false}
+${KG_COALESCE_LINE:-}
 [jwt]
 secret = "$JWT_SECRET"
 # The token of keygate-jwt is minted once, before every run: it must outlive them all.
@@ -372,7 +376,7 @@ esac
 KGTB_PID=
 case " $CONTENDERS " in
   *" keygate-tls-new-busy "*)
-    KG_BUSY=true KG_ENV=$TLS_ENV \
+    KG_BUSY=true KG_COALESCE_LINE= KG_ENV=$TLS_ENV \
       start_keygate "$KEYGATE" "$KGTB_PORT" "$KGTB_ADMIN_PORT" "$WORK/tls-busy"
     KGTB_PID=$STARTED_PID
     kill -STOP "$KGTB_PID"
@@ -772,6 +776,9 @@ fi
 INSTANCE_ENV_NOTE=
 if [ -n "${INSTANCE_ENV:-}" ]; then
   INSTANCE_ENV_NOTE="Every keygate instance ran with \`$INSTANCE_ENV\` added to its environment (INSTANCE_ENV)."
+fi
+if [ -n "${COALESCE_US:-}" ]; then
+  INSTANCE_ENV_NOTE="${INSTANCE_ENV_NOTE:+$INSTANCE_ENV_NOTE }Every keygate instance but the busy-polling one ran with \`[server] event_coalesce_us = $COALESCE_US\` (COALESCE_US)."
 fi
 export WARM STEAL_MAX TLS_NOTE CAPTURE_SECS CAPTURE_WINDOW_MS SHIELD_NOTE INSTANCE_ENV_NOTE LOAD_CPU
 # ---- idle connections --------------------------------------------------------------------

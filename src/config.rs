@@ -479,6 +479,11 @@ pub struct RawServer {
     /// (needs `worker_threads = 1`).
     #[serde(default)]
     pub busy_polling: bool,
+    /// A busy event loop (its last wait for events shorter than 1 ms) sleeps this many
+    /// microseconds before it waits again, so packets arriving meanwhile do not each wake it.
+    /// 0 = off.
+    #[serde(default)]
+    pub event_coalesce_us: u64,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -545,8 +550,7 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub limits: Limits,
     pub shutdown_grace: Duration,
-    pub worker_threads: usize,
-    pub busy_polling: bool,
+    pub event_loop: crate::runtime::EventLoop,
     pub log: LogConfig,
     pub jwt: JwtConfig,
     pub forward_auth: ForwardAuth,

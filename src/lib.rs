@@ -47,6 +47,7 @@ pub mod limit;
 pub mod paths;
 pub mod proxy;
 pub mod route;
+pub mod runtime;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

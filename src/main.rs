@@ -99,17 +99,7 @@ fn serve(config: Config) -> ExitCode {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    // One worker: a current-thread runtime does the same work without the multi-thread
-    // scheduler's cross-thread bookkeeping (blocking store calls still run on their own pool).
-    let mut rt = if config.worker_threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    if config.worker_threads > 1 {
-        rt.worker_threads(config.worker_threads);
-    }
-    let rt = match rt.enable_all().build() {
+    let rt = match keygate::runtime::build(config.event_loop) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -117,8 +107,8 @@ fn serve(config: Config) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        if config.busy_polling {
-            tokio::spawn(busy_poll());
+        if config.event_loop.busy_polling {
+            tokio::spawn(keygate::runtime::busy_poll());
         }
         match keygate::App::bind(config).await {
             Ok(app) => {
@@ -133,17 +123,6 @@ fn serve(config: Config) -> ExitCode {
             }
         }
     })
-}
-
-/// `[server] busy_polling`: a task that is always ready again. It yields after every poll, and
-/// a current-thread runtime with a task waiting to run again polls for I/O with a zero timeout
-/// instead of waiting in `epoll_wait`: the event loop never sleeps. A thread that never sleeps
-/// needs no wakeup, so the peer whose packet arrives does not pay for one (on a VM an
-/// inter-processor interrupt and an exit to the hypervisor); the price is a core always busy.
-async fn busy_poll() {
-    loop {
-        tokio::task::yield_now().await;
-    }
 }
 
 /// The admin-API commands: where the admin API is (flag, environment, else the config file's

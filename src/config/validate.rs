@@ -24,6 +24,7 @@ use super::{
 };
 use super::{PlanTerms, RateMode};
 use crate::keys::{KeyHash, MAX_PREFIX_LEN, RateLimit};
+use crate::runtime::{EventLoop, MAX_EVENT_COALESCE_US};
 
 mod cors;
 
@@ -75,7 +76,7 @@ impl RawConfig {
             &mut p,
         );
         let limits = limits(&self.limits, &mut p);
-        let (shutdown_grace, worker_threads, busy_polling) = server(&self.server, &mut p);
+        let (shutdown_grace, event_loop) = server(&self.server, &mut p);
         let log = log(self.log, &mut p);
         let shared_store = store
             .as_ref()
@@ -99,8 +100,7 @@ impl RawConfig {
                 routes,
                 limits,
                 shutdown_grace,
-                worker_threads,
-                busy_polling,
+                event_loop,
                 log,
                 jwt,
                 forward_auth,
@@ -535,10 +535,12 @@ fn limits(raw: &RawLimits, p: &mut Problems) -> Limits {
     }
 }
 
-/// `[server]`: the shutdown grace period, the number of worker threads (0: one per core) and
-/// busy polling, in that order. Busy polling keeps one event loop from sleeping, so it needs
-/// exactly one worker thread: with several, the runtime could not promise that each spins.
-fn server(raw: &RawServer, p: &mut Problems) -> (Duration, usize, bool) {
+/// `[server]`: the shutdown grace period and how the event loop waits: the number of worker
+/// threads (0: one per core), busy polling and event coalescing. Busy polling keeps one event
+/// loop from sleeping, so it needs exactly one worker thread: with several, the runtime could
+/// not promise that each spins. A loop that never waits has no wait to coalesce, so the two
+/// exclude each other.
+fn server(raw: &RawServer, p: &mut Problems) -> (Duration, EventLoop) {
     if raw.busy_polling && raw.worker_threads != 1 {
         p.error(format!(
             "server.busy_polling: needs worker_threads = 1 (is {}); run one keygate per core \
@@ -546,10 +548,27 @@ fn server(raw: &RawServer, p: &mut Problems) -> (Duration, usize, bool) {
             raw.worker_threads
         ));
     }
+    if raw.event_coalesce_us > MAX_EVENT_COALESCE_US {
+        p.error(format!(
+            "server.event_coalesce_us: at most {MAX_EVENT_COALESCE_US} (is {}); a busy event \
+             loop delays the events of each pause by up to its length",
+            raw.event_coalesce_us
+        ));
+    }
+    if raw.busy_polling && raw.event_coalesce_us > 0 {
+        p.error(
+            "server.event_coalesce_us: busy_polling never waits for events, so there is no \
+             wait to coalesce; set one of the two"
+                .to_owned(),
+        );
+    }
     (
         Duration::from_secs(raw.shutdown_grace_secs),
-        raw.worker_threads,
-        raw.busy_polling,
+        EventLoop {
+            worker_threads: raw.worker_threads,
+            busy_polling: raw.busy_polling,
+            coalesce: Duration::from_micros(raw.event_coalesce_us),
+        },
     )
 }
 

@@ -11,6 +11,9 @@ use std::time::Duration;
 pub struct Counter(AtomicU64);
 
 impl Counter {
+    pub const fn new() -> Self {
+        Self(AtomicU64::new(0))
+    }
     pub fn inc(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
@@ -420,6 +423,12 @@ impl Metrics {
         );
         out.push_str("# TYPE keygate_cluster_instances gauge\n");
         let _ = writeln!(out, "keygate_cluster_instances {}", self.cluster_live.get());
+        counter(
+            &mut out,
+            "keygate_event_loop_pauses_total",
+            "Pauses of [server] event_coalesce_us taken by a busy event loop before it waited for events (process-wide).",
+            crate::runtime::PAUSES.get(),
+        );
         out
     }
 }

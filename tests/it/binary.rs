@@ -91,16 +91,120 @@ fn runnable_samples(gw: &Binary, samples: usize) -> usize {
         .count()
 }
 
-/// One request to the health path over a fresh connection: the status line.
-fn health(proxy: std::net::SocketAddr) -> String {
+/// One GET over a fresh connection: the whole response.
+fn get(addr: std::net::SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(proxy).unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /_keygate/health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
-    out.lines().next().unwrap_or_default().to_owned()
+    out
+}
+
+/// One request to the health path over a fresh connection: the status line.
+fn health(proxy: std::net::SocketAddr) -> String {
+    get(proxy, "/_keygate/health")
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// `keygate_event_loop_pauses_total` from the admin listener's metrics.
+fn pauses(gw: &Binary) -> u64 {
+    let metrics = get(gw.admin, "/metrics");
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("keygate_event_loop_pauses_total "))
+        .unwrap_or_else(|| panic!("no pauses counter in:\n{metrics}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn event_coalescing_pauses_a_busy_event_loop_and_serves_as_usual() {
+    for coalesce in [200, 0] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::support::config_text(
+            "http://127.0.0.1:9",
+            &dir.path().join("k.db"),
+            &format!("[server]\nworker_threads = 1\nevent_coalesce_us = {coalesce}\n"),
+        );
+        let mut gw = Binary::serve(&config, dir.path()).spawn();
+        // A burst from four clients, a new connection per request: the event loop's waits
+        // between their packets are far shorter than a millisecond, so it is busy.
+        let proxy = gw.proxy;
+        let answers: Vec<String> = std::thread::scope(|s| {
+            let clients: Vec<_> = (0..4)
+                .map(|_| s.spawn(move || (0..100).map(|_| health(proxy)).collect::<Vec<_>>()))
+                .collect();
+            clients
+                .into_iter()
+                .flat_map(|c| c.join().unwrap())
+                .collect()
+        });
+        assert_eq!(answers.len(), 400);
+        assert!(
+            answers.iter().all(|a| a == "HTTP/1.1 200 OK"),
+            "event_coalesce_us = {coalesce}: {:?}",
+            answers.iter().find(|a| *a != "HTTP/1.1 200 OK")
+        );
+        let taken = pauses(&gw);
+        if coalesce == 0 {
+            assert_eq!(taken, 0, "coalescing off, yet {taken} pauses");
+        } else {
+            assert!(
+                taken > 0,
+                "event_coalesce_us = {coalesce}: no pause in a burst"
+            );
+        }
+        assert!(gw.terminate().success());
+    }
+}
+
+#[test]
+fn event_coalescing_is_bounded_and_excludes_busy_polling() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("coalesce.toml");
+    let check = |server: &str| {
+        std::fs::write(
+            &path,
+            crate::support::config_text(
+                "http://127.0.0.1:9",
+                &dir.path().join("k.db"),
+                &format!("[server]\n{server}\n"),
+            ),
+        )
+        .unwrap();
+        let out = Binary::command(["check-config", "--config"])
+            .arg(&path)
+            .output();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = check("event_coalesce_us = 1000");
+    assert!(ok, "{err}");
+    let (ok, err) = check("event_coalesce_us = 1001");
+    assert!(!ok, "1001 accepted");
+    assert!(
+        err.contains("server.event_coalesce_us") && err.contains("at most 1000"),
+        "{err}"
+    );
+    let (ok, err) = check("event_coalesce_us = -1");
+    assert!(!ok, "-1 accepted");
+    assert!(err.contains("event_coalesce_us"), "{err}");
+    let (ok, err) = check("worker_threads = 1\nbusy_polling = true\nevent_coalesce_us = 50");
+    assert!(!ok, "busy polling and coalescing accepted together");
+    assert!(
+        err.contains("server.event_coalesce_us") && err.contains("busy_polling"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1,0 +1,206 @@
+//! The event loop's runtime: one worker thread or several, and the two ways `[server]` can
+//! change how it waits for events.
+//!
+//! - `busy_polling`: the loop never waits. A task that is always ready again makes tokio's
+//!   current-thread runtime poll for I/O with a zero timeout instead of waiting in
+//!   `epoll_wait`, so no packet has to wake the thread; the price is a core always busy.
+//! - `event_coalesce_us`: a busy loop waits a little before it waits for events. When the
+//!   thread's last wait for events ended within [`BUSY_WAIT`], it sleeps this long before it
+//!   waits again. A thread in `nanosleep` is on no socket's wait queue, so packets arriving
+//!   meanwhile are queued without waking it, and the next `epoll_wait` returns them all at
+//!   once: one wakeup (its own timer, on its own core) for what would have been several (each
+//!   paid by the sender: on a VM an inter-processor interrupt and an exit to the hypervisor).
+//!   NICs call this interrupt coalescing. An idle loop (its last wait longer than
+//!   [`BUSY_WAIT`]) does not pause, so a request after a quiet spell is not delayed.
+
+use std::cell::Cell;
+use std::io;
+use std::time::{Duration, Instant};
+
+use crate::telemetry::metrics::Counter;
+
+/// A wait for events that ended sooner than this means the loop is busy: the next wait is
+/// preceded by the coalescing pause.
+pub const BUSY_WAIT: Duration = Duration::from_millis(1);
+
+/// The longest `event_coalesce_us` accepted: a pause delays every event that arrives during
+/// it by up to its length.
+pub const MAX_EVENT_COALESCE_US: u64 = 1_000;
+
+/// Coalescing pauses taken, over every worker thread of the process
+/// (`keygate_event_loop_pauses_total`).
+pub static PAUSES: Counter = Counter::new();
+
+/// How the runtime waits for events (`[server]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventLoop {
+    /// 0: one worker thread per core.
+    pub worker_threads: usize,
+    pub busy_polling: bool,
+    /// Zero: no pause.
+    pub coalesce: Duration,
+}
+
+/// The runtime `keygate serve` runs on. One worker thread is a current-thread runtime: it does
+/// the same work without the multi-thread scheduler's cross-thread bookkeeping (blocking
+/// store calls still run on their own pool). Busy polling starts with [`busy_poll`], spawned
+/// by the caller on this runtime.
+pub fn build(event_loop: EventLoop) -> io::Result<tokio::runtime::Runtime> {
+    let mut rt = if event_loop.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if event_loop.worker_threads > 1 {
+        rt.worker_threads(event_loop.worker_threads);
+    }
+    if !event_loop.coalesce.is_zero() {
+        let pause = event_loop.coalesce;
+        rt.on_thread_park(move || {
+            let mut state = STATE.get();
+            if let Some(p) = state.pause(pause) {
+                PAUSES.inc();
+                std::thread::sleep(p);
+            }
+            state.waiting(Instant::now());
+            STATE.set(state);
+        });
+        rt.on_thread_unpark(|| {
+            let mut state = STATE.get();
+            state.woken(Instant::now());
+            STATE.set(state);
+        });
+    }
+    rt.enable_all().build()
+}
+
+/// `[server] busy_polling`: a task that is always ready again. It yields after every poll, and
+/// a current-thread runtime with a task waiting to run again polls for I/O with a zero timeout
+/// instead of waiting in `epoll_wait`: the event loop never sleeps.
+pub async fn busy_poll() {
+    loop {
+        tokio::task::yield_now().await;
+    }
+}
+
+thread_local! {
+    /// The worker thread's own record of its waits (each worker coalesces for itself).
+    static STATE: Cell<Waits> = const { Cell::new(Waits::new()) };
+}
+
+/// What a worker thread remembers of its waits for events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waits {
+    /// When the current wait began (none while the thread runs tasks).
+    since: Option<Instant>,
+    /// How long the last wait lasted; none before the first ended.
+    last: Option<Duration>,
+}
+
+impl Waits {
+    pub const fn new() -> Self {
+        Self {
+            since: None,
+            last: None,
+        }
+    }
+
+    /// Before the thread waits for events: the pause to take first, if the last wait ended
+    /// within [`BUSY_WAIT`].
+    pub fn pause(&self, coalesce: Duration) -> Option<Duration> {
+        match self.last {
+            Some(last) if last < BUSY_WAIT && !coalesce.is_zero() => Some(coalesce),
+            _ => None,
+        }
+    }
+
+    /// The wait begins (after any pause).
+    pub fn waiting(&mut self, now: Instant) {
+        self.since = Some(now);
+    }
+
+    /// The wait ended: an event, a timer, or a task made ready by the park hook itself.
+    pub fn woken(&mut self, now: Instant) {
+        if let Some(since) = self.since.take() {
+            self.last = Some(now.saturating_duration_since(since));
+        }
+    }
+}
+
+impl Default for Waits {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAUSE: Duration = Duration::from_micros(50);
+
+    fn after_wait(of: Duration) -> Waits {
+        let start = Instant::now();
+        let mut w = Waits::new();
+        w.waiting(start);
+        w.woken(start + of);
+        w
+    }
+
+    #[test]
+    fn no_pause_before_the_first_wait_has_ended() {
+        let mut w = Waits::new();
+        assert_eq!(w.pause(PAUSE), None);
+        w.waiting(Instant::now());
+        assert_eq!(
+            w.pause(PAUSE),
+            None,
+            "a wait still going is no evidence of load"
+        );
+    }
+
+    #[test]
+    fn a_short_wait_makes_the_next_one_pause_first() {
+        assert_eq!(
+            after_wait(Duration::from_micros(30)).pause(PAUSE),
+            Some(PAUSE)
+        );
+        assert_eq!(
+            after_wait(BUSY_WAIT - Duration::from_nanos(1)).pause(PAUSE),
+            Some(PAUSE)
+        );
+    }
+
+    #[test]
+    fn a_long_wait_means_idle_and_no_pause() {
+        assert_eq!(after_wait(BUSY_WAIT).pause(PAUSE), None);
+        assert_eq!(after_wait(Duration::from_secs(3)).pause(PAUSE), None);
+    }
+
+    #[test]
+    fn the_last_wait_decides() {
+        let start = Instant::now();
+        let mut w = after_wait(Duration::from_micros(10));
+        w.waiting(start);
+        w.woken(start + Duration::from_millis(20));
+        assert_eq!(w.pause(PAUSE), None, "busy, then a quiet spell");
+        w.waiting(start);
+        w.woken(start + Duration::from_micros(5));
+        assert_eq!(w.pause(PAUSE), Some(PAUSE), "quiet, then busy again");
+    }
+
+    #[test]
+    fn a_wake_without_a_wait_changes_nothing() {
+        let mut w = after_wait(Duration::from_micros(10));
+        w.woken(Instant::now() + Duration::from_secs(5));
+        assert_eq!(w.pause(PAUSE), Some(PAUSE));
+    }
+
+    #[test]
+    fn zero_never_pauses() {
+        assert_eq!(
+            after_wait(Duration::from_micros(1)).pause(Duration::ZERO),
+            None
+        );
+    }
+}
