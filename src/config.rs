@@ -479,9 +479,9 @@ pub struct RawServer {
     /// (needs `worker_threads = 1`).
     #[serde(default)]
     pub busy_polling: bool,
-    /// A busy event loop (its last wait for events shorter than 1 ms) sleeps this many
-    /// microseconds before it waits again, so packets arriving meanwhile do not each wake it.
-    /// 0 = off.
+    /// A busy event loop (its last wait for events shorter than 1 ms) that is not saturated
+    /// (it worked less than 75 % of the last 10 ms) sleeps this many microseconds before it
+    /// waits again, so packets arriving meanwhile do not each wake it. 0 = off.
     #[serde(default)]
     pub event_coalesce_us: u64,
 }

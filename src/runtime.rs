@@ -11,7 +11,10 @@
 //!   once: one wakeup (its own timer, on its own core) for what would have been several (each
 //!   paid by the sender: on a VM an inter-processor interrupt and an exit to the hypervisor).
 //!   NICs call this interrupt coalescing. An idle loop (its last wait longer than
-//!   [`BUSY_WAIT`]) does not pause, so a request after a quiet spell is not delayed.
+//!   [`BUSY_WAIT`]) does not pause, so a request after a quiet spell is not delayed; nor does
+//!   a saturated one (it worked [`SATURATED_PERCENT`] or more of the last [`WINDOW`]): it
+//!   rarely waits, so there are few wakeups to save, and a pause would only leave its work
+//!   waiting while its clients wait for it.
 
 use std::cell::Cell;
 use std::io;
@@ -22,6 +25,13 @@ use crate::telemetry::metrics::Counter;
 /// A wait for events that ended sooner than this means the loop is busy: the next wait is
 /// preceded by the coalescing pause.
 pub const BUSY_WAIT: Duration = Duration::from_millis(1);
+
+/// How much of a [`WINDOW`] the thread must have spent working to count as saturated: no pause
+/// in the next window.
+pub const SATURATED_PERCENT: u32 = 75;
+
+/// The span over which the thread's share of time spent working is measured.
+pub const WINDOW: Duration = Duration::from_millis(10);
 
 /// The longest `event_coalesce_us` accepted: a pause delays every event that arrives during
 /// it by up to its length.
@@ -58,6 +68,7 @@ pub fn build(event_loop: EventLoop) -> io::Result<tokio::runtime::Runtime> {
         let pause = event_loop.coalesce;
         rt.on_thread_park(move || {
             let mut state = STATE.get();
+            state.worked_until(Instant::now());
             if let Some(p) = state.pause(pause) {
                 PAUSES.inc();
                 std::thread::sleep(p);
@@ -90,46 +101,69 @@ thread_local! {
 
 /// What a worker thread remembers of its waits for events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Waits {
+struct Waits {
     /// When the current wait began (none while the thread runs tasks).
     since: Option<Instant>,
     /// How long the last wait lasted; none before the first ended.
     last: Option<Duration>,
+    /// When the last wait ended: the thread has been working since.
+    woke: Option<Instant>,
+    /// When the current [`WINDOW`] began, and the time spent working in it so far.
+    window: Option<Instant>,
+    worked: Duration,
+    /// The last whole window was saturated.
+    saturated: bool,
 }
 
 impl Waits {
-    pub const fn new() -> Self {
+    const fn new() -> Self {
         Self {
             since: None,
             last: None,
+            woke: None,
+            window: None,
+            worked: Duration::ZERO,
+            saturated: false,
+        }
+    }
+
+    /// The thread is out of work (before any pause): the time since it woke counts as worked,
+    /// and a window that has run its length is judged and a new one begun.
+    fn worked_until(&mut self, now: Instant) {
+        if let Some(woke) = self.woke.take() {
+            self.worked += now.saturating_duration_since(woke);
+        }
+        let began = *self.window.get_or_insert(now);
+        let span = now.saturating_duration_since(began);
+        if span >= WINDOW {
+            self.saturated = self.worked * 100 >= span * SATURATED_PERCENT;
+            self.window = Some(now);
+            self.worked = Duration::ZERO;
         }
     }
 
     /// Before the thread waits for events: the pause to take first, if the last wait ended
-    /// within [`BUSY_WAIT`].
-    pub fn pause(&self, coalesce: Duration) -> Option<Duration> {
+    /// within [`BUSY_WAIT`] and the last window was not saturated.
+    fn pause(&self, coalesce: Duration) -> Option<Duration> {
         match self.last {
-            Some(last) if last < BUSY_WAIT && !coalesce.is_zero() => Some(coalesce),
+            Some(last) if last < BUSY_WAIT && !self.saturated && !coalesce.is_zero() => {
+                Some(coalesce)
+            }
             _ => None,
         }
     }
 
     /// The wait begins (after any pause).
-    pub fn waiting(&mut self, now: Instant) {
+    fn waiting(&mut self, now: Instant) {
         self.since = Some(now);
     }
 
     /// The wait ended: an event, a timer, or a task made ready by the park hook itself.
-    pub fn woken(&mut self, now: Instant) {
+    fn woken(&mut self, now: Instant) {
         if let Some(since) = self.since.take() {
             self.last = Some(now.saturating_duration_since(since));
         }
-    }
-}
-
-impl Default for Waits {
-    fn default() -> Self {
-        Self::new()
+        self.woke = Some(now);
     }
 }
 
@@ -193,6 +227,51 @@ mod tests {
     fn a_wake_without_a_wait_changes_nothing() {
         let mut w = after_wait(Duration::from_micros(10));
         w.woken(Instant::now() + Duration::from_secs(5));
+        assert_eq!(w.pause(PAUSE), Some(PAUSE));
+    }
+
+    /// A thread that works `busy` of every `cycle` (one wait per cycle, shorter than
+    /// [`BUSY_WAIT`]) for `cycles` cycles from `start`; the state and the time after.
+    fn run(
+        mut w: Waits,
+        start: Instant,
+        busy: Duration,
+        cycle: Duration,
+        cycles: u32,
+    ) -> (Waits, Instant) {
+        let mut t = start;
+        for _ in 0..cycles {
+            w.woken(t);
+            t += busy;
+            w.worked_until(t);
+            w.waiting(t);
+            t += cycle - busy;
+        }
+        w.woken(t);
+        (w, t)
+    }
+
+    #[test]
+    fn a_saturated_loop_does_not_pause_and_one_with_room_does() {
+        let start = Instant::now();
+        let cycle = Duration::from_micros(100);
+        // 90 % working for 30 ms: saturated.
+        let (w, t) = run(Waits::new(), start, Duration::from_micros(90), cycle, 300);
+        assert_eq!(w.pause(PAUSE), None, "saturated, yet a pause");
+        // Then 60 % for 30 ms: room, and the waits are short: pause.
+        let (w, t) = run(w, t, Duration::from_micros(60), cycle, 300);
+        assert_eq!(w.pause(PAUSE), Some(PAUSE), "60 % busy, no pause");
+        // And saturated again.
+        let (w, _) = run(w, t, Duration::from_micros(80), cycle, 300);
+        assert_eq!(w.pause(PAUSE), None, "80 % busy, yet a pause");
+    }
+
+    #[test]
+    fn the_share_is_judged_on_whole_windows() {
+        let start = Instant::now();
+        let cycle = Duration::from_micros(100);
+        // 95 % working, but for less than a window: nothing judged yet.
+        let (w, _) = run(Waits::new(), start, Duration::from_micros(95), cycle, 50);
         assert_eq!(w.pause(PAUSE), Some(PAUSE));
     }
 
