@@ -20,7 +20,7 @@ use std::cell::Cell;
 use std::io;
 use std::time::{Duration, Instant};
 
-use crate::telemetry::metrics::Counter;
+use crate::telemetry::metrics::EVENT_LOOP_PAUSES;
 
 /// A wait for events that ended sooner than this means the loop is busy: the next wait is
 /// preceded by the coalescing pause.
@@ -36,10 +36,6 @@ pub const WINDOW: Duration = Duration::from_millis(10);
 /// The longest `event_coalesce_us` accepted: a pause delays every event that arrives during
 /// it by up to its length.
 pub const MAX_EVENT_COALESCE_US: u64 = 1_000;
-
-/// Coalescing pauses taken, over every worker thread of the process
-/// (`keygate_event_loop_pauses_total`).
-pub static PAUSES: Counter = Counter::new();
 
 /// How the runtime waits for events (`[server]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +66,7 @@ pub fn build(event_loop: EventLoop) -> io::Result<tokio::runtime::Runtime> {
             let mut state = STATE.get();
             state.worked_until(Instant::now());
             if let Some(p) = state.pause(pause) {
-                PAUSES.inc();
+                EVENT_LOOP_PAUSES.inc();
                 std::thread::sleep(p);
             }
             state.waiting(Instant::now());

@@ -10,6 +10,11 @@ use std::time::Duration;
 #[derive(Default, Debug)]
 pub struct Counter(AtomicU64);
 
+/// Pauses of `[server] event_coalesce_us` taken, over every worker thread of the process
+/// (`keygate_event_loop_pauses_total`; counted by `runtime`, which builds the event loop
+/// before any `Metrics` exists).
+pub static EVENT_LOOP_PAUSES: Counter = Counter::new();
+
 impl Counter {
     pub const fn new() -> Self {
         Self(AtomicU64::new(0))
@@ -427,7 +432,7 @@ impl Metrics {
             &mut out,
             "keygate_event_loop_pauses_total",
             "Pauses of [server] event_coalesce_us taken by a busy event loop before it waited for events (process-wide).",
-            crate::runtime::PAUSES.get(),
+            EVENT_LOOP_PAUSES.get(),
         );
         out
     }
