@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crate::telemetry::metrics::EVENT_LOOP_PAUSES;
 
 /// A wait for events that ended sooner than this means the loop is busy: the next wait is
-/// preceded by the coalescing pause.
+/// preceded by the coalescing pause, unless the loop is saturated.
 pub const BUSY_WAIT: Duration = Duration::from_millis(1);
 
 /// How much of a [`WINDOW`] the thread must have spent working to count as saturated: no pause
