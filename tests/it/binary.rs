@@ -166,28 +166,32 @@ fn event_coalescing_pauses_a_busy_event_loop_and_serves_as_usual() {
     }
 }
 
+/// `check-config` on a config whose `[server]` section holds `lines`: whether it passed, and
+/// what it wrote to stderr.
+fn check_server_section(dir: &std::path::Path, lines: &str) -> (bool, String) {
+    let path = dir.join("server.toml");
+    std::fs::write(
+        &path,
+        crate::support::config_text(
+            "http://127.0.0.1:9",
+            &dir.join("k.db"),
+            &format!("[server]\n{lines}\n"),
+        ),
+    )
+    .unwrap();
+    let out = Binary::command(["check-config", "--config"])
+        .arg(&path)
+        .output();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn event_coalescing_is_bounded_and_excludes_busy_polling() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("coalesce.toml");
-    let check = |server: &str| {
-        std::fs::write(
-            &path,
-            crate::support::config_text(
-                "http://127.0.0.1:9",
-                &dir.path().join("k.db"),
-                &format!("[server]\n{server}\n"),
-            ),
-        )
-        .unwrap();
-        let out = Binary::command(["check-config", "--config"])
-            .arg(&path)
-            .output();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let check = |server: &str| check_server_section(dir.path(), server);
     let (ok, err) = check("event_coalesce_us = 1000");
     assert!(ok, "{err}");
     let (ok, err) = check("event_coalesce_us = 1001");
@@ -248,21 +252,11 @@ fn busy_polling_keeps_the_event_loop_runnable_while_idle_and_serves_and_stops_as
 fn busy_polling_with_more_than_one_worker_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     for workers in [0, 2] {
-        let path = dir.path().join("busy.toml");
-        std::fs::write(
-            &path,
-            crate::support::config_text(
-                "http://127.0.0.1:9",
-                &dir.path().join("k.db"),
-                &format!("[server]\nworker_threads = {workers}\nbusy_polling = true\n"),
-            ),
-        )
-        .unwrap();
-        let out = Binary::command(["check-config", "--config"])
-            .arg(&path)
-            .output();
-        assert!(!out.status.success(), "worker_threads = {workers} accepted");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let (ok, err) = check_server_section(
+            dir.path(),
+            &format!("worker_threads = {workers}\nbusy_polling = true"),
+        );
+        assert!(!ok, "worker_threads = {workers} accepted");
         assert!(
             err.contains("server.busy_polling") && err.contains("worker_threads = 1"),
             "{err}"
