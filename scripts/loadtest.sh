@@ -275,11 +275,12 @@ start_nginx upstream "$LOAD_CPU"
 wait_port "$UP_PORT" upstream
 
 # ---- keygate and its keys ----------------------------------------------------------------
+# The `[server]` line COALESCE_US asks for (none when unset); the busy-polling instance clears it.
+KG_COALESCE_LINE=${COALESCE_US:+event_coalesce_us = $COALESCE_US}
 # Starts a keygate (binary $1) on ports $2/$3 with its files in $4, and creates $KEYS keys
 # (or $8) through its admin API ($4/keys.txt, ids.txt, keys.map, token.txt); $5 is appended to
 # its config, $6 is its store URL (default SQLite in $4), $7 extra `[rate_limit]` lines.
 # Sets STARTED_PID.
-KG_COALESCE_LINE=${COALESCE_US:+event_coalesce_us = $COALESCE_US}
 start_keygate() {
 local bin=$1 port=$2 admin_port=$3 dir=$4 extra=${5:-} store=${6:-sqlite://$4/keygate.db}
 local rate_extra=${7:-} nkeys=${8:-$KEYS}

@@ -64,8 +64,7 @@ pub fn build(event_loop: EventLoop) -> io::Result<tokio::runtime::Runtime> {
         let pause = event_loop.coalesce;
         rt.on_thread_park(move || {
             let mut state = STATE.get();
-            state.worked_until(Instant::now());
-            if let Some(p) = state.pause(pause) {
+            if let Some(p) = state.out_of_work(Instant::now(), pause) {
                 EVENT_LOOP_PAUSES.inc();
                 std::thread::sleep(p);
             }
@@ -123,8 +122,16 @@ impl Waits {
         }
     }
 
-    /// The thread is out of work (before any pause): the time since it woke counts as worked,
-    /// and a window that has run its length is judged and a new one begun.
+    /// The thread is out of work and about to wait for events: the pause to take first, if
+    /// any. The time since it woke counts as worked (the pause does not), and a window that
+    /// has run its length is judged first.
+    fn out_of_work(&mut self, now: Instant, coalesce: Duration) -> Option<Duration> {
+        self.worked_until(now);
+        self.pause(coalesce)
+    }
+
+    /// The time since the thread woke counts as worked, and a window that has run its length
+    /// is judged and a new one begun.
     fn worked_until(&mut self, now: Instant) {
         if let Some(woke) = self.woke.take() {
             self.worked += now.saturating_duration_since(woke);
@@ -227,7 +234,8 @@ mod tests {
     }
 
     /// A thread that works `busy` of every `cycle` (one wait per cycle, shorter than
-    /// [`BUSY_WAIT`]) for `cycles` cycles from `start`; the state and the time after.
+    /// [`BUSY_WAIT`]) for `cycles` cycles from `start`, driven as the park hooks drive it; the
+    /// state and the time after, the thread woken and working.
     fn run(
         mut w: Waits,
         start: Instant,
@@ -239,9 +247,13 @@ mod tests {
         for _ in 0..cycles {
             w.woken(t);
             t += busy;
-            w.worked_until(t);
+            // The load is offered from outside: the cycle keeps its length, and a pause
+            // takes (up to all of) the idle part of it.
+            let idle = cycle - busy;
+            let pause = w.out_of_work(t, PAUSE).unwrap_or_default().min(idle);
+            t += pause;
             w.waiting(t);
-            t += cycle - busy;
+            t += idle - pause;
         }
         w.woken(t);
         (w, t)
@@ -252,14 +264,14 @@ mod tests {
         let start = Instant::now();
         let cycle = Duration::from_micros(100);
         // 90 % working for 30 ms: saturated.
-        let (w, t) = run(Waits::new(), start, Duration::from_micros(90), cycle, 300);
-        assert_eq!(w.pause(PAUSE), None, "saturated, yet a pause");
+        let (mut w, t) = run(Waits::new(), start, Duration::from_micros(90), cycle, 300);
+        assert_eq!(w.out_of_work(t, PAUSE), None, "saturated, yet a pause");
         // Then 60 % for 30 ms: room, and the waits are short: pause.
-        let (w, t) = run(w, t, Duration::from_micros(60), cycle, 300);
-        assert_eq!(w.pause(PAUSE), Some(PAUSE), "60 % busy, no pause");
+        let (mut w, t) = run(w, t, Duration::from_micros(60), cycle, 300);
+        assert_eq!(w.out_of_work(t, PAUSE), Some(PAUSE), "60 % busy, no pause");
         // And saturated again.
-        let (w, _) = run(w, t, Duration::from_micros(80), cycle, 300);
-        assert_eq!(w.pause(PAUSE), None, "80 % busy, yet a pause");
+        let (mut w, t) = run(w, t, Duration::from_micros(80), cycle, 300);
+        assert_eq!(w.out_of_work(t, PAUSE), None, "80 % busy, yet a pause");
     }
 
     #[test]
@@ -267,8 +279,8 @@ mod tests {
         let start = Instant::now();
         let cycle = Duration::from_micros(100);
         // 95 % working, but for less than a window: nothing judged yet.
-        let (w, _) = run(Waits::new(), start, Duration::from_micros(95), cycle, 50);
-        assert_eq!(w.pause(PAUSE), Some(PAUSE));
+        let (mut w, t) = run(Waits::new(), start, Duration::from_micros(95), cycle, 50);
+        assert_eq!(w.out_of_work(t, PAUSE), Some(PAUSE));
     }
 
     #[test]
