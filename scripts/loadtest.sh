@@ -38,7 +38,9 @@
 #                      to CONTENDERS.
 #                      BASE_FLUSH_SECS=N gives it another
 #                      `[store] last_used_flush_secs` (e.g. 86400 with BASELINE=the same binary:
-#                      the usage flush on against off)
+#                      the usage flush on against off); BASE_COALESCE_US=N its
+#                      `[server] event_coalesce_us` (0: off), whatever COALESCE_US gives the
+#                      others (the pause on against off with BASELINE=the same binary)
 #   keygate-redis      keygate on the Redis store (`[rate_limit] mode = "local"`), one key; a
 #                      redis-server started here on a free loopback port on CPU $LOAD_CPU
 #                      (no persistence), database 1
@@ -109,6 +111,8 @@
 # ones too), e.g. a setting read by a scratch build; nginx, wrk and the upstream do not get it.
 # COALESCE_US=N sets `[server] event_coalesce_us = N` in every keygate instance but the
 # busy-polling one (unset: keygate's default); the report names it.
+# KEEP_WORK=1 keeps the scratch directory (every instance's keygate.log and SQLite file,
+# nginx's error logs) instead of removing it at exit; its path is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -193,7 +197,11 @@ cleanup() {
     for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$p" 2>/dev/null || true
   done
-  rm -rf "$WORK"
+  if [ "${KEEP_WORK:-0}" = 1 ]; then
+    echo "KEEP_WORK=1: the scratch directory is kept: $WORK" >&2
+  else
+    rm -rf "$WORK"
+  fi
 }
 # SHIELD=1: the tasks moved off CPU $PROXY_CPU, with the CPU list each had ("tid list" lines).
 SHIELDED=$WORK/shielded
@@ -361,7 +369,10 @@ deny = "nginx"'
 KG_PID=$STARTED_PID
 KGB_PID=
 if [ -n "${BASELINE:-}" ]; then
-  KG_FLUSH=${BASE_FLUSH_SECS:-10} start_keygate "$BASELINE" "$KGB_PORT" "$KGB_ADMIN_PORT" "$WORK/base"
+  base_coalesce=$KG_COALESCE_LINE
+  if [ -n "${BASE_COALESCE_US:-}" ]; then base_coalesce="event_coalesce_us = $BASE_COALESCE_US"; fi
+  KG_FLUSH=${BASE_FLUSH_SECS:-10} KG_COALESCE_LINE=$base_coalesce \
+    start_keygate "$BASELINE" "$KGB_PORT" "$KGB_ADMIN_PORT" "$WORK/base"
   KGB_PID=$STARTED_PID
 fi
 # The certificate and key of both TLS instances (keygate-tls…, keygate-tls-new-busy).
@@ -781,6 +792,9 @@ fi
 if [ -n "${COALESCE_US:-}" ]; then
   INSTANCE_ENV_NOTE="${INSTANCE_ENV_NOTE:+$INSTANCE_ENV_NOTE }Every keygate instance but the busy-polling one ran with \`[server] event_coalesce_us = $COALESCE_US\` (COALESCE_US)."
 fi
+if [ -n "${BASELINE:-}" ] && [ -n "${BASE_COALESCE_US:-}" ]; then
+  INSTANCE_ENV_NOTE="${INSTANCE_ENV_NOTE:+$INSTANCE_ENV_NOTE }The baseline instance (base…) ran with \`[server] event_coalesce_us = $BASE_COALESCE_US\` (BASE_COALESCE_US)."
+fi
 export WARM STEAL_MAX TLS_NOTE CAPTURE_SECS CAPTURE_WINDOW_MS SHIELD_NOTE INSTANCE_ENV_NOTE LOAD_CPU
 # ---- idle connections --------------------------------------------------------------------
 # keygate and nginx-keyauth in turn: wrk at the first connection count ($REPS runs), then
@@ -915,6 +929,7 @@ def us(v):
 def pids_known(c): return c != "direct"
 
 rows = {}
+impossible = []
 for line in open(raw):
     c, n, r, ticks, path, core, load_ticks, woken = line.rstrip("\n").split("\t")
     switched, ipis = map(int, woken.split())
@@ -943,6 +958,14 @@ for line in open(raw):
     rec["reps"].append((int(r), float(m.group(1)), us(p99.group(1)), (busy - int(ticks)) / hz / float(dur) * 100 if pids_known(c) else None, steal / hz / float(dur) * 100, int(load_ticks) / hz / float(dur) * 100))
     rec["bad"] += int(non2xx.group(1)) if non2xx else 0
     rec["err"] += sum(int(x) for x in errs.groups()) if errs else 0
+    # Little's law: n closed-loop connections (wrk, one request each at a time) hold at most n
+    # requests in flight, so mean latency × rate cannot exceed n. A repetition above it (10 %
+    # of rounding allowed) recorded latencies that no server behaviour can produce.
+    mean = re.search(r"^\s+Latency\s+(\S+)", t, re.M)
+    if mean and not c.endswith(("-h2c", "-h2")):
+        held = us(mean.group(1)) / 1e6 * float(m.group(1))
+        if held > 1.1 * int(n):
+            impossible.append((c, int(n), int(r), held))
 
 def med(xs): return statistics.median(xs) if xs else float("nan")
 
@@ -973,6 +996,11 @@ if os.environ.get("INSTANCE_ENV_NOTE"):
     print(os.environ["INSTANCE_ENV_NOTE"] + "  ")
 print(f"Runs repeated because over {os.environ.get('STEAL_MAX', '2')} % of the contender's core was stolen by the hypervisor: "
       + (", ".join(f"{c} c{n}" for c, n in stolen) if stolen else "none") + ".")
+print()
+print("Repetitions whose latencies no closed loop can produce (mean latency × req/s above 1.1 × the connections wrk holds; "
+      "their figures stay in the medians): "
+      + ("; ".join(f"{c} c{n} rep {r}, {held:,.0f} requests in flight on {n} connections" for c, n, r, held in impossible)
+         if impossible else "none") + ".")
 print()
 for n in sorted({n for _, n in rows}):
     base_plain = med(rows.get(("nginx-plain", n), {}).get("rps", []))
