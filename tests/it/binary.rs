@@ -166,6 +166,33 @@ fn event_coalescing_pauses_a_busy_event_loop_and_serves_as_usual() {
     }
 }
 
+#[test]
+fn event_coalescing_stops_pausing_where_the_pause_holds_a_client_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::support::config_text(
+        "http://127.0.0.1:9",
+        &dir.path().join("k.db"),
+        "[server]\nworker_threads = 1\nevent_coalesce_us = 200\n",
+    );
+    let mut gw = Binary::serve(&config, dir.path()).spawn();
+    // One client that sends its next request as soon as the last is answered, for 1.5 s:
+    // every pause would hold it back (one pause per request at least). The loop's trial of
+    // the pause and its probe without find that, and it stops pausing but for its trials.
+    let began = std::time::Instant::now();
+    let mut requests = 0u64;
+    while began.elapsed() < std::time::Duration::from_millis(1_500) {
+        assert_eq!(health(gw.proxy), "HTTP/1.1 200 OK");
+        requests += 1;
+    }
+    let taken = pauses(&gw);
+    assert!(taken > 0, "no trial of the pause in {requests} requests");
+    assert!(
+        taken * 4 < requests,
+        "{taken} pauses in {requests} requests: the pause went on though it held the client back"
+    );
+    assert!(gw.terminate().success());
+}
+
 /// `check-config` on a config whose `[server]` section holds `lines`: whether it passed, and
 /// what it wrote to stderr.
 fn check_server_section(dir: &std::path::Path, lines: &str) -> (bool, String) {
