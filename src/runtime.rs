@@ -59,7 +59,8 @@ const LOW_WINDOWS: u32 = 3;
 const REST_WINDOWS: u32 = 50;
 const MAX_REST_WINDOWS: u32 = 1_000;
 /// How much more of its time the loop must work without the pause than with it for the pause
-/// to count as holding work back (per cent). Above the noise of a few windows of a steady load.
+/// to count as holding work back (per cent). At 25 % pauses that cost a tenth to a fifth of
+/// the rate with 8 and 32 keep-alive clients went on (BENCHMARKS.md, "Event coalescing (2)").
 const PROBE_MARGIN_PERCENT: u64 = 10;
 
 /// The longest `event_coalesce_us` accepted: a pause delays every event that arrives during
@@ -155,7 +156,7 @@ struct Probe {
     /// The shares of the phase's compared windows, summed, and how many.
     sum: u64,
     count: u64,
-    /// The mean share of the last trial.
+    /// The mean share of the last trial or spell (its windows with a pause).
     paused_share: u64,
     /// The mean share of the last probe (none before the first).
     unpaused_share: Option<u64>,
