@@ -417,15 +417,15 @@ mod tests {
 
     /// A thread that works `busy` of every `cycle` (one wait per cycle, shorter than
     /// [`BUSY_WAIT`]) for `cycles` cycles from `start`, driven as the park hooks drive it; the
-    /// state and the time after, the thread woken and working.
+    /// state and the time after (the thread woken and working), and how many waits paused.
     fn run(
         mut w: Waits,
         start: Instant,
         busy: Duration,
         cycle: Duration,
         cycles: u32,
-    ) -> (Waits, Instant) {
-        let mut t = start;
+    ) -> (Waits, Instant, u32) {
+        let (mut t, mut paused) = (start, 0);
         for _ in 0..cycles {
             w.woken(t);
             t += busy;
@@ -433,12 +433,13 @@ mod tests {
             // takes (up to all of) the idle part of it.
             let idle = cycle - busy;
             let pause = w.out_of_work(t, PAUSE).unwrap_or_default().min(idle);
+            paused += u32::from(!pause.is_zero());
             t += pause;
             w.waiting(t);
             t += idle - pause;
         }
         w.woken(t);
-        (w, t)
+        (w, t, paused)
     }
 
     /// A thread whose probe keeps it pausing (its phase never ends): the other rules alone.
@@ -539,14 +540,13 @@ mod tests {
         let start = Instant::now();
         // Offered from outside (40 of every 100 µs): the pause costs nothing, and after the
         // trial and the probe the loop pauses on in a spell.
-        let (mut w, mut t) = (Waits::new(), start);
-        for _ in 0..1_500 {
-            w.woken(t);
-            t += Duration::from_micros(40);
-            let pause = w.out_of_work(t, PAUSE).unwrap_or_default();
-            w.waiting(t + pause);
-            t += Duration::from_micros(60);
-        }
+        let (w, t, _) = run(
+            Waits::new(),
+            start,
+            Duration::from_micros(40),
+            Duration::from_micros(100),
+            1_500,
+        );
         assert_eq!(w.probe.phase, Phase::Pausing, "no spell of pausing");
         // Then clients that wait for each answer (20 µs of work, 10 µs until the next
         // request): each pause holds them back, and the spell ends within a few windows.
@@ -577,16 +577,14 @@ mod tests {
             t += Duration::from_millis(50);
         }
         // Then a load the pause costs nothing (offered from outside): the loop pauses at once.
-        let (mut paused, mut waits) = (0u32, 0u32);
-        for _ in 0..3_000 {
-            w.woken(t);
-            t += Duration::from_micros(40);
-            let pause = w.out_of_work(t, PAUSE).unwrap_or_default();
-            paused += u32::from(!pause.is_zero());
-            waits += 1;
-            w.waiting(t + pause);
-            t += Duration::from_micros(60);
-        }
+        let waits = 3_000;
+        let (_, _, paused) = run(
+            w,
+            t,
+            Duration::from_micros(40),
+            Duration::from_micros(100),
+            waits,
+        );
         assert!(
             paused * 100 > waits * 70,
             "{paused} of {waits} waits paused after an idle spell"
@@ -599,17 +597,8 @@ mod tests {
         let cycle = Duration::from_micros(100);
         // The load is offered from outside: a pause takes part of the idle time, the work
         // stays the same, and the loop keeps pausing but for its probes.
-        let (mut w, mut t) = (Waits::new(), start);
-        let (mut paused, mut waits) = (0u32, 0u32);
-        for _ in 0..20_000 {
-            w.woken(t);
-            t += Duration::from_micros(40);
-            let pause = w.out_of_work(t, PAUSE).unwrap_or_default();
-            paused += u32::from(!pause.is_zero());
-            waits += 1;
-            w.waiting(t + pause);
-            t += cycle - Duration::from_micros(40);
-        }
+        let waits = 20_000;
+        let (_, _, paused) = run(Waits::new(), start, Duration::from_micros(40), cycle, waits);
         // 2 s: trial, probe, then spells of PAUSE_WINDOWS each followed by a probe.
         assert!(
             paused * 100 > waits * 80,
@@ -622,13 +611,13 @@ mod tests {
         let start = Instant::now();
         let cycle = Duration::from_micros(100);
         // 90 % working for 30 ms: saturated.
-        let (mut w, t) = run(steady(), start, Duration::from_micros(90), cycle, 300);
+        let (mut w, t, _) = run(steady(), start, Duration::from_micros(90), cycle, 300);
         assert_eq!(w.out_of_work(t, PAUSE), None, "saturated, yet a pause");
         // Then 60 % for 30 ms: room, and the waits are short: pause.
-        let (mut w, t) = run(w, t, Duration::from_micros(60), cycle, 300);
+        let (mut w, t, _) = run(w, t, Duration::from_micros(60), cycle, 300);
         assert_eq!(w.out_of_work(t, PAUSE), Some(PAUSE), "60 % busy, no pause");
         // And saturated again.
-        let (mut w, t) = run(w, t, Duration::from_micros(80), cycle, 300);
+        let (mut w, t, _) = run(w, t, Duration::from_micros(80), cycle, 300);
         assert_eq!(w.out_of_work(t, PAUSE), None, "80 % busy, yet a pause");
     }
 
@@ -637,7 +626,7 @@ mod tests {
         let start = Instant::now();
         let cycle = Duration::from_micros(100);
         // 95 % working, but for less than a window: nothing judged yet.
-        let (mut w, t) = run(Waits::new(), start, Duration::from_micros(95), cycle, 50);
+        let (mut w, t, _) = run(Waits::new(), start, Duration::from_micros(95), cycle, 50);
         assert_eq!(w.out_of_work(t, PAUSE), Some(PAUSE));
     }
 
