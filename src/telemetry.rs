@@ -73,8 +73,7 @@ mod tests {
             tracing::error!(target: "rustls::conn", "a rustls error");
             tracing::warn!(target: "keygate::proxy", "a keygate warning");
         });
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
-        text
+        String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
     }
 
     #[test]
