@@ -256,7 +256,8 @@ impl Probe {
             Phase::Trial | Phase::Pausing if self.count == 0 => {
                 self.enter(Phase::Trial, TRIAL_WINDOWS)
             }
-            Phase::Trial => {
+            // After a trial or a spell, a probe, against its windows with a pause.
+            Phase::Trial | Phase::Pausing => {
                 self.paused_share = self.sum / self.count;
                 self.enter(Phase::Probing, PROBE_WINDOWS);
             }
@@ -270,11 +271,6 @@ impl Probe {
                     self.rest = REST_WINDOWS;
                     self.enter(Phase::Pausing, PAUSE_WINDOWS);
                 }
-            }
-            // After a spell, a probe again, against the spell.
-            Phase::Pausing => {
-                self.paused_share = self.sum / self.count;
-                self.enter(Phase::Probing, PROBE_WINDOWS);
             }
             Phase::Resting => self.enter(Phase::Trial, TRIAL_WINDOWS),
         }
