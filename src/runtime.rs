@@ -30,6 +30,7 @@
 
 use std::cell::Cell;
 use std::io;
+use std::num::NonZeroU64;
 use std::time::{Duration, Instant};
 
 use crate::telemetry::metrics::EVENT_LOOP_PAUSES;
@@ -63,6 +64,12 @@ const MAX_REST_WINDOWS: u32 = 1_000;
 /// the rate with 8 and 32 keep-alive clients went on (BENCHMARKS.md, "Event coalescing (2)").
 const PROBE_MARGIN_PERCENT: u64 = 10;
 
+/// The timer slack (nanoseconds) of a thread that pauses: how much later than asked the kernel
+/// may end its sleeps (and the timeouts of its waits for events). A thread's default is 50 µs,
+/// which let a pause of 50 µs last up to 100; set on each worker thread at its first pause
+/// check, so a pause lasts what `event_coalesce_us` says.
+pub const PAUSE_TIMER_SLACK_NS: u64 = 1_000;
+
 /// The longest `event_coalesce_us` accepted: a pause delays every event that arrives during
 /// it by up to its length.
 pub const MAX_EVENT_COALESCE_US: u64 = 1_000;
@@ -94,6 +101,13 @@ pub fn build(event_loop: EventLoop) -> io::Result<tokio::runtime::Runtime> {
         let pause = event_loop.coalesce;
         rt.on_thread_park(move || {
             let mut state = STATE.get();
+            if !state.slack_set {
+                state.slack_set = true;
+                // Where it cannot be set (a seccomp filter), pauses last up to the default
+                // slack longer, as before.
+                let _ =
+                    rustix::thread::set_current_timer_slack(NonZeroU64::new(PAUSE_TIMER_SLACK_NS));
+            }
             if let Some(p) = state.out_of_work(Instant::now(), pause) {
                 EVENT_LOOP_PAUSES.inc();
                 std::thread::sleep(p);
@@ -140,6 +154,8 @@ struct Waits {
     saturated: bool,
     /// Whether pausing is being tried, kept up, or rested from.
     probe: Probe,
+    /// The thread's timer slack has been set to [`PAUSE_TIMER_SLACK_NS`].
+    slack_set: bool,
 }
 
 /// Whether pausing holds the loop's work back: windows with the pause and windows without it,
@@ -287,6 +303,7 @@ impl Waits {
             worked: Duration::ZERO,
             saturated: false,
             probe: Probe::new(),
+            slack_set: false,
         }
     }
 
@@ -632,5 +649,37 @@ mod tests {
             after_wait(Duration::from_micros(1)).pause(Duration::ZERO),
             None
         );
+    }
+
+    /// The timer slack of the thread that ran a task after a wait for events, on the runtime
+    /// `build` makes with `worker_threads` and `coalesce`.
+    fn slack_after_a_wait(worker_threads: usize, coalesce: Duration) -> u64 {
+        let rt = build(EventLoop {
+            worker_threads,
+            busy_polling: false,
+            coalesce,
+        })
+        .expect("runtime");
+        rt.block_on(async {
+            tokio::spawn(async {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                rustix::thread::current_timer_slack().expect("PR_GET_TIMERSLACK")
+            })
+            .await
+            .expect("task")
+        })
+    }
+
+    #[test]
+    fn a_thread_that_pauses_sleeps_no_longer_than_asked() {
+        assert_eq!(slack_after_a_wait(1, PAUSE), PAUSE_TIMER_SLACK_NS);
+        assert_eq!(slack_after_a_wait(2, PAUSE), PAUSE_TIMER_SLACK_NS);
+    }
+
+    #[test]
+    fn without_the_pause_a_thread_keeps_its_timer_slack() {
+        let default = rustix::thread::current_timer_slack().expect("PR_GET_TIMERSLACK");
+        assert_ne!(default, PAUSE_TIMER_SLACK_NS);
+        assert_eq!(slack_after_a_wait(1, Duration::ZERO), default);
     }
 }
