@@ -27,20 +27,30 @@ struct Conn {
     buf: Vec<u8>,
 }
 
-/// The length of a whole response at the start of `buf`, if it is all there.
-fn response_len(buf: &[u8]) -> Option<usize> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    let head = std::str::from_utf8(&buf[..end]).ok()?;
-    let body = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse::<usize>().ok())
-                .flatten()
-        })
-        .unwrap_or(0);
-    (buf.len() >= end + body).then_some(end + body)
+/// The length of a whole response at the start of `buf`, if it is all there. A response must
+/// be framed by `Content-Length` (or have no body): a chunked one is refused rather than
+/// miscounted.
+fn response_len(buf: &[u8]) -> io::Result<Option<usize>> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4) else {
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&buf[..end])
+        .map_err(|_| io::Error::other("a response head that is not UTF-8"))?;
+    let mut body = 0;
+    for (name, value) in head.lines().filter_map(|l| l.split_once(':')) {
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(io::Error::other(
+                "a response with Transfer-Encoding: only Content-Length framing is read",
+            ));
+        }
+        if name.eq_ignore_ascii_case("content-length") {
+            body = value
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| io::Error::other("a response with a bad Content-Length"))?;
+        }
+    }
+    Ok((buf.len() >= end + body).then_some(end + body))
 }
 
 fn main() -> io::Result<()> {
@@ -109,7 +119,14 @@ fn main() -> io::Result<()> {
         most_waiting = most_waiting.max(waiting.len());
         while let (Some(&due), Some(&i)) = (waiting.front(), free.last()) {
             let c = &mut cs[i];
-            c.stream.write_all(&request)?;
+            c.stream.write_all(&request).map_err(|e| match e.kind() {
+                // A request is far smaller than a socket's send buffer; a full one means the
+                // server stopped reading from a connection with nothing in flight on it.
+                io::ErrorKind::WouldBlock => io::Error::other(
+                    "a connection's send buffer is full: the server is not reading",
+                ),
+                _ => e,
+            })?;
             c.due = Some(due);
             waiting.pop_front();
             free.pop();
@@ -140,7 +157,7 @@ fn main() -> io::Result<()> {
                     Err(e) => return Err(e),
                 }
             }
-            if let Some(n) = response_len(&c.buf) {
+            if let Some(n) = response_len(&c.buf)? {
                 if !c.buf.starts_with(b"HTTP/1.1 200") {
                     return Err(io::Error::other(format!(
                         "not a 200: {}",
