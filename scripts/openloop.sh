@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Latency at a fixed request rate (open loop): keygate against nginx-keyauth, the contenders'
+# order rotated from round to round so that the host's slow spells fall on all of them. Runs on
+# a directory kept by scripts/loadtest.sh (KEEP_WORK=1): its upstream, nginx-keyauth and
+# keygate configurations, keys and SQLite file.
+#
+#   WORK=/dev/shm/keygate-loadtest.XXXXXX scripts/openloop.sh
+#   WORK=… RATES="5000 20000" ROUNDS=6 CONTENDERS="nginx-keyauth keygate keygate-noflush keygate-pause" scripts/openloop.sh
+#
+# Contenders:
+#   nginx-keyauth    $WORK/nginx-keyauth/nginx.conf (the 10,000-key `map` and `limit_req`)
+#   keygate          $WORK/keygate.toml as it is
+#   keygate-noflush  the same with `[store] last_used_flush_secs = 86400` (no usage flush in a run)
+#   keygate-pause    the same with `[server] event_coalesce_us = $COALESCE_US` (default 50)
+#
+# Layout: the contender alone on CPU $PROXY_CPU (0); examples/open_loop and the upstream on CPU
+# $LOAD_CPU (1). $CONNS (64) keep-alive connections, one key ($WORK/key1.txt); each run $SECS s
+# (8) after $WARM s (2) of the same load, unmeasured. Output: each run's line, then per rate and
+# contender the medians of the rounds (p50, p90, p99, p99.9 in µs) and every round's p99.
+# KEYGATE_BIN (default target/release/keygate) and OPEN_LOOP (target/release/examples/open_loop)
+# are built when missing. Not part of the test suite.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+WORK=${WORK:?"WORK=<a directory kept by KEEP_WORK=1 scripts/loadtest.sh>"}
+RATES=${RATES:-20000}
+ROUNDS=${ROUNDS:-6}
+CONNS=${CONNS:-64}
+SECS=${SECS:-8}
+WARM=${WARM:-2}
+COALESCE_US=${COALESCE_US:-50}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+CONTENDERS=${CONTENDERS:-"nginx-keyauth keygate keygate-noflush keygate-pause"}
+KEYGATE_BIN=${KEYGATE_BIN:-target/release/keygate}
+OPEN_LOOP=${OPEN_LOOP:-target/release/examples/open_loop}
+
+for f in keygate.toml key1.txt nginx-keyauth/nginx.conf upstream/nginx.conf; do
+  [ -f "$WORK/$f" ] || { echo "openloop: $WORK/$f is missing: WORK must be a directory kept by KEEP_WORK=1 scripts/loadtest.sh" >&2; exit 2; }
+done
+for c in $CONTENDERS; do
+  case $c in nginx-keyauth | keygate | keygate-noflush | keygate-pause) ;;
+    *) echo "openloop: unknown contender '$c'" >&2; exit 2 ;;
+  esac
+done
+case $COALESCE_US in '' | *[!0-9]*) echo "openloop: COALESCE_US must be a number of microseconds" >&2; exit 2 ;; esac
+for v in "SECS=$SECS" "WARM=$WARM"; do
+  case ${v#*=} in '' | *[!0-9]* | 0 | 1) echo "openloop: $v: at least 2 seconds (open_loop does not count the first)" >&2; exit 2 ;; esac
+done
+for v in "CONNS=$CONNS" $(for r in $RATES; do echo "RATES=$r"; done); do
+  case ${v#*=} in '' | *[!0-9]* | 0) echo "openloop: $v: a positive whole number" >&2; exit 2 ;; esac
+done
+[ -x "$KEYGATE_BIN" ] || cargo build --release --bin keygate
+[ -x "$OPEN_LOOP" ] || cargo build --release --example open_loop
+
+# The first plain listener of a configuration: `listen 127.0.0.1:PORT;` (nginx), `listen =
+# "127.0.0.1:PORT"` under [proxy] (keygate).
+NG_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$WORK/nginx-keyauth/nginx.conf" | grep -oE '[0-9]+;' | tr -d ';')
+UP_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$WORK/upstream/nginx.conf" | grep -oE '[0-9]+;' | tr -d ';')
+KG_PORT=$(awk -F'"' '/^\[/{s=$0} s=="[proxy]" && /^listen *=/{split($2,a,":"); print a[2]; exit}' "$WORK/keygate.toml")
+[ -n "$NG_PORT" ] && [ -n "$UP_PORT" ] && [ -n "$KG_PORT" ] || { echo "openloop: cannot find the ports in $WORK's configurations" >&2; exit 2; }
+KEY=$(head -n1 "$WORK/key1.txt")
+
+# The variants' configurations, next to the original.
+grep -q '^last_used_flush_secs' "$WORK/keygate.toml" \
+  && sed 's/^last_used_flush_secs *=.*/last_used_flush_secs = 86400/' "$WORK/keygate.toml" >"$WORK/openloop-noflush.toml" \
+  || sed 's/^\[store\]$/[store]\nlast_used_flush_secs = 86400/' "$WORK/keygate.toml" >"$WORK/openloop-noflush.toml"
+grep -q '^event_coalesce_us' "$WORK/keygate.toml" \
+  && sed "s/^event_coalesce_us *=.*/event_coalesce_us = $COALESCE_US/" "$WORK/keygate.toml" >"$WORK/openloop-pause.toml" \
+  || sed "s/^\[server\]\$/[server]\nevent_coalesce_us = $COALESCE_US/" "$WORK/keygate.toml" >"$WORK/openloop-pause.toml"
+grep -q '^last_used_flush_secs = 86400' "$WORK/openloop-noflush.toml" || { echo "openloop: no [store] section in keygate.toml" >&2; exit 2; }
+grep -q "^event_coalesce_us = $COALESCE_US" "$WORK/openloop-pause.toml" || { echo "openloop: no [server] section in keygate.toml" >&2; exit 2; }
+
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+wait_port() {
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "openloop: nothing listens on $1 ($2)" >&2
+  exit 1
+}
+
+taskset -c "$LOAD_CPU" nginx -p "$WORK/upstream" -c "$WORK/upstream/nginx.conf" -e "$WORK/upstream/error.log" &
+PIDS+=($!)
+wait_port "$UP_PORT" upstream
+
+LINES=$(mktemp)
+run() { # contender rate
+  local c=$1 rate=$2 port pid
+  case $c in
+    nginx-keyauth)
+      taskset -c "$PROXY_CPU" nginx -p "$WORK/nginx-keyauth" -c "$WORK/nginx-keyauth/nginx.conf" -e "$WORK/nginx-keyauth/error.log" &
+      pid=$! port=$NG_PORT ;;
+    keygate | keygate-noflush | keygate-pause)
+      local toml=$WORK/keygate.toml
+      [ "$c" = keygate-noflush ] && toml=$WORK/openloop-noflush.toml
+      [ "$c" = keygate-pause ] && toml=$WORK/openloop-pause.toml
+      KEYGATE_ADMIN_KEY=${KEYGATE_ADMIN_KEY:-openloop-admin-key-0000} taskset -c "$PROXY_CPU" "$KEYGATE_BIN" serve --config "$toml" >"$WORK/openloop-$c.log" 2>&1 &
+      pid=$! port=$KG_PORT ;;
+  esac
+  PIDS+=("$pid")
+  wait_port "$port" "$c"
+  taskset -c "$LOAD_CPU" "$OPEN_LOOP" "127.0.0.1:$port" "$rate" "$CONNS" "$WARM" "X-API-Key: $KEY" >/dev/null
+  echo "$c $rate: $(taskset -c "$LOAD_CPU" "$OPEN_LOOP" "127.0.0.1:$port" "$rate" "$CONNS" "$SECS" "X-API-Key: $KEY")" | tee -a "$LINES"
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+  sleep 0.5
+}
+
+read -r -a ORDER <<<"$CONTENDERS"
+n=${#ORDER[@]}
+for r in $(seq 1 "$ROUNDS"); do
+  for rate in $RATES; do
+    for k in $(seq 0 $((n - 1))); do
+      run "${ORDER[$(((k + r) % n))]}" "$rate"
+    done
+  done
+done
+
+echo
+python3 - "$LINES" <<'PY'
+import re, statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    m = re.match(r'(\S+) (\d+): .*p50 (\d+) p90 (\d+) p99 (\d+) p99\.9 (\d+)', line)
+    if m:
+        runs.setdefault((int(m[2]), m[1]), []).append([int(x) for x in m.groups()[2:]])
+print("| rate (req/s) | contender | rounds | p50 | p90 | p99 | p99.9 | p99 of each round |")
+print("|---|---|---|---|---|---|---|---|")
+for (rate, c), v in sorted(runs.items()):
+    med = [statistics.median(x[i] for x in v) for i in range(4)]
+    print(f"| {rate:,} | {c} | {len(v)} | " + " | ".join(f"{m:,.0f}" for m in med)
+          + " | " + ", ".join(f"{x[2]:,}" for x in v) + " |")
+PY
+rm -f "$LINES"
