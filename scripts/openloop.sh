@@ -22,6 +22,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+# wait_port
+. scripts/lib/bench.sh
 WORK=${WORK:?"WORK=<a directory kept by KEEP_WORK=1 scripts/loadtest.sh>"}
 RATES=${RATES:-20000}
 ROUNDS=${ROUNDS:-6}
@@ -74,15 +76,6 @@ grep -q "^event_coalesce_us = $COALESCE_US" "$WORK/openloop-pause.toml" || { ech
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
-
-wait_port() {
-  for _ in $(seq 1 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "openloop: nothing listens on $1 ($2)" >&2
-  exit 1
-}
 
 taskset -c "$LOAD_CPU" nginx -p "$WORK/upstream" -c "$WORK/upstream/nginx.conf" -e "$WORK/upstream/error.log" &
 PIDS+=($!)

@@ -1,6 +1,7 @@
 # Shared by scripts/loadtest.sh and scripts/profile.sh (sourced, not run): free loopback ports,
 # waiting for a listener, and the nginx configurations both measure keygate against, so that
 # "nginx-keyauth" is the same nginx in both. Needs $WORK (the scratch directory) when called.
+# scripts/openloop.sh uses wait_port, on the configurations a loadtest.sh run kept.
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
