@@ -49,6 +49,7 @@ case $COALESCE_US in '' | *[!0-9]*) echo "openloop: COALESCE_US must be a number
 for v in "SECS=$SECS" "WARM=$WARM"; do
   case ${v#*=} in '' | *[!0-9]* | 0 | 1) echo "openloop: $v: at least 2 seconds (open_loop does not count the first)" >&2; exit 2 ;; esac
 done
+[ -n "${RATES// /}" ] && [ -n "${CONTENDERS// /}" ] || { echo "openloop: RATES and CONTENDERS must name at least one" >&2; exit 2; }
 for v in "CONNS=$CONNS" $(for r in $RATES; do echo "RATES=$r"; done); do
   case ${v#*=} in '' | *[!0-9]* | 0) echo "openloop: $v: a positive whole number" >&2; exit 2 ;; esac
 done
