@@ -10,7 +10,9 @@
 //! each; a request due while every connection is busy waits for the first free one (its wait
 //! counts). The first second is not counted. Prints the rate reached and the latency
 //! percentiles in µs. Waits for events with `epoll_pwait2` timeouts to the nanosecond, and
-//! sets its own timer slack to 1 µs, so it sends on time to within its wakeup.
+//! sets its own timer slack to 1 µs, so it sends on time to within its wakeup. Stops with an
+//! error on an answer that is not a 200 or not framed by `Content-Length`, on requests still
+//! unanswered 10 s after the run, and on a run in which no counted request was due.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -19,6 +21,10 @@ use std::num::NonZeroU64;
 use std::time::{Duration, Instant};
 
 use rustix::event::{Timespec, epoll};
+
+/// How long after the end of the run the requests still in flight may take before the run
+/// stops with an error (a server that stopped answering would otherwise hold it forever).
+const ANSWER_GRACE: Duration = Duration::from_secs(10);
 
 struct Conn {
     stream: TcpStream,
@@ -135,6 +141,13 @@ fn main() -> io::Result<()> {
         if next >= end && waiting.is_empty() && free.len() == conns {
             break;
         }
+        if now >= end + ANSWER_GRACE {
+            return Err(io::Error::other(format!(
+                "{} requests still unanswered {} s after the last was due",
+                conns - free.len(),
+                ANSWER_GRACE.as_secs()
+            )));
+        }
         let timeout = if next < end {
             next.saturating_duration_since(Instant::now())
         } else {
@@ -179,6 +192,11 @@ fn main() -> io::Result<()> {
     let elapsed = Instant::now()
         .saturating_duration_since(start)
         .as_secs_f64();
+    if lat.is_empty() {
+        return Err(io::Error::other(
+            "no request was due after the first second: raise RATE or SECONDS",
+        ));
+    }
     lat.sort_unstable();
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
     println!(
