@@ -33,31 +33,9 @@ struct Conn {
     buf: Vec<u8>,
 }
 
-/// The length of a whole response at the start of `buf`, if it is all there. A response must
-/// be framed by `Content-Length` (or have no body): a chunked one is refused rather than
-/// miscounted.
-fn response_len(buf: &[u8]) -> io::Result<Option<usize>> {
-    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4) else {
-        return Ok(None);
-    };
-    let head = std::str::from_utf8(&buf[..end])
-        .map_err(|_| io::Error::other("a response head that is not UTF-8"))?;
-    let mut body = 0;
-    for (name, value) in head.lines().filter_map(|l| l.split_once(':')) {
-        if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(io::Error::other(
-                "a response with Transfer-Encoding: only Content-Length framing is read",
-            ));
-        }
-        if name.eq_ignore_ascii_case("content-length") {
-            body = value
-                .trim()
-                .parse::<usize>()
-                .map_err(|_| io::Error::other("a response with a bad Content-Length"))?;
-        }
-    }
-    Ok((buf.len() >= end + body).then_some(end + body))
-}
+#[path = "support/response.rs"]
+mod response;
+use response::response_len;
 
 fn main() -> io::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

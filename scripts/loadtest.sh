@@ -71,6 +71,16 @@
 #                      h2load over TLS 1.3 with ALPN h2
 #                      (h2load: Debian nghttp2-client; p50/p99 from its per-request log)
 #
+# TLS_OPEN_RATES="1000 2000" (the default when CONTENDERS names both nginx-keyauth-tls-new and
+# keygate-tls-new; "" for none) adds a phase: the two at each of these fixed rates of new
+# connections (examples/open_loop_tls, on CPU $LOAD_CPU), $REPS runs of $DURATION s each after
+# $WARM s, the order alternated from run to run. Each connection is timed from when it was due
+# to its answer's last byte, the TCP and TLS handshakes included: wrk starts its clock after the
+# handshake, and when its own core is full (the *-tls-new variants above) the time a connection
+# waits for wrk falls on the server that answered fastest. One table: latency percentiles,
+# the contender's CPU per connection, the share of handshakes resumed (the client is rustls:
+# each ticket used once). OPEN_LOOP_TLS=path runs that build of the example.
+#
 # IDLE=10000 adds a last phase: keygate and nginx-keyauth each hold $IDLE idle keep-alive
 # client connections (one request answered on each, then silent), opened by a Python client on
 # CPU $LOAD_CPU; RSS (every process of the contender) before and with them held, and wrk at the
@@ -138,6 +148,14 @@ fi
 SMALL_KEYS=${SMALL_KEYS:-100}
 STREAMS=${STREAMS:-10}
 IDLE=${IDLE:-0}
+case " ${CONTENDERS:-} " in
+  *" nginx-keyauth-tls-new "*" keygate-tls-new "* | *" keygate-tls-new "*" nginx-keyauth-tls-new "*)
+    TLS_OPEN_RATES=${TLS_OPEN_RATES-"1000 2000"} ;;
+esac
+TLS_OPEN_RATES=${TLS_OPEN_RATES:-}
+for r in $TLS_OPEN_RATES; do
+  case $r in *[!0-9]* | 0*) echo "TLS_OPEN_RATES: '$r' is not a positive whole number of connections per second" >&2; exit 2 ;; esac
+done
 IDLE_ELSEWHERE=${IDLE_ELSEWHERE:-0}
 SHIELD=${SHIELD:-0}
 # Runs with more of the contender's core stolen by the hypervisor than this (%) are run again.
@@ -180,6 +198,11 @@ else
   echo "building keygate (release)…" >&2
   cargo build --release --quiet --bin keygate
   KEYGATE=$ROOT/target/release/keygate
+fi
+OPEN_LOOP_TLS=${OPEN_LOOP_TLS:-$ROOT/target/release/examples/open_loop_tls}
+if [ -n "$TLS_OPEN_RATES" ] && [ ! -x "$OPEN_LOOP_TLS" ]; then
+  echo "building examples/open_loop_tls (release)…" >&2
+  cargo build --release --quiet --example open_loop_tls
 fi
 
 # ---- scratch space and cleanup -----------------------------------------------------------
@@ -909,6 +932,34 @@ if [ "$IDLE" -gt 0 ]; then
     echo "  idle $c: RSS $before kB -> $held kB; $(cat "$WORK/idle-$c-client.txt")" >&2
   done
 fi
+# ---- new TLS connections at fixed rates (open loop) ---------------------------------------
+OPEN_RAW=$WORK/open-tls.tsv
+: >"$OPEN_RAW"
+if [ -n "$TLS_OPEN_RATES" ]; then
+  k=0
+  for rate in $TLS_OPEN_RATES; do
+    for r in $(seq "$REPS"); do
+      order="nginx-keyauth-tls-new keygate-tls-new"
+      [ $(((k + r) % 2)) = 0 ] && order="keygate-tls-new nginx-keyauth-tls-new"
+      for c in $order; do
+        case $c in
+          keygate-tls-new) port=$KGT_PORT key=$(head -n1 "$WORK/tls-key1.txt") ;;
+          *) port=$NG_AUTH_TLS_PORT key=$KEY ;;
+        esac
+        pids=$(contender_pids "$c")
+        taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$WARM" "$WORK/tls.crt" "X-API-Key: $key" >/dev/null
+        t0=$(cpu_ticks "$pids")
+        out=$WORK/open-tls-$c-$rate-$r.txt
+        taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$DURATION" "$WORK/tls.crt" "X-API-Key: $key" >"$out" 2>&1 \
+          || { echo "loadtest: open_loop_tls against $c at $rate/s failed:" >&2; cat "$out" >&2; exit 1; }
+        printf '%s\t%s\t%s\t%s\t%s\n' "$c" "$rate" "$r" "$(($(cpu_ticks "$pids") - t0))" "$(cat "$out")" >>"$OPEN_RAW"
+        echo "  open loop $c $rate/s #$r: $(cat "$out")" >&2
+      done
+    done
+    k=$((k + 1))
+  done
+fi
+
 PEAK_RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$KG_PID/status")
 RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$KG_PID/status")
 
@@ -1204,6 +1255,42 @@ if windows:
     print()
 PY
 fi
+if [ -s "$OPEN_RAW" ]; then
+  python3 - "$OPEN_RAW" "$DURATION" "$(getconf CLK_TCK)" >>"$OUT" <<'PY'
+import re, statistics, sys
+raw, secs, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+runs = {}
+for line in open(raw):
+    c, rate, rep, ticks, text = line.rstrip("\n").split("\t", 4)
+    m = re.search(r"resumed ([\d.]+) %; latency µs p50 (\d+) p90 (\d+) p99 (\d+) p99\.9 (\d+)", text)
+    if not m:
+        continue
+    cpu = int(ticks) * 1e6 / hz / (int(rate) * secs)
+    runs.setdefault((int(rate), c), []).append([float(m[1])] + [int(x) for x in m.groups()[1:]] + [cpu])
+print("### A new TLS connection per request at fixed rates (open loop, `examples/open_loop_tls`)")
+print()
+print("Each connection timed from when it was due to its answer's last byte: TCP and TLS handshakes, "
+      "the request and the answer (wrk's latency above starts after the handshake). Medians of the runs; "
+      "CPU: the contender's user + system time over the run per connection.")
+print()
+print("| rate (conn/s) | contender | runs | p50 µs | p90 µs | p99 µs | p99.9 µs | CPU µs/conn | resumed | p99 of each run |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for (rate, c), v in sorted(runs.items()):
+    med = [statistics.median(x[i] for x in v) for i in range(6)]
+    print(f"| {rate:,} | {c} | {len(v)} | " + " | ".join(f"{m:,.0f}" for m in med[1:5])
+          + f" | {med[5]:,.1f} | {med[0]:.1f} % | " + ", ".join(f"{x[3]:,}" for x in v) + " |")
+print()
+for rate in sorted({r for r, _ in runs}):
+    k, n = runs.get((rate, "keygate-tls-new")), runs.get((rate, "nginx-keyauth-tls-new"))
+    if k and n:
+        pk, pn = statistics.median(x[3] for x in k), statistics.median(x[3] for x in n)
+        below = sum(a[3] <= b[3] for a, b in zip(k, n))
+        cpu = statistics.median(x[5] for x in k) / statistics.median(x[5] for x in n)
+        print(f"- {rate:,} conn/s: keygate's p99 {pk / pn:.2f}× nginx-keyauth's ({below} of {min(len(k), len(n))} runs "
+              f"at or below), its CPU per connection {cpu:.2f}×.")
+print()
+PY
+fi
 if [ -s "$IDLE_RAW" ]; then
   python3 - "$IDLE_RAW" "$WORK" "$IDLE" "${CONNS%% *}" >>"$OUT" <<'PY'
 import glob, re, statistics, sys
@@ -1263,5 +1350,6 @@ fi
 mkdir -p "$OUT.raw"
 cp "$RAW" "$WORK"/run-*.txt "$OUT.raw/" 2>/dev/null || true
 cp "$WORK"/idle-* "$OUT.raw/" 2>/dev/null || true
+cp "$WORK"/open-tls* "$OUT.raw/" 2>/dev/null || true
 cp "$WORK"/capture-*.txt "$OUT.raw/" 2>/dev/null || true
 cat "$OUT"

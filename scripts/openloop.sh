@@ -12,13 +12,23 @@
 #   keygate          $WORK/keygate.toml as it is
 #   keygate-noflush  the same with `[store] last_used_flush_secs = 86400` (no usage flush in a run)
 #   keygate-pause    the same with `[server] event_coalesce_us = $COALESCE_US` (default 50)
+#   nginx-keyauth-tls-new, keygate-tls-new
+#                    a new TLS connection per request (examples/open_loop_tls): nginx-keyauth's
+#                    `ssl` listener; keygate's TLS instance, $WORK/tls/keygate.toml with
+#                    $WORK/tls.crt and tls.key. Timed from when the connection was due to the
+#                    answer's last byte, the handshake included (wrk starts its clock after it);
+#                    CONNS does not apply (as many connections open as the rate and the
+#                    latency make).
 #
 # Layout: the contender alone on CPU $PROXY_CPU (0); examples/open_loop and the upstream on CPU
 # $LOAD_CPU (1). $CONNS (64) keep-alive connections, one key ($WORK/key1.txt); each run $SECS s
 # (8) after $WARM s (2) of the same load, unmeasured. Output: each run's line, then per rate and
-# contender the medians of the rounds (p50, p90, p99, p99.9 in µs) and every round's p99.
-# KEYGATE_BIN (default target/release/keygate) and OPEN_LOOP (target/release/examples/open_loop)
-# are built when missing. Not part of the test suite.
+# contender the medians of the rounds (p50, p90, p99, p99.9 in µs; the contender's CPU µs per
+# request, its process and children's user + system time over the measured run) and every
+# round's p99.
+# KEYGATE_BIN (default target/release/keygate), OPEN_LOOP (target/release/examples/open_loop) and
+# OPEN_LOOP_TLS (target/release/examples/open_loop_tls) are built when missing. Not part of the
+# test suite.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -36,15 +46,23 @@ LOAD_CPU=${LOAD_CPU:-1}
 CONTENDERS=${CONTENDERS:-"nginx-keyauth keygate keygate-noflush keygate-pause"}
 KEYGATE_BIN=${KEYGATE_BIN:-target/release/keygate}
 OPEN_LOOP=${OPEN_LOOP:-target/release/examples/open_loop}
+OPEN_LOOP_TLS=${OPEN_LOOP_TLS:-target/release/examples/open_loop_tls}
 
 for f in keygate.toml key1.txt nginx-keyauth/nginx.conf upstream/nginx.conf; do
   [ -f "$WORK/$f" ] || { echo "openloop: $WORK/$f is missing: WORK must be a directory kept by KEEP_WORK=1 scripts/loadtest.sh" >&2; exit 2; }
 done
+TLS=
 for c in $CONTENDERS; do
   case $c in nginx-keyauth | keygate | keygate-noflush | keygate-pause) ;;
+    nginx-keyauth-tls-new | keygate-tls-new) TLS=1 ;;
     *) echo "openloop: unknown contender '$c'" >&2; exit 2 ;;
   esac
 done
+if [ -n "$TLS" ]; then
+  for f in tls.crt tls.key tls-key1.txt tls/keygate.toml; do
+    [ -f "$WORK/$f" ] || { echo "openloop: $WORK/$f is missing: a directory kept by a KEEP_WORK=1 run with a TLS contender" >&2; exit 2; }
+  done
+fi
 case $COALESCE_US in '' | *[!0-9]*) echo "openloop: COALESCE_US must be a number of microseconds" >&2; exit 2 ;; esac
 for v in "SECS=$SECS" "WARM=$WARM"; do
   case ${v#*=} in '' | *[!0-9]* | 0 | 1) echo "openloop: $v: at least 2 seconds (open_loop does not count the first)" >&2; exit 2 ;; esac
@@ -55,6 +73,7 @@ for v in "CONNS=$CONNS" $(for r in $RATES; do echo "RATES=$r"; done); do
 done
 [ -x "$KEYGATE_BIN" ] || cargo build --release --bin keygate
 [ -x "$OPEN_LOOP" ] || cargo build --release --example open_loop
+[ -z "$TLS" ] || [ -x "$OPEN_LOOP_TLS" ] || cargo build --release --example open_loop_tls
 
 # The first plain listener of a configuration: `listen 127.0.0.1:PORT;` (nginx), `listen =
 # "127.0.0.1:PORT"` under [proxy] (keygate).
@@ -63,6 +82,12 @@ UP_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$WORK/upstream/nginx.conf"
 KG_PORT=$(awk -F'"' '/^\[/{s=$0} s=="[proxy]" && /^listen *=/{split($2,a,":"); print a[2]; exit}' "$WORK/keygate.toml")
 [ -n "$NG_PORT" ] && [ -n "$UP_PORT" ] && [ -n "$KG_PORT" ] || { echo "openloop: cannot find the ports in $WORK's configurations" >&2; exit 2; }
 KEY=$(head -n1 "$WORK/key1.txt")
+if [ -n "$TLS" ]; then
+  NG_TLS_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+ ssl' "$WORK/nginx-keyauth/nginx.conf" | grep -oE ':[0-9]+' | tr -d ':')
+  KGT_PORT=$(awk -F'"' '/^\[/{s=$0} s=="[proxy]" && /^listen *=/{split($2,a,":"); print a[2]; exit}' "$WORK/tls/keygate.toml")
+  [ -n "$NG_TLS_PORT" ] && [ -n "$KGT_PORT" ] || { echo "openloop: cannot find the TLS ports in $WORK's configurations" >&2; exit 2; }
+  TLS_KEY=$(head -n1 "$WORK/tls-key1.txt")
+fi
 
 # The variants' configurations, next to the original.
 grep -q '^last_used_flush_secs' "$WORK/keygate.toml" \
@@ -83,12 +108,26 @@ PIDS+=($!)
 wait_port "$UP_PORT" upstream
 
 LINES=$(mktemp)
+# CPU time (clock ticks) of a process and its children: nginx's master and its worker.
+ticks() {
+  local t=0 p
+  for p in "$1" $(ps -o pid= --ppid "$1"); do
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$t"
+}
 run() { # contender rate
-  local c=$1 rate=$2 port pid
+  local c=$1 rate=$2 port pid load
+  load=("$OPEN_LOOP")
   case $c in
-    nginx-keyauth)
+    nginx-keyauth | nginx-keyauth-tls-new)
       taskset -c "$PROXY_CPU" nginx -p "$WORK/nginx-keyauth" -c "$WORK/nginx-keyauth/nginx.conf" -e "$WORK/nginx-keyauth/error.log" &
-      pid=$! port=$NG_PORT ;;
+      pid=$! port=$NG_PORT
+      [ "$c" = nginx-keyauth ] || { port=$NG_TLS_PORT load=(tls "$KEY"); } ;;
+    keygate-tls-new)
+      KEYGATE_TLS_CERT=$WORK/tls.crt KEYGATE_TLS_KEY=$WORK/tls.key KEYGATE_ADMIN_KEY=${KEYGATE_ADMIN_KEY:-openloop-admin-key-0000} \
+        taskset -c "$PROXY_CPU" "$KEYGATE_BIN" serve --config "$WORK/tls/keygate.toml" >"$WORK/openloop-$c.log" 2>&1 &
+      pid=$! port=$KGT_PORT load=(tls "$TLS_KEY") ;;
     keygate | keygate-noflush | keygate-pause)
       local toml=$WORK/keygate.toml
       [ "$c" = keygate-noflush ] && toml=$WORK/openloop-noflush.toml
@@ -98,8 +137,18 @@ run() { # contender rate
   esac
   PIDS+=("$pid")
   wait_port "$port" "$c"
-  taskset -c "$LOAD_CPU" "$OPEN_LOOP" "127.0.0.1:$port" "$rate" "$CONNS" "$WARM" "X-API-Key: $KEY" >/dev/null
-  echo "$c $rate: $(taskset -c "$LOAD_CPU" "$OPEN_LOOP" "127.0.0.1:$port" "$rate" "$CONNS" "$SECS" "X-API-Key: $KEY")" | tee -a "$LINES"
+  local t0 out
+  if [ "${load[0]}" = tls ]; then
+    taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$WARM" "$WORK/tls.crt" "X-API-Key: ${load[1]}" >/dev/null
+    t0=$(ticks "$pid")
+    out=$(taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$SECS" "$WORK/tls.crt" "X-API-Key: ${load[1]}")
+  else
+    taskset -c "$LOAD_CPU" "$OPEN_LOOP" "127.0.0.1:$port" "$rate" "$CONNS" "$WARM" "X-API-Key: $KEY" >/dev/null
+    t0=$(ticks "$pid")
+    out=$(taskset -c "$LOAD_CPU" "$OPEN_LOOP" "127.0.0.1:$port" "$rate" "$CONNS" "$SECS" "X-API-Key: $KEY")
+  fi
+  # The contender's CPU per request over the measured run (the first second included).
+  echo "$c $rate: $out; contender CPU µs per request $(( ($(ticks "$pid") - t0) * 1000000 / $(getconf CLK_TCK) / (rate * SECS) ))" | tee -a "$LINES"
   kill "$pid"
   wait "$pid" 2>/dev/null || true
   sleep 0.5
@@ -120,13 +169,13 @@ python3 - "$LINES" <<'PY'
 import re, statistics, sys
 runs = {}
 for line in open(sys.argv[1]):
-    m = re.match(r'(\S+) (\d+): .*p50 (\d+) p90 (\d+) p99 (\d+) p99\.9 (\d+)', line)
+    m = re.match(r'(\S+) (\d+): .*p50 (\d+) p90 (\d+) p99 (\d+) p99\.9 (\d+).*CPU µs per request (\d+)', line)
     if m:
         runs.setdefault((int(m[2]), m[1]), []).append([int(x) for x in m.groups()[2:]])
-print("| rate (req/s) | contender | rounds | p50 | p90 | p99 | p99.9 | p99 of each round |")
-print("|---|---|---|---|---|---|---|---|")
+print("| rate (req/s) | contender | rounds | p50 | p90 | p99 | p99.9 | CPU µs/req | p99 of each round |")
+print("|---|---|---|---|---|---|---|---|---|")
 for (rate, c), v in sorted(runs.items()):
-    med = [statistics.median(x[i] for x in v) for i in range(4)]
+    med = [statistics.median(x[i] for x in v) for i in range(5)]
     print(f"| {rate:,} | {c} | {len(v)} | " + " | ".join(f"{m:,.0f}" for m in med)
           + " | " + ", ".join(f"{x[2]:,}" for x in v) + " |")
 PY
