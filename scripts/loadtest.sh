@@ -153,6 +153,16 @@ case " ${CONTENDERS:-} " in
     TLS_OPEN_RATES=${TLS_OPEN_RATES-"1000 2000"} ;;
 esac
 TLS_OPEN_RATES=${TLS_OPEN_RATES:-}
+if [ -n "${TLS_OPEN_RATES// /}" ]; then
+  case " ${CONTENDERS:-} " in
+    *" nginx-keyauth-tls-new "*) case " $CONTENDERS " in *" keygate-tls-new "*) ;; *) TLS_OPEN_MISSING=1 ;; esac ;;
+    *) TLS_OPEN_MISSING=1 ;;
+  esac
+  if [ -n "${TLS_OPEN_MISSING:-}" ]; then
+    echo "TLS_OPEN_RATES needs both nginx-keyauth-tls-new and keygate-tls-new in CONTENDERS" >&2
+    exit 2
+  fi
+fi
 for r in $TLS_OPEN_RATES; do
   case $r in *[!0-9]* | 0*) echo "TLS_OPEN_RATES: '$r' is not a positive whole number of connections per second" >&2; exit 2 ;; esac
 done
