@@ -145,6 +145,10 @@ if [ -d "$OUT" ]; then
   echo "OUT=$OUT is a directory; give the report's file name (e.g. $OUT/latest.md)" >&2
   exit 2
 fi
+if [ -e "$(dirname "$OUT")" ] && [ ! -d "$(dirname "$OUT")" ]; then
+  echo "OUT=$OUT: $(dirname "$OUT") exists and is not a directory" >&2
+  exit 2
+fi
 SMALL_KEYS=${SMALL_KEYS:-100}
 STREAMS=${STREAMS:-10}
 IDLE=${IDLE:-0}
