@@ -152,9 +152,10 @@ fi
 SMALL_KEYS=${SMALL_KEYS:-100}
 STREAMS=${STREAMS:-10}
 IDLE=${IDLE:-0}
+# Each name matched on its own: in one pattern two adjacent names would share their space.
 case " ${CONTENDERS:-} " in
-  *" nginx-keyauth-tls-new "*" keygate-tls-new "* | *" keygate-tls-new "*" nginx-keyauth-tls-new "*)
-    TLS_OPEN_RATES=${TLS_OPEN_RATES-"1000 2000"} ;;
+  *" nginx-keyauth-tls-new "*)
+    case " $CONTENDERS " in *" keygate-tls-new "*) TLS_OPEN_RATES=${TLS_OPEN_RATES-"1000 2000"} ;; esac ;;
 esac
 TLS_OPEN_RATES=${TLS_OPEN_RATES:-}
 if [ -n "${TLS_OPEN_RATES// /}" ]; then
@@ -170,6 +171,16 @@ fi
 for r in $TLS_OPEN_RATES; do
   case $r in *[!0-9]* | 0*) echo "TLS_OPEN_RATES: '$r' is not a positive whole number of connections per second" >&2; exit 2 ;; esac
 done
+if [ -n "$TLS_OPEN_RATES" ]; then
+  # open_loop_tls does not count its first second.
+  for v in "WARM=$WARM" "DURATION=$DURATION"; do
+    case ${v#*=} in '' | *[!0-9]* | 0 | 1) echo "TLS_OPEN_RATES needs $v to be at least 2 (seconds)" >&2; exit 2 ;; esac
+  done
+  if [ -n "${OPEN_LOOP_TLS:-}" ] && [ ! -x "$OPEN_LOOP_TLS" ]; then
+    echo "OPEN_LOOP_TLS=$OPEN_LOOP_TLS is not an executable file" >&2
+    exit 2
+  fi
+fi
 IDLE_ELSEWHERE=${IDLE_ELSEWHERE:-0}
 SHIELD=${SHIELD:-0}
 # Runs with more of the contender's core stolen by the hypervisor than this (%) are run again.
@@ -961,13 +972,16 @@ if [ -n "$TLS_OPEN_RATES" ]; then
           *) port=$NG_AUTH_TLS_PORT key=$KEY ;;
         esac
         pids=$(contender_pids "$c")
-        taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$WARM" "$WORK/tls.crt" "X-API-Key: $key" >/dev/null
-        t0=$(cpu_ticks "$pids")
         out=$WORK/open-tls-$c-$rate-$r.txt
+        # A run that fails (a refused or reset connection, answers missing) is reported as
+        # failed in the table, with what it printed, and the phase goes on.
+        taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$WARM" "$WORK/tls.crt" "X-API-Key: $key" >"$out" 2>&1 \
+          || echo "loadtest: open_loop_tls's warm-up against $c at $rate/s failed: $(tr '\n' ' ' <"$out")" >&2
+        t0=$(cpu_ticks "$pids")
         taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$DURATION" "$WORK/tls.crt" "X-API-Key: $key" >"$out" 2>&1 \
-          || { echo "loadtest: open_loop_tls against $c at $rate/s failed:" >&2; cat "$out" >&2; exit 1; }
-        printf '%s\t%s\t%s\t%s\t%s\n' "$c" "$rate" "$r" "$(($(cpu_ticks "$pids") - t0))" "$(cat "$out")" >>"$OPEN_RAW"
-        echo "  open loop $c $rate/s #$r: $(cat "$out")" >&2
+          || echo "FAILED (exit $?)" >>"$out"
+        printf '%s\t%s\t%s\t%s\t%s\n' "$c" "$rate" "$r" "$(($(cpu_ticks "$pids") - t0))" "$(tr '\n' ' ' <"$out")" >>"$OPEN_RAW"
+        echo "  open loop $c $rate/s #$r: $(tr '\n' ' ' <"$out")" >&2
       done
     done
     k=$((k + 1))
@@ -1273,35 +1287,52 @@ if [ -s "$OPEN_RAW" ]; then
   python3 - "$OPEN_RAW" "$DURATION" "$(getconf CLK_TCK)" >>"$OUT" <<'PY'
 import re, statistics, sys
 raw, secs, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-runs = {}
+runs, failed = {}, {}
 for line in open(raw):
     c, rate, rep, ticks, text = line.rstrip("\n").split("\t", 4)
-    m = re.search(r"resumed ([\d.]+) %; latency µs p50 (\d+) p90 (\d+) p99 (\d+) p99\.9 (\d+)", text)
-    if not m:
+    m = re.search(r"resumed ([\d.]+) %; latency µs p50 (\d+) p90 (\d+) p99 (\d+) p99\.9 (\d+).*"
+                  r"start lag µs median (\d+), 99th percentile (\d+)", text)
+    if not m or "FAILED" in text:
+        failed.setdefault((int(rate), c), []).append(f"run {rep}: {text.strip()}")
         continue
     cpu = int(ticks) * 1e6 / hz / (int(rate) * secs)
-    runs.setdefault((int(rate), c), []).append([float(m[1])] + [int(x) for x in m.groups()[1:]] + [cpu])
+    # resumed, p50, p90, p99, p99.9, CPU, start lag p99
+    runs.setdefault((int(rate), c), []).append(
+        [float(m[1])] + [int(x) for x in m.groups()[1:5]] + [cpu, int(m[7])])
 print("### A new TLS connection per request at fixed rates (open loop, `examples/open_loop_tls`)")
 print()
 print("Each connection timed from when it was due to its answer's last byte: TCP and TLS handshakes, "
       "the request and the answer (wrk's latency above starts after the handshake). Medians of the runs; "
-      "CPU: the contender's user + system time over the run per connection.")
+      "CPU: the contender's user + system time over the run per connection; start lag: how late the "
+      "client started a connection (p99; when it nears the latency, the client is the bound, not the server).")
 print()
-print("| rate (conn/s) | contender | runs | p50 µs | p90 µs | p99 µs | p99.9 µs | CPU µs/conn | resumed | p99 of each run |")
-print("|---|---|---|---|---|---|---|---|---|---|")
-for (rate, c), v in sorted(runs.items()):
-    med = [statistics.median(x[i] for x in v) for i in range(6)]
-    print(f"| {rate:,} | {c} | {len(v)} | " + " | ".join(f"{m:,.0f}" for m in med[1:5])
-          + f" | {med[5]:,.1f} | {med[0]:.1f} % | " + ", ".join(f"{x[3]:,}" for x in v) + " |")
+print("| rate (conn/s) | contender | runs | p50 µs | p90 µs | p99 µs | p99.9 µs | CPU µs/conn | resumed | start lag p99 µs | p99 of each run | failed runs |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+for key in sorted(set(runs) | set(failed)):
+    rate, c = key
+    v, f = runs.get(key, []), failed.get(key, [])
+    if v:
+        med = [statistics.median(x[i] for x in v) for i in range(7)]
+        cells = " | ".join(f"{m:,.0f}" for m in med[1:5]) + f" | {med[5]:,.1f} | {med[0]:.1f} % | {med[6]:,.0f} | " \
+            + ", ".join(f"{x[3]:,}" for x in v)
+    else:
+        cells = " | ".join("–" for _ in range(8))
+    print(f"| {rate:,} | {c} | {len(v)} | {cells} | {len(f)} |")
 print()
 for rate in sorted({r for r, _ in runs}):
     k, n = runs.get((rate, "keygate-tls-new")), runs.get((rate, "nginx-keyauth-tls-new"))
     if k and n:
         pk, pn = statistics.median(x[3] for x in k), statistics.median(x[3] for x in n)
-        below = sum(a[3] <= b[3] for a, b in zip(k, n))
         cpu = statistics.median(x[5] for x in k) / statistics.median(x[5] for x in n)
-        print(f"- {rate:,} conn/s: keygate's p99 {pk / pn:.2f}× nginx-keyauth's ({below} of {min(len(k), len(n))} runs "
-              f"at or below), its CPU per connection {cpu:.2f}×.")
+        if len(k) == len(n):
+            below = f"{sum(a[3] <= b[3] for a, b in zip(k, n))} of {len(k)} runs at or below"
+        else:
+            below = "some runs failed: not paired"
+        print(f"- {rate:,} conn/s: keygate's p99 {pk / pn:.2f}× nginx-keyauth's ({below}), "
+              f"its CPU per connection {cpu:.2f}×.")
+for key in sorted(failed):
+    for line in failed[key]:
+        print(f"- failed, {key[1]} at {key[0]:,} conn/s, {line}")
 print()
 PY
 fi

@@ -99,6 +99,9 @@ grep -q '^event_coalesce_us' "$WORK/keygate.toml" \
 grep -q '^last_used_flush_secs = 86400' "$WORK/openloop-noflush.toml" || { echo "openloop: no [store] section in keygate.toml" >&2; exit 2; }
 grep -q "^event_coalesce_us = $COALESCE_US" "$WORK/openloop-pause.toml" || { echo "openloop: no [server] section in keygate.toml" >&2; exit 2; }
 
+# Room for the connections of an open loop that falls behind (as scripts/loadtest.sh).
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
@@ -138,17 +141,22 @@ run() { # contender rate
   PIDS+=("$pid")
   wait_port "$port" "$c"
   local t0 out
+  # A load run that fails (an error from the load tool) is printed as FAILED with what the tool
+  # said, left out of the table, and the rounds go on.
   if [ "${load[0]}" = tls ]; then
-    taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$WARM" "$WORK/tls.crt" "X-API-Key: ${load[1]}" >/dev/null
+    taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$WARM" "$WORK/tls.crt" "X-API-Key: ${load[1]}" >/dev/null 2>&1 || true
     t0=$(ticks "$pid")
-    out=$(taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$SECS" "$WORK/tls.crt" "X-API-Key: ${load[1]}")
+    out=$(taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$SECS" "$WORK/tls.crt" "X-API-Key: ${load[1]}" 2>&1) \
+      || out="FAILED: $(echo "$out" | tr '\n' ' ')"
   else
-    taskset -c "$LOAD_CPU" "$OPEN_LOOP" "127.0.0.1:$port" "$rate" "$CONNS" "$WARM" "X-API-Key: $KEY" >/dev/null
+    taskset -c "$LOAD_CPU" "$OPEN_LOOP" "127.0.0.1:$port" "$rate" "$CONNS" "$WARM" "X-API-Key: $KEY" >/dev/null 2>&1 || true
     t0=$(ticks "$pid")
-    out=$(taskset -c "$LOAD_CPU" "$OPEN_LOOP" "127.0.0.1:$port" "$rate" "$CONNS" "$SECS" "X-API-Key: $KEY")
+    out=$(taskset -c "$LOAD_CPU" "$OPEN_LOOP" "127.0.0.1:$port" "$rate" "$CONNS" "$SECS" "X-API-Key: $KEY" 2>&1) \
+      || out="FAILED: $(echo "$out" | tr '\n' ' ')"
   fi
   # The contender's CPU per request over the measured run (the first second included).
-  echo "$c $rate: $out; contender CPU µs per request $(( ($(ticks "$pid") - t0) * 1000000 / $(getconf CLK_TCK) / (rate * SECS) ))" | tee -a "$LINES"
+  echo "$c $rate: $out; contender CPU µs per request $(awk -v t="$(($(ticks "$pid") - t0))" -v hz="$(getconf CLK_TCK)" \
+    -v n="$((rate * SECS))" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')" | tee -a "$LINES"
   kill "$pid"
   wait "$pid" 2>/dev/null || true
   sleep 0.5
@@ -169,14 +177,14 @@ python3 - "$LINES" <<'PY'
 import re, statistics, sys
 runs = {}
 for line in open(sys.argv[1]):
-    m = re.match(r'(\S+) (\d+): .*p50 (\d+) p90 (\d+) p99 (\d+) p99\.9 (\d+).*CPU µs per request (\d+)', line)
-    if m:
-        runs.setdefault((int(m[2]), m[1]), []).append([int(x) for x in m.groups()[2:]])
+    m = re.match(r'(\S+) (\d+): .*p50 (\d+) p90 (\d+) p99 (\d+) p99\.9 (\d+).*CPU µs per request ([\d.]+)', line)
+    if m and "FAILED" not in line:
+        runs.setdefault((int(m[2]), m[1]), []).append([float(x) for x in m.groups()[2:]])
 print("| rate (req/s) | contender | rounds | p50 | p90 | p99 | p99.9 | CPU µs/req | p99 of each round |")
 print("|---|---|---|---|---|---|---|---|---|")
 for (rate, c), v in sorted(runs.items()):
     med = [statistics.median(x[i] for x in v) for i in range(5)]
-    print(f"| {rate:,} | {c} | {len(v)} | " + " | ".join(f"{m:,.0f}" for m in med)
-          + " | " + ", ".join(f"{x[2]:,}" for x in v) + " |")
+    print(f"| {rate:,} | {c} | {len(v)} | " + " | ".join(f"{m:,.0f}" for m in med[:4])
+          + f" | {med[4]:,.1f} | " + ", ".join(f"{x[2]:,.0f}" for x in v) + " |")
 PY
 rm -f "$LINES"
