@@ -63,6 +63,12 @@ const DEFAULT_CACHE_CAPACITY: u64 = 1_000_000;
 const DEFAULT_STALE_IF_ERROR_SECS: u64 = 300;
 const DEFAULT_LAST_USED_FLUSH_SECS: u64 = 10;
 const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+/// The listen backlog of the proxy and admin listeners (`[server] listen_backlog`): connections
+/// the kernel completes and queues while the event loop has not accepted them yet.
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 1024;
+/// The most `[server] listen_backlog` accepts (the kernel also caps it at
+/// `net.core.somaxconn`).
+pub const MAX_LISTEN_BACKLOG: u32 = 65535;
 /// Admin keys shorter than this are refused unless the admin listener is on loopback.
 pub const MIN_ADMIN_KEY_LEN: usize = 16;
 
@@ -140,6 +146,9 @@ fn d_flush() -> u64 {
 }
 fn d_grace() -> u64 {
     DEFAULT_SHUTDOWN_GRACE_SECS
+}
+fn d_listen_backlog() -> u32 {
+    DEFAULT_LISTEN_BACKLOG
 }
 fn d_issuer() -> String {
     "keygate".into()
@@ -484,6 +493,10 @@ pub struct RawServer {
     /// waits again, so packets arriving meanwhile do not each wake it. 0 = off.
     #[serde(default)]
     pub event_coalesce_us: u64,
+    /// Completed connections the kernel queues on each listener until they are accepted
+    /// (1..=65535; the kernel caps it at `net.core.somaxconn`).
+    #[serde(default = "d_listen_backlog")]
+    pub listen_backlog: u32,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -550,6 +563,7 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub limits: Limits,
     pub shutdown_grace: Duration,
+    pub listen_backlog: u32,
     pub event_loop: crate::runtime::EventLoop,
     pub log: LogConfig,
     pub jwt: JwtConfig,

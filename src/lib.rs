@@ -56,7 +56,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 use crate::auth::credential::Extractor;
 use crate::clock::Clock;
@@ -342,14 +342,13 @@ impl App {
         }));
         let admin = admin::router(admin_state, config.admin.max_body_bytes);
 
+        let backlog = config.listen_backlog;
         let bind = |which, addr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    which,
-                    addr,
-                    source,
-                })
+            listen(addr, backlog).map_err(|source| StartError::Bind {
+                which,
+                addr,
+                source,
+            })
         };
         let proxy_listener = bind("proxy", config.proxy.listen).await?;
         let admin_listener = bind("admin", config.admin.listen).await?;
@@ -509,6 +508,21 @@ impl App {
         let written = self.usage.flush().await;
         tracing::info!(keys = written, "usage flushed");
     }
+}
+
+/// A listener on `addr` with `backlog` connections queued until accepted (the kernel caps it at
+/// `net.core.somaxconn`). `SO_REUSEADDR` as `TcpListener::bind` sets it, so a restart binds
+/// while the old process's connections are in TIME_WAIT; its backlog (128) would drop the SYNs
+/// of a burst of new connections that a busy loop has not accepted yet.
+fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// Reloads the listeners' certificates on SIGHUP (open connections keep theirs; new handshakes

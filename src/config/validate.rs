@@ -18,9 +18,9 @@ use http::Uri;
 use super::{
     AdminConfig, Cidr, Config, ConfigErrors, DEFAULT_API_KEY_HEADER, ForwardAuth, JwtConfig,
     KeysConfig, Limits, LogConfig, LogFormat, MAX_JWT_LEEWAY_SECS, MAX_JWT_TTL_SECS,
-    MAX_TLS_SESSION_TICKETS, MIN_ADMIN_KEY_LEN, ProxyConfig, RawAdmin, RawConfig, RawForwardAuth,
-    RawJwt, RawKeys, RawLimits, RawLog, RawPlan, RawProxy, RawRateLimit, RawRoute, RawServer,
-    RawStore, Route, RouteAuth, StoreConfig, StoreUrl, TlsFiles,
+    MAX_LISTEN_BACKLOG, MAX_TLS_SESSION_TICKETS, MIN_ADMIN_KEY_LEN, ProxyConfig, RawAdmin,
+    RawConfig, RawForwardAuth, RawJwt, RawKeys, RawLimits, RawLog, RawPlan, RawProxy, RawRateLimit,
+    RawRoute, RawServer, RawStore, Route, RouteAuth, StoreConfig, StoreUrl, TlsFiles,
 };
 use super::{PlanTerms, RateMode};
 use crate::keys::{KeyHash, MAX_PREFIX_LEN, RateLimit};
@@ -76,7 +76,7 @@ impl RawConfig {
             &mut p,
         );
         let limits = limits(&self.limits, &mut p);
-        let (shutdown_grace, event_loop) = server(&self.server, &mut p);
+        let (shutdown_grace, listen_backlog, event_loop) = server(&self.server, &mut p);
         let log = log(self.log, &mut p);
         let shared_store = store
             .as_ref()
@@ -100,6 +100,7 @@ impl RawConfig {
                 routes,
                 limits,
                 shutdown_grace,
+                listen_backlog,
                 event_loop,
                 log,
                 jwt,
@@ -535,12 +536,19 @@ fn limits(raw: &RawLimits, p: &mut Problems) -> Limits {
     }
 }
 
-/// `[server]`: the shutdown grace period and how the event loop waits: the number of worker
-/// threads (0: one per core), busy polling and event coalescing. Busy polling keeps one event
+/// `[server]`: the shutdown grace period, the listeners' backlog, and how the event loop waits:
+/// the number of worker threads (0: one per core), busy polling and event coalescing. Busy polling keeps one event
 /// loop from sleeping, so it needs exactly one worker thread: with several, the runtime could
 /// not promise that each spins. A loop that never waits has no wait to coalesce, so the two
 /// exclude each other.
-fn server(raw: &RawServer, p: &mut Problems) -> (Duration, EventLoop) {
+fn server(raw: &RawServer, p: &mut Problems) -> (Duration, u32, EventLoop) {
+    if !(1..=MAX_LISTEN_BACKLOG).contains(&raw.listen_backlog) {
+        p.error(format!(
+            "server.listen_backlog: 1 to {MAX_LISTEN_BACKLOG} (is {}); connections the kernel \
+             queues on a listener until they are accepted",
+            raw.listen_backlog
+        ));
+    }
     if raw.busy_polling && raw.worker_threads != 1 {
         p.error(format!(
             "server.busy_polling: needs worker_threads = 1 (is {}); run one keygate per core \
@@ -564,6 +572,7 @@ fn server(raw: &RawServer, p: &mut Problems) -> (Duration, EventLoop) {
     }
     (
         Duration::from_secs(raw.shutdown_grace_secs),
+        raw.listen_backlog,
         EventLoop {
             worker_threads: raw.worker_threads,
             busy_polling: raw.busy_polling,

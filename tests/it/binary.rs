@@ -276,6 +276,74 @@ fn busy_polling_keeps_the_event_loop_runnable_while_idle_and_serves_and_stops_as
 }
 
 #[test]
+fn listen_backlog_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    for ok in ["listen_backlog = 1", "listen_backlog = 65535"] {
+        let (passed, err) = check_server_section(dir.path(), ok);
+        assert!(passed, "{ok}: {err}");
+    }
+    for bad in ["listen_backlog = 0", "listen_backlog = 65536"] {
+        let (passed, err) = check_server_section(dir.path(), bad);
+        assert!(!passed, "{bad} accepted");
+        assert!(
+            err.contains("server.listen_backlog") && err.contains("1 to 65535"),
+            "{bad}: {err}"
+        );
+    }
+    for bad in ["listen_backlog = -1", "listen_backlog = \"many\""] {
+        let (passed, err) = check_server_section(dir.path(), bad);
+        assert!(!passed, "{bad} accepted");
+        assert!(err.contains("listen_backlog"), "{bad}: {err}");
+    }
+}
+
+/// The backlog of the listener on `addr` as the kernel reports it (`ss`: a listening socket's
+/// Send-Q is its backlog).
+fn listen_backlog(addr: std::net::SocketAddr) -> u32 {
+    let out = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{}", addr.port())])
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains(&addr.to_string()))
+        .unwrap_or_else(|| panic!("no listener on {addr} in: {text}"));
+    line.split_whitespace()
+        .nth(2)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or_else(|| panic!("no Send-Q in: {line}"))
+}
+
+#[test]
+fn both_listeners_queue_the_configured_backlog() {
+    // The kernel caps a backlog at net.core.somaxconn.
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    for (section, expected) in [("", 1024), ("listen_backlog = 700", 700)] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::support::config_text(
+            "http://127.0.0.1:9",
+            &dir.path().join("k.db"),
+            &format!("[server]\n{section}\n"),
+        );
+        let mut gw = Binary::serve(&config, dir.path()).spawn();
+        assert_eq!(health(gw.proxy), "HTTP/1.1 200 OK");
+        for addr in [gw.proxy, gw.admin] {
+            assert_eq!(
+                listen_backlog(addr),
+                expected.min(somaxconn),
+                "{addr} with [server] {section:?}"
+            );
+        }
+        assert!(gw.terminate().success());
+    }
+}
+
+#[test]
 fn busy_polling_with_more_than_one_worker_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     for workers in [0, 2] {
