@@ -79,7 +79,8 @@
 # handshake, and when its own core is full (the *-tls-new variants above) the time a connection
 # waits for wrk falls on the server that answered fastest. One table: latency percentiles,
 # the contender's CPU per connection, the share of handshakes resumed (the client is rustls:
-# each ticket used once). OPEN_LOOP_TLS=path runs that build of the example.
+# each ticket used once), the client's start lag, the most of the contender's core stolen in a
+# run (such runs are reported, not run again). OPEN_LOOP_TLS=path runs that build of the example.
 #
 # IDLE=10000 adds a last phase: keygate and nginx-keyauth each hold $IDLE idle keep-alive
 # client connections (one request answered on each, then silent), opened by a Python client on
@@ -978,9 +979,12 @@ if [ -n "$TLS_OPEN_RATES" ]; then
         taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$WARM" "$WORK/tls.crt" "X-API-Key: $key" >"$out" 2>&1 \
           || echo "loadtest: open_loop_tls's warm-up against $c at $rate/s failed: $(tr '\n' ' ' <"$out")" >&2
         t0=$(cpu_ticks "$pids")
+        read -r _ st0 < <(core_ticks)
         taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$DURATION" "$WORK/tls.crt" "X-API-Key: $key" >"$out" 2>&1 \
           || echo "FAILED (exit $?)" >>"$out"
-        printf '%s\t%s\t%s\t%s\t%s\n' "$c" "$rate" "$r" "$(($(cpu_ticks "$pids") - t0))" "$(tr '\n' ' ' <"$out")" >>"$OPEN_RAW"
+        read -r _ st1 < <(core_ticks)
+        # The contender's CPU ticks, then the ticks of its core the hypervisor stole.
+        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$rate" "$r" "$(($(cpu_ticks "$pids") - t0))" "$((st1 - st0))" "$(tr '\n' ' ' <"$out")" >>"$OPEN_RAW"
         echo "  open loop $c $rate/s #$r: $(tr '\n' ' ' <"$out")" >&2
       done
     done
@@ -1289,34 +1293,36 @@ import re, statistics, sys
 raw, secs, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 runs, failed = {}, {}
 for line in open(raw):
-    c, rate, rep, ticks, text = line.rstrip("\n").split("\t", 4)
+    c, rate, rep, ticks, stolen, text = line.rstrip("\n").split("\t", 5)
     m = re.search(r"resumed ([\d.]+) %; latency µs p50 (\d+) p90 (\d+) p99 (\d+) p99\.9 (\d+).*"
                   r"start lag µs median (\d+), 99th percentile (\d+)", text)
     if not m or "FAILED" in text:
         failed.setdefault((int(rate), c), []).append(f"run {rep}: {text.strip()}")
         continue
     cpu = int(ticks) * 1e6 / hz / (int(rate) * secs)
-    # resumed, p50, p90, p99, p99.9, CPU, start lag p99
+    steal = 100 * int(stolen) / (hz * secs)
+    # resumed, p50, p90, p99, p99.9, CPU, start lag p99, % of the core stolen
     runs.setdefault((int(rate), c), []).append(
-        [float(m[1])] + [int(x) for x in m.groups()[1:5]] + [cpu, int(m[7])])
+        [float(m[1])] + [int(x) for x in m.groups()[1:5]] + [cpu, int(m[7]), steal])
 print("### A new TLS connection per request at fixed rates (open loop, `examples/open_loop_tls`)")
 print()
 print("Each connection timed from when it was due to its answer's last byte: TCP and TLS handshakes, "
       "the request and the answer (wrk's latency above starts after the handshake). Medians of the runs; "
       "CPU: the contender's user + system time over the run per connection; start lag: how late the "
-      "client started a connection (p99; when it nears the latency, the client is the bound, not the server).")
+      "client started a connection (p99; when it nears the latency, the client is the bound, not the server); "
+      "steal: the most of the contender's core the hypervisor took in one run.")
 print()
-print("| rate (conn/s) | contender | runs | p50 µs | p90 µs | p99 µs | p99.9 µs | CPU µs/conn | resumed | start lag p99 µs | p99 of each run | failed runs |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| rate (conn/s) | contender | runs | p50 µs | p90 µs | p99 µs | p99.9 µs | CPU µs/conn | resumed | start lag p99 µs | steal | p99 of each run | failed runs |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for key in sorted(set(runs) | set(failed)):
     rate, c = key
     v, f = runs.get(key, []), failed.get(key, [])
     if v:
         med = [statistics.median(x[i] for x in v) for i in range(7)]
         cells = " | ".join(f"{m:,.0f}" for m in med[1:5]) + f" | {med[5]:,.1f} | {med[0]:.1f} % | {med[6]:,.0f} | " \
-            + ", ".join(f"{x[3]:,}" for x in v)
+            + f"{max(x[7] for x in v):.0f} % | " + ", ".join(f"{x[3]:,}" for x in v)
     else:
-        cells = " | ".join("–" for _ in range(8))
+        cells = " | ".join("–" for _ in range(9))
     print(f"| {rate:,} | {c} | {len(v)} | {cells} | {len(f)} |")
 print()
 for rate in sorted({r for r, _ in runs}):
