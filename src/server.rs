@@ -361,49 +361,69 @@ impl Connection {
                     }
                 }
             }
-            let mut builder = (*self.builder).clone();
-            if let Some(served) = handed_over {
-                // Past the first request an HTTP/2 preface is not a connection preface.
-                if served > 0 {
-                    builder = builder.http1_only();
+            // On the heap, as one allocation: only connections hyper serves pay for its state,
+            // and an idle fast-path connection's task does not hold room for it.
+            Box::pin(self.serve_with_hyper(io, read, handed_over, service)).await;
+        }
+    }
+
+    /// Hyper serves the connection: all of it, or from the request the fast path handed over
+    /// (`read`: the bytes it had read; `handed_over`: how many requests it had answered).
+    async fn serve_with_hyper<I, S, B>(
+        mut self,
+        io: I,
+        read: Vec<u8>,
+        handed_over: Option<u64>,
+        service: S,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+        S::Future: Send + 'static,
+        B: Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut builder = (*self.builder).clone();
+        if let Some(served) = handed_over {
+            // Past the first request an HTTP/2 preface is not a connection preface.
+            if served > 0 {
+                builder = builder.http1_only();
+            }
+            // Hyper answers the HTTP/1.1 request it was handed, then the connection closes:
+            // every request head on a connection is read by the fast path's parser first, with
+            // its refusals (Content-Length with Transfer-Encoding…), before hyper sees it.
+            builder.http1().keep_alive(false);
+        }
+        // Handed over while draining: the request already read is answered, then the
+        // connection closes (a graceful shutdown now would drop it unanswered).
+        let draining = self.drain.has_changed().unwrap_or(true);
+        if draining {
+            builder.http1().keep_alive(false);
+        }
+        let activity = Arc::new(activity::Activity::default());
+        let io = activity::Watched::new(
+            Rewind { read, at: 0, io },
+            Arc::clone(&activity),
+            self.settings.header_read_timeout,
+            self.settings.body_timeout,
+        );
+        let service = activity::Counted::new(service, activity);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let result = if draining {
+            conn.await
+        } else {
+            tokio::select! {
+                biased;
+                r = conn.as_mut() => r,
+                _ = self.drain.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
                 }
-                // Hyper answers the HTTP/1.1 request it was handed, then the connection closes:
-                // every request head on a connection is read by the fast path's parser first, with
-                // its refusals (Content-Length with Transfer-Encoding…), before hyper sees it.
-                builder.http1().keep_alive(false);
             }
-            // Handed over while draining: the request already read is answered, then the
-            // connection closes (a graceful shutdown now would drop it unanswered).
-            let draining = self.drain.has_changed().unwrap_or(true);
-            if draining {
-                builder.http1().keep_alive(false);
-            }
-            let activity = Arc::new(activity::Activity::default());
-            let io = activity::Watched::new(
-                Rewind { read, at: 0, io },
-                Arc::clone(&activity),
-                self.settings.header_read_timeout,
-                self.settings.body_timeout,
-            );
-            let service = activity::Counted::new(service, activity);
-            // On the heap: only connections hyper serves pay for its state.
-            let mut conn =
-                Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
-            let result = if draining {
-                conn.await
-            } else {
-                tokio::select! {
-                    biased;
-                    r = conn.as_mut() => r,
-                    _ = self.drain.changed() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
-            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
         }
     }
 }
