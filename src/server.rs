@@ -77,11 +77,8 @@ pub async fn serve<F, S, B>(
     shutdown: impl Future<Output = ()>,
 ) where
     F: Fn(SocketAddr) -> S,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
-    S::Future: Send + 'static,
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: ConnService<B>,
+    B: ConnBody,
 {
     let limits = &opts.limits;
     let mut builder = auto::Builder::new(activity::Exec::new(limits.body_timeout));
@@ -314,6 +311,39 @@ impl<F: Future<Output = ()>> Future for Guarded<F> {
     }
 }
 
+/// A service a connection's requests go to (hyper's, the fast path's fallback).
+pub trait ConnService<B>:
+    Service<Request<Incoming>, Response = Response<B>, Error = Infallible, Future: Send + 'static>
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> ConnService<B> for S where
+    S: Service<
+            Request<Incoming>,
+            Response = Response<B>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Send
+        + 'static
+{
+}
+
+/// The body of such a service's responses.
+pub trait ConnBody:
+    Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + Unpin + 'static
+{
+}
+
+impl<B> ConnBody for B where
+    B: Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + Unpin
+        + 'static
+{
+}
+
 /// One accepted connection and what serving it needs.
 struct Connection {
     peer: SocketAddr,
@@ -333,11 +363,8 @@ impl Connection {
     fn serve<I, S, B>(mut self, mut io: I, service: S) -> impl Future<Output = ()> + Send + 'static
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
-        S::Future: Send + 'static,
-        B: Body + Send + Unpin + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S: ConnService<B>,
+        B: ConnBody,
     {
         async move {
             let mut read = Vec::new();
@@ -369,61 +396,65 @@ impl Connection {
 
     /// Hyper serves the connection: all of it, or from the request the fast path handed over
     /// (`read`: the bytes it had read; `handed_over`: how many requests it had answered).
-    async fn serve_with_hyper<I, S, B>(
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "as for serve: the block holds its arguments once"
+    )]
+    fn serve_with_hyper<I, S, B>(
         mut self,
         io: I,
         read: Vec<u8>,
         handed_over: Option<u64>,
         service: S,
-    ) where
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
-        S::Future: Send + 'static,
-        B: Body + Send + Unpin + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S: ConnService<B>,
+        B: ConnBody,
     {
-        let mut builder = (*self.builder).clone();
-        if let Some(served) = handed_over {
-            // Past the first request an HTTP/2 preface is not a connection preface.
-            if served > 0 {
-                builder = builder.http1_only();
-            }
-            // Hyper answers the HTTP/1.1 request it was handed, then the connection closes:
-            // every request head on a connection is read by the fast path's parser first, with
-            // its refusals (Content-Length with Transfer-Encoding…), before hyper sees it.
-            builder.http1().keep_alive(false);
-        }
-        // Handed over while draining: the request already read is answered, then the
-        // connection closes (a graceful shutdown now would drop it unanswered).
-        let draining = self.drain.has_changed().unwrap_or(true);
-        if draining {
-            builder.http1().keep_alive(false);
-        }
-        let activity = Arc::new(activity::Activity::default());
-        let io = activity::Watched::new(
-            Rewind { read, at: 0, io },
-            Arc::clone(&activity),
-            self.settings.header_read_timeout,
-            self.settings.body_timeout,
-        );
-        let service = activity::Counted::new(service, activity);
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        tokio::pin!(conn);
-        let result = if draining {
-            conn.await
-        } else {
-            tokio::select! {
-                biased;
-                r = conn.as_mut() => r,
-                _ = self.drain.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+        async move {
+            let mut builder = (*self.builder).clone();
+            if let Some(served) = handed_over {
+                // Past the first request an HTTP/2 preface is not a connection preface.
+                if served > 0 {
+                    builder = builder.http1_only();
                 }
+                // Hyper answers the HTTP/1.1 request it was handed, then the connection closes:
+                // every request head on a connection is read by the fast path's parser first, with
+                // its refusals (Content-Length with Transfer-Encoding…), before hyper sees it.
+                builder.http1().keep_alive(false);
             }
-        };
-        if let Err(e) = result {
-            tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
+            // Handed over while draining: the request already read is answered, then the
+            // connection closes (a graceful shutdown now would drop it unanswered).
+            let draining = self.drain.has_changed().unwrap_or(true);
+            if draining {
+                builder.http1().keep_alive(false);
+            }
+            let activity = Arc::new(activity::Activity::default());
+            let io = activity::Watched::new(
+                Rewind { read, at: 0, io },
+                Arc::clone(&activity),
+                self.settings.header_read_timeout,
+                self.settings.body_timeout,
+            );
+            let service = activity::Counted::new(service, activity);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            tokio::pin!(conn);
+            let result = if draining {
+                conn.await
+            } else {
+                tokio::select! {
+                    biased;
+                    r = conn.as_mut() => r,
+                    _ = self.drain.changed() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
+            }
         }
     }
 }

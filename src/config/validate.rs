@@ -539,8 +539,8 @@ fn limits(raw: &RawLimits, p: &mut Problems) -> Limits {
 /// `[server]`: the shutdown grace period, the listeners' backlog, and how the event loop waits:
 /// the number of worker threads (0: one per core), busy polling and event coalescing. Busy
 /// polling keeps one event loop from sleeping, so it needs exactly one worker thread: with
-/// several, the runtime could not promise that each spins. A loop that never waits has no wait to coalesce, so the two
-/// exclude each other.
+/// several, the runtime could not promise that each spins. A loop that never waits has no wait
+/// to coalesce, so the two exclude each other.
 fn server(raw: &RawServer, p: &mut Problems) -> (Duration, u32, EventLoop) {
     if !(1..=MAX_LISTEN_BACKLOG).contains(&raw.listen_backlog) {
         p.error(format!(
