@@ -44,6 +44,7 @@ pub mod events;
 pub mod identity;
 pub mod keys;
 pub mod limit;
+pub mod net;
 pub mod paths;
 pub mod proxy;
 pub mod route;

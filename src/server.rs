@@ -144,6 +144,7 @@ pub async fn serve<F, S, B>(
             },
         };
         let _ = stream.set_nodelay(true);
+        let stream = crate::net::Tcp::new(stream);
         let conn = Connection {
             peer,
             builder: Arc::clone(&builder),

@@ -30,6 +30,7 @@ use tokio::time::Sleep;
 use super::codec::chunked::{self, Decoder};
 use super::codec::head::{self, Field, Framing, ResponseHead};
 use super::deadline;
+use crate::net::Tcp;
 use crate::proxy::error::ProxyError;
 use crate::route::Route;
 
@@ -44,7 +45,7 @@ pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 /// One upstream connection and what has been read from it.
 pub struct Conn {
-    pub io: TcpStream,
+    pub io: Tcp,
     pub buf: Vec<u8>,
     /// Bytes `buf[..end]` were read and not yet consumed.
     pub end: usize,
@@ -59,7 +60,7 @@ pub struct Conn {
 impl Conn {
     fn new(io: TcpStream) -> Self {
         Conn {
-            io,
+            io: Tcp::new(io),
             buf: vec![0; BUFFER],
             end: 0,
             reused: false,
@@ -466,7 +467,7 @@ enum WriteError {
 }
 
 async fn write_all(
-    io: &mut TcpStream,
+    io: &mut Tcp,
     data: &[u8],
     deadline: tokio::time::Instant,
 ) -> Result<(), WriteError> {
