@@ -190,15 +190,22 @@ impl Extractor {
                 source: Source::Query,
                 secret: SecretRef::Borrowed(v),
             });
-        let all = [bearer, header, basic, query];
-        let chosen = all.iter().flatten().next().copied();
+        // By reference: a credential holds room for a decoded Basic one (a few hundred bytes),
+        // so only the one chosen is copied.
+        let all = [
+            bearer.as_ref(),
+            header.as_ref(),
+            basic.as_ref(),
+            query.as_ref(),
+        ];
+        let chosen = all.into_iter().flatten().next();
         let conflict = chosen.is_some_and(|c| {
-            all.iter()
+            all.into_iter()
                 .flatten()
                 .any(|o| o.secret.as_str() != c.secret.as_str())
         });
         Found {
-            chosen,
+            chosen: chosen.copied(),
             conflict,
             in_authorization: bearer.is_some() || basic_scheme.is_some(),
             in_query: query.is_some(),
