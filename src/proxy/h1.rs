@@ -131,7 +131,10 @@ where
         ufields: Vec::new(),
     };
     let mut served = 0;
-    loop {
+    // Nothing but the connection's state is held across an await of this loop: the head moves
+    // into the exchange, and the ends of a connection are boxed as the exchange is (their
+    // timers and writes would otherwise widen every idle connection's state to their size).
+    let refused = loop {
         let head = match c.read_head(gw, st, drain).await {
             HeadRead::Head(h) => h,
             HeadRead::Closed => return End::Closed,
@@ -141,30 +144,22 @@ where
                     served,
                 };
             }
-            HeadRead::Refuse(why) => {
-                let res: Response<Bytes> = ProxyError::BadRequest(why).response();
-                gw.metrics.route(None).record(res.status().as_u16());
-                c.out.clear();
-                wire::own_response(&mut c.out, &res, false, true, gw.auth.clock());
-                let _ = write_client(c.io, &c.out, st.body_timeout).await;
-                c.linger().await;
-                return End::Closed;
-            }
+            HeadRead::Refuse(why) => break why,
         };
-        // On the heap for the exchange only (2,832 bytes in a release build, freed at its end
-        // and reused by the allocator for the next): between requests a connection's state is
-        // a few hundred bytes, so thousands of idle keep-alive connections stay cheap.
-        match Box::pin(c.exchange(gw, conn, st, &head, drain)).await {
+        // On the heap for the exchange only (freed at its end and reused by the allocator for
+        // the next): between requests a connection's state is a few hundred bytes, so
+        // thousands of idle keep-alive connections stay cheap.
+        match Box::pin(c.exchange(gw, conn, st, head, drain)).await {
             Next::KeepAlive => {
                 served += 1;
                 c.rest();
             }
             Next::Close { linger: true } => {
-                c.linger().await;
+                Box::pin(c.linger()).await;
                 return End::Closed;
             }
             Next::Close { linger: false } => {
-                let _ = tokio::time::timeout(LINGER, c.io.shutdown()).await;
+                Box::pin(c.shut()).await;
                 return End::Closed;
             }
             Next::Handover => {
@@ -174,7 +169,9 @@ where
                 };
             }
         }
-    }
+    };
+    Box::pin(c.refuse(gw, st, refused)).await;
+    End::Closed
 }
 
 enum HeadRead {
@@ -280,9 +277,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         gw: &Gateway,
         conn: &ConnInfo,
         st: &Settings,
-        head: &RequestHead,
+        head: RequestHead,
         drain: &watch::Receiver<bool>,
     ) -> Next {
+        let head = &head;
         let started = gw.access_log.then(Instant::now);
         let body_at = self.start + head.len;
         self.body_in_buf = ((self.end - body_at) as u64).min(head.body_len()) as usize;
@@ -540,6 +538,21 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
                 }
             }
         }
+    }
+
+    /// Answers 400 for a head that is refused, then closes lingering.
+    async fn refuse(&mut self, gw: &Gateway, st: &Settings, why: &'static str) {
+        let res: Response<Bytes> = ProxyError::BadRequest(why).response();
+        gw.metrics.route(None).record(res.status().as_u16());
+        self.out.clear();
+        wire::own_response(&mut self.out, &res, false, true, gw.auth.clock());
+        let _ = write_client(self.io, &self.out, st.body_timeout).await;
+        self.linger().await;
+    }
+
+    /// Shuts the write side (the client asked to close and sent nothing more).
+    async fn shut(&mut self) {
+        let _ = tokio::time::timeout(LINGER, self.io.shutdown()).await;
     }
 
     /// Shuts the write side, then reads and drops what the client still sends for a moment, so
