@@ -19,7 +19,7 @@ use std::net::{TcpListener, TcpStream};
 use criterion::{Criterion, criterion_group, criterion_main};
 use keygate::net::Tcp;
 use rustix::net::{RecvFlags, SendFlags};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 const MESSAGE: [u8; 64] = [b'x'; 64];
 
@@ -31,6 +31,14 @@ fn pair() -> (TcpStream, TcpStream) {
         s.set_nodelay(true).unwrap();
     }
     (a, b)
+}
+
+/// A sends [`MESSAGE`], B reads it and answers it, A reads the answer.
+async fn round_trip<S: AsyncRead + AsyncWrite + Unpin>((a, b): &mut (S, S), buf: &mut [u8]) {
+    a.write_all(&MESSAGE).await.unwrap();
+    assert_eq!(b.read(buf).await.unwrap(), MESSAGE.len());
+    b.write_all(&MESSAGE).await.unwrap();
+    assert_eq!(a.read(buf).await.unwrap(), MESSAGE.len());
 }
 
 fn benches(c: &mut Criterion) {
@@ -90,28 +98,15 @@ fn benches(c: &mut Criterion) {
         )
     };
     let mut g = c.benchmark_group("stream");
-    let (mut a, mut b) = tokio_pair();
+    let (a, b) = tokio_pair();
+    let mut tokio_streams = (a, b);
     g.bench_function("tokio_round_trip", |it| {
-        it.iter(|| {
-            rt.block_on(async {
-                a.write_all(&MESSAGE).await.unwrap();
-                assert_eq!(b.read(&mut buf).await.unwrap(), MESSAGE.len());
-                b.write_all(&MESSAGE).await.unwrap();
-                assert_eq!(a.read(&mut buf).await.unwrap(), MESSAGE.len());
-            })
-        })
+        it.iter(|| rt.block_on(round_trip(&mut tokio_streams, &mut buf)))
     });
     let (a, b) = tokio_pair();
-    let (mut a, mut b) = (Tcp::new(a), Tcp::new(b));
+    let mut raw_streams = (Tcp::new(a), Tcp::new(b));
     g.bench_function("raw_round_trip", |it| {
-        it.iter(|| {
-            rt.block_on(async {
-                a.write_all(&MESSAGE).await.unwrap();
-                assert_eq!(b.read(&mut buf).await.unwrap(), MESSAGE.len());
-                b.write_all(&MESSAGE).await.unwrap();
-                assert_eq!(a.read(&mut buf).await.unwrap(), MESSAGE.len());
-            })
-        })
+        it.iter(|| rt.block_on(round_trip(&mut raw_streams, &mut buf)))
     });
     g.finish();
 }
