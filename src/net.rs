@@ -31,10 +31,6 @@ impl Tcp {
     pub fn new(stream: TcpStream) -> Self {
         Tcp(stream)
     }
-
-    pub fn into_inner(self) -> TcpStream {
-        self.0
-    }
 }
 
 impl Deref for Tcp {
@@ -50,27 +46,38 @@ impl DerefMut for Tcp {
     }
 }
 
-/// Runs `op` when tokio says the socket is ready for `interest`, and clears that readiness when
-/// `op` reports the socket drained (or full): `Err(WouldBlock)`, or a transfer shorter than
-/// `len`, whose count is kept in `moved` (`try_io` clears readiness only on `WouldBlock`).
-fn transfer(
+/// Runs `op` once tokio says the socket is ready for `interest`, as often as it takes, and
+/// clears that readiness when `op` finds the socket drained (or full): `Err(WouldBlock)`, or a
+/// transfer shorter than `len` (`try_io` clears readiness only on `WouldBlock`, so a short one is
+/// reported to it as `WouldBlock` and its count kept aside).
+fn poll_transfer(
     s: &TcpStream,
+    cx: &mut Context<'_>,
     interest: Interest,
     len: usize,
-    op: impl FnOnce() -> rustix::io::Result<usize>,
-) -> io::Result<usize> {
-    let mut short = None;
-    let r = s.try_io(interest, || {
-        let n = op()?;
-        if n > 0 && n < len {
-            short = Some(n);
-            return Err(io::ErrorKind::WouldBlock.into());
+    mut op: impl FnMut() -> rustix::io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        let ready = if interest == Interest::READABLE {
+            s.poll_read_ready(cx)
+        } else {
+            s.poll_write_ready(cx)
+        };
+        ready!(ready)?;
+        let mut short = None;
+        let r = s.try_io(interest, || {
+            let n = op()?;
+            if n > 0 && n < len {
+                short = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match (r, short) {
+            (_, Some(n)) => return Poll::Ready(Ok(n)),
+            (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {}
+            (r, None) => return Poll::Ready(r),
         }
-        Ok(n)
-    });
-    match (r, short) {
-        (_, Some(n)) => Ok(n),
-        (r, None) => r,
     }
 }
 
@@ -84,21 +91,12 @@ impl AsyncRead for Tcp {
             return Pin::new(&mut self.get_mut().0).poll_read(cx, buf);
         }
         let s = &self.0;
-        loop {
-            ready!(s.poll_read_ready(cx))?;
-            let dst = buf.initialize_unfilled();
-            let len = dst.len();
-            match transfer(s, Interest::READABLE, len, || {
-                rustix::net::recv(s, &mut *dst, RecvFlags::empty()).map(|(n, _)| n)
-            }) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        let len = buf.remaining();
+        let n = ready!(poll_transfer(s, cx, Interest::READABLE, len, || {
+            rustix::net::recv(s, buf.initialize_unfilled(), RecvFlags::empty()).map(|(n, _)| n)
+        }))?;
+        buf.advance(n);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -109,15 +107,9 @@ impl AsyncWrite for Tcp {
         src: &[u8],
     ) -> Poll<io::Result<usize>> {
         let s = &self.0;
-        loop {
-            ready!(s.poll_write_ready(cx))?;
-            match transfer(s, Interest::WRITABLE, src.len(), || {
-                rustix::net::send(s, src, SendFlags::NOSIGNAL)
-            }) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                r => return Poll::Ready(r),
-            }
-        }
+        poll_transfer(s, cx, Interest::WRITABLE, src.len(), || {
+            rustix::net::send(s, src, SendFlags::NOSIGNAL)
+        })
     }
 
     fn poll_write_vectored(
@@ -127,15 +119,11 @@ impl AsyncWrite for Tcp {
     ) -> Poll<io::Result<usize>> {
         let s = &self.0;
         let len = bufs.iter().map(|b| b.len()).sum();
-        loop {
-            ready!(s.poll_write_ready(cx))?;
-            // writev has no MSG_NOSIGNAL: like std's, it relies on SIGPIPE being ignored (Rust
-            // programs start with it ignored), so a closed peer is EPIPE.
-            match transfer(s, Interest::WRITABLE, len, || rustix::io::writev(s, bufs)) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                r => return Poll::Ready(r),
-            }
-        }
+        // writev has no MSG_NOSIGNAL: like std's, it relies on SIGPIPE being ignored (Rust
+        // programs start with it ignored), so a closed peer is EPIPE.
+        poll_transfer(s, cx, Interest::WRITABLE, len, || {
+            rustix::io::writev(s, bufs)
+        })
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -254,6 +242,19 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         assert!(failed, "writes to a reset connection kept succeeding");
+        // writev has no MSG_NOSIGNAL: an error too, not a signal that ends the process.
+        let chunk = [0u8; 4096];
+        let err = tcp
+            .write_vectored(&[IoSlice::new(&chunk), IoSlice::new(&chunk)])
+            .await
+            .expect_err("a vectored write to a reset connection");
+        assert!(
+            matches!(
+                err.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ),
+            "{err}"
+        );
     }
 
     #[tokio::test]
