@@ -85,7 +85,10 @@
 # IDLE=10000 adds a last phase: keygate and nginx-keyauth each hold $IDLE idle keep-alive
 # client connections (one request answered on each, then silent), opened by a Python client on
 # CPU $LOAD_CPU; RSS (every process of the contender) before and with them held, and wrk at the
-# first connection count while they are held against right before, in one table.
+# first connection count while they are held against right before, in one table. Each of the
+# two is started again first (IDLE_FRESH=1, the default; same configuration, ports and store):
+# a process that served the phases before sits at their high-water mark and would add nothing
+# for the connections; IDLE_FRESH=0 measures them as they are.
 # IDLE_ELSEWHERE=1 (with IDLE) runs wrk a fourth time per contender while as many idle
 # connections (at most half of `ulimit -n`) are held by scripts/idle_pairs.py, a process that is
 # neither contender: the slowdown the machine puts on any server while idle sockets exist.
@@ -183,6 +186,7 @@ if [ -n "$TLS_OPEN_RATES" ]; then
   fi
 fi
 IDLE_ELSEWHERE=${IDLE_ELSEWHERE:-0}
+IDLE_FRESH=${IDLE_FRESH:-1}
 SHIELD=${SHIELD:-0}
 # Runs with more of the contender's core stolen by the hypervisor than this (%) are run again.
 STEAL_MAX=${STEAL_MAX:-2}
@@ -334,6 +338,15 @@ wait_port "$UP_PORT" upstream
 # ---- keygate and its keys ----------------------------------------------------------------
 # The `[server]` line COALESCE_US asks for (none when unset); the busy-polling instance clears it.
 KG_COALESCE_LINE=${COALESCE_US:+event_coalesce_us = $COALESCE_US}
+# Runs keygate (binary $1, listening on port $2) with the configuration in $3 on the contender's
+# core, its log appended to $3/keygate.log. Sets STARTED_PID.
+launch_keygate() {
+  env ${KG_ENV:-} ${INSTANCE_ENV:-} KEYGATE_ADMIN_KEY=$ADMIN_KEY taskset -c "$PROXY_CPU" "$1" serve --config "$3/keygate.toml" \
+    >>"$3/keygate.log" 2>&1 &
+  STARTED_PID=$!
+  PIDS+=($STARTED_PID)
+  wait_port "$2" "$1"
+}
 # Starts a keygate (binary $1) on ports $2/$3 with its files in $4, and creates $KEYS keys
 # (or $8) through its admin API ($4/keys.txt, ids.txt, keys.map, token.txt); $5 is appended to
 # its config, $6 is its store URL (default SQLite in $4), $7 extra `[rate_limit]` lines.
@@ -375,11 +388,7 @@ max_connections_per_ip = 0
 header_read_timeout_secs = 300
 $extra
 EOF
-env ${KG_ENV:-} ${INSTANCE_ENV:-} KEYGATE_ADMIN_KEY=$ADMIN_KEY taskset -c "$PROXY_CPU" "$bin" serve --config "$dir/keygate.toml" \
-  >"$dir/keygate.log" 2>&1 &
-STARTED_PID=$!
-PIDS+=($STARTED_PID)
-wait_port "$port" "$bin"
+launch_keygate "$bin" "$port" "$dir"
 
 echo "creating $nkeys keys through the admin API…" >&2
 python3 - "$admin_port" "$ADMIN_KEY" "$nkeys" "$dir" <<'EOF'
@@ -844,7 +853,44 @@ fi
 if [ -n "${BASELINE:-}" ] && [ -n "${BASE_COALESCE_US:-}" ]; then
   INSTANCE_ENV_NOTE="${INSTANCE_ENV_NOTE:+$INSTANCE_ENV_NOTE }The baseline instance (base…) ran with \`[server] event_coalesce_us = $BASE_COALESCE_US\` (BASE_COALESCE_US)."
 fi
-export WARM STEAL_MAX TLS_NOTE CAPTURE_SECS CAPTURE_WINDOW_MS SHIELD_NOTE INSTANCE_ENV_NOTE LOAD_CPU
+export IDLE_FRESH WARM STEAL_MAX TLS_NOTE CAPTURE_SECS CAPTURE_WINDOW_MS SHIELD_NOTE INSTANCE_ENV_NOTE LOAD_CPU
+# ---- new TLS connections at fixed rates (open loop) ---------------------------------------
+OPEN_RAW=$WORK/open-tls.tsv
+: >"$OPEN_RAW"
+if [ -n "$TLS_OPEN_RATES" ]; then
+  k=0
+  for rate in $TLS_OPEN_RATES; do
+    for r in $(seq "$REPS"); do
+      order="nginx-keyauth-tls-new keygate-tls-new"
+      [ $(((k + r) % 2)) = 0 ] && order="keygate-tls-new nginx-keyauth-tls-new"
+      for c in $order; do
+        case $c in
+          keygate-tls-new) port=$KGT_PORT key=$(head -n1 "$WORK/tls-key1.txt") ;;
+          *) port=$NG_AUTH_TLS_PORT key=$KEY ;;
+        esac
+        pids=$(contender_pids "$c")
+        out=$WORK/open-tls-$c-$rate-$r.txt
+        # A run that fails (a refused or reset connection, answers missing) is reported as
+        # failed in the table, with what it printed, and the phase goes on.
+        taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$WARM" "$WORK/tls.crt" "X-API-Key: $key" >"$out" 2>&1 \
+          || echo "loadtest: open_loop_tls's warm-up against $c at $rate/s failed: $(tr '\n' ' ' <"$out")" >&2
+        t0=$(cpu_ticks "$pids")
+        read -r _ st0 < <(core_ticks)
+        taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$DURATION" "$WORK/tls.crt" "X-API-Key: $key" >"$out" 2>&1 \
+          || echo "FAILED (exit $?)" >>"$out"
+        read -r _ st1 < <(core_ticks)
+        # The contender's CPU ticks, then the ticks of its core the hypervisor stole.
+        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$rate" "$r" "$(($(cpu_ticks "$pids") - t0))" "$((st1 - st0))" "$(tr '\n' ' ' <"$out")" >>"$OPEN_RAW"
+        echo "  open loop $c $rate/s #$r: $(tr '\n' ' ' <"$out")" >&2
+      done
+    done
+    k=$((k + 1))
+  done
+fi
+
+# keygate's memory after the phases above (the idle phase below may start it again).
+PEAK_RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$KG_PID/status")
+RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$KG_PID/status")
 # ---- idle connections --------------------------------------------------------------------
 # keygate and nginx-keyauth in turn: wrk at the first connection count ($REPS runs), then
 # $IDLE keep-alive connections opened (one request answered on each, then silent) and held
@@ -858,6 +904,25 @@ rss_kb() {
     t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status")))
   done
   echo "$t"
+}
+# IDLE_FRESH=1: the contender is stopped and started again first (same configuration, ports
+# and store), so that what the idle connections add is measured from a new process's memory,
+# not from the high-water mark the phases before left (the allocator keeps what it freed).
+restart_contender() {
+  case $1 in
+    keygate)
+      kill "$KG_PID"
+      wait "$KG_PID" 2>/dev/null || true
+      launch_keygate "$KEYGATE" "$KG_PORT" "$WORK"
+      KG_PID=$STARTED_PID
+      ;;
+    nginx-keyauth)
+      kill "${MASTER[nginx-keyauth]}"
+      wait "${MASTER[nginx-keyauth]}" 2>/dev/null || true
+      start_nginx nginx-keyauth "$PROXY_CPU"
+      wait_port "$NG_AUTH_PORT" nginx-keyauth
+      ;;
+  esac
 }
 IDLE_RAW=$WORK/idle.tsv
 : >"$IDLE_RAW"
@@ -899,6 +964,7 @@ if [ "$IDLE" -gt 0 ]; then
   n=${CONNS%% *}
   for c in keygate nginx-keyauth; do
     case $c in keygate) port=$KG_PORT ;; nginx-keyauth) port=$NG_AUTH_PORT ;; esac
+    if [ "$IDLE_FRESH" = 1 ]; then restart_contender "$c"; fi
     pids=$(contender_pids "$c")
     for r in $(seq "$REPS"); do
       run_wrk "$c" "$n" "$WARM" /dev/null
@@ -958,42 +1024,6 @@ if [ "$IDLE" -gt 0 ]; then
     echo "  idle $c: RSS $before kB -> $held kB; $(cat "$WORK/idle-$c-client.txt")" >&2
   done
 fi
-# ---- new TLS connections at fixed rates (open loop) ---------------------------------------
-OPEN_RAW=$WORK/open-tls.tsv
-: >"$OPEN_RAW"
-if [ -n "$TLS_OPEN_RATES" ]; then
-  k=0
-  for rate in $TLS_OPEN_RATES; do
-    for r in $(seq "$REPS"); do
-      order="nginx-keyauth-tls-new keygate-tls-new"
-      [ $(((k + r) % 2)) = 0 ] && order="keygate-tls-new nginx-keyauth-tls-new"
-      for c in $order; do
-        case $c in
-          keygate-tls-new) port=$KGT_PORT key=$(head -n1 "$WORK/tls-key1.txt") ;;
-          *) port=$NG_AUTH_TLS_PORT key=$KEY ;;
-        esac
-        pids=$(contender_pids "$c")
-        out=$WORK/open-tls-$c-$rate-$r.txt
-        # A run that fails (a refused or reset connection, answers missing) is reported as
-        # failed in the table, with what it printed, and the phase goes on.
-        taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$WARM" "$WORK/tls.crt" "X-API-Key: $key" >"$out" 2>&1 \
-          || echo "loadtest: open_loop_tls's warm-up against $c at $rate/s failed: $(tr '\n' ' ' <"$out")" >&2
-        t0=$(cpu_ticks "$pids")
-        read -r _ st0 < <(core_ticks)
-        taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$DURATION" "$WORK/tls.crt" "X-API-Key: $key" >"$out" 2>&1 \
-          || echo "FAILED (exit $?)" >>"$out"
-        read -r _ st1 < <(core_ticks)
-        # The contender's CPU ticks, then the ticks of its core the hypervisor stole.
-        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$rate" "$r" "$(($(cpu_ticks "$pids") - t0))" "$((st1 - st0))" "$(tr '\n' ' ' <"$out")" >>"$OPEN_RAW"
-        echo "  open loop $c $rate/s #$r: $(tr '\n' ' ' <"$out")" >&2
-      done
-    done
-    k=$((k + 1))
-  done
-fi
-
-PEAK_RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$KG_PID/status")
-RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$KG_PID/status")
 
 CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -1344,7 +1374,7 @@ PY
 fi
 if [ -s "$IDLE_RAW" ]; then
   python3 - "$IDLE_RAW" "$WORK" "$IDLE" "${CONNS%% *}" >>"$OUT" <<'PY'
-import glob, re, statistics, sys
+import glob, os, re, statistics, sys
 raw, work, idle, n = sys.argv[1:5]
 def p99(path):
     t = open(path).read()
@@ -1356,7 +1386,9 @@ def rps(path):
 rows = [l.rstrip("\n").split("\t") for l in open(raw)]
 print(f"### {int(idle):,} idle keep-alive connections held")
 print()
-print(f"wrk at c{n} (medians of the runs) without, while the idle connections are held, and after they are closed; RSS of every process of the contender.")
+fresh = os.environ.get("IDLE_FRESH") == "1"
+print(f"wrk at c{n} (medians of the runs) without, while the idle connections are held, and after they are closed; RSS of every process of the contender"
+      + (", each contender started again right before (IDLE_FRESH=1)." if fresh else ", each contender as the phases before left it (IDLE_FRESH=0)."))
 print()
 print("| contender | RSS before | RSS with idle | added per idle connection | req/s without → with → after | p99 µs without → with → after | idle clients |")
 print("|---|---|---|---|---|---|---|")
