@@ -1,0 +1,229 @@
+#!/usr/bin/env bash
+# Whether holding idle keep-alive connections slows a server's other connections, measured
+# against a twin: two instances of the same contender (same binary, configuration and keys) on
+# the contender's core, one holding $IDLE idle connections, the other none, and wrk alternating
+# between them round by round. The idle sockets exist on the machine during both measurements,
+# so what the machine does for them (BENCHMARKS "After run J (2)") and the host's drift fall on
+# both; what is left is what the holder itself does for its connections. Runs on a directory kept
+# by scripts/loadtest.sh (KEEP_WORK=1): its upstream, nginx-keyauth and keygate configurations,
+# keys, SQLite file and wrk script.
+#
+#   WORK=/dev/shm/keygate-loadtest.XXXXXX scripts/idletwins.sh
+#   WORK=… IDLE=10000 ROUNDS=10 SECS=6 CONTENDERS="keygate nginx-keyauth" scripts/idletwins.sh
+#
+# Layout as in loadtest.sh: both instances on CPU $PROXY_CPU (0); wrk ($CONNS connections, one
+# key, $WORK/one.lua), the upstream and the Python client holding the idle connections on CPU
+# $LOAD_CPU (1). Each measurement $SECS s after $WARM s of the same load; the holder first in odd
+# rounds, the twin first in even ones. The idle connections each send one request, read its
+# answer and stay silent. Output: every measurement's line, then per contender the medians of
+# the rounds (p99 µs, req/s, CPU µs per request: the instance's processes' user + system time
+# over the measured run), holder against twin, and in how many rounds the holder's p99 was at or
+# below its twin's. The twins' files go to $WORK/twin-*. KEYGATE_BIN (default
+# target/release/keygate) is built when missing. Not part of the test suite.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+# free_port, wait_port
+. scripts/lib/bench.sh
+WORK=${WORK:?"WORK=<a directory kept by KEEP_WORK=1 scripts/loadtest.sh>"}
+IDLE=${IDLE:-10000}
+ROUNDS=${ROUNDS:-8}
+CONNS=${CONNS:-64}
+SECS=${SECS:-6}
+WARM=${WARM:-2}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+CONTENDERS=${CONTENDERS:-"keygate nginx-keyauth"}
+KEYGATE_BIN=${KEYGATE_BIN:-target/release/keygate}
+
+for f in keygate.toml keygate.db key1.txt one.lua nginx-keyauth/nginx.conf upstream/nginx.conf; do
+  [ -f "$WORK/$f" ] || { echo "idletwins: $WORK/$f is missing: WORK must be a directory kept by KEEP_WORK=1 scripts/loadtest.sh" >&2; exit 2; }
+done
+for c in $CONTENDERS; do
+  case $c in keygate | nginx-keyauth) ;; *) echo "idletwins: unknown contender '$c' (keygate, nginx-keyauth)" >&2; exit 2 ;; esac
+done
+for v in "IDLE=$IDLE" "ROUNDS=$ROUNDS" "CONNS=$CONNS" "SECS=$SECS" "WARM=$WARM"; do
+  case ${v#*=} in '' | *[!0-9]* | 0) echo "idletwins: $v: a positive whole number" >&2; exit 2 ;; esac
+done
+[ -n "${CONTENDERS// /}" ] || { echo "idletwins: CONTENDERS must name at least one" >&2; exit 2; }
+command -v wrk >/dev/null || { echo "idletwins: wrk is missing (scripts/loadtest.sh installs it)" >&2; exit 2; }
+[ -x "$KEYGATE_BIN" ] || cargo build --release --bin keygate
+
+# Both ends of every idle connection are on this machine, and the holder keeps its own.
+want=$((IDLE + 1024))
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+[ "$(ulimit -n)" -ge "$want" ] || { echo "idletwins: IDLE=$IDLE needs $want open files, the limit is $(ulimit -n)" >&2; exit 2; }
+
+UP_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$WORK/upstream/nginx.conf" | grep -oE '[0-9]+;' | tr -d ';')
+NG_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$WORK/nginx-keyauth/nginx.conf" | grep -oE '[0-9]+;' | tr -d ';')
+KG_PORT=$(awk -F'"' '/^\[/{s=$0} s=="[proxy]" && /^listen *=/{split($2,a,":"); print a[2]; exit}' "$WORK/keygate.toml")
+[ -n "$NG_PORT" ] && [ -n "$UP_PORT" ] && [ -n "$KG_PORT" ] || { echo "idletwins: cannot find the ports in $WORK's configurations" >&2; exit 2; }
+KEY=$(head -n1 "$WORK/key1.txt")
+
+# The twins: keygate with its own ports and a copy of the store; nginx-keyauth with its own
+# ports, pid file and temporary directories (every `listen` moved to a free port).
+mkdir -p "$WORK/twin-keygate" "$WORK/twin-nginx-keyauth"
+cp "$WORK/keygate.db" "$WORK/twin-keygate/keygate.db"
+[ ! -f "$WORK/keygate.db-wal" ] || cp "$WORK/keygate.db-wal" "$WORK/twin-keygate/keygate.db-wal"
+python3 - "$WORK" <<'PY'
+import re, socket, sys
+work = sys.argv[1]
+def free():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+kg = open(f"{work}/keygate.toml").read()
+kg = re.sub(r'(?m)^listen = "127\.0\.0\.1:\d+"', lambda m: f'listen = "127.0.0.1:{free()}"', kg)
+kg = kg.replace(f"sqlite://{work}/keygate.db", f"sqlite://{work}/twin-keygate/keygate.db")
+open(f"{work}/twin-keygate/keygate.toml", "w").write(kg)
+ng = open(f"{work}/nginx-keyauth/nginx.conf").read()
+ng = ng.replace(f"{work}/nginx-keyauth/", f"{work}/twin-nginx-keyauth/")
+ng = re.sub(r"listen 127\.0\.0\.1:\d+", lambda m: f"listen 127.0.0.1:{free()}", ng)
+open(f"{work}/twin-nginx-keyauth/nginx.conf", "w").write(ng)
+PY
+grep -q "twin-keygate/keygate.db" "$WORK/twin-keygate/keygate.toml" \
+  || { echo "idletwins: $WORK/keygate.toml's store is not $WORK/keygate.db" >&2; exit 2; }
+TWIN_KG_PORT=$(awk -F'"' '/^\[/{s=$0} s=="[proxy]" && /^listen *=/{split($2,a,":"); print a[2]; exit}' "$WORK/twin-keygate/keygate.toml")
+TWIN_NG_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$WORK/twin-nginx-keyauth/nginx.conf" | grep -oE '[0-9]+;' | tr -d ';')
+
+cat >"$WORK/idletwins-hold.py" <<'PY'
+import socket, sys
+port, n, key, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+req = f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {key}\r\n\r\n".encode()
+conns, bad = [], 0
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(req)
+    if not s.recv(65536).startswith(b"HTTP/1.1 200"):
+        bad += 1
+    conns.append(s)
+open(ready, "w").write(f"{len(conns)} {bad}\n")
+sys.stdin.read()  # held until the script closes our stdin
+closed = 0
+for s in conns:
+    s.setblocking(False)
+    try:
+        closed += s.recv(1) == b""
+    except BlockingIOError:
+        pass
+print(f"held {len(conns)}, refused {bad}, closed by the server while held {closed}")
+PY
+
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+taskset -c "$LOAD_CPU" nginx -p "$WORK/upstream" -c "$WORK/upstream/nginx.conf" -e "$WORK/upstream/error.log" &
+PIDS+=($!)
+wait_port "$UP_PORT" upstream
+
+# Starts an instance: contender, role (holder or twin). Sets STARTED and STARTED_PORT.
+start() {
+  local dir
+  case $1-$2 in
+    keygate-holder) dir=$WORK STARTED_PORT=$KG_PORT ;;
+    keygate-twin) dir=$WORK/twin-keygate STARTED_PORT=$TWIN_KG_PORT ;;
+    nginx-keyauth-holder) dir=$WORK/nginx-keyauth STARTED_PORT=$NG_PORT ;;
+    nginx-keyauth-twin) dir=$WORK/twin-nginx-keyauth STARTED_PORT=$TWIN_NG_PORT ;;
+  esac
+  if [ "$1" = keygate ]; then
+    KEYGATE_ADMIN_KEY=${KEYGATE_ADMIN_KEY:-idletwins-admin-key-0000} taskset -c "$PROXY_CPU" "$KEYGATE_BIN" serve \
+      --config "$dir/keygate.toml" >>"$WORK/idletwins-$1-$2.log" 2>&1 &
+  else
+    mkdir -p "$dir/body" "$dir/proxy" "$dir/fastcgi" "$dir/uwsgi" "$dir/scgi"
+    taskset -c "$PROXY_CPU" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" &
+  fi
+  STARTED=$!
+  PIDS+=("$STARTED")
+  wait_port "$STARTED_PORT" "$1 ($2)"
+}
+# CPU time (clock ticks) of a process and its children: nginx's master and its worker.
+ticks() {
+  local t=0 p
+  for p in "$1" $(ps -o pid= --ppid "$1"); do
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$t"
+}
+# RSS (kB) of a process and its children.
+rss_kb() {
+  local t=0 p
+  for p in "$1" $(ps -o pid= --ppid "$1"); do
+    t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)))
+  done
+  echo "$t"
+}
+LINES=$(mktemp)
+measure() { # contender, role, pid, port, round
+  local t0 t1 out
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${WARM}s" -s "$WORK/one.lua" "http://127.0.0.1:$4/" >/dev/null
+  t0=$(ticks "$3")
+  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -s "$WORK/one.lua" "http://127.0.0.1:$4/")
+  t1=$(ticks "$3")
+  python3 - "$1" "$2" "$5" "$((t1 - t0))" "$(getconf CLK_TCK)" "$SECS" "$out" <<'PY' | tee -a "$LINES"
+import re, sys
+c, role, r, ticks, hz, secs, out = sys.argv[1:8]
+unit = {"us": 1, "ms": 1e3, "s": 1e6}
+p99 = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+bad = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out)
+if not p99 or not rps:
+    print(f"{c} {role} round {r}: FAILED: {' '.join(out.split())}")
+else:
+    us, n = float(p99[1]) * unit[p99[2]], float(rps[1])
+    cpu = int(ticks) / int(hz) * 1e6 / (n * int(secs))
+    print(f"{c} {role} round {r}: p99 {us:.0f} µs, {n:.0f} req/s, CPU {cpu:.2f} µs/req" + (f" ({bad[0]})" if bad else ""))
+PY
+}
+
+for c in $CONTENDERS; do
+  start "$c" holder
+  holder=$STARTED holder_port=$STARTED_PORT
+  start "$c" twin
+  twin=$STARTED twin_port=$STARTED_PORT
+  rm -f "$WORK/idletwins-ready" "$WORK/idletwins-hold"
+  mkfifo "$WORK/idletwins-hold"
+  taskset -c "$LOAD_CPU" python3 "$WORK/idletwins-hold.py" "$holder_port" "$IDLE" "$KEY" "$WORK/idletwins-ready" \
+    <"$WORK/idletwins-hold" >"$WORK/idletwins-$c-client.txt" 2>&1 &
+  hold_pid=$!
+  PIDS+=("$hold_pid")
+  exec {hold}>"$WORK/idletwins-hold"
+  for _ in $(seq 1200); do [ -s "$WORK/idletwins-ready" ] && break; sleep 0.1; done
+  [ -s "$WORK/idletwins-ready" ] || { echo "idletwins: the $IDLE idle connections to $c were not all open after 120 s" >&2; exit 1; }
+  echo "$c: $(cut -d' ' -f1 "$WORK/idletwins-ready") idle connections held by the holder, RSS holder $(rss_kb "$holder") kB, twin $(rss_kb "$twin") kB"
+  for r in $(seq 1 "$ROUNDS"); do
+    if [ $((r % 2)) = 1 ]; then
+      measure "$c" holder "$holder" "$holder_port" "$r"
+      measure "$c" twin "$twin" "$twin_port" "$r"
+    else
+      measure "$c" twin "$twin" "$twin_port" "$r"
+      measure "$c" holder "$holder" "$holder_port" "$r"
+    fi
+  done
+  exec {hold}>&-
+  wait "$hold_pid" || true
+  echo "$c: $(cat "$WORK/idletwins-$c-client.txt")"
+  kill "$holder" "$twin"
+  wait "$holder" "$twin" 2>/dev/null || true
+  rm -f "$WORK/idletwins-hold"
+done
+
+echo
+python3 - "$LINES" "$IDLE" <<'PY'
+import re, statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    m = re.match(r"(\S+) (holder|twin) round (\d+): p99 (\d+) µs, (\d+) req/s, CPU ([\d.]+)", line)
+    if m:
+        runs.setdefault(m[1], {}).setdefault(m[2], {})[int(m[3])] = [float(x) for x in m.groups()[3:]]
+print(f"| contender | rounds | p99 µs, holder of {int(sys.argv[2]):,} idle → twin | req/s | CPU µs/req | holder's p99 ≤ twin's |")
+print("|---|---|---|---|---|---|")
+for c, v in runs.items():
+    h, t = v.get("holder", {}), v.get("twin", {})
+    both = sorted(set(h) & set(t))
+    if not both:
+        continue
+    med = lambda d, i: statistics.median(d[r][i] for r in both)
+    cells = [f"{med(h, i):,.{2 if i == 2 else 0}f} → {med(t, i):,.{2 if i == 2 else 0}f} ({med(h, i) / med(t, i):.2f}×)" for i in range(3)]
+    at_or_below = sum(h[r][0] <= t[r][0] for r in both)
+    print(f"| {c} | {len(both)} | " + " | ".join(cells) + f" | {at_or_below} of {len(both)} |")
+PY
+rm -f "$LINES"
