@@ -1436,6 +1436,10 @@ if "keygate" in rss and "nginx-keyauth" in rss:
     print()
     print(f"keygate RSS with the idle connections vs nginx-keyauth's: {rss['keygate'] / rss['nginx-keyauth']:.2f}× (target ≤ 2×).")
 print()
+print("Without, with and after are runs one after the other: the host's drift between them and what the machine "
+      "does for idle sockets of any process are in those ratios. `WORK=<this run's directory, KEEP_WORK=1> "
+      "scripts/idletwins.sh` measures a holder against its twin holding none, alternated in the same minutes.")
+print()
 PY
 fi
 # The raw wrk/h2load outputs beside the report.
