@@ -23,7 +23,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-# free_port, wait_port
+# wait_port, tree_ticks, tree_rss_kb, kept_ports
 . scripts/lib/bench.sh
 WORK=${WORK:?"WORK=<a directory kept by KEEP_WORK=1 scripts/loadtest.sh>"}
 IDLE=${IDLE:-10000}
@@ -54,10 +54,7 @@ want=$((IDLE + 1024))
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 [ "$(ulimit -n)" -ge "$want" ] || { echo "idletwins: IDLE=$IDLE needs $want open files, the limit is $(ulimit -n)" >&2; exit 2; }
 
-UP_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$WORK/upstream/nginx.conf" | grep -oE '[0-9]+;' | tr -d ';')
-NG_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$WORK/nginx-keyauth/nginx.conf" | grep -oE '[0-9]+;' | tr -d ';')
-KG_PORT=$(awk -F'"' '/^\[/{s=$0} s=="[proxy]" && /^listen *=/{split($2,a,":"); print a[2]; exit}' "$WORK/keygate.toml")
-[ -n "$NG_PORT" ] && [ -n "$UP_PORT" ] && [ -n "$KG_PORT" ] || { echo "idletwins: cannot find the ports in $WORK's configurations" >&2; exit 2; }
+kept_ports idletwins
 KEY=$(head -n1 "$WORK/key1.txt")
 
 # The twins: keygate with its own ports and a copy of the store; nginx-keyauth with its own
@@ -84,28 +81,6 @@ grep -q "twin-keygate/keygate.db" "$WORK/twin-keygate/keygate.toml" \
 TWIN_KG_PORT=$(awk -F'"' '/^\[/{s=$0} s=="[proxy]" && /^listen *=/{split($2,a,":"); print a[2]; exit}' "$WORK/twin-keygate/keygate.toml")
 TWIN_NG_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$WORK/twin-nginx-keyauth/nginx.conf" | grep -oE '[0-9]+;' | tr -d ';')
 
-cat >"$WORK/idletwins-hold.py" <<'PY'
-import socket, sys
-port, n, key, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-req = f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {key}\r\n\r\n".encode()
-conns, bad = [], 0
-for i in range(n):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(req)
-    if not s.recv(65536).startswith(b"HTTP/1.1 200"):
-        bad += 1
-    conns.append(s)
-open(ready, "w").write(f"{len(conns)} {bad}\n")
-sys.stdin.read()  # held until the script closes our stdin
-closed = 0
-for s in conns:
-    s.setblocking(False)
-    try:
-        closed += s.recv(1) == b""
-    except BlockingIOError:
-        pass
-print(f"held {len(conns)}, refused {bad}, closed by the server while held {closed}")
-PY
 
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -135,29 +110,13 @@ start() {
   PIDS+=("$STARTED")
   wait_port "$STARTED_PORT" "$1 ($2)"
 }
-# CPU time (clock ticks) of a process and its children: nginx's master and its worker.
-ticks() {
-  local t=0 p
-  for p in "$1" $(ps -o pid= --ppid "$1"); do
-    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
-  done
-  echo "$t"
-}
-# RSS (kB) of a process and its children.
-rss_kb() {
-  local t=0 p
-  for p in "$1" $(ps -o pid= --ppid "$1"); do
-    t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)))
-  done
-  echo "$t"
-}
 LINES=$(mktemp)
 measure() { # contender, role, pid, port, round
   local t0 t1 out
   taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${WARM}s" -s "$WORK/one.lua" "http://127.0.0.1:$4/" >/dev/null
-  t0=$(ticks "$3")
+  t0=$(tree_ticks "$3")
   out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -s "$WORK/one.lua" "http://127.0.0.1:$4/")
-  t1=$(ticks "$3")
+  t1=$(tree_ticks "$3")
   python3 - "$1" "$2" "$5" "$((t1 - t0))" "$(getconf CLK_TCK)" "$SECS" "$out" <<'PY' | tee -a "$LINES"
 import re, sys
 c, role, r, ticks, hz, secs, out = sys.argv[1:8]
@@ -181,14 +140,14 @@ for c in $CONTENDERS; do
   twin=$STARTED twin_port=$STARTED_PORT
   rm -f "$WORK/idletwins-ready" "$WORK/idletwins-hold"
   mkfifo "$WORK/idletwins-hold"
-  taskset -c "$LOAD_CPU" python3 "$WORK/idletwins-hold.py" "$holder_port" "$IDLE" "$KEY" "$WORK/idletwins-ready" \
+  taskset -c "$LOAD_CPU" python3 scripts/idle_hold.py "$holder_port" "$IDLE" "$KEY" "$WORK/idletwins-ready" \
     <"$WORK/idletwins-hold" >"$WORK/idletwins-$c-client.txt" 2>&1 &
   hold_pid=$!
   PIDS+=("$hold_pid")
   exec {hold}>"$WORK/idletwins-hold"
   for _ in $(seq 1200); do [ -s "$WORK/idletwins-ready" ] && break; sleep 0.1; done
   [ -s "$WORK/idletwins-ready" ] || { echo "idletwins: the $IDLE idle connections to $c were not all open after 120 s" >&2; exit 1; }
-  echo "$c: $(cut -d' ' -f1 "$WORK/idletwins-ready") idle connections held by the holder, RSS holder $(rss_kb "$holder") kB, twin $(rss_kb "$twin") kB"
+  echo "$c: $(cut -d' ' -f1 "$WORK/idletwins-ready") idle connections held by the holder, RSS holder $(tree_rss_kb "$holder") kB, twin $(tree_rss_kb "$twin") kB"
   for r in $(seq 1 "$ROUNDS"); do
     if [ $((r % 2)) = 1 ]; then
       measure "$c" holder "$holder" "$holder_port" "$r"

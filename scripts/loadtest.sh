@@ -926,29 +926,6 @@ restart_contender() {
 }
 IDLE_RAW=$WORK/idle.tsv
 : >"$IDLE_RAW"
-cat >"$WORK/idle.py" <<'PY'
-import socket, sys
-port, n, key, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-req = f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {key}\r\n\r\n".encode()
-conns, bad = [], 0
-for i in range(n):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(req)
-    got = s.recv(65536)
-    if not got.startswith(b"HTTP/1.1 200"):
-        bad += 1
-    conns.append(s)
-open(ready, "w").write(f"{len(conns)} {bad}\n")
-sys.stdin.read()  # held until the script closes our stdin
-closed = 0
-for s in conns:
-    s.setblocking(False)
-    try:
-        closed += s.recv(1) == b""
-    except BlockingIOError:
-        pass
-print(f"held {len(conns)}, refused {bad}, closed by the server while held {closed}")
-PY
 # With CAPTURE_PLAIN=1: the first run without and the first with the idle connections, on the
 # wire (the server's time per request, as for the keep-alive contenders).
 idle_capture() { # contender, phase, repetition
@@ -975,7 +952,7 @@ if [ "$IDLE" -gt 0 ]; then
     before=$(rss_kb "$pids")
     rm -f "$WORK/idle-ready"
     mkfifo "$WORK/idle-hold"
-    taskset -c "$LOAD_CPU" python3 "$WORK/idle.py" "$port" "$IDLE" "$KEY" "$WORK/idle-ready" \
+    taskset -c "$LOAD_CPU" python3 scripts/idle_hold.py "$port" "$IDLE" "$KEY" "$WORK/idle-ready" \
       <"$WORK/idle-hold" >"$WORK/idle-$c-client.txt" 2>&1 &
     holder=$!
     PIDS+=($holder)

@@ -32,7 +32,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-# wait_port
+# wait_port, tree_ticks, kept_ports
 . scripts/lib/bench.sh
 WORK=${WORK:?"WORK=<a directory kept by KEEP_WORK=1 scripts/loadtest.sh>"}
 RATES=${RATES:-20000}
@@ -75,12 +75,7 @@ done
 [ -x "$OPEN_LOOP" ] || cargo build --release --example open_loop
 [ -z "$TLS" ] || [ -x "$OPEN_LOOP_TLS" ] || cargo build --release --example open_loop_tls
 
-# The first plain listener of a configuration: `listen 127.0.0.1:PORT;` (nginx), `listen =
-# "127.0.0.1:PORT"` under [proxy] (keygate).
-NG_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$WORK/nginx-keyauth/nginx.conf" | grep -oE '[0-9]+;' | tr -d ';')
-UP_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$WORK/upstream/nginx.conf" | grep -oE '[0-9]+;' | tr -d ';')
-KG_PORT=$(awk -F'"' '/^\[/{s=$0} s=="[proxy]" && /^listen *=/{split($2,a,":"); print a[2]; exit}' "$WORK/keygate.toml")
-[ -n "$NG_PORT" ] && [ -n "$UP_PORT" ] && [ -n "$KG_PORT" ] || { echo "openloop: cannot find the ports in $WORK's configurations" >&2; exit 2; }
+kept_ports openloop
 KEY=$(head -n1 "$WORK/key1.txt")
 if [ -n "$TLS" ]; then
   NG_TLS_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+ ssl' "$WORK/nginx-keyauth/nginx.conf" | grep -oE ':[0-9]+' | tr -d ':')
@@ -111,14 +106,6 @@ PIDS+=($!)
 wait_port "$UP_PORT" upstream
 
 LINES=$(mktemp)
-# CPU time (clock ticks) of a process and its children: nginx's master and its worker.
-ticks() {
-  local t=0 p
-  for p in "$1" $(ps -o pid= --ppid "$1"); do
-    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
-  done
-  echo "$t"
-}
 run() { # contender rate
   local c=$1 rate=$2 port pid load
   load=("$OPEN_LOOP")
@@ -145,17 +132,17 @@ run() { # contender rate
   # said, left out of the table, and the rounds go on.
   if [ "${load[0]}" = tls ]; then
     taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$WARM" "$WORK/tls.crt" "X-API-Key: ${load[1]}" >/dev/null 2>&1 || true
-    t0=$(ticks "$pid")
+    t0=$(tree_ticks "$pid")
     out=$(taskset -c "$LOAD_CPU" "$OPEN_LOOP_TLS" "127.0.0.1:$port" "$rate" "$SECS" "$WORK/tls.crt" "X-API-Key: ${load[1]}" 2>&1) \
       || out="FAILED: $(echo "$out" | tr '\n' ' ')"
   else
     taskset -c "$LOAD_CPU" "$OPEN_LOOP" "127.0.0.1:$port" "$rate" "$CONNS" "$WARM" "X-API-Key: $KEY" >/dev/null 2>&1 || true
-    t0=$(ticks "$pid")
+    t0=$(tree_ticks "$pid")
     out=$(taskset -c "$LOAD_CPU" "$OPEN_LOOP" "127.0.0.1:$port" "$rate" "$CONNS" "$SECS" "X-API-Key: $KEY" 2>&1) \
       || out="FAILED: $(echo "$out" | tr '\n' ' ')"
   fi
   # The contender's CPU per request over the measured run (the first second included).
-  echo "$c $rate: $out; contender CPU µs per request $(awk -v t="$(($(ticks "$pid") - t0))" -v hz="$(getconf CLK_TCK)" \
+  echo "$c $rate: $out; contender CPU µs per request $(awk -v t="$(($(tree_ticks "$pid") - t0))" -v hz="$(getconf CLK_TCK)" \
     -v n="$((rate * SECS))" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')" | tee -a "$LINES"
   kill "$pid"
   wait "$pid" 2>/dev/null || true

@@ -1,10 +1,38 @@
 # Shared by scripts/loadtest.sh and scripts/profile.sh (sourced, not run): free loopback ports,
 # waiting for a listener, and the nginx configurations both measure keygate against, so that
 # "nginx-keyauth" is the same nginx in both. Needs $WORK (the scratch directory) when called.
-# scripts/openloop.sh uses wait_port, on the configurations a loadtest.sh run kept.
+# scripts/openloop.sh and scripts/idletwins.sh use wait_port, tree_ticks and kept_ports, on the
+# configurations a loadtest.sh run kept.
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# The sum of one field over a process and its children (nginx's master and its worker): CPU
+# time in clock ticks (tree_ticks) or resident memory in kB (tree_rss_kb).
+tree_ticks() { # pid
+  local t=0 p
+  for p in "$1" $(ps -o pid= --ppid "$1"); do
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$t"
+}
+tree_rss_kb() { # pid
+  local t=0 p
+  for p in "$1" $(ps -o pid= --ppid "$1"); do
+    t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)))
+  done
+  echo "$t"
+}
+
+# The plain listeners of a directory kept by scripts/loadtest.sh: NG_PORT (nginx-keyauth's first
+# `listen 127.0.0.1:PORT;`), UP_PORT (the upstream's), KG_PORT (keygate's [proxy] listen). Exits
+# when one is missing. The caller's name for messages: $1.
+kept_ports() { # what
+  NG_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$WORK/nginx-keyauth/nginx.conf" | grep -oE '[0-9]+;' | tr -d ';')
+  UP_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$WORK/upstream/nginx.conf" | grep -oE '[0-9]+;' | tr -d ';')
+  KG_PORT=$(awk -F'"' '/^\[/{s=$0} s=="[proxy]" && /^listen *=/{split($2,a,":"); print a[2]; exit}' "$WORK/keygate.toml")
+  [ -n "$NG_PORT" ] && [ -n "$UP_PORT" ] && [ -n "$KG_PORT" ] || { echo "$1: cannot find the ports in $WORK's configurations" >&2; exit 2; }
 }
 
 wait_port() { # port[, what]
