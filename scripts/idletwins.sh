@@ -6,7 +6,9 @@
 # so what the machine does for them (BENCHMARKS "After run J (2)") and the host's drift fall on
 # both; what is left is what the holder itself does for its connections. Runs on a directory kept
 # by scripts/loadtest.sh (KEEP_WORK=1): its upstream, nginx-keyauth and keygate configurations,
-# keys, SQLite file and wrk script.
+# keys, SQLite file and wrk script; both instances are copies with ports of their own, so the
+# kept directory's own instances may be running (scripts/loadtest.sh runs this one at its end
+# with IDLE_TWINS=1).
 #
 #   WORK=/dev/shm/keygate-loadtest.XXXXXX scripts/idletwins.sh
 #   WORK=… IDLE=10000 ROUNDS=10 SECS=6 CONTENDERS="keygate nginx-keyauth" scripts/idletwins.sh
@@ -18,7 +20,7 @@
 # answer and stay silent. Output: every measurement's line, then per contender the medians of
 # the rounds (p99 µs, req/s, CPU µs per request: the instance's processes' user + system time
 # over the measured run), holder against twin, and in how many rounds the holder's p99 was at or
-# below its twin's. The twins' files go to $WORK/twin-*. KEYGATE_BIN (default
+# below its twin's. The copies' files go to $WORK/idletwins-*. KEYGATE_BIN (default
 # target/release/keygate) is built when missing. Not part of the test suite.
 set -euo pipefail
 
@@ -57,53 +59,57 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 kept_ports idletwins
 KEY=$(head -n1 "$WORK/key1.txt")
 
-# The twins: keygate with its own ports and a copy of the store; nginx-keyauth with its own
-# ports, pid file and temporary directories (every `listen` moved to a free port).
-mkdir -p "$WORK/twin-keygate" "$WORK/twin-nginx-keyauth"
-cp "$WORK/keygate.db" "$WORK/twin-keygate/keygate.db"
-[ ! -f "$WORK/keygate.db-wal" ] || cp "$WORK/keygate.db-wal" "$WORK/twin-keygate/keygate.db-wal"
+# Both instances are copies, each with its own ports (every `listen` moved to a free one):
+# keygate with a copy of the store (SQLite's backup), nginx-keyauth with its own pid file and temporary
+# directories; the originals may still be running (a loadtest.sh run calling this one).
 python3 - "$WORK" <<'PY'
-import re, socket, sys
+import os, re, socket, sqlite3, sys
 work = sys.argv[1]
 def free():
     s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
 kg = open(f"{work}/keygate.toml").read()
-kg = re.sub(r'(?m)^listen = "127\.0\.0\.1:\d+"', lambda m: f'listen = "127.0.0.1:{free()}"', kg)
-kg = kg.replace(f"sqlite://{work}/keygate.db", f"sqlite://{work}/twin-keygate/keygate.db")
-open(f"{work}/twin-keygate/keygate.toml", "w").write(kg)
 ng = open(f"{work}/nginx-keyauth/nginx.conf").read()
-ng = ng.replace(f"{work}/nginx-keyauth/", f"{work}/twin-nginx-keyauth/")
-ng = re.sub(r"listen 127\.0\.0\.1:\d+", lambda m: f"listen 127.0.0.1:{free()}", ng)
-open(f"{work}/twin-nginx-keyauth/nginx.conf", "w").write(ng)
+if f"sqlite://{work}/keygate.db" not in kg:
+    sys.exit(f"idletwins: {work}/keygate.toml's store is not {work}/keygate.db")
+for role in ("holder", "twin"):
+    d = f"{work}/idletwins-keygate-{role}"
+    os.makedirs(d, exist_ok=True)
+    # A consistent copy even while the original's keygate writes to it (SQLite's backup).
+    for f in ("keygate.db", "keygate.db-wal", "keygate.db-shm"):
+        if os.path.exists(f"{d}/{f}"):
+            os.remove(f"{d}/{f}")
+    src, dst = sqlite3.connect(f"{work}/keygate.db"), sqlite3.connect(f"{d}/keygate.db")
+    src.backup(dst)
+    src.close(); dst.close()
+    k = re.sub(r'(?m)^listen = "127\.0\.0\.1:\d+"', lambda m: f'listen = "127.0.0.1:{free()}"', kg)
+    open(f"{d}/keygate.toml", "w").write(k.replace(f"sqlite://{work}/keygate.db", f"sqlite://{d}/keygate.db"))
+    d = f"{work}/idletwins-nginx-keyauth-{role}"
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        os.makedirs(f"{d}/{sub}", exist_ok=True)
+    n = ng.replace(f"{work}/nginx-keyauth/", f"{d}/")
+    open(f"{d}/nginx.conf", "w").write(re.sub(r"listen 127\.0\.0\.1:\d+", lambda m: f"listen 127.0.0.1:{free()}", n))
 PY
-grep -q "twin-keygate/keygate.db" "$WORK/twin-keygate/keygate.toml" \
-  || { echo "idletwins: $WORK/keygate.toml's store is not $WORK/keygate.db" >&2; exit 2; }
-TWIN_KG_PORT=$(awk -F'"' '/^\[/{s=$0} s=="[proxy]" && /^listen *=/{split($2,a,":"); print a[2]; exit}' "$WORK/twin-keygate/keygate.toml")
-TWIN_NG_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$WORK/twin-nginx-keyauth/nginx.conf" | grep -oE '[0-9]+;' | tr -d ';')
-
 
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-taskset -c "$LOAD_CPU" nginx -p "$WORK/upstream" -c "$WORK/upstream/nginx.conf" -e "$WORK/upstream/error.log" &
-PIDS+=($!)
-wait_port "$UP_PORT" upstream
+# The upstream of the kept directory, unless it is running already (a loadtest.sh run).
+if ! python3 -c "import socket,sys; s=socket.socket(); s.settimeout(0.2); sys.exit(s.connect_ex(('127.0.0.1',$UP_PORT)))" 2>/dev/null; then
+  taskset -c "$LOAD_CPU" nginx -p "$WORK/upstream" -c "$WORK/upstream/nginx.conf" -e "$WORK/upstream/error.log" &
+  PIDS+=($!)
+  wait_port "$UP_PORT" upstream
+fi
 
 # Starts an instance: contender, role (holder or twin). Sets STARTED and STARTED_PORT.
 start() {
-  local dir
-  case $1-$2 in
-    keygate-holder) dir=$WORK STARTED_PORT=$KG_PORT ;;
-    keygate-twin) dir=$WORK/twin-keygate STARTED_PORT=$TWIN_KG_PORT ;;
-    nginx-keyauth-holder) dir=$WORK/nginx-keyauth STARTED_PORT=$NG_PORT ;;
-    nginx-keyauth-twin) dir=$WORK/twin-nginx-keyauth STARTED_PORT=$TWIN_NG_PORT ;;
-  esac
+  local dir=$WORK/idletwins-$1-$2
   if [ "$1" = keygate ]; then
+    STARTED_PORT=$(awk -F'"' '/^\[/{s=$0} s=="[proxy]" && /^listen *=/{split($2,a,":"); print a[2]; exit}' "$dir/keygate.toml")
     KEYGATE_ADMIN_KEY=${KEYGATE_ADMIN_KEY:-idletwins-admin-key-0000} taskset -c "$PROXY_CPU" "$KEYGATE_BIN" serve \
-      --config "$dir/keygate.toml" >>"$WORK/idletwins-$1-$2.log" 2>&1 &
+      --config "$dir/keygate.toml" >>"$dir/keygate.log" 2>&1 &
   else
-    mkdir -p "$dir/body" "$dir/proxy" "$dir/fastcgi" "$dir/uwsgi" "$dir/scgi"
+    STARTED_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$dir/nginx.conf" | grep -oE '[0-9]+;' | tr -d ';')
     taskset -c "$PROXY_CPU" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" &
   fi
   STARTED=$!

@@ -88,7 +88,9 @@
 # first connection count while they are held against right before, in one table. Each of the
 # two is started again first (IDLE_FRESH=1, the default; same configuration, ports and store):
 # a process that served the phases before sits at their high-water mark and would add nothing
-# for the connections; IDLE_FRESH=0 measures them as they are.
+# for the connections; IDLE_FRESH=0 measures them as they are. Then (IDLE_TWINS=1, the default)
+# scripts/idletwins.sh: each contender's copy holding $IDLE idle connections against a copy
+# holding none, wrk alternating between them ($REPS rounds of $DURATION s), a second table.
 # IDLE_ELSEWHERE=1 (with IDLE) runs wrk a fourth time per contender while as many idle
 # connections (at most half of `ulimit -n`) are held by scripts/idle_pairs.py, a process that is
 # neither contender: the slowdown the machine puts on any server while idle sockets exist.
@@ -187,6 +189,7 @@ if [ -n "$TLS_OPEN_RATES" ]; then
 fi
 IDLE_ELSEWHERE=${IDLE_ELSEWHERE:-0}
 IDLE_FRESH=${IDLE_FRESH:-1}
+IDLE_TWINS=${IDLE_TWINS:-1}
 SHIELD=${SHIELD:-0}
 # Runs with more of the contender's core stolen by the hypervisor than this (%) are run again.
 STEAL_MAX=${STEAL_MAX:-2}
@@ -1001,6 +1004,14 @@ if [ "$IDLE" -gt 0 ]; then
     echo "  idle $c: RSS $before kB -> $held kB; $(cat "$WORK/idle-$c-client.txt")" >&2
   done
 fi
+# IDLE_TWINS=1 (the default, with IDLE): scripts/idletwins.sh on this run's directory, the
+# holder of $IDLE idle connections against a twin holding none, alternated round by round.
+if [ "$IDLE" -gt 0 ] && [ "$IDLE_TWINS" = 1 ]; then
+  echo "idle connections against a twin (scripts/idletwins.sh)…" >&2
+  WORK=$WORK KEYGATE_BIN=$KEYGATE IDLE=$IDLE ROUNDS=$REPS SECS=$DURATION WARM=$WARM CONNS=${CONNS%% *} \
+    PROXY_CPU=$PROXY_CPU LOAD_CPU=$LOAD_CPU CONTENDERS="keygate nginx-keyauth" bash scripts/idletwins.sh >"$WORK/idletwins.txt" 2>&1 \
+    || echo "loadtest: scripts/idletwins.sh failed: $(tail -n 3 "$WORK/idletwins.txt" | tr '\n' ' ')" >&2
+fi
 
 CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -1415,9 +1426,20 @@ if "keygate" in rss and "nginx-keyauth" in rss:
 print()
 print("Without, with and after are runs one after the other: the host's drift between them and what the machine "
       "does for idle sockets of any process are in those ratios. `WORK=<this run's directory, KEEP_WORK=1> "
-      "scripts/idletwins.sh` measures a holder against its twin holding none, alternated in the same minutes.")
+      "scripts/idletwins.sh` (the next table, with IDLE_TWINS=1) measures a holder against its twin holding none, alternated in the same minutes.")
 print()
 PY
+fi
+# The idle phase's holder against a twin (IDLE_TWINS=1), after its table.
+if [ -s "$WORK/idletwins.txt" ]; then
+  {
+    echo "#### The same against a twin (scripts/idletwins.sh, IDLE_TWINS=1)"
+    echo
+    echo "Two copies of each contender on CPU $PROXY_CPU, one holding $IDLE idle connections and the other none, wrk (c${CONNS%% *}) alternating between them for $REPS rounds of $DURATION s: the machine's idle sockets and the host's drift fall on both."
+    echo
+    grep '^|' "$WORK/idletwins.txt"
+    echo
+  } >>"$OUT"
 fi
 # The raw wrk/h2load outputs beside the report.
 mkdir -p "$OUT.raw"
