@@ -8,22 +8,19 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }
 
-# The sum of one field over a process and its children (nginx's master and its worker): CPU
-# time in clock ticks (tree_ticks) or resident memory in kB (tree_rss_kb).
-tree_ticks() { # pid
-  local t=0 p
+# The sum of one figure over a process and its children (nginx's master and its worker): the
+# number the awk program $3 prints from /proc/<pid>/$2 (0 for a process gone meanwhile). CPU time
+# in clock ticks (tree_ticks) or resident memory in kB (tree_rss_kb).
+tree_sum() { # pid, file, awk program
+  local t=0 p v
   for p in "$1" $(ps -o pid= --ppid "$1"); do
-    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    v=$(awk "$3" "/proc/$p/$2" 2>/dev/null) || v=0
+    t=$((t + ${v:-0}))
   done
   echo "$t"
 }
-tree_rss_kb() { # pid
-  local t=0 p
-  for p in "$1" $(ps -o pid= --ppid "$1"); do
-    t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)))
-  done
-  echo "$t"
-}
+tree_ticks() { tree_sum "$1" stat '{print $14 + $15}'; }
+tree_rss_kb() { tree_sum "$1" status '/VmRSS/ {print $2}'; }
 
 # The plain listeners of a directory kept by scripts/loadtest.sh: NG_PORT (nginx-keyauth's first
 # `listen 127.0.0.1:PORT;`), UP_PORT (the upstream's), KG_PORT (keygate's [proxy] listen). Exits
