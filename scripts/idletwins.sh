@@ -25,7 +25,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-# wait_port, tree_ticks, tree_rss_kb, kept_ports
+# wait_port, tree_ticks, tree_rss_kb, kept_ports, positive_ints
 . scripts/lib/bench.sh
 WORK=${WORK:?"WORK=<a directory kept by KEEP_WORK=1 scripts/loadtest.sh>"}
 IDLE=${IDLE:-10000}
@@ -44,9 +44,7 @@ done
 for c in $CONTENDERS; do
   case $c in keygate | nginx-keyauth) ;; *) echo "idletwins: unknown contender '$c' (keygate, nginx-keyauth)" >&2; exit 2 ;; esac
 done
-for v in "IDLE=$IDLE" "ROUNDS=$ROUNDS" "CONNS=$CONNS" "SECS=$SECS" "WARM=$WARM"; do
-  case ${v#*=} in '' | *[!0-9]* | 0) echo "idletwins: $v: a positive whole number" >&2; exit 2 ;; esac
-done
+positive_ints idletwins "IDLE=$IDLE" "ROUNDS=$ROUNDS" "CONNS=$CONNS" "SECS=$SECS" "WARM=$WARM"
 [ -n "${CONTENDERS// /}" ] || { echo "idletwins: CONTENDERS must name at least one" >&2; exit 2; }
 command -v wrk >/dev/null || { echo "idletwins: wrk is missing (scripts/loadtest.sh installs it)" >&2; exit 2; }
 [ -x "$KEYGATE_BIN" ] || cargo build --release --bin keygate
@@ -91,7 +89,12 @@ for role in ("holder", "twin"):
 PY
 
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+LINES=$(mktemp)
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -f "$LINES"
+}
 trap cleanup EXIT
 
 # The upstream of the kept directory, unless it is running already (a loadtest.sh run).
@@ -116,7 +119,6 @@ start() {
   PIDS+=("$STARTED")
   wait_port "$STARTED_PORT" "$1 ($2)"
 }
-LINES=$(mktemp)
 measure() { # contender, role, pid, port, round
   local t0 t1 out
   taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${WARM}s" -s "$WORK/one.lua" "http://127.0.0.1:$4/" >/dev/null
@@ -174,13 +176,15 @@ done
 echo
 python3 - "$LINES" "$IDLE" <<'PY'
 import re, statistics, sys
-runs = {}
+runs, errors = {}, {}
 for line in open(sys.argv[1]):
     m = re.match(r"(\S+) (holder|twin) round (\d+): p99 (\d+) µs, (\d+) req/s, CPU ([\d.]+)", line)
     if m:
         runs.setdefault(m[1], {}).setdefault(m[2], {})[int(m[3])] = [float(x) for x in m.groups()[3:]]
-print(f"| contender | rounds | p99 µs, holder of {int(sys.argv[2]):,} idle → twin | req/s | CPU µs/req | holder's p99 ≤ twin's |")
-print("|---|---|---|---|---|---|")
+        if line.rstrip().endswith(")"):  # wrk counted socket errors or non-2xx answers
+            errors.setdefault(m[1], []).append(f"{m[2]} round {m[3]}")
+print(f"| contender | rounds | p99 µs, holder of {int(sys.argv[2]):,} idle → twin | req/s | CPU µs/req | holder's p99 ≤ twin's | rounds with errors (in the medians) |")
+print("|---|---|---|---|---|---|---|")
 for c, v in runs.items():
     h, t = v.get("holder", {}), v.get("twin", {})
     both = sorted(set(h) & set(t))
@@ -189,6 +193,5 @@ for c, v in runs.items():
     med = lambda d, i: statistics.median(d[r][i] for r in both)
     cells = [f"{med(h, i):,.{2 if i == 2 else 0}f} → {med(t, i):,.{2 if i == 2 else 0}f} ({med(h, i) / med(t, i):.2f}×)" for i in range(3)]
     at_or_below = sum(h[r][0] <= t[r][0] for r in both)
-    print(f"| {c} | {len(both)} | " + " | ".join(cells) + f" | {at_or_below} of {len(both)} |")
+    print(f"| {c} | {len(both)} | " + " | ".join(cells) + f" | {at_or_below} of {len(both)} | {', '.join(errors.get(c, [])) or 'none'} |")
 PY
-rm -f "$LINES"

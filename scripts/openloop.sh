@@ -32,7 +32,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-# wait_port, tree_ticks, kept_ports
+# wait_port, tree_ticks, kept_ports, positive_ints
 . scripts/lib/bench.sh
 WORK=${WORK:?"WORK=<a directory kept by KEEP_WORK=1 scripts/loadtest.sh>"}
 RATES=${RATES:-20000}
@@ -68,9 +68,7 @@ for v in "SECS=$SECS" "WARM=$WARM"; do
   case ${v#*=} in '' | *[!0-9]* | 0 | 1) echo "openloop: $v: at least 2 seconds (open_loop does not count the first)" >&2; exit 2 ;; esac
 done
 [ -n "${RATES// /}" ] && [ -n "${CONTENDERS// /}" ] || { echo "openloop: RATES and CONTENDERS must name at least one" >&2; exit 2; }
-for v in "CONNS=$CONNS" $(for r in $RATES; do echo "RATES=$r"; done); do
-  case ${v#*=} in '' | *[!0-9]* | 0) echo "openloop: $v: a positive whole number" >&2; exit 2 ;; esac
-done
+positive_ints openloop "CONNS=$CONNS" $(for r in $RATES; do echo "RATES=$r"; done)
 [ -x "$KEYGATE_BIN" ] || cargo build --release --bin keygate
 [ -x "$OPEN_LOOP" ] || cargo build --release --example open_loop
 [ -z "$TLS" ] || [ -x "$OPEN_LOOP_TLS" ] || cargo build --release --example open_loop_tls

@@ -1,8 +1,8 @@
 # Shared by scripts/loadtest.sh and scripts/profile.sh (sourced, not run): free loopback ports,
 # waiting for a listener, and the nginx configurations both measure keygate against, so that
 # "nginx-keyauth" is the same nginx in both. Needs $WORK (the scratch directory) when called.
-# scripts/openloop.sh and scripts/idletwins.sh use wait_port, tree_ticks and kept_ports, on the
-# configurations a loadtest.sh run kept.
+# scripts/openloop.sh and scripts/idletwins.sh use wait_port, tree_ticks, kept_ports and
+# positive_ints, on the configurations a loadtest.sh run kept.
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
@@ -30,6 +30,15 @@ kept_ports() { # what
   UP_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$WORK/upstream/nginx.conf" | grep -oE '[0-9]+;' | tr -d ';')
   KG_PORT=$(awk -F'"' '/^\[/{s=$0} s=="[proxy]" && /^listen *=/{split($2,a,":"); print a[2]; exit}' "$WORK/keygate.toml")
   [ -n "$NG_PORT" ] && [ -n "$UP_PORT" ] && [ -n "$KG_PORT" ] || { echo "$1: cannot find the ports in $WORK's configurations" >&2; exit 2; }
+}
+
+# Exits 2 unless every NAME=value given is a positive whole number. $1: the caller's name.
+positive_ints() { # what, NAME=value...
+  local what=$1 v
+  shift
+  for v in "$@"; do
+    case ${v#*=} in '' | *[!0-9]* | 0) echo "$what: $v: a positive whole number" >&2; exit 2 ;; esac
+  done
 }
 
 wait_port() { # port[, what]
