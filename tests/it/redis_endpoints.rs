@@ -337,7 +337,13 @@ async fn cluster_node_of_the_slot_down_cached_keys_work_the_rest_503_and_service
         gw.admin("GET", "/v1/clients/during", None).await.status,
         404
     );
-    assert_eq!(gw.get_with_key("/back", &key).await.status, 200);
+    let r = gw.get_with_key("/back", &key).await;
+    assert_eq!(
+        r.status,
+        200,
+        "the key after the node came back: {}",
+        String::from_utf8_lossy(&r.body)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,7 +37,7 @@ impl Sentinel {
 
     pub fn start_with(primary_port: u16, quorum: u32, o: &SentinelOptions<'_>) -> Sentinel {
         for _ in 0..5 {
-            let dir = tempfile::tempdir().unwrap();
+            let dir = crate::redis_support::data_dir();
             let port = free_port();
             let tls_port = o.tls.map(|_| free_port());
             let conf = dir.path().join("sentinel.conf");

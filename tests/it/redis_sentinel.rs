@@ -316,11 +316,23 @@ async fn with_redis_wait_replicas_an_admin_write_is_acknowledged_only_once_a_rep
         wait_ready(gw, Duration::from_secs(10)).await;
     }
     let create = |id: &str| json!({"client_id": id, "license": "pro"});
-    let r = waiting
-        .admin("POST", "/v1/clients", Some(create("replicated")))
-        .await;
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    let on_replica: i64 = replica.query(0, redis::cmd("EXISTS").arg("keygate:client:replicated"));
+    // A replica that keeps up confirms within the wait; on a machine busy with other tests its
+    // confirmation can come late once (503, never a 201 it does not hold): another client then.
+    let mut attempt = 0;
+    let id = loop {
+        let id = format!("replicated-{attempt}");
+        let r = waiting
+            .admin("POST", "/v1/clients", Some(create(&id)))
+            .await;
+        if r.status == 201 {
+            break id;
+        }
+        assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+        attempt += 1;
+        assert!(attempt < 5, "the replica never confirmed in time");
+    };
+    let on_replica: i64 =
+        replica.query(0, redis::cmd("EXISTS").arg(format!("keygate:client:{id}")));
     assert_eq!(on_replica, 1, "acknowledged, yet not on the replica");
 
     // The replica hangs: the write is made on the primary, but not acknowledged.

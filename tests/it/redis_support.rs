@@ -122,7 +122,7 @@ impl RedisServer {
     fn start_full(tls: Option<TlsSetup>, args: &[&str]) -> RedisServer {
         for _ in 0..5 {
             let mut server = RedisServer {
-                dir: tempfile::tempdir().unwrap(),
+                dir: data_dir(),
                 port: free_port(),
                 tls: tls.clone().map(|t| (free_port(), t)),
                 args: args.iter().map(|a| a.to_string()).collect(),
@@ -159,13 +159,18 @@ impl RedisServer {
             .args(["--unixsocketperm", "700"])
             .arg("--dir")
             .arg(dir)
+            .args(["--save", "", "--appendonly", "yes"])
+            // Tests crash a server (SIGKILL) and expect every acknowledged write back after the
+            // restart: with `everysec`, a write Redis postpones while a slow fsync runs (a disk
+            // other tests keep busy) is acknowledged and then lost with the process. `always`
+            // writes before it answers; on the tmpfs of `data_dir` its fsync costs nothing.
             .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
                 "--appendfsync",
-                "everysec",
+                if dir.starts_with(SHM) {
+                    "always"
+                } else {
+                    "everysec"
+                },
             ])
             .arg("--logfile")
             .arg(dir.join("redis.log"))
@@ -333,4 +338,17 @@ pub fn free_port() -> u16 {
 
 pub fn log_of(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default()
+}
+
+const SHM: &str = "/dev/shm";
+
+/// A new directory for a server's data: on the tmpfs `/dev/shm` where there is one (what a
+/// killed process wrote stays, and an fsync does not wait for a disk other tests keep busy),
+/// else in the system's temporary directory.
+pub fn data_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("keygate-redis.")
+        .tempdir_in(SHM)
+        .or_else(|_| tempfile::tempdir())
+        .unwrap()
 }
