@@ -25,7 +25,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-# wait_port, tree_ticks, tree_rss_kb, kept_ports, positive_ints
+# wait_port, tree_ticks, tree_rss_kb, kept_ports, nginx_port, keygate_port, positive_ints
 . scripts/lib/bench.sh
 WORK=${WORK:?"WORK=<a directory kept by KEEP_WORK=1 scripts/loadtest.sh>"}
 IDLE=${IDLE:-10000}
@@ -108,11 +108,11 @@ fi
 start() {
   local dir=$WORK/idletwins-$1-$2
   if [ "$1" = keygate ]; then
-    STARTED_PORT=$(awk -F'"' '/^\[/{s=$0} s=="[proxy]" && /^listen *=/{split($2,a,":"); print a[2]; exit}' "$dir/keygate.toml")
+    STARTED_PORT=$(keygate_port "$dir/keygate.toml")
     KEYGATE_ADMIN_KEY=${KEYGATE_ADMIN_KEY:-idletwins-admin-key-0000} taskset -c "$PROXY_CPU" "$KEYGATE_BIN" serve \
       --config "$dir/keygate.toml" >>"$dir/keygate.log" 2>&1 &
   else
-    STARTED_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$dir/nginx.conf" | grep -oE '[0-9]+;' | tr -d ';')
+    STARTED_PORT=$(nginx_port "$dir/nginx.conf")
     taskset -c "$PROXY_CPU" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" &
   fi
   STARTED=$!

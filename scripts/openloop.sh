@@ -32,7 +32,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-# wait_port, tree_ticks, kept_ports, positive_ints
+# wait_port, tree_ticks, kept_ports, keygate_port, positive_ints
 . scripts/lib/bench.sh
 WORK=${WORK:?"WORK=<a directory kept by KEEP_WORK=1 scripts/loadtest.sh>"}
 RATES=${RATES:-20000}
@@ -77,7 +77,7 @@ kept_ports openloop
 KEY=$(head -n1 "$WORK/key1.txt")
 if [ -n "$TLS" ]; then
   NG_TLS_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+ ssl' "$WORK/nginx-keyauth/nginx.conf" | grep -oE ':[0-9]+' | tr -d ':')
-  KGT_PORT=$(awk -F'"' '/^\[/{s=$0} s=="[proxy]" && /^listen *=/{split($2,a,":"); print a[2]; exit}' "$WORK/tls/keygate.toml")
+  KGT_PORT=$(keygate_port "$WORK/tls/keygate.toml")
   [ -n "$NG_TLS_PORT" ] && [ -n "$KGT_PORT" ] || { echo "openloop: cannot find the TLS ports in $WORK's configurations" >&2; exit 2; }
   TLS_KEY=$(head -n1 "$WORK/tls-key1.txt")
 fi

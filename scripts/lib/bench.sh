@@ -1,8 +1,8 @@
 # Shared by scripts/loadtest.sh and scripts/profile.sh (sourced, not run): free loopback ports,
 # waiting for a listener, and the nginx configurations both measure keygate against, so that
 # "nginx-keyauth" is the same nginx in both. Needs $WORK (the scratch directory) when called.
-# scripts/openloop.sh and scripts/idletwins.sh use wait_port, tree_ticks, kept_ports and
-# positive_ints, on the configurations a loadtest.sh run kept.
+# scripts/openloop.sh and scripts/idletwins.sh use wait_port, tree_ticks, kept_ports,
+# nginx_port/keygate_port and positive_ints, on the configurations a loadtest.sh run kept.
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
@@ -22,13 +22,18 @@ tree_sum() { # pid, file, awk program
 tree_ticks() { tree_sum "$1" stat '{print $14 + $15}'; }
 tree_rss_kb() { tree_sum "$1" status '/VmRSS/ {print $2}'; }
 
-# The plain listeners of a directory kept by scripts/loadtest.sh: NG_PORT (nginx-keyauth's first
-# `listen 127.0.0.1:PORT;`), UP_PORT (the upstream's), KG_PORT (keygate's [proxy] listen). Exits
-# when one is missing. The caller's name for messages: $1.
+# The first plain listener of an nginx configuration (`listen 127.0.0.1:PORT;`) and the [proxy]
+# listener of a keygate one: the port, or nothing.
+nginx_port() { grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$1" | grep -oE '[0-9]+;' | tr -d ';'; }
+keygate_port() { awk -F'"' '/^\[/{s=$0} s=="[proxy]" && /^listen *=/{split($2,a,":"); print a[2]; exit}' "$1"; }
+
+# The plain listeners of a directory kept by scripts/loadtest.sh: NG_PORT (nginx-keyauth's),
+# UP_PORT (the upstream's), KG_PORT (keygate's). Exits when one is missing. The caller's name for
+# messages: $1.
 kept_ports() { # what
-  NG_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$WORK/nginx-keyauth/nginx.conf" | grep -oE '[0-9]+;' | tr -d ';')
-  UP_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$WORK/upstream/nginx.conf" | grep -oE '[0-9]+;' | tr -d ';')
-  KG_PORT=$(awk -F'"' '/^\[/{s=$0} s=="[proxy]" && /^listen *=/{split($2,a,":"); print a[2]; exit}' "$WORK/keygate.toml")
+  NG_PORT=$(nginx_port "$WORK/nginx-keyauth/nginx.conf")
+  UP_PORT=$(nginx_port "$WORK/upstream/nginx.conf")
+  KG_PORT=$(keygate_port "$WORK/keygate.toml")
   [ -n "$NG_PORT" ] && [ -n "$UP_PORT" ] && [ -n "$KG_PORT" ] || { echo "$1: cannot find the ports in $WORK's configurations" >&2; exit 2; }
 }
 
