@@ -5,6 +5,13 @@
 //! the response body read by its framing, with the one stall timeout; and the one log line of a
 //! failed upstream request.
 //!
+//! A request that finds no idle connection opens a new one and, meanwhile, waits in line for
+//! one another exchange gives back: whichever comes first carries it (the oldest waiter is
+//! served first). A new connection that lost that race goes on opening in the background and
+//! is pooled. So a burst of requests beyond the idle connections is carried by the connections
+//! that free up within microseconds instead of waiting out a connect the upstream is slow to
+//! take (a full accept queue drops the SYN and the kernel tries again a second later).
+//!
 //! Timeouts (the upstream policy): connecting within `proxy.connect_timeout`; the response head
 //! within `proxy.upstream_timeout` of sending (504); a response body may not pause longer than
 //! that either. A request body is copied while the upstream is watched: an upstream that
@@ -16,15 +23,18 @@
 //! How the body is framed does not matter: an empty chunked or streamed body is as retryable as
 //! none.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use http::Method;
 use http::uri::Authority;
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tokio::time::Sleep;
 
 use super::codec::chunked::{self, Decoder};
@@ -91,9 +101,22 @@ impl Conn {
 
 /// Idle connections per upstream authority (a handful of upstreams: a list beats a map).
 pub struct Pool {
-    hosts: Mutex<Vec<(Authority, Vec<Conn>)>>,
+    hosts: Mutex<Vec<Host>>,
     connect_timeout: Duration,
 }
+
+/// One upstream authority's idle connections and the requests waiting for one.
+struct Host {
+    authority: Authority,
+    /// Oldest first.
+    idle: Vec<Conn>,
+    /// Requests opening a connection that take the first one given back (oldest first; a
+    /// request that stopped waiting leaves a closed sender, skipped and pruned).
+    waiters: VecDeque<oneshot::Sender<Conn>>,
+}
+
+/// Waiters are pruned of those that stopped waiting once there are this many.
+const PRUNE_WAITERS: usize = 64;
 
 /// Why no connection to the upstream could be opened.
 #[derive(Debug, thiserror::Error)]
@@ -114,12 +137,12 @@ impl Pool {
 
     /// The most recently returned idle connection that is still usable at `now` (checked
     /// outside the lock; dead ones are dropped outside it too).
-    pub fn take(&self, authority: &Authority, now: Instant) -> Option<Conn> {
+    fn take(&self, authority: &Authority, now: Instant) -> Option<Conn> {
         loop {
             let mut c = {
                 let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-                let (_, idle) = hosts.iter_mut().find(|(a, _)| a == authority)?;
-                idle.pop()?
+                let host = hosts.iter_mut().find(|h| h.authority == *authority)?;
+                host.idle.pop()?
             };
             if c.usable(now) {
                 c.reused = true;
@@ -135,39 +158,143 @@ impl Pool {
         let mut dead = Vec::new();
         {
             let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-            for (_, idle) in hosts.iter_mut() {
-                dead.extend(idle.extract_if(.., |c| !c.usable(now)));
+            for host in hosts.iter_mut() {
+                dead.extend(host.idle.extract_if(.., |c| !c.usable(now)));
+                host.waiters.retain(|w| !w.is_closed());
             }
         }
         // Closed here, outside the lock.
         drop(dead);
     }
 
-    /// Gives a connection back after an exchange that ended at a message boundary; it is
-    /// idle from `now` (the end of the exchange or, as the fast path passes it, the arrival of
-    /// the response: a little earlier, so it is dropped a little sooner, never later).
+    /// Gives a connection back after an exchange that ended at a message boundary (or a new
+    /// one opened in the background): to the oldest request waiting for one, else to the idle
+    /// ones. It is idle from `now` (the end of the exchange or, as the fast path passes it,
+    /// the arrival of the response: a little earlier, so it is dropped a little sooner, never
+    /// later).
     pub fn put(&self, authority: &Authority, mut conn: Conn, now: Instant) {
         debug_assert_eq!(conn.end, 0);
         conn.since = now;
-        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        let idle = match hosts.iter().position(|(a, _)| a == authority) {
-            Some(i) => &mut hosts[i].1,
-            None => {
-                hosts.push((authority.clone(), Vec::new()));
-                &mut hosts.last_mut().expect("just pushed").1
+        loop {
+            let waiter = {
+                let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+                let host = Self::host(&mut hosts, authority);
+                match host.waiters.pop_front() {
+                    Some(w) => w,
+                    None => {
+                        // The oldest connections sit at the front: drop those idle for too long.
+                        let idle = &mut host.idle;
+                        let stale = idle
+                            .iter()
+                            .take_while(|c| now.duration_since(c.since) > IDLE_TIMEOUT)
+                            .count();
+                        if stale > 0 {
+                            idle.drain(..stale);
+                        }
+                        if idle.len() < MAX_IDLE_PER_HOST {
+                            idle.push(conn);
+                        }
+                        return;
+                    }
+                }
+            };
+            // Handed over outside the lock (the waiter may be woken on another thread).
+            match waiter.send(conn) {
+                Ok(()) => return,
+                // That request stopped waiting: the next one, or the idle ones.
+                Err(c) => conn = c,
             }
-        };
-        // The oldest connections sit at the front: drop those idle for too long.
-        let stale = idle
-            .iter()
-            .take_while(|c| now.duration_since(c.since) > IDLE_TIMEOUT)
-            .count();
-        if stale > 0 {
-            idle.drain(..stale);
         }
-        if idle.len() < MAX_IDLE_PER_HOST {
-            idle.push(conn);
+    }
+
+    fn host<'h>(hosts: &'h mut Vec<Host>, authority: &Authority) -> &'h mut Host {
+        match hosts.iter().position(|h| h.authority == *authority) {
+            Some(i) => &mut hosts[i],
+            None => {
+                hosts.push(Host {
+                    authority: authority.clone(),
+                    idle: Vec::new(),
+                    waiters: VecDeque::new(),
+                });
+                hosts.last_mut().expect("just pushed")
+            }
         }
+    }
+
+    /// A connection for an exchange: the most recent idle one; else the first of a new one
+    /// and one given back meanwhile (see the module's text). Fails only when the new
+    /// connection fails and nothing was given back by then.
+    async fn acquire(
+        self: &Arc<Self>,
+        authority: &Authority,
+        now: Instant,
+    ) -> Result<Conn, ConnectError> {
+        if let Some(c) = self.take(authority, now) {
+            return Ok(c);
+        }
+        let (tx, mut handed) = oneshot::channel();
+        {
+            let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+            let waiters = &mut Self::host(&mut hosts, authority).waiters;
+            if waiters.len() >= PRUNE_WAITERS {
+                waiters.retain(|w| !w.is_closed());
+            }
+            waiters.push_back(tx);
+        }
+        let mut connect = Box::pin(Self::connect_owned(self.clone(), authority.clone()));
+        let mut waiting = true;
+        let first = std::future::poll_fn(|cx| {
+            if waiting {
+                match Pin::new(&mut handed).poll(cx) {
+                    Poll::Ready(Ok(c)) => return Poll::Ready(Ok(c)),
+                    // Not in line any more (cannot happen while the pool lives): connect only.
+                    Poll::Ready(Err(_)) => waiting = false,
+                    Poll::Pending => {}
+                }
+            }
+            connect.as_mut().poll(cx).map(Err)
+        })
+        .await;
+        match first {
+            Ok(mut c) => {
+                // The new connection goes on opening and joins the pool.
+                let pool = self.clone();
+                let authority = authority.clone();
+                tokio::spawn(async move {
+                    match connect.await {
+                        Ok(c) => pool.put(&authority, c, Instant::now()),
+                        Err(e) => {
+                            tracing::debug!(upstream = %authority, error = %e, "background upstream connect failed")
+                        }
+                    }
+                });
+                c.reused = true;
+                Ok(c)
+            }
+            Err(opened) => {
+                // Out of line; a connection handed over meanwhile is not lost.
+                handed.close();
+                let given = handed.try_recv().ok();
+                match (opened, given) {
+                    (Ok(c), Some(mut other)) => {
+                        other.reused = true;
+                        self.put(authority, other, Instant::now());
+                        Ok(c)
+                    }
+                    (Ok(c), None) => Ok(c),
+                    (Err(_), Some(mut other)) => {
+                        other.reused = true;
+                        Ok(other)
+                    }
+                    (Err(e), None) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// [`Pool::connect`] as a future that owns what it needs (to go on in the background).
+    async fn connect_owned(pool: Arc<Self>, authority: Authority) -> Result<Conn, ConnectError> {
+        pool.connect(&authority).await
     }
 
     /// Opens a new connection (every address of the host in turn, within the connect timeout).
@@ -380,7 +507,7 @@ impl Pool {
     /// `fields`), with the retry rule of this module. `sent`: now, as the caller read it.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn exchange(
-        &self,
+        self: &Arc<Self>,
         route: &Route,
         authority: &Authority,
         head: &[u8],
@@ -392,21 +519,19 @@ impl Pool {
     ) -> Result<Exchange, ProxyError> {
         let mut retried = false;
         loop {
-            let pooled = if retried {
-                None
+            // A retry takes a new connection, not one given back.
+            let acquired = if retried {
+                tokio::time::timeout_at(deadline, self.connect(authority)).await
             } else {
-                self.take(authority, sent)
+                tokio::time::timeout_at(deadline, self.acquire(authority, sent)).await
             };
-            let mut uc = match pooled {
-                Some(c) => c,
-                None => match tokio::time::timeout_at(deadline, self.connect(authority)).await {
-                    Err(_) => return Err(ProxyError::UpstreamTimeout),
-                    Ok(Ok(c)) => c,
-                    Ok(Err(e)) => {
-                        failed(route, true, &e);
-                        return Err(ProxyError::UpstreamUnavailable);
-                    }
-                },
+            let mut uc = match acquired {
+                Err(_) => return Err(ProxyError::UpstreamTimeout),
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    failed(route, true, &e);
+                    return Err(ProxyError::UpstreamUnavailable);
+                }
             };
             match write_all(&mut uc.io, head, deadline).await {
                 Ok(()) => {}
@@ -678,5 +803,132 @@ impl BodyReader {
     /// carry another (given the head allowed keep-alive).
     pub fn at_boundary(&self, uc: &Conn) -> bool {
         self.done && self.framing != Framing::Close && self.pos == uc.end
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener whose accept queue (backlog 0) is full: one connection waits in it, never
+    /// accepted, so a new connect has its SYN dropped and hangs until the queue empties.
+    async fn full_listener() -> (tokio::net::TcpListener, Authority, TcpStream) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let queued = TcpStream::connect(addr).await.unwrap();
+        (listener, addr.to_string().parse().unwrap(), queued)
+    }
+
+    /// A connection to a listener of its own, to be given back to the pool.
+    async fn spare(listener: &tokio::net::TcpListener) -> Conn {
+        let c = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        Conn::new(c)
+    }
+
+    async fn waiters_become(pool: &Pool, authority: &Authority, n: usize) {
+        for _ in 0..1000 {
+            let len = {
+                let hosts = pool.hosts.lock().unwrap();
+                hosts
+                    .iter()
+                    .find(|h| h.authority == *authority)
+                    .map_or(0, |h| h.waiters.iter().filter(|w| !w.is_closed()).count())
+            };
+            if len == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("waiters never became {n}");
+    }
+
+    fn peer(c: &Conn) -> SocketAddr {
+        c.io.peer_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_given_back_goes_to_the_oldest_waiter_still_waiting_then_to_the_idle() {
+        let pool = Arc::new(Pool::new(Duration::from_secs(30)));
+        let (_full, authority, _queued) = full_listener().await;
+        let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let acquire = |pool: &Arc<Pool>| {
+            let (pool, authority) = (pool.clone(), authority.clone());
+            tokio::spawn(async move { pool.acquire(&authority, Instant::now()).await })
+        };
+        let first = acquire(&pool);
+        waiters_become(&pool, &authority, 1).await;
+        let second = acquire(&pool);
+        let third = acquire(&pool);
+        waiters_become(&pool, &authority, 3).await;
+        // The oldest stops waiting (its client went away): the next in line gets the first
+        // connection given back, then the one after it.
+        first.abort();
+        assert!(matches!(first.await, Err(e) if e.is_cancelled()));
+        pool.put(&authority, spare(&other).await, Instant::now());
+        let got = second.await.unwrap().unwrap();
+        assert!(got.reused);
+        assert_eq!(peer(&got), other.local_addr().unwrap());
+        assert!(!third.is_finished());
+        pool.put(&authority, spare(&other).await, Instant::now());
+        assert_eq!(
+            peer(&third.await.unwrap().unwrap()),
+            other.local_addr().unwrap()
+        );
+        // Nobody waits: the next one is idle, for the next request.
+        pool.put(&authority, spare(&other).await, Instant::now());
+        let idle = pool.take(&authority, Instant::now()).expect("pooled");
+        assert_eq!(peer(&idle), other.local_addr().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_that_lost_the_race_is_pooled_once_open() {
+        let pool = Arc::new(Pool::new(Duration::from_secs(30)));
+        let (full, authority, _queued) = full_listener().await;
+        let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let waiter = {
+            let (pool, authority) = (pool.clone(), authority.clone());
+            tokio::spawn(async move { pool.acquire(&authority, Instant::now()).await })
+        };
+        waiters_become(&pool, &authority, 1).await;
+        pool.put(&authority, spare(&other).await, Instant::now());
+        assert_eq!(
+            peer(&waiter.await.unwrap().unwrap()),
+            other.local_addr().unwrap()
+        );
+        assert!(pool.take(&authority, Instant::now()).is_none());
+        // The queue empties: the connect still under way (its SYN sent again by the kernel)
+        // completes and its connection waits in the pool.
+        let _accepted = full.accept().await.unwrap();
+        let pooled = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if let Some(c) = pool.take(&authority, Instant::now()) {
+                    return c;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the background connection joined the pool");
+        assert_eq!(peer(&pooled), full.local_addr().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_failed_connect_fails_the_request_and_leaves_no_waiter_behind() {
+        let pool = Arc::new(Pool::new(Duration::from_secs(30)));
+        // Bound, not listening: refused.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let authority: Authority = socket.local_addr().unwrap().to_string().parse().unwrap();
+        let e = pool.acquire(&authority, Instant::now()).await.err();
+        assert!(matches!(e, Some(ConnectError::Io(_))), "{e:?}");
+        waiters_become(&pool, &authority, 0).await;
+        // A connection given back now is idle, not handed to the request that failed.
+        let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        pool.put(&authority, spare(&other).await, Instant::now());
+        assert!(pool.take(&authority, Instant::now()).is_some());
     }
 }

@@ -393,3 +393,109 @@ async fn oversized_heads_get_431() {
     assert_eq!(r.status, 431);
     assert_eq!(gw.upstream.count(), 0);
 }
+
+/// An upstream that takes one connection and no more: it never accepts again, and its accept
+/// queue (backlog 0) holds a single connection, so once one waits there every new connect
+/// has its SYN dropped. Each request on the one connection (a head, no body) is answered
+/// `ok` after `delay`, keep-alive. Returns its address and the count of answered requests.
+async fn one_connection_upstream(
+    delay: std::time::Duration,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        // Open, never accepting again.
+        let _listener = listener;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                match conn.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            buf.drain(..end);
+            tokio::time::sleep(delay).await;
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            if conn.write_all(answer).await.is_err() {
+                return;
+            }
+        }
+    });
+    (addr, served)
+}
+
+#[tokio::test]
+async fn requests_beyond_the_idle_upstream_connections_take_one_given_back_while_connects_hang() {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let (addr, served) = one_connection_upstream(Duration::from_millis(20)).await;
+    // A long connect timeout: a request left to its own connect gets 502 after 20 s.
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = crate::support::config_text(&format!("http://{addr}"), &dir.path().join("k.db"), "")
+        .replace("[admin]", "connect_timeout_ms = 20000\n[admin]");
+    let gw = Gateway::start_from(upstream, dir, &text).await;
+    let (key, _) = gw.client("acme", "pro").await;
+
+    // The gateway's one connection, taken by the upstream and now idle in the pool.
+    let r = gw.get_with_key("/warm", &key).await;
+    assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"ok"[..]));
+    // The accept queue filled: a new connect now hangs (checked: a probe does not connect).
+    let _queued = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let probe = tokio::time::timeout(
+        Duration::from_millis(300),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await;
+    assert!(probe.is_err(), "the upstream's accept queue is not full");
+
+    // Six at once over HTTP/1.1 (six client connections), then six streams of one HTTP/2
+    // connection (the hyper engine): one finds the idle connection, the others open new
+    // ones that hang, and are carried by the one connection as it is given back.
+    let answers = futures_util::future::join_all((0..6).map(|i| {
+        let (gw, key) = (&gw, &key);
+        async move { gw.get_with_key(&format!("/h1/{i}"), key).await }
+    }))
+    .await;
+    for r in &answers {
+        let body = String::from_utf8_lossy(&r.body);
+        assert_eq!((r.status.as_u16(), body.as_ref()), (200, "ok"));
+    }
+    let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let answers = futures_util::future::join_all((0..6).map(|i| {
+        let req = Request::get(format!("http://{}/h2/{i}", gw.proxy))
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        h2.request(req)
+    }))
+    .await;
+    for r in answers {
+        let r = r.unwrap();
+        assert_eq!(r.version(), http::Version::HTTP_2);
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(
+        served.load(Ordering::SeqCst),
+        13,
+        "all on the one connection"
+    );
+}
