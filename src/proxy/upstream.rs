@@ -5,12 +5,13 @@
 //! the response body read by its framing, with the one stall timeout; and the one log line of a
 //! failed upstream request.
 //!
-//! A request that finds no idle connection opens a new one and, meanwhile, waits in line for
-//! one another exchange gives back: whichever comes first carries it (the oldest waiter is
-//! served first). A new connection that lost that race goes on opening in the background and
-//! is pooled. So a burst of requests beyond the idle connections is carried by the connections
-//! that free up within microseconds instead of waiting out a connect the upstream is slow to
-//! take (a full accept queue drops the SYN and the kernel tries again a second later).
+//! A request that finds no idle connection waits in line (oldest first) for the next
+//! connection given back by another exchange or newly opened, and a new one is opened for it
+//! unless the connects under way already outnumber the requests in line. A connect fails one
+//! request (the oldest in line) and ends nothing else. So a burst of requests beyond the idle
+//! connections is carried by the connections that free up within microseconds instead of
+//! waiting out a connect the upstream is slow to take (a full accept queue drops the SYN and
+//! the kernel tries again a second later), and no more connects are opened than requests wait.
 //!
 //! Timeouts (the upstream policy): connecting within `proxy.connect_timeout`; the response head
 //! within `proxy.upstream_timeout` of sending (504); a response body may not pause longer than
@@ -24,7 +25,6 @@
 //! none.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -110,9 +110,11 @@ struct Host {
     authority: Authority,
     /// Oldest first.
     idle: Vec<Conn>,
-    /// Requests opening a connection that take the first one given back (oldest first; a
-    /// request that stopped waiting leaves a closed sender, skipped and pruned).
-    waiters: VecDeque<oneshot::Sender<Conn>>,
+    /// Requests waiting for a connection, oldest first (one that stopped waiting leaves a
+    /// closed sender: skipped, and pruned).
+    waiters: VecDeque<oneshot::Sender<Result<Conn, ConnectError>>>,
+    /// Connects under way (each ends by handing its connection or its error on).
+    connecting: usize,
 }
 
 /// Waiters are pruned of those that stopped waiting once there are this many.
@@ -167,22 +169,43 @@ impl Pool {
         drop(dead);
     }
 
-    /// Gives a connection back after an exchange that ended at a message boundary (or a new
-    /// one opened in the background): to the oldest request waiting for one, else to the idle
-    /// ones. It is idle from `now` (the end of the exchange or, as the fast path passes it,
-    /// the arrival of the response: a little earlier, so it is dropped a little sooner, never
-    /// later).
+    /// Gives a connection back after an exchange that ended at a message boundary: to the
+    /// oldest request waiting for one, else to the idle ones. It is idle from `now` (the end of
+    /// the exchange or, as the fast path passes it, the arrival of the response: a little
+    /// earlier, so it is dropped a little sooner, never later).
     pub fn put(&self, authority: &Authority, mut conn: Conn, now: Instant) {
         debug_assert_eq!(conn.end, 0);
-        conn.since = now;
+        conn.reused = true;
+        self.give(authority, Ok(conn), now, false);
+    }
+
+    /// Hands what a connect or an exchange gave to the oldest request still waiting; else a
+    /// connection joins the idle ones (an error is only logged). `opened`: it comes from a
+    /// connect, which ends here.
+    fn give(
+        &self,
+        authority: &Authority,
+        mut got: Result<Conn, ConnectError>,
+        now: Instant,
+        opened: bool,
+    ) {
+        let mut opened = opened;
         loop {
             let waiter = {
                 let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
                 let host = Self::host(&mut hosts, authority);
+                if opened {
+                    host.connecting -= 1;
+                    opened = false;
+                }
                 match host.waiters.pop_front() {
                     Some(w) => w,
                     None => {
-                        // The oldest connections sit at the front: drop those idle for too long.
+                        let Ok(mut conn) = got else {
+                            break;
+                        };
+                        conn.since = now;
+                        // The oldest connections sit at the front: drop those idle too long.
                         let idle = &mut host.idle;
                         let stale = idle
                             .iter()
@@ -199,11 +222,14 @@ impl Pool {
                 }
             };
             // Handed over outside the lock (the waiter may be woken on another thread).
-            match waiter.send(conn) {
+            match waiter.send(got) {
                 Ok(()) => return,
-                // That request stopped waiting: the next one, or the idle ones.
-                Err(c) => conn = c,
+                // That request stopped waiting: the next one.
+                Err(back) => got = back,
             }
+        }
+        if let Err(e) = got {
+            tracing::debug!(upstream = %authority, error = %e, "upstream connect failed with no request waiting");
         }
     }
 
@@ -215,15 +241,16 @@ impl Pool {
                     authority: authority.clone(),
                     idle: Vec::new(),
                     waiters: VecDeque::new(),
+                    connecting: 0,
                 });
                 hosts.last_mut().expect("just pushed")
             }
         }
     }
 
-    /// A connection for an exchange: the most recent idle one; else the first of a new one
-    /// and one given back meanwhile (see the module's text). Fails only when the new
-    /// connection fails and nothing was given back by then.
+    /// A connection for an exchange: the most recent idle one; else the next one given back or
+    /// opened (see the module's text). Fails when a connect fails while this request is the
+    /// oldest in line.
     async fn acquire(
         self: &Arc<Self>,
         authority: &Authority,
@@ -232,69 +259,34 @@ impl Pool {
         if let Some(c) = self.take(authority, now) {
             return Ok(c);
         }
-        let (tx, mut handed) = oneshot::channel();
-        {
+        let (tx, rx) = oneshot::channel();
+        let open = {
             let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-            let waiters = &mut Self::host(&mut hosts, authority).waiters;
-            if waiters.len() >= PRUNE_WAITERS {
-                waiters.retain(|w| !w.is_closed());
+            let host = Self::host(&mut hosts, authority);
+            if host.waiters.len() >= PRUNE_WAITERS {
+                host.waiters.retain(|w| !w.is_closed());
             }
-            waiters.push_back(tx);
+            host.waiters.push_back(tx);
+            let open = host.connecting < host.waiters.len();
+            if open {
+                host.connecting += 1;
+            }
+            open
+        };
+        if open {
+            // On its own task: it goes on when this request stops waiting, for the next one.
+            let (pool, authority) = (self.clone(), authority.clone());
+            tokio::spawn(async move {
+                let got = pool.connect(&authority).await;
+                pool.give(&authority, got, Instant::now(), true);
+            });
         }
-        let mut connect = Box::pin(Self::connect_owned(self.clone(), authority.clone()));
-        let mut waiting = true;
-        let first = std::future::poll_fn(|cx| {
-            if waiting {
-                match Pin::new(&mut handed).poll(cx) {
-                    Poll::Ready(Ok(c)) => return Poll::Ready(Ok(c)),
-                    // Not in line any more (cannot happen while the pool lives): connect only.
-                    Poll::Ready(Err(_)) => waiting = false,
-                    Poll::Pending => {}
-                }
-            }
-            connect.as_mut().poll(cx).map(Err)
+        rx.await.unwrap_or_else(|_| {
+            // The sender went with the pool.
+            Err(ConnectError::Io(std::io::Error::other(
+                "connection pool closed",
+            )))
         })
-        .await;
-        match first {
-            Ok(mut c) => {
-                // The new connection goes on opening and joins the pool.
-                let pool = self.clone();
-                let authority = authority.clone();
-                tokio::spawn(async move {
-                    match connect.await {
-                        Ok(c) => pool.put(&authority, c, Instant::now()),
-                        Err(e) => {
-                            tracing::debug!(upstream = %authority, error = %e, "background upstream connect failed")
-                        }
-                    }
-                });
-                c.reused = true;
-                Ok(c)
-            }
-            Err(opened) => {
-                // Out of line; a connection handed over meanwhile is not lost.
-                handed.close();
-                let given = handed.try_recv().ok();
-                match (opened, given) {
-                    (Ok(c), Some(mut other)) => {
-                        other.reused = true;
-                        self.put(authority, other, Instant::now());
-                        Ok(c)
-                    }
-                    (Ok(c), None) => Ok(c),
-                    (Err(_), Some(mut other)) => {
-                        other.reused = true;
-                        Ok(other)
-                    }
-                    (Err(e), None) => Err(e),
-                }
-            }
-        }
-    }
-
-    /// [`Pool::connect`] as a future that owns what it needs (to go on in the background).
-    async fn connect_owned(pool: Arc<Self>, authority: Authority) -> Result<Conn, ConnectError> {
-        pool.connect(&authority).await
     }
 
     /// Opens a new connection (every address of the host in turn, within the connect timeout).
@@ -885,7 +877,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_new_connection_that_lost_the_race_is_pooled_once_open() {
+    async fn a_connect_whose_request_was_served_meanwhile_pools_its_connection() {
         let pool = Arc::new(Pool::new(Duration::from_secs(30)));
         let (full, authority, _queued) = full_listener().await;
         let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -901,7 +893,7 @@ mod tests {
         );
         assert!(pool.take(&authority, Instant::now()).is_none());
         // The queue empties: the connect still under way (its SYN sent again by the kernel)
-        // completes and its connection waits in the pool.
+        // completes and, nobody waiting, its connection waits in the pool.
         let _accepted = full.accept().await.unwrap();
         let pooled = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
@@ -914,6 +906,60 @@ mod tests {
         .await
         .expect("the background connection joined the pool");
         assert_eq!(peer(&pooled), full.local_addr().unwrap());
+    }
+
+    fn connecting(pool: &Pool, authority: &Authority) -> usize {
+        let hosts = pool.hosts.lock().unwrap();
+        hosts
+            .iter()
+            .find(|h| h.authority == *authority)
+            .map_or(0, |h| h.connecting)
+    }
+
+    #[tokio::test]
+    async fn a_request_in_line_behind_enough_connects_opens_none_and_takes_the_next() {
+        let pool = Arc::new(Pool::new(Duration::from_secs(30)));
+        let (full, authority, _queued) = full_listener().await;
+        let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let acquire = |pool: &Arc<Pool>| {
+            let (pool, authority) = (pool.clone(), authority.clone());
+            tokio::spawn(async move { pool.acquire(&authority, Instant::now()).await })
+        };
+        let first = acquire(&pool);
+        waiters_become(&pool, &authority, 1).await;
+        assert_eq!(connecting(&pool, &authority), 1);
+        // Served by a connection given back; its connect goes on.
+        pool.put(&authority, spare(&other).await, Instant::now());
+        assert_eq!(
+            peer(&first.await.unwrap().unwrap()),
+            other.local_addr().unwrap()
+        );
+        assert_eq!(connecting(&pool, &authority), 1);
+        // The next request finds that connect enough: it opens none and gets its connection.
+        let second = acquire(&pool);
+        waiters_become(&pool, &authority, 1).await;
+        assert_eq!(connecting(&pool, &authority), 1);
+        // A third is one more than the connects under way: it opens one.
+        let third = acquire(&pool);
+        waiters_become(&pool, &authority, 2).await;
+        assert_eq!(connecting(&pool, &authority), 2);
+        let _accepted = full.accept().await.unwrap();
+        let a = tokio::time::timeout(Duration::from_secs(20), second)
+            .await
+            .expect("the connect under way served the second")
+            .unwrap()
+            .unwrap();
+        assert_eq!(peer(&a), full.local_addr().unwrap());
+        assert!(!a.reused);
+        // The listener takes the next: the third's connect completes.
+        let _accepted = full.accept().await.unwrap();
+        let b = tokio::time::timeout(Duration::from_secs(20), third)
+            .await
+            .expect("its own connect served the third")
+            .unwrap()
+            .unwrap();
+        assert_eq!(peer(&b), full.local_addr().unwrap());
+        assert_eq!(connecting(&pool, &authority), 0);
     }
 
     #[tokio::test]
