@@ -229,7 +229,11 @@ impl Pool {
             }
         }
         if let Err(e) = got {
-            tracing::debug!(upstream = %authority, error = %e, "upstream connect failed with no request waiting");
+            tracing::debug!(
+                upstream = %authority,
+                error = %e,
+                "upstream connect failed with no request waiting"
+            );
         }
     }
 
