@@ -61,31 +61,14 @@ KEY=$(head -n1 "$WORK/key1.txt")
 # keygate with a copy of the store (SQLite's backup), nginx-keyauth with its own pid file and temporary
 # directories; the originals may still be running (a loadtest.sh run calling this one).
 python3 - "$WORK" <<'PY'
-import os, re, socket, sqlite3, sys
+import sys
+sys.path.insert(0, "scripts/lib")
+import kept_copy
 work = sys.argv[1]
-def free():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-kg = open(f"{work}/keygate.toml").read()
 ng = open(f"{work}/nginx-keyauth/nginx.conf").read()
-if f"sqlite://{work}/keygate.db" not in kg:
-    sys.exit(f"idletwins: {work}/keygate.toml's store is not {work}/keygate.db")
 for role in ("holder", "twin"):
-    d = f"{work}/idletwins-keygate-{role}"
-    os.makedirs(d, exist_ok=True)
-    # A consistent copy even while the original's keygate writes to it (SQLite's backup).
-    for f in ("keygate.db", "keygate.db-wal", "keygate.db-shm"):
-        if os.path.exists(f"{d}/{f}"):
-            os.remove(f"{d}/{f}")
-    src, dst = sqlite3.connect(f"{work}/keygate.db"), sqlite3.connect(f"{d}/keygate.db")
-    src.backup(dst)
-    src.close(); dst.close()
-    k = re.sub(r'(?m)^listen = "127\.0\.0\.1:\d+"', lambda m: f'listen = "127.0.0.1:{free()}"', kg)
-    open(f"{d}/keygate.toml", "w").write(k.replace(f"sqlite://{work}/keygate.db", f"sqlite://{d}/keygate.db"))
-    d = f"{work}/idletwins-nginx-keyauth-{role}"
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        os.makedirs(f"{d}/{sub}", exist_ok=True)
-    n = ng.replace(f"{work}/nginx-keyauth/", f"{d}/")
-    open(f"{d}/nginx.conf", "w").write(re.sub(r"listen 127\.0\.0\.1:\d+", lambda m: f"listen 127.0.0.1:{free()}", n))
+    kept_copy.keygate("idletwins", work, f"{work}/idletwins-keygate-{role}")
+    kept_copy.nginx(ng, f"{work}/nginx-keyauth/", f"{work}/idletwins-nginx-keyauth-{role}")
 PY
 
 PIDS=()

@@ -54,32 +54,16 @@ KEY=$(head -n1 "$WORK/key1.txt")
 # backup: consistent even while the kept directory's keygate writes to it), the upstream with
 # its own port, backlog, pid file and temporary directories.
 python3 - "$WORK" "$D" "$BACKLOG" <<'PY'
-import os, re, socket, sqlite3, sys
+import re, sys
+sys.path.insert(0, "scripts/lib")
+import kept_copy
 work, d, backlog = sys.argv[1:4]
-def free():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-kg = open(f"{work}/keygate.toml").read()
+port = kept_copy.free_port()
 up = open(f"{work}/upstream/nginx.conf").read()
-if f"sqlite://{work}/keygate.db" not in kg:
-    sys.exit(f"upstreamburst: {work}/keygate.toml's store is not {work}/keygate.db")
-for sub in ("upstream/body", "upstream/proxy", "upstream/fastcgi", "upstream/uwsgi", "upstream/scgi"):
-    os.makedirs(f"{d}/{sub}", exist_ok=True)
-for f in ("keygate.db", "keygate.db-wal", "keygate.db-shm"):
-    if os.path.exists(f"{d}/{f}"):
-        os.remove(f"{d}/{f}")
-src, dst = sqlite3.connect(f"{work}/keygate.db"), sqlite3.connect(f"{d}/keygate.db")
-src.backup(dst)
-src.close(); dst.close()
-port = free()
-up, n = re.subn(r"listen 127\.0\.0\.1:\d+;", f"listen 127.0.0.1:{port} backlog={backlog};", up.replace(f"{work}/upstream/", f"{d}/upstream/"), count=1)
-if n != 1:
+if not re.search(r"listen 127\.0\.0\.1:\d+;", up):
     sys.exit(f"upstreamburst: no `listen 127.0.0.1:PORT;` in {work}/upstream/nginx.conf")
-open(f"{d}/upstream/nginx.conf", "w").write(up)
-kg = re.sub(r'(?m)^listen = "127\.0\.0\.1:\d+"', lambda m: f'listen = "127.0.0.1:{free()}"', kg)
-kg, n = re.subn(r'(?m)^upstream = "http://127\.0\.0\.1:\d+"', f'upstream = "http://127.0.0.1:{port}"', kg)
-if n != 1:
-    sys.exit(f"upstreamburst: no upstream = \"http://127.0.0.1:PORT\" in {work}/keygate.toml")
-open(f"{d}/keygate.toml", "w").write(kg.replace(f"sqlite://{work}/keygate.db", f"sqlite://{d}/keygate.db"))
+kept_copy.nginx(up, f"{work}/upstream/", f"{d}/upstream", lambda m: f"listen 127.0.0.1:{port} backlog={backlog}")
+kept_copy.keygate("upstreamburst", work, d, upstream_port=port)
 PY
 UP_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+' "$D/upstream/nginx.conf" | grep -oE '[0-9]+$')
 KG_PORT=$(keygate_port "$D/keygate.toml")
@@ -180,6 +164,6 @@ for label in ("A", "B"):
         continue
     med = lambda i, f="{:,.0f}": f.format(statistics.median(x[i] for x in v))
     tot = lambda i: f"{sum(int(x[i]) for x in v):,}"
-    print(f"| {label} | {len(v)} | {med(0)} | {med(1, '{:.2f}')} | {med(2)} | {tot(3)} | {tot(4)} | {med(5, '{:.1f}')} | "
-          f"{med(6, '{:.1f}')} | {med(7, '{:.1f}')} | {med(8, '{:.1f}')} | {tot(9)} | {sum(1 for x in v if x[9] > 0)} of {len(v)} |")
+    print(f"| {label} | {len(v)} | {med(0)} | {med(1, '{:.2f}')} | {med(2)} | {tot(3)} | {tot(4)} | {med(5, '{:,.1f}')} | "
+          f"{med(6, '{:,.1f}')} | {med(7, '{:,.1f}')} | {med(8, '{:,.1f}')} | {tot(9)} | {sum(1 for x in v if x[9] > 0)} of {len(v)} |")
 PY

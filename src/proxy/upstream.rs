@@ -846,62 +846,88 @@ mod tests {
         c.io.peer_addr().unwrap()
     }
 
+    /// A pool, a full listener as its upstream, and another listener for connections to give
+    /// back.
+    struct Setup {
+        pool: Arc<Pool>,
+        full: tokio::net::TcpListener,
+        authority: Authority,
+        _queued: TcpStream,
+        other: tokio::net::TcpListener,
+    }
+
+    impl Setup {
+        async fn new() -> Setup {
+            let (full, authority, _queued) = full_listener().await;
+            Setup {
+                pool: Arc::new(Pool::new(Duration::from_secs(30))),
+                full,
+                authority,
+                _queued,
+                other: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            }
+        }
+
+        /// A request for a connection, on a task of its own.
+        fn acquire(&self) -> tokio::task::JoinHandle<Result<Conn, ConnectError>> {
+            let (pool, authority) = (self.pool.clone(), self.authority.clone());
+            tokio::spawn(async move { pool.acquire(&authority, Instant::now()).await })
+        }
+
+        async fn waiters_become(&self, n: usize) {
+            waiters_become(&self.pool, &self.authority, n).await
+        }
+
+        /// Gives back a connection to the other listener.
+        async fn give_back(&self) {
+            let c = spare(&self.other).await;
+            self.pool.put(&self.authority, c, Instant::now());
+        }
+
+        fn other_addr(&self) -> SocketAddr {
+            self.other.local_addr().unwrap()
+        }
+    }
+
     #[tokio::test]
     async fn a_connection_given_back_goes_to_the_oldest_waiter_still_waiting_then_to_the_idle() {
-        let pool = Arc::new(Pool::new(Duration::from_secs(30)));
-        let (_full, authority, _queued) = full_listener().await;
-        let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let acquire = |pool: &Arc<Pool>| {
-            let (pool, authority) = (pool.clone(), authority.clone());
-            tokio::spawn(async move { pool.acquire(&authority, Instant::now()).await })
-        };
-        let first = acquire(&pool);
-        waiters_become(&pool, &authority, 1).await;
-        let second = acquire(&pool);
-        let third = acquire(&pool);
-        waiters_become(&pool, &authority, 3).await;
+        let t = Setup::new().await;
+        let first = t.acquire();
+        t.waiters_become(1).await;
+        let second = t.acquire();
+        let third = t.acquire();
+        t.waiters_become(3).await;
         // The oldest stops waiting (its client went away): the next in line gets the first
         // connection given back, then the one after it.
         first.abort();
         assert!(matches!(first.await, Err(e) if e.is_cancelled()));
-        pool.put(&authority, spare(&other).await, Instant::now());
+        t.give_back().await;
         let got = second.await.unwrap().unwrap();
         assert!(got.reused);
-        assert_eq!(peer(&got), other.local_addr().unwrap());
+        assert_eq!(peer(&got), t.other_addr());
         assert!(!third.is_finished());
-        pool.put(&authority, spare(&other).await, Instant::now());
-        assert_eq!(
-            peer(&third.await.unwrap().unwrap()),
-            other.local_addr().unwrap()
-        );
+        t.give_back().await;
+        assert_eq!(peer(&third.await.unwrap().unwrap()), t.other_addr());
         // Nobody waits: the next one is idle, for the next request.
-        pool.put(&authority, spare(&other).await, Instant::now());
-        let idle = pool.take(&authority, Instant::now()).expect("pooled");
-        assert_eq!(peer(&idle), other.local_addr().unwrap());
+        t.give_back().await;
+        let idle = t.pool.take(&t.authority, Instant::now()).expect("pooled");
+        assert_eq!(peer(&idle), t.other_addr());
     }
 
     #[tokio::test]
     async fn a_connect_whose_request_was_served_meanwhile_pools_its_connection() {
-        let pool = Arc::new(Pool::new(Duration::from_secs(30)));
-        let (full, authority, _queued) = full_listener().await;
-        let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let waiter = {
-            let (pool, authority) = (pool.clone(), authority.clone());
-            tokio::spawn(async move { pool.acquire(&authority, Instant::now()).await })
-        };
-        waiters_become(&pool, &authority, 1).await;
-        pool.put(&authority, spare(&other).await, Instant::now());
-        assert_eq!(
-            peer(&waiter.await.unwrap().unwrap()),
-            other.local_addr().unwrap()
-        );
-        assert!(pool.take(&authority, Instant::now()).is_none());
+        let t = Setup::new().await;
+        let waiter = t.acquire();
+        t.waiters_become(1).await;
+        t.give_back().await;
+        assert_eq!(peer(&waiter.await.unwrap().unwrap()), t.other_addr());
+        assert!(t.pool.take(&t.authority, Instant::now()).is_none());
         // The queue empties: the connect still under way (its SYN sent again by the kernel)
         // completes and, nobody waiting, its connection waits in the pool.
-        let _accepted = full.accept().await.unwrap();
+        let _accepted = t.full.accept().await.unwrap();
         let pooled = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
-                if let Some(c) = pool.take(&authority, Instant::now()) {
+                if let Some(c) = t.pool.take(&t.authority, Instant::now()) {
                     return c;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -909,61 +935,52 @@ mod tests {
         })
         .await
         .expect("the background connection joined the pool");
-        assert_eq!(peer(&pooled), full.local_addr().unwrap());
+        assert_eq!(peer(&pooled), t.full.local_addr().unwrap());
     }
 
-    fn connecting(pool: &Pool, authority: &Authority) -> usize {
-        let hosts = pool.hosts.lock().unwrap();
+    fn connecting(t: &Setup) -> usize {
+        let hosts = t.pool.hosts.lock().unwrap();
         hosts
             .iter()
-            .find(|h| h.authority == *authority)
+            .find(|h| h.authority == t.authority)
             .map_or(0, |h| h.connecting)
     }
 
     #[tokio::test]
     async fn a_request_in_line_behind_enough_connects_opens_none_and_takes_the_next() {
-        let pool = Arc::new(Pool::new(Duration::from_secs(30)));
-        let (full, authority, _queued) = full_listener().await;
-        let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let acquire = |pool: &Arc<Pool>| {
-            let (pool, authority) = (pool.clone(), authority.clone());
-            tokio::spawn(async move { pool.acquire(&authority, Instant::now()).await })
-        };
-        let first = acquire(&pool);
-        waiters_become(&pool, &authority, 1).await;
-        assert_eq!(connecting(&pool, &authority), 1);
+        let t = Setup::new().await;
+        let first = t.acquire();
+        t.waiters_become(1).await;
+        assert_eq!(connecting(&t), 1);
         // Served by a connection given back; its connect goes on.
-        pool.put(&authority, spare(&other).await, Instant::now());
-        assert_eq!(
-            peer(&first.await.unwrap().unwrap()),
-            other.local_addr().unwrap()
-        );
-        assert_eq!(connecting(&pool, &authority), 1);
+        t.give_back().await;
+        assert_eq!(peer(&first.await.unwrap().unwrap()), t.other_addr());
+        assert_eq!(connecting(&t), 1);
         // The next request finds that connect enough: it opens none and gets its connection.
-        let second = acquire(&pool);
-        waiters_become(&pool, &authority, 1).await;
-        assert_eq!(connecting(&pool, &authority), 1);
+        let second = t.acquire();
+        t.waiters_become(1).await;
+        assert_eq!(connecting(&t), 1);
         // A third is one more than the connects under way: it opens one.
-        let third = acquire(&pool);
-        waiters_become(&pool, &authority, 2).await;
-        assert_eq!(connecting(&pool, &authority), 2);
-        let _accepted = full.accept().await.unwrap();
+        let third = t.acquire();
+        t.waiters_become(2).await;
+        assert_eq!(connecting(&t), 2);
+        let _accepted = t.full.accept().await.unwrap();
         let a = tokio::time::timeout(Duration::from_secs(20), second)
             .await
             .expect("the connect under way served the second")
             .unwrap()
             .unwrap();
-        assert_eq!(peer(&a), full.local_addr().unwrap());
+        assert_eq!(peer(&a), t.full.local_addr().unwrap());
         assert!(!a.reused);
         // The listener takes the next: the third's connect completes.
-        let _accepted = full.accept().await.unwrap();
+        let _accepted = t.full.accept().await.unwrap();
         let b = tokio::time::timeout(Duration::from_secs(20), third)
             .await
             .expect("its own connect served the third")
             .unwrap()
             .unwrap();
-        assert_eq!(peer(&b), full.local_addr().unwrap());
-        assert_eq!(connecting(&pool, &authority), 0);
+        assert_eq!(peer(&b), t.full.local_addr().unwrap());
+        assert_eq!(connecting(&t), 0);
     }
 
     #[tokio::test]
