@@ -8,7 +8,9 @@
 //! A request that finds no idle connection waits in line (oldest first) for the next
 //! connection given back by another exchange or newly opened, and a new one is opened for it
 //! unless the connects under way already outnumber the requests in line. A connect fails one
-//! request (the oldest in line) and ends nothing else. So a burst of requests beyond the idle
+//! request (the oldest in line) and ends nothing else. There are never fewer connects under way
+//! than requests in line, and each ends within the connect timeout: no request waits longer for
+//! a connection or an error. So a burst of requests beyond the idle
 //! connections is carried by the connections that free up within microseconds instead of
 //! waiting out a connect the upstream is slow to take (a full accept queue drops the SYN and
 //! the kernel tries again a second later), and no more connects are opened than requests wait.
@@ -990,7 +992,13 @@ mod tests {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let authority: Authority = socket.local_addr().unwrap().to_string().parse().unwrap();
-        let e = pool.acquire(&authority, Instant::now()).await.err();
+        let e = tokio::time::timeout(
+            Duration::from_secs(10),
+            pool.acquire(&authority, Instant::now()),
+        )
+        .await
+        .expect("the failed connect's error reached the request")
+        .err();
         assert!(matches!(e, Some(ConnectError::Io(_))), "{e:?}");
         waiters_become(&pool, &authority, 0).await;
         // A connection given back now is idle, not handed to the request that failed.
