@@ -1,8 +1,9 @@
 # Shared by scripts/loadtest.sh and scripts/profile.sh (sourced, not run): free loopback ports,
 # waiting for a listener, and the nginx configurations both measure keygate against, so that
 # "nginx-keyauth" is the same nginx in both. Needs $WORK (the scratch directory) when called.
-# scripts/openloop.sh and scripts/idletwins.sh use wait_port, tree_ticks, kept_ports,
-# nginx_port/keygate_port and positive_ints, on the configurations a loadtest.sh run kept.
+# scripts/openloop.sh, scripts/idletwins.sh and scripts/upstreamburst.sh use wait_port,
+# tree_ticks, kept_ports, nginx_port/keygate_port and positive_ints, on the configurations a
+# loadtest.sh run kept (the copies of those configurations: scripts/lib/kept_copy.py).
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'

@@ -189,9 +189,8 @@ impl Pool {
         authority: &Authority,
         mut got: Result<Conn, ConnectError>,
         now: Instant,
-        opened: bool,
+        mut opened: bool,
     ) {
-        let mut opened = opened;
         loop {
             let waiter = {
                 let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
