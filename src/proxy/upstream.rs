@@ -939,6 +939,19 @@ mod tests {
         assert_eq!(peer(&pooled), t.full.local_addr().unwrap());
     }
 
+    /// The connection a request got, within 20 s (a dropped SYN is sent again after 1 s, then
+    /// 3 s, once the listener's queue has room).
+    async fn served(
+        request: tokio::task::JoinHandle<Result<Conn, ConnectError>>,
+        what: &str,
+    ) -> Conn {
+        tokio::time::timeout(Duration::from_secs(20), request)
+            .await
+            .unwrap_or_else(|_| panic!("timed out: {what}"))
+            .unwrap()
+            .unwrap()
+    }
+
     fn connecting(t: &Setup) -> usize {
         let hosts = t.pool.hosts.lock().unwrap();
         hosts
@@ -966,20 +979,12 @@ mod tests {
         t.waiters_become(2).await;
         assert_eq!(connecting(&t), 2);
         let _accepted = t.full.accept().await.unwrap();
-        let a = tokio::time::timeout(Duration::from_secs(20), second)
-            .await
-            .expect("the connect under way served the second")
-            .unwrap()
-            .unwrap();
+        let a = served(second, "the connect under way served the second").await;
         assert_eq!(peer(&a), t.full.local_addr().unwrap());
         assert!(!a.reused);
         // The listener takes the next: the third's connect completes.
         let _accepted = t.full.accept().await.unwrap();
-        let b = tokio::time::timeout(Duration::from_secs(20), third)
-            .await
-            .expect("its own connect served the third")
-            .unwrap()
-            .unwrap();
+        let b = served(third, "its own connect served the third").await;
         assert_eq!(peer(&b), t.full.local_addr().unwrap());
         assert_eq!(connecting(&t), 0);
     }
