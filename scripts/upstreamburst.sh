@@ -23,7 +23,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-# wait_port, tree_ticks, keygate_port, positive_ints
+# wait_port, tree_ticks, nginx_port, keygate_port, positive_ints
 . scripts/lib/bench.sh
 WORK=${WORK:?"WORK=<a directory kept by KEEP_WORK=1 scripts/loadtest.sh>"}
 ROUNDS=${ROUNDS:-6}
@@ -65,7 +65,7 @@ if not re.search(r"listen 127\.0\.0\.1:\d+;", up):
 kept_copy.nginx(up, f"{work}/upstream/", f"{d}/upstream", lambda m: f"listen 127.0.0.1:{port} backlog={backlog}")
 kept_copy.keygate("upstreamburst", work, d, upstream_port=port)
 PY
-UP_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+' "$D/upstream/nginx.conf" | grep -oE '[0-9]+$')
+UP_PORT=$(nginx_port "$D/upstream/nginx.conf")
 KG_PORT=$(keygate_port "$D/keygate.toml")
 
 PIDS=()

@@ -23,9 +23,9 @@ tree_sum() { # pid, file, awk program
 tree_ticks() { tree_sum "$1" stat '{print $14 + $15}'; }
 tree_rss_kb() { tree_sum "$1" status '/VmRSS/ {print $2}'; }
 
-# The first plain listener of an nginx configuration (`listen 127.0.0.1:PORT;`) and the [proxy]
-# listener of a keygate one: the port, or nothing.
-nginx_port() { grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+;' "$1" | grep -oE '[0-9]+;' | tr -d ';'; }
+# The first plain listener of an nginx configuration (`listen 127.0.0.1:PORT;`, a `backlog=`
+# allowed) and the [proxy] listener of a keygate one: the port, or nothing.
+nginx_port() { grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+( backlog=[0-9]+)?;' "$1" | grep -oE ':[0-9]+' | tr -d ':'; }
 keygate_port() { awk -F'"' '/^\[/{s=$0} s=="[proxy]" && /^listen *=/{split($2,a,":"); print a[2]; exit}' "$1"; }
 
 # The plain listeners of a directory kept by scripts/loadtest.sh: NG_PORT (nginx-keyauth's),
