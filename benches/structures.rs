@@ -23,7 +23,7 @@
 //!   and a timer per operation, registered in the timer wheel and taken out again when the
 //!   operation waits) vs `deadline::within` (polled once before any timer) and, for the head
 //!   waits of a keep-alive connection, `deadline::on_timer` (one timer per connection, its
-//!   deadline moved).
+//!   deadline moved); and a whole wait on that timer, each deadline later than the last.
 //!
 //! Run: `cargo bench --bench structures`.
 
@@ -533,7 +533,45 @@ fn timeouts(c: &mut Criterion) {
             black_box(timer.as_mut().poll(&mut cx).is_pending());
         })
     });
+    // A wait on the connection's timer as `deadline::on_timer` makes it: the operation pending
+    // on its first poll, done on the next (its bytes arrived), each wait's deadline later than
+    // the one before (a keep-alive connection's next request head).
+    g.bench_function("wait_on_connection_timer", |b| {
+        b.iter_custom(|n| {
+            rt.block_on(async {
+                let mut timer = std::pin::pin!(deadline::timer());
+                let started = std::time::Instant::now();
+                for _ in 0..n {
+                    let waited = deadline::on_timer(
+                        timer.as_mut(),
+                        || tokio::time::Instant::now() + LIMIT,
+                        PendingOnce(false),
+                    );
+                    black_box(waited.await.is_ok());
+                }
+                started.elapsed()
+            })
+        })
+    });
     g.finish();
+}
+
+/// Pending on its first poll (waking itself), ready on the next.
+struct PendingOnce(bool);
+
+impl Future for PendingOnce {
+    type Output = u8;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<u8> {
+        if self.0 {
+            return std::task::Poll::Ready(1);
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
 }
 
 criterion_group! {

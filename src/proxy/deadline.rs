@@ -5,8 +5,8 @@
 //! timer for it, and every wait that arms one registers it in the runtime's timer wheel and
 //! takes it out again, each under the wheel's lock. Here the operation is polled once first and
 //! only a wait arms a timer ([`within`], [`until`]); and the waits of one connection reuse one
-//! timer of that connection ([`on_timer`]): moving a registered timer's deadline later is a
-//! store, not a new registration.
+//! timer of that connection ([`on_timer`]), moved only when it would fire late: a timer armed
+//! for an earlier deadline wakes the wait once and is moved then, instead of at every wait.
 
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
@@ -66,13 +66,24 @@ pub async fn on_timer<F: Future>(
         return Ok(out);
     }
     let deadline = deadline();
-    if timer.deadline() != deadline {
+    // Moved only when it would fire late (armed for a later deadline) or has fired. A timer
+    // armed earlier than `deadline`, the usual case (each wait of a keep-alive connection
+    // ends later than the one before), is left as it is: it wakes this wait once, early, and
+    // is moved then. A wait that ends first moves nothing.
+    if timer.deadline() > deadline || timer.is_elapsed() {
         timer.as_mut().reset(deadline);
     }
-    tokio::select! {
-        biased;
-        out = fut => Ok(out),
-        () = timer => Err(TimedOut),
+    loop {
+        tokio::select! {
+            biased;
+            out = fut.as_mut() => return Ok(out),
+            () = timer.as_mut() => {
+                if timer.deadline() >= deadline {
+                    return Err(TimedOut);
+                }
+                timer.as_mut().reset(deadline);
+            }
+        }
     }
 }
 
@@ -147,6 +158,44 @@ mod tests {
         .await;
         assert_eq!(waited, Err(TimedOut));
         assert_eq!(again.elapsed(), Duration::from_secs(90));
+        // Armed for a later deadline than the next wait's (a wait that ended early, then one
+        // bounded tighter): that wait still ends at its own.
+        let started = Instant::now();
+        let got = on_timer(
+            timer.as_mut(),
+            || started + Duration::from_secs(60),
+            tokio::time::sleep(Duration::from_secs(1)),
+        )
+        .await;
+        assert_eq!(got, Ok(()));
+        let again = Instant::now();
+        let waited = on_timer(
+            timer.as_mut(),
+            || again + Duration::from_secs(5),
+            std::future::pending::<()>(),
+        )
+        .await;
+        assert_eq!(waited, Err(TimedOut));
+        assert_eq!(again.elapsed(), Duration::from_secs(5));
+        // Armed earlier than the wait's deadline, which outlasts the armed one and finishes
+        // before its own: the early wake-up neither ends nor cuts it short.
+        let started = Instant::now();
+        let got = on_timer(
+            timer.as_mut(),
+            || started + Duration::from_secs(10),
+            tokio::time::sleep(Duration::from_secs(1)),
+        )
+        .await;
+        assert_eq!(got, Ok(()));
+        let again = Instant::now();
+        let got = on_timer(
+            timer.as_mut(),
+            || again + Duration::from_secs(30),
+            tokio::time::sleep(Duration::from_secs(20)),
+        )
+        .await;
+        assert_eq!(got, Ok(()));
+        assert_eq!(again.elapsed(), Duration::from_secs(20));
         // The deadline function is not asked when the operation finishes at once.
         let got = on_timer(timer.as_mut(), || panic!("no wait, no deadline"), async {
             1

@@ -517,10 +517,11 @@ impl Pool {
         let mut retried = false;
         loop {
             // A retry takes a new connection, not one given back.
+            // No timer unless it waits (an idle connection is taken at once).
             let acquired = if retried {
-                tokio::time::timeout_at(deadline, self.connect(authority)).await
+                deadline::until(deadline, self.connect(authority)).await
             } else {
-                tokio::time::timeout_at(deadline, self.acquire(authority, sent)).await
+                deadline::until(deadline, self.acquire(authority, sent)).await
             };
             let mut uc = match acquired {
                 Err(_) => return Err(ProxyError::UpstreamTimeout),
