@@ -124,78 +124,48 @@ mod tests {
         assert_eq!(Instant::now(), at);
     }
 
+    /// A wait on `timer`, its deadline `secs` away, for an operation that takes `takes` s
+    /// (`None`: never finishes); asserts it ends when it should, and how.
+    async fn wait(timer: Pin<&mut Sleep>, secs: u64, takes: Option<u64>) {
+        let started = Instant::now();
+        let op = async {
+            match takes {
+                Some(t) => tokio::time::sleep(Duration::from_secs(t)).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let got = on_timer(timer, || started + Duration::from_secs(secs), op).await;
+        match takes {
+            Some(t) if t < secs => {
+                assert_eq!(got, Ok(()));
+                assert_eq!(started.elapsed(), Duration::from_secs(t));
+            }
+            _ => {
+                assert_eq!(got, Err(TimedOut));
+                assert_eq!(started.elapsed(), Duration::from_secs(secs));
+            }
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn one_timer_serves_many_waits_with_their_own_deadlines() {
         let mut timer = pin!(timer());
         // A later deadline each time (the keep-alive case), then an earlier one.
         for secs in [3, 10, 4, 1] {
-            let started = Instant::now();
-            let waited = on_timer(
-                timer.as_mut(),
-                || started + Duration::from_secs(secs),
-                std::future::pending::<()>(),
-            )
-            .await;
-            assert_eq!(waited, Err(TimedOut));
-            assert_eq!(started.elapsed(), Duration::from_secs(secs));
+            wait(timer.as_mut(), secs, None).await;
         }
         // A wait that ends before its deadline leaves the timer armed; the next wait, with a
         // later deadline, still times out at its own.
-        let started = Instant::now();
-        let got = on_timer(
-            timer.as_mut(),
-            || started + Duration::from_secs(60),
-            tokio::time::sleep(Duration::from_secs(1)),
-        )
-        .await;
-        assert_eq!(got, Ok(()));
-        let again = Instant::now();
-        let waited = on_timer(
-            timer.as_mut(),
-            || again + Duration::from_secs(90),
-            std::future::pending::<()>(),
-        )
-        .await;
-        assert_eq!(waited, Err(TimedOut));
-        assert_eq!(again.elapsed(), Duration::from_secs(90));
+        wait(timer.as_mut(), 60, Some(1)).await;
+        wait(timer.as_mut(), 90, None).await;
         // Armed for a later deadline than the next wait's (a wait that ended early, then one
         // bounded tighter): that wait still ends at its own.
-        let started = Instant::now();
-        let got = on_timer(
-            timer.as_mut(),
-            || started + Duration::from_secs(60),
-            tokio::time::sleep(Duration::from_secs(1)),
-        )
-        .await;
-        assert_eq!(got, Ok(()));
-        let again = Instant::now();
-        let waited = on_timer(
-            timer.as_mut(),
-            || again + Duration::from_secs(5),
-            std::future::pending::<()>(),
-        )
-        .await;
-        assert_eq!(waited, Err(TimedOut));
-        assert_eq!(again.elapsed(), Duration::from_secs(5));
+        wait(timer.as_mut(), 60, Some(1)).await;
+        wait(timer.as_mut(), 5, None).await;
         // Armed earlier than the wait's deadline, which outlasts the armed one and finishes
         // before its own: the early wake-up neither ends nor cuts it short.
-        let started = Instant::now();
-        let got = on_timer(
-            timer.as_mut(),
-            || started + Duration::from_secs(10),
-            tokio::time::sleep(Duration::from_secs(1)),
-        )
-        .await;
-        assert_eq!(got, Ok(()));
-        let again = Instant::now();
-        let got = on_timer(
-            timer.as_mut(),
-            || again + Duration::from_secs(30),
-            tokio::time::sleep(Duration::from_secs(20)),
-        )
-        .await;
-        assert_eq!(got, Ok(()));
-        assert_eq!(again.elapsed(), Duration::from_secs(20));
+        wait(timer.as_mut(), 10, Some(1)).await;
+        wait(timer.as_mut(), 30, Some(20)).await;
         // The deadline function is not asked when the operation finishes at once.
         let got = on_timer(timer.as_mut(), || panic!("no wait, no deadline"), async {
             1
