@@ -516,8 +516,8 @@ impl Pool {
     ) -> Result<Exchange, ProxyError> {
         let mut retried = false;
         loop {
-            // A retry takes a new connection, not one given back.
-            // No timer unless it waits (an idle connection is taken at once).
+            // A retry takes a new connection, not one given back; no timer unless it has to
+            // wait (an idle connection is taken at once).
             let acquired = if retried {
                 deadline::until(deadline, self.connect(authority)).await
             } else {
@@ -988,6 +988,34 @@ mod tests {
         let b = served(third, "its own connect served the third").await;
         assert_eq!(peer(&b), t.full.local_addr().unwrap());
         assert_eq!(connecting(&t), 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_that_cannot_get_a_connection_by_its_deadline_is_answered_504() {
+        // The connect hangs (a dropped SYN) and its own timeout, 30 s, is far off: the
+        // request's deadline ends the wait.
+        let t = Setup::new().await;
+        let upstream: http::Uri = format!("http://{}/", t.authority).parse().unwrap();
+        let routes = crate::route::RouteTable::new(&[], &upstream, &crate::clock::Clock::real());
+        let route = routes.find("/").unwrap();
+        let started = tokio::time::Instant::now();
+        let exchanged = tokio::time::timeout(
+            Duration::from_secs(20),
+            t.pool.exchange(
+                route,
+                &t.authority,
+                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                &mut Whole,
+                &Method::GET,
+                Instant::now(),
+                started + Duration::from_millis(300),
+                &mut Vec::new(),
+            ),
+        )
+        .await
+        .expect("the deadline ended the wait");
+        assert!(matches!(exchanged, Err(ProxyError::UpstreamTimeout)));
+        assert!(started.elapsed() < Duration::from_secs(10));
     }
 
     #[tokio::test]
