@@ -400,6 +400,37 @@ fn head_to_upstream(c: &mut Criterion) {
     g.finish();
 }
 
+/// The identity fields of a request going upstream: rendered once per principal and
+/// appended with one copy, vs written field by field (name, `: `, value, CRLF) per request.
+fn identity_fields(c: &mut Criterion) {
+    use keygate::keys::IDENTITY_FIELDS;
+    let (_, p) = principal(0);
+    let h = &p.headers;
+    let mut out = Vec::with_capacity(4096);
+    let mut g = c.benchmark_group("identity_fields");
+    g.bench_function("rendered_once", |b| {
+        b.iter(|| {
+            out.clear();
+            black_box(h).write(&mut out);
+            black_box(out.len())
+        })
+    });
+    g.bench_function("field_by_field", |b| {
+        b.iter(|| {
+            out.clear();
+            let h = black_box(h);
+            for (i, name) in IDENTITY_FIELDS.iter().enumerate() {
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(h.value(i));
+                out.extend_from_slice(b"\r\n");
+            }
+            black_box(out.len())
+        })
+    });
+    g.finish();
+}
+
 fn cors_fields(c: &mut Criterion) {
     use keygate::cors::{Allowed, Cors, OriginPattern, Settings};
     let cors = Cors::new(&Settings {
@@ -579,7 +610,7 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = moka_hashers, limiters, number_headers, header_rewriting, head_to_upstream, cors_fields,
+    targets = moka_hashers, limiters, number_headers, header_rewriting, head_to_upstream, identity_fields, cors_fields,
         connection_buffers, timeouts
 }
 criterion_main!(structures);

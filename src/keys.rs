@@ -399,15 +399,17 @@ pub struct Principal {
 }
 
 /// The identity sent upstream: client id, key id, permissions (comma-separated; permissions
-/// never hold a comma) and license, back to back in one buffer.
+/// never hold a comma) and license, rendered once as the four header fields they go out as,
+/// back to back in one buffer: a request appends them with one copy.
 #[derive(Debug, Clone)]
 pub struct IdentityHeaders {
+    /// The fields (`wire` bytes), then each value as given that does not go out as given.
     text: bytes::Bytes,
-    /// End of each of the four values in `text`.
-    ends: [u32; 4],
-    /// Bit `i` set: value `i` is not header text (visible ASCII and tab, [`header_text`]) and
-    /// goes out as `invalid`.
-    invalid: u8,
+    wire: u32,
+    /// Each value as it goes out (`invalid` for one that is not header text, [`header_text`])
+    /// and as given: `(start, end)` in `text`.
+    sent: [(u32, u32); 4],
+    given: [(u32, u32); 4],
 }
 
 /// The identity fields, in the order of [`IdentityHeaders`]'s values.
@@ -430,61 +432,61 @@ pub fn header_text(v: &[u8]) -> bool {
 impl IdentityHeaders {
     pub fn new(client_id: &str, key_id: &str, permissions: &str, license: &str) -> Self {
         let parts = [client_id, key_id, permissions, license];
-        let mut text = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
-        let mut ends = [0u32; 4];
-        let mut invalid = 0u8;
+        let mut text = Vec::with_capacity(
+            IDENTITY_FIELDS.iter().map(|n| n.len() + 4).sum::<usize>()
+                + parts.iter().map(|p| p.len()).sum::<usize>(),
+        );
+        let valid = parts.map(|p| header_text(p.as_bytes()));
+        let span = |text: &Vec<u8>, start: usize| (start as u32, text.len() as u32);
+        let mut sent = [(0, 0); 4];
+        let mut given = [(0, 0); 4];
+        for (i, (name, p)) in IDENTITY_FIELDS.iter().zip(parts).enumerate() {
+            text.extend_from_slice(name.as_bytes());
+            text.extend_from_slice(b": ");
+            let start = text.len();
+            text.extend_from_slice(if valid[i] { p.as_bytes() } else { b"invalid" });
+            sent[i] = span(&text, start);
+            given[i] = sent[i];
+            text.extend_from_slice(b"\r\n");
+        }
+        let wire = text.len() as u32;
         for (i, p) in parts.iter().enumerate() {
-            text.extend_from_slice(p.as_bytes());
-            ends[i] = text.len() as u32;
-            if !header_text(p.as_bytes()) {
-                invalid |= 1 << i;
+            if !valid[i] {
+                let start = text.len();
+                text.extend_from_slice(p.as_bytes());
+                given[i] = span(&text, start);
             }
         }
         IdentityHeaders {
             text: bytes::Bytes::from(text),
-            ends,
-            invalid,
+            wire,
+            sent,
+            given,
         }
     }
 
-    fn range(&self, i: usize) -> std::ops::Range<usize> {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        start..self.ends[i] as usize
+    fn range((start, end): (u32, u32)) -> std::ops::Range<usize> {
+        start as usize..end as usize
     }
 
     /// Value `i` as given (not as sent).
     fn text(&self, i: usize) -> &str {
-        std::str::from_utf8(&self.text[self.range(i)]).unwrap_or("")
+        std::str::from_utf8(&self.text[Self::range(self.given[i])]).unwrap_or("")
     }
 
     /// Value `i` as it goes out in a header.
     pub fn value(&self, i: usize) -> &[u8] {
-        if self.invalid & (1 << i) != 0 {
-            b"invalid"
-        } else {
-            &self.text[self.range(i)]
-        }
+        &self.text[Self::range(self.sent[i])]
     }
 
     /// Appends the four fields as they go on the wire.
     pub fn write(&self, out: &mut Vec<u8>) {
-        for (i, name) in IDENTITY_FIELDS.iter().enumerate() {
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(self.value(i));
-            out.extend_from_slice(b"\r\n");
-        }
+        out.extend_from_slice(&self.text[..self.wire as usize]);
     }
 
     /// The four values as they go out: slices of the one buffer, no copy.
     pub fn shared_values(&self) -> [bytes::Bytes; 4] {
-        std::array::from_fn(|i| {
-            if self.invalid & (1 << i) != 0 {
-                bytes::Bytes::from_static(b"invalid")
-            } else {
-                self.text.slice(self.range(i))
-            }
-        })
+        std::array::from_fn(|i| self.text.slice(Self::range(self.sent[i])))
     }
 }
 
