@@ -587,6 +587,30 @@ fn timeouts(c: &mut Criterion) {
     g.finish();
 }
 
+/// An idle connection's look for the listener's drain, once per request whose next head has
+/// not arrived: a `changed()` made, polled (its waiter registered with the channel) and
+/// dropped (taken out again) per wait, vs the connection's one [`DrainWait`], registered on its
+/// first poll and only looking at the channel's version after that.
+fn drain_waits(c: &mut Criterion) {
+    use keygate::proxy::drain::{self, DrainWait};
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut g = c.benchmark_group("drain_wait");
+    g.bench_function("changed_per_wait", |b| {
+        let mut rx = rx.clone();
+        b.iter(|| {
+            let mut changed = std::pin::pin!(rx.changed());
+            black_box(changed.as_mut().poll(&mut cx).is_pending());
+        })
+    });
+    g.bench_function("registered_once", |b| {
+        let changed = std::pin::pin!(drain::changed(&rx));
+        let mut wait = DrainWait::new(changed);
+        b.iter(|| black_box(wait.poll(&mut cx, &rx).is_pending()))
+    });
+    g.finish();
+}
+
 /// Pending on its first poll (waking itself), ready on the next.
 struct PendingOnce(bool);
 
@@ -611,6 +635,6 @@ criterion_group! {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
     targets = moka_hashers, limiters, number_headers, header_rewriting, head_to_upstream, identity_fields, cors_fields,
-        connection_buffers, timeouts
+        connection_buffers, timeouts, drain_waits
 }
 criterion_main!(structures);

@@ -8,6 +8,7 @@
 
 pub mod codec;
 pub mod deadline;
+pub mod drain;
 pub mod error;
 pub mod h1;
 pub mod headers;

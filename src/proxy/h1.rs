@@ -25,7 +25,7 @@
 //! what could still arrive (a TLS client's close_notify) comes after the client read the
 //! answer, and waiting for it would cost a wakeup and hold the connection for nothing.
 
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -38,6 +38,7 @@ use tokio::time::Sleep;
 use super::codec::head::{self, Field, Framing, Parsed, RequestHead, ResponseHead};
 use super::codec::wire::{self, BodyOut, Out};
 use super::deadline;
+use super::drain::{DrainWait, draining};
 use super::policy::{self, RequestView, Routed};
 use super::upstream::{BodyReader, BodySource, Conn, Exchange, Step};
 use super::{ConnInfo, Gateway, Outcome};
@@ -117,10 +118,12 @@ pub async fn serve<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let timer = std::pin::pin!(deadline::timer());
+    let timer = pin!(deadline::timer());
+    let drained = pin!(super::drain::changed(drain));
     let mut c = Client {
         io,
         timer,
+        drained: DrainWait::new(drained),
         buf: Vec::new(),
         start: 0,
         end: 0,
@@ -186,6 +189,8 @@ struct Client<'c, I> {
     io: &'c mut I,
     /// The connection's timer: the wait for each request head.
     timer: Pin<&'c mut Sleep>,
+    /// What an idle wait for the next head also waits for.
+    drained: DrainWait<'c>,
     /// `buf[start..end]`: read from the client and not yet consumed.
     buf: Vec<u8>,
     start: usize,
@@ -200,16 +205,12 @@ struct Client<'c, I> {
     ufields: Vec<Field>,
 }
 
-fn draining(drain: &watch::Receiver<bool>) -> bool {
-    drain.has_changed().unwrap_or(true)
-}
-
 impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
     async fn read_head(
         &mut self,
         gw: &Gateway,
         st: &Settings,
-        drain: &mut watch::Receiver<bool>,
+        drain: &watch::Receiver<bool>,
     ) -> HeadRead {
         let mut deadline = None;
         loop {
@@ -256,10 +257,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
                 read_into(self.io, &mut self.buf, self.end),
             );
             let got = if idle {
+                let drained = &mut self.drained;
                 tokio::select! {
                     biased;
                     r = read => r,
-                    _ = drain.changed() => return HeadRead::Closed,
+                    () = std::future::poll_fn(|cx| drained.poll(cx, drain)) => {
+                        return HeadRead::Closed;
+                    }
                 }
             } else {
                 read.await

@@ -311,6 +311,35 @@ async fn reset_after_close(c: &mut crate::scripted::Raw) -> bool {
     false
 }
 
+/// A drain closes every connection that waits for its next request at once: one that has
+/// served requests (its wait for the drain registered at its first idle wait and kept) as
+/// well as one that has sent nothing yet; the listener then stops without waiting out its
+/// grace period (60 s here, while `stop` allows 10).
+#[tokio::test]
+async fn a_drain_closes_idle_connections_at_once_however_many_requests_they_served() {
+    let (gw, _script, key) = setup("[server]\nshutdown_grace_secs = 60").await;
+    let mut served = Raw::connect(gw.proxy).await;
+    for _ in 0..3 {
+        served.send(&get("/ok", &key)).await;
+        let a = served.read("GET").await;
+        assert_eq!((a.status, &a.body[..]), (200, &b"ok"[..]));
+        // The next head is not there yet: the connection waits, idle.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut fresh = Raw::connect(gw.proxy).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopping = tokio::spawn(gw.stop());
+    assert!(
+        served.closes(Duration::from_secs(5)).await,
+        "a connection idle after its requests outlived the drain"
+    );
+    assert!(
+        fresh.closes(Duration::from_secs(5)).await,
+        "a connection idle from its start outlived the drain"
+    );
+    stopping.await.unwrap();
+}
+
 #[tokio::test]
 async fn a_close_the_client_asked_for_is_immediate_and_unread_input_still_lingers() {
     let (gw, _script, key) = setup("").await;
