@@ -431,6 +431,47 @@ fn identity_fields(c: &mut Criterion) {
     g.finish();
 }
 
+/// The response head of the load tests' upstream (nginx, `return 200`) relayed to the client
+/// the fast path's way: its fields, then the rate-limit fields and the framing.
+fn relayed_response_head(c: &mut Criterion) {
+    use keygate::limit::RateInfo;
+    use keygate::proxy::codec::head::parse_response;
+    use keygate::proxy::codec::wire::{Out, response_head};
+    use keygate::proxy::policy::CachePolicy;
+    let raw = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 06 Dec 2026 22:00:00 GMT\r\n\
+                Content-Type: application/octet-stream\r\nContent-Length: 3\r\n\
+                Connection: keep-alive\r\n\r\n";
+    let mut fields = Vec::new();
+    let head = parse_response(raw, false, &mut fields).unwrap().unwrap();
+    let rate = RateInfo {
+        limit: 1000,
+        remaining: 999,
+        reset_secs: 1,
+        credits: None,
+        quota: None,
+    };
+    let cache = CachePolicy::new(&HeaderName::from_static("x-api-key"), true, true);
+    let clock = Clock::real();
+    let mut out = Vec::with_capacity(4096);
+    c.bench_function("relayed_response_head", |b| {
+        b.iter(|| {
+            out.clear();
+            response_head(
+                &mut out,
+                black_box(raw),
+                &head,
+                &fields,
+                Some((&rate, &cache)),
+                Out::AsIs,
+                false,
+                &clock,
+                None,
+            );
+            black_box(out.len())
+        })
+    });
+}
+
 fn cors_fields(c: &mut Criterion) {
     use keygate::cors::{Allowed, Cors, OriginPattern, Settings};
     let cors = Cors::new(&Settings {
@@ -634,7 +675,8 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = moka_hashers, limiters, number_headers, header_rewriting, head_to_upstream, identity_fields, cors_fields,
+    targets = moka_hashers, limiters, number_headers, header_rewriting, head_to_upstream, identity_fields,
+        relayed_response_head, cors_fields,
         connection_buffers, timeouts, drain_waits
 }
 criterion_main!(structures);

@@ -177,13 +177,15 @@ pub fn response_head(
 ) {
     let rate = own.map(|(r, _)| r);
     status_line(out, head.status, head.reason.get(ubuf));
+    let mut lines = Lines::default();
     for f in fields {
         if policy::relayed(f.kind, rate.is_some())
             && !(cors.is_some() && crate::cors::upstream_owned(f.name.get(ubuf)))
         {
-            field(out, f.name.get(ubuf), f.value.get(ubuf));
+            lines.field(out, ubuf, f);
         }
     }
+    lines.flush(out, ubuf);
     if let Some((_, cache)) = own {
         let (private, vary) = cache.additions(fields.iter().map(|f| (f.kind, f.value.get(ubuf))));
         if private {
@@ -230,6 +232,39 @@ pub fn response_head(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Relayed fields written the way [`field`] writes them, each run of consecutive lines of
+/// the upstream's head that are already in that form (`name: value` and CRLF) copied as one.
+#[derive(Default)]
+struct Lines {
+    /// `ubuf[start..end]`: lines in the form, not written yet.
+    start: usize,
+    end: usize,
+}
+
+impl Lines {
+    fn field(&mut self, out: &mut Vec<u8>, ubuf: &[u8], f: &Field) {
+        let (name, value) = (f.name.range(), f.value.range());
+        let line = name.start..value.end + 2;
+        let as_written = value.start == name.end + 2
+            && ubuf.get(name.end..value.start) == Some(b": ")
+            && ubuf.get(value.end..line.end) == Some(b"\r\n");
+        if !as_written {
+            self.flush(out, ubuf);
+            field(out, &ubuf[name], &ubuf[value]);
+        } else if self.end == line.start && self.end > self.start {
+            self.end = line.end;
+        } else {
+            self.flush(out, ubuf);
+            (self.start, self.end) = (line.start, line.end);
+        }
+    }
+
+    fn flush(&mut self, out: &mut Vec<u8>, ubuf: &[u8]) {
+        out.extend_from_slice(&ubuf[self.start..self.end]);
+        self.start = self.end;
+    }
 }
 
 fn rate_fields(out: &mut Vec<u8>, limit: u64, remaining: u64, reset: u64) {
@@ -474,6 +509,38 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("Cache-Control: max-age=60, s-maxage=30\r\nVary: *\r\n"));
+    }
+
+    /// Relayed fields leave as `name: value` and CRLF whatever form the upstream gave them
+    /// (runs of lines already in that form are copied whole), and a field the gateway drops
+    /// between two of them ends a run without leaking into it.
+    #[test]
+    fn relayed_fields_leave_in_one_form() {
+        let raw = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 06 Dec 2026 22:00:00 GMT\r\n\
+                    X-A:tight\r\nX-B:   spaced   \r\nConnection: keep-alive\r\nX-C: after\r\n\
+                    X-Empty: \r\nX-Lf: bare\nX-D: last\r\nContent-Length: 0\r\nX-E: end\r\n\r\n";
+        let mut fields = Vec::new();
+        let head = super::super::head::parse_response(raw, false, &mut fields)
+            .unwrap()
+            .unwrap();
+        let mut out = Vec::new();
+        response_head(
+            &mut out,
+            raw,
+            &head,
+            &fields,
+            None,
+            Out::AsIs,
+            false,
+            &FakeClock::new().clock(),
+            None,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 06 Dec 2026 22:00:00 GMT\r\n\
+             X-A: tight\r\nX-B: spaced\r\nX-C: after\r\nX-Empty: \r\nX-Lf: bare\r\n\
+             X-D: last\r\nX-E: end\r\ncontent-length: 0\r\n\r\n"
+        );
     }
 
     #[test]
