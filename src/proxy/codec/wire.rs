@@ -84,20 +84,12 @@ pub struct Upstream<'a> {
 /// Writes the head of the request sent upstream, whichever engine read it: the client's fields
 /// that [`policy::forwarded`] keeps, in the client's own spellings and order, then the
 /// gateway's own (RFC 9110 §7.6: identity, forwarding, `Host`, the framing).
-pub fn request_head<'f>(
-    out: &mut Vec<u8>,
-    fields: impl IntoIterator<Item = (&'f [u8], &'f [u8], Rule)>,
-    up: &Upstream<'_>,
-) {
+pub fn request_head(out: &mut Vec<u8>, fields: impl ClientFields, up: &Upstream<'_>) {
     out.extend_from_slice(up.method);
     out.push(b' ');
     out.extend_from_slice(up.target);
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value, rule) in fields {
-        if policy::forwarded(rule, up.strip) {
-            field(out, name, value);
-        }
-    }
+    fields.forward(out, up.strip);
     if let Some(id) = up.identity {
         id.write(out);
     }
@@ -129,14 +121,48 @@ pub fn request_head<'f>(
     out.extend_from_slice(b"\r\n");
 }
 
-/// The fields of a parsed head, as [`request_head`] takes them.
-pub fn spans<'b>(
+/// The client's fields as [`request_head`] takes them: those [`policy::forwarded`] keeps are
+/// written as `name: value` and CRLF.
+pub trait ClientFields {
+    fn forward(self, out: &mut Vec<u8>, strip: Strip);
+}
+
+/// Name, value and rule of each field (a header map's).
+impl<'f, I> ClientFields for I
+where
+    I: IntoIterator<Item = (&'f [u8], &'f [u8], Rule)>,
+{
+    fn forward(self, out: &mut Vec<u8>, strip: Strip) {
+        for (name, value, rule) in self {
+            if policy::forwarded(rule, strip) {
+                field(out, name, value);
+            }
+        }
+    }
+}
+
+/// The fields of a head parsed in `buf` ([`spans`]): runs of lines already in the form are
+/// copied whole ([`Lines`]).
+pub struct Spans<'b> {
     buf: &'b [u8],
     fields: &'b [Field],
-) -> impl Iterator<Item = (&'b [u8], &'b [u8], Rule)> + 'b {
-    fields
-        .iter()
-        .map(move |f| (f.name.get(buf), f.value.get(buf), f.kind))
+}
+
+impl ClientFields for Spans<'_> {
+    fn forward(self, out: &mut Vec<u8>, strip: Strip) {
+        let mut lines = Lines::default();
+        for f in self.fields {
+            if policy::forwarded(f.kind, strip) {
+                lines.field(out, self.buf, f);
+            }
+        }
+        lines.flush(out, self.buf);
+    }
+}
+
+/// The fields of a parsed head, as [`request_head`] takes them.
+pub fn spans<'b>(buf: &'b [u8], fields: &'b [Field]) -> Spans<'b> {
+    Spans { buf, fields }
 }
 
 /// How the gateway frames a relayed body to its client.
@@ -234,8 +260,8 @@ pub fn response_head(
     out.extend_from_slice(b"\r\n");
 }
 
-/// Relayed fields written the way [`field`] writes them, each run of consecutive lines of
-/// the upstream's head that are already in that form (`name: value` and CRLF) copied as one.
+/// Fields written the way [`field`] writes them, each run of consecutive lines of the head
+/// they were parsed from that are already in that form (`name: value` and CRLF) copied as one.
 #[derive(Default)]
 struct Lines {
     /// `ubuf[start..end]`: lines in the form, not written yet.
@@ -370,7 +396,7 @@ mod tests {
         let raw = b"POST /v1/x?a=1 HTTP/1.1\r\nHost: api.example\r\nX-API-Key: kg_secret\r\n\
                     Authorization: Basic abc\r\nContent-Length: 3\r\nConnection: X-Secret\r\n\
                     X-Secret: s\r\nX-Forwarded-For: 10.0.0.1\r\nX-Keygate-Key-Id: spoof\r\n\
-                    Accept: */*\r\n\r\nabc";
+                    Accept: */*\r\nX-Tight:v\r\nX-Last: 1\r\n\r\nabc";
         let (head, fields) = parsed(raw);
         let mut out = Vec::new();
         request_head(
@@ -393,6 +419,7 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /v1/x?a=1 HTTP/1.1\r\nAuthorization: Basic abc\r\nAccept: */*\r\n\
+             X-Tight: v\r\nX-Last: 1\r\n\
              x-keygate-client-id: acme\r\nx-keygate-key-id: k1\r\nx-keygate-permissions: A\r\n\
              x-keygate-license: pro\r\nx-forwarded-for: 10.0.0.1, 127.0.0.1\r\n\
              x-forwarded-proto: http\r\nx-forwarded-host: api.example\r\n\
