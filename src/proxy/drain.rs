@@ -126,7 +126,7 @@ mod tests {
     }
 
     #[test]
-    fn a_wait_registered_once_sees_a_drain_without_polling_the_channel_again() {
+    fn a_wait_registered_once_sees_the_sender_gone_as_a_drain() {
         let (tx, drain) = watch::channel(false);
         let fut = pin!(changed(&drain));
         let mut wait = DrainWait::new(fut);

@@ -453,14 +453,29 @@ mod tests {
         );
     }
 
-    #[test]
-    fn relayed_response_head() {
-        let raw = b"HTTP/1.1 201 Whatever\r\nConnection: x-secret\r\nX-Secret: 1\r\n\
-                    RateLimit-Limit: 9\r\nTransfer-Encoding: chunked\r\nX-Ok: 1\r\n\r\n";
+    /// `raw` parsed as an upstream's response head and relayed: the head the client gets.
+    fn relayed(
+        raw: &[u8],
+        own: Option<(&RateInfo, &CachePolicy)>,
+        framing: Out,
+        close: bool,
+        clock: &Clock,
+    ) -> String {
         let mut fields = Vec::new();
         let head = super::super::head::parse_response(raw, false, &mut fields)
             .unwrap()
             .unwrap();
+        let mut out = Vec::new();
+        response_head(
+            &mut out, raw, &head, &fields, own, framing, close, clock, None,
+        );
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn relayed_response_head() {
+        let raw = b"HTTP/1.1 201 Whatever\r\nConnection: x-secret\r\nX-Secret: 1\r\n\
+                    RateLimit-Limit: 9\r\nTransfer-Encoding: chunked\r\nX-Ok: 1\r\n\r\n";
         let rate = RateInfo {
             limit: 100,
             remaining: 99,
@@ -469,19 +484,8 @@ mod tests {
             quota: None,
         };
         let cache = CachePolicy::new(&http::HeaderName::from_static("x-api-key"), true, true);
-        let mut out = Vec::new();
-        response_head(
-            &mut out,
-            raw,
-            &head,
-            &fields,
-            Some((&rate, &cache)),
-            Out::Chunked,
-            true,
-            &FakeClock::new().clock(),
-            None,
-        );
-        let text = String::from_utf8(out).unwrap();
+        let clock = FakeClock::new().clock();
+        let text = relayed(raw, Some((&rate, &cache)), Out::Chunked, true, &clock);
         assert!(
             text.starts_with(
                 "HTTP/1.1 201 Created\r\nX-Ok: 1\r\ncache-control: private\r\n\
@@ -495,42 +499,14 @@ mod tests {
             "{text}"
         );
         // Without a rate (a public route) the upstream's RateLimit fields pass.
-        let mut out = Vec::new();
-        let clock = FakeClock::new().clock();
-        response_head(
-            &mut out,
-            raw,
-            &head,
-            &fields,
-            None,
-            Out::Chunked,
-            false,
-            &clock,
-            None,
-        );
-        let text = String::from_utf8(out).unwrap();
+        let text = relayed(raw, None, Out::Chunked, false, &clock);
         assert!(text.contains("RateLimit-Limit: 9\r\n") && !text.contains("connection"));
         assert!(!text.contains("cache-control") && !text.contains("vary"));
 
         // An upstream that allows shared caching keeps it; `Vary: *` is left alone.
         let raw = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60, s-maxage=30\r\n\
                     Vary: *\r\nContent-Length: 0\r\n\r\n";
-        let head = super::super::head::parse_response(raw, false, &mut fields)
-            .unwrap()
-            .unwrap();
-        let mut out = Vec::new();
-        response_head(
-            &mut out,
-            raw,
-            &head,
-            &fields,
-            Some((&rate, &cache)),
-            Out::AsIs,
-            false,
-            &FakeClock::new().clock(),
-            None,
-        );
-        let text = String::from_utf8(out).unwrap();
+        let text = relayed(raw, Some((&rate, &cache)), Out::AsIs, false, &clock);
         assert!(
             !text.contains("private") && !text.contains("authorization"),
             "{text}"
@@ -546,24 +522,8 @@ mod tests {
         let raw = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 06 Dec 2026 22:00:00 GMT\r\n\
                     X-A:tight\r\nX-B:   spaced   \r\nConnection: keep-alive\r\nX-C: after\r\n\
                     X-Empty: \r\nX-Lf: bare\nX-D: last\r\nContent-Length: 0\r\nX-E: end\r\n\r\n";
-        let mut fields = Vec::new();
-        let head = super::super::head::parse_response(raw, false, &mut fields)
-            .unwrap()
-            .unwrap();
-        let mut out = Vec::new();
-        response_head(
-            &mut out,
-            raw,
-            &head,
-            &fields,
-            None,
-            Out::AsIs,
-            false,
-            &FakeClock::new().clock(),
-            None,
-        );
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            relayed(raw, None, Out::AsIs, false, &FakeClock::new().clock()),
             "HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 06 Dec 2026 22:00:00 GMT\r\n\
              X-A: tight\r\nX-B: spaced\r\nX-C: after\r\nX-Empty: \r\nX-Lf: bare\r\n\
              X-D: last\r\nX-E: end\r\ncontent-length: 0\r\n\r\n"
@@ -624,24 +584,13 @@ mod tests {
             text.contains("\r\ndate: Sun, 06 Nov 1994 08:49:38 GMT\r\n"),
             "{text}"
         );
-        let raw = b"HTTP/1.1 204 No Content\r\n\r\n";
-        let mut fields = Vec::new();
-        let head = super::super::head::parse_response(raw, false, &mut fields)
-            .unwrap()
-            .unwrap();
-        let mut out = Vec::new();
-        response_head(
-            &mut out,
-            raw,
-            &head,
-            &fields,
+        let text = relayed(
+            b"HTTP/1.1 204 No Content\r\n\r\n",
             None,
             Out::AsIs,
             false,
             &clock,
-            None,
         );
-        let text = String::from_utf8(out).unwrap();
         assert!(
             text.contains("\r\ndate: Sun, 06 Nov 1994 08:49:38 GMT\r\n"),
             "{text}"
