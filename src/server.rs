@@ -361,7 +361,7 @@ impl Connection {
         clippy::manual_async_fn,
         reason = "an async fn's future holds its arguments twice (as passed, and moved into its body); this block holds them once"
     )]
-    fn serve<I, S, B>(mut self, mut io: I, service: S) -> impl Future<Output = ()> + Send + 'static
+    fn serve<I, S, B>(self, mut io: I, service: S) -> impl Future<Output = ()> + Send + 'static
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: ConnService<B>,
@@ -373,15 +373,7 @@ impl Connection {
             let mut handed_over = None;
             if let Some(fast) = &self.fast {
                 let conn = ConnInfo::new(self.peer, fast.proto);
-                match h1::serve(
-                    &mut io,
-                    &fast.gateway,
-                    &conn,
-                    &self.settings,
-                    &mut self.drain,
-                )
-                .await
-                {
+                match h1::serve(&mut io, &fast.gateway, &conn, &self.settings, &self.drain).await {
                     h1::End::Closed => return,
                     h1::End::Handover { read: r, served } => {
                         read = r;

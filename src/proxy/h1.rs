@@ -113,7 +113,7 @@ pub async fn serve<I>(
     gw: &Gateway,
     conn: &ConnInfo,
     st: &Settings,
-    drain: &mut watch::Receiver<bool>,
+    drain: &watch::Receiver<bool>,
 ) -> End
 where
     I: AsyncRead + AsyncWrite + Unpin,
