@@ -190,7 +190,8 @@ impl Authenticator {
             match self.classify(self.cache.get_id(&id), now, || self.refresh(Stale::Id(id))) {
                 Lookup::Fresh(p) => p,
                 Lookup::Unknown => return Err(AuthError::InvalidToken),
-                Lookup::Refill(stale) => self.fill_id(id, now, stale).await?,
+                // On the heap, as in `api_key`.
+                Lookup::Refill(stale) => Box::pin(self.fill_id(id, now, stale)).await?,
             };
         let current = check_status(&principal, now).is_ok()
             && principal.token_generation().unwrap_or(0) == claims.rot
@@ -322,7 +323,9 @@ impl Authenticator {
         let principal = match self.classify(entry, now, || self.refresh(Stale::Hash(hash))) {
             Lookup::Fresh(p) => p,
             Lookup::Unknown => return Err(AuthError::InvalidApiKey),
-            Lookup::Refill(stale) => self.fill(hash, now, stale).await?,
+            // On the heap: a store lookup is rare (a miss) and its future would otherwise widen
+            // every request's state to its size.
+            Lookup::Refill(stale) => Box::pin(self.fill(hash, now, stale)).await?,
         };
         check_status(&principal, now)?;
         Ok(principal)

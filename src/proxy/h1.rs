@@ -134,25 +134,29 @@ where
         ufields: Vec::new(),
     };
     let mut served = 0;
-    // Nothing but the connection's state is held across an await of this loop: the head moves
-    // into the exchange, and the ends of a connection are boxed as the exchange is (their
-    // timers and writes would otherwise widen every idle connection's state to their size).
+    // Nothing but the connection's state is held across the wait for a head: the head is held
+    // only while its exchange runs (in the room the read's state takes while it waits), and
+    // the ends of a connection are boxed as the exchange is (their timers and writes would
+    // otherwise widen every idle connection's state to their size).
     let refused = loop {
-        let head = match c.read_head(gw, st, drain).await {
-            HeadRead::Head(h) => h,
-            HeadRead::Closed => return End::Closed,
-            HeadRead::Handover => {
-                return End::Handover {
-                    read: c.buf[c.start..c.end].to_vec(),
-                    served,
-                };
-            }
-            HeadRead::Refuse(why) => break why,
+        let next = {
+            let head = match c.read_head(gw, st, drain).await {
+                HeadRead::Head(h) => h,
+                HeadRead::Closed => return End::Closed,
+                HeadRead::Handover => {
+                    return End::Handover {
+                        read: c.buf[c.start..c.end].to_vec(),
+                        served,
+                    };
+                }
+                HeadRead::Refuse(why) => break why,
+            };
+            // On the heap for the exchange only (freed at its end and reused by the allocator
+            // for the next): between requests a connection's state is a few hundred bytes, so
+            // thousands of idle keep-alive connections stay cheap.
+            Box::pin(c.exchange(gw, conn, st, &head, drain)).await
         };
-        // On the heap for the exchange only (freed at its end and reused by the allocator for
-        // the next): between requests a connection's state is a few hundred bytes, so
-        // thousands of idle keep-alive connections stay cheap.
-        match Box::pin(c.exchange(gw, conn, st, head, drain)).await {
+        match next {
             Next::KeepAlive => {
                 served += 1;
                 c.rest();
@@ -281,10 +285,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
         gw: &Gateway,
         conn: &ConnInfo,
         st: &Settings,
-        head: RequestHead,
+        head: &RequestHead,
         drain: &watch::Receiver<bool>,
     ) -> Next {
-        let head = &head;
         let started = gw.access_log.then(Instant::now);
         let body_at = self.start + head.len;
         self.body_in_buf = ((self.end - body_at) as u64).min(head.body_len()) as usize;
@@ -345,8 +348,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             Routed::Health => return Err(Stop::Answer(policy::health(&head.method))),
             // Hyper reads the body; the core answers.
             Routed::Login | Routed::SecretScanning => return Err(Stop::Handover),
-            // The core decides; nothing is forwarded.
-            Routed::Verify => return Err(Stop::Answer(gw.verify(&view, conn, outcome).await)),
+            // The core decides; nothing is forwarded. Its state on the heap: held inline, it
+            // would widen every forwarded request's state to its size.
+            Routed::Verify => {
+                let answer = Box::pin(gw.verify(&view, conn, outcome)).await;
+                return Err(Stop::Answer(answer));
+            }
             // Answered by the core; nothing is forwarded.
             Routed::Preflight(route, answer) => {
                 outcome.route = Some(route);

@@ -442,7 +442,7 @@ impl Gateway {
         } else {
             let ip = self.policy.client_ip(req, conn.peer.ip());
             outcome.client = Some(ip);
-            self.check(route, found.chosen, ip, outcome).await
+            self.check(route, found.chosen.as_ref(), ip, outcome).await
         };
         self.metrics.auth(match &checked {
             Ok(_) => "valid",
@@ -486,12 +486,12 @@ impl Gateway {
     async fn check<'g>(
         &self,
         route: &'g Route,
-        cred: Option<Credential<'_>>,
+        cred: Option<&Credential<'_>>,
         ip: IpAddr,
         outcome: &mut Outcome<'g>,
     ) -> Result<(Permit<'g>, RateInfo), ProxyError> {
         let cred = cred.ok_or(ProxyError::MissingCredentials)?;
-        let principal = match self.auth.authenticate(&cred).await {
+        let principal = match self.auth.authenticate(cred).await {
             Ok(p) => p,
             Err(e) => return Err(self.failed(e, ip)),
         };

@@ -519,7 +519,8 @@ impl Pool {
             // A retry takes a new connection, not one given back; no timer unless it has to
             // wait (an idle connection is taken at once).
             let acquired = if retried {
-                deadline::until(deadline, self.connect(authority)).await
+                // On the heap: a retry is rare, and its state is most of this future's.
+                deadline::until(deadline, Box::pin(self.connect(authority))).await
             } else {
                 deadline::until(deadline, self.acquire(authority, sent)).await
             };
