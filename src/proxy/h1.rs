@@ -348,19 +348,20 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             Routed::Health => return Err(Stop::Answer(policy::health(&head.method))),
             // Hyper reads the body; the core answers.
             Routed::Login | Routed::SecretScanning => return Err(Stop::Handover),
-            // The core decides; nothing is forwarded. Its state on the heap: held inline, it
-            // would widen every forwarded request's state to its size.
-            Routed::Verify => {
-                let answer = Box::pin(gw.verify(&view, conn, outcome)).await;
-                return Err(Stop::Answer(answer));
-            }
+            // The core decides (below); nothing is forwarded.
+            Routed::Verify => None,
             // Answered by the core; nothing is forwarded.
             Routed::Preflight(route, answer) => {
                 outcome.route = Some(route);
                 return Err(Stop::Answer(answer.unwrap_or_else(|e| e.response())));
             }
             Routed::Jwks => return Err(Stop::Answer(gw.jwks(&head.method))),
-            Routed::Route(route) => route,
+            Routed::Route(route) => Some(route),
+        };
+        // Awaited past the match, so that the routing's values are not held while it runs
+        // (they would widen every request's state).
+        let Some(route) = route else {
+            return Err(Stop::Answer(gw.verify(&view, conn, outcome).await));
         };
         outcome.route = Some(route);
         if route.upstream.scheme() != Some(&Scheme::HTTP) {
