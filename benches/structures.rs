@@ -543,8 +543,8 @@ fn cors_fields(c: &mut Criterion) {
 
 /// Size of the fast path's exchange state, allocated once per request since idle connections
 /// keep no state beyond a few hundred bytes (`-Zprint-type-sizes` of a release build): 1,872
-/// bytes since the verify answer, a store lookup and a retry's connect are boxed apart and the
-/// head is passed by reference; 3,048 before.
+/// bytes since a store lookup and a retry's connect are boxed apart, the verify answer is
+/// awaited past the routing's match, and the credential and the head are borrowed; 3,048 before.
 const EXCHANGE_STATE: usize = 1872;
 const EXCHANGE_STATE_BEFORE: usize = 3048;
 
