@@ -17,8 +17,8 @@
 //! - a connection's buffers between requests: taken from and given back to the thread's spares
 //!   (what the fast path does per request, so idle connections hold none; the output buffer
 //!   with the two field lists) vs allocated per connection as before; and the one block the
-//!   exchange's state is allocated in and moved into per request, at its size and at its size
-//!   before the rare branches were boxed apart.
+//!   exchange's state is allocated in and moved into per request, at its size now and at its
+//!   size before (a block of that many bytes: a model of the move, not the future itself).
 //!
 //! - a timeout around a read or write of the data plane: `tokio::time::timeout` (a clock read
 //!   and a timer per operation, registered in the timer wheel and taken out again when the
