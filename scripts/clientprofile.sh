@@ -9,13 +9,15 @@
 # the kept configurations name, so none of them may be running.
 #
 #   WORK=/dev/shm/keygate-loadtest.XXXXXX scripts/clientprofile.sh
-#   WORK=… ROUNDS=3 CONNS=256 BUSY=1 scripts/clientprofile.sh
+#   WORK=… ROUNDS=3 CONNS=256 BUSY=1 COALESCE_US=50 scripts/clientprofile.sh
 #
 # Layout as in loadtest.sh: the server on CPU $PROXY_CPU (0), wrk (one thread, $CONNS
 # connections) and the upstream on CPU $LOAD_CPU (1). Per round, keygate then nginx-keyauth (the
-# order turned in even rounds; with BUSY=1 a third, keygate with `[server] busy_polling =
-# true` on ports of its own, stopped except while measured): $WARM s of load, then $DURATION s measured, `perf record -g` on wrk
-# from half a second in, for $DURATION − 2 s. Output ($OUTDIR, default target/clientprofile/): per
+# order turned in even rounds), with COALESCE_US=N then keygate with `[server]
+# event_coalesce_us = N`, with BUSY=1 then keygate with `[server] busy_polling = true` (stopped
+# except while measured), both on ports of their own: $WARM s of load, then $DURATION s
+# measured, `perf record -g` on wrk from half a second in, for $DURATION − 2 s. Output
+# ($OUTDIR, default target/clientprofile/): per
 # measurement wrk's req/s, its user + system CPU µs per connection and the interrupts its core
 # received per connection (by kind) and the machine's context switches; per contender, from the
 # profile of its last round, wrk's samples by object and the kernel entries by self time, and
@@ -35,6 +37,7 @@ CONNS=${CONNS:-64}
 DURATION=${DURATION:-10}
 WARM=${WARM:-3}
 BUSY=${BUSY:-0}
+COALESCE_US=${COALESCE_US:-}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 KEYGATE_BIN=${KEYGATE_BIN:-target/release/keygate}
@@ -46,6 +49,7 @@ done
 positive_ints clientprofile "ROUNDS=$ROUNDS" "CONNS=$CONNS" "DURATION=$DURATION" "WARM=$WARM"
 [ "$DURATION" -ge 3 ] || { echo "clientprofile: DURATION=$DURATION: at least 3" >&2; exit 2; }
 case $BUSY in 0 | 1) ;; *) echo "clientprofile: BUSY=$BUSY: 0 or 1" >&2; exit 2 ;; esac
+[ -z "$COALESCE_US" ] || positive_ints clientprofile "COALESCE_US=$COALESCE_US"
 for t in wrk perf; do command -v "$t" >/dev/null || { echo "clientprofile: $t is missing (scripts/loadtest.sh and scripts/profile.sh install wrk and linux-perf)" >&2; exit 2; }; done
 [ -x "$KEYGATE_BIN" ] || cargo build --release --bin keygate
 
@@ -83,15 +87,27 @@ taskset -c "$PROXY_CPU" nginx -p "$WORK/nginx-keyauth" -c "$WORK/nginx-keyauth/n
 PIDS+=($!)
 wait_port "$NG_PORT" nginx-keyauth
 TARGETS="keygate:$KG_PORT nginx-keyauth:$NG_PORT"
+# A copy of the TLS keygate's configuration on free ports, with sed program $2 applied: $1.
+variant_config() { # file, sed program
+  sed -e "/^\[proxy\]/,/^\[/ s/^listen = .*/listen = \"127.0.0.1:$(free_port)\"/" \
+    -e "/^\[admin\]/,/^\[/ s/^listen = .*/listen = \"127.0.0.1:$(free_port)\"/" \
+    -e "$2" "$WORK/tls/keygate.toml" >"$1"
+}
+if [ -n "$COALESCE_US" ]; then
+  # The same instance pausing before it waits for events (it sleeps while idle, so it can run
+  # beside the others).
+  variant_config "$OUTDIR/keygate-coalesce.toml" "/^event_coalesce_us *=/d; /^\[server\]/a event_coalesce_us = $COALESCE_US"
+  COALESCE_PORT=$(keygate_port "$OUTDIR/keygate-coalesce.toml")
+  start_keygate "$OUTDIR/keygate-coalesce.toml"
+  wait_port "$COALESCE_PORT" keygate-coalesce
+  TARGETS="$TARGETS keygate-coalesce:$COALESCE_PORT"
+fi
 if [ "$BUSY" = 1 ]; then
   # The same instance with its event loop never sleeping, on a port of its own, stopped except
   # while it is measured (it would take the core from the others).
-  BUSY_PORT=$(free_port)
-  BUSY_ADMIN=$(free_port)
-  sed -e "/^\[proxy\]/,/^\[/ s/^listen = .*/listen = \"127.0.0.1:$BUSY_PORT\"/" \
-    -e "/^\[admin\]/,/^\[/ s/^listen = .*/listen = \"127.0.0.1:$BUSY_ADMIN\"/" \
-    -e 's/^busy_polling = .*/busy_polling = true/' "$WORK/tls/keygate.toml" >"$OUTDIR/keygate-busy.toml"
+  variant_config "$OUTDIR/keygate-busy.toml" 's/^busy_polling = .*/busy_polling = true/; /^event_coalesce_us *=/d'
   grep -q '^busy_polling = true' "$OUTDIR/keygate-busy.toml" || { echo "clientprofile: $WORK/tls/keygate.toml has no busy_polling line to turn on" >&2; exit 2; }
+  BUSY_PORT=$(keygate_port "$OUTDIR/keygate-busy.toml")
   start_keygate "$OUTDIR/keygate-busy.toml"
   BUSY_PID=${PIDS[-1]}
   wait_port "$BUSY_PORT" keygate-busy
