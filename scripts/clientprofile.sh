@@ -29,7 +29,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-# free_port, wait_port, nginx_port, keygate_port, positive_ints
+# free_port, wait_port, port_open, nginx_port, keygate_port, positive_ints
 . scripts/lib/bench.sh
 WORK=${WORK:?"WORK=<a directory kept by KEEP_WORK=1 scripts/loadtest.sh with the TLS variants>"}
 ROUNDS=${ROUNDS:-2}
@@ -57,9 +57,8 @@ UP_PORT=$(nginx_port "$WORK/upstream/nginx.conf")
 KG_PORT=$(keygate_port "$WORK/tls/keygate.toml")
 NG_PORT=$(grep -m1 -oE 'listen 127\.0\.0\.1:[0-9]+ ssl' "$WORK/nginx-keyauth/nginx.conf" | grep -oE ':[0-9]+' | tr -d ':')
 [ -n "$UP_PORT" ] && [ -n "$KG_PORT" ] && [ -n "$NG_PORT" ] || { echo "clientprofile: cannot find the ports in $WORK's configurations" >&2; exit 2; }
-busy_port() { python3 -c "import socket,sys; s=socket.socket(); s.settimeout(0.2); sys.exit(0 if s.connect_ex(('127.0.0.1',$1)) else 1)"; }
 for p in "$UP_PORT" "$KG_PORT" "$NG_PORT"; do
-  if ! busy_port "$p"; then echo "clientprofile: port $p is in use: stop the kept directory's instances first" >&2; exit 2; fi
+  if port_open "$p"; then echo "clientprofile: port $p is in use: stop the kept directory's instances first" >&2; exit 2; fi
 done
 
 mkdir -p "$OUTDIR"

@@ -25,7 +25,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-# wait_port, tree_ticks, tree_rss_kb, kept_ports, nginx_port, keygate_port, positive_ints
+# wait_port, port_open, tree_ticks, tree_rss_kb, kept_ports, nginx_port, keygate_port, positive_ints
 . scripts/lib/bench.sh
 WORK=${WORK:?"WORK=<a directory kept by KEEP_WORK=1 scripts/loadtest.sh>"}
 IDLE=${IDLE:-10000}
@@ -81,7 +81,7 @@ cleanup() {
 trap cleanup EXIT
 
 # The upstream of the kept directory, unless it is running already (a loadtest.sh run).
-if ! python3 -c "import socket,sys; s=socket.socket(); s.settimeout(0.2); sys.exit(s.connect_ex(('127.0.0.1',$UP_PORT)))" 2>/dev/null; then
+if ! port_open "$UP_PORT"; then
   taskset -c "$LOAD_CPU" nginx -p "$WORK/upstream" -c "$WORK/upstream/nginx.conf" -e "$WORK/upstream/error.log" &
   PIDS+=($!)
   wait_port "$UP_PORT" upstream

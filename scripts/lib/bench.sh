@@ -1,8 +1,9 @@
 # Shared by scripts/loadtest.sh and scripts/profile.sh (sourced, not run): free loopback ports,
 # waiting for a listener, and the nginx configurations both measure keygate against, so that
 # "nginx-keyauth" is the same nginx in both. Needs $WORK (the scratch directory) when called.
-# scripts/openloop.sh, scripts/idletwins.sh and scripts/upstreamburst.sh use wait_port,
-# tree_ticks, kept_ports, nginx_port/keygate_port and positive_ints, on the configurations a
+# scripts/openloop.sh, scripts/idletwins.sh, scripts/upstreamburst.sh and
+# scripts/clientprofile.sh use wait_port, port_open, tree_ticks, kept_ports,
+# nginx_port/keygate_port and positive_ints, on the configurations a
 # loadtest.sh run kept (the copies of those configurations: scripts/lib/kept_copy.py).
 
 free_port() {
@@ -47,9 +48,14 @@ positive_ints() { # what, NAME=value...
   done
 }
 
+# Whether something listens on 127.0.0.1:$1 (status 0 when it does).
+port_open() { # port
+  python3 -c "import socket,sys; s=socket.socket(); s.settimeout(0.2); sys.exit(s.connect_ex(('127.0.0.1',$1)))" 2>/dev/null
+}
+
 wait_port() { # port[, what]
   for _ in $(seq 100); do
-    if python3 -c "import socket,sys; s=socket.socket(); s.settimeout(0.2); sys.exit(s.connect_ex(('127.0.0.1',$1)))" 2>/dev/null; then
+    if port_open "$1"; then
       return 0
     fi
     sleep 0.1
