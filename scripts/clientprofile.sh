@@ -15,9 +15,9 @@
 # connections) and the upstream on CPU $LOAD_CPU (1). Per round, keygate then nginx-keyauth (the
 # order turned in even rounds), with COALESCE_US=N then keygate with `[server]
 # event_coalesce_us = N`, with BUSY=1 then keygate with `[server] busy_polling = true` (stopped
-# except while measured), both on ports of their own: $WARM s of load, then $DURATION s
-# measured, `perf record -g` on wrk from half a second in, for $DURATION − 2 s. Output
-# ($OUTDIR, default target/clientprofile/): per
+# except while measured), both copies with ports and a store of their own: $WARM s of load,
+# then $DURATION s measured, `perf record -g` on wrk from half a second in, for $DURATION − 2 s.
+# Output ($OUTDIR, default target/clientprofile/): per
 # measurement wrk's req/s, its user + system CPU µs per connection and the interrupts its core
 # received per connection (by kind) and the machine's context switches; per contender, from the
 # profile of its last round, wrk's samples by object and the kernel entries by self time, and
@@ -86,28 +86,33 @@ taskset -c "$PROXY_CPU" nginx -p "$WORK/nginx-keyauth" -c "$WORK/nginx-keyauth/n
 PIDS+=($!)
 wait_port "$NG_PORT" nginx-keyauth
 TARGETS="keygate:$KG_PORT nginx-keyauth:$NG_PORT"
-# A copy of the TLS keygate's configuration on free ports, with sed program $2 applied: $1.
-variant_config() { # file, sed program
-  sed -e "/^\[proxy\]/,/^\[/ s/^listen = .*/listen = \"127.0.0.1:$(free_port)\"/" \
-    -e "/^\[admin\]/,/^\[/ s/^listen = .*/listen = \"127.0.0.1:$(free_port)\"/" \
-    -e "$2" "$WORK/tls/keygate.toml" >"$1"
+# A copy of the TLS keygate (its configuration on free ports, its store copied) in
+# $OUTDIR/keygate-$1, with sed program $2 applied to the configuration.
+variant() { # name, sed program
+  python3 - "$WORK" "$OUTDIR/keygate-$1" <<'PY'
+import sys
+sys.path.insert(0, "scripts/lib")
+import kept_copy
+kept_copy.keygate("clientprofile", sys.argv[1], sys.argv[2], instance="tls")
+PY
+  sed -i -e "$2" "$OUTDIR/keygate-$1/keygate.toml"
 }
 if [ -n "$COALESCE_US" ]; then
   # The same instance pausing before it waits for events (it sleeps while idle, so it can run
   # beside the others).
-  variant_config "$OUTDIR/keygate-coalesce.toml" "/^event_coalesce_us *=/d; /^\[server\]/a event_coalesce_us = $COALESCE_US"
-  COALESCE_PORT=$(keygate_port "$OUTDIR/keygate-coalesce.toml")
-  start_keygate "$OUTDIR/keygate-coalesce.toml"
+  variant coalesce "/^event_coalesce_us *=/d; /^\[server\]/a event_coalesce_us = $COALESCE_US"
+  COALESCE_PORT=$(keygate_port "$OUTDIR/keygate-coalesce/keygate.toml")
+  start_keygate "$OUTDIR/keygate-coalesce/keygate.toml"
   wait_port "$COALESCE_PORT" keygate-coalesce
   TARGETS="$TARGETS keygate-coalesce:$COALESCE_PORT"
 fi
 if [ "$BUSY" = 1 ]; then
   # The same instance with its event loop never sleeping, on a port of its own, stopped except
   # while it is measured (it would take the core from the others).
-  variant_config "$OUTDIR/keygate-busy.toml" 's/^busy_polling = .*/busy_polling = true/; /^event_coalesce_us *=/d'
-  grep -q '^busy_polling = true' "$OUTDIR/keygate-busy.toml" || { echo "clientprofile: $WORK/tls/keygate.toml has no busy_polling line to turn on" >&2; exit 2; }
-  BUSY_PORT=$(keygate_port "$OUTDIR/keygate-busy.toml")
-  start_keygate "$OUTDIR/keygate-busy.toml"
+  variant busy 's/^busy_polling = .*/busy_polling = true/; /^event_coalesce_us *=/d'
+  grep -q '^busy_polling = true' "$OUTDIR/keygate-busy/keygate.toml" || { echo "clientprofile: $WORK/tls/keygate.toml has no busy_polling line to turn on" >&2; exit 2; }
+  BUSY_PORT=$(keygate_port "$OUTDIR/keygate-busy/keygate.toml")
+  start_keygate "$OUTDIR/keygate-busy/keygate.toml"
   BUSY_PID=${PIDS[-1]}
   wait_port "$BUSY_PORT" keygate-busy
   kill -STOP "$BUSY_PID"

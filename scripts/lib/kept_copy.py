@@ -1,6 +1,7 @@
 """Copies of what a directory kept by scripts/loadtest.sh (KEEP_WORK=1) runs, with ports of
 their own, for the scripts that run beside the kept directory's own instances
-(scripts/idletwins.sh, scripts/upstreamburst.sh). Imported, not run."""
+(scripts/idletwins.sh, scripts/upstreamburst.sh, scripts/clientprofile.sh). Imported, not
+run."""
 import os
 import re
 import socket
@@ -18,11 +19,13 @@ def free_port():
     return port
 
 
-def keygate(what, work, d, upstream_port=None):
+def keygate(what, work, d, upstream_port=None, instance=None):
     """$work's keygate configuration in d with every `listen` on a free port (and its upstream on
     upstream_port when given), and a copy of its SQLite store made by SQLite's backup, consistent
-    even while the kept directory's keygate writes to it. Exits with a message naming `what`
-    when the configuration is not the one loadtest.sh writes."""
+    even while the kept directory's keygate writes to it. `instance` names another instance's
+    directory under $work instead (e.g. "tls", the TLS keygate's). Exits with a message naming
+    `what` when the configuration is not the one loadtest.sh writes."""
+    work = f"{work}/{instance}" if instance else work
     kg = open(f"{work}/keygate.toml").read()
     if f"sqlite://{work}/keygate.db" not in kg:
         sys.exit(f"{what}: {work}/keygate.toml's store is not {work}/keygate.db")
