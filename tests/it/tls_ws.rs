@@ -395,6 +395,107 @@ async fn tls_session_tickets_per_handshake_follow_the_setting() {
     }
 }
 
+/// Whether anything arrives on `s`'s socket (below TLS) within 200 ms.
+async fn bytes_arrive(s: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> bool {
+    let mut b = [0u8; 1];
+    tokio::time::timeout(Duration::from_millis(200), s.get_ref().0.peek(&mut b))
+        .await
+        .is_ok()
+}
+
+/// A TLS 1.3 handshake's session ticket leaves with the connection's first answer, not in a
+/// segment of its own before the client has asked anything (one read and one wake-up less per
+/// new connection for the client); the client has it once the answer is read, and resumes.
+#[tokio::test]
+async fn a_tls13_ticket_leaves_with_the_first_answer() {
+    let (gw, pki, key) = tls_gateway("").await;
+    let store = counting::CountingStore::new();
+    let mut cfg = client_tls(&pki.ca_der);
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.resumption = rustls::client::Resumption::store(store.clone());
+    let cfg = Arc::new(cfg);
+    for kind in [rustls::HandshakeKind::Full, rustls::HandshakeKind::Resumed] {
+        let mut s = tls_connect_with(&gw.proxy, Arc::clone(&cfg)).await;
+        assert_eq!(s.get_ref().1.handshake_kind(), Some(kind));
+        assert_eq!(
+            s.get_ref().1.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+        let before = store.tickets();
+        assert!(
+            !bytes_arrive(&s).await,
+            "{kind:?}: the ticket was sent before the first answer"
+        );
+        assert!(tls_get(&mut s, &key).await.contains("200"));
+        assert_eq!(
+            store.tickets(),
+            before + 1,
+            "{kind:?}: the ticket came with the answer"
+        );
+        // The next answer on the connection is not held back.
+        assert!(tls_get(&mut s, &key).await.contains("200"));
+    }
+}
+
+/// A TLS 1.3 client that completes its handshake and asks nothing still gets its ticket: when
+/// the connection is closed (here by the request-head timeout), and it resumes with it.
+#[tokio::test]
+async fn a_tls13_client_that_asks_nothing_gets_its_ticket_at_the_close() {
+    let (gw, pki, key) = tls_gateway("[limits]\nheader_read_timeout_secs = 1\n").await;
+    let store = counting::CountingStore::new();
+    let mut cfg = client_tls(&pki.ca_der);
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.resumption = rustls::client::Resumption::store(store.clone());
+    let cfg = Arc::new(cfg);
+    let mut s = tls_connect_with(&gw.proxy, Arc::clone(&cfg)).await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the gateway closes an idle connection");
+    assert_eq!(store.tickets(), 1, "the held ticket left at the close");
+    let mut again = tls_connect_with(&gw.proxy, cfg).await;
+    assert_eq!(
+        again.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    assert!(tls_get(&mut again, &key).await.contains("200"));
+}
+
+/// A TLS 1.2 handshake ends with the server's flight (its ticket and `Finished`), which the
+/// client waits for before it asks anything: that flight is not held for an answer. Full and
+/// resumed handshakes complete and are answered.
+#[tokio::test]
+async fn tls12_handshakes_complete_and_resume() {
+    let (gw, pki, key) = tls_gateway("").await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(pki.ca_der.clone()))
+        .unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let cfg = Arc::new(cfg);
+    for kind in [rustls::HandshakeKind::Full, rustls::HandshakeKind::Resumed] {
+        let mut s = tokio::time::timeout(
+            Duration::from_secs(5),
+            tls_connect_with(&gw.proxy, Arc::clone(&cfg)),
+        )
+        .await
+        .expect("the TLS 1.2 handshake completes");
+        assert_eq!(
+            s.get_ref().1.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_2)
+        );
+        assert_eq!(s.get_ref().1.handshake_kind(), Some(kind));
+        assert!(tls_get(&mut s, &key).await.contains("200"));
+    }
+}
+
 /// A client and its key, created through the admin API at `admin`.
 async fn admin_client_key(admin: &std::net::SocketAddr) -> String {
     let c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
