@@ -172,16 +172,8 @@ pub async fn serve<F, S, B>(
             Some(acceptor) => {
                 let handshake_timeout = limits.header_read_timeout;
                 let serving = async move {
-                    let stream = crate::net::TlsTcp::new(stream);
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(mut tls)) => {
-                            // A TLS 1.3 session ticket stays held until the first answer
-                            // (see `TlsTcp`).
-                            let (io, session) = tls.get_mut();
-                            io.accepted(
-                                session.protocol_version()
-                                    == Some(rustls::ProtocolVersion::TLSv1_3),
-                            );
+                        Ok(Ok(tls)) => {
                             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                             let conn = Connection {
                                 fast: if h2 { None } else { conn.fast },
