@@ -395,6 +395,39 @@ async fn tls_session_tickets_per_handshake_follow_the_setting() {
     }
 }
 
+/// A client that speaks only TLS 1.2 completes full and resumed handshakes and is answered.
+#[tokio::test]
+async fn tls12_handshakes_complete_and_resume() {
+    let (gw, pki, key) = tls_gateway("").await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(pki.ca_der.clone()))
+        .unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let cfg = Arc::new(cfg);
+    for kind in [rustls::HandshakeKind::Full, rustls::HandshakeKind::Resumed] {
+        let mut s = tokio::time::timeout(
+            Duration::from_secs(5),
+            tls_connect_with(&gw.proxy, Arc::clone(&cfg)),
+        )
+        .await
+        .expect("the TLS 1.2 handshake completes");
+        assert_eq!(
+            s.get_ref().1.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_2)
+        );
+        assert_eq!(s.get_ref().1.handshake_kind(), Some(kind));
+        assert!(tls_get(&mut s, &key).await.contains("200"));
+    }
+}
+
 /// A client and its key, created through the admin API at `admin`.
 async fn admin_client_key(admin: &std::net::SocketAddr) -> String {
     let c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
