@@ -18,8 +18,9 @@
 # except while measured), both copies with ports and a store of their own: $WARM s of load,
 # then $DURATION s measured, `perf record -g` on wrk from half a second in, for $DURATION − 2 s.
 # Output ($OUTDIR, default target/clientprofile/): per
-# measurement wrk's req/s, its user + system CPU µs per connection and the interrupts its core
-# received per connection (by kind) and the machine's context switches; per contender, from the
+# measurement wrk's req/s, its user + system CPU µs per connection, the interrupts its core
+# received per connection (by kind), the machine's context switches and wrk's `read`, `write`
+# and `epoll_wait` calls per connection (`perf stat` on their tracepoints); per contender, from the
 # profile of its last round, wrk's samples by object and the kernel entries by self time, and
 # the shares that are wakeups: wrk's sends that wake the server's thread or listener (the
 # callers of `_raw_spin_unlock_irqrestore`, by system call) and the interrupts and task switches
@@ -127,7 +128,7 @@ irqs() {
   echo "$(awk -v c=$col '$1 == "RES:" {r = $c} $1 == "CAL:" {f = $c} $1 == "TLB:" {t = $c} $1 == "LOC:" {l = $c} END {print r "," f "," t "," l}' /proc/interrupts),$(awk '$1 == "ctxt" {print $2}' /proc/stat)"
 }
 measure() { # contender, port, round
-  local wpid wjob t0 t1 i0 i1 w0 w1 hz lua=$WORK/tls-one-close.lua
+  local wpid wjob spid t0 t1 i0 i1 w0 w1 hz lua=$WORK/tls-one-close.lua
   # nginx-keyauth knows the keys of the kept directory's main instance, keygate's TLS instance
   # its own (as in loadtest.sh).
   [ "$1" != nginx-keyauth ] || lua=$WORK/one-close.lua
@@ -141,16 +142,21 @@ measure() { # contender, port, round
   t0=$(awk '{print $14 + $15}' "/proc/$wpid/stat")
   i0=$(irqs)
   w0=$(date +%s%N)
+  # wrk's system calls over the same window: what the server makes it read, write and wait for.
+  perf stat -x, -e syscalls:sys_enter_read,syscalls:sys_enter_write,syscalls:sys_enter_epoll_wait \
+    -p "$wpid" -o "$OUTDIR/calls-$1-$3.txt" -- sleep "$((DURATION - 2))" 2>/dev/null &
+  spid=$!
   perf record -F 2999 -g -p "$wpid" -o "$OUTDIR/perf-$1.data" -- sleep "$((DURATION - 2))" 2>/dev/null
+  wait "$spid" || true
   t1=$(awk '{print $14 + $15}' "/proc/$wpid/stat")
   i1=$(irqs)
   w1=$(date +%s%N)
   wait "$wjob"
   [ "$1" != keygate-busy ] || kill -STOP "$BUSY_PID"
   hz=$(getconf CLK_TCK)
-  python3 - "$1" "$3" "$((t1 - t0))" "$hz" "$((w1 - w0))" "$OUTDIR/wrk-$1-$3.txt" "$i0" "$i1" <<'PY' | tee -a "$OUTDIR/lines.txt"
+  python3 - "$1" "$3" "$((t1 - t0))" "$hz" "$((w1 - w0))" "$OUTDIR/wrk-$1-$3.txt" "$i0" "$i1" "$OUTDIR/calls-$1-$3.txt" <<'PY' | tee -a "$OUTDIR/lines.txt"
 import re, sys
-c, r, ticks, hz, ns, path, i0, i1 = sys.argv[1:9]
+c, r, ticks, hz, ns, path, i0, i1, calls_path = sys.argv[1:10]
 out = open(path).read()
 rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
 bad = re.search(r"Non-2xx or 3xx responses: \d+|Socket errors: .*", out)
@@ -160,8 +166,15 @@ else:
     n = float(rps[1]) * int(ns) / 1e9  # connections while measured (wrk's rate over the window)
     counts = " ".join(f"{k} {(int(b) - int(a)) / n:.3f}" for k, a, b in
                       zip(("RES", "CAL", "TLB", "LOC", "ctxt"), i0.split(","), i1.split(",")))
+    calls = {}
+    for line in open(calls_path):
+        f = line.strip().split(",")
+        if len(f) > 2 and f[0].isdigit() and f[2].startswith("syscalls:sys_enter_"):
+            calls[f[2].removeprefix("syscalls:sys_enter_")] = int(f[0]) / n
+    wrk_calls = ", ".join(f"{k} {v:.2f}" for k, v in calls.items()) or "not counted"
     print(f"{c} round {r}: {float(rps[1]):,.0f} connections/s, wrk {int(ticks) / int(hz) * 1e6 / n:.1f} µs CPU per connection; "
-          f"per connection, received by the load core: {counts} (ctxt: the machine's context switches)")
+          f"per connection, received by the load core: {counts} (ctxt: the machine's context switches); "
+          f"wrk's system calls per connection: {wrk_calls}")
 PY
 }
 
