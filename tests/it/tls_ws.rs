@@ -48,12 +48,20 @@ pub(crate) fn pki(dir: &Path, name: &str) -> Pki {
 }
 
 fn client_tls(ca_der: &[u8]) -> rustls::ClientConfig {
+    client_tls_versions(ca_der, rustls::DEFAULT_VERSIONS)
+}
+
+/// [`client_tls`] offering only the protocol `versions`.
+fn client_tls_versions(
+    ca_der: &[u8],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(rustls_pki_types::CertificateDer::from(ca_der.to_vec()))
         .unwrap();
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth()
@@ -399,17 +407,7 @@ async fn tls_session_tickets_per_handshake_follow_the_setting() {
 #[tokio::test]
 async fn tls12_handshakes_complete_and_resume() {
     let (gw, pki, key) = tls_gateway("").await;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from(pki.ca_der.clone()))
-        .unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS12])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let mut cfg = client_tls_versions(&pki.ca_der, &[&rustls::version::TLS12]);
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let cfg = Arc::new(cfg);
     for kind in [rustls::HandshakeKind::Full, rustls::HandshakeKind::Resumed] {
