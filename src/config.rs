@@ -784,11 +784,66 @@ impl Config {
         cli: &CliOverrides,
     ) -> Result<Config, ConfigErrors> {
         let mut raw: RawConfig = toml::from_str(text)
-            .map_err(|e| ConfigErrors(vec![format!("{origin}: {}", e.to_string().trim_end())]))?;
+            .map_err(|e| ConfigErrors(vec![format!("{origin}:{}", toml_error(text, &e))]))?;
         raw.apply_env(env);
         raw.apply_cli(cli);
         raw.validate()
     }
+}
+
+/// A TOML file's error as it may be printed: where (line and column) and what, never the
+/// text of the file. The parser's own rendering quotes the offending line and serde quotes a
+/// value of the wrong type (`invalid type: string "…"`), and the line or the value may be a
+/// secret (an admin key, a Redis URL's password, a webhook or JWT secret): both are left out.
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let at = e.span().map_or_else(String::new, |span| {
+        let before = text.get(..span.start).unwrap_or(text);
+        let line = before.matches('\n').count() + 1;
+        let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
+        format!("{line}:{column}:")
+    });
+    format!("{at} {}", without_strings(e.message().trim_end()))
+}
+
+/// `message` without the values it quotes: a string value (serde writes one as `string "…"`,
+/// escaped as Rust's `Debug` does) becomes `a string`, an unknown variant (`` unknown variant
+/// `…` ``) loses its name; the names of the expected variants and fields stay.
+fn without_strings(message: &str) -> String {
+    const VALUES: [(&str, char, &str); 2] = [
+        ("string \"", '"', "a string"),
+        ("unknown variant `", '`', "unknown variant"),
+    ];
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    loop {
+        let Some((at, (opening, closing, shown))) = VALUES
+            .iter()
+            .filter_map(|v| rest.find(v.0).map(|at| (at, *v)))
+            .min_by_key(|(at, _)| *at)
+        else {
+            break;
+        };
+        out.push_str(&rest[..at]);
+        out.push_str(shown);
+        let value = &rest[at + opening.len()..];
+        let mut chars = value.char_indices();
+        let mut end = None;
+        while let Some((i, c)) = chars.next() {
+            if c == '\\' && closing == '"' {
+                chars.next();
+            } else if c == closing {
+                end = Some(i + c.len_utf8());
+                break;
+            }
+        }
+        match end {
+            Some(end) => rest = &value[end..],
+            // Unterminated: nothing after it is printed.
+            None => return out,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 impl RawConfig {
@@ -869,6 +924,39 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_toml(text, "test.toml", &env, &cli)
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_is_reported_by_place_without_its_text() {
+        let none = CliOverrides::default();
+        for (text, secret, at) in [
+            // A string where a list belongs: serde would quote the value.
+            ("[admin]\nkeys = \"adm-hunter2-0123456789\"\n", "hunter2", "2:8:"),
+            // An unclosed quote: the parser would quote the line.
+            ("[store]\nurl = \"redis://:hunter2@10.0.0.1:6379/0\n", "hunter2", "2:40:"),
+            // An unquoted value.
+            ("[jwt]\nsecret = whsec_hunter2\n", "hunter2", "2:10:"),
+            // A value that is no variant of its field.
+            ("[forward_auth]\ndeny = \"hunter2\"\n", "hunter2", "2:8:"),
+            // Escaped quotes inside the value do not end it early.
+            ("[admin]\nkeys = \"a\\\"hunter2\\\"b\"\n", "hunter2", "2:8:"),
+        ] {
+            let e = load(text, &[], none.clone()).unwrap_err().to_string();
+            assert!(!e.contains(secret), "{text:?} → {e}");
+            assert!(e.contains(&format!("- test.toml:{at} ")), "{text:?} → {e}");
+        }
+        let e = load("[admin]\nkeys = \"x\"\n", &[], none.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid type: a string, expected a sequence"), "{e}");
+        let e = load("[forward_auth]\ndeny = \"x\"\n", &[], none.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown variant, expected"), "{e}");
+        assert!(e.contains("`status`"), "{e}");
+        // A field's name (never a value) is still named.
+        let e = load("[admin]\nkes = []\n", &[], none).unwrap_err().to_string();
+        assert!(e.contains("unknown field `kes`"), "{e}");
     }
 
     #[test]

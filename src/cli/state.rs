@@ -255,7 +255,13 @@ pub async fn export(admin: &Admin) -> Result<(), CliError> {
 pub fn read(path: &Path) -> Result<State, CliError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
+    toml::from_str(&text).map_err(|e| {
+        CliError::Usage(format!(
+            "{}:{}",
+            path.display(),
+            crate::config::toml_error(&text, &e)
+        ))
+    })
 }
 
 /// One change `apply` makes.

@@ -1,6 +1,6 @@
 //! Header rewriting on header maps, for the requests hyper's client sends (`https://` upstreams
 //! and WebSocket upgrades) and the responses it returns. Every decision comes from the policy
-//! core's field rules ([`policy::request_rule`], [`policy::forwarded`],
+//! core's field rules ([`FieldRules::request`], [`policy::forwarded`],
 //! [`policy::response_rule`], [`policy::relayed`]); the byte-level twin for the one HTTP/1.1
 //! client is `codec::wire`.
 //!

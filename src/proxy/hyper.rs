@@ -234,10 +234,9 @@ impl Gateway {
         let Some(authority) = route.upstream.authority() else {
             return Err(ProxyError::UpstreamUnavailable);
         };
-        let key = self.extractor.api_key_header.as_str().as_bytes();
+        let rules = &self.policy.fields;
         let named = headers::connection_names(&parts.headers);
-        let rule =
-            |name: &HeaderName| headers::rule_of(name, &named, |n| policy::request_rule(n, key));
+        let rule = |name: &HeaderName| headers::rule_of(name, &named, |n| rules.request(n));
         let first = |r: Rule| {
             parts
                 .headers

@@ -734,7 +734,8 @@ pub fn forbidden_inbound(name: &[u8]) -> bool {
 }
 
 /// The rule for a request field. `api_key_header` is the configured key header (lowercase).
-pub fn request_rule(name: &[u8], api_key_header: &[u8]) -> Rule {
+/// Engines take [`FieldRules::request`], which adds the configured rules on top.
+fn request_rule(name: &[u8], api_key_header: &[u8]) -> Rule {
     if eq(name, b"host") {
         Rule::Host
     } else if eq(name, b"content-length") {

@@ -930,6 +930,10 @@ async fn request_fields_reach_the_upstream_alike() {
                     ("X-Forwarded-Proto", "https"),
                     ("X-Forwarded-Host", "evil.example"),
                     ("X-Custom", "kept"),
+                    // Another method than the one the route judged (off by default).
+                    ("X-HTTP-Method-Override", "DELETE"),
+                    ("X-HTTP-Method", "DELETE"),
+                    ("X-Method-Override", "DELETE"),
                 ];
                 if engine != Engine::H2c {
                     // HTTP/2 has no Connection field.
@@ -964,6 +968,9 @@ async fn request_fields_reach_the_upstream_alike() {
                     "x_keygate_key_id",
                     "x-secret",
                     "connection",
+                    "x-http-method-override",
+                    "x-http-method",
+                    "x-method-override",
                 ] {
                     assert!(seen.header(gone).is_none(), "{gone} forwarded: {what}");
                 }
