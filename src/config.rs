@@ -815,14 +815,11 @@ fn without_strings(message: &str) -> String {
     ];
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
-    loop {
-        let Some((at, (opening, closing, shown))) = VALUES
-            .iter()
-            .filter_map(|v| rest.find(v.0).map(|at| (at, *v)))
-            .min_by_key(|(at, _)| *at)
-        else {
-            break;
-        };
+    while let Some((at, (opening, closing, shown))) = VALUES
+        .iter()
+        .filter_map(|v| rest.find(v.0).map(|at| (at, *v)))
+        .min_by_key(|(at, _)| *at)
+    {
         out.push_str(&rest[..at]);
         out.push_str(shown);
         let value = &rest[at + opening.len()..];
@@ -931,9 +928,17 @@ mod tests {
         let none = CliOverrides::default();
         for (text, secret, at) in [
             // A string where a list belongs: serde would quote the value.
-            ("[admin]\nkeys = \"adm-hunter2-0123456789\"\n", "hunter2", "2:8:"),
+            (
+                "[admin]\nkeys = \"adm-hunter2-0123456789\"\n",
+                "hunter2",
+                "2:8:",
+            ),
             // An unclosed quote: the parser would quote the line.
-            ("[store]\nurl = \"redis://:hunter2@10.0.0.1:6379/0\n", "hunter2", "2:40:"),
+            (
+                "[store]\nurl = \"redis://:hunter2@10.0.0.1:6379/0\n",
+                "hunter2",
+                "2:40:",
+            ),
             // An unquoted value.
             ("[jwt]\nsecret = whsec_hunter2\n", "hunter2", "2:10:"),
             // A value that is no variant of its field.
@@ -948,14 +953,19 @@ mod tests {
         let e = load("[admin]\nkeys = \"x\"\n", &[], none.clone())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("invalid type: a string, expected a sequence"), "{e}");
+        assert!(
+            e.contains("invalid type: a string, expected a sequence"),
+            "{e}"
+        );
         let e = load("[forward_auth]\ndeny = \"x\"\n", &[], none.clone())
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown variant, expected"), "{e}");
         assert!(e.contains("`status`"), "{e}");
         // A field's name (never a value) is still named.
-        let e = load("[admin]\nkes = []\n", &[], none).unwrap_err().to_string();
+        let e = load("[admin]\nkes = []\n", &[], none)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown field `kes`"), "{e}");
     }
 

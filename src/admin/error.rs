@@ -137,8 +137,9 @@ pub enum ErrorResponses {
         example = json!({"type": "about:blank", "title": "Too Many Requests", "status": 429, "code": "rate_limited", "detail": "too many failed authentications from this address; retry later"}))]
     TooMany(Problem),
     /// `store_unavailable`: the store is unavailable and nothing was changed; or, with
-    /// `[store] redis_wait_replicas`, the change was made but its replicas did not confirm it
-    /// (the `detail` says which).
+    /// `[store] redis_wait_replicas`, the change was made but its replicas did not confirm it;
+    /// or it failed partway through an atomic import that could not be undone (the `detail`
+    /// says which).
     #[response(status = 503, content_type = "application/problem+json",
         headers(("Retry-After" = u64, description = "Seconds to wait")),
         example = json!({"type": "about:blank", "title": "Service Unavailable", "status": 503, "code": "store_unavailable", "detail": "the key store is unavailable; nothing was changed; retry later"}))]
@@ -164,6 +165,9 @@ pub enum AdminError {
     StoreUnavailable,
     /// Written on the Redis primary, not confirmed by its replicas (`redis_wait_replicas`).
     StoreUnconfirmed,
+    /// The store failed partway through a change of several writes that could not all be
+    /// undone (an atomic import on Redis).
+    StoreIncomplete,
 }
 
 impl From<StoreError> for AdminError {
@@ -179,6 +183,10 @@ impl From<StoreError> for AdminError {
             StoreError::Unconfirmed(detail) => {
                 tracing::error!(error = %detail, "store write not confirmed by replicas");
                 AdminError::StoreUnconfirmed
+            }
+            StoreError::Incomplete(detail) => {
+                tracing::error!(error = %detail, "store failed partway through a change");
+                AdminError::StoreIncomplete
             }
         }
     }
@@ -233,6 +241,13 @@ impl AdminError {
                  lose it: read it back before retrying"
                     .into(),
             ),
+            Self::StoreIncomplete => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ProblemCode::StoreUnavailable,
+                "the key store failed partway and part of the change may stand: read it back \
+                 before retrying"
+                    .into(),
+            ),
         }
     }
 }
@@ -268,7 +283,7 @@ impl IntoResponse for AdminError {
             Self::TooManyRequests { retry_after_secs } => {
                 h.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
             }
-            Self::StoreUnavailable | Self::StoreUnconfirmed => {
+            Self::StoreUnavailable | Self::StoreUnconfirmed | Self::StoreIncomplete => {
                 h.insert(RETRY_AFTER, HeaderValue::from_static("5"));
             }
             // The rest of the body may still come: the connection is not reused.
@@ -458,6 +473,7 @@ mod documented {
             },
             AdminError::StoreUnavailable,
             AdminError::StoreUnconfirmed,
+            AdminError::StoreIncomplete,
         ];
         for e in &all {
             match e {
@@ -472,7 +488,8 @@ mod documented {
                 | AdminError::PayloadTooLarge
                 | AdminError::TooManyRequests { .. }
                 | AdminError::StoreUnavailable
-                | AdminError::StoreUnconfirmed => {}
+                | AdminError::StoreUnconfirmed
+                | AdminError::StoreIncomplete => {}
             }
         }
         all

@@ -50,6 +50,10 @@ pub enum StoreError {
     /// answers 503 and says so.
     #[error("write not confirmed by replicas: {0}")]
     Unconfirmed(String),
+    /// The store failed partway through a call of several writes, and what was written could
+    /// not all be undone: some of the change may stand. The caller answers 503 and says so.
+    #[error("store failed partway: {0}")]
+    Incomplete(String),
 }
 
 /// A constraint on a key that only an admin may loosen (see [`KeyPatch::setters`]).

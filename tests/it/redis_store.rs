@@ -562,3 +562,89 @@ fn the_binary_on_redis_warns_about_aof_and_eviction_and_logs_no_password_key_or_
         "something like a key hash was logged:\n{all}"
     );
 }
+
+/// Redis's `used_memory`, in bytes.
+fn used_memory(redis: &RedisServer) -> u64 {
+    let info: String = redis.query(0, redis::cmd("INFO").arg("memory"));
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory in INFO memory")
+}
+
+/// Leaves Redis `room` bytes above what it uses now: a script that finds it using more is
+/// refused before it writes (OOM, `noeviction`).
+fn leave_room(redis: &RedisServer, room: u64) {
+    let max = used_memory(redis) + room;
+    let _: () = redis.query(0, redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(max));
+}
+
+/// An import is written in scripts of 250 keys. One the store fails partway through (here:
+/// Redis out of memory after a script or two) leaves nothing behind when it is atomic — the
+/// keys written before are deleted again and the call fails as any call the store fails —
+/// and, when it is not, keeps what was written and answers the rest as not confirmed.
+#[tokio::test]
+async fn an_import_the_store_fails_partway_is_undone_when_atomic_and_told_when_not() {
+    use keygate::keys::store::import::Refusal;
+    let redis = RedisServer::start();
+    let s = RedisStore::open(&redis.unix_url(), "keygate:").unwrap();
+    s.insert_client(&client("acme"), &key("acme"))
+        .await
+        .unwrap();
+    s.insert_client(&client("warm"), &key("warm"))
+        .await
+        .unwrap();
+    // What the keys of one script of 250 take (each with its event), measured between two
+    // such imports, so that Redis's buffer for the script's arguments is there both times.
+    let mut used = Vec::new();
+    for _ in 0..2 {
+        let warm: Vec<ApiKey> = (0..250).map(|_| key("warm")).collect();
+        assert!(s.import_keys(warm, 0, false).await.unwrap().is_empty());
+        used.push(used_memory(&redis));
+    }
+    let chunk = used[1] - used[0];
+
+    let keys: Vec<ApiKey> = (0..2_000).map(|_| key("acme")).collect();
+    let gone = |keys: &[ApiKey]| {
+        let (s, keys) = (&s, keys.to_vec());
+        async move {
+            for k in keys {
+                assert!(
+                    s.find_by_id(k.id).await.unwrap().is_none(),
+                    "{} stands",
+                    k.id
+                );
+                assert!(
+                    s.find_by_hash(&k.key_hash, now_millis())
+                        .await
+                        .unwrap()
+                        .is_none()
+                );
+            }
+        }
+    };
+    // Room for one script's keys and a half: the first goes through, a later one is refused.
+    leave_room(&redis, chunk * 3 / 2);
+    let _: () = redis.query(0, redis::cmd("CONFIG").arg("RESETSTAT"));
+    let r = s.import_keys(keys.clone(), 0, true).await;
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    // Keys were written, and deleted again.
+    assert!(redis.command_calls().get("del").is_some_and(|&n| n >= 250));
+    gone(&keys).await;
+
+    leave_room(&redis, chunk * 3 / 2);
+    let refused = s.import_keys(keys.clone(), 0, false).await.unwrap();
+    let _: () = redis.query(0, redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(0));
+    let from = refused.first().expect("the store failed partway").0;
+    assert!(from >= 250 && from % 250 == 0, "refused from {from}");
+    assert_eq!(
+        refused,
+        (from..2_000)
+            .map(|i| (i, Refusal::Unconfirmed))
+            .collect::<Vec<_>>()
+    );
+    for k in &keys[..from] {
+        assert_eq!(s.find_by_id(k.id).await.unwrap().unwrap().key.id, k.id);
+    }
+    gone(&keys[from..]).await;
+}

@@ -16,6 +16,9 @@ pub enum Refusal {
     Duplicate,
     /// The client already has the maximum number of keys.
     TooManyKeys { max: u32 },
+    /// The store failed before this key's write was confirmed (a non-atomic import goes on
+    /// only as far as the store answers): it may or may not stand.
+    Unconfirmed,
 }
 
 impl std::fmt::Display for Refusal {
@@ -26,6 +29,10 @@ impl std::fmt::Display for Refusal {
             Refusal::TooManyKeys { max } => write!(
                 f,
                 "the client already has the maximum of {max} keys (keys.max_per_client)"
+            ),
+            Refusal::Unconfirmed => f.write_str(
+                "the key store failed before this key was confirmed; import it again (if it \
+                 was written, it is then refused as already stored)",
             ),
         }
     }
@@ -67,22 +74,33 @@ pub async fn one_by_one<S: Store + ?Sized>(
         return Ok(refused);
     }
     let mut written = Vec::with_capacity(accepted.len());
-    for i in accepted {
+    for (n, &i) in accepted.iter().enumerate() {
         match store.insert_key(&keys[i], max_keys).await {
             Ok(()) => written.push(i),
             Err(StoreError::NotFound) => refused.push((i, Refusal::UnknownClient)),
             Err(StoreError::Conflict(Conflict::TooManyKeys { max })) => {
                 refused.push((i, Refusal::TooManyKeys { max }));
             }
+            Err(e) if written.is_empty() => return Err(e),
+            Err(e) if atomic => {
+                return match undo(store, &keys, &written).await {
+                    Ok(()) => Err(e),
+                    Err(undo) => Err(StoreError::Incomplete(format!(
+                        "import: {e}; undoing the keys written before: {undo}"
+                    ))),
+                };
+            }
             Err(e) => {
-                if atomic {
-                    undo(store, &keys, &written).await;
-                }
-                return Err(e);
+                // What was written stands; this key and the rest are not confirmed.
+                tracing::error!(error = %e, "import: the store failed partway");
+                refused.extend(accepted[n..].iter().map(|&i| (i, Refusal::Unconfirmed)));
+                break;
             }
         }
         if atomic && !refused.is_empty() {
-            undo(store, &keys, &written).await;
+            undo(store, &keys, &written).await.map_err(|undo| {
+                StoreError::Incomplete(format!("import: undoing the keys written before: {undo}"))
+            })?;
             return Ok(refused);
         }
     }
@@ -90,10 +108,24 @@ pub async fn one_by_one<S: Store + ?Sized>(
     Ok(refused)
 }
 
-async fn undo<S: Store + ?Sized>(store: &S, keys: &[ApiKey], written: &[usize]) {
+/// Deletes the keys `written` by an atomic import that stopped, each as
+/// [`Store::delete_key`] does (its `key.revoked` follows the `key.created` that went out: a
+/// webhook sees the keys come and go). A key not written is no error; the first failure is
+/// answered after every key was tried.
+pub(crate) async fn undo<S: Store + ?Sized>(
+    store: &S,
+    keys: &[ApiKey],
+    written: &[usize],
+) -> StoreResult<()> {
+    let mut failed = None;
     for &i in written {
-        if let Err(e) = store.delete_key(keys[i].id).await {
-            tracing::error!(key_id = %keys[i].id, error = %e, "import: could not undo a written key");
+        match store.delete_key(keys[i].id).await {
+            Ok(_) | Err(StoreError::NotFound) => {}
+            Err(e) => {
+                tracing::error!(key_id = %keys[i].id, error = %e, "import: could not undo a written key");
+                failed.get_or_insert(e);
+            }
         }
     }
+    failed.map_or(Ok(()), Err)
 }

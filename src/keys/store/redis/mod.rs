@@ -1212,8 +1212,12 @@ impl Store for RedisStore {
     /// Scripts of at most [`IMPORT_CHUNK`] keys (each well within [`CALL_TIMEOUT`], so Redis
     /// is never held long): every key written with its `key.created` (`imported: true`) in
     /// the same script. An atomic import is first judged whole, chunk by chunk, without
-    /// writing; only when nothing is refused are the chunks written (a key another writer
-    /// takes between the two passes is then refused with its chunk unwritten).
+    /// writing; only when nothing is refused are the chunks written. Should a chunk then be
+    /// refused (another writer took a hash or a client's room between the two passes) or the
+    /// store fail, the chunks written before are deleted again (`key.revoked` follows their
+    /// `key.created`), so nothing stands; when even that fails, [`StoreError::Incomplete`].
+    /// A non-atomic import the store fails partway keeps what was written and answers the
+    /// rest [`Unconfirmed`](super::import::Refusal::Unconfirmed).
     async fn import_keys(
         &self,
         keys: Vec<ApiKey>,
@@ -1259,10 +1263,53 @@ impl Store for RedisStore {
             }
         }
         let none = HashMap::new();
-        for chunk in candidates.chunks(IMPORT_CHUNK) {
-            let out = self
+        // What the chunks before wrote, to undo should an atomic import stop.
+        let mut written: Vec<usize> = Vec::new();
+        for (n, chunk) in candidates.chunks(IMPORT_CHUNK).enumerate() {
+            let out = match self
                 .import_chunk(&keys, chunk, max_keys, atomic, false, &none)
-                .await?;
+                .await
+            {
+                Ok(out) => out,
+                // Nothing written before: the store's error, as any call's.
+                Err(e) if n == 0 => return Err(e),
+                Err(e) if atomic => {
+                    // The failed chunk may have been written (an answer lost, a timeout).
+                    written.extend_from_slice(chunk);
+                    return match super::import::undo(self, &keys, &written).await {
+                        Ok(()) => Err(e),
+                        Err(undo) => Err(StoreError::Incomplete(format!(
+                            "import: {e}; undoing the keys written before: {undo}"
+                        ))),
+                    };
+                }
+                Err(e) => {
+                    // The chunks before stand: this one and the rest are not confirmed.
+                    tracing::error!(error = %e, "import: the store failed partway");
+                    let rest = candidates[n * IMPORT_CHUNK..].iter();
+                    refused.extend(rest.map(|&i| (i, Refusal::Unconfirmed)));
+                    refused.sort_by_key(|(i, _)| *i);
+                    return Ok(refused);
+                }
+            };
+            if atomic && !out.is_empty() {
+                // Another writer took a hash or a client's room since the judging: the
+                // chunks written before are undone, so the import writes nothing.
+                super::import::undo(self, &keys, &written)
+                    .await
+                    .map_err(|undo| {
+                        StoreError::Incomplete(format!(
+                            "import: a key was taken meanwhile; undoing the keys written \
+                             before: {undo}"
+                        ))
+                    })?;
+                refused.extend(out);
+                refused.sort_by_key(|(i, _)| *i);
+                return Ok(refused);
+            }
+            if atomic {
+                written.extend_from_slice(chunk);
+            }
             refused.extend(out);
         }
         refused.sort_by_key(|(i, _)| *i);
