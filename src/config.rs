@@ -800,9 +800,57 @@ pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
         let before = text.get(..span.start).unwrap_or(text);
         let line = before.matches('\n').count() + 1;
         let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
-        format!("{line}:{column}:")
+        match field_at(text, line, column) {
+            Some(field) => format!("{line}:{column}: `{field}`:"),
+            None => format!("{line}:{column}:"),
+        }
     });
     format!("{at} {}", without_strings(e.message().trim_end()))
+}
+
+/// The setting written on `line` (1-based), with its table: `[table]` and `key = …` when both
+/// are plain names (letters, digits, `_`, `-`, `.`), and the key of an inline table's value the
+/// error is at (`column`, 1-based) when nothing quoted comes before it. Anything else on the
+/// line may be a value (a line inside a multi-line array, say): no name then.
+fn field_at(text: &str, line: usize, column: usize) -> Option<String> {
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    };
+    let written = text.lines().nth(line - 1)?;
+    let first = written.split_once('=')?.0.trim();
+    if !plain(first) {
+        return None;
+    }
+    let before: String = written.chars().take(column - 1).collect();
+    let inner = (!before.contains(['"', '\'']))
+        .then(|| {
+            before
+                .trim_end()
+                .strip_suffix('=')?
+                .trim_end()
+                .rsplit([' ', '{', ','])
+                .next()
+        })
+        .flatten()
+        .filter(|k| plain(k) && *k != first);
+    let key = match inner {
+        Some(k) => format!("{first}.{k}"),
+        None => first.to_owned(),
+    };
+    let table = text
+        .lines()
+        .take(line - 1)
+        .map(str::trim)
+        .filter(|l| l.starts_with('['))
+        .last()
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    match table {
+        Some(t) if plain(t) => Some(format!("{t}.{key}")),
+        Some(_) => None,
+        None => Some(key),
+    }
 }
 
 /// `message` without the values it quotes: a string value (serde writes one as `string "…"`,
@@ -948,8 +996,30 @@ mod tests {
         ] {
             let e = load(text, &[], none.clone()).unwrap_err().to_string();
             assert!(!e.contains(secret), "{text:?} → {e}");
-            assert!(e.contains(&format!("- test.toml:{at} ")), "{text:?} → {e}");
+            assert!(e.contains(&format!("- test.toml:{at} `")), "{text:?} → {e}");
         }
+        // The key inside an inline table is named with its table and setting.
+        let e = load(
+            "[plans.p]\nquota = { requests = 1, per = \"hunter2\" }\n",
+            &[],
+            none.clone(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("2:31: `plans.p.quota.per`: unknown variant"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
+        // A line that may be part of a value is not named.
+        let e = load(
+            "[admin]\nkeys = [\n  hunter2 \"x\"=\n]\n",
+            &[],
+            none.clone(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("hunter2"), "{e}");
         let e = load("[admin]\nkeys = \"x\"\n", &[], none.clone())
             .unwrap_err()
             .to_string();
