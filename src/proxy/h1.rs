@@ -751,18 +751,20 @@ impl RequestView for View<'_> {
             .and_then(|s| credential::header_text(s.get(self.buf)))
     }
 
-    fn forwarded_for(&self) -> Option<&str> {
+    fn forwarded_for(&self) -> impl Iterator<Item = Option<&str>> {
+        // One line at most: a request with more is handed over.
         self.head
             .xff
-            .and_then(|s| credential::header_text(s.get(self.buf)))
+            .map(|s| credential::header_text(s.get(self.buf)))
+            .into_iter()
     }
 
-    fn forwarded(&self) -> Option<&str> {
+    fn forwarded(&self) -> impl Iterator<Item = Option<&str>> {
         // Read only when the peer is a trusted proxy.
         self.fields
             .iter()
-            .find(|f| f.name.get(self.buf).eq_ignore_ascii_case(b"forwarded"))
-            .and_then(|f| credential::header_text(f.value.get(self.buf)))
+            .filter(|f| f.name.get(self.buf).eq_ignore_ascii_case(b"forwarded"))
+            .map(|f| credential::header_text(f.value.get(self.buf)))
     }
 
     fn field(&self, name: &str) -> Option<&[u8]> {

@@ -49,10 +49,26 @@ pub fn rule_of(name: &HeaderName, named: &[Vec<u8>], rule: impl Fn(&[u8]) -> Rul
     }
 }
 
+/// `line` appended to the `X-Forwarded-For` list in `list` (`, ` between): the lines of one
+/// request are one list.
+pub fn join_xff(list: &mut Option<HeaderValue>, line: HeaderValue) {
+    *list = Some(match list.take() {
+        None => line,
+        Some(first) => {
+            let mut v = Vec::with_capacity(first.len() + 2 + line.len());
+            v.extend_from_slice(first.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(line.as_bytes());
+            // Two valid field values joined by ", " are a valid field value.
+            HeaderValue::from_bytes(&v).unwrap_or(first)
+        }
+    });
+}
+
 /// What a client's request carried that the gateway rewrites itself.
 #[derive(Debug, Default)]
 pub struct Inbound {
-    /// The first `X-Forwarded-For`.
+    /// The `X-Forwarded-For` lines, joined into one list.
     pub xff: Option<HeaderValue>,
     /// `Host` (or the request's authority), sent as `X-Forwarded-Host`.
     pub host: Option<HeaderValue>,
@@ -78,9 +94,7 @@ pub fn retain_forwarded(h: &mut HeaderMap, strip: Strip, rules: &FieldRules) -> 
             },
         };
         match rule_of(&name, &named, |n| rules.request(n)) {
-            Rule::XForwardedFor => {
-                inbound.xff.get_or_insert(value);
-            }
+            Rule::XForwardedFor => join_xff(&mut inbound.xff, value),
             Rule::Host => inbound.host = Some(value),
             Rule::Trailer => {
                 if let Ok(v) = value.to_str() {
@@ -391,7 +405,8 @@ mod tests {
             "http",
             &HeaderValue::from_static("127.0.0.1:9000"),
         );
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        // Two lines are one list, the peer appended.
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.9, 127.0.0.1");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example.com");

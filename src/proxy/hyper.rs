@@ -245,6 +245,14 @@ impl Gateway {
                 .map(|(_, v)| v.as_bytes())
         };
         let has_length = first(Rule::ContentLength).is_some();
+        let mut xff = None;
+        for (_, v) in parts
+            .headers
+            .iter()
+            .filter(|(n, _)| rule(n) == Rule::XForwardedFor)
+        {
+            headers::join_xff(&mut xff, v.clone());
+        }
         let body_out = match body.size_hint().exact() {
             Some(n) if has_length => BodyOut::Length(n),
             _ if body.is_end_stream() => BodyOut::None,
@@ -267,7 +275,7 @@ impl Gateway {
                 strip: admitted.strip,
                 identity: admitted.permit.principal().map(|p| &p.headers),
                 assertion: admitted.assertion.as_ref().map(HeaderValue::as_bytes),
-                xff: first(Rule::XForwardedFor),
+                xff: xff.as_ref().map(HeaderValue::as_bytes),
                 client_host: first(Rule::Host)
                     .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes())),
                 peer_ip: conn.peer_ip.as_bytes(),

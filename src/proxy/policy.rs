@@ -46,10 +46,12 @@ pub trait RequestView {
     fn authorization(&self) -> Option<&str>;
     /// The first value of the API-key header (`name`), when it is header text.
     fn api_key(&self, name: &HeaderName) -> Option<&str>;
-    /// The first `X-Forwarded-For` value, when it is header text.
-    fn forwarded_for(&self) -> Option<&str>;
-    /// The first `Forwarded` value, when it is header text.
-    fn forwarded(&self) -> Option<&str>;
+    /// Every `X-Forwarded-For` line, in order (a proxy may add a line of its own rather than
+    /// extend the one it got: together they are one list, RFC 9110 §5.3). A line that is not
+    /// header text is `None`.
+    fn forwarded_for(&self) -> impl Iterator<Item = Option<&str>>;
+    /// Every `Forwarded` line, in order, as [`RequestView::forwarded_for`].
+    fn forwarded(&self) -> impl Iterator<Item = Option<&str>>;
     /// The first value of any field (`name` lowercase), as sent. Read only by the verify
     /// endpoint.
     fn field(&self, name: &str) -> Option<&[u8]>;
@@ -78,16 +80,18 @@ impl RequestView for http::request::Parts {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
-    fn forwarded_for(&self) -> Option<&str> {
+    fn forwarded_for(&self) -> impl Iterator<Item = Option<&str>> {
         self.headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.to_str().ok())
     }
 
-    fn forwarded(&self) -> Option<&str> {
+    fn forwarded(&self) -> impl Iterator<Item = Option<&str>> {
         self.headers
-            .get(http::header::FORWARDED)
-            .and_then(|v| v.to_str().ok())
+            .get_all(http::header::FORWARDED)
+            .iter()
+            .map(|v| v.to_str().ok())
     }
 
     fn field(&self, name: &str) -> Option<&[u8]> {
@@ -111,28 +115,37 @@ pub struct Policy {
 
 impl Policy {
     /// The client's address: the peer's, or — when the peer is a trusted proxy — the
-    /// right-most address of `X-Forwarded-For` (else `Forwarded`) that is not itself a trusted
-    /// proxy. An address that does not parse there is not trusted: the peer's is used.
+    /// right-most address of `X-Forwarded-For` (else `Forwarded`), all its lines read as one
+    /// list, that is not itself a trusted proxy. An address that does not parse there (or a
+    /// line that is not text) is not trusted: the peer's is used.
     pub fn client_ip(&self, req: &impl RequestView, peer: IpAddr) -> IpAddr {
         let trusted = |ip: IpAddr| self.trusted_proxies.iter().any(|c| c.contains(ip));
         if !trusted(peer) {
             return peer;
         }
-        let hops: Vec<&str> = match (req.forwarded_for(), req.forwarded()) {
-            (Some(xff), _) => xff.split(',').collect(),
-            (None, Some(fwd)) => fwd
-                .split(',')
-                .filter_map(|element| {
+        let mut hops: Vec<Option<&str>> = Vec::new();
+        for line in req.forwarded_for() {
+            match line {
+                Some(xff) => hops.extend(xff.split(',').map(Some)),
+                None => hops.push(None),
+            }
+        }
+        if hops.is_empty() {
+            for line in req.forwarded() {
+                let Some(fwd) = line else {
+                    hops.push(None);
+                    continue;
+                };
+                hops.extend(fwd.split(',').map(|element| {
                     element.split(';').find_map(|pair| {
                         let (k, v) = pair.split_once('=')?;
                         k.trim().eq_ignore_ascii_case("for").then_some(v)
                     })
-                })
-                .collect(),
-            (None, None) => return peer,
-        };
+                }));
+            }
+        }
         for hop in hops.iter().rev() {
-            match parse_hop(hop) {
+            match hop.and_then(parse_hop) {
                 Some(ip) if trusted(ip) => continue,
                 Some(ip) => return ip,
                 None => return peer,

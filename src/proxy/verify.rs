@@ -130,11 +130,11 @@ impl<V: RequestView> RequestView for Original<'_, V> {
         self.verify.api_key(name)
     }
 
-    fn forwarded_for(&self) -> Option<&str> {
+    fn forwarded_for(&self) -> impl Iterator<Item = Option<&str>> {
         self.verify.forwarded_for()
     }
 
-    fn forwarded(&self) -> Option<&str> {
+    fn forwarded(&self) -> impl Iterator<Item = Option<&str>> {
         self.verify.forwarded()
     }
 

@@ -377,6 +377,35 @@ async fn behind_a_trusted_proxy_each_client_has_its_own_budget() {
         )
         .await;
     assert_eq!(r.status, 429);
+    // Nor one in a line of its own, with the load balancer's own line after it (HAProxy's
+    // `option forwardfor` adds a line): the lines are one list.
+    let r = gw
+        .get(
+            "/",
+            &[
+                ("authorization", &bearer),
+                ("x-forwarded-for", "1.1.1.1"),
+                ("x-forwarded-for", "203.0.113.9"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 429);
+    // The upstream gets the whole list, the peer appended, in one line.
+    let (key, _) = gw.client("acme", "pro").await;
+    let r = gw
+        .get(
+            "/",
+            &[
+                ("x-api-key", &key),
+                ("x-forwarded-for", "1.1.1.1"),
+                ("x-forwarded-for", "198.51.100.4"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let seen = gw.upstream.last();
+    let xff: Vec<_> = seen.headers.get_all("x-forwarded-for").iter().collect();
+    assert_eq!(xff, ["1.1.1.1, 198.51.100.4, 127.0.0.1"]);
 }
 
 /// Whether a shared cache may store `res` under RFC 9111 §3 and §3.5 (the request carried no

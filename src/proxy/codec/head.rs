@@ -293,7 +293,8 @@ pub fn parse_request(
                 head.api_key.get_or_insert(Span::of(buf, h.value));
                 Rule::ApiKey
             }
-            Rule::XForwardedFor if head.xff.is_some() => Rule::Drop,
+            // Lines to join into one list: hyper's engine does it (rare).
+            Rule::XForwardedFor if head.xff.is_some() => return hand_over(req.headers),
             Rule::XForwardedFor => {
                 head.xff = Some(Span::of(buf, h.value));
                 Rule::XForwardedFor
@@ -510,7 +511,7 @@ mod tests {
     fn plain_requests_are_taken_and_classified() {
         let raw = "POST /v1/x?a=1&b=/?c HTTP/1.1\r\nHost: api\r\nX-API-Key: kg_1\r\n\
                    Authorization: Bearer t\r\nContent-Length: 5\r\nConnection: keep-alive, X-Secret\r\n\
-                   X-Secret: s\r\nx-forwarded-for: 10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\n\
+                   X-Secret: s\r\nx-forwarded-for: 10.0.0.1\r\n\
                    X-Forwarded-Host: evil\r\nX-Keygate-Client-Id: spoof\r\nX_Custom: u\r\n\
                    TE: trailers\r\nKeep-Alive: 5\r\nProxy-Authorization: Basic x\r\nAccept: */*\r\n\r\nhello";
         let (h, kinds) = complete(raw);
@@ -534,7 +535,6 @@ mod tests {
             ("Connection", Drop),
             ("X-Secret", Drop),
             ("x-forwarded-for", XForwardedFor),
-            ("X-Forwarded-For", Drop),
             ("X-Forwarded-Host", Drop),
             ("X-Keygate-Client-Id", Drop),
             ("X_Custom", Drop),
@@ -583,6 +583,8 @@ mod tests {
             "GET /caf\u{e9} HTTP/1.1\r\n\r\n",
             "GET /?q=<x> HTTP/1.1\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            // Lines of one list: joined by hyper's engine.
+            "GET / HTTP/1.1\r\nX-Forwarded-For: a\r\nx-forwarded-for: b\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 1, 1\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
