@@ -745,6 +745,11 @@ impl RequestView for View<'_> {
             .and_then(|s| credential::header_text(s.get(self.buf)))
     }
 
+    fn authorizations(&self) -> bool {
+        // A request with more is handed over.
+        false
+    }
+
     fn api_key(&self, _: &http::HeaderName) -> Option<&str> {
         self.head
             .api_key

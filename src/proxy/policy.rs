@@ -44,6 +44,9 @@ pub trait RequestView {
     fn query(&self) -> Option<&str>;
     /// The first `Authorization` value, when it is header text.
     fn authorization(&self) -> Option<&str>;
+    /// True when the request has more than one `Authorization` line (a field that is no list:
+    /// the gateway would judge one and forward the other).
+    fn authorizations(&self) -> bool;
     /// The first value of the API-key header (`name`), when it is header text.
     fn api_key(&self, name: &HeaderName) -> Option<&str>;
     /// Every `X-Forwarded-For` line, in order (a proxy may add a line of its own rather than
@@ -74,6 +77,14 @@ impl RequestView for http::request::Parts {
         self.headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
+    }
+
+    fn authorizations(&self) -> bool {
+        self.headers
+            .get_all(http::header::AUTHORIZATION)
+            .iter()
+            .nth(1)
+            .is_some()
     }
 
     fn api_key(&self, name: &HeaderName) -> Option<&str> {
@@ -451,6 +462,10 @@ impl Gateway {
         let checked = if found.conflict {
             Err(ProxyError::BadRequest(
                 "the request carries two different credentials",
+            ))
+        } else if req.authorizations() {
+            Err(ProxyError::BadRequest(
+                "the request carries more than one Authorization field",
             ))
         } else {
             let ip = self.policy.client_ip(req, conn.peer.ip());

@@ -126,6 +126,10 @@ impl<V: RequestView> RequestView for Original<'_, V> {
         self.verify.authorization()
     }
 
+    fn authorizations(&self) -> bool {
+        self.verify.authorizations()
+    }
+
     fn api_key(&self, name: &HeaderName) -> Option<&str> {
         self.verify.api_key(name)
     }

@@ -1024,6 +1024,7 @@ async fn auth_answers_are_identical() {
                     .await;
             let addr = s.gw.proxy;
             let bad = format!("kg_{}", "A".repeat(49));
+            let bearer_bad = format!("Bearer {bad}");
             /// Name, path, fields, status, code.
             type Case<'a> = (
                 &'static str,
@@ -1054,6 +1055,18 @@ async fn auth_answers_are_identical() {
                     vec![("x-api-key", s.key.as_str())],
                     404,
                     "route_not_found",
+                ),
+                // Judged by one, the other would be forwarded with what it holds.
+                (
+                    "two authorizations",
+                    "/ok",
+                    vec![
+                        ("x-api-key", s.key.as_str()),
+                        ("authorization", "Digest x"),
+                        ("authorization", bearer_bad.as_str()),
+                    ],
+                    400,
+                    "bad_request",
                 ),
             ];
             let mut views = Vec::new();

@@ -285,8 +285,10 @@ pub fn parse_request(
                 conn.add(buf, h.value);
                 Rule::Drop
             }
+            // More than one: hyper's engine refuses it (rare).
+            Rule::Authorization if head.authorization.is_some() => return hand_over(req.headers),
             Rule::Authorization => {
-                head.authorization.get_or_insert(Span::of(buf, h.value));
+                head.authorization = Some(Span::of(buf, h.value));
                 Rule::Authorization
             }
             Rule::ApiKey => {
@@ -583,6 +585,8 @@ mod tests {
             "GET /caf\u{e9} HTTP/1.1\r\n\r\n",
             "GET /?q=<x> HTTP/1.1\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            // More than one Authorization: refused by hyper's engine.
+            "GET / HTTP/1.1\r\nAuthorization: Digest x\r\nAuthorization: Bearer y\r\n\r\n",
             // Lines of one list: joined by hyper's engine.
             "GET / HTTP/1.1\r\nX-Forwarded-For: a\r\nx-forwarded-for: b\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
