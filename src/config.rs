@@ -853,14 +853,13 @@ fn field_at(text: &str, line: usize, column: usize) -> Option<String> {
     }
 }
 
-/// `message` without the values it quotes: a string value (serde writes one as `string "…"`,
-/// escaped as Rust's `Debug` does) becomes `a string`, an unknown variant (`` unknown variant
-/// `…` ``) loses its name; the names of the expected variants and fields stay.
+/// `message` without the string values it quotes: serde writes one as `string "…"` (escaped
+/// as Rust's `Debug` does), which becomes `a string` — a list of admin keys written as one
+/// string would be quoted whole. Names stay: of fields, of the expected variants, and of an
+/// unknown variant (`algorithm = "RS256"` is worth naming; a setting of a fixed set of names
+/// is no place for a secret).
 fn without_strings(message: &str) -> String {
-    const VALUES: [(&str, char, &str); 2] = [
-        ("string \"", '"', "a string"),
-        ("unknown variant `", '`', "unknown variant"),
-    ];
+    const VALUES: [(&str, char, &str); 1] = [("string \"", '"', "a string")];
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
     while let Some((at, (opening, closing, shown))) = VALUES
@@ -989,8 +988,6 @@ mod tests {
             ),
             // An unquoted value.
             ("[jwt]\nsecret = whsec_hunter2\n", "hunter2", "2:10:"),
-            // A value that is no variant of its field.
-            ("[forward_auth]\ndeny = \"hunter2\"\n", "hunter2", "2:8:"),
             // Escaped quotes inside the value do not end it early.
             ("[admin]\nkeys = \"a\\\"hunter2\\\"b\"\n", "hunter2", "2:8:"),
         ] {
@@ -1000,17 +997,16 @@ mod tests {
         }
         // The key inside an inline table is named with its table and setting.
         let e = load(
-            "[plans.p]\nquota = { requests = 1, per = \"hunter2\" }\n",
+            "[plans.p]\nquota = { requests = 1, per = \"week\" }\n",
             &[],
             none.clone(),
         )
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("2:31: `plans.p.quota.per`: unknown variant"),
+            e.contains("2:31: `plans.p.quota.per`: unknown variant `week`"),
             "{e}"
         );
-        assert!(!e.contains("hunter2"), "{e}");
         // A line that may be part of a value is not named.
         let e = load(
             "[admin]\nkeys = [\n  hunter2 \"x\"=\n]\n",
@@ -1027,10 +1023,11 @@ mod tests {
             e.contains("invalid type: a string, expected a sequence"),
             "{e}"
         );
-        let e = load("[forward_auth]\ndeny = \"x\"\n", &[], none.clone())
+        // A value that is no variant of its field is named, with the names it may take.
+        let e = load("[forward_auth]\ndeny = \"teapot\"\n", &[], none.clone())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("unknown variant, expected"), "{e}");
+        assert!(e.contains("unknown variant `teapot`, expected"), "{e}");
         assert!(e.contains("`status`"), "{e}");
         // A field's name (never a value) is still named.
         let e = load("[admin]\nkes = []\n", &[], none)
