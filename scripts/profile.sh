@@ -15,7 +15,10 @@
 #   1. user and system CPU µs per request (/proc/<pid>/stat), context switches per request,
 #      TCP segments per request on the machine (`nstat`: sent, received, pure ACKs, delayed ACKs);
 #   2. system calls per request (`strace -c -f`; strace slows keygate down, so only the counts
-#      mean anything, not its timings);
+#      mean anything, not its timings); then the time in them per request by socket: sends and
+#      reads on the client's side (the listener's port) against the upstream's (bpftrace on the
+#      syscall and `sock` tracepoints; the probes add their own cost to every call, so the
+#      shares mean more than the times);
 #   3. a CPU profile (`perf record -g`, software clock: no hardware counters needed), its top
 #      entries by self time and by caller, user space against kernel.
 # Output: target/profile/<target>-<mode>/{summary.md,perf.data,perf-*.txt,strace.txt,nstat.txt}
@@ -40,6 +43,7 @@ command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v perf >/dev/null 2>&1 || need+=(linux-perf)
 command -v strace >/dev/null 2>&1 || need+=(strace)
+command -v bpftrace >/dev/null 2>&1 || need+=(bpftrace)
 command -v nstat >/dev/null 2>&1 || need+=(iproute2)
 [ "$MODE" != h2c ] || command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
 if [ ${#need[@]} -gt 0 ]; then
@@ -223,6 +227,47 @@ rows.sort(reverse=True)
 total = sum(c for c, _ in rows)
 print(f"system calls per request (strace -c, {n:,.0f} requests while traced): {total / n:.2f} = "
       + ", ".join(f"{name} {c / n:.2f}" for c, name in rows if c / n >= 0.01))
+EOF
+
+# System call time per request by socket: the client's side (local port $KG_PORT) against the
+# upstream's. The class of a call is set by the `sock` tracepoint it passes (none: not counted).
+load "$WARM" /dev/null >/dev/null
+cat >"$WORK/sides.bt" <<BT
+tracepoint:raw_syscalls:sys_enter /pid == $KG_PID/ { @enter[tid] = nsecs; }
+tracepoint:sock:sock_send_length /pid == $KG_PID/ {
+  @side[tid] = ((struct sock *)args->sk)->__sk_common.skc_num == $KG_PORT ? 1 : 2;
+}
+tracepoint:sock:sock_recv_length /pid == $KG_PID/ {
+  @side[tid] = ((struct sock *)args->sk)->__sk_common.skc_num == $KG_PORT ? 3 : 4;
+}
+tracepoint:raw_syscalls:sys_exit /@enter[tid]/ {
+  @ns[@side[tid]] = sum(nsecs - @enter[tid]);
+  @calls[@side[tid]] = count();
+  delete(@enter[tid]);
+  delete(@side[tid]);
+}
+BT
+bpftrace "$WORK/sides.bt" >"$OUTDIR/sides.txt" 2>&1 &
+BT=$!
+# Attached once it says so.
+for _ in $(seq 100); do grep -q Attaching "$OUTDIR/sides.txt" && break; sleep 0.1; done
+sleep 0.5
+n=$(load "$DURATION" "$OUTDIR/wrk-sides.txt")
+kill -INT "$BT"
+wait "$BT" || true
+python3 - "$n" "$OUTDIR/sides.txt" >>"$OUTDIR/summary.md" <<'EOF'
+import re, sys
+n = float(sys.argv[1])
+got = {(m[0], m[1]): int(m[2]) for m in re.findall(r"@(ns|calls)\[(\d)\]: (\d+)", open(sys.argv[2]).read())}
+if not got:
+    sys.exit(f"bpftrace measured nothing: see {sys.argv[2]}")
+sides = {"1": "send to the client", "2": "send upstream", "3": "read from the client", "4": "read from upstream"}
+total = sum(got.get(("ns", k), 0) for k in sides)
+print(f"system call time per request by socket (bpftrace, {n:,.0f} requests while traced; "
+      "the probes' cost included):")
+for k, name in sides.items():
+    ns = got.get(("ns", k), 0)
+    print(f"    {name}: {ns / n / 1e3:.2f} µs in {got.get(('calls', k), 0) / n:.2f} calls ({ns / total * 100:.0f} %)")
 EOF
 
 # A CPU profile.
