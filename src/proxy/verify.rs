@@ -183,26 +183,43 @@ impl Gateway {
                 .map(Decided::Admitted)
         }
         .await;
+        // No caller (a public route, a preflight passed on): the identity fields are sent
+        // empty, so an edge proxy that copies them overwrites whatever the client sent (Caddy
+        // 2.6 would otherwise copy its unreplaced placeholder; Envoy leaves a field the answer
+        // lacks as the client sent it).
+        let no_caller = |h: &mut http::HeaderMap| {
+            headers::add_no_identity(h);
+            if self.identity.is_some() {
+                h.insert(
+                    crate::identity::X_KEYGATE_ASSERTION,
+                    http::HeaderValue::from_static(""),
+                );
+            }
+        };
         match decided {
-            Ok(Decided::Preflight(res)) => res,
+            Ok(Decided::Preflight(mut res)) => {
+                if res.status().is_success() {
+                    no_caller(res.headers_mut());
+                }
+                res
+            }
             Ok(Decided::Admitted(admitted)) => {
                 let mut res = Response::new(Bytes::new());
                 let h = res.headers_mut();
-                // A public route has no caller: the identity fields are sent empty, so an edge
-                // proxy that copies them overwrites whatever the client sent (Caddy 2.6 would
-                // otherwise copy its unreplaced placeholder).
                 match admitted.permit.principal() {
-                    Some(p) => headers::add_identity(h, &p.headers),
-                    None => headers::add_no_identity(h),
-                }
-                // Signed identity: the assertion, or (a public route) an empty field.
-                if self.identity.is_some() {
-                    h.insert(
-                        crate::identity::X_KEYGATE_ASSERTION,
-                        admitted
-                            .assertion
-                            .unwrap_or_else(|| http::HeaderValue::from_static("")),
-                    );
+                    Some(p) => {
+                        headers::add_identity(h, &p.headers);
+                        // Signed identity: the assertion (none is made only for no caller).
+                        if self.identity.is_some() {
+                            h.insert(
+                                crate::identity::X_KEYGATE_ASSERTION,
+                                admitted
+                                    .assertion
+                                    .unwrap_or_else(|| http::HeaderValue::from_static("")),
+                            );
+                        }
+                    }
+                    None => no_caller(h),
                 }
                 if let Some(rate) = &admitted.rate {
                     headers::add_rate(h, rate);

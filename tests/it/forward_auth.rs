@@ -205,6 +205,37 @@ async fn spoofed_identity_fields_are_never_echoed() {
         }
         assert!(!r.headers.contains_key("x-keygate-status"));
     }
+    // An allowed CORS preflight is passed on by the edge proxy with no caller: its identity
+    // fields are empty too (Envoy keeps a field the answer lacks as the client sent it).
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&upstream.url(), &dir.path().join("k.db"), CONFIG).replace(
+        "[proxy]\n",
+        "[proxy]\ncors = { origins = [\"https://app.example.com\"] }\n",
+    );
+    let gw = Gateway::start_from(upstream, dir, &text).await;
+    let mut fields = spoof.to_vec();
+    fields.extend([
+        ("origin", "https://app.example.com"),
+        ("access-control-request-method", "GET"),
+    ]);
+    for c in ALL {
+        let r = verify(&gw, c, "OPTIONS", "/things", &fields).await;
+        assert!(r.status.is_success(), "{c:?}: {}", r.status);
+        for name in [
+            "x-keygate-client-id",
+            "x-keygate-key-id",
+            "x-keygate-license",
+            "x-keygate-permissions",
+        ] {
+            assert_eq!(
+                r.headers.get(name).map(|v| v.as_bytes()),
+                Some(&b""[..]),
+                "{c:?}: {name}"
+            );
+        }
+        assert!(!r.headers.contains_key("x-keygate-status"));
+    }
 }
 
 #[tokio::test]
@@ -723,12 +754,30 @@ mod edge {
                 ("x-keygate-client-id", "root"),
                 ("x-keygate-license", "enterprise"),
                 ("x-keygate-permissions", "ADMIN"),
+                ("x-keygate-assertion", "forged"),
+                ("x-http-method-override", "DELETE"),
+                ("x-http-method", "DELETE"),
+                ("x-method-override", "DELETE"),
             ],
         )
         .await;
         assert_eq!(r.status, 200, "{}", edge.log("error.log"));
         let seen = gw.upstream.last();
         assert_eq!(seen.uri, "/things?x=1");
+        // Neither keygate's credential nor a method other than the one judged reaches the
+        // application, nor an assertion the client wrote.
+        for gone in [
+            "authorization",
+            "x-api-key",
+            "x-keygate-assertion",
+            "x-http-method-override",
+            "x-http-method",
+            "x-method-override",
+        ] {
+            let left = seen.headers.get_all(gone).iter().filter(|v| !v.is_empty());
+            assert_eq!(left.count(), 0, "{gone} reached the application");
+        }
+
         assert_eq!(seen.headers["x-keygate-client-id"], "acme");
         assert_eq!(seen.headers["x-keygate-key-id"], plain_id.as_str());
         assert_eq!(seen.headers["x-keygate-license"], "pro");
@@ -746,6 +795,12 @@ mod edge {
             seen.headers.get_all("x-keygate-client-id").iter().count(),
             1
         );
+        // The key in X-API-Key: taken out too.
+        let r = through(gw, edge, "/things", &[("x-api-key", &plain)]).await;
+        assert_eq!(r.status, 200, "{}", edge.log("error.log"));
+        let seen = gw.upstream.last();
+        assert!(seen.headers.get("x-api-key").is_none_or(|v| v.is_empty()));
+        assert_eq!(seen.headers["x-keygate-client-id"], "acme");
 
         // Spoofed identity without a key: refused.
         let r = through(gw, edge, "/things", &[("x-keygate-client-id", "acme")]).await;
