@@ -238,6 +238,7 @@ conformance!(
     import_keys_judges_each_key_and_atomic_imports_write_all_or_nothing,
     charges_write_quota_threshold_events_once_per_period,
     cluster_rate_syncs_lease_from_one_shared_bucket,
+    cluster_rate_cells_of_a_lease_whose_time_passed_are_not_given_back_twice,
 );
 
 fn client(id: &str, license: &str, created_at: Millis) -> Client {
@@ -2179,4 +2180,49 @@ async fn cluster_rate_syncs_lease_from_one_shared_bucket(s: Arc<dyn Store>) {
         "{b2:?}: cells given back were not leased again"
     );
     assert!(b.leases[0].cells + b2.leases[0].cells <= 11, "{b:?} {b2:?}");
+}
+
+/// A lease's cells that its instance did not use come back by themselves once their time has
+/// passed; given back after that, they must not free what another instance reserved since.
+/// 1,000 a second (a cell every millisecond), burst 100.
+async fn cluster_rate_cells_of_a_lease_whose_time_passed_are_not_given_back_twice(
+    s: Arc<dyn Store>,
+) {
+    use keygate::keys::cluster::BucketSync;
+    let bucket = |unused: u64, demand: u64, want: bool| BucketSync {
+        name: "client:acme:1000/s".into(),
+        t_us: 1_000.0,
+        tau_us: 99_000.0,
+        unused,
+        demand,
+        want,
+    };
+    let a = match s.sync_rates("instance-a", &[bucket(0, 40, true)]).await {
+        Err(StoreError::Unavailable(_)) => return,
+        other => other.unwrap(),
+    };
+    let leased = a.leases[0].cells;
+    assert!(leased > 0, "{a:?}");
+    // a's whole lease lies in the past once the bucket is full again.
+    tokio::time::sleep(std::time::Duration::from_micros(
+        a.leases[0].until_full_us + 20_000,
+    ))
+    .await;
+    let b = s
+        .sync_rates("instance-b", &[bucket(0, 50, true)])
+        .await
+        .unwrap();
+    let taken = b.leases[0].cells;
+    assert!(taken >= 40, "{b:?}");
+    // a gives back what it never used: nothing of it is still ahead, so the bucket still
+    // holds b's lease (until it is full again: b's cells' worth, less the moments since).
+    let back = s
+        .sync_rates("instance-a", &[bucket(leased, 0, false)])
+        .await
+        .unwrap();
+    let held_us = taken * 1_000;
+    assert!(
+        back.leases[0].until_full_us + 20_000 >= held_us,
+        "b's {taken} cells were freed by a's expired lease: {back:?}"
+    );
 }

@@ -2,6 +2,9 @@
 -- want ('1' | '0'). Cluster rate limits (see keys/cluster.rs): one GCRA `tat` per bucket on
 -- Redis's clock; unused cells go back, and a lease of floor(room × share) cells is reserved
 -- by moving `tat` on (at most room ÷ live instances at a time). Answers {live instances, lease, µs until full, lease, …}.
+-- Unused cells go back only as far as the instance's last lease still lies ahead of now (its
+-- end is kept per instance in `rll:`): a lease whose time has passed came back by itself, and
+-- moving `tat` back for it again would free cells another instance reserved since.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local me = ARGV[2]
@@ -16,10 +19,12 @@ for i = 0, n - 1 do
   local b = 4 + i * 6
   local name, T, tau = ARGV[b], tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
   local unused, demand, want = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]), ARGV[b + 5] == '1'
-  local k, dk = P .. 'rl:' .. name, P .. 'rld:' .. name
+  local k, dk, lk = P .. 'rl:' .. name, P .. 'rld:' .. name, P .. 'rll:' .. name
   local tat = tonumber(redis.call('GET', k) or '0')
   if tat < now then tat = now end
-  tat = math.max(now, tat - unused * T)
+  local ends = tonumber(redis.call('HGET', lk, me) or '0')
+  local back = math.min(unused, math.max(0, math.floor((ends - now) / T)))
+  tat = math.max(now, tat - back * T)
   local lease = 0
   if want then
     redis.call('HSET', dk, me, string.format('%.0f', demand) .. ':' .. string.format('%.0f', now))
@@ -48,7 +53,14 @@ for i = 0, n - 1 do
   else
     redis.call('HDEL', dk, me)
   end
-  redis.call('SET', k, string.format('%.0f', tat), 'PX', math.ceil((tat - now + tau + T) / 1000) + 1000)
+  if lease > 0 then
+    redis.call('HSET', lk, me, string.format('%.0f', tat))
+  else
+    redis.call('HDEL', lk, me)
+  end
+  local ttl = math.ceil((tat - now + tau + T) / 1000) + 1000
+  redis.call('SET', k, string.format('%.0f', tat), 'PX', ttl)
+  if lease > 0 then redis.call('PEXPIRE', lk, ttl) end
   out[#out + 1] = lease
   out[#out + 1] = math.floor(tat - now)
 end
