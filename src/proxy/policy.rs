@@ -476,8 +476,7 @@ impl Gateway {
             Ok(_) => "valid",
             Err(e) => e.code(),
         });
-        let (permit, rate) = checked?;
-        let assertion = self.assertion(&permit)?;
+        let (permit, rate, assertion) = checked?;
         Ok(Admitted {
             permit,
             rate: Some(rate),
@@ -517,7 +516,7 @@ impl Gateway {
         cred: Option<&Credential<'_>>,
         ip: IpAddr,
         outcome: &mut Outcome<'g>,
-    ) -> Result<(Permit<'g>, RateInfo), ProxyError> {
+    ) -> Result<(Permit<'g>, RateInfo, Option<HeaderValue>), ProxyError> {
         let cred = cred.ok_or(ProxyError::MissingCredentials)?;
         let principal = match self.auth.authenticate(cred).await {
             Ok(p) => p,
@@ -551,6 +550,8 @@ impl Gateway {
         }
         self.usage.touch(&principal);
         let permit = auth::authorize(route, principal).map_err(ProxyError::from)?;
+        // Signed before the charge: a request refused for want of a signing key costs nothing.
+        let assertion = self.assertion(&permit)?;
         if let Some(p) = permit.principal()
             && (p.credits.is_some() || p.quota.is_some())
         {
@@ -558,7 +559,7 @@ impl Gateway {
             rate.credits = credits;
             rate.quota = quota;
         }
-        Ok((permit, rate))
+        Ok((permit, rate, assertion))
     }
 
     fn rate_limited(&self, r: Refusal) -> ProxyError {

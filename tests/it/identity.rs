@@ -1058,6 +1058,37 @@ async fn without_a_signing_key_requests_are_refused_not_forwarded_unsigned() {
     assert_eq!(r.code(), "store_unavailable");
     assert!(r.headers.contains_key("retry-after"));
     assert_eq!(up.count(), before, "nothing forwarded unsigned");
+    // A key with credits is refused the same way, and the refusal costs it nothing.
+    let r = admin(
+        &gw,
+        "POST",
+        "/v1/api-keys",
+        Some(
+            json!({"name": "paid", "client_id": "acme", "permissions": ["READ"],
+                    "credits": {"remaining": 3}}),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let (paid, paid_id) = (
+        r.json()["key"].as_str().unwrap().to_owned(),
+        r.json()["id"].as_str().unwrap().to_owned(),
+    );
+    let r = call(
+        gw.proxy,
+        "GET",
+        "/things",
+        &[("authorization", &format!("Bearer {paid}"))],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    let r = admin(&gw, "GET", &format!("/v1/api-keys/{paid_id}"), None).await;
+    assert_eq!(
+        r.json()["credits"]["remaining"],
+        3,
+        "a refused request took a credit"
+    );
     // The next read of the key set (within 10 s) makes the first key; requests pass, signed.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
