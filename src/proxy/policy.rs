@@ -594,9 +594,20 @@ impl Gateway {
             return Ok((charged.credits, charged.quota));
         };
         self.metrics.limit_refused(LimitKind::QuotaExhausted);
+        let quota_ends = || p.quota.map(|q| q.per.start(q.per.index(now) + 1));
         let next = match why {
-            Exhausted::Credits => p.credits.and_then(|t| t.refill).map(|r| r.next_at(now)),
-            Exhausted::Quota => p.quota.map(|q| q.per.start(q.per.index(now) + 1)),
+            // The credits come back at the refill, if it sets them to the route's cost at
+            // least (it replaces what was left); a quota used up too holds the request on to
+            // its own period's end.
+            Exhausted::Credits => p
+                .credits
+                .and_then(|t| t.refill)
+                .filter(|r| r.amount >= cost)
+                .map(|r| match (charged.quota, quota_ends()) {
+                    (Some(0), Some(q)) => r.next_at(now).max(q),
+                    _ => r.next_at(now),
+                }),
+            Exhausted::Quota => quota_ends(),
         };
         Err(ProxyError::QuotaExhausted {
             retry_after: next.map(|t| Duration::from_millis((t - now).max(1) as u64)),

@@ -27,6 +27,9 @@ scope = "key"
 [plans.metered]
 rate_limit = { per_second = 100000, burst = 100000 }
 quota = { requests = 5, per = "day" }
+[plans.monthly]
+rate_limit = { per_second = 100000, burst = 100000 }
+quota = { requests = 1, per = "month" }
 [[routes]]
 path = "/"
 [[routes]]
@@ -311,6 +314,38 @@ async fn a_refill_sets_a_retry_after_until_the_next_utc_midnight() {
         .unwrap()
         .to_owned();
     assert!(next.ends_with("-01T00:00:00.000Z"), "{next}");
+
+    // A refill that would not cover the route's cost brings nothing: no Retry-After.
+    let (short, _) = key_with(
+        &gw,
+        "daily",
+        json!({"credits": {"remaining": 0, "refill": {"amount": 2, "interval": "daily"}}}),
+    )
+    .await;
+    let r = gw.get_with_key("/expensive", &short).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(header(&r, "retry-after"), None);
+
+    // Credits and a monthly quota both used up: the credits come back at midnight, the
+    // request passes only once the month is over too.
+    gw.client("both", "monthly").await;
+    let (both, _) = key_with(
+        &gw,
+        "both",
+        json!({"credits": {"remaining": 1, "refill": {"amount": 50, "interval": "daily"}}}),
+    )
+    .await;
+    assert_eq!(gw.get_with_key("/", &both).await.status, 200);
+    let r = gw.get_with_key("/", &both).await;
+    assert_eq!(r.status, 429);
+    let now = chrono::Utc::now();
+    let first = chrono::Datelike::with_day(&now.date_naive(), 1).unwrap() + chrono::Months::new(1);
+    let want = (first.and_hms_opt(0, 0, 0).unwrap().and_utc() - now).num_seconds();
+    let got: i64 = header(&r, "retry-after").unwrap().parse().unwrap();
+    assert!(
+        (got - want).abs() <= 2,
+        "retry-after {got}, the next month in {want}"
+    );
 }
 
 /// Concurrent requests with `key` against `targets` (round robin), `in_flight` at a time;
