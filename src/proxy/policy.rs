@@ -147,12 +147,17 @@ impl Policy {
                     hops.push(None);
                     continue;
                 };
-                hops.extend(fwd.split(',').map(|element| {
-                    element.split(';').find_map(|pair| {
-                        let (k, v) = pair.split_once('=')?;
-                        k.trim().eq_ignore_ascii_case("for").then_some(v)
-                    })
-                }));
+                // An element without `for=` names no hop: skipped.
+                hops.extend(
+                    fwd.split(',')
+                        .filter_map(|element| {
+                            element.split(';').find_map(|pair| {
+                                let (k, v) = pair.split_once('=')?;
+                                k.trim().eq_ignore_ascii_case("for").then_some(v)
+                            })
+                        })
+                        .map(Some),
+                );
             }
         }
         for hop in hops.iter().rev() {
@@ -1016,6 +1021,20 @@ mod tests {
             p.client_ip(&req(Some("1.2.3.4:5555"), None), lb),
             ip("1.2.3.4")
         );
+        // An element without `for=` names no hop.
+        assert_eq!(
+            p.client_ip(&req(None, Some("for=1.2.3.4, proto=https")), lb),
+            ip("1.2.3.4")
+        );
+        // Lines of one field are one list, the last line the nearest hop.
+        let mut two = req(Some("6.6.6.6"), None);
+        two.headers
+            .append("x-forwarded-for", "1.2.3.4, 10.1.1.1".parse().unwrap());
+        assert_eq!(p.client_ip(&two, lb), ip("1.2.3.4"));
+        let mut two = req(None, Some("for=6.6.6.6"));
+        two.headers
+            .append("forwarded", "for=1.2.3.4".parse().unwrap());
+        assert_eq!(p.client_ip(&two, lb), ip("1.2.3.4"));
         // Garbage where an address belongs: the peer.
         assert_eq!(p.client_ip(&req(Some("evil, unknown"), None), lb), lb);
         assert_eq!(p.client_ip(&req(None, None), lb), lb);
