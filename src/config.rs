@@ -859,25 +859,25 @@ fn field_at(text: &str, line: usize, column: usize) -> Option<String> {
 /// unknown variant (`algorithm = "RS256"` is worth naming; a setting of a fixed set of names
 /// is no place for a secret).
 fn without_strings(message: &str) -> String {
-    const VALUES: [(&str, char, &str); 1] = [("string \"", '"', "a string")];
+    const QUOTED: &str = "string \"";
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
-    while let Some((at, (opening, closing, shown))) = VALUES
-        .iter()
-        .filter_map(|v| rest.find(v.0).map(|at| (at, *v)))
-        .min_by_key(|(at, _)| *at)
-    {
+    while let Some(at) = rest.find(QUOTED) {
         out.push_str(&rest[..at]);
-        out.push_str(shown);
-        let value = &rest[at + opening.len()..];
+        out.push_str("a string");
+        let value = &rest[at + QUOTED.len()..];
         let mut chars = value.char_indices();
         let mut end = None;
         while let Some((i, c)) = chars.next() {
-            if c == '\\' && closing == '"' {
-                chars.next();
-            } else if c == closing {
-                end = Some(i + c.len_utf8());
-                break;
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '"' => {
+                    end = Some(i + 1);
+                    break;
+                }
+                _ => {}
             }
         }
         match end {
