@@ -18,8 +18,9 @@
 //! - Every admitted request therefore spent a cell reserved in Redis's GCRA: across the fleet the
 //!   accepted traffic never exceeds the limit (burst included) while Redis answers. A lease not
 //!   used is held back for at most one sync interval (traffic below the limit, never above).
-//! - Redis unreachable: each instance enforces the limit ÷ the live instances it last saw, on a
-//!   local bucket, says so in the log and in `keygate_cluster_degraded`, and goes back to the
+//! - Redis unreachable: each instance enforces the limit ÷ the live instances it last saw (every
+//!   instance of the fleet: one with no bucket to sync still tells Redis it is there, every
+//!   [`HEARTBEAT_NS`]), on a local bucket, says so in the log and in `keygate_cluster_degraded`, and goes back to the
 //!   shared bucket once a sync succeeds. What instances admit during the outage is not known to
 //!   Redis afterwards.
 
@@ -37,6 +38,10 @@ use crate::clock::Clock;
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
 /// A bucket without requests for this long is given back and forgotten by the instance.
 const IDLE_AFTER_NS: u64 = 2_000_000_000;
+/// How often an instance with no bucket to sync still tells Redis it is there, so that every
+/// instance divides a limit by the whole fleet while Redis is unreachable (the traffic may move
+/// to an instance that had none).
+const HEARTBEAT_NS: u64 = 1_000_000_000;
 
 /// One bucket in a sync call.
 #[derive(Debug, Clone)]
@@ -62,7 +67,8 @@ pub struct Lease {
     pub until_full_us: u64,
 }
 
-/// The answer of a sync: the live instances and one lease per bucket, in order.
+/// The answer of a sync: the instances of the fleet (seen in the last seconds, with buckets
+/// or not) and one lease per bucket, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncReply {
     pub live: u32,
@@ -76,8 +82,11 @@ pub struct ClusterShared {
     clock: Clock,
     buckets: Mutex<HashMap<String, Weak<ClusterBucket>>>,
     degraded: AtomicBool,
-    /// Instances seen alive at the last successful sync (at least 1).
+    /// Instances of the fleet seen at the last successful sync (at least 1), those without
+    /// buckets included.
     live: AtomicU32,
+    /// When this instance last told Redis it is there with no bucket to sync (monotonic ns).
+    heartbeat_at: AtomicU64,
 }
 
 impl std::fmt::Debug for ClusterShared {
@@ -105,6 +114,7 @@ impl ClusterShared {
             buckets: Mutex::default(),
             degraded: AtomicBool::new(false),
             live: AtomicU32::new(1),
+            heartbeat_at: AtomicU64::new(0),
         })
     }
 
@@ -164,8 +174,16 @@ impl ClusterShared {
             }
         }
         if active.is_empty() {
+            let due = now.saturating_sub(self.heartbeat_at.load(Ordering::Relaxed)) >= HEARTBEAT_NS;
+            if due {
+                self.heartbeat_at.store(now, Ordering::Relaxed);
+                match self.store.sync_rates(&self.instance, &[]).await {
+                    Ok(reply) => self.recovered(reply.live),
+                    Err(e) => self.failed(&e.to_string()),
+                }
+            }
             return Synced {
-                ok: true,
+                ok: !self.degraded(),
                 took: Duration::ZERO,
                 buckets: 0,
             };

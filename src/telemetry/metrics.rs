@@ -424,7 +424,7 @@ impl Metrics {
             self.cluster_degraded.get()
         );
         out.push_str(
-            "# HELP keygate_cluster_instances Instances seen alive at the last cluster sync.\n",
+            "# HELP keygate_cluster_instances Instances of the fleet seen at the last cluster sync (with buckets to sync or not).\n",
         );
         out.push_str("# TYPE keygate_cluster_instances gauge\n");
         let _ = writeln!(out, "keygate_cluster_instances {}", self.cluster_live.get());

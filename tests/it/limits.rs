@@ -1030,6 +1030,62 @@ async fn metric(admin: std::net::SocketAddr, name: &str) -> Option<f64> {
     })
 }
 
+/// An instance that has had no request of a cluster-limited client still counts itself in the
+/// fleet (and sees the others), so that each divides the limit by all of them should Redis go:
+/// the traffic may move to it.
+#[tokio::test]
+async fn an_instance_without_traffic_is_counted_in_the_fleet() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let store = format!("url = \"{}\"", redis.tcp_url(0));
+    let config = store_config_text(
+        &upstream.url(),
+        &store,
+        &format!("{CLUSTER}\n[rate_limit]\nmode = \"cluster\"\n"),
+    );
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let gws: Vec<Binary> = dirs
+        .iter()
+        .map(|d| Binary::serve(&config, d.path()).spawn())
+        .collect();
+    let (s, v) = call(
+        gws[0].admin,
+        "POST",
+        "/v1/clients".into(),
+        Some(json!({"client_id": "busy", "license": "shared"})),
+        &[("x-admin-key", ADMIN_KEY)],
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let key = v["api_key"]["key"].as_str().unwrap().to_owned();
+    // Traffic on the first instance only; the second has no bucket at all.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        // (The plan's burst is 100: the last of these may be refused.)
+        let r = call(
+            gws[0].proxy,
+            "GET",
+            "/x".into(),
+            None,
+            &[("x-api-key", key.as_str())],
+        )
+        .await;
+        assert!(matches!(r.0, 200 | 429), "{}", r.0);
+        let live = [
+            metric(gws[0].admin, "keygate_cluster_instances").await,
+            metric(gws[1].admin, "keygate_cluster_instances").await,
+        ];
+        if live == [Some(2.0), Some(2.0)] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fleet seen as {live:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// 100/min with a burst of 100, over three instances for a minute and more, load spread evenly
 /// for one client and 90/10 for another: over any window of a minute the fleet accepts at most
 /// the burst and a minute's rate (+5 %), and the skewed client is not starved. Then Redis is

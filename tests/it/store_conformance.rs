@@ -239,6 +239,7 @@ conformance!(
     charges_write_quota_threshold_events_once_per_period,
     cluster_rate_syncs_lease_from_one_shared_bucket,
     cluster_rate_cells_of_a_lease_whose_time_passed_are_not_given_back_twice,
+    cluster_rate_instances_without_buckets_count_for_the_fallback_not_for_leases,
 );
 
 fn client(id: &str, license: &str, created_at: Millis) -> Client {
@@ -2224,5 +2225,40 @@ async fn cluster_rate_cells_of_a_lease_whose_time_passed_are_not_given_back_twic
     assert!(
         back.leases[0].until_full_us + 20_000 >= held_us,
         "b's {taken} cells were freed by a's expired lease: {back:?}"
+    );
+}
+
+/// An instance with no bucket to sync says it is there (a sync of no buckets): it counts among
+/// the instances every one divides a limit by while Redis is unreachable, not among those a
+/// lease is divided between.
+async fn cluster_rate_instances_without_buckets_count_for_the_fallback_not_for_leases(
+    s: Arc<dyn Store>,
+) {
+    use keygate::keys::cluster::BucketSync;
+    let idle = match s.sync_rates("instance-idle", &[]).await {
+        Err(StoreError::Unavailable(_)) => return,
+        other => other.unwrap(),
+    };
+    assert_eq!(idle.live, 1);
+    assert!(idle.leases.is_empty());
+    // 10 a second, burst 10: a lone active instance leases the whole room.
+    let a = s
+        .sync_rates(
+            "instance-a",
+            &[BucketSync {
+                name: "client:acme:10/s".into(),
+                t_us: 100_000.0,
+                tau_us: 900_000.0,
+                unused: 0,
+                demand: 5,
+                want: true,
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.live, 2, "the idle instance is one of the fleet");
+    assert_eq!(
+        a.leases[0].cells, 10,
+        "{a:?}: the idle instance took a part of the lease"
     );
 }

@@ -5,16 +5,26 @@
 -- Unused cells go back only as far as the instance's last lease still lies ahead of now (its
 -- end is kept per instance in `rll:`): a lease whose time has passed came back by itself, and
 -- moving `tat` back for it again would free cells another instance reserved since.
+-- The first answer is the fleet: every instance seen in the last 3 s, those with no bucket to
+-- sync included (they call with n = 0 every second), which is what each instance divides a
+-- limit by while Redis is unreachable. A lease is divided only between the instances that
+-- synced buckets in the last second (`live`).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local me = ARGV[2]
-local inst = P .. 'rl_instances'
-redis.call('ZADD', inst, now, me)
-redis.call('ZREMRANGEBYSCORE', inst, '-inf', now - 10000000)
-redis.call('PEXPIRE', inst, 60000)
-local live = redis.call('ZCOUNT', inst, now - 1000000, '+inf')
-local out = {live}
 local n = tonumber(ARGV[3])
+local members = P .. 'rl_members'
+redis.call('ZADD', members, now, me)
+redis.call('ZREMRANGEBYSCORE', members, '-inf', now - 10000000)
+redis.call('PEXPIRE', members, 60000)
+local inst = P .. 'rl_instances'
+if n > 0 then
+  redis.call('ZADD', inst, now, me)
+  redis.call('ZREMRANGEBYSCORE', inst, '-inf', now - 10000000)
+  redis.call('PEXPIRE', inst, 60000)
+end
+local live = redis.call('ZCOUNT', inst, now - 1000000, '+inf')
+local out = {redis.call('ZCOUNT', members, now - 3000000, '+inf')}
 for i = 0, n - 1 do
   local b = 4 + i * 6
   local name, T, tau = ARGV[b], tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
