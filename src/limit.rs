@@ -331,9 +331,14 @@ impl<K: std::hash::Hash + Eq + Clone> KeyedLimit<K> {
     }
 
     pub fn check(&self, key: &K) -> Result<(), Refusal> {
-        self.limiter.check_key(key).map_err(|not_until| Refusal {
-            limit: self.limit.burst,
-            retry_after: not_until.wait_time_from(Nanos::from(self.clock.mono_nanos())),
+        self.limiter.check_key(key).map_err(|not_until| {
+            let retry_after = not_until.wait_time_from(Nanos::from(self.clock.mono_nanos()));
+            Refusal {
+                limit: self.limit.burst,
+                retry_after,
+                full_after: retry_after
+                    + emission_interval(&self.limit) * self.limit.burst.saturating_sub(1),
+            }
         })
     }
 

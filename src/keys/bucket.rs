@@ -29,6 +29,8 @@ pub struct RateInfo {
 pub struct Refusal {
     pub limit: u32,
     pub retry_after: Duration,
+    /// Until the bucket is full again: the next cell's wait and the burst's other cells.
+    pub full_after: Duration,
 }
 
 /// The time between two cells of `limit` (at least a nanosecond).
@@ -110,6 +112,7 @@ impl KeyLimiter {
                 return Err(Refusal {
                     limit: self.burst,
                     retry_after: Duration::from_nanos(earliest - now),
+                    full_after: Duration::from_nanos(tat - now),
                 });
             }
             let next = tat.max(now).saturating_add(t);

@@ -342,10 +342,12 @@ impl ClusterBucket {
 
     fn refusal(&self, now: u64) -> Refusal {
         let until = self.refuse_until.load(Ordering::Relaxed);
+        let retry_after = Duration::from_nanos(until.saturating_sub(now))
+            .max(Duration::from_micros(self.t_us as u64).min(Duration::from_secs(1)));
         Refusal {
             limit: self.burst,
-            retry_after: Duration::from_nanos(until.saturating_sub(now))
-                .max(Duration::from_micros(self.t_us as u64).min(Duration::from_secs(1))),
+            retry_after,
+            full_after: retry_after + Duration::from_micros(self.tau_us as u64),
         }
     }
 

@@ -20,7 +20,12 @@ pub enum ProxyError {
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error("rate limited")]
-    RateLimited { retry_after: Duration, limit: u32 },
+    RateLimited {
+        retry_after: Duration,
+        /// Until the bucket is full again (`RateLimit-Reset`).
+        full_after: Duration,
+        limit: u32,
+    },
     /// The key's credits or its client's quota are used up; `retry_after` until the next
     /// refill or quota period, when there is one.
     #[error("quota exhausted")]
@@ -222,10 +227,15 @@ impl ProxyError {
         }
         if let Some(secs) = self.retry_after() {
             h.insert(RETRY_AFTER, number(secs));
-            if let Self::RateLimited { limit, .. } = self {
+            if let Self::RateLimited {
+                limit, full_after, ..
+            } = self
+            {
                 h.insert(RATELIMIT_LIMIT, number(u64::from(*limit)));
                 h.insert(RATELIMIT_REMAINING, number(0));
-                h.insert(RATELIMIT_RESET, number(secs));
+                // Seconds until the bucket is full again, as on every other answer (rounded up).
+                let full = full_after.as_nanos().div_ceil(1_000_000_000) as u64;
+                h.insert(RATELIMIT_RESET, number(full.max(secs)));
             }
         }
         res
@@ -261,6 +271,7 @@ mod tests {
 
         let r: Response<Bytes> = ProxyError::RateLimited {
             retry_after: Duration::from_millis(1200),
+            full_after: Duration::from_millis(6100),
             limit: 5,
         }
         .response();
@@ -268,6 +279,7 @@ mod tests {
         assert_eq!(r.headers()[RETRY_AFTER], "2");
         assert_eq!(r.headers()[RATELIMIT_LIMIT], "5");
         assert_eq!(r.headers()[RATELIMIT_REMAINING], "0");
+        assert_eq!(r.headers()[RATELIMIT_RESET], "7");
         assert_eq!(ProxyError::UpstreamTimeout.status(), 504);
         assert_eq!(ProxyError::UpstreamUnavailable.status(), 502);
     }

@@ -693,6 +693,7 @@ fn upper_token(m: &str) -> bool {
 fn rate_limited(r: Refusal) -> ProxyError {
     ProxyError::RateLimited {
         retry_after: r.retry_after,
+        full_after: r.full_after,
         limit: r.limit,
     }
 }

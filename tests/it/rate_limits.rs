@@ -103,6 +103,14 @@ async fn headers_count_down_consistently() {
     assert_eq!(r.status, 429);
     let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=1).contains(&retry), "retry-after {retry}");
+    // The 429's RateLimit-Reset means what it means on every answer: until the bucket is
+    // full again (4 cells at one a second), not until the next cell.
+    let reset: u64 = r.headers["ratelimit-reset"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((3..=4).contains(&reset), "reset {reset}");
 }
 
 #[tokio::test]
