@@ -336,8 +336,10 @@ impl<K: std::hash::Hash + Eq + Clone> KeyedLimit<K> {
             Refusal {
                 limit: self.limit.burst,
                 retry_after,
-                full_after: retry_after
-                    + emission_interval(&self.limit) * self.limit.burst.saturating_sub(1),
+                full_after: retry_after.saturating_add(
+                    emission_interval(&self.limit)
+                        .saturating_mul(self.limit.burst.saturating_sub(1)),
+                ),
             }
         })
     }

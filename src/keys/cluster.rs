@@ -347,7 +347,7 @@ impl ClusterBucket {
         Refusal {
             limit: self.burst,
             retry_after,
-            full_after: retry_after + Duration::from_micros(self.tau_us as u64),
+            full_after: retry_after.saturating_add(Duration::from_micros(self.tau_us as u64)),
         }
     }
 
