@@ -33,7 +33,7 @@ use crate::keys::outbox::{Claimed, NewEvent, Outbox, Outcome, Subscription, Webh
 use crate::keys::store::StoreResult;
 use crate::telemetry::metrics::Metrics;
 
-/// Attempts under way at most; a round claims what is free of it.
+/// Deliveries claimed per round.
 const CLAIM_BATCH: usize = 64;
 /// How often the pending gauge is read from the store when nothing is being delivered.
 const GAUGE_EVERY: Duration = Duration::from_secs(5);
@@ -137,18 +137,8 @@ impl Events {
         let deliver = {
             let this = Arc::clone(self);
             tokio::spawn(async move {
-                // Attempts under way, across rounds: a round claims only what is free of
-                // CLAIM_BATCH and does not wait for its attempts, so an endpoint that hangs
-                // holds its own deliveries (leased meanwhile), not everyone's next round.
-                let mut attempts = tokio::task::JoinSet::new();
                 loop {
-                    while attempts.try_join_next().is_some() {}
-                    let room = CLAIM_BATCH.saturating_sub(attempts.len());
-                    if room == 0 {
-                        attempts.join_next().await;
-                        continue;
-                    }
-                    let busy = match this.round(&mut attempts, room).await {
+                    let busy = match this.round().await {
                         Ok(n) => n > 0,
                         Err(e) => {
                             tracing::warn!(error = %e, "webhook outbox unavailable; retrying");
@@ -159,8 +149,6 @@ impl Events {
                         tokio::select! {
                             _ = tokio::time::sleep(this.settings.poll_interval) => {}
                             _ = this.wake.notified() => {}
-                            // A finished attempt may have made the next delivery of its key due.
-                            Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
                         }
                     }
                 }
@@ -186,13 +174,8 @@ impl Events {
         vec![deliver, expiry]
     }
 
-    /// One claim of at most `room` deliveries, their attempts started in `attempts`; returns
-    /// how many were claimed.
-    async fn round(
-        self: &Arc<Self>,
-        attempts: &mut tokio::task::JoinSet<()>,
-        room: usize,
-    ) -> StoreResult<usize> {
+    /// One claim and the attempts it gives; returns how many deliveries were claimed.
+    async fn round(self: &Arc<Self>) -> StoreResult<usize> {
         let hooks = Arc::new(self.webhooks().await?);
         let subs: Vec<Subscription> = hooks
             .iter()
@@ -202,12 +185,16 @@ impl Events {
             })
             .collect();
         let lease = (self.settings.request_timeout * 2 + Duration::from_secs(1)).as_millis() as i64;
-        let claimed = self.outbox.claim(&subs, now_millis(), lease, room).await?;
+        let claimed = self
+            .outbox
+            .claim(&subs, now_millis(), lease, CLAIM_BATCH)
+            .await?;
         let n = claimed.len();
+        let mut tasks = tokio::task::JoinSet::new();
         for c in claimed {
             let this = Arc::clone(self);
             let hooks = Arc::clone(&hooks);
-            attempts.spawn(async move {
+            tasks.spawn(async move {
                 let outcome = match hooks.iter().find(|h| h.id == c.webhook_id) {
                     Some(h) => this.attempt(h, &c).await,
                     None => Outcome::Failed {
@@ -234,6 +221,7 @@ impl Events {
                 }
             });
         }
+        while tasks.join_next().await.is_some() {}
         let now = now_millis();
         let last = self.gauge_read.load(std::sync::atomic::Ordering::Relaxed);
         if n > 0 || now - last >= GAUGE_EVERY.as_millis() as i64 {

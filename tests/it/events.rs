@@ -583,53 +583,6 @@ async fn a_receiver_down_for_a_while_gets_every_event_in_order_per_key() {
     gw.stop().await;
 }
 
-/// A webhook whose endpoint takes connections and never answers holds its own deliveries
-/// until the request timeout, not another webhook's: the healthy one gets the next event while
-/// the first attempts to the silent one are still waiting.
-#[tokio::test]
-async fn a_silent_endpoint_does_not_hold_up_another_webhook() {
-    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_addr = silent.local_addr().unwrap();
-    let held = Arc::new(Mutex::new(Vec::new()));
-    let h = Arc::clone(&held);
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = silent.accept().await {
-            h.lock().unwrap().push(stream);
-        }
-    });
-    let rx = Receiver::start().await;
-    let text = events_config(&rx.url("/hook"))
-        .replace("request_timeout_ms = 2000", "request_timeout_ms = 30000")
-        + &format!(
-            "[[webhooks]]\nurl = \"http://{silent_addr}/silent\"\nevents = \"*\"\nsecret = \"{SECRET}\"\n"
-        );
-    let gw = Gateway::start_with(&text).await;
-    gw.client("acme", "free").await;
-    rx.wait_for("/hook", Duration::from_secs(10), |d| {
-        d.iter()
-            .any(|g| verify(SECRET, g).unwrap()["type"] == "client.created")
-    })
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while held.lock().unwrap().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "no attempt reached the silent endpoint"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // The silent endpoint holds its attempt (for up to 30 s); the next event still arrives.
-    gw.key("acme", json!({"name": "next"})).await;
-    rx.wait_for("/hook", Duration::from_secs(10), |d| {
-        d.iter().any(|g| {
-            let v = verify(SECRET, g).unwrap();
-            v["type"] == "key.created" && v["data"]["name"] == "next"
-        })
-    })
-    .await;
-    gw.stop().await;
-}
-
 #[tokio::test]
 async fn events_pending_at_a_kill_9_are_delivered_after_the_restart() {
     let rx = Receiver::start().await;
