@@ -1030,11 +1030,17 @@ async fn metric(admin: std::net::SocketAddr, name: &str) -> Option<f64> {
     })
 }
 
-/// An instance that has had no request of a cluster-limited client still counts itself in the
-/// fleet (and sees the others), so that each divides the limit by all of them should Redis go:
-/// the traffic may move to it.
-#[tokio::test]
-async fn an_instance_without_traffic_is_counted_in_the_fleet() {
+/// `n` keygate processes in cluster mode on one real redis-server, in front of one upstream.
+/// Bind every field by name (`_upstream`, not `..` or `_`): a field left out is dropped at
+/// once, and Redis, the upstream or a data directory with it.
+struct Fleet {
+    redis: RedisServer,
+    gws: Vec<Binary>,
+    _upstream: Upstream,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+async fn fleet(n: usize) -> Fleet {
     let redis = RedisServer::start();
     let upstream = Upstream::start().await;
     let store = format!("url = \"{}\"", redis.tcp_url(0));
@@ -1043,11 +1049,30 @@ async fn an_instance_without_traffic_is_counted_in_the_fleet() {
         &store,
         &format!("{CLUSTER}\n[rate_limit]\nmode = \"cluster\"\n"),
     );
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let gws: Vec<Binary> = dirs
+    let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+    let gws = dirs
         .iter()
         .map(|d| Binary::serve(&config, d.path()).spawn())
         .collect();
+    Fleet {
+        redis,
+        gws,
+        _upstream: upstream,
+        _dirs: dirs,
+    }
+}
+
+/// An instance that has had no request of a cluster-limited client still counts itself in the
+/// fleet (and sees the others), so that each divides the limit by all of them should Redis go:
+/// the traffic may move to it.
+#[tokio::test]
+async fn an_instance_without_traffic_is_counted_in_the_fleet() {
+    let Fleet {
+        redis: _redis,
+        gws,
+        _upstream,
+        _dirs,
+    } = fleet(2).await;
     let (s, v) = call(
         gws[0].admin,
         "POST",
@@ -1092,19 +1117,12 @@ async fn an_instance_without_traffic_is_counted_in_the_fleet() {
 /// killed: each instance falls back to a third of the limit, says so, and recovers.
 #[tokio::test]
 async fn cluster_limits_hold_across_three_processes_and_survive_a_redis_crash() {
-    let mut redis = RedisServer::start();
-    let upstream = Upstream::start().await;
-    let store = format!("url = \"{}\"", redis.tcp_url(0));
-    let config = store_config_text(
-        &upstream.url(),
-        &store,
-        &format!("{CLUSTER}\n[rate_limit]\nmode = \"cluster\"\n"),
-    );
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let gws: Vec<Binary> = dirs
-        .iter()
-        .map(|d| Binary::serve(&config, d.path()).spawn())
-        .collect();
+    let Fleet {
+        mut redis,
+        gws,
+        _upstream,
+        _dirs,
+    } = fleet(3).await;
     let admin = [("x-admin-key", ADMIN_KEY)];
     let mut keys = Vec::new();
     for client in ["even", "skewed", "crash"] {
