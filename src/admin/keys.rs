@@ -600,6 +600,7 @@ pub async fn update(
         // A client may tighten what an admin set but not loosen it: the store judges that on
         // the key as it is at the moment of the write, and refuses the whole patch (403).
         by: caller.set_by(),
+        leak: None,
     };
     let key = state
         .store

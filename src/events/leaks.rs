@@ -277,11 +277,16 @@ impl LeakReports {
             return Ok(true);
         }
         let mut key = record.key;
+        let report = json!({"url": r.url, "source": r.source, "token_type": r.token_type});
+        // A revoke writes `key.leaked` in the same atomic step as the disable (`KeyPatch::leak`):
+        // a store failure leaves neither, and GitHub's resend finds the key still enabled.
+        let mut written = false;
         let taken = match self.action {
             LeakAction::Revoke if key.enabled => {
                 let patch = KeyPatch {
                     enabled: Some(false),
                     by: SetBy::Admin,
+                    leak: Some(report.clone()),
                     ..KeyPatch::default()
                 };
                 let after = self.store.patch_key(key.id, &patch, now).await?;
@@ -290,7 +295,10 @@ impl LeakReports {
                 }
                 self.cache.invalidate_id(&key.id);
                 match after {
+                    // The event's `action` is what the write found (`already_disabled` when
+                    // another writer disabled the key since it was read above).
                     Some(after) => {
+                        written = true;
                         key = after;
                         "revoked"
                     }
@@ -301,17 +309,20 @@ impl LeakReports {
             LeakAction::Revoke => "already_disabled",
             LeakAction::Notify => "notified",
         };
-        let event = NewEvent::key(
-            EventType::KeyLeaked,
-            &key,
-            now,
-            json!({"url": r.url, "source": r.source, "token_type": r.token_type, "action": taken}),
-        );
-        match &self.events {
-            Some(events) => events.emit(&[event]).await?,
-            None => {
-                if let Some(o) = self.store.outbox() {
-                    o.emit(&[event]).await?;
+        if written {
+            if let Some(events) = &self.events {
+                events.wake();
+            }
+        } else {
+            let mut data = report;
+            data["action"] = taken.into();
+            let event = NewEvent::key(EventType::KeyLeaked, &key, now, data);
+            match &self.events {
+                Some(events) => events.emit(&[event]).await?,
+                None => {
+                    if let Some(o) = self.store.outbox() {
+                        o.emit(&[event]).await?;
+                    }
                 }
             }
         }

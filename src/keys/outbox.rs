@@ -167,16 +167,35 @@ pub fn key_data(k: &ApiKey) -> Value {
     })
 }
 
-/// The events of a key patch: `key.updated`, and `key.revoked` when it disabled an enabled key.
-pub fn patch_events(before: &ApiKey, after: &ApiKey, at: Millis) -> Vec<NewEvent> {
+/// The events of a key patch: `key.updated`, `key.revoked` when it disabled an enabled key,
+/// and `key.leaked` when it acted on a leak report ([`crate::keys::store::KeyPatch::leak`]).
+pub fn patch_events(
+    before: &ApiKey,
+    after: &ApiKey,
+    at: Millis,
+    leak: Option<&Value>,
+) -> Vec<NewEvent> {
     let mut out = vec![NewEvent::key(EventType::KeyUpdated, after, at, json!({}))];
-    if before.enabled && !after.enabled {
+    let disabled = before.enabled && !after.enabled;
+    if disabled {
         out.push(revoked(after, "disabled", at));
+    }
+    if let Some(report) = leak {
+        let mut data = report.clone();
+        if let Value::Object(m) = &mut data {
+            let action = match (disabled, before.enabled) {
+                (true, _) => "revoked",
+                (false, false) => "already_disabled",
+                (false, true) => "notified",
+            };
+            m.insert("action".into(), action.into());
+        }
+        out.push(NewEvent::key(EventType::KeyLeaked, after, at, data));
     }
     out
 }
 
-/// `key.revoked` with its reason (`disabled`, `deleted`, `leaked`).
+/// `key.revoked` with its reason (`disabled`, `deleted`).
 pub fn revoked(key: &ApiKey, reason: &str, at: Millis) -> NewEvent {
     NewEvent::key(EventType::KeyRevoked, key, at, json!({"reason": reason}))
 }

@@ -174,6 +174,10 @@ pub struct KeyPatch {
     /// Who makes the change: a client's change may not loosen what an admin set
     /// ([`KeyPatch::setters`]).
     pub by: SetBy,
+    /// A leak report acted on (`url`, `source`, `token_type`): the same atomic write adds
+    /// `key.leaked` with these members and `action` — `revoked` when this write disabled the
+    /// key, `already_disabled` when it was disabled before, `notified` otherwise.
+    pub leak: Option<serde_json::Value>,
 }
 
 /// Who set each constraint of a key once a patch is applied.

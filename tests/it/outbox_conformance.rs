@@ -120,6 +120,7 @@ conformance!(
     client_wide_writes_write_an_event_per_key,
     imported_keys_write_key_created_marked_imported,
     an_import_of_ten_thousand_keys_is_written_whole_with_its_events,
+    a_leak_report_is_written_with_the_revoke_it_caused,
 );
 
 fn all() -> Vec<Subscription> {
@@ -532,6 +533,69 @@ async fn drain_bodies(s: &Subject) -> Vec<Value> {
                 .unwrap();
         }
     }
+}
+
+/// A leak report's revoke: `key.updated`, `key.revoked` and `key.leaked` from one write, in that
+/// order, `action` saying what the write found.
+async fn a_leak_report_is_written_with_the_revoke_it_caused(s: &Subject) {
+    let key = new_client(s).await;
+    drain_bodies(s).await;
+    let report = serde_json::json!({
+        "url": "https://github.com/octo/leaky/blob/main/.env",
+        "source": "content",
+        "token_type": "keygate_api_key",
+    });
+    let revoke = KeyPatch {
+        enabled: Some(false),
+        by: SetBy::Admin,
+        leak: Some(report.clone()),
+        ..KeyPatch::default()
+    };
+    let after = s
+        .store
+        .patch_key(key.id, &revoke, now_millis())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!after.enabled);
+    let got = drain_bodies(s).await;
+    let types: Vec<&str> = got.iter().map(|v| v["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        ["key.updated", "key.revoked", "key.leaked"],
+        "{got:?}"
+    );
+    let leaked = &got[2]["data"];
+    assert_eq!(leaked["id"], key.id.to_string());
+    assert_eq!(leaked["enabled"], false);
+    assert_eq!(leaked["url"], report["url"]);
+    assert_eq!(leaked["source"], "content");
+    assert_eq!(leaked["token_type"], "keygate_api_key");
+    assert_eq!(leaked["action"], "revoked");
+    assert_eq!(got[1]["data"]["reason"], "disabled");
+    // The same report on the key as it is now (disabled): no second key.revoked.
+    s.store
+        .patch_key(key.id, &revoke, now_millis())
+        .await
+        .unwrap()
+        .unwrap();
+    let got = drain_bodies(s).await;
+    let types: Vec<&str> = got.iter().map(|v| v["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["key.updated", "key.leaked"], "{got:?}");
+    assert_eq!(got[1]["data"]["action"], "already_disabled");
+    // A patch without a report writes no key.leaked.
+    let rename = KeyPatch {
+        name: Some("renamed".into()),
+        by: SetBy::Admin,
+        ..KeyPatch::default()
+    };
+    s.store
+        .patch_key(key.id, &rename, now_millis())
+        .await
+        .unwrap();
+    let got = drain_bodies(s).await;
+    let types: Vec<&str> = got.iter().map(|v| v["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["key.updated"], "{got:?}");
 }
 
 async fn imported_keys_write_key_created_marked_imported(s: &Subject) {

@@ -160,6 +160,50 @@ async fn a_signed_report_revokes_the_live_key_and_labels_the_rest() {
     gw.stop().await;
 }
 
+/// The revoke and its `key.leaked` are one write: a store that refuses the event leaves the key
+/// as it was (503, GitHub sends the report again), and the resend revokes it with one event
+/// saying `revoked`.
+#[tokio::test]
+async fn a_revoke_the_store_cannot_finish_changes_nothing_and_the_resend_revokes() {
+    let (text, signer) = Signer::config("revoke");
+    let gw = Gateway::start_with(&text).await;
+    let (key, id) = gw.client("leaky", "pro").await;
+    let db = rusqlite::Connection::open(gw.dir.path().join("keygate.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    // The store refuses to write a key.leaked event, as a full disk would.
+    db.execute_batch(
+        "CREATE TRIGGER no_leak BEFORE INSERT ON webhook_events WHEN NEW.type = 'key.leaked' \
+         BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+    )
+    .unwrap();
+    let r = signer.post(&gw, &report(&[&key])).await;
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(key_state(&gw, &id).await["enabled"], true);
+    assert_eq!(gw.get_with_key("/x", &key).await.status, 200);
+    db.execute_batch("DROP TRIGGER no_leak").unwrap();
+    let r = signer.post(&gw, &report(&[&key])).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()[0]["label"], "true_positive");
+    assert_eq!(gw.get_with_key("/x", &key).await.status, 401);
+    let events: Vec<(String, String)> = db
+        .prepare("SELECT type, body FROM webhook_events WHERE ordering_key = ?1 ORDER BY seq")
+        .unwrap()
+        .query_map([&id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let types: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        types,
+        ["key.created", "key.updated", "key.revoked", "key.leaked"]
+    );
+    let leaked: Value = serde_json::from_str(&events[3].1).unwrap();
+    assert_eq!(leaked["data"]["action"], "revoked");
+    assert_eq!(leaked["data"]["id"], id.as_str());
+    drop(db);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn forged_unsigned_and_unknown_key_reports_are_refused_and_change_nothing() {
     let (text, signer) = Signer::config("revoke");

@@ -572,6 +572,7 @@ async fn patch_key_changes_only_what_it_names(s: Arc<dyn Store>) {
         rate_limit: Some(Some(limit)),
         metadata: Some(None),
         by: SetBy::Admin,
+        leak: None,
     };
     let expected = ApiKey {
         name: "renamed".into(),

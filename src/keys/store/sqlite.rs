@@ -871,8 +871,11 @@ impl Store for SqliteStore {
             }
             let key = key_by_id(&tx, id).map_err(db)?;
             if let Some(after) = &key {
-                write_events(&tx, &outbox::patch_events(&current, after, now_millis()))
-                    .map_err(db)?;
+                write_events(
+                    &tx,
+                    &outbox::patch_events(&current, after, now_millis(), p.leak.as_ref()),
+                )
+                .map_err(db)?;
             }
             tx.commit().map_err(db)?;
             Ok(key)

@@ -25,6 +25,7 @@ pub fn patch_of(key: &ApiKey) -> KeyPatch {
         rate_limit: Some(key.rate_limit),
         metadata: Some(key.metadata.clone()),
         by: crate::keys::SetBy::Admin,
+        leak: None,
     }
 }
 

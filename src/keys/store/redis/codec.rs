@@ -458,6 +458,7 @@ mod tests {
             rate_limit: Some(Some(limit)),
             metadata: Some(None),
             by: SetBy::Admin,
+            leak: None,
         };
         let want = ApiKey {
             name: "m".into(),

@@ -874,6 +874,13 @@ impl Store for RedisStore {
             .push(id)
             .push(now)
             .push(patch.by.as_str())
+            .push(
+                patch
+                    .leak
+                    .as_ref()
+                    .map(serde_json::Value::to_string)
+                    .unwrap_or_default(),
+            )
             .push(set.len() * 2);
         for (name, value) in set {
             a.push(name).push(value);

@@ -1,5 +1,6 @@
--- ARGV: P, t, id, updated_at, by ('admin' or 'client'), n, n strings of field/value pairs to
--- set, then the names of the fields to remove (attributes set to none). Sets only those fields,
+-- ARGV: P, t, id, updated_at, by ('admin' or 'client'), leak (a leak report's JSON object or
+-- ''), n, n strings of field/value pairs to set, then the names of the fields to remove
+-- (attributes set to none). Sets only those fields,
 -- on the key as it is now, and raises updated_at; the hashes and every field not named stay as
 -- they are. Who set each constraint (disabled_by, expires_set_by, rate_limit_set_by) follows
 -- the rules of KeyPatch::setters (src/keys/store.rs), judged on the key as it is now: a
@@ -11,10 +12,10 @@ local PATCHABLE = {name = true, enabled = true, permissions = true, expires_at =
 local id, by = ARGV[3], ARGV[5]
 local k = kkey(id)
 if redis.call('EXISTS', k) == 0 then return nil end
-local n = tonumber(ARGV[6])
+local n = tonumber(ARGV[7])
 local set, clear, new = {}, {}, {}
-for j = 1, n do set[j] = ARGV[6 + j] end
-for j = 7 + n, #ARGV do clear[#clear + 1] = ARGV[j] end
+for j = 1, n do set[j] = ARGV[7 + j] end
+for j = 8 + n, #ARGV do clear[#clear + 1] = ARGV[j] end
 for j = 1, n, 2 do
   if not PATCHABLE[set[j]] then return redis.error_reply('not a patchable field') end
   new[set[j]] = set[j + 1]
@@ -79,8 +80,21 @@ touch(id, ARGV[4])
 index_expiry(id)
 local after = redis.call('HGETALL', k)
 emit('key.updated', id, 'key', after)
-if new.enabled == '0' and cur[1] ~= '0' then
+local disabled = new.enabled == '0' and cur[1] ~= '0'
+if disabled then
   emit('key.revoked', id, 'key', after, '{"reason":"disabled"}')
+end
+-- A leak report acted on: key.leaked in the same step (KeyPatch::leak, outbox::patch_events).
+if ARGV[6] ~= '' then
+  local leak = cjson.decode(ARGV[6])
+  if disabled then
+    leak.action = 'revoked'
+  elseif cur[1] == '0' then
+    leak.action = 'already_disabled'
+  else
+    leak.action = 'notified'
+  end
+  emit('key.leaked', id, 'key', after, cjson.encode(leak))
 end
 publish(ARGV[2], {id}, hashes_of(id))
 return {1, after}
