@@ -11,10 +11,17 @@
 //! client) in the order they happened: the next one waits until the one before is delivered or
 //! given up. A process killed mid-delivery loses nothing: the delivery is made again, with the
 //! same `webhook-id`, once its lease has ended (at once on restart for the embedded store).
+//!
+//! At most [`CLAIM_BATCH`] attempts are under way, at most [`PER_WEBHOOK`] of them to one
+//! webhook. A round waits [`ROUND_WAIT`] at most for its own attempts before the next claim;
+//! the slower ones go on and keep their share taken, so an endpoint that hangs holds its own
+//! deliveries until `request_timeout`, not the other webhooks'.
 
 pub mod leaks;
 pub mod signing;
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,8 +40,14 @@ use crate::keys::outbox::{Claimed, NewEvent, Outbox, Outcome, Subscription, Webh
 use crate::keys::store::StoreResult;
 use crate::telemetry::metrics::Metrics;
 
-/// Deliveries claimed per round.
+/// Attempts under way at most, across rounds.
 const CLAIM_BATCH: usize = 64;
+/// Attempts under way to one webhook at most: an endpoint that holds its attempts (until
+/// `request_timeout`) holds this share, not the other webhooks' deliveries.
+const PER_WEBHOOK: usize = 16;
+/// How long a round waits for its attempts before it claims again; those still under way go on
+/// and keep their webhook's share taken until they end.
+const ROUND_WAIT: Duration = Duration::from_secs(1);
 /// How often the pending gauge is read from the store when nothing is being delivered.
 const GAUGE_EVERY: Duration = Duration::from_secs(5);
 /// Longest error text kept with an attempt.
@@ -137,19 +150,33 @@ impl Events {
         let deliver = {
             let this = Arc::clone(self);
             tokio::spawn(async move {
+                let mut under_way = UnderWay::default();
                 loop {
-                    let busy = match this.round().await {
-                        Ok(n) => n > 0,
+                    under_way.reap();
+                    let claimed = match this.round(&mut under_way).await {
+                        Ok(n) => n,
                         Err(e) => {
                             tracing::warn!(error = %e, "webhook outbox unavailable; retrying");
-                            false
+                            0
                         }
                     };
-                    if !busy {
-                        tokio::select! {
-                            _ = tokio::time::sleep(this.settings.poll_interval) => {}
-                            _ = this.wake.notified() => {}
-                        }
+                    if claimed > 0 {
+                        // This round's attempts, for a while; then the next claim at once (more
+                        // may be due: a key's next event, a backlog).
+                        let until = tokio::time::Instant::now() + ROUND_WAIT;
+                        while under_way.this_round > 0
+                            && tokio::time::timeout_at(until, under_way.join_next())
+                                .await
+                                .is_ok()
+                        {}
+                        continue;
+                    }
+                    // Nothing claimed: the next poll, a wake, or the end of an attempt still
+                    // under way (it may make the next delivery of its key due).
+                    tokio::select! {
+                        _ = tokio::time::sleep(this.settings.poll_interval) => {}
+                        _ = this.wake.notified() => {}
+                        _ = under_way.join_next(), if !under_way.is_empty() => {}
                     }
                 }
             })
@@ -174,27 +201,30 @@ impl Events {
         vec![deliver, expiry]
     }
 
-    /// One claim and the attempts it gives; returns how many deliveries were claimed.
-    async fn round(self: &Arc<Self>) -> StoreResult<usize> {
+    /// One claim of what `under_way` has room for, its attempts started there; returns how
+    /// many deliveries were claimed.
+    async fn round(self: &Arc<Self>, under_way: &mut UnderWay) -> StoreResult<usize> {
         let hooks = Arc::new(self.webhooks().await?);
         let subs: Vec<Subscription> = hooks
             .iter()
             .map(|h| Subscription {
                 webhook_id: h.id.clone(),
                 events: h.events.clone(),
+                room: under_way.room_of(&h.id),
             })
             .collect();
         let lease = (self.settings.request_timeout * 2 + Duration::from_secs(1)).as_millis() as i64;
         let claimed = self
             .outbox
-            .claim(&subs, now_millis(), lease, CLAIM_BATCH)
+            .claim(&subs, now_millis(), lease, under_way.room())
             .await?;
         let n = claimed.len();
-        let mut tasks = tokio::task::JoinSet::new();
+        under_way.next_round();
         for c in claimed {
             let this = Arc::clone(self);
             let hooks = Arc::clone(&hooks);
-            tasks.spawn(async move {
+            let webhook = c.webhook_id.clone();
+            under_way.spawn(webhook, async move {
                 let outcome = match hooks.iter().find(|h| h.id == c.webhook_id) {
                     Some(h) => this.attempt(h, &c).await,
                     None => Outcome::Failed {
@@ -221,7 +251,6 @@ impl Events {
                 }
             });
         }
-        while tasks.join_next().await.is_some() {}
         let now = now_millis();
         let last = self.gauge_read.load(std::sync::atomic::Ordering::Relaxed);
         if n > 0 || now - last >= GAUGE_EVERY.as_millis() as i64 {
@@ -290,6 +319,80 @@ impl Events {
                 error,
             }
         }
+    }
+}
+
+/// The attempts under way, across rounds, and how many go to each webhook.
+#[derive(Default)]
+struct UnderWay {
+    tasks: tokio::task::JoinSet<()>,
+    /// Each attempt's webhook and round.
+    of: HashMap<tokio::task::Id, (String, u64)>,
+    per_webhook: HashMap<String, usize>,
+    round: u64,
+    /// Attempts of the latest round under way.
+    this_round: usize,
+}
+
+impl UnderWay {
+    /// The attempts spawned from now on are the next round's.
+    fn next_round(&mut self) {
+        self.round += 1;
+        self.this_round = 0;
+    }
+
+    fn spawn(&mut self, webhook: String, attempt: impl Future<Output = ()> + Send + 'static) {
+        *self.per_webhook.entry(webhook.clone()).or_default() += 1;
+        let id = self.tasks.spawn(attempt).id();
+        self.of.insert(id, (webhook, self.round));
+        self.this_round += 1;
+    }
+
+    fn ended(&mut self, id: tokio::task::Id) {
+        let Some((webhook, round)) = self.of.remove(&id) else {
+            return;
+        };
+        if round == self.round {
+            self.this_round -= 1;
+        }
+        if let Some(n) = self.per_webhook.get_mut(&webhook) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_webhook.remove(&webhook);
+            }
+        }
+    }
+
+    /// Takes note of every attempt that has ended.
+    fn reap(&mut self) {
+        while let Some(r) = self.tasks.try_join_next_with_id() {
+            self.ended(r.map_or_else(|e| e.id(), |(id, ())| id));
+        }
+    }
+
+    /// Waits for the next attempt to end; false when none is under way.
+    async fn join_next(&mut self) -> bool {
+        match self.tasks.join_next_with_id().await {
+            Some(r) => {
+                self.ended(r.map_or_else(|e| e.id(), |(id, ())| id));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// Attempts that may start now.
+    fn room(&self) -> usize {
+        CLAIM_BATCH.saturating_sub(self.tasks.len())
+    }
+
+    /// Attempts to `webhook` that may start now.
+    fn room_of(&self, webhook: &str) -> usize {
+        PER_WEBHOOK.saturating_sub(self.per_webhook.get(webhook).copied().unwrap_or(0))
     }
 }
 

@@ -247,11 +247,15 @@ impl Webhook {
     }
 }
 
-/// Which webhook takes which event types, for the fan-out of new events.
+/// Which webhook takes which event types, for the fan-out of new events, and how many of its
+/// deliveries a claim may hand out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscription {
     pub webhook_id: String,
     pub events: Vec<String>,
+    /// Deliveries of this webhook a claim may hand out now (0: its events are fanned out and
+    /// none is claimed), so an endpoint that holds its attempts holds only its own share.
+    pub room: usize,
 }
 
 impl Subscription {
@@ -340,6 +344,10 @@ pub struct OutboxCounts {
     pub failed: u64,
 }
 
+/// Due deliveries a claim looks at, at most, to find those it hands out (the rest wait for the
+/// next claim).
+pub const CLAIM_SCAN: usize = 1_000;
+
 /// The outbox and the webhooks of a store.
 #[async_trait]
 pub trait Outbox: Send + Sync + 'static {
@@ -353,8 +361,12 @@ pub trait Outbox: Send + Sync + 'static {
 
     /// Fans events written since the last call out to `subscriptions` (one delivery per event
     /// and webhook that wants it), then claims up to `limit` deliveries that are due at `now`,
-    /// each the oldest undelivered one of its webhook and ordering key, until `now + lease_ms`:
-    /// no other caller gets them before then.
+    /// each the oldest undelivered one of its webhook and ordering key, at most
+    /// [`Subscription::room`] of each webhook (a webhook not among `subscriptions`, deleted
+    /// since its deliveries were written, has no such bound), until `now + lease_ms`: no other
+    /// caller gets them before then. Oldest first, looking at [`CLAIM_SCAN`] due deliveries at
+    /// most (the embedded store skips webhooks without room in its query; Redis counts their
+    /// queues among those it looks at).
     async fn claim(
         &self,
         subscriptions: &[Subscription],

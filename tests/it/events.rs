@@ -583,6 +583,48 @@ async fn a_receiver_down_for_a_while_gets_every_event_in_order_per_key() {
     gw.stop().await;
 }
 
+/// An endpoint that takes connections and never answers holds its own share of attempts (16)
+/// until the request timeout (30 s here), not the other webhook's deliveries: with 80 events due
+/// to both, the healthy endpoint gets all 80 while the silent one still holds its first 16.
+#[tokio::test]
+async fn a_silent_endpoint_holds_its_own_share_not_another_webhooks_deliveries() {
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let h = Arc::clone(&held);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = silent.accept().await {
+            h.lock().unwrap().push(stream);
+        }
+    });
+    let rx = Receiver::start().await;
+    let text = events_config(&rx.url("/hook"))
+        .replace("request_timeout_ms = 2000", "request_timeout_ms = 30000")
+        + &format!(
+            "[[webhooks]]\nurl = \"http://{silent_addr}/silent\"\nevents = \"*\"\nsecret = \"{SECRET}\"\n"
+        );
+    let gw = Gateway::start_with(&text).await;
+    let started = Instant::now();
+    // 40 clients: 40 client.created and 40 key.created, each on a queue of its own.
+    for n in 0..40 {
+        gw.client(&format!("c{n}"), "free").await;
+    }
+    rx.wait_for("/hook", Duration::from_secs(15), |d| d.len() >= 80)
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the healthy endpoint waited for the silent one's timeout"
+    );
+    // The silent endpoint holds exactly its share: 16 connections, each an attempt under way.
+    assert_eq!(held.lock().unwrap().len(), 16);
+    let got = rx.delivered("/hook");
+    let mut ids: Vec<String> = got.iter().map(Got::id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 80, "each event once");
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn events_pending_at_a_kill_9_are_delivered_after_the_restart() {
     let rx = Receiver::start().await;

@@ -121,12 +121,14 @@ conformance!(
     imported_keys_write_key_created_marked_imported,
     an_import_of_ten_thousand_keys_is_written_whole_with_its_events,
     a_leak_report_is_written_with_the_revoke_it_caused,
+    a_claim_hands_out_at_most_each_webhooks_room,
 );
 
 fn all() -> Vec<Subscription> {
     vec![Subscription {
         webhook_id: "wh_all".into(),
         events: vec!["*".into()],
+        room: 1_000,
     }]
 }
 
@@ -362,6 +364,7 @@ async fn webhooks_are_created_changed_and_deleted_with_their_deliveries(s: &Subj
     let subs = [Subscription {
         webhook_id: "wh_1".into(),
         events: changed.events.clone(),
+        room: 10,
     }];
     let claimed = s
         .outbox
@@ -596,6 +599,72 @@ async fn a_leak_report_is_written_with_the_revoke_it_caused(s: &Subject) {
     let got = drain_bodies(s).await;
     let types: Vec<&str> = got.iter().map(|v| v["type"].as_str().unwrap()).collect();
     assert_eq!(types, ["key.updated"], "{got:?}");
+}
+
+/// A claim hands out at most each webhook's room (0: fanned out, none claimed) and `limit` in all;
+/// a webhook no longer subscribed (deleted) has its due deliveries handed out without a bound.
+async fn a_claim_hands_out_at_most_each_webhooks_room(s: &Subject) {
+    let sub = |id: &str, room: usize| Subscription {
+        webhook_id: id.into(),
+        events: vec!["*".into()],
+        room,
+    };
+    for n in 0..3 {
+        let (key, _) = ApiKey::builder().client(format!("room{n}")).build();
+        s.store
+            .insert_client(&testing::client(&key.client_id), &key)
+            .await
+            .unwrap();
+    }
+    // Six queues per webhook (each client's client.created and its key's key.created).
+    let claimed = s
+        .outbox
+        .claim(&[sub("wh_a", 0), sub("wh_b", 2)], now_millis(), 60_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2, "{claimed:?}");
+    assert!(
+        claimed.iter().all(|c| c.webhook_id == "wh_b"),
+        "{claimed:?}"
+    );
+    // wh_a's deliveries were written all the same; the limit binds before its room of 5.
+    let claimed = s
+        .outbox
+        .claim(&[sub("wh_a", 5), sub("wh_b", 0)], now_millis(), 60_000, 3)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 3, "{claimed:?}");
+    assert!(
+        claimed.iter().all(|c| c.webhook_id == "wh_a"),
+        "{claimed:?}"
+    );
+    // wh_a no longer subscribed (deleted): its other three are handed out without a bound.
+    let claimed = s
+        .outbox
+        .claim(&[sub("wh_b", 0)], now_millis(), 60_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 3, "{claimed:?}");
+    assert!(
+        claimed.iter().all(|c| c.webhook_id == "wh_a"),
+        "{claimed:?}"
+    );
+    // wh_b's other four, then nothing (every delivery is leased).
+    let claimed = s
+        .outbox
+        .claim(
+            &[sub("wh_a", 10), sub("wh_b", 10)],
+            now_millis(),
+            60_000,
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 4, "{claimed:?}");
+    assert!(
+        claimed.iter().all(|c| c.webhook_id == "wh_b"),
+        "{claimed:?}"
+    );
 }
 
 async fn imported_keys_write_key_created_marked_imported(s: &Subject) {

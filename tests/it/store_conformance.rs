@@ -1945,6 +1945,7 @@ async fn threshold_events(s: &dyn Store, secrets: &[String]) -> Vec<serde_json::
     let subs = [Subscription {
         webhook_id: "wh_thresholds".into(),
         events: vec!["*".into()],
+        room: 100,
     }];
     // Charges below are made up to two days ahead: claim as of later still.
     let later = now_millis() + 10 * DAY_MS;

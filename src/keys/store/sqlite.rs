@@ -1729,6 +1729,7 @@ mod tests {
         let subs = [outbox::Subscription {
             webhook_id: "w".into(),
             events: vec!["*".into()],
+            room: 10,
         }];
         let claimed = tokio::time::timeout(
             std::time::Duration::from_secs(1),

@@ -15,8 +15,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{StoreError, StoreResult};
 use crate::keys::outbox::{
-    Attempt, Claimed, DAY_MS, EXPIRING_DAYS, EventType, NewEvent, Outbox, OutboxCounts, Outcome,
-    Subscription, Webhook, expiring_window,
+    Attempt, CLAIM_SCAN, Claimed, DAY_MS, EXPIRING_DAYS, EventType, NewEvent, Outbox, OutboxCounts,
+    Outcome, Subscription, Webhook, expiring_window,
 };
 use crate::keys::{ApiKey, Millis};
 
@@ -26,6 +26,29 @@ const RETENTION_MS: Millis = 7 * DAY_MS;
 const FANOUT_BATCH: i64 = 1_000;
 /// How often a claim also drops what is past [`RETENTION_MS`].
 const PRUNE_EVERY_MS: Millis = 60_000;
+
+/// The deliveries a claim hands out from `candidates` (id, webhook; oldest first): up to
+/// `limit`, at most each subscription's room of its webhook; a webhook without one (deleted
+/// since) has no such bound.
+fn pick(subs: &[Subscription], candidates: Vec<(i64, String)>, limit: usize) -> Vec<i64> {
+    let mut room: std::collections::HashMap<&str, usize> = subs
+        .iter()
+        .map(|s| (s.webhook_id.as_str(), s.room))
+        .collect();
+    let mut out = Vec::new();
+    for (id, webhook) in candidates {
+        if out.len() == limit {
+            break;
+        }
+        match room.get_mut(webhook.as_str()) {
+            Some(0) => continue,
+            Some(left) => *left -= 1,
+            None => {}
+        }
+        out.push(id);
+    }
+    out
+}
 /// The indexes that let a prune read only what it drops: without them each prune read every
 /// event and attempt kept (about 9 ms for 40,000 events, on the outbox thread beside the
 /// request path, once a minute; BENCHMARKS.md "The outbox prune, timed").
@@ -321,14 +344,19 @@ impl Outbox for SqliteOutbox {
                     )
                     .map_err(db)?;
                 }
-                // Due deliveries, each the oldest undelivered one of its webhook and key.
-                let due = tx
+                // Due deliveries, each the oldest undelivered one of its webhook and key, of
+                // webhooks with room (ids only: bodies are read for those handed out).
+                let full: Vec<&str> = subs
+                    .iter()
+                    .filter(|s| s.room == 0)
+                    .map(|s| s.webhook_id.as_str())
+                    .collect();
+                let candidates = tx
                     .prepare_cached(
-                        "SELECT d.id, d.webhook_id, e.id, e.type, e.body, d.attempts, \
-                         e.created_at FROM webhook_deliveries d \
-                         JOIN webhook_events e ON e.seq = d.event_seq \
+                        "SELECT d.id, d.webhook_id FROM webhook_deliveries d \
                          WHERE d.state = 'pending' AND d.next_at <= ?1 \
                          AND (d.lease_until IS NULL OR d.lease_until <= ?1) \
+                         AND d.webhook_id NOT IN (SELECT value FROM json_each(?3)) \
                          AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p \
                              WHERE p.webhook_id = d.webhook_id \
                              AND p.ordering_key = d.ordering_key \
@@ -336,30 +364,48 @@ impl Outbox for SqliteOutbox {
                          ORDER BY d.event_seq LIMIT ?2",
                     )
                     .map_err(db)?
-                    .query_map(params![now, limit as i64], |r| {
-                        Ok(Claimed {
-                            delivery: r.get::<_, i64>(0)?.to_string(),
-                            webhook_id: r.get(1)?,
-                            event_id: r.get(2)?,
-                            event_type: r.get(3)?,
-                            body: r.get(4)?,
-                            attempts: r.get(5)?,
-                            created_at: r.get(6)?,
-                        })
-                    })
+                    .query_map(
+                        params![
+                            now,
+                            CLAIM_SCAN as i64,
+                            serde_json::to_string(&full).expect("strings")
+                        ],
+                        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+                    )
                     .map_err(db)?
                     .collect::<rusqlite::Result<Vec<_>>>()
                     .map_err(db)?;
+                let picked = pick(&subs, candidates, limit);
+                let mut due = Vec::with_capacity(picked.len());
                 {
+                    let mut read = tx
+                        .prepare_cached(
+                            "SELECT d.id, d.webhook_id, e.id, e.type, e.body, d.attempts, \
+                             e.created_at FROM webhook_deliveries d \
+                             JOIN webhook_events e ON e.seq = d.event_seq WHERE d.id = ?1",
+                        )
+                        .map_err(db)?;
                     let mut lease = tx
                         .prepare_cached(
                             "UPDATE webhook_deliveries SET lease_until = ?2 WHERE id = ?1",
                         )
                         .map_err(db)?;
-                    for d in &due {
-                        lease
-                            .execute(params![d.delivery, now + lease_ms])
-                            .map_err(db)?;
+                    for id in picked {
+                        due.push(
+                            read.query_row([id], |r| {
+                                Ok(Claimed {
+                                    delivery: r.get::<_, i64>(0)?.to_string(),
+                                    webhook_id: r.get(1)?,
+                                    event_id: r.get(2)?,
+                                    event_type: r.get(3)?,
+                                    body: r.get(4)?,
+                                    attempts: r.get(5)?,
+                                    created_at: r.get(6)?,
+                                })
+                            })
+                            .map_err(db)?,
+                        );
+                        lease.execute(params![id, now + lease_ms]).map_err(db)?;
                     }
                 }
                 // What is done and old goes (now and then: it reads old rows).

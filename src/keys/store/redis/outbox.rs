@@ -32,8 +32,8 @@ use super::codec::{Args, array, client_from, corrupt, fields, int, key_from, tex
 use super::{PRELUDE, RedisStore};
 use crate::keys::Millis;
 use crate::keys::outbox::{
-    Attempt, Claimed, EXPIRING_DAYS, EventType, NewEvent, Outbox, OutboxCounts, Outcome,
-    Subscription, Webhook, key_data,
+    Attempt, CLAIM_SCAN, Claimed, EXPIRING_DAYS, EventType, NewEvent, Outbox, OutboxCounts,
+    Outcome, Subscription, Webhook, key_data,
 };
 use crate::keys::store::{StoreError, StoreResult};
 
@@ -151,10 +151,12 @@ impl Outbox for RedisOutbox {
         a.push(now)
             .push(lease_ms)
             .push(limit)
+            .push(CLAIM_SCAN)
             .push(subscriptions.len());
         for s in subscriptions {
             a.push(&s.webhook_id)
-                .push(format!(",{},", s.events.join(",")));
+                .push(format!(",{},", s.events.join(",")))
+                .push(s.room);
         }
         let v = self
             .store

@@ -1,14 +1,20 @@
--- ARGV: P, now, lease ms, limit, n, then n pairs: webhook id, its event types as ",a,b," (",*,"
--- for all). Fans every event of the stream out to the webhooks that want it (one delivery hash
--- `d:<webhook>|<event>` per pair, queued in `q:<webhook>|<okey>`, the queue scored in
--- `events:due` by when its head is due) and deletes it from the stream; then claims the heads of
--- up to `limit` due queues until now + lease (their score moves there, so no other caller takes
--- them before). Answers {{delivery id, delivery fields}…}.
-local now, lease, limit, n = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),
-  tonumber(ARGV[5])
+-- ARGV: P, now, lease ms, limit, scan, n, then n triples: webhook id, its event types as
+-- ",a,b," (",*,"  for all), how many of its deliveries may be claimed now. Fans every event of
+-- the stream out to the webhooks that want it (one delivery hash `d:<webhook>|<event>` per pair,
+-- queued in `q:<webhook>|<okey>`, the queue scored in `events:due` by when its head is due) and
+-- deletes it from the stream; then claims the heads of up to `limit` due queues, at most the
+-- room of each webhook (a webhook not named has no such bound: deleted since), looking at no
+-- more than `scan` due queues, until now + lease (their score moves there, so no other caller
+-- takes them before). Answers {{delivery id, delivery fields}…}.
+local now, lease, limit, scan, n = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),
+  tonumber(ARGV[5]), tonumber(ARGV[6])
 local DUE, PENDING = P .. 'events:due', P .. 'events:pending'
 local subs = {}
-for j = 1, n do subs[j] = {id = ARGV[4 + 2 * j], ev = ARGV[5 + 2 * j]} end
+local room = {}
+for j = 1, n do
+  subs[j] = {id = ARGV[4 + 3 * j], ev = ARGV[5 + 3 * j]}
+  room[subs[j].id] = tonumber(ARGV[6 + 3 * j])
+end
 local function wants(s, kind)
   return string.find(s.ev, ',*,', 1, true) or string.find(s.ev, ',' .. kind .. ',', 1, true)
 end
@@ -29,13 +35,29 @@ for _, e in ipairs(redis.call('XRANGE', EVENTS, '-', '+', 'COUNT', 1000)) do
   redis.call('XDEL', EVENTS, eid)
 end
 local out = {}
-for _, q in ipairs(redis.call('ZRANGEBYSCORE', DUE, '-inf', now, 'LIMIT', 0, limit)) do
-  local d = redis.call('LINDEX', P .. 'q:' .. q, 0)
-  if d then
-    redis.call('ZADD', DUE, now + lease, q)
-    out[#out + 1] = {d, redis.call('HGETALL', P .. 'd:' .. d)}
-  else
-    redis.call('ZREM', DUE, q)
+-- Claimed and emptied queues leave the due range; those skipped (no room) stay in it.
+local skipped, seen = 0, 0
+while #out < limit and seen < scan do
+  local page = redis.call('ZRANGEBYSCORE', DUE, '-inf', now, 'LIMIT', skipped,
+                          math.min(200, scan - seen))
+  if #page == 0 then break end
+  for _, q in ipairs(page) do
+    seen = seen + 1
+    if #out >= limit then break end
+    local w = string.match(q, '^(.-)|')
+    local left = room[w]
+    if left == 0 then
+      skipped = skipped + 1
+    else
+      local d = redis.call('LINDEX', P .. 'q:' .. q, 0)
+      if d then
+        if left then room[w] = left - 1 end
+        redis.call('ZADD', DUE, now + lease, q)
+        out[#out + 1] = {d, redis.call('HGETALL', P .. 'd:' .. d)}
+      else
+        redis.call('ZREM', DUE, q)
+      end
+    end
   end
 end
 return out
