@@ -656,6 +656,13 @@ pub async fn rotate(
         )]));
     }
     let key = load(&state, &caller, &id).await?;
+    // A client principal gets the new secret in the answer: only for a key whose permissions it
+    // holds itself, as for a key it creates (a narrow key must not yield a wider one).
+    check_client_limits(&caller, Some(&key.permissions), false).map_err(|_| {
+        AdminError::Forbidden(
+            "a key cannot rotate a key holding permissions the caller does not hold".into(),
+        )
+    })?;
     let generated = state.format.generate();
     // The store swaps the secret on the key as it is at that moment and changes nothing else:
     // a concurrent PATCH neither undoes this rotation nor is undone by it.

@@ -200,3 +200,72 @@ async fn sqlite_a_client_never_loosens_what_an_admin_set() {
 async fn redis_a_client_never_loosens_what_an_admin_set() {
     a_client_never_loosens_what_an_admin_set(true).await;
 }
+
+/// A narrow self-service key may not rotate a sibling key holding a permission it lacks (the
+/// answer would hand it that key's new secret): 403, the sibling's secret unchanged. A sibling
+/// within its own permissions it may rotate.
+async fn a_client_rotates_only_keys_within_its_own_permissions(redis: bool) {
+    let (gw, _redis) = on_store(redis).await;
+    let r = gw
+        .admin(
+            "POST",
+            "/v1/clients",
+            Some(json!({"client_id": "acme", "license": "pro", "permissions": ["keys:manage"]})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", body(&r));
+    let narrow = r.json()["api_key"]["key"].as_str().unwrap().to_owned();
+    let as_client = [("x-api-key", narrow.as_str())];
+    let wide = gw
+        .key(
+            "acme",
+            json!({"permissions": ["keys:manage", "billing:write"]}),
+        )
+        .await;
+    let wide_id = wide["id"].as_str().unwrap().to_owned();
+    let wide_key = wide["key"].as_str().unwrap().to_owned();
+    let r = gw
+        .admin_as(
+            "POST",
+            &format!("/v1/api-keys/{wide_id}/rotate"),
+            Some(json!({"grace_period_seconds": 0})),
+            &as_client,
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", body(&r));
+    assert!(!body(&r).contains("kg_"), "{}", body(&r));
+    // Nothing changed: the wide key still works, with its prefix as before.
+    assert_eq!(gw.get_with_key("/x", &wide_key).await.status, 200);
+    let now = gw
+        .admin("GET", &format!("/v1/api-keys/{wide_id}"), None)
+        .await
+        .json();
+    assert_eq!(now["prefix"], wide["prefix"]);
+    // A sibling within the caller's permissions: rotated, its new secret in the answer.
+    let same = gw
+        .key("acme", json!({"permissions": ["keys:manage"]}))
+        .await;
+    let same_id = same["id"].as_str().unwrap();
+    let r = gw
+        .admin_as(
+            "POST",
+            &format!("/v1/api-keys/{same_id}/rotate"),
+            None,
+            &as_client,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", body(&r));
+    let new = r.json()["key"].as_str().unwrap().to_owned();
+    assert_eq!(gw.get_with_key("/x", &new).await.status, 200);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn sqlite_a_client_rotates_only_keys_within_its_own_permissions() {
+    a_client_rotates_only_keys_within_its_own_permissions(false).await;
+}
+
+#[tokio::test]
+async fn redis_a_client_rotates_only_keys_within_its_own_permissions() {
+    a_client_rotates_only_keys_within_its_own_permissions(true).await;
+}
