@@ -237,7 +237,18 @@ pub fn router(state: AdminState, max_body_bytes: usize) -> Router {
     router
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .fallback(|| async { AdminError::NotFound("no such admin endpoint") })
+        .layer(middleware::map_response(no_store))
         .with_state(state)
+}
+
+/// Every admin answer is `Cache-Control: no-store` unless it says otherwise (the key set's
+/// `max-age`): answers carry new keys, tokens and the state of keys, which no cache between
+/// the admin and keygate (nor a browser) may keep (RFC 6749 §5.1 for tokens).
+async fn no_store(mut res: Response) -> Response {
+    res.headers_mut()
+        .entry(http::header::CACHE_CONTROL)
+        .or_insert(http::HeaderValue::from_static("no-store"));
+    res
 }
 
 /// Prefix under which the key routes are also served.

@@ -329,3 +329,73 @@ async fn writes_survive_a_restart() {
     let r = gw2.admin("GET", &format!("/v1/api-keys/{id}"), None).await;
     assert_eq!(r.status, 200);
 }
+
+/// Admin answers carry new keys, tokens and the state of keys: every one is
+/// `Cache-Control: no-store` (a cache between the admin and keygate keeps none of them), and
+/// an answer that sets its own caching (the identity key set) keeps it.
+#[tokio::test]
+async fn admin_answers_are_not_stored_by_caches() {
+    let gw = Gateway::start_with("[identity]\nsign = true\n").await;
+    let created = gw
+        .admin(
+            "POST",
+            "/v1/clients",
+            Some(json!({"client_id": "acme", "license": "pro"})),
+        )
+        .await;
+    assert_eq!(created.status, 201);
+    let key = created.json()["api_key"]["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let id = created.json()["api_key"]["id"].as_str().unwrap().to_owned();
+    let rotated = gw
+        .admin("POST", &format!("/v1/api-keys/{id}/rotate"), None)
+        .await;
+    assert_eq!(rotated.status, 200);
+    let login = gw
+        .admin_as(
+            "POST",
+            "/auth/login",
+            Some(json!({"api_key": rotated.json()["key"]})),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        login.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&login.body)
+    );
+    let listed = gw.admin("GET", "/v1/api-keys", None).await;
+    let refused = gw
+        .admin_as("GET", "/v1/api-keys", None, &[("x-admin-key", "wrong")])
+        .await;
+    assert_eq!(refused.status, 401);
+    let missing = gw.admin("GET", "/v1/nothing-here", None).await;
+    assert_eq!(missing.status, 404);
+    for (what, r) in [
+        ("client created", &created),
+        ("key rotated", &rotated),
+        ("token", &login),
+        ("listing", &listed),
+        ("refusal", &refused),
+        ("no such endpoint", &missing),
+    ] {
+        assert_eq!(r.headers["cache-control"], "no-store", "{what}");
+    }
+    assert_ne!(key, rotated.json()["key"].as_str().unwrap());
+    let jwks = gw
+        .admin_as("GET", "/.well-known/jwks.json", None, &[])
+        .await;
+    assert_eq!(jwks.status, 200);
+    assert!(
+        jwks.headers["cache-control"]
+            .to_str()
+            .unwrap()
+            .starts_with("public, max-age="),
+        "{:?}",
+        jwks.headers["cache-control"]
+    );
+    gw.stop().await;
+}
