@@ -24,6 +24,8 @@ fn d_overlap() -> u64 {
 
 /// Longest assertion lifetime accepted: an assertion is a bearer credential for the upstream.
 pub const MAX_TTL_SECS: u64 = 3600;
+/// The longest `publish_ahead_secs`: 30 days.
+pub const MAX_PUBLISH_AHEAD_SECS: u64 = 30 * 86_400;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,6 +64,14 @@ pub fn validate(raw: RawIdentity, errors: &mut Vec<String>) -> IdentityConfig {
     if raw.issuer.is_empty() || raw.issuer.chars().any(char::is_control) {
         errors
             .push("identity.issuer: must be a non-empty string without control characters".into());
+    }
+    // 0 would sign with a new key before the other instances (which read the set every
+    // publish_ahead / 4, at least 250 ms) publish it; a huge value would never let it sign.
+    if raw.publish_ahead_secs == 0 || raw.publish_ahead_secs > MAX_PUBLISH_AHEAD_SECS {
+        errors.push(format!(
+            "identity.publish_ahead_secs: {} must be between 1 and {MAX_PUBLISH_AHEAD_SECS} (30 days): a new key is published this long before it signs",
+            raw.publish_ahead_secs
+        ));
     }
     if raw.overlap_secs < raw.ttl_secs {
         errors.push(format!(
@@ -132,6 +142,27 @@ mod tests {
         assert_eq!(validate(raw, &mut errors).algorithm, Alg::ES256);
         assert!(toml::from_str::<RawIdentity>("algorithm = \"HS256\"").is_err());
         assert!(toml::from_str::<RawIdentity>("signe = true").is_err());
+    }
+
+    #[test]
+    fn publish_ahead_is_bounded() {
+        for (text, ok) in [
+            ("publish_ahead_secs = 0", false),
+            ("publish_ahead_secs = 1", true),
+            ("publish_ahead_secs = 2592000", true),
+            ("publish_ahead_secs = 2592001", false),
+            ("publish_ahead_secs = 18446744073709551615", false),
+        ] {
+            let mut errors = Vec::new();
+            validate(toml::from_str(text).unwrap(), &mut errors);
+            assert_eq!(errors.is_empty(), ok, "{text}: {errors:?}");
+            if !ok {
+                assert!(
+                    errors[0].starts_with("identity.publish_ahead_secs: "),
+                    "{errors:?}"
+                );
+            }
+        }
     }
 
     #[test]
