@@ -153,6 +153,10 @@ pub async fn import(
     for h in &hashes {
         state.cache.invalidate(h);
     }
+    // Their key.created events go out now, not at the next poll.
+    if let Some(events) = &state.events {
+        events.wake();
+    }
     let imported = if atomic && !refused.is_empty() {
         0
     } else {

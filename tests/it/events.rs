@@ -625,6 +625,37 @@ async fn a_silent_endpoint_holds_its_own_share_not_another_webhooks_deliveries()
     gw.stop().await;
 }
 
+/// An import's `key.created` events go out when the import is answered, not at the next poll
+/// (here 10 minutes away).
+#[tokio::test]
+async fn imported_keys_are_announced_without_waiting_for_the_poll() {
+    let rx = Receiver::start().await;
+    let text = events_config(&rx.url("/hook"))
+        .replace("poll_interval_ms = 20", "poll_interval_ms = 600000");
+    let gw = Gateway::start_with(&text).await;
+    gw.client("acme", "free").await;
+    rx.wait_for("/hook", Duration::from_secs(10), |d| d.len() >= 2)
+        .await;
+    let r = gw
+        .admin(
+            "POST",
+            "/v1/api-keys/import",
+            Some(json!({"keys": [{"client_id": "acme", "name": "moved",
+                "key": "Vv8mJ1cUq0Qm2xW4e6r7t8y9u0i1o2p3"}]})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["imported"], 1);
+    rx.wait_for("/hook", Duration::from_secs(10), |d| {
+        d.iter().any(|g| {
+            let v = verify(SECRET, g).unwrap();
+            v["type"] == "key.created" && v["data"]["imported"] == true
+        })
+    })
+    .await;
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn events_pending_at_a_kill_9_are_delivered_after_the_restart() {
     let rx = Receiver::start().await;
