@@ -320,6 +320,42 @@ def main():
         driver.execute_script("arguments[0].scrollIntoView()", row_of("metered"))
         driver.save_screenshot(os.path.join(DOCS, "console-credits.png"))
 
+        # Rotating with a grace period that is not a whole number of seconds: an error, nothing
+        # rotated (it used to become 0: the old secret stopped at once).
+        press("ci", "Rotate")
+        prompt = wait.until(EC.alert_is_present())
+        prompt.send_keys("1h")
+        prompt.accept()
+        wait.until(lambda d: "whole number of seconds" in by_id("error").text)
+        check(not by_id("newkey").is_displayed()
+              and http_call("GET", f"http://{proxy}/hello", rotated)[0] == 200,
+              "an unreadable grace period rotates nothing")
+
+        # A rotation whose refresh fails (the key list answers 503): the new key is still shown,
+        # with the error, since it is shown only once.
+        driver.execute_script("""
+            window.realFetch = window.fetch;
+            window.fetch = (url, init) => (init && init.method === 'GET'
+                    && String(url).includes('/v1/api-keys?'))
+                ? Promise.resolve(new Response(
+                    JSON.stringify({title: 'Service Unavailable', detail: 'store down (test)'}),
+                    {status: 503, headers: {'Content-Type': 'application/problem+json'}}))
+                : window.realFetch(url, init);
+        """)
+        press("ci", "Rotate")
+        prompt = wait.until(EC.alert_is_present())
+        prompt.send_keys("0")
+        prompt.accept()
+        visible("newkey")
+        again = by_id("newkey-value").text
+        check(again.startswith("kg_") and again != rotated and "store down" in by_id("error").text,
+              "a rotation shows its new key even when the refresh after it fails")
+        check(http_call("GET", f"http://{proxy}/hello", again)[0] == 200
+              and http_call("GET", f"http://{proxy}/hello", rotated)[0] == 401,
+              "the shown key is the one that works now")
+        driver.execute_script("window.fetch = window.realFetch;")
+        by_id("newkey-done").click()
+
         # Change the license; search; delete a client after confirming.
         by_id("client-license").clear()
         by_id("client-license").send_keys("free")
@@ -348,7 +384,7 @@ def main():
         driver.refresh()
         visible("signin")
         check(not by_id("clients").is_displayed(), "a reload signs out")
-        check(all(k not in driver.page_source for k in (key, ci, rotated)),
+        check(all(k not in driver.page_source for k in (key, ci, rotated, again)),
               "no key shown earlier is in the page after a reload")
         check(ADMIN_KEY not in driver.page_source, "nor the admin key")
         stored = driver.execute_script(

@@ -204,8 +204,12 @@ async function createClient() {
   const license = $('new-client-license').value.trim();
   const v = await api('POST', '/v1/clients', { client_id: id, license });
   $('new-client-id').value = '';
-  await openClient(id);
-  showNewKey(v.api_key.key);
+  // The key is shown once: even when the refresh after it fails.
+  try {
+    await openClient(id);
+  } finally {
+    showNewKey(v.api_key.key);
+  }
 }
 
 async function deleteClient(id) {
@@ -346,18 +350,28 @@ async function createKey() {
   ]) {
     $(f).value = '';
   }
-  await renderKeys();
-  showNewKey(v.key);
+  try {
+    await renderKeys();
+  } finally {
+    showNewKey(v.key);
+  }
 }
 
 async function rotate(k) {
   const grace = prompt(`Rotate ${k.name}: seconds the old key keeps working (0–604800)`, '0');
   if (grace === null) return;
+  // Only a whole number of seconds: anything else would rotate with no grace at all.
+  if (!/^\s*\d+\s*$/.test(grace)) {
+    throw new Error('the grace period is a whole number of seconds (0–604800); nothing was rotated');
+  }
   const v = await api('POST', `/v1/api-keys/${encodeURIComponent(k.id)}/rotate`, {
-    grace_period_seconds: Number(grace) || 0,
+    grace_period_seconds: Number(grace),
   });
-  await renderKeys();
-  showNewKey(v.key);
+  try {
+    await renderKeys();
+  } finally {
+    showNewKey(v.key);
+  }
 }
 
 async function setEnabled(k, enabled) {
