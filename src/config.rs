@@ -764,17 +764,32 @@ impl Config {
         env: &HashMap<String, String>,
         cli: &CliOverrides,
     ) -> Result<Config, ConfigErrors> {
-        let text = match path {
-            Some(p) => std::fs::read_to_string(p).map_err(|e| {
-                ConfigErrors(vec![format!(
-                    "cannot read config file {}: {e}",
-                    p.display()
-                )])
-            })?,
-            None => std::fs::read_to_string(DEFAULT_CONFIG_PATH).unwrap_or_default(),
-        };
-        let origin = path.map_or(DEFAULT_CONFIG_PATH.into(), |p| p.display().to_string());
+        let (text, origin) = read(path)?;
         Self::from_toml(&text, &origin, env, cli)
+    }
+
+    /// Where the admin API listens and whether it speaks TLS: `[admin] listen` and its TLS
+    /// files as the file, the environment and the command line set them, without judging the
+    /// rest of the file (the admin-API commands need nothing else; a setting only `serve` needs,
+    /// such as a secret kept in the service's environment, does not stop them).
+    pub fn admin_target(
+        path: Option<&Path>,
+        env: &HashMap<String, String>,
+        cli: &CliOverrides,
+    ) -> Result<(std::net::SocketAddr, bool), ConfigErrors> {
+        let (text, origin) = read(path)?;
+        let mut raw: RawConfig = toml::from_str(&text)
+            .map_err(|e| ConfigErrors(vec![format!("{origin}:{}", toml_error(&text, &e))]))?;
+        raw.apply_env(env);
+        raw.apply_cli(cli);
+        let listen = raw.admin.listen.parse().map_err(|_| {
+            ConfigErrors(vec![format!(
+                "admin.listen: {:?} is not an address; use IP:PORT, e.g. \"127.0.0.1:8081\"",
+                raw.admin.listen
+            )])
+        })?;
+        let tls = raw.admin.tls_cert.as_deref().is_some_and(|c| !c.is_empty());
+        Ok((listen, tls))
     }
 
     pub fn from_toml(
@@ -789,6 +804,22 @@ impl Config {
         raw.apply_cli(cli);
         raw.validate()
     }
+}
+
+/// The config file's text and the name it is reported by; no file at the default path reads
+/// as an empty one (every default).
+fn read(path: Option<&Path>) -> Result<(String, String), ConfigErrors> {
+    let text = match path {
+        Some(p) => std::fs::read_to_string(p).map_err(|e| {
+            ConfigErrors(vec![format!(
+                "cannot read config file {}: {e}",
+                p.display()
+            )])
+        })?,
+        None => std::fs::read_to_string(DEFAULT_CONFIG_PATH).unwrap_or_default(),
+    };
+    let origin = path.map_or(DEFAULT_CONFIG_PATH.into(), |p| p.display().to_string());
+    Ok((text, origin))
 }
 
 /// A TOML file's error as it may be printed: where (line and column) and what, never the

@@ -136,8 +136,8 @@ fn admin_api(cli: Cli) -> ExitCode {
             admin_listen: cli.admin_listen.clone(),
             ..CliOverrides::default()
         };
-        match Config::load(cli.config.as_deref(), &env, &overrides) {
-            Ok(c) => Some((c.admin.listen, c.admin.tls.is_some())),
+        match Config::admin_target(cli.config.as_deref(), &env, &overrides) {
+            Ok(target) => Some(target),
             Err(e) => {
                 eprint!("{e}");
                 eprintln!("keygate: no admin URL: give --admin-url or KEYGATE_ADMIN_URL");

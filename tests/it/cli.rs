@@ -333,6 +333,57 @@ fn sha256_hex(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
 }
 
+/// Without `--admin-url` the admin API is where the config file's `[admin] listen` says (with
+/// `KEYGATE_ADMIN_LISTEN` over it), even when the file is not one `serve` would start with
+/// (here: TLS files for the proxy that do not exist on this machine); a listen address that is
+/// not one is a usage error naming the setting.
+#[tokio::test]
+async fn the_admin_url_comes_from_the_config_file_without_judging_the_rest() {
+    let gw = Gateway::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keygate.toml");
+    let run = |config: String, env: Vec<(&'static str, String)>| {
+        let file = file.clone();
+        async move {
+            std::fs::write(&file, config).unwrap();
+            tokio::task::spawn_blocking(move || {
+                let mut launch = Binary::command(["client", "list", "--output", "json"])
+                    .arg("--config")
+                    .arg(&file)
+                    .env("KEYGATE_ADMIN_KEY", ADMIN_KEY);
+                for (k, v) in env {
+                    launch = launch.env(k, v);
+                }
+                launch.output()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let elsewhere =
+        "[proxy]\ntls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"/nonexistent/key.pem\"\n";
+    let o = run(
+        format!("{elsewhere}[admin]\nlisten = \"{}\"\n", gw.admin),
+        vec![],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let listed: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(listed.is_array() || listed["data"].is_array(), "{listed}");
+    // The environment's address wins over the file's.
+    let o = run(
+        format!("{elsewhere}[admin]\nlisten = \"127.0.0.1:1\"\n"),
+        vec![("KEYGATE_ADMIN_LISTEN", gw.admin.to_string())],
+    )
+    .await;
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // Not an address: exit 2, the setting named.
+    let o = run("[admin]\nlisten = \"localhost\"\n".into(), vec![]).await;
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("admin.listen"), "{}", stderr(&o));
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn key_import_streams_json_lines_and_reports_bad_lines_by_number() {
     let gw = Gateway::start_with("[keys]\nmax_per_client = 0\n").await;
