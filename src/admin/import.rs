@@ -130,7 +130,7 @@ pub async fn import(
     let mut keys = Vec::with_capacity(items.len());
     let mut index_of = Vec::with_capacity(items.len());
     for (index, item) in items.iter().enumerate() {
-        match parse_item(item, &state.format, now) {
+        match parse_item(item, Some(&state.format), now) {
             Ok(k) => {
                 keys.push(k);
                 index_of.push(index);
@@ -192,7 +192,14 @@ fn string<'a>(o: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>,
 }
 
 /// One import item → the key to store, or why not (never quoting a value).
-fn parse_item(item: &Value, format: &KeyFormat, now: Millis) -> Result<ApiKey, String> {
+/// One import item as a key to write, or why it is refused. `format`: the gateway's own key
+/// format, whose keys must carry a valid checksum; `None` (the CLI's local check, which does not
+/// know the server's prefix) leaves that one check to the server.
+pub(crate) fn parse_item(
+    item: &Value,
+    format: Option<&KeyFormat>,
+    now: Millis,
+) -> Result<ApiKey, String> {
     let Value::Object(o) = item else {
         return Err("must be a JSON object".into());
     };
@@ -217,7 +224,7 @@ fn parse_item(item: &Value, format: &KeyFormat, now: Millis) -> Result<ApiKey, S
     check_name(name, &mut errs);
     let (key_hash, prefix) = match (string(o, "key")?, string(o, "sha256")?) {
         (Some(key), None) => {
-            if key.starts_with(format.prefix()) {
+            if let Some(format) = format.filter(|f| key.starts_with(f.prefix())) {
                 if !format.check(key) {
                     return Err(
                         "key: starts with keygate's key prefix but is not a valid keygate key \

@@ -24,11 +24,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::http::Admin;
 use super::{CliError, Global, Output};
-use crate::keys::foreign;
 
 /// Longest line read; a longer one is reported and skipped without being held whole.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -120,32 +119,17 @@ impl<R: BufRead> Lines<R> {
     }
 }
 
-/// The local check of one line: what the server would refuse for its shape alone. (Whether
-/// the client exists or the key is already stored only the server knows.)
+/// The local check of one line: what the server would refuse for its shape alone, by the
+/// server's own rules (`admin::import::parse_item`). Whether the client exists or the key is
+/// already stored only the server knows, and so does whether a key that starts with its key
+/// prefix carries a valid checksum (the prefix is the server's setting).
 fn check(text: &[u8]) -> Result<(), String> {
-    let o: Map<String, Value> = serde_json::from_slice(text)
+    let item: Value = serde_json::from_slice(text)
         .map_err(|e| format!("not a JSON object ({})", e.classify_str()))?;
-    let s = |f: &str| match o.get(f) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.as_str())),
-        Some(_) => Err(format!("{f}: must be a string")),
-    };
-    if s("client_id")?.is_none() {
-        return Err("client_id: required".into());
+    if !item.is_object() {
+        return Err("not a JSON object".into());
     }
-    if s("name")?.is_none() {
-        return Err("name: required".into());
-    }
-    match (s("key")?, s("sha256")?) {
-        (Some(k), None) if foreign::shape(k) => Ok(()),
-        (Some(_), None) => Err(
-            "key: must be 16–256 visible ASCII characters (no spaces or control characters)".into(),
-        ),
-        (None, Some(h)) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => Ok(()),
-        (None, Some(_)) => Err("sha256: must be 64 hexadecimal characters".into()),
-        (Some(_), Some(_)) => Err("give either key or sha256, not both".into()),
-        (None, None) => Err("key or sha256: required".into()),
-    }
+    crate::admin::import::parse_item(&item, None, crate::keys::now_millis()).map(|_| ())
 }
 
 trait Classify {

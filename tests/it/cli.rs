@@ -490,6 +490,58 @@ async fn key_import_abort_checks_every_line_first_and_stops_before_a_refused_bat
         gw.admin("GET", "/v1/api-keys", None).await.json()["total"],
         before
     );
+    // Lines the server would refuse for their shape alone, each found before anything is sent
+    // (in batches of one, line 1 would be imported first were it not).
+    for (bad, says) in [
+        (
+            json!({"client_id": "acme", "name": "", "key": key(2)}),
+            "name: ",
+        ),
+        (
+            json!({"client_id": "not an id!", "name": "k", "key": key(2)}),
+            "client_id: ",
+        ),
+        (
+            json!({"client_id": "acme", "name": "k", "key": key(2), "colour": "red"}),
+            "unknown field `colour`",
+        ),
+        (
+            json!({"client_id": "acme", "name": "k", "key": key(2), "permissions": "read"}),
+            "permissions: ",
+        ),
+        (
+            json!({"client_id": "acme", "name": "k", "key": key(2), "expires_at": "2001-01-01T00:00:00Z"}),
+            "expires_at: must be in the future",
+        ),
+    ] {
+        let text = [line("acme", 1), bad.to_string(), line("acme", 3)].join("\n");
+        std::fs::write(&file, text).unwrap();
+        let o = kg(
+            &gw,
+            &[
+                "key",
+                "import",
+                file.to_str().unwrap(),
+                "--on-error",
+                "abort",
+                "--batch",
+                "1",
+            ],
+        )
+        .await;
+        assert_eq!(code(&o), 1, "{bad}");
+        assert!(
+            stderr(&o).contains(&format!("line 2: {says}")),
+            "{bad}: {}",
+            stderr(&o)
+        );
+        assert!(
+            stderr(&o).contains("nothing was imported"),
+            "{bad}: {}",
+            stderr(&o)
+        );
+        assert_eq!(status(&gw, &key(1)).await, 401, "{bad}");
+    }
 
     // A key the server refuses (unknown client) on line 5, batches of 2: lines 1–4 are
     // imported, the batch of lines 5–6 and everything after are not.
