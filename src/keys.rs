@@ -583,6 +583,35 @@ impl Principal {
     }
 }
 
+/// Most permissions a key may carry.
+pub const MAX_PERMISSIONS: usize = 100;
+
+/// Why a key's name is refused, if it is: it must be 1–100 characters without control
+/// characters.
+pub fn name_problem(name: &str) -> Option<&'static str> {
+    let n = name.chars().count();
+    (!(1..=100).contains(&n) || name.chars().any(char::is_control))
+        .then_some("must be 1–100 characters without control characters")
+}
+
+/// Why a key's permissions are refused, if they are: at most [`MAX_PERMISSIONS`], each 1–100
+/// printable ASCII characters without commas or spaces (they travel comma-separated in a
+/// header).
+pub fn permissions_problem(perms: &[String]) -> Option<String> {
+    if perms.len() > MAX_PERMISSIONS {
+        return Some(format!("at most {MAX_PERMISSIONS} permissions"));
+    }
+    perms
+        .iter()
+        .any(|p| {
+            p.is_empty() || p.len() > 100 || !p.bytes().all(|c| c.is_ascii_graphic() && c != b',')
+        })
+        .then(|| {
+            "each permission must be 1–100 printable ASCII characters without commas or spaces"
+                .to_owned()
+        })
+}
+
 /// Validates a client id: 1–64 characters of `[A-Za-z0-9._-]`.
 pub fn valid_client_id(id: &str) -> bool {
     (1..=64).contains(&id.len())

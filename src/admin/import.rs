@@ -10,18 +10,13 @@
 
 use axum::Json;
 use axum::extract::{Extension, State};
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use utoipa::ToSchema;
-use uuid::Uuid;
 
 use super::error::{AdminError, ErrorResponses, FieldError, JsonBody};
-use super::keys::{check_name, check_permissions};
 use super::{AdminState, Caller};
-use crate::keys::{
-    ApiKey, KeyFormat, KeyHash, Millis, SetBy, foreign, now_millis, valid_client_id,
-};
+use crate::keys::{KeyHash, foreign, now_millis};
 
 /// Most keys one import request may carry (the admin body limit applies as well).
 pub const MAX_IMPORT_KEYS: usize = 10_000;
@@ -96,7 +91,7 @@ pub async fn import(
     let mut errs = Vec::new();
     for field in obj.keys() {
         if field != "keys" && field != "atomic" {
-            errs.push(FieldError::new(shown(field), "unknown field"));
+            errs.push(FieldError::new(foreign::shown(field), "unknown field"));
         }
     }
     let items = match obj.get("keys") {
@@ -130,7 +125,7 @@ pub async fn import(
     let mut keys = Vec::with_capacity(items.len());
     let mut index_of = Vec::with_capacity(items.len());
     for (index, item) in items.iter().enumerate() {
-        match parse_item(item, Some(&state.format), now) {
+        match foreign::parse_import_item(item, Some(&state.format), now) {
             Ok(k) => {
                 keys.push(k);
                 index_of.push(index);
@@ -176,132 +171,4 @@ pub async fn import(
         outcome = "ok",
     );
     Ok(Json(ImportResult { imported, errors }))
-}
-
-/// A field name as it may be shown back: at most 64 characters.
-fn shown(field: &str) -> String {
-    field.chars().take(64).collect()
-}
-
-fn string<'a>(o: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, String> {
-    match o.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(format!("{field}: must be a string")),
-    }
-}
-
-/// One import item → the key to store, or why not (never quoting a value).
-/// One import item as a key to write, or why it is refused. `format`: the gateway's own key
-/// format, whose keys must carry a valid checksum; `None` (the CLI's local check, which does not
-/// know the server's prefix) leaves that one check to the server.
-pub(crate) fn parse_item(
-    item: &Value,
-    format: Option<&KeyFormat>,
-    now: Millis,
-) -> Result<ApiKey, String> {
-    let Value::Object(o) = item else {
-        return Err("must be a JSON object".into());
-    };
-    const FIELDS: [&str; 7] = [
-        "client_id",
-        "name",
-        "key",
-        "sha256",
-        "permissions",
-        "roles",
-        "expires_at",
-    ];
-    if let Some(f) = o.keys().find(|f| !FIELDS.contains(&f.as_str())) {
-        return Err(format!("unknown field `{}`", shown(f)));
-    }
-    let client_id = string(o, "client_id")?.ok_or("client_id: required")?;
-    if !valid_client_id(client_id) {
-        return Err("client_id: must be 1–64 characters of [A-Za-z0-9._-]".into());
-    }
-    let name = string(o, "name")?.ok_or("name: required")?;
-    let mut errs = Vec::new();
-    check_name(name, &mut errs);
-    let (key_hash, prefix) = match (string(o, "key")?, string(o, "sha256")?) {
-        (Some(key), None) => {
-            if let Some(format) = format.filter(|f| key.starts_with(f.prefix())) {
-                if !format.check(key) {
-                    return Err(
-                        "key: starts with keygate's key prefix but is not a valid keygate key \
-                         (such a key could never authenticate)"
-                            .into(),
-                    );
-                }
-                (
-                    KeyHash::of(key),
-                    key[..crate::keys::DISPLAY_PREFIX_LEN].to_owned(),
-                )
-            } else if foreign::shape(key) {
-                (KeyHash::of(key), foreign::display_prefix(key))
-            } else {
-                return Err(
-                    "key: must be 16–256 visible ASCII characters (no spaces or control \
-                     characters)"
-                        .into(),
-                );
-            }
-        }
-        (None, Some(hex_hash)) => {
-            let mut h = [0u8; 32];
-            if hex_hash.len() != 64 || hex::decode_to_slice(hex_hash, &mut h).is_err() {
-                return Err("sha256: must be 64 hexadecimal characters".into());
-            }
-            (KeyHash(h), String::new())
-        }
-        (Some(_), Some(_)) => return Err("give either key or sha256, not both".into()),
-        (None, None) => return Err("key or sha256: required".into()),
-    };
-    if o.contains_key("permissions") && o.contains_key("roles") {
-        return Err("give either permissions or roles, not both".into());
-    }
-    let permissions = match o.get("permissions").or_else(|| o.get("roles")) {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|p| p.as_str().map(str::to_owned))
-            .collect::<Option<Vec<_>>>()
-            .ok_or("permissions: must be an array of strings")?,
-        Some(_) => return Err("permissions: must be an array of strings".into()),
-    };
-    check_permissions(&permissions, &mut errs);
-    let expires_at = match string(o, "expires_at")? {
-        None => None,
-        Some(t) => match DateTime::parse_from_rfc3339(t) {
-            Ok(t) if t.with_timezone(&Utc).timestamp_millis() > now => Some(t.timestamp_millis()),
-            Ok(_) => return Err("expires_at: must be in the future".into()),
-            Err(_) => return Err("expires_at: must be an RFC 3339 time".into()),
-        },
-    };
-    if let Some(e) = errs.first() {
-        return Err(format!("{}: {}", e.field, e.message));
-    }
-    let mut key = ApiKey {
-        id: Uuid::now_v7(),
-        client_id: client_id.to_owned(),
-        name: name.to_owned(),
-        prefix,
-        key_hash,
-        previous_hash: None,
-        previous_valid_until: None,
-        permissions,
-        enabled: true,
-        created_at: now,
-        updated_at: now,
-        expires_at,
-        last_used_at: None,
-        rotated_at: None,
-        rate_limit: None,
-        metadata: None,
-        disabled_by: None,
-        expires_set_by: None,
-        rate_limit_set_by: None,
-        tokens_valid_after: None,
-    };
-    key.set_by(SetBy::Admin);
-    Ok(key)
 }

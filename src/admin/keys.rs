@@ -16,7 +16,6 @@ use crate::keys::{ApiKey, Millis, RateLimit, SetBy, now_millis, valid_client_id}
 
 /// Longest rotation grace period: 7 days.
 pub const MAX_GRACE_SECONDS: u64 = 7 * 24 * 3600;
-const MAX_PERMISSIONS: usize = 100;
 const MAX_EXPIRES_DAYS: u32 = 36_500;
 
 /// A key as the admin API shows it. `key` (the plaintext) is present only in the answers to
@@ -241,30 +240,14 @@ pub struct RotateKey {
 }
 
 pub fn check_name(name: &str, errs: &mut Vec<FieldError>) {
-    let n = name.chars().count();
-    if !(1..=100).contains(&n) || name.chars().any(char::is_control) {
-        errs.push(FieldError::new(
-            "name",
-            "must be 1–100 characters without control characters",
-        ));
+    if let Some(why) = crate::keys::name_problem(name) {
+        errs.push(FieldError::new("name", why));
     }
 }
 
 pub fn check_permissions(perms: &[String], errs: &mut Vec<FieldError>) {
-    if perms.len() > MAX_PERMISSIONS {
-        errs.push(FieldError::new(
-            "permissions",
-            format!("at most {MAX_PERMISSIONS} permissions"),
-        ));
-    }
-    // Permissions travel comma-separated in a header: printable ASCII, no commas or spaces.
-    if perms.iter().any(|p| {
-        p.is_empty() || p.len() > 100 || !p.bytes().all(|c| c.is_ascii_graphic() && c != b',')
-    }) {
-        errs.push(FieldError::new(
-            "permissions",
-            "each permission must be 1–100 printable ASCII characters without commas or spaces",
-        ));
+    if let Some(why) = crate::keys::permissions_problem(perms) {
+        errs.push(FieldError::new("permissions", why));
     }
 }
 

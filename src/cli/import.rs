@@ -120,7 +120,7 @@ impl<R: BufRead> Lines<R> {
 }
 
 /// The local check of one line: what the server would refuse for its shape alone, by the
-/// server's own rules (`admin::import::parse_item`). Whether the client exists or the key is
+/// server's own rules ([`crate::keys::foreign::parse_import_item`]). Whether the client exists or the key is
 /// already stored only the server knows, and so does whether a key that starts with its key
 /// prefix carries a valid checksum (the prefix is the server's setting).
 fn check(text: &[u8]) -> Result<(), String> {
@@ -129,7 +129,7 @@ fn check(text: &[u8]) -> Result<(), String> {
     if !item.is_object() {
         return Err("not a JSON object".into());
     }
-    crate::admin::import::parse_item(&item, None, crate::keys::now_millis()).map(|_| ())
+    crate::keys::foreign::parse_import_item(&item, None, crate::keys::now_millis()).map(|_| ())
 }
 
 trait Classify {

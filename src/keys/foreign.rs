@@ -11,6 +11,12 @@
 //! the store mistyped keys. Random strings of the foreign shape cost what well-formed unknown
 //! keygate keys always cost.)
 
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::keys::{ApiKey, KeyFormat, KeyHash, Millis, SetBy, valid_client_id};
+
 /// Shortest imported plaintext key.
 pub const MIN_FOREIGN_KEY_LEN: usize = 16;
 /// Longest imported plaintext key (and longest API key a credential may carry).
@@ -28,6 +34,134 @@ pub fn shape(key: &str) -> bool {
 pub fn display_prefix(key: &str) -> String {
     let n = (key.len() / 4).min(crate::keys::DISPLAY_PREFIX_LEN);
     key[..n].to_owned()
+}
+
+/// A field name as it may be shown back: at most 64 characters.
+pub fn shown(field: &str) -> String {
+    field.chars().take(64).collect()
+}
+
+fn string<'a>(o: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, String> {
+    match o.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(format!("{field}: must be a string")),
+    }
+}
+
+/// One import item (`POST /v1/api-keys/import`, a line of `keygate key import`) as the key to
+/// store, or why it is refused, never quoting a value. `format`: the gateway's own key
+/// format, whose keys must carry a valid checksum; `None` (the CLI's local check, which does not
+/// know the server's prefix) leaves that one check to the server.
+pub fn parse_import_item(
+    item: &Value,
+    format: Option<&KeyFormat>,
+    now: Millis,
+) -> Result<ApiKey, String> {
+    let Value::Object(o) = item else {
+        return Err("must be a JSON object".into());
+    };
+    const FIELDS: [&str; 7] = [
+        "client_id",
+        "name",
+        "key",
+        "sha256",
+        "permissions",
+        "roles",
+        "expires_at",
+    ];
+    if let Some(f) = o.keys().find(|f| !FIELDS.contains(&f.as_str())) {
+        return Err(format!("unknown field `{}`", shown(f)));
+    }
+    let client_id = string(o, "client_id")?.ok_or("client_id: required")?;
+    if !valid_client_id(client_id) {
+        return Err("client_id: must be 1–64 characters of [A-Za-z0-9._-]".into());
+    }
+    let name = string(o, "name")?.ok_or("name: required")?;
+    if let Some(why) = crate::keys::name_problem(name) {
+        return Err(format!("name: {why}"));
+    }
+    let (key_hash, prefix) = match (string(o, "key")?, string(o, "sha256")?) {
+        (Some(key), None) => {
+            if let Some(format) = format.filter(|f| key.starts_with(f.prefix())) {
+                if !format.check(key) {
+                    return Err(
+                        "key: starts with keygate's key prefix but is not a valid keygate key \
+                         (such a key could never authenticate)"
+                            .into(),
+                    );
+                }
+                (
+                    KeyHash::of(key),
+                    key[..crate::keys::DISPLAY_PREFIX_LEN].to_owned(),
+                )
+            } else if shape(key) {
+                (KeyHash::of(key), display_prefix(key))
+            } else {
+                return Err(
+                    "key: must be 16–256 visible ASCII characters (no spaces or control \
+                     characters)"
+                        .into(),
+                );
+            }
+        }
+        (None, Some(hex_hash)) => {
+            let mut h = [0u8; 32];
+            if hex_hash.len() != 64 || hex::decode_to_slice(hex_hash, &mut h).is_err() {
+                return Err("sha256: must be 64 hexadecimal characters".into());
+            }
+            (KeyHash(h), String::new())
+        }
+        (Some(_), Some(_)) => return Err("give either key or sha256, not both".into()),
+        (None, None) => return Err("key or sha256: required".into()),
+    };
+    if o.contains_key("permissions") && o.contains_key("roles") {
+        return Err("give either permissions or roles, not both".into());
+    }
+    let permissions = match o.get("permissions").or_else(|| o.get("roles")) {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|p| p.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or("permissions: must be an array of strings")?,
+        Some(_) => return Err("permissions: must be an array of strings".into()),
+    };
+    if let Some(why) = crate::keys::permissions_problem(&permissions) {
+        return Err(format!("permissions: {why}"));
+    }
+    let expires_at = match string(o, "expires_at")? {
+        None => None,
+        Some(t) => match DateTime::parse_from_rfc3339(t) {
+            Ok(t) if t.with_timezone(&Utc).timestamp_millis() > now => Some(t.timestamp_millis()),
+            Ok(_) => return Err("expires_at: must be in the future".into()),
+            Err(_) => return Err("expires_at: must be an RFC 3339 time".into()),
+        },
+    };
+    let mut key = ApiKey {
+        id: Uuid::now_v7(),
+        client_id: client_id.to_owned(),
+        name: name.to_owned(),
+        prefix,
+        key_hash,
+        previous_hash: None,
+        previous_valid_until: None,
+        permissions,
+        enabled: true,
+        created_at: now,
+        updated_at: now,
+        expires_at,
+        last_used_at: None,
+        rotated_at: None,
+        rate_limit: None,
+        metadata: None,
+        disabled_by: None,
+        expires_set_by: None,
+        rate_limit_set_by: None,
+        tokens_valid_after: None,
+    };
+    key.set_by(SetBy::Admin);
+    Ok(key)
 }
 
 #[cfg(test)]
