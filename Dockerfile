@@ -7,12 +7,15 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 
 # Dependencies first, against placeholder sources: this layer is reused until Cargo.toml or
-# Cargo.lock change, so editing keygate's code does not rebuild every crate. (The empty test
-# stub stays: Cargo.toml names tests/it/main.rs, and cargo wants it to exist.)
+# Cargo.lock change, so editing keygate's code does not rebuild every crate. (The test and
+# bench stubs stay: Cargo.toml names tests/it/main.rs and the benches, and cargo wants every
+# target it declares to exist before it builds any.)
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src tests/it \
+RUN mkdir -p src tests/it benches \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs tests/it/main.rs \
+ && for b in $(sed -n '/^\[\[bench\]\]/{n;s/^name = "\(.*\)"$/\1/p}' Cargo.toml); do \
+      echo 'fn main() {}' > "benches/$b.rs"; done \
  && cargo build --release --locked \
  && rm -rf src
 

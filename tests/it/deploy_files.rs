@@ -309,3 +309,55 @@ fn compose_sentinel_variant_adds_a_replica_and_three_sentinels_and_its_store_url
     // The variant is commented out: the base file alone has none of its services.
     assert!(base["services"]["sentinel-1"].is_null());
 }
+
+/// The build stage's placeholder step, replayed without Docker: in a directory holding only
+/// what the stage copies before it, its shell commands up to the build leave a file for every
+/// target Cargo.toml declares, so cargo reads the manifest (it builds nothing while a declared
+/// target's file is missing: the image would not build).
+#[test]
+fn the_dockerfiles_placeholder_build_leaves_every_declared_target_in_place() {
+    let d = std::fs::read_to_string("Dockerfile").unwrap();
+    let joined = d.replace("\\\n", " ");
+    let stage: Vec<&str> = joined
+        .lines()
+        .skip_while(|l| !l.starts_with("FROM rust"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("FROM "))
+        .collect();
+    let copied = stage
+        .iter()
+        .find_map(|l| l.strip_prefix("COPY "))
+        .expect("a COPY before the placeholder build");
+    let run = stage
+        .iter()
+        .find_map(|l| l.strip_prefix("RUN "))
+        .expect("the placeholder build");
+    let (placeholders, _) = run
+        .split_once("&& cargo build")
+        .expect("placeholders, then a cargo build");
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<&str> = copied.split_whitespace().collect();
+    for f in &files[..files.len() - 1] {
+        std::fs::copy(f, dir.path().join(f)).unwrap();
+    }
+    let made = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(placeholders)
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(made.success(), "{placeholders}");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["build", "--release", "--locked", "--offline"])
+        .args(["--bin", "manifest_check"])
+        .current_dir(dir.path())
+        .env("CARGO_TARGET_DIR", dir.path().join("target"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no bin target named `manifest_check`"),
+        "cargo did not read the manifest the placeholders leave: {err}"
+    );
+}
