@@ -204,11 +204,12 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(webhooks::create, webhooks::list))
         .routes(routes!(webhooks::show, webhooks::update, webhooks::remove))
         .routes(routes!(webhooks::deliveries))
-        .route_layer(middleware::from_fn(audit_failures))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_caller,
-        ));
+        ))
+        // Outside the caller check, so refused credentials are audited too.
+        .route_layer(middleware::from_fn(audit_failures));
     let open = OpenApiRouter::new()
         .routes(routes!(healthz))
         .routes(routes!(readyz))
@@ -352,26 +353,36 @@ async fn require_caller(
 ) -> Result<Response, AdminError> {
     let ip = peer_ip(&req);
     let caller = identify(&state, req.headers(), ip).await?;
-    req.extensions_mut().insert(caller);
-    Ok(next.run(req).await)
+    req.extensions_mut().insert(caller.clone());
+    let mut res = next.run(req).await;
+    // For the audit around this check.
+    res.extensions_mut().insert(caller);
+    Ok(res)
 }
 
-/// Admin mutations that fail are audited here (successful ones are audited by their handlers,
-/// with the ids they touched).
+/// Admin mutations that fail are audited here, those refused for their credential (401, 403,
+/// 429: `caller` none) included (successful ones are audited by their handlers, with the ids
+/// they touched).
 async fn audit_failures(req: Request, next: Next) -> Response {
     let method = req.method().clone();
     if method == http::Method::GET || method == http::Method::HEAD {
         return next.run(req).await;
     }
-    let caller = req.extensions().get::<Caller>().cloned();
     let path = req.uri().path().to_owned();
+    let peer = peer_ip(&req);
     let res = next.run(req).await;
-    if !res.status().is_success() {
+    let caller = res.extensions().get::<Caller>();
+    // A refused credential is audited up to the failed-authentication limit; what that limit
+    // then turns away (429) is not, so a flood of guesses does not flood the log.
+    let throttled = caller.is_none() && res.status() == StatusCode::TOO_MANY_REQUESTS;
+    if !res.status().is_success() && !throttled {
+        let path: String = path.chars().take(256).collect();
         tracing::info!(
             target: "keygate::audit",
             action = %method,
             path = %path,
             caller = ?caller,
+            peer = %peer,
             outcome = res.status().as_u16(),
         );
     }

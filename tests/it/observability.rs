@@ -416,6 +416,21 @@ async fn a_full_session_at_trace_level_logs_no_secret() {
         422
     );
 
+    // A mutation with a wrong admin key: refused, audited without a caller, the guess nowhere.
+    let guess = "guessed-admin-key-0123456789abcdef";
+    secrets.push(guess.into());
+    assert_eq!(
+        call(
+            "DELETE",
+            admin("/v1/clients/acme"),
+            &[("x-admin-key", guess)],
+            None
+        )
+        .await
+        .0,
+        401
+    );
+
     assert!(p.terminate().success());
     let lines = p.lines();
     assert!(
@@ -499,6 +514,24 @@ async fn a_full_session_at_trace_level_logs_no_secret() {
     assert!(
         audits.iter().any(|v| v["outcome"] == 422),
         "failed mutation not audited"
+    );
+    let refused: Vec<&Value> = audits.iter().filter(|v| v["outcome"] == 401).collect();
+    assert_eq!(
+        refused.len(),
+        1,
+        "a refused admin credential is audited: {audits:?}"
+    );
+    assert_eq!(refused[0]["path"], "/v1/clients/acme");
+    assert_eq!(refused[0]["action"], "DELETE");
+    assert!(
+        refused[0]["caller"].is_null() || refused[0]["caller"] == "None",
+        "{}",
+        refused[0]
+    );
+    assert!(
+        refused[0]["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1"))
     );
 }
 
