@@ -83,6 +83,15 @@ impl Caller {
             }
         }
     }
+
+    /// For the Kixote calls, whose contract answers a missing or wrong `X-ADMIN-KEY` with 401:
+    /// a client principal (no admin key) gets 401 there, not 403.
+    pub fn admin_key_required(&self) -> Result<(), AdminError> {
+        match self {
+            Caller::Admin => Ok(()),
+            Caller::Client { .. } => Err(AdminError::Unauthorized),
+        }
+    }
 }
 
 pub struct AdminInner {

@@ -118,6 +118,7 @@ pub async fn create_client(
     Extension(caller): Extension<Caller>,
     JsonBody(body): JsonBody<KxCreateClient>,
 ) -> Result<impl IntoResponse, AdminError> {
+    caller.admin_key_required()?;
     let (client, _, plaintext) = clients::create_with_first_key(
         &state,
         &caller,
@@ -145,7 +146,7 @@ pub async fn list_clients(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Vec<KxClient>>, AdminError> {
-    caller.admin_only()?;
+    caller.admin_key_required()?;
     let mut out = Vec::new();
     for page in 1.. {
         let p = state.store.list_clients(page, MAX_PER_PAGE).await?;
@@ -175,7 +176,7 @@ pub async fn revoke_client_key(
     Extension(caller): Extension<Caller>,
     JsonBody(body): JsonBody<KxClientRef>,
 ) -> Result<Json<KxRevoked>, AdminError> {
-    caller.admin_only()?;
+    caller.admin_key_required()?;
     let client_id = client_id_of(body)?;
     let before = state
         .store
@@ -199,7 +200,7 @@ pub async fn create_client_key(
     Extension(caller): Extension<Caller>,
     JsonBody(body): JsonBody<KxClientRef>,
 ) -> Result<Json<KxRecreated>, AdminError> {
-    caller.admin_only()?;
+    caller.admin_key_required()?;
     let client_id = client_id_of(body)?;
     if state.store.get_client(&client_id).await?.is_none() {
         return Err(AdminError::NotFound(NO_CLIENT));
@@ -240,7 +241,7 @@ pub async fn delete_client(
     Extension(caller): Extension<Caller>,
     JsonBody(body): JsonBody<KxClientRef>,
 ) -> Result<Json<KxDeleted>, AdminError> {
-    caller.admin_only()?;
+    caller.admin_key_required()?;
     let client_id = client_id_of(body)?;
     clients::delete_with_keys(&state, &caller, &client_id)
         .await

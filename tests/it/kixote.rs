@@ -445,11 +445,38 @@ async fn client_principals_manage_only_their_own_keys() {
             .status,
         403
     );
+    // The Kixote calls answer a missing X-ADMIN-KEY 401 (their contract), a client
+    // principal's credential included; nothing is changed.
     assert_eq!(
         call("GET", "/auth/list_clients".into(), None, &self_key)
             .await
             .status,
-        403
+        401
+    );
+    for (path, body) in [
+        (
+            "/auth/create_client",
+            json!({"client_id": "sneaky", "license": "pro"}),
+        ),
+        ("/auth/revoke_client_key", json!({"client_id": "acme"})),
+        ("/auth/create_client_key", json!({"client_id": "acme"})),
+    ] {
+        let r = call("POST", path.into(), Some(body), &self_key).await;
+        assert_eq!(r.status, 401, "{path}");
+        assert!(r.headers.contains_key("www-authenticate"), "{path}");
+    }
+    let r = call(
+        "DELETE",
+        "/auth/delete_client".into(),
+        Some(json!({"client_id": "acme"})),
+        &self_key,
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(gw.get_with_key("/x", &self_key).await.status, 200);
+    assert_eq!(
+        gw.admin("GET", "/v1/clients/sneaky", None).await.status,
+        404
     );
 
     // Own key management works, with a token too.
