@@ -1002,6 +1002,33 @@ mod tests {
     }
 
     #[test]
+    fn a_password_in_a_url_is_refused_or_never_repeated() {
+        let none = CliOverrides::default();
+        for text in [
+            "[proxy]\nupstream = \"http://svc:hunter2@10.0.0.5:9000\"\n",
+            "[[routes]]\npath = \"/r\"\nupstream = \"https://svc:hunter2@api.internal\"\n",
+        ] {
+            let e = load(text, &[], none.clone()).unwrap_err().to_string();
+            assert!(
+                e.contains("upstream: must not carry a user or password"),
+                "{e}"
+            );
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        for url in [
+            "unix:///run/redis.sock?pass=hunter2",
+            "redis+unixx:/run/r.sock?password=hunter2",
+            "memcached://u:hunter2@h:11211",
+        ] {
+            let e = load(&format!("[store]\nurl = \"{url}\"\n"), &[], none.clone())
+                .unwrap_err()
+                .to_string();
+            assert!(!e.contains("hunter2"), "{e}");
+            assert!(e.contains("store.url: a URL of scheme "), "{e}");
+        }
+    }
+
+    #[test]
     fn a_file_that_does_not_parse_is_reported_by_place_without_its_text() {
         let none = CliOverrides::default();
         for (text, secret, at) in [

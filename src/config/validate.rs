@@ -723,6 +723,18 @@ fn tls_files(
 }
 
 fn parse_upstream(field: &str, v: &str, p: &mut Problems) -> Option<Uri> {
+    // A user and password would be logged with failed requests, sent as the Host field and
+    // signed into assertions' audience: refused, and not repeated.
+    if v.parse::<Uri>()
+        .ok()
+        .and_then(|u| u.authority().map(|a| a.as_str().contains('@')))
+        .unwrap_or(v.contains('@'))
+    {
+        p.error(format!(
+            "{field}: must not carry a user or password (user:pass@host); keygate sends no credentials upstream"
+        ));
+        return None;
+    }
     match v.parse::<Uri>() {
         Ok(u)
             if matches!(u.scheme_str(), Some("http" | "https"))
@@ -771,16 +783,24 @@ fn parse_store_url(v: &str, p: &mut Problems) -> Option<StoreUrl> {
         };
     }
     p.error(format!(
-        "store.url: {:?} is not supported; use sqlite://PATH, redis://HOST:PORT/DB, rediss://…, redis+unix:///path.sock, redis+sentinel://H1:P1,H2:P2/SERVICE/DB or redis+cluster://H1:P1,H2:P2,… (rediss+… for TLS)",
-        redact_url(v)
+        "store.url: {} is not supported; use sqlite://PATH, redis://HOST:PORT/DB, rediss://…, redis+unix:///path.sock, redis+sentinel://H1:P1,H2:P2/SERVICE/DB or redis+cluster://H1:P1,H2:P2,… (rediss+… for TLS)",
+        scheme_of(v)
     ));
     None
 }
 
-/// Hides a password in a URL before it is shown in an error.
-fn redact_url(v: &str) -> String {
-    match (v.find("://"), v.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &v[..s], &v[at + 1..]),
-        _ => v.to_owned(),
+/// What an unsupported store URL is shown as: its scheme only, since a password can hide
+/// anywhere after it (`user:pass@`, `?pass=`, `?password=`).
+fn scheme_of(v: &str) -> String {
+    match v.split_once(':') {
+        Some((scheme, _))
+            if !scheme.is_empty()
+                && scheme
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.')) =>
+        {
+            format!("a URL of scheme {scheme:?}")
+        }
+        _ => "a value without a URL scheme".to_owned(),
     }
 }
