@@ -213,8 +213,7 @@ impl LeakReports {
             return too_large();
         }
         if !self.verified(headers, body) {
-            tracing::warn!(target: "keygate::audit", action = "secret_scanning.report", outcome = 401,
-                "leaked-key report refused: missing or invalid GitHub signature");
+            // Audited by the caller, which counts it as a failed authentication.
             return problem(
                 StatusCode::UNAUTHORIZED,
                 "invalid_signature",

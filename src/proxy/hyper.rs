@@ -135,7 +135,10 @@ impl Gateway {
                 return Ok(own(res));
             }
             Routed::Jwks => return Ok(own(self.jwks(&parts.method))),
-            Routed::SecretScanning => return Ok(own(self.leak_report(parts, body).await)),
+            Routed::SecretScanning => {
+                let ip = self.policy.client_ip(parts, conn.peer.ip());
+                return Ok(own(self.leak_report(parts, body, ip).await));
+            }
             Routed::Route(route) => route,
         };
         outcome.route = Some(route);
@@ -177,8 +180,35 @@ impl Gateway {
 
     /// Reads a small body whole, within `limits.body_timeout` in all (not per pause: a client
     /// sending a byte now and then cannot hold its connection).
-    /// A leaked-key report: the body, bounded (413 above), to the leak reports.
-    async fn leak_report(&self, parts: &http::request::Parts, body: Incoming) -> Response<Bytes> {
+    /// A leaked-key report: the body, bounded (413 above), to the leak reports. A report whose
+    /// signature does not verify is a failed authentication of `ip` (audited, and past the
+    /// failed-authentication allowance refused 429 without another audit line), so forged
+    /// reports cannot flood the log.
+    async fn leak_report(
+        &self,
+        parts: &http::request::Parts,
+        body: Incoming,
+        ip: std::net::IpAddr,
+    ) -> Response<Bytes> {
+        let res = self.leak_report_of(parts, body).await;
+        if res.status() != http::StatusCode::UNAUTHORIZED {
+            return res;
+        }
+        match self.failed_auth.record_failure(ip) {
+            Some(retry_after) => ProxyError::AuthThrottled { retry_after }.response::<Bytes>(),
+            None => {
+                tracing::warn!(target: "keygate::audit", action = "secret_scanning.report", outcome = 401,
+                    "leaked-key report refused: missing or invalid GitHub signature");
+                res
+            }
+        }
+    }
+
+    async fn leak_report_of(
+        &self,
+        parts: &http::request::Parts,
+        body: Incoming,
+    ) -> Response<Bytes> {
         use crate::events::leaks::{MAX_BODY, too_large};
         let Some(leaks) = &self.leaks else {
             return ProxyError::RouteNotFound.response::<Bytes>();

@@ -509,4 +509,44 @@ async fn the_audit_line_names_the_key_never_the_token_or_its_hash() {
         !gw.log_contains(&sha256_hex(&key)),
         "the token's hash in the log"
     );
+
+    // Forged reports are failed authentications of their sender: each audited up to the
+    // allowance (20 a minute by default), then refused 429 without another line.
+    let forged = report(&["kg_forged"]);
+    let mut statuses = Vec::new();
+    for _ in 0..25 {
+        let res = client
+            .request(
+                Request::post(format!("http://{}{PATH}", gw.proxy))
+                    .header("github-public-key-identifier", KEY_ID)
+                    .header(
+                        "github-public-key-signature",
+                        Signer::sign_with(&signer.other, forged.as_bytes()),
+                    )
+                    .body(Full::new(Bytes::from(forged.clone())))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        statuses.push(res.status().as_u16());
+    }
+    assert_eq!(&statuses[..20], &[401; 20]);
+    assert_eq!(&statuses[20..], &[429; 5]);
+    let refused = || {
+        gw.lines()
+            .iter()
+            .filter(|l| l.contains("secret_scanning.report"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while refused() < 20 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // (The log is read as it comes: a line that should not exist gets the time to show.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        refused(),
+        20,
+        "one audit line per refusal up to the allowance"
+    );
 }
