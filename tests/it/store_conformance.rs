@@ -240,6 +240,7 @@ conformance!(
     cluster_rate_syncs_lease_from_one_shared_bucket,
     cluster_rate_cells_of_a_lease_whose_time_passed_are_not_given_back_twice,
     cluster_rate_instances_without_buckets_count_for_the_fallback_not_for_leases,
+    cluster_rate_a_lease_given_back_after_a_call_that_got_none_comes_back,
 );
 
 fn client(id: &str, license: &str, created_at: Millis) -> Client {
@@ -2262,5 +2263,46 @@ async fn cluster_rate_instances_without_buckets_count_for_the_fallback_not_for_l
     assert_eq!(
         a.leases[0].cells, 10,
         "{a:?}: the idle instance took a part of the lease"
+    );
+}
+
+/// An instance's calls overlap: its sync loop leases cells while a request, finding the local
+/// lease empty meanwhile, asks too and gets none. The cells of the first lease are still the
+/// instance's, so when it gives them back they come back to the bucket (they used to be lost
+/// until their time passed: the call that got none forgot the instance's lease end, and the
+/// give-back is capped by it). 10 a second, burst 10.
+async fn cluster_rate_a_lease_given_back_after_a_call_that_got_none_comes_back(s: Arc<dyn Store>) {
+    use keygate::keys::cluster::BucketSync;
+    let bucket = |unused: u64, demand: u64, want: bool| BucketSync {
+        name: "client:acme:10/s".into(),
+        t_us: 100_000.0,
+        tau_us: 900_000.0,
+        unused,
+        demand,
+        want,
+    };
+    let leased = match s.sync_rates("instance-a", &[bucket(0, 5, true)]).await {
+        Err(StoreError::Unavailable(_)) => return,
+        other => other.unwrap().leases[0].cells,
+    };
+    assert_eq!(leased, 10, "a lone instance leases the whole room");
+    // The request's own ask, answered after the sync's: nothing left.
+    let none = s
+        .sync_rates("instance-a", &[bucket(0, 1, true)])
+        .await
+        .unwrap();
+    assert!(none.leases[0].cells <= 1, "{none:?}");
+    // The sync loop gives back the first lease, unused.
+    s.sync_rates("instance-a", &[bucket(leased, 0, false)])
+        .await
+        .unwrap();
+    let b = s
+        .sync_rates("instance-b", &[bucket(0, 5, true)])
+        .await
+        .unwrap();
+    // About 9 cells are back (a few ms passed); b may lease half of them, both being live.
+    assert!(
+        b.leases[0].cells >= 3,
+        "{b:?}: the cells given back did not come back"
     );
 }

@@ -3,8 +3,9 @@
 -- Redis's clock; unused cells go back, and a lease of floor(room × share) cells is reserved
 -- by moving `tat` on (at most room ÷ live instances at a time). Answers {live instances, lease, µs until full, lease, …}.
 -- Unused cells go back only as far as the instance's last lease still lies ahead of now (its
--- end is kept per instance in `rll:`): a lease whose time has passed came back by itself, and
--- moving `tat` back for it again would free cells another instance reserved since.
+-- end is kept per instance in `rll:`, until the hash expires): a lease whose time has passed
+-- came back by itself, and moving `tat` back for it again would free cells another instance
+-- reserved since.
 -- The first answer is the fleet: every instance seen in the last 3 s, those with no bucket to
 -- sync included (they call with n = 0 every second), which is what each instance divides a
 -- limit by while Redis is unreachable. A lease is divided only between the instances that
@@ -63,10 +64,12 @@ for i = 0, n - 1 do
   else
     redis.call('HDEL', dk, me)
   end
+  -- A call that leases nothing leaves the instance's last lease end as it is: an instance's
+  -- calls overlap (its sync loop's and a request's own ask), and the cells of a lease it got
+  -- from one may still be held when another gets none; forgetting the end would cap their
+  -- give-back at 0 and lose them until their time passed.
   if lease > 0 then
     redis.call('HSET', lk, me, string.format('%.0f', tat))
-  else
-    redis.call('HDEL', lk, me)
   end
   local ttl = math.ceil((tat - now + tau + T) / 1000) + 1000
   redis.call('SET', k, string.format('%.0f', tat), 'PX', ttl)
