@@ -429,18 +429,12 @@ impl App {
                 }
             })
         };
-        let flusher = {
-            let usage = Arc::clone(&self.usage);
-            let every = self.config.store.last_used_flush;
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    usage.flush_spread(every / 2).await;
-                }
-            })
-        };
+        let flush_stop = Arc::new(tokio::sync::Notify::new());
+        let flusher = keys::usage::spawn_flusher(
+            Arc::clone(&self.usage),
+            self.config.store.last_used_flush,
+            Arc::clone(&flush_stop),
+        );
         let event_tasks = self
             .events
             .as_ref()
@@ -498,7 +492,9 @@ impl App {
         };
         tokio::join!(proxy, admin, trigger);
         sweeper.abort();
-        flusher.abort();
+        // Stopped, not aborted: a spread flush under way is finished before the final one.
+        flush_stop.notify_one();
+        let _ = flusher.await;
         reloader.abort();
         for t in event_tasks {
             t.abort();

@@ -153,6 +153,29 @@ impl UsageRecorder {
     }
 }
 
+/// Writes what `usage` recorded every `every`, each flush spread over half of it, until `stop`
+/// is notified. A flush under way then is finished first (it is never dropped halfway: what it
+/// took from the principals and had not written yet would be lost), so the final flush of a
+/// shutdown, after this task ends, writes the rest.
+pub fn spawn_flusher(
+    usage: Arc<UsageRecorder>,
+    every: std::time::Duration,
+    stop: Arc<tokio::sync::Notify>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    usage.flush_spread(every / 2).await;
+                }
+                _ = stop.notified() => return,
+            }
+        }
+    })
+}
+
 /// Days since the Unix epoch (UTC) of `ms`.
 pub fn day_of(ms: Millis) -> i64 {
     ms.div_euclid(DAY_MS)
@@ -246,6 +269,35 @@ mod tests {
             totals.push(count(p).await);
         }
         assert!(totals.iter().all(|&t| t == 3), "{:?}", &totals[..10]);
+    }
+
+    /// The flusher stops between flushes, never inside one: a spread flush under way when it
+    /// is told to stop (shutdown) is finished, so no count is lost (aborting it lost the chunks
+    /// it had taken and not yet written).
+    #[tokio::test]
+    async fn the_flusher_stops_after_the_flush_under_way() {
+        let n = FLUSH_CHUNK * 4;
+        let (store, principals, _dir) = keys(n).await;
+        store.usage_write_delay_ms.store(50, Ordering::SeqCst);
+        let clock = FakeClock::new();
+        let usage = Arc::new(recorder(&store, &clock));
+        for p in &principals {
+            usage.touch(p);
+        }
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let flusher = spawn_flusher(
+            Arc::clone(&usage),
+            std::time::Duration::from_millis(10),
+            Arc::clone(&stop),
+        );
+        // The periodic flush is under way: its first chunk is written, three are to come.
+        while store.usage_written.lock().unwrap().is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        stop.notify_one();
+        flusher.await.unwrap();
+        assert_eq!(store.usage_written.lock().unwrap().len(), n);
+        assert_eq!(usage.flush().await, 0, "nothing left for the final flush");
     }
 
     /// A flush gives the store its keys in key order, whatever the order they were used in

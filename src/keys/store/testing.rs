@@ -50,6 +50,8 @@ pub struct Counting {
     pub usage_writes_left: AtomicUsize,
     /// The keys of the usage written, in the order the store was given them.
     pub usage_written: std::sync::Mutex<Vec<Uuid>>,
+    /// Milliseconds each usage write waits before it is made (a slow store).
+    pub usage_write_delay_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Counting {
@@ -66,6 +68,7 @@ impl Counting {
             down: AtomicBool::new(false),
             usage_writes_left: AtomicUsize::new(usize::MAX),
             usage_written: Default::default(),
+            usage_write_delay_ms: Default::default(),
         }
     }
 }
@@ -140,6 +143,10 @@ impl Store for Counting {
                 });
         if allowed.is_err() {
             return Err(StoreError::Unavailable("down".into()));
+        }
+        let delay = self.usage_write_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
         }
         self.inner.record_usage(u).await?;
         let mut written = self.usage_written.lock().unwrap();
