@@ -349,6 +349,31 @@ async fn with_redis_wait_replicas_an_admin_write_is_acknowledged_only_once_a_rep
     let detail = r.json()["detail"].as_str().unwrap().to_owned();
     assert!(detail.contains("did not confirm"), "{detail}");
     assert!(took < Duration::from_secs(2), "took {took:?}");
+    // A credit change is such an admin write too.
+    let listed = waiting
+        .admin("GET", &format!("/v1/api-keys?client_id={id}"), None)
+        .await
+        .json();
+    let key_id = listed["data"][0]["id"].as_str().unwrap().to_owned();
+    let credits = |n: u64| {
+        let (gw, path) = (&waiting, format!("/v1/api-keys/{key_id}/credits"));
+        async move { gw.admin("POST", &path, Some(json!({"set": n}))).await }
+    };
+    // (Once with the replica up: the script is loaded on the primary.)
+    let mut attempt = 0;
+    while credits(10).await.status != 200 {
+        attempt += 1;
+        assert!(
+            attempt < 5,
+            "the replica never confirmed a credit change in time"
+        );
+    }
+    replica.pause();
+    let r = credits(1000).await;
+    replica.resume();
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    let detail = r.json()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("did not confirm"), "{detail}");
     // Without redis_wait_replicas the same situation is acknowledged at once.
     replica.pause();
     let r = plain

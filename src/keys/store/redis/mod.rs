@@ -1163,7 +1163,8 @@ impl Store for RedisStore {
             .push(cal.day_of_month)
             .push(MAX_CREDITS);
         let v = array(
-            self.script("write credits", &scripts().write_credits, a)
+            // An admin write: acknowledged by `redis_wait_replicas` replicas, as the others.
+            self.write("write credits", &scripts().write_credits, a)
                 .await?,
         )?;
         let code = int(v.first().ok_or_else(|| corrupt("credits"))?)?;
