@@ -1328,7 +1328,8 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> StoreResult<CreditsWritten> {
         let write = *write;
-        self.run_charge(move |c| {
+        // An admin write: on the main connection (`synchronous=FULL`), not the charges'.
+        self.run(move |c| {
             let tx = c.transaction().map_err(db)?;
             if key_by_id(&tx, key_id).map_err(db)?.is_none() {
                 return Ok(CreditsWritten::NoKey);
