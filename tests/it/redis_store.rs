@@ -648,3 +648,48 @@ async fn an_import_the_store_fails_partway_is_undone_when_atomic_and_told_when_n
     }
     gone(&keys[from..]).await;
 }
+
+/// `/readyz` reports a lost invalidation subscription (503) while Redis itself answers; the
+/// probe's failure does not put key lookups into the store back-off: a key not in the cache is
+/// still looked up in Redis and accepted (it was 503 for a second after each probe).
+#[tokio::test]
+async fn a_lost_subscription_fails_readiness_not_the_lookups() {
+    use crate::support::{Gateway, Upstream};
+    let redis = RedisServer::start();
+    let gw = Gateway::start_on_store(
+        Upstream::start().await,
+        &format!("url = \"{}\"", redis.tcp_url(0)),
+        "",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.admin_as("GET", "/readyz", None, &[]).await.status != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (key, _) = gw.client("acme", "pro").await;
+    // The subscription is dropped and may not come back: no channel is allowed any more.
+    let _: () = redis.query(
+        0,
+        ::redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("default")
+            .arg("resetchannels"),
+    );
+    let _: i64 = redis.query(
+        0,
+        ::redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.admin_as("GET", "/readyz", None, &[]).await.status != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "still ready without a subscription"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Right after the failed probe, a key never seen by this instance is looked up.
+    assert_eq!(gw.admin_as("GET", "/readyz", None, &[]).await.status, 503);
+    assert_eq!(gw.get_with_key("/x", &key).await.status, 200);
+    gw.stop().await;
+}

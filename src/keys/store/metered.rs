@@ -164,8 +164,18 @@ impl Store for Metered {
     ) -> StoreResult<Vec<(usize, super::import::Refusal)>> {
         self.timed(self.inner.import_keys(keys, max, atomic)).await
     }
+    /// The readiness probe: a failure (the store, or only Redis's invalidation subscription)
+    /// is counted but does not put key lookups into the back-off; their own failures do.
     async fn ping(&self) -> StoreResult<()> {
-        self.timed(self.inner.ping()).await
+        let start = Instant::now();
+        let r = self.inner.ping().await;
+        self.metrics.store_latency.observe(start.elapsed());
+        match &r {
+            Ok(()) => self.health.succeeded(),
+            Err(super::StoreError::Unavailable(_)) => self.metrics.store_errors.inc(),
+            Err(_) => {}
+        }
+        r
     }
     async fn signing_keys(&self) -> StoreResult<Vec<super::signing::SigningKeyRecord>> {
         self.timed(self.inner.signing_keys()).await
