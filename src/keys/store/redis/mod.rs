@@ -111,8 +111,8 @@ const IMPORT_CHUNK: usize = 250;
 const LOOKUP_BATCH: usize = 64;
 /// Longest a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Longest a write waits for its replicas (`store.redis_wait_replicas`).
-/// It stays well within [`CALL_TIMEOUT`], which bounds the `WAIT` command itself.
+/// Longest a write waits for its replicas (`store.redis_wait_replicas`). A write that waits is
+/// bounded by [`CALL_TIMEOUT`] + this (a script's first use on a server sends `WAIT` twice).
 pub const WAIT_TIMEOUT: Duration = Duration::from_millis(300);
 /// Why `store.redis_wait_replicas` is refused with a cluster endpoint.
 pub const WAIT_ON_CLUSTER: &str = "store.redis_wait_replicas: not supported with a \
@@ -466,7 +466,17 @@ impl RedisStore {
         what: &str,
         fut: impl Future<Output = Result<T, RedisError>>,
     ) -> StoreResult<T> {
-        match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+        self.bounded_within(what, CALL_TIMEOUT, fut).await
+    }
+
+    /// Runs `fut` within `limit`.
+    async fn bounded_within<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        fut: impl Future<Output = Result<T, RedisError>>,
+    ) -> StoreResult<T> {
+        match tokio::time::timeout(limit, fut).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 self.inner.link.failed(Some(&e));
@@ -476,7 +486,7 @@ impl RedisStore {
                 self.inner.link.failed(None);
                 unavailable(
                     what,
-                    format_args!("no answer within {} ms", CALL_TIMEOUT.as_millis()),
+                    format_args!("no answer within {} ms", limit.as_millis()),
                 )
             }),
         }
@@ -571,7 +581,12 @@ impl RedisStore {
                 other => other,
             }
         };
-        let (v, acked) = self.bounded(what, run).await?;
+        // A script not loaded on this server yet costs a second `WAIT` (the first one went out
+        // with the refused script): that much more time, or a write that stands would be
+        // answered as one that did not happen.
+        let (v, acked) = self
+            .bounded_within(what, CALL_TIMEOUT + WAIT_TIMEOUT, run)
+            .await?;
         if acked < i64::from(n) {
             return Err(StoreError::Unconfirmed(format!(
                 "redis {what}: {acked} of {n} replicas confirmed the write within {} ms",
