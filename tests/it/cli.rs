@@ -447,6 +447,21 @@ async fn key_import_streams_json_lines_and_reports_bad_lines_by_number() {
     assert!(stderr(&o).contains("line 1: a key with this secret is already stored"));
 }
 
+/// `keygate key import FILE --on-error abort --batch N`.
+async fn import_abort(gw: &Gateway, file: &std::path::Path, batch: usize) -> Output {
+    let batch = batch.to_string();
+    let args = [
+        "key",
+        "import",
+        file.to_str().unwrap(),
+        "--on-error",
+        "abort",
+        "--batch",
+        &batch,
+    ];
+    kg(gw, &args).await
+}
+
 #[tokio::test]
 async fn key_import_abort_checks_every_line_first_and_stops_before_a_refused_batch() {
     let gw = Gateway::start_with("[keys]\nmax_per_client = 0\n").await;
@@ -516,19 +531,7 @@ async fn key_import_abort_checks_every_line_first_and_stops_before_a_refused_bat
     ] {
         let text = [line("acme", 1), bad.to_string(), line("acme", 3)].join("\n");
         std::fs::write(&file, text).unwrap();
-        let o = kg(
-            &gw,
-            &[
-                "key",
-                "import",
-                file.to_str().unwrap(),
-                "--on-error",
-                "abort",
-                "--batch",
-                "1",
-            ],
-        )
-        .await;
+        let o = import_abort(&gw, &file, 1).await;
         assert_eq!(code(&o), 1, "{bad}");
         assert!(
             stderr(&o).contains(&format!("line 2: {says}")),
@@ -551,19 +554,7 @@ async fn key_import_abort_checks_every_line_first_and_stops_before_a_refused_bat
         .collect::<Vec<_>>()
         .join("\n");
     std::fs::write(&file, text).unwrap();
-    let o = kg(
-        &gw,
-        &[
-            "key",
-            "import",
-            file.to_str().unwrap(),
-            "--on-error",
-            "abort",
-            "--batch",
-            "2",
-        ],
-    )
-    .await;
+    let o = import_abort(&gw, &file, 2).await;
     assert_eq!(code(&o), 1);
     let err = stderr(&o);
     assert!(

@@ -2136,20 +2136,24 @@ async fn charges_write_quota_threshold_events_once_per_period(s: Arc<dyn Store>)
     );
 }
 
-/// `sync_rates` (cluster rate limits): instances lease cells of one bucket shared through the
-/// store, never more than its room between them, and cells given back go to the others. Only
-/// the Redis store shares buckets; the others refuse.
-async fn cluster_rate_syncs_lease_from_one_shared_bucket(s: Arc<dyn Store>) {
-    use keygate::keys::cluster::BucketSync;
-    // 10 a second (a cell every 100 ms), burst 10: the room of a fresh bucket is 10 cells.
-    let bucket = |unused: u64, demand: u64, want: bool| BucketSync {
+/// A bucket of 10 a second (a cell every 100 ms), burst 10, as one sync call names it: the
+/// room of a fresh one is 10 cells.
+fn ten_a_second(unused: u64, demand: u64, want: bool) -> keygate::keys::cluster::BucketSync {
+    keygate::keys::cluster::BucketSync {
         name: "client:acme:10/s".into(),
         t_us: 100_000.0,
         tau_us: 900_000.0,
         unused,
         demand,
         want,
-    };
+    }
+}
+
+/// `sync_rates` (cluster rate limits): instances lease cells of one bucket shared through the
+/// store, never more than its room between them, and cells given back go to the others. Only
+/// the Redis store shares buckets; the others refuse.
+async fn cluster_rate_syncs_lease_from_one_shared_bucket(s: Arc<dyn Store>) {
+    let bucket = ten_a_second;
     let a = match s.sync_rates("instance-a", &[bucket(0, 5, true)]).await {
         Err(StoreError::Unavailable(_)) => {
             // A store that cannot share buckets says so, and that is all.
@@ -2237,7 +2241,6 @@ async fn cluster_rate_cells_of_a_lease_whose_time_passed_are_not_given_back_twic
 async fn cluster_rate_instances_without_buckets_count_for_the_fallback_not_for_leases(
     s: Arc<dyn Store>,
 ) {
-    use keygate::keys::cluster::BucketSync;
     let idle = match s.sync_rates("instance-idle", &[]).await {
         Err(StoreError::Unavailable(_)) => return,
         other => other.unwrap(),
@@ -2246,17 +2249,7 @@ async fn cluster_rate_instances_without_buckets_count_for_the_fallback_not_for_l
     assert!(idle.leases.is_empty());
     // 10 a second, burst 10: a lone active instance leases the whole room.
     let a = s
-        .sync_rates(
-            "instance-a",
-            &[BucketSync {
-                name: "client:acme:10/s".into(),
-                t_us: 100_000.0,
-                tau_us: 900_000.0,
-                unused: 0,
-                demand: 5,
-                want: true,
-            }],
-        )
+        .sync_rates("instance-a", &[ten_a_second(0, 5, true)])
         .await
         .unwrap();
     assert_eq!(a.live, 2, "the idle instance is one of the fleet");
@@ -2272,15 +2265,7 @@ async fn cluster_rate_instances_without_buckets_count_for_the_fallback_not_for_l
 /// until their time passed: the call that got none forgot the instance's lease end, and the
 /// give-back is capped by it). 10 a second, burst 10.
 async fn cluster_rate_a_lease_given_back_after_a_call_that_got_none_comes_back(s: Arc<dyn Store>) {
-    use keygate::keys::cluster::BucketSync;
-    let bucket = |unused: u64, demand: u64, want: bool| BucketSync {
-        name: "client:acme:10/s".into(),
-        t_us: 100_000.0,
-        tau_us: 900_000.0,
-        unused,
-        demand,
-        want,
-    };
+    let bucket = ten_a_second;
     let leased = match s.sync_rates("instance-a", &[bucket(0, 5, true)]).await {
         Err(StoreError::Unavailable(_)) => return,
         other => other.unwrap().leases[0].cells,
