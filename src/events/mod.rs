@@ -12,8 +12,8 @@
 //! given up. A process killed mid-delivery loses nothing: the delivery is made again, with the
 //! same `webhook-id`, once its lease has ended (at once on restart for the embedded store).
 //!
-//! At most [`CLAIM_BATCH`] attempts are under way, at most [`PER_WEBHOOK`] of them to one
-//! webhook. A round waits [`ROUND_WAIT`] at most for its own attempts before the next claim;
+//! At most `CLAIM_BATCH` (64) attempts are under way, at most `PER_WEBHOOK` (16) of them to one
+//! webhook. A round waits `ROUND_WAIT` (1 s) at most for its own attempts before the next claim;
 //! the slower ones go on and keep their share taken, so an endpoint that hangs holds its own
 //! deliveries until `request_timeout`, not the other webhooks'.
 

@@ -178,8 +178,6 @@ impl Gateway {
         Ok(res.map(Either::Left))
     }
 
-    /// Reads a small body whole, within `limits.body_timeout` in all (not per pause: a client
-    /// sending a byte now and then cannot hold its connection).
     /// A leaked-key report: the body, bounded (413 above), to the leak reports. A report whose
     /// signature does not verify is a failed authentication of `ip` (audited, and past the
     /// failed-authentication allowance refused 429 without another audit line), so forged
@@ -204,6 +202,7 @@ impl Gateway {
         }
     }
 
+    /// The leak reports' answer to a report whose body is within [`MAX_BODY`](crate::events::leaks::MAX_BODY), else 413.
     async fn leak_report_of(
         &self,
         parts: &http::request::Parts,
@@ -230,6 +229,8 @@ impl Gateway {
         }
     }
 
+    /// Reads a small body whole, within `limits.body_timeout` in all (not per pause: a client
+    /// sending a byte now and then cannot hold its connection).
     async fn read_small(&self, body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
         let mut body = http_body_util::Limited::new(body, limit);
         let mut out = bytes::BytesMut::new();

@@ -33,13 +33,25 @@ impl Metered {
     }
 
     async fn timed<T>(&self, f: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
+        self.timed_with(true, f).await
+    }
+
+    /// Times `f` and counts its failure; `back_off`: an unavailable store also puts key lookups
+    /// into the back-off ([`StoreHealth`]).
+    async fn timed_with<T>(
+        &self,
+        back_off: bool,
+        f: impl Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
         let start = Instant::now();
         let r = f.await;
         self.metrics.store_latency.observe(start.elapsed());
         match &r {
             Err(super::StoreError::Unavailable(_)) => {
                 self.metrics.store_errors.inc();
-                self.health.failed(now_millis());
+                if back_off {
+                    self.health.failed(now_millis());
+                }
             }
             _ => self.health.succeeded(),
         }
@@ -167,15 +179,7 @@ impl Store for Metered {
     /// The readiness probe: a failure (the store, or only Redis's invalidation subscription)
     /// is counted but does not put key lookups into the back-off; their own failures do.
     async fn ping(&self) -> StoreResult<()> {
-        let start = Instant::now();
-        let r = self.inner.ping().await;
-        self.metrics.store_latency.observe(start.elapsed());
-        match &r {
-            Ok(()) => self.health.succeeded(),
-            Err(super::StoreError::Unavailable(_)) => self.metrics.store_errors.inc(),
-            Err(_) => {}
-        }
-        r
+        self.timed_with(false, self.inner.ping()).await
     }
     async fn signing_keys(&self) -> StoreResult<Vec<super::signing::SigningKeyRecord>> {
         self.timed(self.inner.signing_keys()).await
