@@ -3,6 +3,9 @@
 //! store every `last_used_flush_secs` — in small chunks spread over up to half that interval, so
 //! a flush of many keys never holds up requests — and once more, at once, on graceful shutdown.
 //! A failed write keeps the counts for the next flush: nothing is lost while the process lives.
+//! What it keeps is one entry per key and day, not the principals the counts came from: a
+//! principal replaced by a cache refresh or evicted is freed while the store refuses writes,
+//! and requests keep the day they were made on however long the store is down.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -16,8 +19,8 @@ use crate::clock::Clock;
 use crate::telemetry::metrics::Metrics;
 
 const DAY_MS: i64 = 86_400_000;
-/// The principals whose counts one key's flushed usage holds, and how many each gave.
-type Taken = Vec<(Arc<Principal>, u64)>;
+/// Counts to write, one entry per key and day.
+type ByDay = HashMap<(Uuid, i64), Usage>;
 
 /// Keys written per store call when usage is flushed.
 const FLUSH_CHUNK: usize = 25;
@@ -43,6 +46,8 @@ impl KeyUsage {
 
 pub struct UsageRecorder {
     pending: Mutex<Vec<Arc<Principal>>>,
+    /// Counts a failed write gave back, for the next flush.
+    carried: Mutex<ByDay>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     /// When a request was made (`last_used_at`, the day it is counted on).
@@ -53,6 +58,7 @@ impl UsageRecorder {
     pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, clock: Clock) -> Self {
         Self {
             pending: Mutex::new(Vec::new()),
+            carried: Mutex::new(HashMap::new()),
             store,
             metrics,
             clock,
@@ -80,7 +86,8 @@ impl UsageRecorder {
             .push(Arc::clone(p));
     }
 
-    /// Writes everything recorded so far, at once (shutdown). Returns how many keys it wrote.
+    /// Writes everything recorded so far, at once (shutdown). Returns how many entries (a key's
+    /// requests on one day) it wrote.
     pub async fn flush(&self) -> usize {
         self.flush_spread(std::time::Duration::ZERO).await
     }
@@ -89,60 +96,48 @@ impl UsageRecorder {
     /// `spread` (pauses of at most `FLUSH_PACE`).
     pub async fn flush_spread(&self, spread: std::time::Duration) -> usize {
         let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
-        if batch.is_empty() {
-            return 0;
-        }
-        // Per key: what goes to the store, and the principals whose counts it holds (to give
-        // them back if the write fails).
-        let mut by_key: HashMap<Uuid, (Usage, Taken)> = HashMap::new();
+        let mut by_day =
+            std::mem::take(&mut *self.carried.lock().unwrap_or_else(|e| e.into_inner()));
         for p in batch {
             p.usage.queued.store(false, Ordering::Release);
             let last = p.usage.last_used.load(Ordering::Relaxed);
             let n = p.usage.requests.swap(0, Ordering::AcqRel);
-            let (e, taken) = by_key.entry(p.key_id).or_insert_with(|| {
-                (
-                    Usage {
-                        key_id: p.key_id,
-                        last_used_at: last,
-                        day: last.div_euclid(DAY_MS),
-                        requests: 0,
-                    },
-                    Vec::new(),
-                )
-            });
-            e.last_used_at = e.last_used_at.max(last);
-            e.day = e.last_used_at.div_euclid(DAY_MS);
-            e.requests += n;
-            taken.push((p, n));
+            merge(
+                &mut by_day,
+                Usage {
+                    key_id: p.key_id,
+                    last_used_at: last,
+                    day: last.div_euclid(DAY_MS),
+                    requests: n,
+                },
+            );
+        }
+        if by_day.is_empty() {
+            return 0;
         }
         // In key order: a chunk's keys are neighbours in the store's tables and indexes, so a
         // chunk rewrites a few pages rather than one or more per key (SQLite: several times
         // less written per flush, see bench usage_flush).
-        let mut groups: Vec<(Usage, Taken)> = by_key.into_values().collect();
-        groups.sort_unstable_by_key(|(u, _)| u.key_id);
-        let chunks = groups.len().div_ceil(FLUSH_CHUNK).max(1) as u32;
+        let mut entries: Vec<Usage> = by_day.into_values().collect();
+        entries.sort_unstable_by_key(|u| (u.key_id, u.day));
+        let chunks = entries.len().div_ceil(FLUSH_CHUNK).max(1) as u32;
         let pace = (spread / chunks).min(FLUSH_PACE);
         // In chunks, yielding between them: a flush of many keys does not hold up requests for
         // the whole write.
         let mut written = 0;
-        for (i, chunk) in groups.chunks(FLUSH_CHUNK).enumerate() {
-            let entries: Vec<Usage> = chunk.iter().map(|(u, _)| *u).collect();
-            if let Err(e) = self.store.record_usage(&entries).await {
-                let left = groups.len() - i * FLUSH_CHUNK;
-                tracing::warn!(error = %e, keys = left, "usage flush failed; will retry");
+        for chunk in entries.chunks(FLUSH_CHUNK) {
+            if let Err(e) = self.store.record_usage(chunk).await {
+                let left = &entries[written..];
+                tracing::warn!(error = %e, entries = left.len(), "usage flush failed; will retry");
                 self.metrics.usage_flush_errors.inc();
-                for (_, taken) in &groups[i * FLUSH_CHUNK..] {
-                    for (p, n) in taken {
-                        p.usage.requests.fetch_add(*n, Ordering::AcqRel);
-                        if !p.usage.queued.swap(true, Ordering::AcqRel) {
-                            self.queue(p);
-                        }
-                    }
+                let mut carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
+                for u in left {
+                    merge(&mut carried, *u);
                 }
                 return written;
             }
-            written += entries.len();
-            if pace.is_zero() || written == groups.len() {
+            written += chunk.len();
+            if pace.is_zero() || written == entries.len() {
                 tokio::task::yield_now().await;
             } else {
                 tokio::time::sleep(pace).await;
@@ -151,6 +146,23 @@ impl UsageRecorder {
         self.metrics.usage_flushes.inc();
         written
     }
+
+    /// Entries (a key and a day) kept from failed writes, waiting for the next flush.
+    #[cfg(test)]
+    fn carried(&self) -> usize {
+        self.carried.lock().unwrap().len()
+    }
+}
+
+/// Adds `u` to its key's entry for its day.
+fn merge(by_day: &mut ByDay, u: Usage) {
+    by_day
+        .entry((u.key_id, u.day))
+        .and_modify(|e| {
+            e.last_used_at = e.last_used_at.max(u.last_used_at);
+            e.requests += u.requests;
+        })
+        .or_insert(u);
 }
 
 /// Writes what `usage` recorded every `every`, each flush spread over half of it, until `stop`
@@ -269,6 +281,44 @@ mod tests {
             totals.push(count(p).await);
         }
         assert!(totals.iter().all(|&t| t == 3), "{:?}", &totals[..10]);
+    }
+
+    /// While the store refuses writes, what a flush keeps is one entry per key and day, not the
+    /// principals: a principal replaced by a cache refresh is freed (before, every principal
+    /// ever touched stayed queued until a write went through), and each request is counted on
+    /// the day it was made, not on the day of the flush that finally wrote it.
+    #[tokio::test]
+    async fn a_failed_flush_keeps_counts_by_day_not_principals() {
+        let (store, principals, _dir) = keys(1).await;
+        let first = Arc::clone(&principals[0]);
+        let record = store.find_by_id(first.key_id).await.unwrap().unwrap();
+        let clock = FakeClock::new();
+        let usage = recorder(&store, &clock);
+        let day = day_of(clock.now_millis());
+        store.usage_writes_left.store(0, Ordering::SeqCst);
+        usage.touch(&first);
+        assert_eq!(usage.flush().await, 0);
+        // A cache refresh replaces the principal; the old one is dropped by the cache.
+        let refreshed =
+            Principal::from_record(&record, &record.key.key_hash, Arc::clone(&first.limiter));
+        usage.touch(&refreshed);
+        usage.touch(&refreshed);
+        assert_eq!(usage.flush().await, 0);
+        assert_eq!(Arc::strong_count(&first), 2, "only the test's two handles");
+        assert_eq!(usage.carried(), 1, "one key, one day");
+        clock.advance(std::time::Duration::from_millis(DAY_MS as u64));
+        usage.touch(&refreshed);
+        assert_eq!(usage.flush().await, 0);
+        assert_eq!(usage.carried(), 2, "one key, two days");
+        store.usage_writes_left.store(usize::MAX, Ordering::SeqCst);
+        assert_eq!(usage.flush().await, 2);
+        assert_eq!(usage.carried(), 0);
+        assert_eq!(
+            days(&store, &first, day - 1, day + 2).await,
+            [(day, 3), (day + 1, 1)]
+        );
+        let record = store.find_by_id(first.key_id).await.unwrap().unwrap();
+        assert_eq!(record.key.last_used_at, Some(clock.now_millis()));
     }
 
     /// The flusher stops between flushes, never inside one: a spread flush under way when it
