@@ -235,6 +235,7 @@ conformance!(
     signing_keys_are_made_once_added_and_pruned_atomically,
     credits_are_charged_whole_or_not_at_all_and_refilled_lazily,
     quotas_count_per_client_and_calendar_period,
+    a_client_made_again_starts_from_what_its_id_used,
     import_keys_judges_each_key_and_atomic_imports_write_all_or_nothing,
     charges_write_quota_threshold_events_once_per_period,
     cluster_rate_syncs_lease_from_one_shared_bucket,
@@ -1878,6 +1879,51 @@ async fn quotas_count_per_client_and_calendar_period(s: Arc<dyn Store>) {
         1,
         "a refused request was counted"
     );
+}
+
+/// A quota counts by client id, of every period length: a client deleted and made again under
+/// the same id within a period starts from what it used (README, "Limits"), and deleting it
+/// leaves another client's counts as they were.
+async fn a_client_made_again_starts_from_what_its_id_used(s: Arc<dyn Store>) {
+    let now = now_millis();
+    let (k, _) = key("acme", now);
+    s.insert_client(&client("acme", "pro", now), &k)
+        .await
+        .unwrap();
+    let (o, _) = key("other", now);
+    s.insert_client(&client("other", "pro", now), &o)
+        .await
+        .unwrap();
+    let pers = [Period::Hour, Period::Day, Period::Month];
+    for per in pers {
+        let quota = Quota { requests: 10, per };
+        for (id, client) in [(k.id, "acme"), (k.id, "acme"), (o.id, "other")] {
+            let qc = QuotaCharge {
+                client_id: client,
+                quota,
+            };
+            let c = s.charge(&charge(id, None, Some(qc), now)).await.unwrap();
+            assert_eq!(c.refused, None);
+        }
+    }
+    let used = |client: &'static str| {
+        let s = s.clone();
+        async move {
+            let mut v = Vec::new();
+            for per in pers {
+                v.push(s.quota_used(client, per, per.index(now)).await.unwrap());
+            }
+            v
+        }
+    };
+    assert_eq!(used("acme").await, [2, 2, 2]);
+    s.delete_client("acme").await.unwrap().unwrap();
+    let (k2, _) = key("acme", now);
+    s.insert_client(&client("acme", "pro", now), &k2)
+        .await
+        .unwrap();
+    assert_eq!(used("acme").await, [2, 2, 2]);
+    assert_eq!(used("other").await, [1, 1, 1]);
 }
 
 async fn import_keys_judges_each_key_and_atomic_imports_write_all_or_nothing(s: Arc<dyn Store>) {

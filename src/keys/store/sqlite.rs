@@ -1050,7 +1050,14 @@ impl Store for SqliteStore {
                 .map_err(db)?;
             tx.execute("DELETE FROM clients WHERE client_id = ?1", [&id])
                 .map_err(db)?;
+            // Its quota counts that can no longer be read go (what this period and the one
+            // before counted stays, as on Redis until it expires: a client made again under
+            // its id within them starts from what it used).
             let at = now_millis();
+            for per in [Period::Hour, Period::Day, Period::Month] {
+                tx.execute(PRUNE_QUOTA_USE, params![id, per.as_str(), per.index(at)])
+                    .map_err(db)?;
+            }
             let mut events: Vec<NewEvent> = keys
                 .iter()
                 .map(|k| outbox::revoked(k, "deleted", at))
@@ -1303,6 +1310,15 @@ impl Store for SqliteStore {
                 .map_err(db)?
                 .execute(params![client, q.per.as_str(), index])
                 .map_err(db)?;
+                // The client's first charge of a period: its counts older than the period just
+                // ended go (as Redis lets them expire). Once per client and period, on the
+                // table's key prefix.
+                if used == Some(0) {
+                    tx.prepare_cached(PRUNE_QUOTA_USE)
+                        .map_err(db)?
+                        .execute(params![client, q.per.as_str(), index])
+                        .map_err(db)?;
+                }
             }
             charge_thresholds(&tx, &key_id, stored, credits, &quota, used, now).map_err(db)?;
             tx.commit().map_err(db)?;
@@ -1494,6 +1510,12 @@ fn charge_thresholds(
 }
 
 /// Writes one chunk of usage in one transaction.
+/// Drops a client's quota counts (`?1`) of period length `?2` older than the period before
+/// `?3`. (Counts of a period length the client's plan no longer has stay: two at most each,
+/// read again if the plan comes back within them, as on Redis until they expire.)
+const PRUNE_QUOTA_USE: &str = "DELETE FROM quota_use WHERE client_id = ?1 AND per = ?2 \
+     AND period < ?3 - 1";
+
 fn write_usage(c: &mut Connection, usage: &[Usage]) -> StoreResult<()> {
     let tx = c.transaction().map_err(db)?;
     {
@@ -1554,6 +1576,96 @@ mod tests {
             attempts.contains("INDEX webhook_attempts_by_at (at<?)"),
             "{attempts}"
         );
+    }
+
+    /// A client's quota counts do not pile up: its first charge of a period drops its counts
+    /// of that period length older than the period just ended, reading only that client's
+    /// rows; deleting the client drops every count older than that, of every period length
+    /// (the conformance tests show what stays readable).
+    #[tokio::test]
+    async fn quota_counts_are_pruned_per_client_and_go_with_the_client() {
+        let plan = query_plan(PRUNE_QUOTA_USE, 3);
+        assert!(
+            plan.contains("USING PRIMARY KEY (client_id=? AND per=? AND period<?)"),
+            "{plan}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("q.db")).unwrap();
+        let (k, _) = ApiKey::builder().client("c").build();
+        store
+            .insert_client(&crate::keys::testing::client("c"), &k)
+            .await
+            .unwrap();
+        let (other, _) = ApiKey::builder().client("d").build();
+        store
+            .insert_client(&crate::keys::testing::client("d"), &other)
+            .await
+            .unwrap();
+        let charge = |client: &'static str, per, day: i64| {
+            let store = &store;
+            let key_id = if client == "c" { k.id } else { other.id };
+            async move {
+                let quota = crate::keys::allowance::QuotaCharge {
+                    client_id: client,
+                    quota: crate::keys::allowance::Quota { requests: 100, per },
+                };
+                let c = Charge {
+                    key_id,
+                    cost: None,
+                    quota: Some(quota),
+                    now: day * 86_400_000 + 1_000,
+                };
+                assert_eq!(store.charge(&c).await.unwrap().refused, None);
+            }
+        };
+        let rows = |client: &'static str| {
+            let store = &store;
+            async move {
+                store
+                    .run(move |c| {
+                        let mut st = c
+                            .prepare(
+                                "SELECT per, period FROM quota_use WHERE client_id = ?1 \
+                                 ORDER BY per, period",
+                            )
+                            .unwrap();
+                        Ok(st
+                            .query_map([client], |r| {
+                                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                            })
+                            .unwrap()
+                            .collect::<rusqlite::Result<Vec<_>>>()
+                            .unwrap())
+                    })
+                    .await
+                    .unwrap()
+            }
+        };
+        let d = 20_000;
+        charge("d", Period::Day, d - 5).await;
+        charge("c", Period::Hour, d - 5).await;
+        charge("c", Period::Day, d - 5).await;
+        charge("c", Period::Day, d - 3).await;
+        charge("c", Period::Day, d - 1).await;
+        let hour = ("hour".to_owned(), (d - 5) * 24);
+        assert_eq!(rows("c").await, [("day".to_owned(), d - 1), hour.clone()]);
+        charge("c", Period::Day, d).await;
+        charge("c", Period::Day, d).await;
+        assert_eq!(
+            rows("c").await,
+            [("day".to_owned(), d - 1), ("day".to_owned(), d), hour]
+        );
+        assert_eq!(store.quota_used("c", Period::Day, d).await.unwrap(), 2);
+        assert_eq!(
+            rows("d").await,
+            [("day".to_owned(), d - 5)],
+            "another client's"
+        );
+        // Deleted, the client keeps what can still be read (this period and the one before):
+        // nothing here, as the test's days are long past.
+        store.delete_client("c").await.unwrap().unwrap();
+        assert_eq!(rows("c").await, []);
+        assert_eq!(rows("d").await.len(), 1);
     }
 
     /// The hourly `key.expiring` check finds the keys in its window through the expiry index,
