@@ -374,11 +374,28 @@ async fn webhooks_are_created_changed_and_deleted_with_their_deliveries(s: &Subj
     assert_eq!(claimed.len(), 1, "key.created only");
     assert_eq!(claimed[0].event_type, "key.created");
     assert_eq!(s.outbox.counts().await.unwrap().pending, 1);
+    let retry = Outcome::Retry {
+        at: now_millis() + 60_000,
+        status: Some(503),
+        error: None,
+    };
+    s.outbox
+        .complete(&claimed[0], &retry, now_millis())
+        .await
+        .unwrap();
+    assert_eq!(s.outbox.attempts("wh_1", 10).await.unwrap().len(), 1);
     let gone = s.outbox.delete_webhook("wh_1").await.unwrap().unwrap();
     assert_eq!(gone.id, "wh_1");
     assert_eq!(s.outbox.counts().await.unwrap().pending, 0);
     assert!(s.outbox.list_webhooks().await.unwrap().is_empty());
     assert!(s.outbox.delete_webhook("wh_1").await.unwrap().is_none());
+    // Its attempts went with it, and one that ends after the deletion records nothing.
+    assert!(s.outbox.attempts("wh_1", 10).await.unwrap().is_empty());
+    s.outbox
+        .complete(&claimed[0], &retry, now_millis())
+        .await
+        .unwrap();
+    assert!(s.outbox.attempts("wh_1", 10).await.unwrap().is_empty());
 }
 
 async fn emitted_and_expiring_events_are_delivered(s: &Subject) {

@@ -443,7 +443,8 @@ impl Outbox for SqliteOutbox {
                 .map_err(db)?;
                 tx.execute(
                     "INSERT INTO webhook_attempts (webhook_id, event_id, event_type, attempt, \
-                     at, status, error, outcome) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                     at, status, error, outcome) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 \
+                     WHERE EXISTS (SELECT 1 FROM webhooks WHERE id = ?1)",
                     params![
                         claimed.webhook_id,
                         claimed.event_id,
@@ -576,6 +577,8 @@ impl Outbox for SqliteOutbox {
                         [&id],
                     )
                     .map_err(db)?;
+                    tx.execute("DELETE FROM webhook_attempts WHERE webhook_id = ?1", [&id])
+                        .map_err(db)?;
                 }
                 tx.commit().map_err(db)?;
                 Ok(w)

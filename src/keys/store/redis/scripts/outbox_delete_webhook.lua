@@ -1,5 +1,6 @@
--- ARGV: P, t, webhook id. Deletes the webhook and its pending deliveries. Answers its JSON, or
--- nil when there is no such webhook.
+-- ARGV: P, t, webhook id. Deletes the webhook, its pending deliveries and its attempts (an
+-- attempt under way then records nothing: its delivery is gone). Answers its JSON, or nil when
+-- there is no such webhook.
 local id = ARGV[3]
 local w = redis.call('HGET', P .. 'webhooks', id)
 if not w then return nil end
@@ -12,5 +13,5 @@ for _, q in ipairs(redis.call('SMEMBERS', wq)) do
   redis.call('DEL', P .. 'q:' .. q)
   redis.call('ZREM', P .. 'events:due', q)
 end
-redis.call('DEL', wq)
+redis.call('DEL', wq, P .. 'attempts:' .. id)
 return w
