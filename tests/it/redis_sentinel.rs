@@ -291,6 +291,86 @@ async fn primary_killed_during_traffic_cached_keys_keep_working_and_writes_resum
     assert!(took < PROPAGATION_BOUND, "took {took:?}");
 }
 
+/// With `redis_wait_replicas`, a write waits in `WAIT` for the replicas, and `WAIT` holds up
+/// every later call on its connection: a key lookup made while a write waits is answered at
+/// once, not after the write (writes that wait have a connection of their own). Shown by the
+/// primary's client list: the lookup's answer is in while the write's connection is still
+/// blocked in `WAIT` (the replica paused). On a busy machine the 300 ms `WAIT` can end before
+/// the lookup is even sent: up to three tries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_wait_replicas_lookups_do_not_queue_behind_a_write_waiting_for_replicas() {
+    use keygate::keys::store::Store;
+    use keygate::keys::store::redis::{RedisStore, RedisTls};
+    use keygate::keys::{ApiKey, Client, now_millis};
+
+    let primary = RedisServer::start_args(&["--repl-diskless-sync-delay", "0"]);
+    let port = primary.port().to_string();
+    let replica = RedisServer::start_args(&[
+        "--replicaof",
+        "127.0.0.1",
+        &port,
+        "--repl-diskless-sync-delay",
+        "0",
+    ]);
+    replicas_acknowledge(&primary, 1, Instant::now() + Duration::from_secs(20));
+    let store = Arc::new(
+        RedisStore::open_with(&primary.tcp_url(0), "keygate:", &RedisTls::default(), 1).unwrap(),
+    );
+    let client = |id: &str| Client {
+        client_id: id.into(),
+        license: "pro".into(),
+        created_at: now_millis(),
+        metadata: None,
+    };
+    let (key, new) = ApiKey::builder().client("looked-up").build();
+    // Acknowledged or not (a late replica on a busy machine), the write stands on the primary.
+    let _ = store.insert_client(&client("looked-up"), &key).await;
+    let found = store.find_by_hash(&new.hash, now_millis()).await.unwrap();
+    assert_eq!(found.map(|r| r.key.id), Some(key.id));
+    let blocked_in_wait = || {
+        let list: String = primary.query(0, redis::cmd("CLIENT").arg("LIST"));
+        list.lines()
+            .any(|l| l.contains("cmd=wait") && l.contains("flags=b"))
+    };
+    let mut seen = false;
+    for attempt in 0..3 {
+        replica.pause();
+        let id = format!("waiting-{attempt}");
+        let (other, _) = ApiKey::builder().client(&id).build();
+        let write = {
+            let (store, client) = (Arc::clone(&store), client(&id));
+            tokio::spawn(async move { store.insert_client(&client, &other).await })
+        };
+        // The write's script has run: its connection now waits in WAIT.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !blocked_in_wait() {
+            assert!(Instant::now() < deadline, "the write never reached WAIT");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let found = store.find_by_hash(&new.hash, now_millis()).await.unwrap();
+        let still_waiting = blocked_in_wait();
+        replica.resume();
+        assert_eq!(found.map(|r| r.key.id), Some(key.id));
+        // Confirmed once the replica is back, or not within the wait.
+        let written = write.await.unwrap();
+        assert!(
+            matches!(
+                written,
+                Ok(()) | Err(keygate::keys::store::StoreError::Unconfirmed(_))
+            ),
+            "{written:?}"
+        );
+        if still_waiting {
+            seen = true;
+            break;
+        }
+    }
+    assert!(
+        seen,
+        "each lookup was answered only once the write's WAIT had ended"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_wait_replicas_an_admin_write_is_acknowledged_only_once_a_replica_holds_it() {
     let primary = RedisServer::start_args(&["--repl-diskless-sync-delay", "0"]);

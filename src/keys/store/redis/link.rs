@@ -18,6 +18,9 @@ pub(super) enum Link {
     Single {
         client: Client,
         conn: ConnectionManager,
+        /// For writes that wait for replicas (`WAIT`), which holds up every later call on its
+        /// connection: lookups do not queue behind them. Connects on its first use.
+        writes: ConnectionManager,
     },
     Sentinel(Arc<Primary>),
     Cluster {
@@ -43,6 +46,19 @@ impl Link {
             Link::Single { conn, .. } => Conn::Single(conn.clone()),
             Link::Sentinel(p) => match p.current() {
                 Some(c) => Conn::Single(c.conn.clone()),
+                None => Conn::NoPrimary,
+            },
+            Link::Cluster { conn, .. } => Conn::Cluster(conn.clone()),
+        }
+    }
+
+    /// A connection for a write followed by `WAIT`: not the one lookups use (a cluster has
+    /// no `WAIT` writes).
+    pub(super) fn write_conn(&self) -> Conn {
+        match self {
+            Link::Single { writes, .. } => Conn::Single(writes.clone()),
+            Link::Sentinel(p) => match p.current() {
+                Some(c) => Conn::Single(c.writes.clone()),
                 None => Conn::NoPrimary,
             },
             Link::Cluster { conn, .. } => Conn::Cluster(conn.clone()),

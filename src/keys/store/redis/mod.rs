@@ -371,10 +371,19 @@ impl RedisStore {
                     Some(certs) => ::redis::Client::build_with_tls(info, certs),
                 }
                 .map_err(|e| unavailable("client", e))?;
-                let conn =
+                let manager = || {
                     ConnectionManager::new_lazy_with_config(client.clone(), manager_config())
-                        .map_err(|e| unavailable("connection", e))?;
-                (Link::Single { client, conn }, target)
+                        .map_err(|e| unavailable("connection", e))
+                };
+                let (conn, writes) = (manager()?, manager()?);
+                (
+                    Link::Single {
+                        client,
+                        conn,
+                        writes,
+                    },
+                    target,
+                )
             }
             Endpoint::Sentinel(s) => {
                 let primary = sentinel::Primary::new(s, certs);
@@ -548,7 +557,9 @@ impl RedisStore {
     /// Runs a write script; with `wait_replicas` set ([`RedisStore::open_with`]), answers only
     /// once that many replicas hold the write, else [`StoreError::Unconfirmed`] (the write
     /// stands on the primary but is not acknowledged). The script and `WAIT` go out as one
-    /// pipeline on one connection, so `WAIT` waits for exactly this connection's writes.
+    /// pipeline on one connection, so `WAIT` waits for exactly this connection's writes; a
+    /// connection of their own, as `WAIT` holds up every later call on its connection until
+    /// the replicas answer (lookups would queue behind it for up to `WAIT_TIMEOUT`).
     async fn write(&self, what: &str, script: &Script, args: Args) -> StoreResult<Value> {
         let n = self.inner.wait_replicas;
         if n == 0 {
@@ -567,7 +578,7 @@ impl RedisStore {
             .cmd("WAIT")
             .arg(n)
             .arg(WAIT_TIMEOUT.as_millis() as u64);
-        let mut conn = self.conn();
+        let mut conn = self.inner.link.write_conn();
         let run = async move {
             match pipe.query_async::<(Value, i64)>(&mut conn).await {
                 // Not loaded on this server yet: nothing ran; load it and send both again.

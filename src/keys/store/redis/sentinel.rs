@@ -32,6 +32,8 @@ pub(super) struct Current {
     pub(super) addr: (String, u16),
     pub(super) client: Client,
     pub(super) conn: ConnectionManager,
+    /// For writes that wait for replicas (see `Link::write_conn`); connects on its first use.
+    pub(super) writes: ConnectionManager,
 }
 
 /// The store's view of the primary, kept up to date by [`Primary::spawn`].
@@ -269,9 +271,14 @@ impl Primary {
                 "the sentinels name {host}:{port} as the primary, but it is not (yet) one"
             ));
         }
-        let before = self
-            .current
-            .swap(Some(Arc::new(Current { addr, client, conn })));
+        let writes = ConnectionManager::new_lazy_with_config(client.clone(), manager_config())
+            .map_err(|e| format!("primary {host}:{port}: {e}"))?;
+        let before = self.current.swap(Some(Arc::new(Current {
+            addr,
+            client,
+            conn,
+            writes,
+        })));
         match before {
             Some(b) => tracing::warn!(
                 redis = %self.describe(),
