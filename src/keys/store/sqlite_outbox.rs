@@ -435,16 +435,21 @@ impl Outbox for SqliteOutbox {
                     Outcome::Retry { at, .. } => ("pending", *at),
                     Outcome::Failed { .. } => ("failed", now),
                 };
-                tx.execute(
-                    "UPDATE webhook_deliveries SET state = ?2, attempts = attempts + 1, \
-                     next_at = ?3, lease_until = NULL, updated_at = ?4 WHERE id = ?1",
-                    params![claimed.delivery, state, next_at, now],
-                )
-                .map_err(db)?;
+                let updated = tx
+                    .execute(
+                        "UPDATE webhook_deliveries SET state = ?2, attempts = attempts + 1, \
+                         next_at = ?3, lease_until = NULL, updated_at = ?4 WHERE id = ?1",
+                        params![claimed.delivery, state, next_at, now],
+                    )
+                    .map_err(db)?;
+                // The delivery went with its webhook while the attempt was under way: nothing
+                // to record.
+                if updated == 0 {
+                    return Ok(());
+                }
                 tx.execute(
                     "INSERT INTO webhook_attempts (webhook_id, event_id, event_type, attempt, \
-                     at, status, error, outcome) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 \
-                     WHERE EXISTS (SELECT 1 FROM webhooks WHERE id = ?1)",
+                     at, status, error, outcome) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     params![
                         claimed.webhook_id,
                         claimed.event_id,
