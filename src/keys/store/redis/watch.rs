@@ -102,6 +102,9 @@ impl Watcher {
         let mut last_tls_error = None;
         let mut attempt = 0usize;
         loop {
+            // Taken before the primary to subscribe to is chosen: a Sentinel switch while
+            // subscribing, or while listening, ends the subscription at once.
+            let mut moved = self.link.generation();
             match self.subscribe(attempt).await {
                 Ok(pubsub) => {
                     last_tls_error = None;
@@ -112,7 +115,7 @@ impl Watcher {
                     backoff = RESUBSCRIBE_BACKOFF.0;
                     self.resync().await;
                     self.state.store(SUB_UP, Ordering::Release);
-                    let why = self.listen(pubsub).await;
+                    let why = self.listen(pubsub, &mut moved).await;
                     self.state.store(SUB_DOWN, Ordering::Release);
                     tracing::warn!(
                         redis = %self.target,
@@ -137,7 +140,6 @@ impl Watcher {
                 }
             }
             // A new Sentinel primary is tried at once rather than after the backoff.
-            let mut moved = self.link.generation();
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
                 () = async {
@@ -200,16 +202,20 @@ impl Watcher {
         self.sink.invalidate_all();
     }
 
-    /// Delivers messages until the connection breaks; returns why it ended.
-    async fn listen(&self, pubsub: ::redis::aio::PubSub) -> String {
+    /// Delivers messages until the connection breaks or `moved` (the Sentinel primary's
+    /// generation as it was before the subscription's primary was chosen) changes; returns
+    /// why it ended.
+    async fn listen(
+        &self,
+        pubsub: ::redis::aio::PubSub,
+        moved: &mut Option<tokio::sync::watch::Receiver<u64>>,
+    ) -> String {
         let (mut sink, mut stream) = pubsub.split();
         let mut tick = tokio::time::interval(SUBSCRIPTION_PING);
         tick.tick().await;
-        let mut moved = self.link.generation();
         let primary_moved = async {
             match moved.as_mut() {
                 Some(g) => {
-                    g.borrow_and_update();
                     // Ends when another primary is taken into use (or the store is gone).
                     let _ = g.changed().await;
                 }
