@@ -332,6 +332,40 @@ pub struct ApiKey {
 }
 
 impl ApiKey {
+    /// A new, enabled key of `client_id` made at `now`, with none of the optional attributes
+    /// (no expiry, rate limit, metadata, rotation or setters).
+    pub fn fresh(
+        client_id: &str,
+        name: String,
+        prefix: String,
+        key_hash: KeyHash,
+        permissions: Vec<String>,
+        now: Millis,
+    ) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            client_id: client_id.to_owned(),
+            name,
+            prefix,
+            key_hash,
+            previous_hash: None,
+            previous_valid_until: None,
+            permissions,
+            enabled: true,
+            created_at: now,
+            updated_at: now,
+            expires_at: None,
+            last_used_at: None,
+            rotated_at: None,
+            rate_limit: None,
+            metadata: None,
+            disabled_by: None,
+            expires_set_by: None,
+            rate_limit_set_by: None,
+            tokens_valid_after: None,
+        }
+    }
+
     /// Every hash under which this key may currently be cached.
     pub fn hashes(&self) -> impl Iterator<Item = KeyHash> + '_ {
         std::iter::once(self.key_hash).chain(self.previous_hash)

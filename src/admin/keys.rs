@@ -319,28 +319,14 @@ pub fn new_key(
     now: Millis,
 ) -> (ApiKey, crate::keys::Secret) {
     let generated = state.format.generate();
-    let key = ApiKey {
-        id: Uuid::now_v7(),
-        client_id: client_id.to_owned(),
+    let key = ApiKey::fresh(
+        client_id,
         name,
-        prefix: generated.display_prefix,
-        key_hash: generated.hash,
-        previous_hash: None,
-        previous_valid_until: None,
+        generated.display_prefix,
+        generated.hash,
         permissions,
-        enabled: true,
-        created_at: now,
-        updated_at: now,
-        expires_at: None,
-        last_used_at: None,
-        rotated_at: None,
-        rate_limit: None,
-        metadata: None,
-        disabled_by: None,
-        expires_set_by: None,
-        rate_limit_set_by: None,
-        tokens_valid_after: None,
-    };
+        now,
+    );
     (key, generated.plaintext)
 }
 

@@ -13,7 +13,6 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
-use uuid::Uuid;
 
 use crate::keys::{ApiKey, KeyFormat, KeyHash, Millis, SetBy, valid_client_id};
 
@@ -138,28 +137,15 @@ pub fn parse_import_item(
             Err(_) => return Err("expires_at: must be an RFC 3339 time".into()),
         },
     };
-    let mut key = ApiKey {
-        id: Uuid::now_v7(),
-        client_id: client_id.to_owned(),
-        name: name.to_owned(),
+    let mut key = ApiKey::fresh(
+        client_id,
+        name.to_owned(),
         prefix,
         key_hash,
-        previous_hash: None,
-        previous_valid_until: None,
         permissions,
-        enabled: true,
-        created_at: now,
-        updated_at: now,
-        expires_at,
-        last_used_at: None,
-        rotated_at: None,
-        rate_limit: None,
-        metadata: None,
-        disabled_by: None,
-        expires_set_by: None,
-        rate_limit_set_by: None,
-        tokens_valid_after: None,
-    };
+        now,
+    );
+    key.expires_at = expires_at;
     key.set_by(SetBy::Admin);
     Ok(key)
 }
