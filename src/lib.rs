@@ -503,7 +503,7 @@ impl App {
             task.abort();
         }
         let written = self.usage.flush().await;
-        tracing::info!(keys = written, "usage flushed");
+        tracing::info!(entries = written, "usage flushed");
     }
 }
 

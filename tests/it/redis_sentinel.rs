@@ -371,6 +371,54 @@ async fn with_redis_wait_replicas_lookups_do_not_queue_behind_a_write_waiting_fo
     );
 }
 
+/// With `redis_wait_replicas` and a replica that does not answer, two admin writes made at
+/// once are both made and both answered as made but not confirmed: the second is not answered
+/// as a failure because it waited behind the first one's `WAIT` past its time bound (writes
+/// that wait for replicas go out one at a time, each with its own bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_wait_replicas_writes_made_at_once_are_each_answered_for_what_they_did() {
+    use keygate::keys::store::redis::{RedisStore, RedisTls};
+    use keygate::keys::store::{Store, StoreError};
+    use keygate::keys::{ApiKey, Client, now_millis};
+
+    let primary = RedisServer::start_args(&["--repl-diskless-sync-delay", "0"]);
+    let port = primary.port().to_string();
+    let replica = RedisServer::start_args(&[
+        "--replicaof",
+        "127.0.0.1",
+        &port,
+        "--repl-diskless-sync-delay",
+        "0",
+    ]);
+    replicas_acknowledge(&primary, 1, Instant::now() + Duration::from_secs(20));
+    let store = Arc::new(
+        RedisStore::open_with(&primary.tcp_url(0), "keygate:", &RedisTls::default(), 1).unwrap(),
+    );
+    let insert = |id: &'static str| {
+        let store = Arc::clone(&store);
+        async move {
+            let client = Client {
+                client_id: id.into(),
+                license: "pro".into(),
+                created_at: now_millis(),
+                metadata: None,
+            };
+            let (key, _) = ApiKey::builder().client(id).build();
+            store.insert_client(&client, &key).await
+        }
+    };
+    // The script loaded on the server first (its first use costs a round more).
+    let _ = insert("first").await;
+    replica.pause();
+    let (a, b) = tokio::join!(insert("at-once-a"), insert("at-once-b"));
+    replica.resume();
+    for (id, r) in [("at-once-a", a), ("at-once-b", b)] {
+        assert!(matches!(r, Err(StoreError::Unconfirmed(_))), "{id}: {r:?}");
+        let there: i64 = primary.query(0, redis::cmd("EXISTS").arg(format!("keygate:client:{id}")));
+        assert_eq!(there, 1, "{id} was written");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_wait_replicas_an_admin_write_is_acknowledged_only_once_a_replica_holds_it() {
     let primary = RedisServer::start_args(&["--repl-diskless-sync-delay", "0"]);

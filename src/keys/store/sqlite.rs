@@ -1509,13 +1509,13 @@ fn charge_thresholds(
     Ok(())
 }
 
-/// Writes one chunk of usage in one transaction.
 /// Drops a client's quota counts (`?1`) of period length `?2` older than the period before
 /// `?3`. (Counts of a period length the client's plan no longer has stay: two at most each,
 /// read again if the plan comes back within them, as on Redis until they expire.)
 const PRUNE_QUOTA_USE: &str = "DELETE FROM quota_use WHERE client_id = ?1 AND per = ?2 \
      AND period < ?3 - 1";
 
+/// Writes one chunk of usage in one transaction.
 fn write_usage(c: &mut Connection, usage: &[Usage]) -> StoreResult<()> {
     let tx = c.transaction().map_err(db)?;
     {

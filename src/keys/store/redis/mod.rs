@@ -323,6 +323,11 @@ struct Inner {
     subscription: Arc<AtomicU8>,
     /// Replicas that must confirm each write (`WAIT`); 0: none.
     wait_replicas: u32,
+    /// Taken by a write that waits for replicas for as long as it runs: such writes go out
+    /// one at a time, each with its whole time bound (behind another's `WAIT` on the same
+    /// connection, a write's answer came after its response timeout, and a write that stood
+    /// was answered as one that did not happen).
+    wait_turn: tokio::sync::Mutex<()>,
 }
 
 impl RedisStore {
@@ -451,6 +456,7 @@ impl RedisStore {
                 alive,
                 subscription: Arc::new(AtomicU8::new(SUB_NONE)),
                 wait_replicas,
+                wait_turn: tokio::sync::Mutex::new(()),
             }),
         };
         tracing::info!(redis = %store.inner.target, prefix = %store.inner.prefix, "using the Redis store");
@@ -578,6 +584,7 @@ impl RedisStore {
             .cmd("WAIT")
             .arg(n)
             .arg(WAIT_TIMEOUT.as_millis() as u64);
+        let _turn = self.inner.wait_turn.lock().await;
         let mut conn = self.inner.link.write_conn();
         let run = async move {
             match pipe.query_async::<(Value, i64)>(&mut conn).await {
