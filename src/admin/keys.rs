@@ -579,7 +579,13 @@ pub async fn update(
     state.invalidate(std::slice::from_ref(&key));
     let mut view = KeyView::of(&key);
     view.credits = match credits {
-        Some(w) => super::limits::write(&state, &key, w).await?,
+        // The patch above stands: a store failure now is one partway through the change.
+        Some(w) => super::limits::write(&state, &key, w)
+            .await
+            .map_err(|e| match e {
+                AdminError::StoreUnavailable => AdminError::StoreIncomplete,
+                e => e,
+            })?,
         None => super::limits::view(&state, key.id).await?,
     };
     audit("key.update", &caller, &key);

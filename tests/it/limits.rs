@@ -575,6 +575,50 @@ async fn a_quota_counts_the_client_per_utc_day_across_its_keys_and_restarts() {
 // ---------------------------------------------------------------------------------------------
 // The admin calls, hostile.
 
+/// A PATCH that names other attributes and credits writes the attributes, then the credits:
+/// when the store fails between the two, the answer says part of the change may stand (503
+/// `store_unavailable`, read it back), never that nothing was changed, and reading back shows
+/// what stands.
+#[tokio::test]
+async fn a_patch_whose_credits_fail_after_its_other_fields_says_part_may_stand() {
+    let gw = Gateway::start_with(PLANS).await;
+    gw.client("partway", "bulk").await;
+    let (_, id) = key_with(&gw, "partway", json!({})).await;
+    let db = rusqlite::Connection::open(gw.dir.path().join("keygate.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    // The store refuses the credits row, as a full disk would.
+    db.execute_batch(
+        "CREATE TRIGGER no_credits BEFORE INSERT ON key_credits \
+         BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+    )
+    .unwrap();
+    let r = gw
+        .admin(
+            "PATCH",
+            &format!("/v1/api-keys/{id}"),
+            Some(json!({"name": "renamed", "credits": {"remaining": 100}})),
+        )
+        .await;
+    assert_eq!(r.status, 503, "{}", text(&r));
+    assert_eq!(r.code(), "store_unavailable");
+    let detail = r.json()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("partway"), "{detail}");
+    let v = gw.admin("GET", &format!("/v1/api-keys/{id}"), None).await;
+    assert_eq!(v.json()["name"], "renamed");
+    assert_eq!(v.json()["credits"], Value::Null);
+    // The same PATCH again, once the store takes it, finishes the change.
+    db.execute_batch("DROP TRIGGER no_credits").unwrap();
+    let r = gw
+        .admin(
+            "PATCH",
+            &format!("/v1/api-keys/{id}"),
+            Some(json!({"name": "renamed", "credits": {"remaining": 100}})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.json()["credits"]["remaining"], 100);
+}
+
 #[tokio::test]
 async fn credit_changes_refuse_bad_input_and_change_nothing() {
     let gw = Gateway::start_with(PLANS).await;
