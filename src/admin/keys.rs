@@ -436,10 +436,13 @@ pub async fn create(
         match super::limits::write(&state, &key, w).await {
             Ok(c) => view.credits = c,
             Err(e) => {
-                if let Err(d) = state.store.delete_key(key.id).await {
-                    tracing::error!(error = %d, key_id = %key.id, "could not delete a key whose credits were not written");
-                }
+                let undone = state.store.delete_key(key.id).await;
                 state.invalidate(std::slice::from_ref(&key));
+                if let Err(d) = undone {
+                    // The key stands without its credits (its secret was never shown).
+                    tracing::error!(error = %d, key_id = %key.id, "could not delete a key whose credits were not written");
+                    return Err(AdminError::StoreIncomplete);
+                }
                 return Err(e);
             }
         }

@@ -619,6 +619,57 @@ async fn a_patch_whose_credits_fail_after_its_other_fields_says_part_may_stand()
     assert_eq!(r.json()["credits"]["remaining"], 100);
 }
 
+/// A key created with credits the store will not write is deleted again and the create fails
+/// (503, nothing stands); when that deletion fails too, the answer says part of the change may
+/// stand, and the key that stands is listed, its secret never shown.
+#[tokio::test]
+async fn a_create_whose_credits_and_undo_both_fail_says_part_may_stand() {
+    let gw = Gateway::start_with(PLANS).await;
+    gw.client("undo", "bulk").await;
+    let db = rusqlite::Connection::open(gw.dir.path().join("keygate.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER no_credits BEFORE INSERT ON key_credits \
+         BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+    )
+    .unwrap();
+    let create = || {
+        gw.admin(
+            "POST",
+            "/v1/api-keys",
+            Some(json!({"client_id": "undo", "name": "metered", "credits": {"remaining": 5}})),
+        )
+    };
+    let metered = || async {
+        let listed = gw
+            .admin("GET", "/v1/api-keys?client_id=undo", None)
+            .await
+            .json();
+        listed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["name"] == "metered")
+            .count()
+    };
+    let r = create().await;
+    assert_eq!(r.status, 503, "{}", text(&r));
+    let detail = r.json()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("nothing was changed"), "{detail}");
+    assert_eq!(metered().await, 0);
+    db.execute_batch(
+        "CREATE TRIGGER no_delete BEFORE DELETE ON api_keys \
+         BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+    )
+    .unwrap();
+    let r = create().await;
+    assert_eq!(r.status, 503, "{}", text(&r));
+    assert!(r.json().get("key").is_none());
+    let detail = r.json()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("partway"), "{detail}");
+    assert_eq!(metered().await, 1);
+}
+
 #[tokio::test]
 async fn credit_changes_refuse_bad_input_and_change_nothing() {
     let gw = Gateway::start_with(PLANS).await;
