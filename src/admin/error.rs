@@ -138,8 +138,9 @@ pub enum ErrorResponses {
     TooMany(Problem),
     /// `store_unavailable`: the store is unavailable and nothing was changed; or, with
     /// `[store] redis_wait_replicas`, the change was made but its replicas did not confirm it;
-    /// or it failed partway through an atomic import that could not be undone (the `detail`
-    /// says which).
+    /// or it failed partway through a change of several writes (an atomic import that could
+    /// not be undone, a key's credits after its other attributes) and part of it may stand
+    /// (the `detail` says which).
     #[response(status = 503, content_type = "application/problem+json",
         headers(("Retry-After" = u64, description = "Seconds to wait")),
         example = json!({"type": "about:blank", "title": "Service Unavailable", "status": 503, "code": "store_unavailable", "detail": "the key store is unavailable; nothing was changed; retry later"}))]
@@ -166,7 +167,8 @@ pub enum AdminError {
     /// Written on the Redis primary, not confirmed by its replicas (`redis_wait_replicas`).
     StoreUnconfirmed,
     /// The store failed partway through a change of several writes that could not all be
-    /// undone (an atomic import on Redis).
+    /// undone (an atomic import on Redis; a key's credits after its other attributes, or after
+    /// the key whose deletion then failed).
     StoreIncomplete,
 }
 
