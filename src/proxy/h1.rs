@@ -778,6 +778,14 @@ impl RequestView for View<'_> {
             .find(|f| f.name.get(self.buf).eq_ignore_ascii_case(name.as_bytes()))
             .map(|f| f.value.get(self.buf))
     }
+
+    fn repeated(&self, name: &str) -> bool {
+        self.fields
+            .iter()
+            .filter(|f| f.name.get(self.buf).eq_ignore_ascii_case(name.as_bytes()))
+            .nth(1)
+            .is_some()
+    }
 }
 
 /// The rest of a `Content-Length` request body, copied from the client to the upstream.

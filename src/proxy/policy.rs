@@ -58,6 +58,8 @@ pub trait RequestView {
     /// The first value of any field (`name` lowercase), as sent. Read only by the verify
     /// endpoint.
     fn field(&self, name: &str) -> Option<&[u8]>;
+    /// True when field `name` (lowercase) is sent more than once.
+    fn repeated(&self, name: &str) -> bool;
 }
 
 impl RequestView for http::request::Parts {
@@ -107,6 +109,10 @@ impl RequestView for http::request::Parts {
 
     fn field(&self, name: &str) -> Option<&[u8]> {
         self.headers.get(name).map(HeaderValue::as_bytes)
+    }
+
+    fn repeated(&self, name: &str) -> bool {
+        self.headers.get_all(name).iter().nth(1).is_some()
     }
 }
 

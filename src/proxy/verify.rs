@@ -35,6 +35,16 @@ const BAD_METHOD: &str = "the original method is not an HTTP method";
 const BAD_TARGET: &str =
     "the original URI must be an origin-form target: '/', then visible ASCII without '#'";
 const TWO_ORIGINALS: &str = "the verify request names two different original requests";
+const REPEATED: &str = "a field naming the original request is sent more than once";
+/// The fields that name the original request: each must be sent once at most (an edge proxy
+/// that adds its own line rather than replacing the client's would otherwise have the
+/// client's judged).
+const NAMING: [&str; 4] = [
+    "x-forwarded-method",
+    "x-forwarded-uri",
+    "x-original-method",
+    "x-original-uri",
+];
 
 /// The original request named by a verify request, as the policy core sees it.
 pub struct Original<'a, V> {
@@ -54,6 +64,9 @@ struct Named<'a> {
 impl<'a, V: RequestView> Original<'a, V> {
     /// Reads the original request `verify` names; `verify_path` is the configured path.
     pub fn read(verify: &'a V, verify_path: &str) -> Result<Self, ProxyError> {
+        if NAMING.iter().any(|name| verify.repeated(name)) {
+            return Err(ProxyError::BadRequest(REPEATED));
+        }
         let headers = |method: &str, uri: &str| -> Result<Option<Named<'a>>, ProxyError> {
             match (verify.field(method), verify.field(uri)) {
                 (None, None) => Ok(None),
@@ -145,6 +158,10 @@ impl<V: RequestView> RequestView for Original<'_, V> {
     fn field(&self, name: &str) -> Option<&[u8]> {
         self.verify.field(name)
     }
+
+    fn repeated(&self, name: &str) -> bool {
+        self.verify.repeated(name)
+    }
 }
 
 /// What the core decided on the original request.
@@ -196,7 +213,7 @@ impl Gateway {
                 );
             }
         };
-        match decided {
+        let mut res = match decided {
             Ok(Decided::Preflight(mut res)) => {
                 if res.status().is_success() {
                     no_caller(res.headers_mut());
@@ -238,7 +255,14 @@ impl Gateway {
                 }
                 res
             }
-        }
+        };
+        // An answer for one caller and one moment (identity, limits): an edge proxy's cache
+        // must not give it to another request.
+        res.headers_mut().insert(
+            http::header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-store"),
+        );
+        res
     }
 }
 

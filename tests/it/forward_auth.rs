@@ -109,6 +109,8 @@ async fn each_convention_gets_the_proxy_decisions_and_nothing_is_forwarded() {
         assert_eq!(r.headers["x-keygate-permissions"], "", "{c:?}");
         assert!(r.headers.contains_key("ratelimit-limit"), "{c:?}");
         assert!(r.headers.contains_key("ratelimit-remaining"), "{c:?}");
+        // One caller's answer: never stored by an edge proxy's cache.
+        assert_eq!(r.headers["cache-control"], "no-store", "{c:?}");
         // The key header works as well as Authorization.
         let r = verify(&gw, c, "GET", "/things", &[("x-api-key", &plain)]).await;
         assert_eq!(r.status, 200, "{c:?}");
@@ -384,11 +386,40 @@ async fn hostile_verify_requests_are_refused() {
                 ("x-forwarded-uri", s("/public")),
             ],
         ),
+        // The client's line and an edge proxy's appended one (not replaced): neither is
+        // judged, even when they agree.
+        (
+            "a repeated original URI",
+            vec![
+                ("x-original-method", s("GET")),
+                ("x-original-uri", s("/things")),
+                ("x-original-uri", s("/reports")),
+            ],
+        ),
+        (
+            "a repeated original method",
+            vec![
+                ("x-forwarded-method", s("GET")),
+                ("x-forwarded-method", s("GET")),
+                ("x-forwarded-uri", s("/things")),
+            ],
+        ),
     ] {
         let r = get(fields).await;
         assert_eq!(r.status, 400, "{why}");
         assert_eq!(r.code(), "bad_request", "{why}");
+        assert_eq!(r.headers["cache-control"], "no-store", "{why}");
     }
+    // The same on the hyper engine (HTTP/1.0).
+    let raw = raw_request(
+        &gw,
+        format!(
+            "GET /_keygate/verify HTTP/1.0\r\nX-Original-Method: GET\r\nX-Original-URI: /things\r\nX-Original-URI: /reports\r\nAuthorization: {auth}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(raw.contains(" 400 "), "{raw}");
     // Envoy's path prefix against a client's own field that names another request.
     let r = gw
         .get(
