@@ -7,7 +7,7 @@
 //! signed per Standard Webhooks ([`signing`]) and records the outcome. A 2xx answer delivers;
 //! anything else (another status, a connection error, a timeout) is retried after
 //! `retry_base × 2^(attempts-1)`, at most `retry_max`, until `give_up_after` has passed since the
-//! event happened; then the delivery is marked failed. A webhook gets the events of one key (or
+//! event happened (the last attempt is made then); then the delivery is marked failed. A webhook gets the events of one key (or
 //! client) in the order they happened: the next one waits until the one before is delivered or
 //! given up. A process killed mid-delivery loses nothing: the delivery is made again, with the
 //! same `webhook-id`, once its lease has ended (at once on restart for the embedded store).
@@ -308,16 +308,9 @@ impl Events {
     }
 
     fn retry_or_give_up(&self, c: &Claimed, status: Option<u16>, error: Option<String>) -> Outcome {
-        let now = now_millis();
-        let next = now + backoff(&self.settings, c.attempts).as_millis() as i64;
-        if next - c.created_at > self.settings.give_up_after.as_millis() as i64 {
-            Outcome::Failed { status, error }
-        } else {
-            Outcome::Retry {
-                at: next,
-                status,
-                error,
-            }
+        match next_attempt(&self.settings, c.created_at, c.attempts, now_millis()) {
+            Some(at) => Outcome::Retry { at, status, error },
+            None => Outcome::Failed { status, error },
         }
     }
 }
@@ -397,6 +390,25 @@ impl UnderWay {
 }
 
 /// The wait after the attempt that followed `attempts` earlier ones.
+/// When a delivery of an event made at `created_at` is tried again after its attempt number
+/// `attempts + 1` failed at `now`: after the backoff, or at the give-up time when that comes
+/// first (the last try is made then); `None` once that time has come (given up).
+fn next_attempt(
+    s: &EventsConfig,
+    created_at: crate::keys::Millis,
+    attempts: u32,
+    now: crate::keys::Millis,
+) -> Option<crate::keys::Millis> {
+    let deadline = created_at.saturating_add(s.give_up_after.as_millis() as i64);
+    if now >= deadline {
+        return None;
+    }
+    Some(
+        now.saturating_add(backoff(s, attempts).as_millis() as i64)
+            .min(deadline),
+    )
+}
+
 pub fn backoff(s: &EventsConfig, attempts: u32) -> Duration {
     let factor = 1u32.checked_shl(attempts.min(30)).unwrap_or(u32::MAX);
     s.retry_base.saturating_mul(factor).min(s.retry_max)
@@ -417,9 +429,8 @@ fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn backoff_doubles_up_to_its_cap() {
-        let s = EventsConfig {
+    fn settings() -> EventsConfig {
+        EventsConfig {
             poll_interval: Duration::from_secs(1),
             retry_base: Duration::from_secs(5),
             retry_max: Duration::from_secs(3600),
@@ -427,11 +438,31 @@ mod tests {
             request_timeout: Duration::from_secs(10),
             expiry_check_interval: Duration::from_secs(3600),
             ca_file: None,
-        };
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let s = settings();
         assert_eq!(backoff(&s, 0), Duration::from_secs(5));
         assert_eq!(backoff(&s, 1), Duration::from_secs(10));
         assert_eq!(backoff(&s, 3), Duration::from_secs(40));
         assert_eq!(backoff(&s, 20), Duration::from_secs(3600));
         assert_eq!(backoff(&s, 1000), Duration::from_secs(3600));
+    }
+
+    /// Retries go on until the give-up time, the last one made at that time: an attempt that
+    /// fails 55 min before it (the next a full hour later) is retried at the give-up time, not
+    /// given up at once; one that fails at or after it is given up.
+    #[test]
+    fn the_last_retry_is_made_at_the_give_up_time() {
+        let s = settings();
+        let (t0, hour, day) = (1_000_000, 3_600_000, 86_400_000);
+        assert_eq!(next_attempt(&s, t0, 0, t0), Some(t0 + 5_000));
+        assert_eq!(next_attempt(&s, t0, 30, t0 + hour), Some(t0 + 2 * hour));
+        let late = t0 + day - 55 * 60_000;
+        assert_eq!(next_attempt(&s, t0, 30, late), Some(t0 + day));
+        assert_eq!(next_attempt(&s, t0, 31, t0 + day), None);
+        assert_eq!(next_attempt(&s, t0, 31, t0 + day + 1), None);
     }
 }
