@@ -280,6 +280,18 @@ pub struct DeliveriesQuery {
     limit: Option<String>,
 }
 
+/// What the audit log shows of a webhook URL: its scheme and authority only, since a path or
+/// query often carries a credential (Slack-style hook URLs, `?token=`).
+fn origin(url: &str) -> String {
+    match url.parse::<http::Uri>() {
+        Ok(u) => match (u.scheme_str(), u.authority()) {
+            (Some(scheme), Some(authority)) => format!("{scheme}://{authority}"),
+            _ => String::new(),
+        },
+        Err(_) => String::new(),
+    }
+}
+
 fn events_of(state: &AdminState) -> Result<&Events, AdminError> {
     state.events.as_deref().ok_or(AdminError::NotFound(
         "this store keeps no event outbox; webhooks are not available",
@@ -327,7 +339,7 @@ pub async fn create(
     };
     events.outbox().insert_webhook(&hook).await?;
     tracing::info!(target: "keygate::audit", action = "webhook.create", webhook_id = %hook.id,
-        url = %hook.url, caller = ?caller);
+        url = %origin(&hook.url), caller = ?caller);
     let mut view = WebhookView::of(&hook, false);
     view.secret = Some(hook.secret.clone());
     Ok((StatusCode::CREATED, Json(view)))
@@ -420,7 +432,7 @@ pub async fn update(
         .await?
         .ok_or(AdminError::NotFound("no webhook with this id"))?;
     tracing::info!(target: "keygate::audit", action = "webhook.update", webhook_id = %w.id,
-        url = %w.url, caller = ?caller);
+        url = %origin(&w.url), caller = ?caller);
     Ok(Json(WebhookView::of(&w, false)))
 }
 

@@ -416,6 +416,26 @@ async fn a_full_session_at_trace_level_logs_no_secret() {
         422
     );
 
+    // A webhook whose URL carries a credential in its path and query: the audit line names
+    // its origin only; its signing secret is in no line either (the store holds both: it
+    // signs and sends with them).
+    let (s, v) = call(
+        "POST",
+        admin("/v1/webhooks"),
+        &ak,
+        Some(json!({
+            "url": "http://127.0.0.1:9/services/T0/B0/hook-path-credential?token=hook-query-credential",
+            "events": ["client.deleted"],
+        })),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let webhook_secrets = [
+        "hook-path-credential".to_owned(),
+        "hook-query-credential".to_owned(),
+        v["secret"].as_str().unwrap().to_owned(),
+    ];
+
     // A mutation with a wrong admin key: refused, audited without a caller, the guess nowhere.
     let guess = "guessed-admin-key-0123456789abcdef";
     secrets.push(guess.into());
@@ -440,6 +460,7 @@ async fn a_full_session_at_trace_level_logs_no_secret() {
     );
 
     let mut needles = secrets.clone();
+    needles.extend(webhook_secrets);
     for s in &secrets {
         needles.push(hex::encode(keygate::keys::KeyHash::of(s).0));
     }
@@ -505,6 +526,7 @@ async fn a_full_session_at_trace_level_logs_no_secret() {
         "key.rotate",
         "key.delete",
         "client.recreate_key",
+        "webhook.create",
     ] {
         assert!(
             audits.iter().any(|v| v["action"] == action),
@@ -515,6 +537,11 @@ async fn a_full_session_at_trace_level_logs_no_secret() {
         audits.iter().any(|v| v["outcome"] == 422),
         "failed mutation not audited"
     );
+    let hook = audits
+        .iter()
+        .find(|v| v["action"] == "webhook.create")
+        .unwrap();
+    assert_eq!(hook["url"], "http://127.0.0.1:9", "{hook}");
     let refused: Vec<&Value> = audits.iter().filter(|v| v["outcome"] == 401).collect();
     assert_eq!(
         refused.len(),
