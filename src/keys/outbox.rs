@@ -348,6 +348,12 @@ pub struct OutboxCounts {
 /// next claim).
 pub const CLAIM_SCAN: usize = 1_000;
 
+/// How long a delivery to a webhook the claiming instance does not know (one made since its
+/// list was read, one of another instance's configuration during a rolling deploy, or one
+/// removed from the configuration) is left to an instance that knows it: a claim hands it out,
+/// to be given up, only once its event is this old (the default `give_up_after`).
+pub const ORPHAN_AFTER_MS: Millis = 86_400_000;
+
 /// The outbox and the webhooks of a store.
 #[async_trait]
 pub trait Outbox: Send + Sync + 'static {
@@ -362,8 +368,9 @@ pub trait Outbox: Send + Sync + 'static {
     /// Fans events written since the last call out to `subscriptions` (one delivery per event
     /// and webhook that wants it), then claims up to `limit` deliveries that are due at `now`,
     /// each the oldest undelivered one of its webhook and ordering key, at most
-    /// [`Subscription::room`] of each webhook (a webhook not among `subscriptions`, deleted
-    /// since its deliveries were written, has no such bound), until `now + lease_ms`: no other
+    /// [`Subscription::room`] of each webhook (a webhook not among `subscriptions` has no such
+    /// bound, and its deliveries are handed out only once their event is [`ORPHAN_AFTER_MS`]
+    /// old), until `now + lease_ms`: no other
     /// caller gets them before then. Oldest first, looking at [`CLAIM_SCAN`] due deliveries at
     /// most (the embedded store skips webhooks without room in its query; Redis counts their
     /// queues among those it looks at).

@@ -15,8 +15,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{StoreError, StoreResult};
 use crate::keys::outbox::{
-    Attempt, CLAIM_SCAN, Claimed, DAY_MS, EXPIRING_DAYS, EventType, NewEvent, Outbox, OutboxCounts,
-    Outcome, Subscription, Webhook, expiring_window,
+    Attempt, CLAIM_SCAN, Claimed, DAY_MS, EXPIRING_DAYS, EventType, NewEvent, ORPHAN_AFTER_MS,
+    Outbox, OutboxCounts, Outcome, Subscription, Webhook, expiring_window,
 };
 use crate::keys::{ApiKey, Millis};
 
@@ -345,18 +345,23 @@ impl Outbox for SqliteOutbox {
                     .map_err(db)?;
                 }
                 // Due deliveries, each the oldest undelivered one of its webhook and key, of
-                // webhooks with room (ids only: bodies are read for those handed out).
+                // webhooks with room, and of webhooks not named only once their event is
+                // `ORPHAN_AFTER_MS` old (ids only: bodies are read for those handed out).
                 let full: Vec<&str> = subs
                     .iter()
                     .filter(|s| s.room == 0)
                     .map(|s| s.webhook_id.as_str())
                     .collect();
+                let named: Vec<&str> = subs.iter().map(|s| s.webhook_id.as_str()).collect();
                 let candidates = tx
                     .prepare_cached(
                         "SELECT d.id, d.webhook_id FROM webhook_deliveries d \
                          WHERE d.state = 'pending' AND d.next_at <= ?1 \
                          AND (d.lease_until IS NULL OR d.lease_until <= ?1) \
                          AND d.webhook_id NOT IN (SELECT value FROM json_each(?3)) \
+                         AND (d.webhook_id IN (SELECT value FROM json_each(?4)) \
+                             OR (SELECT e.created_at FROM webhook_events e \
+                                 WHERE e.seq = d.event_seq) < ?5) \
                          AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p \
                              WHERE p.webhook_id = d.webhook_id \
                              AND p.ordering_key = d.ordering_key \
@@ -371,7 +376,9 @@ impl Outbox for SqliteOutbox {
                             // times `limit` finds `limit` unless some webhook's room ends first
                             // (then it is left out of the next claim).
                             (limit * 4).min(CLAIM_SCAN) as i64,
-                            serde_json::to_string(&full).expect("strings")
+                            serde_json::to_string(&full).expect("strings"),
+                            serde_json::to_string(&named).expect("strings"),
+                            now - ORPHAN_AFTER_MS
                         ],
                         |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
                     )

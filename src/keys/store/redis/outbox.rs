@@ -32,8 +32,8 @@ use super::codec::{Args, array, client_from, corrupt, fields, int, key_from, tex
 use super::{PRELUDE, RedisStore};
 use crate::keys::Millis;
 use crate::keys::outbox::{
-    Attempt, CLAIM_SCAN, Claimed, EXPIRING_DAYS, EventType, NewEvent, Outbox, OutboxCounts,
-    Outcome, Subscription, Webhook, key_data,
+    Attempt, CLAIM_SCAN, Claimed, EXPIRING_DAYS, EventType, NewEvent, ORPHAN_AFTER_MS, Outbox,
+    OutboxCounts, Outcome, Subscription, Webhook, key_data,
 };
 use crate::keys::store::{StoreError, StoreResult};
 
@@ -158,6 +158,7 @@ impl Outbox for RedisOutbox {
                 .push(format!(",{},", s.events.join(",")))
                 .push(s.room);
         }
+        a.push(now - ORPHAN_AFTER_MS);
         let v = self
             .store
             .script("claim events", &scripts().claim, a)

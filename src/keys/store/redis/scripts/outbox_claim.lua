@@ -1,9 +1,11 @@
 -- ARGV: P, now, lease ms, limit, scan, n, then n triples: webhook id, its event types as
--- ",a,b," (",*,"  for all), how many of its deliveries may be claimed now. Fans every event of
+-- ",a,b," (",*,"  for all), how many of its deliveries may be claimed now; then the time before
+-- which the event of a webhook not named must have happened for its delivery to be handed out
+-- (left to the instances that know the webhook until then). Fans every event of
 -- the stream out to the webhooks that want it (one delivery hash `d:<webhook>|<event>` per pair,
 -- queued in `q:<webhook>|<okey>`, the queue scored in `events:due` by when its head is due) and
 -- deletes it from the stream; then claims the heads of up to `limit` due queues, at most the
--- room of each webhook (a webhook not named has no such bound: deleted since), looking at no
+-- room of each webhook (a webhook not named has no such bound), looking at no
 -- more than `scan` due queues, until now + lease (their score moves there, so no other caller
 -- takes them before). Answers {{delivery id, delivery fields}…}.
 local now, lease, limit, scan, n = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),
@@ -15,6 +17,7 @@ for j = 1, n do
   subs[j] = {id = ARGV[4 + 3 * j], ev = ARGV[5 + 3 * j]}
   room[subs[j].id] = tonumber(ARGV[6 + 3 * j])
 end
+local orphan_before = tonumber(ARGV[7 + 3 * n])
 local function wants(s, kind)
   return string.find(s.ev, ',*,', 1, true) or string.find(s.ev, ',' .. kind .. ',', 1, true)
 end
@@ -50,12 +53,14 @@ while #out < limit and seen < scan do
       skipped = skipped + 1
     else
       local d = redis.call('LINDEX', P .. 'q:' .. q, 0)
-      if d then
+      if not d then
+        redis.call('ZREM', DUE, q)
+      elseif not left and tonumber(redis.call('HGET', P .. 'd:' .. d, 't')) >= orphan_before then
+        skipped = skipped + 1
+      else
         if left then room[w] = left - 1 end
         redis.call('ZADD', DUE, now + lease, q)
         out[#out + 1] = {d, redis.call('HGETALL', P .. 'd:' .. d)}
-      else
-        redis.call('ZREM', DUE, q)
       end
     end
   end
