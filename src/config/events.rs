@@ -193,6 +193,17 @@ pub fn url_problem(url: &str) -> Option<&'static str> {
     None
 }
 
+/// Whether two event lists name the same event types, in any order and however often.
+fn same_events(a: &[String], b: &[String]) -> bool {
+    fn set(l: &[String]) -> Vec<&str> {
+        let mut l: Vec<&str> = l.iter().map(String::as_str).collect();
+        l.sort_unstable();
+        l.dedup();
+        l
+    }
+    set(a) == set(b)
+}
+
 /// The event list, or why it is not one.
 pub fn event_list(raw: &RawEventList) -> Result<Vec<String>, String> {
     let list = match raw {
@@ -243,7 +254,7 @@ pub(super) fn webhooks(raw: Vec<RawWebhook>, errors: &mut Vec<String>) -> Vec<We
         if ok
             && out
                 .iter()
-                .any(|o: &WebhookConfig| o.url == w.url && o.events == events)
+                .any(|o: &WebhookConfig| o.url == w.url && same_events(&o.events, &events))
         {
             errors.push(format!(
                 "webhooks[{i}] repeats an earlier webhook (same url and events); remove one"

@@ -971,6 +971,37 @@ enabled = true
         assert!(text.contains(needle), "{needle} not in {text}");
     }
     assert!(!text.contains("hunter2"), "a secret in check-config output");
+
+    // The same URL and events twice, the events in another order (and one named twice): every
+    // event would reach that URL twice.
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let text = config_text(
+        "http://127.0.0.1:9",
+        &dir.path().join("k.db"),
+        &format!(
+            r#"
+[[webhooks]]
+url = "https://hooks.example.com/k"
+events = ["key.created", "key.revoked"]
+secret = "{secret}"
+[[webhooks]]
+url = "https://hooks.example.com/k"
+events = ["key.revoked", "key.created", "key.revoked"]
+secret = "{secret}"
+"#
+        ),
+    );
+    std::fs::write(&path, text).unwrap();
+    let out = Binary::command(["check-config", "--config"])
+        .arg(&path)
+        .output();
+    assert!(!out.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("webhooks[1] repeats"), "{text}");
 }
 
 #[tokio::test]
