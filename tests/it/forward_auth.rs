@@ -589,6 +589,98 @@ async fn envoy_ext_authz_requests_as_envoy_sends_them() {
     assert_eq!(gw.upstream.count(), 0);
 }
 
+/// The Envoy recipe as Envoy applies it: a request's fields pass to the verify request only
+/// when `allowed_headers` names them, and a denial's fields reach the client only when
+/// `allowed_client_headers` does. With the recipe's lists, a browser's CORS preflight on a
+/// route with CORS is allowed (without `Origin` and `Access-Control-Request-*` it would be
+/// judged as a request without a key: 401), and a refusal reaches the page with the route's
+/// `Access-Control-*` fields, so the page can read it.
+#[tokio::test]
+async fn the_envoy_recipe_passes_what_keygate_reads_and_relays_what_it_answers() {
+    let recipe: serde_json::Value = serde_norway::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/forward-auth/envoy.yaml"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let authz = &recipe["http_filters"][0]["typed_config"]["http_service"];
+    let matcher = |patterns: &serde_json::Value| {
+        let patterns = patterns.as_array().unwrap().clone();
+        move |name: &str| {
+            patterns.iter().any(|p| {
+                p["exact"].as_str() == Some(name)
+                    || p["prefix"].as_str().is_some_and(|x| name.starts_with(x))
+            })
+        }
+    };
+    let to_keygate = matcher(&authz["authorization_request"]["allowed_headers"]["patterns"]);
+    let to_client = matcher(&authz["authorization_response"]["allowed_client_headers"]["patterns"]);
+
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&upstream.url(), &dir.path().join("k.db"), CONFIG).replace(
+        "[proxy]\n",
+        "[proxy]\ncors = { origins = [\"https://app.example.com\"] }\n",
+    );
+    let gw = Gateway::start_from(upstream, dir, &text).await;
+    // What Envoy sends keygate for a request with `fields`.
+    let ask = |method: &'static str,
+               path: &'static str,
+               fields: Vec<(&'static str, &'static str)>| {
+        let gw = &gw;
+        let passed: String = fields
+            .iter()
+            .filter(|(k, _)| to_keygate(k))
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
+        async move {
+            raw_request(
+                gw,
+                format!(
+                    "{method} /_keygate/verify{path} HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 0\r\n{passed}Connection: close\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+        }
+    };
+    let browser = vec![
+        ("origin", "https://app.example.com"),
+        ("user-agent", "Mozilla/5.0"),
+        ("accept", "*/*"),
+    ];
+    let mut preflight = browser.clone();
+    preflight.extend([
+        ("access-control-request-method", "GET"),
+        ("access-control-request-headers", "authorization"),
+    ]);
+    let raw = ask("OPTIONS", "/things", preflight).await;
+    assert!(raw.starts_with("HTTP/1.1 204"), "{raw}");
+    // A request without a key: 401, and what reaches the page carries the CORS fields.
+    let raw = ask("GET", "/things", browser).await;
+    assert!(raw.starts_with("HTTP/1.1 401"), "{raw}");
+    let relayed: Vec<String> = raw
+        .split("\r\n\r\n")
+        .next()
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, _)| k.to_ascii_lowercase())
+        .filter(|k| to_client(k))
+        .collect();
+    assert!(
+        relayed.iter().any(|k| k == "access-control-allow-origin"),
+        "{relayed:?} of {raw}"
+    );
+    assert!(
+        relayed.iter().any(|k| k == "www-authenticate"),
+        "{relayed:?}"
+    );
+}
+
 /// Sends `bytes` on a fresh connection and reads the answer until the server closes.
 async fn raw_request(gw: &Gateway, bytes: &[u8]) -> String {
     let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
