@@ -1227,6 +1227,8 @@ mod tests {
             ("/auth", ""),
             ("/api", "[[routes]]\npath = \"/api/v1\"\n"),
             ("/api", "[[routes]]\npath = \"/api\"\n"),
+            // A route matches /api/v1/… too: the verify path would answer its requests.
+            ("/api", "[[routes]]\npath = \"/API/v1\"\n"),
         ] {
             let text = format!("[forward_auth]\nenabled = true\npath = \"{path}\"\n{routes}");
             let e = load(&text, &[], CliOverrides::default()).unwrap_err();

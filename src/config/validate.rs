@@ -621,7 +621,8 @@ fn forward_auth(raw: RawForwardAuth, routes: &[RawRoute], p: &mut Problems) -> F
             }
         }
         for (i, r) in routes.iter().enumerate() {
-            if under(&r.path, path) {
+            // Routes match whatever the letters' case (`route::Route::matches`).
+            if under(&r.path.to_ascii_lowercase(), &path.to_ascii_lowercase()) {
                 p.error(format!(
                     "forward_auth.path: {path:?} would answer the requests of routes[{i}] (path {:?}); choose another path",
                     r.path
