@@ -27,6 +27,9 @@ use crate::config::DenyMode;
 
 /// The real status of a refusal answered 403 in the nginx deny mode.
 pub const X_KEYGATE_STATUS: HeaderName = HeaderName::from_static("x-keygate-status");
+/// The problem `code` of a refusal in the nginx deny mode (nginx's own answer replaces the
+/// body; the recipe writes this code into it).
+pub const X_KEYGATE_CODE: HeaderName = HeaderName::from_static("x-keygate-code");
 
 const NO_ORIGINAL: &str = "the verify request names no original request: send X-Forwarded-Method and X-Forwarded-Uri, X-Original-Method and X-Original-URI, or the original path after the verify path";
 const HALF_NAMED: &str =
@@ -249,6 +252,8 @@ impl Gateway {
                     let status = res.status();
                     res.headers_mut()
                         .insert(X_KEYGATE_STATUS, number(u64::from(status.as_u16())));
+                    res.headers_mut()
+                        .insert(X_KEYGATE_CODE, http::HeaderValue::from_static(e.code()));
                     if status != StatusCode::UNAUTHORIZED {
                         *res.status_mut() = StatusCode::FORBIDDEN;
                     }

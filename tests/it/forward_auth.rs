@@ -315,6 +315,8 @@ async fn the_nginx_deny_mode_answers_403_with_the_real_status() {
     assert_eq!(r.status, 403);
     assert_eq!(r.headers["x-keygate-status"], "404");
     assert_eq!(r.code(), "route_not_found");
+    // The code, for the recipe to write into nginx's own answer.
+    assert_eq!(r.headers["x-keygate-code"], "route_not_found");
     let r = verify(&gw, c, "GET", "/a/../b", &fields).await;
     assert_eq!(r.status, 403);
     assert_eq!(r.headers["x-keygate-status"], "400");
@@ -951,6 +953,7 @@ mod edge {
         let before = gw.upstream.count();
         let r = through(gw, edge, "/things", &[("authorization", &limited)]).await;
         assert_eq!(r.status, 429, "{}", edge.log("error.log"));
+        assert_eq!(r.code(), "rate_limited");
         let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
         assert!(retry >= 1);
         assert_eq!(
@@ -1015,6 +1018,20 @@ mod edge {
         )
         .await;
         assert_eq!(r.status, 403);
+        assert_eq!(r.code(), "insufficient_permissions");
+        // A refusal whose code is not the one its status usually has keeps keygate's code
+        // (the recipe writes X-Keygate-Code into nginx's own answer): a preflight from an
+        // origin the route's CORS does not allow is 403 `cors_refused`.
+        let preflight = hyper::Request::builder()
+            .method("OPTIONS")
+            .uri(format!("http://{}/things", nginx.addr))
+            .header("origin", "https://evil.example.com")
+            .header("access-control-request-method", "GET")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let r = gw.send(preflight).await;
+        assert_eq!(r.status, 403, "{}", nginx.log("error.log"));
+        assert_eq!(r.code(), "cors_refused");
     }
 
     /// Starts `program args` (its output in `dir/error.log`) and waits until `addr` listens.
