@@ -325,11 +325,6 @@ pub async fn create(
     if !errs.is_empty() {
         return Err(AdminError::Validation(errs));
     }
-    if events.outbox().list_webhooks().await?.len() >= MAX_WEBHOOKS {
-        return Err(AdminError::Conflict(format!(
-            "there are already {MAX_WEBHOOKS} webhooks; delete one first"
-        )));
-    }
     let hook = Webhook {
         id: format!("wh_{}", uuid::Uuid::now_v7().simple()),
         url: body.url,
@@ -337,7 +332,11 @@ pub async fn create(
         secret: new_secret(),
         created_at: now_millis(),
     };
-    events.outbox().insert_webhook(&hook).await?;
+    if !events.outbox().insert_webhook(&hook, MAX_WEBHOOKS).await? {
+        return Err(AdminError::Conflict(format!(
+            "there are already {MAX_WEBHOOKS} webhooks; delete one first"
+        )));
+    }
     tracing::info!(target: "keygate::audit", action = "webhook.create", webhook_id = %hook.id,
         url = %origin(&hook.url), caller = ?caller);
     let mut view = WebhookView::of(&hook, false);

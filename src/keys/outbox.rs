@@ -388,7 +388,9 @@ pub trait Outbox: Send + Sync + 'static {
     /// Deliveries by state.
     async fn counts(&self) -> StoreResult<OutboxCounts>;
 
-    async fn insert_webhook(&self, webhook: &Webhook) -> StoreResult<()>;
+    /// Writes `webhook` unless the store holds `max` webhooks already (then `false`, nothing
+    /// written), in one atomic step: webhooks created at once never pass `max`.
+    async fn insert_webhook(&self, webhook: &Webhook, max: usize) -> StoreResult<bool>;
 
     async fn list_webhooks(&self) -> StoreResult<Vec<Webhook>>;
 

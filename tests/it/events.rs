@@ -933,6 +933,57 @@ async fn the_webhook_api_refuses_hostile_input_and_shows_a_secret_once() {
     gw.stop().await;
 }
 
+/// At most 100 webhooks, even when created at once: with 99 made, six creates sent together
+/// get one 201 and five 409, and 100 are listed (the store checks the cap in the same step as
+/// the write; a count read before it let several through).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_one_hundred_webhooks_even_when_created_at_once() {
+    let rx = Receiver::start().await;
+    let gw = Gateway::start_with(&events_config(&rx.url("/hook"))).await;
+    let listed = || async {
+        let r = gw.admin("GET", "/v1/webhooks", None).await;
+        r.json()["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["source"] == "api")
+            .count()
+    };
+    for i in 0..99 {
+        let r = gw
+            .admin(
+                "POST",
+                "/v1/webhooks",
+                Some(json!({"url": rx.url(&format!("/w{i}"))})),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{i}");
+    }
+    let create = |i: usize| {
+        let gw = &gw;
+        let url = rx.url(&format!("/at-once-{i}"));
+        async move {
+            gw.admin("POST", "/v1/webhooks", Some(json!({"url": url})))
+                .await
+                .status
+                .as_u16()
+        }
+    };
+    let (a, b, c, d, e, f) = tokio::join!(
+        create(0),
+        create(1),
+        create(2),
+        create(3),
+        create(4),
+        create(5)
+    );
+    let mut statuses = vec![a, b, c, d, e, f];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [201, 409, 409, 409, 409, 409]);
+    assert_eq!(listed().await, 100);
+    gw.stop().await;
+}
+
 #[test]
 fn check_config_explains_bad_webhooks_and_secret_scanning() {
     let dir = tempfile::tempdir().unwrap();

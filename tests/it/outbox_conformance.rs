@@ -335,11 +335,24 @@ async fn webhooks_are_created_changed_and_deleted_with_their_deliveries(s: &Subj
         secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
         created_at: 1_000,
     };
-    s.outbox.insert_webhook(&w).await.unwrap();
+    assert!(s.outbox.insert_webhook(&w, 2).await.unwrap());
     assert!(
-        s.outbox.insert_webhook(&w).await.is_err(),
+        s.outbox.insert_webhook(&w, 2).await.is_err(),
         "an id is unique"
     );
+    // The store holds the cap: a webhook beyond it is not written.
+    let second = Webhook {
+        id: "wh_2".into(),
+        ..w.clone()
+    };
+    let third = Webhook {
+        id: "wh_3".into(),
+        ..w.clone()
+    };
+    assert!(s.outbox.insert_webhook(&second, 2).await.unwrap());
+    assert!(!s.outbox.insert_webhook(&third, 2).await.unwrap());
+    assert_eq!(s.outbox.list_webhooks().await.unwrap().len(), 2);
+    assert!(s.outbox.delete_webhook("wh_2").await.unwrap().is_some());
     assert_eq!(
         s.outbox.list_webhooks().await.unwrap(),
         std::slice::from_ref(&w)

@@ -494,11 +494,18 @@ impl Outbox for SqliteOutbox {
             .await
     }
 
-    async fn insert_webhook(&self, w: &Webhook) -> StoreResult<()> {
+    async fn insert_webhook(&self, w: &Webhook, max: usize) -> StoreResult<bool> {
         let w = w.clone();
         self.store
             .run(move |c| {
-                let n = c
+                let tx = c.transaction().map_err(db)?;
+                let held: i64 = tx
+                    .query_row("SELECT COUNT(*) FROM webhooks", [], |r| r.get(0))
+                    .map_err(db)?;
+                if held as usize >= max {
+                    return Ok(false);
+                }
+                let n = tx
                     .execute(
                         "INSERT OR IGNORE INTO webhooks (id, url, events, secret, created_at) \
                          VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -514,7 +521,8 @@ impl Outbox for SqliteOutbox {
                 if n == 0 {
                     return Err(StoreError::Unavailable("webhook id collision".into()));
                 }
-                Ok(())
+                tx.commit().map_err(db)?;
+                Ok(true)
             })
             .await
     }

@@ -41,6 +41,7 @@ struct Scripts {
     claim: Script,
     complete: Script,
     delete_webhook: Script,
+    insert_webhook: Script,
     update_webhook: Script,
     emit: Script,
     expiring: Script,
@@ -54,6 +55,7 @@ fn scripts() -> &'static Scripts {
             claim: s(include_str!("scripts/outbox_claim.lua")),
             complete: s(include_str!("scripts/outbox_complete.lua")),
             delete_webhook: s(include_str!("scripts/outbox_delete_webhook.lua")),
+            insert_webhook: s(include_str!("scripts/outbox_insert_webhook.lua")),
             update_webhook: s(include_str!("scripts/outbox_update_webhook.lua")),
             emit: s(include_str!("scripts/outbox_emit.lua")),
             expiring: s(include_str!("scripts/outbox_expiring.lua")),
@@ -237,26 +239,19 @@ impl Outbox for RedisOutbox {
         })
     }
 
-    async fn insert_webhook(&self, w: &Webhook) -> StoreResult<()> {
-        let key = format!("{}webhooks", self.store.prefix());
+    async fn insert_webhook(&self, w: &Webhook, max: usize) -> StoreResult<bool> {
         let value = json!({"id": w.id, "url": w.url, "events": w.events, "secret": w.secret,
             "created_at": w.created_at})
         .to_string();
-        let id = w.id.clone();
-        let mut conn = self.store.conn();
+        let mut a = Args::default();
+        a.push(&w.id).push(value).push(max);
         let v = self
             .store
-            .bounded("insert webhook", async move {
-                ::redis::cmd("HSETNX")
-                    .arg(key)
-                    .arg(id)
-                    .arg(value)
-                    .query_async::<Value>(&mut conn)
-                    .await
-            })
+            .script("insert webhook", &scripts().insert_webhook, a)
             .await?;
         match int(&v)? {
-            1 => Ok(()),
+            1 => Ok(true),
+            2 => Ok(false),
             _ => Err(StoreError::Unavailable("webhook id collision".into())),
         }
     }
