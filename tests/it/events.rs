@@ -984,6 +984,20 @@ async fn at_most_one_hundred_webhooks_even_when_created_at_once() {
     gw.stop().await;
 }
 
+/// Writes `text` to `path` and runs `keygate check-config` on it: it must fail; its output.
+fn refused_config(path: &std::path::Path, text: &str) -> String {
+    std::fs::write(path, text).unwrap();
+    let out = Binary::command(["check-config", "--config"])
+        .arg(path)
+        .output();
+    assert!(!out.status.success());
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 #[test]
 fn check_config_explains_bad_webhooks_and_secret_scanning() {
     let dir = tempfile::tempdir().unwrap();
@@ -1002,16 +1016,7 @@ enabled = true
 "#,
     );
     let path = dir.path().join("keygate.toml");
-    std::fs::write(&path, text).unwrap();
-    let out = Binary::command(["check-config", "--config"])
-        .arg(&path)
-        .output();
-    assert!(!out.status.success());
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = refused_config(&path, &text);
     for needle in [
         "webhooks[0].url",
         "webhooks[0].events",
@@ -1042,16 +1047,7 @@ secret = "{secret}"
 "#
         ),
     );
-    std::fs::write(&path, text).unwrap();
-    let out = Binary::command(["check-config", "--config"])
-        .arg(&path)
-        .output();
-    assert!(!out.status.success());
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = refused_config(&path, &text);
     assert!(text.contains("webhooks[1] repeats"), "{text}");
 }
 

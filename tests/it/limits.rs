@@ -575,6 +575,19 @@ async fn a_quota_counts_the_client_per_utc_day_across_its_keys_and_restarts() {
 // ---------------------------------------------------------------------------------------------
 // The admin calls, hostile.
 
+/// A connection to `gw`'s SQLite file, the store made to refuse every credits row (as a full
+/// disk would) until the trigger `no_credits` is dropped.
+fn refusing_credits(gw: &Gateway) -> rusqlite::Connection {
+    let db = rusqlite::Connection::open(gw.dir.path().join("keygate.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER no_credits BEFORE INSERT ON key_credits \
+         BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+    )
+    .unwrap();
+    db
+}
+
 /// A PATCH that names other attributes and credits writes the attributes, then the credits:
 /// when the store fails between the two, the answer says part of the change may stand (503
 /// `store_unavailable`, read it back), never that nothing was changed, and reading back shows
@@ -584,14 +597,7 @@ async fn a_patch_whose_credits_fail_after_its_other_fields_says_part_may_stand()
     let gw = Gateway::start_with(PLANS).await;
     gw.client("partway", "bulk").await;
     let (_, id) = key_with(&gw, "partway", json!({})).await;
-    let db = rusqlite::Connection::open(gw.dir.path().join("keygate.db")).unwrap();
-    db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
-    // The store refuses the credits row, as a full disk would.
-    db.execute_batch(
-        "CREATE TRIGGER no_credits BEFORE INSERT ON key_credits \
-         BEGIN SELECT RAISE(ABORT, 'refused'); END;",
-    )
-    .unwrap();
+    let db = refusing_credits(&gw);
     let r = gw
         .admin(
             "PATCH",
@@ -626,13 +632,7 @@ async fn a_patch_whose_credits_fail_after_its_other_fields_says_part_may_stand()
 async fn a_create_whose_credits_and_undo_both_fail_says_part_may_stand() {
     let gw = Gateway::start_with(PLANS).await;
     gw.client("undo", "bulk").await;
-    let db = rusqlite::Connection::open(gw.dir.path().join("keygate.db")).unwrap();
-    db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
-    db.execute_batch(
-        "CREATE TRIGGER no_credits BEFORE INSERT ON key_credits \
-         BEGIN SELECT RAISE(ABORT, 'refused'); END;",
-    )
-    .unwrap();
+    let db = refusing_credits(&gw);
     let create = || {
         gw.admin(
             "POST",

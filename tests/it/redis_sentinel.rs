@@ -54,6 +54,21 @@ fn sentinel_view(s: &Sentinel) -> HashMap<String, String> {
         .collect()
 }
 
+/// A primary and one replica, syncing without delay, once the replica acknowledges writes.
+fn primary_and_replica() -> (RedisServer, RedisServer) {
+    let primary = RedisServer::start_args(&["--repl-diskless-sync-delay", "0"]);
+    let port = primary.port().to_string();
+    let replica = RedisServer::start_args(&[
+        "--replicaof",
+        "127.0.0.1",
+        &port,
+        "--repl-diskless-sync-delay",
+        "0",
+    ]);
+    replicas_acknowledge(&primary, 1, Instant::now() + Duration::from_secs(20));
+    (primary, replica)
+}
+
 /// Waits until `n` replicas acknowledge a write made on `primary` (they are connected, synced
 /// and streaming).
 fn replicas_acknowledge(primary: &RedisServer, n: i64, deadline: Instant) {
@@ -303,16 +318,7 @@ async fn with_redis_wait_replicas_lookups_do_not_queue_behind_a_write_waiting_fo
     use keygate::keys::store::redis::{RedisStore, RedisTls};
     use keygate::keys::{ApiKey, Client, now_millis};
 
-    let primary = RedisServer::start_args(&["--repl-diskless-sync-delay", "0"]);
-    let port = primary.port().to_string();
-    let replica = RedisServer::start_args(&[
-        "--replicaof",
-        "127.0.0.1",
-        &port,
-        "--repl-diskless-sync-delay",
-        "0",
-    ]);
-    replicas_acknowledge(&primary, 1, Instant::now() + Duration::from_secs(20));
+    let (primary, replica) = primary_and_replica();
     let store = Arc::new(
         RedisStore::open_with(&primary.tcp_url(0), "keygate:", &RedisTls::default(), 1).unwrap(),
     );
@@ -381,16 +387,7 @@ async fn with_redis_wait_replicas_writes_made_at_once_are_each_answered_for_what
     use keygate::keys::store::{Store, StoreError};
     use keygate::keys::{ApiKey, Client, now_millis};
 
-    let primary = RedisServer::start_args(&["--repl-diskless-sync-delay", "0"]);
-    let port = primary.port().to_string();
-    let replica = RedisServer::start_args(&[
-        "--replicaof",
-        "127.0.0.1",
-        &port,
-        "--repl-diskless-sync-delay",
-        "0",
-    ]);
-    replicas_acknowledge(&primary, 1, Instant::now() + Duration::from_secs(20));
+    let (primary, replica) = primary_and_replica();
     let store = Arc::new(
         RedisStore::open_with(&primary.tcp_url(0), "keygate:", &RedisTls::default(), 1).unwrap(),
     );
@@ -421,17 +418,7 @@ async fn with_redis_wait_replicas_writes_made_at_once_are_each_answered_for_what
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_wait_replicas_an_admin_write_is_acknowledged_only_once_a_replica_holds_it() {
-    let primary = RedisServer::start_args(&["--repl-diskless-sync-delay", "0"]);
-    let port = primary.port().to_string();
-    let replica = RedisServer::start_args(&[
-        "--replicaof",
-        "127.0.0.1",
-        &port,
-        "--repl-diskless-sync-delay",
-        "0",
-    ]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    replicas_acknowledge(&primary, 1, deadline);
+    let (primary, replica) = primary_and_replica();
     let store = |wait: u32| {
         format!(
             "url = \"{}\"\nredis_wait_replicas = {wait}",
