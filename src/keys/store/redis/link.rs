@@ -42,25 +42,25 @@ pub(super) enum Conn {
 
 impl Link {
     pub(super) fn conn(&self) -> Conn {
-        match self {
-            Link::Single { conn, .. } => Conn::Single(conn.clone()),
-            Link::Sentinel(p) => match p.current() {
-                Some(c) => Conn::Single(c.conn.clone()),
-                None => Conn::NoPrimary,
-            },
-            Link::Cluster { conn, .. } => Conn::Cluster(conn.clone()),
-        }
+        self.connection(false)
     }
 
     /// A connection for a write followed by `WAIT`: not the one lookups use (a cluster has
     /// no `WAIT` writes).
     pub(super) fn write_conn(&self) -> Conn {
+        self.connection(true)
+    }
+
+    /// The server's lookup connection, or its connection for writes that wait for replicas.
+    fn connection(&self, waits: bool) -> Conn {
+        let pick = |conn: &ConnectionManager, writes: &ConnectionManager| {
+            Conn::Single(if waits { writes } else { conn }.clone())
+        };
         match self {
-            Link::Single { writes, .. } => Conn::Single(writes.clone()),
-            Link::Sentinel(p) => match p.current() {
-                Some(c) => Conn::Single(c.writes.clone()),
-                None => Conn::NoPrimary,
-            },
+            Link::Single { conn, writes, .. } => pick(conn, writes),
+            Link::Sentinel(p) => p
+                .current()
+                .map_or(Conn::NoPrimary, |c| pick(&c.conn, &c.writes)),
             Link::Cluster { conn, .. } => Conn::Cluster(conn.clone()),
         }
     }
