@@ -598,13 +598,15 @@ async fn a_patch_whose_credits_fail_after_its_other_fields_says_part_may_stand()
     gw.client("partway", "bulk").await;
     let (_, id) = key_with(&gw, "partway", json!({})).await;
     let db = refusing_credits(&gw);
-    let r = gw
-        .admin(
+    let path = format!("/v1/api-keys/{id}");
+    let patch = || {
+        gw.admin(
             "PATCH",
-            &format!("/v1/api-keys/{id}"),
+            &path,
             Some(json!({"name": "renamed", "credits": {"remaining": 100}})),
         )
-        .await;
+    };
+    let r = patch().await;
     assert_eq!(r.status, 503, "{}", text(&r));
     assert_eq!(r.code(), "store_unavailable");
     let detail = r.json()["detail"].as_str().unwrap().to_owned();
@@ -614,13 +616,7 @@ async fn a_patch_whose_credits_fail_after_its_other_fields_says_part_may_stand()
     assert_eq!(v.json()["credits"], Value::Null);
     // The same PATCH again, once the store takes it, finishes the change.
     db.execute_batch("DROP TRIGGER no_credits").unwrap();
-    let r = gw
-        .admin(
-            "PATCH",
-            &format!("/v1/api-keys/{id}"),
-            Some(json!({"name": "renamed", "credits": {"remaining": 100}})),
-        )
-        .await;
+    let r = patch().await;
     assert_eq!(r.status, 200, "{}", text(&r));
     assert_eq!(r.json()["credits"]["remaining"], 100);
 }
