@@ -256,8 +256,8 @@ impl Events {
         if n > 0 || now - last >= GAUGE_EVERY.as_millis() as i64 {
             self.gauge_read
                 .store(now, std::sync::atomic::Ordering::Relaxed);
-            if let Ok(counts) = self.outbox.counts().await {
-                self.metrics.webhook_pending.set(counts.pending as i64);
+            if let Ok(pending) = self.outbox.pending().await {
+                self.metrics.webhook_pending.set(pending as i64);
             }
         }
         Ok(n)

@@ -336,14 +336,6 @@ pub struct Attempt {
     pub outcome: String,
 }
 
-/// Deliveries by state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct OutboxCounts {
-    pub pending: u64,
-    pub delivered: u64,
-    pub failed: u64,
-}
-
 /// Due deliveries a claim looks at, at most, to find those it hands out (the rest wait for the
 /// next claim).
 pub const CLAIM_SCAN: usize = 1_000;
@@ -385,8 +377,8 @@ pub trait Outbox: Send + Sync + 'static {
     /// Records an attempt's outcome and releases the lease.
     async fn complete(&self, claimed: &Claimed, outcome: &Outcome, now: Millis) -> StoreResult<()>;
 
-    /// Deliveries by state.
-    async fn counts(&self) -> StoreResult<OutboxCounts>;
+    /// Deliveries not yet delivered or given up.
+    async fn pending(&self) -> StoreResult<u64>;
 
     /// Writes `webhook` unless the store holds `max` webhooks already (then `false`, nothing
     /// written), in one atomic step: webhooks created at once never pass `max`.

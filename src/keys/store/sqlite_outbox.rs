@@ -16,7 +16,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::{StoreError, StoreResult};
 use crate::keys::outbox::{
     Attempt, CLAIM_SCAN, Claimed, DAY_MS, EXPIRING_DAYS, EventType, NewEvent, ORPHAN_AFTER_MS,
-    Outbox, OutboxCounts, Outcome, Subscription, Webhook, expiring_window,
+    Outbox, Outcome, Subscription, Webhook, expiring_window,
 };
 use crate::keys::{ApiKey, Millis};
 
@@ -474,22 +474,16 @@ impl Outbox for SqliteOutbox {
             .await
     }
 
-    async fn counts(&self) -> StoreResult<OutboxCounts> {
+    async fn pending(&self) -> StoreResult<u64> {
         self.store
             .run(|c| {
-                // Each a range of the (state, next_at) index.
-                let count = |state: &str| -> StoreResult<u64> {
-                    c.prepare_cached("SELECT COUNT(*) FROM webhook_deliveries WHERE state = ?1")
-                        .map_err(db)?
-                        .query_row([state], |r| r.get::<_, i64>(0))
-                        .map(|n| n as u64)
-                        .map_err(db)
-                };
-                Ok(OutboxCounts {
-                    pending: count("pending")?,
-                    delivered: count("delivered")?,
-                    failed: count("failed")?,
-                })
+                // A range of the (state, next_at) index: the pending rows only, not the delivered
+                // ones kept for the deliveries listing.
+                c.prepare_cached("SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'pending'")
+                    .map_err(db)?
+                    .query_row([], |r| r.get::<_, i64>(0))
+                    .map(|n| n as u64)
+                    .map_err(db)
             })
             .await
     }

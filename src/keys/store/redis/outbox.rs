@@ -14,7 +14,7 @@
 //! | `P wq:<webhook>` | set | the queues of a webhook |
 //! | `P webhooks` | hash | webhooks made through the API (JSON) |
 //! | `P attempts:<webhook>` | list | the webhook's latest 1,000 attempts (JSON), newest first |
-//! | `P events:pending`, `events:delivered`, `events:failed` | strings | counters |
+//! | `P events:pending` | string | deliveries not yet delivered or given up (the gauge) |
 //! | `P expiries` | sorted set | enabled keys with an expiry, scored by it |
 //! | `P expiry_notices:<id>` | set | `key.expiring` notices sent (`days:expires_at`) |
 //!
@@ -33,7 +33,7 @@ use super::{PRELUDE, RedisStore};
 use crate::keys::Millis;
 use crate::keys::outbox::{
     Attempt, CLAIM_SCAN, Claimed, EXPIRING_DAYS, EventType, NewEvent, ORPHAN_AFTER_MS, Outbox,
-    OutboxCounts, Outcome, Subscription, Webhook, key_data,
+    Outcome, Subscription, Webhook, key_data,
 };
 use crate::keys::store::{StoreError, StoreResult};
 
@@ -214,29 +214,19 @@ impl Outbox for RedisOutbox {
             .map(|_| ())
     }
 
-    async fn counts(&self) -> StoreResult<OutboxCounts> {
-        let p = self.store.prefix().to_owned();
+    async fn pending(&self) -> StoreResult<u64> {
+        let key = format!("{}events:pending", self.store.prefix());
         let mut conn = self.store.conn();
         let v = self
             .store
-            .bounded("event counts", async move {
-                ::redis::cmd("MGET")
-                    .arg(format!("{p}events:pending"))
-                    .arg(format!("{p}events:delivered"))
-                    .arg(format!("{p}events:failed"))
+            .bounded("pending events", async move {
+                ::redis::cmd("GET")
+                    .arg(key)
                     .query_async::<Value>(&mut conn)
                     .await
             })
             .await?;
-        let n: Vec<u64> = array(v)?
-            .iter()
-            .map(|v| text(v).and_then(|s| s.parse().ok()).unwrap_or(0))
-            .collect();
-        Ok(OutboxCounts {
-            pending: n.first().copied().unwrap_or(0),
-            delivered: n.get(1).copied().unwrap_or(0),
-            failed: n.get(2).copied().unwrap_or(0),
-        })
+        Ok(text(&v).and_then(|s| s.parse().ok()).unwrap_or(0))
     }
 
     async fn insert_webhook(&self, w: &Webhook, max: usize) -> StoreResult<bool> {

@@ -21,7 +21,6 @@ end
 redis.call('LPOP', qk)
 redis.call('DEL', dk)
 redis.call('DECR', P .. 'events:pending')
-redis.call('INCR', P .. 'events:' .. outcome)
 local nd = redis.call('LINDEX', qk, 0)
 if nd then
   redis.call('ZADD', DUE, redis.call('HGET', P .. 'd:' .. nd, 't'), h[2])
