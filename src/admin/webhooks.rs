@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use super::error::{AdminError, ErrorResponses, FieldError, JsonBody, Query};
 use super::{AdminState, Caller, rfc3339};
-use crate::config::events::{RawEventList, event_list, url_problem};
+use crate::config::events::{RawEventList, each_once, event_list, url_problem};
 use crate::events::Events;
 use crate::events::signing::new_secret;
 use crate::keys::now_millis;
@@ -145,7 +145,7 @@ impl EventsInput {
         {
             return Err(format!("names at most {MAX_EVENT_TYPES} event types"));
         }
-        event_list(&self.raw())
+        event_list(&self.raw()).map(each_once)
     }
 
     fn raw(&self) -> RawEventList {

@@ -224,6 +224,22 @@ pub fn event_list(raw: &RawEventList) -> Result<Vec<String>, String> {
     Ok(list)
 }
 
+/// `list` as the admin API keeps it: each name once, in the order given; `*` beside names is
+/// every type, so it stands alone. (A configured list is kept as written: its webhook's id is
+/// made from it.)
+pub fn each_once(list: Vec<String>) -> Vec<String> {
+    if list.iter().any(|e| e == "*") {
+        return vec!["*".into()];
+    }
+    let mut seen = Vec::with_capacity(list.len());
+    for e in list {
+        if !seen.contains(&e) {
+            seen.push(e);
+        }
+    }
+    seen
+}
+
 pub(super) fn webhooks(raw: Vec<RawWebhook>, errors: &mut Vec<String>) -> Vec<WebhookConfig> {
     let mut out = Vec::new();
     for (i, w) in raw.into_iter().enumerate() {
@@ -334,5 +350,32 @@ pub(super) fn secret_scanning(raw: RawSecretScanning, errors: &mut Vec<String>) 
                 action: raw.action,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(l: &[&str]) -> RawEventList {
+        RawEventList::List(l.iter().map(|s| (*s).to_owned()).collect())
+    }
+
+    #[test]
+    fn an_api_event_list_names_each_type_once_and_star_alone() {
+        let api = |l: &[&str]| event_list(&list(l)).map(each_once);
+        assert_eq!(
+            api(&["key.revoked", "key.created", "key.revoked"]).unwrap(),
+            ["key.revoked", "key.created"]
+        );
+        assert_eq!(api(&["key.created", "*", "key.created"]).unwrap(), ["*"]);
+        assert_eq!(api(&["*"]).unwrap(), ["*"]);
+        assert!(api(&[]).is_err());
+        assert!(api(&["*", "key.gone"]).is_err());
+        // The configuration's list as written (its webhook id depends on it).
+        assert_eq!(
+            event_list(&list(&["key.created", "key.created"])).unwrap(),
+            ["key.created", "key.created"]
+        );
     }
 }

@@ -907,6 +907,23 @@ async fn the_webhook_api_refuses_hostile_input_and_shows_a_secret_once() {
     assert!(!String::from_utf8_lossy(&r.body).contains("whsec_"));
     let r = gw.admin("GET", &path, None).await;
     assert_eq!(r.json()["events"], json!(["key.revoked"]));
+    // A list names each type once, and `*` beside names is every type.
+    for (events, kept) in [
+        (
+            json!(["key.created", "key.revoked", "key.created"]),
+            json!(["key.created", "key.revoked"]),
+        ),
+        (json!(["key.created", "*"]), json!(["*"])),
+        (json!(["key.revoked"]), json!(["key.revoked"])),
+    ] {
+        let r = gw
+            .admin("PATCH", &path, Some(json!({ "events": events })))
+            .await;
+        assert_eq!(r.status, 200, "{events}");
+        assert_eq!(r.json()["events"], kept, "{events}");
+        let r = gw.admin("GET", &path, None).await;
+        assert_eq!(r.json()["events"], kept, "{events}");
+    }
     let r = gw
         .admin(
             "GET",
