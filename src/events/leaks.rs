@@ -29,7 +29,7 @@ use crate::config::events::LeakAction;
 use crate::keys::cache::KeyCache;
 use crate::keys::outbox::{EventType, NewEvent};
 use crate::keys::store::{KeyPatch, Store, StoreError};
-use crate::keys::{KeyFormat, KeyHash, SetBy, now_millis};
+use crate::keys::{ApiKey, KeyFormat, KeyHash, SetBy, now_millis};
 
 /// Largest report body read (GitHub sends up to 1,000 tokens per request).
 pub const MAX_BODY: usize = 1 << 20;
@@ -280,8 +280,12 @@ impl LeakReports {
         // A revoke writes `key.leaked` in the same atomic step as the disable (`KeyPatch::leak`):
         // a store failure leaves neither, and GitHub's resend finds the key still enabled.
         let mut written = false;
+        // A key its client disabled is disabled again by the admin: a client may enable its own
+        // disable, never a leak's.
+        let admin_disabled =
+            !key.enabled && key.clone().with_setters_known().disabled_by == Some(SetBy::Admin);
         let taken = match self.action {
-            LeakAction::Revoke if key.enabled => {
+            LeakAction::Revoke if !admin_disabled => {
                 let patch = KeyPatch {
                     enabled: Some(false),
                     by: SetBy::Admin,
@@ -289,17 +293,24 @@ impl LeakReports {
                     ..KeyPatch::default()
                 };
                 let after = self.store.patch_key(key.id, &patch, now).await?;
-                for h in key.hashes() {
+                // The secrets read above and those the write found (a rotation in between).
+                for h in key.hashes().chain(after.iter().flat_map(ApiKey::hashes)) {
                     self.cache.invalidate(&h);
                 }
                 self.cache.invalidate_id(&key.id);
                 match after {
                     // The event's `action` is what the write found (`already_disabled` when
-                    // another writer disabled the key since it was read above).
+                    // the key was disabled before: by its client, or by another writer since
+                    // it was read above).
                     Some(after) => {
                         written = true;
+                        let taken = if key.enabled {
+                            "revoked"
+                        } else {
+                            "already_disabled"
+                        };
                         key = after;
-                        "revoked"
+                        taken
                     }
                     // Deleted in the meantime: nothing left to revoke.
                     None => "already_deleted",

@@ -204,6 +204,80 @@ async fn a_revoke_the_store_cannot_finish_changes_nothing_and_the_resend_revokes
     gw.stop().await;
 }
 
+/// A key its client disabled and GitHub then reports is disabled by the admin: the client may
+/// lift its own disable, never a leak's (the report once left the client's disable as it was).
+#[tokio::test]
+async fn a_reported_key_its_client_disabled_cannot_be_enabled_by_the_client() {
+    let (text, signer) = Signer::config("revoke");
+    let gw = Gateway::start_with(&text).await;
+    let r = gw
+        .admin(
+            "POST",
+            "/v1/clients",
+            Some(json!({"client_id": "leaky", "license": "pro", "permissions": ["keys:manage"]})),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let manager = r.json()["api_key"]["key"].as_str().unwrap().to_owned();
+    let as_client = [("x-api-key", manager.as_str())];
+    let v = gw.key("leaky", json!({})).await;
+    let (key, id) = (
+        v["key"].as_str().unwrap().to_owned(),
+        v["id"].as_str().unwrap().to_owned(),
+    );
+    let path = format!("/v1/api-keys/{id}");
+    let r = gw
+        .admin_as("PATCH", &path, Some(json!({"enabled": false})), &as_client)
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["disabled_by"], "client");
+    let r = signer.post(&gw, &report(&[&key])).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()[0]["label"], "true_positive");
+    assert_eq!(key_state(&gw, &id).await["disabled_by"], "admin");
+    let r = gw
+        .admin_as("PATCH", &path, Some(json!({"enabled": true})), &as_client)
+        .await;
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(gw.get_with_key("/x", &key).await.status, 401);
+    // One key.leaked, saying the key was disabled already; a resend writes nothing more but
+    // its own key.leaked.
+    let db = rusqlite::Connection::open(gw.dir.path().join("keygate.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    let leaked = |db: &rusqlite::Connection| -> Vec<(String, Value)> {
+        db.prepare("SELECT type, body FROM webhook_events WHERE ordering_key = ?1 ORDER BY seq")
+            .unwrap()
+            .query_map([&id], |r| Ok((r.get(0)?, r.get::<_, String>(1)?)))
+            .unwrap()
+            .map(|e| {
+                let (t, b) = e.unwrap();
+                (t, serde_json::from_str(&b).unwrap())
+            })
+            .collect()
+    };
+    let events = leaked(&db);
+    let types: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "key.created",
+            "key.updated",
+            "key.revoked",
+            "key.updated",
+            "key.leaked"
+        ]
+    );
+    assert_eq!(events[4].1["data"]["action"], "already_disabled");
+    let r = signer.post(&gw, &report(&[&key])).await;
+    assert_eq!(r.status, 200);
+    let events = leaked(&db);
+    assert_eq!(events.len(), 6);
+    assert_eq!(events[5].0, "key.leaked");
+    assert_eq!(events[5].1["data"]["action"], "already_disabled");
+    drop(db);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn forged_unsigned_and_unknown_key_reports_are_refused_and_change_nothing() {
     let (text, signer) = Signer::config("revoke");
