@@ -71,6 +71,11 @@ pub enum AuthError {
     DisabledApiKey,
     #[error("invalid token")]
     InvalidToken,
+    /// A token keygate signed that no longer passes: past its time, or its key disabled,
+    /// rotated, deleted or its client's keys revoked since. Answered as [`AuthError::InvalidToken`]
+    /// (nothing tells a caller which), but not a guess.
+    #[error("invalid token")]
+    StaleToken,
     #[error("insufficient permissions")]
     InsufficientPermissions,
     /// The store could not be asked and no stale answer was at hand.
@@ -189,7 +194,7 @@ impl Authenticator {
         let principal =
             match self.classify(self.cache.get_id(&id), now, || self.refresh(Stale::Id(id))) {
                 Lookup::Fresh(p) => p,
-                Lookup::Unknown => return Err(AuthError::InvalidToken),
+                Lookup::Unknown => return Err(AuthError::StaleToken),
                 // On the heap, as in `api_key`.
                 Lookup::Refill(stale) => Box::pin(self.fill_id(id, now, stale)).await?,
             };
@@ -200,7 +205,7 @@ impl Authenticator {
         if current {
             Ok(principal)
         } else {
-            Err(AuthError::InvalidToken)
+            Err(AuthError::StaleToken)
         }
     }
 
@@ -224,10 +229,10 @@ impl Authenticator {
         {
             return Ok(t);
         }
-        let claims = self
-            .jwt
-            .verify(token, now)
-            .map_err(|_| AuthError::InvalidToken)?;
+        let claims = self.jwt.verify(token, now).map_err(|e| match e {
+            jwt::InvalidToken::Forged => AuthError::InvalidToken,
+            jwt::InvalidToken::OutOfTime => AuthError::StaleToken,
+        })?;
         let key_id = Uuid::parse_str(&claims.kid).map_err(|_| AuthError::InvalidToken)?;
         let t = Arc::new(VerifiedToken {
             signed: signed.into(),
@@ -270,8 +275,9 @@ impl Authenticator {
                 Ok(p)
             }
             None => {
+                // Asked for a verified token's key: keygate signed it, so not a guess.
                 self.cache.insert_id(id, Cached::Unknown, now, epoch);
-                Err(AuthError::InvalidToken)
+                Err(AuthError::StaleToken)
             }
         }
     }
@@ -796,10 +802,10 @@ mod tests {
         assert!(store.update_key(&key).await.unwrap());
         cache.invalidate(&k.hash);
         cache.invalidate_id(&key.id);
-        assert_eq!(
-            auth.token(token.expose()).await.unwrap_err(),
-            AuthError::InvalidToken
-        );
+        // Refused, but not a guess: keygate signed it (the forged ones above are guesses).
+        let e = auth.token(token.expose()).await.unwrap_err();
+        assert_eq!(e, AuthError::StaleToken);
+        assert!(!e.is_guess() && AuthError::InvalidToken.is_guess());
     }
 
     /// A verified token is answered from the token cache until the verifier would refuse it
@@ -821,7 +827,7 @@ mod tests {
         clock.advance(Duration::from_secs(1));
         assert_eq!(
             auth.token(token.expose()).await.unwrap_err(),
-            AuthError::InvalidToken
+            AuthError::StaleToken
         );
     }
 
@@ -1044,7 +1050,7 @@ mod tests {
         }
         assert_eq!(
             auth.token(token.expose()).await.unwrap_err(),
-            AuthError::InvalidToken
+            AuthError::StaleToken
         );
     }
 

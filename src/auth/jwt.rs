@@ -70,9 +70,17 @@ pub struct Token {
     pub expires_in: u64,
 }
 
+/// Why a token was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("invalid token")]
-pub struct InvalidToken;
+pub enum InvalidToken {
+    /// Not one keygate signed (signature, algorithm, issuer, audience or a required claim).
+    #[error("invalid token")]
+    Forged,
+    /// Signed by keygate, but outside its time bounds (expired, not yet valid, or longer-lived
+    /// than `ttl_secs` allows now).
+    #[error("invalid token")]
+    OutOfTime,
+}
 
 /// Body of `POST /auth/login` (no `Debug`: it holds a key). Other fields are ignored.
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -181,18 +189,18 @@ impl Jwt {
     /// Verifies signature, algorithm, claims and our own bounds.
     pub fn verify(&self, token: &str, now: Millis) -> Result<Claims, InvalidToken> {
         if token.len() > MAX_TOKEN_LEN {
-            return Err(InvalidToken);
+            return Err(InvalidToken::Forged);
         }
         let data =
             jsonwebtoken::decode::<Claims>(token.as_bytes(), &self.decoding, &self.validation)
-                .map_err(|_| InvalidToken)?;
+                .map_err(|_| InvalidToken::Forged)?;
         let c = data.claims;
         let now_s = now / 1000;
         let leeway = self.leeway_secs();
         let expired = c.exp < now_s - leeway;
         let not_yet = c.nbf > now_s + leeway || c.iat > now_s + leeway;
         if expired || not_yet || c.exp - c.iat > self.ttl.as_secs() as i64 {
-            return Err(InvalidToken);
+            return Err(InvalidToken::OutOfTime);
         }
         Ok(c)
     }
@@ -398,14 +406,14 @@ mod tests {
         clock.advance(Duration::from_secs(1));
         assert_eq!(
             jwt.verify(token, clock.now_millis()),
-            Err(InvalidToken),
+            Err(InvalidToken::OutOfTime),
             "expired"
         );
         // Seen by a clock behind the issuer's: accepted within the leeway, refused before it.
         assert!(jwt.verify(token, issued - 30_000).is_ok());
         assert_eq!(
             jwt.verify(token, issued - 31_000),
-            Err(InvalidToken),
+            Err(InvalidToken::OutOfTime),
             "not yet valid"
         );
     }

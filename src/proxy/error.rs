@@ -105,7 +105,8 @@ impl ProxyError {
                 AuthError::InvalidApiKey
                 | AuthError::ExpiredApiKey
                 | AuthError::DisabledApiKey
-                | AuthError::InvalidToken,
+                | AuthError::InvalidToken
+                | AuthError::StaleToken,
             ) => StatusCode::UNAUTHORIZED,
             Self::Auth(AuthError::InsufficientPermissions) | Self::CorsRefused(_) => {
                 StatusCode::FORBIDDEN
@@ -130,7 +131,7 @@ impl ProxyError {
             Self::Auth(AuthError::InvalidApiKey) => "invalid_api_key",
             Self::Auth(AuthError::ExpiredApiKey) => "expired_api_key",
             Self::Auth(AuthError::DisabledApiKey) => "disabled_api_key",
-            Self::Auth(AuthError::InvalidToken) => "invalid_token",
+            Self::Auth(AuthError::InvalidToken | AuthError::StaleToken) => "invalid_token",
             Self::Auth(AuthError::InsufficientPermissions) => "insufficient_permissions",
             Self::RateLimited { .. } | Self::AuthThrottled { .. } => "rate_limited",
             Self::QuotaExhausted { .. } => "quota_exhausted",
@@ -153,7 +154,7 @@ impl ProxyError {
             Self::Auth(AuthError::InvalidApiKey) => "the API key is not valid",
             Self::Auth(AuthError::ExpiredApiKey) => "the API key has expired",
             Self::Auth(AuthError::DisabledApiKey) => "the API key is disabled",
-            Self::Auth(AuthError::InvalidToken) => "the token is not valid",
+            Self::Auth(AuthError::InvalidToken | AuthError::StaleToken) => "the token is not valid",
             Self::Auth(AuthError::InsufficientPermissions) => {
                 "the key lacks a permission this route requires"
             }

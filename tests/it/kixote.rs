@@ -226,6 +226,15 @@ async fn a_token_dies_with_its_key() {
     )
     .await;
     refused(gw.get_with_key("/", &t).await);
+    // A token keygate signed is no guess: a script still sending it past the failed-auth
+    // allowance (20 a minute) gets 401 every time, never 429, and its address is not held
+    // back for the guesses the allowance is for.
+    for i in 0..25 {
+        let r = gw.get_with_key("/", &t).await;
+        assert_eq!(r.status, 401, "request {i} with a dead key's token");
+    }
+    let fake = keygate::keys::KeyFormat::new("kg_").generate().plaintext.0;
+    assert_eq!(gw.get_with_key("/", &fake).await.status, 401);
 
     // Rotated (even with a grace period for the old key).
     let v = gw.key("acme", json!({})).await;
