@@ -48,9 +48,10 @@ use super::{CliError, Global};
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct State {
-    #[serde(default)]
+    /// Required, like `keys`: `apply` deletes what the file does not list, so a file without
+    /// them (an empty one, left by an export that failed) is refused rather than read as
+    /// "no clients". An export writes `clients = []` / `keys = []` when there are none.
     pub clients: Vec<ClientState>,
-    #[serde(default)]
     pub keys: Vec<KeyState>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plans: Option<BTreeMap<String, toml::Value>>,
@@ -256,8 +257,16 @@ pub fn read(path: &Path) -> Result<State, CliError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?;
     toml::from_str(&text).map_err(|e| {
+        let hint = if e.message().starts_with("missing field `clients`")
+            || e.message().starts_with("missing field `keys`")
+        {
+            " (apply deletes what the file does not list: a state file names `clients` and \
+             `keys`, as an export does; write `clients = []` and `keys = []` to mean none)"
+        } else {
+            ""
+        };
         CliError::Usage(format!(
-            "{}:{}",
+            "{}:{}{hint}",
             path.display(),
             crate::config::toml_error(&text, &e)
         ))

@@ -263,6 +263,14 @@ async fn bad_state_files_are_usage_errors_and_change_nothing() {
     let before = snapshot(&gw).await;
     let bad_files = [
         "this is [not toml".to_string(),
+        // Empty (as `export > file` leaves it when the export fails), or without the keys:
+        // apply would delete every client, or every key.
+        String::new(),
+        "# keygate state\n".to_string(),
+        good.lines()
+            .take_while(|l| !l.starts_with("[[keys]]"))
+            .collect::<Vec<_>>()
+            .join("\n"),
         format!("unknown = 1\n{good}"),
         good.replace(
             "client_id = \"acme\"\nlicense",
@@ -283,6 +291,10 @@ async fn bad_state_files_are_usage_errors_and_change_nothing() {
             assert_eq!(o.status.code(), Some(2), "{cmd} {text}: {}", err(&o));
         }
     }
+    assert_eq!(snapshot(&gw).await, before);
+    std::fs::write(&file, "").unwrap();
+    let o = kg(&gw, &["apply", file.to_str().unwrap()]).await;
+    assert!(err(&o).contains("clients = []"), "{}", err(&o));
     // Routes that differ from the running configuration: diff says so, apply refuses whole.
     std::fs::write(&file, good.replace("path = \"/v1\"", "path = \"/v2\"")).unwrap();
     let (code, listed) = diff(&gw, &file).await;
