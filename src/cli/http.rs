@@ -40,6 +40,20 @@ impl Admin {
     /// (default: the webpki roots).
     pub fn new(base: &str, key: String, ca: Option<&std::path::Path>) -> Result<Self, CliError> {
         let base = base.trim_end_matches('/').to_owned();
+        // Not echoed: a user and password in it would be printed, and never be sent (the
+        // admin key is the credential).
+        if base
+            .split("://")
+            .nth(1)
+            .unwrap_or(&base)
+            .split('/')
+            .next()
+            .is_some_and(|a| a.contains('@'))
+        {
+            return Err(CliError::Usage(
+                "--admin-url must not carry a user or password: the admin key (KEYGATE_ADMIN_KEY) is the credential".into(),
+            ));
+        }
         let uri: http::Uri = base
             .parse()
             .map_err(|_| CliError::Usage(format!("--admin-url {base:?} is not a URL")))?;

@@ -127,8 +127,8 @@ pub enum KeyCmd {
         name: String,
         #[arg(long = "permission")]
         permissions: Vec<String>,
-        /// Days until it expires (default: never).
-        #[arg(long, conflicts_with = "expires_at")]
+        /// Days until it expires, 1–36500 (default: never).
+        #[arg(long, conflicts_with = "expires_at", value_parser = clap::value_parser!(u32).range(1..=36_500))]
         expires_days: Option<u32>,
         /// RFC 3339 expiry time.
         #[arg(long)]
@@ -158,7 +158,9 @@ pub enum KeyCmd {
         /// Removes every permission.
         #[arg(long, conflicts_with = "permissions")]
         no_permissions: bool,
-        #[arg(long, conflicts_with_all = ["expires_at", "never_expire"])]
+        /// Days from now until it expires, 1–36500.
+        #[arg(long, conflicts_with_all = ["expires_at", "never_expire"],
+              value_parser = clap::value_parser!(u32).range(1..=36_500))]
         expires_days: Option<u32>,
         #[arg(long, conflicts_with = "never_expire")]
         expires_at: Option<String>,

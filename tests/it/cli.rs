@@ -275,6 +275,31 @@ async fn usage_errors_exit_2_and_refusals_exit_1() {
         &["key", "import", "-", "--on-error", "abort"],
         &["key", "import", "f", "--batch", "0"],
         &["client", "update", "acme"],
+        // Past the 100 years a key may be given (once a panic in the date arithmetic).
+        &[
+            "key",
+            "update",
+            "0193a4c2-5e1f-7b3a-9c4d-2f6e8a0b1c3d",
+            "--expires-days",
+            "4000000000",
+        ],
+        &[
+            "key",
+            "update",
+            "0193a4c2-5e1f-7b3a-9c4d-2f6e8a0b1c3d",
+            "--expires-days",
+            "36501",
+        ],
+        &[
+            "key",
+            "create",
+            "--client",
+            "acme",
+            "--name",
+            "n",
+            "--expires-days",
+            "0",
+        ],
         &[
             "client",
             "create",
@@ -302,6 +327,21 @@ async fn usage_errors_exit_2_and_refusals_exit_1() {
     .await
     .unwrap();
     assert_eq!(code(&o), 2, "{}", stderr(&o));
+    // A user and password in the admin URL: refused, and not printed.
+    let o = tokio::task::spawn_blocking(|| {
+        Binary::command([
+            "client",
+            "list",
+            "--admin-url",
+            "http://ops:hunter2@127.0.0.1:1",
+        ])
+        .env("KEYGATE_ADMIN_KEY", ADMIN_KEY)
+        .output()
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(!stderr(&o).contains("hunter2"), "{}", stderr(&o));
     // A wrong admin key: refused by the server.
     let o = kg_with(
         &gw,
