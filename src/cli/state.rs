@@ -190,6 +190,26 @@ fn millis(t: &str) -> Option<i64> {
         .map(|t| t.timestamp_millis())
 }
 
+/// A key `apply` would create, or give this expiry, with an `expires_at` already past: the
+/// gateway takes none, so the file is refused before anything is changed (an export keeps
+/// keys that have expired since; applied elsewhere, each would stop `apply` halfway).
+fn refuse_past(label: &str, k: &KeyState) -> Result<(), CliError> {
+    let Some(t) = &k.expires_at else {
+        return Ok(());
+    };
+    let at = millis(t).ok_or_else(|| {
+        CliError::Usage(format!("key {label}: expires_at is not an RFC 3339 time"))
+    })?;
+    if at <= chrono::Utc::now().timestamp_millis() {
+        return Err(CliError::Usage(format!(
+            "key {label}: expires_at {t} has passed, and the gateway makes or moves no key to an \
+             expiry in the past; remove the key from the file or give it a later expires_at \
+             (nothing was changed)"
+        )));
+    }
+    Ok(())
+}
+
 /// `keygate export`: the state as TOML on stdout.
 pub async fn export(admin: &Admin) -> Result<(), CliError> {
     let live = live(admin).await?;
@@ -547,6 +567,7 @@ fn plan(want: &State, live: &Live) -> Result<Vec<Change>, CliError> {
             })?),
         };
         if live_exp != want_exp {
+            refuse_past(&label, k)?;
             what.push(format!(
                 "expires_at {} → {}",
                 s(&l["expires_at"]),
@@ -582,7 +603,9 @@ fn plan(want: &State, live: &Live) -> Result<Vec<Change>, CliError> {
     }
     for (i, k) in want.keys.iter().enumerate() {
         if !matched.contains_key(&i) {
-            parse_meta(&format!("key {}/{}", k.client_id, k.name), &k.metadata)?;
+            let label = format!("{}/{}", k.client_id, k.name);
+            parse_meta(&format!("key {label}"), &k.metadata)?;
+            refuse_past(&label, k)?;
             out.push(Change::CreateKey { key: k.clone() });
         }
     }

@@ -283,6 +283,12 @@ async fn bad_state_files_are_usage_errors_and_change_nothing() {
             "{good}\n[[keys]]\nclient_id = \"acme\"\nname = \"twin\"\n[[keys]]\nclient_id = \"acme\"\nname = \"twin\"\n"
         ),
         format!("{good}\n[[keys]]\nclient_id = \"acme\"\nname = \"m\"\nmetadata = \"[1]\"\n"),
+        // A key that has expired since the export, to be made here with a new client: the
+        // gateway takes no past expiry, so apply once stopped halfway (the client made).
+        format!(
+            "{good}\n[[clients]]\nclient_id = \"newco\"\nlicense = \"free\"\n\
+             [[keys]]\nclient_id = \"newco\"\nname = \"old\"\nexpires_at = \"2020-01-01T00:00:00Z\"\n"
+        ),
     ];
     for text in &bad_files {
         std::fs::write(&file, text).unwrap();
@@ -292,6 +298,12 @@ async fn bad_state_files_are_usage_errors_and_change_nothing() {
         }
     }
     assert_eq!(snapshot(&gw).await, before);
+    let o = kg(&gw, &["apply", file.to_str().unwrap()]).await;
+    assert!(
+        err(&o).contains("newco/old: expires_at 2020-01-01T00:00:00Z has passed"),
+        "{}",
+        err(&o)
+    );
     std::fs::write(&file, "").unwrap();
     let o = kg(&gw, &["apply", file.to_str().unwrap()]).await;
     assert!(err(&o).contains("clients = []"), "{}", err(&o));
