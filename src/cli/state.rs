@@ -435,6 +435,19 @@ fn plan(want: &State, live: &Live) -> Result<Vec<Change>, CliError> {
             )));
         }
         let meta = parse_meta(&format!("client {}", c.client_id), &c.metadata)?;
+        // A license the gateway has no plan for is refused by it; here, before anything is made.
+        if let Some(running) = live.config["plans"].as_object()
+            && !running.contains_key(&c.license)
+        {
+            let mut names: Vec<&str> = running.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            return Err(CliError::Usage(format!(
+                "client {}: license {:?} is not a plan of this gateway ({}); nothing was changed",
+                c.client_id,
+                c.license,
+                names.join(", ")
+            )));
+        }
         match live_clients.get(c.client_id.as_str()) {
             None => out.push(Change::CreateClient {
                 client_id: c.client_id.clone(),
@@ -779,124 +792,159 @@ pub async fn apply(g: &Global, admin: &Admin, path: &Path) -> Result<(), CliErro
             println!("{c}");
         }
     };
-    for c in &changes {
-        match c {
-            Change::CreateClient {
-                client_id,
-                license,
-                metadata,
-            } => {
-                let mut body = json!({"client_id": client_id, "license": license});
-                if !metadata.is_null() {
-                    body["metadata"] = metadata.clone();
+    let mut at = 0;
+    let made = async {
+        for (i, c) in changes.iter().enumerate() {
+            at = i;
+            match c {
+                Change::CreateClient {
+                    client_id,
+                    license,
+                    metadata,
+                } => {
+                    let mut body = json!({"client_id": client_id, "license": license});
+                    if !metadata.is_null() {
+                        body["metadata"] = metadata.clone();
+                    }
+                    let v = admin.send(Method::POST, "/v1/clients", &body).await?;
+                    first_keys.insert(client_id.clone(), v["api_key"].clone());
                 }
-                let v = admin.send(Method::POST, "/v1/clients", &body).await?;
-                first_keys.insert(client_id.clone(), v["api_key"].clone());
-            }
-            Change::UpdateClient {
-                client_id, body, ..
-            } => {
-                admin
-                    .send(
-                        Method::PATCH,
-                        &format!("/v1/clients/{}", segment(client_id)),
-                        body,
-                    )
-                    .await?;
-            }
-            Change::DeleteClient { client_id } => {
-                admin
-                    .call(
-                        Method::DELETE,
-                        &format!("/v1/clients/{}", segment(client_id)),
-                        None,
-                    )
-                    .await?;
-            }
-            Change::CreateKey { key } => {
-                let body = key_body(key)?;
-                let (v, secret) = match first_keys.remove(&key.client_id) {
-                    Some(first) => {
-                        let id = s(&first["id"]);
-                        let mut patch = body.clone();
-                        if let Some(o) = patch.as_object_mut() {
-                            o.remove("client_id");
+                Change::UpdateClient {
+                    client_id, body, ..
+                } => {
+                    admin
+                        .send(
+                            Method::PATCH,
+                            &format!("/v1/clients/{}", segment(client_id)),
+                            body,
+                        )
+                        .await?;
+                }
+                Change::DeleteClient { client_id } => {
+                    admin
+                        .call(
+                            Method::DELETE,
+                            &format!("/v1/clients/{}", segment(client_id)),
+                            None,
+                        )
+                        .await?;
+                }
+                Change::CreateKey { key } => {
+                    let body = key_body(key)?;
+                    let (v, secret) = match first_keys.get(&key.client_id).cloned() {
+                        Some(first) => {
+                            let id = s(&first["id"]);
+                            let mut patch = body.clone();
+                            if let Some(o) = patch.as_object_mut() {
+                                o.remove("client_id");
+                            }
+                            if key.expires_at.is_none() {
+                                patch["expires_at"] = Value::Null;
+                            }
+                            let v = admin
+                                .send(
+                                    Method::PATCH,
+                                    &format!("/v1/api-keys/{}", segment(&id)),
+                                    &patch,
+                                )
+                                .await?;
+                            // Taken over: no longer the client's leftover first key.
+                            first_keys.remove(&key.client_id);
+                            (v, s(&first["key"]))
                         }
-                        if key.expires_at.is_none() {
-                            patch["expires_at"] = Value::Null;
+                        None => {
+                            let v = admin.send(Method::POST, "/v1/api-keys", &body).await?;
+                            let secret = s(&v["key"]);
+                            (v, secret)
                         }
-                        let v = admin
-                            .send(
-                                Method::PATCH,
-                                &format!("/v1/api-keys/{}", segment(&id)),
-                                &patch,
-                            )
-                            .await?;
-                        (v, s(&first["key"]))
-                    }
-                    None => {
-                        let v = admin.send(Method::POST, "/v1/api-keys", &body).await?;
-                        let secret = s(&v["key"]);
-                        (v, secret)
-                    }
-                };
-                say(c);
-                // The new secret, once, for whoever holds the key.
-                println!("{}/{} {}: {secret}", key.client_id, key.name, s(&v["id"]));
-                continue;
+                    };
+                    say(c);
+                    // The new secret, once, for whoever holds the key.
+                    println!("{}/{} {}: {secret}", key.client_id, key.name, s(&v["id"]));
+                    continue;
+                }
+                Change::UpdateKey { id, body, .. } => {
+                    admin
+                        .send(
+                            Method::PATCH,
+                            &format!("/v1/api-keys/{}", segment(id)),
+                            body,
+                        )
+                        .await?;
+                }
+                Change::DeleteKey { id, .. } => {
+                    admin
+                        .call(
+                            Method::DELETE,
+                            &format!("/v1/api-keys/{}", segment(id)),
+                            None,
+                        )
+                        .await?;
+                }
+                Change::CreateWebhook { url, events } => {
+                    let v = admin
+                        .send(
+                            Method::POST,
+                            "/v1/webhooks",
+                            &json!({"url": url, "events": events}),
+                        )
+                        .await?;
+                    say(c);
+                    // The new signing secret, once (like a new key's secret): the receiver needs it.
+                    println!("webhook {url} {}: {}", s(&v["id"]), s(&v["secret"]));
+                    continue;
+                }
+                Change::UpdateWebhook { id, body, .. } => {
+                    admin
+                        .send(
+                            Method::PATCH,
+                            &format!("/v1/webhooks/{}", segment(id)),
+                            body,
+                        )
+                        .await?;
+                }
+                Change::DeleteWebhook { id, .. } => {
+                    admin
+                        .call(
+                            Method::DELETE,
+                            &format!("/v1/webhooks/{}", segment(id)),
+                            None,
+                        )
+                        .await?;
+                }
+                Change::Config { .. } => {}
             }
-            Change::UpdateKey { id, body, .. } => {
-                admin
-                    .send(
-                        Method::PATCH,
-                        &format!("/v1/api-keys/{}", segment(id)),
-                        body,
-                    )
-                    .await?;
-            }
-            Change::DeleteKey { id, .. } => {
-                admin
-                    .call(
-                        Method::DELETE,
-                        &format!("/v1/api-keys/{}", segment(id)),
-                        None,
-                    )
-                    .await?;
-            }
-            Change::CreateWebhook { url, events } => {
-                let v = admin
-                    .send(
-                        Method::POST,
-                        "/v1/webhooks",
-                        &json!({"url": url, "events": events}),
-                    )
-                    .await?;
-                say(c);
-                // The new signing secret, once (like a new key's secret): the receiver needs it.
-                println!("webhook {url} {}: {}", s(&v["id"]), s(&v["secret"]));
-                continue;
-            }
-            Change::UpdateWebhook { id, body, .. } => {
-                admin
-                    .send(
-                        Method::PATCH,
-                        &format!("/v1/webhooks/{}", segment(id)),
-                        body,
-                    )
-                    .await?;
-            }
-            Change::DeleteWebhook { id, .. } => {
-                admin
-                    .call(
-                        Method::DELETE,
-                        &format!("/v1/webhooks/{}", segment(id)),
-                        None,
-                    )
-                    .await?;
-            }
-            Change::Config { .. } => {}
+            say(c);
         }
-        say(c);
+        Ok::<(), CliError>(())
+    }
+    .await;
+    if let Err(e) = made {
+        // The first keys made with clients this run and not yet taken over: gone, so a rerun
+        // makes the file's keys anew and shows their secrets.
+        for (client, first) in first_keys.drain() {
+            let id = s(&first["id"]);
+            let path = format!("/v1/api-keys/{}", segment(&id));
+            match admin.call(Method::DELETE, &path, None).await {
+                Ok(_) => eprintln!(
+                    "keygate: - key {client}/{} (created with the client; removed, as apply stopped)",
+                    s(&first["name"])
+                ),
+                Err(_) => eprintln!(
+                    "keygate: key {client}/{} {id} (created with the client) could not be removed; delete it",
+                    s(&first["name"])
+                ),
+            }
+        }
+        eprintln!(
+            "keygate: apply stopped at change {} of {} ({}); the {} before it stand; \
+             `keygate diff FILE` shows what is left",
+            at + 1,
+            changes.len(),
+            changes[at],
+            at
+        );
+        return Err(e);
     }
     // New clients the file gives no key: their automatic first key goes.
     for (client, first) in first_keys {

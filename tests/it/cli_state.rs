@@ -283,6 +283,9 @@ async fn bad_state_files_are_usage_errors_and_change_nothing() {
             "{good}\n[[keys]]\nclient_id = \"acme\"\nname = \"twin\"\n[[keys]]\nclient_id = \"acme\"\nname = \"twin\"\n"
         ),
         format!("{good}\n[[keys]]\nclient_id = \"acme\"\nname = \"m\"\nmetadata = \"[1]\"\n"),
+        // A license the gateway has no plan for (refused by the server once clients before
+        // it were made).
+        format!("{good}\n[[clients]]\nclient_id = \"zeta\"\nlicense = \"nope\"\n"),
         // A key that has expired since the export, to be made here with a new client: the
         // gateway takes no past expiry, so apply once stopped halfway (the client made).
         format!(
@@ -319,6 +322,47 @@ async fn bad_state_files_are_usage_errors_and_change_nothing() {
     // GET /v1/config is for admins only.
     let r = gw.admin_as("GET", "/v1/config", None, &[]).await;
     assert_eq!(r.status, 401);
+}
+
+/// A change the server refuses stops `apply`: it says which change and that those before it
+/// stand, and the first key made with a new client this run is removed (else it stayed, its
+/// secret never shown, and the rerun took it for the file's key of that name and showed none).
+#[tokio::test]
+async fn an_apply_that_stops_says_where_and_leaves_no_key_without_its_secret() {
+    let gw = Gateway::start_with(ROUTES).await;
+    seed(&gw).await;
+    let file = gw.dir.path().join("state.toml");
+    let good = export(&gw, &file).await;
+    let with = |more: &str| {
+        format!(
+            "{good}\n[[clients]]\nclient_id = \"newco\"\nlicense = \"free\"\n\
+             [[keys]]\nclient_id = \"newco\"\nname = \"default\"\n{more}"
+        )
+    };
+    std::fs::write(&file, with("rate_limit = { per_second = 0, burst = 0 }\n")).unwrap();
+    let o = kg(&gw, &["apply", file.to_str().unwrap()]).await;
+    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
+    assert!(
+        err(&o).contains("apply stopped at change 2 of 2 (+ key newco/default"),
+        "{}",
+        err(&o)
+    );
+    assert!(err(&o).contains("the 1 before it stand"), "{}", err(&o));
+    assert!(err(&o).contains("removed, as apply stopped"), "{}", err(&o));
+    let r = gw.admin("GET", "/v1/api-keys?client_id=newco", None).await;
+    assert_eq!(
+        r.json()["data"],
+        json!([]),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    // Mended and applied again: the key is made and its secret shown.
+    std::fs::write(&file, with("")).unwrap();
+    let o = apply(&gw, &file).await;
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert!(out(&o).contains("newco/default "), "{}", out(&o));
+    assert!(out(&o).contains(": kg_"), "{}", out(&o));
+    assert_eq!(diff(&gw, &file).await, (0, String::new()));
 }
 
 async fn webhooks(gw: &Gateway) -> Vec<Value> {
