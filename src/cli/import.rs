@@ -401,9 +401,19 @@ pub async fn run(g: &Global, admin: &Admin, args: &ImportArgs) -> Result<(), Cli
                 {
                     Ok(v) => v,
                     Err(e) => {
+                        // A refusal (4xx) wrote nothing; a lost answer or a server error may
+                        // have come after the batch was stored, in part or whole.
+                        let batch = if matches!(e, CliError::Refused { status, .. } if status < 500)
+                        {
+                            "none from it on"
+                        } else {
+                            "and whether the keys of that batch were stored is not known (see \
+                             `keygate key list`; a rerun with `--on-error skip` reports those \
+                             already stored as refused lines and imports the rest)"
+                        };
                         eprintln!(
                             "import stopped at the batch of lines {first}–{last}: {imported} \
-                             keys were imported from the lines before it, none from it on"
+                             keys were imported from the lines before it, {batch}"
                         );
                         outcome = Err(e);
                         break;

@@ -487,6 +487,52 @@ async fn key_import_streams_json_lines_and_reports_bad_lines_by_number() {
     assert!(stderr(&o).contains("line 1: a key with this secret is already stored"));
 }
 
+/// A batch whose answer never came may have been stored (the server can fail after its write):
+/// `key import` says it does not know, and how to find out; a refusal (4xx) wrote nothing and
+/// says so.
+#[tokio::test]
+async fn key_import_does_not_claim_a_batch_whose_answer_was_lost_stored_nothing() {
+    let gw = Gateway::start().await;
+    gw.client("acme", "pro").await;
+    let file = gw.dir.path().join("keys.jsonl");
+    std::fs::write(
+        &file,
+        json!({"client_id": "acme", "name": "k", "key": "lost-answer-key-0123456789"}).to_string(),
+    )
+    .unwrap();
+    // An admin address that takes the request and closes without an answer.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut s, &mut buf);
+        }
+    });
+    let path = file.to_str().unwrap().to_owned();
+    let o = tokio::task::spawn_blocking(move || {
+        Binary::command(["key", "import", &path, "--admin-url"])
+            .arg(format!("http://{addr}"))
+            .env("KEYGATE_ADMIN_KEY", ADMIN_KEY)
+            .output()
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("is not known"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("none from it on"), "{}", stderr(&o));
+    // Refused (a wrong admin key): nothing from it on, and so it is.
+    let o = kg_with(
+        &gw,
+        &["key", "import", file.to_str().unwrap()],
+        &[("KEYGATE_ADMIN_KEY", "not-the-admin-key-at-all")],
+    )
+    .await;
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("none from it on"), "{}", stderr(&o));
+    assert_eq!(status(&gw, "lost-answer-key-0123456789").await, 401);
+}
+
 /// `keygate key import FILE --on-error abort --batch N`.
 async fn import_abort(gw: &Gateway, file: &std::path::Path, batch: usize) -> Output {
     let batch = batch.to_string();
