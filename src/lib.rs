@@ -501,6 +501,10 @@ impl App {
         }
         if let Some(task) = cluster_sync {
             task.abort();
+            let _ = task.await;
+            if let Some(shared) = &self.cluster {
+                keys::cluster::give_back(shared).await;
+            }
         }
         let written = self.usage.flush().await;
         tracing::info!(entries = written, "usage flushed");

@@ -81,6 +81,11 @@ pub struct ClusterShared {
     instance: String,
     clock: Clock,
     buckets: Mutex<HashMap<String, Weak<ClusterBucket>>>,
+    /// Cells of buckets dropped with a lease in hand (their owner's cache entry changed or went):
+    /// taken over by the next bucket of the same name on this instance, else given back at the
+    /// next sync. Without it they stayed reserved in Redis until their time passed (a client
+    /// alone on an instance holds its whole room: a key's `PATCH` held it to the refill rate).
+    orphans: Mutex<HashMap<String, Orphan>>,
     degraded: AtomicBool,
     /// Instances of the fleet seen at the last successful sync (at least 1), those without
     /// buckets included.
@@ -95,6 +100,14 @@ impl std::fmt::Debug for ClusterShared {
             .field("instance", &self.instance)
             .finish()
     }
+}
+
+/// A dropped bucket's unused lease.
+#[derive(Debug, Clone, Copy)]
+struct Orphan {
+    t_us: f64,
+    tau_us: f64,
+    cells: i64,
 }
 
 /// What one sync round did, for the metrics.
@@ -112,6 +125,7 @@ impl ClusterShared {
             instance: uuid::Uuid::now_v7().simple().to_string(),
             clock,
             buckets: Mutex::default(),
+            orphans: Mutex::default(),
             degraded: AtomicBool::new(false),
             live: AtomicU32::new(1),
             heartbeat_at: AtomicU64::new(0),
@@ -135,12 +149,18 @@ impl ClusterShared {
             return b;
         }
         let t_us = t.as_nanos() as f64 / 1000.0;
+        let adopted = self
+            .orphans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&name)
+            .map_or(0, |o| o.cells);
         let b = Arc::new(ClusterBucket {
             t_us,
             tau_us: t_us * f64::from(limit.burst.max(1) - 1),
             burst: limit.burst.max(1),
             limit,
-            lease: AtomicI64::new(0),
+            lease: AtomicI64::new(adopted),
             demand: AtomicU64::new(0),
             refuse_until: AtomicU64::new(0),
             until_full_us: AtomicU64::new(0),
@@ -173,7 +193,9 @@ impl ClusterShared {
                 }
             }
         }
-        if active.is_empty() {
+        let mut orphans: HashMap<String, Orphan> =
+            std::mem::take(&mut *self.orphans.lock().unwrap_or_else(PoisonError::into_inner));
+        if active.is_empty() && orphans.is_empty() {
             let due = now.saturating_sub(self.heartbeat_at.load(Ordering::Relaxed)) >= HEARTBEAT_NS;
             if due {
                 self.heartbeat_at.store(now, Ordering::Relaxed);
@@ -188,22 +210,35 @@ impl ClusterShared {
                 buckets: 0,
             };
         }
-        let request: Vec<BucketSync> = active
+        let mut request: Vec<BucketSync> = active
             .iter()
             .map(|(b, idle)| BucketSync {
                 name: b.name.clone(),
                 t_us: b.t_us,
                 tau_us: b.tau_us,
-                unused: b.lease.swap(0, Ordering::AcqRel).max(0) as u64,
+                // With the cells of a bucket of this name dropped since the last sync (one
+                // made again while the old one was still being dropped).
+                unused: (b.lease.swap(0, Ordering::AcqRel).max(0)
+                    + orphans.remove(&b.name).map_or(0, |o| o.cells.max(0)))
+                    as u64,
                 demand: b.demand.swap(0, Ordering::AcqRel),
                 want: !idle,
             })
             .collect();
+        // After the active buckets, so the replies line up with `active`.
+        request.extend(orphans.into_iter().map(|(name, o)| BucketSync {
+            name,
+            t_us: o.t_us,
+            tau_us: o.tau_us,
+            unused: o.cells.max(0) as u64,
+            demand: 0,
+            want: false,
+        }));
         let start = std::time::Instant::now();
         let reply = self.store.sync_rates(&self.instance, &request).await;
         let took = start.elapsed();
         match reply {
-            Ok(reply) if reply.leases.len() == active.len() => {
+            Ok(reply) if reply.leases.len() == request.len() => {
                 self.recovered(reply.live);
                 for ((b, _), lease) in active.iter().zip(&reply.leases) {
                     b.granted(*lease);
@@ -292,6 +327,74 @@ pub struct ClusterBucket {
     /// Held strongly (the registry holds buckets weakly, so there is no cycle): the request
     /// path reads it without an upgrade.
     shared: Arc<ClusterShared>,
+}
+
+impl Drop for ClusterBucket {
+    /// Hands an unused lease to the registry: the next bucket of this name takes it over, or
+    /// the next sync gives it back.
+    fn drop(&mut self) {
+        let cells = *self.lease.get_mut();
+        if cells > 0 {
+            let mut orphans = self
+                .shared
+                .orphans
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let o = orphans
+                .entry(std::mem::take(&mut self.name))
+                .or_insert(Orphan {
+                    t_us: self.t_us,
+                    tau_us: self.tau_us,
+                    cells: 0,
+                });
+            o.cells += cells;
+        }
+    }
+}
+
+/// Gives back every lease this instance holds (at shutdown: the cells return to the fleet now,
+/// not when their time passes).
+pub async fn give_back(shared: &Arc<ClusterShared>) {
+    let held: Vec<Arc<ClusterBucket>> = shared
+        .buckets
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .values()
+        .filter_map(Weak::upgrade)
+        .collect();
+    let mut request: Vec<BucketSync> = held
+        .iter()
+        .filter_map(|b| {
+            let unused = b.lease.swap(0, Ordering::AcqRel);
+            (unused > 0).then(|| BucketSync {
+                name: b.name.clone(),
+                t_us: b.t_us,
+                tau_us: b.tau_us,
+                unused: unused as u64,
+                demand: 0,
+                want: false,
+            })
+        })
+        .collect();
+    let orphans: Vec<(String, Orphan)> = shared
+        .orphans
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .drain()
+        .collect();
+    request.extend(orphans.into_iter().map(|(name, o)| BucketSync {
+        name,
+        t_us: o.t_us,
+        tau_us: o.tau_us,
+        unused: o.cells.max(0) as u64,
+        demand: 0,
+        want: false,
+    }));
+    if !request.is_empty()
+        && let Err(e) = shared.store.sync_rates(&shared.instance, &request).await
+    {
+        tracing::warn!(error = %e, "cluster rate limits: the leases held could not be given back at shutdown");
+    }
 }
 
 impl std::fmt::Debug for ClusterBucket {
