@@ -108,6 +108,8 @@ struct Orphan {
     t_us: f64,
     tau_us: f64,
     cells: i64,
+    /// The dropped bucket's `lease_end`.
+    end: u64,
 }
 
 /// What one sync round did, for the metrics.
@@ -149,18 +151,19 @@ impl ClusterShared {
             return b;
         }
         let t_us = t.as_nanos() as f64 / 1000.0;
-        let adopted = self
+        let (adopted, adopted_end) = self
             .orphans
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&name)
-            .map_or(0, |o| o.cells);
+            .map_or((0, 0), |o| (o.cells, o.end));
         let b = Arc::new(ClusterBucket {
             t_us,
             tau_us: t_us * f64::from(limit.burst.max(1) - 1),
             burst: limit.burst.max(1),
             limit,
             lease: AtomicI64::new(adopted),
+            lease_end: AtomicU64::new(adopted_end),
             demand: AtomicU64::new(0),
             refuse_until: AtomicU64::new(0),
             until_full_us: AtomicU64::new(0),
@@ -235,13 +238,14 @@ impl ClusterShared {
             want: false,
         }));
         let start = std::time::Instant::now();
+        let asked = self.clock.mono_nanos();
         let reply = self.store.sync_rates(&self.instance, &request).await;
         let took = start.elapsed();
         match reply {
             Ok(reply) if reply.leases.len() == request.len() => {
                 self.recovered(reply.live);
                 for ((b, _), lease) in active.iter().zip(&reply.leases) {
-                    b.granted(*lease);
+                    b.granted(*lease, asked);
                 }
                 Synced {
                     ok: true,
@@ -312,6 +316,12 @@ pub struct ClusterBucket {
     limit: RateLimit,
     /// Cells reserved for this instance and not yet used.
     lease: AtomicI64,
+    /// Monotonic nanoseconds at which the latest lease's cells have all come back to Redis's
+    /// bucket: its `tat` after the lease (the call's start plus the µs until full it answered).
+    /// The lease's cells are the last `t_us` steps before it; a cell is spent only while its
+    /// step lies ahead (one held past it would be handed out again by Redis, which counts it
+    /// as refilled).
+    lease_end: AtomicU64,
     /// Requests seen since the last sync.
     demand: AtomicU64,
     /// Monotonic nanoseconds before which requests are refused without asking Redis.
@@ -346,8 +356,10 @@ impl Drop for ClusterBucket {
                     t_us: self.t_us,
                     tau_us: self.tau_us,
                     cells: 0,
+                    end: 0,
                 });
             o.cells += cells;
+            o.end = o.end.max(*self.lease_end.get_mut());
         }
     }
 }
@@ -419,9 +431,21 @@ impl ClusterBucket {
         }
     }
 
-    /// Takes one cell of the lease.
-    fn take(&self) -> Option<RateInfo> {
+    /// Takes one cell of the lease, of those whose time in the shared bucket still lies ahead
+    /// at `now` (one a `t_us` before the lease's end).
+    fn take(&self, now: u64) -> Option<RateInfo> {
         let mut l = self.lease.load(Ordering::Acquire);
+        if l > 0 {
+            let ahead = self.lease_end.load(Ordering::Acquire).saturating_sub(now);
+            let left = (ahead as f64 / (self.t_us * 1000.0)).ceil() as i64;
+            if left < l {
+                // Cells whose time has passed: Redis counts them as refilled, so they go.
+                let _ = self
+                    .lease
+                    .compare_exchange(l, left, Ordering::AcqRel, Ordering::Acquire);
+                l = self.lease.load(Ordering::Acquire).min(left);
+            }
+        }
         while l > 0 {
             match self
                 .lease
@@ -434,10 +458,15 @@ impl ClusterBucket {
         None
     }
 
-    fn granted(&self, lease: Lease) {
+    /// A lease from a call made at `asked` (monotonic ns).
+    fn granted(&self, lease: Lease, asked: u64) {
         self.until_full_us
             .store(lease.until_full_us, Ordering::Relaxed);
         if lease.cells > 0 {
+            // Redis's `tat` after this lease: its cells are the last ones before it, and one
+            // comes back to the bucket each `t_us` as the time passes them.
+            let end = asked + lease.until_full_us * 1000;
+            self.lease_end.fetch_max(end, Ordering::AcqRel);
             self.lease.fetch_add(lease.cells as i64, Ordering::AcqRel);
             self.refuse_until.store(0, Ordering::Relaxed);
         }
@@ -463,7 +492,7 @@ impl ClusterBucket {
         if shared.degraded() {
             return self.fallback_check(shared.live());
         }
-        if let Some(info) = self.take() {
+        if let Some(info) = self.take(now) {
             return Ok(info);
         }
         if now < self.refuse_until.load(Ordering::Relaxed) {
@@ -471,10 +500,10 @@ impl ClusterBucket {
         }
         // No lease: ask Redis, one request at a time; the others find the lease it brought.
         let _one = self.acquiring.lock().await;
-        if let Some(info) = self.take() {
+        let now = shared.clock.mono_nanos();
+        if let Some(info) = self.take(now) {
             return Ok(info);
         }
-        let now = shared.clock.mono_nanos();
         if now < self.refuse_until.load(Ordering::Relaxed) {
             return Err(self.refusal(now));
         }
@@ -493,14 +522,18 @@ impl ClusterBucket {
                     cells: 0,
                     until_full_us: 0,
                 });
-                self.granted(lease);
-                match self.take() {
+                self.granted(lease, now);
+                match self.take(now) {
                     Some(info) => Ok(info),
                     None => {
-                        // Nothing to give: wait for the next sync (or the next cell).
-                        let wait = SYNC_INTERVAL.max(Duration::from_micros(
-                            (lease.until_full_us as f64 - self.tau_us).max(0.0) as u64,
-                        ));
+                        // Nothing to give: wait for the next cell's time (asking Redis again
+                        // then, unless the sync brings one before), at least one emission
+                        // interval or the sync's, whichever is shorter. (It waited at least the
+                        // sync's 50 ms: a plan of 100/s with a burst of 1 got 20 a second.)
+                        let floor = self.t_us.min(SYNC_INTERVAL.as_micros() as f64);
+                        let wait = Duration::from_micros(
+                            (lease.until_full_us as f64 - self.tau_us).max(floor) as u64,
+                        );
                         self.refuse_until
                             .store(now + wait.as_nanos() as u64, Ordering::Relaxed);
                         Err(self.refusal(now))
@@ -539,6 +572,81 @@ async fn acquire(shared: &ClusterShared, ask: BucketSync) -> StoreResult<SyncRep
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::FakeClock;
+
+    fn shared(clock: &FakeClock) -> (Arc<ClusterShared>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::keys::store::sqlite::SqliteStore::open(&dir.path().join("k.db")).unwrap();
+        (ClusterShared::new(Arc::new(store), clock.clock()), dir)
+    }
+
+    fn per_second(n: u32, burst: u32) -> RateLimit {
+        RateLimit {
+            per_second: Some(n),
+            per_minute: None,
+            per_hour: None,
+            burst,
+        }
+    }
+
+    /// A lease's cells come back to Redis's bucket one per emission interval as time passes
+    /// them: a cell held past its time is dropped, not spent (Redis hands it out again).
+    /// 1000/s, burst 10: ten cells leased with the bucket full again 10 ms on; 4 ms later only
+    /// the six still ahead may be spent.
+    #[test]
+    fn cells_of_a_lease_are_spent_only_while_their_time_lies_ahead() {
+        let clock = FakeClock::new();
+        let (shared, _dir) = shared(&clock);
+        let b = shared.bucket("c:acme", per_second(1000, 10));
+        let asked = clock.mono_nanos();
+        b.granted(
+            Lease {
+                cells: 10,
+                until_full_us: 10_000,
+            },
+            asked,
+        );
+        assert!(b.take(clock.mono_nanos()).is_some());
+        clock.advance(Duration::from_millis(4));
+        let now = clock.mono_nanos();
+        let spent = std::iter::from_fn(|| b.take(now)).count();
+        assert_eq!(spent, 6);
+        clock.advance(Duration::from_millis(6));
+        assert!(b.take(clock.mono_nanos()).is_none());
+        // A new lease is spent whole at once.
+        b.granted(
+            Lease {
+                cells: 3,
+                until_full_us: 3_000,
+            },
+            clock.mono_nanos(),
+        );
+        let now = clock.mono_nanos();
+        assert_eq!(std::iter::from_fn(|| b.take(now)).count(), 3);
+    }
+
+    /// A bucket dropped with cells in hand leaves them to the next bucket of its name.
+    #[test]
+    fn a_dropped_buckets_lease_goes_to_the_next_of_its_name() {
+        let clock = FakeClock::new();
+        let (shared, _dir) = shared(&clock);
+        let b = shared.bucket("c:acme", per_second(1000, 10));
+        b.granted(
+            Lease {
+                cells: 5,
+                until_full_us: 10_000,
+            },
+            clock.mono_nanos(),
+        );
+        drop(b);
+        let again = shared.bucket("c:acme", per_second(1000, 10));
+        let now = clock.mono_nanos();
+        assert_eq!(std::iter::from_fn(|| again.take(now)).count(), 5);
+        // Another limit is another bucket: nothing to take over.
+        let other = shared.bucket("c:acme", per_second(10, 10));
+        assert!(other.take(now).is_none());
+    }
 
     #[test]
     fn a_share_divides_rate_and_burst() {
