@@ -14,10 +14,15 @@
 //!   the lease.
 //! - A request takes one cell of the local lease (one atomic decrement). With none left it asks
 //!   Redis for a lease itself (one round trip, one request at a time per bucket); when Redis has
-//!   none to give either, requests are refused locally until the next sync.
-//! - Every admitted request therefore spent a cell reserved in Redis's GCRA: across the fleet the
-//!   accepted traffic never exceeds the limit (burst included) while Redis answers. A lease not
-//!   used is held back for at most one sync interval (traffic below the limit, never above).
+//!   none to give either, requests are refused locally until the next cell's time (or the next
+//!   sync).
+//! - Every admitted request therefore spent a cell reserved in Redis's GCRA, at most one sync
+//!   interval after it was reserved: across the fleet the accepted traffic over a window W stays
+//!   within the burst plus the rate over W + [`SYNC_INTERVAL`] while Redis answers (a cell
+//!   spent late can meet cells Redis has handed out again since its time passed; making cells
+//!   lapse at their time costs a Redis trip per burst on the request path for short bursts). A
+//!   lease not used is held back for at most one sync interval. A bucket dropped with a lease
+//!   (its cache entry made anew) leaves it to the next bucket of its name or to the next sync.
 //! - Redis unreachable: each instance enforces the limit ÷ the live instances it last saw (every
 //!   instance of the fleet: one with no bucket to sync still tells Redis it is there, every
 //!   [`HEARTBEAT_NS`]), on a local bucket, says so in the log and in `keygate_cluster_degraded`, and goes back to the
@@ -108,8 +113,6 @@ struct Orphan {
     t_us: f64,
     tau_us: f64,
     cells: i64,
-    /// The dropped bucket's `lease_end`.
-    end: u64,
 }
 
 /// What one sync round did, for the metrics.
@@ -151,19 +154,18 @@ impl ClusterShared {
             return b;
         }
         let t_us = t.as_nanos() as f64 / 1000.0;
-        let (adopted, adopted_end) = self
+        let adopted = self
             .orphans
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&name)
-            .map_or((0, 0), |o| (o.cells, o.end));
+            .map_or(0, |o| o.cells);
         let b = Arc::new(ClusterBucket {
             t_us,
             tau_us: t_us * f64::from(limit.burst.max(1) - 1),
             burst: limit.burst.max(1),
             limit,
             lease: AtomicI64::new(adopted),
-            lease_end: AtomicU64::new(adopted_end),
             demand: AtomicU64::new(0),
             refuse_until: AtomicU64::new(0),
             until_full_us: AtomicU64::new(0),
@@ -238,14 +240,13 @@ impl ClusterShared {
             want: false,
         }));
         let start = std::time::Instant::now();
-        let asked = self.clock.mono_nanos();
         let reply = self.store.sync_rates(&self.instance, &request).await;
         let took = start.elapsed();
         match reply {
             Ok(reply) if reply.leases.len() == request.len() => {
                 self.recovered(reply.live);
                 for ((b, _), lease) in active.iter().zip(&reply.leases) {
-                    b.granted(*lease, asked);
+                    b.granted(*lease);
                 }
                 Synced {
                     ok: true,
@@ -316,12 +317,6 @@ pub struct ClusterBucket {
     limit: RateLimit,
     /// Cells reserved for this instance and not yet used.
     lease: AtomicI64,
-    /// Monotonic nanoseconds at which the latest lease's cells have all come back to Redis's
-    /// bucket: its `tat` after the lease (the call's start plus the µs until full it answered).
-    /// The lease's cells are the last `t_us` steps before it; a cell is spent only while its
-    /// step lies ahead (one held past it would be handed out again by Redis, which counts it
-    /// as refilled).
-    lease_end: AtomicU64,
     /// Requests seen since the last sync.
     demand: AtomicU64,
     /// Monotonic nanoseconds before which requests are refused without asking Redis.
@@ -356,10 +351,8 @@ impl Drop for ClusterBucket {
                     t_us: self.t_us,
                     tau_us: self.tau_us,
                     cells: 0,
-                    end: 0,
                 });
             o.cells += cells;
-            o.end = o.end.max(*self.lease_end.get_mut());
         }
     }
 }
@@ -431,21 +424,9 @@ impl ClusterBucket {
         }
     }
 
-    /// Takes one cell of the lease, of those whose time in the shared bucket still lies ahead
-    /// at `now` (one a `t_us` before the lease's end).
-    fn take(&self, now: u64) -> Option<RateInfo> {
+    /// Takes one cell of the lease.
+    fn take(&self) -> Option<RateInfo> {
         let mut l = self.lease.load(Ordering::Acquire);
-        if l > 0 {
-            let ahead = self.lease_end.load(Ordering::Acquire).saturating_sub(now);
-            let left = (ahead as f64 / (self.t_us * 1000.0)).ceil() as i64;
-            if left < l {
-                // Cells whose time has passed: Redis counts them as refilled, so they go.
-                let _ = self
-                    .lease
-                    .compare_exchange(l, left, Ordering::AcqRel, Ordering::Acquire);
-                l = self.lease.load(Ordering::Acquire).min(left);
-            }
-        }
         while l > 0 {
             match self
                 .lease
@@ -458,15 +439,10 @@ impl ClusterBucket {
         None
     }
 
-    /// A lease from a call made at `asked` (monotonic ns).
-    fn granted(&self, lease: Lease, asked: u64) {
+    fn granted(&self, lease: Lease) {
         self.until_full_us
             .store(lease.until_full_us, Ordering::Relaxed);
         if lease.cells > 0 {
-            // Redis's `tat` after this lease: its cells are the last ones before it, and one
-            // comes back to the bucket each `t_us` as the time passes them.
-            let end = asked + lease.until_full_us * 1000;
-            self.lease_end.fetch_max(end, Ordering::AcqRel);
             self.lease.fetch_add(lease.cells as i64, Ordering::AcqRel);
             self.refuse_until.store(0, Ordering::Relaxed);
         }
@@ -492,7 +468,7 @@ impl ClusterBucket {
         if shared.degraded() {
             return self.fallback_check(shared.live());
         }
-        if let Some(info) = self.take(now) {
+        if let Some(info) = self.take() {
             return Ok(info);
         }
         if now < self.refuse_until.load(Ordering::Relaxed) {
@@ -500,10 +476,10 @@ impl ClusterBucket {
         }
         // No lease: ask Redis, one request at a time; the others find the lease it brought.
         let _one = self.acquiring.lock().await;
-        let now = shared.clock.mono_nanos();
-        if let Some(info) = self.take(now) {
+        if let Some(info) = self.take() {
             return Ok(info);
         }
+        let now = shared.clock.mono_nanos();
         if now < self.refuse_until.load(Ordering::Relaxed) {
             return Err(self.refusal(now));
         }
@@ -522,8 +498,8 @@ impl ClusterBucket {
                     cells: 0,
                     until_full_us: 0,
                 });
-                self.granted(lease, now);
-                match self.take(now) {
+                self.granted(lease);
+                match self.take() {
                     Some(info) => Ok(info),
                     None => {
                         // Nothing to give: wait for the next cell's time (asking Redis again
@@ -574,13 +550,6 @@ mod tests {
     use super::*;
     use crate::clock::FakeClock;
 
-    fn shared(clock: &FakeClock) -> (Arc<ClusterShared>, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let store =
-            crate::keys::store::sqlite::SqliteStore::open(&dir.path().join("k.db")).unwrap();
-        (ClusterShared::new(Arc::new(store), clock.clock()), dir)
-    }
-
     fn per_second(n: u32, burst: u32) -> RateLimit {
         RateLimit {
             per_second: Some(n),
@@ -590,62 +559,25 @@ mod tests {
         }
     }
 
-    /// A lease's cells come back to Redis's bucket one per emission interval as time passes
-    /// them: a cell held past its time is dropped, not spent (Redis hands it out again).
-    /// 1000/s, burst 10: ten cells leased with the bucket full again 10 ms on; 4 ms later only
-    /// the six still ahead may be spent.
-    #[test]
-    fn cells_of_a_lease_are_spent_only_while_their_time_lies_ahead() {
-        let clock = FakeClock::new();
-        let (shared, _dir) = shared(&clock);
-        let b = shared.bucket("c:acme", per_second(1000, 10));
-        let asked = clock.mono_nanos();
-        b.granted(
-            Lease {
-                cells: 10,
-                until_full_us: 10_000,
-            },
-            asked,
-        );
-        assert!(b.take(clock.mono_nanos()).is_some());
-        clock.advance(Duration::from_millis(4));
-        let now = clock.mono_nanos();
-        let spent = std::iter::from_fn(|| b.take(now)).count();
-        assert_eq!(spent, 6);
-        clock.advance(Duration::from_millis(6));
-        assert!(b.take(clock.mono_nanos()).is_none());
-        // A new lease is spent whole at once.
-        b.granted(
-            Lease {
-                cells: 3,
-                until_full_us: 3_000,
-            },
-            clock.mono_nanos(),
-        );
-        let now = clock.mono_nanos();
-        assert_eq!(std::iter::from_fn(|| b.take(now)).count(), 3);
-    }
-
     /// A bucket dropped with cells in hand leaves them to the next bucket of its name.
     #[test]
     fn a_dropped_buckets_lease_goes_to_the_next_of_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::keys::store::sqlite::SqliteStore::open(&dir.path().join("k.db")).unwrap();
         let clock = FakeClock::new();
-        let (shared, _dir) = shared(&clock);
+        let shared = ClusterShared::new(Arc::new(store), clock.clock());
         let b = shared.bucket("c:acme", per_second(1000, 10));
-        b.granted(
-            Lease {
-                cells: 5,
-                until_full_us: 10_000,
-            },
-            clock.mono_nanos(),
-        );
+        b.granted(Lease {
+            cells: 5,
+            until_full_us: 10_000,
+        });
         drop(b);
         let again = shared.bucket("c:acme", per_second(1000, 10));
-        let now = clock.mono_nanos();
-        assert_eq!(std::iter::from_fn(|| again.take(now)).count(), 5);
+        assert_eq!(std::iter::from_fn(|| again.take()).count(), 5);
         // Another limit is another bucket: nothing to take over.
         let other = shared.bucket("c:acme", per_second(10, 10));
-        assert!(other.take(now).is_none());
+        assert!(other.take().is_none());
     }
 
     #[test]
