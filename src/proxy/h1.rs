@@ -39,6 +39,7 @@ use super::codec::head::{self, Field, Framing, Parsed, RequestHead, ResponseHead
 use super::codec::wire::{self, BodyOut, Out};
 use super::deadline;
 use super::drain::{DrainWait, draining};
+use super::headers;
 use super::policy::{self, RequestView, Routed};
 use super::upstream::{BodyReader, BodySource, Conn, Exchange, Step};
 use super::{ConnInfo, Gateway, Outcome};
@@ -445,7 +446,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
                 if e.status().is_server_error() {
                     gw.metrics.upstream_errors.inc();
                 }
-                return Err(e.into());
+                // Admitted and charged: the answer says what is left, as a relayed one does.
+                let mut res = e.response();
+                if let Some(rate) = &admitted.rate {
+                    headers::add_rate(res.headers_mut(), rate);
+                }
+                return Err(Stop::Answer(res));
             }
         };
         let answered = Instant::now();

@@ -49,6 +49,8 @@ pub type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
 const POOL_IDLE_TIMEOUT: Duration = upstream::IDLE_TIMEOUT;
 /// Largest login body read.
 const LOGIN_MAX_BODY: usize = 16 * 1024;
+/// A small body read whole ran past its limit (a body that could not be read is another 400).
+const BODY_TOO_LARGE: &str = "the body is too large";
 
 /// hyper-util's client, for `https://` upstreams and WebSocket upgrades.
 #[derive(Clone)]
@@ -163,7 +165,13 @@ impl Gateway {
                 if e.status().is_server_error() {
                     self.metrics.upstream_errors.inc();
                 }
-                return Err(e);
+                // Admitted and charged: the answer says what is left, as a relayed one does.
+                let mut res = e.response::<Bytes>();
+                if let Some(rate) = &admitted.rate {
+                    headers::add_rate(res.headers_mut(), rate);
+                }
+                self.cors_own(Some(route), parts, &mut res);
+                return Ok(own(res));
             }
         };
         if let Some(rate) = &admitted.rate {
@@ -224,12 +232,12 @@ impl Gateway {
         match self.read_small(body, MAX_BODY + 1).await {
             Ok(b) if b.len() > MAX_BODY => too_large(),
             Ok(b) => leaks.handle(&parts.headers, &b).await,
-            Err(ProxyError::BadRequest(_)) => too_large(),
+            Err(ProxyError::BadRequest(BODY_TOO_LARGE)) => too_large(),
             Err(e) => e.response::<Bytes>(),
         }
     }
 
-    /// Reads a small body whole, within `limits.body_timeout` in all (not per pause: a client
+    /// Reads a small body whole ([`BODY_TOO_LARGE`] past `limit`), within `limits.body_timeout` in all (not per pause: a client
     /// sending a byte now and then cannot hold its connection).
     async fn read_small(&self, body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
         let mut body = http_body_util::Limited::new(body, limit);
@@ -244,9 +252,15 @@ impl Gateway {
                         out.extend_from_slice(d);
                     }
                 }
-                Ok(Some(Err(_))) => {
+                Ok(Some(Err(e))) => {
                     return Err(ProxyError::BadRequest(
-                        "the body could not be read or is too large",
+                        if e.downcast_ref::<http_body_util::LengthLimitError>()
+                            .is_some()
+                        {
+                            BODY_TOO_LARGE
+                        } else {
+                            "the body could not be read (broken framing)"
+                        },
                     ));
                 }
             }

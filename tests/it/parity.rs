@@ -824,6 +824,13 @@ async fn misbehaving_upstreams_are_502_alike() {
                     a.header("content-type").as_deref(),
                     Some("application/problem+json")
                 );
+                // Admitted and charged: the 502 says what is left, as a relayed answer does.
+                assert!(
+                    a.header("ratelimit-limit").is_some()
+                        && a.header("ratelimit-remaining").is_some(),
+                    "{engine:?} {path}: no RateLimit-* on the 502:\n{}",
+                    a.head
+                );
                 // The client's connection survives the upstream's failure.
                 let a = expect_ok(c.get("/ok", &key).await, "/ok after a 502");
                 assert_eq!((a.status, &a.body[..]), (200, &b"ok"[..]), "after {path}");
