@@ -339,7 +339,11 @@ pub(super) fn secret_scanning(raw: RawSecretScanning, errors: &mut Vec<String>) 
             }
         }
         Some(path) => {
-            if let Err(e) = std::fs::metadata(&path) {
+            // Read and parsed as `serve` does, so a file it would refuse is refused here.
+            if let Err(e) = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| github_keys(&text).map(|_| ()))
+            {
                 errors.push(format!(
                     "secret_scanning.github_keys_file {}: {e}",
                     path.display()
@@ -351,6 +355,68 @@ pub(super) fn secret_scanning(raw: RawSecretScanning, errors: &mut Vec<String>) 
             }
         }
     }
+}
+
+/// DER prefix of a SubjectPublicKeyInfo of an uncompressed P-256 point (id-ecPublicKey,
+/// prime256v1, a 66-byte BIT STRING).
+const P256_SPKI_PREFIX: [u8; 26] = [
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+
+/// One of GitHub's public keys (secret scanning).
+#[derive(Clone)]
+pub struct GithubKey {
+    pub identifier: String,
+    /// The uncompressed point (65 bytes).
+    pub point: Vec<u8>,
+}
+
+#[derive(Deserialize)]
+struct KeysFile {
+    public_keys: Vec<KeyEntry>,
+}
+
+#[derive(Deserialize)]
+struct KeyEntry {
+    key_identifier: String,
+    key: String,
+}
+
+/// The uncompressed P-256 point of a PEM `PUBLIC KEY`.
+fn p256_point(pem: &str) -> Result<Vec<u8>, String> {
+    let b64: String = pem
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("-----"))
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64.as_bytes())
+        .map_err(|e| format!("not PEM: {e}"))?;
+    match der.strip_prefix(&P256_SPKI_PREFIX[..]) {
+        Some(point) if point.len() == 65 && point[0] == 4 => Ok(point.to_vec()),
+        _ => Err("not an ECDSA P-256 public key".into()),
+    }
+}
+
+/// Parses GitHub's published key list (`[secret_scanning] github_keys_file`).
+pub fn github_keys(json: &[u8]) -> Result<Vec<GithubKey>, String> {
+    let file: KeysFile = serde_json::from_slice(json).map_err(|e| {
+        format!("expected {{\"public_keys\": [{{\"key_identifier\", \"key\"}}]}}: {e}")
+    })?;
+    if file.public_keys.is_empty() {
+        return Err("public_keys is empty".into());
+    }
+    file.public_keys
+        .into_iter()
+        .map(|k| {
+            Ok(GithubKey {
+                point: p256_point(&k.key)
+                    .map_err(|e| format!("key {:?}: {e}", k.key_identifier))?,
+                identifier: k.key_identifier,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

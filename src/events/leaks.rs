@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::Events;
-use crate::config::events::LeakAction;
+use crate::config::events::{GithubKey, LeakAction, github_keys};
 use crate::keys::cache::KeyCache;
 use crate::keys::outbox::{EventType, NewEvent};
 use crate::keys::store::{KeyPatch, Store, StoreError};
@@ -33,32 +33,6 @@ use crate::keys::{ApiKey, KeyFormat, KeyHash, SetBy, now_millis};
 
 /// Largest report body read (GitHub sends up to 1,000 tokens per request).
 pub const MAX_BODY: usize = 1 << 20;
-/// DER prefix of a SubjectPublicKeyInfo of an uncompressed P-256 point (id-ecPublicKey,
-/// prime256v1, a 66-byte BIT STRING).
-const P256_SPKI_PREFIX: [u8; 26] = [
-    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
-    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
-];
-
-/// One of GitHub's public keys.
-#[derive(Clone)]
-struct PublicKey {
-    identifier: String,
-    /// The uncompressed point (65 bytes).
-    point: Vec<u8>,
-}
-
-#[derive(Deserialize)]
-struct KeysFile {
-    public_keys: Vec<KeyEntry>,
-}
-
-#[derive(Deserialize)]
-struct KeyEntry {
-    key_identifier: String,
-    key: String,
-}
-
 #[derive(Deserialize)]
 struct Reported {
     token: String,
@@ -79,48 +53,12 @@ struct Label {
 
 /// The leak endpoint: GitHub's keys, the action, and what it acts on.
 pub struct LeakReports {
-    keys: Vec<PublicKey>,
+    keys: Vec<GithubKey>,
     action: LeakAction,
     format: KeyFormat,
     store: Arc<dyn Store>,
     cache: KeyCache,
     events: Option<Arc<Events>>,
-}
-
-/// The uncompressed P-256 point of a PEM `PUBLIC KEY`.
-fn p256_point(pem: &str) -> Result<Vec<u8>, String> {
-    let b64: String = pem
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("-----"))
-        .collect();
-    let der = STANDARD
-        .decode(b64.as_bytes())
-        .map_err(|e| format!("not PEM: {e}"))?;
-    match der.strip_prefix(&P256_SPKI_PREFIX[..]) {
-        Some(point) if point.len() == 65 && point[0] == 4 => Ok(point.to_vec()),
-        _ => Err("not an ECDSA P-256 public key".into()),
-    }
-}
-
-/// Parses GitHub's published key list.
-fn parse_keys(json: &[u8]) -> Result<Vec<PublicKey>, String> {
-    let file: KeysFile = serde_json::from_slice(json).map_err(|e| {
-        format!("expected {{\"public_keys\": [{{\"key_identifier\", \"key\"}}]}}: {e}")
-    })?;
-    if file.public_keys.is_empty() {
-        return Err("public_keys is empty".into());
-    }
-    file.public_keys
-        .into_iter()
-        .map(|k| {
-            Ok(PublicKey {
-                point: p256_point(&k.key)
-                    .map_err(|e| format!("key {:?}: {e}", k.key_identifier))?,
-                identifier: k.key_identifier,
-            })
-        })
-        .collect()
 }
 
 fn problem(status: StatusCode, code: &str, detail: &str) -> Response<Bytes> {
@@ -165,7 +103,7 @@ impl LeakReports {
                 keys_file.display()
             )
         })?;
-        let keys = parse_keys(&text).map_err(|e| {
+        let keys = github_keys(&text).map_err(|e| {
             format!(
                 "secret_scanning.github_keys_file {}: {e}",
                 keys_file.display()
@@ -234,12 +172,16 @@ impl LeakReports {
             let live = if self.format.check(&r.token) {
                 match self.act(&hash, r, !seen.insert(hash.0)).await {
                     Ok(known) => known,
-                    Err(_) => {
-                        return problem(
+                    Err(e) => {
+                        tracing::error!(error = %e, "leaked-key report: the store failed; answered 503 for GitHub to send it again");
+                        let mut res = problem(
                             StatusCode::SERVICE_UNAVAILABLE,
                             "store_unavailable",
                             "the store is unavailable; send the report again",
                         );
+                        res.headers_mut()
+                            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+                        return res;
                     }
                 }
             } else {
@@ -360,12 +302,12 @@ mod tests {
         let pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE2Es6jA3H/6TCwJhI0VM012pb6oG/\nvQzjnbtmy8bTfOvYm0MyeFc6v00/zm5SisOyzS/eszzEqWIDsEBJR04rRQ==\n-----END PUBLIC KEY-----\n";
         let json =
             json!({"public_keys": [{"key_identifier": "abc", "key": pem, "is_current": true}]});
-        let keys = parse_keys(json.to_string().as_bytes()).unwrap();
+        let keys = github_keys(json.to_string().as_bytes()).unwrap();
         assert_eq!(keys[0].identifier, "abc");
         assert_eq!(keys[0].point.len(), 65);
-        assert!(parse_keys(b"{}").is_err());
-        assert!(parse_keys(br#"{"public_keys": []}"#).is_err());
+        assert!(github_keys(b"{}").is_err());
+        assert!(github_keys(br#"{"public_keys": []}"#).is_err());
         let bad = json!({"public_keys": [{"key_identifier": "x", "key": "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----"}]});
-        assert!(parse_keys(bad.to_string().as_bytes()).is_err());
+        assert!(github_keys(bad.to_string().as_bytes()).is_err());
     }
 }

@@ -1066,6 +1066,30 @@ secret = "{secret}"
     );
     let text = refused_config(&path, &text);
     assert!(text.contains("webhooks[1] repeats"), "{text}");
+
+    // A key file that exists but that `serve` would refuse: check-config refuses it too.
+    let keys = dir.path().join("github-keys.json");
+    for (content, why) in [
+        (r#"{"public_keys": []}"#, "public_keys is empty"),
+        ("not json", "expected {\"public_keys\""),
+        (
+            r#"{"public_keys": [{"key_identifier": "k", "key": "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----"}]}"#,
+            "not an ECDSA P-256 public key",
+        ),
+    ] {
+        std::fs::write(&keys, content).unwrap();
+        let text = config_text(
+            "http://127.0.0.1:9",
+            &dir.path().join("k.db"),
+            &format!(
+                "[secret_scanning]\nenabled = true\ngithub_keys_file = \"{}\"\n",
+                keys.display()
+            ),
+        );
+        let text = refused_config(&path, &text);
+        assert!(text.contains("secret_scanning.github_keys_file"), "{text}");
+        assert!(text.contains(why), "{why} not in {text}");
+    }
 }
 
 #[tokio::test]

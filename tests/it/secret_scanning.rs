@@ -178,6 +178,7 @@ async fn a_revoke_the_store_cannot_finish_changes_nothing_and_the_resend_revokes
     .unwrap();
     let r = signer.post(&gw, &report(&[&key])).await;
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.headers["retry-after"], "5");
     assert_eq!(key_state(&gw, &id).await["enabled"], true);
     assert_eq!(gw.get_with_key("/x", &key).await.status, 200);
     db.execute_batch("DROP TRIGGER no_leak").unwrap();
@@ -378,6 +379,25 @@ async fn malformed_and_oversized_reports_are_refused() {
     assert_eq!(r.status, 413);
     let r = post_raw(&gw, big.into_bytes(), &[]).await;
     assert_eq!(r.status, 413);
+    // A body whose chunked framing is broken is a bad request, not a large one.
+    let r = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+        s.write_all(
+            format!(
+                "POST {PATH} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+                 Connection: close\r\n\r\nzz\r\n[]\r\n0\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        assert!(read.is_ok(), "no answer in time");
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     assert_eq!(key_state(&gw, &id).await["enabled"], true);
     assert_eq!(gw.get_with_key("/x", &key).await.status, 200);
     // Other methods are not the report endpoint.
