@@ -361,7 +361,14 @@ async fn require_caller(
     next: Next,
 ) -> Result<Response, AdminError> {
     let ip = peer_ip(&req);
-    let caller = identify(&state, req.headers(), ip).await?;
+    let caller = match identify(&state, req.headers(), ip).await {
+        // The Kixote calls answer any caller without the admin key 401 (their contract): a
+        // valid key without the self-service permission is no different there from a wrong one.
+        Err(AdminError::Forbidden(_)) if req.uri().path().starts_with("/auth/") => {
+            return Err(AdminError::Unauthorized);
+        }
+        other => other?,
+    };
     req.extensions_mut().insert(caller.clone());
     let mut res = next.run(req).await;
     // For the audit around this check.

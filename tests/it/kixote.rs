@@ -487,6 +487,47 @@ async fn client_principals_manage_only_their_own_keys() {
         gw.admin("GET", "/v1/clients/sneaky", None).await.status,
         404
     );
+    // So does a valid key without the self-service permission: 401 as for a wrong key (it
+    // was 403, which told a valid key from a guess), nothing changed.
+    let plain = gw.key("acme", json!({})).await["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (m, path, body) in [
+        ("GET", "/auth/list_clients", None),
+        (
+            "POST",
+            "/auth/create_client",
+            Some(json!({"client_id": "sneaky", "license": "pro"})),
+        ),
+        (
+            "POST",
+            "/auth/revoke_client_key",
+            Some(json!({"client_id": "acme"})),
+        ),
+        (
+            "POST",
+            "/auth/create_client_key",
+            Some(json!({"client_id": "acme"})),
+        ),
+        (
+            "DELETE",
+            "/auth/delete_client",
+            Some(json!({"client_id": "acme"})),
+        ),
+    ] {
+        let r = call(m, path.into(), body, &plain).await;
+        assert_eq!(r.status, 401, "{path}");
+        assert!(r.headers.contains_key("www-authenticate"), "{path}");
+    }
+    assert_eq!(gw.get_with_key("/x", &plain).await.status, 200);
+    // The rest of the admin API still says why: the key lacks the permission.
+    assert_eq!(
+        call("GET", "/v1/api-keys".into(), None, &plain)
+            .await
+            .status,
+        403
+    );
 
     // Own key management works, with a token too.
     let r = call(
