@@ -710,16 +710,24 @@ pub fn persistence_warning(appendonly: Option<&str>, appendfsync: Option<&str>) 
     None
 }
 
-/// The warning to log for this `maxmemory-policy`, if any: keygate's Redis keys have no TTL, so
-/// only the `allkeys-*` policies can evict them.
+/// The warning to log for this `maxmemory-policy`, if any: every policy but `noeviction` can
+/// evict keygate's state. The `allkeys-*` ones take keys and clients (they stop working); the
+/// `volatile-*` ones take what keygate gives a TTL: quota counters (a client's quota would start
+/// again from 0) and the cluster rate limits' buckets.
 pub fn eviction_warning(policy: Option<&str>) -> Option<String> {
     let policy = policy?;
-    policy.starts_with("allkeys-").then(|| {
-        format!(
-            "Redis has maxmemory-policy {policy}: under memory pressure it may evict API keys and \
-             clients (they would stop working); use noeviction (or a volatile-* policy)"
-        )
-    })
+    if policy == "noeviction" {
+        return None;
+    }
+    let what = if policy.starts_with("allkeys-") {
+        "API keys and clients (they would stop working) and quota counters"
+    } else {
+        "quota counters (a client's quota would start again from 0) and cluster rate-limit state"
+    };
+    Some(format!(
+        "Redis has maxmemory-policy {policy}: under memory pressure it may evict {what}; use \
+         noeviction"
+    ))
 }
 
 /// The Lua scripts (`scripts/*.lua`), each run after the shared prelude. The first lines of
@@ -1480,7 +1488,9 @@ mod tests {
         assert!(persistence_warning(Some("yes"), Some("always")).is_none());
         assert!(eviction_warning(Some("allkeys-lru")).is_some());
         assert!(eviction_warning(Some("noeviction")).is_none());
-        assert!(eviction_warning(Some("volatile-lru")).is_none());
+        // Quota counters and cluster buckets have a TTL: a volatile-* policy takes them.
+        assert!(eviction_warning(Some("volatile-lru")).is_some());
+        assert!(eviction_warning(Some("volatile-ttl")).is_some_and(|w| w.contains("quota")));
         assert!(eviction_warning(None).is_none());
     }
 }
