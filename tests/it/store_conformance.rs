@@ -500,6 +500,9 @@ async fn list_keys_paginates_in_creation_order_with_client_filter(s: Arc<dyn Sto
     assert_eq!(a2.items, vec![same1.clone()]);
     let none = s.list_keys(Some("nobody"), 1, 10).await.unwrap();
     assert_eq!((none.items.len(), none.total), (0, 0));
+    // An empty client id is a client id no client has, not "every client".
+    let none = s.list_keys(Some(""), 1, 10).await.unwrap();
+    assert_eq!((none.items.len(), none.total), (0, 0));
     // Full records, as stored.
     let full = s.list_keys(Some("a"), 1, 10).await.unwrap();
     assert_eq!(full.items[1], same2);

@@ -881,6 +881,13 @@ impl Store for RedisStore {
         page: u32,
         per_page: u32,
     ) -> StoreResult<Page<ApiKey>> {
+        // The script reads "" as "every client": an empty filter is no client's (as on SQLite).
+        if client_id == Some("") {
+            return Ok(Page {
+                items: Vec::new(),
+                total: 0,
+            });
+        }
         let (first, last) = page_range(page, per_page);
         let mut a = Args::default();
         a.push(client_id.unwrap_or("")).push(first).push(last);
