@@ -416,6 +416,64 @@ async fn with_redis_wait_replicas_writes_made_at_once_are_each_answered_for_what
     }
 }
 
+/// Webhook writes through the admin API are admin writes: with `redis_wait_replicas` and a
+/// replica that does not answer, each is made and answered as not confirmed (they went out
+/// without `WAIT`: a webhook deleted just before a failover could come back, and events go on
+/// to a URL the operator removed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_wait_replicas_webhook_writes_wait_for_a_replica_too() {
+    use keygate::keys::now_millis;
+    use keygate::keys::outbox::Webhook;
+    use keygate::keys::store::redis::{RedisStore, RedisTls};
+    use keygate::keys::store::{Store, StoreError};
+
+    let (primary, replica) = primary_and_replica();
+    let store =
+        RedisStore::open_with(&primary.tcp_url(0), "keygate:", &RedisTls::default(), 1).unwrap();
+    let outbox = store.outbox().unwrap();
+    let hook = |id: &str| Webhook {
+        id: id.into(),
+        url: "https://hooks.example.com/k".into(),
+        events: vec!["*".into()],
+        secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+        created_at: now_millis(),
+    };
+    // Made while the replica answers (each script loaded on the server first).
+    assert!(outbox.insert_webhook(&hook("wh_first"), 100).await.unwrap());
+    assert!(
+        outbox
+            .update_webhook("wh_first", Some("https://hooks.example.com/a"), None)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(outbox.delete_webhook("wh_none").await.unwrap().is_none());
+    replica.pause();
+    let made = outbox.insert_webhook(&hook("wh_paused"), 100).await;
+    let changed = outbox
+        .update_webhook("wh_first", Some("https://hooks.example.com/b"), None)
+        .await;
+    let deleted = outbox.delete_webhook("wh_first").await;
+    replica.resume();
+    assert!(matches!(made, Err(StoreError::Unconfirmed(_))), "{made:?}");
+    assert!(
+        matches!(changed, Err(StoreError::Unconfirmed(_))),
+        "{changed:?}"
+    );
+    assert!(
+        matches!(deleted, Err(StoreError::Unconfirmed(_))),
+        "{deleted:?}"
+    );
+    let ids: Vec<String> = outbox
+        .list_webhooks()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(ids, ["wh_paused"], "each write was made on the primary");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_wait_replicas_an_admin_write_is_acknowledged_only_once_a_replica_holds_it() {
     let (primary, replica) = primary_and_replica();

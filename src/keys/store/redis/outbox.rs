@@ -237,7 +237,7 @@ impl Outbox for RedisOutbox {
         a.push(&w.id).push(value).push(max);
         let v = self
             .store
-            .script("insert webhook", &scripts().insert_webhook, a)
+            .write("insert webhook", &scripts().insert_webhook, a)
             .await?;
         match int(&v)? {
             1 => Ok(true),
@@ -279,7 +279,7 @@ impl Outbox for RedisOutbox {
             .push(events.map(|e| json!(e).to_string()).unwrap_or_default());
         match self
             .store
-            .script("update webhook", &scripts().update_webhook, a)
+            .write("update webhook", &scripts().update_webhook, a)
             .await?
         {
             Value::Nil => Ok(None),
@@ -292,7 +292,7 @@ impl Outbox for RedisOutbox {
         a.push(crate::keys::now_millis()).push(id);
         match self
             .store
-            .script("delete webhook", &scripts().delete_webhook, a)
+            .write("delete webhook", &scripts().delete_webhook, a)
             .await?
         {
             Value::Nil => Ok(None),
