@@ -889,7 +889,7 @@ fn field_at(text: &str, line: usize, column: usize) -> Option<String> {
 /// string would be quoted whole. Names stay: of fields, of the expected variants, and of an
 /// unknown variant (`algorithm = "RS256"` is worth naming; a setting of a fixed set of names
 /// is no place for a secret).
-fn without_strings(message: &str) -> String {
+pub fn without_strings(message: &str) -> String {
     const QUOTED: &str = "string \"";
     let mut out = String::with_capacity(message.len());
     let mut rest = message;

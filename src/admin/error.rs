@@ -389,7 +389,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdminError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { "body".to_owned() } else { path };
-        let msg = e.into_inner().to_string();
+        // Without the string values serde quotes: a secret sent in the wrong field (a key as
+        // `enabled`) is not echoed back.
+        let msg = crate::config::without_strings(&e.into_inner().to_string());
         // serde reports a missing or unknown field at the parent; name it instead.
         let field = extract_field(&msg).unwrap_or(field);
         AdminError::Validation(vec![FieldError::new(field, msg)])

@@ -254,6 +254,28 @@ async fn bad_input_is_400_or_422_naming_the_field() {
     assert!(String::from_utf8_lossy(&r.body).contains("license"));
     let r = gw.admin("GET", "/v1/api-keys?per_page=5000", None).await;
     assert_eq!(r.status, 422);
+    // A secret sent in the wrong field is named by its type, never echoed back.
+    let (key, id) = gw.client("echo", "pro").await;
+    for body in [
+        json!({"enabled": key}),
+        json!({"name": "x", "client_id": "acme", "expires_days": key}),
+    ] {
+        let path = if body.get("enabled").is_some() {
+            format!("/v1/api-keys/{id}")
+        } else {
+            "/v1/api-keys".to_owned()
+        };
+        let m = if body.get("enabled").is_some() {
+            "PATCH"
+        } else {
+            "POST"
+        };
+        let r = gw.admin(m, &path, Some(body.clone())).await;
+        assert_eq!(r.status, 422, "{body}");
+        let text = String::from_utf8_lossy(&r.body);
+        assert!(!text.contains(&key), "the key echoed: {text}");
+        assert!(text.contains("a string"), "{text}");
+    }
     let r = gw
         .admin(
             "POST",
