@@ -380,6 +380,19 @@ def main():
         wait.until(lambda d: http_call("GET", f"http://{admin}/v1/clients/doomed", ADMIN_KEY, admin=True)[0] == 404)
         check(True, "a confirmed delete removes the client")
 
+        # A new client's key, not dismissed, is gone from the page when the list is opened.
+        by_id("new-client-id").send_keys("walkaway")
+        by_id("new-client-license").clear()
+        by_id("new-client-license").send_keys("free")
+        by_id("new-client-go").click()
+        visible("newkey")
+        walked = by_id("newkey-value").text
+        check(walked.startswith("kg_"), "a new client's key is shown")
+        driver.find_element(By.ID, "nav-clients").click()
+        visible("clients")
+        check(walked not in driver.page_source and not by_id("newkey").is_displayed(),
+              "leaving for the client list takes the undismissed key out of the page")
+
         # After a reload: signed out, the key nowhere in the page or the browser's storage.
         driver.refresh()
         visible("signin")

@@ -175,6 +175,8 @@ async function health() {
 let clientList = [];
 
 async function clients() {
+  // A new key not dismissed leaves the page with the view it was made in.
+  hideNewKey();
   show('clients');
   clientList = await all('/v1/clients');
   renderClients();
