@@ -138,6 +138,17 @@ impl KeyLimiter {
         }
     }
 
+    /// Gives back the cell a successful [`KeyLimiter::check`] took: that request was refused by
+    /// a limit checked after this one, and a refused request spends nothing.
+    pub fn give_back(&self) {
+        let t = self.t;
+        let _ = self
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                (tat != 0).then(|| tat.saturating_sub(t).max(1))
+            });
+    }
+
     /// True when the bucket holds its whole burst (it is then the same as a new one).
     pub fn is_full(&self) -> bool {
         let tat = self.tat.load(Ordering::Acquire);
@@ -159,6 +170,23 @@ mod tests {
         assert_eq!(l.tau(), gcra(&per_second(5, 7)).1);
         assert!(l.enforces(&per_second(5, 7)));
         assert!(!l.enforces(&per_second(5, 8)) && !l.enforces(&per_second(6, 7)));
+    }
+
+    /// A cell given back is there for the next request, and never more than the burst.
+    #[test]
+    fn a_cell_given_back_is_taken_again() {
+        let clock = FakeClock::new();
+        let l = KeyLimiter::new(per_second(1, 1), clock.clock());
+        assert!(l.check().is_ok());
+        assert!(l.check().is_err());
+        l.give_back();
+        assert!(l.check().is_ok());
+        assert!(l.check().is_err());
+        // On a full bucket: still one cell, not two.
+        let full = KeyLimiter::new(per_second(1, 1), clock.clock());
+        full.give_back();
+        assert!(full.check().is_ok());
+        assert!(full.check().is_err());
     }
 
     #[test]

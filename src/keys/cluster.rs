@@ -523,6 +523,18 @@ impl ClusterBucket {
         }
     }
 
+    /// Gives back the cell a successful [`ClusterBucket::check`] took (the request was refused
+    /// by a limit checked after this one): to the lease, or to the fallback bucket while Redis
+    /// is unreachable.
+    pub fn give_back(&self) {
+        if self.shared.degraded() {
+            let b = Arc::clone(&self.fallback.lock().unwrap_or_else(PoisonError::into_inner));
+            b.give_back();
+        } else {
+            self.lease.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
     fn fallback_check(&self, live: u32) -> Result<RateInfo, Refusal> {
         let b = {
             let mut f = self.fallback.lock().unwrap_or_else(PoisonError::into_inner);
@@ -577,6 +589,10 @@ mod tests {
         assert_eq!(std::iter::from_fn(|| again.take()).count(), 5);
         // Another limit is another bucket: nothing to take over.
         let other = shared.bucket("c:acme", per_second(10, 10));
+        assert!(other.take().is_none());
+        // A cell given back (its request refused by a later limit) goes back to the lease.
+        other.give_back();
+        assert!(other.take().is_some());
         assert!(other.take().is_none());
     }
 

@@ -541,23 +541,38 @@ impl Gateway {
             .limiter
             .check()
             .map_err(|r| self.rate_limited(r))?;
-        if let Some(client) = &principal.client_limiter {
+        // A request one limit refuses spends nothing of the limits checked before it (else a
+        // key's own bucket would drain while its client's, or the route's, refuses).
+        let client = principal.client_limiter.as_deref();
+        if let Some(client) = client {
             // The client's bucket under the key's own: the answer shows the tighter one.
-            let c = client.check().map_err(|r| self.rate_limited(r))?;
+            let c = client.check().map_err(|r| {
+                principal.limiter.give_back();
+                self.rate_limited(r)
+            })?;
             if c.remaining < rate.remaining {
                 rate = c;
             }
         }
         if let Some(shared) = &principal.cluster {
-            let c = shared.check().await.map_err(|r| self.rate_limited(r))?;
+            let c = shared.check().await.map_err(|r| {
+                principal.limiter.give_back();
+                client.inspect(|c| c.give_back());
+                self.rate_limited(r)
+            })?;
             if c.remaining < rate.remaining {
                 rate = c;
             }
         }
         if let Some(limiter) = &route.limiter {
-            limiter
-                .check(&principal.key_id)
-                .map_err(|r| self.rate_limited(r))?;
+            limiter.check(&principal.key_id).map_err(|r| {
+                principal.limiter.give_back();
+                client.inspect(|c| c.give_back());
+                if let Some(shared) = &principal.cluster {
+                    shared.give_back();
+                }
+                self.rate_limited(r)
+            })?;
         }
         self.usage.touch(&principal);
         let permit = auth::authorize(route, principal).map_err(ProxyError::from)?;

@@ -72,6 +72,43 @@ async fn key_with(gw: &Gateway, client: &str, extra: Value) -> (String, String) 
 // ---------------------------------------------------------------------------------------------
 // Scopes.
 
+/// A request one limit refuses spends nothing of the limits checked before it: a key with its
+/// own limit (1 request per 10 s, burst 4) under a client-wide plan of 2/s with a burst of 1.
+/// Requests the client's bucket refuses once drained the key's own bucket as well, so when the
+/// client's refilled the key's was empty: 429 for seconds where the key had 3 requests left.
+#[tokio::test]
+async fn a_request_one_limit_refuses_spends_nothing_of_the_others() {
+    let gw = Gateway::start_with(
+        "[plans.tight]\nrate_limit = { per_second = 2, burst = 1 }\n[[routes]]\npath = \"/\"\n",
+    )
+    .await;
+    gw.client("layered", "tight").await;
+    let (key, _) = key_with(
+        &gw,
+        "layered",
+        json!({"rate_limit": {"per_minute": 6, "burst": 4}}),
+    )
+    .await;
+    let start = std::time::Instant::now();
+    assert_eq!(gw.get_with_key("/x", &key).await.status, 200);
+    // The client's one cell is spent: refused by its bucket (for 500 ms).
+    let mut refused = 0;
+    while refused < 3 && start.elapsed() < std::time::Duration::from_millis(400) {
+        let r = gw.get_with_key("/x", &key).await;
+        assert_eq!(r.status, 429);
+        refused += 1;
+    }
+    assert_eq!(refused, 3, "three refusals within the client's 500 ms");
+    tokio::time::sleep(std::time::Duration::from_millis(1_100).saturating_sub(start.elapsed()))
+        .await;
+    // The client's bucket has a cell again, and the key's own still its three.
+    for i in 0..3 {
+        let r = gw.get_with_key("/x", &key).await;
+        assert_eq!(r.status, 200, "request {i} after the client's refill");
+        tokio::time::sleep(std::time::Duration::from_millis(550)).await;
+    }
+}
+
 #[tokio::test]
 async fn every_key_and_token_of_a_client_draws_from_one_bucket() {
     let gw = Gateway::start_with(PLANS).await;
