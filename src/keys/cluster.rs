@@ -115,6 +115,20 @@ struct Orphan {
     cells: i64,
 }
 
+impl Orphan {
+    /// The sync entry that gives the cells of bucket `name` back.
+    fn returned((name, o): (String, Orphan)) -> BucketSync {
+        BucketSync {
+            name,
+            t_us: o.t_us,
+            tau_us: o.tau_us,
+            unused: o.cells.max(0) as u64,
+            demand: 0,
+            want: false,
+        }
+    }
+}
+
 /// What one sync round did, for the metrics.
 #[derive(Debug, Clone, Copy)]
 pub struct Synced {
@@ -231,14 +245,7 @@ impl ClusterShared {
             })
             .collect();
         // After the active buckets, so the replies line up with `active`.
-        request.extend(orphans.into_iter().map(|(name, o)| BucketSync {
-            name,
-            t_us: o.t_us,
-            tau_us: o.tau_us,
-            unused: o.cells.max(0) as u64,
-            demand: 0,
-            want: false,
-        }));
+        request.extend(orphans.into_iter().map(Orphan::returned));
         let start = std::time::Instant::now();
         let reply = self.store.sync_rates(&self.instance, &request).await;
         let took = start.elapsed();
@@ -381,20 +388,13 @@ pub async fn give_back(shared: &Arc<ClusterShared>) {
             })
         })
         .collect();
-    let orphans: Vec<(String, Orphan)> = shared
-        .orphans
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .drain()
-        .collect();
-    request.extend(orphans.into_iter().map(|(name, o)| BucketSync {
-        name,
-        t_us: o.t_us,
-        tau_us: o.tau_us,
-        unused: o.cells.max(0) as u64,
-        demand: 0,
-        want: false,
-    }));
+    let orphans = std::mem::take(
+        &mut *shared
+            .orphans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner),
+    );
+    request.extend(orphans.into_iter().map(Orphan::returned));
     if !request.is_empty()
         && let Err(e) = shared.store.sync_rates(&shared.instance, &request).await
     {

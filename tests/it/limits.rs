@@ -1244,30 +1244,64 @@ async fn an_instance_without_traffic_is_counted_in_the_fleet() {
 /// the bucket with it, is let go at the next usage flush) or the instance stopped, those cells
 /// stayed reserved in Redis until their time passed (100/min: 0.6 s a cell), so the client got
 /// a few requests where it had 99 left.
-#[tokio::test]
-async fn a_lease_in_hand_survives_its_bucket_and_a_restart() {
+/// One keygate process in cluster mode on its own redis-server: `store` and `more` go into
+/// the config file's `[store]` and after it. Bind every field by name, as for [`Fleet`].
+struct Alone {
+    _redis: RedisServer,
+    _upstream: Upstream,
+    config: String,
+    dir: tempfile::TempDir,
+    gw: Binary,
+}
+
+async fn alone(store: &str, more: &str) -> Alone {
     let redis = RedisServer::start();
     let upstream = Upstream::start().await;
-    let store = format!("url = \"{}\"\nlast_used_flush_secs = 1", redis.tcp_url(0));
+    let store = format!("url = \"{}\"\n{store}", redis.tcp_url(0));
     let config = store_config_text(
         &upstream.url(),
         &store,
-        &format!("{CLUSTER}\n[rate_limit]\nmode = \"cluster\"\n"),
+        &format!("{more}\n[rate_limit]\nmode = \"cluster\"\n"),
     );
     let dir = tempfile::tempdir().unwrap();
-    let mut gw = Binary::serve(&config, dir.path()).spawn();
-    let admin = [("x-admin-key", ADMIN_KEY)];
+    let gw = Binary::serve(&config, dir.path()).spawn();
+    Alone {
+        _redis: redis,
+        _upstream: upstream,
+        config,
+        dir,
+        gw,
+    }
+}
+
+/// A client made with the admin key: its first key and that key's id.
+async fn client_on(gw: &Binary, client_id: &str, license: &str) -> (String, String) {
     let (s, v) = call(
         gw.admin,
         "POST",
         "/v1/clients".into(),
-        Some(json!({"client_id": "held", "license": "shared"})),
-        &admin,
+        Some(json!({"client_id": client_id, "license": license})),
+        &[("x-admin-key", ADMIN_KEY)],
     )
     .await;
     assert_eq!(s, 201, "{v}");
-    let key = v["api_key"]["key"].as_str().unwrap().to_owned();
-    let id = v["api_key"]["id"].as_str().unwrap().to_owned();
+    (
+        v["api_key"]["key"].as_str().unwrap().to_owned(),
+        v["api_key"]["id"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_lease_in_hand_survives_its_bucket_and_a_restart() {
+    let Alone {
+        _redis,
+        _upstream,
+        config,
+        dir,
+        mut gw,
+    } = alone("last_used_flush_secs = 1", CLUSTER).await;
+    let admin = [("x-admin-key", ADMIN_KEY)];
+    let (key, id) = client_on(&gw, "held", "shared").await;
     let accepted = |proxy: std::net::SocketAddr, n: usize| {
         let key = key.clone();
         async move {
@@ -1314,26 +1348,18 @@ async fn a_lease_in_hand_survives_its_bucket_and_a_restart() {
 /// 50 ms sync instead of the next cell, 10 ms on), and never more than the rate allows.
 #[tokio::test]
 async fn a_fast_plan_with_a_small_burst_gets_its_rate_in_cluster_mode() {
-    let redis = RedisServer::start();
-    let upstream = Upstream::start().await;
-    let store = format!("url = \"{}\"", redis.tcp_url(0));
-    let config = store_config_text(
-        &upstream.url(),
-        &store,
-        "[plans.fast]\nrate_limit = { per_second = 100, burst = 1 }\n[rate_limit]\nmode = \"cluster\"\n",
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Binary::serve(&config, dir.path()).spawn();
-    let (s, v) = call(
-        gw.admin,
-        "POST",
-        "/v1/clients".into(),
-        Some(json!({"client_id": "fast", "license": "fast"})),
-        &[("x-admin-key", ADMIN_KEY)],
+    let Alone {
+        _redis,
+        _upstream,
+        config: _,
+        dir: _dir,
+        gw,
+    } = alone(
+        "",
+        "[plans.fast]\nrate_limit = { per_second = 100, burst = 1 }\n",
     )
     .await;
-    assert_eq!(s, 201, "{v}");
-    let key = v["api_key"]["key"].as_str().unwrap().to_owned();
+    let (key, _) = client_on(&gw, "fast", "fast").await;
     let start = std::time::Instant::now();
     let (mut sent, mut ok) = (0u32, 0u32);
     while start.elapsed() < std::time::Duration::from_secs(2) {
