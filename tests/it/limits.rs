@@ -1168,15 +1168,20 @@ struct Fleet {
     _dirs: Vec<tempfile::TempDir>,
 }
 
+/// The config of a cluster-mode gateway on `redis` in front of `upstream`: `store` goes into
+/// `[store]` after the URL, `more` (plans, say) after it.
+fn cluster_config(redis: &RedisServer, upstream: &Upstream, store: &str, more: &str) -> String {
+    store_config_text(
+        &upstream.url(),
+        &format!("url = \"{}\"\n{store}", redis.tcp_url(0)),
+        &format!("{more}\n[rate_limit]\nmode = \"cluster\"\n"),
+    )
+}
+
 async fn fleet(n: usize) -> Fleet {
     let redis = RedisServer::start();
     let upstream = Upstream::start().await;
-    let store = format!("url = \"{}\"", redis.tcp_url(0));
-    let config = store_config_text(
-        &upstream.url(),
-        &store,
-        &format!("{CLUSTER}\n[rate_limit]\nmode = \"cluster\"\n"),
-    );
+    let config = cluster_config(&redis, &upstream, "", CLUSTER);
     let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
     let gws = dirs
         .iter()
@@ -1257,12 +1262,7 @@ struct Alone {
 async fn alone(store: &str, more: &str) -> Alone {
     let redis = RedisServer::start();
     let upstream = Upstream::start().await;
-    let store = format!("url = \"{}\"\n{store}", redis.tcp_url(0));
-    let config = store_config_text(
-        &upstream.url(),
-        &store,
-        &format!("{more}\n[rate_limit]\nmode = \"cluster\"\n"),
-    );
+    let config = cluster_config(&redis, &upstream, store, more);
     let dir = tempfile::tempdir().unwrap();
     let gw = Binary::serve(&config, dir.path()).spawn();
     Alone {
