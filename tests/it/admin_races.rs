@@ -51,15 +51,7 @@ fn ok(r: &Reply, what: &str) -> Value {
 }
 
 async fn race(gw: &Gateway) -> Figures {
-    let r = gw
-        .admin(
-            "POST",
-            "/v1/clients",
-            Some(json!({"client_id": "victim", "license": "pro", "permissions": ["keys:manage"]})),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    let stolen = r.json()["api_key"]["key"].as_str().unwrap().to_owned();
+    let stolen = gw.manager("victim", "pro").await;
     let target = gw.key("victim", json!({"name": "target"})).await;
     let id = target["id"].as_str().unwrap().to_owned();
     let mut current = target["key"].as_str().unwrap().to_owned();

@@ -211,15 +211,7 @@ async fn a_revoke_the_store_cannot_finish_changes_nothing_and_the_resend_revokes
 async fn a_reported_key_its_client_disabled_cannot_be_enabled_by_the_client() {
     let (text, signer) = Signer::config("revoke");
     let gw = Gateway::start_with(&text).await;
-    let r = gw
-        .admin(
-            "POST",
-            "/v1/clients",
-            Some(json!({"client_id": "leaky", "license": "pro", "permissions": ["keys:manage"]})),
-        )
-        .await;
-    assert_eq!(r.status, 201);
-    let manager = r.json()["api_key"]["key"].as_str().unwrap().to_owned();
+    let manager = gw.manager("leaky", "pro").await;
     let as_client = [("x-api-key", manager.as_str())];
     let v = gw.key("leaky", json!({})).await;
     let (key, id) = (

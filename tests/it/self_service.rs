@@ -206,15 +206,7 @@ async fn redis_a_client_never_loosens_what_an_admin_set() {
 /// within its own permissions it may rotate.
 async fn a_client_rotates_only_keys_within_its_own_permissions(redis: bool) {
     let (gw, _redis) = on_store(redis).await;
-    let r = gw
-        .admin(
-            "POST",
-            "/v1/clients",
-            Some(json!({"client_id": "acme", "license": "pro", "permissions": ["keys:manage"]})),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{}", body(&r));
-    let narrow = r.json()["api_key"]["key"].as_str().unwrap().to_owned();
+    let narrow = gw.manager("acme", "pro").await;
     let as_client = [("x-api-key", narrow.as_str())];
     let wide = gw
         .key(

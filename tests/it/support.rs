@@ -433,6 +433,23 @@ impl Gateway {
         )
     }
 
+    /// Creates a client whose first key carries `keys:manage` (a client principal of the admin
+    /// API); returns that key.
+    pub async fn manager(&self, client_id: &str, license: &str) -> String {
+        let r = self
+            .admin(
+                "POST",
+                "/v1/clients",
+                Some(
+                    serde_json::json!({"client_id": client_id, "license": license,
+                    "permissions": ["keys:manage"]}),
+                ),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["api_key"]["key"].as_str().unwrap().to_owned()
+    }
+
     /// Creates a key for `client_id` with the given extra fields; returns the whole answer.
     pub async fn key(&self, client_id: &str, extra: Value) -> Value {
         let mut body = serde_json::json!({"name": "test key", "client_id": client_id});
