@@ -18,7 +18,9 @@
 //!   a second apply finds nothing to do.
 //!
 //! Plans and routes are configuration, not state the admin API can change: when the file has
-//! `[plans]` or `[[routes]]` and they differ from the running configuration, `diff` lists that
+//! `[plans]` or `[[routes]]` and they differ from the running configuration (a plan's rate
+//! limit, scope and quota; a route's path, upstream, permissions, methods, auth, rate limit,
+//! cost and audience; a route's own CORS rules are not compared), `diff` lists that
 //! and `apply` refuses before changing anything (edit the config file, or drop those sections
 //! from the state file). Metadata is written as a JSON string (`metadata = '{"tier":2}'`), so
 //! every JSON value survives the trip through TOML.
@@ -383,6 +385,16 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// `v` without `field` when it holds the default (`GET /v1/config` leaves defaults out).
+fn without_default(mut v: Value, field: &str, default: Value) -> Value {
+    if let Some(o) = v.as_object_mut()
+        && o.get(field) == Some(&default)
+    {
+        o.remove(field);
+    }
+    v
+}
+
 /// The changes that make `live` what `want` says, in the order they must be made: clients
 /// created and updated, keys deleted, updated and created, clients deleted.
 fn plan(want: &State, live: &Live) -> Result<Vec<Change>, CliError> {
@@ -392,9 +404,11 @@ fn plan(want: &State, live: &Live) -> Result<Vec<Change>, CliError> {
             .as_object()
             .cloned()
             .unwrap_or_default();
-        let same = plans
-            .iter()
-            .all(|(name, p)| running.get(name).is_some_and(|r| *r == toml_to_json(p)));
+        let same = plans.iter().all(|(name, p)| {
+            running
+                .get(name)
+                .is_some_and(|r| *r == without_default(toml_to_json(p), "scope", json!("client")))
+        });
         if !same {
             out.push(Change::Config {
                 what: "[plans]".into(),
@@ -406,7 +420,10 @@ fn plan(want: &State, live: &Live) -> Result<Vec<Change>, CliError> {
             .as_array()
             .cloned()
             .unwrap_or_default();
-        let theirs: Vec<Value> = routes.iter().map(toml_to_json).collect();
+        let theirs: Vec<Value> = routes
+            .iter()
+            .map(|r| without_default(toml_to_json(r), "cost", json!(1)))
+            .collect();
         // Compare with the running routes as the export wrote them (nulls dropped).
         let ours: Vec<Value> = running
             .iter()

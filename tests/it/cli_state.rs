@@ -515,3 +515,65 @@ async fn webhooks_are_exported_without_secrets_and_converge() {
     }
     assert_eq!(webhooks(&gw).await, hooks);
 }
+
+/// A plan's scope and quota and a route's cost and audience are part of the running
+/// configuration `diff` compares: an exported file is in sync, one that changes any of them is
+/// listed and refused by `apply`, and one that writes a default out (`scope = "client"`,
+/// `cost = 1`) is still in sync.
+#[tokio::test]
+async fn plan_quotas_scopes_and_route_costs_and_audiences_are_compared() {
+    let gw = Gateway::start_with(
+        "[[routes]]\npath = \"/v1\"\ncost = 3\naudience = \"billing\"\n\
+         [[routes]]\npath = \"/\"\n\
+         [plans.metered]\nscope = \"key\"\nquota = { requests = 1000, per = \"day\" }\n",
+    )
+    .await;
+    seed(&gw).await;
+    gw.client("initech", "metered").await;
+    let file = gw.dir.path().join("state.toml");
+    let good = export(&gw, &file).await;
+    for want in [
+        "cost = 3",
+        "audience = \"billing\"",
+        "scope = \"key\"",
+        "per = \"day\"",
+    ] {
+        assert!(good.contains(want), "{want} missing from:\n{good}");
+    }
+    assert_eq!(diff(&gw, &file).await, (0, String::new()));
+    let before = snapshot(&gw).await;
+    for (from, to, what) in [
+        ("cost = 3", "cost = 4", "[[routes]]"),
+        (
+            "audience = \"billing\"",
+            "audience = \"other\"",
+            "[[routes]]",
+        ),
+        ("scope = \"key\"", "scope = \"client\"", "[plans]"),
+        ("requests = 1000", "requests = 2000", "[plans]"),
+        ("per = \"day\"", "per = \"month\"", "[plans]"),
+    ] {
+        assert!(good.contains(from), "{from}");
+        std::fs::write(&file, good.replace(from, to)).unwrap();
+        let (code, listed) = diff(&gw, &file).await;
+        assert_eq!(code, 3, "{from} → {to}: {listed}");
+        assert!(listed.contains(&format!("{what} differ")), "{listed}");
+        let o = kg(&gw, &["apply", file.to_str().unwrap()]).await;
+        assert_eq!(o.status.code(), Some(2), "{}", err(&o));
+    }
+    assert_eq!(snapshot(&gw).await, before);
+    // Defaults written out: the catch-all route's cost 1, plan free's client scope.
+    let mut state: toml::Table = toml::from_str(&good).unwrap();
+    for r in state["routes"].as_array_mut().unwrap() {
+        let r = r.as_table_mut().unwrap();
+        if r["path"].as_str() == Some("/") {
+            r.insert("cost".into(), 1.into());
+        }
+    }
+    state["plans"]["free"]
+        .as_table_mut()
+        .unwrap()
+        .insert("scope".into(), "client".into());
+    std::fs::write(&file, toml::to_string(&state).unwrap()).unwrap();
+    assert_eq!(diff(&gw, &file).await, (0, String::new()));
+}
