@@ -83,8 +83,10 @@ fn main() -> ExitCode {
                     "warning: no admin key configured; `keygate serve` will refuse to start (set KEYGATE_ADMIN_KEY)"
                 );
             }
-            println!("configuration OK");
-            ExitCode::SUCCESS
+            match keygate::cli::emit("configuration OK") {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => e.exit(),
+            }
         }
         Command::Serve => serve(config),
         _ => unreachable!("admin-API commands return above"),

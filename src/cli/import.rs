@@ -27,7 +27,7 @@ use clap::{Args, ValueEnum};
 use serde_json::Value;
 
 use super::http::Admin;
-use super::{CliError, Global, Output};
+use super::{CliError, Global, Output, emit};
 
 /// Longest line read; a longer one is reported and skipped without being held whole.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -452,9 +452,11 @@ pub async fn run(g: &Global, admin: &Admin, args: &ImportArgs) -> Result<(), Cli
     let summary =
         serde_json::json!({"imported": imported, "refused": refused, "last_line": last_line});
     if g.output == Output::Json {
-        println!("{summary}");
+        emit(summary)?;
     } else if !g.quiet {
-        println!("imported {imported} keys; {refused} lines refused");
+        emit(format_args!(
+            "imported {imported} keys; {refused} lines refused"
+        ))?;
     }
     Ok(())
 }

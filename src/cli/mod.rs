@@ -12,9 +12,11 @@
 //! create, key create, key rotate) prints the plaintext key alone on stdout; other changes
 //! print nothing; reads print as usual.
 //!
-//! Exit codes: 0 done; 1 refused by the server (the problem's `detail` on stderr) or the
-//! server could not be reached; 2 usage error (bad arguments, no admin key, unreadable file);
-//! 3 `diff` found changes.
+//! Exit codes: 0 done; 1 refused by the server (the problem's `detail` on stderr), the
+//! server could not be reached, or stdout could not be written (closed or full: never a
+//! panic; a key or webhook secret that could not be shown is deleted again where it was
+//! just made, and said on stderr); 2 usage error (bad arguments, no admin key, unreadable
+//! file); 3 `diff` found changes.
 
 pub mod http;
 pub mod import;
@@ -41,6 +43,8 @@ pub enum CliError {
     Transport(String),
     /// A command that already reported what went wrong: exit 1.
     Failed,
+    /// Standard output is closed or full: exit 1.
+    Stdout(std::io::Error),
 }
 
 impl CliError {
@@ -59,8 +63,20 @@ impl CliError {
                 ExitCode::from(1)
             }
             CliError::Failed => ExitCode::from(1),
+            CliError::Stdout(e) => {
+                eprintln!("keygate: cannot write to standard output: {e}");
+                ExitCode::from(1)
+            }
         }
     }
+}
+
+/// `text` and a newline on stdout; a closed or full stdout is an error, not a panic.
+pub fn emit(text: impl std::fmt::Display) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")
+        .and_then(|()| out.flush())
+        .map_err(CliError::Stdout)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -278,17 +294,17 @@ pub async fn client(g: &Global, admin: &Admin, cmd: &ClientCmd) -> Result<(), Cl
             }
             let v = admin.send(Method::POST, "/v1/clients", &body).await?;
             let key = v["api_key"]["key"].as_str().unwrap_or_default();
-            new_key(g, &v, key);
+            new_key(g, admin, &v, key, Made::Key(text(&v["api_key"]["id"]))).await?;
         }
         ClientCmd::List => {
             let all = admin.all("/v1/clients").await?;
-            print_list(g, &all, CLIENT_COLUMNS);
+            print_list(g, &all, CLIENT_COLUMNS)?;
         }
         ClientCmd::Get { client_id } => {
             let v = admin
                 .get(&format!("/v1/clients/{}", segment(client_id)))
                 .await?;
-            print_one(g, &v);
+            print_one(g, &v)?;
         }
         ClientCmd::Update {
             client_id,
@@ -314,7 +330,7 @@ pub async fn client(g: &Global, admin: &Admin, cmd: &ClientCmd) -> Result<(), Cl
                     &body,
                 )
                 .await?;
-            changed(g, &v);
+            changed(g, &v)?;
         }
         ClientCmd::Delete { client_id } => {
             let v = admin
@@ -324,7 +340,7 @@ pub async fn client(g: &Global, admin: &Admin, cmd: &ClientCmd) -> Result<(), Cl
                     None,
                 )
                 .await?;
-            changed(g, &v);
+            changed(g, &v)?;
         }
     }
     Ok(())
@@ -358,7 +374,7 @@ pub async fn key(g: &Global, admin: &Admin, cmd: &KeyCmd) -> Result<(), CliError
             }
             let v = admin.send(Method::POST, "/v1/api-keys", &body).await?;
             let key = v["key"].as_str().unwrap_or_default().to_owned();
-            new_key(g, &v, &key);
+            new_key(g, admin, &v, &key, Made::Key(text(&v["id"]))).await?;
         }
         KeyCmd::List { client_id } => {
             let path = match client_id {
@@ -366,9 +382,9 @@ pub async fn key(g: &Global, admin: &Admin, cmd: &KeyCmd) -> Result<(), CliError
                 None => "/v1/api-keys".into(),
             };
             let all = admin.all(&path).await?;
-            print_list(g, &all, KEY_COLUMNS);
+            print_list(g, &all, KEY_COLUMNS)?;
         }
-        KeyCmd::Get { id } => print_one(g, &admin.get(&one(id)).await?),
+        KeyCmd::Get { id } => print_one(g, &admin.get(&one(id)).await?)?,
         KeyCmd::Update {
             id,
             name,
@@ -402,15 +418,15 @@ pub async fn key(g: &Global, admin: &Admin, cmd: &KeyCmd) -> Result<(), CliError
             if body.as_object().is_some_and(|o| o.is_empty()) {
                 return Err(CliError::Usage("nothing to change".into()));
             }
-            changed(g, &admin.send(Method::PATCH, &one(id), &body).await?);
+            changed(g, &admin.send(Method::PATCH, &one(id), &body).await?)?;
         }
         KeyCmd::Disable { id } | KeyCmd::Enable { id } => {
             let enabled = matches!(cmd, KeyCmd::Enable { .. });
             let body = json!({ "enabled": enabled });
-            changed(g, &admin.send(Method::PATCH, &one(id), &body).await?);
+            changed(g, &admin.send(Method::PATCH, &one(id), &body).await?)?;
         }
         KeyCmd::Delete { id } => {
-            changed(g, &admin.call(Method::DELETE, &one(id), None).await?);
+            changed(g, &admin.call(Method::DELETE, &one(id), None).await?)?;
         }
         KeyCmd::Rotate { id, grace } => {
             let body = json!({ "grace_period_seconds": grace });
@@ -418,19 +434,18 @@ pub async fn key(g: &Global, admin: &Admin, cmd: &KeyCmd) -> Result<(), CliError
                 .send(Method::POST, &format!("{}/rotate", one(id)), &body)
                 .await?;
             let key = v["key"].as_str().unwrap_or_default().to_owned();
-            new_key(g, &v, &key);
+            new_key(g, admin, &v, &key, Made::Rotated(id.clone())).await?;
         }
         KeyCmd::Usage { id, days } => {
             let v = admin.get(&format!("{}/usage?days={days}", one(id))).await?;
             match g.output {
-                Output::Json => print_json(&v),
+                Output::Json => print_json(&v)?,
                 Output::Table => {
-                    let mut out = std::io::stdout().lock();
-                    let _ = writeln!(out, "key_id: {}", text(&v["key_id"]));
-                    let _ = writeln!(out, "last_used_at: {}", text(&v["last_used_at"]));
-                    let _ = writeln!(out, "total: {}", text(&v["total"]));
+                    emit(format_args!("key_id: {}", text(&v["key_id"])))?;
+                    emit(format_args!("last_used_at: {}", text(&v["last_used_at"])))?;
+                    emit(format_args!("total: {}", text(&v["total"])))?;
                     let days = v["days"].as_array().cloned().unwrap_or_default();
-                    print_table(&days, &[("DATE", "date"), ("REQUESTS", "requests")]);
+                    print_table(&days, &[("DATE", "date"), ("REQUESTS", "requests")])?;
                 }
             }
         }
@@ -466,14 +481,11 @@ fn text(v: &Value) -> String {
     }
 }
 
-fn print_json(v: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).expect("a Value serializes")
-    );
+fn print_json(v: &Value) -> Result<(), CliError> {
+    emit(serde_json::to_string_pretty(v).expect("a Value serializes"))
 }
 
-fn print_table(rows: &[Value], columns: &[(&str, &str)]) {
+fn print_table(rows: &[Value], columns: &[(&str, &str)]) -> Result<(), CliError> {
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| columns.iter().map(|(_, f)| text(&r[*f])).collect())
@@ -490,7 +502,6 @@ fn print_table(rows: &[Value], columns: &[(&str, &str)]) {
                 .unwrap_or(0)
         })
         .collect();
-    let mut out = std::io::stdout().lock();
     let line = |cols: Vec<String>| {
         cols.iter()
             .zip(&widths)
@@ -500,17 +511,14 @@ fn print_table(rows: &[Value], columns: &[(&str, &str)]) {
             .trim_end()
             .to_owned()
     };
-    let _ = writeln!(
-        out,
-        "{}",
-        line(columns.iter().map(|(h, _)| h.to_string()).collect())
-    );
+    emit(line(columns.iter().map(|(h, _)| h.to_string()).collect()))?;
     for r in cells {
-        let _ = writeln!(out, "{}", line(r));
+        emit(line(r))?;
     }
+    Ok(())
 }
 
-fn print_list(g: &Global, items: &[Value], columns: &[(&str, &str)]) {
+fn print_list(g: &Global, items: &[Value], columns: &[(&str, &str)]) -> Result<(), CliError> {
     match g.output {
         Output::Json => print_json(&Value::Array(items.to_vec())),
         Output::Table => print_table(items, columns),
@@ -518,38 +526,71 @@ fn print_list(g: &Global, items: &[Value], columns: &[(&str, &str)]) {
 }
 
 /// One object as `field: value` lines (nested objects as JSON).
-fn print_one(g: &Global, v: &Value) {
+fn print_one(g: &Global, v: &Value) -> Result<(), CliError> {
     match (g.output, v) {
         (Output::Table, Value::Object(o)) => {
-            let mut out = std::io::stdout().lock();
             for (k, v) in o {
                 let cell = match v {
                     Value::Object(_) => v.to_string(),
                     v => text(v),
                 };
-                let _ = writeln!(out, "{k}: {cell}");
+                emit(format_args!("{k}: {cell}"))?;
             }
+            Ok(())
         }
         _ => print_json(v),
     }
 }
 
 /// The answer to a change: nothing with --quiet.
-fn changed(g: &Global, v: &Value) {
-    if !g.quiet {
-        print_one(g, v);
-    }
+fn changed(g: &Global, v: &Value) -> Result<(), CliError> {
+    if g.quiet { Ok(()) } else { print_one(g, v) }
+}
+
+/// What a call that shows a new secret made, to undo when the secret cannot be shown.
+enum Made {
+    /// A new key (`id`): deleted again.
+    Key(String),
+    /// A key (`id`) given a new secret: cannot be undone; said on stderr.
+    Rotated(String),
 }
 
 /// The answer to a call that made a key: with --quiet the key alone; otherwise the answer and
-/// a warning on stderr that the key is shown once.
-fn new_key(g: &Global, v: &Value, key: &str) {
-    if g.quiet {
-        println!("{key}");
-        return;
+/// a warning on stderr that the key is shown once. When stdout cannot take it, a new key is
+/// deleted (nobody could ever use it) and a rotation is named on stderr.
+async fn new_key(
+    g: &Global,
+    admin: &Admin,
+    v: &Value,
+    key: &str,
+    made: Made,
+) -> Result<(), CliError> {
+    let shown = if g.quiet { emit(key) } else { print_one(g, v) };
+    if let Err(e) = shown {
+        match made {
+            Made::Key(id) => match admin
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/api-keys/{}", segment(&id)),
+                    None,
+                )
+                .await
+            {
+                Ok(_) => eprintln!(
+                    "keygate: the new key {id} could not be shown, so it was deleted again"
+                ),
+                Err(_) => {
+                    eprintln!("keygate: the new key {id} could not be shown nor deleted: delete it")
+                }
+            },
+            Made::Rotated(id) => eprintln!(
+                "keygate: key {id} has a new secret that could not be shown: rotate it again"
+            ),
+        }
+        return Err(e);
     }
-    print_one(g, v);
-    if g.output == Output::Table {
+    if g.output == Output::Table && !g.quiet {
         eprintln!("Store this key now: it is shown once and cannot be retrieved again.");
     }
+    Ok(())
 }

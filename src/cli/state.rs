@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::http::{Admin, segment};
-use super::{CliError, Global};
+use super::{CliError, Global, emit};
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -267,12 +267,11 @@ pub async fn export(admin: &Admin) -> Result<(), CliError> {
     });
     let text = toml::to_string(&state)
         .map_err(|e| CliError::Transport(format!("cannot write the state as TOML: {e}")))?;
-    println!(
+    emit(format_args!(
         "# keygate state: clients, keys (attributes only, never secrets), plans in use, routes,\n\
          # webhooks made through the admin API (never their secrets).\n\
          # `keygate diff FILE` shows what `keygate apply FILE` would change.\n\n{text}"
-    );
-    Ok(())
+    ))
 }
 
 pub fn read(path: &Path) -> Result<State, CliError> {
@@ -765,7 +764,7 @@ pub async fn diff(admin: &Admin, path: &Path) -> Result<bool, CliError> {
     let live = live(admin).await?;
     let changes = plan(&want, &live)?;
     for c in &changes {
-        println!("{c}");
+        emit(c)?;
     }
     Ok(changes.is_empty())
 }
@@ -804,11 +803,7 @@ pub async fn apply(g: &Global, admin: &Admin, path: &Path) -> Result<(), CliErro
     // The first key the admin API gives each client apply creates, until a new key of the
     // file takes it over.
     let mut first_keys: HashMap<String, Value> = HashMap::new();
-    let say = |c: &Change| {
-        if !g.quiet {
-            println!("{c}");
-        }
-    };
+    let say = |c: &Change| if g.quiet { Ok(()) } else { emit(c) };
     let mut at = 0;
     let made = async {
         for (i, c) in changes.iter().enumerate() {
@@ -875,9 +870,26 @@ pub async fn apply(g: &Global, admin: &Admin, path: &Path) -> Result<(), CliErro
                             (v, secret)
                         }
                     };
-                    say(c);
-                    // The new secret, once, for whoever holds the key.
-                    println!("{}/{} {}: {secret}", key.client_id, key.name, s(&v["id"]));
+                    // The new secret, once, for whoever holds the key; a key whose secret
+                    // cannot be shown is deleted again, so a rerun makes it anew.
+                    if let Err(e) = say(c).and_then(|()| {
+                        emit(format_args!(
+                            "{}/{} {}: {secret}",
+                            key.client_id,
+                            key.name,
+                            s(&v["id"])
+                        ))
+                    }) {
+                        let what = format!("key {}/{}", key.client_id, key.name);
+                        undo(
+                            admin,
+                            &what,
+                            &format!("/v1/api-keys/{}", segment(&s(&v["id"]))),
+                        )
+                        .await;
+                        return Err(e);
+                    }
+                    at = i + 1;
                     continue;
                 }
                 Change::UpdateKey { id, body, .. } => {
@@ -906,9 +918,25 @@ pub async fn apply(g: &Global, admin: &Admin, path: &Path) -> Result<(), CliErro
                             &json!({"url": url, "events": events}),
                         )
                         .await?;
-                    say(c);
-                    // The new signing secret, once (like a new key's secret): the receiver needs it.
-                    println!("webhook {url} {}: {}", s(&v["id"]), s(&v["secret"]));
+                    // The new signing secret, once (like a new key's secret): the receiver
+                    // needs it; a webhook whose secret cannot be shown is deleted again.
+                    if let Err(e) = say(c).and_then(|()| {
+                        emit(format_args!(
+                            "webhook {url} {}: {}",
+                            s(&v["id"]),
+                            s(&v["secret"])
+                        ))
+                    }) {
+                        let what = format!("webhook {url}");
+                        undo(
+                            admin,
+                            &what,
+                            &format!("/v1/webhooks/{}", segment(&s(&v["id"]))),
+                        )
+                        .await;
+                        return Err(e);
+                    }
+                    at = i + 1;
                     continue;
                 }
                 Change::UpdateWebhook { id, body, .. } => {
@@ -931,7 +959,9 @@ pub async fn apply(g: &Global, admin: &Admin, path: &Path) -> Result<(), CliErro
                 }
                 Change::Config { .. } => {}
             }
-            say(c);
+            // Made: a failure to say so stops after it.
+            at = i + 1;
+            say(c)?;
         }
         Ok::<(), CliError>(())
     }
@@ -953,14 +983,15 @@ pub async fn apply(g: &Global, admin: &Admin, path: &Path) -> Result<(), CliErro
                 ),
             }
         }
-        eprintln!(
-            "keygate: apply stopped at change {} of {} ({}); the {} before it stand; \
-             `keygate diff FILE` shows what is left",
-            at + 1,
-            changes.len(),
-            changes[at],
-            at
-        );
+        match changes.get(at) {
+            Some(next) => eprintln!(
+                "keygate: apply stopped at change {} of {} ({next}); the {at} before it stand; \
+                 `keygate diff FILE` shows what is left",
+                at + 1,
+                changes.len(),
+            ),
+            None => eprintln!("keygate: apply stopped after its last change; all {at} stand"),
+        }
         return Err(e);
     }
     // New clients the file gives no key: their automatic first key goes.
@@ -973,11 +1004,22 @@ pub async fn apply(g: &Global, admin: &Admin, path: &Path) -> Result<(), CliErro
             )
             .await?;
         if !g.quiet {
-            println!(
+            emit(format_args!(
                 "- key {client}/{} (created with the client)",
                 s(&first["name"])
-            );
+            ))?;
         }
     }
     Ok(())
+}
+
+/// Deletes what apply just made and could not show the secret of (`what` at `path`), saying so.
+async fn undo(admin: &Admin, what: &str, path: &str) {
+    match admin.call(Method::DELETE, path, None).await {
+        Ok(_) => eprintln!("keygate: - {what} (its secret could not be shown; removed)"),
+        Err(_) => eprintln!(
+            "keygate: {what} was made but its secret could not be shown nor the {what} \
+             removed; delete it"
+        ),
+    }
 }

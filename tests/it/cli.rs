@@ -699,3 +699,105 @@ async fn key_import_draws_a_progress_bar_with_rate_and_eta_on_a_terminal() {
     );
     assert!(drawn.contains("imported 3 keys; 0 lines refused"));
 }
+
+/// A standard output that cannot be written: a pipe whose reader has gone (`keygate … | head`
+/// after head quit) or a full disk (`/dev/full`).
+fn unwritable(closed: bool) -> std::process::Stdio {
+    if closed {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        writer.into()
+    } else {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+            .into()
+    }
+}
+
+async fn kg_to(gw: &Gateway, args: &[&str], closed: bool) -> Output {
+    let launch = Binary::command(args)
+        .arg("--admin-url")
+        .arg(format!("http://{}", gw.admin))
+        .env("KEYGATE_ADMIN_KEY", ADMIN_KEY);
+    tokio::task::spawn_blocking(move || launch.output_to(unwritable(closed)))
+        .await
+        .unwrap()
+}
+
+async fn key_names(gw: &Gateway, client: &str) -> Vec<String> {
+    let r = gw
+        .admin("GET", &format!("/v1/api-keys?client_id={client}"), None)
+        .await;
+    assert_eq!(r.status, 200);
+    r.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// stdout closed or full: exit 1 with the reason on stderr, never a panic (exit 101); a key
+/// made by the command whose secret could not be shown is deleted again, so no key exists
+/// that nobody holds; a rotation that could not be shown is named.
+#[tokio::test]
+async fn a_closed_or_full_stdout_is_an_error_and_leaves_no_unseen_secret() {
+    let gw = Gateway::start().await;
+    gw.client("acme", "pro").await;
+    let names = key_names(&gw, "acme").await;
+    for closed in [true, false] {
+        for quiet in [false, true] {
+            let mut args = vec!["key", "create", "--client", "acme", "--name", "ci"];
+            if quiet {
+                args.push("--quiet");
+            }
+            let o = kg_to(&gw, &args, closed).await;
+            assert_eq!(code(&o), 1, "{args:?}: {}", stderr(&o));
+            assert!(
+                stderr(&o).contains("cannot write to standard output"),
+                "{}",
+                stderr(&o)
+            );
+            assert!(
+                stderr(&o).contains("could not be shown, so it was deleted again"),
+                "{}",
+                stderr(&o)
+            );
+            assert_eq!(key_names(&gw, "acme").await, names, "closed {closed}");
+        }
+        // A new client's first key goes the same way; the client stands.
+        let id = if closed { "initech" } else { "globex" };
+        let o = kg_to(&gw, &["client", "create", id, "--license", "free"], closed).await;
+        assert_eq!(code(&o), 1, "{}", stderr(&o));
+        assert!(stderr(&o).contains("deleted again"), "{}", stderr(&o));
+        assert_eq!(key_names(&gw, id).await, Vec::<String>::new());
+        // Reads: exit 1, the reason on stderr.
+        for args in [
+            &["key", "list"][..],
+            &["client", "list", "--output", "json"],
+            &["client", "get", "acme"],
+            &["export"],
+        ] {
+            let o = kg_to(&gw, args, closed).await;
+            assert_eq!(code(&o), 1, "{args:?}: {}", stderr(&o));
+            assert!(
+                stderr(&o).contains("cannot write to standard output"),
+                "{args:?}: {}",
+                stderr(&o)
+            );
+        }
+    }
+    let k = gw.key("acme", json!({"name": "turn"})).await;
+    let id = k["id"].as_str().unwrap();
+    let o = kg_to(&gw, &["key", "rotate", id], true).await;
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!(
+            "key {id} has a new secret that could not be shown"
+        )),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -577,3 +577,91 @@ async fn plan_quotas_scopes_and_route_costs_and_audiences_are_compared() {
     std::fs::write(&file, toml::to_string(&state).unwrap()).unwrap();
     assert_eq!(diff(&gw, &file).await, (0, String::new()));
 }
+
+/// `apply` with a stdout that cannot be written (`apply FILE | head -1` after head quit):
+/// no panic halfway; it stops at the first line it cannot write, and a key or webhook it made
+/// and could not show the secret of is removed again, so a rerun makes it anew and shows it.
+#[tokio::test]
+async fn an_apply_whose_stdout_is_closed_stops_and_leaves_no_unseen_secret() {
+    let gw = Gateway::start_with(ROUTES).await;
+    seed(&gw).await;
+    let file = gw.dir.path().join("state.toml");
+    let good = export(&gw, &file).await;
+    let before = snapshot(&gw).await;
+    let hooks = webhooks(&gw).await;
+    let runs = [
+        // A key of an existing client (made new), …
+        "[[keys]]\nclient_id = \"acme\"\nname = \"new\"\n".to_string(),
+        // … a new client's key (its first key taken over), …
+        "[[clients]]\nclient_id = \"newco\"\nlicense = \"free\"\n\
+         [[keys]]\nclient_id = \"newco\"\nname = \"default\"\n"
+            .to_string(),
+        // … a webhook.
+        good.replace(
+            "webhooks = []",
+            "webhooks = [{ url = \"https://hooks.example.com/a\", events = [\"*\"] }]",
+        ),
+    ];
+    for (i, more) in runs.iter().enumerate() {
+        let text = if i == 2 {
+            more.clone()
+        } else {
+            format!("{good}\n{more}")
+        };
+        assert_ne!(text, good);
+        std::fs::write(&file, &text).unwrap();
+        for quiet in [false, true] {
+            let mut args = vec!["apply", file.to_str().unwrap()];
+            if quiet {
+                args.push("--quiet");
+            }
+            let launch = Binary::command(&args)
+                .arg("--admin-url")
+                .arg(format!("http://{}", gw.admin))
+                .env("KEYGATE_ADMIN_KEY", ADMIN_KEY);
+            let o = tokio::task::spawn_blocking(move || {
+                let (reader, writer) = std::io::pipe().unwrap();
+                drop(reader);
+                launch.output_to(writer.into())
+            })
+            .await
+            .unwrap();
+            assert_eq!(o.status.code(), Some(1), "{text}: {}", err(&o));
+            assert!(
+                err(&o).contains("cannot write to standard output"),
+                "{}",
+                err(&o)
+            );
+            // Removed as the one whose secret was not shown, or as a new client's first key
+            // when apply stopped at the line saying it made the client.
+            assert!(
+                err(&o).contains("its secret could not be shown; removed")
+                    || err(&o).contains("removed, as apply stopped"),
+                "{}",
+                err(&o)
+            );
+            assert!(err(&o).contains("apply stopped at change"), "{}", err(&o));
+            let (clients, keys) = snapshot(&gw).await;
+            assert_eq!(keys, before.1, "run {i} quiet {quiet}");
+            assert_eq!(webhooks(&gw).await, hooks, "run {i}");
+            // A client the run made stands (it holds no secret), keyless.
+            if i == 1 {
+                assert!(clients.to_string().contains("newco"));
+                assert_eq!(
+                    gw.admin("DELETE", "/v1/clients/newco", None).await.status,
+                    200
+                );
+            }
+        }
+        // With stdout back, the rerun makes it and shows the secret.
+        let o = apply(&gw, &file).await;
+        assert!(
+            out(&o).contains(": kg_") || out(&o).contains(": whsec_"),
+            "{}",
+            out(&o)
+        );
+        assert_eq!(diff(&gw, &file).await, (0, String::new()));
+        std::fs::write(&file, &good).unwrap();
+        apply(&gw, &file).await;
+    }
+}

@@ -142,6 +142,16 @@ impl Launch {
         cmd
     }
 
+    /// Runs to completion with `stdout` as its standard output; the exit status and stderr.
+    pub fn output_to(self, stdout: Stdio) -> Output {
+        self.command()
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run keygate: {e}"))
+    }
+
     /// Runs to completion; the exit status and everything printed.
     pub fn output(self) -> Output {
         self.command()
