@@ -646,9 +646,20 @@ pub fn permissions_problem(perms: &[String]) -> Option<String> {
         })
 }
 
-/// Validates a client id: 1–64 characters of `[A-Za-z0-9._-]`.
+/// What a client id is, as the admin API says it.
+pub const CLIENT_ID_RULE: &str = "must be 1–64 characters of [A-Za-z0-9._-], not `.` or `..`";
+
+/// [`valid_client_id`] as the OpenAPI document's pattern (no lookahead: any JSON Schema engine
+/// reads it). The document's attributes repeat it as a literal; a test holds them equal.
+pub const CLIENT_ID_PATTERN: &str = "^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|[.][A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|[.][.][A-Za-z0-9._-]{1,62})$";
+
+/// Validates a client id: 1–64 characters of `[A-Za-z0-9._-]`, and not `.` or `..` (a URL path
+/// segment of its own that clients and proxies resolve away: the console's and the admin API's
+/// URLs of such a client would name another resource).
 pub fn valid_client_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
+        && id != "."
+        && id != ".."
         && id
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
@@ -773,5 +784,31 @@ mod tests {
         assert!(!valid_client_id(&"a".repeat(65)));
         assert!(!valid_client_id("a b"));
         assert!(!valid_client_id("a/b"));
+        assert!(!valid_client_id("."));
+        assert!(!valid_client_id(".."));
+        assert!(valid_client_id("..."));
+        assert!(valid_client_id(".a"));
+        assert!(valid_client_id("..a"));
+        assert!(valid_client_id("a."));
+    }
+
+    #[test]
+    fn the_documented_pattern_is_the_rule() {
+        let pattern = regex::Regex::new(CLIENT_ID_PATTERN).unwrap();
+        let mut ids: Vec<String> = ["", ".", "..", "...", "-", "_", "a", "a/b", "a b", "é"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for n in [1, 2, 3, 62, 63, 64, 65] {
+            for c in [".", "a", "-"] {
+                ids.push(c.repeat(n));
+                ids.push(format!(".{}", c.repeat(n)));
+                ids.push(format!("..{}", c.repeat(n)));
+                ids.push(format!("{}.", c.repeat(n)));
+            }
+        }
+        for id in &ids {
+            assert_eq!(pattern.is_match(id), valid_client_id(id), "{id:?}");
+        }
     }
 }

@@ -11,7 +11,7 @@ use super::error::{AdminError, ErrorResponses, FieldError, JsonBody, Query};
 use super::keys::{KeyView, audit, check_metadata, check_permissions, new_key};
 use super::{AdminState, Caller, PageQuery, PageView, all_keys_of, rfc3339};
 use crate::keys::store::ClientPatch;
-use crate::keys::{Client, now_millis, valid_client_id};
+use crate::keys::{CLIENT_ID_RULE, Client, now_millis, valid_client_id};
 
 /// Name of the key created together with a client.
 pub const FIRST_KEY_NAME: &str = "default";
@@ -25,7 +25,9 @@ pub const FIRST_KEY_NAME: &str = "default";
     "metadata": {"billing_account": "ba-1042"}
 })))]
 pub struct ClientView {
-    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
+    #[schema(
+        pattern = "^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|[.][A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|[.][.][A-Za-z0-9._-]{1,62})$"
+    )]
     pub client_id: String,
     /// One of the configured plans (`[plans.<license>]`).
     pub license: String,
@@ -103,8 +105,8 @@ pub struct DeletedClient {
     "permissions": ["invoices:read"]
 })))]
 pub struct CreateClient {
-    /// 1–64 characters of `[A-Za-z0-9._-]`, unique (409 when it exists).
-    #[schema(value_type = String, required = true, pattern = "^[A-Za-z0-9._-]{1,64}$", examples("acme"))]
+    /// 1–64 characters of `[A-Za-z0-9._-]`, not `.` or `..`, unique (409 when it exists).
+    #[schema(value_type = String, required = true, pattern = "^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|[.][A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|[.][.][A-Za-z0-9._-]{1,62})$", examples("acme"))]
     pub client_id: Option<String>,
     /// One of the configured plans (`[plans.<license>]`).
     #[schema(value_type = String, required = true, examples("pro"))]
@@ -143,10 +145,7 @@ pub fn check_client_id(id: Option<&str>, errs: &mut Vec<FieldError>) -> String {
     match id {
         Some(id) if valid_client_id(id) => id.to_owned(),
         Some(_) => {
-            errs.push(FieldError::new(
-                "client_id",
-                "must be 1–64 characters of [A-Za-z0-9._-]",
-            ));
+            errs.push(FieldError::new("client_id", CLIENT_ID_RULE));
             String::new()
         }
         None => {
@@ -262,7 +261,7 @@ const NO_CLIENT: &str = "no client with this client_id";
 
 /// One client.
 #[utoipa::path(get, path = "/v1/clients/{client_id}", operation_id = "get_client", tag = "clients",
-    params(("client_id" = String, Path, pattern = "^[A-Za-z0-9._-]{1,64}$", example = "acme")),
+    params(("client_id" = String, Path, pattern = "^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|[.][A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|[.][.][A-Za-z0-9._-]{1,62})$", example = "acme")),
     responses((status = 200, description = "The client", body = ClientView), ErrorResponses))]
 pub async fn show(
     State(state): State<AdminState>,
@@ -280,7 +279,7 @@ pub async fn show(
 
 /// Changes a client's license or metadata; its keys follow at once.
 #[utoipa::path(patch, path = "/v1/clients/{client_id}", operation_id = "update_client", tag = "clients", request_body(content = Option<UpdateClient>, description = "Optional: an empty body changes nothing"),
-    params(("client_id" = String, Path, pattern = "^[A-Za-z0-9._-]{1,64}$", example = "acme")),
+    params(("client_id" = String, Path, pattern = "^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|[.][A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|[.][.][A-Za-z0-9._-]{1,62})$", example = "acme")),
     responses((status = 200, description = "The updated client", body = ClientView), ErrorResponses))]
 pub async fn update(
     State(state): State<AdminState>,
@@ -337,7 +336,7 @@ pub async fn delete_with_keys(
 
 /// Deletes a client and all its keys; they stop working at once.
 #[utoipa::path(delete, path = "/v1/clients/{client_id}", operation_id = "delete_client", tag = "clients",
-    params(("client_id" = String, Path, pattern = "^[A-Za-z0-9._-]{1,64}$", example = "acme")),
+    params(("client_id" = String, Path, pattern = "^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|[.][A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|[.][.][A-Za-z0-9._-]{1,62})$", example = "acme")),
     responses((status = 200, description = "The deleted client", body = DeletedClient), ErrorResponses))]
 pub async fn remove(
     State(state): State<AdminState>,

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::error::{AdminError, ErrorResponses, FieldError, JsonBody, Query};
 use super::{AdminState, Caller, PageQuery, PageView, rfc3339};
 use crate::keys::store::{KeyPatch, Rotated, Rotation};
-use crate::keys::{ApiKey, Millis, RateLimit, SetBy, now_millis, valid_client_id};
+use crate::keys::{ApiKey, CLIENT_ID_RULE, Millis, RateLimit, SetBy, now_millis, valid_client_id};
 
 /// Longest rotation grace period: 7 days.
 pub const MAX_GRACE_SECONDS: u64 = 7 * 24 * 3600;
@@ -42,7 +42,9 @@ const MAX_EXPIRES_DAYS: u32 = 36_500;
 pub struct KeyView {
     #[schema(format = Uuid)]
     pub id: String,
-    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
+    #[schema(
+        pattern = "^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|[.][A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|[.][.][A-Za-z0-9._-]{1,62})$"
+    )]
     pub client_id: String,
     #[schema(min_length = 1, max_length = 100)]
     pub name: String,
@@ -147,7 +149,7 @@ pub struct CreateKey {
     pub name: Option<String>,
     /// Owner of the key: an existing client (404 otherwise). Required for admin callers; a
     /// client principal may omit it or give its own id only.
-    #[schema(value_type = String, required = true, pattern = "^[A-Za-z0-9._-]{1,64}$", examples("acme"))]
+    #[schema(value_type = String, required = true, pattern = "^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|[.][A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|[.][.][A-Za-z0-9._-]{1,62})$", examples("acme"))]
     pub client_id: Option<String>,
     /// Up to 100 permissions, each 1–100 printable ASCII characters without commas or spaces
     /// (alias `roles`). A client principal may grant only permissions it holds (403 otherwise).
@@ -389,10 +391,7 @@ pub async fn create(
         }
         (Caller::Admin, Some(id)) if valid_client_id(id) => id.to_owned(),
         (Caller::Admin, Some(_)) => {
-            errs.push(FieldError::new(
-                "client_id",
-                "must be 1–64 characters of [A-Za-z0-9._-]",
-            ));
+            errs.push(FieldError::new("client_id", CLIENT_ID_RULE));
             String::new()
         }
         (Caller::Admin, None) => {

@@ -24,8 +24,8 @@ const NO_CLIENT: &str = "client not found";
 #[derive(Debug, Deserialize, ToSchema)]
 #[schema(examples(json!({"client_id": "acme", "license": "pro"})))]
 pub struct KxCreateClient {
-    /// 1–64 characters of `[A-Za-z0-9._-]`, unique (409 when it exists).
-    #[schema(value_type = String, required = true, pattern = "^[A-Za-z0-9._-]{1,64}$", examples("acme"))]
+    /// 1–64 characters of `[A-Za-z0-9._-]`, not `.` or `..`, unique (409 when it exists).
+    #[schema(value_type = String, required = true, pattern = "^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|[.][A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|[.][.][A-Za-z0-9._-]{1,62})$", examples("acme"))]
     pub client_id: Option<String>,
     /// One of the configured plans (`[plans.<license>]`).
     #[schema(value_type = String, required = true, examples("pro"))]
@@ -36,7 +36,7 @@ pub struct KxCreateClient {
 #[derive(Debug, Deserialize, ToSchema)]
 #[schema(examples(json!({"client_id": "acme"})))]
 pub struct KxClientRef {
-    #[schema(value_type = String, required = true, pattern = "^[A-Za-z0-9._-]{1,64}$", examples("acme"))]
+    #[schema(value_type = String, required = true, pattern = "^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|[.][A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|[.][.][A-Za-z0-9._-]{1,62})$", examples("acme"))]
     pub client_id: Option<String>,
 }
 
@@ -45,7 +45,9 @@ pub struct KxClientRef {
 pub struct KxCreated {
     /// The client's key, shown once.
     pub api_key: String,
-    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
+    #[schema(
+        pattern = "^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|[.][A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|[.][.][A-Za-z0-9._-]{1,62})$"
+    )]
     pub client_id: String,
     pub license: String,
 }
@@ -53,7 +55,9 @@ pub struct KxCreated {
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(examples(json!({"client_id": "acme", "created_at": "2026-11-30 09:15:00", "license": "pro"})))]
 pub struct KxClient {
-    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
+    #[schema(
+        pattern = "^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|[.][A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|[.][.][A-Za-z0-9._-]{1,62})$"
+    )]
     pub client_id: String,
     /// `YYYY-MM-DD HH:MM:SS`, UTC.
     #[schema(pattern = "^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}$")]
@@ -64,7 +68,9 @@ pub struct KxClient {
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(examples(json!({"client_id": "acme", "message": "Client key revoked"})))]
 pub struct KxRevoked {
-    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
+    #[schema(
+        pattern = "^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|[.][A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|[.][.][A-Za-z0-9._-]{1,62})$"
+    )]
     pub client_id: String,
     /// Always `Client key revoked`.
     #[schema(examples("Client key revoked"))]
@@ -76,7 +82,9 @@ pub struct KxRevoked {
 pub struct KxRecreated {
     /// The client's new key, shown once.
     pub api_key: String,
-    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
+    #[schema(
+        pattern = "^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|[.][A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|[.][.][A-Za-z0-9._-]{1,62})$"
+    )]
     pub client_id: String,
     /// Always `Client key recreated`.
     #[schema(examples("Client key recreated"))]
@@ -89,7 +97,9 @@ pub struct KxDeleted {
     /// Always `Client deleted`.
     #[schema(examples("Client deleted"))]
     pub message: String,
-    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
+    #[schema(
+        pattern = "^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|[.][A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|[.][.][A-Za-z0-9._-]{1,62})$"
+    )]
     pub client_id: String,
 }
 

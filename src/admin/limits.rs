@@ -218,7 +218,7 @@ pub struct ClientUsage {
 /// A client's quota use in the current period and the credits of its keys. A client
 /// principal may read its own.
 #[utoipa::path(get, path = "/v1/clients/{client_id}/usage", operation_id = "client_usage", tag = "clients",
-    params(("client_id" = String, Path, pattern = "^[A-Za-z0-9._-]{1,64}$", example = "acme")),
+    params(("client_id" = String, Path, pattern = "^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|[.][A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|[.][.][A-Za-z0-9._-]{1,62})$", example = "acme")),
     responses((status = 200, description = "The client's quota in the current period and the credits of its keys", body = ClientUsage), ErrorResponses))]
 pub async fn client_usage(
     State(state): State<AdminState>,

@@ -14,7 +14,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use crate::keys::{ApiKey, KeyFormat, KeyHash, Millis, SetBy, valid_client_id};
+use crate::keys::{ApiKey, CLIENT_ID_RULE, KeyFormat, KeyHash, Millis, SetBy, valid_client_id};
 
 /// Shortest imported plaintext key.
 pub const MIN_FOREIGN_KEY_LEN: usize = 16;
@@ -74,7 +74,7 @@ pub fn parse_import_item(
     }
     let client_id = string(o, "client_id")?.ok_or("client_id: required")?;
     if !valid_client_id(client_id) {
-        return Err("client_id: must be 1–64 characters of [A-Za-z0-9._-]".into());
+        return Err(format!("client_id: {CLIENT_ID_RULE}"));
     }
     let name = string(o, "name")?.ok_or("name: required")?;
     if let Some(why) = crate::keys::name_problem(name) {

@@ -178,6 +178,8 @@ async fn bad_input_is_400_or_422_naming_the_field() {
         (json!({"name": "", "client_id": "acme"}), "name"),
         (json!({"name": "x"}), "client_id"),
         (json!({"name": "x", "client_id": "bad id!"}), "client_id"),
+        (json!({"name": "x", "client_id": "."}), "client_id"),
+        (json!({"name": "x", "client_id": ".."}), "client_id"),
         (json!({"name": 5, "client_id": "acme"}), "name"),
         (
             json!({"name": "x", "client_id": "acme", "colour": "red"}),
@@ -252,6 +254,35 @@ async fn bad_input_is_400_or_422_naming_the_field() {
         .await;
     assert_eq!(r.status, 422);
     assert!(String::from_utf8_lossy(&r.body).contains("license"));
+    // `.` and `..` are path segments URLs resolve away (GET /v1/clients/.. would be
+    // /v1/clients): refused; `...` is an id like any other.
+    for id in [".", ".."] {
+        let r = gw
+            .admin(
+                "POST",
+                "/v1/clients",
+                Some(json!({"client_id": id, "license": "pro"})),
+            )
+            .await;
+        assert_eq!(r.status, 422, "{id}");
+        assert!(String::from_utf8_lossy(&r.body).contains("not `.` or `..`"));
+    }
+    let r = gw
+        .admin(
+            "POST",
+            "/v1/clients",
+            Some(json!({"client_id": "...", "license": "pro"})),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let listed = gw.admin("GET", "/v1/clients", None).await.json();
+    let ids: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["client_id"].as_str().unwrap())
+        .collect();
+    assert!(!ids.contains(&".") && !ids.contains(&".."), "{ids:?}");
     let r = gw.admin("GET", "/v1/api-keys?per_page=5000", None).await;
     assert_eq!(r.status, 422);
     // A secret sent in the wrong field is named by its type, never echoed back.

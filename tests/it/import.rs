@@ -200,6 +200,7 @@ async fn bad_items_are_reported_by_index_and_the_others_imported() {
             {"client_id": "acme", "name": "past", "key": "past-expiry-key-0123", "expires_at": "2000-01-01T00:00:00Z"},
             "not an object",
             {"client_id": "bad id!", "name": "x", "key": "bad-client-id-key-0123"},
+            {"client_id": "..", "name": "x", "key": "dot-dot-client-key-0123"},
         ]}),
     )
     .await;
@@ -212,13 +213,21 @@ async fn bad_items_are_reported_by_index_and_the_others_imported() {
         .iter()
         .map(|e| e["index"].as_u64().unwrap())
         .collect();
-    assert_eq!(indexes, (1..=18).collect::<Vec<_>>());
+    assert_eq!(indexes, (1..=19).collect::<Vec<_>>());
     let text = v.to_string();
     for leak in [good, stored, secret_in_wrong_place, &own, &sha256_hex(good)] {
         assert!(!text.contains(leak), "{leak} echoed in {text}");
     }
     assert!(text.contains("already stored"));
     assert!(text.contains("no client with this client_id"));
+    // `..` refused as a client id, not as a client that is missing.
+    let dots = v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["index"] == 19)
+        .unwrap();
+    assert!(dots.to_string().contains("not `.` or `..`"), "{dots}");
     assert_eq!(key_count(&gw).await, before + 1);
     assert_eq!(gw.get_with_key("/x", good).await.status, 200);
 }

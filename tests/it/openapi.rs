@@ -195,7 +195,7 @@ async fn every_rule_the_handlers_enforce_is_stated_in_the_document() {
         assert!(!p.is_null(), "{schema}.{field} is not documented");
         p
     };
-    let client_id_pattern = json!("^[A-Za-z0-9._-]{1,64}$");
+    let client_id_pattern = json!(keygate::keys::CLIENT_ID_PATTERN);
     let name_pattern = json!("^[^\\u0000-\\u001F\\u007F-\\u009F]*$");
 
     // Bodies that refuse unknown fields say so; the Kixote bodies and login accept extras.
