@@ -264,6 +264,50 @@ async fn no_store(mut res: Response) -> Response {
 /// Prefix under which the key routes are also served.
 const ALIAS_PREFIX: &str = "/api/v1/api-keys";
 
+/// The `Host` names an admin listener answers (`[admin] allowed_hosts`): a page whose name
+/// resolves to 127.0.0.1 (DNS rebinding) reaches a loopback listener from the operator's
+/// browser under its own name, which is refused. `localhost`, `*.localhost` and IP addresses
+/// are always answered; a request without a `Host` (not a browser's) too.
+#[derive(Clone, Debug)]
+pub struct AllowedHosts(Option<Arc<[String]>>);
+
+impl AllowedHosts {
+    /// `names` lowercase, without a trailing dot; `None`: any `Host`.
+    pub fn new(names: Option<&[String]>) -> Self {
+        Self(names.map(Arc::from))
+    }
+
+    /// Whether `authority` (`host[:port]`, as in `Host`) is answered.
+    pub fn allows(&self, authority: &[u8]) -> bool {
+        let Some(names) = &self.0 else {
+            return true;
+        };
+        let Ok(a) = std::str::from_utf8(authority) else {
+            return false;
+        };
+        let port_ok =
+            |p: &str| p.is_empty() || (p.len() <= 5 && p.bytes().all(|c| c.is_ascii_digit()));
+        if let Some(rest) = a.strip_prefix('[') {
+            // An IPv6 literal.
+            return rest.split_once(']').is_some_and(|(ip, tail)| {
+                ip.parse::<std::net::Ipv6Addr>().is_ok()
+                    && (tail.is_empty() || tail.strip_prefix(':').is_some_and(port_ok))
+            });
+        }
+        let host = match a.rsplit_once(':') {
+            Some((h, p)) if port_ok(p) => h,
+            Some(_) => return false,
+            None => a,
+        };
+        let host = host.strip_suffix('.').unwrap_or(host);
+        if host.parse::<std::net::Ipv4Addr>().is_ok() {
+            return true;
+        }
+        let lower = host.to_ascii_lowercase();
+        lower == "localhost" || lower.ends_with(".localhost") || names.contains(&lower)
+    }
+}
+
 /// The hyper service for one admin connection: records the peer, maps the
 /// `/api/v1/api-keys` alias onto `/v1/api-keys`, and gives every request body
 /// `body_timeout` from the arrival of its head to arrive whole (then reading it fails with
@@ -273,6 +317,7 @@ pub fn service(
     router: Router,
     peer: SocketAddr,
     body_timeout: Duration,
+    hosts: AllowedHosts,
 ) -> impl hyper::service::Service<
     http::Request<Incoming>,
     Response = Response,
@@ -281,6 +326,12 @@ pub fn service(
 > + Send {
     use tower::ServiceExt;
     hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().as_bytes())
+            .or_else(|| req.headers().get(http::header::HOST).map(|h| h.as_bytes()));
+        let misdirected = !authority.is_none_or(|a| hosts.allows(a));
         req.extensions_mut().insert(ConnectInfo(peer));
         if req.uri().path().starts_with(ALIAS_PREFIX)
             && let Some(pq) = req.uri().path_and_query()
@@ -289,13 +340,21 @@ pub fn service(
             *req.uri_mut() = rewritten;
         }
         let deadline = tokio::time::Instant::now() + body_timeout;
-        router.clone().oneshot(req.map(|body| {
-            axum::body::Body::new(DeadlineBody {
-                inner: body,
-                deadline,
-                timer: None,
-            })
-        }))
+        let answer = (!misdirected).then(|| {
+            router.clone().oneshot(req.map(|body| {
+                axum::body::Body::new(DeadlineBody {
+                    inner: body,
+                    deadline,
+                    timer: None,
+                })
+            }))
+        });
+        async move {
+            match answer {
+                Some(answer) => answer.await,
+                None => Ok(no_store(AdminError::MisdirectedHost.into_response()).await),
+            }
+        }
     })
 }
 
@@ -585,6 +644,44 @@ pub async fn all_keys_of(store: &dyn Store, client_id: &str) -> Result<Vec<Store
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_names_answered() {
+        let listed = ["admin.example.com".to_string()];
+        let hosts = AllowedHosts::new(Some(&listed));
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:8081",
+            "10.1.2.3:80",
+            "[::1]:8081",
+            "[::1]",
+            "localhost",
+            "LocalHost:8081",
+            "localhost.:8081",
+            "console.localhost:8081",
+            "admin.example.com",
+            "Admin.Example.COM.:443",
+        ] {
+            assert!(hosts.allows(ok.as_bytes()), "{ok}");
+        }
+        for refused in [
+            "evil.example",
+            "evil.example:8081",
+            "127.0.0.1.evil.example:8081",
+            "localhost.evil.example",
+            "example.com",
+            "admin.example.com.evil",
+            "[::1]x",
+            "[nonsense]:80",
+            "127.0.0.1:80:80",
+            "127.0.0.1:port",
+            "",
+        ] {
+            assert!(!hosts.allows(refused.as_bytes()), "{refused}");
+        }
+        assert!(!hosts.allows(b"\xff:80"));
+        assert!(AllowedHosts::new(None).allows(b"evil.example"));
+    }
 
     /// A body that never sends anything.
     struct Stalled;

@@ -360,6 +360,10 @@ pub struct RawAdmin {
     pub self_service_permission: String,
     pub tls_cert: Option<String>,
     pub tls_key: Option<String>,
+    /// Host names the admin listener answers besides `localhost` and IP addresses; setting
+    /// any turns the check on for a listener that is not on loopback too.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -666,6 +670,10 @@ pub struct AdminConfig {
     pub max_body_bytes: usize,
     pub self_service_permission: String,
     pub tls: Option<TlsFiles>,
+    /// The `Host` names answered (besides `localhost`, `*.localhost` and IP addresses), when
+    /// the admin listener checks them: on loopback, or when `allowed_hosts` is set. `None`:
+    /// any `Host`.
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1423,6 +1431,36 @@ issuer = ""
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn admin_host_names_are_checked_on_loopback_or_when_listed() {
+        let key = "[admin]\nkeys=[\"a-very-long-admin-key\"]\n";
+        let on = |extra: &str| {
+            load(&format!("{key}{extra}"), &[], CliOverrides::default())
+                .map(|c| c.admin.allowed_hosts)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(on("").unwrap(), Some(vec![]));
+        assert_eq!(on("listen=\"[::1]:1\"\n").unwrap(), Some(vec![]));
+        assert_eq!(on("listen=\"0.0.0.0:1\"\n").unwrap(), None);
+        assert_eq!(
+            on("listen=\"0.0.0.0:1\"\nallowed_hosts=[\"Admin.Example.com.\"]\n").unwrap(),
+            Some(vec!["admin.example.com".to_string()])
+        );
+        for bad in [
+            "",
+            ".",
+            "a:80",
+            "http://a",
+            "-a",
+            "a b",
+            "*.example.com",
+            "a/b",
+        ] {
+            let e = on(&format!("allowed_hosts=[{bad:?}]\n")).unwrap_err();
+            assert!(e.contains("admin.allowed_hosts[0]"), "{bad}: {e}");
+        }
     }
 
     #[test]

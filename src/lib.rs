@@ -475,6 +475,7 @@ impl App {
         );
         let admin_router = self.admin;
         let admin_body_timeout = self.config.limits.body_timeout;
+        let admin_hosts = admin::AllowedHosts::new(self.config.admin.allowed_hosts.as_deref());
         let admin = server::serve(
             self.admin_listener,
             opts(
@@ -482,7 +483,14 @@ impl App {
                 &self.admin_cert,
                 config::DEFAULT_TLS_SESSION_TICKETS,
             ),
-            move |peer| admin::service(admin_router.clone(), peer, admin_body_timeout),
+            move |peer| {
+                admin::service(
+                    admin_router.clone(),
+                    peer,
+                    admin_body_timeout,
+                    admin_hosts.clone(),
+                )
+            },
             signal(),
         );
         let trigger = async move {

@@ -58,6 +58,8 @@ pub enum ProblemCode {
     RateLimited,
     /// 503: the store is unavailable; nothing was changed.
     StoreUnavailable,
+    /// 421: the request's `Host` is not one the admin listener answers.
+    MisdirectedRequest,
 }
 
 /// An error body: RFC 9457 problem details with a stable `code`.
@@ -123,6 +125,12 @@ pub enum ErrorResponses {
     #[response(status = 409, content_type = "application/problem+json",
         example = json!({"type": "about:blank", "title": "Conflict", "status": 409, "code": "conflict", "detail": "a client with this client_id already exists"}))]
     Conflict(Problem),
+    /// `misdirected_request`: the request's `Host` is not `localhost`, an IP address or a
+    /// name of `[admin] allowed_hosts` (checked on a loopback admin listener, or whenever
+    /// `allowed_hosts` is set); nothing was read or changed.
+    #[response(status = 421, content_type = "application/problem+json",
+        example = json!({"type": "about:blank", "title": "Misdirected Request", "status": 421, "code": "misdirected_request", "detail": "this admin listener answers requests for localhost, an IP address or a name of [admin] allowed_hosts only"}))]
+    Misdirected(Problem),
     /// `payload_too_large`: the body is larger than `limits.max_body_bytes`.
     #[response(status = 413, content_type = "application/problem+json",
         example = json!({"type": "about:blank", "title": "Payload Too Large", "status": 413, "code": "payload_too_large", "detail": "the request body is too large"}))]
@@ -170,6 +178,8 @@ pub enum AdminError {
     /// undone (an atomic import on Redis; a key's credits after its other attributes, or after
     /// the key whose deletion then failed).
     StoreIncomplete,
+    /// The request's `Host` is not one this listener answers (`[admin] allowed_hosts`).
+    MisdirectedHost,
 }
 
 impl From<StoreError> for AdminError {
@@ -248,6 +258,13 @@ impl AdminError {
                 ProblemCode::StoreUnavailable,
                 "the key store failed partway and part of the change may stand: read it back \
                  before retrying"
+                    .into(),
+            ),
+            Self::MisdirectedHost => (
+                StatusCode::MISDIRECTED_REQUEST,
+                ProblemCode::MisdirectedRequest,
+                "this admin listener answers requests for localhost, an IP address or a name \
+                 of [admin] allowed_hosts only"
                     .into(),
             ),
         }
@@ -478,6 +495,7 @@ mod documented {
             AdminError::StoreUnavailable,
             AdminError::StoreUnconfirmed,
             AdminError::StoreIncomplete,
+            AdminError::MisdirectedHost,
         ];
         for e in &all {
             match e {
@@ -493,7 +511,8 @@ mod documented {
                 | AdminError::TooManyRequests { .. }
                 | AdminError::StoreUnavailable
                 | AdminError::StoreUnconfirmed
-                | AdminError::StoreIncomplete => {}
+                | AdminError::StoreIncomplete
+                | AdminError::MisdirectedHost => {}
             }
         }
         all

@@ -232,12 +232,36 @@ fn admin(raw: RawAdmin, p: &mut Problems) -> Option<AdminConfig> {
         p.error("admin.self_service_permission: must not be empty");
     }
     let tls = tls_files("admin", raw.tls_cert.as_deref(), raw.tls_key.as_deref(), p);
+    for (i, h) in raw.allowed_hosts.iter().enumerate() {
+        let name = h.strip_suffix('.').unwrap_or(h);
+        if name.is_empty()
+            || name.len() > 253
+            || name.starts_with(['.', '-'])
+            || !name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'-')
+        {
+            p.error(format!(
+                "admin.allowed_hosts[{i}]: a host name (letters, digits, dots and hyphens; \
+                 no port, no scheme)"
+            ));
+        }
+    }
+    // DNS rebinding: a page whose name resolves to 127.0.0.1 reaches a loopback listener from
+    // the operator's browser, under its own name.
+    let allowed_hosts = (loopback || !raw.allowed_hosts.is_empty()).then(|| {
+        raw.allowed_hosts
+            .iter()
+            .map(|h| h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase())
+            .collect()
+    });
     Some(AdminConfig {
         listen: listen?,
         key_hashes,
         max_body_bytes: raw.max_body_bytes,
         self_service_permission: raw.self_service_permission,
         tls,
+        allowed_hosts,
     })
 }
 

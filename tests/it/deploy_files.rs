@@ -212,6 +212,12 @@ fn compose_publishes_the_admin_port_on_loopback_only_and_its_config_checks_out()
         1,
         "the admin key comes from the environment"
     );
+    // Published on the host's loopback, listening on 0.0.0.0 inside: the Host check is asked
+    // for, so a DNS-rebinding page cannot reach it from the host's browser.
+    assert!(
+        config.admin.allowed_hosts.is_some(),
+        "config/docker.toml turns the admin Host check on"
+    );
 }
 
 #[test]

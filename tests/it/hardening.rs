@@ -568,3 +568,87 @@ async fn a_login_body_dripped_a_byte_at_a_time_is_cut_off_in_all() {
     assert!(text.contains("request_timeout"), "{text}");
     assert!(took < Duration::from_secs(4), "answered after {took:?}");
 }
+
+/// DNS rebinding: a web page whose name resolves to 127.0.0.1 reaches a loopback admin
+/// listener from the operator's browser, under its own name. The admin listener on loopback
+/// answers `localhost`, IP addresses and the names of `[admin] allowed_hosts` only; another
+/// `Host` (or HTTP/2 `:authority`) is 421 before anything is read or changed, even with a
+/// valid admin key.
+#[tokio::test]
+async fn a_loopback_admin_listener_refuses_foreign_host_names() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&upstream.url(), &dir.path().join("k.db"), "")
+        .replace("[admin]\n", "[admin]\nallowed_hosts = [\"admin.test\"]\n");
+    let gw = Gateway::start_from(upstream, dir, &text).await;
+    let port = gw.admin.port();
+    for host in [
+        "evil.example".to_string(),
+        format!("evil.example:{port}"),
+        format!("127.0.0.1.evil.example:{port}"),
+        "localhost.evil.example".to_string(),
+    ] {
+        for (method, path, body) in [
+            ("GET", "/healthz", ""),
+            ("GET", "/metrics", ""),
+            ("GET", "/console", ""),
+            ("POST", "/auth/login", "{\"api_key\": \"x\"}"),
+            ("GET", "/v1/clients", ""),
+            (
+                "POST",
+                "/v1/clients",
+                "{\"client_id\": \"rebound\", \"license\": \"pro\"}",
+            ),
+        ] {
+            let head = format!(
+                "{method} {path} HTTP/1.1\r\nHost: {host}\r\nX-Admin-Key: {}\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n",
+                crate::support::ADMIN_KEY,
+                body.len()
+            );
+            let (status, _, answer) = raw(gw.admin, &head, body.as_bytes()).await;
+            assert_eq!(status, 421, "{method} {path} Host {host}");
+            let v: Value = serde_json::from_slice(&answer).unwrap();
+            assert_eq!(v["code"], "misdirected_request");
+            assert!(!String::from_utf8_lossy(&answer).contains(&host));
+        }
+    }
+    // HTTP/2: the `:authority` is the name.
+    let tcp = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for (authority, want) in [("evil.example", 421), ("localhost", 200)] {
+        let req = http::Request::get(format!("http://{authority}:{port}/healthz"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let res = h2.send_request(req).await.unwrap();
+        assert_eq!(res.status().as_u16(), want, "{authority}");
+    }
+    // Nothing was made.
+    let r = gw.admin("GET", "/v1/clients/rebound", None).await;
+    assert_eq!(r.status, 404);
+    // The names it answers.
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        "admin.test".to_string(),
+        format!("ADMIN.test:{port}"),
+    ] {
+        let head = format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\n");
+        assert_eq!(raw(gw.admin, &head, b"").await.0, 200, "{host}");
+    }
+    let body = br#"{"client_id": "named", "license": "pro"}"#;
+    let head = format!(
+        "POST /v1/clients HTTP/1.1\r\nHost: admin.test:{port}\r\nX-Admin-Key: {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n",
+        crate::support::ADMIN_KEY,
+        body.len()
+    );
+    assert_eq!(raw(gw.admin, &head, body).await.0, 201);
+}
