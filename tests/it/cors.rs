@@ -154,7 +154,7 @@ pub async fn create_key(admin: SocketAddr) -> String {
     let body = r#"{"client_id":"web","license":"pro"}"#;
     raw.send(
         format!(
-            "POST /v1/clients HTTP/1.1\r\nHost: a\r\nX-Admin-Key: {ADMIN_KEY}\r\n\
+            "POST /v1/clients HTTP/1.1\r\nHost: localhost\r\nX-Admin-Key: {ADMIN_KEY}\r\n\
              Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )

@@ -83,7 +83,7 @@ fn whole_answer(raw: &[u8]) -> bool {
 
 fn login_head(length: usize) -> Vec<u8> {
     format!(
-        "POST /auth/login HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\n\
+        "POST /auth/login HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
          Content-Length: {length}\r\n\r\n"
     )
     .into_bytes()
@@ -179,7 +179,7 @@ async fn stalled_admin_bodies_are_answered_408_and_free_their_slots() {
     let mut s = TcpStream::connect(gw.admin).await.unwrap();
     s.write_all(
         format!(
-            "POST /v1/api-keys HTTP/1.1\r\nHost: admin\r\nX-Admin-Key: {}\r\n\
+            "POST /v1/api-keys HTTP/1.1\r\nHost: localhost\r\nX-Admin-Key: {}\r\n\
              Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{{\"name\":",
             harness::ADMIN_KEY
         )
@@ -246,7 +246,7 @@ async fn connections_over_the_per_ip_cap_are_refused_on_both_listeners() {
         (
             "admin",
             gw.admin,
-            b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n".to_vec(),
+            b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(),
         ),
     ] {
         // Two connections from 127.0.0.1 are served, and stay open.
@@ -340,7 +340,7 @@ async fn connections_over_the_per_ip_cap_are_refused_on_both_listeners() {
 
 async fn metrics_text(admin: SocketAddr) -> (u16, String) {
     let mut s = TcpStream::connect(admin).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let (raw, _) = read_to_close(&mut s, Duration::from_secs(5)).await;
