@@ -12,7 +12,10 @@
 //!   keys of one client with the same name cannot be matched by name: give their ids);
 //!   an unmatched key in the file is created (its new secret is printed once, as
 //!   `CLIENT/NAME: KEY`), an unmatched key on the gateway is deleted, a matched one gets the
-//!   file's name, permissions, enabled, expires_at, rate_limit and metadata;
+//!   file's name, permissions, enabled, expires_at, rate_limit, metadata and credits (a key's
+//!   `credits = { remaining, refill }`: the refill terms and whether the key has credits are
+//!   compared; `remaining` is the balance a key is made with or given when it gets credits,
+//!   never compared, as it moves with every request; new refill terms keep the balance);
 //! - a client created by apply gets the first key the admin API gives every new client; it
 //!   becomes the client's first new key in the file (or is deleted when the file has none), so
 //!   a second apply finds nothing to do.
@@ -104,6 +107,51 @@ pub struct KeyState {
     /// A JSON object, as a JSON string.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<String>,
+    /// The key's credits; absent: not limited by credits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<CreditsState>,
+}
+
+/// A key's credits: the refill terms are compared and applied; `remaining` is a balance the
+/// key is made with (or given when it gets credits), never compared (it moves with every
+/// request).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreditsState {
+    /// Default: the refill's amount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<u64>,
+    /// `{ amount, interval = "daily" | "monthly", day }`, as the admin API takes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refill: Option<toml::Value>,
+}
+
+impl CreditsState {
+    /// The refill as the admin API shows it (`day = 1`, the default, left out), or null.
+    fn refill_json(&self) -> Value {
+        self.refill
+            .as_ref()
+            .map(|r| without_default(toml_to_json(r), "day", json!(1)))
+            .unwrap_or(Value::Null)
+    }
+
+    /// The admin API's credits body, `remaining` given or the refill's amount.
+    fn body(&self, label: &str, remaining: Option<u64>) -> Result<Value, CliError> {
+        let refill = self.refill_json();
+        let remaining = remaining
+            .or(self.remaining)
+            .or_else(|| refill["amount"].as_u64())
+            .ok_or_else(|| {
+                CliError::Usage(format!(
+                    "key {label}: credits need `remaining` or a `refill` with an `amount`"
+                ))
+            })?;
+        let mut body = json!({ "remaining": remaining });
+        if !refill.is_null() {
+            body["refill"] = refill;
+        }
+        Ok(body)
+    }
 }
 
 fn yes() -> bool {
@@ -236,6 +284,10 @@ pub async fn export(admin: &Admin) -> Result<(), CliError> {
             expires_at: k["expires_at"].as_str().map(str::to_owned),
             rate_limit: json_to_toml(&k["rate_limit"]),
             metadata: meta_string(&k["metadata"]),
+            credits: k["credits"].is_object().then(|| CreditsState {
+                remaining: k["credits"]["remaining"].as_u64(),
+                refill: json_to_toml(&k["credits"]["refill"]),
+            }),
         });
     }
     // Stable order: by client, then as the gateway lists them (creation order).
@@ -555,6 +607,12 @@ fn plan(want: &State, live: &Live) -> Result<Vec<Change>, CliError> {
             matched.insert(i, l);
         }
     }
+    // Credits a key could not be made with are refused for every key alike.
+    for k in &want.keys {
+        if let Some(c) = &k.credits {
+            c.body(&format!("{}/{}", k.client_id, k.name), None)?;
+        }
+    }
     let deleted_set: HashSet<&str> = deleted.iter().copied().collect();
     for l in &live.keys {
         let id = l["id"].as_str().unwrap_or_default();
@@ -620,6 +678,32 @@ fn plan(want: &State, live: &Live) -> Result<Vec<Change>, CliError> {
         if l["metadata"] != meta {
             what.push(format!("metadata {} → {}", s(&l["metadata"]), s(&meta)));
             body["metadata"] = meta;
+        }
+        let live_credits = &l["credits"];
+        match (&k.credits, live_credits.is_object()) {
+            (None, false) => {}
+            (None, true) => {
+                what.push("credits → none (unlimited)".into());
+                body["credits"] = Value::Null;
+            }
+            (Some(c), false) => {
+                let credits = c.body(&label, None)?;
+                what.push(format!("credits none → {credits}"));
+                body["credits"] = credits;
+            }
+            (Some(c), true) => {
+                let live_refill = without_default(live_credits["refill"].clone(), "day", json!(1));
+                if live_refill != c.refill_json() {
+                    // New terms keep the balance read at the start of the run.
+                    let credits = c.body(&label, live_credits["remaining"].as_u64())?;
+                    what.push(format!(
+                        "credits.refill {} → {}",
+                        s(&live_refill),
+                        s(&c.refill_json())
+                    ));
+                    body["credits"] = credits;
+                }
+            }
         }
         if !what.is_empty() {
             out.push(Change::UpdateKey {
@@ -782,9 +866,13 @@ fn key_body(k: &KeyState) -> Result<Value, CliError> {
     if let Some(r) = &k.rate_limit {
         body["rate_limit"] = toml_to_json(r);
     }
-    let meta = parse_meta(&format!("key {}/{}", k.client_id, k.name), &k.metadata)?;
+    let label = format!("{}/{}", k.client_id, k.name);
+    let meta = parse_meta(&format!("key {label}"), &k.metadata)?;
     if !meta.is_null() {
         body["metadata"] = meta;
+    }
+    if let Some(c) = &k.credits {
+        body["credits"] = c.body(&label, None)?;
     }
     Ok(body)
 }

@@ -665,3 +665,160 @@ async fn an_apply_whose_stdout_is_closed_stops_and_leaves_no_unseen_secret() {
         apply(&gw, &file).await;
     }
 }
+
+async fn credits_of(gw: &Gateway, id: &str) -> Value {
+    let r = gw.admin("GET", &format!("/v1/api-keys/{id}"), None).await;
+    assert_eq!(r.status, 200);
+    r.json()["credits"].clone()
+}
+
+/// A key's credits move with the state: the refill terms and whether a key has credits are
+/// compared and applied, the balance is carried to a key apply makes (and kept when the terms
+/// change) and never compared, as every request moves it.
+#[tokio::test]
+async fn credits_are_exported_compared_by_their_terms_and_converge_another_gateway() {
+    let gw = Gateway::start_with(ROUTES).await;
+    seed(&gw).await;
+    let metered = gw
+        .key(
+            "acme",
+            json!({"name": "metered", "credits": {"remaining": 500,
+                   "refill": {"amount": 1000, "interval": "monthly"}}}),
+        )
+        .await;
+    let key = metered["key"].as_str().unwrap().to_owned();
+    let id = metered["id"].as_str().unwrap().to_owned();
+    let file = gw.dir.path().join("state.toml");
+    let good = export(&gw, &file).await;
+    for want in ["remaining = 500", "amount = 1000", "interval = \"monthly\""] {
+        assert!(good.contains(want), "{want} missing from:\n{good}");
+    }
+    assert_eq!(diff(&gw, &file).await, (0, String::new()));
+    // Spent: the balance moved, the state did not.
+    for _ in 0..3 {
+        assert_eq!(gw.get_with_key("/x", &key).await.status, 200);
+    }
+    assert_eq!(credits_of(&gw, &id).await["remaining"], 497);
+    assert_eq!(diff(&gw, &file).await, (0, String::new()));
+
+    // The other gateway (same routes, same upstream) gets the key with its terms and the
+    // exported balance.
+    let url = gw.upstream.url();
+    let other = Gateway::start_custom(
+        crate::support::Upstream::start().await,
+        |_| url.clone(),
+        ROUTES,
+    )
+    .await;
+    other.client("acme", "pro").await;
+    other.client("globex", "free").await;
+    let o = apply(&other, &file).await;
+    assert!(out(&o).contains("acme/metered "), "{}", out(&o));
+    let listed = other
+        .admin("GET", "/v1/api-keys?client_id=acme", None)
+        .await
+        .json();
+    let moved = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "metered")
+        .unwrap()
+        .clone();
+    assert_eq!(moved["credits"]["remaining"], 500);
+    assert_eq!(
+        moved["credits"]["refill"],
+        json!({"amount": 1000, "interval": "monthly"})
+    );
+    assert_eq!(diff(&other, &file).await, (0, String::new()));
+
+    // New terms: listed, applied, the balance kept.
+    let mut state: toml::Table = toml::from_str(&good).unwrap();
+    let metered_state = |state: &mut toml::Table| -> toml::value::Table {
+        state["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"].as_str() == Some("metered"))
+            .unwrap()
+            .as_table()
+            .unwrap()
+            .clone()
+    };
+    let set = |state: &mut toml::Table, name: &str, credits: Option<toml::Value>| {
+        for k in state["keys"].as_array_mut().unwrap() {
+            let k = k.as_table_mut().unwrap();
+            if k["name"].as_str() == Some(name) {
+                match &credits {
+                    Some(c) => {
+                        k.insert("credits".into(), c.clone());
+                    }
+                    None => {
+                        k.remove("credits");
+                    }
+                }
+            }
+        }
+    };
+    assert!(metered_state(&mut state).contains_key("credits"));
+    set(
+        &mut state,
+        "metered",
+        Some(toml::Value::Table(toml::toml! {
+            remaining = 5
+            refill = { amount = 2000, interval = "daily" }
+        })),
+    );
+    std::fs::write(&file, toml::to_string(&state).unwrap()).unwrap();
+    let (code, listed) = diff(&gw, &file).await;
+    assert_eq!(code, 3, "{listed}");
+    assert!(listed.contains("credits.refill"), "{listed}");
+    apply(&gw, &file).await;
+    let now = credits_of(&gw, &id).await;
+    assert_eq!(now["refill"], json!({"amount": 2000, "interval": "daily"}));
+    assert_eq!(now["remaining"], 497, "the balance is kept, not the file's");
+    assert_eq!(diff(&gw, &file).await, (0, String::new()));
+    // Credits given to a key that had none (the file's balance), and taken from one.
+    set(
+        &mut state,
+        "ci",
+        Some(toml::Value::Table(toml::toml! { remaining = 7 })),
+    );
+    set(&mut state, "metered", None);
+    std::fs::write(&file, toml::to_string(&state).unwrap()).unwrap();
+    let (code, listed) = diff(&gw, &file).await;
+    assert_eq!(code, 3, "{listed}");
+    assert!(listed.contains("credits → none"), "{listed}");
+    assert!(listed.contains("credits none → "), "{listed}");
+    apply(&gw, &file).await;
+    assert_eq!(credits_of(&gw, &id).await, Value::Null);
+    let ci = gw
+        .admin("GET", "/v1/api-keys?client_id=acme", None)
+        .await
+        .json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "ci")
+        .unwrap()["credits"]
+        .clone();
+    assert_eq!(
+        ci,
+        json!({"remaining": 7, "refill": null, "next_refill_at": null})
+    );
+    assert_eq!(diff(&gw, &file).await, (0, String::new()));
+    // Credits without a balance or a refill, or with an unknown field: refused whole.
+    let before = snapshot(&gw).await;
+    for bad in [
+        toml::Value::Table(toml::Table::new()),
+        toml::Value::Table(toml::toml! { remaining = 1 bogus = 2 }),
+    ] {
+        set(&mut state, "ci", Some(bad));
+        std::fs::write(&file, toml::to_string(&state).unwrap()).unwrap();
+        for cmd in ["diff", "apply"] {
+            let o = kg(&gw, &[cmd, file.to_str().unwrap()]).await;
+            assert_eq!(o.status.code(), Some(2), "{cmd}: {}", err(&o));
+        }
+    }
+    assert_eq!(snapshot(&gw).await, before);
+}
