@@ -134,6 +134,27 @@ impl StoreHealth {
     }
 }
 
+/// Names one write of usage: a write sent again because its answer was lost carries the same
+/// name, and a store that can apply a write its caller never hears back from (Redis: a reply
+/// lost or late) applies a write of one name once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageWrite {
+    /// Random, per flush.
+    pub flush: u64,
+    /// The chunk's place in its flush.
+    pub chunk: u32,
+}
+
+impl UsageWrite {
+    /// The first chunk of a new flush.
+    pub fn random() -> Self {
+        Self {
+            flush: rand::random(),
+            chunk: 0,
+        }
+    }
+}
+
 /// Usage of one key since the last flush.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
@@ -362,8 +383,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records a batch of usage in one atomic write: each entry raises the key's
     /// `last_used_at` to at least `last_used_at` and adds `requests` to its count for `day`.
-    /// Entries of keys that no longer exist are ignored.
-    async fn record_usage(&self, usage: &[Usage]) -> StoreResult<()>;
+    /// Entries of keys that no longer exist are ignored. A write named `write` that was
+    /// already applied is not applied again (Redis, for a day: an answer lost after the script
+    /// ran); SQLite's writes are in-process, so an error there means nothing was written.
+    async fn record_usage(&self, write: UsageWrite, usage: &[Usage]) -> StoreResult<()>;
 
     /// Request counts of a key per day (days since the Unix epoch, UTC) in `from..=to`,
     /// ascending, days without requests omitted.

@@ -2,7 +2,10 @@
 //! on the cached principal, no lock except once per key per flush interval) and written to the
 //! store every `last_used_flush_secs` — in small chunks spread over up to half that interval, so
 //! a flush of many keys never holds up requests — and once more, at once, on graceful shutdown.
-//! A failed write keeps the counts for the next flush: nothing is lost while the process lives.
+//! A failed write keeps the counts for the next flush: nothing is lost while the process lives,
+//! and nothing is counted twice: a chunk whose write failed after it was sent (Redis: its answer
+//! lost, the script run) is sent again as it was, under its own name ([`UsageWrite`]), which the
+//! store applies once.
 //! What it keeps is one entry per key and day, not the principals the counts came from: a
 //! principal replaced by a cache refresh or evicted is freed while the store refuses writes,
 //! and requests keep the day they were made on however long the store is down.
@@ -13,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use uuid::Uuid;
 
-use super::store::{Store, Usage};
+use super::store::{Store, Usage, UsageWrite};
 use super::{Millis, Principal};
 use crate::clock::Clock;
 use crate::telemetry::metrics::Metrics;
@@ -46,8 +49,11 @@ impl KeyUsage {
 
 pub struct UsageRecorder {
     pending: Mutex<Vec<Arc<Principal>>>,
-    /// Counts a failed write gave back, for the next flush.
+    /// Counts a failed flush did not send, for the next flush.
     carried: Mutex<ByDay>,
+    /// Chunks whose write failed once sent: the store may hold them, so they go again as they
+    /// were, under their name, before anything new.
+    unsure: Mutex<Vec<(UsageWrite, Vec<Usage>)>>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     /// When a request was made (`last_used_at`, the day it is counted on).
@@ -59,6 +65,7 @@ impl UsageRecorder {
         Self {
             pending: Mutex::new(Vec::new()),
             carried: Mutex::new(HashMap::new()),
+            unsure: Mutex::new(Vec::new()),
             store,
             metrics,
             clock,
@@ -112,8 +119,30 @@ impl UsageRecorder {
                 },
             );
         }
+        // Chunks a failed write left unsure: again, as they were.
+        let unsure = std::mem::take(&mut *self.unsure.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut written = 0;
+        for (i, (write, chunk)) in unsure.iter().enumerate() {
+            if let Err(e) = self.store.record_usage(*write, chunk).await {
+                tracing::warn!(error = %e, entries = by_day.len() + chunk.len(), "usage flush failed; will retry");
+                self.metrics.usage_flush_errors.inc();
+                self.unsure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(&unsure[i..]);
+                let mut carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
+                for u in by_day.into_values() {
+                    merge(&mut carried, u);
+                }
+                return written;
+            }
+            written += chunk.len();
+        }
         if by_day.is_empty() {
-            return 0;
+            if written > 0 {
+                self.metrics.usage_flushes.inc();
+            }
+            return written;
         }
         // In key order: a chunk's keys are neighbours in the store's tables and indexes, so a
         // chunk rewrites a few pages rather than one or more per key (SQLite: several times
@@ -122,22 +151,33 @@ impl UsageRecorder {
         entries.sort_unstable_by_key(|u| (u.key_id, u.day));
         let chunks = entries.len().div_ceil(FLUSH_CHUNK).max(1) as u32;
         let pace = (spread / chunks).min(FLUSH_PACE);
+        let flush: u64 = rand::random();
         // In chunks, yielding between them: a flush of many keys does not hold up requests for
         // the whole write.
-        let mut written = 0;
-        for chunk in entries.chunks(FLUSH_CHUNK) {
-            if let Err(e) = self.store.record_usage(chunk).await {
-                let left = &entries[written..];
-                tracing::warn!(error = %e, entries = left.len(), "usage flush failed; will retry");
+        let mut sent = 0;
+        for (n, chunk) in entries.chunks(FLUSH_CHUNK).enumerate() {
+            let write = UsageWrite {
+                flush,
+                chunk: n as u32,
+            };
+            if let Err(e) = self.store.record_usage(write, chunk).await {
+                let left = &entries[sent + chunk.len()..];
+                tracing::warn!(error = %e, entries = chunk.len() + left.len(), "usage flush failed; will retry");
                 self.metrics.usage_flush_errors.inc();
+                // Sent, maybe stored: again as it is. The rest was not sent.
+                self.unsure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((write, chunk.to_vec()));
                 let mut carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
                 for u in left {
                     merge(&mut carried, *u);
                 }
                 return written;
             }
+            sent += chunk.len();
             written += chunk.len();
-            if pace.is_zero() || written == entries.len() {
+            if pace.is_zero() || sent == entries.len() {
                 tokio::task::yield_now().await;
             } else {
                 tokio::time::sleep(pace).await;
@@ -147,10 +187,21 @@ impl UsageRecorder {
         written
     }
 
-    /// Entries (a key and a day) kept from failed writes, waiting for the next flush.
+    /// Entries (a key and a day) a failed flush did not send, waiting for the next flush.
     #[cfg(test)]
     fn carried(&self) -> usize {
         self.carried.lock().unwrap().len()
+    }
+
+    /// Entries of chunks sent by a write that failed, to be sent again as they were.
+    #[cfg(test)]
+    fn unsure(&self) -> usize {
+        self.unsure
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, c)| c.len())
+            .sum()
     }
 }
 
@@ -266,7 +317,8 @@ mod tests {
         for p in &principals {
             usage.touch(p);
         }
-        assert_eq!(usage.flush().await, n);
+        // The failed chunk again, as it was, and every key's new and carried counts.
+        assert_eq!(usage.flush().await, FLUSH_CHUNK + n);
         let day = day_of(now);
         let count = |p: &Principal| {
             let store = store.clone();
@@ -281,6 +333,44 @@ mod tests {
             totals.push(count(p).await);
         }
         assert!(totals.iter().all(|&t| t == 3), "{:?}", &totals[..10]);
+    }
+
+    /// A chunk whose write failed once sent may be stored (Redis: an answer lost): the next
+    /// flush sends it again first, as it was and under its name (which the store applies once),
+    /// and what was counted since goes in writes of its own; a chunk never sent is merged with
+    /// the new counts.
+    #[tokio::test]
+    async fn a_failed_chunk_is_sent_again_as_it_was_under_its_name() {
+        let n = FLUSH_CHUNK + 5;
+        let (store, principals, _dir) = keys(n).await;
+        let clock = FakeClock::new();
+        let usage = recorder(&store, &clock);
+        for p in &principals {
+            usage.touch(p);
+        }
+        store.usage_writes_left.store(0, Ordering::SeqCst);
+        assert_eq!(usage.flush().await, 0);
+        assert_eq!((usage.unsure(), usage.carried()), (FLUSH_CHUNK, 5));
+        let failed = store.usage_calls.lock().unwrap()[0].clone();
+        for p in &principals {
+            usage.touch(p);
+        }
+        // Still failing: the same chunk is tried again, nothing new is sent.
+        assert_eq!(usage.flush().await, 0);
+        assert_eq!(store.usage_calls.lock().unwrap()[1], failed);
+        assert_eq!(store.usage_calls.lock().unwrap().len(), 2);
+        store.usage_writes_left.store(usize::MAX, Ordering::SeqCst);
+        assert_eq!(usage.flush().await, FLUSH_CHUNK + n);
+        let calls = store.usage_calls.lock().unwrap().clone();
+        assert_eq!(calls[2], failed, "again first, as it was");
+        assert!(calls[3..].iter().all(|(w, _)| w.flush != failed.0.flush));
+        let new: u64 = calls[3..]
+            .iter()
+            .flat_map(|(_, c)| c.iter().map(|u| u.requests))
+            .sum();
+        // Every request counted once: the failed chunk's 25 and the rest in the new writes.
+        assert_eq!(new, (2 * n - FLUSH_CHUNK) as u64);
+        assert_eq!(usage.unsure() + usage.carried(), 0);
     }
 
     /// While the store refuses writes, what a flush keeps is one entry per key and day, not the
@@ -310,9 +400,11 @@ mod tests {
         usage.touch(&refreshed);
         assert_eq!(usage.flush().await, 0);
         assert_eq!(usage.carried(), 2, "one key, two days");
+        // The first request's chunk, sent by the first failed write: kept as it was.
+        assert_eq!(usage.unsure(), 1);
         store.usage_writes_left.store(usize::MAX, Ordering::SeqCst);
-        assert_eq!(usage.flush().await, 2);
-        assert_eq!(usage.carried(), 0);
+        assert_eq!(usage.flush().await, 3);
+        assert_eq!(usage.carried() + usage.unsure(), 0);
         assert_eq!(
             days(&store, &first, day - 1, day + 2).await,
             [(day, 3), (day + 1, 1)]

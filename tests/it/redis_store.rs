@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use keygate::keys::cache::{Invalidation, InvalidationSink};
 use keygate::keys::store::redis::RedisStore;
-use keygate::keys::store::{ClientPatch, KeyPatch, Rotation, Store, StoreError, Usage};
+use keygate::keys::store::{ClientPatch, KeyPatch, Rotation, Store, StoreError, Usage, UsageWrite};
 use keygate::keys::testing::client;
 use keygate::keys::{ApiKey, KeyHash, now_millis};
 use uuid::Uuid;
@@ -176,12 +176,15 @@ async fn every_write_publishes_the_ids_and_all_hashes_it_touched() {
     );
     assert!(a.delete_key(Uuid::now_v7()).await.unwrap().is_none());
     assert!(a.delete_client("nobody").await.unwrap().is_none());
-    a.record_usage(&[Usage {
-        key_id: k3.id,
-        last_used_at: now_millis(),
-        day: 1,
-        requests: 1,
-    }])
+    a.record_usage(
+        UsageWrite::random(),
+        &[Usage {
+            key_id: k3.id,
+            last_used_at: now_millis(),
+            day: 1,
+            requests: 1,
+        }],
+    )
     .await
     .unwrap();
 
@@ -692,4 +695,61 @@ async fn a_lost_subscription_fails_readiness_not_the_lookups() {
     assert_eq!(gw.admin_as("GET", "/readyz", None, &[]).await.status, 503);
     assert_eq!(gw.get_with_key("/x", &key).await.status, 200);
     gw.stop().await;
+}
+
+/// A usage write whose answer is lost (Redis hung after it was sent: the call fails, the
+/// script runs once Redis goes on) is applied once when the flush sends it again under its
+/// name; another chunk of the flush, or another flush, is another write.
+#[tokio::test]
+async fn a_usage_write_sent_again_after_its_answer_was_lost_counts_once() {
+    let redis = RedisServer::start();
+    let s = RedisStore::open(&redis.unix_url(), "keygate:").unwrap();
+    let k = key("acme");
+    s.insert_client(&client("acme"), &k).await.unwrap();
+    let day = now_millis().div_euclid(86_400_000);
+    let usage = |requests| Usage {
+        key_id: k.id,
+        last_used_at: now_millis(),
+        day,
+        requests,
+    };
+    // Redis knows the script (else the call would send EVALSHA, get NOSCRIPT, and load it).
+    let other = key("acme");
+    s.insert_key(&other, 0).await.unwrap();
+    s.record_usage(
+        UsageWrite::random(),
+        &[Usage {
+            key_id: other.id,
+            ..usage(1)
+        }],
+    )
+    .await
+    .unwrap();
+    let w = UsageWrite::random();
+    redis.pause();
+    let r = s.record_usage(w, &[usage(5)]).await;
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    redis.resume();
+    // The write was sent: it runs now, answered to nobody.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.usage(k.id, day, day).await.ok() != Some(vec![(day, 5)]) {
+        assert!(Instant::now() < deadline, "the sent write never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Sent again by the next flush: applied once.
+    s.record_usage(w, &[usage(5)]).await.unwrap();
+    assert_eq!(s.usage(k.id, day, day).await.unwrap(), vec![(day, 5)]);
+    s.record_usage(UsageWrite { chunk: 1, ..w }, &[usage(2)])
+        .await
+        .unwrap();
+    s.record_usage(UsageWrite::random(), &[usage(3)])
+        .await
+        .unwrap();
+    assert_eq!(s.usage(k.id, day, day).await.unwrap(), vec![(day, 10)]);
+    // The marks expire: a day.
+    let ttl: i64 = redis.query(
+        0,
+        redis::cmd("TTL").arg(format!("keygate:flushed:{}", w.flush)),
+    );
+    assert!((86_000..=86_400).contains(&ttl), "{ttl}");
 }

@@ -15,6 +15,7 @@ use keygate::keys::store::redis::{RedisStore, RedisTls};
 use keygate::keys::store::sqlite::SqliteStore;
 use keygate::keys::store::{
     ClientPatch, Conflict, Constraint, KeyPatch, Rotated, Rotation, Store, StoreError, Usage,
+    UsageWrite,
 };
 use keygate::keys::{ApiKey, Client, KeyHash, Millis, RateLimit, SetBy, now_millis};
 use uuid::Uuid;
@@ -552,12 +553,15 @@ async fn patch_key_changes_only_what_it_names(s: Arc<dyn Store>) {
     s.insert_client(&client("other", "pro", now), &key("other", now).0)
         .await
         .unwrap();
-    s.record_usage(&[Usage {
-        key_id: k.id,
-        last_used_at: now + 40,
-        day: 1,
-        requests: 1,
-    }])
+    s.record_usage(
+        UsageWrite::random(),
+        &[Usage {
+            key_id: k.id,
+            last_used_at: now + 40,
+            day: 1,
+            requests: 1,
+        }],
+    )
     .await
     .unwrap();
     k.last_used_at = Some(now + 40);
@@ -1114,17 +1118,23 @@ async fn usage_counts_add_up_per_day_and_die_with_the_key(s: Arc<dyn Store>) {
         day,
         requests,
     };
-    s.record_usage(&[]).await.unwrap();
-    s.record_usage(&[
-        u(k1.id, now, day - 1, 4),
-        u(k2.id, now + 3, day, 1),
-        u(Uuid::now_v7(), now, day, 9),
-    ])
+    s.record_usage(UsageWrite::random(), &[]).await.unwrap();
+    s.record_usage(
+        UsageWrite::random(),
+        &[
+            u(k1.id, now, day - 1, 4),
+            u(k2.id, now + 3, day, 1),
+            u(Uuid::now_v7(), now, day, 9),
+        ],
+    )
     .await
     .unwrap();
-    s.record_usage(&[u(k1.id, now + 5, day, 2), u(k1.id, now + 1, day, 3)])
-        .await
-        .unwrap();
+    s.record_usage(
+        UsageWrite::random(),
+        &[u(k1.id, now + 5, day, 2), u(k1.id, now + 1, day, 3)],
+    )
+    .await
+    .unwrap();
     assert_eq!(
         s.usage(k1.id, day - 7, day).await.unwrap(),
         vec![(day - 1, 4), (day, 5)]

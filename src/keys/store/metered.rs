@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{
     ClientPatch, ClientWithKeys, KeyPatch, Page, Rotated, Rotation, Store, StoreHealth,
-    StoreResult, Usage,
+    StoreResult, Usage, UsageWrite,
 };
 use crate::keys::cache::{Invalidation, InvalidationSink};
 use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, now_millis};
@@ -137,8 +137,8 @@ impl Store for Metered {
         self.timed(self.inner.replace_client_keys(id, new_key))
             .await
     }
-    async fn record_usage(&self, usage: &[Usage]) -> StoreResult<()> {
-        self.timed(self.inner.record_usage(usage)).await
+    async fn record_usage(&self, write: UsageWrite, usage: &[Usage]) -> StoreResult<()> {
+        self.timed(self.inner.record_usage(write, usage)).await
     }
     async fn usage(&self, key_id: Uuid, from: i64, to: i64) -> StoreResult<Vec<(i64, u64)>> {
         self.timed(self.inner.usage(key_id, from, to)).await

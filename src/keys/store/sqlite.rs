@@ -19,7 +19,7 @@ use super::signing::{AddKey, SigningKeyRecord};
 use super::sqlite_outbox::write_events;
 use super::{
     ClientPatch, ClientWithKeys, Conflict, KeyPatch, Page, Rotated, Rotation, Store, StoreError,
-    StoreResult, Usage, import,
+    StoreResult, Usage, UsageWrite, import,
 };
 use crate::keys::allowance::{
     Charge, Charged, CreditTerms, Credits, CreditsWrite, CreditsWritten, Exhausted, Interval,
@@ -1141,7 +1141,7 @@ impl Store for SqliteStore {
     /// usage writer's own connection and thread ([`USAGE_NICE`]): lookups never wait for it
     /// (WAL readers do not wait for a writer), and writes on the other connections take the
     /// write lock when they begin, so they wait for a chunk's commit instead of failing.
-    async fn record_usage(&self, usage: &[Usage]) -> StoreResult<()> {
+    async fn record_usage(&self, _: UsageWrite, usage: &[Usage]) -> StoreResult<()> {
         let usage = usage.to_vec();
         run_there(&self.usage, move |c| write_usage(c, &usage)).await
     }
@@ -1882,7 +1882,7 @@ mod tests {
         let holder = hold_main_connection(&store, 3);
         tokio::time::timeout(
             std::time::Duration::from_secs(1),
-            store.record_usage(&[usage]),
+            store.record_usage(UsageWrite::random(), &[usage]),
         )
         .await
         .expect("the chunk waited for the main connection")

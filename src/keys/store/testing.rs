@@ -12,6 +12,7 @@ use uuid::Uuid;
 use super::sqlite::SqliteStore;
 use super::{
     ClientPatch, ClientWithKeys, KeyPatch, Page, Rotated, Rotation, Store, StoreError, StoreResult,
+    Usage, UsageWrite,
 };
 use crate::keys::{ApiKey, Client, KeyHash, KeyRecord, Millis, now_millis};
 
@@ -52,6 +53,8 @@ pub struct Counting {
     pub usage_written: std::sync::Mutex<Vec<Uuid>>,
     /// Milliseconds each usage write waits before it is made (a slow store).
     pub usage_write_delay_ms: std::sync::atomic::AtomicU64,
+    /// Every usage write asked for, failed or not, with its name.
+    pub usage_calls: std::sync::Mutex<Vec<(UsageWrite, Vec<Usage>)>>,
 }
 
 impl Counting {
@@ -69,6 +72,7 @@ impl Counting {
             usage_writes_left: AtomicUsize::new(usize::MAX),
             usage_written: Default::default(),
             usage_write_delay_ms: Default::default(),
+            usage_calls: Default::default(),
         }
     }
 }
@@ -133,7 +137,8 @@ impl Store for Counting {
     async fn replace_client_keys(&self, id: &str, new_key: &ApiKey) -> StoreResult<Vec<ApiKey>> {
         self.inner.replace_client_keys(id, new_key).await
     }
-    async fn record_usage(&self, u: &[crate::keys::store::Usage]) -> StoreResult<()> {
+    async fn record_usage(&self, write: UsageWrite, u: &[Usage]) -> StoreResult<()> {
+        self.usage_calls.lock().unwrap().push((write, u.to_vec()));
         let allowed =
             self.usage_writes_left
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
@@ -148,7 +153,7 @@ impl Store for Counting {
         if delay > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
         }
-        self.inner.record_usage(u).await?;
+        self.inner.record_usage(write, u).await?;
         let mut written = self.usage_written.lock().unwrap();
         written.extend(u.iter().map(|u| u.key_id));
         Ok(())

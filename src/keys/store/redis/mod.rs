@@ -12,6 +12,7 @@
 //! | `P keys` | sorted set | every key id, scored by `created_at` |
 //! | `P clients` | sorted set | every client id, scored by `created_at` |
 //! | `P usage:<id>` | hash | requests of a key per day (field: days since the epoch) |
+//! | `P flushed:<flush>` | string | a bit per chunk of one usage flush written (kept a day) |
 //! | `P invalidate` | pub/sub channel | one message per write (see below) |
 //! | `P events`, `P q:…`, `P d:…`, `P webhooks`, … | | the event outbox and webhooks (`outbox.rs`) |
 //!
@@ -82,7 +83,7 @@ use uuid::Uuid;
 use super::signing::{AddKey, SigningKeyRecord};
 use super::{
     ClientPatch, ClientWithKeys, Conflict, KeyPatch, Page, Rotated, Rotation, Store, StoreError,
-    StoreResult, Usage,
+    StoreResult, Usage, UsageWrite,
 };
 use crate::keys::allowance::{
     Calendar, Charge, Charged, Credits, CreditsWrite, CreditsWritten, Exhausted, Interval,
@@ -1097,11 +1098,12 @@ impl Store for RedisStore {
         )
     }
 
-    async fn record_usage(&self, usage: &[Usage]) -> StoreResult<()> {
+    async fn record_usage(&self, write: UsageWrite, usage: &[Usage]) -> StoreResult<()> {
         if usage.is_empty() {
             return Ok(());
         }
         let mut a = Args::default();
+        a.push(write.flush).push(write.chunk);
         for u in usage {
             a.push(u.key_id)
                 .push(u.last_used_at)
