@@ -77,7 +77,7 @@ pub async fn rotate(
 pub async fn jwks(State(state): State<AdminState>) -> Result<Response, AdminError> {
     let identity = state.identity.as_ref().ok_or(AdminError::NotFound(OFF))?;
     Ok(identity
-        .jwks_response(false)
+        .jwks_response()
         .map(axum::body::Body::from)
         .into_response())
 }

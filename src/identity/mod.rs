@@ -457,10 +457,10 @@ impl Identity {
         Bytes::from(serde_json::to_vec(&serde_json::json!({ "keys": keys })).expect("JSON"))
     }
 
-    /// The answer of `GET /.well-known/jwks.json` on either listener.
-    pub fn jwks_response(&self, head: bool) -> http::Response<Bytes> {
-        let body = if head { Bytes::new() } else { self.jwks() };
-        let mut res = http::Response::new(body);
+    /// The answer of `GET /.well-known/jwks.json` on either listener (and of HEAD: the
+    /// engine leaves the body out and keeps its length, RFC 9110 §8.6).
+    pub fn jwks_response(&self) -> http::Response<Bytes> {
+        let mut res = http::Response::new(self.jwks());
         let h = res.headers_mut();
         h.insert(
             http::header::CONTENT_TYPE,

@@ -346,7 +346,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             fields: &self.fields,
         };
         let route = match gw.route(&view)? {
-            Routed::Health => return Err(Stop::Answer(policy::health(&head.method))),
+            Routed::Health => return Err(Stop::Answer(policy::health())),
             // Hyper reads the body; the core answers.
             Routed::Login | Routed::SecretScanning => return Err(Stop::Handover),
             // The core decides (below); nothing is forwarded.
@@ -356,7 +356,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
                 outcome.route = Some(route);
                 return Err(Stop::Answer(answer.unwrap_or_else(|e| e.response())));
             }
-            Routed::Jwks => return Err(Stop::Answer(gw.jwks(&head.method))),
+            Routed::Jwks => return Err(Stop::Answer(gw.jwks())),
             Routed::Route(route) => Some(route),
         };
         // Awaited past the match, so that the routing's values are not held while it runs

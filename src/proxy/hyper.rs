@@ -85,7 +85,7 @@ impl Gateway {
         let start = self.access_log.then(Instant::now);
         let (parts, body) = req.into_parts();
         let mut outcome = Outcome::default();
-        let res = match self.serve_hyper(&parts, body, conn, &mut outcome).await {
+        let mut res = match self.serve_hyper(&parts, body, conn, &mut outcome).await {
             Ok(res) => res,
             Err(e) => {
                 let mut res = e.response::<Bytes>();
@@ -93,6 +93,9 @@ impl Gateway {
                 own(res)
             }
         };
+        if parts.method == http::Method::HEAD {
+            head_answer(&mut res);
+        }
         self.finish(
             &parts.method,
             parts.uri.path(),
@@ -113,7 +116,7 @@ impl Gateway {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let route = match self.route(parts)? {
             Routed::Health => {
-                let mut res = policy::health(&parts.method);
+                let mut res = policy::health();
                 self.cors_own(None, parts, &mut res);
                 return Ok(own(res));
             }
@@ -136,7 +139,7 @@ impl Gateway {
                 self.cors_own(Some(route), parts, &mut res);
                 return Ok(own(res));
             }
-            Routed::Jwks => return Ok(own(self.jwks(&parts.method))),
+            Routed::Jwks => return Ok(own(self.jwks())),
             Routed::SecretScanning => {
                 let ip = self.policy.client_ip(parts, conn.peer.ip());
                 return Ok(own(self.leak_report(parts, body, ip).await));
@@ -510,6 +513,21 @@ impl Gateway {
 /// A response the gateway wrote itself.
 fn own(res: Response<Bytes>) -> Response<ProxyBody> {
     res.map(|b| Either::Right(Full::new(b)))
+}
+
+/// The gateway's own answer to a HEAD request: the length of the body a GET would get, and no
+/// body (RFC 9110 §9.3.2; over HTTP/2 a DATA frame on a HEAD answer is a protocol error the
+/// client resets the stream for). An upstream's answer is relayed as it came.
+fn head_answer(res: &mut Response<ProxyBody>) {
+    if let Either::Right(full) = res.body() {
+        let len = full.size_hint().exact().unwrap_or(0);
+        if res.status() != StatusCode::NO_CONTENT {
+            res.headers_mut()
+                .entry(http::header::CONTENT_LENGTH)
+                .or_insert(http::HeaderValue::from(len));
+        }
+        *res.body_mut() = Either::Right(Full::new(Bytes::new()));
+    }
 }
 
 /// A request body read by hyper, on its way through the one HTTP/1.1 client.

@@ -513,10 +513,11 @@ impl Gateway {
             .ok_or(ProxyError::Auth(AuthError::StoreUnavailable))
     }
 
-    /// The answer of `GET /.well-known/jwks.json` (or HEAD): the public signing keys.
-    pub fn jwks(&self, method: &Method) -> Response<Bytes> {
+    /// The answer of `GET /.well-known/jwks.json` (or HEAD, whose answer leaves the body out
+    /// and keeps its length): the public signing keys.
+    pub fn jwks(&self) -> Response<Bytes> {
         match &self.identity {
-            Some(id) => id.jwks_response(method == Method::HEAD),
+            Some(id) => id.jwks_response(),
             None => ProxyError::RouteNotFound.response(),
         }
     }
@@ -720,13 +721,10 @@ fn rate_limited(r: Refusal) -> ProxyError {
 }
 
 /// The answer of the load-balancer health check.
-pub fn health(method: &Method) -> Response<Bytes> {
-    let body = if method == Method::HEAD {
-        Bytes::new()
-    } else {
-        Bytes::from_static(b"{\"status\":\"ok\"}")
-    };
-    let mut res = Response::new(body);
+/// The health answer; to a HEAD request too, whose answer leaves the body out and keeps its
+/// length (RFC 9110 §9.3.2, §8.6).
+pub fn health() -> Response<Bytes> {
+    let mut res = Response::new(Bytes::from_static(b"{\"status\":\"ok\"}"));
     *res.status_mut() = StatusCode::OK;
     res.headers_mut().insert(
         http::header::CONTENT_TYPE,

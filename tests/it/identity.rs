@@ -401,6 +401,34 @@ async fn the_upstream_verifies_the_assertion_against_the_live_jwks_with_stock_li
             .unwrap()
             .contains("max-age=")
     );
+    // HEAD answers carry the length of the GET answer's body (RFC 9110 §8.6), on both
+    // engines (HTTP/1.1; HTTP/2 through hyper), for the key set and the health check.
+    // And keygate's own refusals (here 401 without a key): over HTTP/2 a refusal's body on a
+    // HEAD answer was a DATA frame the client reset the stream for.
+    for h2 in [false, true] {
+        let get = call_with(gw.proxy, "GET", "/things", &[], None, h2).await;
+        let head = call_with(gw.proxy, "HEAD", "/things", &[], None, h2).await;
+        assert_eq!((get.status.as_u16(), head.status.as_u16()), (401, 401));
+        assert!(head.body.is_empty());
+        assert_eq!(
+            head.headers["content-length"].to_str().unwrap(),
+            get.body.len().to_string(),
+            "h2 {h2}"
+        );
+    }
+    for path in ["/.well-known/jwks.json", "/_keygate/health"] {
+        for h2 in [false, true] {
+            let get = call_with(gw.proxy, "GET", path, &[], None, h2).await;
+            let head = call_with(gw.proxy, "HEAD", path, &[], None, h2).await;
+            assert_eq!(head.status, 200, "{path} h2 {h2}");
+            assert!(!get.body.is_empty() && head.body.is_empty());
+            assert_eq!(
+                head.headers["content-length"].to_str().unwrap(),
+                get.body.len().to_string(),
+                "{path} h2 {h2}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
