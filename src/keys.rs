@@ -503,9 +503,15 @@ impl IdentityHeaders {
         start as usize..end as usize
     }
 
-    /// Value `i` as given (not as sent).
-    fn text(&self, i: usize) -> &str {
-        std::str::from_utf8(&self.text[Self::range(self.given[i])]).unwrap_or("")
+    /// Value `i` as given (not as sent: a value that is not header text goes out as
+    /// `invalid`, but is what it is in a signed assertion's JSON).
+    pub fn text(&self, i: usize) -> &str {
+        std::str::from_utf8(self.given(i)).unwrap_or("")
+    }
+
+    /// The bytes of value `i` as given.
+    pub fn given(&self, i: usize) -> &[u8] {
+        &self.text[Self::range(self.given[i])]
     }
 
     /// Value `i` as it goes out in a header.

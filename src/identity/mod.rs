@@ -412,7 +412,8 @@ impl Identity {
         let iat = now.div_euclid(1000);
         let exp = iat + ttl / 1000;
         let id = &principal.headers;
-        let text = |i: usize| std::str::from_utf8(id.value(i)).unwrap_or("invalid");
+        // As given: JSON carries any text a header cannot (a plan named `básico`).
+        let text = |i: usize| id.text(i);
         let permissions = text(2);
         let claims = Claims {
             iss: &self.cfg.issuer,
@@ -526,7 +527,7 @@ fn record(m: &Material, active_from: Millis, now: Millis) -> SigningKeyRecord {
 }
 
 fn same_identity(a: &IdentityHeaders, b: &IdentityHeaders) -> bool {
-    (0..4).all(|i| a.value(i) == b.value(i))
+    (0..4).all(|i| a.given(i) == b.given(i))
 }
 
 #[cfg(test)]

@@ -1138,3 +1138,40 @@ async fn without_a_signing_key_requests_are_refused_not_forwarded_unsigned() {
     let token = up.last().headers[ASSERTION].to_str().unwrap().to_owned();
     assert!(py_verify(&jwks_url(&gw), &up.url(), &token).is_ok());
 }
+
+/// A plan name that is not header text (`básico`) goes out as `invalid` in the identity
+/// header, but as itself in the signed assertion's JSON; a move to another such plan (which
+/// the header cannot tell apart) signs a new assertion.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_assertion_carries_a_plan_name_a_header_cannot() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = sqlite_gateway(
+        &up,
+        dir.path(),
+        "",
+        "[plans.\"básico\"]\n[plans.\"médio\"]\n",
+    );
+    let r = admin(
+        &gw,
+        "POST",
+        "/v1/clients",
+        Some(json!({"client_id": "acme", "license": "básico"})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let key = r.json()["api_key"]["key"].as_str().unwrap().to_owned();
+    let token = assertion_for(&gw, &up, "/things", &key).await;
+    assert_eq!(claims_of(&token)["license"], "básico");
+    assert_eq!(up.last().headers["x-keygate-license"], "invalid");
+    let r = admin(
+        &gw,
+        "PATCH",
+        "/v1/clients/acme",
+        Some(json!({"license": "médio"})),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let token = assertion_for(&gw, &up, "/things", &key).await;
+    assert_eq!(claims_of(&token)["license"], "médio");
+}
