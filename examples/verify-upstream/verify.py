@@ -15,13 +15,16 @@ JWKS_URL, AUDIENCE = sys.argv[1], sys.argv[2]
 ISSUER = sys.argv[3] if len(sys.argv) > 3 else "keygate"
 # Caches the key set; fetches it again when an assertion names a key it does not know yet.
 jwks = jwt.PyJWKClient(JWKS_URL, lifespan=300)
+# Seconds the clocks of keygate and this host may differ by: iat is keygate's clock, and PyJWT
+# refuses an iat ahead of its own clock (ImmatureSignatureError) without leeway.
+LEEWAY = 5
 
 
 def verify(assertion):
     key = jwks.get_signing_key_from_jwt(assertion)
     return jwt.decode(
         assertion, key, algorithms=["EdDSA", "ES256"], audience=AUDIENCE, issuer=ISSUER,
-        options={"require": ["iss", "sub", "aud", "iat", "exp", "jti"]},
+        leeway=LEEWAY, options={"require": ["iss", "sub", "aud", "iat", "exp", "jti"]},
     )
 
 

@@ -24,6 +24,11 @@ fn d_overlap() -> u64 {
 
 /// Longest assertion lifetime accepted: an assertion is a bearer credential for the upstream.
 pub const MAX_TTL_SECS: u64 = 3600;
+/// Shortest assertion lifetime. `iat` and `exp` are whole seconds (`exp = iat + ttl`, `iat`
+/// rounded down), so an assertion signed late in a second lives up to a second less than
+/// `ttl_secs`: with 1 s it could reach the upstream expired, and its refresh point (a quarter of
+/// the lifetime before `exp`) could already be past, signing anew on every request.
+pub const MIN_TTL_SECS: u64 = 5;
 /// The longest `publish_ahead_secs`: 30 days.
 pub const MAX_PUBLISH_AHEAD_SECS: u64 = 30 * 86_400;
 
@@ -55,9 +60,9 @@ impl Default for RawIdentity {
 
 /// Checks `[identity]`; each problem is pushed to `errors` naming the field and the fix.
 pub fn validate(raw: RawIdentity, errors: &mut Vec<String>) -> IdentityConfig {
-    if raw.ttl_secs == 0 || raw.ttl_secs > MAX_TTL_SECS {
+    if raw.ttl_secs < MIN_TTL_SECS || raw.ttl_secs > MAX_TTL_SECS {
         errors.push(format!(
-            "identity.ttl_secs: {} must be between 1 and {MAX_TTL_SECS} (an assertion is a short-lived credential)",
+            "identity.ttl_secs: {} must be between {MIN_TTL_SECS} and {MAX_TTL_SECS} (an assertion is a short-lived credential, with whole-second times)",
             raw.ttl_secs
         ));
     }

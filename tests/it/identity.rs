@@ -435,7 +435,7 @@ async fn the_upstream_verifies_the_assertion_against_the_live_jwks_with_stock_li
 async fn tampered_forged_and_expired_assertions_fail() {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let gw = sqlite_gateway(&up, dir.path(), "ttl_secs = 2\noverlap_secs = 60", "");
+    let gw = sqlite_gateway(&up, dir.path(), "ttl_secs = 5\noverlap_secs = 60", "");
     let key = client(&gw, "acme").await;
     let origin = up.url();
     let token = assertion_for(&gw, &up, "/things", &key).await;
@@ -499,7 +499,7 @@ async fn tampered_forged_and_expired_assertions_fail() {
     assert!(py_verify(&url, &origin, &none).is_err());
     assert!(rust_verify(&set, Algorithm::EdDSA, &origin, &none).is_err());
 
-    // Expired: ttl_secs = 2.
+    // Expired: ttl_secs = 5 (the shortest).
     let exp = claims_of(&token)["exp"].as_i64().unwrap();
     let now = || {
         std::time::SystemTime::now()
@@ -507,7 +507,8 @@ async fn tampered_forged_and_expired_assertions_fail() {
             .unwrap()
             .as_secs() as i64
     };
-    while now() <= exp {
+    // verify.py allows 5 s of clock skew (LEEWAY).
+    while now() <= exp + 5 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let err = py_verify(&url, &origin, &token).unwrap_err();
@@ -1013,8 +1014,10 @@ fn check_config_explains_a_bad_identity_section() {
     assert!(ok, "{err}");
     let (ok, err) = check("algorithm = \"RS256\"");
     assert!(!ok && err.contains("RS256"), "{err}");
-    let (ok, err) = check("ttl_secs = 0");
-    assert!(!ok && err.contains("identity.ttl_secs"), "{err}");
+    for short in ["ttl_secs = 0", "ttl_secs = 1", "ttl_secs = 4"] {
+        let (ok, err) = check(short);
+        assert!(!ok && err.contains("identity.ttl_secs"), "{short}: {err}");
+    }
     let (ok, err) = check("ttl_secs = 120\noverlap_secs = 60");
     assert!(!ok && err.contains("identity.overlap_secs"), "{err}");
     let (ok, err) = check("issuer = \"\"");
