@@ -455,7 +455,9 @@ async fn audit_failures(req: Request, next: Next) -> Response {
         tracing::info!(
             target: "keygate::audit",
             action = %method,
-            path = %path,
+            // As a string value: quoted and escaped in human logs (a path may hold U+0085 or
+            // U+2028, which log readers take for line breaks, and look-alike spaces).
+            path = path.as_str(),
             caller = ?caller,
             peer = %peer,
             outcome = res.status().as_u16(),
@@ -482,8 +484,10 @@ async fn identify(
     if bearer(headers).is_some_and(|k| state.is_admin_key(k)) {
         return Ok(Caller::Admin);
     }
+    // No credential at all counts as a failure too: each is audited (on a mutation), and only
+    // the failed-authentication limit bounds how many lines a flood of them writes.
     let Some(cred) = state.extractor.extract(headers, None) else {
-        return Err(AdminError::Unauthorized);
+        return Err(state.failed(ip, AdminError::Unauthorized));
     };
     match state.auth.authenticate(&cred).await {
         Ok(p) if p.has(&state.self_service_permission) => Ok(Caller::Client {

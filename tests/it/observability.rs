@@ -606,3 +606,56 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
     let exit = p.wait_exit(Duration::from_secs(12));
     assert!(exit.success(), "exit status {exit}");
 }
+
+/// The admin audit line of a refused mutation in the default human log: a path holding
+/// characters log readers take for line breaks (U+0085, U+2028) or for spaces (U+00A0), sent to
+/// forge fields or lines, is quoted and escaped; and requests with no credential at all are
+/// counted as failed authentications, so a flood of them is answered 429 past the allowance and
+/// writes no more audit lines than that.
+#[tokio::test]
+async fn admin_audit_lines_cannot_be_forged_or_flooded_without_a_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_text("http://127.0.0.1:9", &dir.path().join("k.db"), "");
+    let p = Binary::serve(&config, dir.path()).spawn();
+    let forged = "/v1/clients/x\u{85}caller=Some(Admin)\u{a0}outcome=200\u{2028}keygate::audit";
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        let mut s = tokio::net::TcpStream::connect(p.admin).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(
+            format!("DELETE {forged} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        statuses.push(String::from_utf8_lossy(&out[9..12]).into_owned());
+    }
+    assert_eq!(statuses[0], "401");
+    assert_eq!(statuses[39], "429", "{statuses:?}");
+    let audited = || {
+        p.lines()
+            .into_iter()
+            .filter(|l| l.contains("keygate::audit"))
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while audited().is_empty() {
+        assert!(Instant::now() < deadline, "no audit line: {:?}", p.lines());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lines = audited();
+    let refused = statuses.iter().filter(|s| *s == "401").count();
+    assert_eq!(
+        lines.len(),
+        refused,
+        "one line per 401, none per 429: {lines:?}"
+    );
+    for l in &lines {
+        for c in ['\u{85}', '\u{2028}', '\u{a0}'] {
+            assert!(!l.contains(c), "raw {c:?} in {l:?}");
+        }
+        assert!(l.contains("path=\"/v1/clients/x\\u{85}"), "{l}");
+    }
+}
