@@ -408,9 +408,19 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdminError> {
         let field = if path == "." { "body".to_owned() } else { path };
         // Without the string values serde quotes: a secret sent in the wrong field (a key as
         // `enabled`) is not echoed back.
-        let msg = crate::config::without_strings(&e.into_inner().to_string());
-        // serde reports a missing or unknown field at the parent; name it instead.
-        let field = extract_field(&msg).unwrap_or(field);
+        let mut msg = crate::config::without_strings(&e.into_inner().to_string());
+        // serde reports a missing or unknown field at the parent; name it instead (an unknown
+        // name only when it cannot be a secret: `foreign::shown`).
+        let field = match extract_field(&msg) {
+            Some(name) => {
+                let shown = crate::keys::foreign::shown(&name);
+                if shown != name {
+                    msg = msg.replacen(&format!("`{name}`"), &shown, 1);
+                }
+                shown
+            }
+            None => field,
+        };
         AdminError::Validation(vec![FieldError::new(field, msg)])
     })
 }

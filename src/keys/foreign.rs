@@ -35,9 +35,20 @@ pub fn display_prefix(key: &str) -> String {
     key[..n].to_owned()
 }
 
-/// A field name as it may be shown back: at most 64 characters.
+/// A field name of a request as it may be shown back in an error: a short lowercase name (a
+/// misspelt `permisions`) as it is; anything else — a name as long as a hash, or with the mixed
+/// case and digits of a key (an export keyed by its keys) — is not repeated.
 pub fn shown(field: &str) -> String {
-    field.chars().take(64).collect()
+    let plain = (1..=24).contains(&field.len())
+        && field
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-')
+        && field.bytes().filter(u8::is_ascii_digit).count() <= 2;
+    if plain {
+        field.to_owned()
+    } else {
+        "(a name not repeated)".to_owned()
+    }
 }
 
 fn string<'a>(o: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, String> {

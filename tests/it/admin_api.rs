@@ -1,6 +1,7 @@
 //! The admin plane: authentication, keys, clients, validation and status codes.
 
 use serde_json::json;
+use sha2::Digest;
 
 use crate::support::{ADMIN_KEY, Gateway};
 
@@ -307,6 +308,33 @@ async fn bad_input_is_400_or_422_naming_the_field() {
         assert!(!text.contains(&key), "the key echoed: {text}");
         assert!(text.contains("a string"), "{text}");
     }
+    // A secret sent as a field's name (a body keyed by its keys, or their hashes) or as a query
+    // value is not repeated either; a short misspelt name is.
+    let hash = hex::encode(sha2::Sha256::digest(key.as_bytes()));
+    for name in [key.as_str(), hash.as_str(), "Xk9mQ2vL8pR4tW7z"] {
+        let mut body = json!({"name": "x", "client_id": "acme"});
+        body[name] = json!(true);
+        let r = gw.admin("POST", "/v1/api-keys", Some(body)).await;
+        assert_eq!(r.status, 422);
+        let text = String::from_utf8_lossy(&r.body);
+        assert!(!text.contains(name), "{name} echoed: {text}");
+        assert!(text.contains("unknown field"), "{text}");
+    }
+    let r = gw
+        .admin(
+            "POST",
+            "/v1/api-keys",
+            Some(json!({"name": "x", "client_id": "acme", "permisions": []})),
+        )
+        .await;
+    assert_eq!(r.status, 422);
+    assert_eq!(r.json()["errors"][0]["field"], "permisions");
+    let r = gw
+        .admin("GET", &format!("/v1/api-keys?per_page={key}"), None)
+        .await;
+    assert!(matches!(r.status.as_u16(), 400 | 422), "{}", r.status);
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(!text.contains(&key), "the key echoed: {text}");
     let r = gw
         .admin(
             "POST",

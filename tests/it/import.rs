@@ -232,6 +232,41 @@ async fn bad_items_are_reported_by_index_and_the_others_imported() {
     assert_eq!(gw.get_with_key("/x", good).await.status, 200);
 }
 
+/// An export keyed by its keys (or their hashes) sent as import items: the unknown field names
+/// are secrets, and are not repeated in the answer; a short misspelt name is.
+#[tokio::test]
+async fn unknown_field_names_that_could_be_secrets_are_not_repeated() {
+    let gw = Gateway::start_with(EXTRA).await;
+    gw.client("acme", "pro").await;
+    let key = "kong-3xQ9vLm2aR7tYp0sWk4eHd8uJc6nBf1g";
+    let hash = sha256_hex(key);
+    let mut item = json!({"client_id": "acme", "name": "x", "key": "field-name-test-0123"});
+    item[key] = json!(true);
+    let mut other = json!({"client_id": "acme", "name": "y", "key": "field-name-test-4567"});
+    other[hash.as_str()] = json!({});
+    let third = json!({"client_id": "acme", "name": "z", "key": "field-name-test-89ab", "nmae": 1});
+    let mut body = json!({"keys": []});
+    body[hash.as_str()] = json!(1);
+    let r = gw.admin("POST", "/v1/api-keys/import", Some(body)).await;
+    assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(!text.contains(&hash), "the hash repeated: {text}");
+    let r = gw
+        .admin(
+            "POST",
+            "/v1/api-keys/import",
+            Some(json!({"keys": [item, other, third]})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let text = String::from_utf8_lossy(&r.body);
+    for secret in [key, hash.as_str()] {
+        assert!(!text.contains(secret), "{secret} repeated: {text}");
+    }
+    assert_eq!(r.json()["errors"].as_array().unwrap().len(), 3, "{text}");
+    assert!(text.contains("unknown field `nmae`"), "{text}");
+}
+
 #[tokio::test]
 async fn an_atomic_import_with_one_bad_key_writes_nothing() {
     let gw = Gateway::start_with(EXTRA).await;
