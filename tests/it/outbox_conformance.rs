@@ -122,6 +122,7 @@ conformance!(
     an_import_of_ten_thousand_keys_is_written_whole_with_its_events,
     a_leak_report_is_written_with_the_revoke_it_caused,
     a_claim_hands_out_at_most_each_webhooks_room,
+    queues_of_a_webhook_nobody_knows_do_not_starve_the_others,
 );
 
 fn all() -> Vec<Subscription> {
@@ -686,6 +687,60 @@ async fn a_claim_hands_out_at_most_each_webhooks_room(s: &Subject) {
             .await
             .is_empty()
     );
+}
+
+/// A backlog of queues of a webhook no claimer knows (removed from the configuration, its
+/// receiver long down) does not starve the others: the queues of `wh_gone` (more than a
+/// claim looks at) come first by time, and `wh_live`'s delivery is still handed out.
+async fn queues_of_a_webhook_nobody_knows_do_not_starve_the_others(s: &Subject) {
+    let sub = |id: &str, room: usize| Subscription {
+        webhook_id: id.into(),
+        events: vec!["*".into()],
+        room,
+    };
+    let first = new_client(s).await;
+    drain_bodies(s).await;
+    let n = keygate::keys::outbox::CLAIM_SCAN + 10;
+    let keys: Vec<ApiKey> = (0..n)
+        .map(|i| {
+            ApiKey::builder()
+                .client(&first.client_id)
+                .name(format!("g{i}"))
+                .build()
+                .0
+        })
+        .collect();
+    assert!(s.store.import_keys(keys, 0, true).await.unwrap().is_empty());
+    // Fanned out to wh_gone (a queue per key), none claimed.
+    let now = now_millis();
+    assert!(
+        s.outbox
+            .claim(&[sub("wh_gone", 0)], now, 60_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let (live, _) = ApiKey::builder().client("live").build();
+    s.store
+        .insert_client(&testing::client("live"), &live)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got = s
+            .outbox
+            .claim(&[sub("wh_live", 10)], now_millis(), 60_000, 10)
+            .await
+            .unwrap();
+        if !got.is_empty() {
+            break;
+        }
+    }
+    assert!(
+        !got.is_empty(),
+        "wh_live got nothing behind wh_gone's backlog"
+    );
+    assert!(got.iter().all(|c| c.webhook_id == "wh_live"));
 }
 
 async fn imported_keys_write_key_created_marked_imported(s: &Subject) {

@@ -7,7 +7,8 @@
 -- deletes it from the stream; then claims the heads of up to `limit` due queues, at most the
 -- room of each webhook (a webhook not named has no such bound), looking at no
 -- more than `scan` due queues, until now + lease (their score moves there, so no other caller
--- takes them before). Answers {{delivery id, delivery fields}…}.
+-- takes them before; the queue of a webhook not named, not yet an orphan, moves there too,
+-- unclaimed). Answers {{delivery id, delivery fields}…}.
 local now, lease, limit, scan, n = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),
   tonumber(ARGV[5]), tonumber(ARGV[6])
 local DUE, PENDING = P .. 'events:due', P .. 'events:pending'
@@ -56,7 +57,10 @@ while #out < limit and seen < scan do
       if not d then
         redis.call('ZREM', DUE, q)
       elseif not left and tonumber(redis.call('HGET', P .. 'd:' .. d, 't')) >= orphan_before then
-        skipped = skipped + 1
+        -- A webhook this caller does not know (removed, or new in a rolling deploy): left to
+        -- those that know it, for a lease, behind the queues due now; kept in place, a backlog
+        -- of its queues filled every scan and starved every other webhook for a day.
+        redis.call('ZADD', DUE, now + lease, q)
       else
         if left then room[w] = left - 1 end
         redis.call('ZADD', DUE, now + lease, q)
