@@ -315,6 +315,7 @@ impl App {
                 ),
                 forward_auth: config.forward_auth.clone(),
                 cors: config.proxy.cors.clone(),
+                max_headers: config.limits.max_headers,
             },
             upstreams,
             failed_auth: proxy_failed_auth,

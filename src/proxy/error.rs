@@ -54,6 +54,9 @@ pub enum ProxyError {
     /// A CORS preflight the route's CORS rules refuse (why).
     #[error("CORS preflight refused: {0}")]
     CorsRefused(&'static str),
+    /// More header fields than `limits.max_headers` (HTTP/2; hyper answers HTTP/1.1's 431).
+    #[error("too many header fields")]
+    TooManyFields,
 }
 
 pub const RATELIMIT_LIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit-limit");
@@ -121,6 +124,7 @@ impl ProxyError {
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Auth(AuthError::StoreUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TooManyFields => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 
@@ -143,6 +147,7 @@ impl ProxyError {
             Self::UpstreamTimeout => "upstream_timeout",
             Self::Auth(AuthError::StoreUnavailable) => "store_unavailable",
             Self::CorsRefused(_) => "cors_refused",
+            Self::TooManyFields => "header_fields_too_large",
         }
     }
 
@@ -173,6 +178,7 @@ impl ProxyError {
             Self::UpstreamTimeout => "the upstream did not answer in time",
             Self::Auth(AuthError::StoreUnavailable) => "the key store is unavailable; retry later",
             Self::CorsRefused(why) => why,
+            Self::TooManyFields => "the request has more header fields than the gateway takes",
         }
     }
 

@@ -83,9 +83,18 @@ impl HyperClient {
 impl Gateway {
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
         let start = self.access_log.then(Instant::now);
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let mut outcome = Outcome::default();
-        let mut res = match self.serve_hyper(&parts, body, conn, &mut outcome).await {
+        let served = if parts.version == Version::HTTP_2 {
+            h2_request(&mut parts, self.policy.max_headers)
+        } else {
+            Ok(())
+        };
+        let served = match served {
+            Ok(()) => self.serve_hyper(&parts, body, conn, &mut outcome).await,
+            Err(e) => Err(e),
+        };
+        let mut res = match served {
             Ok(res) => res,
             Err(e) => {
                 let mut res = e.response::<Bytes>();
@@ -324,8 +333,13 @@ impl Gateway {
                 identity: admitted.permit.principal().map(|p| &p.headers),
                 assertion: admitted.assertion.as_ref().map(HeaderValue::as_bytes),
                 xff: xff.as_ref().map(HeaderValue::as_bytes),
-                client_host: first(Rule::Host)
-                    .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes())),
+                // The request's authority: HTTP/2's `:authority` (RFC 9113 §8.3.1) or an
+                // absolute-form target's (RFC 9112 §3.2.2), before any `Host` field.
+                client_host: parts
+                    .uri
+                    .authority()
+                    .map(|a| a.as_str().as_bytes())
+                    .or_else(|| first(Rule::Host)),
                 peer_ip: conn.peer_ip.as_bytes(),
                 proto: conn.proto.as_bytes(),
                 host: route.host.as_bytes(),
@@ -448,11 +462,13 @@ impl Gateway {
 
         let h = req.headers_mut();
         let mut inbound = headers::retain_forwarded(h, admitted.strip, &self.policy.fields);
-        if inbound.host.is_none() {
-            inbound.host = parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        // The request's authority before any `Host` field (as above).
+        if let Some(a) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            inbound.host = Some(a);
         }
         if let Some(p) = admitted.permit.principal() {
             headers::add_identity(h, &p.headers);
@@ -513,6 +529,30 @@ impl Gateway {
 /// A response the gateway wrote itself.
 fn own(res: Response<Bytes>) -> Response<ProxyBody> {
     res.map(|b| Either::Right(Full::new(b)))
+}
+
+/// What an HTTP/2 request needs before it is read as an HTTP/1.1 one: at most `max_headers`
+/// fields (hyper counts them for HTTP/1.1 only: 431 past them), and its `cookie` crumbs
+/// joined into one field with "; " (RFC 9113 §8.2.3; an HTTP/1.1 upstream reads one `Cookie`
+/// line, RFC 6265 §5.4).
+fn h2_request(parts: &mut http::request::Parts, max_headers: usize) -> Result<(), ProxyError> {
+    if parts.headers.len() > max_headers {
+        return Err(ProxyError::TooManyFields);
+    }
+    let crumbs = parts.headers.get_all(http::header::COOKIE);
+    if crumbs.iter().nth(1).is_some() {
+        let mut joined = Vec::new();
+        for c in crumbs {
+            if !joined.is_empty() {
+                joined.extend_from_slice(b"; ");
+            }
+            joined.extend_from_slice(c.as_bytes());
+        }
+        let joined = HeaderValue::from_bytes(&joined)
+            .map_err(|_| ProxyError::BadRequest("invalid cookie field"))?;
+        parts.headers.insert(http::header::COOKIE, joined);
+    }
+    Ok(())
 }
 
 /// The gateway's own answer to a HEAD request: the length of the body a GET would get, and no

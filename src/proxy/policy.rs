@@ -128,6 +128,9 @@ pub struct Policy {
     pub forward_auth: ForwardAuth,
     /// The CORS rules of routes without their own (`None`: no CORS).
     pub cors: Option<Arc<Cors>>,
+    /// `limits.max_headers`, for HTTP/2 requests (hyper's HTTP/1.1 and the fast path count
+    /// their own).
+    pub max_headers: usize,
 }
 
 impl Policy {
@@ -1007,6 +1010,7 @@ mod tests {
                 deny: crate::config::DenyMode::Status,
             },
             cors: None,
+            max_headers: 100,
         };
         let req = |xff: Option<&str>, fwd: Option<&str>| {
             let mut b = http::Request::builder();

@@ -1674,3 +1674,59 @@ async fn cors_answers_are_identical() {
     );
     m.check();
 }
+
+/// What an HTTP/2 request must become before an HTTP/1.1 upstream reads it: its `cookie`
+/// crumbs joined into one field with "; " (RFC 9113 §8.2.3; before, each went as a line of its
+/// own), its `:authority` the `X-Forwarded-Host` over a `Host` field that differs (RFC 9113
+/// §8.3.1; before, the `Host` won), and no more fields than `limits.max_headers` (431, as the
+/// HTTP/1.1 engines answer; before, HTTP/2 took any number).
+#[tokio::test]
+async fn http2_requests_reach_the_upstream_as_http1_needs_them() {
+    let s = setup("").await;
+    let auth = ("X-API-Key", s.key.as_str());
+    let target = "/ok?h2=cookies";
+    let a = expect_ok(
+        send(
+            Engine::H2c,
+            s.gw.proxy,
+            "GET",
+            target,
+            &[
+                auth,
+                ("cookie", "a=1"),
+                ("cookie", "b=2"),
+                ("host", "evil.example"),
+            ],
+            Body::Empty,
+        )
+        .await,
+        "h2c",
+    );
+    assert_eq!(a.status, 200, "{}", a.head);
+    let seen = s.script.seen_at(target).expect("the upstream saw it");
+    let cookies: Vec<_> = seen
+        .fields()
+        .into_iter()
+        .filter(|(k, _)| k == "cookie")
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(cookies, ["a=1; b=2"], "{}", seen.head);
+    assert_eq!(
+        seen.header("x-forwarded-host").as_deref(),
+        Some("gw.example"),
+        "{}",
+        seen.head
+    );
+    // More fields than the limit (100 by default): 431 on every engine.
+    let names: Vec<String> = (0..120).map(|i| format!("x-field-{i}")).collect();
+    let mut many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+    many.push(auth);
+    for engine in ENGINES {
+        let a = expect_ok(
+            send(engine, s.gw.proxy, "GET", "/ok?h2=many", &many, Body::Empty).await,
+            engine.name(),
+        );
+        assert_eq!(a.status, 431, "{engine:?}:\n{}", a.head);
+    }
+    assert!(s.script.seen_at("/ok?h2=many").is_none());
+}
