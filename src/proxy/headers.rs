@@ -121,6 +121,38 @@ pub fn retain_forwarded(h: &mut HeaderMap, strip: Strip, rules: &FieldRules) -> 
     inbound
 }
 
+/// An upstream answer's `Content-Length` as the client gets it: none on a 1xx or 204, else one
+/// plain number where the upstream listed or repeated the same one (`5, 5`), or none when
+/// they differ (RFC 9110 §8.6; HTTP/2 clients reset the stream for either). hyper framed the
+/// body already; its server writes the length of a body it knows again when none is given.
+pub fn one_length(h: &mut HeaderMap, status: http::StatusCode) {
+    let mut values = h.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
+        return;
+    };
+    if values.next().is_none()
+        && first.as_bytes().iter().all(u8::is_ascii_digit)
+        && !status.is_informational()
+        && status != http::StatusCode::NO_CONTENT
+    {
+        return;
+    }
+    let mut one: Option<u64> = None;
+    let mut agree = !status.is_informational() && status != http::StatusCode::NO_CONTENT;
+    for v in h.get_all(header::CONTENT_LENGTH) {
+        for n in v.to_str().unwrap_or("x").split(',') {
+            match n.trim().parse::<u64>() {
+                Ok(n) if one.is_none_or(|o| o == n) => one = Some(n),
+                _ => agree = false,
+            }
+        }
+    }
+    h.remove(header::CONTENT_LENGTH);
+    if let (true, Some(n)) = (agree, one) {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+}
+
 /// Keeps only the trailer fields a client may send upstream (the same rule as its head).
 pub fn retain_trailers(h: &mut HeaderMap, rules: &FieldRules) {
     let old = std::mem::take(h);
@@ -278,6 +310,33 @@ pub fn add_forwarded(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_length_relays_a_plain_number_or_none() {
+        let with = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::CONTENT_LENGTH, HeaderValue::from_str(v).unwrap());
+            }
+            h
+        };
+        let after = |values: &[&str], status: u16| {
+            let mut h = with(values);
+            one_length(&mut h, http::StatusCode::from_u16(status).unwrap());
+            h.get_all(header::CONTENT_LENGTH)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(after(&["5"], 200), ["5"]);
+        assert_eq!(after(&["5, 5"], 200), ["5"]);
+        assert_eq!(after(&["5", "5"], 200), ["5"]);
+        assert!(after(&["5", "6"], 200).is_empty());
+        assert!(after(&["5, x"], 200).is_empty());
+        assert!(after(&["5"], 204).is_empty());
+        assert!(after(&["0"], 103).is_empty());
+        assert!(after(&[], 200).is_empty());
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -522,6 +522,8 @@ impl Gateway {
             return Ok(res.map(|b| UpstreamBody::hyper(b, answered, self.upstreams.timeout)));
         }
         headers::retain_relayed(res.headers_mut(), own_rate);
+        let status = res.status();
+        headers::one_length(res.headers_mut(), status);
         Ok(res.map(|b| UpstreamBody::hyper(b, answered, self.upstreams.timeout)))
     }
 }

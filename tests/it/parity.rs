@@ -1730,3 +1730,38 @@ async fn http2_requests_reach_the_upstream_as_http1_needs_them() {
     }
     assert!(s.script.seen_at("/ok?h2=many").is_none());
 }
+
+/// Lengths a bodiless answer must not carry as the upstream wrote them: a 204 with a
+/// `Content-Length`, and a HEAD answer's length as a list (`100, 100`). Every engine relays no
+/// length on the 204 and one plain number (or none) on the HEAD answer (RFC 9110 §8.6; an
+/// HTTP/2 client resets the stream for a list), and the connection serves the next request.
+#[tokio::test]
+async fn bodiless_answers_carry_no_length_they_must_not() {
+    let s = setup("").await;
+    for engine in ENGINES {
+        let key = [("x-api-key", s.key.as_str())];
+        let mut c = Client::new(engine, s.gw.proxy);
+        let a = expect_ok(
+            c.send("GET", "/nocontent", &key, Body::Empty).await,
+            "/nocontent",
+        );
+        assert_eq!(a.status, 204, "{engine:?}:\n{}", a.head);
+        assert!(
+            a.header("content-length").is_none(),
+            "{engine:?}:\n{}",
+            a.head
+        );
+        let a = expect_ok(
+            c.send("HEAD", "/listed", &key, Body::Empty).await,
+            "/listed",
+        );
+        assert_eq!(a.status, 200, "{engine:?}:\n{}", a.head);
+        assert!(
+            a.header("content-length").is_none_or(|l| l == "100"),
+            "{engine:?}:\n{}",
+            a.head
+        );
+        let a = expect_ok(c.get("/ok", &key).await, "/ok after");
+        assert_eq!((a.status, &a.body[..]), (200, &b"ok"[..]), "{engine:?}");
+    }
+}

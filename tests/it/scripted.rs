@@ -103,7 +103,8 @@ impl Script {
     /// Answers by path:
     /// `/ok` 200 "ok" · `/chunked` a chunked body with an extension and a trailer ·
     /// `/eof` a body delimited by closing · `/interim` 103 then 200 · `/head` 200 with a length
-    /// and no body (for HEAD) · `/notmod` 304 · `/hop` hop-by-hop fields and a RateLimit field ·
+    /// and no body (for HEAD) · `/listed` the same with the length as a list (`100, 100`) ·
+    /// `/nocontent` 204 with a `Content-Length` it must not have · `/notmod` 304 · `/hop` hop-by-hop fields and a RateLimit field ·
     /// `/cors` 200 with the upstream's own `Access-Control-*` fields ·
     /// `/big` 1 MiB · `/huge` [`HUGE`] bytes, written as fast as they are taken (a write that
     /// fails is recorded as a [`Cut`]) · `/echo` the request body back · `/drip` a body sent in
@@ -249,6 +250,8 @@ impl Script {
                     HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
                     .to_vec(),
                 "/head" => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n".to_vec(),
+                "/listed" => b"HTTP/1.1 200 OK\r\ncontent-length: 100, 100\r\n\r\n".to_vec(),
+                "/nocontent" => b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n".to_vec(),
                 "/notmod" => b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n".to_vec(),
                 "/cors" => b"HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: https://from-upstream.example\r\n\
                     Access-Control-Max-Age: 99999\r\nX-Request-Id: r-1\r\ncontent-length: 2\r\n\r\nok"

@@ -459,10 +459,15 @@ pub fn parse_response(
         }
     };
     // The gateway writes the length of a body it relays itself, once; a bodiless answer keeps
-    // the upstream's first length (what a GET would have returned), nothing else.
-    let mut keep = framing == Framing::Empty;
+    // the upstream's first length (what a GET would have returned) when it is one plain number,
+    // nothing else: no length on a 1xx or 204, no list (`5, 5`) (RFC 9110 §8.6; HTTP/2 clients
+    // reset the stream for either).
+    let mut keep = framing == Framing::Empty && !(100..200).contains(&status) && status != 204;
     for f in fields.iter_mut() {
-        if f.kind == Rule::ContentLength && !std::mem::take(&mut keep) {
+        if f.kind == Rule::ContentLength
+            && !(std::mem::take(&mut keep)
+                && f.value.get(buf).trim_ascii().iter().all(u8::is_ascii_digit))
+        {
             f.kind = Rule::Drop;
         }
     }
