@@ -3,7 +3,10 @@
 //!
 //! - **idle**: while no request is in progress (none yet, or the last one's response body
 //!   ended), the client has `limits.header_read_timeout` to start the next request — an h2c
-//!   client that sends only the preface, or a keep-alive connection left open, loses its slot;
+//!   client that sends only the preface, or only PINGs and SETTINGS (or answers the server's
+//!   own keep-alive PINGs), or a keep-alive connection left open, loses its slot; bytes that
+//!   start no request do not extend it (as on the fast path, whose whole next head must come
+//!   within that time);
 //! - **write stall**: a client that takes no response bytes for `limits.body_timeout` is
 //!   dropped — on HTTP/1.1 and HTTP/2 when it stops reading the connection, and on HTTP/2 also
 //!   when it reads the connection but grants a stream no window: that stream is reset.
@@ -34,11 +37,15 @@ use tokio::time::Sleep;
 #[derive(Default)]
 pub struct Activity {
     in_flight: AtomicUsize,
+    /// Requests started on the connection: an idle time armed before the last one began is
+    /// over.
+    started: AtomicUsize,
     reader: AtomicWaker,
 }
 
 impl Activity {
     fn start(self: &Arc<Self>) -> Guard {
+        self.started.fetch_add(1, Ordering::AcqRel);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         Guard(Arc::clone(self))
     }
@@ -66,6 +73,8 @@ pub struct Watched<I> {
     idle: Duration,
     write_stall: Duration,
     idle_timer: Option<Pin<Box<Sleep>>>,
+    /// [`Activity::started`] when the idle timer was armed.
+    idle_since: usize,
     write_timer: Option<Pin<Box<Sleep>>>,
 }
 
@@ -77,6 +86,7 @@ impl<I> Watched<I> {
             idle,
             write_stall,
             idle_timer: None,
+            idle_since: 0,
             write_timer: None,
         }
     }
@@ -102,20 +112,33 @@ impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        // A request began since the idle time was armed: it starts again when the connection is
+        // next found idle.
+        let started = this.activity.started.load(Ordering::Acquire);
+        if started != this.idle_since || this.activity.busy() {
+            this.idle_timer = None;
+            this.idle_since = started;
+        }
         let filled = buf.filled().len();
         let read = Pin::new(&mut this.io).poll_read(cx, buf);
         if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > filled {
-            // Bytes of a (next) request: the idle time starts again from here.
-            this.idle_timer = None;
+            // Bytes that start no request (HTTP/2 PING, SETTINGS, WINDOW_UPDATE; a head still
+            // coming) do not extend the idle time.
+            if !this.activity.busy()
+                && this
+                    .idle_timer
+                    .as_mut()
+                    .is_some_and(|t| t.as_mut().poll(cx).is_ready())
+            {
+                return Poll::Ready(Err(timed_out("connection idle")));
+            }
             return read;
         }
         if read.is_ready() {
             return read;
         }
         this.activity.reader.register(cx.waker());
-        if this.activity.busy() {
-            this.idle_timer = None;
-        } else if expired(&mut this.idle_timer, this.idle, cx) {
+        if !this.activity.busy() && expired(&mut this.idle_timer, this.idle, cx) {
             return Poll::Ready(Err(timed_out("connection idle")));
         }
         Poll::Pending

@@ -1765,3 +1765,34 @@ async fn bodiless_answers_carry_no_length_they_must_not() {
         assert_eq!((a.status, &a.body[..]), (200, &b"ok"[..]), "{engine:?}");
     }
 }
+
+/// An HTTP/2 connection that starts no request but keeps sending frames (a PING every 200 ms,
+/// as a client's keep-alive does, or answering the server's own) is closed once idle for
+/// `header_read_timeout`, as one that sends nothing: frames that start no request do not keep
+/// its slot (before, every frame read started the idle time again).
+#[tokio::test]
+async fn an_http2_connection_that_only_pings_is_closed_when_idle() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup("").await;
+    let mut c = tokio::net::TcpStream::connect(s.gw.proxy).await.unwrap();
+    c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00keygate!";
+    let bound = HEADER_READ_TIMEOUT * 4;
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        assert!(
+            started.elapsed() < bound,
+            "a pinging connection still open after {bound:?}"
+        );
+        if c.write_all(ping).await.is_err() {
+            break;
+        }
+        let read = tokio::time::timeout(Duration::from_millis(200), c.read(&mut buf)).await;
+        if let Ok(Ok(0) | Err(_)) = read {
+            break;
+        }
+    }
+}
