@@ -300,6 +300,13 @@ impl Events {
                         status: res.status().as_u16(),
                     };
                 }
+                // The receiver says it is gone for good (Standard Webhooks): no retries.
+                Ok(Ok(res)) if res.status() == http::StatusCode::GONE => {
+                    return Outcome::Failed {
+                        status: Some(410),
+                        error: Some("410 Gone: not tried again".to_owned()),
+                    };
+                }
                 Ok(Ok(res)) => (Some(res.status().as_u16()), None),
                 Ok(Err(e)) => (None, Some(error_text(&e))),
                 Err(_) => (None, Some("timed out".to_owned())),

@@ -1519,3 +1519,40 @@ async fn thresholds_end_to_end(gw: Gateway, rx: Receiver) {
     verify_with_python(SECRET, &one).unwrap();
     gw.stop().await;
 }
+
+/// A receiver answering `410 Gone` does not want the delivery (Standard Webhooks): it is
+/// given up at once, not tried again for a day.
+#[tokio::test]
+async fn a_receiver_answering_gone_is_not_tried_again() {
+    let rx = Receiver::start().await;
+    rx.status.store(410, Ordering::SeqCst);
+    let gw = Gateway::start_with(&events_config(&rx.url("/hook"))).await;
+    gw.client("gone", "free").await;
+    // client.created and key.created, each tried once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rx.all().len() < 2 {
+        assert!(Instant::now() < deadline, "not tried: {:?}", rx.all().len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // With a 50 ms backoff, a retried delivery would have been tried again several times.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let tried = rx.all();
+    let mut ids: Vec<String> = tried.iter().map(Got::id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        tried.len(),
+        ids.len(),
+        "a delivery tried twice: {}",
+        tried.len()
+    );
+    let text = String::from_utf8_lossy(&gw.admin("GET", "/metrics", None).await.body).into_owned();
+    let failed: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("keygate_webhook_events_failed_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(failed, ids.len() as u64, "{text}");
+    gw.stop().await;
+}
