@@ -331,7 +331,9 @@ pub fn service(
             .authority()
             .map(|a| a.as_str().as_bytes())
             .or_else(|| req.headers().get(http::header::HOST).map(|h| h.as_bytes()));
-        let misdirected = !authority.is_none_or(|a| hosts.allows(a));
+        // The public key set is public: verifiers fetch it by whatever name reaches them.
+        let misdirected = !authority.is_none_or(|a| hosts.allows(a))
+            && req.uri().path() != crate::identity::JWKS_PATH;
         req.extensions_mut().insert(ConnectInfo(peer));
         if req.uri().path().starts_with(ALIAS_PREFIX)
             && let Some(pq) = req.uri().path_and_query()

@@ -214,9 +214,10 @@ fn compose_publishes_the_admin_port_on_loopback_only_and_its_config_checks_out()
     );
     // Published on the host's loopback, listening on 0.0.0.0 inside: the Host check is asked
     // for, so a DNS-rebinding page cannot reach it from the host's browser.
-    assert!(
-        config.admin.allowed_hosts.is_some(),
-        "config/docker.toml turns the admin Host check on"
+    assert_eq!(
+        config.admin.allowed_hosts,
+        Some(vec!["localhost".to_string(), "keygate".to_string()]),
+        "config/docker.toml turns the admin Host check on, the service's name answered"
     );
 }
 

@@ -613,6 +613,9 @@ async fn a_loopback_admin_listener_refuses_foreign_host_names() {
             assert!(!String::from_utf8_lossy(&answer).contains(&host));
         }
     }
+    // The public key set is answered under any name (verifiers fetch it by theirs).
+    let head = "GET /.well-known/jwks.json HTTP/1.1\r\nHost: keygate-admin.internal\r\n";
+    assert_ne!(raw(gw.admin, head, b"").await.0, 421);
     // HTTP/2: the `:authority` is the name.
     let tcp = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
     let (mut h2, conn) = hyper::client::conn::http2::handshake(
