@@ -291,6 +291,7 @@ impl Events {
                 };
             }
         };
+        let mut wait = None;
         let (status, error) =
             match tokio::time::timeout(self.settings.request_timeout, self.client.request(req))
                 .await
@@ -307,16 +308,38 @@ impl Events {
                         error: Some("410 Gone: not tried again".to_owned()),
                     };
                 }
-                Ok(Ok(res)) => (Some(res.status().as_u16()), None),
+                Ok(Ok(res)) => {
+                    wait = retry_after(res.headers());
+                    (Some(res.status().as_u16()), None)
+                }
                 Ok(Err(e)) => (None, Some(error_text(&e))),
                 Err(_) => (None, Some("timed out".to_owned())),
             };
-        self.retry_or_give_up(c, status, error)
+        self.retry_or_give_up(c, status, error, wait)
     }
 
-    fn retry_or_give_up(&self, c: &Claimed, status: Option<u16>, error: Option<String>) -> Outcome {
-        match next_attempt(&self.settings, c.created_at, c.attempts, now_millis()) {
-            Some(at) => Outcome::Retry { at, status, error },
+    /// The next attempt after the backoff, or after the receiver's `Retry-After` (`wait`) when
+    /// that is later; never past the give-up time.
+    fn retry_or_give_up(
+        &self,
+        c: &Claimed,
+        status: Option<u16>,
+        error: Option<String>,
+        wait: Option<Duration>,
+    ) -> Outcome {
+        let now = now_millis();
+        match next_attempt(&self.settings, c.created_at, c.attempts, now) {
+            Some(at) => {
+                let deadline = c
+                    .created_at
+                    .saturating_add(self.settings.give_up_after.as_millis() as i64);
+                let asked = wait.map_or(at, |w| now.saturating_add(w.as_millis() as i64));
+                Outcome::Retry {
+                    at: at.max(asked).min(deadline),
+                    status,
+                    error,
+                }
+            }
             None => Outcome::Failed { status, error },
         }
     }
@@ -414,6 +437,19 @@ fn next_attempt(
         now.saturating_add(backoff(s, attempts).as_millis() as i64)
             .min(deadline),
     )
+}
+
+/// A receiver's `Retry-After` in seconds (RFC 9110 §10.2.3; an HTTP date is not read), at most
+/// a day.
+fn retry_after(h: &http::HeaderMap) -> Option<Duration> {
+    let secs: u64 = h
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs.min(86_400)))
 }
 
 pub fn backoff(s: &EventsConfig, attempts: u32) -> Duration {

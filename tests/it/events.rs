@@ -32,6 +32,8 @@ pub struct Got {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub answered: u16,
+    /// When it arrived.
+    pub at: Instant,
 }
 
 impl Got {
@@ -50,6 +52,8 @@ pub struct Receiver {
     pub addr: SocketAddr,
     pub got: Arc<Mutex<Vec<Got>>>,
     pub status: Arc<AtomicU16>,
+    /// `Retry-After` seconds sent with a failure answer (0: none).
+    pub retry_after: Arc<AtomicU16>,
 }
 
 impl Receiver {
@@ -64,17 +68,22 @@ impl Receiver {
         let addr = listener.local_addr().unwrap();
         let got = Arc::new(Mutex::new(Vec::new()));
         let status = Arc::new(AtomicU16::new(200));
-        let (g, s) = (Arc::clone(&got), Arc::clone(&status));
+        let retry_after = Arc::new(AtomicU16::new(0));
+        let (g, s, ra) = (
+            Arc::clone(&got),
+            Arc::clone(&status),
+            Arc::clone(&retry_after),
+        );
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (g, s) = (Arc::clone(&g), Arc::clone(&s));
+                let (g, s, ra) = (Arc::clone(&g), Arc::clone(&s), Arc::clone(&ra));
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (g, s) = (Arc::clone(&g), Arc::clone(&s));
+                        let (g, s, ra) = (Arc::clone(&g), Arc::clone(&s), Arc::clone(&ra));
                         async move {
                             let path = req.uri().path().to_owned();
                             let (parts, body) = req.into_parts();
@@ -85,9 +94,15 @@ impl Receiver {
                                 headers: parts.headers,
                                 body,
                                 answered,
+                                at: Instant::now(),
                             });
                             let mut res = Response::new(Full::new(Bytes::new()));
                             *res.status_mut() = http::StatusCode::from_u16(answered).unwrap();
+                            let wait = ra.load(Ordering::SeqCst);
+                            if answered >= 300 && wait > 0 {
+                                res.headers_mut()
+                                    .insert(http::header::RETRY_AFTER, wait.into());
+                            }
                             Ok::<_, Infallible>(res)
                         }
                     });
@@ -106,7 +121,12 @@ impl Receiver {
                 });
             }
         });
-        Receiver { addr, got, status }
+        Receiver {
+            addr,
+            got,
+            status,
+            retry_after,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -1554,5 +1574,40 @@ async fn a_receiver_answering_gone_is_not_tried_again() {
         .parse()
         .unwrap();
     assert_eq!(failed, ids.len() as u64, "{text}");
+    gw.stop().await;
+}
+
+/// A receiver's `Retry-After` (seconds) on a failure is honoured: the delivery is not tried
+/// again before it, though the backoff (50 ms here) would have; without it, the backoff.
+#[tokio::test]
+async fn a_receivers_retry_after_is_waited_for() {
+    let rx = Receiver::start().await;
+    rx.status.store(503, Ordering::SeqCst);
+    rx.retry_after.store(1, Ordering::SeqCst);
+    let gw = Gateway::start_with(&events_config(&rx.url("/hook"))).await;
+    gw.client("later", "free").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let twice = |rx: &Receiver| {
+        let all = rx.all();
+        all.iter()
+            .filter_map(|first| {
+                let again = all
+                    .iter()
+                    .find(|g| g.id() == first.id() && g.at > first.at)?;
+                Some(again.at - first.at)
+            })
+            .min()
+    };
+    let gap = loop {
+        if let Some(gap) = twice(&rx) {
+            break gap;
+        }
+        assert!(Instant::now() < deadline, "never tried again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        gap >= Duration::from_millis(900),
+        "tried again after {gap:?}"
+    );
     gw.stop().await;
 }
