@@ -318,8 +318,9 @@ impl Events {
         self.retry_or_give_up(c, status, error, wait)
     }
 
-    /// The next attempt after the backoff, or after the receiver's `Retry-After` (`wait`) when
-    /// that is later; never past the give-up time.
+    /// The next attempt after the backoff (spread by up to a fifth more, so that deliveries
+    /// that failed together are not all tried again in the same instant), or after the
+    /// receiver's `Retry-After` (`wait`) when that is later; never past the give-up time.
     fn retry_or_give_up(
         &self,
         c: &Claimed,
@@ -327,19 +328,8 @@ impl Events {
         error: Option<String>,
         wait: Option<Duration>,
     ) -> Outcome {
-        let now = now_millis();
-        match next_attempt(&self.settings, c.created_at, c.attempts, now) {
-            Some(at) => {
-                let deadline = c
-                    .created_at
-                    .saturating_add(self.settings.give_up_after.as_millis() as i64);
-                let asked = wait.map_or(at, |w| now.saturating_add(w.as_millis() as i64));
-                Outcome::Retry {
-                    at: at.max(asked).min(deadline),
-                    status,
-                    error,
-                }
-            }
+        match retry_time(&self.settings, c.created_at, c.attempts, now_millis(), wait) {
+            Some(at) => Outcome::Retry { at, status, error },
             None => Outcome::Failed { status, error },
         }
     }
@@ -439,6 +429,27 @@ fn next_attempt(
     )
 }
 
+/// When a delivery whose attempt number `attempts + 1` failed at `now` is tried again
+/// ([`Events::retry_or_give_up`]); `None`: given up.
+fn retry_time(
+    s: &EventsConfig,
+    created_at: crate::keys::Millis,
+    attempts: u32,
+    now: crate::keys::Millis,
+    wait: Option<Duration>,
+) -> Option<crate::keys::Millis> {
+    let at = next_attempt(s, created_at, attempts, now)?;
+    let deadline = created_at.saturating_add(s.give_up_after.as_millis() as i64);
+    let asked = wait.map_or(at, |w| now.saturating_add(w.as_millis() as i64));
+    Some(spread(at, now).max(asked).min(deadline))
+}
+
+/// `at` (a retry `at - now` from now) put off by a random part of up to a fifth of that wait.
+fn spread(at: crate::keys::Millis, now: crate::keys::Millis) -> crate::keys::Millis {
+    let most = at.saturating_sub(now).max(0) / 5;
+    at.saturating_add(rand::random_range(0..=most))
+}
+
 /// A receiver's `Retry-After` in seconds (RFC 9110 §10.2.3; an HTTP date is not read), at most
 /// a day.
 fn retry_after(h: &http::HeaderMap) -> Option<Duration> {
@@ -492,6 +503,32 @@ mod tests {
         assert_eq!(backoff(&s, 3), Duration::from_secs(40));
         assert_eq!(backoff(&s, 20), Duration::from_secs(3600));
         assert_eq!(backoff(&s, 1000), Duration::from_secs(3600));
+    }
+
+    /// Retries of deliveries that failed together are spread over up to a fifth of their wait
+    /// more, never earlier than the backoff.
+    #[test]
+    fn retries_are_spread_after_the_backoff() {
+        let s = settings();
+        let t0 = 1_000_000;
+        // The second attempt failed at t0: the backoff is 10 s.
+        let times: std::collections::BTreeSet<i64> = (0..200)
+            .map(|_| retry_time(&s, t0, 1, t0, None).unwrap())
+            .collect();
+        assert!(
+            times
+                .iter()
+                .all(|&t| (t0 + 10_000..=t0 + 12_000).contains(&t)),
+            "{times:?}"
+        );
+        assert!(times.len() > 50, "{} distinct of 200", times.len());
+        // A receiver's Retry-After past the spread wins; the give-up time bounds all.
+        let later = retry_time(&s, t0, 1, t0, Some(Duration::from_secs(60))).unwrap();
+        assert_eq!(later, t0 + 60_000);
+        let day = 86_400_000;
+        let last = retry_time(&s, t0, 30, t0 + day - 1_000, Some(Duration::from_secs(600)));
+        assert_eq!(last, Some(t0 + day));
+        assert_eq!(retry_time(&s, t0, 31, t0 + day, None), None);
     }
 
     /// Retries go on until the give-up time, the last one made at that time: an attempt that
