@@ -628,3 +628,85 @@ async fn h2c_upgrades_are_not_forwarded() {
         assert!(!seen.headers.contains_key(h), "{h} forwarded");
     }
 }
+
+/// An `https://` upstream (relayed by hyper's client) answering a 204 with a `Content-Length`
+/// and a HEAD with its length as a list: the client gets no length on the 204 and one plain
+/// number on the HEAD answer, over HTTP/1.1 and HTTP/2 (an HTTP/2 client resets the stream for
+/// either as written).
+#[tokio::test]
+async fn an_https_upstreams_bodiless_answers_lose_the_lengths_they_must_not_have() {
+    let dir = tempfile::tempdir().unwrap();
+    let up_pki = pki(dir.path(), "upstream");
+    let mut tls = (*upstream_tls(&up_pki)).clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                loop {
+                    // One request head, or the end of the connection.
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match s.read(&mut b).await {
+                            Ok(1) => head.push(b[0]),
+                            _ => return,
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head);
+                    let answer: &[u8] = if head.contains("/nocontent") {
+                        b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 100, 100\r\n\r\n"
+                    };
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let url = format!("https://localhost:{port}");
+    let text = config_text(&url, &dir.path().join("k.db"), "").replace(
+        "[admin]",
+        &format!("upstream_ca = \"{}\"\n[admin]", up_pki.ca_pem.display()),
+    );
+    let gw = Gateway::start_from(Upstream::start().await, dir, &text).await;
+    let (key, _) = gw.client("acme", "pro").await;
+    for h2 in [false, true] {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(h2)
+                .build_http::<Full<Bytes>>();
+        for (method, path, status, length) in [
+            ("GET", "/nocontent", 204, None),
+            ("HEAD", "/listed", 200, Some("100")),
+        ] {
+            let req = http::Request::builder()
+                .method(method)
+                .uri(format!("http://{}{path}", gw.proxy))
+                .header("x-api-key", &key)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let res = client.request(req).await.expect("an answer, not a reset");
+            let (parts, body) = res.into_parts();
+            body.collect().await.expect("a whole (empty) body");
+            assert_eq!(parts.status.as_u16(), status, "h2 {h2} {path}");
+            assert_eq!(
+                parts
+                    .headers
+                    .get("content-length")
+                    .map(|v| v.to_str().unwrap()),
+                length,
+                "h2 {h2} {path}: {:?}",
+                parts.headers
+            );
+        }
+    }
+}
