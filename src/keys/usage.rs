@@ -124,16 +124,7 @@ impl UsageRecorder {
         let mut written = 0;
         for (i, (write, chunk)) in unsure.iter().enumerate() {
             if let Err(e) = self.store.record_usage(*write, chunk).await {
-                tracing::warn!(error = %e, entries = by_day.len() + chunk.len(), "usage flush failed; will retry");
-                self.metrics.usage_flush_errors.inc();
-                self.unsure
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend_from_slice(&unsure[i..]);
-                let mut carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
-                for u in by_day.into_values() {
-                    merge(&mut carried, u);
-                }
+                self.keep_for_next(&e, &unsure[i..], by_day.into_values());
                 return written;
             }
             written += chunk.len();
@@ -161,18 +152,9 @@ impl UsageRecorder {
                 chunk: n as u32,
             };
             if let Err(e) = self.store.record_usage(write, chunk).await {
-                let left = &entries[sent + chunk.len()..];
-                tracing::warn!(error = %e, entries = chunk.len() + left.len(), "usage flush failed; will retry");
-                self.metrics.usage_flush_errors.inc();
                 // Sent, maybe stored: again as it is. The rest was not sent.
-                self.unsure
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((write, chunk.to_vec()));
-                let mut carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
-                for u in left {
-                    merge(&mut carried, *u);
-                }
+                let left = entries[sent + chunk.len()..].iter().copied();
+                self.keep_for_next(&e, &[(write, chunk.to_vec())], left);
                 return written;
             }
             sent += chunk.len();
@@ -185,6 +167,25 @@ impl UsageRecorder {
         }
         self.metrics.usage_flushes.inc();
         written
+    }
+
+    /// After a failed write: `unsure` chunks (sent, maybe stored) go again as they are, the
+    /// `unsent` counts merge with the next flush's.
+    fn keep_for_next(
+        &self,
+        e: &super::store::StoreError,
+        unsure: &[(UsageWrite, Vec<Usage>)],
+        unsent: impl Iterator<Item = Usage>,
+    ) {
+        let mut kept = self.unsure.lock().unwrap_or_else(|e| e.into_inner());
+        kept.extend_from_slice(unsure);
+        let mut carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
+        for u in unsent {
+            merge(&mut carried, u);
+        }
+        let entries = carried.len() + kept.iter().map(|(_, c)| c.len()).sum::<usize>();
+        tracing::warn!(error = %e, entries, "usage flush failed; will retry");
+        self.metrics.usage_flush_errors.inc();
     }
 
     /// Entries (a key and a day) a failed flush did not send, waiting for the next flush.
