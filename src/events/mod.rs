@@ -309,7 +309,7 @@ impl Events {
                     };
                 }
                 Ok(Ok(res)) => {
-                    wait = retry_after(res.headers());
+                    wait = retry_after(res.headers(), std::time::SystemTime::now());
                     (Some(res.status().as_u16()), None)
                 }
                 Ok(Err(e)) => (None, Some(error_text(&e))),
@@ -450,17 +450,19 @@ fn spread(at: crate::keys::Millis, now: crate::keys::Millis) -> crate::keys::Mil
     at.saturating_add(rand::random_range(0..=most))
 }
 
-/// A receiver's `Retry-After` in seconds (RFC 9110 §10.2.3; an HTTP date is not read), at most
-/// a day.
-fn retry_after(h: &http::HeaderMap) -> Option<Duration> {
-    let secs: u64 = h
-        .get(http::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(Duration::from_secs(secs.min(86_400)))
+/// A receiver's `Retry-After` (RFC 9110 §10.2.3): seconds, or an HTTP date (any of the three
+/// forms a recipient must read) taken as the time from `now`; a past date is no wait. At most a
+/// day; anything else is not read.
+fn retry_after(h: &http::HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
+    let text = h.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let wait = match text.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(text)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(wait.min(Duration::from_secs(86_400)))
 }
 
 pub fn backoff(s: &EventsConfig, attempts: u32) -> Duration {
@@ -503,6 +505,50 @@ mod tests {
         assert_eq!(backoff(&s, 3), Duration::from_secs(40));
         assert_eq!(backoff(&s, 20), Duration::from_secs(3600));
         assert_eq!(backoff(&s, 1000), Duration::from_secs(3600));
+    }
+
+    /// `Retry-After` in seconds or as an HTTP date in each of its three forms, a past date no
+    /// wait, capped at a day; anything else unread.
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(784_111_777); // Sun, 06 Nov 1994 08:49:37 GMT
+        let read = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::RETRY_AFTER, v.parse().unwrap());
+            retry_after(&h, now)
+        };
+        assert_eq!(read("120"), Some(Duration::from_secs(120)));
+        assert_eq!(read(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(read("999999999"), Some(Duration::from_secs(86_400)));
+        assert_eq!(
+            read("Sun, 06 Nov 1994 08:51:37 GMT"),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            read("Sunday, 06-Nov-94 08:50:07 GMT"),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            read("Sun Nov  6 08:49:47 1994"),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(read("Sun, 06 Nov 1994 08:00:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(
+            read("Mon, 07 Nov 1994 08:49:38 GMT"),
+            Some(Duration::from_secs(86_400))
+        );
+        // A wrong weekday, an hour out of range, not a number nor a date.
+        for bad in [
+            "Wed, 07 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 25:00:00 GMT",
+            "-5",
+            "1.5",
+            "soon",
+            "",
+        ] {
+            assert_eq!(read(bad), None, "{bad:?}");
+        }
+        assert_eq!(retry_after(&http::HeaderMap::new(), now), None);
     }
 
     /// Retries of deliveries that failed together are spread over up to a fifth of their wait

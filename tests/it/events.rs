@@ -7,9 +7,9 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
@@ -54,6 +54,8 @@ pub struct Receiver {
     pub status: Arc<AtomicU16>,
     /// `Retry-After` seconds sent with a failure answer (0: none).
     pub retry_after: Arc<AtomicU16>,
+    /// Send that `Retry-After` as the HTTP date so many seconds from now.
+    pub retry_after_as_date: Arc<AtomicBool>,
 }
 
 impl Receiver {
@@ -69,21 +71,22 @@ impl Receiver {
         let got = Arc::new(Mutex::new(Vec::new()));
         let status = Arc::new(AtomicU16::new(200));
         let retry_after = Arc::new(AtomicU16::new(0));
+        let retry_after_as_date = Arc::new(AtomicBool::new(false));
         let (g, s, ra) = (
             Arc::clone(&got),
             Arc::clone(&status),
-            Arc::clone(&retry_after),
+            (Arc::clone(&retry_after), Arc::clone(&retry_after_as_date)),
         );
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (g, s, ra) = (Arc::clone(&g), Arc::clone(&s), Arc::clone(&ra));
+                let (g, s, ra) = (Arc::clone(&g), Arc::clone(&s), ra.clone());
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (g, s, ra) = (Arc::clone(&g), Arc::clone(&s), Arc::clone(&ra));
+                        let (g, s, ra) = (Arc::clone(&g), Arc::clone(&s), ra.clone());
                         async move {
                             let path = req.uri().path().to_owned();
                             let (parts, body) = req.into_parts();
@@ -98,10 +101,15 @@ impl Receiver {
                             });
                             let mut res = Response::new(Full::new(Bytes::new()));
                             *res.status_mut() = http::StatusCode::from_u16(answered).unwrap();
-                            let wait = ra.load(Ordering::SeqCst);
+                            let wait = ra.0.load(Ordering::SeqCst);
                             if answered >= 300 && wait > 0 {
-                                res.headers_mut()
-                                    .insert(http::header::RETRY_AFTER, wait.into());
+                                let value = if ra.1.load(Ordering::SeqCst) {
+                                    let at = SystemTime::now() + Duration::from_secs(wait.into());
+                                    httpdate::fmt_http_date(at).parse().unwrap()
+                                } else {
+                                    wait.into()
+                                };
+                                res.headers_mut().insert(http::header::RETRY_AFTER, value);
                             }
                             Ok::<_, Infallible>(res)
                         }
@@ -126,6 +134,7 @@ impl Receiver {
             got,
             status,
             retry_after,
+            retry_after_as_date,
         }
     }
 
@@ -1581,9 +1590,30 @@ async fn a_receiver_answering_gone_is_not_tried_again() {
 /// again before it, though the backoff (50 ms here) would have; without it, the backoff.
 #[tokio::test]
 async fn a_receivers_retry_after_is_waited_for() {
+    let gap = first_retry_gap(1, false).await;
+    assert!(
+        gap >= Duration::from_millis(900),
+        "tried again after {gap:?}"
+    );
+}
+
+/// The same given as an HTTP date 2 s ahead (whole seconds: at least 1 s from when it was sent).
+#[tokio::test]
+async fn a_receivers_retry_after_as_an_http_date_is_waited_for() {
+    let gap = first_retry_gap(2, true).await;
+    assert!(
+        gap >= Duration::from_millis(900),
+        "tried again after {gap:?}"
+    );
+}
+
+/// The time between the first attempt of a delivery and the next, the receiver answering 503
+/// with `Retry-After` `secs` (as a date when `as_date`).
+async fn first_retry_gap(secs: u16, as_date: bool) -> Duration {
     let rx = Receiver::start().await;
     rx.status.store(503, Ordering::SeqCst);
-    rx.retry_after.store(1, Ordering::SeqCst);
+    rx.retry_after.store(secs, Ordering::SeqCst);
+    rx.retry_after_as_date.store(as_date, Ordering::SeqCst);
     let gw = Gateway::start_with(&events_config(&rx.url("/hook"))).await;
     gw.client("later", "free").await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1605,9 +1635,6 @@ async fn a_receivers_retry_after_is_waited_for() {
         assert!(Instant::now() < deadline, "never tried again");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert!(
-        gap >= Duration::from_millis(900),
-        "tried again after {gap:?}"
-    );
     gw.stop().await;
+    gap
 }
