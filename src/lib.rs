@@ -98,11 +98,27 @@ pub enum StartError {
     Events(String),
 }
 
+/// How long a start waits for another holder of its SQLite file to let go.
+const SQLITE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Opens the configured store.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
     match &config.store.url {
         StoreUrl::Sqlite(path) => {
-            let store = SqliteStore::open(path).map_err(|e| StartError::Store(e.to_string()))?;
+            // The file's holder may be a process (or this process's previous store) still
+            // shutting down: it gets a few seconds to let go.
+            let deadline = std::time::Instant::now() + SQLITE_LOCK_WAIT;
+            let store_error = |e: keys::store::StoreError| StartError::Store(e.to_string());
+            let lock = loop {
+                match SqliteStore::lock(path).map_err(store_error)? {
+                    Some(lock) => break lock,
+                    None if std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    None => return Err(store_error(keys::store::sqlite::in_use(path))),
+                }
+            };
+            let store = SqliteStore::open_locked(path, lock).map_err(store_error)?;
             Ok(Arc::new(store))
         }
         StoreUrl::Redis(url) => {

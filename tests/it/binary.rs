@@ -80,6 +80,49 @@ fn serve_exits_zero_on_sigterm() {
     assert!(status.success(), "exit status {status}");
 }
 
+/// One process per SQLite file: a second `keygate serve` on the file of a running one waits a
+/// few seconds for it to let go, then exits non-zero naming the file; the first serves on, and
+/// once it has stopped the file opens again.
+#[test]
+fn a_second_process_on_the_same_sqlite_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("k.db");
+    let launch = || {
+        Binary::command([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--store")
+        .arg(format!("sqlite://{}", db.display()))
+        .env("KEYGATE_ADMIN_KEY", "an-admin-key-of-decent-length")
+        .current_dir(dir.path())
+    };
+    let mut first = launch().spawn();
+    let started = std::time::Instant::now();
+    let out = launch().output_within(Duration::from_secs(30));
+    let waited = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("in use by another keygate process") && stderr.contains("k.db"),
+        "{stderr}"
+    );
+    assert!(waited >= Duration::from_secs(4), "gave up after {waited:?}");
+    assert!(first.alive());
+    assert!(
+        health(first.proxy).contains(" 200 "),
+        "{}",
+        health(first.proxy)
+    );
+    assert!(first.terminate().success());
+    let mut again = launch().spawn();
+    assert!(health(again.proxy).contains(" 200 "));
+    assert!(again.terminate().success());
+}
+
 /// In how many of `samples` looks, 5 ms apart, the main thread (the current-thread runtime's
 /// event loop) was runnable.
 fn runnable_samples(gw: &Binary, samples: usize) -> usize {

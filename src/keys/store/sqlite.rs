@@ -123,8 +123,36 @@ fn next_generation(now: &str) -> String {
     format!("MAX(COALESCE(tokens_valid_after, 0) + 1, {now})")
 }
 
+/// A store's hold on its SQLite file: an exclusive `flock` on `<file>.lock` beside it, taken
+/// when the store opens and given up when it is dropped (every clone) or its process ends,
+/// however it ends. One process per file: a second one would go on serving keys the first
+/// revoked (caches are invalidated within a process only) and take over the first one's
+/// webhook deliveries; several instances share a Redis store instead.
+pub struct FileLock {
+    _file: std::fs::File,
+}
+
+/// Where the lock of the database at `path` is: `<path>.lock`.
+fn lock_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    name.into()
+}
+
+/// The refusal of a database another store holds.
+pub fn in_use(path: &Path) -> StoreError {
+    unavailable(format!(
+        "{} is in use by another keygate process (it holds {}): one process per SQLite file; \
+         several instances share a Redis store",
+        path.display(),
+        lock_path(path).display()
+    ))
+}
+
 #[derive(Clone)]
 pub struct SqliteStore {
+    /// The hold on the file, for as long as any clone lives.
+    _lock: Arc<FileLock>,
     conn: Arc<Mutex<Connection>>,
     /// A second connection for the charges of the request path (credits, quotas), with
     /// `synchronous=NORMAL`: in WAL mode a commit survives a crash of the process (kill -9)
@@ -164,13 +192,39 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `path` and applies pending migrations.
+    /// Opens (creating if needed) the database at `path` and applies pending migrations;
+    /// refused when another store holds the file ([`SqliteStore::lock`]).
     pub fn open(path: &Path) -> StoreResult<Self> {
+        let lock = Self::lock(path)?.ok_or_else(|| in_use(path))?;
+        Self::open_locked(path, lock)
+    }
+
+    /// The hold on the database at `path` (creating its directory if needed), or `None` when
+    /// another store has it, in this process or another ([`FileLock`]).
+    pub fn lock(path: &Path) -> StoreResult<Option<FileLock>> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 unavailable(format!("cannot create directory {}: {e}", dir.display()))
             })?;
         }
+        let at = lock_path(path);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&at)
+            .map_err(|e| unavailable(format!("cannot open {}: {e}", at.display())))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(FileLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(unavailable(format!("cannot lock {}: {e}", at.display())))
+            }
+        }
+    }
+
+    /// Opens the database at `path`, whose `lock` the caller took, as [`SqliteStore::open`].
+    pub fn open_locked(path: &Path, lock: FileLock) -> StoreResult<Self> {
         let mut conn = connect(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(unavailable)?;
@@ -191,6 +245,7 @@ impl SqliteStore {
         // locked"). Read-only transactions queue behind writers too; they are admin calls.
         conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         Ok(Self {
+            _lock: Arc::new(lock),
             conn: Arc::new(Mutex::new(conn)),
             charges: Arc::new(Mutex::new(Self::open_normal(path)?)),
             usage: connection_thread("keygate-usage", USAGE_NICE, Self::open_usage(path)?)?,
@@ -1582,6 +1637,30 @@ mod tests {
     /// of that period length older than the period just ended, reading only that client's
     /// rows; deleting the client drops every count older than that, of every period length
     /// (the conformance tests show what stays readable).
+    /// A file one store holds is refused to another (in this process too) until that one is
+    /// dropped with every clone.
+    #[test]
+    fn one_store_per_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.db");
+        let first = SqliteStore::open(&path).unwrap();
+        let clone = first.clone();
+        drop(first);
+        let Err(e) = SqliteStore::open(&path) else {
+            panic!("opened twice")
+        };
+        assert!(
+            e.to_string().contains("in use by another keygate process")
+                && e.to_string().contains("l.db.lock"),
+            "{e}"
+        );
+        assert!(SqliteStore::lock(&path).unwrap().is_none());
+        drop(clone);
+        let again = SqliteStore::open(&path).unwrap();
+        drop(again);
+        assert!(SqliteStore::lock(&path).unwrap().is_some());
+    }
+
     #[tokio::test]
     async fn quota_counts_are_pruned_per_client_and_go_with_the_client() {
         let plan = query_plan(PRUNE_QUOTA_USE, 3);

@@ -3,7 +3,8 @@
 //! becomes a row of `webhook_deliveries` when it is fanned out, and each attempt a row of
 //! `webhook_attempts`.
 //!
-//! One process owns a SQLite file, so the leases of deliveries found at the first claim are
+//! One process owns a SQLite file (it holds the file's lock, `sqlite::FileLock`, while its
+//! store is open), so the leases of deliveries found at the first claim are
 //! from a process that is gone (killed mid-delivery): they are released at once and those
 //! deliveries are made again, under the same `webhook-id`.
 

@@ -152,6 +152,31 @@ impl Launch {
             .unwrap_or_else(|e| panic!("cannot run keygate: {e}"))
     }
 
+    /// Runs to completion within `limit` (past it the process is killed and the test fails
+    /// with what it printed); the exit status and everything printed.
+    pub fn output_within(self, limit: Duration) -> Output {
+        let mut child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run keygate: {e}"));
+        let start = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "keygate still running after {limit:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.wait_with_output().unwrap()
+    }
+
     /// Runs to completion; the exit status and everything printed.
     pub fn output(self) -> Output {
         self.command()
