@@ -213,6 +213,7 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(webhooks::create, webhooks::list))
         .routes(routes!(webhooks::show, webhooks::update, webhooks::remove))
         .routes(routes!(webhooks::deliveries))
+        .routes(routes!(webhooks::rotate))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_caller,

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{AdminError, ErrorResponses, FieldError, JsonBody, Query};
+use super::keys::MAX_GRACE_SECONDS;
 use super::{AdminState, Caller, rfc3339};
 use crate::config::events::{RawEventList, each_once, event_list, url_problem};
 use crate::events::Events;
@@ -175,7 +176,20 @@ pub struct UpdateWebhook {
     pub events: Option<EventsInput>,
 }
 
-/// A webhook as the API shows it. `secret` is present only in the answer that creates it.
+/// The body of `POST /v1/webhooks/{id}/rotate` (optional).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(examples(json!({"grace_period_seconds": 86400})))]
+pub struct RotateWebhookSecret {
+    /// How long the secret being replaced goes on signing beside the new one (deliveries carry
+    /// both signatures; a receiver checks either), 0–604800 s (7 days; default 0: it stops at
+    /// once).
+    #[schema(minimum = 0, maximum = 604800)]
+    pub grace_period_seconds: Option<u64>,
+}
+
+/// A webhook as the API shows it. `secret` is present only in the answers that create it or
+/// rotate its secret.
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(examples(json!({
     "id": "wh_0193a4c25e1f7b3a9c4d2f6e8a0b1c3d",
@@ -196,10 +210,16 @@ pub struct WebhookView {
     /// When it was made through the API (null for a webhook of the configuration file).
     #[schema(format = DateTime)]
     pub created_at: Option<String>,
-    /// The Standard Webhooks signing secret (`whsec_` + base64): only in the create answer.
+    /// The Standard Webhooks signing secret (`whsec_` + base64): only in the answers that
+    /// create the webhook or rotate its secret.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = String)]
     pub secret: Option<String>,
+    /// Until when the secret before the last rotation still signs beside the current one
+    /// (absent when it does not).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String, format = DateTime)]
+    pub previous_secret_valid_until: Option<String>,
 }
 
 impl WebhookView {
@@ -211,6 +231,11 @@ impl WebhookView {
             source: if configured { "config" } else { "api" }.into(),
             created_at: (!configured).then(|| rfc3339(w.created_at)),
             secret: None,
+            previous_secret_valid_until: w
+                .previous_at(now_millis())
+                .and(w.previous_until)
+                .filter(|_| !configured)
+                .map(rfc3339),
         }
     }
 }
@@ -331,6 +356,8 @@ pub async fn create(
         events: list,
         secret: new_secret(),
         created_at: now_millis(),
+        previous_secret: None,
+        previous_until: None,
     };
     if !events.outbox().insert_webhook(&hook, MAX_WEBHOOKS).await? {
         return Err(AdminError::Conflict(format!(
@@ -433,6 +460,47 @@ pub async fn update(
     tracing::info!(target: "keygate::audit", action = "webhook.update", webhook_id = %w.id,
         url = %origin(&w.url), caller = ?caller);
     Ok(Json(WebhookView::of(&w, false)))
+}
+
+/// Replaces the signing secret of a webhook made through the API (a webhook of the
+/// configuration file gets a new `secret` and its old one as `previous_secret` there). The old
+/// secret stops at once, or signs beside the new one for the grace period; a rotation within
+/// a grace period ends the older secret at once.
+#[utoipa::path(post, path = "/v1/webhooks/{id}/rotate", operation_id = "rotate_webhook_secret", tag = "webhooks", request_body(content = Option<RotateWebhookSecret>, description = "Optional: an empty body stops the old secret at once"),
+    params(("id" = String, Path, pattern = "^wh_(cfg_[0-9a-f]{16}|[0-9a-f]{32})$", description = "Webhook id", example = "wh_0193a4c25e1f7b3a9c4d2f6e8a0b1c3d")),
+    responses((status = 200, description = "The webhook with its new signing secret (shown this once)", body = WebhookView), ErrorResponses))]
+pub async fn rotate(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<RotateWebhookSecret>,
+) -> Result<Json<WebhookView>, AdminError> {
+    caller.admin_only()?;
+    let events = events_of(&state)?;
+    let grace = body.grace_period_seconds.unwrap_or(0);
+    if grace > MAX_GRACE_SECONDS {
+        return Err(AdminError::Validation(vec![FieldError::new(
+            "grace_period_seconds",
+            format!("must be from 0 to {MAX_GRACE_SECONDS} (7 days)"),
+        )]));
+    }
+    if events.configured().iter().any(|w| w.id == id) {
+        return Err(AdminError::Conflict(
+            "this webhook is defined in the configuration file; give it a new secret there (the old one as previous_secret)".into(),
+        ));
+    }
+    let secret = new_secret();
+    let until = (grace > 0).then(|| now_millis() + grace as i64 * 1000);
+    let w = events
+        .outbox()
+        .rotate_webhook_secret(&id, &secret, until)
+        .await?
+        .ok_or(AdminError::NotFound("no webhook with this id"))?;
+    tracing::info!(target: "keygate::audit", action = "webhook.rotate", webhook_id = %w.id,
+        url = %origin(&w.url), grace_period_seconds = grace, caller = ?caller);
+    let mut view = WebhookView::of(&w, false);
+    view.secret = Some(secret);
+    Ok(Json(view))
 }
 
 /// Deletes a webhook made through the API; its pending deliveries are dropped. A webhook of

@@ -39,6 +39,9 @@ pub struct RawWebhook {
     pub events: RawEventList,
     /// `whsec_` + base64 of 24 to 64 bytes.
     pub secret: String,
+    /// The secret `secret` replaces, signed with beside it for as long as it is here (a
+    /// rotation: receivers move to the new one, then this line goes).
+    pub previous_secret: Option<String>,
 }
 
 fn d_all() -> RawEventList {
@@ -141,6 +144,7 @@ pub struct WebhookConfig {
     pub url: String,
     pub events: Vec<String>,
     pub secret: String,
+    pub previous_secret: Option<String>,
 }
 
 impl std::fmt::Debug for WebhookConfig {
@@ -256,14 +260,26 @@ pub(super) fn webhooks(raw: Vec<RawWebhook>, errors: &mut Vec<String>) -> Vec<We
                 Vec::new()
             }
         };
-        let key_len = w
-            .secret
-            .strip_prefix("whsec_")
-            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-            .map(|k| k.len());
-        if !key_len.is_some_and(|n| (24..=64).contains(&n)) {
+        let is_secret = |s: &str| {
+            s.strip_prefix("whsec_")
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                .is_some_and(|k| (24..=64).contains(&k.len()))
+        };
+        let given = [
+            ("secret", Some(w.secret.as_str())),
+            ("previous_secret", w.previous_secret.as_deref()),
+        ];
+        for (field, secret) in given {
+            if secret.is_some_and(|s| !is_secret(s)) {
+                errors.push(format!(
+                    "webhooks[{i}].{field} must be \"whsec_\" + standard base64 of 24 to 64 random bytes (e.g. `echo whsec_$(openssl rand -base64 32)`)"
+                ));
+                ok = false;
+            }
+        }
+        if w.previous_secret.as_ref() == Some(&w.secret) {
             errors.push(format!(
-                "webhooks[{i}].secret must be \"whsec_\" + standard base64 of 24 to 64 random bytes (e.g. `echo whsec_$(openssl rand -base64 32)`)"
+                "webhooks[{i}].previous_secret is the same as secret; give the new secret as secret"
             ));
             ok = false;
         }
@@ -282,6 +298,7 @@ pub(super) fn webhooks(raw: Vec<RawWebhook>, errors: &mut Vec<String>) -> Vec<We
                 url: w.url,
                 events,
                 secret: w.secret,
+                previous_secret: w.previous_secret,
             });
         }
     }
@@ -425,6 +442,55 @@ mod tests {
 
     fn list(l: &[&str]) -> RawEventList {
         RawEventList::List(l.iter().map(|s| (*s).to_owned()).collect())
+    }
+
+    /// A webhook's secret and previous secret: each `whsec_` + base64 of 24 to 64 bytes, and
+    /// not the same.
+    #[test]
+    fn webhook_secrets_and_previous_secrets_are_checked() {
+        const A: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        const B: &str = "whsec_c2Vjb25kIHNlY3JldCBvZiB0aGlydHkgdHdvIGJ5dGVz";
+        let raw = |secret: &str, previous: Option<&str>| RawWebhook {
+            url: "https://hooks.example.com/a".into(),
+            events: d_all(),
+            secret: secret.into(),
+            previous_secret: previous.map(Into::into),
+        };
+        let mut errors = Vec::new();
+        let mut other = raw(B, None);
+        other.url = "https://hooks.example.com/b".into();
+        let taken = webhooks(vec![raw(A, Some(B)), other], &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            taken
+                .iter()
+                .map(|w| w.previous_secret.as_deref())
+                .collect::<Vec<_>>(),
+            [Some(B), None]
+        );
+        for (w, expected) in [
+            (
+                raw(A, Some("whsec_c2hvcnQ=")),
+                "webhooks[0].previous_secret must be \"whsec_\"",
+            ),
+            (
+                raw(A, Some(&A[6..])),
+                "webhooks[0].previous_secret must be \"whsec_\"",
+            ),
+            (
+                raw("whsec_not base64", None),
+                "webhooks[0].secret must be \"whsec_\"",
+            ),
+            (
+                raw(A, Some(A)),
+                "webhooks[0].previous_secret is the same as secret",
+            ),
+        ] {
+            let mut errors = Vec::new();
+            assert!(webhooks(vec![w], &mut errors).is_empty());
+            assert!(errors.iter().any(|e| e.contains(expected)), "{errors:?}");
+            assert!(!errors.iter().any(|e| e.contains(&A[6..])), "{errors:?}");
+        }
     }
 
     #[test]

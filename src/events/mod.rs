@@ -104,6 +104,8 @@ impl Events {
                 events: w.events.clone(),
                 secret: w.secret.clone(),
                 created_at: 0,
+                previous_secret: w.previous_secret.clone(),
+                previous_until: None,
             })
             .collect();
         Ok(Arc::new(Self {
@@ -265,13 +267,18 @@ impl Events {
 
     /// One signed POST of `c` to `hook`.
     async fn attempt(&self, hook: &Webhook, c: &Claimed) -> Outcome {
-        let Ok(key) = signing::decode_secret(&hook.secret) else {
+        let now = now_millis();
+        let keys = std::iter::once(hook.secret.as_str())
+            .chain(hook.previous_at(now))
+            .map(signing::decode_secret)
+            .collect::<Result<Vec<_>, _>>();
+        let Ok(keys) = keys else {
             return Outcome::Failed {
                 status: None,
                 error: Some("the webhook's secret is not a whsec_ secret".into()),
             };
         };
-        let ts = now_millis() / 1000;
+        let ts = now / 1000;
         let req = http::Request::post(&hook.url)
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::USER_AGENT, "keygate-webhooks")
@@ -279,7 +286,7 @@ impl Events {
             .header("webhook-timestamp", ts.to_string())
             .header(
                 "webhook-signature",
-                signing::sign(&key, &c.event_id, ts, &c.body),
+                signing::signatures(&keys, &c.event_id, ts, &c.body),
             )
             .body(Full::new(Bytes::from(c.body.clone())));
         let req = match req {

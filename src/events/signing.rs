@@ -46,6 +46,20 @@ pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &str) -> String {
     format!("v1,{}", STANDARD.encode(ctx.sign().as_ref()))
 }
 
+/// The `webhook-signature` value of one attempt signed with each of `keys` (the current
+/// secret first, then one a rotation keeps signing for a while), space-separated as the
+/// specification has it: a receiver accepts the delivery when any one verifies.
+pub fn signatures(keys: &[Vec<u8>], id: &str, timestamp: i64, body: &str) -> String {
+    let mut out = String::new();
+    for key in keys {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(&sign(key, id, timestamp, body));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -228,6 +228,10 @@ pub struct Webhook {
     /// `whsec_` + base64 of the signing key.
     pub secret: String,
     pub created_at: Millis,
+    /// The secret before the last rotation, signed with beside `secret` until
+    /// `previous_until` (no end: a configured `previous_secret`, for as long as it is there).
+    pub previous_secret: Option<String>,
+    pub previous_until: Option<Millis>,
 }
 
 impl std::fmt::Debug for Webhook {
@@ -237,11 +241,20 @@ impl std::fmt::Debug for Webhook {
             .field("url", &self.url)
             .field("events", &self.events)
             .field("secret", &"***")
+            .field("previous_until", &self.previous_until)
             .finish()
     }
 }
 
 impl Webhook {
+    /// The secret before the last rotation while it still signs at `now`.
+    pub fn previous_at(&self, now: Millis) -> Option<&str> {
+        let secret = self.previous_secret.as_deref()?;
+        self.previous_until
+            .is_none_or(|until| now < until)
+            .then_some(secret)
+    }
+
     pub fn wants(&self, kind: &str) -> bool {
         self.events.iter().any(|e| e == "*" || e == kind)
     }
@@ -394,6 +407,17 @@ pub trait Outbox: Send + Sync + 'static {
         id: &str,
         url: Option<&str>,
         events: Option<&[String]>,
+    ) -> StoreResult<Option<Webhook>>;
+
+    /// Replaces a webhook's signing secret with `secret`. With `previous_until`, the secret
+    /// it replaces goes on signing beside it until then (deliveries carry both signatures);
+    /// without, it stops at once (and an earlier previous one with it). `None` when there is
+    /// no such webhook.
+    async fn rotate_webhook_secret(
+        &self,
+        id: &str,
+        secret: &str,
+        previous_until: Option<Millis>,
     ) -> StoreResult<Option<Webhook>>;
 
     /// Deletes a webhook; its pending deliveries are dropped.

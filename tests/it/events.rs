@@ -786,6 +786,248 @@ async fn events_pending_at_a_kill_9_are_delivered_after_the_restart() {
     assert!(!gw.log_contains(&api_secret));
 }
 
+/// A webhook of the configuration file given a new `secret` and its old one as
+/// `previous_secret`: deliveries carry both signatures, either verifies.
+#[tokio::test]
+async fn a_configured_previous_secret_signs_beside_the_secret() {
+    const NEW: &str = "whsec_c2Vjb25kIHNlY3JldCBvZiB0aGlydHkgdHdvIGJ5dGVz";
+    let rx = Receiver::start().await;
+    let config = events_config(&rx.url("/all")).replace(
+        &format!("secret = \"{SECRET}\""),
+        &format!("secret = \"{NEW}\"\nprevious_secret = \"{SECRET}\""),
+    );
+    assert!(config.contains("previous_secret"));
+    let gw = Gateway::start_with(&config).await;
+    gw.client("one", "free").await;
+    let g = delivery_of(&rx, "/all", "one").await;
+    assert_eq!(
+        g.headers["webhook-signature"]
+            .to_str()
+            .unwrap()
+            .split(' ')
+            .count(),
+        2
+    );
+    for secret in [NEW, SECRET] {
+        verify(secret, &g).unwrap();
+        verify_with_python(secret, &g).unwrap();
+    }
+    gw.stop().await;
+}
+
+/// The client.created delivery of `client` at `path` (waited for).
+async fn delivery_of(rx: &Receiver, path: &str, client: &str) -> Got {
+    rx.wait_for(path, Duration::from_secs(10), |d| {
+        d.iter().any(|g| g.json()["data"]["client_id"] == client)
+    })
+    .await;
+    rx.delivered(path)
+        .into_iter()
+        .find(|g| g.json()["data"]["client_id"] == client)
+        .unwrap()
+}
+
+/// A webhook's secret rotated with a grace period: deliveries carry both signatures (either
+/// verifies, with the specification's own check and the official Python package); rotated again
+/// without one: the new secret alone. Refused rotations (no or a wrong credential, a client's
+/// key, a bad grace period or body, an unknown or configured webhook) change nothing.
+#[tokio::test]
+async fn a_webhook_secret_rotated_with_a_grace_period_signs_beside_the_new_one() {
+    let rx = Receiver::start().await;
+    let gw = Gateway::start_with(&events_config(&rx.url("/all"))).await;
+    let r = gw
+        .admin(
+            "POST",
+            "/v1/webhooks",
+            Some(json!({"url": rx.url("/api"), "events": ["client.created"]})),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let first = r.json()["secret"].as_str().unwrap().to_owned();
+    gw.client("one", "free").await;
+    verify(&first, &delivery_of(&rx, "/api", "one").await).unwrap();
+
+    let rotate = format!("/v1/webhooks/{id}/rotate");
+    let r = gw
+        .admin("POST", &rotate, Some(json!({"grace_period_seconds": 3600})))
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let second = r.json()["secret"].as_str().unwrap().to_owned();
+    assert!(second.starts_with("whsec_") && second != first);
+    let until = r.json()["previous_secret_valid_until"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let left = chrono::DateTime::parse_from_rfc3339(&until)
+        .unwrap()
+        .timestamp()
+        - chrono::Utc::now().timestamp();
+    assert!((3590..=3600).contains(&left), "{until}");
+    // Shown once: the listing has the grace period's end and neither secret.
+    let shown = gw.admin("GET", &format!("/v1/webhooks/{id}"), None).await;
+    assert_eq!(shown.json()["previous_secret_valid_until"], until.as_str());
+    assert!(shown.json().get("secret").is_none());
+    let text =
+        String::from_utf8_lossy(&gw.admin("GET", "/v1/webhooks", None).await.body).into_owned();
+    assert!(!text.contains(&first) && !text.contains(&second));
+
+    gw.client("two", "free").await;
+    let g = delivery_of(&rx, "/api", "two").await;
+    assert_eq!(
+        g.headers["webhook-signature"]
+            .to_str()
+            .unwrap()
+            .split(' ')
+            .count(),
+        2
+    );
+    for secret in [&first, &second] {
+        verify(secret, &g).unwrap();
+        verify_with_python(secret, &g).unwrap();
+    }
+    assert!(verify(SECRET, &g).is_err());
+    assert!(verify_with_python(SECRET, &g).is_err());
+
+    // Rotated again with no body: the secret it replaces stops at once, and the one before.
+    let r = gw.admin("POST", &rotate, None).await;
+    assert_eq!(r.status, 200);
+    let third = r.json()["secret"].as_str().unwrap().to_owned();
+    assert!(r.json().get("previous_secret_valid_until").is_none());
+    gw.client("three", "free").await;
+    let g = delivery_of(&rx, "/api", "three").await;
+    assert_eq!(
+        g.headers["webhook-signature"]
+            .to_str()
+            .unwrap()
+            .split(' ')
+            .count(),
+        1
+    );
+    verify(&third, &g).unwrap();
+    verify_with_python(&third, &g).unwrap();
+    for old in [&first, &second] {
+        assert!(verify(old, &g).is_err());
+        assert!(verify_with_python(old, &g).is_err());
+    }
+
+    // Refused: each answers its error and the secret stays the third.
+    gw.client("hostile", "free").await;
+    let manager = gw
+        .key("hostile", json!({"permissions": ["keys:manage"]}))
+        .await["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let configured = gw.admin("GET", "/v1/webhooks", None).await.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["source"] == "config")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    const ADMIN: &[(&str, &str)] = &[("x-admin-key", ADMIN_KEY)];
+    let grace = |v: Value| Some(json!({ "grace_period_seconds": v }));
+    let bearer = format!("Bearer {manager}");
+    // What is refused, the path, the body, the credentials and the answer's status.
+    type Refused<'a> = (&'a str, String, Option<Value>, Vec<(&'a str, &'a str)>, u16);
+    let refused: Vec<Refused> = vec![
+        ("no credential", rotate.clone(), None, vec![], 401),
+        (
+            "a wrong admin key",
+            rotate.clone(),
+            None,
+            vec![("x-admin-key", "wrong-admin-key-0123456789")],
+            401,
+        ),
+        (
+            "a client's key",
+            rotate.clone(),
+            None,
+            vec![("authorization", bearer.as_str())],
+            403,
+        ),
+        (
+            "a grace period too long",
+            rotate.clone(),
+            grace(json!(604_801)),
+            ADMIN.to_vec(),
+            422,
+        ),
+        (
+            "a negative grace period",
+            rotate.clone(),
+            grace(json!(-1)),
+            ADMIN.to_vec(),
+            422,
+        ),
+        (
+            "a text grace period",
+            rotate.clone(),
+            grace(json!("1h")),
+            ADMIN.to_vec(),
+            422,
+        ),
+        (
+            "an unknown field",
+            rotate.clone(),
+            Some(json!({"secret": first})),
+            ADMIN.to_vec(),
+            422,
+        ),
+        (
+            "an unknown webhook",
+            "/v1/webhooks/wh_0123456789abcdef0123456789abcdef/rotate".into(),
+            None,
+            ADMIN.to_vec(),
+            404,
+        ),
+        (
+            "a webhook of the configuration file",
+            format!("/v1/webhooks/{configured}/rotate"),
+            None,
+            ADMIN.to_vec(),
+            409,
+        ),
+    ];
+    for (what, path, body, headers, status) in refused {
+        let r = gw.admin_as("POST", &path, body, &headers).await;
+        assert_eq!(
+            r.status.as_u16(),
+            status,
+            "{what}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(r.json().get("secret").is_none(), "{what}");
+    }
+    for (what, body) in [
+        ("malformed JSON", b"{\"grace_period_seconds\":".to_vec()),
+        ("an oversized body", vec![b' '; 2 * 1024 * 1024]),
+    ] {
+        let req = Request::post(format!("http://{}{rotate}", gw.admin))
+            .header("x-admin-key", ADMIN_KEY)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let r = gw.send(req).await;
+        assert!(r.status == 400 || r.status == 413, "{what}: {}", r.status);
+    }
+    gw.client("four", "free").await;
+    let g = delivery_of(&rx, "/api", "four").await;
+    assert_eq!(
+        g.headers["webhook-signature"]
+            .to_str()
+            .unwrap()
+            .split(' ')
+            .count(),
+        1
+    );
+    verify(&third, &g).unwrap();
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn the_webhook_api_refuses_hostile_input_and_shows_a_secret_once() {
     let rx = Receiver::start().await;
@@ -1055,6 +1297,7 @@ fn check_config_explains_bad_webhooks_and_secret_scanning() {
 url = "ftp://example.com/"
 events = ["key.stolen"]
 secret = "hunter2"
+previous_secret = "hunter3"
 [events]
 retry_base_ms = 0
 [secret_scanning]
@@ -1067,12 +1310,16 @@ enabled = true
         "webhooks[0].url",
         "webhooks[0].events",
         "webhooks[0].secret",
+        "webhooks[0].previous_secret",
         "events.retry_base_ms",
         "secret_scanning.github_keys_file",
     ] {
         assert!(text.contains(needle), "{needle} not in {text}");
     }
-    assert!(!text.contains("hunter2"), "a secret in check-config output");
+    assert!(
+        !text.contains("hunter2") && !text.contains("hunter3"),
+        "a secret in check-config output"
+    );
 
     // The same URL and events twice, the events in another order (and one named twice): every
     // event would reach that URL twice.

@@ -430,10 +430,23 @@ async fn a_full_session_at_trace_level_logs_no_secret() {
     )
     .await;
     assert_eq!(s, 201, "{v}");
+    // Its secret rotated with a grace period: the new one is in no line either.
+    let (s, rotated) = call(
+        "POST",
+        admin(&format!(
+            "/v1/webhooks/{}/rotate",
+            v["id"].as_str().unwrap()
+        )),
+        &ak,
+        Some(json!({"grace_period_seconds": 60})),
+    )
+    .await;
+    assert_eq!(s, 200, "{rotated}");
     let webhook_secrets = [
         "hook-path-credential".to_owned(),
         "hook-query-credential".to_owned(),
         v["secret"].as_str().unwrap().to_owned(),
+        rotated["secret"].as_str().unwrap().to_owned(),
     ];
 
     // A mutation with a wrong admin key: refused, audited without a caller, the guess nowhere.

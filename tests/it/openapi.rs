@@ -75,6 +75,7 @@ async fn the_document_is_valid_and_covers_every_route() {
         ("patch", "/v1/webhooks/{id}"),
         ("delete", "/v1/webhooks/{id}"),
         ("get", "/v1/webhooks/{id}/deliveries"),
+        ("post", "/v1/webhooks/{id}/rotate"),
         ("post", "/v1/api-keys/{id}/credits"),
         ("get", "/v1/clients/{client_id}/usage"),
         ("post", "/v1/api-keys/import"),
@@ -203,6 +204,7 @@ async fn every_rule_the_handlers_enforce_is_stated_in_the_document() {
         "CreateKey",
         "UpdateKey",
         "RotateKey",
+        "RotateWebhookSecret",
         "CreateClient",
         "UpdateClient",
         "RateLimit",
@@ -272,12 +274,15 @@ async fn every_rule_the_handlers_enforce_is_stated_in_the_document() {
         );
     }
 
-    // Rotation grace period.
-    let grace = prop("RotateKey", "grace_period_seconds");
-    assert_eq!(
-        (&grace["minimum"], &grace["maximum"]),
-        (&json!(0), &json!(604800))
-    );
+    // Rotation grace periods (keys and webhook secrets).
+    for body in ["RotateKey", "RotateWebhookSecret"] {
+        let grace = prop(body, "grace_period_seconds");
+        assert_eq!(
+            (&grace["minimum"], &grace["maximum"]),
+            (&json!(0), &json!(604800)),
+            "{body}"
+        );
+    }
 
     // Licenses are the configured plans, wherever a license is given.
     assert_eq!(s["License"]["enum"], json!(["enterprise", "free", "pro"]));
@@ -393,6 +398,7 @@ async fn every_rule_the_handlers_enforce_is_stated_in_the_document() {
         ("/v1/webhooks/{id}", "patch"),
         ("/v1/webhooks/{id}", "delete"),
         ("/v1/webhooks/{id}/deliveries", "get"),
+        ("/v1/webhooks/{id}/rotate", "post"),
     ] {
         assert_eq!(
             param(path, method, "id")["pattern"],

@@ -116,6 +116,7 @@ conformance!(
     each_queue_hands_out_its_oldest_delivery_under_a_lease,
     retries_wait_and_outcomes_are_recorded,
     webhooks_are_created_changed_and_deleted_with_their_deliveries,
+    a_webhook_secret_is_rotated_with_and_without_a_grace_period,
     emitted_and_expiring_events_are_delivered,
     client_wide_writes_write_an_event_per_key,
     imported_keys_write_key_created_marked_imported,
@@ -328,6 +329,76 @@ async fn retries_wait_and_outcomes_are_recorded(s: &Subject) {
     );
 }
 
+/// A rotation replaces the secret and keeps the one it replaces until the given time, or not
+/// at all; nothing else of the webhook changes; an unknown id is `None`.
+async fn a_webhook_secret_is_rotated_with_and_without_a_grace_period(s: &Subject) {
+    let (first, second, third) = (
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "whsec_c2Vjb25kIHNlY3JldCBvZiB0aGlydHkgdHdvIGJ5dGVz",
+        "whsec_dGhpcmQgc2VjcmV0IG9mIHRoaXJ0eSB0d28gYnl0ZXMh",
+    );
+    let w = Webhook {
+        id: "wh_r".into(),
+        url: "http://127.0.0.1:9/r".into(),
+        events: vec!["key.created".into(), "key.revoked".into()],
+        secret: first.into(),
+        created_at: 1_765_000_000_123,
+        previous_secret: None,
+        previous_until: None,
+    };
+    assert!(s.outbox.insert_webhook(&w, 10).await.unwrap());
+    let until = 1_765_100_000_456;
+    let rotated = s
+        .outbox
+        .rotate_webhook_secret("wh_r", second, Some(until))
+        .await
+        .unwrap()
+        .unwrap();
+    let expected = Webhook {
+        secret: second.into(),
+        previous_secret: Some(first.into()),
+        previous_until: Some(until),
+        ..w.clone()
+    };
+    assert_eq!(rotated, expected);
+    assert_eq!(
+        s.outbox.list_webhooks().await.unwrap(),
+        std::slice::from_ref(&expected)
+    );
+    assert_eq!(rotated.previous_at(until - 1), Some(first));
+    assert_eq!(rotated.previous_at(until), None);
+    // Without a grace period the replaced secret (and the one before it) stop at once.
+    let again = s
+        .outbox
+        .rotate_webhook_secret("wh_r", third, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            again.secret.as_str(),
+            again.previous_secret,
+            again.previous_until
+        ),
+        (third, None, None)
+    );
+    // A change of URL keeps the secrets as they are.
+    let moved = s
+        .outbox
+        .update_webhook("wh_r", Some("http://127.0.0.1:9/s"), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((moved.secret.as_str(), moved.events), (third, w.events));
+    assert!(
+        s.outbox
+            .rotate_webhook_secret("wh_none", second, None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
 async fn webhooks_are_created_changed_and_deleted_with_their_deliveries(s: &Subject) {
     let w = Webhook {
         id: "wh_1".into(),
@@ -335,6 +406,8 @@ async fn webhooks_are_created_changed_and_deleted_with_their_deliveries(s: &Subj
         events: vec!["key.created".into()],
         secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
         created_at: 1_000,
+        previous_secret: None,
+        previous_until: None,
     };
     assert!(s.outbox.insert_webhook(&w, 2).await.unwrap());
     assert!(

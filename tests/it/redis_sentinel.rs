@@ -437,6 +437,8 @@ async fn with_redis_wait_replicas_webhook_writes_wait_for_a_replica_too() {
         events: vec!["*".into()],
         secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
         created_at: now_millis(),
+        previous_secret: None,
+        previous_until: None,
     };
     // Each script loaded on the server first (a first use costs a round more: with a replica
     // still catching up it can pass the bound, so these answers are not judged), and the

@@ -109,6 +109,7 @@ ALTER TABLE key_credits ADD COLUMN alerted INTEGER NOT NULL DEFAULT 0;
 "#,
     super::sqlite_outbox::PRUNE_INDEXES,
     super::sqlite_outbox::EXPIRY_INDEX,
+    super::sqlite_outbox::PREVIOUS_SECRET,
 ];
 
 const KEY_COLUMNS: &str = "k.id, k.client_id, k.name, k.prefix, k.key_hash, k.previous_hash, \

@@ -75,6 +75,17 @@ pub(super) const PRUNE_EVENTS: &str = "DELETE FROM webhook_events WHERE seq <= ?
 /// Drops the delivery attempts older than `?1`.
 pub(super) const PRUNE_ATTEMPTS: &str = "DELETE FROM webhook_attempts WHERE at < ?1";
 
+/// A webhook's secret before its last rotation, signed with beside the current one until
+/// `previous_until`.
+pub const PREVIOUS_SECRET: &str = r#"
+ALTER TABLE webhooks ADD COLUMN previous_secret TEXT;
+ALTER TABLE webhooks ADD COLUMN previous_until INTEGER;
+"#;
+
+/// The columns [`webhook_from_row`] reads.
+const WEBHOOK_COLUMNS: &str =
+    "id, url, events, secret, created_at, previous_secret, previous_until";
+
 pub const MIGRATION: &str = r#"
 CREATE TABLE webhook_events (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -200,6 +211,8 @@ fn webhook_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Webhook> {
         events: serde_json::from_str(&events).unwrap_or_default(),
         secret: r.get(3)?,
         created_at: r.get(4)?,
+        previous_secret: r.get(5)?,
+        previous_until: r.get(6)?,
     })
 }
 
@@ -525,10 +538,9 @@ impl Outbox for SqliteOutbox {
     async fn list_webhooks(&self) -> StoreResult<Vec<Webhook>> {
         self.store
             .run(|c| {
-                c.prepare_cached(
-                    "SELECT id, url, events, secret, created_at FROM webhooks \
-                     ORDER BY created_at, id",
-                )
+                c.prepare_cached(&format!(
+                    "SELECT {WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_at, id"
+                ))
                 .map_err(db)?
                 .query_map([], webhook_from_row)
                 .map_err(db)?
@@ -558,7 +570,38 @@ impl Outbox for SqliteOutbox {
                 .map_err(db)?;
                 let w = tx
                     .query_row(
-                        "SELECT id, url, events, secret, created_at FROM webhooks WHERE id = ?1",
+                        &format!("SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?1"),
+                        [&id],
+                        webhook_from_row,
+                    )
+                    .optional()
+                    .map_err(db)?;
+                tx.commit().map_err(db)?;
+                Ok(w)
+            })
+            .await
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        id: &str,
+        secret: &str,
+        previous_until: Option<Millis>,
+    ) -> StoreResult<Option<Webhook>> {
+        let (id, secret) = (id.to_owned(), secret.to_owned());
+        self.store
+            .run(move |c| {
+                let tx = c.transaction().map_err(db)?;
+                tx.execute(
+                    "UPDATE webhooks SET \
+                     previous_secret = CASE WHEN ?3 IS NULL THEN NULL ELSE secret END, \
+                     previous_until = ?3, secret = ?2 WHERE id = ?1",
+                    params![id, secret, previous_until],
+                )
+                .map_err(db)?;
+                let w = tx
+                    .query_row(
+                        &format!("SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?1"),
                         [&id],
                         webhook_from_row,
                     )
@@ -577,7 +620,7 @@ impl Outbox for SqliteOutbox {
                 let tx = c.transaction().map_err(db)?;
                 let w = tx
                     .query_row(
-                        "SELECT id, url, events, secret, created_at FROM webhooks WHERE id = ?1",
+                        &format!("SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?1"),
                         [&id],
                         webhook_from_row,
                     )

@@ -43,6 +43,7 @@ struct Scripts {
     delete_webhook: Script,
     insert_webhook: Script,
     update_webhook: Script,
+    rotate_webhook: Script,
     emit: Script,
     expiring: Script,
 }
@@ -57,6 +58,7 @@ fn scripts() -> &'static Scripts {
             delete_webhook: s(include_str!("scripts/outbox_delete_webhook.lua")),
             insert_webhook: s(include_str!("scripts/outbox_insert_webhook.lua")),
             update_webhook: s(include_str!("scripts/outbox_update_webhook.lua")),
+            rotate_webhook: s(include_str!("scripts/outbox_rotate_webhook.lua")),
             emit: s(include_str!("scripts/outbox_emit.lua")),
             expiring: s(include_str!("scripts/outbox_expiring.lua")),
         }
@@ -287,6 +289,27 @@ impl Outbox for RedisOutbox {
         }
     }
 
+    async fn rotate_webhook_secret(
+        &self,
+        id: &str,
+        secret: &str,
+        previous_until: Option<Millis>,
+    ) -> StoreResult<Option<Webhook>> {
+        let mut a = Args::default();
+        a.push(crate::keys::now_millis())
+            .push(id)
+            .push(secret)
+            .push(previous_until.map(|t| t.to_string()).unwrap_or_default());
+        match self
+            .store
+            .write("rotate webhook secret", &scripts().rotate_webhook, a)
+            .await?
+        {
+            Value::Nil => Ok(None),
+            v => Ok(text(&v).and_then(|s| webhook_from(&s))),
+        }
+    }
+
     async fn delete_webhook(&self, id: &str) -> StoreResult<Option<Webhook>> {
         let mut a = Args::default();
         a.push(crate::keys::now_millis()).push(id);
@@ -344,6 +367,8 @@ fn webhook_from(s: &str) -> Option<Webhook> {
             .collect(),
         secret: v["secret"].as_str()?.to_owned(),
         created_at: v["created_at"].as_i64()?,
+        previous_secret: v["previous_secret"].as_str().map(str::to_owned),
+        previous_until: v["previous_until"].as_i64(),
     })
 }
 
