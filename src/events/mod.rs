@@ -462,12 +462,14 @@ fn spread(at: crate::keys::Millis, now: crate::keys::Millis) -> crate::keys::Mil
 /// day; anything else is not read.
 fn retry_after(h: &http::HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
     let text = h.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
-    let wait = match text.parse::<u64>() {
-        Ok(secs) => Duration::from_secs(secs),
-        Err(_) => httpdate::parse_http_date(text)
+    let wait = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        // delay-seconds: digits only; more than fit are more than a day.
+        Duration::from_secs(text.parse::<u64>().unwrap_or(u64::MAX))
+    } else {
+        httpdate::parse_http_date(text)
             .ok()?
             .duration_since(now)
-            .unwrap_or(Duration::ZERO),
+            .unwrap_or(Duration::ZERO)
     };
     Some(wait.min(Duration::from_secs(86_400)))
 }
@@ -528,6 +530,10 @@ mod tests {
         assert_eq!(read(" 7 "), Some(Duration::from_secs(7)));
         assert_eq!(read("999999999"), Some(Duration::from_secs(86_400)));
         assert_eq!(
+            read("99999999999999999999999"),
+            Some(Duration::from_secs(86_400))
+        );
+        assert_eq!(
             read("Sun, 06 Nov 1994 08:51:37 GMT"),
             Some(Duration::from_secs(120))
         );
@@ -549,6 +555,7 @@ mod tests {
             "Wed, 07 Nov 1994 08:49:37 GMT",
             "Sun, 06 Nov 1994 25:00:00 GMT",
             "-5",
+            "+5",
             "1.5",
             "soon",
             "",
