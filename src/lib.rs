@@ -98,7 +98,8 @@ pub enum StartError {
     Events(String),
 }
 
-/// How long a start waits for another holder of its SQLite file to let go.
+/// How long a start waits for another holder of its SQLite file to let go, beyond
+/// `[server] shutdown_grace_secs` (that holder's shutdown, when it is one).
 const SQLITE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Opens the configured store.
@@ -106,13 +107,19 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
     match &config.store.url {
         StoreUrl::Sqlite(path) => {
             // The file's holder may be a process (or this process's previous store) still
-            // shutting down: it gets a few seconds to let go.
-            let deadline = std::time::Instant::now() + SQLITE_LOCK_WAIT;
+            // shutting down: it gets as long as a shutdown takes, and a few seconds more.
+            let wait = config.shutdown_grace + SQLITE_LOCK_WAIT;
+            let deadline = std::time::Instant::now() + wait;
             let store_error = |e: keys::store::StoreError| StartError::Store(e.to_string());
+            let mut told = false;
             let lock = loop {
                 match SqliteStore::lock(path).map_err(store_error)? {
                     Some(lock) => break lock,
                     None if std::time::Instant::now() < deadline => {
+                        if !std::mem::replace(&mut told, true) {
+                            tracing::warn!(store = %path.display(), wait_secs = wait.as_secs(),
+                                "another keygate process holds the SQLite file; waiting for it to exit");
+                        }
                         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     }
                     None => return Err(store_error(keys::store::sqlite::in_use(path))),
@@ -517,12 +524,17 @@ impl App {
         };
         tokio::join!(proxy, admin, trigger);
         sweeper.abort();
+        let _ = sweeper.await;
         // Stopped, not aborted: a spread flush under way is finished before the final one.
         flush_stop.notify_one();
         let _ = flusher.await;
         reloader.abort();
+        let _ = reloader.await;
+        // Awaited once aborted, so that what they hold (the store, with its file's lock) is
+        // dropped before this returns.
         for t in event_tasks {
             t.abort();
+            let _ = t.await;
         }
         if let Some(task) = cluster_sync {
             task.abort();

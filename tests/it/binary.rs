@@ -80,37 +80,35 @@ fn serve_exits_zero_on_sigterm() {
     assert!(status.success(), "exit status {status}");
 }
 
-/// One process per SQLite file: a second `keygate serve` on the file of a running one waits a
-/// few seconds for it to let go, then exits non-zero naming the file; the first serves on, and
-/// once it has stopped the file opens again.
+/// One process per SQLite file: a second `keygate serve` on the file of a running one says it
+/// waits, waits as long as a shutdown may take and 5 s more (`shutdown_grace_secs = 1` here),
+/// then exits non-zero naming the file; the first serves on, and once it has stopped the file
+/// opens again at once.
 #[test]
 fn a_second_process_on_the_same_sqlite_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("k.db");
-    let launch = || {
-        Binary::command([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--store")
-        .arg(format!("sqlite://{}", db.display()))
-        .env("KEYGATE_ADMIN_KEY", "an-admin-key-of-decent-length")
-        .current_dir(dir.path())
-    };
-    let mut first = launch().spawn();
-    let started = std::time::Instant::now();
-    let out = launch().output_within(Duration::from_secs(30));
-    let waited = started.elapsed();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("in use by another keygate process") && stderr.contains("k.db"),
-        "{stderr}"
+    let config = crate::support::config_text(
+        "http://127.0.0.1:9",
+        &dir.path().join("k.db"),
+        "[server]\nshutdown_grace_secs = 1\n",
     );
-    assert!(waited >= Duration::from_secs(4), "gave up after {waited:?}");
+    let mut first = Binary::serve(&config, dir.path()).spawn();
+    let started = std::time::Instant::now();
+    let out = Binary::serve(&config, dir.path()).output_within(Duration::from_secs(30));
+    let waited = started.elapsed();
+    let printed =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{printed}");
+    assert!(
+        printed.contains("waiting for it to exit")
+            && printed.contains("in use by another keygate process")
+            && printed.contains("k.db"),
+        "{printed}"
+    );
+    assert!(
+        (Duration::from_secs(5)..Duration::from_secs(20)).contains(&waited),
+        "gave up after {waited:?}"
+    );
     assert!(first.alive());
     assert!(
         health(first.proxy).contains(" 200 "),
@@ -118,7 +116,10 @@ fn a_second_process_on_the_same_sqlite_file_is_refused() {
         health(first.proxy)
     );
     assert!(first.terminate().success());
-    let mut again = launch().spawn();
+    let started = std::time::Instant::now();
+    let mut again = Binary::serve(&config, dir.path()).spawn();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(!again.log_contains("waiting for it to exit"));
     assert!(health(again.proxy).contains(" 200 "));
     assert!(again.terminate().success());
 }

@@ -152,7 +152,7 @@ pub fn in_use(path: &Path) -> StoreError {
 
 #[derive(Clone)]
 pub struct SqliteStore {
-    /// The hold on the file, for as long as any clone lives.
+    /// The hold on the file, for as long as any clone or connection thread lives.
     _lock: Arc<FileLock>,
     conn: Arc<Mutex<Connection>>,
     /// A second connection for the charges of the request path (credits, quotas), with
@@ -245,13 +245,17 @@ impl SqliteStore {
         // other connection between its read and its write would fail it ("database is
         // locked"). Read-only transactions queue behind writers too; they are admin calls.
         conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
+        // The threads hold the lock too: they run what was sent to them after the last clone
+        // of the store is gone (the outbox keeps a sender of its own).
+        let lock = Arc::new(lock);
+        let thread = |name, nice, conn| connection_thread(name, nice, conn, Arc::clone(&lock));
         Ok(Self {
-            _lock: Arc::new(lock),
             conn: Arc::new(Mutex::new(conn)),
             charges: Arc::new(Mutex::new(Self::open_normal(path)?)),
-            usage: connection_thread("keygate-usage", USAGE_NICE, Self::open_usage(path)?)?,
-            refresh: connection_thread("keygate-refresh", REFRESH_NICE, Self::open_reader(path)?)?,
-            events: connection_thread("keygate-events", EVENTS_NICE, Self::open_events(path)?)?,
+            usage: thread("keygate-usage", USAGE_NICE, Self::open_usage(path)?)?,
+            refresh: thread("keygate-refresh", REFRESH_NICE, Self::open_reader(path)?)?,
+            events: thread("keygate-events", EVENTS_NICE, Self::open_events(path)?)?,
+            _lock: lock,
         })
     }
 
@@ -341,11 +345,13 @@ pub(super) type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 /// Starts a thread named `name` that runs the jobs sent to it, one after the other, on `conn`
 /// at CPU priority `nice` (Linux; 19 is the lowest): on a core shared with the request path,
 /// its work then takes the time the requests leave over instead of delaying them. The thread
-/// ends when the store (every clone) is dropped.
+/// ends when every sender (the store's clones, the outbox) is dropped, and holds `lock` until
+/// then.
 fn connection_thread(
     name: &str,
     nice: i32,
     mut conn: Connection,
+    lock: Arc<FileLock>,
 ) -> StoreResult<std::sync::mpsc::Sender<Job>> {
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
     std::thread::Builder::new()
@@ -358,6 +364,8 @@ fn connection_thread(
             while let Ok(job) = rx.recv() {
                 job(&mut conn);
             }
+            drop(conn);
+            drop(lock);
         })
         .map_err(|e| unavailable(format!("cannot start the store thread {name}: {e}")))?;
     Ok(tx)
@@ -1634,18 +1642,16 @@ mod tests {
         );
     }
 
-    /// A client's quota counts do not pile up: its first charge of a period drops its counts
-    /// of that period length older than the period just ended, reading only that client's
-    /// rows; deleting the client drops every count older than that, of every period length
-    /// (the conformance tests show what stays readable).
     /// A file one store holds is refused to another (in this process too) until that one is
-    /// dropped with every clone.
+    /// dropped with every clone, and the outbox it handed out (whose thread runs on after the
+    /// store's clones are gone).
     #[test]
     fn one_store_per_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.db");
         let first = SqliteStore::open(&path).unwrap();
         let clone = first.clone();
+        let outbox = first.outbox().unwrap();
         drop(first);
         let Err(e) = SqliteStore::open(&path) else {
             panic!("opened twice")
@@ -1655,13 +1661,29 @@ mod tests {
                 && e.to_string().contains("l.db.lock"),
             "{e}"
         );
-        assert!(SqliteStore::lock(&path).unwrap().is_none());
         drop(clone);
-        let again = SqliteStore::open(&path).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            SqliteStore::lock(&path).unwrap().is_none(),
+            "the outbox's thread runs on"
+        );
+        drop(outbox);
+        // Its threads end once they have seen the last sender go.
+        let lock = (0..500)
+            .find_map(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                SqliteStore::lock(&path).unwrap()
+            })
+            .expect("let go within 5 s");
+        let again = SqliteStore::open_locked(&path, lock).unwrap();
+        assert!(SqliteStore::lock(&path).unwrap().is_none());
         drop(again);
-        assert!(SqliteStore::lock(&path).unwrap().is_some());
     }
 
+    /// A client's quota counts do not pile up: its first charge of a period drops its counts
+    /// of that period length older than the period just ended, reading only that client's
+    /// rows; deleting the client drops every count older than that, of every period length
+    /// (the conformance tests show what stays readable).
     #[tokio::test]
     async fn quota_counts_are_pruned_per_client_and_go_with_the_client() {
         let plan = query_plan(PRUNE_QUOTA_USE, 3);

@@ -155,26 +155,28 @@ impl Launch {
     /// Runs to completion within `limit` (past it the process is killed and the test fails
     /// with what it printed); the exit status and everything printed.
     pub fn output_within(self, limit: Duration) -> Output {
-        let mut child = self
+        let child = self
             .command()
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run keygate: {e}"));
-        let start = Instant::now();
-        while child.try_wait().unwrap().is_none() {
-            if start.elapsed() > limit {
-                let _ = child.kill();
-                let out = child.wait_with_output().unwrap();
+        let pid = child.id().to_string();
+        // Read by another thread, so that a process printing much never blocks on a pipe.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(child.wait_with_output()));
+        match rx.recv_timeout(limit) {
+            Ok(out) => out.unwrap(),
+            Err(_) => {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+                let out = rx.recv().unwrap().unwrap();
                 panic!(
                     "keygate still running after {limit:?}: {}",
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
-        child.wait_with_output().unwrap()
     }
 
     /// Runs to completion; the exit status and everything printed.
