@@ -203,6 +203,17 @@ impl SqliteOutbox {
     }
 }
 
+/// The webhook with this id, read within `tx`.
+fn webhook_by_id(tx: &rusqlite::Transaction<'_>, id: &str) -> StoreResult<Option<Webhook>> {
+    tx.query_row(
+        &format!("SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?1"),
+        [id],
+        webhook_from_row,
+    )
+    .optional()
+    .map_err(db)
+}
+
 fn webhook_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Webhook> {
     let events: String = r.get(2)?;
     Ok(Webhook {
@@ -568,14 +579,7 @@ impl Outbox for SqliteOutbox {
                     params![id, url, events],
                 )
                 .map_err(db)?;
-                let w = tx
-                    .query_row(
-                        &format!("SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?1"),
-                        [&id],
-                        webhook_from_row,
-                    )
-                    .optional()
-                    .map_err(db)?;
+                let w = webhook_by_id(&tx, &id)?;
                 tx.commit().map_err(db)?;
                 Ok(w)
             })
@@ -599,14 +603,7 @@ impl Outbox for SqliteOutbox {
                     params![id, secret, previous_until],
                 )
                 .map_err(db)?;
-                let w = tx
-                    .query_row(
-                        &format!("SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?1"),
-                        [&id],
-                        webhook_from_row,
-                    )
-                    .optional()
-                    .map_err(db)?;
+                let w = webhook_by_id(&tx, &id)?;
                 tx.commit().map_err(db)?;
                 Ok(w)
             })
@@ -618,14 +615,7 @@ impl Outbox for SqliteOutbox {
         self.store
             .run(move |c| {
                 let tx = c.transaction().map_err(db)?;
-                let w = tx
-                    .query_row(
-                        &format!("SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?1"),
-                        [&id],
-                        webhook_from_row,
-                    )
-                    .optional()
-                    .map_err(db)?;
+                let w = webhook_by_id(&tx, &id)?;
                 if w.is_some() {
                     tx.execute("DELETE FROM webhooks WHERE id = ?1", [&id])
                         .map_err(db)?;
