@@ -164,6 +164,7 @@ impl App {
         if config.admin.key_hashes.is_empty() {
             return Err(StartError::NoAdminKey);
         }
+        catch_hangup();
         let store = open_store(&config).await?;
         Self::bind_with_store(config, store).await
     }
@@ -563,15 +564,24 @@ fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListen
     socket.listen(backlog)
 }
 
+/// Takes SIGHUP from its default action (ending the process at once: no drain, no usage
+/// flush) for the rest of the process, from before the store opens (which may wait for another
+/// process): once a handler is installed it stays, and a SIGHUP nobody waits for is dropped.
+/// [`spawn_cert_reloader`] then answers it.
+fn catch_hangup() {
+    #[cfg(unix)]
+    if let Err(e) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tracing::warn!(error = %e, "cannot catch SIGHUP; it would end the process");
+    }
+}
+
 /// Reloads the listeners' certificates on SIGHUP (open connections keep theirs; new handshakes
-/// get the new one; a file that fails to load leaves the current certificate in place).
+/// get the new one; a file that fails to load leaves the current certificate in place). Nothing
+/// else is reloaded: each SIGHUP logs that other settings take a restart.
 fn spawn_cert_reloader(
     certs: Vec<(&'static str, Arc<tls::ReloadableCert>)>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        if certs.is_empty() {
-            return;
-        }
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
@@ -580,6 +590,10 @@ fn spawn_cert_reloader(
                 return;
             };
             while hup.recv().await.is_some() {
+                tracing::info!(
+                    certificates = certs.len(),
+                    "SIGHUP: reloading TLS certificates, the one thing reloaded (other settings take a restart)"
+                );
                 for (name, cert) in &certs {
                     match cert.reload() {
                         Ok(()) => tracing::info!(listener = name, "certificate reloaded"),

@@ -80,6 +80,22 @@ fn serve_exits_zero_on_sigterm() {
     assert!(status.success(), "exit status {status}");
 }
 
+/// SIGHUP, a habit for "reload", neither ends a keygate without TLS (its default action would:
+/// no drain, no usage flush) nor disturbs it: logged as reloading the certificates only; a
+/// SIGTERM afterwards still drains and flushes.
+#[test]
+fn sighup_without_tls_is_logged_and_serving_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::support::config_text("http://127.0.0.1:9", &dir.path().join("k.db"), "");
+    let mut gw = Binary::serve(&config, dir.path()).spawn();
+    gw.signal("HUP");
+    gw.wait_for_line("other settings take a restart", Duration::from_secs(10));
+    assert!(gw.alive());
+    assert!(health(gw.proxy).contains(" 200 "));
+    assert!(gw.terminate().success());
+    assert!(gw.log_contains("usage flushed"));
+}
+
 /// One process per SQLite file: a second `keygate serve` on the file of a running one says it
 /// waits, waits as long as a shutdown may take and 5 s more (`shutdown_grace_secs = 1` here),
 /// then exits non-zero naming the file; the first serves on, and once it has stopped the file
