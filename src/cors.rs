@@ -116,6 +116,9 @@ impl OriginPattern {
             return Err("an origin has no user information");
         }
         let (host, port) = split_port(rest).ok_or("the port must be a number from 1 to 65535")?;
+        // A browser leaves its scheme's default port out of `Origin` (RFC 6454 §6.2): kept, it
+        // would never match.
+        let port = port.filter(|p| !matches!((scheme, *p), ("http", "80") | ("https", "443")));
         if let Some(suffix) = host.strip_prefix("*.") {
             if !hostname(suffix) || !suffix.contains('.') {
                 return Err(
@@ -138,7 +141,8 @@ impl OriginPattern {
                 "the host must be a host name, an IPv4 address or a bracketed IPv6 address",
             );
         }
-        Ok(OriginPattern::Exact(lower))
+        let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+        Ok(OriginPattern::Exact(format!("{scheme}://{host}{port}")))
     }
 }
 
@@ -504,6 +508,23 @@ mod tests {
                 suffix: ".example.com".into(),
                 port: String::new(),
             })
+        );
+        // The scheme's default port is what a browser leaves out.
+        assert_eq!(
+            OriginPattern::parse("https://app.example.com:443"),
+            Ok(OriginPattern::Exact("https://app.example.com".into()))
+        );
+        assert_eq!(
+            OriginPattern::parse("http://app.example.com:80"),
+            Ok(OriginPattern::Exact("http://app.example.com".into()))
+        );
+        assert_eq!(
+            OriginPattern::parse("http://app.example.com:443"),
+            Ok(OriginPattern::Exact("http://app.example.com:443".into()))
+        );
+        assert_eq!(
+            OriginPattern::parse("https://*.example.com:443"),
+            OriginPattern::parse("https://*.example.com")
         );
         assert!(OriginPattern::parse("http://[::1]:3000").is_ok());
         assert!(OriginPattern::parse("http://127.0.0.1:3000").is_ok());
