@@ -32,6 +32,9 @@ RUN apt-get update \
  && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin keygate
 COPY --from=build /src/target/release/keygate /usr/local/bin/keygate
 COPY config/docker.toml /etc/keygate/docker.toml
+# A directory keygate may write, for a SQLite store instead of Redis (the file and its `.lock`
+# beside it): KEYGATE_STORE=sqlite:///data/keygate.db with a volume mounted at /data.
+RUN mkdir /data && chown keygate:keygate /data
 USER keygate:keygate
 # 8080: proxy (data plane); 8081: admin API (publish it on loopback only).
 EXPOSE 8080 8081

@@ -122,6 +122,28 @@ fn compose_publishes_the_admin_port_on_loopback_only_and_its_config_checks_out()
     let c = compose();
     let keygate = &c["services"]["keygate"];
 
+    // Docker waits for keygate's drain (30 s unless config/docker.toml says otherwise) and its
+    // usage flush before it kills it.
+    let grace = keygate["stop_grace_period"].as_str().unwrap_or("10s");
+    let secs: u64 = grace
+        .strip_suffix('s')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("stop_grace_period {grace:?}: whole seconds"));
+    let configured = std::fs::read_to_string("config/docker.toml")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("shutdown_grace_secs = ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(30);
+    assert!(
+        secs > configured,
+        "stop_grace_period {grace} against {configured} s"
+    );
+
     // The config file compose mounts exists and is the one the command names.
     let volumes = strings(&keygate["volumes"]);
     let (host_path, container_path) = volumes
@@ -236,6 +258,11 @@ fn dockerfile_builds_in_stages_and_runs_unprivileged() {
     assert!(
         !user.starts_with("root") && !user.starts_with('0'),
         "{user}"
+    );
+    // A directory the unprivileged user may write, for a SQLite store and its lock file.
+    assert!(
+        d.contains("RUN mkdir /data && chown keygate:keygate /data"),
+        "no writable /data"
     );
     // Every file it copies from the repository exists.
     for line in d
