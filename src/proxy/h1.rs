@@ -345,7 +345,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             buf: msg,
             fields: &self.fields,
         };
-        let route = match gw.route(&view)? {
+        let route = match gw.route(&view, outcome)? {
             Routed::Health => return Err(Stop::Answer(policy::health())),
             // Hyper reads the body; the core answers.
             Routed::Login | Routed::SecretScanning => return Err(Stop::Handover),

@@ -123,7 +123,7 @@ impl Gateway {
         conn: &ConnInfo,
         outcome: &mut Outcome<'g>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let route = match self.route(parts)? {
+        let route = match self.route(parts, outcome)? {
             Routed::Health => {
                 let mut res = policy::health();
                 self.cors_own(None, parts, &mut res);

@@ -345,7 +345,11 @@ pub struct Admitted<'g> {
 impl Gateway {
     /// The first steps of every request: the health check, the login path, the verify path,
     /// then [`Gateway::route_table`].
-    pub fn route<'g>(&'g self, req: &impl RequestView) -> Result<Routed<'g>, ProxyError> {
+    pub fn route<'g>(
+        &'g self,
+        req: &impl RequestView,
+        outcome: &mut Outcome<'g>,
+    ) -> Result<Routed<'g>, ProxyError> {
         upper_method(req.method())?;
         let path = req.path();
         if path == HEALTH_PATH {
@@ -376,7 +380,7 @@ impl Gateway {
         if let Some((route, answer)) = self.preflight(req) {
             return Ok(Routed::Preflight(route, answer));
         }
-        self.table(req).map(Routed::Route)
+        self.table(req, outcome).map(Routed::Route)
     }
 
     /// The CORS rules of an answer on `route` (`None`: no route was found): the route's own,
@@ -429,17 +433,28 @@ impl Gateway {
     /// The method check, the path checks (400), the route (404) and its methods (405): what
     /// the original request of a verify request goes through, as a proxied request does in
     /// [`Gateway::route`].
-    pub fn route_table<'g>(&'g self, req: &impl RequestView) -> Result<&'g Route, ProxyError> {
+    pub fn route_table<'g>(
+        &'g self,
+        req: &impl RequestView,
+        outcome: &mut Outcome<'g>,
+    ) -> Result<&'g Route, ProxyError> {
         upper_method(req.method())?;
-        self.table(req)
+        self.table(req, outcome)
     }
 
-    fn table<'g>(&'g self, req: &impl RequestView) -> Result<&'g Route, ProxyError> {
+    /// The route of `req`, or the refusal; a 405 names its route in `outcome` (its answer
+    /// carries that route's CORS fields, not the default's).
+    fn table<'g>(
+        &'g self,
+        req: &impl RequestView,
+        outcome: &mut Outcome<'g>,
+    ) -> Result<&'g Route, ProxyError> {
         let method = req.method();
         let path = req.path();
         paths::check_path(path, self.policy.non_ascii_paths).map_err(ProxyError::BadRequest)?;
         let route = self.routes.find(path).ok_or(ProxyError::RouteNotFound)?;
         if !route.allows(method) {
+            outcome.route = Some(route);
             let allow = route.allow.clone().unwrap_or(HeaderValue::from_static(""));
             return Err(ProxyError::MethodNotAllowed(allow));
         }

@@ -196,7 +196,7 @@ impl Gateway {
                 outcome.route = Some(route);
                 return answer.map(Decided::Preflight);
             }
-            let route = self.route_table(&original)?;
+            let route = self.route_table(&original, outcome)?;
             outcome.route = Some(route);
             self.admit(route, &original, conn, outcome)
                 .await

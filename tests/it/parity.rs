@@ -1584,6 +1584,15 @@ async fn cors_answers_are_identical() {
                     401,
                     Some(APP),
                 ),
+                // A method the route does not answer: 405 under the route's own rules.
+                (
+                    "method not allowed",
+                    "POST",
+                    "/cors",
+                    vec![("origin", APP), ("x-api-key", key)],
+                    405,
+                    Some(APP),
+                ),
                 (
                     "verify preflight",
                     "GET",
@@ -1606,6 +1615,14 @@ async fn cors_answers_are_identical() {
                     "/_keygate/verify",
                     verify("GET", APP),
                     401,
+                    Some(APP),
+                ),
+                (
+                    "verify of a method not allowed",
+                    "GET",
+                    "/_keygate/verify",
+                    verify("POST", APP),
+                    405,
                     Some(APP),
                 ),
             ];
