@@ -431,6 +431,12 @@ async fn require_caller(
         }
         other => other?,
     };
+    // The Kixote calls are the admin key's alone: a client principal is refused before its
+    // body is read (401 whatever it sent, never 400, 413 or 422).
+    let path = req.uri().path();
+    if path.starts_with("/auth/") && path != crate::proxy::LOGIN_PATH {
+        caller.admin_key_required()?;
+    }
     req.extensions_mut().insert(caller.clone());
     let mut res = next.run(req).await;
     // For the audit around this check.

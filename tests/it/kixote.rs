@@ -1,6 +1,9 @@
 //! Kixote-compatible client calls with exact bodies, login, tokens through the proxy, and
 //! self-service client principals.
 
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
 use serde_json::{Value, json};
 
 use crate::support::{ADMIN_KEY, Gateway};
@@ -482,6 +485,34 @@ async fn client_principals_manage_only_their_own_keys() {
     )
     .await;
     assert_eq!(r.status, 401);
+    // Whatever its body: wrong types, unknown licenses, malformed JSON, oversized.
+    for (what, body) in [
+        ("wrong types", json!({"client_id": 5, "license": ["pro"]})),
+        (
+            "unknown license",
+            json!({"client_id": "sneaky", "license": "gold"}),
+        ),
+        ("text", json!("not an object")),
+    ] {
+        let r = call("POST", "/auth/create_client".into(), Some(body), &self_key).await;
+        assert_eq!(
+            r.status,
+            401,
+            "{what}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    for (what, body) in [
+        ("malformed JSON", b"{\"client_id\":".to_vec()),
+        ("oversized", vec![b' '; 2 * 1024 * 1024]),
+    ] {
+        let req = Request::post(format!("http://{}/auth/create_client", gw.admin))
+            .header("x-api-key", &self_key)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        assert_eq!(gw.send(req).await.status, 401, "{what}");
+    }
     assert_eq!(gw.get_with_key("/x", &self_key).await.status, 200);
     assert_eq!(
         gw.admin("GET", "/v1/clients/sneaky", None).await.status,
