@@ -1191,6 +1191,56 @@ mod tests {
         }
     }
 
+    /// Values that would overflow a time, panic a semaphore or make every request allocate a
+    /// table of fields are refused, each naming its bound; the bounds themselves pass.
+    #[test]
+    fn oversized_limits_and_times_are_refused() {
+        let key = [("KEYGATE_ADMIN_KEY", "0123456789abcdef0123")];
+        for (text, expected) in [
+            (
+                "[limits]\nmax_header_bytes = 1048577\n",
+                "limits.max_header_bytes: must be from 8192 to 1048576",
+            ),
+            (
+                "[limits]\nmax_headers = 1001\n",
+                "limits.max_headers: must be from 1 to 1000",
+            ),
+            (
+                "[limits]\nmax_connections = 1000001\n",
+                "limits.max_connections: must be from 1 to 1000000",
+            ),
+            (
+                "[store]\ncache_ttl_secs = 86401\n",
+                "store.cache_ttl_secs: must be at most 86400",
+            ),
+            (
+                "[store]\nnegative_ttl_secs = 86401\n",
+                "store.negative_ttl_secs: must be at most 86400",
+            ),
+            (
+                "[store]\nstale_if_error_secs = 604801\n",
+                "store.stale_if_error_secs: must be at most 604800",
+            ),
+            (
+                "[events]\ngive_up_after_secs = 9223372036854775\n",
+                "events.give_up_after_secs must be at most 2592000",
+            ),
+            (
+                "[events]\nretry_max_ms = 86400001\n",
+                "events.retry_max_ms must be at most 86400000",
+            ),
+        ] {
+            let e = load(text, &key, CliOverrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(expected), "{text}: {e}");
+        }
+        let most = "[limits]\nmax_header_bytes = 1048576\nmax_headers = 1000\nmax_connections = 1000000\n\
+            [store]\ncache_ttl_secs = 86400\nnegative_ttl_secs = 86400\nstale_if_error_secs = 604800\n\
+            [events]\ngive_up_after_secs = 2592000\nretry_max_ms = 86400000\n";
+        load(most, &key, CliOverrides::default()).unwrap();
+    }
+
     #[test]
     fn an_api_key_header_that_is_refused_inbound_is_an_error() {
         for name in ["x_api_key", "X-Keygate-Key", "authorization", "bad header"] {

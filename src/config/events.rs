@@ -318,6 +318,15 @@ pub(super) fn events(raw: &RawEvents, errors: &mut Vec<String>) -> EventsConfig 
             errors.push(format!("events.{name} must be greater than 0"));
         }
     }
+    // Upper bounds where a larger value would overflow a time in milliseconds.
+    for (name, v, most) in [
+        ("retry_max_ms", raw.retry_max_ms, 86_400_000),
+        ("give_up_after_secs", raw.give_up_after_secs, 30 * 86_400),
+    ] {
+        if v > most {
+            errors.push(format!("events.{name} must be at most {most}"));
+        }
+    }
     if raw.retry_max_ms < raw.retry_base_ms {
         errors.push("events.retry_max_ms must not be below events.retry_base_ms".into());
     }

@@ -305,6 +305,16 @@ fn store(raw: RawStore, p: &mut Problems) -> Option<StoreConfig> {
     if raw.cache_ttl_secs == 0 {
         p.error("store.cache_ttl_secs: must be at least 1");
     }
+    // Upper bounds where a larger value would overflow a time or hold keys for ever.
+    for (name, v, most) in [
+        ("cache_ttl_secs", raw.cache_ttl_secs, DAY_SECS),
+        ("negative_ttl_secs", raw.negative_ttl_secs, DAY_SECS),
+        ("stale_if_error_secs", raw.stale_if_error_secs, 7 * DAY_SECS),
+    ] {
+        if v > most {
+            p.error(format!("store.{name}: must be at most {most}"));
+        }
+    }
     if raw.cache_capacity == 0 {
         p.error("store.cache_capacity: must be at least 1");
     }
@@ -528,16 +538,29 @@ fn route_cors(
     routes
 }
 
+/// A day in seconds: the most a key may stay cached.
+const DAY_SECS: u64 = 86_400;
+/// The most `[limits] max_header_bytes` may be (1 MiB; HTTP/2's header list size is 32 bits).
+const MAX_HEADER_BYTES: usize = 1 << 20;
+/// The most `[limits] max_headers` may be: every request parsed gets that many slots.
+const MAX_HEADERS: usize = 1000;
+/// The most `[limits] max_connections` may be (per listener; far beyond any file limit).
+const MAX_CONNECTIONS: usize = 1_000_000;
+
 /// `[limits]`: request-head limits, timeouts on slow clients, the connection caps. The cap per
 /// client address defaults to half of `max_connections`, so that one address can never take
 /// every slot of a listener while a load balancer (whose address every connection it forwards
 /// shares) still gets half of them.
 fn limits(raw: &RawLimits, p: &mut Problems) -> Limits {
-    if raw.max_header_bytes < 8192 {
-        p.error("limits.max_header_bytes: must be at least 8192");
+    if !(8192..=MAX_HEADER_BYTES).contains(&raw.max_header_bytes) {
+        p.error(format!(
+            "limits.max_header_bytes: must be from 8192 to {MAX_HEADER_BYTES}"
+        ));
     }
-    if raw.max_headers == 0 {
-        p.error("limits.max_headers: must be at least 1");
+    if !(1..=MAX_HEADERS).contains(&raw.max_headers) {
+        p.error(format!(
+            "limits.max_headers: must be from 1 to {MAX_HEADERS}"
+        ));
     }
     if raw.header_read_timeout_secs == 0 {
         p.error("limits.header_read_timeout_secs: must be at least 1");
@@ -545,8 +568,10 @@ fn limits(raw: &RawLimits, p: &mut Problems) -> Limits {
     if raw.body_timeout_secs == 0 {
         p.error("limits.body_timeout_secs: must be at least 1");
     }
-    if raw.max_connections == 0 {
-        p.error("limits.max_connections: must be at least 1");
+    if !(1..=MAX_CONNECTIONS).contains(&raw.max_connections) {
+        p.error(format!(
+            "limits.max_connections: must be from 1 to {MAX_CONNECTIONS}"
+        ));
     }
     Limits {
         max_header_bytes: raw.max_header_bytes,
