@@ -518,6 +518,10 @@ pub struct RawLog {
     pub level: String,
     #[serde(default = "d_true")]
     pub access_log: bool,
+    /// A `KEYGATE_LOG_FORMAT` that is neither `json` nor `human` (any case), for validation
+    /// to refuse: never read from the file.
+    #[serde(skip)]
+    pub env_format_refused: Option<String>,
 }
 
 macro_rules! default_from_serde {
@@ -971,9 +975,10 @@ impl RawConfig {
             self.log.level = v;
         }
         if let Some(v) = get("KEYGATE_LOG_FORMAT") {
-            match v.as_str() {
+            match v.to_ascii_lowercase().as_str() {
                 "json" => self.log.format = Some(LogFormat::Json),
-                _ => self.log.format = Some(LogFormat::Human),
+                "human" => self.log.format = Some(LogFormat::Human),
+                _ => self.log.env_format_refused = Some(v),
             }
         }
     }
@@ -1189,6 +1194,31 @@ mod tests {
             let e = tickets(&text).unwrap_err().to_string();
             assert!(e.contains("tls_session_tickets"), "{bad}: {e}");
         }
+    }
+
+    /// `KEYGATE_LOG_FORMAT` in any case; another word is an error, not human logs.
+    #[test]
+    fn the_log_format_variable_is_read_in_any_case_and_a_typo_refused() {
+        let file = "[log]\nformat = \"json\"\n";
+        let load_with = |v: &str| {
+            let env = [
+                ("KEYGATE_ADMIN_KEY", "0123456789abcdef0123"),
+                ("KEYGATE_LOG_FORMAT", v),
+            ];
+            load(file, &env, CliOverrides::default())
+        };
+        for (v, format) in [
+            ("JSON", LogFormat::Json),
+            ("json", LogFormat::Json),
+            ("Human", LogFormat::Human),
+        ] {
+            assert_eq!(load_with(v).unwrap().log.format, format, "{v}");
+        }
+        let e = load_with("jsn").unwrap_err().to_string();
+        assert!(
+            e.contains("KEYGATE_LOG_FORMAT: \"jsn\" is neither \"json\" nor \"human\""),
+            "{e}"
+        );
     }
 
     /// Values that would overflow a time, panic a semaphore or make every request allocate a

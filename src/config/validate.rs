@@ -638,6 +638,11 @@ fn log(raw: RawLog, p: &mut Problems) -> LogConfig {
             raw.level
         ));
     }
+    if let Some(v) = &raw.env_format_refused {
+        p.error(format!(
+            "KEYGATE_LOG_FORMAT: {v:?} is neither \"json\" nor \"human\""
+        ));
+    }
     LogConfig {
         format: raw.format.unwrap_or(LogFormat::Human),
         level: raw.level,
