@@ -330,10 +330,12 @@ pub(super) fn events(raw: &RawEvents, errors: &mut Vec<String>) -> EventsConfig 
     if raw.retry_max_ms < raw.retry_base_ms {
         errors.push("events.retry_max_ms must not be below events.retry_base_ms".into());
     }
-    if let Some(path) = &raw.ca_file
-        && let Err(e) = std::fs::metadata(path)
-    {
-        errors.push(format!("events.ca_file {}: {e}", path.display()));
+    if let Some(path) = &raw.ca_file {
+        if let Err(e) = std::fs::metadata(path) {
+            errors.push(format!("events.ca_file {}: {e}", path.display()));
+        } else if let Err(e) = crate::tls::client_config(Some(path)) {
+            errors.push(format!("events.ca_file: {e}"));
+        }
     }
     EventsConfig {
         ca_file: raw.ca_file.clone(),

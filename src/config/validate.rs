@@ -173,13 +173,15 @@ fn proxy(raw: RawProxy, p: &mut Problems) -> Option<ProxyConfig> {
         .as_deref()
         .filter(|s| !s.is_empty())
         .map(PathBuf::from);
-    if let Some(ca) = &upstream_ca
-        && !ca.is_file()
-    {
-        p.error(format!(
-            "proxy.upstream_ca: {} is not a readable file",
-            ca.display()
-        ));
+    if let Some(ca) = &upstream_ca {
+        if !ca.is_file() {
+            p.error(format!(
+                "proxy.upstream_ca: {} is not a readable file",
+                ca.display()
+            ));
+        } else if let Err(e) = crate::tls::client_config(Some(ca)) {
+            p.error(format!("proxy.upstream_ca: {e}"));
+        }
     }
 
     let trusted_proxies = raw
@@ -758,10 +760,18 @@ fn tls_files(
     match (cert, key) {
         (None, None) => None,
         (Some(cert), Some(key)) => {
+            let mut found = true;
             for (field, path) in [("tls_cert", cert), ("tls_key", key)] {
                 if !Path::new(path).is_file() {
                     p.error(format!("{section}.{field}: {path} is not a readable file"));
+                    found = false;
                 }
+            }
+            // Read as `serve` reads them: a file that is there but that it would refuse (bad
+            // PEM, no certificate, a key of another certificate) is refused here too.
+            if found && let Err(e) = crate::tls::load_certified_key(Path::new(cert), Path::new(key))
+            {
+                p.error(format!("{section}: {e}"));
             }
             Some(TlsFiles {
                 cert: cert.into(),

@@ -47,6 +47,72 @@ pub(crate) fn pki(dir: &Path, name: &str) -> Pki {
     }
 }
 
+/// `check-config` reads the listeners' certificates and keys and the CA bundles as `serve`
+/// does: a file that is there but not PEM, a key of another certificate or a bundle without a
+/// certificate is refused naming the field, where it passed before (and `serve` then failed).
+#[test]
+fn check_config_refuses_tls_files_serve_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (pki(dir.path(), "a"), pki(dir.path(), "b"));
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "not a PEM file\n").unwrap();
+    let path = dir.path().join("keygate.toml");
+    // `proxy` lines go into the test configuration's `[proxy]` table.
+    let check =
+        |proxy: String| {
+            // Anything from a table header on goes at the end.
+            let (proxy, extra) = match proxy.find('[') {
+                Some(i) => (proxy[..i].to_owned(), proxy[i..].to_owned()),
+                None => (proxy, String::new()),
+            };
+            let text = config_text("http://127.0.0.1:9", &dir.path().join("k.db"), &extra)
+                .replacen("[proxy]\n", &format!("[proxy]\n{proxy}"), 1);
+            std::fs::write(&path, text).unwrap();
+            let out = crate::support::binary::Binary::command(["check-config", "--config"])
+                .arg(&path)
+                .output();
+            let text = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(!text.contains("PRIVATE KEY"), "a key shown: {text}");
+            (out.status.success(), text)
+        };
+    let listener = |cert: &Path, key: &Path| {
+        format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        )
+    };
+    for fields in [String::new(), listener(&a.cert, &a.key)] {
+        let (ok, text) = check(fields);
+        assert!(ok, "{text}");
+    }
+    for (what, fields, field) in [
+        (
+            "a key of another certificate",
+            listener(&a.cert, &b.key),
+            "proxy:",
+        ),
+        (
+            "a certificate that is not PEM",
+            listener(&not_pem, &a.key),
+            "proxy:",
+        ),
+        (
+            "a CA bundle that is not PEM",
+            format!("upstream_ca = \"{}\"\n", not_pem.display()),
+            "proxy.upstream_ca:",
+        ),
+        (
+            "a webhook CA bundle without a certificate",
+            format!("[events]\nca_file = \"{}\"\n", a.key.display()),
+            "events.ca_file:",
+        ),
+    ] {
+        let (ok, text) = check(fields);
+        assert!(!ok && text.contains(field), "{what}: {text}");
+    }
+}
+
 fn client_tls(ca_der: &[u8]) -> rustls::ClientConfig {
     client_tls_versions(ca_der, rustls::DEFAULT_VERSIONS)
 }
