@@ -1196,6 +1196,18 @@ mod tests {
         }
     }
 
+    /// A refused upstream URL is named without its query (a token there is a credential).
+    #[test]
+    fn a_refused_upstream_is_named_without_its_query() {
+        let key = [("KEYGATE_ADMIN_KEY", "0123456789abcdef0123")];
+        let text = "[proxy]\nupstream = \"http://api.internal/v1?token=upstream-credential\"\n";
+        let e = load(text, &key, CliOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"http://api.internal/v1?…\" must be"), "{e}");
+        assert!(!e.contains("upstream-credential"), "{e}");
+    }
+
     /// `KEYGATE_LOG_FORMAT` in any case; another word is an error, not human logs.
     #[test]
     fn the_log_format_variable_is_read_in_any_case_and_a_typo_refused() {

@@ -810,8 +810,13 @@ fn parse_upstream(field: &str, v: &str, p: &mut Problems) -> Option<Uri> {
             Some(u)
         }
         _ => {
+            // Not its query: a token there is a credential (`?token=…`).
+            let shown = match v.split_once('?') {
+                Some((before, _)) => format!("{before}?…"),
+                None => v.to_owned(),
+            };
             p.error(format!(
-                "{field}: {v:?} must be an http:// or https:// URL with a host and no path, e.g. \"http://127.0.0.1:9000\""
+                "{field}: {shown:?} must be an http:// or https:// URL with a host and no path or query, e.g. \"http://127.0.0.1:9000\""
             ));
             None
         }
