@@ -353,7 +353,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Client<'_, I> {
             Routed::Verify => None,
             // Answered by the core; nothing is forwarded.
             Routed::Preflight(route, answer) => {
-                outcome.route = Some(route);
+                outcome.route = route;
                 return Err(Stop::Answer(answer.unwrap_or_else(|e| e.response())));
             }
             Routed::Jwks => return Err(Stop::Answer(gw.jwks())),

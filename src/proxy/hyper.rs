@@ -143,9 +143,9 @@ impl Gateway {
             }
             // Answered by the core; nothing is forwarded.
             Routed::Preflight(route, answer) => {
-                outcome.route = Some(route);
+                outcome.route = route;
                 let mut res = answer?;
-                self.cors_own(Some(route), parts, &mut res);
+                self.cors_own(route, parts, &mut res);
                 return Ok(own(res));
             }
             Routed::Jwks => return Ok(own(self.jwks())),

@@ -283,6 +283,10 @@ impl FieldRules {
     }
 }
 
+/// A preflight's route (`None`: the login path, under the default rules) and the core's
+/// answer to it.
+pub type Preflighted<'g> = (Option<&'g Route>, Result<Response<Bytes>, ProxyError>);
+
 /// What a request is, before any credential is looked at.
 pub enum Routed<'g> {
     /// `GET /_keygate/health`: answered by the gateway, no key needed.
@@ -291,9 +295,10 @@ pub enum Routed<'g> {
     Login,
     /// The forward-auth verify path (or below it): the engine calls [`Gateway::verify`].
     Verify,
-    /// A CORS preflight on a route with CORS: the core's answer (204, or 403), to send as it
-    /// is, through [`Gateway::cors_own`] like every answer of the gateway's own.
-    Preflight(&'g Route, Result<Response<Bytes>, ProxyError>),
+    /// A CORS preflight on a route with CORS (`None`: the login path, under the default
+    /// rules): the core's answer (204, or 403), to send as it is, through
+    /// [`Gateway::cors_own`] like every answer of the gateway's own.
+    Preflight(Option<&'g Route>, Result<Response<Bytes>, ProxyError>),
     /// `GET /.well-known/jwks.json` while signed identity is on: the engine answers
     /// [`Gateway::jwks`].
     Jwks,
@@ -393,21 +398,24 @@ impl Gateway {
     }
 
     /// A CORS preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) on a
-    /// route with CORS: the route and the answer. Before the route's method rules: a route
+    /// route with CORS (or on the login path, under the default rules): the route and the
+    /// answer. Before the route's method rules: a route
     /// that does not answer `OPTIONS` still has its preflights answered. A preflight on a route
     /// without CORS is an ordinary request.
-    pub fn preflight<'g>(
-        &'g self,
-        req: &impl RequestView,
-    ) -> Option<(&'g Route, Result<Response<Bytes>, ProxyError>)> {
+    pub fn preflight<'g>(&'g self, req: &impl RequestView) -> Option<Preflighted<'g>> {
         if *req.method() != Method::OPTIONS {
             return None;
         }
         let method = req.field("access-control-request-method")?;
         let origin = req.field("origin")?;
         paths::check_path(req.path(), self.policy.non_ascii_paths).ok()?;
-        let route = self.routes.find(req.path())?;
-        let cors = self.cors(Some(route))?;
+        // The login call answers under the default rules (no route is its): its preflight too,
+        // or a page could never send it JSON.
+        let route = match req.path() {
+            LOGIN_PATH => None,
+            path => Some(self.routes.find(path)?),
+        };
+        let cors = self.cors(route)?;
         let answer = cors
             .preflight(origin, method, req.field("access-control-request-headers"))
             .map_err(ProxyError::CorsRefused);

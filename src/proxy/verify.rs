@@ -193,7 +193,7 @@ impl Gateway {
             let original = Original::read(req, fa.path.as_deref().unwrap_or_default())?;
             // A preflight of the original request is answered as the proxy answers it.
             if let Some((route, answer)) = self.preflight(&original) {
-                outcome.route = Some(route);
+                outcome.route = route;
                 return answer.map(Decided::Preflight);
             }
             let route = self.route_table(&original, outcome)?;

@@ -414,6 +414,46 @@ async fn preflights_are_answered_by_keygate_without_a_key_and_never_forwarded() 
     assert_eq!(s.up.count(), 0);
 }
 
+/// A page logs in across origins: the login call's preflight is answered under the same
+/// (default) rules as its answer; an origin they do not allow is refused both.
+#[tokio::test]
+async fn the_login_call_is_preflighted_under_the_rules_of_its_answer() {
+    let s = setup().await;
+    let p = s.gw.proxy;
+    let pre = |origin: &'static str| {
+        vec![
+            ("origin", origin),
+            ("access-control-request-method", "POST"),
+            ("access-control-request-headers", "content-type"),
+        ]
+    };
+    let a = raw(p, "OPTIONS", "/auth/login", &pre(APP)).await;
+    assert_eq!(a.status, 204, "{}", a.head);
+    assert_eq!(all(&a, "access-control-allow-origin"), [APP], "{}", a.head);
+    let a = raw(p, "OPTIONS", "/auth/login", &pre(EVIL)).await;
+    assert_eq!(a.status, 403, "{}", a.head);
+    refused(&a);
+    let body = format!("{{\"api_key\":\"{}\"}}", s.key);
+    let mut c = Raw::connect(p).await;
+    c.send(
+        format!(
+            "POST /auth/login HTTP/1.1\r\nHost: localhost\r\nOrigin: {APP}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    let a = c.read("POST").await;
+    assert_eq!(a.status, 200, "{}", a.head);
+    granted(&a, APP);
+    assert_eq!(
+        s.up.count(),
+        0,
+        "a login or its preflight reached the upstream"
+    );
+}
+
 #[tokio::test]
 async fn keygate_own_refusals_carry_the_cors_fields() {
     let s = setup().await;
