@@ -431,10 +431,10 @@ async fn require_caller(
         }
         other => other?,
     };
-    // The Kixote calls are the admin key's alone: a client principal is refused before its
-    // body is read (401 whatever it sent, never 400, 413 or 422).
-    let path = req.uri().path();
-    if path.starts_with("/auth/") && path != crate::proxy::LOGIN_PATH {
+    // The Kixote calls (every protected `/auth/` path; the login is an open route) are the
+    // admin key's alone: a client principal is refused before its body is read (401 whatever
+    // it sent, never 400, 413 or 422).
+    if req.uri().path().starts_with("/auth/") {
         caller.admin_key_required()?;
     }
     req.extensions_mut().insert(caller.clone());
