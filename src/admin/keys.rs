@@ -241,6 +241,19 @@ pub struct RotateKey {
     pub grace_period_seconds: Option<u64>,
 }
 
+/// A rotation's `grace_period_seconds` (a key's or a webhook secret's): 0 when not given, at
+/// most [`MAX_GRACE_SECONDS`].
+pub fn grace_period(given: Option<u64>) -> Result<u64, AdminError> {
+    let grace = given.unwrap_or(0);
+    if grace > MAX_GRACE_SECONDS {
+        return Err(AdminError::Validation(vec![FieldError::new(
+            "grace_period_seconds",
+            format!("must be from 0 to {MAX_GRACE_SECONDS} (7 days)"),
+        )]));
+    }
+    Ok(grace)
+}
+
 pub fn check_name(name: &str, errs: &mut Vec<FieldError>) {
     if let Some(why) = crate::keys::name_problem(name) {
         errs.push(FieldError::new("name", why));
@@ -625,13 +638,7 @@ pub async fn rotate(
     JsonBody(body): JsonBody<RotateKey>,
 ) -> Result<Json<KeyView>, AdminError> {
     let now = now_millis();
-    let grace = body.grace_period_seconds.unwrap_or(0);
-    if grace > MAX_GRACE_SECONDS {
-        return Err(AdminError::Validation(vec![FieldError::new(
-            "grace_period_seconds",
-            format!("must be from 0 to {MAX_GRACE_SECONDS} (7 days)"),
-        )]));
-    }
+    let grace = grace_period(body.grace_period_seconds)?;
     let key = load(&state, &caller, &id).await?;
     // A client principal gets the new secret in the answer: only for a key whose permissions it
     // holds itself, as for a key it creates (a narrow key must not yield a wider one).

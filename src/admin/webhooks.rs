@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{AdminError, ErrorResponses, FieldError, JsonBody, Query};
-use super::keys::MAX_GRACE_SECONDS;
+use super::keys::grace_period;
 use super::{AdminState, Caller, rfc3339};
 use crate::config::events::{RawEventList, each_once, event_list, url_problem};
 use crate::events::Events;
@@ -477,13 +477,7 @@ pub async fn rotate(
 ) -> Result<Json<WebhookView>, AdminError> {
     caller.admin_only()?;
     let events = events_of(&state)?;
-    let grace = body.grace_period_seconds.unwrap_or(0);
-    if grace > MAX_GRACE_SECONDS {
-        return Err(AdminError::Validation(vec![FieldError::new(
-            "grace_period_seconds",
-            format!("must be from 0 to {MAX_GRACE_SECONDS} (7 days)"),
-        )]));
-    }
+    let grace = grace_period(body.grace_period_seconds)?;
     if events.configured().iter().any(|w| w.id == id) {
         return Err(AdminError::Conflict(
             "this webhook is defined in the configuration file; give it a new secret there (the old one as previous_secret)".into(),
