@@ -193,6 +193,19 @@ struct ApiDoc;
 
 /// Every admin route, with its OpenAPI operation.
 fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
+    // Calls a client principal never makes: refused 403 before their body is read (the
+    // handlers check again).
+    let admin_only = OpenApiRouter::new()
+        .routes(routes!(import::import))
+        .routes(routes!(gateway_config::show))
+        .routes(routes!(clients::create, clients::list))
+        .routes(routes!(clients::show, clients::update, clients::remove))
+        .routes(routes!(identity::rotate))
+        .routes(routes!(webhooks::create, webhooks::list))
+        .routes(routes!(webhooks::show, webhooks::update, webhooks::remove))
+        .routes(routes!(webhooks::deliveries))
+        .routes(routes!(webhooks::rotate))
+        .route_layer(middleware::from_fn(require_admin));
     let protected = OpenApiRouter::new()
         .routes(routes!(keys::create, keys::list))
         .routes(routes!(keys::show, keys::update, keys::remove))
@@ -200,20 +213,12 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(keys::usage))
         .routes(routes!(limits::change))
         .routes(routes!(limits::client_usage))
-        .routes(routes!(import::import))
-        .routes(routes!(gateway_config::show))
-        .routes(routes!(clients::create, clients::list))
-        .routes(routes!(clients::show, clients::update, clients::remove))
         .routes(routes!(kixote::create_client))
         .routes(routes!(kixote::list_clients))
         .routes(routes!(kixote::revoke_client_key))
         .routes(routes!(kixote::create_client_key))
         .routes(routes!(kixote::delete_client))
-        .routes(routes!(identity::rotate))
-        .routes(routes!(webhooks::create, webhooks::list))
-        .routes(routes!(webhooks::show, webhooks::update, webhooks::remove))
-        .routes(routes!(webhooks::deliveries))
-        .routes(routes!(webhooks::rotate))
+        .merge(admin_only)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_caller,
@@ -442,6 +447,15 @@ async fn require_caller(
     // For the audit around this check.
     res.extensions_mut().insert(caller);
     Ok(res)
+}
+
+/// The admin-only calls' check, inside [`require_caller`] (which names the caller).
+async fn require_admin(req: Request, next: Next) -> Result<Response, AdminError> {
+    match req.extensions().get::<Caller>() {
+        Some(caller) => caller.admin_only()?,
+        None => return Err(AdminError::Unauthorized),
+    }
+    Ok(next.run(req).await)
 }
 
 /// Admin mutations that fail are audited here, those refused for their credential (401, 403,

@@ -1042,6 +1042,27 @@ async fn the_webhook_api_refuses_hostile_input_and_shows_a_secret_once() {
         )
         .await;
     assert_eq!(r.status, 403);
+    // Whatever its body: the admin-only calls refuse a client principal before reading it.
+    for (path, body) in [
+        ("/v1/webhooks", json!({"url": 5, "events": "everything"})),
+        ("/v1/clients", json!({"client_id": ["x"]})),
+        ("/v1/api-keys/import", json!("not an import")),
+    ] {
+        let r = gw
+            .admin_as(
+                "POST",
+                path,
+                Some(body),
+                &[("authorization", &format!("Bearer {manager}"))],
+            )
+            .await;
+        assert_eq!(
+            r.status,
+            403,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
     let r = gw
         .admin_as(
             "GET",
