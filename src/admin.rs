@@ -206,6 +206,15 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(webhooks::deliveries))
         .routes(routes!(webhooks::rotate))
         .route_layer(middleware::from_fn(require_admin));
+    // The Kixote calls are the admin key's alone: a client principal is refused 401 (their
+    // contract) before its body is read.
+    let kixote_calls = OpenApiRouter::new()
+        .routes(routes!(kixote::create_client))
+        .routes(routes!(kixote::list_clients))
+        .routes(routes!(kixote::revoke_client_key))
+        .routes(routes!(kixote::create_client_key))
+        .routes(routes!(kixote::delete_client))
+        .route_layer(middleware::from_fn(require_admin_key));
     let protected = OpenApiRouter::new()
         .routes(routes!(keys::create, keys::list))
         .routes(routes!(keys::show, keys::update, keys::remove))
@@ -213,12 +222,8 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(keys::usage))
         .routes(routes!(limits::change))
         .routes(routes!(limits::client_usage))
-        .routes(routes!(kixote::create_client))
-        .routes(routes!(kixote::list_clients))
-        .routes(routes!(kixote::revoke_client_key))
-        .routes(routes!(kixote::create_client_key))
-        .routes(routes!(kixote::delete_client))
         .merge(admin_only)
+        .merge(kixote_calls)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_caller,
@@ -436,12 +441,6 @@ async fn require_caller(
         }
         other => other?,
     };
-    // The Kixote calls (every protected `/auth/` path; the login is an open route) are the
-    // admin key's alone: a client principal is refused before its body is read (401 whatever
-    // it sent, never 400, 413 or 422).
-    if req.uri().path().starts_with("/auth/") {
-        caller.admin_key_required()?;
-    }
     req.extensions_mut().insert(caller.clone());
     let mut res = next.run(req).await;
     // For the audit around this check.
@@ -449,13 +448,23 @@ async fn require_caller(
     Ok(res)
 }
 
-/// The admin-only calls' check, inside [`require_caller`] (which names the caller).
+/// The admin-only calls' check (403), inside [`require_caller`] (which names the caller).
 async fn require_admin(req: Request, next: Next) -> Result<Response, AdminError> {
-    match req.extensions().get::<Caller>() {
-        Some(caller) => caller.admin_only()?,
-        None => return Err(AdminError::Unauthorized),
-    }
+    caller_of(&req)?.admin_only()?;
     Ok(next.run(req).await)
+}
+
+/// The Kixote calls' check (401), inside [`require_caller`].
+async fn require_admin_key(req: Request, next: Next) -> Result<Response, AdminError> {
+    caller_of(&req)?.admin_key_required()?;
+    Ok(next.run(req).await)
+}
+
+/// The caller [`require_caller`] named.
+fn caller_of(req: &Request) -> Result<&Caller, AdminError> {
+    req.extensions()
+        .get::<Caller>()
+        .ok_or(AdminError::Unauthorized)
 }
 
 /// Admin mutations that fail are audited here, those refused for their credential (401, 403,

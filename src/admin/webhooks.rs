@@ -231,10 +231,10 @@ impl WebhookView {
             source: if configured { "config" } else { "api" }.into(),
             created_at: (!configured).then(|| rfc3339(w.created_at)),
             secret: None,
+            // A configured `previous_secret` has no end to show.
             previous_secret_valid_until: w
                 .previous_at(now_millis())
                 .and(w.previous_until)
-                .filter(|_| !configured)
                 .map(rfc3339),
         }
     }
