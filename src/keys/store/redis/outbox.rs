@@ -279,14 +279,8 @@ impl Outbox for RedisOutbox {
             .push(id)
             .push(url.unwrap_or(""))
             .push(events.map(|e| json!(e).to_string()).unwrap_or_default());
-        match self
-            .store
-            .write("update webhook", &scripts().update_webhook, a)
-            .await?
-        {
-            Value::Nil => Ok(None),
-            v => Ok(text(&v).and_then(|s| webhook_from(&s))),
-        }
+        self.webhook_written("update webhook", &scripts().update_webhook, a)
+            .await
     }
 
     async fn rotate_webhook_secret(
@@ -300,27 +294,15 @@ impl Outbox for RedisOutbox {
             .push(id)
             .push(secret)
             .push(previous_until.map(|t| t.to_string()).unwrap_or_default());
-        match self
-            .store
-            .write("rotate webhook secret", &scripts().rotate_webhook, a)
-            .await?
-        {
-            Value::Nil => Ok(None),
-            v => Ok(text(&v).and_then(|s| webhook_from(&s))),
-        }
+        self.webhook_written("rotate webhook secret", &scripts().rotate_webhook, a)
+            .await
     }
 
     async fn delete_webhook(&self, id: &str) -> StoreResult<Option<Webhook>> {
         let mut a = Args::default();
         a.push(crate::keys::now_millis()).push(id);
-        match self
-            .store
-            .write("delete webhook", &scripts().delete_webhook, a)
-            .await?
-        {
-            Value::Nil => Ok(None),
-            v => Ok(text(&v).and_then(|s| webhook_from(&s))),
-        }
+        self.webhook_written("delete webhook", &scripts().delete_webhook, a)
+            .await
     }
 
     async fn attempts(&self, webhook_id: &str, limit: u32) -> StoreResult<Vec<Attempt>> {
@@ -352,6 +334,22 @@ impl Outbox for RedisOutbox {
                 })
             })
             .collect())
+    }
+}
+
+impl RedisOutbox {
+    /// Runs a webhook write script that answers the webhook's JSON after the write, or nil
+    /// when there is no such webhook.
+    async fn webhook_written(
+        &self,
+        op: &'static str,
+        script: &Script,
+        args: Args,
+    ) -> StoreResult<Option<Webhook>> {
+        match self.store.write(op, script, args).await? {
+            Value::Nil => Ok(None),
+            v => Ok(text(&v).and_then(|s| webhook_from(&s))),
+        }
     }
 }
 
