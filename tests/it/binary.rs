@@ -96,6 +96,53 @@ fn sighup_without_tls_is_logged_and_serving_goes_on() {
     assert!(gw.log_contains("usage flushed"));
 }
 
+/// SIGHUP is caught from before the store opens: a keygate waiting for another process's
+/// SQLite file is not ended by one (its default action), and starts once the file is free.
+#[test]
+fn sighup_while_waiting_for_the_sqlite_file_does_not_end_keygate() {
+    let dir = tempfile::tempdir().unwrap();
+    let second_dir = tempfile::tempdir().unwrap();
+    let config = crate::support::config_text(
+        "http://127.0.0.1:9",
+        &dir.path().join("k.db"),
+        "[server]\nshutdown_grace_secs = 20\n",
+    );
+    let mut first = Binary::serve(&config, dir.path()).spawn();
+    let waiting = {
+        let (config, at) = (config.clone(), second_dir.path().to_owned());
+        std::thread::spawn(move || Binary::serve(&config, &at).spawn())
+    };
+    // The second's own config file names it among the processes.
+    let marker = second_dir.path().join("keygate.toml");
+    let pid = (0..500)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            let out = std::process::Command::new("pgrep")
+                .args(["-f", &marker.display().to_string()])
+                .output()
+                .ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .next()
+                .map(str::to_owned)
+        })
+        .expect("the second keygate runs");
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(first.terminate().success());
+    let mut second = waiting
+        .join()
+        .expect("the second started after the first let go");
+    assert!(second.log_contains("waiting for it to exit"));
+    assert!(health(second.proxy).contains(" 200 "));
+    assert!(second.terminate().success());
+}
+
 /// One process per SQLite file: a second `keygate serve` on the file of a running one says it
 /// waits, waits as long as a shutdown may take and 5 s more (`shutdown_grace_secs = 1` here),
 /// then exits non-zero naming the file; the first serves on, and once it has stopped the file
