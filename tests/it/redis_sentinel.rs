@@ -476,6 +476,55 @@ async fn with_redis_wait_replicas_webhook_writes_wait_for_a_replica_too() {
     assert_eq!(ids, ["wh_paused"], "each write was made on the primary");
 }
 
+/// A signing key rotation is an admin write too: with `redis_wait_replicas` and a replica
+/// that does not answer, it is made and answered as not confirmed (it went out without
+/// `WAIT`: a rotation acknowledged just before a failover could be lost, and the instance that
+/// made it drop its new key at the next read of the set).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_wait_replicas_a_signing_key_rotation_waits_for_a_replica_too() {
+    use keygate::keys::now_millis;
+    use keygate::keys::store::redis::{RedisStore, RedisTls};
+    use keygate::keys::store::signing::{AddKey, SigningKeyRecord};
+    use keygate::keys::store::{Store, StoreError};
+
+    let (primary, replica) = primary_and_replica();
+    let store =
+        RedisStore::open_with(&primary.tcp_url(0), "keygate:", &RedisTls::default(), 1).unwrap();
+    let key = |kid: &str| SigningKeyRecord {
+        kid: kid.into(),
+        algorithm: "EdDSA".into(),
+        private_pkcs8: vec![7; 48],
+        active_from: now_millis(),
+        created_at: now_millis(),
+    };
+    // The script loaded on the server first (not judged, as above): the fleet's first key.
+    let _ = store
+        .add_signing_key(&key("first"), AddKey::IfNone, &[])
+        .await;
+    replica.pause();
+    let rotated = store
+        .add_signing_key(&key("second"), AddKey::Always, &[])
+        .await;
+    replica.resume();
+    assert!(
+        matches!(rotated, Err(StoreError::Unconfirmed(_))),
+        "{rotated:?}"
+    );
+    let mut kids: Vec<String> = store
+        .signing_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.kid)
+        .collect();
+    kids.sort();
+    assert_eq!(
+        kids,
+        ["first", "second"],
+        "the rotation was made on the primary"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_wait_replicas_an_admin_write_is_acknowledged_only_once_a_replica_holds_it() {
     let (primary, replica) = primary_and_replica();

@@ -8,6 +8,7 @@ use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 
 use super::RedisStore;
+use super::codec::Args;
 use crate::keys::Millis;
 use crate::keys::store::signing::{AddKey, SigningKeyRecord};
 use crate::keys::store::{StoreError, StoreResult};
@@ -83,26 +84,20 @@ impl RedisStore {
             created_at: key.created_at,
         })
         .map_err(|_| corrupt())?;
-        let mut inv = add_script().prepare_invoke();
-        // KEYS[1] names the hash the script writes, so that a cluster connection sends the
-        // script to the node that holds the prefix's slot.
-        inv.key(format!("{}signing_keys", self.prefix()))
-            .arg(self.prefix())
-            .arg(match how {
-                AddKey::Always => "always",
-                AddKey::IfNone => "if_none",
-            })
-            .arg(&key.kid)
-            .arg(record);
+        let mut args = Args(Vec::with_capacity(3 + prune.len()));
+        args.push(match how {
+            AddKey::Always => "always",
+            AddKey::IfNone => "if_none",
+        })
+        .push(&key.kid)
+        .push(record);
         for kid in prune {
-            inv.arg(kid);
+            args.push(kid);
         }
-        let mut conn = self.conn();
-        let v = self
-            .bounded("add signing key", async move {
-                inv.invoke_async::<Value>(&mut conn).await
-            })
-            .await?;
+        // An admin write like the others: with `store.redis_wait_replicas` it is answered only
+        // once the replicas hold it (a rotation acknowledged and then lost to a failover would
+        // leave the fleet signing with a key no instance publishes any more).
+        let v = self.write("add signing key", add_script(), args).await?;
         records(v)
     }
 }
