@@ -215,14 +215,19 @@ fn api(state: &AdminState) -> OpenApiRouter<AdminState> {
         .routes(routes!(kixote::create_client_key))
         .routes(routes!(kixote::delete_client))
         .route_layer(middleware::from_fn(require_admin_key));
+    // Credits are set by an admin only: a client principal is refused 403 before the body is
+    // read (the handler checks again).
+    let credit_changes = OpenApiRouter::new()
+        .routes(routes!(limits::change))
+        .route_layer(middleware::from_fn(require_credit_setter));
     let protected = OpenApiRouter::new()
         .routes(routes!(keys::create, keys::list))
         .routes(routes!(keys::show, keys::update, keys::remove))
         .routes(routes!(keys::rotate))
         .routes(routes!(keys::usage))
-        .routes(routes!(limits::change))
         .routes(routes!(limits::client_usage))
         .merge(admin_only)
+        .merge(credit_changes)
         .merge(kixote_calls)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -451,6 +456,12 @@ async fn require_caller(
 /// The admin-only calls' check (403), inside [`require_caller`] (which names the caller).
 async fn require_admin(req: Request, next: Next) -> Result<Response, AdminError> {
     caller_of(&req)?.admin_only()?;
+    Ok(next.run(req).await)
+}
+
+/// The credit changes' check (403), inside [`require_caller`].
+async fn require_credit_setter(req: Request, next: Next) -> Result<Response, AdminError> {
+    limits::admin_sets_credits(caller_of(&req)?)?;
     Ok(next.run(req).await)
 }
 

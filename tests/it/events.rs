@@ -1047,6 +1047,10 @@ async fn the_webhook_api_refuses_hostile_input_and_shows_a_secret_once() {
         ("/v1/webhooks", json!({"url": 5, "events": "everything"})),
         ("/v1/clients", json!({"client_id": ["x"]})),
         ("/v1/api-keys/import", json!("not an import")),
+        (
+            "/v1/api-keys/0193a4c2-5e1f-7b3a-9c4d-2f6e8a0b1c3d/credits",
+            json!({"add": "lots"}),
+        ),
     ] {
         let r = gw
             .admin_as(
