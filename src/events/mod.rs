@@ -207,12 +207,16 @@ impl Events {
     /// many deliveries were claimed.
     async fn round(self: &Arc<Self>, under_way: &mut UnderWay) -> StoreResult<usize> {
         let hooks = Arc::new(self.webhooks().await?);
+        // The configured webhooks come first (`webhooks`).
+        let configured = self.configured.len();
         let subs: Vec<Subscription> = hooks
             .iter()
-            .map(|h| Subscription {
+            .enumerate()
+            .map(|(i, h)| Subscription {
                 webhook_id: h.id.clone(),
                 events: h.events.clone(),
                 room: under_way.room_of(&h.id),
+                stored: i >= configured,
             })
             .collect();
         let lease = (self.settings.request_timeout * 2 + Duration::from_secs(1)).as_millis() as i64;

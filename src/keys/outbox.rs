@@ -269,6 +269,9 @@ pub struct Subscription {
     /// Deliveries of this webhook a claim may hand out now (0: its events are fanned out and
     /// none is claimed), so an endpoint that holds its attempts holds only its own share.
     pub room: usize,
+    /// Made through the admin API and kept by the store (not configured): the fan-out leaves
+    /// it out when the store no longer has it (deleted since the caller read its list).
+    pub stored: bool,
 }
 
 impl Subscription {

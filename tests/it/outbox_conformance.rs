@@ -131,6 +131,7 @@ fn all() -> Vec<Subscription> {
         webhook_id: "wh_all".into(),
         events: vec!["*".into()],
         room: 1_000,
+        stored: false,
     }]
 }
 
@@ -452,6 +453,7 @@ async fn webhooks_are_created_changed_and_deleted_with_their_deliveries(s: &Subj
         webhook_id: "wh_1".into(),
         events: changed.events.clone(),
         room: 10,
+        stored: true,
     }];
     let claimed = s
         .outbox
@@ -483,6 +485,30 @@ async fn webhooks_are_created_changed_and_deleted_with_their_deliveries(s: &Subj
         .await
         .unwrap();
     assert!(s.outbox.attempts("wh_1", 10).await.unwrap().is_empty());
+    // A claim made with a list read before the delete (`subs` still names wh_1) fans the
+    // events written since out to no deleted webhook: nothing pending, nothing handed out, not
+    // even once its events are a day old.
+    let (key, _) = ApiKey::builder().client("after_delete").build();
+    s.store
+        .insert_client(&testing::client(&key.client_id), &key)
+        .await
+        .unwrap();
+    assert!(
+        s.outbox
+            .claim(&subs, now_millis(), 60_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(s.outbox.pending().await.unwrap(), 0);
+    let orphaned = now_millis() + keygate::keys::outbox::ORPHAN_AFTER_MS;
+    assert!(
+        s.outbox
+            .claim(&[], orphaned, 60_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn emitted_and_expiring_events_are_delivered(s: &Subject) {
@@ -714,6 +740,7 @@ async fn a_claim_hands_out_at_most_each_webhooks_room(s: &Subject) {
         webhook_id: id.into(),
         events: vec!["*".into()],
         room,
+        stored: false,
     };
     for n in 0..3 {
         let (key, _) = ApiKey::builder().client(format!("room{n}")).build();
@@ -770,6 +797,7 @@ async fn queues_of_a_webhook_nobody_knows_do_not_starve_the_others(s: &Subject) 
         webhook_id: id.into(),
         events: vec!["*".into()],
         room,
+        stored: false,
     };
     let first = new_client(s).await;
     drain_bodies(s).await;

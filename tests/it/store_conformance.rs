@@ -2006,6 +2006,7 @@ async fn threshold_events(s: &dyn Store, secrets: &[String]) -> Vec<serde_json::
         webhook_id: "wh_thresholds".into(),
         events: vec!["*".into()],
         room: 100,
+        stored: false,
     }];
     // Charges below are made up to two days ahead: claim as of later still.
     let later = now_millis() + 10 * DAY_MS;

@@ -1945,6 +1945,7 @@ mod tests {
             webhook_id: "w".into(),
             events: vec!["*".into()],
             room: 10,
+            stored: false,
         }];
         let claimed = tokio::time::timeout(
             std::time::Duration::from_secs(1),

@@ -349,6 +349,17 @@ impl Outbox for SqliteOutbox {
                     .collect::<rusqlite::Result<Vec<_>>>()
                     .map_err(db)?;
                 if let Some(last) = fresh.last().map(|f| f.0) {
+                    // A webhook of the store deleted since the caller's list was read gets
+                    // nothing more (its delete removed its pending deliveries).
+                    let mut exists = tx
+                        .prepare_cached("SELECT 1 FROM webhooks WHERE id = ?1")
+                        .map_err(db)?;
+                    let mut fan = Vec::with_capacity(subs.len());
+                    for s in &subs {
+                        if !s.stored || exists.exists([&s.webhook_id]).map_err(db)? {
+                            fan.push(s);
+                        }
+                    }
                     let mut ins = tx
                         .prepare_cached(
                             "INSERT OR IGNORE INTO webhook_deliveries (event_seq, webhook_id, \
@@ -357,7 +368,7 @@ impl Outbox for SqliteOutbox {
                         )
                         .map_err(db)?;
                     for (seq, kind, key, at) in &fresh {
-                        for s in subs.iter().filter(|s| s.wants(kind)) {
+                        for s in fan.iter().filter(|s| s.wants(kind)) {
                             ins.execute(params![seq, s.webhook_id, key, at, now])
                                 .map_err(db)?;
                         }

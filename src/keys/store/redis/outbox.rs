@@ -160,7 +160,8 @@ impl Outbox for RedisOutbox {
         for s in subscriptions {
             a.push(&s.webhook_id)
                 .push(format!(",{},", s.events.join(",")))
-                .push(s.room);
+                .push(s.room)
+                .push(u8::from(s.stored));
         }
         a.push(now - ORPHAN_AFTER_MS);
         let v = self

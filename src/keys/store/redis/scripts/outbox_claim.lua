@@ -1,5 +1,7 @@
--- ARGV: P, now, lease ms, limit, scan, n, then n triples: webhook id, its event types as
--- ",a,b," (",*,"  for all), how many of its deliveries may be claimed now; then the time before
+-- ARGV: P, now, lease ms, limit, scan, n, then n quadruples: webhook id, its event types as
+-- ",a,b," (",*,"  for all), how many of its deliveries may be claimed now, 1 when the webhook is
+-- one of the store's (left out of the fan-out once it is not in `webhooks`: deleted since the
+-- caller read its list) else 0; then the time before
 -- which the event of a webhook not named must have happened for its delivery to be handed out
 -- (left to the instances that know the webhook until then). Fans every event of
 -- the stream out to the webhooks that want it (one delivery hash `d:<webhook>|<event>` per pair,
@@ -15,10 +17,13 @@ local DUE, PENDING = P .. 'events:due', P .. 'events:pending'
 local subs = {}
 local room = {}
 for j = 1, n do
-  subs[j] = {id = ARGV[4 + 3 * j], ev = ARGV[5 + 3 * j]}
-  room[subs[j].id] = tonumber(ARGV[6 + 3 * j])
+  local id = ARGV[3 + 4 * j]
+  room[id] = tonumber(ARGV[5 + 4 * j])
+  if ARGV[6 + 4 * j] == '0' or redis.call('HEXISTS', P .. 'webhooks', id) == 1 then
+    subs[#subs + 1] = {id = id, ev = ARGV[4 + 4 * j]}
+  end
 end
-local orphan_before = tonumber(ARGV[7 + 3 * n])
+local orphan_before = tonumber(ARGV[7 + 4 * n])
 local function wants(s, kind)
   return string.find(s.ev, ',*,', 1, true) or string.find(s.ev, ',' .. kind .. ',', 1, true)
 end
