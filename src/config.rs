@@ -1325,6 +1325,9 @@ mod tests {
             ("/a/../v", ""),
             ("/_keygate/health", ""),
             ("/auth", ""),
+            // The key set of signed identity (a verifier fetching it got the verify answer).
+            ("/.well-known", ""),
+            ("/.well-known/jwks.json", ""),
             ("/api", "[[routes]]\npath = \"/api/v1\"\n"),
             ("/api", "[[routes]]\npath = \"/api\"\n"),
             // A route matches /api/v1/… too: the verify path would answer its requests.

@@ -652,8 +652,8 @@ fn log(raw: RawLog, p: &mut Problems) -> LogConfig {
     }
 }
 
-/// `[forward_auth]`: the verify path must be a plain absolute path of its own: not the health
-/// or login path, and not a route's path or above one (requests for that route would be
+/// `[forward_auth]`: the verify path must be a plain absolute path of its own: not the health,
+/// login or key set path (nor above one), and not a route's path or above one (requests for that route would be
 /// answered by the verify endpoint instead).
 fn forward_auth(raw: RawForwardAuth, routes: &[RawRoute], p: &mut Problems) -> ForwardAuth {
     let path = raw.path.as_str();
@@ -668,8 +668,13 @@ fn forward_auth(raw: RawForwardAuth, routes: &[RawRoute], p: &mut Problems) -> F
                 "forward_auth.path: {path:?} must start with '/', not be \"/\" or end with '/', and hold no query, dot-segments or encoded separators; e.g. \"/_keygate/verify\""
             ));
         }
-        // The proxy listener's own paths (proxy::HEALTH_PATH, proxy::LOGIN_PATH).
-        for own in ["/_keygate/health", "/auth/login"] {
+        // The proxy listener's own paths (proxy::HEALTH_PATH, proxy::LOGIN_PATH, the key set
+        // of signed identity, whether signing is on or not yet).
+        for own in [
+            "/_keygate/health",
+            "/auth/login",
+            crate::identity::JWKS_PATH,
+        ] {
             if under(own, path) {
                 p.error(format!(
                     "forward_auth.path: {path:?} would take the place of {own}; choose another path"

@@ -148,7 +148,11 @@ impl Gateway {
                 self.cors_own(route, parts, &mut res);
                 return Ok(own(res));
             }
-            Routed::Jwks => return Ok(own(self.jwks())),
+            Routed::Jwks => {
+                let mut res = self.jwks();
+                self.cors_own(None, parts, &mut res);
+                return Ok(own(res));
+            }
             Routed::SecretScanning => {
                 let ip = self.policy.client_ip(parts, conn.peer.ip());
                 return Ok(own(self.leak_report(parts, body, ip).await));

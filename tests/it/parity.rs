@@ -1692,6 +1692,54 @@ async fn cors_answers_are_identical() {
     m.check();
 }
 
+/// keygate's own answers outside any route (health, the key set of signed identity) carry the
+/// default `[proxy] cors` fields alike on every engine (the key set's were left out on hyper's).
+#[tokio::test]
+async fn own_answers_carry_the_default_cors_fields_alike() {
+    const APP: &str = "https://app.example.com";
+    let s =
+        setup("[identity]\nsign = true\n[proxy.cors]\norigins = [\"https://app.example.com\"]\n")
+            .await;
+    let mut m = Matrix::new("own answers' CORS");
+    let results = m
+        .run(&s, |s, engine| async move {
+            let mut views = Vec::new();
+            for path in ["/_keygate/health", "/.well-known/jwks.json"] {
+                let a = expect_ok(
+                    send(
+                        engine,
+                        s.gw.proxy,
+                        "GET",
+                        path,
+                        &[("origin", APP)],
+                        Body::Empty,
+                    )
+                    .await,
+                    path,
+                );
+                let what = format!("{engine:?} {path}:\n{}", a.head);
+                assert_eq!(a.status, 200, "{what}");
+                assert_eq!(
+                    a.header("access-control-allow-origin").as_deref(),
+                    Some(APP),
+                    "{what}"
+                );
+                let mut cors: Vec<(String, String)> = a
+                    .headers
+                    .iter()
+                    .filter(|(k, _)| k.starts_with("access-control-") || k == "vary")
+                    .cloned()
+                    .collect();
+                cors.sort();
+                views.push((path, cors));
+            }
+            views
+        })
+        .await;
+    m.agree("the CORS fields of own answers", &results);
+    m.check();
+}
+
 /// What an HTTP/2 request must become before an HTTP/1.1 upstream reads it: its `cookie`
 /// crumbs joined into one field with "; " (RFC 9113 §8.2.3; before, each went as a line of its
 /// own), its `:authority` the `X-Forwarded-Host` over a `Host` field that differs (RFC 9113
