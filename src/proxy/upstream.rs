@@ -222,6 +222,19 @@ impl Pool {
                     }
                 }
             };
+            // A connection given back that its upstream has written to again (bytes past the
+            // answer's end, or its close) goes to nobody: the waiting request would read those
+            // bytes as its answer. It waits on (for its connect, or the next one given back).
+            // Idle connections are looked at when taken; a system call only when the reactor
+            // saw the socket readable after the last read.
+            if let Ok(c) = &got
+                && c.reused
+                && !c.still_idle()
+            {
+                let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+                Self::host(&mut hosts, authority).waiters.push_front(waiter);
+                return;
+            }
             // Handed over outside the lock (the waiter may be woken on another thread).
             match waiter.send(got) {
                 Ok(()) => return,
@@ -915,6 +928,34 @@ mod tests {
         t.give_back().await;
         let idle = t.pool.take(&t.authority, Instant::now()).expect("pooled");
         assert_eq!(peer(&idle), t.other_addr());
+    }
+
+    /// A connection whose upstream wrote more than its answer (bytes past the body's end, in
+    /// the same write) goes to nobody: a waiting request would read them as its own answer,
+    /// and its real answer would then reach the next request on the connection.
+    #[tokio::test]
+    async fn a_connection_given_back_with_bytes_past_its_answer_goes_to_nobody() {
+        use tokio::io::AsyncWriteExt;
+        let t = Setup::new().await;
+        let waiter = t.acquire();
+        t.waiters_become(1).await;
+        let c = TcpStream::connect(t.other_addr()).await.unwrap();
+        let (mut upstream, _) = t.other.accept().await.unwrap();
+        upstream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!")
+            .await
+            .unwrap();
+        c.readable().await.unwrap();
+        t.pool.put(&t.authority, Conn::new(c), Instant::now());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiter.is_finished(),
+            "the waiter got the written-to connection"
+        );
+        assert!(t.pool.take(&t.authority, Instant::now()).is_none());
+        // A clean one goes to it.
+        t.give_back().await;
+        assert_eq!(peer(&served(waiter, "clean").await), t.other_addr());
     }
 
     #[tokio::test]
