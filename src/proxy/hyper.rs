@@ -86,9 +86,9 @@ impl Gateway {
         let (mut parts, body) = req.into_parts();
         let mut outcome = Outcome::default();
         let served = if parts.version == Version::HTTP_2 {
-            h2_request(&mut parts, self.policy.max_headers)
+            h2_request(&mut parts, self.policy.max_headers).and_then(|()| one_host(&parts))
         } else {
-            Ok(())
+            one_host(&parts)
         };
         let served = match served {
             Ok(()) => self.serve_hyper(&parts, body, conn, &mut outcome).await,
@@ -559,6 +559,20 @@ fn h2_request(parts: &mut http::request::Parts, max_headers: usize) -> Result<()
         parts.headers.insert(http::header::COOKIE, joined);
     }
     Ok(())
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host` field, and no request more than
+/// one (two would be read one way by the gateway and another by what stands behind it). HTTP/2
+/// and HTTP/1.0 may leave it out.
+fn one_host(parts: &http::request::Parts) -> Result<(), ProxyError> {
+    let mut hosts = parts.headers.get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => Err(ProxyError::BadRequest("more than one Host field")),
+        (None, _) if parts.version == Version::HTTP_11 => Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request needs a Host field",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The gateway's own answer to a HEAD request: the length of the body a GET would get, and no

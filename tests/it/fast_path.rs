@@ -195,6 +195,54 @@ async fn content_length_with_transfer_encoding_is_refused_and_closes() {
     }
     assert!(script.seen().is_empty(), "{:?}", script.seen());
 }
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, or any request with two, is answered 400
+/// by both HTTP/1.1 engines and nothing reaches the upstream (two were forwarded, the engines
+/// passing on different ones as `X-Forwarded-Host`); an HTTP/1.0 request may leave it out.
+#[tokio::test]
+async fn a_request_without_a_host_or_with_two_is_refused() {
+    let (gw, script, key) = setup("").await;
+    for (what, head) in [
+        ("no host", "GET /ok HTTP/1.1\r\n".to_owned()),
+        (
+            "two hosts",
+            "GET /ok HTTP/1.1\r\nHost: api.example\r\nHost: evil.example\r\n".to_owned(),
+        ),
+        (
+            "no host, hyper's engine",
+            "GET /ok HTTP/1.1\r\nTransfer-Encoding: chunked\r\n".to_owned(),
+        ),
+        (
+            "two hosts, hyper's engine",
+            "GET /ok HTTP/1.1\r\nHost: a\r\nhost: b\r\nTransfer-Encoding: chunked\r\n".to_owned(),
+        ),
+        (
+            "two hosts, HTTP/1.0",
+            "GET /ok HTTP/1.0\r\nHost: a\r\nHost: b\r\n".to_owned(),
+        ),
+    ] {
+        let mut c = Raw::connect(gw.proxy).await;
+        let body = if head.contains("chunked") {
+            "0\r\n\r\n"
+        } else {
+            ""
+        };
+        c.send(format!("{head}X-API-Key: {key}\r\n\r\n{body}").as_bytes())
+            .await;
+        let a = c.read("GET").await;
+        assert_eq!(a.status, 400, "{what}: {}", a.head);
+        assert!(
+            String::from_utf8_lossy(&a.body).contains("Host field"),
+            "{what}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+    assert!(script.seen().is_empty(), "{:?}", script.seen());
+    let mut c = Raw::connect(gw.proxy).await;
+    c.send(format!("GET /ok HTTP/1.0\r\nX-API-Key: {key}\r\n\r\n").as_bytes())
+        .await;
+    assert_eq!(c.read("GET").await.status, 200);
+}
+
 #[tokio::test]
 async fn misbehaving_upstreams_get_502_and_their_connections_are_not_reused() {
     let (gw, script, key) = setup("").await;

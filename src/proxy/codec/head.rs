@@ -10,7 +10,7 @@
 //! * HTTP/1.1 only; methods GET, HEAD, POST, PUT, DELETE, PATCH and OPTIONS;
 //! * an origin-form target (`/path?query`) of unreserved, sub-delim, `:`, `@`, `/`, `%` and
 //!   (in the query) `?` characters, at most [`MAX_TARGET`] bytes;
-//! * at most one `Host`, at most one `Content-Length` of plain digits;
+//! * exactly one `Host`, at most one `Content-Length` of plain digits;
 //! * no `Transfer-Encoding`, `Expect`, `Upgrade` or `Trailer` field, and no `Connection`
 //!   option other than `close`, `keep-alive` and the names of at most [`MAX_CONNECTION_TOKENS`]
 //!   fields.
@@ -309,7 +309,8 @@ pub fn parse_request(
             kind,
         });
     }
-    if conn.upgrade || conn.too_many {
+    // No `Host` (RFC 9112 §3.2: an HTTP/1.1 request has exactly one): hyper's engine refuses it.
+    if conn.upgrade || conn.too_many || head.host.is_none() {
         return hand_over(req.headers);
     }
     conn.apply(buf, fields);
@@ -567,9 +568,10 @@ mod tests {
         assert_eq!(kinds[1].1, Rule::Drop);
         assert_eq!(kinds[2].1, Rule::Drop);
         assert_eq!(kinds[3].1, Rule::ContentLength);
-        let (h, _) = complete("GET / HTTP/1.1\r\n\r\n");
-        assert_eq!(h.query(b"GET / HTTP/1.1\r\n\r\n"), None);
-        let raw = "GET /p? HTTP/1.1\r\n\r\n";
+        let raw = "GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let (h, _) = complete(raw);
+        assert_eq!(h.query(raw.as_bytes()), None);
+        let raw = "GET /p? HTTP/1.1\r\nHost: a\r\n\r\n";
         let (h, _) = complete(raw);
         assert_eq!(h.query(raw.as_bytes()), Some(""));
     }
@@ -577,41 +579,44 @@ mod tests {
     #[test]
     fn everything_unusual_goes_to_hyper() {
         for raw in [
+            // No Host: hyper's engine answers 400 (as it does to two).
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nX-Host: a\r\n\r\n",
             "GET / HTTP/1.0\r\n\r\n",
             "GET / HTTP/2.0\r\n\r\n",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-            "TRACE / HTTP/1.1\r\n\r\n",
-            "CONNECT a:443 HTTP/1.1\r\n\r\n",
-            "GET http://a/ HTTP/1.1\r\n\r\n",
-            "OPTIONS * HTTP/1.1\r\n\r\n",
-            "GET /a#f HTTP/1.1\r\n\r\n",
-            "GET /a\"b HTTP/1.1\r\n\r\n",
-            "GET /a{b} HTTP/1.1\r\n\r\n",
-            "GET /caf\u{e9} HTTP/1.1\r\n\r\n",
-            "GET /?q=<x> HTTP/1.1\r\n\r\n",
+            "TRACE / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a#f HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a\"b HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a{b} HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /caf\u{e9} HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /?q=<x> HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
             // More than one Authorization: refused by hyper's engine.
-            "GET / HTTP/1.1\r\nAuthorization: Digest x\r\nAuthorization: Bearer y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nAuthorization: Digest x\r\nAuthorization: Bearer y\r\n\r\n",
             // Lines of one list: joined by hyper's engine.
-            "GET / HTTP/1.1\r\nX-Forwarded-For: a\r\nx-forwarded-for: b\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 1, 1\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 1000000000000000000000\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\ntransfer-encoding: identity\r\n\r\n",
-            "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
-            "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
-            "GET / HTTP/1.1\r\nConnection: upgrade\r\n\r\n",
-            "GET / HTTP/1.1\r\nTrailer: x\r\n\r\n",
-            "GET / HTTP/1.1\r\nConnection: a,b,c,d,e,f,g,h,i\r\n\r\n",
-            "GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
-            "GET / HTTP/1.1\r\nX : a\r\n\r\n",
-            "GET / HTTP/1.1\r\nX: a\rb\r\n\r\n",
-            "GET / HTTP/1.1\r\nX: a\0b\r\n\r\n",
-            "GET  / HTTP/1.1\r\n\r\n",
-            "get / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: a\r\nx-forwarded-for: b\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1, 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000000000000000000\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\ntransfer-encoding: identity\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nTrailer: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: a,b,c,d,e,f,g,h,i\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX : a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: a\0b\r\n\r\n",
+            "GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "get / HTTP/1.1\r\nHost: a\r\n\r\n",
         ] {
             let (p, _) = parse(raw);
             assert!(matches!(p, Parsed::Handover), "taken: {raw:?}");
@@ -619,10 +624,10 @@ mod tests {
         let too_many: String = (0..MAX_FIELDS + 1)
             .map(|i| format!("X-{i}: v\r\n"))
             .collect();
-        let (p, _) = parse(&format!("GET / HTTP/1.1\r\n{too_many}\r\n"));
+        let (p, _) = parse(&format!("GET / HTTP/1.1\r\nHost: a\r\n{too_many}\r\n"));
         assert!(matches!(p, Parsed::Handover));
         let mut fields = Vec::new();
-        let few = "GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n";
+        let few = "GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\n\r\n";
         assert!(matches!(
             parse_request(few.as_bytes(), &FieldRules::default(), 2, &mut fields),
             Parsed::Handover

@@ -426,7 +426,8 @@ mod tests {
              host: 127.0.0.1:9000\r\ncontent-length: 3\r\n\r\n"
         );
 
-        let raw = b"GET /p HTTP/1.1\r\nAuthorization: Bearer x\r\nX-API-Key: other\r\n\r\n";
+        let raw =
+            b"GET /p HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer x\r\nX-API-Key: other\r\n\r\n";
         let (_, fields) = parsed(raw);
         let mut out = Vec::new();
         request_head(
