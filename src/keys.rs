@@ -213,6 +213,9 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
+/// The longest a rate limit's burst may take to come back (100 years of 365.25 days).
+const MAX_REFILL_SECS: u128 = 3_155_760_000;
+
 /// A field that is a value when present (absent is `None`; null is refused).
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     u32::deserialize(d).map(Some)
@@ -237,6 +240,12 @@ impl RateLimit {
         }
         if self.burst == 0 {
             return Some("burst must be at least 1");
+        }
+        // A bucket keeps the time its burst takes to come back (one interval times burst − 1)
+        // in nanoseconds: longer than a century would not fit, and is no limit anyone means.
+        let (n, secs) = self.rate();
+        if u128::from(self.burst - 1) * u128::from(secs) > u128::from(n) * MAX_REFILL_SECS {
+            return Some("the burst would take more than 100 years to come back at this rate");
         }
         None
     }
@@ -763,6 +772,26 @@ mod tests {
         assert!(both.problem().is_some());
         let zero = RateLimit { burst: 0, ..ok };
         assert!(zero.problem().is_some());
+        // A burst that comes back within a century is a limit; one that would take longer is not
+        // (its bucket's arithmetic would overflow).
+        let slow = |burst| RateLimit {
+            per_second: None,
+            per_minute: None,
+            per_hour: Some(1),
+            burst,
+        };
+        assert_eq!(slow(876_600).problem(), None);
+        assert!(slow(876_602).problem().is_some());
+        assert!(slow(6_000_000).problem().is_some());
+        assert_eq!(
+            RateLimit {
+                per_second: Some(u32::MAX),
+                burst: u32::MAX,
+                ..ok
+            }
+            .problem(),
+            None
+        );
     }
 
     #[test]

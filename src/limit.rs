@@ -359,7 +359,21 @@ impl<K: std::hash::Hash + Eq + Clone> KeyedLimit<K> {
     }
 }
 
-/// Failed authentications per client address. Only failing attempts are ever counted or
+/// The address a client is counted by: an IPv4 address (also written IPv4-mapped) itself, an
+/// IPv6 address its /64 (one host usually holds a whole /64, and picks any address in it).
+pub fn client_group(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !u128::from(u64::MAX),
+            )),
+        },
+    }
+}
+
+/// Failed authentications per client address ([`client_group`]). Only failing attempts are ever counted or
 /// refused: nothing is looked up for a request that authenticates.
 pub struct FailedAuth {
     attempts: KeyedLimit<IpAddr>,
@@ -372,10 +386,13 @@ impl FailedAuth {
         }
     }
 
-    /// Records a failed attempt; `Some(wait)` when `ip` is over its allowance (the attempt is
-    /// then refused with 429 and `Retry-After: wait`).
+    /// Records a failed attempt; `Some(wait)` when `ip`'s [`client_group`] is over its
+    /// allowance (the attempt is then refused with 429 and `Retry-After: wait`).
     pub fn record_failure(&self, ip: IpAddr) -> Option<Duration> {
-        self.attempts.check(&ip).err().map(|r| r.retry_after)
+        self.attempts
+            .check(&client_group(ip))
+            .err()
+            .map(|r| r.retry_after)
     }
 
     pub fn sweep(&self) {
@@ -545,6 +562,33 @@ mod tests {
     }
 
     #[test]
+    fn failed_auth_counts_an_ipv6_client_by_its_64() {
+        let clock = FakeClock::new();
+        let fa = FailedAuth::new(
+            RateLimit {
+                per_second: None,
+                per_minute: Some(3),
+                per_hour: None,
+                burst: 3,
+            },
+            clock.clock(),
+        );
+        // A guess from each of three addresses of one /64 spends one allowance.
+        for i in 1..=3 {
+            let ip: IpAddr = format!("2001:db8:1:2::{i:x}").parse().unwrap();
+            assert!(fa.record_failure(ip).is_none());
+        }
+        let next: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:9".parse().unwrap();
+        assert!(fa.record_failure(next).is_some());
+        // Another /64 has its own.
+        assert!(
+            fa.record_failure("2001:db8:1:3::1".parse().unwrap())
+                .is_none()
+        );
+        assert_eq!(fa.tracked_ips(), 2);
+    }
+
+    #[test]
     fn failed_auth_blocks_an_ip_past_its_allowance() {
         let clock = FakeClock::new();
         let fa = FailedAuth::new(
@@ -568,6 +612,11 @@ mod tests {
         // Refused again while the wait lasts; another address has its own allowance.
         assert!(fa.record_failure(ip).is_some());
         assert!(fa.record_failure(other).is_none());
+        // Written IPv4-mapped, it is the same address.
+        assert!(
+            fa.record_failure("::ffff:10.0.0.1".parse().unwrap())
+                .is_some()
+        );
         // Exactly the wait it was told: one more failure is allowed after it, the next one is
         // refused again (the allowance comes back one attempt at a time).
         clock.advance(wait - Duration::from_millis(1));

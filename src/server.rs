@@ -11,7 +11,7 @@ mod activity;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -234,19 +234,9 @@ impl PerIp {
         })
     }
 
-    fn key(ip: IpAddr) -> IpAddr {
-        match ip {
-            IpAddr::V4(_) => ip,
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
-            },
-        }
-    }
-
     /// A slot for one more connection from `ip`, or `None` when it has `cap` open already.
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
-        let key = Self::key(ip);
+        let key = crate::limit::client_group(ip);
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let n = open.entry(key).or_insert(0);
         if *n >= self.cap {
@@ -262,7 +252,9 @@ impl PerIp {
     #[cfg(test)]
     fn open(&self, ip: IpAddr) -> usize {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.get(&Self::key(ip)).copied().unwrap_or(0)
+        open.get(&crate::limit::client_group(ip))
+            .copied()
+            .unwrap_or(0)
     }
 }
 

@@ -121,7 +121,8 @@ impl KeyLimiter {
                 .compare_exchange_weak(prev, next, Ordering::Release, Ordering::Relaxed)
             {
                 Ok(_) => {
-                    let room = (now + tau + t).saturating_sub(next).min(tau + t);
+                    let full = tau.saturating_add(t);
+                    let room = now.saturating_add(full).saturating_sub(next).min(full);
                     let remaining = (room / t) as u32;
                     let missing = u64::from(self.burst.max(1)).saturating_sub(u64::from(remaining));
                     let reset_ns = t.saturating_mul(missing);
@@ -170,6 +171,30 @@ mod tests {
         assert_eq!(l.tau(), gcra(&per_second(5, 7)).1);
         assert!(l.enforces(&per_second(5, 7)));
         assert!(!l.enforces(&per_second(5, 8)) && !l.enforces(&per_second(6, 7)));
+    }
+
+    /// The slowest limit `RateLimit::problem` takes (1 an hour, a century's burst) counts its
+    /// burst exactly; one past it (refused there, but a bucket made for one kept from before)
+    /// answers without overflowing (it panicked in debug builds and reported a wrapped reset).
+    #[test]
+    fn the_slowest_limits_count_without_overflowing() {
+        let clock = FakeClock::new();
+        let hourly = |burst| RateLimit {
+            per_second: None,
+            per_minute: None,
+            per_hour: Some(1),
+            burst,
+        };
+        let l = KeyLimiter::new(hourly(876_600), clock.clock());
+        let first = l.check().unwrap();
+        assert_eq!((first.remaining, first.reset_secs), (876_599, 3_600));
+        for _ in 1..876_600 {
+            assert!(l.check().is_ok());
+        }
+        assert!(l.check().is_err());
+        let past = KeyLimiter::new(hourly(6_000_000), clock.clock());
+        let info = past.check().unwrap();
+        assert!(info.reset_secs <= 6_000_000 * 3_600, "{}", info.reset_secs);
     }
 
     /// A cell given back is there for the next request, and never more than the burst.

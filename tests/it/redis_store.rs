@@ -234,6 +234,55 @@ async fn a_lookup_by_hash_is_one_round_trip() {
     }
 }
 
+/// A shared rate bucket whose `tat` lies further ahead than any write leaves it (Redis's clock
+/// stepped back, or a promoted replica's runs behind) is an empty bucket, refilling from now:
+/// not one that stays empty for as long as the clock moved (every request 429 meanwhile).
+#[tokio::test]
+async fn a_cluster_bucket_ahead_of_a_clock_that_stepped_back_refills_from_now() {
+    use keygate::keys::cluster::BucketSync;
+    let redis = RedisServer::start();
+    let s = RedisStore::open(&redis.unix_url(), "keygate:").unwrap();
+    // 10 a second, burst 10: full again within a second of being emptied.
+    let bucket = BucketSync {
+        name: "client:acme:10/s".into(),
+        t_us: 100_000.0,
+        tau_us: 900_000.0,
+        unused: 0,
+        demand: 5,
+        want: true,
+    };
+    let first = s
+        .sync_rates("instance-a", std::slice::from_ref(&bucket))
+        .await
+        .unwrap();
+    assert_eq!(first.leases[0].cells, 10);
+    // As Redis's clock an hour later left it.
+    let (secs, micros): (i64, i64) = redis.query(0, &mut ::redis::cmd("TIME"));
+    let hour_ahead = (secs + 3_600) * 1_000_000 + micros;
+    let _: () = redis.query(
+        0,
+        ::redis::cmd("SET")
+            .arg("keygate:rl:client:acme:10/s")
+            .arg(hour_ahead)
+            .arg("PX")
+            .arg(7_200_000),
+    );
+    let after = s
+        .sync_rates("instance-b", std::slice::from_ref(&bucket))
+        .await
+        .unwrap();
+    assert!(
+        after.leases[0].until_full_us <= 1_000_000,
+        "empty for longer than its refill: {after:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let later = s
+        .sync_rates("instance-b", std::slice::from_ref(&bucket))
+        .await
+        .unwrap();
+    assert!(later.leases[0].cells > 0, "{later:?}");
+}
+
 /// The cache's background refreshes look keys up in batches: a batch is one script call per
 /// 64 hashes (the calls sent together), not one call per key.
 #[tokio::test]

@@ -33,6 +33,9 @@ for i = 0, n - 1 do
   local k, dk, lk = P .. 'rl:' .. name, P .. 'rld:' .. name, P .. 'rll:' .. name
   local tat = tonumber(redis.call('GET', k) or '0')
   if tat < now then tat = now end
+  -- Every write leaves tat at most tau + T ahead; further ahead, Redis's clock stepped back
+  -- (or a promoted replica's runs behind): the bucket is empty, not empty for that long too.
+  if tat > now + tau + T then tat = now + tau + T end
   local ends = tonumber(redis.call('HGET', lk, me) or '0')
   local back = math.min(unused, math.max(0, math.floor((ends - now) / T)))
   tat = math.max(now, tat - back * T)
