@@ -1350,6 +1350,21 @@ mod tests {
     }
 
     #[test]
+    fn a_configured_burst_that_takes_over_a_century_to_come_back_is_refused() {
+        for text in [
+            "[plans.slow]\nrate_limit = { per_hour = 1, burst = 6000000 }\n",
+            "[[routes]]\npath = \"/a\"\nrate_limit = { per_hour = 1, burst = 6000000 }\n",
+            "[rate_limit]\nfailed_auth = { per_hour = 1, burst = 6000000 }\n",
+            "[rate_limit]\ndefault = { per_second = 1, burst = 4000000000 }\n",
+        ] {
+            let e = load(text, &[], CliOverrides::default()).unwrap_err();
+            assert!(e.to_string().contains("100 years"), "{text}: {e}");
+        }
+        let text = "[plans.slow]\nrate_limit = { per_hour = 1, burst = 876600 }\n";
+        assert!(load(text, &[], CliOverrides::default()).is_ok());
+    }
+
+    #[test]
     fn every_problem_is_listed() {
         let text = r#"
 [proxy]

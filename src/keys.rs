@@ -241,8 +241,18 @@ impl RateLimit {
         if self.burst == 0 {
             return Some("burst must be at least 1");
         }
-        // A bucket keeps the time its burst takes to come back (one interval times burst − 1)
-        // in nanoseconds: longer than a century would not fit, and is no limit anyone means.
+        None
+    }
+
+    /// [`RateLimit::problem`], and for a limit of the configuration file also a burst that
+    /// would take more than a century to come back at its rate (the route and failed-auth
+    /// limiters count that time in nanoseconds). A key's bucket takes any limit the admin API
+    /// does (the API states every rule in its schema): it counts such a burst up to what a
+    /// century gives back.
+    pub fn config_problem(&self) -> Option<&'static str> {
+        if let Some(why) = self.problem() {
+            return Some(why);
+        }
         let (n, secs) = self.rate();
         if u128::from(self.burst - 1) * u128::from(secs) > u128::from(n) * MAX_REFILL_SECS {
             return Some("the burst would take more than 100 years to come back at this rate");
@@ -772,26 +782,29 @@ mod tests {
         assert!(both.problem().is_some());
         let zero = RateLimit { burst: 0, ..ok };
         assert!(zero.problem().is_some());
-        // A burst that comes back within a century is a limit; one that would take longer is not
-        // (its bucket's arithmetic would overflow).
+        // In the configuration file, a burst that comes back within a century is a limit; one
+        // that would take longer is not (the governor limiters' arithmetic would overflow).
         let slow = |burst| RateLimit {
             per_second: None,
             per_minute: None,
             per_hour: Some(1),
             burst,
         };
-        assert_eq!(slow(876_600).problem(), None);
-        assert!(slow(876_602).problem().is_some());
-        assert!(slow(6_000_000).problem().is_some());
+        assert_eq!(slow(876_600).config_problem(), None);
+        assert!(slow(876_602).config_problem().is_some());
+        assert!(slow(6_000_000).config_problem().is_some());
+        // The admin API's rules are its schema's: any rate, any burst.
+        assert_eq!(slow(6_000_000).problem(), None);
         assert_eq!(
             RateLimit {
                 per_second: Some(u32::MAX),
                 burst: u32::MAX,
                 ..ok
             }
-            .problem(),
+            .config_problem(),
             None
         );
+        assert!(zero.config_problem().is_some());
     }
 
     #[test]

@@ -400,10 +400,10 @@ fn keys(raw: RawKeys, p: &mut Problems) -> KeysConfig {
 /// `[rate_limit]`: the default limit of a key and the failed-authentication limit of a peer,
 /// in that order.
 fn rate_limit(raw: RawRateLimit, p: &mut Problems) -> (RateLimit, RateLimit) {
-    if let Some(why) = raw.default.problem() {
+    if let Some(why) = raw.default.config_problem() {
         p.error(format!("rate_limit.default: {why}"));
     }
-    if let Some(why) = raw.failed_auth.problem() {
+    if let Some(why) = raw.failed_auth.config_problem() {
         p.error(format!("rate_limit.failed_auth: {why}"));
     }
     (raw.default, raw.failed_auth)
@@ -413,7 +413,7 @@ fn rate_limit(raw: RawRateLimit, p: &mut Problems) -> (RateLimit, RateLimit) {
 fn plans(raw: &BTreeMap<String, RawPlan>, p: &mut Problems) -> HashMap<String, Option<RateLimit>> {
     let mut plans = HashMap::new();
     for (name, plan) in raw {
-        if let Some(why) = plan.rate_limit.and_then(|l| l.problem()) {
+        if let Some(why) = plan.rate_limit.and_then(|l| l.config_problem()) {
             p.error(format!("plans.{name}.rate_limit: {why}"));
         }
         plans.insert(name.clone(), plan.rate_limit);
@@ -482,7 +482,7 @@ fn routes(raw: &[RawRoute], default_upstream: Option<&Uri>, p: &mut Problems) ->
             }
         }
         let auth = r.auth.unwrap_or(RouteAuth::Required);
-        if let Some(why) = r.rate_limit.and_then(|l| l.problem()) {
+        if let Some(why) = r.rate_limit.and_then(|l| l.config_problem()) {
             p.error(format!("{field}.rate_limit: {why}"));
         }
         if r.cost == Some(0)
