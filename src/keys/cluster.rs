@@ -411,14 +411,17 @@ impl std::fmt::Debug for ClusterBucket {
 }
 
 impl ClusterBucket {
-    fn info(&self, remaining: u64) -> RateInfo {
+    /// What a request admitted with `lease_left` cells still in this instance's lease learns:
+    /// those cells and the room Redis held beyond every instance's leases at its last answer
+    /// (the client may spend that through this instance or another). The lease alone
+    /// said 49 where the fleet's bucket held 99, and 0 where the next request was admitted.
+    fn info(&self, lease_left: u64) -> RateInfo {
+        let until_full = self.until_full_us.load(Ordering::Relaxed);
+        let room = ((self.tau_us + self.t_us - until_full as f64) / self.t_us).max(0.0) as u64;
         RateInfo {
             limit: self.burst,
-            remaining: remaining.min(u64::from(self.burst)) as u32,
-            reset_secs: self
-                .until_full_us
-                .load(Ordering::Relaxed)
-                .div_ceil(1_000_000),
+            remaining: lease_left.saturating_add(room).min(u64::from(self.burst)) as u32,
+            reset_secs: until_full.div_ceil(1_000_000),
             credits: None,
             quota: None,
         }
@@ -594,6 +597,44 @@ mod tests {
         other.give_back();
         assert!(other.take().is_some());
         assert!(other.take().is_none());
+    }
+
+    /// `RateLimit-Remaining` in cluster mode: the cells left in this instance's lease and the
+    /// room Redis held beyond all leases at its last answer, never more than the burst.
+    #[test]
+    fn remaining_counts_the_lease_and_the_room_redis_still_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::keys::store::sqlite::SqliteStore::open(&dir.path().join("k.db")).unwrap();
+        let clock = FakeClock::new();
+        let shared = ClusterShared::new(Arc::new(store), clock.clock());
+        // 100 a minute (a cell every 0.6 s), burst 100.
+        let limit = RateLimit {
+            per_second: None,
+            per_minute: Some(100),
+            per_hour: None,
+            burst: 100,
+        };
+        let cell = 600_000;
+        let b = shared.bucket("c:fleet", limit);
+        // Half the bucket leased here (the other half still in Redis).
+        b.granted(Lease {
+            cells: 50,
+            until_full_us: 50 * cell,
+        });
+        assert_eq!(b.take().unwrap().remaining, 99);
+        // Every cell leased (here and elsewhere): this lease's cells only.
+        b.granted(Lease {
+            cells: 0,
+            until_full_us: 100 * cell,
+        });
+        assert_eq!(b.take().unwrap().remaining, 48);
+        // Never above the burst.
+        b.granted(Lease {
+            cells: 60,
+            until_full_us: 0,
+        });
+        assert_eq!(b.take().unwrap().remaining, 100);
     }
 
     #[test]
