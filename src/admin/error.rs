@@ -362,7 +362,7 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| Query(q.0))
-            .map_err(|e| AdminError::BadRequest(e.body_text()))
+            .map_err(|e| AdminError::BadRequest(without_variant(&e.body_text())))
     }
 }
 
@@ -408,7 +408,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdminError> {
         let field = if path == "." { "body".to_owned() } else { path };
         // Without the string values serde quotes: a secret sent in the wrong field (a key as
         // `enabled`) is not echoed back.
-        let mut msg = crate::config::without_strings(&e.into_inner().to_string());
+        let mut msg = without_variant(&crate::config::without_strings(&e.into_inner().to_string()));
         // serde reports a missing or unknown field at the parent; name it instead (an unknown
         // name only when it cannot be a secret: `foreign::shown`).
         let field = match extract_field(&msg) {
@@ -423,6 +423,27 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdminError> {
         };
         AdminError::Validation(vec![FieldError::new(field, msg)])
     })
+}
+
+/// `msg` without the unknown variant serde names (``unknown variant `…`, expected …``): in a
+/// request it is whatever the caller sent, and a key sent as an enum value would come back in
+/// the answer (and in the audit line of the refusal).
+fn without_variant(msg: &str) -> String {
+    const LEAD: &str = "unknown variant `";
+    let Some(at) = msg.find(LEAD) else {
+        return msg.to_owned();
+    };
+    let value = &msg[at + LEAD.len()..];
+    // The value is written as sent (a backtick in it included): its end is the last of serde's
+    // own continuations.
+    let end = ["`, expected ", "`, there are no variants"]
+        .iter()
+        .filter_map(|t| value.rfind(t))
+        .max();
+    match end {
+        Some(end) => format!("{}unknown variant{}", &msg[..at], &value[end + 1..]),
+        None => format!("{}unknown variant", &msg[..at]),
+    }
 }
 
 fn extract_field(msg: &str) -> Option<String> {
@@ -442,6 +463,42 @@ mod tests {
     #[serde(deny_unknown_fields)]
     struct Body {
         n: Option<u32>,
+    }
+
+    #[test]
+    fn an_unknown_variant_is_not_echoed() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(rename_all = "lowercase")]
+        #[allow(dead_code)]
+        enum Interval {
+            Daily,
+            Monthly,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct WithEnum {
+            interval: Interval,
+        }
+        let secret = "kg_SeCrEt`, expected `x`0123456789abcdef";
+        let body = serde_json::json!({ "interval": secret }).to_string();
+        let Err(AdminError::Validation(errs)) = parse_json::<WithEnum>(body.as_bytes()) else {
+            panic!("not a validation error");
+        };
+        let msg = &errs[0].message;
+        assert!(
+            !msg.contains("SeCrEt") && !msg.contains("0123456789"),
+            "{msg}"
+        );
+        assert!(
+            msg.starts_with("unknown variant, expected `daily` or `monthly`"),
+            "{msg}"
+        );
+        assert_eq!(without_variant("no variant here"), "no variant here");
+        assert_eq!(
+            without_variant("unknown variant `kg_x`, there are no variants"),
+            "unknown variant, there are no variants"
+        );
+        assert_eq!(without_variant("unknown variant `kg_x"), "unknown variant");
     }
 
     #[test]

@@ -308,6 +308,23 @@ async fn bad_input_is_400_or_422_naming_the_field() {
         assert!(!text.contains(&key), "the key echoed: {text}");
         assert!(text.contains("a string"), "{text}");
     }
+    // Nor as the value of a field of a fixed set of names (serde names an unknown variant).
+    for (m, path) in [
+        ("POST", "/v1/api-keys".to_owned()),
+        ("PATCH", format!("/v1/api-keys/{id}")),
+    ] {
+        let mut body = json!({
+            "credits": {"remaining": 1, "refill": {"amount": 1, "interval": key}}});
+        if m == "POST" {
+            body["name"] = json!("x");
+            body["client_id"] = json!("echo");
+        }
+        let r = gw.admin(m, &path, Some(body)).await;
+        assert_eq!(r.status, 422, "{m}");
+        let text = String::from_utf8_lossy(&r.body);
+        assert!(!text.contains(&key), "the key echoed: {text}");
+        assert!(text.contains("unknown variant, expected"), "{text}");
+    }
     // A secret sent as a field's name (a body keyed by its keys, or their hashes) or as a query
     // value is not repeated either; a short misspelt name is.
     let hash = hex::encode(sha2::Sha256::digest(key.as_bytes()));
