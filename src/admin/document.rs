@@ -21,6 +21,7 @@ const CLIENT_OPERATIONS: &[&str] = &[
     "delete_key",
     "rotate_key",
     "key_usage",
+    "client_usage",
 ];
 
 /// Request bodies whose `license` must name a configured plan.

@@ -482,16 +482,19 @@ async fn every_rule_the_handlers_enforce_is_stated_in_the_document() {
     assert_eq!(schemes["bearer"]["scheme"], "bearer");
     assert_eq!(schemes["client_key"]["name"], "x-api-key");
     assert_eq!(schemes["client_token"]["bearerFormat"], "JWT");
-    let on_keys = &doc["paths"]["/v1/api-keys"]["get"]["security"];
-    for scheme in ["admin_key", "bearer", "client_key", "client_token"] {
-        assert!(
-            on_keys
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|s| s.get(scheme).is_some()),
-            "{scheme}"
-        );
+    // On the calls a client principal makes on its own keys and usage.
+    for path in ["/v1/api-keys", "/v1/clients/{client_id}/usage"] {
+        let on_own = &doc["paths"][path]["get"]["security"];
+        for scheme in ["admin_key", "bearer", "client_key", "client_token"] {
+            assert!(
+                on_own
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s.get(scheme).is_some()),
+                "{path}: {scheme}"
+            );
+        }
     }
     assert!(
         doc["paths"]["/v1/clients"]["get"]["security"].is_null(),
