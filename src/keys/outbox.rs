@@ -269,8 +269,9 @@ pub struct Subscription {
     /// Deliveries of this webhook a claim may hand out now (0: its events are fanned out and
     /// none is claimed), so an endpoint that holds its attempts holds only its own share.
     pub room: usize,
-    /// Made through the admin API and kept by the store (not configured): the fan-out leaves
-    /// it out when the store no longer has it (deleted since the caller read its list).
+    /// Made through the admin API and kept by the store (not configured): the fan-out takes
+    /// the store's webhooks as the store has them when it runs (one made, changed or deleted
+    /// since the caller read its list included), and only `room` from here.
     pub stored: bool,
 }
 
@@ -373,8 +374,9 @@ pub trait Outbox: Send + Sync + 'static {
     /// yet (a notice and its event in one atomic step). Returns how many were written.
     async fn emit_expiring(&self, now: Millis) -> StoreResult<usize>;
 
-    /// Fans events written since the last call out to `subscriptions` (one delivery per event
-    /// and webhook that wants it), then claims up to `limit` deliveries that are due at `now`,
+    /// Fans events written since the last call out to the configured `subscriptions` and to
+    /// the store's webhooks as they are at that moment (one delivery per event and webhook
+    /// that wants it), then claims up to `limit` deliveries that are due at `now`,
     /// each the oldest undelivered one of its webhook and ordering key, at most
     /// [`Subscription::room`] of each webhook (a webhook not among `subscriptions` has no such
     /// bound, and its deliveries are handed out only once their event is [`ORPHAN_AFTER_MS`]

@@ -124,6 +124,7 @@ conformance!(
     a_leak_report_is_written_with_the_revoke_it_caused,
     a_claim_hands_out_at_most_each_webhooks_room,
     queues_of_a_webhook_nobody_knows_do_not_starve_the_others,
+    the_fan_out_follows_the_stores_webhooks_not_the_callers_list,
 );
 
 fn all() -> Vec<Subscription> {
@@ -508,6 +509,82 @@ async fn webhooks_are_created_changed_and_deleted_with_their_deliveries(s: &Subj
             .await
             .unwrap()
             .is_empty()
+    );
+}
+
+/// The fan-out takes the store's webhooks as they are when it runs, not as the caller's list
+/// (read before) has them: a webhook made since gets the events written after it was made
+/// (they waited for an instance that knows it), and a change of its event types applies to
+/// the events written after the change.
+async fn the_fan_out_follows_the_stores_webhooks_not_the_callers_list(s: &Subject) {
+    let late = Webhook {
+        id: "wh_late".into(),
+        url: "http://127.0.0.1:9/late".into(),
+        events: vec!["*".into()],
+        secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+        created_at: now_millis(),
+        previous_secret: None,
+        previous_until: None,
+    };
+    assert!(s.outbox.insert_webhook(&late, 10).await.unwrap());
+    // client.created and key.created.
+    new_client(s).await;
+    // The claimer's list was read before wh_late was made.
+    assert!(
+        s.outbox
+            .claim(&[], now_millis(), 60_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.outbox.pending().await.unwrap(),
+        2,
+        "not fanned out to wh_late"
+    );
+    let knows = [Subscription {
+        webhook_id: "wh_late".into(),
+        events: vec!["*".into()],
+        room: 10,
+        stored: true,
+    }];
+    // (Redis moved the queues of the webhook the first claimer did not know behind its lease.)
+    let later = now_millis() + 60_001;
+    let mut kinds: Vec<String> = s
+        .outbox
+        .claim(&knows, later, 60_000, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(kind)
+        .collect();
+    kinds.sort();
+    assert_eq!(kinds, ["client.created", "key.created"]);
+    // Narrowed to key.revoked; the claimer's list still says every event.
+    let narrowed = ["key.revoked".to_owned()];
+    assert!(
+        s.outbox
+            .update_webhook("wh_late", None, Some(&narrowed))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let (key, _) = ApiKey::builder().client("after_narrowing").build();
+    s.store
+        .insert_client(&testing::client(&key.client_id), &key)
+        .await
+        .unwrap();
+    assert!(
+        s.outbox
+            .claim(&knows, later, 60_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.outbox.pending().await.unwrap(),
+        2,
+        "fanned out as before the change"
     );
 }
 

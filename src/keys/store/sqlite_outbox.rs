@@ -349,17 +349,28 @@ impl Outbox for SqliteOutbox {
                     .collect::<rusqlite::Result<Vec<_>>>()
                     .map_err(db)?;
                 if let Some(last) = fresh.last().map(|f| f.0) {
-                    // A webhook of the store deleted since the caller's list was read gets
-                    // nothing more (its delete removed its pending deliveries).
-                    let mut exists = tx
-                        .prepare_cached("SELECT 1 FROM webhooks WHERE id = ?1")
+                    // The store's webhooks as they are now, not as the caller's list (read
+                    // before) has them: one made since gets the events written after its
+                    // creation was answered, one deleted since gets none, and a change of
+                    // event types applies to every event written after it. The configured
+                    // ones come from the caller.
+                    let stored = tx
+                        .prepare_cached("SELECT id, events FROM webhooks")
+                        .map_err(db)?
+                        .query_map([], |r| {
+                            let events: String = r.get(1)?;
+                            Ok(Subscription {
+                                webhook_id: r.get(0)?,
+                                events: serde_json::from_str(&events).unwrap_or_default(),
+                                room: 0,
+                                stored: true,
+                            })
+                        })
+                        .map_err(db)?
+                        .collect::<rusqlite::Result<Vec<_>>>()
                         .map_err(db)?;
-                    let mut fan = Vec::with_capacity(subs.len());
-                    for s in &subs {
-                        if !s.stored || exists.exists([&s.webhook_id]).map_err(db)? {
-                            fan.push(s);
-                        }
-                    }
+                    let fan: Vec<&Subscription> =
+                        subs.iter().filter(|s| !s.stored).chain(&stored).collect();
                     let mut ins = tx
                         .prepare_cached(
                             "INSERT OR IGNORE INTO webhook_deliveries (event_seq, webhook_id, \

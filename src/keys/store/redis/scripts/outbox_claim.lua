@@ -1,7 +1,6 @@
 -- ARGV: P, now, lease ms, limit, scan, n, then n quadruples: webhook id, its event types as
 -- ",a,b," (",*,"  for all), how many of its deliveries may be claimed now, 1 when the webhook is
--- one of the store's (left out of the fan-out once it is not in `webhooks`: deleted since the
--- caller read its list) else 0; then the time before
+-- one of the store's else 0 (configured); then the time before
 -- which the event of a webhook not named must have happened for its delivery to be handed out
 -- (left to the instances that know the webhook until then). Fans every event of
 -- the stream out to the webhooks that want it (one delivery hash `d:<webhook>|<event>` per pair,
@@ -19,9 +18,15 @@ local room = {}
 for j = 1, n do
   local id = ARGV[3 + 4 * j]
   room[id] = tonumber(ARGV[5 + 4 * j])
-  if ARGV[6 + 4 * j] == '0' or redis.call('HEXISTS', P .. 'webhooks', id) == 1 then
-    subs[#subs + 1] = {id = id, ev = ARGV[4 + 4 * j]}
-  end
+  if ARGV[6 + 4 * j] == '0' then subs[#subs + 1] = {id = id, ev = ARGV[4 + 4 * j]} end
+end
+-- The store's webhooks as they are now, not as the caller's list (read before) has them: one
+-- made since gets the events written after its creation was answered, one deleted since gets
+-- none, and a change of event types applies to every event written after it.
+local hooks = redis.call('HGETALL', P .. 'webhooks')
+for j = 1, #hooks, 2 do
+  local w = cjson.decode(hooks[j + 1])
+  subs[#subs + 1] = {id = hooks[j], ev = ',' .. table.concat(w.events, ',') .. ','}
 end
 local orphan_before = tonumber(ARGV[7 + 4 * n])
 local function wants(s, kind)
