@@ -476,6 +476,73 @@ async fn with_redis_wait_replicas_webhook_writes_wait_for_a_replica_too() {
     assert_eq!(ids, ["wh_paused"], "each write was made on the primary");
 }
 
+/// An import of more than one chunk whose first chunk is written but not confirmed (a replica
+/// that does not answer `WAIT`): atomic, it is undone like a later chunk (its error alone left
+/// 250 keys standing); not atomic, every key is listed as not confirmed (the rest was never
+/// sent), not answered as one write that stands whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_wait_replicas_an_import_whose_first_chunk_is_unconfirmed_is_undone_or_told() {
+    use keygate::keys::store::import::Refusal;
+    use keygate::keys::store::redis::{RedisStore, RedisTls};
+    use keygate::keys::store::{Store, StoreError};
+    use keygate::keys::{ApiKey, Client, now_millis};
+
+    let (primary, replica) = primary_and_replica();
+    let store =
+        RedisStore::open_with(&primary.tcp_url(0), "keygate:", &RedisTls::default(), 1).unwrap();
+    let client = Client {
+        client_id: "bulk".into(),
+        license: "pro".into(),
+        created_at: now_millis(),
+        metadata: None,
+    };
+    let (first, _) = ApiKey::builder().client("bulk").build();
+    store.insert_client(&client, &first).await.unwrap();
+    let batch = || -> Vec<ApiKey> {
+        (0..300)
+            .map(|_| ApiKey::builder().client("bulk").build().0)
+            .collect()
+    };
+    // The scripts loaded on the server first (not judged).
+    let _ = store.import_keys(batch(), 0, true).await;
+    let _ = store.delete_key(first.id).await;
+
+    let keys = batch();
+    replica.pause();
+    // The replica answers again once the first chunk's `WAIT` (300 ms) has given up, so that
+    // the undo's deletes are confirmed (each would wait its 300 ms too).
+    let (atomic, ()) = tokio::join!(store.import_keys(keys.clone(), 0, true), async {
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        replica.resume();
+    });
+    assert!(
+        matches!(
+            atomic,
+            Err(StoreError::Incomplete(_) | StoreError::Unconfirmed(_))
+        ),
+        "{atomic:?}"
+    );
+    for k in &keys {
+        assert!(
+            store.find_by_id(k.id).await.unwrap().is_none(),
+            "{} stands",
+            k.id
+        );
+    }
+
+    let keys = batch();
+    replica.pause();
+    let told = store.import_keys(keys.clone(), 0, false).await;
+    replica.resume();
+    let refused = told.unwrap();
+    assert_eq!(
+        refused,
+        (0..300)
+            .map(|i| (i, Refusal::Unconfirmed))
+            .collect::<Vec<_>>()
+    );
+}
+
 /// A signing key rotation is an admin write too: with `redis_wait_replicas` and a replica
 /// that does not answer, it is made and answered as not confirmed (it went out without
 /// `WAIT`: a rotation acknowledged just before a failover could be lost, and the instance that

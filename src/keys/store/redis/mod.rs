@@ -1329,8 +1329,10 @@ impl Store for RedisStore {
                 .await
             {
                 Ok(out) => out,
-                // Nothing written before: the store's error, as any call's.
-                Err(e) if n == 0 => return Err(e),
+                // One chunk, nothing written before: the store's error, as any call's. (With
+                // more, the first may have been written too: undone or told below, as a later
+                // one is; its error alone said the whole import stood, or none of it.)
+                Err(e) if n == 0 && candidates.len() <= IMPORT_CHUNK => return Err(e),
                 Err(e) if atomic => {
                     // The failed chunk may have been written (an answer lost, a timeout).
                     written.extend_from_slice(chunk);
@@ -1446,7 +1448,14 @@ impl RedisStore {
         for &i in chunk {
             a.key(&keys[i]);
         }
-        let v = self.write("import keys", &scripts().import_keys, a).await?;
+        // Judging writes nothing: no replica has anything to confirm (sent through `write`,
+        // a lagging replica answered a judging pass "made but not confirmed").
+        let v = if judge {
+            self.script("judge import", &scripts().import_keys, a)
+                .await?
+        } else {
+            self.write("import keys", &scripts().import_keys, a).await?
+        };
         let parts: Vec<i64> = ::redis::from_redis_value(v)
             .map_err(|e| StoreError::Unavailable(format!("redis: unexpected import reply: {e}")))?;
         parts
