@@ -742,6 +742,45 @@ mod tests {
         k
     }
 
+    /// A key past its expiry is refused from the cache like a disabled one: one lookup, then
+    /// 401s without the store (its entry ended at the key's end, so every request with it went
+    /// to the store, and no failed-authentication limit counts an expired key).
+    #[tokio::test]
+    async fn an_expired_key_costs_one_lookup_however_often_it_is_sent() {
+        let Setup {
+            auth, store, clock, ..
+        } = setup();
+        let now = clock.clock().now_millis();
+        let (expired, gone) = crate::keys::ApiKey::builder()
+            .client("c")
+            .expires_at(now - 1_000)
+            .build();
+        store.insert_client(&client("c"), &expired).await.unwrap();
+        for _ in 0..5 {
+            assert_eq!(
+                auth.api_key(gone.plaintext.expose()).await.unwrap_err(),
+                AuthError::ExpiredApiKey
+            );
+        }
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+        // One that expires while cached: refused from the cache too.
+        let (soon, k) = crate::keys::ApiKey::builder()
+            .client("c")
+            .name("soon")
+            .expires_at(now + 1_000)
+            .build();
+        store.insert_key(&soon, 10).await.unwrap();
+        assert!(auth.api_key(k.plaintext.expose()).await.is_ok());
+        clock.advance(Duration::from_secs(2));
+        for _ in 0..5 {
+            assert_eq!(
+                auth.api_key(k.plaintext.expose()).await.unwrap_err(),
+                AuthError::ExpiredApiKey
+            );
+        }
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 2);
+    }
+
     #[tokio::test]
     async fn cache_hits_do_not_touch_the_store() {
         let Setup { auth, store, .. } = setup();

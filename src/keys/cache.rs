@@ -117,14 +117,14 @@ struct Lifetimes {
 
 impl Lifetimes {
     /// When `entry` is dropped: a negative entry after the negative TTL, a positive one after
-    /// `stale_if_error` past its freshness, never past the key's own end.
+    /// `stale_if_error` past its freshness. A key past its end (its expiry, an old secret's
+    /// grace) stays cached like a disabled one: every use of it is refused by its status check,
+    /// from the cache (dropped at its end, it cost a store lookup per request, and no
+    /// failed-authentication limit counts an expired key).
     fn expires_at(&self, entry: &Entry) -> Millis {
         match &entry.value {
             Cached::Unknown => entry.fresh_until - self.ttl + self.negative_ttl,
-            Cached::Found(p) => {
-                let keep = entry.fresh_until + self.stale_if_error;
-                p.valid_until().map_or(keep, |v| keep.min(v))
-            }
+            Cached::Found(_) => entry.fresh_until + self.stale_if_error,
         }
     }
 
