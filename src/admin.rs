@@ -141,6 +141,14 @@ impl AdminInner {
         }
     }
 
+    /// Every cached key is asked again at its next use (what a write touched cannot be named).
+    pub fn invalidate_all(&self) {
+        if let Some(events) = &self.events {
+            events.wake();
+        }
+        self.cache.invalidate_all();
+    }
+
     /// True when `presented` is one of the admin keys. Compares against every configured key
     /// without an early exit.
     fn is_admin_key(&self, presented: &str) -> bool {

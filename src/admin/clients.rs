@@ -309,9 +309,16 @@ pub async fn update(
         .patch_client(&client_id, &patch)
         .await?
         .ok_or(AdminError::NotFound(NO_CLIENT))?;
-    // The license is part of every cached principal of this client.
-    let keys = all_keys_of(state.store.as_ref(), &client_id).await?;
-    state.invalidate(&keys);
+    // The license is part of every cached principal of this client. The patch stands: should
+    // its keys not be listed now, every cached key is asked again instead (the answer is not
+    // "nothing was changed", and this instance does not go on with the old license).
+    match all_keys_of(state.store.as_ref(), &client_id).await {
+        Ok(keys) => state.invalidate(&keys),
+        Err(e) => {
+            tracing::warn!(error = ?e, client_id = %client_id, "client updated, but its keys could not be listed; every cached key is asked again");
+            state.invalidate_all();
+        }
+    }
     tracing::info!(target: "keygate::audit", action = "client.update", caller = ?caller, client_id = %client_id, outcome = "ok");
     Ok(Json(ClientView::of(&c)))
 }

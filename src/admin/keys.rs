@@ -592,18 +592,21 @@ pub async fn update(
         .await?
         .ok_or(AdminError::NotFound("no API key with this id"))?;
     state.invalidate(std::slice::from_ref(&key));
+    // The patch stands from here: audited now, and a store failure below (the credits' write,
+    // or only their read for the answer) is one partway through the change, never "nothing
+    // was changed".
+    audit("key.update", &caller, &key);
+    let partway = |e| match e {
+        AdminError::StoreUnavailable => AdminError::StoreIncomplete,
+        e => e,
+    };
     let mut view = KeyView::of(&key);
     view.credits = match credits {
-        // The patch above stands: a store failure now is one partway through the change.
         Some(w) => super::limits::write(&state, &key, w)
             .await
-            .map_err(|e| match e {
-                AdminError::StoreUnavailable => AdminError::StoreIncomplete,
-                e => e,
-            })?,
-        None => super::limits::view(&state, key.id).await?,
+            .map_err(partway)?,
+        None => super::limits::view(&state, key.id).await.map_err(partway)?,
     };
-    audit("key.update", &caller, &key);
     Ok(Json(view))
 }
 

@@ -658,6 +658,35 @@ async fn a_patch_whose_credits_fail_after_its_other_fields_says_part_may_stand()
     assert_eq!(r.json()["credits"]["remaining"], 100);
 }
 
+/// A PATCH without credits that the store writes, but whose answer's credits it cannot read
+/// back, says part of the change may stand (it said "nothing was changed").
+#[tokio::test]
+async fn a_patch_whose_answer_cannot_be_read_back_says_part_may_stand() {
+    let gw = Gateway::start_with(PLANS).await;
+    gw.client("readback", "bulk").await;
+    let (_, id) = key_with(&gw, "readback", json!({})).await;
+    let db = rusqlite::Connection::open(gw.dir.path().join("keygate.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    // The key can be read, its credits' balance not (as a damaged table would be).
+    db.execute_batch(
+        "ALTER TABLE key_credits RENAME TO key_credits_away; \
+         CREATE VIEW key_credits AS SELECT key_id, refill_amount, refill_interval, refill_day \
+         FROM key_credits_away;",
+    )
+    .unwrap();
+    let path = format!("/v1/api-keys/{id}");
+    let r = gw
+        .admin("PATCH", &path, Some(json!({"name": "renamed"})))
+        .await;
+    assert_eq!(r.status, 503, "{}", text(&r));
+    let detail = r.json()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("partway"), "{detail}");
+    db.execute_batch("DROP VIEW key_credits; ALTER TABLE key_credits_away RENAME TO key_credits")
+        .unwrap();
+    let v = gw.admin("GET", &path, None).await;
+    assert_eq!(v.json()["name"], "renamed");
+}
+
 /// A key created with credits the store will not write is deleted again and the create fails
 /// (503, nothing stands); when that deletion fails too, the answer says part of the change may
 /// stand, and the key that stands is listed, its secret never shown.
