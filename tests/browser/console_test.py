@@ -421,6 +421,18 @@ def main():
         names = [r.find_elements(By.TAG_NAME, "td")[0].text
                  for r in driver.find_elements(By.CSS_SELECTOR, "#key-table tbody tr")]
         check(names == ["default"], "and none of another client's")
+        # It creates keys of its own (without the credits and rate limit only an admin sets).
+        check(not by_id("new-key-limit-row").is_displayed(), "only an admin sets rate limits")
+        by_id("new-key-name").send_keys("mine")
+        by_id("new-key-go").click()
+        visible("newkey")
+        mine = by_id("newkey-value").text
+        check(mine.startswith("kg_"), "a client creates a key of its own and sees it once")
+        by_id("newkey-done").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#key-table tbody tr")) == 2)
+        s, listed = http_call("GET", f"http://{admin}/v1/api-keys?client_id=globex", ADMIN_KEY, admin=True)
+        check(s == 200 and sorted(k["name"] for k in json.loads(listed)["data"]) == ["default", "mine"],
+              "the new key is the client's")
     finally:
         driver.quit()
         proc.terminate()

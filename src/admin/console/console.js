@@ -227,8 +227,15 @@ async function openClient(id) {
   show('client');
   hideNewKey();
   $('client-title').textContent = id;
-  // Only an admin sets credits; a client principal sees them.
-  for (const e of ['client-license', 'client-license-go', 'client-delete', 'new-key-credits-row']) {
+  // Only an admin sets credits and rate limits; a client principal sees them, and creates keys
+  // without them.
+  for (const e of [
+    'client-license',
+    'client-license-go',
+    'client-delete',
+    'new-key-limit-row',
+    'new-key-credits-row',
+  ]) {
     $(e).hidden = !admin;
   }
   if (admin) {
