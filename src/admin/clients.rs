@@ -1,13 +1,13 @@
 //! `/v1/clients`: create (with a first key), list, get, update, delete (with all its keys).
 
 use axum::Json;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::error::{AdminError, ErrorResponses, FieldError, JsonBody, Query};
+use super::error::{AdminError, ErrorResponses, FieldError, JsonBody, Path, Query};
 use super::keys::{KeyView, audit, check_metadata, check_permissions, new_key};
 use super::{AdminState, Caller, PageQuery, PageView, all_keys_of, rfc3339};
 use crate::keys::store::ClientPatch;

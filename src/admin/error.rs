@@ -366,6 +366,29 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for
     }
 }
 
+/// Path parameters: one that does not fit `T` (not UTF-8 once percent-decoded) → 400
+/// problem+json, like every other admin error (axum's own answer was plain text). The message
+/// names no value: a path parameter may be anything a caller typed.
+pub struct Path<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> axum::extract::FromRequestParts<S> for Path<T> {
+    type Rejection = AdminError;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| Path(p.0))
+            .map_err(|_| {
+                AdminError::BadRequest(
+                    "a path parameter is not valid (percent-decoded, it must be UTF-8)".into(),
+                )
+            })
+    }
+}
+
 /// JSON Schema's `integer` includes numbers written with a zero fraction (`3600.0`): such
 /// numbers are read as the integer they are, everywhere but inside free-form `metadata`
 /// (stored as sent).

@@ -1,7 +1,7 @@
 //! `/v1/api-keys` (also under `/api/v1/api-keys`): create, list, get, update, delete, rotate.
 
 use axum::Json;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::error::{AdminError, ErrorResponses, FieldError, JsonBody, Query};
+use super::error::{AdminError, ErrorResponses, FieldError, JsonBody, Path, Query};
 use super::{AdminState, Caller, PageQuery, PageView, rfc3339};
 use crate::keys::store::{KeyPatch, Rotated, Rotation};
 use crate::keys::{ApiKey, CLIENT_ID_RULE, Millis, RateLimit, SetBy, now_millis, valid_client_id};

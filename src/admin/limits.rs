@@ -5,12 +5,12 @@
 //! them.
 
 use axum::Json;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, State};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::error::{AdminError, ErrorResponses, FieldError, JsonBody};
+use super::error::{AdminError, ErrorResponses, FieldError, JsonBody, Path};
 use super::keys::{audit, load};
 use super::{AdminState, Caller, rfc3339};
 use crate::keys::allowance::{Credits, CreditsWrite, CreditsWritten, MAX_CREDITS, Period, Refill};

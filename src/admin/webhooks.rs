@@ -3,13 +3,13 @@
 //! answer to the create call; no listing, log line or error shows it again.
 
 use axum::Json;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::error::{AdminError, ErrorResponses, FieldError, JsonBody, Query};
+use super::error::{AdminError, ErrorResponses, FieldError, JsonBody, Path, Query};
 use super::keys::grace_period;
 use super::{AdminState, Caller, rfc3339};
 use crate::config::events::{RawEventList, each_once, event_list, url_problem};

@@ -308,6 +308,21 @@ async fn bad_input_is_400_or_422_naming_the_field() {
         assert!(!text.contains(&key), "the key echoed: {text}");
         assert!(text.contains("a string"), "{text}");
     }
+    // A path parameter that is not UTF-8 once decoded: 400 problem+json like every other
+    // refusal (it was plain text), naming no value.
+    for path in [
+        "/v1/api-keys/%FF",
+        "/v1/clients/%FF%FE",
+        "/v1/webhooks/%C3%28",
+    ] {
+        let r = gw.admin("DELETE", path, None).await;
+        assert_eq!(r.status, 400, "{path}");
+        assert_eq!(
+            r.headers["content-type"], "application/problem+json",
+            "{path}"
+        );
+        assert_eq!(r.code(), "bad_request", "{path}");
+    }
     // Nor as the value of a field of a fixed set of names (serde names an unknown variant).
     for (m, path) in [
         ("POST", "/v1/api-keys".to_owned()),
