@@ -828,7 +828,18 @@ fn read(path: Option<&Path>) -> Result<(String, String), ConfigErrors> {
                 p.display()
             )])
         })?,
-        None => std::fs::read_to_string(DEFAULT_CONFIG_PATH).unwrap_or_default(),
+        // Only a file that is not there reads as every default: one that is there but cannot
+        // be read (its permissions, not UTF-8, a directory) would otherwise start a gateway
+        // without its routes, plans and TLS, and `check-config` would call it OK.
+        None => match std::fs::read_to_string(DEFAULT_CONFIG_PATH) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                return Err(ConfigErrors(vec![format!(
+                    "cannot read config file {DEFAULT_CONFIG_PATH}: {e}"
+                )]));
+            }
+        },
     };
     let origin = path.map_or(DEFAULT_CONFIG_PATH.into(), |p| p.display().to_string());
     Ok((text, origin))
@@ -1254,6 +1265,10 @@ mod tests {
             (
                 "[store]\ncache_ttl_secs = 86401\n",
                 "store.cache_ttl_secs: must be at most 86400",
+            ),
+            (
+                "[server]\nshutdown_grace_secs = 10000000000000000000\n",
+                "server.shutdown_grace_secs: at most 86400",
             ),
             (
                 "[store]\nnegative_ttl_secs = 86401\n",

@@ -53,6 +53,26 @@ enum Command {
     Apply { file: PathBuf },
 }
 
+/// The environment as the configuration reads it. `std::env::vars` panics on a variable that
+/// is not UTF-8, whatever its name: such a variable is left out, unless it is one of keygate's
+/// (`KEYGATE_*`), which stops the command (exit 2) rather than be ignored.
+fn environment() -> Result<std::collections::HashMap<String, String>, ExitCode> {
+    let mut env = std::collections::HashMap::new();
+    for (name, value) in std::env::vars_os() {
+        match (name.into_string(), value.into_string()) {
+            (Ok(name), Ok(value)) => {
+                env.insert(name, value);
+            }
+            (Ok(name), Err(_)) if name.starts_with("KEYGATE_") => {
+                eprintln!("keygate: the environment variable {name} is not valid UTF-8");
+                return Err(ExitCode::from(2));
+            }
+            _ => {}
+        }
+    }
+    Ok(env)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Serve | Command::CheckConfig) {
@@ -65,7 +85,10 @@ fn main() -> ExitCode {
         store: cli.store,
         admin_key: cli.admin_key,
     };
-    let env = std::env::vars().collect();
+    let env = match environment() {
+        Ok(env) => env,
+        Err(code) => return code,
+    };
     let config = match Config::load(cli.config.as_deref(), &env, &overrides) {
         Ok(c) => c,
         Err(e) => {
@@ -130,7 +153,10 @@ fn serve(config: Config) -> ExitCode {
 /// The admin-API commands: where the admin API is (flag, environment, else the config file's
 /// admin listener) and which key to present.
 fn admin_api(cli: Cli) -> ExitCode {
-    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let env = match environment() {
+        Ok(env) => env,
+        Err(code) => return code,
+    };
     let configured = if cli.admin_api.admin_url.is_some() {
         None
     } else {

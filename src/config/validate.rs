@@ -592,12 +592,23 @@ fn limits(raw: &RawLimits, p: &mut Problems) -> Limits {
 /// polling keeps one event loop from sleeping, so it needs exactly one worker thread: with
 /// several, the runtime could not promise that each spins. A loop that never waits has no wait
 /// to coalesce, so the two exclude each other.
+/// The longest `server.shutdown_grace_secs` (a day): a stop's deadlines are that plus a few
+/// seconds on the monotonic clock, which a larger value overflowed.
+const MAX_SHUTDOWN_GRACE_SECS: u64 = 86_400;
+
 fn server(raw: &RawServer, p: &mut Problems) -> (Duration, u32, EventLoop) {
     if !(1..=MAX_LISTEN_BACKLOG).contains(&raw.listen_backlog) {
         p.error(format!(
             "server.listen_backlog: 1 to {MAX_LISTEN_BACKLOG} (is {}); connections the kernel \
              queues on a listener until they are accepted",
             raw.listen_backlog
+        ));
+    }
+    if raw.shutdown_grace_secs > MAX_SHUTDOWN_GRACE_SECS {
+        p.error(format!(
+            "server.shutdown_grace_secs: at most {MAX_SHUTDOWN_GRACE_SECS} (a day; is {}); how \
+             long a stop waits for requests in flight",
+            raw.shutdown_grace_secs
         ));
     }
     if raw.busy_polling && raw.worker_threads != 1 {

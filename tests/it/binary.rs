@@ -41,6 +41,70 @@ fn check_config_lists_every_problem_and_fails() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen_on"));
 }
 
+/// The default config file (`config/keygate.toml` in the working directory) that is there but
+/// cannot be read — not UTF-8, or a directory — stops the command naming it; only a file that
+/// is not there reads as every default (it read as every default whatever the error: a gateway
+/// without its routes, plans and TLS, and `check-config` said OK).
+#[test]
+fn a_default_config_file_that_cannot_be_read_is_refused_not_taken_as_none() {
+    let key = "an-admin-key-of-decent-length";
+    let dir = tempfile::tempdir().unwrap();
+    let check = || {
+        Binary::command(["check-config"])
+            .env("KEYGATE_ADMIN_KEY", key)
+            .current_dir(dir.path())
+            .output()
+    };
+    // No file: every default.
+    let out = check();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::create_dir(dir.path().join("config")).unwrap();
+    let path = dir.path().join("config/keygate.toml");
+    for (what, write) in [("not UTF-8", true), ("a directory", false)] {
+        if write {
+            std::fs::write(&path, b"# caf\xe9\n[proxy]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+        } else {
+            std::fs::remove_file(&path).unwrap();
+            std::fs::create_dir(&path).unwrap();
+        }
+        let out = check();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+        assert!(
+            err.contains("cannot read config file config/keygate.toml"),
+            "{what}: {err}"
+        );
+    }
+}
+
+/// A variable of the environment that is not UTF-8 stops nothing when it is not keygate's (it
+/// made every command panic), and one of keygate's stops the command naming it.
+#[test]
+fn an_environment_variable_that_is_not_utf8_is_named_or_left_alone() {
+    use std::os::unix::ffi::OsStrExt;
+    let bad = std::ffi::OsStr::from_bytes(b"\xff\xfe");
+    let out = Binary::command(["check-config", "--config", "config/keygate.toml"])
+        .env("KEYGATE_ADMIN_KEY", "an-admin-key-of-decent-length")
+        .env("SOMETHING_ELSE", bad)
+        .output();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Binary::command(["check-config", "--config", "config/keygate.toml"])
+        .env("KEYGATE_ADMIN_KEY", "an-admin-key-of-decent-length")
+        .env("KEYGATE_UPSTREAM", bad)
+        .output();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("KEYGATE_UPSTREAM is not valid UTF-8"), "{err}");
+}
+
 #[test]
 fn serve_refuses_to_start_without_an_admin_key() {
     let dir = tempfile::tempdir().unwrap();
