@@ -151,6 +151,7 @@ pub async fn serve<F, S, B>(
             fast: opts.fast_path.clone(),
             settings: Arc::clone(&settings),
             drain: drained.clone(),
+            h2_only: false,
         };
         let service = make_service(peer);
         opts.metrics.connection_opened(opts.name);
@@ -175,8 +176,12 @@ pub async fn serve<F, S, B>(
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                            // ALPN said h2: HTTP/2 only. Bytes of HTTP/1.1 on it would be read
+                            // by hyper's own parser, without the fast path's refusals
+                            // (Content-Length with Transfer-Encoding was forwarded).
                             let conn = Connection {
                                 fast: if h2 { None } else { conn.fast },
+                                h2_only: h2,
                                 ..conn
                             };
                             conn.serve(tls, service).await;
@@ -346,6 +351,8 @@ struct Connection {
     settings: Arc<h1::Settings>,
     /// Changes to `true` when the listener drains.
     drain: watch::Receiver<bool>,
+    /// TLS with ALPN `h2`: hyper serves HTTP/2 and nothing else.
+    h2_only: bool,
 }
 
 impl Connection {
@@ -423,23 +430,44 @@ impl Connection {
                 self.settings.body_timeout,
             );
             let service = activity::Counted::new(service, activity);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-            tokio::pin!(conn);
-            let result = if draining {
-                conn.await
+            let io = TokioIo::new(io);
+            // (`http2_only` binds `serve_connection` only: the one with upgrades reads the
+            // version from the bytes whatever the builder says.)
+            let result = if self.h2_only {
+                let builder = builder.http2_only();
+                let conn = builder.serve_connection(io, service);
+                drive(conn, draining, &mut self.drain).await
             } else {
-                tokio::select! {
-                    biased;
-                    r = conn.as_mut() => r,
-                    _ = self.drain.changed() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                }
+                let conn = builder.serve_connection_with_upgrades(io, service);
+                drive(conn, draining, &mut self.drain).await
             };
             if let Err(e) = result {
                 tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
             }
+        }
+    }
+}
+
+/// Runs a connection hyper serves to its end, shut down gracefully when the listener drains
+/// (at once when it already does: `draining`).
+async fn drive<C>(
+    conn: C,
+    draining: bool,
+    drain: &mut watch::Receiver<bool>,
+) -> Result<(), C::Error>
+where
+    C: hyper_util::server::graceful::GracefulConnection,
+{
+    tokio::pin!(conn);
+    if draining {
+        return conn.await;
+    }
+    tokio::select! {
+        biased;
+        r = conn.as_mut() => r,
+        _ = drain.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
     }
 }

@@ -492,6 +492,36 @@ async fn tls12_handshakes_complete_and_resume() {
     }
 }
 
+/// ALPN said h2: the connection is HTTP/2 only. HTTP/1.1 sent on it is not served (hyper's
+/// own HTTP/1.1 parser read it without the fast path's refusals: Content-Length with
+/// Transfer-Encoding was forwarded, 200); with ALPN http/1.1 the same bytes get the fast path's
+/// 400, as on plain TCP.
+#[tokio::test]
+async fn http1_on_a_connection_alpn_made_h2_is_not_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (gw, pki, key) = tls_gateway("").await;
+    let smuggle = format!(
+        "POST /x HTTP/1.1\r\nHost: x\r\nX-API-Key: {key}\r\nContent-Length: 5\r\n\
+         Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    );
+    let mut cfg = client_tls(&pki.ca_der);
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let mut s = tls_connect_with(&gw.proxy, Arc::new(cfg)).await;
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    s.write_all(smuggle.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+    assert!(
+        !got.starts_with(b"HTTP/1.1"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    let mut s = tls_connect(&gw.proxy, &pki.ca_der).await;
+    s.write_all(smuggle.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+}
+
 /// A client and its key, created through the admin API at `admin`.
 async fn admin_client_key(admin: &std::net::SocketAddr) -> String {
     let c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
