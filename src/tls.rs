@@ -96,11 +96,15 @@ pub fn server_config(cert: Arc<ReloadableCert>, tickets: usize) -> Arc<ServerCon
     config.send_tls13_tickets = tickets;
     // Stateless resumption: session tickets sealed with keys that rotate every 6 hours. The
     // in-memory session cache alone (256 sessions) forgets sessions as soon as more clients
-    // than it holds reconnect, and each of them then pays a full handshake.
-    match rustls::crypto::ring::Ticketer::new() {
-        Ok(ticketer) => config.ticketer = ticketer,
-        Err(e) => {
-            tracing::warn!(error = %e, "TLS session tickets unavailable; sessions resume from the in-memory cache only")
+    // than it holds reconnect, and each of them then pays a full handshake. None at all with
+    // `tickets` 0: no TLS 1.2 ticket either (a TLS 1.2 session then resumes by its id, from the
+    // cache).
+    if tickets > 0 {
+        match rustls::crypto::ring::Ticketer::new() {
+            Ok(ticketer) => config.ticketer = ticketer,
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS session tickets unavailable; sessions resume from the in-memory cache only")
+            }
         }
     }
     Arc::new(config)

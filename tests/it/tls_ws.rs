@@ -469,6 +469,48 @@ async fn tls_session_tickets_per_handshake_follow_the_setting() {
     }
 }
 
+/// With `tls_session_tickets = 0` a TLS 1.2 client gets no session ticket either (rustls sent
+/// TLS 1.2 tickets whatever the setting, sealed under the 6-hour ticket key); by default it
+/// gets one. Seen with `openssl s_client`, whose saved session says whether it holds a ticket.
+#[tokio::test]
+async fn no_tls12_ticket_when_tickets_are_off() {
+    for (setting, ticket) in [("", true), ("tls_session_tickets = 0\n", false)] {
+        let (gw, pki, _key) = tls_gateway(setting).await;
+        let dir = tempfile::tempdir().unwrap();
+        let sess = dir.path().join("sess.pem");
+        let port = gw.proxy.port();
+        let sess_arg = sess.clone();
+        let ca = pki.ca_pem.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("openssl")
+                .args(["s_client", "-tls1_2", "-connect"])
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("-CAfile")
+                .arg(&ca)
+                .arg("-sess_out")
+                .arg(&sess_arg)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("openssl")
+        })
+        .await
+        .unwrap();
+        assert!(sess.exists(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = std::process::Command::new("openssl")
+            .args(["sess_id", "-noout", "-text", "-in"])
+            .arg(&sess)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&text.stdout).into_owned();
+        assert!(text.contains("TLSv1.2"), "{text}");
+        assert_eq!(
+            text.contains("TLS session ticket:"),
+            ticket,
+            "{setting:?}: {text}"
+        );
+    }
+}
+
 /// A client that speaks only TLS 1.2 completes full and resumed handshakes and is answered.
 #[tokio::test]
 async fn tls12_handshakes_complete_and_resume() {
