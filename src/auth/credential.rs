@@ -180,6 +180,7 @@ impl Extractor {
             source: Source::Basic,
             secret,
         });
+        let query_text = query;
         let query = self
             .query_param
             .as_deref()
@@ -203,6 +204,13 @@ impl Extractor {
             all.into_iter()
                 .flatten()
                 .any(|o| o.secret.as_str() != c.secret.as_str())
+        }) || query.is_some_and(|first| {
+            // The parameter given again with another value (the first was judged, the other
+            // ignored).
+            let (Some(param), Some(q)) = (self.query_param.as_deref(), query_text) else {
+                return false;
+            };
+            query_values(q, param).any(|v| v != first.secret.as_str())
         });
         Found {
             chosen: chosen.copied(),
@@ -238,7 +246,15 @@ pub fn header_text(v: &[u8]) -> Option<&str> {
 /// The raw value of `name` in a query string. Keys are base62 so no decoding is needed; a
 /// value containing escapes simply fails the key check later.
 fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
-    query.split('&').find_map(|pair| {
+    query_values(query, name).next()
+}
+
+/// Every non-empty raw value of `name` in a query string, in order.
+fn query_values<'a, 'n>(query: &'a str, name: &'n str) -> impl Iterator<Item = &'a str> + 'n
+where
+    'a: 'n,
+{
+    query.split('&').filter_map(move |pair| {
         let (k, v) = pair.split_once('=')?;
         (k == name && !v.is_empty()).then_some(v)
     })

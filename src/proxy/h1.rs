@@ -756,6 +756,11 @@ impl RequestView for View<'_> {
         false
     }
 
+    fn api_keys(&self, _: &http::HeaderName) -> bool {
+        // A request with more is handed over.
+        false
+    }
+
     fn api_key(&self, _: &http::HeaderName) -> Option<&str> {
         self.head
             .api_key

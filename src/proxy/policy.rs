@@ -49,6 +49,9 @@ pub trait RequestView {
     fn authorizations(&self) -> bool;
     /// The first value of the API-key header (`name`), when it is header text.
     fn api_key(&self, name: &HeaderName) -> Option<&str>;
+    /// True when the API-key header (`name`) is sent more than once (as `Authorization`: one
+    /// would be judged, the other ignored).
+    fn api_keys(&self, name: &HeaderName) -> bool;
     /// Every `X-Forwarded-For` line, in order (a proxy may add a line of its own rather than
     /// extend the one it got: together they are one list, RFC 9110 §5.3). A line that is not
     /// header text is `None`.
@@ -79,6 +82,10 @@ impl RequestView for http::request::Parts {
         self.headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
+    }
+
+    fn api_keys(&self, name: &HeaderName) -> bool {
+        self.headers.get_all(name).iter().nth(1).is_some()
     }
 
     fn authorizations(&self) -> bool {
@@ -503,6 +510,10 @@ impl Gateway {
         } else if req.authorizations() {
             Err(ProxyError::BadRequest(
                 "the request carries more than one Authorization field",
+            ))
+        } else if req.api_keys(&self.extractor.api_key_header) {
+            Err(ProxyError::BadRequest(
+                "the request carries more than one API-key field",
             ))
         } else {
             let ip = self.policy.client_ip(req, conn.peer.ip());

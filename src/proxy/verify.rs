@@ -150,6 +150,10 @@ impl<V: RequestView> RequestView for Original<'_, V> {
         self.verify.api_key(name)
     }
 
+    fn api_keys(&self, name: &HeaderName) -> bool {
+        self.verify.api_keys(name)
+    }
+
     fn forwarded_for(&self) -> impl Iterator<Item = Option<&str>> {
         self.verify.forwarded_for()
     }

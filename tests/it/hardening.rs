@@ -214,11 +214,29 @@ async fn every_credential_field_is_stripped_and_two_different_credentials_are_re
         )
         .await;
     assert_eq!(r.status, 400);
+    // Two keys in one field given twice: the header twice (even holding one key), the query
+    // parameter twice with two keys (only the first was read; the other was stripped unjudged).
+    for (path, headers) in [
+        (
+            "/x".to_owned(),
+            vec![("x-api-key", a.as_str()), ("x-api-key", b.as_str())],
+        ),
+        (
+            "/x".to_owned(),
+            vec![("x-api-key", a.as_str()), ("x-api-key", a.as_str())],
+        ),
+        (format!("/x?api_key={a}&api_key={b}"), vec![]),
+    ] {
+        let r = gw.get(&path, &headers).await;
+        assert_eq!(r.status, 400, "{path} {}", headers.len());
+        assert_eq!(r.code(), "bad_request");
+    }
     assert_eq!(gw.upstream.count(), before);
-    // The same key in every field: served, and no field carries it upstream.
+    // The same key in every field (the query parameter twice): served, and no field carries
+    // it upstream.
     let r = gw
         .get(
-            &format!("/x?a=1&api_key={a}&b=2"),
+            &format!("/x?a=1&api_key={a}&b=2&api_key={a}"),
             &[("authorization", &format!("Bearer {a}")), ("x-api-key", &a)],
         )
         .await;

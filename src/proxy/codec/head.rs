@@ -291,8 +291,10 @@ pub fn parse_request(
                 head.authorization = Some(Span::of(buf, h.value));
                 Rule::Authorization
             }
+            // More than one: hyper's engine refuses it (rare).
+            Rule::ApiKey if head.api_key.is_some() => return hand_over(req.headers),
             Rule::ApiKey => {
-                head.api_key.get_or_insert(Span::of(buf, h.value));
+                head.api_key = Some(Span::of(buf, h.value));
                 Rule::ApiKey
             }
             // Lines to join into one list: hyper's engine does it (rare).
@@ -595,8 +597,9 @@ mod tests {
             "GET /caf\u{e9} HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET /?q=<x> HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
-            // More than one Authorization: refused by hyper's engine.
+            // More than one Authorization or API-key field: refused by hyper's engine.
             "GET / HTTP/1.1\r\nHost: a\r\nAuthorization: Digest x\r\nAuthorization: Bearer y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX-API-Key: x\r\nx-api-key: y\r\n\r\n",
             // Lines of one list: joined by hyper's engine.
             "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: a\r\nx-forwarded-for: b\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
