@@ -504,8 +504,14 @@ fn plan(want: &State, live: &Live) -> Result<Vec<Change>, CliError> {
         }
         let meta = parse_meta(&format!("client {}", c.client_id), &c.metadata)?;
         // A license the gateway has no plan for is refused by it; here, before anything is made.
+        // A client that already holds it keeps it (its plan left the config: it is served at
+        // the default limit), so only a new client or a change of license is judged.
+        let unchanged = live_clients
+            .get(c.client_id.as_str())
+            .is_some_and(|l| l["license"] == c.license.as_str());
         if let Some(running) = live.config["plans"].as_object()
             && !running.contains_key(&c.license)
+            && !unchanged
         {
             let mut names: Vec<&str> = running.keys().map(String::as_str).collect();
             names.sort_unstable();

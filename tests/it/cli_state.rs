@@ -254,6 +254,41 @@ async fn a_state_exported_from_one_gateway_converges_another() {
     assert_eq!(snapshot(&b).await, before);
 }
 
+/// A client whose plan has left the configuration (it is served at the default limit) keeps
+/// its license through export, diff and apply: only a new client or a change of license must
+/// name a plan of the gateway (its own export was refused, and nothing could be applied).
+#[tokio::test]
+async fn a_client_whose_plan_left_the_config_does_not_block_its_own_export() {
+    let gw = Gateway::start_with(ROUTES).await;
+    seed(&gw).await;
+    // As a gateway started without the plan the client was made under leaves it.
+    let db = rusqlite::Connection::open(gw.dir.path().join("keygate.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    db.execute(
+        "INSERT INTO clients (client_id, license, created_at) VALUES ('legacy', 'retired', 0)",
+        [],
+    )
+    .unwrap();
+    let file = gw.dir.path().join("state.toml");
+    let text = export(&gw, &file).await;
+    assert!(text.contains("retired"), "{text}");
+    let (code, said) = diff(&gw, &file).await;
+    assert_eq!(code, 0, "{said}");
+    apply(&gw, &file).await;
+    // Moving a client to it is still refused, naming the plans there are.
+    std::fs::write(
+        &file,
+        text.replace(
+            "client_id = \"acme\"\nlicense = \"pro\"",
+            "client_id = \"acme\"\nlicense = \"retired\"",
+        ),
+    )
+    .unwrap();
+    let (code, said) = diff(&gw, &file).await;
+    assert_eq!(code, 2, "{said}");
+    assert!(said.contains("is not a plan of this gateway"), "{said}");
+}
+
 #[tokio::test]
 async fn bad_state_files_are_usage_errors_and_change_nothing() {
     let gw = Gateway::start_with(ROUTES).await;
