@@ -15,6 +15,8 @@ use super::CliError;
 pub struct Admin {
     base: String,
     key: String,
+    /// How long one call may take, connecting included.
+    timeout: std::time::Duration,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
@@ -38,7 +40,12 @@ pub fn segment(s: &str) -> String {
 impl Admin {
     /// `base`: `http://host:port` or `https://…`; `ca`: PEM bundle for a TLS admin listener
     /// (default: the webpki roots).
-    pub fn new(base: &str, key: String, ca: Option<&std::path::Path>) -> Result<Self, CliError> {
+    pub fn new(
+        base: &str,
+        key: String,
+        ca: Option<&std::path::Path>,
+        timeout: std::time::Duration,
+    ) -> Result<Self, CliError> {
         let base = base.trim_end_matches('/').to_owned();
         // Not echoed: a user and password in it would be printed, and never be sent (the
         // admin key is the credential).
@@ -65,6 +72,7 @@ impl Admin {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
+        http.set_connect_timeout(Some(timeout));
         let tls = crate::tls::client_config(ca).map_err(CliError::Usage)?;
         let https = HttpsConnectorBuilder::new()
             .with_tls_config(tls)
@@ -74,6 +82,7 @@ impl Admin {
         Ok(Self {
             base,
             key,
+            timeout,
             client: Client::builder(TokioExecutor::new()).build(https),
         })
     }
@@ -96,16 +105,28 @@ impl Admin {
         let req = req
             .body(Full::new(body.unwrap_or_default()))
             .map_err(|e| CliError::Usage(format!("bad request: {e}")))?;
-        let res = self.client.request(req).await.map_err(|e| {
-            CliError::Transport(format!("cannot reach the admin API at {}: {e}", self.base))
-        })?;
-        let status = res.status();
-        let bytes = res
-            .into_body()
-            .collect()
+        let exchange = async {
+            let res = self.client.request(req).await.map_err(|e| {
+                CliError::Transport(format!("cannot reach the admin API at {}: {e}", self.base))
+            })?;
+            let status = res.status();
+            let bytes = res
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| CliError::Transport(format!("reading the answer: {e}")))?
+                .to_bytes();
+            Ok::<_, CliError>((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(self.timeout, exchange)
             .await
-            .map_err(|e| CliError::Transport(format!("reading the answer: {e}")))?
-            .to_bytes();
+            .map_err(|_| {
+                CliError::Transport(format!(
+                    "no answer from the admin API at {} within {} s (--timeout-secs)",
+                    self.base,
+                    self.timeout.as_secs()
+                ))
+            })??;
         let value: Value = if bytes.is_empty() {
             Value::Null
         } else {

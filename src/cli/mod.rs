@@ -94,6 +94,11 @@ pub struct Global {
     /// PEM CA bundle to verify an https admin URL (default: the webpki roots).
     #[arg(long, global = true, env = "KEYGATE_ADMIN_CA")]
     pub admin_ca: Option<PathBuf>,
+    /// Seconds each admin API call may take, connecting included (1–3600): past it the command
+    /// ends with exit 1 saying the answer was not had.
+    #[arg(long, global = true, env = "KEYGATE_ADMIN_TIMEOUT_SECS", default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub timeout_secs: u64,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -241,7 +246,12 @@ pub fn connect(g: &Global, target: Target) -> Result<Admin, CliError> {
     let key = target.key.filter(|k| !k.is_empty()).ok_or_else(|| {
         CliError::Usage("no admin key: set KEYGATE_ADMIN_KEY (or --admin-key)".into())
     })?;
-    Admin::new(&url, key, g.admin_ca.as_deref())
+    Admin::new(
+        &url,
+        key,
+        g.admin_ca.as_deref(),
+        std::time::Duration::from_secs(g.timeout_secs),
+    )
 }
 
 /// Runs `f` on a small current-thread runtime.

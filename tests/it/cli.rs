@@ -533,6 +533,61 @@ async fn key_import_does_not_claim_a_batch_whose_answer_was_lost_stored_nothing(
     assert_eq!(status(&gw, "lost-answer-key-0123456789").await, 401);
 }
 
+/// An admin API that takes the request and never answers: every command ends after
+/// `--timeout-secs` (exit 1, saying no answer came), and an import says its batch's fate is not
+/// known (it waited for ever).
+#[tokio::test]
+async fn an_admin_api_that_never_answers_ends_the_command_at_its_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.jsonl");
+    std::fs::write(
+        &file,
+        json!({"client_id": "acme", "name": "k", "key": "never-answered-key-0123456789"})
+            .to_string(),
+    )
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let path = file.to_str().unwrap().to_owned();
+    for (args, said) in [
+        (vec!["key", "list"], "no answer from the admin API"),
+        (vec!["key", "import", path.as_str()], "is not known"),
+    ] {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let o = tokio::task::spawn_blocking(move || {
+            Binary::command(args)
+                .arg("--admin-url")
+                .arg(format!("http://{addr}"))
+                .arg("--timeout-secs")
+                .arg("1")
+                .env("KEYGATE_ADMIN_KEY", ADMIN_KEY)
+                // (Without a timeout of its own the command waited for ever.)
+                .output_within(std::time::Duration::from_secs(60))
+        })
+        .await
+        .unwrap();
+        assert_eq!(code(&o), 1, "{}", stderr(&o));
+        assert!(stderr(&o).contains(said), "{}", stderr(&o));
+    }
+    // Out of its range: a usage error.
+    let o = tokio::task::spawn_blocking(move || {
+        Binary::command(["key", "list", "--timeout-secs", "0"])
+            .arg("--admin-url")
+            .arg(format!("http://{addr}"))
+            .env("KEYGATE_ADMIN_KEY", ADMIN_KEY)
+            .output()
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+}
+
 /// `keygate key import FILE --on-error abort --batch N`.
 async fn import_abort(gw: &Gateway, file: &std::path::Path, batch: usize) -> Output {
     let batch = batch.to_string();
