@@ -56,6 +56,10 @@ const BODY_TOO_LARGE: &str = "the body is too large";
 #[derive(Clone)]
 pub struct HyperClient {
     client: Client<HttpsConnector<HttpConnector>, ClientBody>,
+    /// For WebSocket upgrades: HTTP/1.1 only. Offered h2 by an upstream's ALPN (or on a pooled
+    /// HTTP/2 connection), the upgrade would go as an HTTP/2 request without its `Upgrade` and
+    /// `Connection` fields, and never open a tunnel.
+    upgrades: Client<HttpsConnector<HttpConnector>, ClientBody>,
 }
 
 impl HyperClient {
@@ -65,18 +69,29 @@ impl HyperClient {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(connect_timeout));
         http.enforce_http(false);
+        let tls = crate::tls::client_config(ca)?;
         let https = HttpsConnectorBuilder::new()
-            .with_tls_config(crate::tls::client_config(ca)?)
+            .with_tls_config(tls.clone())
             .https_or_http()
             .enable_http1()
             .enable_http2()
+            .wrap_connector(http.clone());
+        let h1 = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(upstream::MAX_IDLE_PER_HOST)
-            .build(https);
-        Ok(Self { client })
+        let build = |connector| {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .pool_max_idle_per_host(upstream::MAX_IDLE_PER_HOST)
+                .build(connector)
+        };
+        Ok(Self {
+            client: build(https),
+            upgrades: build(h1),
+        })
     }
 }
 
@@ -486,10 +501,12 @@ impl Gateway {
             h.insert(UPGRADE, HeaderValue::from_static("websocket"));
         }
 
-        let sent = tokio::time::timeout(
-            self.upstreams.timeout,
-            self.upstreams.https.client.request(req),
-        );
+        let client = if websocket {
+            &self.upstreams.https.upgrades
+        } else {
+            &self.upstreams.https.client
+        };
+        let sent = tokio::time::timeout(self.upstreams.timeout, client.request(req));
         let mut res = match sent.await {
             Err(_) => return Err(ProxyError::UpstreamTimeout),
             Ok(Err(e)) if let Some(refused) = client_body_failed(&e) => {

@@ -681,6 +681,43 @@ async fn a_websocket_session_echoes_through_the_gateway() {
     }
 }
 
+/// A WebSocket to an `https://` upstream that offers HTTP/2 (by ALPN) opens over HTTP/1.1:
+/// offered h2, the client would send the upgrade as an HTTP/2 request without its `Upgrade` and
+/// `Connection` fields, and no tunnel ever opened. Ordinary requests still take HTTP/2.
+#[tokio::test]
+async fn a_websocket_to_an_https_upstream_that_speaks_http2_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let up_pki = pki(dir.path(), "upstream");
+    let upstream = Upstream::start_with_tls(Some(upstream_tls(&up_pki))).await;
+    let url = format!("https://localhost:{}", upstream.addr.port());
+    let text = config_text(&url, &dir.path().join("k.db"), "").replace(
+        "[admin]",
+        &format!("upstream_ca = \"{}\"\n[admin]", up_pki.ca_pem.display()),
+    );
+    let gw = Gateway::start_from(upstream, dir, &text).await;
+    let (key, _) = gw.client("acme", "pro").await;
+    // An ordinary request first: an HTTP/2 connection to the upstream is pooled.
+    assert_eq!(gw.get_with_key("/before", &key).await.status, 200);
+    assert_eq!(gw.upstream.last().version, http::Version::HTTP_2);
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(ws_request(Some(&key), "13", "/ws").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let frame = [
+        0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+    ];
+    s.write_all(&frame).await.unwrap();
+    let mut back = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, frame);
+    assert_eq!(gw.upstream.last().version, http::Version::HTTP_11);
+}
+
 #[tokio::test]
 async fn websocket_without_a_key_is_401_and_never_reaches_the_upstream() {
     let gw = Gateway::start().await;
