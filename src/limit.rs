@@ -561,10 +561,9 @@ mod tests {
         assert!(l.is_empty(), "state of full buckets kept");
     }
 
-    #[test]
-    fn failed_auth_counts_an_ipv6_client_by_its_64() {
-        let clock = FakeClock::new();
-        let fa = FailedAuth::new(
+    /// A failed-auth limit of 3 a minute, burst 3, on `clock`.
+    fn three_a_minute(clock: &FakeClock) -> FailedAuth {
+        FailedAuth::new(
             RateLimit {
                 per_second: None,
                 per_minute: Some(3),
@@ -572,7 +571,13 @@ mod tests {
                 burst: 3,
             },
             clock.clock(),
-        );
+        )
+    }
+
+    #[test]
+    fn failed_auth_counts_an_ipv6_client_by_its_64() {
+        let clock = FakeClock::new();
+        let fa = three_a_minute(&clock);
         // A guess from each of three addresses of one /64 spends one allowance.
         for i in 1..=3 {
             let ip: IpAddr = format!("2001:db8:1:2::{i:x}").parse().unwrap();
@@ -591,15 +596,7 @@ mod tests {
     #[test]
     fn failed_auth_blocks_an_ip_past_its_allowance() {
         let clock = FakeClock::new();
-        let fa = FailedAuth::new(
-            RateLimit {
-                per_second: None,
-                per_minute: Some(3),
-                per_hour: None,
-                burst: 3,
-            },
-            clock.clock(),
-        );
+        let fa = three_a_minute(&clock);
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let other: IpAddr = "10.0.0.2".parse().unwrap();
         for _ in 0..3 {

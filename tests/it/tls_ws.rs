@@ -207,8 +207,9 @@ pub(crate) fn upstream_tls(pki: &Pki) -> Arc<rustls::ServerConfig> {
     keygate::tls::server_config(Arc::new(cert), keygate::config::DEFAULT_TLS_SESSION_TICKETS)
 }
 
-#[tokio::test]
-async fn https_upstreams_are_verified_and_spoken_to_in_http2() {
+/// A gateway in front of an `https://` upstream (HTTP/2 and HTTP/1.1 by ALPN) signed by a CA
+/// it is given (`upstream_ca`); the key of a client "acme".
+async fn https_upstream_gateway() -> (Gateway, String) {
     let dir = tempfile::tempdir().unwrap();
     let up_pki = pki(dir.path(), "upstream");
     let upstream = Upstream::start_with_tls(Some(upstream_tls(&up_pki))).await;
@@ -219,6 +220,12 @@ async fn https_upstreams_are_verified_and_spoken_to_in_http2() {
     );
     let gw = Gateway::start_from(upstream, dir, &text).await;
     let (key, _) = gw.client("acme", "pro").await;
+    (gw, key)
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_and_spoken_to_in_http2() {
+    let (gw, key) = https_upstream_gateway().await;
     let r = gw.get_with_key("/over-tls", &key).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let seen = gw.upstream.last();
@@ -686,16 +693,7 @@ async fn a_websocket_session_echoes_through_the_gateway() {
 /// `Connection` fields, and no tunnel ever opened. Ordinary requests still take HTTP/2.
 #[tokio::test]
 async fn a_websocket_to_an_https_upstream_that_speaks_http2_opens() {
-    let dir = tempfile::tempdir().unwrap();
-    let up_pki = pki(dir.path(), "upstream");
-    let upstream = Upstream::start_with_tls(Some(upstream_tls(&up_pki))).await;
-    let url = format!("https://localhost:{}", upstream.addr.port());
-    let text = config_text(&url, &dir.path().join("k.db"), "").replace(
-        "[admin]",
-        &format!("upstream_ca = \"{}\"\n[admin]", up_pki.ca_pem.display()),
-    );
-    let gw = Gateway::start_from(upstream, dir, &text).await;
-    let (key, _) = gw.client("acme", "pro").await;
+    let (gw, key) = https_upstream_gateway().await;
     // An ordinary request first: an HTTP/2 connection to the upstream is pooled.
     assert_eq!(gw.get_with_key("/before", &key).await.status, 200);
     assert_eq!(gw.upstream.last().version, http::Version::HTTP_2);
