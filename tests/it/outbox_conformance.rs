@@ -401,16 +401,21 @@ async fn a_webhook_secret_is_rotated_with_and_without_a_grace_period(s: &Subject
     );
 }
 
-async fn webhooks_are_created_changed_and_deleted_with_their_deliveries(s: &Subject) {
-    let w = Webhook {
-        id: "wh_1".into(),
-        url: "http://127.0.0.1:9/a".into(),
-        events: vec!["key.created".into()],
+/// A webhook as the admin API writes it: a secret, no previous one.
+fn api_webhook(id: &str, url: &str, events: &[&str], created_at: i64) -> Webhook {
+    Webhook {
+        id: id.into(),
+        url: url.into(),
+        events: events.iter().map(|e| e.to_string()).collect(),
         secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
-        created_at: 1_000,
+        created_at,
         previous_secret: None,
         previous_until: None,
-    };
+    }
+}
+
+async fn webhooks_are_created_changed_and_deleted_with_their_deliveries(s: &Subject) {
+    let w = api_webhook("wh_1", "http://127.0.0.1:9/a", &["key.created"], 1_000);
     assert!(s.outbox.insert_webhook(&w, 2).await.unwrap());
     assert!(
         s.outbox.insert_webhook(&w, 2).await.is_err(),
@@ -517,15 +522,7 @@ async fn webhooks_are_created_changed_and_deleted_with_their_deliveries(s: &Subj
 /// (they waited for an instance that knows it), and a change of its event types applies to
 /// the events written after the change.
 async fn the_fan_out_follows_the_stores_webhooks_not_the_callers_list(s: &Subject) {
-    let late = Webhook {
-        id: "wh_late".into(),
-        url: "http://127.0.0.1:9/late".into(),
-        events: vec!["*".into()],
-        secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
-        created_at: now_millis(),
-        previous_secret: None,
-        previous_until: None,
-    };
+    let late = api_webhook("wh_late", "http://127.0.0.1:9/late", &["*"], now_millis());
     assert!(s.outbox.insert_webhook(&late, 10).await.unwrap());
     // client.created and key.created.
     new_client(s).await;

@@ -673,19 +673,24 @@ async fn a_websocket_session_echoes_through_the_gateway() {
     let seen = gw.upstream.last();
     assert!(!seen.headers.contains_key("authorization"));
     assert_eq!(seen.headers["upgrade"], "websocket");
-    // A masked text frame "hello" (RFC 6455 §5.7), echoed byte for byte by the upstream.
+    for _ in 0..3 {
+        echoes_hello(&mut s).await;
+    }
+}
+
+/// A masked text frame "hello" (RFC 6455 §5.7) sent through the tunnel comes back byte for
+/// byte (the upstream echoes it).
+async fn echoes_hello(s: &mut tokio::net::TcpStream) {
     let frame = [
         0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
     ];
-    for _ in 0..3 {
-        s.write_all(&frame).await.unwrap();
-        let mut back = [0u8; 11];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(back, frame);
-    }
+    s.write_all(&frame).await.unwrap();
+    let mut back = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, frame);
 }
 
 /// A WebSocket to an `https://` upstream that offers HTTP/2 (by ALPN) opens over HTTP/1.1:
@@ -703,16 +708,7 @@ async fn a_websocket_to_an_https_upstream_that_speaks_http2_opens() {
         .unwrap();
     let head = read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    let frame = [
-        0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
-    ];
-    s.write_all(&frame).await.unwrap();
-    let mut back = [0u8; 11];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(back, frame);
+    echoes_hello(&mut s).await;
     assert_eq!(gw.upstream.last().version, http::Version::HTTP_11);
 }
 
